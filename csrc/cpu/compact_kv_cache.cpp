@@ -1,0 +1,114 @@
+// compact_kv_cache: schema, argument checks shared with the CUDA binding, and the CPU kernel.
+//
+// For every (layer, k/v, sequence, kv-head) row block, the accepted tree slots are copied in order
+// j = 0..accept_token_num[b]:  cache[.., b, h, seqlen[b] + j, :] = cache[.., b, h, seqlen[b] + slot_j, :]
+// where slot_j = accept_index[b, j] - b * num_draft_tokens. Slots along an accepted path are strictly
+// increasing (slot_j >= j), so an in-order copy never reads a row that was already overwritten.
+// The copy is byte-wise, so every dtype is handled by one kernel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "compact_kv_cache.h"
+
+namespace eagle {
+
+void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                                 const at::Tensor& accept_index, const at::Tensor& accept_token_num,
+                                 int64_t num_draft_tokens) {
+  TORCH_CHECK(kv_cache.dim() == 6, "kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got ",
+              kv_cache.sizes());
+  TORCH_CHECK(kv_cache.size(1) == 2, "kv_cache dim 1 must be 2 (K and V), got ", kv_cache.size(1));
+  TORCH_CHECK(kv_cache.stride(5) == 1, "kv_cache's last dimension must be contiguous");
+  const int64_t B = kv_cache.size(2);
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
+              "cache_seqlens must be [B] with B=", B, ", got ", cache_seqlens.sizes());
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
+  TORCH_CHECK(accept_index.dim() == 2 && accept_index.size(0) == B,
+              "accept_index must be [B, num_spec_steps] with B=", B, ", got ", accept_index.sizes());
+  TORCH_CHECK(accept_index.scalar_type() == at::kInt || accept_index.scalar_type() == at::kLong,
+              "accept_index must be int32 or int64");
+  TORCH_CHECK(accept_token_num.dim() == 1 && accept_token_num.size(0) == B,
+              "accept_token_num must be [B] with B=", B, ", got ", accept_token_num.sizes());
+  TORCH_CHECK(accept_token_num.scalar_type() == at::kInt || accept_token_num.scalar_type() == at::kLong,
+              "accept_token_num must be int32 or int64");
+  TORCH_CHECK(num_draft_tokens >= 1, "num_draft_tokens must be >= 1, got ", num_draft_tokens);
+  TORCH_CHECK(accept_index.size(1) <= num_draft_tokens, "accept_index has ", accept_index.size(1),
+              " columns but a tree has only num_draft_tokens=", num_draft_tokens, " slots");
+  for (const auto* t : {&cache_seqlens, &accept_index, &accept_token_num}) {
+    TORCH_CHECK(t->device() == kv_cache.device(), "all inputs must be on ", kv_cache.device());
+  }
+}
+
+namespace {
+
+template <typename idx_t, typename cnt_t>
+void compact_cpu_impl(at::Tensor& kv_cache, const int32_t* seqlens, const idx_t* accept_index,
+                      const cnt_t* accept_num, int64_t num_steps, int64_t n) {
+  const int64_t L = kv_cache.size(0), B = kv_cache.size(2), H = kv_cache.size(3);
+  const int64_t S = kv_cache.size(4), D = kv_cache.size(5);
+  // Validate every path before touching the cache (CPU: costs no synchronisation).
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t acc = accept_num[b];
+    TORCH_CHECK(acc >= 0 && acc < num_steps, "accept_token_num[", b, "]=", acc, " must be in [0, ",
+                num_steps - 1, "]");
+    TORCH_CHECK(seqlens[b] >= 0 && seqlens[b] + n <= S, "cache_seqlens[", b, "]=", seqlens[b],
+                " + num_draft_tokens=", n, " exceeds S_max=", S);
+    int64_t prev = -1;
+    for (int64_t j = 0; j <= acc; ++j) {
+      const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
+      TORCH_CHECK(slot >= 0 && slot < n, "accept_index[", b, ", ", j, "]=", accept_index[b * num_steps + j],
+                  " is not a tree row of sequence ", b, " (expected ", b * n, "..", b * n + n - 1, ")");
+      TORCH_CHECK(slot > prev, "accept_index[", b, "] must list strictly increasing tree slots");
+      prev = slot;
+    }
+  }
+  const int64_t row_bytes = D * kv_cache.element_size();
+  const int64_t s_layer = kv_cache.stride(0), s_kv = kv_cache.stride(1), s_b = kv_cache.stride(2);
+  const int64_t s_h = kv_cache.stride(3), s_pos = kv_cache.stride(4);
+  char* base = static_cast<char*>(kv_cache.data_ptr());
+  const int64_t esize = kv_cache.element_size();
+  at::parallel_for(0, L * 2 * B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t h = r % H, b = (r / H) % B, kv = (r / (H * B)) % 2, layer = r / (H * B * 2);
+      char* head = base + (layer * s_layer + kv * s_kv + b * s_b + h * s_h) * esize;
+      const int64_t start = seqlens[b];
+      for (int64_t j = 0; j <= accept_num[b]; ++j) {
+        const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
+        if (slot == j) continue;
+        std::memcpy(head + (start + j) * s_pos * esize, head + (start + slot) * s_pos * esize, row_bytes);
+      }
+    }
+  });
+}
+
+at::Tensor compact_kv_cache_cpu(at::Tensor kv_cache, const at::Tensor& cache_seqlens,
+                                const at::Tensor& accept_index, const at::Tensor& accept_token_num,
+                                int64_t num_draft_tokens) {
+  check_compact_kv_cache_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens);
+  auto seqlens = cache_seqlens.contiguous();
+  auto index = accept_index.contiguous();
+  auto num = accept_token_num.to(at::kInt).contiguous();
+  const int64_t steps = index.size(1);
+  if (index.scalar_type() == at::kLong) {
+    compact_cpu_impl<int64_t, int32_t>(kv_cache, seqlens.data_ptr<int32_t>(), index.data_ptr<int64_t>(),
+                                       num.data_ptr<int32_t>(), steps, num_draft_tokens);
+  } else {
+    compact_cpu_impl<int32_t, int32_t>(kv_cache, seqlens.data_ptr<int32_t>(), index.data_ptr<int32_t>(),
+                                       num.data_ptr<int32_t>(), steps, num_draft_tokens);
+  }
+  return cache_seqlens + num + 1;
+}
+
+}  // namespace
+}  // namespace eagle
+
+TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
+  m.def(
+      "compact_kv_cache(Tensor(a!) kv_cache, Tensor cache_seqlens, Tensor accept_index, "
+      "Tensor accept_token_num, int num_draft_tokens) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("compact_kv_cache", &eagle::compact_kv_cache_cpu); }

@@ -1,0 +1,46 @@
+"""eagle_kernels: kernels for EAGLE speculative decoding, usable from any serving stack.
+
+Every op lives in its own module (reference, Triton kernel, registration, public function) and is
+registered as ``torch.ops.eagle.<op>``. Backends are chosen per call by the tensors' device; see
+:mod:`eagle_kernels._backend` and :func:`backend_info`.
+"""
+
+from __future__ import annotations
+
+from eagle_kernels import _ext
+from eagle_kernels._backend import BACKENDS, available_backends, select_backend, use_backend
+from eagle_kernels.compact_kv_cache import compact_kv_cache, compact_kv_cache_ref
+
+__version__ = "0.1.0"
+
+OPS = ("compact_kv_cache",)
+
+
+def backend_info() -> dict:
+    """What this process can run: extension status and, per op, the default CPU backend."""
+    import torch
+
+    from eagle_kernels._triton import HAS_TRITON, interpreter_enabled
+
+    cpu = torch.device("cpu")
+    return {
+        "version": __version__,
+        "torch": torch.__version__,
+        "extension_loaded": _ext.STATUS.loaded,
+        "extension": _ext.STATUS.reason,
+        "extension_cuda": _ext.STATUS.with_cuda,
+        "triton": HAS_TRITON,
+        "triton_interpreter": interpreter_enabled(),
+        "cpu_backend": {op: select_backend(op, cpu) for op in OPS},
+    }
+
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "backend_info",
+    "compact_kv_cache",
+    "compact_kv_cache_ref",
+    "select_backend",
+    "use_backend",
+]

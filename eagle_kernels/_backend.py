@@ -1,0 +1,118 @@
+"""Per-call backend selection shared by every op.
+
+Default, by the device of the op's tensors:
+
+* CUDA tensors -> the CUDA extension kernel when the op has one and prefers it, else Triton;
+* CPU tensors  -> the C++ extension kernel when it is built, else the PyTorch reference.
+
+``EAGLE_KERNELS_BACKEND=cuda|triton|cpp|torch`` (or the :func:`use_backend` context manager, which
+wins over the variable) forces one backend for every op. A forced backend that cannot run raises an
+error saying why instead of silently using another one. ``triton`` on CPU tensors runs through the
+Triton interpreter and therefore requires ``TRITON_INTERPRET=1`` to be set before triton is
+imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+import torch
+
+from eagle_kernels import _ext
+from eagle_kernels._triton import HAS_TRITON, interpreter_enabled
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("eagle_kernels_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force ``name`` (one of :data:`BACKENDS`, or None for automatic) within the ``with`` block."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS} or None")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or ``EAGLE_KERNELS_BACKEND``, if any."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get("EAGLE_KERNELS_BACKEND", "").strip().lower()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"EAGLE_KERNELS_BACKEND={env!r} is not one of {BACKENDS} (or 'auto')")
+    return env
+
+
+def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device``, else a human-readable reason."""
+    if backend == "torch":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device.type} tensors"
+        if not _ext.has_op(op, "cpu"):
+            return f"the C++ extension does not provide eagle_C::{op} ({_ext.STATUS.reason})"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
+        if not _ext.has_op(op, "cuda"):
+            return f"the CUDA extension does not provide eagle_C::{op} ({_ext.STATUS.reason})"
+        return None
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "Triton is not installed"
+        if device.type == "cpu" and not interpreter_enabled():
+            return (
+                "Triton on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before triton is first imported"
+            )
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels here support CUDA (or interpreted CPU) tensors, got {device.type}"
+        return None
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool = False) -> str:
+    """Pick the backend that runs ``op`` on tensors of ``device``.
+
+    ``prefer_cuda_ext``: the op's CUDA extension kernel is faster than its Triton kernel (measured),
+    so it is the default on CUDA tensors when built.
+    """
+    forced = forced_backend()
+    if forced is not None:
+        reason = _unavailable_reason(op, forced, device)
+        if reason is not None:
+            raise RuntimeError(f"eagle_kernels.{op}: backend {forced!r} was forced but {reason}")
+        return forced
+    if device.type == "cuda":
+        if prefer_cuda_ext and _ext.has_op(op, "cuda"):
+            return "cuda"
+        if HAS_TRITON:
+            return "triton"
+        return "cuda" if _ext.has_op(op, "cuda") else "torch"
+    if device.type == "cpu" and _ext.has_op(op, "cpu"):
+        return "cpp"
+    return "torch"
+
+
+def available_backends(op: str, device: torch.device) -> list[str]:
+    """Every backend that could run ``op`` on ``device`` in this process (used by tests/benchmarks)."""
+    return [b for b in BACKENDS if _unavailable_reason(op, b, device) is None]
+
+
+def debug_checks_enabled() -> bool:
+    """Value checks that need a device->host copy (e.g. index ranges on CUDA) run only when
+    ``EAGLE_KERNELS_DEBUG=1``; on CPU they are always on because they cost no synchronisation."""
+    return os.environ.get("EAGLE_KERNELS_DEBUG", "0") == "1"

@@ -1,0 +1,44 @@
+"""Argument validation shared by the ops: each failure names the argument and what was expected."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError unless ``t`` is a tensor of the given rank, dtype, device and shape
+    (``None`` entries in ``shape`` match any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}")
+    if shape is not None:
+        if len(shape) != t.dim() or any(e is not None and e != s for e, s in zip(shape, t.shape)):
+            want = "[" + ", ".join("*" if e is None else str(e) for e in shape) + "]"
+            raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+    return t
+
+
+def check_same_dtype(**tensors: torch.Tensor) -> None:
+    dtypes = {n: t.dtype for n, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{n}={str(d).replace('torch.', '')}" for n, d in dtypes.items())
+        raise TypeError(f"dtypes must match: {desc}")

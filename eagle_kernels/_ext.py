@@ -1,0 +1,79 @@
+"""Loading of the compiled extension ``eagle_kernels._C``, with a single warning on failure.
+
+The extension registers its ops under the ``torch.ops.eagle_C`` namespace. It is optional: when it
+is missing (pure-Python install, ``EAGLE_SKIP_EXT``), was built against another torch, or fails to
+load, every op falls back to Triton (CUDA tensors) or the PyTorch reference (CPU tensors).
+Loading the library never initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    loaded: bool
+    with_cuda: bool
+    reason: str  # why it is not loaded, or what it was built against
+    built_torch: str | None = None
+
+
+def _torch_major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def _try_load() -> ExtensionStatus:
+    if os.environ.get("EAGLE_KERNELS_DISABLE_EXT", "").lower() in ("1", "true", "yes"):
+        return ExtensionStatus(False, False, "disabled by EAGLE_KERNELS_DISABLE_EXT")
+    try:
+        info = importlib.import_module("eagle_kernels._build_info")
+    except ImportError:
+        return ExtensionStatus(False, False, "not built (pure-Python install or EAGLE_SKIP_EXT=1)")
+    built = info.TORCH_VERSION
+    if built is None or _torch_major_minor(built) != _torch_major_minor(torch.__version__):
+        return ExtensionStatus(
+            False,
+            False,
+            f"built for torch {built} but torch {torch.__version__} is installed; "
+            "rebuild with `pip install --no-build-isolation -e .`",
+            built,
+        )
+    try:
+        importlib.import_module("eagle_kernels._C")
+    except Exception as exc:  # ImportError, OSError (undefined symbol), RuntimeError
+        return ExtensionStatus(False, False, f"failed to load: {exc}", built)
+    desc = f"built for torch {built}" + (f", CUDA {info.CUDA_VERSION}" if info.WITH_CUDA else ", CPU only")
+    return ExtensionStatus(True, bool(info.WITH_CUDA), desc, built)
+
+
+STATUS = _try_load()
+if not STATUS.loaded and "not built" not in STATUS.reason and "disabled" not in STATUS.reason:
+    warnings.warn(
+        f"eagle_kernels: C++/CUDA extension not used ({STATUS.reason}); "
+        "falling back to Triton / PyTorch reference kernels.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_op(name: str, device_type: str = "cpu") -> bool:
+    """True when the extension provides op ``eagle_C::<name>`` for tensors on ``device_type``."""
+    if not STATUS.loaded:
+        return False
+    if device_type == "cuda" and not STATUS.with_cuda:
+        return False
+    if not hasattr(torch.ops.eagle_C, name):
+        return False
+    dispatch_key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"eagle_C::{name}", dispatch_key)
+
+
+def op(name: str):
+    """The extension's op ``torch.ops.eagle_C.<name>``."""
+    return getattr(torch.ops.eagle_C, name)

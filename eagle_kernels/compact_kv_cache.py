@@ -1,0 +1,209 @@
+"""In-place KV-cache compaction after tree verification.
+
+After the target verified a draft tree of ``n`` slots written at positions ``cache_seqlens[b] + s``,
+only the accepted path survives. This op moves, for every layer, K and V, sequence and kv-head at
+once, the accepted slot ``accept_index[b, j] - b*n`` to the contiguous position
+``cache_seqlens[b] + j`` and returns the new committed lengths. Rejected entries are left where they
+are and get overwritten by the next round.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eagle_kernels import _ext
+from eagle_kernels._backend import debug_checks_enabled, select_backend
+from eagle_kernels._checks import INDEX_DTYPES, check_tensor
+from eagle_kernels._triton import tl, triton
+
+OP = "compact_kv_cache"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------
+def compact_kv_cache_ref(
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    num_draft_tokens: int,
+) -> torch.Tensor:
+    """PyTorch definition of the op (see :func:`compact_kv_cache`); updates ``kv_cache`` in place.
+
+    Gathering every accepted row before writing any is the same as copying in order j = 0, 1, ...:
+    accepted slots are strictly increasing, so slot_j >= j and no source is overwritten before it
+    is read.
+    """
+    B, steps = accept_index.shape
+    n = num_draft_tokens
+    device = kv_cache.device
+    seqlens = cache_seqlens.to(torch.int64)[:, None]
+    cols = torch.arange(steps, device=device)[None, :]
+    valid = cols <= accept_token_num.to(torch.int64)[:, None]
+    slots = accept_index.to(torch.int64) - torch.arange(B, device=device)[:, None] * n
+    src = torch.where(valid, seqlens + slots, seqlens + cols)  # padding copies a row onto itself
+    dst = seqlens + cols
+    batch = torch.arange(B, device=device)[:, None].expand(B, steps)
+    kv_cache[:, :, batch, :, dst, :] = kv_cache[:, :, batch, :, src, :]
+    return cache_seqlens + accept_token_num.to(cache_seqlens.dtype) + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+@triton.jit
+def _compact_kv_cache_kernel(
+    kv_ptr,
+    seqlens_ptr,
+    accept_index_ptr,
+    accept_num_ptr,
+    B,
+    H,
+    D,
+    num_steps,
+    n,
+    s_layer,
+    s_kv,
+    s_b,
+    s_h,
+    s_pos,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per (layer, k/v, sequence, head). Steps j run in order inside the program, so
+    the in-place copy is safe (slot_j >= j)."""
+    r = tl.program_id(0)
+    h = r % H
+    b = (r // H) % B
+    which = (r // (H * B)) % 2
+    layer = r // (H * B * 2)
+    head = kv_ptr + layer.to(tl.int64) * s_layer + which * s_kv + b.to(tl.int64) * s_b + h * s_h
+    start = tl.load(seqlens_ptr + b).to(tl.int64)
+    acc = tl.load(accept_num_ptr + b)
+    offs = tl.arange(0, BLOCK_D)
+    dmask = offs < D
+    for j in range(1, num_steps):
+        if j <= acc:
+            slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
+            row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)
+            tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
+
+
+def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
+    L, _, B, H, _, D = kv_cache.shape
+    accept_num = accept_token_num.to(torch.int32)
+    grid = (L * 2 * B * H,)
+    if grid[0] > 0:
+        _compact_kv_cache_kernel[grid](
+            kv_cache,
+            cache_seqlens,
+            accept_index.contiguous(),
+            accept_num,
+            B,
+            H,
+            D,
+            accept_index.shape[1],
+            num_draft_tokens,
+            *kv_cache.stride()[:5],
+            BLOCK_D=triton.next_power_of_2(D),
+        )
+    return cache_seqlens + accept_num + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered op and dispatch
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("eagle::compact_kv_cache", mutates_args=("kv_cache",))
+def _compact_kv_cache_op(
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    num_draft_tokens: int,
+) -> torch.Tensor:
+    backend = select_backend(OP, kv_cache.device, prefer_cuda_ext=True)
+    args = (kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
+    if backend in ("cpp", "cuda"):
+        return _ext.op(OP)(*args)
+    if backend == "triton":
+        return _compact_kv_cache_triton(*args)
+    return compact_kv_cache_ref(*args)
+
+
+@_compact_kv_cache_op.register_fake
+def _(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
+    return torch.empty_like(cache_seqlens)
+
+
+def _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, n):
+    """Index-range checks; they read tensor values, so on CUDA they run only in debug mode."""
+    B, steps = accept_index.shape
+    S = kv_cache.shape[4]
+    num = accept_token_num.to(torch.int64).cpu()
+    if bool(((num < 0) | (num >= steps)).any()):
+        raise ValueError(f"accept_token_num must be in [0, {steps - 1}], got {num.tolist()}")
+    seq = cache_seqlens.to(torch.int64).cpu()
+    if bool(((seq < 0) | (seq + n > S)).any()):
+        raise ValueError(f"cache_seqlens + num_draft_tokens={n} must fit S_max={S}, got {seq.tolist()}")
+    slots = accept_index.to(torch.int64).cpu() - torch.arange(B)[:, None] * n
+    valid = torch.arange(steps)[None, :] <= num[:, None]
+    if bool(((slots < 0) | (slots >= n))[valid].any()):
+        raise ValueError("accept_index holds a row outside its sequence's tree (expected b*n .. b*n+n-1)")
+    increasing = (slots[:, 1:] > slots[:, :-1]) | ~valid[:, 1:]
+    if not bool(increasing.all()):
+        raise ValueError("accept_index must list strictly increasing tree slots per sequence")
+
+
+def compact_kv_cache(
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    *,
+    num_draft_tokens: int,
+) -> torch.Tensor:
+    """Move the accepted tree slots of every layer's K/V into contiguous positions, in place.
+
+    Parameters
+    ----------
+    kv_cache : Tensor ``[num_layers, 2, B, Hkv, S_max, D]``, any float dtype
+        The model's in-place cache (index 0 of dim 1 is K, 1 is V). Tree slot ``s`` of sequence
+        ``b`` is stored at position ``cache_seqlens[b] + s``. Modified in place.
+    cache_seqlens : Tensor ``[B]``, int32
+        Committed length of each sequence before this round.
+    accept_index : Tensor ``[B, num_spec_steps]``, int32 or int64
+        Accepted tree rows as flat indices ``b * num_draft_tokens + slot``, root first, padded with -1
+        (the output of ``verify_tree_greedy`` / ``tree_speculative_sampling``). Slots are strictly
+        increasing along the path.
+    accept_token_num : Tensor ``[B]``, int32 or int64
+        Number of accepted draft tokens (the root is not counted).
+    num_draft_tokens : int
+        Tree size ``n`` (slots per sequence, root included).
+
+    Returns
+    -------
+    Tensor ``[B]``, int32: ``cache_seqlens + accept_token_num + 1``, the new committed lengths
+    (accepted drafts plus the root). After the call ``kv_cache[..., b, :, cache_seqlens[b] + j, :]``
+    holds the K/V of accepted slot ``j`` for ``j <= accept_token_num[b]``.
+    """
+    check_tensor("kv_cache", kv_cache, ndim=6)
+    if kv_cache.shape[1] != 2:
+        raise ValueError(f"kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got {list(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache's last (head) dimension must be contiguous")
+    B, device = kv_cache.shape[2], kv_cache.device
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
+    check_tensor("accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
+    check_tensor("accept_token_num", accept_token_num, dtypes=INDEX_DTYPES, device=device, shape=(B,))
+    if num_draft_tokens < 1 or accept_index.shape[1] > num_draft_tokens:
+        raise ValueError(
+            f"num_draft_tokens={num_draft_tokens} must be >= 1 and >= accept_index.shape[1]="
+            f"{accept_index.shape[1]}"
+        )
+    if accept_index.shape[1] == 0:
+        raise ValueError("accept_index must have at least one column (the root)")
+    if device.type == "cpu" or debug_checks_enabled():
+        _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
+    return torch.ops.eagle.compact_kv_cache(
+        kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens
+    )

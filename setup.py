@@ -1,0 +1,189 @@
+"""Build script for eagle-kernels and its C++/CUDA extension ``eagle_kernels._C``.
+
+Environment switches (all optional)
+-----------------------------------
+EAGLE_SKIP_EXT=1        Pure-Python install: no extension is built. Ops fall back to Triton (CUDA
+                        tensors) or the PyTorch reference (CPU tensors).
+EAGLE_FORCE_CUDA=1      Build the CUDA kernels even when no GPU is visible (e.g. a wheel-build box).
+                        Still needs nvcc (CUDA_HOME) and a CUDA build of torch; fails loudly if absent.
+EAGLE_SKIP_CUDA=1       Build only the C++ CPU kernels even when CUDA is available.
+TORCH_CUDA_ARCH_LIST    GPU architectures to compile for, e.g. "8.0;9.0+PTX". Default when building
+                        CUDA without a visible GPU: "8.0;8.6;8.9;9.0+PTX".
+MAX_JOBS                Parallel compile jobs for ninja. Default: min(cores, free RAM / 2.5 GB), at
+                        least 1; the choice is printed.
+EAGLE_LOCAL_VERSION     Override the wheel's local version label (default: "cpu" or
+                        "cu{XY}torch{A.B}", computed from the toolchain the extension is built with).
+EAGLE_DEBUG_BUILD=1     Compile with -O0 -g.
+
+Install with ``pip install --no-build-isolation .`` so that the extension is compiled against the
+torch already installed (see README).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+BASE_VERSION = "0.1.0"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _import_torch():
+    try:
+        import torch  # noqa: F401
+
+        return torch
+    except ImportError:
+        return None
+
+
+def _free_memory_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024**2
+    except OSError:
+        pass
+    return 8.0
+
+
+def _default_max_jobs(cuda: bool) -> int:
+    # nvcc translation units can take several GB each; C++ ones much less.
+    per_job_gb = 2.5 if cuda else 1.0
+    jobs = max(1, min(os.cpu_count() or 1, int(_free_memory_gb() / per_job_gb)))
+    return jobs
+
+
+def _cuda_wanted(torch) -> bool:
+    if _flag("EAGLE_SKIP_CUDA"):
+        return False
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    have_toolchain = torch.version.cuda is not None and CUDA_HOME is not None
+    if _flag("EAGLE_FORCE_CUDA"):
+        if not have_toolchain:
+            raise RuntimeError(
+                "EAGLE_FORCE_CUDA=1 but a CUDA build needs both a CUDA build of torch "
+                f"(torch.version.cuda={torch.version.cuda}) and nvcc (CUDA_HOME={CUDA_HOME})."
+            )
+        return True
+    if not have_toolchain:
+        print(
+            "[eagle-kernels] building the C++ CPU extension only "
+            f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})."
+        )
+        return False
+    return True
+
+
+def _local_version(torch, cuda: bool) -> str:
+    override = os.environ.get("EAGLE_LOCAL_VERSION")
+    if override:
+        return override
+    if torch is None or _flag("EAGLE_SKIP_EXT"):
+        return ""  # pure-Python: platform independent, no local label
+    torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if cuda:
+        cuda_major_minor = "".join(torch.version.cuda.split(".")[:2])
+        return f"cu{cuda_major_minor}torch{torch_mm}"
+    return f"cputorch{torch_mm}"
+
+
+def _write_build_info(torch, cuda: bool) -> None:
+    info = ROOT / "eagle_kernels" / "_build_info.py"
+    torch_version = torch.__version__ if torch is not None else None
+    cuda_version = torch.version.cuda if (torch is not None and cuda) else None
+    info.write_text(
+        "# Written by setup.py at build time; describes what eagle_kernels._C was compiled against.\n"
+        f"TORCH_VERSION = {torch_version!r}\n"
+        f"CUDA_VERSION = {cuda_version!r}\n"
+        f"WITH_CUDA = {bool(cuda)!r}\n"
+    )
+
+
+def _sources(*patterns: str) -> list[str]:
+    """csrc/*.cpp and csrc/cpu/*.cpp build everywhere; csrc/cuda/* only into a CUDA build."""
+    return sorted(str(p.relative_to(ROOT)) for pat in patterns for p in (ROOT / "csrc").glob(pat))
+
+
+def _extensions(torch, cuda: bool):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    debug = _flag("EAGLE_DEBUG_BUILD")
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-std=c++17", "-fopenmp"]
+    if cuda:
+        cxx_flags.append("-DEAGLE_WITH_CUDA")
+    sources = _sources("*.cpp", "cpu/*.cpp")
+    link_args = ["-fopenmp"]
+    if not cuda:
+        return [
+            CppExtension(
+                "eagle_kernels._C",
+                sources,
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_args,
+            )
+        ]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
+    sources += _sources("cuda/*.cpp", "cuda/*.cu")
+    nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    nvcc_flags += ["-std=c++17", "--expt-relaxed-constexpr"]
+    return [
+        CUDAExtension(
+            "eagle_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_args,
+        )
+    ]
+
+
+def main() -> None:
+    torch = _import_torch()
+    skip_ext = _flag("EAGLE_SKIP_EXT")
+    building = any(a.startswith(("bdist", "build", "develop", "install", "editable")) for a in sys.argv)
+    ext_modules, cmdclass, cuda = [], {}, False
+    if not skip_ext:
+        if torch is None:
+            if building:
+                sys.exit(
+                    "eagle-kernels: torch is not importable in the build environment, so the C++/CUDA "
+                    "extension cannot be compiled.\n  Install torch first, then build without "
+                    "isolation:\n      pip install torch && pip install --no-build-isolation .\n"
+                    "  or build the pure-Python package: EAGLE_SKIP_EXT=1 pip install ."
+                )
+        else:
+            from torch.utils.cpp_extension import BuildExtension
+
+            cuda = _cuda_wanted(torch)
+            if "MAX_JOBS" not in os.environ:
+                os.environ["MAX_JOBS"] = str(_default_max_jobs(cuda))
+            print(f"[eagle-kernels] MAX_JOBS={os.environ['MAX_JOBS']} cuda={cuda}")
+            ext_modules = _extensions(torch, cuda)
+            cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+            _write_build_info(torch, cuda)
+    local = _local_version(torch, cuda)
+    version = BASE_VERSION + (f"+{local}" if local else "")
+    setup(
+        version=version,
+        packages=find_packages(include=["eagle_kernels*", "eagle*"]),
+        package_data={"eagle": ["assets/**/*"]},
+        include_package_data=True,
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        zip_safe=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Shared test configuration.
+
+* With no GPU, ``TRITON_INTERPRET=1`` is set before anything imports triton, so every Triton kernel
+  runs on CPU tensors through the interpreter.
+* ``device`` fixture: ``--device`` option, default cuda when available, else cpu.
+* ``gpu`` marker: such tests are skipped, with a reason, when no CUDA device is present.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def _has_gpu() -> bool:
+    # Decide without initialising CUDA in this process: nvidia-smi present and a device visible.
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidia0")
+
+
+HAS_GPU = _has_gpu()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default=None,
+        choices=("cpu", "cuda"),
+        help="device for kernel tests (default: cuda when a GPU is present, else cpu)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    name = request.config.getoption("--device") or ("cuda" if HAS_GPU else "cpu")
+    if name == "cuda" and not HAS_GPU:
+        pytest.skip("--device cuda requested but no CUDA GPU is present")
+    return torch.device(name)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,137 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle_kernels
+from eagle_kernels import compact_kv_cache, compact_kv_cache_ref
+from tests.kernels.helpers import backends_for, run_with_backend
+
+OP = "compact_kv_cache"
+
+
+def random_paths(B: int, n: int, steps: int, gen: torch.Generator, index_dtype):
+    """Random accepted paths: slot 0 first, then strictly increasing slots, padded with -1."""
+    accept_index = torch.full((B, steps), -1, dtype=index_dtype)
+    accept_num = torch.zeros(B, dtype=index_dtype)
+    for b in range(B):
+        k = int(torch.randint(0, min(steps, n), (1,), generator=gen))
+        slots = torch.randperm(n - 1, generator=gen)[:k].sort().values + 1
+        accept_index[b, 0] = b * n
+        accept_index[b, 1 : k + 1] = b * n + slots
+        accept_num[b] = k
+    return accept_index, accept_num
+
+
+def loop_oracle(kv, seqlens, accept_index, accept_num, n):
+    """The definition spelled out element by element, independent of the vectorised reference."""
+    kv = kv.clone()
+    for b in range(kv.shape[2]):
+        for j in range(int(accept_num[b]) + 1):
+            slot = int(accept_index[b, j]) - b * n
+            kv[:, :, b, :, int(seqlens[b]) + j] = kv[:, :, b, :, int(seqlens[b]) + slot].clone()
+    return kv, seqlens + accept_num.to(torch.int32) + 1
+
+
+def make_case(B, n, steps, H, D, dtype, index_dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    L, S = 3, 0
+    seqlens = torch.randint(0, 20, (B,), generator=gen, dtype=torch.int32)
+    S = int(seqlens.max()) + n + int(torch.randint(0, 5, (1,), generator=gen))
+    kv = torch.randn(L, 2, B, H, S, D, generator=gen, dtype=torch.float64).to(dtype)
+    accept_index, accept_num = random_paths(B, n, steps, gen, index_dtype)
+    return [t.to(device) for t in (kv, seqlens, accept_index, accept_num)]
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("B,n,steps,H,D", [(1, 8, 4, 1, 16), (3, 13, 7, 2, 24), (5, 64, 7, 4, 64)])
+def test_reference_matches_loop_oracle(B, n, steps, H, D, index_dtype):
+    kv, seqlens, idx, num = make_case(B, n, steps, H, D, torch.float32, index_dtype, "cpu", seed=B * n)
+    want_kv, want_len = loop_oracle(kv, seqlens, idx, num, n)
+    got_len = compact_kv_cache_ref(kv, seqlens, idx, num, n)
+    assert torch.equal(kv, want_kv)
+    assert torch.equal(got_len, want_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_backends_match_reference_fuzzed(device, dtype, index_dtype):
+    backends = backends_for(OP, device)
+    assert backends, "no accelerated backend reachable; the extension or triton is missing"
+    for seed in range(12):
+        gen = torch.Generator().manual_seed(seed)
+        B = int(torch.randint(1, 6, (1,), generator=gen))
+        n = int(torch.randint(2, 33, (1,), generator=gen))
+        steps = int(torch.randint(1, n + 1, (1,), generator=gen))
+        H = int(torch.randint(1, 4, (1,), generator=gen))
+        D = (16, 24, 40, 64)[int(torch.randint(0, 4, (1,), generator=gen))]
+        kv, seqlens, idx, num = make_case(B, n, steps, H, D, dtype, index_dtype, device, seed)
+        want = kv.clone()
+        want_len = compact_kv_cache_ref(want, seqlens, idx, num, n)
+        for backend in backends:
+            got = kv.clone()
+            got_len = run_with_backend(backend, compact_kv_cache, got, seqlens, idx, num, num_draft_tokens=n)
+            assert torch.equal(got, want), f"{backend} seed={seed}"
+            assert torch.equal(got_len, want_len), f"{backend} seed={seed}"
+            assert got_len.dtype == torch.int32
+
+
+def test_noncontiguous_layer_view(device):
+    """A cache that is a slice of a bigger buffer (strided batch dim) is updated in place correctly."""
+    kv, seqlens, idx, num = make_case(2, 10, 5, 2, 32, torch.float32, torch.int64, device, seed=7)
+    big = torch.zeros(kv.shape[0], 2, 4, *kv.shape[3:], device=device)
+    big[:, :, ::2] = kv
+    view = big[:, :, ::2]
+    want = kv.clone()
+    compact_kv_cache_ref(want, seqlens, idx, num, 10)
+    for backend in backends_for(OP, device) + ["torch"]:
+        big[:, :, ::2] = kv
+        run_with_backend(backend, compact_kv_cache, view, seqlens, idx, num, num_draft_tokens=10)
+        assert torch.equal(big[:, :, ::2], want), backend
+        assert torch.equal(big[:, :, 1::2], torch.zeros_like(want)), backend
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.update(kv=a["kv"][0]), "6 dimensions"),
+        (lambda a: a.update(seqlens=a["seqlens"].long()), "cache_seqlens must have dtype"),
+        (lambda a: a.update(idx=a["idx"].float()), "accept_index must have dtype"),
+        (lambda a: a.update(num=a["num"][:1]), "accept_token_num must have shape"),
+        (lambda a: a["idx"].__setitem__((1, 1), 1), "outside its sequence"),
+        (lambda a: a["num"].__setitem__(0, 99), "accept_token_num must be in"),
+        (lambda a: a["seqlens"].__setitem__(0, 10_000), "must fit S_max"),
+        (lambda a: a["idx"].__setitem__((0, slice(1, 3)), torch.tensor([5, 3])), "strictly increasing"),
+    ],
+)
+def test_bad_input_raises(mutate, match):
+    kv, seqlens, idx, num = make_case(2, 10, 5, 2, 16, torch.float32, torch.int64, "cpu", seed=3)
+    idx[:, :3] = torch.tensor([[0, 2, 4], [10, 11, 15]])
+    num[:] = 2
+    args = {"kv": kv, "seqlens": seqlens, "idx": idx, "num": num}
+    mutate(args)
+    for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            run_with_backend(
+                backend, compact_kv_cache, args["kv"], args["seqlens"], args["idx"], args["num"],
+                num_draft_tokens=10,
+            )
+
+
+def test_opcheck_and_compile():
+    kv, seqlens, idx, num = make_case(2, 8, 4, 2, 16, torch.float32, torch.int64, "cpu", seed=1)
+    torch.library.opcheck(torch.ops.eagle.compact_kv_cache.default, (kv, seqlens, idx, num, 8))
+
+    def step(kv, seqlens, idx, num):
+        return compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=8) * 2
+
+    want = kv.clone()
+    want_len = step(want, seqlens, idx, num)
+    got = kv.clone()
+    got_len = torch.compile(step, fullgraph=False)(got, seqlens, idx, num)
+    assert torch.equal(got, want) and torch.equal(got_len, want_len)
+
+
+def test_default_cpu_backend_is_cpp():
+    """On CPU the C++ kernel is what runs by default once the extension is built."""
+    assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"

@@ -1,0 +1,92 @@
+"""The C++ extension must be built and used on CPU, and the package must degrade, not crash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import eagle_kernels
+from eagle_kernels import _ext
+
+
+def test_extension_is_built_and_loaded():
+    if os.environ.get("EAGLE_SKIP_EXT") == "1":
+        pytest.skip("EAGLE_SKIP_EXT=1: pure-Python install requested")
+    assert _ext.STATUS.loaded, f"eagle_kernels._C is not loaded: {_ext.STATUS.reason}"
+    assert hasattr(torch.ops.eagle_C, "compact_kv_cache")
+    assert eagle_kernels.backend_info()["cpu_backend"]["compact_kv_cache"] == "cpp"
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env)
+
+
+def test_import_does_not_touch_cuda():
+    code = (
+        "import torch, eagle_kernels, eagle\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
+        "print('ok')"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
+
+
+def test_mismatched_extension_warns_once_and_falls_back(tmp_path):
+    """An extension recorded as built for another torch is skipped with one warning."""
+    code = (
+        "import warnings, sys, types\n"
+        "fake = types.ModuleType('eagle_kernels._build_info')\n"
+        "fake.TORCH_VERSION, fake.CUDA_VERSION, fake.WITH_CUDA = '1.0.0', None, False\n"
+        "sys.modules['eagle_kernels._build_info'] = fake\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import eagle_kernels, torch\n"
+        "msgs = [str(x.message) for x in w if 'eagle_kernels' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'built for torch 1.0.0' in msgs[0], msgs\n"
+        "assert eagle_kernels.backend_info()['cpu_backend']['compact_kv_cache'] == 'torch'\n"
+        "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
+        "out = eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
+        "    torch.tensor([[0, 2]]), torch.tensor([1]), num_draft_tokens=4)\n"
+        "assert out.tolist() == [2]\n"
+        "print('ok')"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
+
+
+def test_forced_backend_errors_are_clear():
+    kv = torch.randn(1, 2, 1, 1, 8, 4)
+    args = (kv, torch.tensor([0], dtype=torch.int32), torch.tensor([[0, 1]]), torch.tensor([1]))
+    with eagle_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="cuda backend runs on CUDA"):
+        eagle_kernels.compact_kv_cache(*args, num_draft_tokens=4)
+    with pytest.raises(ValueError, match="unknown backend"):
+        with eagle_kernels.use_backend("fast"):
+            pass
+
+
+def test_triton_on_cpu_without_interpreter_says_so():
+    code = (
+        "import torch, eagle_kernels\n"
+        "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
+        "try:\n"
+        "    eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
+        "        torch.tensor([[0, 1]]), torch.tensor([1]), num_draft_tokens=4)\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    res = _run(code, EAGLE_KERNELS_BACKEND="triton", TRITON_INTERPRET="0")
+    assert "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
+
+
+def test_env_backend_validated():
+    res = _run("import eagle_kernels, torch; eagle_kernels.select_backend('compact_kv_cache', torch.device('cpu'))",
+               EAGLE_KERNELS_BACKEND="gpu")
+    assert res.returncode != 0 and "EAGLE_KERNELS_BACKEND='gpu'" in res.stderr
