@@ -87,6 +87,8 @@ def test_triton_on_cpu_without_interpreter_says_so():
 
 
 def test_env_backend_validated():
-    res = _run("import eagle_kernels, torch; eagle_kernels.select_backend('compact_kv_cache', torch.device('cpu'))",
-               EAGLE_KERNELS_BACKEND="gpu")
+    res = _run(
+        "import eagle_kernels, torch; eagle_kernels.select_backend('compact_kv_cache', torch.device('cpu'))",
+        EAGLE_KERNELS_BACKEND="gpu",
+    )
     assert res.returncode != 0 and "EAGLE_KERNELS_BACKEND='gpu'" in res.stderr

@@ -113,7 +113,12 @@ def test_bad_input_raises(mutate, match):
     for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
         with pytest.raises((ValueError, TypeError), match=match):
             run_with_backend(
-                backend, compact_kv_cache, args["kv"], args["seqlens"], args["idx"], args["num"],
+                backend,
+                compact_kv_cache,
+                args["kv"],
+                args["seqlens"],
+                args["idx"],
+                args["num"],
                 num_draft_tokens=10,
             )
 
