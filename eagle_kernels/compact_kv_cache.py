@@ -110,31 +110,6 @@ def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token
     return cache_seqlens + accept_num + 1
 
 
-# --------------------------------------------------------------------------------------------------
-# Registered op and dispatch
-# --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("eagle::compact_kv_cache", mutates_args=("kv_cache",))
-def _compact_kv_cache_op(
-    kv_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    accept_index: torch.Tensor,
-    accept_token_num: torch.Tensor,
-    num_draft_tokens: int,
-) -> torch.Tensor:
-    backend = select_backend(OP, kv_cache.device, prefer_cuda_ext=True)
-    args = (kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
-    if backend in ("cpp", "cuda"):
-        return _ext.op(OP)(*args)
-    if backend == "triton":
-        return _compact_kv_cache_triton(*args)
-    return compact_kv_cache_ref(*args)
-
-
-@_compact_kv_cache_op.register_fake
-def _(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
-    return torch.empty_like(cache_seqlens)
-
-
 def _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, n):
     """Index-range checks; they read tensor values, so on CUDA they run only in debug mode."""
     B, steps = accept_index.shape
@@ -152,6 +127,34 @@ def _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, n):
     increasing = (slots[:, 1:] > slots[:, :-1]) | ~valid[:, 1:]
     if not bool(increasing.all()):
         raise ValueError("accept_index must list strictly increasing tree slots per sequence")
+
+
+# --------------------------------------------------------------------------------------------------
+# Registered op and dispatch
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("eagle::compact_kv_cache", mutates_args=("kv_cache",))
+def _compact_kv_cache_op(
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    num_draft_tokens: int,
+) -> torch.Tensor:
+    backend = select_backend(OP, kv_cache.device, prefer_cuda_ext=True)
+    args = (kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
+    # The C++ kernel validates values itself; elsewhere check on CPU, and on CUDA only in debug mode.
+    if backend != "cpp" and (kv_cache.device.type == "cpu" or debug_checks_enabled()):
+        _check_values(*args)
+    if backend in ("cpp", "cuda"):
+        return _ext.op(OP)(*args)
+    if backend == "triton":
+        return _compact_kv_cache_triton(*args)
+    return compact_kv_cache_ref(*args)
+
+
+@_compact_kv_cache_op.register_fake
+def _(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
+    return torch.empty_like(cache_seqlens)
 
 
 def compact_kv_cache(
@@ -202,8 +205,6 @@ def compact_kv_cache(
         )
     if accept_index.shape[1] == 0:
         raise ValueError("accept_index must have at least one column (the root)")
-    if device.type == "cpu" or debug_checks_enabled():
-        _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
     return torch.ops.eagle.compact_kv_cache(
         kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens
     )

@@ -52,16 +52,17 @@ void compact_cpu_impl(at::Tensor& kv_cache, const int32_t* seqlens, const idx_t*
   // Validate every path before touching the cache (CPU: costs no synchronisation).
   for (int64_t b = 0; b < B; ++b) {
     const int64_t acc = accept_num[b];
-    TORCH_CHECK(acc >= 0 && acc < num_steps, "accept_token_num[", b, "]=", acc, " must be in [0, ",
-                num_steps - 1, "]");
-    TORCH_CHECK(seqlens[b] >= 0 && seqlens[b] + n <= S, "cache_seqlens[", b, "]=", seqlens[b],
-                " + num_draft_tokens=", n, " exceeds S_max=", S);
+    TORCH_CHECK_VALUE(acc >= 0 && acc < num_steps, "accept_token_num must be in [0, ", num_steps - 1,
+                      "], got accept_token_num[", b, "]=", acc);
+    TORCH_CHECK_VALUE(seqlens[b] >= 0 && seqlens[b] + n <= S, "cache_seqlens + num_draft_tokens=", n,
+                      " must fit S_max=", S, ", got cache_seqlens[", b, "]=", seqlens[b]);
     int64_t prev = -1;
     for (int64_t j = 0; j <= acc; ++j) {
       const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
-      TORCH_CHECK(slot >= 0 && slot < n, "accept_index[", b, ", ", j, "]=", accept_index[b * num_steps + j],
-                  " is not a tree row of sequence ", b, " (expected ", b * n, "..", b * n + n - 1, ")");
-      TORCH_CHECK(slot > prev, "accept_index[", b, "] must list strictly increasing tree slots");
+      TORCH_CHECK_VALUE(slot >= 0 && slot < n, "accept_index[", b, ", ", j, "]=",
+                        accept_index[b * num_steps + j], " holds a row outside its sequence's tree (expected ",
+                        b * n, "..", b * n + n - 1, ")");
+      TORCH_CHECK_VALUE(slot > prev, "accept_index must list strictly increasing tree slots per sequence");
       prev = slot;
     }
   }

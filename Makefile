@@ -1,0 +1,47 @@
+# The two set-up commands of the README, and the pieces they are made of.
+#   make run    installs the package and runs the main job
+#   make test   installs the package with test extras and runs the test suite
+PY ?= python3
+PIP := $(PY) -m pip
+
+.PHONY: torch install install-test run test lint nvcc-check bench-smoke wheel wheels clean
+
+# Install torch only when none is importable: an existing (e.g. CUDA) build is never replaced, and on
+# a machine without one `torch==2.13.0` is what this project is tested against.
+torch:
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+
+# --no-build-isolation: compile eagle_kernels._C against the torch installed above.
+install: torch
+	$(PIP) install "setuptools>=77" ninja
+	$(PIP) install --no-build-isolation -e .
+
+install-test: torch
+	$(PIP) install "setuptools>=77" ninja
+	$(PIP) install --no-build-isolation -e ".[test]"
+
+run: install
+	eagle info
+
+test: install-test
+	$(PY) -m pytest -q
+
+lint:
+	ruff check .
+	ruff format --check .
+
+nvcc-check:
+	bash scripts/nvcc_check.sh
+
+bench-smoke:
+	$(PY) -m pytest bench -q --benchmark-disable
+
+wheel: torch
+	$(PY) -m build --wheel --no-isolation
+
+# One wheel per CUDA toolkit: make wheels CUDA="12.4 12.8" (needs /usr/local/cuda-X.Y for each).
+wheels:
+	bash scripts/build_wheels.sh $(CUDA)
+
+clean:
+	rm -rf build dist *.egg-info eagle_kernels/_C*.so eagle_kernels/_build_info.py

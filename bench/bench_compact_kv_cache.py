@@ -1,0 +1,54 @@
+"""compact_kv_cache: C++ (CPU) / CUDA / Triton vs the PyTorch reference.
+
+    pytest bench/bench_compact_kv_cache.py --benchmark-only --benchmark-group-by=param
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle_kernels
+from bench.utils import record_bandwidth, synchronized
+from eagle_kernels._backend import available_backends
+
+# (layers, B, Hkv, D, tree slots n, accepted steps)
+SHAPES = {
+    "tiny-code-B1": (12, 1, 4, 64, 60, 7),
+    "tiny-code-B16": (12, 16, 4, 64, 60, 7),
+    "llama7b-B8": (32, 8, 32, 128, 64, 7),
+}
+
+
+def make_inputs(shape, device, dtype):
+    L, B, H, D, n, steps = shape
+    S = 256 + n
+    kv = torch.randn(L, 2, B, H, S, D, device=device, dtype=dtype)
+    seqlens = torch.full((B,), 200, dtype=torch.int32, device=device)
+    slots = torch.stack([torch.randperm(n - 1)[: steps - 1].sort().values + 1 for _ in range(B)])
+    accept_index = torch.cat([torch.zeros(B, 1, dtype=torch.long), slots], 1) + torch.arange(B)[:, None] * n
+    accept_num = torch.full((B,), steps - 1, dtype=torch.int32)
+    return kv, seqlens, accept_index.to(device), accept_num.to(device)
+
+
+def backends(device):
+    names = [b for b in available_backends("compact_kv_cache", device) if not (b == "triton" and device.type == "cpu")]
+    return names
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cuda", "triton"])
+def test_compact_kv_cache(benchmark, bench_device, shape, backend):
+    if backend not in backends(bench_device):
+        pytest.skip(f"{backend} not available on {bench_device.type}")
+    if SHAPES[shape][0] == 32 and bench_device.type == "cpu" and backend == "torch":
+        pytest.skip("llama7b shape with the reference on CPU is too slow to be useful")
+    dtype = torch.float16 if bench_device.type == "cuda" else torch.float32
+    kv, seqlens, idx, num = make_inputs(SHAPES[shape], bench_device, dtype)
+    n = SHAPES[shape][4]
+    fn = synchronized(lambda: eagle_kernels.compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=n), bench_device)
+    with eagle_kernels.use_backend(backend):
+        benchmark(fn)
+    L, B, H, D, _, steps = SHAPES[shape]
+    moved = 2 * L * 2 * B * H * (steps - 1) * D * kv.element_size()  # read + write of each moved row
+    record_bandwidth(benchmark, moved, bench_device)

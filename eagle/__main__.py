@@ -1,0 +1,5 @@
+import sys
+
+from eagle.cli import main
+
+sys.exit(main())
