@@ -1,6 +1,6 @@
 """compact_kv_cache: C++ (CPU) / CUDA / Triton vs the PyTorch reference.
 
-    pytest bench/bench_compact_kv_cache.py --benchmark-only --benchmark-group-by=param
+pytest bench/bench_compact_kv_cache.py --benchmark-only --benchmark-group-by=param
 """
 
 from __future__ import annotations
@@ -32,7 +32,11 @@ def make_inputs(shape, device, dtype):
 
 
 def backends(device):
-    names = [b for b in available_backends("compact_kv_cache", device) if not (b == "triton" and device.type == "cpu")]
+    names = [
+        b
+        for b in available_backends("compact_kv_cache", device)
+        if not (b == "triton" and device.type == "cpu")
+    ]
     return names
 
 
@@ -46,7 +50,9 @@ def test_compact_kv_cache(benchmark, bench_device, shape, backend):
     dtype = torch.float16 if bench_device.type == "cuda" else torch.float32
     kv, seqlens, idx, num = make_inputs(SHAPES[shape], bench_device, dtype)
     n = SHAPES[shape][4]
-    fn = synchronized(lambda: eagle_kernels.compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=n), bench_device)
+    fn = synchronized(
+        lambda: eagle_kernels.compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=n), bench_device
+    )
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
     L, B, H, D, _, steps = SHAPES[shape]

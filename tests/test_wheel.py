@@ -29,7 +29,11 @@ def test_wheel_builds_installs_and_runs(tmp_path):
 
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     cuda = torch.version.cuda
-    label = f"cu{''.join(cuda.split('.')[:2])}torch{torch_mm}" if "+cu" in wheels[0].name else f"cputorch{torch_mm}"
+    label = (
+        f"cu{''.join(cuda.split('.')[:2])}torch{torch_mm}"
+        if "+cu" in wheels[0].name
+        else f"cputorch{torch_mm}"
+    )
     assert f"+{label}-" in wheels[0].name, (wheels[0].name, label)
 
     # A fresh venv that borrows torch & co. from this interpreter but gets its own eagle_kernels.
