@@ -10,10 +10,16 @@ from __future__ import annotations
 from eagle_kernels import _ext
 from eagle_kernels._backend import BACKENDS, available_backends, select_backend, use_backend
 from eagle_kernels.compact_kv_cache import compact_kv_cache, compact_kv_cache_ref
+from eagle_kernels.tree_attention import (
+    pack_tree_mask,
+    tree_attention,
+    tree_attention_ref,
+    unpack_tree_mask,
+)
 
 __version__ = "0.1.0"
 
-OPS = ("compact_kv_cache",)
+OPS = ("compact_kv_cache", "tree_attention")
 
 
 def backend_info() -> dict:
@@ -41,6 +47,10 @@ __all__ = [
     "backend_info",
     "compact_kv_cache",
     "compact_kv_cache_ref",
+    "pack_tree_mask",
     "select_backend",
+    "tree_attention",
+    "tree_attention_ref",
+    "unpack_tree_mask",
     "use_backend",
 ]
