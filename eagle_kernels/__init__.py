@@ -10,6 +10,12 @@ from __future__ import annotations
 from eagle_kernels import _ext
 from eagle_kernels._backend import BACKENDS, available_backends, select_backend, use_backend
 from eagle_kernels.compact_kv_cache import compact_kv_cache, compact_kv_cache_ref
+from eagle_kernels.fused_draft_input import (
+    fused_draft_input,
+    fused_draft_input_ref,
+    fused_eagle3_input,
+    fused_eagle3_input_ref,
+)
 from eagle_kernels.tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -19,7 +25,7 @@ from eagle_kernels.tree_attention import (
 
 __version__ = "0.1.0"
 
-OPS = ("compact_kv_cache", "tree_attention")
+OPS = ("compact_kv_cache", "tree_attention", "fused_draft_input", "fused_eagle3_input")
 
 
 def backend_info() -> dict:
@@ -47,6 +53,10 @@ __all__ = [
     "backend_info",
     "compact_kv_cache",
     "compact_kv_cache_ref",
+    "fused_draft_input",
+    "fused_draft_input_ref",
+    "fused_eagle3_input",
+    "fused_eagle3_input_ref",
     "pack_tree_mask",
     "select_backend",
     "tree_attention",
