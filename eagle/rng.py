@@ -1,0 +1,46 @@
+"""Counter-based random numbers: one independent, reproducible stream per batch row, no host sync.
+
+Uniform ``u[b, j]`` of draw ``counter[b]`` is a pure function of ``(row_seed[b], counter[b], j)``:
+splitmix64 hashing in wrapping int64 tensor arithmetic. A row's numbers therefore do not depend on
+the batch it is in, on other rows finishing early, or on the device, and rows never share numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# splitmix64 constants as signed int64 (two's complement of the usual unsigned values).
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser on int64 tensors (wrapping arithmetic), elementwise."""
+    z = x + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def row_seeds(seed: int, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 ``[B]``: the seed of each row's stream, derived from one user seed."""
+    rows = torch.arange(batch_size, dtype=torch.int64, device=device)
+    return splitmix64(splitmix64(torch.full_like(rows, int(seed) & ((1 << 63) - 1))) + rows)
+
+
+def uniforms(seeds: torch.Tensor, counter: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
+    """Uniforms in [0, 1), ``[B, n]``, for draw ``counter`` (int64 ``[B]``) of each row's stream.
+
+    float32 values use the top 24 bits of the hash, float64 the top 53, so 1.0 is never produced.
+    """
+    base = splitmix64(seeds ^ splitmix64(counter.to(torch.int64)))
+    cols = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device)
+    bits = splitmix64(base[:, None] + cols[None, :] * _GOLDEN)
+    mantissa = 53 if dtype == torch.float64 else 24
+    return _shr(bits, 64 - mantissa).to(dtype) * (2.0**-mantissa)
