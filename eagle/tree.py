@@ -131,5 +131,7 @@ def select_candidates(
     tokens = torch.cat(token_list, dim=1)
     top = torch.topk(scores, num_keep, dim=-1).indices
     selected = torch.sort(top, dim=-1).values
-    parent_list = torch.cat(parents_list[:-1], dim=1) if len(parents_list) > 1 else parents_list[0]
+    # Level 1 contributes k+1 entries and each later level k; the deepest level's nodes have no children.
+    topk = token_list[0].shape[1]
+    parent_list = torch.cat(parents_list, dim=1)[:, : topk * (len(parents_list) - 1) + 1]
     return selected, tokens.gather(1, selected), parent_list
