@@ -1,0 +1,244 @@
+// tree_attention: schema, argument checks and the CPU kernel.
+//
+// out[b, i, h] = softmax_p(q[b, i, h] . k[b, h / G, p] * sm_scale) v[b, h / G, p] over the key positions p
+// visible to new token i of sequence b: the committed prefix p < cache_seqlens[b] always, and new token
+// j (at p = cache_seqlens[b] + j) when the mask allows it (causal j <= i, or the bool / bit-packed
+// tree_mask). Accumulation is fp32 (fp64 for fp64 inputs).
+//
+// The kernel body (tree_attention_kernel.h) is compiled three times, for AVX-512, AVX2+FMA and the
+// x86-64 baseline, and the widest one the CPU supports runs. EAGLE_KERNELS_CPU_ISA=avx512|avx2|generic
+// forces one (tests use it to check every variant).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace eagle {
+namespace tree_attn {
+
+constexpr int64_t kBlockN = 64;      // keys per block
+constexpr int64_t kRowsPerTask = 64;  // query rows (token x grouped head) per task
+
+struct Problem {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;  // contiguous [B, T, Hq, D]
+  const int32_t* seqlens;
+  const uint8_t* new_visible;  // contiguous [B, T, T] of 0/1, nullptr = causal
+  int64_t B, T, Hq, Hkv, G, D, rows_per_task;
+  int64_t sq_b, sq_t, sq_h, sq_d;
+  int64_t sk_b, sk_h, sk_s, sk_d;
+  int64_t sv_b, sv_h, sv_s, sv_d;
+  double sm_scale;
+};
+
+template <typename A>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+// Vectors are passed only between functions of one instruction set, so the ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+using RunFn = void (*)(const Problem&, int64_t, int64_t, char*);
+
+#if defined(__x86_64__)
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include "tree_attention_kernel.h"
+#pragma GCC pop_options
+}  // namespace avx512
+
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "tree_attention_kernel.h"
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+
+namespace generic {
+#include "tree_attention_kernel.h"
+}  // namespace generic
+
+struct Kernels {
+  RunFn f32, f64, f16, bf16;
+  const char* isa;
+};
+
+#define EAGLE_TREE_ATTN_KERNELS(ns) \
+  Kernels { ns::run_f32, ns::run_f64, ns::run_f16, ns::run_bf16, #ns }
+
+Kernels select_kernels() {
+  const char* forced = std::getenv("EAGLE_KERNELS_CPU_ISA");
+  const std::string want = forced == nullptr ? "" : forced;
+#if defined(__x86_64__)
+  const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want == "avx512") {
+    TORCH_CHECK(has512, "EAGLE_KERNELS_CPU_ISA=avx512 but this CPU lacks AVX-512");
+    return EAGLE_TREE_ATTN_KERNELS(avx512);
+  }
+  if (want == "avx2") {
+    TORCH_CHECK(has2, "EAGLE_KERNELS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
+    return EAGLE_TREE_ATTN_KERNELS(avx2);
+  }
+  if (want.empty() || want == "auto") {
+    if (has512) return EAGLE_TREE_ATTN_KERNELS(avx512);
+    if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2);
+  }
+#endif
+  TORCH_CHECK(want.empty() || want == "auto" || want == "generic",
+              "EAGLE_KERNELS_CPU_ISA must be avx512, avx2, generic or auto, got ", want);
+  return EAGLE_TREE_ATTN_KERNELS(generic);
+}
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask) {
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must be [B, T, Hq, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be [B, Hkv, S_max, D], got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache ", v_cache.sizes(),
+                    " must have k_cache's shape ", k_cache.sizes());
+  TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), "q must be float16/bfloat16/float32/float64, got ",
+                   q.scalar_type());
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+                   "dtypes must match: q=", q.scalar_type(), ", k_cache=", k_cache.scalar_type(),
+                   ", v_cache=", v_cache.scalar_type());
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+  TORCH_CHECK_VALUE(k_cache.size(0) == B, "k_cache must be [B, Hkv, S_max, D] with B=", B, ", got ",
+                    k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, "head dim mismatch: q has D=", D, ", k_cache/v_cache have D=",
+                    k_cache.size(3));
+  TORCH_CHECK_VALUE(D >= 16 && D <= 256, "head dim D=", D, " is outside the supported 16..256");
+  TORCH_CHECK_VALUE(Hkv > 0 && Hq % Hkv == 0, "query heads Hq=", Hq,
+                    " must be a positive multiple of kv heads Hkv=", Hkv, " (GQA)");
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens must be [B] with B=",
+                    B, ", got ", cache_seqlens.sizes());
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
+                   cache_seqlens.scalar_type());
+  for (const at::Tensor* t : {&k_cache, &v_cache, &cache_seqlens}) {
+    TORCH_CHECK_VALUE(t->device() == q.device(), "all inputs must be on ", q.device(), ", got ", t->device());
+  }
+  if (tree_mask.has_value()) {
+    const at::Tensor& m = *tree_mask;
+    const auto dt = m.scalar_type();
+    TORCH_CHECK_TYPE(dt == at::kBool || dt == at::kByte || dt == at::kInt,
+                     "tree_mask must be bool, uint8 (bit-packed) or int32 (bit-packed), got ", dt);
+    const int64_t width = dt == at::kBool ? T : dt == at::kByte ? (T + 7) / 8 : (T + 31) / 32;
+    TORCH_CHECK_VALUE(m.dim() == 3 && m.size(0) == B && m.size(1) == T && m.size(2) == width,
+                      "tree_mask (", dt, ") must have shape [B, T, ", width, "] = [", B, ", ", T, ", ", width,
+                      "], got ", m.sizes());
+    TORCH_CHECK_VALUE(m.device() == q.device(), "tree_mask must be on ", q.device(), ", got ", m.device());
+  }
+  const int64_t S = k_cache.size(2);
+  const auto seq = cache_seqlens.contiguous();
+  const int32_t* lens = seq.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + T <= S, "cache_seqlens must be >= 0 and cache_seqlens + T (T=",
+                      T, ") must fit S_max=", S, ", got cache_seqlens[", b, "]=", lens[b]);
+  }
+}
+
+// Dense 0/1 [B, T, T] visibility among the new tokens, from any mask format.
+at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
+  if (tree_mask.scalar_type() == at::kBool) return tree_mask.contiguous().view(at::kByte);
+  const int64_t B = tree_mask.size(0);
+  auto dense = at::empty({B, T, T}, tree_mask.options().dtype(at::kByte));
+  auto packed = tree_mask.contiguous();
+  uint8_t* dst = dense.data_ptr<uint8_t>();
+  const int64_t width = packed.size(2);
+  if (packed.scalar_type() == at::kByte) {
+    const uint8_t* src = packed.data_ptr<uint8_t>();
+    for (int64_t row = 0; row < B * T; ++row)
+      for (int64_t j = 0; j < T; ++j) dst[row * T + j] = (src[row * width + j / 8] >> (j % 8)) & 1;
+  } else {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+    for (int64_t row = 0; row < B * T; ++row)
+      for (int64_t j = 0; j < T; ++j) dst[row * T + j] = (src[row * width + j / 32] >> (j % 32)) & 1;
+  }
+  return dense;
+}
+
+int64_t scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
+  const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
+  const int64_t counts[] = {rows * dp, dp * kBlockN, kBlockN * dp, rows * kBlockN, rows * dp, rows, rows};
+  int64_t bytes = 0;
+  for (int64_t c : counts) bytes += (c * elem + 63) / 64 * 64;
+  return bytes + 64;  // room to align the start
+}
+
+at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask,
+                              double sm_scale) {
+  check_args(q, k_cache, v_cache, cache_seqlens, tree_mask);
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+  auto out = at::empty({B, T, Hq, D}, q.options());
+  if (out.numel() == 0) return out;
+  const auto seqlens = cache_seqlens.contiguous();
+  const at::Tensor dense = tree_mask.has_value() ? dense_new_token_mask(*tree_mask, T) : at::Tensor();
+
+  Problem P{};
+  P.q = q.data_ptr();
+  P.k = k_cache.data_ptr();
+  P.v = v_cache.data_ptr();
+  P.out = out.data_ptr();
+  P.seqlens = seqlens.data_ptr<int32_t>();
+  P.new_visible = dense.defined() ? dense.data_ptr<uint8_t>() : nullptr;
+  P.B = B, P.T = T, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.D = D;
+  P.rows_per_task = std::min<int64_t>(kRowsPerTask, T * P.G);
+  P.sq_b = q.stride(0), P.sq_t = q.stride(1), P.sq_h = q.stride(2), P.sq_d = q.stride(3);
+  P.sk_b = k_cache.stride(0), P.sk_h = k_cache.stride(1), P.sk_s = k_cache.stride(2), P.sk_d = k_cache.stride(3);
+  P.sv_b = v_cache.stride(0), P.sv_h = v_cache.stride(1), P.sv_s = v_cache.stride(2), P.sv_d = v_cache.stride(3);
+  P.sm_scale = sm_scale;
+
+  const Kernels kernels = select_kernels();
+  RunFn run = nullptr;
+  int64_t acc_bytes = 4;
+  switch (q.scalar_type()) {
+    case at::kFloat: run = kernels.f32; break;
+    case at::kDouble: run = kernels.f64, acc_bytes = 8; break;
+    case at::kHalf: run = kernels.f16; break;
+    case at::kBFloat16: run = kernels.bf16; break;
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", q.scalar_type());
+  }
+  const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
+  const int64_t tasks = B * Hkv * chunks;
+  const int64_t bytes = scratch_bytes(P.rows_per_task, D, acc_bytes);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<char> scratch(bytes);
+    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    run(P, begin, end, aligned);
+  });
+  return out;
+}
+
+}  // namespace tree_attn
+}  // namespace eagle
+
+TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
+  m.def(
+      "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? tree_mask, "
+      "float sm_scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("tree_attention", &eagle::tree_attn::tree_attention_cpu); }

@@ -1,0 +1,320 @@
+// tree_attention CPU kernel body. Included ONLY by tree_attention.cpp, once per instruction set, inside
+// a namespace and a `#pragma GCC target(...)` region, so every function here is compiled for that
+// instruction set. It includes nothing and uses no std:: templates (their out-of-line instantiations
+// would be shared between the regions and could end up compiled for the wrong instruction set); the
+// including file provides Problem, VecOf and the scratch memory.
+//
+// One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
+// row = t * G + g, so each K/V block is packed once (converted to the accumulator type A, K transposed)
+// and used by the whole GQA group. Keys are streamed in blocks of kBlockN with an online softmax; the
+// two products are register-tiled micro-kernels over 64-byte vectors (GCC vector extensions).
+
+template <typename A>
+using Vec = typename VecOf<A>::type;
+using VecI32 = int32_t __attribute__((vector_size(64)));
+
+template <typename A>
+constexpr int64_t lanes() {
+  return 64 / sizeof(A);
+}
+
+template <typename A>
+inline Vec<A> vload(const A* p) {
+  Vec<A> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename A>
+inline void vstore(A* p, const Vec<A>& v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <typename A>
+inline Vec<A> vsplat(A s) {
+  return Vec<A>{} + s;
+}
+
+template <typename A>
+inline A imin(A a, A b) {
+  return a < b ? a : b;
+}
+
+template <typename A>
+inline A imax(A a, A b) {
+  return a > b ? a : b;
+}
+
+// exp for 16 floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial for
+// e^r (Cephes' coefficients, ~1 ulp). Inputs below -87 (including -inf of masked scores) give exactly 0.
+inline Vec<float> vexp(Vec<float> x) {
+  const Vec<float> lo = vsplat(-87.0f), hi = vsplat(88.0f);
+  const auto underflow = x < lo;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const Vec<float> round_magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec<float> n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  const Vec<float> r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  Vec<float> p = vsplat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const VecI32 bits = (__builtin_convertvector(n, VecI32) + 127) << 23;
+  const Vec<float> result = p * (Vec<float>)bits;  // same-size vector cast: reinterprets bits
+  return underflow ? vsplat(0.0f) : result;
+}
+
+// float64 inputs are the reference-grade path: libm's exp per lane.
+inline Vec<double> vexp(Vec<double> x) {
+  for (int64_t i = 0; i < lanes<double>(); ++i) x[i] = __builtin_exp(x[i]);
+  return x;
+}
+
+template <typename A>
+inline A hmax(const Vec<A>& v) {
+  A m = v[0];
+  for (int64_t i = 1; i < lanes<A>(); ++i) m = imax(m, v[i]);
+  return m;
+}
+
+template <typename A>
+inline A hsum(const Vec<A>& v) {
+  A s = 0;
+  for (int64_t i = 0; i < lanes<A>(); ++i) s += v[i];
+  return s;
+}
+
+// kt[d * nbp + j] = K[j, d] for j < nb (d < D); columns nb..nbp-1 are zero.
+template <typename S, typename A>
+void pack_keys_transposed(const S* k, int64_t s_pos, int64_t s_d, int64_t nb, int64_t nbp, int64_t D,
+                          A* kt) {
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = nb; j < nbp; ++j) kt[d * nbp + j] = A(0);
+  for (int64_t j = 0; j < nb; ++j) {
+    const S* row = k + j * s_pos;
+    for (int64_t d = 0; d < D; ++d) kt[d * nbp + j] = static_cast<A>(row[d * s_d]);
+  }
+}
+
+// vb[j * dp + d] = V[j, d] for j < nb; columns D..dp-1 are zero.
+template <typename S, typename A>
+void pack_values(const S* v, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, int64_t dp, A* vb) {
+  for (int64_t j = 0; j < nb; ++j) {
+    const S* row = v + j * s_pos;
+    A* dst = vb + j * dp;
+    if (s_d == 1) {
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(row[d]);
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(row[d * s_d]);
+    }
+    for (int64_t d = D; d < dp; ++d) dst[d] = A(0);
+  }
+}
+
+// s[r, j0 + c*L ..] = sum_d q[r, d] * kt[d, j0 + c*L ..] for RM rows and CN vectors of columns.
+template <typename A, int RM, int CN>
+inline void score_tile(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, A* s, int64_t j0) {
+  constexpr int64_t L = lanes<A>();
+  Vec<A> acc[RM][CN] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    Vec<A> kv[CN];
+    for (int c = 0; c < CN; ++c) kv[c] = vload(kt + d * nbp + j0 + c * L);
+    for (int r = 0; r < RM; ++r) {
+      const Vec<A> qv = vsplat<A>(q[r * dp + d]);
+      for (int c = 0; c < CN; ++c) acc[r][c] += qv * kv[c];
+    }
+  }
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < CN; ++c) vstore(s + r * nbp + j0 + c * L, acc[r][c]);
+}
+
+template <typename A, int RM>
+inline void score_rows(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, A* s) {
+  constexpr int64_t L = lanes<A>();
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= nbp; j0 += 2 * L) score_tile<A, RM, 2>(q, dp, kt, nbp, D, s, j0);
+  if (j0 < nbp) score_tile<A, RM, 1>(q, dp, kt, nbp, D, s, j0);
+}
+
+// s[R, nbp] = q[R, D] @ kt[D, nbp]
+template <typename A>
+void scores(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, int64_t R, A* s) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) score_rows<A, 4>(q + r * dp, dp, kt, nbp, D, s + r * nbp);
+  const A* qr = q + r * dp;
+  A* sr = s + r * nbp;
+  switch (R - r) {
+    case 3: score_rows<A, 3>(qr, dp, kt, nbp, D, sr); break;
+    case 2: score_rows<A, 2>(qr, dp, kt, nbp, D, sr); break;
+    case 1: score_rows<A, 1>(qr, dp, kt, nbp, D, sr); break;
+    default: break;
+  }
+}
+
+// o[r, d0 + c*L ..] += sum_{j < nb} p[r, j] * vb[j, d0 + c*L ..] for RM rows and CN vectors of dims.
+template <typename A, int RM, int CN>
+inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb, A* o, int64_t d0) {
+  constexpr int64_t L = lanes<A>();
+  Vec<A> acc[RM][CN];
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < CN; ++c) acc[r][c] = vload(o + r * dp + d0 + c * L);
+  for (int64_t j = 0; j < nb; ++j) {
+    Vec<A> vv[CN];
+    for (int c = 0; c < CN; ++c) vv[c] = vload(vb + j * dp + d0 + c * L);
+    for (int r = 0; r < RM; ++r) {
+      const Vec<A> pr = vsplat<A>(p[r * nbp + j]);
+      for (int c = 0; c < CN; ++c) acc[r][c] += pr * vv[c];
+    }
+  }
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < CN; ++c) vstore(o + r * dp + d0 + c * L, acc[r][c]);
+}
+
+template <typename A, int RM>
+inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb, A* o) {
+  constexpr int64_t L = lanes<A>();
+  int64_t d0 = 0;
+  for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2>(p, nbp, vb, dp, nb, o, d0);
+  if (d0 < dp) pv_tile<A, RM, 1>(p, nbp, vb, dp, nb, o, d0);
+}
+
+// o[R, dp] += p[R, :nb] @ vb[nb, dp]
+template <typename A>
+void accumulate_pv(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb, int64_t R, A* o) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) pv_rows<A, 4>(p + r * nbp, nbp, vb, dp, nb, o + r * dp);
+  const A* pr = p + r * nbp;
+  A* orow = o + r * dp;
+  switch (R - r) {
+    case 3: pv_rows<A, 3>(pr, nbp, vb, dp, nb, orow); break;
+    case 2: pv_rows<A, 2>(pr, nbp, vb, dp, nb, orow); break;
+    case 1: pv_rows<A, 1>(pr, nbp, vb, dp, nb, orow); break;
+    default: break;
+  }
+}
+
+// Online-softmax update of one row: s (scores of this key block, masked entries -inf) becomes the
+// probabilities p; m/l are the running max and sum; the row's accumulator is rescaled.
+template <typename A>
+inline void softmax_update(A* s, int64_t nbp, A* m, A* l, A* o, int64_t dp) {
+  constexpr int64_t L = lanes<A>();
+  Vec<A> vmax = vsplat<A>(-__builtin_inf());
+  for (int64_t j = 0; j < nbp; j += L) {
+    const Vec<A> x = vload(s + j);
+    vmax = x > vmax ? x : vmax;
+  }
+  const A m_new = imax(*m, hmax<A>(vmax));
+  if (m_new == -__builtin_inf()) {  // nothing visible to this row yet
+    for (int64_t j = 0; j < nbp; ++j) s[j] = A(0);
+    return;
+  }
+  const Vec<A> shift = vsplat<A>(m_new);
+  Vec<A> vsum = {};
+  for (int64_t j = 0; j < nbp; j += L) {
+    const Vec<A> p = vexp(vload(s + j) - shift);
+    vstore(s + j, p);
+    vsum += p;
+  }
+  const A alpha = *m == -__builtin_inf() ? A(0) : static_cast<A>(__builtin_exp(double(*m - m_new)));
+  *l = *l * alpha + hsum<A>(vsum);
+  *m = m_new;
+  if (alpha != A(1)) {
+    const Vec<A> va = vsplat<A>(alpha);
+    for (int64_t d = 0; d < dp; d += L) vstore(o + d, vload(o + d) * va);
+  }
+}
+
+template <typename A>
+inline A* carve(char*& cursor, int64_t count) {
+  A* p = reinterpret_cast<A*>(cursor);
+  cursor += ((count * static_cast<int64_t>(sizeof(A)) + 63) / 64) * 64;
+  return p;
+}
+
+template <typename S, typename A>
+void attend_task(const Problem& P, int64_t task, char* scratch) {
+  constexpr int64_t L = lanes<A>();
+  const int64_t rows = P.T * P.G;
+  const int64_t chunks = (rows + P.rows_per_task - 1) / P.rows_per_task;
+  const int64_t chunk = task % chunks, kvh = (task / chunks) % P.Hkv, b = task / (chunks * P.Hkv);
+  const int64_t r_begin = chunk * P.rows_per_task, R = imin(P.rows_per_task, rows - r_begin);
+  const int64_t D = P.D, dp = (D + L - 1) / L * L, NB = kBlockN;
+
+  char* cursor = scratch;
+  A* q = carve<A>(cursor, R * dp);
+  A* kt = carve<A>(cursor, dp * NB);
+  A* vb = carve<A>(cursor, NB * dp);
+  A* s = carve<A>(cursor, R * NB);
+  A* o = carve<A>(cursor, R * dp);
+  A* m = carve<A>(cursor, R);
+  A* l = carve<A>(cursor, R);
+
+  const S* q_base = static_cast<const S*>(P.q) + b * P.sq_b;
+  const A scale = static_cast<A>(P.sm_scale);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
+    const S* qrow = q_base + t * P.sq_t + h * P.sq_h;
+    for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
+    for (int64_t d = D; d < dp; ++d) q[r * dp + d] = A(0);
+    for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
+    m[r] = -__builtin_inf();
+    l[r] = A(0);
+  }
+
+  const int64_t seqlen = P.seqlens[b];
+  const int64_t t_last = (r_begin + R - 1) / P.G;
+  const int64_t new_keys = P.new_visible == nullptr ? t_last + 1 : P.T;  // causal: later tokens unseen
+  const int64_t n_keys = seqlen + new_keys;
+  const S* k_head = static_cast<const S*>(P.k) + b * P.sk_b + kvh * P.sk_h;
+  const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
+  const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
+
+  for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+    const int64_t nb = imin(NB, n_keys - n0), nbp = (nb + L - 1) / L * L;
+    pack_keys_transposed(k_head + n0 * P.sk_s, P.sk_s, P.sk_d, nb, nbp, D, kt);
+    pack_values(v_head + n0 * P.sv_s, P.sv_s, P.sv_d, nb, D, dp, vb);
+    scores(q, dp, kt, nbp, D, R, s);
+    const int64_t first_new = imax<int64_t>(seqlen - n0, 0);  // first column holding a new token
+    for (int64_t r = 0; r < R; ++r) {
+      A* sr = s + r * nbp;
+      const int64_t t = (r_begin + r) / P.G;
+      for (int64_t j = first_new; j < nb; ++j) {
+        const int64_t jj = n0 + j - seqlen;
+        const bool visible = vis_b == nullptr ? jj <= t : vis_b[t * P.T + jj] != 0;
+        if (!visible) sr[j] = -__builtin_inf();
+      }
+      for (int64_t j = nb; j < nbp; ++j) sr[j] = -__builtin_inf();
+      softmax_update(sr, nbp, m + r, l + r, o + r * dp, dp);
+    }
+    accumulate_pv(s, nbp, vb, dp, nb, R, o);
+  }
+
+  S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
+    S* orow = out_base + (t * P.Hq + h) * D;
+    const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);  // a row that saw no key gets zeros
+    for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(o[r * dp + d] * inv);
+  }
+}
+
+template <typename S, typename A>
+void attend_tasks(const Problem& P, int64_t begin, int64_t end, char* scratch) {
+  for (int64_t task = begin; task < end; ++task) attend_task<S, A>(P, task, scratch);
+}
+
+void run_f32(const Problem& P, int64_t begin, int64_t end, char* scratch) {
+  attend_tasks<float, float>(P, begin, end, scratch);
+}
+void run_f64(const Problem& P, int64_t begin, int64_t end, char* scratch) {
+  attend_tasks<double, double>(P, begin, end, scratch);
+}
+void run_f16(const Problem& P, int64_t begin, int64_t end, char* scratch) {
+  attend_tasks<c10::Half, float>(P, begin, end, scratch);
+}
+void run_bf16(const Problem& P, int64_t begin, int64_t end, char* scratch) {
+  attend_tasks<c10::BFloat16, float>(P, begin, end, scratch);
+}
