@@ -1,0 +1,1 @@
+"""Training pipelines: the tiny-code target pretraining (corpus, tokenizer, pretrain)."""
