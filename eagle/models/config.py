@@ -1,0 +1,278 @@
+"""``ModelConfig``: the architecture facts this runtime needs, parsed from a Hugging Face config.json.
+
+Supported: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` (q/k/v biases) and
+``Qwen3ForCausalLM`` (per-head q/k RMSNorm). Keys absent from the file take the default of the
+family's transformers config class, so a file means the same here as in transformers. Anything the
+runtime cannot reproduce exactly (another activation, another RoPE type, a sliding window that would
+take effect) raises a ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+# Defaults of the transformers config classes for the keys read here (transformers 5.x).
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048, "sliding_window": None},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 131072, "sliding_window": 4096},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096},
+    "qwen3": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096},
+}
+_REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+)
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama-3.1 frequency-dependent RoPE scaling (``"rope_type": "llama3"``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder (target model or draft head).
+
+    ``sliding_window`` is the window the checkpoint would apply (None when it applies none); the
+    runtime computes full attention and therefore refuses caches longer than the window.
+    ``extra`` keeps the keys this class does not model (``bias``, ``draft_vocab_size``, ...).
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Llama3RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_layers < 0:
+            raise ValueError(f"config: num_hidden_layers must be >= 0, got {self.num_layers}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"config: num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def eagle3_feature_layers(self) -> tuple[int, int, int]:
+        """Layers whose *input* hidden states feed an EAGLE-3 head: (2, L//2, L-3)."""
+        L = self.num_layers
+        return (2, L // 2, L - 3)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read ``path`` (a config.json, or a directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], *, family: str | None = None) -> ModelConfig:
+        """Parse a Hugging Face config dict. ``family`` overrides the detection from
+        ``architectures``/``model_type`` (draft-head configs name unusual architectures)."""
+        family = family or detect_family(cfg)
+        missing = [k for k in _REQUIRED_KEYS if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"config.json lacks required key(s) {missing}")
+        defaults = _FAMILY_DEFAULTS[family]
+        _check_supported(cfg)
+        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        kv_heads = cfg.get("num_key_value_heads", defaults["num_key_value_heads"]) or heads
+        theta, scaling = _parse_rope(cfg)
+        return cls(
+            family=family,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(kv_heads),
+            head_dim=_head_dim(cfg, family, hidden, heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            **_biases(cfg, family),
+            qk_norm=family == "qwen3",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(
+                cfg.get("max_position_embeddings", defaults["max_position_embeddings"])
+            ),
+            sliding_window=_effective_sliding_window(cfg, family),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            pad_token_id=cfg.get("pad_token_id"),
+            extra=dict(cfg),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config as Hugging Face keys (legacy ``rope_theta``/``rope_scaling`` spelling, which
+        every loader of the official EAGLE formats understands)."""
+        out: dict[str, Any] = {
+            "hidden_act": "silu",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        return out
+
+
+def detect_family(cfg: dict[str, Any]) -> str:
+    archs = cfg.get("architectures") or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    if archs:
+        raise ValueError(
+            f"config.json: unsupported architectures={archs}; supported: {sorted(ARCHITECTURES)}"
+        )
+    model_type = cfg.get("model_type")
+    if model_type in _FAMILY_DEFAULTS:
+        return model_type
+    raise ValueError(
+        f"config.json: unsupported model_type={model_type!r} (no architectures key); "
+        f"supported: {sorted(_FAMILY_DEFAULTS)}"
+    )
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
+    rope = cfg.get("rope_parameters") or {}
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported (only 1.0)")
+
+
+def _head_dim(cfg: dict[str, Any], family: str, hidden: int, heads: int) -> int:
+    if cfg.get("head_dim") is not None:
+        return int(cfg["head_dim"])
+    if family == "qwen3" and "head_dim" not in cfg:
+        return 128  # Qwen3Config's default, independent of hidden_size
+    if hidden % heads:
+        raise ValueError(f"config.json: hidden_size={hidden} is not divisible by num_attention_heads={heads}")
+    return hidden // heads
+
+
+def _biases(cfg: dict[str, Any], family: str) -> dict[str, bool]:
+    if family == "qwen2":
+        return {"qkv_bias": True, "o_bias": False, "mlp_bias": False}
+    if family == "mistral":
+        return {"qkv_bias": False, "o_bias": False, "mlp_bias": False}
+    attention_bias = bool(cfg.get("attention_bias", False))
+    mlp_bias = bool(cfg.get("mlp_bias", False)) if family == "llama" else False
+    return {"qkv_bias": attention_bias, "o_bias": attention_bias, "mlp_bias": mlp_bias}
+
+
+def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
+    """RoPE base and scaling, from the new ``rope_parameters`` or legacy ``rope_theta``/``rope_scaling``."""
+    params = dict(cfg.get("rope_parameters") or {})
+    key = "rope_parameters"
+    if not params and cfg.get("rope_scaling"):
+        params, key = dict(cfg["rope_scaling"]), "rope_scaling"
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    theta = 10000.0 if theta is None else float(theta)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ValueError(
+            f"config.json: {key}.rope_type={rope_type!r} is not supported (only 'default', 'llama3')"
+        )
+    if "original_max_position_embeddings" not in params and "max_position_embeddings" in cfg:
+        params["original_max_position_embeddings"] = cfg["max_position_embeddings"]
+    missing = [k for k in _LLAMA3_KEYS if params.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json: {key} of rope_type 'llama3' lacks {missing}")
+    scaling = Llama3RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+    if scaling.high_freq_factor == scaling.low_freq_factor:
+        raise ValueError(f"config.json: {key} needs high_freq_factor != low_freq_factor")
+    return theta, scaling
+
+
+def _effective_sliding_window(cfg: dict[str, Any], family: str) -> int | None:
+    """The window transformers would apply to some layer, or None when every layer is full attention."""
+    window = cfg.get("sliding_window", _FAMILY_DEFAULTS[family]["sliding_window"])
+    if family == "llama" or window is None:
+        return None
+    if family == "mistral":
+        return int(window)
+    if not cfg.get("use_sliding_window", False):
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        first_sliding = int(cfg.get("max_window_layers", 28))
+        layer_types = [
+            "sliding_attention" if i >= first_sliding else "full" for i in range(cfg["num_hidden_layers"])
+        ]
+    return int(window) if "sliding_attention" in layer_types else None

@@ -1,0 +1,612 @@
+"""EAGLE draft heads: EAGLE-1/2 (one layer over ``fc(cat(embed, feature))``) and EAGLE-3.
+
+Both heads run on their own single-layer :class:`~eagle.models.kv_cache.KVCache` (same in-place
+layout as the target's) and take a block of ``T`` rows with explicit positions and an optional tree
+mask, so one forward drafts a whole tree level.
+
+EAGLE-1/2 (DESIGN §5)::
+
+    x = fc(cat(embed(token_{t+1}), feature_t))          # eagle_kernels.fused_draft_input
+    h = x + attn(x)                                      # no input_layernorm
+    h = h + mlp(post_attention_layernorm(h))             # no final norm
+    logits = target.lm_head(h)                           # target vocabulary
+
+EAGLE-3::
+
+    g = fc(cat(h_low, h_mid, h_high))                    # eagle_kernels.fused_eagle3_input, first step only
+    x = cat(input_layernorm(embed(token)), hidden_norm(g))
+    h = g + attn(x);  h = h + mlp(post_attention_layernorm(h))   # h is fed back for deeper steps
+    logits = lm_head(norm(h))                            # draft vocabulary; target id = id + d2t[id]
+
+Checkpoints use the official layouts (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``,
+plain keys, see DESIGN §5); the format is detected from the keys, ``midlayer.`` and ``layers.0.``
+prefixes are both accepted for EAGLE-3, and :func:`save_draft` writes the official layout back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import eagle_kernels
+from eagle.models.config import ModelConfig
+from eagle.models.kv_cache import KVCache
+from eagle.models.llama import (
+    MLP,
+    Attention,
+    BlockContext,
+    LlamaModel,
+    ModelOutput,
+    RMSNorm,
+    block_context,
+    check_token_ids,
+    fuse_layer_tensors,
+    hf_layer_shapes,
+    rope_inv_freq,
+    split_layer_tensors,
+    value_checks_enabled,
+)
+from eagle.models.weights import (
+    check_keys,
+    read_state_dict,
+    resolve_checkpoint,
+    resolve_dtype,
+    write_state_dict,
+)
+
+DRAFT_KINDS = ("eagle2", "eagle3")
+EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+@dataclasses.dataclass
+class DraftOutput:
+    """Result of a draft forward.
+
+    hidden : ``[B, T, H]`` the draft's output hidden state, fed back as the next step's input
+        (EAGLE-1/2: the predicted feature; EAGLE-3: the pre-norm hidden state).
+    logits : ``[B, T or K, V]`` over the target vocabulary (EAGLE-1/2) or ``[..., Vd]`` over the
+        draft vocabulary (EAGLE-3; map ids with :meth:`DraftHead.to_target_ids`); None if skipped.
+    """
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None
+
+
+class DraftHead(nn.Module):
+    """Common interface of the two head kinds (see the module docstring)."""
+
+    kind: str
+
+    def __init__(self, cfg: ModelConfig, embed_weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.config = cfg
+        # The embedding is a frozen copy of the target's: owned when the checkpoint carries one,
+        # otherwise the target's tensor is shared (and not saved by EAGLE-3).
+        if embed_weight is None:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size).requires_grad_(False)
+            self._shared_embed = None
+        else:
+            self.embed_tokens = None
+            self._shared_embed = embed_weight.detach()  # a plain tensor: not a parameter of the head
+        self._inv_freq = rope_inv_freq(cfg)
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.embed_tokens is not None else self._shared_embed
+
+    @property
+    def owns_embedding(self) -> bool:
+        return self.embed_tokens is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None:
+        """Target layers whose inputs this head needs (pass as ``feature_layers`` to the target)."""
+        return None
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """The head's own single-layer cache, in its dtype and on its device."""
+        cfg = self.config
+        return KVCache(
+            1, batch_size, cfg.num_kv_heads, max_seq_len, cfg.head_dim, dtype=self.dtype, device=self.device
+        )
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids -> target ids (identity for EAGLE-1/2)."""
+        return draft_ids
+
+    def _context(
+        self,
+        hidden: torch.Tensor,
+        token_ids: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None,
+        tree_mask: torch.Tensor | None,
+    ) -> BlockContext:
+        cfg = self.config
+        check_token_ids("token_ids", token_ids, cfg.vocab_size, cache.batch_size, cache.device)
+        B, T = token_ids.shape
+        if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (B, T, cfg.hidden_size):
+            got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(f"hidden must be [B, T, H] = [{B}, {T}, {cfg.hidden_size}], got {got}")
+        if hidden.dtype != self.dtype or cache.kv.dtype != self.dtype:
+            raise TypeError(f"hidden ({hidden.dtype}) and the cache ({cache.kv.dtype}) must be {self.dtype}")
+        if (
+            cache.kv.shape[0] != 1
+            or cache.kv.shape[3] != cfg.num_kv_heads
+            or cache.kv.shape[5] != cfg.head_dim
+        ):
+            raise ValueError("cache was not allocated for this draft head (use head.new_cache)")
+        if self._inv_freq.device != cache.device:
+            self._inv_freq = self._inv_freq.to(cache.device)
+        return block_context(cache, T, self._inv_freq, self.dtype, positions, tree_mask)
+
+
+def _rows(hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``hidden [B, T, H]`` at block positions ``index [B, K]`` (all rows when None)."""
+    if index is None:
+        return hidden
+    B, T, H = hidden.shape
+    if index.dim() != 2 or index.shape[0] != B or index.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"logits_index must be an int tensor [{B}, K], got {index.dtype} {list(index.shape)}"
+        )
+    if value_checks_enabled(hidden.device) and bool(((index < 0) | (index >= T)).any()):
+        raise ValueError(f"logits_index holds positions outside the block [0, {T})")
+    return hidden.gather(1, index.long()[..., None].expand(B, index.shape[1], H))
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE-1/2
+# --------------------------------------------------------------------------------------------------
+class Eagle2Layer(nn.Module):
+    """A Llama decoder layer without ``input_layernorm``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BlockContext):
+        h = x + self.self_attn(x, k_cache, v_cache, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle2Head(DraftHead):
+    """EAGLE-1/2 draft head; ``lm_head_weight`` is the target's output projection ``[V, H]``."""
+
+    kind = "eagle2"
+
+    def __init__(
+        self, cfg: ModelConfig, lm_head_weight: torch.Tensor, embed_weight: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(cfg, embed_weight)
+        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=bool(cfg.extra.get("bias", True)))
+        self.layers = nn.ModuleList([Eagle2Layer(cfg)])
+        self.lm_head_weight = lm_head_weight.detach()  # the target's, shared and never saved
+
+    def target_features(self, target_out: ModelOutput) -> torch.Tensor:
+        """The first step's input: the target's final hidden states (after its last norm)."""
+        return target_out.hidden
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        token_ids: torch.Tensor,
+        cache: KVCache,
+        *,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+        compute_logits: bool = True,
+    ) -> DraftOutput:
+        """Run one block of draft rows; writes their K/V at ``cache.seqlens[b] + i`` (not advanced).
+
+        Parameters
+        ----------
+        hidden : ``[B, T, H]``, the head's dtype
+            Features: the target's features ``f_t`` or the head's own previous outputs.
+        token_ids : int ``[B, T]``
+            The token one step ahead of each feature (row t pairs ``f_t`` with ``x_{t+1}``).
+        cache : KVCache
+            From :meth:`new_cache`.
+        positions, tree_mask, logits_index, compute_logits
+            As in :meth:`eagle.models.llama.LlamaModel.forward` (positions default to
+            ``seqlens[b] + i``; EAGLE-1/2 gives row t the position t).
+        """
+        ctx = self._context(hidden, token_ids, cache, positions, tree_mask)
+        x = eagle_kernels.fused_draft_input(
+            hidden, token_ids, self.embed_weight, self.fc.weight, self.fc.bias
+        )
+        h = self.layers[0](x, *cache.layer(0), ctx)
+        logits = F.linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
+        return DraftOutput(hidden=h, logits=logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE-3
+# --------------------------------------------------------------------------------------------------
+class Eagle3Layer(nn.Module):
+    """The EAGLE-3 midlayer: attention over ``cat(input_layernorm(emb), hidden_norm(h))`` (width 2H)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, in_features=2 * cfg.hidden_size)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self,
+        emb: torch.Tensor,
+        h: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        ctx: BlockContext,
+    ) -> torch.Tensor:
+        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
+        h = h + self.self_attn(x, k_cache, v_cache, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Eagle3Head(DraftHead):
+    """EAGLE-3 draft head with its own norm and lm_head over ``draft_vocab_size`` tokens."""
+
+    kind = "eagle3"
+
+    def __init__(
+        self, cfg: ModelConfig, target_num_layers: int, embed_weight: torch.Tensor | None = None
+    ) -> None:
+        super().__init__(cfg, embed_weight)
+        H, draft_vocab = cfg.hidden_size, int(cfg.extra.get("draft_vocab_size") or cfg.vocab_size)
+        self.fc = nn.Linear(3 * H, H, bias=False)
+        self.midlayer = Eagle3Layer(cfg)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, draft_vocab, bias=False)
+        self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.int64))
+        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
+        L = target_num_layers
+        self._feature_layers = (2, L // 2, L - 3)
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return self.lm_head.weight.shape[0]
+
+    @property
+    def feature_layers(self) -> tuple[int, int, int]:
+        return self._feature_layers
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def target_features(self, target_out: ModelOutput) -> torch.Tensor:
+        """The first step's input: ``fc`` over the target's hidden states entering layers
+        (2, L//2, L-3) (run the target with ``feature_layers=head.feature_layers``)."""
+        if target_out.layer_hidden is None or len(target_out.layer_hidden) != 3:
+            raise ValueError("EAGLE-3 needs the target run with feature_layers=head.feature_layers")
+        return self.project_features(*target_out.layer_hidden)
+
+    def project_features(
+        self, h_low: torch.Tensor, h_mid: torch.Tensor, h_high: torch.Tensor
+    ) -> torch.Tensor:
+        """``fc(cat(h_low, h_mid, h_high))``: ``3 x [B, T, H] -> [B, T, H]``."""
+        return eagle_kernels.fused_eagle3_input(h_low, h_mid, h_high, self.fc.weight, self.fc.bias)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        token_ids: torch.Tensor,
+        cache: KVCache,
+        *,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+        compute_logits: bool = True,
+    ) -> DraftOutput:
+        """Run one block of draft rows (see :meth:`Eagle2Head.forward`).
+
+        ``hidden [B, T, H]``: :meth:`target_features` for rows fed by the target, or the head's own
+        previous ``DraftOutput.hidden`` for deeper draft steps. ``token_ids`` are target-vocabulary
+        ids (embedded with the target's embedding). Logits are over the draft vocabulary.
+        """
+        ctx = self._context(hidden, token_ids, cache, positions, tree_mask)
+        emb = F.embedding(token_ids, self.embed_weight)
+        h = self.midlayer(emb, hidden, *cache.layer(0), ctx)
+        logits = self.lm_head(self.norm(_rows(h, logits_index))) if compute_logits else None
+        return DraftOutput(hidden=h, logits=logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Official checkpoint format
+# --------------------------------------------------------------------------------------------------
+def draft_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """Parse an EAGLE head's config.json (LlamaConfig-like, plus ``bias``/``draft_vocab_size``)."""
+    cfg = ModelConfig.from_dict(raw, family="llama")
+    if cfg.num_layers != 1:
+        raise ValueError(f"draft config: num_hidden_layers={cfg.num_layers}; EAGLE heads here have exactly 1")
+    target_hidden = raw.get("target_hidden_size")
+    if target_hidden is not None and int(target_hidden) != cfg.hidden_size:
+        raise ValueError(
+            f"draft config: target_hidden_size={target_hidden} != hidden_size={cfg.hidden_size} is not supported"
+        )
+    # EAGLE heads name their q/k/v bias `qkv_bias` (Qwen2 heads), never `attention_bias`.
+    return dataclasses.replace(cfg, qkv_bias=bool(raw.get("qkv_bias", False)), o_bias=False, mlp_bias=False)
+
+
+def detect_format(state: dict[str, torch.Tensor]) -> str:
+    """``"eagle3"`` or ``"eagle2"`` from the key names."""
+    if (
+        "d2t" in state
+        or any(k.startswith("midlayer.") for k in state)
+        or "layers.0.hidden_norm.weight" in state
+    ):
+        return "eagle3"
+    if "fc.weight" in state and "layers.0.self_attn.q_proj.weight" in state:
+        return "eagle2"
+    raise ValueError(f"not an EAGLE-1/2/3 head: no fc/layer keys among {sorted(state)[:8]}")
+
+
+def _eagle2_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    H = cfg.hidden_size
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, H), "fc.weight": (H, 2 * H)}
+    if cfg.extra.get("bias", True):
+        shapes["fc.bias"] = (H,)
+    layer = hf_layer_shapes(cfg, "layers.0.")
+    del layer["layers.0.input_layernorm.weight"]
+    return shapes | layer
+
+
+def _eagle3_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    H, V = cfg.hidden_size, cfg.vocab_size
+    Vd = int(cfg.extra.get("draft_vocab_size") or V)
+    shapes = {
+        "embed_tokens.weight": (V, H),
+        "fc.weight": (H, 3 * H),
+        "midlayer.hidden_norm.weight": (H,),
+        "norm.weight": (H,),
+        "lm_head.weight": (Vd, H),
+        "d2t": (Vd,),
+        "t2d": (V,),
+    }
+    return shapes | hf_layer_shapes(cfg, "midlayer.", in_features=2 * H)
+
+
+def _check_fits_target(cfg: ModelConfig, target: LlamaModel, kind: str) -> None:
+    t = target.config
+    if cfg.hidden_size != t.hidden_size:
+        raise ValueError(
+            f"{kind} head does not fit the target: hidden_size {cfg.hidden_size} != target's {t.hidden_size}"
+        )
+    if cfg.vocab_size != t.vocab_size:
+        raise ValueError(
+            f"{kind} head does not fit the target: vocab_size {cfg.vocab_size} != target's {t.vocab_size}"
+        )
+    if kind == "eagle3" and t.num_layers < 4:
+        raise ValueError(
+            f"an EAGLE-3 head needs a target with >= 4 layers (features of 2, L//2, L-3), got {t.num_layers}"
+        )
+
+
+def _check_vocab_map(d2t: torch.Tensor, t2d: torch.Tensor, vocab_size: int) -> None:
+    if d2t.dtype != torch.int64 or t2d.dtype != torch.bool:
+        raise TypeError(f"d2t must be int64 and t2d bool, got {d2t.dtype} and {t2d.dtype}")
+    targets = torch.arange(d2t.numel()) + d2t.cpu()
+    if bool(((targets < 0) | (targets >= vocab_size)).any()):
+        raise ValueError(f"d2t maps draft ids outside the target vocabulary [0, {vocab_size})")
+    if targets.numel() > 1 and not bool((targets[1:] > targets[:-1]).all()):
+        raise ValueError("d2t must map draft ids to strictly increasing target ids")
+    derived = torch.zeros(vocab_size, dtype=torch.bool)
+    derived[targets] = True
+    if not torch.equal(derived, t2d.cpu()):
+        raise ValueError("t2d does not mark exactly the target ids that d2t maps to")
+
+
+def _eagle3_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Official EAGLE-3 keys (either prefix) checked and converted to this module's names."""
+    if any(k.startswith("layers.0.") for k in state):
+        if any(k.startswith("midlayer.") for k in state):
+            raise ValueError("EAGLE-3 checkpoint mixes 'midlayer.' and 'layers.0.' keys")
+        state = {
+            ("midlayer." + k.removeprefix("layers.0.") if k.startswith("layers.0.") else k): v
+            for k, v in state.items()
+        }
+    vocab_map_optional = (
+        ["d2t", "t2d"] if int(cfg.extra.get("draft_vocab_size") or cfg.vocab_size) == cfg.vocab_size else []
+    )
+    check_keys(
+        state,
+        _eagle3_shapes(cfg),
+        what="EAGLE-3 checkpoint",
+        optional=["embed_tokens.weight", *vocab_map_optional],
+    )
+    if ("d2t" in state) != ("t2d" in state):
+        raise ValueError("EAGLE-3 checkpoint: d2t and t2d must be present together")
+    if "d2t" in state:
+        _check_vocab_map(state["d2t"], state["t2d"], cfg.vocab_size)
+    else:  # full draft vocabulary: the identity map
+        state |= {
+            "d2t": torch.zeros(cfg.vocab_size, dtype=torch.int64),
+            "t2d": torch.ones(cfg.vocab_size, dtype=torch.bool),
+        }
+    return state | fuse_layer_tensors(state, "midlayer.")
+
+
+def load_draft(
+    path: str | Path,
+    target: LlamaModel,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> DraftHead:
+    """Load an official EAGLE-1/2 or EAGLE-3 head for ``target`` (format detected from the keys).
+
+    ``path``: directory (or hub id) with config.json + model.safetensors or pytorch_model.bin.
+    ``dtype``/``device`` default to the target's. Raises ValueError when the head does not fit the
+    target (hidden size, vocabulary, layer count) or keys are missing, unexpected or misshapen.
+    Returns the head in eval mode with gradients disabled.
+    """
+    directory = resolve_checkpoint(path)
+    raw = json.loads((directory / "config.json").read_text())
+    cfg = draft_config_from_dict(raw)
+    state = read_state_dict(directory)
+    kind = detect_format(state)
+    _check_fits_target(cfg, target, kind)
+    if kind == "eagle2":
+        check_keys(state, _eagle2_shapes(cfg), what="EAGLE-1/2 checkpoint", optional=["embed_tokens.weight"])
+        state = state | fuse_layer_tensors(state, "layers.0.")
+    else:
+        state = _eagle3_state(state, cfg)
+    head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state)
+    head = _load_into(head, state, dtype or target.dtype, device or target.device)
+    return head.eval().requires_grad_(False)
+
+
+def _build_head(kind: str, cfg: ModelConfig, target: LlamaModel, *, owns_embedding: bool) -> DraftHead:
+    shared = None if owns_embedding else target.embed_tokens.weight
+    if kind == "eagle2":
+        return Eagle2Head(cfg, target.lm_head_weight, embed_weight=shared)
+    return Eagle3Head(cfg, target.config.num_layers, embed_weight=shared)
+
+
+def _load_into(head: DraftHead, state: dict[str, torch.Tensor], dtype, device) -> DraftHead:
+    dtype = resolve_dtype(dtype)
+    state = {
+        k: (v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device))
+        for k, v in state.items()
+    }
+    head.to(device=device, dtype=dtype)
+    head.load_state_dict(state, strict=True)
+    if head.embed_tokens is not None:
+        head.embed_tokens.requires_grad_(False)
+    return head
+
+
+def official_state_dict(head: DraftHead) -> dict[str, torch.Tensor]:
+    """The head's tensors under the official key names (``midlayer.`` for EAGLE-3)."""
+    state = dict(head.state_dict())
+    prefix = "layers.0." if head.kind == "eagle2" else "midlayer."
+    state |= split_layer_tensors(state, prefix, head.config)
+    if head.kind == "eagle2" and "embed_tokens.weight" not in state:
+        state["embed_tokens.weight"] = head.embed_weight  # the official EAGLE-1/2 layout always has it
+    return state
+
+
+def official_config(head: DraftHead) -> dict[str, Any]:
+    """config.json contents readable by the reference EAGLE code, SGLang and vLLM."""
+    cfg = head.config
+    out = cfg.to_hf_dict() | {
+        "model_type": "llama",
+        "num_hidden_layers": 1,
+        "torch_dtype": str(head.dtype).removeprefix("torch."),
+    }
+    if cfg.qkv_bias:
+        out["qkv_bias"] = True
+    if head.kind == "eagle2":
+        out |= {"architectures": ["LlamaForCausalLM"], "bias": head.fc.bias is not None}
+    else:
+        out |= {"architectures": [EAGLE3_ARCHITECTURE], "draft_vocab_size": head.draft_vocab_size}
+    return out
+
+
+def save_draft(head: DraftHead, directory: str | Path, *, also_bin: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (and ``pytorch_model.bin`` when ``also_bin``)
+    in the official layout; :func:`load_draft` reads it back exactly."""
+    directory = Path(directory)
+    write_state_dict(directory, official_state_dict(head), also_bin=also_bin)
+    (directory / "config.json").write_text(json.dumps(official_config(head), indent=2) + "\n")
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------
+# Fresh heads for training
+# --------------------------------------------------------------------------------------------------
+def random_draft(
+    target: LlamaModel,
+    kind: str = "eagle2",
+    *,
+    draft_vocab: torch.Tensor | None = None,
+    bias: bool = True,
+    seed: int = 0,
+    init_std: float = 0.02,
+) -> DraftHead:
+    """A randomly initialised head shaped for ``target`` (its hidden size, heads, head_dim,
+    intermediate size, RMSNorm eps and RoPE), in the target's dtype and on its device.
+
+    ``kind``: ``"eagle2"`` (EAGLE-1/2; ``bias`` sets ``fc.bias``) or ``"eagle3"``. ``draft_vocab``:
+    EAGLE-3 only, sorted distinct target ids forming the draft vocabulary (default: all of them).
+    Linear weights ~ N(0, init_std), biases 0, norms 1 (the transformers initialisation); EAGLE-1/2
+    gets a copy of the target's embedding, EAGLE-3 shares it. Returned in train mode with every
+    weight except the embedding trainable.
+    """
+    if kind not in DRAFT_KINDS:
+        raise ValueError(f"kind must be one of {DRAFT_KINDS}, got {kind!r}")
+    t = target.config
+    extra: dict[str, Any] = {"bias": bias} if kind == "eagle2" else {}
+    vocab_map = None
+    if kind == "eagle3":
+        vocab_map = _vocab_map(draft_vocab, t.vocab_size)
+        extra["draft_vocab_size"] = vocab_map[0].numel()
+    cfg = dataclasses.replace(
+        t,
+        family="llama",
+        num_layers=1,
+        qkv_bias=False,
+        o_bias=False,
+        mlp_bias=False,
+        qk_norm=False,
+        tie_word_embeddings=False,
+        sliding_window=None,
+        extra=extra,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "eagle2":
+        head: DraftHead = Eagle2Head(cfg, target.lm_head_weight)
+        head.embed_tokens.weight.data.copy_(target.embed_tokens.weight.detach().cpu())
+    else:
+        head = Eagle3Head(cfg, t.num_layers, embed_weight=target.embed_tokens.weight)
+        head.d2t.copy_(vocab_map[0])
+        head.t2d.copy_(vocab_map[1])
+    _init_weights(head, generator, init_std)
+    head.to(device=target.device, dtype=target.dtype)
+    return head.train()
+
+
+def _vocab_map(draft_vocab: torch.Tensor | None, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if draft_vocab is None:
+        used = torch.arange(vocab_size)
+    else:
+        used = torch.as_tensor(draft_vocab, dtype=torch.int64).cpu()
+        if used.dim() != 1 or used.numel() == 0:
+            raise ValueError("draft_vocab must be a non-empty 1-D list of target ids")
+    d2t = used - torch.arange(used.numel())
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    if bool(((used < 0) | (used >= vocab_size)).any()):
+        raise ValueError(f"draft_vocab holds ids outside [0, {vocab_size})")
+    t2d[used] = True
+    _check_vocab_map(d2t, t2d, vocab_size)
+    return d2t, t2d
+
+
+def _init_weights(head: DraftHead, generator: torch.Generator, std: float) -> None:
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)

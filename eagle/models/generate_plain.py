@@ -1,0 +1,102 @@
+"""Vanilla autoregressive decoding on this runtime: the baseline every EAGLE speedup is measured
+against (same model, same cache, same kernels, one target forward per token)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+import eagle_kernels
+from eagle.models.llama import LlamaModel
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded block ``[B, T_max]`` (padding id 0) and the lengths ``[B]`` (int64)."""
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
+    block = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        block[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+    return block.to(device), torch.tensor(lengths, device=device)
+
+
+@torch.inference_mode()
+def generate_plain(
+    model: LlamaModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Generate up to ``max_new_tokens`` per prompt, one target forward per token.
+
+    Parameters
+    ----------
+    model : LlamaModel
+    prompts : list of B token-id lists (ragged lengths allowed; one batch, right-padded prefill)
+    max_new_tokens : int >= 1
+    temperature : float
+        0 means greedy (argmax). Otherwise tokens are sampled from
+        ``eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)`` (Hugging Face
+        semantics; ``top_k=0``, ``top_p=1``, ``min_p=0`` disable those filters).
+    eos_token_id : int or ints, optional
+        A sequence stops after emitting one of them (the eos token is included in its output).
+    generator : torch.Generator, optional
+        For reproducible sampling.
+
+    Returns
+    -------
+    list of B lists: the new tokens of each prompt (prompt excluded).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    block, lengths = pad_prompts(prompts, model.device)
+    B = block.shape[0]
+    stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
+    cache = model.new_cache(B, block.shape[1] + max_new_tokens)
+
+    def choose(logits: torch.Tensor) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    out = model(block, cache, logits_index=(lengths - 1)[:, None])
+    cache.advance(lengths)
+    token = choose(out.logits[:, 0])
+    tokens = [token]
+    finished = torch.isin(token, stop)
+    for _ in range(max_new_tokens - 1):
+        if stop.numel() and bool(finished.all()):
+            break
+        out = model(token[:, None], cache)
+        cache.advance(1)
+        token = choose(out.logits[:, 0])
+        tokens.append(token)
+        finished |= torch.isin(token, stop)
+    return _truncate_at_eos(torch.stack(tokens, dim=1).tolist(), set(stop.tolist()))
+
+
+def _as_list(ids: int | Sequence[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+def _truncate_at_eos(rows: list[list[int]], stop: set[int]) -> list[list[int]]:
+    out = []
+    for row in rows:
+        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
+        out.append(row[:end])
+    return out

@@ -1,0 +1,487 @@
+"""The Llama-family target model on the in-place KV cache (Llama, Mistral, Qwen2, Qwen3).
+
+A forward runs one block of ``T`` tokens per sequence: it writes the block's K/V into the
+:class:`~eagle.models.kv_cache.KVCache` at ``seqlens[b] + i`` and attends with
+``eagle_kernels.tree_attention`` (committed prefix always visible; causal inside the block, or a
+tree mask). One code path serves prefill, single-token decode and tree verification.
+
+Numerics follow Hugging Face transformers exactly (that is what the parity tests check): RMSNorm and
+the RoPE cos/sin tables are computed in float32 and cast back to the model dtype, also for float64
+models. q/k/v and gate/up projections are fused into one matmul each (gpt-fast style); the
+checkpoint's separate tensors are concatenated at load time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import eagle_kernels
+from eagle.models.config import ModelConfig
+from eagle.models.kv_cache import KVCache
+from eagle.models.weights import check_keys, read_state_dict, resolve_checkpoint, resolve_dtype
+
+
+def value_checks_enabled(device: torch.device) -> bool:
+    """Checks that read tensor values: always on CPU, on other devices only with EAGLE_KERNELS_DEBUG=1."""
+    return device.type == "cpu" or os.environ.get("EAGLE_KERNELS_DEBUG", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks (shared with the draft heads)
+# --------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """``weight * x / rms(x)``, the normalisation computed in float32 as transformers does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), as transformers computes them, including
+    Llama-3 frequency-dependent scaling."""
+    dim = cfg.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[B, T, 1, head_dim]`` for ``positions [B, T]`` (computed in float32)."""
+    freqs = positions[..., None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, H, D]`` by the angles in ``cos``/``sin`` (non-interleaved halves)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclasses.dataclass
+class BlockContext:
+    """Per-forward values every layer shares: RoPE tables, where to write K/V, the mask."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    batch_index: torch.Tensor  # [B, 1] int64
+    write_slots: torch.Tensor  # [B, T] int64: seqlens[b] + i
+    seqlens: torch.Tensor  # [B] int32, the committed lengths (not advanced by the forward)
+    tree_mask: torch.Tensor | None
+
+
+class Attention(nn.Module):
+    """GQA self-attention over the in-place cache; ``in_features`` is 2H for the EAGLE-3 midlayer."""
+
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None) -> None:
+        super().__init__()
+        in_features = in_features or cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(in_features, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BlockContext
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        # Advanced indices around a slice: the indexed view is [B, T, Hkv, D], the layout of k and v.
+        k_cache[ctx.batch_index, :, ctx.write_slots] = k
+        v_cache[ctx.batch_index, :, ctx.write_slots] = v
+        out = eagle_kernels.tree_attention(q, k_cache, v_cache, ctx.seqlens, ctx.tree_mask)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with gate and up projections fused into one matmul."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BlockContext
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), k_cache, v_cache, ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def block_context(
+    cache: KVCache,
+    num_tokens: int,
+    inv_freq: torch.Tensor,
+    dtype: torch.dtype,
+    positions: torch.Tensor | None,
+    tree_mask: torch.Tensor | None,
+) -> BlockContext:
+    """Check the block fits the cache (before anything is written) and build the shared context."""
+    B, device = cache.batch_size, cache.device
+    cache.check_room(num_tokens)
+    offsets = torch.arange(num_tokens, device=device)
+    write_slots = cache.seqlens.long()[:, None] + offsets
+    if positions is None:
+        positions = write_slots
+    else:
+        _check_positions(positions, B, num_tokens, device)
+    if tree_mask is not None and tuple(tree_mask.shape) != (B, num_tokens, num_tokens):
+        raise ValueError(
+            f"tree_mask must have shape [{B}, {num_tokens}, {num_tokens}], got {list(tree_mask.shape)}"
+        )
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    batch_index = torch.arange(B, device=device)[:, None]
+    return BlockContext(cos, sin, batch_index, write_slots, cache.seqlens, tree_mask)
+
+
+def _check_positions(positions: torch.Tensor, B: int, T: int, device: torch.device) -> None:
+    if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError("positions must be an int32/int64 tensor [B, T]")
+    if tuple(positions.shape) != (B, T):
+        raise ValueError(f"positions must have shape [{B}, {T}], got {list(positions.shape)}")
+    if positions.device != device:
+        raise ValueError(f"positions is on {positions.device} but the cache is on {device}")
+    if value_checks_enabled(device) and bool((positions < 0).any()):
+        raise ValueError("positions must be >= 0")
+
+
+def check_token_ids(
+    name: str, ids: torch.Tensor, vocab_size: int, batch_size: int, device: torch.device
+) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32/int64 tensor [B, T]")
+    if ids.dim() != 2 or ids.shape[0] != batch_size or ids.shape[1] == 0:
+        raise ValueError(
+            f"{name} must have shape [{batch_size}, T>0] (the cache's batch), got {list(ids.shape)}"
+        )
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but the cache is on {device}")
+    if value_checks_enabled(device) and bool(((ids < 0) | (ids >= vocab_size)).any()):
+        raise ValueError(f"{name} holds ids outside [0, {vocab_size})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The target model
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class ModelOutput:
+    """Result of :meth:`LlamaModel.forward`.
+
+    hidden : ``[B, T, H]`` final hidden states after the last norm (the EAGLE-1/2 features).
+    logits : ``[B, T, V]``, ``[B, K, V]`` at ``logits_index``, or None when not requested.
+    layer_hidden : hidden states ``[B, T, H]`` entering each requested layer (EAGLE-3 features),
+        in the order requested; None when none were requested.
+    """
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None
+    layer_hidden: tuple[torch.Tensor, ...] | None = None
+
+
+class LlamaModel(nn.Module):
+    """A Llama-family causal LM (see the module docstring). Build with :func:`load_target`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+        self._inv_freq = rope_inv_freq(cfg)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """``[V, H]``: the output projection (the embedding when the checkpoint ties them)."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """An empty :class:`KVCache` for this model, in its dtype and on its device."""
+        cfg = self.config
+        if cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:
+            raise ValueError(
+                f"max_seq_len={max_seq_len} exceeds the checkpoint's sliding_window={cfg.sliding_window}; "
+                "this runtime computes full attention, which differs from a sliding window beyond it"
+            )
+        return KVCache(
+            cfg.num_layers,
+            batch_size,
+            cfg.num_kv_heads,
+            max_seq_len,
+            cfg.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``lm_head(hidden)``: ``[..., H] -> [..., V]``."""
+        return F.linear(hidden, self.lm_head_weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache,
+        *,
+        positions: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+        compute_logits: bool = True,
+        feature_layers: Sequence[int] | None = None,
+    ) -> ModelOutput:
+        """Run a block of ``T`` tokens per sequence; write its K/V into ``cache`` in place.
+
+        Parameters
+        ----------
+        input_ids : int64/int32 ``[B, T]``
+            The block (right-padded for ragged prefill: padding after a sequence's last real token
+            never influences its real tokens under the causal mask).
+        cache : KVCache
+            Batch ``B``; the block's K/V is written at ``cache.seqlens[b] + i``. ``cache.seqlens`` is
+            NOT advanced: call ``cache.advance(...)`` for what you commit.
+        positions : int ``[B, T]``, optional
+            RoPE positions; default ``seqlens[b] + i``. Tree blocks pass ``seqlens[b] + depth``.
+        tree_mask : bool ``[B, T, T]``, optional
+            ``tree_mask[b, i, j]``: block token i sees block token j (the committed prefix is always
+            visible). None means causal inside the block (prefill and decode).
+        logits_index : int64 ``[B, K]``, optional
+            Block positions at which to compute logits (e.g. each sequence's last real token after
+            prefill); None computes them at every position.
+        compute_logits : bool
+            False skips the lm_head entirely (``logits`` is None).
+        feature_layers : sequence of int in ``[0, L]``, optional
+            Return the hidden states entering these layers (``L`` = the output of the last layer,
+            before the final norm); EAGLE-3 uses ``config.eagle3_feature_layers``.
+
+        Returns
+        -------
+        ModelOutput
+        """
+        cfg = self.config
+        check_token_ids("input_ids", input_ids, cfg.vocab_size, cache.batch_size, cache.device)
+        if cache.kv.dtype != self.dtype or cache.kv.shape[0] != cfg.num_layers:
+            raise ValueError("cache was not allocated for this model (use model.new_cache)")
+        capture = _feature_layer_slots(feature_layers, cfg.num_layers)
+        T = input_ids.shape[1]
+        ctx = block_context(cache, T, self.inv_freq(cache.device), self.dtype, positions, tree_mask)
+        x = self.embed_tokens(input_ids)
+        captured: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in capture:
+                captured[i] = x
+            x = layer(x, *cache.layer(i), ctx)
+        if cfg.num_layers in capture:
+            captured[cfg.num_layers] = x
+        hidden = self.norm(x)
+        logits = self._logits_at(hidden, logits_index) if compute_logits else None
+        layer_hidden = None if feature_layers is None else tuple(captured[i] for i in feature_layers)
+        return ModelOutput(hidden=hidden, logits=logits, layer_hidden=layer_hidden)
+
+    def _logits_at(self, hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        if index is None:
+            return self.logits(hidden)
+        B, T, H = hidden.shape
+        if index.dim() != 2 or index.shape[0] != B or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"logits_index must be an int tensor [{B}, K], got {index.dtype} {list(index.shape)}"
+            )
+        if value_checks_enabled(hidden.device) and bool(((index < 0) | (index >= T)).any()):
+            raise ValueError(f"logits_index holds positions outside the block [0, {T})")
+        rows = hidden.gather(1, index.long()[..., None].expand(B, index.shape[1], H))
+        return self.logits(rows)
+
+
+def _feature_layer_slots(feature_layers: Sequence[int] | None, num_layers: int) -> set[int]:
+    if feature_layers is None:
+        return set()
+    bad = [i for i in feature_layers if not 0 <= int(i) <= num_layers]
+    if bad:
+        raise ValueError(f"feature_layers {bad} are outside [0, {num_layers}]")
+    return {int(i) for i in feature_layers}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading Hugging Face checkpoints
+# --------------------------------------------------------------------------------------------------
+def hf_layer_shapes(
+    cfg: ModelConfig, prefix: str, in_features: int | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of one decoder layer's tensors under Hugging Face names (``prefix`` ends with '.')."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    in_features = in_features or H
+    q, kv, inter = cfg.num_heads * D, cfg.num_kv_heads * D, cfg.intermediate_size
+    shapes = {
+        f"{prefix}self_attn.q_proj.weight": (q, in_features),
+        f"{prefix}self_attn.k_proj.weight": (kv, in_features),
+        f"{prefix}self_attn.v_proj.weight": (kv, in_features),
+        f"{prefix}self_attn.o_proj.weight": (H, q),
+        f"{prefix}mlp.gate_proj.weight": (inter, H),
+        f"{prefix}mlp.up_proj.weight": (inter, H),
+        f"{prefix}mlp.down_proj.weight": (H, inter),
+        f"{prefix}input_layernorm.weight": (H,),
+        f"{prefix}post_attention_layernorm.weight": (H,),
+    }
+    if cfg.qkv_bias:
+        shapes |= {f"{prefix}self_attn.q_proj.bias": (q,), f"{prefix}self_attn.k_proj.bias": (kv,)}
+        shapes |= {f"{prefix}self_attn.v_proj.bias": (kv,)}
+    if cfg.o_bias:
+        shapes[f"{prefix}self_attn.o_proj.bias"] = (H,)
+    if cfg.mlp_bias:
+        shapes |= {f"{prefix}mlp.gate_proj.bias": (inter,), f"{prefix}mlp.up_proj.bias": (inter,)}
+        shapes[f"{prefix}mlp.down_proj.bias"] = (H,)
+    if cfg.qk_norm:
+        shapes |= {f"{prefix}self_attn.q_norm.weight": (D,), f"{prefix}self_attn.k_norm.weight": (D,)}
+    return shapes
+
+
+def fuse_layer_tensors(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Hugging Face layer tensors under ``prefix`` -> this runtime's names (q/k/v and gate/up fused)."""
+    out = {}
+    attn, mlp = f"{prefix}self_attn.", f"{prefix}mlp."
+    for kind in ("weight", "bias"):
+        if f"{attn}q_proj.{kind}" in state:
+            parts = [state.pop(f"{attn}{p}_proj.{kind}") for p in "qkv"]
+            out[f"{attn}qkv_proj.{kind}"] = torch.cat(parts, dim=0)
+        if f"{mlp}gate_proj.{kind}" in state:
+            parts = [state.pop(f"{mlp}{p}_proj.{kind}") for p in ("gate", "up")]
+            out[f"{mlp}gate_up_proj.{kind}"] = torch.cat(parts, dim=0)
+    return out
+
+
+def split_layer_tensors(
+    state: dict[str, torch.Tensor], prefix: str, cfg: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`fuse_layer_tensors`: this runtime's fused tensors -> Hugging Face names."""
+    out = {}
+    attn, mlp = f"{prefix}self_attn.", f"{prefix}mlp."
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    for kind in ("weight", "bias"):
+        if f"{attn}qkv_proj.{kind}" in state:
+            parts = state.pop(f"{attn}qkv_proj.{kind}").split([q, kv, kv], dim=0)
+            out |= {f"{attn}{p}_proj.{kind}": t for p, t in zip("qkv", parts)}
+        if f"{mlp}gate_up_proj.{kind}" in state:
+            parts = state.pop(f"{mlp}gate_up_proj.{kind}").split(cfg.intermediate_size, dim=0)
+            out |= {f"{mlp}{p}_proj.{kind}": t for p, t in zip(("gate", "up"), parts)}
+    return out
+
+
+def hf_target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    shapes = {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.norm.weight": (cfg.hidden_size,),
+    }
+    for i in range(cfg.num_layers):
+        shapes |= hf_layer_shapes(cfg, f"model.layers.{i}.")
+    shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    return shapes
+
+
+def target_state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Check a Hugging Face target state dict against ``cfg`` and convert it to this runtime's names."""
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
+    check_keys(state, hf_target_shapes(cfg), what="target checkpoint", optional=optional)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    for i in range(cfg.num_layers):
+        state |= fuse_layer_tensors(state, f"layers.{i}.")
+    return state
+
+
+def load_target(
+    path: str | Path, dtype: torch.dtype | str = torch.float32, device: torch.device | str = "cpu"
+) -> LlamaModel:
+    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 causal LM for this runtime.
+
+    ``path``: a local checkpoint directory (config.json + model.safetensors, sharded safetensors, or
+    pytorch_model.bin) or a hub id (downloaded with huggingface_hub). ``dtype``: float32, float64,
+    bfloat16 or float16. Missing, unexpected or misshapen tensors raise ValueError listing them.
+    Returns the model in eval mode with gradients disabled.
+    """
+    directory = resolve_checkpoint(path)
+    cfg = ModelConfig.from_json(directory)
+    state = target_state_from_hf(read_state_dict(directory), cfg)
+    return build_model(cfg, state, dtype, device)
+
+
+def build_model(
+    cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | str, device: torch.device | str
+) -> LlamaModel:
+    """A :class:`LlamaModel` holding ``state`` (this runtime's names), frozen, in eval mode."""
+    dtype = resolve_dtype(dtype)
+    with torch.device("meta"):
+        model = LlamaModel(cfg)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model._inv_freq = rope_inv_freq(cfg)
+    return model.eval().requires_grad_(False)

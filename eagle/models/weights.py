@@ -1,0 +1,139 @@
+"""Checkpoint files: locate a checkpoint directory, read and write state dicts, check key sets.
+
+Readable layouts (the first one present wins): ``model.safetensors``, ``model.safetensors.index.json``
+(shards), ``pytorch_model.bin``, ``pytorch_model.bin.index.json`` (shards). ``.bin`` files are read
+with ``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` etc., or their names; anything else is a TypeError."""
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+    return dtype
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A local checkpoint directory, or a Hugging Face hub id downloaded (config + weights only)."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ValueError(f"{path} is a file; pass the checkpoint directory holding config.json")
+    name = str(path)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a hub id 'owner/name')")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "generation_config.json", *WEIGHT_FILES, "*.safetensors", "pytorch_model*.bin"]
+    return Path(snapshot_download(name, allow_patterns=patterns))
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint in ``directory`` (on CPU, in the file's dtypes)."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                return _read_sharded(path)
+            return _read_file(path)
+    raise FileNotFoundError(f"{directory} holds none of the weight files {list(WEIGHT_FILES)}")
+
+
+def _read_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return dict(state)
+
+
+def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    weight_map = json.loads(index_path.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} has no 'weight_map'")
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index_path.parent / shard
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {shard} listed in {index_path.name} is missing")
+        state.update(_read_file(path))
+    listed = set(weight_map)
+    if listed != set(state):
+        raise ValueError(
+            f"{index_path.name} and its shards disagree: listed but absent {sorted(listed - set(state))[:10]}, "
+            f"present but unlisted {sorted(set(state) - listed)[:10]}"
+        )
+    return state
+
+
+def write_state_dict(directory: Path, state: Mapping[str, torch.Tensor], *, also_bin: bool = False) -> None:
+    """Write ``model.safetensors`` (and ``pytorch_model.bin`` when ``also_bin``) into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(plain, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if also_bin:
+        torch.save(plain, directory / "pytorch_model.bin")
+
+
+def check_keys(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    *,
+    what: str,
+    optional: Iterable[str] = (),
+) -> None:
+    """Raise ValueError listing missing, unexpected and wrongly shaped tensors of ``state``.
+
+    ``expected`` maps every key to its shape; keys in ``optional`` may be absent.
+    """
+    optional = set(optional)
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: {list(state[k].shape)} (expected {list(shape)})"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbrev(unexpected)}")
+    if shapes:
+        problems.append(f"wrong shapes {_abbrev(shapes)}")
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def _abbrev(items: list[str], limit: int = 12) -> str:
+    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
+    return "[" + ", ".join(items[:limit]) + "]" + more

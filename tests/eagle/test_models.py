@@ -1,0 +1,370 @@
+"""Target runtime vs Hugging Face transformers: parity, ragged batches, cache rules, loading, greedy."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from eagle.models import KVCache, ModelConfig, generate_plain, load_target
+from tests.eagle.conftest import LLAMA3_ROPE, build_hf_target
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+# (family, config overrides): every family, GQA and MQA, tied and untied, biases, Llama-3 RoPE scaling.
+CASES = {
+    "llama-gqa-llama3rope": ("llama", dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama-tied-biases": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
+    "mistral-gqa": ("mistral", dict(rope_theta=1e6)),
+    "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3-mqa-qknorm": ("qwen3", dict(num_key_value_heads=1, attention_bias=True)),
+}
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def hf_in(hf: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    return hf if dtype == torch.float64 else copy.deepcopy(hf).to(dtype)
+
+
+@torch.no_grad()
+def hf_logits(hf: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return hf(ids).logits
+
+
+def random_tree_parents(n: int, gen: torch.Generator) -> list[int]:
+    """parents[0] = -1 (root); every other node's parent precedes it (the EAGLE slot order)."""
+    return [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+
+
+def tree_mask_and_depth(parents: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.int64)
+    for i in range(n):
+        j = i
+        while j != -1:
+            mask[i, j] = True
+            j = parents[j]
+        depth[i] = mask[i].sum() - 1
+    return mask, depth
+
+
+def path_to(parents: list[int], i: int) -> list[int]:
+    path = []
+    while i != -1:
+        path.append(i)
+        i = parents[i]
+    return path[::-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity with transformers: prefill, token-by-token decode, tree blocks
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_parity_with_transformers(make_target, case, dtype):
+    family, overrides = CASES[case]
+    hf64, path = make_target(family, **overrides)
+    hf = hf_in(hf64, dtype)
+    model = load_target(path, dtype=dtype)
+    tol = TOL[dtype]
+    gen = torch.Generator().manual_seed(1)
+    V = model.config.vocab_size
+
+    # prefill: B=2, every position's logits
+    ids = torch.randint(0, V, (2, 13), generator=gen)
+    cache = model.new_cache(2, 40)
+    out = model(ids, cache)
+    assert out.logits.shape == (2, 13, V) and out.logits.dtype == dtype
+    assert rel_err(out.logits, hf_logits(hf, ids)) < tol
+
+    # token-by-token decode after a 5-token prefill
+    seq = torch.randint(0, V, (2, 11), generator=gen)
+    cache = model.new_cache(2, 40)
+    model(seq[:, :5], cache, compute_logits=False)
+    cache.advance(5)
+    ref = hf_logits(hf, seq)
+    for t in range(5, 11):
+        step = model(seq[:, t : t + 1], cache)
+        cache.advance(1)
+        assert rel_err(step.logits[:, 0], ref[:, t]) < tol, f"decode step {t}"
+    assert cache.seqlens.tolist() == [11, 11]
+
+    # tree block after a committed prefix: each node against HF on its root-to-node path
+    prefix = torch.randint(0, V, (2, 7), generator=gen)
+    cache = model.new_cache(2, 40)
+    model(prefix, cache, compute_logits=False)
+    cache.advance(7)
+    n = 9
+    trees = [random_tree_parents(n, gen) for _ in range(2)]
+    masks, depths = zip(*(tree_mask_and_depth(p) for p in trees))
+    tokens = torch.randint(0, V, (2, n), generator=gen)
+    out = model(tokens, cache, positions=7 + torch.stack(depths), tree_mask=torch.stack(masks))
+    for b in range(2):
+        for i in range(n):
+            path_ids = torch.cat([prefix[b], tokens[b, path_to(trees[b], i)]])[None]
+            assert rel_err(out.logits[b, i], hf_logits(hf, path_ids)[0, -1]) < tol, f"seq {b} node {i}"
+
+
+def test_features_and_logits_index(make_target):
+    hf, path = make_target("llama")
+    model = load_target(path, dtype=torch.float64)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        ref = hf(ids, output_hidden_states=True)
+    cache = model.new_cache(2, 16)
+    out = model(ids, cache, feature_layers=(3, 0, 2), logits_index=torch.tensor([[8, 0], [4, 4]]))
+    for got, layer in zip(out.layer_hidden, (3, 0, 2)):
+        assert rel_err(got, ref.hidden_states[layer]) < 1e-12
+    assert rel_err(out.hidden, ref.hidden_states[-1]) < 1e-12
+    assert rel_err(out.logits[0], ref.logits[0, [8, 0]]) < 1e-12
+    assert rel_err(out.logits[1], ref.logits[1, [4, 4]]) < 1e-12
+    assert model.config.eagle3_feature_layers == (2, 2, 1)
+    with pytest.raises(ValueError, match="feature_layers"):
+        model(ids, cache, feature_layers=(5,))
+    with pytest.raises(ValueError, match="logits_index"):
+        model(ids, cache, logits_index=torch.tensor([[9], [0]]))
+
+
+def test_bf16_error_within_twice_torch_own(make_target):
+    hf64, path = make_target("llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    ids = torch.randint(0, 101, (2, 12))
+    ref = hf_logits(hf64, ids)
+    torch_bf16 = hf_logits(hf_in(hf64, torch.bfloat16), ids)
+    model = load_target(path, dtype="bfloat16")
+    ours = model(ids, model.new_cache(2, 12)).logits
+    assert ours.dtype == torch.bfloat16
+    torch_err = (torch_bf16.double() - ref).abs().max().item()
+    assert (ours.double() - ref).abs().max().item() <= 2 * torch_err
+
+
+# --------------------------------------------------------------------------------------------------
+# Ragged batches
+# --------------------------------------------------------------------------------------------------
+def test_ragged_batch_matches_each_sequence_alone(make_target):
+    hf, path = make_target("qwen2")
+    model = load_target(path, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [3, 9, 6]
+    prompts = [torch.randint(0, 101, (n,), generator=gen) for n in lengths]
+    steps = torch.randint(0, 101, (3, 4), generator=gen)  # per-sequence decode tokens
+
+    block = torch.zeros(3, 9, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        block[b, : len(p)] = p
+    cache = model.new_cache(3, 16)
+    prefill = model(block, cache)
+    cache.advance(torch.tensor(lengths))
+    decode = []
+    for t in range(4):
+        decode.append(model(steps[:, t : t + 1], cache).logits[:, 0])
+        cache.advance(1)
+    assert cache.seqlens.tolist() == [n + 4 for n in lengths]
+
+    for b, p in enumerate(prompts):
+        alone = model.new_cache(1, 16)
+        solo = model(p[None], alone)
+        alone.advance(len(p))
+        assert rel_err(prefill.logits[b, : len(p)], solo.logits[0]) < 1e-12
+        full = torch.cat([p, steps[b]])[None]
+        ref = hf_logits(hf, full)[0]
+        for t in range(4):
+            solo_step = model(steps[b : b + 1, t : t + 1], alone).logits[0, 0]
+            alone.advance(1)
+            assert rel_err(decode[t][b], solo_step) < 1e-12
+            assert rel_err(decode[t][b], ref[len(p) + t]) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache rules
+# --------------------------------------------------------------------------------------------------
+def test_cache_overflow_raises_before_writing(tiny_checkpoints):
+    model = load_target(tiny_checkpoints.target, dtype=torch.float32)
+    cache = model.new_cache(2, 8)
+    model(torch.randint(0, 101, (2, 6)), cache, compute_logits=False)
+    cache.advance(torch.tensor([6, 4]))
+    before = cache.kv.clone()
+    with pytest.raises(ValueError, match=r"overflow.*max_seq_len=8.*\[0\]"):
+        model(torch.randint(0, 101, (2, 3)), cache)
+    assert torch.equal(cache.kv, before)
+    assert cache.seqlens.tolist() == [6, 4]
+    model(torch.randint(0, 101, (2, 2)), cache)  # exactly fills sequence 0
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        cache.advance(3)
+    assert cache.seqlens.tolist() == [6, 4]
+    with pytest.raises(ValueError, match="exceed max_seq_len"):
+        cache.set_seqlens(torch.tensor([9, 0]))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        cache.advance(torch.tensor([1, -1]))
+    with pytest.raises(ValueError, match="shape"):
+        cache.advance(torch.tensor([1, 1, 1]))
+    cache.reset()
+    assert cache.seqlens.tolist() == [0, 0] and cache.length_bound == 0
+
+
+def test_cache_layout_and_forward_does_not_advance(tiny_checkpoints):
+    model = load_target(tiny_checkpoints.target, dtype=torch.float64)
+    cache = model.new_cache(2, 10)
+    assert isinstance(cache, KVCache)
+    assert cache.kv.shape == (4, 2, 2, 2, 10, 16) and cache.seqlens.dtype == torch.int32
+    ids = torch.randint(0, 101, (2, 4))
+    model(ids, cache)
+    assert cache.seqlens.tolist() == [0, 0]
+    # K of layer 0 at position 3 is written in place; the same block again overwrites it identically
+    k_before = cache.kv[0, 0, :, :, 3].clone()
+    assert k_before.abs().sum() > 0 and cache.kv[:, :, :, :, 4:].abs().sum() == 0
+    model(ids, cache)
+    assert torch.equal(cache.kv[0, 0, :, :, 3], k_before)
+
+
+def test_bad_inputs_are_refused(tiny_checkpoints):
+    model = load_target(tiny_checkpoints.target, dtype=torch.float32)
+    cache = model.new_cache(2, 8)
+    with pytest.raises(ValueError, match="outside"):
+        model(torch.tensor([[1, 101], [0, 0]]), cache)
+    with pytest.raises(TypeError, match="input_ids"):
+        model(torch.zeros(2, 3), cache)
+    with pytest.raises(ValueError, match="batch"):
+        model(torch.zeros(3, 3, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.zeros(2, 3, dtype=torch.int64), cache, positions=torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="tree_mask"):
+        model(torch.zeros(2, 3, dtype=torch.int64), cache, tree_mask=torch.ones(2, 3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="not allocated for this model"):
+        model(torch.zeros(2, 3, dtype=torch.int64), KVCache(1, 2, 2, 8, 16))
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs and checkpoint files
+# --------------------------------------------------------------------------------------------------
+def _config(family: str, **overrides) -> dict:
+    return build_hf_target(family, num_hidden_layers=1, **overrides).config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
+        (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type"),
+        (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
+        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "low_freq_factor"),
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+        (dict(vocab_size=None), "vocab_size"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+    ],
+)
+def test_unsupported_config_names_the_key(change, key):
+    cfg = _config("llama") | {"architectures": ["LlamaForCausalLM"]} | change
+    with pytest.raises(ValueError, match=key):
+        ModelConfig.from_dict(cfg)
+
+
+def test_config_details_follow_transformers():
+    legacy = _config("llama") | {"rope_parameters": None, "rope_theta": 5e5, "rope_scaling": LLAMA3_ROPE}
+    new = _config("llama", rope_theta=5e5, rope_scaling=LLAMA3_ROPE)
+    assert ModelConfig.from_dict(legacy).rope_scaling == ModelConfig.from_dict(new).rope_scaling
+    assert ModelConfig.from_dict(new).rope_theta == 5e5
+    qwen3 = _config("qwen3")
+    del qwen3["head_dim"]
+    assert ModelConfig.from_dict(qwen3).head_dim == 128  # Qwen3Config's default, not hidden/heads
+    assert (
+        ModelConfig.from_dict(_config("qwen2")).qkv_bias
+        and not ModelConfig.from_dict(_config("qwen2")).o_bias
+    )
+    assert ModelConfig.from_dict(_config("qwen3", attention_bias=True)).o_bias
+    no_type = {k: v for k, v in _config("mistral").items() if k not in ("architectures", "sliding_window")}
+    assert (
+        ModelConfig.from_dict(no_type | {"architectures": None}).sliding_window == 4096
+    )  # MistralConfig default
+
+
+def test_sliding_window_only_refused_where_it_takes_effect(make_target):
+    hf, path = make_target("mistral", sliding_window=16)
+    model = load_target(path)
+    assert model.new_cache(1, 16).max_seq_len == 16
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        model.new_cache(1, 17)
+    qwen = _config("qwen2", use_sliding_window=True, sliding_window=32, max_window_layers=0)
+    assert ModelConfig.from_dict(qwen).sliding_window == 32
+    qwen_off = _config("qwen2", use_sliding_window=False, sliding_window=32)
+    assert ModelConfig.from_dict(qwen_off).sliding_window is None
+
+
+def test_sharded_and_bin_checkpoints_load_identically(make_target, tmp_path):
+    hf, path = make_target("llama", save_kwargs=dict(max_shard_size="100KB"))
+    assert (path / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 101, (1, 6))
+    ref = hf_logits(hf, ids)
+    sharded = load_target(path, dtype=torch.float64)
+    assert rel_err(sharded(ids, sharded.new_cache(1, 6)).logits, ref) < 1e-12
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text((path / "config.json").read_text())
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
+    from_bin = load_target(bin_dir, dtype=torch.float64)
+    assert rel_err(from_bin(ids, from_bin.new_cache(1, 6)).logits, ref) < 1e-12
+
+
+def test_missing_unexpected_and_misshapen_keys_are_listed(make_target, tmp_path):
+    hf, path = make_target("llama", num_hidden_layers=2)
+    config = (path / "config.json").read_text()
+
+    def write(state):
+        d = tmp_path / f"ckpt{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "config.json").write_text(config)
+        torch.save(state, d / "pytorch_model.bin")
+        return d
+
+    state = dict(hf.state_dict())
+    missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    with pytest.raises(ValueError, match=r"missing keys \[model.layers.1.mlp.up_proj.weight\]"):
+        load_target(write(missing))
+    extra = state | {"model.layers.1.self_attn.q_norm.weight": torch.ones(16)}
+    with pytest.raises(ValueError, match=r"unexpected keys \[model.layers.1.self_attn.q_norm.weight\]"):
+        load_target(write(extra))
+    bad = state | {"model.norm.weight": torch.ones(63)}
+    with pytest.raises(ValueError, match=r"model.norm.weight: \[63\] \(expected \[64\]\)"):
+        load_target(write(bad))
+    with pytest.raises(FileNotFoundError):
+        load_target(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="dtype"):
+        load_target(path, dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Vanilla generation
+# --------------------------------------------------------------------------------------------------
+def test_greedy_generation_equals_transformers_generate(make_target):
+    hf, path = make_target("llama", rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)
+    model = load_target(path, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 101, (n,), generator=gen).tolist() for n in (4, 11, 7)]
+    ours = generate_plain(model, prompts, max_new_tokens=10)
+    for prompt, got in zip(prompts, ours):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert got == ref[0, len(prompt) :].tolist()
+    # eos: each sequence stops right after emitting it
+    eos = ours[1][3]
+    stopped = generate_plain(model, prompts, max_new_tokens=10, eos_token_id=eos)
+    for full, got in zip(ours, stopped):
+        expected = full[: full.index(eos) + 1] if eos in full else full
+        assert got == expected
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_plain(model, [[1], []], 3)
+
+
+def test_tiny_checkpoints_fixture_is_consistent(tiny_checkpoints):
+    cfg = json.loads((tiny_checkpoints.target / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4
+    model = load_target(tiny_checkpoints.target, dtype=torch.float64)
+    ids = torch.randint(0, 101, (1, 5))
+    assert (
+        rel_err(model(ids, model.new_cache(1, 5)).logits, hf_logits(tiny_checkpoints.hf_target, ids)) < 1e-12
+    )
