@@ -22,10 +22,11 @@ from eagle_kernels.tree_attention import (
     tree_attention_ref,
     unpack_tree_mask,
 )
+from eagle_kernels.verify_tree_greedy import verify_tree_greedy, verify_tree_greedy_ref
 
 __version__ = "0.1.0"
 
-OPS = ("compact_kv_cache", "tree_attention", "fused_draft_input", "fused_eagle3_input")
+OPS = ("compact_kv_cache", "tree_attention", "fused_draft_input", "fused_eagle3_input", "verify_tree_greedy")
 
 
 def backend_info() -> dict:
@@ -63,4 +64,6 @@ __all__ = [
     "tree_attention_ref",
     "unpack_tree_mask",
     "use_backend",
+    "verify_tree_greedy",
+    "verify_tree_greedy_ref",
 ]
