@@ -1,0 +1,237 @@
+"""The user-facing API: ``eagle.load(...)`` returns an :class:`EagleModel` that generates text with EAGLE."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import eagle_kernels
+from eagle.models import generate_plain, load_draft, load_target
+from eagle.models.draft import DraftHead
+from eagle.models.llama import LlamaModel
+from eagle.speculate import SamplingParams, SpeculativeDecoder
+from eagle.tree import TreeConfig
+
+BUNDLED = "tiny-code"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# Default tree of "dynamic" per device type when no timing-based choice is available.
+DEFAULT_TREES = {
+    "cuda": TreeConfig(depth=6, topk=10, total_tokens=60),
+    "cpu": TreeConfig(depth=6, topk=8, total_tokens=32),
+}
+
+
+@dataclass
+class GenerateResult:
+    """Output of :meth:`EagleModel.generate`.
+
+    tokens: new tokens per prompt, up to and including EOS, at most ``max_new_tokens``.
+    accept_lengths: per prompt, tokens emitted by each target forward after the prefill.
+    target_forwards: target forwards after the prefill, summed over the batch's rows.
+    """
+
+    tokens: list[list[int]]
+    accept_lengths: list[list[int]]
+    target_forwards: int
+    texts: list[str] | None = None
+
+    @property
+    def mean_accept_length(self) -> float:
+        """tau: tokens emitted per target forward in the decode phase, averaged over rounds."""
+        lengths = [n for row in self.accept_lengths for n in row]
+        return sum(lengths) / len(lengths) if lengths else 0.0
+
+
+def _resolve_bundled(name: str, part: str) -> str:
+    path = ASSETS / BUNDLED / part
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the bundled model pair {BUNDLED!r} is not installed ({path} is missing its config.json)"
+        )
+    return str(path)
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
+class EagleModel:
+    """A target model with an EAGLE draft head (or none: plain decoding only)."""
+
+    def __init__(self, target: LlamaModel, head: DraftHead | None, tokenizer=None) -> None:
+        self.target, self.head, self.tokenizer = target, head, tokenizer
+        self._decoders: dict[object, SpeculativeDecoder] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return self.target.device
+
+    # ------------------------------------------------------------------------------------------
+    def _tree(self, tree) -> TreeConfig | eagle_kernels.StaticTree:
+        if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
+            return tree
+        if tree == "dynamic":
+            return DEFAULT_TREES.get(self.device.type, DEFAULT_TREES["cuda"])
+        if tree == "static":
+            return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
+        if tree == "chain":
+            return TreeConfig.chain(5)
+        raise ValueError(f"tree must be 'dynamic', 'static', 'chain' or an eagle.TreeConfig, got {tree!r}")
+
+    def _decoder(self, tree) -> SpeculativeDecoder:
+        resolved = self._tree(tree)
+        key = resolved if isinstance(resolved, TreeConfig) else id(resolved)
+        if key not in self._decoders:
+            self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved)
+        return self._decoders[key]
+
+    def _encode(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, str) or (
+            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        ):
+            raise TypeError(
+                "prompts must be a list of prompts (strings or token-id lists), not a single prompt"
+            )
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(
+                        "string prompts need a tokenizer; this checkpoint has none, pass token ids"
+                    )
+                ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            V = self.target.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < V]
+            if bad:
+                raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {V}): {bad[:5]}")
+            out.append(ids)
+        return out
+
+    def _eos(self, eos_token_id) -> list[int]:
+        if eos_token_id is None:
+            eos_token_id = self.target.config.eos_token_id
+        if eos_token_id is None:
+            return []
+        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+
+    # ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 128,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        tree="dynamic",
+        speculative: bool = True,
+        eos_token_id=None,
+        seed: int | None = None,
+    ) -> GenerateResult:
+        """Generate up to ``max_new_tokens`` new tokens for each prompt (see the package docstring)."""
+        ids = self._encode(prompts)
+        sampling = SamplingParams(temperature, top_k, top_p, min_p)
+        eos = self._eos(eos_token_id)
+        if not speculative:
+            gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
+            tokens = generate_plain(
+                self.target,
+                ids,
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                eos_token_id=eos or None,
+                generator=gen,
+            )
+            accept = [[1] * max(len(t) - 1, 0) for t in tokens]
+            return self._result(tokens, accept)
+        if self.head is None:
+            raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
+        tokens: list[list[int]] = [[] for _ in ids]
+        decoder = self._decoder(tree)
+        for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed):
+            for row, new in zip(emission.rows, emission.tokens):
+                tokens[row].extend(new)
+        accept = [decoder.accept_lengths()[b] for b in range(len(ids))]
+        return self._result(tokens, accept)
+
+    def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
+        """Yield the new tokens of one prompt as they are accepted (a list per target forward)."""
+        ids = self._encode([prompt])
+        sampling = SamplingParams(
+            kwargs.pop("temperature", 0.0),
+            kwargs.pop("top_k", 0),
+            kwargs.pop("top_p", 1.0),
+            kwargs.pop("min_p", 0.0),
+        )
+        tree = kwargs.pop("tree", "dynamic")
+        eos = self._eos(kwargs.pop("eos_token_id", None))
+        seed = kwargs.pop("seed", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if self.head is None:
+            raise ValueError("stream needs a draft head: pass draft=... to eagle.load")
+        with torch.inference_mode():
+            for emission in self._decoder(tree).run(
+                ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed
+            ):
+                if emission.tokens[0]:
+                    yield emission.tokens[0]
+
+    def _result(self, tokens, accept) -> GenerateResult:
+        forwards = sum(len(a) for a in accept)
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t) for t in tokens]
+        return GenerateResult(tokens=tokens, accept_lengths=accept, target_forwards=forwards, texts=texts)
+
+
+def load(
+    target: str, draft: str | None = None, *, device="cpu", dtype: torch.dtype | None = None
+) -> EagleModel:
+    """Load a target checkpoint and an EAGLE-1/2/3 head.
+
+    target: local directory or hub id of a Llama/Mistral/Qwen2/Qwen3 checkpoint, or "tiny-code" (the
+        bundled pair). draft: local directory or hub id of an EAGLE head; None means the bundled head
+        for "tiny-code" and no head otherwise (plain decoding only). dtype: default float32 on CPU, bf16
+        on CUDA; float64 works on CPU.
+    """
+    device = torch.device(device)
+    dtype = dtype or _default_dtype(device)
+    if target == BUNDLED:
+        target_path = _resolve_bundled(target, "target")
+        if draft is None:
+            draft = _resolve_bundled(target, "draft")
+    else:
+        target_path = target
+    model = load_target(target_path, dtype=dtype, device=device)
+    head = load_draft(draft, model, dtype=dtype, device=device) if draft is not None else None
+    return EagleModel(model, head, _load_tokenizer(target_path))
+
+
+def _load_tokenizer(path: str):
+    local = Path(path)
+    if local.is_dir() and not any(
+        (local / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    ):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None

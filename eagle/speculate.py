@@ -1,0 +1,480 @@
+"""The EAGLE decoding loop: draft a tree, verify it in one target forward, accept, compact, repeat.
+
+One round for a batch of ``B`` sequences (DESIGN §3)::
+
+    draft tree     head over the frontier, level by level (dynamic: EAGLE-2 top-k expansion and
+                   global rerank; static: EAGLE-1 rank paths; chain: top-1)   -> candidates [B, n]
+    build tree     eagle_kernels.build_tree -> tree mask [B, n, n], positions, retrive_* arrays
+    verify         target forward over the n tree tokens with tree attention (K/V written in place)
+    accept         verify_tree_greedy (T = 0) or tree_speculative_sampling (T > 0, lossless)
+    compact        compact_kv_cache: accepted slots -> contiguous positions; seqlens += accepted + 1
+    draft update   head over (target feature, next token) of every newly committed position
+
+Slot 0 of a tree (the root) is the last emitted token; its K/V enters the target's cache with the
+verify forward. The draft's cache holds committed positions only: the tree levels are written past
+its committed length and overwritten by the next draft update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+import eagle_kernels
+from eagle import rng
+from eagle.models.draft import DraftHead
+from eagle.models.generate_plain import pad_prompts
+from eagle.models.kv_cache import KVCache
+from eagle.models.llama import LlamaModel, ModelOutput
+from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Hugging Face warper semantics (temperature, then top-k, top-p, min-p); temperature 0 = greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RoundTimes:
+    """Seconds spent per phase, summed over rounds (filled only when profiling)."""
+
+    draft: float = 0.0
+    verify: float = 0.0
+    accept: float = 0.0
+    compact: float = 0.0
+    draft_update: float = 0.0
+    other: float = 0.0
+    rounds: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            k: getattr(self, k) for k in ("draft", "verify", "accept", "compact", "draft_update", "other")
+        }
+
+
+@dataclass
+class Emission:
+    """Tokens emitted by one forward for some rows of the batch."""
+
+    rows: list[int]  # original batch rows
+    tokens: list[list[int]]  # new tokens of each of those rows (EOS included, budget respected)
+    finished: list[bool]
+
+
+@dataclass
+class _Batch:
+    """Per-row state of the active (unfinished) sequences; tensors are indexed by active row."""
+
+    rows: torch.Tensor  # [b] int64, original row ids
+    root: torch.Tensor  # [b] int64, last emitted token (tree root of the next round)
+    root_hidden: torch.Tensor  # [b, H] draft output at the last committed position
+    root_logits: torch.Tensor  # [b, Vd] draft logits there
+    emitted: list[int]  # tokens emitted so far (host side: the loop syncs once per round anyway)
+    seeds: torch.Tensor  # [b] int64, RNG stream of each row
+    draws: torch.Tensor  # [b] int64, RNG counter
+    target_cache: KVCache
+    draft_cache: KVCache
+
+
+class SpeculativeDecoder:
+    """EAGLE decoding of one target with one draft head (see the module docstring)."""
+
+    def __init__(
+        self, target: LlamaModel, head: DraftHead, tree: TreeConfig | eagle_kernels.StaticTree
+    ) -> None:
+        self.target, self.head = target, head
+        if isinstance(tree, eagle_kernels.StaticTree):
+            self.static = tree
+            self.num_tokens, self.depth = tree.num_draft_tokens, int(tree.depth.max())
+            self.topk = tree.topk
+            dev = head.device
+            self._static_mask = tree.mask.to(dev)
+            self._static_parent = tree.parent.to(dev)
+            self._static_source = tree.token_source.to(dev)
+        else:
+            self.static = None
+            self.num_tokens, self.depth, self.topk = tree.total_tokens, tree.depth, tree.topk
+        self.tree = tree
+        self.feature_layers = head.feature_layers
+        self.times: RoundTimes | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Public entry
+    # ------------------------------------------------------------------------------------------
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingParams,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        seed: int | None = None,
+        profile: bool = False,
+    ) -> Iterator[Emission]:
+        """Yield the tokens of every forward (prefill first, then one per round) until all rows finish."""
+        device = self.target.device
+        self.times = RoundTimes() if profile else None
+        block, lengths = pad_prompts(prompts, device)
+        B, max_prompt = block.shape
+        self._check_lengths(max_prompt, max_new_tokens)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        stop = {int(t) for t in eos_token_ids}
+        state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed)
+        ones = torch.ones(B, dtype=torch.int64, device=device)
+        emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
+        yield emission
+        state = self._drop_finished(state, emission.finished)
+        while state is not None:
+            new_tokens, counts = self._round(state, sampling)
+            t0 = time.perf_counter()
+            emission = self._emit(state, new_tokens, counts, max_new_tokens, stop, record=True)
+            state = self._drop_finished(state, emission.finished)
+            if self.times is not None:
+                self.times.other += time.perf_counter() - t0
+                self.times.rounds += 1
+            yield emission
+
+    def accept_lengths(self) -> dict[int, list[int]]:
+        return self._accept_lengths
+
+    # ------------------------------------------------------------------------------------------
+    # Prefill
+    # ------------------------------------------------------------------------------------------
+    def _check_lengths(self, max_prompt: int, max_new_tokens: int) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        limit = self.target.config.max_position_embeddings
+        need = max_prompt + max_new_tokens + self.num_tokens
+        if need > limit:
+            raise ValueError(
+                f"prompt ({max_prompt} tokens) + max_new_tokens ({max_new_tokens}) + tree ({self.num_tokens}) "
+                f"= {need} exceeds the model's max_position_embeddings={limit}"
+            )
+
+    def _cache_len(self, max_prompt: int, max_new_tokens: int) -> int:
+        tree_rows = max(self.num_tokens, self.depth * self.topk + 1)
+        return max_prompt + max_new_tokens + tree_rows + 1
+
+    def _prefill(self, block, lengths, max_new_tokens, sampling, seed):
+        B, max_prompt = block.shape
+        device = block.device
+        S = self._cache_len(max_prompt, max_new_tokens)
+        target_cache = self.target.new_cache(B, S)
+        draft_cache = self.head.new_cache(B, S)
+        last = (lengths - 1)[:, None]
+        out = self.target(block, target_cache, logits_index=last, feature_layers=self.feature_layers)
+        target_cache.advance(lengths, max_increment=max_prompt)
+        seeds = rng.row_seeds(seed, B, device)
+        draws = torch.zeros(B, dtype=torch.int64, device=device)
+        first = self._sample_first(out.logits[:, 0], sampling, seeds, draws)
+        # Draft prefill: feature f_t with token t+1; the last real row pairs with the first new token.
+        shifted = torch.roll(block, -1, dims=1)
+        shifted.scatter_(1, last, first[:, None])
+        features = self.head.target_features(out)
+        d = self.head(features, shifted, draft_cache, logits_index=last)
+        draft_cache.advance(lengths, max_increment=max_prompt)
+        root_hidden = d.hidden.gather(1, last[..., None].expand(B, 1, d.hidden.shape[-1]))[:, 0]
+        self._accept_lengths = {b: [] for b in range(B)}
+        state = _Batch(
+            rows=torch.arange(B, device=device),
+            root=first,
+            root_hidden=root_hidden,
+            root_logits=d.logits[:, 0],
+            emitted=[0] * B,
+            seeds=seeds,
+            draws=draws + 1,
+            target_cache=target_cache,
+            draft_cache=draft_cache,
+        )
+        return state, first
+
+    def _sample_first(self, logits, sampling, seeds, draws):
+        self._check_finite(logits)
+        if sampling.greedy:
+            return logits.argmax(-1)
+        probs = self._warp(logits, sampling)
+        u = rng.uniforms(seeds, draws, 1)[:, 0]
+        return _inverse_cdf(probs, u)
+
+    # ------------------------------------------------------------------------------------------
+    # One round
+    # ------------------------------------------------------------------------------------------
+    def _round(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        times = self.times
+        t0 = time.perf_counter()
+        if self.static is not None:
+            candidates, tree = self._draft_static(s)
+        else:
+            candidates, tree = self._draft_dynamic(s)
+        mask, positions, retrive_index, next_token, next_sibling = tree
+        t1 = time.perf_counter()
+        b, n = candidates.shape
+        s.target_cache.check_room(n)
+        out = self.target(
+            candidates,
+            s.target_cache,
+            positions=positions.view(b, n),
+            tree_mask=mask,
+            feature_layers=self.feature_layers,
+        )
+        t2 = time.perf_counter()
+        self._check_finite(out.logits)
+        steps = self.depth + 1
+        if sampling.greedy:
+            predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
+                candidates,
+                retrive_index,
+                next_token,
+                next_sibling,
+                out.logits.argmax(-1),
+                num_spec_steps=steps,
+            )
+        else:
+            V = out.logits.shape[-1]
+            probs = self._warp(out.logits.reshape(b * n, V), sampling).view(b, n, V)
+            u = rng.uniforms(s.seeds, s.draws, n + 1)
+            s.draws += 1
+            predicts, accept_index, accept_num = eagle_kernels.tree_speculative_sampling(
+                candidates,
+                retrive_index,
+                next_token,
+                next_sibling,
+                probs,
+                u[:, :n].contiguous(),
+                u[:, n].contiguous(),
+                num_spec_steps=steps,
+            )
+        t3 = time.perf_counter()
+        old_lengths = s.target_cache.seqlens
+        new_lengths = eagle_kernels.compact_kv_cache(
+            s.target_cache.kv, old_lengths, accept_index, accept_num, num_draft_tokens=n
+        )
+        s.target_cache.set_seqlens(new_lengths, bound=s.target_cache.length_bound + steps)
+        t4 = time.perf_counter()
+        valid = torch.arange(steps, device=candidates.device)[None, :] <= accept_num[:, None].long()
+        rows = accept_index.long().clamp(min=0)
+        new_tokens = torch.where(valid, predicts.long()[rows], 0)
+        counts = accept_num.long() + 1
+        self._update_draft(s, out, rows, new_tokens, counts)
+        s.root = new_tokens.gather(1, (counts - 1)[:, None])[:, 0]
+        t5 = time.perf_counter()
+        if times is not None:
+            times.draft += t1 - t0
+            times.verify += t2 - t1
+            times.accept += t3 - t2
+            times.compact += t4 - t3
+            times.draft_update += t5 - t4
+        return new_tokens, counts
+
+    def _update_draft(self, s: _Batch, out: ModelOutput, rows, new_tokens, counts) -> None:
+        """Feed the draft every newly committed position: the target feature at each accepted node
+        with the token that follows it. Rows past ``counts`` are padding; their K/V lands beyond the
+        committed length and is overwritten later."""
+        b, steps = rows.shape
+        features = self.head.target_features(out)  # [b, n, H]
+        H = features.shape[-1]
+        feats = features.reshape(-1, H)[rows.reshape(-1)].view(b, steps, H)
+        last = (counts - 1)[:, None]
+        s.draft_cache.check_room(steps)
+        d = self.head(feats, new_tokens, s.draft_cache, logits_index=last)
+        s.draft_cache.advance(counts, max_increment=steps)
+        s.root_hidden = d.hidden.gather(1, last[..., None].expand(b, 1, H))[:, 0]
+        s.root_logits = d.logits[:, 0]
+
+    # ------------------------------------------------------------------------------------------
+    # Drafting
+    # ------------------------------------------------------------------------------------------
+    def _draft_logprobs(self, logits: torch.Tensor) -> torch.Tensor:
+        # EAGLE-2 scores: the draft's raw (untempered) log-probabilities, in float32.
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _tree_forward(self, s: _Batch, hidden, tokens, positions, mask, num_new: int):
+        """Run the draft over every tree row fed so far (the last ``num_new`` are new) and return the
+        new rows' (hidden, logprobs). Older rows are recomputed (same values) so that one
+        ``tree_attention`` call sees each row's ancestors; their K/V are rewritten identically."""
+        b, T, _ = hidden.shape
+        s.draft_cache.check_room(T)
+        index = torch.arange(T - num_new, T, device=hidden.device).expand(b, num_new)
+        d = self.head(hidden, tokens, s.draft_cache, positions=positions, tree_mask=mask, logits_index=index)
+        return d.hidden[:, T - num_new :], self._draft_logprobs(d.logits)
+
+    def _draft_dynamic(self, s: _Batch):
+        k, depth, n = self.topk, self.depth, self.num_tokens
+        b = s.root.shape[0]
+        device = s.root.device
+        frontier, scores, tokens, parents = expand_root(self._draft_logprobs(s.root_logits), k)
+        score_list, token_list, parents_list = [scores], [tokens], [parents]
+        base_pos = s.draft_cache.seqlens.long()[:, None]  # root position P
+        fed_hidden = fed_tokens = fed_mask = fed_pos = None
+        parent_hidden = s.root_hidden[:, None, :].expand(b, k, s.root_hidden.shape[-1])
+        eye = torch.eye(k, dtype=torch.bool, device=device).expand(b, k, k)
+        for level in range(1, depth):
+            new_hidden = parent_hidden
+            new_tokens = self.head_ids(frontier.tokens)
+            new_pos = (base_pos + level - 1).expand(b, k)
+            if fed_hidden is None:
+                fed_hidden, fed_tokens, fed_pos, fed_mask = new_hidden, new_tokens, new_pos, eye
+            else:
+                T = fed_hidden.shape[1]
+                parent_rows = (T - k) + frontier.parent_rows
+                rows_mask = fed_mask.gather(1, parent_rows[..., None].expand(b, k, T))
+                fed_mask = torch.cat(
+                    (
+                        torch.cat((fed_mask, torch.zeros(b, T, k, dtype=torch.bool, device=device)), 2),
+                        torch.cat((rows_mask, eye), 2),
+                    ),
+                    1,
+                )
+                fed_hidden = torch.cat((fed_hidden, new_hidden), 1)
+                fed_tokens = torch.cat((fed_tokens, new_tokens), 1)
+                fed_pos = torch.cat((fed_pos, new_pos), 1)
+            out_hidden, logp = self._tree_forward(s, fed_hidden, fed_tokens, fed_pos, fed_mask, k)
+            frontier, scores, tokens, parents = expand_level(frontier, logp, level + 1, k)
+            parent_hidden = out_hidden.gather(
+                1, frontier.parent_rows[..., None].expand(-1, -1, out_hidden.shape[-1])
+            )
+            score_list.append(scores)
+            token_list.append(tokens)
+            parents_list.append(parents)
+        selected, draft_tokens, parent_list = select_candidates(score_list, token_list, parents_list, n - 1)
+        candidates = torch.cat((s.root[:, None], self.head_ids(draft_tokens)), 1)
+        tree = eagle_kernels.build_tree(
+            parent_list, selected, s.target_cache.seqlens, topk=k, depth=depth, num_draft_tokens=n
+        )
+        return candidates, tree
+
+    def head_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids -> target ids (identity for EAGLE-1/2)."""
+        return self.head.to_target_ids(draft_ids)
+
+    def _draft_static(self, s: _Batch):
+        st = self.static
+        k, n = st.topk, st.num_draft_tokens
+        b, device = s.root.shape[0], s.root.device
+        # Top-k table, one row per expanded slot in expand order (the root's row first).
+        table = [torch.topk(s.root_logits, k, dim=-1).indices[:, None, :]]
+        slot_hidden = {0: s.root_hidden}
+        base_pos = s.draft_cache.seqlens.long()[:, None]
+        depth_of = st.depth.tolist()
+        parent_of = st.parent.tolist()
+        fed: list[int] = []  # tree slots fed to the draft so far, in order
+        for d in range(1, self.depth):
+            level = [i for i in st.expand_slots.tolist() if depth_of[i] == d]
+            if not level:
+                break
+            fed += level
+            idx = torch.tensor(fed, device=device)
+            flat = torch.cat(table, 1).reshape(b, -1)
+            tokens = self.head_ids(flat[:, self._static_source[idx - 1]])
+            hidden = torch.stack([slot_hidden[parent_of[i]] for i in fed], 1)
+            mask = self._static_mask[idx][:, idx].expand(b, len(fed), len(fed))
+            pos = base_pos + st.depth.to(device)[idx][None, :] - 1
+            out_hidden, logp = self._tree_forward(s, hidden, tokens, pos, mask, len(level))
+            for j, slot in enumerate(level):
+                slot_hidden[slot] = out_hidden[:, j]
+            table.append(torch.topk(logp, k, dim=-1).indices)
+        flat = torch.cat(table, 1).reshape(b, -1)
+        candidates = torch.cat((s.root[:, None], self.head_ids(flat[:, self._static_source])), 1)
+        positions = (s.target_cache.seqlens.long()[:, None] + st.depth.to(device)[None, :]).reshape(-1)
+        retrive_index = torch.arange(b * n, device=device).view(b, n)
+        tree = (
+            self._static_mask.expand(b, n, n),
+            positions,
+            retrive_index,
+            st.retrive_next_token.to(device).expand(b, n),
+            st.retrive_next_sibling.to(device).expand(b, n),
+        )
+        return candidates, tree
+
+    # ------------------------------------------------------------------------------------------
+    # Bookkeeping
+    # ------------------------------------------------------------------------------------------
+    def _warp(self, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        return eagle_kernels.warp_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
+
+    @staticmethod
+    def _check_finite(logits: torch.Tensor) -> None:
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError("the target produced NaN/inf logits; check the checkpoint and dtype")
+
+    def _emit(
+        self, s: _Batch, new_tokens, counts, max_new_tokens: int, stop: set[int], *, record: bool
+    ) -> Emission:
+        """Host side of a forward (one sync): cut each row's tokens at EOS and at its budget."""
+        rows, toks, cnts = s.rows.tolist(), new_tokens.tolist(), counts.tolist()
+        emission = Emission(rows=rows, tokens=[], finished=[])
+        for i, row in enumerate(rows):
+            seq = toks[i][: cnts[i]]
+            if record:
+                self._accept_lengths[row].append(cnts[i])
+            eos_at = next((j for j, t in enumerate(seq) if t in stop), None)
+            if eos_at is not None:
+                seq = seq[: eos_at + 1]
+            room = max_new_tokens - s.emitted[i]
+            seq = seq[:room]
+            s.emitted[i] += len(seq)
+            emission.tokens.append(seq)
+            emission.finished.append(len(seq) == room or (eos_at is not None and eos_at < room))
+        return emission
+
+    @staticmethod
+    def _drop_finished(s: _Batch, finished: list[bool]) -> _Batch | None:
+        """Remove finished rows from the batch (their caches are copied away: they stop costing compute)."""
+        if not any(finished):
+            return s
+        if all(finished):
+            return None
+        keep_list = [i for i, f in enumerate(finished) if not f]
+        keep = torch.tensor(keep_list, device=s.root.device)
+        return _Batch(
+            rows=s.rows[keep],
+            root=s.root[keep],
+            root_hidden=s.root_hidden[keep],
+            root_logits=s.root_logits[keep],
+            emitted=[s.emitted[i] for i in keep_list],
+            seeds=s.seeds[keep],
+            draws=s.draws[keep],
+            target_cache=_select_rows(s.target_cache, keep),
+            draft_cache=_select_rows(s.draft_cache, keep),
+        )
+
+
+def _select_rows(cache: KVCache, keep: torch.Tensor) -> KVCache:
+    """A cache holding only the sequences ``keep`` (a copy: finished rows stop costing compute)."""
+    new = KVCache.__new__(KVCache)
+    new.kv = cache.kv.index_select(2, keep)
+    new.seqlens = cache.seqlens.index_select(0, keep)
+    new.length_bound = cache.length_bound
+    return new
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of ``probs [R, V]`` with uniforms ``u [R]``: the first index whose
+    cumulative mass exceeds ``u * total``."""
+    cdf = probs.double().cumsum(-1)
+    target = u.double()[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return idx.clamp(max=probs.shape[-1] - 1)
