@@ -1,0 +1,371 @@
+"""EAGLE-1/2/3 draft heads: every official file format vs an independent float64 oracle, tree blocks,
+fit/key errors, save -> load round trips, fresh heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from eagle.models import Eagle2Head, Eagle3Head, load_draft, load_target, random_draft, save_draft
+from tests.eagle.conftest import eagle2_state, eagle3_state, head_config, write_head
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def target(tiny_checkpoints):
+    return load_target(tiny_checkpoints.target, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def target_config(tiny_checkpoints) -> dict:
+    return json.loads((tiny_checkpoints.target / "config.json").read_text()) | {"head_dim": 16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Oracle: the official head written out with transformers' RMSNorm and RoPE, float64 attention
+# --------------------------------------------------------------------------------------------------
+def _norm(weight: torch.Tensor, eps: float):
+    norm = LlamaRMSNorm(weight.numel(), eps=eps).double()
+    norm.weight.data = weight.double()
+    return norm
+
+
+def _layer(x: torch.Tensor, resid: torch.Tensor, st: dict, p: str, cfg: dict, positions, visible):
+    """resid + attn(x) then the MLP block, over one full sequence ``[S, *]`` with mask ``visible [S, S]``."""
+    heads, kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    S = x.shape[0]
+    q = (x @ st[p + "self_attn.q_proj.weight"].T).view(S, heads, hd).transpose(0, 1)[None]
+    k = (x @ st[p + "self_attn.k_proj.weight"].T).view(S, kv, hd).transpose(0, 1)[None]
+    v = (x @ st[p + "self_attn.v_proj.weight"].T).view(S, kv, hd).transpose(0, 1)[None]
+    rope_cfg = LlamaConfig(hidden_size=cfg["hidden_size"], num_attention_heads=heads, head_dim=hd)
+    cos, sin = LlamaRotaryEmbedding(rope_cfg)(q, positions[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = k.repeat_interleave(heads // kv, dim=1), v.repeat_interleave(heads // kv, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * hd**-0.5
+    attn = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v
+    h = resid + attn[0].transpose(0, 1).reshape(S, heads * hd) @ st[p + "self_attn.o_proj.weight"].T
+    m = _norm(st[p + "post_attention_layernorm.weight"], cfg["rms_norm_eps"])(h)
+    gate, up = m @ st[p + "mlp.gate_proj.weight"].T, m @ st[p + "mlp.up_proj.weight"].T
+    return h + (torch.nn.functional.silu(gate) * up) @ st[p + "mlp.down_proj.weight"].T
+
+
+@torch.no_grad()
+def eagle2_oracle(st, cfg, embed, lm_head, features, tokens, positions, visible):
+    x = torch.cat([embed[tokens], features], -1) @ st["fc.weight"].T
+    if "fc.bias" in st:
+        x = x + st["fc.bias"]
+    h = _layer(x, x, st, "layers.0.", cfg, positions, visible)
+    return h, h @ lm_head.T
+
+
+@torch.no_grad()
+def eagle3_oracle(st, cfg, embed, hidden, tokens, positions, visible, p="midlayer."):
+    eps = cfg["rms_norm_eps"]
+    x = torch.cat(
+        [
+            _norm(st[p + "input_layernorm.weight"], eps)(embed[tokens]),
+            _norm(st[p + "hidden_norm.weight"], eps)(hidden),
+        ],
+        -1,
+    )
+    h = _layer(x, hidden, st, p, cfg, positions, visible)
+    return h, _norm(st["norm.weight"], eps)(h) @ st["lm_head.weight"].T
+
+
+def prefix_then_tree(P: int, parents: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-sequence visibility for a causal prefix of P rows followed by a tree block, the tree's
+    own mask, and the positions (prefix: 0..P-1; tree nodes: P + depth)."""
+    n = len(parents)
+    tree = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j != -1:
+            tree[i, j] = True
+            j = parents[j]
+    visible = torch.zeros(P + n, P + n, dtype=torch.bool)
+    visible[:P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+    visible[P:, :P] = True
+    visible[P:, P:] = tree
+    positions = torch.cat([torch.arange(P), P + tree.sum(1) - 1])
+    return visible, tree, positions
+
+
+PARENTS = [-1, 0, 0, 1, 1, 2, 4]
+
+
+def run_head(head, hidden_rows, tokens, P: int, tree: torch.Tensor, positions: torch.Tensor):
+    """Prefix block (causal) then the tree block, through the head's own cache; rows concatenated."""
+    cache = head.new_cache(1, 32)
+    first = head(hidden_rows[None, :P], tokens[None, :P], cache)
+    cache.advance(P)
+    second = head(
+        hidden_rows[None, P:], tokens[None, P:], cache, positions=positions[None, P:], tree_mask=tree[None]
+    )
+    return torch.cat([first.hidden[0], second.hidden[0]]), torch.cat([first.logits[0], second.logits[0]])
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE-1/2 formats
+# --------------------------------------------------------------------------------------------------
+EAGLE2_FORMATS = {
+    # name: (config "bias" key: absent / True / False, fc.bias in file, file format, file dtype)
+    "eagle1-bias-absent-bin-fp32": (None, True, "bin", torch.float32),
+    "llama3-bias-false-bin-fp16": (False, False, "bin", torch.float16),
+    "bias-true-safetensors-fp16": (True, True, "safetensors", torch.float16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("fmt", list(EAGLE2_FORMATS))
+def test_eagle2_head_formats_match_oracle(tmp_path, tiny_checkpoints, target, target_config, fmt, dtype):
+    bias_key, has_bias, file_fmt, file_dtype = EAGLE2_FORMATS[fmt]
+    embed = target.embed_tokens.weight.detach()
+    state = eagle2_state(target_config, bias=has_bias, embed=embed)
+    extra = {} if bias_key is None else {"bias": bias_key}
+    path = write_head(
+        tmp_path / "head", head_config(target_config, **extra), state, fmt=file_fmt, dtype=file_dtype
+    )
+    head = load_draft(
+        path, target if dtype == torch.float64 else load_target(tiny_checkpoints.target, dtype=dtype)
+    )
+    assert isinstance(head, Eagle2Head) and head.kind == "eagle2" and head.dtype == dtype
+    assert (head.fc.bias is not None) == has_bias and head.feature_layers is None
+
+    st = {k: v.to(file_dtype).double() for k, v in state.items()}  # what the file holds
+    P = 6
+    visible, tree, positions = prefix_then_tree(P, PARENTS)
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(P + len(PARENTS), 64, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, 101, (P + len(PARENTS),), generator=gen)
+    ref_h, ref_logits = eagle2_oracle(
+        st,
+        target_config,
+        st["embed_tokens.weight"],
+        target.lm_head_weight,
+        features,
+        tokens,
+        positions,
+        visible,
+    )
+    h, logits = run_head(head, features.to(dtype), tokens, P, tree, positions)
+    assert rel_err(h, ref_h) < TOL[dtype]
+    assert rel_err(logits, ref_logits) < TOL[dtype]
+
+
+def test_eagle2_features_come_from_target(tiny_checkpoints, target):
+    head = load_draft(tiny_checkpoints.eagle2, target)
+    ids = torch.randint(0, 101, (2, 5))
+    out = target(ids, target.new_cache(2, 5))
+    assert head.target_features(out) is out.hidden
+    cache = head.new_cache(2, 8)
+    assert cache.kv.shape == (1, 2, 2, 2, 8, 16)
+    d = head(out.hidden[:, :4], ids[:, 1:], cache, logits_index=torch.tensor([[3], [0]]))
+    assert d.logits.shape == (2, 1, 101) and d.hidden.shape == (2, 4, 64)
+    assert cache.seqlens.tolist() == [0, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE-3 formats
+# --------------------------------------------------------------------------------------------------
+DRAFT_VOCAB = sorted(torch.randperm(101, generator=torch.Generator().manual_seed(7))[:40].tolist())
+EAGLE3_FORMATS = {
+    # name: (key prefix, embedding in file, draft vocabulary, file format, file dtype)
+    "midlayer-noembed-fullvocab-bin-fp16": ("midlayer.", False, None, "bin", torch.float16),
+    "layers0-embed-draftvocab-safetensors-fp32": (
+        "layers.0.",
+        True,
+        DRAFT_VOCAB,
+        "safetensors",
+        torch.float32,
+    ),
+    "midlayer-embed-draftvocab-safetensors-fp16": (
+        "midlayer.",
+        True,
+        DRAFT_VOCAB,
+        "safetensors",
+        torch.float16,
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", list(EAGLE3_FORMATS))
+def test_eagle3_head_formats_match_oracle(tmp_path, target, target_config, fmt):
+    prefix, with_embed, vocab, file_fmt, file_dtype = EAGLE3_FORMATS[fmt]
+    gen = torch.Generator().manual_seed(1)
+    own_embed = torch.randn(101, 64, generator=gen, dtype=torch.float64) if with_embed else None
+    state = eagle3_state(target_config, prefix=prefix, embed=own_embed, draft_vocab=vocab)
+    Vd = len(vocab) if vocab else 101
+    cfg = head_config(target_config, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=Vd)
+    head = load_draft(write_head(tmp_path / "head", cfg, state, fmt=file_fmt, dtype=file_dtype), target)
+    assert isinstance(head, Eagle3Head) and head.kind == "eagle3"
+    assert head.draft_vocab_size == Vd and head.owns_embedding == with_embed
+    assert head.feature_layers == (2, 2, 1)
+
+    st = {k: (v.to(file_dtype).double() if v.is_floating_point() else v) for k, v in state.items()}
+    st = {k.replace("layers.0.", "midlayer."): v for k, v in st.items()}
+    embed = st["embed_tokens.weight"] if with_embed else target.embed_tokens.weight.detach()
+
+    # first step: target features -> fc; then a tree block fed with the head's own hidden states
+    P = 5
+    ids = torch.randint(0, 101, (1, P + 1), generator=gen)
+    out = target(ids[:, :P], target.new_cache(1, P), feature_layers=head.feature_layers)
+    g = head.target_features(out)[0]
+    ref_g = torch.cat(out.layer_hidden, -1)[0] @ st["fc.weight"].T
+    assert rel_err(g, ref_g) < 1e-12
+    visible, tree, positions = prefix_then_tree(P, PARENTS)
+    own = torch.randn(len(PARENTS), 64, generator=gen, dtype=torch.float64)
+    hidden = torch.cat([ref_g, own])
+    tokens = torch.cat([ids[0, 1:], torch.randint(0, 101, (len(PARENTS),), generator=gen)])
+    ref_h, ref_logits = eagle3_oracle(st, target_config, embed, hidden, tokens, positions, visible)
+    h, logits = run_head(head, hidden, tokens, P, tree, positions)
+    assert rel_err(h, ref_h) < 1e-12
+    assert rel_err(logits, ref_logits) < 1e-12
+    draft_ids = torch.arange(Vd)
+    expected = torch.tensor(vocab) if vocab else draft_ids
+    assert torch.equal(head.to_target_ids(draft_ids), expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads that do not fit, and bad key sets
+# --------------------------------------------------------------------------------------------------
+def _write_eagle2(tmp_path: Path, target_config: dict, name: str, *, cfg_extra=None, state_edit=None) -> Path:
+    state = eagle2_state(target_config, bias=True, embed=torch.zeros(101, 64))
+    if state_edit:
+        state = state_edit(state)
+    return write_head(tmp_path / name, head_config(target_config, **(cfg_extra or {})), state)
+
+
+def test_mismatched_eagle2_heads_are_refused(tmp_path, target, target_config):
+    cases = [
+        (dict(cfg_extra={"hidden_size": 32, "head_dim": 8}), "hidden_size 32 != target's 64"),
+        (dict(cfg_extra={"vocab_size": 100}), "vocab_size 100 != target's 101"),
+        (
+            dict(cfg_extra={"num_attention_heads": 8}),
+            r"wrong shapes \[layers.0.self_attn.q_proj.weight: \[64, 64\] \(expected \[128, 64\]\)",
+        ),
+        (dict(cfg_extra={"bias": False}), r"unexpected keys \[fc.bias\]"),
+        (
+            dict(state_edit=lambda s: {k: v for k, v in s.items() if k != "fc.bias"}),
+            r"missing keys \[fc.bias\]",
+        ),
+        (
+            dict(state_edit=lambda s: s | {"layers.0.input_layernorm.weight": torch.ones(64)}),
+            r"unexpected keys \[layers.0.input_layernorm",
+        ),
+        (dict(cfg_extra={"num_hidden_layers": 2}), "num_hidden_layers=2"),
+        (dict(cfg_extra={"rope_scaling": {"type": "linear", "factor": 2.0}}), "rope_type='linear'"),
+    ]
+    for i, (kwargs, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            load_draft(_write_eagle2(tmp_path, target_config, f"h{i}", **kwargs), target)
+
+
+def test_mismatched_eagle3_heads_are_refused(tmp_path, target, target_config):
+    cfg = head_config(target_config, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=40)
+
+    def write(name, state, config=cfg):
+        return write_head(tmp_path / name, config, state)
+
+    good = eagle3_state(target_config, prefix="midlayer.", embed=None, draft_vocab=DRAFT_VOCAB)
+    with pytest.raises(ValueError, match=r"missing keys \[d2t, t2d\]"):
+        load_draft(write("a", {k: v for k, v in good.items() if k not in ("d2t", "t2d")}), target)
+    with pytest.raises(ValueError, match="t2d does not mark"):
+        load_draft(write("b", good | {"t2d": torch.ones(101, dtype=torch.bool)}), target)
+    shifted = good | {"d2t": good["d2t"] + 200}
+    with pytest.raises(ValueError, match="outside the target vocabulary"):
+        load_draft(write("c", shifted), target)
+    with pytest.raises(ValueError, match=r"lm_head.weight: \[40, 64\] \(expected \[101, 64\]\)"):
+        load_draft(write("d", good, cfg | {"draft_vocab_size": 101}), target)
+    mixed = good | {"layers.0.hidden_norm.weight": good.pop("midlayer.hidden_norm.weight")}
+    with pytest.raises(ValueError, match="mixes"):
+        load_draft(write("e", mixed), target)
+    with pytest.raises(ValueError, match=r"fc.weight: \[64, 128\]"):
+        load_draft(write("f", good | {"fc.weight": torch.zeros(64, 128)}), target)
+    with pytest.raises(ValueError, match="not an EAGLE"):
+        load_draft(write("g", {"foo.weight": torch.zeros(3)}), target)
+
+
+# --------------------------------------------------------------------------------------------------
+# Save -> load round trips and fresh heads
+# --------------------------------------------------------------------------------------------------
+def _assert_same_head(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert torch.equal(a.embed_weight, b.embed_weight)
+
+
+@pytest.mark.parametrize("name", ["eagle2", "eagle3-draftvocab-ownembed"])
+def test_save_load_round_trip_is_exact(tmp_path, tiny_checkpoints, target, target_config, name):
+    if name == "eagle2":
+        head = load_draft(tiny_checkpoints.eagle2, target)
+        original_keys = set(torch.load(tiny_checkpoints.eagle2 / "pytorch_model.bin", weights_only=True))
+    else:
+        state = eagle3_state(
+            target_config,
+            prefix="midlayer.",
+            embed=torch.randn(101, 64, dtype=torch.float64),
+            draft_vocab=DRAFT_VOCAB,
+        )
+        cfg = head_config(target_config, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=40)
+        head = load_draft(write_head(tmp_path / "src", cfg, state, dtype=torch.float64), target)
+        original_keys = set(state)
+    out = save_draft(head, tmp_path / "saved", also_bin=True)
+    assert set(load_file(str(out / "model.safetensors")).keys()) == original_keys
+    assert set(torch.load(out / "pytorch_model.bin", weights_only=True).keys()) == original_keys
+    _assert_same_head(head, load_draft(out, target))
+    (out / "model.safetensors").unlink()  # the .bin alone loads too
+    _assert_same_head(head, load_draft(out, target))
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["model_type"] == "llama"
+    assert ("bias" in config) == (name == "eagle2") and ("draft_vocab_size" in config) == (name != "eagle2")
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_random_draft_trains_saves_and_reloads(tmp_path, target, kind):
+    vocab = DRAFT_VOCAB if kind == "eagle3" else None
+    head = random_draft(target, kind, draft_vocab=vocab, seed=3)
+    assert head.training and head.kind == kind and head.dtype == torch.float64
+    trainable = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert trainable and not any("embed" in n for n in trainable)
+    if kind == "eagle3":
+        assert head.draft_vocab_size == 40 and not head.owns_embedding
+        assert torch.equal(head.to_target_ids(torch.arange(40)), torch.tensor(DRAFT_VOCAB))
+    else:
+        assert torch.equal(head.embed_weight, target.embed_tokens.weight)
+    again = random_draft(target, kind, draft_vocab=vocab, seed=3)
+    _assert_same_head(head, again)
+    _assert_same_head(head, load_draft(save_draft(head, tmp_path / kind), target))
+    with pytest.raises(ValueError, match="kind"):
+        random_draft(target, "medusa")
+    with pytest.raises(ValueError, match="draft_vocab"):
+        random_draft(target, "eagle3", draft_vocab=[5, 3, 200])
+
+
+def test_draft_inputs_are_validated(tiny_checkpoints, target):
+    head = load_draft(tiny_checkpoints.eagle2, target)
+    cache = head.new_cache(1, 4)
+    with pytest.raises(ValueError, match="hidden must be"):
+        head(torch.zeros(1, 2, 32, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.int64), cache)
+    with pytest.raises(TypeError, match="must be torch.float64"):
+        head(torch.zeros(1, 2, 64), torch.zeros(1, 2, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="overflow"):
+        head(torch.zeros(1, 5, 64, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="not allocated for this draft head"):
+        head(
+            torch.zeros(1, 2, 64, dtype=torch.float64),
+            torch.zeros(1, 2, dtype=torch.int64),
+            target.new_cache(1, 4),
+        )
