@@ -394,10 +394,13 @@ def _build_tree_kernel(
         for c0 in range(0, pid, BLOCK_N):
             c = c0 + k
             earlier += tl.load(seq_ptr + c, mask=c < pid, other=0).to(tl.int64)
-        row_start = tl.sum(earlier, axis=0) * n + b * n * n
+        earlier_sum = tl.sum(earlier, axis=0)
+        row_start = earlier_sum * n + b * n * n
         row_stride = seq_len + n
         col_start = seq_len
-        fits = (seq_len >= 0) & (row_start >= 0) & (row_start + n * row_stride <= mask_numel)
+        # Bound every term first so that garbage lengths cannot overflow into an in-range offset.
+        fits = (seq_len >= 0) & (seq_len <= mask_numel) & (earlier_sum >= 0) & (earlier_sum <= mask_numel)
+        fits = fits & (row_start + n * row_stride <= mask_numel)
         misfit = 1 - fits.to(tl.int32)
         seq_bad += misfit
 
