@@ -129,8 +129,10 @@ def select_candidates(
     """
     scores = torch.cat(score_list, dim=1)
     tokens = torch.cat(token_list, dim=1)
-    top = torch.topk(scores, num_keep, dim=-1).indices
-    selected = torch.sort(top, dim=-1).values
+    # Ties go to the lower flat index (an ancestor): a child scores <= its parent, so with this rule a
+    # selected child's parent is always selected too (plain topk may break a tie the other way).
+    order = torch.sort(-scores, dim=-1, stable=True).indices
+    selected = torch.sort(order[:, :num_keep], dim=-1).values
     # Level 1 contributes k+1 entries and each later level k; the deepest level's nodes have no children.
     topk = token_list[0].shape[1]
     parent_list = torch.cat(parents_list, dim=1)[:, : topk * (len(parents_list) - 1) + 1]

@@ -26,6 +26,10 @@ if not HAS_GPU:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Test tensors are small: one intra-op thread is as fast, and immune to the OpenMP barrier stalls that
+# make a 2-thread GEMM take milliseconds when the machine is loaded. EAGLE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("EAGLE_TEST_THREADS", "1")))
+
 
 def pytest_addoption(parser):
     parser.addoption(
