@@ -1,0 +1,168 @@
+"""Lossless greedy EAGLE: token-for-token equal to Hugging Face greedy generate (float64, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import eagle
+import eagle_kernels
+from eagle.tree import TreeConfig
+from tests.eagle.conftest import build_hf_target, eagle2_state, eagle3_state, head_config, save_hf_target, write_head
+
+# A small vocabulary makes random drafts agree with the target often, so long accepted paths occur.
+SMALL = dict(vocab_size=24, max_position_embeddings=256)
+TREES = {
+    "dynamic-small": TreeConfig(depth=4, topk=4, total_tokens=12),
+    "dynamic-paper": TreeConfig(depth=6, topk=10, total_tokens=60),
+    "chain": "chain",
+    "static": "static",
+}
+
+
+def _make_pair(root, seed: int, kind: str, **overrides):
+    hf = build_hf_target("llama", seed=seed, **(SMALL | overrides))
+    target_dir = save_hf_target(hf, root / f"target{seed}")
+    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
+    if kind == "eagle2":
+        state = eagle2_state(cfg, bias=seed % 2 == 0, embed=hf.model.embed_tokens.weight.detach(), seed=seed + 7)
+        head_cfg = head_config(cfg, bias=seed % 2 == 0)
+    else:
+        used = list(range(0, cfg["vocab_size"], 2)) + [1]  # a reduced draft vocabulary exercises d2t
+        state = eagle3_state(cfg, prefix="layers.0.", embed=None, draft_vocab=sorted(used), seed=seed + 7)
+        head_cfg = head_config(cfg, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=len(used))
+    head_dir = write_head(root / f"{kind}{seed}", head_cfg, state, fmt="safetensors", dtype=torch.float32)
+    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("greedy_pairs")
+    return {
+        "eagle2-s0": _make_pair(root, 0, "eagle2"),
+        "eagle2-s1-mha": _make_pair(root, 1, "eagle2", num_key_value_heads=4),
+        "eagle3-s2": _make_pair(root, 2, "eagle3"),
+    }
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    out = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [7], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5, 9]]
+
+
+@pytest.mark.parametrize("tree", list(TREES), ids=list(TREES))
+@pytest.mark.parametrize("pair", ["eagle2-s0", "eagle2-s1-mha", "eagle3-s2"])
+def test_greedy_equals_hf_generate_ragged_batch(pairs, pair, tree):
+    hf, model = pairs[pair]
+    n = 30
+    res = model.generate(PROMPTS, n, tree=TREES[tree])
+    for prompt, got in zip(PROMPTS, res.tokens):
+        assert got == hf_greedy(hf, prompt, n)
+    assert all(len(t) == n for t in res.tokens)
+    assert res.target_forwards == sum(len(a) for a in res.accept_lengths)
+    # Every token after the first comes from a target forward of the decode phase.
+    assert [sum(a) for a in res.accept_lengths] == [n - 1] * len(PROMPTS) or all(
+        sum(a) >= n - 1 for a in res.accept_lengths
+    )
+    assert res.mean_accept_length >= 1.0
+
+
+def test_batch_equals_each_alone(pairs):
+    _, model = pairs["eagle2-s0"]
+    together = model.generate(PROMPTS, 20).tokens
+    alone = [model.generate([p], 20).tokens[0] for p in PROMPTS]
+    assert together == alone
+
+
+def test_speculative_false_is_plain_decoding(pairs):
+    hf, model = pairs["eagle2-s0"]
+    res = model.generate(PROMPTS[:1], 12, speculative=False)
+    assert res.tokens[0] == hf_greedy(hf, PROMPTS[0], 12)
+    assert res.accept_lengths == [[1] * 11]
+
+
+def test_long_accepted_paths_happen(pairs):
+    """The small vocabulary must produce multi-token acceptances, or the tests above prove little."""
+    _, model = pairs["eagle2-s0"]
+    res = model.generate(PROMPTS, 40, tree=TREES["dynamic-paper"])
+    assert max(max(a) for a in res.accept_lengths) >= 3
+    assert res.mean_accept_length > 1.2
+
+
+def test_eos_stops_and_is_included(pairs):
+    hf, model = pairs["eagle2-s0"]
+    ref = hf_greedy(hf, PROMPTS[0], 30)
+    eos = ref[10]
+    first = ref.index(eos)
+    res = model.generate([PROMPTS[0], PROMPTS[1]], 30, eos_token_id=eos)
+    assert res.tokens[0] == ref[: first + 1]
+    ref1 = hf_greedy(hf, PROMPTS[1], 30)
+    cut = ref1.index(eos) + 1 if eos in ref1 else 30
+    assert res.tokens[1] == ref1[:cut]
+
+
+def test_stream_yields_the_same_tokens(pairs):
+    _, model = pairs["eagle2-s0"]
+    chunks = list(model.stream(PROMPTS[0], 25))
+    assert [t for c in chunks for t in c] == model.generate([PROMPTS[0]], 25).tokens[0]
+    assert len(chunks) >= 2
+
+
+def test_max_new_tokens_one(pairs):
+    hf, model = pairs["eagle2-s0"]
+    assert model.generate(PROMPTS, 1).tokens == [hf_greedy(hf, p, 1) for p in PROMPTS]
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,error,match",
+    [
+        ([[]], {}, ValueError, "prompt 0 is empty"),
+        ([[1, 2, 999]], {}, ValueError, "outside the vocabulary"),
+        ([[1, 2]], {"max_new_tokens": 10_000}, ValueError, "max_position_embeddings"),
+        ([[1, 2]], {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
+        ([[1, 2]], {"tree": "bushy"}, ValueError, "tree must be"),
+        ([[1, 2]], {"temperature": -1.0}, ValueError, "temperature"),
+        ([[1, 2]], {"top_p": 0.0}, ValueError, "top_p"),
+        ([1, 2], {}, TypeError, "list of prompts"),
+        (["hello"], {}, ValueError, "tokenizer"),
+    ],
+)
+def test_bad_input(pairs, prompts, kwargs, error, match):
+    _, model = pairs["eagle2-s0"]
+    with pytest.raises(error, match=match):
+        model.generate(prompts, **({"max_new_tokens": 5} | kwargs))
+
+
+def test_nan_logits_raise(pairs, tmp_path):
+    hf, _ = pairs["eagle2-s0"]
+    bad = build_hf_target("llama", seed=0, **SMALL)
+    with torch.no_grad():
+        bad.lm_head.weight[3, 0] = float("nan")
+    target_dir = save_hf_target(bad, tmp_path / "nan_target")
+    model = eagle.load(str(target_dir), None, dtype=torch.float64)
+    model.head = pairs["eagle2-s0"][1].head
+    with pytest.raises(FloatingPointError, match="NaN"):
+        model.generate([[1, 2, 3]], 5)
+
+
+def test_head_for_another_target_is_refused(pairs, tmp_path):
+    hf = build_hf_target("llama", seed=5, **(SMALL | {"hidden_size": 32, "intermediate_size": 48, "head_dim": 8}))
+    target_dir = save_hf_target(hf, tmp_path / "other")
+    head_dir = tmp_path / "head"
+    eagle.models.save_draft(pairs["eagle2-s0"][1].head, head_dir)
+    with pytest.raises(ValueError, match="hidden"):
+        eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+
+
+def test_static_tree_is_mc_sim_7b_63(pairs):
+    _, model = pairs["eagle2-s0"]
+    decoder = model._decoder("static")
+    assert decoder.num_tokens == len(eagle_kernels.MC_SIM_7B_63) + 1 == 26
+    assert decoder.depth == 5
