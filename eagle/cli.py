@@ -38,6 +38,63 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    import eagle
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        print("eagle generate: empty prompt (give it as an argument or on stdin)", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = eagle.load(args.target, args.draft, device=args.device, dtype=dtype)
+    if model.tokenizer is None:
+        print(
+            f"eagle generate: {args.target} has no tokenizer; use the Python API with token ids",
+            file=sys.stderr,
+        )
+        return 2
+    tree = args.tree
+    if args.tree_depth or args.tree_topk or args.tree_tokens:
+        base = eagle.TreeConfig()
+        tree = eagle.TreeConfig(
+            depth=args.tree_depth or base.depth,
+            topk=args.tree_topk or base.topk,
+            total_tokens=args.tree_tokens or base.total_tokens,
+        )
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not args.quiet:
+        print(prompt, end="", flush=True)
+    start = time.perf_counter()
+    if args.no_speculative:
+        res = model.generate([ids], args.max_new_tokens, speculative=False, seed=args.seed, **sampling)
+        tokens, lengths = res.tokens[0], res.accept_lengths[0]
+        if not args.quiet:
+            print(model.tokenizer.decode(tokens), end="")
+    else:
+        tokens, lengths, shown = [], [], ""
+        for chunk in model.stream(ids, args.max_new_tokens, tree=tree, seed=args.seed, **sampling):
+            tokens.extend(chunk)
+            lengths.append(len(chunk))
+            text = model.tokenizer.decode(tokens)
+            if not args.quiet:
+                print(text[len(shown) :], end="", flush=True)
+            shown = text
+        lengths = lengths[1:]  # the first chunk is the prefill's token
+    elapsed = time.perf_counter() - start
+    tau = sum(lengths) / len(lengths) if lengths else 0.0
+    print(
+        f"\n\n[{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s, "
+        f"tau {tau:.2f} tokens per target forward]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eagle",
@@ -47,6 +104,40 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="show devices, kernel backends in use and the extension's status")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(func=_cmd_info)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with EAGLE speculative decoding (default: the bundled tiny-code pair)",
+        description="Stream a continuation of PROMPT (or of stdin), then print tokens/s and tau, the mean "
+        "number of tokens each target forward produced. Output is identical to plain decoding (greedy) "
+        "or has exactly the same distribution (sampling).",
+    )
+    gen.add_argument("prompt", nargs="?", help="the prompt text (read from stdin when omitted)")
+    gen.add_argument(
+        "--target", default="tiny-code", help="target checkpoint dir / hub id, or tiny-code (default)"
+    )
+    gen.add_argument(
+        "--draft", default=None, help="EAGLE head dir / hub id (default: the bundled head for tiny-code)"
+    )
+    gen.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    gen.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    gen.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0 = off)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument(
+        "--tree", default="dynamic", choices=("dynamic", "static", "chain"), help="draft tree shape"
+    )
+    gen.add_argument("--tree-depth", type=int, default=None, help="dynamic tree: draft levels")
+    gen.add_argument("--tree-topk", type=int, default=None, help="dynamic tree: expansion width")
+    gen.add_argument("--tree-tokens", type=int, default=None, help="dynamic tree: tokens verified per step")
+    gen.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    gen.add_argument(
+        "--dtype", default=None, help="float32, bfloat16, float16 or float64 (default per device)"
+    )
+    gen.add_argument("-q", "--quiet", action="store_true", help="print only the statistics")
+    gen.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -15,3 +15,37 @@ def test_info_json(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "info" in capsys.readouterr().out
+
+
+def _tiny_pair_with_tokenizer(root):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from eagle.models import load_target, random_draft, save_draft
+    from tests.eagle.conftest import build_hf_target, save_hf_target
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        ["def f(x):\n    return x + 1\n"] * 20,
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    hf = build_hf_target("llama", seed=0, vocab_size=tok.get_vocab_size())
+    target_dir = save_hf_target(hf, root / "target")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(target_dir)
+    head = random_draft(load_target(str(target_dir), dtype=torch.float32))
+    save_draft(head, root / "draft")
+    return target_dir, root / "draft"
+
+
+def test_generate_cli_streams_text_and_reports_tau(tmp_path, capsys):
+    target_dir, draft_dir = _tiny_pair_with_tokenizer(tmp_path)
+    args = ["generate", "def f(x):", "--target", str(target_dir), "--draft", str(draft_dir), "-n", "12"]
+    assert main(args + ["--tree", "static"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def f(x):")
+    assert "tokens/s" in out.err and "tau" in out.err
+    assert main(args + ["--no-speculative", "-q"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
