@@ -52,7 +52,7 @@ class KVCache:
                 f"max_seq_len={max_seq_len}, head_dim={head_dim}"
             )
         shape = (num_layers, 2, batch_size, num_kv_heads, max_seq_len, head_dim)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)  # contiguous: forwards rely on it
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.kv.device)
         self.length_bound = 0
 

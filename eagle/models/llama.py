@@ -100,8 +100,7 @@ class BlockContext:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    batch_index: torch.Tensor  # [B, 1] int64
-    write_slots: torch.Tensor  # [B, T] int64: seqlens[b] + i
+    kv_rows: torch.Tensor  # [B*T*Hkv] int64: row of (b, kv head, seqlens[b] + i) in a [B*Hkv*S_max, D] view
     seqlens: torch.Tensor  # [B] int32, the committed lengths (not advanced by the forward)
     tree_mask: torch.Tensor | None
 
@@ -123,16 +122,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BlockContext
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        Hq = self.num_heads
-        qkv = self.qkv_proj(x).view(B, T, -1, self.head_dim)
-        qk, v = qkv[:, :, : Hq + self.num_kv_heads], qkv[:, :, Hq + self.num_kv_heads :]
+        Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        qk, v = self.qkv_proj(x).view(B, T, Hq + 2 * Hkv, D).split([Hq + Hkv, Hkv], dim=2)
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :, :Hq]), self.k_norm(qk[:, :, Hq:])), dim=2)
-        qk = apply_rope(qk, ctx.cos, ctx.sin)  # q and k heads rotated together
-        q, k = qk[:, :, :Hq], qk[:, :, Hq:]
-        # Advanced indices around a slice: the indexed view is [B, T, Hkv, D], the layout of k and v.
-        k_cache[ctx.batch_index, :, ctx.write_slots] = k
-        v_cache[ctx.batch_index, :, ctx.write_slots] = v
+            q, k = qk.split([Hq, Hkv], dim=2)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
+        q, k = apply_rope(qk, ctx.cos, ctx.sin).split([Hq, Hkv], dim=2)  # q and k rotated together
+        # The caches are contiguous [B, Hkv, S_max, D] views: one row copy per (token, kv head).
+        k_cache.view(-1, D).index_copy_(0, ctx.kv_rows, k.reshape(-1, D))
+        v_cache.view(-1, D).index_copy_(0, ctx.kv_rows, v.reshape(-1, D))
         out = eagle_kernels.tree_attention(q, k_cache, v_cache, ctx.seqlens, ctx.tree_mask)
         return self.o_proj(out.reshape(B, T, -1))
 
@@ -190,8 +188,10 @@ def block_context(
             f"tree_mask must have shape [{B}, {num_tokens}, {num_tokens}], got {list(tree_mask.shape)}"
         )
     cos, sin = rope_cos_sin(inv_freq, positions, dtype)
-    batch_index = torch.arange(B, device=device)[:, None]
-    return BlockContext(cos, sin, batch_index, write_slots, cache.seqlens, tree_mask)
+    Hkv, S_max = cache.kv.shape[3], cache.max_seq_len
+    heads_of_batch = torch.arange(B, device=device)[:, None, None] * Hkv + torch.arange(Hkv, device=device)
+    kv_rows = (heads_of_batch * S_max + write_slots[:, :, None]).flatten()
+    return BlockContext(cos, sin, kv_rows, cache.seqlens, tree_mask)
 
 
 def _check_positions(positions: torch.Tensor, B: int, T: int, device: torch.device) -> None:
