@@ -20,7 +20,7 @@ and token count, a fresh optimizer and a short re-warm-up of ``rewarm_steps`` st
 
 Command line::
 
-    python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens 60000000 [--resume]
+    python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens 40000000 [--resume]
     python -m eagle.train.pretrain --out DIR --export eagle/assets/tiny-code/target
     python -m eagle.train.pretrain --out DIR --measure   # tokens/s of the config alternatives
 """
@@ -115,10 +115,10 @@ class TrainConfig:
 
     seq_len: int = 512
     batch_size: int = 16
-    max_tokens: int = 60_000_000
+    max_tokens: int = 40_000_000
     lr: float = 2e-3
     min_lr: float = 2e-4
-    warmup_tokens: int = 1_000_000
+    warmup_tokens: int = 500_000
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -128,7 +128,7 @@ class TrainConfig:
     num_threads: int = 2
     checkpoint_every_s: float = 600.0
     eval_every_s: float = 600.0
-    eval_tokens: int = 262_144
+    eval_tokens: int = 65_536  # the export evaluates the whole validation split
     log_every_steps: int = 10
     rewarm_steps: int = 50
     stop_after_steps: int | None = None  # stop early (checkpointed), e.g. to simulate an interruption
@@ -626,12 +626,39 @@ def export(
         "data": {k: meta[k] for k in ("vocab_size", "train", "val", "val_fraction")},
         "history": run_state["history"],
     }
+    record["greedy_samples"] = greedy_continuations(tmp_dir)
     (tmp_dir / TRAINING_STATE_NAME).write_text(json.dumps(record, indent=1))
     (tmp_dir / "MODEL_CARD.md").write_text(model_card(record, command))
     if export_dir.exists():
         shutil.rmtree(export_dir)
     os.replace(tmp_dir, export_dir)
     return record
+
+
+SAMPLE_PROMPTS = (
+    "def fibonacci(n):\n",
+    "import os\n\n\ndef read_lines(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+)
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model_dir: Path | str, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48
+) -> list[dict]:
+    """Greedy continuations of ``prompts`` by the exported model (loaded in fp32 by the Auto classes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = model.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+        samples.append({"prompt": prompt, "continuation": tokenizer.decode(out[0, ids.shape[1] :])})
+    return samples
 
 
 def model_card(record: dict, command: str | None) -> str:
@@ -645,6 +672,9 @@ def model_card(record: dict, command: str | None) -> str:
     curve = "\n".join(
         f"| {h['step']} | {h['tokens_seen']:,} | {h['train_seconds'] / 3600:.2f} | {h['val_loss']:.3f} |"
         for h in record["history"]
+    )
+    samples = "\n".join(
+        f"```python\n{s['prompt']}{s['continuation']}\n```" for s in record.get("greedy_samples", [])
     )
     return f"""# tiny-code target
 
@@ -686,6 +716,9 @@ AdamW betas {tuple(t["betas"])}, peak LR {t["lr"]:g}, linear warm-up {t["warmup_
 |---:|---:|---:|---:|
 {curve}
 
+## Greedy continuations (48 new tokens, exported weights)
+{samples}
+
 ## Reproduce / continue
 ```bash
 # from scratch (work dir outside the repository; checkpoints every 10 minutes):
@@ -705,64 +738,82 @@ python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --export 
 # --------------------------------------------------------------------------------------------------
 
 
-def measure_throughput(
-    model_cfg: ModelConfig, batch_size: int, seq_len: int, autocast_bf16: bool, compile: bool, steps: int = 4
-) -> float:
-    """Training tokens/s (forward + backward + AdamW step) of one config on random tokens."""
-    cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, autocast_bf16=autocast_bf16, compile=compile)
-    model = build_model(model_cfg, 0)
-    optimizer = make_optimizer(model, cfg)
-    step_fn = torch.compile(model) if compile else model
-    windows = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1))
+class _ThroughputProbe:
+    """One config's model + optimizer, timed on random tokens (forward + backward + AdamW step)."""
 
-    def one_step() -> None:
-        loss = next_token_loss(step_fn, windows, autocast_bf16)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(
+        self, model_cfg: ModelConfig, batch_size: int, seq_len: int, autocast_bf16: bool, compile: bool
+    ):
+        cfg = TrainConfig(
+            seq_len=seq_len, batch_size=batch_size, autocast_bf16=autocast_bf16, compile=compile
+        )
+        self.model = build_model(model_cfg, 0)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.step_fn = torch.compile(self.model) if compile else self.model
+        self.windows = torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1))
+        self.autocast_bf16 = autocast_bf16
+        self.step()  # warm-up (and compilation)
+
+    def step(self) -> None:
+        loss = next_token_loss(self.step_fn, self.windows, self.autocast_bf16)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
-    for _ in range(2):  # warm-up (and compilation)
-        one_step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        one_step()
-    return steps * batch_size * seq_len / (time.perf_counter() - t0)
+    def tokens_per_s(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        return steps * self.windows[:, 1:].numel() / (time.perf_counter() - t0)
 
 
+_H192 = {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 3, "num_key_value_heads": 1}
+_H128 = {"hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 2, "num_key_value_heads": 1}
+_H320 = {"hidden_size": 320, "intermediate_size": 864, "num_attention_heads": 5, "num_key_value_heads": 1}
 MEASURE_GRID = (
     # (label, ModelConfig overrides, seq_len, bf16, compile)
     ("h256 L12 fp32", {}, 512, False, False),
     ("h256 L12 bf16", {}, 512, True, False),
     ("h256 L12 bf16 compile", {}, 512, True, True),
     ("h256 L12 fp32 compile", {}, 512, False, True),
-    (
-        "h192 L12 bf16",
-        {"hidden_size": 192, "intermediate_size": 512, "num_attention_heads": 3, "num_key_value_heads": 1},
-        512,
-        True,
-        False,
-    ),
-    (
-        "h320 L12 bf16",
-        {"hidden_size": 320, "intermediate_size": 864, "num_attention_heads": 5, "num_key_value_heads": 1},
-        512,
-        True,
-        False,
-    ),
-    ("h256 L12 bf16 ctx256", {"max_position_embeddings": 256}, 256, True, False),
+    ("h128 L12 bf16", _H128, 512, True, False),
+    ("h192 L12 bf16", _H192, 512, True, False),
+    ("h320 L12 bf16", _H320, 512, True, False),
+    ("h256 L12 bf16 ctx256", {}, 256, True, False),
 )
 
 
-def run_measurements(vocab_size: int, batch_tokens: int, labels: list[str] | None) -> list[dict]:
+def run_measurements(
+    vocab_size: int, batch_tokens: int, labels: list[str] | None, rounds: int = 3
+) -> list[dict]:
+    """Tokens/s of the ``MEASURE_GRID`` configs, interleaved over ``rounds`` rounds.
+
+    The machine is shared, so each config's best round (the least disturbed one) and its median are
+    reported; interleaving exposes every config to the same background load.
+    """
     torch.set_num_threads(2)
-    results = []
+    probes = {}
     for label, overrides, seq_len, bf16, comp in MEASURE_GRID:
-        if labels and label not in labels:
-            continue
-        model_cfg = ModelConfig(vocab_size=vocab_size, **{"max_position_embeddings": seq_len, **overrides})
-        tps = measure_throughput(model_cfg, batch_tokens // seq_len, seq_len, bf16, comp)
-        params = build_model(model_cfg, 0).num_parameters()
-        results.append({"config": label, "params": params, "tokens_per_s": round(tps)})
+        if not labels or label in labels:
+            model_cfg = ModelConfig(
+                vocab_size=vocab_size, **{"max_position_embeddings": seq_len, **overrides}
+            )
+            probes[label] = _ThroughputProbe(model_cfg, batch_tokens // seq_len, seq_len, bf16, comp)
+    samples = {label: [] for label in probes}
+    for _ in range(rounds):
+        for label, probe in probes.items():
+            samples[label].append(probe.tokens_per_s(steps=2))
+    results = []
+    for label, probe in probes.items():
+        values = sorted(samples[label])
+        results.append(
+            {
+                "config": label,
+                "params": probe.model.num_parameters(),
+                "best_tokens_per_s": round(values[-1]),
+                "median_tokens_per_s": round(values[len(values) // 2]),
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -800,6 +851,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=TrainConfig.num_threads)
     p.add_argument("--checkpoint-every-s", type=float, default=TrainConfig.checkpoint_every_s)
     p.add_argument("--eval-every-s", type=float, default=TrainConfig.eval_every_s)
+    p.add_argument(
+        "--eval-tokens", type=int, default=TrainConfig.eval_tokens, help="validation tokens per eval"
+    )
     p.add_argument("--time-limit-s", type=float, default=None)
     p.add_argument(
         "--export", type=Path, default=None, metavar="DIR", help="export the checkpoint to DIR and exit"
@@ -858,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         num_threads=args.threads,
         checkpoint_every_s=args.checkpoint_every_s,
         eval_every_s=args.eval_every_s,
+        eval_tokens=args.eval_tokens,
         time_limit_s=args.time_limit_s,
     )
     train(args.out, model_cfg, cfg, resume=args.resume, init_from=init_from, install_signal_handlers=True)
