@@ -3,23 +3,54 @@
 //   fused_draft_input:  out = cat([embed_weight[token_ids], hidden], -1) @ fc_weight.T (+ fc_bias)
 //   fused_eagle3_input: out = cat([h_low, h_mid, h_high], -1) @ fc_weight.T (+ fc_bias)
 //
-// On CPU the GEMM dominates and MKL/oneDNN does it best, so this op does not avoid the concat: it
-// writes each activation row once, straight into a scratch [N, k*H] buffer (the embedding row chosen
-// by token id, then the feature row(s)), and calls one addmm into `out`. Compared with the
-// gather + cat + linear of the reference this skips the intermediate gathered tensor and the Python
-// dispatch of three ops; the numerics are those of the reference (one GEMM over K = k*H).
-// Measured against the reference and a two-GEMM variant in bench/bench_fused_draft_input.py.
+// Each activation row is written once into a scratch [N, K] buffer (K = 2H or 3H: the embedding row
+// chosen by token id, then the feature row(s)); the gathered embedding and the concat never exist as
+// separate tensors. Then one of two GEMMs:
+//
+// * "skinny" (AVX-512; up to 64 rows in fp32, 8 in bf16, every row count in fp16): A is gathered in
+//   fp32, W is read in its own dtype and widened to fp32 in registers, fp32 accumulation over register
+//   tiles of up to 4 rows x 8 output features, one pass over W per 4 rows. At decode sizes the cost is
+//   reading W once; there oneDNN's small-GEMM overhead dominates (2-4x slower), and torch's fp16 CPU
+//   GEMM is slow at every size.
+// * "blas": one at::addmm (MKL / oneDNN) on the scratch buffer in the inputs' dtype; it wins for many
+//   rows in fp32/bf16 and serves float64 and CPUs without AVX-512.
+//
+// EAGLE_KERNELS_CPU_ISA=generic forces the blas path, =avx512 the skinny path for every row count
+// (tests use both). Measurements: bench/bench_fused_draft_input.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define EAGLE_FDI_HAVE_AVX512_BUILD 1
+// Vectors are passed only between functions of this one instruction set, so the ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define EAGLE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#endif
 
 namespace eagle {
 namespace {
 
+// Rows up to which the skinny kernel beats at::addmm for fp32 / bf16 (measured on Zen 4).
+constexpr int64_t kSkinnyMaxRowsF32 = 64;
+constexpr int64_t kSkinnyMaxRowsBF16 = 8;
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kMaxTileCols = 8;
+
+// ---------------------------------------------------------------------------------------------------
+// Argument checks (the Python wrapper checks first; these keep the op safe when called on its own)
+// ---------------------------------------------------------------------------------------------------
 bool is_float_input(const at::Tensor& t) {
   const auto s = t.scalar_type();
   return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
@@ -57,58 +88,6 @@ void check_rows(const char* name, const at::Tensor& t, const at::Tensor& like) {
   TORCH_CHECK_VALUE(t.device() == like.device(), name, " must be on ", like.device());
 }
 
-// Copy `width` elements of `esize` bytes starting at `src` (element stride `stride`) to `dst`.
-inline void copy_row(char* dst, const char* src, int64_t width, int64_t stride, int64_t esize) {
-  if (stride == 1) {
-    std::memcpy(dst, src, width * esize);
-    return;
-  }
-  for (int64_t k = 0; k < width; ++k) std::memcpy(dst + k * esize, src + k * stride * esize, esize);
-}
-
-// One A-operand segment: row r of it starts at base + row_index(r) * stride_row (in elements).
-struct Segment {
-  const char* base;
-  int64_t stride_row;
-  int64_t stride_col;
-};
-
-// Fill the [N, segments.size() * H] scratch buffer; `row_ids` (may be null) remaps segment 0's rows.
-template <typename id_t>
-at::Tensor gather_rows(const std::vector<Segment>& segments, const id_t* row_ids, int64_t N, int64_t H,
-                       const at::TensorOptions& options) {
-  const int64_t S = static_cast<int64_t>(segments.size());
-  at::Tensor a = at::empty({N, S * H}, options);
-  const int64_t esize = a.element_size();
-  char* dst = static_cast<char*>(a.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * H * esize));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t src_row = (s == 0 && row_ids != nullptr) ? static_cast<int64_t>(row_ids[r]) : r;
-        const Segment& g = segments[s];
-        copy_row(dst + (r * S + s) * H * esize, g.base + src_row * g.stride_row * esize, H, g.stride_col,
-                 esize);
-      }
-    }
-  });
-  return a;
-}
-
-void project_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& fc_weight,
-                  const std::optional<at::Tensor>& fc_bias) {
-  if (out.size(0) == 0) return;
-  if (fc_bias.has_value()) {
-    at::addmm_out(out, *fc_bias, a, fc_weight.t());
-  } else {
-    at::mm_out(out, a, fc_weight.t());
-  }
-}
-
-Segment segment_of(const at::Tensor& t) {
-  return Segment{static_cast<const char*>(t.data_ptr()), t.stride(0), t.stride(1)};
-}
-
 template <typename id_t>
 void check_ids_in_range(const id_t* ids, int64_t N, int64_t V) {
   for (int64_t r = 0; r < N; ++r) {
@@ -117,6 +96,224 @@ void check_ids_in_range(const id_t* ids, int64_t N, int64_t V) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Gather: one pass writes the concatenated activation rows into the scratch buffer
+// ---------------------------------------------------------------------------------------------------
+// One A-operand segment: row r of it is t[row_ids ? row_ids[r] : r].
+struct Segment {
+  const at::Tensor* t;
+  const int64_t* row_ids;  // only segment 0 of fused_draft_input is indexed
+};
+
+template <typename in_t, typename acc_t>
+void gather_rows_typed(const std::vector<Segment>& segments, at::Tensor& a) {
+  const int64_t N = a.size(0), S = static_cast<int64_t>(segments.size()), H = a.size(1) / S;
+  acc_t* dst = a.data_ptr<acc_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, S * H));
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t s = 0; s < S; ++s) {
+        const at::Tensor& t = *segments[s].t;
+        const int64_t row = segments[s].row_ids != nullptr ? segments[s].row_ids[r] : r;
+        const in_t* src = t.const_data_ptr<in_t>() + row * t.stride(0);
+        acc_t* d = dst + (r * S + s) * H;
+        const int64_t sk = t.stride(1);
+        if (sk == 1 && std::is_same<in_t, acc_t>::value) {
+          std::memcpy(d, src, H * sizeof(acc_t));
+        } else {
+          for (int64_t k = 0; k < H; ++k) d[k] = static_cast<acc_t>(src[k * sk]);
+        }
+      }
+    }
+  });
+}
+
+// Scratch [N, S*H] in `dtype` (the inputs' dtype for the blas path, fp32 for the skinny one).
+at::Tensor gather_rows(const std::vector<Segment>& segments, int64_t N, at::ScalarType dtype) {
+  const at::Tensor& first = *segments[1].t;  // a feature tensor: [N, H]
+  const int64_t H = first.size(1);
+  at::Tensor a = at::empty({N, static_cast<int64_t>(segments.size()) * H}, first.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "fused_draft_input_gather", [&] {
+    if (dtype == at::kFloat) {
+      gather_rows_typed<scalar_t, float>(segments, a);
+    } else {
+      gather_rows_typed<scalar_t, scalar_t>(segments, a);
+    }
+  });
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Skinny GEMM (AVX-512): out[r, j] = bias[j] + sum_k A[r, k] * W[j, k], fp32 accumulation
+// ---------------------------------------------------------------------------------------------------
+#ifdef EAGLE_FDI_HAVE_AVX512_BUILD
+template <typename w_t>
+EAGLE_AVX512 inline __m512 load_widen(const w_t* p, __mmask16 m);
+
+template <>
+EAGLE_AVX512 inline __m512 load_widen<float>(const float* p, __mmask16 m) {
+  return _mm512_maskz_loadu_ps(m, p);
+}
+
+template <>
+EAGLE_AVX512 inline __m512 load_widen<c10::BFloat16>(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));  // bf16 = top half of fp32
+}
+
+template <>
+EAGLE_AVX512 inline __m512 load_widen<c10::Half>(const c10::Half* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+
+// acc[r][j] += a[r * lda + k .. k + 16] . w[j * ldw + k .. k + 16] (lanes outside mask m read as 0).
+template <typename w_t, int R, int J>
+EAGLE_AVX512 inline void skinny_step(__m512 (&acc)[R][J], const float* a, int64_t lda, const w_t* w, int64_t ldw,
+                                     int64_t k, __mmask16 m) {
+  __m512 wv[J];
+  for (int j = 0; j < J; ++j) wv[j] = load_widen<w_t>(w + j * ldw + k, m);
+  for (int r = 0; r < R; ++r) {
+    const __m512 av = _mm512_maskz_loadu_ps(m, a + r * lda + k);
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(av, wv[j], acc[r][j]);
+  }
+}
+
+// res[r][j] = sum_k a[r * lda + k] * w[j * ldw + k] for an R x J tile (R rows of A, J rows of W).
+template <typename w_t, int R, int J>
+EAGLE_AVX512 inline void skinny_tile(const float* a, int64_t lda, const w_t* w, int64_t ldw, int64_t K,
+                                     float (*res)[kMaxTileCols]) {
+  __m512 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) skinny_step<w_t, R, J>(acc, a, lda, w, ldw, k, __mmask16(0xFFFF));
+  if (k < K) skinny_step<w_t, R, J>(acc, a, lda, w, ldw, k, __mmask16((1u << (K - k)) - 1));
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) res[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+}
+
+// An R-row tile over `cols` <= J output features (the last block of features may be partial).
+template <typename w_t, int R, int J>
+EAGLE_AVX512 void skinny_tile_cols(const float* a, int64_t lda, const w_t* w, int64_t ldw, int64_t K, int64_t cols,
+                                   float (*res)[kMaxTileCols]) {
+  if (cols == J) return skinny_tile<w_t, R, J>(a, lda, w, ldw, K, res);
+  for (int64_t j = 0; j < cols; ++j) {
+    float one[R][kMaxTileCols];
+    skinny_tile<w_t, R, 1>(a, lda, w + j * ldw, ldw, K, one);
+    for (int r = 0; r < R; ++r) res[r][j] = one[r][0];
+  }
+}
+
+// Rows [r, r + R) x output features [jb, jb + cols): 8 features per tile for 1-2 rows, 4 for 3-4 rows,
+// so that the accumulators, the widened W vectors and one A vector fit the 32 vector registers.
+template <typename w_t, int R>
+EAGLE_AVX512 void skinny_rows(const float* a, int64_t K, const w_t* w, int64_t ldw, int64_t cols,
+                              float (*res)[kMaxTileCols]) {
+  constexpr int J = R <= 2 ? 8 : 4;
+  for (int64_t j = 0; j < cols; j += J) {
+    float part[R][kMaxTileCols];
+    skinny_tile_cols<w_t, R, J>(a, K, w + j * ldw, ldw, K, std::min<int64_t>(J, cols - j), part);
+    for (int r = 0; r < R; ++r)
+      for (int64_t c = 0; c < std::min<int64_t>(J, cols - j); ++c) res[r][j + c] = part[r][c];
+  }
+}
+
+// Output features [j0, j1) for every row: each block of 8 W rows stays in cache while the rows pass.
+template <typename w_t, typename out_t>
+EAGLE_AVX512 void skinny_columns(const float* a, int64_t N, int64_t K, const w_t* w, int64_t ldw, const float* bias,
+                                 out_t* out, int64_t ldo, int64_t j0, int64_t j1) {
+  float res[kTileRows][kMaxTileCols];
+  for (int64_t jb = j0; jb < j1; jb += kMaxTileCols) {
+    const int64_t cols = std::min<int64_t>(kMaxTileCols, j1 - jb);
+    for (int64_t r = 0; r < N; r += kTileRows) {
+      const int64_t rows = std::min<int64_t>(kTileRows, N - r);
+      const float* ar = a + r * K;
+      const w_t* wb = w + jb * ldw;
+      switch (rows) {
+        case 4: skinny_rows<w_t, 4>(ar, K, wb, ldw, cols, res); break;
+        case 3: skinny_rows<w_t, 3>(ar, K, wb, ldw, cols, res); break;
+        case 2: skinny_rows<w_t, 2>(ar, K, wb, ldw, cols, res); break;
+        default: skinny_rows<w_t, 1>(ar, K, wb, ldw, cols, res); break;
+      }
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < cols; ++j)
+          out[(r + i) * ldo + jb + j] = static_cast<out_t>(res[i][j] + (bias ? bias[jb + j] : 0.0f));
+    }
+  }
+}
+#endif
+
+bool cpu_has_avx512() {
+#ifdef EAGLE_FDI_HAVE_AVX512_BUILD
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool use_skinny(at::ScalarType dtype, int64_t N) {
+  const char* env = std::getenv("EAGLE_KERNELS_CPU_ISA");
+  const std::string forced = env == nullptr ? "" : env;
+  TORCH_CHECK(forced.empty() || forced == "auto" || forced == "generic" || forced == "avx512" || forced == "avx2",
+              "EAGLE_KERNELS_CPU_ISA must be avx512, avx2, generic or auto, got ", forced);
+  if (forced == "generic" || forced == "avx2" || !cpu_has_avx512()) return false;
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
+  if (forced == "avx512" || dtype == at::kHalf) return true;
+  return N <= (dtype == at::kFloat ? kSkinnyMaxRowsF32 : kSkinnyMaxRowsBF16);
+}
+
+void project_skinny(at::Tensor& out, const at::Tensor& a, const at::Tensor& fc_weight,
+                    const std::optional<at::Tensor>& fc_bias) {
+#ifdef EAGLE_FDI_HAVE_AVX512_BUILD
+  const int64_t N = a.size(0), K = a.size(1), H = out.size(0) == 0 ? 0 : out.size(1);
+  const at::Tensor w = fc_weight.stride(1) == 1 ? fc_weight : fc_weight.contiguous();
+  const at::Tensor bias = fc_bias.has_value() ? fc_bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  const bool direct = out.stride(1) == 1;
+  at::Tensor dst = direct ? out : at::empty(out.sizes(), out.options());
+  const int64_t blocks = (H + kMaxTileCols - 1) / kMaxTileCols;
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, N * K * kMaxTileCols));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_draft_input_skinny", [&] {
+    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+      if constexpr (!std::is_same<scalar_t, double>::value) {
+        skinny_columns<scalar_t, scalar_t>(a.const_data_ptr<float>(), N, K, w.const_data_ptr<scalar_t>(),
+                                           w.stride(0), b, dst.data_ptr<scalar_t>(), dst.stride(0),
+                                           begin * kMaxTileCols, std::min(H, end * kMaxTileCols));
+      }
+    });
+  });
+  if (!direct) out.copy_(dst);
+#else
+  TORCH_CHECK(false, "fused_draft_input: the skinny kernel was not compiled for this platform");
+#endif
+}
+
+void project_blas(at::Tensor& out, const at::Tensor& a, const at::Tensor& fc_weight,
+                  const std::optional<at::Tensor>& fc_bias) {
+  if (fc_bias.has_value()) {
+    at::addmm_out(out, *fc_bias, a, fc_weight.t());
+  } else {
+    at::mm_out(out, a, fc_weight.t());
+  }
+}
+
+void project(at::Tensor& out, const std::vector<Segment>& segments, const at::Tensor& fc_weight,
+             const std::optional<at::Tensor>& fc_bias) {
+  const int64_t N = out.size(0);
+  if (N == 0) return;
+  if (use_skinny(out.scalar_type(), N)) {
+    project_skinny(out, gather_rows(segments, N, at::kFloat), fc_weight, fc_bias);
+  } else {
+    project_blas(out, gather_rows(segments, N, out.scalar_type()), fc_weight, fc_bias);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops
+// ---------------------------------------------------------------------------------------------------
 void fused_draft_input_cpu(const at::Tensor& hidden, const at::Tensor& token_ids, const at::Tensor& embed_weight,
                            const at::Tensor& fc_weight, const std::optional<at::Tensor>& fc_bias, at::Tensor out) {
   TORCH_CHECK_VALUE(hidden.dim() == 2, "hidden must be [N, H], got ", hidden.sizes());
@@ -132,18 +329,10 @@ void fused_draft_input_cpu(const at::Tensor& hidden, const at::Tensor& token_ids
   TORCH_CHECK_TYPE(embed_weight.scalar_type() == hidden.scalar_type(), "embed_weight dtype ",
                    embed_weight.scalar_type(), " does not match hidden's ", hidden.scalar_type());
   TORCH_CHECK_VALUE(embed_weight.device() == hidden.device(), "embed_weight must be on ", hidden.device());
-  const std::vector<Segment> segments{segment_of(embed_weight), segment_of(hidden)};
-  const auto ids = token_ids.contiguous();
-  const int64_t V = embed_weight.size(0);
-  at::Tensor a;
-  if (ids.scalar_type() == at::kLong) {
-    check_ids_in_range(ids.data_ptr<int64_t>(), N, V);
-    a = gather_rows(segments, ids.data_ptr<int64_t>(), N, H, hidden.options());
-  } else {
-    check_ids_in_range(ids.data_ptr<int32_t>(), N, V);
-    a = gather_rows(segments, ids.data_ptr<int32_t>(), N, H, hidden.options());
-  }
-  project_into(out, a, fc_weight, fc_bias);
+  const at::Tensor ids = token_ids.to(at::kLong).contiguous();
+  check_ids_in_range(ids.const_data_ptr<int64_t>(), N, embed_weight.size(0));
+  project(out, {Segment{&embed_weight, ids.const_data_ptr<int64_t>()}, Segment{&hidden, nullptr}}, fc_weight,
+          fc_bias);
 }
 
 void fused_eagle3_input_cpu(const at::Tensor& h_low, const at::Tensor& h_mid, const at::Tensor& h_high,
@@ -152,10 +341,8 @@ void fused_eagle3_input_cpu(const at::Tensor& h_low, const at::Tensor& h_mid, co
   check_rows("h_mid", h_mid, h_low);
   check_rows("h_high", h_high, h_low);
   check_projection(h_low, fc_weight, fc_bias, out, 3);
-  const std::vector<Segment> segments{segment_of(h_low), segment_of(h_mid), segment_of(h_high)};
-  at::Tensor a =
-      gather_rows<int64_t>(segments, nullptr, h_low.size(0), h_low.size(1), h_low.options());
-  project_into(out, a, fc_weight, fc_bias);
+  project(out, {Segment{&h_low, nullptr}, Segment{&h_mid, nullptr}, Segment{&h_high, nullptr}}, fc_weight,
+          fc_bias);
 }
 
 }  // namespace

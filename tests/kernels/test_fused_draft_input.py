@@ -108,6 +108,35 @@ def test_draft_backends_match_reference(backend, dtype, N, H):
         assert_matches(out, fused_draft_input_ref, args, dtype)
 
 
+CPP_PATHS = [
+    pytest.param("generic", id="blas"),
+    pytest.param(
+        "avx512",
+        id="skinny",
+        marks=pytest.mark.skipif(
+            torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the skinny kernel needs AVX-512"
+        ),
+    ),
+    pytest.param("auto", id="auto"),
+]
+
+
+@pytest.mark.skipif("cpp" not in ALL_BACKENDS, reason="C++ extension without fused_draft_input")
+@pytest.mark.parametrize("isa", CPP_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpp_gemm_paths(monkeypatch, isa, dtype):
+    """Both C++ GEMMs (AVX-512 skinny tiles of 1-4 rows, 8/4 features, a masked K tail; oneDNN addmm),
+    and the row-count crossovers between them (8 rows for bf16, 64 for fp32)."""
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    for seed, (N, H) in enumerate([(1, 19), (5, 40), (9, 16), (70, 21)]):
+        args = make_draft_case((N,), H, 50, dtype, torch.int32, seed % 2 == 0, seed=seed)
+        assert_matches(run_with_backend("cpp", fused_draft_input, *args), fused_draft_input_ref, args, dtype)
+        args3 = make_eagle3_case((N,), H, dtype, seed % 2 == 1, seed=seed)
+        assert_matches(
+            run_with_backend("cpp", fused_eagle3_input, *args3), fused_eagle3_input_ref, args3, dtype
+        )
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_draft_3d_inputs(backend, dtype):
