@@ -69,11 +69,13 @@ def generate_plain(
     def choose(logits: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
             return logits.argmax(-1)
+        if logits.dtype == torch.float64:  # warp_logits computes in float32 and takes up to float32
+            logits = logits.float()
         probs = eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     out = model(block, cache, logits_index=(lengths - 1)[:, None])
-    cache.advance(lengths)
+    cache.advance(lengths, max_increment=block.shape[1])  # the bound spares a device sync
     token = choose(out.logits[:, 0])
     tokens = [token]
     finished = torch.isin(token, stop)

@@ -368,3 +368,40 @@ def test_tiny_checkpoints_fixture_is_consistent(tiny_checkpoints):
     assert (
         rel_err(model(ids, model.new_cache(1, 5)).logits, hf_logits(tiny_checkpoints.hf_target, ids)) < 1e-12
     )
+
+
+def test_sampled_generation_follows_the_warped_distribution(tiny_checkpoints):
+    """First sampled token over many identical prompts vs the exactly enumerated distribution after
+    transformers' own warpers (temperature -> top-k -> top-p -> min-p); chi-square, fixed seed."""
+    from scipy.stats import chisquare
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    model = load_target(tiny_checkpoints.target, dtype=torch.float32)
+    prompt = [5, 17, 3, 88]
+    logits = hf_logits(hf_in(tiny_checkpoints.hf_target, torch.float32), torch.tensor([prompt]))[:, -1]
+    settings = dict(temperature=0.7, top_k=12, top_p=0.9, min_p=0.02)
+    scores = logits
+    for warper in (
+        TemperatureLogitsWarper(settings["temperature"]),
+        TopKLogitsWarper(settings["top_k"]),
+        TopPLogitsWarper(settings["top_p"]),
+        MinPLogitsWarper(settings["min_p"]),
+    ):
+        scores = warper(None, scores)
+    p = scores.softmax(-1)[0].double()
+    n = 3000
+    gen = torch.Generator().manual_seed(11)
+    samples = generate_plain(model, [prompt] * n, max_new_tokens=2, generator=gen, **settings)
+    first = torch.tensor([s[0] for s in samples])
+    counts = torch.bincount(first, minlength=p.numel()).double()
+    support = p > 0
+    assert counts[~support].sum() == 0, "sampled a token the warpers removed"
+    assert support.sum() > 3  # the test distribution is not degenerate
+    expected = n * p[support] / p[support].sum()
+    assert chisquare(counts[support], expected).pvalue > 1e-3
+    assert all(len(s) == 2 for s in samples)
