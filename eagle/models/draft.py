@@ -455,10 +455,17 @@ def load_draft(
     """Load an official EAGLE-1/2 or EAGLE-3 head for ``target`` (format detected from the keys).
 
     ``path``: directory (or hub id) with config.json + model.safetensors or pytorch_model.bin.
-    ``dtype``/``device`` default to the target's. Raises ValueError when the head does not fit the
+    ``dtype``/``device`` must be the target's (the default). Raises ValueError when the head does not fit the
     target (hidden size, vocabulary, layer count) or keys are missing, unexpected or misshapen.
     Returns the head in eval mode with gradients disabled.
     """
+    dtype = resolve_dtype(dtype or target.dtype)
+    device = torch.device(device or target.device)
+    if dtype != target.dtype or device != target.device:
+        raise ValueError(
+            f"the head shares the target's embedding/lm_head, so it must match the target's dtype and "
+            f"device ({target.dtype}, {target.device}); got {dtype}, {device}"
+        )
     directory = resolve_checkpoint(path)
     raw = json.loads((directory / "config.json").read_text())
     cfg = draft_config_from_dict(raw)
@@ -471,7 +478,7 @@ def load_draft(
     else:
         state = _eagle3_state(state, cfg)
     head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state)
-    head = _load_into(head, state, dtype or target.dtype, device or target.device)
+    head = _load_into(head, state, dtype, device)
     return head.eval().requires_grad_(False)
 
 

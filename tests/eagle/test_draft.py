@@ -363,6 +363,8 @@ def test_draft_inputs_are_validated(tiny_checkpoints, target):
         head(torch.zeros(1, 2, 64), torch.zeros(1, 2, dtype=torch.int64), cache)
     with pytest.raises(ValueError, match="overflow"):
         head(torch.zeros(1, 5, 64, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.int64), cache)
+    with pytest.raises(ValueError, match="must match the target's dtype"):
+        load_draft(tiny_checkpoints.eagle2, target, dtype=torch.float32)
     with pytest.raises(ValueError, match="not allocated for this draft head"):
         head(
             torch.zeros(1, 2, 64, dtype=torch.float64),
