@@ -1,0 +1,684 @@
+"""Training an EAGLE-1/2 draft head on dumped target features (the recipe of DESIGN §5).
+
+For a stored sequence of tokens ``x_0..x_{S-1}`` with target features ``f_0..f_{S-1}``, row ``t``
+feeds the head ``(f_t + noise, x_{t+1})`` and its output must predict ``f_{t+1}``::
+
+    pred = head(f[:, :-1] + U(-noise, noise), x[:, 1:])          # causal over the sequence
+    loss = v_weight * SmoothL1(pred, f[:, 1:])                    # mean over H, masked mean over rows
+         + p_weight * CE(softmax(lm_head(f[:, 1:])), lm_head(pred))   # soft labels: the target's own
+
+AdamW (0.9, 0.95), linear warm-up then cosine decay, gradient-norm clipping. The embedding and the
+lm_head are the target's and stay frozen (the head holds a frozen copy of the embedding and shares
+the target's lm_head tensor). Validation after every epoch: feature loss, top-1 agreement of the
+head's next-token argmax with the target's, and tau from actually decoding held-out prompts with
+EAGLE (:class:`eagle.api.EagleModel`).
+
+The head's own forward runs on ``eagle_kernels`` custom ops that have no autograd formula, so
+training uses :func:`training_forward`: the same computation in plain differentiable torch ops
+(causal ``scaled_dot_product_attention`` instead of ``tree_attention`` over a cache). The tests
+check that it equals the inference forward.
+
+Determinism: the data order of an epoch is a function of ``(seed, epoch)``, the noise of a sequence
+a function of ``(seed, step, sequence index)`` and the learning rate a function of the step, so a
+run resumed from ``training_state.pt`` continues exactly as if it had not stopped, and N processes
+under ``torchrun`` (each taking ``batch / N`` sequences of the same global batch, DDP averaging the
+gradients, the loss normalised by the global count of rows) compute the single-process update.
+
+Output directory::
+
+    config.json, model.safetensors   the head in the official EAGLE layout (eagle.models.load_draft)
+    training_state.pt                weights (exact), optimizer, step, config, metrics history
+    metrics.jsonl                    one JSON record per log interval and per validation
+
+Command line (``torchrun --nproc_per_node=N -m eagle.train.head ...`` for DDP)::
+
+    python -m eagle.train.head --target DIR --data FEATURES --out DIR [--epochs 4 --lr 1e-3 --batch 8]
+    python -m eagle.train.head ... --resume          # continue an interrupted run
+    python -m eagle.train.head ... --measure         # steps/s with and without bf16 autocast
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eagle.models import DraftHead, LlamaModel, load_draft, load_target, random_draft, save_draft
+from eagle.models.llama import apply_rope, rope_cos_sin
+from eagle.train.distributed import (
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown,
+    wrap_module,
+)
+from eagle.train.features import FeatureData, check_target_matches, write_atomically
+from eagle.tree import TreeConfig
+
+STATE_NAME = "training_state.pt"
+METRICS_NAME = "metrics.jsonl"
+SAVE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class HeadTrainConfig:
+    """Settings of a head-training run. ``batch_size`` is global (all processes together)."""
+
+    epochs: int = 4
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 0.5
+    betas: tuple[float, float] = (0.9, 0.95)
+    noise: float = 0.1
+    v_weight: float = 1.0
+    p_weight: float = 0.1
+    bias: bool = True
+    seed: int = 0
+    autocast_bf16: bool = False
+    val_fraction: float = 0.05
+    val_max_sequences: int = 64
+    tau_prompts: int = 4
+    tau_prompt_len: int = 32
+    tau_new_tokens: int = 64
+    tau_tree: tuple[int, int, int] = (5, 8, 32)  # depth, topk, total_tokens
+    save_every_steps: int = 500
+    log_every_steps: int = 10
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
+    save_dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
+            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
+        if self.noise < 0 or self.grad_clip <= 0:
+            raise ValueError(f"need noise >= 0 and grad_clip > 0, got {self.noise}, {self.grad_clip}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        TreeConfig(*self.tau_tree)
+
+
+# Fields a resumed run takes from the command line; everything else comes from the checkpoint, so
+# that the continuation is exact.
+RUN_CONTROL_FIELDS = ("max_steps", "save_every_steps", "log_every_steps", "val_max_sequences", "tau_prompts")
+
+
+def learning_rate(step: int, cfg: HeadTrainConfig, total_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# The differentiable forward and the loss
+# --------------------------------------------------------------------------------------------------
+def training_forward(head: DraftHead, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+    """The EAGLE-1/2 head over whole sequences in differentiable torch ops.
+
+    ``features [B, T, H]`` (``f_t``), ``next_tokens`` int ``[B, T]`` (``x_{t+1}``) -> the predicted
+    features ``[B, T, H]``; row ``t`` has position ``t`` and sees rows ``<= t``. Numerically the
+    head's inference forward on a fresh cache (``head(features, next_tokens, head.new_cache(B, T))``).
+    """
+    if head.kind != "eagle2":
+        raise ValueError(f"training_forward implements EAGLE-1/2 heads, got a {head.kind} head")
+    B, T, _ = features.shape
+    emb = F.embedding(next_tokens, head.embed_weight)
+    x = F.linear(torch.cat((emb, features), dim=-1), head.fc.weight, head.fc.bias)
+    layer = head.layers[0]
+    h = x + _causal_self_attention(layer.self_attn, x, head._inv_freq.to(x.device))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _causal_self_attention(attn: nn.Module, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    qkv = attn.qkv_proj(x).view(B, T, -1, D)
+    qk, v = qkv[:, :, : Hq + Hkv], qkv[:, :, Hq + Hkv :]
+    if attn.q_norm is not None:
+        qk = torch.cat((attn.q_norm(qk[:, :, :Hq]), attn.k_norm(qk[:, :, Hq:])), dim=2)
+    positions = torch.arange(T, device=x.device).expand(B, T)
+    cos, sin = rope_cos_sin(inv_freq, positions, qk.dtype)
+    qk = apply_rope(qk, cos, sin)
+    q, k = qk[:, :, :Hq].transpose(1, 2), qk[:, :, Hq:].transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=Hq != Hkv)
+    return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D))
+
+
+class _TrainingModule(nn.Module):
+    """The head behind a module boundary, so DistributedDataParallel can hook its gradients."""
+
+    def __init__(self, head: DraftHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        return training_forward(self.head, features, next_tokens)
+
+
+@dataclass
+class LossSums:
+    """Sums over the masked rows of a batch (divide by ``rows`` for means)."""
+
+    v: torch.Tensor
+    p: torch.Tensor
+    correct: torch.Tensor
+    rows: torch.Tensor
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.stack([self.v.detach(), self.p.detach(), self.correct, self.rows]).double()
+
+
+def loss_sums(
+    pred: torch.Tensor, target_features: torch.Tensor, mask: torch.Tensor, lm_head: torch.Tensor
+) -> LossSums:
+    """Masked sums of the feature loss, the soft-label cross-entropy and the top-1 agreement.
+
+    ``pred``, ``target_features``: ``[B, T, H]``; ``mask`` float ``[B, T]``; ``lm_head [V, H]``.
+    """
+    with torch.no_grad():
+        target_logits = F.linear(target_features, lm_head).float()
+        target_probs = target_logits.softmax(-1)
+    logp = F.linear(pred, lm_head).float().log_softmax(-1)
+    v = F.smooth_l1_loss(pred.float(), target_features.float(), reduction="none").mean(-1)
+    p = -(target_probs * logp).sum(-1)
+    agree = (logp.argmax(-1) == target_logits.argmax(-1)).float()
+    return LossSums((v * mask).sum(), (p * mask).sum(), (agree * mask).sum().detach(), mask.sum())
+
+
+def uniform_noise(
+    sequences: Sequence[int], step: int, seed: int, shape: tuple[int, int], scale: float, device
+) -> torch.Tensor:
+    """``U(-scale, scale)`` noise ``[len(sequences), *shape]``; each sequence's rows depend only on
+    ``(seed, step, sequence index)``, not on which process or batch position draws them."""
+    gen = torch.Generator(device=device)
+    rows = []
+    for index in sequences:
+        gen.manual_seed((seed * 1_000_003 + step) * 1_000_033 + int(index))
+        rows.append(torch.rand(shape, generator=gen, device=device))
+    return (torch.stack(rows) * 2.0 - 1.0) * scale
+
+
+def split_batch(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, ...]:
+    """Inputs ``(f_t, x_{t+1})``, targets ``f_{t+1}`` and their mask, from stored sequences."""
+    hidden = batch["hidden"].to(device)
+    ids = batch["input_ids"].to(device)
+    mask = batch["loss_mask"].to(device)
+    return hidden[:, :-1], ids[:, 1:], hidden[:, 1:], mask[:, 1:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Data split and order
+# --------------------------------------------------------------------------------------------------
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) sequence indices: a seeded shuffle, the last ``val_fraction`` held out."""
+    n_val = 0 if val_fraction == 0 else max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise ValueError(f"{n} sequences leave none for training with val_fraction={val_fraction}")
+    order = np.random.default_rng([seed, 0xDA7A]).permutation(n)
+    return np.sort(order[: n - n_val]), np.sort(order[n - n_val :])
+
+
+def epoch_order(train: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(train)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def validate(head: DraftHead, data: FeatureData, indices: np.ndarray, cfg: HeadTrainConfig) -> dict:
+    """Feature loss, soft cross-entropy and top-1 agreement on held-out sequences (no noise)."""
+    total = torch.zeros(4, dtype=torch.float64)
+    indices = indices[: cfg.val_max_sequences]
+    for lo in range(0, len(indices), cfg.batch_size):
+        f_in, tok, f_tgt, mask = split_batch(data[indices[lo : lo + cfg.batch_size]], head.device)
+        with _autocast(head.device, cfg.autocast_bf16):
+            pred = training_forward(head, f_in, tok)
+        total += loss_sums(pred, f_tgt, mask, head.lm_head_weight).as_tensor().cpu()
+    rows = max(total[3].item(), 1.0)
+    return {
+        "val_v_loss": total[0].item() / rows,
+        "val_p_loss": total[1].item() / rows,
+        "val_top1": total[2].item() / rows,
+    }
+
+
+@torch.no_grad()
+def measure_tau(target: LlamaModel, head: DraftHead, prompts: list[list[int]], cfg: HeadTrainConfig) -> float:
+    """Mean accepted length of greedy EAGLE decoding of ``prompts`` (dynamic tree ``cfg.tau_tree``)."""
+    from eagle.api import EagleModel
+
+    tree = TreeConfig(*cfg.tau_tree)
+    result = EagleModel(target, head).generate(prompts, cfg.tau_new_tokens, tree=tree, eos_token_id=[])
+    return result.mean_accept_length
+
+
+def tau_prompts(
+    data: FeatureData, indices: np.ndarray, cfg: HeadTrainConfig, target: LlamaModel
+) -> list[list[int]]:
+    """The first ``tau_prompt_len`` tokens of the first ``tau_prompts`` held-out sequences."""
+    if cfg.tau_prompts == 0 or len(indices) == 0:
+        return []
+    length = min(cfg.tau_prompt_len, data.seq_len)
+    need = length + cfg.tau_new_tokens + cfg.tau_tree[2]
+    if need > target.config.max_position_embeddings:
+        raise ValueError(
+            f"tau measurement needs {need} positions (prompt {length} + {cfg.tau_new_tokens} new + tree "
+            f"{cfg.tau_tree[2]}) but the target has max_position_embeddings={target.config.max_position_embeddings}"
+        )
+    ids = data[indices[: cfg.tau_prompts]]["input_ids"][:, :length]
+    return ids.tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+def save_head(head: DraftHead, out_dir: Path, dtype: torch.dtype) -> None:
+    """The official layout (config.json + model.safetensors) in ``dtype``, each file replaced atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    to_save = head if head.dtype == dtype else copy.deepcopy(head).to(dtype)
+    try:
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".head-") as tmp:
+            save_draft(to_save, tmp)
+            mode = 0o666 & ~_umask()
+            for name in os.listdir(tmp):
+                os.chmod(Path(tmp) / name, mode)  # temporary files are private; the head is not
+                os.replace(Path(tmp) / name, out_dir / name)
+    except OSError as e:
+        raise OSError(e.errno, f"saving the head to {str(out_dir)!r} failed: {e.strerror or e}") from e
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_state(path: Path, state: dict) -> None:
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def _data_fingerprint(data: FeatureData) -> dict:
+    return {"target": data.meta["target"], "plan": data.meta["plan"], "num_sequences": len(data)}
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def _append_metrics(out_dir: Path, record: dict) -> None:
+    try:
+        with open(out_dir / METRICS_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise OSError(e.errno, f"writing {str(out_dir / METRICS_NAME)!r} failed: {e.strerror or e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loop
+# --------------------------------------------------------------------------------------------------
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def make_optimizer(head: DraftHead, cfg: HeadTrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights (weight decay on matrices only)."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+
+
+def make_head(target: LlamaModel, cfg: HeadTrainConfig, init_head: str | Path | None) -> DraftHead:
+    """A fresh EAGLE-1/2 head for ``target`` (``random_draft``), or ``init_head`` made trainable."""
+    if init_head is None:
+        head = random_draft(target, kind="eagle2", bias=cfg.bias, seed=cfg.seed)
+    else:
+        head = load_draft(init_head, target, dtype=target.dtype, device=target.device)
+        if head.kind != "eagle2":
+            raise ValueError(f"{init_head} is an {head.kind} head; this trainer trains EAGLE-1/2 heads")
+        head.train().requires_grad_(True)
+    head.embed_tokens.requires_grad_(False)
+    return head
+
+
+def _resolve_config(cfg: HeadTrainConfig, saved: dict) -> HeadTrainConfig:
+    fields = {f.name for f in dataclasses.fields(HeadTrainConfig)}
+    values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in fields}
+    values |= {k: getattr(cfg, k) for k in RUN_CONTROL_FIELDS}
+    return HeadTrainConfig(**values)
+
+
+def train_head(
+    target: LlamaModel,
+    data: FeatureData,
+    out_dir: str | Path,
+    cfg: HeadTrainConfig | None = None,
+    *,
+    resume: bool = False,
+    init_head: str | Path | None = None,
+    ctx: DistContext | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train a head on ``data`` and save it to ``out_dir``; returns the last metrics record.
+
+    ``resume``: continue from ``out_dir/training_state.pt`` (its config wins, except the
+    run-control fields :data:`RUN_CONTROL_FIELDS`); without it, an ``out_dir`` that already holds a
+    run is an error. ``init_head``: start from an existing EAGLE-1/2 head instead of a random one.
+    ``ctx``: the process group (see :mod:`eagle.train.distributed`); rank 0 writes every file.
+    Raises ValueError when the features were computed by another target or the run's data changed.
+    """
+    cfg = cfg or HeadTrainConfig()
+    ctx = ctx or DistContext(device=target.device)
+    out_dir = Path(out_dir)
+    check_target_matches(data.meta["target"], target, f"feature directory {str(data.dir)!r}")
+    state_path = out_dir / STATE_NAME
+    saved = None
+    if state_path.is_file():
+        if not resume:
+            raise ValueError(
+                f"{str(out_dir)!r} already holds a training run; pass --resume or use another --out"
+            )
+        saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        if saved["data"] != _data_fingerprint(data):
+            raise ValueError(
+                f"cannot resume {str(out_dir)!r}: its feature data differs from {str(data.dir)!r}"
+            )
+        cfg = _resolve_config(cfg, saved["config"])
+    cfg.validate()
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
+    train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    steps_per_epoch = len(train_idx) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_idx)} training sequences are fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.epochs * steps_per_epoch
+
+    head = make_head(target, cfg, init_head)
+    optimizer = make_optimizer(head, cfg)
+    run = RunState()
+    if saved is not None:
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        run = RunState(saved["step"], saved["train_seconds"], saved["history"])
+    model = wrap_module(_TrainingModule(head), ctx)
+    prompts = tau_prompts(data, val_idx, cfg, target)
+    trainer = _Trainer(target, head, model, optimizer, data, out_dir, cfg, ctx, run, total_steps)
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    last = trainer.run(train_idx, val_idx, steps_per_epoch, prompts, progress)
+    return last
+
+
+class _Trainer:
+    """State of one training run (see :func:`train_head`)."""
+
+    def __init__(self, target, head, model, optimizer, data, out_dir, cfg, ctx, run, total_steps) -> None:
+        self.target, self.head, self.model, self.optimizer = target, head, model, optimizer
+        self.data, self.out_dir, self.cfg, self.ctx, self.run_state = data, out_dir, cfg, ctx, run
+        self.total_steps = total_steps
+        self.params = [p for p in head.parameters() if p.requires_grad]
+
+    def step(self, sequences: np.ndarray) -> torch.Tensor:
+        """One optimizer step on this process's ``sequences``; returns the global loss sums."""
+        cfg, ctx, step = self.cfg, self.ctx, self.run_state.step
+        f_in, tok, f_tgt, mask = split_batch(self.data[sequences], ctx.device)
+        rows = all_reduce_sum(mask.sum().double().reshape(1), ctx).clamp(min=1.0)
+        if cfg.noise > 0:
+            f_in = f_in + uniform_noise(sequences, step, cfg.seed, f_in.shape[1:], cfg.noise, ctx.device)
+        lr = learning_rate(step, cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(ctx.device, cfg.autocast_bf16):
+            pred = self.model(f_in, tok)
+        sums = loss_sums(pred, f_tgt, mask, self.head.lm_head_weight)
+        # Normalised by the global row count; DDP averages over ranks, hence the world_size factor.
+        loss = (cfg.v_weight * sums.v + cfg.p_weight * sums.p) * (ctx.world_size / rows.to(sums.v.dtype))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        return all_reduce_sum(sums.as_tensor(), ctx)
+
+    def run(self, train_idx, val_idx, steps_per_epoch, prompts, progress) -> dict:
+        cfg, ctx, run = self.cfg, self.ctx, self.run_state
+        stop = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        per_rank = cfg.batch_size // ctx.world_size
+        tokens_per_step = cfg.batch_size * (self.data.seq_len - 1)
+        bar = _bar(run.step, self.total_steps, progress and ctx.is_main)
+        window = torch.zeros(4, dtype=torch.float64)
+        window_start, last = time.perf_counter(), {}
+        while run.step < stop:
+            epoch, b = divmod(run.step, steps_per_epoch)
+            batch = epoch_order(train_idx, cfg.seed, epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            t0 = time.perf_counter()
+            window += self.step(batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]).cpu()
+            run.train_seconds += time.perf_counter() - t0
+            run.step += 1
+            if run.step % cfg.log_every_steps == 0 or run.step == stop:
+                elapsed = time.perf_counter() - window_start
+                steps = run.step % cfg.log_every_steps or cfg.log_every_steps
+                last = self._log(window, epoch, tokens_per_step * steps / max(elapsed, 1e-9), bar)
+                window, window_start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            end_of_epoch = run.step % steps_per_epoch == 0
+            if end_of_epoch:
+                last = self._validate(val_idx, prompts, epoch) or last
+            if end_of_epoch or run.step % cfg.save_every_steps == 0 or run.step == stop:
+                self._save()
+        if bar is not None:
+            bar.close()
+        return last
+
+    def _log(self, window: torch.Tensor, epoch: int, tok_per_s: float, bar) -> dict:
+        rows = max(window[3].item(), 1.0)
+        record = {
+            "step": self.run_state.step,
+            "epoch": epoch,
+            "lr": learning_rate(self.run_state.step - 1, self.cfg, self.total_steps),
+            "v_loss": window[0].item() / rows,
+            "p_loss": window[1].item() / rows,
+            "top1": window[2].item() / rows,
+            "tokens_per_s": tok_per_s,
+        }
+        record["loss"] = self.cfg.v_weight * record["v_loss"] + self.cfg.p_weight * record["p_loss"]
+        if self.ctx.is_main:
+            _append_metrics(self.out_dir, record)
+            if bar is not None:
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", top1=f"{record['top1']:.3f}", tok_s=f"{tok_per_s:.0f}"
+                )
+        return record
+
+    def _validate(self, val_idx: np.ndarray, prompts: list[list[int]], epoch: int) -> dict | None:
+        record = None
+        if self.ctx.is_main and len(val_idx):
+            record = {"step": self.run_state.step, "epoch": epoch} | validate(
+                self.head, self.data, val_idx, self.cfg
+            )
+            if prompts:
+                record["tau"] = measure_tau(self.target, self.head, prompts, self.cfg)
+            self.run_state.history.append(record)
+            _append_metrics(self.out_dir, record)
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
+            print(f"[eagle.train.head] epoch {epoch + 1}: {shown}", file=sys.stderr, flush=True)
+        barrier(self.ctx)
+        return record
+
+    def _save(self) -> None:
+        if self.ctx.is_main:
+            save_head(self.head, self.out_dir, SAVE_DTYPES[self.cfg.save_dtype])
+            state = {
+                "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.run_state.step,
+                "train_seconds": self.run_state.train_seconds,
+                "history": self.run_state.history,
+                "config": dataclasses.asdict(self.cfg),
+                "data": _data_fingerprint(self.data),
+            }
+            save_state(self.out_dir / STATE_NAME, state)
+        barrier(self.ctx)
+
+
+def _bar(initial: int, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="head", dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Throughput measurement (fp32 vs bf16 autocast)
+# --------------------------------------------------------------------------------------------------
+def measure_throughput(
+    target: LlamaModel, data: FeatureData, cfg: HeadTrainConfig, steps: int = 10, warmup: int = 2
+) -> dict[str, float]:
+    """Training tokens/s of this machine with and without bf16 autocast, measured in one run on the
+    same batches (nothing is saved)."""
+    results = {}
+    for name, autocast in (("float32", False), ("bf16_autocast", True)):
+        run_cfg = dataclasses.replace(cfg, autocast_bf16=autocast, val_fraction=0.0)
+        head = make_head(target, run_cfg, None)
+        trainer = _Trainer(
+            target, head, _TrainingModule(head), make_optimizer(head, run_cfg), data, Path("."),
+            run_cfg, DistContext(device=target.device), RunState(), steps + warmup,
+        )  # fmt: skip
+        order = np.arange(len(data))
+        for i in range(warmup + steps):
+            if i == warmup:
+                start = time.perf_counter()
+            rows = order[(i * cfg.batch_size) % len(data) :][: cfg.batch_size]
+            trainer.step(rows)
+            trainer.run_state.step += 1
+        elapsed = time.perf_counter() - start
+        results[name] = steps * len(rows) * (data.seq_len - 1) / elapsed
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    d = HeadTrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m eagle.train.head",
+        description="Train an EAGLE-1/2 draft head on dumped target features (torchrun for DDP).",
+    )
+    p.add_argument("--target", required=True, help="target checkpoint directory")
+    p.add_argument("--data", required=True, help="feature directory from `python -m eagle.train.features`")
+    p.add_argument("--out", required=True, help="output directory of the head and its training state")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch", type=int, default=d.batch_size, help="global batch (sequences per step)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    p.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
+    p.add_argument("--noise", type=float, default=d.noise, help="half-width of the uniform feature noise")
+    p.add_argument("--p-weight", type=float, default=d.p_weight, help="weight of the token cross-entropy")
+    p.add_argument("--no-bias", action="store_true", help="fc without bias (the LLaMA-3 heads' layout)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument(
+        "--tau-prompts", type=int, default=d.tau_prompts, help="held-out prompts decoded per epoch"
+    )
+    p.add_argument("--tau-new-tokens", type=int, default=d.tau_new_tokens)
+    p.add_argument("--save-every", type=int, default=d.save_every_steps, help="checkpoint every N steps")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in total (checkpointed)")
+    p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default=d.save_dtype)
+    p.add_argument("--init-head", default=None, help="start from this EAGLE-1/2 head instead of a random one")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    p.add_argument("--measure", action="store_true", help="print tokens/s with and without bf16 autocast")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> HeadTrainConfig:
+    return HeadTrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        noise=args.noise,
+        p_weight=args.p_weight,
+        bias=not args.no_bias,
+        seed=args.seed,
+        autocast_bf16=args.bf16,
+        val_fraction=args.val_fraction,
+        tau_prompts=args.tau_prompts,
+        tau_new_tokens=args.tau_new_tokens,
+        save_every_steps=args.save_every,
+        max_steps=args.max_steps,
+        save_dtype=args.save_dtype,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ctx = init_distributed(args.device)
+    try:
+        target = load_target(args.target, dtype=torch.float32, device=ctx.device)
+        data = FeatureData(args.data)
+        cfg = config_from_args(args)
+        if args.measure:
+            for name, rate in measure_throughput(target, data, cfg).items():
+                print(f"{name:>14}: {rate:,.0f} training tokens/s")
+            return 0
+        last = train_head(
+            target, data, args.out, cfg, resume=args.resume, init_head=args.init_head, ctx=ctx,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"eagle.train.head: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown(ctx)
+    if ctx.is_main and not args.quiet:
+        print(json.dumps(last))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
