@@ -118,16 +118,27 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
-    def forward(
-        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BlockContext
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, Hq, D]``, k and v ``[B, T, Hkv, D]`` of ``x [B, T, in_features]``, RoPE applied
+        (``cos``/``signed_sin`` from :func:`rope_cos_sin`). Differentiable; training code that runs
+        its own attention over whole sequences can use it."""
         B, T, _ = x.shape
         Hq, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         qk, v = self.qkv_proj(x).view(B, T, Hq + 2 * Hkv, D).split([Hq + Hkv, Hkv], dim=2)
         if self.q_norm is not None:
             q, k = qk.split([Hq, Hkv], dim=2)
             qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=2)
-        q, k = apply_rope(qk, ctx.cos, ctx.sin).split([Hq, Hkv], dim=2)  # q and k rotated together
+        q, k = apply_rope(qk, cos, signed_sin).split([Hq, Hkv], dim=2)  # q and k rotated together
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: BlockContext
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        D = self.head_dim
+        q, k, v = self.project(x, ctx.cos, ctx.sin)
         # The caches are contiguous [B, Hkv, S_max, D] views: one row copy per (token, kv head).
         k_cache.view(-1, D).index_copy_(0, ctx.kv_rows, k.reshape(-1, D))
         v_cache.view(-1, D).index_copy_(0, ctx.kv_rows, v.reshape(-1, D))
