@@ -55,6 +55,7 @@ class KVCache:
         self.kv = torch.zeros(shape, dtype=dtype, device=device)  # contiguous: forwards rely on it
         self.seqlens = torch.zeros(batch_size, dtype=torch.int32, device=self.kv.device)
         self.length_bound = 0
+        self._layer_views = [(self.kv[i, 0], self.kv[i, 1]) for i in range(num_layers)]
 
     @property
     def batch_size(self) -> int:
@@ -70,7 +71,7 @@ class KVCache:
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(k_cache, v_cache)`` of layer ``index``, each ``[B, Hkv, S_max, D]`` (views)."""
-        return self.kv[index, 0], self.kv[index, 1]
+        return self._layer_views[index]
 
     def reset(self) -> None:
         """Forget every sequence (lengths to zero); the stale K/V is overwritten by later writes."""
