@@ -307,6 +307,23 @@ def test_opcheck():
     torch.library.opcheck(
         torch.ops.eagle.fused_eagle3_input_out.default, (h_low, h_mid, h_high, w3, b3, torch.empty(5, 16))
     )
+    # with gradients required, opcheck also checks the autograd registration and AOT dispatch
+    grad_args = (hidden.requires_grad_(), ids, embed, w.requires_grad_(), b.requires_grad_())
+    torch.library.opcheck(torch.ops.eagle.fused_draft_input.default, grad_args)
+    grad_args3 = tuple(t.requires_grad_() for t in (h_low, h_mid, h_high, w3, b3))
+    torch.library.opcheck(torch.ops.eagle.fused_eagle3_input.default, grad_args3)
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "triton"])
+def test_gradients(backend):
+    """Registered backward formulas against finite differences (float64), for every input."""
+    hidden, ids, embed, w, b = make_draft_case((2, 3), 8, 11, torch.float64, torch.int32, True, seed=6)
+    ids[0, :2] = 4  # a repeated token: its embedding row's gradient must accumulate
+    draft = [t.requires_grad_() for t in (hidden, embed, w, b)]
+    fn = lambda h, e, w, b: run_with_backend(backend, fused_draft_input, h, ids, e, w, b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, draft)
+    eagle3 = [t.requires_grad_() for t in make_eagle3_case((4,), 8, torch.float64, True, seed=6)]
+    assert torch.autograd.gradcheck(lambda *a: run_with_backend(backend, fused_eagle3_input, *a), eagle3)
 
 
 def test_torch_compile():
