@@ -71,11 +71,21 @@ class EagleDecoder:
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
+def hf_cache_kwarg() -> str:
+    """transformers 5 names the cache argument ``cache``; 4.x called it ``past_key_values``."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
 class HFDecoder:
     """Greedy decode with transformers' forward and its default dynamic cache."""
 
     def __init__(self, model, prompt: torch.Tensor) -> None:
         self.model, self.prompt, self.past = model, prompt, None
+        self.cache_kwarg = hf_cache_kwarg()
 
     def prefill(self) -> torch.Tensor:
         out = self.model(self.prompt, use_cache=True)
@@ -83,7 +93,7 @@ class HFDecoder:
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        out = self.model(token, cache=self.past, use_cache=True)
+        out = self.model(token, use_cache=True, **{self.cache_kwarg: self.past})
         self.past = out.past_key_values
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -190,8 +200,8 @@ def test_decode_step(benchmark, models, impl):
             past = dec.past
 
             def step():
-                out = hf(token, cache=past, use_cache=True)
-                past.crop(PROMPT_LEN)
+                out = hf(token, use_cache=True, **{dec.cache_kwarg: past})
+                past.crop(-1)  # drop the token just added: constant cache length
                 return out
 
         benchmark.group = "decode step, 12x256 Llama, fp32, batch 1, 100-token cache"
