@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import BACKENDS, available_backends, select_backend, use_backend
+from eagle_kernels.chain_speculative_sampling import (
+    chain_speculative_sampling,
+    chain_speculative_sampling_ref,
+)
 from eagle_kernels.compact_kv_cache import compact_kv_cache, compact_kv_cache_ref
 from eagle_kernels.fused_draft_input import (
     fused_draft_input,
@@ -22,11 +26,25 @@ from eagle_kernels.tree_attention import (
     tree_attention_ref,
     unpack_tree_mask,
 )
+from eagle_kernels.tree_speculative_sampling import (
+    tree_speculative_sampling,
+    tree_speculative_sampling_draft_probs,
+    tree_speculative_sampling_draft_probs_ref,
+    tree_speculative_sampling_ref,
+)
 from eagle_kernels.verify_tree_greedy import verify_tree_greedy, verify_tree_greedy_ref
 
 __version__ = "0.1.0"
 
-OPS = ("compact_kv_cache", "tree_attention", "fused_draft_input", "fused_eagle3_input", "verify_tree_greedy")
+OPS = (
+    "compact_kv_cache",
+    "tree_attention",
+    "fused_draft_input",
+    "fused_eagle3_input",
+    "verify_tree_greedy",
+    "tree_speculative_sampling",
+    "chain_speculative_sampling",
+)
 
 
 def backend_info() -> dict:
@@ -63,6 +81,12 @@ __all__ = [
     "tree_attention",
     "tree_attention_ref",
     "unpack_tree_mask",
+    "chain_speculative_sampling",
+    "chain_speculative_sampling_ref",
+    "tree_speculative_sampling",
+    "tree_speculative_sampling_draft_probs",
+    "tree_speculative_sampling_draft_probs_ref",
+    "tree_speculative_sampling_ref",
     "use_backend",
     "verify_tree_greedy",
     "verify_tree_greedy_ref",

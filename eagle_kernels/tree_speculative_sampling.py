@@ -178,7 +178,7 @@ def _tree_sampling_torch(
     ri = torch.where(walkable[:, None], ri, flat_rows)  # never write outside a sequence's rows
     bidx = torch.arange(B, device=device)
 
-    predicts = torch.full((B * n,), -1, dtype=torch.int32, device=device)
+    predicts = torch.zeros(B * n, dtype=torch.int32, device=device)
     accept_index = torch.full((B, num_spec_steps), -1, dtype=torch.int32, device=device)
     accept_index[:, 0] = ri[:, 0].to(torch.int32)
     num = torch.zeros(B, dtype=torch.int64, device=device)
@@ -405,7 +405,7 @@ def _sample_residual(
     offs = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     masses, _, _, _ = _block_masses(p_row, q_row, offs, V, s, prob_limit, HAS_Q)
     dropped = tl.sum((offs[:, None] == tried[None, :]).to(tl.int32), axis=1) > 0
-    masses = tl.where(dropped & exclude, 0, masses)
+    masses = tl.where(dropped, tl.where(exclude, 0, masses), masses)
     cum_in = tl.cumsum(masses, axis=0) + carry
     token = tl.min(tl.where((cum_in > threshold) & (offs < V), offs, V))
     return tl.minimum(token, V - 1), status
@@ -476,7 +476,7 @@ def _tree_sampling_kernel(
     walkable = (status & 3) == 0
     ri_vec = tl.load(ri_ptr + base + slots, mask=slots < n, other=0).to(tl.int64)
     ri_vec = tl.where(walkable, ri_vec, base + slots)  # never write outside this sequence's rows
-    pred_vec = tl.full([N_PAD], -1, dtype=tl.int32)  # predicts by slot, stored once at the end
+    pred_vec = tl.zeros([N_PAD], dtype=tl.int32)  # predicts by slot, stored once at the end
     acc_vec = tl.full([N_PAD], -1, dtype=tl.int32)  # accept_index by step
     acc_vec = tl.where(slots == 0, tl.sum(tl.where(slots == 0, ri_vec, 0)).to(tl.int32), acc_vec)
 
@@ -527,7 +527,7 @@ def _tree_sampling_kernel(
                     acc = tl.where(dup, acc, acc + pc)
                     accept = coin < acc
                 record = (accept == 0) & (dup == 0)
-                tried = tl.where((slots == k) & record, tok, tried)
+                tried = tl.where(slots == tl.where(record, k, -1), tok, tried)
                 k += record.to(tl.int32)
             chosen = tl.where(accept, child, chosen)
             if accept == 0:
@@ -786,7 +786,8 @@ _TREE_RETURNS = """
     -------
     predicts : Tensor ``[B * n]``, int32
         At the row of every accepted node (root included) the token that follows it: the accepted
-        child's token, and at the last accepted node the bonus token. -1 at every other row.
+        child's token, and at the last accepted node the bonus token. 0 at every other row (as in
+        ``verify_tree_greedy``).
     accept_index : Tensor ``[B, num_spec_steps]``, int32
         Rows of the accepted path, root first, padded with -1.
     accept_token_num : Tensor ``[B]``, int32
@@ -956,8 +957,8 @@ def sglang_tree_speculative_sampling_target_only(
 
     Writes ``predicts [B*n]``, ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]``
     (int32, preallocated; ``num_spec_steps`` is ``accept_index.shape[1]``) with the results of
-    :func:`tree_speculative_sampling`. Rows of ``predicts`` off the accepted path are set to -1
-    (SGLang leaves them undefined). ``draft_probs`` ``[B, n, V]`` float32 is accepted for signature
+    :func:`tree_speculative_sampling`. As in sgl-kernel, ``predicts`` changes only at the accepted
+    rows; ``accept_index`` is written whole (-1 past the path, what SGLang callers pre-fill). ``draft_probs`` ``[B, n, V]`` float32 is accepted for signature
     compatibility only: SGLang uses it as scratch for rejected mass, this implementation neither
     reads nor writes it. ``deterministic`` is ignored: results are always deterministic.
 
@@ -1002,6 +1003,8 @@ def sglang_tree_speculative_sampling_target_only(
         threshold_single=threshold_single,
         threshold_acc=threshold_acc,
     )
-    predicts.copy_(out[0])
+    on_path = torch.zeros(B * n + 1, dtype=torch.bool, device=predicts.device)
+    on_path[torch.where(out[1] >= 0, out[1], B * n).reshape(-1).long()] = True
+    predicts.copy_(torch.where(on_path[: B * n], out[0], predicts))
     accept_index.copy_(out[1])
     accept_token_num.copy_(out[2])
