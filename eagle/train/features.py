@@ -497,6 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         target = load_target(args.target, dtype=args.target_dtype, device=args.device)
         tokens = load_token_file(args.tokens)
+        if args.eagle3 and target.config.num_layers < 4:
+            raise ValueError(
+                f"EAGLE-3 features (layers 2, L//2, L-3) need a target with >= 4 layers, got {target.config.num_layers}"
+            )
         plan = FeaturePlan(
             source=args.source,
             seq_len=args.seq_len,

@@ -1,0 +1,421 @@
+"""Tests of the draft-head training pipeline: feature shards, the differentiable forward, the loss,
+training, resume, checkpoints and bad input. A 2-layer random Llama (vocab 64, hidden 64) and
+sequences of 32 tokens keep the file fast."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from eagle.models import load_draft, load_target, random_draft
+from eagle.train import features as feat
+from eagle.train import head as th
+from tests.eagle.conftest import build_hf_target, save_hf_target
+
+VOCAB, SEQ = 64, 32
+TINY = dict(vocab_size=VOCAB, num_hidden_layers=2)
+
+
+def _cfg(**overrides) -> th.HeadTrainConfig:
+    base = dict(
+        epochs=2,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        tau_prompts=0,
+        tau_prompt_len=8,
+        tau_new_tokens=8,
+        val_fraction=0.125,
+        log_every_steps=2,
+    )
+    return th.HeadTrainConfig(**(base | overrides))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A target (float64 and float32 loads), a token file and a corpus-feature directory."""
+    root = tmp_path_factory.mktemp("train_head")
+    hf = build_hf_target("llama", seed=0, **TINY)
+    target_dir = save_hf_target(hf, root / "target")
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 4000).astype(np.uint16)
+    np.save(root / "tokens.npy", tokens)
+    target = load_target(target_dir)
+    plan = feat.FeaturePlan(seq_len=SEQ, shard_sequences=12, batch_size=8, max_tokens=32 * SEQ)
+    feat.dump_features(target, tokens, root / "corpus", plan, progress=False)
+    return dict(
+        root=root,
+        hf=hf,
+        target_dir=target_dir,
+        tokens=tokens,
+        target=target,
+        data=feat.FeatureData(root / "corpus"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------
+def test_corpus_features_are_the_windows_and_the_target_features(setup):
+    data, tokens, target = setup["data"], setup["tokens"], setup["target"]
+    assert len(data) == 32 and data.meta["shards"] == [feat.shard_name(i) for i in range(3)]
+    order = feat.window_order(len(tokens) // SEQ, seed=0)
+    idx = [0, 11, 12, 31]
+    batch = data[idx]
+    windows = np.stack([tokens[order[i] * SEQ : (order[i] + 1) * SEQ] for i in idx]).astype(np.int64)
+    assert torch.equal(batch["input_ids"], torch.from_numpy(windows))
+    # Independent oracle: Hugging Face's post-norm last hidden state, stored as fp16.
+    with torch.no_grad():
+        hf_hidden = setup["hf"](batch["input_ids"], output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(batch["hidden"], hf_hidden.float().half().float(), rtol=2e-3, atol=2e-3)
+    # Reloaded exactly: recomputing with the runtime and rounding to fp16 gives the stored bits.
+    own, _ = feat.target_features(target, batch["input_ids"])
+    assert torch.equal(batch["hidden"], own.half().float())
+    assert torch.equal(batch["loss_mask"], torch.ones(4, SEQ))
+
+
+def test_generated_features_continue_the_prompt_greedily(setup, tmp_path):
+    target64 = load_target(setup["target_dir"], dtype=torch.float64)
+    plan = feat.FeaturePlan(
+        source="generate",
+        seq_len=SEQ,
+        prompt_len=8,
+        shard_sequences=4,
+        batch_size=3,
+        max_tokens=6 * SEQ,
+        mask_prompt=True,
+        dtype="float32",
+        feature_layers=[1, 0],
+    )
+    feat.dump_features(target64, setup["tokens"], tmp_path, plan, progress=False)
+    data = feat.FeatureData(tmp_path, dtype=torch.float64)
+    batch = data[range(6)]
+    ids = batch["input_ids"]
+    order = feat.window_order(len(setup["tokens"]) // SEQ, seed=0)
+    for i in range(6):
+        prompt = torch.from_numpy(setup["tokens"][order[i] * SEQ :][:8].astype(np.int64))
+        assert torch.equal(ids[i, :8], prompt)
+    with torch.no_grad():
+        hf_ids = setup["hf"].generate(
+            ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]), max_new_tokens=SEQ - 8, do_sample=False
+        )
+        hf_out = setup["hf"](ids, output_hidden_states=True)
+    assert torch.equal(ids, hf_ids)
+    torch.testing.assert_close(
+        batch["hidden"], hf_out.hidden_states[-1].float().double(), rtol=1e-5, atol=1e-5
+    )
+    for k, layer in enumerate([1, 0]):  # the hidden states entering layers 1 and 0, in that order
+        torch.testing.assert_close(
+            batch["layer_hidden"][:, k], hf_out.hidden_states[layer].float().double(), rtol=1e-5, atol=1e-5
+        )
+    assert torch.equal(batch["loss_mask"][:, :8], torch.zeros(6, 8))
+    assert torch.equal(batch["loss_mask"][:, 8:], torch.ones(6, SEQ - 8))
+
+
+def test_feature_dump_resumes_by_skipping_finished_shards(setup, tmp_path, monkeypatch):
+    plan = feat.FeaturePlan(seq_len=SEQ, shard_sequences=4, batch_size=4, max_tokens=8 * SEQ)
+    feat.dump_features(setup["target"], setup["tokens"], tmp_path, plan, progress=False)
+    first = (tmp_path / feat.shard_name(0)).read_bytes()
+    second = (tmp_path / feat.shard_name(1)).read_bytes()
+    os.remove(tmp_path / feat.shard_name(1))
+    computed = []
+    original = feat.shard_tensors
+    monkeypatch.setattr(
+        feat, "shard_tensors", lambda p, t, o, s, m: computed.append(s) or original(p, t, o, s, m)
+    )
+    # A larger budget on resume adds shards; finished ones are skipped.
+    feat.dump_features(
+        setup["target"],
+        setup["tokens"],
+        tmp_path,
+        dataclasses.replace(plan, max_tokens=12 * SEQ),
+        progress=False,
+    )
+    assert computed == [1, 2]
+    assert (tmp_path / feat.shard_name(0)).read_bytes() == first
+    assert (tmp_path / feat.shard_name(1)).read_bytes() == second
+    assert len(feat.FeatureData(tmp_path)) == 12
+    with pytest.raises(ValueError, match="other settings.*seq_len"):
+        feat.dump_features(
+            setup["target"],
+            setup["tokens"],
+            tmp_path,
+            feat.FeaturePlan(seq_len=16, shard_sequences=4, batch_size=4, max_tokens=8 * SEQ),
+            progress=False,
+        )
+
+
+def test_feature_dump_bad_input(setup, tmp_path):
+    target, plan = setup["target"], feat.FeaturePlan(seq_len=SEQ, max_tokens=4 * SEQ)
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        feat.dump_features(target, np.zeros(SEQ - 1, np.uint16), tmp_path / "a", plan, progress=False)
+    with pytest.raises(ValueError, match="outside the target's vocabulary"):
+        feat.dump_features(target, np.full(4 * SEQ, VOCAB, np.uint16), tmp_path / "b", plan, progress=False)
+    with pytest.raises(ValueError, match="source must be one of"):
+        feat.dump_features(
+            target, setup["tokens"], tmp_path / "c", feat.FeaturePlan(source="web"), progress=False
+        )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        feat.load_token_file(tmp_path / "missing.npy")
+    (tmp_path / "text.npy").write_text("not numpy")
+    with pytest.raises(ValueError, match="not a readable .npy"):
+        feat.load_token_file(tmp_path / "text.npy")
+    np.save(tmp_path / "floats.npy", np.zeros(10))
+    with pytest.raises(ValueError, match="1-D integer"):
+        feat.load_token_file(tmp_path / "floats.npy")
+
+
+def test_feature_directory_errors(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        feat.FeatureData(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no features"):
+        feat.FeatureData(tmp_path)
+    (tmp_path / feat.META_NAME).write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        feat.FeatureData(tmp_path)
+    plan = feat.FeaturePlan(seq_len=SEQ, shard_sequences=4, batch_size=4, max_tokens=8 * SEQ)
+    d = tmp_path / "d"
+    feat.dump_features(setup["target"], setup["tokens"], d, plan, progress=False)
+    (d / feat.shard_name(1)).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="unreadable"):
+        feat.FeatureData(d)
+    os.remove(d / feat.shard_name(1))
+    with pytest.raises(ValueError, match="incomplete: 1 of 2 shards missing"):
+        feat.FeatureData(d)
+    with pytest.raises(IndexError, match="outside"):
+        setup["data"][[32]]
+
+
+def test_full_disk_gives_a_clear_error_and_no_partial_file(setup, tmp_path, monkeypatch):
+    def no_space(tensors, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    plan = feat.FeaturePlan(seq_len=SEQ, shard_sequences=4, batch_size=4, max_tokens=4 * SEQ)
+    with pytest.raises(OSError, match="disk is full") as info:
+        feat.dump_features(setup["target"], setup["tokens"], tmp_path, plan, progress=False)
+    assert info.value.errno == errno.ENOSPC and feat.shard_name(0) in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [feat.META_NAME]
+    # Not enough room for the estimated size: refused before any computation.
+    monkeypatch.setattr(feat.shutil, "disk_usage", lambda path: _Usage(free=0))
+    with pytest.raises(OSError, match="needs about .* MiB"):
+        feat.dump_features(setup["target"], setup["tokens"], tmp_path / "x", plan, progress=False)
+
+
+class _Usage:
+    def __init__(self, free):
+        self.free = free
+
+
+# --------------------------------------------------------------------------------------------------
+# The differentiable forward and the loss
+# --------------------------------------------------------------------------------------------------
+# float64 shows the two forwards compute the same function; float32 differs only by the rounding
+# of differently ordered sums (the C++ GEMM and attention kernels vs torch's), DESIGN §6's 1e-5.
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_training_forward_equals_inference_forward(setup, dtype, tol):
+    target = load_target(setup["target_dir"], dtype=dtype)
+    head = random_draft(target, "eagle2", init_std=0.2, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(3, 19, 64, generator=gen, dtype=dtype)
+    tokens = torch.randint(0, VOCAB, (3, 19), generator=gen)
+    pred = th.training_forward(head, features, tokens)
+    with torch.no_grad():
+        ref = head(features, tokens, head.new_cache(3, 19)).hidden
+    assert (pred.detach() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+
+
+def test_gradients_reach_every_trainable_weight_and_not_the_embedding(setup):
+    head = random_draft(setup["target"], "eagle2", seed=1)
+    features, tokens = torch.randn(2, 9, 64), torch.randint(0, VOCAB, (2, 9))
+    th.training_forward(head, features, tokens).square().sum().backward()
+    for name, p in head.named_parameters():
+        if name == "embed_tokens.weight":
+            assert not p.requires_grad and p.grad is None
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_loss_sums_match_their_definition():
+    gen = torch.Generator().manual_seed(0)
+    pred, tgt = (
+        torch.randn(2, 5, 8, generator=gen, dtype=torch.float64),
+        torch.randn(2, 5, 8, generator=gen, dtype=torch.float64),
+    )
+    lm_head = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]], dtype=torch.float64)
+    sums = th.loss_sums(pred, tgt, mask, lm_head)
+    v = p = agree = 0.0
+    for b in range(2):
+        for t in range(5):
+            if not mask[b, t]:
+                continue
+            d = (pred[b, t] - tgt[b, t]).abs()
+            v += torch.where(d < 1, 0.5 * d**2, d - 0.5).mean().item()
+            q = torch.softmax(lm_head @ tgt[b, t], 0)
+            p -= (q * torch.log(torch.softmax(lm_head @ pred[b, t], 0))).sum().item()
+            agree += float((lm_head @ pred[b, t]).argmax() == (lm_head @ tgt[b, t]).argmax())
+    assert sums.rows.item() == 7
+    assert sums.v.item() == pytest.approx(v, rel=1e-5) and sums.p.item() == pytest.approx(p, rel=1e-5)
+    assert sums.correct.item() == agree
+
+
+def test_noise_is_bounded_and_independent_of_batch_layout():
+    a = th.uniform_noise([5, 9], step=3, seed=1, shape=(4, 6), scale=0.1, device="cpu")
+    b = th.uniform_noise([9], step=3, seed=1, shape=(4, 6), scale=0.1, device="cpu")
+    assert torch.equal(a[1], b[0]) and a.abs().max() <= 0.1 and a.abs().max() > 0.05
+    assert not torch.equal(a, th.uniform_noise([5, 9], step=4, seed=1, shape=(4, 6), scale=0.1, device="cpu"))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    cfg = th.HeadTrainConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    rates = [th.learning_rate(s, cfg, total_steps=20) for s in range(21)]
+    assert rates[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and rates[20] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training, resume, checkpoints
+# --------------------------------------------------------------------------------------------------
+def _state(out_dir):
+    return torch.load(out_dir / th.STATE_NAME, weights_only=False)
+
+
+def test_training_reduces_the_loss_and_saves_a_loadable_head(setup, tmp_path):
+    target, data = setup["target"], setup["data"]
+    cfg = _cfg(epochs=6, tau_prompts=2)
+    _, val = th.split_indices(len(data), cfg.val_fraction, cfg.seed)
+    before = th.validate(random_draft(target, "eagle2", seed=cfg.seed), data, val, cfg)
+    last = th.train_head(target, data, tmp_path, cfg, progress=False)
+    assert last["val_v_loss"] < 0.9 * before["val_v_loss"] and last["val_p_loss"] < before["val_p_loss"]
+    assert last["tau"] >= 1.0
+    records = [json.loads(line) for line in (tmp_path / th.METRICS_NAME).read_text().splitlines()]
+    assert sum("val_v_loss" in r for r in records) == 6 and all(
+        r["tokens_per_s"] > 0 for r in records if "v_loss" in r
+    )
+    head = load_draft(tmp_path, target)
+    trained = _state(tmp_path)["head"]
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    features, tokens = data[[0]]["hidden"][:, :-1], data[[0]]["input_ids"][:, 1:]
+    torch.testing.assert_close(
+        head(features, tokens, head.new_cache(1, SEQ - 1)).hidden,
+        th.training_forward(head, features, tokens),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_resume_continues_identically(setup, tmp_path):
+    target, data = setup["target"], setup["data"]
+    th.train_head(target, data, tmp_path / "straight", _cfg(max_steps=9), progress=False)
+    th.train_head(target, data, tmp_path / "split", _cfg(max_steps=4), progress=False)
+    assert _state(tmp_path / "split")["step"] == 4
+    th.train_head(target, data, tmp_path / "split", _cfg(max_steps=9, lr=1.0), resume=True, progress=False)
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert a["step"] == b["step"] == 9 and b["config"]["lr"] == _cfg().lr  # the checkpoint's settings win
+    for k in a["head"]:
+        assert torch.equal(a["head"][k], b["head"][k]), k
+    assert a["history"] == b["history"]
+
+
+def test_save_dtype_float16(setup, tmp_path):
+    th.train_head(
+        setup["target"], setup["data"], tmp_path, _cfg(max_steps=1, save_dtype="float16"), progress=False
+    )
+    head16 = load_draft(tmp_path, load_target(setup["target_dir"], dtype=torch.float16))
+    assert head16.dtype == torch.float16
+    trained = _state(tmp_path)["head"]
+    assert torch.equal(head16.fc.weight, trained["fc.weight"].half())
+
+
+def test_training_errors(setup, tmp_path):
+    target, data = setup["target"], setup["data"]
+    other = load_target(save_hf_target(build_hf_target("llama", seed=5, **TINY), tmp_path / "other"))
+    with pytest.raises(ValueError, match="different target .*lm_head checksum"):
+        th.train_head(other, data, tmp_path / "o", _cfg(), progress=False)
+    wide = load_target(
+        save_hf_target(
+            build_hf_target("llama", seed=0, vocab_size=VOCAB, hidden_size=96, num_hidden_layers=2),
+            tmp_path / "wide",
+        )
+    )
+    with pytest.raises(ValueError, match="different target: hidden_size=64 there, 96"):
+        th.train_head(wide, data, tmp_path / "w", _cfg(), progress=False)
+    head_dir = tmp_path / "head"
+    th.train_head(target, data, head_dir, _cfg(max_steps=1), progress=False)
+    with pytest.raises(ValueError, match="does not fit the target: hidden_size"):
+        th.make_head(wide, _cfg(), head_dir)
+    with pytest.raises(ValueError, match="already holds a training run"):
+        th.train_head(target, data, head_dir, _cfg(), progress=False)
+    small = tmp_path / "small"
+    feat.dump_features(
+        target, setup["tokens"], small, feat.FeaturePlan(seq_len=SEQ, max_tokens=8 * SEQ), progress=False
+    )
+    with pytest.raises(ValueError, match="feature data differs"):
+        th.train_head(target, feat.FeatureData(small), head_dir, _cfg(), resume=True, progress=False)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        th.train_head(target, feat.FeatureData(small), tmp_path / "s", _cfg(batch_size=8), progress=False)
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        th.train_head(target, data, tmp_path / "m", _cfg(), ctx=th.DistContext(world_size=3), progress=False)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        th.train_head(target, data, tmp_path / "t", _cfg(tau_prompts=1, tau_new_tokens=600), progress=False)
+
+
+def test_command_lines(setup, tmp_path, capsys):
+    root = setup["root"]
+    args = [
+        "--target",
+        str(setup["target_dir"]),
+        "--tokens",
+        str(root / "tokens.npy"),
+        "--out",
+        str(tmp_path / "f"),
+    ]
+    assert feat.main([*args, "--eagle3", "--quiet"]) == 2
+    assert "need a target with >= 4 layers, got 2" in capsys.readouterr().err
+    assert (
+        feat.main(
+            [
+                *args,
+                "--seq-len",
+                "16",
+                "--max-tokens",
+                "160",
+                "--source",
+                "generate",
+                "--prompt-len",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    data = feat.FeatureData(tmp_path / "f")
+    assert len(data) == 10 and data.plan.source == "generate" and data[[0]]["hidden"].shape == (1, 16, 64)
+    train = [
+        "--target",
+        str(setup["target_dir"]),
+        "--data",
+        str(tmp_path / "f"),
+        "--out",
+        str(tmp_path / "h"),
+    ]
+    assert th.main([*train, "--batch", "2", "--max-steps", "2", "--tau-prompts", "0", "--quiet"]) == 0
+    assert load_draft(tmp_path / "h", setup["target"]).kind == "eagle2"
+    assert th.main([*train, "--quiet"]) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert (
+        th.main(["--target", str(setup["target_dir"]), "--data", str(tmp_path), "--out", str(tmp_path / "x")])
+        == 2
+    )
+    assert "holds no features" in capsys.readouterr().err
