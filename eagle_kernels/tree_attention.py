@@ -149,7 +149,7 @@ def tree_attention_ref(
 def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT: tl.constexpr):
     """Fold one key block into the running (max, sum, weighted V) of every query row (log2 domain)."""
     if FP32_DOT:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
     s = tl.where(visible, s * qk_scale, float("-inf"))
@@ -159,7 +159,7 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT: tl
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if FP32_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
@@ -378,6 +378,12 @@ def plan_launch(B: int, Hkv: int, T: int, G: int, S_max: int, D: int, num_sms: i
     return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps)
 
 
+def _dot_in_fp32(q: torch.Tensor) -> bool:
+    """fp32 inputs keep exact fp32 dots (no TF32). The CPU interpreter's tl.dot multiplies raw bf16 bit
+    patterns (triton-lang/triton#11584, unsupported upstream), so interpreted bf16 dots run in fp32."""
+    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+
+
 def _tree_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, num_splits=None):
     """Launch the Triton kernels. ``num_splits`` overrides the heuristic's prefix split (tests)."""
     if q.dtype == torch.float64:
@@ -429,7 +435,7 @@ def _tree_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_sca
         *mask_strides,
         MASK_KIND=kind,
         SPLIT=split,
-        FP32_DOT=q.dtype == torch.float32,
+        FP32_DOT=_dot_in_fp32(q),
         BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n,
         BLOCK_D=block_d,

@@ -25,6 +25,7 @@ namespace tree_attn {
 
 constexpr int64_t kBlockN = 64;      // keys per block
 constexpr int64_t kRowsPerTask = 64;  // query rows (token x grouped head) per task
+constexpr int64_t kDotRows = 4;       // up to this many rows, scores are dot products over K rows
 
 struct Problem {
   const void* q;

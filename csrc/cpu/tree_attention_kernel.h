@@ -80,12 +80,29 @@ inline A hmax(const Vec<A>& v) {
   return m;
 }
 
-template <typename A>
-inline A hsum(const Vec<A>& v) {
-  A s = 0;
-  for (int64_t i = 0; i < lanes<A>(); ++i) s += v[i];
-  return s;
+inline float hsum(const Vec<float>& v) {
+  typedef float V8 __attribute__((vector_size(32)));
+  typedef float V4 __attribute__((vector_size(16)));
+  const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
+
+inline double hsum(const Vec<double>& v) {
+  typedef double V4 __attribute__((vector_size(32)));
+  const V4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+template <typename X, typename Y>
+struct same_type {
+  static constexpr bool value = false;
+};
+template <typename X>
+struct same_type<X, X> {
+  static constexpr bool value = true;
+};
 
 // kt[d * nbp + j] = K[j, d] for j < nb (d < D); columns nb..nbp-1 are zero.
 template <typename S, typename A>
@@ -93,18 +110,19 @@ void pack_keys_transposed(const S* k, int64_t s_pos, int64_t s_d, int64_t nb, in
                           A* kt) {
   for (int64_t d = 0; d < D; ++d)
     for (int64_t j = nb; j < nbp; ++j) kt[d * nbp + j] = A(0);
-  for (int64_t j = 0; j < nb; ++j) {
-    const S* row = k + j * s_pos;
-    for (int64_t d = 0; d < D; ++d) kt[d * nbp + j] = static_cast<A>(row[d * s_d]);
+  for (int64_t d = 0; d < D; ++d) {
+    const S* col = k + d * s_d;
+    A* dst = kt + d * nbp;
+    for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<A>(col[j * s_pos]);
   }
 }
 
-// vb[j * dp + d] = V[j, d] for j < nb; columns D..dp-1 are zero.
+// dst[j * dp + d] = X[j, d] for j < nb, converted to A; columns D..dp-1 are zero.
 template <typename S, typename A>
-void pack_values(const S* v, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, int64_t dp, A* vb) {
+void pack_rows(const S* x, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, int64_t dp, A* packed) {
   for (int64_t j = 0; j < nb; ++j) {
-    const S* row = v + j * s_pos;
-    A* dst = vb + j * dp;
+    const S* row = x + j * s_pos;
+    A* dst = packed + j * dp;
     if (s_d == 1) {
       for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<A>(row[d]);
     } else {
@@ -154,16 +172,44 @@ void scores(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, int64_t
   }
 }
 
+// s[r, j] = q[r, :] . k[j, :] for RM rows: one pass over each key row (few rows, e.g. decoding).
+template <typename A, int RM>
+inline void dot_rows(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, A* s) {
+  constexpr int64_t L = lanes<A>();
+  for (int64_t j = 0; j < nb; ++j) {
+    const A* kr = k + j * k_stride;
+    Vec<A> acc[RM] = {};
+    for (int64_t d = 0; d < dp; d += L) {
+      const Vec<A> kv = vload(kr + d);
+      for (int r = 0; r < RM; ++r) acc[r] += vload(q + r * dp + d) * kv;
+    }
+    for (int r = 0; r < RM; ++r) s[r * nbp + j] = hsum(acc[r]);
+  }
+}
+
+// s[R, :nb] = q[R, dp] @ k[:nb, dp]^T with k row-major (R <= kDotRows).
+template <typename A>
+void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, int64_t R,
+                    A* s) {
+  switch (R) {
+    case 4: dot_rows<A, 4>(q, dp, k, k_stride, nb, nbp, s); break;
+    case 3: dot_rows<A, 3>(q, dp, k, k_stride, nb, nbp, s); break;
+    case 2: dot_rows<A, 2>(q, dp, k, k_stride, nb, nbp, s); break;
+    default: dot_rows<A, 1>(q, dp, k, k_stride, nb, nbp, s); break;
+  }
+}
+
 // o[r, d0 + c*L ..] += sum_{j < nb} p[r, j] * vb[j, d0 + c*L ..] for RM rows and CN vectors of dims.
 template <typename A, int RM, int CN>
-inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb, A* o, int64_t d0) {
+inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o,
+                    int64_t d0) {
   constexpr int64_t L = lanes<A>();
   Vec<A> acc[RM][CN];
   for (int r = 0; r < RM; ++r)
     for (int c = 0; c < CN; ++c) acc[r][c] = vload(o + r * dp + d0 + c * L);
   for (int64_t j = 0; j < nb; ++j) {
     Vec<A> vv[CN];
-    for (int c = 0; c < CN; ++c) vv[c] = vload(vb + j * dp + d0 + c * L);
+    for (int c = 0; c < CN; ++c) vv[c] = vload(vb + j * v_stride + d0 + c * L);
     for (int r = 0; r < RM; ++r) {
       const Vec<A> pr = vsplat<A>(p[r * nbp + j]);
       for (int c = 0; c < CN; ++c) acc[r][c] += pr * vv[c];
@@ -174,24 +220,25 @@ inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb
 }
 
 template <typename A, int RM>
-inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb, A* o) {
+inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o) {
   constexpr int64_t L = lanes<A>();
   int64_t d0 = 0;
-  for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2>(p, nbp, vb, dp, nb, o, d0);
-  if (d0 < dp) pv_tile<A, RM, 1>(p, nbp, vb, dp, nb, o, d0);
+  for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2>(p, nbp, vb, v_stride, dp, nb, o, d0);
+  if (d0 < dp) pv_tile<A, RM, 1>(p, nbp, vb, v_stride, dp, nb, o, d0);
 }
 
-// o[R, dp] += p[R, :nb] @ vb[nb, dp]
+// o[R, dp] += p[R, :nb] @ v[:nb, dp] (v rows v_stride apart)
 template <typename A>
-void accumulate_pv(const A* p, int64_t nbp, const A* vb, int64_t dp, int64_t nb, int64_t R, A* o) {
+void accumulate_pv(const A* p, int64_t nbp, const A* v, int64_t v_stride, int64_t dp, int64_t nb, int64_t R,
+                   A* o) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) pv_rows<A, 4>(p + r * nbp, nbp, vb, dp, nb, o + r * dp);
+  for (; r + 4 <= R; r += 4) pv_rows<A, 4>(p + r * nbp, nbp, v, v_stride, dp, nb, o + r * dp);
   const A* pr = p + r * nbp;
   A* orow = o + r * dp;
   switch (R - r) {
-    case 3: pv_rows<A, 3>(pr, nbp, vb, dp, nb, orow); break;
-    case 2: pv_rows<A, 2>(pr, nbp, vb, dp, nb, orow); break;
-    case 1: pv_rows<A, 1>(pr, nbp, vb, dp, nb, orow); break;
+    case 3: pv_rows<A, 3>(pr, nbp, v, v_stride, dp, nb, orow); break;
+    case 2: pv_rows<A, 2>(pr, nbp, v, v_stride, dp, nb, orow); break;
+    case 1: pv_rows<A, 1>(pr, nbp, v, v_stride, dp, nb, orow); break;
     default: break;
   }
 }
@@ -219,7 +266,7 @@ inline void softmax_update(A* s, int64_t nbp, A* m, A* l, A* o, int64_t dp) {
     vsum += p;
   }
   const A alpha = *m == -__builtin_inf() ? A(0) : static_cast<A>(__builtin_exp(double(*m - m_new)));
-  *l = *l * alpha + hsum<A>(vsum);
+  *l = *l * alpha + hsum(vsum);
   *m = m_new;
   if (alpha != A(1)) {
     const Vec<A> va = vsplat<A>(alpha);
@@ -272,11 +319,29 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
   const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
 
+  // K/V rows are used in place when they already are contiguous rows of the accumulator type with no
+  // ragged tail; otherwise each block is converted into scratch first.
+  const bool in_place = same_type<S, A>::value && P.sk_d == 1 && P.sv_d == 1 && D == dp;
+  const bool few_rows = R <= kDotRows;
   for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
     const int64_t nb = imin(NB, n_keys - n0), nbp = (nb + L - 1) / L * L;
-    pack_keys_transposed(k_head + n0 * P.sk_s, P.sk_s, P.sk_d, nb, nbp, D, kt);
-    pack_values(v_head + n0 * P.sv_s, P.sv_s, P.sv_d, nb, D, dp, vb);
-    scores(q, dp, kt, nbp, D, R, s);
+    const S* k_block = k_head + n0 * P.sk_s;
+    const S* v_block = v_head + n0 * P.sv_s;
+    const A* v_rows = reinterpret_cast<const A*>(v_block);
+    int64_t v_stride = P.sv_s;
+    if (!in_place) {
+      pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, vb);
+      v_rows = vb, v_stride = dp;
+    }
+    if (few_rows && in_place) {
+      scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nbp, R, s);
+    } else if (few_rows) {
+      pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kt);
+      scores_by_dots(q, dp, kt, dp, nb, nbp, R, s);
+    } else {
+      pack_keys_transposed(k_block, P.sk_s, P.sk_d, nb, nbp, D, kt);
+      scores(q, dp, kt, nbp, D, R, s);
+    }
     const int64_t first_new = imax<int64_t>(seqlen - n0, 0);  // first column holding a new token
     for (int64_t r = 0; r < R; ++r) {
       A* sr = s + r * nbp;
@@ -289,7 +354,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       for (int64_t j = nb; j < nbp; ++j) sr[j] = -__builtin_inf();
       softmax_update(sr, nbp, m + r, l + r, o + r * dp, dp);
     }
-    accumulate_pv(s, nbp, vb, dp, nb, R, o);
+    accumulate_pv(s, nbp, v_rows, v_stride, dp, nb, R, o);
   }
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;

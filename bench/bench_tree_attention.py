@@ -1,0 +1,99 @@
+"""tree_attention: the CPU path (C++) and Triton vs the PyTorch reference and PyTorch SDPA.
+
+    pytest bench/bench_tree_attention.py --benchmark-only --benchmark-group-by=param:shape
+
+On CPU: decode-loop shapes of a small model (B 1..16, 8 query / 4 kv heads of 64, prefix up to 1k;
+T = 1 decode, a 60-token EAGLE-2 tree, a 128-token prefill), backends torch (the reference), cpp and
+sdpa. On CUDA: Llama-8B-like heads (32 query / 8 kv heads of 128), prefix 2048, a 64-token tree,
+B in {1, 8, 32}, backends triton, sdpa and torch; extra_info holds GB/s and the HBM roofline time
+(goal: triton >= 70% of roofline). The SDPA peer gets its explicit boolean mask [B, 1, T, L] built
+outside the timed call (as a model would build it once per step for all layers), and the keys
+sliced to the longest sequence: a comparison that favours it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eagle_kernels
+from bench.utils import record_bandwidth, synchronized
+from eagle_kernels import pack_tree_mask
+from eagle_kernels._backend import available_backends
+from eagle_kernels.tree_attention import _visible_keys
+
+# name: (B, T, Hq, Hkv, D, prefix, mask) with mask in {"causal", "tree"}
+CPU_SHAPES = {
+    "decode-B1": (1, 1, 8, 4, 64, 1000, "causal"),
+    "decode-B16": (16, 1, 8, 4, 64, 1000, "causal"),
+    "tree60-B1": (1, 60, 8, 4, 64, 1000, "tree"),
+    "tree16-B16": (16, 16, 8, 4, 64, 500, "tree"),
+    "prefill128-B1": (1, 128, 8, 4, 64, 0, "causal"),
+}
+CUDA_SHAPES = {f"tree64-B{B}-P2048": (B, 64, 32, 8, 128, 2048, "tree") for B in (1, 8, 32)}
+
+
+def chain_tree_masks(B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """Random trees (parent < child), as EAGLE-2 produces: token i sees itself and its ancestors."""
+    parents = [[-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)] for _ in range(B)]
+    mask = torch.zeros(B, T, T, dtype=torch.bool)
+    for b, plist in enumerate(parents):
+        for i, p in enumerate(plist):
+            mask[b, i, i] = True
+            if p >= 0:
+                mask[b, i] |= mask[b, p]
+    return mask
+
+
+def make_inputs(shape, device, dtype):
+    B, T, Hq, Hkv, D, prefix, kind = shape
+    gen = torch.Generator().manual_seed(0)
+    S = prefix + T + 16
+    kv = torch.randn(2, 2, B, Hkv, S, D, generator=gen).to(device=device, dtype=dtype)
+    q = torch.randn(B, T, Hq, D, generator=gen).to(device=device, dtype=dtype)
+    seqlens = torch.full((B,), prefix, dtype=torch.int32, device=device)
+    mask = None if kind == "causal" else pack_tree_mask(chain_tree_masks(B, T, gen), "i32").to(device)
+    return q, kv[1, 0], kv[1, 1], seqlens, mask
+
+
+def bytes_moved(shape, dtype) -> int:
+    B, T, Hq, Hkv, D, prefix, _ = shape
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return (2 * B * Hkv * (prefix + T) * D + 2 * B * T * Hq * D) * elem
+
+
+def sdpa_peer(q, k, v, seqlens, mask):
+    """PyTorch SDPA with an explicit boolean mask over keys 0..L-1 (L = longest sequence + T)."""
+    T = q.shape[1]
+    L = k.shape[2] if q.device.type == "cuda" else int(seqlens.max()) + T
+    visible = _visible_keys(seqlens, mask, T, L)[:, None]
+    k, v = k[:, :, :L], v[:, :, :L]
+    qt = q.transpose(1, 2)
+    return lambda: F.scaled_dot_product_attention(qt, k, v, attn_mask=visible, enable_gqa=True)
+
+
+def shapes_for(device: torch.device):
+    return CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES
+
+
+@pytest.mark.parametrize("shape", list(CPU_SHAPES) + list(CUDA_SHAPES))
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "sdpa"])
+def test_tree_attention(benchmark, bench_device, shape, backend):
+    shapes = shapes_for(bench_device)
+    if shape not in shapes:
+        pytest.skip(f"{shape} is benchmarked on {'CPU' if bench_device.type == 'cuda' else 'CUDA'} only")
+    if backend not in ("sdpa", *available_backends("tree_attention", bench_device)):
+        pytest.skip(f"{backend} not available on {bench_device.type}")
+    if backend == "triton" and bench_device.type == "cpu":
+        pytest.skip("the Triton interpreter on CPU is not a benchmark")
+    dtype = torch.bfloat16 if bench_device.type == "cuda" else torch.float32
+    q, k, v, seqlens, mask = make_inputs(shapes[shape], bench_device, dtype)
+    if backend == "sdpa":
+        fn = sdpa_peer(q, k, v, seqlens, mask)
+        benchmark(synchronized(fn, bench_device))
+    else:
+        fn = synchronized(lambda: eagle_kernels.tree_attention(q, k, v, seqlens, mask), bench_device)
+        with eagle_kernels.use_backend(backend):
+            benchmark(fn)
+    record_bandwidth(benchmark, bytes_moved(shapes[shape], dtype), bench_device)

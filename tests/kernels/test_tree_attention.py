@@ -1,0 +1,478 @@
+"""tree_attention: reference vs a float64 per-sequence oracle, every backend vs the reference.
+
+Every case poisons the cache positions after each sequence's window (``cache_seqlens[b] + T ..``)
+with NaN, so a backend that reads them fails. Triton runs through the interpreter on CPU: its cases
+are kept tiny.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import eagle_kernels
+from eagle_kernels import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
+from eagle_kernels.tree_attention import _tree_attention_triton, plan_launch
+from tests.kernels.helpers import FP32_RTOL, assert_close_lowp, backends_for, run_with_backend
+from tests.kernels.random_trees import random_trees
+
+OP = "tree_attention"
+MASK_FORMATS = ("causal", "bool", "u8", "i32")
+LOWP = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases and the oracle
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    q: torch.Tensor
+    k: torch.Tensor  # view kv[1, 0] of a [layers, 2, B, Hkv, S, D] buffer
+    v: torch.Tensor
+    seqlens: torch.Tensor
+    mask: torch.Tensor | None  # in the format under test
+    mask_bool: torch.Tensor  # [B, T, T], what `mask` means
+
+    def args(self):
+        return self.q, self.k, self.v, self.seqlens, self.mask
+
+    def to(self, dtype=None, device=None):
+        def conv(t, floating):
+            t = t.to(device) if device is not None else t
+            return t.to(dtype) if (floating and dtype is not None) else t
+
+        kv = torch.stack([self.k, self.v])  # rebuild a strided layer view in the new dtype/device
+        kv = conv(kv, True)
+        mask = None if self.mask is None else conv(self.mask, False)
+        return Case(conv(self.q, True), kv[0], kv[1], conv(self.seqlens, False), mask, self.mask_bool)
+
+
+def tree_masks(B: int, T: int, seed: int) -> torch.Tensor:
+    """EAGLE-style trees: each token sees itself and its ancestors (random parent arrays)."""
+    return random_trees(B, T, max_depth=max(1, min(T - 1, 6)), seed=seed).mask
+
+
+def make_case(B, T, Hq, Hkv, D, mask_fmt, seed, *, prefix_max=40, dtype=torch.float64, spare=3) -> Case:
+    gen = torch.Generator().manual_seed(seed)
+    seqlens = torch.randint(0, prefix_max + 1, (B,), generator=gen, dtype=torch.int32)
+    S = int(seqlens.max()) + T + spare
+    kv = torch.randn(2, 2, B, Hkv, S, D, generator=gen, dtype=torch.float64)
+    for b in range(B):
+        kv[:, :, b, :, int(seqlens[b]) + T :] = float("nan")  # never written, never to be read
+    q = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
+    if mask_fmt == "causal":
+        mask_bool = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, T, T)
+        mask = None
+    else:
+        mask_bool = tree_masks(B, T, seed)
+        mask = mask_bool if mask_fmt == "bool" else pack_tree_mask(mask_bool, mask_fmt)
+    kv = kv.to(dtype)
+    return Case(q.to(dtype), kv[1, 0], kv[1, 1], seqlens, mask, mask_bool)
+
+
+def oracle(case: Case, sm_scale: float | None = None) -> torch.Tensor:
+    """float64 attention spelled out per sequence: keys 0..s+T-1, prefix visible, new tokens masked."""
+    q, k, v = case.q.double(), case.k.double(), case.v.double()
+    B, T, Hq, D = q.shape
+    G = Hq // k.shape[1]
+    scale = D**-0.5 if sm_scale is None else sm_scale
+    out = torch.zeros(B, T, Hq, D, dtype=torch.float64)
+    for b in range(B):
+        s = int(case.seqlens[b])
+        keys = k[b, :, : s + T].repeat_interleave(G, dim=0)  # [Hq, s+T, D]
+        vals = v[b, :, : s + T].repeat_interleave(G, dim=0)
+        visible = torch.cat([torch.ones(T, s, dtype=torch.bool), case.mask_bool[b]], dim=1)  # [T, s+T]
+        scores = torch.einsum("thd,hpd->htp", q[b], keys) * scale
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        out[b] = torch.einsum("htp,hpd->thd", probs, vals)
+    return out
+
+
+def torch_lowp(case: Case) -> torch.Tensor:
+    """The same math done by PyTorch in the low-precision dtype (the yardstick of DESIGN §6)."""
+    B, T, Hq, D = case.q.shape
+    G = Hq // case.k.shape[1]
+    out = torch.zeros_like(case.q)
+    for b in range(B):
+        s = int(case.seqlens[b])
+        keys = case.k[b, :, : s + T].repeat_interleave(G, dim=0)
+        vals = case.v[b, :, : s + T].repeat_interleave(G, dim=0)
+        visible = torch.cat([torch.ones(T, s, dtype=torch.bool), case.mask_bool[b]], dim=1).to(out.device)
+        scores = (case.q[b].transpose(0, 1) @ keys.transpose(1, 2)) * D**-0.5
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out[b] = (probs @ vals).transpose(0, 1)
+    return out
+
+
+def assert_matches(out: torch.Tensor, case: Case, want64: torch.Tensor, what: str) -> None:
+    assert out.shape == case.q.shape and out.dtype == case.q.dtype, what
+    assert out.is_contiguous(), what
+    if out.dtype in LOWP:
+        assert_close_lowp(out.cpu(), want64, torch_lowp(case).cpu())
+        return
+    rtol = FP32_RTOL if out.dtype == torch.float32 else 1e-10
+    scale = want64.abs().max().item()
+    torch.testing.assert_close(out.cpu().double(), want64, rtol=rtol, atol=rtol * scale, msg=what)
+
+
+def random_shape(gen: torch.Generator, *, t_choices, d_choices, groups=(1, 2, 4, 8)):
+    pick = lambda xs: xs[int(torch.randint(0, len(xs), (1,), generator=gen))]
+    Hkv = pick((1, 2))
+    return (
+        int(torch.randint(1, 5, (1,), generator=gen)),  # B
+        pick(t_choices),  # T
+        Hkv * pick(groups),  # Hq
+        Hkv,
+        pick(d_choices),  # D
+    )
+
+
+def isa_params():
+    """CPU instruction-set variants of the C++ kernel runnable on this machine."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        flags = []
+    have = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags), "avx2": "avx2" in flags}
+    params = []
+    for isa in ("avx512", "avx2", "generic"):
+        ok = have.get(isa, True)
+        params.append(pytest.param(isa, marks=() if ok else pytest.mark.skip(reason=f"CPU lacks {isa}")))
+    return params
+
+
+# --------------------------------------------------------------------------------------------------
+# Mask formats
+# --------------------------------------------------------------------------------------------------
+def test_pack_tree_mask_known_bits():
+    mask = torch.zeros(1, 40, 40, dtype=torch.bool)
+    mask[0, 0, [0, 3, 9]] = True
+    mask[0, 1, [31, 32, 39]] = True
+    u8 = pack_tree_mask(mask, "u8")
+    i32 = pack_tree_mask(mask, "i32")
+    assert u8.dtype == torch.uint8 and u8.shape == (1, 40, 5)
+    assert i32.dtype == torch.int32 and i32.shape == (1, 40, 2)
+    assert u8[0, 0].tolist() == [0b1001, 0b10, 0, 0, 0]
+    assert u8[0, 1].tolist() == [0, 0, 0, 0x80, 0x81]
+    assert i32[0, 0].tolist() == [1 + 8 + 512, 0]
+    assert i32[0, 1].tolist() == [-(2**31), 1 + 128]  # bit 31 is the int32 sign bit
+    assert not u8[0, 2:].any() and not i32[0, 2:].any()
+
+
+@pytest.mark.parametrize("T", [1, 7, 8, 9, 31, 32, 33, 64, 70])
+@pytest.mark.parametrize("fmt", ["u8", "i32"])
+def test_pack_unpack_roundtrip(T, fmt):
+    mask = torch.rand(3, T, T, generator=torch.Generator().manual_seed(T)) < 0.5
+    packed = pack_tree_mask(mask, fmt)
+    assert packed.shape[-1] == math.ceil(T / (8 if fmt == "u8" else 32))
+    assert torch.equal(unpack_tree_mask(packed, T), mask)
+
+
+def test_unpack_ignores_bits_past_T():
+    packed = torch.full((1, 5, 1), 0xFF, dtype=torch.uint8)
+    assert unpack_tree_mask(packed, 5).all()
+    packed32 = torch.full((1, 5, 1), -1, dtype=torch.int32)
+    assert unpack_tree_mask(packed32, 5).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference vs oracle
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_fmt", MASK_FORMATS)
+@pytest.mark.parametrize(
+    "B,T,Hq,Hkv,D",
+    [(1, 1, 1, 1, 16), (3, 7, 4, 2, 40), (2, 13, 8, 1, 64), (4, 5, 8, 8, 128), (2, 64, 4, 2, 16)],
+)
+def test_reference_matches_oracle(B, T, Hq, Hkv, D, mask_fmt):
+    case = make_case(B, T, Hq, Hkv, D, mask_fmt, seed=B * 100 + T)
+    want = oracle(case)
+    assert_matches(tree_attention_ref(*case.args()), case, want, "float64 reference")
+    case32 = case.to(torch.float32)
+    assert_matches(tree_attention_ref(*case32.args()), case32, want, "float32 reference")
+
+
+def test_reference_prefix_zero_and_custom_scale():
+    case = make_case(3, 9, 4, 2, 32, "bool", seed=5, prefix_max=0)
+    assert int(case.seqlens.max()) == 0
+    assert_matches(tree_attention_ref(*case.args(), sm_scale=0.3), case, oracle(case, 0.3), "prefix 0")
+
+
+def test_reference_matches_sdpa_for_causal_prefill():
+    """Independent cross-check: with an empty prefix and no mask this is causal attention."""
+    case = make_case(2, 11, 4, 2, 16, "causal", seed=9, prefix_max=0)
+    q = case.q.transpose(1, 2)
+    k, v = case.k[:, :, :11], case.v[:, :, :11]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(tree_attention_ref(*case.args()), want.transpose(1, 2), rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# C++ kernel vs the reference
+# --------------------------------------------------------------------------------------------------
+def _require(backend: str, device: torch.device):
+    if backend not in backends_for(OP, device):
+        pytest.skip(f"backend {backend} is unavailable for {OP} on {device.type}")
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_cpp_matches_reference_fuzzed(isa, dtype, monkeypatch):
+    _require("cpp", torch.device("cpu"))
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    for seed in range(16):
+        gen = torch.Generator().manual_seed(seed)
+        B, T, Hq, Hkv, D = random_shape(
+            gen, t_choices=(1, 1, 2, 5, 8, 17, 33, 64, 100), d_choices=(16, 40, 64, 128)
+        )
+        fmt = MASK_FORMATS[seed % 4]
+        case = make_case(B, T, Hq, Hkv, D, fmt, seed, prefix_max=(0, 3, 70, 150)[seed % 4]).to(dtype)
+        want = oracle(case)
+        got = run_with_backend("cpp", tree_attention, *case.args())
+        assert_matches(got, case, want, f"cpp/{isa} seed={seed} shape={(B, T, Hq, Hkv, D)} mask={fmt}")
+
+
+def test_cpp_strided_inputs():
+    """q from a fused projection, a cache whose head dim is not contiguous, an int32 mask slice."""
+    _require("cpp", torch.device("cpu"))
+    case = make_case(2, 6, 4, 2, 24, "i32", seed=11)
+    fused = torch.randn(2, 6, 3 * 4 * 24, dtype=torch.float64)
+    fused[..., : 4 * 24] = case.q.reshape(2, 6, -1)
+    q = fused[..., : 4 * 24].view(2, 6, 4, 24)
+    k_t = case.k.transpose(-1, -2).contiguous().transpose(-1, -2)  # stride(-1) != 1
+    assert not q.is_contiguous() and k_t.stride(-1) != 1
+    want = oracle(case)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        c = Case(q.to(dtype), k_t.to(dtype), case.v.to(dtype), case.seqlens, case.mask, case.mask_bool)
+        for backend in ["torch", "cpp"]:
+            got = run_with_backend(backend, tree_attention, *c.args())
+            assert_matches(got, c, want, f"{backend} {dtype}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels vs the reference (interpreter on CPU: tiny sizes)
+# --------------------------------------------------------------------------------------------------
+def _triton_sizes(device: torch.device):
+    if device.type == "cuda":
+        return dict(t_choices=(1, 5, 16, 33, 64, 100), d_choices=(16, 40, 64, 80, 128, 256)), 70, 24
+    return dict(t_choices=(1, 3, 6), d_choices=(16, 24)), 20, 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_matches_reference_fuzzed(device, dtype):
+    _require("triton", device)
+    sizes, prefix_max, seeds = _triton_sizes(device)
+    for seed in range(seeds):
+        gen = torch.Generator().manual_seed(seed)
+        B, T, Hq, Hkv, D = random_shape(
+            gen, groups=(1, 2, 4, 8) if device.type == "cuda" else (1, 4), **sizes
+        )
+        fmt = MASK_FORMATS[seed % 4]
+        case = make_case(B, T, Hq, Hkv, D, fmt, seed, prefix_max=prefix_max).to(dtype, device)
+        got = run_with_backend("triton", tree_attention, *case.args())
+        assert_matches(got, case, oracle(case.to(device="cpu")), f"triton seed={seed} mask={fmt}")
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 7])
+def test_triton_split_prefix_matches_reference(device, num_splits):
+    """The flash-decoding variant: prefix chunks per program plus the combine kernel; with 7 splits
+    of a short prefix some splits are empty."""
+    _require("triton", device)
+    for fmt in ("causal", "u8"):
+        case = make_case(3, 2, 4, 2, 16, fmt, seed=num_splits, prefix_max=40).to(torch.float32, device)
+        got = _tree_attention_triton(*case.args(), sm_scale=16**-0.5, num_splits=num_splits)
+        assert_matches(got, case, oracle(case.to(device="cpu")), f"splits={num_splits} mask={fmt}")
+
+
+def test_triton_long_tree_and_gqa8(device):
+    """T=64 (one full query block), and the 8-head group packed into the query block."""
+    _require("triton", device)
+    for B, T, Hq, Hkv in [(1, 64, 1, 1), (2, 4, 8, 1)]:
+        case = make_case(B, T, Hq, Hkv, 16, "i32", seed=T, prefix_max=10).to(torch.float32, device)
+        got = run_with_backend("triton", tree_attention, *case.args())
+        assert_matches(got, case, oracle(case.to(device="cpu")), f"triton T={T} G={Hq // Hkv}")
+
+
+def test_plan_launch_heuristic():
+    sms = 132
+    decode = plan_launch(B=1, Hkv=8, T=1, G=4, S_max=4096, D=128, num_sms=sms)
+    assert decode.num_splits > 1, "batch 1 with a long prefix must split the prefix"
+    assert decode.num_splits * 8 >= sms, "the split grid should fill the GPU"
+    assert decode.chunk % decode.block_n == 0 and decode.chunk * decode.num_splits >= 4096
+    busy = plan_launch(B=32, Hkv=8, T=64, G=4, S_max=2112, D=128, num_sms=sms)
+    assert busy.num_splits == 1, "enough (row block, sequence, head) programs: no split needed"
+    short = plan_launch(B=1, Hkv=1, T=1, G=1, S_max=100, D=64, num_sms=sms)
+    assert short.num_splits == 1, "a short cache is not worth splitting"
+    assert plan_launch(B=1, Hkv=1, T=1, G=1, S_max=10**6, D=64, num_sms=sms).num_splits <= 64
+
+
+# --------------------------------------------------------------------------------------------------
+# Behaviour shared by every backend
+# --------------------------------------------------------------------------------------------------
+def _all_backends(device):
+    return ["torch"] + backends_for(OP, device)
+
+
+def test_row_that_sees_nothing_gets_zeros(device):
+    case = make_case(2, 4, 2, 1, 16, "bool", seed=1, prefix_max=0).to(torch.float32, device)
+    case.seqlens[:] = 0
+    mask = case.mask.clone()
+    mask[1, 2] = False  # sequence 1, token 2: no prefix and no visible new token
+    for backend in _all_backends(device):
+        out = run_with_backend(backend, tree_attention, case.q, case.k, case.v, case.seqlens, mask)
+        assert torch.isfinite(out).all(), backend
+        assert torch.equal(out[1, 2].cpu(), torch.zeros(2, 16)), backend
+        assert out[0].abs().sum() > 0, backend
+
+
+def test_sm_scale_is_honoured(device):
+    case = make_case(2, 3, 4, 2, 16, "causal", seed=2).to(torch.float32, device)
+    want = oracle(case.to(device="cpu"), sm_scale=0.7)
+    for backend in _all_backends(device):
+        out = run_with_backend(backend, tree_attention, *case.args(), sm_scale=0.7)
+        assert_matches(out, case, want, backend)
+
+
+def test_all_mask_formats_agree(device):
+    case = make_case(2, 5, 2, 2, 16, "bool", seed=4)
+    outs = []
+    for fmt in ("bool", "u8", "i32"):
+        mask = case.mask_bool if fmt == "bool" else pack_tree_mask(case.mask_bool, fmt)
+        c = Case(case.q, case.k, case.v, case.seqlens, mask, case.mask_bool).to(torch.float32, device)
+        for backend in _all_backends(device):
+            outs.append((fmt, backend, run_with_backend(backend, tree_attention, *c.args()).cpu()))
+    for fmt, backend, out in outs[1:]:
+        torch.testing.assert_close(out, outs[0][2], rtol=FP32_RTOL, atol=1e-6, msg=f"{fmt}/{backend}")
+
+
+def test_empty_batch_and_zero_tokens():
+    for B, T in [(0, 3), (2, 0)]:
+        q = torch.randn(B, T, 2, 16)
+        k = torch.randn(B, 1, 8, 16)
+        seqlens = torch.zeros(B, dtype=torch.int32)
+        for backend in _all_backends(torch.device("cpu")):
+            out = run_with_backend(backend, tree_attention, q, k, k, seqlens)
+            assert out.shape == (B, T, 2, 16), backend
+
+
+def test_default_cpu_backend_is_cpp():
+    """On CPU the C++ kernel runs by default once the extension is built (faster: see the bench)."""
+    _require("cpp", torch.device("cpu"))
+    assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------------
+def _bad_cases():
+    def with_(**kw):
+        return lambda a: a.update(kw)
+
+    return [
+        (lambda a: a.update(q=a["q"][0]), "q must have 4 dimensions"),
+        (lambda a: a.update(k=a["k"][0]), "k_cache must have 4 dimensions"),
+        (lambda a: a.update(q=a["q"].double()), "dtypes must match"),
+        (lambda a: a.update(q=a["q"].int(), k=a["k"].int(), v=a["v"].int()), "q must have dtype"),
+        (lambda a: a.update(q=a["q"][:, :, :3]), "multiple of kv heads"),
+        (lambda a: a.update(q=a["q"][..., :8]), "head dim mismatch"),
+        (
+            lambda a: a.update(q=a["q"][..., :8], k=a["k"][..., :8], v=a["v"][..., :8]),
+            "outside the supported",
+        ),
+        (lambda a: a.update(v=a["v"][:, :, :5]), "must match"),
+        (lambda a: a.update(k=a["k"][:1], v=a["v"][:1]), "with B=2"),
+        (lambda a: a.update(seqlens=a["seqlens"].long()), "cache_seqlens must have dtype"),
+        (lambda a: a.update(seqlens=a["seqlens"][:1]), r"cache_seqlens must have shape \[2\]"),
+        (lambda a: a["seqlens"].__setitem__(1, a["seqlens"][1] + 1), "must fit S_max"),
+        (lambda a: a["seqlens"].__setitem__(0, -1), "must be >= 0"),
+        (lambda a: a.update(seqlens=a["seqlens"].to("meta")), "is on meta"),
+        (with_(mask=torch.ones(2, 4, 4, dtype=torch.bool)), r"must have shape \[B, T, 5\]"),
+        (with_(mask=torch.ones(2, 5, 5, dtype=torch.float32)), "tree_mask must have dtype"),
+        (
+            with_(mask=torch.ones(2, 5, 2, dtype=torch.uint8)),
+            r"uint8 bit-packed\) must have shape \[B, T, 1\]",
+        ),
+        (with_(mask=torch.ones(2, 5, 2, dtype=torch.int32)), r"int32 bit-packed\) must have shape"),
+        (with_(mask=torch.ones(2, 5, dtype=torch.bool)), "tree_mask must have 3 dimensions"),
+    ]
+
+
+def full_cache_case() -> Case:
+    """B=2, T=5, Hq=4, Hkv=2, D=16; sequence 1 fills its cache exactly (cache_seqlens + T = S_max)."""
+    case = make_case(2, 5, 4, 2, 16, "causal", seed=3, prefix_max=10, spare=0).to(torch.float32)
+    case.seqlens[:] = torch.tensor([3, case.k.shape[2] - 5], dtype=torch.int32)
+    return case
+
+
+@pytest.mark.parametrize("mutate,match", _bad_cases())
+def test_bad_input_raises(mutate, match):
+    case = full_cache_case()
+    args = {"q": case.q, "k": case.k, "v": case.v, "seqlens": case.seqlens.clone(), "mask": None}
+    mutate(args)
+    for backend in _all_backends(torch.device("cpu")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            run_with_backend(
+                backend, tree_attention, args["q"], args["k"], args["v"], args["seqlens"], args["mask"]
+            )
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: a.__setitem__(3, a[3] + 1), "must fit S_max"),
+        (lambda a: a.__setitem__(0, a[0][:, :, :3]), "multiple of kv heads"),
+        (lambda a: a.__setitem__(4, torch.ones(2, 5, 3, dtype=torch.uint8)), "must have shape"),
+        (lambda a: a.__setitem__(4, torch.ones(2, 5, 5, dtype=torch.int64)), "tree_mask must be bool"),
+    ],
+)
+def test_cpp_op_checks_its_own_arguments(mutate, match):
+    """The extension op validates too (it can be called directly as torch.ops.eagle_C.tree_attention)."""
+    _require("cpp", torch.device("cpu"))
+    case = full_cache_case()
+    args = [case.q, case.k, case.v, case.seqlens, None, 0.25]
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.eagle_C.tree_attention(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library integration
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_fmt", MASK_FORMATS)
+def test_opcheck(mask_fmt):
+    case = make_case(2, 5, 4, 2, 16, mask_fmt, seed=6).to(torch.float32)
+    torch.library.opcheck(torch.ops.eagle.tree_attention.default, (*case.args(), 0.25))
+
+
+def test_torch_compile():
+    case = make_case(2, 6, 4, 2, 16, "u8", seed=8).to(torch.float32)
+
+    def layer(q, k, v, seqlens, mask):
+        return tree_attention(q * 2, k, v, seqlens, mask).sum(-1)
+
+    want = layer(*case.args())
+    got = torch.compile(layer, fullgraph=False)(*case.args())
+    torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B", [1, 8, 32])
+def test_triton_cuda_bench_shapes(B, dtype):
+    """The benchmark's shapes (Llama-8B-like heads, prefix 2048, a 64-token tree) on a real GPU."""
+    T, Hq, Hkv, D, prefix = 64, 32, 8, 128, 2048
+    gen = torch.Generator().manual_seed(B)
+    seqlens = torch.full((B,), prefix, dtype=torch.int32)
+    kv = torch.randn(1, 2, B, Hkv, prefix + T, D, generator=gen).to(dtype)
+    q = torch.randn(B, T, Hq, D, generator=gen).to(dtype)
+    mask_bool = tree_masks(B, T, seed=B)
+    case = Case(q, kv[0, 0], kv[0, 1], seqlens, pack_tree_mask(mask_bool, "i32"), mask_bool)
+    want = tree_attention_ref(*case.to(torch.float64, "cuda").args()).cpu()
+    case = case.to(device="cuda")
+    got = run_with_backend("triton", tree_attention, *case.args())
+    assert_matches(got, case, want, f"cuda B={B}")
