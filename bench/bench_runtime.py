@@ -12,6 +12,7 @@ load hits both alike.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -110,9 +111,9 @@ def time_decode(decoder, new_tokens: int) -> tuple[float, list[int]]:
     return (time.perf_counter() - start) / new_tokens, tokens
 
 
-def run(rounds: int, new_tokens: int, threads: int | None) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+def run(rounds: int, new_tokens: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()  # other processes on the machine slow both implementations
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build_models(Path(tmp))
     prompt = torch.randint(
@@ -130,6 +131,7 @@ def run(rounds: int, new_tokens: int, threads: int | None) -> dict:
         for name, dec in decoders.items():
             seconds, outputs[name] = time_decode(dec, new_tokens)
             times[name].append(seconds)
+    load_after = os.getloadavg()
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     ours_ms, hf_ms = ms["eagle runtime"], ms["HF forward + DynamicCache"]
     return {
@@ -138,6 +140,7 @@ def run(rounds: int, new_tokens: int, threads: int | None) -> dict:
         "new_tokens_per_round": new_tokens,
         "rounds": rounds,
         "threads": torch.get_num_threads(),
+        "load_average_1_5_15min": {"before": load_before, "after": load_after},
         "ms_per_token_median": ms,
         "ms_per_token_all_rounds": {n: [1e3 * s for s in t] for n, t in times.items()},
         "speedup_vs_hf": hf_ms / ours_ms,
@@ -155,7 +158,10 @@ def print_table(result: dict) -> None:
     print(f"{'implementation':<28}{'ms/token':>10}{'tokens/s':>10}{'vs HF':>8}")
     for name, value in ms.items():
         print(f"{name:<28}{value:>10.2f}{1e3 / value:>10.1f}{hf_ms / value:>7.2f}x")
-    print(f"same greedy tokens: {result['same_greedy_tokens']}")
+    print(
+        f"same greedy tokens: {result['same_greedy_tokens']}; load average before/after: "
+        f"{result['load_average_1_5_15min']['before'][0]:.1f}/{result['load_average_1_5_15min']['after'][0]:.1f}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,13 +170,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, torch.get_num_threads()],
+        help="torch thread counts to run",
+    )
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.rounds, args.new_tokens, args.threads)
-    print_table(result)
+    results = []
+    for threads in dict.fromkeys(args.threads):
+        results.append(run(args.rounds, args.new_tokens, threads))
+        print_table(results[-1])
     if not args.no_save:
-        print(f"wrote {save_json('runtime_cpu.json', result)}")
+        print(f"wrote {save_json('runtime_cpu.json', {'runs': results})}")
 
 
 # --------------------------------------------------------------------------------------------------
