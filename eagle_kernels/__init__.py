@@ -33,6 +33,7 @@ from eagle_kernels.tree_speculative_sampling import (
     tree_speculative_sampling_ref,
 )
 from eagle_kernels.verify_tree_greedy import verify_tree_greedy, verify_tree_greedy_ref
+from eagle_kernels.warp_logits import warp_logits, warp_logits_ref
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ OPS = (
     "fused_draft_input",
     "fused_eagle3_input",
     "verify_tree_greedy",
+    "warp_logits",
     "tree_speculative_sampling",
     "chain_speculative_sampling",
 )
@@ -90,4 +92,6 @@ __all__ = [
     "use_backend",
     "verify_tree_greedy",
     "verify_tree_greedy_ref",
+    "warp_logits",
+    "warp_logits_ref",
 ]
