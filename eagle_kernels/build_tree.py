@@ -308,6 +308,7 @@ def _mark(acc, slot, lanes, take, ACC: tl.constexpr):
 def _walk_to_root(
     slots,
     sel_row,
+    sel_vec,
     parent_row,
     count,
     topk,
@@ -317,6 +318,7 @@ def _walk_to_root(
     lanes,
     ACC: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Climb from every slot in ``slots`` to the root, at most ``depth`` hops.
 
@@ -328,6 +330,7 @@ def _walk_to_root(
     ok = live & ((slots * 0 + seq_bad) == 0)  # (vector & scalar-bool trips the interpreter)
     value = tl.load(sel_row + slots - 1, mask=ok & ~is_root, other=0).to(tl.int64)
     here = slots.to(tl.int64)
+    lanes_n = tl.arange(0, BLOCK_N)
     parent = tl.full(slots.shape, -1, tl.int64)
     levels = tl.zeros(slots.shape, tl.int64)
     arrived = is_root
@@ -336,7 +339,13 @@ def _walk_to_root(
         row = value // topk
         to_root = row == 0
         up = tl.load(parent_row + row, mask=climbing & ~to_root, other=0).to(tl.int64)
-        pos, found = _lower_bound(sel_row, count, up, SEARCH_STEPS)
+        # Where is the parent among the selected? (Inlined: nested jit calls are slow to interpret.)
+        if SEARCH_STEPS == 0:  # small n: compare with the whole selected row, held in registers
+            hit = (sel_vec[None, :] == up[:, None]) & (lanes_n[None, :] < count)
+            pos = tl.min(tl.where(hit, lanes_n[None, :], BLOCK_N), axis=1).to(tl.int64)
+            found = pos < BLOCK_N
+        else:  # binary search in memory
+            pos, found = _lower_bound(sel_row, count, up, SEARCH_STEPS)
         good = to_root | (found & (up < row * topk))
         ok = ok & (~climbing | good)
         step = climbing & good
@@ -345,8 +354,63 @@ def _walk_to_root(
         levels += step.to(tl.int64)
         arrived = arrived | (step & to_root)
         value = tl.where(step, up, value)
-        acc = _mark(acc, here, lanes, step, ACC)
+        if ACC == 1:  # mark the new ancestor (inlined _mark)
+            acc = acc | ((lanes[None, :] == here[:, None]) & step[:, None])
+        elif ACC == 2:
+            bit = (tl.full(here.shape, 1, tl.int64) << (here % 32)).to(tl.int32)
+            acc = acc | tl.where((lanes[None, :] == (here // 32)[:, None]) & step[:, None], bit[:, None], 0)
     return parent, levels, ok & arrived, acc
+
+
+@triton.jit
+def _initial_rows(rows, lanes, n, MODE: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Mask rows before the walk: the root and the slot itself."""
+    if MODE <= 1:
+        init = (lanes[None, :] == rows[:, None]) | (lanes[None, :] == 0)
+    else:
+        live = rows < n
+        init = tl.zeros([rows.shape[0], BLOCK_W], tl.int32)
+        init = _mark(init, rows.to(tl.int64), lanes, live, 2)
+        init = _mark(init, rows.to(tl.int64) * 0, lanes, live, 2)
+    return init
+
+
+@triton.jit
+def _store_rows(
+    b, n, rows, parent, levels, valid, acc, init, col_parent, col_valid, cols, lanes, seq_len, misfit,
+    row_start, row_stride, col_start, mask_ptr, pos_ptr, ridx_ptr, next_ptr, sib_ptr,
+    MODE: tl.constexpr, NUM_UNITS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Write positions, links and mask rows of the slots ``rows`` (flagged slots: position -1, no
+    links, mask = root + self)."""
+    live = rows < n
+    acc = tl.where(valid[:, None], acc, init)
+    flat = b * n + rows
+    tl.store(pos_ptr + flat, tl.where(valid, seq_len + levels, -1), mask=live)
+    tl.store(ridx_ptr + flat, flat.to(ridx_ptr.dtype.element_ty), mask=live)
+    later_sibling = (
+        (col_parent[None, :] == parent[:, None])
+        & col_valid[None, :]
+        & (cols[None, :] > rows[:, None])
+        & valid[:, None]
+    )
+    nxt = tl.min(tl.where(later_sibling, cols[None, :], BLOCK_N), axis=1)
+    child = (col_parent[None, :] == rows[:, None]) & col_valid[None, :]
+    first = tl.min(tl.where(child, cols[None, :], BLOCK_N), axis=1)
+    tl.store(sib_ptr + flat, tl.where(nxt == BLOCK_N, -1, nxt).to(sib_ptr.dtype.element_ty), mask=live)
+    tl.store(next_ptr + flat, tl.where(first == BLOCK_N, -1, first).to(next_ptr.dtype.element_ty), mask=live)
+    if MODE <= 1:
+        where = mask_ptr + row_start + rows[:, None] * row_stride + col_start + lanes[None, :]
+        fits = (lanes[None, :] * 0 + misfit) == 0
+        tl.store(where, acc, mask=live[:, None] & (lanes[None, :] < n) & fits)
+    elif MODE == 2:
+        byte = tl.arange(0, 4)
+        values = ((acc >> (8 * byte[None, :])) & 255).to(tl.uint8)
+        where = mask_ptr + flat[:, None] * NUM_UNITS + byte[None, :]
+        tl.store(where, values, mask=live[:, None] & (byte[None, :] < NUM_UNITS))
+    else:
+        where = mask_ptr + flat[:, None] * NUM_UNITS + lanes[None, :]
+        tl.store(where, acc, mask=live[:, None] & (lanes[None, :] < NUM_UNITS))
 
 
 @triton.jit
@@ -404,66 +468,38 @@ def _build_tree_kernel(
         misfit = 1 - fits.to(tl.int32)
         seq_bad += misfit
 
-    # Parent and validity of every slot, needed as the columns of the child-link search.
-    cols = tl.arange(0, BLOCK_N)
-    col_parent, _, col_valid, _ = _walk_to_root(
-        cols, sel_row, parent_row, count, topk, depth, seq_bad, cols, cols, 0, SEARCH_STEPS
-    )
     if MODE <= 1:
         lanes = tl.arange(0, BLOCK_N)
     else:
         lanes = tl.arange(0, BLOCK_W)
-    for r0 in range(0, n, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        live = rows < n
-        if MODE <= 1:
-            init = (lanes[None, :] == rows[:, None]) | (lanes[None, :] == 0)
-        else:
-            init = tl.zeros([BLOCK_R, BLOCK_W], tl.int32)
-            init = _mark(init, rows.to(tl.int64), lanes, live, 2)
-            init = _mark(init, rows.to(tl.int64) * 0, lanes, live, 2)
+    cols = tl.arange(0, BLOCK_N)
+    if BLOCK_R == BLOCK_N:  # one tile holds every slot: its walk also gives the link columns
+        init = _initial_rows(cols, lanes, n, MODE, BLOCK_W)
         parent, levels, valid, acc = _walk_to_root(
-            rows,
-            sel_row,
-            parent_row,
-            count,
-            topk,
-            depth,
-            seq_bad,
-            init,
-            lanes,
-            1 if MODE <= 1 else 2,
-            SEARCH_STEPS,
+            cols, sel_row, v, parent_row, count, topk, depth, seq_bad, init, lanes, 1 if MODE <= 1 else 2,
+            SEARCH_STEPS, BLOCK_N,
+        )  # fmt: skip
+        _store_rows(
+            b, n, cols, parent, levels, valid, acc, init, parent, valid, cols, lanes, seq_len, misfit,
+            row_start, row_stride, col_start, mask_ptr, pos_ptr, ridx_ptr, next_ptr, sib_ptr,
+            MODE, NUM_UNITS, BLOCK_N,
+        )  # fmt: skip
+    else:
+        col_parent, _, col_valid, _ = _walk_to_root(
+            cols, sel_row, v, parent_row, count, topk, depth, seq_bad, cols, cols, 0, SEARCH_STEPS, BLOCK_N
         )
-        acc = tl.where(valid[:, None], acc, init)
-        flat = b * n + rows
-        tl.store(pos_ptr + flat, tl.where(valid, seq_len + levels, -1), mask=live)
-        tl.store(ridx_ptr + flat, flat.to(ridx_ptr.dtype.element_ty), mask=live)
-        later_sibling = (
-            (col_parent[None, :] == parent[:, None])
-            & col_valid[None, :]
-            & (cols[None, :] > rows[:, None])
-            & valid[:, None]
-        )
-        nxt = tl.min(tl.where(later_sibling, cols[None, :], BLOCK_N), axis=1)
-        child = (col_parent[None, :] == rows[:, None]) & col_valid[None, :]
-        first = tl.min(tl.where(child, cols[None, :], BLOCK_N), axis=1)
-        tl.store(sib_ptr + flat, tl.where(nxt == BLOCK_N, -1, nxt).to(sib_ptr.dtype.element_ty), mask=live)
-        tl.store(
-            next_ptr + flat, tl.where(first == BLOCK_N, -1, first).to(next_ptr.dtype.element_ty), mask=live
-        )
-        if MODE <= 1:
-            where = mask_ptr + row_start + rows[:, None] * row_stride + col_start + lanes[None, :]
-            fits = (lanes[None, :] * 0 + misfit) == 0
-            tl.store(where, acc, mask=live[:, None] & (lanes[None, :] < n) & fits)
-        elif MODE == 2:
-            byte = tl.arange(0, 4)
-            values = ((acc >> (8 * byte[None, :])) & 255).to(tl.uint8)
-            where = mask_ptr + flat[:, None] * NUM_UNITS + byte[None, :]
-            tl.store(where, values, mask=live[:, None] & (byte[None, :] < NUM_UNITS))
-        else:
-            where = mask_ptr + flat[:, None] * NUM_UNITS + lanes[None, :]
-            tl.store(where, acc, mask=live[:, None] & (lanes[None, :] < NUM_UNITS))
+        for r0 in range(0, n, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            init = _initial_rows(rows, lanes, n, MODE, BLOCK_W)
+            parent, levels, valid, acc = _walk_to_root(
+                rows, sel_row, v, parent_row, count, topk, depth, seq_bad, init, lanes, 1 if MODE <= 1 else 2,
+                SEARCH_STEPS, BLOCK_N,
+            )  # fmt: skip
+            _store_rows(
+                b, n, rows, parent, levels, valid, acc, init, col_parent, col_valid, cols, lanes, seq_len, misfit,
+                row_start, row_stride, col_start, mask_ptr, pos_ptr, ridx_ptr, next_ptr, sib_ptr,
+                MODE, NUM_UNITS, BLOCK_N,
+            )  # fmt: skip
 
 
 def _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
@@ -495,7 +531,9 @@ def _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, dep
         BLOCK_N=block_n,
         BLOCK_R=max(1, min(block_n, 4096 // block_n)),
         BLOCK_W=block_w,
-        SEARCH_STEPS=max(1, n.bit_length()),
+        # Small trees find parents by comparing against the whole selected row (in registers);
+        # larger ones binary-search it in memory.
+        SEARCH_STEPS=0 if block_n <= 64 else n.bit_length(),
     )
 
 

@@ -1,0 +1,129 @@
+"""build_tree: C++ (CPU) / Triton / CUDA vs the PyTorch reference.
+
+pytest bench/bench_build_tree.py --benchmark-only --benchmark-group-by=group
+
+CPU: the reference, the raw C++ kernel (``torch.ops.eagle_C.build_tree`` into pre-allocated outputs)
+and the public ``build_tree`` on the cpp backend (argument checks, allocation and custom-op dispatch
+included), for B in {1, 16, 64} and n in {8, 64}. CUDA (needs a GPU): reference, Triton and the CUDA
+kernel for B in {1, 8, 16, 64}. The mean times and the reference/kernel ratios are written to
+``bench/results/build_tree_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle_kernels
+from bench.utils import save_json, synchronized
+from eagle_kernels import build_tree as bt
+from eagle_kernels._backend import available_backends
+
+# (n, topk, depth): SGLang-like small tree, EAGLE-2 paper-like tree.
+TREES = {8: (8, 4, 4), 64: (64, 8, 6)}
+CPU_BATCHES = (1, 16, 64)
+GPU_BATCHES = (1, 8, 16, 64)
+MODE = "qlen_bool"
+
+_RESULTS: dict[str, dict[str, float]] = {}
+
+
+def eagle2_inputs(B: int, n: int, topk: int, depth: int, seed: int = 0):
+    """parent_list / selected_index of a random EAGLE-2 draft (DESIGN §5), vectorised over the batch."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def top_logprobs(*shape):
+        return torch.log_softmax(torch.randn(*shape, 4 * topk, generator=gen), -1).topk(topk, dim=-1).values
+
+    frontier = top_logprobs(B)
+    scores = [frontier]
+    parents = [torch.arange(-1, topk).expand(B, topk + 1)]
+    for step in range(1, depth):
+        children = (frontier[:, :, None] + top_logprobs(B, topk)).flatten(1)
+        scores.append(children)
+        frontier, best = children.topk(topk, dim=-1)
+        parents.append(best + topk + (step - 1) * topk * topk)
+    selected = torch.cat(scores, 1).topk(n - 1, dim=-1).indices.sort(dim=-1).values
+    parent_list = torch.cat(parents, 1)[:, : topk * (depth - 1) + 1].contiguous()
+    return parent_list, selected
+
+
+def _case(B, n, device):
+    _, topk, depth = TREES[n]
+    parent_list, selected = eagle2_inputs(B, n, topk, depth)
+    seq_lens = torch.randint(100, 400, (B,), generator=torch.Generator().manual_seed(1))
+    kw = dict(topk=topk, depth=depth, num_draft_tokens=n, mask_mode=MODE)
+    return (parent_list.to(device), selected.to(device), seq_lens.to(device)), kw
+
+
+def _runner(impl, args, kw, device):
+    if impl == "reference":
+        return lambda: bt.build_tree_ref(*args, **kw)
+    if impl == "cpp_kernel":
+        out = bt._allocate_outputs(args[1], args[2], kw["num_draft_tokens"], bt.MASK_MODES[MODE])
+        op = torch.ops.eagle_C.build_tree
+        extra = (kw["topk"], kw["depth"], kw["num_draft_tokens"], bt.MASK_MODES[MODE])
+        return lambda: op(*args, *out, *extra)
+    backend = {"cpp_public": "cpp"}.get(impl, impl)
+
+    def call():
+        with eagle_kernels.use_backend(backend):
+            return bt.build_tree(*args, **kw)
+
+    return call
+
+
+def _record(benchmark, device, B, n, impl):
+    stats = getattr(benchmark, "stats", None)
+    if stats is None or getattr(stats, "stats", None) is None:
+        return  # --benchmark-disable
+    key = f"B={B},n={n}"
+    _RESULTS.setdefault(f"{device.type}", {}).setdefault(key, {})[impl] = stats.stats.mean
+    row = _RESULTS[device.type][key]
+    if "reference" in row:
+        for name, t in row.items():
+            if name != "reference":
+                row[f"speedup_{name}_vs_reference"] = row["reference"] / t
+    save_json(
+        f"build_tree_{device.type}.json",
+        {"mode": MODE, "trees": TREES, "mean_seconds": _RESULTS[device.type]},
+    )
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp_kernel", "cpp_public"])
+@pytest.mark.parametrize("n", list(TREES))
+@pytest.mark.parametrize("B", CPU_BATCHES)
+def test_build_tree_cpu(benchmark, B, n, impl):
+    device = torch.device("cpu")
+    if impl != "reference" and "cpp" not in available_backends("build_tree", device):
+        pytest.skip("the C++ extension is not built")
+    args, kw = _case(B, n, device)
+    benchmark.group = f"build_tree cpu B={B} n={n}"
+    benchmark(_runner(impl, args, kw, device))
+    _record(benchmark, device, B, n, impl)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["reference", "triton", "cuda"])
+@pytest.mark.parametrize("n", list(TREES))
+@pytest.mark.parametrize("B", GPU_BATCHES)
+def test_build_tree_cuda(benchmark, B, n, impl):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none is present on this machine")
+    device = torch.device("cuda")
+    if impl != "reference" and impl not in available_backends("build_tree", device):
+        pytest.skip(f"{impl} backend unavailable")
+    args, kw = _case(B, n, device)
+    benchmark.group = f"build_tree cuda B={B} n={n}"
+    if impl == "reference":
+        fn = synchronized(lambda: bt.build_tree_ref(*args, **kw), device)
+    else:
+        out = bt._allocate_outputs(args[1], args[2], kw["num_draft_tokens"], bt.MASK_MODES[MODE])
+
+        def launch():
+            with eagle_kernels.use_backend(impl):
+                bt.build_tree(*args, **kw, out=out)
+
+        fn = synchronized(launch, device)
+    benchmark(fn)
+    _record(benchmark, device, B, n, impl)
