@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import BACKENDS, available_backends, select_backend, use_backend
+from eagle_kernels.build_tree import (
+    MC_SIM_7B_63,
+    StaticTree,
+    build_static_tree,
+    build_tree,
+    build_tree_ref,
+)
 from eagle_kernels.chain_speculative_sampling import (
     chain_speculative_sampling,
     chain_speculative_sampling_ref,
@@ -38,6 +45,7 @@ from eagle_kernels.warp_logits import warp_logits, warp_logits_ref
 __version__ = "0.1.0"
 
 OPS = (
+    "build_tree",
     "compact_kv_cache",
     "tree_attention",
     "fused_draft_input",
@@ -72,6 +80,11 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "backend_info",
+    "MC_SIM_7B_63",
+    "StaticTree",
+    "build_static_tree",
+    "build_tree",
+    "build_tree_ref",
     "compact_kv_cache",
     "compact_kv_cache_ref",
     "fused_draft_input",
