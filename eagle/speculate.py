@@ -311,15 +311,15 @@ class SpeculativeDecoder:
         # EAGLE-2 scores: the draft's raw (untempered) log-probabilities, in float32.
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def _tree_forward(self, s: _Batch, hidden, tokens, positions, mask, num_new: int):
-        """Run the draft over every tree row fed so far (the last ``num_new`` are new) and return the
-        new rows' (hidden, logprobs). Older rows are recomputed (same values) so that one
-        ``tree_attention`` call sees each row's ancestors; their K/V are rewritten identically."""
+    def _tree_forward(self, s: _Batch, hidden, tokens, positions, mask, past: int):
+        """Run the draft over the next rows of the tree block (``past`` rows were fed before) and
+        return their (hidden, logprobs). ``mask [b, T, past + T]``: the rows' ancestors in the block."""
         b, T, _ = hidden.shape
-        s.draft_cache.check_room(T)
-        index = torch.arange(T - num_new, T, device=hidden.device).expand(b, num_new)
-        d = self.head(hidden, tokens, s.draft_cache, positions=positions, tree_mask=mask, logits_index=index)
-        return d.hidden[:, T - num_new :], self._draft_logprobs(d.logits)
+        index = torch.arange(T, device=hidden.device).expand(b, T)
+        d = self.head(
+            hidden, tokens, s.draft_cache, positions=positions, tree_mask=mask, logits_index=index, past=past
+        )
+        return d.hidden, self._draft_logprobs(d.logits)
 
     def _draft_dynamic(self, s: _Batch):
         k, depth, n = self.topk, self.depth, self.num_tokens
@@ -328,30 +328,21 @@ class SpeculativeDecoder:
         frontier, scores, tokens, parents = expand_root(self._draft_logprobs(s.root_logits), k)
         score_list, token_list, parents_list = [scores], [tokens], [parents]
         base_pos = s.draft_cache.seqlens.long()[:, None]  # root position P
-        fed_hidden = fed_tokens = fed_mask = fed_pos = None
+        fed_mask = None  # [b, T, T] ancestor mask of the tree rows fed to the draft so far
         parent_hidden = s.root_hidden[:, None, :].expand(b, k, s.root_hidden.shape[-1])
         eye = torch.eye(k, dtype=torch.bool, device=device).expand(b, k, k)
         for level in range(1, depth):
-            new_hidden = parent_hidden
-            new_tokens = self.head_ids(frontier.tokens)
-            new_pos = (base_pos + level - 1).expand(b, k)
-            if fed_hidden is None:
-                fed_hidden, fed_tokens, fed_pos, fed_mask = new_hidden, new_tokens, new_pos, eye
+            positions = (base_pos + level - 1).expand(b, k)
+            if fed_mask is None:
+                past, rows_mask, fed_mask = 0, eye, eye
             else:
-                T = fed_hidden.shape[1]
-                parent_rows = (T - k) + frontier.parent_rows
-                rows_mask = fed_mask.gather(1, parent_rows[..., None].expand(b, k, T))
-                fed_mask = torch.cat(
-                    (
-                        torch.cat((fed_mask, torch.zeros(b, T, k, dtype=torch.bool, device=device)), 2),
-                        torch.cat((rows_mask, eye), 2),
-                    ),
-                    1,
-                )
-                fed_hidden = torch.cat((fed_hidden, new_hidden), 1)
-                fed_tokens = torch.cat((fed_tokens, new_tokens), 1)
-                fed_pos = torch.cat((fed_pos, new_pos), 1)
-            out_hidden, logp = self._tree_forward(s, fed_hidden, fed_tokens, fed_pos, fed_mask, k)
+                past = fed_mask.shape[1]
+                parent_rows = (past - k) + frontier.parent_rows
+                rows_mask = torch.cat((fed_mask.gather(1, parent_rows[..., None].expand(b, k, past)), eye), 2)
+                zeros = torch.zeros(b, past, k, dtype=torch.bool, device=device)
+                fed_mask = torch.cat((torch.cat((fed_mask, zeros), 2), rows_mask), 1)
+            tokens = self.head_ids(frontier.tokens)
+            out_hidden, logp = self._tree_forward(s, parent_hidden, tokens, positions, rows_mask, past)
             frontier, scores, tokens, parents = expand_level(frontier, logp, level + 1, k)
             parent_hidden = out_hidden.gather(
                 1, frontier.parent_rows[..., None].expand(-1, -1, out_hidden.shape[-1])
@@ -385,14 +376,15 @@ class SpeculativeDecoder:
             level = [i for i in st.expand_slots.tolist() if depth_of[i] == d]
             if not level:
                 break
+            past = len(fed)
             fed += level
-            idx = torch.tensor(fed, device=device)
+            idx, new = torch.tensor(fed, device=device), torch.tensor(level, device=device)
             flat = torch.cat(table, 1).reshape(b, -1)
-            tokens = self.head_ids(flat[:, self._static_source[idx - 1]])
-            hidden = torch.stack([slot_hidden[parent_of[i]] for i in fed], 1)
-            mask = self._static_mask[idx][:, idx].expand(b, len(fed), len(fed))
-            pos = base_pos + st.depth.to(device)[idx][None, :] - 1
-            out_hidden, logp = self._tree_forward(s, hidden, tokens, pos, mask, len(level))
+            tokens = self.head_ids(flat[:, self._static_source[new - 1]])
+            hidden = torch.stack([slot_hidden[parent_of[i]] for i in level], 1)
+            mask = self._static_mask[new][:, idx].expand(b, len(level), len(fed))
+            pos = base_pos + st.depth.to(device)[new][None, :] - 1
+            out_hidden, logp = self._tree_forward(s, hidden, tokens, pos, mask, past)
             for j, slot in enumerate(level):
                 slot_hidden[slot] = out_hidden[:, j]
             table.append(torch.topk(logp, k, dim=-1).indices)
@@ -457,18 +449,9 @@ class SpeculativeDecoder:
             emitted=[s.emitted[i] for i in keep_list],
             seeds=s.seeds[keep],
             draws=s.draws[keep],
-            target_cache=_select_rows(s.target_cache, keep),
-            draft_cache=_select_rows(s.draft_cache, keep),
+            target_cache=s.target_cache.select_rows(keep),
+            draft_cache=s.draft_cache.select_rows(keep),
         )
-
-
-def _select_rows(cache: KVCache, keep: torch.Tensor) -> KVCache:
-    """A cache holding only the sequences ``keep`` (a copy: finished rows stop costing compute)."""
-    new = KVCache.__new__(KVCache)
-    new.kv = cache.kv.index_select(2, keep)
-    new.seqlens = cache.seqlens.index_select(0, keep)
-    new.length_bound = cache.length_bound
-    return new
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

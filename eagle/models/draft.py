@@ -135,6 +135,7 @@ class DraftHead(nn.Module):
         cache: KVCache,
         positions: torch.Tensor | None,
         tree_mask: torch.Tensor | None,
+        past: int = 0,
     ) -> BlockContext:
         cfg = self.config
         check_token_ids("token_ids", token_ids, cfg.vocab_size, cache.batch_size, cache.device)
@@ -152,7 +153,7 @@ class DraftHead(nn.Module):
             raise ValueError("cache was not allocated for this draft head (use head.new_cache)")
         if self._inv_freq.device != cache.device:
             self._inv_freq = self._inv_freq.to(cache.device)
-        return block_context(cache, T, self._inv_freq, self.dtype, positions, tree_mask)
+        return block_context(cache, T, self._inv_freq, self.dtype, positions, tree_mask, past)
 
 
 def _rows(hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -213,6 +214,7 @@ class Eagle2Head(DraftHead):
         tree_mask: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
         compute_logits: bool = True,
+        past: int = 0,
     ) -> DraftOutput:
         """Run one block of draft rows; writes their K/V at ``cache.seqlens[b] + i`` (not advanced).
 
@@ -227,8 +229,12 @@ class Eagle2Head(DraftHead):
         positions, tree_mask, logits_index, compute_logits
             As in :meth:`eagle.models.llama.LlamaModel.forward` (positions default to
             ``seqlens[b] + i``; EAGLE-1/2 gives row t the position t).
+        past : int
+            Continue a tree block: the first ``past`` block rows were written by earlier calls; these
+            ``T`` rows go after them and ``tree_mask`` is ``[B, T, past + T]`` (see
+            :func:`eagle.models.llama.block_context`).
         """
-        ctx = self._context(hidden, token_ids, cache, positions, tree_mask)
+        ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
         x = eagle_kernels.fused_draft_input(
             hidden, token_ids, self.embed_weight, self.fc.weight, self.fc.bias
         )
@@ -317,6 +323,7 @@ class Eagle3Head(DraftHead):
         tree_mask: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
         compute_logits: bool = True,
+        past: int = 0,
     ) -> DraftOutput:
         """Run one block of draft rows (see :meth:`Eagle2Head.forward`).
 
@@ -324,7 +331,7 @@ class Eagle3Head(DraftHead):
         previous ``DraftOutput.hidden`` for deeper draft steps. ``token_ids`` are target-vocabulary
         ids (embedded with the target's embedding). Logits are over the draft vocabulary.
         """
-        ctx = self._context(hidden, token_ids, cache, positions, tree_mask)
+        ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
         emb = F.embedding(token_ids, self.embed_weight)
         h = self.midlayer(emb, hidden, *cache.layer(0), ctx)
         logits = self.lm_head(self.norm(_rows(h, logits_index))) if compute_logits else None

@@ -73,6 +73,18 @@ class KVCache:
         """``(k_cache, v_cache)`` of layer ``index``, each ``[B, Hkv, S_max, D]`` (views)."""
         return self._layer_views[index]
 
+    def select_rows(self, keep: torch.Tensor) -> KVCache:
+        """A new cache holding only the sequences ``keep`` (int64 ``[b]``), in that order (a copy).
+
+        The decoding loop uses it to drop finished sequences so they stop costing compute.
+        """
+        new = KVCache.__new__(KVCache)
+        new.kv = self.kv.index_select(2, keep)
+        new.seqlens = self.seqlens.index_select(0, keep)
+        new.length_bound = self.length_bound
+        new._layer_views = [(new.kv[i, 0], new.kv[i, 1]) for i in range(new.kv.shape[0])]
+        return new
+
     def reset(self) -> None:
         """Forget every sequence (lengths to zero); the stale K/V is overwritten by later writes."""
         self.seqlens.zero_()

@@ -102,7 +102,8 @@ class BlockContext:
     sin: torch.Tensor
     kv_rows: torch.Tensor  # [B*T*Hkv] int64: row of (b, kv head, seqlens[b] + i) in a [B*Hkv*S_max, D] view
     seqlens: torch.Tensor  # [B] int32, the committed lengths (not advanced by the forward)
-    tree_mask: torch.Tensor | None
+    tree_mask: torch.Tensor | None  # [B, past+T, past+T] over the whole block
+    past: int = 0  # block rows already in the cache before this forward's rows (see block_context)
 
 
 class Attention(nn.Module):
@@ -142,8 +143,11 @@ class Attention(nn.Module):
         # The caches are contiguous [B, Hkv, S_max, D] views: one row copy per (token, kv head).
         k_cache.view(-1, D).index_copy_(0, ctx.kv_rows, k.reshape(-1, D))
         v_cache.view(-1, D).index_copy_(0, ctx.kv_rows, v.reshape(-1, D))
+        if ctx.past:
+            # Earlier block rows are only attended to: their queries are zeros and their outputs dropped.
+            q = torch.cat((q.new_zeros(B, ctx.past, *q.shape[2:]), q), dim=1)
         out = eagle_kernels.tree_attention(q, k_cache, v_cache, ctx.seqlens, ctx.tree_mask)
-        return self.o_proj(out.reshape(B, T, -1))
+        return self.o_proj(out[:, ctx.past :].reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -184,25 +188,40 @@ def block_context(
     dtype: torch.dtype,
     positions: torch.Tensor | None,
     tree_mask: torch.Tensor | None,
+    past: int = 0,
 ) -> BlockContext:
-    """Check the block fits the cache (before anything is written) and build the shared context."""
+    """Check the block fits the cache (before anything is written) and build the shared context.
+
+    ``past > 0`` continues a block whose first ``past`` rows were written by earlier forwards (a
+    draft tree grown level by level): this forward's rows go to ``seqlens[b] + past + i`` and
+    ``tree_mask`` is ``[B, T, past + T]``, the new rows' visibility over the whole block.
+    """
     B, device = cache.batch_size, cache.device
-    cache.check_room(num_tokens)
-    offsets = torch.arange(num_tokens, device=device)
+    if past < 0:
+        raise ValueError(f"past must be >= 0, got {past}")
+    cache.check_room(past + num_tokens)
+    offsets = torch.arange(past, past + num_tokens, device=device)
     write_slots = cache.seqlens.long()[:, None] + offsets
     if positions is None:
         positions = write_slots
     else:
         _check_positions(positions, B, num_tokens, device)
-    if tree_mask is not None and tuple(tree_mask.shape) != (B, num_tokens, num_tokens):
+    width = past + num_tokens
+    if tree_mask is not None and tuple(tree_mask.shape) != (B, num_tokens, width):
         raise ValueError(
-            f"tree_mask must have shape [{B}, {num_tokens}, {num_tokens}], got {list(tree_mask.shape)}"
+            f"tree_mask must have shape [{B}, {num_tokens}, {width}], got {list(tree_mask.shape)}"
         )
+    if past:
+        if tree_mask is None:
+            raise ValueError("a block continued with past > 0 needs an explicit tree_mask")
+        # Rows of the earlier part only see themselves; their outputs are discarded.
+        earlier = torch.eye(past, width, dtype=torch.bool, device=device).expand(B, past, width)
+        tree_mask = torch.cat((earlier, tree_mask), dim=1)
     cos, sin = rope_cos_sin(inv_freq, positions, dtype)
     Hkv, S_max = cache.kv.shape[3], cache.max_seq_len
     heads_of_batch = torch.arange(B, device=device)[:, None, None] * Hkv + torch.arange(Hkv, device=device)
     kv_rows = (heads_of_batch * S_max + write_slots[:, :, None]).flatten()
-    return BlockContext(cos, sin, kv_rows, cache.seqlens, tree_mask)
+    return BlockContext(cos, sin, kv_rows, cache.seqlens, tree_mask, past)
 
 
 def _check_positions(positions: torch.Tensor, B: int, T: int, device: torch.device) -> None:
