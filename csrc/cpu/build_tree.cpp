@@ -187,7 +187,8 @@ void build_tree_cpu_impl(const at::Tensor& parent_list, const at::Tensor& select
   std::vector<TreeError> errors(B);
   const par_t* parents = parent_list.data_ptr<par_t>();
   const sel_t* sel = selected_index.data_ptr<sel_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / (s.n * s.n + s.n * s.depth));
+  // A sequence costs about n*(n+depth) byte operations: only batches worth a parallel region get one.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (s.n * (s.n + s.depth)));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       errors[b] = build_one_tree<par_t, sel_t>(b, s, parents, sel, seq_lens[b], rows[b], tree_mask.data_ptr(),

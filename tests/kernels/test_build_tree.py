@@ -7,6 +7,7 @@ rebuild exactly that tree from (parent_list, selected_index) alone.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 import eagle_kernels
-from eagle_kernels import build_tree as bt
 from eagle_kernels.build_tree import (
     MC_SIM_7B_63,
     build_static_tree,
@@ -25,6 +25,8 @@ from eagle_kernels.build_tree import (
 from tests.kernels.helpers import backends_for, run_with_backend
 from tests.kernels.random_trees import trees_from_parents
 
+# The op module itself: the package attribute ``eagle_kernels.build_tree`` is the function.
+bt = importlib.import_module("eagle_kernels.build_tree")
 OP = "build_tree"
 MODES = ("full", "qlen_bool", "qlen_bits_u8", "qlen_bits_i32")
 
