@@ -8,6 +8,7 @@ Loading the library never initialises CUDA.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -62,6 +63,7 @@ if not STATUS.loaded and "not built" not in STATUS.reason and "disabled" not in 
     )
 
 
+@functools.cache
 def has_op(name: str, device_type: str = "cpu") -> bool:
     """True when the extension provides op ``eagle_C::<name>`` for tensors on ``device_type``."""
     if not STATUS.loaded:
