@@ -746,6 +746,13 @@ def build_tree(
         ``selected_index`` is out of range or unsorted, a selected node's parent is not selected
         (NaN draft scores), a parent does not precede its child, or a slot is deeper than ``depth``.
         Without debug checks the CUDA kernels flag such slots with ``positions == -1`` instead.
+
+    Notes
+    -----
+    Backends: CPU tensors run the C++ kernel (else the reference); CUDA tensors run the Triton
+    kernel (one program per sequence). The CUDA extension kernel (``csrc/cuda/build_tree.cu``, one
+    block per sequence, one thread per slot) runs with ``EAGLE_KERNELS_BACKEND=cuda``; it becomes the
+    default only once a GPU benchmark shows it faster than Triton.
     """
     mode = _mode_id(mask_mode)
     n = num_draft_tokens
