@@ -75,12 +75,20 @@ class EagleModel:
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
-            return DEFAULT_TREES.get(self.device.type, DEFAULT_TREES["cuda"])
+            return self._fit(DEFAULT_TREES.get(self.device.type, DEFAULT_TREES["cuda"]))
         if tree == "static":
             return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
         if tree == "chain":
             return TreeConfig.chain(5)
         raise ValueError(f"tree must be 'dynamic', 'static', 'chain' or an eagle.TreeConfig, got {tree!r}")
+
+    def _fit(self, tree: TreeConfig) -> TreeConfig:
+        """Shrink a default tree whose width exceeds a (tiny) draft vocabulary."""
+        vocab = getattr(self.head, "draft_vocab_size", self.target.config.vocab_size)
+        if tree.topk <= vocab:
+            return tree
+        k = vocab
+        return TreeConfig(tree.depth, k, min(tree.total_tokens, 1 + k + (tree.depth - 1) * k * k))
 
     def _decoder(self, tree) -> SpeculativeDecoder:
         resolved = self._tree(tree)

@@ -116,6 +116,9 @@ class SpeculativeDecoder:
         else:
             self.static = None
             self.num_tokens, self.depth, self.topk = tree.total_tokens, tree.depth, tree.topk
+        vocab = getattr(head, "draft_vocab_size", head.config.vocab_size)
+        if self.topk > vocab:
+            raise ValueError(f"tree topk={self.topk} exceeds the draft vocabulary size {vocab}")
         self.tree = tree
         self.feature_layers = head.feature_layers
         self.times: RoundTimes | None = None
@@ -405,6 +408,8 @@ class SpeculativeDecoder:
     # Bookkeeping
     # ------------------------------------------------------------------------------------------
     def _warp(self, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+        if logits.dtype == torch.float64:  # the warper works in float32 (its output dtype)
+            logits = logits.float()
         return eagle_kernels.warp_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
 
     @staticmethod
