@@ -260,7 +260,7 @@ def validate(head: DraftHead, data: FeatureData, indices: np.ndarray, cfg: HeadT
         f_in, tok, f_tgt, mask = split_batch(data[indices[lo : lo + cfg.batch_size]], head.device)
         with _autocast(head.device, cfg.autocast_bf16):
             pred = training_forward(head, f_in, tok)
-        total += loss_sums(pred, f_tgt, mask, head.lm_head_weight).as_tensor().cpu()
+            total += loss_sums(pred, f_tgt, mask, head.lm_head_weight).as_tensor().cpu()
     rows = max(total[3].item(), 1.0)
     return {
         "val_v_loss": total[0].item() / rows,
@@ -357,7 +357,7 @@ def make_optimizer(head: DraftHead, cfg: HeadTrainConfig) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=True)
 
 
 def make_head(target: LlamaModel, cfg: HeadTrainConfig, init_head: str | Path | None) -> DraftHead:
@@ -462,7 +462,7 @@ class _Trainer:
             group["lr"] = lr
         with _autocast(ctx.device, cfg.autocast_bf16):
             pred = self.model(f_in, tok)
-        sums = loss_sums(pred, f_tgt, mask, self.head.lm_head_weight)
+            sums = loss_sums(pred, f_tgt, mask, self.head.lm_head_weight)
         # Normalised by the global row count; DDP averages over ranks, hence the world_size factor.
         loss = (cfg.v_weight * sums.v + cfg.p_weight * sums.p) * (ctx.world_size / rows.to(sums.v.dtype))
         self.optimizer.zero_grad(set_to_none=True)

@@ -338,6 +338,20 @@ def test_save_dtype_float16(setup, tmp_path):
     assert torch.equal(head16.fc.weight, trained["fc.weight"].half())
 
 
+def test_throughput_measurement_runs_fp32_and_bf16_autocast(setup):
+    rates = th.measure_throughput(setup["target"], setup["data"], _cfg(), steps=1, warmup=1)
+    assert set(rates) == {"float32", "bf16_autocast"} and all(r > 0 for r in rates.values())
+
+
+def test_bf16_autocast_training_reduces_the_loss(setup, tmp_path):
+    target, data = setup["target"], setup["data"]
+    cfg = _cfg(epochs=3, autocast_bf16=True)
+    _, val = th.split_indices(len(data), cfg.val_fraction, cfg.seed)
+    before = th.validate(random_draft(target, "eagle2", seed=cfg.seed), data, val, cfg)
+    last = th.train_head(target, data, tmp_path, cfg, progress=False)
+    assert last["val_v_loss"] < before["val_v_loss"]
+
+
 def test_training_errors(setup, tmp_path):
     target, data = setup["target"], setup["data"]
     other = load_target(save_hf_target(build_hf_target("llama", seed=5, **TINY), tmp_path / "other"))
