@@ -262,8 +262,7 @@ def _backend_for(op: str, t: torch.Tensor) -> str:
     return backend
 
 
-def _run_draft_input(hidden, token_ids, embed_weight, fc_weight, fc_bias, out) -> None:
-    backend = _backend_for(OP, hidden)
+def _run_draft_input(backend, hidden, token_ids, embed_weight, fc_weight, fc_bias, out) -> None:
     if backend in ("cpp", "cuda"):
         _ext.op(OP)(hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
     elif backend == "triton":
@@ -272,8 +271,7 @@ def _run_draft_input(hidden, token_ids, embed_weight, fc_weight, fc_bias, out) -
         out.copy_(fused_draft_input_ref(hidden, token_ids, embed_weight, fc_weight, fc_bias))
 
 
-def _run_eagle3_input(h_low, h_mid, h_high, fc_weight, fc_bias, out) -> None:
-    backend = _backend_for(OP_EAGLE3, h_low)
+def _run_eagle3_input(backend, h_low, h_mid, h_high, fc_weight, fc_bias, out) -> None:
     if backend in ("cpp", "cuda"):
         _ext.op(OP_EAGLE3)(h_low, h_mid, h_high, fc_weight, fc_bias, out)
     elif backend == "triton":
@@ -306,7 +304,7 @@ def _fused_draft_input_op(
     fc_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     out = _new_output(hidden, fc_weight)
-    _run_draft_input(hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
+    _run_draft_input(_backend_for(OP, hidden), hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
     return out
 
 
@@ -324,7 +322,7 @@ def _fused_draft_input_out_op(
     fc_bias: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    _run_draft_input(hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
+    _run_draft_input(_backend_for(OP, hidden), hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
 
 
 @_fused_draft_input_out_op.register_fake
@@ -341,7 +339,7 @@ def _fused_eagle3_input_op(
     fc_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     out = _new_output(h_low, fc_weight)
-    _run_eagle3_input(h_low, h_mid, h_high, fc_weight, fc_bias, out)
+    _run_eagle3_input(_backend_for(OP_EAGLE3, h_low), h_low, h_mid, h_high, fc_weight, fc_bias, out)
     return out
 
 
@@ -402,7 +400,7 @@ def _fused_eagle3_input_out_op(
     fc_bias: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
-    _run_eagle3_input(h_low, h_mid, h_high, fc_weight, fc_bias, out)
+    _run_eagle3_input(_backend_for(OP_EAGLE3, h_low), h_low, h_mid, h_high, fc_weight, fc_bias, out)
 
 
 @_fused_eagle3_input_out_op.register_fake
@@ -434,6 +432,48 @@ def _check_projection(fc_weight, fc_bias, H: int, segments: int, device, **same_
         check_tensor("fc_bias", fc_bias, dtypes=INPUT_DTYPES, device=device, shape=(H,))
         same_dtype["fc_bias"] = fc_bias
     check_same_dtype(**same_dtype, fc_weight=fc_weight)
+
+
+def _draft_args_well_formed(hidden, token_ids, embed_weight, fc_weight, fc_bias) -> bool:
+    """Cheap acceptance of well-formed arguments (attribute reads only). Anything else goes to
+    :func:`_check_draft_args`, which accepts exactly the same and names the problem otherwise."""
+    try:
+        dtype, device, H = hidden.dtype, hidden.device, hidden.shape[-1]
+        return (
+            hidden.dim() in (2, 3)
+            and dtype in INPUT_DTYPES
+            and token_ids.dtype in INDEX_DTYPES
+            and token_ids.shape == hidden.shape[:-1]
+            and embed_weight.dim() == 2
+            and embed_weight.shape[1] == H
+            and embed_weight.shape[0] > 0
+            and fc_weight.shape == (H, 2 * H)
+            and embed_weight.dtype == dtype
+            and fc_weight.dtype == dtype
+            and token_ids.device == device
+            and embed_weight.device == device
+            and fc_weight.device == device
+            and (
+                fc_bias is None
+                or (fc_bias.shape == (H,) and fc_bias.dtype == dtype and fc_bias.device == device)
+            )
+        )
+    except (AttributeError, TypeError, IndexError):
+        return False
+
+
+def _check_draft_args(hidden, token_ids, embed_weight, fc_weight, fc_bias) -> None:
+    _check_features("hidden", hidden)
+    device, H = hidden.device, hidden.shape[-1]
+    check_tensor("token_ids", token_ids, dtypes=INDEX_DTYPES, device=device, shape=tuple(hidden.shape[:-1]))
+    check_tensor("embed_weight", embed_weight, ndim=2, dtypes=INPUT_DTYPES, device=device)
+    if embed_weight.shape[1] != H:
+        raise ValueError(
+            f"embed_weight must be [V, H] with H={H} (hidden's size), got {list(embed_weight.shape)}"
+        )
+    if embed_weight.shape[0] == 0:
+        raise ValueError("embed_weight has an empty vocabulary (V=0)")
+    _check_projection(fc_weight, fc_bias, H, 2, device, hidden=hidden, embed_weight=embed_weight)
 
 
 def _check_token_ids_in_range(token_ids: torch.Tensor, V: int) -> None:
@@ -498,31 +538,25 @@ def fused_draft_input(
     Tensor shaped like ``hidden`` (``[N, H]`` or ``[B, T, H]``), ``hidden``'s dtype: the projected
     draft input (``out`` when given).
     """
-    _check_features("hidden", hidden)
-    device, H = hidden.device, hidden.shape[-1]
-    check_tensor("token_ids", token_ids, dtypes=INDEX_DTYPES, device=device, shape=tuple(hidden.shape[:-1]))
-    check_tensor("embed_weight", embed_weight, ndim=2, dtypes=INPUT_DTYPES, device=device)
-    if embed_weight.shape[1] != H:
-        raise ValueError(
-            f"embed_weight must be [V, H] with H={H} (hidden's size), got {list(embed_weight.shape)}"
-        )
-    if embed_weight.shape[0] == 0:
-        raise ValueError("embed_weight has an empty vocabulary (V=0)")
-    _check_projection(fc_weight, fc_bias, H, 2, device, hidden=hidden, embed_weight=embed_weight)
-    if device.type == "cpu" or debug_checks_enabled():
+    if not _draft_args_well_formed(hidden, token_ids, embed_weight, fc_weight, fc_bias):
+        _check_draft_args(hidden, token_ids, embed_weight, fc_weight, fc_bias)
+    H = hidden.shape[-1]
+    backend = _backend_for(OP, hidden)
+    # The C++ op checks the ids itself (same message), so only the other backends need this pass.
+    if backend != "cpp" and (hidden.device.type == "cpu" or debug_checks_enabled()):
         _check_token_ids_in_range(token_ids, embed_weight.shape[0])
     args = (hidden.reshape(-1, H), token_ids.reshape(-1), embed_weight, fc_weight, fc_bias)
     fast = _eager_fast_path(*args, out)
     if out is None:
         if fast:
             out = _new_output(args[0], fc_weight)
-            _run_draft_input(*args, out)
+            _run_draft_input(backend, *args, out)
             return out.view(hidden.shape)
         return torch.ops.eagle.fused_draft_input(*args).view(hidden.shape)
     inputs = dict(hidden=hidden, token_ids=token_ids, embed_weight=embed_weight, fc_weight=fc_weight)
     out2d = _check_out(out, tuple(hidden.shape), hidden, {**inputs, "fc_bias": fc_bias})
     if fast:
-        _run_draft_input(*args, out2d)
+        _run_draft_input(backend, *args, out2d)
     else:
         torch.ops.eagle.fused_draft_input_out(*args, out2d)
     return out
@@ -565,13 +599,13 @@ def fused_eagle3_input(
     if out is None:
         if fast:
             out = _new_output(args[0], fc_weight)
-            _run_eagle3_input(*args, out)
+            _run_eagle3_input(_backend_for(OP_EAGLE3, h_low), *args, out)
             return out.view(h_low.shape)
         return torch.ops.eagle.fused_eagle3_input(*args).view(h_low.shape)
     inputs = dict(h_low=h_low, h_mid=h_mid, h_high=h_high, fc_weight=fc_weight, fc_bias=fc_bias)
     out2d = _check_out(out, tuple(h_low.shape), h_low, inputs)
     if fast:
-        _run_eagle3_input(*args, out2d)
+        _run_eagle3_input(_backend_for(OP_EAGLE3, h_low), *args, out2d)
     else:
         torch.ops.eagle.fused_eagle3_input_out(*args, out2d)
     return out

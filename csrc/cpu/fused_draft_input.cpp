@@ -91,8 +91,8 @@ void check_rows(const char* name, const at::Tensor& t, const at::Tensor& like) {
 template <typename id_t>
 void check_ids_in_range(const id_t* ids, int64_t N, int64_t V) {
   for (int64_t r = 0; r < N; ++r) {
-    TORCH_CHECK_VALUE(ids[r] >= 0 && ids[r] < V, "token_ids[", r, "]=", ids[r], " is outside [0, ", V,
-                      ") (the embedding's vocabulary)");
+    TORCH_CHECK_VALUE(ids[r] >= 0 && ids[r] < V, "token_ids must be in [0, ", V,
+                      ") (the embedding's vocabulary), got token_ids[", r, "]=", ids[r]);
   }
 }
 

@@ -278,7 +278,7 @@ def test_cpp_op_checks_its_own_arguments():
     """The extension op is callable on its own (e.g. from C++); it validates ids and shapes too."""
     hidden, ids, embed, w, b = make_draft_case((4,), 16, 30, torch.float32, torch.int32, True)
     ext = torch.ops.eagle_C
-    with pytest.raises(ValueError, match=r"token_ids\[1\]=30 is outside \[0, 30\)"):
+    with pytest.raises(ValueError, match=r"token_ids must be in \[0, 30\) .*, got token_ids\[1\]=30"):
         ext.fused_draft_input(
             hidden, torch.tensor([0, 30, 1, 2], dtype=torch.int32), embed, w, b, torch.empty(4, 16)
         )
