@@ -158,6 +158,21 @@ class FeaturePlan:
         return range(start, min(start + self.shard_sequences, self.num_sequences))
 
 
+FINGERPRINT_PROJECTIONS = 4
+
+
+def lm_head_fingerprint(weight: torch.Tensor) -> list[float]:
+    """``[norm, p_1..p_4]``: the Frobenius norm of ``weight [V, H]`` and its bilinear projections
+    ``r_i^T W c_i`` on fixed random sign vectors. Different matrices differ by about the norm;
+    rounding the same matrix to bf16 moves them by well under 1% of it."""
+    W = weight.detach().to("cpu", torch.float64)
+    gen = torch.Generator().manual_seed(0xE461E)
+    rows = torch.randint(0, 2, (FINGERPRINT_PROJECTIONS, W.shape[0]), generator=gen).double() * 2 - 1
+    cols = torch.randint(0, 2, (FINGERPRINT_PROJECTIONS, W.shape[1]), generator=gen).double() * 2 - 1
+    projections = (rows * (W @ cols.T).T).sum(-1) / math.sqrt(W.numel())
+    return [float(W.norm() / math.sqrt(W.numel())), *projections.tolist()]
+
+
 def target_summary(target: LlamaModel) -> dict:
     """What a feature directory records about its target, to reject features of another model."""
     cfg = target.config
@@ -165,12 +180,13 @@ def target_summary(target: LlamaModel) -> dict:
         "hidden_size": cfg.hidden_size,
         "vocab_size": cfg.vocab_size,
         "num_layers": cfg.num_layers,
-        "lm_head_abs_sum": float(target.lm_head_weight.detach().double().abs().sum()),
+        "lm_head_fingerprint": lm_head_fingerprint(target.lm_head_weight),
     }
 
 
 def check_target_matches(recorded: dict, target: LlamaModel, where: str) -> None:
-    """Raise ValueError when ``target`` is not the model whose summary ``recorded`` holds."""
+    """Raise ValueError when ``target`` is not the model whose summary ``recorded`` holds (the
+    same weights loaded in another dtype or on another device match)."""
     actual = target_summary(target)
     for key in ("hidden_size", "vocab_size", "num_layers"):
         if recorded.get(key) != actual[key]:
@@ -178,11 +194,12 @@ def check_target_matches(recorded: dict, target: LlamaModel, where: str) -> None
                 f"{where} was computed by a different target: {key}={recorded.get(key)} there, "
                 f"{actual[key]} for this target"
             )
-    # A checksum of the output projection, loose enough for a target loaded in another dtype.
-    ref, got = recorded.get("lm_head_abs_sum", 0.0), actual["lm_head_abs_sum"]
-    if abs(ref - got) > 1e-2 * max(abs(ref), 1e-12):
+    ref, got = recorded.get("lm_head_fingerprint"), actual["lm_head_fingerprint"]
+    scale = got[0]
+    if ref is None or len(ref) != len(got) or any(abs(a - b) > 1e-2 * scale for a, b in zip(ref, got)):
         raise ValueError(
-            f"{where} was computed by a different target (lm_head checksum {ref:.6g} there, {got:.6g} here)"
+            f"{where} was computed by a different target (lm_head fingerprints differ: "
+            f"{[round(v, 5) for v in ref or []]} there, {[round(v, 5) for v in got]} here)"
         )
 
 
@@ -297,16 +314,17 @@ def _check_free_space(out_dir: Path, need: int) -> None:
         )
 
 
-def _resumed_meta(out_dir: Path, meta: dict) -> dict:
-    """The existing meta.json of ``out_dir`` when its plan agrees with ``meta`` (else ValueError)."""
+def _resumed_meta(out_dir: Path, meta: dict, target: LlamaModel) -> dict:
+    """``meta`` when the existing meta.json of ``out_dir`` has the same plan and target (else ValueError)."""
     old = read_meta(out_dir)
+    check_target_matches(old["target"], target, f"{str(out_dir)!r}")
     differs = {
         k: (old["plan"].get(k), meta["plan"][k]) for k in PLAN_KEYS if old["plan"].get(k) != meta["plan"][k]
     }
-    if differs or old["target"] != meta["target"]:
+    if differs:
         what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in ((k, *v) for k, v in differs.items()))
         raise ValueError(
-            f"{str(out_dir)!r} already holds features with other settings ({what or 'another target'}); "
+            f"{str(out_dir)!r} already holds features with other settings ({what}); "
             "use a fresh --out or the same settings to resume"
         )
     return meta
@@ -346,7 +364,7 @@ def dump_features(
         "shards": [shard_name(i) for i in range(plan.num_shards)],
     }
     if (out_dir / META_NAME).exists():
-        meta = _resumed_meta(out_dir, meta)
+        meta = _resumed_meta(out_dir, meta, target)
     todo = [i for i in range(plan.num_shards) if not (out_dir / shard_name(i)).is_file()]
     _check_free_space(out_dir, estimated_bytes(plan, target.config.hidden_size, len(todo)))
     write_meta(out_dir, meta)

@@ -394,8 +394,8 @@ def train_head(
     """Train a head on ``data`` and save it to ``out_dir``; returns the last metrics record.
 
     ``resume``: continue from ``out_dir/training_state.pt`` (its config wins, except the
-    run-control fields :data:`RUN_CONTROL_FIELDS`); without it, an ``out_dir`` that already holds a
-    run is an error. ``init_head``: start from an existing EAGLE-1/2 head instead of a random one.
+    run-control fields :data:`RUN_CONTROL_FIELDS`; a fresh start when there is none); without it, an
+    ``out_dir`` that already holds a run is an error. ``init_head``: start from an existing EAGLE-1/2 head instead of a random one.
     ``ctx``: the process group (see :mod:`eagle.train.distributed`); rank 0 writes every file.
     Raises ValueError when the features were computed by another target or the run's data changed.
     """

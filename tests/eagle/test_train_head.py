@@ -140,6 +140,9 @@ def test_feature_dump_resumes_by_skipping_finished_shards(setup, tmp_path, monke
     assert (tmp_path / feat.shard_name(0)).read_bytes() == first
     assert (tmp_path / feat.shard_name(1)).read_bytes() == second
     assert len(feat.FeatureData(tmp_path)) == 12
+    other = load_target(save_hf_target(build_hf_target("llama", seed=7, **TINY), tmp_path / "other"))
+    with pytest.raises(ValueError, match="different target"):
+        feat.dump_features(other, setup["tokens"], tmp_path, plan, progress=False)
     with pytest.raises(ValueError, match="other settings.*seq_len"):
         feat.dump_features(
             setup["target"],
@@ -355,7 +358,7 @@ def test_bf16_autocast_training_reduces_the_loss(setup, tmp_path):
 def test_training_errors(setup, tmp_path):
     target, data = setup["target"], setup["data"]
     other = load_target(save_hf_target(build_hf_target("llama", seed=5, **TINY), tmp_path / "other"))
-    with pytest.raises(ValueError, match="different target .*lm_head checksum"):
+    with pytest.raises(ValueError, match="different target .*lm_head fingerprints differ"):
         th.train_head(other, data, tmp_path / "o", _cfg(), progress=False)
     wide = load_target(
         save_hf_target(
