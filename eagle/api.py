@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
+from eagle.autotree import choose_tree
 from eagle.models import generate_plain, load_draft, load_target
 from eagle.models.draft import DraftHead
 from eagle.models.llama import LlamaModel
@@ -17,12 +18,6 @@ from eagle.tree import TreeConfig
 
 BUNDLED = "tiny-code"
 ASSETS = Path(__file__).resolve().parent / "assets"
-
-# Default tree of "dynamic" per device type when no timing-based choice is available.
-DEFAULT_TREES = {
-    "cuda": TreeConfig(depth=6, topk=10, total_tokens=60),
-    "cpu": TreeConfig(depth=6, topk=8, total_tokens=32),
-}
 
 
 @dataclass
@@ -71,11 +66,11 @@ class EagleModel:
         return self.target.device
 
     # ------------------------------------------------------------------------------------------
-    def _tree(self, tree) -> TreeConfig | eagle_kernels.StaticTree:
+    def _tree(self, tree, batch_size: int = 1) -> TreeConfig | eagle_kernels.StaticTree:
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
-            return self._fit(DEFAULT_TREES.get(self.device.type, DEFAULT_TREES["cuda"]))
+            return self._fit(choose_tree(self.target, batch_size))
         if tree == "static":
             return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
         if tree == "chain":
@@ -90,8 +85,8 @@ class EagleModel:
         k = vocab
         return TreeConfig(tree.depth, k, min(tree.total_tokens, 1 + k + (tree.depth - 1) * k * k))
 
-    def _decoder(self, tree) -> SpeculativeDecoder:
-        resolved = self._tree(tree)
+    def _decoder(self, tree, batch_size: int = 1) -> SpeculativeDecoder:
+        resolved = self._tree(tree, batch_size)
         key = resolved if isinstance(resolved, TreeConfig) else id(resolved)
         if key not in self._decoders:
             self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved)
@@ -170,7 +165,7 @@ class EagleModel:
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
-        decoder = self._decoder(tree)
+        decoder = self._decoder(tree, len(ids))
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
