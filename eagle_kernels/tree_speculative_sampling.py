@@ -722,6 +722,7 @@ def _debug_scan_rows(name: str, probs: torch.Tensor) -> None:
         )
 
 
+@torch.compiler.disable  # reads the status on the host: a deliberate graph break under torch.compile
 def raise_on_status(op: str, status: torch.Tensor, messages: dict[int, str] = STATUS_MESSAGES) -> None:
     """Turn the per-sequence status words of an op into one ValueError naming the first problem."""
     status = status.cpu()
