@@ -47,7 +47,8 @@ inline A imax(A a, A b) {
 
 // exp for 16 floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial for
 // e^r (Cephes' coefficients, ~1 ulp). Inputs below -87 (including -inf of masked scores) give exactly 0.
-inline Vec<float> vexp(Vec<float> x) {
+inline Vec<float> vexp(const Vec<float>& in) {
+  Vec<float> x = in;
   const Vec<float> lo = vsplat(-87.0f), hi = vsplat(88.0f);
   const auto underflow = x < lo;
   x = x < lo ? lo : x;
@@ -68,7 +69,8 @@ inline Vec<float> vexp(Vec<float> x) {
 }
 
 // float64 inputs are the reference-grade path: libm's exp per lane.
-inline Vec<double> vexp(Vec<double> x) {
+inline Vec<double> vexp(const Vec<double>& in) {
+  Vec<double> x = in;
   for (int64_t i = 0; i < lanes<double>(); ++i) x[i] = __builtin_exp(x[i]);
   return x;
 }
