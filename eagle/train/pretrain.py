@@ -127,7 +127,7 @@ class TrainConfig:
     compile: bool = False
     num_threads: int = 2
     checkpoint_every_s: float = 600.0
-    eval_every_s: float = 600.0
+    eval_every_tokens: int = 1_000_000  # by training progress: wall time is meaningless on a loaded box
     eval_tokens: int = 65_536  # the export evaluates the whole validation split
     log_every_steps: int = 10
     rewarm_steps: int = 50
@@ -153,7 +153,7 @@ RUN_CONTROL_FIELDS = (
     "compile",
     "num_threads",
     "checkpoint_every_s",
-    "eval_every_s",
+    "eval_every_tokens",
     "eval_tokens",
     "log_every_steps",
     "stop_after_steps",
@@ -495,7 +495,8 @@ def train(
         )
 
     start_wall = time.time()
-    last_ckpt = last_eval = time.time()
+    last_ckpt = time.time()
+    last_eval_tokens = state.tokens_seen
     interval_loss, interval_steps, interval_t0 = 0.0, 0, time.time()
     steps_this_run = 0
     log(
@@ -537,9 +538,9 @@ def train(
             )
             interval_loss, interval_steps, interval_t0 = 0.0, 0, time.time()
 
-        if time.time() - last_eval >= cfg.eval_every_s:
+        if state.tokens_seen - last_eval_tokens >= cfg.eval_every_tokens:
             run_eval()
-            last_eval = time.time()
+            last_eval_tokens = state.tokens_seen
         if time.time() - last_ckpt >= cfg.checkpoint_every_s:
             checkpoint_now()
             last_ckpt = time.time()
@@ -853,7 +854,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=TrainConfig.num_threads)
     p.add_argument("--checkpoint-every-s", type=float, default=TrainConfig.checkpoint_every_s)
-    p.add_argument("--eval-every-s", type=float, default=TrainConfig.eval_every_s)
+    p.add_argument("--eval-every-tokens", type=int, default=TrainConfig.eval_every_tokens)
     p.add_argument(
         "--eval-tokens", type=int, default=TrainConfig.eval_tokens, help="validation tokens per eval"
     )
@@ -914,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         compile=args.compile,
         num_threads=args.threads,
         checkpoint_every_s=args.checkpoint_every_s,
-        eval_every_s=args.eval_every_s,
+        eval_every_tokens=args.eval_every_tokens,
         eval_tokens=args.eval_tokens,
         time_limit_s=args.time_limit_s,
     )

@@ -77,7 +77,7 @@ def _train_cfg(**overrides) -> TrainConfig:
         min_lr=1e-3,
         warmup_tokens=8 * 32 * 2,
         log_every_steps=4,
-        eval_every_s=1e9,
+        eval_every_tokens=10**12,
         checkpoint_every_s=1e9,
         eval_tokens=4096,
         num_threads=1,
