@@ -153,6 +153,79 @@ def _tree_status(candidates, retrive_index, next_token, next_sibling, uniforms, 
     return (status | torch.where(ok_u, 0, BAD_UNIFORM)).to(torch.int32)
 
 
+def _flag(status: torch.Tensor, where: torch.Tensor, bit: int) -> torch.Tensor:
+    return status | torch.where(where, bit, 0).to(torch.int32)
+
+
+def _try_children_topk(probs, cand, nt, ns, cur, active, coin, status, lossy, threshold_single, t_acc):
+    """One level for deterministic drafts: every active sequence tries the children of its node
+    ``cur`` in sibling order. Returns (chosen child slot or -1, rejected tokens [B, n] (-1 padded),
+    status)."""
+    B, n = cand.shape
+    bidx = torch.arange(B, device=cand.device)
+    child = torch.where(active, nt[bidx, cur], -1)
+    chosen = torch.full_like(child, -1)
+    tried = torch.full((B, n), -1, dtype=torch.int64, device=cand.device)
+    k = torch.zeros_like(child)
+    acc = torch.zeros(B, dtype=torch.float32, device=cand.device)  # float32, added in sibling order
+    while bool((child != -1).any()):
+        trying = child != -1
+        c = child.clamp(min=0)
+        tok = cand[bidx, c]
+        p = probs[bidx, cur, tok]
+        status = _flag(status, trying & ~_valid_prob(p), BAD_PROB)
+        pc = torch.where(_valid_prob(p), p, 0.0)
+        dup = (tried == tok[:, None]).any(-1)
+        if lossy:  # SGLang's relaxed rule, verbatim (a repeated token counts twice)
+            acc = torch.where(trying, acc + pc, acc)
+            accept = trying & ((coin <= acc / t_acc) | (pc >= threshold_single))
+        else:
+            status = _flag(status, trying & dup, DUP_SIBLING)
+            acc = torch.where(trying & ~dup, acc + pc, acc)
+            accept = trying & (coin < acc)
+        record = trying & ~accept & ~dup
+        tried[bidx[record], k[record]] = tok[record]
+        k += record.long()
+        chosen = torch.where(accept, child, chosen)
+        child = torch.where(trying & ~accept, ns[bidx, c], -1)
+    return chosen, tried, _flag(status, acc > PROB_LIMIT, BAD_PROB)
+
+
+def _try_children_sampled(probs, draft, cand, nt, ns, cur, active, uniforms, status):
+    """One level for sampled drafts (recursive rejection sampling with i.i.d. siblings). Returns
+    (chosen child slot or -1, the residual multiplier S of the node after its rejections, status)."""
+    B = cand.shape[0]
+    bidx = torch.arange(B, device=cand.device)
+    child = torch.where(active, nt[bidx, cur], -1)
+    chosen = torch.full_like(child, -1)
+    s = torch.zeros(B, dtype=torch.float64, device=cand.device)  # S_(j-1)
+    w = torch.ones(B, dtype=torch.float64, device=cand.device)  # W_j, mass of max(0, p - S_(j-1) q)
+    rows = None  # the nodes' full rows, gathered at the first rejection
+    scanned = torch.zeros(B, dtype=torch.bool, device=cand.device)  # rows a residual was computed on
+    while bool((child != -1).any()):
+        trying = child != -1
+        c = child.clamp(min=0)
+        tok = cand[bidx, c]
+        p, q = probs[bidx, cur, tok], draft[bidx, cur, tok]
+        status = _flag(status, trying & ~(_valid_prob(p) & _valid_prob(q)), BAD_PROB)
+        qc = torch.where(_valid_prob(q), q, 0.0).double()
+        status = _flag(status, trying & _valid_prob(q) & (qc == 0), BAD_DRAFT)
+        r = torch.clamp_min(torch.where(_valid_prob(p), p, 0.0).double() - s * qc, 0.0)
+        accept = trying & (uniforms[bidx, c].double() * w * qc < r) & (w > 0)
+        rejected = trying & ~accept
+        if bool(rejected.any()):
+            if rows is None:
+                rows = probs[bidx, cur], draft[bidx, cur]
+            scanned |= rejected
+            s = torch.where(rejected, s + w, s)
+            w = torch.where(rejected, _masses(_residual(*rows, s)).sum(-1).double() / MASS_SCALE, w)
+        chosen = torch.where(accept, child, chosen)
+        child = torch.where(rejected, ns[bidx, c], -1)
+    if rows is not None:
+        status = _flag(status, scanned & ((_row_status(rows[0]) | _row_status(rows[1])) != 0), BAD_ROW)
+    return chosen, s, status
+
+
 def _tree_sampling_torch(
     candidates,
     retrive_index,
@@ -177,6 +250,7 @@ def _tree_sampling_torch(
     flat_rows = torch.arange(B * n, device=device).view(B, n)
     ri = torch.where(walkable[:, None], ri, flat_rows)  # never write outside a sequence's rows
     bidx = torch.arange(B, device=device)
+    t_acc = torch.tensor(max(threshold_acc, 1e-9), dtype=torch.float32, device=device)
 
     predicts = torch.zeros(B * n, dtype=torch.int32, device=device)
     accept_index = torch.full((B, num_spec_steps), -1, dtype=torch.int32, device=device)
@@ -186,61 +260,20 @@ def _tree_sampling_torch(
     coin = uniform_samples[:, 0]
     alive = walkable.clone()
     tried = torch.full((B, n), -1, dtype=torch.int64, device=device)  # rejected tokens at the last node
-    s = torch.zeros(B, dtype=torch.float64, device=device)  # draft multiplier of the last node's residual
-    t_acc = torch.tensor(max(threshold_acc, 1e-9), dtype=torch.float32, device=device)
-
+    s = torch.zeros(B, dtype=torch.float64, device=device)  # residual multiplier at the last node
     for _ in range(1, num_spec_steps):
         if not bool(alive.any()):
             break
-        p_rows = target_probs[bidx, cur]
-        q_rows = None if draft_probs is None else draft_probs[bidx, cur]
-        child = torch.where(alive, nt[bidx, cur], -1)
-        chosen = torch.full((B,), -1, dtype=torch.int64, device=device)
-        level_tried = torch.full((B, n), -1, dtype=torch.int64, device=device)
-        k = torch.zeros(B, dtype=torch.int64, device=device)
-        acc = torch.zeros(B, dtype=torch.float32, device=device)  # target-only: tried mass
-        level_s = torch.zeros(B, dtype=torch.float64, device=device)  # sampled drafts: S and W
-        w = torch.ones(B, dtype=torch.float64, device=device)
-        while bool((child != -1).any()):
-            trying = child != -1
-            c = child.clamp(min=0)
-            tok = cand[bidx, c]
-            p = p_rows[bidx, tok]
-            p_ok = _valid_prob(p)
-            status |= torch.where(trying & ~p_ok, BAD_PROB, 0).to(torch.int32)
-            pc = torch.where(p_ok, p, 0.0)
-            if q_rows is None:
-                dup = (level_tried == tok[:, None]).any(-1)
-                if lossy:  # SGLang's relaxed rule, verbatim
-                    acc = torch.where(trying, acc + pc, acc)
-                    accept = trying & ((coin <= acc / t_acc) | (pc >= threshold_single))
-                else:
-                    status |= torch.where(trying & dup, DUP_SIBLING, 0).to(torch.int32)
-                    acc = torch.where(trying & ~dup, acc + pc, acc)
-                    accept = trying & (coin < acc)
-                record = trying & ~accept & ~dup
-                level_tried[bidx[record], k[record]] = tok[record]
-                k += record.long()
-            else:
-                q = q_rows[bidx, tok]
-                q_ok = _valid_prob(q)
-                qc = torch.where(q_ok, q, 0.0).double()
-                status |= torch.where(trying & ~q_ok, BAD_PROB, 0).to(torch.int32)
-                status |= torch.where(trying & q_ok & (qc == 0), BAD_DRAFT, 0).to(torch.int32)
-                r = torch.clamp_min(pc.double() - level_s * qc, 0.0)
-                u = uniform_samples[bidx, c].double()
-                accept = trying & (u * w * qc < r) & (w > 0)
-                rejected = trying & ~accept
-                if bool(rejected.any()):
-                    level_s = torch.where(rejected, level_s + w, level_s)
-                    w_new = _masses(_residual(p_rows, q_rows, level_s)).sum(-1).double() / MASS_SCALE
-                    w = torch.where(rejected, w_new, w)
-                    row_bad = _row_status(p_rows) | _row_status(q_rows)
-                    status |= torch.where(rejected, row_bad, 0).to(torch.int32)
-            chosen = torch.where(accept, child, chosen)
-            child = torch.where(trying & ~accept, ns[bidx, c], -1)
-        if q_rows is None:
-            status |= torch.where(acc > PROB_LIMIT, BAD_PROB, 0).to(torch.int32)
+        if draft_probs is None:
+            chosen, level_tried, status = _try_children_topk(
+                target_probs, cand, nt, ns, cur, alive, coin, status, lossy, threshold_single, t_acc
+            )
+            level_s = torch.zeros_like(s)
+        else:
+            chosen, level_s, status = _try_children_sampled(
+                target_probs, draft_probs, cand, nt, ns, cur, alive, uniform_samples, status
+            )
+            level_tried = torch.full_like(tried, -1)
         got = chosen != -1
         stopped = alive & ~got
         tried = torch.where(stopped[:, None], level_tried, tried)
@@ -771,39 +804,6 @@ def _run(
     return predicts, accept_index, num
 
 
-_TREE_PARAMS = """
-    candidates : Tensor ``[B, n]``, int32 or int64
-        Token of every tree slot (slot 0, the root, holds the last committed token and is not read).
-    retrive_index : Tensor ``[B, n]``, int32 or int64
-        Flat row of every slot, a permutation of ``b*n .. b*n+n-1`` (SGLang: ``b*n + slot``). Rows
-        name the entries of ``predicts`` and ``accept_index``.
-    retrive_next_token : Tensor ``[B, n]``, same dtype as ``retrive_index``
-        First child slot of every slot, -1 for a leaf. Children come after their parent (slot > parent).
-    retrive_next_sibling : Tensor ``[B, n]``, same dtype as ``retrive_index``
-        Next sibling slot, -1 for the last one (slot > this slot); siblings are tried in this order."""
-
-_TREE_RETURNS = """
-    Returns
-    -------
-    predicts : Tensor ``[B * n]``, int32
-        At the row of every accepted node (root included) the token that follows it: the accepted
-        child's token, and at the last accepted node the bonus token. 0 at every other row (as in
-        ``verify_tree_greedy``).
-    accept_index : Tensor ``[B, num_spec_steps]``, int32
-        Rows of the accepted path, root first, padded with -1.
-    accept_token_num : Tensor ``[B]``, int32
-        Number of accepted draft tokens (root and bonus not counted). The emitted tokens are
-        ``predicts[accept_index[b, :accept_token_num[b] + 1]]``: accepted drafts, then the bonus.
-
-    Raises
-    ------
-    TypeError / ValueError
-        Wrong shape, dtype or device. On CPU (and on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also a
-        malformed tree (out-of-range link, cycle, slot with two parents), a token outside the
-        vocabulary, a uniform outside [0, 1), or a probability the op reads that is NaN, negative,
-        above 1, or from a row that is not normalised (tolerance ``PROB_TOL``)."""
-
-
 def tree_speculative_sampling(
     candidates: torch.Tensor,
     retrive_index: torch.Tensor,
@@ -815,20 +815,7 @@ def tree_speculative_sampling(
     *,
     num_spec_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run(
-        candidates,
-        retrive_index,
-        retrive_next_token,
-        retrive_next_sibling,
-        target_probs,
-        None,
-        uniform_samples,
-        uniform_final,
-        num_spec_steps,
-    )
-
-
-tree_speculative_sampling.__doc__ = f"""Lossless tree speculative sampling for deterministic (top-k) drafts.
+    """Lossless tree speculative sampling for deterministic (top-k) drafts.
 
     Walk from the root. At a node with target distribution ``p`` try its children in sibling order:
     with one uniform ``u = uniform_samples[b, node]`` per node, child ``x_k`` is accepted when
@@ -848,7 +835,16 @@ tree_speculative_sampling.__doc__ = f"""Lossless tree speculative sampling for d
     context. Siblings must carry distinct tokens.
 
     Parameters
-    ----------{_TREE_PARAMS}
+    ----------
+    candidates : Tensor ``[B, n]``, int32 or int64
+        Token of every tree slot (slot 0, the root, holds the last committed token and is not read).
+    retrive_index : Tensor ``[B, n]``, int32 or int64
+        Flat row of every slot, a permutation of ``b*n .. b*n+n-1`` (SGLang: ``b*n + slot``). Rows
+        name the entries of ``predicts`` and ``accept_index``.
+    retrive_next_token : Tensor ``[B, n]``, same dtype as ``retrive_index``
+        First child slot of every slot, -1 for a leaf. Children come after their parent (slot > parent).
+    retrive_next_sibling : Tensor ``[B, n]``, same dtype as ``retrive_index``
+        Next sibling slot, -1 for the last one (slot > this slot); siblings are tried in this order.
     target_probs : Tensor ``[B, n, V]``, float32, vocabulary dimension contiguous
         Target distribution at every slot, already warped (temperature, top-k, top-p, min-p) and
         normalised. Only the rows on the walked path are read.
@@ -859,8 +855,38 @@ tree_speculative_sampling.__doc__ = f"""Lossless tree speculative sampling for d
     num_spec_steps : int
         Columns of ``accept_index``: at most ``num_spec_steps - 1`` drafts are accepted
         (1 <= num_spec_steps <= n).
-{_TREE_RETURNS}
+
+    Returns
+    -------
+    predicts : Tensor ``[B * n]``, int32
+        At the row of every accepted node (root included) the token that follows it: the accepted
+        child's token, and at the last accepted node the bonus token. 0 at every other row (as in
+        ``verify_tree_greedy``).
+    accept_index : Tensor ``[B, num_spec_steps]``, int32
+        Rows of the accepted path, root first, padded with -1.
+    accept_token_num : Tensor ``[B]``, int32
+        Number of accepted draft tokens (root and bonus not counted). The emitted tokens are
+        ``predicts[accept_index[b, :accept_token_num[b] + 1]]``: accepted drafts, then the bonus.
+
+    Raises
+    ------
+    TypeError / ValueError
+        Wrong shape, dtype or device. On CPU (and on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also a
+        malformed tree (out-of-range link, cycle, slot with two parents), a token outside the
+        vocabulary, a uniform outside [0, 1), or a probability the op reads that is NaN, negative,
+        above 1, or from a row that is not normalised (tolerance ``PROB_TOL``).
     """
+    return _run(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        target_probs,
+        None,
+        uniform_samples,
+        uniform_final,
+        num_spec_steps,
+    )
 
 
 def tree_speculative_sampling_draft_probs(
@@ -875,20 +901,7 @@ def tree_speculative_sampling_draft_probs(
     *,
     num_spec_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run(
-        candidates,
-        retrive_index,
-        retrive_next_token,
-        retrive_next_sibling,
-        target_probs,
-        draft_probs,
-        uniform_samples,
-        uniform_final,
-        num_spec_steps,
-    )
-
-
-tree_speculative_sampling_draft_probs.__doc__ = f"""Lossless tree speculative sampling for drafts *sampled* from a draft distribution.
+    """Lossless tree speculative sampling for drafts *sampled* from a draft distribution.
 
     Sampling model (what makes the result exact): the tree's shape is fixed independently of the
     sampled tokens, and the children ``x_1, ..., x_k`` of every node were drawn **i.i.d. (with
@@ -920,7 +933,16 @@ tree_speculative_sampling_draft_probs.__doc__ = f"""Lossless tree speculative sa
     checks this by exact enumeration and a chi-square test.
 
     Parameters
-    ----------{_TREE_PARAMS}
+    ----------
+    candidates : Tensor ``[B, n]``, int32 or int64
+        Token of every tree slot (slot 0, the root, holds the last committed token and is not read).
+    retrive_index : Tensor ``[B, n]``, int32 or int64
+        Flat row of every slot, a permutation of ``b*n .. b*n+n-1`` (SGLang: ``b*n + slot``). Rows
+        name the entries of ``predicts`` and ``accept_index``.
+    retrive_next_token : Tensor ``[B, n]``, same dtype as ``retrive_index``
+        First child slot of every slot, -1 for a leaf. Children come after their parent (slot > parent).
+    retrive_next_sibling : Tensor ``[B, n]``, same dtype as ``retrive_index``
+        Next sibling slot, -1 for the last one (slot > this slot); siblings are tried in this order.
     target_probs : Tensor ``[B, n, V]``, float32, vocabulary dimension contiguous
         Target distribution at every slot (warped, normalised).
     draft_probs : Tensor ``[B, n, V]``, float32, vocabulary dimension contiguous
@@ -932,8 +954,38 @@ tree_speculative_sampling_draft_probs.__doc__ = f"""Lossless tree speculative sa
         Uniform of the bonus token.
     num_spec_steps : int
         Columns of ``accept_index`` (1 <= num_spec_steps <= n).
-{_TREE_RETURNS}
+
+    Returns
+    -------
+    predicts : Tensor ``[B * n]``, int32
+        At the row of every accepted node (root included) the token that follows it: the accepted
+        child's token, and at the last accepted node the bonus token. 0 at every other row (as in
+        ``verify_tree_greedy``).
+    accept_index : Tensor ``[B, num_spec_steps]``, int32
+        Rows of the accepted path, root first, padded with -1.
+    accept_token_num : Tensor ``[B]``, int32
+        Number of accepted draft tokens (root and bonus not counted). The emitted tokens are
+        ``predicts[accept_index[b, :accept_token_num[b] + 1]]``: accepted drafts, then the bonus.
+
+    Raises
+    ------
+    TypeError / ValueError
+        Wrong shape, dtype or device. On CPU (and on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also a
+        malformed tree (out-of-range link, cycle, slot with two parents), a token outside the
+        vocabulary, a uniform outside [0, 1), or a probability the op reads that is NaN, negative,
+        above 1, or from a row that is not normalised (tolerance ``PROB_TOL``).
     """
+    return _run(
+        candidates,
+        retrive_index,
+        retrive_next_token,
+        retrive_next_sibling,
+        target_probs,
+        draft_probs,
+        uniform_samples,
+        uniform_final,
+        num_spec_steps,
+    )
 
 
 def sglang_tree_speculative_sampling_target_only(
