@@ -95,7 +95,7 @@ class HeadTrainConfig:
     p_weight: float = 0.1
     bias: bool = True
     seed: int = 0
-    autocast_bf16: bool = False
+    autocast_bf16: bool = True  # measured faster on the 2-core CPU (--measure); exact resume either way
     val_fraction: float = 0.05
     val_max_sequences: int = 64
     tau_prompts: int = 4
@@ -564,29 +564,38 @@ def _bar(initial: int, total: int, enabled: bool):
 # --------------------------------------------------------------------------------------------------
 # Throughput measurement (fp32 vs bf16 autocast)
 # --------------------------------------------------------------------------------------------------
+MEASURED_VARIANTS = (("float32", False), ("bf16_autocast", True))
+
+
 def measure_throughput(
-    target: LlamaModel, data: FeatureData, cfg: HeadTrainConfig, steps: int = 10, warmup: int = 2
+    target: LlamaModel, data: FeatureData, cfg: HeadTrainConfig, steps: int = 4, rounds: int = 5
 ) -> dict[str, float]:
-    """Training tokens/s of this machine with and without bf16 autocast, measured in one run on the
-    same batches (nothing is saved)."""
-    results = {}
-    for name, autocast in (("float32", False), ("bf16_autocast", True)):
+    """Median training tokens/s with and without bf16 autocast on this machine (nothing is saved).
+
+    The variants alternate, ``steps`` optimizer steps each per round after one warm-up step, so
+    that a load that drifts during the measurement affects both alike.
+    """
+    trainers = {}
+    for name, autocast in MEASURED_VARIANTS:
         run_cfg = dataclasses.replace(cfg, autocast_bf16=autocast, val_fraction=0.0)
         head = make_head(target, run_cfg, None)
-        trainer = _Trainer(
+        trainers[name] = _Trainer(
             target, head, _TrainingModule(head), make_optimizer(head, run_cfg), data, Path("."),
-            run_cfg, DistContext(device=target.device), RunState(), steps + warmup,
+            run_cfg, DistContext(device=target.device), RunState(), (rounds * steps + 1),
         )  # fmt: skip
-        order = np.arange(len(data))
-        for i in range(warmup + steps):
-            if i == warmup:
-                start = time.perf_counter()
-            rows = order[(i * cfg.batch_size) % len(data) :][: cfg.batch_size]
-            trainer.step(rows)
-            trainer.run_state.step += 1
-        elapsed = time.perf_counter() - start
-        results[name] = steps * len(rows) * (data.seq_len - 1) / elapsed
-    return results
+    batch = np.arange(min(cfg.batch_size, len(data)))
+    tokens = steps * len(batch) * (data.seq_len - 1)
+    rates: dict[str, list[float]] = {name: [] for name in trainers}
+    for trainer in trainers.values():
+        trainer.step(batch)  # warm-up
+    for _ in range(rounds):
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.step(batch)
+                trainer.run_state.step += 1
+            rates[name].append(tokens / (time.perf_counter() - start))
+    return {name: float(np.median(r)) for name, r in rates.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,7 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-weight", type=float, default=d.p_weight, help="weight of the token cross-entropy")
     p.add_argument("--no-bias", action="store_true", help="fc without bias (the LLaMA-3 heads' layout)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward")
+    p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=d.autocast_bf16,
+        help="bf16 autocast for forward and loss (--no-bf16: float32 throughout)",
+    )
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument(
         "--tau-prompts", type=int, default=d.tau_prompts, help="held-out prompts decoded per epoch"

@@ -56,6 +56,7 @@ def test_two_cpu_processes_match_one(tmp_path):
         "3e-3",
         "--tau-prompts",
         "0",
+        "--no-bf16",
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "eagle.train.head", "--target", str(target_dir), "--data", str(tmp_path / "f")]
@@ -64,7 +65,9 @@ def test_two_cpu_processes_match_one(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    cfg = th.HeadTrainConfig(batch_size=BATCH, max_steps=STEPS, warmup_steps=1, lr=3e-3, tau_prompts=0)
+    cfg = th.HeadTrainConfig(
+        batch_size=BATCH, max_steps=STEPS, warmup_steps=1, lr=3e-3, tau_prompts=0, autocast_bf16=False
+    )
     th.train_head(target, feat.FeatureData(tmp_path / "f"), tmp_path / "single", cfg, progress=False)
 
     ddp = torch.load(tmp_path / "ddp" / th.STATE_NAME, weights_only=False)

@@ -33,6 +33,7 @@ def _cfg(**overrides) -> th.HeadTrainConfig:
         tau_new_tokens=8,
         val_fraction=0.125,
         log_every_steps=2,
+        autocast_bf16=False,
     )
     return th.HeadTrainConfig(**(base | overrides))
 
@@ -342,7 +343,7 @@ def test_save_dtype_float16(setup, tmp_path):
 
 
 def test_throughput_measurement_runs_fp32_and_bf16_autocast(setup):
-    rates = th.measure_throughput(setup["target"], setup["data"], _cfg(), steps=1, warmup=1)
+    rates = th.measure_throughput(setup["target"], setup["data"], _cfg(), steps=1, rounds=1)
     assert set(rates) == {"float32", "bf16_autocast"} and all(r > 0 for r in rates.values())
 
 
