@@ -23,7 +23,8 @@ Triton kernel (one program per row) and the C++ kernel (rows in parallel) never 
 vocabulary: the Triton kernel finds the top-k and top-p thresholds by binary searches over the
 order-preserving integer keys of the float32 scores (each probe counts / sums over the row and
 jumps to the nearest actual score, so a search ends within 32 passes, exactly on a score of the
-row); the C++ kernel uses ``std::nth_element`` for top-k and a mass-weighted quickselect for top-p.
+row); the C++ kernel uses a size-k heap (``std::nth_element`` for large k) for top-k and a
+mass-weighted quickselect for top-p.
 The probabilities they compute differ from the sort-based ones only by float rounding, so a token
 whose cumulative probability lands within rounding of the ``1 - top_p`` cut (or of the min-p cut)
 may be decided differently.

@@ -103,7 +103,8 @@ template <typename cand_t, typename tree_t, typename target_t>
 void verify_cpu_impl(int64_t B, int64_t n, int64_t steps, const cand_t* cand, const tree_t* rows,
                      const tree_t* first_child, const tree_t* next_sibling, const target_t* target_at_row,
                      int32_t* predicts, int32_t* accept_index, int32_t* accept_num) {
-  const int64_t grain = std::max<int64_t>(1, 2048 / n);
+  // Small batches run on the calling thread: waking the pool costs more than a few hundred walks.
+  const int64_t grain = std::max<int64_t>(1, 16384 / n);
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> scratch;
     for (int64_t b = begin; b < end; ++b) {

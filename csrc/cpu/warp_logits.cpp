@@ -1,13 +1,13 @@
 // warp_logits: Hugging Face's temperature -> top-k -> top-p -> min-p warpers and softmax, per row.
 //
 // Rows run in parallel (at::parallel_for). Per row, nothing is sorted:
-//   * top-k: std::nth_element finds the k-th largest score; scores below it are removed (ties stay);
+//   * top-k: a size-k heap (or std::nth_element for large k) finds the k-th largest score; scores
+//     below it are removed (ties stay);
 //   * top-p: a mass-weighted quickselect finds the score t of the last token HF keeps (the smallest
 //     score whose strictly larger kept scores carry probability < top_p); in the group of scores
 //     equal to t, the tokens HF keeps are counted and the largest vocabulary ids kept (the order of a
 //     stable ascending sort, see eagle_kernels/warp_logits.py);
 //   * min-p: tokens with probability < min_p * max probability are removed.
-// The output row doubles as the buffer of scaled scores until the final probabilities are written.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -31,8 +31,9 @@ struct RowParams {
 };
 
 struct RowScratch {
-  std::vector<float> weights;                    // exp(score - max) of top-k survivors, 0 otherwise
-  std::vector<float> values;                     // copy of the scores for nth_element
+  std::vector<float> scores;                     // logits / temperature
+  std::vector<float> weights;                    // exp(score - row max)
+  std::vector<float> values;                     // top-k selection buffer
   std::vector<std::pair<float, float>> entries;  // (score, weight) of top-k survivors for top-p
 };
 
@@ -69,59 +70,88 @@ float top_p_cut(std::vector<std::pair<float, float>>& entries, double limit, dou
   }
 }
 
+// The k-th largest of v[0..V) (counting repeats). Small k: a min-heap of the k largest seen, which
+// rejects most elements with one comparison; large k: std::nth_element on a copy.
+float kth_largest(const float* v, int64_t V, int64_t k, std::vector<float>& buf) {
+  if (k * 16 > V) {
+    buf.assign(v, v + V);
+    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<float>());
+    return buf[k - 1];
+  }
+  buf.assign(v, v + k);
+  std::make_heap(buf.begin(), buf.end(), std::greater<float>());
+  for (int64_t i = k; i < V; ++i) {
+    if (v[i] > buf.front()) {
+      std::pop_heap(buf.begin(), buf.end(), std::greater<float>());
+      buf.back() = v[i];
+      std::push_heap(buf.begin(), buf.end(), std::greater<float>());
+    }
+  }
+  return buf.front();
+}
+
+// Probabilities of one row into out. Per-thread scratch buffers (no per-call page faults); the
+// division is exact IEEE float division like torch's, and exp runs in ATen's vectorised kernel.
 template <typename scalar_t>
 void warp_row(const scalar_t* x, float* out, int64_t V, int64_t r, const RowParams& p, RowScratch& s) {
-  check_row_params(r, p);
-  const bool greedy = p.temperature == 0.f;
-  float* scores = out;
-  float y_max = -std::numeric_limits<float>::infinity();
-  int64_t arg_max = 0;
+  s.scores.resize(V);
+  s.weights.resize(V);
+  float* scores = s.scores.data();
+  float* weights = s.weights.data();
+  const float scale = p.temperature == 0.f ? 1.f : p.temperature;
+  int not_finite = 0;
+#pragma omp simd reduction(| : not_finite)
   for (int64_t i = 0; i < V; ++i) {
-    const float xi = static_cast<float>(x[i]);
-    TORCH_CHECK_VALUE(std::isfinite(xi), "logits contain NaN or inf (row ", r, ", token ", i, ")");
-    const float yi = greedy ? xi : xi / p.temperature;
-    TORCH_CHECK_VALUE(std::isfinite(yi), "logits / temperature overflows float32; raise the temperature (row ",
-                      r, ")");
-    scores[i] = yi;
-    if (yi > y_max) {
-      y_max = yi;
-      arg_max = i;
-    }
+    scores[i] = static_cast<float>(x[i]) / scale;
+    not_finite |= !(std::fabs(scores[i]) <= std::numeric_limits<float>::max());
   }
-  if (greedy) {
+  if (not_finite) {
+    for (int64_t i = 0; i < V; ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(x[i])), "logits contain NaN or inf (row ", r, ", token ", i,
+                        ")");
+    }
+    TORCH_CHECK_VALUE(false, "logits / temperature overflows float32; raise the temperature (row ", r, ")");
+  }
+  float y_max = scores[0];
+#pragma omp simd reduction(max : y_max)
+  for (int64_t i = 0; i < V; ++i) y_max = std::max(y_max, scores[i]);
+  if (p.temperature == 0.f) {
     std::fill(out, out + V, 0.f);
-    out[arg_max] = 1.f;
+    out[std::find(scores, scores + V, y_max) - scores] = 1.f;  // the first maximum
     return;
   }
+#pragma omp simd
+  for (int64_t i = 0; i < V; ++i) weights[i] = scores[i] - y_max;
+  at::Tensor w = at::from_blob(weights, {V}, at::TensorOptions().dtype(at::kFloat));
+  w.exp_();
 
   float kth = -std::numeric_limits<float>::infinity();  // top-k keeps scores >= kth
-  if (p.top_k > 0 && p.top_k < V) {
-    s.values.assign(scores, scores + V);
-    std::nth_element(s.values.begin(), s.values.begin() + (p.top_k - 1), s.values.end(), std::greater<float>());
-    kth = s.values[p.top_k - 1];
-  }
-  s.weights.assign(V, 0.f);
-  double z1 = 0.0;
-  for (int64_t i = 0; i < V; ++i) {
-    if (scores[i] >= kth) {
-      s.weights[i] = std::exp(scores[i] - y_max);
-      z1 += s.weights[i];
-    }
-  }
+  if (p.top_k > 0 && p.top_k < V) kth = kth_largest(scores, V, p.top_k, s.values);
 
   // top-p keeps: score > cut, or score == cut and id >= first_tie.
   float cut = kth;
   int64_t first_tie = 0;
   if (p.top_p < 1.f) {
     s.entries.clear();
-    for (int64_t i = 0; i < V; ++i) {
-      if (scores[i] >= kth) s.entries.emplace_back(scores[i], s.weights[i]);
+    double z1 = 0.0;
+    if (kth == -std::numeric_limits<float>::infinity()) {
+      s.entries.resize(V);
+      for (int64_t i = 0; i < V; ++i) s.entries[i] = {scores[i], weights[i]};
+#pragma omp simd reduction(+ : z1)
+      for (int64_t i = 0; i < V; ++i) z1 += weights[i];
+    } else {  // few top-k survivors
+      for (int64_t i = 0; i < V; ++i) {
+        if (scores[i] >= kth) {
+          s.entries.emplace_back(scores[i], weights[i]);
+          z1 += weights[i];
+        }
+      }
     }
     double mass_above = 0.0;
     const double limit = static_cast<double>(p.top_p) * z1;
     cut = top_p_cut(s.entries, limit, &mass_above);
-    int64_t ties = 0;
-    for (int64_t i = 0; i < V; ++i) ties += scores[i] == cut;
+    int64_t ties = 0;  // every score equal to the cut survived top-k, so it is among the entries
+    for (const auto& e : s.entries) ties += e.first == cut;
     // Tied tokens j = 0, 1, ... (largest ids first) stay while mass_above + j * q < limit.
     const double q = std::exp(static_cast<double>(cut) - y_max);
     int64_t keep = 1;
@@ -136,23 +166,27 @@ void warp_row(const scalar_t* x, float* out, int64_t V, int64_t r, const RowPara
       }
     }
   }
-  auto kept_by_top_p = [&](int64_t i) { return scores[i] > cut || (scores[i] == cut && i >= first_tie); };
-
-  float z2 = 1.f;
-  if (p.min_p > 0.f) {
-    double sum = 0.0;
-    for (int64_t i = 0; i < V; ++i) sum += kept_by_top_p(i) ? s.weights[i] : 0.f;
-    z2 = static_cast<float>(sum);
-  }
-  const float min_prob = p.min_p * (1.f / z2);  // the max probability after top-p is exp(0) / z2
-  double z3 = 0.0;
+  // out[i] = weight of the tokens top-k and top-p keep, 0 for the others.
+  double z2 = 0.0;
+#pragma omp simd reduction(+ : z2)
   for (int64_t i = 0; i < V; ++i) {
-    const float w = s.weights[i];
-    const bool kept = kept_by_top_p(i) && w / z2 >= min_prob;
-    out[i] = kept ? w : 0.f;  // scores[i] is not read after this point
-    z3 += out[i];
+    const bool kept = scores[i] > cut || (scores[i] == cut && i >= first_tie);
+    out[i] = kept ? weights[i] : 0.f;
+    z2 += out[i];
   }
-  const float total = static_cast<float>(z3);
+  if (p.min_p > 0.f) {
+    const float z = static_cast<float>(z2);
+    const float min_prob = p.min_p * (1.f / z);  // the max probability after top-p is exp(0) / z2
+    double z3 = 0.0;
+#pragma omp simd reduction(+ : z3)
+    for (int64_t i = 0; i < V; ++i) {
+      out[i] = out[i] / z >= min_prob ? out[i] : 0.f;
+      z3 += out[i];
+    }
+    z2 = z3;
+  }
+  const float total = static_cast<float>(z2);
+#pragma omp simd
   for (int64_t i = 0; i < V; ++i) out[i] = out[i] / total;
 }
 
@@ -174,17 +208,19 @@ at::Tensor warp_logits_cpu(const at::Tensor& logits, const at::Tensor& temperatu
   check_param("top_k", top_k, R, at::kLong, logits.device());
   check_param("top_p", top_p, R, at::kFloat, logits.device());
   check_param("min_p", min_p, R, at::kFloat, logits.device());
-  const at::Tensor x = logits.stride(1) == 1 ? logits : logits.contiguous();
   const at::Tensor temp = temperature.contiguous(), k = top_k.contiguous();
   const at::Tensor tp = top_p.contiguous(), mp = min_p.contiguous();
+  const float* t_data = temp.data_ptr<float>();
+  const int64_t* k_data = k.data_ptr<int64_t>();
+  const float* p_data = tp.data_ptr<float>();
+  const float* m_data = mp.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) check_row_params(r, RowParams{t_data[r], k_data[r], p_data[r], m_data[r]});
+
+  const at::Tensor x = logits.stride(1) == 1 ? logits : logits.contiguous();
   at::Tensor out = at::empty({R, V}, logits.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "warp_logits_cpu", [&] {
     const scalar_t* x_data = x.data_ptr<scalar_t>();
     const int64_t row_stride = x.stride(0);
-    const float* t_data = temp.data_ptr<float>();
-    const int64_t* k_data = k.data_ptr<int64_t>();
-    const float* p_data = tp.data_ptr<float>();
-    const float* m_data = mp.data_ptr<float>();
     float* out_data = out.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, 16384 / V);
     at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
