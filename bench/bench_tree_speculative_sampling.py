@@ -32,7 +32,7 @@ SHAPES["B16-n64-V32000"] = (16, 64, 32000)
 def make_inputs(B: int, n: int, V: int, device: torch.device, *, draft: bool = False, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    pool = torch.softmax(torch.randn(B + n, V, generator=gen) * 4, -1)
+    pool = torch.softmax(torch.randn(B + n, V, generator=gen) * 7, -1)
     probs = pool.as_strided((B, n, V), (V, V, 1))
     top = pool.topk(n, dim=-1).indices  # children are the best tokens of their parent's row
     cand = torch.zeros(B, n, dtype=torch.int64)

@@ -224,12 +224,12 @@ def _chain_sampling_kernel(
             if HAS_Q:
                 tried = tl.full([L_PAD], -1, dtype=tl.int64)
                 token, row_bad = _sample_residual(
-                    p_row, q_row, V, one, tried, uf, prob_limit, prob_tol, True, BLOCK_V, NB_PAD
+                    p_row, q_row, V, one, tried, 0, uf, prob_limit, prob_tol, True, BLOCK_V, NB_PAD
                 )
             else:
                 tried = tl.where(pos == 0, d_rej, -1)
                 token, row_bad = _sample_residual(
-                    p_row, q_row, V, one, tried, uf, prob_limit, prob_tol, False, BLOCK_V, NB_PAD
+                    p_row, q_row, V, one, tried, 1, uf, prob_limit, prob_tol, False, BLOCK_V, NB_PAD
                 )
             status |= row_bad
             out = tl.where(pos == first, token.to(tl.int32), out)

@@ -408,6 +408,7 @@ def _sample_residual(
     V,
     s,
     tried,
+    n_tried,
     u,
     prob_limit,
     prob_tol,
@@ -415,16 +416,17 @@ def _sample_residual(
     BLOCK_V: tl.constexpr,
     NB_PAD: tl.constexpr,
 ):
-    """Inverse-CDF sample from the integer masses of max(0, p - s*q) with the ``tried`` tokens
-    removed (-1 entries are unused), falling back to p when nothing is left. Returns (token, status)."""
+    """Inverse-CDF sample from the integer masses of max(0, p - s*q) with the first ``n_tried``
+    tokens of ``tried`` removed, falling back to p when nothing is left. Returns (token, status)."""
     blocks = tl.arange(0, NB_PAD)
+    lanes = tl.arange(0, tried.shape[0])
     per_block, status = _row_block_masses(p_row, q_row, V, s, prob_limit, prob_tol, HAS_Q, BLOCK_V, NB_PAD)
-    is_tried = tried >= 0
-    tried_p = tl.load(p_row + tried, mask=is_tried, other=0.0)
-    tried_p = tl.where((tried_p >= 0.0) & (tried_p <= prob_limit), tried_p, 0.0)
-    tried_mass = (tried_p * 1152921504606846976.0).to(tl.int64)
-    in_block = (tried // BLOCK_V)[None, :] == blocks[:, None]
-    residual = per_block - tl.sum(tl.where(in_block & is_tried[None, :], tried_mass[None, :], 0), axis=1)
+    residual = per_block
+    for i in range(0, n_tried):  # a handful of rejected siblings: one scalar pass each
+        token = tl.sum(tl.where(lanes == i, tried, 0))
+        p = tl.load(p_row + token)
+        mass = (tl.where((p >= 0.0) & (p <= prob_limit), p, 0.0) * 1152921504606846976.0).to(tl.int64)
+        residual = tl.where(blocks == token // BLOCK_V, residual - mass, residual)
     exclude = tl.sum(residual) > 0
     if exclude == 0:
         s = s * 0.0
@@ -437,8 +439,9 @@ def _sample_residual(
     carry = tl.sum(tl.where(blocks == blk, cum - residual, 0))
     offs = blk * BLOCK_V + tl.arange(0, BLOCK_V)
     masses, _, _, _ = _block_masses(p_row, q_row, offs, V, s, prob_limit, HAS_Q)
-    dropped = tl.sum((offs[:, None] == tried[None, :]).to(tl.int32), axis=1) > 0
-    masses = tl.where(dropped, tl.where(exclude, 0, masses), masses)
+    if exclude:
+        for i in range(0, n_tried):
+            masses = tl.where(offs == tl.sum(tl.where(lanes == i, tried, 0)), 0, masses)
     cum_in = tl.cumsum(masses, axis=0) + carry
     token = tl.min(tl.where((cum_in > threshold) & (offs < V), offs, V))
     return tl.minimum(token, V - 1), status
@@ -516,7 +519,8 @@ def _tree_sampling_kernel(
     cur = base * 0
     num = tl.sum(tl.zeros([N_PAD], dtype=tl.int32))
     coin = tl.load(u_ptr + base)
-    tried = tl.full([N_PAD], -1, dtype=tl.int64)
+    tried = tl.full([N_PAD], -1, dtype=tl.int64)  # tokens rejected at the current node, and their count
+    k = num * 0
     s = tl.sum(tl.zeros([N_PAD], dtype=tl.float64))
     go = walkable & (steps > 1)
     while go:
@@ -577,6 +581,7 @@ def _tree_sampling_kernel(
             cur = chosen
             coin = tl.load(u_ptr + base + chosen)
             tried = tl.full([N_PAD], -1, dtype=tl.int64)
+            k = num * 0
             s = s * 0.0
         go = got & (num + 1 < steps)
 
@@ -585,12 +590,12 @@ def _tree_sampling_kernel(
     uf = tl.load(uf_ptr + b)
     # The residual reads the draft row only after a rejection at this node (s > 0).
     bonus, row_bad = _sample_residual(
-        p_row, q_row, V, s, tried, uf, prob_limit, prob_tol, False, BLOCK_V, NB_PAD
+        p_row, q_row, V, s, tried, k, uf, prob_limit, prob_tol, False, BLOCK_V, NB_PAD
     )
     if HAS_Q:
         if s > 0.0:
             bonus, row_bad = _sample_residual(
-                p_row, q_row, V, s, tried, uf, prob_limit, prob_tol, True, BLOCK_V, NB_PAD
+                p_row, q_row, V, s, tried, k, uf, prob_limit, prob_tol, True, BLOCK_V, NB_PAD
             )
     status |= row_bad
     pred_vec = tl.where(slots == cur, bonus.to(tl.int32), pred_vec)

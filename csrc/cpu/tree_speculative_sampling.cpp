@@ -72,6 +72,9 @@ namespace {
 
 constexpr int64_t kBlock = 1024;  // vocabulary block whose mass is kept for the bonus search
 
+// Sequences per parallel chunk: about 64K vocabulary entries of work, so small calls stay on one thread.
+inline int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
 inline bool valid_prob(float p) { return p >= 0.f && p <= kProbLimit; }
 inline float clean_prob(float p) { return valid_prob(p) ? p : 0.f; }
 inline int64_t mass_of(float p) { return static_cast<int64_t>(clean_prob(p) * kMassScale); }
@@ -352,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_speculative_samp
     AT_DISPATCH_INDEX_TYPES(ri.scalar_type(), "tree_speculative_sampling_idx", [&] {
       const tok_t* c = cand.data_ptr<tok_t>();
       const index_t *r = ri.data_ptr<index_t>(), *t = nt.data_ptr<index_t>(), *s = ns.data_ptr<index_t>();
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, grain_for(V), [&](int64_t begin, int64_t end) {
         Scratch scratch;
         for (int64_t b = begin; b < end; ++b) sample_tree<tok_t, index_t>(a, c, r, t, s, b, scratch);
       });
@@ -452,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
     AT_DISPATCH_INDEX_TYPES(cu.scalar_type(), "chain_cu", [&] {
       using cu_t = index_t;
       AT_DISPATCH_INDEX_TYPES(bonus.scalar_type(), "chain_bonus", [&] {
-        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, B, grain_for(V), [&](int64_t begin, int64_t end) {
           Scratch scratch;
           for (int64_t b = begin; b < end; ++b) {
             sample_chain<tok_t, cu_t, index_t>(draft.data_ptr<tok_t>(), cu.data_ptr<cu_t>(), bonus.data_ptr<index_t>(),
