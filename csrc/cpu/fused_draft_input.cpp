@@ -7,16 +7,16 @@
 // chosen by token id, then the feature row(s)); the gathered embedding and the concat never exist as
 // separate tensors. Then one of two GEMMs:
 //
-// * "skinny" (AVX-512; up to 64 rows in fp32, 8 in bf16, every row count in fp16): A is gathered in
-//   fp32, W is read in its own dtype and widened to fp32 in registers, fp32 accumulation over register
-//   tiles of up to 4 rows x 8 output features, one pass over W per 4 rows. At decode sizes the cost is
-//   reading W once; there oneDNN's small-GEMM overhead dominates (2-4x slower), and torch's fp16 CPU
-//   GEMM is slow at every size.
+// * "skinny" (AVX-512; up to 64 rows in fp32, 32 in bf16, every row count in fp16): fp32 accumulation
+//   over register tiles of up to 4 rows x 8 output features, one pass over W per 4 rows. bf16 uses
+//   the AVX512_BF16 dot-product instruction on A and W as they are; otherwise A is gathered in fp32
+//   and W widened to fp32 in registers. At decode sizes the cost is reading W once; there oneDNN's
+//   small-GEMM overhead dominates (2-4x slower), and torch's fp16 CPU GEMM is slow at every size.
 // * "blas": one at::addmm (MKL / oneDNN) on the scratch buffer in the inputs' dtype; it wins for many
 //   rows in fp32/bf16 and serves float64 and CPUs without AVX-512.
 //
-// EAGLE_KERNELS_CPU_ISA=generic forces the blas path, =avx512 the skinny path for every row count
-// (tests use both). Measurements: bench/bench_fused_draft_input.py.
+// EAGLE_KERNELS_CPU_ISA=generic forces the blas path, =avx512 the skinny path for every row count;
+// EAGLE_KERNELS_CPU_BF16DOT=0 turns the bf16 dot-product instructions off (tests use all three). Measurements: bench/bench_fused_draft_input.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -37,14 +37,17 @@
 // Vectors are passed only between functions of this one instruction set, so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define EAGLE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+#define EAGLE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c,avx512bf16")))
 #endif
 
 namespace eagle {
 namespace {
 
-// Rows up to which the skinny kernel beats at::addmm for fp32 / bf16 (measured on Zen 4).
+// Rows up to which the skinny kernel beats at::addmm (measured on Zen 4, H = 256 and 1024): fp32,
+// bf16 with dot-product instructions, bf16 widened to fp32. fp16 always takes the skinny kernel.
 constexpr int64_t kSkinnyMaxRowsF32 = 64;
-constexpr int64_t kSkinnyMaxRowsBF16 = 8;
+constexpr int64_t kSkinnyMaxRowsBF16Dot = 32;
+constexpr int64_t kSkinnyMaxRowsBF16 = 4;
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kMaxTileCols = 8;
 
@@ -128,7 +131,7 @@ void gather_rows_typed(const std::vector<Segment>& segments, at::Tensor& a) {
   });
 }
 
-// Scratch [N, S*H] in `dtype` (the inputs' dtype for the blas path, fp32 for the skinny one).
+// Scratch [N, S*H] in `dtype`: the inputs' dtype for the blas path and bf16 dot products, else fp32.
 at::Tensor gather_rows(const std::vector<Segment>& segments, int64_t N, at::ScalarType dtype) {
   const at::Tensor& first = *segments[1].t;  // a feature tensor: [N, H]
   const int64_t H = first.size(1);
@@ -166,74 +169,107 @@ EAGLE_AVX512 inline __m512 load_widen<c10::Half>(const c10::Half* p, __mmask16 m
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
-// acc[r][j] += a[r * lda + k .. k + 16] . w[j * ldw + k .. k + 16] (lanes outside mask m read as 0).
-template <typename w_t, int R, int J>
-EAGLE_AVX512 inline void skinny_step(__m512 (&acc)[R][J], const float* a, int64_t lda, const w_t* w, int64_t ldw,
-                                     int64_t k, __mmask16 m) {
-  __m512 wv[J];
-  for (int j = 0; j < J; ++j) wv[j] = load_widen<w_t>(w + j * ldw + k, m);
+// How a skinny tile multiplies. WidenToF32: A in fp32, W in its own dtype widened to fp32 in
+// registers, one FMA per 16 products (every AVX-512 CPU). DotBF16: A and W in bf16, vdpbf16ps does
+// 32 exact bf16 products per instruction and accumulates them in fp32 (CPUs with AVX512_BF16).
+template <typename w_t>
+struct WidenToF32 {
+  using a_t = float;
+  using w_elem = w_t;
+  using vec_t = __m512;
+  using mask_t = __mmask16;
+  static constexpr int64_t kStep = 16;
+  static constexpr mask_t kFull = 0xFFFF;
+  EAGLE_AVX512 static vec_t load_a(const float* p, mask_t m) { return _mm512_maskz_loadu_ps(m, p); }
+  EAGLE_AVX512 static vec_t load_w(const w_t* p, mask_t m) { return load_widen<w_t>(p, m); }
+  EAGLE_AVX512 static __m512 mac(__m512 acc, vec_t a, vec_t w) { return _mm512_fmadd_ps(a, w, acc); }
+};
+
+struct DotBF16 {
+  using a_t = c10::BFloat16;
+  using w_elem = c10::BFloat16;
+  using vec_t = __m512i;
+  using mask_t = __mmask32;
+  static constexpr int64_t kStep = 32;
+  static constexpr mask_t kFull = 0xFFFFFFFFu;
+  EAGLE_AVX512_BF16 static vec_t load_a(const a_t* p, mask_t m) { return _mm512_maskz_loadu_epi16(m, p); }
+  EAGLE_AVX512_BF16 static vec_t load_w(const w_elem* p, mask_t m) { return _mm512_maskz_loadu_epi16(m, p); }
+  EAGLE_AVX512_BF16 static __m512 mac(__m512 acc, vec_t a, vec_t w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w);
+  }
+};
+
+// acc[r][j] += a[r * lda + k ..] . w[j * ldw + k ..] over one step of P::kStep elements (lanes outside
+// mask m read as 0).
+template <typename P, int R, int J>
+EAGLE_AVX512_BF16 inline void skinny_step(__m512 (&acc)[R][J], const typename P::a_t* a, int64_t lda,
+                                          const typename P::w_elem* w, int64_t ldw, int64_t k,
+                                          typename P::mask_t m) {
+  typename P::vec_t wv[J];
+  for (int j = 0; j < J; ++j) wv[j] = P::load_w(w + j * ldw + k, m);
   for (int r = 0; r < R; ++r) {
-    const __m512 av = _mm512_maskz_loadu_ps(m, a + r * lda + k);
-    for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(av, wv[j], acc[r][j]);
+    const typename P::vec_t av = P::load_a(a + r * lda + k, m);
+    for (int j = 0; j < J; ++j) acc[r][j] = P::mac(acc[r][j], av, wv[j]);
   }
 }
 
 // res[r][j] = sum_k a[r * lda + k] * w[j * ldw + k] for an R x J tile (R rows of A, J rows of W).
-template <typename w_t, int R, int J>
-EAGLE_AVX512 inline void skinny_tile(const float* a, int64_t lda, const w_t* w, int64_t ldw, int64_t K,
-                                     float (*res)[kMaxTileCols]) {
+template <typename P, int R, int J>
+EAGLE_AVX512_BF16 inline void skinny_tile(const typename P::a_t* a, int64_t lda, const typename P::w_elem* w,
+                                          int64_t ldw, int64_t K, float (*res)[kMaxTileCols]) {
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) skinny_step<w_t, R, J>(acc, a, lda, w, ldw, k, __mmask16(0xFFFF));
-  if (k < K) skinny_step<w_t, R, J>(acc, a, lda, w, ldw, k, __mmask16((1u << (K - k)) - 1));
+  for (; k + P::kStep <= K; k += P::kStep) skinny_step<P, R, J>(acc, a, lda, w, ldw, k, P::kFull);
+  if (k < K) skinny_step<P, R, J>(acc, a, lda, w, ldw, k, typename P::mask_t((1ull << (K - k)) - 1));
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) res[r][j] = _mm512_reduce_add_ps(acc[r][j]);
 }
 
 // An R-row tile over `cols` <= J output features (the last block of features may be partial).
-template <typename w_t, int R, int J>
-EAGLE_AVX512 void skinny_tile_cols(const float* a, int64_t lda, const w_t* w, int64_t ldw, int64_t K, int64_t cols,
-                                   float (*res)[kMaxTileCols]) {
-  if (cols == J) return skinny_tile<w_t, R, J>(a, lda, w, ldw, K, res);
+template <typename P, int R, int J>
+EAGLE_AVX512_BF16 void skinny_tile_cols(const typename P::a_t* a, int64_t lda, const typename P::w_elem* w,
+                                        int64_t ldw, int64_t K, int64_t cols, float (*res)[kMaxTileCols]) {
+  if (cols == J) return skinny_tile<P, R, J>(a, lda, w, ldw, K, res);
   for (int64_t j = 0; j < cols; ++j) {
     float one[R][kMaxTileCols];
-    skinny_tile<w_t, R, 1>(a, lda, w + j * ldw, ldw, K, one);
+    skinny_tile<P, R, 1>(a, lda, w + j * ldw, ldw, K, one);
     for (int r = 0; r < R; ++r) res[r][j] = one[r][0];
   }
 }
 
 // Rows [r, r + R) x output features [jb, jb + cols): 8 features per tile for 1-2 rows, 4 for 3-4 rows,
-// so that the accumulators, the widened W vectors and one A vector fit the 32 vector registers.
-template <typename w_t, int R>
-EAGLE_AVX512 void skinny_rows(const float* a, int64_t K, const w_t* w, int64_t ldw, int64_t cols,
-                              float (*res)[kMaxTileCols]) {
+// so that the accumulators, the W vectors and one A vector fit the 32 vector registers.
+template <typename P, int R>
+EAGLE_AVX512_BF16 void skinny_rows(const typename P::a_t* a, int64_t K, const typename P::w_elem* w, int64_t ldw,
+                                   int64_t cols, float (*res)[kMaxTileCols]) {
   constexpr int J = R <= 2 ? 8 : 4;
   for (int64_t j = 0; j < cols; j += J) {
     float part[R][kMaxTileCols];
-    skinny_tile_cols<w_t, R, J>(a, K, w + j * ldw, ldw, K, std::min<int64_t>(J, cols - j), part);
+    skinny_tile_cols<P, R, J>(a, K, w + j * ldw, ldw, K, std::min<int64_t>(J, cols - j), part);
     for (int r = 0; r < R; ++r)
       for (int64_t c = 0; c < std::min<int64_t>(J, cols - j); ++c) res[r][j + c] = part[r][c];
   }
 }
 
 // Output features [j0, j1) for every row: each block of 8 W rows stays in cache while the rows pass.
-template <typename w_t, typename out_t>
-EAGLE_AVX512 void skinny_columns(const float* a, int64_t N, int64_t K, const w_t* w, int64_t ldw, const float* bias,
-                                 out_t* out, int64_t ldo, int64_t j0, int64_t j1) {
+template <typename P, typename out_t>
+EAGLE_AVX512_BF16 void skinny_columns(const typename P::a_t* a, int64_t N, int64_t K, const typename P::w_elem* w,
+                                      int64_t ldw, const float* bias, out_t* out, int64_t ldo, int64_t j0,
+                                      int64_t j1) {
   float res[kTileRows][kMaxTileCols];
   for (int64_t jb = j0; jb < j1; jb += kMaxTileCols) {
     const int64_t cols = std::min<int64_t>(kMaxTileCols, j1 - jb);
     for (int64_t r = 0; r < N; r += kTileRows) {
       const int64_t rows = std::min<int64_t>(kTileRows, N - r);
-      const float* ar = a + r * K;
-      const w_t* wb = w + jb * ldw;
+      const auto* ar = a + r * K;
+      const auto* wb = w + jb * ldw;
       switch (rows) {
-        case 4: skinny_rows<w_t, 4>(ar, K, wb, ldw, cols, res); break;
-        case 3: skinny_rows<w_t, 3>(ar, K, wb, ldw, cols, res); break;
-        case 2: skinny_rows<w_t, 2>(ar, K, wb, ldw, cols, res); break;
-        default: skinny_rows<w_t, 1>(ar, K, wb, ldw, cols, res); break;
+        case 4: skinny_rows<P, 4>(ar, K, wb, ldw, cols, res); break;
+        case 3: skinny_rows<P, 3>(ar, K, wb, ldw, cols, res); break;
+        case 2: skinny_rows<P, 2>(ar, K, wb, ldw, cols, res); break;
+        default: skinny_rows<P, 1>(ar, K, wb, ldw, cols, res); break;
       }
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < cols; ++j)
@@ -254,6 +290,18 @@ bool cpu_has_avx512() {
 #endif
 }
 
+// bf16 dot-product instructions: on when the CPU has them, unless EAGLE_KERNELS_CPU_BF16DOT=0 (tests
+// use it to check the widening path that CPUs without AVX512_BF16 take).
+bool use_bf16_dot() {
+#ifdef EAGLE_FDI_HAVE_AVX512_BUILD
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  const char* env = std::getenv("EAGLE_KERNELS_CPU_BF16DOT");
+  return has && !(env != nullptr && std::string(env) == "0");
+#else
+  return false;
+#endif
+}
+
 bool use_skinny(at::ScalarType dtype, int64_t N) {
   const char* env = std::getenv("EAGLE_KERNELS_CPU_ISA");
   const std::string forced = env == nullptr ? "" : env;
@@ -262,30 +310,51 @@ bool use_skinny(at::ScalarType dtype, int64_t N) {
   if (forced == "generic" || forced == "avx2" || !cpu_has_avx512()) return false;
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (forced == "avx512" || dtype == at::kHalf) return true;
-  return N <= (dtype == at::kFloat ? kSkinnyMaxRowsF32 : kSkinnyMaxRowsBF16);
+  if (dtype == at::kFloat) return N <= kSkinnyMaxRowsF32;
+  return N <= (use_bf16_dot() ? kSkinnyMaxRowsBF16Dot : kSkinnyMaxRowsBF16);
 }
 
-void project_skinny(at::Tensor& out, const at::Tensor& a, const at::Tensor& fc_weight,
-                    const std::optional<at::Tensor>& fc_bias) {
 #ifdef EAGLE_FDI_HAVE_AVX512_BUILD
-  const int64_t N = a.size(0), K = a.size(1), H = out.size(0) == 0 ? 0 : out.size(1);
-  const at::Tensor w = fc_weight.stride(1) == 1 ? fc_weight : fc_weight.contiguous();
-  const at::Tensor bias = fc_bias.has_value() ? fc_bias->to(at::kFloat).contiguous() : at::Tensor();
-  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+// out = a @ w.T + bias through the skinny kernel with multiply policy P, columns split over threads.
+template <typename P, typename out_t>
+void run_skinny(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const float* bias) {
+  const int64_t N = a.size(0), K = a.size(1), H = out.size(1);
   const bool direct = out.stride(1) == 1;
   at::Tensor dst = direct ? out : at::empty(out.sizes(), out.options());
   const int64_t blocks = (H + kMaxTileCols - 1) / kMaxTileCols;
   const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, N * K * kMaxTileCols));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fused_draft_input_skinny", [&] {
-    at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      if constexpr (!std::is_same<scalar_t, double>::value) {
-        skinny_columns<scalar_t, scalar_t>(a.const_data_ptr<float>(), N, K, w.const_data_ptr<scalar_t>(),
-                                           w.stride(0), b, dst.data_ptr<scalar_t>(), dst.stride(0),
-                                           begin * kMaxTileCols, std::min(H, end * kMaxTileCols));
-      }
-    });
+  const auto* a_ptr = a.const_data_ptr<typename P::a_t>();
+  const auto* w_ptr = w.const_data_ptr<typename P::w_elem>();
+  out_t* o_ptr = dst.data_ptr<out_t>();
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    skinny_columns<P, out_t>(a_ptr, N, K, w_ptr, w.stride(0), bias, o_ptr, dst.stride(0), begin * kMaxTileCols,
+                             std::min(H, end * kMaxTileCols));
   });
   if (!direct) out.copy_(dst);
+}
+#endif
+
+void project_skinny(at::Tensor& out, const std::vector<Segment>& segments, const at::Tensor& fc_weight,
+                    const std::optional<at::Tensor>& fc_bias) {
+#ifdef EAGLE_FDI_HAVE_AVX512_BUILD
+  const int64_t N = out.size(0);
+  const at::Tensor w = fc_weight.stride(1) == 1 ? fc_weight : fc_weight.contiguous();
+  const at::Tensor bias = fc_bias.has_value() ? fc_bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      return run_skinny<WidenToF32<float>, float>(out, gather_rows(segments, N, at::kFloat), w, b);
+    case at::kHalf:
+      return run_skinny<WidenToF32<c10::Half>, c10::Half>(out, gather_rows(segments, N, at::kFloat), w, b);
+    case at::kBFloat16:
+      if (use_bf16_dot()) {
+        return run_skinny<DotBF16, c10::BFloat16>(out, gather_rows(segments, N, at::kBFloat16), w, b);
+      }
+      return run_skinny<WidenToF32<c10::BFloat16>, c10::BFloat16>(out, gather_rows(segments, N, at::kFloat), w,
+                                                                   b);
+    default:
+      TORCH_CHECK(false, "fused_draft_input: no skinny kernel for ", out.scalar_type());
+  }
 #else
   TORCH_CHECK(false, "fused_draft_input: the skinny kernel was not compiled for this platform");
 #endif
@@ -305,7 +374,7 @@ void project(at::Tensor& out, const std::vector<Segment>& segments, const at::Te
   const int64_t N = out.size(0);
   if (N == 0) return;
   if (use_skinny(out.scalar_type(), N)) {
-    project_skinny(out, gather_rows(segments, N, at::kFloat), fc_weight, fc_bias);
+    project_skinny(out, segments, fc_weight, fc_bias);
   } else {
     project_blas(out, gather_rows(segments, N, out.scalar_type()), fc_weight, fc_bias);
   }

@@ -108,16 +108,14 @@ def test_draft_backends_match_reference(backend, dtype, N, H):
         assert_matches(out, fused_draft_input_ref, args, dtype)
 
 
-CPP_PATHS = [
-    pytest.param("generic", id="blas"),
-    pytest.param(
-        "avx512",
-        id="skinny",
-        marks=pytest.mark.skipif(
-            torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the skinny kernel needs AVX-512"
-        ),
-    ),
-    pytest.param("auto", id="auto"),
+NEEDS_AVX512 = pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="the skinny kernel needs AVX-512"
+)
+CPP_PATHS = [  # (EAGLE_KERNELS_CPU_ISA, EAGLE_KERNELS_CPU_BF16DOT)
+    pytest.param(("generic", "1"), id="blas"),
+    pytest.param(("avx512", "1"), id="skinny", marks=NEEDS_AVX512),
+    pytest.param(("avx512", "0"), id="skinny-widen-bf16", marks=NEEDS_AVX512),
+    pytest.param(("auto", "1"), id="auto"),
 ]
 
 
@@ -125,10 +123,13 @@ CPP_PATHS = [
 @pytest.mark.parametrize("isa", CPP_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpp_gemm_paths(monkeypatch, isa, dtype):
-    """Both C++ GEMMs (AVX-512 skinny tiles of 1-4 rows, 8/4 features, a masked K tail; oneDNN addmm),
-    and the row-count crossovers between them (8 rows for bf16, 64 for fp32)."""
-    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
-    for seed, (N, H) in enumerate([(1, 19), (5, 40), (9, 16), (70, 21)]):
+    """Both C++ GEMMs (AVX-512 skinny tiles of 1-4 rows, 8/4 features, a masked K tail, bf16 dot
+    products or widening; oneDNN addmm), and the row-count crossovers between them."""
+    if dtype != torch.bfloat16 and isa[1] == "0":
+        pytest.skip("EAGLE_KERNELS_CPU_BF16DOT only changes the bf16 path")
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa[0])
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_BF16DOT", isa[1])
+    for seed, (N, H) in enumerate([(1, 19), (3, 40), (5, 16), (33, 21), (70, 24)]):
         args = make_draft_case((N,), H, 50, dtype, torch.int32, seed % 2 == 0, seed=seed)
         assert_matches(run_with_backend("cpp", fused_draft_input, *args), fused_draft_input_ref, args, dtype)
         args3 = make_eagle3_case((N,), H, dtype, seed % 2 == 1, seed=seed)
