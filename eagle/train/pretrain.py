@@ -622,6 +622,7 @@ def export(
         "val_bits_per_byte": val_half / LN2 / bpt,
         "val_tokens_evaluated": eval_tokens,
         "exported_dtype": str(dtype).removeprefix("torch."),
+        "n_params": model.num_parameters(),
         "model_config": checkpoint["model_config"],
         "train_config": checkpoint["train_config"],
         "data": {k: meta[k] for k in ("vocab_size", "train", "val", "val_fraction")},
@@ -685,10 +686,10 @@ standard library, bundled as the target model of `eagle`'s offline examples and 
 {status}
 
 ## Architecture
-LlamaForCausalLM: {m["num_hidden_layers"]} layers, hidden {m["hidden_size"]}, MLP {m["intermediate_size"]}
-(SwiGLU), {m["num_attention_heads"]} query heads / {m["num_key_value_heads"]} KV heads (head dim
-{m["hidden_size"] // m["num_attention_heads"]}), RoPE theta {m["rope_theta"]:g}, context {m["max_position_embeddings"]},
-vocabulary {m["vocab_size"]}, untied embedding and LM head. Weights stored in {record["exported_dtype"]}.
+LlamaForCausalLM, {m["num_hidden_layers"]} layers, hidden {m["hidden_size"]}, SwiGLU MLP {m["intermediate_size"]},
+{m["num_attention_heads"]} query heads / {m["num_key_value_heads"]} KV heads of dim {m["hidden_size"] // m["num_attention_heads"]},
+RoPE theta {m["rope_theta"]:g}, context {m["max_position_embeddings"]}, vocabulary {m["vocab_size"]}, untied
+embedding and LM head; {record["n_params"]:,} parameters, stored in {record["exported_dtype"]}.
 
 ## Data and tokenizer
 Every `.py` file of the training machine's CPython standard library (`sysconfig` stdlib path), minus
