@@ -77,14 +77,32 @@ inline int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::m
 
 inline bool valid_prob(float p) { return p >= 0.f && p <= kProbLimit; }
 inline float clean_prob(float p) { return valid_prob(p) ? p : 0.f; }
-inline int64_t mass_of(float p) { return static_cast<int64_t>(clean_prob(p) * kMassScale); }
 inline bool valid_uniform(float u) { return u >= 0.f && u < 1.f; }
 
+// trunc(r * 2^60) for 0 <= r < 2, as two exact 30-bit halves: v = r * 2^30 (exact), hi = trunc(v),
+// lo = trunc((v - hi) * 2^30) (the subtraction is exact), mass = hi * 2^30 + lo. Same value as a
+// direct float -> int64 conversion, but with int32 conversions, which SSE2 has in vector form.
+inline int32_t mass_hi(float v) { return static_cast<int32_t>(v); }
+inline int32_t mass_lo(float v) { return static_cast<int32_t>((v - static_cast<float>(static_cast<int32_t>(v))) * 0x1p30f); }
+inline int32_t mass_hi(double v) { return static_cast<int32_t>(v); }
+inline int32_t mass_lo(double v) { return static_cast<int32_t>((v - static_cast<double>(static_cast<int32_t>(v))) * 0x1p30); }
+inline int64_t join_mass(int64_t hi, int64_t lo) { return hi * (int64_t(1) << 30) + lo; }
+
+inline int64_t mass_of(float p) {
+  const float v = clean_prob(p) * 0x1p30f;
+  return join_mass(mass_hi(v), mass_lo(v));
+}
+
 // max(0, p - s*q) in float64 (each operation rounded on its own: -std=c++17 does not contract).
-inline int64_t residual_mass(float p, float q, double s) {
+inline double residual(float p, float q, double s) {
   const double prod = s * static_cast<double>(clean_prob(q));
   const double r = static_cast<double>(clean_prob(p)) - prod;
-  return r > 0.0 ? static_cast<int64_t>(r * kMassScaleD) : 0;
+  return r > 0.0 ? r : 0.0;
+}
+
+inline int64_t residual_mass(float p, float q, double s) {
+  const double v = residual(p, q, s) * 0x1p30;
+  return join_mass(mass_hi(v), mass_lo(v));
 }
 
 // One row of the vocabulary: the distribution p (and, with sampled drafts, q) at a node.
@@ -98,38 +116,48 @@ struct Row {
 };
 
 // Masses of a whole row by block of kBlock tokens, plus the BAD_ROW check (invalid entries, sums
-// off 1). The float sums use four partial accumulators: they only feed the tolerance check.
+// off 1). The loops are SIMD reductions: the integer sums are exact in any order, and the float sums
+// only feed the tolerance check.
 int32_t block_masses(const Row& row, std::vector<int64_t>& per_block) {
   const int64_t V = row.V, blocks = (V + kBlock - 1) / kBlock;
   per_block.assign(blocks, 0);
   int64_t n_bad = 0;
   double p_sum = 0.0, q_sum = 0.0;
+  const float* p = row.p;
+  const float* q = row.q;
+  const double s = row.s;
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t lo = blk * kBlock, hi = std::min(V, lo + kBlock);
-    uint64_t total = 0;
-    float ps[4] = {0.f, 0.f, 0.f, 0.f};
-    if (row.q == nullptr) {
-      for (int64_t x = lo; x < hi; ++x) {
-        const float p = row.p[x];
-        const bool ok = valid_prob(p);
-        n_bad += !ok;
-        const float pc = ok ? p : 0.f;
-        ps[x & 3] += pc;
-        total += static_cast<uint64_t>(static_cast<int64_t>(pc * kMassScale));
+    const int64_t lo = blk * kBlock, end = std::min(V, lo + kBlock);
+    int64_t hi_sum = 0, lo_sum = 0, bad = 0;
+    float ps = 0.f, qs = 0.f;
+    if (q == nullptr) {
+#pragma omp simd reduction(+ : hi_sum, lo_sum, bad, ps)
+      for (int64_t x = lo; x < end; ++x) {
+        const float pv = p[x];
+        const bool ok = valid_prob(pv);
+        bad += !ok;
+        const float pc = ok ? pv : 0.f;
+        ps += pc;
+        const float v = pc * 0x1p30f;
+        hi_sum += mass_hi(v);
+        lo_sum += mass_lo(v);
       }
     } else {
-      float qs[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int64_t x = lo; x < hi; ++x) {
-        const float p = row.p[x], q = row.q[x];
-        n_bad += !valid_prob(p) + !valid_prob(q);
-        ps[x & 3] += clean_prob(p);
-        qs[x & 3] += clean_prob(q);
-        total += static_cast<uint64_t>(residual_mass(p, q, row.s));
+#pragma omp simd reduction(+ : hi_sum, lo_sum, bad, ps, qs)
+      for (int64_t x = lo; x < end; ++x) {
+        const float pv = p[x], qv = q[x];
+        bad += !valid_prob(pv) + !valid_prob(qv);
+        ps += clean_prob(pv);
+        qs += clean_prob(qv);
+        const double v = residual(pv, qv, s) * 0x1p30;
+        hi_sum += mass_hi(v);
+        lo_sum += mass_lo(v);
       }
-      q_sum += (static_cast<double>(qs[0]) + qs[1]) + (static_cast<double>(qs[2]) + qs[3]);
+      q_sum += qs;
     }
-    p_sum += (static_cast<double>(ps[0]) + ps[1]) + (static_cast<double>(ps[2]) + ps[3]);
-    per_block[blk] = static_cast<int64_t>(total);
+    n_bad += bad;
+    p_sum += ps;
+    per_block[blk] = join_mass(hi_sum, lo_sum);
   }
   bool bad = n_bad > 0 || std::abs(p_sum - 1.0) > kProbTol;
   if (row.q != nullptr) bad = bad || std::abs(q_sum - 1.0) > kProbTol;
