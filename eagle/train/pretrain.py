@@ -841,6 +841,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--corpus-root", type=Path, default=None, help="default: this Python's stdlib")
     p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help="held-out share of files")
     p.add_argument("--hidden-size", type=int, default=ModelConfig.hidden_size)
     p.add_argument("--intermediate-size", type=int, default=ModelConfig.intermediate_size)
     p.add_argument("--layers", type=int, default=ModelConfig.num_hidden_layers)
@@ -893,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         args.corpus_root,
         args.vocab_size,
+        args.val_fraction,
         tokenizer_from=init_from,
         model_max_length=args.seq_len,
     )

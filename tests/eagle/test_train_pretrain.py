@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 
 import numpy as np
 import pytest
@@ -284,3 +285,28 @@ def test_resume_from_export_restarts_with_fresh_optimizer(exported, work_dir, tm
     assert state.rewarm_from == record["step"] and state.step == cfg.total_steps
     assert state.tokens_seen == cfg.total_steps * cfg.tokens_per_step
     assert state.init_from == str(export_dir)
+
+
+def test_cli_resume_on_a_fresh_machine_starts_from_the_export(exported, corpus_root, tmp_path):
+    _, export_dir, record = exported
+    out = tmp_path / "fresh"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        args = [
+            "--out",
+            str(out),
+            "--resume",
+            "--init-from",
+            str(export_dir),
+            "--corpus-root",
+            str(corpus_root),
+        ]
+        args += ["--val-fraction", str(VAL_FRACTION), "--max-tokens", str(8 * 32 * 14), "--seq-len", "32"]
+        args += ["--batch-size", "8", "--threads", "1", "--warmup-tokens", "512", "--eval-tokens", "1024"]
+        assert pretrain.main(args) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert (out / "tokenizer" / "tokenizer.json").read_text() == (export_dir / "tokenizer.json").read_text()
+    state = pretrain.load_checkpoint(out / pretrain.CHECKPOINT_NAME)["run_state"]
+    assert state["step"] == 14 and state["rewarm_from"] == record["step"]
