@@ -678,6 +678,7 @@ def model_card(record: dict, command: str | None) -> str:
     samples = "\n".join(
         f"```python\n{s['prompt']}{s['continuation']}\n```" for s in record.get("greedy_samples", [])
     )
+    flags = " --compile" if t["compile"] else ""
     return f"""# tiny-code target
 
 A small Llama-architecture language model of Python code, trained from scratch on CPU on the Python
@@ -723,11 +724,12 @@ AdamW betas {tuple(t["betas"])}, peak LR {t["lr"]:g}, linear warm-up {t["warmup_
 
 ## Reproduce / continue
 ```bash
-# from scratch (work dir outside the repository; checkpoints every 10 minutes):
-python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens {t["max_tokens"]}
+# from scratch (work dir outside the repository; checkpoints every 10 minutes). On a shared machine
+# this session ran it as: OMP_WAIT_POLICY=PASSIVE nohup nice -n 10 <command> > DIR/log.txt 2>&1 &
+python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens {t["max_tokens"]}{flags}
 # continue: from the work dir's checkpoint, or, if it is gone, from these exported weights
 # (fresh optimizer, {t["rewarm_steps"]}-step re-warm-up):
-python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens {t["max_tokens"]} --resume
+python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens {t["max_tokens"]}{flags} --resume
 # export the latest checkpoint here:
 python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --export eagle/assets/tiny-code/target
 ```
