@@ -148,6 +148,21 @@ def _extensions(torch, cuda: bool):
     ]
 
 
+def _persistent_build_ext(base):
+    """build_ext whose object files live in ./build/ext-temp for every kind of build.
+
+    pip's editable installs compile in a fresh temporary directory each time; keeping the objects in
+    one place lets ninja reuse them across `pip install -e .`, `python -m build --wheel` and reruns.
+    """
+
+    class PersistentBuildExt(base.with_options(use_ninja=True)):
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.environ.get("EAGLE_BUILD_TEMP", str(ROOT / "build" / "ext-temp"))
+
+    return PersistentBuildExt
+
+
 def main() -> None:
     torch = _import_torch()
     skip_ext = _flag("EAGLE_SKIP_EXT")
@@ -170,7 +185,7 @@ def main() -> None:
                 os.environ["MAX_JOBS"] = str(_default_max_jobs(cuda))
             print(f"[eagle-kernels] MAX_JOBS={os.environ['MAX_JOBS']} cuda={cuda}")
             ext_modules = _extensions(torch, cuda)
-            cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+            cmdclass = {"build_ext": _persistent_build_ext(BuildExtension)}
             _write_build_info(torch, cuda)
     local = _local_version(torch, cuda)
     version = BASE_VERSION + (f"+{local}" if local else "")
