@@ -10,7 +10,14 @@ import torch
 import eagle
 import eagle_kernels
 from eagle.tree import TreeConfig
-from tests.eagle.conftest import build_hf_target, eagle2_state, eagle3_state, head_config, save_hf_target, write_head
+from tests.eagle.conftest import (
+    build_hf_target,
+    eagle2_state,
+    eagle3_state,
+    head_config,
+    save_hf_target,
+    write_head,
+)
 
 # A small vocabulary makes random drafts agree with the target often, so long accepted paths occur.
 SMALL = dict(vocab_size=24, max_position_embeddings=256)
@@ -27,7 +34,9 @@ def _make_pair(root, seed: int, kind: str, **overrides):
     target_dir = save_hf_target(hf, root / f"target{seed}")
     cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
     if kind == "eagle2":
-        state = eagle2_state(cfg, bias=seed % 2 == 0, embed=hf.model.embed_tokens.weight.detach(), seed=seed + 7)
+        state = eagle2_state(
+            cfg, bias=seed % 2 == 0, embed=hf.model.embed_tokens.weight.detach(), seed=seed + 7
+        )
         head_cfg = head_config(cfg, bias=seed % 2 == 0)
     else:
         used = list(range(0, cfg["vocab_size"], 2)) + [1]  # a reduced draft vocabulary exercises d2t
@@ -153,7 +162,9 @@ def test_nan_logits_raise(pairs, tmp_path):
 
 
 def test_head_for_another_target_is_refused(pairs, tmp_path):
-    hf = build_hf_target("llama", seed=5, **(SMALL | {"hidden_size": 32, "intermediate_size": 48, "head_dim": 8}))
+    hf = build_hf_target(
+        "llama", seed=5, **(SMALL | {"hidden_size": 32, "intermediate_size": 48, "head_dim": 8})
+    )
     target_dir = save_hf_target(hf, tmp_path / "other")
     head_dir = tmp_path / "head"
     eagle.models.save_draft(pairs["eagle2-s0"][1].head, head_dir)
