@@ -412,16 +412,14 @@ def sglang_verify_tree_greedy(
     the path become -1, which is what SGLang callers pre-fill). ``cuda_stream`` (accepted for the
     builds whose binding took it) is ignored: work goes to the current stream.
     """
+    check_tensor("candidates", candidates, ndim=2, dtypes=INDEX_DTYPES)
+    B, n = candidates.shape
     for name, t, shape in (
-        ("predicts", predicts, None),
-        ("accept_index", accept_index, None),
-        ("accept_token_num", accept_token_num, None),
+        ("predicts", predicts, (B * n,)),
+        ("accept_index", accept_index, (B, None)),
+        ("accept_token_num", accept_token_num, (B,)),
     ):
         check_tensor(name, t, dtypes=(torch.int32,), device=candidates.device, shape=shape)
-    B, n = candidates.shape
-    check_tensor("predicts", predicts, shape=(B * n,))
-    check_tensor("accept_index", accept_index, ndim=2, shape=(B, None))
-    check_tensor("accept_token_num", accept_token_num, shape=(B,))
     new_predicts, new_index, new_num = verify_tree_greedy(
         candidates,
         retrive_index,

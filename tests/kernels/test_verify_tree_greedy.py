@@ -379,6 +379,17 @@ def test_sglang_drop_in_matches_functional_op(with_stream):
         assert torch.equal(accept_index, want_index) and torch.equal(accept_num, want_num), backend
 
 
+def test_sglang_drop_in_rejects_wrong_output_shape():
+    args = _chain_inputs()
+    with pytest.raises(ValueError, match="accept_token_num must have shape"):
+        sglang_verify_tree_greedy(
+            torch.zeros(10, dtype=torch.int32),
+            torch.full((2, 4), -1, dtype=torch.int32),
+            torch.zeros(3, dtype=torch.int32),
+            *args,
+        )
+
+
 def test_sglang_drop_in_rejects_wrong_output_dtype():
     args = _chain_inputs()
     with pytest.raises(TypeError, match="predicts must have dtype"):
