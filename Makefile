@@ -23,8 +23,10 @@ install-test: torch
 run: install
 	eagle info
 
+# Tests use one intra-op thread each (tests/conftest.py), so one worker per core.
+PYTEST_WORKERS ?= auto
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 lint:
 	ruff check .
