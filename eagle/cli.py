@@ -95,6 +95,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_STAGES = {
+    "target": ("eagle.train.pretrain", "pretrain a target LM on a corpus (default: tiny-code on the stdlib)"),
+    "features": (
+        "eagle.train.features",
+        "dump a target's features (corpus windows or its own continuations)",
+    ),
+    "head": ("eagle.train.head", "train an EAGLE-1/2 draft head on dumped features (DDP under torchrun)"),
+}
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(TRAIN_STAGES[args.stage][0])
+    return module.main(args.stage_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="eagle",
@@ -138,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-q", "--quiet", action="store_true", help="print only the statistics")
     gen.set_defaults(func=_cmd_generate)
+
+    train = sub.add_parser(
+        "train",
+        help="train a target or an EAGLE head (stages: target, features, head)",
+        description="Run one training stage; the arguments after STAGE go to that stage "
+        "(`eagle train STAGE --help` lists them). A new head for a target: `eagle train features "
+        "--target DIR ...` then `eagle train head --target DIR --data FEATURES --out HEAD`.",
+    )
+    train.add_argument(
+        "stage", choices=sorted(TRAIN_STAGES), help="; ".join(f"{k}: {v[1]}" for k, v in TRAIN_STAGES.items())
+    )
+    train.add_argument("stage_args", nargs=argparse.REMAINDER, help="arguments of the stage")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 

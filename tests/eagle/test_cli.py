@@ -49,3 +49,13 @@ def test_generate_cli_streams_text_and_reports_tau(tmp_path, capsys):
     assert "tokens/s" in out.err and "tau" in out.err
     assert main(args + ["--no-speculative", "-q"]) == 0
     assert "tokens/s" in capsys.readouterr().err
+
+
+def test_train_passes_arguments_to_the_stage(capsys):
+    import pytest
+
+    for stage in ("target", "features", "head"):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", stage, "--help"])
+        assert exc.value.code == 0
+        assert "usage" in capsys.readouterr().out.lower()
