@@ -278,29 +278,31 @@ def _tree_attention_kernel(
         visible = row_ok[:, None] & pos_ok[None, :]
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT)
 
-    if (not SPLIT) or split == 0:
-        if MASK_KIND == 0:  # causal: this block's last token bounds the new keys it can see
-            new_end = tl.minimum(((pid_m + 1) * BLOCK_M - 1) // G + 1, T)
-        else:
-            new_end = T
-        for j0 in range(0, new_end, BLOCK_N):
-            js = j0 + cols
-            pos = seqlen + js
-            kv_mask = (js < T)[:, None] & d_ok[None, :]
-            k = tl.load(k_head + pos[:, None] * sk_s + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-            v = tl.load(v_head + pos[:, None] * sv_s + d[None, :] * sv_d, mask=kv_mask, other=0.0)
-            visible = _new_token_visibility(mask_ptr, b, t, js, T, sm_b, sm_i, sm_w, MASK_KIND)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT)
+    if MASK_KIND == 0:  # causal: this block's last token bounds the new keys it can see
+        new_end = tl.minimum(((pid_m + 1) * BLOCK_M - 1) // G + 1, T)
+    else:
+        new_end = T
+    if SPLIT:
+        new_end = tl.where(split == 0, new_end, 0)  # split 0 also covers the new tokens
+    for j0 in range(0, new_end, BLOCK_N):
+        js = j0 + cols
+        pos = seqlen + js
+        kv_mask = (js < T)[:, None] & d_ok[None, :]
+        k = tl.load(k_head + pos[:, None] * sk_s + d[None, :] * sk_d, mask=kv_mask, other=0.0)
+        v = tl.load(v_head + pos[:, None] * sv_s + d[None, :] * sv_d, mask=kv_mask, other=0.0)
+        visible = _new_token_visibility(mask_ptr, b, t, js, T, sm_b, sm_i, sm_w, MASK_KIND)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
     out = acc / l_safe[:, None]
-    o_rows = out_ptr + split * so_split + b64 * so_b + t[:, None] * so_t + h[:, None] * so_h
+    split64 = split.to(tl.int64)
+    o_rows = out_ptr + split64 * so_split + b64 * so_b + t[:, None] * so_t + h[:, None] * so_h
     tl.store(
         o_rows + d[None, :] * so_d, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
     )
     if SPLIT:
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + split * sl_split + b64 * sl_b + t * sl_t + h * sl_h, lse, mask=row_ok)
+        tl.store(lse_ptr + split64 * sl_split + b64 * sl_b + t * sl_t + h * sl_h, lse, mask=row_ok)
 
 
 @triton.jit
