@@ -1,0 +1,128 @@
+"""Decoding-loop timing: per-round split (draft, verify, accept, compact, draft update, other), tau,
+and tokens/s against plain decoding on the same runtime, alternating runs in one process.
+
+    python bench/bench_loop.py                                  # the bundled tiny-code pair
+    python bench/bench_loop.py --target DIR --draft DIR --batch 1 4 --temperature 0 1
+    python bench/bench_loop.py --random                         # a random 12x256 stand-in pair
+
+With a random stand-in tau is meaningless (an untrained head); the time split is still the loop's.
+Writes bench/results/loop_<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.utils import save_json  # noqa: E402
+from eagle.api import EagleModel, load  # noqa: E402
+from eagle.models import generate_plain, load_target, random_draft  # noqa: E402
+from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
+
+
+def random_pair(root: Path) -> EagleModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(root)
+    target = load_target(str(root), dtype=torch.float32)
+    return EagleModel(target, random_draft(target))
+
+
+def prompts_for(model: EagleModel, batch: int, length: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1)
+    V = model.target.config.vocab_size
+    return [torch.randint(0, V, (length,), generator=gen).tolist() for _ in range(batch)]
+
+
+def measure(model: EagleModel, tree, batch: int, temperature: float, new_tokens: int, repeats: int) -> dict:
+    prompts = prompts_for(model, batch, 100)
+    sampling = SamplingParams(temperature=temperature)
+    decoder = SpeculativeDecoder(model.target, model.head, model._tree(tree, batch))
+    list(decoder.run(prompts, 8, sampling, seed=0))  # warm-up
+    eagle_s, plain_s, taus, split = [], [], [], None
+    for r in range(repeats):  # alternate the two so load changes hit both
+        t0 = time.perf_counter()
+        emitted = sum(
+            len(t) for e in decoder.run(prompts, new_tokens, sampling, seed=r, profile=True) for t in e.tokens
+        )
+        eagle_s.append(time.perf_counter() - t0)
+        lengths = [n for row in decoder.accept_lengths().values() for n in row]
+        taus.append(sum(lengths) / max(len(lengths), 1))
+        times = decoder.times
+        split = {k: v / max(times.rounds, 1) * 1e3 for k, v in times.as_dict().items()}
+        t0 = time.perf_counter()
+        generate_plain(model.target, prompts, new_tokens, temperature=temperature)
+        plain_s.append(time.perf_counter() - t0)
+    eagle_best, plain_best = min(eagle_s), min(plain_s)
+    total_tokens = batch * new_tokens
+    step = sum(split.values())
+    return {
+        "tree": str(decoder.tree),
+        "batch": batch,
+        "temperature": temperature,
+        "tau": sum(taus) / len(taus),
+        "eagle_tokens_per_s": emitted / eagle_best,
+        "plain_tokens_per_s": total_tokens / plain_best,
+        "speedup": plain_best / eagle_best * emitted / total_tokens,
+        "round_ms": split,
+        "non_model_fraction": (split["accept"] + split["compact"] + split["other"]) / step,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="tiny-code")
+    p.add_argument("--draft", default=None)
+    p.add_argument("--random", action="store_true", help="use a random 12-layer 256-wide stand-in pair")
+    p.add_argument("--trees", nargs="*", default=["dynamic", "static", "chain"])
+    p.add_argument("--batch", nargs="*", type=int, default=[1, 4])
+    p.add_argument("--temperature", nargs="*", type=float, default=[0.0, 1.0])
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.random:
+        import tempfile
+
+        model, name = random_pair(Path(tempfile.mkdtemp())), "random12x256"
+    else:
+        model, name = load(args.target, args.draft), Path(args.target).name
+    rows = []
+    print(
+        f"{'tree':<44} {'B':>2} {'T':>4} {'tau':>5} {'tok/s':>7} {'plain':>7} {'speedup':>7} {'non-model':>9}  split ms"
+    )
+    for tree in args.trees:
+        for batch in args.batch:
+            for temperature in args.temperature:
+                r = measure(model, tree, batch, temperature, args.new_tokens, args.repeats)
+                rows.append(r)
+                split = " ".join(f"{k}={v:.1f}" for k, v in r["round_ms"].items())
+                print(
+                    f"{r['tree']:<44} {batch:>2} {temperature:>4} {r['tau']:>5.2f} {r['eagle_tokens_per_s']:>7.1f} "
+                    f"{r['plain_tokens_per_s']:>7.1f} {r['speedup']:>7.2f} {r['non_model_fraction']:>9.1%}  {split}"
+                )
+    path = save_json(f"loop_{name}.json", {"threads": torch.get_num_threads(), "results": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
