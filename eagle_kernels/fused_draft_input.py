@@ -176,7 +176,7 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _pick_tiles(M: int, N: int, device: torch.device) -> dict:
+def _pick_tiles(M: int, N: int, device: torch.device, element_size: int) -> dict:
     """Tile sizes by the number of rows: decode (M = batch x tree width, up to a few hundred) is a
     skinny GEMM bound by reading W, so it takes short, wide-K tiles and splits N finely enough to
     give every SM a program; prefill (large M) takes square 128-tiles."""
@@ -188,6 +188,8 @@ def _pick_tiles(M: int, N: int, device: torch.device) -> dict:
         cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    if element_size == 4:  # fp32 tiles take twice the shared memory: 2 stages fit 100 KB parts too
+        cfg["num_stages"] = 2
     if device.type == "cuda":
         programs = lambda c: triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"])  # noqa: E731
         while cfg["BLOCK_N"] > 32 and programs(cfg) < _num_sms(device.index or 0):
@@ -215,7 +217,7 @@ def _launch_segments_linear(out, fc_weight, fc_bias, segments, token_ids=None):
         out.copy_(_launch_segments_linear(out.float(), fc_weight, fc_bias, segments, token_ids))
         return out
     seg = list(segments) + [segments[-1]] * (3 - len(segments))  # unused pointer slots
-    cfg = _pick_tiles(M, N, out.device)
+    cfg = _pick_tiles(M, N, out.device, fc_weight.element_size())
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     _fused_segments_linear_kernel[grid](
         out,
