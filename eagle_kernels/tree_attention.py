@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
 
@@ -469,6 +469,17 @@ def _tree_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_sca
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
+def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float) -> torch.Tensor:
+    """The op's body: dispatch to the backend chosen for q's device."""
+    backend = select_backend(OP, q.device)
+    args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
+    if backend in ("cpp", "cuda"):
+        return _ext.op(OP)(*args)
+    if backend == "triton":
+        return _tree_attention_triton(*args)
+    return tree_attention_ref(*args)
+
+
 @torch.library.custom_op("eagle::tree_attention", mutates_args=())
 def _tree_attention_op(
     q: torch.Tensor,
@@ -478,13 +489,7 @@ def _tree_attention_op(
     tree_mask: torch.Tensor | None,
     sm_scale: float,
 ) -> torch.Tensor:
-    backend = select_backend(OP, q.device)
-    args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
-    if backend in ("cpp", "cuda"):
-        return _ext.op(OP)(*args)
-    if backend == "triton":
-        return _tree_attention_triton(*args)
-    return tree_attention_ref(*args)
+    return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
 
 
 @_tree_attention_op.register_fake
@@ -589,4 +594,6 @@ def tree_attention(
     if q.device.type == "cpu" or debug_checks_enabled():
         _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
+    if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
+        return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
     return torch.ops.eagle.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
