@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, forced_backend, select_backend
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
 
@@ -282,17 +282,6 @@ def _run_eagle3_input(backend, h_low, h_mid, h_high, fc_weight, fc_bias, out) ->
         out.copy_(fused_eagle3_input_ref(h_low, h_mid, h_high, fc_weight, fc_bias))
 
 
-def _eager_fast_path(*tensors: torch.Tensor | None) -> bool:
-    """True for a plain eager call: no tracing (torch.compile / export), no tensor subclass (fake,
-    functional), no autograd. Such calls run the implementation directly, because the custom-op
-    wrapper costs ~20 us on CPU, more than the whole op at decode sizes (measured in the bench); every
-    other call goes through the registered op, whose body is the same ``_run_*`` function."""
-    if torch.compiler.is_compiling():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
-
-
 def _new_output(rows: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
     return rows.new_empty((rows.shape[0], fc_weight.shape[0]))
 
@@ -548,7 +537,7 @@ def fused_draft_input(
     if backend != "cpp" and (hidden.device.type == "cpu" or debug_checks_enabled()):
         _check_token_ids_in_range(token_ids, embed_weight.shape[0])
     args = (hidden.reshape(-1, H), token_ids.reshape(-1), embed_weight, fc_weight, fc_bias)
-    fast = _eager_fast_path(*args, out)
+    fast = eager_fast_path(*args, out)
     if out is None:
         if fast:
             out = _new_output(args[0], fc_weight)
@@ -597,7 +586,7 @@ def fused_eagle3_input(
     device, H = h_low.device, h_low.shape[-1]
     _check_projection(fc_weight, fc_bias, H, 3, device, h_low=h_low, h_mid=h_mid, h_high=h_high)
     args = (h_low.reshape(-1, H), h_mid.reshape(-1, H), h_high.reshape(-1, H), fc_weight, fc_bias)
-    fast = _eager_fast_path(*args, out)
+    fast = eager_fast_path(*args, out)
     if out is None:
         if fast:
             out = _new_output(args[0], fc_weight)
