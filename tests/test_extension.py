@@ -92,3 +92,24 @@ def test_env_backend_validated():
         EAGLE_KERNELS_BACKEND="gpu",
     )
     assert res.returncode != 0 and "EAGLE_KERNELS_BACKEND='gpu'" in res.stderr
+
+
+def test_without_extension_everything_falls_back_silently():
+    """No extension (pure-Python install or disabled): no warning, every op on the reference."""
+    code = (
+        "import warnings\n"
+        "with warnings.catch_warnings():\n"
+        "    warnings.simplefilter('error')\n"
+        "    import eagle_kernels, torch\n"
+        "info = eagle_kernels.backend_info()\n"
+        "assert not info['extension_loaded'], info\n"
+        "assert set(info['cpu_backend'].values()) == {'torch'}, info\n"
+        "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
+        "out = eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
+        "    torch.tensor([[0, 2]]), torch.tensor([1]), num_draft_tokens=4)\n"
+        "assert out.tolist() == [2]\n"
+        "print('ok')"
+    )
+    res = _run(code, EAGLE_KERNELS_DISABLE_EXT="1")
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
