@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace eagle {
@@ -75,8 +76,17 @@ constexpr int64_t kBlock = 1024;  // vocabulary block whose mass is kept for the
 // Sequences per parallel chunk: about 64K vocabulary entries of work, so small calls stay on one thread.
 inline int64_t grain_for(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
-inline bool valid_prob(float p) { return p >= 0.f && p <= kProbLimit; }
-inline float clean_prob(float p) { return valid_prob(p) ? p : 0.f; }
+inline bool valid_prob(float p) { return (p >= 0.f) & (p <= kProbLimit); }
+
+// ok ? v : 0 as a bit mask: a branch here keeps GCC from vectorising the vocabulary loops.
+inline float keep_if(bool ok, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  bits &= 0u - static_cast<uint32_t>(ok);
+  std::memcpy(&v, &bits, sizeof(bits));
+  return v;
+}
+inline float clean_prob(float p) { return keep_if(valid_prob(p), p); }
 inline bool valid_uniform(float u) { return u >= 0.f && u < 1.f; }
 
 // trunc(r * 2^60) for 0 <= r < 2, as two exact 30-bit halves: v = r * 2^30 (exact), hi = trunc(v),
@@ -97,7 +107,7 @@ inline int64_t mass_of(float p) {
 inline double residual(float p, float q, double s) {
   const double prod = s * static_cast<double>(clean_prob(q));
   const double r = static_cast<double>(clean_prob(p)) - prod;
-  return r > 0.0 ? r : 0.0;
+  return std::max(r, 0.0);
 }
 
 inline int64_t residual_mass(float p, float q, double s) {
@@ -136,7 +146,7 @@ int32_t block_masses(const Row& row, std::vector<int64_t>& per_block) {
         const float pv = p[x];
         const bool ok = valid_prob(pv);
         bad += !ok;
-        const float pc = ok ? pv : 0.f;
+        const float pc = keep_if(ok, pv);
         ps += pc;
         const float v = pc * 0x1p30f;
         hi_sum += mass_hi(v);
