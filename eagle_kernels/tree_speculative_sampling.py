@@ -32,6 +32,11 @@ from, and for sampled drafts every row a residual is computed on). Scanning all 
 probabilities would cost far more than the op itself; set ``EAGLE_KERNELS_DEBUG=1`` to also scan
 every row. On CPU the status is always turned into a ``ValueError``; on CUDA only in debug mode
 (reading it synchronises with the host).
+
+Backends: PyTorch reference (the definition, vectorised over the batch), Triton (one program per
+sequence), C++ CPU (``csrc/cpu``, parallel over the batch) and a CUDA kernel (``csrc/cuda``, one block
+per sequence). On CUDA tensors Triton is the default; the CUDA kernel runs with
+``EAGLE_KERNELS_BACKEND=cuda`` until it has been measured against Triton on a GPU.
 """
 
 from __future__ import annotations
