@@ -50,6 +50,7 @@ from eagle.train.tokenizer import (
     ENDOFTEXT,
     encode_documents,
     load_tokenizer,
+    make_tokenizer_config_portable,
     save_tokenizer,
     train_tokenizer,
 )
@@ -608,6 +609,7 @@ def export(
     _export_weights(model, tmp_dir, dtype)
     for name in os.listdir(out_dir / "tokenizer"):
         shutil.copy(out_dir / "tokenizer" / name, tmp_dir / name)
+    make_tokenizer_config_portable(tmp_dir / "tokenizer_config.json")
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_dir), dtype=torch.float32)
     val_half = evaluate(reloaded, val_tokens, train_cfg.seq_len, eval_tokens, autocast_bf16=False)
     bpt = meta["val"]["bytes_per_token"]

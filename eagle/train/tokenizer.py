@@ -65,13 +65,16 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path | str, model_max_length: 
         clean_up_tokenization_spaces=False,
     )
     hf_tokenizer.save_pretrained(str(out_dir))
-    _use_portable_tokenizer_class(out_dir / "tokenizer_config.json")
+    make_tokenizer_config_portable(out_dir / "tokenizer_config.json")
     return out_dir
 
 
-def _use_portable_tokenizer_class(config_path: Path) -> None:
-    # transformers 5 writes its new class name, which transformers 4.x cannot resolve; the classic
-    # name loads the same tokenizer.json on both.
+def make_tokenizer_config_portable(config_path: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast`` in ``tokenizer_config.json``.
+
+    transformers 5 writes its new class name, which transformers 4.x cannot resolve; the classic
+    name loads the same ``tokenizer.json`` on both.
+    """
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
