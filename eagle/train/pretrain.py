@@ -717,6 +717,9 @@ AdamW betas {tuple(t["betas"])}, peak LR {t["lr"]:g}, linear warm-up {t["warmup_
   with the exported {record["exported_dtype"]} weights loaded in fp32; the fp32 checkpoint gives
   {record["val_loss_fp32_checkpoint"]:.4f}
 
+Curve: in-training evaluations on the first {t["eval_tokens"]:,} validation tokens with bf16 autocast
+(hours = time spent in training steps, on a machine shared with other jobs).
+
 | step | tokens seen | hours | val loss (nats/token) |
 |---:|---:|---:|---:|
 {curve}
