@@ -24,6 +24,7 @@ from bench.utils import save_json  # noqa: E402
 from eagle.api import EagleModel, load  # noqa: E402
 from eagle.models import generate_plain, load_target, random_draft  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
+from eagle.tree import TreeConfig  # noqa: E402
 
 
 def random_pair(root: Path) -> EagleModel:
@@ -42,6 +43,16 @@ def random_pair(root: Path) -> EagleModel:
     LlamaForCausalLM(cfg).save_pretrained(root)
     target = load_target(str(root), dtype=torch.float32)
     return EagleModel(target, random_draft(target))
+
+
+def tree_label(tree) -> str:
+    if isinstance(tree, TreeConfig):
+        return (
+            f"dynamic(depth={tree.depth},topk={tree.topk},n={tree.total_tokens})"
+            if tree.topk > 1
+            else f"chain({tree.depth})"
+        )
+    return f"static({tree.num_draft_tokens} tokens)"
 
 
 def prompts_for(model: EagleModel, batch: int, length: int) -> list[list[int]]:
@@ -73,7 +84,7 @@ def measure(model: EagleModel, tree, batch: int, temperature: float, new_tokens:
     total_tokens = batch * new_tokens
     step = sum(split.values())
     return {
-        "tree": str(decoder.tree),
+        "tree": tree_label(decoder.tree),
         "batch": batch,
         "temperature": temperature,
         "tau": sum(taus) / len(taus),
@@ -107,7 +118,7 @@ def main(argv=None) -> int:
         model, name = load(args.target, args.draft), Path(args.target).name
     rows = []
     print(
-        f"{'tree':<44} {'B':>2} {'T':>4} {'tau':>5} {'tok/s':>7} {'plain':>7} {'speedup':>7} {'non-model':>9}  split ms"
+        f"{'tree':<34} {'B':>2} {'T':>4} {'tau':>5} {'tok/s':>7} {'plain':>7} {'speedup':>7} {'non-model':>9}  split ms"
     )
     for tree in args.trees:
         for batch in args.batch:
@@ -116,7 +127,7 @@ def main(argv=None) -> int:
                 rows.append(r)
                 split = " ".join(f"{k}={v:.1f}" for k, v in r["round_ms"].items())
                 print(
-                    f"{r['tree']:<44} {batch:>2} {temperature:>4} {r['tau']:>5.2f} {r['eagle_tokens_per_s']:>7.1f} "
+                    f"{r['tree']:<34} {batch:>2} {temperature:>4} {r['tau']:>5.2f} {r['eagle_tokens_per_s']:>7.1f} "
                     f"{r['plain_tokens_per_s']:>7.1f} {r['speedup']:>7.2f} {r['non_model_fraction']:>9.1%}  {split}"
                 )
     path = save_json(f"loop_{name}.json", {"threads": torch.get_num_threads(), "results": rows})
