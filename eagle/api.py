@@ -45,7 +45,8 @@ def _resolve_bundled(name: str, part: str) -> str:
     path = ASSETS / BUNDLED / part
     if not (path / "config.json").exists():
         raise FileNotFoundError(
-            f"the bundled model pair {BUNDLED!r} is not installed ({path} is missing its config.json)"
+            f"the bundled {BUNDLED!r} {part} is not in this installation ({path} has no config.json); "
+            "pass your own checkpoint directories, or train the pair with `eagle train`"
         )
     return str(path)
 
