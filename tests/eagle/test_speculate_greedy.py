@@ -177,3 +177,13 @@ def test_static_tree_is_mc_sim_7b_63(pairs):
     decoder = model._decoder("static")
     assert decoder.num_tokens == len(eagle_kernels.MC_SIM_7B_63) + 1 == 26
     assert decoder.depth == 5
+
+
+def test_missing_bundled_part_is_named(monkeypatch, tmp_path):
+    import eagle.api
+
+    (tmp_path / "tiny-code" / "target").mkdir(parents=True)
+    (tmp_path / "tiny-code" / "target" / "config.json").write_text("{}")
+    monkeypatch.setattr(eagle.api, "ASSETS", tmp_path)
+    with pytest.raises(FileNotFoundError, match="'tiny-code' draft"):
+        eagle.load("tiny-code")
