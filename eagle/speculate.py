@@ -111,7 +111,6 @@ class SpeculativeDecoder:
             self.topk = tree.topk
             dev = head.device
             self._static_mask = tree.mask.to(dev)
-            self._static_parent = tree.parent.to(dev)
             self._static_source = tree.token_source.to(dev)
         else:
             self.static = None
@@ -159,6 +158,12 @@ class SpeculativeDecoder:
                 self.times.other += time.perf_counter() - t0
                 self.times.rounds += 1
             yield emission
+
+    def _stamp(self) -> float:
+        """A timestamp for the per-phase profile; on CUDA it waits for the queued work when profiling."""
+        if self.times is not None and self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+        return time.perf_counter()
 
     def accept_lengths(self) -> dict[int, list[int]]:
         return self._accept_lengths
@@ -227,13 +232,13 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------------------------------
     def _round(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         times = self.times
-        t0 = time.perf_counter()
+        t0 = self._stamp()
         if self.static is not None:
             candidates, tree = self._draft_static(s)
         else:
             candidates, tree = self._draft_dynamic(s)
         mask, positions, retrive_index, next_token, next_sibling = tree
-        t1 = time.perf_counter()
+        t1 = self._stamp()
         b, n = candidates.shape
         s.target_cache.check_room(n)
         out = self.target(
@@ -243,7 +248,7 @@ class SpeculativeDecoder:
             tree_mask=mask,
             feature_layers=self.feature_layers,
         )
-        t2 = time.perf_counter()
+        t2 = self._stamp()
         self._check_finite(out.logits)
         steps = self.depth + 1
         if sampling.greedy:
@@ -270,20 +275,20 @@ class SpeculativeDecoder:
                 u[:, n].contiguous(),
                 num_spec_steps=steps,
             )
-        t3 = time.perf_counter()
+        t3 = self._stamp()
         old_lengths = s.target_cache.seqlens
         new_lengths = eagle_kernels.compact_kv_cache(
             s.target_cache.kv, old_lengths, accept_index, accept_num, num_draft_tokens=n
         )
         s.target_cache.set_seqlens(new_lengths, bound=s.target_cache.length_bound + steps)
-        t4 = time.perf_counter()
+        t4 = self._stamp()
         valid = torch.arange(steps, device=candidates.device)[None, :] <= accept_num[:, None].long()
         rows = accept_index.long().clamp(min=0)
         new_tokens = torch.where(valid, predicts.long()[rows], 0)
         counts = accept_num.long() + 1
         self._update_draft(s, out, rows, new_tokens, counts)
         s.root = new_tokens.gather(1, (counts - 1)[:, None])[:, 0]
-        t5 = time.perf_counter()
+        t5 = self._stamp()
         if times is not None:
             times.draft += t1 - t0
             times.verify += t2 - t1
