@@ -35,8 +35,9 @@ lint:
 nvcc-check:
 	bash scripts/nvcc_check.sh
 
+# Every microbenchmark once, untimed (CI); real timings: pytest bench/ --benchmark-only
 bench-smoke:
-	$(PY) -m pytest bench -q --benchmark-disable
+	$(PY) -m pytest bench -q --benchmark-disable -n $(PYTEST_WORKERS)
 
 wheel: torch
 	$(PY) -m build --wheel --no-isolation
