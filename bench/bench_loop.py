@@ -4,6 +4,7 @@ and tokens/s against plain decoding on the same runtime, alternating runs in one
     python bench/bench_loop.py                                  # the bundled tiny-code pair
     python bench/bench_loop.py --target DIR --draft DIR --batch 1 4 --temperature 0 1
     python bench/bench_loop.py --random                         # a random 12x256 stand-in pair
+    python bench/bench_loop.py --random 7b --device cuda        # random Llama-2-7B-shaped pair (step timings)
 
 With a random stand-in tau is meaningless (an untrained head); the time split is still the loop's.
 Writes bench/results/loop_<name>.json.
@@ -42,6 +43,35 @@ def random_pair(root: Path) -> EagleModel:
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(root)
     target = load_target(str(root), dtype=torch.float32)
+    return EagleModel(target, random_draft(target))
+
+
+# Random stand-in shapes: (layers, hidden, intermediate, heads, kv heads, vocab)
+RANDOM_SHAPES = {"12x256": (12, 256, 688, 4, 4, 4096), "7b": (32, 4096, 11008, 32, 32, 32000)}
+
+
+def random_pair_direct(shape: str, device: torch.device, dtype: torch.dtype) -> EagleModel:
+    """A random target of ``RANDOM_SHAPES[shape]`` built directly on ``device`` (no checkpoint on disk:
+    a 7B model would take minutes to write and read) and a random head for it."""
+    from eagle.models.config import ModelConfig
+    from eagle.models.llama import LlamaModel, rope_inv_freq
+
+    layers, hidden, inter, heads, kv, vocab = RANDOM_SHAPES[shape]
+    cfg = ModelConfig(
+        family="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+        num_heads=heads, num_kv_heads=kv, head_dim=hidden // heads, max_position_embeddings=4096,
+    )  # fmt: skip
+    with torch.device("meta"):
+        target = LlamaModel(cfg)
+    target = target.to_empty(device=device).to(dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, param in target.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.normal_(0.0, 0.02, generator=gen)
+    target._inv_freq = rope_inv_freq(cfg)
+    target = target.eval().requires_grad_(False)
     return EagleModel(target, random_draft(target))
 
 
@@ -100,7 +130,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="tiny-code")
     p.add_argument("--draft", default=None)
-    p.add_argument("--random", action="store_true", help="use a random 12-layer 256-wide stand-in pair")
+    p.add_argument(
+        "--random",
+        nargs="?",
+        const="12x256-ckpt",
+        default=None,
+        choices=["12x256-ckpt", *RANDOM_SHAPES],
+        help="a random stand-in pair (default: 12 layers of 256 through a checkpoint on disk)",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--trees", nargs="*", default=["dynamic", "static", "chain"])
     p.add_argument("--batch", nargs="*", type=int, default=[1, 4])
     p.add_argument("--temperature", nargs="*", type=float, default=[0.0, 1.0])
@@ -110,12 +149,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.random:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    if args.random == "12x256-ckpt" and device.type == "cpu" and dtype is None:
         import tempfile
 
         model, name = random_pair(Path(tempfile.mkdtemp())), "random12x256"
+    elif args.random:
+        shape = "12x256" if args.random == "12x256-ckpt" else args.random
+        model, name = random_pair_direct(shape, device, dtype or torch.float32), f"random{shape}"
     else:
-        model, name = load(args.target, args.draft), Path(args.target).name
+        model, name = load(args.target, args.draft, device=device, dtype=dtype), Path(args.target).name
+    if device.type == "cuda":
+        name += "_" + torch.cuda.get_device_name(device).replace(" ", "-")
     rows = []
     print(
         f"{'tree':<34} {'B':>2} {'T':>4} {'tau':>5} {'tok/s':>7} {'plain':>7} {'speedup':>7} {'non-model':>9}  split ms"

@@ -58,6 +58,7 @@ from eagle.train.tokenizer import (
 DEFAULT_WORK_DIR = Path("/root/eagle-work/tiny-code-target")
 DEFAULT_EXPORT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-code" / "target"
 CHECKPOINT_NAME = "ckpt.pt"
+BEST_NAME = "best.pt"  # weights (and progress) at the lowest in-training validation loss
 METRICS_NAME = "metrics.jsonl"
 META_NAME = "data_meta.json"
 TRAINING_STATE_NAME = "training_state.json"
@@ -134,6 +135,13 @@ class TrainConfig:
     rewarm_steps: int = 50
     stop_after_steps: int | None = None  # stop early (checkpointed), e.g. to simulate an interruption
     time_limit_s: float | None = None
+    # Size the cosine schedule to this many seconds of training: the run measures its tokens/s over
+    # steps [fit_probe_start, fit_probe_end) (inside the warm-up, so no step before the fit depends
+    # on the schedule's length) and sets max_tokens (never above the given max_tokens).
+    fit_schedule_s: float | None = None
+    fit_probe_start: int = 3
+    fit_probe_end: int = 13
+    device: str = "cpu"
 
     @property
     def tokens_per_step(self) -> int:
@@ -159,6 +167,8 @@ RUN_CONTROL_FIELDS = (
     "log_every_steps",
     "stop_after_steps",
     "time_limit_s",
+    "fit_schedule_s",
+    "device",
 )
 
 
@@ -288,8 +298,13 @@ def build_model(model_cfg: ModelConfig, seed: int, eos_id: int = 0):
 
 
 def next_token_loss(model, windows: torch.Tensor, autocast_bf16: bool) -> torch.Tensor:
-    """Mean cross-entropy (nats/token) of predicting ``windows[:, 1:]`` from ``windows[:, :-1]``."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+    """Mean cross-entropy (nats/token) of predicting ``windows[:, 1:]`` from ``windows[:, :-1]``.
+
+    ``windows``: int64 ``[B, S + 1]``, moved to the model's device here.
+    """
+    device = next(model.parameters()).device
+    windows = windows.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
         logits = model(input_ids=windows[:, :-1], use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
 
@@ -359,6 +374,8 @@ class RunState:
     rewarm_from: int | None = None
     init_from: str | None = None
     history: list = field(default_factory=list)
+    best_val_loss: float | None = None
+    hardware: str | None = None  # what the latest run trained on
 
 
 def _init_from_export(model, export_dir: Path) -> RunState:
@@ -439,8 +456,9 @@ def train(
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise ValueError(f"model vocab {model_cfg.vocab_size} != tokenizer vocab {meta['vocab_size']}")
     torch.set_num_threads(cfg.num_threads)
+    device = torch.device(cfg.device)
 
-    model = build_model(model_cfg, cfg.seed, meta["eos_id"])
+    model = build_model(model_cfg, cfg.seed, meta["eos_id"]).to(device)
     optimizer = make_optimizer(model, cfg)
     state = RunState()
     if checkpoint is not None:
@@ -450,6 +468,15 @@ def train(
         torch.set_rng_state(checkpoint["torch_rng"])
     elif resume and init_from is not None:
         state = _init_from_export(model, Path(init_from))
+    state.hardware = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cfg.num_threads} CPU threads"
+    )
+    fit_pending = cfg.fit_schedule_s is not None and state.step < cfg.fit_probe_start
+    if cfg.fit_schedule_s is not None and cfg.fit_probe_end > cfg.warmup_steps:
+        raise ValueError(
+            f"fit_schedule_s needs the throughput probe (steps {cfg.fit_probe_start}..{cfg.fit_probe_end}) "
+            f"inside the warm-up ({cfg.warmup_steps} steps): raise --warmup-tokens"
+        )
     model.train()
     step_fn = torch.compile(model) if cfg.compile else model
 
@@ -491,6 +518,17 @@ def train(
         }
         state.history.append({k: record[k] for k in ("step", "tokens_seen", "train_seconds", "val_loss")})
         _append_metrics(out_dir, record)
+        if state.best_val_loss is None or val < state.best_val_loss:
+            state.best_val_loss = val
+            save_checkpoint(
+                out_dir / BEST_NAME,
+                {
+                    "model": model.state_dict(),
+                    "run_state": dataclasses.asdict(state),
+                    "model_config": dataclasses.asdict(model_cfg),
+                    "train_config": dataclasses.asdict(cfg),
+                },
+            )
         log(
             f"step {state.step} tokens {state.tokens_seen:,} val {val:.4f} nats/tok {record['val_bits_per_byte']:.4f} bpb"
         )
@@ -503,15 +541,29 @@ def train(
     log(
         f"start at step {state.step}/{cfg.total_steps} ({state.tokens_seen:,} tokens), {model.num_parameters():,} params"
     )
+    probe_t0 = None
     while state.step < cfg.total_steps:
+        if fit_pending and state.step == cfg.fit_probe_start:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            probe_t0 = time.time()
+        if fit_pending and state.step == cfg.fit_probe_end:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rate = (cfg.fit_probe_end - cfg.fit_probe_start) * cfg.tokens_per_step / (time.time() - probe_t0)
+            remaining = cfg.fit_schedule_s - (time.time() - start_wall)
+            fitted = state.tokens_seen + int(rate * max(0.0, remaining))
+            cfg = dataclasses.replace(cfg, max_tokens=min(cfg.max_tokens, fitted))
+            fit_pending = False
+            log(
+                f"schedule fitted to {cfg.fit_schedule_s:.0f} s at {rate:,.0f} tok/s: max_tokens {cfg.max_tokens:,}"
+            )
         t_step = time.time()
         lr = learning_rate(state.step, cfg, state.rewarm_from)
         for group in optimizer.param_groups:
             group["lr"] = lr
         windows = batch_for_step(train_tokens, state.step, cfg.batch_size, cfg.seq_len, cfg.seed)
         loss = next_token_loss(step_fn, windows, cfg.autocast_bf16)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} at step {state.step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -520,10 +572,14 @@ def train(
         state.tokens_seen += cfg.tokens_per_step
         state.train_seconds += time.time() - t_step
         steps_this_run += 1
-        interval_loss += loss.item()
+        # Accumulated on the device: one host synchronisation per log interval, not per step.
+        interval_loss = interval_loss + loss.detach()
         interval_steps += 1
 
         if interval_steps >= cfg.log_every_steps:
+            interval_loss = float(interval_loss)
+            if not math.isfinite(interval_loss):
+                raise FloatingPointError(f"non-finite training loss {interval_loss} before step {state.step}")
             elapsed = time.time() - interval_t0
             record = {
                 "kind": "train",
@@ -581,8 +637,12 @@ def export(
     eval_tokens: int | None = None,
     in_progress: bool = True,
     command: str | None = None,
+    from_best: bool = False,
 ) -> dict:
     """Write the checkpoint of ``out_dir`` to ``export_dir`` in Hugging Face layout.
+
+    ``from_best``: export the weights of the lowest in-training validation loss (``best.pt``)
+    instead of the latest checkpoint (a multi-epoch run can overfit the small corpus late).
 
     Also evaluates the validation loss of the fp32 checkpoint and of the exported half-precision
     weights loaded back in fp32 (they must agree within rounding noise), and writes
@@ -592,7 +652,7 @@ def export(
     from transformers import AutoModelForCausalLM
 
     out_dir, export_dir = Path(out_dir), Path(export_dir)
-    checkpoint = load_checkpoint(out_dir / CHECKPOINT_NAME)
+    checkpoint = load_checkpoint(out_dir / (BEST_NAME if from_best else CHECKPOINT_NAME))
     meta = json.loads((out_dir / META_NAME).read_text())
     model_cfg = _config_from_dict(ModelConfig, checkpoint["model_config"])
     train_cfg = _config_from_dict(TrainConfig, checkpoint["train_config"])
@@ -629,6 +689,7 @@ def export(
         "train_config": checkpoint["train_config"],
         "data": {k: meta[k] for k in ("vocab_size", "train", "val", "val_fraction")},
         "history": run_state["history"],
+        "hardware": run_state.get("hardware"),
     }
     record["greedy_samples"] = greedy_continuations(tmp_dir)
     (tmp_dir / TRAINING_STATE_NAME).write_text(json.dumps(record, indent=1))
@@ -683,7 +744,7 @@ def model_card(record: dict, command: str | None) -> str:
     flags = " --compile" if t["compile"] else ""
     return f"""# tiny-code target
 
-A small Llama-architecture language model of Python code, trained from scratch on CPU on the Python
+A small Llama-architecture language model of Python code, trained from scratch on the Python
 standard library, bundled as the target model of `eagle`'s offline examples and CPU benchmarks.
 
 {status}
@@ -708,11 +769,11 @@ validation split; `<|endoftext|>` (id 0) is BOS/EOS and separates files.
 AdamW betas {tuple(t["betas"])}, peak LR {t["lr"]:g}, linear warm-up {t["warmup_tokens"]:,} tokens, cosine to
 {t["min_lr"]:g} at {t["max_tokens"]:,} tokens, weight decay {t["weight_decay"]} (matrices), grad clip
 {t["grad_clip"]}, batch {t["batch_size"]} x {t["seq_len"]} tokens of random windows, bf16 autocast:
-{t["autocast_bf16"]}, torch.compile: {t["compile"]}, {t["num_threads"]} CPU threads.
+{t["autocast_bf16"]}, torch.compile: {t["compile"]}, on {record.get("hardware") or "CPU"}.
 
 ## Results (validation split, {record["val_tokens_evaluated"]:,} tokens)
 - tokens seen: {record["tokens_seen"]:,} ({record["step"]:,} steps), training time
-  {record["train_seconds"] / 3600:.2f} h on 2 CPU cores
+  {record["train_seconds"] / 3600:.2f} h on {record.get("hardware") or "CPU"}
 - validation loss: {record["val_loss_exported"]:.4f} nats/token ({record["val_bits_per_byte"]:.4f} bits/byte)
   with the exported {record["exported_dtype"]} weights loaded in fp32; the fp32 checkpoint gives
   {record["val_loss_fp32_checkpoint"]:.4f}
@@ -869,10 +930,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--time-limit-s", type=float, default=None)
     p.add_argument(
+        "--fit-schedule-s",
+        type=float,
+        default=None,
+        help="size the cosine schedule to this many seconds (measured tokens/s; at most --max-tokens)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast on either)")
+    p.add_argument(
         "--export", type=Path, default=None, metavar="DIR", help="export the checkpoint to DIR and exit"
     )
     p.add_argument("--export-dtype", choices=("float16", "bfloat16"), default="float16")
     p.add_argument("--finished", action="store_true", help="with --export: do not mark the model in progress")
+    p.add_argument("--from-best", action="store_true", help="with --export: the best-validation weights")
     p.add_argument("--measure", nargs="*", default=None, metavar="LABEL", help="measure tokens/s and exit")
     return p.parse_args(argv)
 
@@ -888,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
             args.export,
             getattr(torch, args.export_dtype),
             in_progress=not args.finished,
+            from_best=args.from_best,
             command="python -m eagle.train.pretrain " + " ".join(sys.argv[1:]) if argv is None else None,
         )
         print(json.dumps({k: v for k, v in record.items() if k not in ("history", "data")}, indent=1))
@@ -928,6 +998,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_every_tokens=args.eval_every_tokens,
         eval_tokens=args.eval_tokens,
         time_limit_s=args.time_limit_s,
+        fit_schedule_s=args.fit_schedule_s,
+        device=args.device,
     )
     train(args.out, model_cfg, cfg, resume=args.resume, init_from=init_from, install_signal_handlers=True)
     return 0
