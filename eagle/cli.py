@@ -95,6 +95,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from eagle.bench import run_from_args
+
+    return run_from_args(args)
+
+
 TRAIN_STAGES = {
     "target": ("eagle.train.pretrain", "pretrain a target LM on a corpus (default: tiny-code on the stdlib)"),
     "features": (
@@ -168,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("stage_args", nargs=argparse.REMAINDER, help="arguments of the stage")
     train.set_defaults(func=_cmd_train)
+
+    from eagle.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="end-to-end benchmark: EAGLE vs vanilla and Hugging Face generate / prompt lookup / assisted",
+        description="Time EAGLE (chain, static, dynamic trees), vanilla decoding on this runtime and Hugging "
+        "Face generate, prompt-lookup and assisted decoding on the same checkpoint and prompts, methods "
+        "interleaved; print tokens/s (median over repeats), tau and speedup vs vanilla, check greedy "
+        "outputs against vanilla, write JSON and PNG under bench/results/ (see eagle/bench.py).",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

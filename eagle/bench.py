@@ -1,0 +1,961 @@
+"""End-to-end decoding benchmark: EAGLE against vanilla decoding and the Hugging Face peers.
+
+On one checkpoint and one prompt set, in one process, it times
+
+* ``vanilla``: plain decoding on this runtime (``EagleModel.generate(..., speculative=False)``);
+* ``hf_generate``: ``transformers`` ``generate`` of the same checkpoint (greedy or sampled);
+* ``hf_prompt_lookup``: its prompt-lookup decoding (``prompt_lookup_num_tokens``), batch 1 only;
+* ``hf_assisted``: its assisted generation with a small assistant model, batch 1 only;
+* ``eagle_chain`` / ``eagle_static`` / ``eagle_dynamic``: EAGLE with a chain, the EAGLE-1 static
+  tree or the dynamic (EAGLE-2) tree,
+
+for each batch size and temperature. Within each repeat every method runs once, one after the other
+(the machine is shared: load changes hit all methods alike); the reported tokens/s is the **median
+over repeats** (the best is stored too), tau is tokens emitted per target forward after the prefill
+(per sequence), and the speedup is a method's median tokens/s over vanilla's at the same batch size
+and temperature. EOS is ignored: every sequence generates exactly ``new_tokens`` tokens, so every
+method does the same work. At temperature 0 every method is lossless, so each one's tokens are
+compared with vanilla's, prompt by prompt; a mismatch is reported in the table and the JSON with
+the target's top-2 logit gap at the first differing token (a tiny gap is a floating-point near-tie).
+
+    python bench/e2e.py                      # the bundled tiny-code pair, every method
+    eagle bench --batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --threads 1
+    eagle bench --quick                      # smoke test
+    eagle bench --target DIR --draft DIR --prompts-file mt_bench.jsonl
+
+Writes ``e2e_<target>[_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import eagle
+from eagle.api import ASSETS, BUNDLED, EagleModel
+from eagle.models import random_draft
+
+METHODS = (
+    "vanilla",
+    "hf_generate",
+    "hf_prompt_lookup",
+    "hf_assisted",
+    "eagle_chain",
+    "eagle_static",
+    "eagle_dynamic",
+)
+EAGLE_TREES = {"eagle_chain": "chain", "eagle_static": "static", "eagle_dynamic": "dynamic"}
+BATCH_ONE_ONLY = {
+    "hf_prompt_lookup": "transformers' prompt-lookup decoding supports batch size 1 only",
+    "hf_assisted": "transformers' assisted generation supports batch size 1 only",
+}
+ASSISTANT_LAYERS = 2
+MAX_TREE_TOKENS = 64  # room kept after prompt + new tokens for the largest verified tree
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+
+
+@dataclass
+class BenchConfig:
+    """Settings of one benchmark (see :func:`build_parser` for the command-line names).
+
+    prompts / prompts_file: user prompts (text); when both are empty the default set is used: the
+    first ``prompt_tokens`` tokens of ``num_prompts`` held-out standard-library files.
+    num_prompts: None means 8 for the default set and every user prompt.
+    """
+
+    target: str = BUNDLED
+    draft: str | None = None
+    assistant: str | None = None
+    methods: tuple[str, ...] = METHODS
+    batch_sizes: tuple[int, ...] = (1, 4, 16)
+    temperatures: tuple[float, ...] = (0.0, 1.0)
+    new_tokens: int = 128
+    num_prompts: int | None = None
+    prompt_tokens: int = 200
+    repeats: int = 3
+    prompts: tuple[str, ...] = ()
+    prompts_file: str | None = None
+    out: str | None = None
+    threads: int | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    seed: int = 0
+    lookup_tokens: int = 10
+    work_dir: str | None = None
+    name: str | None = None
+    progress: bool = True
+    plot: bool = True
+    quick: bool = False  # only names the output files (``_quick``); QUICK holds the settings
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if not self.methods:
+            raise ValueError("methods is empty; choose from " + ", ".join(METHODS))
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+        if not self.temperatures or any(not t >= 0 for t in self.temperatures):
+            raise ValueError(f"temperatures must be >= 0, got {list(self.temperatures)}")
+        for name in ("new_tokens", "repeats", "prompt_tokens", "lookup_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype name such as float32, got {self.dtype!r}")
+
+
+QUICK = dict(batch_sizes=(1, 4), new_tokens=16, num_prompts=2, prompt_tokens=48, repeats=1, quick=True)
+
+
+# ==================================================================================================
+# Prompts
+# ==================================================================================================
+@dataclass
+class Prompt:
+    """One benchmark prompt: where it came from and its token ids."""
+
+    source: str
+    ids: list[int]
+
+
+def read_prompts_file(path: str | Path) -> list[tuple[str, str]]:
+    """``(source, text)`` for each line of a JSONL file: ``{"prompt": TEXT}`` or MT-bench's
+    ``{"question_id": ..., "turns": [TEXT, ...]}`` (the first turn). Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        out.append((f"{path.name}:{number}", _prompt_text(record, f"{path}:{number}")))
+    if not out:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompts (expected JSON lines)")
+    return out
+
+
+def _prompt_text(record, where: str) -> str:
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str):
+        text = record["prompt"]
+    elif isinstance(record, dict) and isinstance(record.get("turns"), list) and record["turns"]:
+        text = record["turns"][0]
+    else:
+        raise ValueError(
+            f'{where}: expected {{"prompt": TEXT}} or {{"question_id": ..., "turns": [TEXT, ...]}}'
+        )
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"{where}: the prompt is empty or not a string")
+    return text
+
+
+def heldout_prompts(tokenizer, count: int, prompt_tokens: int) -> list[Prompt]:
+    """The first ``prompt_tokens`` tokens of ``count`` held-out standard-library files (the tiny-code
+    validation split), evenly spread over the files long enough, in a fixed order."""
+    from eagle.train.corpus import collect_sources, split_sources
+
+    _, heldout = split_sources(collect_sources())
+    long_enough = []
+    for source in heldout:
+        # A generous character prefix: cutting the text can only change the token at the cut.
+        ids = tokenizer(source.text[: prompt_tokens * 16], add_special_tokens=False)["input_ids"]
+        if len(ids) > prompt_tokens:
+            long_enough.append(Prompt(source.relpath, ids[:prompt_tokens]))
+    if len(long_enough) < count:
+        raise ValueError(
+            f"only {len(long_enough)} held-out standard-library files have more than {prompt_tokens} "
+            f"tokens; ask for fewer prompts or shorter ones"
+        )
+    step = len(long_enough) / count
+    return [long_enough[int(i * step)] for i in range(count)]
+
+
+def user_prompt_texts(config: BenchConfig) -> list[tuple[str, str]]:
+    """``(source, text)`` of the ``--prompt`` texts then the prompts file's, capped at ``num_prompts``
+    (read before any model is loaded, so that a bad file fails fast)."""
+    texts = [(f"--prompt {i + 1}", p) for i, p in enumerate(config.prompts)]
+    empty = [src for src, text in texts if not text]
+    if empty:
+        raise ValueError(f"empty prompt: {empty}")
+    if config.prompts_file:
+        texts += read_prompts_file(config.prompts_file)
+    return texts[: config.num_prompts] if config.num_prompts else texts
+
+
+def build_prompts(config: BenchConfig, texts: list[tuple[str, str]], tokenizer) -> tuple[list[Prompt], str]:
+    """The prompt set (user texts encoded, else the held-out default) and where it came from."""
+    if tokenizer is None:
+        raise ValueError(f"{config.target} has no tokenizer, so the benchmark cannot encode its prompts")
+    if texts:
+        prompts = [Prompt(src, tokenizer(t, add_special_tokens=False)["input_ids"]) for src, t in texts]
+        empty = [p.source for p in prompts if not p.ids]
+        if empty:
+            raise ValueError(f"prompts encode to no tokens: {empty}")
+        return prompts, "user prompts"
+    count = config.num_prompts or 8
+    return heldout_prompts(tokenizer, count, config.prompt_tokens), (
+        f"first {config.prompt_tokens} tokens of {count} held-out standard-library files"
+    )
+
+
+def batches_of(prompts: Sequence[Prompt], batch: int) -> list[list[Prompt]]:
+    """Split the prompts into batches of ``batch``; prompts are reused cyclically to fill the last
+    batch (and every batch when there are fewer prompts than ``batch``)."""
+    n = max(1, -(-len(prompts) // batch))
+    return [[prompts[(i * batch + j) % len(prompts)] for j in range(batch)] for i in range(n)]
+
+
+# ==================================================================================================
+# Models
+# ==================================================================================================
+@dataclass
+class Models:
+    """Everything the methods run on, loaded once."""
+
+    eagle: EagleModel
+    target_path: str
+    draft_label: str
+    random_draft: bool
+    hf: torch.nn.Module | None = None
+    assistant: torch.nn.Module | None = None
+    assistant_info: dict = field(default_factory=dict)
+    forwards: dict[str, int] = field(default_factory=lambda: {"target": 0, "assistant": 0})
+
+
+def resolve_pair(target: str, draft: str | None) -> tuple[str, str | None]:
+    """Checkpoint directories of the target and the draft (None: no trained head available)."""
+    if target != BUNDLED:
+        return target, draft
+    target_path = ASSETS / BUNDLED / "target"
+    if not (target_path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the bundled {BUNDLED!r} target is missing ({target_path} has no config.json)"
+        )
+    bundled_draft = ASSETS / BUNDLED / "draft"
+    if draft is None and (bundled_draft / "config.json").exists():
+        draft = str(bundled_draft)
+    return str(target_path), draft
+
+
+def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], None]) -> Models:
+    target_path, draft_path = resolve_pair(config.target, config.draft)
+    model = eagle.load(target_path, draft_path, device=config.device, dtype=dtype)
+    if draft_path is None:
+        head = random_draft(model.target, seed=config.seed).eval().requires_grad_(False)
+        model = EagleModel(model.target, head, model.tokenizer)
+        label = "random (untrained) EAGLE-2 head: no trained head found, EAGLE tau and speedups are not meaningful"
+    else:
+        label = draft_path
+    log(f"target: {target_path}")
+    log(f"draft:  {label}")
+    models = Models(model, target_path, label, draft_path is None)
+    needs_hf = any(m.startswith("hf_") for m in config.methods)
+    if needs_hf:
+        models.hf = _load_hf(target_path, dtype, config.device)
+        _count_forwards(models.hf, models.forwards, "target")
+    if "hf_assisted" in config.methods:
+        path, how = find_assistant(config, target_path)
+        models.assistant = _load_hf(path, dtype, config.device)
+        _count_forwards(models.assistant, models.forwards, "assistant")
+        params = sum(p.numel() for p in models.assistant.parameters())
+        models.assistant_info = {"path": str(path), "how": how, "parameters": params}
+        log(f"assistant for hf_assisted: {path} ({how}; {params:,} parameters)")
+    return models
+
+
+def _load_hf(path: str | Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    # EOS is ignored (fixed-length outputs); generate() fills an unset eos from the model's own
+    # generation config, so it has to go there.
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _count_forwards(module: torch.nn.Module, counter: dict[str, int], key: str) -> None:
+    def hook(*_):
+        counter[key] += 1
+
+    module.register_forward_hook(hook)
+
+
+def find_assistant(config: BenchConfig, target_path: str) -> tuple[Path, str]:
+    """The assistant model of ``hf_assisted`` and how it was obtained: ``--assistant``; else the
+    bundled ``tiny-code/assistant`` (for the bundled target); else one derived from the target."""
+    if config.assistant is not None:
+        path = Path(config.assistant)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"assistant {str(path)!r} has no config.json")
+        return path, "given with --assistant"
+    bundled = ASSETS / BUNDLED / "assistant"
+    if config.target == BUNDLED and (bundled / "config.json").exists():
+        return bundled, "the bundled tiny-code assistant"
+    work = Path(config.work_dir) if config.work_dir else Path(tempfile.gettempdir()) / "eagle-bench"
+    return derive_assistant(target_path, work)
+
+
+def derive_assistant(target_path: str, work_dir: Path, layers: int = ASSISTANT_LAYERS) -> tuple[Path, str]:
+    """A ``layers``-layer model cut from the target: its embedding, first ``layers`` decoder layers,
+    final norm and lm_head (no training), saved with transformers under ``work_dir`` and reused while
+    the target's files are unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    how = f"derived: the target's first {layers} decoder layers + final norm + lm_head, untrained"
+    out = work_dir / f"assistant-{layers}layers-{_files_digest(Path(target_path))}"
+    if (out / "config.json").exists():
+        return out, how + f" (cached in {work_dir})"
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32)
+    base = model.get_decoder()
+    if len(base.layers) <= layers:
+        raise ValueError(
+            f"the target has only {len(base.layers)} layers; cannot cut a {layers}-layer assistant"
+        )
+    base.layers = base.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=work_dir))
+    model.save_pretrained(staging)
+    staging.rename(out)
+    return out, how + f" (built now, cached in {work_dir})"
+
+
+def _files_digest(directory: Path) -> str:
+    """A short hash of the checkpoint's location and its files' names, sizes and modification times."""
+    h = hashlib.sha256(str(directory.resolve()).encode())
+    for f in sorted(directory.iterdir()) if directory.is_dir() else []:
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
+# ==================================================================================================
+# Methods: each turns a batch of prompts into new tokens and counts target forwards
+# ==================================================================================================
+@dataclass
+class Output:
+    """What one call produced: new tokens per row, and decode-phase tokens and forwards per row."""
+
+    tokens: list[list[int]]
+    decode_tokens: int  # tokens emitted after the prefill's, summed over rows
+    decode_forwards: int  # target forwards after the prefill, summed over rows
+
+
+def run_method(
+    method: str,
+    models: Models,
+    prompts: list[list[int]],
+    new_tokens: int,
+    temperature: float,
+    seed: int,
+    lookup_tokens: int,
+) -> Output:
+    """Generate ``new_tokens`` tokens for each prompt of one batch with ``method``."""
+    if method == "vanilla" or method in EAGLE_TREES:
+        res = models.eagle.generate(
+            prompts,
+            new_tokens,
+            temperature=temperature,
+            seed=seed,
+            eos_token_id=[],
+            speculative=method != "vanilla",
+            tree=EAGLE_TREES.get(method, "dynamic"),
+        )
+        lengths = [n for row in res.accept_lengths for n in row]
+        return Output(res.tokens, sum(lengths), len(lengths))
+    extra: dict = {}
+    if method == "hf_prompt_lookup":
+        extra = {"prompt_lookup_num_tokens": lookup_tokens}
+    elif method == "hf_assisted":
+        extra = {"assistant_model": models.assistant}
+    return _hf_generate(models, prompts, new_tokens, temperature, seed, extra)
+
+
+def _hf_generate(
+    models: Models, prompts: list[list[int]], new_tokens: int, temperature: float, seed: int, extra: dict
+) -> Output:
+    hf = models.hf
+    pad = _pad_id(hf.config)
+    block, mask = left_pad(prompts, pad, hf.device)
+    gen_config = copy.deepcopy(hf.generation_config)
+    gen_config.update(
+        max_new_tokens=new_tokens,
+        min_new_tokens=None,
+        eos_token_id=None,
+        pad_token_id=pad,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_k=0 if temperature > 0 else None,
+        top_p=1.0 if temperature > 0 else None,
+    )
+    if "prompt_lookup_num_tokens" in extra:
+        gen_config.prompt_lookup_num_tokens = extra.pop("prompt_lookup_num_tokens")
+    if temperature > 0:
+        torch.manual_seed(seed)
+    before = models.forwards["target"]
+    with torch.inference_mode():
+        out = hf.generate(block, attention_mask=mask, generation_config=gen_config, **extra)
+    forwards = models.forwards["target"] - before
+    tokens = out[:, block.shape[1] :].tolist()
+    if any(len(t) != new_tokens for t in tokens):
+        raise RuntimeError(f"transformers generated {[len(t) for t in tokens]} tokens, expected {new_tokens}")
+    rows = len(tokens)
+    return Output(tokens, rows * (new_tokens - 1), rows * (forwards - 1))
+
+
+def _pad_id(config) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def left_pad(prompts: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids ``[B, T_max]`` int64 and the attention mask ``[B, T_max]`` int64 (1 = real)."""
+    width = max(len(p) for p in prompts)
+    block = torch.full((len(prompts), width), pad, dtype=torch.int64)
+    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        block[b, width - len(p) :] = torch.tensor(p)
+        mask[b, width - len(p) :] = 1
+    return block.to(device), mask.to(device)
+
+
+# ==================================================================================================
+# The benchmark
+# ==================================================================================================
+@dataclass
+class Cell:
+    """One (method, batch size, temperature) of the benchmark and its measurements."""
+
+    method: str
+    batch: int
+    temperature: float
+    skipped: str | None = None
+    seconds: list[float] = field(default_factory=list)
+    tokens: int = 0  # new tokens per repeat (all batches)
+    decode_tokens: int = 0
+    decode_forwards: int = 0
+    outputs: list[list[list[list[int]]]] = field(default_factory=list)  # [repeat][batch][row] -> tokens
+    mismatches: list[dict] = field(default_factory=list)
+    rows_compared: int = 0  # distinct prompt rows (each compared in every repeat)
+
+    def record(self, repeat: int, batch_outputs: list[Output], seconds: float) -> None:
+        """Store one repeat; tau's counts come from the first (the repeats redo the same seeded work)."""
+        self.seconds.append(seconds)
+        self.outputs.append([o.tokens for o in batch_outputs])
+        if repeat == 0:
+            self.tokens = sum(len(t) for o in batch_outputs for t in o.tokens)
+            self.decode_tokens = sum(o.decode_tokens for o in batch_outputs)
+            self.decode_forwards = sum(o.decode_forwards for o in batch_outputs)
+
+
+def run_cells(
+    config: BenchConfig, models: Models, prompts: list[Prompt], log: Callable[[str], None]
+) -> list[Cell]:
+    """Warm every method up, then time them: repeats outermost, methods interleaved innermost."""
+    cells = [
+        Cell(m, b, t, skipped=BATCH_ONE_ONLY[m] if b > 1 and m in BATCH_ONE_ONLY else None)
+        for b in config.batch_sizes
+        for t in config.temperatures
+        for m in config.methods
+    ]
+    active = [c for c in cells if c.skipped is None]
+    batches = {b: batches_of(prompts, b) for b in config.batch_sizes}
+    check_lengths(config, models, prompts)
+    log(f"warm-up: {len(active)} method/batch/temperature combinations")
+    for cell in active:
+        _run_cell(config, models, batches[cell.batch][:1], cell, min(8, config.new_tokens))
+    bar = _progress(config, total=len(active) * config.repeats)
+    for repeat in range(config.repeats):
+        for cell in active:
+            bar.set_description(
+                f"repeat {repeat + 1}/{config.repeats} {cell.method} B={cell.batch} T={cell.temperature:g}"
+            )
+            outputs, seconds = _run_cell(config, models, batches[cell.batch], cell, config.new_tokens)
+            cell.record(repeat, outputs, seconds)
+            bar.update()
+    bar.close()
+    return cells
+
+
+def _run_cell(config, models, batches, cell: Cell, new_tokens: int) -> tuple[list[Output], float]:
+    outputs = []
+    sync = torch.cuda.synchronize if models.eagle.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for i, batch in enumerate(batches):
+        ids = [p.ids for p in batch]
+        outputs.append(
+            run_method(
+                cell.method, models, ids, new_tokens, cell.temperature, config.seed + i, config.lookup_tokens
+            )
+        )
+    sync()
+    return outputs, time.perf_counter() - start
+
+
+def _progress(config: BenchConfig, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="run", disable=not config.progress, file=sys.stderr, dynamic_ncols=True)
+
+
+def check_lengths(config: BenchConfig, models: Models, prompts: list[Prompt]) -> None:
+    """Fail before timing anything when a prompt leaves no room for the new tokens and the tree."""
+    limit = models.eagle.target.config.max_position_embeddings
+    room = MAX_TREE_TOKENS if any(m in EAGLE_TREES for m in config.methods) else 1
+    for p in prompts:
+        if len(p.ids) + config.new_tokens + room > limit:
+            raise ValueError(
+                f"prompt {p.source} ({len(p.ids)} tokens) + new_tokens ({config.new_tokens}) + {room} "
+                f"exceeds the target's max_position_embeddings={limit}; shorten it or generate fewer tokens"
+            )
+
+
+# ==================================================================================================
+# Greedy agreement
+# ==================================================================================================
+def check_greedy_agreement(cells: list[Cell], models: Models, prompts: list[Prompt]) -> None:
+    """At temperature 0, compare every method's tokens with vanilla's (same batch size, same rows,
+    same repeat), in every repeat."""
+    vanilla = {(c.batch, c.temperature): c for c in cells if c.method == "vanilla" and not c.skipped}
+    for cell in cells:
+        ref = vanilla.get((cell.batch, cell.temperature))
+        if cell.skipped or cell.temperature != 0 or cell.method == "vanilla" or ref is None:
+            continue
+        batches = batches_of(prompts, cell.batch)
+        cell.rows_compared = sum(len(b) for b in batches)
+        for repeat, (got_batches, want_batches) in enumerate(zip(cell.outputs, ref.outputs)):
+            for b, (got, want) in enumerate(zip(got_batches, want_batches)):
+                for row, (g, w) in enumerate(zip(got, want)):
+                    if g != w:
+                        detail = _describe_mismatch(models, batches[b][row], g, w)
+                        cell.mismatches.append({"repeat": repeat, "batch_index": b, "row": row} | detail)
+
+
+def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: list[int]) -> dict:
+    at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    gap = None
+    if at < min(len(got), len(want)):
+        logits = _next_logits(models.eagle.target, prompt.ids + want[:at])
+        top2 = logits.topk(2).values
+        gap = float(top2[0] - top2[1])
+        diff = float(logits[want[at]] - logits[got[at]])
+    else:
+        diff = None
+    return {
+        "prompt": prompt.source,
+        "first_difference_at": at,
+        "vanilla_token": want[at] if at < len(want) else None,
+        "method_token": got[at] if at < len(got) else None,
+        "vanilla_top2_logit_gap": gap,
+        "logit_vanilla_minus_method_token": diff,
+    }
+
+
+@torch.inference_mode()
+def _next_logits(target, ids: list[int]) -> torch.Tensor:
+    """The target's logits ``[V]`` (float64) after the sequence ``ids``."""
+    cache = target.new_cache(1, len(ids) + 1)
+    block = torch.tensor([ids], device=target.device)
+    out = target(block, cache, logits_index=torch.tensor([[len(ids) - 1]], device=target.device))
+    return out.logits[0, -1].double().cpu()
+
+
+# ==================================================================================================
+# Report
+# ==================================================================================================
+def summarize(cells: list[Cell]) -> list[dict]:
+    """One JSON row per cell: tokens/s (median and best over repeats), tau, speedup, agreement."""
+    rows = []
+    speed = {}
+    for c in cells:
+        row: dict = {"method": c.method, "batch": c.batch, "temperature": c.temperature}
+        if c.skipped:
+            rows.append(row | {"status": "skipped", "reason": c.skipped})
+            continue
+        per_repeat = [c.tokens / s for s in c.seconds]
+        row |= {
+            "status": "ok",
+            "tokens_per_s": statistics.median(per_repeat),
+            "tokens_per_s_best": max(per_repeat),
+            "tokens_per_s_all_repeats": per_repeat,
+            "seconds_all_repeats": c.seconds,
+            "new_tokens_per_repeat": c.tokens,
+            "tau": c.decode_tokens / c.decode_forwards if c.decode_forwards else None,
+            "decode_tokens": c.decode_tokens,
+            "decode_forwards_per_row_summed": c.decode_forwards,
+        }
+        row["greedy_agreement"] = _agreement(c)
+        speed[(c.method, c.batch, c.temperature)] = row["tokens_per_s"]
+        rows.append(row)
+    for row in rows:
+        base = speed.get(("vanilla", row["batch"], row["temperature"]))
+        if row["status"] == "ok":
+            row["speedup_vs_vanilla"] = row["tokens_per_s"] / base if base else None
+    return rows
+
+
+def _agreement(c: Cell) -> dict:
+    if c.method == "vanilla":
+        return {"checked": False, "reason": "the reference"}
+    if c.temperature != 0:
+        return {"checked": False, "reason": "sampled (temperature > 0): distributions match, tokens differ"}
+    if not c.rows_compared:
+        return {"checked": False, "reason": "vanilla was not run at this batch size"}
+    return {
+        "checked": True,
+        "ok": not c.mismatches,
+        "rows_compared": c.rows_compared,
+        "repeats_compared": min(len(c.outputs), len(c.seconds)),
+        "mismatched_rows": len({(m["batch_index"], m["row"]) for m in c.mismatches}),
+        "mismatches": c.mismatches,
+    }
+
+
+def format_table(results: list[dict]) -> str:
+    """The terminal table: one line per method, batch size and temperature."""
+    head = f"{'method':<17} {'B':>3} {'T':>4} {'tok/s':>8} {'best':>8} {'tau':>5} {'speedup':>8}  greedy == vanilla"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lead = f"{r['method']:<17} {r['batch']:>3} {r['temperature']:>4g}"
+        if r["status"] == "skipped":
+            lines.append(f"{lead} {'skipped: ' + r['reason']}")
+            continue
+        tau = f"{r['tau']:.2f}" if r["tau"] is not None else "-"
+        speedup = f"{r['speedup_vs_vanilla']:.2f}x" if r.get("speedup_vs_vanilla") else "-"
+        lines.append(
+            f"{lead} {r['tokens_per_s']:>8.1f} {r['tokens_per_s_best']:>8.1f} {tau:>5} {speedup:>8}  "
+            f"{_agreement_label(r['greedy_agreement'])}"
+        )
+    return "\n".join(lines)
+
+
+def _agreement_label(a: dict) -> str:
+    if not a["checked"]:
+        return "-" if a["reason"] == "the reference" else "n/a (sampled)" if "sampled" in a["reason"] else "-"
+    if a["ok"]:
+        return f"ok ({a['rows_compared']} rows)"
+    first = a["mismatches"][0]
+    gap = first["vanilla_top2_logit_gap"]
+    gap_text = f", top-2 logit gap {gap:.2e}" if gap is not None else ""
+    return (
+        f"!!! MISMATCH {a['mismatched_rows']}/{a['rows_compared']} rows "
+        f"(first: {first['prompt']} at token {first['first_difference_at']}{gap_text})"
+    )
+
+
+def plot(payload: dict, path: Path) -> Path:
+    """Bar charts of speedup vs vanilla and tau, per method and batch size, one column per temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in payload["results"] if r["status"] == "ok"]
+    temps = sorted({r["temperature"] for r in payload["results"]})
+    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    sizes = sorted({r["batch"] for r in payload["results"]})
+    fig, axes = plt.subplots(2, len(temps), figsize=(5.5 * len(temps), 7), squeeze=False)
+    width = 0.8 / len(sizes)
+    for col, temp in enumerate(temps):
+        for row, (key, label) in enumerate((("speedup_vs_vanilla", "speedup vs vanilla"), ("tau", "tau"))):
+            ax = axes[row][col]
+            for k, size in enumerate(sizes):
+                values = [_lookup(results, m, size, temp, key) for m in methods]
+                xs = [i + (k - (len(sizes) - 1) / 2) * width for i in range(len(methods))]
+                bars = ax.bar(xs, [v or 0.0 for v in values], width, label=f"batch {size}")
+                ax.bar_label(bars, [f"{v:.2f}" if v else "" for v in values], fontsize=6)
+            ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+            ax.set_xticks(range(len(methods)))
+            ax.set_xticklabels(methods, rotation=35, ha="right", fontsize=8)
+            ax.set_ylabel(label)
+            ax.set_title(f"{label}, temperature {temp:g}", fontsize=10)
+            ax.legend(fontsize=7)
+    fig.suptitle(_plot_title(payload), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_title(payload: dict) -> str:
+    s = payload["settings"]
+    lines = [
+        f"{s['target_name']} ({s['dtype']}, {s['device']}, {s['threads']} thread(s)): {s['new_tokens']} new "
+        f"tokens x {len(s['prompts'])} prompts, median of {s['repeats']} repeat(s)"
+    ]
+    if s["random_draft"]:
+        lines.append("RANDOM (untrained) draft head: the EAGLE bars are not meaningful")
+    if not payload["greedy_agreement_ok"]:
+        lines.append("!!! GREEDY MISMATCH against vanilla: see the JSON")
+    return "\n".join(lines)
+
+
+def _lookup(results: list[dict], method: str, batch: int, temp: float, key: str):
+    for r in results:
+        if (r["method"], r["batch"], r["temperature"]) == (method, batch, temp):
+            return r.get(key)
+    return None
+
+
+def machine_info() -> dict:
+    """Machine, versions and commit from ``bench/utils.py`` of the source checkout (run in the
+    checkout so that the commit is this one); a reduced record when the package runs from a wheel."""
+    utils = REPO_ROOT / "bench" / "utils.py"
+    if not utils.exists():
+        import platform
+
+        return {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "commit": None,
+            "note": "bench/utils.py not found: not a source checkout",
+        }
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from bench.utils import machine_info as checkout_machine_info
+
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        return checkout_machine_info()
+    finally:
+        os.chdir(cwd)
+
+
+def versions() -> dict:
+    import tokenizers
+    import transformers
+
+    return {
+        "eagle": eagle.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "torch": torch.__version__,
+    }
+
+
+# ==================================================================================================
+# Entry points
+# ==================================================================================================
+@dataclass
+class BenchReport:
+    """What :func:`run_benchmark` returns: the JSON payload and where it and the plot were written."""
+
+    payload: dict
+    json_path: Path
+    png_path: Path | None
+
+    @property
+    def greedy_agreement_ok(self) -> bool:
+        return self.payload["greedy_agreement_ok"]
+
+
+def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> BenchReport:
+    """Run the benchmark described by ``config``; write the JSON (and PNG); return the report."""
+    config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    dtype = getattr(torch, config.dtype) if config.dtype else eagle.api._default_dtype(device)
+    texts = user_prompt_texts(config)
+    models = load_models(config, dtype, log)
+    prompts, prompt_origin = build_prompts(config, texts, models.eagle.tokenizer)
+    log(f"prompts: {len(prompts)} ({prompt_origin}); EOS ignored, {config.new_tokens} new tokens per row")
+    cells = run_cells(config, models, prompts, log)
+    check_greedy_agreement(cells, models, prompts)
+    results = summarize(cells)
+    payload = {
+        "machine": machine_info(),
+        "versions": versions(),
+        "settings": _settings(config, models, prompts, prompt_origin, dtype),
+        "greedy_agreement_ok": all(
+            r["greedy_agreement"].get("ok", True) for r in results if r["status"] == "ok"
+        ),
+        "results": results,
+    }
+    out_dir = Path(config.out) if config.out else DEFAULT_OUT
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = config.name or default_name(config, models)
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(payload, indent=2))
+    png_path = plot(payload, out_dir / f"{stem}.png") if config.plot else None
+    return BenchReport(payload, json_path, png_path)
+
+
+def target_name(config: BenchConfig, models: Models) -> str:
+    """``tiny-code`` for the bundled pair, else the target directory's name."""
+    return config.target if config.target == BUNDLED else Path(models.target_path).name
+
+
+def default_name(config: BenchConfig, models: Models) -> str:
+    """``e2e_<target>[_randomdraft][_quick]``: a random draft or smoke-test run is never mistaken for
+    a final result."""
+    return (
+        f"e2e_{target_name(config, models)}"
+        + ("_randomdraft" if models.random_draft else "")
+        + ("_quick" if config.quick else "")
+    )
+
+
+def _settings(config, models: Models, prompts, prompt_origin: str, dtype) -> dict:
+    settings = asdict(config) | {
+        "target": models.target_path,
+        "target_name": target_name(config, models),
+        "draft": models.draft_label,
+        "random_draft": models.random_draft,
+        "assistant": models.assistant_info or None,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "prompt_origin": prompt_origin,
+        "prompts": [{"source": p.source, "tokens": len(p.ids)} for p in prompts],
+        "statistic": "tokens/s: median over repeats (best also stored); speedup: ratio of medians",
+        "tau": "tokens emitted per target forward after the prefill, per sequence",
+        "eos": "ignored: every sequence generates exactly new_tokens tokens",
+        "hf_assisted_defaults": "transformers' defaults (num_assistant_tokens 20, constant schedule)",
+    }
+    settings.pop("prompts_file", None)
+    settings["prompts_file"] = config.prompts_file
+    settings.pop("progress")
+    return settings
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options (shared by ``eagle bench`` and ``bench/e2e.py``)."""
+    p.add_argument("--target", default=BUNDLED, help="target checkpoint dir / hub id (default: tiny-code)")
+    p.add_argument(
+        "--draft", default=None, help="EAGLE head dir (default: the bundled head, else a random one)"
+    )
+    p.add_argument(
+        "--assistant", default=None, help="assistant model dir for hf_assisted (default: see docs)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=METHODS,
+        metavar="METHOD",
+        help="methods to run (default: all): " + ", ".join(METHODS),
+    )
+    p.add_argument("--batch", nargs="+", type=int, default=None, help="batch sizes (default 1 4 16)")
+    p.add_argument("--temperature", nargs="+", type=float, default=None, help="temperatures (default 0 1)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per sequence (default 128)")
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="prompts (default 8 held-out files / all given)"
+    )
+    p.add_argument(
+        "--prompt-tokens", type=int, default=None, help="tokens of each default prompt (default 200)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats; the median is reported (default 3)"
+    )
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    p.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE.jsonl",
+        help='JSONL: {"prompt": ...} or MT-bench {"question_id": ..., "turns": [...]} lines',
+    )
+    p.add_argument("--out", default=None, help="output directory (default bench/results)")
+    p.add_argument("--name", default=None, help="file name stem (default e2e_<target>[_randomdraft][_quick])")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float64")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs")
+    p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens (default 10)")
+    p.add_argument("--work-dir", default=None, help="where a derived assistant is cached (default: temp dir)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings for smoke tests: batch 1 4, 16 tokens, 2 prompts of 48 tokens, 1 repeat",
+    )
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """A :class:`BenchConfig` from parsed options; ``--quick`` changes the defaults, explicit options win."""
+    defaults = BenchConfig(**QUICK) if args.quick else BenchConfig()  # explicit options override these
+    chosen = {
+        "methods": tuple(args.methods) if args.methods else None,
+        "batch_sizes": tuple(args.batch) if args.batch else None,
+        "temperatures": tuple(args.temperature) if args.temperature else None,
+        "new_tokens": args.new_tokens,
+        "num_prompts": args.num_prompts,
+        "prompt_tokens": args.prompt_tokens,
+        "repeats": args.repeats,
+    }
+    config = BenchConfig(
+        **{k: (v if v is not None else getattr(defaults, k)) for k, v in chosen.items()},
+        target=args.target,
+        draft=args.draft,
+        assistant=args.assistant,
+        prompts=tuple(args.prompt),
+        prompts_file=args.prompts_file,
+        out=args.out,
+        name=args.name,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        lookup_tokens=args.lookup_tokens,
+        work_dir=args.work_dir,
+        progress=not args.no_progress,
+        plot=not args.no_plot,
+        quick=args.quick,
+    )
+    return config
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run from parsed options, print the table; exit status 1 when the greedy check failed."""
+    report = run_benchmark(config_from_args(args))
+    print(format_table(report.payload["results"]))
+    print(
+        f"tokens/s: median over {report.payload['settings']['repeats']} repeats; speedup = median / vanilla's"
+    )
+    print(f"wrote {report.json_path}" + (f" and {report.png_path}" if report.png_path else ""))
+    if not report.greedy_agreement_ok:
+        print("!!! GREEDY MISMATCH: some method's temperature-0 tokens differ from vanilla's (see above)")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eagle bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_from_args(build_parser().parse_args(argv))

@@ -1,0 +1,234 @@
+"""The end-to-end benchmark (``eagle.bench``) on a tiny random Llama with a tokenizer, quick settings.
+
+One module-scoped run covers every method at batch 1 and 2, temperature 0 and 1 (float64, so that
+the greedy agreement check is exact); the other tests check the pieces around it: prompt files,
+the held-out default prompts, the mismatch report and bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from eagle import bench
+from eagle.bench import METHODS, BenchConfig, run_benchmark
+from tests.eagle.conftest import build_hf_target, save_hf_target
+
+BATCHES = (1, 2)
+TEMPERATURES = (0.0, 1.0)
+NEW_TOKENS = 6
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["def f(x):\n    return x + 1\n", "import os\nclass A:\n    pass\n"] * 10
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet))
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory) -> Path:
+    """A 4-layer random Llama (HF, float64 weights) with a byte-level BPE tokenizer, on disk."""
+    tokenizer = _tokenizer()
+    directory = tmp_path_factory.mktemp("bench_target")
+    save_hf_target(build_hf_target("llama", seed=0, vocab_size=len(tokenizer)), directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _write_jsonl(path: Path, records: list[dict], blank_line: bool = False) -> Path:
+    lines = [json.dumps(r) for r in records]
+    if blank_line:
+        lines.insert(1, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(target: Path, tmp: Path, **overrides) -> BenchConfig:
+    settings = dict(
+        target=str(target),
+        batch_sizes=BATCHES,
+        temperatures=TEMPERATURES,
+        new_tokens=NEW_TOKENS,
+        repeats=2,
+        out=str(tmp / "out"),
+        work_dir=str(tmp / "work"),
+        dtype="float64",
+        threads=1,
+        progress=False,
+    )
+    return BenchConfig(**(settings | overrides))
+
+
+@pytest.fixture(scope="module")
+def report(tiny_target, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench_run")
+    prompts_file = _write_jsonl(
+        tmp / "prompts.jsonl",
+        [
+            {"prompt": "def f(x):\n    return x"},
+            {"question_id": 81, "category": "coding", "turns": ["import os\nclass A:", "second turn"]},
+        ],
+        blank_line=True,
+    )
+    config = _config(
+        tiny_target, tmp, prompts=("class A:\n    def f(self):",), prompts_file=str(prompts_file)
+    )
+    return run_benchmark(config, log=lambda _: None)
+
+
+def test_every_method_batch_and_temperature_is_reported_with_sane_numbers(report):
+    rows = {(r["method"], r["batch"], r["temperature"]): r for r in report.payload["results"]}
+    assert set(rows) == {(m, b, t) for m in METHODS for b in BATCHES for t in TEMPERATURES}
+    for (method, batch, temp), r in rows.items():
+        if batch > 1 and method in ("hf_prompt_lookup", "hf_assisted"):
+            assert r["status"] == "skipped" and "batch size 1" in r["reason"]
+            continue
+        assert r["status"] == "ok", (method, batch, temp)
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+        assert r["tokens_per_s_best"] >= r["tokens_per_s"] and len(r["tokens_per_s_all_repeats"]) == 2
+        assert r["new_tokens_per_repeat"] == NEW_TOKENS * math.ceil(3 / batch) * batch  # 3 prompts
+        assert 1.0 <= r["tau"] <= NEW_TOKENS, (method, batch, temp, r["tau"])
+        assert r["speedup_vs_vanilla"] == pytest.approx(
+            r["tokens_per_s"] / rows["vanilla", batch, temp]["tokens_per_s"]
+        )
+    for batch in BATCHES:
+        for temp in TEMPERATURES:
+            assert rows["vanilla", batch, temp]["tau"] == 1.0
+            assert rows["hf_generate", batch, temp]["tau"] == 1.0
+
+
+def test_greedy_outputs_of_every_method_equal_vanilla(report):
+    assert report.greedy_agreement_ok
+    for r in report.payload["results"]:
+        if r["status"] != "ok" or r["method"] == "vanilla":
+            continue
+        check = r["greedy_agreement"]
+        if r["temperature"] == 0:
+            assert check["checked"] and check["ok"], r
+            assert check["rows_compared"] == math.ceil(3 / r["batch"]) * r["batch"]
+            assert check["repeats_compared"] == 2
+        else:
+            assert not check["checked"]
+
+
+def test_json_and_png_are_written_with_machine_and_settings(report, tiny_target):
+    saved = json.loads(report.json_path.read_text())
+    assert report.json_path.name == f"e2e_{tiny_target.name}_randomdraft.json"
+    assert {"commit", "torch", "platform"} <= set(saved["machine"])
+    assert {"transformers", "eagle"} <= set(saved["versions"])
+    settings = saved["settings"]
+    assert settings["random_draft"] is True and "random" in settings["draft"]
+    assert "derived" in settings["assistant"]["how"] and Path(settings["assistant"]["path"]).is_dir()
+    sources = [p["source"] for p in settings["prompts"]]
+    assert sources == ["--prompt 1", "prompts.jsonl:1", "prompts.jsonl:3"]
+    assert report.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = bench.format_table(saved["results"])
+    assert "skipped: transformers' assisted generation supports batch size 1 only" in table
+    assert "MISMATCH" not in table and "ok (3 rows)" in table
+
+
+def test_prompts_file_reads_both_formats_and_rejects_bad_lines(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": "a"}, {"question_id": 1, "turns": ["first", "second"]}],
+        blank_line=True,
+    )
+    assert bench.read_prompts_file(path) == [("p.jsonl:1", "a"), ("p.jsonl:3", "first")]
+    for content, message in [
+        ("", "holds no prompts"),
+        ("\n  \n", "holds no prompts"),
+        ('{"prompt": "a"}\nnot json\n', "p.jsonl:2: not valid JSON"),
+        ('{"text": "a"}\n', "expected"),
+        ('{"question_id": 1, "turns": []}\n', "expected"),
+        ('{"prompt": ""}\n', "empty"),
+    ]:
+        (tmp_path / "p.jsonl").write_text(content)
+        with pytest.raises(ValueError, match=message):
+            bench.read_prompts_file(tmp_path / "p.jsonl")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bench.read_prompts_file(tmp_path / "missing.jsonl")
+
+
+def test_default_prompts_are_prefixes_of_heldout_stdlib_files(tiny_target):
+    from transformers import AutoTokenizer
+
+    from eagle.train.corpus import is_validation_path
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_target)
+    prompts = bench.heldout_prompts(tokenizer, 3, 20)
+    assert len(prompts) == 3 and len({p.source for p in prompts}) == 3
+    assert all(len(p.ids) == 20 and is_validation_path(p.source) for p in prompts)
+    assert prompts == bench.heldout_prompts(tokenizer, 3, 20)  # deterministic
+    with pytest.raises(ValueError, match="held-out standard-library files have more than"):
+        bench.heldout_prompts(tokenizer, 10_000, 20)
+
+
+def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
+    import eagle
+
+    model = eagle.load(str(tiny_target), dtype=torch.float64)
+    models = bench.Models(model, str(tiny_target), "none", random_draft=False)
+    prompt = bench.Prompt("p", [5, 6, 7])
+    want = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
+    got = want[:2] + [(want[2] + 1) % 50] + want[3:]
+    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
+    for cell, tokens in zip(cells, (want, got)):
+        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+    bench.check_greedy_agreement(cells, models, [prompt])
+    results = bench.summarize(cells)
+    check = results[1]["greedy_agreement"]
+    assert check["checked"] and not check["ok"] and check["mismatched_rows"] == 1
+    detail = check["mismatches"][0]
+    assert detail["first_difference_at"] == 2 and detail["vanilla_token"] == want[2]
+    assert detail["vanilla_top2_logit_gap"] > 0 and detail["logit_vanilla_minus_method_token"] > 0
+    assert "!!! MISMATCH 1/1 rows (first: p at token 2" in bench.format_table(results)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"methods": ("vanilla", "hf_beam")}, ValueError, r"unknown method\(s\) \['hf_beam'\]"),
+        ({"batch_sizes": (1, 0)}, ValueError, "batch sizes must be >= 1"),
+        ({"temperatures": (-1.0,)}, ValueError, "temperatures must be >= 0"),
+        ({"new_tokens": 0}, ValueError, "new_tokens must be >= 1"),
+        ({"prompts": ("",)}, ValueError, "empty prompt"),
+        ({"dtype": "float99"}, ValueError, "dtype must be a torch dtype"),
+    ],
+)
+def test_bad_settings_raise_before_anything_runs(tiny_target, tmp_path, overrides, error, message):
+    with pytest.raises(error, match=message):
+        run_benchmark(_config(tiny_target, tmp_path, **overrides), log=lambda _: None)
+
+
+def test_empty_prompts_file_and_overlong_prompt_are_refused(tiny_target, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        run_benchmark(_config(tiny_target, tmp_path, prompts_file=str(empty)), log=lambda _: None)
+    config = _config(tiny_target, tmp_path, methods=("vanilla",), prompts=("x = 1\n" * 400,))
+    with pytest.raises(ValueError, match="exceeds the target's max_position_embeddings"):
+        run_benchmark(config, log=lambda _: None)
+
+
+def test_cli_options_quick_defaults_and_explicit_overrides():
+    from eagle.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--new-tokens", "5", "--methods", "vanilla"])
+    config = bench.config_from_args(args)
+    assert config.new_tokens == 5 and config.methods == ("vanilla",) and config.quick
+    assert config.repeats == bench.QUICK["repeats"] and config.batch_sizes == bench.QUICK["batch_sizes"]
+    full = bench.config_from_args(build_parser().parse_args(["bench"]))
+    assert full.new_tokens == 128 and full.batch_sizes == (1, 4, 16) and full.methods == METHODS
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--methods", "nope"])
