@@ -178,7 +178,8 @@ def heldout_prompts(tokenizer, count: int, prompt_tokens: int) -> list[Prompt]:
     long_enough = []
     for source in heldout:
         # A generous character prefix: cutting the text can only change the token at the cut.
-        ids = tokenizer(source.text[: prompt_tokens * 16], add_special_tokens=False)["input_ids"]
+        prefix = source.text[: prompt_tokens * 16]
+        ids = tokenizer(prefix, add_special_tokens=False, verbose=False)["input_ids"]
         if len(ids) > prompt_tokens:
             long_enough.append(Prompt(source.relpath, ids[:prompt_tokens]))
     if len(long_enough) < count:
@@ -457,6 +458,7 @@ class Cell:
     batch: int
     temperature: float
     skipped: str | None = None
+    tree: str | None = None  # the EAGLE methods' draft tree
     seconds: list[float] = field(default_factory=list)
     tokens: int = 0  # new tokens per repeat (all batches)
     decode_tokens: int = 0
@@ -486,6 +488,9 @@ def run_cells(
         for m in config.methods
     ]
     active = [c for c in cells if c.skipped is None]
+    for cell in active:
+        if cell.method in EAGLE_TREES:
+            cell.tree = tree_label(models.eagle._tree(EAGLE_TREES[cell.method], cell.batch))
     batches = {b: batches_of(prompts, b) for b in config.batch_sizes}
     check_lengths(config, models, prompts)
     log(f"warm-up: {len(active)} method/batch/temperature combinations")
@@ -502,6 +507,15 @@ def run_cells(
             bar.update()
     bar.close()
     return cells
+
+
+def tree_label(tree) -> str:
+    """``chain(depth=5)``, ``dynamic(depth=6, topk=4, tokens=16)`` or ``static(63 tokens)``."""
+    if isinstance(tree, eagle.TreeConfig):
+        if tree.topk == 1:
+            return f"chain(depth={tree.depth})"
+        return f"dynamic(depth={tree.depth}, topk={tree.topk}, tokens={tree.total_tokens})"
+    return f"static({tree.num_draft_tokens} tokens)"
 
 
 def _run_cell(config, models, batches, cell: Cell, new_tokens: int) -> tuple[list[Output], float]:
@@ -597,6 +611,8 @@ def summarize(cells: list[Cell]) -> list[dict]:
     speed = {}
     for c in cells:
         row: dict = {"method": c.method, "batch": c.batch, "temperature": c.temperature}
+        if c.tree:
+            row["tree"] = c.tree
         if c.skipped:
             rows.append(row | {"status": "skipped", "reason": c.skipped})
             continue

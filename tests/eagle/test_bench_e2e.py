@@ -99,6 +99,7 @@ def test_every_method_batch_and_temperature_is_reported_with_sane_numbers(report
         assert r["tokens_per_s_best"] >= r["tokens_per_s"] and len(r["tokens_per_s_all_repeats"]) == 2
         assert r["new_tokens_per_repeat"] == NEW_TOKENS * math.ceil(3 / batch) * batch  # 3 prompts
         assert 1.0 <= r["tau"] <= NEW_TOKENS, (method, batch, temp, r["tau"])
+        assert ("tree" in r) == method.startswith("eagle_")
         assert r["speedup_vs_vanilla"] == pytest.approx(
             r["tokens_per_s"] / rows["vanilla", batch, temp]["tokens_per_s"]
         )
