@@ -279,7 +279,12 @@ def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], No
         models.assistant = _load_hf(path, dtype, config.device)
         _count_forwards(models.assistant, models.forwards, "assistant")
         params = sum(p.numel() for p in models.assistant.parameters())
-        models.assistant_info = {"path": str(path), "how": how, "parameters": params}
+        models.assistant_info = {
+            "path": str(path),
+            "how": how,
+            "parameters": params,
+            "weights_sha256": weights_sha256(path),
+        }
         log(f"assistant for hf_assisted: {path} ({how}; {params:,} parameters)")
     return models
 
@@ -341,6 +346,20 @@ def derive_assistant(target_path: str, work_dir: Path, layers: int = ASSISTANT_L
     model.save_pretrained(staging)
     staging.rename(out)
     return out, how + f" (built now, cached in {work_dir})"
+
+
+def weights_sha256(directory: str | Path | None) -> str | None:
+    """SHA-256 (first 16 hex digits) of a checkpoint directory's weight files, so that a result names
+    the exact weights it was measured with; None for a hub id or no directory."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    files = sorted(f for f in Path(directory).iterdir() if f.suffix in (".safetensors", ".bin"))
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16] if files else None
 
 
 def _files_digest(directory: Path) -> str:
@@ -845,6 +864,8 @@ def default_name(config: BenchConfig, models: Models) -> str:
 def _settings(config, models: Models, prompts, prompt_origin: str, dtype) -> dict:
     settings = asdict(config) | {
         "target": models.target_path,
+        "target_weights_sha256": weights_sha256(models.target_path),
+        "draft_weights_sha256": None if models.random_draft else weights_sha256(models.draft_label),
         "target_name": target_name(config, models),
         "draft": models.draft_label,
         "random_draft": models.random_draft,

@@ -130,6 +130,7 @@ def test_json_and_png_are_written_with_machine_and_settings(report, tiny_target)
     assert {"transformers", "eagle"} <= set(saved["versions"])
     settings = saved["settings"]
     assert settings["random_draft"] is True and "random" in settings["draft"]
+    assert len(settings["target_weights_sha256"]) == 16 and settings["draft_weights_sha256"] is None
     assert "derived" in settings["assistant"]["how"] and Path(settings["assistant"]["path"]).is_dir()
     sources = [p["source"] for p in settings["prompts"]]
     assert sources == ["--prompt 1", "prompts.jsonl:1", "prompts.jsonl:3"]
@@ -233,3 +234,15 @@ def test_cli_options_quick_defaults_and_explicit_overrides():
     assert full.new_tokens == 128 and full.batch_sizes == (1, 4, 16) and full.methods == METHODS
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--methods", "nope"])
+
+
+def test_bundled_draft_is_picked_up_once_it_exists(tmp_path, monkeypatch):
+    (tmp_path / "tiny-code" / "target").mkdir(parents=True)
+    (tmp_path / "tiny-code" / "target" / "config.json").write_text("{}")
+    monkeypatch.setattr(bench, "ASSETS", tmp_path)
+    assert bench.resolve_pair("tiny-code", None) == (str(tmp_path / "tiny-code" / "target"), None)
+    (tmp_path / "tiny-code" / "draft").mkdir()
+    (tmp_path / "tiny-code" / "draft" / "config.json").write_text("{}")
+    assert bench.resolve_pair("tiny-code", None)[1] == str(tmp_path / "tiny-code" / "draft")
+    assert bench.resolve_pair("tiny-code", "mine")[1] == "mine"
+    assert bench.resolve_pair("other", None) == ("other", None)
