@@ -1,5 +1,5 @@
 # The two set-up commands of the README, and the pieces they are made of.
-#   make run    installs the package and runs the main job
+#   make run    installs the package and runs the main job (generation on the bundled model pair)
 #   make test   installs the package with test extras and runs the test suite
 PY ?= python3
 PIP := $(PY) -m pip
@@ -20,8 +20,11 @@ install-test: torch
 	$(PIP) install "setuptools>=77" ninja
 	$(PIP) install --no-build-isolation -e ".[test]"
 
+# The main job: EAGLE generation with the bundled tiny-code pair (target + draft head in eagle/assets).
+PROMPT ?= def fibonacci(n):
 run: install
 	eagle info
+	eagle generate "$(PROMPT)"
 
 # Tests use one intra-op thread each (tests/conftest.py), so one worker per core.
 PYTEST_WORKERS ?= auto

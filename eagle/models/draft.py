@@ -453,6 +453,13 @@ def _eagle3_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return state | fuse_layer_tensors(state, "midlayer.")
 
 
+def _with_index(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current device>`` so that equal devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def load_draft(
     path: str | Path,
     target: LlamaModel,
@@ -467,8 +474,8 @@ def load_draft(
     Returns the head in eval mode with gradients disabled.
     """
     dtype = resolve_dtype(dtype or target.dtype)
-    device = torch.device(device or target.device)
-    if dtype != target.dtype or device != target.device:
+    device = _with_index(torch.device(device or target.device))
+    if dtype != target.dtype or device != _with_index(target.device):
         raise ValueError(
             f"the head shares the target's embedding/lm_head, so it must match the target's dtype and "
             f"device ({target.dtype}, {target.device}); got {dtype}, {device}"

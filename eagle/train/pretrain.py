@@ -376,6 +376,7 @@ class RunState:
     history: list = field(default_factory=list)
     best_val_loss: float | None = None
     hardware: str | None = None  # what the latest run trained on
+    train_command: str | None = None  # the command line of the latest run
 
 
 def _init_from_export(model, export_dir: Path) -> RunState:
@@ -429,6 +430,7 @@ def train(
     init_from: Path | str | None = None,
     install_signal_handlers: bool = False,
     quiet: bool = False,
+    command: str | None = None,
 ) -> RunState:
     """Train (or resume training of) the target in ``out_dir``; returns the final progress counters.
 
@@ -468,6 +470,7 @@ def train(
         torch.set_rng_state(checkpoint["torch_rng"])
     elif resume and init_from is not None:
         state = _init_from_export(model, Path(init_from))
+    state.train_command = command or state.train_command
     state.hardware = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cfg.num_threads} CPU threads"
     )
@@ -690,6 +693,7 @@ def export(
         "data": {k: meta[k] for k in ("vocab_size", "train", "val", "val_fraction")},
         "history": run_state["history"],
         "hardware": run_state.get("hardware"),
+        "train_command": run_state.get("train_command"),
     }
     record["greedy_samples"] = greedy_continuations(tmp_dir)
     (tmp_dir / TRAINING_STATE_NAME).write_text(json.dumps(record, indent=1))
@@ -735,7 +739,7 @@ def model_card(record: dict, command: str | None) -> str:
         else f"Training finished after {record['tokens_seen']:,} tokens."
     )
     curve = "\n".join(
-        f"| {h['step']} | {h['tokens_seen']:,} | {h['train_seconds'] / 3600:.2f} | {h['val_loss']:.3f} |"
+        f"| {h['step']} | {h['tokens_seen']:,} | {h['train_seconds'] / 60:.1f} | {h['val_loss']:.3f} |"
         for h in record["history"]
     )
     samples = "\n".join(
@@ -773,15 +777,16 @@ AdamW betas {tuple(t["betas"])}, peak LR {t["lr"]:g}, linear warm-up {t["warmup_
 
 ## Results (validation split, {record["val_tokens_evaluated"]:,} tokens)
 - tokens seen: {record["tokens_seen"]:,} ({record["step"]:,} steps), training time
-  {record["train_seconds"] / 3600:.2f} h on {record.get("hardware") or "CPU"}
+  {record["train_seconds"] / 60:.1f} minutes on {record.get("hardware") or "CPU"}
 - validation loss: {record["val_loss_exported"]:.4f} nats/token ({record["val_bits_per_byte"]:.4f} bits/byte)
   with the exported {record["exported_dtype"]} weights loaded in fp32; the fp32 checkpoint gives
   {record["val_loss_fp32_checkpoint"]:.4f}
 
 Curve: in-training evaluations on the first {t["eval_tokens"]:,} validation tokens with bf16 autocast
-(hours = time spent in training steps, on a machine shared with other jobs).
+(minutes = time spent in training steps). The export holds the weights of the lowest in-training validation
+loss when it was made with `--from-best` (later evaluations show the small corpus being overfitted).
 
-| step | tokens seen | hours | val loss (nats/token) |
+| step | tokens seen | minutes | val loss (nats/token) |
 |---:|---:|---:|---:|
 {curve}
 
@@ -790,14 +795,15 @@ Curve: in-training evaluations on the first {t["eval_tokens"]:,} validation toke
 
 ## Reproduce / continue
 ```bash
-# from scratch (work dir outside the repository; checkpoints every 10 minutes). On a shared machine
-# this session ran it as: OMP_WAIT_POLICY=PASSIVE nohup nice -n 10 <command> > DIR/log.txt 2>&1 &
-python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens {t["max_tokens"]}{flags}
+# the whole pair in one command (tokenizer, this target, the draft head, held-out tau; minutes on a GPU):
+eagle train tiny-code --work /root/eagle-work/tiny-code --device cuda --install eagle/assets/tiny-code
+# this target alone, as it was trained (WORK: a work directory outside the repository):
+{record.get("train_command") or f"python -m eagle.train.pretrain --out WORK --max-tokens {t['max_tokens']}{flags}"}
 # continue: from the work dir's checkpoint, or, if it is gone, from these exported weights
 # (fresh optimizer, {t["rewarm_steps"]}-step re-warm-up):
-python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --max-tokens {t["max_tokens"]}{flags} --resume
-# export the latest checkpoint here:
-python -m eagle.train.pretrain --out /root/eagle-work/tiny-code-target --export eagle/assets/tiny-code/target
+python -m eagle.train.pretrain --out WORK --max-tokens {t["max_tokens"]}{flags} --resume
+# export the best-validation weights here:
+python -m eagle.train.pretrain --out WORK --export eagle/assets/tiny-code/target --from-best --finished
 ```
 {f"This export was written by: `{command}`" if command else ""}
 """
@@ -1001,7 +1007,15 @@ def main(argv: list[str] | None = None) -> int:
         fit_schedule_s=args.fit_schedule_s,
         device=args.device,
     )
-    train(args.out, model_cfg, cfg, resume=args.resume, init_from=init_from, install_signal_handlers=True)
+    train(
+        args.out,
+        model_cfg,
+        cfg,
+        resume=args.resume,
+        init_from=init_from,
+        install_signal_handlers=True,
+        command="python -m eagle.train.pretrain " + " ".join(sys.argv[1:]) if argv is None else None,
+    )
     return 0
 
 

@@ -1,0 +1,93 @@
+"""The one-command reproduction of the tiny-code pair, end to end on a synthetic corpus and a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import eagle
+from eagle.train import pretrain, tinycode
+
+
+def _module_text(i: int) -> str:
+    body = "\n".join(f"    total += value * {j} + {i}" for j in range(12))
+    return (
+        f'"""Synthetic module {i}."""\n\nimport os\n\n\n'
+        f"def function_{i}(value, scale={i}):\n    total = 0\n{body}\n    return total * scale\n\n\n"
+        f"class Widget{i}:\n    def __init__(self, name='w{i}'):\n        self.name = name\n"
+        f"        self.path = os.path.join('a', str({i}))\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stdlib")
+    for i in range(48):
+        (root / f"mod_{i}.py").write_text(_module_text(i), encoding="utf-8")
+    return root
+
+
+def _config(work, corpus_root) -> tinycode.TinyCodeConfig:
+    return tinycode.TinyCodeConfig(
+        work=work,
+        corpus_root=corpus_root,
+        val_fraction=0.25,
+        target=pretrain.ModelConfig(
+            vocab_size=320,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ),
+        batch_size=4,
+        seq_len=128,
+        lr=3e-3,
+        warmup_tokens=1024,
+        max_tokens=8192,
+        eval_every_tokens=4096,
+        feature_tokens=2048,
+        feature_seq_len=64,
+        head_epochs=1,
+        head_batch=4,
+        head_tau_new_tokens=16,
+        tau_files=2,
+        tau_prompt_tokens=16,
+        tau_new_tokens=8,
+    )
+
+
+def test_pipeline_builds_a_loadable_pair_and_resumes(tmp_path, corpus_root):
+    work = tmp_path / "work"
+    summary = tinycode.run(_config(work, corpus_root), install=tmp_path / "assets")
+
+    assert set(summary["stages"]) == {"target", "features", "head", "tau"}
+    assert all(s["seconds"] >= 0 for s in summary["stages"].values())
+    assert 1.0 <= summary["stages"]["tau"]["tau"] <= 9.0
+    assert summary["stages"]["tau"]["prompts"] == 2
+    on_disk = json.loads((work / tinycode.SUMMARY_NAME).read_text())
+    assert on_disk["stages"]["tau"] == summary["stages"]["tau"]
+
+    for root in (work / "pair", tmp_path / "assets"):
+        model = eagle.load(str(root / "target"), str(root / "draft"))
+        assert model.tokenizer is not None
+        res = model.generate(["def f(x):"], 6, tree="chain")
+        plain = model.generate(["def f(x):"], 6, speculative=False)
+        assert res.tokens == plain.tokens  # lossless greedy
+    card = (tmp_path / "assets" / "draft" / "MODEL_CARD.md").read_text()
+    assert f"{summary['stages']['tau']['tau']:.2f}" in card
+    assert "| 1 |" in card  # the per-epoch table has the epoch row
+
+    # A second run finds every stage done and only rewrites the card.
+    again = tinycode.run(_config(work, corpus_root))
+    assert again["stages"] == summary["stages"]
+
+
+def test_cli_defaults_fit_the_schedule_only_on_cuda(tmp_path):
+    parse = tinycode.build_parser().parse_args
+    assert tinycode.config_from_args(parse(["--work", str(tmp_path)])).fit_schedule_s is None
+    cuda = tinycode.config_from_args(parse(["--work", str(tmp_path), "--device", "cuda"]))
+    assert cuda.fit_schedule_s == 90.0
+    off = tinycode.config_from_args(parse(["--work", str(tmp_path), "--device", "cuda", "--fit-schedule-s", "0"]))
+    assert off.fit_schedule_s is None
