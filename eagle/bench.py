@@ -786,6 +786,24 @@ def machine_info() -> dict:
         os.chdir(cwd)
 
 
+def uncommitted_files() -> list[str] | None:
+    """Tracked files of the checkout that differ from its commit (the result then is not exactly that
+    commit's); None outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line[3:] for line in out.splitlines() if line.strip()]
+
+
 def versions() -> dict:
     import tokenizers
     import transformers
@@ -822,6 +840,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
     device = torch.device(config.device)
     dtype = getattr(torch, config.dtype) if config.dtype else eagle.api._default_dtype(device)
     texts = user_prompt_texts(config)
+    machine = machine_info() | {"uncommitted_tracked_files": uncommitted_files()}  # the code as it runs
     models = load_models(config, dtype, log)
     prompts, prompt_origin = build_prompts(config, texts, models.eagle.tokenizer)
     log(f"prompts: {len(prompts)} ({prompt_origin}); EOS ignored, {config.new_tokens} new tokens per row")
@@ -829,7 +848,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
     check_greedy_agreement(cells, models, prompts)
     results = summarize(cells)
     payload = {
-        "machine": machine_info(),
+        "machine": machine,
         "versions": versions(),
         "settings": _settings(config, models, prompts, prompt_origin, dtype),
         "greedy_agreement_ok": all(
