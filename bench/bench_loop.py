@@ -91,10 +91,18 @@ def prompts_for(model: EagleModel, batch: int, length: int) -> list[list[int]]:
     return [torch.randint(0, V, (length,), generator=gen).tolist() for _ in range(batch)]
 
 
-def measure(model: EagleModel, tree, batch: int, temperature: float, new_tokens: int, repeats: int) -> dict:
+def measure(
+    model: EagleModel,
+    tree,
+    batch: int,
+    temperature: float,
+    new_tokens: int,
+    repeats: int,
+    cuda_graph: bool = False,
+) -> dict:
     prompts = prompts_for(model, batch, 100)
     sampling = SamplingParams(temperature=temperature)
-    decoder = SpeculativeDecoder(model.target, model.head, model._tree(tree, batch))
+    decoder = SpeculativeDecoder(model.target, model.head, model._tree(tree, batch), cuda_graph=cuda_graph)
     list(decoder.run(prompts, 8, sampling, seed=0))  # warm-up
     eagle_s, plain_s, taus, split = [], [], [], None
     for r in range(repeats):  # alternate the two so load changes hit both
@@ -108,7 +116,7 @@ def measure(model: EagleModel, tree, batch: int, temperature: float, new_tokens:
         times = decoder.times
         split = {k: v / max(times.rounds, 1) * 1e3 for k, v in times.as_dict().items()}
         t0 = time.perf_counter()
-        generate_plain(model.target, prompts, new_tokens, temperature=temperature)
+        generate_plain(model.target, prompts, new_tokens, temperature=temperature, cuda_graph=cuda_graph)
         plain_s.append(time.perf_counter() - t0)
     eagle_best, plain_best = min(eagle_s), min(plain_s)
     total_tokens = batch * new_tokens
@@ -117,6 +125,7 @@ def measure(model: EagleModel, tree, batch: int, temperature: float, new_tokens:
         "tree": tree_label(decoder.tree),
         "batch": batch,
         "temperature": temperature,
+        "cuda_graph": cuda_graph,
         "tau": sum(taus) / len(taus),
         "eagle_tokens_per_s": emitted / eagle_best,
         "plain_tokens_per_s": total_tokens / plain_best,
@@ -146,6 +155,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA: replay EAGLE rounds and plain decoding steps from CUDA graphs (both sides)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,13 +183,15 @@ def main(argv=None) -> int:
     for tree in args.trees:
         for batch in args.batch:
             for temperature in args.temperature:
-                r = measure(model, tree, batch, temperature, args.new_tokens, args.repeats)
+                r = measure(model, tree, batch, temperature, args.new_tokens, args.repeats, args.cuda_graph)
                 rows.append(r)
                 split = " ".join(f"{k}={v:.1f}" for k, v in r["round_ms"].items())
                 print(
                     f"{r['tree']:<34} {batch:>2} {temperature:>4} {r['tau']:>5.2f} {r['eagle_tokens_per_s']:>7.1f} "
                     f"{r['plain_tokens_per_s']:>7.1f} {r['speedup']:>7.2f} {r['non_model_fraction']:>9.1%}  {split}"
                 )
+    if args.cuda_graph:
+        name += "_cudagraph"
     path = save_json(f"loop_{name}.json", {"threads": torch.get_num_threads(), "results": rows})
     print(f"wrote {path}")
     return 0

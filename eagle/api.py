@@ -86,11 +86,11 @@ class EagleModel:
         k = vocab
         return TreeConfig(tree.depth, k, min(tree.total_tokens, 1 + k + (tree.depth - 1) * k * k))
 
-    def _decoder(self, tree, batch_size: int = 1) -> SpeculativeDecoder:
+    def _decoder(self, tree, batch_size: int = 1, cuda_graph: bool = False) -> SpeculativeDecoder:
         resolved = self._tree(tree, batch_size)
-        key = resolved if isinstance(resolved, TreeConfig) else id(resolved)
+        key = (resolved if isinstance(resolved, TreeConfig) else id(resolved), cuda_graph)
         if key not in self._decoders:
-            self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved)
+            self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
         return self._decoders[key]
 
     def _encode(self, prompts) -> list[list[int]]:
@@ -143,8 +143,12 @@ class EagleModel:
         speculative: bool = True,
         eos_token_id=None,
         seed: int | None = None,
+        cuda_graph: bool = False,
     ) -> GenerateResult:
-        """Generate up to ``max_new_tokens`` new tokens for each prompt (see the package docstring)."""
+        """Generate up to ``max_new_tokens`` new tokens for each prompt (see the package docstring).
+
+        ``cuda_graph``: on CUDA, replay each speculative round from a captured CUDA graph (no Python
+        launch overhead per kernel); the output is the same."""
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         eos = self._eos(eos_token_id)
@@ -160,13 +164,14 @@ class EagleModel:
                 min_p=min_p,
                 eos_token_id=eos or None,
                 generator=gen,
+                cuda_graph=cuda_graph,
             )
             accept = [[1] * max(len(t) - 1, 0) for t in tokens]
             return self._result(tokens, accept)
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
-        decoder = self._decoder(tree, len(ids))
+        decoder = self._decoder(tree, len(ids), cuda_graph)
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
@@ -185,12 +190,13 @@ class EagleModel:
         tree = kwargs.pop("tree", "dynamic")
         eos = self._eos(kwargs.pop("eos_token_id", None))
         seed = kwargs.pop("seed", None)
+        cuda_graph = kwargs.pop("cuda_graph", False)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         if self.head is None:
             raise ValueError("stream needs a draft head: pass draft=... to eagle.load")
         with torch.inference_mode():
-            for emission in self._decoder(tree).run(
+            for emission in self._decoder(tree, 1, cuda_graph).run(
                 ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed
             ):
                 if emission.tokens[0]:

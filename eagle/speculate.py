@@ -18,6 +18,7 @@ its committed length and overwritten by the next draft update.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -66,11 +67,13 @@ class RoundTimes:
     compact: float = 0.0
     draft_update: float = 0.0
     other: float = 0.0
+    graph: float = 0.0  # whole rounds replayed from a CUDA graph (not split into phases)
     rounds: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {
-            k: getattr(self, k) for k in ("draft", "verify", "accept", "compact", "draft_update", "other")
+            k: getattr(self, k)
+            for k in ("draft", "verify", "accept", "compact", "draft_update", "other", "graph")
         }
 
 
@@ -81,6 +84,33 @@ class Emission:
     rows: list[int]  # original batch rows
     tokens: list[list[int]]  # new tokens of each of those rows (EOS included, budget respected)
     finished: list[bool]
+
+
+NONFINITE_MESSAGE = "the target produced NaN/inf logits; check the checkpoint and dtype"
+
+
+@dataclass(frozen=True)
+class _StaticLevel:
+    """One draft level of a static tree, with its index tensors prepared on the device."""
+
+    slots: list[int]  # tree slots expanded at this level
+    parents: list[int]  # their parent slots
+    past: int  # tree rows fed to the draft before this level
+    token_columns: torch.Tensor  # [L] int64: columns of the top-k table holding their tokens
+    mask: torch.Tensor  # [L, past + L] bool: their ancestors among the fed rows
+    position_offsets: torch.Tensor  # [1, L] int64: depth - 1 (added to the root's position)
+
+
+@dataclass
+class _RoundGraph:
+    """A captured round for one batch state: replaying it runs the whole round on the GPU."""
+
+    graph: torch.cuda.CUDAGraph
+    state: _Batch  # whose tensors (and caches) the graph reads and updates in place
+    new_tokens: torch.Tensor  # [b, steps] graph-owned outputs, rewritten by every replay
+    counts: torch.Tensor  # [b]
+    steps: int  # depth + 1: the most positions a round commits per sequence
+    rows: int  # tree rows a round writes past each cache's committed length
 
 
 @dataclass
@@ -96,15 +126,33 @@ class _Batch:
     draws: torch.Tensor  # [b] int64, RNG counter
     target_cache: KVCache
     draft_cache: KVCache
+    # [] bool on the device: a target forward produced NaN/inf logits (CUDA: checked at the round's
+    # one host synchronisation instead of right away)
+    nonfinite: torch.Tensor | None = None
 
 
 class SpeculativeDecoder:
     """EAGLE decoding of one target with one draft head (see the module docstring)."""
 
     def __init__(
-        self, target: LlamaModel, head: DraftHead, tree: TreeConfig | eagle_kernels.StaticTree
+        self,
+        target: LlamaModel,
+        head: DraftHead,
+        tree: TreeConfig | eagle_kernels.StaticTree,
+        *,
+        cuda_graph: bool = False,
     ) -> None:
+        """``cuda_graph``: replay each round (draft, verify, accept, compact, draft update) from a CUDA
+        graph captured once per batch composition, instead of launching its kernels one by one from
+        Python; needs a CUDA target. Capture is best-effort: if it fails the run continues eagerly with
+        a warning (the tokens are the same either way)."""
+        if cuda_graph and target.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs a CUDA target, got one on {target.device}")
         self.target, self.head = target, head
+        self.cuda_graph = cuda_graph
+        self._graph: _RoundGraph | None = None
+        self._warm_state: _Batch | None = None
+        self._graph_failed = False
         if isinstance(tree, eagle_kernels.StaticTree):
             self.static = tree
             self.num_tokens, self.depth = tree.num_draft_tokens, int(tree.depth.max())
@@ -112,6 +160,9 @@ class SpeculativeDecoder:
             dev = head.device
             self._static_mask = tree.mask.to(dev)
             self._static_source = tree.token_source.to(dev)
+            self._static_depth = tree.depth.to(dev)
+            self._static_next = (tree.retrive_next_token.to(dev), tree.retrive_next_sibling.to(dev))
+            self._static_levels = self._plan_static_levels(tree, dev)
         else:
             self.static = None
             self.num_tokens, self.depth, self.topk = tree.total_tokens, tree.depth, tree.topk
@@ -151,7 +202,7 @@ class SpeculativeDecoder:
         yield emission
         state = self._drop_finished(state, emission.finished)
         while state is not None:
-            new_tokens, counts = self._round(state, sampling)
+            new_tokens, counts = self._next_round(state, sampling)
             t0 = time.perf_counter()
             emission = self._emit(state, new_tokens, counts, max_new_tokens, stop, record=True)
             state = self._drop_finished(state, emission.finished)
@@ -159,6 +210,68 @@ class SpeculativeDecoder:
                 self.times.other += time.perf_counter() - t0
                 self.times.rounds += 1
             yield emission
+
+    # ------------------------------------------------------------------------------------------
+    # CUDA graphs
+    # ------------------------------------------------------------------------------------------
+    def _next_round(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round: eager, or replayed from a CUDA graph captured for this batch state.
+
+        The first round of a batch state runs eagerly (it also warms up lazily initialised kernels),
+        the second is captured and replayed, later ones are replayed. A batch that loses finished rows
+        is a new state (new tensors), so it is captured again.
+        """
+        if not self.cuda_graph or self._graph_failed:
+            return self._round(s, sampling)
+        if self._graph is not None and self._graph.state is s:
+            return self._replay(self._graph, sampling)
+        self._graph = None
+        if self._warm_state is not s:
+            self._warm_state = s
+            return self._round(s, sampling)
+        try:
+            self._graph = self._capture(s, sampling)
+        except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager rounds are exact
+            self._graph_failed = True
+            torch.cuda.synchronize(self.target.device)
+            warnings.warn(f"CUDA graph capture failed ({e}); continuing without CUDA graphs", stacklevel=3)
+            return self._round(s, sampling)
+        return self._replay(self._graph, sampling)
+
+    def _ensure_room(self, s: _Batch, steps: int, rows: int) -> None:
+        """Host-side overflow checks of both caches for one round (may read the lengths back)."""
+        s.target_cache.check_room(rows)
+        s.draft_cache.check_room(max(rows, steps))
+
+    def _capture(self, s: _Batch, sampling: SamplingParams) -> _RoundGraph:
+        steps = self.depth + 1
+        rows = max(self.num_tokens, self.depth * self.topk + 1)
+        self._ensure_room(s, steps, rows)  # tight host bounds, so nothing inside the capture reads back
+        bounds = (s.target_cache.length_bound, s.draft_cache.length_bound)
+        device = self.target.device
+        times, self.times = self.times, None  # no profiling syncs inside the capture
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(device)
+        try:
+            with torch.cuda.graph(graph):
+                new_tokens, counts = self._round(s, sampling)
+        finally:
+            self.times = times
+            # Capturing ran the round's Python once without executing it: undo its host bookkeeping.
+            s.target_cache.length_bound, s.draft_cache.length_bound = bounds
+        return _RoundGraph(graph, s, new_tokens, counts, steps, rows)
+
+    def _replay(self, g: _RoundGraph, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        s = g.state
+        self._ensure_room(s, g.steps, g.rows)
+        t0 = self._stamp()
+        g.graph.replay()
+        # The round commits at most `steps` positions per sequence in each cache.
+        s.target_cache.length_bound += g.steps
+        s.draft_cache.length_bound += g.steps
+        if self.times is not None:
+            self.times.graph += self._stamp() - t0
+        return g.new_tokens, g.counts
 
     def _stamp(self) -> float:
         """A timestamp for the per-phase profile; on CUDA it waits for the queued work when profiling."""
@@ -198,7 +311,8 @@ class SpeculativeDecoder:
         target_cache.advance(lengths, max_increment=max_prompt)
         seeds = rng.row_seeds(seed, B, device)
         draws = torch.zeros(B, dtype=torch.int64, device=device)
-        first = self._sample_first(out.logits[:, 0], sampling, seeds, draws)
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        first = self._sample_first(out.logits[:, 0], sampling, seeds, draws, nonfinite)
         # Draft prefill: feature f_t with token t+1; the last real row pairs with the first new token.
         shifted = torch.roll(block, -1, dims=1)
         shifted.scatter_(1, last, first[:, None])
@@ -217,11 +331,12 @@ class SpeculativeDecoder:
             draws=draws + 1,
             target_cache=target_cache,
             draft_cache=draft_cache,
+            nonfinite=nonfinite,
         )
         return state, first
 
-    def _sample_first(self, logits, sampling, seeds, draws):
-        self._check_finite(logits)
+    def _sample_first(self, logits, sampling, seeds, draws, nonfinite):
+        self._check_finite(logits, nonfinite)
         if sampling.greedy:
             return logits.argmax(-1)
         probs = self._warp(logits, sampling)
@@ -250,7 +365,7 @@ class SpeculativeDecoder:
             feature_layers=self.feature_layers,
         )
         t2 = self._stamp()
-        self._check_finite(out.logits)
+        self._check_finite(out.logits, s.nonfinite)
         steps = self.depth + 1
         if sampling.greedy:
             predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
@@ -288,7 +403,7 @@ class SpeculativeDecoder:
         new_tokens = torch.where(valid, predicts.long()[rows], 0)
         counts = accept_num.long() + 1
         self._update_draft(s, out, rows, new_tokens, counts)
-        s.root = new_tokens.gather(1, (counts - 1)[:, None])[:, 0]
+        s.root.copy_(new_tokens.gather(1, (counts - 1)[:, None])[:, 0])  # in place: graph-safe
         t5 = self._stamp()
         if times is not None:
             times.draft += t1 - t0
@@ -310,8 +425,8 @@ class SpeculativeDecoder:
         s.draft_cache.check_room(steps)
         d = self.head(feats, new_tokens, s.draft_cache, logits_index=last)
         s.draft_cache.advance(counts, max_increment=steps)
-        s.root_hidden = d.hidden.gather(1, last[..., None].expand(b, 1, H))[:, 0]
-        s.root_logits = d.logits[:, 0]
+        s.root_hidden.copy_(d.hidden.gather(1, last[..., None].expand(b, 1, H))[:, 0])
+        s.root_logits.copy_(d.logits[:, 0])
 
     # ------------------------------------------------------------------------------------------
     # Drafting
@@ -370,6 +485,31 @@ class SpeculativeDecoder:
         """Draft-vocabulary ids -> target ids (identity for EAGLE-1/2)."""
         return self.head.to_target_ids(draft_ids)
 
+    @staticmethod
+    def _plan_static_levels(st: eagle_kernels.StaticTree, device: torch.device) -> list[_StaticLevel]:
+        """The static tree's draft levels, with their index tensors made once (on ``device``)."""
+        depth_of, parent_of = st.depth.tolist(), st.parent.tolist()
+        mask, source = st.mask.to(device), st.token_source.to(device)
+        levels, fed = [], []  # fed: tree slots fed to the draft so far, in order
+        for d in range(1, int(st.depth.max())):
+            level = [i for i in st.expand_slots.tolist() if depth_of[i] == d]
+            if not level:
+                break
+            past = len(fed)
+            fed = fed + level
+            new = torch.tensor(level, device=device)
+            levels.append(
+                _StaticLevel(
+                    slots=level,
+                    parents=[parent_of[i] for i in level],
+                    past=past,
+                    token_columns=source[new - 1],
+                    mask=mask[new][:, torch.tensor(fed, device=device)],
+                    position_offsets=st.depth.to(device)[new][None, :] - 1,
+                )
+            )
+        return levels
+
     def _draft_static(self, s: _Batch):
         st = self.static
         k, n = st.topk, st.num_draft_tokens
@@ -378,35 +518,28 @@ class SpeculativeDecoder:
         table = [torch.topk(s.root_logits, k, dim=-1).indices[:, None, :]]
         slot_hidden = {0: s.root_hidden}
         base_pos = s.draft_cache.seqlens.long()[:, None]
-        depth_of = st.depth.tolist()
-        parent_of = st.parent.tolist()
-        fed: list[int] = []  # tree slots fed to the draft so far, in order
-        for d in range(1, self.depth):
-            level = [i for i in st.expand_slots.tolist() if depth_of[i] == d]
-            if not level:
-                break
-            past = len(fed)
-            fed += level
-            idx, new = torch.tensor(fed, device=device), torch.tensor(level, device=device)
+        for lv in self._static_levels:
             flat = torch.cat(table, 1).reshape(b, -1)
-            tokens = self.head_ids(flat[:, self._static_source[new - 1]])
-            hidden = torch.stack([slot_hidden[parent_of[i]] for i in level], 1)
-            mask = self._static_mask[new][:, idx].expand(b, len(level), len(fed))
-            pos = base_pos + st.depth.to(device)[new][None, :] - 1
-            out_hidden, logp = self._tree_forward(s, hidden, tokens, pos, mask, past)
-            for j, slot in enumerate(level):
+            tokens = self.head_ids(flat[:, lv.token_columns])
+            hidden = torch.stack([slot_hidden[p] for p in lv.parents], 1)
+            mask = lv.mask.expand(b, *lv.mask.shape)
+            out_hidden, logp = self._tree_forward(
+                s, hidden, tokens, base_pos + lv.position_offsets, mask, lv.past
+            )
+            for j, slot in enumerate(lv.slots):
                 slot_hidden[slot] = out_hidden[:, j]
             table.append(torch.topk(logp, k, dim=-1).indices)
         flat = torch.cat(table, 1).reshape(b, -1)
         candidates = torch.cat((s.root[:, None], self.head_ids(flat[:, self._static_source])), 1)
-        positions = (s.target_cache.seqlens.long()[:, None] + st.depth.to(device)[None, :]).reshape(-1)
+        positions = (s.target_cache.seqlens.long()[:, None] + self._static_depth[None, :]).reshape(-1)
         retrive_index = torch.arange(b * n, device=device).view(b, n)
+        next_token, next_sibling = self._static_next
         tree = (
             self._static_mask.expand(b, n, n),
             positions,
             retrive_index,
-            st.retrive_next_token.to(device).expand(b, n),
-            st.retrive_next_sibling.to(device).expand(b, n),
+            next_token.expand(b, n),
+            next_sibling.expand(b, n),
         )
         return candidates, tree
 
@@ -419,15 +552,27 @@ class SpeculativeDecoder:
         return eagle_kernels.warp_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
 
     @staticmethod
-    def _check_finite(logits: torch.Tensor) -> None:
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError("the target produced NaN/inf logits; check the checkpoint and dtype")
+    def _check_finite(logits: torch.Tensor, flag: torch.Tensor) -> None:
+        """NaN/inf logits: raise now on CPU (reading is free); on CUDA set ``flag`` on the device,
+        raised by :meth:`_raise_if_nonfinite` at the round's host synchronisation."""
+        bad = ~torch.isfinite(logits).all()
+        if logits.device.type == "cpu":
+            if bool(bad):
+                raise FloatingPointError(NONFINITE_MESSAGE)
+        else:
+            flag.logical_or_(bad)
+
+    @staticmethod
+    def _raise_if_nonfinite(s: _Batch) -> None:
+        if s.nonfinite is not None and s.nonfinite.device.type != "cpu" and bool(s.nonfinite):
+            raise FloatingPointError(NONFINITE_MESSAGE)
 
     def _emit(
         self, s: _Batch, new_tokens, counts, max_new_tokens: int, stop: set[int], *, record: bool
     ) -> Emission:
         """Host side of a forward (one sync): cut each row's tokens at EOS and at its budget."""
         rows, toks, cnts = s.rows.tolist(), new_tokens.tolist(), counts.tolist()
+        self._raise_if_nonfinite(s)
         emission = Emission(rows=rows, tokens=[], finished=[])
         for i, row in enumerate(rows):
             seq = toks[i][: cnts[i]]
@@ -462,6 +607,7 @@ class SpeculativeDecoder:
             draws=s.draws[keep],
             target_cache=s.target_cache.select_rows(keep),
             draft_cache=s.draft_cache.select_rows(keep),
+            nonfinite=s.nonfinite,
         )
 
 

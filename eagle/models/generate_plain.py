@@ -36,6 +36,7 @@ def generate_plain(
     min_p: float = 0.0,
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt, one target forward per token.
 
@@ -52,6 +53,9 @@ def generate_plain(
         A sequence stops after emitting one of them (the eos token is included in its output).
     generator : torch.Generator, optional
         For reproducible sampling.
+    cuda_graph : bool
+        On CUDA, replay the one-token step from a CUDA graph (captured after one eager step) instead
+        of launching its kernels from Python; the tokens are the same.
 
     Returns
     -------
@@ -61,6 +65,8 @@ def generate_plain(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if cuda_graph and model.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA model, got one on {model.device}")
     block, lengths = pad_prompts(prompts, model.device)
     B = block.shape[0]
     stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
@@ -79,15 +85,47 @@ def generate_plain(
     token = choose(out.logits[:, 0])
     tokens = [token]
     finished = torch.isin(token, stop)
-    for _ in range(max_new_tokens - 1):
+    step_input = token.clone()  # the step reads its input here (a fixed address for graph replay)
+
+    def step() -> torch.Tensor:
+        out = model(step_input[:, None], cache)
+        cache.advance(1)
+        new = choose(out.logits[:, 0])
+        step_input.copy_(new)
+        return new
+
+    graph = None
+    for i in range(max_new_tokens - 1):
         if stop.numel() and bool(finished.all()):
             break
-        out = model(token[:, None], cache)
-        cache.advance(1)
-        token = choose(out.logits[:, 0])
+        if cuda_graph and graph is None and i == 1:  # step 0 ran eagerly: kernels are warm
+            graph, graph_token = _capture_step(step, cache, generator)
+        if graph is None:
+            token = step()
+        else:
+            cache.check_room(1)
+            graph.replay()
+            cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
+            token = graph_token.clone()
         tokens.append(token)
         finished |= torch.isin(token, stop)
     return _truncate_at_eos(torch.stack(tokens, dim=1).tolist(), set(stop.tolist()))
+
+
+def _capture_step(step, cache, generator: torch.Generator | None):
+    """Capture ``step`` into a CUDA graph; returns (graph, its output token tensor)."""
+    cache.check_room(1)
+    bound = cache.length_bound
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    torch.cuda.synchronize(cache.device)
+    try:
+        with torch.cuda.graph(graph):
+            token = step()
+    finally:
+        cache.length_bound = bound  # the capture ran the step's host bookkeeping without executing it
+    return graph, token
 
 
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:

@@ -1,0 +1,72 @@
+"""CUDA-graph rounds give exactly the eager rounds' tokens (GPU only), and are refused on CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import eagle
+from eagle.speculate import SpeculativeDecoder
+from eagle.tree import TreeConfig
+
+PROMPTS = ["def fibonacci(n):\n", "import os\n", "class Stack:\n    def push(self, item):\n"]
+
+
+def test_cuda_graph_needs_a_cuda_target():
+    m = eagle.load("tiny-code")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA target"):
+        SpeculativeDecoder(m.target, m.head, TreeConfig(), cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA target"):
+        m.generate(["x = 1"], 4, cuda_graph=True)
+
+
+@pytest.fixture(scope="module")
+def cuda_pair():
+    return eagle.load("tiny-code", device="cuda", dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tree", ["dynamic", "static", "chain"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_graph_rounds_match_eager_rounds(cuda_pair, tree, temperature):
+    kw = dict(tree=tree, temperature=temperature, top_p=0.95, seed=3, eos_token_id=[])
+    eager = cuda_pair.generate(PROMPTS, 40, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and falls back: that must not happen here
+        graphed = cuda_pair.generate(PROMPTS, 40, cuda_graph=True, **kw)
+    assert graphed.tokens == eager.tokens
+    assert graphed.accept_lengths == eager.accept_lengths
+
+
+@pytest.mark.gpu
+def test_graph_rounds_with_rows_finishing_early(cuda_pair):
+    """Rows hitting their budget leave the batch: each new batch composition is captured again."""
+    eos = cuda_pair.target.config.eos_token_id
+    eager = cuda_pair.generate(PROMPTS, 48, eos_token_id=eos)
+    graphed = cuda_pair.generate(PROMPTS, 48, eos_token_id=eos, cuda_graph=True)
+    assert graphed.tokens == eager.tokens
+
+
+@pytest.mark.gpu
+def test_graph_greedy_equals_plain_decoding(cuda_pair):
+    plain = cuda_pair.generate(PROMPTS[:1], 32, speculative=False, eos_token_id=[])
+    graphed = cuda_pair.generate(PROMPTS[:1], 32, cuda_graph=True, eos_token_id=[])
+    assert graphed.tokens == plain.tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_graph_plain_decoding_matches_eager(cuda_pair, temperature):
+    kw = dict(speculative=False, temperature=temperature, seed=5, eos_token_id=[])
+    assert (
+        cuda_pair.generate(PROMPTS, 24, cuda_graph=True, **kw).tokens
+        == cuda_pair.generate(PROMPTS, 24, **kw).tokens
+    )
+
+
+def test_plain_cuda_graph_needs_a_cuda_model():
+    m = eagle.load("tiny-code")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        m.generate(["x = 1"], 4, speculative=False, cuda_graph=True)
