@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -92,13 +93,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(prompt, end="", flush=True)
     start = time.perf_counter()
     if args.no_speculative:
-        res = model.generate([ids], args.max_new_tokens, speculative=False, seed=args.seed, **sampling)
+        res = model.generate(
+            [ids],
+            args.max_new_tokens,
+            speculative=False,
+            seed=args.seed,
+            cuda_graph=args.cuda_graph,
+            **sampling,
+        )
         tokens, lengths = res.tokens[0], res.accept_lengths[0]
         if not args.quiet:
             print(model.tokenizer.decode(tokens), end="")
     else:
         tokens, lengths, shown = [], [], ""
-        for chunk in model.stream(ids, args.max_new_tokens, tree=tree, seed=args.seed, **sampling):
+        chunks = model.stream(
+            ids, args.max_new_tokens, tree=tree, seed=args.seed, cuda_graph=args.cuda_graph, **sampling
+        )
+        for chunk in chunks:
             tokens.extend(chunk)
             lengths.append(len(chunk))
             text = model.tokenizer.decode(tokens)
@@ -190,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CPU threads (default: 1 for models under 200M parameters, else all cores)",
     )
+    gen.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA only: replay each decoding step from a captured CUDA graph (same output, less overhead)",
+    )
     gen.add_argument("-q", "--quiet", action="store_true", help="print only the statistics")
     gen.set_defaults(func=_cmd_generate)
 
@@ -227,7 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
+        # Bad input (a mismatched head, an over-long prompt, a missing checkpoint...): the message
+        # names the problem; a traceback would only bury it. EAGLE_DEBUG=1 shows it.
+        if os.environ.get("EAGLE_DEBUG"):
+            raise
+        print(f"eagle {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -59,3 +59,19 @@ def test_train_passes_arguments_to_the_stage(capsys):
             main(["train", stage, "--help"])
         assert exc.value.code == 0
         assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_generate_on_the_bundled_pair_prints_code_and_tau(capsys):
+    assert main(["generate", "def fibonacci(n):", "-n", "24"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def fibonacci(n):") and len(captured.out) > len("def fibonacci(n):")
+    assert "tau" in captured.err and "tokens/s" in captured.err
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(capsys):
+    assert main(["generate", "x = 1", "-n", "4", "--cuda-graph", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "eagle generate: error: cuda_graph=True needs a CUDA target" in err
+    assert "Traceback" not in err
+    assert main(["generate", "x = 1", "--target", "/nonexistent/checkpoint", "-q"]) == 2
+    assert "no checkpoint directory" in capsys.readouterr().err
