@@ -71,7 +71,7 @@ class EagleModel:
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
-            return self._fit(choose_tree(self.target, batch_size))
+            return self._fit(choose_tree(self.target, batch_size, self.head))
         if tree == "static":
             return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
         if tree == "chain":

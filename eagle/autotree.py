@@ -1,11 +1,19 @@
-"""Pick the dynamic tree's size for this model, device and batch size from measured forward times.
+"""Pick the dynamic tree's shape for this model pair, device and batch size from measured times.
 
-A bigger tree raises tau (tokens per target forward) with diminishing returns, while its verify
-forward costs more: little on a GPU (flat until the device saturates), roughly linearly on a CPU.
-EAGLE's reference code times target forwards of a few widths and divides each time by a fixed gain
-(1, 1.05, 1.07, 1.1, 1.13 for 40..60 tokens). We do the same over a wider range with a logarithmic
-gain model, ``gain(W) = 1 + GAIN_PER_DOUBLING * log2(W / W_min)``, and pick the width ``W`` that
-minimises ``(t_verify(W) + t_draft) / gain(W)``. The result is cached per (model, device, batch).
+A bigger tree raises tau (tokens per target forward) with diminishing returns, while every draft
+level and the verify forward cost time: on a GPU the verify forward is flat until the device
+saturates; on a CPU it grows with the width (small GEMMs are compute-bound there) and each draft level
+costs a fixed overhead. EAGLE's reference code times target forwards of a few widths and divides each
+time by a fixed gain. We time the target's verify forward at several widths ``W`` and, when the head
+is given, one draft level at the expansion widths we may use, then pick the (depth, width) that
+minimises
+
+    (t_verify(W) + depth * t_level(k) + t_update) / tau(depth, W)
+
+with the expected acceptance model ``tau(d, W) = chain(d) * (1 + GAIN_PER_DOUBLING * log2(W / (d + 1)))``:
+``chain(d) = 1 + a + ... + a^d`` is a chain's expected accepted length with per-token acceptance
+``a = ACCEPT_RATE``, and each doubling of the candidates over a chain's ``d + 1`` adds a fixed share
+(EAGLE-2's ablations: ~0.2-0.3 per doubling on 7B chat models, ~0.1-0.18 for the tiny-code pair). The result is cached per (model, head, device, batch).
 """
 
 from __future__ import annotations
@@ -17,23 +25,52 @@ import torch
 
 from eagle.tree import TreeConfig
 
-WIDTHS = {"cpu": (8, 12, 16, 24, 32, 48), "cuda": (16, 24, 32, 48, 64)}
-GAIN_PER_DOUBLING = 0.22  # EAGLE-2's tau grows ~0.2-0.3 x per doubling of the tree in its ablations
+WIDTHS = {"cpu": (4, 5, 6, 8, 12, 16, 24, 32), "cuda": (8, 16, 24, 32, 48, 64)}
+DEPTHS = (3, 4, 5, 6)
+GAIN_PER_DOUBLING = 0.15  # per doubling: EAGLE-2 ablations ~0.2-0.3 (7B chat); the tiny-code pair ~0.1-0.18
+ACCEPT_RATE = 0.65  # typical top-1 agreement of a trained EAGLE head with its target
 PREFIX = 128
 _CACHE: dict[tuple, TreeConfig] = {}
 
 
 def tree_for_width(width: int) -> TreeConfig:
-    """A dynamic tree verifying ``width`` tokens: depth 6, expansion width about width / 4 (2..10)."""
-    topk = max(2, min(10, width // 4))
-    depth = 6
+    """A depth-6 dynamic tree verifying ``width`` tokens, expansion width about width / 4 (2..10)."""
+    return tree_for(6, width)
+
+
+def tree_for(depth: int, width: int) -> TreeConfig:
+    """A dynamic tree of ``depth`` levels verifying ``width`` tokens (a chain when ``width == depth + 1``).
+
+    Expansion width ``k ~ width / depth`` (1..10), so that the rerank has about one level's worth of
+    candidates per verified token to choose from."""
+    if width <= depth + 1:
+        return TreeConfig.chain(depth)
+    topk = max(2, min(10, round(width / depth)))
     most = 1 + topk + (depth - 1) * topk * topk
     return TreeConfig(depth=depth, topk=topk, total_tokens=min(width, most))
+
+
+def expected_tau(depth: int, width: int, accept_rate: float = ACCEPT_RATE) -> float:
+    """The acceptance model of the module docstring."""
+    chain = sum(accept_rate**i for i in range(depth + 1))
+    return chain * (1.0 + GAIN_PER_DOUBLING * math.log2(max(width, depth + 1) / (depth + 1)))
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _best_of(fn, device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 @torch.inference_mode()
@@ -44,33 +81,56 @@ def _time_verify(target, batch_size: int, width: int, repeats: int = 3) -> float
     ids = torch.zeros(batch_size, width, dtype=torch.int64, device=device)
     mask = torch.ones(width, width, dtype=torch.bool, device=device).tril().expand(batch_size, width, width)
     positions = cache.seqlens.long()[:, None] + torch.arange(width, device=device)
-    target(ids, cache, positions=positions, tree_mask=mask, compute_logits=True)  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        target(ids, cache, positions=positions, tree_mask=mask, compute_logits=True)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return _best_of(
+        lambda: target(ids, cache, positions=positions, tree_mask=mask, compute_logits=True), device, repeats
+    )
 
 
-def choose_tree(target, batch_size: int, draft_cost_fraction: float = 0.6) -> TreeConfig:
-    """The dynamic tree for ``target`` at ``batch_size``, from timed verify forwards (cached).
+@torch.inference_mode()
+def _time_draft_level(head, batch_size: int, rows: int, repeats: int = 3) -> float:
+    """One draft level over ``rows`` tree rows per sequence: head forward, log-softmax, top-k."""
+    device = head.device
+    cache = head.new_cache(batch_size, PREFIX + rows + 1)
+    cache.advance(PREFIX)
+    hidden = torch.zeros(batch_size, rows, head.config.hidden_size, dtype=head.dtype, device=device)
+    ids = torch.zeros(batch_size, rows, dtype=torch.int64, device=device)
+    mask = torch.eye(rows, dtype=torch.bool, device=device).expand(batch_size, rows, rows)
+    positions = cache.seqlens.long()[:, None].expand(batch_size, rows)
+    index = torch.arange(rows, device=device).expand(batch_size, rows)
 
-    ``draft_cost_fraction``: the drafting time per round relative to a one-token target forward
-    (six one-layer draft levels and their lm_head over the vocabulary), added to every width.
+    def level():
+        out = head(hidden, ids, cache, positions=positions, tree_mask=mask, logits_index=index)
+        torch.log_softmax(out.logits.float(), dim=-1).topk(min(rows, out.logits.shape[-1]), dim=-1)
+
+    return _best_of(level, device, repeats)
+
+
+def choose_tree(target, batch_size: int, head=None, draft_cost_fraction: float = 0.1) -> TreeConfig:
+    """The dynamic tree for ``target`` (and ``head``) at ``batch_size``, from timed forwards (cached).
+
+    Without ``head`` a draft level is assumed to cost ``draft_cost_fraction`` of a one-token target
+    forward.
     """
     device = target.device
-    key = (id(target), str(device), batch_size)
-    if key not in _CACHE:
-        widths = WIDTHS.get(device.type, WIDTHS["cuda"])
-        times = {w: _time_verify(target, batch_size, w) for w in widths}
-        draft = draft_cost_fraction * _time_verify(target, batch_size, 1)
-        w_min = widths[0]
+    key = (id(target), id(head), str(device), batch_size)
+    if key in _CACHE:
+        return _CACHE[key]
+    widths = WIDTHS.get(device.type, WIDTHS["cuda"])
+    verify = {w: _time_verify(target, batch_size, w) for w in widths}
+    candidates = {(d, w): tree_for(d, w) for d in DEPTHS for w in widths if w >= d + 1}
+    level_rows = {tree.topk for tree in candidates.values()}
+    if head is not None:
+        level = {k: _time_draft_level(head, batch_size, k) for k in level_rows}
+    else:
+        one = _time_verify(target, batch_size, 1)
+        level = {k: draft_cost_fraction * one for k in level_rows}
 
-        def cost_per_token(w: int) -> float:
-            return (times[w] + draft) / (1 + GAIN_PER_DOUBLING * math.log2(w / w_min))
+    def cost_per_token(dw: tuple[int, int]) -> float:
+        d, w = dw
+        tree = candidates[dw]
+        # depth levels of k rows, plus the draft update over up to d + 1 accepted rows (~ one level)
+        draft = (d + 1) * level[tree.topk]
+        return (verify[w] + draft) / expected_tau(d, tree.total_tokens)
 
-        _CACHE[key] = tree_for_width(min(widths, key=cost_per_token))
+    _CACHE[key] = candidates[min(candidates, key=cost_per_token)]
     return _CACHE[key]
