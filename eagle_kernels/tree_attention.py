@@ -41,6 +41,7 @@ PACKED_FORMATS = {"u8": (torch.uint8, 8), "i32": (torch.int32, 32)}
 
 # Mask kinds as the kernels see them.
 CAUSAL, BOOL_MASK, U8_BITS, I32_BITS = 0, 1, 2, 3
+LOG2E = math.log2(math.e)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,16 +151,58 @@ def tree_attention_ref(
 # --------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------
+# Design for bandwidth (the goal shape: 32 query / 8 kv heads of 128, prefix 2048, a 64-token tree):
+# * a program owns BLOCK_M rows of one (sequence, kv head); a row is a (new token t, grouped head g)
+#   pair, row = t * G + g, so each K/V tile feeds the whole GQA group with one load. With T * G = 256
+#   rows, BLOCK_M = 128 or 256 reads the prefix 2x or 1x (and the row blocks of one kv head are
+#   adjacent in the grid, so they run together and share K/V tiles through L2);
+# * the prefix loop runs over full BLOCK_N tiles with unmasked loads and no visibility test (the
+#   prefix is always visible); only the last, partial tile is masked, and only the T new tokens
+#   evaluate the tree mask;
+# * the head dim is a constexpr: with BLOCK_D == D and a unit stride (the usual cache layout) no load
+#   has a column mask, so K/V tiles are fetched with 16-byte async copies and pipelined
+#   (``num_stages``);
+# * offsets inside the loops are int32 tile offsets from int64 per-(sequence, head, split) bases;
+# * softmax in the log2 domain (exp2, scale folded with log2(e));
+# * flash-decoding split of the prefix when there are too few (row block, sequence, kv head)
+#   programs to fill the GPU (batch 1 and 8 at T = 64); the split that holds the end of the prefix
+#   also does the new tokens (it has the least prefix left), and a combine kernel merges the splits.
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT: tl.constexpr):
-    """Fold one key block into the running (max, sum, weighted V) of every query row (log2 domain)."""
+def _load_kv_tile(ptrs, pos_ok, d_ok, POS_MASK: tl.constexpr, EVEN_D: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] tile; masks only where a row (position) or column (head dim) can be out of range."""
+    if POS_MASK:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=pos_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=pos_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _scaled_scores(q, k, qk_scale, FP32_DOT: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 ``q k^T * qk_scale`` (log2 domain)."""
     if FP32_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(visible, s * qk_scale, float("-inf"))
+    return s * qk_scale
+
+
+@triton.jit
+def _online_softmax_step(acc, m_i, l_i, s, v, MAY_BE_EMPTY: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Fold one key block (scaled scores ``s``, -inf where invisible) into the running row max ``m_i``,
+    row sum ``l_i`` and weighted-V ``acc``. ``MAY_BE_EMPTY``: a row of ``s`` may be all -inf (only
+    under the tree mask; a prefix tile always has a visible key)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    if MAY_BE_EMPTY:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -171,9 +214,10 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT: tl
 
 
 @triton.jit
-def _new_token_visibility(mask_ptr, b, t, js, T, sm_b, sm_i, sm_w, MASK_KIND: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] bool: query token t (rows) sees new token js (columns)."""
-    inside = (t[:, None] < T) & (js[None, :] < T)
+def _new_token_visibility(mask_ptr, b, t, js, T, n_new, sm_b, sm_i, sm_w, MASK_KIND: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool: query token t (rows) sees new token js (columns); false for padding
+    rows (t >= T) and outside 0 <= js < n_new (n_new <= T: the new keys this program covers)."""
+    inside = (t[:, None] < T) & (js[None, :] >= 0) & (js[None, :] < n_new)
     if MASK_KIND == 0:
         vis = js[None, :] <= t[:, None]
     elif MASK_KIND == 1:
@@ -200,49 +244,44 @@ def _tree_attention_kernel(
     seqlens_ptr,
     mask_ptr,
     qk_scale,
+    B,
     T,
     G,
     Hkv,
-    D,
     chunk,
     sq_b,
     sq_t,
     sq_h,
-    sq_d,
     sk_b,
     sk_h,
     sk_s,
-    sk_d,
     sv_b,
     sv_h,
     sv_s,
-    sv_d,
-    so_split,
-    so_b,
-    so_t,
-    so_h,
-    so_d,
-    sl_split,
-    sl_b,
-    sl_t,
-    sl_h,
     sm_b,
     sm_i,
     sm_w,
+    sq_d: tl.constexpr,
+    sk_d: tl.constexpr,
+    sv_d: tl.constexpr,
     MASK_KIND: tl.constexpr,
     SPLIT: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per (block of query rows, sequence x kv head[, prefix split]).
+    """One program per (block of query rows, sequence x kv head, prefix split).
 
-    The rows of a block are (token t, grouped head g) pairs, row = t * G + g, so the K/V tiles of a kv
-    head are loaded once for its whole GQA group. Without SPLIT a program streams the whole prefix,
-    then the new tokens under the mask, and writes the normalised output. With SPLIT program
-    ``split`` covers prefix positions [split * chunk, (split + 1) * chunk) and split 0 also the new
-    tokens; each writes its normalised partial output and log2-sum-exp for the combine kernel.
+    The rows of a block are (token t, grouped head g) pairs, row = t * G + g. Program ``split`` covers
+    prefix positions [split * chunk, min((split + 1) * chunk, seqlen)), and the split holding position
+    ``seqlen`` also the T new tokens (without SPLIT there is one split with chunk >= S_max).
+    Without SPLIT the program writes the normalised output into ``out`` (contiguous [B, T, Hq, D]);
+    with SPLIT its normalised partial output into ``out`` (contiguous [splits, B, T, Hq, D], fp32) and
+    the rows' log2-sum-exp into ``lse`` ([splits, B, T, Hq]) for the combine kernel.
+    Head-dim strides are constexprs: 1 for the usual layouts, which makes tile loads contiguous.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -254,60 +293,64 @@ def _tree_attention_kernel(
     h = kvh * G + rows % G
     row_ok = t < T
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    d_ok = d < HEAD_DIM
+    cols = tl.arange(0, BLOCK_N)
 
     b64 = b.to(tl.int64)
     q_rows = q_ptr + b64 * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d
     q = tl.load(q_rows, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    seqlen = tl.load(seqlens_ptr + b)
     k_head = k_ptr + b64 * sk_b + kvh.to(tl.int64) * sk_h
     v_head = v_ptr + b64 * sv_b + kvh.to(tl.int64) * sv_h
-    seqlen = tl.load(seqlens_ptr + b)
+    k_tile = cols[:, None] * sk_s + d[None, :] * sk_d  # int32 offsets of a tile from its first position
+    v_tile = cols[:, None] * sv_s + d[None, :] * sv_d
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_N)
 
-    if SPLIT:
-        start = split * chunk
-        end = tl.minimum(start + chunk, seqlen)
-    else:
-        start = 0
-        end = seqlen
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + cols
-        pos_ok = pos < end
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_head + pos[:, None] * sk_s + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + pos[:, None] * sv_s + d[None, :] * sv_d, mask=kv_mask, other=0.0)
-        visible = row_ok[:, None] & pos_ok[None, :]
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT)
-
+    # This program's keys, relative to position `start`: its prefix positions [0, length), always
+    # visible, and, for the split whose range holds position seqlen, the new tokens right after them.
+    start = split * chunk
+    length = tl.maximum(tl.minimum(chunk, seqlen - start), 0)
     if MASK_KIND == 0:  # causal: this block's last token bounds the new keys it can see
-        new_end = tl.minimum(((pid_m + 1) * BLOCK_M - 1) // G + 1, T)
+        new_keys = tl.minimum(((pid_m + 1) * BLOCK_M - 1) // G + 1, T)
     else:
-        new_end = T
-    if SPLIT:
-        new_end = tl.where(split == 0, new_end, 0)  # split 0 also covers the new tokens
-    for j0 in range(0, new_end, BLOCK_N):
-        js = j0 + cols
-        pos = seqlen + js
-        kv_mask = (js < T)[:, None] & d_ok[None, :]
-        k = tl.load(k_head + pos[:, None] * sk_s + d[None, :] * sk_d, mask=kv_mask, other=0.0)
-        v = tl.load(v_head + pos[:, None] * sv_s + d[None, :] * sv_d, mask=kv_mask, other=0.0)
-        visible = _new_token_visibility(mask_ptr, b, t, js, T, sm_b, sm_i, sm_w, MASK_KIND)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, FP32_DOT)
+        new_keys = T
+    new_keys = tl.where(seqlen // chunk == split, new_keys, 0)
+    full = (length // BLOCK_N) * BLOCK_N
+    k_base = k_head + start.to(tl.int64) * sk_s
+    v_base = v_head + start.to(tl.int64) * sv_s
+
+    # Full prefix tiles: no mask at all (the pipelined, bandwidth-bound loop).
+    for n0 in range(0, full, BLOCK_N):
+        k = _load_kv_tile(k_base + n0 * sk_s + k_tile, cols, d_ok, False, EVEN_D)
+        v = _load_kv_tile(v_base + n0 * sv_s + v_tile, cols, d_ok, False, EVEN_D)
+        s = _scaled_scores(q, k, qk_scale, FP32_DOT)
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, False, FP32_DOT)
+
+    # The partial prefix tile and the new tokens (1-2 tiles for a 64-token tree): masked.
+    for n0 in tl.range(full, length + new_keys, BLOCK_N, num_stages=1):
+        rel = n0 + cols
+        js = rel - length  # new-token index; negative on prefix positions
+        k = _load_kv_tile(k_base + n0 * sk_s + k_tile, js < new_keys, d_ok, True, EVEN_D)
+        v = _load_kv_tile(v_base + n0 * sv_s + v_tile, js < new_keys, d_ok, True, EVEN_D)
+        tree = _new_token_visibility(mask_ptr, b, t, js, T, new_keys, sm_b, sm_i, sm_w, MASK_KIND)
+        visible = (js < 0)[None, :] | tree
+        s = tl.where(visible, _scaled_scores(q, k, qk_scale, FP32_DOT), float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, True, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
     out = acc / l_safe[:, None]
-    split64 = split.to(tl.int64)
-    o_rows = out_ptr + split64 * so_split + b64 * so_b + t[:, None] * so_t + h[:, None] * so_h
-    tl.store(
-        o_rows + d[None, :] * so_d, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
-    )
+    Hq = Hkv * G
+    row_off = (t * Hq + h).to(tl.int64)  # row within [B, T, Hq]
+    dst = b64 * T * Hq + row_off
     if SPLIT:
+        dst += split.to(tl.int64) * B * T * Hq
         lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + split64 * sl_split + b64 * sl_b + t * sl_t + h * sl_h, lse, mask=row_ok)
+        tl.store(lse_ptr + dst, lse, mask=row_ok)
+    o_ptrs = out_ptr + dst[:, None] * HEAD_DIM + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -316,48 +359,90 @@ def _combine_splits_kernel(
     lse_ptr,
     out_ptr,
     num_splits,
-    T,
-    Hq,
-    D,
-    sp_split,
-    sl_split,
-    so_b,
-    so_t,
-    so_h,
-    so_d,
-    BLOCK_S: tl.constexpr,
+    num_rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """One program per (sequence, token, head) row: merge the per-split partial outputs by their
-    log2-sum-exp weights. Partials are contiguous [split, B, T, Hq, D] (lse without D)."""
-    row = tl.program_id(0).to(tl.int64)
-    h = row % Hq
-    t = (row // Hq) % T
-    b = row // (Hq * T)
-    s = tl.arange(0, BLOCK_S)
-    s_ok = s < num_splits
+    """One program per BLOCK_R output rows (a row is one (sequence, token, head)): merge the per-split
+    normalised partial outputs by their log2-sum-exp weights in one pass with a running max.
+    ``part`` is contiguous [splits, rows, D] fp32, ``lse`` [splits, rows], ``out`` contiguous [rows, D]."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < num_rows
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    lse = tl.load(lse_ptr + s * sl_split + row, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m_safe)
-    part = tl.load(
-        part_ptr + s[:, None] * sp_split + row * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :]
-    )
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * part, 0) / tl.where(total > 0.0, total, 1.0)
-    dst = out_ptr + b * so_b + t * so_t + h * so_h + d * so_d
-    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tile_ok = r_ok[:, None] & (d < HEAD_DIM)[None, :]
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse = tl.load(lse_ptr + s * num_rows + r, mask=r_ok, other=float("-inf"))
+        part = tl.load(
+            part_ptr + (s * num_rows + r)[:, None] * HEAD_DIM + d[None, :], mask=tile_ok, other=0.0
+        )
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse - m_safe)  # 0 for an empty split (lse = -inf; its part is 0)
+        total = total * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * part
+        m = m_new
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]
+    tl.store(out_ptr + r[:, None] * HEAD_DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+# --------------------------------------------------------------------------------------------------
+_POW2_BLOCKS = (16, 32, 64, 128, 256)
+_WARPS = (1, 2, 4, 8, 16)
+MAX_SPLITS = 128  # what a LaunchConfig may ask for
+MAX_DEFAULT_SPLITS = 64  # what the heuristic picks at most
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Overrides of the Triton launch; a None field keeps :func:`plan_launch`'s shape-based choice.
+
+    Attributes
+    ----------
+    block_m : query rows per program (rows are (token, grouped head) pairs), a power of two 16..256.
+    block_n : keys per tile, a power of two 16..256.
+    num_warps : warps per program, 1..16 (power of two).
+    num_stages : software-pipelining depth of the K/V tile loads, 1..8.
+    num_splits : flash-decoding splits of the prefix, 1..128 (1: no split, no combine kernel).
+    """
+
+    block_m: int | None = None
+    block_n: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    num_splits: int | None = None
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "block_m": _POW2_BLOCKS,
+            "block_n": _POW2_BLOCKS,
+            "num_warps": _WARPS,
+            "num_stages": range(1, 9),
+            "num_splits": range(1, MAX_SPLITS + 1),
+        }
+        for name, values in allowed.items():
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value not in values):
+                shown = list(values) if len(values) < 10 else f"{values[0]}..{values[-1]}"
+                raise ValueError(f"LaunchConfig.{name} must be None or one of {shown}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class LaunchPlan:
+    """A resolved launch: block sizes, warps, pipelining depth and the prefix split."""
+
     block_m: int
     block_n: int
     num_splits: int
     chunk: int  # prefix positions per split (a multiple of block_n)
     num_warps: int
+    num_stages: int
 
 
 @functools.lru_cache(maxsize=16)
@@ -365,103 +450,216 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def plan_launch(B: int, Hkv: int, T: int, G: int, S_max: int, D: int, num_sms: int) -> LaunchPlan:
-    """Block sizes and the number of prefix splits; decided from shapes only (no host sync).
+def _default_block_m(rows: int, D: int) -> int:
+    """Query rows per program: all T * G rows of a kv head up to a cap, then blocks of the cap. The cap
+    keeps the fp32 accumulator (block_m x D over 8 warps) in registers: 128 rows for D <= 128 (what
+    the Hopper flash-attention configurations use), 64 beyond."""
+    cap = 128 if D <= 128 else 64
+    return min(max(16, triton.next_power_of_2(rows)), cap)
+
+
+def _default_splits(programs: int, block_m: int, S_max: int, num_sms: int) -> int:
+    """Prefix splits so that the grid covers the SMs: one program per SM for the big 128-row
+    programs, two for the lighter ones (more bytes in flight per SM). Splits of fewer than
+    256 positions are not worth their combine cost."""
+    min_chunk = 256
+    target = num_sms if block_m >= 128 else 2 * num_sms
+    if programs >= target or S_max < 2 * min_chunk:
+        return 1
+    return max(1, min(target // programs, S_max // min_chunk, MAX_DEFAULT_SPLITS))
+
+
+@functools.lru_cache(maxsize=256)
+def plan_launch(
+    B: int,
+    Hkv: int,
+    T: int,
+    G: int,
+    S_max: int,
+    D: int,
+    num_sms: int,
+    config: LaunchConfig | None = None,
+) -> LaunchPlan:
+    """Block sizes, warps, stages and prefix splits; decided from shapes only (no host sync).
 
     Query rows per kv head are T * G (the GQA group is packed into the query block). When the
-    (row block, sequence, kv head) programs cannot fill the GPU twice over and the cache is long, the
-    prefix is split (flash-decoding) so that e.g. batch 1 with a long prefix still uses every SM.
+    (row block, sequence, kv head) programs cannot fill the GPU and the cache is long, the prefix is
+    split (flash-decoding) so that e.g. batch 1 with a long prefix still uses every SM. ``config``
+    overrides any of the choices (see :class:`LaunchConfig`); the split's chunk (prefix positions per
+    split, a multiple of ``block_n``) is always derived from ``S_max`` and the number of splits.
     """
+    config = config or LaunchConfig()
     rows = max(T * G, 1)
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    block_n = 64 if D <= 128 else 32
+    block_m = config.block_m or _default_block_m(rows, D)
+    block_n = config.block_n or (64 if D <= 128 else 32)
     programs = triton.cdiv(rows, block_m) * B * Hkv
-    num_splits = 1
-    min_chunk = 256
-    if S_max >= 2 * min_chunk and programs < 2 * num_sms:
-        num_splits = min(triton.cdiv(2 * num_sms, programs), triton.cdiv(S_max, min_chunk), 64)
-    chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
-    num_warps = 4 if block_m * triton.next_power_of_2(D) <= 64 * 64 else 8
-    return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps)
+    if config.num_splits is not None:  # exactly as asked (trailing splits may be empty)
+        num_splits = config.num_splits
+        chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
+    else:
+        num_splits = _default_splits(programs, block_m, S_max, num_sms)
+        chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
+        num_splits = triton.cdiv(S_max, chunk)  # rounding chunk up to block_n can leave a split empty
+    num_warps = config.num_warps or (4 if block_m * triton.next_power_of_2(D) <= 64 * 128 else 8)
+    num_stages = config.num_stages or (3 if D <= 128 else 2)
+    return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps, num_stages)
 
 
-def _dot_in_fp32(q: torch.Tensor) -> bool:
+def _dot_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
     """fp32 inputs keep exact fp32 dots (no TF32). The CPU interpreter's tl.dot multiplies raw bf16 bit
     patterns (triton-lang/triton#11584, unsupported upstream), so interpreted bf16 dots run in fp32."""
-    return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.device.type == "cpu")
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and device.type == "cpu")
 
 
-def _tree_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, num_splits=None):
-    """Launch the Triton kernels. ``num_splits`` overrides the heuristic's prefix split (tests)."""
-    if q.dtype == torch.float64:
-        raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
-    B, T, Hq, D = q.shape
-    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+@dataclass(frozen=True)
+class _LaunchSpec:
+    """Everything about a launch that depends only on shapes, dtypes, device and config (cached)."""
+
+    plan: LaunchPlan
+    grid: tuple[int, int, int]
+    combine_grid: tuple[int]
+    constexprs: dict
+    combine_constexprs: dict
+
+
+_INT32_MAX = 2**31 - 1
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_spec(
+    B: int,
+    T: int,
+    Hq: int,
+    Hkv: int,
+    S_max: int,
+    D: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    mask_kind: int,
+    head_strides: tuple[int, int, int],
+    config: LaunchConfig | None,
+) -> _LaunchSpec:
+    """The cached launch of one (shapes, dtype, device, mask kind, head-dim strides, config) key."""
     G = Hq // Hkv
-    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
-        return out
-    sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 1
-    plan = plan_launch(B, Hkv, T, G, S_max, D, sms)
-    if num_splits is not None:
-        chunk = triton.cdiv(triton.cdiv(S_max, num_splits), plan.block_n) * plan.block_n
-        plan = LaunchPlan(plan.block_m, plan.block_n, num_splits, chunk, plan.num_warps)
-    kind = _mask_kind(tree_mask)
-    mask = tree_mask.view(torch.uint8) if kind == BOOL_MASK else tree_mask
-    mask_arg = mask if mask is not None else cache_seqlens  # never read when causal
-    mask_strides = mask.stride() if mask is not None else (0, 0, 0)
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    plan = plan_launch(B, Hkv, T, G, S_max, D, sms, config)
     block_d = triton.next_power_of_2(D)
-    split = plan.num_splits > 1
-    if split:
-        part = torch.empty(plan.num_splits, B, T, Hq, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(plan.num_splits, B, T, Hq, dtype=torch.float32, device=q.device)
-        dst, dst_strides, lse_strides = part, part.stride(), lse.stride()
-    else:
-        lse = out  # unused
-        dst, dst_strides, lse_strides = out, (0, *out.stride()), (0, 0, 0, 0)
-    grid = (triton.cdiv(T * G, plan.block_m), B * Hkv, plan.num_splits)
-    _tree_attention_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        dst,
-        lse,
-        cache_seqlens,
-        mask_arg,
-        sm_scale * math.log2(math.e),
-        T,
-        G,
-        Hkv,
-        D,
-        plan.chunk,
-        *q.stride(),
-        *k_cache.stride(),
-        *v_cache.stride(),
-        *dst_strides,
-        *lse_strides,
-        *mask_strides,
-        MASK_KIND=kind,
-        SPLIT=split,
-        FP32_DOT=_dot_in_fp32(q),
+    constexprs = dict(
+        sq_d=head_strides[0],
+        sk_d=head_strides[1],
+        sv_d=head_strides[2],
+        MASK_KIND=mask_kind,
+        SPLIT=plan.num_splits > 1,
+        FP32_DOT=_dot_in_fp32(dtype, device),
+        HEAD_DIM=D,
+        EVEN_D=block_d == D,
         BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n,
         BLOCK_D=block_d,
         num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
+    )
+    grid = (triton.cdiv(T * G, plan.block_m), B * Hkv, plan.num_splits)
+    rows = B * T * Hq
+    block_r = max(1, min(16, 2048 // block_d))
+    combine_warps = 4 if block_r * block_d >= 1024 else 2
+    combine = dict(HEAD_DIM=D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=combine_warps)
+    return _LaunchSpec(plan, grid, (triton.cdiv(rows, block_r),), constexprs, combine)
+
+
+def _check_int32_offsets(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Offsets inside one sequence's q rows or one (sequence, head) cache slice are int32 in the kernel;
+    a slice spanning 2**31 elements or more would overflow them."""
+    for name, t, dims in (("q", q, (1, 2, 3)), ("k_cache", k_cache, (2, 3)), ("v_cache", v_cache, (2, 3))):
+        span = sum((t.shape[i] - 1) * abs(t.stride(i)) for i in dims)
+        if span > _INT32_MAX:
+            raise ValueError(
+                f"tree_attention: {name} {list(t.shape)} with strides {list(t.stride())} spans {span} "
+                "elements per sequence/head, over the Triton kernel's int32 offsets"
+            )
+
+
+def _launch(kernel, grid, *args, **constexprs) -> None:
+    """The one place that launches a Triton kernel (tests replace it to time the host path alone)."""
+    kernel[grid](*args, **constexprs)
+
+
+def _tree_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    sm_scale: float,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Launch the Triton kernels; ``config`` overrides the shape heuristic (sweeps, tests).
+
+    Returns a new contiguous ``[B, T, Hq, D]`` tensor in q's dtype. No host synchronisation.
+    """
+    if q.dtype == torch.float64:
+        raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
+    B, T, Hq, D = q.shape
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+    if B * T * Hq == 0:
+        return out
+    kind = _mask_kind(tree_mask)
+    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    head_strides = (q.stride(3), k_cache.stride(3), v_cache.stride(3))
+    spec = _launch_spec(B, T, Hq, Hkv, S_max, D, q.dtype, q.device, kind, head_strides, config)
+    if kind == BOOL_MASK:
+        mask, mask_strides = tree_mask.view(torch.uint8), tree_mask.stride()
+    elif kind == CAUSAL:
+        mask, mask_strides = cache_seqlens, (0, 0, 0)  # never read
+    else:
+        mask, mask_strides = tree_mask, tree_mask.stride()
+    split = spec.plan.num_splits > 1
+    if split:
+        part = torch.empty(spec.plan.num_splits, B, T, Hq, D, dtype=torch.float32, device=q.device)
+        lse = torch.empty(spec.plan.num_splits, B, T, Hq, dtype=torch.float32, device=q.device)
+    else:
+        part, lse = out, out  # lse is not written without SPLIT
+    sq, sk, sv = q.stride(), k_cache.stride(), v_cache.stride()
+    if max(T * sq[1] + Hq * sq[2], S_max * max(sk[2], sv[2])) + D * max(sq[3], sk[3], sv[3]) > _INT32_MAX:
+        _check_int32_offsets(q, k_cache, v_cache)  # the precise check, only near the limit
+    _launch(
+        _tree_attention_kernel,
+        spec.grid,
+        q,
+        k_cache,
+        v_cache,
+        part,
+        lse,
+        cache_seqlens,
+        mask,
+        sm_scale * LOG2E,
+        B,
+        T,
+        Hq // Hkv,
+        Hkv,
+        spec.plan.chunk,
+        sq[0],
+        sq[1],
+        sq[2],
+        sk[0],
+        sk[1],
+        sk[2],
+        sv[0],
+        sv[1],
+        sv[2],
+        *mask_strides,
+        **spec.constexprs,
     )
     if split:
-        _combine_splits_kernel[(B * T * Hq,)](
+        _launch(
+            _combine_splits_kernel,
+            spec.combine_grid,
             part,
             lse,
             out,
-            plan.num_splits,
-            T,
-            Hq,
-            D,
-            part.stride(0),
-            lse.stride(0),
-            *out.stride(),
-            BLOCK_S=triton.next_power_of_2(plan.num_splits),
-            BLOCK_D=block_d,
+            spec.plan.num_splits,
+            B * T * Hq,
+            **spec.combine_constexprs,
         )
     return out
 
@@ -510,6 +708,52 @@ def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -
 
 
 def _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
+    """Shape/dtype/device checks (no value reads). A call whose signature (shapes, dtypes, devices)
+    already passed skips them: the signature is all they look at."""
+    signature = _signature(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    if signature is not None and signature in _CHECKED_SIGNATURES:
+        return
+    _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    if signature is not None:
+        if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED_SIGNATURES:
+            _CHECKED_SIGNATURES.clear()
+        _CHECKED_SIGNATURES.add(signature)
+
+
+_CHECKED_SIGNATURES: set[tuple] = set()
+_MAX_CHECKED_SIGNATURES = 256
+
+
+def _signature(q, k_cache, v_cache, cache_seqlens, tree_mask) -> tuple | None:
+    """Everything :func:`_check_args_uncached` depends on, or None when an argument is not a plain
+    tensor (then the full checks run and raise the precise error). Spelled out: ~1 us per call."""
+    T = torch.Tensor
+    if type(q) is not T or type(k_cache) is not T or type(v_cache) is not T or type(cache_seqlens) is not T:
+        return None
+    if tree_mask is None:
+        mask_sig = None
+    elif type(tree_mask) is T:
+        mask_sig = (tree_mask.shape, tree_mask.dtype, tree_mask.device)
+    else:
+        return None
+    return (
+        q.shape,
+        q.dtype,
+        q.device,
+        k_cache.shape,
+        k_cache.dtype,
+        k_cache.device,
+        v_cache.shape,
+        v_cache.dtype,
+        v_cache.device,
+        cache_seqlens.shape,
+        cache_seqlens.dtype,
+        cache_seqlens.device,
+        mask_sig,
+    )
+
+
+def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
     device = q.device

@@ -20,11 +20,12 @@ import triton
 
 import eagle_kernels
 from eagle_kernels import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
-from eagle_kernels.tree_attention import _tree_attention_triton, plan_launch
+from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton, plan_launch
 from tests.kernels.helpers import FP32_RTOL, assert_close_lowp, backends_for, run_with_backend
 from tests.kernels.random_trees import random_trees
 
 OP = "tree_attention"
+ta_module = sys.modules["eagle_kernels.tree_attention"]  # the name is shadowed by the function
 MASK_FORMATS = ("causal", "bool", "u8", "i32")
 LOWP = (torch.float16, torch.bfloat16)
 
@@ -60,9 +61,14 @@ def tree_masks(B: int, T: int, seed: int) -> torch.Tensor:
     return random_trees(B, T, max_depth=max(1, min(T - 1, 6)), seed=seed).mask
 
 
-def make_case(B, T, Hq, Hkv, D, mask_fmt, seed, *, prefix_max=40, dtype=torch.float64, spare=3) -> Case:
+def make_case(
+    B, T, Hq, Hkv, D, mask_fmt, seed, *, prefix_max=40, dtype=torch.float64, spare=3, first_prefix=None
+) -> Case:
+    """Random case; ``first_prefix`` fixes sequence 0's prefix length (the others stay random)."""
     gen = torch.Generator().manual_seed(seed)
     seqlens = torch.randint(0, prefix_max + 1, (B,), generator=gen, dtype=torch.int32)
+    if first_prefix is not None:
+        seqlens[0] = first_prefix
     S = int(seqlens.max()) + T + spare
     kv = torch.randn(2, 2, B, Hkv, S, D, generator=gen, dtype=torch.float64)
     for b in range(B):
@@ -287,7 +293,7 @@ def test_triton_split_prefix_matches_reference(device, num_splits):
     _require("triton", device)
     for fmt in ("causal", "u8"):
         case = make_case(3, 2, 4, 2, 16, fmt, seed=num_splits, prefix_max=40).to(torch.float32, device)
-        got = _tree_attention_triton(*case.args(), sm_scale=16**-0.5, num_splits=num_splits)
+        got = _tree_attention_triton(*case.args(), 16**-0.5, LaunchConfig(num_splits=num_splits))
         assert_matches(got, case, oracle(case.to(device="cpu")), f"splits={num_splits} mask={fmt}")
 
 
@@ -311,6 +317,125 @@ def test_plan_launch_heuristic():
     short = plan_launch(B=1, Hkv=1, T=1, G=1, S_max=100, D=64, num_sms=sms)
     assert short.num_splits == 1, "a short cache is not worth splitting"
     assert plan_launch(B=1, Hkv=1, T=1, G=1, S_max=10**6, D=64, num_sms=sms).num_splits <= 64
+
+
+GOAL_SHAPES = {f"tree64-B{B}": dict(B=B, Hkv=8, T=64, G=4, S_max=2048 + 64 + 16, D=128) for B in (1, 8, 32)}
+
+
+def test_plan_launch_goal_shapes():
+    """Issue 3's shapes (32 query / 8 kv heads of 128, prefix 2048, T = 64) on a 132-SM H100/H200."""
+    plans = {name: plan_launch(**dims, num_sms=132) for name, dims in GOAL_SHAPES.items()}
+    for plan in plans.values():
+        assert plan.block_m == 128 and plan.num_warps == 8, "256 rows per kv head: 128-row blocks, 8 warps"
+        assert plan.num_stages >= 2, "the prefix loop is software-pipelined"
+    b1 = plans["tree64-B1"]
+    assert b1.num_splits > 1, "16 (row block, kv head) programs cannot fill 132 SMs without a split"
+    assert 0.8 * 132 <= 2 * 8 * b1.num_splits <= 132, "one wave of split programs"
+    assert (b1.num_splits - 1) * b1.chunk < GOAL_SHAPES["tree64-B1"]["S_max"], (
+        "no split starts past the cache"
+    )
+    assert plans["tree64-B8"].num_splits == 1 and plans["tree64-B32"].num_splits == 1
+
+
+def test_plan_launch_honours_config():
+    dims = GOAL_SHAPES["tree64-B8"]
+    cfg = LaunchConfig(block_m=64, block_n=32, num_warps=4, num_stages=4, num_splits=5)
+    plan = plan_launch(**dims, num_sms=132, config=cfg)
+    assert (plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.num_splits) == (64, 32, 4, 4, 5)
+    assert plan.chunk % 32 == 0 and plan.chunk * 5 >= dims["S_max"]
+    partial = plan_launch(**dims, num_sms=132, config=LaunchConfig(num_stages=2))
+    default = plan_launch(**dims, num_sms=132)
+    assert partial.num_stages == 2 and (partial.block_m, partial.num_splits) == (
+        default.block_m,
+        default.num_splits,
+    )
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("block_m", 48),
+        ("block_m", 512),
+        ("block_n", 8),
+        ("num_warps", 3),
+        ("num_stages", 0),
+        ("num_splits", 0),
+        ("num_splits", 1000),
+        ("block_n", 64.0),
+    ],
+)
+def test_launch_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"LaunchConfig.{field} must be None or one of"):
+        LaunchConfig(**{field: value})
+
+
+# Interpreter-sized launch configurations: several row blocks per kv head (rows = T * G = 20 or 24),
+# prefix lengths that are / are not multiples of block_n, splits (some empty, the new tokens in a
+# middle split), partial head dims (D = 24 -> BLOCK_D = 32) and pipelining options.
+TRITON_CONFIGS = [
+    LaunchConfig(block_m=16, block_n=16, num_splits=1),
+    LaunchConfig(block_m=16, block_n=16, num_warps=2, num_stages=2, num_splits=3),
+    LaunchConfig(block_m=32, block_n=32, num_stages=1, num_splits=2),
+    LaunchConfig(block_m=16, block_n=64, num_splits=7),
+]
+
+
+@pytest.mark.parametrize("config", TRITON_CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.num_splits}")
+@pytest.mark.parametrize("mask_fmt", MASK_FORMATS)
+def test_triton_launch_configs_match_reference(device, config, mask_fmt):
+    _require("triton", device)
+    for seed, (B, T, Hq, Hkv, D) in enumerate([(2, 5, 8, 2, 16), (3, 6, 4, 1, 24)]):
+        # sequence 0's prefix is a multiple of every block_n above but 64
+        case = make_case(B, T, Hq, Hkv, D, mask_fmt, seed, prefix_max=40, first_prefix=32).to(
+            torch.float32, device
+        )
+        got = _tree_attention_triton(*case.args(), D**-0.5, config)
+        assert_matches(
+            got, case, oracle(case.to(device="cpu")), f"{config} {mask_fmt} shape={(B, T, Hq, Hkv, D)}"
+        )
+
+
+def test_triton_grid_covers_row_blocks_and_splits(monkeypatch):
+    """The launcher's grid: row blocks x (sequence, kv head) x splits, and the combine kernel only with
+    splits. Launches are recorded instead of run."""
+    launches = []
+    monkeypatch.setattr(
+        ta_module, "_launch", lambda kernel, grid, *a, **kw: launches.append((kernel, grid, kw))
+    )
+    case = make_case(2, 5, 8, 2, 16, "i32", seed=0).to(torch.float32)
+    _tree_attention_triton(*case.args(), 0.25, LaunchConfig(block_m=16, num_splits=3))
+    (main, grid, kw), (combine, cgrid, _) = launches
+    assert main is ta_module._tree_attention_kernel and combine is ta_module._combine_splits_kernel
+    assert grid == (triton.cdiv(5 * 4, 16), 2 * 2, 3) and kw["SPLIT"] and kw["BLOCK_M"] == 16
+    launches.clear()
+    _tree_attention_triton(*case.args(), 0.25, LaunchConfig(block_m=32, num_splits=1))
+    assert len(launches) == 1 and launches[0][1] == (1, 4, 1) and not launches[0][2]["SPLIT"]
+
+
+def test_triton_head_dim_stride_is_honoured(device):
+    """A cache whose head dim is not contiguous (the head-dim strides are kernel constexprs)."""
+    _require("triton", device)
+    case = make_case(2, 3, 4, 2, 16, "u8", seed=12).to(torch.float32, device)
+    k_t = case.k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    q_t = case.q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert k_t.stride(-1) != 1 and q_t.stride(-1) != 1
+    c = Case(q_t, k_t, case.v, case.seqlens, case.mask, case.mask_bool)
+    got = run_with_backend("triton", tree_attention, *c.args())
+    assert_matches(got, case, oracle(case.to(device="cpu")), "strided head dim")
+
+
+def test_checked_signatures_do_not_hide_bad_input():
+    """Argument checks are skipped only for a signature that passed them; any change is re-checked."""
+    case = full_cache_case()
+    tree_attention(case.q, case.k, case.v, case.seqlens)  # passes, signature cached
+    with pytest.raises(TypeError, match="dtypes must match"):
+        tree_attention(case.q.double(), case.k, case.v, case.seqlens)
+    with pytest.raises(ValueError, match="cache_seqlens must have shape"):
+        tree_attention(case.q, case.k, case.v, case.seqlens[:1])
+    with pytest.raises(ValueError, match="must fit S_max"):  # a value check: never cached
+        tree_attention(case.q, case.k, case.v, case.seqlens + 1)
+    with pytest.raises(TypeError, match="k_cache must be a torch.Tensor"):
+        tree_attention(case.q, case.k.numpy(), case.v, case.seqlens)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,42 +590,74 @@ def test_torch_compile():
 # --------------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------------
-def _aot_signature(kernel, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
-    return {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in kernel.arg_names}
+def record_launches(q, k, v, seqlens, mask, config: LaunchConfig) -> list[tuple]:
+    """(kernel, args, keyword args) of every launch the launcher makes for these CPU tensors, with the
+    dot precision a CUDA launch uses (the interpreter's bf16 workaround is CPU-only)."""
+    launches = []
+    original = ta_module._launch
+    ta_module._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
+    try:
+        _tree_attention_triton(q, k, v, seqlens, mask, 0.1, config)
+    finally:
+        ta_module._launch = original
+    for _, _, kw in launches:
+        if "FP32_DOT" in kw:
+            kw["FP32_DOT"] = q.dtype == torch.float32
+    return launches
+
+
+def compile_like_jit(kernel, args, kwargs, arch: int = 90):
+    """Compile one launch for sm_<arch> with the specialisation Triton's JIT would give these
+    arguments (ints and pointers divisible by 16, ints equal to 1 as constants)."""
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    constexprs = {k: v for k, v in kwargs.items() if k not in options}
+    names = kernel.arg_names
+    runtime_names = [n for n in names if n not in constexprs]
+    assert len(runtime_names) == len(args), (runtime_names, len(args))
+    signature = dict.fromkeys(constexprs, "constexpr")
+    attrs = {}
+    for name, value in zip(runtime_names, args):
+        ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = spec
+        elif spec == "D":
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    signature = {n: signature[n] for n in names}
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_for_hopper() -> None:
-    """Compile the kernels for sm_90 ahead of time (run without TRITON_INTERPRET; no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from eagle_kernels.tree_attention import _combine_splits_kernel, _tree_attention_kernel
-
-    target = GPUTarget("cuda", 90, 32)
-    # Two configurations keep the cold compile short; together they cover both mask-loop variants
-    # (causal bound, packed-bit loads), the split and non-split epilogues and the combine kernel.
-    for dtype, mask_kind, split in [("bf16", 3, True), ("fp16", 0, False)]:
-        constexprs = dict(
-            MASK_KIND=mask_kind, SPLIT=split, FP32_DOT=dtype == "fp32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=128
-        )
-        pointers = dict(
-            q_ptr=f"*{dtype}",
-            k_ptr=f"*{dtype}",
-            v_ptr=f"*{dtype}",
-            out_ptr="*fp32" if split else f"*{dtype}",
-            lse_ptr="*fp32",
-            seqlens_ptr="*i32",
-            mask_ptr={0: "*i32", 1: "*u8", 2: "*u8", 3: "*i32"}[mask_kind],
-            qk_scale="fp32",
-        )
-        sig = _aot_signature(_tree_attention_kernel, pointers, constexprs)
-        compiled = triton.compile(ASTSource(_tree_attention_kernel, sig, constexprs), target=target)
-        assert compiled.metadata.shared <= 228 * 1024, (dtype, mask_kind, split, compiled.metadata.shared)
-    combine = dict(BLOCK_S=16, BLOCK_D=128)
-    sig = _aot_signature(
-        _combine_splits_kernel, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16"), combine
-    )
-    triton.compile(ASTSource(_combine_splits_kernel, sig, combine), target=target)
+    """Compile the default launches of issue 3's goal shapes (bf16, int32 tree mask; batch 1 takes the
+    split + combine path, batch 32 the single pass) and of a causal fp16 decode for sm_90, ahead of
+    time (run without TRITON_INTERPRET; no GPU needed), and check the shared memory fits an SM."""
+    cases = []
+    for name in ("tree64-B1", "tree64-B32"):
+        dims = GOAL_SHAPES[name]
+        B, T, Hkv, G, S, D = (dims[k] for k in ("B", "T", "Hkv", "G", "S_max", "D"))
+        q = torch.zeros(B, T, Hkv * G, D, dtype=torch.bfloat16)
+        kv = torch.zeros(2, B, Hkv, S, D, dtype=torch.bfloat16)
+        seqlens = torch.full((B,), 2048, dtype=torch.int32)
+        mask = torch.zeros(B, T, 2, dtype=torch.int32)
+        cases.append(((q, kv[0], kv[1], seqlens, mask), plan_launch(**dims, num_sms=132)))
+    q = torch.zeros(4, 1, 32, 128, dtype=torch.float16)
+    kv = torch.zeros(2, 4, 8, 4096, 128, dtype=torch.float16)
+    seqlens = torch.full((4,), 4000, dtype=torch.int32)
+    cases.append(((q, kv[0], kv[1], seqlens, None), plan_launch(4, 8, 1, 4, 4096, 128, num_sms=132)))
+    for args, plan in cases:
+        config = LaunchConfig(plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.num_splits)
+        for kernel, kargs, kw in record_launches(*args, config):
+            compiled = compile_like_jit(kernel, kargs, kw)
+            assert compiled.metadata.shared <= 227 * 1024, (
+                kernel.fn.__name__,
+                plan,
+                compiled.metadata.shared,
+            )
 
 
 def test_triton_kernels_compile_for_hopper():
@@ -531,3 +688,23 @@ def test_triton_cuda_bench_shapes(B, dtype):
     case = case.to(device="cuda")
     got = run_with_backend("triton", tree_attention, *case.args())
     assert_matches(got, case, want, f"cuda B={B}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 32])
+def test_triton_cuda_call_does_not_synchronise(B):
+    """The eager CUDA path (checks, plan, allocation, one or two launches) never waits for the GPU:
+    batch 1 takes the split + combine path, batch 32 the single pass."""
+    T, Hq, Hkv, D, prefix = 64, 32, 8, 128, 2048
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+    kv = torch.randn(2, B, Hkv, prefix + T, D, device="cuda", dtype=torch.bfloat16)
+    seqlens = torch.full((B,), prefix, dtype=torch.int32, device="cuda")
+    mask = pack_tree_mask(tree_masks(B, T, seed=B), "i32").cuda()
+    with eagle_kernels.use_backend("triton"):
+        tree_attention(q, kv[0], kv[1], seqlens, mask)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tree_attention(q, kv[0], kv[1], seqlens, mask)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
