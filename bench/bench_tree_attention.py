@@ -98,7 +98,7 @@ def test_tree_attention(benchmark, bench_device, shape, backend):
     if backend == "sdpa":
         call, selected = sdpa_peer(q, k, v, seqlens, mask), contextlib.nullcontext()
     else:
-        call = lambda: eagle_kernels.tree_attention(q, k, v, seqlens, mask)  # noqa: E731
+        call = lambda: eagle_kernels.tree_attention(q, k, v, seqlens, mask)
         selected = eagle_kernels.use_backend(backend)
     moved = bytes_moved(shapes[shape], dtype)
     with selected:
