@@ -708,3 +708,50 @@ def test_triton_cuda_call_does_not_synchronise(B):
             tree_attention(q, kv[0], kv[1], seqlens, mask)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+# --------------------------------------------------------------------------------------------------
+# bench/sweep_tree_attention.py: its CPU-runnable parts
+# --------------------------------------------------------------------------------------------------
+def test_sweep_dry_run_lists_goal_configurations(capsys):
+    from bench import sweep_tree_attention as sweep
+
+    assert sweep.main(["--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for name in ("tree64-B1", "tree64-B8", "tree64-B32", "decode-B1", "decode-B32", "tree16-B8"):
+        assert f"{name}: " in text
+    work, variants = sweep.plan_work(sweep.GPU_SHAPES, 132, interpret=False)
+    assert len(variants) <= 40, "each variant is a cold compile on the GPU machine"
+    for shape, items in work:
+        plans = [plan for _, plan in items]
+        assert items[0][0] is None and len(set(plans)) == len(plans), (
+            f"{shape.name}: default first, no repeats"
+        )
+        for plan in plans:
+            assert (plan.num_splits - 1) * plan.chunk < shape.s_max, f"{shape.name}: an empty split in {plan}"
+
+
+def test_sweep_interpret_reports_failures_and_keeps_going(tmp_path, monkeypatch):
+    """A configuration that raises (e.g. out of shared memory) or computes a wrong result is reported
+    in the JSON with its status; the others are still measured and the best is chosen among them."""
+    import json
+
+    from bench import sweep_tree_attention as sweep
+
+    real = sweep._tree_attention_triton
+
+    def flaky(q, k, v, seqlens, mask, scale, config=None):
+        if config is not None and (config.block_m, config.num_splits) == (16, 3):
+            raise RuntimeError("out of resource: shared memory")
+        out = real(q, k, v, seqlens, mask, scale, config)
+        return out + 1.0 if config is not None and (config.block_m, config.num_splits) == (32, 1) else out
+
+    monkeypatch.setattr(sweep, "_tree_attention_triton", flaky)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--interpret", "--shapes", "tiny-tree5-B2", "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["shapes"]["tiny-tree5-B2"]
+    status = {r["config_desc"]: r["status"] for r in entry["results"]}
+    assert status["m16 n16 w4 st2 splits3"].startswith("error: RuntimeError: out of resource")
+    assert status["m32 n16 w4 st1 splits1"].startswith("wrong")
+    assert sum(s == "ok" for s in status.values()) == 3
+    assert entry["best"]["status"] == "ok" and entry["best"]["max_abs_err"] < 1e-4
