@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/sweep_tree_attention.py            # ~60-90 s on an H100/H200
     python bench/sweep_tree_attention.py --dry-run               # list shapes and configurations only
     python bench/sweep_tree_attention.py --interpret             # tiny shapes on CPU (Triton interpreter)
+    python bench/sweep_tree_attention.py --host-overhead         # Python cost per call, launches mocked (CPU)
 
 Shapes: issue 3's goal (Llama-8B-like heads: 32 query / 8 kv heads of 128, bf16, prefix 2048, a
 64-token tree, B in {1, 8, 32}) and decode shapes (T = 1 causal at B 1 and 32, a 16-token tree at
@@ -38,7 +39,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-if "--interpret" in sys.argv:  # must precede the first triton import
+if "--interpret" in sys.argv or "--host-overhead" in sys.argv:  # must precede the first triton import
     os.environ["TRITON_INTERPRET"] = "1"
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -398,6 +399,58 @@ def warm_compile_cache(
 
 
 # --------------------------------------------------------------------------------------------------
+# Host overhead (CPU, launches mocked)
+# --------------------------------------------------------------------------------------------------
+def measure_host_overhead(shapes: list[Shape], calls: int = 2000, repeats: int = 5) -> dict:
+    """Python time per call of the CUDA eager path up to the kernel launches, measured on CPU tensors:
+    the Triton backend forced, ``_launch`` replaced by a no-op (it still receives every argument) and
+    the value check that only CPU tensors get (it reads cache_seqlens) switched off. What remains is
+    what a CUDA call pays before Triton's own launcher: argument checks, dispatch, plan, allocation."""
+    import eagle_kernels
+
+    ta = sys.modules["eagle_kernels.tree_attention"]
+    saved = ta._launch, ta._check_values, ta._num_sms
+    ta._launch = lambda kernel, grid, *args, **kw: None
+    ta._check_values = lambda *args: None
+    ta._num_sms = lambda device: DEFAULT_SMS  # the plans (splits, combine launch) of an H100/H200
+    ta._launch_spec.cache_clear()
+    results = {}
+    try:
+        with eagle_kernels.use_backend("triton"):
+            for shape in shapes:
+                kv = torch.empty(2, 2, shape.B, shape.Hkv, shape.s_max, shape.D, dtype=torch.bfloat16)
+                q = torch.empty(shape.B, shape.T, shape.Hq, shape.D, dtype=torch.bfloat16)
+                seqlens = torch.full((shape.B,), shape.prefix, dtype=torch.int32)
+                mask = None
+                if shape.mask == "tree":
+                    mask = torch.zeros(shape.B, shape.T, _cdiv(shape.T, 32), dtype=torch.int32)
+                args = (q, kv[1, 0], kv[1, 1], seqlens, mask)
+                plan = resolve(shape, None, DEFAULT_SMS)
+                results[shape.name] = {
+                    "public_us": _best_us(lambda a=args: tree_attention(*a), calls, repeats),
+                    "launcher_us": _best_us(lambda a=args: _tree_attention_triton(*a, 0.1), calls, repeats),
+                    "checks_us": _best_us(lambda a=args: ta._check_args(*a), calls, repeats),
+                    "launches": 2 if plan.num_splits > 1 else 1,
+                }
+    finally:
+        ta._launch, ta._check_values, ta._num_sms = saved
+        ta._launch_spec.cache_clear()
+    return results
+
+
+def _best_us(fn, calls: int, repeats: int) -> float:
+    for _ in range(100):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+# --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
@@ -405,6 +458,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="list shapes and configurations, run nothing")
     p.add_argument(
         "--interpret", action="store_true", help="tiny shapes on CPU through the Triton interpreter"
+    )
+    p.add_argument(
+        "--host-overhead", action="store_true", help="Python cost per call on CPU, kernel launches mocked"
     )
     p.add_argument("--shapes", nargs="*", help="only these shape names")
     p.add_argument("--budget-s", type=float, default=85.0, help="skip configurations after this many seconds")
@@ -478,13 +534,25 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     deadline = t_start + args.budget_s
     shapes = selected_shapes(args)
-    cuda = torch.cuda.is_available() and not args.interpret and not args.dry_run
-    if not (cuda or args.interpret or args.dry_run):
+    cuda = torch.cuda.is_available() and not (args.interpret or args.dry_run or args.host_overhead)
+    if not (cuda or args.interpret or args.dry_run or args.host_overhead):
         raise SystemExit("no CUDA device: use --dry-run or --interpret")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else DEFAULT_SMS
     work, variants = plan_work(shapes, num_sms if not args.interpret else 1, args.interpret)
     if args.dry_run:
         print_dry_run(work, variants, num_sms)
+        return 0
+    if args.host_overhead:
+        torch.set_num_threads(1)
+        shapes = [s for s in GPU_SHAPES if not args.shapes or s.name in args.shapes]
+        print("# Python time per call before Triton's launcher (CPU tensors, launches mocked, best of 5)")
+        for name, r in measure_host_overhead(shapes).items():
+            print(
+                f"  {name:12s} public tree_attention {r['public_us']:6.2f} us | launcher "
+                f"{r['launcher_us']:6.2f} us | argument checks {r['checks_us']:5.2f} us | "
+                f"{r['launches']} launch(es) then follow",
+                flush=True,
+            )
         return 0
 
     torch.set_num_threads(1)

@@ -446,8 +446,11 @@ class LaunchPlan:
 
 
 @functools.lru_cache(maxsize=16)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter (CPU tensors)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
 
 
 def _default_block_m(rows: int, D: int) -> int:
@@ -541,7 +544,7 @@ def _launch_spec(
 ) -> _LaunchSpec:
     """The cached launch of one (shapes, dtype, device, mask kind, head-dim strides, config) key."""
     G = Hq // Hkv
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    sms = _num_sms(device)
     plan = plan_launch(B, Hkv, T, G, S_max, D, sms, config)
     block_d = triton.next_power_of_2(D)
     constexprs = dict(
