@@ -190,8 +190,8 @@ def describe(config: LaunchConfig | None, plan: LaunchPlan) -> str:
 # --------------------------------------------------------------------------------------------------
 def make_shape_inputs(shape: Shape, device: torch.device, dtype: torch.dtype):
     """(q, k_cache, v_cache, cache_seqlens, tree_mask) as ``bench_tree_attention.make_inputs`` lays
-    them out (layer views of a [layers, 2, B, Hkv, S, D] cache), drawn on the device: a batch-32 cache
-    is 1.1 G values, seconds of CPU time to draw."""
+    them out (layer views of a [layers, 2, B, Hkv, S, D] cache), drawn on the device: the batch-32 cache
+    buffer is 279 M values, seconds of CPU time to draw."""
     from bench.bench_tree_attention import chain_tree_masks
     from eagle_kernels import pack_tree_mask
 

@@ -20,6 +20,11 @@ Backends: Triton on CUDA tensors; on CPU the C++ kernel (``csrc/cpu/tree_attenti
 default because it measured faster than this module's vectorised torch reference on every
 decode-loop shape of ``bench/bench_tree_attention.py`` (2-9x) and at least on par with PyTorch's
 SDPA given a prebuilt mask; the reference is the fallback when the extension is not built.
+
+The Triton launch (row and key block sizes, warps, pipelining stages, flash-decoding splits) is chosen
+from shapes alone by :func:`plan_launch`; :class:`LaunchConfig` overrides any of it through the
+internal launcher ``_tree_attention_triton(..., config)``, which ``bench/sweep_tree_attention.py``
+uses to measure a grid of configurations on a GPU.
 """
 
 from __future__ import annotations
