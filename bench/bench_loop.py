@@ -86,6 +86,13 @@ def tree_label(tree) -> str:
 
 
 def prompts_for(model: EagleModel, batch: int, length: int) -> list[list[int]]:
+    """The first ``length`` tokens of held-out standard-library files when the model has a tokenizer
+    (real text: acceptance as in use), else random token ids (a random stand-in pair)."""
+    if model.tokenizer is not None:
+        from eagle.train.tinycode import heldout_prompts
+
+        files = heldout_prompts(model.tokenizer, batch, length)
+        return [files[i % len(files)] for i in range(batch)]
     gen = torch.Generator().manual_seed(1)
     V = model.target.config.vocab_size
     return [torch.randint(0, V, (length,), generator=gen).tolist() for _ in range(batch)]
