@@ -23,7 +23,7 @@ the target's top-2 logit gap at the first differing token (a tiny gap is a float
     eagle bench --quick                      # smoke test
     eagle bench --target DIR --draft DIR --prompts-file mt_bench.jsonl
 
-Writes ``e2e_<target>[_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
+Writes ``e2e_<target>[_<GPU>][_cudagraph][_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class BenchConfig:
     out: str | None = None
     threads: int | None = None
     device: str = "cpu"
+    cuda_graph: bool = False  # CUDA: vanilla and EAGLE replay their steps from CUDA graphs
     dtype: str | None = None
     seed: int = 0
     lookup_tokens: int = 10
@@ -391,6 +392,7 @@ def run_method(
     temperature: float,
     seed: int,
     lookup_tokens: int,
+    cuda_graph: bool = False,
 ) -> Output:
     """Generate ``new_tokens`` tokens for each prompt of one batch with ``method``."""
     if method == "vanilla" or method in EAGLE_TREES:
@@ -402,6 +404,7 @@ def run_method(
             eos_token_id=[],
             speculative=method != "vanilla",
             tree=EAGLE_TREES.get(method, "dynamic"),
+            cuda_graph=cuda_graph,
         )
         lengths = [n for row in res.accept_lengths for n in row]
         return Output(res.tokens, sum(lengths), len(lengths))
@@ -546,7 +549,14 @@ def _run_cell(config, models, batches, cell: Cell, new_tokens: int) -> tuple[lis
         ids = [p.ids for p in batch]
         outputs.append(
             run_method(
-                cell.method, models, ids, new_tokens, cell.temperature, config.seed + i, config.lookup_tokens
+                cell.method,
+                models,
+                ids,
+                new_tokens,
+                cell.temperature,
+                config.seed + i,
+                config.lookup_tokens,
+                config.cuda_graph,
             )
         )
     sync()
@@ -871,10 +881,13 @@ def target_name(config: BenchConfig, models: Models) -> str:
 
 
 def default_name(config: BenchConfig, models: Models) -> str:
-    """``e2e_<target>[_randomdraft][_quick]``: a random draft or smoke-test run is never mistaken for
-    a final result."""
+    """``e2e_<target>[_<GPU>][_cudagraph][_randomdraft][_quick]``: a GPU run does not overwrite the
+    CPU one, and a random draft or smoke-test run is never mistaken for a final result."""
+    device = torch.device(config.device)
+    gpu = "_" + torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else ""
     return (
-        f"e2e_{target_name(config, models)}"
+        f"e2e_{target_name(config, models)}{gpu}"
+        + ("_cudagraph" if config.cuda_graph else "")
         + ("_randomdraft" if models.random_draft else "")
         + ("_quick" if config.quick else "")
     )
@@ -944,6 +957,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="file name stem (default e2e_<target>[_randomdraft][_quick])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA: vanilla decoding and EAGLE rounds replayed from CUDA graphs (HF methods run as usual)",
+    )
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float64")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens (default 10)")
@@ -980,6 +998,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         name=args.name,
         threads=args.threads,
         device=args.device,
+        cuda_graph=args.cuda_graph,
         dtype=args.dtype,
         seed=args.seed,
         lookup_tokens=args.lookup_tokens,
