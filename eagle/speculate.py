@@ -228,7 +228,7 @@ class SpeculativeDecoder:
         self._graph = None
         if self._warm_state is not s:
             self._warm_state = s
-            return self._round(s, sampling)
+            return _on_side_stream(lambda: self._round(s, sampling))
         try:
             self._graph = self._capture(s, sampling)
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager rounds are exact
@@ -609,6 +609,18 @@ class SpeculativeDecoder:
             draft_cache=s.draft_cache.select_rows(keep),
             nonfinite=s.nonfinite,
         )
+
+
+def _on_side_stream(fn):
+    """Run ``fn`` on a fresh CUDA stream (joined both ways with the current one). Lazily created
+    per-stream state (cuBLAS workspaces, Triton compiles) then exists before a graph capture, which
+    also runs on a side stream, as the CUDA-graph recipe of the PyTorch docs prescribes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,13 @@ def generate_plain(
             break
         if cuda_graph and graph is None and i == 1:  # step 0 ran eagerly: kernels are warm
             graph, graph_token = _capture_step(step, cache, generator)
-        if graph is None:
+        if graph is None and cuda_graph:  # the warm-up step, on a side stream (see _capture_step)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                token = step()
+            torch.cuda.current_stream().wait_stream(side)
+        elif graph is None:
             token = step()
         else:
             cache.check_room(1)
