@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -197,6 +204,198 @@ def test_float64_on_cpu_paths(backend):
 
 
 # --------------------------------------------------------------------------------------------------
+# Triton-backend plans: both paths, tile configurations, split-K, the heuristic, tuning tables
+# --------------------------------------------------------------------------------------------------
+fdi = importlib.import_module("eagle_kernels.fused_draft_input")
+NEEDS_TRITON = pytest.mark.skipif(
+    "triton" not in ALL_BACKENDS, reason="triton unavailable on CPU tensors here"
+)
+PLANS = [
+    "gather_mm",
+    "fused:bm16_bn16_bk16_gm8_sk1_w4_st2",  # H=32: even K, no masked load; M < BLOCK_M: clamped rows
+    "fused:bm16_bn16_bk16_gm8_sk3_w4_st2",  # split-K with an uneven split (and an empty one at H=32)
+    "fused:bm16_bn32_bk32_gm2_sk1_w4_st2",  # H=48: masked K tail; 3 row blocks swizzled in groups of 2
+    "fused:bm32_bn16_bk64_gm1_sk2_w4_st2",  # block_k > H: one masked tile per segment, split over them
+]
+PLAN_CASES = [  # (op, rows, H, bias, id dtype)
+    ("draft", 5, 32, True, torch.int32),
+    ("draft", 37, 48, False, torch.int64),
+    ("eagle3", 19, 32, True, None),
+]
+
+
+@pytest.fixture
+def plan_cache():
+    """Plans are cached per shape; start and end every test that touches them with a clean cache."""
+    fdi.clear_plan_cache()
+    yield
+    fdi.clear_plan_cache()
+
+
+def _plan_case(op, rows, H, bias, id_dtype, dtype, seed=0):
+    if op == "draft":
+        args = make_draft_case((rows,), H, 41, dtype, id_dtype, bias, seed=seed)
+        return fused_draft_input, fused_draft_input_ref, args
+    return fused_eagle3_input, fused_eagle3_input_ref, make_eagle3_case((rows,), H, dtype, bias, seed=seed)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: f"{c[0]}-N{c[1]}-H{c[2]}")
+def test_triton_plans_match_reference(plan, dtype, case):
+    fn, ref_fn, args = _plan_case(*case, dtype, seed=len(plan))
+    with fdi.use_plan(plan):
+        out = run_with_backend("triton", fn, *args)
+    assert_matches(out, ref_fn, args, dtype)
+
+
+@NEEDS_TRITON
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", ["draft", "eagle3"])
+def test_gather_mm_is_the_unfused_gemm_bit_for_bit(dtype, op):
+    """gather_mm packs the segments and makes the very GEMM call F.linear makes on the concat."""
+    fn, ref_fn, args = _plan_case(op, 9, 32, op == "draft", torch.int64, dtype, seed=3)
+    with fdi.use_plan("gather_mm"):
+        out = run_with_backend("triton", fn, *args)
+    assert torch.equal(out, ref_fn(*args))
+
+
+@NEEDS_TRITON
+def test_default_plans_route_to_their_path(monkeypatch, plan_cache):
+    """Below GATHER_MM_MIN_ROWS the fused GEMM runs, from it on gather_mm; use_plan overrides both,
+    and leaving the block restores the default."""
+    calls = []
+    for name in ("_run_fused_gemm", "_run_gather_mm"):
+        real = getattr(fdi, name)
+        monkeypatch.setattr(fdi, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
+    few = make_draft_case((3,), 16, 20, torch.float32, torch.int64, True, seed=1)
+    many = make_draft_case((fdi.GATHER_MM_MIN_ROWS,), 16, 20, torch.float32, torch.int64, True, seed=2)
+    for args, path in ((few, "_run_fused_gemm"), (many, "_run_gather_mm")):
+        calls.clear()
+        assert_matches(
+            run_with_backend("triton", fused_draft_input, *args), fused_draft_input_ref, args, torch.float32
+        )
+        assert calls == [path]
+    calls.clear()
+    with fdi.use_plan(fdi.Plan("gather_mm")):
+        run_with_backend("triton", fused_draft_input, *few)
+    with fdi.use_plan(fdi.GemmConfig(16, 16, 16)):
+        run_with_backend("triton", fused_draft_input, *many)
+    run_with_backend("triton", fused_draft_input, *few)
+    assert calls == ["_run_gather_mm", "_run_fused_gemm", "_run_fused_gemm"]
+
+
+@pytest.mark.parametrize("H", [1024, 2048, 4096, 5120, 8192])
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 33, 64, 65, 255])
+@pytest.mark.parametrize("segments", [2, 3])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_heuristic_config_properties(H, rows, segments, itemsize):
+    """Decode tiles: the rows fit one block up to 64 (W is streamed once), the K tile divides H (no
+    masked load), the grid has programs for at least half the SMs of an H100, split-K only where
+    the tiles alone are few."""
+    cfg = fdi.heuristic_config(rows, H, segments, itemsize, fdi.DEFAULT_NUM_SMS)
+    assert cfg == fdi.GemmConfig.from_name(cfg.name)
+    tiles = -(-rows // cfg.block_m) * -(-H // cfg.block_n)
+    if rows <= 64:
+        assert cfg.block_m >= rows and cfg.block_m <= max(16, 2 * rows)
+    assert H % cfg.block_k == 0 and H % cfg.block_n == 0
+    assert tiles * cfg.split_k >= fdi.DEFAULT_NUM_SMS // 2 and cfg.split_k <= 4
+    assert cfg.split_k == 1 or tiles * cfg.split_k <= fdi.DEFAULT_NUM_SMS
+    assert itemsize == 2 or cfg.num_stages <= 3
+    assert fdi.default_plan(rows, H, segments, torch.bfloat16).config is not None
+    assert fdi.default_plan(fdi.GATHER_MM_MIN_ROWS, H, segments, torch.bfloat16) == fdi.Plan("gather_mm")
+
+
+def test_plan_and_config_names_round_trip():
+    cfg = fdi.GemmConfig(16, 32, 256, group_m=4, split_k=2, num_warps=8, num_stages=5)
+    assert cfg.name == "bm16_bn32_bk256_gm4_sk2_w8_st5" and fdi.GemmConfig.from_name(cfg.name) == cfg
+    for plan in (fdi.Plan("gather_mm"), fdi.Plan("fused"), fdi.Plan("fused", cfg)):
+        assert fdi.Plan.from_name(plan.name) == plan
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: fdi.GemmConfig(8, 16, 16), "block_m must be a power of two in"),
+        (lambda: fdi.GemmConfig(16, 48, 16), "block_n must be a power of two in"),
+        (lambda: fdi.GemmConfig(16, 16, 1024), "block_k must be a power of two in"),
+        (lambda: fdi.GemmConfig(16, 16, 16, split_k=0), "group_m and split_k must be >= 1"),
+        (lambda: fdi.GemmConfig(16, 16, 16, num_warps=3), "num_warps must be"),
+        (lambda: fdi.GemmConfig(16, 16, 16, num_stages=0), "num_stages must be in"),
+        (lambda: fdi.GemmConfig.from_name("bm16_bn16"), "not a GemmConfig name"),
+        (lambda: fdi.Plan("cublas"), "Plan.path must be one of"),
+        (
+            lambda: fdi.Plan("gather_mm", fdi.GemmConfig(16, 16, 16)),
+            "config applies to the 'fused' path only",
+        ),
+    ],
+)
+def test_bad_plans_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_use_plan_rejects_other_types():
+    with pytest.raises(TypeError, match="use_plan takes a Plan, a GemmConfig, a plan name or None"):
+        with fdi.use_plan(3):
+            pass
+
+
+def _write_table(path: Path, best: list[dict]) -> str:
+    path.write_text(json.dumps({"best": best}))
+    return str(path)
+
+
+def test_tuning_table_sets_default_plans(tmp_path, monkeypatch, plan_cache):
+    """EAGLE_KERNELS_FDI_TUNING: per (H, segments, dtype) the plan of the smallest tuned row count
+    >= rows (else the largest) replaces the built-in choice; other shapes keep it."""
+    tuned_small = "fused:bm16_bn64_bk128_gm8_sk4_w4_st4"
+    best = [
+        {"hidden": 4096, "segments": 2, "dtype": "bf16", "rows": 16, "plan": tuned_small},
+        {"hidden": 4096, "segments": 2, "dtype": "bf16", "rows": 512, "plan": "gather_mm"},
+        {"hidden": 4096, "segments": 2, "dtype": "bfloat16", "rows": 64, "plan": "fused"},
+    ]
+    monkeypatch.setenv(fdi.TUNING_ENV, _write_table(tmp_path / "sweep.json", best))
+    fdi.clear_plan_cache()
+    plan = lambda rows, H=4096, seg=2, dtype=torch.bfloat16: fdi.default_plan(rows, H, seg, dtype).name  # noqa: E731
+    assert plan(1) == plan(16) == tuned_small
+    assert plan(17) == plan(64) == "fused"
+    assert plan(65) == plan(10_000) == "gather_mm"
+    builtin = fdi.heuristic_config(1, 4096, 3, 2, fdi.DEFAULT_NUM_SMS).name
+    assert plan(1, seg=3) == f"fused:{builtin}" and plan(1, dtype=torch.float16).startswith("fused:bm16")
+
+
+@pytest.mark.parametrize("content", ["not json", '{"shapes": []}', '{"best": [{"hidden": 64}]}'])
+def test_bad_tuning_table_raises(tmp_path, monkeypatch, plan_cache, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    monkeypatch.setenv(fdi.TUNING_ENV, str(path))
+    fdi.clear_plan_cache()
+    with pytest.raises(ValueError, match=f"{fdi.TUNING_ENV}=.*bad.json: not a readable sweep result"):
+        fdi.default_plan(1, 64, 2, torch.float32)
+
+
+@NEEDS_TRITON
+def test_sweep_dry_run_feeds_the_tuning_table(tmp_path, monkeypatch, plan_cache):
+    """bench/sweep_fused_draft_input.py --dry-run (interpreter): every candidate runs and passes the
+    reference check, and its result file works as EAGLE_KERNELS_FDI_TUNING."""
+    sweep = importlib.import_module("bench.sweep_fused_draft_input")
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--dry-run", "--hidden", "32", "--rows", "3", "300", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    statuses = {name: r["status"] for shape in result["shapes"] for name, r in shape["results"].items()}
+    assert len(statuses) >= 10 and set(statuses.values()) == {"ok"}, statuses
+    assert {(e["rows"], e["hidden"]) for e in result["best"]} == {(3, 32), (300, 32)}
+    monkeypatch.setenv(fdi.TUNING_ENV, str(out))
+    fdi.clear_plan_cache()
+    for entry in result["best"]:
+        assert fdi.default_plan(entry["rows"], 32, 2, torch.bfloat16).name == entry["plan"]
+
+
+# --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
 def _draft_kwargs():
@@ -350,45 +549,26 @@ def test_default_cpu_backend_is_registered_cpp():
     assert eagle_kernels.select_backend(OP3, CPU) == "cpp" and info[OP3] == "cpp"
 
 
-AOT_COMPILE = """
-import sys, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import eagle_kernels
-mod = sys.modules["eagle_kernels.fused_draft_input"]
-kernel, names = mod._fused_segments_linear_kernel, mod._fused_segments_linear_kernel.arg_names
-for rows, dtype, gather, segments in [(1, "bf16", True, 2), (4096, "fp16", False, 3)]:
-    cfg = mod._pick_tiles(rows, 4096, torch.device("cpu"), 2)
-    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
-    # what the JIT specialises at launch: unit inner strides, 16-divisible pointers / strides / K
-    constexprs = dict(cfg, GATHER_SEG0=gather, NUM_SEGMENTS=segments, HAS_BIAS=True, FP32_DOT=False,
-                      stride_s0k=1, stride_s1k=1, stride_s2k=1, stride_wk=1, stride_on=1)
-    sig, attrs = {}, {}
-    for i, n in enumerate(names):
-        sig[n] = "constexpr" if n in constexprs else ("*i64" if n == "ids_ptr" else
-                 "*" + dtype if n.endswith("_ptr") else "i32")
-        if sig[n] != "constexpr" and (n.endswith("_ptr") or n.startswith("stride") or n == "K"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(kernel, sig, {(names.index(k),): v for k, v in constexprs.items()}, attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=launch)
-    assert "async_copy_global_to_local" in compiled.asm["ttgir"], "K loop not software-pipelined"
-    print(rows, dtype, "shared", compiled.metadata.shared)
-"""
-
-
 @pytest.mark.skipif("triton" not in ALL_BACKENDS, reason="triton unavailable")
-def test_triton_kernel_compiles_for_sm90():
-    """Without a GPU: lower the kernel to an sm_90 cubin (decode tile with the embedding gather,
-    prefill tile with three segments) and check that the K loops are pipelined with async copies."""
-    import os
-    import subprocess
-    import sys
-
+def test_default_plans_compile_and_pipeline_for_sm90():
+    """Without a GPU: lower the fused GEMM of every default decode plan of the sweep's shapes (H 4096
+    and 8192, EAGLE-1/2 and EAGLE-3) to sm_90 and check that it fits in shared memory and that every
+    A load (embedding rows, features) and W load of the K loop became a pipelined async copy; the
+    split-K reduction and the gather_mm packing kernel must compile too."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    script = Path(__file__).resolve().parents[2] / "bench" / "sweep_fused_draft_input.py"
     proc = subprocess.run(
-        [sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--aot-check", "--eagle3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    gemms = [r for r in reports if "plan" in r]
+    assert len(gemms) >= 4 and all(r["ok"] and r["async_copies"] >= 4 for r in gemms), gemms
+    assert {r["kernel"] for r in reports if "kernel" in r} == {"splitk_reduce", "pack_segments"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,3 +586,48 @@ def test_gpu_large_shapes(dtype, N, H, V):
     assert_matches(fused_draft_input(*args), fused_draft_input_ref, args, dtype)
     args3 = make_eagle3_case((N,), H, dtype, False, device=cuda, seed=N)
     assert_matches(fused_eagle3_input(*args3), fused_eagle3_input_ref, args3, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,H", [(1, 4096), (16, 2048), (64, 4096), (300, 1024)])
+def test_gpu_plans_match_reference(N, H):
+    """The default plan, gather_mm and a split-K and a square fused configuration on compiled
+    kernels, EAGLE-1/2 and EAGLE-3, bf16."""
+    cuda = torch.device("cuda")
+    plans = [
+        fdi.default_plan(N, H, 2, torch.bfloat16, cuda),
+        fdi.Plan("gather_mm"),
+        fdi.Plan.from_name("fused:bm16_bn64_bk128_gm8_sk4_w4_st4"),
+        fdi.Plan.from_name("fused:bm64_bn128_bk64_gm8_sk1_w4_st4"),
+    ]
+    draft = make_draft_case((N,), H, 32000, torch.bfloat16, torch.int32, True, device=cuda, seed=N)
+    eagle3 = make_eagle3_case((N,), H, torch.bfloat16, False, device=cuda, seed=N)
+    for plan in plans:
+        with fdi.use_plan(plan):
+            assert_matches(fused_draft_input(*draft), fused_draft_input_ref, draft, torch.bfloat16)
+            assert_matches(fused_eagle3_input(*eagle3), fused_eagle3_input_ref, eagle3, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", [None, "gather_mm", "fused:bm16_bn64_bk128_gm8_sk4_w4_st4"])
+def test_gpu_cuda_graph_replay_matches_eager(plan):
+    """Every path (split-K's workspace and gather_mm's scratch are allocated per call) can be
+    captured in a CUDA graph; a replay on new features equals an eager call."""
+    cuda = torch.device("cuda")
+    hidden, ids, embed, w, b = make_draft_case(
+        (8,), 1024, 32000, torch.bfloat16, torch.int64, True, device=cuda
+    )
+    out = torch.empty_like(hidden)
+    with fdi.use_plan(plan):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fused_draft_input(hidden, ids, embed, w, b, out=out)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fused_draft_input(hidden, ids, embed, w, b, out=out)
+        hidden.copy_(torch.randn_like(hidden))
+        ids.copy_(torch.randint_like(ids, 32000))
+        graph.replay()
+        torch.testing.assert_close(out, fused_draft_input(hidden, ids, embed, w, b), rtol=0, atol=0)
