@@ -5,8 +5,11 @@ pytest bench/bench_build_tree.py --benchmark-only --benchmark-group-by=group
 CPU: the reference, the raw C++ kernel (``torch.ops.eagle_C.build_tree`` into pre-allocated outputs)
 and the public ``build_tree`` on the cpp backend (argument checks, allocation and custom-op dispatch
 included), for B in {1, 16, 64} and n in {8, 64}. CUDA (needs a GPU): reference, Triton and the CUDA
-kernel for B in {1, 8, 16, 64}. Times and the reference/kernel ratios of the medians are written to
-``bench/results/build_tree_<device>.json`` (medians: robust to other load on the machine).
+kernel for B in {1, 8, 16, 64}; the pytest-benchmark time is the eager per-call cost (one synchronize
+per call), and extra_info adds the kernel-only time (``kernel_us``: CUDA-graph replays, see
+``bench/utils.py``; the reference, which reads values on the host, falls back to ``do_bench``) with
+GB/s of its inputs + outputs and the roofline fraction. Times and the reference/kernel ratios of the
+medians are written to ``bench/results/build_tree_<device>.json`` (medians: robust to other load).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import save_json, synchronized
+from bench.utils import record_kernel_time, save_json, synchronized, tensor_bytes
 from eagle_kernels._backend import available_backends
 
 # The op module itself: the package attribute ``eagle_kernels.build_tree`` is the function.
@@ -83,6 +86,9 @@ def _record(benchmark, device, B, n, impl):
         return  # --benchmark-disable
     times = _RESULTS.setdefault(device.type, {}).setdefault(f"B={B},n={n}", {})
     times[impl] = {"median_s": stats.stats.median, "min_s": stats.stats.min, "mean_s": stats.stats.mean}
+    if "kernel_us" in benchmark.extra_info:
+        times[impl]["kernel_us"] = benchmark.extra_info["kernel_us"]
+        times[impl]["kernel_timer"] = benchmark.extra_info["kernel_timer"]
     summary = {}
     for key, row in _RESULTS[device.type].items():
         summary[key] = {
@@ -134,15 +140,18 @@ def test_build_tree_cuda(benchmark, B, n, impl):
         pytest.skip(f"{impl} backend unavailable")
     args, kw = _case(B, n, device)
     benchmark.group = f"build_tree cuda B={B} n={n}"
+    out = bt._allocate_outputs(args[1], args[2], kw["num_draft_tokens"], bt.MASK_MODES[MODE])
     if impl == "reference":
-        fn = synchronized(lambda: bt.build_tree_ref(*args, **kw), device)
+
+        def launch():
+            return bt.build_tree_ref(*args, **kw)
+
     else:
-        out = bt._allocate_outputs(args[1], args[2], kw["num_draft_tokens"], bt.MASK_MODES[MODE])
 
         def launch():
             with eagle_kernels.use_backend(impl):
                 bt.build_tree(*args, **kw, out=out)
 
-        fn = synchronized(launch, device)
-    benchmark(fn)
+    benchmark(synchronized(launch, device))
+    record_kernel_time(benchmark, launch, tensor_bytes(args, out), device)  # read inputs, write outputs once
     _record(benchmark, device, B, n, impl)

@@ -1,6 +1,10 @@
 """compact_kv_cache: C++ (CPU) / CUDA / Triton vs the PyTorch reference.
 
 pytest bench/bench_compact_kv_cache.py --benchmark-only --benchmark-group-by=param
+
+extra_info: GB/s and the HBM roofline fraction of the moved rows (read + write) for the eager time
+(pytest-benchmark's, one synchronize per call) and, on CUDA, for the kernel-only time (``kernel_us``:
+CUDA-graph replays, L2 flushed, ``bench/utils.py``).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_bandwidth, synchronized
+from bench.utils import record_bandwidth, record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 
 # (layers, B, Hkv, D, tree slots n, accepted steps)
@@ -50,11 +54,10 @@ def test_compact_kv_cache(benchmark, bench_device, shape, backend):
     dtype = torch.float16 if bench_device.type == "cuda" else torch.float32
     kv, seqlens, idx, num = make_inputs(SHAPES[shape], bench_device, dtype)
     n = SHAPES[shape][4]
-    fn = synchronized(
-        lambda: eagle_kernels.compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=n), bench_device
-    )
-    with eagle_kernels.use_backend(backend):
-        benchmark(fn)
+    call = lambda: eagle_kernels.compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=n)  # noqa: E731
     L, B, H, D, _, steps = SHAPES[shape]
     moved = 2 * L * 2 * B * H * (steps - 1) * D * kv.element_size()  # read + write of each moved row
-    record_bandwidth(benchmark, moved, bench_device)
+    with eagle_kernels.use_backend(backend):
+        benchmark(synchronized(call, bench_device))
+        record_bandwidth(benchmark, moved, bench_device)
+        record_kernel_time(benchmark, call, moved, bench_device)

@@ -4,7 +4,10 @@ reference.
     pytest bench/bench_tree_speculative_sampling.py --benchmark-only --benchmark-group-by=param:shape
 
 ``test_tree_speculative_sampling`` times the public op per backend (validation included: fused into
-the kernels). ``test_kernel_only`` times the bare C++ op against the bare reference function at
+the kernels). On CUDA extra_info adds the kernel-only time (``kernel_us``, CUDA-graph replays:
+``bench/utils.py``) next to the eager figures, each with GB/s and the roofline fraction of
+:func:`walk_bytes` (the full probability rows a walk must read: one per sequence for the bonus, two
+with draft probabilities; a lower bound, the tried children's entries are not counted). ``test_kernel_only`` times the bare C++ op against the bare reference function at
 B=16, n=64, V=32000, the size the >= 10x target is set at. Trees: random, depth <= 6, every node's
 children are the top tokens of the node's target row (as top-k drafts of a good draft model would
 be), so paths get accepted deep. Target rows are peaked softmaxes; to keep the largest shapes
@@ -19,7 +22,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import synchronized
+from bench.utils import record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 from eagle_kernels.tree_speculative_sampling import _tree_sampling_torch
 
@@ -61,6 +64,13 @@ def make_inputs(B: int, n: int, V: int, device: torch.device, *, draft: bool = F
     return [t.to(device) for t in (*inputs, u, uf)]
 
 
+def walk_bytes(B: int, n: int, V: int, *, draft: bool = False) -> int:
+    """Lower bound of the traffic of one call: per sequence the float32 row the bonus token is drawn
+    from (and, with draft probabilities, the draft row of the residual), plus the int64 tree arrays
+    and the uniforms."""
+    return B * V * 4 * (2 if draft else 1) + B * n * (4 * 8 + 4) + B * 4
+
+
 def backends(device: torch.device) -> list[str]:
     return [b for b in available_backends(OP, device) if not (b == "triton" and device.type == "cpu")]
 
@@ -72,12 +82,12 @@ def test_tree_speculative_sampling(benchmark, bench_device, shape, backend):
         pytest.skip(f"{backend} not available on {bench_device.type}")
     B, n, V = SHAPES[shape]
     inputs = make_inputs(B, n, V, bench_device)
-    fn = synchronized(
-        lambda: eagle_kernels.tree_speculative_sampling(*inputs, num_spec_steps=STEPS), bench_device
-    )
+    call = lambda: eagle_kernels.tree_speculative_sampling(*inputs, num_spec_steps=STEPS)  # noqa: E731
+    fn = synchronized(call, bench_device)
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
         benchmark.extra_info["mean_accepted"] = float(fn()[2].float().mean())
+        record_kernel_time(benchmark, call, walk_bytes(B, n, V), bench_device)
 
 
 @pytest.mark.parametrize("shape", ["B8-n64-V32000", "B64-n64-V32000"])
@@ -87,13 +97,12 @@ def test_tree_speculative_sampling_draft_probs(benchmark, bench_device, shape, b
         pytest.skip(f"{backend} not available on {bench_device.type}")
     B, n, V = SHAPES[shape]
     inputs = make_inputs(B, n, V, bench_device, draft=True)
-    fn = synchronized(
-        lambda: eagle_kernels.tree_speculative_sampling_draft_probs(*inputs, num_spec_steps=STEPS),
-        bench_device,
-    )
+    call = lambda: eagle_kernels.tree_speculative_sampling_draft_probs(*inputs, num_spec_steps=STEPS)  # noqa: E731
+    fn = synchronized(call, bench_device)
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
         benchmark.extra_info["mean_accepted"] = float(fn()[2].float().mean())
+        record_kernel_time(benchmark, call, walk_bytes(B, n, V, draft=True), bench_device)
 
 
 @pytest.mark.parametrize("impl", ["reference", "cpp-kernel"])

@@ -3,7 +3,9 @@
 pytest bench/bench_verify_tree_greedy.py --benchmark-only --benchmark-group-by=param:shape
 
 ``test_verify_tree_greedy`` times the public op per backend (argument and tree validation included:
-in Python for the reference and Triton on CPU, inside the kernel for C++). ``test_kernel_only`` times
+in Python for the reference and Triton on CPU, inside the kernel for C++); on CUDA extra_info adds
+the kernel-only time (``kernel_us``, CUDA-graph replays: ``bench/utils.py``) with GB/s of the inputs
+and outputs and the roofline fraction, next to the eager figures. ``test_kernel_only`` times
 the bare C++ op against the bare reference function at B=16, n=64, the size the >= 10x target is set at.
 Trees: random, depth <= 6, siblings in random order; the target agrees with some child of a node
 with probability 0.8, so accepted paths are long (the costly case for a serial walk).
@@ -17,7 +19,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import synchronized
+from bench.utils import record_kernel_time, synchronized, tensor_bytes
 from eagle_kernels._backend import available_backends
 from eagle_kernels.verify_tree_greedy import verify_tree_greedy_ref
 
@@ -64,9 +66,11 @@ def test_verify_tree_greedy(benchmark, bench_device, shape, backend):
         pytest.skip(f"{backend} not available on {bench_device.type}")
     B, n = SHAPES[shape]
     inputs = make_inputs(B, n, bench_device)
-    fn = synchronized(lambda: eagle_kernels.verify_tree_greedy(*inputs, num_spec_steps=STEPS), bench_device)
+    call = lambda: eagle_kernels.verify_tree_greedy(*inputs, num_spec_steps=STEPS)  # noqa: E731
+    fn = synchronized(call, bench_device)
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
+        record_kernel_time(benchmark, call, tensor_bytes(inputs, fn()), bench_device)
     benchmark.extra_info["mean_accepted"] = float(fn()[2].float().mean())
 
 

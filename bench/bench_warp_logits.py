@@ -8,6 +8,8 @@ Parameter sets, the same for every row:
   top_p    temperature 0.8, top_k 0 (off), top_p 0.95, min_p 0 (off): no top-k pre-filter, so the
            top-p cut has to be found over the whole vocabulary
 Logits are N(0, 3^2): a flatter distribution than a trained LM's, which makes top-p keep many tokens.
+GB/s and roofline fractions count one read of the logits and one write of the probabilities, for
+the eager time and, on CUDA, the kernel-only time (``kernel_us``: CUDA-graph replays, ``bench/utils.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_bandwidth, synchronized
+from bench.utils import record_bandwidth, record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 
 OP = "warp_logits"
@@ -42,12 +44,13 @@ def test_warp_logits(benchmark, bench_device, shape, params, backend):
     gen = torch.Generator().manual_seed(0)
     logits = (torch.randn(R, V, generator=gen) * 3).to(bench_device)
     temperature, top_k, top_p, min_p = PARAMS[params]
-    fn = synchronized(
-        lambda: eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p), bench_device
-    )
+    call = lambda: eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)  # noqa: E731
+    fn = synchronized(call, bench_device)
+    moved = 2 * R * V * 4  # read logits, write probabilities once
     with eagle_kernels.use_backend(backend):
         if bench_device.type == "cpu" and R * V >= 64 * 32000:
             benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
         else:
             benchmark(fn)
-    record_bandwidth(benchmark, 2 * R * V * 4, bench_device)  # read logits, write probabilities once
+        record_bandwidth(benchmark, moved, bench_device)
+        record_kernel_time(benchmark, call, moved, bench_device)
