@@ -175,8 +175,11 @@ def unfused(shape: Shape, inputs: tuple) -> torch.Tensor:
 
 
 def reference(shape: Shape, inputs: tuple) -> torch.Tensor:
-    """fp32 on CUDA (TF32 off), fp64 on CPU."""
+    """fp32 on CUDA (TF32 off), fp64 on CPU; only the gathered embedding rows are widened."""
     wide = torch.float32 if inputs[0].is_cuda else torch.float64
+    if shape.segments == 2:
+        hidden, ids, embed, w, b = inputs
+        inputs = (hidden, torch.arange(len(ids), device=ids.device), embed[ids], w, b)
     return unfused(shape, tuple(t.to(wide) if t is not None and t.is_floating_point() else t for t in inputs))
 
 
@@ -294,6 +297,8 @@ def precompile(shapes: list[Shape], device: torch.device, jobs: int, timeout_s: 
                 errors["/".join(map(str, futures[future]))] = message
     except concurrent.futures.TimeoutError:
         errors["timeout"] = f"pre-compilation stopped after {timeout_s:.0f} s; the rest compiles in-process"
+        for process in list(getattr(pool, "_processes", {}).values()):  # workers still compiling
+            process.terminate()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return {
