@@ -9,7 +9,7 @@ error). Every candidate gets a kernel-only time (CUDA-graph replays, L2 flushed 
 microbenchmarks), with TFLOP/s, GB/s and the roofline fraction. Configurations that fail to compile
 or to launch (e.g. too much shared memory) are recorded as errors and skipped.
 
-    python bench/sweep_fused_draft_input.py                  # H100/H200: about 30-60 s
+    python bench/sweep_fused_draft_input.py                  # H100/H200: < 60 s (--budget-s 50)
     python bench/sweep_fused_draft_input.py --eagle3 --budget-s 90
     python bench/sweep_fused_draft_input.py --dry-run        # tiny shapes; no GPU: the Triton interpreter
     python bench/sweep_fused_draft_input.py --aot-check      # compile every candidate for sm_90, no GPU needed
@@ -620,7 +620,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--eagle3", action="store_true", help=f"add the [N, 3H] -> H variant at H={EAGLE3_HIDDEN}")
     p.add_argument(
-        "--budget-s", type=float, default=55.0, help="start no new candidate after this many seconds"
+        "--budget-s", type=float, default=50.0, help="start no new candidate after this many seconds"
     )
     p.add_argument(
         "--jobs",
@@ -630,7 +630,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--no-flush-l2", action="store_true", help="kernel times with a warm L2")
     p.add_argument(
-        "--dry-run", action="store_true", help=f"tiny shapes (H {DRY_RUN_HIDDEN}, rows {DRY_RUN_ROWS})"
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes (plumbing check); without a GPU through the Triton interpreter",
     )
     p.add_argument(
         "--aot-check", action="store_true", help="compile the default plans for --arch, no GPU needed"
