@@ -19,6 +19,8 @@
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
+#   assistant (not default) a 2-layer model of the tiny-code target's tokenizer and data for the Hugging
+#          Face assisted-generation peer of `eagle bench` (export: eagle/assets/tiny-code/assistant layout)
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 W=${W:-/tmp/ew}
@@ -117,5 +119,15 @@ if want train; then
     timeout 400 python3 -m eagle train tiny-code --work "$W/tinycode" --device cuda >"$W/train.log" 2>&1
     log "train tiny-code rc=$? $(tail -1 "$W/train.log")"
     pack train "$W/train.log" "$W/tinycode/summary.json" "$W/tinycode/pair/draft/MODEL_CARD.md"
+fi
+if want assistant; then
+    rm -rf "$W/assistant" && cp -r .devwork/data "$W/assistant"
+    timeout 150 python3 -m eagle.train.pretrain --out "$W/assistant" --device cuda --layers 2 \
+        --batch-size 64 --lr 2e-3 --warmup-tokens 3000000 --max-tokens 80000000 --fit-schedule-s 60 \
+        --eval-every-tokens 4000000 --checkpoint-every-s 100000 >"$W/assistant.log" 2>&1
+    timeout 90 python3 -m eagle.train.pretrain --out "$W/assistant" --export "$W/export/assistant" --from-best \
+        --finished >>"$W/assistant.log" 2>&1
+    log "assistant rc=$? $(tail -1 "$W/assistant.log")"
+    (cd "$W" && tar czf "$OUT/assistant.tgz" export/assistant assistant.log assistant/metrics.jsonl)
 fi
 log "done"
