@@ -697,7 +697,7 @@ def export(
     }
     record["greedy_samples"] = greedy_continuations(tmp_dir)
     (tmp_dir / TRAINING_STATE_NAME).write_text(json.dumps(record, indent=1))
-    (tmp_dir / "MODEL_CARD.md").write_text(model_card(record, command))
+    (tmp_dir / "MODEL_CARD.md").write_text(model_card(record, command, name=export_dir.name))
     if export_dir.exists():
         shutil.rmtree(export_dir)
     os.replace(tmp_dir, export_dir)
@@ -730,7 +730,13 @@ def greedy_continuations(
     return samples
 
 
-def model_card(record: dict, command: str | None) -> str:
+ROLES = {
+    "target": "bundled as the target model of `eagle`'s offline examples and CPU benchmarks",
+    "assistant": "the small assistant model of the Hugging Face assisted-generation peer in `eagle bench`",
+}
+
+
+def model_card(record: dict, command: str | None, name: str = "target") -> str:
     """The MODEL_CARD.md text for an export record (numbers only from the record)."""
     m, t, d = record["model_config"], record["train_config"], record["data"]
     status = (
@@ -746,10 +752,10 @@ def model_card(record: dict, command: str | None) -> str:
         f"```python\n{s['prompt']}{s['continuation']}\n```" for s in record.get("greedy_samples", [])
     )
     flags = " --compile" if t["compile"] else ""
-    return f"""# tiny-code target
+    return f"""# tiny-code {name}
 
 A small Llama-architecture language model of Python code, trained from scratch on the Python
-standard library, bundled as the target model of `eagle`'s offline examples and CPU benchmarks.
+standard library, {ROLES.get(name, "trained with `eagle.train.pretrain`")}.
 
 {status}
 
