@@ -89,5 +89,7 @@ def test_cli_defaults_fit_the_schedule_only_on_cuda(tmp_path):
     assert tinycode.config_from_args(parse(["--work", str(tmp_path)])).fit_schedule_s is None
     cuda = tinycode.config_from_args(parse(["--work", str(tmp_path), "--device", "cuda"]))
     assert cuda.fit_schedule_s == 90.0
-    off = tinycode.config_from_args(parse(["--work", str(tmp_path), "--device", "cuda", "--fit-schedule-s", "0"]))
+    off = tinycode.config_from_args(
+        parse(["--work", str(tmp_path), "--device", "cuda", "--fit-schedule-s", "0"])
+    )
     assert off.fit_schedule_s is None
