@@ -201,15 +201,21 @@ class SpeculativeDecoder:
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
         yield emission
         state = self._drop_finished(state, emission.finished)
-        while state is not None:
-            new_tokens, counts = self._next_round(state, sampling)
-            t0 = time.perf_counter()
-            emission = self._emit(state, new_tokens, counts, max_new_tokens, stop, record=True)
-            state = self._drop_finished(state, emission.finished)
-            if self.times is not None:
-                self.times.other += time.perf_counter() - t0
-                self.times.rounds += 1
-            yield emission
+        try:
+            while state is not None:
+                new_tokens, counts = self._next_round(state, sampling)
+                t0 = time.perf_counter()
+                emission = self._emit(state, new_tokens, counts, max_new_tokens, stop, record=True)
+                state = self._drop_finished(state, emission.finished)
+                if self.times is not None:
+                    self.times.other += time.perf_counter() - t0
+                    self.times.rounds += 1
+                yield emission
+        finally:
+            # A captured graph holds the run's KV caches and its memory pool: release them with the run
+            # (also when the caller stops iterating early), not when the decoder is next used.
+            self._graph = None
+            self._warm_state = None
 
     # ------------------------------------------------------------------------------------------
     # CUDA graphs

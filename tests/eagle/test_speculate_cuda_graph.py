@@ -70,3 +70,14 @@ def test_plain_cuda_graph_needs_a_cuda_model():
     m = eagle.load("tiny-code")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
         m.generate(["x = 1"], 4, speculative=False, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_graph_is_released_after_the_run(cuda_pair):
+    cuda_pair.generate(PROMPTS[:1], 24, cuda_graph=True, eos_token_id=[])
+    stream = cuda_pair.stream(PROMPTS[0], 64, cuda_graph=True, eos_token_id=[])
+    for i, _ in enumerate(stream):
+        if i == 4:  # captured and replayed by now; the caller stops early
+            break
+    stream.close()
+    assert all(d._graph is None and d._warm_state is None for d in cuda_pair._decoders.values())
