@@ -9,6 +9,12 @@ Numerics follow Hugging Face transformers exactly (that is what the parity tests
 the RoPE cos/sin tables are computed in float32 and cast back to the model dtype, also for float64
 models. q/k/v and gate/up projections are fused into one matmul each (gpt-fast style); the
 checkpoint's separate tensors are concatenated at load time.
+
+CPU fast path: on CPU tensors without autograd, the decoder layers run as one call of the C++ op
+``eagle_C::llama_layers`` (csrc/cpu/llama_layers.cpp), which makes the same ATen calls in the same
+order as these modules, so results are bit-identical while the per-op Python overhead disappears.
+The modules stay the reference and the fallback (CUDA, autograd, no extension, or
+``EAGLE_CPU_FAST_PATH=0`` / :func:`set_cpu_fast_path`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import eagle_kernels
 from eagle.models.config import ModelConfig
 from eagle.models.kv_cache import KVCache
 from eagle.models.weights import check_keys, read_state_dict, resolve_checkpoint, resolve_dtype
+from eagle_kernels import _ext
 
 
 def value_checks_enabled(device: torch.device) -> bool:
@@ -251,6 +258,91 @@ def check_token_ids(
 
 
 # --------------------------------------------------------------------------------------------------
+# CPU fast path: all decoder layers in one C++ op call
+# --------------------------------------------------------------------------------------------------
+_CPU_FAST_PATH = os.environ.get("EAGLE_CPU_FAST_PATH", "1") != "0"
+
+
+def set_cpu_fast_path(enabled: bool) -> bool:
+    """Turn the C++ layer op on or off for CPU forwards (the results are identical either way);
+    returns the previous setting. The environment variable ``EAGLE_CPU_FAST_PATH=0`` starts it off."""
+    global _CPU_FAST_PATH
+    previous, _CPU_FAST_PATH = _CPU_FAST_PATH, bool(enabled)
+    return previous
+
+
+def layer_weights(layer: nn.Module) -> list[torch.Tensor | None]:
+    """A decoder layer's tensors in the slot order of ``eagle_C::llama_layers`` (12 per layer; None
+    for an absent norm or bias): input norm, qkv weight/bias, q/k norm, o weight/bias, post-attention
+    norm, gate_up weight/bias, down weight/bias."""
+    attn, mlp = layer.self_attn, layer.mlp
+    input_norm = getattr(layer, "input_layernorm", None)
+    q_norm, k_norm = attn.q_norm, attn.k_norm
+    return [
+        None if input_norm is None else input_norm.weight,
+        attn.qkv_proj.weight,
+        attn.qkv_proj.bias,
+        None if q_norm is None else q_norm.weight,
+        None if k_norm is None else k_norm.weight,
+        attn.o_proj.weight,
+        attn.o_proj.bias,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_up_proj.weight,
+        mlp.gate_up_proj.bias,
+        mlp.down_proj.weight,
+        mlp.down_proj.bias,
+    ]
+
+
+def cpu_fast_path_ok(x: torch.Tensor, weights: list[torch.Tensor | None]) -> bool:
+    """True when the layers of ``weights`` may run as ``eagle_C::llama_layers`` on ``x``: enabled,
+    built, a plain CPU tensor, not traced, and no autograd graph to record."""
+    if not _CPU_FAST_PATH or x.device.type != "cpu" or type(x) is not torch.Tensor:
+        return False
+    if not _ext.has_op("llama_layers") or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled():
+        return not x.requires_grad and not any(w is not None and w.requires_grad for w in weights)
+    return True
+
+
+def run_layers_cpu(
+    x: torch.Tensor,
+    weights: list[torch.Tensor | None],
+    kv: torch.Tensor,
+    ctx: BlockContext,
+    cfg: ModelConfig,
+    *,
+    attn_input: torch.Tensor | None = None,
+    capture: Sequence[int] = (),
+) -> list[torch.Tensor]:
+    """Decoder layers on CPU in one C++ call, bit-identical to calling the layer modules in turn.
+
+    ``x [B, T, H]``: the residual stream entering the first layer; ``weights``: the concatenated
+    :func:`layer_weights` of the layers; ``kv``: the cache tensor ``[L, 2, B, Hkv, S_max, D]`` (layer
+    ``i`` of the list uses ``kv[i]``); ``attn_input [B, T, in_features]`` (one layer only) replaces
+    the attention input (EAGLE-3). Returns ``[output, *hidden states entering the layers in
+    capture]`` (index ``len(layers)`` is the output).
+    """
+    return torch.ops.eagle_C.llama_layers(
+        x,
+        attn_input,
+        weights,
+        kv,
+        ctx.cos,
+        ctx.sin,
+        ctx.kv_rows,
+        ctx.seqlens,
+        ctx.tree_mask,
+        ctx.past,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.rms_norm_eps,
+        list(capture),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # The target model
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -369,17 +461,33 @@ class LlamaModel(nn.Module):
         T = input_ids.shape[1]
         ctx = block_context(cache, T, self.inv_freq(cache.device), self.dtype, positions, tree_mask)
         x = self.embed_tokens(input_ids)
+        weights = [w for layer in self.layers for w in layer_weights(layer)]
+        if cpu_fast_path_ok(x, weights):
+            slots = sorted(capture)
+            x, *inputs = run_layers_cpu(x, weights, cache.kv, ctx, cfg, capture=slots)
+            captured = dict(zip(slots, inputs))
+        else:
+            captured = self._run_layers(x, cache, ctx, capture)
+            x = captured.pop(-1)
+        hidden = self.norm(x)
+        logits = self._logits_at(hidden, logits_index) if compute_logits else None
+        layer_hidden = None if feature_layers is None else tuple(captured[i] for i in feature_layers)
+        return ModelOutput(hidden=hidden, logits=logits, layer_hidden=layer_hidden)
+
+    def _run_layers(
+        self, x: torch.Tensor, cache: KVCache, ctx: BlockContext, capture: set[int]
+    ) -> dict[int, torch.Tensor]:
+        """The reference path: the layer modules in turn. Returns the hidden states entering the
+        layers in ``capture`` (``L`` = the last layer's output) and, under key -1, the output."""
         captured: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in capture:
                 captured[i] = x
             x = layer(x, *cache.layer(i), ctx)
-        if cfg.num_layers in capture:
-            captured[cfg.num_layers] = x
-        hidden = self.norm(x)
-        logits = self._logits_at(hidden, logits_index) if compute_logits else None
-        layer_hidden = None if feature_layers is None else tuple(captured[i] for i in feature_layers)
-        return ModelOutput(hidden=hidden, logits=logits, layer_hidden=layer_hidden)
+        if self.config.num_layers in capture:
+            captured[self.config.num_layers] = x
+        captured[-1] = x
+        return captured
 
     def _logits_at(self, hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         if index is None:
