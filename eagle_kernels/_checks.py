@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,3 +42,53 @@ def check_same_dtype(**tensors: torch.Tensor) -> None:
     if len(set(dtypes.values())) > 1:
         desc = ", ".join(f"{n}={str(d).replace('torch.', '')}" for n, d in dtypes.items())
         raise TypeError(f"dtypes must match: {desc}")
+
+
+_PLAIN_SCALARS = (int, float, bool, str, type(None))
+
+
+def call_signature(*args: object) -> tuple | None:
+    """Everything shape/dtype/device checks of a call can look at: per tensor its shape, dtype,
+    device and strides, per scalar its type and value. None when an argument is neither a plain
+    ``torch.Tensor`` nor a plain scalar (a subclass such as FakeTensor, a list, ...): such calls are
+    never cached, so they always get the full checks and their precise errors."""
+    sig = []
+    for a in args:
+        cls = type(a)
+        if cls is torch.Tensor:
+            sig.append((a.shape, a.dtype, a.device, a.stride()))
+        elif cls in _PLAIN_SCALARS:
+            sig.append((cls, a))
+        else:
+            return None
+    return tuple(sig)
+
+
+class SignatureCache:
+    """Remembers the call signatures (:func:`call_signature`) whose argument checks passed.
+
+    Checks that look only at the signature (never at tensor values) give the same verdict for the
+    same signature, so a call whose signature already passed can skip them; a call that fails is
+    never remembered, so bad input raises the same error every time. Bounded: cleared when full.
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        self._passed: set[tuple] = set()
+        self._maxsize = maxsize
+
+    def run(self, check: Callable[..., None], *args: object) -> None:
+        """``check(*args)`` unless ``args``' signature already passed it."""
+        sig = call_signature(*args)
+        if sig is not None and sig in self._passed:
+            return
+        check(*args)
+        if sig is not None:
+            if len(self._passed) >= self._maxsize:
+                self._passed.clear()
+            self._passed.add(sig)
+
+    def clear(self) -> None:
+        self._passed.clear()
+
+    def __len__(self) -> int:
+        return len(self._passed)

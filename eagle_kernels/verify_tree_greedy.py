@@ -22,8 +22,8 @@ import math
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, check_same_dtype, check_tensor
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
 
 OP = "verify_tree_greedy"
@@ -282,15 +282,10 @@ def _check_links_form_a_forest(first_child: torch.Tensor, next_sibling: torch.Te
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("eagle::verify_tree_greedy", mutates_args=())
-def _verify_tree_greedy_op(
-    candidates: torch.Tensor,
-    retrive_index: torch.Tensor,
-    retrive_next_token: torch.Tensor,
-    retrive_next_sibling: torch.Tensor,
-    target_predict: torch.Tensor,
-    num_spec_steps: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _run_verify_tree_greedy(
+    candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
+):
+    """The op's body: value checks where due, then the backend chosen for the tensors' device."""
     backend = select_backend(OP, candidates.device)
     args = (candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict)
     if backend != "cpp" and (candidates.device.type == "cpu" or debug_checks_enabled()):
@@ -300,6 +295,20 @@ def _verify_tree_greedy_op(
     if backend == "triton":
         return _verify_tree_greedy_triton(*args, num_spec_steps)
     return verify_tree_greedy_ref(*args, num_spec_steps)
+
+
+@torch.library.custom_op("eagle::verify_tree_greedy", mutates_args=())
+def _verify_tree_greedy_op(
+    candidates: torch.Tensor,
+    retrive_index: torch.Tensor,
+    retrive_next_token: torch.Tensor,
+    retrive_next_sibling: torch.Tensor,
+    target_predict: torch.Tensor,
+    num_spec_steps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _run_verify_tree_greedy(
+        candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
+    )
 
 
 @_verify_tree_greedy_op.register_fake
@@ -313,6 +322,8 @@ def _(candidates, retrive_index, retrive_next_token, retrive_next_sibling, targe
 
 
 def _check_args(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, steps):
+    """Shapes, dtypes, devices and ``num_spec_steps`` (no value reads: the verdict depends only on the
+    call's signature, so :data:`_CHECKED` skips a signature that already passed)."""
     check_tensor("candidates", candidates, ndim=2, dtypes=INDEX_DTYPES)
     B, n = candidates.shape
     device = candidates.device
@@ -332,6 +343,9 @@ def _check_args(candidates, retrive_index, retrive_next_token, retrive_next_sibl
         raise ValueError("candidates must have at least one slot per sequence (the root), got n=0")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_spec_steps must be an int >= 1 (root plus drafts), got {steps!r}")
+
+
+_CHECKED = SignatureCache()
 
 
 def verify_tree_greedy(
@@ -385,12 +399,11 @@ def verify_tree_greedy(
         ``[0, 2**31)``. On CUDA without debug checks a malformed tree gives a wrong path but never an
         out-of-bounds access or a hang: every walk is bounded by ``n`` and ``num_spec_steps``.
     """
-    _check_args(
-        candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
-    )
-    return torch.ops.eagle.verify_tree_greedy(
-        candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
-    )
+    args = (candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict)
+    _CHECKED.run(_check_args, *args, num_spec_steps)
+    if eager_fast_path(*args):
+        return _run_verify_tree_greedy(*args, num_spec_steps)
+    return torch.ops.eagle.verify_tree_greedy(*args, num_spec_steps)
 
 
 def sglang_verify_tree_greedy(

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 import torch
@@ -403,3 +404,80 @@ def test_sglang_drop_in_rejects_wrong_output_dtype():
 
 def test_default_cpu_backend_is_cpp():
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host fast path: cached argument checks and backend choice (issue 4)
+# --------------------------------------------------------------------------------------------------
+def test_bad_input_raises_after_the_same_shapes_passed():
+    """A cached signature must not let a different (bad) signature through, and a failure is never
+    cached: the same clear error comes back on every call."""
+    args = _chain_inputs()
+    verify_tree_greedy(*args, num_spec_steps=4)
+    verify_tree_greedy(*args, num_spec_steps=4)  # served by the signature cache
+    bad = [*args[:2], args[2].float(), *args[3:]]
+    for _ in range(2):
+        with pytest.raises(TypeError, match="retrive_next_token must have dtype"):
+            verify_tree_greedy(*bad, num_spec_steps=4)
+    for steps in (0, True, 4.0):
+        with pytest.raises(ValueError, match="num_spec_steps"):
+            verify_tree_greedy(*args, num_spec_steps=steps)
+    # Values are never cached: the same signature with a cycle still raises on CPU.
+    cyclic = [t.clone() for t in args]
+    cyclic[2][0, 2] = 1
+    with pytest.raises(ValueError, match="cycle"):
+        verify_tree_greedy(*cyclic, num_spec_steps=4)
+
+
+def test_eager_fast_path_matches_registered_op():
+    args = _chain_inputs()
+    fast = verify_tree_greedy(*args, num_spec_steps=4)
+    registered = torch.ops.eagle.verify_tree_greedy(*args, 4)
+    for got, want in zip(fast, registered):
+        assert torch.equal(got, want)
+
+
+def test_forced_backend_wins_over_cached_choice(monkeypatch):
+    """The backend choice is cached, but use_backend and EAGLE_KERNELS_BACKEND still take effect on
+    the next call, in both directions."""
+    module = sys.modules["eagle_kernels.verify_tree_greedy"]  # the package exports the function
+    cpu = torch.device("cpu")
+    calls = []
+    real_ref = module.verify_tree_greedy_ref
+    monkeypatch.setattr(module, "verify_tree_greedy_ref", lambda *a: calls.append(1) or real_ref(*a))
+    monkeypatch.delenv("EAGLE_KERNELS_BACKEND", raising=False)
+    args = _chain_inputs()
+    default = eagle_kernels.select_backend(OP, cpu)
+    verify_tree_greedy(*args, num_spec_steps=4)
+    assert calls == [] or default == "torch"
+    calls.clear()
+    with eagle_kernels.use_backend("torch"):
+        assert eagle_kernels.select_backend(OP, cpu) == "torch"
+        verify_tree_greedy(*args, num_spec_steps=4)
+    assert calls == [1]
+    assert eagle_kernels.select_backend(OP, cpu) == default
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "torch")
+    assert eagle_kernels.select_backend(OP, cpu) == "torch"
+    verify_tree_greedy(*args, num_spec_steps=4)
+    assert calls == [1, 1]
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "bogus")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="EAGLE_KERNELS_BACKEND='bogus'"):
+            eagle_kernels.select_backend(OP, cpu)
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "cuda")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="backend 'cuda' was forced but"):
+            verify_tree_greedy(*args, num_spec_steps=4)
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "auto")
+    assert eagle_kernels.select_backend(OP, cpu) == default
+
+
+def test_debug_flag_is_read_on_every_call(monkeypatch):
+    from eagle_kernels._backend import debug_checks_enabled
+
+    monkeypatch.setenv("EAGLE_KERNELS_DEBUG", "1")
+    assert debug_checks_enabled()
+    monkeypatch.setenv("EAGLE_KERNELS_DEBUG", "0")
+    assert not debug_checks_enabled()
+    monkeypatch.delenv("EAGLE_KERNELS_DEBUG")
+    assert not debug_checks_enabled()
