@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, check_tensor
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
 from eagle_kernels._triton import tl, triton
 
 OP = "build_tree"
@@ -540,6 +540,17 @@ def _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, dep
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
+def _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
+    """The op's body: the backend chosen for the tensors' device writes ``outputs``."""
+    backend = select_backend(OP, parent_list.device)
+    if backend in ("cpp", "cuda"):
+        _ext.op(OP)(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
+    elif backend == "triton":
+        _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode)
+    else:
+        _build_tree_into_ref(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode)
+
+
 @torch.library.custom_op(
     "eagle::build_tree",
     mutates_args=("tree_mask", "positions", "retrive_index", "retrive_next_token", "retrive_next_sibling"),
@@ -559,17 +570,7 @@ def _build_tree_op(
     mask_mode: int,
 ) -> None:
     outputs = (tree_mask, positions, retrive_index, retrive_next_token, retrive_next_sibling)
-    backend = select_backend(OP, parent_list.device)
-    if backend in ("cpp", "cuda"):
-        _ext.op(OP)(parent_list, selected_index, seq_lens, *outputs, topk, depth, num_draft_tokens, mask_mode)
-    elif backend == "triton":
-        _build_tree_triton(
-            parent_list, selected_index, seq_lens, outputs, topk, depth, num_draft_tokens, mask_mode
-        )
-    else:
-        _build_tree_into_ref(
-            parent_list, selected_index, seq_lens, outputs, topk, depth, num_draft_tokens, mask_mode
-        )
+    _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, num_draft_tokens, mask_mode)
 
 
 @_build_tree_op.register_fake
@@ -600,7 +601,8 @@ def _mode_id(mask_mode: str) -> int:
 
 
 def _check_args(parent_list, selected_index, seq_lens, topk, depth, n, mode) -> None:
-    """Shapes, dtypes and sizes (cheap, no host synchronisation)."""
+    """Shapes, dtypes and sizes (cheap, no host synchronisation). No value reads: the verdict depends
+    only on the call's signature, so :data:`_CHECKED_ARGS` skips a signature that already passed."""
     for name, value in (("topk", topk), ("depth", depth), ("num_draft_tokens", n)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -620,6 +622,10 @@ def _check_args(parent_list, selected_index, seq_lens, topk, depth, n, mode) -> 
     width = 0 if empty_ok else parent_list_width(topk, depth)
     check_tensor("parent_list", parent_list, dtypes=INDEX_DTYPES, device=device, shape=(B, width))
     check_tensor("seq_lens", seq_lens, dtypes=INDEX_DTYPES, device=device, shape=(B,))
+
+
+_CHECKED_ARGS = SignatureCache()
+_CHECKED_OUTPUTS = SignatureCache()
 
 
 def _check_outputs(outputs, selected_index, n, mode) -> None:
@@ -654,6 +660,13 @@ def _check_outputs(outputs, selected_index, n, mode) -> None:
             raise ValueError(f"{name} must be contiguous")
 
 
+def _check_outputs_flat(
+    tree_mask, positions, retrive_index, next_token, next_sibling, selected_index, n, mode
+):
+    """:func:`_check_outputs` with the five outputs as separate arguments (a cacheable signature)."""
+    _check_outputs((tree_mask, positions, retrive_index, next_token, next_sibling), selected_index, n, mode)
+
+
 def _validate_values(parent_list, selected_index, seq_lens, n, mode, tree_mask, topk, depth) -> None:
     """The reference's value checks on host copies (CPU Triton path, or CUDA with debug checks)."""
     sel = selected_index.to("cpu", torch.int64)
@@ -669,12 +682,16 @@ def _validate_values(parent_list, selected_index, seq_lens, n, mode, tree_mask, 
 
 def _run(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
     device = selected_index.device
-    backend_checks_itself = device.type == "cpu" and select_backend(OP, device) in ("cpp", "torch")
-    if (device.type == "cpu" and not backend_checks_itself) or (
-        device.type != "cpu" and debug_checks_enabled()
-    ):
+    if device.type == "cpu":
+        # The C++ kernel and the reference validate the values themselves.
+        if select_backend(OP, device) not in ("cpp", "torch"):
+            _validate_values(parent_list, selected_index, seq_lens, n, mode, outputs[0], topk, depth)
+    elif debug_checks_enabled():
         _validate_values(parent_list, selected_index, seq_lens, n, mode, outputs[0], topk, depth)
-    torch.ops.eagle.build_tree(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
+    if eager_fast_path(parent_list, selected_index, seq_lens, *outputs):
+        _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode)
+    else:
+        torch.ops.eagle.build_tree(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -756,12 +773,15 @@ def build_tree(
     """
     mode = _mode_id(mask_mode)
     n = num_draft_tokens
-    _check_args(parent_list, selected_index, seq_lens, topk, depth, n, mode)
+    _CHECKED_ARGS.run(_check_args, parent_list, selected_index, seq_lens, topk, depth, n, mode)
     if out is None:
         out = _allocate_outputs(selected_index, seq_lens, n, mode)
     else:
         out = tuple(out)
-        _check_outputs(out, selected_index, n, mode)
+        if len(out) == 5:
+            _CHECKED_OUTPUTS.run(_check_outputs_flat, *out, selected_index, n, mode)
+        else:
+            _check_outputs(out, selected_index, n, mode)
     _run(parent_list, selected_index, seq_lens, out, topk, depth, n, mode)
     return out
 
@@ -795,7 +815,7 @@ def sglang_build_tree_kernel_efficient(
         )
     mode = {FULL_MASK: FULL, QLEN_ONLY: QLEN_BOOL, QLEN_ONLY_BITPACKING: QLEN_BITS_U8}[tree_mask_mode]
     n = draft_token_num
-    _check_args(parent_list, selected_index, verified_seq_len, topk, depth, n, mode)
+    _CHECKED_ARGS.run(_check_args, parent_list, selected_index, verified_seq_len, topk, depth, n, mode)
     B = selected_index.shape[0]
     if mode == QLEN_BITS_U8 and tree_mask.dtype != torch.uint8:
         if tree_mask.element_size() != u8_bytes_per_row(n) or tree_mask.numel() != B * n:
@@ -805,7 +825,7 @@ def sglang_build_tree_kernel_efficient(
             )
         tree_mask = tree_mask.view(torch.uint8)
     outputs = (tree_mask, positions, retrive_index, retrive_next_token, retrive_next_sibling)
-    _check_outputs(outputs, selected_index, n, mode)
+    _CHECKED_OUTPUTS.run(_check_outputs_flat, *outputs, selected_index, n, mode)
     _run(parent_list, selected_index, verified_seq_len, outputs, topk, depth, n, mode)
 
 

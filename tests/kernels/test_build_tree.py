@@ -711,3 +711,55 @@ def test_static_tree_sorts_paths_and_accepts_any_order():
 def test_static_tree_rejects_bad_paths(paths, topk, error, match):
     with pytest.raises(error, match=match):
         build_static_tree(paths, topk=topk)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host fast path: cached argument checks, direct eager calls (issue 4)
+# --------------------------------------------------------------------------------------------------
+def test_bad_arguments_raise_after_the_same_call_passed():
+    """Cached checks must not let a different (bad) signature through; failures are never cached."""
+    case = _valid_case()
+    kw = dict(topk=2, depth=3, num_draft_tokens=5, mask_mode="qlen_bool")
+    good = build_tree(**case, **kw)
+    build_tree(**case, **kw, out=good)
+    build_tree(**case, **kw, out=good)  # served by the signature caches
+    for _ in range(2):
+        with pytest.raises(TypeError, match="seq_lens must have dtype"):
+            build_tree(**(case | {"seq_lens": case["seq_lens"].float()}), **kw)
+        with pytest.raises(ValueError, match="topk must be an int >= 1"):
+            build_tree(**case, **(kw | {"topk": 0}))
+        with pytest.raises(ValueError, match="positions must be contiguous"):
+            strided = torch.empty(good[1].numel() * 2, dtype=torch.int64)[::2]
+            build_tree(**case, **kw, out=(good[0], strided, *good[2:]))
+        with pytest.raises(ValueError, match="out must hold 5 tensors"):
+            build_tree(**case, **kw, out=good[:4])
+
+
+def test_eager_fast_path_matches_registered_op():
+    case = _valid_case()
+    kw = dict(topk=2, depth=3, num_draft_tokens=5, mask_mode="qlen_bool")
+    fast = build_tree(**case, **kw)
+    registered = tuple(torch.empty_like(t).fill_(7) for t in fast)
+    torch.ops.eagle.build_tree(*case.values(), *registered, 2, 3, 5, bt.MASK_MODES["qlen_bool"])
+    for got, want in zip(fast, registered):
+        assert torch.equal(got, want)
+
+
+def test_forced_backend_still_applies_after_cached_calls(monkeypatch):
+    case = _valid_case()
+    kw = dict(topk=2, depth=3, num_draft_tokens=5, mask_mode="qlen_bool")
+    want = build_tree(**case, **kw)
+    calls = []
+    real = bt._build_tree_into_ref
+    monkeypatch.setattr(bt, "_build_tree_into_ref", lambda *a: calls.append(1) or real(*a))
+    with eagle_kernels.use_backend("torch"):
+        got = build_tree(**case, **kw)
+    assert calls == [1]
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "torch")
+    got_env = build_tree(**case, **kw)
+    assert calls == [1, 1]
+    for a, b, c in zip(got, got_env, want):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' was forced but"):
+        build_tree(**case, **kw)
