@@ -46,9 +46,12 @@ from eagle.models.llama import (
     RMSNorm,
     block_context,
     check_token_ids,
+    cpu_fast_path_ok,
     fuse_layer_tensors,
     hf_layer_shapes,
+    layer_weights,
     rope_inv_freq,
+    run_layers_cpu,
     split_layer_tensors,
     value_checks_enabled,
 )
@@ -238,7 +241,12 @@ class Eagle2Head(DraftHead):
         x = eagle_kernels.fused_draft_input(
             hidden, token_ids, self.embed_weight, self.fc.weight, self.fc.bias
         )
-        h = self.layers[0](x, *cache.layer(0), ctx)
+        layer = self.layers[0]
+        weights = layer_weights(layer)
+        if cpu_fast_path_ok(x, weights):
+            h = run_layers_cpu(x, weights, cache.kv, ctx, self.config)[0]
+        else:
+            h = layer(x, *cache.layer(0), ctx)
         logits = F.linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)
 
@@ -265,9 +273,12 @@ class Eagle3Layer(nn.Module):
         v_cache: torch.Tensor,
         ctx: BlockContext,
     ) -> torch.Tensor:
-        x = torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
-        h = h + self.self_attn(x, k_cache, v_cache, ctx)
+        h = h + self.self_attn(self.attention_input(emb, h), k_cache, v_cache, ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def attention_input(self, emb: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``cat(input_layernorm(emb), hidden_norm(h))``: ``2 x [B, T, H] -> [B, T, 2H]``."""
+        return torch.cat((self.input_layernorm(emb), self.hidden_norm(h)), dim=-1)
 
 
 class Eagle3Head(DraftHead):
@@ -333,7 +344,13 @@ class Eagle3Head(DraftHead):
         """
         ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
         emb = F.embedding(token_ids, self.embed_weight)
-        h = self.midlayer(emb, hidden, *cache.layer(0), ctx)
+        layer = self.midlayer
+        weights = layer_weights(layer)
+        if cpu_fast_path_ok(hidden, weights):
+            attn_input = layer.attention_input(emb, hidden)
+            h = run_layers_cpu(hidden, weights, cache.kv, ctx, self.config, attn_input=attn_input)[0]
+        else:
+            h = layer(emb, hidden, *cache.layer(0), ctx)
         logits = self.lm_head(self.norm(_rows(h, logits_index))) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)
 

@@ -1,0 +1,251 @@
+"""The CPU fast path (``eagle_C::llama_layers``) is bit-identical to the Python modules.
+
+Every forward the runtime makes is run twice, through the C++ layer op and through the reference
+modules (``set_cpu_fast_path(False)``), and the hidden states, logits, captured features and the
+whole KV cache must be ``torch.equal``: target prefill (ragged), decode T=1 and tree blocks; draft
+prefill and tree levels continued with ``past > 0``; float32 and float64; batch 1 and ragged batch 3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from eagle.models import load_target
+from eagle.models.draft import Eagle2Head, Eagle2Layer, Eagle3Head, Eagle3Layer, random_draft
+from eagle.models.llama import (
+    LlamaModel,
+    cpu_fast_path_ok,
+    layer_weights,
+    set_cpu_fast_path,
+)
+from eagle_kernels import _ext
+from tests.eagle.conftest import LLAMA3_ROPE
+
+pytestmark = pytest.mark.skipif(
+    not _ext.has_op("llama_layers"), reason="the C++ extension with llama_layers is not built"
+)
+
+DTYPES = [torch.float32, torch.float64]
+TARGET_CASES = {
+    "llama-gqa-llama3rope": ("llama", dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama-mha-tied-biases": (
+        "llama",
+        dict(num_key_value_heads=4, tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    ),
+    "qwen2-qkv-bias": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3-qknorm": ("qwen3", dict(attention_bias=True)),
+}
+LENGTHS = {1: [9], 3: [9, 6, 4]}
+
+
+@pytest.fixture
+def fast_path():
+    """Restores the global switch whatever a test does with it."""
+    previous = set_cpu_fast_path(True)
+    yield
+    set_cpu_fast_path(previous)
+
+
+def random_tree_mask(B: int, T: int, width: int, gen: torch.Generator) -> torch.Tensor:
+    """``[B, T, width]`` bool; the new rows (the last T columns) see themselves."""
+    mask = torch.rand(B, T, width, generator=gen) < 0.5
+    mask[:, :, width - T :] |= torch.eye(T, dtype=torch.bool)
+    return mask
+
+
+def run_both(fn, monkeypatch, reference_cls, method: str = "forward"):
+    """``fn()`` on the fast path (the reference module method made to fail, so the fast path is
+    proven taken) and on the reference path; returns both results."""
+    set_cpu_fast_path(True)
+    with monkeypatch.context() as m:
+        m.setattr(reference_cls, method, _must_not_run)
+        fast = fn()
+    set_cpu_fast_path(False)
+    ref = fn()
+    set_cpu_fast_path(True)
+    return fast, ref
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("the reference path ran although the CPU fast path should have")
+
+
+def assert_all_equal(fast: list[torch.Tensor], ref: list[torch.Tensor]) -> None:
+    assert len(fast) == len(ref)
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        assert torch.equal(a, b), f"output {i} differs: max abs diff {(a - b).abs().max().item()}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Target
+# --------------------------------------------------------------------------------------------------
+def target_forwards(model: LlamaModel, B: int) -> list[torch.Tensor]:
+    """Ragged prefill (all logits, captured features), decode T=1, a tree block; outputs + cache."""
+    gen = torch.Generator().manual_seed(3)
+    V, L = model.config.vocab_size, model.config.num_layers
+    lengths = torch.tensor(LENGTHS[B])
+    cache = model.new_cache(B, 40)
+    outs = []
+    with torch.inference_mode():
+        ids = torch.randint(0, V, (B, int(lengths.max())), generator=gen)
+        o = model(ids, cache, feature_layers=[0, 2, L])
+        outs += [o.hidden, o.logits, *o.layer_hidden]
+        cache.advance(lengths)
+        o = model(torch.randint(0, V, (B, 1), generator=gen), cache)
+        outs += [o.hidden, o.logits]
+        cache.advance(1)
+        T = 6
+        mask = random_tree_mask(B, T, T, gen)
+        positions = cache.seqlens.long()[:, None] + mask.sum(-1) - 1
+        index = torch.randint(0, T, (B, 2), generator=gen)
+        o = model(
+            torch.randint(0, V, (B, T), generator=gen),
+            cache,
+            positions=positions,
+            tree_mask=mask,
+            logits_index=index,
+        )
+        outs += [o.hidden, o.logits, cache.kv.clone(), cache.seqlens.clone()]
+    return outs
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", list(TARGET_CASES))
+def test_target_bit_identical(make_target, monkeypatch, fast_path, case, dtype, B):
+    family, overrides = TARGET_CASES[case]
+    _, path = make_target(family, **overrides)
+    model = load_target(path, dtype=dtype)
+    fast, ref = run_both(lambda: target_forwards(model, B), monkeypatch, LlamaModel, "_run_layers")
+    assert_all_equal(fast, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# Draft heads
+# --------------------------------------------------------------------------------------------------
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every floating parameter ~ U(0.5, 1.5) * sign-free noise: norms and biases away from 1 and 0."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.copy_(
+                    (torch.rand(p.shape, generator=gen, dtype=torch.float64) - 0.5) * 0.3 + (p.dim() == 1)
+                )
+
+
+def make_head(target: LlamaModel, kind: str, *, bias: bool, qkv_bias: bool):
+    head = random_draft(target, kind, bias=bias)
+    if qkv_bias:  # a Qwen2-style head with q/k/v biases, built like random_draft builds it
+        cfg = dataclasses.replace(head.config, qkv_bias=True)
+        head = Eagle2Head(cfg, target.lm_head_weight).to(dtype=target.dtype)
+    randomise(head, seed=5)
+    return head.eval().requires_grad_(False)
+
+
+def draft_forwards(head, B: int) -> list[torch.Tensor]:
+    """Draft prefill over the target features, then a tree grown level by level (past > 0)."""
+    gen = torch.Generator().manual_seed(4)
+    cfg = head.config
+    H, V = cfg.hidden_size, cfg.vocab_size
+    lengths = torch.tensor(LENGTHS[B])
+    cache = head.new_cache(B, 40)
+    outs = []
+    with torch.inference_mode():
+        n = int(lengths.max())
+        hidden = torch.randn(B, n, H, generator=gen, dtype=head.dtype)
+        o = head(hidden, torch.randint(0, V, (B, n), generator=gen), cache)
+        outs += [o.hidden, o.logits]
+        cache.advance(lengths)
+        past = 0
+        for T in (1, 3, 4):  # tree levels: each continues the block written by the earlier ones
+            mask = random_tree_mask(B, T, past + T, gen)
+            positions = cache.seqlens.long()[:, None] + past + torch.zeros(B, T, dtype=torch.int64)
+            index = torch.randint(0, T, (B, 1), generator=gen)
+            o = head(
+                o.hidden[:, -1:].expand(B, T, H).contiguous(),
+                torch.randint(0, V, (B, T), generator=gen),
+                cache,
+                positions=positions,
+                tree_mask=mask,
+                logits_index=index,
+                past=past,
+            )
+            outs += [o.hidden, o.logits]
+            past += T
+        outs += [cache.kv.clone()]
+    return outs
+
+
+DRAFT_CASES = {
+    "eagle2-fc-bias": ("eagle2", dict(bias=True, qkv_bias=False)),
+    "eagle2-no-bias": ("eagle2", dict(bias=False, qkv_bias=False)),
+    "eagle2-qkv-bias": ("eagle2", dict(bias=True, qkv_bias=True)),
+    "eagle3": ("eagle3", dict(bias=False, qkv_bias=False)),
+}
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", list(DRAFT_CASES))
+def test_draft_bit_identical(make_target, monkeypatch, fast_path, case, dtype, B):
+    kind, options = DRAFT_CASES[case]
+    _, path = make_target("llama", num_key_value_heads=2)
+    target = load_target(path, dtype=dtype)
+    head = make_head(target, kind, **options)
+    layer_cls = Eagle2Layer if kind == "eagle2" else Eagle3Layer
+    fast, ref = run_both(lambda: draft_forwards(head, B), monkeypatch, layer_cls)
+    assert_all_equal(fast, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# When the fast path is (not) taken, and bad input
+# --------------------------------------------------------------------------------------------------
+def test_autograd_uses_the_modules(make_target, fast_path):
+    """Training (weights requiring grad under grad mode) must record a graph: reference path."""
+    _, path = make_target("llama")
+    target = load_target(path)
+    head = random_draft(target, "eagle2")  # train mode, weights require grad
+    weights = layer_weights(head.layers[0])
+    x = torch.randn(1, 2, target.config.hidden_size)
+    assert not cpu_fast_path_ok(x, weights)
+    with torch.no_grad():
+        assert cpu_fast_path_ok(x, weights)
+    assert not cpu_fast_path_ok(x.requires_grad_(), layer_weights(target.layers[0]))
+    set_cpu_fast_path(False)
+    assert not cpu_fast_path_ok(x.detach(), layer_weights(target.layers[0]))
+
+
+def test_trainable_head_records_a_graph(make_target, monkeypatch, fast_path):
+    _, path = make_target("llama")
+    target = load_target(path)
+    head = random_draft(target, "eagle3")
+    assert isinstance(head, Eagle3Head)
+    monkeypatch.setattr(torch.ops.eagle_C, "llama_layers", _must_not_run, raising=False)
+    out = head(torch.randn(1, 3, target.config.hidden_size), torch.tensor([[1, 2, 3]]), head.new_cache(1, 8))
+    assert out.hidden.requires_grad and out.logits.requires_grad
+
+
+def test_op_rejects_bad_weight_lists(make_target, fast_path):
+    _, path = make_target("llama")
+    model = load_target(path)
+    cache = model.new_cache(1, 8)
+    op = torch.ops.eagle_C.llama_layers
+    x = torch.randn(1, 1, model.config.hidden_size)
+    D = model.config.head_dim
+    cos = torch.ones(1, 1, 1, D)
+    rows = torch.zeros(model.config.num_kv_heads, dtype=torch.int64)
+    args = (cache.kv, cos, cos, rows, cache.seqlens, None, 0, 4, 2, 1e-5)
+    weights = layer_weights(model.layers[0])
+    with pytest.raises(ValueError, match="entries per layer"):
+        op(x, None, weights[:-1], *args, [])
+    with pytest.raises(ValueError, match="lacks required weight"):
+        op(x, None, weights[:1] + [None] + weights[2:], *args, [])
+    with pytest.raises(ValueError, match="capture index"):
+        op(x, None, weights, *args, [5])
+    with pytest.raises(ValueError, match="attn_input needs exactly one layer"):
+        op(x, x, weights + weights, *args, [])
