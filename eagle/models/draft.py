@@ -159,6 +159,11 @@ class DraftHead(nn.Module):
         return block_context(cache, T, self._inv_freq, self.dtype, positions, tree_mask, past)
 
 
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as a plain tensor (a Parameter detached; same storage)."""
+    return t.detach() if isinstance(t, nn.Parameter) else t
+
+
 def _rows(hidden: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """``hidden [B, T, H]`` at block positions ``index [B, K]`` (all rows when None)."""
     if index is None:
@@ -238,12 +243,15 @@ class Eagle2Head(DraftHead):
             :func:`eagle.models.llama.block_context`).
         """
         ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
-        x = eagle_kernels.fused_draft_input(
-            hidden, token_ids, self.embed_weight, self.fc.weight, self.fc.bias
-        )
-        layer = self.layers[0]
+        layer, fc = self.layers[0], self.fc
         weights = layer_weights(layer)
-        if cpu_fast_path_ok(x, weights):
+        fast = cpu_fast_path_ok(hidden, [*weights, fc.weight, fc.bias, self.embed_weight])
+        # Without autograd, plain tensors (not Parameters) let fused_draft_input skip its custom-op
+        # wrapper (~30 us on CPU); the same kernel runs either way.
+        tensors = (self.embed_weight, fc.weight, fc.bias)
+        embed, fc_weight, fc_bias = (_plain(t) for t in tensors) if fast else tensors
+        x = eagle_kernels.fused_draft_input(hidden, token_ids, embed, fc_weight, fc_bias)
+        if fast:
             h = run_layers_cpu(x, weights, cache.kv, ctx, self.config)[0]
         else:
             h = layer(x, *cache.layer(0), ctx)

@@ -294,16 +294,27 @@ def layer_weights(layer: nn.Module) -> list[torch.Tensor | None]:
     ]
 
 
+def cpu_fast_path_wanted(x: torch.Tensor) -> bool:
+    """True when layers on ``x`` may run as ``eagle_C::llama_layers``, autograd aside: enabled,
+    built, a plain CPU tensor, not traced. Cheap; checked before the weights are gathered."""
+    return (
+        _CPU_FAST_PATH
+        and x.device.type == "cpu"
+        and type(x) is torch.Tensor
+        and _ext.has_op("llama_layers")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when grad mode is on and any of ``tensors`` requires grad (a graph must be recorded)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def cpu_fast_path_ok(x: torch.Tensor, weights: list[torch.Tensor | None]) -> bool:
     """True when the layers of ``weights`` may run as ``eagle_C::llama_layers`` on ``x``: enabled,
     built, a plain CPU tensor, not traced, and no autograd graph to record."""
-    if not _CPU_FAST_PATH or x.device.type != "cpu" or type(x) is not torch.Tensor:
-        return False
-    if not _ext.has_op("llama_layers") or torch.compiler.is_compiling():
-        return False
-    if torch.is_grad_enabled():
-        return not x.requires_grad and not any(w is not None and w.requires_grad for w in weights)
-    return True
+    return cpu_fast_path_wanted(x) and not needs_autograd(x, *weights)
 
 
 def run_layers_cpu(
@@ -461,8 +472,10 @@ class LlamaModel(nn.Module):
         T = input_ids.shape[1]
         ctx = block_context(cache, T, self.inv_freq(cache.device), self.dtype, positions, tree_mask)
         x = self.embed_tokens(input_ids)
-        weights = [w for layer in self.layers for w in layer_weights(layer)]
-        if cpu_fast_path_ok(x, weights):
+        weights = (
+            [w for layer in self.layers for w in layer_weights(layer)] if cpu_fast_path_wanted(x) else []
+        )
+        if weights and not needs_autograd(x, *weights):
             slots = sorted(capture)
             x, *inputs = run_layers_cpu(x, weights, cache.kv, ctx, cfg, capture=slots)
             captured = dict(zip(slots, inputs))
