@@ -6,6 +6,7 @@ vocab 4096, untied; random weights, float32). Each measurement decodes greedily,
 load hits both alike.
 
     python bench/bench_runtime.py                     # table + bench/results/runtime_cpu.json
+    python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1/8/16
     pytest bench/bench_runtime.py --benchmark-only    # the same decode step under pytest-benchmark
 """
 
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.utils import save_json  # noqa: E402
 from eagle.models import load_target  # noqa: E402
+from eagle.models.draft import random_draft  # noqa: E402
+from eagle.models.llama import set_cpu_fast_path  # noqa: E402
 
 SHAPE = dict(
     vocab_size=4096,
@@ -148,6 +151,72 @@ def run(rounds: int, new_tokens: int, threads: int) -> dict:
     }
 
 
+def _mean_ms(fn, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return 1e3 * (time.perf_counter() - start) / calls
+
+
+@torch.inference_mode()
+def compare_forwards(rounds: int, threads: int, calls: int = 50) -> dict:
+    """Per-forward ms of the CPU fast path (``eagle_C::llama_layers``) vs the Python modules, for
+    target blocks of T = 1, 8, 16 (tree-masked, 100-token cache) and one EAGLE-1/2 draft level
+    (T = 1, 8 rows continuing a tree block, past = 3), batch 1. The two paths alternate round by
+    round; the outputs are checked equal."""
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, ours = build_models(Path(tmp))
+    head = random_draft(ours, "eagle2").eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(2)
+    V, H = SHAPE["vocab_size"], SHAPE["hidden_size"]
+    cache, draft_cache = ours.new_cache(1, PROMPT_LEN + 32), head.new_cache(1, PROMPT_LEN + 32)
+    cache.advance(PROMPT_LEN)
+    draft_cache.advance(PROMPT_LEN)
+    cases = {}
+    for T in (1, 8, 16):
+        ids = torch.randint(0, V, (1, T), generator=gen)
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
+        cases[f"target forward T={T}"] = lambda ids=ids, mask=mask: ours(ids, cache, tree_mask=mask).logits
+    for T in (1, 8):
+        hidden = torch.randn(1, T, H, generator=gen)
+        ids = torch.randint(0, V, (1, T), generator=gen)
+        mask, pos = torch.ones(1, T, 3 + T, dtype=torch.bool), torch.full((1, T), PROMPT_LEN + 3)
+
+        def level(hidden=hidden, ids=ids, mask=mask, pos=pos):
+            return head(hidden, ids, draft_cache, positions=pos, tree_mask=mask, past=3).logits
+
+        cases[f"draft level T={T}"] = level
+    paths = {"python modules": False, "C++ layer op": True}
+    times = {case: {path: [] for path in paths} for case in cases}
+    same = True
+    previous = set_cpu_fast_path(True)
+    try:
+        for case, fn in cases.items():
+            outputs = {}
+            for path, enabled in paths.items():
+                set_cpu_fast_path(enabled)
+                outputs[path] = fn()  # warm-up
+            same &= torch.equal(*outputs.values())
+            for _ in range(rounds):
+                for path, enabled in paths.items():
+                    set_cpu_fast_path(enabled)
+                    times[case][path].append(_mean_ms(fn, calls))
+    finally:
+        set_cpu_fast_path(previous)
+    ms = {case: {p: statistics.median(t) for p, t in by_path.items()} for case, by_path in times.items()}
+    return {"threads": torch.get_num_threads(), "rounds": rounds, "ms_median": ms, "bit_identical": same}
+
+
+def print_forwards(result: dict) -> None:
+    print(f"forwards, batch 1, {result['threads']} thread(s), median of {result['rounds']} rounds")
+    print(f"{'forward':<24}{'python ms':>10}{'C++ op ms':>10}{'speedup':>9}")
+    for case, ms in result["ms_median"].items():
+        py, cpp = ms["python modules"], ms["C++ layer op"]
+        print(f"{case:<24}{py:>10.3f}{cpp:>10.3f}{py / cpp:>8.2f}x")
+    print(f"outputs bit-identical: {result['bit_identical']}")
+
+
 def print_table(result: dict) -> None:
     ms = result["ms_per_token_median"]
     hf_ms = ms["HF forward + DynamicCache"]
@@ -178,13 +247,20 @@ def main(argv: list[str] | None = None) -> None:
         help="torch thread counts to run",
     )
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument(
+        "--forwards", action="store_true", help="also compare the C++ layer op with the Python modules"
+    )
     args = parser.parse_args(argv)
-    results = []
+    results, forwards = [], []
     for threads in dict.fromkeys(args.threads):
         results.append(run(args.rounds, args.new_tokens, threads))
         print_table(results[-1])
+        if args.forwards:
+            forwards.append(compare_forwards(args.rounds, threads))
+            print_forwards(forwards[-1])
     if not args.no_save:
-        print(f"wrote {save_json('runtime_cpu.json', {'runs': results})}")
+        payload = {"runs": results} | ({"forwards": forwards} if forwards else {})
+        print(f"wrote {save_json('runtime_cpu.json', payload)}")
 
 
 # --------------------------------------------------------------------------------------------------
