@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, check_tensor
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
 from eagle_kernels._triton import tl, triton
 from eagle_kernels.tree_speculative_sampling import (
     BAD_DRAFT,
@@ -30,6 +30,7 @@ from eagle_kernels.tree_speculative_sampling import (
     PROB_LIMIT,
     PROB_TOL,
     STATUS_MESSAGES,
+    _raise_on_status,
     _row_status,
     _sample_bonus,
     _sample_residual,
@@ -288,6 +289,17 @@ def _chain_sampling_triton(
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
+def _run_chain_sampling(*args):
+    """The op's body (arguments as in :func:`_chain_speculative_sampling_op`): the backend chosen for
+    the tensors' device."""
+    backend = select_backend(OP, args[3].device)
+    if backend in ("cpp", "cuda"):
+        return tuple(_ext.op(OP)(*args))
+    if backend == "triton":
+        return _chain_sampling_triton(*args)
+    return _chain_sampling_torch(*args)
+
+
 @torch.library.custom_op("eagle::chain_speculative_sampling", mutates_args=())
 def _chain_speculative_sampling_op(
     draft_token_ids: torch.Tensor,
@@ -299,8 +311,7 @@ def _chain_speculative_sampling_op(
     uniform_final: torch.Tensor,
     max_spec_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = select_backend(OP, target_probs.device)
-    args = (
+    return _run_chain_sampling(
         draft_token_ids,
         cu_num_draft_tokens,
         draft_probs,
@@ -310,11 +321,6 @@ def _chain_speculative_sampling_op(
         uniform_final,
         max_spec_len,
     )
-    if backend in ("cpp", "cuda"):
-        return tuple(_ext.op(OP)(*args))
-    if backend == "triton":
-        return _chain_sampling_triton(*args)
-    return _chain_sampling_torch(*args)
 
 
 @_chain_speculative_sampling_op.register_fake
@@ -328,6 +334,8 @@ def _(draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs, bonus, u,
 # Public function
 # --------------------------------------------------------------------------------------------------
 def _check_args(draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs, bonus, u, uf, max_spec_len):
+    """Shapes, dtypes, devices, strides and ``max_spec_len`` (no value reads: the verdict depends
+    only on the call's signature, so :data:`_CHECKED` skips a signature that already passed)."""
     check_tensor("target_probs", target_probs, ndim=2, dtypes=(torch.float32,))
     T, V = target_probs.shape
     device = target_probs.device
@@ -345,6 +353,9 @@ def _check_args(draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs,
     check_tensor("uniform_final", uf, dtypes=(torch.float32,), device=device, shape=(B,))
     if isinstance(max_spec_len, bool) or not isinstance(max_spec_len, int) or max_spec_len < 0:
         raise ValueError(f"max_spec_len must be a non-negative int, got {max_spec_len!r}")
+
+
+_CHECKED = SignatureCache()
 
 
 def chain_speculative_sampling(
@@ -419,26 +430,14 @@ def chain_speculative_sampling(
     if max_spec_len is None and isinstance(cu_num_draft_tokens, torch.Tensor):
         counts = torch.diff(cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1).long())
         max_spec_len = max(int(counts.max()), 0) if counts.numel() else 0
-    _check_args(
-        draft_token_ids,
-        cu_num_draft_tokens,
-        draft_probs,
-        target_probs,
-        bonus,
-        uniform_samples,
-        uniform_final,
-        max_spec_len,
-    )
-    out, status = torch.ops.eagle.chain_speculative_sampling(
-        draft_token_ids,
-        cu_num_draft_tokens,
-        draft_probs,
-        target_probs,
-        bonus,
-        uniform_samples,
-        uniform_final,
-        max_spec_len,
-    )
+    tensors = (draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs, bonus)
+    tensors += (uniform_samples, uniform_final)
+    _CHECKED.run(_check_args, *tensors, max_spec_len)
+    eager = eager_fast_path(*tensors)
+    if eager:
+        out, status = _run_chain_sampling(*tensors, max_spec_len)
+    else:
+        out, status = torch.ops.eagle.chain_speculative_sampling(*tensors, max_spec_len)
     if target_probs.device.type == "cpu" or debug_checks_enabled():
-        raise_on_status(OP, status, CHAIN_STATUS_MESSAGES)
+        (_raise_on_status if eager else raise_on_status)(OP, status, CHAIN_STATUS_MESSAGES)
     return out

@@ -44,8 +44,8 @@ from __future__ import annotations
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, check_same_dtype, check_tensor
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
 
 OP = "tree_speculative_sampling"
@@ -680,6 +680,17 @@ def _tree_sampling_triton(
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
+def _run_tree_sampling(*args):
+    """The op's body (arguments as in :func:`_tree_speculative_sampling_op`): the backend chosen for
+    the tensors' device."""
+    backend = select_backend(OP, args[4].device)
+    if backend in ("cpp", "cuda"):
+        return tuple(_ext.op(OP)(*args))
+    if backend == "triton":
+        return _tree_sampling_triton(*args)
+    return _tree_sampling_torch(*args)
+
+
 @torch.library.custom_op("eagle::tree_speculative_sampling", mutates_args=())
 def _tree_speculative_sampling_op(
     candidates: torch.Tensor,
@@ -695,8 +706,7 @@ def _tree_speculative_sampling_op(
     threshold_single: float,
     threshold_acc: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = select_backend(OP, target_probs.device)
-    args = (
+    return _run_tree_sampling(
         candidates,
         retrive_index,
         retrive_next_token,
@@ -710,11 +720,6 @@ def _tree_speculative_sampling_op(
         threshold_single,
         threshold_acc,
     )
-    if backend in ("cpp", "cuda"):
-        return tuple(_ext.op(OP)(*args))
-    if backend == "triton":
-        return _tree_sampling_triton(*args)
-    return _tree_sampling_torch(*args)
 
 
 @_tree_speculative_sampling_op.register_fake
@@ -728,6 +733,8 @@ def _(candidates, retrive_index, next_token, next_sibling, target_probs, draft_p
 # Public functions
 # --------------------------------------------------------------------------------------------------
 def _check_args(candidates, retrive_index, next_token, next_sibling, target_probs, draft_probs, u, uf, steps):
+    """Shapes, dtypes, devices, strides and ``num_spec_steps`` (no value reads: the verdict depends
+    only on the call's signature, so :data:`_CHECKED` skips a signature that already passed)."""
     check_tensor("target_probs", target_probs, ndim=3, dtypes=(torch.float32,))
     B, n, V = target_probs.shape
     device = target_probs.device
@@ -765,16 +772,22 @@ def _debug_scan_rows(name: str, probs: torch.Tensor) -> None:
         )
 
 
-@torch.compiler.disable  # reads the status on the host: a deliberate graph break under torch.compile
-def raise_on_status(op: str, status: torch.Tensor, messages: dict[int, str] = STATUS_MESSAGES) -> None:
+def _raise_on_status(op: str, status: torch.Tensor, messages: dict[int, str] = STATUS_MESSAGES) -> None:
     """Turn the per-sequence status words of an op into one ValueError naming the first problem."""
     status = status.cpu()
-    if not bool((status != 0).any()):
+    if int(status.count_nonzero()) == 0:
         return
     b = int((status != 0).nonzero()[0])
     word = int(status[b])
     problems = "; ".join(msg for bit, msg in messages.items() if word & bit)
     raise ValueError(f"eagle_kernels.{op}: sequence {b}: {problems}")
+
+
+# Reads the status on the host: a deliberate graph break under torch.compile (plain eager calls use
+# the undecorated function, which skips the decorator's per-call cost).
+raise_on_status = torch.compiler.disable(_raise_on_status)
+
+_CHECKED = SignatureCache()
 
 
 def _run(
@@ -791,26 +804,20 @@ def _run(
     threshold_single=1.0,
     threshold_acc=1.0,
 ):
-    _check_args(candidates, retrive_index, next_token, next_sibling, target_probs, draft_probs, u, uf, steps)
-    check_values = target_probs.device.type == "cpu" or debug_checks_enabled()
-    if debug_checks_enabled():
+    tensors = (candidates, retrive_index, next_token, next_sibling, target_probs, draft_probs, u, uf)
+    _CHECKED.run(_check_args, *tensors, steps)
+    debug = debug_checks_enabled()
+    if debug:
         _debug_scan_rows("target_probs", target_probs)
-    predicts, accept_index, num, status = torch.ops.eagle.tree_speculative_sampling(
-        candidates,
-        retrive_index,
-        next_token,
-        next_sibling,
-        target_probs,
-        draft_probs,
-        u,
-        uf,
-        steps,
-        lossy,
-        float(threshold_single),
-        float(threshold_acc),
-    )
-    if check_values:
-        raise_on_status(OP if draft_probs is None else f"{OP}_draft_probs", status)
+    args = (*tensors, steps, lossy, float(threshold_single), float(threshold_acc))
+    eager = eager_fast_path(*tensors)
+    if eager:
+        predicts, accept_index, num, status = _run_tree_sampling(*args)
+    else:
+        predicts, accept_index, num, status = torch.ops.eagle.tree_speculative_sampling(*args)
+    if target_probs.device.type == "cpu" or debug:
+        op = OP if draft_probs is None else f"{OP}_draft_probs"
+        (_raise_on_status if eager else raise_on_status)(op, status)
     return predicts, accept_index, num
 
 

@@ -306,3 +306,29 @@ def test_statistical_test_detects_a_wrong_sampler(sampled):
     tokens = first_two(model, recovers_from_target(backend_sampler("torch")), sampled, 20000, seed=4)
     pvalue = chi_square_pvalue(tokens, model.joint_first_two())
     assert pvalue < 1e-6, f"the chi-square test failed to detect a biased sampler (p = {pvalue:.2e})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host fast path: cached argument checks, direct eager calls (issue 4)
+# --------------------------------------------------------------------------------------------------
+def test_bad_input_raises_after_the_same_signature_passed(monkeypatch):
+    args, k = make_case(3, draft=True)
+    want = chain_speculative_sampling(*args, max_spec_len=k)
+    assert torch.equal(chain_speculative_sampling(*args, max_spec_len=k), want)  # cached checks
+    registered, _ = torch.ops.eagle.chain_speculative_sampling(*args, k)
+    assert torch.equal(registered, want)
+    T, V = args[3].shape
+    strided = torch.empty(T, 2 * V)[:, ::2]
+    strided.copy_(args[3])  # same shape and values, vocabulary not contiguous
+    for _ in range(2):
+        with pytest.raises(ValueError, match="contiguous vocabulary dimension"):
+            chain_speculative_sampling(*args[:3], strided, *args[4:], max_spec_len=k)
+        with pytest.raises(ValueError, match="max_spec_len must be a non-negative int"):
+            chain_speculative_sampling(*args, max_spec_len=-1)
+    chain = importlib.import_module("eagle_kernels.chain_speculative_sampling")
+    calls = []
+    real = chain._chain_sampling_torch
+    monkeypatch.setattr(chain, "_chain_sampling_torch", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "torch")
+    assert torch.equal(chain_speculative_sampling(*args, max_spec_len=k), want)
+    assert calls == [1]

@@ -676,3 +676,51 @@ def test_statistical_test_detects_a_wrong_sampler(sampled):
     tokens = first_two_tokens(model, sampler, sampled, N_STAT, seed=2)
     pvalue = chi_square_pvalue(tokens, model.joint_first_two())
     assert pvalue < 1e-6, f"the chi-square test failed to detect a biased sampler (p = {pvalue:.2e})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host fast path: cached argument checks, direct eager calls (issue 4)
+# --------------------------------------------------------------------------------------------------
+def test_bad_input_raises_after_the_same_signature_passed():
+    """Cached checks key on shapes, dtypes, devices and strides; values are never cached."""
+    case = _bad_case(lambda c: None)
+    args, steps = case["args"], case["steps"]
+    tree_speculative_sampling(*args, num_spec_steps=steps)
+    tree_speculative_sampling(*args, num_spec_steps=steps)  # served by the signature cache
+    probs = args[4]
+    strided = torch.empty(tuple(reversed(probs.shape))).permute(2, 1, 0)
+    strided.copy_(probs)  # same shape and values, vocabulary not contiguous
+    for _ in range(2):
+        with pytest.raises(ValueError, match="vocabulary dimension must be contiguous"):
+            tree_speculative_sampling(*args[:4], strided, *args[5:], num_spec_steps=steps)
+        with pytest.raises(ValueError, match="num_spec_steps"):
+            tree_speculative_sampling(*args, num_spec_steps=9)
+    bad = _bad_case(lambda c: c["args"][2].__setitem__((1, 0), 0))["args"]
+    with pytest.raises(ValueError, match="malformed tree"):
+        tree_speculative_sampling(*bad, num_spec_steps=steps)
+
+
+def test_eager_fast_path_matches_registered_op():
+    case = _bad_case(lambda c: None)
+    args, steps = case["args"], case["steps"]
+    fast = tree_speculative_sampling(*args, num_spec_steps=steps)
+    registered = torch.ops.eagle.tree_speculative_sampling(*args[:5], None, *args[5:], steps, False, 1.0, 1.0)
+    for got, want in zip(fast, registered[:3]):
+        assert torch.equal(got, want)
+
+
+def test_forced_backend_still_applies_after_cached_calls(monkeypatch):
+    tss = importlib.import_module("eagle_kernels.tree_speculative_sampling")
+    case = _bad_case(lambda c: None)
+    args, steps = case["args"], case["steps"]
+    want = tree_speculative_sampling(*args, num_spec_steps=steps)
+    calls = []
+    real = tss._tree_sampling_torch
+    monkeypatch.setattr(tss, "_tree_sampling_torch", lambda *a: calls.append(1) or real(*a))
+    with eagle_kernels.use_backend("torch"):
+        got = tree_speculative_sampling(*args, num_spec_steps=steps)
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "torch")
+    got_env = tree_speculative_sampling(*args, num_spec_steps=steps)
+    assert calls == [1, 1]
+    for a, b, c in zip(got, got_env, want):
+        assert torch.equal(a, c) and torch.equal(b, c)
