@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, check_tensor
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
 from eagle_kernels._triton import tl, triton
 
 OP = "compact_kv_cache"
@@ -132,14 +132,8 @@ def _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, n):
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("eagle::compact_kv_cache", mutates_args=("kv_cache",))
-def _compact_kv_cache_op(
-    kv_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    accept_index: torch.Tensor,
-    accept_token_num: torch.Tensor,
-    num_draft_tokens: int,
-) -> torch.Tensor:
+def _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
+    """The op's body: value checks where due, then the backend chosen for the tensors' device."""
     backend = select_backend(OP, kv_cache.device, prefer_cuda_ext=True)
     args = (kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
     # The C++ kernel validates values itself; elsewhere check on CPU, and on CUDA only in debug mode.
@@ -152,9 +146,44 @@ def _compact_kv_cache_op(
     return compact_kv_cache_ref(*args)
 
 
+@torch.library.custom_op("eagle::compact_kv_cache", mutates_args=("kv_cache",))
+def _compact_kv_cache_op(
+    kv_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_token_num: torch.Tensor,
+    num_draft_tokens: int,
+) -> torch.Tensor:
+    return _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
+
+
 @_compact_kv_cache_op.register_fake
 def _(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
     return torch.empty_like(cache_seqlens)
+
+
+def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens) -> None:
+    """Shapes, dtypes, devices, the head stride and ``num_draft_tokens`` (no value reads: the verdict
+    depends only on the call's signature, so :data:`_CHECKED` skips a signature that already passed)."""
+    check_tensor("kv_cache", kv_cache, ndim=6)
+    if kv_cache.shape[1] != 2:
+        raise ValueError(f"kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got {list(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache's last (head) dimension must be contiguous")
+    B, device = kv_cache.shape[2], kv_cache.device
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
+    check_tensor("accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
+    check_tensor("accept_token_num", accept_token_num, dtypes=INDEX_DTYPES, device=device, shape=(B,))
+    if num_draft_tokens < 1 or accept_index.shape[1] > num_draft_tokens:
+        raise ValueError(
+            f"num_draft_tokens={num_draft_tokens} must be >= 1 and >= accept_index.shape[1]="
+            f"{accept_index.shape[1]}"
+        )
+    if accept_index.shape[1] == 0:
+        raise ValueError("accept_index must have at least one column (the root)")
+
+
+_CHECKED = SignatureCache()
 
 
 def compact_kv_cache(
@@ -189,22 +218,10 @@ def compact_kv_cache(
     (accepted drafts plus the root). After the call ``kv_cache[..., b, :, cache_seqlens[b] + j, :]``
     holds the K/V of accepted slot ``j`` for ``j <= accept_token_num[b]``.
     """
-    check_tensor("kv_cache", kv_cache, ndim=6)
-    if kv_cache.shape[1] != 2:
-        raise ValueError(f"kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got {list(kv_cache.shape)}")
-    if kv_cache.stride(-1) != 1:
-        raise ValueError("kv_cache's last (head) dimension must be contiguous")
-    B, device = kv_cache.shape[2], kv_cache.device
-    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
-    check_tensor("accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
-    check_tensor("accept_token_num", accept_token_num, dtypes=INDEX_DTYPES, device=device, shape=(B,))
-    if num_draft_tokens < 1 or accept_index.shape[1] > num_draft_tokens:
-        raise ValueError(
-            f"num_draft_tokens={num_draft_tokens} must be >= 1 and >= accept_index.shape[1]="
-            f"{accept_index.shape[1]}"
-        )
-    if accept_index.shape[1] == 0:
-        raise ValueError("accept_index must have at least one column (the root)")
+    args = (kv_cache, cache_seqlens, accept_index, accept_token_num)
+    _CHECKED.run(_check_args, *args, num_draft_tokens)
+    if eager_fast_path(*args):
+        return _run_compact_kv_cache(*args, num_draft_tokens)
     return torch.ops.eagle.compact_kv_cache(
         kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens
     )

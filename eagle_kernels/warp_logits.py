@@ -32,10 +32,12 @@ may be decided differently.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, select_backend
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import check_tensor
 from eagle_kernels._triton import tl, triton
 
@@ -343,14 +345,8 @@ def _check_values(logits, temperature, top_k, top_p, min_p):
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
-@torch.library.custom_op("eagle::warp_logits", mutates_args=())
-def _warp_logits_op(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-) -> torch.Tensor:
+def _run_warp_logits(logits, temperature, top_k, top_p, min_p):
+    """The op's body: value checks where due, then the backend chosen for the tensors' device."""
     backend = select_backend(OP, logits.device)
     args = (logits, temperature, top_k, top_p, min_p)
     if backend != "cpp" and (logits.device.type == "cpu" or debug_checks_enabled()):
@@ -362,9 +358,44 @@ def _warp_logits_op(
     return warp_logits_ref(*args)
 
 
+@torch.library.custom_op("eagle::warp_logits", mutates_args=())
+def _warp_logits_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+) -> torch.Tensor:
+    return _run_warp_logits(logits, temperature, top_k, top_p, min_p)
+
+
 @_warp_logits_op.register_fake
 def _(logits, temperature, top_k, top_p, min_p):
     return logits.new_empty(logits.shape, dtype=torch.float32)
+
+
+def _filled(value: int | float, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.full((rows,), value)``, reused across plain eager calls (the ops only read their
+    parameters, and the tensor never leaves this module). Not cached while tracing (torch.compile)
+    or while a CUDA graph is being captured: such a tensor would hold no values outside them."""
+    sign = math.copysign(1.0, value) if type(value) is float else 1.0  # keeps -0.0 apart from 0.0
+    key = (type(value), value, sign, rows, device, dtype)
+    t = _FILLED.get(key)
+    if t is not None:
+        return t
+    t = torch.full((rows,), value, dtype=dtype, device=device)
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return t
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return t
+    if len(_FILLED) >= _MAX_FILLED:
+        _FILLED.clear()
+    _FILLED[key] = t
+    return t
+
+
+_FILLED: dict[tuple, torch.Tensor] = {}
+_MAX_FILLED = 64
 
 
 def _per_row(name, value, rows, leading_shape, device, dtypes, dtype):
@@ -374,7 +405,7 @@ def _per_row(name, value, rows, leading_shape, device, dtypes, dtype):
     if isinstance(value, (int, float)):
         if dtype == torch.int64 and not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        return torch.full((rows,), value, dtype=dtype, device=device)
+        return _filled(value, rows, device, dtype)
     check_tensor(name, value, dtypes=dtypes, device=device)
     if value.dim() == 0:
         return value.to(dtype).expand(rows).contiguous()
@@ -433,5 +464,9 @@ def warp_logits(
         _per_row("top_p", top_p, R, leading, device, FLOAT_PARAM_DTYPES, torch.float32),
         _per_row("min_p", min_p, R, leading, device, FLOAT_PARAM_DTYPES, torch.float32),
     )
-    probs = torch.ops.eagle.warp_logits(logits.reshape(R, V), *params)
+    flat = logits.reshape(R, V)
+    if eager_fast_path(flat, *params):
+        probs = _run_warp_logits(flat, *params)
+    else:
+        probs = torch.ops.eagle.warp_logits(flat, *params)
     return probs.reshape(logits.shape)

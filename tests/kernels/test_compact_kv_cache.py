@@ -140,3 +140,39 @@ def test_opcheck_and_compile():
 def test_default_cpu_backend_is_cpp():
     """On CPU the C++ kernel is what runs by default once the extension is built."""
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host fast path: cached argument checks, direct eager calls (issue 4)
+# --------------------------------------------------------------------------------------------------
+def test_cached_checks_fast_path_and_forced_backend(monkeypatch):
+    """Bad input still raises after the same shapes passed (strides and num_draft_tokens are part of
+    the cached signature, values never are), the eager fast path matches the registered op, and a
+    forced backend applies after cached calls."""
+    import sys
+
+    module = sys.modules["eagle_kernels.compact_kv_cache"]
+    kv, seqlens, idx, num = make_case(2, 10, 5, 2, 16, torch.float32, torch.int64, "cpu", seed=3)
+    fast_kv, registered_kv = kv.clone(), kv.clone()
+    fast = compact_kv_cache(fast_kv, seqlens, idx, num, num_draft_tokens=10)
+    compact_kv_cache(kv.clone(), seqlens, idx, num, num_draft_tokens=10)  # served by the cache
+    registered = torch.ops.eagle.compact_kv_cache(registered_kv, seqlens, idx, num, 10)
+    assert torch.equal(fast, registered) and torch.equal(fast_kv, registered_kv)
+    strided = torch.empty(*kv.shape[:-1], 2 * kv.shape[-1])[..., ::2]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="last \\(head\\) dimension must be contiguous"):
+            compact_kv_cache(strided, seqlens, idx, num, num_draft_tokens=10)
+        with pytest.raises(ValueError, match="num_draft_tokens=0 must be >= 1"):
+            compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=0)
+    bad_num = num.clone()
+    bad_num[0] = 99
+    with pytest.raises(ValueError, match="accept_token_num must be in"):
+        compact_kv_cache(kv, seqlens, idx, bad_num, num_draft_tokens=10)
+    calls = []
+    real = module.compact_kv_cache_ref
+    monkeypatch.setattr(module, "compact_kv_cache_ref", lambda *a: calls.append(1) or real(*a))
+    forced_kv = kv.clone()
+    with eagle_kernels.use_backend("torch"):
+        forced = compact_kv_cache(forced_kv, seqlens, idx, num, num_draft_tokens=10)
+    assert calls == [1]
+    assert torch.equal(forced, fast) and torch.equal(forced_kv, fast_kv)

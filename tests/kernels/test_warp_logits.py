@@ -322,3 +322,41 @@ def test_torch_compile():
 
 def test_default_cpu_backend_is_cpp():
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
+
+
+# --------------------------------------------------------------------------------------------------
+# Host fast path: reused scalar parameters, direct eager calls (issue 4)
+# --------------------------------------------------------------------------------------------------
+def test_reused_scalar_parameters_and_fast_path(monkeypatch):
+    """Scalar parameters become per-row tensors reused across eager calls: repeated and varied calls
+    give what per-row tensors give, -0.0 and 0.0 stay apart, the fast path matches the registered op,
+    and a forced backend still applies."""
+    import sys
+
+    module = sys.modules["eagle_kernels.warp_logits"]
+    gen = torch.Generator().manual_seed(3)
+    logits = random_logits(4, 40, gen)
+    for params in [(0.8, 10, 0.9, 0.05), (0.8, 10, 0.9, 0.05), (1.3, 0, 0.5, 0.0), (0.0, 3, 1.0, 0.2)]:
+        per_row = tuple(
+            torch.full((4,), v, dtype=torch.int64 if isinstance(v, int) else torch.float32) for v in params
+        )
+        want = warp_logits_ref(logits, *per_row)
+        assert_probs_equal(warp_logits(logits, *params), want)
+        assert torch.equal(warp_logits(logits, *params), torch.ops.eagle.warp_logits(logits, *per_row))
+    zero, neg_zero = (
+        module._filled(0.0, 4, logits.device, torch.float32),
+        module._filled(-0.0, 4, logits.device, torch.float32),
+    )
+    assert torch.equal(torch.signbit(zero), torch.zeros(4, dtype=torch.bool))
+    assert torch.equal(torch.signbit(neg_zero), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        warp_logits(logits, 0.8, 2.0, 0.9, 0.05)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        warp_logits(logits, 0.8, 10, 1.5, 0.05)
+    calls = []
+    real = module.warp_logits_ref
+    monkeypatch.setattr(module, "warp_logits_ref", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "torch")
+    got = warp_logits(logits, *params)  # the last parameter set of the loop above
+    assert calls == [1]
+    assert_probs_equal(got, warp_logits_ref(logits, *per_row))
