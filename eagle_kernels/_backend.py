@@ -178,4 +178,7 @@ def eager_fast_path(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+    for t in tensors:  # a plain loop: ~2x cheaper than all() over a generator
+        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+            return False
+    return True
