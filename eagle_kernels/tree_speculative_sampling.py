@@ -784,8 +784,11 @@ def _raise_on_status(op: str, status: torch.Tensor, messages: dict[int, str] = S
 
 
 # Reads the status on the host: a deliberate graph break under torch.compile (plain eager calls use
-# the undecorated function, which skips the decorator's per-call cost).
-raise_on_status = torch.compiler.disable(_raise_on_status)
+# the undecorated function, which skips the decorator's per-call cost). torch._disable_dynamo is
+# torch.compiler.disable that imports torch._dynamo at the first call, not now: importing it costs
+# ~0.9 s, most of `import eagle_kernels` (and of every `eagle` CLI start).
+_lazy_disable = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+raise_on_status = _lazy_disable(_raise_on_status)
 
 _CHECKED = SignatureCache()
 
