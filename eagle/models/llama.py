@@ -34,6 +34,7 @@ from eagle.models.config import ModelConfig
 from eagle.models.kv_cache import KVCache
 from eagle.models.weights import check_keys, read_state_dict, resolve_checkpoint, resolve_dtype
 from eagle_kernels import _ext
+from eagle_kernels._backend import forced_backend
 
 
 def value_checks_enabled(device: torch.device) -> bool:
@@ -303,6 +304,9 @@ def cpu_fast_path_wanted(x: torch.Tensor) -> bool:
         and type(x) is torch.Tensor
         and _ext.has_op("llama_layers")
         and not torch.compiler.is_compiling()
+        # the op calls the C++ tree_attention kernel itself: a forced other backend (debugging with
+        # EAGLE_KERNELS_BACKEND=torch, say) must reach the attention, so the modules run then
+        and forced_backend() in (None, "cpp")
     )
 
 

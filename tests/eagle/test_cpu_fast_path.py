@@ -249,3 +249,18 @@ def test_op_rejects_bad_weight_lists(make_target, fast_path):
         op(x, None, weights, *args, [5])
     with pytest.raises(ValueError, match="attn_input needs exactly one layer"):
         op(x, x, weights + weights, *args, [])
+
+
+def test_a_forced_kernel_backend_reaches_the_attention():
+    """EAGLE_KERNELS_BACKEND / use_backend force every op's backend: the C++ layer op (which calls the
+    C++ attention kernel itself) must then step aside for the modules."""
+    import eagle_kernels
+    from eagle.models.llama import cpu_fast_path_wanted
+
+    x = torch.zeros(1, 1, 8)
+    assert cpu_fast_path_wanted(x) == eagle_kernels._ext.has_op("llama_layers")
+    with eagle_kernels.use_backend("torch"):
+        assert not cpu_fast_path_wanted(x)
+    if eagle_kernels._ext.has_op("llama_layers"):
+        with eagle_kernels.use_backend("cpp"):
+            assert cpu_fast_path_wanted(x)
