@@ -26,6 +26,8 @@ import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle.models.cuda_graph import capture as cuda_graph_capture
+from eagle.models.cuda_graph import on_side_stream
 from eagle.models.draft import DraftHead
 from eagle.models.generate_plain import pad_prompts
 from eagle.models.kv_cache import KVCache
@@ -230,11 +232,11 @@ class SpeculativeDecoder:
         if not self.cuda_graph or self._graph_failed:
             return self._round(s, sampling)
         if self._graph is not None and self._graph.state is s:
-            return self._replay(self._graph, sampling)
+            return self._replay(self._graph)
         self._graph = None
         if self._warm_state is not s:
             self._warm_state = s
-            return _on_side_stream(lambda: self._round(s, sampling))
+            return on_side_stream(lambda: self._round(s, sampling))
         try:
             self._graph = self._capture(s, sampling)
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager rounds are exact
@@ -242,7 +244,7 @@ class SpeculativeDecoder:
             torch.cuda.synchronize(self.target.device)
             warnings.warn(f"CUDA graph capture failed ({e}); continuing without CUDA graphs", stacklevel=3)
             return self._round(s, sampling)
-        return self._replay(self._graph, sampling)
+        return self._replay(self._graph)
 
     def _ensure_room(self, s: _Batch, steps: int, rows: int) -> None:
         """Host-side overflow checks of both caches for one round (may read the lengths back)."""
@@ -253,21 +255,16 @@ class SpeculativeDecoder:
         steps = self.depth + 1
         rows = max(self.num_tokens, self.depth * self.topk + 1)
         self._ensure_room(s, steps, rows)  # tight host bounds, so nothing inside the capture reads back
-        bounds = (s.target_cache.length_bound, s.draft_cache.length_bound)
-        device = self.target.device
         times, self.times = self.times, None  # no profiling syncs inside the capture
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(device)
         try:
-            with torch.cuda.graph(graph):
-                new_tokens, counts = self._round(s, sampling)
+            graph, (new_tokens, counts) = cuda_graph_capture(
+                lambda: self._round(s, sampling), [s.target_cache, s.draft_cache]
+            )
         finally:
             self.times = times
-            # Capturing ran the round's Python once without executing it: undo its host bookkeeping.
-            s.target_cache.length_bound, s.draft_cache.length_bound = bounds
         return _RoundGraph(graph, s, new_tokens, counts, steps, rows)
 
-    def _replay(self, g: _RoundGraph, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replay(self, g: _RoundGraph) -> tuple[torch.Tensor, torch.Tensor]:
         s = g.state
         self._ensure_room(s, g.steps, g.rows)
         t0 = self._stamp()
@@ -615,18 +612,6 @@ class SpeculativeDecoder:
             draft_cache=s.draft_cache.select_rows(keep),
             nonfinite=s.nonfinite,
         )
-
-
-def _on_side_stream(fn):
-    """Run ``fn`` on a fresh CUDA stream (joined both ways with the current one). Lazily created
-    per-stream state (cuBLAS workspaces, Triton compiles) then exists before a graph capture, which
-    also runs on a side stream, as the CUDA-graph recipe of the PyTorch docs prescribes."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = fn()
-    torch.cuda.current_stream().wait_stream(side)
-    return out
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

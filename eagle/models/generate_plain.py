@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 
 import eagle_kernels
+from eagle.models.cuda_graph import capture as cuda_graph_capture
+from eagle.models.cuda_graph import on_side_stream
 from eagle.models.llama import LlamaModel
 
 
@@ -99,13 +101,10 @@ def generate_plain(
         if stop.numel() and bool(finished.all()):
             break
         if cuda_graph and graph is None and i == 1:  # step 0 ran eagerly: kernels are warm
-            graph, graph_token = _capture_step(step, cache, generator)
-        if graph is None and cuda_graph:  # the warm-up step, on a side stream (see _capture_step)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                token = step()
-            torch.cuda.current_stream().wait_stream(side)
+            cache.check_room(1)
+            graph, graph_token = cuda_graph_capture(step, [cache], generator)
+        if graph is None and cuda_graph:
+            token = on_side_stream(step)  # the warm-up step before the capture
         elif graph is None:
             token = step()
         else:
@@ -116,22 +115,6 @@ def generate_plain(
         tokens.append(token)
         finished |= torch.isin(token, stop)
     return _truncate_at_eos(torch.stack(tokens, dim=1).tolist(), set(stop.tolist()))
-
-
-def _capture_step(step, cache, generator: torch.Generator | None):
-    """Capture ``step`` into a CUDA graph; returns (graph, its output token tensor)."""
-    cache.check_room(1)
-    bound = cache.length_bound
-    graph = torch.cuda.CUDAGraph()
-    if generator is not None:
-        graph.register_generator_state(generator)
-    torch.cuda.synchronize(cache.device)
-    try:
-        with torch.cuda.graph(graph):
-            token = step()
-    finally:
-        cache.length_bound = bound  # the capture ran the step's host bookkeeping without executing it
-    return graph, token
 
 
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:
