@@ -23,34 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.utils import save_json  # noqa: E402
 from eagle.api import EagleModel, load  # noqa: E402
-from eagle.models import generate_plain, load_target, random_draft  # noqa: E402
+from eagle.models import generate_plain, random_draft  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
 from eagle.tree import TreeConfig  # noqa: E402
-
-
-def random_pair(root: Path) -> EagleModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=4096,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=12,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root)
-    target = load_target(str(root), dtype=torch.float32)
-    return EagleModel(target, random_draft(target))
-
 
 # Random stand-in shapes: (layers, hidden, intermediate, heads, kv heads, vocab)
 RANDOM_SHAPES = {"12x256": (12, 256, 688, 4, 4, 4096), "7b": (32, 4096, 11008, 32, 32, 32000)}
 
 
-def random_pair_direct(shape: str, device: torch.device, dtype: torch.dtype) -> EagleModel:
+def random_pair(shape: str, device: torch.device, dtype: torch.dtype) -> EagleModel:
     """A random target of ``RANDOM_SHAPES[shape]`` built directly on ``device`` (no checkpoint on disk:
     a 7B model would take minutes to write and read) and a random head for it."""
     from eagle.models.config import ModelConfig
@@ -149,10 +130,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--random",
         nargs="?",
-        const="12x256-ckpt",
+        const="12x256",
         default=None,
-        choices=["12x256-ckpt", *RANDOM_SHAPES],
-        help="a random stand-in pair (default: 12 layers of 256 through a checkpoint on disk)",
+        choices=list(RANDOM_SHAPES),
+        help="a random stand-in pair (default shape: 12 layers of 256)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -172,13 +153,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
-    if args.random == "12x256-ckpt" and device.type == "cpu" and dtype is None:
-        import tempfile
-
-        model, name = random_pair(Path(tempfile.mkdtemp())), "random12x256"
-    elif args.random:
-        shape = "12x256" if args.random == "12x256-ckpt" else args.random
-        model, name = random_pair_direct(shape, device, dtype or torch.float32), f"random{shape}"
+    if args.random:
+        model, name = random_pair(args.random, device, dtype or torch.float32), f"random{args.random}"
     else:
         model, name = load(args.target, args.draft, device=device, dtype=dtype), Path(args.target).name
     if device.type == "cuda":
