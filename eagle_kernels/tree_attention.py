@@ -37,7 +37,7 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
-from eagle_kernels._checks import FLOAT_DTYPES, check_same_dtype, check_tensor
+from eagle_kernels._checks import FLOAT_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
 
 OP = "tree_attention"
@@ -717,49 +717,12 @@ def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -
 
 
 def _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
-    """Shape/dtype/device checks (no value reads). A call whose signature (shapes, dtypes, devices)
-    already passed skips them: the signature is all they look at."""
-    signature = _signature(q, k_cache, v_cache, cache_seqlens, tree_mask)
-    if signature is not None and signature in _CHECKED_SIGNATURES:
-        return
-    _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask)
-    if signature is not None:
-        if len(_CHECKED_SIGNATURES) >= _MAX_CHECKED_SIGNATURES:
-            _CHECKED_SIGNATURES.clear()
-        _CHECKED_SIGNATURES.add(signature)
+    """Shape/dtype/device checks (no value reads). A call whose signature (shapes, dtypes, devices,
+    strides) already passed skips them: the signature is all they look at."""
+    _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, cache_seqlens, tree_mask)
 
 
-_CHECKED_SIGNATURES: set[tuple] = set()
-_MAX_CHECKED_SIGNATURES = 256
-
-
-def _signature(q, k_cache, v_cache, cache_seqlens, tree_mask) -> tuple | None:
-    """Everything :func:`_check_args_uncached` depends on, or None when an argument is not a plain
-    tensor (then the full checks run and raise the precise error). Spelled out: ~1 us per call."""
-    T = torch.Tensor
-    if type(q) is not T or type(k_cache) is not T or type(v_cache) is not T or type(cache_seqlens) is not T:
-        return None
-    if tree_mask is None:
-        mask_sig = None
-    elif type(tree_mask) is T:
-        mask_sig = (tree_mask.shape, tree_mask.dtype, tree_mask.device)
-    else:
-        return None
-    return (
-        q.shape,
-        q.dtype,
-        q.device,
-        k_cache.shape,
-        k_cache.dtype,
-        k_cache.device,
-        v_cache.shape,
-        v_cache.dtype,
-        v_cache.device,
-        cache_seqlens.shape,
-        cache_seqlens.dtype,
-        cache_seqlens.device,
-        mask_sig,
-    )
+_CHECKED = SignatureCache()
 
 
 def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
