@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, check_same_dtype, check_tensor
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
 
 OP = "fused_draft_input"
@@ -828,32 +828,8 @@ def _check_projection(fc_weight, fc_bias, H: int, segments: int, device, **same_
     check_same_dtype(**same_dtype, fc_weight=fc_weight)
 
 
-def _draft_args_well_formed(hidden, token_ids, embed_weight, fc_weight, fc_bias) -> bool:
-    """Cheap acceptance of well-formed arguments (attribute reads only). Anything else goes to
-    :func:`_check_draft_args`, which accepts exactly the same and names the problem otherwise."""
-    try:
-        dtype, device, H = hidden.dtype, hidden.device, hidden.shape[-1]
-        return (
-            hidden.dim() in (2, 3)
-            and dtype in INPUT_DTYPES
-            and token_ids.dtype in INDEX_DTYPES
-            and token_ids.shape == hidden.shape[:-1]
-            and embed_weight.dim() == 2
-            and embed_weight.shape[1] == H
-            and embed_weight.shape[0] > 0
-            and fc_weight.shape == (H, 2 * H)
-            and embed_weight.dtype == dtype
-            and fc_weight.dtype == dtype
-            and token_ids.device == device
-            and embed_weight.device == device
-            and fc_weight.device == device
-            and (
-                fc_bias is None
-                or (fc_bias.shape == (H,) and fc_bias.dtype == dtype and fc_bias.device == device)
-            )
-        )
-    except (AttributeError, TypeError, IndexError):
-        return False
+# Shape/dtype/device checks look only at the call signature: a signature that passed skips them.
+_CHECKED = SignatureCache()
 
 
 def _check_draft_args(hidden, token_ids, embed_weight, fc_weight, fc_bias) -> None:
@@ -868,33 +844,6 @@ def _check_draft_args(hidden, token_ids, embed_weight, fc_weight, fc_bias) -> No
     if embed_weight.shape[0] == 0:
         raise ValueError("embed_weight has an empty vocabulary (V=0)")
     _check_projection(fc_weight, fc_bias, H, 2, device, hidden=hidden, embed_weight=embed_weight)
-
-
-def _eagle3_args_well_formed(h_low, h_mid, h_high, fc_weight, fc_bias) -> bool:
-    """Cheap acceptance of well-formed EAGLE-3 arguments; anything else goes to the full checks
-    (:func:`_check_features`, :func:`_check_projection`), which accept exactly the same."""
-    try:
-        dtype, device, shape = h_low.dtype, h_low.device, h_low.shape
-        H = shape[-1]
-        return (
-            h_low.dim() in (2, 3)
-            and dtype in INPUT_DTYPES
-            and h_mid.shape == shape
-            and h_high.shape == shape
-            and fc_weight.shape == (H, 3 * H)
-            and h_mid.dtype == dtype
-            and h_high.dtype == dtype
-            and fc_weight.dtype == dtype
-            and h_mid.device == device
-            and h_high.device == device
-            and fc_weight.device == device
-            and (
-                fc_bias is None
-                or (fc_bias.shape == (H,) and fc_bias.dtype == dtype and fc_bias.device == device)
-            )
-        )
-    except (AttributeError, TypeError, IndexError):
-        return False
 
 
 def _check_eagle3_args(h_low, h_mid, h_high, fc_weight, fc_bias) -> None:
@@ -969,8 +918,7 @@ def fused_draft_input(
     Tensor shaped like ``hidden`` (``[N, H]`` or ``[B, T, H]``), ``hidden``'s dtype: the projected
     draft input (``out`` when given).
     """
-    if not _draft_args_well_formed(hidden, token_ids, embed_weight, fc_weight, fc_bias):
-        _check_draft_args(hidden, token_ids, embed_weight, fc_weight, fc_bias)
+    _CHECKED.run(_check_draft_args, hidden, token_ids, embed_weight, fc_weight, fc_bias)
     backend = _backend_for(OP, hidden)
     # Reading the ids costs a host sync on CUDA, so there they are checked only in debug mode. The
     # C++ op checks them itself (same message).
@@ -1024,8 +972,7 @@ def fused_eagle3_input(
     -------
     Tensor shaped like ``h_low``, its dtype: the fused feature fed to the EAGLE-3 draft layer.
     """
-    if not _eagle3_args_well_formed(h_low, h_mid, h_high, fc_weight, fc_bias):
-        _check_eagle3_args(h_low, h_mid, h_high, fc_weight, fc_bias)
+    _CHECKED.run(_check_eagle3_args, h_low, h_mid, h_high, fc_weight, fc_bias)
     backend = _backend_for(OP_EAGLE3, h_low)
     if h_low.dim() == 2:
         args = (h_low, h_mid, h_high, fc_weight, fc_bias)
