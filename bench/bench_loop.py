@@ -137,7 +137,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--trees", nargs="*", default=["dynamic", "static", "chain"])
+    p.add_argument(
+        "--trees",
+        nargs="*",
+        default=["dynamic", "static", "chain"],
+        help="dynamic, static, chain, or depth/topk/total_tokens (e.g. 4/4/16)",
+    )
     p.add_argument("--batch", nargs="*", type=int, default=[1, 4])
     p.add_argument("--temperature", nargs="*", type=float, default=[0.0, 1.0])
     p.add_argument("--new-tokens", type=int, default=64)
@@ -164,6 +169,7 @@ def main(argv=None) -> int:
         f"{'tree':<34} {'B':>2} {'T':>4} {'tau':>5} {'tok/s':>7} {'plain':>7} {'speedup':>7} {'non-model':>9}  split ms"
     )
     for tree in args.trees:
+        tree = TreeConfig.parse(tree) if "/" in tree else tree
         for batch in args.batch:
             for temperature in args.temperature:
                 r = measure(model, tree, batch, temperature, args.new_tokens, args.repeats, args.cuda_graph)

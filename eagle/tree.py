@@ -60,6 +60,15 @@ class TreeConfig:
     def chain(cls, depth: int) -> TreeConfig:
         return cls(depth=depth, topk=1, total_tokens=depth + 1)
 
+    @classmethod
+    def parse(cls, spec: str) -> TreeConfig:
+        """``"depth/topk/total_tokens"`` (e.g. ``"6/10/60"``, EAGLE-2's defaults) as a TreeConfig."""
+        parts = spec.split("/")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"a tree spec is depth/topk/total_tokens, e.g. 6/10/60; got {spec!r}")
+        depth, topk, total = (int(p) for p in parts)
+        return cls(depth=depth, topk=topk, total_tokens=total)
+
     @property
     def num_candidates(self) -> int:
         """Size of the flat candidate list: topk + (depth - 1) * topk**2."""

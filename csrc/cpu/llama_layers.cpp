@@ -11,6 +11,7 @@
 // `attn_input` (one layer only) replaces the attention input altogether (EAGLE-3 midlayer, whose
 // input is cat(input_layernorm(emb), hidden_norm(h)) while the residual stream is h).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -66,6 +67,17 @@ at::Tensor rotate(const at::Tensor& x, const Block& blk) {  // eagle.models.llam
   return x * blk.cos + x.roll({x.size(-1) / 2}, {-1}) * blk.sin;
 }
 
+// at::linear, or oneDNN's linear when the weight is a packed (mkldnn-layout) copy made by
+// eagle/models/cpu_packed.py; the two give the same result bit for bit.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
+  if (!w.is_mkldnn()) return at::linear(x, w, b);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, w, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                                 std::optional<std::string>(std::string())};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
 OptTensor slot(const c10::List<OptTensor>& weights, int64_t layer, Slot s) {
   return weights.get(layer * kSlotsPerLayer + s);
 }
@@ -73,7 +85,7 @@ OptTensor slot(const c10::List<OptTensor>& weights, int64_t layer, Slot s) {
 // eagle.models.llama.Attention.forward (project + cache write + tree attention + o_proj)
 at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer, const Block& blk) {
   const int64_t B = x.size(0), T = x.size(1), Hq = blk.Hq, Hkv = blk.Hkv, D = blk.D;
-  const at::Tensor qkv = at::linear(x, *slot(weights, layer, kQkvWeight), slot(weights, layer, kQkvBias));
+  const at::Tensor qkv = project(x, *slot(weights, layer, kQkvWeight), slot(weights, layer, kQkvBias));
   auto parts = qkv.view({B, T, Hq + 2 * Hkv, D}).split_with_sizes({Hq + Hkv, Hkv}, 2);
   at::Tensor qk = parts[0], v = parts[1];
   const OptTensor q_norm = slot(weights, layer, kQNorm);
@@ -91,7 +103,7 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
   v_cache.view({-1, D}).index_copy_(0, blk.kv_rows, v.reshape({-1, D}));
   if (blk.past) q = at::cat({q.new_zeros({B, blk.past, q.size(2), q.size(3)}), q}, 1);
   const at::Tensor out = tree_attn::tree_attention_cpu(q, k_cache, v_cache, blk.seqlens, blk.tree_mask, blk.sm_scale);
-  return at::linear(out.slice(1, blk.past).reshape({B, T, -1}), *slot(weights, layer, kOWeight),
+  return project(out.slice(1, blk.past).reshape({B, T, -1}), *slot(weights, layer, kOWeight),
                     slot(weights, layer, kOBias));
 }
 
@@ -99,8 +111,8 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
 at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer) {
   const at::Tensor gate_up_w = *slot(weights, layer, kGateUpWeight);
   const int64_t inter = gate_up_w.size(0) / 2;
-  auto gate_up = at::linear(x, gate_up_w, slot(weights, layer, kGateUpBias)).split(inter, -1);
-  return at::linear(at::silu(gate_up[0]) * gate_up[1], *slot(weights, layer, kDownWeight),
+  auto gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).split(inter, -1);
+  return project(at::silu(gate_up[0]) * gate_up[1], *slot(weights, layer, kDownWeight),
                     slot(weights, layer, kDownBias));
 }
 
@@ -187,3 +199,5 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu); }
+// Packed (mkldnn-layout) weights in the list make the dispatcher pick this key; same CPU kernel.
+TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) { m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu); }

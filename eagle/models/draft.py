@@ -36,11 +36,13 @@ from torch import nn
 
 import eagle_kernels
 from eagle.models.config import ModelConfig
+from eagle.models.cpu_packed import Linear, linear, pack_module_linears
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
     MLP,
     Attention,
     BlockContext,
+    FastPathWeights,
     LlamaModel,
     ModelOutput,
     RMSNorm,
@@ -98,6 +100,7 @@ class DraftHead(nn.Module):
             self.embed_tokens = None
             self._shared_embed = embed_weight.detach()  # a plain tensor: not a parameter of the head
         self._inv_freq = rope_inv_freq(cfg)
+        self._fast_weights = FastPathWeights()
 
     @property
     def embed_weight(self) -> torch.Tensor:
@@ -204,7 +207,7 @@ class Eagle2Head(DraftHead):
         self, cfg: ModelConfig, lm_head_weight: torch.Tensor, embed_weight: torch.Tensor | None = None
     ) -> None:
         super().__init__(cfg, embed_weight)
-        self.fc = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=bool(cfg.extra.get("bias", True)))
+        self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=bool(cfg.extra.get("bias", True)))
         self.layers = nn.ModuleList([Eagle2Layer(cfg)])
         self.lm_head_weight = lm_head_weight.detach()  # the target's, shared and never saved
 
@@ -244,7 +247,7 @@ class Eagle2Head(DraftHead):
         """
         ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
         layer, fc = self.layers[0], self.fc
-        weights = layer_weights(layer)
+        weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
         fast = cpu_fast_path_ok(hidden, [*weights, fc.weight, fc.bias, self.embed_weight])
         # Without autograd, plain tensors (not Parameters) let fused_draft_input skip its custom-op
         # wrapper (~30 us on CPU); the same kernel runs either way.
@@ -252,10 +255,10 @@ class Eagle2Head(DraftHead):
         embed, fc_weight, fc_bias = (_plain(t) for t in tensors) if fast else tensors
         x = eagle_kernels.fused_draft_input(hidden, token_ids, embed, fc_weight, fc_bias)
         if fast:
-            h = run_layers_cpu(x, weights, cache.kv, ctx, self.config)[0]
+            h = run_layers_cpu(x, for_op, cache.kv, ctx, self.config)[0]
         else:
             h = layer(x, *cache.layer(0), ctx)
-        logits = F.linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
+        logits = linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)
 
 
@@ -299,10 +302,10 @@ class Eagle3Head(DraftHead):
     ) -> None:
         super().__init__(cfg, embed_weight)
         H, draft_vocab = cfg.hidden_size, int(cfg.extra.get("draft_vocab_size") or cfg.vocab_size)
-        self.fc = nn.Linear(3 * H, H, bias=False)
+        self.fc = Linear(3 * H, H, bias=False)
         self.midlayer = Eagle3Layer(cfg)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(H, draft_vocab, bias=False)
+        self.lm_head = Linear(H, draft_vocab, bias=False)
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.int64))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
         L = target_num_layers
@@ -353,10 +356,10 @@ class Eagle3Head(DraftHead):
         ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
         emb = F.embedding(token_ids, self.embed_weight)
         layer = self.midlayer
-        weights = layer_weights(layer)
+        weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
         if cpu_fast_path_ok(hidden, weights):
             attn_input = layer.attention_input(emb, hidden)
-            h = run_layers_cpu(hidden, weights, cache.kv, ctx, self.config, attn_input=attn_input)[0]
+            h = run_layers_cpu(hidden, for_op, cache.kv, ctx, self.config, attn_input=attn_input)[0]
         else:
             h = layer(emb, hidden, *cache.layer(0), ctx)
         logits = self.lm_head(self.norm(_rows(h, logits_index))) if compute_logits else None
@@ -517,8 +520,10 @@ def load_draft(
     else:
         state = _eagle3_state(state, cfg)
     head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state)
-    head = _load_into(head, state, dtype, device)
-    return head.eval().requires_grad_(False)
+    head = _load_into(head, state, dtype, device).eval().requires_grad_(False)
+    lm_head = getattr(head, "lm_head_weight", None)  # EAGLE-1/2: the target's (shares its packed copy)
+    pack_module_linears(head, extra=[] if lm_head is None else [lm_head])  # bf16/fp16 on CPU only
+    return head
 
 
 def _build_head(kind: str, cfg: ModelConfig, target: LlamaModel, *, owns_embedding: bool) -> DraftHead:

@@ -3,7 +3,7 @@
 Every forward the runtime makes is run twice, through the C++ layer op and through the reference
 modules (``set_cpu_fast_path(False)``), and the hidden states, logits, captured features and the
 whole KV cache must be ``torch.equal``: target prefill (ragged), decode T=1 and tree blocks; draft
-prefill and tree levels continued with ``past > 0``; float32 and float64; batch 1 and ragged batch 3.
+prefill and tree levels continued with ``past > 0``; float32, float64 and bfloat16 (with packed weights); batch 1 and ragged batch 3.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from eagle.models import load_target
+from eagle.models.cpu_packed import pack_module_linears
 from eagle.models.draft import Eagle2Head, Eagle2Layer, Eagle3Head, Eagle3Layer, random_draft
 from eagle.models.llama import (
     LlamaModel,
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.skipif(
     not _ext.has_op("llama_layers"), reason="the C++ extension with llama_layers is not built"
 )
 
-DTYPES = [torch.float32, torch.float64]
+# bfloat16: the linear weights are oneDNN-packed copies on both paths (eagle/models/cpu_packed.py)
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp64", "bf16"]
 TARGET_CASES = {
     "llama-gqa-llama3rope": ("llama", dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
     "llama-mha-tied-biases": (
@@ -114,7 +117,7 @@ def target_forwards(model: LlamaModel, B: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("B", [1, 3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", list(TARGET_CASES))
 def test_target_bit_identical(make_target, monkeypatch, fast_path, case, dtype, B):
     family, overrides = TARGET_CASES[case]
@@ -144,7 +147,9 @@ def make_head(target: LlamaModel, kind: str, *, bias: bool, qkv_bias: bool):
         cfg = dataclasses.replace(head.config, qkv_bias=True)
         head = Eagle2Head(cfg, target.lm_head_weight).to(dtype=target.dtype)
     randomise(head, seed=5)
-    return head.eval().requires_grad_(False)
+    head = head.eval().requires_grad_(False)
+    pack_module_linears(head, extra=[getattr(head, "lm_head_weight", None)])  # as load_draft does
+    return head
 
 
 def draft_forwards(head, B: int) -> list[torch.Tensor]:
@@ -190,7 +195,7 @@ DRAFT_CASES = {
 
 
 @pytest.mark.parametrize("B", [1, 3])
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("case", list(DRAFT_CASES))
 def test_draft_bit_identical(make_target, monkeypatch, fast_path, case, dtype, B):
     kind, options = DRAFT_CASES[case]
@@ -264,3 +269,38 @@ def test_a_forced_kernel_backend_reaches_the_attention():
     if eagle_kernels._ext.has_op("llama_layers"):
         with eagle_kernels.use_backend("cpp"):
             assert cpu_fast_path_wanted(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# The cached weight list (FastPathWeights) follows every change of the weights
+# --------------------------------------------------------------------------------------------------
+def _logits_both_paths(model, ids):
+    with torch.inference_mode():
+        set_cpu_fast_path(True)
+        fast = model(ids, model.new_cache(1, 16)).logits
+        set_cpu_fast_path(False)
+        ref = model(ids, model.new_cache(1, 16)).logits
+        set_cpu_fast_path(True)
+    return fast, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cached_weight_list_follows_weight_changes(make_target, fast_path, dtype):
+    _, path = make_target("llama")
+    model = load_target(path, dtype=dtype)
+    ids = torch.arange(1, 8)[None]
+    before, _ = _logits_both_paths(model, ids)
+    changes = [
+        lambda: model.layers[0].mlp.down_proj.weight.mul_(3),  # in place (version counter)
+        lambda: setattr(  # a new tensor behind the same Parameter (Module.to does this)
+            model.layers[1].self_attn.o_proj.weight, "data", model.layers[1].self_attn.o_proj.weight.data * -1
+        ),
+        lambda: setattr(model.layers[0], "mlp", type(model.layers[0].mlp)(model.config).to(dtype)),  # new module
+    ]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        fast, ref = _logits_both_paths(model, ids)
+        assert torch.equal(fast, ref)
+        assert not torch.equal(fast, before)
+        before = fast
