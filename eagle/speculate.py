@@ -441,11 +441,7 @@ class SpeculativeDecoder:
     def _tree_forward(self, s: _Batch, hidden, tokens, positions, mask, past: int):
         """Run the draft over the next rows of the tree block (``past`` rows were fed before) and
         return their (hidden, logprobs). ``mask [b, T, past + T]``: the rows' ancestors in the block."""
-        b, T, _ = hidden.shape
-        index = torch.arange(T, device=hidden.device).expand(b, T)
-        d = self.head(
-            hidden, tokens, s.draft_cache, positions=positions, tree_mask=mask, logits_index=index, past=past
-        )
+        d = self.head(hidden, tokens, s.draft_cache, positions=positions, tree_mask=mask, past=past)
         return d.hidden, self._draft_logprobs(d.logits)
 
     def _draft_dynamic(self, s: _Batch):
