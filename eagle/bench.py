@@ -23,7 +23,7 @@ the target's top-2 logit gap at the first differing token (a tiny gap is a float
     eagle bench --quick                      # smoke test
     eagle bench --target DIR --draft DIR --prompts-file mt_bench.jsonl
 
-Writes ``e2e_<target>[_<GPU>][_cudagraph][_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
+Writes ``e2e_<target>[_<GPU>][_<dtype>][_cudagraph][_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -881,12 +881,15 @@ def target_name(config: BenchConfig, models: Models) -> str:
 
 
 def default_name(config: BenchConfig, models: Models) -> str:
-    """``e2e_<target>[_<GPU>][_cudagraph][_randomdraft][_quick]``: a GPU run does not overwrite the
-    CPU one, and a random draft or smoke-test run is never mistaken for a final result."""
+    """``e2e_<target>[_<GPU>][_<dtype>][_cudagraph][_randomdraft][_quick]``: a GPU run does not
+    overwrite the CPU one, the dtype is named when it is not the device's default, and a random draft
+    or smoke-test run is never mistaken for a final result."""
     device = torch.device(config.device)
     gpu = "_" + torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else ""
+    default_dtype = str(eagle.api._default_dtype(device)).removeprefix("torch.")
+    dtype = f"_{config.dtype}" if config.dtype and config.dtype != default_dtype else ""
     return (
-        f"e2e_{target_name(config, models)}{gpu}"
+        f"e2e_{target_name(config, models)}{gpu}{dtype}"
         + ("_cudagraph" if config.cuda_graph else "")
         + ("_randomdraft" if models.random_draft else "")
         + ("_quick" if config.quick else "")

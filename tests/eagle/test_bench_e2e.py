@@ -246,3 +246,18 @@ def test_bundled_draft_is_picked_up_once_it_exists(tmp_path, monkeypatch):
     assert bench.resolve_pair("tiny-code", None)[1] == str(tmp_path / "tiny-code" / "draft")
     assert bench.resolve_pair("tiny-code", "mine")[1] == "mine"
     assert bench.resolve_pair("other", None) == ("other", None)
+
+
+@pytest.mark.parametrize(
+    "dtype, quick, stem",
+    [
+        (None, False, "e2e_tiny-code"),
+        ("float32", False, "e2e_tiny-code"),  # the CPU default is not named
+        ("bfloat16", False, "e2e_tiny-code_bfloat16"),
+        ("bfloat16", True, "e2e_tiny-code_bfloat16_quick"),
+    ],
+)
+def test_default_file_name_names_a_non_default_dtype(dtype, quick, stem):
+    config = BenchConfig(target="tiny-code", device="cpu", dtype=dtype, quick=quick)
+    models = bench.Models(None, "unused", "bundled", random_draft=False)
+    assert bench.default_name(config, models) == stem
