@@ -14,6 +14,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     import eagle
     import eagle_kernels
+    from eagle.models.cpu_packed import cpu_has_amx_bf16, packing_supported
 
     info = {
         "eagle": eagle.__version__,
@@ -22,14 +23,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cpu_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_packed_weights": {
+            name: packing_supported(getattr(torch, name)) for name in ("bfloat16", "float16")
+        },
+        "cpu_amx_bf16": cpu_has_amx_bf16(),
         "kernels": eagle_kernels.backend_info(),
     }
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     k = info.pop("kernels")
+    packed, amx = info.pop("cpu_packed_weights"), info.pop("cpu_amx_bf16")
     for key, value in info.items():
         print(f"{key:>16}: {value}")
+    if packed["bfloat16"] and amx:
+        half = "AMX bf16 with oneDNN-packed weights: `--dtype bfloat16` is the fast CPU dtype here"
+    elif packed["bfloat16"]:
+        half = "oneDNN-packed bf16 weights without AMX: float32 is likely faster on this CPU"
+    else:
+        half = "no oneDNN bf16 support: float32 is the CPU dtype"
+    print(f"{'CPU bfloat16':>16}: {half}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")
     print(f"{'triton':>16}: {'installed' if k['triton'] else 'not installed'}")

@@ -10,6 +10,7 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kernels"]["extension_loaded"] in (True, False)
     assert "compact_kv_cache" in info["kernels"]["cpu_backend"]
+    assert set(info["cpu_packed_weights"]) == {"bfloat16", "float16"}
 
 
 def test_no_command_prints_help(capsys):

@@ -295,7 +295,9 @@ def test_cached_weight_list_follows_weight_changes(make_target, fast_path, dtype
         lambda: setattr(  # a new tensor behind the same Parameter (Module.to does this)
             model.layers[1].self_attn.o_proj.weight, "data", model.layers[1].self_attn.o_proj.weight.data * -1
         ),
-        lambda: setattr(model.layers[0], "mlp", type(model.layers[0].mlp)(model.config).to(dtype)),  # new module
+        lambda: setattr(
+            model.layers[0], "mlp", type(model.layers[0].mlp)(model.config).to(dtype)
+        ),  # new module
     ]
     for change in changes:
         with torch.no_grad():
