@@ -16,7 +16,9 @@ over repeats** (the best is stored too), tau is tokens emitted per target forwar
 and temperature. EOS is ignored: every sequence generates exactly ``new_tokens`` tokens, so every
 method does the same work. At temperature 0 every method is lossless, so each one's tokens are
 compared with vanilla's, prompt by prompt; a mismatch is reported in the table and the JSON with
-the target's top-2 logit gap at the first differing token (a tiny gap is a floating-point near-tie).
+the target's top-2 logit gap at the first differing token. A difference whose two tokens' logits are within ``NEAR_TIE_ULPS``
+units in the last place of the model dtype is a rounding near-tie (bfloat16 runs have them): shown,
+but not a failure.
 
     python bench/e2e.py                      # the bundled tiny-code pair, every method
     eagle bench --batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --threads 1
@@ -32,6 +34,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -602,16 +605,27 @@ def check_greedy_agreement(cells: list[Cell], models: Models, prompts: list[Prom
                         cell.mismatches.append({"repeat": repeat, "batch_index": b, "row": row} | detail)
 
 
+# A greedy difference whose two tokens' logits (vanilla's forward) are at most this many units in
+# the last place of the model dtype apart is a rounding near-tie: two correct implementations of
+# the same model in bfloat16 (ours and transformers', or a T=1 step and a tree verify) can round
+# such a pair either way. It is reported, but does not fail the run.
+NEAR_TIE_ULPS = 2
+
+
+def _ulp(dtype: torch.dtype, magnitude: float) -> float:
+    """The spacing of ``dtype`` numbers at ``magnitude``."""
+    return torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(max(abs(magnitude), torch.finfo(dtype).tiny)))
+
+
 def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: list[int]) -> dict:
     at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    gap = None
+    gap = diff = ulp = None
     if at < min(len(got), len(want)):
         logits = _next_logits(models.eagle.target, prompt.ids + want[:at])
         top2 = logits.topk(2).values
         gap = float(top2[0] - top2[1])
         diff = float(logits[want[at]] - logits[got[at]])
-    else:
-        diff = None
+        ulp = _ulp(models.eagle.target.dtype, float(top2[0]))
     return {
         "prompt": prompt.source,
         "first_difference_at": at,
@@ -619,6 +633,8 @@ def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: lis
         "method_token": got[at] if at < len(got) else None,
         "vanilla_top2_logit_gap": gap,
         "logit_vanilla_minus_method_token": diff,
+        "model_dtype_ulp_at_top_logit": ulp,
+        "near_tie": diff is not None and 0 <= diff <= NEAR_TIE_ULPS * ulp,
     }
 
 
@@ -674,12 +690,15 @@ def _agreement(c: Cell) -> dict:
         return {"checked": False, "reason": "sampled (temperature > 0): distributions match, tokens differ"}
     if not c.rows_compared:
         return {"checked": False, "reason": "vanilla was not run at this batch size"}
+    rows = {(m["batch_index"], m["row"]) for m in c.mismatches}
+    real = {(m["batch_index"], m["row"]) for m in c.mismatches if not m.get("near_tie")}
     return {
         "checked": True,
-        "ok": not c.mismatches,
+        "ok": not real,  # near-tie flips only (see NEAR_TIE_ULPS) still count as agreement
         "rows_compared": c.rows_compared,
         "repeats_compared": min(len(c.outputs), len(c.seconds)),
-        "mismatched_rows": len({(m["batch_index"], m["row"]) for m in c.mismatches}),
+        "mismatched_rows": len(rows),
+        "near_tie_rows": len(rows - real),
         "mismatches": c.mismatches,
     }
 
@@ -705,9 +724,16 @@ def format_table(results: list[dict]) -> str:
 def _agreement_label(a: dict) -> str:
     if not a["checked"]:
         return "-" if a["reason"] == "the reference" else "n/a (sampled)" if "sampled" in a["reason"] else "-"
-    if a["ok"]:
+    if a["ok"] and not a["mismatched_rows"]:
         return f"ok ({a['rows_compared']} rows)"
-    first = a["mismatches"][0]
+    if a["ok"]:
+        first = a["mismatches"][0]
+        return (
+            f"ok ({a['rows_compared']} rows; {a['near_tie_rows']} near-tie flip(s), first: {first['prompt']} at "
+            f"token {first['first_difference_at']}, logit difference {first['logit_vanilla_minus_method_token']:.2e}"
+            f" <= {NEAR_TIE_ULPS} ulp)"
+        )
+    first = next(m for m in a["mismatches"] if not m.get("near_tie"))
     gap = first["vanilla_top2_logit_gap"]
     gap_text = f", top-2 logit gap {gap:.2e}" if gap is not None else ""
     return (

@@ -261,3 +261,25 @@ def test_default_file_name_names_a_non_default_dtype(dtype, quick, stem):
     config = BenchConfig(target="tiny-code", device="cpu", dtype=dtype, quick=quick)
     models = bench.Models(None, "unused", "bundled", random_draft=False)
     assert bench.default_name(config, models) == stem
+
+
+def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch):
+    import eagle
+
+    model = eagle.load(str(tiny_target), dtype=torch.float64)
+    models = bench.Models(model, str(tiny_target), "none", random_draft=False)
+    prompt = bench.Prompt("p", [5, 6, 7])
+    want = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
+    logits = bench._next_logits(model.target, prompt.ids + want[:2])
+    runner_up = int(logits.topk(2).indices[1])
+    got = want[:2] + [runner_up] + want[3:]
+    # pretend float64 had bfloat16's resolution: the runner-up is then within rounding of the winner
+    gap = float(logits[want[2]] - logits[runner_up])
+    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap)
+    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
+    for cell, tokens in zip(cells, (want, got)):
+        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+    bench.check_greedy_agreement(cells, models, [prompt])
+    check = bench.summarize(cells)[1]["greedy_agreement"]
+    assert check["ok"] and check["mismatched_rows"] == 1 and check["near_tie_rows"] == 1
+    assert "1 near-tie flip(s)" in bench.format_table(bench.summarize(cells))
