@@ -7,7 +7,7 @@ and tokens/s against plain decoding on the same runtime, alternating runs in one
     python bench/bench_loop.py --random 7b --device cuda        # random Llama-2-7B-shaped pair (step timings)
 
 With a random stand-in tau is meaningless (an untrained head); the time split is still the loop's.
-Writes bench/results/loop_<name>.json.
+Writes bench/results/loop_<name>[_<GPU>][_<dtype>].json (dtype named when not the device default).
 """
 
 from __future__ import annotations
@@ -164,6 +164,8 @@ def main(argv=None) -> int:
         model, name = load(args.target, args.draft, device=device, dtype=dtype), Path(args.target).name
     if device.type == "cuda":
         name += "_" + torch.cuda.get_device_name(device).replace(" ", "-")
+    if dtype is not None and dtype != (torch.bfloat16 if device.type == "cuda" else torch.float32):
+        name += "_" + str(dtype).removeprefix("torch.")  # a CPU bfloat16 run keeps the float32 table
     rows = []
     print(
         f"{'tree':<34} {'B':>2} {'T':>4} {'tau':>5} {'tok/s':>7} {'plain':>7} {'speedup':>7} {'non-model':>9}  split ms"
