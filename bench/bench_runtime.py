@@ -6,7 +6,8 @@ vocab 4096, untied; random weights, float32). Each measurement decodes greedily,
 load hits both alike.
 
     python bench/bench_runtime.py                     # table + bench/results/runtime_cpu.json
-    python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1/8/16
+    python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1..64
+    python bench/bench_runtime.py --forwards --dtype bfloat16   # bf16 with oneDNN-packed weights
     pytest bench/bench_runtime.py --benchmark-only    # the same decode step under pytest-benchmark
 """
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.utils import save_json  # noqa: E402
 from eagle.models import load_target  # noqa: E402
+from eagle.models.cpu_packed import pack_module_linears  # noqa: E402
 from eagle.models.draft import random_draft  # noqa: E402
 from eagle.models.llama import set_cpu_fast_path  # noqa: E402
 
@@ -114,11 +116,11 @@ def time_decode(decoder, new_tokens: int) -> tuple[float, list[int]]:
     return (time.perf_counter() - start) / new_tokens, tokens
 
 
-def run(rounds: int, new_tokens: int, threads: int) -> dict:
+def run(rounds: int, new_tokens: int, threads: int, dtype: torch.dtype = torch.float32) -> dict:
     torch.set_num_threads(threads)
     load_before = os.getloadavg()  # other processes on the machine slow both implementations
     with tempfile.TemporaryDirectory() as tmp:
-        hf, ours = build_models(Path(tmp))
+        hf, ours = build_models(Path(tmp), dtype)
     prompt = torch.randint(
         0, SHAPE["vocab_size"], (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1)
     )
@@ -138,7 +140,8 @@ def run(rounds: int, new_tokens: int, threads: int) -> dict:
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     ours_ms, hf_ms = ms["eagle runtime"], ms["HF forward + DynamicCache"]
     return {
-        "model": SHAPE | {"dtype": "float32", "params": sum(p.numel() for p in hf.parameters())},
+        "model": SHAPE
+        | {"dtype": str(dtype).removeprefix("torch."), "params": sum(p.numel() for p in hf.parameters())},
         "prompt_len": PROMPT_LEN,
         "new_tokens_per_round": new_tokens,
         "rounds": rounds,
@@ -159,27 +162,28 @@ def _mean_ms(fn, calls: int) -> float:
 
 
 @torch.inference_mode()
-def compare_forwards(rounds: int, threads: int, calls: int = 50) -> dict:
+def compare_forwards(rounds: int, threads: int, calls: int = 50, dtype: torch.dtype = torch.float32) -> dict:
     """Per-forward ms of the CPU fast path (``eagle_C::llama_layers``) vs the Python modules, for
-    target blocks of T = 1, 8, 16 (tree-masked, 100-token cache) and one EAGLE-1/2 draft level
+    target blocks of T = 1, 8, 16, 32, 64 (tree-masked, 100-token cache) and one EAGLE-1/2 draft level
     (T = 1, 8 rows continuing a tree block, past = 3), batch 1. The two paths alternate round by
     round; the outputs are checked equal."""
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        _, ours = build_models(Path(tmp))
+        _, ours = build_models(Path(tmp), dtype)
     head = random_draft(ours, "eagle2").eval().requires_grad_(False)
+    pack_module_linears(head, extra=[head.lm_head_weight])  # as load_draft does (bf16/fp16 only)
     gen = torch.Generator().manual_seed(2)
     V, H = SHAPE["vocab_size"], SHAPE["hidden_size"]
-    cache, draft_cache = ours.new_cache(1, PROMPT_LEN + 32), head.new_cache(1, PROMPT_LEN + 32)
+    cache, draft_cache = ours.new_cache(1, PROMPT_LEN + 80), head.new_cache(1, PROMPT_LEN + 32)
     cache.advance(PROMPT_LEN)
     draft_cache.advance(PROMPT_LEN)
     cases = {}
-    for T in (1, 8, 16):
+    for T in (1, 8, 16, 32, 64):
         ids = torch.randint(0, V, (1, T), generator=gen)
         mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
         cases[f"target forward T={T}"] = lambda ids=ids, mask=mask: ours(ids, cache, tree_mask=mask).logits
     for T in (1, 8):
-        hidden = torch.randn(1, T, H, generator=gen)
+        hidden = torch.randn(1, T, H, generator=gen).to(dtype)
         ids = torch.randint(0, V, (1, T), generator=gen)
         mask, pos = torch.ones(1, T, 3 + T, dtype=torch.bool), torch.full((1, T), PROMPT_LEN + 3)
 
@@ -205,11 +209,19 @@ def compare_forwards(rounds: int, threads: int, calls: int = 50) -> dict:
     finally:
         set_cpu_fast_path(previous)
     ms = {case: {p: statistics.median(t) for p, t in by_path.items()} for case, by_path in times.items()}
-    return {"threads": torch.get_num_threads(), "rounds": rounds, "ms_median": ms, "bit_identical": same}
+    return {
+        "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "rounds": rounds,
+        "ms_median": ms,
+        "bit_identical": same,
+    }
 
 
 def print_forwards(result: dict) -> None:
-    print(f"forwards, batch 1, {result['threads']} thread(s), median of {result['rounds']} rounds")
+    print(
+        f"forwards, batch 1, {result['dtype']}, {result['threads']} thread(s), median of {result['rounds']} rounds"
+    )
     print(f"{'forward':<24}{'python ms':>10}{'C++ op ms':>10}{'speedup':>9}")
     for case, ms in result["ms_median"].items():
         py, cpp = ms["python modules"], ms["C++ layer op"]
@@ -221,7 +233,8 @@ def print_table(result: dict) -> None:
     ms = result["ms_per_token_median"]
     hf_ms = ms["HF forward + DynamicCache"]
     print(
-        f"decode, batch 1, after a {result['prompt_len']}-token prompt, {result['threads']} thread(s), "
+        f"decode, batch 1, {result['model']['dtype']}, after a {result['prompt_len']}-token prompt, "
+        f"{result['threads']} thread(s), "
         f"median of {result['rounds']} rounds x {result['new_tokens_per_round']} tokens"
     )
     print(f"{'implementation':<28}{'ms/token':>10}{'tokens/s':>10}{'vs HF':>8}")
@@ -248,19 +261,24 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument(
+        "--dtype", default="float32", help="float32 (default) or bfloat16 (oneDNN-packed weights on CPU)"
+    )
+    parser.add_argument(
         "--forwards", action="store_true", help="also compare the C++ layer op with the Python modules"
     )
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     results, forwards = [], []
     for threads in dict.fromkeys(args.threads):
-        results.append(run(args.rounds, args.new_tokens, threads))
+        results.append(run(args.rounds, args.new_tokens, threads, dtype))
         print_table(results[-1])
         if args.forwards:
-            forwards.append(compare_forwards(args.rounds, threads))
+            forwards.append(compare_forwards(args.rounds, threads, dtype=dtype))
             print_forwards(forwards[-1])
     if not args.no_save:
         payload = {"runs": results} | ({"forwards": forwards} if forwards else {})
-        print(f"wrote {save_json('runtime_cpu.json', payload)}")
+        name = "runtime_cpu.json" if dtype == torch.float32 else f"runtime_cpu_{args.dtype}.json"
+        print(f"wrote {save_json(name, payload)}")
 
 
 # --------------------------------------------------------------------------------------------------

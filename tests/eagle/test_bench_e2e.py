@@ -125,7 +125,7 @@ def test_greedy_outputs_of_every_method_equal_vanilla(report):
 
 def test_json_and_png_are_written_with_machine_and_settings(report, tiny_target):
     saved = json.loads(report.json_path.read_text())
-    assert report.json_path.name == f"e2e_{tiny_target.name}_randomdraft.json"
+    assert report.json_path.name == f"e2e_{tiny_target.name}_float64_randomdraft.json"  # not the CPU default
     assert {"commit", "torch", "platform", "uncommitted_tracked_files"} <= set(saved["machine"])
     assert {"transformers", "eagle"} <= set(saved["versions"])
     settings = saved["settings"]
