@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.utils import save_json  # noqa: E402
-from eagle.api import EagleModel, load  # noqa: E402
+from eagle.api import EagleModel, _default_dtype, load  # noqa: E402
 from eagle.models import generate_plain, random_draft  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
 from eagle.tree import TreeConfig  # noqa: E402
@@ -157,14 +157,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+    dtype = getattr(torch, args.dtype) if args.dtype else _default_dtype(device)
     if args.random:
-        model, name = random_pair(args.random, device, dtype or torch.float32), f"random{args.random}"
+        model, name = random_pair(args.random, device, dtype), f"random{args.random}"
     else:
         model, name = load(args.target, args.draft, device=device, dtype=dtype), Path(args.target).name
     if device.type == "cuda":
         name += "_" + torch.cuda.get_device_name(device).replace(" ", "-")
-    if dtype is not None and dtype != (torch.bfloat16 if device.type == "cuda" else torch.float32):
+    if dtype != _default_dtype(device):
         name += "_" + str(dtype).removeprefix("torch.")  # a CPU bfloat16 run keeps the float32 table
     rows = []
     print(

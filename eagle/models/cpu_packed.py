@@ -99,9 +99,9 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def pack_linear_weights(weights: Iterable[torch.Tensor]) -> int:
+def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
     """Pack each 2-D weight ``[N, K]`` (bfloat16/float16, CPU) for :func:`linear`; returns how many
-    tensors now have a valid packed copy. Tensors sharing storage with one packed earlier (a head's
+    tensors now have a valid packed copy (entries that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
     detached view of the target's lm_head, say) share its packed copy. Nothing is packed when
     :func:`packing_supported` is false or the copies would take over a quarter of the free memory."""
     todo = [w for w in dict.fromkeys(weights, None) if isinstance(w, torch.Tensor) and w.dim() == 2]
@@ -139,15 +139,16 @@ def packed_weight(w: torch.Tensor) -> torch.Tensor:
     return entry.packed
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """True when grad mode is on and any of ``tensors`` requires grad (a graph must be recorded)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed weight when one is valid and no autograd
     graph is needed (same result, bit for bit)."""
     w = packed_weight(weight)
-    if w is weight or x.device.type != "cpu" or x.dtype != w.dtype:
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
+    if w is weight or x.device.type != "cpu" or x.dtype != w.dtype or needs_autograd(x, weight, bias):
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
@@ -159,8 +160,9 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def pack_module_linears(module: nn.Module, extra: Iterable[torch.Tensor] = ()) -> int:
+def pack_module_linears(module: nn.Module, extra: Iterable[torch.Tensor | None] = ()) -> int:
     """Pack the weights of every :class:`nn.Linear` in ``module`` plus ``extra`` tensors (an lm_head
-    kept as a plain tensor); returns how many have a packed copy. See :func:`pack_linear_weights`."""
+    kept as a plain tensor; None entries are skipped); returns how many have a packed copy. See
+    :func:`pack_linear_weights`."""
     weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
-    return pack_linear_weights([*weights, *(w for w in extra if w is not None)])
+    return pack_linear_weights([*weights, *extra])

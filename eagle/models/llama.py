@@ -34,6 +34,7 @@ from eagle.models.config import ModelConfig
 from eagle.models.cpu_packed import (
     Linear,
     linear,
+    needs_autograd,
     pack_module_linears,
     packed_weight,
     packing_generation,
@@ -367,11 +368,6 @@ def cpu_fast_path_wanted(x: torch.Tensor) -> bool:
         # EAGLE_KERNELS_BACKEND=torch, say) must reach the attention, so the modules run then
         and forced_backend() in (None, "cpp")
     )
-
-
-def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    """True when grad mode is on and any of ``tensors`` requires grad (a graph must be recorded)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def cpu_fast_path_ok(x: torch.Tensor, weights: list[torch.Tensor | None]) -> bool:
