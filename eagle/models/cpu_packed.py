@@ -1,7 +1,7 @@
 """oneDNN-packed copies of linear weights for bfloat16/float16 matmuls on CPU.
 
 A bfloat16 ``F.linear`` on CPU goes through oneDNN, which reorders the weight into its blocked
-layout on every call (~20-30 us per matmul for this package's small models). With the weight
+layout on every call (a large share of a matmul for this package's small models). With the weight
 reordered once at load time (``torch.ops.mkldnn._reorder_linear_weight``) the same oneDNN kernel
 runs without that step, and its result is bit-identical to ``F.linear``. On CPUs with AMX the cost
 of such a matmul barely changes from 1 to ~64 rows, which is what makes tree verification nearly
