@@ -7,7 +7,8 @@ load hits both alike.
 
     python bench/bench_runtime.py                     # table + bench/results/runtime_cpu.json
     python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1..64
-    python bench/bench_runtime.py --forwards --dtype bfloat16   # bf16 with oneDNN-packed weights
+    python bench/bench_runtime.py --forwards --dtype bfloat16   # bf16 with packed weights
+    python bench/bench_runtime.py --linears           # bf16 linears: AMX tiles vs oneDNN vs F.linear
     pytest bench/bench_runtime.py --benchmark-only    # the same decode step under pytest-benchmark
 """
 
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.utils import save_json  # noqa: E402
-from eagle.models import load_target  # noqa: E402
+from eagle.models import cpu_packed, load_target  # noqa: E402
 from eagle.models.cpu_packed import pack_module_linears  # noqa: E402
 from eagle.models.draft import random_draft  # noqa: E402
 from eagle.models.llama import set_cpu_fast_path  # noqa: E402
@@ -218,6 +219,102 @@ def compare_forwards(rounds: int, threads: int, calls: int = 50, dtype: torch.dt
     }
 
 
+# Linear shapes of the tiny-code target and head, [N, K]: qkv, o, gate_up, down, fc, lm_head.
+LINEAR_SHAPES = ((512, 256), (256, 256), (1536, 256), (256, 768), (256, 512), (2048, 256))
+LINEAR_ROWS = (1, 4, 16, 64)
+
+
+def _time_us(fn, calls: int) -> float:
+    return 1e3 * _mean_ms(fn, calls)
+
+
+@torch.inference_mode()
+def compare_linears(rounds: int, threads: int, calls: int = 200) -> dict:
+    """Microseconds per bf16 linear of each tiny-code shape and row count M, for ``F.linear``, the
+    oneDNN-packed weight and this package's AMX kernel (alternating round by round), and target
+    forwards (T = 1, 16, 64) of one model loaded with oneDNN-packed and one with AMX-tiled weights.
+    Each AMX output is checked to be row-count invariant (rows computed alone are bit-identical)."""
+    if not cpu_packed.amx_linear_available():
+        raise SystemExit("--linears needs AMX-BF16 tiles (see `eagle info`)")
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(3)
+    impls = ("F.linear", "oneDNN packed", "AMX tiles")
+    linears, invariant = {}, True
+    for N, K in LINEAR_SHAPES:
+        w = torch.randn(N, K, generator=gen).bfloat16()
+        onednn, tiles = torch.ops.mkldnn._reorder_linear_weight(w, None), cpu_packed.amx_tiles(w)
+        for M in LINEAR_ROWS:
+            x = torch.randn(M, K, generator=gen).bfloat16()
+            fns = {
+                "F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w),
+                "oneDNN packed": lambda x=x, p=onednn: torch.ops.mkldnn._linear_pointwise(
+                    x, p, None, "none", [], ""
+                ),
+                "AMX tiles": lambda x=x, t=tiles: torch.ops.eagle_C.amx_linear_bf16(x, t, None),
+            }
+            alone = torch.cat(
+                [torch.ops.eagle_C.amx_linear_bf16(x[i : i + 1], tiles, None) for i in range(M)]
+            )
+            invariant &= torch.equal(alone, fns["AMX tiles"]())
+            times = {name: [] for name in impls}
+            for _ in range(rounds):
+                for name in impls:
+                    times[name].append(_time_us(fns[name], calls))
+            linears[f"{N}x{K} M={M}"] = {name: statistics.median(t) for name, t in times.items()}
+    forwards = _compare_forward_layouts(rounds, calls=20)
+    return {
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "linear_us_median": linears,
+        "amx_rows_invariant": invariant,
+        "forward_ms_median": forwards,
+    }
+
+
+def _compare_forward_layouts(rounds: int, calls: int) -> dict:
+    models = {}
+    previous = os.environ.get("EAGLE_CPU_AMX_LINEAR")
+    try:
+        for name, env in (("oneDNN packed", "0"), ("AMX tiles", "1")):
+            os.environ["EAGLE_CPU_AMX_LINEAR"] = env
+            with tempfile.TemporaryDirectory() as tmp:
+                models[name] = build_models(Path(tmp), torch.bfloat16)[1]
+    finally:
+        if previous is None:
+            os.environ.pop("EAGLE_CPU_AMX_LINEAR")
+        else:
+            os.environ["EAGLE_CPU_AMX_LINEAR"] = previous
+    gen = torch.Generator().manual_seed(4)
+    caches = {name: m.new_cache(1, PROMPT_LEN + 80) for name, m in models.items()}
+    for c in caches.values():
+        c.advance(PROMPT_LEN)
+    result = {}
+    for T in (1, 16, 64):
+        ids = torch.randint(0, SHAPE["vocab_size"], (1, T), generator=gen)
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
+        times = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, m in models.items():
+                times[name].append(
+                    _mean_ms(lambda m=m, c=caches[name], ids=ids, mask=mask: m(ids, c, tree_mask=mask), calls)
+                )
+        result[f"target forward T={T}"] = {name: statistics.median(t) for name, t in times.items()}
+    return result
+
+
+def print_linears(result: dict) -> None:
+    print(f"bf16 linears, {result['threads']} thread(s), median of {result['rounds']} rounds (us)")
+    print(f"{'[N x K] rows':<20}{'F.linear':>10}{'oneDNN':>10}{'AMX':>10}{'AMX vs oneDNN':>15}")
+    for case, us in result["linear_us_median"].items():
+        f, o, a = us["F.linear"], us["oneDNN packed"], us["AMX tiles"]
+        print(f"{case:<20}{f:>10.1f}{o:>10.1f}{a:>10.1f}{o / a:>14.2f}x")
+    print(f"AMX rows computed alone are bit-identical to the block: {result['amx_rows_invariant']}")
+    print(f"{'forward (ms)':<20}{'oneDNN':>10}{'AMX':>10}{'speedup':>10}")
+    for case, ms in result["forward_ms_median"].items():
+        o, a = ms["oneDNN packed"], ms["AMX tiles"]
+        print(f"{case:<20}{o:>10.3f}{a:>10.3f}{o / a:>9.2f}x")
+
+
 def print_forwards(result: dict) -> None:
     print(
         f"forwards, batch 1, {result['dtype']}, {result['threads']} thread(s), median of {result['rounds']} rounds"
@@ -266,8 +363,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--forwards", action="store_true", help="also compare the C++ layer op with the Python modules"
     )
+    parser.add_argument(
+        "--linears",
+        action="store_true",
+        help="only compare bf16 linear implementations (AMX tiles, oneDNN, F.linear) and forwards with each",
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.linears:
+        runs = [compare_linears(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
+        for r in runs:
+            print_linears(r)
+        if not args.no_save:
+            print(f"wrote {save_json('linears_cpu_bfloat16.json', {'runs': runs})}")
+        return
     results, forwards = [], []
     for threads in dict.fromkeys(args.threads):
         results.append(run(args.rounds, args.new_tokens, threads, dtype))
@@ -314,6 +423,24 @@ def test_decode_step(benchmark, models, impl):
 
         benchmark.group = "decode step, 12x256 Llama, fp32, batch 1, 100-token cache"
         benchmark(step)
+
+
+@pytest.mark.skipif(not cpu_packed.amx_linear_available(), reason="needs AMX-BF16 tiles")
+@pytest.mark.parametrize("impl", ["oneDNN packed", "AMX tiles"])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_bf16_linear(benchmark, impl, rows):
+    N, K = 1536, 256  # the tiny-code MLP's gate_up projection
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(N, K, generator=gen).bfloat16(), torch.randn(rows, K, generator=gen).bfloat16()
+    if impl == "AMX tiles":
+        tiles = cpu_packed.amx_tiles(w)
+        fn = lambda: torch.ops.eagle_C.amx_linear_bf16(x, tiles, None)  # noqa: E731
+    else:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
+    benchmark.group = f"bf16 linear {N}x{K}, {rows} row(s)"
+    assert torch.equal(fn(), torch.nn.functional.linear(x, w)) or impl == "AMX tiles"
+    benchmark(fn)
 
 
 if __name__ == "__main__":

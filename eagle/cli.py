@@ -14,7 +14,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     import eagle
     import eagle_kernels
-    from eagle.models.cpu_packed import cpu_has_amx_bf16, packing_supported
+    from eagle.models.cpu_packed import amx_linear_available, cpu_has_amx_bf16, packing_supported
 
     info = {
         "eagle": eagle.__version__,
@@ -27,6 +27,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             name: packing_supported(getattr(torch, name)) for name in ("bfloat16", "float16")
         },
         "cpu_amx_bf16": cpu_has_amx_bf16(),
+        "cpu_amx_linear": amx_linear_available(),
         "kernels": eagle_kernels.backend_info(),
     }
     if args.json:
@@ -34,9 +35,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         return 0
     k = info.pop("kernels")
     packed, amx = info.pop("cpu_packed_weights"), info.pop("cpu_amx_bf16")
+    amx_linear = info.pop("cpu_amx_linear")
     for key, value in info.items():
         print(f"{key:>16}: {value}")
-    if packed["bfloat16"] and amx:
+    if packed["bfloat16"] and amx_linear:
+        half = (
+            "AMX tiles with this package's bf16 linear kernel: `--dtype bfloat16` is the fast CPU dtype here"
+        )
+    elif packed["bfloat16"] and amx:
         half = "AMX bf16 with oneDNN-packed weights: `--dtype bfloat16` is the fast CPU dtype here"
     elif packed["bfloat16"]:
         half = "oneDNN-packed bf16 weights without AMX: float32 is likely faster on this CPU"

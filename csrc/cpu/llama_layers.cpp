@@ -14,6 +14,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "amx_linear.h"
+
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -67,9 +69,10 @@ at::Tensor rotate(const at::Tensor& x, const Block& blk) {  // eagle.models.llam
   return x * blk.cos + x.roll({x.size(-1) / 2}, {-1}) * blk.sin;
 }
 
-// at::linear, or oneDNN's linear when the weight is a packed (mkldnn-layout) copy made by
-// eagle/models/cpu_packed.py; the two give the same result bit for bit.
+// at::linear, or for a packed copy made by eagle/models/cpu_packed.py what its linear() calls: the
+// AMX kernel for a weight in tiles, oneDNN's linear for an mkldnn-layout weight.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
+  if (amx::is_tiled_weight(w)) return amx::linear_bf16(x, w, b);
   if (!w.is_mkldnn()) return at::linear(x, w, b);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   std::vector<c10::IValue> stack{x, w, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),
@@ -110,7 +113,7 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
 // eagle.models.llama.MLP.forward
 at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer) {
   const at::Tensor gate_up_w = *slot(weights, layer, kGateUpWeight);
-  const int64_t inter = gate_up_w.size(0) / 2;
+  const int64_t inter = (amx::is_tiled_weight(gate_up_w) ? gate_up_w.size(0) * 16 : gate_up_w.size(0)) / 2;
   auto gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).split(inter, -1);
   return project(at::silu(gate_up[0]) * gate_up[1], *slot(weights, layer, kDownWeight),
                     slot(weights, layer, kDownBias));

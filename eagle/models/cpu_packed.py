@@ -1,16 +1,26 @@
-"""oneDNN-packed copies of linear weights for bfloat16/float16 matmuls on CPU.
+"""Packed copies of linear weights for bfloat16/float16 matmuls on CPU.
 
-A bfloat16 ``F.linear`` on CPU goes through oneDNN, which reorders the weight into its blocked
-layout on every call (a large share of a matmul for this package's small models). With the weight
-reordered once at load time (``torch.ops.mkldnn._reorder_linear_weight``) the same oneDNN kernel
-runs without that step, and its result is bit-identical to ``F.linear``. On CPUs with AMX the cost
-of such a matmul barely changes from 1 to ~64 rows, which is what makes tree verification nearly
-free on CPU as it is on a GPU (measured with ``python bench/bench_runtime.py --forwards --dtype
-bfloat16``).
+Two layouts, chosen per weight when it is packed:
+
+* **AMX tiles** (bfloat16 on CPUs with AMX, ``N % 16 == 0`` and ``K % 32 == 0``): the weight is
+  stored in the pair-interleaved tile layout ``[N/16, K/32, 16, 32]`` that ``TDPBF16PS`` reads, and
+  multiplied by this package's kernel ``eagle_C::amx_linear_bf16`` (``csrc/cpu/amx_linear.cpp``).
+  A call costs a few microseconds plus the arithmetic, where a oneDNN call costs ~20 us whatever
+  the size (``python bench/bench_runtime.py --linears``). Every output row is computed
+  independently of the others (float32 accumulation over K in a fixed order), so a row verified in a
+  block of 60 tree tokens gets exactly the logits it gets decoded alone.
+* **oneDNN** (otherwise, when oneDNN supports the dtype): ``torch.ops.mkldnn._reorder_linear_weight``
+  once at load time instead of oneDNN's reorder inside every bf16 ``F.linear``; the result is
+  bit-identical to ``F.linear``.
+
+On CPUs with AMX the cost of either barely changes from 1 to ~64 rows, which is what makes tree
+verification nearly free on CPU as it is on a GPU (measured with ``python bench/bench_runtime.py
+--forwards --dtype bfloat16``).
 
 The packed copy is an extra copy of every packed weight (the dense one stays: embeddings, state
 dicts, CUDA and autograd use it), so packing is skipped when it would take more than a quarter of
-the memory available. ``EAGLE_CPU_PACKED_WEIGHTS=0`` turns it off.
+the memory available. ``EAGLE_CPU_PACKED_WEIGHTS=0`` turns packing off; ``EAGLE_CPU_AMX_LINEAR=0``
+keeps the oneDNN layout even where AMX tiles are available.
 
 A packed copy is used only while it is valid: looked up by the identity of the dense tensor, and
 checked against the tensor's data pointer and version counter, so a weight moved to another device,
@@ -29,12 +39,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from eagle_kernels import _ext
+
 _PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
 class _Entry:
-    packed: torch.Tensor  # mkldnn (opaque) layout, the dense weight's shape [N, K] and dtype
+    packed: torch.Tensor  # AMX tiles [N/16, K/32, 16, 32] bf16, or mkldnn (opaque) layout [N, K]
     data_ptr: int
     version: int | None  # None for inference tensors, which have no version counter
 
@@ -56,14 +68,29 @@ def packing_generation() -> int:
     return _generation
 
 
+def amx_linear_available() -> bool:
+    """True when bfloat16 weights are packed into AMX tiles for ``eagle_C::amx_linear_bf16``: the
+    extension has the op, the CPU has AMX-BF16 and the OS grants the tile state, and
+    ``EAGLE_CPU_AMX_LINEAR`` is not 0."""
+    if os.environ.get("EAGLE_CPU_AMX_LINEAR", "1") == "0" or not _ext.has_op("amx_linear_bf16"):
+        return False
+    return bool(torch.ops.eagle_C.amx_bf16_available())
+
+
 def packing_supported(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
-    """True when weights of ``dtype`` on ``device`` can be packed: a CPU device, bfloat16 (float16)
-    with oneDNN support for it on this CPU, the ops present in this torch build, and
-    ``EAGLE_CPU_PACKED_WEIGHTS`` not 0."""
+    """True when weights of ``dtype`` on ``device`` can be packed: a CPU device, bfloat16 with AMX
+    tiles (:func:`amx_linear_available`) or bfloat16/float16 with oneDNN support for it on this CPU
+    and the ops present in this torch build, and ``EAGLE_CPU_PACKED_WEIGHTS`` not 0."""
     if os.environ.get("EAGLE_CPU_PACKED_WEIGHTS", "1") == "0":
         return False
     if torch.device(device).type != "cpu" or dtype not in _PACKABLE_DTYPES:
         return False
+    if dtype == torch.bfloat16 and amx_linear_available():
+        return True
+    return _onednn_supports(dtype)
+
+
+def _onednn_supports(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
@@ -100,8 +127,9 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
-    """Pack each 2-D weight ``[N, K]`` (bfloat16/float16, CPU) for :func:`linear`; returns how many
-    tensors now have a valid packed copy (entries that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
+    """Pack each 2-D weight ``[N, K]`` (bfloat16/float16, CPU) for :func:`linear`, into AMX tiles where
+    possible, else oneDNN's layout; returns how many tensors now have a valid packed copy (entries
+    that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
     detached view of the target's lm_head, say) share its packed copy. Nothing is packed when
     :func:`packing_supported` is false or the copies would take over a quarter of the free memory."""
     todo = [w for w in dict.fromkeys(weights, None) if isinstance(w, torch.Tensor) and w.dim() == 2]
@@ -121,12 +149,40 @@ def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
         )
         if reuse is None:
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+                packed = _pack(w.detach())
+            if packed is None:
+                continue
             reuse = _Entry(packed, w.data_ptr(), tensor_version(w))
             existing.append((w, reuse))
         _PACKED[w] = reuse
         count += 1
     return count
+
+
+def amx_tiles(w: torch.Tensor) -> torch.Tensor:
+    """``w [N, K]`` in the AMX tile layout ``[N/16, K/32, 16, 32]``: tile ``(nb, kb)`` holds
+    ``w[nb*16 + c, kb*32 + 2r + j]`` at ``[r, 2c + j]`` (K in pairs, the layout ``TDPBF16PS`` reads)."""
+    N, K = w.shape
+    return (
+        w.reshape(N // 16, 16, K // 32, 16, 2)
+        .permute(0, 2, 3, 1, 4)
+        .contiguous()
+        .view(N // 16, K // 32, 16, 32)
+    )
+
+
+def is_amx_tiled(packed: torch.Tensor) -> bool:
+    """True for a packed copy made by :func:`amx_tiles` (a oneDNN copy is an mkldnn tensor)."""
+    return not packed.is_mkldnn and packed.dim() == 4
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor | None:
+    N, K = w.shape
+    if w.dtype == torch.bfloat16 and N % 16 == 0 and K % 32 == 0 and amx_linear_available():
+        return amx_tiles(w)
+    if _onednn_supports(w.dtype):
+        return torch.ops.mkldnn._reorder_linear_weight(w, None)
+    return None  # no packed form for this weight (AMX only, and a shape the tiles do not fit)
 
 
 def packed_weight(w: torch.Tensor) -> torch.Tensor:
@@ -146,10 +202,15 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed weight when one is valid and no autograd
-    graph is needed (same result, bit for bit)."""
+    graph is needed: oneDNN's copy gives the same result bit for bit, AMX tiles the float32 sum
+    rounded once to bfloat16 (see the module docstring)."""
     w = packed_weight(weight)
     if w is weight or x.device.type != "cpu" or x.dtype != w.dtype or needs_autograd(x, weight, bias):
         return F.linear(x, weight, bias)
+    if is_amx_tiled(w):
+        if bias is not None and bias.dtype != x.dtype:
+            return F.linear(x, weight, bias)
+        return torch.ops.eagle_C.amx_linear_bf16(x, w, bias)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 

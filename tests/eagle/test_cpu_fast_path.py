@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
     not _ext.has_op("llama_layers"), reason="the C++ extension with llama_layers is not built"
 )
 
-# bfloat16: the linear weights are oneDNN-packed copies on both paths (eagle/models/cpu_packed.py)
+# bfloat16: the linear weights are packed copies (AMX tiles or oneDNN) on both paths (eagle/models/cpu_packed.py)
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp64", "bf16"]
 TARGET_CASES = {
