@@ -82,21 +82,23 @@ def _compact_kv_cache_kernel(
     acc = tl.load(accept_num_ptr + b)
     offs = tl.arange(0, BLOCK_D)
     dmask = offs < D
-    for j in range(1, num_steps):
+    for j in range(0, num_steps):  # j = 0 too: the root's row need not be the block's first
         if j <= acc:
             slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
-            row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)
-            tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
+            if slot != j:
+                row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)
+                tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
 
 
 def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
     L, _, B, H, _, D = kv_cache.shape
-    accept_num = accept_token_num.to(torch.int32)
+    # The kernel reads element b of these at base + b: strided views must be made contiguous.
+    accept_num = accept_token_num.to(torch.int32).contiguous()
     grid = (L * 2 * B * H,)
     if grid[0] > 0:
         _compact_kv_cache_kernel[grid](
             kv_cache,
-            cache_seqlens,
+            cache_seqlens.contiguous(),
             accept_index.contiguous(),
             accept_num,
             B,

@@ -1019,7 +1019,7 @@ def sglang_tree_speculative_sampling_target_only(
     uniform_samples: torch.Tensor,
     uniform_samples_for_final_sampling: torch.Tensor,
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None = None,
     threshold_single: float = 1.0,
     threshold_acc: float = 1.0,
     deterministic: bool = True,
@@ -1029,11 +1029,13 @@ def sglang_tree_speculative_sampling_target_only(
     """Drop-in for sgl-kernel's ``tree_speculative_sampling_target_only`` (same in-place signature).
 
     Writes ``predicts [B*n]``, ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]``
-    (int32, preallocated; ``num_spec_steps`` is ``accept_index.shape[1]``) with the results of
-    :func:`tree_speculative_sampling`. As in sgl-kernel, ``predicts`` changes only at the accepted
-    rows; ``accept_index`` is written whole (-1 past the path, what SGLang callers pre-fill). ``draft_probs`` ``[B, n, V]`` float32 is accepted for signature
-    compatibility only: SGLang uses it as scratch for rejected mass, this implementation neither
-    reads nor writes it. ``deterministic`` is ignored: results are always deterministic.
+    (int32, preallocated; ``num_spec_steps`` is ``accept_index.shape[1]``, which may exceed ``n``
+    as in SGLang, where it is ``speculative_num_steps + 1`` whatever the tree size) with the results
+    of :func:`tree_speculative_sampling`. As in sgl-kernel, ``predicts`` changes only at the accepted
+    rows; ``accept_index`` is written whole (-1 past the path, what SGLang callers pre-fill).
+    ``draft_probs`` ``[B, n, V]`` float32 is accepted for signature compatibility only (optional):
+    SGLang uses it as scratch for rejected mass, this implementation neither reads nor writes it.
+    ``deterministic`` is ignored: results are always deterministic.
 
     Thresholds below 1 make SGLang's acceptance *lossy* (a child is accepted when
     ``coin <= cumulative_mass / threshold_acc`` or ``p(child) >= threshold_single``), which changes
@@ -1045,7 +1047,8 @@ def sglang_tree_speculative_sampling_target_only(
     check_tensor("predicts", predicts, ndim=1, dtypes=(torch.int32,))
     check_tensor("accept_index", accept_index, ndim=2, dtypes=(torch.int32,))
     check_tensor("accept_token_num", accept_token_num, ndim=1, dtypes=(torch.int32,))
-    check_tensor("draft_probs", draft_probs, ndim=3)
+    if draft_probs is not None:
+        check_tensor("draft_probs", draft_probs, ndim=3)
     B, n = candidates.shape if candidates.dim() == 2 else (0, 0)
     if predicts.shape[0] != B * n or accept_index.shape[0] != B or accept_token_num.shape[0] != B:
         raise ValueError(
@@ -1071,7 +1074,7 @@ def sglang_tree_speculative_sampling_target_only(
         None,
         uniform_samples,
         uniform_samples_for_final_sampling,
-        accept_index.shape[1],
+        max(1, min(accept_index.shape[1], n)),  # a path holds at most n slots: wider columns stay -1
         lossy=lossy,
         threshold_single=threshold_single,
         threshold_acc=threshold_acc,
@@ -1079,5 +1082,7 @@ def sglang_tree_speculative_sampling_target_only(
     on_path = torch.zeros(B * n + 1, dtype=torch.bool, device=predicts.device)
     on_path[torch.where(out[1] >= 0, out[1], B * n).reshape(-1).long()] = True
     predicts.copy_(torch.where(on_path[: B * n], out[0], predicts))
-    accept_index.copy_(out[1])
+    steps = out[1].shape[1]
+    accept_index[:, :steps].copy_(out[1])
+    accept_index[:, steps:].fill_(-1)
     accept_token_num.copy_(out[2])

@@ -91,16 +91,21 @@ at::Tensor compact_kv_cache_cpu(at::Tensor kv_cache, const at::Tensor& cache_seq
   check_compact_kv_cache_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens);
   auto seqlens = cache_seqlens.contiguous();
   auto index = accept_index.contiguous();
-  auto num = accept_token_num.to(at::kInt).contiguous();
+  // Counts are read in their own dtype: an int64 count is validated before anything narrows it.
+  auto num = accept_token_num.contiguous();
   const int64_t steps = index.size(1);
-  if (index.scalar_type() == at::kLong) {
-    compact_cpu_impl<int64_t, int32_t>(kv_cache, seqlens.data_ptr<int32_t>(), index.data_ptr<int64_t>(),
-                                       num.data_ptr<int32_t>(), steps, num_draft_tokens);
+  const bool long_index = index.scalar_type() == at::kLong, long_num = num.scalar_type() == at::kLong;
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
+  if (long_index && long_num) {
+    compact_cpu_impl(kv_cache, lens, index.data_ptr<int64_t>(), num.data_ptr<int64_t>(), steps, num_draft_tokens);
+  } else if (long_index) {
+    compact_cpu_impl(kv_cache, lens, index.data_ptr<int64_t>(), num.data_ptr<int32_t>(), steps, num_draft_tokens);
+  } else if (long_num) {
+    compact_cpu_impl(kv_cache, lens, index.data_ptr<int32_t>(), num.data_ptr<int64_t>(), steps, num_draft_tokens);
   } else {
-    compact_cpu_impl<int32_t, int32_t>(kv_cache, seqlens.data_ptr<int32_t>(), index.data_ptr<int32_t>(),
-                                       num.data_ptr<int32_t>(), steps, num_draft_tokens);
+    compact_cpu_impl(kv_cache, lens, index.data_ptr<int32_t>(), num.data_ptr<int32_t>(), steps, num_draft_tokens);
   }
-  return cache_seqlens + num + 1;
+  return cache_seqlens + num.to(at::kInt) + 1;
 }
 
 }  // namespace

@@ -18,7 +18,7 @@ __global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int6
   unit_t* head = kv + layer * s_layer + which * s_kv + b * s_b + h * s_h;
   const int64_t start = seqlens[b];
   const int32_t acc = accept_num[b];
-  for (int64_t j = 1; j <= acc; ++j) {
+  for (int64_t j = 0; j <= acc; ++j) {  // j = 0 too: the root's row need not be the block's first
     const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
     if (slot == j) continue;
     const unit_t* src = head + (start + slot) * s_pos;

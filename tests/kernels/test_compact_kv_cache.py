@@ -91,6 +91,48 @@ def test_noncontiguous_layer_view(device):
         assert torch.equal(big[:, :, 1::2], torch.zeros_like(want)), backend
 
 
+def test_root_row_not_first_in_the_block(device):
+    """A permuted retrive_index can put the root's row anywhere in the block: every backend copies
+    accepted column 0 too (the reference does), instead of assuming it is already in place."""
+    kv, seqlens, _, _ = make_case(2, 4, 3, 1, 16, torch.float32, torch.int64, device, seed=5)
+    idx = torch.tensor([[1, 3, -1], [4, 6, 7]], device=device)  # sequence 0: root at slot 1
+    num = torch.tensor([1, 2], device=device)
+    want = kv.clone()
+    want_len = compact_kv_cache_ref(want, seqlens, idx, num, 4)
+    want_oracle, _ = loop_oracle(kv, seqlens, idx, num, 4)
+    assert torch.equal(want, want_oracle)
+    for backend in backends_for(OP, device):
+        got = kv.clone()
+        got_len = run_with_backend(backend, compact_kv_cache, got, seqlens, idx, num, num_draft_tokens=4)
+        assert torch.equal(got, want), backend
+        assert torch.equal(got_len, want_len), backend
+
+
+def test_strided_seqlens_and_counts(device):
+    """Views with a stride (every other element of a bigger tensor) are read by value, not as raw
+    memory: a kernel that indexed them as contiguous would read the interleaved junk (99, 77)."""
+    kv, _, _, _ = make_case(2, 4, 3, 1, 16, torch.float32, torch.int64, device, seed=6)
+    seqlens = torch.tensor([2, 99, 5, 99], dtype=torch.int32, device=device)[::2]
+    num = torch.tensor([1, 77, 2, 77], dtype=torch.int32, device=device)[::2]
+    idx = torch.tensor([[0, 3, -1], [4, 6, 7]], device=device)
+    want = kv.clone()
+    want_len = compact_kv_cache_ref(want, seqlens, idx, num, 4)
+    for backend in backends_for(OP, device):
+        got = kv.clone()
+        got_len = run_with_backend(backend, compact_kv_cache, got, seqlens, idx, num, num_draft_tokens=4)
+        assert torch.equal(got, want), backend
+        assert torch.equal(got_len, want_len), backend
+
+
+def test_int64_counts_are_checked_before_narrowing():
+    # 2**32 + 1 would become 1 in int32 and pass; it must be refused as out of range.
+    kv, seqlens, idx, num = make_case(2, 10, 5, 2, 16, torch.float32, torch.int64, "cpu", seed=3)
+    num[:] = torch.tensor([2**32 + 1, 0])
+    for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
+        with pytest.raises(ValueError, match="accept_token_num must be in"):
+            run_with_backend(backend, compact_kv_cache, kv, seqlens, idx, num, num_draft_tokens=10)
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [

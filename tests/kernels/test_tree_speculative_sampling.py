@@ -366,6 +366,21 @@ def test_sglang_drop_in_matches_functional_op():
         assert bool((draft_scratch == 0).all())
 
 
+def test_sglang_drop_in_takes_wider_accept_index_and_no_draft_probs():
+    """SGLang sizes accept_index [B, speculative_num_steps + 1] whatever the tree size, and newer
+    callers pass no draft_probs scratch: the path is written first, the extra columns stay -1."""
+    args, steps, _ = make_case(3, 6, 20, 5, seed=7)
+    cand, ri, nt, ns, probs, u, uf = args
+    want = tree_speculative_sampling(*args, num_spec_steps=6)
+    predicts, accept_index, num = _sglang_buffers(3, 6, 9, 20)  # 9 columns > n = 6
+    accept_index.fill_(5)  # stale values: the drop-in must write every column
+    sglang_tree_speculative_sampling_target_only(
+        predicts, accept_index, num, cand, ri, nt, ns, u, uf, target_probs=probs
+    )
+    assert torch.equal(accept_index[:, :6], want[1]) and bool((accept_index[:, 6:] == -1).all())
+    assert torch.equal(num, want[2])
+
+
 def test_sglang_thresholds_need_explicit_lossy():
     args, steps, _ = make_case(2, 8, 20, 3, seed=1)
     cand, ri, nt, ns, probs, u, uf = args
