@@ -28,6 +28,11 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
                               double sm_scale);
 }  // namespace tree_attn
 
+namespace rms {
+// Defined in rms_norm.cpp.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+}  // namespace rms
+
 namespace llama_layers {
 
 enum Slot : int64_t {
@@ -59,8 +64,10 @@ struct Block {
 };
 
 // eagle.models.llama.RMSNorm.forward
+// (bf16/fp16: the C++ kernel, which the module also calls outside autograd; float32/float64: torch's).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const int64_t dim = w.size(0);
+  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) return rms::rms_norm(x, w, eps);
   if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {dim}, w, eps);
   return w * at::rms_norm(x.to(at::kFloat), {dim}, std::nullopt, eps).to(x.scalar_type());
 }

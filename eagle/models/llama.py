@@ -63,11 +63,31 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _cpu_rms_norm_ok(x, self.weight):
+            # One C++ loop per row (eagle_C::rms_norm, also what the C++ layer op calls): torch's CPU
+            # rms_norm on a half type is a composition of ~8 ops. Same formula; the float32 mean may
+            # differ from torch's in its last bit.
+            return torch.ops.eagle_C.rms_norm(x, self.weight, self.eps)
         # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) with the same float32 rounding
         # as transformers' composition (bit-identical), in one kernel instead of six.
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+def _cpu_rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The C++ RMSNorm applies: a plain bf16/fp16 CPU tensor, matching dtypes, no autograd (with the
+    C++ layer op on or off: both paths must round alike). float32/float64 keep torch's kernel, whose
+    float32 mean transformers' own RMSNorm reproduces bit for bit (the float64 tests rely on it)."""
+    return (
+        x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cpu"
+        and type(x) is torch.Tensor
+        and x.dtype == weight.dtype
+        and _ext.has_op("rms_norm")
+        and not needs_autograd(x, weight)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

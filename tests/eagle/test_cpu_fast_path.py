@@ -306,3 +306,30 @@ def test_cached_weight_list_follows_weight_changes(make_target, fast_path, dtype
         assert torch.equal(fast, ref)
         assert not torch.equal(fast, before)
         before = fast
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cpu_rms_norm_kernel_matches_torch_to_rounding(dtype):
+    """eagle_C::rms_norm (what RMSNorm runs on half types outside autograd, and the C++ layer op too)
+    against torch's composition: the same value up to one rounding of the output dtype."""
+    from eagle.models.llama import RMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(96, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(96, generator=gen) + 0.5)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 96, generator=gen) * 4).to(dtype)
+    want = norm.weight * torch.nn.functional.rms_norm(x.float(), (96,), eps=1e-5).to(dtype)
+    with torch.inference_mode():
+        got = norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp(min=torch.finfo(dtype).tiny)
+    assert bool(((got.float() - want.float()).abs() <= 2 * ulp).all())
+    assert (got != want).float().mean() < 0.05  # differences are rare last-bit ones, not a bias
+    norm.weight.requires_grad_(True)
+    assert torch.equal(norm(x), want)  # autograd: torch's kernel, bit for bit
+    with pytest.raises(ValueError, match=r"rms_norm: x must be \[\.\.\., H\] and weight \[H\]"):
+        torch.ops.eagle_C.rms_norm(x, norm.weight.detach()[:10], 1e-5)
+    with pytest.raises(TypeError, match="must have the same dtype"):
+        torch.ops.eagle_C.rms_norm(x.float(), norm.weight.detach(), 1e-5)
