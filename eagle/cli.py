@@ -78,6 +78,18 @@ def _set_cpu_threads(threads: int | None, model) -> None:
     torch.set_num_threads(threads)
 
 
+def _print_new_text(text: str, shown: str, quiet: bool, *, final: bool) -> str:
+    """Print what ``text`` adds to the already printed ``shown`` and return what is now printed.
+    Until the end, text ending in U+FFFD is held back: the tokens so far stop inside a multi-byte
+    character, whose bytes the next tokens complete (printed now, it would stay a replacement mark)."""
+    if not final:
+        text = text.rstrip("\ufffd")
+    start = len(shown) if text.startswith(shown) else len(os.path.commonprefix([text, shown]))
+    if not quiet:
+        print(text[start:], end="", flush=True)
+    return text
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
@@ -131,10 +143,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         for chunk in chunks:
             tokens.extend(chunk)
             lengths.append(len(chunk))
-            text = model.tokenizer.decode(tokens)
-            if not args.quiet:
-                print(text[len(shown) :], end="", flush=True)
-            shown = text
+            shown = _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=False)
+        _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=True)
         lengths = lengths[1:]  # the first chunk is the prefill's token
     elapsed = time.perf_counter() - start
     tau = sum(lengths) / len(lengths) if lengths else 0.0

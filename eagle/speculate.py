@@ -128,6 +128,8 @@ class _Batch:
     draws: torch.Tensor  # [b] int64, RNG counter
     target_cache: KVCache
     draft_cache: KVCache
+    # original row -> tokens emitted by each round; owned by the run (shared by its _Batch copies)
+    accept_lengths: dict[int, list[int]]
     # [] bool on the device: a target forward produced NaN/inf logits (CUDA: checked at the round's
     # one host synchronisation instead of right away)
     nonfinite: torch.Tensor | None = None
@@ -167,7 +169,10 @@ class SpeculativeDecoder:
             self._static_levels = self._plan_static_levels(tree, dev)
         else:
             self.static = None
-            self.num_tokens, self.depth, self.topk = tree.total_tokens, tree.depth, tree.topk
+            # A tree of n slots holds at most n - 1 levels below the root: deeper drafting is wasted
+            # (and would size accept_index wider than the tree).
+            self.num_tokens, self.topk = tree.total_tokens, tree.topk
+            self.depth = min(tree.depth, tree.total_tokens - 1)
         vocab = getattr(head, "draft_vocab_size", head.config.vocab_size)
         if self.topk > vocab:
             raise ValueError(f"tree topk={self.topk} exceeds the draft vocabulary size {vocab}")
@@ -283,6 +288,7 @@ class SpeculativeDecoder:
         return time.perf_counter()
 
     def accept_lengths(self) -> dict[int, list[int]]:
+        """Tokens emitted per round for each row of the most recently started run."""
         return self._accept_lengths
 
     # ------------------------------------------------------------------------------------------
@@ -323,7 +329,8 @@ class SpeculativeDecoder:
         d = self.head(features, shifted, draft_cache, logits_index=last)
         draft_cache.advance(lengths, max_increment=max_prompt)
         root_hidden = d.hidden.gather(1, last[..., None].expand(B, 1, d.hidden.shape[-1]))[:, 0]
-        self._accept_lengths = {b: [] for b in range(B)}
+        # Per run: a stream still running keeps its own lists when another run starts on this decoder.
+        self._accept_lengths = accept_lengths = {b: [] for b in range(B)}
         state = _Batch(
             rows=torch.arange(B, device=device),
             root=first,
@@ -334,6 +341,7 @@ class SpeculativeDecoder:
             draws=draws + 1,
             target_cache=target_cache,
             draft_cache=draft_cache,
+            accept_lengths=accept_lengths,
             nonfinite=nonfinite,
         )
         return state, first
@@ -575,13 +583,13 @@ class SpeculativeDecoder:
         emission = Emission(rows=rows, tokens=[], finished=[])
         for i, row in enumerate(rows):
             seq = toks[i][: cnts[i]]
-            if record:
-                self._accept_lengths[row].append(cnts[i])
             eos_at = next((j for j, t in enumerate(seq) if t in stop), None)
             if eos_at is not None:
                 seq = seq[: eos_at + 1]
             room = max_new_tokens - s.emitted[i]
             seq = seq[:room]
+            if record:  # what the round emitted, after the EOS and budget cuts
+                s.accept_lengths[row].append(len(seq))
             s.emitted[i] += len(seq)
             emission.tokens.append(seq)
             emission.finished.append(len(seq) == room or (eos_at is not None and eos_at < room))
@@ -606,6 +614,7 @@ class SpeculativeDecoder:
             draws=s.draws[keep],
             target_cache=s.target_cache.select_rows(keep),
             draft_cache=s.draft_cache.select_rows(keep),
+            accept_lengths=s.accept_lengths,
             nonfinite=s.nonfinite,
         )
 

@@ -71,10 +71,19 @@ def generate_plain(
         raise ValueError(f"cuda_graph=True needs a CUDA model, got one on {model.device}")
     block, lengths = pad_prompts(prompts, model.device)
     B = block.shape[0]
+    limit = model.config.max_position_embeddings
+    if block.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({block.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position_embeddings={limit}"
+        )
+    # Set on the device when a forward's logits hold NaN/inf; read once at the end (no sync per step).
+    nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)
     stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
     cache = model.new_cache(B, block.shape[1] + max_new_tokens)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
+        nonfinite.logical_or_(~torch.isfinite(logits).all())
         if temperature == 0:
             return logits.argmax(-1)
         if logits.dtype == torch.float64:  # warp_logits computes in float32 and takes up to float32
@@ -114,7 +123,10 @@ def generate_plain(
             token = graph_token.clone()
         tokens.append(token)
         finished |= torch.isin(token, stop)
-    return _truncate_at_eos(torch.stack(tokens, dim=1).tolist(), set(stop.tolist()))
+    rows = torch.stack(tokens, dim=1).tolist()
+    if bool(nonfinite):
+        raise FloatingPointError("the target produced NaN/inf logits; check the checkpoint and dtype")
+    return _truncate_at_eos(rows, set(stop.tolist()))
 
 
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:

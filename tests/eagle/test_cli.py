@@ -76,3 +76,20 @@ def test_bad_input_is_one_clear_line_not_a_traceback(capsys):
     assert "Traceback" not in err
     assert main(["generate", "x = 1", "--target", "/nonexistent/checkpoint", "-q"]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_streamed_text_keeps_multibyte_characters_whole(capsys):
+    """Byte-level tokens can end inside a UTF-8 character: the streamed text must still be the
+    full decode, never a replacement character left behind by a partial decode."""
+    from eagle.api import _load_tokenizer, _resolve_bundled
+    from eagle.cli import _print_new_text
+
+    tok = _load_tokenizer(_resolve_bundled("tiny-code", "target"))
+    text = "x = '日本語 café'\n"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # the case arises
+    shown = ""
+    for i in range(1, len(ids) + 1):
+        shown = _print_new_text(tok.decode(ids[:i]), shown, False, final=False)
+    _print_new_text(tok.decode(ids), shown, False, final=True)
+    assert capsys.readouterr().out == tok.decode(ids) == text

@@ -159,6 +159,40 @@ def test_nan_logits_raise(pairs, tmp_path):
     model.head = pairs["eagle2-s0"][1].head
     with pytest.raises(FloatingPointError, match="NaN"):
         model.generate([[1, 2, 3]], 5)
+    with pytest.raises(FloatingPointError, match="NaN"):  # plain decoding too, not garbage tokens
+        model.generate([[1, 2, 3]], 5, speculative=False)
+
+
+def test_plain_decoding_refuses_an_over_long_request(pairs):
+    _, model = pairs["eagle2-s0"]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate([[1, 2]], 10_000, speculative=False)
+
+
+def test_a_tree_shallower_than_its_depth_runs(pairs):
+    """total_tokens < depth + 1 is a valid TreeConfig: the loop drafts only the levels n slots can hold."""
+    hf, model = pairs["eagle2-s0"]
+    res = model.generate(PROMPTS[:1], 16, tree=TreeConfig(depth=6, topk=3, total_tokens=4))
+    assert res.tokens[0] == hf_greedy(hf, PROMPTS[0], 16)
+    assert max(res.accept_lengths[0]) <= 4
+
+
+def test_accept_lengths_count_emitted_tokens(pairs):
+    _, model = pairs["eagle2-s0"]
+    for n in (2, 3, 17):
+        res = model.generate(PROMPTS, n, tree=TREES["dynamic-paper"])
+        # the first token comes from the prefill; each later forward's count is what it emitted
+        assert [sum(a) + 1 for a in res.accept_lengths] == [len(t) for t in res.tokens]
+
+
+def test_a_stream_does_not_change_a_later_result(pairs):
+    _, model = pairs["eagle2-s0"]
+    stream = model.stream(PROMPTS[0], 25)
+    next(stream)
+    res = model.generate(PROMPTS[1:2], 20)
+    before = [list(a) for a in res.accept_lengths]
+    rest = list(stream)
+    assert rest and res.accept_lengths == before
 
 
 def test_head_for_another_target_is_refused(pairs, tmp_path):
