@@ -63,14 +63,8 @@ struct Block {
   double eps, sm_scale;
 };
 
-// eagle.models.llama.RMSNorm.forward
-// (bf16/fp16: the C++ kernel, which the module also calls outside autograd; float32/float64: torch's).
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const int64_t dim = w.size(0);
-  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) return rms::rms_norm(x, w, eps);
-  if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {dim}, w, eps);
-  return w * at::rms_norm(x.to(at::kFloat), {dim}, std::nullopt, eps).to(x.scalar_type());
-}
+// eagle.models.llama.RMSNorm.forward (rms_norm.cpp, which the module calls too outside autograd)
+using rms::rms_norm;
 
 at::Tensor rotate(const at::Tensor& x, const Block& blk) {  // eagle.models.llama.apply_rope
   return x * blk.cos + x.roll({x.size(-1) / 2}, {-1}) * blk.sin;

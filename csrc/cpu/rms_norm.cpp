@@ -1,15 +1,18 @@
-// rms_norm: Llama's RMSNorm on CPU in one pass per row, for inference (eagle.models.llama.RMSNorm and
-// the llama_layers op both call it, so the two stay bit-identical).
-//
-// Why: torch's rms_norm on CPU is a composition (cast, pow, mean, add, rsqrt, mul, cast, mul): ~25 us
-// per call on a 256-wide row, a quarter of a tiny-code forward. This is one loop.
+// rms_norm: Llama's RMSNorm on CPU for inference. eagle.models.llama.RMSNorm (outside autograd) and
+// the llama_layers op both call it, so the two stay bit-identical; this file alone decides which
+// kernel each dtype gets.
 //
 // Semantics (transformers' LlamaRMSNorm): the row is taken to float32, normalised as
 // x * 1/sqrt(mean(x^2) + eps) in float32, and
 //   float32 input:  multiplied by the weight in float32;
 //   other dtypes:   rounded to the input dtype, then multiplied by the weight in that dtype.
-// The sum of squares is accumulated in double and the mean rounded once to float32 (torch sums in
-// float32, so results can differ from F.rms_norm in the last bit of the mean).
+//
+// bf16/fp16: one loop per row here. torch's rms_norm on a half type is a composition (cast, pow,
+// mean, add, rsqrt, mul, cast, mul): ~25 us per call on a 256-wide row, a quarter of a tiny-code
+// forward. The sum of squares is accumulated in double and the mean rounded once to float32 (torch
+// sums in float32, so a result can differ from torch's in the last bit of the mean).
+// float32/float64: torch's kernel, whose float32 mean transformers reproduces bit for bit (the
+// float64 oracle tests rely on it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +23,7 @@ namespace eagle {
 namespace rms {
 namespace {
 
+// bf16/fp16 rows: float32 normalisation, rounded to the dtype, times the weight in the dtype.
 template <typename scalar_t>
 void norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows, int64_t H, float eps) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H)), [&](int64_t begin, int64_t end) {
@@ -34,42 +38,40 @@ void norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows
       }
       const float mean = static_cast<float>(sum / static_cast<double>(H));
       const float inv = 1.0f / std::sqrt(mean + eps);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-#pragma omp simd
-        for (int64_t i = 0; i < H; ++i) yr[i] = (xr[i] * inv) * w[i];
-      } else {
-        for (int64_t i = 0; i < H; ++i) {
-          const scalar_t normed = static_cast<scalar_t>(static_cast<float>(xr[i]) * inv);
-          yr[i] = static_cast<scalar_t>(w[i] * normed);
-        }
+      for (int64_t i = 0; i < H; ++i) {
+        const scalar_t normed = static_cast<scalar_t>(static_cast<float>(xr[i]) * inv);  // rounded, as in HF
+        yr[i] = static_cast<scalar_t>(w[i] * normed);
       }
     }
   });
 }
 
-at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+}  // namespace
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && weight.dim() == 1 && x.size(-1) == weight.size(0),
                     "rms_norm: x must be [..., H] and weight [H], got ", x.sizes(), " and ", weight.sizes());
   TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "rms_norm: x (", x.scalar_type(), ") and weight (",
                    weight.scalar_type(), ") must have the same dtype");
   TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  const int64_t H = weight.size(0);
+  if (x.scalar_type() == at::kFloat) return at::rms_norm(x, {H}, weight, eps);
+  if (x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) {
+    return weight * at::rms_norm(x.to(at::kFloat), {H}, std::nullopt, eps).to(x.scalar_type());
+  }
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   at::Tensor out = at::empty_like(xc);
-  const int64_t H = weight.size(0), rows = H == 0 ? 0 : xc.numel() / H;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "eagle_rms_norm", [&] {
+  const int64_t rows = H == 0 ? 0 : xc.numel() / H;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(xc.scalar_type(), "eagle_rms_norm", [&] {
     norm_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                         rows, H, static_cast<float>(eps));
   });
   return out;
 }
 
-}  // namespace
-
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) { return rms_norm_cpu(x, weight, eps); }
-
 }  // namespace rms
 }  // namespace eagle
 
 TORCH_LIBRARY_FRAGMENT(eagle_C, m) { m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("rms_norm", &eagle::rms::rms_norm_cpu); }
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("rms_norm", &eagle::rms::rms_norm); }

@@ -64,9 +64,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _cpu_rms_norm_ok(x, self.weight):
-            # One C++ loop per row (eagle_C::rms_norm, also what the C++ layer op calls): torch's CPU
-            # rms_norm on a half type is a composition of ~8 ops. Same formula; the float32 mean may
-            # differ from torch's in its last bit.
+            # What the C++ layer op calls (csrc/cpu/rms_norm.cpp): on half types one loop per row
+            # instead of torch's ~8 ops, whose float32 mean it may differ from in the last bit.
             return torch.ops.eagle_C.rms_norm(x, self.weight, self.eps)
         # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) with the same float32 rounding
         # as transformers' composition (bit-identical), in one kernel instead of six.
@@ -76,12 +75,10 @@ class RMSNorm(nn.Module):
 
 
 def _cpu_rms_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The C++ RMSNorm applies: a plain bf16/fp16 CPU tensor, matching dtypes, no autograd (with the
-    C++ layer op on or off: both paths must round alike). float32/float64 keep torch's kernel, whose
-    float32 mean transformers' own RMSNorm reproduces bit for bit (the float64 tests rely on it)."""
+    """The C++ RMSNorm applies: a plain CPU tensor, matching dtypes, no autograd (with the C++ layer
+    op on or off: both paths must round alike; the op picks the kernel per dtype)."""
     return (
-        x.dtype in (torch.bfloat16, torch.float16)
-        and x.device.type == "cpu"
+        x.device.type == "cpu"
         and type(x) is torch.Tensor
         and x.dtype == weight.dtype
         and _ext.has_op("rms_norm")
