@@ -29,7 +29,7 @@ from eagle import rng
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.cuda_graph import on_side_stream
 from eagle.models.draft import DraftHead
-from eagle.models.generate_plain import pad_prompts
+from eagle.models.generate_plain import NONFINITE_MESSAGE, pad_prompts
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput
 from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
@@ -86,9 +86,6 @@ class Emission:
     rows: list[int]  # original batch rows
     tokens: list[list[int]]  # new tokens of each of those rows (EOS included, budget respected)
     finished: list[bool]
-
-
-NONFINITE_MESSAGE = "the target produced NaN/inf logits; check the checkpoint and dtype"
 
 
 @dataclass(frozen=True)

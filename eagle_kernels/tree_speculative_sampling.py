@@ -1074,7 +1074,7 @@ def sglang_tree_speculative_sampling_target_only(
         None,
         uniform_samples,
         uniform_samples_for_final_sampling,
-        max(1, min(accept_index.shape[1], n)),  # a path holds at most n slots: wider columns stay -1
+        min(accept_index.shape[1], n),  # a path holds at most n slots: wider columns stay -1
         lossy=lossy,
         threshold_single=threshold_single,
         threshold_acc=threshold_acc,

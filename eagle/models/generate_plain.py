@@ -12,6 +12,8 @@ from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.cuda_graph import on_side_stream
 from eagle.models.llama import LlamaModel
 
+NONFINITE_MESSAGE = "the target produced NaN/inf logits; check the checkpoint and dtype"
+
 
 def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded block ``[B, T_max]`` (padding id 0) and the lengths ``[B]`` (int64)."""
@@ -125,7 +127,7 @@ def generate_plain(
         finished |= torch.isin(token, stop)
     rows = torch.stack(tokens, dim=1).tolist()
     if bool(nonfinite):
-        raise FloatingPointError("the target produced NaN/inf logits; check the checkpoint and dtype")
+        raise FloatingPointError(NONFINITE_MESSAGE)
     return _truncate_at_eos(rows, set(stop.tolist()))
 
 
