@@ -29,7 +29,7 @@ from eagle import rng
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.cuda_graph import on_side_stream
 from eagle.models.draft import DraftHead
-from eagle.models.generate_plain import NONFINITE_MESSAGE, pad_prompts
+from eagle.models.generate_plain import NONFINITE_MESSAGE, argmax_checked, nonfinite_flag, pad_prompts
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput
 from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
@@ -344,9 +344,11 @@ class SpeculativeDecoder:
         return state, first
 
     def _sample_first(self, logits, sampling, seeds, draws, nonfinite):
-        self._check_finite(logits, nonfinite)
         if sampling.greedy:
-            return logits.argmax(-1)
+            first, bad = argmax_checked(logits)
+            self._check_finite(bad, nonfinite)
+            return first
+        self._check_finite(nonfinite_flag(logits), nonfinite)
         probs = self._warp(logits, sampling)
         u = rng.uniforms(seeds, draws, 1)[:, 0]
         return _inverse_cdf(probs, u)
@@ -373,18 +375,20 @@ class SpeculativeDecoder:
             feature_layers=self.feature_layers,
         )
         t2 = self._stamp()
-        self._check_finite(out.logits, s.nonfinite)
         steps = self.depth + 1
         if sampling.greedy:
+            target_predict, bad = argmax_checked(out.logits)
+            self._check_finite(bad, s.nonfinite)
             predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
                 candidates,
                 retrive_index,
                 next_token,
                 next_sibling,
-                out.logits.argmax(-1),
+                target_predict,
                 num_spec_steps=steps,
             )
         else:
+            self._check_finite(nonfinite_flag(out.logits), s.nonfinite)
             V = out.logits.shape[-1]
             probs = self._warp(out.logits.reshape(b * n, V), sampling).view(b, n, V)
             u = rng.uniforms(s.seeds, s.draws, n + 1)
@@ -556,11 +560,11 @@ class SpeculativeDecoder:
         return eagle_kernels.warp_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
 
     @staticmethod
-    def _check_finite(logits: torch.Tensor, flag: torch.Tensor) -> None:
-        """NaN/inf logits: raise now on CPU (reading is free); on CUDA set ``flag`` on the device,
-        raised by :meth:`_raise_if_nonfinite` at the round's host synchronisation."""
-        bad = ~torch.isfinite(logits).all()
-        if logits.device.type == "cpu":
+    def _check_finite(bad: torch.Tensor, flag: torch.Tensor) -> None:
+        """``bad`` (a bool scalar tensor: the logits held NaN/inf): raise now on CPU (reading is free);
+        on CUDA set ``flag`` on the device, raised by :meth:`_raise_if_nonfinite` at the round's host
+        synchronisation."""
+        if bad.device.type == "cpu":
             if bool(bad):
                 raise FloatingPointError(NONFINITE_MESSAGE)
         else:

@@ -1,9 +1,10 @@
 // llama_layers: a stack of Llama decoder layers on the in-place KV cache, for CPU tensors, in C++.
 //
-// The op runs exactly the ATen calls of the Python modules in eagle/models/llama.py (RMSNorm,
-// Attention, MLP, DecoderLayer), in the same order and with the same arguments, so its results are
-// bit-identical to the Python path; only the Python and per-op Python-binding overhead (~5 us per op,
-// ~25 ops per layer) disappears. The attention calls the tree_attention CPU kernel directly (the model
+// The op computes what the Python modules in eagle/models/llama.py (RMSNorm, Attention, MLP,
+// DecoderLayer) compute, bit for bit: the same kernels for the linears, norms, silu and attention,
+// and for the RoPE, the cache writes, the MLP product and the residual adds loops with exactly the
+// rounding of the ATen ops they replace. The Python overhead and most per-op dispatch and
+// allocation disappear. The attention calls the tree_attention CPU kernel directly (the model
 // has already validated the block; the kernel re-checks shapes and lengths itself).
 //
 // weights holds kSlotsPerLayer optional tensors per layer, in the order of the Slot enum. A missing
@@ -11,12 +12,15 @@
 // `attn_input` (one layer only) replaces the attention input altogether (EAGLE-3 midlayer, whose
 // input is cat(input_layernorm(emb), hidden_norm(h)) while the residual stream is h).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "amx_linear.h"
 
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -56,7 +60,7 @@ using OptTensor = std::optional<at::Tensor>;
 struct Block {
   at::Tensor kv;  // [L, 2, B, Hkv, S_max, D]
   at::Tensor cos, sin;  // [B, T, 1, D], the model dtype
-  at::Tensor kv_rows;  // [B*T*Hkv] int64
+  at::Tensor kv_rows;  // [B*T*Hkv] int64, or empty: row of (b, t) at seqlens[b] + past + t
   at::Tensor seqlens;  // [B] int32
   OptTensor tree_mask;  // [B, past+T, past+T] bool
   int64_t past, Hq, Hkv, D;
@@ -65,10 +69,6 @@ struct Block {
 
 // eagle.models.llama.RMSNorm.forward (rms_norm.cpp, which the module calls too outside autograd)
 using rms::rms_norm;
-
-at::Tensor rotate(const at::Tensor& x, const Block& blk) {  // eagle.models.llama.apply_rope
-  return x * blk.cos + x.roll({x.size(-1) / 2}, {-1}) * blk.sin;
-}
 
 // at::linear, or for a packed copy made by eagle/models/cpu_packed.py what its linear() calls: the
 // AMX kernel for a weight in tiles, oneDNN's linear for an mkldnn-layout weight.
@@ -86,38 +86,161 @@ OptTensor slot(const c10::List<OptTensor>& weights, int64_t layer, Slot s) {
   return weights.get(layer * kSlotsPerLayer + s);
 }
 
-// eagle.models.llama.Attention.forward (project + cache write + tree attention + o_proj)
+// ---- Elementwise steps done in place of ATen ops, with ATen's rounding ----
+// A layer of a small model spends more time dispatching and allocating for ~20 tiny ATen ops than
+// computing them; these loops replace the RoPE (mul, roll, mul, add), the two cache writes
+// (index_copy_), the MLP's product and the residual adds. Each reproduces the replaced ops element
+// for element: half types compute each op in float and round its result to the dtype, as ATen's
+// kernels do; float/double compute natively, and a product is never fused with the following sum
+// into an FMA (ATen rounds the product first), hence fp-contract off.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+template <typename T>
+inline T mul_rounded(T a, T b) {
+  using A = at::opmath_type<T>;
+  return static_cast<T>(static_cast<A>(a) * static_cast<A>(b));
+}
+
+template <typename T>
+inline T add_rounded(T a, T b) {
+  using A = at::opmath_type<T>;
+  return static_cast<T>(static_cast<A>(a) + static_cast<A>(b));
+}
+
+// y = x * cos + roll(x, D/2) * signed_sin for one head row (eagle.models.llama.apply_rope).
+template <typename T>
+inline void rope_row(const T* x, const T* c, const T* s, int64_t D, T* y) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < D; ++d) {
+    const T rolled = d < half ? x[d + half] : x[d - half];
+    y[d] = add_rounded(mul_rounded(x[d], c[d]), mul_rounded(rolled, s[d]));
+  }
+}
+
+// Strided [B, T, H, D] rows with a contiguous last dim.
+struct Rows4 {
+  const void* data;
+  int64_t sb, st, sh;
+};
+
+Rows4 rows_of(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "llama_layers: internal: rows need a contiguous last dim");
+  return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// q rows -> q_out[b, past + t] (rotated); k rows -> the cache rows kv_rows[(b, t, h)], or without
+// kv_rows the row of position seqlens[b] + past + t (rotated); v rows -> the same rows of the V
+// cache. cos/sin: contiguous [B, T, 1, D].
+template <typename T>
+void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const Block& blk, int64_t B, int64_t Tn,
+                          T* q_out, T* k_cache, T* v_cache, int64_t cache_rows) {
+  const int64_t Hq = blk.Hq, Hkv = blk.Hkv, D = blk.D, rows_out = blk.past + Tn;
+  const T* cos = blk.cos.const_data_ptr<T>();
+  const T* sin = blk.sin.const_data_ptr<T>();
+  const int64_t* kv_rows = blk.kv_rows.numel() ? blk.kv_rows.const_data_ptr<int64_t>() : nullptr;
+  const int32_t* seqlens = blk.seqlens.const_data_ptr<int32_t>();
+  const int64_t S_max = cache_rows / (B * Hkv);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < Tn; ++t) {
+      const T* c = cos + (b * Tn + t) * D;
+      const T* s = sin + (b * Tn + t) * D;
+      for (int64_t h = 0; h < Hq; ++h) {
+        const T* x = static_cast<const T*>(q.data) + b * q.sb + t * q.st + h * q.sh;
+        rope_row(x, c, s, D, q_out + ((b * rows_out + blk.past + t) * Hq + h) * D);
+      }
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t row = kv_rows != nullptr ? kv_rows[(b * Tn + t) * Hkv + h]
+                                               : (b * Hkv + h) * S_max + seqlens[b] + blk.past + t;
+        TORCH_CHECK(row >= 0 && row < cache_rows, "llama_layers: kv_rows holds ", row, " outside the cache's ",
+                    cache_rows, " rows");
+        const T* xk = static_cast<const T*>(k.data) + b * k.sb + t * k.st + h * k.sh;
+        rope_row(xk, c, s, D, k_cache + row * D);
+        const T* xv = static_cast<const T*>(v.data) + b * v.sb + t * v.st + h * v.sh;
+        std::memcpy(v_cache + row * D, xv, D * sizeof(T));
+      }
+    }
+  }
+}
+
+// dst = dst * other (eagle.models.llama.MLP: silu(gate) * up), both [rows, n], other's rows `stride` apart.
+template <typename T>
+void multiply_into(T* dst, const T* other, int64_t rows, int64_t n, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < n; ++i) dst[r * n + i] = mul_rounded(dst[r * n + i], other[r * stride + i]);
+}
+
+// dst = residual + dst (the decoder layer's x + attn(x) and h + mlp(h); addition commutes exactly).
+template <typename T>
+void add_into(T* dst, const T* residual, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = add_rounded(residual[i], dst[i]);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// `out` + `residual` in place in `out` (a fresh result of project), or ATen's add when the layouts
+// do not allow the loop.
+at::Tensor add_residual(const at::Tensor& residual, at::Tensor out) {
+  if (!(out.is_contiguous() && residual.is_contiguous() && out.sizes() == residual.sizes() &&
+        out.scalar_type() == residual.scalar_type() && !out.is_mkldnn())) {
+    return residual + out;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "llama_layers_add", [&] {
+    add_into(out.mutable_data_ptr<scalar_t>(), residual.const_data_ptr<scalar_t>(), out.numel());
+  });
+  return out;
+}
+
+// eagle.models.llama.Attention.forward (project + RoPE + cache write + tree attention + o_proj)
 at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer, const Block& blk) {
   const int64_t B = x.size(0), T = x.size(1), Hq = blk.Hq, Hkv = blk.Hkv, D = blk.D;
-  const at::Tensor qkv = project(x, *slot(weights, layer, kQkvWeight), slot(weights, layer, kQkvBias));
-  auto parts = qkv.view({B, T, Hq + 2 * Hkv, D}).split_with_sizes({Hq + Hkv, Hkv}, 2);
-  at::Tensor qk = parts[0], v = parts[1];
+  const at::Tensor qkv =
+      project(x, *slot(weights, layer, kQkvWeight), slot(weights, layer, kQkvBias)).contiguous().view(
+          {B, T, Hq + 2 * Hkv, D});
+  at::Tensor q_src = qkv.narrow(2, 0, Hq), k_src = qkv.narrow(2, Hq, Hkv);
+  const at::Tensor v_src = qkv.narrow(2, Hq + Hkv, Hkv);
   const OptTensor q_norm = slot(weights, layer, kQNorm);
-  if (q_norm.has_value()) {
-    auto qk_parts = qk.split_with_sizes({Hq, Hkv}, 2);
-    qk = at::cat({rms_norm(qk_parts[0], *q_norm, blk.eps),
-                  rms_norm(qk_parts[1], *slot(weights, layer, kKNorm), blk.eps)},
-                 2);
+  if (q_norm.has_value()) {  // Qwen3: per-head RMSNorm of q and k before the rotation
+    q_src = rms_norm(q_src, *q_norm, blk.eps);
+    k_src = rms_norm(k_src, *slot(weights, layer, kKNorm), blk.eps);
   }
-  auto rotated = rotate(qk, blk).split_with_sizes({Hq, Hkv}, 2);
-  at::Tensor q = rotated[0], k = rotated[1];
-  const at::Tensor k_cache = blk.kv.select(0, layer).select(0, 0);
-  const at::Tensor v_cache = blk.kv.select(0, layer).select(0, 1);
-  k_cache.view({-1, D}).index_copy_(0, blk.kv_rows, k.reshape({-1, D}));
-  v_cache.view({-1, D}).index_copy_(0, blk.kv_rows, v.reshape({-1, D}));
-  if (blk.past) q = at::cat({q.new_zeros({B, blk.past, q.size(2), q.size(3)}), q}, 1);
+  const at::Tensor kv_layer = blk.kv.select(0, layer);  // [2, B, Hkv, S_max, D], contiguous
+  const at::Tensor k_cache = kv_layer.select(0, 0), v_cache = kv_layer.select(0, 1);
+  // Rows of an earlier part of the block (past > 0) are zero queries whose outputs are dropped, as
+  // in the Python module.
+  const at::Tensor q = blk.past ? at::zeros({B, blk.past + T, Hq, D}, qkv.options())
+                                : at::empty({B, T, Hq, D}, qkv.options());
+  const Rows4 qr = rows_of(q_src), kr = rows_of(k_src), vr = rows_of(v_src);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "llama_layers_rope", [&] {
+    rope_and_write_cache<scalar_t>(qr, kr, vr, blk, B, T, q.mutable_data_ptr<scalar_t>(),
+                                   k_cache.mutable_data_ptr<scalar_t>(), v_cache.mutable_data_ptr<scalar_t>(),
+                                   B * Hkv * k_cache.size(2));
+  });
   const at::Tensor out = tree_attn::tree_attention_cpu(q, k_cache, v_cache, blk.seqlens, blk.tree_mask, blk.sm_scale);
-  return project(out.slice(1, blk.past).reshape({B, T, -1}), *slot(weights, layer, kOWeight),
-                    slot(weights, layer, kOBias));
+  const at::Tensor rows = blk.past ? out.slice(1, blk.past).reshape({B, T, Hq * D}) : out.view({B, T, Hq * D});
+  return project(rows, *slot(weights, layer, kOWeight), slot(weights, layer, kOBias));
 }
 
 // eagle.models.llama.MLP.forward
 at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer) {
   const at::Tensor gate_up_w = *slot(weights, layer, kGateUpWeight);
   const int64_t inter = (amx::is_tiled_weight(gate_up_w) ? gate_up_w.size(0) * 16 : gate_up_w.size(0)) / 2;
-  auto gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).split(inter, -1);
-  return project(at::silu(gate_up[0]) * gate_up[1], *slot(weights, layer, kDownWeight),
-                    slot(weights, layer, kDownBias));
+  const at::Tensor gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).contiguous();
+  at::Tensor act = at::silu(gate_up.narrow(-1, 0, inter));  // ATen's silu (its exp), a fresh tensor
+  const at::Tensor up = gate_up.narrow(-1, inter, inter);
+  if (act.is_contiguous()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "llama_layers_mul", [&] {
+      multiply_into(act.mutable_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(), act.numel() / inter, inter,
+                    2 * inter);
+    });
+  } else {
+    act = act * up;
+  }
+  return project(act, *slot(weights, layer, kDownWeight), slot(weights, layer, kDownBias));
 }
 
 // eagle.models.llama.DecoderLayer.forward (Eagle2Layer without input_layernorm; Eagle3Layer with
@@ -133,8 +256,8 @@ at::Tensor decoder_layer(const at::Tensor& x, const OptTensor& attn_input, const
   } else {
     a = x;
   }
-  const at::Tensor h = x + attention(a, weights, layer, blk);
-  return h + mlp(rms_norm(h, *slot(weights, layer, kPostNorm), blk.eps), weights, layer);
+  const at::Tensor h = add_residual(x, attention(a, weights, layer, blk));
+  return add_residual(h, mlp(rms_norm(h, *slot(weights, layer, kPostNorm), blk.eps), weights, layer));
 }
 
 void check_args(const at::Tensor& x, const OptTensor& attn_input, const c10::List<OptTensor>& weights,
@@ -175,9 +298,32 @@ std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& a
                                          int64_t num_heads, int64_t num_kv_heads, double eps,
                                          at::IntArrayRef capture) {
   check_args(x, attn_input, weights, kv, num_heads, num_kv_heads, capture);
-  const int64_t D = kv.size(5);
+  const int64_t D = kv.size(5), B = x.size(0), T = x.size(1);
+  TORCH_CHECK_VALUE(cos.scalar_type() == kv.scalar_type() && sin.scalar_type() == kv.scalar_type() &&
+                        cos.numel() == B * T * D && sin.numel() == B * T * D,
+                    "llama_layers: cos and sin must be [B, T, 1, D] = [", B, ", ", T, ", 1, ", D, "] in ",
+                    kv.scalar_type(), ", got ", cos.sizes(), " ", cos.scalar_type(), " and ", sin.sizes(), " ",
+                    sin.scalar_type());
+  TORCH_CHECK_VALUE(kv_rows.scalar_type() == at::kLong &&
+                        (kv_rows.numel() == B * T * num_kv_heads || kv_rows.numel() == 0),
+                    "llama_layers: kv_rows must be int64 [B*T*Hkv] = [", B * T * num_kv_heads,
+                    "] or empty (rows at cache_seqlens + past), got ", kv_rows.scalar_type(), " ", kv_rows.sizes());
+  TORCH_CHECK_VALUE(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
+                        cache_seqlens.size(0) == B,
+                    "llama_layers: cache_seqlens must be int32 [B] = [", B, "], got ", cache_seqlens.scalar_type(),
+                    " ", cache_seqlens.sizes());
+  TORCH_CHECK_VALUE(past >= 0, "llama_layers: past must be >= 0, got ", past);
+  if (kv_rows.numel() == 0) {
+    const auto lens = cache_seqlens.contiguous();
+    const int32_t* l = lens.const_data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK_VALUE(l[b] >= 0 && l[b] + past + T <= kv.size(4), "llama_layers: cache_seqlens[", b, "]=", l[b],
+                        " + past=", past, " + T=", T, " does not fit S_max=", kv.size(4));
+    }
+  }
   // Python's `D ** -0.5` (a float power of an int) is C's pow on doubles.
-  Block blk{kv, cos, sin, kv_rows, cache_seqlens, tree_mask, past, num_heads, num_kv_heads, D, eps,
+  Block blk{kv, cos.contiguous(), sin.contiguous(), kv_rows.contiguous(), cache_seqlens.contiguous(),
+            tree_mask, past, num_heads, num_kv_heads, D, eps,
             std::pow(static_cast<double>(D), -0.5)};
   const int64_t layers = static_cast<int64_t>(weights.size()) / kSlotsPerLayer;
   std::vector<at::Tensor> captured(capture.size());

@@ -142,9 +142,13 @@ class DraftHead(nn.Module):
         positions: torch.Tensor | None,
         tree_mask: torch.Tensor | None,
         past: int = 0,
+        *,
+        check_id_values: bool = True,
     ) -> BlockContext:
         cfg = self.config
-        check_token_ids("token_ids", token_ids, cfg.vocab_size, cache.batch_size, cache.device)
+        check_token_ids(
+            "token_ids", token_ids, cfg.vocab_size, cache.batch_size, cache.device, values=check_id_values
+        )
         B, T = token_ids.shape
         if not isinstance(hidden, torch.Tensor) or tuple(hidden.shape) != (B, T, cfg.hidden_size):
             got = list(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
@@ -245,18 +249,29 @@ class Eagle2Head(DraftHead):
             ``T`` rows go after them and ``tree_mask`` is ``[B, T, past + T]`` (see
             :func:`eagle.models.llama.block_context`).
         """
-        ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past)
         layer, fc = self.layers[0], self.fc
         weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
-        fast = cpu_fast_path_ok(hidden, [*weights, fc.weight, fc.bias, self.embed_weight])
-        # Without autograd, plain tensors (not Parameters) let fused_draft_input skip its custom-op
-        # wrapper (~30 us on CPU); the same kernel runs either way.
-        tensors = (self.embed_weight, fc.weight, fc.bias)
-        embed, fc_weight, fc_bias = (_plain(t) for t in tensors) if fast else tensors
-        x = eagle_kernels.fused_draft_input(hidden, token_ids, embed, fc_weight, fc_bias)
+        fast = isinstance(hidden, torch.Tensor) and cpu_fast_path_ok(
+            hidden, [*weights, fc.weight, fc.bias, self.embed_weight]
+        )
+        # The fast path's C++ fused_draft_input checks the ids' range itself.
+        ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past, check_id_values=not fast)
         if fast:
+            # The C++ kernel directly: eagle_kernels.fused_draft_input would run the same kernel after
+            # Python-side checks that the op repeats (~30 us per draft level on CPU).
+            H = self.config.hidden_size
+            x = hidden.new_empty(hidden.shape)
+            torch.ops.eagle_C.fused_draft_input(
+                hidden.reshape(-1, H),
+                token_ids.reshape(-1),
+                _plain(self.embed_weight),
+                _plain(fc.weight),
+                _plain(fc.bias),
+                x.view(-1, H),
+            )
             h = run_layers_cpu(x, for_op, cache.kv, ctx, self.config)[0]
         else:
+            x = eagle_kernels.fused_draft_input(hidden, token_ids, self.embed_weight, fc.weight, fc.bias)
             h = layer(x, *cache.layer(0), ctx)
         logits = linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)

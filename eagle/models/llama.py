@@ -20,6 +20,7 @@ The modules stay the reference and the fallback (CUDA, autograd, no extension, o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -114,12 +115,29 @@ def rope_cos_sin(
     """cos and signed sin ``[B, T, 1, head_dim]`` for ``positions [B, T]`` (computed in float32,
     like transformers). The first half of the sin table is negated so that :func:`apply_rope`
     can rotate with a roll instead of slicing and concatenating."""
-    freqs = positions[..., None].float() * inv_freq
-    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
-    sin = angles.sin()
-    half = sin.shape[-1] // 2
-    signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-    return angles.cos().to(dtype), signed_sin.to(dtype)
+    doubled, signs = _rope_tables(inv_freq)
+    # positions * cat(inv_freq, inv_freq) holds exactly the values of cat(freqs, freqs), and the
+    # sign flip is exact: the same numbers as transformers' cos/sin, in fewer ops.
+    angles = (positions[..., None].float() * doubled)[:, :, None, :]
+    return angles.cos().to(dtype), (angles.sin() * signs).to(dtype)
+
+
+_ROPE_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_tables(inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cat(inv_freq, inv_freq)`` and the signs ``[-1] * D/2 + [1] * D/2`` (float32, inv_freq's
+    device), cached per inv_freq tensor."""
+    hit = _ROPE_TABLES.get(id(inv_freq))
+    if hit is not None and hit[0] is inv_freq:
+        return hit[1], hit[2]
+    half = inv_freq.shape[-1]
+    doubled = torch.cat((inv_freq, inv_freq), dim=-1)
+    signs = torch.cat((inv_freq.new_full((half,), -1.0), inv_freq.new_ones(half)))
+    if len(_ROPE_TABLES) > 64:
+        _ROPE_TABLES.clear()
+    _ROPE_TABLES[id(inv_freq)] = (inv_freq, doubled, signs)
+    return doubled, signs
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -134,10 +152,22 @@ class BlockContext:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    kv_rows: torch.Tensor  # [B*T*Hkv] int64: row of (b, kv head, seqlens[b] + i) in a [B*Hkv*S_max, D] view
+    write_slots: torch.Tensor  # [B, T] int64: cache position of each block row (seqlens[b] + past + i)
     seqlens: torch.Tensor  # [B] int32, the committed lengths (not advanced by the forward)
     tree_mask: torch.Tensor | None  # [B, past+T, past+T] over the whole block
     past: int = 0  # block rows already in the cache before this forward's rows (see block_context)
+    num_kv_heads: int = 1
+    max_seq_len: int = 0
+
+    @functools.cached_property
+    def kv_rows(self) -> torch.Tensor:
+        """``[B*T*Hkv]`` int64: the row of (b, token, kv head) in a ``[B*Hkv*S_max, D]`` view of a
+        layer's K (or V) cache. The C++ layer op computes these itself."""
+        B, Hkv, device = self.write_slots.shape[0], self.num_kv_heads, self.write_slots.device
+        heads_of_batch = torch.arange(B, device=device)[:, None, None] * Hkv + torch.arange(
+            Hkv, device=device
+        )
+        return (heads_of_batch * self.max_seq_len + self.write_slots[:, :, None]).flatten()
 
 
 class Attention(nn.Module):
@@ -252,10 +282,9 @@ def block_context(
         earlier = torch.eye(past, width, dtype=torch.bool, device=device).expand(B, past, width)
         tree_mask = torch.cat((earlier, tree_mask), dim=1)
     cos, sin = rope_cos_sin(inv_freq, positions, dtype)
-    Hkv, S_max = cache.kv.shape[3], cache.max_seq_len
-    heads_of_batch = torch.arange(B, device=device)[:, None, None] * Hkv + torch.arange(Hkv, device=device)
-    kv_rows = (heads_of_batch * S_max + write_slots[:, :, None]).flatten()
-    return BlockContext(cos, sin, kv_rows, cache.seqlens, tree_mask, past)
+    return BlockContext(
+        cos, sin, write_slots, cache.seqlens, tree_mask, past, cache.kv.shape[3], cache.max_seq_len
+    )
 
 
 def _check_positions(positions: torch.Tensor, B: int, T: int, device: torch.device) -> None:
@@ -270,8 +299,16 @@ def _check_positions(positions: torch.Tensor, B: int, T: int, device: torch.devi
 
 
 def check_token_ids(
-    name: str, ids: torch.Tensor, vocab_size: int, batch_size: int, device: torch.device
+    name: str,
+    ids: torch.Tensor,
+    vocab_size: int,
+    batch_size: int,
+    device: torch.device,
+    *,
+    values: bool = True,
 ) -> None:
+    """Type, shape and device of ``ids [B, T]``; with ``values`` (and value checks enabled on the
+    device) also their range."""
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name} must be an int32/int64 tensor [B, T]")
     if ids.dim() != 2 or ids.shape[0] != batch_size or ids.shape[1] == 0:
@@ -280,7 +317,7 @@ def check_token_ids(
         )
     if ids.device != device:
         raise ValueError(f"{name} is on {ids.device} but the cache is on {device}")
-    if value_checks_enabled(device) and bool(((ids < 0) | (ids >= vocab_size)).any()):
+    if values and value_checks_enabled(device) and bool(((ids < 0) | (ids >= vocab_size)).any()):
         raise ValueError(f"{name} holds ids outside [0, {vocab_size})")
 
 
@@ -394,6 +431,9 @@ def cpu_fast_path_ok(x: torch.Tensor, weights: list[torch.Tensor | None]) -> boo
     return cpu_fast_path_wanted(x) and not needs_autograd(x, *weights)
 
 
+_NO_ROWS = torch.empty(0, dtype=torch.int64)
+
+
 def run_layers_cpu(
     x: torch.Tensor,
     weights: list[torch.Tensor | None],
@@ -420,7 +460,7 @@ def run_layers_cpu(
         kv,
         ctx.cos,
         ctx.sin,
-        ctx.kv_rows,
+        _NO_ROWS,  # the op writes row (b, i) of the block at cache position seqlens[b] + past + i
         ctx.seqlens,
         ctx.tree_mask,
         ctx.past,
