@@ -13,11 +13,11 @@
 // input is cat(input_layernorm(emb), hidden_norm(h)) while the residual stream is h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "amx_linear.h"
+#include "half_convert.h"
 
 #include <cmath>
 #include <cstring>
@@ -100,24 +100,24 @@ OptTensor slot(const c10::List<OptTensor>& weights, int64_t layer, Slot s) {
 
 template <typename T>
 inline T mul_rounded(T a, T b) {
-  using A = at::opmath_type<T>;
-  return static_cast<T>(static_cast<A>(a) * static_cast<A>(b));
+  using M = convert::Math<T>;
+  return M::store(M::load(a) * M::load(b));
 }
 
 template <typename T>
 inline T add_rounded(T a, T b) {
-  using A = at::opmath_type<T>;
-  return static_cast<T>(static_cast<A>(a) + static_cast<A>(b));
+  using M = convert::Math<T>;
+  return M::store(M::load(a) + M::load(b));
 }
 
-// y = x * cos + roll(x, D/2) * signed_sin for one head row (eagle.models.llama.apply_rope).
+// y = x * cos + roll(x, D/2) * signed_sin for one head row (eagle.models.llama.apply_rope); the two
+// halves are separate loops so that each vectorises.
 template <typename T>
-inline void rope_row(const T* x, const T* c, const T* s, int64_t D, T* y) {
+inline void rope_row(const T* __restrict x, const T* __restrict c, const T* __restrict s, int64_t D,
+                     T* __restrict y) {
   const int64_t half = D / 2;
-  for (int64_t d = 0; d < D; ++d) {
-    const T rolled = d < half ? x[d + half] : x[d - half];
-    y[d] = add_rounded(mul_rounded(x[d], c[d]), mul_rounded(rolled, s[d]));
-  }
+  for (int64_t d = 0; d < half; ++d) y[d] = add_rounded(mul_rounded(x[d], c[d]), mul_rounded(x[d + half], s[d]));
+  for (int64_t d = half; d < D; ++d) y[d] = add_rounded(mul_rounded(x[d], c[d]), mul_rounded(x[d - half], s[d]));
 }
 
 // Strided [B, T, H, D] rows with a contiguous last dim.
@@ -167,14 +167,14 @@ void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const 
 
 // dst = dst * other (eagle.models.llama.MLP: silu(gate) * up), both [rows, n], other's rows `stride` apart.
 template <typename T>
-void multiply_into(T* dst, const T* other, int64_t rows, int64_t n, int64_t stride) {
+void multiply_into(T* __restrict dst, const T* __restrict other, int64_t rows, int64_t n, int64_t stride) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < n; ++i) dst[r * n + i] = mul_rounded(dst[r * n + i], other[r * stride + i]);
 }
 
 // dst = residual + dst (the decoder layer's x + attn(x) and h + mlp(h); addition commutes exactly).
 template <typename T>
-void add_into(T* dst, const T* residual, int64_t n) {
+void add_into(T* __restrict dst, const T* __restrict residual, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = add_rounded(residual[i], dst[i]);
 }
 
@@ -338,6 +338,30 @@ std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& a
   return result;
 }
 
+// eagle.models.llama.block_context's RoPE tables in one call: positions [B, T] (default
+// cache_seqlens[b] + past + t), then rope_cos_sin's ops on the same shapes (so the same values):
+// angles = positions.float()[..., None] * cat(inv_freq, inv_freq), cos and signed sin in `dtype`,
+// [B, T, 1, D] each.
+std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positions, const at::Tensor& cache_seqlens,
+                                         int64_t past, int64_t T, const at::Tensor& doubled_inv_freq,
+                                         const at::Tensor& signs, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(past >= 0 && T > 0, "rope_cos_sin: past must be >= 0 and T > 0, got past=", past, ", T=", T);
+  TORCH_CHECK_VALUE(doubled_inv_freq.dim() == 1 && signs.sizes() == doubled_inv_freq.sizes() &&
+                        doubled_inv_freq.scalar_type() == at::kFloat && signs.scalar_type() == at::kFloat,
+                    "rope_cos_sin: the frequency and sign tables must be float32 [D]");
+  at::Tensor pos;
+  if (positions.has_value()) {
+    pos = *positions;
+    TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(1) == T && (pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt),
+                      "rope_cos_sin: positions must be int [B, ", T, "], got ", pos.scalar_type(), " ", pos.sizes());
+    TORCH_CHECK_VALUE(!at::any(pos < 0).item<bool>(), "positions must be >= 0");
+  } else {
+    pos = cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(past, past + T, cache_seqlens.options().dtype(at::kLong));
+  }
+  const at::Tensor angles = (pos.unsqueeze(-1).to(at::kFloat) * doubled_inv_freq).unsqueeze(2);
+  return {angles.cos().to(dtype), (angles.sin() * signs).to(dtype)};
+}
+
 }  // namespace llama_layers
 }  // namespace eagle
 
@@ -348,6 +372,15 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "float eps, int[] capture) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu); }
+TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
+  m.def(
+      "rope_cos_sin(Tensor? positions, Tensor cache_seqlens, int past, int T, Tensor doubled_inv_freq, "
+      "Tensor signs, ScalarType dtype) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
+  m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu);
+  m.impl("rope_cos_sin", &eagle::llama_layers::rope_cos_sin_cpu);
+}
 // Packed (mkldnn-layout) weights in the list make the dispatcher pick this key; same CPU kernel.
 TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) { m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu); }

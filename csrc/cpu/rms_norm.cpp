@@ -18,6 +18,8 @@
 
 #include <cmath>
 
+#include "half_convert.h"
+
 namespace eagle {
 namespace rms {
 namespace {
@@ -29,17 +31,18 @@ void norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * H;
       scalar_t* yr = out + r * H;
+      using M = convert::Math<scalar_t>;
       double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t i = 0; i < H; ++i) {
-        const float v = static_cast<float>(xr[i]);
+        const float v = M::load(xr[i]);
         sum += static_cast<double>(v) * static_cast<double>(v);
       }
       const float mean = static_cast<float>(sum / static_cast<double>(H));
       const float inv = 1.0f / std::sqrt(mean + eps);
       for (int64_t i = 0; i < H; ++i) {
-        const scalar_t normed = static_cast<scalar_t>(static_cast<float>(xr[i]) * inv);  // rounded, as in HF
-        yr[i] = static_cast<scalar_t>(w[i] * normed);
+        const float normed = M::load(M::store(M::load(xr[i]) * inv));  // rounded to the dtype, as in HF
+        yr[i] = M::store(M::load(w[i]) * normed);
       }
     }
   });

@@ -152,22 +152,24 @@ class BlockContext:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    write_slots: torch.Tensor  # [B, T] int64: cache position of each block row (seqlens[b] + past + i)
     seqlens: torch.Tensor  # [B] int32, the committed lengths (not advanced by the forward)
     tree_mask: torch.Tensor | None  # [B, past+T, past+T] over the whole block
     past: int = 0  # block rows already in the cache before this forward's rows (see block_context)
+    num_tokens: int = 1  # T, this forward's rows
     num_kv_heads: int = 1
     max_seq_len: int = 0
 
     @functools.cached_property
     def kv_rows(self) -> torch.Tensor:
         """``[B*T*Hkv]`` int64: the row of (b, token, kv head) in a ``[B*Hkv*S_max, D]`` view of a
-        layer's K (or V) cache. The C++ layer op computes these itself."""
-        B, Hkv, device = self.write_slots.shape[0], self.num_kv_heads, self.write_slots.device
+        layer's K (or V) cache, for position ``seqlens[b] + past + t``. The C++ layer op computes
+        these itself."""
+        slots = _default_positions(self.seqlens, self.past, self.num_tokens)
+        B, Hkv, device = slots.shape[0], self.num_kv_heads, slots.device
         heads_of_batch = torch.arange(B, device=device)[:, None, None] * Hkv + torch.arange(
             Hkv, device=device
         )
-        return (heads_of_batch * self.max_seq_len + self.write_slots[:, :, None]).flatten()
+        return (heads_of_batch * self.max_seq_len + slots[:, :, None]).flatten()
 
 
 class Attention(nn.Module):
@@ -264,12 +266,11 @@ def block_context(
     if past < 0:
         raise ValueError(f"past must be >= 0, got {past}")
     cache.check_room(past + num_tokens)
-    offsets = torch.arange(past, past + num_tokens, device=device)
-    write_slots = cache.seqlens.long()[:, None] + offsets
-    if positions is None:
-        positions = write_slots
-    else:
-        _check_positions(positions, B, num_tokens, device)
+    # On CPU one C++ call makes the positions and tables (and checks positions >= 0): the same ops
+    # from Python cost more than a small model's layer.
+    in_cpp = device.type == "cpu" and _ext.has_op("rope_cos_sin") and not torch.compiler.is_compiling()
+    if positions is not None:
+        _check_positions(positions, B, num_tokens, device, values=not in_cpp)
     width = past + num_tokens
     if tree_mask is not None and tuple(tree_mask.shape) != (B, num_tokens, width):
         raise ValueError(
@@ -281,20 +282,37 @@ def block_context(
         # Rows of the earlier part only see themselves; their outputs are discarded.
         earlier = torch.eye(past, width, dtype=torch.bool, device=device).expand(B, past, width)
         tree_mask = torch.cat((earlier, tree_mask), dim=1)
-    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    if in_cpp:
+        doubled, signs = _rope_tables(inv_freq)
+        cos, sin = torch.ops.eagle_C.rope_cos_sin(
+            positions, cache.seqlens, past, num_tokens, doubled, signs, dtype
+        )
+    else:
+        cos, sin = rope_cos_sin(
+            inv_freq,
+            _default_positions(cache.seqlens, past, num_tokens) if positions is None else positions,
+            dtype,
+        )
     return BlockContext(
-        cos, sin, write_slots, cache.seqlens, tree_mask, past, cache.kv.shape[3], cache.max_seq_len
+        cos, sin, cache.seqlens, tree_mask, past, num_tokens, cache.kv.shape[3], cache.max_seq_len
     )
 
 
-def _check_positions(positions: torch.Tensor, B: int, T: int, device: torch.device) -> None:
+def _default_positions(seqlens: torch.Tensor, past: int, num_tokens: int) -> torch.Tensor:
+    """``[B, T]`` int64: ``seqlens[b] + past + t``, where the block's rows go in the cache."""
+    return seqlens.long()[:, None] + torch.arange(past, past + num_tokens, device=seqlens.device)
+
+
+def _check_positions(
+    positions: torch.Tensor, B: int, T: int, device: torch.device, *, values: bool = True
+) -> None:
     if not isinstance(positions, torch.Tensor) or positions.dtype not in (torch.int32, torch.int64):
         raise TypeError("positions must be an int32/int64 tensor [B, T]")
     if tuple(positions.shape) != (B, T):
         raise ValueError(f"positions must have shape [{B}, {T}], got {list(positions.shape)}")
     if positions.device != device:
         raise ValueError(f"positions is on {positions.device} but the cache is on {device}")
-    if value_checks_enabled(device) and bool((positions < 0).any()):
+    if values and value_checks_enabled(device) and bool((positions < 0).any()):
         raise ValueError("positions must be >= 0")
 
 
