@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from eagle.autotree import choose_tree
 from eagle.models import generate_plain, load_draft, load_target
 from eagle.models.draft import DraftHead
 from eagle.models.llama import LlamaModel
+from eagle.models.weights import resolve_dtype
 from eagle.speculate import SamplingParams, SpeculativeDecoder
 from eagle.tree import TreeConfig
 
@@ -94,11 +96,18 @@ class EagleModel:
         return self._decoders[key]
 
     def _encode(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, str) or (
-            isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+        array = isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy"
+        if (
+            isinstance(prompts, str)
+            or (array and prompts.ndim == 1)
+            or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int))
         ):
             raise TypeError(
                 "prompts must be a list of prompts (strings or token-id lists), not a single prompt"
+            )
+        if not (array or isinstance(prompts, Sequence)):
+            raise TypeError(
+                f"prompts must be a list of prompts (strings or token-id lists), got {type(prompts).__name__}"
             )
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
@@ -109,9 +118,10 @@ class EagleModel:
                     raise ValueError(
                         "string prompts need a tokenizer; this checkpoint has none, pass token ids"
                     )
-                ids = self.tokenizer(p, add_special_tokens=False)["input_ids"]
+                # The tokenizer's own convention (a Llama tokenizer adds BOS), as transformers' users get.
+                ids = self.tokenizer(p)["input_ids"]
             else:
-                ids = [int(t) for t in p]
+                ids = _token_ids(p, i)
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
             V = self.target.config.vocab_size
@@ -122,11 +132,28 @@ class EagleModel:
         return out
 
     def _eos(self, eos_token_id) -> list[int]:
+        """The stop ids: ``eos_token_id`` when given, else the checkpoint's generation_config.json
+        eos (as transformers' generate), else config.json's."""
         if eos_token_id is None:
-            eos_token_id = self.target.config.eos_token_id
+            cfg = self.target.config
+            eos_token_id = (
+                cfg.generation_eos_token_id if cfg.generation_eos_token_id is not None else cfg.eos_token_id
+            )
         if eos_token_id is None:
             return []
-        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+        if isinstance(eos_token_id, torch.Tensor):
+            ids = eos_token_id.reshape(-1).tolist()
+        elif isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str):
+            ids = list(eos_token_id)
+        else:
+            ids = [eos_token_id]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        V = self.target.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"eos_token_id holds ids outside the vocabulary [0, {V}): {bad}")
+        return list(ids)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -149,11 +176,11 @@ class EagleModel:
 
         ``cuda_graph``: on CUDA, replay each speculative round from a captured CUDA graph (no Python
         launch overhead per kernel); the output is the same."""
+        _check_max_new_tokens(max_new_tokens)
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         eos = self._eos(eos_token_id)
         if not speculative:
-            gen = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
             tokens = generate_plain(
                 self.target,
                 ids,
@@ -163,7 +190,7 @@ class EagleModel:
                 top_p=top_p,
                 min_p=min_p,
                 eos_token_id=eos or None,
-                generator=gen,
+                seed=seed,
                 cuda_graph=cuda_graph,
             )
             accept = [[1] * max(len(t) - 1, 0) for t in tokens]
@@ -180,6 +207,7 @@ class EagleModel:
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
         """Yield the new tokens of one prompt as they are accepted (a list per target forward)."""
+        _check_max_new_tokens(max_new_tokens)
         ids = self._encode([prompt])
         sampling = SamplingParams(
             kwargs.pop("temperature", 0.0),
@@ -206,8 +234,58 @@ class EagleModel:
         forwards = sum(len(a) for a in accept)
         texts = None
         if self.tokenizer is not None:
-            texts = [self.tokenizer.decode(t) for t in tokens]
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         return GenerateResult(tokens=tokens, accept_lengths=accept, target_forwards=forwards, texts=texts)
+
+
+def _resolve_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} requested, but this torch build or machine has no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device} requested, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    return device
+
+
+def _check_max_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    return max_new_tokens
+
+
+def _token_ids(prompt, index: int) -> list[int]:
+    """A prompt given as token ids (a list, tuple, 1-D tensor or array of integers) as a list of
+    ints; floats, bools and nested lists are refused rather than truncated."""
+    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+        if prompt.ndim != 1:
+            raise ValueError(
+                f"prompt {index} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}"
+            )
+        prompt = prompt.tolist()
+    if not isinstance(prompt, Sequence):
+        raise TypeError(
+            f"prompt {index} must be a string or a sequence of token ids, got {type(prompt).__name__}"
+        )
+    ids = []
+    for t in prompt:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))  # ints and numpy / 0-d tensor integers; never a float
+        except TypeError:
+            raise TypeError(
+                f"prompt {index} holds {t!r} ({type(t).__name__}); token ids must be integers"
+            ) from None
+    return ids
 
 
 def load(
@@ -220,8 +298,8 @@ def load(
         for "tiny-code" and no head otherwise (plain decoding only). dtype: default float32 on CPU, bf16
         on CUDA; float64 works on CPU.
     """
-    device = torch.device(device)
-    dtype = dtype or _default_dtype(device)
+    device = _resolve_device(device)
+    dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
     if target == BUNDLED:
         target_path = _resolve_bundled(target, "target")
         if draft is None:

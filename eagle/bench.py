@@ -212,7 +212,7 @@ def build_prompts(config: BenchConfig, texts: list[tuple[str, str]], tokenizer) 
     if tokenizer is None:
         raise ValueError(f"{config.target} has no tokenizer, so the benchmark cannot encode its prompts")
     if texts:
-        prompts = [Prompt(src, tokenizer(t, add_special_tokens=False)["input_ids"]) for src, t in texts]
+        prompts = [Prompt(src, tokenizer(t)["input_ids"]) for src, t in texts]
         empty = [p.source for p in prompts if not p.ids]
         if empty:
             raise ValueError(f"prompts encode to no tokens: {empty}")

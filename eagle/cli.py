@@ -93,15 +93,13 @@ def _print_new_text(text: str, shown: str, quiet: bool, *, final: bool) -> str:
 def _cmd_generate(args: argparse.Namespace) -> int:
     import time
 
-    import torch
-
     import eagle
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         print("eagle generate: empty prompt (give it as an argument or on stdin)", file=sys.stderr)
         return 2
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = args.dtype or None  # a name: eagle.load resolves it (and refuses unknown ones clearly)
     model = eagle.load(args.target, args.draft, device=args.device, dtype=dtype)
     _set_cpu_threads(args.threads, model)
     if model.tokenizer is None:
@@ -119,7 +117,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             total_tokens=args.tree_tokens or base.total_tokens,
         )
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = model.tokenizer(prompt)["input_ids"]  # the tokenizer's convention, as EagleModel.generate
     if not args.quiet:
         print(prompt, end="", flush=True)
     start = time.perf_counter()
@@ -222,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     gen.add_argument(
-        "--dtype", default=None, help="float32, bfloat16, float16 or float64 (default per device)"
+        "--dtype",
+        default=None,
+        help="float32, bfloat16, float16 or float64 (also fp32, bf16, fp16, fp64; default per device)",
     )
     gen.add_argument(
         "--threads",

@@ -44,3 +44,12 @@ def uniforms(seeds: torch.Tensor, counter: torch.Tensor, n: int, dtype=torch.flo
     bits = splitmix64(base[:, None] + cols[None, :] * _GOLDEN)
     mantissa = 53 if dtype == torch.float64 else 24
     return _shr(bits, 64 - mantissa).to(dtype) * (2.0**-mantissa)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Sample one token per row of ``probs [R, V]`` (unnormalised is fine) with uniforms ``u [R]``:
+    the first index whose cumulative mass exceeds ``u * total`` (float64 sums). int64 ``[R]``."""
+    cdf = probs.double().cumsum(-1)
+    target = u.double()[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return idx.clamp(max=probs.shape[-1] - 1)

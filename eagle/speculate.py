@@ -294,12 +294,14 @@ class SpeculativeDecoder:
     def _check_lengths(self, max_prompt: int, max_new_tokens: int) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # The same limit as plain decoding: tree rows past it hold tokens beyond max_new_tokens, which
+        # are never emitted, and a row only sees its ancestors, so they cannot change emitted tokens
+        # (the cache has room for them: _cache_len).
         limit = self.target.config.max_position_embeddings
-        need = max_prompt + max_new_tokens + self.num_tokens
-        if need > limit:
+        if max_prompt + max_new_tokens > limit:
             raise ValueError(
-                f"prompt ({max_prompt} tokens) + max_new_tokens ({max_new_tokens}) + tree ({self.num_tokens}) "
-                f"= {need} exceeds the model's max_position_embeddings={limit}"
+                f"prompt ({max_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"max_position_embeddings={limit}"
             )
 
     def _cache_len(self, max_prompt: int, max_new_tokens: int) -> int:
@@ -351,7 +353,7 @@ class SpeculativeDecoder:
         self._check_finite(nonfinite_flag(logits), nonfinite)
         probs = self._warp(logits, sampling)
         u = rng.uniforms(seeds, draws, 1)[:, 0]
-        return _inverse_cdf(probs, u)
+        return rng.inverse_cdf(probs, u)
 
     # ------------------------------------------------------------------------------------------
     # One round
@@ -618,12 +620,3 @@ class SpeculativeDecoder:
             accept_lengths=s.accept_lengths,
             nonfinite=s.nonfinite,
         )
-
-
-def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Sample one token per row of ``probs [R, V]`` with uniforms ``u [R]``: the first index whose
-    cumulative mass exceeds ``u * total``."""
-    cdf = probs.double().cumsum(-1)
-    target = u.double()[:, None] * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, target, right=True)[:, 0]
-    return idx.clamp(max=probs.shape[-1] - 1)

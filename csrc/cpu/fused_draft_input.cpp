@@ -23,6 +23,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "fused_draft_input.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -380,6 +382,8 @@ void project(at::Tensor& out, const std::vector<Segment>& segments, const at::Te
   }
 }
 
+}  // namespace
+
 // ---------------------------------------------------------------------------------------------------
 // The ops
 // ---------------------------------------------------------------------------------------------------
@@ -414,7 +418,6 @@ void fused_eagle3_input_cpu(const at::Tensor& h_low, const at::Tensor& h_mid, co
           fc_bias);
 }
 
-}  // namespace
 }  // namespace eagle
 
 TORCH_LIBRARY_FRAGMENT(eagle_C, m) {

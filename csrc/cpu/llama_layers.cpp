@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "amx_linear.h"
+#include "fused_draft_input.h"
 #include "half_convert.h"
 
 #include <cmath>
@@ -338,6 +339,42 @@ std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& a
   return result;
 }
 
+// eagle.models.draft.Eagle2Head.forward on the CPU fast path in one call: the fused draft input
+// (fused_draft_input.cpp), the decoder layer (llama_layers_cpu) and the lm_head (project(), as
+// eagle.models.cpu_packed.linear) at the rows of logits_index [B, K] (all rows when absent).
+// Returns [h] or [h, logits]. A draft level is small enough that the Python between these calls
+// cost as much as the layer.
+std::vector<at::Tensor> eagle2_head_cpu(const at::Tensor& hidden, const at::Tensor& token_ids,
+                                        const at::Tensor& embed_weight, const at::Tensor& fc_weight,
+                                        const OptTensor& fc_bias, const c10::List<OptTensor>& weights,
+                                        const at::Tensor& kv, const at::Tensor& cos, const at::Tensor& sin,
+                                        const at::Tensor& cache_seqlens, const OptTensor& tree_mask, int64_t past,
+                                        int64_t num_heads, int64_t num_kv_heads, double eps, const OptTensor& lm_head,
+                                        const OptTensor& logits_index) {
+  TORCH_CHECK_VALUE(hidden.dim() == 3, "eagle2_head: hidden must be [B, T, H], got ", hidden.sizes());
+  const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
+  TORCH_CHECK_VALUE(token_ids.dim() == 2 && token_ids.size(0) == B && token_ids.size(1) == T,
+                    "eagle2_head: token_ids must be [B, T] = [", B, ", ", T, "], got ", token_ids.sizes());
+  at::Tensor x = at::empty({B, T, fc_weight.size(0)}, hidden.options());
+  fused_draft_input_cpu(hidden.reshape({B * T, H}), token_ids.reshape({B * T}), embed_weight, fc_weight, fc_bias,
+                        x.view({B * T, fc_weight.size(0)}));
+  const at::Tensor h = llama_layers_cpu(x, std::nullopt, weights, kv, cos, sin, at::empty({0}, at::kLong),
+                                        cache_seqlens, tree_mask, past, num_heads, num_kv_heads, eps, {})[0];
+  if (!lm_head.has_value()) return {h};
+  at::Tensor rows = h;
+  if (logits_index.has_value()) {  // eagle.models.draft._rows
+    const at::Tensor& index = *logits_index;
+    TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == B &&
+                          (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
+                      "logits_index must be an int tensor [", B, ", K], got ", index.scalar_type(), " ",
+                      index.sizes());
+    TORCH_CHECK_VALUE(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < T),
+                      "logits_index holds positions outside the block [0, ", T, ")");
+    rows = h.gather(1, index.to(at::kLong).unsqueeze(-1).expand({B, index.size(1), h.size(2)}));
+  }
+  return {h, project(rows, *lm_head, std::nullopt)};
+}
+
 // eagle.models.llama.block_context's RoPE tables in one call: positions [B, T] (default
 // cache_seqlens[b] + past + t), then rope_cos_sin's ops on the same shapes (so the same values):
 // angles = positions.float()[..., None] * cat(inv_freq, inv_freq), cos and signed sin in `dtype`,
@@ -378,9 +415,20 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "Tensor signs, ScalarType dtype) -> Tensor[]");
 }
 
+TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
+  m.def(
+      "eagle2_head(Tensor hidden, Tensor token_ids, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, "
+      "Tensor?[] weights, Tensor(a!) kv, Tensor cos, Tensor sin, Tensor cache_seqlens, Tensor? tree_mask, "
+      "int past, int num_heads, int num_kv_heads, float eps, Tensor? lm_head, Tensor? logits_index) -> Tensor[]");
+}
+
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
   m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu);
   m.impl("rope_cos_sin", &eagle::llama_layers::rope_cos_sin_cpu);
+  m.impl("eagle2_head", &eagle::llama_layers::eagle2_head_cpu);
 }
 // Packed (mkldnn-layout) weights in the list make the dispatcher pick this key; same CPU kernel.
-TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) { m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu); }
+TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) {
+  m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu);
+  m.impl("eagle2_head", &eagle::llama_layers::eagle2_head_cpu);
+}

@@ -78,6 +78,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # generation_config.json's eos_token_id (what transformers' generate stops on; chat checkpoints
+    # list their end-of-turn token there only), None when the checkpoint has none
+    generation_eos_token_id: int | list[int] | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,7 +118,15 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(json.loads(path.read_text()))
+        cfg = cls.from_dict(json.loads(path.read_text()))
+        generation = path.parent / "generation_config.json"
+        if generation.is_file():
+            try:
+                eos = json.loads(generation.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise ValueError(f"{generation} is not a JSON object: {exc}") from exc
+            cfg = dataclasses.replace(cfg, generation_eos_token_id=eos)
+        return cfg
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], *, family: str | None = None) -> ModelConfig:

@@ -36,7 +36,7 @@ from torch import nn
 
 import eagle_kernels
 from eagle.models.config import ModelConfig
-from eagle.models.cpu_packed import Linear, linear, pack_module_linears
+from eagle.models.cpu_packed import Linear, linear, pack_module_linears, packed_weight
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
     MLP,
@@ -64,6 +64,7 @@ from eagle.models.weights import (
     resolve_dtype,
     write_state_dict,
 )
+from eagle_kernels import _ext
 
 DRAFT_KINDS = ("eagle2", "eagle3")
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -251,28 +252,39 @@ class Eagle2Head(DraftHead):
         """
         layer, fc = self.layers[0], self.fc
         weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
-        fast = isinstance(hidden, torch.Tensor) and cpu_fast_path_ok(
-            hidden, [*weights, fc.weight, fc.bias, self.embed_weight]
+        fast = (
+            isinstance(hidden, torch.Tensor)
+            and _ext.has_op("eagle2_head")
+            and cpu_fast_path_ok(hidden, [*weights, fc.weight, fc.bias, self.embed_weight])
         )
         # The fast path's C++ fused_draft_input checks the ids' range itself.
         ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past, check_id_values=not fast)
         if fast:
-            # The C++ kernel directly: eagle_kernels.fused_draft_input would run the same kernel after
-            # Python-side checks that the op repeats (~30 us per draft level on CPU).
-            H = self.config.hidden_size
-            x = hidden.new_empty(hidden.shape)
-            torch.ops.eagle_C.fused_draft_input(
-                hidden.reshape(-1, H),
-                token_ids.reshape(-1),
+            # One C++ call: the fused input, the layer and the lm_head, each the kernel the modules'
+            # path runs (the Python between them cost as much as the layer at decode sizes).
+            cfg = self.config
+            outs = torch.ops.eagle_C.eagle2_head(
+                hidden,
+                token_ids,
                 _plain(self.embed_weight),
                 _plain(fc.weight),
                 _plain(fc.bias),
-                x.view(-1, H),
+                for_op,
+                cache.kv,
+                ctx.cos,
+                ctx.sin,
+                ctx.seqlens,
+                ctx.tree_mask,
+                ctx.past,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.rms_norm_eps,
+                packed_weight(self.lm_head_weight) if compute_logits else None,
+                logits_index,
             )
-            h = run_layers_cpu(x, for_op, cache.kv, ctx, self.config)[0]
-        else:
-            x = eagle_kernels.fused_draft_input(hidden, token_ids, self.embed_weight, fc.weight, fc.bias)
-            h = layer(x, *cache.layer(0), ctx)
+            return DraftOutput(hidden=outs[0], logits=outs[1] if compute_logits else None)
+        x = eagle_kernels.fused_draft_input(hidden, token_ids, self.embed_weight, fc.weight, fc.bias)
+        h = layer(x, *cache.layer(0), ctx)
         logits = linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 import eagle_kernels
+from eagle import rng
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.cuda_graph import on_side_stream
 from eagle.models.llama import LlamaModel
@@ -59,6 +60,7 @@ def generate_plain(
     eos_token_id: int | Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     cuda_graph: bool = False,
+    seed: int | None = None,
 ) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt, one target forward per token.
 
@@ -74,7 +76,12 @@ def generate_plain(
     eos_token_id : int or ints, optional
         A sequence stops after emitting one of them (the eos token is included in its output).
     generator : torch.Generator, optional
-        For reproducible sampling.
+        Sample with ``torch.multinomial`` from this generator: one stream shared by the batch, so a
+        row's tokens depend on the rows beside it. Without it (the default) each row samples by
+        inverse CDF from its own counter-based stream (:mod:`eagle.rng`), as the speculative loop
+        does: a row's tokens depend only on ``seed``, its index and its prompt.
+    seed : int, optional
+        The per-row streams' seed (random when None); not with ``generator``.
     cuda_graph : bool
         On CUDA, replay the one-token step from a CUDA graph (captured after one eager step) instead
         of launching its kernels from Python; the tokens are the same.
@@ -97,6 +104,14 @@ def generate_plain(
             f"prompt ({block.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_position_embeddings={limit}"
         )
+    if generator is not None and seed is not None:
+        raise ValueError("pass seed or generator, not both")
+    per_row = temperature != 0 and generator is None
+    if per_row:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        seeds = rng.row_seeds(seed, B, model.device)
+        draws = torch.zeros(B, dtype=torch.int64, device=model.device)  # advanced in place: graph-safe
     # Set on the device when a forward's logits hold NaN/inf; read once at the end (no sync per step).
     nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)
     stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
@@ -111,6 +126,10 @@ def generate_plain(
         if logits.dtype == torch.float64:  # warp_logits computes in float32 and takes up to float32
             logits = logits.float()
         probs = eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)
+        if per_row:
+            u = rng.uniforms(seeds, draws, 1)[:, 0]
+            draws.add_(1)
+            return rng.inverse_cdf(probs, u)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
     out = model(block, cache, logits_index=(lengths - 1)[:, None])

@@ -27,10 +27,14 @@ DTYPES = {
 }
 
 
+_ALIASES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.float32`` etc., or their names; anything else is a TypeError."""
+    """``torch.float32`` etc., or their names (also fp32, fp64, bf16, fp16); anything else is a TypeError."""
     if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+        name = dtype.removeprefix("torch.")
+        dtype = DTYPES.get(_ALIASES.get(name, name), dtype)
     if dtype not in DTYPES.values():
         raise TypeError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
     return dtype

@@ -141,12 +141,88 @@ def test_max_new_tokens_one(pairs):
         ([[1, 2]], {"top_p": 0.0}, ValueError, "top_p"),
         ([1, 2], {}, TypeError, "list of prompts"),
         (["hello"], {}, ValueError, "tokenizer"),
+        # ids that are not integers are refused, never truncated
+        ([[1, 2.7]], {}, TypeError, r"holds 2\.7 \(float\); token ids must be integers"),
+        ([[1, True]], {}, TypeError, "token ids must be integers"),
+        ([[[1, 2]]], {}, TypeError, "token ids must be integers"),
+        (torch.tensor([1, 2]), {}, TypeError, "not a single prompt"),
+        (torch.tensor([[1.0, 2.0]]), {}, TypeError, "token ids must be integers"),
+        (5, {}, TypeError, "got int"),
+        ([[1, 2]], {"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an int"),
+        ([[1, 2]], {"max_new_tokens": True}, TypeError, "max_new_tokens must be an int"),
+        ([[1, 2]], {"eos_token_id": 1.5}, TypeError, "eos_token_id must be an int or a list of ints"),
+        ([[1, 2]], {"eos_token_id": [3, None]}, TypeError, "eos_token_id must be an int or a list"),
+        ([[1, 2]], {"eos_token_id": [3, 999]}, ValueError, "outside the vocabulary"),
     ],
 )
 def test_bad_input(pairs, prompts, kwargs, error, match):
     _, model = pairs["eagle2-s0"]
     with pytest.raises(error, match=match):
         model.generate(prompts, **({"max_new_tokens": 5} | kwargs))
+
+
+@pytest.mark.parametrize("speculative", [True, False], ids=["eagle", "plain"])
+def test_bad_input_is_checked_before_anything_runs(pairs, speculative):
+    _, model = pairs["eagle2-s0"]
+    with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+        model.generate([[1, 2]], 3.0, speculative=speculative)
+    with pytest.raises(TypeError, match="token ids must be integers"):
+        model.generate([[1.0, 2.0]], 3, speculative=speculative)
+
+
+def test_integer_ids_of_other_types_are_accepted(pairs):
+    np = pytest.importorskip("numpy")
+    _, model = pairs["eagle2-s0"]
+    want = model.generate([[3, 1, 4], [7, 2]], 4).tokens
+    assert model.generate([np.array([3, 1, 4]), torch.tensor([7, 2])], 4).tokens == want
+    assert model.generate([[np.int64(3), 1, torch.tensor(4)], (7, 2)], 4).tokens == want
+    assert model.generate(torch.tensor([[3, 1, 4]]), 4).tokens == want[:1]
+
+
+def test_load_names_a_bad_device_or_dtype(pairs):
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda'"):
+        eagle.load("tiny-code", device="tpu")
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        eagle.load("tiny-code", dtype="fp33")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            eagle.load("tiny-code", device="cuda")
+
+
+def test_generation_config_eos_is_the_default_stop(tmp_path):
+    """transformers' generate stops on generation_config.json's eos (chat checkpoints list their
+    end-of-turn token only there); so does generate without eos_token_id."""
+    hf = build_hf_target("llama", seed=0, **SMALL)
+    target_dir = save_hf_target(hf, tmp_path / "t")
+    model = eagle.load(str(target_dir), None, dtype=torch.float64)
+    free = model.generate([[3, 1, 4]], 12, speculative=False).tokens[0]
+    stop = free[4]
+    unused = next(t for t in range(SMALL["vocab_size"]) if t not in free)  # a list of two, one never hit
+    cfg = (
+        json.loads((target_dir / "generation_config.json").read_text())
+        if (target_dir / "generation_config.json").exists()
+        else {}
+    )
+    (target_dir / "generation_config.json").write_text(json.dumps(cfg | {"eos_token_id": [unused, stop]}))
+    model = eagle.load(str(target_dir), None, dtype=torch.float64)
+    stopped = model.generate([[3, 1, 4]], 12, speculative=False).tokens[0]
+    assert stopped == free[: free.index(stop) + 1]
+    assert len(stopped) < len(free)
+    # an explicit eos_token_id still wins
+    assert model.generate([[3, 1, 4]], 12, speculative=False, eos_token_id=[]).tokens[0] == free
+
+
+def test_plain_sampling_gives_each_row_its_own_stream(pairs):
+    """speculative=False with a seed: a row's tokens depend on the seed, its index and its prompt
+    only, as in the speculative loop (one shared generator made rows depend on their neighbours)."""
+    _, model = pairs["eagle2-s0"]
+    p, q = PROMPTS[0], PROMPTS[2]
+    kw = dict(temperature=1.0, seed=11, speculative=False)
+    together = model.generate([p, p, q], 16, **kw).tokens
+    assert model.generate([p], 16, **kw).tokens[0] == together[0]
+    assert model.generate([p, p], 16, **kw).tokens == together[:2]
+    assert together[0] != together[1]  # same prompt, independent streams
+    assert model.generate([p, p, q], 16, **kw).tokens == together  # reproducible
 
 
 def test_nan_logits_raise(pairs, tmp_path):
@@ -161,6 +237,19 @@ def test_nan_logits_raise(pairs, tmp_path):
         model.generate([[1, 2, 3]], 5)
     with pytest.raises(FloatingPointError, match="NaN"):  # plain decoding too, not garbage tokens
         model.generate([[1, 2, 3]], 5, speculative=False)
+
+
+@pytest.mark.parametrize("tree", ["chain", "dynamic-small"])
+def test_a_request_up_to_the_position_limit_runs(pairs, tree):
+    """prompt + max_new_tokens == max_position_embeddings: allowed as in plain decoding (tree rows
+    past the limit only hold tokens beyond the budget) and still equal to HF."""
+    hf, model = pairs["eagle2-s0"]
+    prompt = PROMPTS[0]
+    n = SMALL["max_position_embeddings"] - len(prompt)
+    got = model.generate([prompt], n, tree=TREES[tree]).tokens[0]
+    assert got == model.generate([prompt], n, speculative=False).tokens[0] == hf_greedy(hf, prompt, n)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate([prompt], n + 1, tree=TREES[tree])
 
 
 def test_plain_decoding_refuses_an_over_long_request(pairs):
