@@ -28,7 +28,7 @@ import eagle_kernels
 from eagle import rng
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.cuda_graph import on_side_stream
-from eagle.models.draft import DraftHead
+from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import NONFINITE_MESSAGE, argmax_checked, nonfinite_flag, pad_prompts
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput
@@ -457,6 +457,19 @@ class SpeculativeDecoder:
 
     def _draft_dynamic(self, s: _Batch):
         k, depth, n = self.topk, self.depth, self.num_tokens
+        if isinstance(self.head, Eagle2Head):  # on CPU the whole loop below in one C++ call
+            fast = self.head.cpu_dynamic_tree(
+                s.root_logits,
+                s.root_hidden,
+                s.root,
+                s.draft_cache,
+                s.target_cache.seqlens,
+                topk=k,
+                depth=depth,
+                num_tokens=n,
+            )
+            if fast is not None:
+                return fast
         b = s.root.shape[0]
         device = s.root.device
         frontier, scores, tokens, parents = expand_root(self._draft_logprobs(s.root_logits), k)

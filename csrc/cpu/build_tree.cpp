@@ -201,6 +201,8 @@ void build_tree_cpu_impl(const at::Tensor& parent_list, const at::Tensor& select
   }
 }
 
+}  // namespace
+
 void build_tree_cpu(const at::Tensor& parent_list, const at::Tensor& selected_index, const at::Tensor& seq_lens,
                     at::Tensor tree_mask, at::Tensor positions, at::Tensor retrive_index,
                     at::Tensor retrive_next_token, at::Tensor retrive_next_sibling, int64_t topk, int64_t depth,
@@ -244,7 +246,6 @@ void build_tree_cpu(const at::Tensor& parent_list, const at::Tensor& selected_in
   else run(int32_t{}, int32_t{});
 }
 
-}  // namespace
 }  // namespace eagle
 
 TORCH_LIBRARY_FRAGMENT(eagle_C, m) {

@@ -17,4 +17,10 @@ void check_build_tree_args(const at::Tensor& parent_list, const at::Tensor& sele
                            const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
                            int64_t topk, int64_t depth, int64_t num_draft_tokens, int64_t mask_mode);
 
+// The CPU kernel behind eagle_C::build_tree (outputs pre-allocated; see eagle_kernels/build_tree.py).
+void build_tree_cpu(const at::Tensor& parent_list, const at::Tensor& selected_index, const at::Tensor& seq_lens,
+                    at::Tensor tree_mask, at::Tensor positions, at::Tensor retrive_index,
+                    at::Tensor retrive_next_token, at::Tensor retrive_next_sibling, int64_t topk, int64_t depth,
+                    int64_t n, int64_t mask_mode);
+
 }  // namespace eagle

@@ -18,6 +18,7 @@
 
 #include "amx_linear.h"
 #include "fused_draft_input.h"
+#include "llama_layers.h"
 #include "half_convert.h"
 
 #include <cmath>
@@ -55,8 +56,6 @@ enum Slot : int64_t {
   kDownBias,
   kSlotsPerLayer,
 };
-
-using OptTensor = std::optional<at::Tensor>;
 
 struct Block {
   at::Tensor kv;  // [L, 2, B, Hkv, S_max, D]
@@ -389,11 +388,13 @@ std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positi
   at::Tensor pos;
   if (positions.has_value()) {
     pos = *positions;
-    TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(1) == T && (pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt),
+    TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(1) == T &&
+                          (pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt),
                       "rope_cos_sin: positions must be int [B, ", T, "], got ", pos.scalar_type(), " ", pos.sizes());
     TORCH_CHECK_VALUE(!at::any(pos < 0).item<bool>(), "positions must be >= 0");
   } else {
-    pos = cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(past, past + T, cache_seqlens.options().dtype(at::kLong));
+    pos = cache_seqlens.to(at::kLong).unsqueeze(1) +
+          at::arange(past, past + T, cache_seqlens.options().dtype(at::kLong));
   }
   const at::Tensor angles = (pos.unsqueeze(-1).to(at::kFloat) * doubled_inv_freq).unsqueeze(2);
   return {angles.cos().to(dtype), (angles.sin() * signs).to(dtype)};

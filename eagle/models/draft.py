@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from eagle.models.llama import (
     hf_layer_shapes,
     layer_weights,
     rope_inv_freq,
+    rope_tables,
     run_layers_cpu,
     split_layer_tensors,
     value_checks_enabled,
@@ -287,6 +289,71 @@ class Eagle2Head(DraftHead):
         h = layer(x, *cache.layer(0), ctx)
         logits = linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)
+
+    def cpu_dynamic_tree(
+        self,
+        root_logits: torch.Tensor,
+        root_hidden: torch.Tensor,
+        root: torch.Tensor,
+        cache: KVCache,
+        target_seqlens: torch.Tensor,
+        *,
+        topk: int,
+        depth: int,
+        num_tokens: int,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+        """The whole EAGLE-2 dynamic draft tree in one C++ call (``eagle_C::eagle2_draft_dynamic``,
+        csrc/cpu/draft_tree.cpp): the same ATen calls as ``SpeculativeDecoder._draft_dynamic``'s Python
+        loop, so the same tree. Returns ``(candidates [b, n], (tree_mask, positions, retrive_index,
+        retrive_next_token, retrive_next_sibling))``, or None where it does not apply (not the CPU
+        fast path, autograd, the extension missing, or switched off by :func:`set_cpu_draft_loop`).
+
+        ``root_logits [b, V]``, ``root_hidden [b, H]``, ``root [b]``: the draft's output at the last
+        committed position and the last committed token; ``cache``: the draft's cache (its committed
+        lengths); ``target_seqlens [b]``: the target's committed lengths (the tree's positions)."""
+        if not (_CPU_DRAFT_LOOP and _ext.has_op("eagle2_draft_dynamic")):
+            return None
+        layer, fc = self.layers[0], self.fc
+        weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
+        if not cpu_fast_path_ok(root_hidden, [*weights, fc.weight, fc.bias, self.embed_weight]):
+            return None
+        if self._inv_freq.device != cache.device:
+            self._inv_freq = self._inv_freq.to(cache.device)
+        doubled, signs = rope_tables(self._inv_freq)
+        cfg = self.config
+        outs = torch.ops.eagle_C.eagle2_draft_dynamic(
+            root_logits,
+            root_hidden,
+            root,
+            cache.seqlens,
+            target_seqlens,
+            _plain(self.embed_weight),
+            _plain(fc.weight),
+            _plain(fc.bias),
+            for_op,
+            cache.kv,
+            doubled,
+            signs,
+            packed_weight(self.lm_head_weight),
+            topk,
+            depth,
+            num_tokens,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.rms_norm_eps,
+        )
+        return outs[0], tuple(outs[1:])
+
+
+_CPU_DRAFT_LOOP = os.environ.get("EAGLE_CPU_DRAFT_LOOP", "1") != "0"
+
+
+def set_cpu_draft_loop(enabled: bool) -> bool:
+    """Turn the C++ dynamic draft loop (:meth:`Eagle2Head.cpu_dynamic_tree`) on or off; the trees
+    are identical either way. Returns the previous setting; ``EAGLE_CPU_DRAFT_LOOP=0`` starts it off."""
+    global _CPU_DRAFT_LOOP
+    previous, _CPU_DRAFT_LOOP = _CPU_DRAFT_LOOP, bool(enabled)
+    return previous
 
 
 # --------------------------------------------------------------------------------------------------

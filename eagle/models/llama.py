@@ -115,7 +115,7 @@ def rope_cos_sin(
     """cos and signed sin ``[B, T, 1, head_dim]`` for ``positions [B, T]`` (computed in float32,
     like transformers). The first half of the sin table is negated so that :func:`apply_rope`
     can rotate with a roll instead of slicing and concatenating."""
-    doubled, signs = _rope_tables(inv_freq)
+    doubled, signs = rope_tables(inv_freq)
     # positions * cat(inv_freq, inv_freq) holds exactly the values of cat(freqs, freqs), and the
     # sign flip is exact: the same numbers as transformers' cos/sin, in fewer ops.
     angles = (positions[..., None].float() * doubled)[:, :, None, :]
@@ -125,7 +125,7 @@ def rope_cos_sin(
 _ROPE_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def _rope_tables(inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``cat(inv_freq, inv_freq)`` and the signs ``[-1] * D/2 + [1] * D/2`` (float32, inv_freq's
     device), cached per inv_freq tensor."""
     hit = _ROPE_TABLES.get(id(inv_freq))
@@ -283,7 +283,7 @@ def block_context(
         earlier = torch.eye(past, width, dtype=torch.bool, device=device).expand(B, past, width)
         tree_mask = torch.cat((earlier, tree_mask), dim=1)
     if in_cpp:
-        doubled, signs = _rope_tables(inv_freq)
+        doubled, signs = rope_tables(inv_freq)
         cos, sin = torch.ops.eagle_C.rope_cos_sin(
             positions, cache.seqlens, past, num_tokens, doubled, signs, dtype
         )

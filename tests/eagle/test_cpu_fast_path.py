@@ -13,15 +13,25 @@ import dataclasses
 import pytest
 import torch
 
+from eagle import speculate
+from eagle.api import EagleModel
 from eagle.models import load_target
 from eagle.models.cpu_packed import pack_module_linears
-from eagle.models.draft import Eagle2Head, Eagle2Layer, Eagle3Head, Eagle3Layer, random_draft
+from eagle.models.draft import (
+    Eagle2Head,
+    Eagle2Layer,
+    Eagle3Head,
+    Eagle3Layer,
+    random_draft,
+    set_cpu_draft_loop,
+)
 from eagle.models.llama import (
     LlamaModel,
     cpu_fast_path_ok,
     layer_weights,
     set_cpu_fast_path,
 )
+from eagle.tree import TreeConfig
 from eagle_kernels import _ext
 from tests.eagle.conftest import LLAMA3_ROPE
 
@@ -205,6 +215,66 @@ def test_draft_bit_identical(make_target, monkeypatch, fast_path, case, dtype, B
     layer_cls = Eagle2Layer if kind == "eagle2" else Eagle3Layer
     fast, ref = run_both(lambda: draft_forwards(head, B), monkeypatch, layer_cls)
     assert_all_equal(fast, ref)
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ dynamic draft loop (eagle_C::eagle2_draft_dynamic)
+# --------------------------------------------------------------------------------------------------
+DRAFT_TREES = {
+    "3/4/12": TreeConfig(3, 4, 12),
+    "6/10/60": TreeConfig(6, 10, 60),
+    "chain5": TreeConfig.chain(5),
+    "2/3/4": TreeConfig(2, 3, 4),
+}
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tree", list(DRAFT_TREES))
+def test_cpp_draft_loop_builds_the_python_loops_tree(make_target, monkeypatch, fast_path, tree, dtype, B):
+    """The same tokens and accept lengths (so the same trees) with the C++ loop as with the Python
+    loop, greedy and sampled; and the C++ loop is what runs when it is on."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=dtype)
+    model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7], [2, 7, 1, 8, 2, 8, 1]][:B]
+
+    def run():
+        greedy = model.generate(prompts, 24, tree=DRAFT_TREES[tree])
+        sampled = model.generate(prompts, 24, tree=DRAFT_TREES[tree], temperature=1.0, seed=5)
+        return greedy.tokens, greedy.accept_lengths, sampled.tokens, sampled.accept_lengths
+
+    previous = set_cpu_draft_loop(True)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(speculate, "expand_level", _must_not_run)
+            m.setattr(speculate, "expand_root", _must_not_run)
+            fast = run()
+        set_cpu_draft_loop(False)
+        ref = run()
+    finally:
+        set_cpu_draft_loop(previous)
+    assert fast == ref
+    assert max(max(row) for row in fast[1]) > 1  # some drafts were accepted: the trees mattered
+
+
+def test_cpp_draft_loop_is_skipped_where_it_does_not_apply(make_target, fast_path):
+    """Switched off, or with the CPU fast path off, the C++ loop declines (the Python loop runs)."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    head = make_head(target, "eagle2", bias=True, qkv_bias=False)
+    cache = head.new_cache(1, 16)
+    args = (torch.zeros(1, 48), torch.zeros(1, head.config.hidden_size), torch.zeros(1, dtype=torch.int64))
+    kw = dict(topk=2, depth=2, num_tokens=3)
+    with torch.inference_mode():
+        assert head.cpu_dynamic_tree(*args, cache, cache.seqlens, **kw) is not None
+        previous = set_cpu_draft_loop(False)
+        try:
+            assert head.cpu_dynamic_tree(*args, cache, cache.seqlens, **kw) is None
+        finally:
+            set_cpu_draft_loop(previous)
+        set_cpu_fast_path(False)
+        assert head.cpu_dynamic_tree(*args, cache, cache.seqlens, **kw) is None
 
 
 # --------------------------------------------------------------------------------------------------
