@@ -9,6 +9,7 @@ load hits both alike.
     python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1..64
     python bench/bench_runtime.py --forwards --dtype bfloat16   # bf16 with packed weights
     python bench/bench_runtime.py --linears           # bf16 linears: AMX tiles vs oneDNN vs F.linear
+    python bench/bench_runtime.py --argmax            # greedy pick + NaN check: eagle_C vs torch
     pytest bench/bench_runtime.py --benchmark-only    # the same decode step under pytest-benchmark
 """
 
@@ -271,6 +272,51 @@ def compare_linears(rounds: int, threads: int, calls: int = 200) -> dict:
     }
 
 
+ARGMAX_SHAPES = ((1, 2048), (16, 2048), (64, 2048), (1, 32000), (64, 32000))
+
+
+def _argmax_torch(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the loop did before eagle_C::argmax_checked: two torch reductions."""
+    return logits.argmax(-1), ~torch.isfinite(logits).all()
+
+
+@torch.inference_mode()
+def compare_argmax(rounds: int, threads: int, calls: int = 200) -> dict:
+    """Microseconds per greedy pick with its NaN/inf check on logits ``[rows, V]`` (a decode row, a
+    verified tree, a batch of trees; the tiny-code and a Llama-2 vocabulary), bf16 and fp32:
+    ``eagle_C::argmax_checked`` against torch's ``argmax`` + ``isfinite().all()``, alternating round
+    by round. Each result is checked to equal torch's."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(5)
+    out = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, V in ARGMAX_SHAPES:
+            logits = (torch.randn(rows, V, generator=gen) * 4).to(dtype)
+            index, bad = torch.ops.eagle_C.argmax_checked(logits)
+            assert torch.equal(index, logits.argmax(-1)) and not bool(bad)
+            fns = {
+                "torch": lambda x=logits: _argmax_torch(x),
+                "argmax_checked": lambda x=logits: torch.ops.eagle_C.argmax_checked(x),
+            }
+            n = max(10, calls * 2048 * 16 // (rows * V))
+            times = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times[name].append(_time_us(fn, n))
+            out[f"{str(dtype).removeprefix('torch.')} [{rows}, {V}]"] = {
+                name: statistics.median(t) for name, t in times.items()
+            }
+    return {"threads": torch.get_num_threads(), "rounds": rounds, "argmax_us_median": out}
+
+
+def print_argmax(result: dict) -> None:
+    print(f"greedy pick + NaN check, {result['threads']} thread(s), median of {result['rounds']} rounds (us)")
+    print(f"{'logits':<22}{'torch':>10}{'eagle_C':>10}{'speedup':>10}")
+    for case, us in result["argmax_us_median"].items():
+        t, a = us["torch"], us["argmax_checked"]
+        print(f"{case:<22}{t:>10.1f}{a:>10.1f}{t / a:>9.1f}x")
+
+
 def _compare_forward_layouts(rounds: int, calls: int) -> dict:
     models = {}
     previous = os.environ.get("EAGLE_CPU_AMX_LINEAR")
@@ -368,8 +414,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="only compare bf16 linear implementations (AMX tiles, oneDNN, F.linear) and forwards with each",
     )
+    parser.add_argument(
+        "--argmax",
+        action="store_true",
+        help="only compare the greedy pick + NaN check (eagle_C::argmax_checked vs torch)",
+    )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.argmax:
+        runs = [compare_argmax(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
+        for r in runs:
+            print_argmax(r)
+        if not args.no_save:
+            print(f"wrote {save_json('argmax_cpu.json', {'runs': runs})}")
+        return
     if args.linears:
         runs = [compare_linears(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
         for r in runs:
@@ -440,6 +498,20 @@ def test_bf16_linear(benchmark, impl, rows):
         fn = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: E731
     benchmark.group = f"bf16 linear {N}x{K}, {rows} row(s)"
     assert torch.equal(fn(), torch.nn.functional.linear(x, w)) or impl == "AMX tiles"
+    benchmark(fn)
+
+
+@pytest.mark.parametrize("impl", ["torch", "argmax_checked"])
+@pytest.mark.parametrize("rows", [1, 16])
+def test_argmax_checked(benchmark, impl, rows):
+    logits = torch.randn(rows, 2048, generator=torch.Generator().manual_seed(0)).bfloat16()
+    fn = (
+        (lambda: _argmax_torch(logits))
+        if impl == "torch"
+        else (lambda: torch.ops.eagle_C.argmax_checked(logits))
+    )
+    benchmark.group = f"greedy pick + NaN check, bf16 [{rows}, 2048]"
+    assert torch.equal(fn()[0], logits.argmax(-1))
     benchmark(fn)
 
 
