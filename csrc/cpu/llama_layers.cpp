@@ -60,7 +60,6 @@ enum Slot : int64_t {
 struct Block {
   at::Tensor kv;  // [L, 2, B, Hkv, S_max, D]
   at::Tensor cos, sin;  // [B, T, 1, D], the model dtype
-  at::Tensor kv_rows;  // [B*T*Hkv] int64, or empty: row of (b, t) at seqlens[b] + past + t
   at::Tensor seqlens;  // [B] int32
   OptTensor tree_mask;  // [B, past+T, past+T] bool
   int64_t past, Hq, Hkv, D;
@@ -131,18 +130,16 @@ Rows4 rows_of(const at::Tensor& t) {
   return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-// q rows -> q_out[b, past + t] (rotated); k rows -> the cache rows kv_rows[(b, t, h)], or without
-// kv_rows the row of position seqlens[b] + past + t (rotated); v rows -> the same rows of the V
-// cache. cos/sin: contiguous [B, T, 1, D].
+// q rows -> q_out[b, past + t] (rotated); k rows -> the K cache at position seqlens[b] + past + t
+// (rotated; the op checked that it fits); v rows -> the same position of the V cache. cos/sin:
+// contiguous [B, T, 1, D].
 template <typename T>
 void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const Block& blk, int64_t B, int64_t Tn,
-                          T* q_out, T* k_cache, T* v_cache, int64_t cache_rows) {
+                          T* q_out, T* k_cache, T* v_cache, int64_t S_max) {
   const int64_t Hq = blk.Hq, Hkv = blk.Hkv, D = blk.D, rows_out = blk.past + Tn;
   const T* cos = blk.cos.const_data_ptr<T>();
   const T* sin = blk.sin.const_data_ptr<T>();
-  const int64_t* kv_rows = blk.kv_rows.numel() ? blk.kv_rows.const_data_ptr<int64_t>() : nullptr;
   const int32_t* seqlens = blk.seqlens.const_data_ptr<int32_t>();
-  const int64_t S_max = cache_rows / (B * Hkv);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t t = 0; t < Tn; ++t) {
       const T* c = cos + (b * Tn + t) * D;
@@ -152,10 +149,7 @@ void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const 
         rope_row(x, c, s, D, q_out + ((b * rows_out + blk.past + t) * Hq + h) * D);
       }
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t row = kv_rows != nullptr ? kv_rows[(b * Tn + t) * Hkv + h]
-                                               : (b * Hkv + h) * S_max + seqlens[b] + blk.past + t;
-        TORCH_CHECK(row >= 0 && row < cache_rows, "llama_layers: kv_rows holds ", row, " outside the cache's ",
-                    cache_rows, " rows");
+        const int64_t row = (b * Hkv + h) * S_max + seqlens[b] + blk.past + t;
         const T* xk = static_cast<const T*>(k.data) + b * k.sb + t * k.st + h * k.sh;
         rope_row(xk, c, s, D, k_cache + row * D);
         const T* xv = static_cast<const T*>(v.data) + b * v.sb + t * v.st + h * v.sh;
@@ -218,7 +212,7 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "llama_layers_rope", [&] {
     rope_and_write_cache<scalar_t>(qr, kr, vr, blk, B, T, q.mutable_data_ptr<scalar_t>(),
                                    k_cache.mutable_data_ptr<scalar_t>(), v_cache.mutable_data_ptr<scalar_t>(),
-                                   B * Hkv * k_cache.size(2));
+                                   k_cache.size(2));
   });
   const at::Tensor out = tree_attn::tree_attention_cpu(q, k_cache, v_cache, blk.seqlens, blk.tree_mask, blk.sm_scale);
   const at::Tensor rows = blk.past ? out.slice(1, blk.past).reshape({B, T, Hq * D}) : out.view({B, T, Hq * D});
@@ -293,7 +287,7 @@ void check_args(const at::Tensor& x, const OptTensor& attn_input, const c10::Lis
 // Returns [output, *inputs of the layers in `capture`] (capture index L = the output).
 std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& attn_input,
                                          const c10::List<OptTensor>& weights, const at::Tensor& kv,
-                                         const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& kv_rows,
+                                         const at::Tensor& cos, const at::Tensor& sin,
                                          const at::Tensor& cache_seqlens, const OptTensor& tree_mask, int64_t past,
                                          int64_t num_heads, int64_t num_kv_heads, double eps,
                                          at::IntArrayRef capture) {
@@ -304,26 +298,19 @@ std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& a
                     "llama_layers: cos and sin must be [B, T, 1, D] = [", B, ", ", T, ", 1, ", D, "] in ",
                     kv.scalar_type(), ", got ", cos.sizes(), " ", cos.scalar_type(), " and ", sin.sizes(), " ",
                     sin.scalar_type());
-  TORCH_CHECK_VALUE(kv_rows.scalar_type() == at::kLong &&
-                        (kv_rows.numel() == B * T * num_kv_heads || kv_rows.numel() == 0),
-                    "llama_layers: kv_rows must be int64 [B*T*Hkv] = [", B * T * num_kv_heads,
-                    "] or empty (rows at cache_seqlens + past), got ", kv_rows.scalar_type(), " ", kv_rows.sizes());
   TORCH_CHECK_VALUE(cache_seqlens.scalar_type() == at::kInt && cache_seqlens.dim() == 1 &&
                         cache_seqlens.size(0) == B,
                     "llama_layers: cache_seqlens must be int32 [B] = [", B, "], got ", cache_seqlens.scalar_type(),
                     " ", cache_seqlens.sizes());
   TORCH_CHECK_VALUE(past >= 0, "llama_layers: past must be >= 0, got ", past);
-  if (kv_rows.numel() == 0) {
-    const auto lens = cache_seqlens.contiguous();
-    const int32_t* l = lens.const_data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK_VALUE(l[b] >= 0 && l[b] + past + T <= kv.size(4), "llama_layers: cache_seqlens[", b, "]=", l[b],
-                        " + past=", past, " + T=", T, " does not fit S_max=", kv.size(4));
-    }
+  const at::Tensor seqlens = cache_seqlens.contiguous();
+  const int32_t* lens = seqlens.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {  // the block's rows go to positions seqlens[b] + past + t
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + past + T <= kv.size(4), "llama_layers: cache_seqlens[", b, "]=",
+                      lens[b], " + past=", past, " + T=", T, " does not fit S_max=", kv.size(4));
   }
   // Python's `D ** -0.5` (a float power of an int) is C's pow on doubles.
-  Block blk{kv, cos.contiguous(), sin.contiguous(), kv_rows.contiguous(), cache_seqlens.contiguous(),
-            tree_mask, past, num_heads, num_kv_heads, D, eps,
+  Block blk{kv, cos.contiguous(), sin.contiguous(), seqlens, tree_mask, past, num_heads, num_kv_heads, D, eps,
             std::pow(static_cast<double>(D), -0.5)};
   const int64_t layers = static_cast<int64_t>(weights.size()) / kSlotsPerLayer;
   std::vector<at::Tensor> captured(capture.size());
@@ -357,8 +344,8 @@ std::vector<at::Tensor> eagle2_head_cpu(const at::Tensor& hidden, const at::Tens
   at::Tensor x = at::empty({B, T, fc_weight.size(0)}, hidden.options());
   fused_draft_input_cpu(hidden.reshape({B * T, H}), token_ids.reshape({B * T}), embed_weight, fc_weight, fc_bias,
                         x.view({B * T, fc_weight.size(0)}));
-  const at::Tensor h = llama_layers_cpu(x, std::nullopt, weights, kv, cos, sin, at::empty({0}, at::kLong),
-                                        cache_seqlens, tree_mask, past, num_heads, num_kv_heads, eps, {})[0];
+  const at::Tensor h = llama_layers_cpu(x, std::nullopt, weights, kv, cos, sin, cache_seqlens, tree_mask, past,
+                                        num_heads, num_kv_heads, eps, {})[0];
   if (!lm_head.has_value()) return {h};
   at::Tensor rows = h;
   if (logits_index.has_value()) {  // eagle.models.draft._rows
@@ -406,17 +393,11 @@ std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positi
 TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
   m.def(
       "llama_layers(Tensor x, Tensor? attn_input, Tensor?[] weights, Tensor(a!) kv, Tensor cos, Tensor sin, "
-      "Tensor kv_rows, Tensor cache_seqlens, Tensor? tree_mask, int past, int num_heads, int num_kv_heads, "
+      "Tensor cache_seqlens, Tensor? tree_mask, int past, int num_heads, int num_kv_heads, "
       "float eps, int[] capture) -> Tensor[]");
-}
-
-TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
   m.def(
       "rope_cos_sin(Tensor? positions, Tensor cache_seqlens, int past, int T, Tensor doubled_inv_freq, "
       "Tensor signs, ScalarType dtype) -> Tensor[]");
-}
-
-TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
   m.def(
       "eagle2_head(Tensor hidden, Tensor token_ids, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, "
       "Tensor?[] weights, Tensor(a!) kv, Tensor cos, Tensor sin, Tensor cache_seqlens, Tensor? tree_mask, "

@@ -449,9 +449,6 @@ def cpu_fast_path_ok(x: torch.Tensor, weights: list[torch.Tensor | None]) -> boo
     return cpu_fast_path_wanted(x) and not needs_autograd(x, *weights)
 
 
-_NO_ROWS = torch.empty(0, dtype=torch.int64)
-
-
 def run_layers_cpu(
     x: torch.Tensor,
     weights: list[torch.Tensor | None],
@@ -478,7 +475,6 @@ def run_layers_cpu(
         kv,
         ctx.cos,
         ctx.sin,
-        _NO_ROWS,  # the op writes row (b, i) of the block at cache position seqlens[b] + past + i
         ctx.seqlens,
         ctx.tree_mask,
         ctx.past,

@@ -313,8 +313,7 @@ def test_op_rejects_bad_weight_lists(make_target, fast_path):
     x = torch.randn(1, 1, model.config.hidden_size)
     D = model.config.head_dim
     cos = torch.ones(1, 1, 1, D)
-    rows = torch.zeros(model.config.num_kv_heads, dtype=torch.int64)
-    args = (cache.kv, cos, cos, rows, cache.seqlens, None, 0, 4, 2, 1e-5)
+    args = (cache.kv, cos, cos, cache.seqlens, None, 0, 4, 2, 1e-5)
     weights = layer_weights(model.layers[0])
     with pytest.raises(ValueError, match="entries per layer"):
         op(x, None, weights[:-1], *args, [])
