@@ -96,7 +96,7 @@ class EagleModel:
         return self._decoders[key]
 
     def _encode(self, prompts) -> list[list[int]]:
-        array = isinstance(prompts, torch.Tensor) or type(prompts).__module__ == "numpy"
+        array = _is_array(prompts)
         if (
             isinstance(prompts, str)
             or (array and prompts.ndim == 1)
@@ -153,7 +153,7 @@ class EagleModel:
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
             raise ValueError(f"eos_token_id holds ids outside the vocabulary [0, {V}): {bad}")
-        return list(ids)
+        return ids
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -262,10 +262,15 @@ def _check_max_new_tokens(max_new_tokens) -> int:
     return max_new_tokens
 
 
+def _is_array(x) -> bool:
+    """A torch tensor or a numpy array (numpy is not imported for the test)."""
+    return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy"
+
+
 def _token_ids(prompt, index: int) -> list[int]:
     """A prompt given as token ids (a list, tuple, 1-D tensor or array of integers) as a list of
     ints; floats, bools and nested lists are refused rather than truncated."""
-    if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
+    if _is_array(prompt):
         if prompt.ndim != 1:
             raise ValueError(
                 f"prompt {index} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}"

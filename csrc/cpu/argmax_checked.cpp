@@ -13,10 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-
+#include <algorithm>
 #include <atomic>
-#include <cmath>
-#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>

@@ -33,21 +33,18 @@ inline c10::BFloat16 float_to_bf16(float f) {
 // opmath load/store: float for bfloat16/half, the type itself for float/double.
 template <typename T>
 struct Math {
-  using type = T;
   static T load(T x) { return x; }
   static T store(T x) { return x; }
 };
 
 template <>
 struct Math<c10::BFloat16> {
-  using type = float;
   static float load(c10::BFloat16 x) { return bf16_to_float(x); }
   static c10::BFloat16 store(float x) { return float_to_bf16(x); }
 };
 
 template <>
 struct Math<c10::Half> {
-  using type = float;
   static float load(c10::Half x) { return static_cast<float>(x); }
   static c10::Half store(float x) { return static_cast<c10::Half>(x); }
 };

@@ -164,9 +164,15 @@ class DraftHead(nn.Module):
             or cache.kv.shape[5] != cfg.head_dim
         ):
             raise ValueError("cache was not allocated for this draft head (use head.new_cache)")
-        if self._inv_freq.device != cache.device:
-            self._inv_freq = self._inv_freq.to(cache.device)
-        return block_context(cache, T, self._inv_freq, self.dtype, positions, tree_mask, past)
+        return block_context(
+            cache, T, self._inv_freq_on(cache.device), self.dtype, positions, tree_mask, past
+        )
+
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """The RoPE inverse frequencies on ``device`` (moved there once)."""
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
 
 
 def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -222,6 +228,15 @@ class Eagle2Head(DraftHead):
         """The first step's input: the target's final hidden states (after its last norm)."""
         return target_out.hidden
 
+    def _cpu_op_weights(self, x, op: str) -> list[torch.Tensor | None] | None:
+        """The layer's weight list for the C++ op ``op`` when the CPU fast path applies to ``x``
+        (a plain CPU tensor, no autograd, the op built), else None."""
+        if not (isinstance(x, torch.Tensor) and _ext.has_op(op)):
+            return None
+        layer, fc = self.layers[0], self.fc
+        weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
+        return for_op if cpu_fast_path_ok(x, [*weights, fc.weight, fc.bias, self.embed_weight]) else None
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -252,13 +267,9 @@ class Eagle2Head(DraftHead):
             ``T`` rows go after them and ``tree_mask`` is ``[B, T, past + T]`` (see
             :func:`eagle.models.llama.block_context`).
         """
-        layer, fc = self.layers[0], self.fc
-        weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
-        fast = (
-            isinstance(hidden, torch.Tensor)
-            and _ext.has_op("eagle2_head")
-            and cpu_fast_path_ok(hidden, [*weights, fc.weight, fc.bias, self.embed_weight])
-        )
+        for_op = self._cpu_op_weights(hidden, "eagle2_head")
+        fast = for_op is not None
+        fc = self.fc
         # The fast path's C++ fused_draft_input checks the ids' range itself.
         ctx = self._context(hidden, token_ids, cache, positions, tree_mask, past, check_id_values=not fast)
         if fast:
@@ -286,7 +297,7 @@ class Eagle2Head(DraftHead):
             )
             return DraftOutput(hidden=outs[0], logits=outs[1] if compute_logits else None)
         x = eagle_kernels.fused_draft_input(hidden, token_ids, self.embed_weight, fc.weight, fc.bias)
-        h = layer(x, *cache.layer(0), ctx)
+        h = self.layers[0](x, *cache.layer(0), ctx)
         logits = linear(_rows(h, logits_index), self.lm_head_weight) if compute_logits else None
         return DraftOutput(hidden=h, logits=logits)
 
@@ -311,16 +322,11 @@ class Eagle2Head(DraftHead):
         ``root_logits [b, V]``, ``root_hidden [b, H]``, ``root [b]``: the draft's output at the last
         committed position and the last committed token; ``cache``: the draft's cache (its committed
         lengths); ``target_seqlens [b]``: the target's committed lengths (the tree's positions)."""
-        if not (_CPU_DRAFT_LOOP and _ext.has_op("eagle2_draft_dynamic")):
+        for_op = self._cpu_op_weights(root_hidden, "eagle2_draft_dynamic") if _CPU_DRAFT_LOOP else None
+        if for_op is None:
             return None
-        layer, fc = self.layers[0], self.fc
-        weights, for_op = self._fast_weights.get(lambda: layer_weights(layer))
-        if not cpu_fast_path_ok(root_hidden, [*weights, fc.weight, fc.bias, self.embed_weight]):
-            return None
-        if self._inv_freq.device != cache.device:
-            self._inv_freq = self._inv_freq.to(cache.device)
-        doubled, signs = rope_tables(self._inv_freq)
-        cfg = self.config
+        doubled, signs = rope_tables(self._inv_freq_on(cache.device))
+        cfg, fc = self.config, self.fc
         outs = torch.ops.eagle_C.eagle2_draft_dynamic(
             root_logits,
             root_hidden,

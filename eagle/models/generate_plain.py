@@ -22,16 +22,20 @@ def argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scalar tensor on ``logits``' device (never read here: no host sync). On CPU one pass of
     ``eagle_C::argmax_checked`` (csrc/cpu/argmax_checked.cpp; torch's two reductions cost ~40x more
     on a verified tree's logits)."""
-    if logits.device.type == "cpu" and _ext.has_op("argmax_checked") and not torch.compiler.is_compiling():
+    if _argmax_in_cpp(logits):
         return torch.ops.eagle_C.argmax_checked(logits)
     return logits.argmax(-1), ~torch.isfinite(logits).all()
 
 
 def nonfinite_flag(logits: torch.Tensor) -> torch.Tensor:
     """Whether any logit is NaN/inf, a bool scalar tensor on ``logits``' device."""
-    if logits.device.type == "cpu" and _ext.has_op("argmax_checked") and not torch.compiler.is_compiling():
+    if _argmax_in_cpp(logits):
         return torch.ops.eagle_C.argmax_checked(logits)[1]
     return ~torch.isfinite(logits).all()
+
+
+def _argmax_in_cpp(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and _ext.has_op("argmax_checked") and not torch.compiler.is_compiling()
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
