@@ -21,13 +21,33 @@
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
 #   assistant (not default) a 2-layer model of the tiny-code target's tokenizer and data for the Hugging
 #          Face assisted-generation peer of `eagle bench` (export: eagle/assets/tiny-code/assistant layout)
+#
+# PROFILE=one: everything in ONE call of <= ~580 s (a machine goes back 30 s after a call, so a second
+# call may start bare): tighter time boxes, e2e on batch 1/4 with fewer prompts, the loop without the
+# eager 7B run, and the stages ordered so the correctness checks come first:
+#   OUT=$OUT PROFILE=one bash scripts/gpu_session.sh probe sweep tests loop e2e bench
 set -u
 OUT=${OUT:-/tmp/gpu-out}
+PROFILE=${PROFILE:-two}
+if [ "$PROFILE" = one ]; then
+    CAP_BUILD=240 SWEEP_TA=(75 55) SWEEP_FDI=(40 25) CAP_KTESTS=100 CAP_ETESTS=55 CAP_BENCH=60 CAP_LOOP=25
+    LOOP_ARGS="--temperature 0 --repeats 1" LOOP_EAGER_7B=0 CAP_E2E=70 DEADLINE=${DEADLINE:-585}
+    E2E_ARGS="--batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --repeats 1"
+else
+    CAP_BUILD=300 SWEEP_TA=(110 85) SWEEP_FDI=(80 55) CAP_KTESTS=130 CAP_ETESTS=70 CAP_BENCH=110 CAP_LOOP=40
+    LOOP_ARGS="--temperature 0 1 --repeats 2" LOOP_EAGER_7B=1 CAP_E2E=110 DEADLINE=${DEADLINE:-0}
+    E2E_ARGS="--batch 1 4 16 --temperature 0 1 --num-prompts 8 --new-tokens 128 --repeats 2"
+fi
 W=${W:-/tmp/ew}
 STAGES=${*:-probe sweep tests bench loop e2e}
 mkdir -p "$OUT" "$W"
 T0=$(date +%s)
 el() { echo $(($(date +%s) - T0)); }
+# cap N: N seconds, or less so that the stage ends 5 s before DEADLINE (seconds since start; 0: none)
+cap() {
+    local left=$((DEADLINE - $(el) - 5))
+    if [ "$DEADLINE" -gt 0 ] && [ "$left" -lt "$1" ]; then echo $((left > 1 ? left : 1)); else echo "$1"; fi
+}
 log() { echo "[$(el)s] $*" | tee -a "$OUT/log.txt"; }
 pack() { # pack NAME FILES...
     local name=$1; shift
@@ -43,10 +63,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 
 BUILD=
 if want probe; then
-    timeout 90 python3 scripts/probe_cxx_exceptions.py >"$W/probe.log" 2>&1
+    timeout 60 python3 scripts/probe_cxx_exceptions.py >"$W/probe.log" 2>&1
     CXX_OK=$(tail -1 "$W/probe.log" | sed -n 's/^CXX=//p')
     log "probe: $(tr '\n' ';' <"$W/probe.log")"
-    (CXX=${CXX_OK:-c++} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=14 timeout 300 python3 setup.py build_ext --inplace \
+    (CXX=${CXX_OK:-c++} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=14 timeout $(cap $CAP_BUILD) python3 setup.py build_ext --inplace \
         >"$W/build.log" 2>&1
         echo "build rc=$? with CXX=${CXX_OK:-c++}" >>"$W/build.log") &
     BUILD=$!
@@ -54,9 +74,9 @@ fi
 
 if want sweep; then
     # Triton only; the extension being built must not be half-loaded by these processes.
-    EAGLE_KERNELS_DISABLE_EXT=1 timeout 110 python3 bench/sweep_tree_attention.py --budget-s 85 >"$W/sweep_ta.log" 2>&1
+    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_TA[0]}) python3 bench/sweep_tree_attention.py --budget-s ${SWEEP_TA[1]} >"$W/sweep_ta.log" 2>&1
     log "sweep tree_attention rc=$? $(tail -1 "$W/sweep_ta.log")"
-    EAGLE_KERNELS_DISABLE_EXT=1 timeout 80 python3 bench/sweep_fused_draft_input.py --eagle3 --budget-s 55 >"$W/sweep_fdi.log" 2>&1
+    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_FDI[0]}) python3 bench/sweep_fused_draft_input.py --eagle3 --budget-s ${SWEEP_FDI[1]} >"$W/sweep_fdi.log" 2>&1
     log "sweep fused_draft_input rc=$? $(tail -1 "$W/sweep_fdi.log")"
     cp bench/results/sweep_*.json "$W/" 2>/dev/null
     pack sweep "$W"/sweep_*
@@ -70,17 +90,17 @@ if [ -n "$BUILD" ]; then
 fi
 
 if want tests; then
-    timeout -s INT 130 python3 -m pytest tests/kernels tests/test_extension.py --device cuda -q -n 16 \
+    timeout -s INT $(cap $CAP_KTESTS) python3 -m pytest tests/kernels tests/test_extension.py --device cuda -q -n 16 \
         -p no:cacheprovider --timeout=120 --tb=short -rfE --junitxml="$W/tests.xml" >"$W/tests.log" 2>&1
     log "kernel tests rc=$? $(tail -1 "$W/tests.log")"
-    timeout -s INT 70 python3 -m pytest tests/eagle/test_speculate_cuda_graph.py tests/eagle/test_bundled_pair.py \
+    timeout -s INT $(cap $CAP_ETESTS) python3 -m pytest tests/eagle/test_speculate_cuda_graph.py tests/eagle/test_bundled_pair.py \
         -q -p no:cacheprovider --tb=short -rfE >"$W/tests_eagle.log" 2>&1
     log "eagle GPU tests rc=$? $(tail -1 "$W/tests_eagle.log")"
     pack tests "$W/tests.log" "$W/tests.xml" "$W/tests_eagle.log"
 fi
 
 if want bench; then
-    timeout -s INT 110 python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
+    timeout -s INT $(cap $CAP_BENCH) python3 -m pytest bench -q -p no:cacheprovider --benchmark-only \
         --benchmark-json="$W/bench_ops.json" --benchmark-min-rounds=5 --benchmark-max-time=0.1 \
         --benchmark-warmup=on --benchmark-columns=min,median,rounds >"$W/bench_ops.log" 2>&1
     log "microbenchmarks rc=$? $(tail -1 "$W/bench_ops.log")"
@@ -96,10 +116,11 @@ fi
 
 if want loop; then
     for graph in "" "--cuda-graph"; do
-        timeout 40 python3 bench/bench_loop.py --device cuda --dtype float32 --trees dynamic chain \
-            --batch 1 4 --temperature 0 1 --new-tokens 64 --repeats 2 $graph >>"$W/loop_tiny.log" 2>&1
+        timeout $(cap $CAP_LOOP) python3 bench/bench_loop.py --device cuda --dtype float32 --trees dynamic chain \
+            --batch 1 4 --new-tokens 64 $LOOP_ARGS $graph >>"$W/loop_tiny.log" 2>&1
         log "loop tiny-code $graph rc=$?"
-        timeout 40 python3 bench/bench_loop.py --random 7b --device cuda --trees dynamic chain \
+        [ -z "$graph" ] && [ "$LOOP_EAGER_7B" = 0 ] && continue
+        timeout $(cap $CAP_LOOP) python3 bench/bench_loop.py --random 7b --device cuda --trees dynamic chain \
             --batch 1 4 --temperature 0 --new-tokens 32 --repeats 2 $graph >>"$W/loop7b.log" 2>&1
         log "loop 7b $graph rc=$?"
     done
@@ -108,8 +129,7 @@ if want loop; then
 fi
 
 if want e2e; then
-    timeout 110 python3 -m eagle bench --device cuda --dtype float32 --cuda-graph --batch 1 4 16 \
-        --temperature 0 1 --num-prompts 8 --new-tokens 128 --repeats 2 --no-progress >"$W/e2e.log" 2>&1
+    timeout $(cap $CAP_E2E) python3 -m eagle bench --device cuda --dtype float32 --cuda-graph $E2E_ARGS --no-progress >"$W/e2e.log" 2>&1
     log "e2e rc=$? $(tail -1 "$W/e2e.log")"
     cp bench/results/e2e_*H[0-9]*.json bench/results/e2e_*H[0-9]*.png "$W/" 2>/dev/null
     pack e2e "$W"/e2e*

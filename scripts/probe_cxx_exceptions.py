@@ -2,8 +2,8 @@
 
 On the first GPU machine (torch 2.11, host compiler /opt/gcc/bin/g++) every TORCH_CHECK failure inside
 eagle_kernels._C killed the process with a segfault instead of raising. This probe builds a two-line
-custom op that fails a TORCH_CHECK with each candidate C++ compiler (in a subprocess each, so a crash is
-a result, not the end of the probe) and prints which compilers work, and the first that does on the
+custom op that fails a TORCH_CHECK with each candidate C++ compiler (in a subprocess each, all at once,
+so a crash is a result, not the end of the probe) and prints which compilers work, and the first that does on the
 last line (``CXX=...``), for the build to use:
 
     python scripts/probe_cxx_exceptions.py [g++ /usr/bin/g++ /opt/gcc/bin/g++ ...]
@@ -11,6 +11,7 @@ last line (``CXX=...``), for the build to use:
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -63,13 +64,16 @@ def probe(compiler: str) -> str:
 
 def main(argv: list[str]) -> int:
     candidates = argv or [os.environ.get("CXX", "c++"), "g++", "/usr/bin/g++", "/opt/gcc/bin/g++", "clang++"]
-    seen, working = set(), []
+    seen, paths = set(), []
     for name in candidates:
         path = shutil.which(name)
-        if path is None or os.path.realpath(path) in seen:
-            continue
-        seen.add(os.path.realpath(path))
-        result = probe(path)
+        if path is not None and os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            paths.append(path)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(paths))) as pool:  # one build each
+        results = list(pool.map(probe, paths))
+    working = []
+    for path, result in zip(paths, results):
         print(f"{path:<28} {result}", flush=True)
         if result == "ok":
             working.append(path)
