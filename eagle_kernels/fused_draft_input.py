@@ -41,7 +41,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from eagle_kernels import _ext
+from eagle_kernels import _ext, _fdi_tuned_plans
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels._triton import tl, triton
@@ -84,7 +84,9 @@ PATHS = ("fused", "gather_mm")
 # From this many rows on, the default is "gather_mm": the op is compute-bound there and cuBLAS's GEMM
 # beat the fused Triton GEMM on the first H200 run (H4096 N=4096: 403 vs 515 us, N=512: 76 vs 129 us
 # eager). Below it the op is bound by reading fc_weight and the fused kernel saves two launches.
-# A tuning table (EAGLE_KERNELS_FDI_TUNING, written by bench/sweep_fused_draft_input.py) overrides both.
+# Measured plans override both for the shapes they list: a tuning table (EAGLE_KERNELS_FDI_TUNING,
+# written by bench/sweep_fused_draft_input.py) first, then the built-in plans per compute capability
+# (eagle_kernels/_fdi_tuned_plans.py, the same sweep's results on a GPU of that architecture).
 GATHER_MM_MIN_ROWS = 256
 TUNING_ENV = "EAGLE_KERNELS_FDI_TUNING"
 DEFAULT_NUM_SMS = 132  # H100 SXM / H200; used for plans made without a CUDA device (interpreter, AOT)
@@ -261,38 +263,63 @@ def heuristic_config(
     return GemmConfig(bm, bn, bk, group_m=8, split_k=split, num_warps=4, num_stages=stages)
 
 
-def _tuning_entries(path: str) -> dict[tuple[int, int, str], list[tuple[int, Plan]]]:
-    """``{(H, segments, dtype name): [(rows, plan), ...] sorted by rows}`` from a sweep result file."""
+_TuningTable = dict[tuple[int, int, str], list[tuple[int, Plan]]]
+
+
+def _table_from_rows(rows) -> _TuningTable:
+    """``{(H, segments, dtype name): [(rows, plan), ...] sorted by rows}`` from
+    ``(hidden, segments, dtype, rows, plan name)`` tuples."""
+    table: _TuningTable = {}
+    for hidden, segments, dtype, count, plan in rows:
+        key = (int(hidden), int(segments), _DTYPE_NAMES.get(dtype, str(dtype)))
+        table.setdefault(key, []).append((int(count), Plan.from_name(plan)))
+    return {key: sorted(entries) for key, entries in table.items()}
+
+
+def _tuning_entries(path: str) -> _TuningTable:
+    """The tuning table of a sweep result file (its ``best`` list)."""
     try:
         best = json.loads(Path(path).read_text())["best"]
-        table: dict[tuple[int, int, str], list[tuple[int, Plan]]] = {}
-        for e in best:
-            key = (int(e["hidden"]), int(e["segments"]), _DTYPE_NAMES.get(e["dtype"], str(e["dtype"])))
-            table.setdefault(key, []).append((int(e["rows"]), Plan.from_name(e["plan"])))
+        return _table_from_rows((e["hidden"], e["segments"], e["dtype"], e["rows"], e["plan"]) for e in best)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(
             f"{TUNING_ENV}={path}: not a readable sweep result with a 'best' list ({exc})"
         ) from exc
-    return {key: sorted(rows) for key, rows in table.items()}
 
 
 @functools.lru_cache(maxsize=1)
-def _tuning_table() -> dict[tuple[int, int, str], list[tuple[int, Plan]]]:
+def _tuning_table() -> _TuningTable:
     path = os.environ.get(TUNING_ENV, "")
     return _tuning_entries(path) if path else {}
 
 
-def _tuned_plan(rows: int, hidden_size: int, num_segments: int, dtype: torch.dtype) -> Plan | None:
-    """The tuned plan for the smallest tuned row count >= rows (else the largest), if any."""
-    entries = _tuning_table().get((hidden_size, num_segments, _DTYPE_NAMES.get(dtype, str(dtype))))
+@functools.lru_cache(maxsize=8)
+def _builtin_table(capability: tuple[int, int] | None) -> _TuningTable:
+    return _table_from_rows(_fdi_tuned_plans.BY_CAPABILITY.get(capability, ()))
+
+
+def _tuned_plan(
+    rows: int, hidden_size: int, num_segments: int, dtype: torch.dtype, capability: tuple[int, int] | None
+) -> Plan | None:
+    """The tuned plan for the smallest tuned row count >= rows (else the largest), if any: from the
+    ``EAGLE_KERNELS_FDI_TUNING`` table, else from the plans measured for this compute capability."""
+    key = (hidden_size, num_segments, _DTYPE_NAMES.get(dtype, str(dtype)))
+    entries = _tuning_table().get(key) or _builtin_table(capability).get(key)
     if not entries:
         return None
     return next((plan for tuned_rows, plan in entries if tuned_rows >= rows), entries[-1][1])
 
 
 @functools.lru_cache(maxsize=4096)
-def _default_plan(rows: int, hidden_size: int, num_segments: int, dtype: torch.dtype, num_sms: int) -> Plan:
-    tuned = _tuned_plan(rows, hidden_size, num_segments, dtype)
+def _default_plan(
+    rows: int,
+    hidden_size: int,
+    num_segments: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    capability: tuple[int, int] | None = None,
+) -> Plan:
+    tuned = _tuned_plan(rows, hidden_size, num_segments, dtype, capability)
     if tuned is not None:
         return tuned
     if rows >= GATHER_MM_MIN_ROWS:
@@ -300,20 +327,33 @@ def _default_plan(rows: int, hidden_size: int, num_segments: int, dtype: torch.d
     return Plan("fused", heuristic_config(rows, hidden_size, num_segments, dtype.itemsize, num_sms))
 
 
+@functools.lru_cache(maxsize=16)
+def _capability_of(device: torch.device) -> tuple[int, int] | None:
+    """Compute capability of a CUDA device; None for other devices (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return tuple(torch.cuda.get_device_capability(index))
+
+
 def default_plan(
     rows: int, hidden_size: int, num_segments: int, dtype: torch.dtype, device: torch.device | None = None
 ) -> Plan:
     """The plan a Triton-backend call with ``rows`` tokens uses when no :func:`use_plan` is active:
     the tuning table named by ``EAGLE_KERNELS_FDI_TUNING`` when it covers ``(hidden_size,
-    num_segments, dtype)``, else ``gather_mm`` from :data:`GATHER_MM_MIN_ROWS` rows on and the fused
-    GEMM with :func:`heuristic_config`'s tiles below. Cached per shape (see :func:`clear_plan_cache`)."""
-    sms = _sms_of(device) if device is not None else DEFAULT_NUM_SMS
-    return _default_plan(rows, hidden_size, num_segments, dtype, sms)
+    num_segments, dtype)``, else the plans measured for the device's compute capability
+    (``eagle_kernels._fdi_tuned_plans``; none without a CUDA device), else ``gather_mm`` from
+    :data:`GATHER_MM_MIN_ROWS` rows on and the fused GEMM with :func:`heuristic_config`'s tiles below.
+    Cached per shape (see :func:`clear_plan_cache`)."""
+    if device is None:
+        return _default_plan(rows, hidden_size, num_segments, dtype, DEFAULT_NUM_SMS, None)
+    return _default_plan(rows, hidden_size, num_segments, dtype, _sms_of(device), _capability_of(device))
 
 
 def clear_plan_cache() -> None:
     """Forget cached plans and the tuning table (after changing ``EAGLE_KERNELS_FDI_TUNING``)."""
     _tuning_table.cache_clear()
+    _builtin_table.cache_clear()
     _default_plan.cache_clear()
     _default_launch.cache_clear()
     _override_launch.cache_clear()
@@ -548,9 +588,16 @@ def _make_launch(
 
 @functools.lru_cache(maxsize=4096)
 def _default_launch(
-    M: int, N: int, segments: int, dtype: torch.dtype, sms: int, gather: bool, has_bias: bool
+    M: int,
+    N: int,
+    segments: int,
+    dtype: torch.dtype,
+    sms: int,
+    capability: tuple[int, int] | None,
+    gather: bool,
+    has_bias: bool,
 ) -> _Launch:
-    plan = _default_plan(M, N, segments, dtype, sms)
+    plan = _default_plan(M, N, segments, dtype, sms, capability)
     return _make_launch(plan, M, N, segments, dtype, sms, gather, has_bias)
 
 
@@ -637,7 +684,9 @@ def _launch_segments_linear(out, fc_weight, fc_bias, segments, token_ids=None):
     plan, sms = _PLAN_OVERRIDE.get(), _sms_of(out.device)
     gather, has_bias = token_ids is not None, fc_bias is not None
     if plan is None:
-        launch = _default_launch(M, N, len(segments), out.dtype, sms, gather, has_bias)
+        launch = _default_launch(
+            M, N, len(segments), out.dtype, sms, _capability_of(out.device), gather, has_bias
+        )
     else:
         launch = _override_launch(plan, M, N, len(segments), out.dtype, sms, gather, has_bias)
     if launch.path == "gather_mm":

@@ -508,8 +508,10 @@ def plan_launch(
         num_splits = _default_splits(programs, block_m, S_max, num_sms)
         chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
         num_splits = triton.cdiv(S_max, chunk)  # rounding chunk up to block_n can leave a split empty
-    # 8 warps from a 64 x 128 accumulator up (4 warps spill there on sm_90: AOT compile, ptxas -v)
-    num_warps = config.num_warps or (4 if block_m * triton.next_power_of_2(D) <= 64 * 64 else 8)
+    # 8 warps from a 128 x 128 accumulator up. At 64 x 128, 4 warps (ptxas reports spills) still ran
+    # 1.2-1.5x faster than 8 on an H200 (bench/results/sweep_tree_attention_NVIDIA-H200.json: T = 16 at
+    # B 8, 35.1 vs 42.8 us; 64-row blocks of T = 64 at B 8, 59.4 vs 90.5 us).
+    num_warps = config.num_warps or (4 if block_m * triton.next_power_of_2(D) <= 64 * 128 else 8)
     num_stages = config.num_stages or (3 if D <= 128 else 2)
     return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps, num_stages)
 

@@ -368,6 +368,37 @@ def test_tuning_table_sets_default_plans(tmp_path, monkeypatch, plan_cache):
     assert plan(1, seg=3) == f"fused:{builtin}" and plan(1, dtype=torch.float16).startswith("fused:bm16")
 
 
+def test_builtin_plans_per_capability(tmp_path, monkeypatch, plan_cache):
+    """On sm_90 the plans measured there replace the heuristic for the shapes they list (the smallest
+    listed row count >= rows, else the largest); other shapes, other GPUs and CPU keep the heuristic;
+    an EAGLE_KERNELS_FDI_TUNING table wins where it lists the shape."""
+    from eagle_kernels import _fdi_tuned_plans
+
+    sm90, sms = (9, 0), fdi.DEFAULT_NUM_SMS
+    plan = lambda rows, H=4096, seg=2, cap=sm90: (
+        fdi._default_plan(rows, H, seg, torch.bfloat16, sms, cap).name
+    )  # noqa: E731
+    listed = {(h, s, r): p for h, s, d, r, p in _fdi_tuned_plans.SM90 if d == "bf16"}
+    assert plan(1) == listed[(4096, 2, 1)] != fdi.Plan("fused", fdi.heuristic_config(1, 4096, 2, 2, sms)).name
+    assert plan(2) == plan(16) == listed[(4096, 2, 16)]
+    assert plan(17) == plan(64) == "gather_mm" and plan(10**5) == listed[(4096, 2, 4096)]
+    assert plan(1, H=8192) == listed[(8192, 2, 1)] and plan(1, seg=3) == listed[(4096, 3, 1)]
+    heuristic = fdi.Plan("fused", fdi.heuristic_config(1, 2048, 2, 2, sms)).name
+    assert plan(1, H=2048) == plan(1, H=2048, cap=(8, 0)) == heuristic  # not listed / another GPU
+    assert fdi._default_plan(1, 4096, 2, torch.bfloat16, sms, (8, 0)).config == fdi.heuristic_config(
+        1, 4096, 2, 2, sms
+    )
+    assert fdi.default_plan(1, 4096, 2, torch.bfloat16) == fdi._default_plan(
+        1, 4096, 2, torch.bfloat16, sms, None
+    )
+    every = {p for *_, p in _fdi_tuned_plans.SM90}
+    assert all(fdi.Plan.from_name(p).name == p for p in every)  # every listed name parses back
+    best = [{"hidden": 4096, "segments": 2, "dtype": "bf16", "rows": 16, "plan": "gather_mm"}]
+    monkeypatch.setenv(fdi.TUNING_ENV, _write_table(tmp_path / "sweep.json", best))
+    fdi.clear_plan_cache()
+    assert plan(1) == "gather_mm" and plan(1, seg=3) == listed[(4096, 3, 1)]
+
+
 @pytest.mark.parametrize("content", ["not json", '{"shapes": []}', '{"best": [{"hidden": 64}]}'])
 def test_bad_tuning_table_raises(tmp_path, monkeypatch, plan_cache, content):
     path = tmp_path / "bad.json"

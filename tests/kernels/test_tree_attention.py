@@ -328,6 +328,9 @@ def test_plan_launch_goal_shapes():
     for plan in plans.values():
         assert plan.block_m == 128 and plan.num_warps == 8, "256 rows per kv head: 128-row blocks, 8 warps"
         assert plan.num_stages >= 2, "the prefix loop is software-pipelined"
+    tree16 = plan_launch(B=8, Hkv=8, T=16, G=4, S_max=2048 + 16 + 16, D=128, num_sms=132)
+    assert (tree16.block_m, tree16.num_warps) == (64, 4), "64 x 128 accumulators: 4 warps (measured faster)"
+    assert plan_launch(B=8, Hkv=8, T=16, G=4, S_max=2080, D=256, num_sms=132).num_warps == 8
     b1 = plans["tree64-B1"]
     assert b1.num_splits > 1, "16 (row block, kv head) programs cannot fill 132 SMs without a split"
     assert 0.8 * 132 <= 2 * 8 * b1.num_splits <= 132, "one wave of split programs"
@@ -735,6 +738,9 @@ def test_sweep_interpret_reports_failures_and_keeps_going(tmp_path, monkeypatch)
     """A configuration that raises (e.g. out of shared memory) or computes a wrong result is reported
     in the JSON with its status; the others are still measured and the best is chosen among them."""
     import json
+
+    if os.environ.get("TRITON_INTERPRET") != "1":  # a GPU run: triton was imported without the interpreter
+        pytest.skip("--interpret needs TRITON_INTERPRET=1 before triton is imported (set on CPU test runs)")
 
     from bench import sweep_tree_attention as sweep
 
