@@ -13,6 +13,7 @@ import eagle_kernels
 from eagle.autotree import choose_tree
 from eagle.models import generate_plain, load_draft, load_target
 from eagle.models.draft import DraftHead
+from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps
 from eagle.models.llama import LlamaModel
 from eagle.models.weights import resolve_dtype
 from eagle.speculate import SamplingParams, SpeculativeDecoder
@@ -219,16 +220,43 @@ class EagleModel:
         eos = self._eos(kwargs.pop("eos_token_id", None))
         seed = kwargs.pop("seed", None)
         cuda_graph = kwargs.pop("cuda_graph", False)
+        speculative = kwargs.pop("speculative", True)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        if not speculative:
+            yield from self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
+            return
         if self.head is None:
-            raise ValueError("stream needs a draft head: pass draft=... to eagle.load")
+            raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         with torch.inference_mode():
             for emission in self._decoder(tree, 1, cuda_graph).run(
                 ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed
             ):
                 if emission.tokens[0]:
                     yield emission.tokens[0]
+
+    def _stream_plain(self, ids, max_new_tokens, sampling, eos, seed, cuda_graph) -> Iterator[list[int]]:
+        """``stream(speculative=False)``: one token per target forward, checked for NaN/inf logits
+        before it is yielded (streaming reads every token on the host anyway)."""
+        steps = plain_decode_steps(
+            self.target,
+            ids,
+            max_new_tokens,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            min_p=sampling.min_p,
+            eos_token_id=eos or None,
+            seed=seed,
+            cuda_graph=cuda_graph,
+        )
+        for token, nonfinite in steps:
+            if bool(nonfinite):
+                raise FloatingPointError(NONFINITE_MESSAGE)
+            new = int(token[0])
+            yield [new]
+            if new in eos:
+                return
 
     def _result(self, tokens, accept) -> GenerateResult:
         forwards = sum(len(a) for a in accept)

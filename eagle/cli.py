@@ -121,29 +121,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(prompt, end="", flush=True)
     start = time.perf_counter()
-    if args.no_speculative:
-        res = model.generate(
-            [ids],
-            args.max_new_tokens,
-            speculative=False,
-            seed=args.seed,
-            cuda_graph=args.cuda_graph,
-            **sampling,
-        )
-        tokens, lengths = res.tokens[0], res.accept_lengths[0]
-        if not args.quiet:
-            print(model.tokenizer.decode(tokens), end="")
-    else:
-        tokens, lengths, shown = [], [], ""
-        chunks = model.stream(
-            ids, args.max_new_tokens, tree=tree, seed=args.seed, cuda_graph=args.cuda_graph, **sampling
-        )
-        for chunk in chunks:
-            tokens.extend(chunk)
-            lengths.append(len(chunk))
-            shown = _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=False)
-        _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=True)
-        lengths = lengths[1:]  # the first chunk is the prefill's token
+    tokens, lengths, shown = [], [], ""
+    chunks = model.stream(
+        ids,
+        args.max_new_tokens,
+        tree=tree,
+        seed=args.seed,
+        cuda_graph=args.cuda_graph,
+        speculative=not args.no_speculative,
+        **sampling,
+    )
+    for chunk in chunks:
+        tokens.extend(chunk)
+        lengths.append(len(chunk))
+        shown = _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=False)
+    _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=True)
+    lengths = lengths[1:]  # the first chunk is the prefill's token
     elapsed = time.perf_counter() - start
     tau = sum(lengths) / len(lengths) if lengths else 0.0
     print(

@@ -3,7 +3,7 @@ against (same model, same cache, same kernels, one target forward per token)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -94,6 +94,47 @@ def generate_plain(
     -------
     list of B lists: the new tokens of each prompt (prompt excluded).
     """
+    steps = list(
+        plain_decode_steps(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            eos_token_id=eos_token_id,
+            generator=generator,
+            cuda_graph=cuda_graph,
+            seed=seed,
+        )
+    )
+    rows = torch.stack([token for token, _ in steps], dim=1).tolist()
+    if bool(steps[-1][1]):  # NaN/inf logits at any step: read once, at the end (no host sync per step)
+        raise FloatingPointError(NONFINITE_MESSAGE)
+    return _truncate_at_eos(rows, set(_as_list(eos_token_id)))
+
+
+@torch.inference_mode()
+def plain_decode_steps(
+    model: LlamaModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    cuda_graph: bool = False,
+    seed: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The steps of :func:`generate_plain` (same arguments): per target forward, ``(token,
+    nonfinite)``: the new token of every row (int64 ``[B]``) and whether any logits so far held
+    NaN/inf (a bool scalar), both on the model's device and not read here (no host sync per step
+    beyond the all-rows-finished check when ``eos_token_id`` is given). Rows that emitted an EOS keep
+    producing tokens until every row has (the caller truncates); at most ``max_new_tokens`` steps."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -116,7 +157,7 @@ def generate_plain(
             seed = int(torch.randint(0, 2**62, (1,)).item())
         seeds = rng.row_seeds(seed, B, model.device)
         draws = torch.zeros(B, dtype=torch.int64, device=model.device)  # advanced in place: graph-safe
-    # Set on the device when a forward's logits hold NaN/inf; read once at the end (no sync per step).
+    # Set on the device when a forward's logits hold NaN/inf; the caller reads it when it needs to.
     nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)
     stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
     cache = model.new_cache(B, block.shape[1] + max_new_tokens)
@@ -139,7 +180,7 @@ def generate_plain(
     out = model(block, cache, logits_index=(lengths - 1)[:, None])
     cache.advance(lengths, max_increment=block.shape[1])  # the bound spares a device sync
     token = choose(out.logits[:, 0])
-    tokens = [token]
+    yield token, nonfinite
     finished = torch.isin(token, stop)
     step_input = token.clone()  # the step reads its input here (a fixed address for graph replay)
 
@@ -166,12 +207,8 @@ def generate_plain(
             graph.replay()
             cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
             token = graph_token.clone()
-        tokens.append(token)
+        yield token, nonfinite
         finished |= torch.isin(token, stop)
-    rows = torch.stack(tokens, dim=1).tolist()
-    if bool(nonfinite):
-        raise FloatingPointError(NONFINITE_MESSAGE)
-    return _truncate_at_eos(rows, set(stop.tolist()))
 
 
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:

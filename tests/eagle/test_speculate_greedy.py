@@ -124,6 +124,28 @@ def test_stream_yields_the_same_tokens(pairs):
     assert len(chunks) >= 2
 
 
+def test_stream_without_speculation(pairs):
+    """stream(speculative=False): one token per chunk, the same tokens as generate(speculative=False)
+    greedy and sampled, stopping after an EOS; it needs no draft head."""
+    hf, model = pairs["eagle2-s0"]
+    p = PROMPTS[0]
+    chunks = list(model.stream(p, 20, speculative=False))
+    assert [len(c) for c in chunks] == [1] * 20
+    assert (
+        [c[0] for c in chunks] == model.generate([p], 20, speculative=False).tokens[0] == hf_greedy(hf, p, 20)
+    )
+    kw = dict(temperature=1.0, seed=5, speculative=False)
+    assert [t for c in model.stream(p, 16, **kw) for t in c] == model.generate([p], 16, **kw).tokens[0]
+    eos = chunks[6][0]
+    expected = model.generate([p], 20, speculative=False, eos_token_id=eos).tokens[0]
+    assert [c[0] for c in model.stream(p, 20, speculative=False, eos_token_id=eos)] == expected
+    assert expected[-1] == eos and len(expected) <= 7
+    headless = eagle.EagleModel(model.target, None)
+    assert list(headless.stream(p, 5, speculative=False)) == chunks[:5]
+    with pytest.raises(ValueError, match="needs a draft head"):
+        next(headless.stream(p, 5))
+
+
 def test_max_new_tokens_one(pairs):
     hf, model = pairs["eagle2-s0"]
     assert model.generate(PROMPTS, 1).tokens == [hf_greedy(hf, p, 1) for p in PROMPTS]
@@ -237,6 +259,8 @@ def test_nan_logits_raise(pairs, tmp_path):
         model.generate([[1, 2, 3]], 5)
     with pytest.raises(FloatingPointError, match="NaN"):  # plain decoding too, not garbage tokens
         model.generate([[1, 2, 3]], 5, speculative=False)
+    with pytest.raises(FloatingPointError, match="NaN"):  # streamed: raised before a token is yielded
+        next(model.stream([1, 2, 3], 5, speculative=False))
 
 
 @pytest.mark.parametrize("tree", ["chain", "dynamic-small"])
