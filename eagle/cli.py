@@ -15,6 +15,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import eagle
     import eagle_kernels
     from eagle.models.cpu_packed import amx_linear_available, cpu_has_amx_bf16, packing_supported
+    from eagle.models.draft import cpu_draft_loop_status
 
     info = {
         "eagle": eagle.__version__,
@@ -28,6 +29,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         },
         "cpu_amx_bf16": cpu_has_amx_bf16(),
         "cpu_amx_linear": amx_linear_available(),
+        "cpu_draft_loop": cpu_draft_loop_status(),
         "kernels": eagle_kernels.backend_info(),
     }
     if args.json:
@@ -36,6 +38,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     k = info.pop("kernels")
     packed, amx = info.pop("cpu_packed_weights"), info.pop("cpu_amx_bf16")
     amx_linear = info.pop("cpu_amx_linear")
+    draft_loop = info.pop("cpu_draft_loop")
     for key, value in info.items():
         print(f"{key:>16}: {value}")
     if packed["bfloat16"] and amx_linear:
@@ -49,12 +52,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         half = "no oneDNN bf16 support: float32 is the CPU dtype"
     print(f"{'CPU bfloat16':>16}: {half}")
+    print(f"{'CPU draft loop':>16}: {draft_loop}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")
     print(f"{'triton':>16}: {'installed' if k['triton'] else 'not installed'}")
     print(f"{'CPU backends':>16}:")
     for op, backend in k["cpu_backend"].items():
         print(f"{'':>18}{op:<32} {backend}")
+    if k["cuda_backend"]:
+        print(f"{'CUDA backends':>16}:")
+        for op, backend in k["cuda_backend"].items():
+            print(f"{'':>18}{op:<32} {backend}")
     return 0
 
 

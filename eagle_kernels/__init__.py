@@ -58,12 +58,14 @@ OPS = (
 
 
 def backend_info() -> dict:
-    """What this process can run: extension status and, per op, the default CPU backend."""
+    """What this process can run: extension status and, per op, the default backend on CPU tensors
+    and, when a CUDA device is present, on CUDA tensors."""
     import torch
 
     from eagle_kernels._triton import HAS_TRITON, interpreter_enabled
 
     cpu = torch.device("cpu")
+    cuda = {op: select_backend(op, torch.device("cuda")) for op in OPS} if torch.cuda.is_available() else None
     return {
         "version": __version__,
         "torch": torch.__version__,
@@ -73,6 +75,7 @@ def backend_info() -> dict:
         "triton": HAS_TRITON,
         "triton_interpreter": interpreter_enabled(),
         "cpu_backend": {op: select_backend(op, cpu) for op in OPS},
+        "cuda_backend": cuda,
     }
 
 

@@ -109,17 +109,30 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | No
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool = False) -> str:
+# Ops whose CUDA extension kernel beat their Triton kernel on a GPU (bench/results/
+# gpu_2026-11-26b_NVIDIA-H200.md): on CUDA tensors they run the extension when it is built.
+# build_tree: 10 vs 80 us kernel time at n = 64; verify_tree_greedy and tree_speculative_sampling:
+# eager calls 2-3x cheaper (37-67 vs 78-233 us) at kernel times within a few us; compact_kv_cache:
+# eager 84 vs 110 us at the Llama-7B cache.
+CUDA_EXT_FIRST = frozenset(
+    {"build_tree", "verify_tree_greedy", "tree_speculative_sampling", "compact_kv_cache"}
+)
+
+
+def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool | None = None) -> str:
     """Pick the backend that runs ``op`` on tensors of ``device``.
 
     ``prefer_cuda_ext``: the op's CUDA extension kernel is faster than its Triton kernel (measured),
-    so it is the default on CUDA tensors when built.
+    so it is the default on CUDA tensors when built; None (the default): whether ``op`` is in
+    :data:`CUDA_EXT_FIRST`.
 
     The choice depends only on the arguments, the :func:`use_backend` override and the raw values of
     ``EAGLE_KERNELS_BACKEND`` and ``TRITON_INTERPRET`` (the extension and Triton are fixed per
     process), so it is cached under exactly that key: a changed override or variable is a new key.
     A forced backend that cannot run is never cached; it raises on every call.
     """
+    if prefer_cuda_ext is None:
+        prefer_cuda_ext = op in CUDA_EXT_FIRST
     key = (
         op,
         device.type,

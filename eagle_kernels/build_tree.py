@@ -542,8 +542,7 @@ def _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, dep
 # --------------------------------------------------------------------------------------------------
 def _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
     """The op's body: the backend chosen for the tensors' device writes ``outputs``."""
-    # CUDA kernel over Triton (H200, kernel-only): 10 vs 80 us at n = 64, 3.4 vs 5.4 us at n = 8
-    backend = select_backend(OP, parent_list.device, prefer_cuda_ext=True)
+    backend = select_backend(OP, parent_list.device)
     if backend in ("cpp", "cuda"):
         _ext.op(OP)(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
     elif backend == "triton":

@@ -136,7 +136,7 @@ def _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, n):
 # --------------------------------------------------------------------------------------------------
 def _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
     """The op's body: value checks where due, then the backend chosen for the tensors' device."""
-    backend = select_backend(OP, kv_cache.device, prefer_cuda_ext=True)
+    backend = select_backend(OP, kv_cache.device)
     args = (kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
     # The C++ kernel validates values itself; elsewhere check on CPU, and on CUDA only in debug mode.
     if backend != "cpp" and (kv_cache.device.type == "cpu" or debug_checks_enabled()):

@@ -683,9 +683,7 @@ def _tree_sampling_triton(
 def _run_tree_sampling(*args):
     """The op's body (arguments as in :func:`_tree_speculative_sampling_op`): the backend chosen for
     the tensors' device."""
-    # CUDA kernel over Triton (H200): 49-67 vs 104-233 us per eager call at V = 32000; kernel-only
-    # 30-48 vs 42-47 us (V = 32000) and 109-192 vs 133-170 us (V = 128256) from B = 1 to 64
-    backend = select_backend(OP, args[4].device, prefer_cuda_ext=True)
+    backend = select_backend(OP, args[4].device)
     if backend in ("cpp", "cuda"):
         return tuple(_ext.op(OP)(*args))
     if backend == "triton":

@@ -286,8 +286,7 @@ def _run_verify_tree_greedy(
     candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
 ):
     """The op's body: value checks where due, then the backend chosen for the tensors' device."""
-    # CUDA kernel over Triton (H200): 37-40 vs 78-121 us per eager call; kernel-only 5-7.5 vs 4-5.5 us
-    backend = select_backend(OP, candidates.device, prefer_cuda_ext=True)
+    backend = select_backend(OP, candidates.device)
     args = (candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict)
     if backend != "cpp" and (candidates.device.type == "cpu" or debug_checks_enabled()):
         _check_values(*args)

@@ -113,3 +113,24 @@ def test_without_extension_everything_falls_back_silently():
     res = _run(code, EAGLE_KERNELS_DISABLE_EXT="1")
     assert res.returncode == 0, res.stderr
     assert "ok" in res.stdout
+
+
+def test_cuda_default_backend_per_op(monkeypatch):
+    """On CUDA tensors the ops of CUDA_EXT_FIRST run the extension's kernels when it has them (they
+    measured faster), the others Triton; without the extension's op every op takes Triton."""
+    from eagle_kernels import _backend
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(_backend, "HAS_TRITON", True)
+    monkeypatch.setattr(_backend, "forced_backend", lambda: None)
+    for built in (True, False):
+        monkeypatch.setattr(_backend._ext, "has_op", lambda op, kind="cpu", built=built: built)
+        monkeypatch.setattr(_backend, "_SELECTED", {})  # the cache does not know the extension changed
+        for op in eagle_kernels.OPS:
+            expected = "cuda" if built and op in _backend.CUDA_EXT_FIRST else "triton"
+            assert eagle_kernels.select_backend(op, cuda) == expected, (op, built)
+        assert eagle_kernels.select_backend("tree_attention", cuda, prefer_cuda_ext=True) == (
+            "cuda" if built else "triton"
+        )
+    assert _backend.CUDA_EXT_FIRST <= set(eagle_kernels.OPS)
+    assert {"build_tree", "verify_tree_greedy", "tree_speculative_sampling"} <= _backend.CUDA_EXT_FIRST

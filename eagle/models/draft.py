@@ -354,6 +354,15 @@ class Eagle2Head(DraftHead):
 _CPU_DRAFT_LOOP = os.environ.get("EAGLE_CPU_DRAFT_LOOP", "1") != "0"
 
 
+def cpu_draft_loop_status() -> str:
+    """Which loop drafts EAGLE-2 dynamic trees on CPU (EAGLE-1/2 heads), in words (``eagle info``)."""
+    if not _ext.has_op("eagle2_draft_dynamic"):
+        return f"Python (the C++ extension lacks eagle_C::eagle2_draft_dynamic: {_ext.STATUS.reason})"
+    if not _CPU_DRAFT_LOOP:
+        return "Python (the C++ loop is switched off: EAGLE_CPU_DRAFT_LOOP=0 or set_cpu_draft_loop(False))"
+    return "C++, one call per round (eagle_C::eagle2_draft_dynamic)"
+
+
 def set_cpu_draft_loop(enabled: bool) -> bool:
     """Turn the C++ dynamic draft loop (:meth:`Eagle2Head.cpu_dynamic_tree`) on or off; the trees
     are identical either way. Returns the previous setting; ``EAGLE_CPU_DRAFT_LOOP=0`` starts it off."""

@@ -11,6 +11,18 @@ def test_info_json(capsys):
     assert info["kernels"]["extension_loaded"] in (True, False)
     assert "compact_kv_cache" in info["kernels"]["cpu_backend"]
     assert set(info["cpu_packed_weights"]) == {"bfloat16", "float16"}
+    assert info["cpu_draft_loop"].startswith("C++") == info["kernels"]["extension_loaded"]
+    assert (info["kernels"]["cuda_backend"] is None) == (not info["cuda_available"])
+
+
+def test_info_text_names_the_draft_loop(capsys, monkeypatch):
+    from eagle.models import draft
+
+    assert main(["info"]) == 0
+    assert "CPU draft loop: C++, one call per round" in capsys.readouterr().out
+    monkeypatch.setattr(draft, "_CPU_DRAFT_LOOP", False)
+    assert main(["info"]) == 0
+    assert "CPU draft loop: Python (the C++ loop is switched off" in capsys.readouterr().out
 
 
 def test_no_command_prints_help(capsys):
