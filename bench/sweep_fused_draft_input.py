@@ -62,6 +62,13 @@ DECODE_CONFIGS = (  # rows <= 16: one 16-row block; stream W with many programs 
     "bm16_bn32_bk128_gm8_sk1_w4_st6",
     "bm16_bn16_bk256_gm8_sk1_w2_st4",
     "bm16_bn64_bk256_gm8_sk1_w4_st3",
+    # after the first H200 sweep (best: bn64 bk128 split-K 4 at 53% of HBM): more bytes per program
+    # and deeper split-K, towards a GEMV's weight stream
+    "bm16_bn64_bk128_gm8_sk8_w4_st4",
+    "bm16_bn128_bk128_gm8_sk4_w4_st4",
+    "bm16_bn128_bk64_gm8_sk8_w4_st4",
+    "bm16_bn64_bk256_gm8_sk4_w4_st3",
+    "bm16_bn128_bk128_gm8_sk8_w8_st3",
 )
 MID_CONFIGS = (  # 17..64 rows: one 64-row block; wider columns keep A's L2 re-reads low
     "bm64_bn64_bk128_gm8_sk2_w4_st3",
@@ -127,10 +134,16 @@ def sweep_shapes(args) -> list[Shape]:
 
 
 def candidate_plans(shape: Shape, device: torch.device) -> list:
-    """Default plan, gather_mm, then the fused configurations of the shape's row class (no repeats)."""
+    """Default plan (on a GPU with built-in measured plans, those), the shape heuristic's fused tiles,
+    gather_mm, then the fused configurations of the shape's row class (no repeats)."""
     fdi = _fdi()
     pool = DECODE_CONFIGS if shape.rows <= 16 else MID_CONFIGS if shape.rows <= 64 else LARGE_CONFIGS
-    plans = [fdi.default_plan(shape.rows, shape.hidden, shape.segments, DTYPES[shape.dtype], device)]
+    dtype = DTYPES[shape.dtype]
+    plans = [fdi.default_plan(shape.rows, shape.hidden, shape.segments, dtype, device)]
+    sms = fdi._sms_of(device)
+    plans.append(
+        fdi.Plan("fused", fdi.heuristic_config(shape.rows, shape.hidden, shape.segments, dtype.itemsize, sms))
+    )
     plans += [fdi.Plan("gather_mm")] + [fdi.Plan("fused", fdi.GemmConfig.from_name(name)) for name in pool]
     unique: dict[str, object] = {}
     for plan in plans:
