@@ -588,17 +588,10 @@ def _make_launch(
 
 @functools.lru_cache(maxsize=4096)
 def _default_launch(
-    M: int,
-    N: int,
-    segments: int,
-    dtype: torch.dtype,
-    sms: int,
-    capability: tuple[int, int] | None,
-    gather: bool,
-    has_bias: bool,
+    M: int, N: int, segments: int, dtype: torch.dtype, device: torch.device, gather: bool, has_bias: bool
 ) -> _Launch:
-    plan = _default_plan(M, N, segments, dtype, sms, capability)
-    return _make_launch(plan, M, N, segments, dtype, sms, gather, has_bias)
+    plan = default_plan(M, N, segments, dtype, device)
+    return _make_launch(plan, M, N, segments, dtype, _sms_of(device), gather, has_bias)
 
 
 _override_launch = functools.lru_cache(maxsize=1024)(_make_launch)
@@ -681,13 +674,12 @@ def _launch_segments_linear(out, fc_weight, fc_bias, segments, token_ids=None):
     M, N = out.shape
     if M == 0 or N == 0:
         return out
-    plan, sms = _PLAN_OVERRIDE.get(), _sms_of(out.device)
+    plan = _PLAN_OVERRIDE.get()
     gather, has_bias = token_ids is not None, fc_bias is not None
     if plan is None:
-        launch = _default_launch(
-            M, N, len(segments), out.dtype, sms, _capability_of(out.device), gather, has_bias
-        )
+        launch = _default_launch(M, N, len(segments), out.dtype, out.device, gather, has_bias)
     else:
+        sms = _sms_of(out.device)
         launch = _override_launch(plan, M, N, len(segments), out.dtype, sms, gather, has_bias)
     if launch.path == "gather_mm":
         _run_gather_mm(out, fc_weight, fc_bias, segments, token_ids)
