@@ -421,20 +421,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if args.argmax:
-        runs = [compare_argmax(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
-        for r in runs:
-            print_argmax(r)
-        if not args.no_save:
-            print(f"wrote {save_json('argmax_cpu.json', {'runs': runs})}")
-        return
-    if args.linears:
-        runs = [compare_linears(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
-        for r in runs:
-            print_linears(r)
-        if not args.no_save:
-            print(f"wrote {save_json('linears_cpu_bfloat16.json', {'runs': runs})}")
-        return
+    comparisons = {  # --argmax / --linears: only that comparison, once per thread count
+        "argmax": (compare_argmax, print_argmax, "argmax_cpu.json"),
+        "linears": (compare_linears, print_linears, "linears_cpu_bfloat16.json"),
+    }
+    for flag, (compare, show, name) in comparisons.items():
+        if getattr(args, flag):
+            runs = [compare(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
+            for r in runs:
+                show(r)
+            if not args.no_save:
+                print(f"wrote {save_json(name, {'runs': runs})}")
+            return
     results, forwards = [], []
     for threads in dict.fromkeys(args.threads):
         results.append(run(args.rounds, args.new_tokens, threads, dtype))
