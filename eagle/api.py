@@ -13,7 +13,7 @@ import eagle_kernels
 from eagle.autotree import choose_tree
 from eagle.models import generate_plain, load_draft, load_target
 from eagle.models.draft import DraftHead
-from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps
+from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps, release_plain_buffers
 from eagle.models.llama import LlamaModel
 from eagle.models.weights import resolve_dtype
 from eagle.speculate import SamplingParams, SpeculativeDecoder
@@ -96,6 +96,12 @@ class EagleModel:
             self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
         return self._decoders[key]
 
+    def release_buffers(self) -> None:
+        """Free the KV caches and CUDA graphs that ``cuda_graph=True`` calls keep for later calls."""
+        for decoder in self._decoders.values():
+            decoder.release_buffers()
+        release_plain_buffers(self.target)
+
     def _encode(self, prompts) -> list[list[int]]:
         array = _is_array(prompts)
         if (
@@ -175,8 +181,10 @@ class EagleModel:
     ) -> GenerateResult:
         """Generate up to ``max_new_tokens`` new tokens for each prompt (see the package docstring).
 
-        ``cuda_graph``: on CUDA, replay each speculative round from a captured CUDA graph (no Python
-        launch overhead per kernel); the output is the same."""
+        ``cuda_graph``: on CUDA, replay each speculative round (or plain decoding step) from a captured
+        CUDA graph (no Python launch overhead per kernel); the output is the same. The buffers and
+        graph of a batch size are kept for the next call with the same batch size and sampling
+        parameters (no capture then); :meth:`release_buffers` frees them."""
         _check_max_new_tokens(max_new_tokens)
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)

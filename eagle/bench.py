@@ -519,8 +519,9 @@ def run_cells(
     batches = {b: batches_of(prompts, b) for b in config.batch_sizes}
     check_lengths(config, models, prompts)
     log(f"warm-up: {len(active)} method/batch/temperature combinations")
-    for cell in active:
-        _run_cell(config, models, batches[cell.batch][:1], cell, min(8, config.new_tokens))
+    for cell in active:  # the first calls compile kernels (Triton, CUDA graphs): say where the time goes
+        _, seconds = _run_cell(config, models, batches[cell.batch][:1], cell, min(8, config.new_tokens))
+        log(f"  warm-up {cell.method} B={cell.batch} T={cell.temperature:g}: {seconds:.2f} s")
     bar = _progress(config, total=len(active) * config.repeats)
     for repeat in range(config.repeats):
         for cell in active:

@@ -102,10 +102,10 @@ class _StaticLevel:
 
 @dataclass
 class _RoundGraph:
-    """A captured round for one batch state: replaying it runs the whole round on the GPU."""
+    """A captured round of one batch state (it reads and updates that state's tensors and caches in
+    place): replaying it runs the whole round on the GPU."""
 
     graph: torch.cuda.CUDAGraph
-    state: _Batch  # whose tensors (and caches) the graph reads and updates in place
     new_tokens: torch.Tensor  # [b, steps] graph-owned outputs, rewritten by every replay
     counts: torch.Tensor  # [b]
     steps: int  # depth + 1: the most positions a round commits per sequence
@@ -130,6 +130,14 @@ class _Batch:
     # [] bool on the device: a target forward produced NaN/inf logits (CUDA: checked at the round's
     # one host synchronisation instead of right away)
     nonfinite: torch.Tensor | None = None
+    graph: _RoundGraph | None = None  # CUDA graphs: this state's captured round
+    warm: bool = False  # CUDA graphs: its first round ran eagerly (kernels compiled, workspaces made)
+
+
+# Reused buffers are allocated for prompt + new tokens rounded up to this many positions, so that later
+# runs with slightly longer prompts still fit (the attention kernels' cost depends on the committed
+# length, not on the allocation).
+_POOLED_CACHE_ALIGN = 256
 
 
 class SpeculativeDecoder:
@@ -146,14 +154,20 @@ class SpeculativeDecoder:
         """``cuda_graph``: replay each round (draft, verify, accept, compact, draft update) from a CUDA
         graph captured once per batch composition, instead of launching its kernels one by one from
         Python; needs a CUDA target. Capture is best-effort: if it fails the run continues eagerly with
-        a warning (the tokens are the same either way)."""
+        a warning (the tokens are the same either way).
+
+        With ``cuda_graph`` the full batch's buffers (both KV caches, the round's state) and its captured
+        graph outlive the run: the next run with the same batch size and sampling parameters whose
+        prompt + new tokens fit them prefills into them and replays the graph from its first round, with
+        no capture (what serving stacks do per batch size). :meth:`release_buffers` frees them."""
         if cuda_graph and target.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA target, got one on {target.device}")
         self.target, self.head = target, head
         self.cuda_graph = cuda_graph
-        self._graph: _RoundGraph | None = None
-        self._warm_state: _Batch | None = None
         self._graph_failed = False
+        # (batch size, sampling) -> the buffers of a finished run, taken by the next run that fits them
+        self._reuse_buffers = cuda_graph
+        self._pool: dict[tuple[int, SamplingParams], _Batch] = {}
         if isinstance(tree, eagle_kernels.StaticTree):
             self.static = tree
             self.num_tokens, self.depth = tree.num_draft_tokens, int(tree.depth.max())
@@ -200,7 +214,11 @@ class SpeculativeDecoder:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         stop = {int(t) for t in eos_token_ids}
-        state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed)
+        key = (B, sampling)
+        # pop: a run owns its buffers, so a stream still running elsewhere never shares them
+        pooled = self._pool.pop(key, None) if self._reuse_buffers else None
+        state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed, pooled)
+        full_batch = state
         ones = torch.ones(B, dtype=torch.int64, device=device)
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
         yield emission
@@ -216,10 +234,12 @@ class SpeculativeDecoder:
                     self.times.rounds += 1
                 yield emission
         finally:
-            # A captured graph holds the run's KV caches and its memory pool: release them with the run
-            # (also when the caller stops iterating early), not when the decoder is next used.
-            self._graph = None
-            self._warm_state = None
+            if self._reuse_buffers:  # also when the caller stops iterating early
+                self._pool[key] = full_batch
+
+    def release_buffers(self) -> None:
+        """Free the buffers and CUDA graphs kept for later runs (see ``cuda_graph`` in the constructor)."""
+        self._pool.clear()
 
     # ------------------------------------------------------------------------------------------
     # CUDA graphs
@@ -229,24 +249,24 @@ class SpeculativeDecoder:
 
         The first round of a batch state runs eagerly (it also warms up lazily initialised kernels),
         the second is captured and replayed, later ones are replayed. A batch that loses finished rows
-        is a new state (new tensors), so it is captured again.
+        is a new state (new tensors), so it is captured again. A state reused from an earlier run
+        (:meth:`run`) arrives with its graph.
         """
         if not self.cuda_graph or self._graph_failed:
             return self._round(s, sampling)
-        if self._graph is not None and self._graph.state is s:
-            return self._replay(self._graph)
-        self._graph = None
-        if self._warm_state is not s:
-            self._warm_state = s
+        if s.graph is not None:
+            return self._replay(s, s.graph)
+        if not s.warm:
+            s.warm = True
             return on_side_stream(lambda: self._round(s, sampling))
         try:
-            self._graph = self._capture(s, sampling)
+            s.graph = self._capture(s, sampling)
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager rounds are exact
             self._graph_failed = True
             torch.cuda.synchronize(self.target.device)
             warnings.warn(f"CUDA graph capture failed ({e}); continuing without CUDA graphs", stacklevel=3)
             return self._round(s, sampling)
-        return self._replay(self._graph)
+        return self._replay(s, s.graph)
 
     def _ensure_room(self, s: _Batch, steps: int, rows: int) -> None:
         """Host-side overflow checks of both caches for one round (may read the lengths back)."""
@@ -264,10 +284,9 @@ class SpeculativeDecoder:
             )
         finally:
             self.times = times
-        return _RoundGraph(graph, s, new_tokens, counts, steps, rows)
+        return _RoundGraph(graph, new_tokens, counts, steps, rows)
 
-    def _replay(self, g: _RoundGraph) -> tuple[torch.Tensor, torch.Tensor]:
-        s = g.state
+    def _replay(self, s: _Batch, g: _RoundGraph) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure_room(s, g.steps, g.rows)
         t0 = self._stamp()
         g.graph.replay()
@@ -308,12 +327,22 @@ class SpeculativeDecoder:
         tree_rows = max(self.num_tokens, self.depth * self.topk + 1)
         return max_prompt + max_new_tokens + tree_rows + 1
 
-    def _prefill(self, block, lengths, max_new_tokens, sampling, seed):
+    def _prefill(self, block, lengths, max_new_tokens, sampling, seed, pooled: _Batch | None = None):
+        """Prefill both caches; returns (state, first token [B]). ``pooled``: an earlier run's state of
+        the same batch size and sampling, whose buffers (and CUDA graph) are reused when they fit."""
         B, max_prompt = block.shape
         device = block.device
         S = self._cache_len(max_prompt, max_new_tokens)
-        target_cache = self.target.new_cache(B, S)
-        draft_cache = self.head.new_cache(B, S)
+        if pooled is not None and pooled.target_cache.max_seq_len >= S:
+            target_cache, draft_cache = pooled.target_cache, pooled.draft_cache
+            target_cache.reset()
+            draft_cache.reset()
+        else:
+            pooled = None
+            if self._reuse_buffers:
+                S = -(-S // _POOLED_CACHE_ALIGN) * _POOLED_CACHE_ALIGN
+            target_cache = self.target.new_cache(B, S)
+            draft_cache = self.head.new_cache(B, S)
         last = (lengths - 1)[:, None]
         out = self.target(block, target_cache, logits_index=last, feature_layers=self.feature_layers)
         target_cache.advance(lengths, max_increment=max_prompt)
@@ -343,7 +372,19 @@ class SpeculativeDecoder:
             accept_lengths=accept_lengths,
             nonfinite=nonfinite,
         )
-        return state, first
+        if pooled is None:
+            return state, first
+        return self._refill(pooled, state), first
+
+    @staticmethod
+    def _refill(pooled: _Batch, fresh: _Batch) -> _Batch:
+        """Copy a freshly prefilled state into a pooled one's tensors (the addresses its CUDA graph
+        reads); the caches are already shared."""
+        for name in ("rows", "root", "root_hidden", "root_logits", "seeds", "draws", "nonfinite"):
+            getattr(pooled, name).copy_(getattr(fresh, name))
+        pooled.emitted = fresh.emitted
+        pooled.accept_lengths = fresh.accept_lengths
+        return pooled
 
     def _sample_first(self, logits, sampling, seeds, draws, nonfinite):
         if sampling.greedy:

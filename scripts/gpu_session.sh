@@ -15,7 +15,8 @@
 #   probe  which C++ compiler and build flags make TORCH_CHECK raise instead of segfaulting
 #          (scripts/probe_cxx_exceptions.py); the extension is then built in place with the first compiler
 #          whose build raises (checked on the built extension; CPU, background)
-#   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times)
+#   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times);
+#          sweep_fdi: only the fused_draft_input one
 #   tests  kernel tests and the GPU tests of the decoding loop (CUDA graphs) on CUDA
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
@@ -35,8 +36,8 @@ set -u
 OUT=${OUT:-/tmp/gpu-out}
 PROFILE=${PROFILE:-two}
 if [ "$PROFILE" = one ]; then
-    CAP_BUILD=200 SWEEP_TA=(70 50) SWEEP_FDI=(40 25) CAP_KTESTS=120 CAP_ETESTS=90 CAP_BENCH=70 CAP_LOOP=30
-    LOOP_ARGS="--temperature 0 --repeats 1" LOOP_EAGER_7B=0 CAP_E2E=70 DEADLINE=${DEADLINE:-585} BENCH_K="not cpu"
+    CAP_BUILD=200 SWEEP_TA=(70 50) SWEEP_FDI=(40 25) CAP_KTESTS=120 CAP_ETESTS=60 CAP_BENCH=70 CAP_LOOP=30
+    LOOP_ARGS="--temperature 0 --repeats 1" LOOP_EAGER_7B=0 CAP_E2E=240 DEADLINE=${DEADLINE:-585} BENCH_K="not cpu"
     E2E_ARGS="--batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --repeats 1"
 else
     CAP_BUILD=300 SWEEP_TA=(110 85) SWEEP_FDI=(80 55) CAP_KTESTS=130 CAP_ETESTS=70 CAP_BENCH=110 CAP_LOOP=40
@@ -86,10 +87,12 @@ if want probe; then
     BUILD=$!
 fi
 
-if want sweep; then
+if want sweep || want sweep_fdi; then
     # Triton only; the extension being built must not be half-loaded by these processes.
-    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_TA[0]}) python3 bench/sweep_tree_attention.py --budget-s ${SWEEP_TA[1]} >"$W/sweep_ta.log" 2>&1
-    log "sweep tree_attention rc=$? $(tail -1 "$W/sweep_ta.log")"
+    if want sweep; then
+        EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_TA[0]}) python3 bench/sweep_tree_attention.py --budget-s ${SWEEP_TA[1]} >"$W/sweep_ta.log" 2>&1
+        log "sweep tree_attention rc=$? $(tail -1 "$W/sweep_ta.log")"
+    fi
     EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_FDI[0]}) python3 bench/sweep_fused_draft_input.py --eagle3 --budget-s ${SWEEP_FDI[1]} >"$W/sweep_fdi.log" 2>&1
     log "sweep fused_draft_input rc=$? $(tail -1 "$W/sweep_fdi.log")"
     cp bench/results/sweep_*.json "$W/" 2>/dev/null

@@ -3,7 +3,9 @@ against (same model, same cache, same kernels, one target forward per token)."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +13,7 @@ import eagle_kernels
 from eagle import rng
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.cuda_graph import on_side_stream
+from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel
 from eagle_kernels import _ext
 
@@ -115,6 +118,31 @@ def generate_plain(
     return _truncate_at_eos(rows, set(_as_list(eos_token_id)))
 
 
+@dataclass
+class _StepBuffers:
+    """What one plain decoding run reads and writes on the device; kept (with the CUDA graph of its
+    step) for the next run of the same batch size and sampling when ``cuda_graph`` is on."""
+
+    cache: KVCache
+    step_input: torch.Tensor  # [B] int64: the token a step feeds (a fixed address for graph replay)
+    seeds: torch.Tensor | None  # [B] int64 per-row RNG streams (sampling without a generator)
+    draws: torch.Tensor | None  # [B] int64, advanced in place: graph-safe
+    nonfinite: torch.Tensor  # [] bool: a forward's logits held NaN/inf
+    graph: torch.cuda.CUDAGraph | None = None
+    graph_token: torch.Tensor | None = None  # [B] the graph's output token
+    warm: bool = False  # a step ran eagerly: kernels compiled, workspaces allocated
+
+
+# model -> {(batch size, sampling): buffers of a finished run}; a run pops what it uses
+_POOLS: weakref.WeakKeyDictionary[LlamaModel, dict[tuple, _StepBuffers]] = weakref.WeakKeyDictionary()
+_POOLED_CACHE_ALIGN = 256  # positions: later, slightly longer runs still fit the kept cache
+
+
+def release_plain_buffers(model: LlamaModel) -> None:
+    """Free the buffers and CUDA graphs that plain decoding with ``cuda_graph`` keeps for ``model``."""
+    _POOLS.pop(model, None)
+
+
 @torch.inference_mode()
 def plain_decode_steps(
     model: LlamaModel,
@@ -129,12 +157,18 @@ def plain_decode_steps(
     generator: torch.Generator | None = None,
     cuda_graph: bool = False,
     seed: int | None = None,
+    reuse_buffers: bool | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The steps of :func:`generate_plain` (same arguments): per target forward, ``(token,
     nonfinite)``: the new token of every row (int64 ``[B]``) and whether any logits so far held
     NaN/inf (a bool scalar), both on the model's device and not read here (no host sync per step
     beyond the all-rows-finished check when ``eos_token_id`` is given). Rows that emitted an EOS keep
-    producing tokens until every row has (the caller truncates); at most ``max_new_tokens`` steps."""
+    producing tokens until every row has (the caller truncates); at most ``max_new_tokens`` steps.
+
+    ``reuse_buffers`` (default: ``cuda_graph``; never with a ``generator``): keep the KV cache, the
+    step's buffers and its CUDA graph after the run, for the next run of the same batch size and
+    sampling parameters that fits them (it replays the graph from its first step, with no capture);
+    :func:`release_plain_buffers` frees them."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -152,15 +186,17 @@ def plain_decode_steps(
     if generator is not None and seed is not None:
         raise ValueError("pass seed or generator, not both")
     per_row = temperature != 0 and generator is None
+    reuse = (cuda_graph if reuse_buffers is None else reuse_buffers) and generator is None
+    key = (B, temperature, top_k, top_p, min_p)
+    pool = _POOLS.setdefault(model, {}) if reuse else {}
+    buffers = _take_buffers(model, pool.pop(key, None), B, block.shape[1] + max_new_tokens, per_row, reuse)
     if per_row:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        seeds = rng.row_seeds(seed, B, model.device)
-        draws = torch.zeros(B, dtype=torch.int64, device=model.device)  # advanced in place: graph-safe
-    # Set on the device when a forward's logits hold NaN/inf; the caller reads it when it needs to.
-    nonfinite = torch.zeros((), dtype=torch.bool, device=model.device)
+        buffers.seeds.copy_(rng.row_seeds(seed, B, model.device))
+        buffers.draws.zero_()
+    nonfinite, cache = buffers.nonfinite, buffers.cache
     stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
-    cache = model.new_cache(B, block.shape[1] + max_new_tokens)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
@@ -172,43 +208,68 @@ def plain_decode_steps(
             logits = logits.float()
         probs = eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)
         if per_row:
-            u = rng.uniforms(seeds, draws, 1)[:, 0]
-            draws.add_(1)
+            u = rng.uniforms(buffers.seeds, buffers.draws, 1)[:, 0]
+            buffers.draws.add_(1)
             return rng.inverse_cdf(probs, u)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-    out = model(block, cache, logits_index=(lengths - 1)[:, None])
-    cache.advance(lengths, max_increment=block.shape[1])  # the bound spares a device sync
-    token = choose(out.logits[:, 0])
-    yield token, nonfinite
-    finished = torch.isin(token, stop)
-    step_input = token.clone()  # the step reads its input here (a fixed address for graph replay)
-
     def step() -> torch.Tensor:
-        out = model(step_input[:, None], cache)
+        out = model(buffers.step_input[:, None], cache)
         cache.advance(1)
         new = choose(out.logits[:, 0])
-        step_input.copy_(new)
+        buffers.step_input.copy_(new)
         return new
 
-    graph = None
-    for i in range(max_new_tokens - 1):
-        if stop.numel() and bool(finished.all()):
-            break
-        if cuda_graph and graph is None and i == 1:  # step 0 ran eagerly: kernels are warm
-            cache.check_room(1)
-            graph, graph_token = cuda_graph_capture(step, [cache], generator)
-        if graph is None and cuda_graph:
-            token = on_side_stream(step)  # the warm-up step before the capture
-        elif graph is None:
-            token = step()
-        else:
-            cache.check_room(1)
-            graph.replay()
-            cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
-            token = graph_token.clone()
+    try:
+        out = model(block, cache, logits_index=(lengths - 1)[:, None])
+        cache.advance(lengths, max_increment=block.shape[1])  # the bound spares a device sync
+        token = choose(out.logits[:, 0])
         yield token, nonfinite
-        finished |= torch.isin(token, stop)
+        finished = torch.isin(token, stop)
+        buffers.step_input.copy_(token)
+        for _ in range(max_new_tokens - 1):
+            if stop.numel() and bool(finished.all()):
+                break
+            token = _next_token(buffers, step, cuda_graph, generator)
+            yield token, nonfinite
+            finished |= torch.isin(token, stop)
+    finally:
+        if reuse:  # also when the caller stops iterating early
+            pool[key] = buffers
+
+
+def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool) -> _StepBuffers:
+    """``pooled`` reset for a new run when its cache holds ``length`` positions, else new buffers."""
+    if pooled is not None and pooled.cache.max_seq_len >= length:
+        pooled.cache.reset()
+        pooled.nonfinite.zero_()
+        return pooled
+    if reuse:
+        length = -(-length // _POOLED_CACHE_ALIGN) * _POOLED_CACHE_ALIGN
+    device = model.device
+    return _StepBuffers(
+        cache=model.new_cache(B, length),
+        step_input=torch.zeros(B, dtype=torch.int64, device=device),
+        seeds=torch.zeros(B, dtype=torch.int64, device=device) if per_row else None,
+        draws=torch.zeros(B, dtype=torch.int64, device=device) if per_row else None,
+        nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+    )
+
+
+def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> torch.Tensor:
+    """One decoding step: eager, or (CUDA graphs) eager once to warm up, then captured and replayed."""
+    if not cuda_graph:
+        return step()
+    if buffers.graph is None and not buffers.warm:
+        buffers.warm = True
+        return on_side_stream(step)
+    cache = buffers.cache
+    cache.check_room(1)
+    if buffers.graph is None:
+        buffers.graph, buffers.graph_token = cuda_graph_capture(step, [cache], generator)
+    buffers.graph.replay()
+    cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
+    return buffers.graph_token.clone()
 
 
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:

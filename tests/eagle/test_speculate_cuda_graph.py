@@ -73,11 +73,33 @@ def test_plain_cuda_graph_needs_a_cuda_model():
 
 
 @pytest.mark.gpu
-def test_graph_is_released_after_the_run(cuda_pair):
-    cuda_pair.generate(PROMPTS[:1], 24, cuda_graph=True, eos_token_id=[])
+def test_later_calls_replay_the_kept_graph_without_capturing(cuda_pair, monkeypatch):
+    """The second call of a batch size prefills into the kept buffers and replays the graph captured
+    by the first (no capture), with the eager tokens; a stream stopped early keeps them too."""
+    import eagle.models.generate_plain as plain_module
+    import eagle.speculate as speculate_module
+
+    cuda_pair.release_buffers()
+    captures = []
+    for module in (speculate_module, plain_module):
+        real = module.cuda_graph_capture
+        monkeypatch.setattr(
+            module, "cuda_graph_capture", lambda *a, real=real, **k: captures.append(1) or real(*a, **k)
+        )
+    for speculative in (True, False):
+        kw = dict(speculative=speculative, eos_token_id=[])
+        cuda_pair.generate(PROMPTS[:2], 24, cuda_graph=True, **kw)
+        assert len(captures) == 1
+        for prompts in (PROMPTS[1:], PROMPTS[:2]):  # other prompts, other lengths
+            got = cuda_pair.generate(prompts, 32, cuda_graph=True, **kw).tokens
+            assert got == cuda_pair.generate(prompts, 32, **kw).tokens
+        assert len(captures) == 1
+        captures.clear()
     stream = cuda_pair.stream(PROMPTS[0], 64, cuda_graph=True, eos_token_id=[])
     for i, _ in enumerate(stream):
         if i == 4:  # captured and replayed by now; the caller stops early
             break
     stream.close()
-    assert all(d._graph is None and d._warm_state is None for d in cuda_pair._decoders.values())
+    assert any(d._pool for d in cuda_pair._decoders.values())
+    cuda_pair.release_buffers()
+    assert not any(d._pool for d in cuda_pair._decoders.values())

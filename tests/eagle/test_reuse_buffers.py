@@ -1,0 +1,123 @@
+"""Buffers kept across runs (what ``cuda_graph=True`` does so that a later call replays the captured
+graph without capturing again): a run that reuses an earlier run's KV caches and state tensors gives
+exactly the tokens of a run on fresh buffers. Checked here on CPU, where the reuse is switched on by
+hand; the graph replay itself is tested in test_speculate_cuda_graph.py (GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle
+from eagle.models.generate_plain import _POOLS, plain_decode_steps, release_plain_buffers
+from eagle.speculate import SamplingParams, SpeculativeDecoder
+from eagle.tree import TreeConfig
+
+SHORT = ["def add(a, b):\n", "import sys\n"]
+LONG = ["class Queue:\n    def __init__(self):\n        self.items = []\n", "for i in range(10):\n"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return eagle.load("tiny-code", dtype=torch.float32)
+
+
+def _decoder(pair, reuse: bool) -> SpeculativeDecoder:
+    d = SpeculativeDecoder(pair.target, pair.head, TreeConfig(depth=3, topk=4, total_tokens=10))
+    d._reuse_buffers = reuse
+    return d
+
+
+def _run(decoder, ids, n, sampling, seed=3):
+    tokens = [[] for _ in ids]
+    for e in decoder.run(ids, n, sampling, seed=seed):
+        for row, new in zip(e.rows, e.tokens):
+            tokens[row].extend(new)
+    return tokens
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_speculative_runs_on_reused_buffers_equal_fresh_runs(pair, temperature):
+    sampling = SamplingParams(temperature)
+    reused, fresh = _decoder(pair, True), _decoder(pair, False)
+    first_ids = [pair.tokenizer.encode(p) for p in LONG]
+    _run(reused, first_ids, 24, sampling)
+    (kept,) = reused._pool.values()
+    cache = kept.target_cache
+    for prompts, n, seed in ((SHORT, 20, 5), (LONG, 16, 9)):  # shorter, then as long: both fit
+        ids = [pair.tokenizer.encode(p) for p in prompts]
+        assert _run(reused, ids, n, sampling, seed) == _run(fresh, ids, n, sampling, seed)
+        (kept,) = reused._pool.values()
+        assert kept.target_cache is cache  # the same buffers, not a new allocation
+    assert not fresh._pool
+
+
+def test_speculative_buffers_too_small_are_replaced(pair):
+    sampling = SamplingParams()
+    reused, fresh = _decoder(pair, True), _decoder(pair, False)
+    ids = [pair.tokenizer.encode(p) for p in SHORT]
+    _run(reused, ids, 8, sampling)
+    small = next(iter(reused._pool.values())).target_cache
+    assert small.max_seq_len % 256 == 0  # rounded up so that slightly longer runs fit
+    long_run = small.max_seq_len  # more new tokens than the kept cache holds
+    assert _run(reused, ids, long_run, sampling) == _run(fresh, ids, long_run, sampling)
+    assert next(iter(reused._pool.values())).target_cache.max_seq_len > small.max_seq_len
+
+
+def test_interleaved_runs_do_not_share_buffers(pair):
+    """A stream still running keeps its buffers while another run on the same decoder starts."""
+    sampling = SamplingParams()
+    reused, fresh = _decoder(pair, True), _decoder(pair, False)
+    a_ids = [pair.tokenizer.encode(p) for p in LONG]
+    b_ids = [pair.tokenizer.encode(p) for p in SHORT]
+    _run(reused, a_ids, 8, sampling)  # leaves buffers in the pool
+    a = reused.run(a_ids, 24, sampling, seed=1)
+    a_tokens = [[] for _ in a_ids]
+    for _ in range(2):
+        for row, new in zip(*(lambda e: (e.rows, e.tokens))(next(a))):
+            a_tokens[row].extend(new)
+    b_tokens = _run(reused, b_ids, 24, sampling)  # starts while `a` holds the pooled buffers
+    for e in a:
+        for row, new in zip(e.rows, e.tokens):
+            a_tokens[row].extend(new)
+    assert a_tokens == _run(fresh, a_ids, 24, sampling, seed=1)
+    assert b_tokens == _run(fresh, b_ids, 24, sampling)
+
+
+def test_release_buffers_frees_them(pair):
+    d = _decoder(pair, True)
+    _run(d, [pair.tokenizer.encode(SHORT[0])], 4, SamplingParams())
+    assert d._pool
+    d.release_buffers()
+    assert not d._pool
+
+
+def _plain(pair, ids, n, temperature, reuse, seed=4):
+    steps = list(
+        plain_decode_steps(pair.target, ids, n, temperature=temperature, seed=seed, reuse_buffers=reuse)
+    )
+    return torch.stack([t for t, _ in steps], 1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_plain_runs_on_reused_buffers_equal_fresh_runs(pair, temperature):
+    release_plain_buffers(pair.target)
+    _plain(pair, [pair.tokenizer.encode(p) for p in LONG], 20, temperature, True)
+    (kept,) = _POOLS[pair.target].values()
+    for prompts, n, seed in ((SHORT, 12, 2), (LONG, 20, 7)):
+        ids = [pair.tokenizer.encode(p) for p in prompts]
+        assert _plain(pair, ids, n, temperature, True, seed) == _plain(pair, ids, n, temperature, False, seed)
+        assert next(iter(_POOLS[pair.target].values())) is kept
+    release_plain_buffers(pair.target)
+    assert pair.target not in _POOLS
+
+
+def test_api_release_buffers(pair):
+    m = eagle.EagleModel(pair.target, pair.head, pair.tokenizer)
+    d = m._decoder("chain", 1)
+    d._reuse_buffers = True
+    m.generate(SHORT[:1], 6, tree="chain")
+    _plain(pair, [pair.tokenizer.encode(SHORT[0])], 4, 0.0, True)
+    assert d._pool and _POOLS.get(pair.target)
+    m.release_buffers()
+    assert not d._pool and not _POOLS.get(pair.target)
