@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -76,8 +77,8 @@ def test_plain_cuda_graph_needs_a_cuda_model():
 def test_later_calls_replay_the_kept_graph_without_capturing(cuda_pair, monkeypatch):
     """The second call of a batch size prefills into the kept buffers and replays the graph captured
     by the first (no capture), with the eager tokens; a stream stopped early keeps them too."""
-    import eagle.models.generate_plain as plain_module
-    import eagle.speculate as speculate_module
+    plain_module = sys.modules["eagle.models.generate_plain"]  # eagle.models.generate_plain: the function
+    speculate_module = sys.modules["eagle.speculate"]
 
     cuda_pair.release_buffers()
     captures = []
