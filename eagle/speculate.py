@@ -26,8 +26,8 @@ import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle.models.cuda_graph import BufferPool, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
-from eagle.models.cuda_graph import on_side_stream
 from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import NONFINITE_MESSAGE, argmax_checked, nonfinite_flag, pad_prompts
 from eagle.models.kv_cache import KVCache
@@ -159,7 +159,8 @@ class SpeculativeDecoder:
         With ``cuda_graph`` the full batch's buffers (both KV caches, the round's state) and its captured
         graph outlive the run: the next run with the same batch size and sampling parameters whose
         prompt + new tokens fit them prefills into them and replays the graph from its first round, with
-        no capture (what serving stacks do per batch size). :meth:`release_buffers` frees them."""
+        no capture (what serving stacks do per batch size). The 4 most recently used (batch size,
+        sampling) combinations are kept; :meth:`release_buffers` frees them."""
         if cuda_graph and target.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA target, got one on {target.device}")
         self.target, self.head = target, head
@@ -167,7 +168,7 @@ class SpeculativeDecoder:
         self._graph_failed = False
         # (batch size, sampling) -> the buffers of a finished run, taken by the next run that fits them
         self._reuse_buffers = cuda_graph
-        self._pool: dict[tuple[int, SamplingParams], _Batch] = {}
+        self._pool: BufferPool[_Batch] = BufferPool()
         if isinstance(tree, eagle_kernels.StaticTree):
             self.static = tree
             self.num_tokens, self.depth = tree.num_draft_tokens, int(tree.depth.max())
@@ -216,7 +217,7 @@ class SpeculativeDecoder:
         stop = {int(t) for t in eos_token_ids}
         key = (B, sampling)
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
-        pooled = self._pool.pop(key, None) if self._reuse_buffers else None
+        pooled = self._pool.take(key) if self._reuse_buffers else None
         state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed, pooled)
         full_batch = state
         ones = torch.ones(B, dtype=torch.int64, device=device)
@@ -235,7 +236,7 @@ class SpeculativeDecoder:
                 yield emission
         finally:
             if self._reuse_buffers:  # also when the caller stops iterating early
-                self._pool[key] = full_batch
+                self._pool.put(key, full_batch)
 
     def release_buffers(self) -> None:
         """Free the buffers and CUDA graphs kept for later runs (see ``cuda_graph`` in the constructor)."""

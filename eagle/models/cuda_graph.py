@@ -8,14 +8,48 @@ per replay by what one replay commits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, TypeVar
 
 import torch
 
 from eagle.models.kv_cache import KVCache
 
 T = TypeVar("T")
+V = TypeVar("V")
+
+
+class BufferPool(Generic[V]):
+    """Buffers (KV caches, step state, their CUDA graph) of finished runs, kept for later runs.
+
+    A run ``take``s the entry of its key (so no other run can use it meanwhile) and ``put``s it back
+    when it ends. At most ``capacity`` keys are kept; putting a new one evicts the least recently
+    used, so a caller cycling through many batch sizes or sampling settings does not keep a cache
+    for each.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[Hashable, V] = OrderedDict()
+
+    def take(self, key: Hashable) -> V | None:
+        return self._entries.pop(key, None)
+
+    def put(self, key: Hashable, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def values(self) -> list[V]:
+        return list(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def on_side_stream(fn: Callable[[], T]) -> T:

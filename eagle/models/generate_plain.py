@@ -11,8 +11,8 @@ import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle.models.cuda_graph import BufferPool, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
-from eagle.models.cuda_graph import on_side_stream
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel
 from eagle_kernels import _ext
@@ -133,8 +133,8 @@ class _StepBuffers:
     warm: bool = False  # a step ran eagerly: kernels compiled, workspaces allocated
 
 
-# model -> {(batch size, sampling): buffers of a finished run}; a run pops what it uses
-_POOLS: weakref.WeakKeyDictionary[LlamaModel, dict[tuple, _StepBuffers]] = weakref.WeakKeyDictionary()
+# model -> (batch size, sampling) -> buffers of a finished run; a run takes what it uses
+_POOLS: weakref.WeakKeyDictionary[LlamaModel, BufferPool[_StepBuffers]] = weakref.WeakKeyDictionary()
 _POOLED_CACHE_ALIGN = 256  # positions: later, slightly longer runs still fit the kept cache
 
 
@@ -168,7 +168,7 @@ def plain_decode_steps(
     ``reuse_buffers`` (default: ``cuda_graph``; never with a ``generator``): keep the KV cache, the
     step's buffers and its CUDA graph after the run, for the next run of the same batch size and
     sampling parameters that fits them (it replays the graph from its first step, with no capture);
-    :func:`release_plain_buffers` frees them."""
+    the 4 most recently used combinations are kept; :func:`release_plain_buffers` frees them."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -188,8 +188,10 @@ def plain_decode_steps(
     per_row = temperature != 0 and generator is None
     reuse = (cuda_graph if reuse_buffers is None else reuse_buffers) and generator is None
     key = (B, temperature, top_k, top_p, min_p)
-    pool = _POOLS.setdefault(model, {}) if reuse else {}
-    buffers = _take_buffers(model, pool.pop(key, None), B, block.shape[1] + max_new_tokens, per_row, reuse)
+    pool = _POOLS.setdefault(model, BufferPool()) if reuse else None
+    buffers = _take_buffers(
+        model, pool.take(key) if reuse else None, B, block.shape[1] + max_new_tokens, per_row, reuse
+    )
     if per_row:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -235,7 +237,7 @@ def plain_decode_steps(
             finished |= torch.isin(token, stop)
     finally:
         if reuse:  # also when the caller stops iterating early
-            pool[key] = buffers
+            pool.put(key, buffers)
 
 
 def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool) -> _StepBuffers:

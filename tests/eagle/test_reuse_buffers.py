@@ -121,3 +121,26 @@ def test_api_release_buffers(pair):
     assert d._pool and _POOLS.get(pair.target)
     m.release_buffers()
     assert not d._pool and not _POOLS.get(pair.target)
+
+
+def test_buffer_pool_keeps_the_most_recently_used():
+    from eagle.models.cuda_graph import BufferPool
+
+    pool = BufferPool(capacity=2)
+    for key in "abc":
+        pool.put(key, key.upper())
+    assert pool.values() == ["B", "C"]  # "a" was evicted
+    assert pool.take("b") == "B" and pool.take("b") is None  # a run owns what it takes
+    pool.put("b", "B")
+    pool.put("d", "D")
+    assert pool.values() == ["B", "D"]  # "c" was the least recently used
+    pool.clear()
+    assert len(pool) == 0
+
+
+def test_many_sampling_settings_keep_a_bounded_number_of_buffers(pair):
+    d = _decoder(pair, True)
+    ids = [pair.tokenizer.encode(SHORT[0])]
+    for t in (0.0, 0.5, 0.7, 0.9, 1.1, 1.3):
+        _run(d, ids, 4, SamplingParams(t))
+    assert len(d._pool) == d._pool.capacity == 4
