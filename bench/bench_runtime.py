@@ -9,6 +9,7 @@ load hits both alike.
     python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1..64
     python bench/bench_runtime.py --forwards --dtype bfloat16   # bf16 with packed weights
     python bench/bench_runtime.py --linears           # bf16 linears: AMX tiles vs oneDNN vs F.linear
+    python bench/bench_runtime.py --linears-f32       # float32 linears: skinny kernel vs F.linear (MKL)
     python bench/bench_runtime.py --argmax            # greedy pick + NaN check: eagle_C vs torch
     pytest bench/bench_runtime.py --benchmark-only    # the same decode step under pytest-benchmark
 """
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.utils import save_json  # noqa: E402
+from eagle.api import BUNDLED, _resolve_bundled  # noqa: E402
 from eagle.models import cpu_packed, load_target  # noqa: E402
 from eagle.models.cpu_packed import pack_module_linears  # noqa: E402
 from eagle.models.draft import random_draft  # noqa: E402
@@ -272,6 +274,92 @@ def compare_linears(rounds: int, threads: int, calls: int = 200) -> dict:
     }
 
 
+F32_LINEAR_ROWS = (1, 2, 4, 8, 16, 32)
+F32_FORWARD_T = (1, 4, 8, 16)
+LAYERS = 12  # distinct weights per shape, as in a forward: each call reads its weight from memory
+
+
+@torch.inference_mode()
+def compare_linears_f32(rounds: int, threads: int, calls: int = 20) -> dict:
+    """Microseconds per float32 linear of each tiny-code shape and row count M: ``F.linear`` (MKL)
+    against ``eagle_C::skinny_linear_f32`` (up to its row limit), alternating round by round, each call
+    on the next of 12 distinct weights; then tiny-code target forwards of T tokens with the kernel on
+    and off (``EAGLE_CPU_SKINNY_LINEAR``, read per call), alternating likewise. Each skinny output is
+    checked to be row-count invariant."""
+    limit = cpu_packed.skinny_max_rows()
+    if limit == 0:
+        raise SystemExit("--linears-f32 needs the skinny float32 kernel (AVX-512; see `eagle info`)")
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(4)
+    linears, invariant = {}, True
+    for N, K in LINEAR_SHAPES:
+        ws = [torch.randn(N, K, generator=gen) for _ in range(LAYERS)]
+        for M in F32_LINEAR_ROWS:
+            x = torch.randn(M, K, generator=gen)
+            fns = {"F.linear": lambda x=x, ws=ws: [torch.nn.functional.linear(x, w) for w in ws]}
+            if M <= limit:
+                fns["skinny"] = lambda x=x, ws=ws: [
+                    torch.ops.eagle_C.skinny_linear_f32(x, w, None) for w in ws
+                ]
+                alone = torch.cat(
+                    [torch.ops.eagle_C.skinny_linear_f32(x[i : i + 1], ws[0], None) for i in range(M)]
+                )
+                invariant &= torch.equal(alone, torch.ops.eagle_C.skinny_linear_f32(x, ws[0], None))
+            times = {name: [] for name in fns}
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    times[name].append(_time_us(fn, calls) / LAYERS)
+            linears[f"{N}x{K} M={M}"] = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "max_rows": limit,
+        "linear_us_median": linears,
+        "skinny_rows_invariant": invariant,
+        "forward_ms_median": _compare_forward_skinny(rounds, calls=20),
+    }
+
+
+def _compare_forward_skinny(rounds: int, calls: int) -> dict:
+    model = load_target(_resolve_bundled(BUNDLED, "target"), dtype=torch.float32)
+    previous = os.environ.get("EAGLE_CPU_SKINNY_LINEAR")
+    result = {}
+    try:
+        for T in F32_FORWARD_T:
+            cache = model.new_cache(1, 256 + T)
+            model(torch.randint(0, 2000, (1, 200)), cache)
+            cache.advance(200)
+            ids = torch.randint(0, 2000, (1, T))
+            mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
+            times = {"MKL (F.linear)": [], "skinny": []}
+            for _ in range(rounds):
+                for name, env in (("MKL (F.linear)", "0"), ("skinny", "1")):
+                    os.environ["EAGLE_CPU_SKINNY_LINEAR"] = env
+                    forward = lambda ids=ids, cache=cache, mask=mask: model(ids, cache, tree_mask=mask)  # noqa: E731
+                    times[name].append(_mean_ms(forward, calls))
+            result[f"target forward T={T}"] = {name: statistics.median(t) for name, t in times.items()}
+    finally:
+        if previous is None:
+            os.environ.pop("EAGLE_CPU_SKINNY_LINEAR", None)
+        else:
+            os.environ["EAGLE_CPU_SKINNY_LINEAR"] = previous
+    return result
+
+
+def print_linears_f32(result: dict) -> None:
+    print(f"float32 linears, {result['threads']} thread(s), median of {result['rounds']} rounds (us)")
+    print(f"{'[N x K] rows':<20}{'F.linear':>10}{'skinny':>10}{'speedup':>10}")
+    for case, us in result["linear_us_median"].items():
+        f, sk = us["F.linear"], us.get("skinny")
+        ratio = f"{f / sk:>9.2f}x" if sk else f"{'-':>10}"
+        print(f"{case:<20}{f:>10.1f}{sk or float('nan'):>10.1f}{ratio}")
+    print(f"skinny rows computed alone are bit-identical to the block: {result['skinny_rows_invariant']}")
+    print(f"{'forward (ms)':<20}{'MKL':>10}{'skinny':>10}{'speedup':>10}")
+    for case, ms in result["forward_ms_median"].items():
+        m, sk = ms["MKL (F.linear)"], ms["skinny"]
+        print(f"{case:<20}{m:>10.3f}{sk:>10.3f}{m / sk:>9.2f}x")
+
+
 ARGMAX_SHAPES = ((1, 2048), (16, 2048), (64, 2048), (1, 32000), (64, 32000))
 
 
@@ -415,6 +503,11 @@ def main(argv: list[str] | None = None) -> None:
         help="only compare bf16 linear implementations (AMX tiles, oneDNN, F.linear) and forwards with each",
     )
     parser.add_argument(
+        "--linears-f32",
+        action="store_true",
+        help="only compare float32 linears (skinny kernel vs F.linear) and forwards with each",
+    )
+    parser.add_argument(
         "--argmax",
         action="store_true",
         help="only compare the greedy pick + NaN check (eagle_C::argmax_checked vs torch)",
@@ -424,6 +517,7 @@ def main(argv: list[str] | None = None) -> None:
     comparisons = {  # --argmax / --linears: only that comparison, once per thread count
         "argmax": (compare_argmax, print_argmax, "argmax_cpu.json"),
         "linears": (compare_linears, print_linears, "linears_cpu_bfloat16.json"),
+        "linears_f32": (compare_linears_f32, print_linears_f32, "linears_cpu_float32.json"),
     }
     for flag, (compare, show, name) in comparisons.items():
         if getattr(args, flag):

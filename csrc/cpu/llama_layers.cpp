@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "amx_linear.h"
+#include "skinny_linear.h"
 #include "fused_draft_input.h"
 #include "llama_layers.h"
 #include "half_convert.h"
@@ -69,10 +70,12 @@ struct Block {
 // eagle.models.llama.RMSNorm.forward (rms_norm.cpp, which the module calls too outside autograd)
 using rms::rms_norm;
 
-// at::linear, or for a packed copy made by eagle/models/cpu_packed.py what its linear() calls: the
-// AMX kernel for a weight in tiles, oneDNN's linear for an mkldnn-layout weight.
+// What eagle/models/cpu_packed.py's linear() calls: the AMX kernel for a weight in tiles, this
+// package's float32 kernel for a few rows (skinny_linear.cpp), oneDNN's linear for an mkldnn-layout
+// weight, else at::linear.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
   if (amx::is_tiled_weight(w)) return amx::linear_bf16(x, w, b);
+  if (skinny::applies(x, w, b)) return skinny::linear_f32(x, w, b);
   if (!w.is_mkldnn()) return at::linear(x, w, b);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   std::vector<c10::IValue> stack{x, w, b, std::string("none"), c10::List<std::optional<at::Scalar>>(),

@@ -30,6 +30,7 @@ stale copy. Autograd always takes the dense path.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -205,6 +206,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     graph is needed: oneDNN's copy gives the same result bit for bit, AMX tiles the float32 sum
     rounded once to bfloat16 (see the module docstring)."""
     w = packed_weight(weight)
+    if w is weight and _skinny_applies(x, weight, bias) and not needs_autograd(x, weight, bias):
+        return torch.ops.eagle_C.skinny_linear_f32(x, weight, bias)
     if w is weight or x.device.type != "cpu" or x.dtype != w.dtype or needs_autograd(x, weight, bias):
         return F.linear(x, weight, bias)
     if is_amx_tiled(w):
@@ -212,6 +215,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return F.linear(x, weight, bias)
         return torch.ops.eagle_C.amx_linear_bf16(x, w, bias)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def skinny_max_rows() -> int:
+    """Most rows the float32 kernel ``eagle_C::skinny_linear_f32`` (csrc/cpu/skinny_linear.cpp) takes
+    on this CPU; 0 when it is off (no extension or no AVX-512, or ``EAGLE_CPU_SKINNY_LINEAR=0``, read
+    at every call as the C++ side does)."""
+    if os.environ.get("EAGLE_CPU_SKINNY_LINEAR", "1") == "0":
+        return 0
+    return _skinny_rows_supported()
+
+
+@functools.cache
+def _skinny_rows_supported() -> int:
+    if not _ext.has_op("skinny_linear_f32"):
+        return 0
+    return int(torch.ops.eagle_C.skinny_linear_max_rows())
+
+
+def _skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The C++ rule of skinny::applies (llama_layers calls the kernel under the same condition, so the
+    Python modules and the C++ layers stay bit-identical)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    if weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous() or x.dim() < 1:
+        return False
+    K = weight.shape[1]
+    if K == 0 or x.shape[-1] != K or torch.compiler.is_compiling():
+        return False
+    if bias is not None and (
+        bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.numel() != weight.shape[0]
+    ):
+        return False
+    return 1 <= x.numel() // K <= skinny_max_rows()
 
 
 class Linear(nn.Linear):
