@@ -14,7 +14,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     import eagle
     import eagle_kernels
-    from eagle.models.cpu_packed import amx_linear_available, cpu_has_amx_bf16, packing_supported
+    from eagle.models.cpu_packed import (
+        amx_linear_available,
+        cpu_has_amx_bf16,
+        packing_supported,
+        skinny_max_rows,
+    )
     from eagle.models.draft import cpu_draft_loop_status
 
     info = {
@@ -30,6 +35,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cpu_amx_bf16": cpu_has_amx_bf16(),
         "cpu_amx_linear": amx_linear_available(),
         "cpu_draft_loop": cpu_draft_loop_status(),
+        "cpu_f32_linear_max_rows": skinny_max_rows(),
         "kernels": eagle_kernels.backend_info(),
     }
     if args.json:
@@ -39,6 +45,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     packed, amx = info.pop("cpu_packed_weights"), info.pop("cpu_amx_bf16")
     amx_linear = info.pop("cpu_amx_linear")
     draft_loop = info.pop("cpu_draft_loop")
+    skinny = info.pop("cpu_f32_linear_max_rows")
     for key, value in info.items():
         print(f"{key:>16}: {value}")
     if packed["bfloat16"] and amx_linear:
@@ -53,6 +60,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         half = "no oneDNN bf16 support: float32 is the CPU dtype"
     print(f"{'CPU bfloat16':>16}: {half}")
     print(f"{'CPU draft loop':>16}: {draft_loop}")
+    f32 = (
+        f"this package's AVX-512 kernel up to {skinny} rows (csrc/cpu/skinny_linear.cpp), F.linear above"
+        if skinny
+        else "F.linear (no AVX-512 kernel: no extension, no AVX-512, or EAGLE_CPU_SKINNY_LINEAR=0)"
+    )
+    print(f"{'CPU fp32 linear':>16}: {f32}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")
     print(f"{'triton':>16}: {'installed' if k['triton'] else 'not installed'}")
