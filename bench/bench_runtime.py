@@ -354,10 +354,7 @@ def print_linears_f32(result: dict) -> None:
         ratio = f"{f / sk:>9.2f}x" if sk else f"{'-':>10}"
         print(f"{case:<20}{f:>10.1f}{sk or float('nan'):>10.1f}{ratio}")
     print(f"skinny rows computed alone are bit-identical to the block: {result['skinny_rows_invariant']}")
-    print(f"{'forward (ms)':<20}{'MKL':>10}{'skinny':>10}{'speedup':>10}")
-    for case, ms in result["forward_ms_median"].items():
-        m, sk = ms["MKL (F.linear)"], ms["skinny"]
-        print(f"{case:<20}{m:>10.3f}{sk:>10.3f}{m / sk:>9.2f}x")
+    _print_forward_ratios(result["forward_ms_median"], ("MKL (F.linear)", "MKL"), ("skinny", "skinny"))
 
 
 ARGMAX_SHAPES = ((1, 2048), (16, 2048), (64, 2048), (1, 32000), (64, 32000))
@@ -443,10 +440,15 @@ def print_linears(result: dict) -> None:
         f, o, a = us["F.linear"], us["oneDNN packed"], us["AMX tiles"]
         print(f"{case:<20}{f:>10.1f}{o:>10.1f}{a:>10.1f}{o / a:>14.2f}x")
     print(f"AMX rows computed alone are bit-identical to the block: {result['amx_rows_invariant']}")
-    print(f"{'forward (ms)':<20}{'oneDNN':>10}{'AMX':>10}{'speedup':>10}")
-    for case, ms in result["forward_ms_median"].items():
-        o, a = ms["oneDNN packed"], ms["AMX tiles"]
-        print(f"{case:<20}{o:>10.3f}{a:>10.3f}{o / a:>9.2f}x")
+    _print_forward_ratios(result["forward_ms_median"], ("oneDNN packed", "oneDNN"), ("AMX tiles", "AMX"))
+
+
+def _print_forward_ratios(forwards: dict, base: tuple[str, str], new: tuple[str, str]) -> None:
+    """Forward times (ms) of a baseline and a new implementation, each given as (key, column title)."""
+    print(f"{'forward (ms)':<20}{base[1]:>10}{new[1]:>10}{'speedup':>10}")
+    for case, ms in forwards.items():
+        b, n = ms[base[0]], ms[new[0]]
+        print(f"{case:<20}{b:>10.3f}{n:>10.3f}{b / n:>9.2f}x")
 
 
 def print_forwards(result: dict) -> None:

@@ -215,6 +215,24 @@ EAGLE_AVX512_BF16 inline void skinny_step(__m512 (&acc)[R][J], const typename P:
   }
 }
 
+// Lane 4q + r of the result is the sum of the 16 lanes of a[4r + q]. Every vector goes through the
+// same tree of pairwise adds (lanes j + j+8, then j + j+4, j + j+2, j + j+1 of what is left), so an
+// output's sum has one order whichever vectors share the call. One tree for 16 sums costs about what
+// _mm512_reduce_add_ps costs for one.
+EAGLE_AVX512 inline __m512 reduce16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // [a_2i lo+hi 256 | a_2i+1 lo+hi 256]
+    b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // 128-bit chunk q: 4 partials of a_4j+q
+    c[j] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * j], b[2 * j + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // chunk q: 2 partials of a_8k+q, then 2 of a_8k+4+q
+    d[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
+}
+
 // res[r][j] = sum_k a[r * lda + k] * w[j * ldw + k] for an R x J tile (R rows of A, J rows of W).
 template <typename P, int R, int J>
 EAGLE_AVX512_BF16 inline void skinny_tile(const typename P::a_t* a, int64_t lda, const typename P::w_elem* w,
@@ -225,8 +243,15 @@ EAGLE_AVX512_BF16 inline void skinny_tile(const typename P::a_t* a, int64_t lda,
   int64_t k = 0;
   for (; k + P::kStep <= K; k += P::kStep) skinny_step<P, R, J>(acc, a, lda, w, ldw, k, P::kFull);
   if (k < K) skinny_step<P, R, J>(acc, a, lda, w, ldw, k, typename P::mask_t((1ull << (K - k)) - 1));
+  static_assert(R * J <= 16, "one reduce16 per tile");
+  __m512 all[16];  // accumulator r * J + j; the unused ones zero
+  for (int i = 0; i < 16; ++i) all[i] = _mm512_setzero_ps();
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < J; ++j) res[r][j] = _mm512_reduce_add_ps(acc[r][j]);
+    for (int j = 0; j < J; ++j) all[r * J + j] = acc[r][j];
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, reduce16(all));
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) res[r][j] = sums[4 * ((r * J + j) % 4) + (r * J + j) / 4];
 }
 
 // An R-row tile over `cols` <= J output features (the last block of features may be partial).
@@ -335,6 +360,21 @@ void run_skinny(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const
   if (!direct) out.copy_(dst);
 }
 #endif
+
+}  // namespace
+
+bool skinny_f32_available() { return cpu_has_avx512(); }
+
+void skinny_f32(at::Tensor& out, const at::Tensor& a, const at::Tensor& w, const float* bias) {
+#ifdef EAGLE_FDI_HAVE_AVX512_BUILD
+  TORCH_CHECK(cpu_has_avx512(), "skinny_f32: this CPU has no AVX-512");
+  run_skinny<WidenToF32<float>, float>(out, a, w, bias);
+#else
+  TORCH_CHECK(false, "skinny_f32: the skinny kernel was not compiled for this platform");
+#endif
+}
+
+namespace {
 
 void project_skinny(at::Tensor& out, const std::vector<Segment>& segments, const at::Tensor& fc_weight,
                     const std::optional<at::Tensor>& fc_bias) {
