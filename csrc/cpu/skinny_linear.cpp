@@ -1,9 +1,9 @@
 // skinny_linear: y = x @ W.T + b in float32 for the 1-16 rows of a decoding step on CPU.
 //
-// Why: MKL's sgemm, behind at::linear, is at memory speed for 1-3 rows but switches to kernels that
-// run 1.4-2.2x slower from 4 rows on (this repo's tiny-code shapes, one Xeon core: gate_up [1536, 256]
-// 85 us at 1 row, 126 at 4, 153 at 8), so verifying an 8-token draft tree cost 1.8 decode steps
-// although the weights, which dominate, are read once either way.
+// Why: MKL's sgemm, behind at::linear, is at memory speed for 1-2 rows but switches to kernels that
+// run 1.6-2.3x slower from 4 rows on (bench/bench_runtime.py --linears-f32, F.linear column, one Xeon
+// core: gate_up [1536, 256] 88 us at 1 row, 141 at 4, 175 at 8), so verifying a draft tree cost far
+// more than a decode step although the weights, which dominate, are read once either way.
 //
 // How: the skinny GEMM of fused_draft_input.cpp (AVX-512 register tiles of up to 4 rows x 8 weight
 // rows, W streamed once per 4 rows in its own [N, K] layout), called on x directly. Every output
