@@ -70,6 +70,20 @@ DECODE_CONFIGS = (  # rows <= 16: one 16-row block; stream W with many programs 
     "bm16_bn64_bk256_gm8_sk4_w4_st3",
     "bm16_bn128_bk128_gm8_sk8_w8_st3",
 )
+GEMV_CONFIGS = (  # rows <= 16: the no-tensor-core GEMV path (GemvConfig names); W streamed by plain
+    # vector loads, so the column block sets the grid (H 4096: bn16 -> 256 programs) and block_k the bytes
+    # each thread has in flight (bn16 bk512 at 4 warps: 16 x 16-byte loads per thread per iteration)
+    "bm1_bn16_bk512_w4_st3",
+    "bm1_bn8_bk512_w4_st3",
+    "bm1_bn8_bk1024_w8_st3",
+    "bm1_bn4_bk1024_w4_st3",
+    "bm1_bn32_bk256_w4_st3",
+    "bm1_bn16_bk256_w2_st3",
+    "bm2_bn8_bk512_w4_st3",
+    "bm4_bn8_bk256_w4_st3",
+    "bm8_bn8_bk128_w4_st3",
+    "bm8_bn4_bk256_w4_st3",
+)
 MID_CONFIGS = (  # 17..64 rows: one 64-row block; wider columns keep A's L2 re-reads low
     "bm64_bn64_bk128_gm8_sk2_w4_st3",
     "bm64_bn64_bk128_gm8_sk1_w4_st3",
@@ -135,7 +149,8 @@ def sweep_shapes(args) -> list[Shape]:
 
 def candidate_plans(shape: Shape, device: torch.device) -> list:
     """Default plan (on a GPU with built-in measured plans, those), the shape heuristic's fused tiles,
-    gather_mm, then the fused configurations of the shape's row class (no repeats)."""
+    gather_mm, up to 16 rows the GEMV configurations, then the fused configurations of the shape's row
+    class (no repeats)."""
     fdi = _fdi()
     pool = DECODE_CONFIGS if shape.rows <= 16 else MID_CONFIGS if shape.rows <= 64 else LARGE_CONFIGS
     dtype = DTYPES[shape.dtype]
@@ -144,7 +159,10 @@ def candidate_plans(shape: Shape, device: torch.device) -> list:
     plans.append(
         fdi.Plan("fused", fdi.heuristic_config(shape.rows, shape.hidden, shape.segments, dtype.itemsize, sms))
     )
-    plans += [fdi.Plan("gather_mm")] + [fdi.Plan("fused", fdi.GemmConfig.from_name(name)) for name in pool]
+    plans.append(fdi.Plan("gather_mm"))
+    if shape.rows <= 16:
+        plans += [fdi.Plan("gemv", fdi.GemvConfig.from_name(name)) for name in GEMV_CONFIGS]
+    plans += [fdi.Plan("fused", fdi.GemmConfig.from_name(name)) for name in pool]
     unique: dict[str, object] = {}
     for plan in plans:
         unique.setdefault(plan.name, plan)

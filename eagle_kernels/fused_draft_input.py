@@ -80,7 +80,7 @@ def fused_eagle3_input_ref(
 # --------------------------------------------------------------------------------------------------
 # Plans: which CUDA path runs, with which tiles
 # --------------------------------------------------------------------------------------------------
-PATHS = ("fused", "gather_mm")
+PATHS = ("fused", "gather_mm", "gemv")
 # From this many rows on, the default is "gather_mm": the op is compute-bound there and cuBLAS's GEMM
 # beat the fused Triton GEMM on the first H200 run (H4096 N=4096: 403 vs 515 us, N=512: 76 vs 129 us
 # eager). Below it the op is bound by reading fc_weight and the fused kernel saves two launches.
@@ -100,6 +100,10 @@ _DTYPE_NAMES = {
     "float32": "fp32",
 }
 _NAME_RE = re.compile(r"bm(\d+)_bn(\d+)_bk(\d+)_gm(\d+)_sk(\d+)_w(\d+)_st(\d+)")
+_GEMV_NAME_RE = re.compile(r"bm(\d+)_bn(\d+)_bk(\d+)_w(\d+)_st(\d+)")
+# Largest rows x columns x K-tile product a GEMV program keeps as fp32 partial products (64 registers
+# per thread at 4 warps); GemvConfig rejects tiles beyond it, which would spill.
+GEMV_MAX_TILE = 8192
 
 
 def _is_pow2(x: int) -> bool:
@@ -157,6 +161,56 @@ class GemmConfig:
 
 
 @dataclass(frozen=True)
+class GemvConfig:
+    """Tiles of the few-rows Triton GEMV (no tensor cores): program (column block, row block) keeps
+    ``block_m x block_n x block_k`` fp32 products of A rows and W rows in registers, accumulates them
+    over the whole K loop with FMAs only, and sums over k once at the end.
+
+    block_m: rows per program (a power of two <= 8; calls with fewer rows use the next power of two
+    of their row count); block_n / block_k: output columns per program and K tile (powers of two,
+    ``block_m * block_n * block_k <= GEMV_MAX_TILE``); num_warps / num_stages: Triton launch options.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if not (_is_pow2(self.block_m) and self.block_m <= 8):
+            raise ValueError(f"GemvConfig.block_m must be a power of two in [1, 8], got {self.block_m}")
+        for field in ("block_n", "block_k"):
+            value = getattr(self, field)
+            if not (_is_pow2(value) and 4 <= value <= 4096):
+                raise ValueError(f"GemvConfig.{field} must be a power of two in [4, 4096], got {value}")
+        if self.block_m * self.block_n * self.block_k > GEMV_MAX_TILE:
+            raise ValueError(
+                f"GemvConfig tile {self.block_m}x{self.block_n}x{self.block_k} exceeds GEMV_MAX_TILE="
+                f"{GEMV_MAX_TILE} fp32 partial products per program"
+            )
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"GemvConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"GemvConfig.num_stages must be in [1, 8], got {self.num_stages}")
+
+    @property
+    def name(self) -> str:
+        return f"bm{self.block_m}_bn{self.block_n}_bk{self.block_k}_w{self.num_warps}_st{self.num_stages}"
+
+    @classmethod
+    def from_name(cls, name: str) -> GemvConfig:
+        """Inverse of :attr:`name` (``bm1_bn16_bk512_w4_st3``)."""
+        match = _GEMV_NAME_RE.fullmatch(name)
+        if match is None:
+            raise ValueError(f"not a GemvConfig name: {name!r} (expected e.g. 'bm1_bn16_bk512_w4_st3')")
+        return cls(*(int(g) for g in match.groups()))
+
+
+DEFAULT_GEMV = GemvConfig(1, 16, 512)
+
+
+@dataclass(frozen=True)
 class Plan:
     """How the Triton backend computes one call.
 
@@ -164,17 +218,24 @@ class Plan:
     by token id, then the features), ``config`` its tiles (None: the shape heuristic's);
     path ``"gather_mm"``: one Triton copy kernel packs the segments into an internal ``[N, S*H]``
     scratch (never returned, freed after the call), then one cuBLAS ``addmm`` with ``fc_weight``:
-    the same GEMM call as the unfused ``F.linear``, so the same result bit for bit.
+    the same GEMM call as the unfused ``F.linear``, so the same result bit for bit;
+    path ``"gemv"``: one Triton GEMV kernel for a few rows (``config`` a :class:`GemvConfig`, None:
+    :data:`DEFAULT_GEMV`) that reads A the fused way and streams ``fc_weight`` with plain loads and
+    FMAs, no tensor-core tiles (which at 1 row waste 15 of 16 rows of every A tile).
     """
 
     path: str
-    config: GemmConfig | None = None
+    config: GemmConfig | GemvConfig | None = None
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
             raise ValueError(f"Plan.path must be one of {PATHS}, got {self.path!r}")
-        if self.config is not None and self.path != "fused":
-            raise ValueError("Plan.config applies to the 'fused' path only")
+        wanted = {"fused": GemmConfig, "gemv": GemvConfig}.get(self.path)
+        if self.config is not None and (wanted is None or not isinstance(self.config, wanted)):
+            raise ValueError(
+                "Plan.config must be a GemmConfig for the 'fused' path, a GemvConfig for 'gemv', "
+                f"and None for 'gather_mm'; got {type(self.config).__name__} for {self.path!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -184,7 +245,9 @@ class Plan:
     def from_name(cls, name: str) -> Plan:
         """Inverse of :attr:`name`: ``gather_mm``, ``fused`` or ``fused:<GemmConfig name>``."""
         path, _, config = name.partition(":")
-        return cls(path, GemmConfig.from_name(config) if config else None)
+        if not config:
+            return cls(path)
+        return cls(path, (GemvConfig if path == "gemv" else GemmConfig).from_name(config))
 
 
 _PLAN_OVERRIDE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("eagle_fdi_plan", default=None)
@@ -193,15 +256,18 @@ _PLAN_OVERRIDE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("ea
 @contextlib.contextmanager
 def use_plan(plan: Plan | GemmConfig | str | None) -> Iterator[None]:
     """Within the block, every Triton-backend call of both ops uses ``plan`` (a :class:`Plan`, a
-    :class:`GemmConfig` for the fused path, or a plan name); None restores the default choice.
+    :class:`GemmConfig` for the fused path, a :class:`GemvConfig` for the GEMV, or a plan name); None restores the default choice.
     For sweeps and tests; it does not change which backend runs."""
     if isinstance(plan, str):
         plan = Plan.from_name(plan)
     elif isinstance(plan, GemmConfig):
         plan = Plan("fused", plan)
+    elif isinstance(plan, GemvConfig):
+        plan = Plan("gemv", plan)
     elif plan is not None and not isinstance(plan, Plan):
         raise TypeError(
-            f"use_plan takes a Plan, a GemmConfig, a plan name or None, got {type(plan).__name__}"
+            "use_plan takes a Plan, a GemmConfig, a GemvConfig, a plan name or None, "
+            f"got {type(plan).__name__}"
         )
     token = _PLAN_OVERRIDE.set(plan)
     try:
@@ -500,6 +566,89 @@ def _splitk_reduce_kernel(
 
 
 @triton.jit(do_not_specialize=["M"])
+def _segments_gemv_kernel(
+    out_ptr,
+    bias_ptr,
+    w_ptr,
+    ids_ptr,
+    seg0_ptr,
+    seg1_ptr,
+    seg2_ptr,
+    M,
+    N,
+    K,
+    stride_s0m,
+    stride_s0k,
+    stride_s1m,
+    stride_s1k,
+    stride_s2m,
+    stride_s2k,
+    stride_wn,
+    stride_wk,
+    stride_om,
+    stride_on,
+    GATHER_SEG0: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The same product as :func:`_fused_segments_linear_kernel` for a few rows, without tensor cores.
+
+    Program (column block, row block) holds ``prod[ROWS, BLOCK_N, BLOCK_K]`` fp32 partial products:
+    every K tile adds ``a[r, k] * w[n, k]`` elementwise (FMAs only, no cross-lane traffic inside the
+    loop), and one sum over k at the end gives the outputs. Each W element is read by exactly one
+    program per row block; A rows (a few KB) come from L2. Rows past M and columns past N re-read the
+    last valid one and are never stored, so with EVEN_K no load is masked.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * ROWS + tl.arange(0, ROWS)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(offs_m, M - 1).to(tl.int64)
+    cols = tl.minimum(offs_n, N - 1).to(tl.int64)
+    if GATHER_SEG0:
+        seg0_rows = tl.load(ids_ptr + rows).to(tl.int64)
+    else:
+        seg0_rows = rows
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + cols[:, None] * stride_wn  # [BLOCK_N, 1]
+
+    prod = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for segment in tl.static_range(NUM_SEGMENTS):
+        if segment == 0:
+            a_rows = seg0_ptr + seg0_rows * stride_s0m
+            stride_ak = stride_s0k
+        elif segment == 1:
+            a_rows = seg1_ptr + rows * stride_s1m
+            stride_ak = stride_s1k
+        else:
+            a_rows = seg2_ptr + rows * stride_s2m
+            stride_ak = stride_s2k
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            a_ptrs = a_rows[:, None] + k[None, :] * stride_ak  # [ROWS, BLOCK_K]
+            w_ptrs = w_rows + (segment * K + k)[None, :] * stride_wk  # [BLOCK_N, BLOCK_K]
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_in = k < K
+                a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_in[None, :], other=0.0)
+            prod += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+    acc = tl.sum(prod, axis=2)  # [ROWS, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    store_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _pack_segments_kernel(
     dst_ptr,
     ids_ptr,
@@ -562,11 +711,32 @@ class _Launch(NamedTuple):
     meta: dict
 
 
+def _gemv_rows(config: GemvConfig, M: int) -> int:
+    """Rows per GEMV program: the config's, or fewer (the next power of two of M) for fewer rows."""
+    return min(config.block_m, _next_pow2(M))
+
+
 def _make_launch(
     plan: Plan, M: int, N: int, segments: int, dtype: torch.dtype, sms: int, gather: bool, has_bias: bool
 ) -> _Launch:
     if plan.path == "gather_mm":
         return _Launch("gather_mm", (0, 0), 1, {})
+    if plan.path == "gemv":
+        config = plan.config or DEFAULT_GEMV
+        rows = _gemv_rows(config, M)
+        grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, rows))
+        meta = dict(
+            GATHER_SEG0=gather,
+            NUM_SEGMENTS=segments,
+            HAS_BIAS=has_bias,
+            EVEN_K=N % config.block_k == 0,
+            ROWS=rows,
+            BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
+        return _Launch("gemv", grid, 1, meta)
     config = plan.config or heuristic_config(M, N, segments, dtype.itemsize, sms)
     split = max(1, min(config.split_k, segments * triton.cdiv(N, config.block_k)))  # K == N == H
     grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), split)
@@ -643,6 +813,31 @@ def _run_fused_gemm(out, fc_weight, fc_bias, segments, token_ids, launch: _Launc
         )
 
 
+def _run_gemv(out, fc_weight, fc_bias, segments, token_ids, launch: _Launch) -> None:
+    """The few-rows Triton GEMV into ``out`` ``[M, N]``."""
+    if _interpreted_bf16(out):
+        out32 = out.float()
+        _run_gemv(out32, fc_weight, fc_bias, segments, token_ids, launch)
+        out.copy_(out32)
+        return
+    M, N = out.shape
+    seg, seg_strides = _segment_strides(segments)
+    _segments_gemv_kernel[launch.grid](
+        out,
+        fc_bias if fc_bias is not None else out,
+        fc_weight,
+        token_ids if token_ids is not None else out,
+        *seg,
+        M,
+        N,
+        N,  # K: every segment is H wide, as the output
+        *seg_strides,
+        *fc_weight.stride(),
+        *out.stride(),
+        **launch.meta,
+    )
+
+
 def _run_gather_mm(out, fc_weight, fc_bias, segments, token_ids) -> None:
     """Pack the segments into an internal ``[M, S*K]`` scratch (one Triton copy kernel), then one
     ``addmm`` -- the call ``F.linear`` makes on the concatenation, hence the same result."""
@@ -683,6 +878,8 @@ def _launch_segments_linear(out, fc_weight, fc_bias, segments, token_ids=None):
         launch = _override_launch(plan, M, N, len(segments), out.dtype, sms, gather, has_bias)
     if launch.path == "gather_mm":
         _run_gather_mm(out, fc_weight, fc_bias, segments, token_ids)
+    elif launch.path == "gemv":
+        _run_gemv(out, fc_weight, fc_bias, segments, token_ids, launch)
     else:
         _run_fused_gemm(out, fc_weight, fc_bias, segments, token_ids, launch)
     return out

@@ -16,7 +16,8 @@
 #          (scripts/probe_cxx_exceptions.py); the extension is then built in place with the first compiler
 #          whose build raises (checked on the built extension; CPU, background)
 #   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times);
-#          sweep_fdi: only the fused_draft_input one
+#          sweep_fdi: only the fused_draft_input one (SWEEP_FDI_ARGS: more arguments, e.g. "--rows 1 16";
+#          FDI_BUDGET: its --budget-s)
 #   tests  kernel tests and the GPU tests of the decoding loop (CUDA graphs) on CUDA
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
@@ -44,6 +45,7 @@ else
     LOOP_ARGS="--temperature 0 1 --repeats 2" LOOP_EAGER_7B=1 CAP_E2E=110 DEADLINE=${DEADLINE:-0} BENCH_K=""
     E2E_ARGS="--batch 1 4 16 --temperature 0 1 --num-prompts 8 --new-tokens 128 --repeats 2"
 fi
+[ -n "${FDI_BUDGET:-}" ] && SWEEP_FDI=($((FDI_BUDGET + 20)) "$FDI_BUDGET")  # override the profile's
 W=${W:-/tmp/ew}
 STAGES=${*:-probe sweep tests bench loop e2e}
 mkdir -p "$OUT" "$W"
@@ -93,7 +95,8 @@ if want sweep || want sweep_fdi; then
         EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_TA[0]}) python3 bench/sweep_tree_attention.py --budget-s ${SWEEP_TA[1]} >"$W/sweep_ta.log" 2>&1
         log "sweep tree_attention rc=$? $(tail -1 "$W/sweep_ta.log")"
     fi
-    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_FDI[0]}) python3 bench/sweep_fused_draft_input.py --eagle3 --budget-s ${SWEEP_FDI[1]} >"$W/sweep_fdi.log" 2>&1
+    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_FDI[0]}) python3 bench/sweep_fused_draft_input.py --eagle3 --budget-s ${SWEEP_FDI[1]} \
+        ${SWEEP_FDI_ARGS:-} >"$W/sweep_fdi.log" 2>&1
     log "sweep fused_draft_input rc=$? $(tail -1 "$W/sweep_fdi.log")"
     cp bench/results/sweep_*.json "$W/" 2>/dev/null
     pack sweep "$W"/sweep_*

@@ -216,6 +216,9 @@ PLANS = [
     "fused:bm16_bn16_bk16_gm8_sk3_w4_st2",  # split-K with an uneven split (and an empty one at H=32)
     "fused:bm16_bn32_bk32_gm2_sk1_w4_st2",  # H=48: masked K tail; 3 row blocks swizzled in groups of 2
     "fused:bm32_bn16_bk64_gm1_sk2_w4_st2",  # block_k > H: one masked tile per segment, split over them
+    "gemv:bm1_bn16_bk16_w4_st1",  # one row per program; H=48: 3 column blocks, even K
+    "gemv:bm4_bn8_bk32_w2_st1",  # 4-row blocks (last one partial), masked K tail at H=48
+    "gemv:bm8_bn32_bk16_w4_st1",  # column block wider than H=32 (clamped columns, never stored)
 ]
 PLAN_CASES = [  # (op, rows, H, bias, id dtype)
     ("draft", 5, 32, True, torch.int32),
@@ -268,7 +271,7 @@ def test_default_plans_route_to_their_path(monkeypatch, plan_cache):
     """Below GATHER_MM_MIN_ROWS the fused GEMM runs, from it on gather_mm; use_plan overrides both,
     and leaving the block restores the default."""
     calls = []
-    for name in ("_run_fused_gemm", "_run_gather_mm"):
+    for name in ("_run_fused_gemm", "_run_gather_mm", "_run_gemv"):
         real = getattr(fdi, name)
         monkeypatch.setattr(fdi, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     few = make_draft_case((3,), 16, 20, torch.float32, torch.int64, True, seed=1)
@@ -284,8 +287,24 @@ def test_default_plans_route_to_their_path(monkeypatch, plan_cache):
         run_with_backend("triton", fused_draft_input, *few)
     with fdi.use_plan(fdi.GemmConfig(16, 16, 16)):
         run_with_backend("triton", fused_draft_input, *many)
+    with fdi.use_plan(fdi.GemvConfig(2, 8, 16)):
+        out = run_with_backend("triton", fused_draft_input, *few)
+    assert_matches(out, fused_draft_input_ref, few, torch.float32)
+    with fdi.use_plan("gemv"):
+        run_with_backend("triton", fused_draft_input, *few)
     run_with_backend("triton", fused_draft_input, *few)
-    assert calls == ["_run_gather_mm", "_run_fused_gemm", "_run_fused_gemm"]
+    assert calls == ["_run_gather_mm", "_run_fused_gemm", "_run_gemv", "_run_gemv", "_run_fused_gemm"]
+
+
+@NEEDS_TRITON
+def test_gemv_launch_grid_covers_rows_and_columns():
+    """A GEMV program covers min(block_m, next power of two of M) rows: a 1-row call launches one
+    row block of one row, not eight; columns are split in block_n blocks."""
+    plan = fdi.Plan("gemv", fdi.GemvConfig(8, 16, 64))
+    for M, rows, row_blocks in ((1, 1, 1), (3, 4, 1), (8, 8, 1), (9, 8, 2), (40, 8, 5)):
+        launch = fdi._make_launch(plan, M, 100, 2, torch.bfloat16, 132, True, True)
+        assert launch.path == "gemv" and launch.meta["ROWS"] == rows
+        assert launch.grid == (7, row_blocks) and launch.meta["EVEN_K"] is False
 
 
 @pytest.mark.parametrize("H", [1024, 2048, 4096, 5120, 8192])
@@ -312,7 +331,10 @@ def test_heuristic_config_properties(H, rows, segments, itemsize):
 def test_plan_and_config_names_round_trip():
     cfg = fdi.GemmConfig(16, 32, 256, group_m=4, split_k=2, num_warps=8, num_stages=5)
     assert cfg.name == "bm16_bn32_bk256_gm4_sk2_w8_st5" and fdi.GemmConfig.from_name(cfg.name) == cfg
-    for plan in (fdi.Plan("gather_mm"), fdi.Plan("fused"), fdi.Plan("fused", cfg)):
+    gemv = fdi.GemvConfig(2, 16, 256, num_warps=8, num_stages=1)
+    assert gemv.name == "bm2_bn16_bk256_w8_st1" and fdi.GemvConfig.from_name(gemv.name) == gemv
+    plans = (fdi.Plan("gather_mm"), fdi.Plan("fused"), fdi.Plan("fused", cfg), fdi.Plan("gemv"))
+    for plan in (*plans, fdi.Plan("gemv", gemv)):
         assert fdi.Plan.from_name(plan.name) == plan
 
 
@@ -327,10 +349,17 @@ def test_plan_and_config_names_round_trip():
         (lambda: fdi.GemmConfig(16, 16, 16, num_stages=0), "num_stages must be in"),
         (lambda: fdi.GemmConfig.from_name("bm16_bn16"), "not a GemmConfig name"),
         (lambda: fdi.Plan("cublas"), "Plan.path must be one of"),
-        (
-            lambda: fdi.Plan("gather_mm", fdi.GemmConfig(16, 16, 16)),
-            "config applies to the 'fused' path only",
-        ),
+        (lambda: fdi.Plan("gather_mm", fdi.GemmConfig(16, 16, 16)), "None for 'gather_mm'"),
+        (lambda: fdi.Plan("fused", fdi.GemvConfig(1, 16, 16)), "GemmConfig for the 'fused' path"),
+        (lambda: fdi.Plan("gemv", fdi.GemmConfig(16, 16, 16)), "GemvConfig for 'gemv'"),
+        (lambda: fdi.GemvConfig(3, 16, 16), "block_m must be a power of two in"),
+        (lambda: fdi.GemvConfig(16, 16, 16), "block_m must be a power of two in"),
+        (lambda: fdi.GemvConfig(1, 24, 16), "block_n must be a power of two in"),
+        (lambda: fdi.GemvConfig(1, 16, 8192), "block_k must be a power of two in"),
+        (lambda: fdi.GemvConfig(8, 32, 64), "exceeds GEMV_MAX_TILE"),
+        (lambda: fdi.GemvConfig(1, 16, 16, num_warps=6), "num_warps must be"),
+        (lambda: fdi.GemvConfig(1, 16, 16, num_stages=9), "num_stages must be in"),
+        (lambda: fdi.GemvConfig.from_name("bm1_bn16_bk16_gm8_sk1_w4_st3"), "not a GemvConfig name"),
     ],
 )
 def test_bad_plans_raise(make, match):
@@ -339,7 +368,9 @@ def test_bad_plans_raise(make, match):
 
 
 def test_use_plan_rejects_other_types():
-    with pytest.raises(TypeError, match="use_plan takes a Plan, a GemmConfig, a plan name or None"):
+    with pytest.raises(
+        TypeError, match="use_plan takes a Plan, a GemmConfig, a GemvConfig, a plan name or None"
+    ):
         with fdi.use_plan(3):
             pass
 
@@ -630,6 +661,8 @@ def test_gpu_plans_match_reference(N, H):
         fdi.Plan("gather_mm"),
         fdi.Plan.from_name("fused:bm16_bn64_bk128_gm8_sk4_w4_st4"),
         fdi.Plan.from_name("fused:bm64_bn128_bk64_gm8_sk1_w4_st4"),
+        fdi.Plan("gemv"),
+        fdi.Plan.from_name("gemv:bm4_bn8_bk256_w4_st3"),
     ]
     draft = make_draft_case((N,), H, 32000, torch.bfloat16, torch.int32, True, device=cuda, seed=N)
     eagle3 = make_eagle3_case((N,), H, torch.bfloat16, False, device=cuda, seed=N)
@@ -640,7 +673,9 @@ def test_gpu_plans_match_reference(N, H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", [None, "gather_mm", "fused:bm16_bn64_bk128_gm8_sk4_w4_st4"])
+@pytest.mark.parametrize(
+    "plan", [None, "gather_mm", "fused:bm16_bn64_bk128_gm8_sk4_w4_st4", "gemv:bm2_bn16_bk256_w4_st3"]
+)
 def test_gpu_cuda_graph_replay_matches_eager(plan):
     """Every path (split-K's workspace and gather_mm's scratch are allocated per call) can be
     captured in a CUDA graph; a replay on new features equals an eager call."""
