@@ -561,6 +561,28 @@ def aot_report(plan, shape: Shape, arch: int) -> dict:
     return report
 
 
+def aot_gemv_report(plan, shape: Shape, arch: int) -> dict:
+    """Compile one GEMV plan for ``shape`` (1 row, the decode case) and check that it fits in shared
+    memory; its loads are plain vector loads by design (no async copies to check)."""
+    fdi = _fdi()
+    launch = fdi._make_launch(
+        plan, 1, shape.hidden, shape.segments, DTYPES[shape.dtype], fdi.DEFAULT_NUM_SMS, True, True
+    )
+    meta = dict(launch.meta)
+    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    unit = dict(stride_s0k=1, stride_s1k=1, stride_s2k=1, stride_wk=1, stride_on=1)
+    types = {n: "i32" for n in fdi._segments_gemv_kernel.arg_names}
+    pointers = ("out_ptr", "bias_ptr", "w_ptr", "seg0_ptr", "seg1_ptr", "seg2_ptr")
+    types.update({n: f"*{shape.dtype}" for n in pointers}, ids_ptr="*i64")
+    report = {"gemv_plan": plan.name, "shape": shape.label}
+    try:
+        compiled = _aot_compile(fdi._segments_gemv_kernel, types, dict(meta, **unit), options, arch)
+    except Exception as err:
+        return {**report, "ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
+    shared = compiled.metadata.shared
+    return {**report, "shared_bytes": shared, "ok": shared <= SM90_MAX_SHARED}
+
+
 def _aot_compile(kernel, types: dict, constexprs: dict, options: dict, arch: int):
     """Compile ``kernel`` for ``cuda:<arch>``: ``types`` maps the runtime arguments to Triton types
     (pointers and every int but M get the 16-divisibility the JIT would see)."""
@@ -612,15 +634,28 @@ def aot_helper_kernels(arch: int, dtype: str = "bf16") -> dict:
 
 
 def run_aot_check(args) -> int:
-    """Compile the default plan of every sweep shape (and with ``--all`` every candidate) for sm_90;
-    exit status 1 when a default plan does not compile, fit in shared memory, or pipeline."""
+    """Compile the default plans of every sweep shape (the shape heuristic's and the ones built in for
+    ``--arch``; with ``--all`` every candidate) for sm_90; exit status 1 when a default plan does not
+    compile, fit in shared memory, or pipeline."""
     fdi = _fdi()
     shapes = sweep_shapes(args)
     seen: set[tuple] = set()
     failures = 0
     for shape in shapes:
-        plans = candidate_plans(shape, torch.device("cpu"))
-        for rank, plan in enumerate(plans if args.all else plans[:1]):
+        plans = candidate_plans(shape, torch.device("cpu"))  # no GPU: the heuristic's plan first
+        capability = (args.arch // 10, args.arch % 10)
+        builtin = fdi._default_plan(
+            shape.rows, shape.hidden, shape.segments, DTYPES[shape.dtype], fdi.DEFAULT_NUM_SMS, capability
+        )
+        for rank, plan in [(0, builtin), *enumerate(plans if args.all else plans[:1])]:
+            if plan.path == "gemv":
+                key = (plan.name, shape.hidden, shape.segments, shape.dtype)
+                if key not in seen:
+                    seen.add(key)
+                    report = aot_gemv_report(plan, shape, args.arch)
+                    failures += int(rank == 0 and not report["ok"])
+                    print(json.dumps(report))
+                continue
             if plan.path != "fused":
                 continue
             config = plan.config or fdi.heuristic_config(
@@ -637,7 +672,7 @@ def run_aot_check(args) -> int:
         failures += int(not report["ok"])
         print(json.dumps({"kernel": name, **report}))
     print(
-        f"aot-check sm_{args.arch}: {len(seen)} GEMM kernels, {failures} default plan(s) or helper kernels failing"
+        f"aot-check sm_{args.arch}: {len(seen)} GEMM/GEMV kernels, {failures} default plan(s) or helper kernels failing"
     )
     return 1 if failures else 0
 

@@ -12,18 +12,22 @@ from __future__ import annotations
 # sm_90, measured on an NVIDIA H200 (2026-11-26, commit 74abe79, torch 2.11, triton 3.6);
 # bench/results/sweep_fused_draft_input_NVIDIA-H200.json. The heuristic's tiles were 1.5x slower
 # than these at 1 row of H = 4096 (39.9 vs 26.5 us); cuBLAS (gather_mm) wins from 64 rows and at H = 8192.
+# The 1-row entries are the GEMV path since an NVIDIA H100 run (2026-11-26, commit 988181b;
+# sweep_fused_draft_input_NVIDIA-H100-80GB-HBM3.json): as fast as the best tensor-core plan there
+# (kernel times in the comments, H100) and one launch without a split-K workspace, so an eager call
+# costs about half (H 4096: 77 vs 140 us).
 SM90 = (
-    (4096, 2, "bf16", 1, "fused:bm16_bn64_bk128_gm8_sk4_w4_st4"),  # 26.5 us, unfused 33.0 us
+    (4096, 2, "bf16", 1, "gemv:bm1_bn8_bk512_w4_st3"),  # H100 34.6 us (split-K 4 fused: 35.1), unfused 41.4
     (4096, 2, "bf16", 16, "fused:bm16_bn32_bk256_gm8_sk2_w4_st3"),  # 26.3 us, unfused 32.1 us
     (4096, 2, "bf16", 64, "gather_mm"),  # 28.3 us, unfused 30.4 us
     (4096, 2, "bf16", 512, "gather_mm"),  # 51.8 us, unfused 55.4 us
     (4096, 2, "bf16", 4096, "gather_mm"),  # 380.1 us, unfused 382.6 us
-    (8192, 2, "bf16", 1, "gather_mm"),  # 75.2 us, unfused 79.1 us
+    (8192, 2, "bf16", 1, "gemv:bm1_bn8_bk512_w4_st3"),  # H100 102.3 us (gather_mm 103.7), unfused 107.3
     (8192, 2, "bf16", 16, "gather_mm"),  # 72.8 us, unfused 75.0 us
     (8192, 2, "bf16", 64, "gather_mm"),  # 78.4 us, unfused 80.2 us
     (8192, 2, "bf16", 512, "gather_mm"),  # 183.4 us, unfused 184.7 us
     (8192, 2, "bf16", 4096, "gather_mm"),  # 1437.4 us, unfused 1428.7 us
-    (4096, 3, "bf16", 1, "fused:bm16_bn64_bk128_gm8_sk4_w4_st4"),  # 35.6 us, unfused 38.0 us
+    (4096, 3, "bf16", 1, "gemv:bm1_bn8_bk1024_w8_st3"),  # H100 46.7 us (split-K 4 fused: 46.9), unfused 48.0
     (4096, 3, "bf16", 16, "fused:bm16_bn32_bk256_gm8_sk1_w4_st4"),  # 34.4 us, unfused 37.3 us
     (4096, 3, "bf16", 64, "gather_mm"),  # 40.1 us, unfused 40.0 us
     (4096, 3, "bf16", 512, "gather_mm"),  # 73.6 us, unfused 73.8 us

@@ -616,7 +616,7 @@ def test_default_plans_compile_and_pipeline_for_sm90():
     """Without a GPU: lower the fused GEMM of every default decode plan of the sweep's shapes (H 4096
     and 8192, EAGLE-1/2 and EAGLE-3) to sm_90 and check that it fits in shared memory and that every
     A load (embedding rows, features) and W load of the K loop became a pipelined async copy; the
-    split-K reduction and the gather_mm packing kernel must compile too."""
+    default GEMV plans, the split-K reduction and the gather_mm packing kernel must compile too."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     script = Path(__file__).resolve().parents[2] / "bench" / "sweep_fused_draft_input.py"
     proc = subprocess.run(
@@ -630,6 +630,8 @@ def test_default_plans_compile_and_pipeline_for_sm90():
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     gemms = [r for r in reports if "plan" in r]
     assert len(gemms) >= 4 and all(r["ok"] and r["async_copies"] >= 4 for r in gemms), gemms
+    gemvs = [r for r in reports if "gemv_plan" in r]  # the built-in 1-row plans are GEMVs
+    assert len(gemvs) >= 1 and all(r["ok"] for r in gemvs), gemvs
     assert {r["kernel"] for r in reports if "kernel" in r} == {"splitk_reduce", "pack_segments"}
 
 
