@@ -9,7 +9,9 @@ Two times are recorded for every CUDA benchmark:
   into a CUDA graph and the graph's replays are timed with CUDA events, so neither Python nor
   launch latency is counted. By default the L2 cache is flushed before every captured call (a
   ``2 x L2`` memset captured between calls) and the time of an identical graph of memsets alone is
-  subtracted, so operands that would fit in L2 are still read from HBM. Calls that cannot be
+  subtracted, so operands that would fit in L2 are still read from HBM. ``EAGLE_BENCH_L2_FLUSH=read``
+  flushes by reading the buffer instead (a max-reduction): the timed call then starts with clean L2
+  lines, not with the memset's dirty ones, which it would otherwise write back to HBM while it runs. Calls that cannot be
   captured (a host sync, an allocation pattern the graph pool refuses) fall back to
   ``triton.testing.do_bench`` on the plain call, which includes launch overhead; the method used is
   recorded next to the time.
@@ -21,6 +23,7 @@ given FLOPs) and the fraction of the roofline time ``max(bytes / HBM bandwidth, 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -135,6 +138,18 @@ class KernelTime:
     note: str = ""  # why the fallback was used
 
 
+L2_FLUSH_ENV = "EAGLE_BENCH_L2_FLUSH"
+L2_FLUSH_KINDS = ("write", "read")
+
+
+def l2_flush_kind() -> str:
+    """How kernel timings flush L2 between calls: ``write`` (memset, the default) or ``read``."""
+    kind = os.environ.get(L2_FLUSH_ENV, "write") or "write"
+    if kind not in L2_FLUSH_KINDS:
+        raise ValueError(f"{L2_FLUSH_ENV}={kind!r}: expected one of {L2_FLUSH_KINDS}")
+    return kind
+
+
 def _l2_flush_bytes(device: torch.device) -> int:
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
     return max(2 * l2, 64 * 2**20)
@@ -181,16 +196,21 @@ def _graph_kernel_time(
     flush = None
     if flush_l2:
         device = torch.device("cuda", torch.cuda.current_device())
-        flush = torch.empty(_l2_flush_bytes(device), dtype=torch.int8, device=device)
+        buffer = torch.zeros(_l2_flush_bytes(device) // 4, dtype=torch.int32, device=device)
+        if l2_flush_kind() == "read":
+            peak = torch.empty((), dtype=torch.int32, device=device)
+            flush = lambda: torch.amax(buffer, dim=0, out=peak)  # noqa: E731
+        else:
+            flush = buffer.zero_
 
     def body() -> None:
         for _ in range(calls):
             if flush is not None:
-                flush.zero_()
+                flush()
             fn()
 
     graph = _capture(body)
-    base = _capture(lambda: [flush.zero_() for _ in range(calls)]) if flush is not None else None
+    base = _capture(lambda: [flush() for _ in range(calls)]) if flush is not None else None
     graph.replay()  # first replay uploads the graph
     if base is not None:
         base.replay()
@@ -200,7 +220,8 @@ def _graph_kernel_time(
         ms = _replay_ms(graph)
         per_replay.append(ms - (_replay_ms(base) if base is not None else 0.0))
     us = max(statistics.median(per_replay), 0.0) * 1e3 / calls
-    return KernelTime(us, "cuda_graph", calls, replays, flush_l2)
+    note = f"L2 flush: {l2_flush_kind()}" if flush_l2 else ""
+    return KernelTime(us, "cuda_graph", calls, replays, flush_l2, note)
 
 
 def measure_cuda_kernel_time(
