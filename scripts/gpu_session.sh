@@ -22,6 +22,8 @@
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
+#   profile (not default) where a round's device time goes, by kernel (bench/profile_round.py, CUDA graphs,
+#          tiny-code pair, dynamic and chain trees, B 1 and 4), and the op counts (bench/count_ops.py, CPU)
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
 #   assistant (not default) a 2-layer model of the tiny-code target's tokenizer and data for the Hugging
 #          Face assisted-generation peer of `eagle bench` (export: eagle/assets/tiny-code/assistant layout)
@@ -153,6 +155,16 @@ if want e2e; then
     log "e2e rc=$? $(tail -1 "$W/e2e.log")"
     cp bench/results/e2e_*H[0-9]*.json bench/results/e2e_*H[0-9]*.png "$W/" 2>/dev/null
     pack e2e "$W"/e2e*
+fi
+
+if want profile; then
+    for args in "--tree dynamic --batch 1" "--tree chain --batch 1" "--tree dynamic --batch 4"; do
+        timeout $(cap 60) python3 bench/profile_round.py --device cuda --cuda-graph $args --top 25 >>"$W/profile.log" 2>&1
+        log "profile_round $args rc=$?"
+    done
+    timeout $(cap 60) python3 bench/count_ops.py --trees dynamic static chain >"$W/count_ops.log" 2>&1
+    log "count_ops rc=$?"
+    pack profile "$W/profile.log" "$W/count_ops.log"
 fi
 
 if want train; then

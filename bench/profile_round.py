@@ -1,0 +1,154 @@
+"""Where a decoding round's time goes on a device: device time by kernel, device busy vs wall time.
+
+``bench/count_ops.py`` counts what a round launches; this measures what the launches cost. It runs one
+warm-up generation (which also captures the CUDA graphs), then profiles one speculative generation and
+one plain generation with ``torch.profiler`` (CUPTI records the kernels of graph replays one by one)
+and prints, per round and per plain step: wall time, summed kernel time (how busy the device was),
+kernel count, and the kernels that take the most time. The prefill is taken out: a run of one new
+token is profiled too and subtracted, kernel by kernel.
+
+    python bench/profile_round.py --device cuda --cuda-graph             # tiny-code pair, dynamic tree, B 1
+    python bench/profile_round.py --device cuda --cuda-graph --tree chain --batch 4 --top 30
+    python bench/profile_round.py                                        # CPU: operator times instead
+
+A round whose kernel time is far below its wall time is bound by the host (Python, launches, syncs);
+one whose kernel time is close to it is bound by the kernels listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eagle.api import load  # noqa: E402
+from eagle.models import generate_plain  # noqa: E402
+from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prompts(model, batch: int, length: int) -> list[list[int]]:
+    from eagle.train.tinycode import heldout_prompts
+
+    files = heldout_prompts(model.tokenizer, batch, length)
+    return [files[i % len(files)] for i in range(batch)]
+
+
+def device_events(prof, device: torch.device) -> list[tuple[str, float]]:
+    """(name, microseconds) of every kernel (CUDA) or top-level operator (CPU) the profiler saw."""
+    out = []
+    for e in prof.events():
+        if device.type == "cuda":
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                out.append((e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time))
+        elif e.cpu_parent is None and e.name.startswith(("aten::", "eagle")):
+            out.append((e.name, e.cpu_time_total))
+    return out
+
+
+def _totals(events) -> dict[str, list[float]]:
+    """{name: [summed microseconds, calls]}."""
+    by_name: dict[str, list[float]] = {}
+    for name, us in events:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
+    return by_name
+
+
+def summarise(label: str, run, less, units: int, unit_name: str, top: int) -> dict:
+    """Per-unit figures of ``run`` = (events, wall seconds) minus ``less`` (the same for a run that
+    differs only by not doing the ``units`` rounds or steps: the prefill), by kernel name."""
+    totals, base = _totals(run[0]), _totals(less[0])
+    for name, (us, calls) in base.items():
+        totals.setdefault(name, [0.0, 0])
+        totals[name][0] -= us
+        totals[name][1] -= calls
+    per = max(units, 1)
+    wall_s = run[1] - less[1]
+    total_us = sum(us for us, _ in totals.values())
+    calls = sum(c for _, c in totals.values())
+    print(
+        f"\n{label}: {units} {unit_name}s; per {unit_name}: wall {wall_s * 1e3 / per:.3f} ms, "
+        f"device busy {total_us / 1e3 / per:.3f} ms ({total_us / 1e6 / max(wall_s, 1e-9):.0%} of wall), "
+        f"{calls / per:.1f} kernels"
+    )
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])
+    for name, (us, n) in ranked[:top]:
+        print(f"  {us / per:9.1f} us  {n / per:6.1f}x  {us / max(n, 1):7.2f} us each  {name[:110]}")
+    return {
+        "units": units,
+        "wall_ms_per": wall_s * 1e3 / per,
+        "busy_ms_per": total_us / 1e3 / per,
+        "kernels_per": calls / per,
+        "top": [(name, us / per, n / per) for name, (us, n) in ranked[:top]],
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny-code")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--tree", default="dynamic", help="dynamic, static or chain")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--cuda-graph", action="store_true")
+    p.add_argument("--top", type=int, default=20)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    model = load(args.model, device=device, dtype=getattr(torch, args.dtype))
+    prompts = _prompts(model, args.batch, 100)
+    sampling = SamplingParams(temperature=args.temperature)
+    decoder = SpeculativeDecoder(
+        model.target, model.head, model._tree(args.tree, args.batch), cuda_graph=args.cuda_graph
+    )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def speculative(new_tokens: int) -> int:
+        return sum(1 for _ in decoder.run(prompts, new_tokens, sampling, seed=0)) - 1  # rounds
+
+    def plain(new_tokens: int) -> int:
+        generate_plain(model.target, prompts, new_tokens, temperature=args.temperature,
+                       cuda_graph=args.cuda_graph)  # fmt: skip
+        return new_tokens
+
+    def profiled(fn, new_tokens: int) -> tuple[tuple[list, float], int]:
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            units = fn(new_tokens)
+            _sync(device)
+            wall = time.perf_counter() - t0
+        return (device_events(prof, device), wall), units
+
+    for fn in (speculative, plain):  # warm-up: compiles, captures and keeps the graphs
+        fn(args.new_tokens)
+    _sync(device)
+    results = {}
+    for label, fn, unit in (("EAGLE " + args.tree, speculative, "round"), ("plain", plain, "step")):
+        short, _ = profiled(fn, 1)  # prefill and the first token only
+        full, units = profiled(fn, args.new_tokens)
+        results[label] = summarise(label, full, short, units - (1 if unit == "step" else 0), unit, args.top)
+    spec, base = results["EAGLE " + args.tree], results["plain"]
+    print(
+        f"\nround / plain step: wall {spec['wall_ms_per'] / base['wall_ms_per']:.2f}x, "
+        f"device busy {spec['busy_ms_per'] / max(base['busy_ms_per'], 1e-9):.2f}x, "
+        f"kernels {spec['kernels_per'] / max(base['kernels_per'], 1e-9):.2f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,39 @@
+"""The analysis scripts of bench/ that are not pytest-benchmark modules run and report sane figures."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EAGLE_CPU_")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_count_ops_counts_a_round_by_phase():
+    """The GPU code path's op counts: a chain round's verify is one target forward over the tree (as
+    many ops as a plain step, give or take the sampling), drafting launches ops too, and every phase
+    is reported."""
+    out = _run("count_ops.py", "--trees", "chain", "--new-tokens", "8", "--top", "3")
+    step = float(re.search(r"plain step: ([\d.]+) ops", out).group(1))
+    phases = dict((m.group(1), float(m.group(2))) for m in re.finditer(r"^  (\w+)\s+([\d.]+) ops", out, re.M))
+    assert set(phases) == {"draft", "verify", "accept", "compact", "draft_update"}, out
+    assert step > 12 and 0.8 * step <= phases["verify"] <= 1.2 * step, out
+    assert phases["draft"] > 12 and all(v > 0 for v in phases.values()), out
+    total = float(re.search(r"([\d.]+) ops per round", out).group(1))
+    assert abs(total - sum(phases.values())) < 0.5, out
+
+
+def test_profile_round_reports_rounds_and_steps():
+    out = _run("profile_round.py", "--tree", "chain", "--new-tokens", "6", "--top", "3")
+    assert re.search(r"EAGLE chain: \d+ rounds; per round: wall [\d.]+ ms", out), out
+    assert re.search(r"plain: 5 steps; per step: wall [\d.]+ ms", out), out
+    assert "round / plain step: wall" in out, out
