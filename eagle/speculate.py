@@ -134,6 +134,38 @@ class _Batch:
     warm: bool = False  # CUDA graphs: its first round ran eagerly (kernels compiled, workspaces made)
 
 
+@dataclass
+class _Frozen:
+    """Finished rows kept in a batch (CUDA graphs: the batch state, and so its graph, stays the same).
+
+    Every round still computes them, but after it their committed lengths go back to what they were
+    when they finished: their caches never grow, and nothing they compute is emitted."""
+
+    rows: list[int]  # batch indices of the frozen rows
+    active: list[int]  # batch indices of the others
+    index: torch.Tensor  # [f] int64 on the device: ``rows``
+    target_lengths: torch.Tensor  # [f] int32: their committed lengths when frozen
+    draft_lengths: torch.Tensor  # [f] int32
+
+    @classmethod
+    def of(cls, s: _Batch, rows: list[int]) -> _Frozen:
+        rows = sorted(rows)
+        index = torch.tensor(rows, dtype=torch.int64, device=s.root.device)
+        active = [i for i in range(len(s.emitted)) if i not in set(rows)]
+        return cls(
+            rows,
+            active,
+            index,
+            s.target_cache.seqlens.index_select(0, index),
+            s.draft_cache.seqlens.index_select(0, index),
+        )
+
+    def hold(self, s: _Batch) -> None:
+        """Undo what the last round committed for the frozen rows (in place: graph-safe)."""
+        s.target_cache.seqlens.index_copy_(0, self.index, self.target_lengths)
+        s.draft_cache.seqlens.index_copy_(0, self.index, self.draft_lengths)
+
+
 # Reused buffers are allocated for prompt + new tokens rounded up to this many positions, so that later
 # runs with slightly longer prompts still fit (the attention kernels' cost depends on the committed
 # length, not on the allocation).
@@ -160,12 +192,18 @@ class SpeculativeDecoder:
         graph outlive the run: the next run with the same batch size and sampling parameters whose
         prompt + new tokens fit them prefills into them and replays the graph from its first round, with
         no capture (what serving stacks do per batch size). The 4 most recently used (batch size,
-        sampling) combinations are kept; :meth:`release_buffers` frees them."""
+        sampling) combinations are kept; :meth:`release_buffers` frees them. Rows that finish before the
+        others (EOS) stay in the batch, frozen, so the captured graph keeps replaying
+        (:attr:`keep_finished_rows`; without graphs they are dropped)."""
         if cuda_graph and target.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA target, got one on {target.device}")
         self.target, self.head = target, head
         self.cuda_graph = cuda_graph
         self._graph_failed = False
+        # Rows that finish before the others: dropped from the batch (eager: they stop costing compute),
+        # or, with CUDA graphs, kept and frozen (a smaller batch would be a new batch state, and each
+        # new state costs an eager round plus a capture: more than the frozen rows' share of a replay).
+        self.keep_finished_rows = cuda_graph
         # (batch size, sampling) -> the buffers of a finished run, taken by the next run that fits them
         self._reuse_buffers = cuda_graph
         self._pool: BufferPool[_Batch] = BufferPool()
@@ -223,13 +261,19 @@ class SpeculativeDecoder:
         ones = torch.ones(B, dtype=torch.int64, device=device)
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
         yield emission
-        state = self._drop_finished(state, emission.finished)
+        frozen: _Frozen | None = None
+        state, frozen = self._retire_finished(state, emission.finished, frozen)
         try:
             while state is not None:
                 new_tokens, counts = self._next_round(state, sampling)
                 t0 = time.perf_counter()
-                emission = self._emit(state, new_tokens, counts, max_new_tokens, stop, record=True)
-                state = self._drop_finished(state, emission.finished)
+                if frozen is not None:
+                    frozen.hold(state)
+                active = frozen.active if frozen is not None else None
+                emission = self._emit(
+                    state, new_tokens, counts, max_new_tokens, stop, record=True, active=active
+                )
+                state, frozen = self._retire_finished(state, emission.finished, frozen)
                 if self.times is not None:
                     self.times.other += time.perf_counter() - t0
                     self.times.rounds += 1
@@ -633,13 +677,24 @@ class SpeculativeDecoder:
             raise FloatingPointError(NONFINITE_MESSAGE)
 
     def _emit(
-        self, s: _Batch, new_tokens, counts, max_new_tokens: int, stop: set[int], *, record: bool
+        self,
+        s: _Batch,
+        new_tokens,
+        counts,
+        max_new_tokens: int,
+        stop: set[int],
+        *,
+        record: bool,
+        active: list[int] | None = None,
     ) -> Emission:
-        """Host side of a forward (one sync): cut each row's tokens at EOS and at its budget."""
+        """Host side of a forward (one sync): cut each row's tokens at EOS and at its budget.
+        ``active``: the batch indices to emit for (default all; frozen rows are left out)."""
         rows, toks, cnts = s.rows.tolist(), new_tokens.tolist(), counts.tolist()
         self._raise_if_nonfinite(s)
-        emission = Emission(rows=rows, tokens=[], finished=[])
-        for i, row in enumerate(rows):
+        emission = Emission(rows=[], tokens=[], finished=[])
+        for i in range(len(rows)) if active is None else active:
+            row = rows[i]
+            emission.rows.append(row)
             seq = toks[i][: cnts[i]]
             eos_at = next((j for j, t in enumerate(seq) if t in stop), None)
             if eos_at is not None:
@@ -652,6 +707,23 @@ class SpeculativeDecoder:
             emission.tokens.append(seq)
             emission.finished.append(len(seq) == room or (eos_at is not None and eos_at < room))
         return emission
+
+    def _retire_finished(
+        self, s: _Batch, finished: list[bool], frozen: _Frozen | None
+    ) -> tuple[_Batch | None, _Frozen | None]:
+        """After an emission (``finished``: per emitted row): None when every row is done; else the
+        batch without its finished rows, or with :attr:`keep_finished_rows` the same batch with them
+        frozen."""
+        if not self.keep_finished_rows:
+            return self._drop_finished(s, finished), None
+        active = frozen.active if frozen is not None else list(range(len(s.emitted)))
+        done = [i for i, f in zip(active, finished) if f]
+        if not done:
+            return s, frozen
+        if len(done) == len(active):
+            return None, None
+        frozen = _Frozen.of(s, frozen.rows + done if frozen is not None else done)
+        return s, frozen
 
     @staticmethod
     def _drop_finished(s: _Batch, finished: list[bool]) -> _Batch | None:

@@ -1,0 +1,78 @@
+"""Rows that finish early under CUDA graphs are kept in the batch, frozen, instead of dropped (a smaller
+batch would be a new batch state: an eager round and a new capture). Checked on CPU, where the mode is
+switched on by hand: a frozen row's cache stops growing, nothing more is emitted for it, and every row's
+tokens and accept lengths equal those of the dropping mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle
+from eagle import speculate
+from eagle.speculate import SamplingParams, SpeculativeDecoder
+from eagle.tree import TreeConfig
+
+PROMPTS = ["def add(a, b):\n", "import sys\n\n", "class Queue:\n    def __init__(self):\n"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return eagle.load("tiny-code", dtype=torch.float32)
+
+
+def _run(pair, keep: bool, sampling, eos, n=24):
+    decoder = SpeculativeDecoder(pair.target, pair.head, TreeConfig(depth=3, topk=4, total_tokens=10))
+    decoder.keep_finished_rows = keep
+    ids = [pair.tokenizer.encode(p) for p in PROMPTS]
+    tokens, widths = [[] for _ in ids], []
+    for e in decoder.run(ids, n, sampling, eos_token_ids=eos, seed=11):
+        widths.append(len(e.rows))
+        for row, new in zip(e.rows, e.tokens):
+            tokens[row].extend(new)
+    return tokens, widths, decoder.accept_lengths()
+
+
+def _early_eos(pair, sampling) -> list[int]:
+    """A token that ends row 0 after a few tokens while the other rows run on."""
+    tokens, _, _ = _run(pair, False, sampling, [])
+    for t in tokens[0][2:]:
+        if all(t not in row[:8] for row in tokens[1:]):
+            return [t]
+    pytest.skip("no token ends row 0 early and leaves the others running")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_frozen_rows_give_the_tokens_of_dropped_rows(pair, temperature, monkeypatch):
+    sampling = SamplingParams(temperature)
+    eos = _early_eos(pair, sampling)
+    held = []
+    real_hold = speculate._Frozen.hold
+
+    def spy(self, s):
+        real_hold(self, s)
+        held.append(
+            (
+                tuple(self.rows),
+                s.target_cache.seqlens[self.index].tolist(),
+                s.draft_cache.seqlens[self.index].tolist(),
+            )
+        )
+
+    monkeypatch.setattr(speculate._Frozen, "hold", spy)
+    dropped = _run(pair, False, sampling, eos)
+    monkeypatch.setattr(SpeculativeDecoder, "_drop_finished", lambda *a: pytest.fail("a row was dropped"))
+    kept = _run(pair, True, sampling, eos)
+    assert kept[0] == dropped[0] and kept[2] == dropped[2]  # tokens, accept lengths per row
+    assert kept[0][0][-1] == eos[0] and len(kept[0][0]) < 24
+    assert kept[1] == dropped[1] and min(kept[1]) < len(PROMPTS)  # emissions leave finished rows out
+    assert held, "no round ran with a frozen row"
+    first = {}
+    for rows, target_lengths, draft_lengths in held:  # a frozen row's committed lengths never move
+        for r, t, d in zip(rows, target_lengths, draft_lengths):
+            assert first.setdefault(r, (t, d)) == (t, d)
+
+
+def test_keep_finished_rows_is_the_cuda_graph_default(pair):
+    tree = TreeConfig(depth=3, topk=4, total_tokens=10)
+    assert SpeculativeDecoder(pair.target, pair.head, tree).keep_finished_rows is False
