@@ -15,6 +15,10 @@ On CUDA (the Triton backend) each call follows a :class:`Plan`:
   cuBLAS's GEMM is the fastest there is): one Triton copy kernel packs the segments into an internal
   scratch that is freed after the call (never returned to the caller), then one cuBLAS ``addmm``,
   the same GEMM call as the unfused ``F.linear`` and so the same result bit for bit.
+* ``gemv`` (measured plans only; on sm_90 the 1-row default): one Triton kernel without tensor cores
+  that reads A as ``fused`` does and streams ``fc_weight`` with plain vector loads, each thread
+  keeping fp32 partial products that are summed over k once at the end (:class:`GemvConfig`). At one
+  row it matches the best ``fused`` tiles' time in a single launch with no split-K workspace.
 
 ``EAGLE_KERNELS_FDI_TUNING=<sweep result JSON>`` (``bench/sweep_fused_draft_input.py``) replaces the
 defaults by measured best plans per (H, segments, dtype, rows); :func:`use_plan` forces one plan.
