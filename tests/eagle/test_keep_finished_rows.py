@@ -76,3 +76,22 @@ def test_frozen_rows_give_the_tokens_of_dropped_rows(pair, temperature, monkeypa
 def test_keep_finished_rows_is_the_cuda_graph_default(pair):
     tree = TreeConfig(depth=3, topk=4, total_tokens=10)
     assert SpeculativeDecoder(pair.target, pair.head, tree).keep_finished_rows is False
+
+
+def test_read_back_in_one_copy_equals_separate_reads():
+    """The GPU's single device-to-host copy of a round's results (tokens, counts, row ids, NaN flag)
+    unpacks to what separate reads give."""
+    from eagle.speculate import _Batch
+
+    s = _Batch.__new__(_Batch)
+    s.rows = torch.tensor([4, 0, 7])
+    s.nonfinite = torch.tensor(False)
+    new_tokens = torch.tensor([[5, 6, 0], [9, 0, 0], [1, 2, 3]])
+    counts = torch.tensor([2, 1, 3])
+    separate = SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=False)
+    assert SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=True) == separate
+    assert separate == ([4, 0, 7], new_tokens.tolist(), [2, 1, 3], False)
+    s.nonfinite = torch.tensor(True)
+    assert SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=True)[3] is True
+    s.nonfinite = None
+    assert SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=True)[3] is False
