@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eagle.api import load  # noqa: E402
 from eagle.models import generate_plain  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
+from eagle.tree import TreeConfig  # noqa: E402
 
 PHASES = ("draft", "verify", "accept", "compact", "draft_update")
 # Calls that launch no kernel: allocations without initialisation and metadata-only ops.
@@ -115,10 +116,12 @@ class PhaseRecorder:
         return 0.0
 
 
-def count_round(model, tree: str, batch: int, new_tokens: int, temperature: float) -> dict:
+def count_round(model, tree: str | TreeConfig, batch: int, new_tokens: int, temperature: float) -> dict:
     """Ops per round by phase for one tree kind, counted over every round of one ``run``."""
     prompts = _prompts(model, batch)
-    decoder = SpeculativeDecoder(model.target, model.head, model._tree(tree, batch))
+    decoder = SpeculativeDecoder(
+        model.target, model.head, tree if isinstance(tree, TreeConfig) else model._tree(tree, batch)
+    )
     list(decoder.run(prompts, 4, SamplingParams(temperature=temperature), seed=0))  # warm-up: lazy setup
     counter = OpCounter()
     recorder = PhaseRecorder(counter)
@@ -170,6 +173,14 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--top", type=int, default=8, help="most frequent ops shown per phase")
+    p.add_argument(
+        "--dynamic",
+        nargs=3,
+        type=int,
+        metavar=("DEPTH", "TOPK", "TOKENS"),
+        help="the dynamic tree's shape (default: the one chosen for this CPU; on a GPU the tiny-code pair "
+        "gets depth 4, top-k 8, 32 tokens)",
+    )
     args = p.parse_args(argv)
 
     model = load(args.model, device="cpu", dtype=torch.float32)
@@ -181,7 +192,8 @@ def main(argv=None) -> int:
     for name, n in sorted(step_top.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"    {n:7.1f}  {name}")
     for tree in args.trees:
-        r = count_round(model, tree, args.batch, args.new_tokens, args.temperature)
+        shape = TreeConfig(*args.dynamic) if tree == "dynamic" and args.dynamic else tree
+        r = count_round(model, shape, args.batch, args.new_tokens, args.temperature)
         total = sum(r["per_round"].values())
         print(
             f"\n{tree} tree, batch {args.batch}, T={args.temperature:g}: {total:.1f} ops per round "
