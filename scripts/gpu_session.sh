@@ -22,6 +22,8 @@
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
+#   flushcmp (not default) the 1-row fused_draft_input sweep twice, L2 flushed by a memset (default) and by
+#          a read (EAGLE_BENCH_L2_FLUSH=read): does the memset's dirty-line write-back slow the timed kernel?
 #   profile (not default) where a round's device time goes, by kernel (bench/profile_round.py, CUDA graphs,
 #          tiny-code pair, dynamic and chain trees, B 1 and 4), and the op counts (bench/count_ops.py, CPU)
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
@@ -155,6 +157,15 @@ if want e2e; then
     log "e2e rc=$? $(tail -1 "$W/e2e.log")"
     cp bench/results/e2e_*H[0-9]*.json bench/results/e2e_*H[0-9]*.png "$W/" 2>/dev/null
     pack e2e "$W"/e2e*
+fi
+
+if want flushcmp; then
+    for kind in write read; do
+        EAGLE_BENCH_L2_FLUSH=$kind EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap 60) python3 bench/sweep_fused_draft_input.py \
+            --rows 1 --budget-s 20 --out "$W/sweep_fdi_flush_$kind.json" >"$W/sweep_fdi_flush_$kind.log" 2>&1
+        log "fdi sweep, L2 flush by $kind: rc=$? $(grep -m1 '^best H4096' "$W/sweep_fdi_flush_$kind.log")"
+    done
+    pack flushcmp "$W"/sweep_fdi_flush_*
 fi
 
 if want profile; then
