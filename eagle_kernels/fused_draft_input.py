@@ -777,32 +777,40 @@ def _segment_strides(segments) -> tuple[tuple, tuple[int, ...]]:
     return seg, (*seg[0].stride(), *seg[1].stride(), *seg[2].stride())
 
 
+def _segment_kernel_args(target, out, fc_weight, fc_bias, segments, token_ids) -> tuple:
+    """The runtime arguments shared by the fused GEMM and the GEMV kernel, in their order: the
+    destination, bias, W, ids (unused slots point at ``out``), the three segments, M, N, K and the
+    strides (every segment is H wide, as the output: K == N)."""
+    M, N = out.shape
+    seg, seg_strides = _segment_strides(segments)
+    bias = fc_bias if fc_bias is not None else out
+    ids = token_ids if token_ids is not None else out
+    return (target, bias, fc_weight, ids, *seg, M, N, N, *seg_strides, *fc_weight.stride(), *out.stride())
+
+
+def _fp32_output_when_interpreted(run):
+    """Under the CPU interpreter a bf16 output is computed in fp32 and rounded by torch (see
+    :func:`_interpreted_bf16`)."""
+
+    @functools.wraps(run)
+    def wrapper(out, *args) -> None:
+        if not _interpreted_bf16(out):
+            return run(out, *args)
+        out32 = out.float()
+        run(out32, *args)
+        out.copy_(out32)
+
+    return wrapper
+
+
+@_fp32_output_when_interpreted
 def _run_fused_gemm(out, fc_weight, fc_bias, segments, token_ids, launch: _Launch) -> None:
     """The fused Triton GEMM into ``out`` ``[M, N]`` (split-K: via an fp32 workspace + reduction)."""
-    if _interpreted_bf16(out):
-        out32 = out.float()
-        _run_fused_gemm(out32, fc_weight, fc_bias, segments, token_ids, launch)
-        out.copy_(out32)
-        return
     M, N = out.shape
     split = launch.split
     target = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=out.device)
-    seg, seg_strides = _segment_strides(segments)
-    _fused_segments_linear_kernel[launch.grid](
-        target,
-        fc_bias if fc_bias is not None else out,
-        fc_weight,
-        token_ids if token_ids is not None else out,
-        *seg,
-        M,
-        N,
-        N,  # K: every segment is H wide, as the output
-        *seg_strides,
-        *fc_weight.stride(),
-        *out.stride(),
-        FP32_DOT=out.dtype == torch.float32,
-        **launch.meta,
-    )
+    args = _segment_kernel_args(target, out, fc_weight, fc_bias, segments, token_ids)
+    _fused_segments_linear_kernel[launch.grid](*args, FP32_DOT=out.dtype == torch.float32, **launch.meta)
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
             target,
@@ -817,29 +825,11 @@ def _run_fused_gemm(out, fc_weight, fc_bias, segments, token_ids, launch: _Launc
         )
 
 
+@_fp32_output_when_interpreted
 def _run_gemv(out, fc_weight, fc_bias, segments, token_ids, launch: _Launch) -> None:
     """The few-rows Triton GEMV into ``out`` ``[M, N]``."""
-    if _interpreted_bf16(out):
-        out32 = out.float()
-        _run_gemv(out32, fc_weight, fc_bias, segments, token_ids, launch)
-        out.copy_(out32)
-        return
-    M, N = out.shape
-    seg, seg_strides = _segment_strides(segments)
-    _segments_gemv_kernel[launch.grid](
-        out,
-        fc_bias if fc_bias is not None else out,
-        fc_weight,
-        token_ids if token_ids is not None else out,
-        *seg,
-        M,
-        N,
-        N,  # K: every segment is H wide, as the output
-        *seg_strides,
-        *fc_weight.stride(),
-        *out.stride(),
-        **launch.meta,
-    )
+    args = _segment_kernel_args(out, out, fc_weight, fc_bias, segments, token_ids)
+    _segments_gemv_kernel[launch.grid](*args, **launch.meta)
 
 
 def _run_gather_mm(out, fc_weight, fc_bias, segments, token_ids) -> None:
