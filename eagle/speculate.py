@@ -151,7 +151,8 @@ class _Frozen:
     def of(cls, s: _Batch, rows: list[int]) -> _Frozen:
         rows = sorted(rows)
         index = torch.tensor(rows, dtype=torch.int64, device=s.root.device)
-        active = [i for i in range(len(s.emitted)) if i not in set(rows)]
+        frozen = set(rows)
+        active = [i for i in range(len(s.emitted)) if i not in frozen]
         return cls(
             rows,
             active,
