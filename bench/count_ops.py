@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_loop import prompts_for  # noqa: E402
 from eagle.api import load  # noqa: E402
 from eagle.models import generate_plain  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
@@ -118,14 +119,13 @@ class PhaseRecorder:
 
 def count_round(model, tree: str | TreeConfig, batch: int, new_tokens: int, temperature: float) -> dict:
     """Ops per round by phase for one tree kind, counted over every round of one ``run``."""
-    prompts = _prompts(model, batch)
+    prompts = prompts_for(model, batch, 64)
     decoder = SpeculativeDecoder(
         model.target, model.head, tree if isinstance(tree, TreeConfig) else model._tree(tree, batch)
     )
     list(decoder.run(prompts, 4, SamplingParams(temperature=temperature), seed=0))  # warm-up: lazy setup
     counter = OpCounter()
     recorder = PhaseRecorder(counter)
-    decoder.times = None
     decoder._stamp = recorder.stamp  # the round stamps its phases whether or not it profiles
     with counter:
         for _ in decoder.run(prompts, new_tokens, SamplingParams(temperature=temperature), seed=1):
@@ -142,7 +142,7 @@ def count_round(model, tree: str | TreeConfig, batch: int, new_tokens: int, temp
 def count_plain_step(model, batch: int, new_tokens: int, temperature: float) -> tuple[float, float, dict]:
     """Ops and host syncs per token step of plain decoding (prefill excluded: the difference of two
     runs that differ only in the number of new tokens)."""
-    prompts = _prompts(model, batch)
+    prompts = prompts_for(model, batch, 64)
 
     def run(n: int) -> OpCounter:
         counter = OpCounter()
@@ -154,13 +154,6 @@ def count_plain_step(model, batch: int, new_tokens: int, temperature: float) -> 
     short, long = run(2), run(2 + new_tokens)
     per_step = {k: (long.counts[k] - short.counts[k]) / new_tokens for k in long.counts}
     return (long.total - short.total) / new_tokens, (long.syncs - short.syncs) / new_tokens, per_step
-
-
-def _prompts(model, batch: int) -> list[list[int]]:
-    from eagle.train.tinycode import heldout_prompts
-
-    files = heldout_prompts(model.tokenizer, batch, 64)
-    return [files[i % len(files)] for i in range(batch)]
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_loop import prompts_for  # noqa: E402
 from eagle.api import load  # noqa: E402
 from eagle.models import generate_plain  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
@@ -37,20 +38,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prompts(model, batch: int, length: int) -> list[list[int]]:
-    from eagle.train.tinycode import heldout_prompts
-
-    files = heldout_prompts(model.tokenizer, batch, length)
-    return [files[i % len(files)] for i in range(batch)]
-
-
 def device_events(prof, device: torch.device) -> list[tuple[str, float]]:
     """(name, microseconds) of every kernel (CUDA) or top-level operator (CPU) the profiler saw."""
     out = []
     for e in prof.events():
         if device.type == "cuda":
             if e.device_type == torch.autograd.DeviceType.CUDA:
-                out.append((e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time))
+                out.append((e.name, e.device_time_total))
         elif e.cpu_parent is None and e.name.startswith(("aten::", "eagle")):
             out.append((e.name, e.cpu_time_total))
     return out
@@ -110,7 +104,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     model = load(args.model, device=device, dtype=getattr(torch, args.dtype))
-    prompts = _prompts(model, args.batch, 100)
+    prompts = prompts_for(model, args.batch, 100)
     sampling = SamplingParams(temperature=args.temperature)
     decoder = SpeculativeDecoder(
         model.target, model.head, model._tree(args.tree, args.batch), cuda_graph=args.cuda_graph

@@ -509,18 +509,24 @@ def run_sweep(args) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for sm_90 (no GPU needed)
 # --------------------------------------------------------------------------------------------------
-def aot_compile_fused(launch_meta: dict, dtype: str, arch: int = 90):
-    """Compile the fused kernel for ``cuda:<arch>`` with what the JIT specialises at launch (unit
-    inner strides, 16-divisible pointers, strides and sizes; M unspecialised)."""
-    fdi = _fdi()
+def _aot_segments_kernel(kernel, launch_meta: dict, dtype: str, out_dtype: str, arch: int, **constexprs):
+    """Compile one of the two segment kernels (fused GEMM, GEMV) for ``cuda:<arch>`` with what the JIT
+    specialises at launch (unit inner strides, 16-divisible pointers, strides and sizes; M
+    unspecialised)."""
     meta = dict(launch_meta)
     options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
     unit = dict(stride_s0k=1, stride_s1k=1, stride_s2k=1, stride_wk=1, stride_on=1)
-    constexprs = dict(meta, FP32_DOT=dtype == "fp32", **unit)
-    types = {n: "i32" for n in fdi._fused_segments_linear_kernel.arg_names}
+    types = {n: "i32" for n in kernel.arg_names}
     types.update({n: f"*{dtype}" for n in ("bias_ptr", "w_ptr", "seg0_ptr", "seg1_ptr", "seg2_ptr")})
-    types.update(ids_ptr="*i64", out_ptr="*fp32" if meta["SPLIT_K"] > 1 else f"*{dtype}")
-    return _aot_compile(fdi._fused_segments_linear_kernel, types, constexprs, options, arch)
+    types.update(ids_ptr="*i64", out_ptr=f"*{out_dtype}")
+    return _aot_compile(kernel, types, dict(meta, **constexprs, **unit), options, arch)
+
+
+def aot_compile_fused(launch_meta: dict, dtype: str, arch: int = 90):
+    """Compile the fused GEMM for ``cuda:<arch>`` (split-K writes an fp32 workspace)."""
+    out_dtype = "fp32" if launch_meta["SPLIT_K"] > 1 else dtype
+    kernel = _fdi()._fused_segments_linear_kernel
+    return _aot_segments_kernel(kernel, launch_meta, dtype, out_dtype, arch, FP32_DOT=dtype == "fp32")
 
 
 def aot_report(plan, shape: Shape, arch: int) -> dict:
@@ -568,15 +574,11 @@ def aot_gemv_report(plan, shape: Shape, arch: int) -> dict:
     launch = fdi._make_launch(
         plan, 1, shape.hidden, shape.segments, DTYPES[shape.dtype], fdi.DEFAULT_NUM_SMS, True, True
     )
-    meta = dict(launch.meta)
-    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
-    unit = dict(stride_s0k=1, stride_s1k=1, stride_s2k=1, stride_wk=1, stride_on=1)
-    types = {n: "i32" for n in fdi._segments_gemv_kernel.arg_names}
-    pointers = ("out_ptr", "bias_ptr", "w_ptr", "seg0_ptr", "seg1_ptr", "seg2_ptr")
-    types.update({n: f"*{shape.dtype}" for n in pointers}, ids_ptr="*i64")
     report = {"gemv_plan": plan.name, "shape": shape.label}
     try:
-        compiled = _aot_compile(fdi._segments_gemv_kernel, types, dict(meta, **unit), options, arch)
+        compiled = _aot_segments_kernel(
+            fdi._segments_gemv_kernel, launch.meta, shape.dtype, shape.dtype, arch
+        )
     except Exception as err:
         return {**report, "ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
     shared = compiled.metadata.shared

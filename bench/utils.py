@@ -11,8 +11,8 @@ Two times are recorded for every CUDA benchmark:
   ``2 x L2`` memset captured between calls) and the time of an identical graph of memsets alone is
   subtracted, so operands that would fit in L2 are still read from HBM. ``EAGLE_BENCH_L2_FLUSH=read``
   flushes by reading the buffer instead (a max-reduction): the timed call then starts with clean L2
-  lines, not with the memset's dirty ones, which it would otherwise write back to HBM while it runs. Calls that cannot be
-  captured (a host sync, an allocation pattern the graph pool refuses) fall back to
+  lines, not with the memset's dirty ones, which it would otherwise write back to HBM while it runs.
+  Calls that cannot be captured (a host sync, an allocation pattern the graph pool refuses) fall back to
   ``triton.testing.do_bench`` on the plain call, which includes launch overhead; the method used is
   recorded next to the time.
 

@@ -262,8 +262,7 @@ class SpeculativeDecoder:
         ones = torch.ones(B, dtype=torch.int64, device=device)
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
         yield emission
-        frozen: _Frozen | None = None
-        state, frozen = self._retire_finished(state, emission.finished, frozen)
+        state, frozen = self._retire_finished(state, emission.finished, None)
         try:
             while state is not None:
                 new_tokens, counts = self._next_round(state, sampling)

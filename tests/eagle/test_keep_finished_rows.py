@@ -39,7 +39,7 @@ def _early_eos(pair, sampling) -> list[int]:
     for t in tokens[0][2:]:
         if all(t not in row[:8] for row in tokens[1:]):
             return [t]
-    pytest.skip("no token ends row 0 early and leaves the others running")
+    pytest.fail("no token ends row 0 early and leaves the others running: the test needs a new EOS choice")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
