@@ -274,37 +274,50 @@ def compare_linears(rounds: int, threads: int, calls: int = 200) -> dict:
     }
 
 
-F32_LINEAR_ROWS = (1, 2, 4, 8, 16, 32)
-F32_FORWARD_T = (1, 4, 8, 16)
+F32_LINEAR_ROWS = (1, 2, 4, 8, 12, 16, 32, 64)
+F32_FORWARD_T = (1, 4, 8, 12, 16, 32)
 LAYERS = 12  # distinct weights per shape, as in a forward: each call reads its weight from memory
+F32_FORWARDS = ("MKL (F.linear)", "skinny", "panels")
+
+
+def _row_invariant(fn, x: torch.Tensor) -> bool:
+    """True when ``fn`` gives each row of ``x`` alone exactly what it gives the row in the block."""
+    return torch.equal(torch.cat([fn(x[i : i + 1]) for i in range(x.shape[0])]), fn(x))
 
 
 @torch.inference_mode()
 def compare_linears_f32(rounds: int, threads: int, calls: int = 20) -> dict:
-    """Microseconds per float32 linear of each tiny-code shape and row count M: ``F.linear`` (MKL)
-    against ``eagle_C::skinny_linear_f32`` (up to its row limit), alternating round by round, each call
-    on the next of 12 distinct weights; then tiny-code target forwards of T tokens with the kernel on
-    and off (``EAGLE_CPU_SKINNY_LINEAR``, read per call), alternating likewise. Each skinny output is
-    checked to be row-count invariant."""
+    """Microseconds per float32 linear of each tiny-code shape and row count M: ``F.linear`` (MKL),
+    ``eagle_C::skinny_linear_f32`` (up to its row limit) and ``eagle_C::panel_linear_f32`` on the
+    panel copy, alternating round by round, each call on the next of 12 distinct weights; then
+    tiny-code target forwards of T tokens through each (MKL and skinny: the unpacked model with
+    ``EAGLE_CPU_SKINNY_LINEAR`` 0 / 1, read per call; panels: the model loaded with its float32
+    panels), alternating likewise. Each kernel's output is checked to be row-count invariant."""
     limit = cpu_packed.skinny_max_rows()
-    if limit == 0:
-        raise SystemExit("--linears-f32 needs the skinny float32 kernel (AVX-512; see `eagle info`)")
+    if limit == 0 or not cpu_packed.panel_linear_available():
+        raise SystemExit("--linears-f32 needs the float32 kernels (AVX-512; see `eagle info`)")
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(4)
-    linears, invariant = {}, True
+    linears, invariant = {}, {"skinny": True, "panels": True}
     for N, K in LINEAR_SHAPES:
         ws = [torch.randn(N, K, generator=gen) for _ in range(LAYERS)]
+        ps = [cpu_packed.panels(w) for w in ws]
         for M in F32_LINEAR_ROWS:
             x = torch.randn(M, K, generator=gen)
-            fns = {"F.linear": lambda x=x, ws=ws: [torch.nn.functional.linear(x, w) for w in ws]}
+            fns = {
+                "F.linear": lambda x=x, ws=ws: [torch.nn.functional.linear(x, w) for w in ws],
+                "panels": lambda x=x, ps=ps: [torch.ops.eagle_C.panel_linear_f32(x, p, None) for p in ps],
+            }
+            invariant["panels"] &= _row_invariant(
+                lambda r, p=ps[0]: torch.ops.eagle_C.panel_linear_f32(r, p, None), x
+            )
             if M <= limit:
                 fns["skinny"] = lambda x=x, ws=ws: [
                     torch.ops.eagle_C.skinny_linear_f32(x, w, None) for w in ws
                 ]
-                alone = torch.cat(
-                    [torch.ops.eagle_C.skinny_linear_f32(x[i : i + 1], ws[0], None) for i in range(M)]
+                invariant["skinny"] &= _row_invariant(
+                    lambda r, w=ws[0]: torch.ops.eagle_C.skinny_linear_f32(r, w, None), x
                 )
-                invariant &= torch.equal(alone, torch.ops.eagle_C.skinny_linear_f32(x, ws[0], None))
             times = {name: [] for name in fns}
             for _ in range(rounds):
                 for name, fn in fns.items():
@@ -313,29 +326,46 @@ def compare_linears_f32(rounds: int, threads: int, calls: int = 20) -> dict:
     return {
         "threads": torch.get_num_threads(),
         "rounds": rounds,
-        "max_rows": limit,
+        "skinny_max_rows": limit,
         "linear_us_median": linears,
-        "skinny_rows_invariant": invariant,
-        "forward_ms_median": _compare_forward_skinny(rounds, calls=20),
+        "rows_invariant": invariant,
+        "forward_ms_median": _compare_forward_f32(rounds, calls=20),
     }
 
 
-def _compare_forward_skinny(rounds: int, calls: int) -> dict:
-    model = load_target(_resolve_bundled(BUNDLED, "target"), dtype=torch.float32)
+def _load_f32_target(panels: bool):
+    previous = os.environ.get("EAGLE_CPU_PANEL_LINEAR")
+    os.environ["EAGLE_CPU_PANEL_LINEAR"] = "1" if panels else "0"  # read when the weights are packed
+    try:
+        return load_target(_resolve_bundled(BUNDLED, "target"), dtype=torch.float32)
+    finally:
+        if previous is None:
+            os.environ.pop("EAGLE_CPU_PANEL_LINEAR", None)
+        else:
+            os.environ["EAGLE_CPU_PANEL_LINEAR"] = previous
+
+
+def _compare_forward_f32(rounds: int, calls: int) -> dict:
+    dense, packed = _load_f32_target(panels=False), _load_f32_target(panels=True)
+    variants = {"MKL (F.linear)": (dense, "0"), "skinny": (dense, "1"), "panels": (packed, "1")}
     previous = os.environ.get("EAGLE_CPU_SKINNY_LINEAR")
     result = {}
     try:
         for T in F32_FORWARD_T:
-            cache = model.new_cache(1, 256 + T)
-            model(torch.randint(0, 2000, (1, 200)), cache)
-            cache.advance(200)
             ids = torch.randint(0, 2000, (1, T))
             mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
-            times = {"MKL (F.linear)": [], "skinny": []}
+            prompt = torch.randint(0, 2000, (1, 200))
+            caches = {}
+            for model in (dense, packed):
+                caches[id(model)] = model.new_cache(1, 256 + T)
+                model(prompt, caches[id(model)])
+                caches[id(model)].advance(200)
+            times = {name: [] for name in variants}
             for _ in range(rounds):
-                for name, env in (("MKL (F.linear)", "0"), ("skinny", "1")):
+                for name, (model, env) in variants.items():
                     os.environ["EAGLE_CPU_SKINNY_LINEAR"] = env
-                    forward = lambda ids=ids, cache=cache, mask=mask: model(ids, cache, tree_mask=mask)  # noqa: E731
+                    cache = caches[id(model)]
+                    forward = lambda m=model, c=cache, i=ids, k=mask: m(i, c, tree_mask=k)  # noqa: E731
                     times[name].append(_mean_ms(forward, calls))
             result[f"target forward T={T}"] = {name: statistics.median(t) for name, t in times.items()}
     finally:
@@ -348,13 +378,15 @@ def _compare_forward_skinny(rounds: int, calls: int) -> dict:
 
 def print_linears_f32(result: dict) -> None:
     print(f"float32 linears, {result['threads']} thread(s), median of {result['rounds']} rounds (us)")
-    print(f"{'[N x K] rows':<20}{'F.linear':>10}{'skinny':>10}{'speedup':>10}")
+    print(f"{'[N x K] rows':<20}{'F.linear':>10}{'skinny':>10}{'panels':>10}{'panels vs MKL':>15}")
     for case, us in result["linear_us_median"].items():
-        f, sk = us["F.linear"], us.get("skinny")
-        ratio = f"{f / sk:>9.2f}x" if sk else f"{'-':>10}"
-        print(f"{case:<20}{f:>10.1f}{sk or float('nan'):>10.1f}{ratio}")
-    print(f"skinny rows computed alone are bit-identical to the block: {result['skinny_rows_invariant']}")
-    _print_forward_ratios(result["forward_ms_median"], ("MKL (F.linear)", "MKL"), ("skinny", "skinny"))
+        f, sk, pa = us["F.linear"], us.get("skinny", float("nan")), us["panels"]
+        print(f"{case:<20}{f:>10.1f}{sk:>10.1f}{pa:>10.1f}{f / pa:>14.2f}x")
+    print(f"rows computed alone are bit-identical to the block: {result['rows_invariant']}")
+    print(f"{'forward (ms)':<20}{'MKL':>10}{'skinny':>10}{'panels':>10}{'panels vs MKL':>15}")
+    for case, ms in result["forward_ms_median"].items():
+        f, sk, pa = (ms[k] for k in F32_FORWARDS)
+        print(f"{case:<20}{f:>10.3f}{sk:>10.3f}{pa:>10.3f}{f / pa:>14.2f}x")
 
 
 ARGMAX_SHAPES = ((1, 2048), (16, 2048), (64, 2048), (1, 32000), (64, 32000))

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "amx_linear.h"
+#include "panel_linear.h"
 #include "skinny_linear.h"
 #include "fused_draft_input.h"
 #include "llama_layers.h"
@@ -70,11 +71,12 @@ struct Block {
 // eagle.models.llama.RMSNorm.forward (rms_norm.cpp, which the module calls too outside autograd)
 using rms::rms_norm;
 
-// What eagle/models/cpu_packed.py's linear() calls: the AMX kernel for a weight in tiles, this
-// package's float32 kernel for a few rows (skinny_linear.cpp), oneDNN's linear for an mkldnn-layout
-// weight, else at::linear.
+// What eagle/models/cpu_packed.py's linear() calls: the AMX kernel for a weight in tiles, the float32
+// panel kernel for a weight in panels, this package's float32 kernel for a few rows of an unpacked
+// weight (skinny_linear.cpp), oneDNN's linear for an mkldnn-layout weight, else at::linear.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
   if (amx::is_tiled_weight(w)) return amx::linear_bf16(x, w, b);
+  if (panel::is_panel_weight(w)) return panel::linear_f32(x, w, b);
   if (skinny::applies(x, w, b)) return skinny::linear_f32(x, w, b);
   if (!w.is_mkldnn()) return at::linear(x, w, b);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -225,7 +227,10 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
 // eagle.models.llama.MLP.forward
 at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer) {
   const at::Tensor gate_up_w = *slot(weights, layer, kGateUpWeight);
-  const int64_t inter = (amx::is_tiled_weight(gate_up_w) ? gate_up_w.size(0) * 16 : gate_up_w.size(0)) / 2;
+  const int64_t out_features = amx::is_tiled_weight(gate_up_w) || panel::is_panel_weight(gate_up_w)
+                                   ? gate_up_w.size(0) * 16
+                                   : gate_up_w.size(0);
+  const int64_t inter = out_features / 2;
   const at::Tensor gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).contiguous();
   at::Tensor act = at::silu(gate_up.narrow(-1, 0, inter));  // ATen's silu (its exp), a fresh tensor
   const at::Tensor up = gate_up.narrow(-1, inter, inter);

@@ -1,6 +1,15 @@
-"""Packed copies of linear weights for bfloat16/float16 matmuls on CPU.
+"""Packed copies of linear weights for float32/bfloat16/float16 matmuls on CPU.
 
-Two layouts, chosen per weight when it is packed:
+Three layouts, chosen per weight when it is packed:
+
+* **float32 panels** (float32 on CPUs with AVX-512F, ``N % 16 == 0``): the weight is stored as
+  ``[N/16, K, 16]``, so that ``W[:, k]`` for 16 output features is one vector, and multiplied by this
+  package's kernel ``eagle_C::panel_linear_f32`` (``csrc/cpu/panel_linear.cpp``): register blocks of
+  up to 12 rows with no horizontal sums, each weight read once per 12 rows. On the 2-core
+  development machine, the linears of the tiny-code target (38 MB, streamed from L3) took the same
+  time as MKL's for 1-2 rows and about half for 8-12 (``python bench/bench_runtime.py
+  --linears-f32``), which is what a verified draft tree needs. Every output is one FMA chain over k
+  in order, so a row's result does not depend on the rows beside it.
 
 * **AMX tiles** (bfloat16 on CPUs with AMX, ``N % 16 == 0`` and ``K % 32 == 0``): the weight is
   stored in the pair-interleaved tile layout ``[N/16, K/32, 16, 32]`` that ``TDPBF16PS`` reads, and
@@ -20,7 +29,8 @@ verification nearly free on CPU as it is on a GPU (measured with ``python bench/
 The packed copy is an extra copy of every packed weight (the dense one stays: embeddings, state
 dicts, CUDA and autograd use it), so packing is skipped when it would take more than a quarter of
 the memory available. ``EAGLE_CPU_PACKED_WEIGHTS=0`` turns packing off; ``EAGLE_CPU_AMX_LINEAR=0``
-keeps the oneDNN layout even where AMX tiles are available.
+keeps the oneDNN layout even where AMX tiles are available; ``EAGLE_CPU_PANEL_LINEAR=0`` leaves float32
+weights unpacked (their linears then take ``eagle_C::skinny_linear_f32`` for up to 16 rows, else MKL).
 
 A packed copy is used only while it is valid: looked up by the identity of the dense tensor, and
 checked against the tensor's data pointer and version counter, so a weight moved to another device,
@@ -42,12 +52,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from eagle_kernels import _ext
 
-_PACKABLE_DTYPES = (torch.bfloat16, torch.float16)
+_PACKABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PANEL_WIDTH = 16  # output features per float32 panel (one AVX-512 vector)
 
 
 @dataclass(frozen=True)
 class _Entry:
-    packed: torch.Tensor  # AMX tiles [N/16, K/32, 16, 32] bf16, or mkldnn (opaque) layout [N, K]
+    packed: torch.Tensor  # panels [N/16, K, 16] fp32, AMX tiles [N/16, K/32, 16, 32] bf16, or mkldnn [N, K]
     data_ptr: int
     version: int | None  # None for inference tensors, which have no version counter
 
@@ -78,14 +89,30 @@ def amx_linear_available() -> bool:
     return bool(torch.ops.eagle_C.amx_bf16_available())
 
 
+def panel_linear_available() -> bool:
+    """True when float32 weights are packed into panels for ``eagle_C::panel_linear_f32``: the
+    extension has the op, the CPU has AVX-512F, and ``EAGLE_CPU_PANEL_LINEAR`` is not 0."""
+    if os.environ.get("EAGLE_CPU_PANEL_LINEAR", "1") == "0":
+        return False
+    return _panel_op_runs()
+
+
+@functools.cache
+def _panel_op_runs() -> bool:
+    return _ext.has_op("panel_linear_f32") and bool(torch.ops.eagle_C.panel_linear_available())
+
+
 def packing_supported(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
-    """True when weights of ``dtype`` on ``device`` can be packed: a CPU device, bfloat16 with AMX
-    tiles (:func:`amx_linear_available`) or bfloat16/float16 with oneDNN support for it on this CPU
-    and the ops present in this torch build, and ``EAGLE_CPU_PACKED_WEIGHTS`` not 0."""
+    """True when weights of ``dtype`` on ``device`` can be packed: a CPU device, float32 with the
+    panel kernel (:func:`panel_linear_available`), bfloat16 with AMX tiles
+    (:func:`amx_linear_available`) or bfloat16/float16 with oneDNN support for it on this CPU and the
+    ops present in this torch build, and ``EAGLE_CPU_PACKED_WEIGHTS`` not 0."""
     if os.environ.get("EAGLE_CPU_PACKED_WEIGHTS", "1") == "0":
         return False
     if torch.device(device).type != "cpu" or dtype not in _PACKABLE_DTYPES:
         return False
+    if dtype == torch.float32:
+        return panel_linear_available()
     if dtype == torch.bfloat16 and amx_linear_available():
         return True
     return _onednn_supports(dtype)
@@ -128,9 +155,9 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
-    """Pack each 2-D weight ``[N, K]`` (bfloat16/float16, CPU) for :func:`linear`, into AMX tiles where
-    possible, else oneDNN's layout; returns how many tensors now have a valid packed copy (entries
-    that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
+    """Pack each 2-D weight ``[N, K]`` (float32/bfloat16/float16, CPU) for :func:`linear`: float32 into
+    panels, bfloat16 into AMX tiles where possible, else oneDNN's layout; returns how many tensors now
+    have a valid packed copy (entries that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
     detached view of the target's lm_head, say) share its packed copy. Nothing is packed when
     :func:`packing_supported` is false or the copies would take over a quarter of the free memory."""
     todo = [w for w in dict.fromkeys(weights, None) if isinstance(w, torch.Tensor) and w.dim() == 2]
@@ -172,6 +199,17 @@ def amx_tiles(w: torch.Tensor) -> torch.Tensor:
     )
 
 
+def panels(w: torch.Tensor) -> torch.Tensor:
+    """``w [N, K]`` in the float32 panel layout ``[N/16, K, 16]``: ``panels[p, k, c] = w[16p + c, k]``."""
+    N, K = w.shape
+    return w.reshape(N // _PANEL_WIDTH, _PANEL_WIDTH, K).transpose(1, 2).contiguous()
+
+
+def is_panels(packed: torch.Tensor) -> bool:
+    """True for a packed copy made by :func:`panels`."""
+    return not packed.is_mkldnn and packed.dim() == 3 and packed.dtype == torch.float32
+
+
 def is_amx_tiled(packed: torch.Tensor) -> bool:
     """True for a packed copy made by :func:`amx_tiles` (a oneDNN copy is an mkldnn tensor)."""
     return not packed.is_mkldnn and packed.dim() == 4
@@ -179,6 +217,9 @@ def is_amx_tiled(packed: torch.Tensor) -> bool:
 
 def _pack(w: torch.Tensor) -> torch.Tensor | None:
     N, K = w.shape
+    if w.dtype == torch.float32:
+        # no packed form for N % 16 != 0: such a weight keeps the skinny kernel / MKL
+        return panels(w) if N % _PANEL_WIDTH == 0 and K > 0 and panel_linear_available() else None
     if w.dtype == torch.bfloat16 and N % 16 == 0 and K % 32 == 0 and amx_linear_available():
         return amx_tiles(w)
     if _onednn_supports(w.dtype):
@@ -204,12 +245,16 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed weight when one is valid and no autograd
     graph is needed: oneDNN's copy gives the same result bit for bit, AMX tiles the float32 sum
-    rounded once to bfloat16 (see the module docstring)."""
+    rounded once to bfloat16, float32 panels one FMA chain per output (see the module docstring)."""
     w = packed_weight(weight)
     if w is weight and _skinny_applies(x, weight, bias) and not needs_autograd(x, weight, bias):
         return torch.ops.eagle_C.skinny_linear_f32(x, weight, bias)
     if w is weight or x.device.type != "cpu" or x.dtype != w.dtype or needs_autograd(x, weight, bias):
         return F.linear(x, weight, bias)
+    if is_panels(w):
+        if bias is not None and bias.dtype != x.dtype:
+            return F.linear(x, weight, bias)
+        return torch.ops.eagle_C.panel_linear_f32(x, w, bias)
     if is_amx_tiled(w):
         if bias is not None and bias.dtype != x.dtype:
             return F.linear(x, weight, bias)

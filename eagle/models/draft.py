@@ -630,7 +630,7 @@ def load_draft(
         state = _eagle3_state(state, cfg)
     head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state)
     head = _load_into(head, state, dtype, device).eval().requires_grad_(False)
-    # bf16/fp16 on CPU only; an EAGLE-1/2 head's lm_head is the target's and shares its packed copy
+    # CPU only; an EAGLE-1/2 head's lm_head is the target's and shares its packed copy
     pack_module_linears(head, extra=[getattr(head, "lm_head_weight", None)])
     return head
 

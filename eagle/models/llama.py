@@ -65,8 +65,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _cpu_rms_norm_ok(x, self.weight):
-            # What the C++ layer op calls (csrc/cpu/rms_norm.cpp): on half types one loop per row
-            # instead of torch's ~8 ops, whose float32 mean it may differ from in the last bit.
+            # What the C++ layer op calls (csrc/cpu/rms_norm.cpp): on float32 and half types one loop
+            # per row instead of torch's ~6-8 ops, whose float32 mean it may differ from in the last bit.
             return torch.ops.eagle_C.rms_norm(x, self.weight, self.eps)
         # torch's fused rms_norm computes x * rsqrt(mean(x^2) + eps) with the same float32 rounding
         # as transformers' composition (bit-identical), in one kernel instead of six.
@@ -775,5 +775,5 @@ def build_model(
     model.load_state_dict(state, strict=True, assign=True)
     model._inv_freq = rope_inv_freq(cfg)
     model.eval().requires_grad_(False)
-    pack_module_linears(model, extra=[model.lm_head_weight])  # bf16/fp16 on CPU only
+    pack_module_linears(model, extra=[model.lm_head_weight])  # CPU only (cpu_packed)
     return model

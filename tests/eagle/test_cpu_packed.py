@@ -1,6 +1,6 @@
 """Packed bf16 weights on CPU (eagle/models/cpu_packed.py): oneDNN's copy bit-identical to ``F.linear``,
 AMX tiles correctly rounded and row-count invariant, both never stale and never on the autograd
-path; loading packs targets and heads."""
+path; loading packs targets and heads. (float32 panels: tests/eagle/test_panel_linear.py.)"""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def bf16(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-def test_only_half_types_on_cpu_are_packable(monkeypatch):
-    assert not packing_supported(torch.float32)
+def test_what_is_packable(monkeypatch):
+    assert packing_supported(torch.float32) == cpu_packed.panel_linear_available()
     assert not packing_supported(torch.float64)
     assert not packing_supported(torch.bfloat16, "meta")
     monkeypatch.setenv("EAGLE_CPU_PACKED_WEIGHTS", "0")
@@ -138,8 +138,8 @@ def test_weights_the_tiles_do_not_fit_use_onednn_or_nothing():
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
-def test_float32_weights_are_left_alone():
-    w = torch.randn(8, 4)
+def test_float32_weights_the_panels_do_not_fit_are_left_alone():
+    w = torch.randn(8, 4)  # 8 output features: not a multiple of 16
     assert pack_linear_weights([w]) == 0
     assert packed_weight(w) is w
 
@@ -188,7 +188,8 @@ def test_loading_in_bf16_packs_target_and_head(tiny_checkpoints):
     assert packed_weight(head.lm_head_weight) is packed_weight(target.lm_head_weight)  # shared, not copied
 
 
-def test_loading_in_fp32_packs_nothing(tiny_checkpoints):
+def test_loading_in_fp32_packs_nothing_without_the_panel_kernel(tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv("EAGLE_CPU_PANEL_LINEAR", "0")
     target = load_target(tiny_checkpoints.target, dtype=torch.float32)
     assert all(packed_weight(p) is p for p in target.parameters())
 

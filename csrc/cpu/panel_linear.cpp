@@ -1,0 +1,187 @@
+// panel_linear: y = x @ W.T + b in float32 on CPU for the 1-64 rows of a decoding step or a tree
+// verification, from W packed in column panels.
+//
+// Why: skinny_linear.cpp reads W in its own [N, K] layout, so each output is a dot product whose
+// 16 lanes must be summed across the vector at the end; with the weights of a whole model streaming
+// from L3 or memory that kernel ran at ~20 GMAC/s on 12 rows, and MKL not much better, so a verify
+// of a 12-token tree cost about two plain steps although it reads the same weights once.
+//
+// How: W [N, K] is stored as panels [N/16, K, 16] (eagle/models/cpu_packed.py: panels()), so
+// W[:, k] for 16 output features is one 64-byte vector. The micro-kernel keeps an RT x NB block of
+// output vectors in registers and, for each k, loads NB weight vectors and broadcasts RT inputs:
+// no horizontal sums, every weight byte read once per RT rows, the FMAs independent across the
+// block. Row tiles of up to 12 rows with 2 panels, 3-6 rows with 4 panels, 1-2 rows with 8 panels
+// keep 16-24 accumulators in the 32 vector registers (enough independent chains to hide the FMA
+// latency even for one row). Threads split the output features in chunks of 8 panels.
+//
+// Numerics: out[r, n] = fma chain over k = 0..K-1 in order from 0, then + bias[n], in float32. The
+// order depends on nothing but k, so a row gives the same bits alone, in a block of 60 tree rows, on
+// any thread count: the speculative loop's greedy output equals plain decoding's.
+#include "panel_linear.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define EAGLE_PANEL_BUILD 1
+#include <immintrin.h>
+#else
+#define EAGLE_PANEL_BUILD 0
+#endif
+
+namespace eagle {
+namespace panel {
+
+#if EAGLE_PANEL_BUILD
+namespace {
+
+#define EAGLE_PANEL_TARGET __attribute__((target("avx512f")))
+
+constexpr int kChunkPanels = 8;  // panels per unit of parallel work (128 output features)
+constexpr int kMaxRowTile = 12;
+
+// Panels per micro-kernel call for a tile of rt rows: rt * nb accumulators + nb weights + 1 input
+// stay within the 32 zmm registers. (One panel for 13-24 rows, which reads the weights once, ran
+// at half the speed of two passes of 12 rows x 2 panels: the broadcasts outnumber the FMAs' loads.)
+constexpr int panels_for_rows(int rt) { return rt <= 2 ? 8 : rt <= 6 ? 4 : 2; }
+
+// out[r, 16j + c] = bias[16j + c] + sum_k x[r, k] * panels[j, k, c] for r < RT, j < NB.
+template <int RT, int NB>
+EAGLE_PANEL_TARGET void micro(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t K,
+                              const float* __restrict bias, float* __restrict out, int64_t ldo) {
+  __m512 acc[RT][NB];
+  for (int r = 0; r < RT; ++r)
+    for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t panel_stride = K * kPanelWidth;
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_ps(w + j * panel_stride + k * kPanelWidth);
+    for (int r = 0; r < RT; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+      for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_fmadd_ps(a, wv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    for (int j = 0; j < NB; ++j) {
+      __m512 v = acc[r][j];
+      if (bias != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j * kPanelWidth));
+      _mm512_storeu_ps(out + r * ldo + j * kPanelWidth, v);
+    }
+  }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t);
+
+template <int RT>
+MicroFn micro_for(int nb) {
+  if constexpr (RT <= 2) {
+    if (nb == 8) return micro<RT, 8>;
+  }
+  if constexpr (RT <= 6) {
+    if (nb == 4) return micro<RT, 4>;
+  }
+  if (nb == 2) return micro<RT, 2>;
+  return micro<RT, 1>;
+}
+
+MicroFn select_micro(int rt, int nb) {
+  switch (rt) {
+    case 1: return micro_for<1>(nb);
+    case 2: return micro_for<2>(nb);
+    case 3: return micro_for<3>(nb);
+    case 4: return micro_for<4>(nb);
+    case 5: return micro_for<5>(nb);
+    case 6: return micro_for<6>(nb);
+    case 7: return micro_for<7>(nb);
+    case 8: return micro_for<8>(nb);
+    case 9: return micro_for<9>(nb);
+    case 10: return micro_for<10>(nb);
+    case 11: return micro_for<11>(nb);
+    default: return micro_for<12>(nb);
+  }
+}
+
+// Panels [p0, p1) for every row: the chunk's panels stay in L2 while the row tiles pass over them.
+void run_panels(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* out, int64_t N,
+                int64_t p0, int64_t p1) {
+  for (int64_t r0 = 0; r0 < M; r0 += kMaxRowTile) {
+    const int rt = static_cast<int>(std::min<int64_t>(kMaxRowTile, M - r0));
+    for (int64_t p = p0; p < p1;) {
+      int nb = panels_for_rows(rt);
+      while (nb > p1 - p) nb /= 2;  // the last panels of the matrix: smaller steps (nb stays a power of 2)
+      select_micro(rt, nb)(x + r0 * K, K, w + p * K * kPanelWidth, K, bias == nullptr ? nullptr : bias + p * kPanelWidth,
+                           out + r0 * N + p * kPanelWidth, N);
+      p += nb;
+    }
+  }
+}
+
+bool cpu_supports() { return __builtin_cpu_supports("avx512f"); }
+
+}  // namespace
+#endif  // EAGLE_PANEL_BUILD
+
+bool available() {
+#if EAGLE_PANEL_BUILD
+  static const bool ok = cpu_supports();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool is_panel_weight(const at::Tensor& w) {
+  return w.dim() == 3 && w.scalar_type() == at::kFloat && w.size(2) == kPanelWidth && !w.is_mkldnn() &&
+         w.device().is_cpu() && w.is_contiguous();
+}
+
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(available(), "panel_linear_f32: this CPU has no AVX-512F");
+  TORCH_CHECK_VALUE(is_panel_weight(panels),
+                    "panel_linear_f32: weight must be a contiguous CPU float32 tensor [N/16, K, 16], got ",
+                    panels.scalar_type(), " ", panels.sizes(), " on ", panels.device());
+  const int64_t N = panels.size(0) * kPanelWidth, K = panels.size(1);
+  TORCH_CHECK_VALUE(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == K,
+                    "panel_linear_f32: x must be a CPU float32 tensor [..., ", K, "], got ", x.scalar_type(), " ",
+                    x.sizes(), " on ", x.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                          bias->size(0) == N,
+                      "panel_linear_f32: bias must be a CPU float32 tensor [", N, "], got ", bias->scalar_type(),
+                      " ", bias->sizes());
+  }
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor out = at::empty(out_shape, x.options());
+  const int64_t M = K == 0 ? 0 : x.numel() / K;
+  if (M == 0 || N == 0) return out.zero_();
+#if EAGLE_PANEL_BUILD
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const float* xp = xc.const_data_ptr<float>();
+  const float* wp = panels.const_data_ptr<float>();
+  const float* bp = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t num_panels = panels.size(0), chunks = (num_panels + kChunkPanels - 1) / kChunkPanels;
+  // Each task holds at least ~1M multiply-adds (a smaller one costs more to hand out than to run).
+  const int64_t macs_per_chunk = M * K * kChunkPanels * kPanelWidth;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, macs_per_chunk));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    run_panels(xp, M, K, wp, bp, op, N, begin * kChunkPanels, std::min(num_panels, end * kChunkPanels));
+  });
+#endif
+  return out;
+}
+
+}  // namespace panel
+}  // namespace eagle
+
+TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
+  m.def("panel_linear_available() -> bool", &eagle::panel::available);
+  m.def("panel_linear_f32(Tensor x, Tensor weight_panels, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("panel_linear_f32", &eagle::panel::linear_f32); }
