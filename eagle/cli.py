@@ -30,7 +30,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cuda_available": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_packed_weights": {
-            name: packing_supported(getattr(torch, name)) for name in ("bfloat16", "float16")
+            name: packing_supported(getattr(torch, name)) for name in ("float32", "bfloat16", "float16")
         },
         "cpu_amx_bf16": cpu_has_amx_bf16(),
         "cpu_amx_linear": amx_linear_available(),
@@ -60,11 +60,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         half = "no oneDNN bf16 support: float32 is the CPU dtype"
     print(f"{'CPU bfloat16':>16}: {half}")
     print(f"{'CPU draft loop':>16}: {draft_loop}")
-    f32 = (
-        f"this package's AVX-512 kernel up to {skinny} rows (csrc/cpu/skinny_linear.cpp), F.linear above"
-        if skinny
-        else "F.linear (no AVX-512 kernel: no extension, no AVX-512, or EAGLE_CPU_SKINNY_LINEAR=0)"
-    )
+    if packed["float32"]:
+        f32 = "weights in 16-column panels, this package's AVX-512 kernel (csrc/cpu/panel_linear.cpp)"
+    elif skinny:
+        f32 = (
+            f"this package's AVX-512 kernel up to {skinny} rows (csrc/cpu/skinny_linear.cpp), F.linear above"
+        )
+    else:
+        f32 = "F.linear (no AVX-512 kernel: no extension, no AVX-512, or EAGLE_CPU_SKINNY_LINEAR=0)"
     print(f"{'CPU fp32 linear':>16}: {f32}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")

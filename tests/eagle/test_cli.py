@@ -10,7 +10,7 @@ def test_info_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["kernels"]["extension_loaded"] in (True, False)
     assert "compact_kv_cache" in info["kernels"]["cpu_backend"]
-    assert set(info["cpu_packed_weights"]) == {"bfloat16", "float16"}
+    assert set(info["cpu_packed_weights"]) == {"float32", "bfloat16", "float16"}
     assert info["cpu_draft_loop"].startswith("C++") == info["kernels"]["extension_loaded"]
     assert (info["kernels"]["cuda_backend"] is None) == (not info["cuda_available"])
 
@@ -105,3 +105,15 @@ def test_streamed_text_keeps_multibyte_characters_whole(capsys):
         shown = _print_new_text(tok.decode(ids[:i]), shown, False, final=False)
     _print_new_text(tok.decode(ids), shown, False, final=True)
     assert capsys.readouterr().out == tok.decode(ids) == text
+
+
+def test_info_text_names_the_float32_linear_kernel(capsys, monkeypatch):
+    from eagle.models import cpu_packed
+
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "CPU fp32 linear" in ln)
+    assert ("panel_linear.cpp" in line) == cpu_packed.panel_linear_available()
+    monkeypatch.setenv("EAGLE_CPU_PANEL_LINEAR", "0")
+    assert main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "CPU fp32 linear" in ln)
+    assert "panel_linear.cpp" not in line
