@@ -156,8 +156,9 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x.options());
-  const int64_t M = K == 0 ? 0 : x.numel() / K;
-  if (M == 0 || N == 0) return out.zero_();
+  if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();  // an empty sum
+  const int64_t M = x.numel() / K;
+  if (M == 0 || N == 0) return out;
 #if EAGLE_PANEL_BUILD
   const at::Tensor xc = x.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -78,6 +78,9 @@ def test_batched_strided_and_empty_inputs():
     wide = randn(4, 96, seed=10)
     assert torch.equal(op(wide[:, ::2], w), op(wide[:, ::2].contiguous(), w))
     assert op(x[:, :0], w).shape == (2, 0, 32)
+    no_k, b = torch.empty(16, 0, dtype=torch.float32).view(1, 0, 16), randn(16, seed=20)
+    assert torch.equal(op(torch.empty(3, 0), no_k, b), F.linear(torch.empty(3, 0), torch.empty(16, 0), b))
+    assert torch.equal(op(torch.empty(3, 0), no_k), torch.zeros(3, 16))
 
 
 def test_panels_hold_the_documented_layout():
