@@ -189,15 +189,19 @@ inline void dot_rows(const A* q, int64_t dp, const A* k, int64_t k_stride, int64
   }
 }
 
-// s[R, :nb] = q[R, dp] @ k[:nb, dp]^T with k row-major (R <= kDotRows).
+// s[R, :nb] = q[R, dp] @ k[:nb, dp]^T with k row-major (R <= kDotRows), four rows per pass over k.
 template <typename A>
 void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, int64_t R,
                     A* s) {
-  switch (R) {
-    case 4: dot_rows<A, 4>(q, dp, k, k_stride, nb, nbp, s); break;
-    case 3: dot_rows<A, 3>(q, dp, k, k_stride, nb, nbp, s); break;
-    case 2: dot_rows<A, 2>(q, dp, k, k_stride, nb, nbp, s); break;
-    default: dot_rows<A, 1>(q, dp, k, k_stride, nb, nbp, s); break;
+  for (int64_t r = 0; r < R; r += 4) {
+    const A* qr = q + r * dp;
+    A* sr = s + r * nbp;
+    switch (imin<int64_t>(R - r, 4)) {
+      case 4: dot_rows<A, 4>(qr, dp, k, k_stride, nb, nbp, sr); break;
+      case 3: dot_rows<A, 3>(qr, dp, k, k_stride, nb, nbp, sr); break;
+      case 2: dot_rows<A, 2>(qr, dp, k, k_stride, nb, nbp, sr); break;
+      default: dot_rows<A, 1>(qr, dp, k, k_stride, nb, nbp, sr); break;
+    }
   }
 }
 
