@@ -36,6 +36,9 @@ CPU_SHAPES = {
     "tree60-B1": (1, 60, 8, 4, 64, 1000, "tree"),
     "tree16-B16": (16, 16, 8, 4, 64, 500, "tree"),
     "prefill128-B1": (1, 128, 8, 4, 64, 0, "causal"),
+    # the bundled tiny-code target's heads (4 query / 2 kv of 64): the trees its CPU rounds verify
+    "tiny-tree6-B1": (1, 6, 4, 2, 64, 200, "tree"),
+    "tiny-tree12-B1": (1, 12, 4, 2, 64, 200, "tree"),
 }
 CUDA_SHAPES = {f"tree64-B{B}-P2048": (B, 64, 32, 8, 128, 2048, "tree") for B in (1, 8, 32)}
 
