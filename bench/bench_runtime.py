@@ -17,6 +17,7 @@ load hits both alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -333,24 +334,30 @@ def compare_linears_f32(rounds: int, threads: int, calls: int = 20) -> dict:
     }
 
 
-def _load_f32_target(panels: bool):
-    previous = os.environ.get("EAGLE_CPU_PANEL_LINEAR")
-    os.environ["EAGLE_CPU_PANEL_LINEAR"] = "1" if panels else "0"  # read when the weights are packed
+@contextlib.contextmanager
+def _restored_env(name: str):
+    """Whatever the block sets ``os.environ[name]`` to, it is back to its old value (or unset) after."""
+    previous = os.environ.get(name)
     try:
-        return load_target(_resolve_bundled(BUNDLED, "target"), dtype=torch.float32)
+        yield
     finally:
         if previous is None:
-            os.environ.pop("EAGLE_CPU_PANEL_LINEAR", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["EAGLE_CPU_PANEL_LINEAR"] = previous
+            os.environ[name] = previous
+
+
+def _load_f32_target(panels: bool):
+    with _restored_env("EAGLE_CPU_PANEL_LINEAR"):
+        os.environ["EAGLE_CPU_PANEL_LINEAR"] = "1" if panels else "0"  # read when the weights are packed
+        return load_target(_resolve_bundled(BUNDLED, "target"), dtype=torch.float32)
 
 
 def _compare_forward_f32(rounds: int, calls: int) -> dict:
     dense, packed = _load_f32_target(panels=False), _load_f32_target(panels=True)
     variants = {"MKL (F.linear)": (dense, "0"), "skinny": (dense, "1"), "panels": (packed, "1")}
-    previous = os.environ.get("EAGLE_CPU_SKINNY_LINEAR")
     result = {}
-    try:
+    with _restored_env("EAGLE_CPU_SKINNY_LINEAR"):
         for T in F32_FORWARD_T:
             ids = torch.randint(0, 2000, (1, T))
             mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
@@ -368,11 +375,6 @@ def _compare_forward_f32(rounds: int, calls: int) -> dict:
                     forward = lambda m=model, c=cache, i=ids, k=mask: m(i, c, tree_mask=k)  # noqa: E731
                     times[name].append(_mean_ms(forward, calls))
             result[f"target forward T={T}"] = {name: statistics.median(t) for name, t in times.items()}
-    finally:
-        if previous is None:
-            os.environ.pop("EAGLE_CPU_SKINNY_LINEAR", None)
-        else:
-            os.environ["EAGLE_CPU_SKINNY_LINEAR"] = previous
     return result
 
 
@@ -436,17 +438,11 @@ def print_argmax(result: dict) -> None:
 
 def _compare_forward_layouts(rounds: int, calls: int) -> dict:
     models = {}
-    previous = os.environ.get("EAGLE_CPU_AMX_LINEAR")
-    try:
+    with _restored_env("EAGLE_CPU_AMX_LINEAR"):
         for name, env in (("oneDNN packed", "0"), ("AMX tiles", "1")):
             os.environ["EAGLE_CPU_AMX_LINEAR"] = env
             with tempfile.TemporaryDirectory() as tmp:
                 models[name] = build_models(Path(tmp), torch.bfloat16)[1]
-    finally:
-        if previous is None:
-            os.environ.pop("EAGLE_CPU_AMX_LINEAR")
-        else:
-            os.environ["EAGLE_CPU_AMX_LINEAR"] = previous
     gen = torch.Generator().manual_seed(4)
     caches = {name: m.new_cache(1, PROMPT_LEN + 80) for name, m in models.items()}
     for c in caches.values():

@@ -119,14 +119,12 @@ void run_panels(const float* x, int64_t M, int64_t K, const float* w, const floa
   }
 }
 
-bool cpu_supports() { return __builtin_cpu_supports("avx512f"); }
-
 }  // namespace
 #endif  // EAGLE_PANEL_BUILD
 
 bool available() {
 #if EAGLE_PANEL_BUILD
-  static const bool ok = cpu_supports();
+  static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 #else
   return false;

@@ -217,9 +217,9 @@ def is_amx_tiled(packed: torch.Tensor) -> bool:
 
 def _pack(w: torch.Tensor) -> torch.Tensor | None:
     N, K = w.shape
-    if w.dtype == torch.float32:
+    if w.dtype == torch.float32:  # (packing_supported checked the panel kernel)
         # no packed form for N % 16 != 0: such a weight keeps the skinny kernel / MKL
-        return panels(w) if N % _PANEL_WIDTH == 0 and K > 0 and panel_linear_available() else None
+        return panels(w) if N % _PANEL_WIDTH == 0 and K > 0 else None
     if w.dtype == torch.bfloat16 and N % 16 == 0 and K % 32 == 0 and amx_linear_available():
         return amx_tiles(w)
     if _onednn_supports(w.dtype):
