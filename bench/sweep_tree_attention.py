@@ -113,6 +113,10 @@ TILES_MANY_ROWS = [
     (64, 32, 4, 3),
     (256, 32, 16, 3),
 ]
+# Tried first, with and without tensor-descriptor (TMA) loads of the prefix tiles (LaunchConfig.kv_tma):
+# the default tile, a 128-key tile with 3 stages (224 KB of shared memory: it just fits), one 256-row
+# block per kv head (K/V read once) and a deeper pipeline. On CUDA only where the GPU has TMA (sm_90+).
+TILES_TMA = [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 16, 2), (128, 64, 8, 4)]
 TILES_64_ROWS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 4), (64, 128, 8, 2), (32, 64, 4, 3)]
 TILES_FEW_ROWS = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 4), (16, 64, 2, 3), (16, 32, 4, 4)]
 TILES_INTERPRET = [(16, 16, 4, 2), (32, 16, 4, 1)]
@@ -137,12 +141,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def configs_for(shape: Shape, num_sms: int, interpret: bool = False) -> list[LaunchConfig | None]:
-    """None (the default plan) first, then each tile with: no split, the split count the heuristic
-    would give that tile, and twice that (only where the heuristic splits); configurations whose plan
-    repeats an earlier one are dropped."""
+def configs_for(
+    shape: Shape, num_sms: int, interpret: bool = False, tma: bool = False
+) -> list[LaunchConfig | None]:
+    """None (the default plan) first; with ``tma`` (a GPU with tensor-descriptor loads) then the
+    ``TILES_TMA`` tiles at the heuristic's split count, with and without ``kv_tma``, for shapes of
+    many rows; then each tile with: no split, the split count the heuristic would give that tile,
+    and twice that (only where the heuristic splits). Configurations whose plan repeats an earlier
+    one are dropped."""
     configs: list[LaunchConfig | None] = [None]
     seen = {resolve(shape, None, num_sms)}
+
+    def add(config: LaunchConfig) -> None:
+        plan = resolve(shape, config, num_sms)
+        if plan not in seen:
+            seen.add(plan)
+            configs.append(config)
+
+    if tma and (interpret or shape.rows > 64):
+        for bm, bn, warps, stages in TILES_INTERPRET[:1] if interpret else TILES_TMA:
+            tile = LaunchConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+            auto = resolve(shape, tile, num_sms).num_splits
+            for kv_tma in (True, False):
+                add(LaunchConfig(bm, bn, warps, stages, auto, kv_tma=kv_tma))
     for bm, bn, warps, stages in tiles_for(shape, interpret):
         tile = LaunchConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
         auto = resolve(shape, tile, num_sms).num_splits
@@ -152,11 +173,7 @@ def configs_for(shape: Shape, num_sms: int, interpret: bool = False) -> list[Lau
         if interpret:
             splits.add(3)
         for n in sorted(splits):
-            config = LaunchConfig(bm, bn, warps, stages, n)
-            plan = resolve(shape, config, num_sms)
-            if plan not in seen:
-                seen.add(plan)
-                configs.append(config)
+            add(LaunchConfig(bm, bn, warps, stages, n))
     return configs
 
 
@@ -175,6 +192,7 @@ def compile_key(shape: Shape, plan: LaunchPlan) -> tuple:
         plan.num_warps,
         plan.num_stages,
         plan.num_splits > 1,
+        plan.kv_tma,
     )
 
 
@@ -182,6 +200,7 @@ def describe(config: LaunchConfig | None, plan: LaunchPlan) -> str:
     tag = "default " if config is None else ""
     return (
         f"{tag}m{plan.block_m} n{plan.block_n} w{plan.num_warps} st{plan.num_stages} splits{plan.num_splits}"
+        + (" tma" if plan.kv_tma else "")
     )
 
 
@@ -337,6 +356,23 @@ def run_public(inputs, timer) -> dict:
         return {"status": f"error: {type(err).__name__}: {str(err)[:200]}"}
 
 
+def run_stream_floor(roof: dict, device: torch.device, dtype: torch.dtype, timer) -> dict:
+    """The same timer on ``torch.amax`` over a contiguous buffer of the shape's roofline bytes: what
+    reading that many bytes once costs on this GPU with this timing method (launch, ramp-up and tail
+    included), the floor any attention kernel of the shape stands on."""
+    try:
+        buf = torch.zeros(roof["bytes"] // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
+        fn = lambda: torch.amax(buf)  # noqa: E731
+        fn()
+        us = timer.kernel_s(fn) * 1e6
+        out = {"kernel_us": us, "GB/s": buf.numel() * buf.element_size() / us / 1e3}
+        if "hbm_roofline_us" in roof:
+            out["fraction_of_hbm_roofline"] = roof["hbm_roofline_us"] / us
+        return out
+    except Exception as err:
+        return {"status": f"error: {type(err).__name__}: {str(err)[:200]}"}
+
+
 def run_sdpa(inputs, timer) -> dict:
     from bench.bench_tree_attention import sdpa_peer
 
@@ -464,6 +500,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--host-overhead", action="store_true", help="Python cost per call on CPU, kernel launches mocked"
     )
     p.add_argument("--shapes", nargs="*", help="only these shape names")
+    p.add_argument(
+        "--no-tma", action="store_true", help="no tensor-descriptor (LaunchConfig.kv_tma) configurations"
+    )
     p.add_argument("--budget-s", type=float, default=85.0, help="skip configurations after this many seconds")
     p.add_argument(
         "--warmup-share", type=float, default=0.45, help="share of the budget for parallel compiles"
@@ -485,12 +524,12 @@ def selected_shapes(args) -> list[Shape]:
     return shapes
 
 
-def plan_work(shapes: list[Shape], num_sms: int, interpret: bool):
+def plan_work(shapes: list[Shape], num_sms: int, interpret: bool, tma: bool = False):
     """[(shape, [(config, plan)])] and one representative (shape, config) per compile variant."""
     work, variants = [], {}
     for shape in shapes:
         items = []
-        for config in configs_for(shape, num_sms, interpret):
+        for config in configs_for(shape, num_sms, interpret, tma):
             plan = resolve(shape, config, num_sms)
             items.append((config, plan))
             variants.setdefault(compile_key(shape, plan), (shape, config))
@@ -539,7 +578,8 @@ def main(argv=None) -> int:
     if not (cuda or args.interpret or args.dry_run or args.host_overhead):
         raise SystemExit("no CUDA device: use --dry-run or --interpret")
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else DEFAULT_SMS
-    work, variants = plan_work(shapes, num_sms if not args.interpret else 1, args.interpret)
+    tma = not args.no_tma and (torch.cuda.get_device_capability(0) >= (9, 0) if cuda else True)
+    work, variants = plan_work(shapes, num_sms if not args.interpret else 1, args.interpret, tma)
     if args.dry_run:
         print_dry_run(work, variants, num_sms)
         return 0
@@ -617,6 +657,9 @@ def main(argv=None) -> int:
         if cuda and shape.goal:
             entry["sdpa"] = run_sdpa(inputs, timer)
             print(f"  SDPA with an explicit mask: {entry['sdpa']}", flush=True)
+        if cuda:
+            entry["stream_floor"] = run_stream_floor(roof, device, dtype, timer)
+            print(f"  reading the roofline's bytes once (torch.amax): {entry['stream_floor']}", flush=True)
         best = best_of(entry["results"])
         default = next((r for r in entry["results"] if r.get("config") is None), None)
         if best is not None:
@@ -653,10 +696,12 @@ def print_summary(report: dict) -> None:
         hbm = best.get("fraction_of_hbm_roofline")
         both = best.get("fraction_of_roofline_max")
         pub = entry.get("public_tree_attention", {}).get("eager_us")
+        floor = entry.get("stream_floor", {}).get("kernel_us")
         print(
             f"  {name:12s} {best['kernel_us']:8.1f} us  "
             + (f"HBM {100 * hbm:5.1f}%  " if hbm is not None else "")
             + (f"roofline {100 * both:5.1f}%  " if both is not None else "")
+            + (f"read-once floor {floor:6.1f} us  " if floor is not None else "")
             + (f"public eager {pub:7.1f} us  " if pub is not None else "")
             + best["config_desc"]
         )

@@ -244,6 +244,8 @@ def _tree_attention_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
+    k_desc,
+    v_desc,
     out_ptr,
     lse_ptr,
     seqlens_ptr,
@@ -266,12 +268,14 @@ def _tree_attention_kernel(
     sm_b,
     sm_i,
     sm_w,
+    S_max,
     sq_d: tl.constexpr,
     sk_d: tl.constexpr,
     sv_d: tl.constexpr,
     MASK_KIND: tl.constexpr,
     SPLIT: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    KV_TMA: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -287,6 +291,9 @@ def _tree_attention_kernel(
     with SPLIT its normalised partial output into ``out`` (contiguous [splits, B, T, Hq, D], fp32) and
     the rows' log2-sum-exp into ``lse`` ([splits, B, T, Hq]) for the combine kernel.
     Head-dim strides are constexprs: 1 for the usual layouts, which makes tile loads contiguous.
+    With ``KV_TMA`` the full prefix tiles come through ``k_desc``/``v_desc``, tensor descriptors over
+    the contiguous caches seen as [B * Hkv * S_max, D] (Hopper's bulk tensor copies); else, and for
+    the masked tiles always, through pointers.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -328,11 +335,19 @@ def _tree_attention_kernel(
     v_base = v_head + start.to(tl.int64) * sv_s
 
     # Full prefix tiles: no mask at all (the pipelined, bandwidth-bound loop).
-    for n0 in range(0, full, BLOCK_N):
-        k = _load_kv_tile(k_base + n0 * sk_s + k_tile, cols, d_ok, False, EVEN_D)
-        v = _load_kv_tile(v_base + n0 * sv_s + v_tile, cols, d_ok, False, EVEN_D)
-        s = _scaled_scores(q, k, qk_scale, FP32_DOT)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, False, FP32_DOT)
+    if KV_TMA:
+        first_row = pid_bh * S_max + start  # row of position `start` in the [B * Hkv * S_max, D] view
+        for n0 in range(0, full, BLOCK_N):
+            k = k_desc.load([first_row + n0, 0])
+            v = v_desc.load([first_row + n0, 0])
+            s = _scaled_scores(q, k, qk_scale, FP32_DOT)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, False, FP32_DOT)
+    else:
+        for n0 in range(0, full, BLOCK_N):
+            k = _load_kv_tile(k_base + n0 * sk_s + k_tile, cols, d_ok, False, EVEN_D)
+            v = _load_kv_tile(v_base + n0 * sv_s + v_tile, cols, d_ok, False, EVEN_D)
+            s = _scaled_scores(q, k, qk_scale, FP32_DOT)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, False, FP32_DOT)
 
     # The partial prefix tile and the new tokens (1-2 tiles for a 64-token tree): masked.
     for n0 in tl.range(full, length + new_keys, BLOCK_N, num_stages=1):
@@ -415,6 +430,9 @@ class LaunchConfig:
     num_warps : warps per program, 1..16 (power of two).
     num_stages : software-pipelining depth of the K/V tile loads, 1..8.
     num_splits : flash-decoding splits of the prefix, 1..128 (1: no split, no combine kernel).
+    kv_tma : load the full prefix K/V tiles through tensor descriptors (TMA bulk copies on Hopper and
+        later) instead of pointers. Needs contiguous ``k_cache``/``v_cache``, a power-of-two head
+        dim, 16-byte rows and, on CUDA, compute capability 9.0+; else the launch raises ValueError.
     """
 
     block_m: int | None = None
@@ -422,6 +440,7 @@ class LaunchConfig:
     num_warps: int | None = None
     num_stages: int | None = None
     num_splits: int | None = None
+    kv_tma: bool | None = None
 
     def __post_init__(self) -> None:
         allowed = {
@@ -436,6 +455,8 @@ class LaunchConfig:
             if value is not None and (not isinstance(value, int) or value not in values):
                 shown = list(values) if len(values) < 10 else f"{values[0]}..{values[-1]}"
                 raise ValueError(f"LaunchConfig.{name} must be None or one of {shown}, got {value!r}")
+        if self.kv_tma is not None and not isinstance(self.kv_tma, bool):
+            raise ValueError(f"LaunchConfig.kv_tma must be None or a bool, got {self.kv_tma!r}")
 
 
 @dataclass(frozen=True)
@@ -448,6 +469,7 @@ class LaunchPlan:
     chunk: int  # prefix positions per split (a multiple of block_n)
     num_warps: int
     num_stages: int
+    kv_tma: bool = False
 
 
 @functools.lru_cache(maxsize=16)
@@ -513,7 +535,7 @@ def plan_launch(
     # B 8, 35.1 vs 42.8 us; 64-row blocks of T = 64 at B 8, 59.4 vs 90.5 us).
     num_warps = config.num_warps or (4 if block_m * triton.next_power_of_2(D) <= 64 * 128 else 8)
     num_stages = config.num_stages or (3 if D <= 128 else 2)
-    return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps, num_stages)
+    return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps, num_stages, bool(config.kv_tma))
 
 
 def _dot_in_fp32(dtype: torch.dtype, device: torch.device) -> bool:
@@ -562,6 +584,7 @@ def _launch_spec(
         MASK_KIND=mask_kind,
         SPLIT=plan.num_splits > 1,
         FP32_DOT=_dot_in_fp32(dtype, device),
+        KV_TMA=plan.kv_tma,
         HEAD_DIM=D,
         EVEN_D=block_d == D,
         BLOCK_M=plan.block_m,
@@ -588,6 +611,30 @@ def _check_int32_offsets(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                 f"tree_attention: {name} {list(t.shape)} with strides {list(t.stride())} spans {span} "
                 "elements per sequence/head, over the Triton kernel's int32 offsets"
             )
+
+
+def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> tuple:
+    """Tensor descriptors over contiguous caches seen as ``[B * Hkv * S_max, D]``, tiles of
+    ``[block_n, D]`` (LaunchConfig.kv_tma). Raises ValueError where the bulk copy cannot be used."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, Hkv, S_max, D = k_cache.shape
+    problems = []
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        problems.append("k_cache and v_cache must be contiguous")
+    if D & (D - 1) or D * k_cache.element_size() % 16:
+        problems.append(f"the head dim {D} must be a power of two of 16-byte rows")
+    if B * Hkv * S_max > _INT32_MAX:
+        problems.append(f"B * Hkv * S_max = {B * Hkv * S_max} rows exceed int32 coordinates")
+    if k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device) < (9, 0):
+        problems.append("tensor-descriptor loads need compute capability 9.0+")
+    if problems:
+        raise ValueError("tree_attention: LaunchConfig(kv_tma=True): " + "; ".join(problems))
+    rows = B * Hkv * S_max
+    return tuple(
+        TensorDescriptor(c.view(rows, D), shape=[rows, D], strides=[D, 1], block_shape=[block_n, D])
+        for c in (k_cache, v_cache)
+    )
 
 
 def _launch(kernel, grid, *args, **constexprs) -> None:
@@ -633,12 +680,17 @@ def _tree_attention_triton(
     sq, sk, sv = q.stride(), k_cache.stride(), v_cache.stride()
     if max(T * sq[1] + Hq * sq[2], S_max * max(sk[2], sv[2])) + D * max(sq[3], sk[3], sv[3]) > _INT32_MAX:
         _check_int32_offsets(q, k_cache, v_cache)  # the precise check, only near the limit
+    k_desc = v_desc = None
+    if spec.plan.kv_tma:
+        k_desc, v_desc = _kv_descriptors(k_cache, v_cache, spec.plan.block_n)
     _launch(
         _tree_attention_kernel,
         spec.grid,
         q,
         k_cache,
         v_cache,
+        k_desc,
+        v_desc,
         part,
         lse,
         cache_seqlens,
@@ -659,6 +711,7 @@ def _tree_attention_triton(
         sv[1],
         sv[2],
         *mask_strides,
+        S_max,
         **spec.constexprs,
     )
     if split:

@@ -15,17 +15,22 @@
 #   probe  which C++ compiler and build flags make TORCH_CHECK raise instead of segfaulting
 #          (scripts/probe_cxx_exceptions.py); the extension is then built in place with the first compiler
 #          whose build raises (checked on the built extension; CPU, background)
-#   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times);
+#   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times;
+#          TA_BUDGET / FDI_BUDGET: their --budget-s; KTESTS_S: the kernel tests' time box);
 #          sweep_fdi: only the fused_draft_input one (SWEEP_FDI_ARGS: more arguments, e.g. "--rows 1 16";
 #          FDI_BUDGET: its --budget-s)
-#   tests  kernel tests and the GPU tests of the decoding loop (CUDA graphs) on CUDA
+#   tests  kernel tests and the GPU tests of the decoding loop (CUDA graphs) on CUDA (SKIP_ETESTS=1: the
+#          kernel tests alone)
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
-#   flushcmp (not default) the 1-row fused_draft_input sweep twice, L2 flushed by a memset (default) and by
+#          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
+#          SKIP_SWEEP_FDI=1: the tree_attention sweep alone)
+#   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset (default) and by
 #          a read (EAGLE_BENCH_L2_FLUSH=read): does the memset's dirty-line write-back slow the timed kernel?
 #   profile (not default) where a round's device time goes, by kernel (bench/profile_round.py, CUDA graphs,
 #          tiny-code pair, dynamic and chain trees, B 1 and 4), and the op counts (bench/count_ops.py, CPU)
+#          (SKIP_COUNT_OPS=1: without the op counts, which any CPU machine can make)
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
 #   assistant (not default) a 2-layer model of the tiny-code target's tokenizer and data for the Hugging
 #          Face assisted-generation peer of `eagle bench` (export: eagle/assets/tiny-code/assistant layout)
@@ -50,6 +55,8 @@ else
     E2E_ARGS="--batch 1 4 16 --temperature 0 1 --num-prompts 8 --new-tokens 128 --repeats 2"
 fi
 [ -n "${FDI_BUDGET:-}" ] && SWEEP_FDI=($((FDI_BUDGET + 20)) "$FDI_BUDGET")  # override the profile's
+[ -n "${TA_BUDGET:-}" ] && SWEEP_TA=($((TA_BUDGET + 20)) "$TA_BUDGET")
+[ -n "${KTESTS_S:-}" ] && CAP_KTESTS=$KTESTS_S
 W=${W:-/tmp/ew}
 STAGES=${*:-probe sweep tests bench loop e2e}
 mkdir -p "$OUT" "$W"
@@ -96,14 +103,27 @@ fi
 if want sweep || want sweep_fdi; then
     # Triton only; the extension being built must not be half-loaded by these processes.
     if want sweep; then
-        EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_TA[0]}) python3 bench/sweep_tree_attention.py --budget-s ${SWEEP_TA[1]} >"$W/sweep_ta.log" 2>&1
+        EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_TA[0]}) python3 bench/sweep_tree_attention.py --budget-s ${SWEEP_TA[1]} \
+            ${SWEEP_TA_ARGS:-} >"$W/sweep_ta.log" 2>&1
         log "sweep tree_attention rc=$? $(tail -1 "$W/sweep_ta.log")"
     fi
-    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_FDI[0]}) python3 bench/sweep_fused_draft_input.py --eagle3 --budget-s ${SWEEP_FDI[1]} \
-        ${SWEEP_FDI_ARGS:-} >"$W/sweep_fdi.log" 2>&1
-    log "sweep fused_draft_input rc=$? $(tail -1 "$W/sweep_fdi.log")"
+    if want sweep_fdi || [ "${SKIP_SWEEP_FDI:-0}" = 0 ]; then
+        EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${SWEEP_FDI[0]}) python3 bench/sweep_fused_draft_input.py --eagle3 \
+            --budget-s ${SWEEP_FDI[1]} ${SWEEP_FDI_ARGS:-} >"$W/sweep_fdi.log" 2>&1
+        log "sweep fused_draft_input rc=$? $(tail -1 "$W/sweep_fdi.log")"
+    fi
     cp bench/results/sweep_*.json "$W/" 2>/dev/null
     pack sweep "$W"/sweep_*
+fi
+
+# Triton only like the sweeps: runs while the extension builds.
+if want flushcmp; then
+    for kind in write read; do
+        EAGLE_BENCH_L2_FLUSH=$kind EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap 60) python3 bench/sweep_fused_draft_input.py \
+            --rows 1 --budget-s 20 --out "$W/sweep_fdi_flush_$kind.json" >"$W/sweep_fdi_flush_$kind.log" 2>&1
+        log "fdi sweep, L2 flush by $kind: rc=$? $(grep -m1 '^best H4096' "$W/sweep_fdi_flush_$kind.log")"
+    done
+    pack flushcmp "$W"/sweep_fdi_flush_*
 fi
 
 if [ -n "$BUILD" ]; then
@@ -114,12 +134,16 @@ if [ -n "$BUILD" ]; then
 fi
 
 if want tests; then
-    timeout -s INT $(cap $CAP_KTESTS) python3 -m pytest tests/kernels tests/test_extension.py --device cuda -q -n 16 \
+    # -v: every outcome is logged with its test's name as it happens, so a run cut by its time box
+    # still names its failures (grep FAILED).
+    timeout -s INT $(cap $CAP_KTESTS) python3 -m pytest tests/kernels tests/test_extension.py --device cuda -v -n 16 \
         -p no:cacheprovider --timeout=120 --tb=short -rfE --junitxml="$W/tests.xml" >"$W/tests.log" 2>&1
-    log "kernel tests rc=$? $(tail -1 "$W/tests.log")"
-    timeout -s INT $(cap $CAP_ETESTS) python3 -m pytest tests/eagle/test_speculate_cuda_graph.py tests/eagle/test_bundled_pair.py \
-        -q -p no:cacheprovider --tb=short -rfE >"$W/tests_eagle.log" 2>&1
-    log "eagle GPU tests rc=$? $(tail -1 "$W/tests_eagle.log")"
+    log "kernel tests rc=$? $(tail -1 "$W/tests.log"); failed: $(grep -o 'FAILED [^ ]*' "$W/tests.log" | sort -u | tr '\n' ' ')"
+    if [ "${SKIP_ETESTS:-0}" = 0 ]; then
+        timeout -s INT $(cap $CAP_ETESTS) python3 -m pytest tests/eagle/test_speculate_cuda_graph.py tests/eagle/test_bundled_pair.py \
+            -q -p no:cacheprovider --tb=short -rfE >"$W/tests_eagle.log" 2>&1
+        log "eagle GPU tests rc=$? $(tail -1 "$W/tests_eagle.log")"
+    fi
     pack tests "$W/tests.log" "$W/tests.xml" "$W/tests_eagle.log"
 fi
 
@@ -159,22 +183,17 @@ if want e2e; then
     pack e2e "$W"/e2e*
 fi
 
-if want flushcmp; then
-    for kind in write read; do
-        EAGLE_BENCH_L2_FLUSH=$kind EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap 60) python3 bench/sweep_fused_draft_input.py \
-            --rows 1 --budget-s 20 --out "$W/sweep_fdi_flush_$kind.json" >"$W/sweep_fdi_flush_$kind.log" 2>&1
-        log "fdi sweep, L2 flush by $kind: rc=$? $(grep -m1 '^best H4096' "$W/sweep_fdi_flush_$kind.log")"
-    done
-    pack flushcmp "$W"/sweep_fdi_flush_*
-fi
-
 if want profile; then
+    first=90  # the first run compiles the loop's Triton kernels cold; the others find them cached
     for args in "--tree dynamic --batch 1" "--tree chain --batch 1" "--tree dynamic --batch 4"; do
-        timeout $(cap 60) python3 bench/profile_round.py --device cuda --cuda-graph $args --top 25 >>"$W/profile.log" 2>&1
+        timeout $(cap $first) python3 bench/profile_round.py --device cuda --cuda-graph $args --top 25 >>"$W/profile.log" 2>&1
         log "profile_round $args rc=$?"
+        first=50
     done
-    timeout $(cap 60) python3 bench/count_ops.py --trees dynamic static chain >"$W/count_ops.log" 2>&1
-    log "count_ops rc=$?"
+    if [ "${SKIP_COUNT_OPS:-0}" = 0 ]; then
+        timeout $(cap 60) python3 bench/count_ops.py --trees dynamic static chain >"$W/count_ops.log" 2>&1
+        log "count_ops rc=$?"
+    fi
     pack profile "$W/profile.log" "$W/count_ops.log"
 fi
 

@@ -7,6 +7,7 @@ are kept tiny.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -398,6 +399,44 @@ def test_triton_launch_configs_match_reference(device, config, mask_fmt):
         )
 
 
+# Tensor-descriptor (TMA) loads of the full prefix tiles: one and several splits, a prefix that is and
+# one that is not a multiple of block_n (its partial tile stays on the pointer path), head dims 16/32.
+TMA_CONFIGS = [
+    LaunchConfig(block_m=16, block_n=16, num_splits=1, kv_tma=True),
+    LaunchConfig(block_m=32, block_n=16, num_warps=2, num_stages=2, num_splits=3, kv_tma=True),
+]
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS, ids=lambda c: f"m{c.block_m}n{c.block_n}s{c.num_splits}")
+@pytest.mark.parametrize("mask_fmt", ["causal", "i32"])
+def test_triton_kv_tma_matches_reference(device, config, mask_fmt):
+    _require("triton", device)
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor-descriptor loads need compute capability 9.0+")
+    for seed, (B, T, Hq, Hkv, D) in enumerate([(2, 5, 8, 2, 16), (3, 6, 4, 1, 32)]):
+        case = make_case(B, T, Hq, Hkv, D, mask_fmt, seed, prefix_max=40, first_prefix=32).to(
+            torch.float32, device
+        )
+        got = _tree_attention_triton(*case.args(), D**-0.5, config)
+        assert_matches(
+            got, case, oracle(case.to(device="cpu")), f"{config} {mask_fmt} shape={(B, T, Hq, Hkv, D)}"
+        )
+
+
+def test_triton_kv_tma_rejects_layouts_it_cannot_load():
+    config = LaunchConfig(block_m=16, block_n=16, kv_tma=True)
+    case = make_case(2, 5, 8, 2, 16, "i32", seed=0).to(torch.float32)
+    q, k, v, seqlens, mask = case.args()
+    strided = torch.stack([k, v], dim=-1)  # head dim no longer contiguous
+    with pytest.raises(ValueError, match="kv_tma=True.*must be contiguous"):
+        _tree_attention_triton(q, strided[..., 0], strided[..., 1], seqlens, mask, 0.25, config)
+    odd = make_case(2, 5, 8, 2, 24, "i32", seed=0).to(torch.float32)
+    with pytest.raises(ValueError, match="head dim 24 must be a power of two"):
+        _tree_attention_triton(*odd.args(), 0.25, config)
+    with pytest.raises(ValueError, match="LaunchConfig.kv_tma must be None or a bool"):
+        LaunchConfig(kv_tma=1)
+
+
 def test_triton_grid_covers_row_blocks_and_splits(monkeypatch):
     """The launcher's grid: row blocks x (sequence, kv head) x splits, and the combine kernel only with
     splits. Launches are recorded instead of run."""
@@ -652,13 +691,18 @@ def compile_for_hopper() -> None:
     kv = torch.zeros(2, 4, 8, 4096, 128, dtype=torch.float16)
     seqlens = torch.full((4,), 4000, dtype=torch.int32)
     cases.append(((q, kv[0], kv[1], seqlens, None), plan_launch(4, 8, 1, 4, 4096, 128, num_sms=132)))
+    configs = []
     for args, plan in cases:
         config = LaunchConfig(plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.num_splits)
+        configs.append((args, config))
+    for args, config in configs[:2]:  # the goal shapes' plans with tensor-descriptor loads
+        configs.append((args, dataclasses.replace(config, kv_tma=True)))
+    for args, config in configs:
         for kernel, kargs, kw in record_launches(*args, config):
             compiled = compile_like_jit(kernel, kargs, kw)
             assert compiled.metadata.shared <= 227 * 1024, (
                 kernel.fn.__name__,
-                plan,
+                config,
                 compiled.metadata.shared,
             )
 
@@ -723,8 +767,18 @@ def test_sweep_dry_run_lists_goal_configurations(capsys):
     text = capsys.readouterr().out
     for name in ("tree64-B1", "tree64-B8", "tree64-B32", "decode-B1", "decode-B32", "tree16-B8"):
         assert f"{name}: " in text
-    work, variants = sweep.plan_work(sweep.GPU_SHAPES, 132, interpret=False)
-    assert len(variants) <= 40, "each variant is a cold compile on the GPU machine"
+    work, variants = sweep.plan_work(sweep.GPU_SHAPES, 132, interpret=False, tma=True)
+    assert len(variants) <= 56, "each variant is a cold compile on the GPU machine"
+    by_name = {shape.name: [plan for _, plan in items] for shape, items in work}
+    for name in ("tree64-B1", "tree64-B8", "tree64-B32"):
+        tma = [plan for plan in by_name[name] if plan.kv_tma]
+        assert len(tma) == len(sweep.TILES_TMA), f"{name}: each TMA tile once"
+        assert by_name[name][1].kv_tma, (
+            f"{name}: tensor-descriptor loads are measured right after the default"
+        )
+    assert not any(plan.kv_tma for plan in by_name["decode-B1"]), "few-row shapes keep their tiles"
+    no_tma, _ = sweep.plan_work(sweep.GPU_SHAPES, 132, interpret=False, tma=False)
+    assert not any(plan.kv_tma for _, items in no_tma for _, plan in items)
     for shape, items in work:
         plans = [plan for _, plan in items]
         assert items[0][0] is None and len(set(plans)) == len(plans), (
@@ -759,5 +813,6 @@ def test_sweep_interpret_reports_failures_and_keeps_going(tmp_path, monkeypatch)
     status = {r["config_desc"]: r["status"] for r in entry["results"]}
     assert status["m16 n16 w4 st2 splits3"].startswith("error: RuntimeError: out of resource")
     assert status["m32 n16 w4 st1 splits1"].startswith("wrong")
-    assert sum(s == "ok" for s in status.values()) == 3
+    assert status["m16 n16 w4 st2 splits1 tma"] == "ok", "the tensor-descriptor variant is swept too"
+    assert sum(s == "ok" for s in status.values()) == 4
     assert entry["best"]["status"] == "ok" and entry["best"]["max_abs_err"] < 1e-4
