@@ -499,6 +499,18 @@ def _default_splits(programs: int, block_m: int, S_max: int, num_sms: int) -> in
     return max(1, min(target // programs, S_max // min_chunk, MAX_DEFAULT_SPLITS))
 
 
+def _default_stages(block_m: int, block_n: int, D: int, num_splits: int, elem_size: int) -> int:
+    """K/V tiles in flight. A 128-row block streaming a whole prefix (no split) keeps 4 where four
+    K+V stages take at most 128 KB (16-bit caches up to D = 128 with 64-key tiles): 1.06x at B 8 and
+    1.02x at B 32 of the goal shape on an H100, in two sweeps
+    (bench/results/sweep_tree_attention_NVIDIA-H100-80GB-HBM3_s10*.json). A split's few tiles per
+    program keep 3 (4 measured 0.96x at B 1), as do fp32 caches; D > 128 keeps 2 to fit shared memory."""
+    if D > 128:
+        return 2
+    four_stages = 4 * 2 * block_n * triton.next_power_of_2(D) * elem_size
+    return 4 if block_m >= 128 and num_splits == 1 and four_stages <= 128 * 1024 else 3
+
+
 @functools.lru_cache(maxsize=256)
 def plan_launch(
     B: int,
@@ -509,6 +521,7 @@ def plan_launch(
     D: int,
     num_sms: int,
     config: LaunchConfig | None = None,
+    elem_size: int = 2,
 ) -> LaunchPlan:
     """Block sizes, warps, stages and prefix splits; decided from shapes only (no host sync).
 
@@ -517,6 +530,8 @@ def plan_launch(
     split (flash-decoding) so that e.g. batch 1 with a long prefix still uses every SM. ``config``
     overrides any of the choices (see :class:`LaunchConfig`); the split's chunk (prefix positions per
     split, a multiple of ``block_n``) is always derived from ``S_max`` and the number of splits.
+    ``elem_size``: bytes per cache element (2 for fp16/bf16, 4 for fp32), which bounds the pipelining
+    depth that fits in shared memory.
     """
     config = config or LaunchConfig()
     rows = max(T * G, 1)
@@ -534,7 +549,7 @@ def plan_launch(
     # 1.2-1.5x faster than 8 on an H200 (bench/results/sweep_tree_attention_NVIDIA-H200.json: T = 16 at
     # B 8, 35.1 vs 42.8 us; 64-row blocks of T = 64 at B 8, 59.4 vs 90.5 us).
     num_warps = config.num_warps or (4 if block_m * triton.next_power_of_2(D) <= 64 * 128 else 8)
-    num_stages = config.num_stages or (3 if D <= 128 else 2)
+    num_stages = config.num_stages or _default_stages(block_m, block_n, D, num_splits, elem_size)
     return LaunchPlan(block_m, block_n, num_splits, chunk, num_warps, num_stages, bool(config.kv_tma))
 
 
@@ -575,7 +590,7 @@ def _launch_spec(
     """The cached launch of one (shapes, dtype, device, mask kind, head-dim strides, config) key."""
     G = Hq // Hkv
     sms = _num_sms(device)
-    plan = plan_launch(B, Hkv, T, G, S_max, D, sms, config)
+    plan = plan_launch(B, Hkv, T, G, S_max, D, sms, config, dtype.itemsize)
     block_d = triton.next_power_of_2(D)
     constexprs = dict(
         sq_d=head_strides[0],

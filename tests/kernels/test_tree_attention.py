@@ -332,6 +332,11 @@ def test_plan_launch_goal_shapes():
     tree16 = plan_launch(B=8, Hkv=8, T=16, G=4, S_max=2048 + 16 + 16, D=128, num_sms=132)
     assert (tree16.block_m, tree16.num_warps) == (64, 4), "64 x 128 accumulators: 4 warps (measured faster)"
     assert plan_launch(B=8, Hkv=8, T=16, G=4, S_max=2080, D=256, num_sms=132).num_warps == 8
+    assert plans["tree64-B8"].num_stages == plans["tree64-B32"].num_stages == 4, "whole-prefix 128-row blocks"
+    assert plans["tree64-B1"].num_stages == 3, "a split program's few tiles"
+    assert plan_launch(B=32, Hkv=8, T=64, G=4, S_max=2128, D=256, num_sms=132).num_stages == 2
+    fp32 = plan_launch(**GOAL_SHAPES["tree64-B32"], num_sms=132, elem_size=4)
+    assert fp32.num_stages == 3, "four fp32 K/V stages of 64 x 128 would not fit in shared memory"
     b1 = plans["tree64-B1"]
     assert b1.num_splits > 1, "16 (row block, kv head) programs cannot fill 132 SMs without a split"
     assert 0.8 * 132 <= 2 * 8 * b1.num_splits <= 132, "one wave of split programs"
@@ -687,6 +692,12 @@ def compile_for_hopper() -> None:
         seqlens = torch.full((B,), 2048, dtype=torch.int32)
         mask = torch.zeros(B, T, 2, dtype=torch.int32)
         cases.append(((q, kv[0], kv[1], seqlens, mask), plan_launch(**dims, num_sms=132)))
+    dims = GOAL_SHAPES["tree64-B32"]  # fp32: the default plan's stages must fit 4-byte tiles too
+    q = torch.zeros(32, 64, 32, 128, dtype=torch.float32)
+    kv = torch.zeros(2, 32, 8, dims["S_max"], 128, dtype=torch.float32)
+    seqlens = torch.full((32,), 2048, dtype=torch.int32)
+    plan = plan_launch(**dims, num_sms=132, elem_size=4)
+    cases.append(((q, kv[0], kv[1], seqlens, torch.zeros(32, 64, 2, dtype=torch.int32)), plan))
     q = torch.zeros(4, 1, 32, 128, dtype=torch.float16)
     kv = torch.zeros(2, 4, 8, 4096, 128, dtype=torch.float16)
     seqlens = torch.full((4,), 4000, dtype=torch.int32)
