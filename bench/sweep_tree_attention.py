@@ -74,6 +74,7 @@ class Shape:
     prefix: int
     mask: str  # "tree" (int32 bit-packed random tree) or "causal"
     goal: bool = False
+    fp32: bool = False  # float32 tensors (exact FMA dots, no tensor cores) instead of bf16 on CUDA
 
     @property
     def s_max(self) -> int:
@@ -92,6 +93,11 @@ GPU_SHAPES = [
     Shape("decode-B1", 1, 1, 32, 8, 128, 2048, "causal"),
     Shape("decode-B32", 32, 1, 32, 8, 128, 2048, "causal"),
     Shape("tree16-B8", 8, 16, 32, 8, 128, 2048, "tree"),
+    # The bundled tiny-code target's heads (4 query / 2 kv of 64) in float32, as its GPU decoding loop
+    # runs them: a 64-token verify tree at B 1 and 4 (13 and 88 us per call in a profiled round on an
+    # H100, bench/results/gpu_2026-11-26e_NVIDIA-H100.md) and a one-token step.
+    *(Shape(f"tiny-fp32-tree64-B{B}", B, 64, 4, 2, 64, 192, "tree", fp32=True) for B in (1, 4)),
+    Shape("tiny-fp32-decode-B1", 1, 1, 4, 2, 64, 192, "causal", fp32=True),
 ]
 INTERPRET_SHAPES = [
     Shape("tiny-tree5-B2", 2, 5, 4, 2, 16, 40, "tree", goal=True),
@@ -120,11 +126,16 @@ TILES_TMA = [(128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 16, 2), (128, 64, 8, 4
 TILES_64_ROWS = [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 4), (64, 128, 8, 2), (32, 64, 4, 3)]
 TILES_FEW_ROWS = [(16, 64, 4, 3), (16, 128, 4, 3), (16, 64, 4, 4), (16, 64, 2, 3), (16, 32, 4, 4)]
 TILES_INTERPRET = [(16, 16, 4, 2), (32, 16, 4, 1)]
+# float32: the dots are FMA loops, so smaller row blocks (more programs) share the work across SMs.
+TILES_FP32 = [(16, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 32, 2, 2), (128, 32, 8, 2)]
+FP32_SPLITS = (1, 2, 4)
 
 
 def tiles_for(shape: Shape, interpret: bool) -> list[tuple[int, int, int, int]]:
     if interpret:
         return TILES_INTERPRET
+    if shape.fp32:
+        return TILES_FP32
     if shape.rows > 64:
         return TILES_MANY_ROWS
     return TILES_64_ROWS if shape.rows > 16 else TILES_FEW_ROWS
@@ -158,7 +169,7 @@ def configs_for(
             seen.add(plan)
             configs.append(config)
 
-    if tma and (interpret or shape.rows > 64):
+    if tma and (interpret or (shape.rows > 64 and not shape.fp32)):
         for bm, bn, warps, stages in TILES_INTERPRET[:1] if interpret else TILES_TMA:
             tile = LaunchConfig(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
             auto = resolve(shape, tile, num_sms).num_splits
@@ -172,6 +183,8 @@ def configs_for(
             splits.add(used_splits(shape.s_max, min(2 * auto, 64), bn))
         if interpret:
             splits.add(3)
+        if shape.fp32 and not interpret:
+            splits.update(used_splits(shape.s_max, n, bn) for n in FP32_SPLITS)
         for n in sorted(splits):
             add(LaunchConfig(bm, bn, warps, stages, n))
     return configs
@@ -179,12 +192,19 @@ def configs_for(
 
 def resolve(shape: Shape, config: LaunchConfig | None, num_sms: int) -> LaunchPlan:
     G = shape.Hq // shape.Hkv
-    return plan_launch(shape.B, shape.Hkv, shape.T, G, shape.s_max, shape.D, num_sms, config)
+    elem_size = 4 if shape.fp32 else 2
+    return plan_launch(shape.B, shape.Hkv, shape.T, G, shape.s_max, shape.D, num_sms, config, elem_size)
+
+
+def shape_dtype(shape: Shape, default: torch.dtype) -> torch.dtype:
+    """float32 for the fp32 shapes, else the run's dtype (bf16 on CUDA, fp32 in the interpreter)."""
+    return torch.float32 if shape.fp32 else default
 
 
 def compile_key(shape: Shape, plan: LaunchPlan) -> tuple:
     """What selects a compiled kernel variant (runtime ints like B, T, chunk do not)."""
     return (
+        shape.fp32,
         shape.mask,
         shape.D,
         plan.block_m,
@@ -397,7 +417,7 @@ def _compile_in_worker(shape: Shape, config: LaunchConfig | None, device: str, d
     """Launch one configuration once in a worker process, which compiles it into Triton's cache."""
     torch.set_num_threads(1)
     if shape.name not in _WORKER_INPUTS:
-        _WORKER_INPUTS[shape.name] = make_shape_inputs(shape, torch.device(device), dtype)
+        _WORKER_INPUTS[shape.name] = make_shape_inputs(shape, torch.device(device), shape_dtype(shape, dtype))
     q, k, v, seqlens, mask = _WORKER_INPUTS[shape.name]
     try:
         _tree_attention_triton(q, k, v, seqlens, mask, shape.D**-0.5, config)
@@ -600,7 +620,6 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     gpu = torch.cuda.get_device_name(0) if cuda else None
     timer = CudaTimer(args.eager_calls, args.rep_ms) if cuda else WallTimer()
     print(
@@ -622,20 +641,22 @@ def main(argv=None) -> int:
         "num_sms": num_sms,
         "dtype": str(dtype),
         "timer": timer.kind,
-        "tolerance": tol,
+        "tolerance": {"bf16": 2e-2, "fp32": 1e-4},
         "budget_s": args.budget_s,
         "warmup": warmup,
         "shapes": {},
         "skipped": [],
     }
     for shape, items in work:
-        inputs = make_shape_inputs(shape, device, dtype)
+        sdtype = shape_dtype(shape, dtype)
+        tol = 2e-2 if sdtype == torch.bfloat16 else 1e-4
+        inputs = make_shape_inputs(shape, device, sdtype)
         scale = shape.D**-0.5
         want = reference(inputs, scale)
-        roof = roofline(shape, dtype, gpu)
-        entry = {"shape": asdict(shape), "roofline": roof, "results": []}
+        roof = roofline(shape, sdtype, gpu)
+        entry = {"shape": asdict(shape), "dtype": str(sdtype), "roofline": roof, "results": []}
         print(
-            f"\n{shape.name} (B={shape.B} T={shape.T} prefix={shape.prefix} {shape.mask}; "
+            f"\n{shape.name} (B={shape.B} T={shape.T} prefix={shape.prefix} {shape.mask} {sdtype}; "
             f"{roof['bytes'] / 1e6:.1f} MB, {roof['flop_per_byte']:.0f} FLOP/B"
             + (f", HBM roofline {roof['hbm_roofline_us']:.1f} us" if "hbm_roofline_us" in roof else "")
             + (f", bf16 FLOP floor {roof['compute_floor_us']:.1f} us" if "compute_floor_us" in roof else "")
@@ -659,7 +680,7 @@ def main(argv=None) -> int:
             entry["sdpa"] = run_sdpa(inputs, timer)
             print(f"  SDPA with an explicit mask: {entry['sdpa']}", flush=True)
         if cuda:
-            entry["stream_floor"] = run_stream_floor(roof, device, dtype, timer)
+            entry["stream_floor"] = run_stream_floor(roof, device, sdtype, timer)
             print(f"  torch.amax reading the roofline's bytes once: {entry['stream_floor']}", flush=True)
         best = best_of(entry["results"])
         default = next((r for r in entry["results"] if r.get("config") is None), None)
