@@ -4,8 +4,9 @@
 warm-up generation (which also captures the CUDA graphs), then profiles one speculative generation and
 one plain generation with ``torch.profiler`` (CUPTI records the kernels of graph replays one by one)
 and prints, per round and per plain step: wall time, summed kernel time (how busy the device was),
-kernel count, and the kernels that take the most time. The prefill is taken out: a run of one new
-token is profiled too and subtracted, kernel by kernel.
+kernel count, and the kernels that take the most time. The prefill is left out: both decoders are
+generators whose first item is the prefill's token, and the profiler starts after it, so nothing is
+subtracted (a difference of two runs went negative on a loaded machine).
 
     python bench/profile_round.py --device cuda --cuda-graph             # tiny-code pair, dynamic tree, B 1
     python bench/profile_round.py --device cuda --cuda-graph --tree chain --batch 4 --top 30
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_loop import prompts_for  # noqa: E402
 from eagle.api import load  # noqa: E402
-from eagle.models import generate_plain  # noqa: E402
+from eagle.models.generate_plain import plain_decode_steps  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
 
 
@@ -60,16 +61,11 @@ def _totals(events) -> dict[str, list[float]]:
     return by_name
 
 
-def summarise(label: str, run, less, units: int, unit_name: str, top: int) -> dict:
-    """Per-unit figures of ``run`` = (events, wall seconds) minus ``less`` (the same for a run that
-    differs only by not doing the ``units`` rounds or steps: the prefill), by kernel name."""
-    totals, base = _totals(run[0]), _totals(less[0])
-    for name, (us, calls) in base.items():
-        totals.setdefault(name, [0.0, 0])
-        totals[name][0] -= us
-        totals[name][1] -= calls
+def summarise(label: str, run, units: int, unit_name: str, top: int) -> dict:
+    """Per-unit figures of ``run`` = (events, wall seconds) of ``units`` rounds or steps, by kernel name."""
+    totals = _totals(run[0])
     per = max(units, 1)
-    wall_s = run[1] - less[1]
+    wall_s = run[1]
     total_us = sum(us for us, _ in totals.values())
     calls = sum(c for _, c in totals.values())
     print(
@@ -112,36 +108,38 @@ def main(argv=None) -> int:
     )
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
-    def speculative(new_tokens: int) -> int:
-        return sum(1 for _ in decoder.run(prompts, new_tokens, sampling, seed=0)) - 1  # rounds
+    def speculative():  # yields the prefill's tokens, then one item per round
+        return decoder.run(prompts, args.new_tokens, sampling, seed=0)
 
-    def plain(new_tokens: int) -> int:
-        generate_plain(model.target, prompts, new_tokens, temperature=args.temperature,
-                       cuda_graph=args.cuda_graph)  # fmt: skip
-        return new_tokens
+    def plain():  # yields the prefill's token, then one item per step
+        return plain_decode_steps(model.target, prompts, args.new_tokens, temperature=args.temperature,
+                                  cuda_graph=args.cuda_graph)  # fmt: skip
 
-    def profiled_once(fn, new_tokens: int) -> tuple[tuple[list, float], int]:
+    def profiled_once(steps) -> tuple[tuple[list, float], int]:
+        """(kernel events, wall seconds) and the count of the rounds or steps after the prefill."""
+        items = steps()
+        next(items)  # the prefill, not profiled
+        _sync(device)
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
-            units = fn(new_tokens)
+            units = sum(1 for _ in items)
             _sync(device)
             wall = time.perf_counter() - t0
         return (device_events(prof, device), wall), units
 
-    def profiled(fn, new_tokens: int) -> tuple[tuple[list, float], int]:
-        # The quickest of the repeats: a run slowed by another process (or the profiler's first use)
-        # would otherwise make the difference of two runs meaningless, even negative.
-        return min((profiled_once(fn, new_tokens) for _ in range(args.repeats)), key=lambda r: r[0][1])
+    def profiled(steps) -> tuple[tuple[list, float], int]:
+        # The quickest of the repeats: one run slowed by another process would skew the figures.
+        return min((profiled_once(steps) for _ in range(args.repeats)), key=lambda r: r[0][1])
 
-    for fn in (speculative, plain):  # warm-up: compiles, captures and keeps the graphs
-        fn(args.new_tokens)
-    profiled_once(plain, 1)  # and the profiler's own first-use set-up
+    for steps in (speculative, plain):  # warm-up: compiles, captures and keeps the graphs
+        for _ in steps():
+            pass
+    profiled_once(plain)  # and the profiler's own first-use set-up
     _sync(device)
     results = {}
-    for label, fn, unit in (("EAGLE " + args.tree, speculative, "round"), ("plain", plain, "step")):
-        short, _ = profiled(fn, 1)  # prefill and the first token only
-        full, units = profiled(fn, args.new_tokens)
-        results[label] = summarise(label, full, short, units - (1 if unit == "step" else 0), unit, args.top)
+    for label, steps, unit in (("EAGLE " + args.tree, speculative, "round"), ("plain", plain, "step")):
+        run, units = profiled(steps)
+        results[label] = summarise(label, run, units, unit, args.top)
     spec, base = results["EAGLE " + args.tree], results["plain"]
     print(
         f"\nround / plain step: wall {spec['wall_ms_per'] / base['wall_ms_per']:.2f}x, "
