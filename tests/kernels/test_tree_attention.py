@@ -393,8 +393,13 @@ TRITON_CONFIGS = [
 @pytest.mark.parametrize("mask_fmt", MASK_FORMATS)
 def test_triton_launch_configs_match_reference(device, config, mask_fmt):
     _require("triton", device)
-    for seed, (B, T, Hq, Hkv, D) in enumerate([(2, 5, 8, 2, 16), (3, 6, 4, 1, 24)]):
-        # sequence 0's prefix is a multiple of every block_n above but 64
+    _check_config_against_oracle(device, config, mask_fmt, [(2, 5, 8, 2, 16), (3, 6, 4, 1, 24)])
+
+
+def _check_config_against_oracle(device, config: LaunchConfig, mask_fmt: str, shapes) -> None:
+    """The launcher with ``config`` on fp32 cases of ``shapes`` (B, T, Hq, Hkv, D) against the oracle;
+    sequence 0's prefix (32) is a multiple of every block_n the configs use but 64."""
+    for seed, (B, T, Hq, Hkv, D) in enumerate(shapes):
         case = make_case(B, T, Hq, Hkv, D, mask_fmt, seed, prefix_max=40, first_prefix=32).to(
             torch.float32, device
         )
@@ -418,14 +423,7 @@ def test_triton_kv_tma_matches_reference(device, config, mask_fmt):
     _require("triton", device)
     if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("tensor-descriptor loads need compute capability 9.0+")
-    for seed, (B, T, Hq, Hkv, D) in enumerate([(2, 5, 8, 2, 16), (3, 6, 4, 1, 32)]):
-        case = make_case(B, T, Hq, Hkv, D, mask_fmt, seed, prefix_max=40, first_prefix=32).to(
-            torch.float32, device
-        )
-        got = _tree_attention_triton(*case.args(), D**-0.5, config)
-        assert_matches(
-            got, case, oracle(case.to(device="cpu")), f"{config} {mask_fmt} shape={(B, T, Hq, Hkv, D)}"
-        )
+    _check_config_against_oracle(device, config, mask_fmt, [(2, 5, 8, 2, 16), (3, 6, 4, 1, 32)])
 
 
 def test_triton_kv_tma_rejects_layouts_it_cannot_load():
