@@ -500,15 +500,17 @@ def _default_splits(programs: int, block_m: int, S_max: int, num_sms: int) -> in
 
 
 def _default_stages(block_m: int, block_n: int, D: int, num_splits: int, elem_size: int) -> int:
-    """K/V tiles in flight. A 128-row block streaming a whole prefix (no split) keeps 4 where four
-    K+V stages take at most 128 KB (16-bit caches up to D = 128 with 64-key tiles): 1.06x at B 8 and
-    1.02x at B 32 of the goal shape on an H100, in two sweeps
+    """K/V tiles in flight. A 128-row block of a 16-bit cache streaming a whole prefix (no split)
+    keeps 4 where four K+V stages take at most 128 KB (up to D = 128 with 64-key tiles): 1.06x at B 8
+    and 1.02x at B 32 of the goal shape on an H100, in two sweeps
     (bench/results/sweep_tree_attention_NVIDIA-H100-80GB-HBM3_s10*.json). A split's few tiles per
-    program keep 3 (4 measured 0.96x at B 1), as do fp32 caches; D > 128 keeps 2 to fit shared memory."""
+    program keep 3 (4 measured 0.96x at B 1), as do fp32 caches (unmeasured at 4; 64 x 128 fp32 tiles
+    would not fit); D > 128 keeps 2 to fit shared memory."""
     if D > 128:
         return 2
     four_stages = 4 * 2 * block_n * triton.next_power_of_2(D) * elem_size
-    return 4 if block_m >= 128 and num_splits == 1 and four_stages <= 128 * 1024 else 3
+    deep = elem_size == 2 and block_m >= 128 and num_splits == 1 and four_stages <= 128 * 1024
+    return 4 if deep else 3
 
 
 @functools.lru_cache(maxsize=256)

@@ -337,6 +337,8 @@ def test_plan_launch_goal_shapes():
     assert plan_launch(B=32, Hkv=8, T=64, G=4, S_max=2128, D=256, num_sms=132).num_stages == 2
     fp32 = plan_launch(**GOAL_SHAPES["tree64-B32"], num_sms=132, elem_size=4)
     assert fp32.num_stages == 3, "four fp32 K/V stages of 64 x 128 would not fit in shared memory"
+    tiny_fp32 = plan_launch(B=1, Hkv=2, T=64, G=2, S_max=272, D=64, num_sms=132, elem_size=4)
+    assert tiny_fp32.num_stages == 3, "4 stages were measured on 16-bit caches only"
     b1 = plans["tree64-B1"]
     assert b1.num_splits > 1, "16 (row block, kv head) programs cannot fill 132 SMs without a split"
     assert 0.8 * 132 <= 2 * 8 * b1.num_splits <= 132, "one wave of split programs"
