@@ -330,14 +330,20 @@ def _token_ids(prompt, index: int) -> list[int]:
 
 
 def load(
-    target: str, draft: str | None = None, *, device="cpu", dtype: torch.dtype | None = None
+    target: str,
+    draft: str | None = None,
+    *,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    draft_dtype: torch.dtype | str | None = None,
 ) -> EagleModel:
     """Load a target checkpoint and an EAGLE-1/2/3 head.
 
     target: local directory or hub id of a Llama/Mistral/Qwen2/Qwen3 checkpoint, or "tiny-code" (the
         bundled pair). draft: local directory or hub id of an EAGLE head; None means the bundled head
         for "tiny-code" and no head otherwise (plain decoding only). dtype: default float32 on CPU, bf16
-        on CUDA; float64 works on CPU.
+        on CUDA; float64 works on CPU. draft_dtype: the head's dtype, default ``dtype``; e.g. bfloat16
+        drafts for a float32 target (the output is unchanged: the target verifies every token).
     """
     device = _resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
@@ -348,7 +354,11 @@ def load(
     else:
         target_path = target
     model = load_target(target_path, dtype=dtype, device=device)
-    head = load_draft(draft, model, dtype=dtype, device=device) if draft is not None else None
+    try:
+        head_dtype = resolve_dtype(draft_dtype) if draft_dtype is not None else dtype
+    except TypeError as err:
+        raise TypeError(f"draft_dtype: {err}") from None
+    head = load_draft(draft, model, dtype=head_dtype, device=device) if draft is not None else None
     return EagleModel(model, head, _load_tokenizer(target_path))
 
 

@@ -96,6 +96,7 @@ class BenchConfig:
     device: str = "cpu"
     cuda_graph: bool = False  # CUDA: vanilla and EAGLE replay their steps from CUDA graphs
     dtype: str | None = None
+    draft_dtype: str | None = None  # the EAGLE head's dtype (default: dtype); the output is unchanged
     seed: int = 0
     lookup_tokens: int = 10
     work_dir: str | None = None
@@ -121,8 +122,10 @@ class BenchConfig:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.dtype is not None and not isinstance(getattr(torch, self.dtype, None), torch.dtype):
-            raise ValueError(f"dtype must be a torch dtype name such as float32, got {self.dtype!r}")
+        for name in ("dtype", "draft_dtype"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(getattr(torch, value, None), torch.dtype):
+                raise ValueError(f"{name} must be a torch dtype name such as float32, got {value!r}")
 
 
 QUICK = dict(batch_sizes=(1, 4), new_tokens=16, num_prompts=2, prompt_tokens=48, repeats=1, quick=True)
@@ -264,7 +267,9 @@ def resolve_pair(target: str, draft: str | None) -> tuple[str, str | None]:
 
 def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], None]) -> Models:
     target_path, draft_path = resolve_pair(config.target, config.draft)
-    model = eagle.load(target_path, draft_path, device=config.device, dtype=dtype)
+    model = eagle.load(
+        target_path, draft_path, device=config.device, dtype=dtype, draft_dtype=config.draft_dtype
+    )
     if draft_path is None:
         head = random_draft(model.target, seed=config.seed).eval().requires_grad_(False)
         model = EagleModel(model.target, head, model.tokenizer)
@@ -913,13 +918,16 @@ def target_name(config: BenchConfig, models: Models) -> str:
 
 
 def default_name(config: BenchConfig, models: Models) -> str:
-    """``e2e_<target>[_<GPU>][_<dtype>][_cudagraph][_randomdraft][_quick]``: a GPU run does not
-    overwrite the CPU one, the dtype is named when it is not the device's default, and a random draft
-    or smoke-test run is never mistaken for a final result."""
+    """``e2e_<target>[_<GPU>][_<dtype>][_draft<dtype>][_cudagraph][_randomdraft][_quick]``: a GPU run
+    does not overwrite the CPU one, the dtype is named when it is not the device's default (the head's
+    when it differs from the target's), and a random draft or smoke-test run is never mistaken for a
+    final result."""
     device = torch.device(config.device)
     gpu = "_" + torch.cuda.get_device_name(device).replace(" ", "-") if device.type == "cuda" else ""
     default_dtype = str(eagle.api._default_dtype(device)).removeprefix("torch.")
     dtype = f"_{config.dtype}" if config.dtype and config.dtype != default_dtype else ""
+    if config.draft_dtype and config.draft_dtype != (config.dtype or default_dtype):
+        dtype += f"_draft{config.draft_dtype}"
     return (
         f"e2e_{target_name(config, models)}{gpu}{dtype}"
         + ("_cudagraph" if config.cuda_graph else "")
@@ -938,6 +946,7 @@ def _settings(config, models: Models, prompts, prompt_origin: str, dtype) -> dic
         "random_draft": models.random_draft,
         "assistant": models.assistant_info or None,
         "dtype": str(dtype).removeprefix("torch."),
+        "draft_dtype": str(models.eagle.head.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "prompt_origin": prompt_origin,
         "prompts": [{"source": p.source, "tokens": len(p.ids)} for p in prompts],
@@ -998,6 +1007,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="CUDA: vanilla decoding and EAGLE rounds replayed from CUDA graphs (HF methods run as usual)",
     )
     p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float64")
+    p.add_argument(
+        "--draft-dtype",
+        default=None,
+        help="the EAGLE head's dtype (default: --dtype), e.g. bfloat16 drafts for a float32 target",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled runs")
     p.add_argument("--lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens (default 10)")
     p.add_argument("--work-dir", default=None, help="where a derived assistant is cached (default: temp dir)")
@@ -1035,6 +1049,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         device=args.device,
         cuda_graph=args.cuda_graph,
         dtype=args.dtype,
+        draft_dtype=args.draft_dtype,
         seed=args.seed,
         lookup_tokens=args.lookup_tokens,
         work_dir=args.work_dir,

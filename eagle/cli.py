@@ -124,7 +124,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print("eagle generate: empty prompt (give it as an argument or on stdin)", file=sys.stderr)
         return 2
     dtype = args.dtype or None  # a name: eagle.load resolves it (and refuses unknown ones clearly)
-    model = eagle.load(args.target, args.draft, device=args.device, dtype=dtype)
+    model = eagle.load(args.target, args.draft, device=args.device, dtype=dtype, draft_dtype=args.draft_dtype)
     _set_cpu_threads(args.threads, model)
     if model.tokenizer is None:
         print(
@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         default=None,
         help="float32, bfloat16, float16 or float64 (also fp32, bf16, fp16, fp64; default per device)",
+    )
+    gen.add_argument(
+        "--draft-dtype",
+        default=None,
+        help="the EAGLE head's dtype (default: --dtype); e.g. bf16 drafts for a float32 target, same output",
     )
     gen.add_argument(
         "--threads",

@@ -225,8 +225,9 @@ class Eagle2Head(DraftHead):
         self.lm_head_weight = lm_head_weight.detach()  # the target's, shared and never saved
 
     def target_features(self, target_out: ModelOutput) -> torch.Tensor:
-        """The first step's input: the target's final hidden states (after its last norm)."""
-        return target_out.hidden
+        """The first step's input: the target's final hidden states (after its last norm), in the
+        head's dtype (a head may run in another dtype than its target: see :func:`load_draft`)."""
+        return target_out.hidden.to(self.dtype)
 
     def _cpu_op_weights(self, x, op: str) -> list[torch.Tensor | None] | None:
         """The layer's weight list for the C++ op ``op`` when the CPU fast path applies to ``x``
@@ -436,7 +437,7 @@ class Eagle3Head(DraftHead):
         (2, L//2, L-3) (run the target with ``feature_layers=head.feature_layers``)."""
         if target_out.layer_hidden is None or len(target_out.layer_hidden) != 3:
             raise ValueError("EAGLE-3 needs the target run with feature_layers=head.feature_layers")
-        return self.project_features(*target_out.layer_hidden)
+        return self.project_features(*(h.to(self.dtype) for h in target_out.layer_hidden))
 
     def project_features(
         self, h_low: torch.Tensor, h_mid: torch.Tensor, h_high: torch.Tensor
@@ -606,16 +607,22 @@ def load_draft(
     """Load an official EAGLE-1/2 or EAGLE-3 head for ``target`` (format detected from the keys).
 
     ``path``: directory (or hub id) with config.json + model.safetensors or pytorch_model.bin.
-    ``dtype``/``device`` must be the target's (the default). Raises ValueError when the head does not fit the
-    target (hidden size, vocabulary, layer count) or keys are missing, unexpected or misshapen.
+    ``device`` must be the target's (the default). ``dtype``: the head's floating dtype, the target's by
+    default. Another one is allowed because the head only proposes tokens and the target verifies them,
+    so the output does not change (acceptance may, slightly): a bfloat16 head for a float32 target
+    drafts from half the bytes (on CPU with AMX tiles). The head then keeps its own copies of the
+    target's embedding / lm_head in its dtype instead of sharing them, and takes the target's features
+    converted to it (:meth:`DraftHead.target_features`).
+    Raises ValueError when the head does not fit the target (hidden size, vocabulary, layer count) or
+    keys are missing, unexpected or misshapen; TypeError for a dtype that is not a supported float.
     Returns the head in eval mode with gradients disabled.
     """
     dtype = resolve_dtype(dtype or target.dtype)
     device = _with_index(torch.device(device or target.device))
-    if dtype != target.dtype or device != _with_index(target.device):
+    if device != _with_index(target.device):
         raise ValueError(
-            f"the head shares the target's embedding/lm_head, so it must match the target's dtype and "
-            f"device ({target.dtype}, {target.device}); got {dtype}, {device}"
+            f"the head reads the target's features, so it must be on the target's device "
+            f"({target.device}); got {device}"
         )
     directory = resolve_checkpoint(path)
     raw = json.loads((directory / "config.json").read_text())
@@ -628,17 +635,25 @@ def load_draft(
         state = state | fuse_layer_tensors(state, "layers.0.")
     else:
         state = _eagle3_state(state, cfg)
-    head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state)
+    head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state, dtype=dtype)
     head = _load_into(head, state, dtype, device).eval().requires_grad_(False)
-    # CPU only; an EAGLE-1/2 head's lm_head is the target's and shares its packed copy
+    # CPU only; an EAGLE-1/2 head that shares the target's lm_head shares its packed copy too
     pack_module_linears(head, extra=[getattr(head, "lm_head_weight", None)])
     return head
 
 
-def _build_head(kind: str, cfg: ModelConfig, target: LlamaModel, *, owns_embedding: bool) -> DraftHead:
-    shared = None if owns_embedding else target.embed_tokens.weight
+def _build_head(
+    kind: str, cfg: ModelConfig, target: LlamaModel, *, owns_embedding: bool, dtype: torch.dtype
+) -> DraftHead:
+    """The head's modules; the target's embedding (unless the checkpoint has its own) and, for
+    EAGLE-1/2, its lm_head are shared, or copied into ``dtype`` when the head runs in another one."""
+
+    def in_head_dtype(weight: torch.Tensor) -> torch.Tensor:
+        return weight if weight.dtype == dtype else weight.detach().to(dtype)
+
+    shared = None if owns_embedding else in_head_dtype(target.embed_tokens.weight)
     if kind == "eagle2":
-        return Eagle2Head(cfg, target.lm_head_weight, embed_weight=shared)
+        return Eagle2Head(cfg, in_head_dtype(target.lm_head_weight), embed_weight=shared)
     return Eagle3Head(cfg, target.config.num_layers, embed_weight=shared)
 
 

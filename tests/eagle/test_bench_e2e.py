@@ -206,6 +206,7 @@ def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
         ({"new_tokens": 0}, ValueError, "new_tokens must be >= 1"),
         ({"prompts": ("",)}, ValueError, "empty prompt"),
         ({"dtype": "float99"}, ValueError, "dtype must be a torch dtype"),
+        ({"draft_dtype": "bf17"}, ValueError, "draft_dtype must be a torch dtype"),
     ],
 )
 def test_bad_settings_raise_before_anything_runs(tiny_target, tmp_path, overrides, error, message):
@@ -261,6 +262,23 @@ def test_default_file_name_names_a_non_default_dtype(dtype, quick, stem):
     config = BenchConfig(target="tiny-code", device="cpu", dtype=dtype, quick=quick)
     models = bench.Models(None, "unused", "bundled", random_draft=False)
     assert bench.default_name(config, models) == stem
+
+
+@pytest.mark.parametrize(
+    "dtype, draft_dtype, stem",
+    [
+        (None, "bfloat16", "e2e_tiny-code_draftbfloat16"),
+        ("float32", "float32", "e2e_tiny-code"),  # the head in the target's dtype is not named
+        ("bfloat16", "float32", "e2e_tiny-code_bfloat16_draftfloat32"),
+    ],
+)
+def test_default_file_name_names_a_head_in_another_dtype(dtype, draft_dtype, stem):
+    config = BenchConfig(target="tiny-code", device="cpu", dtype=dtype, draft_dtype=draft_dtype)
+    assert bench.default_name(config, bench.Models(None, "unused", "bundled", random_draft=False)) == stem
+    args = ["bench", "--draft-dtype", draft_dtype] + (["--dtype", dtype] if dtype else [])
+    from eagle.cli import build_parser
+
+    assert bench.config_from_args(build_parser().parse_args(args)).draft_dtype == draft_dtype
 
 
 def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch):

@@ -81,6 +81,15 @@ def test_generate_on_the_bundled_pair_prints_code_and_tau(capsys):
     assert "tau" in captured.err and "tokens/s" in captured.err
 
 
+def test_generate_with_a_bfloat16_head_prints_the_float32_continuation(capsys):
+    args = ["generate", "def fibonacci(n):", "-n", "16", "--dtype", "fp32"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--draft-dtype", "bf16"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "tau" in captured.err
+
+
 def test_bad_input_is_one_clear_line_not_a_traceback(capsys):
     assert main(["generate", "x = 1", "-n", "4", "--cuda-graph", "-q"]) == 2
     err = capsys.readouterr().err

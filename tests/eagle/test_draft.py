@@ -354,6 +354,36 @@ def test_random_draft_trains_saves_and_reloads(tmp_path, target, kind):
         random_draft(target, "eagle3", draft_vocab=[5, 3, 200])
 
 
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_a_head_in_another_dtype_copies_what_it_shares(tiny_checkpoints, target, kind):
+    """A float32 head for the float64 target: its own float32 copies of the target's embedding and
+    (EAGLE-1/2) lm_head, the target's tensors untouched, and the same outputs as the float64 head
+    up to float32 rounding."""
+    path = getattr(tiny_checkpoints, kind)
+    head = load_draft(path, target, dtype=torch.float32)
+    same = load_draft(path, target)
+    assert head.dtype == torch.float32 and target.dtype == torch.float64
+    assert head.embed_weight.dtype == torch.float32
+    assert target.embed_tokens.weight.dtype == torch.float64 and target.lm_head_weight.dtype == torch.float64
+    if kind == "eagle2":
+        assert head.lm_head_weight.dtype == torch.float32
+        assert head.lm_head_weight.data_ptr() != target.lm_head_weight.data_ptr()
+        assert same.lm_head_weight.data_ptr() == target.lm_head_weight.data_ptr(), "same dtype: shared"
+    H = target.config.hidden_size
+    ids = torch.tensor([[1, 2, 3]])
+    feats = torch.randn(1, 3, H, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    if kind == "eagle3":
+        feats = torch.randn(1, 3, 3 * H, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        feats_f32 = head.project_features(*feats.float().chunk(3, dim=-1))
+        feats_f64 = same.project_features(*feats.chunk(3, dim=-1))
+    else:
+        feats_f32, feats_f64 = feats.float(), feats
+    got = head(feats_f32, ids, head.new_cache(1, 4))
+    want = same(feats_f64, ids, same.new_cache(1, 4))
+    assert got.logits.dtype == torch.float32
+    assert rel_err(got.logits, want.logits) < 1e-4
+
+
 def test_draft_inputs_are_validated(tiny_checkpoints, target):
     head = load_draft(tiny_checkpoints.eagle2, target)
     cache = head.new_cache(1, 4)
@@ -363,8 +393,10 @@ def test_draft_inputs_are_validated(tiny_checkpoints, target):
         head(torch.zeros(1, 2, 64), torch.zeros(1, 2, dtype=torch.int64), cache)
     with pytest.raises(ValueError, match="overflow"):
         head(torch.zeros(1, 5, 64, dtype=torch.float64), torch.zeros(1, 5, dtype=torch.int64), cache)
-    with pytest.raises(ValueError, match="must match the target's dtype"):
-        load_draft(tiny_checkpoints.eagle2, target, dtype=torch.float32)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        load_draft(tiny_checkpoints.eagle2, target, dtype=torch.int64)
+    with pytest.raises(ValueError, match="must be on the target's device"):
+        load_draft(tiny_checkpoints.eagle2, target, device="meta")
     with pytest.raises(ValueError, match="not allocated for this draft head"):
         head(
             torch.zeros(1, 2, 64, dtype=torch.float64),

@@ -29,7 +29,7 @@ TREES = {
 }
 
 
-def _make_pair(root, seed: int, kind: str, **overrides):
+def _make_pair(root, seed: int, kind: str, draft_dtype=None, **overrides):
     hf = build_hf_target("llama", seed=seed, **(SMALL | overrides))
     target_dir = save_hf_target(hf, root / f"target{seed}")
     cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
@@ -43,7 +43,7 @@ def _make_pair(root, seed: int, kind: str, **overrides):
         state = eagle3_state(cfg, prefix="layers.0.", embed=None, draft_vocab=sorted(used), seed=seed + 7)
         head_cfg = head_config(cfg, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=len(used))
     head_dir = write_head(root / f"{kind}{seed}", head_cfg, state, fmt="safetensors", dtype=torch.float32)
-    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64, draft_dtype=draft_dtype)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,29 @@ def test_greedy_equals_hf_generate_ragged_batch(pairs, pair, tree):
         sum(a) >= n - 1 for a in res.accept_lengths
     )
     assert res.mean_accept_length >= 1.0
+
+
+@pytest.fixture(scope="module")
+def mixed_pairs(tmp_path_factory):
+    """float64 targets with float32 heads (``draft_dtype``)."""
+    root = tmp_path_factory.mktemp("mixed_pairs")
+    return {
+        kind: _make_pair(root, seed, kind, draft_dtype=torch.float32)
+        for seed, kind in ((3, "eagle2"), (4, "eagle3"))
+    }
+
+
+@pytest.mark.parametrize("tree", ["dynamic-small", "chain", "static"])
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_a_head_in_another_dtype_leaves_the_output_unchanged(mixed_pairs, kind, tree):
+    """The head only proposes; the float64 target verifies: token for token HF's greedy output."""
+    hf, model = mixed_pairs[kind]
+    assert model.head.dtype == torch.float32 and model.target.dtype == torch.float64
+    n = 24
+    res = model.generate(PROMPTS, n, tree=TREES[tree])
+    for prompt, got in zip(PROMPTS, res.tokens):
+        assert got == hf_greedy(hf, prompt, n)
+    assert res.mean_accept_length > 1.0, "the float32 head still drafts tokens that get accepted"
 
 
 def test_batch_equals_each_alone(pairs):
@@ -206,6 +229,8 @@ def test_load_names_a_bad_device_or_dtype(pairs):
         eagle.load("tiny-code", device="tpu")
     with pytest.raises(TypeError, match="dtype must be one of"):
         eagle.load("tiny-code", dtype="fp33")
+    with pytest.raises(TypeError, match="draft_dtype: dtype must be one of"):
+        eagle.load("tiny-code", draft_dtype=torch.int8)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             eagle.load("tiny-code", device="cuda")
