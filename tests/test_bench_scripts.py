@@ -37,3 +37,13 @@ def test_profile_round_reports_rounds_and_steps():
     assert re.search(r"EAGLE chain: \d+ rounds; per round: wall [\d.]+ ms", out), out
     assert re.search(r"plain: 15 steps; per step: wall [\d.]+ ms", out), out
     assert "round / plain step: wall" in out, out
+
+
+def test_bench_draft_dtype_reproduces_plain_decoding_with_a_bfloat16_head():
+    out = _run(
+        "bench_draft_dtype.py", "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2",
+        "--batch", "1", "2", "--trees", "chain", "--no-save",
+    )  # fmt: skip
+    assert "every speculative run reproduced plain decoding's tokens" in out, out
+    assert re.search(r"EAGLE chain +bfloat16 +head: +\d+ tok/s", out), out
+    assert re.search(r"B 2: plain decoding \d+ tok/s", out), out
