@@ -43,7 +43,14 @@ def pair(tmp_path_factory):
     cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
     state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=11)
     head_dir = write_head(root / "head", head_config(cfg), state, fmt="safetensors", dtype=torch.float32)
-    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64), (target_dir, head_dir)
+
+
+@pytest.fixture(scope="module")
+def mixed_pair(pair):
+    """The same target (float64) with its head in float32 (``draft_dtype``)."""
+    hf, _, (target_dir, head_dir) = pair
+    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64, draft_dtype=torch.float32)
 
 
 def warpers(temperature, top_k, top_p, min_p) -> LogitsProcessorList:
@@ -117,24 +124,33 @@ CASES = [
 
 @pytest.mark.parametrize("params,tree,batch,calls", CASES)
 def test_joint_distribution_matches_target(pair, params, tree, batch, calls):
-    hf, model = pair
+    hf, model, _ = pair
     expected = exact_joint(hf, params)
     counts = sample_counts(model, params, tree, batch, calls)
     p = chi_square_pvalue(counts, expected)
     assert p > 1e-3, f"chi-square p={p:.2e}: EAGLE samples do not follow the target distribution"
 
 
+def test_a_head_in_another_dtype_keeps_sampling_lossless(mixed_pair):
+    """The float32 head drafts, the float64 target accepts or resamples: still the target's law."""
+    hf, model = mixed_pair
+    assert model.head.dtype == torch.float32 and model.target.dtype == torch.float64
+    params, tree = (1.0, 0, 1.0, 0.0), TreeConfig(depth=3, topk=3, total_tokens=8)
+    p = chi_square_pvalue(sample_counts(model, params, tree, 400, 10), exact_joint(hf, params))
+    assert p > 1e-3, f"chi-square p={p:.2e}: EAGLE samples do not follow the target distribution"
+
+
 def test_chi_square_detects_a_wrong_distribution(pair):
     """Negative control: the same machinery rejects samples of the untempered target when the
     expected distribution is the tempered one."""
-    hf, model = pair
+    hf, model, _ = pair
     expected = exact_joint(hf, (0.6, 0, 1.0, 0.0))
     counts = sample_counts(model, (1.0, 0, 1.0, 0.0), TreeConfig(depth=3, topk=3, total_tokens=8), 400, 10)
     assert chi_square_pvalue(counts, expected) < 1e-6
 
 
 def test_seeded_sampling_is_reproducible_and_rows_differ(pair):
-    _, model = pair
+    _, model, _ = pair
     a = model.generate([PROMPT] * 8, 6, temperature=1.0, seed=5).tokens
     b = model.generate([PROMPT] * 8, 6, temperature=1.0, seed=5).tokens
     assert a == b
