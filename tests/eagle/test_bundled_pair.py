@@ -48,14 +48,24 @@ def test_generate_prints_code(pair):
     assert any(word in res.texts[0] for word in ("return", "if", "def", "=", "("))
 
 
+@pytest.mark.parametrize("modules", [False, True], ids=["cpp-ops", "modules"])
 @pytest.mark.parametrize("tree", ["dynamic", "chain"])
-def test_a_bfloat16_head_for_the_float32_target_changes_no_token(tree):
+def test_a_bfloat16_head_for_the_float32_target_changes_no_token(tree, modules):
     """``draft_dtype``: the head drafts in bfloat16 (AMX tiles on this CPU path), the float32 target
-    verifies, so the tokens are plain float32 decoding's, and the head still gets drafts accepted."""
+    verifies, so the tokens are plain float32 decoding's, and the head still gets drafts accepted.
+    ``modules``: the C++ layer op and draft loop off, i.e. the Python path a GPU runs."""
+    from eagle.models.draft import set_cpu_draft_loop
+    from eagle.models.llama import set_cpu_fast_path
+
     model = eagle.load("tiny-code", dtype=torch.float32, draft_dtype=torch.bfloat16)
     assert model.head.dtype == torch.bfloat16 and model.target.dtype == torch.float32
-    res = model.generate(PROMPTS, NEW_TOKENS, tree=tree, eos_token_id=[])
-    plain = model.generate(PROMPTS, NEW_TOKENS, speculative=False, eos_token_id=[])
+    fast, loop = set_cpu_fast_path(not modules), set_cpu_draft_loop(not modules)
+    try:
+        res = model.generate(PROMPTS, NEW_TOKENS, tree=tree, eos_token_id=[])
+        plain = model.generate(PROMPTS, NEW_TOKENS, speculative=False, eos_token_id=[])
+    finally:
+        set_cpu_fast_path(fast)
+        set_cpu_draft_loop(loop)
     assert res.tokens == plain.tokens
     # float32 head on these prompts: 2.30 (dynamic) / 2.19 (chain); bfloat16: 2.19 / 2.00
     assert res.mean_accept_length > 1.6
