@@ -271,6 +271,11 @@ def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], No
         target_path, draft_path, device=config.device, dtype=dtype, draft_dtype=config.draft_dtype
     )
     if draft_path is None:
+        if config.draft_dtype is not None and getattr(torch, config.draft_dtype) != model.target.dtype:
+            raise ValueError(
+                f"draft_dtype={config.draft_dtype} needs a trained head (--draft): the random stand-in head "
+                f"runs in the target's dtype ({model.target.dtype})"
+            )
         head = random_draft(model.target, seed=config.seed).eval().requires_grad_(False)
         model = EagleModel(model.target, head, model.tokenizer)
         label = "random (untrained) EAGLE-2 head: no trained head found, EAGLE tau and speedups are not meaningful"

@@ -207,6 +207,7 @@ def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
         ({"prompts": ("",)}, ValueError, "empty prompt"),
         ({"dtype": "float99"}, ValueError, "dtype must be a torch dtype"),
         ({"draft_dtype": "bf17"}, ValueError, "draft_dtype must be a torch dtype"),
+        ({"draft_dtype": "float32"}, ValueError, "draft_dtype=float32 needs a trained head"),
     ],
 )
 def test_bad_settings_raise_before_anything_runs(tiny_target, tmp_path, overrides, error, message):
