@@ -222,7 +222,7 @@ class Eagle2Head(DraftHead):
         super().__init__(cfg, embed_weight)
         self.fc = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=bool(cfg.extra.get("bias", True)))
         self.layers = nn.ModuleList([Eagle2Layer(cfg)])
-        self.lm_head_weight = lm_head_weight.detach()  # the target's, shared and never saved
+        self.lm_head_weight = lm_head_weight.detach()  # the target's (a copy in another dtype), never saved
 
     def target_features(self, target_out: ModelOutput) -> torch.Tensor:
         """The first step's input: the target's final hidden states (after its last norm), in the
