@@ -31,6 +31,8 @@
 #   profile (not default) where a round's device time goes, by kernel (bench/profile_round.py, CUDA graphs,
 #          tiny-code pair, dynamic and chain trees, B 1 and 4), and the op counts (bench/count_ops.py, CPU)
 #          (SKIP_COUNT_OPS=1: without the op counts, which any CPU machine can make)
+#   linears (not default) the tiny-code target's float32 linears at 1-128 rows: F.linear, a transposed weight,
+#          cuBLASLt, TF32 and bf16 (bench/sweep_linear_cuda.py; the verify's fp32 GEMMs were half a round)
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
 #   assistant (not default) a 2-layer model of the tiny-code target's tokenizer and data for the Hugging
 #          Face assisted-generation peer of `eagle bench` (export: eagle/assets/tiny-code/assistant layout)
@@ -196,6 +198,13 @@ if want profile; then
         log "count_ops rc=$?"
     fi
     pack profile "$W/profile.log" "$W/count_ops.log"
+fi
+
+if want linears; then
+    timeout $(cap 90) python3 bench/sweep_linear_cuda.py >"$W/linear_cuda.log" 2>&1
+    log "linear sweep rc=$? $(tail -1 "$W/linear_cuda.log")"
+    cp bench/results/linear_cuda_*.json "$W/" 2>/dev/null
+    pack linears "$W/linear_cuda.log" "$W"/linear_cuda_*.json
 fi
 
 if want train; then

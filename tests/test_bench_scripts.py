@@ -47,3 +47,9 @@ def test_bench_draft_dtype_reproduces_plain_decoding_with_a_bfloat16_head():
     assert "every speculative run reproduced plain decoding's tokens" in out, out
     assert re.search(r"EAGLE chain +bfloat16 +head: +\d+ tok/s", out), out
     assert re.search(r"B 2: plain decoding \d+ tok/s", out), out
+
+
+def test_sweep_linear_cuda_dry_run_lists_the_tiny_code_shapes():
+    out = _run("sweep_linear_cuda.py", "--dry-run")
+    assert "1536x256: rows [1, 8, 16, 32, 48, 60, 64, 128]" in out, out
+    assert "'mm(x, W^T contiguous)'" in out and "'cublaslt'" in out, out
