@@ -382,7 +382,7 @@ def run_stream_floor(roof: dict, device: torch.device, dtype: torch.dtype, timer
     (launch, ramp-up, tail and the timer's L2-flush write-backs included). A reference, not a bound:
     on an H100 the T = 1 decode at B 32 ran faster than it (106 vs 117 us)."""
     try:
-        buf = torch.zeros(roof["bytes"] // torch.finfo(dtype).bits * 8, dtype=dtype, device=device)
+        buf = torch.zeros(roof["bytes"] // dtype.itemsize, dtype=dtype, device=device)
         fn = lambda: torch.amax(buf)  # noqa: E731
         fn()
         us = timer.kernel_s(fn) * 1e6

@@ -347,6 +347,10 @@ def load(
     """
     device = _resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
+    try:  # refused before any weight is read
+        head_dtype = resolve_dtype(draft_dtype) if draft_dtype is not None else dtype
+    except TypeError as err:
+        raise TypeError(f"draft_dtype: {err}") from None
     if target == BUNDLED:
         target_path = _resolve_bundled(target, "target")
         if draft is None:
@@ -354,10 +358,6 @@ def load(
     else:
         target_path = target
     model = load_target(target_path, dtype=dtype, device=device)
-    try:
-        head_dtype = resolve_dtype(draft_dtype) if draft_dtype is not None else dtype
-    except TypeError as err:
-        raise TypeError(f"draft_dtype: {err}") from None
     head = load_draft(draft, model, dtype=head_dtype, device=device) if draft is not None else None
     return EagleModel(model, head, _load_tokenizer(target_path))
 

@@ -636,18 +636,18 @@ def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) 
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     B, Hkv, S_max, D = k_cache.shape
+    rows = B * Hkv * S_max
     problems = []
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         problems.append("k_cache and v_cache must be contiguous")
     if D & (D - 1) or D * k_cache.element_size() % 16:
         problems.append(f"the head dim {D} must be a power of two of 16-byte rows")
-    if B * Hkv * S_max > _INT32_MAX:
-        problems.append(f"B * Hkv * S_max = {B * Hkv * S_max} rows exceed int32 coordinates")
+    if rows > _INT32_MAX:
+        problems.append(f"B * Hkv * S_max = {rows} rows exceed int32 coordinates")
     if k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device) < (9, 0):
         problems.append("tensor-descriptor loads need compute capability 9.0+")
     if problems:
         raise ValueError("tree_attention: LaunchConfig(kv_tma=True): " + "; ".join(problems))
-    rows = B * Hkv * S_max
     return tuple(
         TensorDescriptor(c.view(rows, D), shape=[rows, D], strides=[D, 1], block_shape=[block_n, D])
         for c in (k_cache, v_cache)
