@@ -25,7 +25,6 @@ namespace tree_attn {
 
 constexpr int64_t kBlockN = 128;     // keys per block (128 measured ~10% faster than 64 for trees)
 constexpr int64_t kRowsPerTask = 64;  // query rows (token x grouped head) per task
-constexpr int64_t kDotRows = 24;      // up to this many rows, scores are dot products over K rows (no transposed copy)
 
 struct Problem {
   const void* q;

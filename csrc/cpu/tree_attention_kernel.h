@@ -5,9 +5,11 @@
 // including file provides Problem, VecOf and the scratch memory.
 //
 // One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
-// row = t * G + g, so each K/V block is packed once (converted to the accumulator type A, K transposed)
-// and used by the whole GQA group. Keys are streamed in blocks of kBlockN with an online softmax; the
-// two products are register-tiled micro-kernels over 64-byte vectors (GCC vector extensions).
+// row = t * G + g, so each K/V block is read (or converted to the accumulator type A) once and used by
+// the whole GQA group. Keys are streamed in blocks of kBlockN with an online softmax. Scores are dot
+// products over K rows, 4 rows x 4 keys per pass (dot4x4); P @ V is a register-tiled micro-kernel. Both
+// compute every row on its own (GCC vector extensions, 64-byte vectors), so a row's output does not
+// depend on how many rows share its task.
 
 template <typename A>
 using Vec = typename VecOf<A>::type;
@@ -106,19 +108,6 @@ struct same_type<X, X> {
   static constexpr bool value = true;
 };
 
-// kt[d * nbp + j] = K[j, d] for j < nb (d < D); columns nb..nbp-1 are zero.
-template <typename S, typename A>
-void pack_keys_transposed(const S* k, int64_t s_pos, int64_t s_d, int64_t nb, int64_t nbp, int64_t D,
-                          A* kt) {
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = nb; j < nbp; ++j) kt[d * nbp + j] = A(0);
-  for (int64_t d = 0; d < D; ++d) {
-    const S* col = k + d * s_d;
-    A* dst = kt + d * nbp;
-    for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<A>(col[j * s_pos]);
-  }
-}
-
 // dst[j * dp + d] = X[j, d] for j < nb, converted to A; columns D..dp-1 are zero.
 template <typename S, typename A>
 void pack_rows(const S* x, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, int64_t dp, A* packed) {
@@ -134,47 +123,7 @@ void pack_rows(const S* x, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, in
   }
 }
 
-// s[r, j0 + c*L ..] = sum_d q[r, d] * kt[d, j0 + c*L ..] for RM rows and CN vectors of columns.
-template <typename A, int RM, int CN>
-inline void score_tile(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, A* s, int64_t j0) {
-  constexpr int64_t L = lanes<A>();
-  Vec<A> acc[RM][CN] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    Vec<A> kv[CN];
-    for (int c = 0; c < CN; ++c) kv[c] = vload(kt + d * nbp + j0 + c * L);
-    for (int r = 0; r < RM; ++r) {
-      const Vec<A> qv = vsplat<A>(q[r * dp + d]);
-      for (int c = 0; c < CN; ++c) acc[r][c] += qv * kv[c];
-    }
-  }
-  for (int r = 0; r < RM; ++r)
-    for (int c = 0; c < CN; ++c) vstore(s + r * nbp + j0 + c * L, acc[r][c]);
-}
-
-template <typename A, int RM>
-inline void score_rows(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, A* s) {
-  constexpr int64_t L = lanes<A>();
-  int64_t j0 = 0;
-  for (; j0 + 2 * L <= nbp; j0 += 2 * L) score_tile<A, RM, 2>(q, dp, kt, nbp, D, s, j0);
-  if (j0 < nbp) score_tile<A, RM, 1>(q, dp, kt, nbp, D, s, j0);
-}
-
-// s[R, nbp] = q[R, D] @ kt[D, nbp]
-template <typename A>
-void scores(const A* q, int64_t dp, const A* kt, int64_t nbp, int64_t D, int64_t R, A* s) {
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) score_rows<A, 4>(q + r * dp, dp, kt, nbp, D, s + r * nbp);
-  const A* qr = q + r * dp;
-  A* sr = s + r * nbp;
-  switch (R - r) {
-    case 3: score_rows<A, 3>(qr, dp, kt, nbp, D, sr); break;
-    case 2: score_rows<A, 2>(qr, dp, kt, nbp, D, sr); break;
-    case 1: score_rows<A, 1>(qr, dp, kt, nbp, D, sr); break;
-    default: break;
-  }
-}
-
-// s[r, j] = q[r, :] . k[j, :] for RM rows: one pass over each key row (few rows, e.g. decoding).
+// s[r, j] = q[r, :] . k[j, :] for RM rows: one pass over each key row; hsum of the lane partials.
 template <typename A, int RM>
 inline void dot_rows(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, A* s) {
   constexpr int64_t L = lanes<A>();
@@ -189,11 +138,60 @@ inline void dot_rows(const A* q, int64_t dp, const A* k, int64_t k_stride, int64
   }
 }
 
-// s[R, :nb] = q[R, dp] @ k[:nb, dp]^T with k row-major (R <= kDotRows), four rows per pass over k.
+// Sixteen reductions in one vector: out[i] = hsum(x[i]), each summed in exactly hsum's order (halves,
+// then quarters, then (b0 + b2) + (b1 + b3)), with 30 two-source shuffles instead of 16 reductions
+// (a scalar hsum per score made the 4-row dot kernel bound by its shuffles and scalar adds).
+inline Vec<float> hsum16(const Vec<float>* x) {
+  Vec<float> y[8], z[4], w[2];
+  for (int m = 0; m < 8; ++m)  // y[m] = the 8-lane halves sums of x[2m] | x[2m + 1]
+    y[m] = __builtin_shufflevector(x[2 * m], x[2 * m + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(x[2 * m], x[2 * m + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  for (int n = 0; n < 4; ++n)  // z[n] = the 4-lane quarter sums b of x[4n .. 4n + 3]
+    z[n] = __builtin_shufflevector(y[2 * n], y[2 * n + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(y[2 * n], y[2 * n + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                   31);
+  for (int p = 0; p < 2; ++p)  // w[p] = b0 + b2 of x[8p .. 8p + 7] | b1 + b3 of the same
+    w[p] = __builtin_shufflevector(z[2 * p], z[2 * p + 1], 0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29) +
+           __builtin_shufflevector(z[2 * p], z[2 * p + 1], 2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+  return __builtin_shufflevector(w[0], w[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+         __builtin_shufflevector(w[0], w[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+// s[r, j0 + c] = q[r] . k[j0 + c] for 4 rows x 4 keys, each exactly as dot_rows computes it.
+inline void dot4x4(const float* q, int64_t dp, const float* k, int64_t k_stride, int64_t nbp, float* s) {
+  Vec<float> acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = Vec<float>{};
+  for (int64_t d = 0; d < dp; d += 16) {
+    Vec<float> kv[4];
+    for (int c = 0; c < 4; ++c) kv[c] = vload(k + c * k_stride + d);
+    for (int r = 0; r < 4; ++r) {
+      const Vec<float> qv = vload(q + r * dp + d);
+      for (int c = 0; c < 4; ++c) acc[r * 4 + c] += qv * kv[c];
+    }
+  }
+  const Vec<float> out = hsum16(acc);
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) s[r * nbp + c] = out[r * 4 + c];
+}
+
+// s[R, :nb] = q[R, dp] @ k[:nb, dp]^T with k row-major. Every score is the same lane-wise FMA chain
+// and hsum whatever R, nb and the task's row chunk are, so a query row's attention does not depend on
+// the rows computed beside it: a verified chain of any length gives each row the values that one-token
+// decoding steps give it (the linears keep that property too, see panel_linear.cpp).
 template <typename A>
 void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, int64_t R,
                     A* s) {
-  for (int64_t r = 0; r < R; r += 4) {
+  int64_t r0 = 0;  // rows below r0: 4 x 4 blocks (float), then the last nb % 4 keys; rows from r0: all keys
+  if constexpr (same_type<A, float>::value) {
+    r0 = R / 4 * 4;
+    const int64_t j0 = nb / 4 * 4;
+    for (int64_t r = 0; r < r0; r += 4) {
+      for (int64_t j = 0; j < j0; j += 4) dot4x4(q + r * dp, dp, k + j * k_stride, k_stride, nbp, s + r * nbp + j);
+      if (j0 < nb) dot_rows<A, 4>(q + r * dp, dp, k + j0 * k_stride, k_stride, nb - j0, nbp, s + r * nbp + j0);
+    }
+  }
+  for (int64_t r = r0; r < R; r += 4) {
     const A* qr = q + r * dp;
     A* sr = s + r * nbp;
     switch (imin<int64_t>(R - r, 4)) {
@@ -328,7 +326,6 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   // K/V rows are used in place when they already are contiguous rows of the accumulator type with no
   // ragged tail; otherwise each block is converted into scratch first.
   const bool in_place = same_type<S, A>::value && P.sk_d == 1 && P.sv_d == 1 && D == dp;
-  const bool few_rows = R <= kDotRows;
   for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
     const int64_t nb = imin(NB, n_keys - n0), nbp = (nb + L - 1) / L * L;
     const S* k_block = k_head + n0 * P.sk_s;
@@ -339,14 +336,11 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, vb);
       v_rows = vb, v_stride = dp;
     }
-    if (few_rows && in_place) {
+    if (in_place) {
       scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nbp, R, s);
-    } else if (few_rows) {
+    } else {
       pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kt);
       scores_by_dots(q, dp, kt, dp, nb, nbp, R, s);
-    } else {
-      pack_keys_transposed(k_block, P.sk_s, P.sk_d, nb, nbp, D, kt);
-      scores(q, dp, kt, nbp, D, R, s);
     }
     const int64_t first_new = imax<int64_t>(seqlen - n0, 0);  // first column holding a new token
     for (int64_t r = 0; r < R; ++r) {

@@ -263,6 +263,37 @@ def test_cpp_strided_inputs():
             assert_matches(got, c, want, f"{backend} {dtype}")
 
 
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hq, Hkv, D", [(4, 2, 64), (8, 2, 40), (3, 3, 16)])
+def test_cpp_block_rows_equal_one_token_steps(isa, dtype, Hq, Hkv, D, monkeypatch):
+    """Each row of a verified chain gets, bit for bit, what a one-token decoding step computes for
+    that token: a row's output does not depend on how many rows share its block or its task (up to 1,
+    4-row groups, 64 rows per task and several tasks). The decoding loop relies on it for greedy
+    output equal to plain decoding's in float32 and bfloat16, not only up to rounding."""
+    _require("cpp", torch.device("cpu"))
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(Hq * 100 + D)
+    B, T, prefix = 2, 37, (150, 61)
+    S = max(prefix) + T + 3
+    k = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    v = torch.randn(B, Hkv, S, D, generator=gen).to(dtype)
+    q = torch.randn(B, T, Hq, D, generator=gen).to(dtype)
+    seqlens = torch.tensor(prefix, dtype=torch.int32)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(B, T, T)
+    blocks = {
+        "causal": run_with_backend("cpp", tree_attention, q, k, v, seqlens, None),
+        "bool mask": run_with_backend("cpp", tree_attention, q, k, v, seqlens, causal),
+    }
+    for t in range(T):
+        step = run_with_backend("cpp", tree_attention, q[:, t : t + 1], k, v, seqlens + t, None)
+        for name, block in blocks.items():
+            assert torch.equal(block[:, t : t + 1], step), f"{name} block row {t} != its one-token step"
+    for start, stop in ((0, 2), (5, 13), (1, 37)):  # other sub-blocks of the same chain
+        sub = run_with_backend("cpp", tree_attention, q[:, start:stop], k, v, seqlens + start, None)
+        assert torch.equal(sub, blocks["causal"][:, start:stop]), f"sub-block {start}:{stop}"
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels vs the reference (interpreter on CPU: tiny sizes)
 # --------------------------------------------------------------------------------------------------

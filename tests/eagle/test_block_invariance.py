@@ -1,0 +1,50 @@
+"""On CPU a target forward over a block of tokens gives each position, bit for bit, the logits that plain
+one-token decoding steps give it: every CPU kernel on the path (the packed linears, tree attention,
+norms and elementwise loops) computes a row on its own, whatever the rows beside it. So a verified
+chain's greedy tokens equal plain greedy decoding's in float32 and bfloat16 too, not only where ties
+cannot hide (float64). Blocks of more than 12 tokens (24 attention rows with these 2-query-per-kv
+heads) once took another attention kernel whose sums ran in another order.
+
+The vocabulary here is a multiple of 16 so that the float32 lm_head is packed in panels, as real
+vocabularies are (32000, 128256, 151936); an unpacked float32 weight goes to MKL beyond 16 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eagle.models import load_target
+from eagle.models.llama import set_cpu_fast_path
+from eagle_kernels import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.has_op("tree_attention"), reason="the C++ extension is not built")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["cpp-layers", "python-modules"])
+def test_block_logits_equal_decoding_steps(make_target, dtype, fast_path):
+    _, directory = make_target("llama", seed=3, vocab_size=112)
+    target = load_target(directory, dtype=dtype)
+    gen = torch.Generator().manual_seed(5)
+    prompt, block = (
+        torch.randint(0, 112, (2, 23), generator=gen),
+        torch.randint(0, 112, (2, 40), generator=gen),
+    )
+    T = block.shape[1]
+    previous = set_cpu_fast_path(fast_path)
+    try:
+        with torch.inference_mode():
+            stepped, blocked = target.new_cache(2, 80), target.new_cache(2, 80)
+            for cache in (stepped, blocked):
+                target(prompt, cache)
+                cache.advance(prompt.shape[1])
+            steps = []
+            for t in range(T):
+                steps.append(target(block[:, t : t + 1], stepped).logits[:, 0])
+                stepped.advance(1)
+            mask = torch.tril(torch.ones(T, T, dtype=torch.bool)).expand(2, T, T)
+            logits = target(block, blocked, tree_mask=mask).logits
+    finally:
+        set_cpu_fast_path(previous)
+    for t in range(T):
+        assert torch.equal(logits[:, t], steps[t]), f"block position {t} differs from its decoding step"
