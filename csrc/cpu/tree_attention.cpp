@@ -184,9 +184,12 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
   return dense;
 }
 
-int64_t scratch_bytes(int64_t rows, int64_t D, int64_t elem) {
+// The carve() order of attend_task: q, a converted K/V block, the output accumulator, the row sums and
+// the scores of every key (at most S_max) of the task's rows.
+int64_t scratch_bytes(int64_t rows, int64_t D, int64_t S_max, int64_t elem) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
-  const int64_t counts[] = {rows * dp, dp * kBlockN, kBlockN * dp, rows * kBlockN, rows * dp, rows, rows};
+  const int64_t keys = (S_max + lanes - 1) / lanes * lanes;
+  const int64_t counts[] = {rows * dp, kBlockN * dp, rows * dp, rows, rows * keys};
   int64_t bytes = 0;
   for (int64_t c : counts) bytes += (c * elem + 63) / 64 * 64;
   return bytes + 64;  // room to align the start
@@ -228,7 +231,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t tasks = B * Hkv * chunks;
-  const int64_t bytes = scratch_bytes(P.rows_per_task, D, acc_bytes);
+  const int64_t bytes = scratch_bytes(P.rows_per_task, D, k_cache.size(2), acc_bytes);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<char> scratch(bytes);
     char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));

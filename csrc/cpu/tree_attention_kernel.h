@@ -6,10 +6,12 @@
 //
 // One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
 // row = t * G + g, so each K/V block is read (or converted to the accumulator type A) once and used by
-// the whole GQA group. Keys are streamed in blocks of kBlockN with an online softmax. Scores are dot
-// products over K rows, 4 rows x 4 keys per pass (dot4x4); P @ V is a register-tiled micro-kernel. Both
-// compute every row on its own (GCC vector extensions, 64-byte vectors), so a row's output does not
-// depend on how many rows share its task.
+// the whole GQA group. Scores are dot products over K rows, 4 rows x 4 keys per pass (dot4x4); the
+// softmax is taken over each row's whole set of keys (two passes, no online rescaling) with its sums
+// running key by key in order; P @ V is a register-tiled micro-kernel accumulating key by key. So a
+// row's output depends only on the sequence of keys it sees: not on the rows beside it, nor on where
+// its keys sit in the cache (a tree token and the same token decoded after its path agree bit for bit).
+// GCC vector extensions, 64-byte vectors.
 
 template <typename A>
 using Vec = typename VecOf<A>::type;
@@ -247,34 +249,43 @@ void accumulate_pv(const A* p, int64_t nbp, const A* v, int64_t v_stride, int64_
   }
 }
 
-// Online-softmax update of one row: s (scores of this key block, masked entries -inf) becomes the
-// probabilities p; m/l are the running max and sum; the row's accumulator is rescaled.
+// Softmax of one row's scores over all its keys, in place: s[:nkp] (masked entries -inf) becomes
+// exp(s - max); returns the max (-inf when the row sees no key; s is then all zero).
 template <typename A>
-inline void softmax_update(A* s, int64_t nbp, A* m, A* l, A* o, int64_t dp) {
+inline A exp_shifted(A* s, int64_t nkp) {
   constexpr int64_t L = lanes<A>();
   Vec<A> vmax = vsplat<A>(-__builtin_inf());
-  for (int64_t j = 0; j < nbp; j += L) {
+  for (int64_t j = 0; j < nkp; j += L) {
     const Vec<A> x = vload(s + j);
     vmax = x > vmax ? x : vmax;
   }
-  const A m_new = imax(*m, hmax<A>(vmax));
-  if (m_new == -__builtin_inf()) {  // nothing visible to this row yet
-    for (int64_t j = 0; j < nbp; ++j) s[j] = A(0);
-    return;
+  const A m = hmax<A>(vmax);
+  if (m == -__builtin_inf()) {
+    for (int64_t j = 0; j < nkp; ++j) s[j] = A(0);
+    return m;
   }
-  const Vec<A> shift = vsplat<A>(m_new);
-  Vec<A> vsum = {};
-  for (int64_t j = 0; j < nbp; j += L) {
-    const Vec<A> p = vexp(vload(s + j) - shift);
-    vstore(s + j, p);
-    vsum += p;
+  const Vec<A> shift = vsplat<A>(m);
+  for (int64_t j = 0; j < nkp; j += L) vstore(s + j, vexp(vload(s + j) - shift));
+  return m;
+}
+
+// l[r] = p[r, 0] + p[r, 1] + ... + p[r, n - 1], added one key after the other (four rows side by side
+// for independent chains). Masked keys hold exact zeros, which leave a running sum unchanged, so the sum
+// depends only on the sequence of keys the row sees, not on where they sit in the cache.
+template <typename A>
+void sum_rows_in_order(const A* p, int64_t stride, int64_t n, int64_t R, A* l) {
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4) {
+    const A *p0 = p + r * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
+    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t j = 0; j < n; ++j) a0 += p0[j], a1 += p1[j], a2 += p2[j], a3 += p3[j];
+    l[r] = a0, l[r + 1] = a1, l[r + 2] = a2, l[r + 3] = a3;
   }
-  const A alpha = *m == -__builtin_inf() ? A(0) : static_cast<A>(__builtin_exp(double(*m - m_new)));
-  *l = *l * alpha + hsum(vsum);
-  *m = m_new;
-  if (alpha != A(1)) {
-    const Vec<A> va = vsplat<A>(alpha);
-    for (int64_t d = 0; d < dp; d += L) vstore(o + d, vload(o + d) * va);
+  for (; r < R; ++r) {
+    const A* pr = p + r * stride;
+    A a = 0;
+    for (int64_t j = 0; j < n; ++j) a += pr[j];
+    l[r] = a;
   }
 }
 
@@ -294,14 +305,17 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const int64_t r_begin = chunk * P.rows_per_task, R = imin(P.rows_per_task, rows - r_begin);
   const int64_t D = P.D, dp = (D + L - 1) / L * L, NB = kBlockN;
 
+  const int64_t seqlen = P.seqlens[b];
+  const int64_t t_last = (r_begin + R - 1) / P.G;
+  const int64_t new_keys = P.new_visible == nullptr ? t_last + 1 : P.T;  // causal: later tokens unseen
+  const int64_t n_keys = seqlen + new_keys, nkp = (n_keys + L - 1) / L * L;
+
   char* cursor = scratch;
   A* q = carve<A>(cursor, R * dp);
-  A* kt = carve<A>(cursor, dp * NB);
-  A* vb = carve<A>(cursor, NB * dp);
-  A* s = carve<A>(cursor, R * NB);
+  A* kv = carve<A>(cursor, NB * dp);  // a converted K or V block
   A* o = carve<A>(cursor, R * dp);
-  A* m = carve<A>(cursor, R);
   A* l = carve<A>(cursor, R);
+  A* s = carve<A>(cursor, R * nkp);  // every score of the task's rows (the caller sized it by S_max)
 
   const S* q_base = static_cast<const S*>(P.q) + b * P.sq_b;
   const A scale = static_cast<A>(P.sm_scale);
@@ -311,14 +325,8 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
     for (int64_t d = D; d < dp; ++d) q[r * dp + d] = A(0);
     for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
-    m[r] = -__builtin_inf();
-    l[r] = A(0);
   }
 
-  const int64_t seqlen = P.seqlens[b];
-  const int64_t t_last = (r_begin + R - 1) / P.G;
-  const int64_t new_keys = P.new_visible == nullptr ? t_last + 1 : P.T;  // causal: later tokens unseen
-  const int64_t n_keys = seqlen + new_keys;
   const S* k_head = static_cast<const S*>(P.k) + b * P.sk_b + kvh * P.sk_h;
   const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
   const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
@@ -326,35 +334,43 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   // K/V rows are used in place when they already are contiguous rows of the accumulator type with no
   // ragged tail; otherwise each block is converted into scratch first.
   const bool in_place = same_type<S, A>::value && P.sk_d == 1 && P.sv_d == 1 && D == dp;
+
+  // Two passes instead of an online softmax, so that a row's output is the same whatever positions its
+  // keys occupy: a tree token sees its ancestors at the slots of the verified block, the same token
+  // decoded alone sees them at consecutive positions. Pass 1 stores every score; the softmax takes the
+  // max over the whole row (no rescaling at block boundaries) and sums key by key in order; pass 2
+  // accumulates P @ V key by key in order. Masked keys contribute exact zeros to both sums.
   for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
-    const int64_t nb = imin(NB, n_keys - n0), nbp = (nb + L - 1) / L * L;
+    const int64_t nb = imin(NB, n_keys - n0);
     const S* k_block = k_head + n0 * P.sk_s;
+    if (in_place) {
+      scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nkp, R, s + n0);
+    } else {
+      pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kv);
+      scores_by_dots(q, dp, kv, dp, nb, nkp, R, s + n0);
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    A* sr = s + r * nkp;
+    const int64_t t = (r_begin + r) / P.G;
+    for (int64_t jj = 0; jj < new_keys; ++jj) {  // the new tokens' keys, at seqlen + jj
+      const bool visible = vis_b == nullptr ? jj <= t : vis_b[t * P.T + jj] != 0;
+      if (!visible) sr[seqlen + jj] = -__builtin_inf();
+    }
+    for (int64_t j = n_keys; j < nkp; ++j) sr[j] = -__builtin_inf();
+    exp_shifted(sr, nkp);
+  }
+  sum_rows_in_order(s, nkp, n_keys, R, l);
+  for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+    const int64_t nb = imin(NB, n_keys - n0);
     const S* v_block = v_head + n0 * P.sv_s;
     const A* v_rows = reinterpret_cast<const A*>(v_block);
     int64_t v_stride = P.sv_s;
     if (!in_place) {
-      pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, vb);
-      v_rows = vb, v_stride = dp;
+      pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, kv);
+      v_rows = kv, v_stride = dp;
     }
-    if (in_place) {
-      scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nbp, R, s);
-    } else {
-      pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kt);
-      scores_by_dots(q, dp, kt, dp, nb, nbp, R, s);
-    }
-    const int64_t first_new = imax<int64_t>(seqlen - n0, 0);  // first column holding a new token
-    for (int64_t r = 0; r < R; ++r) {
-      A* sr = s + r * nbp;
-      const int64_t t = (r_begin + r) / P.G;
-      for (int64_t j = first_new; j < nb; ++j) {
-        const int64_t jj = n0 + j - seqlen;
-        const bool visible = vis_b == nullptr ? jj <= t : vis_b[t * P.T + jj] != 0;
-        if (!visible) sr[j] = -__builtin_inf();
-      }
-      for (int64_t j = nb; j < nbp; ++j) sr[j] = -__builtin_inf();
-      softmax_update(sr, nbp, m + r, l + r, o + r * dp, dp);
-    }
-    accumulate_pv(s, nbp, v_rows, v_stride, dp, nb, R, o);
+    accumulate_pv(s + n0, nkp, v_rows, v_stride, dp, nb, R, o);
   }
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;

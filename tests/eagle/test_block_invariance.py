@@ -48,3 +48,42 @@ def test_block_logits_equal_decoding_steps(make_target, dtype, fast_path):
         set_cpu_fast_path(previous)
     for t in range(T):
         assert torch.equal(logits[:, t], steps[t]), f"block position {t} differs from its decoding step"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_tree_logits_equal_decoding_each_path(make_target, dtype):
+    """A verified tree (tokens at the block's slots, positions by depth, an ancestor mask) gives each
+    slot the logits that decoding its path one token at a time gives the slot's token."""
+    _, directory = make_target("llama", seed=4, vocab_size=112)
+    target = load_target(directory, dtype=dtype)
+    gen = torch.Generator().manual_seed(6)
+    T = 24
+    parents = [-1] + [int(torch.randint(max(0, i - 6), i, (1,), generator=gen)) for i in range(1, T)]
+    mask = torch.zeros(1, T, T, dtype=torch.bool)
+    depth = [0] * T
+    for i, p in enumerate(parents):
+        mask[0, i, i] = True
+        if p >= 0:
+            mask[0, i] |= mask[0, p]
+            depth[i] = depth[p] + 1
+    prompt, tokens = (
+        torch.randint(0, 112, (1, 30), generator=gen),
+        torch.randint(0, 112, (1, T), generator=gen),
+    )
+    with torch.inference_mode():
+        cache = target.new_cache(1, 64)
+        target(prompt, cache)
+        cache.advance(prompt.shape[1])
+        positions = torch.tensor(depth)[None] + prompt.shape[1]
+        tree = target(tokens, cache, positions=positions, tree_mask=mask).logits
+        for i in range(T):
+            path = tokens[:, mask[0, i]]  # the slot's ancestors and itself, root first
+            decoded = target.new_cache(1, 64)
+            target(prompt, decoded)
+            decoded.advance(prompt.shape[1])
+            for j in range(path.shape[1]):
+                step = target(path[:, j : j + 1], decoded).logits[:, 0]
+                decoded.advance(1)
+            assert torch.equal(tree[:, i], step), (
+                f"tree slot {i} (depth {depth[i]}) differs from decoding its path"
+            )

@@ -294,6 +294,48 @@ def test_cpp_block_rows_equal_one_token_steps(isa, dtype, Hq, Hkv, D, monkeypatc
         assert torch.equal(sub, blocks["causal"][:, start:stop]), f"sub-block {start}:{stop}"
 
 
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Hq, Hkv, D", [(4, 2, 64), (8, 2, 40)])
+def test_cpp_tree_rows_equal_decoding_along_their_path(isa, dtype, Hq, Hkv, D, monkeypatch):
+    """A token of a verified tree sees its ancestors at their slots of the block; decoded alone after
+    its path was committed, it sees the same keys at consecutive positions. Both give the same output
+    bit for bit: the softmax's max is over the whole row and its sums run key by key in order, so
+    neither the keys' positions (lanes, blocks of 128) nor the masked keys between them matter."""
+    _require("cpp", torch.device("cpu"))
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    gen = torch.Generator().manual_seed(D)
+    T, prefix = 30, 120  # the tree crosses the 128-key block boundary
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)]
+    mask = torch.zeros(1, T, T, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[0, i, i] = True
+        if p >= 0:
+            mask[0, i] |= mask[0, p]
+    S = prefix + T + 2
+    k = torch.randn(1, Hkv, S, D, generator=gen).to(dtype)
+    v = torch.randn(1, Hkv, S, D, generator=gen).to(dtype)
+    q = torch.randn(1, T, Hq, D, generator=gen).to(dtype)
+    seqlens = torch.tensor([prefix], dtype=torch.int32)
+    tree = run_with_backend("cpp", tree_attention, q, k, v, seqlens, mask)
+    assert parents[1:].count(0) < T - 1, "the tree should branch below the root"
+    for i in range(T):
+        path = mask[0, i].nonzero()[:, 0]  # ancestors and i, in slot order
+        order = torch.cat((torch.arange(prefix), prefix + path))
+        k_path, v_path = torch.zeros_like(k), torch.zeros_like(v)
+        k_path[:, :, : order.numel()], v_path[:, :, : order.numel()] = k[:, :, order], v[:, :, order]
+        decoded = run_with_backend(
+            "cpp",
+            tree_attention,
+            q[:, i : i + 1],
+            k_path,
+            v_path,
+            torch.tensor([order.numel() - 1], dtype=torch.int32),
+            None,
+        )
+        assert torch.equal(tree[:, i : i + 1], decoded), f"tree slot {i} (path {path.tolist()})"
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels vs the reference (interpreter on CPU: tiny sizes)
 # --------------------------------------------------------------------------------------------------
