@@ -1,9 +1,11 @@
 """On CPU a target forward over a block of tokens gives each position, bit for bit, the logits that plain
-one-token decoding steps give it: every CPU kernel on the path (the packed linears, tree attention,
-norms and elementwise loops) computes a row on its own, whatever the rows beside it. So a verified
-chain's greedy tokens equal plain greedy decoding's in float32 and bfloat16 too, not only where ties
-cannot hide (float64). Blocks of more than 12 tokens (24 attention rows with these 2-query-per-kv
-heads) once took another attention kernel whose sums ran in another order.
+one-token decoding gives it: every CPU kernel on the path (the packed linears, tree attention, norms
+and elementwise loops) computes a row on its own, whatever the rows beside it, and the attention's
+softmax depends only on the sequence of keys a row sees, not on their cache positions. So a verified
+chain or tree yields the greedy tokens of plain decoding in float32 and bfloat16 too, not only where
+ties cannot hide (float64). Blocks of more than 12 tokens once took another attention kernel, and the
+online softmax summed by cache position (a tree token's ancestors sit at other positions than in plain
+decoding).
 
 The vocabulary here is a multiple of 16 so that the float32 lm_head is packed in panels, as real
 vocabularies are (32000, 128256, 151936); an unpacked float32 weight goes to MKL beyond 16 rows."""
