@@ -9,6 +9,15 @@
 #include <cstdint>
 #include <cstring>
 
+// The extension is built for baseline x86-64 (SSE2 vectors). A hot elementwise loop marked with this
+// gets an AVX-512 clone too, picked once at load time by the dynamic loader (GCC function
+// multiversioning, an ifunc); each clone keeps its function's floating-point options (fp-contract).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define EAGLE_AVX512_CLONE __attribute__((target_clones("arch=x86-64-v4", "default")))
+#else
+#define EAGLE_AVX512_CLONE
+#endif
+
 namespace eagle {
 namespace convert {
 

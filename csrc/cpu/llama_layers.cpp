@@ -139,7 +139,7 @@ Rows4 rows_of(const at::Tensor& t) {
 // (rotated; the op checked that it fits); v rows -> the same position of the V cache. cos/sin:
 // contiguous [B, T, 1, D].
 template <typename T>
-void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const Block& blk, int64_t B, int64_t Tn,
+EAGLE_AVX512_CLONE void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const Block& blk, int64_t B, int64_t Tn,
                           T* q_out, T* k_cache, T* v_cache, int64_t S_max) {
   const int64_t Hq = blk.Hq, Hkv = blk.Hkv, D = blk.D, rows_out = blk.past + Tn;
   const T* cos = blk.cos.const_data_ptr<T>();
@@ -166,14 +166,14 @@ void rope_and_write_cache(const Rows4& q, const Rows4& k, const Rows4& v, const 
 
 // dst = dst * other (eagle.models.llama.MLP: silu(gate) * up), both [rows, n], other's rows `stride` apart.
 template <typename T>
-void multiply_into(T* __restrict dst, const T* __restrict other, int64_t rows, int64_t n, int64_t stride) {
+EAGLE_AVX512_CLONE void multiply_into(T* __restrict dst, const T* __restrict other, int64_t rows, int64_t n, int64_t stride) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < n; ++i) dst[r * n + i] = mul_rounded(dst[r * n + i], other[r * stride + i]);
 }
 
 // dst = residual + dst (the decoder layer's x + attn(x) and h + mlp(h); addition commutes exactly).
 template <typename T>
-void add_into(T* __restrict dst, const T* __restrict residual, int64_t n) {
+EAGLE_AVX512_CLONE void add_into(T* __restrict dst, const T* __restrict residual, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = add_rounded(residual[i], dst[i]);
 }
 

@@ -25,27 +25,28 @@ namespace eagle {
 namespace rms {
 namespace {
 
-// Rows: float32 normalisation, rounded to the dtype (a no-op for float32), times the weight in the dtype.
+// One row: float32 normalisation, rounded to the dtype (a no-op for float32), times the weight in the dtype.
+template <typename scalar_t>
+EAGLE_AVX512_CLONE void norm_row(const scalar_t* xr, const scalar_t* w, scalar_t* yr, int64_t H, float eps) {
+  using M = convert::Math<scalar_t>;
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < H; ++i) {
+    const float v = M::load(xr[i]);
+    sum += static_cast<double>(v) * static_cast<double>(v);
+  }
+  const float mean = static_cast<float>(sum / static_cast<double>(H));
+  const float inv = 1.0f / std::sqrt(mean + eps);
+  for (int64_t i = 0; i < H; ++i) {
+    const float normed = M::load(M::store(M::load(xr[i]) * inv));  // rounded to the dtype, as in HF
+    yr[i] = M::store(M::load(w[i]) * normed);
+  }
+}
+
 template <typename scalar_t>
 void norm_rows(const scalar_t* x, const scalar_t* w, scalar_t* out, int64_t rows, int64_t H, float eps) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* xr = x + r * H;
-      scalar_t* yr = out + r * H;
-      using M = convert::Math<scalar_t>;
-      double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < H; ++i) {
-        const float v = M::load(xr[i]);
-        sum += static_cast<double>(v) * static_cast<double>(v);
-      }
-      const float mean = static_cast<float>(sum / static_cast<double>(H));
-      const float inv = 1.0f / std::sqrt(mean + eps);
-      for (int64_t i = 0; i < H; ++i) {
-        const float normed = M::load(M::store(M::load(xr[i]) * inv));  // rounded to the dtype, as in HF
-        yr[i] = M::store(M::load(w[i]) * normed);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) norm_row(x + r * H, w, out + r * H, H, eps);
   });
 }
 
