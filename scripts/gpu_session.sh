@@ -24,6 +24,8 @@
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
+#          (E2E_EXTRA="bfloat16 float32:bfloat16": then batch-1 runs with a TARGET[:DRAFT] dtype each,
+#          CAP_E2E_EXTRA seconds each)
 #          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
 #          SKIP_SWEEP_FDI=1: the tree_attention sweep alone)
 #   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset (default) and by
@@ -182,6 +184,15 @@ fi
 if want e2e; then
     timeout $(cap $CAP_E2E) python3 -m eagle bench --device cuda --dtype float32 --cuda-graph $E2E_ARGS --no-progress >"$W/e2e.log" 2>&1
     log "e2e rc=$? $(tail -1 "$W/e2e.log")"
+    # E2E_EXTRA="bfloat16 float32:bfloat16": more runs, TARGET_DTYPE[:DRAFT_DTYPE] each, batch 1, T = 0
+    for variant in ${E2E_EXTRA:-}; do
+        target_dtype=${variant%%:*} draft_args=""
+        [[ "$variant" == *:* ]] && draft_args="--draft-dtype ${variant#*:}"
+        timeout $(cap ${CAP_E2E_EXTRA:-90}) python3 -m eagle bench --device cuda --dtype "$target_dtype" $draft_args \
+            --cuda-graph --batch 1 --temperature 0 --num-prompts 4 --new-tokens 64 --repeats 1 --no-progress \
+            >"$W/e2e_${target_dtype}${draft_args:+_draft${variant#*:}}.log" 2>&1
+        log "e2e $variant rc=$?"
+    done
     cp bench/results/e2e_*H[0-9]*.json bench/results/e2e_*H[0-9]*.png "$W/" 2>/dev/null
     pack e2e "$W"/e2e*
 fi
