@@ -205,46 +205,60 @@ void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_
   }
 }
 
-// o[r, d0 + c*L ..] += sum_{j < nb} p[r, j] * vb[j, d0 + c*L ..] for RM rows and CN vectors of dims.
-template <typename A, int RM, int CN>
+// o[r, d0 + c*L ..] += sum_{j < nb} p[r, j] * vb[j, d0 + c*L ..] for RM rows and CN vectors of dims,
+// key by key. With SUM, also l[r] += p[r, 0] + p[r, 1] + ..., added one key after the other (lane 0 of a
+// vector of broadcasts): the softmax's row sum, which then depends only on the sequence of keys, hides
+// its add latency among the FMAs instead of running as a latency-bound loop of its own.
+template <typename A, int RM, int CN, bool SUM>
 inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o,
-                    int64_t d0) {
+                    int64_t d0, A* l) {
   constexpr int64_t L = lanes<A>();
   Vec<A> acc[RM][CN];
-  for (int r = 0; r < RM; ++r)
+  Vec<A> sums[RM];
+  for (int r = 0; r < RM; ++r) {
     for (int c = 0; c < CN; ++c) acc[r][c] = vload(o + r * dp + d0 + c * L);
+    if constexpr (SUM) sums[r] = vsplat<A>(l[r]);
+  }
   for (int64_t j = 0; j < nb; ++j) {
     Vec<A> vv[CN];
     for (int c = 0; c < CN; ++c) vv[c] = vload(vb + j * v_stride + d0 + c * L);
     for (int r = 0; r < RM; ++r) {
       const Vec<A> pr = vsplat<A>(p[r * nbp + j]);
       for (int c = 0; c < CN; ++c) acc[r][c] += pr * vv[c];
+      if constexpr (SUM) sums[r] += pr;
     }
   }
-  for (int r = 0; r < RM; ++r)
+  for (int r = 0; r < RM; ++r) {
     for (int c = 0; c < CN; ++c) vstore(o + r * dp + d0 + c * L, acc[r][c]);
+    if constexpr (SUM) l[r] = sums[r][0];
+  }
 }
 
 template <typename A, int RM>
-inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o) {
+inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o, A* l) {
   constexpr int64_t L = lanes<A>();
-  int64_t d0 = 0;
-  for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2>(p, nbp, vb, v_stride, dp, nb, o, d0);
-  if (d0 < dp) pv_tile<A, RM, 1>(p, nbp, vb, v_stride, dp, nb, o, d0);
+  if (dp >= 2 * L) {
+    pv_tile<A, RM, 2, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
+  } else {
+    pv_tile<A, RM, 1, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
+  }
+  int64_t d0 = dp >= 2 * L ? 2 * L : L;
+  for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
+  if (d0 < dp) pv_tile<A, RM, 1, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
 }
 
-// o[R, dp] += p[R, :nb] @ v[:nb, dp] (v rows v_stride apart)
+// o[R, dp] += p[R, :nb] @ v[:nb, dp] (v rows v_stride apart), l[R] += the rows of p, key by key.
 template <typename A>
 void accumulate_pv(const A* p, int64_t nbp, const A* v, int64_t v_stride, int64_t dp, int64_t nb, int64_t R,
-                   A* o) {
+                   A* o, A* l) {
   int64_t r = 0;
-  for (; r + 4 <= R; r += 4) pv_rows<A, 4>(p + r * nbp, nbp, v, v_stride, dp, nb, o + r * dp);
+  for (; r + 4 <= R; r += 4) pv_rows<A, 4>(p + r * nbp, nbp, v, v_stride, dp, nb, o + r * dp, l + r);
   const A* pr = p + r * nbp;
   A* orow = o + r * dp;
   switch (R - r) {
-    case 3: pv_rows<A, 3>(pr, nbp, v, v_stride, dp, nb, orow); break;
-    case 2: pv_rows<A, 2>(pr, nbp, v, v_stride, dp, nb, orow); break;
-    case 1: pv_rows<A, 1>(pr, nbp, v, v_stride, dp, nb, orow); break;
+    case 3: pv_rows<A, 3>(pr, nbp, v, v_stride, dp, nb, orow, l + r); break;
+    case 2: pv_rows<A, 2>(pr, nbp, v, v_stride, dp, nb, orow, l + r); break;
+    case 1: pv_rows<A, 1>(pr, nbp, v, v_stride, dp, nb, orow, l + r); break;
     default: break;
   }
 }
@@ -267,26 +281,6 @@ inline A exp_shifted(A* s, int64_t nkp) {
   const Vec<A> shift = vsplat<A>(m);
   for (int64_t j = 0; j < nkp; j += L) vstore(s + j, vexp(vload(s + j) - shift));
   return m;
-}
-
-// l[r] = p[r, 0] + p[r, 1] + ... + p[r, n - 1], added one key after the other (four rows side by side
-// for independent chains). Masked keys hold exact zeros, which leave a running sum unchanged, so the sum
-// depends only on the sequence of keys the row sees, not on where they sit in the cache.
-template <typename A>
-void sum_rows_in_order(const A* p, int64_t stride, int64_t n, int64_t R, A* l) {
-  int64_t r = 0;
-  for (; r + 4 <= R; r += 4) {
-    const A *p0 = p + r * stride, *p1 = p0 + stride, *p2 = p1 + stride, *p3 = p2 + stride;
-    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    for (int64_t j = 0; j < n; ++j) a0 += p0[j], a1 += p1[j], a2 += p2[j], a3 += p3[j];
-    l[r] = a0, l[r + 1] = a1, l[r + 2] = a2, l[r + 3] = a3;
-  }
-  for (; r < R; ++r) {
-    const A* pr = p + r * stride;
-    A a = 0;
-    for (int64_t j = 0; j < n; ++j) a += pr[j];
-    l[r] = a;
-  }
 }
 
 template <typename A>
@@ -325,6 +319,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
     for (int64_t d = D; d < dp; ++d) q[r * dp + d] = A(0);
     for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
+    l[r] = A(0);
   }
 
   const S* k_head = static_cast<const S*>(P.k) + b * P.sk_b + kvh * P.sk_h;
@@ -360,7 +355,6 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t j = n_keys; j < nkp; ++j) sr[j] = -__builtin_inf();
     exp_shifted(sr, nkp);
   }
-  sum_rows_in_order(s, nkp, n_keys, R, l);
   for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
     const int64_t nb = imin(NB, n_keys - n0);
     const S* v_block = v_head + n0 * P.sv_s;
@@ -370,7 +364,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, kv);
       v_rows = kv, v_stride = dp;
     }
-    accumulate_pv(s + n0, nkp, v_rows, v_stride, dp, nb, R, o);
+    accumulate_pv(s + n0, nkp, v_rows, v_stride, dp, nb, R, o, l);
   }
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;
