@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,7 +25,10 @@ namespace eagle {
 namespace tree_attn {
 
 constexpr int64_t kBlockN = 128;     // keys per block (128 measured ~10% faster than 64 for trees)
-constexpr int64_t kRowsPerTask = 64;  // query rows (token x grouped head) per task
+constexpr int64_t kRowsPerTask = 64;  // query rows (token x grouped head) per task, at most
+// A task keeps every score of its rows (two-pass softmax): fewer rows per task for long caches keep
+// that buffer within this budget (rows are computed independently, so the split changes no result).
+constexpr int64_t kScoreBytesPerTask = int64_t{4} << 20;
 
 struct Problem {
   const void* q;
@@ -185,10 +189,10 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
 }
 
 // The carve() order of attend_task: q, a converted K/V block, the output accumulator, the row sums and
-// the scores of every key (at most S_max) of the task's rows.
-int64_t scratch_bytes(int64_t rows, int64_t D, int64_t S_max, int64_t elem) {
+// the scores of every key (at most max_keys) of the task's rows.
+int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t elem) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
-  const int64_t keys = (S_max + lanes - 1) / lanes * lanes;
+  const int64_t keys = (max_keys + lanes - 1) / lanes * lanes;
   const int64_t counts[] = {rows * dp, kBlockN * dp, rows * dp, rows, rows * keys};
   int64_t bytes = 0;
   for (int64_t c : counts) bytes += (c * elem + 63) / 64 * 64;
@@ -213,7 +217,10 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   P.seqlens = seqlens.data_ptr<int32_t>();
   P.new_visible = dense.defined() ? dense.data_ptr<uint8_t>() : nullptr;
   P.B = B, P.T = T, P.Hq = Hq, P.Hkv = Hkv, P.G = Hq / Hkv, P.D = D;
-  P.rows_per_task = std::min<int64_t>(kRowsPerTask, T * P.G);
+  int64_t max_keys = 0;  // the most keys a row sees: the longest committed prefix + T
+  for (int64_t b = 0; b < B; ++b) max_keys = std::max<int64_t>(max_keys, P.seqlens[b] + T);
+  const int64_t rows_in_budget = std::max<int64_t>(1, kScoreBytesPerTask / (8 * std::max<int64_t>(1, max_keys)));
+  P.rows_per_task = std::min<int64_t>({kRowsPerTask, rows_in_budget, T * P.G});
   P.sq_b = q.stride(0), P.sq_t = q.stride(1), P.sq_h = q.stride(2), P.sq_d = q.stride(3);
   P.sk_b = k_cache.stride(0), P.sk_h = k_cache.stride(1), P.sk_s = k_cache.stride(2), P.sk_d = k_cache.stride(3);
   P.sv_b = v_cache.stride(0), P.sv_h = v_cache.stride(1), P.sv_s = v_cache.stride(2), P.sv_d = v_cache.stride(3);
@@ -231,10 +238,10 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t tasks = B * Hkv * chunks;
-  const int64_t bytes = scratch_bytes(P.rows_per_task, D, k_cache.size(2), acc_bytes);
+  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, acc_bytes);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<char> scratch(bytes);
-    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    const std::unique_ptr<char[]> scratch(new char[bytes]);  // not zeroed: every use writes first
+    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));
     run(P, begin, end, aligned);
   });
   return out;

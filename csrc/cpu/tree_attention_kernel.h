@@ -309,7 +309,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   A* kv = carve<A>(cursor, NB * dp);  // a converted K or V block
   A* o = carve<A>(cursor, R * dp);
   A* l = carve<A>(cursor, R);
-  A* s = carve<A>(cursor, R * nkp);  // every score of the task's rows (the caller sized it by S_max)
+  A* s = carve<A>(cursor, R * nkp);  // every score of the task's rows (sized by the longest row)
 
   const S* q_base = static_cast<const S*>(P.q) + b * P.sq_b;
   const A scale = static_cast<A>(P.sm_scale);

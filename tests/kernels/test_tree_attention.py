@@ -336,6 +336,24 @@ def test_cpp_tree_rows_equal_decoding_along_their_path(isa, dtype, Hq, Hkv, D, m
         assert torch.equal(tree[:, i : i + 1], decoded), f"tree slot {i} (path {path.tolist()})"
 
 
+def test_cpp_long_cache_splits_rows_within_the_score_budget():
+    """A task keeps every score of its rows (4 MB budget): over ~70k keys it takes a few rows at a time.
+    The result still matches the reference, and each row still equals its one-token call."""
+    _require("cpp", torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    B, T, Hq, Hkv, D, prefix = 1, 8, 2, 1, 16, 70_000
+    k = torch.randn(B, Hkv, prefix + T, D, generator=gen)
+    v = torch.randn(B, Hkv, prefix + T, D, generator=gen)
+    q = torch.randn(B, T, Hq, D, generator=gen)
+    seqlens = torch.tensor([prefix], dtype=torch.int32)
+    got = run_with_backend("cpp", tree_attention, q, k, v, seqlens, None)
+    want = tree_attention_ref(q.double(), k.double(), v.double(), seqlens)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for t in (0, 5):
+        step = run_with_backend("cpp", tree_attention, q[:, t : t + 1], k, v, seqlens + t, None)
+        assert torch.equal(got[:, t : t + 1], step)
+
+
 # --------------------------------------------------------------------------------------------------
 # Triton kernels vs the reference (interpreter on CPU: tiny sizes)
 # --------------------------------------------------------------------------------------------------
