@@ -465,6 +465,15 @@ class SpeculativeDecoder:
         t2 = self._stamp()
         steps = self.depth + 1
         if sampling.greedy:
+            fused = self._cpu_verify_update(
+                s, out, candidates, (retrive_index, next_token, next_sibling), steps
+            )
+            if fused is not None:
+                if times is not None:  # the whole rest of the round is one call: counted as accept
+                    times.draft += t1 - t0
+                    times.verify += t2 - t1
+                    times.accept += self._stamp() - t2
+                return fused
             target_predict, bad = argmax_checked(out.logits)
             self._check_finite(bad, s.nonfinite)
             predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
@@ -511,6 +520,27 @@ class SpeculativeDecoder:
             times.accept += t3 - t2
             times.compact += t4 - t3
             times.draft_update += t5 - t4
+        return new_tokens, counts
+
+    def _cpu_verify_update(self, s: _Batch, out: ModelOutput, candidates, tree, steps: int):
+        """``(new_tokens, counts)`` of the greedy rest of the round done in one C++ call on CPU with an
+        EAGLE-1/2 head (:meth:`Eagle2Head.cpu_verify_update`: the same ops as the Python below, so the
+        same bits), the caches' lengths and the root state updated; None where that does not apply."""
+        if not isinstance(self.head, Eagle2Head) or out.logits is None:
+            return None
+        s.draft_cache.check_room(steps)
+        res = self.head.cpu_verify_update(
+            out.logits, out.hidden, candidates, tree, s.target_cache, s.draft_cache, steps
+        )
+        if res is None:
+            return None
+        new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad = res
+        self._check_finite(bad, s.nonfinite)
+        s.target_cache.set_seqlens(new_lengths, bound=s.target_cache.length_bound + steps)
+        s.draft_cache.advance(counts, max_increment=steps)
+        s.root_hidden.copy_(root_hidden)
+        s.root_logits.copy_(root_logits)
+        s.root.copy_(root)
         return new_tokens, counts
 
     def _update_draft(self, s: _Batch, out: ModelOutput, rows, new_tokens, counts) -> None:

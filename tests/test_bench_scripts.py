@@ -53,3 +53,13 @@ def test_sweep_linear_cuda_dry_run_lists_the_tiny_code_shapes():
     out = _run("sweep_linear_cuda.py", "--dry-run")
     assert "1536x256: rows [1, 8, 16, 32, 48, 60, 64, 128]" in out, out
     assert "'mm(x, W^T contiguous)'" in out and "'cublaslt'" in out, out
+
+
+def test_bench_verify_update_compares_both_paths_with_the_same_tokens():
+    out = _run(
+        "bench_verify_update.py", "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2",
+        "--trees", "dynamic", "chain", "--no-save",
+    )  # fmt: skip
+    assert "every speculative run reproduced plain decoding's tokens" in out, out
+    assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
+    assert re.search(r"EAGLE chain +Python +: +\d+ tok/s", out), out

@@ -10,6 +10,7 @@
 // Returns [candidates [b, n] int64, tree_mask [b, n, n] bool, positions [b*n] int64,
 //          retrive_index, retrive_next_token, retrive_next_sibling [b, n] int64].
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include "build_tree.h"
@@ -121,6 +122,72 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   return {candidates, tree_mask, positions, retrive_index, next_token, next_sibling};
 }
 
+// The rest of a greedy round after the verify forward (eagle.speculate.SpeculativeDecoder._round from
+// the target's logits on, with _update_draft and an EAGLE-1/2 head on the CPU fast path) in one call:
+// argmax_checked, verify_tree_greedy, compact_kv_cache (the registered ops, as the Python calls them),
+// the accepted tokens, and the draft head's forward over them (rope_cos_sin + eagle2_head, as
+// Eagle2Head.forward makes it). Same ops, same arguments, same order: the same bits. The Python
+// between them cost more than the ops at the bundled model's size.
+//
+// Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
+// root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When the logits hold
+// NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
+std::vector<at::Tensor> eagle2_verify_update_cpu(
+    const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
+    const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
+    const at::Tensor& target_kv, const at::Tensor& target_seqlens, int64_t num_spec_steps,
+    const at::Tensor& embed_weight, const at::Tensor& fc_weight, const OptTensor& fc_bias,
+    const c10::List<OptTensor>& weights, const at::Tensor& draft_kv, const at::Tensor& draft_seqlens,
+    const at::Tensor& doubled_inv_freq, const at::Tensor& signs, const at::Tensor& lm_head, int64_t num_heads,
+    int64_t num_kv_heads, double eps) {
+  TORCH_CHECK_VALUE(logits.dim() == 3 && target_hidden.dim() == 3 && candidates.dim() == 2 &&
+                        logits.size(0) == candidates.size(0) && logits.size(1) == candidates.size(1) &&
+                        target_hidden.size(0) == candidates.size(0) && target_hidden.size(1) == candidates.size(1),
+                    "eagle2_verify_update: logits [b, n, V], target_hidden [b, n, H] and candidates [b, n] expected, "
+                    "got ", logits.sizes(), ", ", target_hidden.sizes(), ", ", candidates.sizes());
+  static const auto argmax_op = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("eagle_C::argmax_checked", "")
+                                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  static const auto verify_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("eagle_C::verify_tree_greedy", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, int64_t)>();
+  static const auto compact_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("eagle_C::compact_kv_cache", "")
+          .typed<at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  const int64_t b = candidates.size(0), n = candidates.size(1), steps = num_spec_steps;
+
+  auto [target_predict, bad] = argmax_op.call(logits);
+  if (bad.item<bool>()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), bad};
+  auto [predicts, accept_index, accept_num] =
+      verify_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, steps);
+  at::Tensor kv = target_kv;
+  const at::Tensor new_lengths = compact_op.call(kv, target_seqlens, accept_index, accept_num, n);
+
+  const auto i64 = candidates.options().dtype(at::kLong);
+  const at::Tensor valid = at::arange(steps, i64).unsqueeze(0) <= accept_num.unsqueeze(1).to(at::kLong);
+  const at::Tensor rows = accept_index.to(at::kLong).clamp(0);
+  const at::Tensor new_tokens = at::where(valid, predicts.to(at::kLong).index({rows}), 0);
+  const at::Tensor counts = accept_num.to(at::kLong) + 1;
+
+  // _update_draft: the target feature at each accepted node with the token that follows it
+  const at::Tensor features = target_hidden.to(fc_weight.scalar_type());  // DraftHead.target_features
+  const int64_t H = features.size(-1);
+  const at::Tensor feats = features.reshape({-1, H}).index({rows.reshape({-1})}).view({b, steps, H});
+  const at::Tensor last = (counts - 1).unsqueeze(1);
+  const std::vector<at::Tensor> rope = llama_layers::rope_cos_sin_cpu(std::nullopt, draft_seqlens, 0, steps,
+                                                                      doubled_inv_freq, signs, draft_kv.scalar_type());
+  const std::vector<at::Tensor> d =
+      llama_layers::eagle2_head_cpu(feats, new_tokens, embed_weight, fc_weight, fc_bias, weights, draft_kv, rope[0],
+                                    rope[1], draft_seqlens, std::nullopt, 0, num_heads, num_kv_heads, eps, lm_head, last);
+  const at::Tensor root_hidden = d[0].gather(1, last.unsqueeze(-1).expand({b, 1, H})).select(1, 0);
+  const at::Tensor root_logits = d[1].select(1, 0);
+  const at::Tensor root = new_tokens.gather(1, last).select(1, 0);
+  return {new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad};
+}
+
 }  // namespace draft_tree
 }  // namespace eagle
 
@@ -132,7 +199,20 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "int num_heads, int num_kv_heads, float eps) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu); }
+TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
+  m.def(
+      "eagle2_verify_update(Tensor logits, Tensor target_hidden, Tensor candidates, Tensor retrive_index, "
+      "Tensor retrive_next_token, Tensor retrive_next_sibling, Tensor(a!) target_kv, Tensor target_seqlens, "
+      "int num_spec_steps, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] weights, "
+      "Tensor(b!) draft_kv, Tensor draft_seqlens, Tensor doubled_inv_freq, Tensor signs, Tensor lm_head, "
+      "int num_heads, int num_kv_heads, float eps) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
+  m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu);
+  m.impl("eagle2_verify_update", &eagle::draft_tree::eagle2_verify_update_cpu);
+}
 TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) {
   m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu);
+  m.impl("eagle2_verify_update", &eagle::draft_tree::eagle2_verify_update_cpu);
 }

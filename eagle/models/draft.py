@@ -351,8 +351,59 @@ class Eagle2Head(DraftHead):
         )
         return outs[0], tuple(outs[1:])
 
+    def cpu_verify_update(
+        self,
+        logits: torch.Tensor,
+        target_hidden: torch.Tensor,
+        candidates: torch.Tensor,
+        tree: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        target_cache: KVCache,
+        cache: KVCache,
+        num_spec_steps: int,
+    ) -> list[torch.Tensor] | None:
+        """The rest of a greedy round after the verify forward in one C++ call
+        (``eagle_C::eagle2_verify_update``, csrc/cpu/draft_tree.cpp): the greedy pick, the tree walk,
+        the target cache's compaction and this head's forward over the accepted tokens, with the same
+        ops and arguments as ``SpeculativeDecoder._round`` and ``_update_draft`` make them, so the same
+        bits. Returns ``[new_tokens, counts, new target lengths, root, root_hidden, root_logits,
+        nonfinite]`` (only the flag is set, and nothing written, when the logits hold NaN/inf), or None
+        where it does not apply (see :meth:`cpu_dynamic_tree`; also off with the C++ draft loop).
+
+        ``logits [b, n, V]``, ``target_hidden [b, n, H]``: the verify forward's; ``tree``:
+        ``(retrive_index, retrive_next_token, retrive_next_sibling)``; ``cache``: this head's cache,
+        with room for ``num_spec_steps`` rows (the caller checks); neither cache's lengths are
+        advanced here."""
+        on = _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE
+        for_op = self._cpu_op_weights(target_hidden, "eagle2_verify_update") if on else None
+        if for_op is None or logits.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        doubled, signs = rope_tables(self._inv_freq_on(cache.device))
+        cfg, fc = self.config, self.fc
+        return torch.ops.eagle_C.eagle2_verify_update(
+            logits,
+            target_hidden,
+            candidates,
+            *tree,
+            target_cache.kv,
+            target_cache.seqlens,
+            num_spec_steps,
+            _plain(self.embed_weight),
+            _plain(fc.weight),
+            _plain(fc.bias),
+            for_op,
+            cache.kv,
+            cache.seqlens,
+            doubled,
+            signs,
+            packed_weight(self.lm_head_weight),
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.rms_norm_eps,
+        )
+
 
 _CPU_DRAFT_LOOP = os.environ.get("EAGLE_CPU_DRAFT_LOOP", "1") != "0"
+_CPU_VERIFY_UPDATE = True
 
 
 def cpu_draft_loop_status() -> str:
@@ -361,7 +412,21 @@ def cpu_draft_loop_status() -> str:
         return f"Python (the C++ extension lacks eagle_C::eagle2_draft_dynamic: {_ext.STATUS.reason})"
     if not _CPU_DRAFT_LOOP:
         return "Python (the C++ loop is switched off: EAGLE_CPU_DRAFT_LOOP=0 or set_cpu_draft_loop(False))"
-    return "C++, one call per round (eagle_C::eagle2_draft_dynamic)"
+    if not _CPU_VERIFY_UPDATE or not _ext.has_op("eagle2_verify_update"):
+        return "C++, one call per round (eagle_C::eagle2_draft_dynamic); the greedy round's rest in Python"
+    return (
+        "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the greedy round's rest "
+        "after the verify forward (eagle_C::eagle2_verify_update)"
+    )
+
+
+def set_cpu_verify_update(enabled: bool) -> bool:
+    """Turn the one-call rest of a greedy round (:meth:`Eagle2Head.cpu_verify_update`) on or off (the
+    Python path makes the same ops: same tokens, caches and states); returns the previous setting.
+    ``EAGLE_CPU_DRAFT_LOOP=0`` / :func:`set_cpu_draft_loop` turn it off too."""
+    global _CPU_VERIFY_UPDATE
+    previous, _CPU_VERIFY_UPDATE = _CPU_VERIFY_UPDATE, bool(enabled)
+    return previous
 
 
 def set_cpu_draft_loop(enabled: bool) -> bool:

@@ -24,6 +24,7 @@ from eagle.models.draft import (
     Eagle3Layer,
     random_draft,
     set_cpu_draft_loop,
+    set_cpu_verify_update,
 )
 from eagle.models.llama import (
     LlamaModel,
@@ -256,6 +257,84 @@ def test_cpp_draft_loop_builds_the_python_loops_tree(make_target, monkeypatch, f
         set_cpu_draft_loop(previous)
     assert fast == ref
     assert max(max(row) for row in fast[1]) > 1  # some drafts were accepted: the trees mattered
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tree", ["3/4/12", "6/10/60", "chain5", "static"])
+def test_cpp_verify_update_equals_the_python_round(make_target, monkeypatch, fast_path, tree, dtype, B):
+    """Greedy rounds whose rest after the verify forward is one C++ call (eagle2_verify_update) emit
+    the same tokens with the same accept lengths as the Python path, and leave both caches and the
+    root state bit-identical; and the C++ call is what runs when it is on."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=dtype)
+    model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7], [2, 7, 1, 8, 2, 8, 1]][:B]
+    shape = "static" if tree == "static" else DRAFT_TREES[tree]
+
+    def run():
+        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(shape, B))
+        tokens = []
+        for emission in decoder.run(prompts, 24, speculate.SamplingParams(temperature=0.0), seed=0):
+            tokens.append(emission.tokens)
+        state = decoder._last_state
+        return tokens, decoder._accept_lengths, state
+
+    previous = set_cpu_verify_update(True)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(speculate.SpeculativeDecoder, "_update_draft", _must_not_run)
+            m.setattr(speculate.SpeculativeDecoder, "_last_state", None, raising=False)
+            fast = run_keeping_state(run, m)
+        set_cpu_verify_update(False)
+        with monkeypatch.context() as m:
+            ref = run_keeping_state(run, m)
+    finally:
+        set_cpu_verify_update(previous)
+    assert fast[:2] == ref[:2]
+    assert max(max(row) for row in fast[1].values()) > 1  # some drafts were accepted
+    for name in ("root", "root_hidden", "root_logits"):
+        assert torch.equal(getattr(fast[2], name), getattr(ref[2], name)), name
+    for cache in ("target_cache", "draft_cache"):
+        a, b = getattr(fast[2], cache), getattr(ref[2], cache)
+        assert torch.equal(a.seqlens, b.seqlens) and a.length_bound == b.length_bound, cache
+        for row in range(a.batch_size):  # the committed part of each row (beyond it: scratch)
+            n = int(a.seqlens[row])
+            assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
+
+
+def test_cpp_verify_update_is_skipped_where_it_does_not_apply(make_target, fast_path):
+    """Switched off (either switch), or with the CPU fast path off, the one-call rest declines."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    head = make_head(target, "eagle2", bias=True, qkv_bias=False)
+    cache, target_cache = head.new_cache(1, 16), target.new_cache(1, 16)
+    n, H = 3, head.config.hidden_size
+    tree = (torch.tensor([[0, 1, 2]]), torch.tensor([[1, -1, -1]]), torch.tensor([[-1, 2, -1]]))
+    args = (torch.zeros(1, n, 48), torch.zeros(1, n, H), torch.zeros(1, n, dtype=torch.int64), tree)
+    with torch.inference_mode():
+        assert head.cpu_verify_update(*args, target_cache, cache, 2) is not None
+        for switch in (set_cpu_verify_update, set_cpu_draft_loop):
+            previous = switch(False)
+            try:
+                assert head.cpu_verify_update(*args, target_cache, cache, 2) is None
+            finally:
+                switch(previous)
+        set_cpu_fast_path(False)
+        assert head.cpu_verify_update(*args, target_cache, cache, 2) is None
+
+
+def run_keeping_state(run, m):
+    """``run()`` with the decoder's last round state kept as ``decoder._last_state`` (the state of the
+    final round, before the finished rows are dropped)."""
+    original = speculate.SpeculativeDecoder._round
+
+    def keep(self, s, sampling):
+        self._last_state = s
+        return original(self, s, sampling)
+
+    m.setattr(speculate.SpeculativeDecoder, "_round", keep)
+    return run()
 
 
 def test_cpp_draft_loop_is_skipped_where_it_does_not_apply(make_target, fast_path):
