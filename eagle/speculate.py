@@ -61,7 +61,9 @@ class SamplingParams:
 
 @dataclass
 class RoundTimes:
-    """Seconds spent per phase, summed over rounds (filled only when profiling)."""
+    """Seconds spent per phase, summed over rounds (filled only when profiling). Where the greedy rest
+    of a round is one C++ call (CPU, EAGLE-1/2 head: :meth:`SpeculativeDecoder._cpu_verify_update`),
+    ``accept`` holds all of it and ``compact`` / ``draft_update`` stay 0."""
 
     draft: float = 0.0
     verify: float = 0.0
