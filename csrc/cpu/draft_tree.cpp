@@ -1,3 +1,6 @@
+// Two ops of the CPU decoding loop with an EAGLE-1/2 head: eagle2_draft_dynamic (below) and
+// eagle2_verify_update (the greedy rest of a round after the verify forward, further down).
+//
 // eagle2_draft_dynamic: one EAGLE-2 dynamic draft tree (eagle.speculate.SpeculativeDecoder._draft_dynamic
 // with an EAGLE-1/2 head on the CPU fast path) in one C++ call.
 //
@@ -163,8 +166,7 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
   if (bad.item<bool>()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), bad};
   auto [predicts, accept_index, accept_num] =
       verify_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, steps);
-  at::Tensor kv = target_kv;
-  const at::Tensor new_lengths = compact_op.call(kv, target_seqlens, accept_index, accept_num, n);
+  const at::Tensor new_lengths = compact_op.call(target_kv, target_seqlens, accept_index, accept_num, n);
 
   const auto i64 = candidates.options().dtype(at::kLong);
   const at::Tensor valid = at::arange(steps, i64).unsqueeze(0) <= accept_num.unsqueeze(1).to(at::kLong);
