@@ -749,8 +749,12 @@ def _tree_attention_triton(
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
 def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float) -> torch.Tensor:
-    """The op's body: dispatch to the backend chosen for q's device."""
+    """The op's body: value checks where due, then the backend chosen for q's device."""
     backend = select_backend(OP, q.device)
+    # The C++ kernel checks the lengths itself (same message); elsewhere check on CPU, and on CUDA only
+    # in debug mode (a host sync).
+    if backend != "cpp" and (q.device.type == "cpu" or debug_checks_enabled()):
+        _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
     if backend in ("cpp", "cuda"):
         return _ext.op(OP)(*args)
@@ -879,11 +883,6 @@ def tree_attention(
     built, else :func:`tree_attention_ref`.
     """
     _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
-    # The C++ CPU kernel checks the lengths itself (same message); elsewhere they are read here, on
-    # CUDA only in debug mode (a host sync).
-    on_cpu = q.device.type == "cpu"
-    if (on_cpu and select_backend(OP, q.device) != "cpp") or debug_checks_enabled():
-        _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
         return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
