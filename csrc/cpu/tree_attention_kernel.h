@@ -264,9 +264,9 @@ void accumulate_pv(const A* p, int64_t nbp, const A* v, int64_t v_stride, int64_
 }
 
 // Softmax of one row's scores over all its keys, in place: s[:nkp] (masked entries -inf) becomes
-// exp(s - max); returns the max (-inf when the row sees no key; s is then all zero).
+// exp(s - max), or all zero when the row sees no key.
 template <typename A>
-inline A exp_shifted(A* s, int64_t nkp) {
+inline void exp_shifted(A* s, int64_t nkp) {
   constexpr int64_t L = lanes<A>();
   Vec<A> vmax = vsplat<A>(-__builtin_inf());
   for (int64_t j = 0; j < nkp; j += L) {
@@ -276,11 +276,10 @@ inline A exp_shifted(A* s, int64_t nkp) {
   const A m = hmax<A>(vmax);
   if (m == -__builtin_inf()) {
     for (int64_t j = 0; j < nkp; ++j) s[j] = A(0);
-    return m;
+    return;
   }
   const Vec<A> shift = vsplat<A>(m);
   for (int64_t j = 0; j < nkp; j += L) vstore(s + j, vexp(vload(s + j) - shift));
-  return m;
 }
 
 template <typename A>

@@ -375,7 +375,7 @@ class Eagle2Head(DraftHead):
         advanced here."""
         on = _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE
         for_op = self._cpu_op_weights(target_hidden, "eagle2_verify_update") if on else None
-        if for_op is None or logits.device.type != "cpu" or torch.compiler.is_compiling():
+        if for_op is None:  # (_cpu_op_weights checked the device and tracing)
             return None
         doubled, signs = rope_tables(self._inv_freq_on(cache.device))
         cfg, fc = self.config, self.fc
