@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -63,3 +65,14 @@ def test_bench_verify_update_compares_both_paths_with_the_same_tokens():
     assert "every speculative run reproduced plain decoding's tokens" in out, out
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
     assert re.search(r"EAGLE chain +Python +: +\d+ tok/s", out), out
+
+
+def test_ab_builds_times_two_builds_from_copies_of_the_package():
+    so = next((BENCH.parent / "eagle_kernels").glob("_C*.so"), None)
+    if so is None:
+        pytest.skip("the extension is not built")
+    out = _run(
+        "ab_builds.py", str(so), str(so), "--cases", "attention", "forward", "--rounds", "1", "--quick"
+    )
+    assert re.search(r"tree_attention tiny-tree12-B1 bfloat16 +[\d.]+ +[\d.]+ +[\d.]+", out), out
+    assert re.search(r"tiny-code target forward T=12 float32 +[\d.]+ +[\d.]+ +[\d.]+", out), out

@@ -1,0 +1,181 @@
+"""Two builds of the compiled extension (``eagle_kernels/_C*.so``) timed against each other on this CPU.
+
+A kernel change cannot be compared with its predecessor in one process (one extension per process), so
+this alternates processes: for each round, each build runs the same cases in a fresh process and the
+best time per (build, case) over the rounds is kept. Each process imports ``eagle_kernels`` from a
+temporary copy of the package holding that build's library, so the working tree is left alone.
+
+    # keep the old build, rebuild, compare
+    cp eagle_kernels/_C*.so /tmp/old.so && python setup.py build_ext --inplace
+    OMP_NUM_THREADS=1 python bench/ab_builds.py /tmp/old.so eagle_kernels/_C.cpython-*.so --rounds 3
+
+Cases: ``attention`` (``eagle_kernels.tree_attention`` on CPU tensors: the CPU shapes of
+bench/bench_tree_attention.py plus the bundled target's trees of 32 and 64 tokens, float32 and
+bfloat16) and ``forward`` (a target forward of T = 1 and 12 tokens of the bundled tiny-code target
+after a 250-token cache, float32 and bfloat16). Prints microseconds per call and new / old ratios;
+``--out FILE`` writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = ("attention", "forward")
+
+
+QUICK = "--quick" in sys.argv  # a smoke run: one short timing per case
+
+
+def _best_us(fn, min_seconds: float = 0.05, repeats: int = 5) -> float:
+    if QUICK:
+        min_seconds, repeats = 0.0, 1
+    for _ in range(3):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    calls = max(3, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def attention_cases() -> dict[str, float]:
+    import torch
+
+    from bench.bench_tree_attention import CPU_SHAPES, make_inputs
+    from eagle_kernels import tree_attention
+
+    shapes = dict(CPU_SHAPES)
+    shapes.update({f"tiny-tree{T}-B1": (1, T, 4, 2, 64, 200, "tree") for T in (32, 64)})
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, shape in shapes.items():
+            q, k, v, seqlens, mask = make_inputs(shape, torch.device("cpu"), dtype)
+            out[f"tree_attention {name} {str(dtype).removeprefix('torch.')}"] = _best_us(
+                functools.partial(tree_attention, q, k, v, seqlens, mask)
+            )
+    return out
+
+
+def forward_cases() -> dict[str, float]:
+    import torch
+
+    from eagle.api import load
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load("tiny-code", dtype=dtype)
+        target = model.target
+        for T in (1, 12):
+            cache = target.new_cache(1, 400)
+            cache.advance(250)
+            ids = torch.randint(
+                0, target.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T)
+            )
+            mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
+            with torch.inference_mode():
+                us = _best_us(functools.partial(target, ids, cache, tree_mask=mask), min_seconds=0.2)
+            out[f"tiny-code target forward T={T} {str(dtype).removeprefix('torch.')}"] = us
+    return out
+
+
+def worker(cases: list[str]) -> None:
+    """Runs in the child process: prints {case: microseconds} as JSON."""
+    import torch
+
+    torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
+    import eagle_kernels
+
+    sys.stderr.write(f"eagle_kernels from {Path(eagle_kernels.__file__).parent}\n")
+    result = {}
+    if "attention" in cases:
+        result.update(attention_cases())
+    if "forward" in cases:
+        result.update(forward_cases())
+    print(json.dumps(result))
+
+
+def package_with(build: Path, root: Path) -> Path:
+    """A copy of the eagle_kernels package under ``root`` whose extension is ``build``."""
+    pkg = root / "eagle_kernels"
+    shutil.copytree(REPO / "eagle_kernels", pkg, ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    shutil.copy2(build, pkg / build.name if build.name.startswith("_C") else pkg / "_C.so")
+    return root
+
+
+def run_build(root: Path, cases: list[str], threads: int) -> dict[str, float]:
+    env_path = f"{root}:{REPO}"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            *cases,
+            "--threads",
+            str(threads),
+            *(["--quick"] if QUICK else []),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": env_path},
+        cwd=root,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed:\n{proc.stderr[-3000:]}")
+    where = proc.stderr.strip().splitlines()[0]
+    if str(root) not in where:
+        raise RuntimeError(f"the worker did not import the copied package ({where})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("old", type=Path, help="the baseline build (an _C*.so file)")
+    p.add_argument("new", type=Path, help="the build under test")
+    p.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="smoke test: one short timing per case")
+    args = p.parse_args(argv)
+
+    best: dict[str, dict[str, float]] = {"old": {}, "new": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        roots = {name: package_with(build.resolve(), Path(tmp) / name) for name, build in
+                 (("old", args.old), ("new", args.new))}  # fmt: skip
+        for r in range(args.rounds):
+            for name, root in roots.items():
+                for case, us in run_build(root, args.cases, args.threads).items():
+                    best[name][case] = min(best[name].get(case, float("inf")), us)
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"{'case':58s} {'old us':>10s} {'new us':>10s} {'new/old':>8s}")
+    for case, old in best["old"].items():
+        new = best["new"][case]
+        print(f"{case:58s} {old:10.1f} {new:10.1f} {new / old:8.3f}")
+    if args.out:
+        args.out.write_text(
+            json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "best_us": best}, indent=1)
+        )
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker([c for c in sys.argv[sys.argv.index("--worker") + 1 :] if c in CASES])
+    else:
+        raise SystemExit(main())
