@@ -6,8 +6,10 @@
 // tree_mask). Accumulation is fp32 (fp64 for fp64 inputs).
 //
 // The kernel body (tree_attention_kernel.h) is compiled three times, for AVX-512, AVX2+FMA and the
-// x86-64 baseline, and the widest one the CPU supports runs. EAGLE_KERNELS_CPU_ISA=avx512|avx2|generic
-// forces one (tests use it to check every variant).
+// x86-64 baseline, and the widest one the CPU supports runs. On CPUs with AMX-BF16 the AVX-512 variant
+// takes the scores of bfloat16 caches on AMX tiles (tree_attention_amx.cpp) when the head dim is a
+// multiple of 32. EAGLE_KERNELS_CPU_ISA=amx|avx512|avx2|generic forces one (avx512: without AMX; tests
+// use it to check every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,6 +22,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "tree_attention_amx.h"
 
 namespace eagle {
 namespace tree_attn {
@@ -42,6 +46,7 @@ struct Problem {
   int64_t sk_b, sk_h, sk_s, sk_d;
   int64_t sv_b, sv_h, sv_s, sv_d;
   double sm_scale;
+  bool amx_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores on AMX tiles
 };
 
 template <typename A>
@@ -88,10 +93,11 @@ namespace generic {
 struct Kernels {
   RunFn f32, f64, f16, bf16;
   const char* isa;
+  bool amx;  // bf16 scores on AMX tiles where the shapes allow (the avx512 kernels only)
 };
 
-#define EAGLE_TREE_ATTN_KERNELS(ns) \
-  Kernels { ns::run_f32, ns::run_f64, ns::run_f16, ns::run_bf16, #ns }
+#define EAGLE_TREE_ATTN_KERNELS(ns, amx) \
+  Kernels { ns::run_f32, ns::run_f64, ns::run_f16, ns::run_bf16, #ns, amx }
 
 Kernels select_kernels() {
   const char* forced = std::getenv("EAGLE_KERNELS_CPU_ISA");
@@ -100,22 +106,27 @@ Kernels select_kernels() {
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool has_amx = has512 && tree_attn_amx::available();
+  if (want == "amx") {
+    TORCH_CHECK(has_amx, "EAGLE_KERNELS_CPU_ISA=amx but this CPU (or OS) offers no AMX-BF16 tiles");
+    return EAGLE_TREE_ATTN_KERNELS(avx512, true);
+  }
   if (want == "avx512") {
     TORCH_CHECK(has512, "EAGLE_KERNELS_CPU_ISA=avx512 but this CPU lacks AVX-512");
-    return EAGLE_TREE_ATTN_KERNELS(avx512);
+    return EAGLE_TREE_ATTN_KERNELS(avx512, false);
   }
   if (want == "avx2") {
     TORCH_CHECK(has2, "EAGLE_KERNELS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-    return EAGLE_TREE_ATTN_KERNELS(avx2);
+    return EAGLE_TREE_ATTN_KERNELS(avx2, false);
   }
   if (want.empty() || want == "auto") {
-    if (has512) return EAGLE_TREE_ATTN_KERNELS(avx512);
-    if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2);
+    if (has512) return EAGLE_TREE_ATTN_KERNELS(avx512, has_amx);
+    if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2, false);
   }
 #endif
   TORCH_CHECK(want.empty() || want == "auto" || want == "generic",
-              "EAGLE_KERNELS_CPU_ISA must be avx512, avx2, generic or auto, got ", want);
-  return EAGLE_TREE_ATTN_KERNELS(generic);
+              "EAGLE_KERNELS_CPU_ISA must be amx, avx512, avx2, generic or auto, got ", want);
+  return EAGLE_TREE_ATTN_KERNELS(generic, false);
 }
 
 bool is_float_type(at::ScalarType t) {
@@ -189,13 +200,17 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
 }
 
 // The carve() order of attend_task: q, a converted K/V block, the output accumulator, the row sums and
-// the scores of every key (at most max_keys) of the task's rows.
-int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t elem) {
+// the scores of every key (at most max_keys) of the task's rows; with AMX scores also the packed
+// query tiles and a 16-key block of K (bf16).
+int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t elem, bool amx) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
   const int64_t keys = (max_keys + lanes - 1) / lanes * lanes;
   const int64_t counts[] = {rows * dp, kBlockN * dp, rows * dp, rows, rows * keys};
   int64_t bytes = 0;
   for (int64_t c : counts) bytes += (c * elem + 63) / 64 * 64;
+  if (amx) {
+    for (int64_t c : {tree_attn_amx::packed_q_elems(rows, D), 16 * D}) bytes += (c * 2 + 63) / 64 * 64;
+  }
   return bytes + 64;  // room to align the start
 }
 
@@ -227,6 +242,8 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   P.sm_scale = sm_scale;
 
   const Kernels kernels = select_kernels();
+  P.amx_scores = kernels.amx && q.scalar_type() == at::kBFloat16 && D % tree_attn_amx::kDimsPerTile == 0 &&
+                 P.sk_d == 1;
   RunFn run = nullptr;
   int64_t acc_bytes = 4;
   switch (q.scalar_type()) {
@@ -238,7 +255,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t tasks = B * Hkv * chunks;
-  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, acc_bytes);
+  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, acc_bytes, P.amx_scores);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const std::unique_ptr<char[]> scratch(new char[bytes]);  // not zeroed: every use writes first
     char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));

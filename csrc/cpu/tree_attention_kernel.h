@@ -6,7 +6,8 @@
 //
 // One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
 // row = t * G + g, so each K/V block is read (or converted to the accumulator type A) once and used by
-// the whole GQA group. Scores are dot products over K rows, 4 rows x 4 keys per pass (dot4x4); the
+// the whole GQA group. Scores are dot products over K rows, 4 rows x 4 keys per pass (dot4x4), or for
+// bf16 caches on AMX CPUs tile products (tree_attention_amx.cpp: a per-element sum, so as row-invariant); the
 // softmax is taken over each row's whole set of keys (two passes, no online rescaling) with its sums
 // running key by key in order; P @ V is a register-tiled micro-kernel accumulating key by key. So a
 // row's output depends only on the sequence of keys it sees: not on the rows beside it, nor on where
@@ -234,15 +235,23 @@ inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int6
   }
 }
 
+// Dims in tiles of 4 vectors (64 float32: one pass for a 64-dim head), then 2, then 1; the first tile
+// also sums the row. The tiling changes no result: each output is one FMA chain over the keys in order.
 template <typename A, int RM>
 inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o, A* l) {
   constexpr int64_t L = lanes<A>();
-  if (dp >= 2 * L) {
+  int64_t d0;
+  if (dp >= 4 * L) {
+    pv_tile<A, RM, 4, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
+    d0 = 4 * L;
+  } else if (dp >= 2 * L) {
     pv_tile<A, RM, 2, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
+    d0 = 2 * L;
   } else {
     pv_tile<A, RM, 1, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
+    d0 = L;
   }
-  int64_t d0 = dp >= 2 * L ? 2 * L : L;
+  for (; d0 + 4 * L <= dp; d0 += 4 * L) pv_tile<A, RM, 4, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
   for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
   if (d0 < dp) pv_tile<A, RM, 1, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
 }
@@ -289,6 +298,32 @@ inline A* carve(char*& cursor, int64_t count) {
   return p;
 }
 
+// The task's R query rows (unscaled, bf16) as AMX B tiles: qb[((kd * groups + g) * 16 + i) * 32 + 2n + j]
+// = q[row g * 16 + n, dim kd * 32 + 2i + j]; rows past R are zero.
+template <typename S>
+void pack_q_tiles(const S* q_base, const Problem& P, int64_t r_begin, int64_t R, int64_t kvh, S* qb) {
+  const int64_t groups = (R + 15) / 16, words = P.D / 2;  // a word: the bf16 pair of dims 2w, 2w + 1
+  if (R % 16 != 0) {  // the last group's unused columns
+    __builtin_memset(static_cast<void*>(qb), 0, tree_attn_amx::packed_q_elems(R, P.D) * sizeof(S));
+  }
+  uint32_t* qw = reinterpret_cast<uint32_t*>(qb);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
+    const S* qrow = q_base + t * P.sq_t + h * P.sq_h;
+    uint32_t* col = qw + (r / 16) * 256 + r % 16;  // word (kd, i) of this row: col[(kd * groups * 16 + i) * 16]
+    for (int64_t w = 0; w < words; ++w) {
+      uint32_t pair;
+      if (P.sq_d == 1) {
+        __builtin_memcpy(&pair, qrow + 2 * w, sizeof(pair));
+      } else {
+        const S two[2] = {qrow[2 * w * P.sq_d], qrow[(2 * w + 1) * P.sq_d]};
+        __builtin_memcpy(&pair, two, sizeof(pair));
+      }
+      col[((w / 16) * groups * 16 + w % 16) * 16] = pair;
+    }
+  }
+}
+
 template <typename S, typename A>
 void attend_task(const Problem& P, int64_t task, char* scratch) {
   constexpr int64_t L = lanes<A>();
@@ -325,6 +360,22 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
   const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
 
+  bool scored = false;
+  if constexpr (same_type<S, c10::BFloat16>::value) {
+    if (P.amx_scores) {  // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
+      c10::BFloat16* qb = carve<c10::BFloat16>(cursor, tree_attn_amx::packed_q_elems(R, D));
+      c10::BFloat16* tail = carve<c10::BFloat16>(cursor, 16 * D);
+      pack_q_tiles(q_base, P, r_begin, R, kvh, qb);
+      tree_attn_amx::begin();
+      for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+        tree_attn_amx::score_block(qb, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
+                                   static_cast<float>(P.sm_scale), s + n0, nkp, tail);
+      }
+      tree_attn_amx::end();
+      scored = true;
+    }
+  }
+
   // K/V rows are used in place when they already are contiguous rows of the accumulator type with no
   // ragged tail; otherwise each block is converted into scratch first.
   const bool in_place = same_type<S, A>::value && P.sk_d == 1 && P.sv_d == 1 && D == dp;
@@ -334,7 +385,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   // decoded alone sees them at consecutive positions. Pass 1 stores every score; the softmax takes the
   // max over the whole row (no rescaling at block boundaries) and sums key by key in order; pass 2
   // accumulates P @ V key by key in order. Masked keys contribute exact zeros to both sums.
-  for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+  for (int64_t n0 = 0; n0 < n_keys && !scored; n0 += NB) {
     const int64_t nb = imin(NB, n_keys - n0);
     const S* k_block = k_head + n0 * P.sk_s;
     if (in_place) {

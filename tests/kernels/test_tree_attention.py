@@ -142,6 +142,16 @@ def random_shape(gen: torch.Generator, *, t_choices, d_choices, groups=(1, 2, 4,
     )
 
 
+def _amx_tiles_granted() -> bool:
+    """AMX-BF16 tiles usable by the extension (CPU flags and the OS's permission)."""
+    try:
+        from eagle_kernels import _ext
+
+        return _ext.has_op("amx_linear_bf16") and bool(torch.ops.eagle_C.amx_bf16_available())
+    except Exception:  # no extension: the cpp tests skip anyway
+        return False
+
+
 def isa_params():
     """CPU instruction-set variants of the C++ kernel runnable on this machine."""
     try:
@@ -149,8 +159,9 @@ def isa_params():
     except OSError:
         flags = []
     have = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags), "avx2": "avx2" in flags}
+    have["amx"] = have["avx512"] and _amx_tiles_granted()
     params = []
-    for isa in ("avx512", "avx2", "generic"):
+    for isa in ("amx", "avx512", "avx2", "generic"):
         ok = have.get(isa, True)
         params.append(pytest.param(isa, marks=() if ok else pytest.mark.skip(reason=f"CPU lacks {isa}")))
     return params
@@ -244,6 +255,23 @@ def test_cpp_matches_reference_fuzzed(isa, dtype, monkeypatch):
         want = oracle(case)
         got = run_with_backend("cpp", tree_attention, *case.args())
         assert_matches(got, case, want, f"cpp/{isa} seed={seed} shape={(B, T, Hq, Hkv, D)} mask={fmt}")
+
+
+@pytest.mark.parametrize("D", [32, 96, 128, 256])
+def test_cpp_amx_scores_match_reference(D, monkeypatch):
+    """The AMX score path (bf16, head dims a multiple of 32): 1-4 B tiles of query rows (up to 64
+    rows per task, ragged last group), 1-8 dim tiles, ragged last key block ending exactly at the
+    cache's end (its rows past the block must not be read: the tail is NaN and lies outside S_max)."""
+    _require("cpp", torch.device("cpu"))
+    if "amx" not in [p.values[0] for p in isa_params() if not p.marks]:
+        pytest.skip("CPU (or OS) offers no AMX-BF16 tiles")
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "amx")
+    for seed, (B, T, Hq, Hkv) in enumerate([(1, 1, 2, 1), (2, 17, 4, 2), (3, 40, 8, 1), (1, 16, 8, 2)]):
+        fmt = MASK_FORMATS[seed % 4]
+        case = make_case(B, T, Hq, Hkv, D, fmt, seed, prefix_max=(5, 77, 150, 30)[seed], spare=0)
+        case = case.to(torch.bfloat16)
+        got = run_with_backend("cpp", tree_attention, *case.args())
+        assert_matches(got, case, oracle(case), f"amx D={D} shape={(B, T, Hq, Hkv)} mask={fmt}")
 
 
 def test_cpp_strided_inputs():
