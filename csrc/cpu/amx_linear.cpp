@@ -147,6 +147,8 @@ EAGLE_AMX_TARGET void multiply_block(const c10::BFloat16* a, int64_t lda_bytes, 
       _tile_stored(0, acc + q * kTileN, kGroup * kTileN * sizeof(float));
     }
   }
+  // GCC's tile intrinsics are asm without memory operands: the reads of acc must follow the stores.
+  __asm__ volatile("" ::: "memory");
   store_rows(acc, m, blocks, bias == nullptr ? nullptr : bias + nb0 * kTileN, out + nb0 * kTileN, ldo);
 }
 

@@ -49,17 +49,6 @@ struct Problem {
   bool amx_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores on AMX tiles
 };
 
-template <typename A>
-struct VecOf;
-template <>
-struct VecOf<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct VecOf<double> {
-  typedef double type __attribute__((vector_size(64)));
-};
-
 // Vectors are passed only between functions of one instruction set, so the ABI note is moot.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -71,23 +60,32 @@ using RunFn = void (*)(const Problem&, int64_t, int64_t, char*);
 #endif
 
 #ifdef EAGLE_TREE_ATTN_X86_VARIANTS
+// Each variant's vectors are one register wide: 64-byte vectors on AVX2 or SSE2 are split into 2-4
+// registers by the compiler, and the register tiles then spill (the avx2 and generic variants ran ~10x
+// slower than avx512 on the same CPU, not ~2-4x).
 namespace avx512 {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#define EAGLE_TA_VEC_BYTES 64
 #include "tree_attention_kernel.h"
+#undef EAGLE_TA_VEC_BYTES
 #pragma GCC pop_options
 }  // namespace avx512
 
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define EAGLE_TA_VEC_BYTES 32
 #include "tree_attention_kernel.h"
+#undef EAGLE_TA_VEC_BYTES
 #pragma GCC pop_options
 }  // namespace avx2
 #endif
 
 namespace generic {
+#define EAGLE_TA_VEC_BYTES 16
 #include "tree_attention_kernel.h"
+#undef EAGLE_TA_VEC_BYTES
 }  // namespace generic
 
 struct Kernels {
@@ -106,9 +104,10 @@ Kernels select_kernels() {
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool has_amx = has512 && tree_attn_amx::available();
+  // Asked only when AMX may run: the first ask requests the tile state from the OS (arch_prctl).
+  const auto has_amx = [&] { return has512 && tree_attn_amx::available(); };
   if (want == "amx") {
-    TORCH_CHECK(has_amx, "EAGLE_KERNELS_CPU_ISA=amx but this CPU (or OS) offers no AMX-BF16 tiles");
+    TORCH_CHECK(has_amx(), "EAGLE_KERNELS_CPU_ISA=amx but this CPU (or OS) offers no AMX-BF16 tiles");
     return EAGLE_TREE_ATTN_KERNELS(avx512, true);
   }
   if (want == "avx512") {
@@ -120,7 +119,7 @@ Kernels select_kernels() {
     return EAGLE_TREE_ATTN_KERNELS(avx2, false);
   }
   if (want.empty() || want == "auto") {
-    if (has512) return EAGLE_TREE_ATTN_KERNELS(avx512, has_amx);
+    if (has512) return EAGLE_TREE_ATTN_KERNELS(avx512, has_amx());
     if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2, false);
   }
 #endif

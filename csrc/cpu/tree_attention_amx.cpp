@@ -80,6 +80,7 @@ EAGLE_TA_AMX_TARGET void score_block(const c10::BFloat16* qb, int64_t R, int64_t
   const __m512i key_offsets = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
   const __m512 vscale = _mm512_set1_ps(scale);
+  __asm__ volatile("" ::: "memory");  // qb (and the caller's stores) are complete before the tile loads
   for (int64_t j0 = 0; j0 < nb; j0 += 16) {
     const int64_t m = nb - j0 < 16 ? nb - j0 : 16;
     const c10::BFloat16* kb = k + j0 * k_stride;
@@ -88,6 +89,8 @@ EAGLE_TA_AMX_TARGET void score_block(const c10::BFloat16* qb, int64_t R, int64_t
       for (int64_t jj = 0; jj < m; ++jj) std::memcpy(tail + jj * D, kb + jj * k_stride, D * sizeof(c10::BFloat16));
       std::memset(static_cast<void*>(tail + m * D), 0, (16 - m) * D * sizeof(c10::BFloat16));
       kb = tail, stride = D * static_cast<int64_t>(sizeof(c10::BFloat16));
+      // GCC's tile-load intrinsics are asm without a memory operand: keep the copy before them.
+      __asm__ volatile("" ::: "memory");
     }
     _tile_zero(0);
     if (groups > 1) _tile_zero(1);
@@ -105,6 +108,7 @@ EAGLE_TA_AMX_TARGET void score_block(const c10::BFloat16* qb, int64_t R, int64_t
     if (groups > 1) _tile_stored(1, c + 256, kTileBytes);
     if (groups > 2) _tile_stored(2, c + 512, kTileBytes);
     if (groups > 3) _tile_stored(3, c + 768, kTileBytes);
+    __asm__ volatile("" ::: "memory");  // the gathers below read what the tile stores wrote
     const __mmask16 keys = static_cast<__mmask16>((1u << m) - 1u);
     for (int64_t r = 0; r < R; ++r) {  // c[g][key][n] -> s[g * 16 + n, j0 + key]
       const __m512i idx = _mm512_add_epi32(key_offsets, _mm512_set1_epi32(static_cast<int>(r % 16)));

@@ -2,7 +2,8 @@
 // a namespace and a `#pragma GCC target(...)` region, so every function here is compiled for that
 // instruction set. It includes nothing and uses no std:: templates (their out-of-line instantiations
 // would be shared between the regions and could end up compiled for the wrong instruction set); the
-// including file provides Problem, VecOf and the scratch memory.
+// including file provides Problem, the scratch memory and EAGLE_TA_VEC_BYTES (64, 32 or 16: one
+// register of the instruction set).
 //
 // One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
 // row = t * G + g, so each K/V block is read (or converted to the accumulator type A) once and used by
@@ -12,15 +13,26 @@
 // running key by key in order; P @ V is a register-tiled micro-kernel accumulating key by key. So a
 // row's output depends only on the sequence of keys it sees: not on the rows beside it, nor on where
 // its keys sit in the cache (a tree token and the same token decoded after its path agree bit for bit).
-// GCC vector extensions, 64-byte vectors.
+// GCC vector extensions, EAGLE_TA_VEC_BYTES-byte vectors. The sums' order (and so the bits) differs
+// between the variants; within one variant every row is computed the same way whatever its block.
 
 template <typename A>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(EAGLE_TA_VEC_BYTES)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(EAGLE_TA_VEC_BYTES)));
+};
+template <typename A>
 using Vec = typename VecOf<A>::type;
-using VecI32 = int32_t __attribute__((vector_size(64)));
+using VecI32 = int32_t __attribute__((vector_size(EAGLE_TA_VEC_BYTES)));
 
 template <typename A>
 constexpr int64_t lanes() {
-  return 64 / sizeof(A);
+  return EAGLE_TA_VEC_BYTES / sizeof(A);
 }
 
 template <typename A>
@@ -50,7 +62,7 @@ inline A imax(A a, A b) {
   return a > b ? a : b;
 }
 
-// exp for 16 floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial for
+// exp for a vector of floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial for
 // e^r (Cephes' coefficients, ~1 ulp). Inputs below -87 (including -inf of masked scores) give exactly 0.
 inline Vec<float> vexp(const Vec<float>& in) {
   Vec<float> x = in;
@@ -87,19 +99,32 @@ inline A hmax(const Vec<A>& v) {
   return m;
 }
 
+// Halves added until 4 lanes are left, then (b0 + b2) + (b1 + b3).
 inline float hsum(const Vec<float>& v) {
-  typedef float V8 __attribute__((vector_size(32)));
   typedef float V4 __attribute__((vector_size(16)));
+#if EAGLE_TA_VEC_BYTES == 64
+  typedef float V8 __attribute__((vector_size(32)));
   const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+#elif EAGLE_TA_VEC_BYTES == 32
+  const V4 b = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  const V4 b = v;
+#endif
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 inline double hsum(const Vec<double>& v) {
+#if EAGLE_TA_VEC_BYTES == 64
   typedef double V4 __attribute__((vector_size(32)));
   const V4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
   return (a[0] + a[2]) + (a[1] + a[3]);
+#elif EAGLE_TA_VEC_BYTES == 32
+  return (v[0] + v[2]) + (v[1] + v[3]);
+#else
+  return v[0] + v[1];
+#endif
 }
 
 template <typename X, typename Y>
@@ -141,6 +166,7 @@ inline void dot_rows(const A* q, int64_t dp, const A* k, int64_t k_stride, int64
   }
 }
 
+#if EAGLE_TA_VEC_BYTES == 64  // 16 float lanes
 // Sixteen reductions in one vector: out[i] = hsum(x[i]), each summed in exactly hsum's order (halves,
 // then quarters, then (b0 + b2) + (b1 + b3)), with 30 two-source shuffles instead of 16 reductions
 // (a scalar hsum per score made the 4-row dot kernel bound by its shuffles and scalar adds).
@@ -177,6 +203,7 @@ inline void dot4x4(const float* q, int64_t dp, const float* k, int64_t k_stride,
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) s[r * nbp + c] = out[r * 4 + c];
 }
+#endif
 
 // s[R, :nb] = q[R, dp] @ k[:nb, dp]^T with k row-major. Every score is the same lane-wise FMA chain
 // and hsum whatever R, nb and the task's row chunk are, so a query row's attention does not depend on
@@ -186,6 +213,7 @@ template <typename A>
 void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, int64_t R,
                     A* s) {
   int64_t r0 = 0;  // rows below r0: 4 x 4 blocks (float), then the last nb % 4 keys; rows from r0: all keys
+#if EAGLE_TA_VEC_BYTES == 64
   if constexpr (same_type<A, float>::value) {
     r0 = R / 4 * 4;
     const int64_t j0 = nb / 4 * 4;
@@ -194,6 +222,7 @@ void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_
       if (j0 < nb) dot_rows<A, 4>(q + r * dp, dp, k + j0 * k_stride, k_stride, nb - j0, nbp, s + r * nbp + j0);
     }
   }
+#endif
   for (int64_t r = r0; r < R; r += 4) {
     const A* qr = q + r * dp;
     A* sr = s + r * nbp;
@@ -235,13 +264,15 @@ inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int6
   }
 }
 
-// Dims in tiles of 4 vectors (64 float32: one pass for a 64-dim head), then 2, then 1; the first tile
-// also sums the row. The tiling changes no result: each output is one FMA chain over the keys in order.
+// Dims in tiles of 4 vectors (AVX-512: 64 float32, one pass for a 64-dim head; 4 x 4 accumulators need
+// the 32 zmm registers, so 2 at most with 16 registers), then 2, then 1; the first tile also sums the
+// row. The tiling changes no result: each output is one FMA chain over the keys in order.
 template <typename A, int RM>
 inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o, A* l) {
   constexpr int64_t L = lanes<A>();
+  constexpr bool wide_tiles = EAGLE_TA_VEC_BYTES == 64;
   int64_t d0;
-  if (dp >= 4 * L) {
+  if (wide_tiles && dp >= 4 * L) {
     pv_tile<A, RM, 4, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
     d0 = 4 * L;
   } else if (dp >= 2 * L) {
@@ -251,7 +282,9 @@ inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int6
     pv_tile<A, RM, 1, true>(p, nbp, vb, v_stride, dp, nb, o, 0, l);
     d0 = L;
   }
-  for (; d0 + 4 * L <= dp; d0 += 4 * L) pv_tile<A, RM, 4, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
+  if constexpr (wide_tiles) {
+    for (; d0 + 4 * L <= dp; d0 += 4 * L) pv_tile<A, RM, 4, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
+  }
   for (; d0 + 2 * L <= dp; d0 += 2 * L) pv_tile<A, RM, 2, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
   if (d0 < dp) pv_tile<A, RM, 1, false>(p, nbp, vb, v_stride, dp, nb, o, d0, l);
 }
