@@ -8,6 +8,28 @@ import os
 import platform
 import sys
 
+_ATTENTION_VARIANTS = {
+    "amx": "AVX-512, with the scores of bfloat16 caches on AMX tiles",
+    "avx512": "AVX-512",
+    "avx2": "AVX2 (no AVX-512 on this CPU, or EAGLE_KERNELS_CPU_ISA=avx2)",
+    "generic": "x86-64 baseline / portable C++ (no AVX2, or EAGLE_KERNELS_CPU_ISA=generic)",
+}
+
+
+def _cpu_attention_line() -> str:
+    """Which variant of the C++ tree_attention kernel runs on this CPU, in words."""
+    import torch
+
+    from eagle_kernels import _ext
+
+    if not (_ext.STATUS.loaded and hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")):
+        return "PyTorch (no compiled extension)"
+    try:
+        variant = torch.ops.eagle_C.tree_attention_cpu_variant()
+    except RuntimeError as err:  # e.g. an EAGLE_KERNELS_CPU_ISA this CPU cannot run
+        return f"unavailable: {err}".splitlines()[0]
+    return f"C++ tree_attention, {_ATTENTION_VARIANTS.get(variant, variant)} (csrc/cpu/tree_attention*.cpp)"
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
@@ -35,6 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "cpu_amx_bf16": cpu_has_amx_bf16(),
         "cpu_amx_linear": amx_linear_available(),
         "cpu_draft_loop": cpu_draft_loop_status(),
+        "cpu_attention": _cpu_attention_line(),
         "cpu_f32_linear_max_rows": skinny_max_rows(),
         "kernels": eagle_kernels.backend_info(),
     }
@@ -46,6 +69,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     amx_linear = info.pop("cpu_amx_linear")
     draft_loop = info.pop("cpu_draft_loop")
     skinny = info.pop("cpu_f32_linear_max_rows")
+    attention = info.pop("cpu_attention")
     for key, value in info.items():
         print(f"{key:>16}: {value}")
     if packed["bfloat16"] and amx_linear:
@@ -69,6 +93,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     else:
         f32 = "F.linear (no AVX-512 kernel: no extension, no AVX-512, or EAGLE_CPU_SKINNY_LINEAR=0)"
     print(f"{'CPU fp32 linear':>16}: {f32}")
+    print(f"{'CPU attention':>16}: {attention}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")
     print(f"{'triton':>16}: {'installed' if k['triton'] else 'not installed'}")

@@ -263,6 +263,13 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   return out;
 }
 
+// The variant tree_attention runs on this CPU now (EAGLE_KERNELS_CPU_ISA included): "amx" (avx512 with
+// bf16 scores on AMX tiles), "avx512", "avx2" or "generic".
+std::string cpu_variant() {
+  const Kernels kernels = select_kernels();
+  return kernels.amx ? "amx" : kernels.isa;
+}
+
 }  // namespace tree_attn
 }  // namespace eagle
 
@@ -270,6 +277,7 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? tree_mask, "
       "float sm_scale) -> Tensor");
+  m.def("tree_attention_cpu_variant() -> str", &eagle::tree_attn::cpu_variant);
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("tree_attention", &eagle::tree_attn::tree_attention_cpu); }

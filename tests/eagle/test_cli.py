@@ -25,6 +25,21 @@ def test_info_text_names_the_draft_loop(capsys, monkeypatch):
     assert "CPU draft loop: Python (the C++ loop is switched off" in capsys.readouterr().out
 
 
+def test_info_text_names_the_attention_variant(capsys, monkeypatch):
+    from eagle_kernels import _ext
+
+    if not _ext.STATUS.loaded:
+        assert main(["info"]) == 0
+        assert "CPU attention: PyTorch (no compiled extension)" in capsys.readouterr().out
+        return
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "generic")
+    assert main(["info"]) == 0
+    assert "CPU attention: C++ tree_attention, x86-64 baseline" in capsys.readouterr().out
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "sse9")
+    assert main(["info"]) == 0
+    assert "CPU attention: unavailable: EAGLE_KERNELS_CPU_ISA must be amx, avx512" in capsys.readouterr().out
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "info" in capsys.readouterr().out
