@@ -200,12 +200,19 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
   const at::Tensor qkv =
       project(x, *slot(weights, layer, kQkvWeight), slot(weights, layer, kQkvBias)).contiguous().view(
           {B, T, Hq + 2 * Hkv, D});
-  at::Tensor q_src = qkv.narrow(2, 0, Hq), k_src = qkv.narrow(2, Hq, Hkv);
-  const at::Tensor v_src = qkv.narrow(2, Hq + Hkv, Hkv);
+  // q, k and v rows are heads [0, Hq), [Hq, Hq + Hkv) and [Hq + Hkv, Hq + 2 Hkv) of qkv: addressed
+  // directly (narrowed views cost ATen calls that matter at decode sizes), normed copies for Qwen3.
+  const char* base = static_cast<const char*>(qkv.const_data_ptr());
+  const int64_t head_bytes = qkv.stride(2) * static_cast<int64_t>(qkv.element_size());
+  Rows4 qr{base, qkv.stride(0), qkv.stride(1), qkv.stride(2)};
+  Rows4 kr{base + Hq * head_bytes, qkv.stride(0), qkv.stride(1), qkv.stride(2)};
+  const Rows4 vr{base + (Hq + Hkv) * head_bytes, qkv.stride(0), qkv.stride(1), qkv.stride(2)};
+  at::Tensor q_normed, k_normed;  // keep the normed rows alive until the rotation has read them
   const OptTensor q_norm = slot(weights, layer, kQNorm);
   if (q_norm.has_value()) {  // Qwen3: per-head RMSNorm of q and k before the rotation
-    q_src = rms_norm(q_src, *q_norm, blk.eps);
-    k_src = rms_norm(k_src, *slot(weights, layer, kKNorm), blk.eps);
+    q_normed = rms_norm(qkv.narrow(2, 0, Hq), *q_norm, blk.eps);
+    k_normed = rms_norm(qkv.narrow(2, Hq, Hkv), *slot(weights, layer, kKNorm), blk.eps);
+    qr = rows_of(q_normed), kr = rows_of(k_normed);
   }
   const at::Tensor kv_layer = blk.kv.select(0, layer);  // [2, B, Hkv, S_max, D], contiguous
   const at::Tensor k_cache = kv_layer.select(0, 0), v_cache = kv_layer.select(0, 1);
@@ -213,7 +220,6 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
   // in the Python module.
   const at::Tensor q = blk.past ? at::zeros({B, blk.past + T, Hq, D}, qkv.options())
                                 : at::empty({B, T, Hq, D}, qkv.options());
-  const Rows4 qr = rows_of(q_src), kr = rows_of(k_src), vr = rows_of(v_src);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "llama_layers_rope", [&] {
     rope_and_write_cache<scalar_t>(qr, kr, vr, blk, B, T, q.mutable_data_ptr<scalar_t>(),
                                    k_cache.mutable_data_ptr<scalar_t>(), v_cache.mutable_data_ptr<scalar_t>(),
@@ -233,14 +239,13 @@ at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t
   const int64_t inter = out_features / 2;
   const at::Tensor gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).contiguous();
   at::Tensor act = at::silu(gate_up.narrow(-1, 0, inter));  // ATen's silu (its exp), a fresh tensor
-  const at::Tensor up = gate_up.narrow(-1, inter, inter);
-  if (act.is_contiguous()) {
+  if (act.is_contiguous()) {  // up = gate_up[..., inter:], rows 2 * inter apart
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "llama_layers_mul", [&] {
-      multiply_into(act.mutable_data_ptr<scalar_t>(), up.const_data_ptr<scalar_t>(), act.numel() / inter, inter,
-                    2 * inter);
+      multiply_into(act.mutable_data_ptr<scalar_t>(), gate_up.const_data_ptr<scalar_t>() + inter,
+                    act.numel() / inter, inter, 2 * inter);
     });
   } else {
-    act = act * up;
+    act = act * gate_up.narrow(-1, inter, inter);
   }
   return project(act, *slot(weights, layer, kDownWeight), slot(weights, layer, kDownBias));
 }
