@@ -8,7 +8,7 @@
 // One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
 // row = t * G + g, so each K/V block is read (or converted to the accumulator type A) once and used by
 // the whole GQA group. Scores are dot products over K rows, 4 rows x 4 keys per pass (dot4x4), or for
-// bf16 caches on AMX CPUs tile products (tree_attention_amx.cpp: a per-element sum, so as row-invariant); the
+// bf16 caches on AMX CPUs tile products (tree_attention_amx.cpp; each score its own sum, rows independent); the
 // softmax is taken over each row's whole set of keys (two passes, no online rescaling) with its sums
 // running key by key in order; P @ V is a register-tiled micro-kernel accumulating key by key. So a
 // row's output depends only on the sequence of keys it sees: not on the rows beside it, nor on where
