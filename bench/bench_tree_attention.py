@@ -111,6 +111,50 @@ def test_tree_attention(benchmark, bench_device, shape, backend):
             record_kernel_time(benchmark, call, moved, bench_device)
 
 
+def _cpu_variant_runs(variant: str) -> bool:
+    """Whether the C++ kernel's instruction-set variant can run here (EAGLE_KERNELS_CPU_ISA)."""
+    import os
+
+    from eagle_kernels import _ext
+
+    if not _ext.has_op("tree_attention"):
+        return False
+    old = os.environ.get("EAGLE_KERNELS_CPU_ISA")
+    os.environ["EAGLE_KERNELS_CPU_ISA"] = variant
+    try:
+        return torch.ops.eagle_C.tree_attention_cpu_variant() == variant
+    except RuntimeError:
+        return False
+    finally:
+        if old is None:
+            del os.environ["EAGLE_KERNELS_CPU_ISA"]
+        else:
+            os.environ["EAGLE_KERNELS_CPU_ISA"] = old
+
+
+CPU_VARIANT_SHAPES = ["decode-B1", "tiny-tree12-B1", "tree60-B1"]
+
+
+@pytest.mark.parametrize("shape", CPU_VARIANT_SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["amx", "avx512", "avx2", "generic"])
+def test_tree_attention_cpu_variants(benchmark, bench_device, monkeypatch, shape, dtype, variant):
+    """The C++ kernel's instruction-set variants side by side in one process (same build, same
+    inputs): ``amx`` is ``avx512`` with the scores of bfloat16 caches on AMX tiles.
+
+        pytest bench/bench_tree_attention.py -k cpu_variants --benchmark-only --benchmark-group-by=param:shape,param:dtype
+    """
+    if bench_device.type != "cpu":
+        pytest.skip("the C++ variants are CPU kernels")
+    if not _cpu_variant_runs(variant):
+        pytest.skip(f"variant {variant} cannot run on this CPU (or no extension)")
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", variant)
+    q, k, v, seqlens, mask = make_inputs(CPU_SHAPES[shape], bench_device, getattr(torch, dtype))
+    call = lambda: torch.ops.eagle_C.tree_attention(q, k, v, seqlens, mask, q.shape[-1] ** -0.5)
+    benchmark(call)
+    record_bandwidth(benchmark, bytes_moved(CPU_SHAPES[shape], getattr(torch, dtype)), bench_device)
+
+
 def record_kernel_time(benchmark, call: Callable[[], object], moved: float, device: torch.device) -> None:
     """Put the GPU-only time (``kernel_us``) and its fraction of the HBM roofline into extra_info; a
     call that cannot be captured in a CUDA graph is reported there instead of failing the benchmark."""
