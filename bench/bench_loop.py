@@ -5,6 +5,8 @@ and tokens/s against plain decoding on the same runtime, alternating runs in one
     python bench/bench_loop.py --target DIR --draft DIR --batch 1 4 --temperature 0 1
     python bench/bench_loop.py --random                         # a random 12x256 stand-in pair
     python bench/bench_loop.py --random 7b --device cuda        # random Llama-2-7B-shaped pair (step timings)
+    python bench/bench_loop.py --trees 3/4/12 5/4/20 --batch 1 --temperature 0 --prompt-sets 4 \
+        --prompt-tokens 200 --new-tokens 128 --name loop_trees   # fixed trees over 4 held-out prompts
 
 With a random stand-in tau is meaningless (an untrained head); the time split is still the loop's.
 Writes bench/results/loop_<name>[_<GPU>][_<dtype>].json (dtype named when not the device default).
@@ -87,31 +89,45 @@ def measure(
     new_tokens: int,
     repeats: int,
     cuda_graph: bool = False,
+    prompt_sets: int = 1,
+    prompt_tokens: int = 100,
 ) -> dict:
-    prompts = prompts_for(model, batch, 100)
+    """EAGLE with ``tree`` and plain decoding, alternating, over ``prompt_sets`` batches of ``batch``
+    held-out prompts of ``prompt_tokens`` tokens (run one batch after the other); best of ``repeats``."""
+    every = prompts_for(model, batch * prompt_sets, prompt_tokens)
+    groups = [every[i * batch : (i + 1) * batch] for i in range(prompt_sets)]
     sampling = SamplingParams(temperature=temperature)
     decoder = SpeculativeDecoder(model.target, model.head, model._tree(tree, batch), cuda_graph=cuda_graph)
-    list(decoder.run(prompts, 8, sampling, seed=0))  # warm-up
+    list(decoder.run(groups[0], 8, sampling, seed=0))  # warm-up
     eagle_s, plain_s, taus, split = [], [], [], None
     for r in range(repeats):  # alternate the two so load changes hit both
-        t0 = time.perf_counter()
-        emitted = sum(
-            len(t) for e in decoder.run(prompts, new_tokens, sampling, seed=r, profile=True) for t in e.tokens
-        )
-        eagle_s.append(time.perf_counter() - t0)
-        lengths = [n for row in decoder.accept_lengths().values() for n in row]
+        emitted, elapsed, lengths, phase_s, rounds = 0, 0.0, [], {}, 0
+        for prompts in groups:
+            t0 = time.perf_counter()
+            emitted += sum(
+                len(t) for e in decoder.run(prompts, new_tokens, sampling, seed=r, profile=True) for t in e.tokens
+            )
+            elapsed += time.perf_counter() - t0
+            lengths += [n for row in decoder.accept_lengths().values() for n in row]
+            times = decoder.times
+            rounds += times.rounds
+            for k, v in times.as_dict().items():
+                phase_s[k] = phase_s.get(k, 0.0) + v
+        eagle_s.append(elapsed)
         taus.append(sum(lengths) / max(len(lengths), 1))
-        times = decoder.times
-        split = {k: v / max(times.rounds, 1) * 1e3 for k, v in times.as_dict().items()}
+        split = {k: v / max(rounds, 1) * 1e3 for k, v in phase_s.items()}
         t0 = time.perf_counter()
-        generate_plain(model.target, prompts, new_tokens, temperature=temperature, cuda_graph=cuda_graph)
+        for prompts in groups:
+            generate_plain(model.target, prompts, new_tokens, temperature=temperature, cuda_graph=cuda_graph)
         plain_s.append(time.perf_counter() - t0)
     eagle_best, plain_best = min(eagle_s), min(plain_s)
-    total_tokens = batch * new_tokens
+    total_tokens = batch * new_tokens * prompt_sets
     step = sum(split.values())
     return {
         "tree": tree_label(decoder.tree),
         "batch": batch,
+        "prompt_sets": prompt_sets,
+        "prompt_tokens": prompt_tokens,
         "temperature": temperature,
         "cuda_graph": cuda_graph,
         "tau": sum(taus) / len(taus),
@@ -149,6 +165,15 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
+        "--prompt-sets",
+        type=int,
+        default=1,
+        help="batches of held-out prompts run one after the other per timing (default 1)",
+    )
+    p.add_argument("--prompt-tokens", type=int, default=100, help="tokens of each prompt (default 100)")
+    p.add_argument("--name", default=None, help="output file stem (default loop_<target>[_<GPU>][_<dtype>])")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument(
         "--cuda-graph",
         action="store_true",
         help="CUDA: replay EAGLE rounds and plain decoding steps from CUDA graphs (both sides)",
@@ -174,7 +199,17 @@ def main(argv=None) -> int:
         tree = TreeConfig.parse(tree) if "/" in tree else tree
         for batch in args.batch:
             for temperature in args.temperature:
-                r = measure(model, tree, batch, temperature, args.new_tokens, args.repeats, args.cuda_graph)
+                r = measure(
+                    model,
+                    tree,
+                    batch,
+                    temperature,
+                    args.new_tokens,
+                    args.repeats,
+                    args.cuda_graph,
+                    prompt_sets=args.prompt_sets,
+                    prompt_tokens=args.prompt_tokens,
+                )
                 rows.append(r)
                 split = " ".join(f"{k}={v:.1f}" for k, v in r["round_ms"].items())
                 print(
@@ -183,8 +218,10 @@ def main(argv=None) -> int:
                 )
     if args.cuda_graph:
         name += "_cudagraph"
-    path = save_json(f"loop_{name}.json", {"threads": torch.get_num_threads(), "results": rows})
-    print(f"wrote {path}")
+    if not args.no_save:
+        stem = args.name or f"loop_{name}"
+        path = save_json(f"{stem}.json", {"threads": torch.get_num_threads(), "results": rows})
+        print(f"wrote {path}")
     return 0
 
 

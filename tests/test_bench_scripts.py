@@ -76,3 +76,13 @@ def test_ab_builds_times_two_builds_from_copies_of_the_package():
     )
     assert re.search(r"tree_attention tiny-tree12-B1 bfloat16 +[\d.]+ +[\d.]+ +[\d.]+", out), out
     assert re.search(r"tiny-code target forward T=12 float32 +[\d.]+ +[\d.]+ +[\d.]+", out), out
+
+
+def test_bench_loop_times_fixed_trees_over_several_prompt_sets():
+    out = _run(
+        "bench_loop.py", "--trees", "2/2/4", "chain", "--batch", "1", "--temperature", "0", "--new-tokens", "8",
+        "--repeats", "1", "--prompt-sets", "2", "--prompt-tokens", "40", "--threads", "1", "--no-save",
+    )  # fmt: skip
+    assert re.search(r"dynamic\(depth=2,topk=2,n=4\) +1 +0\.0 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+", out), out
+    assert re.search(r"chain\(\d+\) +1 +0\.0 ", out), out
+    assert "wrote" not in out, out
