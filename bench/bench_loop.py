@@ -105,7 +105,9 @@ def measure(
         for prompts in groups:
             t0 = time.perf_counter()
             emitted += sum(
-                len(t) for e in decoder.run(prompts, new_tokens, sampling, seed=r, profile=True) for t in e.tokens
+                len(t)
+                for e in decoder.run(prompts, new_tokens, sampling, seed=r, profile=True)
+                for t in e.tokens
             )
             elapsed += time.perf_counter() - t0
             lengths += [n for row in decoder.accept_lengths().values() for n in row]
