@@ -65,28 +65,13 @@ bool cpu_and_os_support() {
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 #define EAGLE_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
 // Tiles for a block of m <= 16 rows: C tmm0-3 [m x 16 fp32], A tmm4 [m x 32 bf16], B tmm5-7 [16 x 32 bf16].
-EAGLE_AMX_TARGET void configure_tiles(int m) {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = t < 5 ? static_cast<uint8_t>(m) : kTileRows;
-  }
-  // Not _tile_loadconfig: GCC 12's version tells the compiler it reads 8 bytes, so the stores to the
-  // rest of cfg may be dropped (and the tiles stay unconfigured: SIGILL at the first tile op).
-  __asm__ volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
+void configure_tiles(int m) {
+  const uint8_t r = static_cast<uint8_t>(m);
+  const uint8_t rows[8] = {r, r, r, r, r, kTileRows, kTileRows, kTileRows};
+  load_tile_config(rows);
 }
 
 // acc [m x 64] fp32 (+ bias) -> out rows (bf16, row stride ldo), `blocks` column blocks of 16.
@@ -182,6 +167,30 @@ void run(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* tile
 
 }  // namespace
 #endif  // EAGLE_AMX_BUILD
+
+void load_tile_config(const uint8_t (&rows)[8]) {
+#if EAGLE_AMX_BUILD
+  struct alignas(64) TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = rows[t] ? 64 : 0;
+    cfg.rows[t] = rows[t];
+  }
+  // Not _tile_loadconfig: GCC 12's version tells the compiler it reads 8 bytes, so the stores to the
+  // rest of cfg may be dropped (and the tiles stay unconfigured: SIGILL at the first tile op).
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg) : "memory");
+#else
+  (void)rows;
+  TORCH_CHECK(false, "AMX tiles are not built on this platform");
+#endif
+}
 
 bool bf16_available() {
 #if EAGLE_AMX_BUILD

@@ -12,6 +12,10 @@ namespace amx {
 // state (Linux arch_prctl). Checked once.
 bool bf16_available();
 
+// Palette 1 for this thread's tiles tmm0-7: tile t holds rows[t] rows of 64 bytes (0: unused). Only
+// where bf16_available() is true (elsewhere it throws).
+void load_tile_config(const uint8_t (&rows)[8]);
+
 // True for a weight in the tiled layout made by eagle/models/cpu_packed.py: bf16 [N/16, K/32, 16, 32].
 bool is_tiled_weight(const at::Tensor& w);
 

@@ -39,28 +39,14 @@ namespace {
 constexpr int kTileBytes = 64;  // bytes per tile row
 constexpr int kTileElems = 16 * 32;  // bf16 elements of an A or B tile
 
-struct alignas(64) TileConfig {
-  uint8_t palette_id;
-  uint8_t start_row;
-  uint8_t reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 }  // namespace
 
 #define EAGLE_TA_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl")))
 
 // C tmm0-3 [16 keys x 16 rows fp32], A tmm4 [16 keys x 32 dims bf16], B tmm5 [16 dim pairs x 16 rows x 2].
-EAGLE_TA_AMX_TARGET void begin() {
-  TileConfig cfg;
-  std::memset(&cfg, 0, sizeof(cfg));
-  cfg.palette_id = 1;
-  for (int t = 0; t < 6; ++t) {
-    cfg.colsb[t] = kTileBytes;
-    cfg.rows[t] = 16;
-  }
-  __asm__ volatile("ldtilecfg %0" : : "m"(cfg) : "memory");  // see amx_linear.cpp: not _tile_loadconfig
+void begin() {
+  const uint8_t rows[8] = {16, 16, 16, 16, 16, 16, 0, 0};
+  amx::load_tile_config(rows);
 }
 
 EAGLE_TA_AMX_TARGET void end() { _tile_release(); }
