@@ -378,13 +378,18 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   A* l = carve<A>(cursor, R);
   A* s = carve<A>(cursor, R * nkp);  // every score of the task's rows (sized by the longest row)
 
+  bool amx_scores = false;  // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
+  if constexpr (same_type<S, c10::BFloat16>::value) amx_scores = P.amx_scores;
+
   const S* q_base = static_cast<const S*>(P.q) + b * P.sq_b;
   const A scale = static_cast<A>(P.sm_scale);
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
-    const S* qrow = q_base + t * P.sq_t + h * P.sq_h;
-    for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
-    for (int64_t d = D; d < dp; ++d) q[r * dp + d] = A(0);
+    if (!amx_scores) {  // scaled q rows in the accumulator type, for the dot products
+      const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
+      const S* qrow = q_base + t * P.sq_t + h * P.sq_h;
+      for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
+      for (int64_t d = D; d < dp; ++d) q[r * dp + d] = A(0);
+    }
     for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
     l[r] = A(0);
   }
@@ -392,22 +397,6 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const S* k_head = static_cast<const S*>(P.k) + b * P.sk_b + kvh * P.sk_h;
   const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
   const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
-
-  bool scored = false;
-  if constexpr (same_type<S, c10::BFloat16>::value) {
-    if (P.amx_scores) {  // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
-      c10::BFloat16* qb = carve<c10::BFloat16>(cursor, tree_attn_amx::packed_q_elems(R, D));
-      c10::BFloat16* tail = carve<c10::BFloat16>(cursor, 16 * D);
-      pack_q_tiles(q_base, P, r_begin, R, kvh, qb);
-      tree_attn_amx::begin();
-      for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
-        tree_attn_amx::score_block(qb, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
-                                   static_cast<float>(P.sm_scale), s + n0, nkp, tail);
-      }
-      tree_attn_amx::end();
-      scored = true;
-    }
-  }
 
   // K/V rows are used in place when they already are contiguous rows of the accumulator type with no
   // ragged tail; otherwise each block is converted into scratch first.
@@ -418,14 +407,28 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   // decoded alone sees them at consecutive positions. Pass 1 stores every score; the softmax takes the
   // max over the whole row (no rescaling at block boundaries) and sums key by key in order; pass 2
   // accumulates P @ V key by key in order. Masked keys contribute exact zeros to both sums.
-  for (int64_t n0 = 0; n0 < n_keys && !scored; n0 += NB) {
-    const int64_t nb = imin(NB, n_keys - n0);
-    const S* k_block = k_head + n0 * P.sk_s;
-    if (in_place) {
-      scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nkp, R, s + n0);
-    } else {
-      pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kv);
-      scores_by_dots(q, dp, kv, dp, nb, nkp, R, s + n0);
+  if (amx_scores) {
+    if constexpr (same_type<S, c10::BFloat16>::value) {
+      c10::BFloat16* qb = carve<c10::BFloat16>(cursor, tree_attn_amx::packed_q_elems(R, D));
+      c10::BFloat16* tail = carve<c10::BFloat16>(cursor, 16 * D);
+      pack_q_tiles(q_base, P, r_begin, R, kvh, qb);
+      tree_attn_amx::begin();
+      for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+        tree_attn_amx::score_block(qb, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
+                                   static_cast<float>(P.sm_scale), s + n0, nkp, tail);
+      }
+      tree_attn_amx::end();
+    }
+  } else {
+    for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+      const int64_t nb = imin(NB, n_keys - n0);
+      const S* k_block = k_head + n0 * P.sk_s;
+      if (in_place) {
+        scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nkp, R, s + n0);
+      } else {
+        pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kv);
+        scores_by_dots(q, dp, kv, dp, nb, nkp, R, s + n0);
+      }
     }
   }
   for (int64_t r = 0; r < R; ++r) {
