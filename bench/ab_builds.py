@@ -37,6 +37,8 @@ QUICK = "--quick" in sys.argv  # a smoke run: one short timing per case
 
 
 def _best_us(fn, min_seconds: float = 0.05, repeats: int = 5) -> float:
+    from bench.utils import best_host_us  # the worker's import (the parent process needs no torch)
+
     if QUICK:
         min_seconds, repeats = 0.0, 1
     for _ in range(3):
@@ -44,13 +46,7 @@ def _best_us(fn, min_seconds: float = 0.05, repeats: int = 5) -> float:
     t0 = time.perf_counter()
     fn()
     calls = max(3, int(min_seconds / max(time.perf_counter() - t0, 1e-6)))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+    return best_host_us(fn, calls, repeats)
 
 
 def attention_cases() -> dict[str, float]:

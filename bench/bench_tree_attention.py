@@ -112,24 +112,15 @@ def test_tree_attention(benchmark, bench_device, shape, backend):
 
 
 def _cpu_variant_runs(variant: str) -> bool:
-    """Whether the C++ kernel's instruction-set variant can run here (EAGLE_KERNELS_CPU_ISA)."""
-    import os
-
+    """Whether the C++ kernel runs as ``variant`` under the current EAGLE_KERNELS_CPU_ISA."""
     from eagle_kernels import _ext
 
     if not _ext.has_op("tree_attention"):
         return False
-    old = os.environ.get("EAGLE_KERNELS_CPU_ISA")
-    os.environ["EAGLE_KERNELS_CPU_ISA"] = variant
     try:
         return torch.ops.eagle_C.tree_attention_cpu_variant() == variant
-    except RuntimeError:
+    except RuntimeError:  # a variant this CPU cannot run
         return False
-    finally:
-        if old is None:
-            del os.environ["EAGLE_KERNELS_CPU_ISA"]
-        else:
-            os.environ["EAGLE_KERNELS_CPU_ISA"] = old
 
 
 CPU_VARIANT_SHAPES = ["decode-B1", "tiny-tree12-B1", "tree60-B1"]
@@ -146,9 +137,9 @@ def test_tree_attention_cpu_variants(benchmark, bench_device, monkeypatch, shape
     """
     if bench_device.type != "cpu":
         pytest.skip("the C++ variants are CPU kernels")
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", variant)
     if not _cpu_variant_runs(variant):
         pytest.skip(f"variant {variant} cannot run on this CPU (or no extension)")
-    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", variant)
     q, k, v, seqlens, mask = make_inputs(CPU_SHAPES[shape], bench_device, getattr(torch, dtype))
     call = lambda: torch.ops.eagle_C.tree_attention(q, k, v, seqlens, mask, q.shape[-1] ** -0.5)
     benchmark(call)

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.utils import best_host_us  # noqa: E402
 from eagle_kernels.tree_attention import (  # noqa: E402
     LaunchConfig,
     LaunchPlan,
@@ -499,13 +500,7 @@ def measure_host_overhead(shapes: list[Shape], calls: int = 2000, repeats: int =
 def _best_us(fn, calls: int, repeats: int) -> float:
     for _ in range(100):
         fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+    return best_host_us(fn, calls, repeats)
 
 
 # --------------------------------------------------------------------------------------------------

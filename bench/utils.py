@@ -171,6 +171,18 @@ def _replay_ms(graph: torch.cuda.CUDAGraph) -> float:
     return start.elapsed_time(end)
 
 
+def best_host_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    """Microseconds per call of ``fn`` on the host: ``repeats`` timings of ``calls`` back-to-back
+    calls, the quickest (no warm-up, no device synchronisation: CPU ops and Python overhead)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
 def _estimate_call_us(fn: Callable[[], object], calls: int = 3) -> float:
     """Eager GPU-side time of a few back-to-back calls (includes launch gaps: an upper bound)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
