@@ -12,7 +12,9 @@ temporary copy of the package holding that build's library, so the working tree 
 Cases: ``attention`` (``eagle_kernels.tree_attention`` on CPU tensors: the CPU shapes of
 bench/bench_tree_attention.py plus the bundled target's trees of 32 and 64 tokens, float32 and
 bfloat16) and ``forward`` (a target forward of T = 1 and 12 tokens of the bundled tiny-code target
-after a 250-token cache, float32 and bfloat16). Prints microseconds per call and new / old ratios;
+after a 250-token cache, float32 and bfloat16) and ``draft`` (the bundled pair's C++ draft tree,
+``Eagle2Head.cpu_dynamic_tree``, and greedy rest of a round, ``Eagle2Head.cpu_verify_update``, with
+the arguments of a round of real decoding, for the trees depth/top-k/tokens 3/4/12 and 5/8/32). Prints microseconds per call and new / old ratios;
 ``--out FILE`` writes them as JSON.
 """
 
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("attention", "forward")
+CASES = ("attention", "forward", "draft")
 
 
 QUICK = "--quick" in sys.argv  # a smoke run: one short timing per case
@@ -89,6 +91,46 @@ def forward_cases() -> dict[str, float]:
     return out
 
 
+def draft_cases() -> dict[str, float]:
+    import torch
+
+    from bench.bench_loop import prompts_for
+    from eagle.api import load
+    from eagle.speculate import SamplingParams, SpeculativeDecoder
+    from eagle.tree import TreeConfig
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load("tiny-code", dtype=dtype)
+        head = model.head
+        prompts = prompts_for(model, 1, 150)
+        for depth, topk, tokens in ((3, 4, 12), (5, 8, 32)):
+            decoder = SpeculativeDecoder(model.target, head, TreeConfig(depth, topk, tokens))
+            calls = {}
+            for name in ("cpu_dynamic_tree", "cpu_verify_update"):
+                real = getattr(head, name)
+
+                def spy(*args, _real=real, _name=name, _calls=calls, **kwargs):
+                    _calls.setdefault(_name, (_real, args, kwargs))  # the first round's arguments
+                    return _real(*args, **kwargs)
+
+                setattr(head, name, spy)
+            try:
+                steps = decoder.run(prompts, 32, SamplingParams(temperature=0.0), seed=0)
+                for _ in zip(range(3), steps):  # the prefill and two rounds
+                    pass
+                steps.close()
+            finally:
+                for name in ("cpu_dynamic_tree", "cpu_verify_update"):
+                    delattr(head, name)
+            tree = f"{depth}/{topk}/{tokens}"
+            label = str(dtype).removeprefix("torch.")
+            for name, (fn, args, kwargs) in calls.items():
+                with torch.inference_mode():  # the verify-update re-compacts the same rows: same work
+                    out[f"tiny-code {name} {tree} {label}"] = _best_us(functools.partial(fn, *args, **kwargs))
+    return out
+
+
 def worker(cases: list[str]) -> None:
     """Runs in the child process: prints {case: microseconds} as JSON."""
     import torch
@@ -102,6 +144,8 @@ def worker(cases: list[str]) -> None:
         result.update(attention_cases())
     if "forward" in cases:
         result.update(forward_cases())
+    if "draft" in cases:
+        result.update(draft_cases())
     print(json.dumps(result))
 
 

@@ -4,11 +4,12 @@
 // eagle2_draft_dynamic: one EAGLE-2 dynamic draft tree (eagle.speculate.SpeculativeDecoder._draft_dynamic
 // with an EAGLE-1/2 head on the CPU fast path) in one C++ call.
 //
-// It makes the ATen calls of the Python loop (eagle/tree.py: expand_root, expand_level,
-// select_candidates; eagle/models/draft.py: the head forward through eagle2_head; build_tree), in the
-// same order, with the same shapes and arguments, so the tree (and everything decoded from it) is the
-// same bit for bit; only the Python between them goes. A draft level of a small model costs less
-// than that Python did.
+// It makes the Python loop's numerical ATen calls (eagle/tree.py: the log-softmax and top-k of
+// expand_root and expand_level; eagle/models/draft.py: the head forward through eagle2_head; build_tree)
+// with the same shapes and arguments, and keeps the tree's bookkeeping (ancestor masks, positions,
+// frontier indices, score lists, select_candidates' stable sort) in host arrays with exact loops, so
+// the tree (and everything decoded from it) is the same bit for bit. A draft level of a small model
+// costs less than the Python, and the small ATen calls, did.
 //
 // Returns [candidates [b, n] int64, tree_mask [b, n, n] bool, positions [b*n] int64,
 //          retrive_index, retrive_next_token, retrive_next_sibling [b, n] int64].
@@ -19,6 +20,9 @@
 #include "build_tree.h"
 #include "llama_layers.h"
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace eagle {
@@ -31,9 +35,136 @@ namespace {
 // eagle.speculate.SpeculativeDecoder._draft_logprobs
 at::Tensor draft_logprobs(const at::Tensor& logits) { return at::log_softmax(logits.to(at::kFloat), -1); }
 
-struct Frontier {  // eagle.tree.Frontier
-  at::Tensor tokens, scores, parent_rows, flat_index;
+// The tree's bookkeeping (eagle/tree.py) for b rows, in host arrays. The Python loop keeps it in small
+// tensors, and each of its ~60 small ATen calls per level (cat, gather, eye, arange, div, ...) costs
+// a dispatch and an allocation: more than the loops below. These are exact (integer indexing, copies,
+// and the one float add that expand_level makes), so they give the tensors' values.
+struct TreeBook {
+  int64_t b, k, levels;
+  int64_t per_row;  // scores and tokens per row: k from the root, then k*k per level
+  std::vector<float> scores;  // score_list, concatenated: [b, per_row]
+  std::vector<int64_t> tokens;  // token_list, concatenated: [b, per_row]
+  std::vector<int64_t> parents;  // parents_list, concatenated: [b, k + 1 + levels * k]
+  // Frontier (eagle.tree.Frontier): [b, k] each
+  std::vector<float> front_scores;
+  std::vector<int64_t> front_tokens, front_parent, front_index;
+  // Ancestor mask of the tree rows fed to the draft so far: [b, levels*k, levels*k], `fed` rows in use.
+  std::vector<uint8_t> fed;
+  int64_t fed_rows = 0;
+
+  TreeBook(int64_t b_, int64_t k_, int64_t levels_)
+      : b(b_), k(k_), levels(levels_), per_row(k_ + levels_ * k_ * k_),
+        scores(b_ * per_row), tokens(b_ * per_row), parents(b_ * (k_ + 1 + levels_ * k_)),
+        front_scores(b_ * k_), front_tokens(b_ * k_), front_parent(b_ * k_), front_index(b_ * k_),
+        fed(b_ * levels_ * k_ * levels_ * k_, 0) {}
+
+  int64_t parents_per_row() const { return k + 1 + levels * k; }
+  uint8_t& fed_at(int64_t row, int64_t i, int64_t j) { return fed[(row * levels * k + i) * levels * k + j]; }
+
+  // expand_root: the root's top-k as the first frontier; parents start as [-1, 0, ..., k-1].
+  void expand_root(const at::Tensor& root_scores, const at::Tensor& root_tokens) {
+    const at::Tensor s = root_scores.contiguous(), t = root_tokens.contiguous();
+    const float* sp = s.const_data_ptr<float>();
+    const int64_t* tp = t.const_data_ptr<int64_t>();
+    for (int64_t r = 0; r < b; ++r) {
+      for (int64_t i = 0; i < k; ++i) {
+        scores[r * per_row + i] = front_scores[r * k + i] = sp[r * k + i];
+        tokens[r * per_row + i] = front_tokens[r * k + i] = tp[r * k + i];
+        front_parent[r * k + i] = 0;
+        front_index[r * k + i] = i;
+      }
+      for (int64_t i = 0; i <= k; ++i) parents[r * parents_per_row() + i] = i - 1;
+    }
+  }
+
+  // The attention mask of one draft level (eagle.tree's ancestor masks as the head's block sees
+  // them): [b, past + k, past + k] bool. Rows of earlier levels are zero queries that see only
+  // themselves (eye(past, past + k)); the frontier's row i sees its parent's ancestors and itself.
+  // Also grows `fed` by the frontier's rows.
+  at::Tensor level_mask(int64_t past, const at::TensorOptions& bool_options) {
+    const int64_t width = past + k;
+    at::Tensor mask = at::zeros({b, width, width}, bool_options);
+    bool* m = mask.mutable_data_ptr<bool>();
+    for (int64_t r = 0; r < b; ++r) {
+      bool* mr = m + r * width * width;
+      for (int64_t i = 0; i < past; ++i) mr[i * width + i] = true;
+      for (int64_t i = 0; i < k; ++i) {
+        bool* row = mr + (past + i) * width;
+        if (past) {  // the parent is one of the previous level's k rows, the last fed
+          const int64_t parent = front_parent[r * k + i] + (past - k);
+          for (int64_t j = 0; j < past; ++j) row[j] = fed_at(r, parent, j) != 0;
+        }
+        row[past + i] = true;
+      }
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < width; ++j) fed_at(r, past + i, j) = mr[(past + i) * width + j];
+    }
+    fed_rows = width;
+    return mask;
+  }
+
+  // expand_level(frontier, logp, level + 1, k) after at::topk of the level's log-probabilities
+  // (child_lp, child_tok [b, k, k]) and of the cumulative scores (best_scores, best [b, k]).
+  void expand_level(int64_t level, const float* cum, const int64_t* child_tok, const at::Tensor& best_scores,
+                    const at::Tensor& best) {
+    const at::Tensor bs = best_scores.contiguous(), bi = best.contiguous();
+    const float* bsp = bs.const_data_ptr<float>();
+    const int64_t* bip = bi.const_data_ptr<int64_t>();
+    const int64_t offset = k + (level - 1) * k * k;  // this level's first entry in score_list
+    for (int64_t r = 0; r < b; ++r) {
+      for (int64_t j = 0; j < k * k; ++j) {
+        scores[r * per_row + offset + j] = cum[r * k * k + j];
+        tokens[r * per_row + offset + j] = child_tok[r * k * k + j];
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t pick = bip[r * k + i];
+        front_tokens[r * k + i] = child_tok[r * k * k + pick];
+        front_scores[r * k + i] = bsp[r * k + i];
+        front_parent[r * k + i] = pick / k;  // floor: pick >= 0
+        front_index[r * k + i] = pick + offset;
+        parents[r * parents_per_row() + k + 1 + (level - 1) * k + i] = pick + offset;
+      }
+    }
+  }
+
+  // select_candidates: per row, the num_tokens - 1 best scores (a stable sort of -score, so ties
+  // keep score_list's order; NaN last, as torch.sort), in index order.
+  std::vector<int64_t> select(int64_t count) const {
+    std::vector<int64_t> selected(b * count), order(per_row);
+    for (int64_t r = 0; r < b; ++r) {
+      const float* s = scores.data() + r * per_row;
+      for (int64_t i = 0; i < per_row; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [s](int64_t x, int64_t y) {
+        const float a = -s[x], c = -s[y];
+        return (!std::isnan(a) && std::isnan(c)) || a < c;
+      });
+      std::sort(order.begin(), order.begin() + count);
+      std::copy(order.begin(), order.begin() + count, selected.begin() + r * count);
+    }
+    return selected;
+  }
 };
+
+// A [rows, cols] int64 tensor holding `values` (row-major).
+at::Tensor long_tensor(const std::vector<int64_t>& values, int64_t rows, int64_t cols, int64_t row_stride,
+                       const at::TensorOptions& options) {
+  at::Tensor t = at::empty({rows, cols}, options.dtype(at::kLong));
+  int64_t* p = t.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(values.data() + r * row_stride, cols, p + r * cols);
+  return t;
+}
+
+// out[r, i] = rows[r, index[r * k + i]] for rows [b, m, H] (any dtype, contiguous), out [b, k, H].
+at::Tensor gather_rows(const at::Tensor& rows, const std::vector<int64_t>& index, int64_t k) {
+  const at::Tensor src = rows.contiguous();
+  const int64_t b = src.size(0), m = src.size(1), bytes = src.size(2) * src.element_size();
+  at::Tensor out = at::empty({b, k, src.size(2)}, src.options());
+  const char* s = static_cast<const char*>(src.const_data_ptr());
+  char* d = static_cast<char*>(out.mutable_data_ptr());
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t i = 0; i < k; ++i) std::memcpy(d + (r * k + i) * bytes, s + (r * m + index[r * k + i]) * bytes, bytes);
+  return out;
+}
 
 }  // namespace
 
@@ -50,76 +181,69 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   TORCH_CHECK_VALUE(topk >= 1 && depth >= 1 && num_tokens >= 2 && num_tokens - 1 <= topk + (depth - 1) * topk * topk,
                     "eagle2_draft_dynamic: bad tree (topk=", topk, ", depth=", depth, ", num_tokens=", num_tokens,
                     ")");
-  const int64_t b = root_logits.size(0), k = topk, H = root_hidden.size(1);
+  TORCH_CHECK_VALUE(topk <= root_logits.size(1), "eagle2_draft_dynamic: topk=", topk, " exceeds the vocabulary (",
+                    root_logits.size(1), ")");
+  TORCH_CHECK_VALUE(draft_seqlens.dim() == 1 && draft_seqlens.size(0) == root.size(0),
+                    "eagle2_draft_dynamic: draft_seqlens must be [b], got ", draft_seqlens.sizes());
+  const int64_t b = root_logits.size(0), k = topk, H = root_hidden.size(1), levels = depth - 1;
   const auto i64 = root.options().dtype(at::kLong);
+  const auto bool_options = root.options().dtype(at::kBool);
+  TreeBook book(b, k, levels);
 
-  // expand_root
-  auto [scores, tokens] = at::topk(draft_logprobs(root_logits), k, -1);
-  const at::Tensor index = at::arange(k, i64).expand({b, k});
-  Frontier frontier{tokens, scores, at::zeros_like(index), index};
-  std::vector<at::Tensor> score_list{scores}, token_list{tokens};
-  std::vector<at::Tensor> parents_list{at::arange(-1, k, i64).expand({b, k + 1})};
+  auto [root_scores, root_tokens] = at::topk(draft_logprobs(root_logits), k, -1);
+  book.expand_root(root_scores, root_tokens);
 
-  const at::Tensor base_pos = draft_seqlens.to(at::kLong).unsqueeze(1);
-  at::Tensor fed_mask;  // [b, T, T] ancestor mask of the tree rows fed to the draft so far
-  at::Tensor parent_hidden = root_hidden.unsqueeze(1).expand({b, k, H});
-  const at::Tensor eye = at::eye(k, root.options().dtype(at::kBool)).expand({b, k, k});
-  for (int64_t level = 1; level < depth; ++level) {
-    const at::Tensor positions = (base_pos + (level - 1)).expand({b, k});
-    int64_t past = 0;
-    at::Tensor rows_mask;
-    if (!fed_mask.defined()) {
-      rows_mask = eye, fed_mask = eye;
-    } else {
-      past = fed_mask.size(1);
-      const at::Tensor parent_rows = frontier.parent_rows + (past - k);
-      rows_mask = at::cat({fed_mask.gather(1, parent_rows.unsqueeze(-1).expand({b, k, past})), eye}, 2);
-      const at::Tensor zeros = at::zeros({b, past, k}, eye.options());
-      fed_mask = at::cat({at::cat({fed_mask, zeros}, 2), rows_mask}, 1);
-    }
+  const at::Tensor base = draft_seqlens.to(at::kLong).contiguous();
+  at::Tensor parent_hidden = root_hidden.unsqueeze(1).expand({b, k, H}).contiguous();
+  std::vector<float> cum(b * k * k);
+  for (int64_t level = 1; level <= levels; ++level) {
+    const int64_t past = (level - 1) * k;
+    const at::Tensor mask = book.level_mask(past, bool_options);
+    at::Tensor positions = at::empty({b, k}, i64);  // every frontier row one position past the last level
+    for (int64_t r = 0; r < b; ++r)
+      std::fill_n(positions.mutable_data_ptr<int64_t>() + r * k, k, base.const_data_ptr<int64_t>()[r] + level - 1);
     // eagle.models.llama.block_context (the checks the Python head makes are the kernels' here)
     const std::vector<at::Tensor> rope = llama_layers::rope_cos_sin_cpu(positions, draft_seqlens, past, k,
                                                                         doubled_inv_freq, signs, kv.scalar_type());
-    at::Tensor mask = rows_mask;
-    if (past) {
-      const int64_t width = past + k;
-      const at::Tensor earlier = at::eye(past, width, eye.options()).expand({b, past, width});
-      mask = at::cat({earlier, rows_mask}, 1);
-    }
+    const at::Tensor tokens = long_tensor(book.front_tokens, b, k, k, i64);
     const std::vector<at::Tensor> out =
-        llama_layers::eagle2_head_cpu(parent_hidden, frontier.tokens, embed_weight, fc_weight, fc_bias, weights, kv,
-                                      rope[0], rope[1], draft_seqlens, mask, past, num_heads, num_kv_heads, eps,
-                                      lm_head, std::nullopt);
-    const at::Tensor logp = draft_logprobs(out[1]);
-    // expand_level(frontier, logp, level + 1, k)
-    auto [child_lp, child_tok] = at::topk(logp, k, -1);
-    const at::Tensor cum = frontier.scores.unsqueeze(2) + child_lp;
-    const at::Tensor flat_scores = cum.reshape({b, k * k}), flat_tokens = child_tok.reshape({b, k * k});
+        llama_layers::eagle2_head_cpu(parent_hidden, tokens, embed_weight, fc_weight, fc_bias, weights, kv, rope[0],
+                                      rope[1], draft_seqlens, mask, past, num_heads, num_kv_heads, eps, lm_head,
+                                      std::nullopt);
+    // expand_level: the k best children of each frontier node, then the k best of those k*k by
+    // cumulative score (cum = parent score + child log-probability, ATen's float add)
+    auto [child_lp, child_tok] = at::topk(draft_logprobs(out[1]), k, -1);
+    const at::Tensor lp = child_lp.contiguous(), ct = child_tok.contiguous();
+    const float* lpp = lp.const_data_ptr<float>();
+    for (int64_t r = 0; r < b; ++r)
+      for (int64_t p = 0; p < k; ++p)
+        for (int64_t c = 0; c < k; ++c)
+          cum[(r * k + p) * k + c] = book.front_scores[r * k + p] + lpp[(r * k + p) * k + c];
+    const at::Tensor flat_scores = at::from_blob(cum.data(), {b, k * k}, root_logits.options().dtype(at::kFloat));
     auto [best_scores, best] = at::topk(flat_scores, k, -1);
-    const int64_t level_offset = k + (level - 1) * k * k;
-    frontier = Frontier{flat_tokens.gather(1, best), best_scores, at::div(best, k, "floor"), best + level_offset};
-    parent_hidden = out[0].gather(1, frontier.parent_rows.unsqueeze(-1).expand({-1, -1, out[0].size(-1)}));
-    score_list.push_back(flat_scores);
-    token_list.push_back(flat_tokens);
-    parents_list.push_back(frontier.flat_index);
+    book.expand_level(level, cum.data(), ct.const_data_ptr<int64_t>(), best_scores, best);
+    if (level < levels) parent_hidden = gather_rows(out[0], book.front_parent, k);
   }
   // select_candidates(score_list, token_list, parents_list, num_tokens - 1)
-  const at::Tensor all_scores = at::cat(score_list, 1), all_tokens = at::cat(token_list, 1);
-  // (the optional<bool> spells the stable overload: a plain `true` would bind to sort(self, dim, descending))
-  const at::Tensor order =
-      std::get<1>(at::sort(all_scores.neg(), std::optional<bool>(true), /*dim=*/-1, /*descending=*/false));
-  const at::Tensor selected =
-      std::get<0>(at::sort(order.slice(1, 0, num_tokens - 1), /*dim=*/-1, /*descending=*/false));
-  const at::Tensor parent_list = at::cat(parents_list, 1).slice(1, 0, k * (depth - 1) + 1);
-  const at::Tensor draft_tokens = all_tokens.gather(1, selected);
-  const at::Tensor candidates = at::cat({root.unsqueeze(1), draft_tokens}, 1);
-  // build_tree(..., mask_mode="qlen_bool") with outputs as eagle_kernels.build_tree allocates them
   const int64_t n = num_tokens;
-  at::Tensor tree_mask = at::empty({b, n, n}, eye.options());
+  const std::vector<int64_t> chosen = book.select(n - 1);
+  const at::Tensor selected = long_tensor(chosen, b, n - 1, n - 1, i64);
+  const at::Tensor parent_list = long_tensor(book.parents, b, k * levels + 1, book.parents_per_row(), i64);
+  at::Tensor candidates = at::empty({b, n}, i64);
+  {
+    const at::Tensor root_long = root.to(at::kLong).contiguous();
+    int64_t* c = candidates.mutable_data_ptr<int64_t>();
+    for (int64_t r = 0; r < b; ++r) {
+      c[r * n] = root_long.const_data_ptr<int64_t>()[r];
+      for (int64_t j = 0; j < n - 1; ++j) c[r * n + 1 + j] = book.tokens[r * book.per_row + chosen[r * (n - 1) + j]];
+    }
+  }
+  // build_tree(..., mask_mode="qlen_bool") with outputs as eagle_kernels.build_tree allocates them
+  at::Tensor tree_mask = at::empty({b, n, n}, bool_options);
   at::Tensor positions = at::empty({b * n}, i64);
-  at::Tensor retrive_index = at::empty({b, n}, selected.options());
-  at::Tensor next_token = at::empty({b, n}, selected.options());
-  at::Tensor next_sibling = at::empty({b, n}, selected.options());
+  at::Tensor retrive_index = at::empty({b, n}, i64);
+  at::Tensor next_token = at::empty({b, n}, i64);
+  at::Tensor next_sibling = at::empty({b, n}, i64);
   build_tree_cpu(parent_list, selected, target_seqlens, tree_mask, positions, retrive_index, next_token, next_sibling,
                  k, depth, n, kQlenBool);
   return {candidates, tree_mask, positions, retrive_index, next_token, next_sibling};
@@ -129,8 +253,9 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
 // the target's logits on, with _update_draft and an EAGLE-1/2 head on the CPU fast path) in one call:
 // argmax_checked, verify_tree_greedy, compact_kv_cache (the registered ops, as the Python calls them),
 // the accepted tokens, and the draft head's forward over them (rope_cos_sin + eagle2_head, as
-// Eagle2Head.forward makes it). Same ops, same arguments, same order: the same bits. The Python
-// between them cost more than the ops at the bundled model's size.
+// Eagle2Head.forward makes it). The same numerical ops with the same arguments, and the integer
+// bookkeeping between them as exact loops: the same bits. The Python between them, and then the
+// small ATen calls, cost more than the ops at the bundled model's size.
 //
 // Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
 // root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When the logits hold
@@ -168,25 +293,40 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
       verify_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, steps);
   const at::Tensor new_lengths = compact_op.call(target_kv, target_seqlens, accept_index, accept_num, n);
 
+  // The accepted tokens and the draft's inputs (eagle.speculate.SpeculativeDecoder._round and
+  // _update_draft), in loops: valid = arange(steps) <= accept_num, rows = accept_index.clamp(0),
+  // new_tokens = where(valid, predicts[rows], 0), counts = accept_num + 1, feats = the target's
+  // features at rows, last = counts - 1. Integer indexing and row copies: exact.
   const auto i64 = candidates.options().dtype(at::kLong);
-  const at::Tensor valid = at::arange(steps, i64).unsqueeze(0) <= accept_num.unsqueeze(1).to(at::kLong);
-  const at::Tensor rows = accept_index.to(at::kLong).clamp(0);
-  const at::Tensor new_tokens = at::where(valid, predicts.to(at::kLong).index({rows}), 0);
-  const at::Tensor counts = accept_num.to(at::kLong) + 1;
-
-  // _update_draft: the target feature at each accepted node with the token that follows it
+  const at::Tensor index = accept_index.contiguous(), num = accept_num.contiguous(), pred = predicts.contiguous();
+  const int32_t* ai = index.const_data_ptr<int32_t>();
+  const int32_t* an = num.const_data_ptr<int32_t>();
+  const int32_t* pr = pred.const_data_ptr<int32_t>();
+  std::vector<int64_t> rows(b * steps);
+  at::Tensor new_tokens = at::empty({b, steps}, i64), counts = at::empty({b}, i64), last = at::empty({b, 1}, i64);
+  at::Tensor root = at::empty({b}, i64);
+  int64_t* nt = new_tokens.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < b; ++r) {
+    for (int64_t j = 0; j < steps; ++j) {
+      rows[r * steps + j] = std::max<int64_t>(ai[r * steps + j], 0);
+      nt[r * steps + j] = j <= an[r] ? pr[rows[r * steps + j]] : 0;
+    }
+    counts.mutable_data_ptr<int64_t>()[r] = static_cast<int64_t>(an[r]) + 1;
+    last.mutable_data_ptr<int64_t>()[r] = an[r];
+    root.mutable_data_ptr<int64_t>()[r] = nt[r * steps + an[r]];
+  }
   const at::Tensor features = target_hidden.to(fc_weight.scalar_type());  // DraftHead.target_features
   const int64_t H = features.size(-1);
-  const at::Tensor feats = features.reshape({-1, H}).index({rows.reshape({-1})}).view({b, steps, H});
-  const at::Tensor last = (counts - 1).unsqueeze(1);
+  const at::Tensor feats = gather_rows(features.reshape({1, -1, H}), rows, b * steps).view({b, steps, H});
   const std::vector<at::Tensor> rope = llama_layers::rope_cos_sin_cpu(std::nullopt, draft_seqlens, 0, steps,
                                                                       doubled_inv_freq, signs, draft_kv.scalar_type());
   const std::vector<at::Tensor> d =
       llama_layers::eagle2_head_cpu(feats, new_tokens, embed_weight, fc_weight, fc_bias, weights, draft_kv, rope[0],
                                     rope[1], draft_seqlens, std::nullopt, 0, num_heads, num_kv_heads, eps, lm_head, last);
-  const at::Tensor root_hidden = d[0].gather(1, last.unsqueeze(-1).expand({b, 1, H})).select(1, 0);
+  std::vector<int64_t> last_rows(b);
+  for (int64_t r = 0; r < b; ++r) last_rows[r] = an[r];
+  const at::Tensor root_hidden = gather_rows(d[0], last_rows, 1).select(1, 0);
   const at::Tensor root_logits = d[1].select(1, 0);
-  const at::Tensor root = new_tokens.gather(1, last).select(1, 0);
   return {new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad};
 }
 

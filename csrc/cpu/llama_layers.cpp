@@ -23,6 +23,7 @@
 #include "llama_layers.h"
 #include "half_convert.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -367,17 +368,35 @@ std::vector<at::Tensor> eagle2_head_cpu(const at::Tensor& hidden, const at::Tens
                           (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
                       "logits_index must be an int tensor [", B, ", K], got ", index.scalar_type(), " ",
                       index.sizes());
-    TORCH_CHECK_VALUE(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < T),
+    const at::Tensor positions = index.to(at::kLong).contiguous();
+    const int64_t* p = positions.const_data_ptr<int64_t>();
+    TORCH_CHECK_VALUE(std::all_of(p, p + positions.numel(), [T](int64_t i) { return i >= 0 && i < T; }),
                       "logits_index holds positions outside the block [0, ", T, ")");
-    rows = h.gather(1, index.to(at::kLong).unsqueeze(-1).expand({B, index.size(1), h.size(2)}));
+    rows = h.gather(1, positions.unsqueeze(-1).expand({B, index.size(1), h.size(2)}));
   }
   return {h, project(rows, *lm_head, std::nullopt)};
 }
 
 // eagle.models.llama.block_context's RoPE tables in one call: positions [B, T] (default
-// cache_seqlens[b] + past + t), then rope_cos_sin's ops on the same shapes (so the same values):
-// angles = positions.float()[..., None] * cat(inv_freq, inv_freq), cos and signed sin in `dtype`,
-// [B, T, 1, D] each.
+// cache_seqlens[b] + past + t), then eagle.models.llama.rope_cos_sin's values: angles =
+// float(position) * cat(inv_freq, inv_freq) (one float product, as ATen's mul), ATen's cos and sin
+// of them, the sin times the signs, both rounded to `dtype` (round to nearest even, as ATen's to()).
+// Only cos and sin are ATen calls: the positions, angles, signs and casts are loops, which at decode
+// sizes cost less than the ~12 small ATen calls they replace. [B, T, 1, D] each.
+namespace {
+
+template <typename T>
+void signed_cast(const float* cos, const float* sin, const float* signs, int64_t rows, int64_t D, T* cos_out,
+                 T* sin_out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) {
+      cos_out[r * D + d] = static_cast<T>(cos[r * D + d]);
+      sin_out[r * D + d] = static_cast<T>(sin[r * D + d] * signs[d]);
+    }
+}
+
+}  // namespace
+
 std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positions, const at::Tensor& cache_seqlens,
                                          int64_t past, int64_t T, const at::Tensor& doubled_inv_freq,
                                          const at::Tensor& signs, at::ScalarType dtype) {
@@ -385,19 +404,52 @@ std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positi
   TORCH_CHECK_VALUE(doubled_inv_freq.dim() == 1 && signs.sizes() == doubled_inv_freq.sizes() &&
                         doubled_inv_freq.scalar_type() == at::kFloat && signs.scalar_type() == at::kFloat,
                     "rope_cos_sin: the frequency and sign tables must be float32 [D]");
-  at::Tensor pos;
+  TORCH_CHECK_VALUE(doubled_inv_freq.device().is_cpu() && signs.device().is_cpu() && cache_seqlens.device().is_cpu(),
+                    "rope_cos_sin: CPU tensors expected");
+  const int64_t D = doubled_inv_freq.size(0);
+  std::vector<int64_t> pos;
+  int64_t B = 0;
   if (positions.has_value()) {
-    pos = *positions;
-    TORCH_CHECK_VALUE(pos.dim() == 2 && pos.size(1) == T &&
-                          (pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt),
-                      "rope_cos_sin: positions must be int [B, ", T, "], got ", pos.scalar_type(), " ", pos.sizes());
-    TORCH_CHECK_VALUE(!at::any(pos < 0).item<bool>(), "positions must be >= 0");
+    const at::Tensor& given = *positions;
+    TORCH_CHECK_VALUE(given.dim() == 2 && given.size(1) == T &&
+                          (given.scalar_type() == at::kLong || given.scalar_type() == at::kInt),
+                      "rope_cos_sin: positions must be int [B, ", T, "], got ", given.scalar_type(), " ",
+                      given.sizes());
+    TORCH_CHECK_VALUE(given.device().is_cpu(), "rope_cos_sin: positions must be a CPU tensor");
+    B = given.size(0);
+    const at::Tensor p = given.to(at::kLong).contiguous();
+    pos.assign(p.const_data_ptr<int64_t>(), p.const_data_ptr<int64_t>() + B * T);
+    for (int64_t v : pos) TORCH_CHECK_VALUE(v >= 0, "positions must be >= 0");
   } else {
-    pos = cache_seqlens.to(at::kLong).unsqueeze(1) +
-          at::arange(past, past + T, cache_seqlens.options().dtype(at::kLong));
+    TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 &&
+                          (cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong),
+                      "rope_cos_sin: cache_seqlens must be int [B], got ", cache_seqlens.scalar_type(), " ",
+                      cache_seqlens.sizes());
+    B = cache_seqlens.size(0);
+    const at::Tensor lens = cache_seqlens.to(at::kLong).contiguous();
+    pos.resize(B * T);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) pos[b * T + t] = lens.const_data_ptr<int64_t>()[b] + past + t;
   }
-  const at::Tensor angles = (pos.unsqueeze(-1).to(at::kFloat) * doubled_inv_freq).unsqueeze(2);
-  return {angles.cos().to(dtype), (angles.sin() * signs).to(dtype)};
+  const at::Tensor freq = doubled_inv_freq.contiguous(), sign = signs.contiguous();
+  const float* f = freq.const_data_ptr<float>();
+  at::Tensor angles = at::empty({B, T, 1, D}, freq.options());
+  float* a = angles.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < B * T; ++r) {
+    const float p = static_cast<float>(pos[r]);  // as ATen's int64 -> float32 cast
+    for (int64_t d = 0; d < D; ++d) a[r * D + d] = p * f[d];
+  }
+  at::Tensor cos = angles.cos(), sin = angles.sin();
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
+    return {cos.to(dtype), (sin * signs).to(dtype)};  // float64 and the rest: ATen's casts
+  }
+  at::Tensor cos_out = dtype == at::kFloat ? cos : at::empty_like(cos, cos.options().dtype(dtype));
+  at::Tensor sin_out = dtype == at::kFloat ? sin : at::empty_like(sin, sin.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rope_cos_sin", [&] {
+    signed_cast<scalar_t>(cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), sign.const_data_ptr<float>(),
+                          B * T, D, cos_out.mutable_data_ptr<scalar_t>(), sin_out.mutable_data_ptr<scalar_t>());
+  });
+  return {cos_out, sin_out};
 }
 
 }  // namespace llama_layers

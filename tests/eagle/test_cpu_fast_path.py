@@ -489,3 +489,69 @@ def test_cpu_rms_norm_kernel_matches_torch_to_rounding(dtype):
     with pytest.raises(TypeError, match="must have the same dtype"):
         other = torch.float64 if dtype == torch.float32 else torch.float32
         torch.ops.eagle_C.rms_norm(x.to(other), norm.weight.detach(), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+    ids=["bf16", "fp16", "fp32", "fp64"],
+)
+def test_cpp_rope_tables_equal_the_python_ones(dtype):
+    """eagle_C::rope_cos_sin (what block_context calls on CPU, and the C++ draft loop per level) gives
+    eagle.models.llama.rope_cos_sin's tables bit for bit: given positions (int64 and int32, large ones
+    whose float32 cast rounds) and the default ones (seqlens + past + t), for a Llama-3 scaled
+    inv_freq; negative positions are refused."""
+    from eagle.models.config import Llama3RopeScaling, ModelConfig
+    from eagle.models.llama import rope_cos_sin, rope_inv_freq, rope_tables
+
+    fields = {f.name for f in dataclasses.fields(Llama3RopeScaling)}
+    scaling = Llama3RopeScaling(**{k: v for k, v in LLAMA3_ROPE.items() if k in fields})
+    cfg = ModelConfig("llama", 64, 128, 256, 1, 2, 2, 64, rope_theta=500000.0, rope_scaling=scaling)
+    inv_freq = rope_inv_freq(cfg)
+    doubled, signs = rope_tables(inv_freq)
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.randint(0, 40000, (3, 7), generator=gen)
+    positions[0, 0] = 2**24 + 1  # rounds in the float32 cast
+    seqlens = torch.tensor([5, 0, 300], dtype=torch.int32)
+    for given in (positions, positions.int()):
+        got = torch.ops.eagle_C.rope_cos_sin(given, seqlens, 0, 7, doubled, signs, dtype)
+        want = rope_cos_sin(inv_freq, given, dtype)
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == (3, 7, 1, 64) and torch.equal(g, w)
+    default = seqlens.long()[:, None] + 4 + torch.arange(7)
+    got = torch.ops.eagle_C.rope_cos_sin(None, seqlens, 4, 7, doubled, signs, dtype)
+    for g, w in zip(got, rope_cos_sin(inv_freq, default, dtype)):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        torch.ops.eagle_C.rope_cos_sin(-positions, seqlens, 0, 7, doubled, signs, dtype)
+    with pytest.raises(ValueError, match=r"positions must be int \[B, 7\]"):
+        torch.ops.eagle_C.rope_cos_sin(positions[:, :3], seqlens, 0, 7, doubled, signs, dtype)
+
+
+@pytest.mark.parametrize("bad", [-1, 3])
+def test_cpp_head_refuses_logits_index_outside_the_block(make_target, monkeypatch, fast_path, bad):
+    """The C++ head op (eagle_C::eagle2_head) checks logits_index itself: a position outside the block
+    [0, T) is a clear error, not a gather past the rows (the Python check is made to pass here)."""
+    from eagle.models import draft as draft_module
+
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    head = make_head(target, "eagle2", bias=True, qkv_bias=False)
+    H = head.config.hidden_size
+    cache = head.new_cache(1, 16)
+    monkeypatch.setattr(draft_module, "value_checks_enabled", lambda device: False)
+    set_cpu_fast_path(True)
+    with torch.inference_mode():
+        head(
+            torch.zeros(1, 3, H),
+            torch.zeros(1, 3, dtype=torch.int64),
+            cache,
+            logits_index=torch.tensor([[2]]),
+        )
+        with pytest.raises(ValueError, match=r"logits_index holds positions outside the block \[0, 3\)"):
+            head(
+                torch.zeros(1, 3, H),
+                torch.zeros(1, 3, dtype=torch.int64),
+                cache,
+                logits_index=torch.tensor([[bad]]),
+            )
