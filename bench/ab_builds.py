@@ -14,7 +14,10 @@ bench/bench_tree_attention.py plus the bundled target's trees of 32 and 64 token
 bfloat16) and ``forward`` (a target forward of T = 1 and 12 tokens of the bundled tiny-code target
 after a 250-token cache, float32 and bfloat16) and ``draft`` (the bundled pair's C++ draft tree,
 ``Eagle2Head.cpu_dynamic_tree``, and greedy rest of a round, ``Eagle2Head.cpu_verify_update``, with
-the arguments of a round of real decoding, for the trees depth/top-k/tokens 3/4/12 and 5/8/32). Prints microseconds per call and new / old ratios;
+the arguments of a round of real decoding, for the trees depth/top-k/tokens 3/4/12 and 5/8/32) and
+``loop`` (whole generations at batch 1, greedy: 96 new tokens after each of 3 held-out 100-token
+prompts, with EAGLE, tree 3/4/12, and with plain decoding; microseconds per generated token, so each
+build's EAGLE speedup is the ratio of its two rows). Prints microseconds per call and new / old ratios;
 ``--out FILE`` writes them as JSON.
 """
 
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CASES = ("attention", "forward", "draft")
+CASES = ("attention", "forward", "draft", "loop")
 
 
 QUICK = "--quick" in sys.argv  # a smoke run: one short timing per case
@@ -131,6 +134,33 @@ def draft_cases() -> dict[str, float]:
     return out
 
 
+def loop_cases() -> dict[str, float]:
+    import torch
+
+    from bench.bench_loop import prompts_for
+    from eagle.api import load
+    from eagle.models.generate_plain import generate_plain
+    from eagle.tree import TreeConfig
+
+    def one_by_one(generate, prompts):  # batch 1, one prompt after the other
+        for prompt in prompts:
+            generate([prompt])
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load("tiny-code", dtype=dtype)
+        prompts = prompts_for(model, 3, 100)
+        label = str(dtype).removeprefix("torch.")
+        runs = {
+            "EAGLE 3/4/12": functools.partial(model.generate, max_new_tokens=96, tree=TreeConfig(3, 4, 12)),
+            "plain": functools.partial(generate_plain, model.target, max_new_tokens=96),
+        }
+        for name, generate in runs.items():
+            us = _best_us(functools.partial(one_by_one, generate, prompts), min_seconds=0.3)
+            out[f"tiny-code {name} B1 T0 {label}, us/token"] = us / (96 * len(prompts))
+    return out
+
+
 def worker(cases: list[str]) -> None:
     """Runs in the child process: prints {case: microseconds} as JSON."""
     import torch
@@ -146,6 +176,8 @@ def worker(cases: list[str]) -> None:
         result.update(forward_cases())
     if "draft" in cases:
         result.update(draft_cases())
+    if "loop" in cases:
+        result.update(loop_cases())
     print(json.dumps(result))
 
 
