@@ -183,6 +183,8 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
                     ")");
   TORCH_CHECK_VALUE(topk <= root_logits.size(1), "eagle2_draft_dynamic: topk=", topk, " exceeds the vocabulary (",
                     root_logits.size(1), ")");
+  TORCH_CHECK_TYPE(at::isIntegralType(root.scalar_type(), false), "eagle2_draft_dynamic: root must hold token ids "
+                   "(an integer tensor), got ", root.scalar_type());
   TORCH_CHECK_VALUE(draft_seqlens.dim() == 1 && draft_seqlens.size(0) == root.size(0),
                     "eagle2_draft_dynamic: draft_seqlens must be [b], got ", draft_seqlens.sizes());
   const int64_t b = root_logits.size(0), k = topk, H = root_hidden.size(1), levels = depth - 1;

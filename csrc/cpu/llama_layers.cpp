@@ -421,8 +421,7 @@ std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positi
     pos.assign(p.const_data_ptr<int64_t>(), p.const_data_ptr<int64_t>() + B * T);
     for (int64_t v : pos) TORCH_CHECK_VALUE(v >= 0, "positions must be >= 0");
   } else {
-    TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 &&
-                          (cache_seqlens.scalar_type() == at::kInt || cache_seqlens.scalar_type() == at::kLong),
+    TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && at::isIntegralType(cache_seqlens.scalar_type(), false),
                       "rope_cos_sin: cache_seqlens must be int [B], got ", cache_seqlens.scalar_type(), " ",
                       cache_seqlens.sizes());
     B = cache_seqlens.size(0);

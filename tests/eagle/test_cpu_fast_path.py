@@ -356,6 +356,27 @@ def test_cpp_draft_loop_is_skipped_where_it_does_not_apply(make_target, fast_pat
         assert head.cpu_dynamic_tree(*args, cache, cache.seqlens, **kw) is None
 
 
+def test_cpp_draft_loop_refuses_bad_arguments(make_target, fast_path):
+    """The C++ draft op names what is wrong: a root that is not token ids, a top-k wider than the
+    vocabulary, a tree its top-k and depth cannot fill, draft lengths of the wrong size."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    head = make_head(target, "eagle2", bias=True, qkv_bias=False)
+    cache = head.new_cache(1, 16)
+    logits, hidden = torch.zeros(1, 48), torch.zeros(1, head.config.hidden_size)
+    root = torch.zeros(1, dtype=torch.int64)
+    kw = dict(topk=2, depth=2, num_tokens=3)
+    with torch.inference_mode():
+        with pytest.raises(TypeError, match="root must hold token ids"):
+            head.cpu_dynamic_tree(logits, hidden, root.float(), cache, cache.seqlens, **kw)
+        with pytest.raises(ValueError, match="topk=49 exceeds the vocabulary"):
+            head.cpu_dynamic_tree(logits, hidden, root, cache, cache.seqlens, topk=49, depth=2, num_tokens=3)
+        with pytest.raises(ValueError, match="bad tree"):
+            head.cpu_dynamic_tree(logits, hidden, root, cache, cache.seqlens, topk=2, depth=2, num_tokens=8)
+        with pytest.raises(ValueError, match=r"draft_seqlens must be \[b\]"):
+            head.cpu_dynamic_tree(logits, hidden, root, head.new_cache(2, 16), cache.seqlens, **kw)
+
+
 # --------------------------------------------------------------------------------------------------
 # When the fast path is (not) taken, and bad input
 # --------------------------------------------------------------------------------------------------
@@ -519,9 +540,12 @@ def test_cpp_rope_tables_equal_the_python_ones(dtype):
         for g, w in zip(got, want):
             assert g.dtype == dtype and g.shape == (3, 7, 1, 64) and torch.equal(g, w)
     default = seqlens.long()[:, None] + 4 + torch.arange(7)
-    got = torch.ops.eagle_C.rope_cos_sin(None, seqlens, 4, 7, doubled, signs, dtype)
-    for g, w in zip(got, rope_cos_sin(inv_freq, default, dtype)):
-        assert torch.equal(g, w)
+    for lengths in (seqlens, seqlens.long(), seqlens.short()):
+        got = torch.ops.eagle_C.rope_cos_sin(None, lengths, 4, 7, doubled, signs, dtype)
+        for g, w in zip(got, rope_cos_sin(inv_freq, default, dtype)):
+            assert torch.equal(g, w)
+    with pytest.raises(ValueError, match=r"cache_seqlens must be int \[B\]"):
+        torch.ops.eagle_C.rope_cos_sin(None, seqlens.float(), 4, 7, doubled, signs, dtype)
     with pytest.raises(ValueError, match="positions must be >= 0"):
         torch.ops.eagle_C.rope_cos_sin(-positions, seqlens, 0, 7, doubled, signs, dtype)
     with pytest.raises(ValueError, match=r"positions must be int \[B, 7\]"):
