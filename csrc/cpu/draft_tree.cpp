@@ -45,17 +45,16 @@ struct TreeBook {
   std::vector<float> scores;  // score_list, concatenated: [b, per_row]
   std::vector<int64_t> tokens;  // token_list, concatenated: [b, per_row]
   std::vector<int64_t> parents;  // parents_list, concatenated: [b, k + 1 + levels * k]
-  // Frontier (eagle.tree.Frontier): [b, k] each
+  // Frontier (eagle.tree.Frontier; its flat indices are the parents entries): [b, k] each
   std::vector<float> front_scores;
-  std::vector<int64_t> front_tokens, front_parent, front_index;
-  // Ancestor mask of the tree rows fed to the draft so far: [b, levels*k, levels*k], `fed` rows in use.
+  std::vector<int64_t> front_tokens, front_parent;
+  // Ancestor mask of the tree rows fed to the draft so far: [b, levels*k, levels*k].
   std::vector<uint8_t> fed;
-  int64_t fed_rows = 0;
 
   TreeBook(int64_t b_, int64_t k_, int64_t levels_)
       : b(b_), k(k_), levels(levels_), per_row(k_ + levels_ * k_ * k_),
         scores(b_ * per_row), tokens(b_ * per_row), parents(b_ * (k_ + 1 + levels_ * k_)),
-        front_scores(b_ * k_), front_tokens(b_ * k_), front_parent(b_ * k_), front_index(b_ * k_),
+        front_scores(b_ * k_), front_tokens(b_ * k_), front_parent(b_ * k_),
         fed(b_ * levels_ * k_ * levels_ * k_, 0) {}
 
   int64_t parents_per_row() const { return k + 1 + levels * k; }
@@ -71,7 +70,6 @@ struct TreeBook {
         scores[r * per_row + i] = front_scores[r * k + i] = sp[r * k + i];
         tokens[r * per_row + i] = front_tokens[r * k + i] = tp[r * k + i];
         front_parent[r * k + i] = 0;
-        front_index[r * k + i] = i;
       }
       for (int64_t i = 0; i <= k; ++i) parents[r * parents_per_row() + i] = i - 1;
     }
@@ -99,7 +97,6 @@ struct TreeBook {
       for (int64_t i = 0; i < k; ++i)
         for (int64_t j = 0; j < width; ++j) fed_at(r, past + i, j) = mr[(past + i) * width + j];
     }
-    fed_rows = width;
     return mask;
   }
 
@@ -121,7 +118,6 @@ struct TreeBook {
         front_tokens[r * k + i] = child_tok[r * k * k + pick];
         front_scores[r * k + i] = bsp[r * k + i];
         front_parent[r * k + i] = pick / k;  // floor: pick >= 0
-        front_index[r * k + i] = pick + offset;
         parents[r * parents_per_row() + k + 1 + (level - 1) * k + i] = pick + offset;
       }
     }
@@ -304,7 +300,7 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
   const int32_t* ai = index.const_data_ptr<int32_t>();
   const int32_t* an = num.const_data_ptr<int32_t>();
   const int32_t* pr = pred.const_data_ptr<int32_t>();
-  std::vector<int64_t> rows(b * steps);
+  std::vector<int64_t> rows(b * steps), last_rows(b);
   at::Tensor new_tokens = at::empty({b, steps}, i64), counts = at::empty({b}, i64), last = at::empty({b, 1}, i64);
   at::Tensor root = at::empty({b}, i64);
   int64_t* nt = new_tokens.mutable_data_ptr<int64_t>();
@@ -314,7 +310,7 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
       nt[r * steps + j] = j <= an[r] ? pr[rows[r * steps + j]] : 0;
     }
     counts.mutable_data_ptr<int64_t>()[r] = static_cast<int64_t>(an[r]) + 1;
-    last.mutable_data_ptr<int64_t>()[r] = an[r];
+    last.mutable_data_ptr<int64_t>()[r] = last_rows[r] = an[r];
     root.mutable_data_ptr<int64_t>()[r] = nt[r * steps + an[r]];
   }
   const at::Tensor features = target_hidden.to(fc_weight.scalar_type());  // DraftHead.target_features
@@ -325,8 +321,6 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
   const std::vector<at::Tensor> d =
       llama_layers::eagle2_head_cpu(feats, new_tokens, embed_weight, fc_weight, fc_bias, weights, draft_kv, rope[0],
                                     rope[1], draft_seqlens, std::nullopt, 0, num_heads, num_kv_heads, eps, lm_head, last);
-  std::vector<int64_t> last_rows(b);
-  for (int64_t r = 0; r < b; ++r) last_rows[r] = an[r];
   const at::Tensor root_hidden = gather_rows(d[0], last_rows, 1).select(1, 0);
   const at::Tensor root_logits = d[1].select(1, 0);
   return {new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad};
