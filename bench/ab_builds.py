@@ -15,9 +15,9 @@ bfloat16) and ``forward`` (a target forward of T = 1 and 12 tokens of the bundle
 after a 250-token cache, float32 and bfloat16) and ``draft`` (the bundled pair's C++ draft tree,
 ``Eagle2Head.cpu_dynamic_tree``, and greedy rest of a round, ``Eagle2Head.cpu_verify_update``, with
 the arguments of a round of real decoding, for the trees depth/top-k/tokens 3/4/12 and 5/8/32) and
-``loop`` (whole generations at batch 1, greedy: 96 new tokens after each of 3 held-out 100-token
-prompts, with EAGLE, tree 3/4/12, and with plain decoding; microseconds per generated token, so each
-build's EAGLE speedup is the ratio of its two rows). Prints microseconds per call and new / old ratios;
+``loop`` (whole generations at batch 1, greedy and sampled at temperature 1 with a fixed seed: 96
+new tokens after each of 3 held-out 100-token prompts, with EAGLE, tree 3/4/12, and with plain
+decoding; microseconds per generated token, so each build's EAGLE speedup is the ratio of two rows). Prints microseconds per call and new / old ratios;
 ``--out FILE`` writes them as JSON.
 """
 
@@ -151,13 +151,21 @@ def loop_cases() -> dict[str, float]:
         model = load("tiny-code", dtype=dtype)
         prompts = prompts_for(model, 3, 100)
         label = str(dtype).removeprefix("torch.")
+        tree = TreeConfig(3, 4, 12)
         runs = {
-            "EAGLE 3/4/12": functools.partial(model.generate, max_new_tokens=96, tree=TreeConfig(3, 4, 12)),
-            "plain": functools.partial(generate_plain, model.target, max_new_tokens=96),
+            "EAGLE 3/4/12 B1 T0": functools.partial(model.generate, max_new_tokens=96, tree=tree),
+            "plain B1 T0": functools.partial(generate_plain, model.target, max_new_tokens=96),
+            # sampled: fixed seeds, so both builds generate the same tokens (same work)
+            "EAGLE 3/4/12 B1 T1": functools.partial(
+                model.generate, max_new_tokens=96, tree=tree, temperature=1.0, seed=0
+            ),
+            "plain B1 T1": functools.partial(
+                generate_plain, model.target, max_new_tokens=96, temperature=1.0, seed=0
+            ),
         }
         for name, generate in runs.items():
             us = _best_us(functools.partial(one_by_one, generate, prompts), min_seconds=0.3)
-            out[f"tiny-code {name} B1 T0 {label}, us/token"] = us / (96 * len(prompts))
+            out[f"tiny-code {name} {label}, us/token"] = us / (96 * len(prompts))
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from eagle_kernels import _ext
+
 # splitmix64 constants as signed int64 (two's complement of the usual unsigned values).
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
@@ -34,11 +36,30 @@ def row_seeds(seed: int, batch_size: int, device: torch.device | str = "cpu") ->
     return splitmix64(splitmix64(torch.full_like(rows, int(seed) & ((1 << 63) - 1))) + rows)
 
 
+def _in_cpp(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``eagle_C::<op>`` (csrc/cpu/rng.cpp: the same arithmetic in loops, the same bits) takes
+    these tensors: plain CPU tensors outside tracing, the extension built."""
+    return (
+        all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+        and _ext.has_op(op)
+        and not torch.compiler.is_compiling()
+    )
+
+
 def uniforms(seeds: torch.Tensor, counter: torch.Tensor, n: int, dtype=torch.float32) -> torch.Tensor:
     """Uniforms in [0, 1), ``[B, n]``, for draw ``counter`` (int64 ``[B]``) of each row's stream.
 
     float32 values use the top 24 bits of the hash, float64 the top 53, so 1.0 is never produced.
     """
+    if (
+        _in_cpp("uniforms", seeds, counter)
+        and seeds.dtype == torch.int64
+        and counter.dtype in (torch.int32, torch.int64)
+        and dtype in (torch.float32, torch.float64)
+        and seeds.dim() == 1
+        and tuple(counter.shape) == tuple(seeds.shape)
+    ):
+        return torch.ops.eagle_C.uniforms(seeds, counter, n, dtype)
     base = splitmix64(seeds ^ splitmix64(counter.to(torch.int64)))
     cols = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device)
     bits = splitmix64(base[:, None] + cols[None, :] * _GOLDEN)
@@ -49,6 +70,15 @@ def uniforms(seeds: torch.Tensor, counter: torch.Tensor, n: int, dtype=torch.flo
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Sample one token per row of ``probs [R, V]`` (unnormalised is fine) with uniforms ``u [R]``:
     the first index whose cumulative mass exceeds ``u * total`` (float64 sums). int64 ``[R]``."""
+    if (
+        _in_cpp("inverse_cdf", probs, u)
+        and probs.dim() == 2
+        and probs.shape[-1] >= 1
+        and u.shape == probs.shape[:1]
+        and probs.is_floating_point()
+        and u.is_floating_point()
+    ):
+        return torch.ops.eagle_C.inverse_cdf(probs, u)
     cdf = probs.double().cumsum(-1)
     target = u.double()[:, None] * cdf[:, -1:]
     idx = torch.searchsorted(cdf, target, right=True)[:, 0]

@@ -33,6 +33,7 @@ from eagle.models.generate_plain import NONFINITE_MESSAGE, argmax_checked, nonfi
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput
 from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
+from eagle_kernels.tree_speculative_sampling import raise_on_status
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class SpeculativeDecoder:
         # (batch size, sampling) -> the buffers of a finished run, taken by the next run that fits them
         self._reuse_buffers = cuda_graph
         self._pool: BufferPool[_Batch] = BufferPool()
+        self._warp_param_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         if isinstance(tree, eagle_kernels.StaticTree):
             self.static = tree
             self.num_tokens, self.depth = tree.num_draft_tokens, int(tree.depth.max())
@@ -466,16 +468,16 @@ class SpeculativeDecoder:
         )
         t2 = self._stamp()
         steps = self.depth + 1
+        fused = self._cpu_verify_update(
+            s, out, candidates, (retrive_index, next_token, next_sibling), steps, sampling
+        )
+        if fused is not None:
+            if times is not None:  # the whole rest of the round is one call: counted as accept
+                times.draft += t1 - t0
+                times.verify += t2 - t1
+                times.accept += self._stamp() - t2
+            return fused
         if sampling.greedy:
-            fused = self._cpu_verify_update(
-                s, out, candidates, (retrive_index, next_token, next_sibling), steps
-            )
-            if fused is not None:
-                if times is not None:  # the whole rest of the round is one call: counted as accept
-                    times.draft += t1 - t0
-                    times.verify += t2 - t1
-                    times.accept += self._stamp() - t2
-                return fused
             target_predict, bad = argmax_checked(out.logits)
             self._check_finite(bad, s.nonfinite)
             predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
@@ -524,20 +526,31 @@ class SpeculativeDecoder:
             times.draft_update += t5 - t4
         return new_tokens, counts
 
-    def _cpu_verify_update(self, s: _Batch, out: ModelOutput, candidates, tree, steps: int):
-        """``(new_tokens, counts)`` of the greedy rest of the round done in one C++ call on CPU with an
-        EAGLE-1/2 head (:meth:`Eagle2Head.cpu_verify_update`: the same ops as the Python below, so the
-        same bits), the caches' lengths and the root state updated; None where that does not apply."""
+    def _cpu_verify_update(
+        self, s: _Batch, out: ModelOutput, candidates, tree, steps: int, sampling: SamplingParams
+    ):
+        """``(new_tokens, counts)`` of the rest of the round (greedy or sampled) done in one C++ call
+        on CPU with an EAGLE-1/2 head (:meth:`Eagle2Head.cpu_verify_update`: the same ops as the
+        Python below, so the same bits), the caches' lengths, the RNG counters and the root state
+        updated; None where that does not apply."""
         if not isinstance(self.head, Eagle2Head) or out.logits is None:
             return None
+        sampled = None
+        if not sampling.greedy:
+            params = self._warp_params(candidates.numel(), sampling, candidates.device)
+            if params is None:
+                return None
+            sampled = (*params, s.seeds, s.draws)
         s.draft_cache.check_room(steps)
         res = self.head.cpu_verify_update(
-            out.logits, out.hidden, candidates, tree, s.target_cache, s.draft_cache, steps
+            out.logits, out.hidden, candidates, tree, s.target_cache, s.draft_cache, steps, sampled
         )
         if res is None:
             return None
-        new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad = res
+        new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad, *status = res
         self._check_finite(bad, s.nonfinite)
+        if status and status[0] is not None:
+            raise_on_status("tree_speculative_sampling", status[0])
         s.target_cache.set_seqlens(new_lengths, bound=s.target_cache.length_bound + steps)
         s.draft_cache.advance(counts, max_increment=steps)
         s.root_hidden.copy_(root_hidden)
@@ -687,6 +700,27 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------------------------------
     # Bookkeeping
     # ------------------------------------------------------------------------------------------
+    def _warp_params(
+        self, rows: int, p: SamplingParams, device: torch.device
+    ) -> tuple[torch.Tensor, ...] | None:
+        """``warp_logits``' per-row parameters for ``rows`` rows, as its wrapper makes them from
+        Python numbers (float32 temperature / top_p / min_p, int64 top_k), kept between rounds (the
+        ops only read them); None for parameters of other types."""
+        values = (p.temperature, p.top_k, p.top_p, p.min_p)
+        if not all(type(v) in (int, float) for v in values) or type(p.top_k) is not int:
+            return None  # tensors, numpy scalars, ...: the wrapper's checks and conversions apply
+        key = (rows, values, device)
+        params = self._warp_param_cache.get(key)
+        if params is None:
+            if len(self._warp_param_cache) >= 16:
+                self._warp_param_cache.clear()
+            params = tuple(
+                torch.full((rows,), v, dtype=dtype, device=device)
+                for v, dtype in zip(values, (torch.float32, torch.int64, torch.float32, torch.float32))
+            )
+            self._warp_param_cache[key] = params
+        return params
+
     def _warp(self, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         if logits.dtype == torch.float64:  # the warper works in float32 (its output dtype)
             logits = logits.float()

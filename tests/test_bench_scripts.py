@@ -79,6 +79,7 @@ def test_ab_builds_times_two_builds_from_copies_of_the_package():
     assert re.search(r"tiny-code cpu_dynamic_tree 3/4/12 bfloat16 +[\d.]+ +[\d.]+ +[\d.]+", out), out
     assert re.search(r"tiny-code cpu_verify_update 5/8/32 float32 +[\d.]+ +[\d.]+ +[\d.]+", out), out
     assert re.search(r"tiny-code EAGLE 3/4/12 B1 T0 bfloat16, us/token +[\d.]+ +[\d.]+ +[\d.]+", out), out
+    assert re.search(r"tiny-code plain B1 T1 float32, us/token +[\d.]+ +[\d.]+ +[\d.]+", out), out
 
 
 def test_bench_loop_times_fixed_trees_over_several_prompt_sets():

@@ -1,5 +1,6 @@
-// Two ops of the CPU decoding loop with an EAGLE-1/2 head: eagle2_draft_dynamic (below) and
-// eagle2_verify_update (the greedy rest of a round after the verify forward, further down).
+// The ops of the CPU decoding loop with an EAGLE-1/2 head: eagle2_draft_dynamic (below), and
+// eagle2_verify_update / eagle2_verify_update_sampled (the greedy / sampled rest of a round after the
+// verify forward, further down).
 //
 // eagle2_draft_dynamic: one EAGLE-2 dynamic draft tree (eagle.speculate.SpeculativeDecoder._draft_dynamic
 // with an EAGLE-1/2 head on the CPU fast path) in one C++ call.
@@ -19,10 +20,13 @@
 
 #include "build_tree.h"
 #include "llama_layers.h"
+#include "rng.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 namespace eagle {
@@ -258,43 +262,47 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
 // Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
 // root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When the logits hold
 // NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
-std::vector<at::Tensor> eagle2_verify_update_cpu(
-    const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
-    const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
-    const at::Tensor& target_kv, const at::Tensor& target_seqlens, int64_t num_spec_steps,
-    const at::Tensor& embed_weight, const at::Tensor& fc_weight, const OptTensor& fc_bias,
-    const c10::List<OptTensor>& weights, const at::Tensor& draft_kv, const at::Tensor& draft_seqlens,
-    const at::Tensor& doubled_inv_freq, const at::Tensor& signs, const at::Tensor& lm_head, int64_t num_heads,
-    int64_t num_kv_heads, double eps) {
-  TORCH_CHECK_VALUE(logits.dim() == 3 && target_hidden.dim() == 3 && candidates.dim() == 2 &&
-                        logits.size(0) == candidates.size(0) && logits.size(1) == candidates.size(1) &&
-                        target_hidden.size(0) == candidates.size(0) && target_hidden.size(1) == candidates.size(1),
-                    "eagle2_verify_update: logits [b, n, V], target_hidden [b, n, H] and candidates [b, n] expected, "
-                    "got ", logits.sizes(), ", ", target_hidden.sizes(), ", ", candidates.sizes());
-  static const auto argmax_op = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("eagle_C::argmax_checked", "")
-                                    .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
-  static const auto verify_op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("eagle_C::verify_tree_greedy", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                const at::Tensor&, const at::Tensor&, int64_t)>();
-  static const auto compact_op =
+namespace {
+
+const auto& compact_op() {
+  static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("eagle_C::compact_kv_cache", "")
           .typed<at::Tensor(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
-  const int64_t b = candidates.size(0), n = candidates.size(1), steps = num_spec_steps;
+  return op;
+}
 
-  auto [target_predict, bad] = argmax_op.call(logits);
-  if (bad.item<bool>()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), bad};
-  auto [predicts, accept_index, accept_num] =
-      verify_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, steps);
-  const at::Tensor new_lengths = compact_op.call(target_kv, target_seqlens, accept_index, accept_num, n);
+const auto& argmax_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("eagle_C::argmax_checked", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op;
+}
 
-  // The accepted tokens and the draft's inputs (eagle.speculate.SpeculativeDecoder._round and
-  // _update_draft), in loops: valid = arange(steps) <= accept_num, rows = accept_index.clamp(0),
-  // new_tokens = where(valid, predicts[rows], 0), counts = accept_num + 1, feats = the target's
-  // features at rows, last = counts - 1. Integer indexing and row copies: exact.
+void check_round_shapes(const char* op, const at::Tensor& logits, const at::Tensor& target_hidden,
+                        const at::Tensor& candidates) {
+  TORCH_CHECK_VALUE(logits.dim() == 3 && target_hidden.dim() == 3 && candidates.dim() == 2 &&
+                        logits.size(0) == candidates.size(0) && logits.size(1) == candidates.size(1) &&
+                        target_hidden.size(0) == candidates.size(0) && target_hidden.size(1) == candidates.size(1),
+                    op, ": logits [b, n, V], target_hidden [b, n, H] and candidates [b, n] expected, got ",
+                    logits.sizes(), ", ", target_hidden.sizes(), ", ", candidates.sizes());
+}
+
+// What both rounds do once the accepted path is known (eagle.speculate.SpeculativeDecoder._round after
+// the verification, and _update_draft): compact the target cache, then in loops valid = arange(steps)
+// <= accept_num, rows = accept_index.clamp(0), new_tokens = where(valid, predicts[rows], 0), counts =
+// accept_num + 1, feats = the target's features at rows, last = counts - 1 (integer indexing and row
+// copies: exact), and the head's forward over the accepted tokens.
+// Returns [new_tokens, counts, new target lengths, root, root_hidden, root_logits].
+std::vector<at::Tensor> commit_accepted(
+    const at::Tensor& predicts, const at::Tensor& accept_index, const at::Tensor& accept_num,
+    const at::Tensor& target_hidden, const at::Tensor& candidates, const at::Tensor& target_kv,
+    const at::Tensor& target_seqlens, int64_t steps, const at::Tensor& embed_weight, const at::Tensor& fc_weight,
+    const OptTensor& fc_bias, const c10::List<OptTensor>& weights, const at::Tensor& draft_kv,
+    const at::Tensor& draft_seqlens, const at::Tensor& doubled_inv_freq, const at::Tensor& signs,
+    const at::Tensor& lm_head, int64_t num_heads, int64_t num_kv_heads, double eps) {
+  const int64_t b = candidates.size(0), n = candidates.size(1);
+  const at::Tensor new_lengths = compact_op().call(target_kv, target_seqlens, accept_index, accept_num, n);
   const auto i64 = candidates.options().dtype(at::kLong);
   const at::Tensor index = accept_index.contiguous(), num = accept_num.contiguous(), pred = predicts.contiguous();
   const int32_t* ai = index.const_data_ptr<int32_t>();
@@ -323,7 +331,99 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
                                     rope[1], draft_seqlens, std::nullopt, 0, num_heads, num_kv_heads, eps, lm_head, last);
   const at::Tensor root_hidden = gather_rows(d[0], last_rows, 1).select(1, 0);
   const at::Tensor root_logits = d[1].select(1, 0);
-  return {new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad};
+  return {new_tokens, counts, new_lengths, root, root_hidden, root_logits};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> eagle2_verify_update_cpu(
+    const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
+    const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
+    const at::Tensor& target_kv, const at::Tensor& target_seqlens, int64_t num_spec_steps,
+    const at::Tensor& embed_weight, const at::Tensor& fc_weight, const OptTensor& fc_bias,
+    const c10::List<OptTensor>& weights, const at::Tensor& draft_kv, const at::Tensor& draft_seqlens,
+    const at::Tensor& doubled_inv_freq, const at::Tensor& signs, const at::Tensor& lm_head, int64_t num_heads,
+    int64_t num_kv_heads, double eps) {
+  check_round_shapes("eagle2_verify_update", logits, target_hidden, candidates);
+  static const auto verify_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("eagle_C::verify_tree_greedy", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                const at::Tensor&, const at::Tensor&, int64_t)>();
+  auto [target_predict, bad] = argmax_op().call(logits);
+  if (bad.item<bool>()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), bad};
+  auto [predicts, accept_index, accept_num] = verify_op.call(candidates, retrive_index, retrive_next_token,
+                                                             retrive_next_sibling, target_predict, num_spec_steps);
+  std::vector<at::Tensor> out = commit_accepted(
+      predicts, accept_index, accept_num, target_hidden, candidates, target_kv, target_seqlens, num_spec_steps,
+      embed_weight, fc_weight, fc_bias, weights, draft_kv, draft_seqlens, doubled_inv_freq, signs, lm_head, num_heads,
+      num_kv_heads, eps);
+  out.push_back(bad);
+  return out;
+}
+
+// The sampled counterpart (eagle.speculate.SpeculativeDecoder._round at temperature > 0): the NaN/inf
+// check of the logits, eagle_C::warp_logits over the b * n rows (float64 logits as float32, as
+// SpeculativeDecoder._warp), the round's n + 1 uniforms of each row's stream (eagle.rng.uniforms, in
+// C++: the same bits) with the draw counter advanced in place, eagle_C::tree_speculative_sampling, then
+// the same commit as the greedy op. Returns the greedy op's seven outputs and the sampling op's status
+// words [b] (int32), or an undefined status where every sequence's status is 0. Where the logits hold
+// NaN/inf (the flag) or a status is set, nothing is written but `draws`, and the caller raises.
+std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
+    const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
+    const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+    const at::Tensor& seeds, const at::Tensor& draws, const at::Tensor& target_kv, const at::Tensor& target_seqlens,
+    int64_t num_spec_steps, const at::Tensor& embed_weight, const at::Tensor& fc_weight, const OptTensor& fc_bias,
+    const c10::List<OptTensor>& weights, const at::Tensor& draft_kv, const at::Tensor& draft_seqlens,
+    const at::Tensor& doubled_inv_freq, const at::Tensor& signs, const at::Tensor& lm_head, int64_t num_heads,
+    int64_t num_kv_heads, double eps) {
+  check_round_shapes("eagle2_verify_update_sampled", logits, target_hidden, candidates);
+  const int64_t b = candidates.size(0), n = candidates.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(draws.dim() == 1 && draws.size(0) == b && draws.scalar_type() == at::kLong && draws.is_contiguous(),
+                    "eagle2_verify_update_sampled: draws must be a contiguous int64 [b] = [", b, "], got ",
+                    draws.sizes(), " ", draws.scalar_type());
+  static const auto warp_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("eagle_C::warp_logits", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&)>();
+  static const auto sampling_op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("eagle_C::tree_speculative_sampling", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+              const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, bool, double, double)>();
+  const at::Tensor bad = std::get<1>(argmax_op().call(logits));  // eagle.models.generate_plain.nonfinite_flag
+  const std::vector<at::Tensor> nothing(6);
+  if (bad.item<bool>()) {
+    std::vector<at::Tensor> out = nothing;
+    out.push_back(bad);
+    out.push_back(at::Tensor());
+    return out;
+  }
+  const at::Tensor flat = (logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits).reshape({b * n, V});
+  const at::Tensor probs = warp_op.call(flat, temperature, top_k, top_p, min_p).view({b, n, V});
+  const at::Tensor u = rng::uniforms_cpu(seeds, draws, n + 1, at::kFloat);  // [b, n + 1]
+  int64_t* draw = draws.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < b; ++r) draw[r] += 1;
+  auto [predicts, accept_index, accept_num, status] =
+      sampling_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs, std::nullopt,
+                       u.narrow(1, 0, n).contiguous(), u.select(1, n).contiguous(), num_spec_steps, false, 1.0, 1.0);
+  const int32_t* st = status.const_data_ptr<int32_t>();
+  if (std::any_of(st, st + b, [](int32_t w) { return w != 0; })) {
+    std::vector<at::Tensor> out = nothing;
+    out.push_back(bad);
+    out.push_back(status);
+    return out;
+  }
+  std::vector<at::Tensor> out = commit_accepted(
+      predicts, accept_index, accept_num, target_hidden, candidates, target_kv, target_seqlens, num_spec_steps,
+      embed_weight, fc_weight, fc_bias, weights, draft_kv, draft_seqlens, doubled_inv_freq, signs, lm_head, num_heads,
+      num_kv_heads, eps);
+  out.push_back(bad);
+  out.push_back(at::Tensor());
+  return out;
 }
 
 }  // namespace draft_tree
@@ -344,13 +444,22 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "int num_spec_steps, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] weights, "
       "Tensor(b!) draft_kv, Tensor draft_seqlens, Tensor doubled_inv_freq, Tensor signs, Tensor lm_head, "
       "int num_heads, int num_kv_heads, float eps) -> Tensor[]");
+  m.def(
+      "eagle2_verify_update_sampled(Tensor logits, Tensor target_hidden, Tensor candidates, Tensor retrive_index, "
+      "Tensor retrive_next_token, Tensor retrive_next_sibling, Tensor temperature, Tensor top_k, Tensor top_p, "
+      "Tensor min_p, Tensor seeds, Tensor(c!) draws, Tensor(a!) target_kv, Tensor target_seqlens, "
+      "int num_spec_steps, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] weights, "
+      "Tensor(b!) draft_kv, Tensor draft_seqlens, Tensor doubled_inv_freq, Tensor signs, Tensor lm_head, "
+      "int num_heads, int num_kv_heads, float eps) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
   m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu);
   m.impl("eagle2_verify_update", &eagle::draft_tree::eagle2_verify_update_cpu);
+  m.impl("eagle2_verify_update_sampled", &eagle::draft_tree::eagle2_verify_update_sampled_cpu);
 }
 TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) {
   m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu);
   m.impl("eagle2_verify_update", &eagle::draft_tree::eagle2_verify_update_cpu);
+  m.impl("eagle2_verify_update_sampled", &eagle::draft_tree::eagle2_verify_update_sampled_cpu);
 }

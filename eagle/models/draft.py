@@ -360,7 +360,8 @@ class Eagle2Head(DraftHead):
         target_cache: KVCache,
         cache: KVCache,
         num_spec_steps: int,
-    ) -> list[torch.Tensor] | None:
+        sampled: tuple[torch.Tensor, ...] | None = None,
+    ) -> list[torch.Tensor | None] | None:
         """The rest of a greedy round after the verify forward in one C++ call
         (``eagle_C::eagle2_verify_update``, csrc/cpu/draft_tree.cpp): the greedy pick, the tree walk,
         the target cache's compaction and this head's forward over the accepted tokens, with the same
@@ -372,18 +373,30 @@ class Eagle2Head(DraftHead):
         ``logits [b, n, V]``, ``target_hidden [b, n, H]``: the verify forward's; ``tree``:
         ``(retrive_index, retrive_next_token, retrive_next_sibling)``; ``cache``: this head's cache,
         with room for ``num_spec_steps`` rows (the caller checks); neither cache's lengths are
-        advanced here."""
+        advanced here.
+
+        ``sampled``: a sampled round instead (``eagle_C::eagle2_verify_update_sampled``, the ops of
+        ``SpeculativeDecoder._round``'s sampled branch: NaN/inf check, ``warp_logits``, the round's
+        uniforms from :mod:`eagle.rng`, ``tree_speculative_sampling``, then the same commit), given as
+        ``(temperature, top_k, top_p, min_p, seeds, draws)``: the warper's per-row parameters
+        (``[b * n]`` float32 / int64 / float32 / float32) and each row's RNG seed and draw counter
+        (int64 ``[b]``; ``draws`` is advanced in place). The result then has an eighth entry, the
+        sampling op's status words (None when every one is 0; nothing else is written otherwise)."""
         on = _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE
         for_op = self._cpu_op_weights(target_hidden, "eagle2_verify_update") if on else None
         if for_op is None:  # (_cpu_op_weights checked the device and tracing)
             return None
+        if sampled is not None and not _ext.has_op("eagle2_verify_update_sampled"):
+            return None
         doubled, signs = rope_tables(self._inv_freq_on(cache.device))
         cfg, fc = self.config, self.fc
-        return torch.ops.eagle_C.eagle2_verify_update(
-            logits,
-            target_hidden,
-            candidates,
-            *tree,
+        if sampled is None:
+            op, head_args = torch.ops.eagle_C.eagle2_verify_update, (logits, target_hidden, candidates, *tree)
+        else:
+            op = torch.ops.eagle_C.eagle2_verify_update_sampled
+            head_args = (logits, target_hidden, candidates, *tree, *sampled)
+        return op(
+            *head_args,
             target_cache.kv,
             target_cache.seqlens,
             num_spec_steps,
@@ -414,9 +427,14 @@ def cpu_draft_loop_status() -> str:
         return "Python (the C++ loop is switched off: EAGLE_CPU_DRAFT_LOOP=0 or set_cpu_draft_loop(False))"
     if not _CPU_VERIFY_UPDATE or not _ext.has_op("eagle2_verify_update"):
         return "C++, one call per round (eagle_C::eagle2_draft_dynamic); the greedy round's rest in Python"
+    if not _ext.has_op("eagle2_verify_update_sampled"):
+        return (
+            "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the greedy round's rest "
+            "after the verify forward (eagle_C::eagle2_verify_update); the sampled round's rest in Python"
+        )
     return (
-        "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the greedy round's rest "
-        "after the verify forward (eagle_C::eagle2_verify_update)"
+        "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the round's rest after the "
+        "verify forward (eagle_C::eagle2_verify_update, greedy; eagle2_verify_update_sampled, sampled)"
     )
 
 

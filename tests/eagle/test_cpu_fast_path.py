@@ -34,6 +34,7 @@ from eagle.models.llama import (
 )
 from eagle.tree import TreeConfig
 from eagle_kernels import _ext
+from eagle_kernels.tree_speculative_sampling import raise_on_status
 from tests.eagle.conftest import LLAMA3_ROPE
 
 pytestmark = pytest.mark.skipif(
@@ -259,13 +260,24 @@ def test_cpp_draft_loop_builds_the_python_loops_tree(make_target, monkeypatch, f
     assert max(max(row) for row in fast[1]) > 1  # some drafts were accepted: the trees mattered
 
 
+ROUND_SAMPLING = {
+    "greedy": speculate.SamplingParams(temperature=0.0),
+    "t1": speculate.SamplingParams(temperature=1.0),
+    "warped": speculate.SamplingParams(temperature=0.7, top_k=9, top_p=0.9, min_p=0.05),
+}
+
+
+@pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("tree", ["3/4/12", "6/10/60", "chain5", "static"])
-def test_cpp_verify_update_equals_the_python_round(make_target, monkeypatch, fast_path, tree, dtype, B):
-    """Greedy rounds whose rest after the verify forward is one C++ call (eagle2_verify_update) emit
-    the same tokens with the same accept lengths as the Python path, and leave both caches and the
-    root state bit-identical; and the C++ call is what runs when it is on."""
+def test_cpp_verify_update_equals_the_python_round(
+    make_target, monkeypatch, fast_path, tree, dtype, B, sampling
+):
+    """Rounds whose rest after the verify forward is one C++ call (eagle2_verify_update greedy,
+    eagle2_verify_update_sampled sampled) emit the same tokens with the same accept lengths as the
+    Python path, and leave both caches, the root state and the RNG counters bit-identical; and the
+    C++ call is what runs when it is on."""
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
     target = load_target(path, dtype=dtype)
     model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
@@ -275,7 +287,7 @@ def test_cpp_verify_update_equals_the_python_round(make_target, monkeypatch, fas
     def run():
         decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(shape, B))
         tokens = []
-        for emission in decoder.run(prompts, 24, speculate.SamplingParams(temperature=0.0), seed=0):
+        for emission in decoder.run(prompts, 24, ROUND_SAMPLING[sampling], seed=3):
             tokens.append(emission.tokens)
         state = decoder._last_state
         return tokens, decoder._accept_lengths, state
@@ -293,7 +305,7 @@ def test_cpp_verify_update_equals_the_python_round(make_target, monkeypatch, fas
         set_cpu_verify_update(previous)
     assert fast[:2] == ref[:2]
     assert max(max(row) for row in fast[1].values()) > 1  # some drafts were accepted
-    for name in ("root", "root_hidden", "root_logits"):
+    for name in ("root", "root_hidden", "root_logits", "seeds", "draws"):
         assert torch.equal(getattr(fast[2], name), getattr(ref[2], name)), name
     for cache in ("target_cache", "draft_cache"):
         a, b = getattr(fast[2], cache), getattr(ref[2], cache)
@@ -322,6 +334,47 @@ def test_cpp_verify_update_is_skipped_where_it_does_not_apply(make_target, fast_
                 switch(previous)
         set_cpu_fast_path(False)
         assert head.cpu_verify_update(*args, target_cache, cache, 2) is None
+
+
+def test_cpp_sampled_verify_update_writes_nothing_on_bad_input(make_target, fast_path):
+    """The sampled one-call rest: NaN logits give the flag; a malformed tree gives the sampling op's
+    status (which the loop raises as the Python path does); in both cases neither cache is written."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    head = make_head(target, "eagle2", bias=True, qkv_bias=False)
+    cache, target_cache = head.new_cache(1, 16), target.new_cache(1, 16)
+    target_cache.advance(4)
+    cache.advance(4)
+    n, H = 3, head.config.hidden_size
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, n, 48, generator=gen)
+    hidden = torch.randn(1, n, H, generator=gen)
+    candidates = torch.tensor([[5, 6, 7]])
+    good = (torch.tensor([[0, 1, 2]]), torch.tensor([[1, -1, -1]]), torch.tensor([[-1, 2, -1]]))
+    cyclic = (torch.tensor([[0, 1, 2]]), torch.tensor([[1, 0, -1]]), torch.tensor([[-1, 2, -1]]))
+    params = speculate.SpeculativeDecoder(target, head, TreeConfig(2, 2, 3))._warp_params(
+        n, speculate.SamplingParams(temperature=1.0), torch.device("cpu")
+    )
+    seeds, draws = torch.tensor([7]), torch.tensor([1])
+    kv, draft_kv = target_cache.kv.clone(), cache.kv.clone()
+
+    def call(lg, tree):
+        with torch.inference_mode():
+            return head.cpu_verify_update(
+                lg, hidden, candidates, tree, target_cache, cache, 2, (*params, seeds, draws)
+            )
+
+    out = call(logits.clone().index_fill_(2, torch.tensor([3]), float("nan")), good)
+    assert bool(out[6]) and out[0] is None and out[7] is None
+    assert int(draws[0]) == 1  # as the Python round, which raises before drawing
+    out = call(logits, cyclic)
+    assert not bool(out[6]) and out[0] is None and int(out[7][0]) != 0
+    with pytest.raises(ValueError, match="tree_speculative_sampling: sequence 0"):
+        raise_on_status("tree_speculative_sampling", out[7])
+    assert torch.equal(target_cache.kv, kv) and torch.equal(cache.kv, draft_kv)
+    out = call(logits, good)  # the same arguments on a well-formed tree: accepted and written
+    assert out[7] is None and out[0].shape == (1, 2) and int(draws[0]) == 3  # one draw per sampling call
+    assert not torch.equal(cache.kv, draft_kv)
 
 
 def run_keeping_state(run, m):
