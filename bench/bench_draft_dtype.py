@@ -31,28 +31,39 @@ from eagle.models.weights import resolve_dtype  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
 
 
-def speculative_tokens(decoder: SpeculativeDecoder, prompts, new_tokens: int) -> tuple[list[list[int]], int]:
-    """Greedy tokens of every prompt (run together as one batch) and the rounds after the prefill."""
+def speculative_tokens(
+    decoder: SpeculativeDecoder, prompts, new_tokens: int, temperature: float = 0.0
+) -> tuple[list[list[int]], int]:
+    """Tokens of every prompt (run together as one batch; greedy, or sampled with seed 0) and the
+    rounds after the prefill."""
     tokens: dict[int, list[int]] = {row: [] for row in range(len(prompts))}
     forwards = 0
-    for emission in decoder.run(prompts, new_tokens, SamplingParams(temperature=0.0), seed=0):
+    for emission in decoder.run(prompts, new_tokens, SamplingParams(temperature=temperature), seed=0):
         forwards += 1
         for row, new in zip(emission.rows, emission.tokens):
             tokens[row].extend(new)
     return [tokens[row] for row in range(len(prompts))], forwards - 1
 
 
-def timed_plain(target, batches, new_tokens: int) -> tuple[list[list[int]], float]:
-    """Plain greedy tokens of every row of every batch, and the seconds it took."""
+def timed_plain(target, batches, new_tokens: int, temperature: float = 0.0) -> tuple[list[list[int]], float]:
+    """Plain tokens (greedy, or sampled with seed 0) of every row of every batch, and the seconds it
+    took."""
     t0 = time.perf_counter()
-    tokens = [row for batch in batches for row in generate_plain(target, batch, new_tokens)]
+    tokens = [
+        row
+        for batch in batches
+        for row in generate_plain(target, batch, new_tokens, temperature=temperature, seed=0)
+    ]
     return tokens, time.perf_counter() - t0
 
 
-def timed_speculative(decoder, batches, new_tokens: int) -> tuple[list[list[int]], int, float]:
-    """Speculative greedy tokens of every row of every batch, the rounds, and the seconds it took."""
+def timed_speculative(
+    decoder, batches, new_tokens: int, temperature: float = 0.0
+) -> tuple[list[list[int]], int, float]:
+    """Speculative tokens (greedy, or sampled with seed 0) of every row of every batch, the rounds,
+    and the seconds it took."""
     t0 = time.perf_counter()
-    outs = [speculative_tokens(decoder, batch, new_tokens) for batch in batches]
+    outs = [speculative_tokens(decoder, batch, new_tokens, temperature) for batch in batches]
     seconds = time.perf_counter() - t0
     return [row for tokens, _ in outs for row in tokens], sum(rounds for _, rounds in outs), seconds
 

@@ -36,11 +36,23 @@ def row_seeds(seed: int, batch_size: int, device: torch.device | str = "cpu") ->
     return splitmix64(splitmix64(torch.full_like(rows, int(seed) & ((1 << 63) - 1))) + rows)
 
 
+_CPU_OPS = True
+
+
+def set_cpu_ops(enabled: bool) -> bool:
+    """Use the C++ versions of :func:`uniforms` and :func:`inverse_cdf` on CPU tensors (default; the
+    same values either way) or the tensor ops; returns the previous setting (for benchmarks)."""
+    global _CPU_OPS
+    previous, _CPU_OPS = _CPU_OPS, bool(enabled)
+    return previous
+
+
 def _in_cpp(op: str, *tensors: torch.Tensor) -> bool:
     """Whether ``eagle_C::<op>`` (csrc/cpu/rng.cpp: the same arithmetic in loops, the same bits) takes
     these tensors: plain CPU tensors outside tracing, the extension built."""
     return (
-        all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+        _CPU_OPS
+        and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
         and _ext.has_op(op)
         and not torch.compiler.is_compiling()
     )

@@ -67,6 +67,16 @@ def test_bench_verify_update_compares_both_paths_with_the_same_tokens():
     assert re.search(r"EAGLE chain +Python +: +\d+ tok/s", out), out
 
 
+def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
+    out = _run(
+        "bench_verify_update.py", "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2",
+        "--temperature", "1", "--no-save",
+    )  # fmt: skip
+    assert "both paths sampled the same tokens" in out, out
+    assert re.search(r"the C\+\+ RNG is [\d.]+x it", out), out
+    assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
+
+
 def test_ab_builds_times_two_builds_from_copies_of_the_package():
     so = next((BENCH.parent / "eagle_kernels").glob("_C*.so"), None)
     if so is None:
