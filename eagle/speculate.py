@@ -62,9 +62,10 @@ class SamplingParams:
 
 @dataclass
 class RoundTimes:
-    """Seconds spent per phase, summed over rounds (filled only when profiling). Where the greedy rest
-    of a round is one C++ call (CPU, EAGLE-1/2 head: :meth:`SpeculativeDecoder._cpu_verify_update`),
-    ``accept`` holds all of it and ``compact`` / ``draft_update`` stay 0."""
+    """Seconds spent per phase, summed over rounds (filled only when profiling). Where the rest of a
+    round after the verify forward is one C++ call (CPU, EAGLE-1/2 head, greedy or sampled:
+    :meth:`SpeculativeDecoder._cpu_verify_update`), ``accept`` holds all of it and ``compact`` /
+    ``draft_update`` stay 0."""
 
     draft: float = 0.0
     verify: float = 0.0
@@ -533,7 +534,7 @@ class SpeculativeDecoder:
         on CPU with an EAGLE-1/2 head (:meth:`Eagle2Head.cpu_verify_update`: the same ops as the
         Python below, so the same bits), the caches' lengths, the RNG counters and the root state
         updated; None where that does not apply."""
-        if not isinstance(self.head, Eagle2Head) or out.logits is None:
+        if not isinstance(self.head, Eagle2Head) or out.logits is None or candidates.device.type != "cpu":
             return None
         sampled = None
         if not sampling.greedy:

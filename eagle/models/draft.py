@@ -426,7 +426,7 @@ def cpu_draft_loop_status() -> str:
     if not _CPU_DRAFT_LOOP:
         return "Python (the C++ loop is switched off: EAGLE_CPU_DRAFT_LOOP=0 or set_cpu_draft_loop(False))"
     if not _CPU_VERIFY_UPDATE or not _ext.has_op("eagle2_verify_update"):
-        return "C++, one call per round (eagle_C::eagle2_draft_dynamic); the greedy round's rest in Python"
+        return "C++, one call per round (eagle_C::eagle2_draft_dynamic); the round's rest in Python"
     if not _ext.has_op("eagle2_verify_update_sampled"):
         return (
             "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the greedy round's rest "
@@ -439,8 +439,9 @@ def cpu_draft_loop_status() -> str:
 
 
 def set_cpu_verify_update(enabled: bool) -> bool:
-    """Turn the one-call rest of a greedy round (:meth:`Eagle2Head.cpu_verify_update`) on or off (the
-    Python path makes the same ops: same tokens, caches and states); returns the previous setting.
+    """Turn the one-call rest of a round, greedy or sampled (:meth:`Eagle2Head.cpu_verify_update`), on
+    or off (the Python path makes the same ops: same tokens, caches, RNG counters and states); returns
+    the previous setting.
     ``EAGLE_CPU_DRAFT_LOOP=0`` / :func:`set_cpu_draft_loop` turn it off too."""
     global _CPU_VERIFY_UPDATE
     previous, _CPU_VERIFY_UPDATE = _CPU_VERIFY_UPDATE, bool(enabled)
