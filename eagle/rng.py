@@ -37,6 +37,7 @@ def row_seeds(seed: int, batch_size: int, device: torch.device | str = "cpu") ->
 
 
 _CPU_OPS = True
+_CPP_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what the C++ ops read
 
 
 def set_cpu_ops(enabled: bool) -> bool:
@@ -63,8 +64,11 @@ def uniforms(seeds: torch.Tensor, counter: torch.Tensor, n: int, dtype=torch.flo
 
     float32 values use the top 24 bits of the hash, float64 the top 53, so 1.0 is never produced.
     """
+    if isinstance(n, int) and n < 0:
+        raise ValueError(f"uniforms: n must be >= 0, got {n}")
     if (
-        _in_cpp("uniforms", seeds, counter)
+        type(n) is int
+        and _in_cpp("uniforms", seeds, counter)
         and seeds.dtype == torch.int64
         and counter.dtype in (torch.int32, torch.int64)
         and dtype in (torch.float32, torch.float64)
@@ -87,8 +91,8 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         and probs.dim() == 2
         and probs.shape[-1] >= 1
         and u.shape == probs.shape[:1]
-        and probs.is_floating_point()
-        and u.is_floating_point()
+        and probs.dtype in _CPP_FLOATS
+        and u.dtype in _CPP_FLOATS
     ):
         return torch.ops.eagle_C.inverse_cdf(probs, u)
     cdf = probs.double().cumsum(-1)

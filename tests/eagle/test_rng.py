@@ -122,3 +122,14 @@ def test_cpp_rng_ops_refuse_bad_arguments():
         torch.ops.eagle_C.inverse_cdf(torch.ones(2, 0), torch.zeros(2))
     with pytest.raises(TypeError, match="must be floating point"):
         torch.ops.eagle_C.inverse_cdf(torch.ones(2, 4, dtype=torch.int64), torch.zeros(2))
+
+
+def test_uniforms_refuse_a_negative_count_and_odd_inputs_take_the_tensor_ops():
+    seeds, counter = row_seeds(1, 2), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        uniforms(seeds, counter, -1)
+    probs = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    u = torch.tensor([0.5, 0.5])
+    want = rng.inverse_cdf(probs, u)
+    if hasattr(torch, "float8_e4m3fn"):  # no C++ kernel for float8: the tensor ops take it
+        assert torch.equal(rng.inverse_cdf(probs.to(torch.float8_e4m3fn), u), want)
