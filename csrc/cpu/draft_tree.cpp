@@ -251,17 +251,6 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   return {candidates, tree_mask, positions, retrive_index, next_token, next_sibling};
 }
 
-// The rest of a greedy round after the verify forward (eagle.speculate.SpeculativeDecoder._round from
-// the target's logits on, with _update_draft and an EAGLE-1/2 head on the CPU fast path) in one call:
-// argmax_checked, verify_tree_greedy, compact_kv_cache (the registered ops, as the Python calls them),
-// the accepted tokens, and the draft head's forward over them (rope_cos_sin + eagle2_head, as
-// Eagle2Head.forward makes it). The same numerical ops with the same arguments, and the integer
-// bookkeeping between them as exact loops: the same bits. The Python between them, and then the
-// small ATen calls, cost more than the ops at the bundled model's size.
-//
-// Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
-// root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When the logits hold
-// NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
 namespace {
 
 const auto& compact_op() {
@@ -336,6 +325,17 @@ std::vector<at::Tensor> commit_accepted(
 
 }  // namespace
 
+// The rest of a greedy round after the verify forward (eagle.speculate.SpeculativeDecoder._round from
+// the target's logits on, with _update_draft and an EAGLE-1/2 head on the CPU fast path) in one call:
+// argmax_checked, verify_tree_greedy, compact_kv_cache (the registered ops, as the Python calls them),
+// the accepted tokens, and the draft head's forward over them (rope_cos_sin + eagle2_head, as
+// Eagle2Head.forward makes it). The same numerical ops with the same arguments, and the integer
+// bookkeeping between them as exact loops: the same bits. The Python between them, and then the
+// small ATen calls, cost more than the ops at the bundled model's size.
+//
+// Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
+// root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When the logits hold
+// NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
 std::vector<at::Tensor> eagle2_verify_update_cpu(
     const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
     const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
@@ -351,7 +351,11 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, const at::Tensor&, int64_t)>();
   auto [target_predict, bad] = argmax_op().call(logits);
-  if (bad.item<bool>()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), bad};
+  if (bad.item<bool>()) {
+    std::vector<at::Tensor> out(6);
+    out.push_back(bad);
+    return out;
+  }
   auto [predicts, accept_index, accept_num] = verify_op.call(candidates, retrive_index, retrive_next_token,
                                                              retrive_next_sibling, target_predict, num_spec_steps);
   std::vector<at::Tensor> out = commit_accepted(
@@ -395,13 +399,12 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, bool, double, double)>();
   const at::Tensor bad = std::get<1>(argmax_op().call(logits));  // eagle.models.generate_plain.nonfinite_flag
-  const std::vector<at::Tensor> nothing(6);
-  if (bad.item<bool>()) {
-    std::vector<at::Tensor> out = nothing;
+  const auto finish = [&bad](std::vector<at::Tensor> out, const at::Tensor& status) {  // + flag, status
     out.push_back(bad);
-    out.push_back(at::Tensor());
+    out.push_back(status);
     return out;
-  }
+  };
+  if (bad.item<bool>()) return finish(std::vector<at::Tensor>(6), at::Tensor());
   const at::Tensor flat = (logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits).reshape({b * n, V});
   const at::Tensor probs = warp_op.call(flat, temperature, top_k, top_p, min_p).view({b, n, V});
   const at::Tensor u = rng::uniforms_cpu(seeds, draws, n + 1, at::kFloat);  // [b, n + 1]
@@ -411,19 +414,11 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
       sampling_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs, std::nullopt,
                        u.narrow(1, 0, n).contiguous(), u.select(1, n).contiguous(), num_spec_steps, false, 1.0, 1.0);
   const int32_t* st = status.const_data_ptr<int32_t>();
-  if (std::any_of(st, st + b, [](int32_t w) { return w != 0; })) {
-    std::vector<at::Tensor> out = nothing;
-    out.push_back(bad);
-    out.push_back(status);
-    return out;
-  }
-  std::vector<at::Tensor> out = commit_accepted(
-      predicts, accept_index, accept_num, target_hidden, candidates, target_kv, target_seqlens, num_spec_steps,
-      embed_weight, fc_weight, fc_bias, weights, draft_kv, draft_seqlens, doubled_inv_freq, signs, lm_head, num_heads,
-      num_kv_heads, eps);
-  out.push_back(bad);
-  out.push_back(at::Tensor());
-  return out;
+  if (std::any_of(st, st + b, [](int32_t w) { return w != 0; })) return finish(std::vector<at::Tensor>(6), status);
+  return finish(commit_accepted(predicts, accept_index, accept_num, target_hidden, candidates, target_kv,
+                                target_seqlens, num_spec_steps, embed_weight, fc_weight, fc_bias, weights, draft_kv,
+                                draft_seqlens, doubled_inv_freq, signs, lm_head, num_heads, num_kv_heads, eps),
+                at::Tensor());
 }
 
 }  // namespace draft_tree
