@@ -128,17 +128,20 @@ CPU_VARIANT_SHAPES = ["decode-B1", "tiny-tree12-B1", "tree60-B1"]
 
 @pytest.mark.parametrize("shape", CPU_VARIANT_SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("variant", ["amx", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("variant", ["amx", "amx_fma_pv", "avx512", "avx2", "generic"])
 def test_tree_attention_cpu_variants(benchmark, bench_device, monkeypatch, shape, dtype, variant):
     """The C++ kernel's instruction-set variants side by side in one process (same build, same
-    inputs): ``amx`` is ``avx512`` with the scores of bfloat16 caches on AMX tiles.
+    inputs): ``amx`` is ``avx512`` with the scores and P @ V of bfloat16 caches on AMX tiles,
+    ``amx_fma_pv`` the same with P @ V in float32 FMAs (``EAGLE_CPU_AMX_PV=0``).
 
         pytest bench/bench_tree_attention.py -k cpu_variants --benchmark-only --benchmark-group-by=param:shape,param:dtype
     """
     if bench_device.type != "cpu":
         pytest.skip("the C++ variants are CPU kernels")
-    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", variant)
-    if not _cpu_variant_runs(variant):
+    isa = "amx" if variant.startswith("amx") else variant
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    monkeypatch.setenv("EAGLE_CPU_AMX_PV", "0" if variant == "amx_fma_pv" else "1")
+    if not _cpu_variant_runs(isa):
         pytest.skip(f"variant {variant} cannot run on this CPU (or no extension)")
     q, k, v, seqlens, mask = make_inputs(CPU_SHAPES[shape], bench_device, getattr(torch, dtype))
     call = lambda: torch.ops.eagle_C.tree_attention(q, k, v, seqlens, mask, q.shape[-1] ** -0.5)

@@ -77,6 +77,24 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
 
 
+def test_bench_amx_pv_times_both_settings_and_checks_greedy_output():
+    import torch
+
+    import eagle_kernels  # noqa: F401
+
+    if not hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant") or (
+        torch.ops.eagle_C.tree_attention_cpu_variant() != "amx"
+    ):
+        pytest.skip("tree_attention does not run on AMX tiles on this CPU")
+    out = _run(
+        "bench_amx_pv.py", "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2", "--trees", "2/2/4",
+        "--temperature", "0", "1", "--no-save",
+    )  # fmt: skip
+    assert "every greedy EAGLE run reproduced its setting's plain decoding" in out, out
+    assert re.search(r"2/2/4 +\d+ +\d+ +[\d.]+x +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out
+    assert "T = 1, B 1" in out and "wrote" not in out, out
+
+
 def test_ab_builds_times_two_builds_from_copies_of_the_package():
     so = next((BENCH.parent / "eagle_kernels").glob("_C*.so"), None)
     if so is None:

@@ -7,8 +7,8 @@
 //
 // The kernel body (tree_attention_kernel.h) is compiled three times, for AVX-512, AVX2+FMA and the
 // x86-64 baseline, and the widest one the CPU supports runs. On CPUs with AMX-BF16 the AVX-512 variant
-// takes the scores of bfloat16 caches on AMX tiles (tree_attention_amx.cpp) when the head dim is a
-// multiple of 32. EAGLE_KERNELS_CPU_ISA=amx|avx512|avx2|generic forces one (avx512: without AMX; tests
+// takes the scores and P @ V of bfloat16 caches on AMX tiles (tree_attention_amx.cpp; the
+// probabilities rounded to bf16 for P @ V) when the head dim is a multiple of 32. EAGLE_KERNELS_CPU_ISA=amx|avx512|avx2|generic forces one (avx512: without AMX; tests
 // use it to check every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,6 +47,7 @@ struct Problem {
   int64_t sv_b, sv_h, sv_s, sv_d;
   double sm_scale;
   bool amx_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores on AMX tiles
+  bool amx_pv;      // and P @ V (unless EAGLE_CPU_AMX_PV=0)
 };
 
 // Vectors are passed only between functions of one instruction set, so the ABI note is moot.
@@ -128,6 +129,13 @@ Kernels select_kernels() {
   return EAGLE_TREE_ATTN_KERNELS(generic, false);
 }
 
+// EAGLE_CPU_AMX_PV=0 keeps P @ V in float32 FMAs where the scores run on AMX (read at every call, like
+// EAGLE_KERNELS_CPU_ISA, so one process can time both).
+bool amx_pv_enabled() {
+  const char* v = std::getenv("EAGLE_CPU_AMX_PV");
+  return v == nullptr || std::string(v) != "0";
+}
+
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
@@ -199,9 +207,9 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
 }
 
 // The carve() order of attend_task: q, a converted K/V block, the output accumulator, the row sums and
-// the scores of every key (at most max_keys) of the task's rows; with AMX scores also the packed
-// query tiles and a 16-key block of K (bf16).
-int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t elem, bool amx) {
+// the scores of every key (at most max_keys) of the task's rows; with AMX also the output's rows up to
+// a whole 16-row tile, the packed query tiles, a 16-key block of K (bf16) and attend_pv's scratch.
+int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int64_t elem, bool amx, bool amx_pv) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
   const int64_t keys = (max_keys + lanes - 1) / lanes * lanes;
   const int64_t counts[] = {rows * dp, kBlockN * dp, rows * dp, rows, rows * keys};
@@ -209,6 +217,10 @@ int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t elem, b
   for (int64_t c : counts) bytes += (c * elem + 63) / 64 * 64;
   if (amx) {
     for (int64_t c : {tree_attn_amx::packed_q_elems(rows, D), 16 * D}) bytes += (c * 2 + 63) / 64 * 64;
+  }
+  if (amx_pv) {
+    bytes += (((rows + 15) / 16 * 16 - rows) * dp * elem + 63) / 64 * 64;  // o in whole 16-row tiles
+    bytes += tree_attn_amx::pv_scratch_bytes(rows, D, max_keys, T);
   }
   return bytes + 64;  // room to align the start
 }
@@ -243,6 +255,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const Kernels kernels = select_kernels();
   P.amx_scores = kernels.amx && q.scalar_type() == at::kBFloat16 && D % tree_attn_amx::kDimsPerTile == 0 &&
                  P.sk_d == 1;
+  P.amx_pv = P.amx_scores && amx_pv_enabled();
   RunFn run = nullptr;
   int64_t acc_bytes = 4;
   switch (q.scalar_type()) {
@@ -254,7 +267,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t tasks = B * Hkv * chunks;
-  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, acc_bytes, P.amx_scores);
+  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, T, acc_bytes, P.amx_scores, P.amx_pv);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const std::unique_ptr<char[]> scratch(new char[bytes]);  // not zeroed: every use writes first
     char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));

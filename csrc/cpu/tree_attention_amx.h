@@ -19,7 +19,7 @@ inline int64_t packed_q_elems(int64_t R, int64_t D) {
   return (D / kDimsPerTile) * ((R + kRowsPerGroup - 1) / kRowsPerGroup) * kRowsPerGroup * kDimsPerTile;
 }
 
-// Configure this thread's tiles for score_block; release them after the task's last call.
+// Configure this thread's tiles for score_block and attend_pv; release them after the task's last call.
 void begin();
 void end();
 
@@ -30,6 +30,35 @@ void end();
 // scores do not depend on the rows beside it. tail: scratch for 16 x D bf16 (a ragged last block).
 void score_block(const c10::BFloat16* qb, int64_t R, int64_t D, const c10::BFloat16* k, int64_t k_stride, int64_t nb,
                  float scale, float* s, int64_t ld_s, c10::BFloat16* tail);
+
+// ---- P @ V on AMX tiles ----------------------------------------------------------------------------
+//
+// The probabilities are rounded to bf16 (as flash attention does on GPUs) and multiplied with V on
+// tiles, 32 keys per TDPBF16PS. The hardware does not sum those 32 products one after the other
+// (measured: its result depends on where zero products sit inside a block), so a row's result is a
+// function of its (probability, V row) sequence *and of the sequence's block boundaries*. attend_pv
+// keeps both the same for a tree token and the same token decoded after its path was committed: every
+// row's keys are taken as one sequence from key 0 in blocks of 32 (the prefix in place; a tree
+// token's visible new keys packed right after the committed prefix, see attend_pv).
+constexpr int64_t kKeysPerBlock = 32;
+
+// The task's rows as attend_pv needs them: row r is token (r_begin + r) / G of the T new tokens.
+struct PvRows {
+  int64_t R, r_begin, G, T;
+  int64_t seqlen;          // committed keys, visible to every row
+  int64_t n_keys;          // keys with probabilities: seqlen + the new keys the task's rows may see
+  const uint8_t* visible;  // [T, T] 0/1 among the new tokens (nullptr: causal)
+};
+
+// Scratch bytes attend_pv needs for up to `rows` rows, `max_keys` keys and T new tokens, head dim D.
+int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T);
+
+// o[r, :D] = sum_j P[r, j] v[j, :] and l[r] = sum_j P[r, j] for r < R, with P[r, j] the bf16 rounding
+// of p[r * ld_p + j] (fp32 probabilities of keys j < n_keys at their cache positions, 0 where masked)
+// and v's rows s_pos elements apart (dims s_d apart). o: fp32 [round_up(R, 16), D] (rows past R are
+// scratch); D % 32 == 0. A row's outputs depend only on its own sequence of visible keys.
+void attend_pv(const PvRows& rows, const float* p, int64_t ld_p, const c10::BFloat16* v, int64_t s_pos, int64_t s_d,
+               int64_t D, float* o, float* l, char* scratch);
 
 }  // namespace tree_attn_amx
 }  // namespace eagle

@@ -10,9 +10,11 @@
 // the whole GQA group. Scores are dot products over K rows, 4 rows x 4 keys per pass (dot4x4), or for
 // bf16 caches on AMX CPUs tile products (tree_attention_amx.cpp; each score its own sum, rows independent); the
 // softmax is taken over each row's whole set of keys (two passes, no online rescaling) with its sums
-// running key by key in order; P @ V is a register-tiled micro-kernel accumulating key by key. So a
-// row's output depends only on the sequence of keys it sees: not on the rows beside it, nor on where
-// its keys sit in the cache (a tree token and the same token decoded after its path agree bit for bit).
+// running key by key in order; P @ V is a register-tiled micro-kernel accumulating key by key, or with
+// AMX tile products over blocks of 32 keys that every row takes from key 0 with its keys gap-free
+// (attend_pv in tree_attention_amx.cpp). So a row's output depends only on the sequence of keys it
+// sees: not on the rows beside it, nor on where its keys sit in the cache (a tree token and the same
+// token decoded after its path agree bit for bit).
 // GCC vector extensions, EAGLE_TA_VEC_BYTES-byte vectors. The sums' order (and so the bits) differs
 // between the variants; within one variant every row is computed the same way whatever its block.
 
@@ -371,15 +373,16 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const int64_t new_keys = P.new_visible == nullptr ? t_last + 1 : P.T;  // causal: later tokens unseen
   const int64_t n_keys = seqlen + new_keys, nkp = (n_keys + L - 1) / L * L;
 
+  bool amx_scores = false;  // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
+  bool amx_pv = false;      // and P @ V on tiles, the probabilities rounded to bf16
+  if constexpr (same_type<S, c10::BFloat16>::value) amx_scores = P.amx_scores, amx_pv = P.amx_pv;
+
   char* cursor = scratch;
   A* q = carve<A>(cursor, R * dp);
   A* kv = carve<A>(cursor, NB * dp);  // a converted K or V block
-  A* o = carve<A>(cursor, R * dp);
+  A* o = carve<A>(cursor, (amx_pv ? (R + 15) / 16 * 16 : R) * dp);  // AMX P @ V stores 16-row tiles
   A* l = carve<A>(cursor, R);
   A* s = carve<A>(cursor, R * nkp);  // every score of the task's rows (sized by the longest row)
-
-  bool amx_scores = false;  // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
-  if constexpr (same_type<S, c10::BFloat16>::value) amx_scores = P.amx_scores;
 
   const S* q_base = static_cast<const S*>(P.q) + b * P.sq_b;
   const A scale = static_cast<A>(P.sm_scale);
@@ -390,8 +393,10 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
       for (int64_t d = D; d < dp; ++d) q[r * dp + d] = A(0);
     }
-    for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
-    l[r] = A(0);
+    if (!amx_pv) {  // (attend_pv sets o and l)
+      for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
+      l[r] = A(0);
+    }
   }
 
   const S* k_head = static_cast<const S*>(P.k) + b * P.sk_b + kvh * P.sk_h;
@@ -417,7 +422,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
         tree_attn_amx::score_block(qb, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
                                    static_cast<float>(P.sm_scale), s + n0, nkp, tail);
       }
-      tree_attn_amx::end();
+      if (!amx_pv) tree_attn_amx::end();  // else after P @ V
     }
   } else {
     for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
@@ -441,7 +446,14 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t j = n_keys; j < nkp; ++j) sr[j] = -__builtin_inf();
     exp_shifted(sr, nkp);
   }
-  for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+  if (amx_pv) {
+    if constexpr (same_type<S, c10::BFloat16>::value) {
+      const tree_attn_amx::PvRows pv_rows{R, r_begin, P.G, P.T, seqlen, n_keys, vis_b};
+      tree_attn_amx::attend_pv(pv_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
+      tree_attn_amx::end();
+    }
+  }
+  for (int64_t n0 = 0; n0 < (amx_pv ? 0 : n_keys); n0 += NB) {
     const int64_t nb = imin(NB, n_keys - n0);
     const S* v_block = v_head + n0 * P.sv_s;
     const A* v_rows = reinterpret_cast<const A*>(v_block);
