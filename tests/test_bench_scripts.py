@@ -77,22 +77,26 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
 
 
-def test_bench_amx_pv_times_both_settings_and_checks_greedy_output():
+@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool"])
+def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch):
     import torch
 
     import eagle_kernels  # noqa: F401
 
-    if not hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant") or (
-        torch.ops.eagle_C.tree_attention_cpu_variant() != "amx"
+    if switch == "amx_pv" and not (
+        hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")
+        and torch.ops.eagle_C.tree_attention_cpu_variant() == "amx"
     ):
         pytest.skip("tree_attention does not run on AMX tiles on this CPU")
+    if switch == "tensor_pool" and not hasattr(torch.ops.eagle_C, "tensor_pool_set_enabled"):
+        pytest.skip("the extension is not built")
     out = _run(
-        "bench_amx_pv.py", "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2", "--trees", "2/2/4",
-        "--temperature", "0", "1", "--no-save",
+        "bench_cpu_switches.py", "--switch", switch, "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2",
+        "--trees", "2/2/4", "--temperature", "0", "1", "--no-save",
     )  # fmt: skip
     assert "every greedy EAGLE run reproduced its setting's plain decoding" in out, out
     assert re.search(r"2/2/4 +\d+ +\d+ +[\d.]+x +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out
-    assert "T = 1, B 1" in out and "wrote" not in out, out
+    assert f"{switch}, T = 1, B 1" in out and "wrote" not in out, out
 
 
 def test_ab_builds_times_two_builds_from_copies_of_the_package():

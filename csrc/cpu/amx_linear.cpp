@@ -14,6 +14,7 @@
 // [N/16, K/32, 16, 32]: tile (nb, kb) holds W[nb*16 + c][kb*32 + 2r + j] at [r][2c + j], the
 // pair-interleaved ("VNNI") layout TDPBF16PS reads B in. eagle/models/cpu_packed.py makes it with
 // a view + permute.
+#include "tensor_pool.h"
 #include "amx_linear.h"
 
 #include <ATen/Parallel.h>
@@ -222,7 +223,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& tiled, const std::
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out = pool::empty(out_shape, at::kBFloat16);
   const int64_t M = x.numel() / K;
   if (M == 0) return out;
 #if EAGLE_AMX_BUILD

@@ -19,6 +19,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "tensor_pool.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -125,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor> argmax_checked_cpu(const at::Tensor& logits) 
   TORCH_CHECK_VALUE(logits.device().is_cpu(), "argmax_checked: CPU tensors only, got ", logits.device());
   const auto x = logits.contiguous();
   const int64_t V = x.size(-1), rows = x.numel() / V;
-  auto index = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  auto index = pool::empty(x.sizes().slice(0, x.dim() - 1), at::kLong);
   bool bad = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "argmax_checked", [&] {
     const scalar_t* data = x.const_data_ptr<scalar_t>();

@@ -18,6 +18,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "tensor_pool.h"
 #include "build_tree.h"
 #include "llama_layers.h"
 #include "rng.h"
@@ -148,7 +149,7 @@ struct TreeBook {
 // A [rows, cols] int64 tensor holding `values` (row-major).
 at::Tensor long_tensor(const std::vector<int64_t>& values, int64_t rows, int64_t cols, int64_t row_stride,
                        const at::TensorOptions& options) {
-  at::Tensor t = at::empty({rows, cols}, options.dtype(at::kLong));
+  at::Tensor t = pool::empty({rows, cols}, at::kLong);
   int64_t* p = t.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) std::copy_n(values.data() + r * row_stride, cols, p + r * cols);
   return t;
@@ -158,7 +159,7 @@ at::Tensor long_tensor(const std::vector<int64_t>& values, int64_t rows, int64_t
 at::Tensor gather_rows(const at::Tensor& rows, const std::vector<int64_t>& index, int64_t k) {
   const at::Tensor src = rows.contiguous();
   const int64_t b = src.size(0), m = src.size(1), bytes = src.size(2) * src.element_size();
-  at::Tensor out = at::empty({b, k, src.size(2)}, src.options());
+  at::Tensor out = pool::empty({b, k, src.size(2)}, src.scalar_type());
   const char* s = static_cast<const char*>(src.const_data_ptr());
   char* d = static_cast<char*>(out.mutable_data_ptr());
   for (int64_t r = 0; r < b; ++r)
@@ -201,7 +202,7 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   for (int64_t level = 1; level <= levels; ++level) {
     const int64_t past = (level - 1) * k;
     const at::Tensor mask = book.level_mask(past, bool_options);
-    at::Tensor positions = at::empty({b, k}, i64);  // every frontier row one position past the last level
+    at::Tensor positions = pool::empty({b, k}, at::kLong);  // every frontier row one position past the last level
     for (int64_t r = 0; r < b; ++r)
       std::fill_n(positions.mutable_data_ptr<int64_t>() + r * k, k, base.const_data_ptr<int64_t>()[r] + level - 1);
     // eagle.models.llama.block_context (the checks the Python head makes are the kernels' here)
@@ -231,7 +232,7 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   const std::vector<int64_t> chosen = book.select(n - 1);
   const at::Tensor selected = long_tensor(chosen, b, n - 1, n - 1, i64);
   const at::Tensor parent_list = long_tensor(book.parents, b, k * levels + 1, book.parents_per_row(), i64);
-  at::Tensor candidates = at::empty({b, n}, i64);
+  at::Tensor candidates = pool::empty({b, n}, at::kLong);
   {
     const at::Tensor root_long = root.to(at::kLong).contiguous();
     int64_t* c = candidates.mutable_data_ptr<int64_t>();
@@ -241,11 +242,11 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
     }
   }
   // build_tree(..., mask_mode="qlen_bool") with outputs as eagle_kernels.build_tree allocates them
-  at::Tensor tree_mask = at::empty({b, n, n}, bool_options);
-  at::Tensor positions = at::empty({b * n}, i64);
-  at::Tensor retrive_index = at::empty({b, n}, i64);
-  at::Tensor next_token = at::empty({b, n}, i64);
-  at::Tensor next_sibling = at::empty({b, n}, i64);
+  at::Tensor tree_mask = pool::empty({b, n, n}, at::kBool);
+  at::Tensor positions = pool::empty({b * n}, at::kLong);
+  at::Tensor retrive_index = pool::empty({b, n}, at::kLong);
+  at::Tensor next_token = pool::empty({b, n}, at::kLong);
+  at::Tensor next_sibling = pool::empty({b, n}, at::kLong);
   build_tree_cpu(parent_list, selected, target_seqlens, tree_mask, positions, retrive_index, next_token, next_sibling,
                  k, depth, n, kQlenBool);
   return {candidates, tree_mask, positions, retrive_index, next_token, next_sibling};
@@ -298,8 +299,9 @@ std::vector<at::Tensor> commit_accepted(
   const int32_t* an = num.const_data_ptr<int32_t>();
   const int32_t* pr = pred.const_data_ptr<int32_t>();
   std::vector<int64_t> rows(b * steps), last_rows(b);
-  at::Tensor new_tokens = at::empty({b, steps}, i64), counts = at::empty({b}, i64), last = at::empty({b, 1}, i64);
-  at::Tensor root = at::empty({b}, i64);
+  at::Tensor new_tokens = pool::empty({b, steps}, at::kLong), counts = pool::empty({b}, at::kLong),
+             last = pool::empty({b, 1}, at::kLong);
+  at::Tensor root = pool::empty({b}, at::kLong);
   int64_t* nt = new_tokens.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < b; ++r) {
     for (int64_t j = 0; j < steps; ++j) {

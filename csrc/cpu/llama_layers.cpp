@@ -16,6 +16,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "tensor_pool.h"
 #include "amx_linear.h"
 #include "panel_linear.h"
 #include "skinny_linear.h"
@@ -220,7 +221,7 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
   // Rows of an earlier part of the block (past > 0) are zero queries whose outputs are dropped, as
   // in the Python module.
   const at::Tensor q = blk.past ? at::zeros({B, blk.past + T, Hq, D}, qkv.options())
-                                : at::empty({B, T, Hq, D}, qkv.options());
+                                : pool::empty({B, T, Hq, D}, qkv.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "llama_layers_rope", [&] {
     rope_and_write_cache<scalar_t>(qr, kr, vr, blk, B, T, q.mutable_data_ptr<scalar_t>(),
                                    k_cache.mutable_data_ptr<scalar_t>(), v_cache.mutable_data_ptr<scalar_t>(),
@@ -239,7 +240,9 @@ at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t
                                    : gate_up_w.size(0);
   const int64_t inter = out_features / 2;
   const at::Tensor gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).contiguous();
-  at::Tensor act = at::silu(gate_up.narrow(-1, 0, inter));  // ATen's silu (its exp), a fresh tensor
+  const at::Tensor gate = gate_up.narrow(-1, 0, inter);
+  at::Tensor act = pool::empty(gate.sizes(), gate.scalar_type());
+  at::silu_out(act, gate);  // ATen's silu (its exp)
   if (act.is_contiguous()) {  // up = gate_up[..., inter:], rows 2 * inter apart
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, act.scalar_type(), "llama_layers_mul", [&] {
       multiply_into(act.mutable_data_ptr<scalar_t>(), gate_up.const_data_ptr<scalar_t>() + inter,
@@ -355,7 +358,7 @@ std::vector<at::Tensor> eagle2_head_cpu(const at::Tensor& hidden, const at::Tens
   const int64_t B = hidden.size(0), T = hidden.size(1), H = hidden.size(2);
   TORCH_CHECK_VALUE(token_ids.dim() == 2 && token_ids.size(0) == B && token_ids.size(1) == T,
                     "eagle2_head: token_ids must be [B, T] = [", B, ", ", T, "], got ", token_ids.sizes());
-  at::Tensor x = at::empty({B, T, fc_weight.size(0)}, hidden.options());
+  at::Tensor x = pool::empty({B, T, fc_weight.size(0)}, hidden.scalar_type());
   fused_draft_input_cpu(hidden.reshape({B * T, H}), token_ids.reshape({B * T}), embed_weight, fc_weight, fc_bias,
                         x.view({B * T, fc_weight.size(0)}));
   const at::Tensor h = llama_layers_cpu(x, std::nullopt, weights, kv, cos, sin, cache_seqlens, tree_mask, past,

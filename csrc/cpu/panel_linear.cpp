@@ -17,6 +17,7 @@
 // Numerics: out[r, n] = fma chain over k = 0..K-1 in order from 0, then + bias[n], in float32. The
 // order depends on nothing but k, so a row gives the same bits alone, in a block of 60 tree rows, on
 // any thread count: the speculative loop's greedy output equals plain decoding's.
+#include "tensor_pool.h"
 #include "panel_linear.h"
 
 #include <ATen/Parallel.h>
@@ -164,7 +165,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::
   }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out = pool::empty(out_shape, x.scalar_type());
   if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();  // an empty sum
   const int64_t M = x.numel() / K;
   if (M == 0 || N == 0) return out;

@@ -19,6 +19,7 @@
 
 #include <cmath>
 
+#include "tensor_pool.h"
 #include "half_convert.h"
 
 namespace eagle {
@@ -63,7 +64,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     return weight * at::rms_norm(x.to(at::kFloat), {H}, std::nullopt, eps).to(x.scalar_type());
   }
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  at::Tensor out = at::empty_like(xc);
+  at::Tensor out = pool::empty(xc.sizes(), xc.scalar_type());
   const int64_t rows = H == 0 ? 0 : xc.numel() / H;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "eagle_rms_norm", [&] {
     norm_rows<scalar_t>(xc.const_data_ptr<scalar_t>(), wc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),

@@ -9,6 +9,7 @@
 // rows, W streamed once per 4 rows in its own [N, K] layout), called on x directly. Every output
 // element is one fixed-order sum whatever the number of rows, the tile it falls in or the thread
 // count, so a verified tree row equals the plain decoding step bit for bit.
+#include "tensor_pool.h"
 #include "skinny_linear.h"
 
 #include <torch/library.h>
@@ -64,7 +65,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optio
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  at::Tensor out = at::empty(out_shape, x.options());
+  at::Tensor out = pool::empty(out_shape, x.scalar_type());
   if (M == 0 || N == 0) return out;
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out2d = out.view({M, N});

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "tensor_pool.h"
 #include "tree_attention_amx.h"
 
 namespace eagle {
@@ -190,7 +191,7 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
   if (tree_mask.scalar_type() == at::kBool) return tree_mask.contiguous().view(at::kByte);
   const int64_t B = tree_mask.size(0);
-  auto dense = at::empty({B, T, T}, tree_mask.options().dtype(at::kByte));
+  auto dense = pool::empty({B, T, T}, at::kByte);
   auto packed = tree_mask.contiguous();
   uint8_t* dst = dense.data_ptr<uint8_t>();
   const int64_t width = packed.size(2);
@@ -230,7 +231,7 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
                               double sm_scale) {
   check_args(q, k_cache, v_cache, cache_seqlens, tree_mask);
   const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
-  auto out = at::empty({B, T, Hq, D}, q.options());
+  auto out = pool::empty({B, T, Hq, D}, q.scalar_type());
   if (out.numel() == 0) return out;
   const auto seqlens = cache_seqlens.contiguous();
   const at::Tensor dense = tree_mask.has_value() ? dense_new_token_mask(*tree_mask, T) : at::Tensor();
@@ -269,9 +270,8 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const int64_t tasks = B * Hkv * chunks;
   const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, T, acc_bytes, P.amx_scores, P.amx_pv);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const std::unique_ptr<char[]> scratch(new char[bytes]);  // not zeroed: every use writes first
-    char* aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(scratch.get()) + 63) & ~uintptr_t(63));
-    run(P, begin, end, aligned);
+    const pool::Scratch scratch(bytes);  // 64-byte aligned, not zeroed: every use writes first
+    run(P, begin, end, scratch.data());
   });
   return out;
 }

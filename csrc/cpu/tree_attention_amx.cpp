@@ -123,6 +123,7 @@ namespace {
 // A tmm5 [rows x 32 keys bf16] probabilities, B tmm6 [16 key pairs x 16 dims x 2] V, B tmm7 all ones.
 constexpr int64_t kDimsPerCTile = 16;
 constexpr int64_t kDimTilesPerPass = 4;
+constexpr int64_t kChunkKeys = 512;  // pass 1's keys per packed V chunk (64 KB of V at D = 64)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -269,10 +270,11 @@ bool sees_new_prefix(const PvRows& rw, int64_t t) {
 }  // namespace
 
 int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T) {
-  const int64_t r16 = round_up(rows, 16), keys = round_up(max_keys, kKeysPerBlock);
+  (void)max_keys;  // pass 1 goes through the keys kChunkKeys at a time
+  const int64_t r16 = round_up(rows, 16);
   const int64_t tail = round_up(kKeysPerBlock - 1 + T, kKeysPerBlock);  // a tree row's packed keys, at most
-  const int64_t bytes[] = {r16 * keys * 2, keys * D * 2, r16 * 16 * 4, 16 * tail * 2, tail * 4, tail * D * 2,
-                           tail * 4};
+  const int64_t bytes[] = {16 * kChunkKeys * 2, kChunkKeys * D * 2, r16 * 16 * 4, 16 * tail * 2, tail * 4,
+                           tail * D * 2, tail * 4};
   int64_t total = 0;
   for (int64_t b : bytes) total += round_up(b, 64);
   return total;
@@ -280,20 +282,23 @@ int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T) {
 
 // Every row's keys form one sequence taken from key 0 in blocks of 32, as for the same token decoded
 // alone. Rows that see a leading run of the new tokens keep all their keys in place (pass 1, 16 rows
-// per tile, one packed V shared by all). A tree row shares the blocks below tail0 (the last multiple of
-// 32 at or below the committed length) and takes the rest (committed keys tail0..seqlen, then its
-// visible new keys in order, packed together) in pass 2, starting from pass 1's sums: the same blocks,
-// positions and values the decoded token has once its path is committed. In pass 1 its probabilities
-// from tail0 on are zeroed; an all-zero block leaves a tile's sums unchanged (measured; only a
-// subnormal sum would be flushed, and a row's sum includes its largest key's 1 * v).
+// per tile, each chunk of V packed once for all of them). A tree row shares the blocks below tail0 (the
+// last multiple of 32 at or below the committed length) and takes the rest (committed keys
+// tail0..seqlen, then its visible new keys in order, packed together) in pass 2, starting from pass 1's
+// sums: the same blocks, positions and values the decoded token has once its path is committed. In
+// pass 1 its probabilities from tail0 on are zeroed; an all-zero block leaves a tile's sums unchanged
+// (measured; only a subnormal sum would be flushed, and a row's sum includes its largest key's 1 * v).
+// Pass 1 takes kChunkKeys keys at a time (V packed and probabilities rounded per chunk, so they stay in
+// cache and the scratch does not grow with the cache); its tiles' sums go through o and l16 between
+// chunks, exactly (float32 stores and loads).
 EAGLE_PV_TARGET void attend_pv(const PvRows& rw, const float* p, int64_t ld_p, const c10::BFloat16* v, int64_t s_pos,
                                int64_t s_d, int64_t D, float* o, float* l, char* scratch) {
-  const int64_t R = rw.R, r16 = round_up(R, 16), keys = round_up(rw.n_keys, kKeysPerBlock);
+  const int64_t R = rw.R, r16 = round_up(R, 16);
   const int64_t tail0 = rw.seqlen / kKeysPerBlock * kKeysPerBlock;
   const int64_t tail = round_up(kKeysPerBlock - 1 + rw.T, kKeysPerBlock);
   char* cursor = scratch;
-  c10::BFloat16* pb = carve<c10::BFloat16>(cursor, r16 * keys);
-  c10::BFloat16* vt = carve<c10::BFloat16>(cursor, keys * D);
+  c10::BFloat16* pb = carve<c10::BFloat16>(cursor, 16 * kChunkKeys);
+  c10::BFloat16* vt = carve<c10::BFloat16>(cursor, kChunkKeys * D);
   float* l16 = carve<float>(cursor, r16 * 16);
   c10::BFloat16* p2 = carve<c10::BFloat16>(cursor, 16 * tail);
   float* f2 = carve<float>(cursor, tail);
@@ -301,22 +306,33 @@ EAGLE_PV_TARGET void attend_pv(const PvRows& rw, const float* p, int64_t ld_p, c
   int32_t* idx = carve<int32_t>(cursor, tail);
 
   auto token_of = [&](int64_t r) { return (rw.r_begin + r) / rw.G; };
-  bool any_in_place = false, any_tree = false;
+  // Pass 1's keys per row (all of them, or those below tail0 for a tree row) and per 16-row group.
+  bool any_tree = false;
+  int64_t pass1_keys = 0;
   for (int64_t r = 0; r < R; ++r) {
     const bool in_place = sees_new_prefix(rw, token_of(r));
-    any_in_place |= in_place, any_tree |= !in_place;
-    to_bf16(p + r * ld_p, in_place ? rw.n_keys : tail0, pb + r * keys, keys);
+    any_tree |= !in_place;
+    pass1_keys = std::max(pass1_keys, in_place ? rw.n_keys : tail0);
   }
-  // Pass 1's tiles have 16 rows (begin()'s configuration): those past R multiply zeros.
-  std::memset(static_cast<void*>(pb + R * keys), 0, (r16 - R) * keys * sizeof(c10::BFloat16));
-  const int64_t shared_blocks = any_in_place ? keys / kKeysPerBlock : tail0 / kKeysPerBlock;
-  pack_v(v, s_pos, s_d, D, nullptr, std::min(rw.n_keys, shared_blocks * kKeysPerBlock), vt);
+  auto row_keys = [&](int64_t r) { return sees_new_prefix(rw, token_of(r)) ? rw.n_keys : tail0; };
 
-  for (int64_t g0 = 0; g0 < R; g0 += 16) {
-    bool group_in_place = false;
-    for (int64_t r = g0; r < std::min(R, g0 + 16); ++r) group_in_place |= sees_new_prefix(rw, token_of(r));
-    const int64_t blocks = group_in_place ? keys / kKeysPerBlock : tail0 / kKeysPerBlock;
-    pv_accumulate(pb + g0 * keys, keys, vt, blocks, D, o + g0 * D, D, l16 + g0 * 16, true);
+  for (int64_t c0 = 0; c0 == 0 || c0 < pass1_keys; c0 += kChunkKeys) {
+    const int64_t chunk = std::min(kChunkKeys, std::max<int64_t>(0, pass1_keys - c0));
+    pack_v(v + c0 * s_pos, s_pos, s_d, D, nullptr, chunk, vt);
+    for (int64_t g0 = 0; g0 < R; g0 += 16) {
+      const int64_t g1 = std::min(R, g0 + 16);
+      int64_t group_keys = 0;
+      for (int64_t r = g0; r < g1; ++r) group_keys = std::max(group_keys, row_keys(r));
+      const int64_t blocks = (std::min(group_keys - c0, chunk) + kKeysPerBlock - 1) / kKeysPerBlock;
+      if (c0 > 0 && blocks <= 0) continue;  // (the first chunk always runs: it zeroes o and l16)
+      const int64_t ld = round_up(std::max<int64_t>(chunk, 1), kKeysPerBlock);
+      for (int64_t r = g0; r < g1; ++r) {
+        to_bf16(p + r * ld_p + c0, std::max<int64_t>(0, std::min(row_keys(r) - c0, chunk)), pb + (r - g0) * ld, ld);
+      }
+      // the tiles have 16 rows (begin()'s configuration): those past the group's multiply zeros
+      std::memset(static_cast<void*>(pb + (g1 - g0) * ld), 0, (16 - (g1 - g0)) * ld * sizeof(c10::BFloat16));
+      pv_accumulate(pb, ld, vt, std::max<int64_t>(blocks, 0), D, o + g0 * D, D, l16 + g0 * 16, c0 == 0);
+    }
   }
 
   if (any_tree) {

@@ -373,15 +373,16 @@ def test_cpp_amx_pv_tree_rows_equal_decoding(Hq, Hkv, D, monkeypatch):
     """AMX P @ V (bf16 caches, D % 32 == 0). A tile product's sum over its 32 keys depends on where the
     zero probabilities sit in the block, so a tree row takes its visible new keys packed right after
     the committed prefix, block-aligned as the same token decoded alone sees them. Prefixes at and
-    around multiples of 32 (the packed part starts at the last one; 0: nothing shared), GQA groups of
-    1-3 (a token's rows straddling 16-row tiles and 64-row tasks), 1-2 passes of 4 dim tiles, a V
+    around multiples of 32 (the packed part starts at the last one; 0: nothing shared; 1100: the shared
+    part in three chunks of 512 keys), GQA groups of 1-3 (a token's rows straddling 16-row tiles and
+    64-row tasks), 1-2 passes of 4 dim tiles, a V
     cache strided along D: every tree row equals its decoded path bit for bit, the whole output the
     reference within bf16 tolerance, and a chain's rows their one-token steps."""
     _require("cpp", torch.device("cpu"))
     if not _amx_available():
         pytest.skip("CPU (or OS) offers no AMX-BF16 tiles")
     monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "amx")
-    for case_no, (prefix, T) in enumerate(((0, 7), (31, 30), (32, 30), (64, 12), (95, 40))):
+    for case_no, (prefix, T) in enumerate(((0, 7), (31, 30), (32, 30), (64, 12), (95, 40), (1100, 20))):
         gen = torch.Generator().manual_seed(100 * D + case_no)
         parents = [-1] + [int(torch.randint(max(0, i - 4), i, (1,), generator=gen)) for i in range(1, T)]
         mask = torch.zeros(1, T, T, dtype=torch.bool)
