@@ -37,8 +37,23 @@ using llama_layers::OptTensor;
 
 namespace {
 
-// eagle.speculate.SpeculativeDecoder._draft_logprobs
-at::Tensor draft_logprobs(const at::Tensor& logits) { return at::log_softmax(logits.to(at::kFloat), -1); }
+// eagle.speculate.SpeculativeDecoder._draft_logprobs (ATen's cast and log_softmax, into cached blocks)
+at::Tensor draft_logprobs(const at::Tensor& logits) {
+  at::Tensor x = logits;
+  if (logits.scalar_type() != at::kFloat) x = pool::empty(logits.sizes(), at::kFloat).copy_(logits);
+  at::Tensor out = pool::empty(x.sizes(), at::kFloat);
+  at::log_softmax_out(out, x, -1);
+  return out;
+}
+
+// at::topk(x, k, -1) (largest, sorted), into cached blocks.
+std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& x, int64_t k) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = k;
+  at::Tensor values = pool::empty(sizes, x.scalar_type()), indices = pool::empty(sizes, at::kLong);
+  at::topk_out(values, indices, x, k, -1);
+  return {values, indices};
+}
 
 // The tree's bookkeeping (eagle/tree.py) for b rows, in host arrays. The Python loop keeps it in small
 // tensors, and each of its ~60 small ATen calls per level (cat, gather, eye, arange, div, ...) costs
@@ -193,7 +208,7 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   const auto bool_options = root.options().dtype(at::kBool);
   TreeBook book(b, k, levels);
 
-  auto [root_scores, root_tokens] = at::topk(draft_logprobs(root_logits), k, -1);
+  auto [root_scores, root_tokens] = top_k(draft_logprobs(root_logits), k);
   book.expand_root(root_scores, root_tokens);
 
   const at::Tensor base = draft_seqlens.to(at::kLong).contiguous();
@@ -215,7 +230,7 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
                                       std::nullopt);
     // expand_level: the k best children of each frontier node, then the k best of those k*k by
     // cumulative score (cum = parent score + child log-probability, ATen's float add)
-    auto [child_lp, child_tok] = at::topk(draft_logprobs(out[1]), k, -1);
+    auto [child_lp, child_tok] = top_k(draft_logprobs(out[1]), k);
     const at::Tensor lp = child_lp.contiguous(), ct = child_tok.contiguous();
     const float* lpp = lp.const_data_ptr<float>();
     for (int64_t r = 0; r < b; ++r)
@@ -223,7 +238,7 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
         for (int64_t c = 0; c < k; ++c)
           cum[(r * k + p) * k + c] = book.front_scores[r * k + p] + lpp[(r * k + p) * k + c];
     const at::Tensor flat_scores = at::from_blob(cum.data(), {b, k * k}, root_logits.options().dtype(at::kFloat));
-    auto [best_scores, best] = at::topk(flat_scores, k, -1);
+    auto [best_scores, best] = top_k(flat_scores, k);
     book.expand_level(level, cum.data(), ct.const_data_ptr<int64_t>(), best_scores, best);
     if (level < levels) parent_hidden = gather_rows(out[0], book.front_parent, k);
   }

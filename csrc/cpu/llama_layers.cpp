@@ -435,18 +435,19 @@ std::vector<at::Tensor> rope_cos_sin_cpu(const std::optional<at::Tensor>& positi
   }
   const at::Tensor freq = doubled_inv_freq.contiguous(), sign = signs.contiguous();
   const float* f = freq.const_data_ptr<float>();
-  at::Tensor angles = at::empty({B, T, 1, D}, freq.options());
+  at::Tensor angles = pool::empty({B, T, 1, D}, at::kFloat);
   float* a = angles.mutable_data_ptr<float>();
   for (int64_t r = 0; r < B * T; ++r) {
     const float p = static_cast<float>(pos[r]);  // as ATen's int64 -> float32 cast
     for (int64_t d = 0; d < D; ++d) a[r * D + d] = p * f[d];
   }
-  at::Tensor cos = angles.cos(), sin = angles.sin();
+  at::Tensor cos = pool::empty(angles.sizes(), at::kFloat), sin = pool::empty(angles.sizes(), at::kFloat);
+  at::cos_out(cos, angles), at::sin_out(sin, angles);  // ATen's cos and sin
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
     return {cos.to(dtype), (sin * signs).to(dtype)};  // float64 and the rest: ATen's casts
   }
-  at::Tensor cos_out = dtype == at::kFloat ? cos : at::empty_like(cos, cos.options().dtype(dtype));
-  at::Tensor sin_out = dtype == at::kFloat ? sin : at::empty_like(sin, sin.options().dtype(dtype));
+  at::Tensor cos_out = dtype == at::kFloat ? cos : pool::empty(cos.sizes(), dtype);
+  at::Tensor sin_out = dtype == at::kFloat ? sin : pool::empty(sin.sizes(), dtype);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "rope_cos_sin", [&] {
     signed_cast<scalar_t>(cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), sign.const_data_ptr<float>(),
                           B * T, D, cos_out.mutable_data_ptr<scalar_t>(), sin_out.mutable_data_ptr<scalar_t>());
