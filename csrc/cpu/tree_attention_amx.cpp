@@ -347,15 +347,15 @@ EAGLE_PV_TARGET void attend_pv(const PvRows& rw, const float* p, int64_t ld_p, c
       pack_v(v, s_pos, s_d, D, idx, n, vt2);
       const int64_t ra = std::max<int64_t>(0, t * rw.G - rw.r_begin);
       const int64_t rb = std::min<int64_t>(R, (t + 1) * rw.G - rw.r_begin);
-      for (int64_t c0 = ra; c0 < rb; c0 += 16) {
-        const int64_t rows = std::min<int64_t>(16, rb - c0);
+      for (int64_t r0 = ra; r0 < rb; r0 += 16) {  // the token's rows, 16 at a time (GQA groups past 16)
+        const int64_t rows = std::min<int64_t>(16, rb - r0);
         for (int64_t rr = 0; rr < rows; ++rr) {
-          const float* pr = p + (c0 + rr) * ld_p;
+          const float* pr = p + (r0 + rr) * ld_p;
           for (int64_t k = 0; k < n; ++k) f2[k] = pr[idx[k]];
           to_bf16(f2, n, p2 + rr * n32, n32);
         }
         if (rows != configured) pv_configure(rows), configured = rows;
-        pv_accumulate(p2, n32, vt2, n32 / kKeysPerBlock, D, o + c0 * D, D, l16 + c0 * 16, false);
+        pv_accumulate(p2, n32, vt2, n32 / kKeysPerBlock, D, o + r0 * D, D, l16 + r0 * 16, false);
       }
     }
   }
