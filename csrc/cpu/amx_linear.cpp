@@ -14,8 +14,8 @@
 // [N/16, K/32, 16, 32]: tile (nb, kb) holds W[nb*16 + c][kb*32 + 2r + j] at [r][2c + j], the
 // pair-interleaved ("VNNI") layout TDPBF16PS reads B in. eagle/models/cpu_packed.py makes it with
 // a view + permute.
-#include "tensor_pool.h"
 #include "amx_linear.h"
+#include "tensor_pool.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>

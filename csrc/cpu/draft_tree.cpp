@@ -18,10 +18,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "tensor_pool.h"
 #include "build_tree.h"
 #include "llama_layers.h"
 #include "rng.h"
+#include "tensor_pool.h"
 
 #include <algorithm>
 #include <cmath>
@@ -162,8 +162,7 @@ struct TreeBook {
 };
 
 // A [rows, cols] int64 tensor holding `values` (row-major).
-at::Tensor long_tensor(const std::vector<int64_t>& values, int64_t rows, int64_t cols, int64_t row_stride,
-                       const at::TensorOptions& options) {
+at::Tensor long_tensor(const std::vector<int64_t>& values, int64_t rows, int64_t cols, int64_t row_stride) {
   at::Tensor t = pool::empty({rows, cols}, at::kLong);
   int64_t* p = t.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) std::copy_n(values.data() + r * row_stride, cols, p + r * cols);
@@ -204,7 +203,6 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   TORCH_CHECK_VALUE(draft_seqlens.dim() == 1 && draft_seqlens.size(0) == root.size(0),
                     "eagle2_draft_dynamic: draft_seqlens must be [b], got ", draft_seqlens.sizes());
   const int64_t b = root_logits.size(0), k = topk, H = root_hidden.size(1), levels = depth - 1;
-  const auto i64 = root.options().dtype(at::kLong);
   const auto bool_options = root.options().dtype(at::kBool);
   TreeBook book(b, k, levels);
 
@@ -223,7 +221,7 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
     // eagle.models.llama.block_context (the checks the Python head makes are the kernels' here)
     const std::vector<at::Tensor> rope = llama_layers::rope_cos_sin_cpu(positions, draft_seqlens, past, k,
                                                                         doubled_inv_freq, signs, kv.scalar_type());
-    const at::Tensor tokens = long_tensor(book.front_tokens, b, k, k, i64);
+    const at::Tensor tokens = long_tensor(book.front_tokens, b, k, k);
     const std::vector<at::Tensor> out =
         llama_layers::eagle2_head_cpu(parent_hidden, tokens, embed_weight, fc_weight, fc_bias, weights, kv, rope[0],
                                       rope[1], draft_seqlens, mask, past, num_heads, num_kv_heads, eps, lm_head,
@@ -245,8 +243,8 @@ std::vector<at::Tensor> eagle2_draft_dynamic_cpu(
   // select_candidates(score_list, token_list, parents_list, num_tokens - 1)
   const int64_t n = num_tokens;
   const std::vector<int64_t> chosen = book.select(n - 1);
-  const at::Tensor selected = long_tensor(chosen, b, n - 1, n - 1, i64);
-  const at::Tensor parent_list = long_tensor(book.parents, b, k * levels + 1, book.parents_per_row(), i64);
+  const at::Tensor selected = long_tensor(chosen, b, n - 1, n - 1);
+  const at::Tensor parent_list = long_tensor(book.parents, b, k * levels + 1, book.parents_per_row());
   at::Tensor candidates = pool::empty({b, n}, at::kLong);
   {
     const at::Tensor root_long = root.to(at::kLong).contiguous();
@@ -308,7 +306,6 @@ std::vector<at::Tensor> commit_accepted(
     const at::Tensor& lm_head, int64_t num_heads, int64_t num_kv_heads, double eps) {
   const int64_t b = candidates.size(0), n = candidates.size(1);
   const at::Tensor new_lengths = compact_op().call(target_kv, target_seqlens, accept_index, accept_num, n);
-  const auto i64 = candidates.options().dtype(at::kLong);
   const at::Tensor index = accept_index.contiguous(), num = accept_num.contiguous(), pred = predicts.contiguous();
   const int32_t* ai = index.const_data_ptr<int32_t>();
   const int32_t* an = num.const_data_ptr<int32_t>();

@@ -16,13 +16,13 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "tensor_pool.h"
 #include "amx_linear.h"
 #include "panel_linear.h"
 #include "skinny_linear.h"
 #include "fused_draft_input.h"
 #include "llama_layers.h"
 #include "half_convert.h"
+#include "tensor_pool.h"
 
 #include <algorithm>
 #include <cmath>

@@ -17,8 +17,8 @@
 // Numerics: out[r, n] = fma chain over k = 0..K-1 in order from 0, then + bias[n], in float32. The
 // order depends on nothing but k, so a row gives the same bits alone, in a block of 60 tree rows, on
 // any thread count: the speculative loop's greedy output equals plain decoding's.
-#include "tensor_pool.h"
 #include "panel_linear.h"
+#include "tensor_pool.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -19,8 +19,8 @@
 
 #include <cmath>
 
-#include "tensor_pool.h"
 #include "half_convert.h"
+#include "tensor_pool.h"
 
 namespace eagle {
 namespace rms {

@@ -9,8 +9,8 @@
 // rows, W streamed once per 4 rows in its own [N, K] layout), called on x directly. Every output
 // element is one fixed-order sum whatever the number of rows, the tile it falls in or the thread
 // count, so a verified tree row equals the plain decoding step bit for bit.
-#include "tensor_pool.h"
 #include "skinny_linear.h"
+#include "tensor_pool.h"
 
 #include <torch/library.h>
 

@@ -88,8 +88,6 @@ void give_back(void* base) {
   std::free(base);
 }
 
-void delete_block(void* base) { give_back(base); }
-
 }  // namespace
 
 void* acquire(int64_t bytes) {
@@ -128,7 +126,7 @@ at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(dtype));
   if (bytes > (int64_t{1} << kMaxShift)) return at::empty(sizes, at::TensorOptions().dtype(dtype));
   void* data = acquire(bytes);
-  c10::DataPtr ptr(data, base_of(data), &delete_block, c10::Device(c10::DeviceType::CPU));
+  c10::DataPtr ptr(data, base_of(data), &give_back, c10::Device(c10::DeviceType::CPU));
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, std::move(ptr), /*allocator=*/nullptr,
                        /*resizable=*/false);
   // As at::empty builds its result (at::detail::empty_generic), with this storage.

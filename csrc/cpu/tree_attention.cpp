@@ -8,8 +8,9 @@
 // The kernel body (tree_attention_kernel.h) is compiled three times, for AVX-512, AVX2+FMA and the
 // x86-64 baseline, and the widest one the CPU supports runs. On CPUs with AMX-BF16 the AVX-512 variant
 // takes the scores and P @ V of bfloat16 caches on AMX tiles (tree_attention_amx.cpp; the
-// probabilities rounded to bf16 for P @ V) when the head dim is a multiple of 32. EAGLE_KERNELS_CPU_ISA=amx|avx512|avx2|generic forces one (avx512: without AMX; tests
-// use it to check every variant).
+// probabilities rounded to bf16 for P @ V) when the head dim is a multiple of 32.
+// EAGLE_KERNELS_CPU_ISA=amx|avx512|avx2|generic forces one (avx512: without AMX; tests use it to check
+// every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,8 +24,8 @@
 #include <string>
 #include <vector>
 
-#include "tensor_pool.h"
 #include "tree_attention_amx.h"
+#include "tensor_pool.h"
 
 namespace eagle {
 namespace tree_attn {
@@ -221,7 +222,7 @@ int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int6
   }
   if (amx_pv) {
     bytes += (((rows + 15) / 16 * 16 - rows) * dp * elem + 63) / 64 * 64;  // o in whole 16-row tiles
-    bytes += tree_attn_amx::pv_scratch_bytes(rows, D, max_keys, T);
+    bytes += tree_attn_amx::pv_scratch_bytes(rows, D, T);
   }
   return bytes + 64;  // room to align the start
 }

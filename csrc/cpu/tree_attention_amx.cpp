@@ -269,12 +269,11 @@ bool sees_new_prefix(const PvRows& rw, int64_t t) {
 
 }  // namespace
 
-int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T) {
-  (void)max_keys;  // pass 1 goes through the keys kChunkKeys at a time
+int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t T) {
   const int64_t r16 = round_up(rows, 16);
   const int64_t tail = round_up(kKeysPerBlock - 1 + T, kKeysPerBlock);  // a tree row's packed keys, at most
   const int64_t bytes[] = {16 * kChunkKeys * 2, kChunkKeys * D * 2, r16 * 16 * 4, 16 * tail * 2, tail * 4,
-                           tail * D * 2, tail * 4};
+                           tail * D * 2, tail * 4, rows * 8};
   int64_t total = 0;
   for (int64_t b : bytes) total += round_up(b, 64);
   return total;
@@ -304,17 +303,18 @@ EAGLE_PV_TARGET void attend_pv(const PvRows& rw, const float* p, int64_t ld_p, c
   float* f2 = carve<float>(cursor, tail);
   c10::BFloat16* vt2 = carve<c10::BFloat16>(cursor, tail * D);
   int32_t* idx = carve<int32_t>(cursor, tail);
+  int64_t* row_keys = carve<int64_t>(cursor, R);  // pass 1's keys of each row
 
   auto token_of = [&](int64_t r) { return (rw.r_begin + r) / rw.G; };
-  // Pass 1's keys per row (all of them, or those below tail0 for a tree row) and per 16-row group.
+  // Pass 1 takes all of a row's keys, or a tree row's below tail0.
   bool any_tree = false;
   int64_t pass1_keys = 0;
   for (int64_t r = 0; r < R; ++r) {
     const bool in_place = sees_new_prefix(rw, token_of(r));
     any_tree |= !in_place;
-    pass1_keys = std::max(pass1_keys, in_place ? rw.n_keys : tail0);
+    row_keys[r] = in_place ? rw.n_keys : tail0;
+    pass1_keys = std::max(pass1_keys, row_keys[r]);
   }
-  auto row_keys = [&](int64_t r) { return sees_new_prefix(rw, token_of(r)) ? rw.n_keys : tail0; };
 
   for (int64_t c0 = 0; c0 == 0 || c0 < pass1_keys; c0 += kChunkKeys) {
     const int64_t chunk = std::min(kChunkKeys, std::max<int64_t>(0, pass1_keys - c0));
@@ -322,12 +322,12 @@ EAGLE_PV_TARGET void attend_pv(const PvRows& rw, const float* p, int64_t ld_p, c
     for (int64_t g0 = 0; g0 < R; g0 += 16) {
       const int64_t g1 = std::min(R, g0 + 16);
       int64_t group_keys = 0;
-      for (int64_t r = g0; r < g1; ++r) group_keys = std::max(group_keys, row_keys(r));
+      for (int64_t r = g0; r < g1; ++r) group_keys = std::max(group_keys, row_keys[r]);
       const int64_t blocks = (std::min(group_keys - c0, chunk) + kKeysPerBlock - 1) / kKeysPerBlock;
       if (c0 > 0 && blocks <= 0) continue;  // (the first chunk always runs: it zeroes o and l16)
       const int64_t ld = round_up(std::max<int64_t>(chunk, 1), kKeysPerBlock);
       for (int64_t r = g0; r < g1; ++r) {
-        to_bf16(p + r * ld_p + c0, std::max<int64_t>(0, std::min(row_keys(r) - c0, chunk)), pb + (r - g0) * ld, ld);
+        to_bf16(p + r * ld_p + c0, std::max<int64_t>(0, std::min(row_keys[r] - c0, chunk)), pb + (r - g0) * ld, ld);
       }
       // the tiles have 16 rows (begin()'s configuration): those past the group's multiply zeros
       std::memset(static_cast<void*>(pb + (g1 - g0) * ld), 0, (16 - (g1 - g0)) * ld * sizeof(c10::BFloat16));
@@ -369,7 +369,7 @@ void score_block(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, i
                  int64_t, c10::BFloat16*) {
   TORCH_CHECK(false, "tree_attention: AMX scores are not built on this platform");
 }
-int64_t pv_scratch_bytes(int64_t, int64_t, int64_t, int64_t) { return 0; }
+int64_t pv_scratch_bytes(int64_t, int64_t, int64_t) { return 0; }
 void attend_pv(const PvRows&, const float*, int64_t, const c10::BFloat16*, int64_t, int64_t, int64_t, float*, float*,
                char*) {
   TORCH_CHECK(false, "tree_attention: AMX P @ V is not built on this platform");

@@ -50,8 +50,9 @@ struct PvRows {
   const uint8_t* visible;  // [T, T] 0/1 among the new tokens (nullptr: causal)
 };
 
-// Scratch bytes attend_pv needs for up to `rows` rows, `max_keys` keys and T new tokens, head dim D.
-int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T);
+// Scratch bytes attend_pv needs for up to `rows` rows and T new tokens, head dim D (not growing with the
+// cache: pass 1 goes through the keys in chunks).
+int64_t pv_scratch_bytes(int64_t rows, int64_t D, int64_t T);
 
 // o[r, :D] = sum_j P[r, j] v[j, :] and l[r] = sum_j P[r, j] for r < R, with P[r, j] the bf16 rounding
 // of p[r * ld_p + j] (fp32 probabilities of keys j < n_keys at their cache positions, 0 where masked)

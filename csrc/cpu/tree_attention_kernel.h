@@ -452,17 +452,18 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       tree_attn_amx::attend_pv(pv_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
       tree_attn_amx::end();
     }
-  }
-  for (int64_t n0 = 0; n0 < (amx_pv ? 0 : n_keys); n0 += NB) {
-    const int64_t nb = imin(NB, n_keys - n0);
-    const S* v_block = v_head + n0 * P.sv_s;
-    const A* v_rows = reinterpret_cast<const A*>(v_block);
-    int64_t v_stride = P.sv_s;
-    if (!in_place) {
-      pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, kv);
-      v_rows = kv, v_stride = dp;
+  } else {
+    for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+      const int64_t nb = imin(NB, n_keys - n0);
+      const S* v_block = v_head + n0 * P.sv_s;
+      const A* v_rows = reinterpret_cast<const A*>(v_block);
+      int64_t v_stride = P.sv_s;
+      if (!in_place) {
+        pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, kv);
+        v_rows = kv, v_stride = dp;
+      }
+      accumulate_pv(s + n0, nkp, v_rows, v_stride, dp, nb, R, o, l);
     }
-    accumulate_pv(s + n0, nkp, v_rows, v_stride, dp, nb, R, o, l);
   }
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;

@@ -23,7 +23,7 @@ import eagle_kernels
 from eagle_kernels import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
 from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton, plan_launch
 from tests.kernels.helpers import FP32_RTOL, assert_close_lowp, backends_for, run_with_backend
-from tests.kernels.random_trees import random_trees
+from tests.kernels.random_trees import random_trees, trees_from_parents
 
 OP = "tree_attention"
 ta_module = sys.modules["eagle_kernels.tree_attention"]  # the name is shadowed by the function
@@ -326,6 +326,20 @@ def test_cpp_block_rows_equal_one_token_steps(isa, dtype, Hq, Hkv, D, monkeypatc
         assert torch.equal(sub, blocks["causal"][:, start:stop]), f"sub-block {start}:{stop}"
 
 
+def _assert_tree_rows_equal_decoding(tree, q, k, v, prefix: int, mask: torch.Tensor, what: str) -> None:
+    """Each row i of ``tree`` (one sequence, T tokens after a ``prefix``-key cache, ancestor ``mask``
+    [1, T, T]) equals, bit for bit, token i decoded alone once its path is committed: the prefix, then
+    its ancestors and itself at consecutive positions (caches keep k's and v's layouts)."""
+    for i in range(q.shape[1]):
+        path = mask[0, i].nonzero()[:, 0]  # ancestors and i, in slot order
+        order = torch.cat((torch.arange(prefix), prefix + path))
+        k_path, v_path = torch.zeros_like(k), torch.zeros_like(v)
+        k_path[:, :, : order.numel()], v_path[:, :, : order.numel()] = k[:, :, order], v[:, :, order]
+        n = torch.tensor([order.numel() - 1], dtype=torch.int32)
+        decoded = run_with_backend("cpp", tree_attention, q[:, i : i + 1], k_path, v_path, n, None)
+        assert torch.equal(tree[:, i : i + 1], decoded), f"{what} slot {i} (path {path.tolist()})"
+
+
 @pytest.mark.parametrize("isa", isa_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("Hq, Hkv, D", [(4, 2, 64), (8, 2, 40)])
@@ -339,11 +353,7 @@ def test_cpp_tree_rows_equal_decoding_along_their_path(isa, dtype, Hq, Hkv, D, m
     gen = torch.Generator().manual_seed(D)
     T, prefix = 30, 120  # the tree crosses the 128-key block boundary
     parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, T)]
-    mask = torch.zeros(1, T, T, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        mask[0, i, i] = True
-        if p >= 0:
-            mask[0, i] |= mask[0, p]
+    mask = trees_from_parents([parents]).mask
     S = prefix + T + 2
     k = torch.randn(1, Hkv, S, D, generator=gen).to(dtype)
     v = torch.randn(1, Hkv, S, D, generator=gen).to(dtype)
@@ -351,21 +361,7 @@ def test_cpp_tree_rows_equal_decoding_along_their_path(isa, dtype, Hq, Hkv, D, m
     seqlens = torch.tensor([prefix], dtype=torch.int32)
     tree = run_with_backend("cpp", tree_attention, q, k, v, seqlens, mask)
     assert parents[1:].count(0) < T - 1, "the tree should branch below the root"
-    for i in range(T):
-        path = mask[0, i].nonzero()[:, 0]  # ancestors and i, in slot order
-        order = torch.cat((torch.arange(prefix), prefix + path))
-        k_path, v_path = torch.zeros_like(k), torch.zeros_like(v)
-        k_path[:, :, : order.numel()], v_path[:, :, : order.numel()] = k[:, :, order], v[:, :, order]
-        decoded = run_with_backend(
-            "cpp",
-            tree_attention,
-            q[:, i : i + 1],
-            k_path,
-            v_path,
-            torch.tensor([order.numel() - 1], dtype=torch.int32),
-            None,
-        )
-        assert torch.equal(tree[:, i : i + 1], decoded), f"tree slot {i} (path {path.tolist()})"
+    _assert_tree_rows_equal_decoding(tree, q, k, v, prefix, mask, "tree")
 
 
 @pytest.mark.parametrize("Hq, Hkv, D", [(6, 2, 64), (4, 4, 128), (2, 1, 32), (3, 1, 96)])
@@ -375,8 +371,7 @@ def test_cpp_amx_pv_tree_rows_equal_decoding(Hq, Hkv, D, monkeypatch):
     the committed prefix, block-aligned as the same token decoded alone sees them. Prefixes at and
     around multiples of 32 (the packed part starts at the last one; 0: nothing shared; 1100: the shared
     part in three chunks of 512 keys), GQA groups of 1-3 (a token's rows straddling 16-row tiles and
-    64-row tasks), 1-2 passes of 4 dim tiles, a V
-    cache strided along D: every tree row equals its decoded path bit for bit, the whole output the
+    64-row tasks), 1-2 passes of 4 dim tiles, a V cache strided along D: every tree row equals its decoded path bit for bit, the whole output the
     reference within bf16 tolerance, and a chain's rows their one-token steps."""
     _require("cpp", torch.device("cpu"))
     if not _amx_available():
@@ -385,11 +380,7 @@ def test_cpp_amx_pv_tree_rows_equal_decoding(Hq, Hkv, D, monkeypatch):
     for case_no, (prefix, T) in enumerate(((0, 7), (31, 30), (32, 30), (64, 12), (95, 40), (1100, 20))):
         gen = torch.Generator().manual_seed(100 * D + case_no)
         parents = [-1] + [int(torch.randint(max(0, i - 4), i, (1,), generator=gen)) for i in range(1, T)]
-        mask = torch.zeros(1, T, T, dtype=torch.bool)
-        for i, par in enumerate(parents):
-            mask[0, i, i] = True
-            if par >= 0:
-                mask[0, i] |= mask[0, par]
+        mask = trees_from_parents([parents]).mask
         S = prefix + T + 2
         kv = torch.randn(2, 1, Hkv, S, D, generator=gen).to(torch.bfloat16)
         k, v = kv[0], kv[1]
@@ -400,16 +391,7 @@ def test_cpp_amx_pv_tree_rows_equal_decoding(Hq, Hkv, D, monkeypatch):
         tree = run_with_backend("cpp", tree_attention, q, k, v, seqlens, mask)
         case = Case(q, k, v, seqlens, mask, mask)
         assert_matches(tree, case, oracle(case), f"amx pv prefix={prefix} T={T}")
-        for i in range(T):
-            path = mask[0, i].nonzero()[:, 0]
-            order = torch.cat((torch.arange(prefix), prefix + path))
-            k_path, v_path = torch.zeros_like(k), torch.zeros_like(v)
-            k_path[:, :, : order.numel()], v_path[:, :, : order.numel()] = k[:, :, order], v[:, :, order]
-            n = torch.tensor([order.numel() - 1], dtype=torch.int32)
-            decoded = run_with_backend("cpp", tree_attention, q[:, i : i + 1], k_path, v_path, n, None)
-            assert torch.equal(tree[:, i : i + 1], decoded), (
-                f"prefix={prefix} slot {i} (path {path.tolist()})"
-            )
+        _assert_tree_rows_equal_decoding(tree, q, k, v, prefix, mask, f"prefix={prefix}")
         chain = run_with_backend("cpp", tree_attention, q, k, v, seqlens, None)
         for t in (0, T // 2, T - 1):
             step = run_with_backend("cpp", tree_attention, q[:, t : t + 1], k, v, seqlens + t, None)
@@ -435,13 +417,7 @@ def test_cpp_amx_pv_wide_trees_equal_decoding_bit_for_bit(monkeypatch):
         q = (3 * torch.randn(1, T, Hq, D, generator=gen)).to(torch.bfloat16)  # peaked softmaxes
         seqlens = torch.tensor([prefix], dtype=torch.int32)
         tree = run_with_backend("cpp", tree_attention, q, k, v, seqlens, mask)
-        for i in range(T):
-            order = torch.cat((torch.arange(prefix), prefix + mask[0, i].nonzero()[:, 0]))
-            n = torch.tensor([order.numel() - 1], dtype=torch.int32)
-            decoded = run_with_backend(
-                "cpp", tree_attention, q[:, i : i + 1], k[:, :, order], v[:, :, order], n, None
-            )
-            assert torch.equal(tree[:, i : i + 1], decoded), f"seed {seed} slot {i}"
+        _assert_tree_rows_equal_decoding(tree, q, k, v, prefix, mask, f"seed {seed}")
 
 
 def test_cpp_long_cache_splits_rows_within_the_score_budget():
