@@ -36,6 +36,9 @@ class GenerateResult:
     accept_lengths: list[list[int]]
     target_forwards: int
     texts: list[str] | None = None
+    # speculative="auto": speculative rounds, plain steps, plain runs and the latest speeds
+    # (:meth:`eagle.adaptive.AutoSpeculation.summary`); None otherwise
+    speculation: dict | None = None
 
     @property
     def mean_accept_length(self) -> float:
@@ -174,18 +177,24 @@ class EagleModel:
         top_p: float = 1.0,
         min_p: float = 0.0,
         tree="dynamic",
-        speculative: bool = True,
+        speculative: bool | str = True,
         eos_token_id=None,
         seed: int | None = None,
         cuda_graph: bool = False,
     ) -> GenerateResult:
         """Generate up to ``max_new_tokens`` new tokens for each prompt (see the package docstring).
 
+        ``speculative``: True (EAGLE rounds), False (plain decoding, the baseline) or ``"auto"``:
+        between rounds, speculate or decode plainly, whichever the clock says is faster for this pair,
+        batch and sampling (:mod:`eagle.adaptive`; greedy tokens are the same, seeded sampled runs are
+        not reproducible; not with ``cuda_graph``). ``result.speculation`` then holds its counts.
+
         ``cuda_graph``: on CUDA, replay each speculative round (or plain decoding step) from a captured
         CUDA graph (no Python launch overhead per kernel); the output is the same. The buffers and
         graph of a batch size are kept for the next call with the same batch size and sampling
         parameters (no capture then); :meth:`release_buffers` frees them."""
         _check_max_new_tokens(max_new_tokens)
+        auto = _check_speculative(speculative, cuda_graph)
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         eos = self._eos(eos_token_id)
@@ -208,11 +217,14 @@ class EagleModel:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
         decoder = self._decoder(tree, len(ids), cuda_graph)
-        for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed):
+        for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
         accept = [decoder.accept_lengths()[b] for b in range(len(ids))]
-        return self._result(tokens, accept)
+        result = self._result(tokens, accept)
+        if auto:
+            result.speculation = decoder.last_auto.summary()
+        return result
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
         """Yield the new tokens of one prompt as they are accepted (a list per target forward)."""
@@ -231,6 +243,7 @@ class EagleModel:
         speculative = kwargs.pop("speculative", True)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        auto = _check_speculative(speculative, cuda_graph)
         if not speculative:
             yield from self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
             return
@@ -238,7 +251,7 @@ class EagleModel:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         with torch.inference_mode():
             for emission in self._decoder(tree, 1, cuda_graph).run(
-                ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed
+                ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto
             ):
                 if emission.tokens[0]:
                     yield emission.tokens[0]
@@ -288,6 +301,19 @@ def _resolve_device(device) -> torch.device:
             f"device {device} requested, but only {torch.cuda.device_count()} CUDA device(s) exist"
         )
     return device
+
+
+def _check_speculative(speculative, cuda_graph: bool) -> bool:
+    """Validate ``speculative`` (True, False or "auto"); returns whether it is "auto"."""
+    if speculative == "auto":
+        if cuda_graph:
+            raise ValueError(
+                "speculative='auto' (plain steps between rounds) does not run with cuda_graph=True"
+            )
+        return True
+    if not isinstance(speculative, bool):
+        raise ValueError(f"speculative must be True, False or 'auto', got {speculative!r}")
+    return False
 
 
 def _check_max_new_tokens(max_new_tokens) -> int:

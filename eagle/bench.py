@@ -8,6 +8,8 @@ On one checkpoint and one prompt set, in one process, it times
 * ``hf_assisted``: its assisted generation with a small assistant model, batch 1 only;
 * ``eagle_chain`` / ``eagle_static`` / ``eagle_dynamic``: EAGLE with a chain, the EAGLE-1 static
   tree or the dynamic (EAGLE-2) tree,
+* ``eagle_auto``: the dynamic tree with ``speculative="auto"`` (:mod:`eagle.adaptive`: plain steps
+  wherever speculation measures slower; its share of plain steps is reported; not with CUDA graphs),
 
 for each batch size and temperature. Within each repeat every method runs once, one after the other
 (the machine is shared: load changes hit all methods alike); the reported tokens/s is the **median
@@ -58,8 +60,14 @@ METHODS = (
     "eagle_chain",
     "eagle_static",
     "eagle_dynamic",
+    "eagle_auto",
 )
-EAGLE_TREES = {"eagle_chain": "chain", "eagle_static": "static", "eagle_dynamic": "dynamic"}
+EAGLE_TREES = {
+    "eagle_chain": "chain",
+    "eagle_static": "static",
+    "eagle_dynamic": "dynamic",
+    "eagle_auto": "dynamic",
+}
 BATCH_ONE_ONLY = {
     "hf_prompt_lookup": "transformers' prompt-lookup decoding supports batch size 1 only",
     "hf_assisted": "transformers' assisted generation supports batch size 1 only",
@@ -395,6 +403,8 @@ class Output:
     tokens: list[list[int]]
     decode_tokens: int  # tokens emitted after the prefill's, summed over rows
     decode_forwards: int  # target forwards after the prefill, summed over rows
+    plain_steps: int = 0  # eagle_auto: plain decoding steps among those forwards (per batch)
+    rounds: int = 0  # eagle_auto: speculative rounds among them (per batch)
 
 
 def run_method(
@@ -415,12 +425,15 @@ def run_method(
             temperature=temperature,
             seed=seed,
             eos_token_id=[],
-            speculative=method != "vanilla",
+            speculative="auto" if method == "eagle_auto" else method != "vanilla",
             tree=EAGLE_TREES.get(method, "dynamic"),
             cuda_graph=cuda_graph,
         )
         lengths = [n for row in res.accept_lengths for n in row]
-        return Output(res.tokens, sum(lengths), len(lengths))
+        auto = res.speculation or {}
+        return Output(
+            res.tokens, sum(lengths), len(lengths), auto.get("plain_steps", 0), auto.get("rounds", 0)
+        )
     extra: dict = {}
     if method == "hf_prompt_lookup":
         extra = {"prompt_lookup_num_tokens": lookup_tokens}
@@ -498,6 +511,8 @@ class Cell:
     tokens: int = 0  # new tokens per repeat (all batches)
     decode_tokens: int = 0
     decode_forwards: int = 0
+    plain_steps: int = 0  # eagle_auto, first repeat: plain steps and speculative rounds (per batch)
+    rounds: int = 0
     outputs: list[list[list[list[int]]]] = field(default_factory=list)  # [repeat][batch][row] -> tokens
     mismatches: list[dict] = field(default_factory=list)
     rows_compared: int = 0  # distinct prompt rows (each compared in every repeat)
@@ -510,6 +525,8 @@ class Cell:
             self.tokens = sum(len(t) for o in batch_outputs for t in o.tokens)
             self.decode_tokens = sum(o.decode_tokens for o in batch_outputs)
             self.decode_forwards = sum(o.decode_forwards for o in batch_outputs)
+            self.plain_steps = sum(o.plain_steps for o in batch_outputs)
+            self.rounds = sum(o.rounds for o in batch_outputs)
 
 
 def run_cells(
@@ -517,7 +534,7 @@ def run_cells(
 ) -> list[Cell]:
     """Warm every method up, then time them: repeats outermost, methods interleaved innermost."""
     cells = [
-        Cell(m, b, t, skipped=BATCH_ONE_ONLY[m] if b > 1 and m in BATCH_ONE_ONLY else None)
+        Cell(m, b, t, skipped=_skip_reason(config, m, b))
         for b in config.batch_sizes
         for t in config.temperatures
         for m in config.methods
@@ -548,6 +565,14 @@ def run_cells(
             bar.update()
     bar.close()
     return cells
+
+
+def _skip_reason(config: BenchConfig, method: str, batch: int) -> str | None:
+    if batch > 1 and method in BATCH_ONE_ONLY:
+        return BATCH_ONE_ONLY[method]
+    if method == "eagle_auto" and config.cuda_graph:
+        return "speculative='auto' does not run with CUDA graphs"
+    return None
 
 
 def tree_label(tree) -> str:
@@ -689,6 +714,9 @@ def summarize(cells: list[Cell]) -> list[dict]:
             "decode_tokens": c.decode_tokens,
             "decode_forwards_per_row_summed": c.decode_forwards,
         }
+        if c.method == "eagle_auto":  # how often it chose plain steps (first repeat)
+            row["plain_step_share"] = c.plain_steps / max(1, c.plain_steps + c.rounds)
+            row["plain_steps"], row["speculative_rounds"] = c.plain_steps, c.rounds
         row["greedy_agreement"] = _agreement(c)
         speed[(c.method, c.batch, c.temperature)] = row["tokens_per_s"]
         rows.append(row)
@@ -730,9 +758,10 @@ def format_table(results: list[dict]) -> str:
             continue
         tau = f"{r['tau']:.2f}" if r["tau"] is not None else "-"
         speedup = f"{r['speedup_vs_vanilla']:.2f}x" if r.get("speedup_vs_vanilla") else "-"
+        share = f"; plain steps {r['plain_step_share']:.0%}" if "plain_step_share" in r else ""
         lines.append(
             f"{lead} {r['tokens_per_s']:>8.1f} {r['tokens_per_s_best']:>8.1f} {tau:>5} {speedup:>8}  "
-            f"{_agreement_label(r['greedy_agreement'])}"
+            f"{_agreement_label(r['greedy_agreement'])}{share}"
         )
     return "\n".join(lines)
 

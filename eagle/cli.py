@@ -177,7 +177,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         tree=tree,
         seed=args.seed,
         cuda_graph=args.cuda_graph,
-        speculative=not args.no_speculative,
+        speculative="auto" if args.auto else not args.no_speculative,
         **sampling,
     )
     for chunk in chunks:
@@ -259,7 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tree-depth", type=int, default=None, help="dynamic tree: draft levels")
     gen.add_argument("--tree-topk", type=int, default=None, help="dynamic tree: expansion width")
     gen.add_argument("--tree-tokens", type=int, default=None, help="dynamic tree: tokens verified per step")
-    gen.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
+    mode.add_argument(
+        "--auto",
+        action="store_true",
+        help="speculate or decode plainly, whichever the clock says is faster here (speculative='auto': "
+        "greedy output unchanged; a seeded sampled run is not reproducible)",
+    )
     gen.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     gen.add_argument(
         "--dtype",

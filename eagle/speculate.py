@@ -20,12 +20,13 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle.adaptive import PLAIN, AutoSpeculation
 from eagle.models.cuda_graph import BufferPool, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
@@ -136,6 +137,9 @@ class _Batch:
     nonfinite: torch.Tensor | None = None
     graph: _RoundGraph | None = None  # CUDA graphs: this state's captured round
     warm: bool = False  # CUDA graphs: its first round ran eagerly (kernels compiled, workspaces made)
+    # speculative="auto": (target feature [b, 1, Hf], next token [b]) of each plain step not yet fed to
+    # the draft (it catches up in one forward before the next round: :meth:`SpeculativeDecoder._catch_up`)
+    backlog: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -175,6 +179,8 @@ class _Frozen:
 # runs with slightly longer prompts still fit (the attention kernels' cost depends on the committed
 # length, not on the allocation).
 _POOLED_CACHE_ALIGN = 256
+# speculative="auto": plain steps whose draft input waits at most (the draft then catches up at once)
+_MAX_BACKLOG = 64
 
 
 class SpeculativeDecoder:
@@ -235,6 +241,9 @@ class SpeculativeDecoder:
         self.tree = tree
         self.feature_layers = head.feature_layers
         self.times: RoundTimes | None = None
+        self.last_auto: AutoSpeculation | None = None
+        self._auto_policies: dict[tuple, AutoSpeculation] = {}  # (batch size, sampling) -> policy
+        self._ones: dict[tuple, torch.Tensor] = {}  # (batch size, device) -> a plain step's counts
 
     # ------------------------------------------------------------------------------------------
     # Public entry
@@ -249,9 +258,23 @@ class SpeculativeDecoder:
         eos_token_ids: Sequence[int] = (),
         seed: int | None = None,
         profile: bool = False,
+        auto: bool | AutoSpeculation = False,
     ) -> Iterator[Emission]:
-        """Yield the tokens of every forward (prefill first, then one per round) until all rows finish."""
+        """Yield the tokens of every forward (prefill first, then one per round) until all rows finish.
+
+        ``auto``: between rounds, choose speculative rounds or plain decoding steps from their measured
+        speed (:mod:`eagle.adaptive`). True: this decoder's policy for the batch size and sampling
+        parameters, carried on from its last such run (a fresh one the first time); or an
+        :class:`~eagle.adaptive.AutoSpeculation` to use. Greedy tokens are the same either way; see the
+        module for sampling. Not with ``cuda_graph``. The run's policy (counts, speeds) is
+        :attr:`last_auto`."""
         device = self.target.device
+        if auto and self.cuda_graph:
+            raise ValueError(
+                "speculative='auto' (plain steps between rounds) does not run with cuda_graph=True"
+            )
+        policy = self._auto_policy(auto, (len(prompts), sampling)) if auto else None
+        self.last_auto = policy
         self.times = RoundTimes() if profile else None
         block, lengths = pad_prompts(prompts, device)
         B, max_prompt = block.shape
@@ -270,7 +293,12 @@ class SpeculativeDecoder:
         state, frozen = self._retire_finished(state, emission.finished, None)
         try:
             while state is not None:
-                new_tokens, counts = self._next_round(state, sampling)
+                started = time.perf_counter()
+                if policy is not None and policy.next_mode() == PLAIN:
+                    new_tokens, counts = self._plain_step(state, sampling)
+                else:
+                    self._catch_up(state)
+                    new_tokens, counts = self._next_round(state, sampling)
                 t0 = time.perf_counter()
                 if frozen is not None:
                     frozen.hold(state)
@@ -278,6 +306,8 @@ class SpeculativeDecoder:
                 emission = self._emit(
                     state, new_tokens, counts, max_new_tokens, stop, record=True, active=active
                 )
+                if policy is not None:  # the forward and its host synchronisation (in _emit)
+                    policy.record(sum(map(len, emission.tokens)), time.perf_counter() - started)
                 state, frozen = self._retire_finished(state, emission.finished, frozen)
                 if self.times is not None:
                     self.times.other += time.perf_counter() - t0
@@ -286,6 +316,18 @@ class SpeculativeDecoder:
         finally:
             if self._reuse_buffers:  # also when the caller stops iterating early
                 self._pool.put(key, full_batch)
+
+    def _auto_policy(self, auto: bool | AutoSpeculation, key: tuple) -> AutoSpeculation:
+        """The run's speculative="auto" policy: the one given, or the one this decoder's last run of
+        the same batch size and sampling left (resumed), or a fresh one."""
+        if isinstance(auto, AutoSpeculation):
+            return auto
+        policy = self._auto_policies.get(key)
+        if policy is None:
+            if len(self._auto_policies) >= 16:
+                self._auto_policies.clear()
+            policy = self._auto_policies[key] = AutoSpeculation()
+        return policy.resume()
 
     def release_buffers(self) -> None:
         """Free the buffers and CUDA graphs kept for later runs (see ``cuda_graph`` in the constructor)."""
@@ -399,7 +441,7 @@ class SpeculativeDecoder:
         seeds = rng.row_seeds(seed, B, device)
         draws = torch.zeros(B, dtype=torch.int64, device=device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        first = self._sample_first(out.logits[:, 0], sampling, seeds, draws, nonfinite)
+        first = self._sample_one(out.logits[:, 0], sampling, seeds, draws, nonfinite)
         # Draft prefill: feature f_t with token t+1; the last real row pairs with the first new token.
         shifted = torch.roll(block, -1, dims=1)
         shifted.scatter_(1, last, first[:, None])
@@ -436,7 +478,48 @@ class SpeculativeDecoder:
         pooled.accept_lengths = fresh.accept_lengths
         return pooled
 
-    def _sample_first(self, logits, sampling, seeds, draws, nonfinite):
+    # ------------------------------------------------------------------------------------------
+    # Plain steps (speculative="auto")
+    # ------------------------------------------------------------------------------------------
+    def _plain_step(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """One plain decoding step of every row: the target over the root token, the next token picked
+        as plain decoding picks it (argmax, or the warped distribution with the row's next uniform, as
+        :func:`eagle.models.generate_plain.generate_plain` draws it). The draft is not run: the step's
+        feature and token wait in ``s.backlog`` (:meth:`_catch_up`). Returns ``(new_tokens [b, 1],
+        counts [b])``."""
+        b = s.root.shape[0]
+        s.target_cache.check_room(1)
+        out = self.target(s.root[:, None], s.target_cache, feature_layers=self.feature_layers)
+        s.target_cache.advance(1)
+        token = self._sample_one(out.logits[:, 0], sampling, s.seeds, s.draws, s.nonfinite)
+        if not sampling.greedy:
+            s.draws += 1
+        s.backlog.append((self.head.target_features(out), token))
+        if len(s.backlog) >= _MAX_BACKLOG:
+            self._catch_up(s)
+        s.root.copy_(token)
+        ones = self._ones.get((b, token.device))
+        if ones is None:  # (only read: the same tensor serves every step)
+            ones = self._ones[(b, token.device)] = torch.ones(b, dtype=torch.int64, device=token.device)
+        return token[:, None], ones
+
+    def _catch_up(self, s: _Batch) -> None:
+        """Feed the draft the positions that plain steps committed (``s.backlog``) in one forward, and
+        take its state at the last one as the next round's root, as :meth:`_update_draft` does."""
+        if not s.backlog:
+            return
+        features = torch.cat([f for f, _ in s.backlog], 1)  # [b, k, Hf]
+        tokens = torch.stack([t for _, t in s.backlog], 1)  # [b, k]
+        s.backlog = []
+        b, k = tokens.shape
+        last = torch.full((b, 1), k - 1, dtype=torch.int64, device=tokens.device)
+        s.draft_cache.check_room(k)
+        d = self.head(features, tokens, s.draft_cache, logits_index=last)
+        s.draft_cache.advance(k)
+        s.root_hidden.copy_(d.hidden[:, k - 1])
+        s.root_logits.copy_(d.logits[:, 0])
+
+    def _sample_one(self, logits, sampling, seeds, draws, nonfinite):
         if sampling.greedy:
             first, bad = argmax_checked(logits)
             self._check_finite(bad, nonfinite)
@@ -837,4 +920,5 @@ class SpeculativeDecoder:
             draft_cache=s.draft_cache.select_rows(keep),
             accept_lengths=s.accept_lengths,
             nonfinite=s.nonfinite,
+            backlog=[(f[keep], t[keep]) for f, t in s.backlog],
         )

@@ -79,6 +79,21 @@ def test_generate_cli_streams_text_and_reports_tau(tmp_path, capsys):
     assert "tokens/s" in capsys.readouterr().err
 
 
+def test_generate_cli_auto_prints_the_same_greedy_text(tmp_path, capsys):
+    import pytest
+
+    target_dir, draft_dir = _tiny_pair_with_tokenizer(tmp_path)
+    args = ["generate", "def f(x):", "--target", str(target_dir), "--draft", str(draft_dir), "-n", "40"]
+    assert main(args) == 0
+    speculative = capsys.readouterr().out
+    assert main(args + ["--auto"]) == 0
+    assert capsys.readouterr().out == speculative
+    with pytest.raises(SystemExit) as exc:  # one mode or the other
+        main(args + ["--auto", "--no-speculative"])
+    assert exc.value.code == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
 def test_train_passes_arguments_to_the_stage(capsys):
     import pytest
 

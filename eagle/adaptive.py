@@ -1,0 +1,170 @@
+"""Speculate or decode plainly, chosen between rounds from measured speed (``speculative="auto"``).
+
+Speculation pays when a round's tokens per second beat a plain step's. It does not when acceptance is
+low (sampling at T = 1 from a small pair) or when a verify forward of ``B x n`` tree rows costs far
+more than a step of ``B`` rows (large batches on a compute-bound device such as a CPU). Then EAGLE is
+slower than the plain decoding it is meant to accelerate.
+
+:class:`AutoSpeculation` runs the decoding loop in phases: a few speculative rounds, or a run of plain
+steps. It times each phase on the wall clock (the loop's one host synchronisation per forward
+included) and chooses the next phase from the latest speed of each mode:
+
+* each mode's speed is a running ratio of tokens to seconds over its forwards, both sums decayed by
+  ``decay`` per forward (about the last ``1 / (1 - decay)`` forwards count): one round's acceptance
+  swings widely, and the first forwards of a run carry warm-up costs;
+* the first ``warmup`` forwards of each mode in a run are not timed (first calls at new shapes are slow);
+* a decoder keeps its policy per batch size and sampling parameters, so that its next run goes on
+  from there (:meth:`AutoSpeculation.resume`) instead of probing from scratch;
+* it starts speculating; after the first ``probe_rounds`` rounds it measures ``plain_probe_steps`` plain
+  steps, and measures them again after every ``recheck_rounds`` speculative rounds;
+* while speculation is at least as fast as plain decoding it keeps speculating, deciding again every
+  ``probe_rounds`` rounds (acceptance moves with the text);
+* when it is slower, a run of ``plain_run`` plain steps follows, then ``probe_rounds`` speculative rounds
+  test it again. Each probe that loses doubles the next run (``min_plain_run`` up to
+  ``max_plain_run``), so a pair that never pays costs one probe per few hundred tokens; each phase
+  that speculation wins halves it (where the two modes are close, noisy probes win now and then).
+
+Greedy tokens do not depend on the choice: each is the target's argmax either way (the package keeps
+a verified tree row equal to the same token decoded alone). Sampled tokens are exact samples of the
+target's (warped) distribution either way, but which ones are drawn depends on the choice, and so on
+the machine's speed: a seeded sampled run is reproducible with ``speculative=True`` (or ``False``) and
+an explicit tree, not with ``"auto"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPECULATE = "speculate"
+PLAIN = "plain"
+
+
+@dataclass
+class _Phase:
+    mode: str
+    length: int  # forwards (rounds or steps) in the phase
+    measuring: bool = False  # a short plain phase that only measures plain decoding's speed
+    done: int = 0
+
+
+@dataclass
+class AutoSpeculation:
+    """Chooses speculative rounds or plain steps, phase by phase (see the module docstring).
+
+    Use: ``mode = policy.next_mode()``, run one forward of that mode, then
+    ``policy.record(tokens_emitted, seconds)``."""
+
+    probe_rounds: int = 4
+    plain_probe_steps: int = 2
+    min_plain_run: int = 8
+    max_plain_run: int = 256
+    recheck_rounds: int = 64
+    decay: float = 0.9
+    warmup: int = 1  # first forwards of each mode left out of its speed (first calls of new shapes)
+    # forwards of each mode so far, and how many phases switched to a plain run
+    rounds: int = 0
+    plain_steps: int = 0
+    plain_runs: int = 0
+    _phase: _Phase = field(init=False)
+    _plain_run: int = field(init=False)
+    _rounds_since_measure: int = field(init=False, default=0)
+    # decayed (tokens, seconds) sums of each mode's forwards
+    _speculate_sums: list[float] = field(init=False, default_factory=lambda: [0.0, 0.0])
+    _plain_sums: list[float] = field(init=False, default_factory=lambda: [0.0, 0.0])
+
+    def __post_init__(self) -> None:
+        for name in ("probe_rounds", "plain_probe_steps", "min_plain_run", "recheck_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AutoSpeculation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"AutoSpeculation.warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.decay < 1:
+            raise ValueError(f"AutoSpeculation.decay must be in [0, 1), got {self.decay}")
+        if self.max_plain_run < self.min_plain_run:
+            raise ValueError(
+                f"AutoSpeculation.max_plain_run ({self.max_plain_run}) must be >= min_plain_run "
+                f"({self.min_plain_run})"
+            )
+        self._plain_run = self.min_plain_run
+        self._phase = _Phase(SPECULATE, self.probe_rounds + self.warmup)
+
+    def next_mode(self) -> str:
+        """:data:`SPECULATE` or :data:`PLAIN` for the next forward."""
+        return self._phase.mode
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """The forward just run emitted ``tokens`` tokens (over all rows) in ``seconds``."""
+        if tokens < 0 or not seconds >= 0:
+            raise ValueError(f"record: tokens must be >= 0 and seconds >= 0, got {tokens}, {seconds}")
+        phase = self._phase
+        phase.done += 1
+        if phase.mode == SPECULATE:
+            self.rounds += 1
+            sums = self._speculate_sums
+        else:
+            self.plain_steps += 1
+            sums = self._plain_sums
+        if (self.rounds if phase.mode == SPECULATE else self.plain_steps) > self.warmup:
+            sums[0] = self.decay * sums[0] + tokens
+            sums[1] = self.decay * sums[1] + seconds
+        if phase.done >= phase.length:
+            self._phase = self._after(phase)
+
+    @staticmethod
+    def _speed(sums: list[float]) -> float | None:
+        tokens, seconds = sums
+        if seconds > 0:
+            return tokens / seconds
+        return float("inf") if tokens > 0 else None
+
+    @property
+    def speculate_speed(self) -> float | None:
+        """Tokens per second (all rows) of speculative rounds, recent ones weighted most; None before
+        the first."""
+        return self._speed(self._speculate_sums)
+
+    @property
+    def plain_speed(self) -> float | None:
+        """Tokens per second (all rows) of plain steps, recent ones weighted most; None before the first."""
+        return self._speed(self._plain_sums)
+
+    def _after(self, phase: _Phase) -> _Phase:
+        if phase.mode == SPECULATE:
+            speed = self.speculate_speed
+            self._rounds_since_measure += phase.done
+            if self.plain_speed is None or self._rounds_since_measure >= self.recheck_rounds:
+                untimed = max(0, self.warmup - self.plain_steps)
+                return _Phase(PLAIN, self.plain_probe_steps + untimed, measuring=True)
+            if speed is not None and speed < self.plain_speed:
+                return self._plain_run_phase()
+            # halved, not reset: where the two modes are close, noisy probes win now and then
+            self._plain_run = max(self.min_plain_run, self._plain_run // 2)
+            return _Phase(SPECULATE, self.probe_rounds)
+        self._rounds_since_measure = 0
+        spec, plain = self.speculate_speed, self.plain_speed
+        if phase.measuring and spec is not None and plain is not None and spec < plain:
+            return self._plain_run_phase()
+        return _Phase(SPECULATE, self.probe_rounds)
+
+    def _plain_run_phase(self) -> _Phase:
+        length = self._plain_run
+        self._plain_run = min(2 * self._plain_run, self.max_plain_run)
+        self.plain_runs += 1
+        return _Phase(PLAIN, length)
+
+    def resume(self) -> AutoSpeculation:
+        """Carry on in a new run of the same batch size and sampling: the speeds, the current phase
+        and the plain-run length stay (a decoder reused across calls does not probe from scratch);
+        the counts start from zero."""
+        self.rounds = self.plain_steps = self.plain_runs = 0
+        return self
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Counts and the latest speeds, for reports."""
+        return {
+            "rounds": self.rounds,
+            "plain_steps": self.plain_steps,
+            "plain_runs": self.plain_runs,
+            "speculate_tokens_per_s": self.speculate_speed,
+            "plain_tokens_per_s": self.plain_speed,
+        }

@@ -1,0 +1,307 @@
+"""speculative="auto": the phase policy (eagle.adaptive) and the decoder's plain steps between rounds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import eagle
+import eagle.speculate as speculate
+from eagle.adaptive import PLAIN, SPECULATE, AutoSpeculation
+from eagle.models.generate_plain import generate_plain
+from eagle.speculate import SamplingParams
+from eagle.tree import TreeConfig
+from tests.eagle.conftest import (
+    build_hf_target,
+    eagle2_state,
+    eagle3_state,
+    head_config,
+    save_hf_target,
+    write_head,
+)
+
+SMALL = dict(vocab_size=24, max_position_embeddings=256)
+GREEDY = SamplingParams()
+TREE = TreeConfig(depth=4, topk=3, total_tokens=10)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The policy alone, with made-up timings
+# ---------------------------------------------------------------------------------------------------
+def drive(policy: AutoSpeculation, forwards: int, speculate_s: float, plain_s: float, tokens_per_round=3):
+    """Run ``forwards`` forwards with fixed costs; returns the modes chosen, in order."""
+    modes = []
+    for _ in range(forwards):
+        mode = policy.next_mode()
+        modes.append(mode)
+        if mode == SPECULATE:
+            policy.record(tokens_per_round, speculate_s)
+        else:
+            policy.record(1, plain_s)
+    return modes
+
+
+def runs(modes: list[str]) -> list[tuple[str, int]]:
+    return [(m, len(list(g))) for m, g in itertools.groupby(modes)]
+
+
+def test_a_faster_speculation_is_kept_with_a_short_plain_measurement_now_and_then():
+    policy = AutoSpeculation(probe_rounds=4, plain_probe_steps=2, recheck_rounds=16, warmup=1)
+    modes = drive(policy, 60, speculate_s=2.0, plain_s=1.0)  # 1.5 tokens/s against 1
+    # 5 rounds (1 untimed), a measurement of 3 steps (1 untimed), then 16 rounds between measurements
+    assert runs(modes)[:5] == [(SPECULATE, 5), (PLAIN, 3), (SPECULATE, 16), (PLAIN, 2), (SPECULATE, 16)]
+    assert policy.plain_runs == 0
+    assert policy.speculate_speed == pytest.approx(1.5) and policy.plain_speed == pytest.approx(1.0)
+
+
+def test_a_slower_speculation_gives_way_to_plain_runs_that_double_up_to_the_limit():
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, min_plain_run=4, max_plain_run=16, warmup=0)
+    modes = drive(policy, 120, speculate_s=4.0, plain_s=1.0)  # 0.75 tokens/s against 1
+    assert runs(modes)[:10] == [
+        (SPECULATE, 2),
+        (PLAIN, 1 + 4),  # the measurement, then the first run at once
+        (SPECULATE, 2),
+        (PLAIN, 8),
+        (SPECULATE, 2),
+        (PLAIN, 16),
+        (SPECULATE, 2),
+        (PLAIN, 16),  # capped at max_plain_run
+        (SPECULATE, 2),
+        (PLAIN, 16),
+    ]
+    assert modes.count(PLAIN) > 0.8 * len(modes)
+
+
+def test_each_phase_speculation_wins_halves_the_next_plain_run():
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, min_plain_run=4, warmup=0, decay=0.0)
+    drive(policy, 2 + 5 + 2 + 8, speculate_s=4.0, plain_s=1.0)  # two lost probes: the next run is 16
+    assert policy.next_mode() == SPECULATE
+    drive(policy, 2, speculate_s=1.0, plain_s=1.0)  # the probe wins (3 tokens/s): keep speculating
+    modes = drive(policy, 2 + 8 + 2, speculate_s=4.0, plain_s=1.0)  # then loses: a run of 8, not 16
+    assert runs(modes) == [(SPECULATE, 2), (PLAIN, 8), (SPECULATE, 2)]
+    assert drive(policy, 16, speculate_s=4.0, plain_s=1.0) == [PLAIN] * 16  # that probe lost: 8 -> 16
+
+
+def test_winning_phases_do_not_shorten_plain_runs_below_the_minimum():
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, min_plain_run=4, warmup=0, decay=0.0)
+    drive(policy, 2 + 1 + 2 * 5, speculate_s=1.0, plain_s=1.0)  # measured, then five winning phases
+    modes = drive(policy, 2 + 4 + 2, speculate_s=4.0, plain_s=1.0)
+    assert runs(modes) == [(SPECULATE, 2), (PLAIN, 4), (SPECULATE, 2)]
+
+
+def test_warmup_forwards_are_not_timed():
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, warmup=1)
+    policy.record(3, 100.0)  # a first round that compiled kernels
+    policy.record(3, 1.0)
+    policy.record(3, 1.0)
+    assert policy.speculate_speed == pytest.approx(3.0)
+    assert policy.next_mode() == PLAIN  # measuring: 1 untimed step, then 1 timed
+    policy.record(1, 50.0)
+    assert policy.plain_speed is None
+    policy.record(1, 0.5)
+    assert policy.plain_speed == pytest.approx(2.0)
+    assert policy.next_mode() == SPECULATE  # 3 tokens/s beat 2
+
+
+def test_recent_forwards_weigh_most():
+    policy = AutoSpeculation(probe_rounds=100, warmup=0, decay=0.5)
+    for _ in range(20):
+        policy.record(1, 1.0)  # 1 token/s
+    for _ in range(20):
+        policy.record(4, 1.0)  # then 4 tokens/s
+    assert policy.speculate_speed == pytest.approx(4.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(probe_rounds=0), "probe_rounds"),
+        (dict(plain_probe_steps=0), "plain_probe_steps"),
+        (dict(min_plain_run=8, max_plain_run=4), "max_plain_run"),
+        (dict(decay=1.0), "decay"),
+        (dict(warmup=-1), "warmup"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoSpeculation(**kwargs)
+
+
+def test_bad_records_are_refused():
+    with pytest.raises(ValueError, match="record"):
+        AutoSpeculation().record(1, float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decoder: plain steps between rounds
+# ---------------------------------------------------------------------------------------------------
+class Scripted(AutoSpeculation):
+    """A policy that follows a fixed cycle of modes (no timing)."""
+
+    def __init__(self, script: str) -> None:
+        super().__init__()
+        self._modes = itertools.cycle([PLAIN if c == "p" else SPECULATE for c in script])
+        self._next = next(self._modes)
+        self.seen: list[str] = []
+
+    def next_mode(self) -> str:
+        return self._next
+
+    def record(self, tokens: int, seconds: float) -> None:
+        self.seen.append(self._next)
+        if self._next == SPECULATE:
+            self.rounds += 1
+        else:
+            self.plain_steps += 1
+        self._next = next(self._modes)
+
+
+def _make_pair(root, seed: int, kind: str):
+    hf = build_hf_target("llama", seed=seed, **SMALL)
+    target_dir = save_hf_target(hf, root / f"target{seed}")
+    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
+    if kind == "eagle2":
+        state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=seed + 7)
+        head_cfg = head_config(cfg, bias=True)
+    else:
+        state = eagle3_state(cfg, prefix="layers.0.", embed=None, draft_vocab=None, seed=seed + 7)
+        head_cfg = head_config(
+            cfg, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=cfg["vocab_size"]
+        )
+    head_dir = write_head(root / f"{kind}{seed}", head_cfg, state, fmt="safetensors", dtype=torch.float32)
+    return eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adaptive_pairs")
+    return {"eagle2": _make_pair(root, 0, "eagle2"), "eagle3": _make_pair(root, 2, "eagle3")}
+
+
+PROMPTS = [[1, 5, 9, 2], [3, 3, 7, 11, 4, 8, 2], [6]]
+
+
+def _run(model, prompts, n, policy, sampling=GREEDY, eos=(), seed=0, tree=TREE):
+    decoder = model._decoder(tree, len(prompts))
+    tokens = [[] for _ in prompts]
+    for emission in decoder.run(prompts, n, sampling, eos_token_ids=eos, seed=seed, auto=policy):
+        for row, new in zip(emission.rows, emission.tokens):
+            tokens[row].extend(new)
+    return tokens, decoder
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+@pytest.mark.parametrize("script", ["p", "sp", "sppps", "spppppppp"])
+def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, script, monkeypatch):
+    monkeypatch.setattr(speculate, "_MAX_BACKLOG", 5)  # long plain runs also catch up on their own
+    model = models[kind]
+    plain = generate_plain(model.target, PROMPTS, 40)
+    policy = Scripted(script)
+    tokens, _ = _run(model, PROMPTS, 40, policy)
+    assert tokens == plain
+    if "p" in script:
+        assert PLAIN in policy.seen
+    if "s" in script:
+        assert SPECULATE in policy.seen
+
+
+def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models):
+    model = models["eagle2"]
+    plain = generate_plain(model.target, PROMPTS, 30)
+    # each row stops at a token it emits at a different step
+    stop = {plain[0][7], plain[1][12]} - set(plain[2][:20])
+    expect = []
+    for row in plain:
+        cut = next((i for i, t in enumerate(row) if t in stop), None)
+        expect.append(row if cut is None else row[: cut + 1])
+    tokens, _ = _run(model, PROMPTS, 30, Scripted("sppppp"), eos=sorted(stop))
+    assert tokens == expect
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
+def test_sampled_plain_steps_draw_as_plain_decoding_does(models, temperature, top_k):
+    """All plain steps: each row's stream gives the tokens plain sampling gives with the same seed."""
+    model = models["eagle2"]
+    plain = generate_plain(model.target, PROMPTS, 25, temperature=temperature, top_k=top_k, seed=123)
+    tokens, _ = _run(model, PROMPTS, 25, Scripted("p"), SamplingParams(temperature, top_k), seed=123)
+    assert tokens == plain
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+def test_the_draft_catches_up_on_the_positions_plain_steps_committed(models, kind):
+    """After plain steps and the catch-up, the draft's root state is what a draft prefill over the whole
+    sequence (target features of every position, each with the token after it) gives at its end."""
+    model = models[kind]
+    decoder = model._decoder(TREE, 1)
+    states = []
+    plain_step = decoder._plain_step
+    decoder._plain_step = lambda s, sampling: (states.append(s), plain_step(s, sampling))[1]
+    prompt = PROMPTS[1]
+    gen = decoder.run([prompt], 60, SamplingParams(), auto=Scripted("sppppppp"))
+    emitted = []
+    for i, emission in enumerate(gen):
+        emitted.extend(emission.tokens[0])
+        if i == 1 + 7:  # the prefill (0), one round, seven plain steps
+            break
+    del decoder._plain_step
+    state = states[-1]
+    assert len(state.backlog) == 7
+    with torch.inference_mode():
+        decoder._catch_up(state)
+    assert not state.backlog
+    seq = prompt + emitted  # the root (last token) has no feature yet
+    target, head = model.target, model.head
+    with torch.inference_mode():
+        cache = target.new_cache(1, len(seq) + 1)
+        out = target(torch.tensor([seq[:-1]]), cache, feature_layers=head.feature_layers)
+        features = head.target_features(out)
+        d_cache = head.new_cache(1, len(seq) + 1)
+        last = torch.tensor([[len(seq) - 2]])
+        ref = head(features, torch.tensor([seq[1:]]), d_cache, logits_index=last)
+    assert int(state.draft_cache.seqlens[0]) == int(state.target_cache.seqlens[0]) == len(seq) - 1
+    torch.testing.assert_close(state.root_logits[0], ref.logits[0, 0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(state.root_hidden[0], ref.hidden[0, -1], rtol=1e-9, atol=1e-9)
+    gen.close()
+
+
+def test_generate_auto_reports_its_choices_and_keeps_greedy_tokens(models):
+    model = models["eagle2"]
+    plain = model.generate(PROMPTS, 50, speculative=False)
+    auto = model.generate(PROMPTS, 50, speculative="auto", tree=TREE)
+    assert auto.tokens == plain.tokens
+    info = auto.speculation
+    assert info["rounds"] + info["plain_steps"] == max(len(a) for a in auto.accept_lengths)
+    assert info["rounds"] >= 1 and info["speculate_tokens_per_s"] > 0
+    assert plain.speculation is None
+    streamed = [t for chunk in model.stream(PROMPTS[0], 50, speculative="auto", tree=TREE) for t in chunk]
+    assert streamed == plain.tokens[0]
+
+
+def test_a_decoder_carries_its_policy_over_to_the_next_run_of_the_same_kind(models):
+    decoder = models["eagle2"]._decoder(TREE, 2)
+    list(decoder.run(PROMPTS[:2], 12, GREEDY, auto=True))
+    first = decoder.last_auto
+    assert first.rounds + first.plain_steps > 0
+    phase, speed = first.next_mode(), first.speculate_speed
+    list(decoder.run(PROMPTS[1:], 1, GREEDY, auto=True))  # the prefill only: no forward of either mode
+    assert decoder.last_auto is first and first.rounds == first.plain_steps == 0
+    assert first.next_mode() == phase and first.speculate_speed == speed
+    list(decoder.run(PROMPTS[:2], 4, SamplingParams(temperature=1.0), auto=True))
+    assert decoder.last_auto is not first
+    own = AutoSpeculation()
+    list(decoder.run(PROMPTS[:2], 4, GREEDY, auto=own))
+    assert decoder.last_auto is own
+
+
+@pytest.mark.parametrize("value", ["yes", 1.0, None, "AUTO"])
+def test_a_bad_speculative_value_is_named(models, value):
+    with pytest.raises(ValueError, match="speculative must be True, False or 'auto'"):
+        models["eagle2"].generate(PROMPTS, 4, speculative=value)
+
+
+def test_auto_refuses_cuda_graphs(models):
+    with pytest.raises(ValueError, match="cuda_graph"):
+        models["eagle2"].generate(PROMPTS, 4, speculative="auto", cuda_graph=True)
