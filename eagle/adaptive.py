@@ -12,7 +12,7 @@ included) and chooses the next phase from the latest speed of each mode:
 * each mode's speed is a running ratio of tokens to seconds over its forwards, both sums decayed by
   ``decay`` per forward (about the last ``1 / (1 - decay)`` forwards count): one round's acceptance
   swings widely, and the first forwards of a run carry warm-up costs;
-* the first ``warmup`` forwards of each mode in a run are not timed (first calls at new shapes are slow);
+* the policy's first ``warmup`` forwards of each mode are not timed (first calls at new shapes are slow);
 * a decoder keeps its policy per batch size and sampling parameters, so that its next run goes on
   from there (:meth:`AutoSpeculation.resume`) instead of probing from scratch;
 * it starts speculating; after the first ``probe_rounds`` rounds it measures ``plain_probe_steps`` plain
@@ -58,7 +58,7 @@ class AutoSpeculation:
     plain_probe_steps: int = 2
     min_plain_run: int = 8
     max_plain_run: int = 256
-    recheck_rounds: int = 64
+    recheck_rounds: int = 128
     decay: float = 0.9
     warmup: int = 1  # first forwards of each mode left out of its speed (first calls of new shapes)
     # forwards of each mode so far, and how many phases switched to a plain run
@@ -68,6 +68,7 @@ class AutoSpeculation:
     _phase: _Phase = field(init=False)
     _plain_run: int = field(init=False)
     _rounds_since_measure: int = field(init=False, default=0)
+    _untimed: dict[str, int] = field(init=False)  # forwards of each mode still to leave untimed
     # decayed (tokens, seconds) sums of each mode's forwards
     _speculate_sums: list[float] = field(init=False, default_factory=lambda: [0.0, 0.0])
     _plain_sums: list[float] = field(init=False, default_factory=lambda: [0.0, 0.0])
@@ -86,6 +87,7 @@ class AutoSpeculation:
                 f"({self.min_plain_run})"
             )
         self._plain_run = self.min_plain_run
+        self._untimed = {SPECULATE: self.warmup, PLAIN: self.warmup}
         self._phase = _Phase(SPECULATE, self.probe_rounds + self.warmup)
 
     def next_mode(self) -> str:
@@ -104,7 +106,9 @@ class AutoSpeculation:
         else:
             self.plain_steps += 1
             sums = self._plain_sums
-        if (self.rounds if phase.mode == SPECULATE else self.plain_steps) > self.warmup:
+        if self._untimed[phase.mode]:
+            self._untimed[phase.mode] -= 1
+        else:
             sums[0] = self.decay * sums[0] + tokens
             sums[1] = self.decay * sums[1] + seconds
         if phase.done >= phase.length:
@@ -133,8 +137,7 @@ class AutoSpeculation:
             speed = self.speculate_speed
             self._rounds_since_measure += phase.done
             if self.plain_speed is None or self._rounds_since_measure >= self.recheck_rounds:
-                untimed = max(0, self.warmup - self.plain_steps)
-                return _Phase(PLAIN, self.plain_probe_steps + untimed, measuring=True)
+                return _Phase(PLAIN, self.plain_probe_steps + self._untimed[PLAIN], measuring=True)
             if speed is not None and speed < self.plain_speed:
                 return self._plain_run_phase()
             # halved, not reset: where the two modes are close, noisy probes win now and then
@@ -154,8 +157,8 @@ class AutoSpeculation:
 
     def resume(self) -> AutoSpeculation:
         """Carry on in a new run of the same batch size and sampling: the speeds, the current phase
-        and the plain-run length stay (a decoder reused across calls does not probe from scratch);
-        the counts start from zero."""
+        and the plain-run length stay (a decoder reused across calls does not probe from scratch, and
+        its forwards are warm); the counts start from zero."""
         self.rounds = self.plain_steps = self.plain_runs = 0
         return self
 

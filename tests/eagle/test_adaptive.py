@@ -104,6 +104,9 @@ def test_warmup_forwards_are_not_timed():
     policy.record(1, 0.5)
     assert policy.plain_speed == pytest.approx(2.0)
     assert policy.next_mode() == SPECULATE  # 3 tokens/s beat 2
+    policy.resume()  # a later run of the same decoder: warm, so its first round counts
+    policy.record(3, 30.0)
+    assert policy.speculate_speed < 1.0 and policy.rounds == 1
 
 
 def test_recent_forwards_weigh_most():
