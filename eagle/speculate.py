@@ -123,8 +123,9 @@ class _Batch:
 
     rows: torch.Tensor  # [b] int64, original row ids
     root: torch.Tensor  # [b] int64, last emitted token (tree root of the next round)
-    root_hidden: torch.Tensor  # [b, H] draft output at the last committed position
-    root_logits: torch.Tensor  # [b, Vd] draft logits there
+    root_hidden: torch.Tensor | None  # [b, H] draft output at the last committed position
+    root_logits: torch.Tensor | None  # [b, Vd] draft logits there (both None while the draft's
+    # prefill waits: speculative="auto" starting with plain steps, see _PendingDraft)
     emitted: list[int]  # tokens emitted so far (host side: the loop syncs once per round anyway)
     seeds: torch.Tensor  # [b] int64, RNG stream of each row
     draws: torch.Tensor  # [b] int64, RNG counter
@@ -140,6 +141,30 @@ class _Batch:
     # speculative="auto": (target feature [b, 1, Hf], next token [b]) of each plain step not yet fed to
     # the draft (it catches up in one forward before the next round: :meth:`SpeculativeDecoder._catch_up`)
     backlog: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    pending_draft: _PendingDraft | None = None
+
+
+@dataclass
+class _PendingDraft:
+    """The draft's prefill over the prompts, left for later: a run of speculative="auto" that starts
+    with plain steps runs it only if it speculates (:meth:`SpeculativeDecoder._catch_up`)."""
+
+    out: ModelOutput  # the target's prefill (its features)
+    shifted: torch.Tensor  # [b, P] the token after each position (the first new one after the last)
+    last: torch.Tensor  # [b, 1] each prompt's last position
+    lengths: torch.Tensor  # [b] prompt lengths
+    max_prompt: int
+
+    def select(self, keep: torch.Tensor) -> _PendingDraft:
+        out = self.out
+        layers = None if out.layer_hidden is None else tuple(h[keep] for h in out.layer_hidden)
+        return _PendingDraft(
+            ModelOutput(out.hidden[keep], None, layers),
+            self.shifted[keep],
+            self.last[keep],
+            self.lengths[keep],
+            self.max_prompt,
+        )
 
 
 @dataclass
@@ -285,7 +310,8 @@ class SpeculativeDecoder:
         key = (B, sampling)
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
         pooled = self._pool.take(key) if self._reuse_buffers else None
-        state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed, pooled)
+        defer = policy is not None and policy.next_mode() == PLAIN
+        state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed, pooled, defer)
         full_batch = state
         ones = torch.ones(B, dtype=torch.int64, device=device)
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
@@ -419,9 +445,12 @@ class SpeculativeDecoder:
         tree_rows = max(self.num_tokens, self.depth * self.topk + 1)
         return max_prompt + max_new_tokens + tree_rows + 1
 
-    def _prefill(self, block, lengths, max_new_tokens, sampling, seed, pooled: _Batch | None = None):
+    def _prefill(
+        self, block, lengths, max_new_tokens, sampling, seed, pooled: _Batch | None = None, defer_draft=False
+    ):
         """Prefill both caches; returns (state, first token [B]). ``pooled``: an earlier run's state of
-        the same batch size and sampling, whose buffers (and CUDA graph) are reused when they fit."""
+        the same batch size and sampling, whose buffers (and CUDA graph) are reused when they fit.
+        ``defer_draft``: leave the draft's prefill for :meth:`_catch_up` (plain steps come first)."""
         B, max_prompt = block.shape
         device = block.device
         S = self._cache_len(max_prompt, max_new_tokens)
@@ -445,17 +474,18 @@ class SpeculativeDecoder:
         # Draft prefill: feature f_t with token t+1; the last real row pairs with the first new token.
         shifted = torch.roll(block, -1, dims=1)
         shifted.scatter_(1, last, first[:, None])
-        features = self.head.target_features(out)
-        d = self.head(features, shifted, draft_cache, logits_index=last)
-        draft_cache.advance(lengths, max_increment=max_prompt)
-        root_hidden = d.hidden.gather(1, last[..., None].expand(B, 1, d.hidden.shape[-1]))[:, 0]
+        pending = _PendingDraft(out, shifted, last, lengths, max_prompt)
+        root_hidden = root_logits = None
+        if not defer_draft:
+            root_hidden, root_logits = self._draft_prefill(pending, draft_cache)
+            pending = None
         # Per run: a stream still running keeps its own lists when another run starts on this decoder.
         self._accept_lengths = accept_lengths = {b: [] for b in range(B)}
         state = _Batch(
             rows=torch.arange(B, device=device),
             root=first,
             root_hidden=root_hidden,
-            root_logits=d.logits[:, 0],
+            root_logits=root_logits,
             emitted=[0] * B,
             seeds=seeds,
             draws=draws + 1,
@@ -463,10 +493,21 @@ class SpeculativeDecoder:
             draft_cache=draft_cache,
             accept_lengths=accept_lengths,
             nonfinite=nonfinite,
+            pending_draft=pending,
         )
         if pooled is None:
             return state, first
         return self._refill(pooled, state), first
+
+    def _draft_prefill(self, p: _PendingDraft, draft_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over the prompts (their target features, each with the next token); advances the
+        draft cache by the prompt lengths; returns the root state ``(hidden [b, H], logits [b, Vd])``
+        at each prompt's last position."""
+        d = self.head(self.head.target_features(p.out), p.shifted, draft_cache, logits_index=p.last)
+        draft_cache.advance(p.lengths, max_increment=p.max_prompt)
+        b = p.shifted.shape[0]
+        root_hidden = d.hidden.gather(1, p.last[..., None].expand(b, 1, d.hidden.shape[-1]))[:, 0]
+        return root_hidden, d.logits[:, 0]
 
     @staticmethod
     def _refill(pooled: _Batch, fresh: _Batch) -> _Batch:
@@ -504,8 +545,12 @@ class SpeculativeDecoder:
         return token[:, None], ones
 
     def _catch_up(self, s: _Batch) -> None:
-        """Feed the draft the positions that plain steps committed (``s.backlog``) in one forward, and
-        take its state at the last one as the next round's root, as :meth:`_update_draft` does."""
+        """Feed the draft what it has not seen: the prompts when its prefill waits
+        (``s.pending_draft``), then the positions that plain steps committed (``s.backlog``) in one
+        forward; its state at the last one is the next round's root, as :meth:`_update_draft` sets it."""
+        if s.pending_draft is not None:
+            s.root_hidden, s.root_logits = self._draft_prefill(s.pending_draft, s.draft_cache)
+            s.pending_draft = None
         if not s.backlog:
             return
         features = torch.cat([f for f, _ in s.backlog], 1)  # [b, k, Hf]
@@ -516,8 +561,9 @@ class SpeculativeDecoder:
         s.draft_cache.check_room(k)
         d = self.head(features, tokens, s.draft_cache, logits_index=last)
         s.draft_cache.advance(k)
-        s.root_hidden.copy_(d.hidden[:, k - 1])
-        s.root_logits.copy_(d.logits[:, 0])
+        # assigned, not copied: the prefill may have left none, and auto runs without CUDA graphs
+        s.root_hidden = d.hidden[:, k - 1].contiguous()
+        s.root_logits = d.logits[:, 0].contiguous()
 
     def _sample_one(self, logits, sampling, seeds, draws, nonfinite):
         if sampling.greedy:
@@ -911,8 +957,8 @@ class SpeculativeDecoder:
         return _Batch(
             rows=s.rows[keep],
             root=s.root[keep],
-            root_hidden=s.root_hidden[keep],
-            root_logits=s.root_logits[keep],
+            root_hidden=None if s.root_hidden is None else s.root_hidden[keep],
+            root_logits=None if s.root_logits is None else s.root_logits[keep],
             emitted=[s.emitted[i] for i in keep_list],
             seeds=s.seeds[keep],
             draws=s.draws[keep],
@@ -921,4 +967,5 @@ class SpeculativeDecoder:
             accept_lengths=s.accept_lengths,
             nonfinite=s.nonfinite,
             backlog=[(f[keep], t[keep]) for f, t in s.backlog],
+            pending_draft=None if s.pending_draft is None else s.pending_draft.select(keep),
         )

@@ -197,7 +197,7 @@ def _run(model, prompts, n, policy, sampling=GREEDY, eos=(), seed=0, tree=TREE):
 
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
-@pytest.mark.parametrize("script", ["p", "sp", "sppps", "spppppppp"])
+@pytest.mark.parametrize("script", ["p", "sp", "sppps", "spppppppp", "pps", "ppppppppppppps"])
 def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, script, monkeypatch):
     monkeypatch.setattr(speculate, "_MAX_BACKLOG", 5)  # long plain runs also catch up on their own
     model = models[kind]
@@ -211,7 +211,8 @@ def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, scri
         assert SPECULATE in policy.seen
 
 
-def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models):
+@pytest.mark.parametrize("script", ["sppppp", "p" * 16 + "s"])  # the second: before the draft's prefill
+def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models, script):
     model = models["eagle2"]
     plain = generate_plain(model.target, PROMPTS, 30)
     # each row stops at a token it emits at a different step
@@ -220,7 +221,7 @@ def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models):
     for row in plain:
         cut = next((i for i, t in enumerate(row) if t in stop), None)
         expect.append(row if cut is None else row[: cut + 1])
-    tokens, _ = _run(model, PROMPTS, 30, Scripted("sppppp"), eos=sorted(stop))
+    tokens, _ = _run(model, PROMPTS, 30, Scripted(script), eos=sorted(stop))
     assert tokens == expect
 
 
@@ -234,7 +235,8 @@ def test_sampled_plain_steps_draw_as_plain_decoding_does(models, temperature, to
 
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
-def test_the_draft_catches_up_on_the_positions_plain_steps_committed(models, kind):
+@pytest.mark.parametrize("script", ["sppppppp", "ppppppps"])  # the second: the draft's prefill waits too
+def test_the_draft_catches_up_on_the_positions_plain_steps_committed(models, kind, script):
     """After plain steps and the catch-up, the draft's root state is what a draft prefill over the whole
     sequence (target features of every position, each with the token after it) gives at its end."""
     model = models[kind]
@@ -243,15 +245,17 @@ def test_the_draft_catches_up_on_the_positions_plain_steps_committed(models, kin
     plain_step = decoder._plain_step
     decoder._plain_step = lambda s, sampling: (states.append(s), plain_step(s, sampling))[1]
     prompt = PROMPTS[1]
-    gen = decoder.run([prompt], 60, SamplingParams(), auto=Scripted("sppppppp"))
+    gen = decoder.run([prompt], 60, SamplingParams(), auto=Scripted(script))
     emitted = []
+    plain_steps = script.index("s") if script[0] == "p" else 7
     for i, emission in enumerate(gen):
         emitted.extend(emission.tokens[0])
-        if i == 1 + 7:  # the prefill (0), one round, seven plain steps
+        if i == script.index("p") + plain_steps:  # the prefill (0), a round or not, the plain steps
             break
     del decoder._plain_step
     state = states[-1]
-    assert len(state.backlog) == 7
+    assert len(state.backlog) == plain_steps
+    assert (state.pending_draft is not None) == (script[0] == "p")
     with torch.inference_mode():
         decoder._catch_up(state)
     assert not state.backlog
