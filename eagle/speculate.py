@@ -204,8 +204,8 @@ class _Frozen:
 # runs with slightly longer prompts still fit (the attention kernels' cost depends on the committed
 # length, not on the allocation).
 _POOLED_CACHE_ALIGN = 256
-# speculative="auto": plain steps whose draft input waits at most (the draft then catches up at once)
-_MAX_BACKLOG = 64
+# speculative="auto": positions per sequence in one forward of the draft catching up after plain steps
+_CATCH_UP_ROWS = 256
 
 
 class SpeculativeDecoder:
@@ -536,8 +536,6 @@ class SpeculativeDecoder:
         if not sampling.greedy:
             s.draws += 1
         s.backlog.append((self.head.target_features(out), token))
-        if len(s.backlog) >= _MAX_BACKLOG:
-            self._catch_up(s)
         s.root.copy_(token)
         ones = self._ones.get((b, token.device))
         if ones is None:  # (only read: the same tensor serves every step)
@@ -546,24 +544,25 @@ class SpeculativeDecoder:
 
     def _catch_up(self, s: _Batch) -> None:
         """Feed the draft what it has not seen: the prompts when its prefill waits
-        (``s.pending_draft``), then the positions that plain steps committed (``s.backlog``) in one
-        forward; its state at the last one is the next round's root, as :meth:`_update_draft` sets it."""
+        (``s.pending_draft``), then the positions that plain steps committed (``s.backlog``), up to
+        ``_CATCH_UP_ROWS`` per forward; its state at the last one is the next round's root, as
+        :meth:`_update_draft` sets it. A run that never speculates again never pays for either."""
         if s.pending_draft is not None:
             s.root_hidden, s.root_logits = self._draft_prefill(s.pending_draft, s.draft_cache)
             s.pending_draft = None
-        if not s.backlog:
-            return
-        features = torch.cat([f for f, _ in s.backlog], 1)  # [b, k, Hf]
-        tokens = torch.stack([t for _, t in s.backlog], 1)  # [b, k]
-        s.backlog = []
-        b, k = tokens.shape
-        last = torch.full((b, 1), k - 1, dtype=torch.int64, device=tokens.device)
-        s.draft_cache.check_room(k)
-        d = self.head(features, tokens, s.draft_cache, logits_index=last)
-        s.draft_cache.advance(k)
-        # assigned, not copied: the prefill may have left none, and auto runs without CUDA graphs
-        s.root_hidden = d.hidden[:, k - 1].contiguous()
-        s.root_logits = d.logits[:, 0].contiguous()
+        backlog, s.backlog = s.backlog, []
+        for start in range(0, len(backlog), _CATCH_UP_ROWS):
+            chunk = backlog[start : start + _CATCH_UP_ROWS]
+            features = torch.cat([f for f, _ in chunk], 1)  # [b, k, Hf]
+            tokens = torch.stack([t for _, t in chunk], 1)  # [b, k]
+            b, k = tokens.shape
+            last = torch.full((b, 1), k - 1, dtype=torch.int64, device=tokens.device)
+            s.draft_cache.check_room(k)
+            d = self.head(features, tokens, s.draft_cache, logits_index=last)
+            s.draft_cache.advance(k)
+            # assigned, not copied: the prefill may have left none, and auto runs without CUDA graphs
+            s.root_hidden = d.hidden[:, k - 1].contiguous()
+            s.root_logits = d.logits[:, 0].contiguous()
 
     def _sample_one(self, logits, sampling, seeds, draws, nonfinite):
         if sampling.greedy:

@@ -199,7 +199,7 @@ def _run(model, prompts, n, policy, sampling=GREEDY, eos=(), seed=0, tree=TREE):
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 @pytest.mark.parametrize("script", ["p", "sp", "sppps", "spppppppp", "pps", "ppppppppppppps"])
 def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, script, monkeypatch):
-    monkeypatch.setattr(speculate, "_MAX_BACKLOG", 5)  # long plain runs also catch up on their own
+    monkeypatch.setattr(speculate, "_CATCH_UP_ROWS", 5)  # long plain runs catch up in several forwards
     model = models[kind]
     plain = generate_plain(model.target, PROMPTS, 40)
     policy = Scripted(script)
@@ -236,9 +236,14 @@ def test_sampled_plain_steps_draw_as_plain_decoding_does(models, temperature, to
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 @pytest.mark.parametrize("script", ["sppppppp", "ppppppps"])  # the second: the draft's prefill waits too
-def test_the_draft_catches_up_on_the_positions_plain_steps_committed(models, kind, script):
-    """After plain steps and the catch-up, the draft's root state is what a draft prefill over the whole
-    sequence (target features of every position, each with the token after it) gives at its end."""
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_the_draft_catches_up_on_the_positions_plain_steps_committed(
+    models, kind, script, chunk, monkeypatch
+):
+    """After plain steps and the catch-up (in forwards of ``chunk`` positions), the draft's root state
+    is what a draft prefill over the whole sequence (target features of every position, each with the
+    token after it) gives at its end."""
+    monkeypatch.setattr(speculate, "_CATCH_UP_ROWS", chunk)
     model = models[kind]
     decoder = model._decoder(TREE, 1)
     states = []
