@@ -11,7 +11,10 @@ included) and chooses the next phase from the latest speed of each mode:
 
 * each mode's speed is a running ratio of tokens to seconds over its forwards, both sums decayed by
   ``decay`` per forward (about the last ``1 / (1 - decay)`` forwards count): one round's acceptance
-  swings widely, and the first forwards of a run carry warm-up costs;
+  swings widely;
+* speeds are kept per batch size class (active rows rounded up to a power of two): tokens per second
+  grow with the rows, and a run's last forwards, after some rows reached their budget or EOS, run
+  fewer rows; those must not be compared with forwards of the full batch;
 * the policy's first ``warmup`` forwards of each mode are not timed (first calls at new shapes are slow);
 * a decoder keeps its policy per batch size and sampling parameters, so that its next run goes on
   from there (:meth:`AutoSpeculation.resume`) instead of probing from scratch;
@@ -51,8 +54,8 @@ class _Phase:
 class AutoSpeculation:
     """Chooses speculative rounds or plain steps, phase by phase (see the module docstring).
 
-    Use: ``mode = policy.next_mode()``, run one forward of that mode, then
-    ``policy.record(tokens_emitted, seconds)``."""
+    Use: ``mode = policy.next_mode()``, run one forward of that mode over ``rows`` sequences, then
+    ``policy.record(tokens_emitted, seconds, rows)``."""
 
     probe_rounds: int = 4
     plain_probe_steps: int = 2
@@ -69,9 +72,9 @@ class AutoSpeculation:
     _plain_run: int = field(init=False)
     _rounds_since_measure: int = field(init=False, default=0)
     _untimed: dict[str, int] = field(init=False)  # forwards of each mode still to leave untimed
-    # decayed (tokens, seconds) sums of each mode's forwards
-    _speculate_sums: list[float] = field(init=False, default_factory=lambda: [0.0, 0.0])
-    _plain_sums: list[float] = field(init=False, default_factory=lambda: [0.0, 0.0])
+    # batch size class -> mode -> decayed [tokens, seconds] sums of its forwards
+    _sums: dict[int, dict[str, list[float]]] = field(init=False, default_factory=dict)
+    _rows_class: int = field(init=False, default=1)  # that of the latest forward
 
     def __post_init__(self) -> None:
         for name in ("probe_rounds", "plain_probe_steps", "min_plain_run", "recheck_rounds"):
@@ -94,18 +97,20 @@ class AutoSpeculation:
         """:data:`SPECULATE` or :data:`PLAIN` for the next forward."""
         return self._phase.mode
 
-    def record(self, tokens: int, seconds: float) -> None:
-        """The forward just run emitted ``tokens`` tokens (over all rows) in ``seconds``."""
-        if tokens < 0 or not seconds >= 0:
-            raise ValueError(f"record: tokens must be >= 0 and seconds >= 0, got {tokens}, {seconds}")
+    def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
+        """The forward just run over ``rows`` sequences emitted ``tokens`` tokens in ``seconds``."""
+        if tokens < 0 or not seconds >= 0 or rows < 1:
+            raise ValueError(
+                f"record: tokens >= 0, seconds >= 0 and rows >= 1 needed, got {tokens}, {seconds}, {rows}"
+            )
         phase = self._phase
         phase.done += 1
         if phase.mode == SPECULATE:
             self.rounds += 1
-            sums = self._speculate_sums
         else:
             self.plain_steps += 1
-            sums = self._plain_sums
+        self._rows_class = 1 << (rows - 1).bit_length()
+        sums = self._class_sums()[phase.mode]
         if self._untimed[phase.mode]:
             self._untimed[phase.mode] -= 1
         else:
@@ -114,23 +119,30 @@ class AutoSpeculation:
         if phase.done >= phase.length:
             self._phase = self._after(phase)
 
-    @staticmethod
-    def _speed(sums: list[float]) -> float | None:
-        tokens, seconds = sums
+    def _class_sums(self) -> dict[str, list[float]]:
+        sums = self._sums.get(self._rows_class)
+        if sums is None:
+            sums = self._sums[self._rows_class] = {SPECULATE: [0.0, 0.0], PLAIN: [0.0, 0.0]}
+        return sums
+
+    def _speed(self, mode: str, rows_class: int | None = None) -> float | None:
+        sums = self._class_sums() if rows_class is None else self._sums[rows_class]
+        tokens, seconds = sums[mode]
         if seconds > 0:
             return tokens / seconds
         return float("inf") if tokens > 0 else None
 
     @property
     def speculate_speed(self) -> float | None:
-        """Tokens per second (all rows) of speculative rounds, recent ones weighted most; None before
-        the first."""
-        return self._speed(self._speculate_sums)
+        """Tokens per second (all rows) of speculative rounds at the latest forward's batch size class,
+        recent ones weighted most; None before the first."""
+        return self._speed(SPECULATE)
 
     @property
     def plain_speed(self) -> float | None:
-        """Tokens per second (all rows) of plain steps, recent ones weighted most; None before the first."""
-        return self._speed(self._plain_sums)
+        """Tokens per second (all rows) of plain steps at the latest forward's batch size class, recent
+        ones weighted most; None before the first."""
+        return self._speed(PLAIN)
 
     def _after(self, phase: _Phase) -> _Phase:
         if phase.mode == SPECULATE:
@@ -162,12 +174,19 @@ class AutoSpeculation:
         self.rounds = self.plain_steps = self.plain_runs = 0
         return self
 
-    def summary(self) -> dict[str, float | int | None]:
-        """Counts and the latest speeds, for reports."""
+    def summary(self) -> dict:
+        """Counts of this run, and the speeds (tokens/s) measured for the largest batch size class
+        (the full batch) and for each class (``by_rows``: rows rounded up to a power of two)."""
+        by_rows = {
+            rows: {"speculate": self._speed(SPECULATE, rows), "plain": self._speed(PLAIN, rows)}
+            for rows in sorted(self._sums)
+        }
+        full = by_rows[max(by_rows)] if by_rows else {"speculate": None, "plain": None}
         return {
             "rounds": self.rounds,
             "plain_steps": self.plain_steps,
             "plain_runs": self.plain_runs,
-            "speculate_tokens_per_s": self.speculate_speed,
-            "plain_tokens_per_s": self.plain_speed,
+            "speculate_tokens_per_s": full["speculate"],
+            "plain_tokens_per_s": full["plain"],
+            "by_rows": by_rows,
         }

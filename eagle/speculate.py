@@ -333,7 +333,8 @@ class SpeculativeDecoder:
                     state, new_tokens, counts, max_new_tokens, stop, record=True, active=active
                 )
                 if policy is not None:  # the forward and its host synchronisation (in _emit)
-                    policy.record(sum(map(len, emission.tokens)), time.perf_counter() - started)
+                    seconds = time.perf_counter() - started
+                    policy.record(sum(map(len, emission.tokens)), seconds, len(emission.rows))
                 state, frozen = self._retire_finished(state, emission.finished, frozen)
                 if self.times is not None:
                     self.times.other += time.perf_counter() - t0

@@ -109,6 +109,23 @@ def test_warmup_forwards_are_not_timed():
     assert policy.speculate_speed < 1.0 and policy.rounds == 1
 
 
+def test_speeds_are_kept_per_batch_size_class():
+    """A run's last forwards, with fewer rows left, do not move the full batch's speeds."""
+    policy = AutoSpeculation(probe_rounds=100, plain_probe_steps=100, warmup=0)
+    for _ in range(3):
+        policy.record(48, 16.0, rows=16)  # 3 tokens/s with 16 rows
+    assert policy.speculate_speed == pytest.approx(3.0)
+    for _ in range(5):
+        policy.record(2, 10.0, rows=2)  # 0.2 tokens/s with 2 rows left
+    assert policy.speculate_speed == pytest.approx(0.2)
+    policy.record(27, 9.0, rows=9)  # 9..16 rows: the same class as 16
+    summary = policy.summary()
+    assert policy.speculate_speed == summary["speculate_tokens_per_s"] == summary["by_rows"][16]["speculate"]
+    assert 3.0 - 1e-9 <= policy.speculate_speed <= 3.0 + 1e-9
+    assert summary["by_rows"][2]["speculate"] == pytest.approx(0.2)
+    assert summary["plain_tokens_per_s"] is None
+
+
 def test_recent_forwards_weigh_most():
     policy = AutoSpeculation(probe_rounds=100, warmup=0, decay=0.5)
     for _ in range(20):
@@ -133,9 +150,10 @@ def test_bad_settings_are_named(kwargs, match):
         AutoSpeculation(**kwargs)
 
 
-def test_bad_records_are_refused():
+@pytest.mark.parametrize("args", [(1, float("nan")), (-1, 1.0), (1, 1.0, 0)])
+def test_bad_records_are_refused(args):
     with pytest.raises(ValueError, match="record"):
-        AutoSpeculation().record(1, float("nan"))
+        AutoSpeculation().record(*args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,7 +171,7 @@ class Scripted(AutoSpeculation):
     def next_mode(self) -> str:
         return self._next
 
-    def record(self, tokens: int, seconds: float) -> None:
+    def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
         self.seen.append(self._next)
         if self._next == SPECULATE:
             self.rounds += 1
