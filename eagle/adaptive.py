@@ -24,8 +24,11 @@ included) and chooses the next phase from the latest speed of each mode:
   ``probe_rounds`` rounds (acceptance moves with the text);
 * when it is slower, a run of ``plain_run`` plain steps follows, then ``probe_rounds`` speculative rounds
   test it again. Each probe that loses doubles the next run (``min_plain_run`` up to
-  ``max_plain_run``), so a pair that never pays costs one probe per few hundred tokens; each phase
-  that speculation wins halves it (where the two modes are close, noisy probes win now and then).
+  ``max_plain_run``), so a pair that never pays costs one probe per ~1000 steps once it has lost a
+  few (a probe is not free: the draft catches up on every position it skipped, then the rounds run at
+  the losing speed); each phase that speculation wins halves it (where the two modes are close, noisy
+  probes win now and then). A change for the better (text the draft predicts well) is therefore
+  noticed within a plain run, up to ``max_plain_run`` steps later.
 
 Greedy tokens do not depend on the choice: each is the target's argmax either way (the package keeps
 a verified tree row equal to the same token decoded alone). Sampled tokens are exact samples of the
@@ -60,7 +63,7 @@ class AutoSpeculation:
     probe_rounds: int = 4
     plain_probe_steps: int = 2
     min_plain_run: int = 8
-    max_plain_run: int = 256
+    max_plain_run: int = 1024
     recheck_rounds: int = 128
     decay: float = 0.9
     warmup: int = 1  # first forwards of each mode left out of its speed (first calls of new shapes)
