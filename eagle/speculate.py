@@ -171,14 +171,16 @@ class _PendingDraft:
 class _Frozen:
     """Finished rows kept in a batch (CUDA graphs: the batch state, and so its graph, stays the same).
 
-    Every round still computes them, but after it their committed lengths go back to what they were
-    when they finished: their caches never grow, and nothing they compute is emitted."""
+    Every round still computes them, but nothing they compute is emitted, and after each round their
+    committed lengths go back to 0: a row that reached its budget may have committed up to ``depth``
+    tokens past it (accepted, not emitted), and a round's tree past that would not fit its caches
+    (sized for prompt + budget + one tree); at 0 it fits, and its attention reads nothing."""
 
     rows: list[int]  # batch indices of the frozen rows
     active: list[int]  # batch indices of the others
     index: torch.Tensor  # [f] int64 on the device: ``rows``
-    target_lengths: torch.Tensor  # [f] int32: their committed lengths when frozen
-    draft_lengths: torch.Tensor  # [f] int32
+    target_lengths: torch.Tensor  # [f] int32 zeros: their committed lengths while frozen
+    draft_lengths: torch.Tensor  # [f] int32 zeros
 
     @classmethod
     def of(cls, s: _Batch, rows: list[int]) -> _Frozen:
@@ -186,16 +188,13 @@ class _Frozen:
         index = torch.tensor(rows, dtype=torch.int64, device=s.root.device)
         frozen = set(rows)
         active = [i for i in range(len(s.emitted)) if i not in frozen]
-        return cls(
-            rows,
-            active,
-            index,
-            s.target_cache.seqlens.index_select(0, index),
-            s.draft_cache.seqlens.index_select(0, index),
-        )
+        zeros = torch.zeros(len(rows), dtype=torch.int32, device=s.root.device)
+        frozen = cls(rows, active, index, zeros, zeros)
+        frozen.hold(s)  # at once: the next round must fit
+        return frozen
 
     def hold(self, s: _Batch) -> None:
-        """Undo what the last round committed for the frozen rows (in place: graph-safe)."""
+        """Set the frozen rows' committed lengths back to 0 (in place: graph-safe)."""
         s.target_cache.seqlens.index_copy_(0, self.index, self.target_lengths)
         s.draft_cache.seqlens.index_copy_(0, self.index, self.draft_lengths)
 
@@ -236,9 +235,10 @@ class SpeculativeDecoder:
         self.target, self.head = target, head
         self.cuda_graph = cuda_graph
         self._graph_failed = False
-        # Rows that finish before the others: dropped from the batch (eager: they stop costing compute),
-        # or, with CUDA graphs, kept and frozen (a smaller batch would be a new batch state, and each
-        # new state costs an eager round plus a capture: more than the frozen rows' share of a replay).
+        # Rows that finish before the others: frozen, and dropped from the batch once a quarter of it
+        # is finished (eager: they stop costing compute; see _retire_finished), or, with CUDA graphs,
+        # kept frozen (a smaller batch would be a new batch state, and each new state costs an eager
+        # round plus a capture: more than the frozen rows' share of a replay).
         self.keep_finished_rows = cuda_graph
         # (batch size, sampling) -> the buffers of a finished run, taken by the next run that fits them
         self._reuse_buffers = cuda_graph
@@ -932,18 +932,24 @@ class SpeculativeDecoder:
         self, s: _Batch, finished: list[bool], frozen: _Frozen | None
     ) -> tuple[_Batch | None, _Frozen | None]:
         """After an emission (``finished``: per emitted row): None when every row is done; else the
-        batch without its finished rows, or with :attr:`keep_finished_rows` the same batch with them
-        frozen."""
-        if not self.keep_finished_rows:
-            return self._drop_finished(s, finished), None
+        same batch with its finished rows frozen, or (without :attr:`keep_finished_rows`) once at
+        least a quarter of its rows are finished, the batch without them.
+
+        Dropping copies both KV caches of the rows that stay (index_select over every layer): at
+        batch 16 dropping each row as it finished took ~5% of an EAGLE run on CPU, while a frozen
+        row costs its share of each forward; so finished rows wait, frozen, until there are enough
+        of them to drop at once."""
         active = frozen.active if frozen is not None else list(range(len(s.emitted)))
         done = [i for i, f in zip(active, finished) if f]
         if not done:
             return s, frozen
         if len(done) == len(active):
             return None, None
-        frozen = _Frozen.of(s, frozen.rows + done if frozen is not None else done)
-        return s, frozen
+        rows = frozen.rows + done if frozen is not None else done
+        if not self.keep_finished_rows and 4 * len(rows) >= len(s.emitted):
+            gone = set(rows)
+            return self._drop_finished(s, [i in gone for i in range(len(s.emitted))]), None
+        return s, _Frozen.of(s, rows)
 
     @staticmethod
     def _drop_finished(s: _Batch, finished: list[bool]) -> _Batch | None:

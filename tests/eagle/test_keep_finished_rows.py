@@ -10,6 +10,7 @@ import torch
 
 import eagle
 from eagle import speculate
+from eagle.models.generate_plain import generate_plain
 from eagle.speculate import SamplingParams, SpeculativeDecoder
 from eagle.tree import TreeConfig
 
@@ -71,6 +72,63 @@ def test_frozen_rows_give_the_tokens_of_dropped_rows(pair, temperature, monkeypa
     for rows, target_lengths, draft_lengths in held:  # a frozen row's committed lengths never move
         for r, t, d in zip(rows, target_lengths, draft_lengths):
             assert first.setdefault(r, (t, d)) == (t, d)
+
+
+def test_eager_rows_wait_frozen_until_a_quarter_of_the_batch_can_be_dropped(pair, monkeypatch):
+    """Without CUDA graphs a finished row is frozen until a quarter of the batch is finished, then the
+    finished rows are dropped together (each drop copies both caches); the tokens stay the same."""
+    # 18 distinct rows (identical ones would finish together), finishing at different rounds
+    prompts = [pair.tokenizer.encode(f"# case {i}\n{p}") for i in range(6) for p in PROMPTS]
+    tree = TreeConfig(depth=3, topk=4, total_tokens=10)
+    widths, frozen_counts = [], []
+    real_round = SpeculativeDecoder._round
+
+    def spy(self, s, sampling):
+        widths.append(s.root.shape[0])
+        return real_round(self, s, sampling)
+
+    real_of = speculate._Frozen.of.__func__
+
+    def spy_of(cls, s, rows):
+        frozen_counts.append((len(s.emitted), len(rows)))
+        return real_of(cls, s, rows)
+
+    monkeypatch.setattr(SpeculativeDecoder, "_round", spy)
+    monkeypatch.setattr(speculate._Frozen, "of", classmethod(spy_of))
+    outputs = {}
+    for keep in (False, True):
+        decoder = SpeculativeDecoder(pair.target, pair.head, tree)
+        decoder.keep_finished_rows = keep
+        widths.clear()
+        frozen_counts.clear()
+        tokens = [[] for _ in prompts]
+        for e in decoder.run(prompts, 40, SamplingParams(), seed=3):
+            for row, new in zip(e.rows, e.tokens):
+                tokens[row].extend(new)
+        outputs[keep] = tokens
+        if not keep:
+            assert frozen_counts, "no row waited frozen"
+            assert all(4 * n < rows for rows, n in frozen_counts)  # frozen only below a quarter
+            assert min(widths) < len(prompts), "no row was dropped"
+            assert all(w == len(prompts) or 4 * (len(prompts) - w) >= len(prompts) for w in widths)
+    assert outputs[False] == outputs[True]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_rows_frozen_at_their_budget_leave_room_for_the_next_rounds(pair, keep):
+    """Rows of the longest prompt length that reach their budget first may have committed tokens past
+    it (accepted, not emitted); frozen there, the next round's tree would overflow the caches, which
+    hold prompt + budget + one tree. Frozen rows are held at length 0 instead."""
+    text = pair.tokenizer.encode("".join(f"# case {i}\n{p}" for i in range(6) for p in PROMPTS))
+    prompts = [text[i : i + 16] for i in range(0, 16 * 12, 16)]  # 12 distinct rows of equal length
+    # a chain: its caches have the least room past the budget (one tree of depth + 1 rows)
+    decoder = SpeculativeDecoder(pair.target, pair.head, TreeConfig.chain(5))
+    decoder.keep_finished_rows = keep
+    tokens = [[] for _ in prompts]
+    for e in decoder.run(prompts, 30, SamplingParams(), seed=3):
+        for row, new in zip(e.rows, e.tokens):
+            tokens[row].extend(new)
+    assert tokens == generate_plain(pair.target, prompts, 30)
 
 
 def test_keep_finished_rows_is_the_cuda_graph_default(pair):
