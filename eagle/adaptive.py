@@ -20,10 +20,11 @@ included) and chooses the next phase from the latest speed of each mode:
   from there (:meth:`AutoSpeculation.resume`) instead of probing from scratch;
 * it starts speculating; after the first ``probe_rounds`` rounds it measures ``plain_probe_steps`` plain
   steps, and measures them again after every ``recheck_rounds`` speculative rounds;
-* while speculation is at least as fast as plain decoding it keeps speculating, deciding again every
-  ``probe_rounds`` rounds (acceptance moves with the text);
-* when it is slower, a run of ``plain_run`` plain steps follows, then ``probe_rounds`` speculative rounds
-  test it again. Each probe that loses doubles the next run (``min_plain_run`` up to
+* while speculation is not slower than plain decoding by more than ``margin`` it keeps speculating,
+  deciding again every ``probe_rounds`` rounds (acceptance moves with the text);
+* when it is, a run of ``plain_run`` plain steps follows, then ``probe_rounds`` speculative rounds test
+  it again: to win, they must beat plain decoding by ``margin`` (a band around parity, so that noise
+  near it does not flip the mode back and forth). Each probe that loses doubles the next run (``min_plain_run`` up to
   ``max_plain_run``), so a pair that never pays costs one probe per ~1000 steps once it has lost a
   few (a probe is not free: the draft catches up on every position it skipped, then the rounds run at
   the losing speed); each phase that speculation wins halves it (where the two modes are close, noisy
@@ -50,6 +51,7 @@ class _Phase:
     mode: str
     length: int  # forwards (rounds or steps) in the phase
     measuring: bool = False  # a short plain phase that only measures plain decoding's speed
+    probe: bool = False  # speculative rounds after a plain run, testing speculation again
     done: int = 0
 
 
@@ -66,6 +68,7 @@ class AutoSpeculation:
     max_plain_run: int = 1024
     recheck_rounds: int = 128
     decay: float = 0.9
+    margin: float = 0.05  # speculation gives way below (1 - margin) x plain, wins back above (1 + margin) x
     warmup: int = 1  # first forwards of each mode left out of its speed (first calls of new shapes)
     # forwards of each mode so far, and how many phases switched to a plain run
     rounds: int = 0
@@ -85,6 +88,8 @@ class AutoSpeculation:
                 raise ValueError(f"AutoSpeculation.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"AutoSpeculation.warmup must be >= 0, got {self.warmup}")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"AutoSpeculation.margin must be in [0, 1), got {self.margin}")
         if not 0 <= self.decay < 1:
             raise ValueError(f"AutoSpeculation.decay must be in [0, 1), got {self.decay}")
         if self.max_plain_run < self.min_plain_run:
@@ -153,16 +158,20 @@ class AutoSpeculation:
             self._rounds_since_measure += phase.done
             if self.plain_speed is None or self._rounds_since_measure >= self.recheck_rounds:
                 return _Phase(PLAIN, self.plain_probe_steps + self._untimed[PLAIN], measuring=True)
-            if speed is not None and speed < self.plain_speed:
+            # a hysteresis band of +-margin around parity: noise near it does not flip the mode
+            bar = self.plain_speed * ((1 + self.margin) if phase.probe else (1 - self.margin))
+            if speed is not None and speed < bar:
                 return self._plain_run_phase()
             # halved, not reset: where the two modes are close, noisy probes win now and then
             self._plain_run = max(self.min_plain_run, self._plain_run // 2)
             return _Phase(SPECULATE, self.probe_rounds)
         self._rounds_since_measure = 0
         spec, plain = self.speculate_speed, self.plain_speed
-        if phase.measuring and spec is not None and plain is not None and spec < plain:
-            return self._plain_run_phase()
-        return _Phase(SPECULATE, self.probe_rounds)
+        if phase.measuring:
+            if spec is not None and plain is not None and spec < plain * (1 - self.margin):
+                return self._plain_run_phase()
+            return _Phase(SPECULATE, self.probe_rounds)
+        return _Phase(SPECULATE, self.probe_rounds, probe=True)
 
     def _plain_run_phase(self) -> _Phase:
         length = self._plain_run

@@ -92,6 +92,20 @@ def test_winning_phases_do_not_shorten_plain_runs_below_the_minimum():
     assert runs(modes) == [(SPECULATE, 2), (PLAIN, 4), (SPECULATE, 2)]
 
 
+def test_near_parity_the_mode_stays_as_it_is():
+    """A band of +-margin around parity: speculating 3% slower stays speculating; after a plain run, a
+    probe 3% faster does not win speculation back."""
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, min_plain_run=4, warmup=0, margin=0.05)
+    modes = drive(policy, 40, speculate_s=3 / 0.97, plain_s=1.0)  # 0.97 tokens/s against 1
+    assert modes.count(PLAIN) == 1  # the measurement only
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, min_plain_run=4, warmup=0, decay=0.0)
+    drive(policy, 2 + 5, speculate_s=4.0, plain_s=1.0)  # lost: a run of 4 follows the measurement
+    modes = drive(policy, 2 + 8 + 2, speculate_s=3 / 1.03, plain_s=1.0)  # the probe: 1.03 tokens/s
+    assert runs(modes) == [(SPECULATE, 2), (PLAIN, 8), (SPECULATE, 2)]
+    modes = drive(policy, 16 + 2, speculate_s=3 / 1.2, plain_s=1.0)  # 1.2: wins it back
+    assert runs(modes) == [(PLAIN, 16), (SPECULATE, 2)] and policy.next_mode() == SPECULATE
+
+
 def test_warmup_forwards_are_not_timed():
     policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1, warmup=1)
     policy.record(3, 100.0)  # a first round that compiled kernels
@@ -143,6 +157,7 @@ def test_recent_forwards_weigh_most():
         (dict(min_plain_run=8, max_plain_run=4), "max_plain_run"),
         (dict(decay=1.0), "decay"),
         (dict(warmup=-1), "warmup"),
+        (dict(margin=1.0), "margin"),
     ],
 )
 def test_bad_settings_are_named(kwargs, match):
