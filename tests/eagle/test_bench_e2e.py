@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from eagle import bench
-from eagle.bench import METHODS, BenchConfig, run_benchmark
+from eagle.bench import METHODS, BenchConfig, format_table, run_benchmark
 from tests.eagle.conftest import build_hf_target, save_hf_target
 
 BATCHES = (1, 2)
@@ -107,6 +107,13 @@ def test_every_method_batch_and_temperature_is_reported_with_sane_numbers(report
         for temp in TEMPERATURES:
             assert rows["vanilla", batch, temp]["tau"] == 1.0
             assert rows["hf_generate", batch, temp]["tau"] == 1.0
+            auto = rows["eagle_auto", batch, temp]  # speculative="auto": how often it chose plain steps
+            assert auto["speculative_rounds"] + auto["plain_steps"] >= 1
+            assert auto["plain_step_share"] == auto["plain_steps"] / (
+                auto["plain_steps"] + auto["speculative_rounds"]
+            )
+            assert "plain_step_share" not in rows["eagle_dynamic", batch, temp]
+    assert "plain steps" in format_table(report.payload["results"])
 
 
 def test_greedy_outputs_of_every_method_equal_vanilla(report):
