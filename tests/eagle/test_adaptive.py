@@ -202,11 +202,10 @@ def _make_pair(root, seed: int, kind: str):
     if kind == "eagle2":
         state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=seed + 7)
         head_cfg = head_config(cfg, bias=True)
-    else:
-        state = eagle3_state(cfg, prefix="layers.0.", embed=None, draft_vocab=None, seed=seed + 7)
-        head_cfg = head_config(
-            cfg, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=cfg["vocab_size"]
-        )
+    else:  # a reduced draft vocabulary: the catch-up's root logits are over it
+        used = sorted(list(range(0, cfg["vocab_size"], 2)) + [1])
+        state = eagle3_state(cfg, prefix="layers.0.", embed=None, draft_vocab=used, seed=seed + 7)
+        head_cfg = head_config(cfg, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=len(used))
     head_dir = write_head(root / f"{kind}{seed}", head_cfg, state, fmt="safetensors", dtype=torch.float32)
     return eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
 
@@ -310,6 +309,42 @@ def test_the_draft_catches_up_on_the_positions_plain_steps_committed(
     torch.testing.assert_close(state.root_logits[0], ref.logits[0, 0], rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(state.root_hidden[0], ref.hidden[0, -1], rtol=1e-9, atol=1e-9)
     gen.close()
+
+
+class _NanAfter:
+    """The target, whose logits turn NaN from its ``n``-th call on."""
+
+    def __init__(self, target, n: int) -> None:
+        self._target, self._left = target, n
+
+    def __getattr__(self, name):
+        return getattr(self._target, name)
+
+    def __call__(self, *args, **kwargs):
+        out = self._target(*args, **kwargs)
+        self._left -= 1
+        if self._left <= 0:
+            out.logits[:, -1, 3] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_in_a_plain_step_raise(models, temperature):
+    decoder = models["eagle2"]._decoder(TREE, 2)
+    decoder.target = _NanAfter(decoder.target, 4)  # the prefill, then plain steps
+    try:
+        with pytest.raises(FloatingPointError, match="NaN"):
+            list(decoder.run(PROMPTS[:2], 10, SamplingParams(temperature), auto=Scripted("p")))
+    finally:
+        decoder.target = decoder.target._target
+
+
+@pytest.mark.parametrize("tree", ["chain", "static"])
+def test_chain_and_static_trees_take_plain_steps_too(models, tree):
+    model = models["eagle2"]
+    plain = generate_plain(model.target, PROMPTS, 30)
+    tokens, _ = _run(model, PROMPTS, 30, Scripted("spppps"), tree=model._tree(tree))
+    assert tokens == plain
 
 
 def test_generate_auto_reports_its_choices_and_keeps_greedy_tokens(models):
