@@ -257,6 +257,42 @@ def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models, sc
     assert tokens == expect
 
 
+def _one_row_stops_early(model, n: int):
+    """8 prompts and a stop token that exactly one of their rows emits, early (searched over seeded
+    prompt sets): ``(prompts, stop, that row's cut)``."""
+    for seed in range(50):
+        g = torch.Generator().manual_seed(seed)
+        prompts = [torch.randint(1, 24, (3 + i % 4,), generator=g).tolist() for i in range(8)]
+        plain = generate_plain(model.target, prompts, n)
+        for stop in range(24):
+            rows = [r for r, row in enumerate(plain) if stop in row]
+            if len(rows) == 1 and plain[rows[0]].index(stop) < n // 3:
+                return prompts, plain, stop, rows[0]
+    pytest.fail("no prompt set with a token only one row emits early")
+
+
+@pytest.mark.parametrize("script", ["p" * 12 + "s", "spppps"])
+def test_a_row_frozen_while_the_drafts_prefill_waits(models, script, monkeypatch):
+    """8 rows, one finishing early: it waits frozen (fewer than a quarter are done), through the draft's
+    catch-up (with "p...": its prefill too) and the rounds after it; every row's tokens stay plain
+    decoding's."""
+    model = models["eagle2"]
+    prompts, plain, stop, row = _one_row_stops_early(model, 30)
+    expect = [r[: r.index(stop) + 1] if i == row else r for i, r in enumerate(plain)]
+    frozen_while_pending = []
+    real_of = speculate._Frozen.of.__func__
+
+    def spy(cls, s, rows):
+        frozen_while_pending.append(s.pending_draft is not None)
+        return real_of(cls, s, rows)
+
+    monkeypatch.setattr(speculate._Frozen, "of", classmethod(spy))
+    tokens, _ = _run(model, prompts, 30, Scripted(script), eos=[stop])
+    assert tokens == expect
+    assert len(frozen_while_pending) == 1  # the row froze once, and stayed in the batch
+    assert frozen_while_pending[0] or script[0] != "p"  # "p...": before the draft's prefill ran
+
+
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
 def test_sampled_plain_steps_draw_as_plain_decoding_does(models, temperature, top_k):
     """All plain steps: each row's stream gives the tokens plain sampling gives with the same seed."""
