@@ -188,9 +188,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     lengths = lengths[1:]  # the first chunk is the prefill's token
     elapsed = time.perf_counter() - start
     tau = sum(lengths) / len(lengths) if lengths else 0.0
+    auto = ""
+    if args.auto:  # what speculative="auto" chose (the decoder keeps its last run's policy)
+        policy = model._decoder(tree, 1, args.cuda_graph).last_auto
+        if policy is not None:
+            auto = f"; auto: {policy.plain_steps} plain steps, {policy.rounds} speculative rounds"
     print(
         f"\n\n[{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s, "
-        f"tau {tau:.2f} tokens per target forward]",
+        f"tau {tau:.2f} tokens per target forward{auto}]",
         file=sys.stderr,
     )
     return 0

@@ -87,7 +87,9 @@ def test_generate_cli_auto_prints_the_same_greedy_text(tmp_path, capsys):
     assert main(args) == 0
     speculative = capsys.readouterr().out
     assert main(args + ["--auto"]) == 0
-    assert capsys.readouterr().out == speculative
+    captured = capsys.readouterr()
+    assert captured.out == speculative
+    assert "auto:" in captured.err and "plain steps" in captured.err and "speculative rounds" in captured.err
     with pytest.raises(SystemExit) as exc:  # one mode or the other
         main(args + ["--auto", "--no-speculative"])
     assert exc.value.code == 2
