@@ -1,8 +1,10 @@
 """Two settings of a CPU kernel switch that can change within a process, end to end: plain decoding and
-EAGLE with fixed trees on the bundled pair in bfloat16, the two settings alternating in one process.
+EAGLE with fixed trees on the bundled pair (bfloat16 unless ``--dtype``), the two settings alternating
+in one process.
 
     OMP_NUM_THREADS=1 python bench/bench_cpu_switches.py --switch amx_pv
     OMP_NUM_THREADS=1 python bench/bench_cpu_switches.py --switch tensor_pool --trees 3/4/12 chain --temperature 0 1
+    OMP_NUM_THREADS=2 python bench/bench_cpu_switches.py --switch linear_grain --threads 2 [--dtype float32]
 
 Switches ("off" / "on"; "on" is the default):
 - ``amx_pv``: tree_attention's P @ V of bfloat16 caches on AMX tiles with bf16 probabilities, or in
@@ -10,12 +12,16 @@ Switches ("off" / "on"; "on" is the default):
   so their greedy texts (and tau) may differ; the per-round times are the fair comparison.
 - ``tensor_pool``: the CPU ops' short-lived tensors from the package's block cache, or from ATen's
   allocator (``torch.ops.eagle_C.tensor_pool_set_enabled``). Same numbers either way.
+- ``linear_grain``: the CPU linears' parallel tasks hold at least 64 KB of the weight or ~1M
+  multiply-adds, whichever splits more, or the multiply-adds bound alone
+  (``torch.ops.eagle_C.linear_grain_set_bytes``; csrc/cpu/linear_grain.h). Same numbers either way;
+  only matters with more than one thread.
 
 Each repeat runs every cell once under each setting (in alternating order) over the same held-out
 prompts; a cell's figure is the median over repeats of its tokens/s. Within each setting every greedy
 EAGLE run must reproduce that setting's plain decoding token for token; the script exits non-zero
 otherwise. Sampled runs (T > 0, seed 0) are timed only.
-Writes bench/results/cpu_switch_<switch>_<target>_bfloat16.json.
+Writes bench/results/cpu_switch_<switch>_<target>_<dtype>[_<n>threads].json.
 """
 
 from __future__ import annotations
@@ -48,7 +54,11 @@ def _tensor_pool(on: bool) -> None:
     torch.ops.eagle_C.tensor_pool_set_enabled(on)
 
 
-SWITCHES = {"amx_pv": _amx_pv, "tensor_pool": _tensor_pool}
+def _linear_grain(on: bool) -> None:
+    torch.ops.eagle_C.linear_grain_set_bytes(64 << 10 if on else 0)
+
+
+SWITCHES = {"amx_pv": _amx_pv, "tensor_pool": _tensor_pool, "linear_grain": _linear_grain}
 
 
 def parse_tree(spec: str):
@@ -69,6 +79,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
 
@@ -86,8 +97,11 @@ def main(argv=None) -> int:
     if args.switch == "tensor_pool" and not hasattr(torch.ops.eagle_C, "tensor_pool_set_enabled"):
         print("the extension has no tensor pool: nothing to compare", file=sys.stderr)
         return 2
+    if args.switch == "linear_grain" and not hasattr(torch.ops.eagle_C, "linear_grain_set_bytes"):
+        print("the extension has no linear grain switch: nothing to compare", file=sys.stderr)
+        return 2
     switch = SWITCHES[args.switch]
-    model = load(args.target, args.draft, dtype=torch.bfloat16)
+    model = load(args.target, args.draft, dtype=getattr(torch, args.dtype))
     prompts = prompts_for(model, args.num_prompts, 100)
     batches = [[prompt] for prompt in prompts]
     decoders = {tree: SpeculativeDecoder(model.target, model.head, parse_tree(tree)) for tree in args.trees}
@@ -123,7 +137,8 @@ def main(argv=None) -> int:
         return 1
     print("\nevery greedy EAGLE run reproduced its setting's plain decoding")
     if not args.no_save:
-        name = f"cpu_switch_{args.switch}_{args.target}_bfloat16.json"
+        threads = f"_{args.threads}threads" if args.threads != 1 else ""
+        name = f"cpu_switch_{args.switch}_{args.target}_{args.dtype}{threads}.json"
         path = save_json(name, {"settings": vars(args), "results": results})
         print(f"wrote {path}")
     return 0
@@ -135,7 +150,7 @@ def report(args, temp: float, seconds: dict, rounds: dict) -> list[dict]:
     tokens = args.num_prompts * args.new_tokens
     tps = {key: tokens / statistics.median(v) for key, v in seconds.items()}
     print(
-        f"\n{args.switch}, T = {temp:g}, B 1, bfloat16, {args.threads} thread(s): median of {args.repeats} repeats"
+        f"\n{args.switch}, T = {temp:g}, B 1, {args.dtype}, {args.threads} thread(s): median of {args.repeats} repeats"
     )
     print(f"  {'cell':8s} {'tok/s off':>9s} {'on':>6s} {'on/off':>7s}   {'tau off':>7s} {'on':>5s}"
           f"   {'round ms off':>12s} {'on':>6s} {'on/off':>7s}")  # fmt: skip

@@ -77,7 +77,7 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
 
 
-@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool"])
+@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool", "linear_grain"])
 def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch):
     import torch
 
@@ -88,11 +88,12 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
         and torch.ops.eagle_C.tree_attention_cpu_variant() == "amx"
     ):
         pytest.skip("tree_attention does not run on AMX tiles on this CPU")
-    if switch == "tensor_pool" and not hasattr(torch.ops.eagle_C, "tensor_pool_set_enabled"):
+    if switch in ("tensor_pool", "linear_grain") and not hasattr(torch.ops.eagle_C, "linear_grain_set_bytes"):
         pytest.skip("the extension is not built")
+    threads = ["--threads", "2"] if switch == "linear_grain" else []  # it only matters with more than one
     out = _run(
         "bench_cpu_switches.py", "--switch", switch, "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2",
-        "--trees", "2/2/4", "--temperature", "0", "1", "--no-save",
+        "--trees", "2/2/4", "--temperature", "0", "1", "--no-save", *threads,
     )  # fmt: skip
     assert "every greedy EAGLE run reproduced its setting's plain decoding" in out, out
     assert re.search(r"2/2/4 +\d+ +\d+ +[\d.]+x +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out

@@ -15,6 +15,8 @@
 // pair-interleaved ("VNNI") layout TDPBF16PS reads B in. eagle/models/cpu_packed.py makes it with
 // a view + permute.
 #include "amx_linear.h"
+
+#include "linear_grain.h"
 #include "tensor_pool.h"
 
 #include <ATen/Parallel.h>
@@ -144,9 +146,7 @@ void run(const c10::BFloat16* x, int64_t M, int64_t K, const c10::BFloat16* tile
          const c10::BFloat16* bias, c10::BFloat16* out) {
   const int64_t kblocks = K / kTileK, nblocks = N / kTileN;
   const int64_t groups = (nblocks + kGroup - 1) / kGroup;
-  // Split the columns among threads so that each task holds at least ~1M multiply-adds.
-  const int64_t macs_per_group = M * K * kGroup * kTileN;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, macs_per_group));
+  const int64_t grain = linear_grain(M * K * kGroup * kTileN, K * kGroup * kTileN * int64_t{sizeof(c10::BFloat16)});
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
     int configured = 0;
     for (int64_t row0 = 0; row0 < M; row0 += kTileRows) {

@@ -17,6 +17,7 @@
 // Numerics: out[r, n] = fma chain over k = 0..K-1 in order from 0, then + bias[n], in float32. The
 // order depends on nothing but k, so a row gives the same bits alone, in a block of 60 tree rows, on
 // any thread count: the speculative loop's greedy output equals plain decoding's.
+#include "linear_grain.h"
 #include "panel_linear.h"
 #include "tensor_pool.h"
 
@@ -177,9 +178,8 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::
   const float* bp = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
   float* op = out.mutable_data_ptr<float>();
   const int64_t num_panels = panels.size(0), chunks = (num_panels + kChunkPanels - 1) / kChunkPanels;
-  // Each task holds at least ~1M multiply-adds (a smaller one costs more to hand out than to run).
-  const int64_t macs_per_chunk = M * K * kChunkPanels * kPanelWidth;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, macs_per_chunk));
+  const int64_t grain =
+      linear_grain(M * K * kChunkPanels * kPanelWidth, K * kChunkPanels * kPanelWidth * int64_t{sizeof(float)});
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
     run_panels(xp, M, K, wp, bp, op, N, begin * kChunkPanels, std::min(num_panels, end * kChunkPanels));
   });
