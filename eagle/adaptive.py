@@ -24,12 +24,13 @@ included) and chooses the next phase from the latest speed of each mode:
   deciding again every ``probe_rounds`` rounds (acceptance moves with the text);
 * when it is, a run of ``plain_run`` plain steps follows, then ``probe_rounds`` speculative rounds test
   it again: to win, they must beat plain decoding by ``margin`` (a band around parity, so that noise
-  near it does not flip the mode back and forth). Each probe that loses doubles the next run (``min_plain_run`` up to
-  ``max_plain_run``), so a pair that never pays costs one probe per ~1000 steps once it has lost a
-  few (a probe is not free: the draft catches up on every position it skipped, then the rounds run at
-  the losing speed); each phase that speculation wins halves it (where the two modes are close, noisy
-  probes win now and then). A change for the better (text the draft predicts well) is therefore
-  noticed within a plain run, up to ``max_plain_run`` steps later.
+  near it does not flip the mode back and forth);
+* each probe that loses doubles the next run (``min_plain_run`` up to ``max_plain_run``), so a pair
+  that never pays costs one probe per ~1000 steps once it has lost a few (a probe is not free: the
+  draft catches up on every position it skipped, then the rounds run at the losing speed); each phase
+  that speculation wins halves it (where the two modes are close, noisy probes win now and then). A
+  change for the better (text the draft predicts well) is therefore noticed within a plain run, up to
+  ``max_plain_run`` steps later.
 
 Greedy tokens do not depend on the choice: each is the target's argmax either way (the package keeps
 a verified tree row equal to the same token decoded alone). Sampled tokens are exact samples of the
