@@ -342,6 +342,22 @@ std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& a
   return result;
 }
 
+// lm_head(h) at the rows of logits_index [B, K] (all rows when absent): eagle.models.draft._rows and
+// LlamaModel._logits_at, then project() as eagle.models.cpu_packed.linear.
+static at::Tensor logits_at(const at::Tensor& h, const at::Tensor& lm_head, const OptTensor& logits_index) {
+  if (!logits_index.has_value()) return project(h, lm_head, std::nullopt);
+  const int64_t B = h.size(0), T = h.size(1);
+  const at::Tensor& index = *logits_index;
+  TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == B &&
+                        (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
+                    "logits_index must be an int tensor [", B, ", K], got ", index.scalar_type(), " ", index.sizes());
+  const at::Tensor positions = index.to(at::kLong).contiguous();
+  const int64_t* p = positions.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(std::all_of(p, p + positions.numel(), [T](int64_t i) { return i >= 0 && i < T; }),
+                    "logits_index holds positions outside the block [0, ", T, ")");
+  return project(h.gather(1, positions.unsqueeze(-1).expand({B, index.size(1), h.size(2)})), lm_head, std::nullopt);
+}
+
 // eagle.models.draft.Eagle2Head.forward on the CPU fast path in one call: the fused draft input
 // (fused_draft_input.cpp), the decoder layer (llama_layers_cpu) and the lm_head (project(), as
 // eagle.models.cpu_packed.linear) at the rows of logits_index [B, K] (all rows when absent).
@@ -364,20 +380,31 @@ std::vector<at::Tensor> eagle2_head_cpu(const at::Tensor& hidden, const at::Tens
   const at::Tensor h = llama_layers_cpu(x, std::nullopt, weights, kv, cos, sin, cache_seqlens, tree_mask, past,
                                         num_heads, num_kv_heads, eps, {})[0];
   if (!lm_head.has_value()) return {h};
-  at::Tensor rows = h;
-  if (logits_index.has_value()) {  // eagle.models.draft._rows
-    const at::Tensor& index = *logits_index;
-    TORCH_CHECK_VALUE(index.dim() == 2 && index.size(0) == B &&
-                          (index.scalar_type() == at::kLong || index.scalar_type() == at::kInt),
-                      "logits_index must be an int tensor [", B, ", K], got ", index.scalar_type(), " ",
-                      index.sizes());
-    const at::Tensor positions = index.to(at::kLong).contiguous();
-    const int64_t* p = positions.const_data_ptr<int64_t>();
-    TORCH_CHECK_VALUE(std::all_of(p, p + positions.numel(), [T](int64_t i) { return i >= 0 && i < T; }),
-                      "logits_index holds positions outside the block [0, ", T, ")");
-    rows = h.gather(1, positions.unsqueeze(-1).expand({B, index.size(1), h.size(2)}));
-  }
-  return {h, project(rows, *lm_head, std::nullopt)};
+  return {h, logits_at(h, *lm_head, logits_index)};
+}
+
+// eagle.models.llama.LlamaModel.forward on the CPU fast path after its checks and RoPE tables: the
+// embedding (ATen's, as nn.Embedding), the layers (llama_layers_cpu), the final RMSNorm (rms_norm, as
+// RMSNorm.forward on CPU) and, with lm_head, the logits at logits_index (as LlamaModel._logits_at).
+// Returns [hidden after the norm, logits (undefined without lm_head), *hidden states entering the
+// layers in capture]. After the layers' weights stream through the caches, every Python-level call
+// costs tens of microseconds more than warm: this saves three per forward.
+std::vector<at::Tensor> llama_forward_cpu(const at::Tensor& input_ids, const at::Tensor& embed_weight,
+                                          const c10::List<OptTensor>& weights, const at::Tensor& kv,
+                                          const at::Tensor& cos, const at::Tensor& sin,
+                                          const at::Tensor& cache_seqlens, const OptTensor& tree_mask, int64_t past,
+                                          int64_t num_heads, int64_t num_kv_heads, double eps,
+                                          at::IntArrayRef capture, const at::Tensor& norm_weight,
+                                          const OptTensor& lm_head, const OptTensor& logits_index) {
+  TORCH_CHECK_VALUE(input_ids.dim() == 2, "llama_forward: input_ids must be [B, T], got ", input_ids.sizes());
+  const at::Tensor x = at::embedding(embed_weight, input_ids);
+  std::vector<at::Tensor> layers = llama_layers_cpu(x, std::nullopt, weights, kv, cos, sin, cache_seqlens,
+                                                    tree_mask, past, num_heads, num_kv_heads, eps, capture);
+  const at::Tensor hidden = rms_norm(layers[0], norm_weight, eps);
+  std::vector<at::Tensor> result{hidden, lm_head.has_value() ? logits_at(hidden, *lm_head, logits_index)
+                                                             : at::Tensor()};
+  result.insert(result.end(), layers.begin() + 1, layers.end());
+  return result;
 }
 
 // eagle.models.llama.block_context's RoPE tables in one call: positions [B, T] (default
@@ -464,6 +491,10 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "Tensor cache_seqlens, Tensor? tree_mask, int past, int num_heads, int num_kv_heads, "
       "float eps, int[] capture) -> Tensor[]");
   m.def(
+      "llama_forward(Tensor input_ids, Tensor embed_weight, Tensor?[] weights, Tensor(a!) kv, Tensor cos, "
+      "Tensor sin, Tensor cache_seqlens, Tensor? tree_mask, int past, int num_heads, int num_kv_heads, float eps, "
+      "int[] capture, Tensor norm_weight, Tensor? lm_head, Tensor? logits_index) -> Tensor[]");
+  m.def(
       "rope_cos_sin(Tensor? positions, Tensor cache_seqlens, int past, int T, Tensor doubled_inv_freq, "
       "Tensor signs, ScalarType dtype) -> Tensor[]");
   m.def(
@@ -474,11 +505,13 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
   m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu);
+  m.impl("llama_forward", &eagle::llama_layers::llama_forward_cpu);
   m.impl("rope_cos_sin", &eagle::llama_layers::rope_cos_sin_cpu);
   m.impl("eagle2_head", &eagle::llama_layers::eagle2_head_cpu);
 }
 // Packed (mkldnn-layout) weights in the list make the dispatcher pick this key; same CPU kernel.
 TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) {
   m.impl("llama_layers", &eagle::llama_layers::llama_layers_cpu);
+  m.impl("llama_forward", &eagle::llama_layers::llama_forward_cpu);
   m.impl("eagle2_head", &eagle::llama_layers::eagle2_head_cpu);
 }

@@ -604,19 +604,60 @@ class LlamaModel(nn.Module):
         capture = _feature_layer_slots(feature_layers, cfg.num_layers)
         T = input_ids.shape[1]
         ctx = block_context(cache, T, self.inv_freq(cache.device), self.dtype, positions, tree_mask)
-        x = self.embed_tokens(input_ids)
-        dense, for_op = self._fast_weights.get(self._layer_weights) if cpu_fast_path_wanted(x) else ([], [])
-        if dense and not needs_autograd(x, *dense):
-            slots = sorted(capture)
-            x, *inputs = run_layers_cpu(x, for_op, cache.kv, ctx, cfg, capture=slots)
-            captured = dict(zip(slots, inputs))
+        fast = self._cpu_forward(input_ids, cache, ctx, capture, logits_index, compute_logits)
+        if fast is not None:
+            hidden, logits, captured = fast
         else:
+            x = self.embed_tokens(input_ids)
             captured = self._run_layers(x, cache, ctx, capture)
-            x = captured.pop(-1)
-        hidden = self.norm(x)
-        logits = self._logits_at(hidden, logits_index) if compute_logits else None
+            hidden = self.norm(captured.pop(-1))
+            logits = self._logits_at(hidden, logits_index) if compute_logits else None
         layer_hidden = None if feature_layers is None else tuple(captured[i] for i in feature_layers)
         return ModelOutput(hidden=hidden, logits=logits, layer_hidden=layer_hidden)
+
+    def _cpu_forward(
+        self, input_ids, cache: KVCache, ctx: BlockContext, capture: set[int], logits_index, compute_logits
+    ):
+        """The forward after its checks in one C++ call (``eagle_C::llama_forward``: embedding, layers,
+        final norm, logits; the same kernels as the modules, so the same bits), or None where the
+        CPU fast path does not apply. After a forward's weights stream through the caches each
+        Python-level call costs tens of microseconds more than warm; this makes one instead of four.
+        Returns ``(hidden, logits or None, {layer: hidden state entering it})``."""
+        embed, norm_w = self.embed_tokens.weight, self.norm.weight
+        if not (
+            cpu_fast_path_wanted(input_ids)
+            and embed.device.type == "cpu"
+            and _ext.has_op("llama_forward")
+            and _cpu_rms_norm_ok(embed.detach(), norm_w)
+        ):
+            return None
+        dense, for_op = self._fast_weights.get(self._layer_weights)
+        lm_head = self.lm_head_weight if compute_logits else None
+        if not dense or needs_autograd(embed, norm_w, *dense, *([lm_head] if compute_logits else [])):
+            return None
+        if logits_index is not None and compute_logits:
+            _check_logits_index(logits_index, input_ids.shape[0])
+        slots = sorted(capture)
+        cfg = self.config
+        hidden, logits, *inputs = torch.ops.eagle_C.llama_forward(
+            input_ids,
+            embed,
+            for_op,
+            cache.kv,
+            ctx.cos,
+            ctx.sin,
+            ctx.seqlens,
+            ctx.tree_mask,
+            ctx.past,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.rms_norm_eps,
+            slots,
+            norm_w,
+            None if lm_head is None else packed_weight(lm_head),
+            logits_index if compute_logits else None,
+        )
+        return hidden, (logits if compute_logits else None), dict(zip(slots, inputs))
 
     def _layer_weights(self) -> list[torch.Tensor | None]:
         return [w for layer in self.layers for w in layer_weights(layer)]
@@ -640,14 +681,28 @@ class LlamaModel(nn.Module):
         if index is None:
             return self.logits(hidden)
         B, T, H = hidden.shape
-        if index.dim() != 2 or index.shape[0] != B or index.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"logits_index must be an int tensor [{B}, K], got {index.dtype} {list(index.shape)}"
-            )
+        _check_logits_index(index, B)
         if value_checks_enabled(hidden.device) and bool(((index < 0) | (index >= T)).any()):
             raise ValueError(f"logits_index holds positions outside the block [0, {T})")
         rows = hidden.gather(1, index.long()[..., None].expand(B, index.shape[1], H))
         return self.logits(rows)
+
+
+def _check_logits_index(index, B: int) -> None:
+    if (
+        not isinstance(index, torch.Tensor)
+        or index.dim() != 2
+        or index.shape[0] != B
+        or index.dtype
+        not in (
+            torch.int32,
+            torch.int64,
+        )
+    ):
+        got = (
+            f"{index.dtype} {list(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+        )
+        raise ValueError(f"logits_index must be an int tensor [{B}, K], got {got}")
 
 
 def _feature_layer_slots(feature_layers: Sequence[int] | None, num_layers: int) -> set[int]:
