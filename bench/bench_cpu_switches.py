@@ -5,6 +5,7 @@ in one process.
     OMP_NUM_THREADS=1 python bench/bench_cpu_switches.py --switch amx_pv
     OMP_NUM_THREADS=1 python bench/bench_cpu_switches.py --switch tensor_pool --trees 3/4/12 chain --temperature 0 1
     OMP_NUM_THREADS=2 python bench/bench_cpu_switches.py --switch linear_grain --threads 2 [--dtype float32]
+    OMP_NUM_THREADS=1 python bench/bench_cpu_switches.py --switch cpu_round --trees 3/4/12 chain [--dtype float32]
 
 Switches ("off" / "on"; "on" is the default):
 - ``amx_pv``: tree_attention's P @ V of bfloat16 caches on AMX tiles with bf16 probabilities, or in
@@ -16,6 +17,9 @@ Switches ("off" / "on"; "on" is the default):
   multiply-adds, whichever splits more, or the multiply-adds bound alone
   (``torch.ops.eagle_C.linear_grain_set_bytes``; csrc/cpu/linear_grain.h). Same numbers either way;
   only matters with more than one thread.
+- ``cpu_round``: a greedy EAGLE round (EAGLE-1/2 head, dynamic tree) in one C++ call
+  (``eagle_C::eagle2_round_greedy``), or its three C++ calls (draft tree, target forward, the rest) from
+  Python (``eagle.models.draft.set_cpu_round``). Same numbers either way; plain decoding is unaffected.
 
 Each repeat runs every cell once under each setting (in alternating order) over the same held-out
 prompts; a cell's figure is the median over repeats of its tokens/s. Within each setting every greedy
@@ -58,7 +62,18 @@ def _linear_grain(on: bool) -> None:
     torch.ops.eagle_C.linear_grain_set_bytes(64 << 10 if on else 0)
 
 
-SWITCHES = {"amx_pv": _amx_pv, "tensor_pool": _tensor_pool, "linear_grain": _linear_grain}
+def _cpu_round(on: bool) -> None:
+    from eagle.models.draft import set_cpu_round
+
+    set_cpu_round(on)
+
+
+SWITCHES = {
+    "amx_pv": _amx_pv,
+    "tensor_pool": _tensor_pool,
+    "linear_grain": _linear_grain,
+    "cpu_round": _cpu_round,
+}
 
 
 def parse_tree(spec: str):

@@ -32,7 +32,7 @@ from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import NONFINITE_MESSAGE, argmax_checked, nonfinite_flag, pad_prompts
 from eagle.models.kv_cache import KVCache
-from eagle.models.llama import LlamaModel, ModelOutput
+from eagle.models.llama import LlamaModel, ModelOutput, rope_tables
 from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
 from eagle_kernels.tree_speculative_sampling import raise_on_status
 
@@ -585,6 +585,10 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------------------------------
     def _round(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         times = self.times
+        if times is None and sampling.greedy:  # (profiling times the phases: the calls below)
+            fused = self._cpu_round(s)
+            if fused is not None:
+                return fused
         t0 = self._stamp()
         if self.static is not None:
             candidates, tree = self._draft_static(s)
@@ -682,6 +686,12 @@ class SpeculativeDecoder:
         )
         if res is None:
             return None
+        return self._commit_cpu_round(s, res, steps)
+
+    def _commit_cpu_round(self, s: _Batch, res: list, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caches' lengths and the root state from a C++ round's outputs ``[new_tokens, counts,
+        new target lengths, root, root_hidden, root_logits, nonfinite, *status]``; raises on NaN/inf
+        logits or a sampling status."""
         new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad, *status = res
         self._check_finite(bad, s.nonfinite)
         if status and status[0] is not None:
@@ -692,6 +702,64 @@ class SpeculativeDecoder:
         s.root_logits.copy_(root_logits)
         s.root.copy_(root)
         return new_tokens, counts
+
+    def _cpu_round(self, s: _Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole greedy round with an EAGLE-1/2 head and the dynamic tree on CPU in one C++ call
+        (``eagle_C::eagle2_round_greedy``: the draft tree, the target's forward over it, the rest; the
+        same C++ functions with the same arguments as the three calls of :meth:`_round`, so the same
+        tokens, caches and root state). None where any of the three would not take its C++ path."""
+        if (
+            self.static is not None
+            or not isinstance(self.head, Eagle2Head)
+            or self.feature_layers is not None
+        ):
+            return None
+        if s.root.device.type != "cpu" or s.root_hidden is None:
+            return None
+        head_args = self.head.cpu_round_weights(s.root_hidden)
+        target_args = self.target.cpu_forward_weights(s.root) if head_args is not None else None
+        if target_args is None:
+            return None
+        embed, for_op, norm_w, lm_head = target_args
+        steps, n = self.depth + 1, self.num_tokens
+        s.target_cache.check_room(n)
+        s.draft_cache.check_room(max(steps, self.depth * self.topk + 1))
+        d_embed, fc_w, fc_b, d_for_op, d_doubled, d_signs, d_lm_head, d_heads, d_kv_heads, d_eps = head_args
+        doubled, signs = rope_tables(self.target.inv_freq(s.root.device))
+        cfg = self.target.config
+        res = torch.ops.eagle_C.eagle2_round_greedy(
+            s.root_logits,
+            s.root_hidden,
+            s.root,
+            s.draft_cache.kv,
+            s.draft_cache.seqlens,
+            d_embed,
+            fc_w,
+            fc_b,
+            d_for_op,
+            d_doubled,
+            d_signs,
+            d_lm_head,
+            d_heads,
+            d_kv_heads,
+            d_eps,
+            self.topk,
+            self.depth,
+            n,
+            steps,
+            s.target_cache.kv,
+            s.target_cache.seqlens,
+            embed,
+            for_op,
+            doubled,
+            signs,
+            norm_w,
+            lm_head,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.rms_norm_eps,
+        )
+        return self._commit_cpu_round(s, res, steps)
 
     def _update_draft(self, s: _Batch, out: ModelOutput, rows, new_tokens, counts) -> None:
         """Feed the draft every newly committed position: the target feature at each accepted node

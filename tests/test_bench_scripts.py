@@ -77,7 +77,7 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
 
 
-@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool", "linear_grain"])
+@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool", "linear_grain", "cpu_round"])
 def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch):
     import torch
 
@@ -88,7 +88,9 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
         and torch.ops.eagle_C.tree_attention_cpu_variant() == "amx"
     ):
         pytest.skip("tree_attention does not run on AMX tiles on this CPU")
-    if switch in ("tensor_pool", "linear_grain") and not hasattr(torch.ops.eagle_C, "linear_grain_set_bytes"):
+    if switch in ("tensor_pool", "linear_grain", "cpu_round") and not hasattr(
+        torch.ops.eagle_C, "eagle2_round_greedy"
+    ):
         pytest.skip("the extension is not built")
     threads = ["--threads", "2"] if switch == "linear_grain" else []  # it only matters with more than one
     out = _run(

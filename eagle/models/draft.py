@@ -351,6 +351,31 @@ class Eagle2Head(DraftHead):
         )
         return outs[0], tuple(outs[1:])
 
+    def cpu_round_weights(self, root_hidden: torch.Tensor):
+        """The head's arguments of ``eagle_C::eagle2_round_greedy`` (the draft and update parts of a
+        round in one call with the target's forward: ``SpeculativeDecoder._cpu_round``), or None
+        where the C++ draft loop or update does not apply (as :meth:`cpu_dynamic_tree` and
+        :meth:`cpu_verify_update` decide)."""
+        if not (_CPU_ROUND and _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE and _ext.has_op("eagle2_round_greedy")):
+            return None
+        for_op = self._cpu_op_weights(root_hidden, "eagle2_verify_update")
+        if for_op is None:
+            return None
+        doubled, signs = rope_tables(self._inv_freq_on(root_hidden.device))
+        cfg, fc = self.config, self.fc
+        return (
+            _plain(self.embed_weight),
+            _plain(fc.weight),
+            _plain(fc.bias),
+            for_op,
+            doubled,
+            signs,
+            packed_weight(self.lm_head_weight),
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.rms_norm_eps,
+        )
+
     def cpu_verify_update(
         self,
         logits: torch.Tensor,
@@ -417,6 +442,7 @@ class Eagle2Head(DraftHead):
 
 _CPU_DRAFT_LOOP = os.environ.get("EAGLE_CPU_DRAFT_LOOP", "1") != "0"
 _CPU_VERIFY_UPDATE = True
+_CPU_ROUND = True
 
 
 def cpu_draft_loop_status() -> str:
@@ -432,10 +458,13 @@ def cpu_draft_loop_status() -> str:
             "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the greedy round's rest "
             "after the verify forward (eagle_C::eagle2_verify_update); the sampled round's rest in Python"
         )
-    return (
+    status = (
         "C++, one call per round (eagle_C::eagle2_draft_dynamic), and one for the round's rest after the "
         "verify forward (eagle_C::eagle2_verify_update, greedy; eagle2_verify_update_sampled, sampled)"
     )
+    if _CPU_ROUND and _ext.has_op("eagle2_round_greedy"):
+        status += "; a greedy round's three calls in one (eagle_C::eagle2_round_greedy)"
+    return status
 
 
 def set_cpu_verify_update(enabled: bool) -> bool:
@@ -445,6 +474,16 @@ def set_cpu_verify_update(enabled: bool) -> bool:
     ``EAGLE_CPU_DRAFT_LOOP=0`` / :func:`set_cpu_draft_loop` turn it off too."""
     global _CPU_VERIFY_UPDATE
     previous, _CPU_VERIFY_UPDATE = _CPU_VERIFY_UPDATE, bool(enabled)
+    return previous
+
+
+def set_cpu_round(enabled: bool) -> bool:
+    """Turn the one-call greedy round (draft tree, target forward and the rest in
+    ``eagle_C::eagle2_round_greedy``: ``SpeculativeDecoder._cpu_round``) on or off; off, the same
+    three C++ calls are made from Python (same tokens, caches and states). Returns the previous
+    setting. The C++ draft loop and one-call rest must be on for it to apply."""
+    global _CPU_ROUND
+    previous, _CPU_ROUND = _CPU_ROUND, bool(enabled)
     return previous
 
 

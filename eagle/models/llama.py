@@ -623,18 +623,10 @@ class LlamaModel(nn.Module):
         CPU fast path does not apply. After a forward's weights stream through the caches each
         Python-level call costs tens of microseconds more than warm; this makes one instead of four.
         Returns ``(hidden, logits or None, {layer: hidden state entering it})``."""
-        embed, norm_w = self.embed_tokens.weight, self.norm.weight
-        if not (
-            cpu_fast_path_wanted(input_ids)
-            and embed.device.type == "cpu"
-            and _ext.has_op("llama_forward")
-            and _cpu_rms_norm_ok(embed.detach(), norm_w)
-        ):
+        args = self.cpu_forward_weights(input_ids)
+        if args is None:
             return None
-        dense, for_op = self._fast_weights.get(self._layer_weights)
-        lm_head = self.lm_head_weight if compute_logits else None
-        if not dense or needs_autograd(embed, norm_w, *dense, *([lm_head] if compute_logits else [])):
-            return None
+        embed, for_op, norm_w, lm_head = args
         if logits_index is not None and compute_logits:
             _check_logits_index(logits_index, input_ids.shape[0])
         slots = sorted(capture)
@@ -654,10 +646,28 @@ class LlamaModel(nn.Module):
             cfg.rms_norm_eps,
             slots,
             norm_w,
-            None if lm_head is None else packed_weight(lm_head),
+            lm_head if compute_logits else None,
             logits_index if compute_logits else None,
         )
         return hidden, (logits if compute_logits else None), dict(zip(slots, inputs))
+
+    def cpu_forward_weights(self, x: torch.Tensor):
+        """``(embedding, the layers' weight list for the op, final norm weight, lm_head for the op)``
+        for ``eagle_C::llama_forward`` on ``x`` (a plain CPU tensor of this forward, e.g. its input
+        ids), or None where the CPU fast path does not apply (autograd, tracing, the op missing)."""
+        embed, norm_w = self.embed_tokens.weight, self.norm.weight
+        if not (
+            cpu_fast_path_wanted(x)
+            and embed.device.type == "cpu"
+            and _ext.has_op("llama_forward")
+            and _cpu_rms_norm_ok(embed.detach(), norm_w)
+        ):
+            return None
+        dense, for_op = self._fast_weights.get(self._layer_weights)
+        lm_head = self.lm_head_weight
+        if not dense or needs_autograd(embed, norm_w, lm_head, *dense):
+            return None
+        return embed, for_op, norm_w, packed_weight(lm_head)
 
     def _layer_weights(self) -> list[torch.Tensor | None]:
         return [w for layer in self.layers for w in layer_weights(layer)]

@@ -315,6 +315,46 @@ def test_cpp_verify_update_equals_the_python_round(
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
 
 
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("tree", ["3/4/12", "6/10/60", "chain5"])
+def test_cpp_round_equals_its_three_cpp_calls(make_target, monkeypatch, fast_path, tree, dtype, B):
+    """A greedy round in one call (eagle2_round_greedy: draft tree, target forward, rest) emits the same
+    tokens with the same accept lengths as the draft op, the target's forward and the verify-update op
+    called from Python, and leaves both caches and the root state bit-identical; and it is what runs."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=dtype)
+    model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7], [2, 7, 1, 8, 2, 8, 1]][:B]
+
+    def run():
+        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES[tree], B))
+        tokens = [
+            emission.tokens for emission in decoder.run(prompts, 24, speculate.SamplingParams(), seed=3)
+        ]
+        return tokens, decoder._accept_lengths, decoder._last_state
+
+    with monkeypatch.context() as m:
+        m.setattr(speculate.SpeculativeDecoder, "_cpu_verify_update", _must_not_run)
+        m.setattr(speculate.SpeculativeDecoder, "_last_state", None, raising=False)
+        fused = run_keeping_state(run, m)
+    with monkeypatch.context() as m:
+        m.setattr(speculate.SpeculativeDecoder, "_cpu_round", lambda self, s: None)
+        m.setattr(speculate.SpeculativeDecoder, "_update_draft", _must_not_run)  # the C++ rest runs
+        m.setattr(speculate.SpeculativeDecoder, "_last_state", None, raising=False)
+        calls = run_keeping_state(run, m)
+    assert fused[:2] == calls[:2]
+    assert max(max(row) for row in fused[1].values()) > 1  # some drafts were accepted
+    for name in ("root", "root_hidden", "root_logits"):
+        assert torch.equal(getattr(fused[2], name), getattr(calls[2], name)), name
+    for cache in ("target_cache", "draft_cache"):
+        a, b = getattr(fused[2], cache), getattr(calls[2], cache)
+        assert torch.equal(a.seqlens, b.seqlens) and a.length_bound == b.length_bound, cache
+        for row in range(a.batch_size):
+            n = int(a.seqlens[row])
+            assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
+
+
 def test_cpp_verify_update_is_skipped_where_it_does_not_apply(make_target, fast_path):
     """Switched off (either switch), or with the CPU fast path off, the one-call rest declines."""
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
