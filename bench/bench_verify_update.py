@@ -1,6 +1,8 @@
 """The rest of a CPU round after the verify forward in one C++ call (``eagle_C::eagle2_verify_update``
 greedy, ``eagle2_verify_update_sampled`` sampled; used by default) against the same ops from Python
-(``set_cpu_verify_update(False)``): tokens/s in one process.
+(``set_cpu_verify_update(False)``): tokens/s in one process. The one-call greedy round
+(``eagle_C::eagle2_round_greedy``, which folds this call together with the draft and the target's
+forward) is switched off here; ``bench/bench_cpu_switches.py --switch cpu_round`` measures it.
 
     OMP_NUM_THREADS=1 python bench/bench_verify_update.py                  # tiny-code, float32, greedy
     OMP_NUM_THREADS=1 python bench/bench_verify_update.py --dtype bfloat16 --trees dynamic chain
@@ -30,7 +32,7 @@ from bench.bench_draft_dtype import timed_plain, timed_speculative  # noqa: E402
 from bench.bench_loop import prompts_for  # noqa: E402
 from bench.utils import save_json  # noqa: E402
 from eagle.api import load  # noqa: E402
-from eagle.models.draft import set_cpu_verify_update  # noqa: E402
+from eagle.models.draft import set_cpu_round, set_cpu_verify_update  # noqa: E402
 from eagle.models.weights import resolve_dtype  # noqa: E402
 from eagle.rng import set_cpu_ops  # noqa: E402
 from eagle.speculate import SpeculativeDecoder  # noqa: E402
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     }
     rng_paths = RNG_PATHS if T > 0 else {"": True}
     previous, previous_rng = set_cpu_verify_update(True), set_cpu_ops(True)
+    previous_round = set_cpu_round(False)  # the rest alone (the one-call round: --switch cpu_round)
     try:
         for decoder in decoders.values():
             timed_speculative(decoder, batches[:1], 8, T)  # warm-up (and the tree choice's timings)
@@ -83,6 +86,7 @@ def main(argv=None) -> int:
     finally:
         set_cpu_verify_update(previous)
         set_cpu_ops(previous_rng)
+        set_cpu_round(previous_round)
     tokens = args.num_prompts * args.new_tokens
     plain_tps = {name: tokens / statistics.median(s) for name, s in plain_s.items()}
     base = plain_tps[next(iter(rng_paths))]
