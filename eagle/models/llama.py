@@ -159,6 +159,13 @@ class BlockContext:
     num_kv_heads: int = 1
     max_seq_len: int = 0
 
+    def op_args(self, cfg: ModelConfig) -> tuple:
+        """The block's arguments of the C++ layer ops (``llama_layers``, ``llama_forward``,
+        ``eagle2_head``), in their order: cos, sin, cache_seqlens, tree_mask, past, num_heads,
+        num_kv_heads, eps (``cfg``: the model whose layers run)."""
+        return (self.cos, self.sin, self.seqlens, self.tree_mask, self.past, cfg.num_heads, cfg.num_kv_heads,
+                cfg.rms_norm_eps)  # fmt: skip
+
     @functools.cached_property
     def kv_rows(self) -> torch.Tensor:
         """``[B*T*Hkv]`` int64: the row of (b, token, kv head) in a ``[B*Hkv*S_max, D]`` view of a
@@ -473,14 +480,7 @@ def run_layers_cpu(
         attn_input,
         weights,
         kv,
-        ctx.cos,
-        ctx.sin,
-        ctx.seqlens,
-        ctx.tree_mask,
-        ctx.past,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.rms_norm_eps,
+        *ctx.op_args(cfg),
         list(capture),
     )
 
@@ -630,20 +630,12 @@ class LlamaModel(nn.Module):
         if logits_index is not None and compute_logits:
             _check_logits_index(logits_index, input_ids.shape[0])
         slots = sorted(capture)
-        cfg = self.config
         hidden, logits, *inputs = torch.ops.eagle_C.llama_forward(
             input_ids,
             embed,
             for_op,
             cache.kv,
-            ctx.cos,
-            ctx.sin,
-            ctx.seqlens,
-            ctx.tree_mask,
-            ctx.past,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.rms_norm_eps,
+            *ctx.op_args(self.config),
             slots,
             norm_w,
             lm_head if compute_logits else None,
