@@ -17,15 +17,16 @@ Switches ("off" / "on"; "on" is the default):
   multiply-adds, whichever splits more, or the multiply-adds bound alone
   (``torch.ops.eagle_C.linear_grain_set_bytes``; csrc/cpu/linear_grain.h). Same numbers either way;
   only matters with more than one thread.
-- ``cpu_round``: a greedy EAGLE round (EAGLE-1/2 head, dynamic tree) in one C++ call
-  (``eagle_C::eagle2_round_greedy``), or its three C++ calls (draft tree, target forward, the rest) from
+- ``cpu_round``: an EAGLE round (EAGLE-1/2 head, dynamic tree) in one C++ call
+  (``eagle_C::eagle2_round_greedy``; ``eagle2_round_sampled`` at T > 0), or its three C++ calls (draft tree, target forward, the rest) from
   Python (``eagle.models.draft.set_cpu_round``). Same numbers either way; plain decoding is unaffected.
 
 Each repeat runs every cell once under each setting (in alternating order) over the same held-out
 prompts; a cell's figure is the median over repeats of its tokens/s. Within each setting every greedy
 EAGLE run must reproduce that setting's plain decoding token for token; the script exits non-zero
-otherwise. Sampled runs (T > 0, seed 0) are timed only.
-Writes bench/results/cpu_switch_<switch>_<target>_<dtype>[_<n>threads].json.
+otherwise. Sampled runs (T > 0, seed 0) of a switch whose settings compute the same bits (all but
+``amx_pv``) must emit the same tokens under both settings.
+Writes bench/results/cpu_switch_<switch>_<target>_<dtype>[_<n>threads][_t<temperatures>].json.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ SWITCHES = {
     "linear_grain": _linear_grain,
     "cpu_round": _cpu_round,
 }
+# switches whose two settings compute the same bits: their sampled runs must emit the same tokens too
+SAME_BITS = {"tensor_pool", "linear_grain", "cpu_round"}
 
 
 def parse_tree(spec: str):
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
     try:
         for temp in args.temperature:
             seconds = {(s, c): [] for s in SETTINGS for c in ["plain", *args.trees]}
-            rounds = {}
+            rounds, sampled = {}, {}
             for repeat in range(args.repeats + 1):  # repeat 0 warms up and is not timed
                 for setting in SETTINGS if repeat % 2 else reversed(SETTINGS):
                     switch(setting == "on")
@@ -140,6 +143,10 @@ def main(argv=None) -> int:
                             seconds[(setting, tree)].append(t)
                         if temp == 0 and got != want:
                             mismatches.append((setting, tree))
+                        elif temp > 0 and args.switch in SAME_BITS:
+                            first = sampled.setdefault((repeat, tree), got)
+                            if got != first:
+                                mismatches.append((f"T={temp}", tree))
             results += report(args, temp, seconds, rounds)
     finally:
         switch(True)
@@ -148,12 +155,19 @@ def main(argv=None) -> int:
         else:
             os.environ["EAGLE_CPU_AMX_PV"] = saved_env
     if mismatches:
-        print(f"\nOUTPUT DIFFERS from plain decoding in {sorted(set(mismatches))}", file=sys.stderr)
+        print(
+            f"\nOUTPUT DIFFERS (greedy: from plain decoding; sampled: between the settings) in "
+            f"{sorted(set(mismatches))}",
+            file=sys.stderr,
+        )
         return 1
     print("\nevery greedy EAGLE run reproduced its setting's plain decoding")
+    if args.switch in SAME_BITS and any(t > 0 for t in args.temperature):
+        print("every sampled EAGLE run emitted the same tokens under both settings")
     if not args.no_save:
         threads = f"_{args.threads}threads" if args.threads != 1 else ""
-        name = f"cpu_switch_{args.switch}_{args.target}_{args.dtype}{threads}.json"
+        temps = "" if args.temperature == [0.0] else "_t" + "-".join(f"{t:g}" for t in args.temperature)
+        name = f"cpu_switch_{args.switch}_{args.target}_{args.dtype}{threads}{temps}.json"
         path = save_json(name, {"settings": vars(args), "results": results})
         print(f"wrote {path}")
     return 0

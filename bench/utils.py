@@ -348,6 +348,34 @@ def record_kernel_time(
 # --------------------------------------------------------------------------------------------------
 # Result files
 # --------------------------------------------------------------------------------------------------
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``; None where that is not readable): CPU timings differ
+    by far more between CPU models than between runs, so every result file says which one."""
+    return _cpuinfo_field("model name")
+
+
+def cpu_features() -> list[str] | None:
+    """The CPU flags this package's CPU kernels choose by (AMX, AVX-512 and its bf16 dot product,
+    AVX2, FMA), from ``/proc/cpuinfo``."""
+    flags = _cpuinfo_field("flags")
+    if flags is None:
+        return None
+    wanted = ("amx_bf16", "amx_tile", "avx512f", "avx512_bf16", "avx512_vnni", "avx2", "fma")
+    have = set(flags.split())
+    return [f for f in wanted if f in have]
+
+
 def machine_info() -> dict:
     """Machine, versions and commit, stored with every result file."""
     try:
@@ -360,6 +388,8 @@ def machine_info() -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": __import__("os").cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

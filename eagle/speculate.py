@@ -585,8 +585,8 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------------------------------
     def _round(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         times = self.times
-        if times is None and sampling.greedy:  # (profiling times the phases: the calls below)
-            fused = self._cpu_round(s)
+        if times is None:  # (profiling times the phases: the calls below)
+            fused = self._cpu_round(s, sampling)
             if fused is not None:
                 return fused
         t0 = self._stamp()
@@ -703,11 +703,12 @@ class SpeculativeDecoder:
         s.root.copy_(root)
         return new_tokens, counts
 
-    def _cpu_round(self, s: _Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A whole greedy round with an EAGLE-1/2 head and the dynamic tree on CPU in one C++ call
-        (``eagle_C::eagle2_round_greedy``: the draft tree, the target's forward over it, the rest; the
-        same C++ functions with the same arguments as the three calls of :meth:`_round`, so the same
-        tokens, caches and root state). None where any of the three would not take its C++ path."""
+    def _cpu_round(self, s: _Batch, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A whole round with an EAGLE-1/2 head and the dynamic tree on CPU in one C++ call
+        (``eagle_C::eagle2_round_greedy``, or ``eagle2_round_sampled`` at temperature > 0: the draft
+        tree, the target's forward over it, the rest; the same C++ functions with the same arguments
+        as the three calls of :meth:`_round`, so the same tokens, caches, RNG counters and root
+        state). None where any of the three would not take its C++ path."""
         if (
             self.static is not None
             or not isinstance(self.head, Eagle2Head)
@@ -716,18 +717,25 @@ class SpeculativeDecoder:
             return None
         if s.root.device.type != "cpu" or s.root_hidden is None:
             return None
-        head_args = self.head.cpu_round_weights(s.root_hidden)
+        steps, n = self.depth + 1, self.num_tokens
+        sampled = ()
+        if not sampling.greedy:
+            params = self._warp_params(s.root.shape[0] * n, sampling, s.root.device)
+            if params is None:
+                return None
+            sampled = (*params, s.seeds, s.draws)
+        head_args = self.head.cpu_round_weights(s.root_hidden, sampled=bool(sampled))
         target_args = self.target.cpu_forward_weights(s.root) if head_args is not None else None
         if target_args is None:
             return None
         embed, for_op, norm_w, lm_head = target_args
-        steps, n = self.depth + 1, self.num_tokens
         s.target_cache.check_room(n)
         s.draft_cache.check_room(max(steps, self.depth * self.topk + 1))
         d_embed, fc_w, fc_b, d_for_op, d_doubled, d_signs, d_lm_head, d_heads, d_kv_heads, d_eps = head_args
         doubled, signs = rope_tables(self.target.inv_freq(s.root.device))
         cfg = self.target.config
-        res = torch.ops.eagle_C.eagle2_round_greedy(
+        op = torch.ops.eagle_C.eagle2_round_sampled if sampled else torch.ops.eagle_C.eagle2_round_greedy
+        res = op(
             s.root_logits,
             s.root_hidden,
             s.root,
@@ -758,6 +766,7 @@ class SpeculativeDecoder:
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.rms_norm_eps,
+            *sampled,
         )
         return self._commit_cpu_round(s, res, steps)
 

@@ -98,6 +98,8 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
         "--trees", "2/2/4", "--temperature", "0", "1", "--no-save", *threads,
     )  # fmt: skip
     assert "every greedy EAGLE run reproduced its setting's plain decoding" in out, out
+    same_sampled = "every sampled EAGLE run emitted the same tokens under both settings" in out
+    assert same_sampled == (switch != "amx_pv"), out  # amx_pv changes the attention's bits
     assert re.search(r"2/2/4 +\d+ +\d+ +[\d.]+x +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out
     assert f"{switch}, T = 1, B 1" in out and "wrote" not in out, out
 

@@ -435,14 +435,46 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
                 at::Tensor());
 }
 
+// The draft tree and the target's forward over it, the first two parts of a round in one call: the
+// draft tree (eagle2_draft_dynamic_cpu), the target's RoPE tables at the tree's positions and its
+// forward over the tree (rope_cos_sin_cpu, llama_forward_cpu: what LlamaModel.forward calls). Returns
+// the draft op's outputs [candidates, mask, positions, retrive_index, next_token, next_sibling] and
+// the forward's [hidden, logits].
+struct DraftedRound {
+  std::vector<at::Tensor> tree;
+  std::vector<at::Tensor> out;
+};
+
+DraftedRound draft_and_verify_forward(
+    const at::Tensor& root_logits, const at::Tensor& root_hidden, const at::Tensor& root, const at::Tensor& draft_kv,
+    const at::Tensor& draft_seqlens, const at::Tensor& embed_weight, const at::Tensor& fc_weight,
+    const OptTensor& fc_bias, const c10::List<OptTensor>& draft_weights, const at::Tensor& draft_doubled_inv_freq,
+    const at::Tensor& draft_signs, const at::Tensor& draft_lm_head, int64_t draft_num_heads,
+    int64_t draft_num_kv_heads, double draft_eps, int64_t topk, int64_t depth, int64_t num_tokens,
+    const at::Tensor& target_kv, const at::Tensor& target_seqlens, const at::Tensor& target_embed_weight,
+    const c10::List<OptTensor>& target_weights, const at::Tensor& target_doubled_inv_freq,
+    const at::Tensor& target_signs, const at::Tensor& target_norm_weight, const at::Tensor& target_lm_head,
+    int64_t target_num_heads, int64_t target_num_kv_heads, double target_eps) {
+  std::vector<at::Tensor> tree = eagle2_draft_dynamic_cpu(
+      root_logits, root_hidden, root, draft_seqlens, target_seqlens, embed_weight, fc_weight, fc_bias, draft_weights,
+      draft_kv, draft_doubled_inv_freq, draft_signs, draft_lm_head, topk, depth, num_tokens, draft_num_heads,
+      draft_num_kv_heads, draft_eps);
+  const at::Tensor& candidates = tree[0];
+  const int64_t b = candidates.size(0), n = candidates.size(1);
+  const std::vector<at::Tensor> rope = llama_layers::rope_cos_sin_cpu(
+      tree[2].view({b, n}), target_seqlens, 0, n, target_doubled_inv_freq, target_signs, target_kv.scalar_type());
+  std::vector<at::Tensor> out = llama_layers::llama_forward_cpu(
+      candidates, target_embed_weight, target_weights, target_kv, rope[0], rope[1], target_seqlens, tree[1], 0,
+      target_num_heads, target_num_kv_heads, target_eps, {}, target_norm_weight, target_lm_head, std::nullopt);
+  return {std::move(tree), std::move(out)};
+}
+
 // A whole greedy round of eagle.speculate.SpeculativeDecoder._round on the CPU fast path (EAGLE-1/2
-// head, dynamic tree) in one call: the draft tree (eagle2_draft_dynamic_cpu), the target's RoPE
-// tables at the tree's positions and its forward over the tree (rope_cos_sin_cpu, llama_forward_cpu:
-// what LlamaModel.forward calls), and the rest (eagle2_verify_update_cpu). The same functions with
-// the same arguments as the three calls from Python, so the same bits; what it saves is the Python
-// between them, which runs cold after each forward's weights stream through the caches. The caller
-// checks both caches' room and the arguments' origins (eagle.speculate.SpeculativeDecoder._cpu_round).
-// Returns eagle2_verify_update's outputs.
+// head, dynamic tree) in one call: draft_and_verify_forward, then the rest (eagle2_verify_update_cpu).
+// The same functions with the same arguments as the three calls from Python, so the same bits; what
+// it saves is the Python between them, which runs cold after each forward's weights stream through
+// the caches. The caller checks both caches' room and the arguments' origins
+// (eagle.speculate.SpeculativeDecoder._cpu_round). Returns eagle2_verify_update's outputs.
 std::vector<at::Tensor> eagle2_round_greedy_cpu(
     const at::Tensor& root_logits, const at::Tensor& root_hidden, const at::Tensor& root, const at::Tensor& draft_kv,
     const at::Tensor& draft_seqlens, const at::Tensor& embed_weight, const at::Tensor& fc_weight,
@@ -453,21 +485,42 @@ std::vector<at::Tensor> eagle2_round_greedy_cpu(
     const at::Tensor& target_embed_weight, const c10::List<OptTensor>& target_weights,
     const at::Tensor& target_doubled_inv_freq, const at::Tensor& target_signs, const at::Tensor& target_norm_weight,
     const at::Tensor& target_lm_head, int64_t target_num_heads, int64_t target_num_kv_heads, double target_eps) {
-  const std::vector<at::Tensor> tree = eagle2_draft_dynamic_cpu(
-      root_logits, root_hidden, root, draft_seqlens, target_seqlens, embed_weight, fc_weight, fc_bias, draft_weights,
-      draft_kv, draft_doubled_inv_freq, draft_signs, draft_lm_head, topk, depth, num_tokens, draft_num_heads,
-      draft_num_kv_heads, draft_eps);
-  const at::Tensor& candidates = tree[0];
-  const int64_t b = candidates.size(0), n = candidates.size(1);
-  const std::vector<at::Tensor> rope = llama_layers::rope_cos_sin_cpu(
-      tree[2].view({b, n}), target_seqlens, 0, n, target_doubled_inv_freq, target_signs, target_kv.scalar_type());
-  const std::vector<at::Tensor> out = llama_layers::llama_forward_cpu(
-      candidates, target_embed_weight, target_weights, target_kv, rope[0], rope[1], target_seqlens, tree[1], 0,
-      target_num_heads, target_num_kv_heads, target_eps, {}, target_norm_weight, target_lm_head, std::nullopt);
-  return eagle2_verify_update_cpu(out[1], out[0], candidates, tree[3], tree[4], tree[5], target_kv, target_seqlens,
-                                  num_spec_steps, embed_weight, fc_weight, fc_bias, draft_weights, draft_kv,
-                                  draft_seqlens, draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads,
-                                  draft_num_kv_heads, draft_eps);
+  const DraftedRound r = draft_and_verify_forward(
+      root_logits, root_hidden, root, draft_kv, draft_seqlens, embed_weight, fc_weight, fc_bias, draft_weights,
+      draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads, draft_num_kv_heads, draft_eps, topk, depth,
+      num_tokens, target_kv, target_seqlens, target_embed_weight, target_weights, target_doubled_inv_freq,
+      target_signs, target_norm_weight, target_lm_head, target_num_heads, target_num_kv_heads, target_eps);
+  return eagle2_verify_update_cpu(r.out[1], r.out[0], r.tree[0], r.tree[3], r.tree[4], r.tree[5], target_kv,
+                                  target_seqlens, num_spec_steps, embed_weight, fc_weight, fc_bias, draft_weights,
+                                  draft_kv, draft_seqlens, draft_doubled_inv_freq, draft_signs, draft_lm_head,
+                                  draft_num_heads, draft_num_kv_heads, draft_eps);
+}
+
+// The sampled counterpart: draft_and_verify_forward, then eagle2_verify_update_sampled_cpu with the
+// warper's per-row parameters over the b * n tree rows and each row's (seed, draws) stream (draws
+// advanced in place). Returns eagle2_verify_update_sampled's outputs (the flag and status included).
+std::vector<at::Tensor> eagle2_round_sampled_cpu(
+    const at::Tensor& root_logits, const at::Tensor& root_hidden, const at::Tensor& root, const at::Tensor& draft_kv,
+    const at::Tensor& draft_seqlens, const at::Tensor& embed_weight, const at::Tensor& fc_weight,
+    const OptTensor& fc_bias, const c10::List<OptTensor>& draft_weights, const at::Tensor& draft_doubled_inv_freq,
+    const at::Tensor& draft_signs, const at::Tensor& draft_lm_head, int64_t draft_num_heads,
+    int64_t draft_num_kv_heads, double draft_eps, int64_t topk, int64_t depth, int64_t num_tokens,
+    int64_t num_spec_steps, const at::Tensor& target_kv, const at::Tensor& target_seqlens,
+    const at::Tensor& target_embed_weight, const c10::List<OptTensor>& target_weights,
+    const at::Tensor& target_doubled_inv_freq, const at::Tensor& target_signs, const at::Tensor& target_norm_weight,
+    const at::Tensor& target_lm_head, int64_t target_num_heads, int64_t target_num_kv_heads, double target_eps,
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
+    const at::Tensor& seeds, const at::Tensor& draws) {
+  const DraftedRound r = draft_and_verify_forward(
+      root_logits, root_hidden, root, draft_kv, draft_seqlens, embed_weight, fc_weight, fc_bias, draft_weights,
+      draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads, draft_num_kv_heads, draft_eps, topk, depth,
+      num_tokens, target_kv, target_seqlens, target_embed_weight, target_weights, target_doubled_inv_freq,
+      target_signs, target_norm_weight, target_lm_head, target_num_heads, target_num_kv_heads, target_eps);
+  return eagle2_verify_update_sampled_cpu(
+      r.out[1], r.out[0], r.tree[0], r.tree[3], r.tree[4], r.tree[5], temperature, top_k, top_p, min_p, seeds, draws,
+      target_kv, target_seqlens, num_spec_steps, embed_weight, fc_weight, fc_bias, draft_weights, draft_kv,
+      draft_seqlens, draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads, draft_num_kv_heads,
+      draft_eps);
 }
 
 }  // namespace draft_tree
@@ -506,16 +559,27 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "Tensor(b!) target_kv, Tensor target_seqlens, Tensor target_embed_weight, Tensor?[] target_weights, "
       "Tensor target_doubled_inv_freq, Tensor target_signs, Tensor target_norm_weight, Tensor target_lm_head, "
       "int target_num_heads, int target_num_kv_heads, float target_eps) -> Tensor[]");
+  m.def(
+      "eagle2_round_sampled(Tensor root_logits, Tensor root_hidden, Tensor root, Tensor(a!) draft_kv, "
+      "Tensor draft_seqlens, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] draft_weights, "
+      "Tensor draft_doubled_inv_freq, Tensor draft_signs, Tensor draft_lm_head, int draft_num_heads, "
+      "int draft_num_kv_heads, float draft_eps, int topk, int depth, int num_tokens, int num_spec_steps, "
+      "Tensor(b!) target_kv, Tensor target_seqlens, Tensor target_embed_weight, Tensor?[] target_weights, "
+      "Tensor target_doubled_inv_freq, Tensor target_signs, Tensor target_norm_weight, Tensor target_lm_head, "
+      "int target_num_heads, int target_num_kv_heads, float target_eps, Tensor temperature, Tensor top_k, "
+      "Tensor top_p, Tensor min_p, Tensor seeds, Tensor(c!) draws) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
   m.impl("eagle2_round_greedy", &eagle::draft_tree::eagle2_round_greedy_cpu);
+  m.impl("eagle2_round_sampled", &eagle::draft_tree::eagle2_round_sampled_cpu);
   m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu);
   m.impl("eagle2_verify_update", &eagle::draft_tree::eagle2_verify_update_cpu);
   m.impl("eagle2_verify_update_sampled", &eagle::draft_tree::eagle2_verify_update_sampled_cpu);
 }
 TORCH_LIBRARY_IMPL(eagle_C, MkldnnCPU, m) {
   m.impl("eagle2_round_greedy", &eagle::draft_tree::eagle2_round_greedy_cpu);
+  m.impl("eagle2_round_sampled", &eagle::draft_tree::eagle2_round_sampled_cpu);
   m.impl("eagle2_draft_dynamic", &eagle::draft_tree::eagle2_draft_dynamic_cpu);
   m.impl("eagle2_verify_update", &eagle::draft_tree::eagle2_verify_update_cpu);
   m.impl("eagle2_verify_update_sampled", &eagle::draft_tree::eagle2_verify_update_sampled_cpu);

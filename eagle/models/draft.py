@@ -344,12 +344,13 @@ class Eagle2Head(DraftHead):
         )
         return outs[0], tuple(outs[1:])
 
-    def cpu_round_weights(self, root_hidden: torch.Tensor):
-        """The head's arguments of ``eagle_C::eagle2_round_greedy`` (the draft and update parts of a
-        round in one call with the target's forward: ``SpeculativeDecoder._cpu_round``), or None
-        where the C++ draft loop or update does not apply (as :meth:`cpu_dynamic_tree` and
-        :meth:`cpu_verify_update` decide)."""
-        if not (_CPU_ROUND and _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE and _ext.has_op("eagle2_round_greedy")):
+    def cpu_round_weights(self, root_hidden: torch.Tensor, sampled: bool = False):
+        """The head's arguments of ``eagle_C::eagle2_round_greedy`` (``sampled``:
+        ``eagle2_round_sampled``; the draft and update parts of a round in one call with the target's
+        forward: ``SpeculativeDecoder._cpu_round``), or None where the C++ draft loop or update does
+        not apply (as :meth:`cpu_dynamic_tree` and :meth:`cpu_verify_update` decide)."""
+        op = "eagle2_round_sampled" if sampled else "eagle2_round_greedy"
+        if not (_CPU_ROUND and _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE and _ext.has_op(op)):
             return None
         for_op = self._cpu_op_weights(root_hidden, "eagle2_verify_update")
         if for_op is None:
@@ -456,7 +457,10 @@ def cpu_draft_loop_status() -> str:
         "verify forward (eagle_C::eagle2_verify_update, greedy; eagle2_verify_update_sampled, sampled)"
     )
     if _CPU_ROUND and _ext.has_op("eagle2_round_greedy"):
-        status += "; a greedy round's three calls in one (eagle_C::eagle2_round_greedy)"
+        status += "; a round's three calls in one (eagle_C::eagle2_round_greedy"
+        status += (
+            ", eagle2_round_sampled)" if _ext.has_op("eagle2_round_sampled") else "; sampled: three calls)"
+        )
     return status
 
 
@@ -471,8 +475,9 @@ def set_cpu_verify_update(enabled: bool) -> bool:
 
 
 def set_cpu_round(enabled: bool) -> bool:
-    """Turn the one-call greedy round (draft tree, target forward and the rest in
-    ``eagle_C::eagle2_round_greedy``: ``SpeculativeDecoder._cpu_round``) on or off; off, the same
+    """Turn the one-call round (draft tree, target forward and the rest in
+    ``eagle_C::eagle2_round_greedy`` / ``eagle2_round_sampled``: ``SpeculativeDecoder._cpu_round``)
+    on or off; off, the same
     three C++ calls are made from Python (same tokens, caches and states). Returns the previous
     setting. The C++ draft loop and one-call rest must be on for it to apply."""
     global _CPU_ROUND

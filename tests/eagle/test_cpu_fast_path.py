@@ -315,13 +315,15 @@ def test_cpp_verify_update_equals_the_python_round(
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
 
 
+@pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("tree", ["3/4/12", "6/10/60", "chain5"])
-def test_cpp_round_equals_its_three_cpp_calls(make_target, monkeypatch, fast_path, tree, dtype, B):
-    """A greedy round in one call (eagle2_round_greedy: draft tree, target forward, rest) emits the same
-    tokens with the same accept lengths as the draft op, the target's forward and the verify-update op
-    called from Python, and leaves both caches and the root state bit-identical; and it is what runs."""
+def test_cpp_round_equals_its_three_cpp_calls(make_target, monkeypatch, fast_path, tree, dtype, B, sampling):
+    """A round in one call (eagle2_round_greedy, or eagle2_round_sampled at T > 0: draft tree, target
+    forward, rest) emits the same tokens with the same accept lengths as the draft op, the target's
+    forward and the verify-update op called from Python, and leaves both caches, the RNG counters and
+    the root state bit-identical; and it is what runs."""
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
     target = load_target(path, dtype=dtype)
     model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
@@ -329,9 +331,7 @@ def test_cpp_round_equals_its_three_cpp_calls(make_target, monkeypatch, fast_pat
 
     def run():
         decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES[tree], B))
-        tokens = [
-            emission.tokens for emission in decoder.run(prompts, 24, speculate.SamplingParams(), seed=3)
-        ]
+        tokens = [emission.tokens for emission in decoder.run(prompts, 24, ROUND_SAMPLING[sampling], seed=3)]
         return tokens, decoder._accept_lengths, decoder._last_state
 
     with monkeypatch.context() as m:
@@ -339,13 +339,13 @@ def test_cpp_round_equals_its_three_cpp_calls(make_target, monkeypatch, fast_pat
         m.setattr(speculate.SpeculativeDecoder, "_last_state", None, raising=False)
         fused = run_keeping_state(run, m)
     with monkeypatch.context() as m:
-        m.setattr(speculate.SpeculativeDecoder, "_cpu_round", lambda self, s: None)
+        m.setattr(speculate.SpeculativeDecoder, "_cpu_round", lambda self, s, sampling: None)
         m.setattr(speculate.SpeculativeDecoder, "_update_draft", _must_not_run)  # the C++ rest runs
         m.setattr(speculate.SpeculativeDecoder, "_last_state", None, raising=False)
         calls = run_keeping_state(run, m)
     assert fused[:2] == calls[:2]
     assert max(max(row) for row in fused[1].values()) > 1  # some drafts were accepted
-    for name in ("root", "root_hidden", "root_logits"):
+    for name in ("root", "root_hidden", "root_logits", "seeds", "draws"):
         assert torch.equal(getattr(fused[2], name), getattr(calls[2], name)), name
     for cache in ("target_cache", "draft_cache"):
         a, b = getattr(fused[2], cache), getattr(calls[2], cache)
