@@ -17,6 +17,10 @@ Switches ("off" / "on"; "on" is the default):
   multiply-adds, whichever splits more, or the multiply-adds bound alone
   (``torch.ops.eagle_C.linear_grain_set_bytes``; csrc/cpu/linear_grain.h). Same numbers either way;
   only matters with more than one thread.
+- ``bf16_panels``: bfloat16 linear weights in panels for this package's AVX512-BF16 kernel
+  (``eagle_C::panel_linear_bf16``), or in oneDNN's layout (``EAGLE_CPU_BF16_PANEL_LINEAR``; the loaded
+  model is repacked at each switch). CPUs with AVX512-BF16 and no AMX, ``--dtype bfloat16``. The two
+  layouts round differently, so their greedy texts may differ (each must equal its own plain decoding).
 - ``cpu_round``: an EAGLE round (EAGLE-1/2 head, dynamic tree) in one C++ call
   (``eagle_C::eagle2_round_greedy``; ``eagle2_round_sampled`` at T > 0), or its three C++ calls (draft tree, target forward, the rest) from
   Python (``eagle.models.draft.set_cpu_round``). Same numbers either way; plain decoding is unaffected.
@@ -45,6 +49,7 @@ from bench.bench_draft_dtype import timed_plain, timed_speculative  # noqa: E402
 from bench.bench_loop import prompts_for  # noqa: E402
 from bench.utils import save_json  # noqa: E402
 from eagle.api import load  # noqa: E402
+from eagle.models import cpu_packed  # noqa: E402
 from eagle.speculate import SpeculativeDecoder  # noqa: E402
 from eagle.tree import TreeConfig  # noqa: E402
 
@@ -63,6 +68,18 @@ def _linear_grain(on: bool) -> None:
     torch.ops.eagle_C.linear_grain_set_bytes(64 << 10 if on else 0)
 
 
+_LOADED = {}  # the model under test, for switches that repack its weights
+
+
+def _bf16_panels(on: bool) -> None:
+    from eagle.models.cpu_packed import repack_module_linears
+
+    os.environ["EAGLE_CPU_BF16_PANEL_LINEAR"] = "1" if on else "0"
+    model = _LOADED["model"]
+    repack_module_linears(model.target, [model.target.lm_head_weight])
+    repack_module_linears(model.head, [getattr(model.head, "lm_head_weight", None)])
+
+
 def _cpu_round(on: bool) -> None:
     from eagle.models.draft import set_cpu_round
 
@@ -74,6 +91,7 @@ SWITCHES = {
     "tensor_pool": _tensor_pool,
     "linear_grain": _linear_grain,
     "cpu_round": _cpu_round,
+    "bf16_panels": _bf16_panels,
 }
 # switches whose two settings compute the same bits: their sampled runs must emit the same tokens too
 SAME_BITS = {"tensor_pool", "linear_grain", "cpu_round"}
@@ -115,15 +133,23 @@ def main(argv=None) -> int:
     if args.switch == "tensor_pool" and not hasattr(torch.ops.eagle_C, "tensor_pool_set_enabled"):
         print("the extension has no tensor pool: nothing to compare", file=sys.stderr)
         return 2
+    if args.switch == "bf16_panels" and not (
+        args.dtype == "bfloat16"
+        and cpu_packed.bf16_panel_linear_available()
+        and not cpu_packed.amx_linear_available()
+    ):
+        print("bf16 panels do not apply (needs --dtype bfloat16, AVX512-BF16 and no AMX)", file=sys.stderr)
+        return 2
     if args.switch == "linear_grain" and not hasattr(torch.ops.eagle_C, "linear_grain_set_bytes"):
         print("the extension has no linear grain switch: nothing to compare", file=sys.stderr)
         return 2
     switch = SWITCHES[args.switch]
     model = load(args.target, args.draft, dtype=getattr(torch, args.dtype))
+    _LOADED["model"] = model
     prompts = prompts_for(model, args.num_prompts, 100)
     batches = [[prompt] for prompt in prompts]
     decoders = {tree: SpeculativeDecoder(model.target, model.head, parse_tree(tree)) for tree in args.trees}
-    saved_env = os.environ.get("EAGLE_CPU_AMX_PV")
+    saved_env = {name: os.environ.get(name) for name in ("EAGLE_CPU_AMX_PV", "EAGLE_CPU_BF16_PANEL_LINEAR")}
     results, mismatches = [], []
     try:
         for temp in args.temperature:
@@ -150,10 +176,11 @@ def main(argv=None) -> int:
             results += report(args, temp, seconds, rounds)
     finally:
         switch(True)
-        if saved_env is None:
-            os.environ.pop("EAGLE_CPU_AMX_PV", None)
-        else:
-            os.environ["EAGLE_CPU_AMX_PV"] = saved_env
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     if mismatches:
         print(
             f"\nOUTPUT DIFFERS (greedy: from plain decoding; sampled: between the settings) in "

@@ -8,7 +8,8 @@ load hits both alike.
     python bench/bench_runtime.py                     # table + bench/results/runtime_cpu.json
     python bench/bench_runtime.py --forwards          # also: C++ layer op vs Python modules, T=1..64
     python bench/bench_runtime.py --forwards --dtype bfloat16   # bf16 with packed weights
-    python bench/bench_runtime.py --linears           # bf16 linears: AMX tiles vs oneDNN vs F.linear
+    python bench/bench_runtime.py --linears           # bf16 linears: AMX tiles or bf16 panels vs oneDNN,
+                                                      # F.linear and float32 panels
     python bench/bench_runtime.py --linears-f32       # float32 linears: skinny kernel vs F.linear (MKL)
     python bench/bench_runtime.py --argmax            # greedy pick + NaN check: eagle_C vs torch
     pytest bench/bench_runtime.py --benchmark-only    # the same decode step under pytest-benchmark
@@ -232,45 +233,68 @@ def _time_us(fn, calls: int) -> float:
     return 1e3 * _mean_ms(fn, calls)
 
 
+def _bf16_kernel() -> tuple[str, callable, callable, str] | None:
+    """This CPU's bf16 linear kernel: (name, packing function, op, the environment switch that turns it
+    off) for AMX tiles where the CPU has them, else bf16 panels (AVX512-BF16); None without either."""
+    if cpu_packed.amx_linear_available():
+        return "AMX tiles", cpu_packed.amx_tiles, torch.ops.eagle_C.amx_linear_bf16, "EAGLE_CPU_AMX_LINEAR"
+    if cpu_packed.bf16_panel_linear_available():
+        return (
+            "bf16 panels",
+            cpu_packed.bf16_panels,
+            torch.ops.eagle_C.panel_linear_bf16,
+            "EAGLE_CPU_BF16_PANEL_LINEAR",
+        )
+    return None
+
+
 @torch.inference_mode()
 def compare_linears(rounds: int, threads: int, calls: int = 200) -> dict:
     """Microseconds per bf16 linear of each tiny-code shape and row count M, for ``F.linear``, the
-    oneDNN-packed weight and this package's AMX kernel (alternating round by round), and target
-    forwards (T = 1, 16, 64) of one model loaded with oneDNN-packed and one with AMX-tiled weights.
-    Each AMX output is checked to be row-count invariant (rows computed alone are bit-identical)."""
-    if not cpu_packed.amx_linear_available():
-        raise SystemExit("--linears needs AMX-BF16 tiles (see `eagle info`)")
+    oneDNN-packed weight, this package's kernel (AMX tiles, or bf16 panels on CPUs with AVX512-BF16
+    and no AMX) and, for the dtype choice, the float32 panel kernel on the same weights in float32
+    (alternating round by round); and target forwards (T = 1, 16, 64) of models loaded with each
+    layout. Each output of this package's kernel is checked to be row-count invariant (rows computed
+    alone are bit-identical)."""
+    kernel = _bf16_kernel()
+    if kernel is None:
+        raise SystemExit("--linears needs AMX-BF16 tiles or AVX512-BF16 (see `eagle info`)")
+    name, pack, op, _ = kernel
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(3)
-    impls = ("F.linear", "oneDNN packed", "AMX tiles")
+    impls = ["F.linear", "oneDNN packed", name]
+    if cpu_packed.panel_linear_available():
+        impls.append("float32 panels")
     linears, invariant = {}, True
     for N, K in LINEAR_SHAPES:
         w = torch.randn(N, K, generator=gen).bfloat16()
-        onednn, tiles = torch.ops.mkldnn._reorder_linear_weight(w, None), cpu_packed.amx_tiles(w)
+        onednn, packed = torch.ops.mkldnn._reorder_linear_weight(w, None), pack(w)
+        f32_panels = cpu_packed.panels(w.float())
         for M in LINEAR_ROWS:
             x = torch.randn(M, K, generator=gen).bfloat16()
+            x32 = x.float()
             fns = {
                 "F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w),
                 "oneDNN packed": lambda x=x, p=onednn: torch.ops.mkldnn._linear_pointwise(
                     x, p, None, "none", [], ""
                 ),
-                "AMX tiles": lambda x=x, t=tiles: torch.ops.eagle_C.amx_linear_bf16(x, t, None),
+                name: lambda x=x, p=packed: op(x, p, None),
+                "float32 panels": lambda x=x32, p=f32_panels: torch.ops.eagle_C.panel_linear_f32(x, p, None),
             }
-            alone = torch.cat(
-                [torch.ops.eagle_C.amx_linear_bf16(x[i : i + 1], tiles, None) for i in range(M)]
-            )
-            invariant &= torch.equal(alone, fns["AMX tiles"]())
-            times = {name: [] for name in impls}
+            alone = torch.cat([op(x[i : i + 1], packed, None) for i in range(M)])
+            invariant &= torch.equal(alone, fns[name]())
+            times = {impl: [] for impl in impls}
             for _ in range(rounds):
-                for name in impls:
-                    times[name].append(_time_us(fns[name], calls))
-            linears[f"{N}x{K} M={M}"] = {name: statistics.median(t) for name, t in times.items()}
-    forwards = _compare_forward_layouts(rounds, calls=20)
+                for impl in impls:
+                    times[impl].append(_time_us(fns[impl], calls))
+            linears[f"{N}x{K} M={M}"] = {impl: statistics.median(t) for impl, t in times.items()}
+    forwards = _compare_forward_layouts(rounds, calls=20, kernel=kernel)
     return {
         "threads": torch.get_num_threads(),
         "rounds": rounds,
+        "kernel": name,
         "linear_us_median": linears,
-        "amx_rows_invariant": invariant,
+        "kernel_rows_invariant": invariant,
         "forward_ms_median": forwards,
     }
 
@@ -436,47 +460,66 @@ def print_argmax(result: dict) -> None:
         print(f"{case:<22}{t:>10.1f}{a:>10.1f}{t / a:>9.1f}x")
 
 
-def _compare_forward_layouts(rounds: int, calls: int) -> dict:
+def _compare_forward_layouts(rounds: int, calls: int, kernel) -> dict:
+    """Target forwards (ms, median over rounds) of the tiny-code shape in bf16 with oneDNN-packed
+    weights and with this package's kernel (``kernel``: :func:`_bf16_kernel`), and in float32 with
+    panels where the float32 panel kernel runs, alternating."""
+    name, _, _, env = kernel
     models = {}
-    with _restored_env("EAGLE_CPU_AMX_LINEAR"):
-        for name, env in (("oneDNN packed", "0"), ("AMX tiles", "1")):
-            os.environ["EAGLE_CPU_AMX_LINEAR"] = env
+    with _restored_env(env):
+        for label, value in (("oneDNN packed", "0"), (name, "1")):
+            os.environ[env] = value
             with tempfile.TemporaryDirectory() as tmp:
-                models[name] = build_models(Path(tmp), torch.bfloat16)[1]
+                models[label] = build_models(Path(tmp), torch.bfloat16)[1]
+    if cpu_packed.panel_linear_available():
+        with tempfile.TemporaryDirectory() as tmp:
+            models["float32 panels"] = build_models(Path(tmp), torch.float32)[1]
     gen = torch.Generator().manual_seed(4)
-    caches = {name: m.new_cache(1, PROMPT_LEN + 80) for name, m in models.items()}
+    caches = {label: m.new_cache(1, PROMPT_LEN + 80) for label, m in models.items()}
     for c in caches.values():
         c.advance(PROMPT_LEN)
     result = {}
     for T in (1, 16, 64):
         ids = torch.randint(0, SHAPE["vocab_size"], (1, T), generator=gen)
         mask = torch.tril(torch.ones(T, T, dtype=torch.bool))[None]
-        times = {name: [] for name in models}
+        times = {label: [] for label in models}
         for _ in range(rounds):
-            for name, m in models.items():
-                times[name].append(
-                    _mean_ms(lambda m=m, c=caches[name], ids=ids, mask=mask: m(ids, c, tree_mask=mask), calls)
+            for label, m in models.items():
+                times[label].append(
+                    _mean_ms(
+                        lambda m=m, c=caches[label], ids=ids, mask=mask: m(ids, c, tree_mask=mask), calls
+                    )
                 )
-        result[f"target forward T={T}"] = {name: statistics.median(t) for name, t in times.items()}
+        result[f"target forward T={T}"] = {label: statistics.median(t) for label, t in times.items()}
     return result
 
 
 def print_linears(result: dict) -> None:
+    name = result["kernel"]
+    f32 = any("float32 panels" in us for us in result["linear_us_median"].values())
     print(f"bf16 linears, {result['threads']} thread(s), median of {result['rounds']} rounds (us)")
-    print(f"{'[N x K] rows':<20}{'F.linear':>10}{'oneDNN':>10}{'AMX':>10}{'AMX vs oneDNN':>15}")
+    print(
+        f"{'[N x K] rows':<20}{'F.linear':>10}{'oneDNN':>10}{name:>13}{'vs oneDNN':>11}"
+        + (f"{'fp32 panels':>13}{'vs fp32':>9}" if f32 else "")
+    )
     for case, us in result["linear_us_median"].items():
-        f, o, a = us["F.linear"], us["oneDNN packed"], us["AMX tiles"]
-        print(f"{case:<20}{f:>10.1f}{o:>10.1f}{a:>10.1f}{o / a:>14.2f}x")
-    print(f"AMX rows computed alone are bit-identical to the block: {result['amx_rows_invariant']}")
-    _print_forward_ratios(result["forward_ms_median"], ("oneDNN packed", "oneDNN"), ("AMX tiles", "AMX"))
+        f, o, a = us["F.linear"], us["oneDNN packed"], us[name]
+        line = f"{case:<20}{f:>10.1f}{o:>10.1f}{a:>13.1f}{o / a:>10.2f}x"
+        if f32:
+            line += f"{us['float32 panels']:>13.1f}{us['float32 panels'] / a:>8.2f}x"
+        print(line)
+    print(f"{name}: rows computed alone are bit-identical to the block: {result['kernel_rows_invariant']}")
+    _print_forward_ratios(result["forward_ms_median"], ("oneDNN packed", "oneDNN"), (name, name))
+    if f32:
+        _print_forward_ratios(result["forward_ms_median"], ("float32 panels", "fp32 panels"), (name, name))
 
 
 def _print_forward_ratios(forwards: dict, base: tuple[str, str], new: tuple[str, str]) -> None:
     """Forward times (ms) of a baseline and a new implementation, each given as (key, column title)."""
-    print(f"{'forward (ms)':<20}{base[1]:>10}{new[1]:>10}{'speedup':>10}")
+    print(f"{'forward (ms)':<20}{base[1]:>13}{new[1]:>13}{'speedup':>10}")
     for case, ms in forwards.items():
         b, n = ms[base[0]], ms[new[0]]
-        print(f"{case:<20}{b:>10.3f}{n:>10.3f}{b / n:>9.2f}x")
+        print(f"{case:<20}{b:>13.3f}{n:>13.3f}{b / n:>9.2f}x")
 
 
 def print_forwards(result: dict) -> None:
@@ -554,6 +597,8 @@ def main(argv: list[str] | None = None) -> None:
             runs = [compare(args.rounds, threads) for threads in dict.fromkeys(args.threads)]
             for r in runs:
                 show(r)
+            if flag == "linears" and runs[0]["kernel"] != "AMX tiles":  # keep the AMX machine's file
+                name = "linears_cpu_bfloat16_panels.json"
             if not args.no_save:
                 print(f"wrote {save_json(name, {'runs': runs})}")
             return

@@ -38,6 +38,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import eagle_kernels
     from eagle.models.cpu_packed import (
         amx_linear_available,
+        bf16_panel_linear_available,
         cpu_has_amx_bf16,
         packing_supported,
         skinny_max_rows,
@@ -56,6 +57,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         },
         "cpu_amx_bf16": cpu_has_amx_bf16(),
         "cpu_amx_linear": amx_linear_available(),
+        "cpu_bf16_panel_linear": bf16_panel_linear_available(),
         "cpu_draft_loop": cpu_draft_loop_status(),
         "cpu_attention": _cpu_attention_line(),
         "cpu_f32_linear_max_rows": skinny_max_rows(),
@@ -67,6 +69,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     k = info.pop("kernels")
     packed, amx = info.pop("cpu_packed_weights"), info.pop("cpu_amx_bf16")
     amx_linear = info.pop("cpu_amx_linear")
+    bf16_panel = info.pop("cpu_bf16_panel_linear")
     draft_loop = info.pop("cpu_draft_loop")
     skinny = info.pop("cpu_f32_linear_max_rows")
     attention = info.pop("cpu_attention")
@@ -78,6 +81,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         )
     elif packed["bfloat16"] and amx:
         half = "AMX bf16 with oneDNN-packed weights: `--dtype bfloat16` is the fast CPU dtype here"
+    elif packed["bfloat16"] and bf16_panel:
+        half = (
+            "weights in bf16 panels, this package's AVX512-BF16 kernel (csrc/cpu/panel_linear.cpp): "
+            "`--dtype bfloat16` is the fast CPU dtype here"
+        )
     elif packed["bfloat16"]:
         half = "oneDNN-packed bf16 weights without AMX: float32 is likely faster on this CPU"
     else:

@@ -77,7 +77,7 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
 
 
-@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool", "linear_grain", "cpu_round"])
+@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool", "linear_grain", "cpu_round", "bf16_panels"])
 def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch):
     import torch
 
@@ -88,6 +88,11 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
         and torch.ops.eagle_C.tree_attention_cpu_variant() == "amx"
     ):
         pytest.skip("tree_attention does not run on AMX tiles on this CPU")
+    if switch == "bf16_panels":
+        from eagle.models import cpu_packed
+
+        if not cpu_packed.bf16_panel_linear_available() or cpu_packed.amx_linear_available():
+            pytest.skip("bf16 panels apply to CPUs with AVX512-BF16 and no AMX")
     if switch in ("tensor_pool", "linear_grain", "cpu_round") and not hasattr(
         torch.ops.eagle_C, "eagle2_round_greedy"
     ):
@@ -99,7 +104,7 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
     )  # fmt: skip
     assert "every greedy EAGLE run reproduced its setting's plain decoding" in out, out
     same_sampled = "every sampled EAGLE run emitted the same tokens under both settings" in out
-    assert same_sampled == (switch != "amx_pv"), out  # amx_pv changes the attention's bits
+    assert same_sampled == (switch not in ("amx_pv", "bf16_panels")), out  # these two change the bits
     assert re.search(r"2/2/4 +\d+ +\d+ +[\d.]+x +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out
     assert f"{switch}, T = 1, B 1" in out and "wrote" not in out, out
 
@@ -127,3 +132,19 @@ def test_bench_loop_times_fixed_trees_over_several_prompt_sets():
     assert re.search(r"dynamic\(depth=2,topk=2,n=4\) +1 +0\.0 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+", out), out
     assert re.search(r"chain\(\d+\) +1 +0\.0 ", out), out
     assert "wrote" not in out, out
+
+
+def test_bench_runtime_linears_compares_the_bf16_kernel_with_onednn_and_float32():
+    import torch
+
+    from eagle.models import cpu_packed
+
+    if not (cpu_packed.amx_linear_available() or cpu_packed.bf16_panel_linear_available()):
+        pytest.skip("needs AMX tiles or AVX512-BF16")
+    name = "AMX tiles" if cpu_packed.amx_linear_available() else "bf16 panels"
+    out = _run("bench_runtime.py", "--linears", "--rounds", "1", "--no-save")
+    assert re.search(r"2048x256 M=64 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out
+    assert f"{name}: rows computed alone are bit-identical to the block: True" in out, out
+    assert re.search(r"target forward T=16 +[\d.]+ +[\d.]+ +[\d.]+x", out), out
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert "fp32 panels" in out, out

@@ -68,3 +68,12 @@ def test_the_setter_returns_the_previous_bound_and_refuses_a_negative_one():
             torch.ops.eagle_C.linear_grain_set_bytes(-1)
     finally:
         torch.ops.eagle_C.linear_grain_set_bytes(before)
+
+
+@pytest.mark.skipif(not cpu_packed.bf16_panel_linear_available(), reason="needs AVX512-BF16 (bf16 panels)")
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_bfloat16_panels_give_the_same_bits_under_every_split(two_threads, rows):
+    w = cpu_packed.bf16_panels(randn(1536, 256, seed=7, dtype=torch.bfloat16))
+    x, b = randn(rows, 256, seed=8, dtype=torch.bfloat16), randn(1536, seed=9, dtype=torch.bfloat16)
+    outs = _results_under_every_split(lambda x: torch.ops.eagle_C.panel_linear_bf16(x, w, b), x)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])

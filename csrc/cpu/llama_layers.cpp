@@ -74,11 +74,12 @@ struct Block {
 using rms::rms_norm;
 
 // What eagle/models/cpu_packed.py's linear() calls: the AMX kernel for a weight in tiles, the float32
-// panel kernel for a weight in panels, this package's float32 kernel for a few rows of an unpacked
+// or bfloat16 panel kernel for a weight in panels, this package's float32 kernel for a few rows of an unpacked
 // weight (skinny_linear.cpp), oneDNN's linear for an mkldnn-layout weight, else at::linear.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const OptTensor& b) {
   if (amx::is_tiled_weight(w)) return amx::linear_bf16(x, w, b);
   if (panel::is_panel_weight(w)) return panel::linear_f32(x, w, b);
+  if (panel::is_bf16_panel_weight(w)) return panel::linear_bf16(x, w, b);
   if (skinny::applies(x, w, b)) return skinny::linear_f32(x, w, b);
   if (!w.is_mkldnn()) return at::linear(x, w, b);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
@@ -235,7 +236,8 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
 // eagle.models.llama.MLP.forward
 at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer) {
   const at::Tensor gate_up_w = *slot(weights, layer, kGateUpWeight);
-  const int64_t out_features = amx::is_tiled_weight(gate_up_w) || panel::is_panel_weight(gate_up_w)
+  const int64_t out_features = amx::is_tiled_weight(gate_up_w) || panel::is_panel_weight(gate_up_w) ||
+                                       panel::is_bf16_panel_weight(gate_up_w)
                                    ? gate_up_w.size(0) * 16
                                    : gate_up_w.size(0);
   const int64_t inter = out_features / 2;

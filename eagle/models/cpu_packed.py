@@ -18,6 +18,12 @@ Three layouts, chosen per weight when it is packed:
   the size (``python bench/bench_runtime.py --linears``). Every output row is computed
   independently of the others (float32 accumulation over K in a fixed order), so a row verified in a
   block of 60 tree tokens gets exactly the logits it gets decoded alone.
+* **bfloat16 panels** (bfloat16 on CPUs with AVX512-BF16 but no AMX, e.g. AMD Zen 4, ``N % 16 == 0``
+  and ``K`` even): the weight is stored as ``[N/16, K/2, 32]``, ``W[:, k:k+2]`` of 16 output features
+  in one vector (the operand layout of ``VDPBF16PS``), and multiplied by
+  ``eagle_C::panel_linear_bf16`` (``csrc/cpu/panel_linear.cpp``): the float32 panels' register blocks
+  at half the bytes per weight, a float32 chain over the k pairs in order per output, rounded once to
+  bfloat16, so a row's result does not depend on the rows beside it either.
 * **oneDNN** (otherwise, when oneDNN supports the dtype): ``torch.ops.mkldnn._reorder_linear_weight``
   once at load time instead of oneDNN's reorder inside every bf16 ``F.linear``; the result is
   bit-identical to ``F.linear``.
@@ -29,7 +35,8 @@ verification nearly free on CPU as it is on a GPU (measured with ``python bench/
 The packed copy is an extra copy of every packed weight (the dense one stays: embeddings, state
 dicts, CUDA and autograd use it), so packing is skipped when it would take more than a quarter of
 the memory available. ``EAGLE_CPU_PACKED_WEIGHTS=0`` turns packing off; ``EAGLE_CPU_AMX_LINEAR=0``
-keeps the oneDNN layout even where AMX tiles are available; ``EAGLE_CPU_PANEL_LINEAR=0`` leaves float32
+keeps the oneDNN layout even where AMX tiles are available (``EAGLE_CPU_BF16_PANEL_LINEAR=0``: where
+bfloat16 panels are); ``EAGLE_CPU_PANEL_LINEAR=0`` leaves float32
 weights unpacked (their linears then take ``eagle_C::skinny_linear_f32`` for up to 16 rows, else MKL).
 
 A packed copy is used only while it is valid: looked up by the identity of the dense tensor, and
@@ -58,7 +65,8 @@ _PANEL_WIDTH = 16  # output features per float32 panel (one AVX-512 vector)
 
 @dataclass(frozen=True)
 class _Entry:
-    packed: torch.Tensor  # panels [N/16, K, 16] fp32, AMX tiles [N/16, K/32, 16, 32] bf16, or mkldnn [N, K]
+    # panels [N/16, K, 16] fp32, AMX tiles [N/16, K/32, 16, 32] bf16, bf16 panels [N/16, K/2, 32], or mkldnn [N, K]
+    packed: torch.Tensor
     data_ptr: int
     version: int | None  # None for inference tensors, which have no version counter
 
@@ -89,6 +97,20 @@ def amx_linear_available() -> bool:
     return bool(torch.ops.eagle_C.amx_bf16_available())
 
 
+def bf16_panel_linear_available() -> bool:
+    """True when bfloat16 weights are packed into bf16 panels for ``eagle_C::panel_linear_bf16``
+    where AMX tiles are not (:func:`amx_linear_available`): the extension has the op, the CPU has
+    AVX512-BF16, and ``EAGLE_CPU_BF16_PANEL_LINEAR`` is not 0."""
+    if os.environ.get("EAGLE_CPU_BF16_PANEL_LINEAR", "1") == "0":
+        return False
+    return _bf16_panel_op_runs()
+
+
+@functools.cache
+def _bf16_panel_op_runs() -> bool:
+    return _ext.has_op("panel_linear_bf16") and bool(torch.ops.eagle_C.panel_linear_bf16_available())
+
+
 def panel_linear_available() -> bool:
     """True when float32 weights are packed into panels for ``eagle_C::panel_linear_f32``: the
     extension has the op, the CPU has AVX-512F, and ``EAGLE_CPU_PANEL_LINEAR`` is not 0."""
@@ -113,7 +135,7 @@ def packing_supported(dtype: torch.dtype, device: torch.device | str = "cpu") ->
         return False
     if dtype == torch.float32:
         return panel_linear_available()
-    if dtype == torch.bfloat16 and amx_linear_available():
+    if dtype == torch.bfloat16 and (amx_linear_available() or bf16_panel_linear_available()):
         return True
     return _onednn_supports(dtype)
 
@@ -156,7 +178,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
     """Pack each 2-D weight ``[N, K]`` (float32/bfloat16/float16, CPU) for :func:`linear`: float32 into
-    panels, bfloat16 into AMX tiles where possible, else oneDNN's layout; returns how many tensors now
+    panels, bfloat16 into AMX tiles or else bf16 panels where possible, else oneDNN's layout; returns how many tensors now
     have a valid packed copy (entries that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
     detached view of the target's lm_head, say) share its packed copy. Nothing is packed when
     :func:`packing_supported` is false or the copies would take over a quarter of the free memory."""
@@ -205,9 +227,26 @@ def panels(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(N // _PANEL_WIDTH, _PANEL_WIDTH, K).transpose(1, 2).contiguous()
 
 
+def bf16_panels(w: torch.Tensor) -> torch.Tensor:
+    """``w [N, K]`` (K even) in the bfloat16 panel layout ``[N/16, K/2, 32]``:
+    ``bf16_panels[p, i, 2c + j] = w[16p + c, 2i + j]`` (K in pairs, the layout ``VDPBF16PS`` reads)."""
+    N, K = w.shape
+    return (
+        w.reshape(N // _PANEL_WIDTH, _PANEL_WIDTH, K // 2, 2)
+        .permute(0, 2, 1, 3)
+        .contiguous()
+        .view(N // _PANEL_WIDTH, K // 2, 2 * _PANEL_WIDTH)
+    )
+
+
 def is_panels(packed: torch.Tensor) -> bool:
     """True for a packed copy made by :func:`panels`."""
     return not packed.is_mkldnn and packed.dim() == 3 and packed.dtype == torch.float32
+
+
+def is_bf16_panels(packed: torch.Tensor) -> bool:
+    """True for a packed copy made by :func:`bf16_panels`."""
+    return not packed.is_mkldnn and packed.dim() == 3 and packed.dtype == torch.bfloat16
 
 
 def is_amx_tiled(packed: torch.Tensor) -> bool:
@@ -222,6 +261,15 @@ def _pack(w: torch.Tensor) -> torch.Tensor | None:
         return panels(w) if N % _PANEL_WIDTH == 0 and K > 0 else None
     if w.dtype == torch.bfloat16 and N % 16 == 0 and K % 32 == 0 and amx_linear_available():
         return amx_tiles(w)
+    if (
+        w.dtype == torch.bfloat16
+        and N % _PANEL_WIDTH == 0
+        and K % 2 == 0
+        and K > 0
+        and not amx_linear_available()
+        and bf16_panel_linear_available()
+    ):
+        return bf16_panels(w)
     if _onednn_supports(w.dtype):
         return torch.ops.mkldnn._reorder_linear_weight(w, None)
     return None  # no packed form for this weight (AMX only, and a shape the tiles do not fit)
@@ -244,8 +292,9 @@ def needs_autograd(*tensors: torch.Tensor | None) -> bool:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, through the packed weight when one is valid and no autograd
-    graph is needed: oneDNN's copy gives the same result bit for bit, AMX tiles the float32 sum
-    rounded once to bfloat16, float32 panels one FMA chain per output (see the module docstring)."""
+    graph is needed: oneDNN's copy gives the same result bit for bit, AMX tiles and bfloat16 panels
+    the float32 sum rounded once to bfloat16, float32 panels one FMA chain per output (see the module
+    docstring)."""
     w = packed_weight(weight)
     if w is weight and _skinny_applies(x, weight, bias) and not needs_autograd(x, weight, bias):
         return torch.ops.eagle_C.skinny_linear_f32(x, weight, bias)
@@ -259,6 +308,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if bias is not None and bias.dtype != x.dtype:
             return F.linear(x, weight, bias)
         return torch.ops.eagle_C.amx_linear_bf16(x, w, bias)
+    if is_bf16_panels(w):
+        if bias is not None and bias.dtype != x.dtype:
+            return F.linear(x, weight, bias)
+        return torch.ops.eagle_C.panel_linear_bf16(x, w, bias)
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
@@ -293,6 +346,20 @@ def _skinny_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     ):
         return False
     return 1 <= x.numel() // K <= skinny_max_rows()
+
+
+def repack_module_linears(module: nn.Module, extra: Iterable[torch.Tensor | None] = ()) -> int:
+    """Drop the packed copies of ``module``'s linear weights and ``extra`` tensors, then pack them again
+    under the current settings (the ``EAGLE_CPU_*`` switches above, read now): how to change a loaded
+    model's layout at run time, e.g. to compare two layouts in one process. Returns
+    :func:`pack_module_linears`' count."""
+    global _generation
+    weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    for w in [*weights, *extra]:
+        if isinstance(w, torch.Tensor):
+            _PACKED.pop(w, None)
+    _generation += 1  # cached weight lists look again even when nothing is packed now
+    return pack_module_linears(module, extra)
 
 
 class Linear(nn.Linear):

@@ -30,8 +30,9 @@ needs_onednn = pytest.mark.skipif(
 
 @pytest.fixture
 def onednn_layout(monkeypatch):
-    """Pack into oneDNN's layout even where AMX tiles are available."""
+    """Pack into oneDNN's layout even where AMX tiles or bf16 panels are available."""
     monkeypatch.setenv("EAGLE_CPU_AMX_LINEAR", "0")
+    monkeypatch.setenv("EAGLE_CPU_BF16_PANEL_LINEAR", "0")
 
 
 def is_packed(w: torch.Tensor) -> bool:
