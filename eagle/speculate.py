@@ -27,6 +27,7 @@ import torch
 import eagle_kernels
 from eagle import rng
 from eagle.adaptive import PLAIN, AutoSpeculation
+from eagle.models.cpu_packed import packing_generation
 from eagle.models.cuda_graph import BufferPool, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
@@ -142,6 +143,9 @@ class _Batch:
     # the draft (it catches up in one forward before the next round: :meth:`SpeculativeDecoder._catch_up`)
     backlog: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     pending_draft: _PendingDraft | None = None
+    # CPU: (packing generation, root_hidden, root_logits, the one-call round's op and arguments or
+    # None where it does not apply), built at a run's first round (SpeculativeDecoder._cpu_round)
+    cpu_round: tuple | None = None
 
 
 @dataclass
@@ -317,6 +321,7 @@ class SpeculativeDecoder:
         state, first = self._prefill(
             block, lengths, max_new_tokens, sampling, seed, pooled, policy is not None
         )
+        state.cpu_round = None  # a pooled state's call is checked again (the weights may have changed)
         full_batch = state
         ones = torch.ones(B, dtype=torch.int64, device=device)
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
@@ -708,7 +713,39 @@ class SpeculativeDecoder:
         (``eagle_C::eagle2_round_greedy``, or ``eagle2_round_sampled`` at temperature > 0: the draft
         tree, the target's forward over it, the rest; the same C++ functions with the same arguments
         as the three calls of :meth:`_round`, so the same tokens, caches, RNG counters and root
-        state). None where any of the three would not take its C++ path."""
+        state). None where any of the three would not take its C++ path.
+
+        The call's arguments are gathered (and the weights' packed copies checked) at a run's first
+        round and kept in the state for the rest of the run, or until a CPU switch or a packing
+        changes (:func:`eagle.models.cpu_packed.packing_generation`): after each forward's weights
+        stream through the caches, every Python-level call here runs cold, and checking ~90 weights
+        per round cost ~0.1 ms of a ~3 ms round. Weights must not be modified during a generation
+        (as with CUDA graphs)."""
+        generation, cached = packing_generation(), s.cpu_round
+        # the root state is assigned anew after plain steps (speculative="auto": _catch_up)
+        if (
+            cached is None
+            or cached[0] != generation
+            or cached[1] is not s.root_hidden
+            or cached[2] is not s.root_logits
+        ):
+            cached = s.cpu_round = (
+                generation,
+                s.root_hidden,
+                s.root_logits,
+                self._cpu_round_call(s, sampling),
+            )
+        call = cached[3]
+        if call is None:
+            return None
+        op, args, steps, n, draft_room = call
+        s.target_cache.check_room(n)
+        s.draft_cache.check_room(draft_room)
+        return self._commit_cpu_round(s, op(*args), steps)
+
+    def _cpu_round_call(self, s: _Batch, sampling: SamplingParams) -> tuple | None:
+        """``(op, arguments, steps, tree tokens, the draft cache's room needed)`` of :meth:`_cpu_round`
+        for this state, or None where it does not apply."""
         if (
             self.static is not None
             or not isinstance(self.head, Eagle2Head)
@@ -729,13 +766,11 @@ class SpeculativeDecoder:
         if target_args is None:
             return None
         embed, for_op, norm_w, lm_head = target_args
-        s.target_cache.check_room(n)
-        s.draft_cache.check_room(max(steps, self.depth * self.topk + 1))
         d_embed, fc_w, fc_b, d_for_op, d_doubled, d_signs, d_lm_head, d_heads, d_kv_heads, d_eps = head_args
         doubled, signs = rope_tables(self.target.inv_freq(s.root.device))
         cfg = self.target.config
         op = torch.ops.eagle_C.eagle2_round_sampled if sampled else torch.ops.eagle_C.eagle2_round_greedy
-        res = op(
+        args = (
             s.root_logits,
             s.root_hidden,
             s.root,
@@ -768,7 +803,7 @@ class SpeculativeDecoder:
             cfg.rms_norm_eps,
             *sampled,
         )
-        return self._commit_cpu_round(s, res, steps)
+        return op, args, steps, n, max(steps, self.depth * self.topk + 1)
 
     def _update_draft(self, s: _Batch, out: ModelOutput, rows, new_tokens, counts) -> None:
         """Feed the draft every newly committed position: the target feature at each accepted node

@@ -83,6 +83,13 @@ def tensor_version(t: torch.Tensor) -> int | None:
         return None
 
 
+def invalidate_cpu_caches() -> None:
+    """Bump :func:`packing_generation`: every cached weight list or cached C++ call looks again (the
+    CPU switches, e.g. ``set_cpu_fast_path``, call it when they change)."""
+    global _generation
+    _generation += 1
+
+
 def packing_generation() -> int:
     """How many times weights were packed in this process (cached weight lists compare it)."""
     return _generation

@@ -37,7 +37,7 @@ from torch import nn
 
 import eagle_kernels
 from eagle.models.config import ModelConfig
-from eagle.models.cpu_packed import Linear, linear, pack_module_linears, packed_weight
+from eagle.models.cpu_packed import Linear, invalidate_cpu_caches, linear, pack_module_linears, packed_weight
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
     MLP,
@@ -471,6 +471,7 @@ def set_cpu_verify_update(enabled: bool) -> bool:
     ``EAGLE_CPU_DRAFT_LOOP=0`` / :func:`set_cpu_draft_loop` turn it off too."""
     global _CPU_VERIFY_UPDATE
     previous, _CPU_VERIFY_UPDATE = _CPU_VERIFY_UPDATE, bool(enabled)
+    invalidate_cpu_caches()
     return previous
 
 
@@ -482,6 +483,7 @@ def set_cpu_round(enabled: bool) -> bool:
     setting. The C++ draft loop and one-call rest must be on for it to apply."""
     global _CPU_ROUND
     previous, _CPU_ROUND = _CPU_ROUND, bool(enabled)
+    invalidate_cpu_caches()
     return previous
 
 
@@ -490,6 +492,7 @@ def set_cpu_draft_loop(enabled: bool) -> bool:
     are identical either way. Returns the previous setting; ``EAGLE_CPU_DRAFT_LOOP=0`` starts it off."""
     global _CPU_DRAFT_LOOP
     previous, _CPU_DRAFT_LOOP = _CPU_DRAFT_LOOP, bool(enabled)
+    invalidate_cpu_caches()
     return previous
 
 

@@ -34,6 +34,7 @@ import eagle_kernels
 from eagle.models.config import ModelConfig
 from eagle.models.cpu_packed import (
     Linear,
+    invalidate_cpu_caches,
     linear,
     needs_autograd,
     pack_module_linears,
@@ -357,6 +358,7 @@ def set_cpu_fast_path(enabled: bool) -> bool:
     returns the previous setting. The environment variable ``EAGLE_CPU_FAST_PATH=0`` starts it off."""
     global _CPU_FAST_PATH
     previous, _CPU_FAST_PATH = _CPU_FAST_PATH, bool(enabled)
+    invalidate_cpu_caches()
     return previous
 
 

@@ -24,6 +24,7 @@ from eagle.models.draft import (
     Eagle3Layer,
     random_draft,
     set_cpu_draft_loop,
+    set_cpu_round,
     set_cpu_verify_update,
 )
 from eagle.models.llama import (
@@ -353,6 +354,77 @@ def test_cpp_round_equals_its_three_cpp_calls(make_target, monkeypatch, fast_pat
         for row in range(a.batch_size):
             n = int(a.seqlens[row])
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
+
+
+def test_the_one_call_round_follows_a_switch_changed_during_a_generation(make_target, fast_path):
+    """The round's call is gathered once per run and reused; a CPU switch changed between two
+    emissions of a stream takes effect at the next round (and the tokens do not change)."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
+    decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 1))
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    want = [e.tokens for e in decoder.run(prompt, 24, speculate.SamplingParams(), seed=3)]
+    calls = []
+    original = speculate.SpeculativeDecoder._cpu_verify_update
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    speculate.SpeculativeDecoder._cpu_verify_update = spy
+    previous = set_cpu_round(True)
+    try:
+        stream = decoder.run(prompt, 24, speculate.SamplingParams(), seed=3)
+        got = [next(stream).tokens, next(stream).tokens]  # the prefill's token, one fused round
+        assert not calls
+        set_cpu_round(False)
+        got += [e.tokens for e in stream]
+    finally:
+        set_cpu_round(previous)
+        speculate.SpeculativeDecoder._cpu_verify_update = original
+    assert calls  # the rounds after the switch made the three calls
+    assert got == want
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "t1"])
+def test_the_one_call_round_drafts_from_the_root_state_plain_steps_left(make_target, fast_path, sampling):
+    """speculative="auto": after plain steps the draft catches up and its root state is new tensors;
+    the next one-call round drafts from them (same accept lengths and tokens as the three calls)."""
+    from eagle.adaptive import PLAIN, SPECULATE, AutoSpeculation
+
+    class Scripted(AutoSpeculation):
+        def __init__(self) -> None:
+            super().__init__()
+            self._modes = iter([SPECULATE, PLAIN, PLAIN, PLAIN] * 20)
+            self._next = next(self._modes)
+
+        def next_mode(self) -> str:
+            return self._next
+
+        def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
+            self._next = next(self._modes)
+
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2]]
+
+    def run():
+        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 2))
+        emitted = [
+            (e.rows, e.tokens)
+            for e in decoder.run(prompts, 40, ROUND_SAMPLING[sampling], seed=3, auto=Scripted())
+        ]
+        return emitted, decoder._accept_lengths
+
+    fused = run()
+    previous = set_cpu_round(False)
+    try:
+        calls = run()
+    finally:
+        set_cpu_round(previous)
+    assert fused == calls
 
 
 def test_cpp_verify_update_is_skipped_where_it_does_not_apply(make_target, fast_path):
