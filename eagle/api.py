@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
-from eagle.autotree import choose_tree
+from eagle.autotree import ACCEPT_RATE, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
 from eagle.models.draft import DraftHead
 from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps, release_plain_buffers
@@ -39,6 +39,8 @@ class GenerateResult:
     # speculative="auto": speculative rounds, plain steps, plain runs and the latest speeds
     # (:meth:`eagle.adaptive.AutoSpeculation.summary`); None otherwise
     speculation: dict | None = None
+    # the draft tree the run used (the one tree="dynamic" chose); None for plain decoding
+    tree: TreeConfig | eagle_kernels.StaticTree | None = None
 
     @property
     def mean_accept_length(self) -> float:
@@ -61,23 +63,75 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
 
+@dataclass
+class _Acceptance:
+    """What the runs of one sampling setting measured of the pair's per-token acceptance."""
+
+    rate: float  # the estimate: forward-weighted mean of the runs' fits
+    weight: int  # forwards behind it (capped, so that it keeps following the pair)
+    used: float  # the rate tree="dynamic" chooses with now (moved only by a clear change)
+
+
+# tree="dynamic": runs shorter than this (in target forwards) do not refit the acceptance; the
+# estimate's weight is capped at ACCEPT_WEIGHT_CAP forwards; the tree is chosen again once the
+# estimate moved this far from the rate it was chosen with (near-equal trees would flip otherwise)
+MIN_FORWARDS_TO_FIT = 16
+ACCEPT_WEIGHT_CAP = 1024
+ACCEPT_RATE_STEP = 0.03
+
+
 class EagleModel:
     """A target model with an EAGLE draft head (or none: plain decoding only)."""
 
     def __init__(self, target: LlamaModel, head: DraftHead | None, tokenizer=None) -> None:
         self.target, self.head, self.tokenizer = target, head, tokenizer
         self._decoders: dict[object, SpeculativeDecoder] = {}
+        self._acceptance: dict[SamplingParams, _Acceptance] = {}
+
+    @property
+    def accept_rates(self) -> dict[SamplingParams, float]:
+        """The per-token acceptance that ``tree="dynamic"`` sizes its tree with, per sampling setting
+        its runs measured (others use :data:`eagle.autotree.ACCEPT_RATE`): each speculative run with
+        the dynamic tree refits it from its tau (:func:`eagle.autotree.fit_accept_rate`)."""
+        return {k: a.used for k, a in self._acceptance.items()}
+
+    @staticmethod
+    def _sampling_key(sampling: SamplingParams | None) -> SamplingParams:
+        # greedy is greedy whatever the (unused) filters say
+        return SamplingParams() if sampling is None or sampling.greedy else sampling
+
+    def _learn_acceptance(self, sampling: SamplingParams, tree, accept: list[list[int]]) -> None:
+        """Refit the acceptance of ``sampling`` from a dynamic-tree run's accept lengths."""
+        forwards = sum(len(row) for row in accept)
+        if not isinstance(tree, TreeConfig) or forwards < MIN_FORWARDS_TO_FIT:
+            return
+        tau = sum(map(sum, accept)) / forwards
+        fitted = fit_accept_rate(tree.depth, tree.total_tokens, tau)
+        key = self._sampling_key(sampling)
+        old = self._acceptance.get(key)
+        if old is None:
+            self._acceptance[key] = _Acceptance(fitted, min(forwards, ACCEPT_WEIGHT_CAP), fitted)
+            return
+        weight = old.weight + forwards
+        old.rate = (old.rate * old.weight + fitted * forwards) / weight
+        old.weight = min(weight, ACCEPT_WEIGHT_CAP)
+        if abs(old.rate - old.used) > ACCEPT_RATE_STEP:
+            old.used = old.rate
 
     @property
     def device(self) -> torch.device:
         return self.target.device
 
     # ------------------------------------------------------------------------------------------
-    def _tree(self, tree, batch_size: int = 1) -> TreeConfig | eagle_kernels.StaticTree:
+    def _tree(
+        self, tree, batch_size: int = 1, sampling: SamplingParams | None = None
+    ) -> TreeConfig | eagle_kernels.StaticTree:
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
-            return self._fit(choose_tree(self.target, batch_size, self.head))
+            known = self._acceptance.get(self._sampling_key(sampling))
+            rate = ACCEPT_RATE if known is None else known.used
+            return self._fit(choose_tree(self.target, batch_size, self.head, accept_rate=rate))
         if tree == "static":
             return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
         if tree == "chain":
@@ -92,8 +146,10 @@ class EagleModel:
         k = vocab
         return TreeConfig(tree.depth, k, min(tree.total_tokens, 1 + k + (tree.depth - 1) * k * k))
 
-    def _decoder(self, tree, batch_size: int = 1, cuda_graph: bool = False) -> SpeculativeDecoder:
-        resolved = self._tree(tree, batch_size)
+    def _decoder(
+        self, tree, batch_size: int = 1, cuda_graph: bool = False, sampling: SamplingParams | None = None
+    ) -> SpeculativeDecoder:
+        resolved = self._tree(tree, batch_size, sampling)
         key = (resolved if isinstance(resolved, TreeConfig) else id(resolved), cuda_graph)
         if key not in self._decoders:
             self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
@@ -216,14 +272,19 @@ class EagleModel:
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
-        decoder = self._decoder(tree, len(ids), cuda_graph)
+        decoder = self._decoder(tree, len(ids), cuda_graph, sampling)
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
         accept = [decoder.accept_lengths()[b] for b in range(len(ids))]
         result = self._result(tokens, accept)
+        result.tree = decoder.tree
         if auto:
             result.speculation = decoder.last_auto.summary()
+        elif (
+            isinstance(tree, str) and tree == "dynamic"
+        ):  # (an auto run's plain steps would read as rejected drafts)
+            self._learn_acceptance(sampling, decoder.tree, accept)
         return result
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
@@ -249,12 +310,17 @@ class EagleModel:
             return
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
+        decoder = self._decoder(tree, 1, cuda_graph, sampling)
         with torch.inference_mode():
-            for emission in self._decoder(tree, 1, cuda_graph).run(
+            for emission in decoder.run(
                 ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto
             ):
                 if emission.tokens[0]:
                     yield emission.tokens[0]
+        if (
+            not auto and isinstance(tree, str) and tree == "dynamic"
+        ):  # a stream read to its end refits the acceptance
+            self._learn_acceptance(sampling, decoder.tree, [decoder.accept_lengths()[0]])
 
     def _stream_plain(self, ids, max_new_tokens, sampling, eos, seed, cuda_graph) -> Iterator[list[int]]:
         """``stream(speculative=False)``: one token per target forward, checked for NaN/inf logits

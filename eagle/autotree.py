@@ -12,8 +12,12 @@ minimises
 
 with the expected acceptance model ``tau(d, W) = chain(d) * (1 + GAIN_PER_DOUBLING * log2(W / (d + 1)))``:
 ``chain(d) = 1 + a + ... + a^d`` is a chain's expected accepted length with per-token acceptance
-``a = ACCEPT_RATE``, and each doubling of the candidates over a chain's ``d + 1`` adds a fixed share
-(EAGLE-2's ablations: ~0.2-0.3 per doubling on 7B chat models, ~0.1-0.18 for the tiny-code pair). The result is cached per (model, head, device, batch).
+``a``, and each doubling of the candidates over a chain's ``d + 1`` adds a fixed share (EAGLE-2's
+ablations: ~0.2-0.3 per doubling on 7B chat models, ~0.1-0.18 for the tiny-code pair). ``a`` starts
+at ``ACCEPT_RATE`` (trained EAGLE heads at T = 0); :class:`eagle.api.EagleModel` refits it from the
+tau its runs measure (:func:`fit_accept_rate`), per sampling setting, since a pair's acceptance
+(and a sampled run's, far lower) is not known in advance. The timings are cached per (model, head,
+device, batch); the choice is recomputed from them for each acceptance rate.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ DEPTHS = (3, 4, 5, 6)
 GAIN_PER_DOUBLING = 0.15  # per doubling: EAGLE-2 ablations ~0.2-0.3 (7B chat); the tiny-code pair ~0.1-0.18
 ACCEPT_RATE = 0.75  # per-token acceptance of trained EAGLE heads (EAGLE paper: alpha ~0.7-0.8)
 PREFIX = 128
-_CACHE: dict[tuple, TreeConfig] = {}
+_TIMINGS: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
 
 
 def tree_for_width(width: int) -> TreeConfig:
@@ -54,6 +58,29 @@ def expected_tau(depth: int, width: int, accept_rate: float = ACCEPT_RATE) -> fl
     """The acceptance model of the module docstring."""
     chain = sum(accept_rate**i for i in range(depth + 1))
     return chain * (1.0 + GAIN_PER_DOUBLING * math.log2(max(width, depth + 1) / (depth + 1)))
+
+
+MIN_ACCEPT_RATE, MAX_ACCEPT_RATE = 0.02, 0.98
+
+
+def fit_accept_rate(depth: int, width: int, tau: float) -> float:
+    """The per-token acceptance ``a`` for which :func:`expected_tau` of a tree of ``depth`` levels and
+    ``width`` tokens is ``tau`` (a measured tokens-per-forward), clamped to [0.02, 0.98]; the model
+    is increasing in ``a``, so bisection finds it."""
+    if not (math.isfinite(tau) and tau > 0):
+        raise ValueError(f"tau must be a positive number, got {tau}")
+    lo, hi = MIN_ACCEPT_RATE, MAX_ACCEPT_RATE
+    if expected_tau(depth, width, lo) >= tau:
+        return lo
+    if expected_tau(depth, width, hi) <= tau:
+        return hi
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        if expected_tau(depth, width, mid) < tau:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def _sync(device: torch.device) -> None:
@@ -105,32 +132,47 @@ def _time_draft_level(head, batch_size: int, rows: int, repeats: int = 3) -> flo
     return _best_of(level, device, repeats)
 
 
-def choose_tree(target, batch_size: int, head=None, draft_cost_fraction: float = 0.1) -> TreeConfig:
-    """The dynamic tree for ``target`` (and ``head``) at ``batch_size``, from timed forwards (cached).
+def choose_tree(
+    target,
+    batch_size: int,
+    head=None,
+    draft_cost_fraction: float = 0.1,
+    accept_rate: float = ACCEPT_RATE,
+) -> TreeConfig:
+    """The dynamic tree for ``target`` (and ``head``) at ``batch_size``, from timed forwards (timed
+    once per model, head, device and batch size) and the acceptance model at ``accept_rate``.
 
     Without ``head`` a draft level is assumed to cost ``draft_cost_fraction`` of a one-token target
     forward.
     """
-    device = target.device
-    key = (id(target), id(head), str(device), batch_size)
-    if key in _CACHE:
-        return _CACHE[key]
-    widths = WIDTHS.get(device.type, WIDTHS["cuda"])
-    verify = {w: _time_verify(target, batch_size, w) for w in widths}
-    candidates = {(d, w): tree_for(d, w) for d in DEPTHS for w in widths if w >= d + 1}
-    level_rows = {tree.topk for tree in candidates.values()}
-    if head is not None:
-        level = {k: _time_draft_level(head, batch_size, k) for k in level_rows}
-    else:
-        one = _time_verify(target, batch_size, 1)
-        level = {k: draft_cost_fraction * one for k in level_rows}
+    if not MIN_ACCEPT_RATE <= accept_rate <= MAX_ACCEPT_RATE:
+        raise ValueError(f"accept_rate must be in [{MIN_ACCEPT_RATE}, {MAX_ACCEPT_RATE}], got {accept_rate}")
+    verify, level = _timings(target, batch_size, head, draft_cost_fraction)
+    candidates = {(d, w): tree_for(d, w) for d in DEPTHS for w in verify if w >= d + 1}
 
     def cost_per_token(dw: tuple[int, int]) -> float:
         d, w = dw
         tree = candidates[dw]
         # depth levels of k rows, plus the draft update over up to d + 1 accepted rows (~ one level)
         draft = (d + 1) * level[tree.topk]
-        return (verify[w] + draft) / expected_tau(d, tree.total_tokens)
+        return (verify[w] + draft) / expected_tau(d, tree.total_tokens, accept_rate)
 
-    _CACHE[key] = candidates[min(candidates, key=cost_per_token)]
-    return _CACHE[key]
+    return candidates[min(candidates, key=cost_per_token)]
+
+
+def _timings(target, batch_size: int, head, draft_cost_fraction: float):
+    """``(verify seconds per width, draft level seconds per expansion width)``, cached."""
+    device = target.device
+    key = (id(target), id(head), str(device), batch_size, None if head is not None else draft_cost_fraction)
+    if key in _TIMINGS:
+        return _TIMINGS[key]
+    widths = WIDTHS.get(device.type, WIDTHS["cuda"])
+    verify = {w: _time_verify(target, batch_size, w) for w in widths}
+    level_rows = {tree_for(d, w).topk for d in DEPTHS for w in widths if w >= d + 1}
+    if head is not None:
+        level = {k: _time_draft_level(head, batch_size, k) for k in level_rows}
+    else:
+        one = _time_verify(target, batch_size, 1)
+        level = {k: draft_cost_fraction * one for k in level_rows}
+    _TIMINGS[key] = (verify, level)
+    return _TIMINGS[key]

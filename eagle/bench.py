@@ -405,6 +405,7 @@ class Output:
     decode_forwards: int  # target forwards after the prefill, summed over rows
     plain_steps: int = 0  # eagle_auto: plain decoding steps among those forwards (per batch)
     rounds: int = 0  # eagle_auto: speculative rounds among them (per batch)
+    tree: str | None = None  # the EAGLE methods: the draft tree the call used (tree_label)
 
 
 def run_method(
@@ -432,7 +433,12 @@ def run_method(
         lengths = [n for row in res.accept_lengths for n in row]
         auto = res.speculation or {}
         return Output(
-            res.tokens, sum(lengths), len(lengths), auto.get("plain_steps", 0), auto.get("rounds", 0)
+            res.tokens,
+            sum(lengths),
+            len(lengths),
+            auto.get("plain_steps", 0),
+            auto.get("rounds", 0),
+            None if res.tree is None else tree_label(res.tree),
         )
     extra: dict = {}
     if method == "hf_prompt_lookup":
@@ -506,7 +512,9 @@ class Cell:
     batch: int
     temperature: float
     skipped: str | None = None
-    tree: str | None = None  # the EAGLE methods' draft tree
+    # the EAGLE methods' draft tree in the timed repeats (" / "-joined when tree="dynamic" chose another
+    # after refitting the pair's acceptance from earlier runs: eagle.api.EagleModel.accept_rates)
+    tree: str | None = None
     seconds: list[float] = field(default_factory=list)
     tokens: int = 0  # new tokens per repeat (all batches)
     decode_tokens: int = 0
@@ -521,6 +529,10 @@ class Cell:
         """Store one repeat; tau's counts come from the first (the repeats redo the same seeded work)."""
         self.seconds.append(seconds)
         self.outputs.append([o.tokens for o in batch_outputs])
+        for label in dict.fromkeys(o.tree for o in batch_outputs if o.tree is not None):
+            known = self.tree.split(" / ") if self.tree else []
+            if label not in known:
+                self.tree = " / ".join([*known, label])
         if repeat == 0:
             self.tokens = sum(len(t) for o in batch_outputs for t in o.tokens)
             self.decode_tokens = sum(o.decode_tokens for o in batch_outputs)
@@ -540,9 +552,6 @@ def run_cells(
         for m in config.methods
     ]
     active = [c for c in cells if c.skipped is None]
-    for cell in active:
-        if cell.method in EAGLE_TREES:
-            cell.tree = tree_label(models.eagle._tree(EAGLE_TREES[cell.method], cell.batch))
     batches = {b: batches_of(prompts, b) for b in config.batch_sizes}
     check_lengths(config, models, prompts)
     log(f"warm-up: {len(active)} method/batch/temperature combinations")

@@ -17,7 +17,7 @@ def test_tree_for_width_is_valid_and_verifies_width_tokens(width):
 def test_choice_minimises_cost_per_expected_token(monkeypatch):
     # Linear cost (a CPU): the cheapest per expected token under the gain model is a small tree.
     monkeypatch.setattr(autotree, "_time_verify", lambda t, b, w, repeats=3: 1.0 + 0.2 * w)
-    monkeypatch.setattr(autotree, "_CACHE", {})
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
     target = type("T", (), {"device": torch.device("cpu")})()
     small = autotree.choose_tree(target, 1)
     # Flat cost (a GPU below saturation): the biggest tree wins.
@@ -26,9 +26,9 @@ def test_choice_minimises_cost_per_expected_token(monkeypatch):
     assert small.total_tokens < big.total_tokens == max(autotree.WIDTHS["cpu"])
 
 
-def test_choice_is_cached_per_model_and_batch(tiny_checkpoints, monkeypatch):
+def test_timings_are_cached_per_model_and_batch(tiny_checkpoints, monkeypatch):
     target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
-    monkeypatch.setattr(autotree, "_CACHE", {})
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
     calls = []
     real = autotree._time_verify
     monkeypatch.setattr(autotree, "_time_verify", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
@@ -37,3 +37,32 @@ def test_choice_is_cached_per_model_and_batch(tiny_checkpoints, monkeypatch):
     assert autotree.choose_tree(target, 1) == first and len(calls) == n
     autotree.choose_tree(target, 3)
     assert len(calls) == 2 * n
+    autotree.choose_tree(target, 1, accept_rate=0.4)  # another rate: a new choice from the same timings
+    assert len(calls) == 2 * n
+
+
+@pytest.mark.parametrize("depth, width", [(1, 2), (3, 4), (3, 12), (5, 6), (6, 60)])
+@pytest.mark.parametrize("rate", [0.1, 0.45, 0.66, 0.9])
+def test_fit_accept_rate_inverts_the_acceptance_model(depth, width, rate):
+    tau = autotree.expected_tau(depth, width, rate)
+    assert autotree.fit_accept_rate(depth, width, tau) == pytest.approx(rate, abs=1e-6)
+
+
+def test_fit_accept_rate_clamps_and_refuses_nonsense():
+    assert autotree.fit_accept_rate(3, 12, 0.5) == autotree.MIN_ACCEPT_RATE  # below a's lowest model tau
+    assert autotree.fit_accept_rate(3, 4, 100.0) == autotree.MAX_ACCEPT_RATE
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tau must be a positive number"):
+            autotree.fit_accept_rate(3, 4, bad)
+
+
+def test_a_lower_acceptance_picks_a_smaller_tree(monkeypatch):
+    # A CPU-like cost: verifying grows with the width, each draft level costs a tenth of a forward.
+    monkeypatch.setattr(autotree, "_time_verify", lambda t, b, w, repeats=3: 1.0 + 0.05 * w)
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
+    target = type("T", (), {"device": torch.device("cpu")})()
+    trees = [autotree.choose_tree(target, 1, accept_rate=a) for a in (0.9, 0.66, 0.3)]
+    sizes = [(t.depth, t.total_tokens) for t in trees]
+    assert sizes[0] >= sizes[1] >= sizes[2] and sizes[0] != sizes[2], sizes
+    with pytest.raises(ValueError, match="accept_rate must be in"):
+        autotree.choose_tree(target, 1, accept_rate=1.5)

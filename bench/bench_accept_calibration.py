@@ -1,0 +1,119 @@
+"""tree="dynamic" with the acceptance rate refitted from earlier runs (eagle.api.EagleModel.accept_rates)
+against the fixed prior rate (eagle.autotree.ACCEPT_RATE) it used before, and plain decoding, in one
+process, alternating.
+
+    python bench/bench_accept_calibration.py                       # tiny-code, bfloat16, T = 0 and 1
+    python bench/bench_accept_calibration.py --dtype float32 --temperature 0 --repeats 9
+
+Three EagleModel wrappers share the loaded pair: "vanilla" (speculative=False), "fixed" (the dynamic
+tree chosen with ACCEPT_RATE, never refitted) and "refitted" (the default: each run refits the rate,
+so from its second run on it sizes the tree with the pair's measured acceptance). Each repeat runs
+the three over the same held-out prompts, one prompt per call (batch 1), in alternating order; repeat
+0 warms up (and calibrates) and is not timed. A cell's figure is the median over repeats of its
+tokens/s; its speedup is the ratio of that median to vanilla's. Greedy outputs of every cell must
+equal vanilla's; the script exits non-zero otherwise.
+Writes bench/results/accept_calibration_<target>_<dtype>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_loop import prompts_for  # noqa: E402
+from bench.utils import save_json  # noqa: E402
+from eagle.api import EagleModel, load  # noqa: E402
+from eagle.bench import tree_label  # noqa: E402
+
+
+def _cells(base: EagleModel) -> dict[str, tuple[EagleModel, bool]]:
+    fixed = EagleModel(base.target, base.head, base.tokenizer)
+    fixed._learn_acceptance = lambda *args: None  # keeps choosing with ACCEPT_RATE
+    return {
+        "vanilla": (EagleModel(base.target, base.head, base.tokenizer), False),
+        "fixed": (fixed, True),
+        "refitted": (EagleModel(base.target, base.head, base.tokenizer), True),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default="tiny-code")
+    p.add_argument("--draft", default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--temperature", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--num-prompts", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=200)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = load(args.target, args.draft, dtype=getattr(torch, args.dtype))
+    prompts = prompts_for(base, args.num_prompts, args.prompt_tokens)
+    results, mismatches = [], []
+    for temp in args.temperature:
+        cells = _cells(base)
+        seconds = {name: [] for name in cells}
+        trees: dict[str, list[str]] = {name: [] for name in cells}
+        for repeat in range(args.repeats + 1):
+            names = list(cells) if repeat % 2 else list(reversed(cells))
+            outputs = {}
+            for name in names:
+                model, speculative = cells[name]
+                t0 = time.perf_counter()
+                outputs[name] = []
+                for i, prompt in enumerate(prompts):
+                    res = model.generate(
+                        [prompt], args.new_tokens, temperature=temp, seed=i, speculative=speculative
+                    )
+                    outputs[name].append(res.tokens[0])
+                    label = None if res.tree is None else tree_label(res.tree)
+                    if label is not None and label not in trees[name]:
+                        trees[name].append(label)
+                if repeat:
+                    seconds[name].append(time.perf_counter() - t0)
+            if temp == 0:
+                mismatches += [(name, repeat) for name in cells if outputs[name] != outputs["vanilla"]]
+        total = args.num_prompts * args.new_tokens
+        speed = {name: statistics.median(total / s for s in seconds[name]) for name in cells}
+        print(
+            f"\ntree='dynamic' acceptance, T = {temp:g}, B 1, {args.dtype}: median of {args.repeats} repeats"
+        )
+        print(f"  {'cell':<10}{'tok/s':>8}{'speedup':>9}  trees (rate)")
+        for name, (model, _) in cells.items():
+            rates = {str(k.temperature): round(v, 3) for k, v in model.accept_rates.items()}
+            print(
+                f"  {name:<10}{speed[name]:>8.0f}{speed[name] / speed['vanilla']:>8.2f}x  {' / '.join(trees[name]) or '-'} {rates or ''}"
+            )
+            results.append(
+                {
+                    "temperature": temp,
+                    "cell": name,
+                    "tokens_per_s": speed[name],
+                    "speedup_vs_vanilla": speed[name] / speed["vanilla"],
+                    "tokens_per_s_all_repeats": [total / s for s in seconds[name]],
+                    "trees": trees[name],
+                    "accept_rate": next(iter(model.accept_rates.values()), None),
+                }
+            )
+    if mismatches:
+        print(f"\nGREEDY OUTPUT DIFFERS from vanilla in {sorted(set(mismatches))}", file=sys.stderr)
+        return 1
+    print("\nevery greedy run reproduced vanilla's tokens")
+    if not args.no_save:
+        name = f"accept_calibration_{args.target}_{args.dtype}.json"
+        print(f"wrote {save_json(name, {'settings': vars(args), 'results': results})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
