@@ -12,7 +12,11 @@ the three over the same held-out prompts, one prompt per call (batch 1), in alte
 0 warms up (and calibrates) and is not timed. A cell's figure is the median over repeats of its
 tokens/s; its speedup is the ratio of that median to vanilla's. Greedy outputs of every cell must
 equal vanilla's; the script exits non-zero otherwise.
-Writes bench/results/accept_calibration_<target>_<dtype>.json.
+Writes bench/results/accept_calibration_<target>_<dtype>.json (``--name``: another stem).
+
+The "fixed" cell's tree comes from timed forwards (eagle.autotree), so on a noisy machine two runs may
+start from different trees: where the prior's choice happens to be the tree the refitted rate picks,
+the two cells run the same tree (bench/results/accept_calibration_tiny-code_bfloat16_rerun.json).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--name", default=None, help="result file stem (default accept_calibration_<target>_<dtype>)"
+    )
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,7 +117,7 @@ def main(argv=None) -> int:
         return 1
     print("\nevery greedy run reproduced vanilla's tokens")
     if not args.no_save:
-        name = f"accept_calibration_{args.target}_{args.dtype}.json"
+        name = f"{args.name or f'accept_calibration_{args.target}_{args.dtype}'}.json"
         print(f"wrote {save_json(name, {'settings': vars(args), 'results': results})}")
     return 0
 
