@@ -21,6 +21,9 @@ Switches ("off" / "on"; "on" is the default):
   (``eagle_C::panel_linear_bf16``), or in oneDNN's layout (``EAGLE_CPU_BF16_PANEL_LINEAR``; the loaded
   model is repacked at each switch). CPUs with AVX512-BF16 and no AMX, ``--dtype bfloat16``. The two
   layouts round differently, so their greedy texts may differ (each must equal its own plain decoding).
+- ``decode_step``: a plain decoding step on CPU in one C++ call (``eagle_C::llama_decode_step``), or
+  the forward, the cache's advance and the pick from Python (``set_cpu_decode_step``). Same numbers
+  either way; the EAGLE cells are unaffected (they show the noise).
 - ``cpu_round``: an EAGLE round (EAGLE-1/2 head, dynamic tree) in one C++ call
   (``eagle_C::eagle2_round_greedy``; ``eagle2_round_sampled`` at T > 0), or its three C++ calls (draft tree, target forward, the rest) from
   Python (``eagle.models.draft.set_cpu_round``). Same numbers either way; plain decoding is unaffected.
@@ -80,6 +83,12 @@ def _bf16_panels(on: bool) -> None:
     repack_module_linears(model.head, [getattr(model.head, "lm_head_weight", None)])
 
 
+def _decode_step(on: bool) -> None:
+    import importlib
+
+    importlib.import_module("eagle.models.generate_plain").set_cpu_decode_step(on)
+
+
 def _cpu_round(on: bool) -> None:
     from eagle.models.draft import set_cpu_round
 
@@ -92,9 +101,10 @@ SWITCHES = {
     "linear_grain": _linear_grain,
     "cpu_round": _cpu_round,
     "bf16_panels": _bf16_panels,
+    "decode_step": _decode_step,
 }
 # switches whose two settings compute the same bits: their sampled runs must emit the same tokens too
-SAME_BITS = {"tensor_pool", "linear_grain", "cpu_round"}
+SAME_BITS = {"tensor_pool", "linear_grain", "cpu_round", "decode_step"}
 
 
 def parse_tree(spec: str):

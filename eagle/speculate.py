@@ -31,10 +31,17 @@ from eagle.models.cpu_packed import packing_generation
 from eagle.models.cuda_graph import BufferPool, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
-from eagle.models.generate_plain import NONFINITE_MESSAGE, argmax_checked, nonfinite_flag, pad_prompts
+from eagle.models.generate_plain import (
+    NONFINITE_MESSAGE,
+    argmax_checked,
+    cpu_decode_step_enabled,
+    nonfinite_flag,
+    pad_prompts,
+)
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput, rope_tables
 from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
+from eagle_kernels import _ext
 from eagle_kernels.tree_speculative_sampling import raise_on_status
 
 
@@ -146,6 +153,7 @@ class _Batch:
     # CPU: (packing generation, root_hidden, root_logits, the one-call round's op and arguments or
     # None where it does not apply), built at a run's first round (SpeculativeDecoder._cpu_round)
     cpu_round: tuple | None = None
+    cpu_plain_step: tuple | None = None  # (packing generation, llama_decode_step's arguments or None)
 
 
 @dataclass
@@ -321,7 +329,8 @@ class SpeculativeDecoder:
         state, first = self._prefill(
             block, lengths, max_new_tokens, sampling, seed, pooled, policy is not None
         )
-        state.cpu_round = None  # a pooled state's call is checked again (the weights may have changed)
+        # a pooled state's calls are checked again (the weights may have changed)
+        state.cpu_round = state.cpu_plain_step = None
         full_batch = state
         ones = torch.ones(B, dtype=torch.int64, device=device)
         emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
@@ -541,17 +550,64 @@ class SpeculativeDecoder:
         counts [b])``."""
         b = s.root.shape[0]
         s.target_cache.check_room(1)
-        out = self.target(s.root[:, None], s.target_cache, feature_layers=self.feature_layers)
-        s.target_cache.advance(1)
-        token = self._sample_one(out.logits[:, 0], sampling, s.seeds, s.draws, s.nonfinite)
-        if not sampling.greedy:
-            s.draws += 1
-        s.backlog.append((self.head.target_features(out), token))
-        s.root.copy_(token)
+        fused = self._cpu_plain_step(s, sampling)
+        if fused is not None:
+            token, hidden = fused
+            s.backlog.append((hidden.to(self.head.dtype), token))
+        else:
+            out = self.target(s.root[:, None], s.target_cache, feature_layers=self.feature_layers)
+            s.target_cache.advance(1)
+            token = self._sample_one(out.logits[:, 0], sampling, s.seeds, s.draws, s.nonfinite)
+            if not sampling.greedy:
+                s.draws += 1
+            s.backlog.append((self.head.target_features(out), token))
+            s.root.copy_(token)
         ones = self._ones.get((b, token.device))
         if ones is None:  # (only read: the same tensor serves every step)
             ones = self._ones[(b, token.device)] = torch.ones(b, dtype=torch.int64, device=token.device)
         return token[:, None], ones
+
+    def _cpu_plain_step(self, s: _Batch, sampling: SamplingParams):
+        """``(token [b], final hidden [b, 1, H])`` of :meth:`_plain_step` in one C++ call on CPU
+        (``eagle_C::llama_decode_step``: the same forward and pick, the root and RNG counters updated
+        in place), or None where it does not apply (an EAGLE-3 head's features are other layers';
+        not the CPU fast path; switched off with ``generate_plain.set_cpu_decode_step``). The call's
+        arguments are gathered once per run, as :meth:`_cpu_round`'s; raises on NaN/inf logits."""
+        generation, cached = packing_generation(), s.cpu_plain_step
+        if cached is None or cached[0] != generation:
+            cached = s.cpu_plain_step = (generation, self._cpu_plain_step_args(s, sampling))
+        args = cached[1]
+        if args is None:
+            return None
+        token, hidden = torch.ops.eagle_C.llama_decode_step(*args)
+        s.target_cache.length_bound += 1  # what advance(1) keeps (the op checked the room)
+        if bool(s.nonfinite):
+            raise FloatingPointError(NONFINITE_MESSAGE)
+        return token, hidden
+
+    def _cpu_plain_step_args(self, s: _Batch, sampling: SamplingParams) -> tuple | None:
+        if (
+            not isinstance(self.head, Eagle2Head)
+            or self.feature_layers is not None
+            or s.nonfinite is None
+            or s.root.device.type != "cpu"
+            or not (cpu_decode_step_enabled() and _ext.has_op("llama_decode_step"))
+        ):
+            return None
+        weights = self.target.cpu_forward_weights(s.root)
+        if weights is None:
+            return None
+        sampled = ()
+        if not sampling.greedy:
+            params = self._warp_params(s.root.shape[0], sampling, s.root.device)
+            if params is None:
+                return None
+            sampled = (*params, s.seeds, s.draws)
+        embed, for_op, norm_w, lm_head = weights
+        doubled, signs = rope_tables(self.target.inv_freq(s.root.device))
+        cfg, cache = self.target.config, s.target_cache
+        return (s.root, embed, for_op, cache.kv, cache.seqlens, doubled, signs, cfg.num_heads, cfg.num_kv_heads,
+                cfg.rms_norm_eps, norm_w, lm_head, s.nonfinite, *sampled)  # fmt: skip
 
     def _catch_up(self, s: _Batch) -> None:
         """Feed the draft what it has not seen: the prompts when its prefill waits

@@ -77,7 +77,9 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
     assert re.search(r"dynamic: one C\+\+ call is [\d.]+x the Python path", out), out
 
 
-@pytest.mark.parametrize("switch", ["amx_pv", "tensor_pool", "linear_grain", "cpu_round", "bf16_panels"])
+@pytest.mark.parametrize(
+    "switch", ["amx_pv", "tensor_pool", "linear_grain", "cpu_round", "bf16_panels", "decode_step"]
+)
 def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch):
     import torch
 

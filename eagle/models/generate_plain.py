@@ -3,6 +3,7 @@ against (same model, same cache, same kernels, one target forward per token)."""
 
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -11,10 +12,11 @@ import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle.models.cpu_packed import invalidate_cpu_caches
 from eagle.models.cuda_graph import BufferPool, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.kv_cache import KVCache
-from eagle.models.llama import LlamaModel
+from eagle.models.llama import LlamaModel, rope_tables
 from eagle_kernels import _ext
 
 NONFINITE_MESSAGE = "the target produced NaN/inf logits; check the checkpoint and dtype"
@@ -222,6 +224,9 @@ def plain_decode_steps(
         buffers.step_input.copy_(new)
         return new
 
+    if not cuda_graph and generator is None:  # the same step in one C++ call where it applies
+        step = _cpu_decode_step(model, buffers, temperature, top_k, top_p, min_p) or step
+
     try:
         out = model(block, cache, logits_index=(lengths - 1)[:, None])
         cache.advance(lengths, max_increment=block.shape[1])  # the bound spares a device sync
@@ -238,6 +243,74 @@ def plain_decode_steps(
     finally:
         if reuse:  # also when the caller stops iterating early
             pool.put(key, buffers)
+
+
+_CPU_DECODE_STEP = os.environ.get("EAGLE_CPU_DECODE_STEP", "1") != "0"
+
+
+def set_cpu_decode_step(enabled: bool) -> bool:
+    """Turn the one-call plain decoding step on CPU (``eagle_C::llama_decode_step``) on or off (off:
+    the forward, the cache's advance and the pick from Python; the same C++ functions, so the same
+    tokens); returns the previous setting. ``EAGLE_CPU_DECODE_STEP=0`` starts it off."""
+    global _CPU_DECODE_STEP
+    previous, _CPU_DECODE_STEP = _CPU_DECODE_STEP, bool(enabled)
+    invalidate_cpu_caches()  # (speculative="auto" keeps the call per run)
+    return previous
+
+
+def cpu_decode_step_enabled() -> bool:
+    """Whether plain steps on CPU may take the one-call path (:func:`set_cpu_decode_step`)."""
+    return _CPU_DECODE_STEP
+
+
+def _cpu_decode_step(model: LlamaModel, buffers: _StepBuffers, temperature, top_k, top_p, min_p):
+    """A step of :func:`plain_decode_steps` in one C++ call (``eagle_C::llama_decode_step``: the
+    target's forward over the step's input, the cache's advance, the pick as ``choose`` makes it, the
+    next input), or None where it does not apply (not the CPU fast path, the op missing, switched off,
+    filters given as tensors). The arguments, the weights' packed copies included, are gathered here
+    once per run: weights must not change during a generation. After each forward's weights stream
+    through the caches, the dozen Python-level calls of a step run cold; this makes one."""
+    if not (_CPU_DECODE_STEP and _ext.has_op("llama_decode_step")):
+        return None
+    cache, step_input = buffers.cache, buffers.step_input
+    weights = model.cpu_forward_weights(step_input)
+    if weights is None:
+        return None
+    embed, for_op, norm_w, lm_head = weights
+    sampled: tuple = ()
+    if temperature != 0:
+        values = (temperature, top_k, top_p, min_p)
+        if (
+            not all(type(v) in (int, float) for v in values)
+            or type(top_k) is not int
+            or buffers.seeds is None
+        ):
+            return None
+        B = step_input.shape[0]
+        sampled = (
+            *(
+                torch.full((B,), v, dtype=dtype)
+                for v, dtype in zip(values, (torch.float32, torch.int64, torch.float32, torch.float32))
+            ),
+            buffers.seeds,
+            buffers.draws,
+        )
+    doubled, signs = rope_tables(model.inv_freq(step_input.device))
+    cfg = model.config
+    args = (step_input, embed, for_op, cache.kv, cache.seqlens, doubled, signs, cfg.num_heads, cfg.num_kv_heads,
+            cfg.rms_norm_eps, norm_w, lm_head, buffers.nonfinite, *sampled)  # fmt: skip
+    op = torch.ops.eagle_C.llama_decode_step
+
+    nonfinite = buffers.nonfinite
+
+    def step() -> torch.Tensor:
+        token, _ = op(*args)
+        cache.length_bound += 1  # what cache.advance(1) keeps (the op checked the room)
+        if bool(nonfinite):  # free to read on CPU: raise now, not after the remaining steps
+            raise FloatingPointError(NONFINITE_MESSAGE)
+        return token
+
+    return step
 
 
 def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool) -> _StepBuffers:

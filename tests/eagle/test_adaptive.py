@@ -22,6 +22,7 @@ from tests.eagle.conftest import (
     save_hf_target,
     write_head,
 )
+from tests.eagle.test_plain_step import gp as generate_plain_module
 
 SMALL = dict(vocab_size=24, max_position_embeddings=256)
 GREEDY = SamplingParams()
@@ -367,12 +368,52 @@ class _NanAfter:
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_nan_logits_in_a_plain_step_raise(models, temperature):
     decoder = models["eagle2"]._decoder(TREE, 2)
-    decoder.target = _NanAfter(decoder.target, 4)  # the prefill, then plain steps
+    decoder.target = _NanAfter(decoder.target, 4)  # the prefill, then plain steps (from Python)
+    previous = generate_plain_module.set_cpu_decode_step(False)
     try:
         with pytest.raises(FloatingPointError, match="NaN"):
             list(decoder.run(PROMPTS[:2], 10, SamplingParams(temperature), auto=Scripted("p")))
     finally:
         decoder.target = decoder.target._target
+        generate_plain_module.set_cpu_decode_step(previous)
+
+
+class _PoisonAfterPrefill(Scripted):
+    """Plain steps only; before the first, a NaN goes into the target's lm_head (restored by the test)."""
+
+    def __init__(self, target) -> None:
+        super().__init__("p")
+        self._target, self.saved = target, None
+
+    def next_mode(self) -> str:
+        if self.saved is None:
+            self.saved = self._target.lm_head_weight[5].clone()
+            with torch.no_grad():
+                self._target.lm_head_weight[5, 0] = float("nan")
+        return super().next_mode()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_in_a_one_call_plain_step_raise(models, temperature):
+    model = models["eagle2"]
+    decoder = model._decoder(TREE, 2)
+    policy = _PoisonAfterPrefill(model.target)
+    calls = []
+    real = decoder._cpu_plain_step
+
+    def spy(s, sampling):
+        calls.append(decoder._cpu_plain_step_args(s, sampling) is not None)  # the one-call step applies
+        return real(s, sampling)
+
+    decoder._cpu_plain_step = spy
+    try:
+        with pytest.raises(FloatingPointError, match="NaN"):
+            list(decoder.run(PROMPTS[:2], 10, SamplingParams(temperature), auto=policy))
+    finally:
+        del decoder._cpu_plain_step
+        with torch.no_grad():
+            model.target.lm_head_weight[5] = policy.saved
+    assert calls == [True]  # the first plain step raised
 
 
 @pytest.mark.parametrize("tree", ["chain", "static"])
