@@ -27,7 +27,10 @@ included) and chooses the next phase from the latest speed of each mode:
   near it does not flip the mode back and forth);
 * each probe that loses doubles the next run (``min_plain_run`` up to ``max_plain_run``), so a pair
   that never pays costs one probe per ~1000 steps once it has lost a few (a probe is not free: the
-  draft catches up on every position it skipped, then the rounds run at the losing speed); each phase
+  draft catches up on every position it skipped, then the rounds run at the losing speed); the
+  catch-up's time is charged to plain decoding (:meth:`AutoSpeculation.charge_plain`), whose steps
+  left the positions, not to the probe's rounds, which would otherwise lose the more the longer the
+  plain run before them was; each phase
   that speculation wins halves it (where the two modes are close, noisy probes win now and then). A
   change for the better (text the draft predicts well) is therefore noticed within a plain run, up to
   ``max_plain_run`` steps later.
@@ -127,6 +130,20 @@ class AutoSpeculation:
             sums[1] = self.decay * sums[1] + seconds
         if phase.done >= phase.length:
             self._phase = self._after(phase)
+
+    def charge_plain(self, seconds: float, rows: int = 1) -> None:
+        """Add ``seconds`` to plain decoding's time (no tokens) at ``rows``' batch size class: the
+        draft's catch-up on the positions a plain run committed, paid before the next round. It is a
+        cost of decoding plainly when speculation follows; timed into the round it preceded, it made
+        the probe after a long plain run look slow (the catch-up grows with the run), so auto stayed
+        plain where speculation won."""
+        if not seconds >= 0 or rows < 1:
+            raise ValueError(f"charge_plain: seconds >= 0 and rows >= 1 needed, got {seconds}, {rows}")
+        rows_class = 1 << (rows - 1).bit_length()
+        sums = self._sums.get(rows_class)
+        if sums is None:
+            sums = self._sums[rows_class] = {SPECULATE: [0.0, 0.0], PLAIN: [0.0, 0.0]}
+        sums[PLAIN][1] += seconds
 
     def _class_sums(self) -> dict[str, list[float]]:
         sums = self._sums.get(self._rows_class)

@@ -339,10 +339,11 @@ class SpeculativeDecoder:
         try:
             while state is not None:
                 started = time.perf_counter()
+                backlog_seconds = 0.0
                 if policy is not None and policy.next_mode() == PLAIN:
                     new_tokens, counts = self._plain_step(state, sampling)
                 else:
-                    self._catch_up(state)
+                    backlog_seconds = self._catch_up(state)
                     new_tokens, counts = self._next_round(state, sampling)
                 t0 = time.perf_counter()
                 if frozen is not None:
@@ -352,7 +353,12 @@ class SpeculativeDecoder:
                     state, new_tokens, counts, max_new_tokens, stop, record=True, active=active
                 )
                 if policy is not None:  # the forward and its host synchronisation (in _emit)
-                    seconds = time.perf_counter() - started
+                    # the draft's catch-up on the positions plain steps committed is a cost of those
+                    # steps (it grows with them), not of this round: timed into a probe, a long plain
+                    # run made every probe look slow and auto stayed plain where speculation won
+                    seconds = time.perf_counter() - started - backlog_seconds
+                    if backlog_seconds:
+                        policy.charge_plain(backlog_seconds, len(emission.rows))
                     policy.record(sum(map(len, emission.tokens)), seconds, len(emission.rows))
                 state, frozen = self._retire_finished(state, emission.finished, frozen)
                 if self.times is not None:
@@ -609,15 +615,20 @@ class SpeculativeDecoder:
         return (s.root, embed, for_op, cache.kv, cache.seqlens, doubled, signs, cfg.num_heads, cfg.num_kv_heads,
                 cfg.rms_norm_eps, norm_w, lm_head, s.nonfinite, *sampled)  # fmt: skip
 
-    def _catch_up(self, s: _Batch) -> None:
+    def _catch_up(self, s: _Batch) -> float:
         """Feed the draft what it has not seen: the prompts when its prefill waits
         (``s.pending_draft``), then the positions that plain steps committed (``s.backlog``), up to
         ``_CATCH_UP_ROWS`` per forward; its state at the last one is the next round's root, as
-        :meth:`_update_draft` sets it. A run that never speculates again never pays for either."""
+        :meth:`_update_draft` sets it. A run that never speculates again never pays for either.
+        Returns the seconds the backlog took (0.0 without one): speculative="auto" charges them to
+        the plain steps that left it, not to the round that follows (see :meth:`run`)."""
         if s.pending_draft is not None:
             s.root_hidden, s.root_logits = self._draft_prefill(s.pending_draft, s.draft_cache)
             s.pending_draft = None
         backlog, s.backlog = s.backlog, []
+        if not backlog:
+            return 0.0
+        started = time.perf_counter()
         for start in range(0, len(backlog), _CATCH_UP_ROWS):
             chunk = backlog[start : start + _CATCH_UP_ROWS]
             features = torch.cat([f for f, _ in chunk], 1)  # [b, k, Hf]
@@ -630,6 +641,7 @@ class SpeculativeDecoder:
             # assigned, not copied: the prefill may have left none, and auto runs without CUDA graphs
             s.root_hidden = d.hidden[:, k - 1].contiguous()
             s.root_logits = d.logits[:, 0].contiguous()
+        return time.perf_counter() - started
 
     def _sample_one(self, logits, sampling, seeds, draws, nonfinite):
         if sampling.greedy:

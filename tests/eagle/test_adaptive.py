@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 import torch
@@ -462,3 +463,60 @@ def test_a_bad_speculative_value_is_named(models, value):
 def test_auto_refuses_cuda_graphs(models):
     with pytest.raises(ValueError, match="cuda_graph"):
         models["eagle2"].generate(PROMPTS, 4, speculative="auto", cuda_graph=True)
+
+
+def test_charged_catch_up_time_slows_plain_decodings_measured_speed():
+    policy = AutoSpeculation(warmup=0, plain_probe_steps=1)
+    for _ in range(4):
+        policy.record(3, 0.3)  # speculation: 10 tokens/s
+    policy.record(1, 0.05)  # the measuring plain step: 20 tokens/s
+    assert policy.plain_speed == pytest.approx(20.0)
+    policy.charge_plain(0.05)
+    assert policy.plain_speed == pytest.approx(10.0)
+    policy.charge_plain(1.0, rows=16)  # another batch size class: this one's speed is untouched
+    assert policy.plain_speed == pytest.approx(10.0)
+    for bad in ((-1.0, 1), (float("nan"), 1), (0.1, 0)):
+        with pytest.raises(ValueError, match="charge_plain"):
+            policy.charge_plain(*bad)
+
+
+class _Recording(Scripted):
+    def __init__(self, script: str) -> None:
+        super().__init__(script)
+        self.records: list[tuple[str, float]] = []
+        self.charges: list[float] = []
+
+    def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
+        self.records.append((self.next_mode(), seconds))
+        super().record(tokens, seconds, rows)
+
+    def charge_plain(self, seconds: float, rows: int = 1) -> None:
+        self.charges.append(seconds)
+
+
+def test_the_drafts_catch_up_is_charged_to_plain_steps_not_to_the_next_round(models):
+    """The backlog's catch-up (slowed here to 0.2 s) is charged to plain decoding; the round after it
+    is timed without it; the deferred prefill of the prompts (no plain steps before) stays the
+    round's."""
+    model = models["eagle2"]
+    decoder = model._decoder(TREE, 1)
+    real = decoder._catch_up
+
+    def slow_catch_up(s):
+        had_backlog = bool(s.backlog)
+        seconds = real(s)
+        if had_backlog:
+            time.sleep(0.2)
+            return seconds + 0.2
+        assert seconds == 0.0
+        return seconds
+
+    decoder._catch_up = slow_catch_up
+    try:
+        policy = _Recording("sppps")
+        list(decoder.run(PROMPTS[:1], 12, SamplingParams(), auto=policy))
+    finally:
+        del decoder._catch_up
+    assert len(policy.charges) >= 1 and all(c >= 0.2 for c in policy.charges)
+    after_plain = [i for i, (mode, _) in enumerate(policy.records) if mode == SPECULATE and i > 0]
+    assert after_plain and all(policy.records[i][1] < 0.2 for i in after_plain)
