@@ -34,14 +34,14 @@ from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import (
     NONFINITE_MESSAGE,
     argmax_checked,
-    cpu_decode_step_enabled,
+    cpu_decode_step_args,
     nonfinite_flag,
     pad_prompts,
+    warp_param_tensors,
 )
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput, rope_tables
 from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
-from eagle_kernels import _ext
 from eagle_kernels.tree_speculative_sampling import raise_on_status
 
 
@@ -597,11 +597,7 @@ class SpeculativeDecoder:
             or self.feature_layers is not None
             or s.nonfinite is None
             or s.root.device.type != "cpu"
-            or not (cpu_decode_step_enabled() and _ext.has_op("llama_decode_step"))
         ):
-            return None
-        weights = self.target.cpu_forward_weights(s.root)
-        if weights is None:
             return None
         sampled = ()
         if not sampling.greedy:
@@ -609,11 +605,7 @@ class SpeculativeDecoder:
             if params is None:
                 return None
             sampled = (*params, s.seeds, s.draws)
-        embed, for_op, norm_w, lm_head = weights
-        doubled, signs = rope_tables(self.target.inv_freq(s.root.device))
-        cfg, cache = self.target.config, s.target_cache
-        return (s.root, embed, for_op, cache.kv, cache.seqlens, doubled, signs, cfg.num_heads, cfg.num_kv_heads,
-                cfg.rms_norm_eps, norm_w, lm_head, s.nonfinite, *sampled)  # fmt: skip
+        return cpu_decode_step_args(self.target, s.root, s.target_cache, s.nonfinite, sampled)
 
     def _catch_up(self, s: _Batch) -> float:
         """Feed the draft what it has not seen: the prompts when its prefill waits
@@ -1021,18 +1013,14 @@ class SpeculativeDecoder:
         """``warp_logits``' per-row parameters for ``rows`` rows, as its wrapper makes them from
         Python numbers (float32 temperature / top_p / min_p, int64 top_k), kept between rounds (the
         ops only read them); None for parameters of other types."""
-        values = (p.temperature, p.top_k, p.top_p, p.min_p)
-        if not all(type(v) in (int, float) for v in values) or type(p.top_k) is not int:
-            return None  # tensors, numpy scalars, ...: the wrapper's checks and conversions apply
-        key = (rows, values, device)
+        key = (rows, p, device)
         params = self._warp_param_cache.get(key)
         if params is None:
+            params = warp_param_tensors(rows, p.temperature, p.top_k, p.top_p, p.min_p, device)
+            if params is None:
+                return None
             if len(self._warp_param_cache) >= 16:
                 self._warp_param_cache.clear()
-            params = tuple(
-                torch.full((rows,), v, dtype=dtype, device=device)
-                for v, dtype in zip(values, (torch.float32, torch.int64, torch.float32, torch.float32))
-            )
             self._warp_param_cache[key] = params
         return params
 

@@ -258,50 +258,56 @@ def set_cpu_decode_step(enabled: bool) -> bool:
     return previous
 
 
-def cpu_decode_step_enabled() -> bool:
-    """Whether plain steps on CPU may take the one-call path (:func:`set_cpu_decode_step`)."""
-    return _CPU_DECODE_STEP
+def warp_param_tensors(rows: int, temperature, top_k, top_p, min_p, device=None) -> tuple | None:
+    """``warp_logits``' per-row parameters for ``rows`` rows as its wrapper makes them from Python
+    numbers (float32 temperature / top_p / min_p, int64 top_k), for the C++ ops that take them as
+    tensors; None for parameters of other types (tensors, numpy scalars, ...: the wrapper's checks and
+    conversions apply)."""
+    values = (temperature, top_k, top_p, min_p)
+    if not all(type(v) in (int, float) for v in values) or type(top_k) is not int:
+        return None
+    dtypes = (torch.float32, torch.int64, torch.float32, torch.float32)
+    return tuple(torch.full((rows,), v, dtype=dtype, device=device) for v, dtype in zip(values, dtypes))
+
+
+def cpu_decode_step_args(
+    model: LlamaModel, step_input: torch.Tensor, cache: KVCache, nonfinite: torch.Tensor, sampled: tuple = ()
+) -> tuple | None:
+    """The arguments of ``eagle_C::llama_decode_step`` for steps of ``model`` over ``step_input``
+    (int64 ``[B]``, the next input, updated in place by each step) and ``cache``, OR-ing NaN/inf into
+    ``nonfinite``; ``sampled``: ``(*warp_param_tensors(...), seeds, draws)`` to sample, ``()`` for
+    greedy. None where the one-call step does not apply (switched off, the op missing, not the CPU fast
+    path). The weights' packed copies are gathered here: weights must not change while they are used."""
+    if not (_CPU_DECODE_STEP and _ext.has_op("llama_decode_step")):
+        return None
+    weights = model.cpu_forward_weights(step_input)
+    if weights is None:
+        return None
+    embed, for_op, norm_w, lm_head = weights
+    doubled, signs = rope_tables(model.inv_freq(step_input.device))
+    cfg = model.config
+    return (step_input, embed, for_op, cache.kv, cache.seqlens, doubled, signs, cfg.num_heads, cfg.num_kv_heads,
+            cfg.rms_norm_eps, norm_w, lm_head, nonfinite, *sampled)  # fmt: skip
 
 
 def _cpu_decode_step(model: LlamaModel, buffers: _StepBuffers, temperature, top_k, top_p, min_p):
     """A step of :func:`plain_decode_steps` in one C++ call (``eagle_C::llama_decode_step``: the
     target's forward over the step's input, the cache's advance, the pick as ``choose`` makes it, the
     next input), or None where it does not apply (not the CPU fast path, the op missing, switched off,
-    filters given as tensors). The arguments, the weights' packed copies included, are gathered here
-    once per run: weights must not change during a generation. After each forward's weights stream
-    through the caches, the dozen Python-level calls of a step run cold; this makes one."""
-    if not (_CPU_DECODE_STEP and _ext.has_op("llama_decode_step")):
-        return None
-    cache, step_input = buffers.cache, buffers.step_input
-    weights = model.cpu_forward_weights(step_input)
-    if weights is None:
-        return None
-    embed, for_op, norm_w, lm_head = weights
+    filters given as tensors). The arguments are gathered once per run (:func:`cpu_decode_step_args`).
+    After each forward's weights stream through the caches, the dozen Python-level calls of a step run
+    cold; this makes one."""
+    cache, step_input, nonfinite = buffers.cache, buffers.step_input, buffers.nonfinite
     sampled: tuple = ()
     if temperature != 0:
-        values = (temperature, top_k, top_p, min_p)
-        if (
-            not all(type(v) in (int, float) for v in values)
-            or type(top_k) is not int
-            or buffers.seeds is None
-        ):
+        params = warp_param_tensors(step_input.shape[0], temperature, top_k, top_p, min_p)
+        if params is None or buffers.seeds is None:
             return None
-        B = step_input.shape[0]
-        sampled = (
-            *(
-                torch.full((B,), v, dtype=dtype)
-                for v, dtype in zip(values, (torch.float32, torch.int64, torch.float32, torch.float32))
-            ),
-            buffers.seeds,
-            buffers.draws,
-        )
-    doubled, signs = rope_tables(model.inv_freq(step_input.device))
-    cfg = model.config
-    args = (step_input, embed, for_op, cache.kv, cache.seqlens, doubled, signs, cfg.num_heads, cfg.num_kv_heads,
-            cfg.rms_norm_eps, norm_w, lm_head, buffers.nonfinite, *sampled)  # fmt: skip
+        sampled = (*params, buffers.seeds, buffers.draws)
+    args = cpu_decode_step_args(model, step_input, cache, nonfinite, sampled)
+    if args is None:
+        return None
     op = torch.ops.eagle_C.llama_decode_step
-
-    nonfinite = buffers.nonfinite
 
     def step() -> torch.Tensor:
         token, _ = op(*args)
