@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define EAGLE_PANEL_BUILD 1
@@ -97,49 +98,18 @@ EAGLE_PANEL_TARGET void micro(const float* __restrict x, int64_t ldx, const floa
   }
 }
 
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t);
-
-template <int RT>
-MicroFn micro_for(int nb) {
-  if constexpr (RT <= 2) {
-    if (nb == 8) return micro<RT, 8>;
-  }
-  if constexpr (RT <= 6) {
-    if (nb == 4) return micro<RT, 4>;
-  }
-  if (nb == 2) return micro<RT, 2>;
-  return micro<RT, 1>;
-}
-
-MicroFn select_micro(int rt, int nb) {
-  switch (rt) {
-    case 1: return micro_for<1>(nb);
-    case 2: return micro_for<2>(nb);
-    case 3: return micro_for<3>(nb);
-    case 4: return micro_for<4>(nb);
-    case 5: return micro_for<5>(nb);
-    case 6: return micro_for<6>(nb);
-    case 7: return micro_for<7>(nb);
-    case 8: return micro_for<8>(nb);
-    case 9: return micro_for<9>(nb);
-    case 10: return micro_for<10>(nb);
-    case 11: return micro_for<11>(nb);
-    default: return micro_for<12>(nb);
-  }
-}
-
 #define EAGLE_PANEL_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // out[r, 16j + c] = bf16(bias[16j + c] + sum_i dot(x[r, 2i:2i+2], panels[j, i, 2c:2c+2])) for r < RT,
-// j < NB; K2 = K / 2 pairs.
+// j < NB, over the K / 2 pairs i.
 template <int RT, int NB>
 EAGLE_PANEL_BF16_TARGET void micro_bf16(const uint16_t* __restrict x, int64_t ldx, const uint16_t* __restrict w,
-                                        int64_t K2, const uint16_t* __restrict bias, uint16_t* __restrict out,
+                                        int64_t K, const uint16_t* __restrict bias, uint16_t* __restrict out,
                                         int64_t ldo) {
   __m512 acc[RT][NB];
   for (int r = 0; r < RT; ++r)
     for (int j = 0; j < NB; ++j) acc[r][j] = _mm512_setzero_ps();
-  const int64_t panel_stride = K2 * 2 * kPanelWidth;  // bf16 elements per panel
+  const int64_t K2 = K / 2, panel_stride = K * kPanelWidth;  // bf16 elements per panel
   for (int64_t i = 0; i < K2; ++i) {
     __m512bh wv[NB];
     for (int j = 0; j < NB; ++j) {
@@ -169,62 +139,61 @@ EAGLE_PANEL_BF16_TARGET void micro_bf16(const uint16_t* __restrict x, int64_t ld
   }
 }
 
-using MicroBf16Fn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, const uint16_t*, uint16_t*, int64_t);
+// The micro-kernel of element type T (float: float32 panels; uint16_t: bf16 panels, K even).
+template <typename T>
+using MicroFn = void (*)(const T*, int64_t, const T*, int64_t, const T*, T*, int64_t);
 
-template <int RT>
-MicroBf16Fn micro_bf16_for(int nb) {
-  if constexpr (RT <= 2) {
-    if (nb == 8) return micro_bf16<RT, 8>;
+template <typename T, int RT, int NB>
+constexpr MicroFn<T> micro_of() {
+  if constexpr (std::is_same_v<T, float>) {
+    return micro<RT, NB>;
+  } else {
+    return micro_bf16<RT, NB>;
   }
-  if constexpr (RT <= 6) {
-    if (nb == 4) return micro_bf16<RT, 4>;
-  }
-  if (nb == 2) return micro_bf16<RT, 2>;
-  return micro_bf16<RT, 1>;
 }
 
-MicroBf16Fn select_micro_bf16(int rt, int nb) {
+template <typename T, int RT>
+MicroFn<T> micro_for(int nb) {
+  if constexpr (RT <= 2) {
+    if (nb == 8) return micro_of<T, RT, 8>();
+  }
+  if constexpr (RT <= 6) {
+    if (nb == 4) return micro_of<T, RT, 4>();
+  }
+  if (nb == 2) return micro_of<T, RT, 2>();
+  return micro_of<T, RT, 1>();
+}
+
+template <typename T>
+MicroFn<T> select_micro(int rt, int nb) {
   switch (rt) {
-    case 1: return micro_bf16_for<1>(nb);
-    case 2: return micro_bf16_for<2>(nb);
-    case 3: return micro_bf16_for<3>(nb);
-    case 4: return micro_bf16_for<4>(nb);
-    case 5: return micro_bf16_for<5>(nb);
-    case 6: return micro_bf16_for<6>(nb);
-    case 7: return micro_bf16_for<7>(nb);
-    case 8: return micro_bf16_for<8>(nb);
-    case 9: return micro_bf16_for<9>(nb);
-    case 10: return micro_bf16_for<10>(nb);
-    case 11: return micro_bf16_for<11>(nb);
-    default: return micro_bf16_for<12>(nb);
+    case 1: return micro_for<T, 1>(nb);
+    case 2: return micro_for<T, 2>(nb);
+    case 3: return micro_for<T, 3>(nb);
+    case 4: return micro_for<T, 4>(nb);
+    case 5: return micro_for<T, 5>(nb);
+    case 6: return micro_for<T, 6>(nb);
+    case 7: return micro_for<T, 7>(nb);
+    case 8: return micro_for<T, 8>(nb);
+    case 9: return micro_for<T, 9>(nb);
+    case 10: return micro_for<T, 10>(nb);
+    case 11: return micro_for<T, 11>(nb);
+    default: return micro_for<T, 12>(nb);
   }
 }
 
 // Panels [p0, p1) for every row: the chunk's panels stay in L2 while the row tiles pass over them.
-void run_panels(const float* x, int64_t M, int64_t K, const float* w, const float* bias, float* out, int64_t N,
-                int64_t p0, int64_t p1) {
+// A panel holds K * 16 elements in either layout.
+template <typename T>
+void run_panels(const T* x, int64_t M, int64_t K, const T* w, const T* bias, T* out, int64_t N, int64_t p0,
+                int64_t p1) {
   for (int64_t r0 = 0; r0 < M; r0 += kMaxRowTile) {
     const int rt = static_cast<int>(std::min<int64_t>(kMaxRowTile, M - r0));
     for (int64_t p = p0; p < p1;) {
       int nb = panels_for_rows(rt);
       while (nb > p1 - p) nb /= 2;  // the last panels of the matrix: smaller steps (nb stays a power of 2)
-      select_micro(rt, nb)(x + r0 * K, K, w + p * K * kPanelWidth, K, bias == nullptr ? nullptr : bias + p * kPanelWidth,
-                           out + r0 * N + p * kPanelWidth, N);
-      p += nb;
-    }
-  }
-}
-
-// run_panels for bf16 panels [N/16, K/2, 32].
-void run_panels_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const uint16_t* bias, uint16_t* out,
-                     int64_t N, int64_t p0, int64_t p1) {
-  for (int64_t r0 = 0; r0 < M; r0 += kMaxRowTile) {
-    const int rt = static_cast<int>(std::min<int64_t>(kMaxRowTile, M - r0));
-    for (int64_t p = p0; p < p1;) {
-      int nb = panels_for_rows(rt);
-      while (nb > p1 - p) nb /= 2;
-      select_micro_bf16(rt, nb)(x + r0 * K, K, w + p * K * kPanelWidth, K / 2,
-                                bias == nullptr ? nullptr : bias + p * kPanelWidth, out + r0 * N + p * kPanelWidth, N);
+      select_micro<T>(rt, nb)(x + r0 * K, K, w + p * K * kPanelWidth, K,
+                              bias == nullptr ? nullptr : bias + p * kPanelWidth, out + r0 * N + p * kPanelWidth, N);
       p += nb;
     }
   }
@@ -262,6 +231,38 @@ bool is_panel_weight(const at::Tensor& w) {
          w.device().is_cpu() && w.is_contiguous();
 }
 
+namespace {
+
+// The shared part of linear_f32 / linear_bf16 after their checks: the output, the empty cases, then
+// the panels split across threads. Scalar: the tensors' element type; Elem: the kernels' view of it.
+template <typename Scalar, typename Elem>
+at::Tensor multiply(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias, int64_t N,
+                    int64_t K) {
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  at::Tensor out = pool::empty(out_shape, x.scalar_type());
+  if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();  // an empty sum
+  const int64_t M = x.numel() / K;
+  if (M == 0 || N == 0) return out;
+#if EAGLE_PANEL_BUILD
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const auto* xp = reinterpret_cast<const Elem*>(xc.const_data_ptr<Scalar>());
+  const auto* wp = reinterpret_cast<const Elem*>(panels.const_data_ptr<Scalar>());
+  const auto* bp = bc.defined() ? reinterpret_cast<const Elem*>(bc.const_data_ptr<Scalar>()) : nullptr;
+  auto* op = reinterpret_cast<Elem*>(out.mutable_data_ptr<Scalar>());
+  const int64_t num_panels = panels.size(0), chunks = (num_panels + kChunkPanels - 1) / kChunkPanels;
+  const int64_t grain =
+      linear_grain(M * K * kChunkPanels * kPanelWidth, K * kChunkPanels * kPanelWidth * int64_t{sizeof(Scalar)});
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    run_panels<Elem>(xp, M, K, wp, bp, op, N, begin * kChunkPanels, std::min(num_panels, end * kChunkPanels));
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
 at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(available(), "panel_linear_f32: this CPU has no AVX-512F");
   TORCH_CHECK_VALUE(is_panel_weight(panels),
@@ -277,27 +278,7 @@ at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& panels, const std::
                       "panel_linear_f32: bias must be a CPU float32 tensor [", N, "], got ", bias->scalar_type(),
                       " ", bias->sizes());
   }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  at::Tensor out = pool::empty(out_shape, x.scalar_type());
-  if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();  // an empty sum
-  const int64_t M = x.numel() / K;
-  if (M == 0 || N == 0) return out;
-#if EAGLE_PANEL_BUILD
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const float* xp = xc.const_data_ptr<float>();
-  const float* wp = panels.const_data_ptr<float>();
-  const float* bp = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  const int64_t num_panels = panels.size(0), chunks = (num_panels + kChunkPanels - 1) / kChunkPanels;
-  const int64_t grain =
-      linear_grain(M * K * kChunkPanels * kPanelWidth, K * kChunkPanels * kPanelWidth * int64_t{sizeof(float)});
-  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    run_panels(xp, M, K, wp, bp, op, N, begin * kChunkPanels, std::min(num_panels, end * kChunkPanels));
-  });
-#endif
-  return out;
+  return multiply<float, float>(x, panels, bias, N, K);
 }
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std::optional<at::Tensor>& bias) {
@@ -315,27 +296,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& panels, const std:
                       "panel_linear_bf16: bias must be a CPU bfloat16 tensor [", N, "], got ", bias->scalar_type(),
                       " ", bias->sizes());
   }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  at::Tensor out = pool::empty(out_shape, x.scalar_type());
-  if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();  // an empty sum
-  const int64_t M = x.numel() / K;
-  if (M == 0 || N == 0) return out;
-#if EAGLE_PANEL_BUILD
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const auto* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(panels.const_data_ptr<at::BFloat16>());
-  const auto* bp = bc.defined() ? reinterpret_cast<const uint16_t*>(bc.const_data_ptr<at::BFloat16>()) : nullptr;
-  auto* op = reinterpret_cast<uint16_t*>(out.mutable_data_ptr<at::BFloat16>());
-  const int64_t num_panels = panels.size(0), chunks = (num_panels + kChunkPanels - 1) / kChunkPanels;
-  const int64_t grain = linear_grain(M * K * kChunkPanels * kPanelWidth,
-                                     K * kChunkPanels * kPanelWidth * int64_t{sizeof(at::BFloat16)});
-  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-    run_panels_bf16(xp, M, K, wp, bp, op, N, begin * kChunkPanels, std::min(num_panels, end * kChunkPanels));
-  });
-#endif
-  return out;
+  return multiply<at::BFloat16, uint16_t>(x, panels, bias, N, K);
 }
 
 }  // namespace panel
