@@ -360,12 +360,11 @@ def repack_module_linears(module: nn.Module, extra: Iterable[torch.Tensor | None
     under the current settings (the ``EAGLE_CPU_*`` switches above, read now): how to change a loaded
     model's layout at run time, e.g. to compare two layouts in one process. Returns
     :func:`pack_module_linears`' count."""
-    global _generation
     weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
     for w in [*weights, *extra]:
         if isinstance(w, torch.Tensor):
             _PACKED.pop(w, None)
-    _generation += 1  # cached weight lists look again even when nothing is packed now
+    invalidate_cpu_caches()  # cached weight lists look again even when nothing is packed now
     return pack_module_linears(module, extra)
 
 
