@@ -24,6 +24,10 @@ Switches ("off" / "on"; "on" is the default):
 - ``decode_step``: a plain decoding step on CPU in one C++ call (``eagle_C::llama_decode_step``), or
   the forward, the cache's advance and the pick from Python (``set_cpu_decode_step``). Same numbers
   either way; the EAGLE cells are unaffected (they show the noise).
+- ``attention_dpbf16``: tree_attention's scores of bfloat16 caches by VDPBF16PS (variant ``avx512bf16``,
+  csrc/cpu/tree_attention_dpbf16.cpp), or by float32 dot products (``EAGLE_KERNELS_CPU_ISA=avx512``;
+  read at every call). CPUs with AVX512-BF16 and no AMX, ``--dtype bfloat16``. The scores round
+  differently, so the greedy texts may differ (each must equal its own plain decoding).
 - ``cpu_round``: an EAGLE round (EAGLE-1/2 head, dynamic tree) in one C++ call
   (``eagle_C::eagle2_round_greedy``; ``eagle2_round_sampled`` at T > 0), or its three C++ calls (draft tree, target forward, the rest) from
   Python (``eagle.models.draft.set_cpu_round``). Same numbers either way; plain decoding is unaffected.
@@ -83,6 +87,10 @@ def _bf16_panels(on: bool) -> None:
     repack_module_linears(model.head, [getattr(model.head, "lm_head_weight", None)])
 
 
+def _attention_dpbf16(on: bool) -> None:
+    os.environ["EAGLE_KERNELS_CPU_ISA"] = "avx512bf16" if on else "avx512"
+
+
 def _decode_step(on: bool) -> None:
     import importlib
 
@@ -102,6 +110,7 @@ SWITCHES = {
     "cpu_round": _cpu_round,
     "bf16_panels": _bf16_panels,
     "decode_step": _decode_step,
+    "attention_dpbf16": _attention_dpbf16,
 }
 # switches whose two settings compute the same bits: their sampled runs must emit the same tokens too
 SAME_BITS = {"tensor_pool", "linear_grain", "cpu_round", "decode_step"}
@@ -149,6 +158,15 @@ def main(argv=None) -> int:
         and not cpu_packed.amx_linear_available()
     ):
         print("bf16 panels do not apply (needs --dtype bfloat16, AVX512-BF16 and no AMX)", file=sys.stderr)
+        return 2
+    if args.switch == "attention_dpbf16" and not (
+        args.dtype == "bfloat16"
+        and hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")
+        and torch.ops.eagle_C.tree_attention_cpu_variant() == "avx512bf16"
+    ):
+        print(
+            "VDPBF16PS scores do not apply (needs --dtype bfloat16, AVX512-BF16 and no AMX)", file=sys.stderr
+        )
         return 2
     if args.switch == "linear_grain" and not hasattr(torch.ops.eagle_C, "linear_grain_set_bytes"):
         print("the extension has no linear grain switch: nothing to compare", file=sys.stderr)

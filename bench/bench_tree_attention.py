@@ -128,11 +128,12 @@ CPU_VARIANT_SHAPES = ["decode-B1", "tiny-tree12-B1", "tree60-B1"]
 
 @pytest.mark.parametrize("shape", CPU_VARIANT_SHAPES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("variant", ["amx", "amx_fma_pv", "avx512", "avx2", "generic"])
+@pytest.mark.parametrize("variant", ["amx", "amx_fma_pv", "avx512bf16", "avx512", "avx2", "generic"])
 def test_tree_attention_cpu_variants(benchmark, bench_device, monkeypatch, shape, dtype, variant):
     """The C++ kernel's instruction-set variants side by side in one process (same build, same
     inputs): ``amx`` is ``avx512`` with the scores and P @ V of bfloat16 caches on AMX tiles,
-    ``amx_fma_pv`` the same with P @ V in float32 FMAs (``EAGLE_CPU_AMX_PV=0``).
+    ``amx_fma_pv`` the same with P @ V in float32 FMAs (``EAGLE_CPU_AMX_PV=0``), ``avx512bf16``
+    ``avx512`` with the scores of bfloat16 caches by VDPBF16PS (CPUs with AVX512-BF16, no AMX).
 
         pytest bench/bench_tree_attention.py -k cpu_variants --benchmark-only --benchmark-group-by=param:shape,param:dtype
     """

@@ -10,6 +10,7 @@ import sys
 
 _ATTENTION_VARIANTS = {
     "amx": "AVX-512, with the scores of bfloat16 caches on AMX tiles",
+    "avx512bf16": "AVX-512, with the scores of bfloat16 caches by AVX512-BF16 dot products",
     "avx512": "AVX-512",
     "avx2": "AVX2 (no AVX-512 on this CPU, or EAGLE_KERNELS_CPU_ISA=avx2)",
     "generic": "x86-64 baseline / portable C++ (no AVX2, or EAGLE_KERNELS_CPU_ISA=generic)",

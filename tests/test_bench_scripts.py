@@ -78,7 +78,8 @@ def test_bench_verify_update_compares_the_sampled_paths_and_rngs():
 
 
 @pytest.mark.parametrize(
-    "switch", ["amx_pv", "tensor_pool", "linear_grain", "cpu_round", "bf16_panels", "decode_step"]
+    "switch",
+    ["amx_pv", "tensor_pool", "linear_grain", "cpu_round", "bf16_panels", "decode_step", "attention_dpbf16"],
 )
 def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch):
     import torch
@@ -90,6 +91,11 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
         and torch.ops.eagle_C.tree_attention_cpu_variant() == "amx"
     ):
         pytest.skip("tree_attention does not run on AMX tiles on this CPU")
+    if switch == "attention_dpbf16" and not (
+        hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")
+        and torch.ops.eagle_C.tree_attention_cpu_variant() == "avx512bf16"
+    ):
+        pytest.skip("tree_attention's VDPBF16PS scores apply to CPUs with AVX512-BF16 and no AMX")
     if switch == "bf16_panels":
         from eagle.models import cpu_packed
 
@@ -106,7 +112,9 @@ def test_bench_cpu_switches_times_both_settings_and_checks_greedy_output(switch)
     )  # fmt: skip
     assert "every greedy EAGLE run reproduced its setting's plain decoding" in out, out
     same_sampled = "every sampled EAGLE run emitted the same tokens under both settings" in out
-    assert same_sampled == (switch not in ("amx_pv", "bf16_panels")), out  # these two change the bits
+    assert same_sampled == (switch not in ("amx_pv", "bf16_panels", "attention_dpbf16")), (
+        out
+    )  # these change bits
     assert re.search(r"2/2/4 +\d+ +\d+ +[\d.]+x +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+x", out), out
     assert f"{switch}, T = 1, B 1" in out and "wrote" not in out, out
 

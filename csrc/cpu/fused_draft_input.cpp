@@ -16,7 +16,8 @@
 //   rows in fp32/bf16 and serves float64 and CPUs without AVX-512.
 //
 // EAGLE_KERNELS_CPU_ISA=generic forces the blas path, =avx512 the skinny path for every row count
-// (=amx, which picks tree_attention's AMX scores, leaves this op's choice as auto does);
+// (=amx and =avx512bf16, which pick tree_attention's AMX / VDPBF16PS scores, leave this op's choice as
+// auto does);
 // EAGLE_KERNELS_CPU_BF16DOT=0 turns the bf16 dot-product instructions off (tests use all three). Measurements: bench/bench_fused_draft_input.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -333,9 +334,9 @@ bool use_bf16_dot() {
 bool use_skinny(at::ScalarType dtype, int64_t N) {
   const char* env = std::getenv("EAGLE_KERNELS_CPU_ISA");
   const std::string forced = env == nullptr ? "" : env;
-  TORCH_CHECK(forced.empty() || forced == "auto" || forced == "generic" || forced == "amx" || forced == "avx512" ||
-                  forced == "avx2",
-              "EAGLE_KERNELS_CPU_ISA must be amx, avx512, avx2, generic or auto, got ", forced);
+  TORCH_CHECK(forced.empty() || forced == "auto" || forced == "generic" || forced == "amx" ||
+                  forced == "avx512bf16" || forced == "avx512" || forced == "avx2",
+              "EAGLE_KERNELS_CPU_ISA must be amx, avx512bf16, avx512, avx2, generic or auto, got ", forced);
   if (forced == "generic" || forced == "avx2" || !cpu_has_avx512()) return false;
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (forced == "avx512" || dtype == at::kHalf) return true;

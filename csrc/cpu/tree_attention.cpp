@@ -8,9 +8,10 @@
 // The kernel body (tree_attention_kernel.h) is compiled three times, for AVX-512, AVX2+FMA and the
 // x86-64 baseline, and the widest one the CPU supports runs. On CPUs with AMX-BF16 the AVX-512 variant
 // takes the scores and P @ V of bfloat16 caches on AMX tiles (tree_attention_amx.cpp; the
-// probabilities rounded to bf16 for P @ V) when the head dim is a multiple of 32.
-// EAGLE_KERNELS_CPU_ISA=amx|avx512|avx2|generic forces one (avx512: without AMX; tests use it to check
-// every variant).
+// probabilities rounded to bf16 for P @ V) when the head dim is a multiple of 32; on CPUs with
+// AVX512-BF16 and no AMX it takes their scores by VDPBF16PS (tree_attention_dpbf16.cpp, variant
+// "avx512bf16"). EAGLE_KERNELS_CPU_ISA=amx|avx512bf16|avx512|avx2|generic forces one (avx512: neither
+// AMX nor VDPBF16PS; tests use it to check every variant).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "tree_attention_amx.h"
+#include "tree_attention_dpbf16.h"
 #include "tensor_pool.h"
 
 namespace eagle {
@@ -50,6 +52,7 @@ struct Problem {
   double sm_scale;
   bool amx_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores on AMX tiles
   bool amx_pv;      // and P @ V (unless EAGLE_CPU_AMX_PV=0)
+  bool dpbf16_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores by VDPBF16PS
 };
 
 // Vectors are passed only between functions of one instruction set, so the ABI note is moot.
@@ -94,11 +97,12 @@ namespace generic {
 struct Kernels {
   RunFn f32, f64, f16, bf16;
   const char* isa;
-  bool amx;  // bf16 scores on AMX tiles where the shapes allow (the avx512 kernels only)
+  bool amx;     // bf16 scores on AMX tiles where the shapes allow (the avx512 kernels only)
+  bool dpbf16;  // bf16 scores by VDPBF16PS where the shapes allow (the avx512 kernels, without AMX)
 };
 
-#define EAGLE_TREE_ATTN_KERNELS(ns, amx) \
-  Kernels { ns::run_f32, ns::run_f64, ns::run_f16, ns::run_bf16, #ns, amx }
+#define EAGLE_TREE_ATTN_KERNELS(ns, amx, dpbf16) \
+  Kernels { ns::run_f32, ns::run_f64, ns::run_f16, ns::run_bf16, #ns, amx, dpbf16 }
 
 Kernels select_kernels() {
   const char* forced = std::getenv("EAGLE_KERNELS_CPU_ISA");
@@ -109,26 +113,34 @@ Kernels select_kernels() {
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   // Asked only when AMX may run: the first ask requests the tile state from the OS (arch_prctl).
   const auto has_amx = [&] { return has512 && tree_attn_amx::available(); };
+  const bool has_dpbf16 = has512 && tree_attn_dpbf16::available();
   if (want == "amx") {
     TORCH_CHECK(has_amx(), "EAGLE_KERNELS_CPU_ISA=amx but this CPU (or OS) offers no AMX-BF16 tiles");
-    return EAGLE_TREE_ATTN_KERNELS(avx512, true);
+    return EAGLE_TREE_ATTN_KERNELS(avx512, true, false);
+  }
+  if (want == "avx512bf16") {
+    TORCH_CHECK(has_dpbf16, "EAGLE_KERNELS_CPU_ISA=avx512bf16 but this CPU lacks AVX-512 with AVX512-BF16");
+    return EAGLE_TREE_ATTN_KERNELS(avx512, false, true);
   }
   if (want == "avx512") {
     TORCH_CHECK(has512, "EAGLE_KERNELS_CPU_ISA=avx512 but this CPU lacks AVX-512");
-    return EAGLE_TREE_ATTN_KERNELS(avx512, false);
+    return EAGLE_TREE_ATTN_KERNELS(avx512, false, false);
   }
   if (want == "avx2") {
     TORCH_CHECK(has2, "EAGLE_KERNELS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
-    return EAGLE_TREE_ATTN_KERNELS(avx2, false);
+    return EAGLE_TREE_ATTN_KERNELS(avx2, false, false);
   }
   if (want.empty() || want == "auto") {
-    if (has512) return EAGLE_TREE_ATTN_KERNELS(avx512, has_amx());
-    if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2, false);
+    if (has512) {
+      const bool amx = has_amx();
+      return EAGLE_TREE_ATTN_KERNELS(avx512, amx, !amx && has_dpbf16);
+    }
+    if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2, false, false);
   }
 #endif
   TORCH_CHECK(want.empty() || want == "auto" || want == "generic",
-              "EAGLE_KERNELS_CPU_ISA must be amx, avx512, avx2, generic or auto, got ", want);
-  return EAGLE_TREE_ATTN_KERNELS(generic, false);
+              "EAGLE_KERNELS_CPU_ISA must be amx, avx512bf16, avx512, avx2, generic or auto, got ", want);
+  return EAGLE_TREE_ATTN_KERNELS(generic, false, false);
 }
 
 // EAGLE_CPU_AMX_PV=0 keeps P @ V in float32 FMAs where the scores run on AMX (read at every call, like
@@ -210,8 +222,10 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
 
 // The carve() order of attend_task: q, a converted K/V block, the output accumulator, the row sums and
 // the scores of every key (at most max_keys) of the task's rows; with AMX also the output's rows up to
-// a whole 16-row tile, the packed query tiles, a 16-key block of K (bf16) and attend_pv's scratch.
-int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int64_t elem, bool amx, bool amx_pv) {
+// a whole 16-row tile, the packed query tiles, a 16-key block of K (bf16) and attend_pv's scratch; with
+// VDPBF16PS scores the bf16 query rows and the transposed keys.
+int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int64_t elem, bool amx, bool amx_pv,
+                      bool dpbf16) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
   const int64_t keys = (max_keys + lanes - 1) / lanes * lanes;
   const int64_t counts[] = {rows * dp, kBlockN * dp, rows * dp, rows, rows * keys};
@@ -223,6 +237,10 @@ int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int6
   if (amx_pv) {
     bytes += (((rows + 15) / 16 * 16 - rows) * dp * elem + 63) / 64 * 64;  // o in whole 16-row tiles
     bytes += tree_attn_amx::pv_scratch_bytes(rows, D, T);
+  }
+  if (dpbf16) {
+    bytes += (rows * D * 2 + 63) / 64 * 64;
+    bytes += (tree_attn_dpbf16::scratch_words(D) * 4 + 63) / 64 * 64;
   }
   return bytes + 64;  // room to align the start
 }
@@ -258,6 +276,8 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   P.amx_scores = kernels.amx && q.scalar_type() == at::kBFloat16 && D % tree_attn_amx::kDimsPerTile == 0 &&
                  P.sk_d == 1;
   P.amx_pv = P.amx_scores && amx_pv_enabled();
+  P.dpbf16_scores = kernels.dpbf16 && q.scalar_type() == at::kBFloat16 &&
+                    D % tree_attn_dpbf16::kDimsMultiple == 0 && P.sk_d == 1;
   RunFn run = nullptr;
   int64_t acc_bytes = 4;
   switch (q.scalar_type()) {
@@ -269,7 +289,8 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t tasks = B * Hkv * chunks;
-  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, T, acc_bytes, P.amx_scores, P.amx_pv);
+  const int64_t bytes =
+      scratch_bytes(P.rows_per_task, D, max_keys, T, acc_bytes, P.amx_scores, P.amx_pv, P.dpbf16_scores);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const pool::Scratch scratch(bytes);  // 64-byte aligned, not zeroed: every use writes first
     run(P, begin, end, scratch.data());
@@ -278,10 +299,11 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
 }
 
 // The variant tree_attention runs on this CPU now (EAGLE_KERNELS_CPU_ISA included): "amx" (avx512 with
-// bf16 scores on AMX tiles), "avx512", "avx2" or "generic".
+// bf16 scores on AMX tiles), "avx512bf16" (avx512 with bf16 scores by VDPBF16PS), "avx512", "avx2" or
+// "generic".
 std::string cpu_variant() {
   const Kernels kernels = select_kernels();
-  return kernels.amx ? "amx" : kernels.isa;
+  return kernels.amx ? "amx" : kernels.dpbf16 ? "avx512bf16" : kernels.isa;
 }
 
 }  // namespace tree_attn

@@ -138,6 +138,40 @@ struct same_type<X, X> {
   static constexpr bool value = true;
 };
 
+// bf16 K/V rows are read in place with the float32 kernels: each vector widened in registers (exact, a
+// bf16 value is the high half of its float32), so the products and sums are those of the rows converted
+// into scratch first, without that copy (which took about a third of a tree's attention time).
+template <typename S, typename A>
+struct widened_in_registers {
+  static constexpr bool value = same_type<S, c10::BFloat16>::value && same_type<A, float>::value;
+};
+
+constexpr int64_t kWidenedRowsMax = 4;  // see attend_task's in_place
+
+// The element type attend_task reads K/V rows in place as: S when vload_row takes it, else A (unused).
+template <typename S, typename A, bool readable>
+struct RowOf {
+  typedef A type;
+};
+template <typename S, typename A>
+struct RowOf<S, A, true> {
+  typedef S type;
+};
+
+// lanes<A>() elements of a K or V row (element type KS: A itself, or bf16 widened to float32) as Vec<A>.
+template <typename A, typename KS>
+inline Vec<A> vload_row(const KS* p) {
+  if constexpr (same_type<KS, A>::value) {
+    return vload(p);
+  } else {
+    static_assert(widened_in_registers<KS, A>::value, "K/V rows are A or bf16 widened to float32");
+    typedef uint16_t Half __attribute__((vector_size(EAGLE_TA_VEC_BYTES / 2)));
+    Half bits;
+    __builtin_memcpy(&bits, p, sizeof(bits));
+    return (Vec<A>)(__builtin_convertvector(bits, VecI32) << 16);  // zero-extended, then the high half
+  }
+}
+
 // dst[j * dp + d] = X[j, d] for j < nb, converted to A; columns D..dp-1 are zero.
 template <typename S, typename A>
 void pack_rows(const S* x, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, int64_t dp, A* packed) {
@@ -154,14 +188,14 @@ void pack_rows(const S* x, int64_t s_pos, int64_t s_d, int64_t nb, int64_t D, in
 }
 
 // s[r, j] = q[r, :] . k[j, :] for RM rows: one pass over each key row; hsum of the lane partials.
-template <typename A, int RM>
-inline void dot_rows(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, A* s) {
+template <typename A, int RM, typename KS>
+inline void dot_rows(const A* q, int64_t dp, const KS* k, int64_t k_stride, int64_t nb, int64_t nbp, A* s) {
   constexpr int64_t L = lanes<A>();
   for (int64_t j = 0; j < nb; ++j) {
-    const A* kr = k + j * k_stride;
+    const KS* kr = k + j * k_stride;
     Vec<A> acc[RM] = {};
     for (int64_t d = 0; d < dp; d += L) {
-      const Vec<A> kv = vload(kr + d);
+      const Vec<A> kv = vload_row<A>(kr + d);
       for (int r = 0; r < RM; ++r) acc[r] += vload(q + r * dp + d) * kv;
     }
     for (int r = 0; r < RM; ++r) s[r * nbp + j] = hsum(acc[r]);
@@ -190,12 +224,13 @@ inline Vec<float> hsum16(const Vec<float>* x) {
 }
 
 // s[r, j0 + c] = q[r] . k[j0 + c] for 4 rows x 4 keys, each exactly as dot_rows computes it.
-inline void dot4x4(const float* q, int64_t dp, const float* k, int64_t k_stride, int64_t nbp, float* s) {
+template <typename KS>
+inline void dot4x4(const float* q, int64_t dp, const KS* k, int64_t k_stride, int64_t nbp, float* s) {
   Vec<float> acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = Vec<float>{};
   for (int64_t d = 0; d < dp; d += 16) {
     Vec<float> kv[4];
-    for (int c = 0; c < 4; ++c) kv[c] = vload(k + c * k_stride + d);
+    for (int c = 0; c < 4; ++c) kv[c] = vload_row<float>(k + c * k_stride + d);
     for (int r = 0; r < 4; ++r) {
       const Vec<float> qv = vload(q + r * dp + d);
       for (int c = 0; c < 4; ++c) acc[r * 4 + c] += qv * kv[c];
@@ -211,8 +246,8 @@ inline void dot4x4(const float* q, int64_t dp, const float* k, int64_t k_stride,
 // and hsum whatever R, nb and the task's row chunk are, so a query row's attention does not depend on
 // the rows computed beside it: a verified chain of any length gives each row the values that one-token
 // decoding steps give it (the linears keep that property too, see panel_linear.cpp).
-template <typename A>
-void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_t nb, int64_t nbp, int64_t R,
+template <typename A, typename KS>
+void scores_by_dots(const A* q, int64_t dp, const KS* k, int64_t k_stride, int64_t nb, int64_t nbp, int64_t R,
                     A* s) {
   int64_t r0 = 0;  // rows below r0: 4 x 4 blocks (float), then the last nb % 4 keys; rows from r0: all keys
 #if EAGLE_TA_VEC_BYTES == 64
@@ -241,8 +276,8 @@ void scores_by_dots(const A* q, int64_t dp, const A* k, int64_t k_stride, int64_
 // key by key. With SUM, also l[r] += p[r, 0] + p[r, 1] + ..., added one key after the other (lane 0 of a
 // vector of broadcasts): the softmax's row sum, which then depends only on the sequence of keys, hides
 // its add latency among the FMAs instead of running as a latency-bound loop of its own.
-template <typename A, int RM, int CN, bool SUM>
-inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o,
+template <typename A, int RM, int CN, bool SUM, typename VS>
+inline void pv_tile(const A* p, int64_t nbp, const VS* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o,
                     int64_t d0, A* l) {
   constexpr int64_t L = lanes<A>();
   Vec<A> acc[RM][CN];
@@ -253,7 +288,7 @@ inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int6
   }
   for (int64_t j = 0; j < nb; ++j) {
     Vec<A> vv[CN];
-    for (int c = 0; c < CN; ++c) vv[c] = vload(vb + j * v_stride + d0 + c * L);
+    for (int c = 0; c < CN; ++c) vv[c] = vload_row<A>(vb + j * v_stride + d0 + c * L);
     for (int r = 0; r < RM; ++r) {
       const Vec<A> pr = vsplat<A>(p[r * nbp + j]);
       for (int c = 0; c < CN; ++c) acc[r][c] += pr * vv[c];
@@ -269,8 +304,8 @@ inline void pv_tile(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int6
 // Dims in tiles of 4 vectors (AVX-512: 64 float32, one pass for a 64-dim head; 4 x 4 accumulators need
 // the 32 zmm registers, so 2 at most with 16 registers), then 2, then 1; the first tile also sums the
 // row. The tiling changes no result: each output is one FMA chain over the keys in order.
-template <typename A, int RM>
-inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o, A* l) {
+template <typename A, int RM, typename VS>
+inline void pv_rows(const A* p, int64_t nbp, const VS* vb, int64_t v_stride, int64_t dp, int64_t nb, A* o, A* l) {
   constexpr int64_t L = lanes<A>();
   constexpr bool wide_tiles = EAGLE_TA_VEC_BYTES == 64;
   int64_t d0;
@@ -292,8 +327,8 @@ inline void pv_rows(const A* p, int64_t nbp, const A* vb, int64_t v_stride, int6
 }
 
 // o[R, dp] += p[R, :nb] @ v[:nb, dp] (v rows v_stride apart), l[R] += the rows of p, key by key.
-template <typename A>
-void accumulate_pv(const A* p, int64_t nbp, const A* v, int64_t v_stride, int64_t dp, int64_t nb, int64_t R,
+template <typename A, typename VS>
+void accumulate_pv(const A* p, int64_t nbp, const VS* v, int64_t v_stride, int64_t dp, int64_t nb, int64_t R,
                    A* o, A* l) {
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) pv_rows<A, 4>(p + r * nbp, nbp, v, v_stride, dp, nb, o + r * dp, l + r);
@@ -373,9 +408,12 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const int64_t new_keys = P.new_visible == nullptr ? t_last + 1 : P.T;  // causal: later tokens unseen
   const int64_t n_keys = seqlen + new_keys, nkp = (n_keys + L - 1) / L * L;
 
-  bool amx_scores = false;  // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
-  bool amx_pv = false;      // and P @ V on tiles, the probabilities rounded to bf16
-  if constexpr (same_type<S, c10::BFloat16>::value) amx_scores = P.amx_scores, amx_pv = P.amx_pv;
+  bool amx_scores = false;     // bf16 K read in place by AMX tiles (tree_attention_amx.cpp), unscaled q
+  bool amx_pv = false;         // and P @ V on tiles, the probabilities rounded to bf16
+  bool dpbf16_scores = false;  // bf16 K read in place by VDPBF16PS (tree_attention_dpbf16.cpp), unscaled q
+  if constexpr (same_type<S, c10::BFloat16>::value) {
+    amx_scores = P.amx_scores, amx_pv = P.amx_pv, dpbf16_scores = P.dpbf16_scores;
+  }
 
   char* cursor = scratch;
   A* q = carve<A>(cursor, R * dp);
@@ -387,7 +425,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const S* q_base = static_cast<const S*>(P.q) + b * P.sq_b;
   const A scale = static_cast<A>(P.sm_scale);
   for (int64_t r = 0; r < R; ++r) {
-    if (!amx_scores) {  // scaled q rows in the accumulator type, for the dot products
+    if (!amx_scores && !dpbf16_scores) {  // scaled q rows in the accumulator type, for the dot products
       const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
       const S* qrow = q_base + t * P.sq_t + h * P.sq_h;
       for (int64_t d = 0; d < D; ++d) q[r * dp + d] = static_cast<A>(qrow[d * P.sq_d]) * scale;
@@ -403,9 +441,13 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
   const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
 
-  // K/V rows are used in place when they already are contiguous rows of the accumulator type with no
-  // ragged tail; otherwise each block is converted into scratch first.
-  const bool in_place = same_type<S, A>::value && P.sk_d == 1 && P.sv_d == 1 && D == dp;
+  // K/V rows are used in place when they are contiguous rows of the accumulator type with no ragged
+  // tail, or such bf16 rows for at most 4 query rows (widened in registers once per 4 rows: for more
+  // rows, converting each block once into scratch is faster); otherwise each block is converted first.
+  constexpr bool readable_in_place = same_type<S, A>::value || widened_in_registers<S, A>::value;
+  const bool in_place = readable_in_place && P.sk_d == 1 && P.sv_d == 1 && D == dp &&
+                        (same_type<S, A>::value || R <= kWidenedRowsMax);
+  using Row = typename RowOf<S, A, readable_in_place>::type;  // a K/V element read in place
 
   // Two passes instead of an online softmax, so that a row's output is the same whatever positions its
   // keys occupy: a tree token sees its ancestors at the slots of the verified block, the same token
@@ -424,12 +466,26 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       }
       if (!amx_pv) tree_attn_amx::end();  // else after P @ V
     }
+  } else if (dpbf16_scores) {
+    if constexpr (same_type<S, c10::BFloat16>::value) {
+      c10::BFloat16* qr = carve<c10::BFloat16>(cursor, R * D);  // the task's query rows, contiguous
+      uint32_t* kt = carve<uint32_t>(cursor, tree_attn_dpbf16::scratch_words(D));
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
+        const S* qrow = q_base + t * P.sq_t + h * P.sq_h;
+        for (int64_t d = 0; d < D; ++d) qr[r * D + d] = qrow[d * P.sq_d];
+      }
+      for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+        tree_attn_dpbf16::score_block(qr, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
+                                      static_cast<float>(P.sm_scale), s + n0, nkp, kt);
+      }
+    }
   } else {
     for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
       const int64_t nb = imin(NB, n_keys - n0);
       const S* k_block = k_head + n0 * P.sk_s;
       if (in_place) {
-        scores_by_dots(q, dp, reinterpret_cast<const A*>(k_block), P.sk_s, nb, nkp, R, s + n0);
+        scores_by_dots(q, dp, reinterpret_cast<const Row*>(k_block), P.sk_s, nb, nkp, R, s + n0);
       } else {
         pack_rows(k_block, P.sk_s, P.sk_d, nb, D, dp, kv);
         scores_by_dots(q, dp, kv, dp, nb, nkp, R, s + n0);
@@ -456,13 +512,12 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
       const int64_t nb = imin(NB, n_keys - n0);
       const S* v_block = v_head + n0 * P.sv_s;
-      const A* v_rows = reinterpret_cast<const A*>(v_block);
-      int64_t v_stride = P.sv_s;
-      if (!in_place) {
+      if (in_place) {
+        accumulate_pv(s + n0, nkp, reinterpret_cast<const Row*>(v_block), P.sv_s, dp, nb, R, o, l);
+      } else {
         pack_rows(v_block, P.sv_s, P.sv_d, nb, D, dp, kv);
-        v_rows = kv, v_stride = dp;
+        accumulate_pv(s + n0, nkp, static_cast<const A*>(kv), dp, dp, nb, R, o, l);
       }
-      accumulate_pv(s + n0, nkp, v_rows, v_stride, dp, nb, R, o, l);
     }
   }
 

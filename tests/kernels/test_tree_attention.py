@@ -160,8 +160,9 @@ def isa_params():
         flags = []
     have = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags), "avx2": "avx2" in flags}
     have["amx"] = have["avx512"] and _amx_tiles_granted()
+    have["avx512bf16"] = have["avx512"] and "avx512_bf16" in flags
     params = []
-    for isa in ("amx", "avx512", "avx2", "generic"):
+    for isa in ("amx", "avx512bf16", "avx512", "avx2", "generic"):
         ok = have.get(isa, True)
         params.append(pytest.param(isa, marks=() if ok else pytest.mark.skip(reason=f"CPU lacks {isa}")))
     return params
