@@ -12,6 +12,11 @@ the three over the same held-out prompts, one prompt per call (batch 1), in alte
 0 warms up (and calibrates) and is not timed. A cell's figure is the median over repeats of its
 tokens/s; its speedup is the ratio of that median to vanilla's. Greedy outputs of every cell must
 equal vanilla's; the script exits non-zero otherwise.
+``--variants`` adds refitted cells that choose as eagle.autotree did before session 18, swapped in
+around that cell's calls: "refitted_log2" with its acceptance model (a fixed gain of 0.15 per doubling
+of the tree's width; now the gain grows with the square root of the doublings, see
+bench/bench_accept_model.py), "refitted_depth3" with its candidates (depths 3-6, CPU widths from 4;
+now depths 1-6, CPU widths from 2).
 Writes bench/results/accept_calibration_<target>_<dtype>.json (``--name``: another stem).
 
 The "fixed" cell's tree comes from timed forwards (eagle.autotree), so on a noisy machine two runs may
@@ -22,6 +27,8 @@ the two cells run the same tree (bench/results/accept_calibration_tiny-code_bflo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import statistics
 import sys
 import time
@@ -33,18 +40,52 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_loop import prompts_for  # noqa: E402
 from bench.utils import save_json  # noqa: E402
+from eagle import autotree  # noqa: E402
 from eagle.api import EagleModel, load  # noqa: E402
 from eagle.bench import tree_label  # noqa: E402
 
+VARIANTS = ("log2", "depth3")
 
-def _cells(base: EagleModel) -> dict[str, tuple[EagleModel, bool]]:
+
+def _cells(base: EagleModel, variants=()) -> dict[str, tuple[EagleModel, bool]]:
     fixed = EagleModel(base.target, base.head, base.tokenizer)
     fixed._learn_acceptance = lambda *args: None  # keeps choosing with ACCEPT_RATE
-    return {
+    cells = {
         "vanilla": (EagleModel(base.target, base.head, base.tokenizer), False),
         "fixed": (fixed, True),
         "refitted": (EagleModel(base.target, base.head, base.tokenizer), True),
     }
+    for variant in variants:
+        cells[f"refitted_{variant}"] = (EagleModel(base.target, base.head, base.tokenizer), True)
+    return cells
+
+
+def log2_expected_tau(depth: int, width: int, accept_rate: float = autotree.ACCEPT_RATE) -> float:
+    """eagle.autotree.expected_tau before session 18: a fixed gain of 0.15 per doubling of the width."""
+    chain = sum(accept_rate**i for i in range(depth + 1))
+    return chain * (1.0 + 0.15 * math.log2(max(width, depth + 1) / (depth + 1)))
+
+
+@contextlib.contextmanager
+def tree_choice(cell: str):
+    """The "refitted_log2" cell chooses (and refits) with log2_expected_tau, "refitted_depth3" among
+    depths 3-6 and CPU widths from 4 (choose_tree and fit_accept_rate look these up per call); the
+    other cells as shipped."""
+    patches = {
+        "refitted_log2": {"expected_tau": log2_expected_tau},
+        "refitted_depth3": {
+            "DEPTHS": (3, 4, 5, 6),
+            "WIDTHS": {**autotree.WIDTHS, "cpu": (4, 5, 6, 8, 12, 16, 24, 32)},
+        },
+    }.get(cell, {})
+    shipped = {name: getattr(autotree, name) for name in patches}
+    for name, value in patches.items():
+        setattr(autotree, name, value)
+    try:
+        yield
+    finally:
+        for name, value in shipped.items():
+            setattr(autotree, name, value)
 
 
 def main(argv=None) -> int:
@@ -61,14 +102,17 @@ def main(argv=None) -> int:
     p.add_argument(
         "--name", default=None, help="result file stem (default accept_calibration_<target>_<dtype>)"
     )
+    p.add_argument("--variants", nargs="*", default=[], choices=VARIANTS, help="refitted cells (see above)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     base = load(args.target, args.draft, dtype=getattr(torch, args.dtype))
     prompts = prompts_for(base, args.num_prompts, args.prompt_tokens)
+    # the forwards' timings as shipped, before a variant cell could time fewer widths into the cache
+    autotree.choose_tree(base.target, 1, base.head)
     results, mismatches = [], []
     for temp in args.temperature:
-        cells = _cells(base)
+        cells = _cells(base, args.variants)
         seconds = {name: [] for name in cells}
         trees: dict[str, list[str]] = {name: [] for name in cells}
         for repeat in range(args.repeats + 1):
@@ -79,9 +123,10 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 outputs[name] = []
                 for i, prompt in enumerate(prompts):
-                    res = model.generate(
-                        [prompt], args.new_tokens, temperature=temp, seed=i, speculative=speculative
-                    )
+                    with tree_choice(name):
+                        res = model.generate(
+                            [prompt], args.new_tokens, temperature=temp, seed=i, speculative=speculative
+                        )
                     outputs[name].append(res.tokens[0])
                     label = None if res.tree is None else tree_label(res.tree)
                     if label is not None and label not in trees[name]:

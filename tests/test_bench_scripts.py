@@ -163,9 +163,21 @@ def test_bench_runtime_linears_compares_the_bf16_kernel_with_onednn_and_float32(
 def test_bench_accept_calibration_compares_fixed_and_refitted_rates_with_vanilla():
     out = _run(
         "bench_accept_calibration.py", "--repeats", "1", "--new-tokens", "8", "--num-prompts", "2",
-        "--prompt-tokens", "40", "--temperature", "0", "--dtype", "float32", "--no-save",
+        "--prompt-tokens", "40", "--temperature", "0", "--dtype", "float32", "--variants", "log2", "depth3", "--no-save",
     )  # fmt: skip
     assert "every greedy run reproduced vanilla's tokens" in out, out
-    for cell in ("vanilla", "fixed", "refitted"):
+    for cell in ("vanilla", "fixed", "refitted", "refitted_log2", "refitted_depth3"):
         assert re.search(rf"{cell} +\d+ +[\d.]+x", out), out
+    assert "wrote" not in out
+
+
+def test_bench_accept_model_fits_both_gain_shapes():
+    out = _run(
+        "bench_accept_model.py", "--num-prompts", "1", "--new-tokens", "8", "--prompt-tokens", "40",
+        "--temperature", "0", "--depths", "3", "--widths", "8", "16", "--no-save",
+    )  # fmt: skip
+    assert re.search(r"chain depth 3: tau [\d.]+, fitted acceptance a = [\d.]+", out), out
+    assert re.search(r"3/3/8 +[\d.]+ +[+-][\d.]+% +[+-][\d.]+%", out), out
+    for shape in ("log2", "sqrt_log2"):
+        assert re.search(rf"{shape}: g = -?[\d.]+, rms relative error of tau [\d.]+%", out), out
     assert "wrote" not in out

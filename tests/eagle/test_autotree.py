@@ -66,3 +66,33 @@ def test_a_lower_acceptance_picks_a_smaller_tree(monkeypatch):
     assert sizes[0] >= sizes[1] >= sizes[2] and sizes[0] != sizes[2], sizes
     with pytest.raises(ValueError, match="accept_rate must be in"):
         autotree.choose_tree(target, 1, accept_rate=1.5)
+
+
+@pytest.mark.parametrize("depth", [3, 5])
+@pytest.mark.parametrize("rate", [0.35, 0.75])
+def test_widening_gains_less_with_each_doubling(depth, rate):
+    """A chain's tau is the geometric sum exactly; widening it gains WIDENING_GAIN * sqrt(doublings),
+    so each doubling of the width adds less than the one before (measured on the bundled pair:
+    bench/bench_accept_model.py; a fixed gain per doubling overrated wide trees)."""
+    chain = sum(rate**i for i in range(depth + 1))
+    assert autotree.expected_tau(depth, depth + 1, rate) == pytest.approx(chain, rel=1e-12)
+    taus = [autotree.expected_tau(depth, (depth + 1) * 2**k, rate) for k in range(5)]
+    gains = [b - a for a, b in zip(taus, taus[1:])]
+    assert all(g > 0 for g in gains) and all(b < a for a, b in zip(gains, gains[1:])), gains
+    four = autotree.expected_tau(depth, 4 * (depth + 1), rate)
+    assert four == pytest.approx(chain * (1 + autotree.WIDENING_GAIN * 2**0.5), rel=1e-12)
+
+
+def test_low_acceptance_can_pick_a_shallow_tree(monkeypatch):
+    """Depths 1-2 are candidates (and on a CPU their chains' widths 2-3 are timed): at a sampled run's
+    acceptance a CPU-like cost picks one; at a greedy one a deeper tree."""
+    timed = []
+    monkeypatch.setattr(
+        autotree, "_time_verify", lambda t, b, w, repeats=3: timed.append(w) or 1.0 + 0.08 * w
+    )
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
+    target = type("T", (), {"device": torch.device("cpu")})()
+    low = autotree.choose_tree(target, 1, draft_cost_fraction=0.15, accept_rate=0.25)
+    high = autotree.choose_tree(target, 1, draft_cost_fraction=0.15, accept_rate=0.8)
+    assert {2, 3} <= set(timed)
+    assert low.depth <= 2 < high.depth, (low, high)
