@@ -5,9 +5,11 @@ process, alternating.
     python bench/bench_accept_calibration.py                       # tiny-code, bfloat16, T = 0 and 1
     python bench/bench_accept_calibration.py --dtype float32 --temperature 0 --repeats 9
 
-Three EagleModel wrappers share the loaded pair: "vanilla" (speculative=False), "fixed" (the dynamic
-tree chosen with ACCEPT_RATE, never refitted) and "refitted" (the default: each run refits the rate,
-so from its second run on it sizes the tree with the pair's measured acceptance). Each repeat runs
+EagleModel wrappers share the loaded pair: "vanilla" (speculative=False), "fixed" (the dynamic tree
+chosen with the generic prior ACCEPT_RATE and WIDENING_GAIN, never refitted), "stored" (where the head
+ships acceptance.json, eagle/acceptance.py: chosen with the pair's measured acceptance, never refitted)
+and "refitted" (the default: the pair's acceptance.json, or the generic prior, as the first run's
+prior; each run then refits the rate). Each repeat runs
 the three over the same held-out prompts, one prompt per call (batch 1), in alternating order; repeat
 0 warms up (and calibrates) and is not timed. A cell's figure is the median over repeats of its
 tokens/s; its speedup is the ratio of that median to vanilla's. Greedy outputs of every cell must
@@ -48,19 +50,23 @@ VARIANTS = ("log2", "depth3")
 
 
 def _cells(base: EagleModel, variants=()) -> dict[str, tuple[EagleModel, bool]]:
-    fixed = EagleModel(base.target, base.head, base.tokenizer)
+    fixed = EagleModel(base.target, base.head, base.tokenizer)  # no acceptance.json: the generic prior
     fixed._learn_acceptance = lambda *args: None  # keeps choosing with ACCEPT_RATE
     cells = {
         "vanilla": (EagleModel(base.target, base.head, base.tokenizer), False),
         "fixed": (fixed, True),
-        "refitted": (EagleModel(base.target, base.head, base.tokenizer), True),
     }
+    if base.pair_acceptance is not None:
+        stored = EagleModel(base.target, base.head, base.tokenizer, base.pair_acceptance)
+        stored._learn_acceptance = lambda *args: None  # keeps choosing with the pair's acceptance.json
+        cells["stored"] = (stored, True)
+    cells["refitted"] = (EagleModel(base.target, base.head, base.tokenizer, base.pair_acceptance), True)
     for variant in variants:
         cells[f"refitted_{variant}"] = (EagleModel(base.target, base.head, base.tokenizer), True)
     return cells
 
 
-def log2_expected_tau(depth: int, width: int, accept_rate: float = autotree.ACCEPT_RATE) -> float:
+def log2_expected_tau(depth: int, width: int, accept_rate: float = autotree.ACCEPT_RATE, gain=None) -> float:
     """eagle.autotree.expected_tau before session 18: a fixed gain of 0.15 per doubling of the width."""
     chain = sum(accept_rate**i for i in range(depth + 1))
     return chain * (1.0 + 0.15 * math.log2(max(width, depth + 1) / (depth + 1)))

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
-from eagle.autotree import ACCEPT_RATE, choose_tree, fit_accept_rate
+from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
+from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
 from eagle.models.draft import DraftHead
 from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps, release_plain_buffers
@@ -83,17 +84,36 @@ ACCEPT_RATE_STEP = 0.03
 class EagleModel:
     """A target model with an EAGLE draft head (or none: plain decoding only)."""
 
-    def __init__(self, target: LlamaModel, head: DraftHead | None, tokenizer=None) -> None:
+    def __init__(
+        self,
+        target: LlamaModel,
+        head: DraftHead | None,
+        tokenizer=None,
+        pair_acceptance: PairAcceptance | None = None,
+    ) -> None:
+        """``pair_acceptance``: the pair's measured acceptance (:mod:`eagle.acceptance`; :func:`load`
+        reads the head's ``acceptance.json``), the prior of ``tree="dynamic"`` until runs refit it."""
         self.target, self.head, self.tokenizer = target, head, tokenizer
+        self.pair_acceptance = pair_acceptance
         self._decoders: dict[object, SpeculativeDecoder] = {}
         self._acceptance: dict[SamplingParams, _Acceptance] = {}
 
     @property
     def accept_rates(self) -> dict[SamplingParams, float]:
         """The per-token acceptance that ``tree="dynamic"`` sizes its tree with, per sampling setting
-        its runs measured (others use :data:`eagle.autotree.ACCEPT_RATE`): each speculative run with
-        the dynamic tree refits it from its tau (:func:`eagle.autotree.fit_accept_rate`)."""
+        its runs measured (others use :meth:`prior_acceptance`): each speculative run with the dynamic
+        tree refits it from its tau (:func:`eagle.autotree.fit_accept_rate`)."""
         return {k: a.used for k, a in self._acceptance.items()}
+
+    def prior_acceptance(self, sampling: SamplingParams | None = None) -> AcceptanceFit:
+        """The acceptance ``tree="dynamic"`` starts from for ``sampling`` (greedy by default): the
+        pair's measured one (``acceptance.json``) where there is one, else
+        :data:`eagle.autotree.ACCEPT_RATE` and :data:`eagle.autotree.WIDENING_GAIN`. Runs refit the
+        rate (:attr:`accept_rates`); the gain stays."""
+        key = self._sampling_key(sampling)
+        if self.pair_acceptance is not None:
+            return self.pair_acceptance.for_temperature(key.temperature)
+        return AcceptanceFit(ACCEPT_RATE, WIDENING_GAIN)
 
     @staticmethod
     def _sampling_key(sampling: SamplingParams | None) -> SamplingParams:
@@ -106,7 +126,7 @@ class EagleModel:
         if not isinstance(tree, TreeConfig) or forwards < MIN_FORWARDS_TO_FIT:
             return
         tau = sum(map(sum, accept)) / forwards
-        fitted = fit_accept_rate(tree.depth, tree.total_tokens, tau)
+        fitted = fit_accept_rate(tree.depth, tree.total_tokens, tau, self.prior_acceptance(sampling).gain)
         key = self._sampling_key(sampling)
         old = self._acceptance.get(key)
         if old is None:
@@ -129,9 +149,12 @@ class EagleModel:
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
+            prior = self.prior_acceptance(sampling)
             known = self._acceptance.get(self._sampling_key(sampling))
-            rate = ACCEPT_RATE if known is None else known.used
-            return self._fit(choose_tree(self.target, batch_size, self.head, accept_rate=rate))
+            rate = prior.accept_rate if known is None else known.used
+            return self._fit(
+                choose_tree(self.target, batch_size, self.head, accept_rate=rate, gain=prior.gain)
+            )
         if tree == "static":
             return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
         if tree == "chain":
@@ -451,7 +474,8 @@ def load(
         target_path = target
     model = load_target(target_path, dtype=dtype, device=device)
     head = load_draft(draft, model, dtype=head_dtype, device=device) if draft is not None else None
-    return EagleModel(model, head, _load_tokenizer(target_path))
+    acceptance = read_pair_acceptance(head.checkpoint_dir) if head is not None else None
+    return EagleModel(model, head, _load_tokenizer(target_path), acceptance)
 
 
 def _load_tokenizer(path: str):

@@ -63,29 +63,37 @@ def tree_for(depth: int, width: int) -> TreeConfig:
     return TreeConfig(depth=depth, topk=topk, total_tokens=min(width, most))
 
 
-def expected_tau(depth: int, width: int, accept_rate: float = ACCEPT_RATE) -> float:
-    """The acceptance model of the module docstring."""
+def widening_share(depth: int, width: int) -> float:
+    """``sqrt(log2(W / (d + 1)))``: the factor of the widening gain in :func:`expected_tau` (0 for a chain)."""
+    return math.sqrt(math.log2(max(width, depth + 1) / (depth + 1)))
+
+
+def expected_tau(
+    depth: int, width: int, accept_rate: float = ACCEPT_RATE, gain: float = WIDENING_GAIN
+) -> float:
+    """The acceptance model of the module docstring (``gain``: the pair's widening gain, when measured:
+    :mod:`eagle.acceptance`)."""
     chain = sum(accept_rate**i for i in range(depth + 1))
-    return chain * (1.0 + WIDENING_GAIN * math.sqrt(math.log2(max(width, depth + 1) / (depth + 1))))
+    return chain * (1.0 + gain * widening_share(depth, width))
 
 
 MIN_ACCEPT_RATE, MAX_ACCEPT_RATE = 0.02, 0.98
 
 
-def fit_accept_rate(depth: int, width: int, tau: float) -> float:
+def fit_accept_rate(depth: int, width: int, tau: float, gain: float = WIDENING_GAIN) -> float:
     """The per-token acceptance ``a`` for which :func:`expected_tau` of a tree of ``depth`` levels and
-    ``width`` tokens is ``tau`` (a measured tokens-per-forward), clamped to [0.02, 0.98]; the model
-    is increasing in ``a``, so bisection finds it."""
+    ``width`` tokens (widening gain ``gain``) is ``tau`` (a measured tokens-per-forward), clamped to
+    [0.02, 0.98]; the model is increasing in ``a``, so bisection finds it."""
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"tau must be a positive number, got {tau}")
     lo, hi = MIN_ACCEPT_RATE, MAX_ACCEPT_RATE
-    if expected_tau(depth, width, lo) >= tau:
+    if expected_tau(depth, width, lo, gain) >= tau:
         return lo
-    if expected_tau(depth, width, hi) <= tau:
+    if expected_tau(depth, width, hi, gain) <= tau:
         return hi
     for _ in range(40):
         mid = 0.5 * (lo + hi)
-        if expected_tau(depth, width, mid) < tau:
+        if expected_tau(depth, width, mid, gain) < tau:
             lo = mid
         else:
             hi = mid
@@ -147,9 +155,11 @@ def choose_tree(
     head=None,
     draft_cost_fraction: float = 0.1,
     accept_rate: float = ACCEPT_RATE,
+    gain: float = WIDENING_GAIN,
 ) -> TreeConfig:
     """The dynamic tree for ``target`` (and ``head``) at ``batch_size``, from timed forwards (timed
-    once per model, head, device and batch size) and the acceptance model at ``accept_rate``.
+    once per model, head, device and batch size) and the acceptance model at ``accept_rate`` and
+    widening ``gain``.
 
     Without ``head`` a draft level is assumed to cost ``draft_cost_fraction`` of a one-token target
     forward.
@@ -164,7 +174,7 @@ def choose_tree(
         tree = candidates[dw]
         # depth levels of k rows, plus the draft update over up to d + 1 accepted rows (~ one level)
         draft = (d + 1) * level[tree.topk]
-        return (verify[w] + draft) / expected_tau(d, tree.total_tokens, accept_rate)
+        return (verify[w] + draft) / expected_tau(d, tree.total_tokens, accept_rate, gain)
 
     return candidates[min(candidates, key=cost_per_token)]
 

@@ -210,6 +210,46 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    from eagle.acceptance import FILENAME, measure_pair_acceptance, write_pair_acceptance
+    from eagle.api import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load(args.target, args.draft, device=args.device, dtype=args.dtype)
+    if model.head is None:
+        raise ValueError("eagle calibrate needs a draft head (--draft) for this target")
+    if args.prompts:
+        from eagle.bench import read_prompts_file
+
+        if model.tokenizer is None:
+            raise ValueError("--prompts holds text, and this target has no tokenizer to encode it")
+        texts = [text for _, text in read_prompts_file(args.prompts)][: args.num_prompts]
+        prompts = [model.tokenizer(t)["input_ids"] for t in texts]
+        source = f"{args.prompts} (first {len(prompts)})"
+    else:
+        from eagle.train.tinycode import heldout_prompts
+
+        if model.tokenizer is None:
+            raise ValueError("this target has no tokenizer: pass --prompts with text it can encode")
+        prompts = heldout_prompts(model.tokenizer, args.num_prompts, args.prompt_tokens)
+        source = f"the first {args.prompt_tokens} tokens of {len(prompts)} held-out standard-library files"
+    temperature = None if args.greedy_only else args.temperature
+    acceptance, record = measure_pair_acceptance(model, prompts, args.new_tokens, temperature)
+    record["source"] = source
+    for name, fit in (("greedy", acceptance.greedy), (f"T = {args.temperature:g}", acceptance.sampled)):
+        if fit is not None:
+            print(f"{name}: per-token acceptance {fit.accept_rate:.3f}, widening gain {fit.gain:.3f}")
+    if args.write:
+        path = write_pair_acceptance(model.head.checkpoint_dir, acceptance, record)
+        print(f"wrote {path}")
+    else:
+        print(f"(not written: --write stores it as {FILENAME} in the head's directory)")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from eagle.bench import run_from_args
 
@@ -318,6 +358,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("stage_args", nargs=argparse.REMAINDER, help="arguments of the stage")
     train.set_defaults(func=_cmd_train)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="measure a pair's acceptance for tree='dynamic' and store it beside the head (acceptance.json)",
+        description="Measure the draft head's per-token acceptance and widening gain with its target "
+        "(chains and trees of depths 3 and 5, greedy and sampled; eagle/acceptance.py) on prompts, print "
+        "them, and with --write store them as acceptance.json in the head's directory, which eagle.load "
+        "reads as tree='dynamic''s prior.",
+    )
+    cal.add_argument("--target", default="tiny-code", help="target checkpoint dir, or tiny-code (default)")
+    cal.add_argument("--draft", default=None, help="EAGLE head dir (default: the bundled head for tiny-code)")
+    cal.add_argument(
+        "--prompts",
+        default=None,
+        help='JSONL of {"prompt": ...} (or MT-bench turns); default: held-out stdlib code',
+    )
+    cal.add_argument("--num-prompts", type=int, default=16, help="prompts to use (default 16)")
+    cal.add_argument("--prompt-tokens", type=int, default=128, help="held-out prompts' length (default 128)")
+    cal.add_argument("--new-tokens", type=int, default=128, help="tokens per prompt and tree (default 128)")
+    cal.add_argument(
+        "--temperature", type=float, default=1.0, help="the sampled runs' temperature (default 1)"
+    )
+    cal.add_argument("--greedy-only", action="store_true", help="measure greedy acceptance only")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default=None, help="default per device (float32 on CPU)")
+    cal.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    cal.add_argument("--write", action="store_true", help="store acceptance.json in the head's directory")
+    cal.set_defaults(func=_cmd_calibrate)
 
     from eagle.bench import add_arguments as add_bench_arguments
 

@@ -166,7 +166,7 @@ def test_bench_accept_calibration_compares_fixed_and_refitted_rates_with_vanilla
         "--prompt-tokens", "40", "--temperature", "0", "--dtype", "float32", "--variants", "log2", "depth3", "--no-save",
     )  # fmt: skip
     assert "every greedy run reproduced vanilla's tokens" in out, out
-    for cell in ("vanilla", "fixed", "refitted", "refitted_log2", "refitted_depth3"):
+    for cell in ("vanilla", "fixed", "stored", "refitted", "refitted_log2", "refitted_depth3"):
         assert re.search(rf"{cell} +\d+ +[\d.]+x", out), out
     assert "wrote" not in out
 

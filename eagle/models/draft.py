@@ -763,6 +763,7 @@ def load_draft(
     head = _load_into(head, state, dtype, device).eval().requires_grad_(False)
     # CPU only; an EAGLE-1/2 head that shares the target's lm_head shares its packed copy too
     pack_module_linears(head, extra=[getattr(head, "lm_head_weight", None)])
+    head.checkpoint_dir = directory  # where eagle.api.load looks for the pair's acceptance.json
     return head
 
 

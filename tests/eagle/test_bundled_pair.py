@@ -69,3 +69,19 @@ def test_a_bfloat16_head_for_the_float32_target_changes_no_token(tree, modules):
     assert res.tokens == plain.tokens
     # float32 head on these prompts: 2.30 (dynamic) / 2.19 (chain); bfloat16: 2.19 / 2.00
     assert res.mean_accept_length > 1.6
+
+
+def test_the_bundled_head_ships_its_measured_acceptance(pair):
+    """eagle/assets/tiny-code/draft/acceptance.json (`eagle calibrate --write`) is the dynamic tree's
+    prior: greedy acceptance near the generic 0.75, sampled far lower."""
+    from eagle import autotree
+    from eagle.acceptance import AcceptanceFit
+    from eagle.speculate import SamplingParams
+
+    acc = pair.pair_acceptance
+    assert acc is not None and acc.sampled is not None
+    assert 0.6 < acc.greedy.accept_rate < 0.9 and 0.2 < acc.sampled.accept_rate < 0.5
+    assert (
+        pair.prior_acceptance() == acc.greedy != AcceptanceFit(autotree.ACCEPT_RATE, autotree.WIDENING_GAIN)
+    )
+    assert pair.prior_acceptance(SamplingParams(temperature=1.0)) == acc.sampled

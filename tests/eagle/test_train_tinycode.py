@@ -62,7 +62,9 @@ def test_pipeline_builds_a_loadable_pair_and_resumes(tmp_path, corpus_root):
     work = tmp_path / "work"
     summary = tinycode.run(_config(work, corpus_root), install=tmp_path / "assets")
 
-    assert set(summary["stages"]) == {"target", "features", "head", "tau"}
+    assert set(summary["stages"]) == {"target", "features", "head", "tau", "acceptance"}
+    fits = summary["stages"]["acceptance"]
+    assert 0.0 < fits["greedy"]["accept_rate"] < 1.0 and 0.0 < fits["sampled"]["accept_rate"] < 1.0
     assert all(s["seconds"] >= 0 for s in summary["stages"].values())
     assert 1.0 <= summary["stages"]["tau"]["tau"] <= 9.0
     assert summary["stages"]["tau"]["prompts"] == 2
@@ -72,6 +74,8 @@ def test_pipeline_builds_a_loadable_pair_and_resumes(tmp_path, corpus_root):
     for root in (work / "pair", tmp_path / "assets"):
         model = eagle.load(str(root / "target"), str(root / "draft"))
         assert model.tokenizer is not None
+        assert model.pair_acceptance is not None  # acceptance.json, installed with the head
+        assert model.pair_acceptance.greedy.accept_rate == fits["greedy"]["accept_rate"]
         res = model.generate(["def f(x):"], 6, tree="chain")
         plain = model.generate(["def f(x):"], 6, speculative=False)
         assert res.tokens == plain.tokens  # lossless greedy
