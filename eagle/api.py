@@ -144,13 +144,17 @@ class EagleModel:
 
     # ------------------------------------------------------------------------------------------
     def _tree(
-        self, tree, batch_size: int = 1, sampling: SamplingParams | None = None
+        self, tree, batch_size: int = 1, sampling: SamplingParams | None = None, seeded: bool = False
     ) -> TreeConfig | eagle_kernels.StaticTree:
+        """``seeded``: a seeded call; sampled, it sizes a dynamic tree from the prior alone, since
+        the refit would change the tree, and with it the draws, from one call with a seed to the
+        next."""
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
             prior = self.prior_acceptance(sampling)
-            known = self._acceptance.get(self._sampling_key(sampling))
+            key = self._sampling_key(sampling)
+            known = None if seeded and not key.greedy else self._acceptance.get(key)
             rate = prior.accept_rate if known is None else known.used
             return self._fit(
                 choose_tree(self.target, batch_size, self.head, accept_rate=rate, gain=prior.gain)
@@ -170,9 +174,14 @@ class EagleModel:
         return TreeConfig(tree.depth, k, min(tree.total_tokens, 1 + k + (tree.depth - 1) * k * k))
 
     def _decoder(
-        self, tree, batch_size: int = 1, cuda_graph: bool = False, sampling: SamplingParams | None = None
+        self,
+        tree,
+        batch_size: int = 1,
+        cuda_graph: bool = False,
+        sampling: SamplingParams | None = None,
+        seeded: bool = False,
     ) -> SpeculativeDecoder:
-        resolved = self._tree(tree, batch_size, sampling)
+        resolved = self._tree(tree, batch_size, sampling, seeded)
         key = (resolved if isinstance(resolved, TreeConfig) else id(resolved), cuda_graph)
         if key not in self._decoders:
             self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
@@ -295,7 +304,7 @@ class EagleModel:
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
-        decoder = self._decoder(tree, len(ids), cuda_graph, sampling)
+        decoder = self._decoder(tree, len(ids), cuda_graph, sampling, seed is not None)
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
@@ -333,7 +342,7 @@ class EagleModel:
             return
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
-        decoder = self._decoder(tree, 1, cuda_graph, sampling)
+        decoder = self._decoder(tree, 1, cuda_graph, sampling, seed is not None)
         with torch.inference_mode():
             for emission in decoder.run(
                 ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto

@@ -63,8 +63,24 @@ def test_sampled_settings_keep_their_own_rate(model, fixed_timings):
     assert set(rates) == {SamplingParams(), SamplingParams(temperature=1.0)}
     assert rates[SamplingParams()] == greedy
     assert rates[SamplingParams(temperature=1.0)] < greedy  # sampling accepts less
-    m.generate(PROMPTS, 8, temperature=1.0, seed=0)
+    m.generate(PROMPTS, 8, temperature=1.0)
     assert fixed_timings[-1] == pytest.approx(rates[SamplingParams(temperature=1.0)])
+
+
+def test_a_seeded_sampled_call_sizes_its_tree_from_the_prior(model, fixed_timings):
+    """The refit would change the tree, and with it the draws, from one call with a seed to the next:
+    seeded sampled calls choose from the prior (greedy ones, whose tokens no tree changes, refit)."""
+    m = fresh(model)
+    first = m.generate(PROMPTS, 32, temperature=1.0, seed=3)
+    refit = m.accept_rates[SamplingParams(temperature=1.0)]
+    assert abs(refit - autotree.ACCEPT_RATE) > eagle.api.ACCEPT_RATE_STEP  # it would move the tree
+    again = m.generate(PROMPTS, 32, temperature=1.0, seed=3)
+    assert fixed_timings[-1] == autotree.ACCEPT_RATE and again.tokens == first.tokens
+    m.generate(PROMPTS, 32, temperature=1.0)
+    assert fixed_timings[-1] == pytest.approx(m.accept_rates[SamplingParams(temperature=1.0)])
+    m.generate(PROMPTS, 32, seed=3)
+    m.generate(PROMPTS, 32, seed=3)
+    assert fixed_timings[-1] == pytest.approx(m.accept_rates[SamplingParams()])
 
 
 def test_only_long_enough_dynamic_speculative_runs_refit(model, fixed_timings):
