@@ -13,7 +13,8 @@ prior; each run then refits the rate). Each repeat runs
 the three over the same held-out prompts, one prompt per call (batch 1), in alternating order; repeat
 0 warms up (and calibrates) and is not timed. A cell's figure is the median over repeats of its
 tokens/s; its speedup is the ratio of that median to vanilla's. Greedy outputs of every cell must
-equal vanilla's; the script exits non-zero otherwise.
+equal vanilla's; the script exits non-zero otherwise. Sampled calls are not seeded: a seeded sampled
+call sizes its tree from the prior alone (eagle.api.EagleModel._tree), which would leave nothing to refit.
 ``--variants`` adds refitted cells that choose as eagle.autotree did before session 18, swapped in
 around that cell's calls: "refitted_log2" with its acceptance model (a fixed gain of 0.15 per doubling
 of the tree's width; now the gain grows with the square root of the doublings, see
@@ -128,10 +129,10 @@ def main(argv=None) -> int:
                 model, speculative = cells[name]
                 t0 = time.perf_counter()
                 outputs[name] = []
-                for i, prompt in enumerate(prompts):
+                for prompt in prompts:
                     with tree_choice(name):
                         res = model.generate(
-                            [prompt], args.new_tokens, temperature=temp, seed=i, speculative=speculative
+                            [prompt], args.new_tokens, temperature=temp, speculative=speculative
                         )
                     outputs[name].append(res.tokens[0])
                     label = None if res.tree is None else tree_label(res.tree)
