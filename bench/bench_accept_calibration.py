@@ -15,11 +15,11 @@ the three over the same held-out prompts, one prompt per call (batch 1), in alte
 tokens/s; its speedup is the ratio of that median to vanilla's. Greedy outputs of every cell must
 equal vanilla's; the script exits non-zero otherwise. Sampled calls are not seeded: a seeded sampled
 call sizes its tree from the prior alone (eagle.api.EagleModel._tree), which would leave nothing to refit.
-``--variants`` adds refitted cells that choose as eagle.autotree did before session 18, swapped in
-around that cell's calls: "refitted_log2" with its acceptance model (a fixed gain of 0.15 per doubling
-of the tree's width; now the gain grows with the square root of the doublings, see
-bench/bench_accept_model.py), "refitted_depth3" with its candidates (depths 3-6, CPU widths from 4;
-now depths 1-6, CPU widths from 2).
+``--variants log2`` adds a refitted cell that chooses as eagle.autotree did before session 18, swapped
+in around that cell's calls: "refitted_log2", with its acceptance model (a fixed gain of 0.15 per
+doubling of the tree's width; now the gain grows with the square root of the doublings, see
+bench/bench_accept_model.py). (Session 18 also ran a "depth3" variant while depths 1-2 were
+candidates: ..._session18.json; they were left out again, see eagle.autotree.DEPTHS.)
 Writes bench/results/accept_calibration_<target>_<dtype>.json (``--name``: another stem).
 
 The "fixed" cell's tree comes from timed forwards (eagle.autotree), so on a noisy machine two runs may
@@ -47,7 +47,7 @@ from eagle import autotree  # noqa: E402
 from eagle.api import EagleModel, load  # noqa: E402
 from eagle.bench import tree_label  # noqa: E402
 
-VARIANTS = ("log2", "depth3")
+VARIANTS = ("log2",)
 
 
 def _cells(base: EagleModel, variants=()) -> dict[str, tuple[EagleModel, bool]]:
@@ -75,16 +75,9 @@ def log2_expected_tau(depth: int, width: int, accept_rate: float = autotree.ACCE
 
 @contextlib.contextmanager
 def tree_choice(cell: str):
-    """The "refitted_log2" cell chooses (and refits) with log2_expected_tau, "refitted_depth3" among
-    depths 3-6 and CPU widths from 4 (choose_tree and fit_accept_rate look these up per call); the
-    other cells as shipped."""
-    patches = {
-        "refitted_log2": {"expected_tau": log2_expected_tau},
-        "refitted_depth3": {
-            "DEPTHS": (3, 4, 5, 6),
-            "WIDTHS": {**autotree.WIDTHS, "cpu": (4, 5, 6, 8, 12, 16, 24, 32)},
-        },
-    }.get(cell, {})
+    """The "refitted_log2" cell chooses (and refits) with log2_expected_tau (choose_tree and
+    fit_accept_rate look it up per call); the other cells as shipped."""
+    patches = {"refitted_log2": {"expected_tau": log2_expected_tau}}.get(cell, {})
     shipped = {name: getattr(autotree, name) for name in patches}
     for name, value in patches.items():
         setattr(autotree, name, value)

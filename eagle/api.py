@@ -468,6 +468,9 @@ def load(
         for "tiny-code" and no head otherwise (plain decoding only). dtype: default float32 on CPU, bf16
         on CUDA; float64 works on CPU. draft_dtype: the head's dtype, default ``dtype``; e.g. bfloat16
         drafts for a float32 target (the output is unchanged: the target verifies every token).
+    The head's directory may hold ``acceptance.json`` (:mod:`eagle.acceptance`, ``eagle calibrate
+    --write``): the pair's measured acceptance, the prior of ``tree="dynamic"``; a corrupt one raises
+    ValueError.
     """
     device = _resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)

@@ -34,10 +34,13 @@ import torch
 
 from eagle.tree import TreeConfig
 
-WIDTHS = {"cpu": (2, 3, 4, 5, 6, 8, 12, 16, 24, 32), "cuda": (8, 16, 24, 32, 48, 64)}
-# depths 1-2 (and CPU widths 2-3: their chains) for low acceptance, e.g. sampling from a small pair,
-# where a deeper draft mostly drafts tokens that get rejected
-DEPTHS = (1, 2, 3, 4, 5, 6)
+WIDTHS = {"cpu": (4, 5, 6, 8, 12, 16, 24, 32), "cuda": (8, 16, 24, 32, 48, 64)}
+# Depths 1-2 were tried as candidates (session 18) for the low acceptance of sampled runs: on a Zen 4
+# core with the bundled pair they won there (2/2/5 ~15% faster than 3/2/5 at T = 1, though both lost
+# to plain decoding) but were also chosen at T = 0, where 3/2/5 is 5-8% faster than 2/2/5 (one process,
+# alternating); a draft level timed through the Python module costs more than in the C++ round, which
+# tips the choice to shallow trees. Left out until draft levels are timed as the round runs them.
+DEPTHS = (3, 4, 5, 6)
 # tau / chain - 1 = WIDENING_GAIN * sqrt(log2(W / (d + 1))): the tiny-code pair fits 0.168 at T = 0 and
 # 0.25 at T = 1 (bench/results/accept_model_tiny-code.json)
 WIDENING_GAIN = 0.17

@@ -18,6 +18,8 @@
 // token decoded alone (tests/kernels/test_tree_attention.py checks it bit for bit).
 #include "tree_attention_dpbf16.h"
 
+#include "panel_linear.h"
+
 #include <algorithm>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -30,15 +32,8 @@
 namespace eagle {
 namespace tree_attn_dpbf16 {
 
-bool available() {
-#if EAGLE_TA_DPBF16_BUILD
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
+// The instructions the bf16 panel linears need (AVX-512F/BW, AVX512-BF16): one check for both.
+bool available() { return panel::bf16_available(); }
 
 #if EAGLE_TA_DPBF16_BUILD
 namespace {
