@@ -145,6 +145,10 @@ def _tau(
             [list(prompt)], new_tokens, temperature=temperature, tree=tree, eos_token_id=[], seed=i
         )
         lengths.extend(res.accept_lengths[0])
+    if not lengths:
+        raise ValueError(
+            f"no speculative round ran with new_tokens={new_tokens}: measuring needs more tokens"
+        )
     return sum(lengths) / len(lengths)
 
 

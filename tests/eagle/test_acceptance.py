@@ -152,6 +152,8 @@ def test_measure_fits_chains_and_trees_of_a_pair(tiny_checkpoints):
     assert greedy_only.sampled is None and rec["sampled"] is None
     with pytest.raises(ValueError, match="at least one prompt"):
         acceptance.measure_fit(model, [], 0.0)
+    with pytest.raises(ValueError, match="no speculative round ran with new_tokens=1"):
+        acceptance.measure_fit(model, prompts, 0.0, new_tokens=1)
     no_head = eagle.load(str(tiny_checkpoints.target), dtype=torch.float32)
     with pytest.raises(ValueError, match="needs a draft head"):
         acceptance.measure_pair_acceptance(no_head, prompts)
