@@ -18,6 +18,7 @@ from eagle.models.cpu_packed import (
     packed_weight,
     packing_supported,
 )
+from tests.eagle.helpers import bf16_logits_with_and_without_packing
 
 pytestmark = pytest.mark.skipif(
     not packing_supported(torch.bfloat16), reason="this CPU/torch build packs no bf16 weights"
@@ -211,13 +212,9 @@ def test_onednn_packed_and_dense_models_give_the_same_logits(tiny_checkpoints, m
 @needs_amx
 def test_amx_and_dense_models_agree_to_bf16_rounding(tiny_checkpoints, monkeypatch):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(12))
-    outs = []
-    for env in ("1", "0"):
-        monkeypatch.setenv("EAGLE_CPU_PACKED_WEIGHTS", env)
-        target = load_target(tiny_checkpoints.target, dtype=torch.bfloat16)
-        assert any(is_amx_tiled(packed_weight(p)) for p in target.parameters()) == (env == "1")
-        with torch.inference_mode():
-            outs.append(target(ids, target.new_cache(2, 16)).logits.float())
+    outs = bf16_logits_with_and_without_packing(
+        tiny_checkpoints.target, ids, monkeypatch, "EAGLE_CPU_PACKED_WEIGHTS", is_amx_tiled
+    )
     torch.testing.assert_close(*outs, rtol=0.05, atol=0.05)
 
 

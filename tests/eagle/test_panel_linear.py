@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from eagle.models import cpu_packed, load_draft, load_target
 from eagle.models.cpu_packed import is_panels, linear, pack_linear_weights, packed_weight, panels
-from eagle.models.llama import set_cpu_fast_path
+from tests.eagle.helpers import fast_path_and_module_logits
 
 pytestmark = pytest.mark.skipif(
     not cpu_packed.panel_linear_available(), reason="needs the extension on an AVX-512 CPU"
@@ -148,15 +148,7 @@ def _greedy_tokens(target, steps: int = 12) -> list[int]:
 def test_python_modules_and_cpp_layers_agree_with_panels(tiny_checkpoints):
     target = load_target(tiny_checkpoints.target, dtype=torch.float32)
     ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(21))
-    logits = {}
-    previous = set_cpu_fast_path(True)
-    try:
-        with torch.inference_mode():
-            for fast in (True, False):
-                set_cpu_fast_path(fast)
-                logits[fast] = target(ids, target.new_cache(2, 16)).logits
-    finally:
-        set_cpu_fast_path(previous)
+    logits = fast_path_and_module_logits(target, ids)
     assert torch.equal(logits[True], logits[False])
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from eagle.models import cpu_packed, load_draft, load_target
 from eagle.models.cpu_packed import bf16_panels, is_bf16_panels, linear, pack_linear_weights, packed_weight
-from eagle.models.llama import set_cpu_fast_path
+from tests.eagle.helpers import bf16_logits_with_and_without_packing, fast_path_and_module_logits
 
 pytestmark = pytest.mark.skipif(
     not cpu_packed.bf16_panel_linear_available(), reason="needs the extension on an AVX512-BF16 CPU"
@@ -141,28 +141,16 @@ def test_python_modules_and_cpp_layers_agree_with_panels(tiny_checkpoints):
     target = load_target(tiny_checkpoints.target, dtype=torch.bfloat16)
     assert any(is_bf16_panels(packed_weight(p)) for p in target.parameters())
     ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(21))
-    logits = {}
-    previous = set_cpu_fast_path(True)
-    try:
-        with torch.inference_mode():
-            for fast in (True, False):
-                set_cpu_fast_path(fast)
-                logits[fast] = target(ids, target.new_cache(2, 16)).logits
-    finally:
-        set_cpu_fast_path(previous)
+    logits = fast_path_and_module_logits(target, ids)
     assert torch.equal(logits[True], logits[False])
 
 
 @no_amx
 def test_panels_and_onednn_models_agree_to_bf16_rounding(tiny_checkpoints, monkeypatch):
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(12))
-    outs = []
-    for env in ("1", "0"):
-        monkeypatch.setenv("EAGLE_CPU_BF16_PANEL_LINEAR", env)
-        target = load_target(tiny_checkpoints.target, dtype=torch.bfloat16)
-        assert any(is_bf16_panels(packed_weight(p)) for p in target.parameters()) == (env == "1")
-        with torch.inference_mode():
-            outs.append(target(ids, target.new_cache(2, 16)).logits.float())
+    outs = bf16_logits_with_and_without_packing(
+        tiny_checkpoints.target, ids, monkeypatch, "EAGLE_CPU_BF16_PANEL_LINEAR", is_bf16_panels
+    )
     torch.testing.assert_close(*outs, rtol=0.05, atol=0.05)
 
 
