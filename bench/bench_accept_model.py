@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_loop import prompts_for  # noqa: E402
 from bench.utils import save_json  # noqa: E402
+from eagle.acceptance import measure_tau  # noqa: E402
 from eagle.api import load  # noqa: E402
 from eagle.autotree import fit_accept_rate, tree_for  # noqa: E402
 from eagle.tree import TreeConfig  # noqa: E402
@@ -40,17 +41,6 @@ SHAPES = {
     "log2": lambda x: x,  # a fixed gain per doubling (eagle.autotree before session 18)
     "sqrt_log2": lambda x: math.sqrt(x),  # each doubling gains less than the one before
 }
-
-
-def measure_tau(model, prompts, tree, temperature: float, new_tokens: int) -> float:
-    """Mean accepted tokens per target forward over ``prompts``, one prompt per call."""
-    lengths = []
-    for prompt in prompts:
-        res = model.generate(
-            [prompt], new_tokens, temperature=temperature, tree=tree, eos_token_id=[], seed=0
-        )
-        lengths.extend(res.accept_lengths[0])
-    return sum(lengths) / len(lengths)
 
 
 def fit_gain(points: list[dict], shape) -> float:

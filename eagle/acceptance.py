@@ -136,9 +136,9 @@ def write_pair_acceptance(directory: str | Path, acceptance: PairAcceptance, mea
     return path
 
 
-def _tau(
-    model, prompts: Sequence[Sequence[int]], tree: TreeConfig, temperature: float, new_tokens: int
-) -> float:
+def measure_tau(model, prompts: Sequence[Sequence[int]], tree, temperature: float, new_tokens: int) -> float:
+    """Mean accepted tokens per target forward of ``model`` with ``tree`` over ``prompts`` (token-id
+    lists), one prompt per call, no EOS stop; sampled calls are seeded 0, 1, ... by prompt."""
     lengths: list[int] = []
     for i, prompt in enumerate(prompts):
         res = model.generate(
@@ -172,14 +172,14 @@ def measure_fit(
     record: dict = {"temperature": temperature, "chains": {}, "trees": {}}
     rates = []
     for d in CHAIN_DEPTHS:
-        tau = _tau(model, prompts, TreeConfig.chain(d), temperature, new_tokens)
+        tau = measure_tau(model, prompts, TreeConfig.chain(d), temperature, new_tokens)
         rates.append(autotree.fit_accept_rate(d, d + 1, tau))
         record["chains"][f"chain-{d}"] = tau
     a = sum(rates) / len(rates)
     gains = []
     for d in CHAIN_DEPTHS:
         tree = autotree.tree_for(d, TREE_WIDTH)
-        tau = _tau(model, prompts, tree, temperature, new_tokens)
+        tau = measure_tau(model, prompts, tree, temperature, new_tokens)
         gains.append(fit_gain(d, tree.total_tokens, tau, a))
         record["trees"][f"{tree.depth}/{tree.topk}/{tree.total_tokens}"] = tau
     fit = AcceptanceFit(a, sum(gains) / len(gains))

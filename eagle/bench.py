@@ -218,16 +218,22 @@ def user_prompt_texts(config: BenchConfig) -> list[tuple[str, str]]:
     return texts[: config.num_prompts] if config.num_prompts else texts
 
 
+def encode_texts(texts: list[tuple[str, str]], tokenizer) -> list[Prompt]:
+    """``(source, text)`` pairs encoded with the tokenizer's own convention; a text that encodes to no
+    token raises, naming its source."""
+    prompts = [Prompt(src, tokenizer(t)["input_ids"]) for src, t in texts]
+    empty = [p.source for p in prompts if not p.ids]
+    if empty:
+        raise ValueError(f"prompts encode to no tokens: {empty}")
+    return prompts
+
+
 def build_prompts(config: BenchConfig, texts: list[tuple[str, str]], tokenizer) -> tuple[list[Prompt], str]:
     """The prompt set (user texts encoded, else the held-out default) and where it came from."""
     if tokenizer is None:
         raise ValueError(f"{config.target} has no tokenizer, so the benchmark cannot encode its prompts")
     if texts:
-        prompts = [Prompt(src, tokenizer(t)["input_ids"]) for src, t in texts]
-        empty = [p.source for p in prompts if not p.ids]
-        if empty:
-            raise ValueError(f"prompts encode to no tokens: {empty}")
-        return prompts, "user prompts"
+        return encode_texts(texts, tokenizer), "user prompts"
     count = config.num_prompts or 8
     return heldout_prompts(tokenizer, count, config.prompt_tokens), (
         f"first {config.prompt_tokens} tokens of {count} held-out standard-library files"

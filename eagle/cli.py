@@ -222,12 +222,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if model.head is None:
         raise ValueError("eagle calibrate needs a draft head (--draft) for this target")
     if args.prompts:
-        from eagle.bench import read_prompts_file
+        from eagle.bench import encode_texts, read_prompts_file
 
         if model.tokenizer is None:
             raise ValueError("--prompts holds text, and this target has no tokenizer to encode it")
-        texts = [text for _, text in read_prompts_file(args.prompts)][: args.num_prompts]
-        prompts = [model.tokenizer(t)["input_ids"] for t in texts]
+        encoded = encode_texts(read_prompts_file(args.prompts)[: args.num_prompts], model.tokenizer)
+        prompts = [p.ids for p in encoded]
         source = f"{args.prompts} (first {len(prompts)})"
     else:
         from eagle.train.tinycode import heldout_prompts

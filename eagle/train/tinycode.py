@@ -211,15 +211,12 @@ def measure_heldout_tau(
     so the figure describes the head, not this machine's speed-optimal tree (``tree="dynamic"`` times
     forwards and may pick smaller trees on a CPU)."""
     import eagle
+    from eagle.acceptance import measure_tau
 
     model = eagle.load(str(target_dir), str(draft_dir), device=device)
     prompts = heldout_prompts(model.tokenizer, n_files, prompt_tokens, corpus_root, val_fraction)
-    lengths = []
-    for prompt in prompts:
-        res = model.generate([prompt], new_tokens, temperature=0.0, tree=tree, eos_token_id=[])
-        lengths.extend(res.accept_lengths[0])
     return {
-        "tau": sum(lengths) / len(lengths),
+        "tau": measure_tau(model, prompts, tree, 0.0, new_tokens),
         "prompts": len(prompts),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
