@@ -25,6 +25,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "fused_draft_input.h"
 
 #include <algorithm>
@@ -332,11 +333,7 @@ bool use_bf16_dot() {
 }
 
 bool use_skinny(at::ScalarType dtype, int64_t N) {
-  const char* env = std::getenv("EAGLE_KERNELS_CPU_ISA");
-  const std::string forced = env == nullptr ? "" : env;
-  TORCH_CHECK(forced.empty() || forced == "auto" || forced == "generic" || forced == "amx" ||
-                  forced == "avx512bf16" || forced == "avx512" || forced == "avx2",
-              "EAGLE_KERNELS_CPU_ISA must be amx, avx512bf16, avx512, avx2, generic or auto, got ", forced);
+  const std::string forced = forced_cpu_isa();
   if (forced == "generic" || forced == "avx2" || !cpu_has_avx512()) return false;
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) return false;
   if (forced == "avx512" || dtype == at::kHalf) return true;

@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "tree_attention_amx.h"
 #include "tree_attention_dpbf16.h"
 #include "tensor_pool.h"
@@ -105,8 +106,7 @@ struct Kernels {
   Kernels { ns::run_f32, ns::run_f64, ns::run_f16, ns::run_bf16, #ns, amx, dpbf16 }
 
 Kernels select_kernels() {
-  const char* forced = std::getenv("EAGLE_KERNELS_CPU_ISA");
-  const std::string want = forced == nullptr ? "" : forced;
+  const std::string want = forced_cpu_isa();
 #ifdef EAGLE_TREE_ATTN_X86_VARIANTS
   const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -130,7 +130,7 @@ Kernels select_kernels() {
     TORCH_CHECK(has2, "EAGLE_KERNELS_CPU_ISA=avx2 but this CPU lacks AVX2/FMA");
     return EAGLE_TREE_ATTN_KERNELS(avx2, false, false);
   }
-  if (want.empty() || want == "auto") {
+  if (want.empty()) {
     if (has512) {
       const bool amx = has_amx();
       return EAGLE_TREE_ATTN_KERNELS(avx512, amx, !amx && has_dpbf16);
@@ -138,8 +138,8 @@ Kernels select_kernels() {
     if (has2) return EAGLE_TREE_ATTN_KERNELS(avx2, false, false);
   }
 #endif
-  TORCH_CHECK(want.empty() || want == "auto" || want == "generic",
-              "EAGLE_KERNELS_CPU_ISA must be amx, avx512bf16, avx512, avx2, generic or auto, got ", want);
+  TORCH_CHECK(want.empty() || want == "generic", "EAGLE_KERNELS_CPU_ISA=", want,
+              " is not built into this extension (its tree_attention has the generic variant only)");
   return EAGLE_TREE_ATTN_KERNELS(generic, false, false);
 }
 
