@@ -181,3 +181,18 @@ def test_bench_accept_model_fits_both_gain_shapes():
     for shape in ("log2", "sqrt_log2"):
         assert re.search(rf"{shape}: g = -?[\d.]+, rms relative error of tau [\d.]+%", out), out
     assert "wrote" not in out
+
+
+def test_compare_heads_ranks_the_trained_head_above_a_random_one(tmp_path):
+    from eagle.api import BUNDLED, load
+    from eagle.models import random_draft, save_draft
+
+    save_draft(random_draft(load(BUNDLED).target, "eagle2", seed=0), tmp_path / "random")
+    trained = str(Path(__file__).resolve().parents[1] / "eagle" / "assets" / "tiny-code" / "draft")
+    out = _run(
+        "compare_heads.py", "--draft", trained, str(tmp_path / "random"), "--trees", "3/2/6",
+        "--prompts", "2", "--new-tokens", "24", "--temperature", "0",
+    )  # fmt: skip
+    taus = [float(t) for t in re.findall(r"tree 3/2/6 +T=0 +tau ([\d.]+)", out)]
+    assert len(taus) == 2 and taus[0] > 1.5 and taus[1] < 1.2, out
+    assert "wrote" not in out

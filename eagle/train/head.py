@@ -7,6 +7,13 @@ feeds the head ``(f_t + noise, x_{t+1})`` and its output must predict ``f_{t+1}`
     loss = v_weight * SmoothL1(pred, f[:, 1:])                    # mean over H, masked mean over rows
          + p_weight * CE(softmax(lm_head(f[:, 1:])), lm_head(pred))   # soft labels: the target's own
 
+With ``unroll_steps = n > 1`` (``--unroll-steps``: the "training-time test" of EAGLE-3, also HASS)
+the head is also run as it drafts: step ``k`` feeds row ``t`` the head's own step ``k - 1`` output
+at row ``t - 1`` instead of ``f_t`` and attends to the context a depth-``k + 1`` tree node sees
+(:func:`unrolled_training_forward`); each step has the loss above, weighted ``unroll_weight ** k``.
+Deeper draft levels then see at training the kind of input they get when drafting, which the
+one-step recipe never shows them.
+
 AdamW (0.9, 0.95), linear warm-up then cosine decay, gradient-norm clipping. The embedding and the
 lm_head are the target's and stay frozen (the head holds a frozen copy of the embedding and shares
 the target's lm_head tensor). Validation after every epoch: feature loss, top-1 agreement of the
@@ -106,6 +113,10 @@ class HeadTrainConfig:
     log_every_steps: int = 10
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total
     save_dtype: str = "float32"
+    # Training-time test (EAGLE-3, HASS): the head also learns from its own drafted features, unrolled
+    # over this many draft levels; step k's loss is weighted unroll_weight ** k. 1: EAGLE-1/2's recipe.
+    unroll_steps: int = 1
+    unroll_weight: float = 0.8
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -118,6 +129,10 @@ class HeadTrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
+        if self.unroll_steps < 1 or not self.unroll_weight > 0:
+            raise ValueError(
+                f"need unroll_steps >= 1 and unroll_weight > 0, got {self.unroll_steps}, {self.unroll_weight}"
+            )
         TreeConfig(*self.tau_tree)
 
 
@@ -145,17 +160,84 @@ def training_forward(head: DraftHead, features: torch.Tensor, next_tokens: torch
     features ``[B, T, H]``; row ``t`` has position ``t`` and sees rows ``<= t``. Numerically the
     head's inference forward on a fresh cache (``head(features, next_tokens, head.new_cache(B, T))``).
     """
+    return unrolled_training_forward(head, features, next_tokens, steps=1)[0]
+
+
+def unrolled_training_forward(
+    head: DraftHead, features: torch.Tensor, next_tokens: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """The head unrolled over ``steps`` draft levels, as it runs when it drafts (training-time test).
+
+    ``features [B, T, H]`` (``f_t``), ``next_tokens`` int ``[B, T]`` (``x_{t+1}``) -> ``[steps, B, T, H]``.
+    Step 0 is :func:`training_forward`. At step ``k >= 1`` row ``t`` is fed the head's own step
+    ``k - 1`` prediction of ``f_t`` (its output at row ``t - 1``) instead of the target's ``f_t``, and
+    attends to what a depth-``k + 1`` tree node attends to when drafting: the step-0 rows ``<= t - k``
+    (the committed context, fed with target features) and, of each step ``j`` in ``1..k``, the one row
+    ``t - k + j`` (the node's ancestors in the tree, then itself). Rows ``t < k`` have no such context;
+    their outputs are meaningless and get no loss (:func:`unrolled_loss_masks`). Every step predicts
+    ``f_{t+1}`` and ``x_{t+2}``: the same targets as step 0, from a drafted instead of a true input.
+    """
     if head.kind != "eagle2":
         raise ValueError(f"training_forward implements EAGLE-1/2 heads, got a {head.kind} head")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     B, T, _ = features.shape
-    emb = F.embedding(next_tokens, head.embed_weight)
-    x = F.linear(torch.cat((emb, features), dim=-1), head.fc.weight, head.fc.bias)
     layer = head.layers[0]
-    h = x + _causal_self_attention(layer.self_attn, x, head._inv_freq.to(x.device))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    attn = layer.self_attn
+    inv_freq = head._inv_freq.to(features.device)
+    emb = F.embedding(next_tokens, head.embed_weight)
+    keys: list[torch.Tensor] = []
+    values: list[torch.Tensor] = []
+    outputs = []
+    fed = features
+    for k in range(steps):
+        x = F.linear(torch.cat((emb, fed), dim=-1), head.fc.weight, head.fc.bias)
+        q, key, value = _rotated_qkv(attn, x, inv_freq)
+        keys.append(key)
+        values.append(value)
+        if k == 0:
+            out = F.scaled_dot_product_attention(
+                q, key, value, is_causal=True, enable_gqa=q.shape[1] != key.shape[1]
+            )
+        else:
+            mask = unrolled_attention_mask(T, k, x.device)
+            out = F.scaled_dot_product_attention(
+                q,
+                torch.cat(keys, 2),
+                torch.cat(values, 2),
+                attn_mask=mask,
+                enable_gqa=q.shape[1] != key.shape[1],
+            )
+        h = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        outputs.append(h)
+        fed = F.pad(h[:, :-1], (0, 0, 1, 0))  # row t is fed the prediction made at row t - 1
+    return torch.stack(outputs)
 
 
-def _causal_self_attention(attn: nn.Module, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def unrolled_attention_mask(T: int, step: int, device=None) -> torch.Tensor:
+    """Bool ``[T, (step + 1) * T]``: which keys row ``t`` of unrolled step ``step`` sees (True: visible).
+
+    Keys are the ``step + 1`` blocks of ``T`` rows of steps ``0..step``: step 0's rows ``<= t - step``,
+    and of each step ``j >= 1`` only row ``t - step + j`` (the diagonal shifted by ``step - j``).
+    """
+    t = torch.arange(T, device=device)[:, None]
+    s = torch.arange(T, device=device)[None, :]
+    blocks = [s <= t - step] + [s == t - step + j for j in range(1, step + 1)]
+    return torch.cat(blocks, 1)
+
+
+def unrolled_loss_masks(mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Float ``[steps, B, T]``: the rows of each unrolled step that get a loss. Step ``k``'s row ``t``
+    counts when rows ``t - k .. t`` all do in ``mask [B, T]`` (its whole drafted chain is real)."""
+    masks = [mask]
+    for _ in range(1, steps):
+        masks.append(masks[-1] * F.pad(masks[-1][:, :-1], (1, 0)))
+    return torch.stack(masks)
+
+
+def _rotated_qkv(attn: nn.Module, x: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``q [B, Hq, T, D]``, ``k``, ``v [B, Hkv, T, D]`` of ``x [B, T, H]`` at positions ``0..T-1``."""
     B, T, _ = x.shape
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     qkv = attn.qkv_proj(x).view(B, T, -1, D)
@@ -165,20 +247,19 @@ def _causal_self_attention(attn: nn.Module, x: torch.Tensor, inv_freq: torch.Ten
     positions = torch.arange(T, device=x.device).expand(B, T)
     cos, sin = rope_cos_sin(inv_freq, positions, qk.dtype)
     qk = apply_rope(qk, cos, sin)
-    q, k = qk[:, :, :Hq].transpose(1, 2), qk[:, :, Hq:].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True, enable_gqa=Hq != Hkv)
-    return attn.o_proj(out.transpose(1, 2).reshape(B, T, Hq * D))
+    return qk[:, :, :Hq].transpose(1, 2), qk[:, :, Hq:].transpose(1, 2), v.transpose(1, 2)
 
 
 class _TrainingModule(nn.Module):
     """The head behind a module boundary, so DistributedDataParallel can hook its gradients."""
 
-    def __init__(self, head: DraftHead) -> None:
+    def __init__(self, head: DraftHead, steps: int = 1) -> None:
         super().__init__()
         self.head = head
+        self.steps = steps
 
     def forward(self, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-        return training_forward(self.head, features, next_tokens)
+        return unrolled_training_forward(self.head, features, next_tokens, self.steps)
 
 
 @dataclass
@@ -195,20 +276,37 @@ class LossSums:
 
 
 def loss_sums(
-    pred: torch.Tensor, target_features: torch.Tensor, mask: torch.Tensor, lm_head: torch.Tensor
+    pred: torch.Tensor,
+    target_features: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head: torch.Tensor,
+    target_logits: torch.Tensor | None = None,
 ) -> LossSums:
     """Masked sums of the feature loss, the soft-label cross-entropy and the top-1 agreement.
 
-    ``pred``, ``target_features``: ``[B, T, H]``; ``mask`` float ``[B, T]``; ``lm_head [V, H]``.
+    ``pred``, ``target_features``: ``[B, T, H]``; ``mask`` float ``[B, T]``; ``lm_head [V, H]``;
+    ``target_logits`` float32 ``[B, T, V]``: ``lm_head(target_features)`` when already computed.
     """
     with torch.no_grad():
-        target_logits = F.linear(target_features, lm_head).float()
+        if target_logits is None:
+            target_logits = F.linear(target_features, lm_head).float()
         target_probs = target_logits.softmax(-1)
     logp = F.linear(pred, lm_head).float().log_softmax(-1)
     v = F.smooth_l1_loss(pred.float(), target_features.float(), reduction="none").mean(-1)
     p = -(target_probs * logp).sum(-1)
     agree = (logp.argmax(-1) == target_logits.argmax(-1)).float()
     return LossSums((v * mask).sum(), (p * mask).sum(), (agree * mask).sum().detach(), mask.sum())
+
+
+def unrolled_loss_sums(
+    preds: torch.Tensor, target_features: torch.Tensor, mask: torch.Tensor, lm_head: torch.Tensor
+) -> list[LossSums]:
+    """:func:`loss_sums` of each step of :func:`unrolled_training_forward` (``preds [steps, B, T, H]``),
+    each over its own rows (:func:`unrolled_loss_masks`); the targets are the same for every step."""
+    with torch.no_grad():
+        target_logits = F.linear(target_features, lm_head).float()
+    masks = unrolled_loss_masks(mask, preds.shape[0])
+    return [loss_sums(p, target_features, m, lm_head, target_logits) for p, m in zip(preds, masks)]
 
 
 def uniform_noise(
@@ -254,19 +352,30 @@ def epoch_order(train: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 @torch.no_grad()
 def validate(head: DraftHead, data: FeatureData, indices: np.ndarray, cfg: HeadTrainConfig) -> dict:
     """Feature loss, soft cross-entropy and top-1 agreement on held-out sequences (no noise)."""
-    total = torch.zeros(4, dtype=torch.float64)
+    total = torch.zeros(cfg.unroll_steps, 4, dtype=torch.float64)
     indices = indices[: cfg.val_max_sequences]
     for lo in range(0, len(indices), cfg.batch_size):
         f_in, tok, f_tgt, mask = split_batch(data[indices[lo : lo + cfg.batch_size]], head.device)
         with _autocast(head.device, cfg.autocast_bf16):
-            pred = training_forward(head, f_in, tok)
-            total += loss_sums(pred, f_tgt, mask, head.lm_head_weight).as_tensor().cpu()
-    rows = max(total[3].item(), 1.0)
-    return {
-        "val_v_loss": total[0].item() / rows,
-        "val_p_loss": total[1].item() / rows,
-        "val_top1": total[2].item() / rows,
+            preds = unrolled_training_forward(head, f_in, tok, cfg.unroll_steps)
+            sums = unrolled_loss_sums(preds, f_tgt, mask, head.lm_head_weight)
+            total += torch.stack([s.as_tensor() for s in sums]).cpu()
+    return {f"val_{k}": v for k, v in step_metrics(total).items()}
+
+
+def step_metrics(total: torch.Tensor) -> dict:
+    """Means of step 0's sums ``total [steps, 4]`` (v, p, correct, rows), plus the feature loss and
+    top-1 agreement of every unrolled step when there are several."""
+    rows = total[:, 3].clamp(min=1.0)
+    record = {
+        "v_loss": (total[0, 0] / rows[0]).item(),
+        "p_loss": (total[0, 1] / rows[0]).item(),
+        "top1": (total[0, 2] / rows[0]).item(),
     }
+    if total.shape[0] > 1:
+        record["v_loss_by_step"] = (total[:, 0] / rows).tolist()
+        record["top1_by_step"] = (total[:, 2] / rows).tolist()
+    return record
 
 
 @torch.no_grad()
@@ -432,7 +541,7 @@ def train_head(
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         run = RunState(saved["step"], saved["train_seconds"], saved["history"])
-    model = wrap_module(_TrainingModule(head), ctx)
+    model = wrap_module(_TrainingModule(head, cfg.unroll_steps), ctx)
     prompts = tau_prompts(data, val_idx, cfg, target)
     trainer = _Trainer(target, head, model, optimizer, data, out_dir, cfg, ctx, run, total_steps)
     if ctx.is_main:
@@ -461,15 +570,19 @@ class _Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with _autocast(ctx.device, cfg.autocast_bf16):
-            pred = self.model(f_in, tok)
-            sums = loss_sums(pred, f_tgt, mask, self.head.lm_head_weight)
-        # Normalised by the global row count; DDP averages over ranks, hence the world_size factor.
-        loss = (cfg.v_weight * sums.v + cfg.p_weight * sums.p) * (ctx.world_size / rows.to(sums.v.dtype))
+            preds = self.model(f_in, tok)
+            per_step = unrolled_loss_sums(preds, f_tgt, mask, self.head.lm_head_weight)
+        loss = sum(
+            cfg.unroll_weight**k * (cfg.v_weight * sums.v + cfg.p_weight * sums.p)
+            for k, sums in enumerate(per_step)
+        )
+        # Normalised by the global row count (of step 0); DDP averages over ranks, hence world_size.
+        loss = loss * (ctx.world_size / rows.to(loss.dtype))
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
-        return all_reduce_sum(sums.as_tensor(), ctx)
+        return all_reduce_sum(torch.stack([s.as_tensor() for s in per_step]), ctx)
 
     def run(self, train_idx, val_idx, steps_per_epoch, prompts, progress) -> dict:
         cfg, ctx, run = self.cfg, self.ctx, self.run_state
@@ -477,7 +590,7 @@ class _Trainer:
         per_rank = cfg.batch_size // ctx.world_size
         tokens_per_step = cfg.batch_size * (self.data.seq_len - 1)
         bar = _bar(run.step, self.total_steps, progress and ctx.is_main)
-        window = torch.zeros(4, dtype=torch.float64)
+        window = torch.zeros(cfg.unroll_steps, 4, dtype=torch.float64)
         window_start, last = time.perf_counter(), {}
         while run.step < stop:
             epoch, b = divmod(run.step, steps_per_epoch)
@@ -490,7 +603,7 @@ class _Trainer:
                 elapsed = time.perf_counter() - window_start
                 steps = run.step % cfg.log_every_steps or cfg.log_every_steps
                 last = self._log(window, epoch, tokens_per_step * steps / max(elapsed, 1e-9), bar)
-                window, window_start = torch.zeros(4, dtype=torch.float64), time.perf_counter()
+                window, window_start = torch.zeros_like(window), time.perf_counter()
             if bar is not None:
                 bar.update(1)
             end_of_epoch = run.step % steps_per_epoch == 0
@@ -503,16 +616,12 @@ class _Trainer:
         return last
 
     def _log(self, window: torch.Tensor, epoch: int, tok_per_s: float, bar) -> dict:
-        rows = max(window[3].item(), 1.0)
         record = {
             "step": self.run_state.step,
             "epoch": epoch,
             "lr": learning_rate(self.run_state.step - 1, self.cfg, self.total_steps),
-            "v_loss": window[0].item() / rows,
-            "p_loss": window[1].item() / rows,
-            "top1": window[2].item() / rows,
-            "tokens_per_s": tok_per_s,
-        }
+        } | step_metrics(window)
+        record["tokens_per_s"] = tok_per_s
         record["loss"] = self.cfg.v_weight * record["v_loss"] + self.cfg.p_weight * record["p_loss"]
         if self.ctx.is_main:
             _append_metrics(self.out_dir, record)
@@ -580,7 +689,7 @@ def measure_throughput(
         run_cfg = dataclasses.replace(cfg, autocast_bf16=autocast, val_fraction=0.0)
         head = make_head(target, run_cfg, None)
         trainers[name] = _Trainer(
-            target, head, _TrainingModule(head), make_optimizer(head, run_cfg), data, Path("."),
+            target, head, _TrainingModule(head, run_cfg.unroll_steps), make_optimizer(head, run_cfg), data, Path("."),
             run_cfg, DistContext(device=target.device), RunState(), (rounds * steps + 1),
         )  # fmt: skip
     batch = np.arange(min(cfg.batch_size, len(data)))
@@ -620,6 +729,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=d.noise, help="half-width of the uniform feature noise")
     p.add_argument("--p-weight", type=float, default=d.p_weight, help="weight of the token cross-entropy")
     p.add_argument("--no-bias", action="store_true", help="fc without bias (the LLaMA-3 heads' layout)")
+    p.add_argument(
+        "--unroll-steps",
+        type=int,
+        default=d.unroll_steps,
+        help="training-time test: also train on the head's own drafted features, this many draft levels",
+    )
+    p.add_argument(
+        "--unroll-weight",
+        type=float,
+        default=d.unroll_weight,
+        help="loss weight ratio between unrolled steps",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--bf16",
@@ -657,6 +778,8 @@ def config_from_args(args: argparse.Namespace) -> HeadTrainConfig:
         p_weight=args.p_weight,
         bias=not args.no_bias,
         seed=args.seed,
+        unroll_steps=args.unroll_steps,
+        unroll_weight=args.unroll_weight,
         autocast_bf16=args.bf16,
         val_fraction=args.val_fraction,
         tau_prompts=args.tau_prompts,

@@ -238,6 +238,80 @@ def test_training_forward_equals_inference_forward(setup, dtype, tol):
     assert (pred.detach() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
 
+def _draft_chain(head, features, tokens, t: int, k: int) -> torch.Tensor:
+    """The inference head drafting a chain: rows ``0..t-k`` fed the target's features, then rows
+    ``t-k+1..t`` each fed the previous row's output (a depth-``k + 1`` node); returns row ``t``'s
+    output ``[B, H]``."""
+    B = features.shape[0]
+    cache = head.new_cache(B, t + 1)
+    out = head(features[:, : t - k + 1], tokens[:, : t - k + 1], cache).hidden
+    cache.advance(t - k + 1)
+    for p in range(t - k + 1, t + 1):
+        out = head(out[:, -1:], tokens[:, p : p + 1], cache).hidden
+        cache.advance(1)
+    return out[:, 0]
+
+
+def test_unrolled_steps_are_what_the_head_computes_when_it_drafts(setup):
+    target = load_target(setup["target_dir"], dtype=torch.float64)
+    head = random_draft(target, "eagle2", init_std=0.2, seed=4)
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 11, 64, generator=gen, dtype=torch.float64)
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=gen)
+    preds = th.unrolled_training_forward(head, features, tokens, steps=4)
+    assert preds.shape == (4, 2, 11, 64)
+    torch.testing.assert_close(preds[0], th.training_forward(head, features, tokens), rtol=0, atol=0)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            for t in (k, k + 2, 10):
+                ref = _draft_chain(head, features, tokens, t, k)
+                torch.testing.assert_close(preds[k][:, t], ref, rtol=1e-10, atol=1e-10)
+        # Not the same as being fed the target's features (the test would pass for a no-op unroll).
+        assert (preds[2][:, 10] - preds[0][:, 10]).abs().max() > 1e-3
+
+
+def test_unrolled_masks():
+    m = th.unrolled_attention_mask(4, 2)
+    # row t of step 2 sees step 0's rows <= t - 2, step 1's row t - 1 and its own row t
+    expect = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+            [0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0],
+            [1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 0],
+            [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(m, expect)
+    loss = th.unrolled_loss_masks(torch.tensor([[1.0, 1, 1, 1, 1], [0, 1, 1, 0, 1]]), 3)
+    assert loss.tolist() == [
+        [[1, 1, 1, 1, 1], [0, 1, 1, 0, 1]],
+        [[0, 1, 1, 1, 1], [0, 0, 1, 0, 0]],
+        [[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]],
+    ]
+
+
+def test_unrolled_training_improves_the_drafted_steps(setup, tmp_path):
+    """Training-time test: the head trained on its own drafted features agrees with the target more
+    often at the drafted steps than the same run trained on step 0 only."""
+    target, data = setup["target"], setup["data"]
+    _, val = th.split_indices(len(data), _cfg().val_fraction, 0)
+    cfg3 = _cfg(epochs=8, unroll_steps=3)
+    plain = th.train_head(target, data, tmp_path / "plain", _cfg(epochs=8), progress=False)
+    unrolled = th.train_head(target, data, tmp_path / "unrolled", cfg3, progress=False)
+    assert "top1_by_step" not in plain and len(unrolled["val_top1_by_step"]) == 3
+    assert unrolled["val_top1_by_step"][0] == unrolled["val_top1"]
+    plain_steps = th.validate(load_draft(tmp_path / "plain", target), data, val, cfg3)
+    assert plain_steps["val_v_loss"] == pytest.approx(plain["val_v_loss"])
+    for k in (1, 2):
+        assert unrolled["val_v_loss_by_step"][k] < plain_steps["val_v_loss_by_step"][k]
+    records = [
+        json.loads(line) for line in (tmp_path / "unrolled" / th.METRICS_NAME).read_text().splitlines()
+    ]
+    assert all(len(r["top1_by_step"]) == 3 for r in records if "v_loss" in r)
+    assert _state(tmp_path / "unrolled")["config"]["unroll_steps"] == 3
+
+
 def test_gradients_reach_every_trainable_weight_and_not_the_embedding(setup):
     head = random_draft(setup["target"], "eagle2", seed=1)
     features, tokens = torch.randn(2, 9, 64), torch.randint(0, VOCAB, (2, 9))
@@ -385,6 +459,8 @@ def test_training_errors(setup, tmp_path):
         th.train_head(target, feat.FeatureData(small), tmp_path / "s", _cfg(batch_size=8), progress=False)
     with pytest.raises(ValueError, match="multiple of the 3 processes"):
         th.train_head(target, data, tmp_path / "m", _cfg(), ctx=th.DistContext(world_size=3), progress=False)
+    with pytest.raises(ValueError, match="unroll_steps >= 1"):
+        th.train_head(target, data, tmp_path / "u", _cfg(unroll_steps=0), progress=False)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         th.train_head(target, data, tmp_path / "t", _cfg(tau_prompts=1, tau_new_tokens=600), progress=False)
 

@@ -1,0 +1,120 @@
+"""Acceptance of several draft heads of one target, on the same held-out prompts and trees.
+
+For each head: tau (mean accepted tokens per target forward) at a few fixed trees, greedy and at
+T = 1, on the first ``--prompt-tokens`` tokens of held-out standard-library files (the bundled pair's
+held-out split, :func:`eagle.train.tinycode.heldout_prompts`) or of random token ids when the target
+has no tokenizer. Greedy taus are deterministic for a head; the T = 1 runs are seeded by prompt, so
+they are too. Every head runs the same prompts in the same process, so the ratios compare heads, not
+machines.
+
+    python bench/compare_heads.py --draft eagle/assets/tiny-code/draft /tmp/new-head --name heads_tiny-code
+
+Prints one row per head and tree, and writes ``bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.utils import save_json  # noqa: E402
+from eagle.acceptance import measure_tau  # noqa: E402
+from eagle.api import BUNDLED, EagleModel, load  # noqa: E402
+from eagle.models import load_draft  # noqa: E402
+from eagle.tree import TreeConfig  # noqa: E402
+
+TREES = ("6/10/60", "3/2/6", "4/2/8", "5/1/6")
+
+
+def parse_tree(text: str) -> TreeConfig:
+    try:
+        depth, topk, tokens = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a tree is DEPTH/TOPK/TOKENS, e.g. 4/2/8; got {text!r}") from None
+    return TreeConfig(depth=depth, topk=topk, total_tokens=tokens)
+
+
+def heldout(model: EagleModel, n: int, prompt_tokens: int) -> list[list[int]]:
+    if model.tokenizer is not None:
+        from eagle.train.tinycode import heldout_prompts
+
+        return heldout_prompts(model.tokenizer, n, prompt_tokens)
+    gen = torch.Generator().manual_seed(0)
+    V = model.target.config.vocab_size
+    return torch.randint(0, V, (n, prompt_tokens), generator=gen).tolist()
+
+
+def compare(
+    target: str,
+    drafts: list[str],
+    trees: list[TreeConfig],
+    temperatures: list[float],
+    prompts: int,
+    prompt_tokens: int,
+    new_tokens: int,
+) -> list[dict]:
+    base = load(target, drafts[0])
+    ids = heldout(base, prompts, prompt_tokens)
+    rows = []
+    for draft in drafts:
+        head = load_draft(draft, base.target, dtype=base.target.dtype, device=base.target.device)
+        model = EagleModel(base.target, head, base.tokenizer)
+        for tree in trees:
+            for temperature in temperatures:
+                tau = measure_tau(model, ids, tree, temperature, new_tokens)
+                rows.append(
+                    {
+                        "draft": draft,
+                        "tree": f"{tree.depth}/{tree.topk}/{tree.total_tokens}",
+                        "temperature": temperature,
+                        "tau": tau,
+                    }
+                )
+                print(f"{draft:<40} tree {rows[-1]['tree']:<8} T={temperature:g}  tau {tau:.3f}", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--target", default=BUNDLED, help="target directory or bundled pair name")
+    p.add_argument(
+        "--draft", nargs="+", required=True, help="head directories (the first one is the baseline)"
+    )
+    p.add_argument("--trees", nargs="+", type=parse_tree, default=[parse_tree(t) for t in TREES])
+    p.add_argument("--temperature", nargs="+", type=float, default=[0.0, 1.0])
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--name", default=None, help="write bench/results/NAME.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = compare(
+        args.target,
+        args.draft,
+        args.trees,
+        args.temperature,
+        args.prompts,
+        args.prompt_tokens,
+        args.new_tokens,
+    )
+    base = {(r["tree"], r["temperature"]): r["tau"] for r in rows if r["draft"] == args.draft[0]}
+    for r in rows:
+        r["tau_vs_first"] = r["tau"] / base[(r["tree"], r["temperature"])]
+    if args.name:
+        record = {
+            "settings": {k: (v if k != "trees" else [f"{t.depth}/{t.topk}/{t.total_tokens}" for t in v])
+                         for k, v in vars(args).items()},
+            "results": rows,
+        }  # fmt: skip
+        print(f"wrote {save_json(args.name + '.json', record)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
