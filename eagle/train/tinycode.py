@@ -68,6 +68,7 @@ class TinyCodeConfig:
     head_epochs: int = 4
     head_batch: int = 32
     head_lr: float = 1.5e-3
+    head_unroll_steps: int = 1  # > 1: training-time test over this many draft levels (eagle.train.head)
     head_tau_new_tokens: int = 64  # per-epoch tau of the head's own validation
     # held-out tau
     tau_files: int = 16
@@ -158,6 +159,7 @@ def train_draft(cfg: TinyCodeConfig) -> dict:
         "--device", cfg.device,
         "--save-dtype", "float16",
         "--tau-new-tokens", str(cfg.head_tau_new_tokens),
+        "--unroll-steps", str(cfg.head_unroll_steps),
     ]  # fmt: skip
     if (out / "training_state.pt").is_file():
         argv.append("--resume")
@@ -275,7 +277,8 @@ The target's final-norm features over {c["feature_tokens"]:,} tokens of its own 
 EAGLE-1/2 recipe: SmoothL1 on the next feature + 0.1 x cross-entropy between the target head's
 distributions on the true and predicted features, uniform noise on input features, AdamW (0.9, 0.95),
 warm-up then cosine decay, gradient clipping; {c["head_epochs"]} epochs, batch {c["head_batch"]} sequences,
-peak LR {c["head_lr"]}, bf16 autocast, on {c["device"]}. Validation on 5% of the feature sequences:
+peak LR {c["head_lr"]}, bf16 autocast, on {c["device"]}.{_unroll_line(c.get("head_unroll_steps", 1))} Validation on
+5% of the feature sequences:
 
 | epoch | step | val feature loss | val token loss | top-1 agreement | tau (tree 5/8/32) |
 |---:|---:|---:|---:|---:|---:|
@@ -291,6 +294,15 @@ peak LR {c["head_lr"]}, bf16 autocast, on {c["device"]}. Validation on 5% of the
 ```
 Stage wall times of that run: {times}.
 """
+
+
+def _unroll_line(steps: int) -> str:
+    if steps <= 1:
+        return ""
+    return (
+        f" Training-time test over {steps} draft levels (`--unroll-steps {steps}`): each level is also fed"
+        " the head's own prediction of the feature before it, weighted 0.8 per level."
+    )
 
 
 def _tau_line(tau: dict) -> str:
@@ -398,6 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-epochs", type=int, default=d.head_epochs)
     p.add_argument("--head-batch", type=int, default=d.head_batch)
     p.add_argument("--head-lr", type=float, default=d.head_lr)
+    p.add_argument(
+        "--head-unroll-steps",
+        type=int,
+        default=d.head_unroll_steps,
+        help="train the head on its own drafted features too, over this many draft levels",
+    )
     p.add_argument("--head-tau-new-tokens", type=int, default=d.head_tau_new_tokens)
     p.add_argument("--tau-files", type=int, default=d.tau_files)
     p.add_argument("--tau-prompt-tokens", type=int, default=d.tau_prompt_tokens)
@@ -436,6 +454,7 @@ def config_from_args(args: argparse.Namespace) -> TinyCodeConfig:
         head_epochs=args.head_epochs,
         head_batch=args.head_batch,
         head_lr=args.head_lr,
+        head_unroll_steps=args.head_unroll_steps,
         head_tau_new_tokens=args.head_tau_new_tokens,
         tau_files=args.tau_files,
         tau_prompt_tokens=args.tau_prompt_tokens,

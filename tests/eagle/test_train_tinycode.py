@@ -88,6 +88,23 @@ def test_pipeline_builds_a_loadable_pair_and_resumes(tmp_path, corpus_root):
     assert again["stages"] == summary["stages"]
 
 
+def test_head_unroll_steps_reach_the_head_training_and_the_card(tmp_path, corpus_root, monkeypatch):
+    seen = []
+    monkeypatch.setattr(tinycode.head_mod, "main", lambda argv: seen.append(argv) or 2)
+    cfg = tinycode.config_from_args(
+        tinycode.build_parser().parse_args(["--work", str(tmp_path), "--head-unroll-steps", "3"])
+    )
+    assert cfg.head_unroll_steps == 3
+    with pytest.raises(RuntimeError, match="head training failed"):
+        tinycode.train_draft(cfg)
+    argv = seen[0]
+    assert argv[argv.index("--unroll-steps") + 1] == "3"
+    assert (
+        "Training-time test over 3 draft levels" in tinycode._unroll_line(3)
+        and tinycode._unroll_line(1) == ""
+    )
+
+
 def test_cli_defaults_fit_the_schedule_only_on_cuda(tmp_path):
     parse = tinycode.build_parser().parse_args
     assert tinycode.config_from_args(parse(["--work", str(tmp_path)])).fit_schedule_s is None
