@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from eagle.models import load_target
@@ -35,7 +36,8 @@ def _vary_loss_masks(data_dir):
         save_file(tensors, str(data_dir / name))
 
 
-def test_two_cpu_processes_match_one(tmp_path):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_two_cpu_processes_match_one(tmp_path, unroll):
     target_dir = save_hf_target(
         build_hf_target("llama", seed=0, vocab_size=64, num_hidden_layers=2), tmp_path / "t"
     )
@@ -57,6 +59,8 @@ def test_two_cpu_processes_match_one(tmp_path):
         "--tau-prompts",
         "0",
         "--no-bf16",
+        "--unroll-steps",
+        str(unroll),
     ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["-m", "eagle.train.head", "--target", str(target_dir), "--data", str(tmp_path / "f")]
@@ -66,7 +70,13 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
 
     cfg = th.HeadTrainConfig(
-        batch_size=BATCH, max_steps=STEPS, warmup_steps=1, lr=3e-3, tau_prompts=0, autocast_bf16=False
+        batch_size=BATCH,
+        max_steps=STEPS,
+        warmup_steps=1,
+        lr=3e-3,
+        tau_prompts=0,
+        autocast_bf16=False,
+        unroll_steps=unroll,
     )
     th.train_head(target, feat.FeatureData(tmp_path / "f"), tmp_path / "single", cfg, progress=False)
 
