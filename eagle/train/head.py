@@ -10,7 +10,9 @@ feeds the head ``(f_t + noise, x_{t+1})`` and its output must predict ``f_{t+1}`
 With ``unroll_steps = n > 1`` (``--unroll-steps``: the "training-time test" of EAGLE-3, also HASS)
 the head is also run as it drafts: step ``k`` feeds row ``t`` the head's own step ``k - 1`` output
 at row ``t - 1`` instead of ``f_t`` and attends to the context a depth-``k + 1`` tree node sees
-(:func:`unrolled_training_forward`); each step has the loss above, weighted ``unroll_weight ** k``.
+(:func:`unrolled_training_forward`); each step adds the loss above, its sums over its own rows divided
+by step 0's row count (a step has fewer rows: none within ``k`` of a sequence's or loss span's start)
+and weighted ``unroll_weight ** k``.
 Deeper draft levels then see at training the kind of input they get when drafting, which the
 one-step recipe never shows them.
 
@@ -129,7 +131,7 @@ class HeadTrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype must be one of {sorted(SAVE_DTYPES)}, got {self.save_dtype!r}")
-        if self.unroll_steps < 1 or not self.unroll_weight > 0:
+        if self.unroll_steps < 1 or not 0 < self.unroll_weight < math.inf:
             raise ValueError(
                 f"need unroll_steps >= 1 and unroll_weight > 0, got {self.unroll_steps}, {self.unroll_weight}"
             )
@@ -200,13 +202,14 @@ def unrolled_training_forward(
                 q, key, value, is_causal=True, enable_gqa=q.shape[1] != key.shape[1]
             )
         else:
-            mask = unrolled_attention_mask(T, k, x.device)
+            # K/V repeated per query head: with a mask, SDPA's GQA mode would leave CUDA only the math
+            # kernel (scores [B, Hq, T, (k + 1) T] materialised); repeated, the memory-efficient one runs.
+            group = q.shape[1] // key.shape[1]
             out = F.scaled_dot_product_attention(
                 q,
-                torch.cat(keys, 2),
-                torch.cat(values, 2),
-                attn_mask=mask,
-                enable_gqa=q.shape[1] != key.shape[1],
+                torch.cat(keys, 2).repeat_interleave(group, 1),
+                torch.cat(values, 2).repeat_interleave(group, 1),
+                attn_mask=unrolled_attention_mask(T, k, x.device),
             )
         h = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
@@ -275,26 +278,33 @@ class LossSums:
         return torch.stack([self.v.detach(), self.p.detach(), self.correct, self.rows]).double()
 
 
+def target_distribution(
+    target_features: torch.Tensor, lm_head: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's next-token probabilities float32 ``[B, T, V]`` and argmax int64 ``[B, T]`` at
+    ``target_features [B, T, H]`` (no gradient)."""
+    with torch.no_grad():
+        logits = F.linear(target_features, lm_head).float()
+        return logits.softmax(-1), logits.argmax(-1)
+
+
 def loss_sums(
     pred: torch.Tensor,
     target_features: torch.Tensor,
     mask: torch.Tensor,
     lm_head: torch.Tensor,
-    target_logits: torch.Tensor | None = None,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LossSums:
     """Masked sums of the feature loss, the soft-label cross-entropy and the top-1 agreement.
 
     ``pred``, ``target_features``: ``[B, T, H]``; ``mask`` float ``[B, T]``; ``lm_head [V, H]``;
-    ``target_logits`` float32 ``[B, T, V]``: ``lm_head(target_features)`` when already computed.
+    ``targets``: :func:`target_distribution` of ``target_features`` when already computed.
     """
-    with torch.no_grad():
-        if target_logits is None:
-            target_logits = F.linear(target_features, lm_head).float()
-        target_probs = target_logits.softmax(-1)
+    target_probs, target_top1 = targets or target_distribution(target_features, lm_head)
     logp = F.linear(pred, lm_head).float().log_softmax(-1)
     v = F.smooth_l1_loss(pred.float(), target_features.float(), reduction="none").mean(-1)
     p = -(target_probs * logp).sum(-1)
-    agree = (logp.argmax(-1) == target_logits.argmax(-1)).float()
+    agree = (logp.argmax(-1) == target_top1).float()
     return LossSums((v * mask).sum(), (p * mask).sum(), (agree * mask).sum().detach(), mask.sum())
 
 
@@ -303,10 +313,9 @@ def unrolled_loss_sums(
 ) -> list[LossSums]:
     """:func:`loss_sums` of each step of :func:`unrolled_training_forward` (``preds [steps, B, T, H]``),
     each over its own rows (:func:`unrolled_loss_masks`); the targets are the same for every step."""
-    with torch.no_grad():
-        target_logits = F.linear(target_features, lm_head).float()
+    targets = target_distribution(target_features, lm_head)  # once: every step's backward keeps it
     masks = unrolled_loss_masks(mask, preds.shape[0])
-    return [loss_sums(p, target_features, m, lm_head, target_logits) for p, m in zip(preds, masks)]
+    return [loss_sums(p, target_features, m, lm_head, targets) for p, m in zip(preds, masks)]
 
 
 def uniform_noise(
@@ -526,6 +535,11 @@ def train_head(
             )
         cfg = _resolve_config(cfg, saved["config"])
     cfg.validate()
+    if cfg.unroll_steps > data.seq_len - 1:
+        raise ValueError(
+            f"unroll_steps={cfg.unroll_steps} leaves its last steps no rows in sequences of {data.seq_len} "
+            f"tokens; use at most {data.seq_len - 1}"
+        )
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
     train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed)
@@ -622,6 +636,10 @@ class _Trainer:
             "lr": learning_rate(self.run_state.step - 1, self.cfg, self.total_steps),
         } | step_metrics(window)
         record["tokens_per_s"] = tok_per_s
+        if len(window) > 1:  # the objective optimised (record["loss"] below is step 0's)
+            weights = self.cfg.unroll_weight ** torch.arange(len(window), dtype=torch.float64)
+            per_step = self.cfg.v_weight * window[:, 0] + self.cfg.p_weight * window[:, 1]
+            record["loss_unrolled"] = ((weights * per_step).sum() / window[0, 3].clamp(min=1.0)).item()
         record["loss"] = self.cfg.v_weight * record["v_loss"] + self.cfg.p_weight * record["p_loss"]
         if self.ctx.is_main:
             _append_metrics(self.out_dir, record)
@@ -641,7 +659,11 @@ class _Trainer:
                 record["tau"] = measure_tau(self.target, self.head, prompts, self.cfg)
             self.run_state.history.append(record)
             _append_metrics(self.out_dir, record)
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if isinstance(v, float))
+            shown = ", ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}=[{', '.join(f'{x:.4f}' for x in v)}]"
+                for k, v in record.items()
+                if isinstance(v, (float, list))
+            )
             print(f"[eagle.train.head] epoch {epoch + 1}: {shown}", file=sys.stderr, flush=True)
         barrier(self.ctx)
         return record

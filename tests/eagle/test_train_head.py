@@ -299,7 +299,7 @@ def test_unrolled_training_improves_the_drafted_steps(setup, tmp_path):
     cfg3 = _cfg(epochs=8, unroll_steps=3)
     plain = th.train_head(target, data, tmp_path / "plain", _cfg(epochs=8), progress=False)
     unrolled = th.train_head(target, data, tmp_path / "unrolled", cfg3, progress=False)
-    assert "top1_by_step" not in plain and len(unrolled["val_top1_by_step"]) == 3
+    assert "val_top1_by_step" not in plain and len(unrolled["val_top1_by_step"]) == 3
     assert unrolled["val_top1_by_step"][0] == unrolled["val_top1"]
     plain_steps = th.validate(load_draft(tmp_path / "plain", target), data, val, cfg3)
     assert plain_steps["val_v_loss"] == pytest.approx(plain["val_v_loss"])
@@ -308,7 +308,8 @@ def test_unrolled_training_improves_the_drafted_steps(setup, tmp_path):
     records = [
         json.loads(line) for line in (tmp_path / "unrolled" / th.METRICS_NAME).read_text().splitlines()
     ]
-    assert all(len(r["top1_by_step"]) == 3 for r in records if "v_loss" in r)
+    logged = [r for r in records if "v_loss" in r]
+    assert logged and all(len(r["top1_by_step"]) == 3 and r["loss_unrolled"] > r["loss"] for r in logged)
     assert _state(tmp_path / "unrolled")["config"]["unroll_steps"] == 3
 
 
@@ -406,6 +407,13 @@ def test_resume_continues_identically(setup, tmp_path):
     assert a["history"] == b["history"]
 
 
+def test_a_checkpoint_from_before_unrolling_resumes_with_one_step():
+    saved = dataclasses.asdict(_cfg())
+    del saved["unroll_steps"], saved["unroll_weight"]
+    resolved = th._resolve_config(_cfg(unroll_steps=3), saved)  # the checkpoint's settings win
+    assert resolved.unroll_steps == 1 and resolved.unroll_weight == 0.8
+
+
 def test_save_dtype_float16(setup, tmp_path):
     th.train_head(
         setup["target"], setup["data"], tmp_path, _cfg(max_steps=1, save_dtype="float16"), progress=False
@@ -461,6 +469,10 @@ def test_training_errors(setup, tmp_path):
         th.train_head(target, data, tmp_path / "m", _cfg(), ctx=th.DistContext(world_size=3), progress=False)
     with pytest.raises(ValueError, match="unroll_steps >= 1"):
         th.train_head(target, data, tmp_path / "u", _cfg(unroll_steps=0), progress=False)
+    with pytest.raises(ValueError, match="unroll_weight > 0"):
+        th.train_head(target, data, tmp_path / "u", _cfg(unroll_weight=float("inf")), progress=False)
+    with pytest.raises(ValueError, match=f"unroll_steps={SEQ} leaves its last steps no rows"):
+        th.train_head(target, data, tmp_path / "u", _cfg(unroll_steps=SEQ), progress=False)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         th.train_head(target, data, tmp_path / "t", _cfg(tau_prompts=1, tau_new_tokens=600), progress=False)
 
