@@ -39,7 +39,18 @@ def parse_tree(text: str) -> TreeConfig:
     return TreeConfig(depth=depth, topk=topk, total_tokens=tokens)
 
 
-def heldout(model: EagleModel, n: int, prompt_tokens: int) -> list[list[int]]:
+def heldout(
+    model: EagleModel, n: int, prompt_tokens: int, prompts_file: str | None = None
+) -> list[list[int]]:
+    """``n`` prompts: the texts of the JSONL ``prompts_file`` (as ``eagle bench``) when given, else the first
+    ``prompt_tokens`` tokens of tiny-code's held-out standard-library files, or random ids for a target
+    without a tokenizer."""
+    if prompts_file is not None:
+        from eagle.bench import encode_texts, read_prompts_file
+
+        if model.tokenizer is None:
+            raise SystemExit("compare_heads: --prompts holds text, and this target has no tokenizer")
+        return [p.ids for p in encode_texts(read_prompts_file(prompts_file)[:n], model.tokenizer)]
     if model.tokenizer is not None:
         from eagle.train.tinycode import heldout_prompts
 
@@ -57,9 +68,12 @@ def compare(
     prompts: int,
     prompt_tokens: int,
     new_tokens: int,
+    prompts_file: str | None = None,
 ) -> list[dict]:
     base = load(target, drafts[0])
-    ids = heldout(base, prompts, prompt_tokens)
+    ids = heldout(base, prompts, prompt_tokens, prompts_file)
+    source = prompts_file or "held-out standard-library files"
+    print(f"{len(ids)} prompts from {source}, {sum(map(len, ids))} prompt tokens", flush=True)
     rows = []
     for draft in drafts:
         head = load_draft(draft, base.target, dtype=base.target.dtype, device=base.target.device)
@@ -87,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--trees", nargs="+", type=parse_tree, default=[parse_tree(t) for t in TREES])
     p.add_argument("--temperature", nargs="+", type=float, default=[0.0, 1.0])
-    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=16, help="how many prompts")
+    p.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="prompt texts, JSONL: {'prompt': ...} or MT-bench questions (as eagle bench --prompts-file), "
+        "instead of tiny-code's held-out standard-library files",
+    )
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -102,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompts,
         args.prompt_tokens,
         args.new_tokens,
+        args.prompts_file,
     )
     base = {(r["tree"], r["temperature"]): r["tau"] for r in rows if r["draft"] == args.draft[0]}
     for r in rows:

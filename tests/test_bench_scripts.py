@@ -196,3 +196,10 @@ def test_compare_heads_ranks_the_trained_head_above_a_random_one(tmp_path):
     taus = [float(t) for t in re.findall(r"tree 3/2/6 +T=0 +tau ([\d.]+)", out)]
     assert len(taus) == 2 and taus[0] > 1.5 and taus[1] < 1.2, out
     assert "wrote" not in out
+    (tmp_path / "p.jsonl").write_text('{"prompt": "def parse(text):\\n    for line in text.splitlines():"}\n')
+    out = _run(
+        "compare_heads.py", "--draft", trained, "--trees", "3/2/6", "--prompts", "1", "--new-tokens", "16",
+        "--temperature", "0", "--prompts-file", str(tmp_path / "p.jsonl"),
+    )  # fmt: skip
+    assert len(re.findall(r"tree 3/2/6 +T=0 +tau [\d.]+", out)) == 1, out
+    assert re.search(r"1 prompts from .*p\.jsonl, 1\d prompt tokens", out), out
