@@ -277,7 +277,7 @@ The target's final-norm features over {c["feature_tokens"]:,} tokens of its own 
 EAGLE-1/2 recipe: SmoothL1 on the next feature + 0.1 x cross-entropy between the target head's
 distributions on the true and predicted features, uniform noise on input features, AdamW (0.9, 0.95),
 warm-up then cosine decay, gradient clipping; {c["head_epochs"]} epochs, batch {c["head_batch"]} sequences,
-peak LR {c["head_lr"]}, bf16 autocast, on {c["device"]}.{_unroll_line(c.get("head_unroll_steps", 1))} Validation on
+peak LR {c["head_lr"]}, bf16 autocast, on {c["device"]}.{_unroll_line(_trained_unroll_steps(st["head"]["epochs"]))} Validation on
 5% of the feature sequences:
 
 | epoch | step | val feature loss | val token loss | top-1 agreement | tau (tree 5/8/32) |
@@ -294,6 +294,12 @@ peak LR {c["head_lr"]}, bf16 autocast, on {c["device"]}.{_unroll_line(c.get("hea
 ```
 Stage wall times of that run: {times}.
 """
+
+
+def _trained_unroll_steps(epochs: list[dict]) -> int:
+    """The unrolled steps the head trained with, from its validation records (one top-1 per step), so
+    that a resumed run, whose checkpoint's settings win, is described as it ran."""
+    return len(epochs[-1].get("val_top1_by_step", [None])) if epochs else 1
 
 
 def _unroll_line(steps: int) -> str:

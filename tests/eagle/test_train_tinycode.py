@@ -103,6 +103,9 @@ def test_head_unroll_steps_reach_the_head_training_and_the_card(tmp_path, corpus
         "Training-time test over 3 draft levels" in tinycode._unroll_line(3)
         and tinycode._unroll_line(1) == ""
     )
+    # The card describes the head as it trained (a resumed run keeps its checkpoint's settings).
+    assert tinycode._trained_unroll_steps([{"val_top1_by_step": [0.5, 0.4, 0.3]}]) == 3
+    assert tinycode._trained_unroll_steps([{"val_top1": 0.5}]) == tinycode._trained_unroll_steps([]) == 1
 
 
 def test_cli_defaults_fit_the_schedule_only_on_cuda(tmp_path):
