@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 from eagle.models import load_target
@@ -36,8 +35,14 @@ def _vary_loss_masks(data_dir):
         save_file(tensors, str(data_dir / name))
 
 
-@pytest.mark.parametrize("unroll", [1, 2])
-def test_two_cpu_processes_match_one(tmp_path, unroll):
+# One launch, with two unrolled steps: step 0 is the one-step recipe, step 1 adds the [steps, 4] metric
+# reduction and the per-step loss masks over ragged rows (two launches doubled the time and the exposure
+# to a rare gloo abort at process exit seen once in CI).
+UNROLL = 2
+
+
+def test_two_cpu_processes_match_one(tmp_path):
+    unroll = UNROLL
     target_dir = save_hf_target(
         build_hf_target("llama", seed=0, vocab_size=64, num_hidden_layers=2), tmp_path / "t"
     )
