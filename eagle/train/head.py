@@ -318,6 +318,18 @@ def unrolled_loss_sums(
     return [loss_sums(p, target_features, m, lm_head, targets) for p, m in zip(preds, masks)]
 
 
+def stack_sums(per_step: list[LossSums]) -> torch.Tensor:
+    """float64 ``[steps, 4]``: each step's (v, p, correct, rows) sums, detached."""
+    return torch.stack([s.as_tensor() for s in per_step])
+
+
+def unrolled_objective(v: torch.Tensor, p: torch.Tensor, cfg: HeadTrainConfig) -> torch.Tensor:
+    """The loss sum training minimises, from the steps' feature and token loss sums ``v``, ``p [steps]``:
+    ``sum_k unroll_weight ** k * (v_weight * v[k] + p_weight * p[k])``."""
+    weights = cfg.unroll_weight ** torch.arange(len(v), dtype=v.dtype, device=v.device)
+    return (weights * (cfg.v_weight * v + cfg.p_weight * p)).sum()
+
+
 def uniform_noise(
     sequences: Sequence[int], step: int, seed: int, shape: tuple[int, int], scale: float, device
 ) -> torch.Tensor:
@@ -368,7 +380,7 @@ def validate(head: DraftHead, data: FeatureData, indices: np.ndarray, cfg: HeadT
         with _autocast(head.device, cfg.autocast_bf16):
             preds = unrolled_training_forward(head, f_in, tok, cfg.unroll_steps)
             sums = unrolled_loss_sums(preds, f_tgt, mask, head.lm_head_weight)
-            total += torch.stack([s.as_tensor() for s in sums]).cpu()
+            total += stack_sums(sums).cpu()
     return {f"val_{k}": v for k, v in step_metrics(total).items()}
 
 
@@ -586,9 +598,8 @@ class _Trainer:
         with _autocast(ctx.device, cfg.autocast_bf16):
             preds = self.model(f_in, tok)
             per_step = unrolled_loss_sums(preds, f_tgt, mask, self.head.lm_head_weight)
-        loss = sum(
-            cfg.unroll_weight**k * (cfg.v_weight * sums.v + cfg.p_weight * sums.p)
-            for k, sums in enumerate(per_step)
+        loss = unrolled_objective(
+            torch.stack([s.v for s in per_step]), torch.stack([s.p for s in per_step]), cfg
         )
         # Normalised by the global row count (of step 0); DDP averages over ranks, hence world_size.
         loss = loss * (ctx.world_size / rows.to(loss.dtype))
@@ -596,7 +607,7 @@ class _Trainer:
         loss.sum().backward()
         torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
         self.optimizer.step()
-        return all_reduce_sum(torch.stack([s.as_tensor() for s in per_step]), ctx)
+        return all_reduce_sum(stack_sums(per_step), ctx)
 
     def run(self, train_idx, val_idx, steps_per_epoch, prompts, progress) -> dict:
         cfg, ctx, run = self.cfg, self.ctx, self.run_state
@@ -637,9 +648,8 @@ class _Trainer:
         } | step_metrics(window)
         record["tokens_per_s"] = tok_per_s
         if len(window) > 1:  # the objective optimised (record["loss"] below is step 0's)
-            weights = self.cfg.unroll_weight ** torch.arange(len(window), dtype=torch.float64)
-            per_step = self.cfg.v_weight * window[:, 0] + self.cfg.p_weight * window[:, 1]
-            record["loss_unrolled"] = ((weights * per_step).sum() / window[0, 3].clamp(min=1.0)).item()
+            objective = unrolled_objective(window[:, 0], window[:, 1], self.cfg)
+            record["loss_unrolled"] = (objective / window[0, 3].clamp(min=1.0)).item()
         record["loss"] = self.cfg.v_weight * record["v_loss"] + self.cfg.p_weight * record["p_loss"]
         if self.ctx.is_main:
             _append_metrics(self.out_dir, record)
