@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_loop import prompts_for  # noqa: E402
 from bench.utils import save_json  # noqa: E402
 from eagle.acceptance import measure_tau  # noqa: E402
 from eagle.api import BUNDLED, EagleModel, load  # noqa: E402
@@ -33,31 +34,28 @@ TREES = ("6/10/60", "3/2/6", "4/2/8", "5/1/6")
 
 def parse_tree(text: str) -> TreeConfig:
     try:
-        depth, topk, tokens = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a tree is DEPTH/TOPK/TOKENS, e.g. 4/2/8; got {text!r}") from None
-    return TreeConfig(depth=depth, topk=topk, total_tokens=tokens)
+        return TreeConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def tree_spec(tree: TreeConfig) -> str:
+    return f"{tree.depth}/{tree.topk}/{tree.total_tokens}"
 
 
 def heldout(
     model: EagleModel, n: int, prompt_tokens: int, prompts_file: str | None = None
 ) -> list[list[int]]:
-    """``n`` prompts: the texts of the JSONL ``prompts_file`` (as ``eagle bench``) when given, else the first
-    ``prompt_tokens`` tokens of tiny-code's held-out standard-library files, or random ids for a target
-    without a tokenizer."""
+    """``n`` prompts: the texts of the JSONL ``prompts_file`` (as ``eagle bench``) when given, else
+    :func:`bench.bench_loop.prompts_for`'s (held-out standard-library files, or random ids for a target
+    without a tokenizer)."""
     if prompts_file is not None:
         from eagle.bench import encode_texts, read_prompts_file
 
         if model.tokenizer is None:
-            raise SystemExit("compare_heads: --prompts holds text, and this target has no tokenizer")
+            raise SystemExit("compare_heads: --prompts-file holds text, and this target has no tokenizer")
         return [p.ids for p in encode_texts(read_prompts_file(prompts_file)[:n], model.tokenizer)]
-    if model.tokenizer is not None:
-        from eagle.train.tinycode import heldout_prompts
-
-        return heldout_prompts(model.tokenizer, n, prompt_tokens)
-    gen = torch.Generator().manual_seed(0)
-    V = model.target.config.vocab_size
-    return torch.randint(0, V, (n, prompt_tokens), generator=gen).tolist()
+    return prompts_for(model, n, prompt_tokens)
 
 
 def compare(
@@ -84,7 +82,7 @@ def compare(
                 rows.append(
                     {
                         "draft": draft,
-                        "tree": f"{tree.depth}/{tree.topk}/{tree.total_tokens}",
+                        "tree": tree_spec(tree),
                         "temperature": temperature,
                         "tau": tau,
                     }
@@ -130,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         r["tau_vs_first"] = r["tau"] / base[(r["tree"], r["temperature"])]
     if args.name:
         record = {
-            "settings": {k: (v if k != "trees" else [f"{t.depth}/{t.topk}/{t.total_tokens}" for t in v])
+            "settings": {k: (v if k != "trees" else [tree_spec(t) for t in v])
                          for k, v in vars(args).items()},
             "results": rows,
         }  # fmt: skip
