@@ -98,3 +98,33 @@ def test_two_cpu_processes_match_one(tmp_path):
         )
         if name != "embed_tokens.weight":  # the weights did move: the comparison is not vacuous
             assert not torch.equal(weight, initial[name]), name
+
+
+def test_shutdown_frees_the_ddp_wrapper_before_destroying_the_group(tmp_path):
+    """The first DDP wrapper of a process stays referenced from a cycle (its __init__ frame), so only
+    a garbage collection frees it; shutdown must run one while the group still exists. The test makes
+    the cycle itself, as this process may not be holding its first wrapper."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from eagle.train.distributed import DistContext, shutdown, wrap_module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ctx = DistContext(rank=0, world_size=2)  # a distributed run as far as shutdown can tell
+    freed_with_group = []
+    gc.disable()
+    try:
+        model = wrap_module(torch.nn.Linear(4, 4), ctx)
+        model(torch.randn(2, 4)).sum().backward()
+        model.__dict__["cycle"] = model
+        weakref.finalize(model, lambda: freed_with_group.append(dist.is_initialized()))
+        del model
+        assert freed_with_group == []  # held by the cycle
+        shutdown(ctx)
+        assert freed_with_group == [True] and not dist.is_initialized()
+    finally:
+        gc.enable()
+        if dist.is_initialized():
+            dist.destroy_process_group()
