@@ -46,6 +46,7 @@ DEPTHS = (3, 4, 5, 6)
 WIDENING_GAIN = 0.17
 ACCEPT_RATE = 0.75  # per-token acceptance of trained EAGLE heads (EAGLE paper: alpha ~0.7-0.8)
 PREFIX = 128
+ROUNDS = 5  # timed rounds of the probe, each calling every candidate width once
 _TIMINGS: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
 
 
@@ -108,37 +109,58 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_of(fn, device: torch.device, repeats: int = 3) -> float:
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
+def _interleaved_best(calls: dict, device: torch.device, rounds: int = ROUNDS) -> dict:
+    """The quickest of ``rounds`` timed calls of each of ``calls`` (key -> zero-argument function),
+    after one untimed warm-up round; each round calls every function once, in turn.
+
+    Timed one after another (best of 3 each, the probe before session 20), the first candidate of
+    each kind ran slow on a quiet machine: the 1-row draft level 11% above the 2-row one and the
+    4-token verify 8% above the 6-token one (medians of 12 processes), which told against chains and
+    the narrowest trees; and a busy spell could take all of one candidate's samples. Interleaved,
+    neither happens. What this does not fix: the machine's speed, and the verify's against a draft
+    level's, drifts over seconds on a shared 2-core machine, so the tree still differs from one
+    process to the next there (near-ties under the acceptance model;
+    ``bench/results/autotree_stability_cpu_bfloat16*.json``).
+    """
+    for fn in calls.values():
         fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+    best = dict.fromkeys(calls, math.inf)
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[key] = min(best[key], time.perf_counter() - t0)
     return best
 
 
-@torch.inference_mode()
-def _time_verify(target, batch_size: int, width: int, repeats: int = 3) -> float:
+def lower_envelope(times: dict[int, float]) -> dict[int, float]:
+    """``t(n) = min over n' >= n of times[n']``: the time of a call over ``n`` rows or candidates taken
+    as no more than that of one over more. Timing noise only ever adds time, so a narrower width timed
+    slower than a wider one was measured during a busy moment."""
+    out, floor = {}, math.inf
+    for n in sorted(times, reverse=True):
+        floor = min(floor, times[n])
+        out[n] = floor
+    return {n: out[n] for n in sorted(out)}
+
+
+def _verify_call(target, cache, batch_size: int, width: int):
+    """A zero-argument function running the target's verify forward over ``width`` tree tokens per
+    sequence after a ``PREFIX``-token committed prefix, in ``cache`` (not advanced: every call writes
+    the same positions)."""
     device = target.device
-    cache = target.new_cache(batch_size, PREFIX + width + 1)
-    cache.advance(PREFIX)
     ids = torch.zeros(batch_size, width, dtype=torch.int64, device=device)
     mask = torch.ones(width, width, dtype=torch.bool, device=device).tril().expand(batch_size, width, width)
     positions = cache.seqlens.long()[:, None] + torch.arange(width, device=device)
-    return _best_of(
-        lambda: target(ids, cache, positions=positions, tree_mask=mask, compute_logits=True), device, repeats
-    )
+    return lambda: target(ids, cache, positions=positions, tree_mask=mask, compute_logits=True)
 
 
-@torch.inference_mode()
-def _time_draft_level(head, batch_size: int, rows: int, repeats: int = 3) -> float:
-    """One draft level over ``rows`` tree rows per sequence: head forward, log-softmax, top-k."""
+def _draft_level_call(head, cache, batch_size: int, rows: int):
+    """A zero-argument function running one draft level over ``rows`` tree rows per sequence: head
+    forward, log-softmax, top-k."""
     device = head.device
-    cache = head.new_cache(batch_size, PREFIX + rows + 1)
-    cache.advance(PREFIX)
     hidden = torch.zeros(batch_size, rows, head.config.hidden_size, dtype=head.dtype, device=device)
     ids = torch.zeros(batch_size, rows, dtype=torch.int64, device=device)
     mask = torch.eye(rows, dtype=torch.bool, device=device).expand(batch_size, rows, rows)
@@ -149,7 +171,30 @@ def _time_draft_level(head, batch_size: int, rows: int, repeats: int = 3) -> flo
         out = head(hidden, ids, cache, positions=positions, tree_mask=mask, logits_index=index)
         torch.log_softmax(out.logits.float(), dim=-1).topk(min(rows, out.logits.shape[-1]), dim=-1)
 
-    return _best_of(level, device, repeats)
+    return level
+
+
+def _prefixed_cache(model, batch_size: int, rows: int):
+    cache = model.new_cache(batch_size, PREFIX + rows + 1)
+    cache.advance(PREFIX)
+    return cache
+
+
+@torch.inference_mode()
+def time_verify(target, batch_size: int, widths, rounds: int = ROUNDS) -> dict[int, float]:
+    """Seconds of the target's verify forward at each of ``widths`` tree tokens per sequence
+    (interleaved best of ``rounds``, then :func:`lower_envelope`)."""
+    cache = _prefixed_cache(target, batch_size, max(widths))
+    calls = {w: _verify_call(target, cache, batch_size, w) for w in sorted(widths)}
+    return lower_envelope(_interleaved_best(calls, target.device, rounds))
+
+
+@torch.inference_mode()
+def time_draft_levels(head, batch_size: int, rows, rounds: int = ROUNDS) -> dict[int, float]:
+    """Seconds of one draft level at each of ``rows`` expansion widths (as :func:`time_verify`)."""
+    cache = _prefixed_cache(head, batch_size, max(rows))
+    calls = {k: _draft_level_call(head, cache, batch_size, k) for k in sorted(rows)}
+    return lower_envelope(_interleaved_best(calls, head.device, rounds))
 
 
 def choose_tree(
@@ -170,6 +215,18 @@ def choose_tree(
     if not MIN_ACCEPT_RATE <= accept_rate <= MAX_ACCEPT_RATE:
         raise ValueError(f"accept_rate must be in [{MIN_ACCEPT_RATE}, {MAX_ACCEPT_RATE}], got {accept_rate}")
     verify, level = _timings(target, batch_size, head, draft_cost_fraction)
+    return choose_from_timings(verify, level, accept_rate, gain)
+
+
+def choose_from_timings(
+    verify: dict[int, float],
+    level: dict[int, float],
+    accept_rate: float = ACCEPT_RATE,
+    gain: float = WIDENING_GAIN,
+) -> TreeConfig:
+    """The (depth, width) tree minimising the module docstring's cost per expected token, from
+    ``verify`` (seconds per verify width) and ``level`` (seconds of a draft level per expansion width;
+    it must hold every ``tree_for(d, w).topk`` of the candidates)."""
     candidates = {(d, w): tree_for(d, w) for d in DEPTHS for w in verify if w >= d + 1}
 
     def cost_per_token(dw: tuple[int, int]) -> float:
@@ -182,6 +239,11 @@ def choose_tree(
     return candidates[min(candidates, key=cost_per_token)]
 
 
+def level_rows(widths) -> set[int]:
+    """The expansion widths of every candidate tree over ``widths``."""
+    return {tree_for(d, w).topk for d in DEPTHS for w in widths if w >= d + 1}
+
+
 def _timings(target, batch_size: int, head, draft_cost_fraction: float):
     """``(verify seconds per width, draft level seconds per expansion width)``, cached."""
     device = target.device
@@ -189,12 +251,12 @@ def _timings(target, batch_size: int, head, draft_cost_fraction: float):
     if key in _TIMINGS:
         return _TIMINGS[key]
     widths = WIDTHS.get(device.type, WIDTHS["cuda"])
-    verify = {w: _time_verify(target, batch_size, w) for w in widths}
-    level_rows = {tree_for(d, w).topk for d in DEPTHS for w in widths if w >= d + 1}
+    verify = time_verify(target, batch_size, widths)
+    rows = level_rows(widths)
     if head is not None:
-        level = {k: _time_draft_level(head, batch_size, k) for k in level_rows}
+        level = time_draft_levels(head, batch_size, rows)
     else:
-        one = _time_verify(target, batch_size, 1)
-        level = {k: draft_cost_fraction * one for k in level_rows}
+        one = time_verify(target, batch_size, [1])[1]
+        level = {k: draft_cost_fraction * one for k in rows}
     _TIMINGS[key] = (verify, level)
     return _TIMINGS[key]

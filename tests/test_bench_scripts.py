@@ -203,3 +203,11 @@ def test_compare_heads_ranks_the_trained_head_above_a_random_one(tmp_path):
     )  # fmt: skip
     assert len(re.findall(r"tree 3/2/6 +T=0 +tau [\d.]+", out)) == 1, out
     assert re.search(r"1 prompts from .*p\.jsonl, 1\d prompt tokens", out), out
+
+
+def test_autotree_stability_probes_in_fresh_processes_by_both_methods():
+    out = _run("autotree_stability.py", "--processes", "1", "--threads", "1")
+    for method in ("sequential", "interleaved"):
+        assert re.search(rf"{method} +1: +\d/\d+/\d+ +probe", out), out
+        assert re.search(rf"{method} \| 1\.00 \| 1 \|", out), out
+    assert "wrote" not in out

@@ -16,12 +16,12 @@ def test_tree_for_width_is_valid_and_verifies_width_tokens(width):
 
 def test_choice_minimises_cost_per_expected_token(monkeypatch):
     # Linear cost (a CPU): the cheapest per expected token under the gain model is a small tree.
-    monkeypatch.setattr(autotree, "_time_verify", lambda t, b, w, repeats=3: 1.0 + 0.2 * w)
+    monkeypatch.setattr(autotree, "time_verify", lambda t, b, widths: {w: 1.0 + 0.2 * w for w in widths})
     monkeypatch.setattr(autotree, "_TIMINGS", {})
     target = type("T", (), {"device": torch.device("cpu")})()
     small = autotree.choose_tree(target, 1)
     # Flat cost (a GPU below saturation): the biggest tree wins.
-    monkeypatch.setattr(autotree, "_time_verify", lambda t, b, w, repeats=3: 1.0)
+    monkeypatch.setattr(autotree, "time_verify", lambda t, b, widths: dict.fromkeys(widths, 1.0))
     big = autotree.choose_tree(target, 2)
     assert small.total_tokens < big.total_tokens == max(autotree.WIDTHS["cpu"])
 
@@ -30,8 +30,8 @@ def test_timings_are_cached_per_model_and_batch(tiny_checkpoints, monkeypatch):
     target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
     monkeypatch.setattr(autotree, "_TIMINGS", {})
     calls = []
-    real = autotree._time_verify
-    monkeypatch.setattr(autotree, "_time_verify", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    real = autotree.time_verify
+    monkeypatch.setattr(autotree, "time_verify", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     first = autotree.choose_tree(target, 1)
     n = len(calls)
     assert autotree.choose_tree(target, 1) == first and len(calls) == n
@@ -39,6 +39,47 @@ def test_timings_are_cached_per_model_and_batch(tiny_checkpoints, monkeypatch):
     assert len(calls) == 2 * n
     autotree.choose_tree(target, 1, accept_rate=0.4)  # another rate: a new choice from the same timings
     assert len(calls) == 2 * n
+
+
+def test_probe_times_every_width_once_per_round_and_keeps_the_quickest(monkeypatch):
+    """A busy spell as long as a round slows one call of each width, never all of one width's calls
+    (as timing the widths one after another did), so every width keeps its quiet time."""
+    clock = {"now": 0.0, "calls": 0}
+    monkeypatch.setattr(autotree.time, "perf_counter", lambda: clock["now"])
+    order = []
+
+    def call(width):
+        def run():
+            order.append(width)
+            busy = 4 <= clock["calls"] < 4 + 3  # three consecutive calls, after the warm-up round
+            clock["now"] += width * (10.0 if busy else 1.0)
+            clock["calls"] += 1
+
+        return run
+
+    rounds = 4
+    best = autotree._interleaved_best({w: call(w) for w in (1, 2, 3)}, torch.device("cpu"), rounds)
+    assert order == [1, 2, 3] * (rounds + 1)
+    assert best == {1: 1.0, 2: 2.0, 3: 3.0}
+
+
+def test_lower_envelope_takes_a_narrower_width_as_no_slower_than_a_wider_one():
+    assert autotree.lower_envelope({8: 2.0, 4: 1.0, 6: 3.0, 12: 2.5}) == {4: 1.0, 6: 2.0, 8: 2.0, 12: 2.5}
+    rising = {1: 0.1, 2: 0.2, 5: 0.7}
+    assert autotree.lower_envelope(rising) == rising
+
+
+def test_real_probe_times_every_width_and_level(tiny_checkpoints):
+    from eagle.models import load_draft
+
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    head = load_draft(str(tiny_checkpoints.eagle2), target, dtype=torch.float32)
+    verify = autotree.time_verify(target, 2, (4, 6, 8), rounds=2)
+    level = autotree.time_draft_levels(head, 2, (2, 3), rounds=2)
+    assert list(verify) == [4, 6, 8] and list(level) == [2, 3]
+    for times in (verify, level):
+        values = list(times.values())
+        assert all(0 < v < 10 for v in values) and values == sorted(values)
 
 
 @pytest.mark.parametrize("depth, width", [(1, 2), (3, 4), (3, 12), (5, 6), (6, 60)])
@@ -58,7 +99,7 @@ def test_fit_accept_rate_clamps_and_refuses_nonsense():
 
 def test_a_lower_acceptance_picks_a_smaller_tree(monkeypatch):
     # A CPU-like cost: verifying grows with the width, each draft level costs a tenth of a forward.
-    monkeypatch.setattr(autotree, "_time_verify", lambda t, b, w, repeats=3: 1.0 + 0.05 * w)
+    monkeypatch.setattr(autotree, "time_verify", lambda t, b, widths: {w: 1.0 + 0.05 * w for w in widths})
     monkeypatch.setattr(autotree, "_TIMINGS", {})
     target = type("T", (), {"device": torch.device("cpu")})()
     trees = [autotree.choose_tree(target, 1, accept_rate=a) for a in (0.9, 0.66, 0.3)]
