@@ -309,3 +309,19 @@ def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch
     check = bench.summarize(cells)[1]["greedy_agreement"]
     assert check["ok"] and check["mismatched_rows"] == 1 and check["near_tie_rows"] == 1
     assert "1 near-tie flip(s)" in bench.format_table(bench.summarize(cells))
+
+
+def test_paired_speedup_is_the_median_of_each_repeats_own_ratio():
+    """A slow spell that hits vanilla's repeats more than the method's moves the ratio of medians,
+    not the paired ratio (each repeat runs both, one after the other)."""
+    vanilla, eagle = bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_dynamic", 1, 0.0)
+    for repeat, (v_s, e_s) in enumerate([(1.0, 0.9), (2.0, 1.9), (2.2, 1.0), (1.0, 0.8), (2.0, 1.8)]):
+        for cell, seconds in ((vanilla, v_s), (eagle, e_s)):
+            cell.record(repeat, [bench.Output([[1, 2]], 2, 2)], seconds)
+    row = bench.summarize([vanilla, eagle])[1]
+    ratios = [1.0 / 0.9, 2.0 / 1.9, 2.2 / 1.0, 1.0 / 0.8, 2.0 / 1.8]
+    assert row["speedup_paired_all_repeats"] == pytest.approx(ratios)
+    assert row["speedup_paired"] == pytest.approx(1.0 / 0.9)
+    assert (row["speedup_paired_min"], row["speedup_paired_max"]) == pytest.approx((2.0 / 1.9, 2.2))
+    assert row["speedup_vs_vanilla"] == pytest.approx(2.0)  # ratio of medians: 2.0 / 1.0 tokens/s
+    assert "1.11x (1.05-2.20)" in bench.format_table(bench.summarize([vanilla, eagle]))
