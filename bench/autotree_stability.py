@@ -9,7 +9,11 @@ the trees chosen, the spread of each width's time across processes and the probe
 * ``sequential``: the probe before session 20, rebuilt here as the baseline: each width timed in turn,
   best of 3 after one warm-up call, no envelope;
 * ``interleaved``: :func:`eagle.autotree.time_verify` / :func:`~eagle.autotree.time_draft_levels`
-  (every width once per round, best of ``ROUNDS`` rounds, then the lower envelope).
+  (every width once per round, alternating the order, best of ``ROUNDS`` rounds; the tree is chosen
+  after the lower envelope, as on CPU).
+
+Each record keeps the raw times and those after the envelope; the spreads are computed after it for
+both methods.
 
     python bench/autotree_stability.py --processes 12 --threads 2 --load 1 --name autotree_stability_cpu
 
@@ -58,14 +62,18 @@ def _sequential_best(calls: dict, device: torch.device, repeats: int = 3) -> dic
 
 
 def probe(method: str, target, head, batch_size: int) -> tuple[dict[int, float], dict[int, float]]:
-    """(verify seconds per width, draft-level seconds per expansion width) by ``method``."""
+    """Raw (verify seconds per width, draft-level seconds per expansion width) by ``method``, before
+    any envelope."""
     widths = autotree.WIDTHS.get(target.device.type, autotree.WIDTHS["cuda"])
     rows = sorted(autotree.level_rows(widths))
-    if method == "interleaved":
-        return autotree.time_verify(target, batch_size, widths), autotree.time_draft_levels(
-            head, batch_size, rows
-        )
     with torch.inference_mode():
+        if method == "interleaved":  # time_verify / time_draft_levels without their envelope
+            cache = autotree._prefixed_cache(target, batch_size, max(widths))
+            calls = {w: autotree._verify_call(target, cache, batch_size, w) for w in widths}
+            verify = autotree._interleaved_best(calls, target.device)
+            cache = autotree._prefixed_cache(head, batch_size, max(rows))
+            calls = {k: autotree._draft_level_call(head, cache, batch_size, k) for k in rows}
+            return verify, autotree._interleaved_best(calls, head.device)
         verify = {}
         for w in widths:  # each width with its own cache, as the old probe did
             cache = autotree._prefixed_cache(target, batch_size, w)
@@ -82,6 +90,8 @@ def probe(method: str, target, head, batch_size: int) -> tuple[dict[int, float],
 
 
 def worker(args: argparse.Namespace) -> None:
+    """One probe in this process: prints a JSON record of the tree chosen and the times (ms), raw and
+    after the lower envelope (which the interleaved probe, like eagle.autotree on CPU, chooses from)."""
     import eagle
 
     torch.set_num_threads(args.threads)
@@ -92,17 +102,23 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     verify, level = probe(args.worker, model.target, model.head, args.batch)
     seconds = time.perf_counter() - t0
-    tree = autotree.choose_from_timings(verify, level, prior.accept_rate, prior.gain)
+    env_verify, env_level = autotree.lower_envelope(verify), autotree.lower_envelope(level)
+    chosen = (env_verify, env_level) if args.worker == "interleaved" else (verify, level)
+    tree = autotree.choose_from_timings(*chosen, prior.accept_rate, prior.gain)
+    ms = lambda times: {n: t * 1e3 for n, t in times.items()}  # noqa: E731
     record = {
         "tree": f"{tree.depth}/{tree.topk}/{tree.total_tokens}",
         "probe_s": seconds,
-        "verify_ms": {w: t * 1e3 for w, t in verify.items()},
-        "level_ms": {k: t * 1e3 for k, t in level.items()},
+        "verify_ms": ms(env_verify),
+        "level_ms": ms(env_level),
+        "verify_ms_raw": ms(verify),
+        "level_ms_raw": ms(level),
     }
     print(json.dumps(record))
 
 
 def _busy_loops(n: int) -> list[subprocess.Popen]:
+    """``n`` processes spinning in pure Python (killed by the caller)."""
     spin = "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"
     return [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
 
@@ -112,7 +128,9 @@ def _spread(values: list[float]) -> float:
     return max(values) / min(values) if values and min(values) > 0 else math.nan
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarize(runs: list[dict]) -> dict:
+    """The trees one method chose over its processes, and each width's spread across them (times
+    after the lower envelope for both methods, so that the spreads compare the timing order alone)."""
     trees = Counter(r["tree"] for r in runs)
     widths = runs[0]["verify_ms"].keys()
     rows = runs[0]["level_ms"].keys()
@@ -127,6 +145,7 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the worker processes (or, with ``--worker``, be one) and print / write the summary."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -166,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in loops:
             p.kill()
-    summary = {m: summarise(r) for m, r in runs.items()}
+            p.wait()
+    summary = {m: summarize(r) for m, r in runs.items()}
     print(f"\n{'method':>12} | modal share | distinct | trees | verify spread (max/min) | probe s")
     for m, s in summary.items():
         spread = " ".join(f"{w}:{v:.2f}" for w, v in s["verify_spread"].items())
-        print(
-            f"{m:>12} | {s['modal_share']:.2f} | {s['distinct']} | {s['trees']} | {spread} | {s['probe_s_median']:.2f}"
-        )
+        choice = f"{s['modal_share']:.2f} | {s['distinct']} | {s['trees']}"
+        print(f"{m:>12} | {choice} | {spread} | {s['probe_s_median']:.2f}")
     if args.name:
         settings = {k: v for k, v in vars(args).items() if k not in ("worker", "name")}
         path = save_json(f"{args.name}.json", {"settings": settings, "summary": summary, "runs": runs})

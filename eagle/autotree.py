@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -109,41 +110,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _interleaved_best(calls: dict, device: torch.device, rounds: int = ROUNDS) -> dict:
+def _interleaved_best(
+    calls: dict[int, Callable[[], object]], device: torch.device, rounds: int = ROUNDS
+) -> dict[int, float]:
     """The quickest of ``rounds`` timed calls of each of ``calls`` (key -> zero-argument function),
-    after one untimed warm-up round; each round calls every function once, in turn.
+    after one untimed warm-up round; each round calls every function once, in turn, in the keys' order
+    on even rounds and the reverse on odd ones (so that no key always follows the same one).
 
     Timed one after another (best of 3 each, the probe before session 20), the first candidate of
-    each kind ran slow on a quiet machine: the 1-row draft level 11% above the 2-row one and the
-    4-token verify 8% above the 6-token one (medians of 12 processes), which told against chains and
-    the narrowest trees; and a busy spell could take all of one candidate's samples. Interleaved,
+    each kind ran slow on a quiet machine: the 1-row draft level 11-14% above the 2-row one and the
+    4-token verify 8-14% above the 6-token one (medians of 12 processes, two runs), where interleaved
+    the 1-row level is 10% below and the 4-token verify 4% below; that told against chains and the
+    narrowest trees, and a busy spell could take all of one candidate's samples. Interleaved,
     neither happens. What this does not fix: the machine's speed, and the verify's against a draft
     level's, drifts over seconds on a shared 2-core machine, so the tree still differs from one
-    process to the next there (near-ties under the acceptance model;
+    process to the next there about as often as before (near-ties under the acceptance model;
     ``bench/results/autotree_stability_cpu_bfloat16*.json``).
     """
     for fn in calls.values():
         fn()
     best = dict.fromkeys(calls, math.inf)
-    for _ in range(rounds):
-        for key, fn in calls.items():
+    order = list(calls)
+    for r in range(rounds):
+        for key in order if r % 2 == 0 else order[::-1]:
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            calls[key]()
             _sync(device)
             best[key] = min(best[key], time.perf_counter() - t0)
     return best
 
 
 def lower_envelope(times: dict[int, float]) -> dict[int, float]:
-    """``t(n) = min over n' >= n of times[n']``: the time of a call over ``n`` rows or candidates taken
-    as no more than that of one over more. Timing noise only ever adds time, so a narrower width timed
-    slower than a wider one was measured during a busy moment."""
+    """``t(n) = min over n' >= n of times[n']``: a call over ``n`` rows or candidates taken as no
+    slower than one over more. This assumes the cost does not fall as the width grows, which held on
+    the CPUs measured (there a narrower width timed slower than a wider one was timed in a busy
+    moment: noise only adds time); a GPU's kernel choice may break it, so the probe applies it on CPU
+    only."""
     out, floor = {}, math.inf
     for n in sorted(times, reverse=True):
         floor = min(floor, times[n])
         out[n] = floor
     return {n: out[n] for n in sorted(out)}
+
+
+def _smoothed(times: dict[int, float], device: torch.device) -> dict[int, float]:
+    return lower_envelope(times) if device.type == "cpu" else times
 
 
 def _verify_call(target, cache, batch_size: int, width: int):
@@ -175,6 +187,8 @@ def _draft_level_call(head, cache, batch_size: int, rows: int):
 
 
 def _prefixed_cache(model, batch_size: int, rows: int):
+    """A cache of ``model`` whose ``batch_size`` sequences hold ``PREFIX`` committed positions, with
+    room for ``rows`` more (the widest call timed in it; + 1 spare, as a round's cache keeps)."""
     cache = model.new_cache(batch_size, PREFIX + rows + 1)
     cache.advance(PREFIX)
     return cache
@@ -183,10 +197,10 @@ def _prefixed_cache(model, batch_size: int, rows: int):
 @torch.inference_mode()
 def time_verify(target, batch_size: int, widths, rounds: int = ROUNDS) -> dict[int, float]:
     """Seconds of the target's verify forward at each of ``widths`` tree tokens per sequence
-    (interleaved best of ``rounds``, then :func:`lower_envelope`)."""
+    (interleaved best of ``rounds``; on CPU then :func:`lower_envelope`)."""
     cache = _prefixed_cache(target, batch_size, max(widths))
     calls = {w: _verify_call(target, cache, batch_size, w) for w in sorted(widths)}
-    return lower_envelope(_interleaved_best(calls, target.device, rounds))
+    return _smoothed(_interleaved_best(calls, target.device, rounds), target.device)
 
 
 @torch.inference_mode()
@@ -194,7 +208,7 @@ def time_draft_levels(head, batch_size: int, rows, rounds: int = ROUNDS) -> dict
     """Seconds of one draft level at each of ``rows`` expansion widths (as :func:`time_verify`)."""
     cache = _prefixed_cache(head, batch_size, max(rows))
     calls = {k: _draft_level_call(head, cache, batch_size, k) for k in sorted(rows)}
-    return lower_envelope(_interleaved_best(calls, head.device, rounds))
+    return _smoothed(_interleaved_best(calls, head.device, rounds), head.device)
 
 
 def choose_tree(

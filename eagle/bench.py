@@ -16,12 +16,12 @@ for each batch size and temperature. Within each repeat every method runs once, 
 over repeats** (the best is stored too), tau is tokens emitted per target forward after the prefill
 (per sequence), and the speedup is a method's median tokens/s over vanilla's at the same batch size
 and temperature; beside it, the paired speedup is the median of each repeat's own ratio (with their
-min and max), which a drift of the machine's speed across repeats does not move. EOS is ignored: every sequence generates exactly ``new_tokens`` tokens, so every
-method does the same work. At temperature 0 every method is lossless, so each one's tokens are
-compared with vanilla's, prompt by prompt; a mismatch is reported in the table and the JSON with
-the target's top-2 logit gap at the first differing token. A difference whose two tokens' logits are within ``NEAR_TIE_ULPS``
-units in the last place of the model dtype is a rounding near-tie (bfloat16 runs have them): shown,
-but not a failure.
+min and max), which a drift of the machine's speed across repeats moves less. EOS is ignored: every
+sequence generates exactly ``new_tokens`` tokens, so every method does the same work. At temperature
+0 every method is lossless, so each one's tokens are compared with vanilla's, prompt by prompt; a
+mismatch is reported in the table and the JSON with the target's top-2 logit gap at the first
+differing token. A difference whose two tokens' logits are within ``NEAR_TIE_ULPS`` units in the last
+place of the model dtype is a rounding near-tie (bfloat16 runs have them): shown, but not a failure.
 
     python bench/e2e.py                      # the bundled tiny-code pair, every method
     eagle bench --batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --threads 1
@@ -710,7 +710,7 @@ def _next_logits(target, ids: list[int]) -> torch.Tensor:
 def summarize(cells: list[Cell]) -> list[dict]:
     """One JSON row per cell: tokens/s (median and best over repeats), tau, speedup, agreement."""
     rows = []
-    speed = {}
+    vanilla_rows: dict[tuple[int, float], dict] = {}
     for c in cells:
         row: dict = {"method": c.method, "batch": c.batch, "temperature": c.temperature}
         if c.tree:
@@ -734,26 +734,26 @@ def summarize(cells: list[Cell]) -> list[dict]:
             row["plain_step_share"] = c.plain_steps / max(1, c.plain_steps + c.rounds)
             row["plain_steps"], row["speculative_rounds"] = c.plain_steps, c.rounds
         row["greedy_agreement"] = _agreement(c)
-        speed[(c.method, c.batch, c.temperature)] = row["tokens_per_s"]
+        if c.method == "vanilla":  # the first vanilla cell of a batch size and temperature is the baseline
+            vanilla_rows.setdefault((c.batch, c.temperature), row)
         rows.append(row)
     for row in rows:
-        base = speed.get(("vanilla", row["batch"], row["temperature"]))
+        vanilla = vanilla_rows.get((row["batch"], row["temperature"]))
         if row["status"] == "ok":
-            row["speedup_vs_vanilla"] = row["tokens_per_s"] / base if base else None
-            if base and row["method"] != "vanilla":
-                vanilla = next(r for r in rows if r["method"] == "vanilla" and r["batch"] == row["batch"]
-                               and r["temperature"] == row["temperature"])  # fmt: skip
+            row["speedup_vs_vanilla"] = row["tokens_per_s"] / vanilla["tokens_per_s"] if vanilla else None
+            if vanilla and row is not vanilla:
                 row |= paired_speedups(row["tokens_per_s_all_repeats"], vanilla["tokens_per_s_all_repeats"])
     return rows
 
 
 def paired_speedups(method_rates: list[float], vanilla_rates: list[float]) -> dict:
-    """Speedup repeat by repeat: each repeat runs every method once, one after the other, so the
-    ratio within a repeat leaves out the machine's slow drift that the ratio of medians over repeats
-    takes in (a shared machine's vanilla median once fell to 57% of its best while the EAGLE runs of
-    the same repeats did not). ``speedup_paired``: the median of those ratios; ``_min``/``_max`` show
-    how far they spread."""
-    ratios = [m / v for m, v in zip(method_rates, vanilla_rates)]
+    """Speedup repeat by repeat (``method_rates`` and ``vanilla_rates``: tokens/s of the same repeats,
+    in order). Each repeat runs every method once, one after the other (seconds apart when the Hugging
+    Face methods run between), so a ratio within a repeat takes in less of the machine's drift than
+    the ratio of medians over repeats: session 18's EAGLE dynamic had 1.38x by medians, with vanilla's
+    median at 57% of its best, and 1.25x paired. ``speedup_paired``: the median of those ratios;
+    ``_min`` / ``_max`` show how far they spread."""
+    ratios = [m / v for m, v in zip(method_rates, vanilla_rates, strict=True)]
     return {
         "speedup_paired": statistics.median(ratios),
         "speedup_paired_min": min(ratios),
@@ -786,7 +786,7 @@ def format_table(results: list[dict]) -> str:
     """The terminal table: one line per method, batch size and temperature."""
     head = (
         f"{'method':<17} {'B':>3} {'T':>4} {'tok/s':>8} {'best':>8} {'tau':>5} {'speedup':>8} "
-        f"{'paired (min-max)':>18}  greedy == vanilla"
+        f"{'paired (min-max)':>20}  greedy == vanilla"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -802,10 +802,9 @@ def format_table(results: list[dict]) -> str:
             paired = (
                 f"{r['speedup_paired']:.2f}x ({r['speedup_paired_min']:.2f}-{r['speedup_paired_max']:.2f})"
             )
-        lines.append(
-            f"{lead} {r['tokens_per_s']:>8.1f} {r['tokens_per_s_best']:>8.1f} {tau:>5} {speedup:>8} {paired:>18}  "
-            f"{_agreement_label(r['greedy_agreement'])}{share}"
-        )
+        rates = f"{r['tokens_per_s']:>8.1f} {r['tokens_per_s_best']:>8.1f} {tau:>5}"
+        agreement = _agreement_label(r["greedy_agreement"])
+        lines.append(f"{lead} {rates} {speedup:>8} {paired:>20}  {agreement}{share}")
     return "\n".join(lines)
 
 
@@ -1143,8 +1142,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     report = run_benchmark(config_from_args(args))
     print(format_table(report.payload["results"]))
     print(
-        f"tokens/s: median over {report.payload['settings']['repeats']} repeats; speedup = median / vanilla's; "
-        "paired = median of the repeats' own ratios (their min-max)"
+        f"tokens/s: median over {report.payload['settings']['repeats']} repeats; "
+        "speedup = median / vanilla's; paired = median of the repeats' own ratios (their min-max)"
     )
     print(f"wrote {report.json_path}" + (f" and {report.png_path}" if report.png_path else ""))
     if not report.greedy_agreement_ok:

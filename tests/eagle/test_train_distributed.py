@@ -114,6 +114,7 @@ def test_shutdown_frees_the_ddp_wrapper_before_destroying_the_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     ctx = DistContext(rank=0, world_size=2)  # a distributed run as far as shutdown can tell
     freed_with_group = []
+    was_enabled = gc.isenabled()
     gc.disable()
     try:
         model = wrap_module(torch.nn.Linear(4, 4), ctx)
@@ -125,6 +126,7 @@ def test_shutdown_frees_the_ddp_wrapper_before_destroying_the_group(tmp_path):
         shutdown(ctx)
         assert freed_with_group == [True] and not dist.is_initialized()
     finally:
-        gc.enable()
+        if was_enabled:
+            gc.enable()
         if dist.is_initialized():
             dist.destroy_process_group()
