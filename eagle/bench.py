@@ -11,8 +11,8 @@ On one checkpoint and one prompt set, in one process, it times
 * ``eagle_auto``: the dynamic tree with ``speculative="auto"`` (:mod:`eagle.adaptive`: plain steps
   wherever speculation measures slower; its share of plain steps is reported; not with CUDA graphs),
 
-for each batch size and temperature. Within each repeat every method runs once, one after the other
-(the machine is shared: load changes hit all methods alike); the reported tokens/s is the **median
+for each batch size and temperature. Within each repeat every method runs once, one after the other,
+in reverse order on every other repeat (the machine is shared: load changes hit all methods alike); the reported tokens/s is the **median
 over repeats** (the best is stored too), tau is tokens emitted per target forward after the prefill
 (per sequence), and the speedup is a method's median tokens/s over vanilla's at the same batch size
 and temperature; beside it, the paired speedup is the median of each repeat's own ratio (with their
@@ -120,6 +120,11 @@ class BenchConfig:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
         if not self.methods:
             raise ValueError("methods is empty; choose from " + ", ".join(METHODS))
+        for name in ("methods", "batch_sizes", "temperatures"):
+            values = list(getattr(self, name))
+            repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+            if repeated:
+                raise ValueError(f"{name} lists {repeated} more than once")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
         if not self.temperatures or any(not t >= 0 for t in self.temperatures):
@@ -551,7 +556,10 @@ class Cell:
 def run_cells(
     config: BenchConfig, models: Models, prompts: list[Prompt], log: Callable[[str], None]
 ) -> list[Cell]:
-    """Warm every method up, then time them: repeats outermost, methods interleaved innermost."""
+    """Warm every method up, then time them: repeats outermost, methods interleaved innermost, in the
+    cells' order on even repeats and the reverse on odd ones, so that over a pair of repeats a steady
+    drift of the machine's speed charges every method alike (and each repeat's ratio to vanilla
+    alternates which side of the drift vanilla ran on)."""
     cells = [
         Cell(m, b, t, skipped=_skip_reason(config, m, b))
         for b in config.batch_sizes
@@ -572,7 +580,7 @@ def run_cells(
         log(f"  warm-up {cell.method} B={cell.batch} T={cell.temperature:g}: {seconds:.2f} s")
     bar = _progress(config, total=len(active) * config.repeats)
     for repeat in range(config.repeats):
-        for cell in active:
+        for cell in active if repeat % 2 == 0 else active[::-1]:
             bar.set_description(
                 f"repeat {repeat + 1}/{config.repeats} {cell.method} B={cell.batch} T={cell.temperature:g}"
             )

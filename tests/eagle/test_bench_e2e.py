@@ -210,6 +210,12 @@ def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
         ({"methods": ("vanilla", "hf_beam")}, ValueError, r"unknown method\(s\) \['hf_beam'\]"),
         ({"batch_sizes": (1, 0)}, ValueError, "batch sizes must be >= 1"),
         ({"temperatures": (-1.0,)}, ValueError, "temperatures must be >= 0"),
+        (
+            {"methods": ("vanilla", "eagle_chain", "vanilla")},
+            ValueError,
+            r"methods lists \['vanilla'\] more than once",
+        ),
+        ({"batch_sizes": (1, 4, 1)}, ValueError, r"batch_sizes lists \[1\] more than once"),
         ({"new_tokens": 0}, ValueError, "new_tokens must be >= 1"),
         ({"prompts": ("",)}, ValueError, "empty prompt"),
         ({"dtype": "float99"}, ValueError, "dtype must be a torch dtype"),
@@ -325,3 +331,21 @@ def test_paired_speedup_is_the_median_of_each_repeats_own_ratio():
     assert (row["speedup_paired_min"], row["speedup_paired_max"]) == pytest.approx((2.0 / 1.9, 2.2))
     assert row["speedup_vs_vanilla"] == pytest.approx(2.0)  # ratio of medians: 2.0 / 1.0 tokens/s
     assert "1.11x (1.05-2.20)" in bench.format_table(bench.summarize([vanilla, eagle]))
+
+
+def test_repeats_alternate_the_order_of_the_methods(monkeypatch):
+    order = []
+
+    def fake_run(config, models, batches, cell, new_tokens):
+        order.append(cell.method)
+        return [bench.Output([[1] * new_tokens], new_tokens, new_tokens)], 1.0
+
+    monkeypatch.setattr(bench, "_run_cell", fake_run)
+    monkeypatch.setattr(bench, "check_lengths", lambda *a: None)
+    methods = ("vanilla", "eagle_chain", "eagle_dynamic")
+    config = BenchConfig(methods=methods, batch_sizes=(1,), temperatures=(0.0,), repeats=3, progress=False)
+    cells = bench.run_cells(config, None, [bench.Prompt("p", [1, 2, 3])], lambda _: None)
+    warm_up, timed = order[:3], order[3:]
+    assert warm_up == list(methods)
+    assert timed == [*methods, *methods[::-1], *methods]
+    assert all(len(c.seconds) == 3 for c in cells)
