@@ -94,10 +94,11 @@ inline Vec<double> vexp(const Vec<double>& in) {
   return x;
 }
 
+// The max of the lanes, NaN when any lane is NaN (imax alone would drop it: NaN > x is false).
 template <typename A>
 inline A hmax(const Vec<A>& v) {
   A m = v[0];
-  for (int64_t i = 1; i < lanes<A>(); ++i) m = imax(m, v[i]);
+  for (int64_t i = 1; i < lanes<A>() && m == m; ++i) m = (v[i] != v[i]) ? v[i] : imax(m, v[i]);
   return m;
 }
 
@@ -345,14 +346,17 @@ void accumulate_pv(const A* p, int64_t nbp, const VS* v, int64_t v_stride, int64
 }
 
 // Softmax of one row's scores over all its keys, in place: s[:nkp] (masked entries -inf) becomes
-// exp(s - max), or all zero when the row sees no key.
+// exp(s - max), or all zero when the row sees no key. A NaN score (NaN or inf in q, K or sm_scale)
+// makes the max NaN, so the whole row, and the output, is NaN as in the reference: a max that skipped
+// NaN left a row of only NaN scores at -inf, which read as "sees no key" and gave zeros, so a model
+// with a NaN weight decoded wrong text instead of raising.
 template <typename A>
 inline void exp_shifted(A* s, int64_t nkp) {
   constexpr int64_t L = lanes<A>();
   Vec<A> vmax = vsplat<A>(-__builtin_inf());
   for (int64_t j = 0; j < nkp; j += L) {
     const Vec<A> x = vload(s + j);
-    vmax = x > vmax ? x : vmax;
+    vmax = (x > vmax) | (x != x) ? x : vmax;  // takes a NaN x, then keeps it (x > NaN is false)
   }
   const A m = hmax<A>(vmax);
   if (m == -__builtin_inf()) {
@@ -527,7 +531,8 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
     S* orow = out_base + (t * P.Hq + h) * D;
-    const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);  // a row that saw no key gets zeros
+    // a row that saw no key gets zeros; a NaN sum stays NaN
+    const A inv = l[r] > A(0) ? A(1) / l[r] : l[r] == A(0) ? A(0) : l[r];
     for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(o[r * dp + d] * inv);
   }
 }

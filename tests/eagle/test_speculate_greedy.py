@@ -272,14 +272,27 @@ def test_plain_sampling_gives_each_row_its_own_stream(pairs):
     assert model.generate([p, p, q], 16, **kw).tokens == together  # reproducible
 
 
-def test_nan_logits_raise(pairs, tmp_path):
-    hf, _ = pairs["eagle2-s0"]
+@pytest.mark.parametrize(
+    ("weight", "dtype"),
+    [
+        ("lm_head", torch.float64),
+        ("q_proj", torch.float64),
+        ("q_proj", torch.float32),
+        ("q_proj", torch.bfloat16),
+    ],
+)
+def test_nan_logits_raise(pairs, tmp_path, weight, dtype):
+    """A NaN weight must end the call, not decode other text: in the lm_head it reaches the logits
+    directly; in a query projection it reaches them through tree_attention, whose C++ CPU kernel once
+    turned a row of only NaN scores into zeros (float32, bfloat16: the default CPU path)."""
     bad = build_hf_target("llama", seed=0, **SMALL)
     with torch.no_grad():
-        bad.lm_head.weight[3, 0] = float("nan")
+        if weight == "lm_head":
+            bad.lm_head.weight[3, 0] = float("nan")
+        else:
+            bad.model.layers[1].self_attn.q_proj.weight[0, 3] = float("nan")
     target_dir = save_hf_target(bad, tmp_path / "nan_target")
-    model = eagle.load(str(target_dir), None, dtype=torch.float64)
-    model.head = pairs["eagle2-s0"][1].head
+    model = eagle.load(str(target_dir), str(pairs["eagle2-s0"][1].head.checkpoint_dir), dtype=dtype)
     with pytest.raises(FloatingPointError, match="NaN"):
         model.generate([[1, 2, 3]], 5)
     with pytest.raises(FloatingPointError, match="NaN"):  # plain decoding too, not garbage tokens

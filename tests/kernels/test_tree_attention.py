@@ -1010,3 +1010,52 @@ def test_sweep_interpret_reports_failures_and_keeps_going(tmp_path, monkeypatch)
     assert status["m16 n16 w4 st2 splits1 tma"] == "ok", "the tensor-descriptor variant is swept too"
     assert sum(s == "ok" for s in status.values()) == 4
     assert entry["best"]["status"] == "ok" and entry["best"]["max_abs_err"] < 1e-4
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_nan_in_q_k_or_scale_reaches_exactly_the_rows_that_read_it(isa, dtype, monkeypatch):
+    """A NaN score must make its row NaN on every backend, as in the reference (the C++ kernel's
+    softmax max once skipped NaN, so a row of only NaN scores read as 'sees no key' and came out
+    zero: a checkpoint with a NaN weight then decoded wrong text instead of raising). A row that
+    sees no key at all stays zero."""
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    exclude = ("triton",) if dtype == torch.float64 else ()  # Triton takes fp32/fp16/bf16
+    backends = ["torch", *backends_for(OP, torch.device("cpu"), exclude=exclude)]
+    base = make_case(2, 5, 4, 2, 32, "bool", seed=3, prefix_max=20).to(dtype)
+    nan = float("nan")
+
+    def q_nan():  # one element of sequence 0, token 1, head 2
+        q = base.q.clone()
+        q[0, 1, 2, 7] = nan
+        expect = torch.zeros(2, 5, 4, dtype=torch.bool)
+        expect[0, 1, 2] = True
+        return Case(q, base.k, base.v, base.seqlens, base.mask, base.mask_bool), None, expect
+
+    def k_nan():  # one dim of kv head 1 at every visible position of sequence 1: query heads 2, 3
+        kv = torch.stack([base.k, base.v]).clone()
+        kv[0, 1, 1, : int(base.seqlens[1]) + 5, 3] = nan
+        expect = torch.zeros(2, 5, 4, dtype=torch.bool)
+        expect[1, :, 2:] = True
+        return Case(base.q, kv[0], kv[1], base.seqlens, base.mask, base.mask_bool), None, expect
+
+    def scale_nan():
+        return base, nan, torch.ones(2, 5, 4, dtype=torch.bool)
+
+    for make in (q_nan, k_nan, scale_nan):
+        case, sm_scale, expect = make()
+        for backend in backends:
+            out = run_with_backend(backend, tree_attention, *case.args(), sm_scale=sm_scale)
+            rows_nan = out.isnan().all(-1)
+            assert torch.equal(rows_nan, expect), (
+                f"{backend} {make.__name__}: NaN rows {rows_nan.nonzero().tolist()}"
+            )
+            assert torch.isfinite(out[~expect]).all(), f"{backend} {make.__name__}"
+
+    blind = make_case(1, 3, 2, 1, 16, "bool", seed=4, prefix_max=0).to(dtype)
+    blind.mask_bool = blind.mask_bool.clone()
+    blind.mask_bool[0, 1] = False  # token 1 sees no key (no prefix, not even itself)
+    blind.mask = blind.mask_bool
+    for backend in backends:
+        out = run_with_backend(backend, tree_attention, *blind.args())
+        assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and torch.isfinite(out).all(), backend
