@@ -17,6 +17,7 @@ from eagle.models.draft import DraftHead
 from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps, release_plain_buffers
 from eagle.models.llama import LlamaModel
 from eagle.models.weights import resolve_dtype
+from eagle.rng import check_seed
 from eagle.speculate import SamplingParams, SpeculativeDecoder
 from eagle.tree import TreeConfig
 
@@ -285,16 +286,17 @@ class EagleModel:
         auto = _check_speculative(speculative, cuda_graph)
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
+        check_seed(seed)
         eos = self._eos(eos_token_id)
         if not speculative:
             tokens = generate_plain(
                 self.target,
                 ids,
                 max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
+                temperature=sampling.temperature,
+                top_k=sampling.top_k,
+                top_p=sampling.top_p,
+                min_p=sampling.min_p,
                 eos_token_id=eos or None,
                 seed=seed,
                 cuda_graph=cuda_graph,
@@ -332,6 +334,7 @@ class EagleModel:
         tree = kwargs.pop("tree", "dynamic")
         eos = self._eos(kwargs.pop("eos_token_id", None))
         seed = kwargs.pop("seed", None)
+        check_seed(seed)
         cuda_graph = kwargs.pop("cuda_graph", False)
         speculative = kwargs.pop("speculative", True)
         if kwargs:

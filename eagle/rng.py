@@ -7,6 +7,8 @@ the batch it is in, on other rows finishing early, or on the device, and rows ne
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from eagle_kernels import _ext
@@ -30,10 +32,26 @@ def splitmix64(x: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
+MAX_SEED = (1 << 63) - 1
+
+
+def check_seed(seed) -> None:
+    """A user seed must be None or an integer in [0, 2**63 - 1]: a float, a bool or a larger or
+    negative integer would be truncated or wrapped into another seed's stream without a word."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer (or None), got {type(seed).__name__} {seed!r}")
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
+
+
 def row_seeds(seed: int, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """int64 ``[B]``: the seed of each row's stream, derived from one user seed."""
+    """int64 ``[B]``: the seed of each row's stream, derived from one user seed (checked by
+    :func:`check_seed`)."""
+    check_seed(seed)
     rows = torch.arange(batch_size, dtype=torch.int64, device=device)
-    return splitmix64(splitmix64(torch.full_like(rows, int(seed) & ((1 << 63) - 1))) + rows)
+    return splitmix64(splitmix64(torch.full_like(rows, int(seed))) + rows)
 
 
 _CPU_OPS = True

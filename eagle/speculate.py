@@ -17,6 +17,7 @@ its committed length and overwritten by the next draft update.
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,6 +46,19 @@ from eagle.tree import TreeConfig, expand_level, expand_root, select_candidates
 from eagle_kernels.tree_speculative_sampling import raise_on_status
 
 
+def _scalar(name: str, value, integral: bool) -> float | int:
+    """``value`` as a Python float (int when ``integral``); TypeError naming ``name`` otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0:
+        value = value.item()
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integral else "a real number"
+        raise TypeError(
+            f"{name} must be {what} (one for the whole batch), got {type(value).__name__} {value!r}"
+        )
+    return int(value) if integral else float(value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Hugging Face warper semantics (temperature, then top-k, top-p, min-p); temperature 0 = greedy."""
@@ -55,6 +69,9 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self) -> None:
+        # numpy and 0-d torch scalars become Python numbers; anything else is refused by name
+        for name, integral in (("temperature", False), ("top_k", True), ("top_p", False), ("min_p", False)):
+            object.__setattr__(self, name, _scalar(name, getattr(self, name), integral))
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

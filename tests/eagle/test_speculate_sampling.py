@@ -155,3 +155,37 @@ def test_seeded_sampling_is_reproducible_and_rows_differ(pair):
     b = model.generate([PROMPT] * 8, 6, temperature=1.0, seed=5).tokens
     assert a == b
     assert len({tuple(t) for t in a}) > 1, "rows of one batch drew the same random numbers"
+
+
+def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest(pair):
+    """A numpy or 0-d tensor scalar is the number it holds (it once reached the dynamic tree's
+    acceptance check, or a kernel's tensor check, with a message about something else); other types,
+    and seeds that would be truncated or wrapped into another stream, are refused by name."""
+    _, model, _ = pair
+    want = model.generate([PROMPT], 6, temperature=0.7, top_k=5, seed=2).tokens
+    assert (
+        model.generate([PROMPT], 6, temperature=np.float32(0.7), top_k=np.int64(5), seed=np.int64(2)).tokens
+        == want
+    )
+    assert (
+        model.generate(
+            [PROMPT], 6, temperature=torch.tensor(0.7, dtype=torch.float64), top_k=5, seed=2
+        ).tokens
+        == want
+    )
+    refused = [
+        (dict(temperature="0.7"), TypeError, "temperature must be a real number"),
+        (dict(temperature=torch.tensor([0.7, 0.0])), TypeError, "temperature must be a real number"),
+        (dict(temperature=0.7, top_k=2.5), TypeError, "top_k must be an integer"),
+        (dict(temperature=0.7, top_p=None), TypeError, "top_p must be a real number"),
+        (dict(temperature=0.7, seed=1.9), TypeError, "seed must be an integer"),
+        (dict(temperature=0.7, seed=True), TypeError, "seed must be an integer"),
+        (dict(temperature=0.7, seed=-1), ValueError, r"seed must be in \[0, 2\*\*63 - 1\]"),
+        (dict(temperature=0.7, seed=2**63), ValueError, r"seed must be in \[0, 2\*\*63 - 1\]"),
+    ]
+    for kwargs, error, message in refused:
+        for speculative in (True, False):
+            with pytest.raises(error, match=message):
+                model.generate([PROMPT], 4, speculative=speculative, **kwargs)
+        with pytest.raises(error, match=message):
+            next(model.stream(PROMPT, 4, **kwargs))
