@@ -22,9 +22,12 @@ level; ``parent_list`` maps ``candidate_index // topk`` to the flat index of tha
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from eagle_kernels.build_tree import MAX_DRAFT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,13 @@ class TreeConfig:
     total_tokens: int = 60
 
     def __post_init__(self) -> None:
+        for name in ("depth", "topk", "total_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(
+                    f"TreeConfig: {name} must be an integer, got {type(value).__name__} {value!r}"
+                )
+            object.__setattr__(self, name, int(value))
         if self.depth < 1 or self.topk < 1:
             raise ValueError(
                 f"TreeConfig: depth and topk must be >= 1, got depth={self.depth}, topk={self.topk}"
@@ -50,6 +60,11 @@ class TreeConfig:
             raise ValueError(
                 f"TreeConfig: total_tokens={self.total_tokens} must be in [2, {most}] for depth={self.depth}, "
                 f"topk={self.topk} (root + at most topk + (depth-1)*topk^2 candidates)"
+            )
+        if self.total_tokens > MAX_DRAFT_TOKENS:
+            raise ValueError(
+                f"TreeConfig: total_tokens={self.total_tokens} exceeds the {MAX_DRAFT_TOKENS} tree slots the "
+                "kernels support (eagle_kernels.build_tree.MAX_DRAFT_TOKENS)"
             )
         if self.topk == 1 and self.total_tokens != self.depth + 1:
             raise ValueError(

@@ -22,3 +22,24 @@ def test_parse_rejects_malformed_specs(spec):
 def test_parse_applies_the_size_checks(spec):
     with pytest.raises(ValueError, match="TreeConfig"):
         TreeConfig.parse(spec)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((3, 2, "6"), TypeError, "total_tokens must be an integer"),
+        ((2.5, 1, 3), TypeError, "depth must be an integer"),
+        ((True, 1, 2), TypeError, "depth must be an integer"),
+        ((2, 2048, 2049), ValueError, "exceeds the 1024 tree slots"),
+    ],
+)
+def test_sizes_must_be_integers_within_the_kernels_limit(args, error, message):
+    with pytest.raises(error, match=message):
+        TreeConfig(*args)
+
+
+def test_numpy_integers_become_ints():
+    import numpy as np
+
+    tree = TreeConfig(np.int64(3), np.int32(2), 6)
+    assert tree == TreeConfig(3, 2, 6) and type(tree.depth) is int and type(tree.topk) is int
