@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from eagle.models.weights import read_json
+
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -118,7 +120,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        cfg = cls.from_dict(json.loads(path.read_text()))
+        cfg = cls.from_dict(read_json(path))
         generation = path.parent / "generation_config.json"
         if generation.is_file():
             try:

@@ -61,6 +61,7 @@ from eagle.models.llama import (
 )
 from eagle.models.weights import (
     check_keys,
+    read_json,
     read_state_dict,
     resolve_checkpoint,
     resolve_dtype,
@@ -749,7 +750,7 @@ def load_draft(
             f"({target.device}); got {device}"
         )
     directory = resolve_checkpoint(path)
-    raw = json.loads((directory / "config.json").read_text())
+    raw = read_json(directory / "config.json")
     cfg = draft_config_from_dict(raw)
     state = read_state_dict(directory)
     kind = detect_format(state)

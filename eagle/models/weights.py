@@ -8,6 +8,7 @@ with ``torch.load(weights_only=True)``, which refuses pickled code.
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -67,19 +68,39 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{directory} holds none of the weight files {list(WEIGHT_FILES)}")
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is not one (a truncated or
+    hand-edited config)."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError (or OSError)
+            raise ValueError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+            ) from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{path} could not be read as a PyTorch weights file: {exc}") from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
     return dict(state)
 
 
 def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
-    weight_map = json.loads(index_path.read_text()).get("weight_map")
+    weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path} has no 'weight_map'")
     state: dict[str, torch.Tensor] = {}

@@ -405,3 +405,35 @@ def test_sampled_generation_follows_the_warped_distribution(tiny_checkpoints):
     expected = n * p[support] / p[support].sum()
     assert chisquare(counts[support], expected).pvalue > 1e-3
     assert all(len(s) == 2 for s in samples)
+
+
+def test_corrupt_checkpoint_files_are_named(tiny_checkpoints, tmp_path):
+    """A truncated weights file or a broken config.json raises ValueError naming the file, not the
+    parser's bare error."""
+    import shutil
+
+    from eagle.models import load_draft
+
+    target_dir = shutil.copytree(tiny_checkpoints.target, tmp_path / "target")
+    head_dir = shutil.copytree(tiny_checkpoints.eagle2, tmp_path / "head")
+    target = load_target(str(target_dir), dtype=torch.float32)
+
+    weights = head_dir / "model.safetensors"
+    if not weights.is_file():  # the head may be a .bin checkpoint
+        weights = next(head_dir.glob("*.bin"))
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"{weights.name}.*(safetensors|PyTorch weights)"):
+        load_draft(str(head_dir), target)
+
+    (head_dir / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        load_draft(str(head_dir), target)
+
+    target_weights = target_dir / "model.safetensors"
+    target_weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_target(str(target_dir))
+    (target_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object"):
+        load_target(str(target_dir))
