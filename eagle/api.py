@@ -219,6 +219,8 @@ class EagleModel:
                     )
                 # The tokenizer's own convention (a Llama tokenizer adds BOS), as transformers' users get.
                 ids = self.tokenizer(p)["input_ids"]
+            elif isinstance(p, (bytes, bytearray)):
+                raise TypeError(f"prompt {i} is bytes; decode it to str (text) or pass a list of token ids")
             else:
                 ids = _token_ids(p, i)
             if not ids:
@@ -322,7 +324,8 @@ class EagleModel:
         return result
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
-        """Yield the new tokens of one prompt as they are accepted (a list per target forward)."""
+        """An iterator over the new tokens of one prompt as they are accepted (a list per target
+        forward). The arguments are checked here, when it is called, not at the first ``next``."""
         _check_max_new_tokens(max_new_tokens)
         ids = self._encode([prompt])
         sampling = SamplingParams(
@@ -341,11 +344,16 @@ class EagleModel:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         auto = _check_speculative(speculative, cuda_graph)
         if not speculative:
-            yield from self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
-            return
+            return self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
         if self.head is None:
             raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
         decoder = self._decoder(tree, 1, cuda_graph, sampling, seed is not None)
+        return self._stream_rounds(decoder, tree, ids, max_new_tokens, sampling, eos, seed, auto)
+
+    def _stream_rounds(
+        self, decoder, tree, ids, max_new_tokens, sampling, eos, seed, auto
+    ) -> Iterator[list[int]]:
+        """``stream()``'s speculative rounds: one list of tokens per round that emitted any."""
         with torch.inference_mode():
             for emission in decoder.run(
                 ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto

@@ -187,5 +187,7 @@ def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest
         for speculative in (True, False):
             with pytest.raises(error, match=message):
                 model.generate([PROMPT], 4, speculative=speculative, **kwargs)
-        with pytest.raises(error, match=message):
-            next(model.stream(PROMPT, 4, **kwargs))
+        with pytest.raises(error, match=message):  # at the call, before the first next()
+            model.stream(PROMPT, 4, **kwargs)
+    with pytest.raises(TypeError, match="prompt 0 is bytes"):
+        model.generate([b"\x01\x02"], 4)
