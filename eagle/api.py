@@ -285,7 +285,7 @@ class EagleModel:
         graph of a batch size are kept for the next call with the same batch size and sampling
         parameters (no capture then); :meth:`release_buffers` frees them."""
         _check_max_new_tokens(max_new_tokens)
-        auto = _check_speculative(speculative, cuda_graph)
+        auto = _check_speculative(speculative, cuda_graph, tree)
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         check_seed(seed)
@@ -342,7 +342,7 @@ class EagleModel:
         speculative = kwargs.pop("speculative", True)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        auto = _check_speculative(speculative, cuda_graph)
+        auto = _check_speculative(speculative, cuda_graph, tree)
         if not speculative:
             return self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
         if self.head is None:
@@ -412,8 +412,19 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
-def _check_speculative(speculative, cuda_graph: bool) -> bool:
-    """Validate ``speculative`` (True, False or "auto"); returns whether it is "auto"."""
+def _check_speculative(speculative, cuda_graph: bool, tree) -> bool:
+    """Validate ``speculative`` (True, False or "auto"), ``cuda_graph`` and ``tree`` (also when plain
+    decoding does not use it, so that a typo is not accepted there and refused elsewhere); returns
+    whether ``speculative`` is "auto"."""
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if not (
+        isinstance(tree, (TreeConfig, eagle_kernels.StaticTree))
+        or (isinstance(tree, str) and tree in TREE_NAMES)
+    ):
+        raise ValueError(
+            f"tree must be 'dynamic', 'static', 'chain' or an eagle.TreeConfig / StaticTree, got {tree!r}"
+        )
     if speculative == "auto":
         if cuda_graph:
             raise ValueError(
@@ -423,6 +434,9 @@ def _check_speculative(speculative, cuda_graph: bool) -> bool:
     if not isinstance(speculative, bool):
         raise ValueError(f"speculative must be True, False or 'auto', got {speculative!r}")
     return False
+
+
+TREE_NAMES = ("dynamic", "static", "chain")
 
 
 def _check_max_new_tokens(max_new_tokens) -> int:

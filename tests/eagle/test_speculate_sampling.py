@@ -189,5 +189,12 @@ def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest
                 model.generate([PROMPT], 4, speculative=speculative, **kwargs)
         with pytest.raises(error, match=message):  # at the call, before the first next()
             model.stream(PROMPT, 4, **kwargs)
+    for speculative in (True, False):  # plain decoding does not use the tree, but a typo is still one
+        with pytest.raises(ValueError, match="tree must be 'dynamic', 'static', 'chain'"):
+            model.generate([PROMPT], 4, tree="dynamc", speculative=speculative)
+        with pytest.raises(TypeError, match="cuda_graph must be True or False"):
+            model.generate([PROMPT], 4, cuda_graph="yes", speculative=speculative)
+    with pytest.raises(ValueError, match="tree must be"):
+        model.stream(PROMPT, 4, tree="dynamc", speculative=False)
     with pytest.raises(TypeError, match="prompt 0 is bytes"):
         model.generate([b"\x01\x02"], 4)
