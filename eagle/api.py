@@ -150,6 +150,7 @@ class EagleModel:
         """``seeded``: a seeded call; sampled, it sizes a dynamic tree from the prior alone, since
         the refit would change the tree, and with it the draws, from one call with a seed to the
         next."""
+        _check_tree(tree)
         if isinstance(tree, (TreeConfig, eagle_kernels.StaticTree)):
             return tree
         if tree == "dynamic":
@@ -162,9 +163,7 @@ class EagleModel:
             )
         if tree == "static":
             return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
-        if tree == "chain":
-            return TreeConfig.chain(5)
-        raise ValueError(f"tree must be 'dynamic', 'static', 'chain' or an eagle.TreeConfig, got {tree!r}")
+        return TreeConfig.chain(5)  # "chain"
 
     def _fit(self, tree: TreeConfig) -> TreeConfig:
         """Shrink a default tree whose width exceeds a (tiny) draft vocabulary."""
@@ -418,13 +417,7 @@ def _check_speculative(speculative, cuda_graph: bool, tree) -> bool:
     whether ``speculative`` is "auto"."""
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-    if not (
-        isinstance(tree, (TreeConfig, eagle_kernels.StaticTree))
-        or (isinstance(tree, str) and tree in TREE_NAMES)
-    ):
-        raise ValueError(
-            f"tree must be 'dynamic', 'static', 'chain' or an eagle.TreeConfig / StaticTree, got {tree!r}"
-        )
+    _check_tree(tree)
     if speculative == "auto":
         if cuda_graph:
             raise ValueError(
@@ -437,6 +430,16 @@ def _check_speculative(speculative, cuda_graph: bool, tree) -> bool:
 
 
 TREE_NAMES = ("dynamic", "static", "chain")
+
+
+def _check_tree(tree) -> None:
+    if not (
+        isinstance(tree, (TreeConfig, eagle_kernels.StaticTree))
+        or (isinstance(tree, str) and tree in TREE_NAMES)
+    ):
+        raise ValueError(
+            f"tree must be 'dynamic', 'static', 'chain' or an eagle.TreeConfig / StaticTree, got {tree!r}"
+        )
 
 
 def _check_max_new_tokens(max_new_tokens) -> int:
