@@ -7,10 +7,9 @@ the batch it is in, on other rows finishing early, or on the device, and rows ne
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from eagle._args import as_number
 from eagle_kernels import _ext
 
 # splitmix64 constants as signed int64 (two's complement of the usual unsigned values).
@@ -40,9 +39,7 @@ def check_seed(seed) -> None:
     negative integer would be truncated or wrapped into another seed's stream without a word."""
     if seed is None:
         return
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer (or None), got {type(seed).__name__} {seed!r}")
-    if not 0 <= int(seed) <= MAX_SEED:
+    if not 0 <= as_number("seed", seed, integral=True, hint=" (or None)") <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
 
 

@@ -17,7 +17,6 @@ its committed length and overwritten by the next draft update.
 
 from __future__ import annotations
 
-import numbers
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,6 +26,7 @@ import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle._args import as_number
 from eagle.adaptive import PLAIN, AutoSpeculation
 from eagle.models.cpu_packed import packing_generation
 from eagle.models.cuda_graph import BufferPool, on_side_stream
@@ -47,16 +47,10 @@ from eagle_kernels.tree_speculative_sampling import raise_on_status
 
 
 def _scalar(name: str, value, integral: bool) -> float | int:
-    """``value`` as a Python float (int when ``integral``); TypeError naming ``name`` otherwise."""
+    """``value`` (a 0-d tensor taken as the number it holds) as :func:`eagle._args.as_number`."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0:
         value = value.item()
-    kind = numbers.Integral if integral else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        what = "an integer" if integral else "a real number"
-        raise TypeError(
-            f"{name} must be {what} (one for the whole batch), got {type(value).__name__} {value!r}"
-        )
-    return int(value) if integral else float(value)
+    return as_number(name, value, integral=integral, hint=" (one for the whole batch)")
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ level; ``parent_list`` maps ``candidate_index // topk`` to the flat index of tha
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from eagle._args import as_number
 from eagle_kernels.build_tree import MAX_DRAFT_TOKENS
 
 
@@ -45,12 +45,9 @@ class TreeConfig:
 
     def __post_init__(self) -> None:
         for name in ("depth", "topk", "total_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(
-                    f"TreeConfig: {name} must be an integer, got {type(value).__name__} {value!r}"
-                )
-            object.__setattr__(self, name, int(value))
+            object.__setattr__(
+                self, name, as_number(f"TreeConfig: {name}", getattr(self, name), integral=True)
+            )
         if self.depth < 1 or self.topk < 1:
             raise ValueError(
                 f"TreeConfig: depth and topk must be >= 1, got depth={self.depth}, topk={self.topk}"

@@ -1,0 +1,15 @@
+"""Type checks of the numbers the public entry points take (sampling settings, seeds, tree sizes)."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def as_number(name: str, value, *, integral: bool, hint: str = "") -> int | float:
+    """``value`` as a Python int (``integral``) or float: numpy scalars are numbers; a bool, a string,
+    None or a tensor raises TypeError naming ``name`` (``hint`` follows what it must be)."""
+    kind = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integral else "a real number"
+        raise TypeError(f"{name} must be {what}{hint}, got {type(value).__name__} {value!r}")
+    return int(value) if integral else float(value)
