@@ -12,10 +12,10 @@ On one checkpoint and one prompt set, in one process, it times
   wherever speculation measures slower; its share of plain steps is reported; not with CUDA graphs),
 
 for each batch size and temperature. Within each repeat every method runs once, one after the other,
-in reverse order on every other repeat (the machine is shared: load changes hit all methods alike); the reported tokens/s is the **median
-over repeats** (the best is stored too), tau is tokens emitted per target forward after the prefill
-(per sequence), and the speedup is a method's median tokens/s over vanilla's at the same batch size
-and temperature; beside it, the paired speedup is the median of each repeat's own ratio (with their
+in reverse order on every other repeat (the machine is shared: load changes hit all methods alike);
+the reported tokens/s is the **median over repeats** (the best is stored too), tau is tokens emitted
+per target forward after the prefill (per sequence), and the speedup is a method's median tokens/s
+over vanilla's at the same batch size and temperature; beside it, the paired speedup is the median of each repeat's own ratio (with their
 min and max), which a drift of the machine's speed across repeats moves less. EOS is ignored: every
 sequence generates exactly ``new_tokens`` tokens, so every method does the same work. At temperature
 0 every method is lossless, so each one's tokens are compared with vanilla's, prompt by prompt; a

@@ -10,7 +10,6 @@ take effect) raises a ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -123,10 +122,7 @@ class ModelConfig:
         cfg = cls.from_dict(read_json(path))
         generation = path.parent / "generation_config.json"
         if generation.is_file():
-            try:
-                eos = json.loads(generation.read_text()).get("eos_token_id")
-            except (json.JSONDecodeError, AttributeError) as exc:
-                raise ValueError(f"{generation} is not a JSON object: {exc}") from exc
+            eos = read_json(generation).get("eos_token_id")
             cfg = dataclasses.replace(cfg, generation_eos_token_id=eos)
         return cfg
 
