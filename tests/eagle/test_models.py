@@ -418,9 +418,7 @@ def test_corrupt_checkpoint_files_are_named(tiny_checkpoints, tmp_path):
     head_dir = shutil.copytree(tiny_checkpoints.eagle2, tmp_path / "head")
     target = load_target(str(target_dir), dtype=torch.float32)
 
-    weights = head_dir / "model.safetensors"
-    if not weights.is_file():  # the head may be a .bin checkpoint
-        weights = next(head_dir.glob("*.bin"))
+    weights = head_dir / "pytorch_model.bin"  # the fixture's heads are .bin checkpoints
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=f"{weights.name}.*(safetensors|PyTorch weights)"):
