@@ -165,19 +165,12 @@ def record_kernel_time(benchmark, call: Callable[[], object], moved: float, devi
 
 
 def cuda_kernel_seconds(fn: Callable[[], object], *, rep_ms: int = 40) -> float:
-    """Median GPU time of the kernels ``fn`` launches, without Python launch overhead: ``fn`` is
-    captured once in a CUDA graph and the replays are timed with ``triton.testing.do_bench``, which
-    flushes the L2 cache before each one (so a batch-1 cache that fits in L2 is still read from HBM).
-    ``fn`` must already have run once (compiled) and must not synchronise."""
-    import triton.testing
+    """Median GPU time of the kernels ``fn`` launches, without Python or graph-launch overhead:
+    :func:`bench.utils.measure_cuda_kernel_time` (calls captured back to back in one CUDA graph, the
+    L2 cache flushed before each call and the flushes' own time subtracted, so a batch-1 cache that
+    fits in L2 is still read from HBM; replays sized to about ``rep_ms`` in all). ``fn`` must already
+    have run once (compiled) and must not synchronise."""
+    from bench.utils import measure_cuda_kernel_time
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs recommends
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=rep_ms, return_mode="median")
-    return float(ms) * 1e-3
+    replays = 15
+    return measure_cuda_kernel_time(fn, target_ms=max(0.5, rep_ms / replays), replays=replays).us * 1e-6

@@ -12,8 +12,9 @@ modest grid of :class:`~eagle_kernels.tree_attention.LaunchConfig` overrides run
 
 * checked against ``tree_attention_ref`` (max abs error; a wrong or failing config is reported and
   skipped, never fatal);
-* timed as a kernel: the call captured in a CUDA graph, replays timed by ``triton.testing.do_bench``
-  with the L2 flushed before each (GPU time without Python launch overhead);
+* timed as a kernel: calls captured back to back in a CUDA graph with the L2 flushed before each,
+  replays timed with CUDA events, the flushes' time subtracted (``bench.utils.measure_cuda_kernel_time``:
+  GPU time without Python or graph-launch overhead; ``EAGLE_BENCH_L2_FLUSH`` picks the flush);
 * timed eagerly: ``--eager-calls`` back-to-back launcher calls, one synchronize (per call: what a
   user pays when the GPU is not the bottleneck), and the host time to issue them.
 
@@ -47,7 +48,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from bench.utils import best_host_us  # noqa: E402
+from bench.utils import best_host_us, l2_flush_kind  # noqa: E402
 from eagle_kernels.tree_attention import (  # noqa: E402
     LaunchConfig,
     LaunchPlan,
@@ -525,7 +526,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--jobs", type=int, default=None, help="compile worker processes (0: none)")
     p.add_argument("--eager-calls", type=int, default=100, help="back-to-back calls per eager timing")
-    p.add_argument("--rep-ms", type=int, default=25, help="do_bench repetition time per kernel timing")
+    p.add_argument(
+        "--rep-ms", type=int, default=25, help="replay time per kernel timing, all replays together"
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/...)")
     return p.parse_args(argv)
 
@@ -636,6 +639,7 @@ def main(argv=None) -> int:
         "num_sms": num_sms,
         "dtype": str(dtype),
         "timer": timer.kind,
+        "l2_flush": l2_flush_kind() if cuda else None,
         "tolerance": {"bf16": 2e-2, "fp32": 1e-4},
         "budget_s": args.budget_s,
         "warmup": warmup,

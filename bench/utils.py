@@ -7,11 +7,13 @@ Two times are recorded for every CUDA benchmark:
   call from Python -- argument checks, dispatch, allocation, launches, and one synchronize;
 * **kernel** (:func:`cuda_kernel_time_us`): the GPU time alone. The call is captured ``k`` times
   into a CUDA graph and the graph's replays are timed with CUDA events, so neither Python nor
-  launch latency is counted. By default the L2 cache is flushed before every captured call (a
-  ``2 x L2`` memset captured between calls) and the time of an identical graph of memsets alone is
-  subtracted, so operands that would fit in L2 are still read from HBM. ``EAGLE_BENCH_L2_FLUSH=read``
-  flushes by reading the buffer instead (a max-reduction): the timed call then starts with clean L2
-  lines, not with the memset's dirty ones, which it would otherwise write back to HBM while it runs.
+  launch latency is counted. The L2 cache is flushed before every captured call and the time of an
+  identical graph of flushes alone is subtracted, so operands that would fit in L2 are still read
+  from HBM. By default the flush reads a ``2 x L2`` buffer (a max-reduction, ``EAGLE_BENCH_L2_FLUSH=read``):
+  the timed call starts with clean L2 lines, as in a decoding step whose L2 holds mostly weights it
+  read. ``EAGLE_BENCH_L2_FLUSH=write`` flushes with a memset instead (the timer of the GPU figures
+  before 2026-11-27): the timed call then writes the memset's dirty lines back to HBM while it runs,
+  which cost every kernel 6-8 us on an H100 (bench/results/gpu_2026-11-26e_NVIDIA-H100.md).
   Calls that cannot be captured (a host sync, an allocation pattern the graph pool refuses) fall back to
   ``triton.testing.do_bench`` on the plain call, which includes launch overhead; the method used is
   recorded next to the time.
@@ -143,8 +145,9 @@ L2_FLUSH_KINDS = ("write", "read")
 
 
 def l2_flush_kind() -> str:
-    """How kernel timings flush L2 between calls: ``write`` (memset, the default) or ``read``."""
-    kind = os.environ.get(L2_FLUSH_ENV, "write") or "write"
+    """How kernel timings flush L2 between calls: ``read`` (a reduction, the default) or ``write``
+    (a memset)."""
+    kind = os.environ.get(L2_FLUSH_ENV, "read") or "read"
     if kind not in L2_FLUSH_KINDS:
         raise ValueError(f"{L2_FLUSH_ENV}={kind!r}: expected one of {L2_FLUSH_KINDS}")
     return kind
@@ -247,8 +250,8 @@ def measure_cuda_kernel_time(
     """GPU time per call of ``fn`` (which launches CUDA work on the current stream and must not
     synchronise): ``k`` calls captured in one CUDA graph (``k`` sized so that a replay takes about
     ``target_ms``, at most ``max_calls``), ``replays`` replays timed with CUDA events, median / k.
-    With ``flush_l2`` every call is preceded by an L2-sized memset and the memsets' own time is
-    subtracted (a graph of memsets alone, replayed alternately). If capturing fails, falls back to
+    With ``flush_l2`` every call is preceded by an L2 flush (:func:`l2_flush_kind`) and the flushes'
+    own time is subtracted (a graph of memsets alone, replayed alternately). If capturing fails, falls back to
     ``triton.testing.do_bench(fn)`` (median; includes launch overhead) and says why in ``note``."""
     try:
         return _graph_kernel_time(

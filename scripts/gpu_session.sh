@@ -24,6 +24,7 @@
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
+#          (E2E_ARGS: its arguments instead of the profile's; E2E_S: its time box)
 #          (E2E_EXTRA="bfloat16 float32:bfloat16": then batch-1 runs with a TARGET[:DRAFT] dtype each,
 #          CAP_E2E_EXTRA seconds each)
 #          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
@@ -33,8 +34,10 @@
 #   profile (not default) where a round's device time goes, by kernel (bench/profile_round.py, CUDA graphs,
 #          tiny-code pair, dynamic and chain trees, B 1 and 4), and the op counts (bench/count_ops.py, CPU)
 #          (SKIP_COUNT_OPS=1: without the op counts, which any CPU machine can make)
-#   linears (not default) the tiny-code target's float32 linears at 1-128 rows: F.linear, a transposed weight,
-#          cuBLASLt, TF32 and bf16 (bench/sweep_linear_cuda.py; the verify's fp32 GEMMs were half a round)
+#   linears (not default; runs after the sweeps, beside the build) the tiny-code target's float32 linears
+#          at 1-128 rows: F.linear, a transposed weight or product, cuBLASLt, a Triton FMA tile kernel, TF32
+#          and bf16 (bench/sweep_linear_cuda.py; the verify's fp32 GEMMs were half a round; LINEAR_ARGS: more
+#          arguments, e.g. "--rows 1 60")
 #   train  (not default) `eagle train tiny-code` end to end on this GPU, timed (not installed)
 #   assistant (not default) a 2-layer model of the tiny-code target's tokenizer and data for the Hugging
 #          Face assisted-generation peer of `eagle bench` (export: eagle/assets/tiny-code/assistant layout)
@@ -52,15 +55,16 @@ PROFILE=${PROFILE:-two}
 if [ "$PROFILE" = one ]; then
     CAP_BUILD=200 SWEEP_TA=(70 50) SWEEP_FDI=(40 25) CAP_KTESTS=120 CAP_ETESTS=60 CAP_BENCH=70 CAP_LOOP=30
     LOOP_ARGS="--temperature 0 --repeats 1" LOOP_EAGER_7B=0 CAP_E2E=240 DEADLINE=${DEADLINE:-585} BENCH_K="not cpu"
-    E2E_ARGS="--batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --repeats 1"
+    E2E_ARGS=${E2E_ARGS:-"--batch 1 4 --temperature 0 1 --num-prompts 4 --new-tokens 64 --repeats 1"}
 else
     CAP_BUILD=300 SWEEP_TA=(110 85) SWEEP_FDI=(80 55) CAP_KTESTS=130 CAP_ETESTS=70 CAP_BENCH=110 CAP_LOOP=40
     LOOP_ARGS="--temperature 0 1 --repeats 2" LOOP_EAGER_7B=1 CAP_E2E=110 DEADLINE=${DEADLINE:-0} BENCH_K=""
-    E2E_ARGS="--batch 1 4 16 --temperature 0 1 --num-prompts 8 --new-tokens 128 --repeats 2"
+    E2E_ARGS=${E2E_ARGS:-"--batch 1 4 16 --temperature 0 1 --num-prompts 8 --new-tokens 128 --repeats 2"}
 fi
 [ -n "${FDI_BUDGET:-}" ] && SWEEP_FDI=($((FDI_BUDGET + 20)) "$FDI_BUDGET")  # override the profile's
 [ -n "${TA_BUDGET:-}" ] && SWEEP_TA=($((TA_BUDGET + 20)) "$TA_BUDGET")
 [ -n "${KTESTS_S:-}" ] && CAP_KTESTS=$KTESTS_S
+[ -n "${E2E_S:-}" ] && CAP_E2E=$E2E_S
 W=${W:-/tmp/ew}
 STAGES=${*:-probe sweep tests bench loop e2e}
 mkdir -p "$OUT" "$W"
@@ -128,6 +132,14 @@ if want flushcmp; then
         log "fdi sweep, L2 flush by $kind: rc=$? $(grep -m1 '^best H4096' "$W/sweep_fdi_flush_$kind.log")"
     done
     pack flushcmp "$W"/sweep_fdi_flush_*
+fi
+
+# Triton and cuBLAS only like the sweeps: runs while the extension builds.
+if want linears; then
+    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap 90) python3 bench/sweep_linear_cuda.py ${LINEAR_ARGS:-} >"$W/linear_cuda.log" 2>&1
+    log "linear sweep rc=$? $(tail -1 "$W/linear_cuda.log")"
+    cp bench/results/linear_cuda_*.json "$W/" 2>/dev/null
+    pack linears "$W/linear_cuda.log" "$W"/linear_cuda_*.json
 fi
 
 if [ -n "$BUILD" ]; then
@@ -209,13 +221,6 @@ if want profile; then
         log "count_ops rc=$?"
     fi
     pack profile "$W/profile.log" "$W/count_ops.log"
-fi
-
-if want linears; then
-    timeout $(cap 90) python3 bench/sweep_linear_cuda.py >"$W/linear_cuda.log" 2>&1
-    log "linear sweep rc=$? $(tail -1 "$W/linear_cuda.log")"
-    cp bench/results/linear_cuda_*.json "$W/" 2>/dev/null
-    pack linears "$W/linear_cuda.log" "$W"/linear_cuda_*.json
 fi
 
 if want train; then
