@@ -119,7 +119,10 @@ def _extensions(torch, cuda: bool):
 
     debug = _flag("EAGLE_DEBUG_BUILD")
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += ["-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: GCC fuses a * b + c into an FMA wherever it likes in C++ (ISO mode too), and
+    # different GCC versions chose differently between two paths that must agree bit for bit (a verified
+    # block's rows and one-token steps in tree_attention). The kernels write their FMAs out instead.
+    cxx_flags += ["-std=c++17", "-fopenmp", "-ffp-contract=off"]
     if cuda:
         cxx_flags.append("-DEAGLE_WITH_CUDA")
     sources = _sources("*.cpp", "cpu/*.cpp")

@@ -25,6 +25,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // the FMA intrinsics of the kernel body's vfma
+#endif
+
 #include "cpu_isa.h"
 #include "tree_attention_amx.h"
 #include "tree_attention_dpbf16.h"

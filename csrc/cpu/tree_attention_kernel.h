@@ -64,6 +64,31 @@ inline A imax(A a, A b) {
   return a > b ? a : b;
 }
 
+// a * b + c, rounded once where the instruction set has FMA. Written out because the build turns
+// contraction off (-ffp-contract=off, setup.py): a compiler left to fuse `acc += x * y` by itself fused
+// it in some instantiations and not in others (GCC 12 here vs another GCC on an H200 host), so a row of
+// a verified block stopped matching its one-token step by an ulp. Explicit, every row's arithmetic is
+// the same FMA chain whatever the compiler.
+inline Vec<float> vfma(const Vec<float>& a, const Vec<float>& b, const Vec<float>& c) {
+#if EAGLE_TA_VEC_BYTES == 64
+  return _mm512_fmadd_ps(a, b, c);
+#elif EAGLE_TA_VEC_BYTES == 32
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;  // the baseline variant: no FMA instruction (SSE2), two roundings
+#endif
+}
+
+inline Vec<double> vfma(const Vec<double>& a, const Vec<double>& b, const Vec<double>& c) {
+#if EAGLE_TA_VEC_BYTES == 64
+  return _mm512_fmadd_pd(a, b, c);
+#elif EAGLE_TA_VEC_BYTES == 32
+  return _mm256_fmadd_pd(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp for a vector of floats: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2)/2 and a degree-7 polynomial for
 // e^r (Cephes' coefficients, ~1 ulp). Inputs below -87 (including -inf of masked scores) give exactly 0.
 inline Vec<float> vexp(const Vec<float>& in) {
@@ -73,15 +98,15 @@ inline Vec<float> vexp(const Vec<float>& in) {
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
   const Vec<float> round_magic = vsplat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const Vec<float> n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  const Vec<float> r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  const Vec<float> n = vfma(x, vsplat(1.44269504088896341f), round_magic) - round_magic;
+  const Vec<float> r = vfma(n, vsplat(2.12194440e-4f), vfma(n, vsplat(-0.693359375f), x));
   Vec<float> p = vsplat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  p = vfma(p, r, vsplat(1.3981999507e-3f));
+  p = vfma(p, r, vsplat(8.3334519073e-3f));
+  p = vfma(p, r, vsplat(4.1665795894e-2f));
+  p = vfma(p, r, vsplat(1.6666665459e-1f));
+  p = vfma(p, r, vsplat(5.0000001201e-1f));
+  p = vfma(p * r, r, r) + 1.0f;
   const VecI32 bits = (__builtin_convertvector(n, VecI32) + 127) << 23;
   const Vec<float> result = p * (Vec<float>)bits;  // same-size vector cast: reinterprets bits
   return underflow ? vsplat(0.0f) : result;
@@ -199,7 +224,7 @@ inline void dot_rows(const A* q, int64_t dp, const KS* k, int64_t k_stride, int6
     Vec<A> acc[RM] = {};
     for (int64_t d = 0; d < dp; d += L) {
       const Vec<A> kv = vload_row<A>(kr + d);
-      for (int r = 0; r < RM; ++r) acc[r] += vload(q + r * dp + d) * kv;
+      for (int r = 0; r < RM; ++r) acc[r] = vfma(vload(q + r * dp + d), kv, acc[r]);
     }
     for (int r = 0; r < RM; ++r) s[r * nbp + j] = hsum(acc[r]);
   }
@@ -236,7 +261,7 @@ inline void dot4x4(const float* q, int64_t dp, const KS* k, int64_t k_stride, in
     for (int c = 0; c < 4; ++c) kv[c] = vload_row<float>(k + c * k_stride + d);
     for (int r = 0; r < 4; ++r) {
       const Vec<float> qv = vload(q + r * dp + d);
-      for (int c = 0; c < 4; ++c) acc[r * 4 + c] += qv * kv[c];
+      for (int c = 0; c < 4; ++c) acc[r * 4 + c] = vfma(qv, kv[c], acc[r * 4 + c]);
     }
   }
   const Vec<float> out = hsum16(acc);
@@ -294,7 +319,7 @@ inline void pv_tile(const A* p, int64_t nbp, const VS* vb, int64_t v_stride, int
     for (int c = 0; c < CN; ++c) vv[c] = vload_row<A>(vb + j * v_stride + d0 + c * L);
     for (int r = 0; r < RM; ++r) {
       const Vec<A> pr = vsplat<A>(p[r * nbp + j]);
-      for (int c = 0; c < CN; ++c) acc[r][c] += pr * vv[c];
+      for (int c = 0; c < CN; ++c) acc[r][c] = vfma(pr, vv[c], acc[r][c]);
       if constexpr (SUM) sums[r] += pr;
     }
   }
