@@ -480,19 +480,31 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device.index or 0).multi_processor_count
 
 
-def _default_block_m(rows: int, D: int) -> int:
+# fp32 caches: the dots run as exact FMA loops (no tensor cores, no TF32), so the work is spread over
+# as many programs as possible: 16-row blocks (the least tl.dot takes) and prefix splits down to 64
+# positions. On an H200, the bundled target's shapes (4 / 2 heads of 64, prefix 192): a 64-token tree
+# 15.0 us against 1285 us for the 16-bit plan (128-row blocks, 4 warps: the fp32 accumulators spill),
+# a one-token step 10.2 against 19.5 us (bench/results/sweep_tree_attention_NVIDIA-H200_s21_tiny_fp32.json;
+# 32-row blocks 1.8-2.5x slower than 16, 2 stages as fast as 3). Measured at D = 64 only.
+FP32_BLOCK_M = 16
+FP32_MIN_CHUNK = 64
+
+
+def _default_block_m(rows: int, D: int, elem_size: int = 2) -> int:
     """Query rows per program: all T * G rows of a kv head up to a cap, then blocks of the cap. The cap
     keeps the fp32 accumulator (block_m x D over 8 warps) in registers: 128 rows for D <= 128 (what
-    the Hopper flash-attention configurations use), 64 beyond."""
+    the Hopper flash-attention configurations use), 64 beyond. fp32 caches: :data:`FP32_BLOCK_M`."""
+    if elem_size >= 4:
+        return FP32_BLOCK_M
     cap = 128 if D <= 128 else 64
     return min(max(16, triton.next_power_of_2(rows)), cap)
 
 
-def _default_splits(programs: int, block_m: int, S_max: int, num_sms: int) -> int:
+def _default_splits(programs: int, block_m: int, S_max: int, num_sms: int, elem_size: int = 2) -> int:
     """Prefix splits so that the grid covers the SMs: one program per SM for the big 128-row
     programs, two for the lighter ones (more bytes in flight per SM). Splits of fewer than
-    256 positions are not worth their combine cost."""
-    min_chunk = 256
+    256 positions are not worth their combine cost (16-bit caches; fp32: :data:`FP32_MIN_CHUNK`)."""
+    min_chunk = FP32_MIN_CHUNK if elem_size >= 4 else 256
     target = num_sms if block_m >= 128 else 2 * num_sms
     if programs >= target or S_max < 2 * min_chunk:
         return 1
@@ -504,9 +516,9 @@ def _default_stages(block_m: int, block_n: int, D: int, num_splits: int, elem_si
     keeps 4 where four K+V stages take at most 128 KB (up to D = 128 with 64-key tiles): 1.06x at B 8
     and 1.02x at B 32 of the goal shape on an H100, in two sweeps
     (bench/results/sweep_tree_attention_NVIDIA-H100-80GB-HBM3_s10*.json). A split's few tiles per
-    program keep 3 (4 measured 0.96x at B 1), as do fp32 caches (unmeasured at 4; 64 x 128 fp32 tiles
-    would not fit); D > 128 keeps 2 to fit shared memory."""
-    if D > 128:
+    program keep 3 (4 measured 0.96x at B 1). fp32 caches keep 2 (as fast as 3 with their 16-row
+    blocks, see :data:`FP32_BLOCK_M`), as does D > 128 to fit shared memory."""
+    if D > 128 or elem_size >= 4:
         return 2
     four_stages = 4 * 2 * block_n * triton.next_power_of_2(D) * elem_size
     deep = elem_size == 2 and block_m >= 128 and num_splits == 1 and four_stages <= 128 * 1024
@@ -537,14 +549,14 @@ def plan_launch(
     """
     config = config or LaunchConfig()
     rows = max(T * G, 1)
-    block_m = config.block_m or _default_block_m(rows, D)
+    block_m = config.block_m or _default_block_m(rows, D, elem_size)
     block_n = config.block_n or (64 if D <= 128 else 32)
     programs = triton.cdiv(rows, block_m) * B * Hkv
     if config.num_splits is not None:  # exactly as asked (trailing splits may be empty)
         num_splits = config.num_splits
         chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
     else:
-        num_splits = _default_splits(programs, block_m, S_max, num_sms)
+        num_splits = _default_splits(programs, block_m, S_max, num_sms, elem_size)
         chunk = triton.cdiv(triton.cdiv(S_max, num_splits), block_n) * block_n
         num_splits = triton.cdiv(S_max, chunk)  # rounding chunk up to block_n can leave a split empty
     # 8 warps from a 128 x 128 accumulator up. At 64 x 128, 4 warps (ptxas reports spills) still ran
