@@ -317,6 +317,31 @@ def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch
     assert "1 near-tie flip(s)" in bench.format_table(bench.summarize(cells))
 
 
+@pytest.mark.parametrize("ulps_apart, near_tie", [(2, True), (3, False)])
+def test_a_near_tie_counts_in_either_order(tiny_target, monkeypatch, ulps_apart, near_tie):
+    """The re-run forward that describes a mismatch can round the pair the other way than vanilla's
+    own decode did (seen on an H200 in bfloat16): vanilla's token then sits below the method's, by
+    the same near-tie margin, and that is still a near-tie; farther apart it is a real mismatch."""
+    import eagle
+
+    model = eagle.load(str(tiny_target), dtype=torch.float64)
+    models = bench.Models(model, str(tiny_target), "none", random_draft=False)
+    prompt = bench.Prompt("p", [5, 6, 7])
+    best = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
+    logits = bench._next_logits(model.target, prompt.ids + best[:2])
+    runner_up = int(logits.topk(2).indices[1])
+    vanilla = best[:2] + [runner_up] + best[3:]  # vanilla "chose" the runner-up of the re-run logits
+    gap = float(logits[best[2]] - logits[runner_up])
+    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap / ulps_apart)
+    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
+    for cell, tokens in zip(cells, (vanilla, best)):
+        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+    bench.check_greedy_agreement(cells, models, [prompt])
+    check = bench.summarize(cells)[1]["greedy_agreement"]
+    assert check["mismatches"][0]["logit_vanilla_minus_method_token"] == pytest.approx(-gap)
+    assert check["ok"] is near_tie and check["near_tie_rows"] == int(near_tie)
+
+
 def test_paired_speedup_is_the_median_of_each_repeats_own_ratio():
     """A slow spell that hits vanilla's repeats more than the method's moves the ratio of medians,
     not the paired ratio (each repeat runs both, one after the other)."""
