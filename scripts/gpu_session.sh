@@ -15,7 +15,9 @@
 #   probe  which C++ compiler and build flags make TORCH_CHECK raise instead of segfaulting
 #          (scripts/probe_cxx_exceptions.py); the extension is then built in place with the first compiler
 #          whose build raises (checked on the built extension; CPU, background)
-#   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times;
+#   sweep  tree_attention and fused_draft_input configuration sweeps (Triton only, kernel-only times; with
+#          probe, the build shares the host's cores with them, so their host-bound eager columns are not
+#          reliable, 2026-11-27;
 #          TA_BUDGET / FDI_BUDGET: their --budget-s; KTESTS_S: the kernel tests' time box);
 #          sweep_fdi: only the fused_draft_input one (SWEEP_FDI_ARGS: more arguments, e.g. "--rows 1 16";
 #          FDI_BUDGET: its --budget-s)

@@ -2,8 +2,8 @@
 // a namespace and a `#pragma GCC target(...)` region, so every function here is compiled for that
 // instruction set. It includes nothing and uses no std:: templates (their out-of-line instantiations
 // would be shared between the regions and could end up compiled for the wrong instruction set); the
-// including file provides Problem, the scratch memory and EAGLE_TA_VEC_BYTES (64, 32 or 16: one
-// register of the instruction set).
+// including file provides Problem, the scratch memory, EAGLE_TA_VEC_BYTES (64, 32 or 16: one
+// register of the instruction set) and, on x86, <immintrin.h> (the FMA intrinsics of vfma).
 //
 // One task = (sequence b, kv head, chunk of query rows). Rows are (token t, grouped head g) pairs,
 // row = t * G + g, so each K/V block is read (or converted to the accumulator type A) once and used by

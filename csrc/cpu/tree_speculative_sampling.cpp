@@ -103,7 +103,7 @@ inline int64_t mass_of(float p) {
   return join_mass(mass_hi(v), mass_lo(v));
 }
 
-// max(0, p - s*q) in float64 (each operation rounded on its own: -std=c++17 does not contract).
+// max(0, p - s*q) in float64 (each operation rounded on its own: the build passes -ffp-contract=off).
 inline double residual(float p, float q, double s) {
   const double prod = s * static_cast<double>(clean_prob(q));
   const double r = static_cast<double>(clean_prob(p)) - prod;
