@@ -169,8 +169,12 @@ def cuda_kernel_seconds(fn: Callable[[], object], *, rep_ms: int = 40) -> float:
     :func:`bench.utils.measure_cuda_kernel_time` (calls captured back to back in one CUDA graph, the
     L2 cache flushed before each call and the flushes' own time subtracted, so a batch-1 cache that
     fits in L2 is still read from HBM; replays sized to about ``rep_ms`` in all). ``fn`` must already
-    have run once (compiled) and must not synchronise."""
+    have run once (compiled) and must not synchronise. Raises RuntimeError when the call cannot be
+    captured."""
     from bench.utils import measure_cuda_kernel_time
 
     replays = 15
-    return measure_cuda_kernel_time(fn, target_ms=max(0.5, rep_ms / replays), replays=replays).us * 1e-6
+    timing = measure_cuda_kernel_time(fn, target_ms=max(0.5, rep_ms / replays), replays=replays)
+    if timing.method != "cuda_graph":  # the fallback counts launch overhead: not a kernel time
+        raise RuntimeError(f"no kernel-only time: {timing.note}")
+    return timing.us * 1e-6

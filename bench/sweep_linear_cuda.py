@@ -193,7 +193,8 @@ def main(argv=None) -> int:
                     row[name] = measure_cuda_kernel_time(fn).us
             results.append(row)
             print(f"{N:>5d}x{K:<4d} {M:>4d} " + " ".join(f"{row[v]:22.2f}" for v in VARIANTS), flush=True)
-    path = save_json(f"linear_cuda_{device_file_tag(device)}.json", {"results": results})
+        # after every shape, so that a run cut by its time box keeps what it measured
+        path = save_json(f"linear_cuda_{device_file_tag(device)}.json", {"results": results})
     print(f"wrote {path}")
     return 0
 

@@ -381,8 +381,8 @@ def run_public(inputs, timer) -> dict:
 def run_stream_floor(roof: dict, device: torch.device, dtype: torch.dtype, timer) -> dict:
     """The same timer on ``torch.amax`` over a contiguous buffer of the shape's roofline bytes: what a
     library streaming kernel takes to read that many bytes once on this GPU with this timing method
-    (launch, ramp-up, tail and the timer's L2-flush write-backs included). A reference, not a bound:
-    on an H100 the T = 1 decode at B 32 ran faster than it (106 vs 117 us)."""
+    (ramp-up and tail included; with ``EAGLE_BENCH_L2_FLUSH=write`` the memset's write-backs too). A
+    reference, not a bound: on an H100 the T = 1 decode at B 32 ran faster than it (106 vs 117 us)."""
     try:
         buf = torch.zeros(roof["bytes"] // dtype.itemsize, dtype=dtype, device=device)
         fn = lambda: torch.amax(buf)  # noqa: E731

@@ -251,8 +251,8 @@ def measure_cuda_kernel_time(
     synchronise): ``k`` calls captured in one CUDA graph (``k`` sized so that a replay takes about
     ``target_ms``, at most ``max_calls``), ``replays`` replays timed with CUDA events, median / k.
     With ``flush_l2`` every call is preceded by an L2 flush (:func:`l2_flush_kind`) and the flushes'
-    own time is subtracted (a graph of memsets alone, replayed alternately). If capturing fails, falls back to
-    ``triton.testing.do_bench(fn)`` (median; includes launch overhead) and says why in ``note``."""
+    own time is subtracted (a graph of flushes alone, replayed alternately). If capturing fails, falls back
+    to ``triton.testing.do_bench(fn)`` (median; includes launch overhead) and says why in ``note``."""
     try:
         return _graph_kernel_time(
             fn, flush_l2=flush_l2, target_ms=target_ms, replays=replays, max_calls=max_calls

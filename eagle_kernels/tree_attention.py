@@ -482,10 +482,13 @@ def _num_sms(device: torch.device) -> int:
 
 # fp32 caches: the dots run as exact FMA loops (no tensor cores, no TF32), so the work is spread over
 # as many programs as possible: 16-row blocks (the least tl.dot takes) and prefix splits down to 64
-# positions. On an H200, the bundled target's shapes (4 / 2 heads of 64, prefix 192): a 64-token tree
-# 15.0 us against 1285 us for the 16-bit plan (128-row blocks, 4 warps: the fp32 accumulators spill),
-# a one-token step 10.2 against 19.5 us (bench/results/sweep_tree_attention_NVIDIA-H200_s21_tiny_fp32.json;
-# 32-row blocks 1.8-2.5x slower than 16, 2 stages as fast as 3). Measured at D = 64 only.
+# positions. On an H200, the bundled target's shapes (4 / 2 heads of 64, prefix 192, S_max 320 / 256;
+# bench/results/sweep_tree_attention_NVIDIA-H200_s21_tiny_fp32.json): a 64-token tree took 1285 us with
+# the 16-bit plan (128-row blocks on 4 warps: the fp32 accumulators spill) and 18.6 / 16.9 / 15.0 us
+# with 16-row blocks and 1 / 2 / 3 splits (chunks of 320 / 192 / 128); this plan gives it 5 chunks of
+# 64 at batch 1 (untried, the trend extended) and 3 of 128 at batch 4 (the best tried there, 15.8 us);
+# a one-token step 10.2 us with its 4 chunks of 64, the best tried, against 19.5. 32-row blocks ran
+# 1.8-2.5x slower than 16 and 2 stages as fast as 3. Measured at D = 64 only.
 FP32_BLOCK_M = 16
 FP32_MIN_CHUNK = 64
 

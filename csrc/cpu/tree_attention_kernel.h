@@ -75,7 +75,7 @@ inline Vec<float> vfma(const Vec<float>& a, const Vec<float>& b, const Vec<float
 #elif EAGLE_TA_VEC_BYTES == 32
   return _mm256_fmadd_ps(a, b, c);
 #else
-  return a * b + c;  // the baseline variant: no FMA instruction (SSE2), two roundings
+  return a * b + c;  // the baseline variant (x86: SSE2, no FMA; elsewhere contraction is off too): two roundings
 #endif
 }
 
