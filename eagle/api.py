@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,6 +501,8 @@ def load(
     --write``): the pair's measured acceptance, the prior of ``tree="dynamic"``; a corrupt one raises
     ValueError.
     """
+    _check_checkpoint_arg("target", target, required=True)
+    _check_checkpoint_arg("draft", draft, required=False)
     device = _resolve_device(device)
     dtype = resolve_dtype(dtype) if dtype is not None else _default_dtype(device)
     try:  # refused before any weight is read
@@ -516,6 +519,15 @@ def load(
     head = load_draft(draft, model, dtype=head_dtype, device=device) if draft is not None else None
     acceptance = read_pair_acceptance(head.checkpoint_dir) if head is not None else None
     return EagleModel(model, head, _load_tokenizer(target_path), acceptance)
+
+
+def _check_checkpoint_arg(name: str, value, *, required: bool) -> None:
+    """``target`` / ``draft`` of :func:`load`: a directory or hub id as a str or path (draft may be None)."""
+    if value is None and not required:
+        return
+    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+        allowed = "a str or os.PathLike" + ("" if required else " (or None)")
+        raise TypeError(f"load: {name} must be {allowed} naming a checkpoint, got {type(value).__name__}")
 
 
 def _load_tokenizer(path: str):

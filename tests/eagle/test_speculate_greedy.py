@@ -236,6 +236,14 @@ def test_load_names_a_bad_device_or_dtype(pairs):
             eagle.load("tiny-code", device="cuda")
 
 
+@pytest.mark.parametrize("target, draft", [(None, None), (3, None), (b"tiny-code", None), ("tiny-code", 5)])
+def test_load_names_a_target_or_draft_that_is_not_a_path(target, draft):
+    """None, a number or bytes used to fail deep in pathlib ("expected str, bytes or os.PathLike ...")."""
+    name = "draft" if draft is not None else "target"
+    with pytest.raises(TypeError, match=f"load: {name} must be a str or os.PathLike"):
+        eagle.load(target, draft)
+
+
 def test_generation_config_eos_is_the_default_stop(tmp_path):
     """transformers' generate stops on generation_config.json's eos (chat checkpoints list their
     end-of-turn token only there); so does generate without eos_token_id."""
