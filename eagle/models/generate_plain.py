@@ -207,7 +207,10 @@ def plain_decode_steps(
             token, bad = argmax_checked(logits)
             nonfinite.logical_or_(bad)
             return token
-        nonfinite.logical_or_(nonfinite_flag(logits))
+        bad = nonfinite_flag(logits)
+        nonfinite.logical_or_(bad)
+        if logits.device.type == "cpu" and bool(bad):  # free to read on CPU; warp_logits would refuse
+            raise FloatingPointError(NONFINITE_MESSAGE)  # the row with a ValueError, unlike every other path
         if logits.dtype == torch.float64:  # warp_logits computes in float32 and takes up to float32
             logits = logits.float()
         probs = eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)
