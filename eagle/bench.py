@@ -684,12 +684,13 @@ def _ulp(dtype: torch.dtype, magnitude: float) -> float:
 
 def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: list[int]) -> dict:
     at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-    gap = diff = ulp = None
+    gap = diff = ulp = below_top = None
     if at < min(len(got), len(want)):
         logits = _next_logits(models.eagle.target, prompt.ids + want[:at])
         top2 = logits.topk(2).values
         gap = float(top2[0] - top2[1])
         diff = float(logits[want[at]] - logits[got[at]])
+        below_top = float(top2[0] - torch.maximum(logits[want[at]], logits[got[at]]))
         ulp = _ulp(models.eagle.target.dtype, float(top2[0]))
     return {
         "prompt": prompt.source,
@@ -699,9 +700,14 @@ def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: lis
         "vanilla_top2_logit_gap": gap,
         "logit_vanilla_minus_method_token": diff,
         "model_dtype_ulp_at_top_logit": ulp,
+        "top_logit_minus_pair_best": below_top,
         # Either sign: the re-run forward can round the pair the other way than vanilla's decode did
-        # (an H200 bfloat16 run: vanilla's token 1 ulp *below* the method's in the re-run logits).
-        "near_tie": diff is not None and abs(diff) <= NEAR_TIE_ULPS * ulp,
+        # (an H200 bfloat16 run: vanilla's token 1 ulp *below* the method's in the re-run logits). And
+        # the pair must be at the top: two tokens close to each other but far below the re-run's best
+        # are no rounding tie of the choice.
+        "near_tie": diff is not None
+        and abs(diff) <= NEAR_TIE_ULPS * ulp
+        and below_top <= NEAR_TIE_ULPS * ulp,
     }
 
 

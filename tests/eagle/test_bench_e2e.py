@@ -317,6 +317,32 @@ def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch
     assert "1 near-tie flip(s)" in bench.format_table(bench.summarize(cells))
 
 
+def test_two_close_tokens_far_below_the_top_are_no_near_tie(tiny_target, monkeypatch):
+    """A pair within 2 ulp of each other but both well below the re-run's best token is not a rounding
+    tie of the choice: a real mismatch."""
+    import eagle
+
+    model = eagle.load(str(tiny_target), dtype=torch.float64)
+    models = bench.Models(model, str(tiny_target), "none", random_draft=False)
+    prompt = bench.Prompt("p", [5, 6, 7])
+    best = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
+    logits = bench._next_logits(model.target, prompt.ids + best[:2])
+    ranked = logits.sort(descending=True)
+    values, ids = ranked.values, ranked.indices
+    pair = min(range(2, 20), key=lambda i: float(values[i] - values[i + 1]))  # the closest pair below
+    close = float(values[pair] - values[pair + 1])
+    assert float(values[0] - values[pair]) > 2 * close  # far below the top, in this model's logits
+    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: close)  # the pair is within 1 "ulp"
+    vanilla = best[:2] + [int(ids[pair])] + best[3:]
+    method = best[:2] + [int(ids[pair + 1])] + best[3:]
+    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
+    for cell, tokens in zip(cells, (vanilla, method)):
+        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+    bench.check_greedy_agreement(cells, models, [prompt])
+    check = bench.summarize(cells)[1]["greedy_agreement"]
+    assert not check["ok"] and check["near_tie_rows"] == 0
+
+
 @pytest.mark.parametrize("ulps_apart, near_tie", [(2, True), (3, False)])
 def test_a_near_tie_counts_in_either_order(tiny_target, monkeypatch, ulps_apart, near_tie):
     """The re-run forward that describes a mismatch can round the pair the other way than vanilla's
