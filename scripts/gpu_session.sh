@@ -31,8 +31,9 @@
 #          CAP_E2E_EXTRA seconds each)
 #          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
 #          SKIP_SWEEP_FDI=1: the tree_attention sweep alone)
-#   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset (default) and by
-#          a read (EAGLE_BENCH_L2_FLUSH=read): does the memset's dirty-line write-back slow the timed kernel?
+#   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset
+#          (EAGLE_BENCH_L2_FLUSH=write) and by a read (=read, the default since 2026-11-27): does the memset's
+#          dirty-line write-back slow the timed kernel? (2026-11-26 on an H100: by 6-8 us)
 #   profile (not default) where a round's device time goes, by kernel (bench/profile_round.py, CUDA graphs,
 #          tiny-code pair, dynamic and chain trees, B 1 and 4), and the op counts (bench/count_ops.py, CPU)
 #          (SKIP_COUNT_OPS=1: without the op counts, which any CPU machine can make)
