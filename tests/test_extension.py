@@ -134,3 +134,19 @@ def test_cuda_default_backend_per_op(monkeypatch):
         )
     assert _backend.CUDA_EXT_FIRST <= set(eagle_kernels.OPS)
     assert {"build_tree", "verify_tree_greedy", "tree_speculative_sampling"} <= _backend.CUDA_EXT_FIRST
+
+
+def test_cpp_sources_are_built_without_fp_contraction():
+    """setup.py must pass -ffp-contract=off: GCC otherwise fuses a * b + c into FMAs where it likes, and
+    which instantiations it fused differed between compilers (a verified block's rows stopped matching
+    one-token steps on an H200 host, test_cpp_block_rows_equal_one_token_steps). The kernels write
+    their FMAs out instead."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "setup.py"
+    spec = importlib.util.spec_from_file_location("eagle_setup", path)
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines the helpers; setup() runs only as __main__
+    (extension,) = setup_module._extensions(torch, cuda=False)
+    assert "-ffp-contract=off" in extension.extra_compile_args["cxx"]
