@@ -66,14 +66,12 @@ def probe(method: str, target, head, batch_size: int) -> tuple[dict[int, float],
     any envelope."""
     widths = autotree.WIDTHS.get(target.device.type, autotree.WIDTHS["cuda"])
     rows = sorted(autotree.level_rows(widths))
+    if method == "interleaved":
+        return (
+            autotree.time_verify(target, batch_size, widths, raw=True),
+            autotree.time_draft_levels(head, batch_size, rows, raw=True),
+        )
     with torch.inference_mode():
-        if method == "interleaved":  # time_verify / time_draft_levels without their envelope
-            cache = autotree._prefixed_cache(target, batch_size, max(widths))
-            calls = {w: autotree._verify_call(target, cache, batch_size, w) for w in widths}
-            verify = autotree._interleaved_best(calls, target.device)
-            cache = autotree._prefixed_cache(head, batch_size, max(rows))
-            calls = {k: autotree._draft_level_call(head, cache, batch_size, k) for k in rows}
-            return verify, autotree._interleaved_best(calls, head.device)
         verify = {}
         for w in widths:  # each width with its own cache, as the old probe did
             cache = autotree._prefixed_cache(target, batch_size, w)

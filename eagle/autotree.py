@@ -195,20 +195,26 @@ def _prefixed_cache(model, batch_size: int, rows: int):
 
 
 @torch.inference_mode()
-def time_verify(target, batch_size: int, widths, rounds: int = ROUNDS) -> dict[int, float]:
+def time_verify(
+    target, batch_size: int, widths, rounds: int = ROUNDS, *, raw: bool = False
+) -> dict[int, float]:
     """Seconds of the target's verify forward at each of ``widths`` tree tokens per sequence
-    (interleaved best of ``rounds``; on CPU then :func:`lower_envelope`)."""
+    (interleaved best of ``rounds``; on CPU then :func:`lower_envelope`, unless ``raw``)."""
     cache = _prefixed_cache(target, batch_size, max(widths))
     calls = {w: _verify_call(target, cache, batch_size, w) for w in sorted(widths)}
-    return _smoothed(_interleaved_best(calls, target.device, rounds), target.device)
+    best = _interleaved_best(calls, target.device, rounds)
+    return best if raw else _smoothed(best, target.device)
 
 
 @torch.inference_mode()
-def time_draft_levels(head, batch_size: int, rows, rounds: int = ROUNDS) -> dict[int, float]:
+def time_draft_levels(
+    head, batch_size: int, rows, rounds: int = ROUNDS, *, raw: bool = False
+) -> dict[int, float]:
     """Seconds of one draft level at each of ``rows`` expansion widths (as :func:`time_verify`)."""
     cache = _prefixed_cache(head, batch_size, max(rows))
     calls = {k: _draft_level_call(head, cache, batch_size, k) for k in sorted(rows)}
-    return _smoothed(_interleaved_best(calls, head.device, rounds), head.device)
+    best = _interleaved_best(calls, head.device, rounds)
+    return best if raw else _smoothed(best, head.device)
 
 
 def choose_tree(
