@@ -525,7 +525,7 @@ def _check_checkpoint_arg(name: str, value, *, required: bool) -> None:
     """``target`` / ``draft`` of :func:`load`: a directory or hub id as a str or path (draft may be None)."""
     if value is None and not required:
         return
-    if not isinstance(value, (str, os.PathLike)) or isinstance(value, bytes):
+    if not isinstance(value, (str, os.PathLike)):
         allowed = "a str or os.PathLike" + ("" if required else " (or None)")
         raise TypeError(f"load: {name} must be {allowed} naming a checkpoint, got {type(value).__name__}")
 
