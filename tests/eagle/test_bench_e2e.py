@@ -295,38 +295,44 @@ def test_default_file_name_names_a_head_in_another_dtype(dtype, draft_dtype, ste
     assert bench.config_from_args(build_parser().parse_args(args)).draft_dtype == draft_dtype
 
 
-def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch):
-    import eagle
-
-    model = eagle.load(str(tiny_target), dtype=torch.float64)
-    models = bench.Models(model, str(tiny_target), "none", random_draft=False)
-    prompt = bench.Prompt("p", [5, 6, 7])
-    want = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
-    logits = bench._next_logits(model.target, prompt.ids + want[:2])
-    runner_up = int(logits.topk(2).indices[1])
-    got = want[:2] + [runner_up] + want[3:]
-    # pretend float64 had bfloat16's resolution: the runner-up is then within rounding of the winner
-    gap = float(logits[want[2]] - logits[runner_up])
-    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap)
-    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
-    for cell, tokens in zip(cells, (want, got)):
-        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
-    bench.check_greedy_agreement(cells, models, [prompt])
-    check = bench.summarize(cells)[1]["greedy_agreement"]
-    assert check["ok"] and check["mismatched_rows"] == 1 and check["near_tie_rows"] == 1
-    assert "1 near-tie flip(s)" in bench.format_table(bench.summarize(cells))
-
-
-def test_two_close_tokens_far_below_the_top_are_no_near_tie(tiny_target, monkeypatch):
-    """A pair within 2 ulp of each other but both well below the re-run's best token is not a rounding
-    tie of the choice: a real mismatch."""
+def _greedy_run_and_its_third_logits(tiny_target):
+    """The float64 tiny checkpoint's bench models, a prompt, its greedy tokens and the re-run logits at
+    their third token (where the tests below make vanilla's and a method's tokens differ)."""
     import eagle
 
     model = eagle.load(str(tiny_target), dtype=torch.float64)
     models = bench.Models(model, str(tiny_target), "none", random_draft=False)
     prompt = bench.Prompt("p", [5, 6, 7])
     best = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
-    logits = bench._next_logits(model.target, prompt.ids + best[:2])
+    return models, prompt, best, bench._next_logits(model.target, prompt.ids + best[:2])
+
+
+def _summarized_pair(models, prompt, vanilla: list[int], method: list[int]) -> list[dict]:
+    """``summarize`` of a vanilla and an eagle_chain cell that produced these tokens, agreement checked."""
+    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
+    for cell, tokens in zip(cells, (vanilla, method)):
+        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+    bench.check_greedy_agreement(cells, models, [prompt])
+    return bench.summarize(cells)
+
+
+def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch):
+    models, prompt, want, logits = _greedy_run_and_its_third_logits(tiny_target)
+    runner_up = int(logits.topk(2).indices[1])
+    got = want[:2] + [runner_up] + want[3:]
+    # pretend float64 had bfloat16's resolution: the runner-up is then within rounding of the winner
+    gap = float(logits[want[2]] - logits[runner_up])
+    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap)
+    rows = _summarized_pair(models, prompt, want, got)
+    check = rows[1]["greedy_agreement"]
+    assert check["ok"] and check["mismatched_rows"] == 1 and check["near_tie_rows"] == 1
+    assert "1 near-tie flip(s)" in bench.format_table(rows)
+
+
+def test_two_close_tokens_far_below_the_top_are_no_near_tie(tiny_target, monkeypatch):
+    """A pair within 2 ulp of each other but both well below the re-run's best token is not a rounding
+    tie of the choice: a real mismatch."""
+    models, prompt, best, logits = _greedy_run_and_its_third_logits(tiny_target)
     ranked = logits.sort(descending=True)
     values, ids = ranked.values, ranked.indices
     pair = min(range(2, 20), key=lambda i: float(values[i] - values[i + 1]))  # the closest pair below
@@ -335,11 +341,7 @@ def test_two_close_tokens_far_below_the_top_are_no_near_tie(tiny_target, monkeyp
     monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: close)  # the pair is within 1 "ulp"
     vanilla = best[:2] + [int(ids[pair])] + best[3:]
     method = best[:2] + [int(ids[pair + 1])] + best[3:]
-    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
-    for cell, tokens in zip(cells, (vanilla, method)):
-        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
-    bench.check_greedy_agreement(cells, models, [prompt])
-    check = bench.summarize(cells)[1]["greedy_agreement"]
+    check = _summarized_pair(models, prompt, vanilla, method)[1]["greedy_agreement"]
     assert not check["ok"] and check["near_tie_rows"] == 0
 
 
@@ -348,22 +350,12 @@ def test_a_near_tie_counts_in_either_order(tiny_target, monkeypatch, ulps_apart,
     """The re-run forward that describes a mismatch can round the pair the other way than vanilla's
     own decode did (seen on an H200 in bfloat16): vanilla's token then sits below the method's, by
     the same near-tie margin, and that is still a near-tie; farther apart it is a real mismatch."""
-    import eagle
-
-    model = eagle.load(str(tiny_target), dtype=torch.float64)
-    models = bench.Models(model, str(tiny_target), "none", random_draft=False)
-    prompt = bench.Prompt("p", [5, 6, 7])
-    best = model.generate([prompt.ids], 4, speculative=False, eos_token_id=[]).tokens[0]
-    logits = bench._next_logits(model.target, prompt.ids + best[:2])
+    models, prompt, best, logits = _greedy_run_and_its_third_logits(tiny_target)
     runner_up = int(logits.topk(2).indices[1])
     vanilla = best[:2] + [runner_up] + best[3:]  # vanilla "chose" the runner-up of the re-run logits
     gap = float(logits[best[2]] - logits[runner_up])
     monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap / ulps_apart)
-    cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
-    for cell, tokens in zip(cells, (vanilla, best)):
-        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
-    bench.check_greedy_agreement(cells, models, [prompt])
-    check = bench.summarize(cells)[1]["greedy_agreement"]
+    check = _summarized_pair(models, prompt, vanilla, best)[1]["greedy_agreement"]
     assert check["mismatches"][0]["logit_vanilla_minus_method_token"] == pytest.approx(-gap)
     assert check["ok"] is near_tie and check["near_tie_rows"] == int(near_tie)
 
