@@ -698,6 +698,9 @@ def main(argv=None) -> int:
             )
         report["shapes"][shape.name] = entry
         del inputs, want
+        if gpu is not None:  # a run cut by an outer time box keeps the shapes it finished
+            report["elapsed_s"] = time.perf_counter() - t_start
+            write_report(report, args, gpu)
     report["elapsed_s"] = time.perf_counter() - t_start
     if report["skipped"]:
         print(f"\n# budget reached: skipped {len(report['skipped'])} configurations", flush=True)
