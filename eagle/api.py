@@ -14,8 +14,14 @@ import eagle_kernels
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
+from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, check_pool_capacity
 from eagle.models.draft import DraftHead
-from eagle.models.generate_plain import NONFINITE_MESSAGE, plain_decode_steps, release_plain_buffers
+from eagle.models.generate_plain import (
+    NONFINITE_MESSAGE,
+    plain_decode_steps,
+    release_plain_buffers,
+    set_plain_pool_capacity,
+)
 from eagle.models.llama import LlamaModel
 from eagle.models.weights import resolve_dtype
 from eagle.rng import check_seed
@@ -99,6 +105,22 @@ class EagleModel:
         self.pair_acceptance = pair_acceptance
         self._decoders: dict[object, SpeculativeDecoder] = {}
         self._acceptance: dict[SamplingParams, _Acceptance] = {}
+        self._kept_batch_states = DEFAULT_POOL_CAPACITY
+
+    @property
+    def kept_batch_states(self) -> int:
+        """With ``cuda_graph=True``: how many (batch size, sampling) combinations keep their caches and
+        CUDA graph for later calls, per draft tree and for plain decoding (default 4). A caller that
+        cycles through more combinations than this re-allocates and re-captures on every call; setting
+        a smaller number frees the least recently used."""
+        return self._kept_batch_states
+
+    @kept_batch_states.setter
+    def kept_batch_states(self, count: int) -> None:
+        self._kept_batch_states = check_pool_capacity(count)
+        for decoder in self._decoders.values():
+            decoder.kept_batch_states = count
+        set_plain_pool_capacity(self.target, count)
 
     @property
     def accept_rates(self) -> dict[SamplingParams, float]:
@@ -185,7 +207,9 @@ class EagleModel:
         resolved = self._tree(tree, batch_size, sampling, seeded)
         key = (resolved if isinstance(resolved, TreeConfig) else id(resolved), cuda_graph)
         if key not in self._decoders:
-            self._decoders[key] = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
+            decoder = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
+            decoder.kept_batch_states = self._kept_batch_states
+            self._decoders[key] = decoder
         return self._decoders[key]
 
     def release_buffers(self) -> None:

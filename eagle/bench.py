@@ -527,6 +527,10 @@ class Cell:
     # the EAGLE methods' draft tree in the timed repeats (" / "-joined when tree="dynamic" chose another
     # after refitting the pair's acceptance from earlier runs: eagle.api.EagleModel.accept_rates)
     tree: str | None = None
+    warm_trees: set[str] = field(default_factory=set)  # trees this cell has run (warm-up included)
+    # timed runs whose tree was new to the cell (its decoder, graph and kernels were built inside the
+    # run): (repeat, tree, seconds, re-timed), re-timed at once up to MAX_COLD_RETRIES times in a row
+    cold_runs: list[tuple[int, str, float, bool]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     tokens: int = 0  # new tokens per repeat (all batches)
     decode_tokens: int = 0
@@ -574,9 +578,13 @@ def run_cells(
     # the plan depends on the cache's size, so a shorter warm-up left compiles inside the timed runs
     # (CUDA, 2026-11-26: 50 ms per token in the first timed cells). With CUDA graphs the buffers and
     # graph it leaves behind fit every timed call.
+    if config.cuda_graph:  # every (batch, sampling) keeps its graph: no re-capture inside a timed run
+        combos = len(config.batch_sizes) * len(config.temperatures)
+        models.eagle.kept_batch_states = max(models.eagle.kept_batch_states, combos)
     for cell in active:
         longest = max(batches[cell.batch], key=lambda batch: max(len(p.ids) for p in batch))
-        _, seconds = _run_cell(config, models, [longest], cell, config.new_tokens)
+        outputs, seconds = _run_cell(config, models, [longest], cell, config.new_tokens)
+        cell.warm_trees.update(_new_trees(cell, outputs))
         log(f"  warm-up {cell.method} B={cell.batch} T={cell.temperature:g}: {seconds:.2f} s")
     bar = _progress(config, total=len(active) * config.repeats)
     for repeat in range(config.repeats):
@@ -584,11 +592,43 @@ def run_cells(
             bar.set_description(
                 f"repeat {repeat + 1}/{config.repeats} {cell.method} B={cell.batch} T={cell.temperature:g}"
             )
-            outputs, seconds = _run_cell(config, models, batches[cell.batch], cell, config.new_tokens)
+            outputs, seconds = _run_warm(config, models, batches[cell.batch], cell, repeat, log)
             cell.record(repeat, outputs, seconds)
             bar.update()
     bar.close()
     return cells
+
+
+# A timed run is re-timed at most this many times in a row for using a tree new to its cell
+MAX_COLD_RETRIES = 3
+
+
+def _new_trees(cell: Cell, outputs: list[Output]) -> set[str]:
+    return {o.tree for o in outputs if o.tree is not None} - cell.warm_trees
+
+
+def _run_warm(config, models, batches, cell: Cell, repeat: int, log) -> tuple[list[Output], float]:
+    """One timed run of ``cell``, re-timed while it used a draft tree the cell had not run before.
+
+    tree="dynamic" refits the pair's acceptance after every run and may then choose another tree
+    (eagle.api.EagleModel.accept_rates). The first run of a tree builds its decoder, allocates its
+    caches, captures its CUDA graph and compiles kernels for its size: a one-time cost (most likely
+    why one of two timed runs on an H100 took 14x the other, 2026-11-27). The cold run is recorded in
+    ``cell.cold_runs`` and the run repeated, now warm."""
+    for attempt in range(MAX_COLD_RETRIES + 1):
+        outputs, seconds = _run_cell(config, models, batches, cell, config.new_tokens)
+        cold = _new_trees(cell, outputs)
+        if not cold:
+            return outputs, seconds
+        cell.warm_trees.update(cold)
+        label, retime = " / ".join(sorted(cold)), attempt < MAX_COLD_RETRIES
+        cell.cold_runs.append((repeat, label, seconds, retime))
+        what = "re-timing it" if retime else f"kept: a new tree in each of {attempt + 1} runs in a row"
+        log(
+            f"  {cell.method} B={cell.batch} T={cell.temperature:g} (repeat {repeat + 1}) ran a tree new to "
+            f"it, {label}, in {seconds:.2f} s; {what}"
+        )
+    return outputs, seconds
 
 
 def _skip_reason(config: BenchConfig, method: str, batch: int) -> str | None:
@@ -731,6 +771,10 @@ def summarize(cells: list[Cell]) -> list[dict]:
         row: dict = {"method": c.method, "batch": c.batch, "temperature": c.temperature}
         if c.tree:
             row["tree"] = c.tree
+        if c.cold_runs:  # timed runs on a tree new to the cell (run_cells); only kept ones are in the figures
+            row["cold_runs"] = [
+                {"repeat": r, "tree": t, "seconds": s, "retimed": retimed} for r, t, s, retimed in c.cold_runs
+            ]
         if c.skipped:
             rows.append(row | {"status": "skipped", "reason": c.skipped})
             continue
@@ -813,6 +857,10 @@ def format_table(results: list[dict]) -> str:
         tau = f"{r['tau']:.2f}" if r["tau"] is not None else "-"
         speedup = f"{r['speedup_vs_vanilla']:.2f}x" if r.get("speedup_vs_vanilla") else "-"
         share = f"; plain steps {r['plain_step_share']:.0%}" if "plain_step_share" in r else ""
+        if r.get("cold_runs"):
+            retimed = sum(c["retimed"] for c in r["cold_runs"])
+            kept = len(r["cold_runs"]) - retimed
+            share += f"; {retimed} run(s) on a new tree re-timed" + (f", {kept} kept (cold)" if kept else "")
         paired = "-"
         if "speedup_paired" in r:
             paired = (

@@ -251,8 +251,9 @@ class SpeculativeDecoder:
         With ``cuda_graph`` the full batch's buffers (both KV caches, the round's state) and its captured
         graph outlive the run: the next run with the same batch size and sampling parameters whose
         prompt + new tokens fit them prefills into them and replays the graph from its first round, with
-        no capture (what serving stacks do per batch size). The 4 most recently used (batch size,
-        sampling) combinations are kept; :meth:`release_buffers` frees them. Rows that finish before the
+        no capture (what serving stacks do per batch size). The :attr:`kept_batch_states` (default 4)
+        most recently used (batch size, sampling) combinations are kept; :meth:`release_buffers` frees
+        them. Rows that finish before the
         others (EOS) stay in the batch, frozen, so the captured graph keeps replaying
         (:attr:`keep_finished_rows`; without graphs they are dropped)."""
         if cuda_graph and target.device.type != "cuda":
@@ -395,6 +396,17 @@ class SpeculativeDecoder:
     def release_buffers(self) -> None:
         """Free the buffers and CUDA graphs kept for later runs (see ``cuda_graph`` in the constructor)."""
         self._pool.clear()
+
+    @property
+    def kept_batch_states(self) -> int:
+        """How many (batch size, sampling) combinations keep their buffers and CUDA graph between runs
+        (``cuda_graph`` only). A caller cycling through more of them than this re-allocates and
+        re-captures on every run; setting fewer drops the least recently used."""
+        return self._pool.capacity
+
+    @kept_batch_states.setter
+    def kept_batch_states(self, count: int) -> None:
+        self._pool.capacity = count
 
     # ------------------------------------------------------------------------------------------
     # CUDA graphs

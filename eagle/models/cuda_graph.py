@@ -19,6 +19,15 @@ from eagle.models.kv_cache import KVCache
 T = TypeVar("T")
 V = TypeVar("V")
 
+# (batch size, sampling) combinations whose buffers and CUDA graph a decoder keeps by default
+DEFAULT_POOL_CAPACITY = 4
+
+
+def check_pool_capacity(capacity: object) -> int:
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        raise ValueError(f"the number of kept batch states must be an int >= 1, got {capacity!r}")
+    return capacity
+
 
 class BufferPool(Generic[V]):
     """Buffers (KV caches, step state, their CUDA graph) of finished runs, kept for later runs.
@@ -29,9 +38,23 @@ class BufferPool(Generic[V]):
     for each.
     """
 
-    def __init__(self, capacity: int = 4) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = DEFAULT_POOL_CAPACITY) -> None:
         self._entries: OrderedDict[Hashable, V] = OrderedDict()
+        self.capacity = capacity
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @capacity.setter
+    def capacity(self, capacity: int) -> None:
+        """Setting a smaller capacity drops the least recently used entries beyond it."""
+        self._capacity = check_pool_capacity(capacity)
+        self._evict()
+
+    def _evict(self) -> None:
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
 
     def take(self, key: Hashable) -> V | None:
         return self._entries.pop(key, None)
@@ -39,8 +62,7 @@ class BufferPool(Generic[V]):
     def put(self, key: Hashable, value: V) -> None:
         self._entries[key] = value
         self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        self._evict()
 
     def clear(self) -> None:
         self._entries.clear()

@@ -13,7 +13,7 @@ import torch
 import eagle_kernels
 from eagle import rng
 from eagle.models.cpu_packed import invalidate_cpu_caches
-from eagle.models.cuda_graph import BufferPool, on_side_stream
+from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, BufferPool, check_pool_capacity, on_side_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, rope_tables
@@ -140,9 +140,28 @@ _POOLS: weakref.WeakKeyDictionary[LlamaModel, BufferPool[_StepBuffers]] = weakre
 _POOLED_CACHE_ALIGN = 256  # positions: later, slightly longer runs still fit the kept cache
 
 
+# model -> how many (batch size, sampling) combinations its pool keeps (set_plain_pool_capacity)
+_CAPACITIES: weakref.WeakKeyDictionary[LlamaModel, int] = weakref.WeakKeyDictionary()
+
+
 def release_plain_buffers(model: LlamaModel) -> None:
     """Free the buffers and CUDA graphs that plain decoding with ``cuda_graph`` keeps for ``model``."""
     _POOLS.pop(model, None)
+
+
+def set_plain_pool_capacity(model: LlamaModel, capacity: int) -> None:
+    """Keep the buffers and CUDA graphs of up to ``capacity`` (batch size, sampling) combinations of
+    plain decoding with ``model`` (default 4; fewer drops the least recently used)."""
+    _CAPACITIES[model] = check_pool_capacity(capacity)
+    if model in _POOLS:
+        _POOLS[model].capacity = capacity
+
+
+def _pool_of(model: LlamaModel) -> BufferPool[_StepBuffers]:
+    pool = _POOLS.get(model)
+    if pool is None:
+        pool = _POOLS[model] = BufferPool(_CAPACITIES.get(model, DEFAULT_POOL_CAPACITY))
+    return pool
 
 
 @torch.inference_mode()
@@ -190,7 +209,7 @@ def plain_decode_steps(
     per_row = temperature != 0 and generator is None
     reuse = (cuda_graph if reuse_buffers is None else reuse_buffers) and generator is None
     key = (B, temperature, top_k, top_p, min_p)
-    pool = _POOLS.setdefault(model, BufferPool()) if reuse else None
+    pool = _pool_of(model) if reuse else None
     buffers = _take_buffers(
         model, pool.take(key) if reuse else None, B, block.shape[1] + max_new_tokens, per_row, reuse
     )

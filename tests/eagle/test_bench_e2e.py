@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,54 @@ def test_repeats_alternate_the_order_of_the_methods(monkeypatch):
     assert warm_up == list(methods)
     assert timed == [*methods, *methods[::-1], *methods]
     assert all(len(c.seconds) == 3 for c in cells)
+
+
+def test_a_timed_run_on_a_tree_new_to_its_cell_is_timed_again(monkeypatch):
+    """tree="dynamic" may choose another tree after a refit; that tree's first run builds its decoder,
+    graph and kernels inside the timed run, so the run is recorded as cold and timed again."""
+    trees = iter(["A", "A", "B", "B", "B", "C", "D", "E"])  # warm-up, then the timed runs
+    seconds = iter([9.0, 1.0, 5.0, 1.1, 1.2, 6.0, 7.0, 8.0])
+
+    def fake_run(config, models, batches, cell, new_tokens):
+        return [bench.Output([[1] * new_tokens], new_tokens, new_tokens, tree=next(trees))], next(seconds)
+
+    monkeypatch.setattr(bench, "_run_cell", fake_run)
+    monkeypatch.setattr(bench, "check_lengths", lambda *a: None)
+    monkeypatch.setattr(bench, "MAX_COLD_RETRIES", 2)
+    logged = []
+    config = BenchConfig(
+        methods=("eagle_dynamic",), batch_sizes=(1,), temperatures=(0.0,), repeats=4, progress=False
+    )
+    (cell,) = bench.run_cells(config, None, [bench.Prompt("p", [1, 2, 3])], logged.append)
+    # repeat 0: A (warm); repeat 1: B cold (5.0 s), then warm (1.1); repeat 2: B (1.2); repeat 3: a new
+    # tree three times in a row (C, D, E): after MAX_COLD_RETRIES re-timings the last run stands
+    assert cell.seconds == [1.0, 1.1, 1.2, 8.0]
+    assert cell.cold_runs == [
+        (1, "B", 5.0, True),
+        (3, "C", 6.0, True),
+        (3, "D", 7.0, True),
+        (3, "E", 8.0, False),
+    ]
+    assert sum("re-timing it" in line for line in logged) == 3
+    assert sum("kept: a new tree in each of 3 runs in a row" in line for line in logged) == 1
+    row = bench.summarize([cell])[0]
+    assert row["cold_runs"][0] == {"repeat": 1, "tree": "B", "seconds": 5.0, "retimed": True}
+    assert row["tree"] == "A / B / E"  # the trees of the runs in the figures
+    assert "3 run(s) on a new tree re-timed, 1 kept (cold)" in bench.format_table([row])
+
+
+def test_with_cuda_graphs_every_batch_and_temperature_keeps_its_buffers(monkeypatch):
+    class FakeEagle:
+        kept_batch_states = 4
+
+    models = type("Models", (), {"eagle": FakeEagle()})()
+    monkeypatch.setattr(bench, "_run_cell", lambda *a: ([bench.Output([[1]], 1, 1)], 1.0))
+    monkeypatch.setattr(bench, "check_lengths", lambda *a: None)
+    config = BenchConfig(
+        methods=("vanilla",), batch_sizes=(1, 4, 16), temperatures=(0.0, 1.0), repeats=1, progress=False
+    )
+    bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
+    assert models.eagle.kept_batch_states == 4  # without CUDA graphs nothing is kept
+    config = replace(config, cuda_graph=True)
+    bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
+    assert models.eagle.kept_batch_states == 6

@@ -144,3 +144,48 @@ def test_many_sampling_settings_keep_a_bounded_number_of_buffers(pair):
     for t in (0.0, 0.5, 0.7, 0.9, 1.1, 1.3):
         _run(d, ids, 4, SamplingParams(t))
     assert len(d._pool) == d._pool.capacity == 4
+
+
+def test_a_larger_capacity_keeps_every_combination_a_caller_cycles_through(pair):
+    """``eagle bench`` runs up to 6 (batch size, sampling) combinations per tree: with the default 4,
+    each run would evict the next one's buffers and capture its graph again."""
+    m = eagle.EagleModel(pair.target, pair.head, pair.tokenizer)
+    d = m._decoder("chain", 1)
+    assert m.kept_batch_states == d.kept_batch_states == 4
+    m.kept_batch_states = 6
+    assert d.kept_batch_states == 6
+    assert m._decoder("static", 1).kept_batch_states == 6  # decoders created later follow it
+    d._reuse_buffers = True
+    ids = [pair.tokenizer.encode(SHORT[0])]
+    temperatures = (0.0, 0.5, 0.7, 0.9, 1.1, 1.3)
+    for _ in range(2):
+        for t in temperatures:
+            _run(d, ids, 4, SamplingParams(t))
+    assert sorted(key[1].temperature for key in d._pool._entries) == list(temperatures)
+    m.kept_batch_states = 2  # fewer: the least recently used go
+    assert [key[1].temperature for key in d._pool._entries] == [1.1, 1.3]
+
+
+def test_plain_decoding_follows_the_models_capacity(pair):
+    m = eagle.EagleModel(pair.target, pair.head, pair.tokenizer)
+    release_plain_buffers(pair.target)
+    try:
+        m.kept_batch_states = 5
+        for t in (0.0, 0.5, 0.7, 0.9, 1.1, 1.3):
+            _plain(pair, [pair.tokenizer.encode(SHORT[0])], 3, t, True)
+        assert len(_POOLS[pair.target]) == 5
+        release_plain_buffers(pair.target)  # freeing the buffers keeps the setting
+        for t in (0.0, 0.5, 0.7, 0.9, 1.1, 1.3):
+            _plain(pair, [pair.tokenizer.encode(SHORT[0])], 3, t, True)
+        assert len(_POOLS[pair.target]) == 5
+    finally:
+        m.kept_batch_states = 4
+        release_plain_buffers(pair.target)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4", None])
+def test_kept_batch_states_must_be_a_positive_int(pair, bad):
+    m = eagle.EagleModel(pair.target, pair.head, pair.tokenizer)
+    with pytest.raises(ValueError, match="kept batch states must be an int >= 1"):
+        m.kept_batch_states = bad
+    assert m.kept_batch_states == 4
