@@ -16,14 +16,21 @@ from __future__ import annotations
 # sweep_fused_draft_input_NVIDIA-H100-80GB-HBM3.json): as fast as the best tensor-core plan there
 # (kernel times in the comments, H100) and one launch without a split-K workspace, so an eager call
 # costs about half (H 4096: 77 vs 140 us).
+# The 16-row entries of H 4096 and 8192 are one-launch plans (split-K 1: no workspace, no reduction
+# launch) since the quiet H100 run of session 22 (sweep_fused_draft_input_NVIDIA-H100-80GB-HBM3_s22.json,
+# kernel / eager us): they were the best kernel time there and within 1% of it on the H200 (2026-11-26),
+# while an eager call cost 1.3-2.9x less. Figures in those comments: H100 s22 / H200 2026-11-26. (Session
+# 21's H200 sweep gave the H 8192 plan 66.7 us against gather_mm's 68.3; it did not try the H 4096 one.)
 SM90 = (
     (4096, 2, "bf16", 1, "gemv:bm1_bn8_bk512_w4_st3"),  # H100 34.6 us (split-K 4 fused: 35.1), unfused 41.4
-    (4096, 2, "bf16", 16, "fused:bm16_bn32_bk256_gm8_sk2_w4_st3"),  # 26.3 us, unfused 32.1 us
+    # 28.0 / 26.5 us, eager 92 / 94 us; the split-K 2 plan before it: 28.8 / 26.3 us, eager 271 / 164 us
+    (4096, 2, "bf16", 16, "fused:bm16_bn16_bk512_gm8_sk1_w4_st3"),
     (4096, 2, "bf16", 64, "gather_mm"),  # 28.3 us, unfused 30.4 us
     (4096, 2, "bf16", 512, "gather_mm"),  # 51.8 us, unfused 55.4 us
     (4096, 2, "bf16", 4096, "gather_mm"),  # 380.1 us, unfused 382.6 us
     (8192, 2, "bf16", 1, "gemv:bm1_bn8_bk512_w4_st3"),  # H100 102.3 us (gather_mm 103.7), unfused 107.3
-    (8192, 2, "bf16", 16, "gather_mm"),  # 72.8 us, unfused 75.0 us
+    # 92.7 / 73.4 us, eager 180 / 162 us; gather_mm (two launches) before it: 95.2 / 72.8, eager 234 / 223
+    (8192, 2, "bf16", 16, "fused:bm16_bn32_bk256_gm8_sk1_w4_st4"),
     (8192, 2, "bf16", 64, "gather_mm"),  # 78.4 us, unfused 80.2 us
     (8192, 2, "bf16", 512, "gather_mm"),  # 183.4 us, unfused 184.7 us
     (8192, 2, "bf16", 4096, "gather_mm"),  # 1437.4 us, unfused 1428.7 us
