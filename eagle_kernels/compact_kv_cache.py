@@ -90,8 +90,15 @@ def _compact_kv_cache_kernel(
                 tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
 
 
+# The copy moves bits: any cache dtype (fp8 or int8 quantised caches too) is moved as the integer
+# type of its size, which every GPU Triton supports loads and stores of.
+_BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
     L, _, B, H, _, D = kv_cache.shape
+    if kv_cache.element_size() in _BITS_DTYPES:
+        kv_cache = kv_cache.view(_BITS_DTYPES[kv_cache.element_size()])  # same storage, same strides
     # The kernel reads element b of these at base + b: strided views must be made contiguous.
     accept_num = accept_token_num.to(torch.int32).contiguous()
     grid = (L * 2 * B * H,)
@@ -172,6 +179,8 @@ def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_dra
         raise ValueError(f"kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got {list(kv_cache.shape)}")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache's last (head) dimension must be contiguous")
+    if kv_cache.element_size() not in (1, 2, 4, 8):
+        raise TypeError(f"kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got {kv_cache.dtype}")
     B, device = kv_cache.shape[2], kv_cache.device
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
     check_tensor("accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
@@ -200,9 +209,10 @@ def compact_kv_cache(
 
     Parameters
     ----------
-    kv_cache : Tensor ``[num_layers, 2, B, Hkv, S_max, D]``, any float dtype
+    kv_cache : Tensor ``[num_layers, 2, B, Hkv, S_max, D]``, any dtype of 1, 2, 4 or 8 bytes
         The model's in-place cache (index 0 of dim 1 is K, 1 is V). Tree slot ``s`` of sequence
-        ``b`` is stored at position ``cache_seqlens[b] + s``. Modified in place.
+        ``b`` is stored at position ``cache_seqlens[b] + s``. Modified in place. Rows are copied bit
+        for bit, so quantised caches (fp8, int8) work as well as fp16/bf16/fp32.
     cache_seqlens : Tensor ``[B]``, int32
         Committed length of each sequence before this round.
     accept_index : Tensor ``[B, num_spec_steps]``, int32 or int64

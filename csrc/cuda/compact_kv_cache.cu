@@ -55,7 +55,10 @@ extern "C" int eagle_compact_kv_cache_cuda(void* kv, int64_t L, int64_t B, int64
                                            const void* accept_index, int index_is_int64,
                                            const int32_t* accept_num, int64_t num_steps,
                                            int64_t num_draft_tokens, cudaStream_t stream) {
-  switch (element_size) {
+  switch (element_size) {  // a bit copy: fp8 / int8 caches are 1-byte units
+    case 1:
+      return launch_unit<uint8_t>(kv, L, B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
+                                  index_is_int64, accept_num, num_steps, num_draft_tokens, stream);
     case 2:
       return launch_unit<uint16_t>(kv, L, B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
                                    index_is_int64, accept_num, num_steps, num_draft_tokens, stream);

@@ -76,6 +76,30 @@ def test_backends_match_reference_fuzzed(device, dtype, index_dtype):
             assert got_len.dtype == torch.int32
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn, torch.bool, torch.int64])
+def test_quantised_and_integer_caches_are_moved_bit_for_bit(device, dtype):
+    """The op copies rows: an fp8 or int8 (quantised) cache, or any other 1/2/4/8-byte dtype, moves
+    exactly like a float one on every backend."""
+    for seed in range(3):
+        kv, seqlens, idx, num = make_case(3, 9, 4, 2, 24, torch.float32, torch.int64, device, seed)
+        kv = (kv * 8).to(dtype)
+        want = kv.clone()
+        want_len = compact_kv_cache_ref(want, seqlens, idx, num, 9)
+        for backend in backends_for(OP, device):
+            got = kv.clone()
+            got_len = run_with_backend(backend, compact_kv_cache, got, seqlens, idx, num, num_draft_tokens=9)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"{backend} seed={seed}"
+            assert torch.equal(got_len, want_len)
+
+
+def test_a_16_byte_cache_dtype_is_refused(device):
+    kv, seqlens, idx, num = make_case(2, 4, 2, 1, 16, torch.float32, torch.int32, device, 0)
+    with pytest.raises(
+        TypeError, match="kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got torch.complex128"
+    ):
+        compact_kv_cache(kv.to(torch.complex128), seqlens, idx, num, num_draft_tokens=4)
+
+
 def test_noncontiguous_layer_view(device):
     """A cache that is a slice of a bigger buffer (strided batch dim) is updated in place correctly."""
     kv, seqlens, idx, num = make_case(2, 10, 5, 2, 32, torch.float32, torch.int64, device, seed=7)
