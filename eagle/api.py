@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 from collections.abc import Iterator, Sequence
@@ -87,6 +88,12 @@ class _Acceptance:
 MIN_FORWARDS_TO_FIT = 16
 ACCEPT_WEIGHT_CAP = 1024
 ACCEPT_RATE_STEP = 0.03
+
+
+@functools.cache
+def _default_static_tree() -> eagle_kernels.StaticTree:
+    """tree="static": the EAGLE-1 paper's tree for 7B models (built once)."""
+    return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
 
 
 class EagleModel:
@@ -185,7 +192,7 @@ class EagleModel:
                 choose_tree(self.target, batch_size, self.head, accept_rate=rate, gain=prior.gain)
             )
         if tree == "static":
-            return eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)
+            return _default_static_tree()
         return TreeConfig.chain(5)  # "chain"
 
     def _fit(self, tree: TreeConfig) -> TreeConfig:
@@ -205,7 +212,10 @@ class EagleModel:
         seeded: bool = False,
     ) -> SpeculativeDecoder:
         resolved = self._tree(tree, batch_size, sampling, seeded)
-        key = (resolved if isinstance(resolved, TreeConfig) else id(resolved), cuda_graph)
+        # A static tree is keyed by what defines it: keyed by object, every call with a newly built
+        # tree (tree="static" did this) made a new decoder, which kept its own caches and CUDA graph.
+        shape = resolved if isinstance(resolved, TreeConfig) else ("static", resolved.paths, resolved.topk)
+        key = (shape, cuda_graph)
         if key not in self._decoders:
             decoder = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
             decoder.kept_batch_states = self._kept_batch_states

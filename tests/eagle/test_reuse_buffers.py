@@ -189,3 +189,17 @@ def test_kept_batch_states_must_be_a_positive_int(pair, bad):
     with pytest.raises(ValueError, match="kept batch states must be an int >= 1"):
         m.kept_batch_states = bad
     assert m.kept_batch_states == 4
+
+
+def test_every_static_tree_call_reuses_one_decoder(pair):
+    """tree="static" built a new StaticTree per call, and decoders were keyed by object: each call made
+    a new decoder (with CUDA graphs: new caches and a new capture, all kept). Equal trees share one."""
+    import eagle_kernels
+
+    m = eagle.EagleModel(pair.target, pair.head, pair.tokenizer)
+    for _ in range(3):
+        m.generate(SHORT[:1], 4, tree="static")
+    m.generate(SHORT[:1], 4, tree=eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63))
+    assert len(m._decoders) == 1
+    m.generate(SHORT[:1], 4, tree=eagle_kernels.build_static_tree([(0,), (1,), (0, 0)]))
+    assert len(m._decoders) == 2  # another tree, another decoder
