@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -48,7 +49,9 @@ WIDENING_GAIN = 0.17
 ACCEPT_RATE = 0.75  # per-token acceptance of trained EAGLE heads (EAGLE paper: alpha ~0.7-0.8)
 PREFIX = 128
 ROUNDS = 5  # timed rounds of the probe, each calling every candidate width once
-_TIMINGS: dict[tuple, tuple[dict[int, float], dict[int, float]]] = {}
+# (id(target), id(head), device, batch, fraction) -> (weakrefs to the target and head, verify and level
+# timings); the weakrefs tell a model apart from a later one that got the same id after the first was freed
+_TIMINGS: dict[tuple, tuple[weakref.ref, weakref.ref | None, dict[int, float], dict[int, float]]] = {}
 
 
 def tree_for_width(width: int) -> TreeConfig:
@@ -268,8 +271,9 @@ def _timings(target, batch_size: int, head, draft_cost_fraction: float):
     """``(verify seconds per width, draft level seconds per expansion width)``, cached."""
     device = target.device
     key = (id(target), id(head), str(device), batch_size, None if head is not None else draft_cost_fraction)
-    if key in _TIMINGS:
-        return _TIMINGS[key]
+    hit = _TIMINGS.get(key)
+    if hit is not None and hit[0]() is target and (hit[1] is None or hit[1]() is head):
+        return hit[2], hit[3]
     widths = WIDTHS.get(device.type, WIDTHS["cuda"])
     verify = time_verify(target, batch_size, widths)
     rows = level_rows(widths)
@@ -278,5 +282,7 @@ def _timings(target, batch_size: int, head, draft_cost_fraction: float):
     else:
         one = time_verify(target, batch_size, [1])[1]
         level = {k: draft_cost_fraction * one for k in rows}
-    _TIMINGS[key] = (verify, level)
-    return _TIMINGS[key]
+    for stale in [k for k, v in _TIMINGS.items() if v[0]() is None or (v[1] is not None and v[1]() is None)]:
+        del _TIMINGS[stale]
+    _TIMINGS[key] = (weakref.ref(target), None if head is None else weakref.ref(head), verify, level)
+    return verify, level

@@ -123,3 +123,22 @@ def test_widening_gains_less_with_each_doubling(depth, rate):
     assert all(g > 0 for g in gains) and all(b < a for a, b in zip(gains, gains[1:])), gains
     four = autotree.expected_tau(depth, 4 * (depth + 1), rate)
     assert four == pytest.approx(chain * (1 + autotree.WIDENING_GAIN * 2**0.5), rel=1e-12)
+
+
+def test_timings_of_a_freed_model_are_not_reused_by_a_new_one_at_its_address(monkeypatch):
+    """The cache is keyed by id(): a model created after another was freed may get the same id."""
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
+    cost = {"per_width": 0.2}
+    monkeypatch.setattr(
+        autotree, "time_verify", lambda t, b, widths: {w: 1.0 + cost["per_width"] * w for w in widths}
+    )
+    Target = type("T", (), {"device": torch.device("cpu")})
+    old = Target()
+    small = autotree.choose_tree(old, 1)
+    key = next(iter(autotree._TIMINGS))
+    del old
+    new = Target()
+    # what an address reuse looks like: the new model's key equals the freed one's
+    autotree._TIMINGS[(id(new), *key[1:])] = autotree._TIMINGS.pop(key)
+    cost["per_width"] = 0.0  # the new model's verify cost is flat: the biggest tree wins
+    assert autotree.choose_tree(new, 1).total_tokens == max(autotree.WIDTHS["cpu"]) > small.total_tokens
