@@ -22,11 +22,11 @@
 #          sweep_fdi: only the fused_draft_input one (SWEEP_FDI_ARGS: more arguments, e.g. "--rows 1 16";
 #          FDI_BUDGET: its --budget-s)
 #   tests  kernel tests and the GPU tests of the decoding loop (CUDA graphs) on CUDA (SKIP_ETESTS=1: the
-#          kernel tests alone)
+#          kernel tests alone; SKIP_KTESTS=1: the loop's alone; KTESTS_S / ETESTS_S: their time boxes)
 #   bench  per-op microbenchmarks (eager and kernel-only), pytest-benchmark JSON
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
-#          (E2E_ARGS: its arguments instead of the profile's; E2E_S: its time box)
+#          (E2E_ARGS: its arguments instead of the profile's; E2E_S: its time box; E2E_DTYPE: float32 unless set)
 #          (E2E_EXTRA="bfloat16 float32:bfloat16": then batch-1 runs with a TARGET[:DRAFT] dtype each,
 #          CAP_E2E_EXTRA seconds each)
 #          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
@@ -68,6 +68,7 @@ fi
 [ -n "${TA_BUDGET:-}" ] && SWEEP_TA=($((TA_BUDGET + 20)) "$TA_BUDGET")
 [ -n "${KTESTS_S:-}" ] && CAP_KTESTS=$KTESTS_S
 [ -n "${E2E_S:-}" ] && CAP_E2E=$E2E_S
+[ -n "${ETESTS_S:-}" ] && CAP_ETESTS=$ETESTS_S
 W=${W:-/tmp/ew}
 STAGES=${*:-probe sweep tests bench loop e2e}
 mkdir -p "$OUT" "$W"
@@ -156,12 +157,14 @@ if want tests; then
     # -v: every outcome is logged with its test's name as it happens, so a run cut by its time box
     # still names its failures (grep FAILED). 300 s per test: on a cold machine the fuzzed tests
     # compile dozens of Triton variants beside 15 other workers (2026-11-26: two of them ran past 120 s).
-    timeout -s INT $(cap $CAP_KTESTS) python3 -m pytest tests/kernels tests/test_extension.py --device cuda -v -n 16 \
-        -p no:cacheprovider --timeout=300 --tb=short -rfE --junitxml="$W/tests.xml" >"$W/tests.log" 2>&1
-    log "kernel tests rc=$? $(tail -1 "$W/tests.log"); failed: $(grep -o 'FAILED [^ ]*' "$W/tests.log" | sort -u | tr '\n' ' ')"
+    if [ "${SKIP_KTESTS:-0}" = 0 ]; then
+        timeout -s INT $(cap $CAP_KTESTS) python3 -m pytest tests/kernels tests/test_extension.py --device cuda -v -n 16 \
+            -p no:cacheprovider --timeout=300 --tb=short -rfE --junitxml="$W/tests.xml" >"$W/tests.log" 2>&1
+        log "kernel tests rc=$? $(tail -1 "$W/tests.log"); failed: $(grep -o 'FAILED [^ ]*' "$W/tests.log" | sort -u | tr '\n' ' ')"
+    fi
     if [ "${SKIP_ETESTS:-0}" = 0 ]; then
         timeout -s INT $(cap $CAP_ETESTS) python3 -m pytest tests/eagle/test_speculate_cuda_graph.py tests/eagle/test_bundled_pair.py \
-            -q -p no:cacheprovider --tb=short -rfE >"$W/tests_eagle.log" 2>&1
+            -v -p no:cacheprovider --tb=short -rfE >"$W/tests_eagle.log" 2>&1
         log "eagle GPU tests rc=$? $(tail -1 "$W/tests_eagle.log")"
     fi
     pack tests "$W/tests.log" "$W/tests.xml" "$W/tests_eagle.log"
@@ -197,7 +200,8 @@ if want loop; then
 fi
 
 if want e2e; then
-    timeout $(cap $CAP_E2E) python3 -m eagle bench --device cuda --dtype float32 --cuda-graph $E2E_ARGS --no-progress >"$W/e2e.log" 2>&1
+    timeout $(cap $CAP_E2E) python3 -m eagle bench --device cuda --dtype "${E2E_DTYPE:-float32}" --cuda-graph $E2E_ARGS \
+        --no-progress >"$W/e2e.log" 2>&1
     log "e2e rc=$? $(tail -1 "$W/e2e.log")"
     # E2E_EXTRA="bfloat16 float32:bfloat16": more runs, TARGET_DTYPE[:DRAFT_DTYPE] each, batch 1, T = 0
     for variant in ${E2E_EXTRA:-}; do
