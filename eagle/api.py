@@ -119,7 +119,8 @@ class EagleModel:
         """With ``cuda_graph=True``: how many (batch size, sampling) combinations keep their caches and
         CUDA graph for later calls, per draft tree and for plain decoding (default 4). A caller that
         cycles through more combinations than this re-allocates and re-captures on every call; setting
-        a smaller number frees the least recently used."""
+        a smaller number frees the least recently used. Plain decoding's buffers belong to the target
+        model, so models built on the same target share that part of the setting (the last set wins)."""
         return self._kept_batch_states
 
     @kept_batch_states.setter

@@ -333,7 +333,7 @@ class SpeculativeDecoder:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         stop = {int(t) for t in eos_token_ids}
-        key = (B, sampling)
+        key = (B, SamplingParams() if sampling.greedy else sampling)  # greedy ignores the filters
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
         pooled = self._pool.take(key) if self._reuse_buffers else None
         # auto: the draft's prefill waits for the first round, which pays (and times) it, or is never

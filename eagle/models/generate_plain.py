@@ -151,7 +151,8 @@ def release_plain_buffers(model: LlamaModel) -> None:
 
 def set_plain_pool_capacity(model: LlamaModel, capacity: int) -> None:
     """Keep the buffers and CUDA graphs of up to ``capacity`` (batch size, sampling) combinations of
-    plain decoding with ``model`` (default 4; fewer drops the least recently used)."""
+    plain decoding with ``model`` (default 4; fewer drops the least recently used). The setting belongs
+    to the model: every :class:`eagle.EagleModel` on it shares it."""
     _CAPACITIES[model] = check_pool_capacity(capacity)
     if model in _POOLS:
         _POOLS[model].capacity = capacity
@@ -189,7 +190,8 @@ def plain_decode_steps(
     ``reuse_buffers`` (default: ``cuda_graph``; never with a ``generator``): keep the KV cache, the
     step's buffers and its CUDA graph after the run, for the next run of the same batch size and
     sampling parameters that fits them (it replays the graph from its first step, with no capture);
-    the 4 most recently used combinations are kept; :func:`release_plain_buffers` frees them."""
+    the 4 most recently used combinations are kept (:func:`set_plain_pool_capacity`);
+    :func:`release_plain_buffers` frees them."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
@@ -208,7 +210,8 @@ def plain_decode_steps(
         raise ValueError("pass seed or generator, not both")
     per_row = temperature != 0 and generator is None
     reuse = (cuda_graph if reuse_buffers is None else reuse_buffers) and generator is None
-    key = (B, temperature, top_k, top_p, min_p)
+    # greedy ignores the filters: any of them replays the same buffers and graph
+    key = (B, temperature, top_k, top_p, min_p) if temperature != 0 else (B, 0.0)
     pool = _pool_of(model) if reuse else None
     buffers = _take_buffers(
         model, pool.take(key) if reuse else None, B, block.shape[1] + max_new_tokens, per_row, reuse

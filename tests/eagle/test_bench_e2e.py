@@ -440,7 +440,7 @@ def test_with_cuda_graphs_every_batch_and_temperature_keeps_its_buffers(monkeypa
         methods=("vanilla",), batch_sizes=(1, 4, 16), temperatures=(0.0, 1.0), repeats=1, progress=False
     )
     bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
-    assert models.eagle.kept_batch_states == 4  # without CUDA graphs nothing is kept
+    assert models.eagle.kept_batch_states == 4  # without CUDA graphs the setting is left alone
     config = replace(config, cuda_graph=True)
     bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
     assert models.eagle.kept_batch_states == 6

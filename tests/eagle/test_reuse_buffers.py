@@ -203,3 +203,21 @@ def test_every_static_tree_call_reuses_one_decoder(pair):
     assert len(m._decoders) == 1
     m.generate(SHORT[:1], 4, tree=eagle_kernels.build_static_tree([(0,), (1,), (0, 0)]))
     assert len(m._decoders) == 2  # another tree, another decoder
+
+
+def test_greedy_runs_share_buffers_whatever_their_unused_filters(pair):
+    """Greedy decoding ignores top-k/top-p/min-p: a greedy call with other filters must replay the
+    kept buffers, not allocate and capture again."""
+    d = _decoder(pair, True)
+    ids = [pair.tokenizer.encode(SHORT[0])]
+    _run(d, ids, 4, SamplingParams(0.0, top_k=5))
+    (kept,) = d._pool.values()
+    _run(d, ids, 4, SamplingParams(0.0, top_p=0.5))
+    assert d._pool.values() == [kept]
+    release_plain_buffers(pair.target)
+    try:
+        for top_k in (0, 7):
+            list(plain_decode_steps(pair.target, ids, 3, temperature=0.0, top_k=top_k, reuse_buffers=True))
+        assert len(_POOLS[pair.target]) == 1
+    finally:
+        release_plain_buffers(pair.target)
