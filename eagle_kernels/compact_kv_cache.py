@@ -22,6 +22,18 @@ OP = "compact_kv_cache"
 # --------------------------------------------------------------------------------------------------
 # Reference
 # --------------------------------------------------------------------------------------------------
+# The copy moves bits: any cache dtype (fp8 or int8 quantised caches too) is moved as the integer
+# type of its size, which every Triton GPU target loads and stores, and which torch indexes on every
+# device (fp8 indexing came late to torch).
+_BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache viewed as the integer type of its element size (same storage, same strides)."""
+    bits = _BITS_DTYPES.get(kv_cache.element_size())
+    return kv_cache if bits is None or kv_cache.dtype == bits else kv_cache.view(bits)
+
+
 def compact_kv_cache_ref(
     kv_cache: torch.Tensor,
     cache_seqlens: torch.Tensor,
@@ -37,6 +49,7 @@ def compact_kv_cache_ref(
     """
     B, steps = accept_index.shape
     n = num_draft_tokens
+    kv_cache = _as_bits(kv_cache)
     device = kv_cache.device
     seqlens = cache_seqlens.to(torch.int64)[:, None]
     cols = torch.arange(steps, device=device)[None, :]
@@ -90,15 +103,9 @@ def _compact_kv_cache_kernel(
                 tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
 
 
-# The copy moves bits: any cache dtype (fp8 or int8 quantised caches too) is moved as the integer
-# type of its size, which every GPU Triton supports loads and stores of.
-_BITS_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
     L, _, B, H, _, D = kv_cache.shape
-    if kv_cache.element_size() in _BITS_DTYPES:
-        kv_cache = kv_cache.view(_BITS_DTYPES[kv_cache.element_size()])  # same storage, same strides
+    kv_cache = _as_bits(kv_cache)
     # The kernel reads element b of these at base + b: strided views must be made contiguous.
     accept_num = accept_token_num.to(torch.int32).contiguous()
     grid = (L * 2 * B * H,)

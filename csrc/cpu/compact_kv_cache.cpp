@@ -22,6 +22,9 @@ void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& c
               kv_cache.sizes());
   TORCH_CHECK(kv_cache.size(1) == 2, "kv_cache dim 1 must be 2 (K and V), got ", kv_cache.size(1));
   TORCH_CHECK(kv_cache.stride(5) == 1, "kv_cache's last dimension must be contiguous");
+  const int64_t esize = kv_cache.element_size();
+  TORCH_CHECK(esize == 1 || esize == 2 || esize == 4 || esize == 8,
+              "kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got ", kv_cache.scalar_type());
   const int64_t B = kv_cache.size(2);
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
               "cache_seqlens must be [B] with B=", B, ", got ", cache_seqlens.sizes());

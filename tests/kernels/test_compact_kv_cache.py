@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from eagle_kernels import compact_kv_cache, compact_kv_cache_ref
+from eagle_kernels import _ext, compact_kv_cache, compact_kv_cache_ref
 from tests.kernels.helpers import backends_for, run_with_backend
 
 OP = "compact_kv_cache"
@@ -94,10 +94,16 @@ def test_quantised_and_integer_caches_are_moved_bit_for_bit(device, dtype):
 
 def test_a_16_byte_cache_dtype_is_refused(device):
     kv, seqlens, idx, num = make_case(2, 4, 2, 1, 16, torch.float32, torch.int32, device, 0)
+    wide = kv.to(torch.complex128)
     with pytest.raises(
         TypeError, match="kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got torch.complex128"
     ):
-        compact_kv_cache(kv.to(torch.complex128), seqlens, idx, num, num_draft_tokens=4)
+        compact_kv_cache(wide, seqlens, idx, num, num_draft_tokens=4)
+    if _ext.has_op("compact_kv_cache", wide.device.type):  # the C++ / CUDA op called directly
+        with pytest.raises(
+            RuntimeError, match="kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got ComplexDouble"
+        ):
+            _ext.op("compact_kv_cache")(wide, seqlens, idx, num, 4)
 
 
 def test_noncontiguous_layer_view(device):
