@@ -32,7 +32,6 @@ first (each launches it once; Triton's on-disk cache then serves the measuring p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -700,12 +699,12 @@ def main(argv=None) -> int:
         del inputs, want
         if gpu is not None:  # a run cut by an outer time box keeps the shapes it finished
             report["elapsed_s"] = time.perf_counter() - t_start
-            write_report(report, args, gpu)
+            write_report(report | {"complete": False}, args, gpu)
     report["elapsed_s"] = time.perf_counter() - t_start
     if report["skipped"]:
         print(f"\n# budget reached: skipped {len(report['skipped'])} configurations", flush=True)
     print_summary(report)
-    path = write_report(report, args, gpu)
+    path = write_report(report | {"complete": True}, args, gpu)
     print(f"# wrote {path} in {report['elapsed_s']:.0f} s", flush=True)
     return 0
 
@@ -732,17 +731,17 @@ def print_summary(report: dict) -> None:
 
 
 def write_report(report: dict, args, gpu: str | None) -> Path:
-    from bench.utils import machine_info, save_json
+    """The report as JSON (``complete``: false while shapes remain), written atomically."""
+    from bench.utils import RESULTS_DIR, machine_info, write_json_atomically
 
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine_info(), **report}, indent=2, default=str))
-        return args.out
-    if gpu is None:  # interpreter numbers are not results: keep them out of bench/results
+        path = args.out
+    elif gpu is None:  # interpreter numbers are not results: keep them out of bench/results
         path = Path(os.environ.get("TMPDIR", "/tmp")) / "sweep_tree_attention_interpret.json"
-        path.write_text(json.dumps({"machine": machine_info(), **report}, indent=2, default=str))
-        return path
-    return save_json(f"sweep_tree_attention_{gpu.replace(' ', '-')}.json", report)
+    else:
+        path = RESULTS_DIR / f"sweep_tree_attention_{gpu.replace(' ', '-')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_json_atomically(path, {"machine": machine_info(), **report}, default=str)
 
 
 if __name__ == "__main__":

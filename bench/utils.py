@@ -418,6 +418,13 @@ def device_file_tag(device: torch.device) -> str:
 
 def save_json(name: str, payload: dict) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / name
-    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2))
+    return write_json_atomically(RESULTS_DIR / name, {"machine": machine_info(), **payload})
+
+
+def write_json_atomically(path: Path, payload: dict, default=None) -> Path:
+    """Write to a temporary file beside ``path``, then rename it: a process killed mid-write (a time
+    box) leaves the previous complete file, never a truncated one. ``default``: as ``json.dumps``'s."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=default))
+    os.replace(tmp, path)
     return path

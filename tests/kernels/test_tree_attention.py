@@ -1013,7 +1013,9 @@ def test_sweep_interpret_reports_failures_and_keeps_going(tmp_path, monkeypatch)
     monkeypatch.setattr(sweep, "_tree_attention_triton", flaky)
     out = tmp_path / "sweep.json"
     assert sweep.main(["--interpret", "--shapes", "tiny-tree5-B2", "--out", str(out)]) == 0
-    entry = json.loads(out.read_text())["shapes"]["tiny-tree5-B2"]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True and list(tmp_path.iterdir()) == [out]  # renamed into place
+    entry = report["shapes"]["tiny-tree5-B2"]
     status = {r["config_desc"]: r["status"] for r in entry["results"]}
     assert status["m16 n16 w4 st2 splits3"].startswith("error: RuntimeError: out of resource")
     assert status["m32 n16 w4 st1 splits1"].startswith("wrong")
