@@ -20,7 +20,8 @@ from __future__ import annotations
 # launch) since the quiet H100 run of session 22 (sweep_fused_draft_input_NVIDIA-H100-80GB-HBM3_s22.json,
 # kernel / eager us): they were the best kernel time there and within 1% of it on the H200 (2026-11-26),
 # while an eager call cost 1.3-2.9x less. Figures in those comments: H100 s22 / H200 2026-11-26. (Session
-# 21's H200 sweep gave the H 8192 plan 66.7 us against gather_mm's 68.3; it did not try the H 4096 one.)
+# 21's H200 sweep gave the H 8192 plan 66.7 us against gather_mm's 68.3. It did not try the H 4096 one, and
+# gave the split-K 2 plan replaced there 22.5 us, 12% under the next candidate: the next GPU run re-checks.)
 SM90 = (
     (4096, 2, "bf16", 1, "gemv:bm1_bn8_bk512_w4_st3"),  # H100 34.6 us (split-K 4 fused: 35.1), unfused 41.4
     # 28.0 / 26.5 us, eager 92 / 94 us; the split-K 2 plan before it: 28.8 / 26.3 us, eager 271 / 164 us
