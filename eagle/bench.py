@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 import eagle
+import eagle_kernels
 from eagle.api import ASSETS, BUNDLED, EagleModel
 from eagle.models import random_draft
 
@@ -640,12 +641,17 @@ def _skip_reason(config: BenchConfig, method: str, batch: int) -> str | None:
 
 
 def tree_label(tree) -> str:
-    """``chain(depth=5)``, ``dynamic(depth=6, topk=4, tokens=16)`` or ``static(63 tokens)``."""
+    """``chain(depth=5)``, ``dynamic(depth=6, topk=4, tokens=16)``, ``static(26 tokens)`` (EAGLE-1's
+    tree) or ``static(12 tokens, paths 3f2a9c1b)``: two different trees never share a label (the
+    re-timing of cold runs in run_cells tells trees apart by it)."""
     if isinstance(tree, eagle.TreeConfig):
-        if tree.topk == 1:
+        if tree.topk == 1:  # TreeConfig allows a chain only with depth + 1 tokens
             return f"chain(depth={tree.depth})"
         return f"dynamic(depth={tree.depth}, topk={tree.topk}, tokens={tree.total_tokens})"
-    return f"static({tree.num_draft_tokens} tokens)"
+    if tree.paths == eagle_kernels.MC_SIM_7B_63 and tree.topk == max(p[-1] for p in tree.paths) + 1:
+        return f"static({tree.num_draft_tokens} tokens)"
+    digest = hashlib.sha256(repr((tree.paths, tree.topk)).encode()).hexdigest()[:8]
+    return f"static({tree.num_draft_tokens} tokens, paths {digest})"
 
 
 def _run_cell(config, models, batches, cell: Cell, new_tokens: int) -> tuple[list[Output], float]:

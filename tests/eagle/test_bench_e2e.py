@@ -444,3 +444,19 @@ def test_with_cuda_graphs_every_batch_and_temperature_keeps_its_buffers(monkeypa
     config = replace(config, cuda_graph=True)
     bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
     assert models.eagle.kept_batch_states == 6
+
+
+def test_tree_labels_tell_every_tree_apart():
+    import eagle_kernels
+    from eagle.tree import TreeConfig
+
+    labels = [
+        bench.tree_label(TreeConfig.chain(5)),
+        bench.tree_label(TreeConfig(3, 2, 6)),
+        bench.tree_label(eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63)),
+        bench.tree_label(eagle_kernels.build_static_tree(eagle_kernels.MC_SIM_7B_63, topk=10)),
+        bench.tree_label(eagle_kernels.build_static_tree([(0,), (1,), (0, 0)])),
+        bench.tree_label(eagle_kernels.build_static_tree([(0,), (1,), (1, 0)])),  # same size, other paths
+    ]
+    assert labels[0] == "chain(depth=5)" and labels[2] == "static(26 tokens)"
+    assert len(set(labels)) == len(labels), labels
