@@ -211,3 +211,18 @@ def test_autotree_stability_probes_in_fresh_processes_by_both_methods():
         assert re.search(rf"{method} +1: +\d/\d+/\d+ +probe", out), out
         assert re.search(rf"{method} \| 1\.00 \| 1 \|", out), out
     assert "wrote" not in out
+
+
+def test_cpu_verify_ceiling_times_the_targets_linears_per_row_count():
+    from eagle.models import cpu_packed
+
+    if not cpu_packed.bf16_panel_linear_available() or cpu_packed.amx_linear_available():
+        pytest.skip("the bf16 panel kernel runs the target's linears only on AVX512-BF16 CPUs without AMX")
+    out = _run("cpu_verify_ceiling.py", "--rows", "1", "6", "--repeats", "1", "--no-save")
+    assert "tiny-code: 49 linears, 9.96 M MACs per row" in out, out  # 12 layers x 4 + the LM head
+    rows = {
+        int(m.group(1)): float(m.group(2))
+        for m in re.finditer(r"^\s+(\d+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+([\d.]+)$", out, re.M)
+    }
+    assert set(rows) == {1, 6} and rows[1] == 1.0 and rows[6] > 1.0, out
+    assert re.search(r"ceiling \(one 768 x 256 matrix in L2\): 6 rows \d+ GFLOP/s", out), out

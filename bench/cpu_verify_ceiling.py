@@ -1,0 +1,136 @@
+"""How fast a CPU can verify a draft tree at all: the target's linears at 1-32 rows against the core's
+bf16 dot-product ceiling, measured on this machine.
+
+On a CPU with AVX512-BF16 and no AMX (AMD Zen 4) every linear of a decoding step or a tree verify runs
+``eagle_C::panel_linear_bf16`` (csrc/cpu/panel_linear.cpp). This times, with one thread:
+
+* ``ceiling``: one matrix small enough to stay in L2, at 6 and 12 rows: the GFLOP/s the micro-kernel
+  reaches when nothing waits for memory (about one VDPBF16PS per cycle);
+* ``model``: every linear of the target (all layers, then the LM head, each its own weight: the whole
+  model streams from L3 or memory as in a real forward) at 1, 2, 4, 6, 8, 12, 16, 24 and 32 rows.
+
+From ``model`` it prints what the linears of a W-token verify cost against a one-token step's. That
+ratio bounds EAGLE's speedup from below on the verify side alone: a round costs at least its verify,
+so speedup <= tau * step / verify(W) even with a free draft. Each figure is the best of
+``--repeats`` passes (this machine is shared and noisy); the ratios come from one pass of every row
+count in the same process.
+
+    OMP_NUM_THREADS=1 python bench/cpu_verify_ceiling.py            # the bundled tiny-code target
+    OMP_NUM_THREADS=1 python bench/cpu_verify_ceiling.py --target DIR --repeats 7
+
+Writes bench/results/cpu_verify_ceiling_<target>.json (``--no-save``: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROWS = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", default=None, help="target checkpoint (default: the bundled tiny-code)")
+    p.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-save", action="store_true")
+    return p.parse_args(argv)
+
+
+def target_linears(target_dir: str | None) -> tuple[str, list[torch.Tensor]]:
+    """The target's linear weights [N, K] in forward order (layers, then the LM head), bf16."""
+    from eagle.api import ASSETS, BUNDLED
+    from eagle.models import load_target
+
+    path = target_dir or str(ASSETS / BUNDLED / "target")
+    model = load_target(path, dtype=torch.bfloat16)
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]  # lm_head last
+    name = Path(path).name if target_dir else BUNDLED
+    return name, [w.contiguous() for w in weights]
+
+
+def best_seconds(fn, repeats: int, inner: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t) / inner)
+    return best
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from eagle.models import cpu_packed
+    from eagle.models.cpu_packed import bf16_panels
+
+    if not cpu_packed.bf16_panel_linear_available() or cpu_packed.amx_linear_available():
+        raise SystemExit(
+            "the target's linears run the bf16 panel kernel only on AVX512-BF16 CPUs without AMX"
+        )
+    torch.set_num_threads(1)
+    op = torch.ops.eagle_C.panel_linear_bf16
+    name, weights = target_linears(args.target)
+    packed = [bf16_panels(w) for w in weights if w.shape[0] % 16 == 0 and w.shape[1] % 2 == 0]
+    macs_per_row = sum(p.shape[0] * 16 * p.shape[1] * 2 for p in packed)
+    weight_mb = macs_per_row * 2 / 1e6
+
+    small = bf16_panels(torch.randn(768, 256).to(torch.bfloat16))  # 0.39 MB: stays in L2
+    ceiling = {}
+    for m in (6, 12):
+        x = torch.randn(m, 256).to(torch.bfloat16)
+        s = best_seconds(lambda x=x: op(x, small, None), args.repeats, 200)
+        ceiling[m] = 2 * m * 768 * 256 / s / 1e9
+    model = {}
+    for m in args.rows:
+        xs = {p.shape[1] * 2: torch.randn(m, p.shape[1] * 2).to(torch.bfloat16) for p in packed}
+
+        def forward(xs=xs):
+            for p in packed:
+                op(xs[p.shape[1] * 2], p, None)
+
+        s = best_seconds(forward, args.repeats, 3)
+        model[m] = {
+            "ms": s * 1e3,
+            "GFLOP/s": 2 * m * macs_per_row / s / 1e9,
+            "weights_GB/s": weight_mb / 1e3 / s,
+        }
+    one = model[min(model)]["ms"]
+    print(
+        f"# {name}: {len(packed)} linears, {macs_per_row / 1e6:.2f} M MACs per row, {weight_mb:.1f} MB of bf16 weights"
+    )
+    print(
+        "# ceiling (one 768 x 256 matrix in L2): "
+        + ", ".join(f"{m} rows {g:.0f} GFLOP/s" for m, g in ceiling.items())
+    )
+    print(f"{'rows':>5} {'ms':>8} {'GFLOP/s':>8} {'GB/s':>6} {'x 1 row':>8}")
+    for m, r in model.items():
+        print(f"{m:5d} {r['ms']:8.3f} {r['GFLOP/s']:8.1f} {r['weights_GB/s']:6.1f} {r['ms'] / one:8.2f}")
+    if not args.no_save:
+        from bench.utils import save_json
+
+        path = save_json(
+            f"cpu_verify_ceiling_{name}.json",
+            {
+                "settings": {"target": name, "rows": args.rows, "repeats": args.repeats, "threads": 1},
+                "linears": len(packed),
+                "macs_per_row": macs_per_row,
+                "weight_MB": weight_mb,
+                "ceiling_GFLOP_s": {str(m): g for m, g in ceiling.items()},
+                "model_linears": {str(m): r for m, r in model.items()},
+            },
+        )
+        print(f"# wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
