@@ -9,11 +9,16 @@ On a CPU with AVX512-BF16 and no AMX (AMD Zen 4) every linear of a decoding step
 * ``model``: every linear of the target (all layers, then the LM head, each its own weight: the whole
   model streams from L3 or memory as in a real forward) at 1, 2, 4, 6, 8, 12, 16, 24 and 32 rows.
 
-From ``model`` it prints what the linears of a W-token verify cost against a one-token step's. That
-ratio bounds EAGLE's speedup from below on the verify side alone: a round costs at least its verify,
-so speedup <= tau * step / verify(W) even with a free draft. Each figure is the best of
-``--repeats`` passes (this machine is shared and noisy); the ratios come from one pass of every row
-count in the same process.
+* ``forward``: the target's whole verify forward at W tree tokens (``eagle.autotree.time_verify``,
+  raw: the forward the loop runs, LM head included, over a 128-token prefix), and a plain decoding
+  step (the fused C++ step of ``generate(..., speculative=False)``, per token).
+
+A round costs at least its verify forward, so EAGLE's speedup <= tau * step / verify(W) even with a
+free draft. The module forward that ``time_verify`` calls carries more Python than the loop's fused
+verify, so the bound uses a floor instead: verify(W) >= step + linears(W) - linears(1), a step plus
+the extra cost of its linears at W rows (the rest of a forward does not get cheaper with more rows). The script prints the tau that 3x would
+need at each W under that floor. Each figure is the best of ``--repeats`` passes (this machine is
+shared and noisy).
 
     OMP_NUM_THREADS=1 python bench/cpu_verify_ceiling.py            # the bundled tiny-code target
     OMP_NUM_THREADS=1 python bench/cpu_verify_ceiling.py --target DIR --repeats 7
@@ -54,6 +59,26 @@ def target_linears(target_dir: str | None) -> tuple[str, list[torch.Tensor]]:
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]  # lm_head last
     name = Path(path).name if target_dir else BUNDLED
     return name, [w.contiguous() for w in weights]
+
+
+def verify_forwards(name: str, args) -> dict:
+    """A plain decoding step (ms per token) and the verify forward at each row count (ms), bf16."""
+    import eagle
+    from eagle.autotree import time_verify
+
+    model = eagle.load(args.target or name, dtype=torch.bfloat16)
+    prompt = "import os\nimport sys\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n"
+
+    def seconds(new_tokens: int) -> float:
+        t = time.perf_counter()
+        model.generate([prompt], new_tokens, speculative=False)
+        return time.perf_counter() - t
+
+    seconds(64)  # warm
+    # 63 decoding steps: a 64-token run less a 1-token one (the prefill and first token)
+    per_token = [(seconds(64) - seconds(1)) / 63 for _ in range(args.repeats)]
+    verify = time_verify(model.target, 1, sorted(args.rows), rounds=args.repeats, raw=True)
+    return {"plain_step_ms": min(per_token) * 1e3, "verify_ms": {w: s * 1e3 for w, s in verify.items()}}
 
 
 def best_seconds(fn, repeats: int, inner: int) -> float:
@@ -103,6 +128,7 @@ def main(argv=None) -> int:
             "GFLOP/s": 2 * m * macs_per_row / s / 1e9,
             "weights_GB/s": weight_mb / 1e3 / s,
         }
+    forward = verify_forwards(name, args)
     one = model[min(model)]["ms"]
     print(
         f"# {name}: {len(packed)} linears, {macs_per_row / 1e6:.2f} M MACs per row, {weight_mb:.1f} MB of bf16 weights"
@@ -114,6 +140,16 @@ def main(argv=None) -> int:
     print(f"{'rows':>5} {'ms':>8} {'GFLOP/s':>8} {'GB/s':>6} {'x 1 row':>8}")
     for m, r in model.items():
         print(f"{m:5d} {r['ms']:8.3f} {r['GFLOP/s']:8.1f} {r['weights_GB/s']:6.1f} {r['ms'] / one:8.2f}")
+    step = forward["plain_step_ms"]
+    base = model[min(model)]["ms"]
+    floors = {m: step + r["ms"] - base for m, r in model.items()}
+    print(
+        f"# plain decoding step {step:.3f} ms ({step - base:.3f} ms outside its linears at {min(model)} row(s))"
+    )
+    print(f"{'W':>5} {'verify forward':>15} {'floor':>8} {'floor / step':>13} {'3x needs tau >=':>16}")
+    for w, floor in floors.items():
+        ms = forward["verify_ms"][w]
+        print(f"{w:5d} {ms:12.3f} ms {floor:8.3f} {floor / step:13.2f} {3 * floor / step:16.2f}")
     if not args.no_save:
         from bench.utils import save_json
 
@@ -126,6 +162,10 @@ def main(argv=None) -> int:
                 "weight_MB": weight_mb,
                 "ceiling_GFLOP_s": {str(m): g for m, g in ceiling.items()},
                 "model_linears": {str(m): r for m, r in model.items()},
+                "plain_step_ms": step,
+                "verify_forward_ms": {str(w): ms for w, ms in forward["verify_ms"].items()},
+                "verify_floor_ms": {str(w): f for w, f in floors.items()},
+                "tau_needed_for_3x": {str(w): 3 * f / step for w, f in floors.items()},
             },
         )
         print(f"# wrote {path}")
