@@ -231,3 +231,20 @@ def test_cpu_verify_ceiling_times_the_targets_linears_per_row_count():
         for m in re.finditer(r"^\s+(\d+)\s+[\d.]+ ms.*\s([\d.]+)$", out, re.M)
     }
     assert need[1] == 3.0 and need[6] > 3.0, out  # a one-token "tree" needs tau 3 for 3x, by definition
+
+
+def test_every_op_of_eagle_kernels_has_its_benchmark_module():
+    """Issue 8: bench/bench_<op>.py for every op (DESIGN §2: benchmarks mirror module names)."""
+    import importlib
+    import pkgutil
+
+    import eagle_kernels
+
+    ops = []
+    for info in pkgutil.iter_modules(eagle_kernels.__path__):
+        module = importlib.import_module(f"eagle_kernels.{info.name}")
+        if isinstance(getattr(module, "OP", None), str):
+            ops.append(module.OP)
+    assert len(ops) >= 8, ops
+    missing = [op for op in ops if not (BENCH / f"bench_{op}.py").is_file()]
+    assert not missing, f"no bench/bench_<op>.py for {missing}"

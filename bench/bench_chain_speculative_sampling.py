@@ -1,0 +1,82 @@
+"""chain_speculative_sampling (vLLM's flattened layout): C++ (CPU) / CUDA / Triton vs the PyTorch reference.
+
+    pytest bench/bench_chain_speculative_sampling.py --benchmark-only --benchmark-group-by=param:shape
+
+``test_chain_speculative_sampling`` times the public op per backend (validation included) with one-hot
+drafts (``draft_probs=None``, what n-gram / top-1 drafters pass) and ``test_..._draft_probs`` with the
+draft distributions. On CUDA extra_info adds the kernel-only time (``kernel_us``, CUDA-graph replays:
+``bench/utils.py``) next to the eager figures, each with GB/s and the roofline fraction of
+:func:`chain_bytes`. Chains: ``k`` drafts per request (vLLM's ``num_speculative_tokens``), each the
+best token of its target row (a good drafter), so most are accepted and the walk reads every position.
+Target rows are peaked softmaxes; position ``t``'s row is a copy of row ``t % 64`` of a ``[64, V]``
+pool.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle_kernels
+from bench.utils import record_kernel_time, synchronized
+from eagle_kernels._backend import available_backends
+
+OP = "chain_speculative_sampling"
+POOL = 64
+SHAPES = {f"B{B}-k{k}-V{V}": (B, k, V) for V in (32000, 128256) for k in (1, 5) for B in (1, 8, 64)}
+
+
+def make_inputs(B: int, k: int, V: int, device: torch.device, *, draft: bool = False, seed: int = 0):
+    """``[draft_token_ids, cu_num_draft_tokens, draft_probs or None, target_probs, bonus, u, uf]``."""
+    gen = torch.Generator().manual_seed(seed)
+    T = B * k
+    pool = torch.softmax(torch.randn(POOL, V, generator=gen) * 7, -1)
+    rows = torch.arange(T) % POOL
+    target = pool[rows]  # [T, V], contiguous
+    drafts = pool.argmax(-1)[rows]
+    cu = torch.arange(1, B + 1, dtype=torch.int64) * k
+    bonus = torch.randint(0, V, (B,), generator=gen)
+    q = None
+    if draft:
+        q = torch.softmax(torch.randn(POOL, V, generator=gen) * 4, -1)[rows]
+    u, uf = torch.rand(T, generator=gen), torch.rand(B, generator=gen)
+    return [None if t is None else t.to(device) for t in (drafts, cu, q, target, bonus, u, uf)]
+
+
+def chain_bytes(B: int, k: int, V: int, *, draft: bool = False) -> int:
+    """Lower bound of the traffic of one call: the float32 target row of every position (a recovered
+    token's inverse CDF reads a whole row; an accepted draft reads one entry, so this bounds a call
+    that rejects at each position from above, and one that accepts everything, from below only by the
+    rows it does not read), the draft rows with draft probabilities, the ids, uniforms and output."""
+    T = B * k
+    return T * V * 4 * (2 if draft else 1) + T * (8 + 4) + B * (8 + 8 + 4 + 4 * (k + 1))
+
+
+def backends(device: torch.device) -> list[str]:
+    return [b for b in available_backends(OP, device) if not (b == "triton" and device.type == "cpu")]
+
+
+def _time(benchmark, device: torch.device, shape: str, backend: str, *, draft: bool) -> None:
+    if backend not in backends(device):
+        pytest.skip(f"{backend} not available on {device.type}")
+    B, k, V = SHAPES[shape]
+    inputs = make_inputs(B, k, V, device, draft=draft)
+    call = lambda: eagle_kernels.chain_speculative_sampling(*inputs, max_spec_len=k)  # noqa: E731
+    fn = synchronized(call, device)
+    with eagle_kernels.use_backend(backend):
+        out = fn()
+        benchmark(fn)
+        benchmark.extra_info["mean_emitted"] = float((out >= 0).sum(-1).float().mean())
+        record_kernel_time(benchmark, call, chain_bytes(B, k, V, draft=draft), device)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cuda", "triton"])
+def test_chain_speculative_sampling(benchmark, bench_device, shape, backend):
+    _time(benchmark, bench_device, shape, backend, draft=False)
+
+
+@pytest.mark.parametrize("shape", ["B8-k5-V32000", "B64-k5-V32000"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "cuda", "triton"])
+def test_chain_speculative_sampling_draft_probs(benchmark, bench_device, shape, backend):
+    _time(benchmark, bench_device, shape, backend, draft=True)
