@@ -6,7 +6,7 @@
 drafts (``draft_probs=None``, what n-gram / top-1 drafters pass) and ``test_..._draft_probs`` with the
 draft distributions. On CUDA extra_info adds the kernel-only time (``kernel_us``, CUDA-graph replays:
 ``bench/utils.py``) next to the eager figures, each with GB/s and the roofline fraction of
-:func:`chain_bytes`. Chains: ``k`` drafts per request (vLLM's ``num_speculative_tokens``), each the
+:func:`chain_bytes` (the traffic the call's outcome requires: a whole row per rejected request). Chains: ``k`` drafts per request (vLLM's ``num_speculative_tokens``), each the
 best token of its target row (a good drafter), so most are accepted and the walk reads every position.
 Target rows are peaked softmaxes; position ``t``'s row is a copy of row ``t % 64`` of a ``[64, V]``
 pool.
@@ -43,13 +43,14 @@ def make_inputs(B: int, k: int, V: int, device: torch.device, *, draft: bool = F
     return [None if t is None else t.to(device) for t in (drafts, cu, q, target, bonus, u, uf)]
 
 
-def chain_bytes(B: int, k: int, V: int, *, draft: bool = False) -> int:
-    """Lower bound of the traffic of one call: the float32 target row of every position (a recovered
-    token's inverse CDF reads a whole row; an accepted draft reads one entry, so this bounds a call
-    that rejects at each position from above, and one that accepts everything, from below only by the
-    rows it does not read), the draft rows with draft probabilities, the ids, uniforms and output."""
+def chain_bytes(B: int, k: int, V: int, rejected: int, *, draft: bool = False) -> int:
+    """The traffic one call cannot avoid, given its outcome: a whole float32 target row (and draft row)
+    for each of the ``rejected`` requests, whose recovered token is drawn from it; one probability
+    (two with draft rows), the draft id and the uniform at every position; per request the cumulative
+    count, the bonus id, the final uniform and the int32 output row."""
     T = B * k
-    return T * V * 4 * (2 if draft else 1) + T * (8 + 4) + B * (8 + 8 + 4 + 4 * (k + 1))
+    probs = 2 if draft else 1
+    return rejected * V * 4 * probs + T * (4 * probs + 8 + 4) + B * (8 + 8 + 4 + 4 * (k + 1))
 
 
 def backends(device: torch.device) -> list[str]:
@@ -64,10 +65,12 @@ def _time(benchmark, device: torch.device, shape: str, backend: str, *, draft: b
     call = lambda: eagle_kernels.chain_speculative_sampling(*inputs, max_spec_len=k)  # noqa: E731
     fn = synchronized(call, device)
     with eagle_kernels.use_backend(backend):
-        out = fn()
+        emitted = (fn() >= 0).sum(-1)
+        rejected = int((emitted < k + 1).sum())  # all k drafts accepted: k + 1 tokens with the bonus
         benchmark(fn)
-        benchmark.extra_info["mean_emitted"] = float((out >= 0).sum(-1).float().mean())
-        record_kernel_time(benchmark, call, chain_bytes(B, k, V, draft=draft), device)
+        benchmark.extra_info["mean_emitted"] = float(emitted.float().mean())
+        benchmark.extra_info["rejected_requests"] = rejected
+        record_kernel_time(benchmark, call, chain_bytes(B, k, V, rejected, draft=draft), device)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
