@@ -15,7 +15,7 @@ import eagle_kernels
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
-from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, check_pool_capacity
+from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, BufferPool, check_pool_capacity
 from eagle.models.draft import DraftHead
 from eagle.models.generate_plain import (
     NONFINITE_MESSAGE,
@@ -112,22 +112,23 @@ class EagleModel:
         self.pair_acceptance = pair_acceptance
         self._decoders: dict[object, SpeculativeDecoder] = {}
         self._acceptance: dict[SamplingParams, _Acceptance] = {}
-        self._kept_batch_states = DEFAULT_POOL_CAPACITY
+        # one pool for every tree's decoder: a refit that switches trees, or several trees in turn,
+        # cannot keep more than kept_batch_states sets of caches alive (each a KV cache of the batch)
+        self._buffer_pool: BufferPool = BufferPool(DEFAULT_POOL_CAPACITY)
 
     @property
     def kept_batch_states(self) -> int:
-        """With ``cuda_graph=True``: how many (batch size, sampling) combinations keep their caches and
-        CUDA graph for later calls, per draft tree and for plain decoding (default 4). A caller that
-        cycles through more combinations than this re-allocates and re-captures on every call; setting
-        a smaller number frees the least recently used. Plain decoding's buffers belong to the target
-        model, so models built on the same target share that part of the setting (the last set wins)."""
-        return self._kept_batch_states
+        """With ``cuda_graph=True``: how many (draft tree, batch size, sampling) combinations keep their
+        caches and CUDA graph for later calls, all trees together, and how many (batch size, sampling)
+        combinations plain decoding keeps (default 4 each). A caller that cycles through more than this
+        re-allocates and re-captures on every call; setting a smaller number frees the least recently
+        used. Plain decoding's buffers belong to the target model, so models built on the same target
+        share that part of the setting (the last set wins)."""
+        return self._buffer_pool.capacity
 
     @kept_batch_states.setter
     def kept_batch_states(self, count: int) -> None:
-        self._kept_batch_states = check_pool_capacity(count)
-        for decoder in self._decoders.values():
-            decoder.kept_batch_states = count
+        self._buffer_pool.capacity = check_pool_capacity(count)
         set_plain_pool_capacity(self.target, count)
 
     @property
@@ -218,8 +219,9 @@ class EagleModel:
         shape = resolved if isinstance(resolved, TreeConfig) else ("static", resolved.paths, resolved.topk)
         key = (shape, cuda_graph)
         if key not in self._decoders:
-            decoder = SpeculativeDecoder(self.target, self.head, resolved, cuda_graph=cuda_graph)
-            decoder.kept_batch_states = self._kept_batch_states
+            decoder = SpeculativeDecoder(
+                self.target, self.head, resolved, cuda_graph=cuda_graph, buffer_pool=self._buffer_pool
+            )
             self._decoders[key] = decoder
         return self._decoders[key]
 

@@ -579,9 +579,10 @@ def run_cells(
     # the plan depends on the cache's size, so a shorter warm-up left compiles inside the timed runs
     # (CUDA, 2026-11-26: 50 ms per token in the first timed cells). With CUDA graphs the buffers and
     # graph it leaves behind fit every timed call.
-    if config.cuda_graph:  # every (batch, sampling) keeps its graph: no re-capture inside a timed run
+    if config.cuda_graph:  # every (tree, batch, sampling) keeps its graph: no re-capture inside a timed run
         combos = len(config.batch_sizes) * len(config.temperatures)
-        models.eagle.kept_batch_states = max(models.eagle.kept_batch_states, combos)
+        trees = sum(m in EAGLE_TREES for m in config.methods) + 1  # + 1: a dynamic tree's refit
+        models.eagle.kept_batch_states = max(models.eagle.kept_batch_states, combos * trees)
     for cell in active:
         longest = max(batches[cell.batch], key=lambda batch: max(len(p.ids) for p in batch))
         outputs, seconds = _run_cell(config, models, [longest], cell, config.new_tokens)

@@ -242,6 +242,7 @@ class SpeculativeDecoder:
         tree: TreeConfig | eagle_kernels.StaticTree,
         *,
         cuda_graph: bool = False,
+        buffer_pool: BufferPool | None = None,
     ) -> None:
         """``cuda_graph``: replay each round (draft, verify, accept, compact, draft update) from a CUDA
         graph captured once per batch composition, instead of launching its kernels one by one from
@@ -253,9 +254,11 @@ class SpeculativeDecoder:
         prompt + new tokens fit them prefills into them and replays the graph from its first round, with
         no capture (what serving stacks do per batch size). The :attr:`kept_batch_states` (default 4)
         most recently used (batch size, sampling) combinations are kept; :meth:`release_buffers` frees
-        them. Rows that finish before the
-        others (EOS) stay in the batch, frozen, so the captured graph keeps replaying
-        (:attr:`keep_finished_rows`; without graphs they are dropped)."""
+        them. ``buffer_pool``: keep them in this pool, shared with other decoders (an
+        :class:`eagle.EagleModel` shares one among its trees, so its limit bounds all of them together);
+        by default the decoder has its own. Rows that finish before the others (EOS) stay in the batch,
+        frozen, so the captured graph keeps replaying (:attr:`keep_finished_rows`; without graphs they
+        are dropped)."""
         if cuda_graph and target.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA target, got one on {target.device}")
         self.target, self.head = target, head
@@ -266,9 +269,10 @@ class SpeculativeDecoder:
         # kept frozen (a smaller batch would be a new batch state, and each new state costs an eager
         # round plus a capture: more than the frozen rows' share of a replay).
         self.keep_finished_rows = cuda_graph
-        # (batch size, sampling) -> the buffers of a finished run, taken by the next run that fits them
+        # (this decoder, batch size, sampling) -> the buffers of a finished run, taken by the next run
+        # that fits them (a shared pool holds other decoders' entries too)
         self._reuse_buffers = cuda_graph
-        self._pool: BufferPool[_Batch] = BufferPool()
+        self._pool: BufferPool[_Batch] = buffer_pool if buffer_pool is not None else BufferPool()
         self._warp_param_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         if isinstance(tree, eagle_kernels.StaticTree):
             self.static = tree
@@ -333,7 +337,7 @@ class SpeculativeDecoder:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         stop = {int(t) for t in eos_token_ids}
-        key = (B, SamplingParams() if sampling.greedy else sampling)  # greedy ignores the filters
+        key = (self, B, SamplingParams() if sampling.greedy else sampling)  # greedy ignores the filters
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
         pooled = self._pool.take(key) if self._reuse_buffers else None
         # auto: the draft's prefill waits for the first round, which pays (and times) it, or is never
@@ -394,14 +398,16 @@ class SpeculativeDecoder:
         return policy.resume()
 
     def release_buffers(self) -> None:
-        """Free the buffers and CUDA graphs kept for later runs (see ``cuda_graph`` in the constructor)."""
-        self._pool.clear()
+        """Free the buffers and CUDA graphs this decoder kept for later runs (see ``cuda_graph`` in the
+        constructor); a shared pool keeps the other decoders' entries."""
+        self._pool.discard_where(lambda key: key[0] is self)
 
     @property
     def kept_batch_states(self) -> int:
         """How many (batch size, sampling) combinations keep their buffers and CUDA graph between runs
-        (``cuda_graph`` only). A caller cycling through more of them than this re-allocates and
-        re-captures on every run; setting fewer drops the least recently used."""
+        (``cuda_graph`` only; with a shared pool, all its decoders' together). A caller cycling through
+        more of them than this re-allocates and re-captures on every run; setting fewer drops the least
+        recently used."""
         return self._pool.capacity
 
     @kept_batch_states.setter

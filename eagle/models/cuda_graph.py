@@ -67,6 +67,11 @@ class BufferPool(Generic[V]):
     def clear(self) -> None:
         self._entries.clear()
 
+    def discard_where(self, predicate: Callable[[Hashable], bool]) -> None:
+        """Drop the entries whose key satisfies ``predicate`` (one user's entries of a shared pool)."""
+        for key in [k for k in self._entries if predicate(k)]:
+            del self._entries[key]
+
     def values(self) -> list[V]:
         return list(self._entries.values())
 

@@ -443,7 +443,10 @@ def test_with_cuda_graphs_every_batch_and_temperature_keeps_its_buffers(monkeypa
     assert models.eagle.kept_batch_states == 4  # without CUDA graphs the setting is left alone
     config = replace(config, cuda_graph=True)
     bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
-    assert models.eagle.kept_batch_states == 6
+    assert models.eagle.kept_batch_states == 6  # vanilla only: its 6 (batch, temperature) states
+    config = replace(config, methods=("vanilla", "eagle_chain", "eagle_dynamic"))
+    bench.run_cells(config, models, [bench.Prompt("p", [1, 2, 3])] * 16, lambda _: None)
+    assert models.eagle.kept_batch_states == 6 * 3  # 2 trees and a refit's, in one shared pool
 
 
 def test_tree_labels_tell_every_tree_apart():

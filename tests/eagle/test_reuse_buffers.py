@@ -161,9 +161,31 @@ def test_a_larger_capacity_keeps_every_combination_a_caller_cycles_through(pair)
     for _ in range(2):
         for t in temperatures:
             _run(d, ids, 4, SamplingParams(t))
-    assert sorted(key[1].temperature for key in d._pool._entries) == list(temperatures)
+    assert sorted(key[2].temperature for key in d._pool._entries) == list(temperatures)
     m.kept_batch_states = 2  # fewer: the least recently used go
-    assert [key[1].temperature for key in d._pool._entries] == [1.1, 1.3]
+    assert [key[2].temperature for key in d._pool._entries] == [1.1, 1.3]
+
+
+def test_the_models_trees_share_one_bounded_pool(pair):
+    """Several trees in turn (or a dynamic refit that switches trees) must not keep a set of caches
+    each beyond the model's limit: one LRU pool holds every tree's batch states."""
+    m = eagle.EagleModel(pair.target, pair.head, pair.tokenizer)
+    chain, static = m._decoder("chain", 1), m._decoder("static", 1)
+    chain._reuse_buffers = static._reuse_buffers = True  # what cuda_graph=True does, here on CPU
+    m.kept_batch_states = 2
+    ids = [pair.tokenizer.encode(SHORT[0])]
+    _run(chain, ids, 4, SamplingParams())
+    _run(static, ids, 4, SamplingParams())
+    _run(chain, ids, 4, SamplingParams(0.7))
+    kept = list(chain._pool._entries)
+    assert chain._pool is static._pool and len(kept) == 2
+    assert [(d is chain, s.temperature) for d, _, s in kept] == [(False, 0.0), (True, 0.7)]
+    static.release_buffers()  # a decoder frees its own entries only
+    assert [(d is chain, s.temperature) for d, _, s in chain._pool._entries] == [(True, 0.7)]
+    # reuse across calls still works with the shared pool
+    (kept_chain,) = chain._pool.values()
+    _run(chain, ids, 4, SamplingParams(0.7))
+    assert chain._pool.values() == [kept_chain]
 
 
 def test_plain_decoding_follows_the_models_capacity(pair):
