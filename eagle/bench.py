@@ -581,8 +581,9 @@ def run_cells(
     # graph it leaves behind fit every timed call.
     if config.cuda_graph:  # every (tree, batch, sampling) keeps its graph: no re-capture inside a timed run
         combos = len(config.batch_sizes) * len(config.temperatures)
-        trees = sum(m in EAGLE_TREES for m in config.methods) + 1  # + 1: a dynamic tree's refit
-        models.eagle.kept_batch_states = max(models.eagle.kept_batch_states, combos * trees)
+        kinds = {EAGLE_TREES[c.method] for c in active if c.method in EAGLE_TREES}
+        trees = len(kinds) + ("dynamic" in kinds)  # + 1: the tree a dynamic refit switches to
+        models.eagle.kept_batch_states = max(models.eagle.kept_batch_states, combos * max(1, trees))
     for cell in active:
         longest = max(batches[cell.batch], key=lambda batch: max(len(p.ids) for p in batch))
         outputs, seconds = _run_cell(config, models, [longest], cell, config.new_tokens)

@@ -269,10 +269,12 @@ class SpeculativeDecoder:
         # kept frozen (a smaller batch would be a new batch state, and each new state costs an eager
         # round plus a capture: more than the frozen rows' share of a replay).
         self.keep_finished_rows = cuda_graph
-        # (this decoder, batch size, sampling) -> the buffers of a finished run, taken by the next run
-        # that fits them (a shared pool holds other decoders' entries too)
+        # (this decoder's tag, batch size, sampling) -> the buffers of a finished run, taken by the next
+        # run that fits them (a shared pool holds other decoders' entries too)
         self._reuse_buffers = cuda_graph
         self._pool: BufferPool[_Batch] = buffer_pool if buffer_pool is not None else BufferPool()
+        # this decoder's tag in the pool's keys (not the decoder itself: the pool would hold its owner)
+        self._pool_owner = object()
         self._warp_param_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
         if isinstance(tree, eagle_kernels.StaticTree):
             self.static = tree
@@ -328,7 +330,8 @@ class SpeculativeDecoder:
             raise ValueError(
                 "speculative='auto' (plain steps between rounds) does not run with cuda_graph=True"
             )
-        policy = self._auto_policy(auto, (len(prompts), sampling)) if auto else None
+        sampling_key = SamplingParams() if sampling.greedy else sampling  # greedy ignores the filters
+        policy = self._auto_policy(auto, (len(prompts), sampling_key)) if auto else None
         self.last_auto = policy
         self.times = RoundTimes() if profile else None
         block, lengths = pad_prompts(prompts, device)
@@ -337,7 +340,7 @@ class SpeculativeDecoder:
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         stop = {int(t) for t in eos_token_ids}
-        key = (self, B, SamplingParams() if sampling.greedy else sampling)  # greedy ignores the filters
+        key = (self._pool_owner, B, sampling_key)
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
         pooled = self._pool.take(key) if self._reuse_buffers else None
         # auto: the draft's prefill waits for the first round, which pays (and times) it, or is never
@@ -400,12 +403,12 @@ class SpeculativeDecoder:
     def release_buffers(self) -> None:
         """Free the buffers and CUDA graphs this decoder kept for later runs (see ``cuda_graph`` in the
         constructor); a shared pool keeps the other decoders' entries."""
-        self._pool.discard_where(lambda key: key[0] is self)
+        self._pool.discard_where(lambda key: key[0] is self._pool_owner)
 
     @property
     def kept_batch_states(self) -> int:
-        """How many (batch size, sampling) combinations keep their buffers and CUDA graph between runs
-        (``cuda_graph`` only; with a shared pool, all its decoders' together). A caller cycling through
+        """How many batch states (batch size, sampling) keep their buffers and CUDA graph between runs
+        (``cuda_graph`` only; with a shared pool, all its decoders' states together). A caller cycling through
         more of them than this re-allocates and re-captures on every run; setting fewer drops the least
         recently used."""
         return self._pool.capacity

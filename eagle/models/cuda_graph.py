@@ -19,7 +19,8 @@ from eagle.models.kv_cache import KVCache
 T = TypeVar("T")
 V = TypeVar("V")
 
-# (batch size, sampling) combinations whose buffers and CUDA graph a decoder keeps by default
+# batch states whose buffers and CUDA graph a pool keeps by default (an EagleModel's trees together,
+# plain decoding of a model, or a SpeculativeDecoder built alone)
 DEFAULT_POOL_CAPACITY = 4
 
 

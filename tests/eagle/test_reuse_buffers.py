@@ -179,9 +179,10 @@ def test_the_models_trees_share_one_bounded_pool(pair):
     _run(chain, ids, 4, SamplingParams(0.7))
     kept = list(chain._pool._entries)
     assert chain._pool is static._pool and len(kept) == 2
-    assert [(d is chain, s.temperature) for d, _, s in kept] == [(False, 0.0), (True, 0.7)]
+    mine = chain._pool_owner
+    assert [(d is mine, s.temperature) for d, _, s in kept] == [(False, 0.0), (True, 0.7)]
     static.release_buffers()  # a decoder frees its own entries only
-    assert [(d is chain, s.temperature) for d, _, s in chain._pool._entries] == [(True, 0.7)]
+    assert [(d is mine, s.temperature) for d, _, s in chain._pool._entries] == [(True, 0.7)]
     # reuse across calls still works with the shared pool
     (kept_chain,) = chain._pool.values()
     _run(chain, ids, 4, SamplingParams(0.7))
@@ -211,6 +212,25 @@ def test_kept_batch_states_must_be_a_positive_int(pair, bad):
     with pytest.raises(ValueError, match="kept batch states must be an int >= 1"):
         m.kept_batch_states = bad
     assert m.kept_batch_states == 4
+
+
+def test_a_dropped_decoder_frees_its_buffers_without_the_garbage_collector(pair):
+    """The pool's keys must not hold the decoder (decoder -> pool -> key -> decoder would be a cycle):
+    dropping a decoder frees its caches at once, not at the next cyclic collection."""
+    import gc
+    import weakref
+
+    d = _decoder(pair, True)
+    _run(d, [pair.tokenizer.encode(SHORT[0])], 4, SamplingParams())
+    (kept,) = d._pool.values()
+    cache = weakref.ref(kept.target_cache)
+    del kept
+    gc.disable()
+    try:
+        del d
+        assert cache() is None
+    finally:
+        gc.enable()
 
 
 def test_every_static_tree_call_reuses_one_decoder(pair):
