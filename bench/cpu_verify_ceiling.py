@@ -85,14 +85,11 @@ def verify_forwards(name: str, args) -> dict:
 
 
 def best_seconds(fn, repeats: int, inner: int) -> float:
+    """One warm-up call, then bench.utils.best_host_us in seconds."""
+    from bench.utils import best_host_us
+
     fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        best = min(best, (time.perf_counter() - t) / inner)
-    return best
+    return best_host_us(fn, inner, repeats) * 1e-6
 
 
 def main(argv=None) -> int:
