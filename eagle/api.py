@@ -15,7 +15,7 @@ import eagle_kernels
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
-from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, BufferPool, check_pool_capacity
+from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, BufferPool
 from eagle.models.draft import DraftHead
 from eagle.models.generate_plain import (
     NONFINITE_MESSAGE,
@@ -128,7 +128,7 @@ class EagleModel:
 
     @kept_batch_states.setter
     def kept_batch_states(self, count: int) -> None:
-        self._buffer_pool.capacity = check_pool_capacity(count)
+        self._buffer_pool.capacity = count  # validates it
         set_plain_pool_capacity(self.target, count)
 
     @property
@@ -150,8 +150,7 @@ class EagleModel:
 
     @staticmethod
     def _sampling_key(sampling: SamplingParams | None) -> SamplingParams:
-        # greedy is greedy whatever the (unused) filters say
-        return SamplingParams() if sampling is None or sampling.greedy else sampling
+        return SamplingParams() if sampling is None else sampling.as_key()
 
     def _learn_acceptance(self, sampling: SamplingParams, tree, accept: list[list[int]]) -> None:
         """Refit the acceptance of ``sampling`` from a dynamic-tree run's accept lengths."""
@@ -219,10 +218,9 @@ class EagleModel:
         shape = resolved if isinstance(resolved, TreeConfig) else ("static", resolved.paths, resolved.topk)
         key = (shape, cuda_graph)
         if key not in self._decoders:
-            decoder = SpeculativeDecoder(
+            self._decoders[key] = SpeculativeDecoder(
                 self.target, self.head, resolved, cuda_graph=cuda_graph, buffer_pool=self._buffer_pool
             )
-            self._decoders[key] = decoder
         return self._decoders[key]
 
     def release_buffers(self) -> None:

@@ -79,6 +79,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def as_key(self) -> SamplingParams:
+        """These parameters as a cache key: greedy is greedy whatever the (unused) filters say."""
+        return SamplingParams() if self.greedy else self
+
 
 @dataclass
 class RoundTimes:
@@ -330,7 +334,7 @@ class SpeculativeDecoder:
             raise ValueError(
                 "speculative='auto' (plain steps between rounds) does not run with cuda_graph=True"
             )
-        sampling_key = SamplingParams() if sampling.greedy else sampling  # greedy ignores the filters
+        sampling_key = sampling.as_key()
         policy = self._auto_policy(auto, (len(prompts), sampling_key)) if auto else None
         self.last_auto = policy
         self.times = RoundTimes() if profile else None
