@@ -50,8 +50,7 @@ from pathlib import Path
 import torch
 
 import eagle
-import eagle_kernels
-from eagle.api import ASSETS, BUNDLED, EagleModel
+from eagle.api import ASSETS, BUNDLED, EagleModel, _default_static_tree
 from eagle.models import random_draft
 
 METHODS = (
@@ -650,7 +649,8 @@ def tree_label(tree) -> str:
         if tree.topk == 1:  # TreeConfig allows a chain only with depth + 1 tokens
             return f"chain(depth={tree.depth})"
         return f"dynamic(depth={tree.depth}, topk={tree.topk}, tokens={tree.total_tokens})"
-    if tree.paths == eagle_kernels.MC_SIM_7B_63 and tree.topk == max(p[-1] for p in tree.paths) + 1:
+    default = _default_static_tree()
+    if (tree.paths, tree.topk) == (default.paths, default.topk):
         return f"static({tree.num_draft_tokens} tokens)"
     digest = hashlib.sha256(repr((tree.paths, tree.topk)).encode()).hexdigest()[:8]
     return f"static({tree.num_draft_tokens} tokens, paths {digest})"

@@ -186,7 +186,7 @@ def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_dra
         raise ValueError(f"kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got {list(kv_cache.shape)}")
     if kv_cache.stride(-1) != 1:
         raise ValueError("kv_cache's last (head) dimension must be contiguous")
-    if kv_cache.element_size() not in (1, 2, 4, 8):
+    if kv_cache.element_size() not in _BITS_DTYPES:
         raise TypeError(f"kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got {kv_cache.dtype}")
     B, device = kv_cache.shape[2], kv_cache.device
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
