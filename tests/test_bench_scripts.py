@@ -249,3 +249,28 @@ def test_every_op_of_eagle_kernels_has_its_benchmark_module():
     assert len(ops) >= 8, ops
     missing = [op for op in ops if not (BENCH / f"bench_{op}.py").is_file()]
     assert not missing, f"no bench/bench_<op>.py for {missing}"
+
+
+def test_bench_loop_times_unprofiled_runs_and_profiles_separate_passes(monkeypatch):
+    """Profiling stamps every phase and, on CPU, takes the Python path instead of the one-call C++
+    round: a speedup timed from profiled runs understated EAGLE (this script did so before session 23).
+    The timed runs must be plain ``run`` calls; the split comes from a profiled pass beside them."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench import bench_loop
+    from eagle.api import load
+    from eagle.speculate import SpeculativeDecoder
+
+    calls = []
+    real_run = SpeculativeDecoder.run
+
+    def run(self, prompts, max_new_tokens, sampling, **kw):
+        calls.append((max_new_tokens, kw.get("profile", False)))
+        return real_run(self, prompts, max_new_tokens, sampling, **kw)
+
+    monkeypatch.setattr(SpeculativeDecoder, "run", run)
+    model = load("tiny-code")
+    row = bench_loop.measure(model, "chain", 1, 0.0, 6, repeats=2, prompt_sets=2, prompt_tokens=20)
+    timed = [c for c in calls if c[0] == 6]
+    assert [p for _, p in timed] == [False, False, True, True] * 2, calls
+    assert row["round_ms"]["verify"] > 0 and row["speedup"] > 0 and row["tau"] >= 1
+    assert row["profiled_tokens_per_s"] > 0
