@@ -389,16 +389,19 @@ class EagleModel:
         self, decoder, tree, ids, max_new_tokens, sampling, eos, seed, auto
     ) -> Iterator[list[int]]:
         """``stream()``'s speculative rounds: one list of tokens per round that emitted any."""
+        lengths = None
         with torch.inference_mode():
             for emission in decoder.run(
                 ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto
             ):
+                if lengths is None:  # this run's own record: a run started later on the decoder
+                    lengths = decoder.accept_lengths()  # (another stream, a generate) gets a new one
                 if emission.tokens[0]:
                     yield emission.tokens[0]
         if (
             not auto and isinstance(tree, str) and tree == "dynamic"
         ):  # a stream read to its end refits the acceptance
-            self._learn_acceptance(sampling, decoder.tree, [decoder.accept_lengths()[0]])
+            self._learn_acceptance(sampling, decoder.tree, [lengths[0]])
 
     def _stream_plain(self, ids, max_new_tokens, sampling, eos, seed, cuda_graph) -> Iterator[list[int]]:
         """``stream(speculative=False)``: one token per target forward, checked for NaN/inf logits

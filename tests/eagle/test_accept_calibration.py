@@ -107,3 +107,18 @@ def test_small_moves_keep_the_tree_and_the_estimate_follows_the_runs(model):
     for _ in range(20):  # a lasting change moves it
         m._learn_acceptance(SamplingParams(), tree, [[1, 2] * 20])
     assert m.accept_rates[SamplingParams()] < base - eagle.api.ACCEPT_RATE_STEP
+
+
+def test_a_stream_refits_from_its_own_rounds_when_another_run_started_meanwhile(model, fixed_timings, monkeypatch):
+    """A stream read to its end refits from its own accept lengths, not from those of a run started on
+    the same decoder while it was open (the decoder's accept_lengths() is its latest run's)."""
+    m = fresh(model)
+    fits = []
+    monkeypatch.setattr(m, "_learn_acceptance", lambda sampling, tree, accept: fits.append(accept))
+    stream = m.stream(PROMPTS[0], 64)
+    chunks = [next(stream)]
+    m.generate(PROMPTS[1:], 2)  # the same decoder: dynamic tree, batch 1, greedy
+    chunks += list(stream)
+    assert len(fits) == 2 and fits[0] != fits[1]
+    streamed = fits[1][0]
+    assert len(streamed) == len(chunks) - 1 and sum(streamed) == sum(map(len, chunks[1:]))
