@@ -270,12 +270,40 @@ def _check_links_form_a_forest(first_child: torch.Tensor, next_sibling: torch.Te
         raise ValueError(
             f"cycle or shared node in the tree arrays: slot {s} of sequence {b} is linked more than once"
         )
-    for _ in range(max(1, math.ceil(math.log2(n))) + 1):  # pointer jumping: 2**k >= n ancestors
-        pred = torch.where(pred >= 0, pred.gather(1, pred.clamp(min=0)), pred)
-    if bool((pred >= 0).any()):
-        b = int((pred >= 0).any(1).nonzero()[0])
+    rounds = max(1, math.ceil(math.log2(n))) + 1  # pointer jumping: 2**k >= n ancestors
+    root = pred
+    for _ in range(rounds):
+        root = torch.where(root >= 0, root.gather(1, root.clamp(min=0)), root)
+    if bool((root >= 0).any()):
+        b = int((root >= 0).any(1).nonzero()[0])
         raise ValueError(
             f"cycle in the tree arrays of sequence {b} (retrive_next_token / retrive_next_sibling)"
+        )
+    _check_children_follow_their_parents(first_child, next_sibling, pred, rounds)
+
+
+def _check_children_follow_their_parents(first_child, next_sibling, pred, rounds: int) -> None:
+    """Every slot's parent (the slot whose first child starts the sibling chain it is on) is an
+    earlier slot, as in SGLang's build_tree (sibling order is free): an accepted path then lists
+    increasing slots, which compact_kv_cache's in-place moves rely on. ``pred``: the slot linking to
+    each slot (-1: none); the arrays are a forest (checked before)."""
+    B, n = first_child.shape
+    via_sibling = torch.zeros(B, n, dtype=torch.bool)
+    via_sibling.scatter_(1, next_sibling.clamp(min=0), next_sibling >= 0)
+    # Pointer doubling: while ``sibling[s]``, s's parent is that of ``up[s]`` (s entered its chain by
+    # a sibling link from it); once false, ``up[s]`` is the parent itself (or -1 for the root).
+    up, sibling = pred, via_sibling
+    for _ in range(rounds):
+        at = up.clamp(min=0)
+        up, sibling = torch.where(sibling, up.gather(1, at), up), sibling & sibling.gather(1, at)
+    parent = up
+    slots = torch.arange(n).expand(B, n)
+    bad = (parent >= 0) & (parent >= slots)
+    if bool(bad.any()):
+        b, s = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"a child must come after its parent in the tree arrays: slot {s} of sequence {b} is a "
+            f"child of slot {int(parent[b, s])}"
         )
 
 
@@ -371,9 +399,10 @@ def verify_tree_greedy(
         Flat row of each slot, a permutation of ``b*n .. b*n+n-1`` per sequence (``b*n + s`` in
         SGLang's layout). ``target_predict`` and ``predicts`` are indexed by these rows.
     retrive_next_token : Tensor ``[B, n]``, same dtype as ``retrive_index``
-        First child slot of each slot, -1 for a leaf.
+        First child slot of each slot, -1 for a leaf. Children come after their parent (slot > parent,
+        as SGLang's build_tree makes them), so an accepted path lists increasing slots.
     retrive_next_sibling : Tensor ``[B, n]``, same dtype as ``retrive_index``
-        Next sibling slot, -1 for the last child (and for the root).
+        Next sibling slot, -1 for the last child (and for the root); any order of siblings.
     target_predict : Tensor ``[B, n]``, int32 or int64
         The target's argmax token at each row: ``target_predict.view(-1)[retrive_index[b, s]]``
         belongs to slot ``s`` (simply ``target_predict[b, s]`` when ``retrive_index[b, s] = b*n + s``).
@@ -395,7 +424,8 @@ def verify_tree_greedy(
     ------
     ValueError / TypeError
         Bad shapes, dtypes or devices; on CPU (on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also slots or
-        rows out of range, a slot linked twice or a cycle in the tree arrays, target tokens outside
+        rows out of range, a slot linked twice, a cycle or a child before its parent in the tree
+        arrays, target tokens outside
         ``[0, 2**31)``. On CUDA without debug checks a malformed tree gives a wrong path but never an
         out-of-bounds access or a hang: every walk is bounded by ``n`` and ``num_spec_steps``.
     """

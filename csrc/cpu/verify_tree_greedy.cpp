@@ -49,7 +49,8 @@ void check_verify_tree_greedy_args(const at::Tensor& candidates, const at::Tenso
 namespace {
 
 // Raises ValueError unless sequence b's arrays describe a forest rooted at slot 0: rows inside the
-// sequence and distinct, links in [-1, n), every slot linked at most once, the root never, no cycle.
+// sequence and distinct, links in [-1, n), every slot linked at most once, the root never, no cycle,
+// every child after its parent.
 template <typename tree_t, typename target_t>
 void check_sequence(int64_t b, int64_t n, const tree_t* rows, const tree_t* first_child,
                     const tree_t* next_sibling, const target_t* target_at_row, std::vector<int32_t>& scratch) {
@@ -81,18 +82,22 @@ void check_sequence(int64_t b, int64_t n, const tree_t* rows, const tree_t* firs
                       " is linked more than once");
   }
   // With in-degree <= 1, a slot lies on (or below) a cycle exactly when no traversal from a slot of
-  // in-degree 0 reaches it.
-  std::vector<int32_t> stack;
+  // in-degree 0 reaches it. Each entry carries the slot's parent (-1 for a traversal's start).
+  std::vector<std::pair<int32_t, int32_t>> stack;
   int64_t reached = 0;
   for (int64_t s = 0; s < n; ++s) {
     if (in_degree[s] != 0) continue;
-    stack.push_back(static_cast<int32_t>(s));
+    stack.emplace_back(static_cast<int32_t>(s), -1);
     while (!stack.empty()) {
-      const int64_t u = stack.back();
+      const auto [u, parent] = stack.back();
       stack.pop_back();
       ++reached;
-      if (first_child[u] >= 0) stack.push_back(static_cast<int32_t>(first_child[u]));
-      if (next_sibling[u] >= 0) stack.push_back(static_cast<int32_t>(next_sibling[u]));
+      // A child after its parent (SGLang's build_tree order; sibling order is free): an accepted path
+      // then lists increasing slots, which compact_kv_cache's in-place moves rely on.
+      TORCH_CHECK_VALUE(parent < u, "a child must come after its parent in the tree arrays: slot ", u,
+                        " of sequence ", b, " is a child of slot ", parent);
+      if (first_child[u] >= 0) stack.emplace_back(static_cast<int32_t>(first_child[u]), u);
+      if (next_sibling[u] >= 0) stack.emplace_back(static_cast<int32_t>(next_sibling[u]), parent);
     }
   }
   TORCH_CHECK_VALUE(reached == n, "cycle in the tree arrays of sequence ", b,

@@ -317,6 +317,57 @@ def test_unreachable_cycle_is_detected():
             run_with_backend(backend, verify_tree_greedy, *args, num_spec_steps=4)
 
 
+def _tree_arrays(B: int, children: list[list[int]]):
+    """Inputs for B copies of the tree with these child lists (in sibling order), every target
+    matching the first child, so every path is accepted as far as it goes."""
+    n = len(children)
+    first, sibling = [-1] * n, [-1] * n
+    for p, kids in enumerate(children):
+        if kids:
+            first[p] = kids[0]
+        for left, right in zip(kids, kids[1:]):
+            sibling[left] = right
+    cand = list(range(n))
+    target = [kids[-1] if kids else 0 for kids in children]  # the last sibling: after the longest scan
+    rows = [[b * n + s for s in range(n)] for b in range(B)]
+    return [
+        torch.tensor([cand] * B),
+        torch.tensor(rows),
+        torch.tensor([first] * B),
+        torch.tensor([sibling] * B),
+        torch.tensor([target] * B),
+    ]
+
+
+@pytest.mark.parametrize("sibling_count", [2, 9])
+def test_a_child_before_its_parent_is_refused(sibling_count):
+    """SGLang's trees put every child after its parent, so an accepted path lists increasing slots,
+    which compact_kv_cache's in-place moves rely on (a path going back a slot would have the CUDA
+    kernel overwrite a row before reading it). A child reached at the end of a long sibling chain
+    must be found too (the check resolves parents by pointer doubling)."""
+    n = sibling_count + 3
+    # root's children: slots 1 .. sibling_count; slot 1's child is the last slot; the last sibling
+    # (slot sibling_count) has child sibling_count + 1, which is moved before it below
+    kids = [list(range(1, sibling_count + 1))] + [[] for _ in range(n - 1)]
+    kids[1] = [n - 1]
+    kids[sibling_count] = [sibling_count + 1]
+    ok = _tree_arrays(2, kids)
+    for backend in ALL_BACKENDS:
+        run_with_backend(backend, verify_tree_greedy, *ok, num_spec_steps=3)
+    # swap slots sibling_count and sibling_count + 1: the child now comes before its parent
+    a, c = sibling_count, sibling_count + 1
+    swap = {a: c, c: a}
+    moved = [[swap.get(k, k) for k in kids[swap.get(p, p)]] for p in range(n)]
+    bad = _tree_arrays(2, moved)
+    for backend in ALL_BACKENDS:
+        with pytest.raises(ValueError, match=f"slot {a} of sequence 0 is a child of slot {c}"):
+            run_with_backend(backend, verify_tree_greedy, *bad, num_spec_steps=3)
+    # siblings in descending slots are fine: only parent-before-child is required
+    backwards = [list(reversed(k)) for k in kids]
+    for backend in ALL_BACKENDS:
+        run_with_backend(backend, verify_tree_greedy, *_tree_arrays(2, backwards), num_spec_steps=3)
+
+
 @pytest.mark.parametrize(
     "mutate,exc,match",
     [
