@@ -157,6 +157,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not prompt:
         print("eagle generate: empty prompt (give it as an argument or on stdin)", file=sys.stderr)
         return 2
+    tree = _tree_from_args(args)  # refused before the model loads
     dtype = args.dtype or None  # a name: eagle.load resolves it (and refuses unknown ones clearly)
     model = eagle.load(args.target, args.draft, device=args.device, dtype=dtype, draft_dtype=args.draft_dtype)
     _set_cpu_threads(args.threads, model)
@@ -166,19 +167,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    tree = args.tree
-    if args.tree_depth or args.tree_topk or args.tree_tokens:
-        base = eagle.TreeConfig()
-        tree = eagle.TreeConfig(
-            depth=args.tree_depth or base.depth,
-            topk=args.tree_topk or base.topk,
-            total_tokens=args.tree_tokens or base.total_tokens,
-        )
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     ids = model.tokenizer(prompt)["input_ids"]  # the tokenizer's convention, as EagleModel.generate
     if not args.quiet:
         print(prompt, end="", flush=True)
-    start = time.perf_counter()
+    setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""
     chunks = model.stream(
         ids,
@@ -189,25 +182,89 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         speculative="auto" if args.auto else not args.no_speculative,
         **sampling,
     )
+    # stream() sizes tree="dynamic" on its first call (timed forwards, once per model and batch size):
+    # a set-up cost, reported apart from the decoding speed
+    start = time.perf_counter()
+    setup = start - setup
+    continuation = _Continuation(model.tokenizer, ids)
     for chunk in chunks:
         tokens.extend(chunk)
         lengths.append(len(chunk))
-        shown = _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=False)
-    _print_new_text(model.tokenizer.decode(tokens), shown, args.quiet, final=True)
+        shown = _print_new_text(continuation.text(tokens), shown, args.quiet, final=False)
+    _print_new_text(continuation.text(tokens), shown, args.quiet, final=True)
     lengths = lengths[1:]  # the first chunk is the prefill's token
     elapsed = time.perf_counter() - start
     tau = sum(lengths) / len(lengths) if lengths else 0.0
     auto = ""
     if args.auto:  # what speculative="auto" chose (the decoder keeps its last run's policy)
-        policy = model._decoder(tree, 1, args.cuda_graph).last_auto
+        from eagle.speculate import SamplingParams
+
+        decoder = model._decoder(tree, 1, args.cuda_graph, SamplingParams(**sampling), args.seed is not None)
+        policy = decoder.last_auto
         if policy is not None:
             auto = f"; auto: {policy.plain_steps} plain steps, {policy.rounds} speculative rounds"
+    note = f"; {setup:.2f} s of set-up (the draft tree's sizing) not counted" if setup >= 0.005 else ""
     print(
         f"\n\n[{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s, "
-        f"tau {tau:.2f} tokens per target forward{auto}]",
+        f"tau {tau:.2f} tokens per target forward{auto}{note}]",
         file=sys.stderr,
     )
     return 0
+
+
+class _Continuation:
+    """The text the new tokens add to the prompt's: decoded together with the prompt's ids, since a
+    SentencePiece-style decoder drops the leading space of a text's first token (decoded alone, the
+    continuation would stick to the prompt)."""
+
+    def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
+        self.tokenizer, self.prompt_ids = tokenizer, list(prompt_ids)
+        self.prompt_text = tokenizer.decode(self.prompt_ids)
+
+    def text(self, tokens: list[int]) -> str:
+        full = self.tokenizer.decode(self.prompt_ids + tokens)
+        if full.startswith(self.prompt_text):
+            return full[len(self.prompt_text) :]
+        return self.tokenizer.decode(tokens)  # a decoder that rewrites the prompt's text: the tokens alone
+
+
+def _tree_from_args(args: argparse.Namespace):
+    """``--tree``, or the TreeConfig of ``--tree-depth / --tree-topk / --tree-tokens`` (the ones not
+    given from EAGLE-2's 6 / 10 / 60, the tokens capped at what the depth and width can hold)."""
+    import eagle
+
+    given = {
+        name: value
+        for name, value in (
+            ("--tree-depth", args.tree_depth),
+            ("--tree-topk", args.tree_topk),
+            ("--tree-tokens", args.tree_tokens),
+        )
+        if value is not None
+    }
+    if not given:
+        return args.tree
+    if args.no_speculative:
+        raise ValueError(f"{', '.join(given)} sets a draft tree, and --no-speculative drafts none")
+    if args.tree != "dynamic":
+        raise ValueError(f"{', '.join(given)} sets a dynamic tree's shape, not --tree {args.tree}'s")
+    base = eagle.TreeConfig()
+    depth = args.tree_depth if args.tree_depth is not None else base.depth
+    topk = args.tree_topk if args.tree_topk is not None else base.topk
+    if args.tree_tokens is not None:
+        total = args.tree_tokens
+    elif topk == 1:
+        total = depth + 1  # a chain
+    else:
+        total = min(base.total_tokens, 1 + topk + (depth - 1) * topk * topk)
+    return eagle.TreeConfig(depth=depth, topk=topk, total_tokens=total)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -216,7 +273,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from eagle.acceptance import FILENAME, measure_pair_acceptance, write_pair_acceptance
     from eagle.api import load
 
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load(args.target, args.draft, device=args.device, dtype=args.dtype)
     if model.head is None:
@@ -301,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--draft", default=None, help="EAGLE head dir / hub id (default: the bundled head for tiny-code)"
     )
-    gen.add_argument("-n", "--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
+    gen.add_argument("-n", "--max-new-tokens", type=_positive_int, default=128, help="tokens to generate (default 128)")
     gen.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -310,9 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tree", default="dynamic", choices=("dynamic", "static", "chain"), help="draft tree shape"
     )
-    gen.add_argument("--tree-depth", type=int, default=None, help="dynamic tree: draft levels")
-    gen.add_argument("--tree-topk", type=int, default=None, help="dynamic tree: expansion width")
-    gen.add_argument("--tree-tokens", type=int, default=None, help="dynamic tree: tokens verified per step")
+    gen.add_argument("--tree-depth", type=_positive_int, default=None, help="dynamic tree: draft levels")
+    gen.add_argument("--tree-topk", type=_positive_int, default=None, help="dynamic tree: expansion width")
+    gen.add_argument("--tree-tokens", type=_positive_int, default=None, help="dynamic tree: tokens verified per step")
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
     mode.add_argument(
@@ -334,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--threads",
-        type=int,
+        type=_positive_int,
         default=None,
         help="CPU threads (default: 1 for models under 200M parameters, else all cores)",
     )
@@ -374,16 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSONL of {"prompt": ...} (or MT-bench turns); default: held-out stdlib code',
     )
-    cal.add_argument("--num-prompts", type=int, default=16, help="prompts to use (default 16)")
-    cal.add_argument("--prompt-tokens", type=int, default=128, help="held-out prompts' length (default 128)")
-    cal.add_argument("--new-tokens", type=int, default=128, help="tokens per prompt and tree (default 128)")
+    cal.add_argument("--num-prompts", type=_positive_int, default=16, help="prompts to use (default 16)")
+    cal.add_argument("--prompt-tokens", type=_positive_int, default=128, help="held-out prompts' length (default 128)")
+    cal.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens per prompt and tree (default 128)")
     cal.add_argument(
         "--temperature", type=float, default=1.0, help="the sampled runs' temperature (default 1)"
     )
     cal.add_argument("--greedy-only", action="store_true", help="measure greedy acceptance only")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default=None, help="default per device (float32 on CPU)")
-    cal.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    cal.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     cal.add_argument("--write", action="store_true", help="store acceptance.json in the head's directory")
     cal.set_defaults(func=_cmd_calibrate)
 

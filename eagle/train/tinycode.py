@@ -182,7 +182,11 @@ def heldout_prompts(
     tokenizer, n_files: int, prompt_tokens: int, corpus_root=None, val_fraction: float = DEFAULT_VAL_FRACTION
 ) -> list[list[int]]:
     """The first ``prompt_tokens`` tokens of the first ``n_files`` held-out files (sorted by path)
-    that are long enough, so the pair continues real unseen code."""
+    that are long enough, so the pair continues real unseen code (fewer where fewer are)."""
+    if isinstance(n_files, bool) or not isinstance(n_files, int) or n_files < 1:
+        raise ValueError(f"n_files must be a positive int, got {n_files!r}")
+    if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1:
+        raise ValueError(f"prompt_tokens must be a positive int, got {prompt_tokens!r}")
     _, val = split_sources(collect_sources(corpus_root), val_fraction)
     prompts = []
     for source in sorted(val, key=lambda s: s.relpath):

@@ -158,3 +158,88 @@ def test_info_text_names_the_float32_linear_kernel(capsys, monkeypatch):
     assert main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "CPU fp32 linear" in ln)
     assert "panel_linear.cpp" not in line
+
+
+def test_tree_flags_are_checked_and_combined_with_tree(capsys, monkeypatch):
+    """--tree-* set a dynamic tree: 0 is refused (not read as "not given"), a conflicting --tree or
+    --no-speculative is refused by name, and the tokens default to what depth and topk can hold."""
+    import pytest
+
+    import eagle
+
+    seen = []
+    real = eagle.EagleModel.stream
+
+    def spy(self, prompt, max_new_tokens=128, **kwargs):
+        seen.append(kwargs.get("tree"))
+        return real(self, prompt, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(eagle.EagleModel, "stream", spy)
+    base = ["generate", "x = 1", "-n", "4", "-q"]
+    assert main([*base, "--tree-topk", "2"]) == 0
+    assert seen[-1] == eagle.TreeConfig(6, 2, 23)  # 1 + 2 + 5 * 4 slots: the most depth 6, topk 2 hold
+    assert main([*base, "--tree-depth", "3", "--tree-topk", "1"]) == 0
+    assert seen[-1] == eagle.TreeConfig.chain(3)
+    assert main([*base, "--tree-depth", "3", "--tree-topk", "4", "--tree-tokens", "12"]) == 0
+    assert seen[-1] == eagle.TreeConfig(3, 4, 12)
+    capsys.readouterr()
+    for flags, message in (
+        (["--tree", "chain", "--tree-depth", "3"], "--tree-depth sets a dynamic tree's shape, not --tree chain's"),
+        (["--no-speculative", "--tree-topk", "4"], "--tree-topk sets a draft tree, and --no-speculative"),
+    ):
+        assert main([*base, *flags]) == 2
+        assert message in capsys.readouterr().err
+    for flag in ("--tree-depth", "--tree-topk", "--tree-tokens", "--threads", "-n"):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, flag, "0"])
+        assert exc.value.code == 2 and "must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--num-prompts", "0"])
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_continuation_keeps_the_space_a_sentencepiece_decoder_drops_from_a_first_token():
+    """Decoded alone, a SentencePiece-style continuation loses its leading space and sticks to the
+    prompt; decoded after the prompt's ids it keeps it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from eagle.cli import _Continuation
+
+    vocab = {"<unk>": 0, "▁w5": 1, "▁w6": 2, "▁w3": 3, "▁w8": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    ids = fast("w5 w6")["input_ids"]
+    assert fast.decode(ids) == "w5 w6" and fast.decode([3, 4]) == "w3 w8"  # the space is lost alone
+    assert _Continuation(fast, ids).text([3, 4]) == " w3 w8"
+    assert _Continuation(fast, ids).text([]) == ""
+
+
+def test_tokens_per_second_leave_out_the_tree_sizing(capsys, monkeypatch):
+    """stream() sizes tree="dynamic" when it is called (timed forwards): set-up, reported apart, not
+    decoding time."""
+    import re
+    import time
+
+    import eagle
+
+    real = eagle.EagleModel.stream
+
+    def slow_setup(self, *args, **kwargs):
+        time.sleep(0.5)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(eagle.EagleModel, "stream", slow_setup)
+    assert main(["generate", "x = 1", "-n", "8", "-q"]) == 0
+    err = capsys.readouterr().err
+    seconds = float(re.search(r"tokens in ([\d.]+) s", err).group(1))
+    setup = float(re.search(r"; ([\d.]+) s of set-up \(the draft tree's sizing\) not counted", err).group(1))
+    assert setup >= 0.5 and seconds < 0.5, err
+
+
+def test_auto_reports_its_choices_when_sampling_too(capsys):
+    assert main(["generate", "x = 1", "-n", "24", "-q", "--auto", "-t", "1", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "auto:" in err and "plain steps" in err and "speculative rounds" in err, err
