@@ -17,6 +17,8 @@ its committed length and overwritten by the next draft update.
 
 from __future__ import annotations
 
+import math
+import struct
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -53,6 +55,14 @@ def _scalar(name: str, value, integral: bool) -> float | int:
     return as_number(name, value, integral=integral, hint=" (one for the whole batch)")
 
 
+def _to_float32(value: float) -> float:
+    """``value`` rounded to float32 (inf beyond its range)."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Hugging Face warper semantics (temperature, then top-k, top-p, min-p); temperature 0 = greedy."""
@@ -66,14 +76,25 @@ class SamplingParams:
         # numpy and 0-d torch scalars become Python numbers; anything else is refused by name
         for name, integral in (("temperature", False), ("top_k", True), ("top_p", False), ("min_p", False)):
             object.__setattr__(self, name, _scalar(name, getattr(self, name), integral))
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        # the warpers take these in float32: a positive value that rounds to 0 there would make a
+        # sampled run greedy (temperature) or be refused row by row mid-run (top_p)
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value > 0 and _to_float32(value) == 0:
+                raise ValueError(
+                    f"{name}={value} rounds to 0 in float32, the precision the sampling runs in"
+                    + ("; pass 0 for greedy decoding" if name == "temperature" else "")
+                )
+        if math.isinf(_to_float32(self.temperature)):
+            raise ValueError(f"temperature={self.temperature} overflows float32, the precision the sampling runs in")
 
     @property
     def greedy(self) -> bool:

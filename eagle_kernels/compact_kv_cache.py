@@ -192,6 +192,10 @@ def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_dra
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
     check_tensor("accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
     check_tensor("accept_token_num", accept_token_num, dtypes=INDEX_DTYPES, device=device, shape=(B,))
+    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
+        raise TypeError(
+            f"num_draft_tokens must be an int, got {type(num_draft_tokens).__name__} {num_draft_tokens!r}"
+        )
     if num_draft_tokens < 1 or accept_index.shape[1] > num_draft_tokens:
         raise ValueError(
             f"num_draft_tokens={num_draft_tokens} must be >= 1 and >= accept_index.shape[1]="

@@ -236,6 +236,9 @@ def test_cached_checks_fast_path_and_forced_backend(monkeypatch):
             compact_kv_cache(strided, seqlens, idx, num, num_draft_tokens=10)
         with pytest.raises(ValueError, match="num_draft_tokens=0 must be >= 1"):
             compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=0)
+        for wrong in (10.0, True, "10"):  # after 10 passed: the cache keys scalars by type too
+            with pytest.raises(TypeError, match="num_draft_tokens must be an int"):
+                compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=wrong)
     bad_num = num.clone()
     bad_num[0] = 99
     with pytest.raises(ValueError, match="accept_token_num must be in"):
