@@ -128,7 +128,9 @@ def measure(
         emitted, elapsed, lengths = 0, 0.0, []
         for prompts in groups:
             t0 = time.perf_counter()
-            emitted += sum(len(t) for e in decoder.run(prompts, new_tokens, sampling, seed=r) for t in e.tokens)
+            emitted += sum(
+                len(t) for e in decoder.run(prompts, new_tokens, sampling, seed=r) for t in e.tokens
+            )
             elapsed += time.perf_counter() - t0
             lengths += [n for row in decoder.accept_lengths().values() for n in row]
         eagle_s.append(elapsed)

@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--draft", default=None, help="EAGLE head dir / hub id (default: the bundled head for tiny-code)"
     )
-    gen.add_argument("-n", "--max-new-tokens", type=_positive_int, default=128, help="tokens to generate (default 128)")
+    gen.add_argument(
+        "-n", "--max-new-tokens", type=_positive_int, default=128, help="tokens to generate (default 128)"
+    )
     gen.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
@@ -369,7 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--tree-depth", type=_positive_int, default=None, help="dynamic tree: draft levels")
     gen.add_argument("--tree-topk", type=_positive_int, default=None, help="dynamic tree: expansion width")
-    gen.add_argument("--tree-tokens", type=_positive_int, default=None, help="dynamic tree: tokens verified per step")
+    gen.add_argument(
+        "--tree-tokens", type=_positive_int, default=None, help="dynamic tree: tokens verified per step"
+    )
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
     mode.add_argument(
@@ -432,8 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSONL of {"prompt": ...} (or MT-bench turns); default: held-out stdlib code',
     )
     cal.add_argument("--num-prompts", type=_positive_int, default=16, help="prompts to use (default 16)")
-    cal.add_argument("--prompt-tokens", type=_positive_int, default=128, help="held-out prompts' length (default 128)")
-    cal.add_argument("--new-tokens", type=_positive_int, default=128, help="tokens per prompt and tree (default 128)")
+    cal.add_argument(
+        "--prompt-tokens", type=_positive_int, default=128, help="held-out prompts' length (default 128)"
+    )
+    cal.add_argument(
+        "--new-tokens", type=_positive_int, default=128, help="tokens per prompt and tree (default 128)"
+    )
     cal.add_argument(
         "--temperature", type=float, default=1.0, help="the sampled runs' temperature (default 1)"
     )

@@ -94,7 +94,9 @@ class SamplingParams:
                     + ("; pass 0 for greedy decoding" if name == "temperature" else "")
                 )
         if math.isinf(_to_float32(self.temperature)):
-            raise ValueError(f"temperature={self.temperature} overflows float32, the precision the sampling runs in")
+            raise ValueError(
+                f"temperature={self.temperature} overflows float32, the precision the sampling runs in"
+            )
 
     @property
     def greedy(self) -> bool:

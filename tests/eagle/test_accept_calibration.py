@@ -109,7 +109,9 @@ def test_small_moves_keep_the_tree_and_the_estimate_follows_the_runs(model):
     assert m.accept_rates[SamplingParams()] < base - eagle.api.ACCEPT_RATE_STEP
 
 
-def test_a_stream_refits_from_its_own_rounds_when_another_run_started_meanwhile(model, fixed_timings, monkeypatch):
+def test_a_stream_refits_from_its_own_rounds_when_another_run_started_meanwhile(
+    model, fixed_timings, monkeypatch
+):
     """A stream read to its end refits from its own accept lengths, not from those of a run started on
     the same decoder while it was open (the decoder's accept_lengths() is its latest run's)."""
     m = fresh(model)

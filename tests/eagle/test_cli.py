@@ -184,7 +184,10 @@ def test_tree_flags_are_checked_and_combined_with_tree(capsys, monkeypatch):
     assert seen[-1] == eagle.TreeConfig(3, 4, 12)
     capsys.readouterr()
     for flags, message in (
-        (["--tree", "chain", "--tree-depth", "3"], "--tree-depth sets a dynamic tree's shape, not --tree chain's"),
+        (
+            ["--tree", "chain", "--tree-depth", "3"],
+            "--tree-depth sets a dynamic tree's shape, not --tree chain's",
+        ),
         (["--no-speculative", "--tree-topk", "4"], "--tree-topk sets a draft tree, and --no-speculative"),
     ):
         assert main([*base, *flags]) == 2

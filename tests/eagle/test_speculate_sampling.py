@@ -185,7 +185,11 @@ def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest
         # values the float32 warpers cannot take are refused at the call, by name
         (dict(temperature=float("inf")), ValueError, "temperature must be finite"),
         (dict(temperature=1e39), ValueError, "temperature=1e\\+39 overflows float32"),
-        (dict(temperature=1e-300), ValueError, "temperature=1e-300 rounds to 0 in float32.*pass 0 for greedy"),
+        (
+            dict(temperature=1e-300),
+            ValueError,
+            "temperature=1e-300 rounds to 0 in float32.*pass 0 for greedy",
+        ),
         (dict(temperature=0.7, top_p=1e-50), ValueError, "top_p=1e-50 rounds to 0 in float32"),
     ]
     for kwargs, error, message in refused:
