@@ -192,7 +192,7 @@ def _draft_level_call(head, cache, batch_size: int, rows: int):
 def _prefixed_cache(model, batch_size: int, rows: int):
     """A cache of ``model`` whose ``batch_size`` sequences hold ``PREFIX`` committed positions, with
     room for ``rows`` more (the widest call timed in it; + 1 spare, as a round's cache keeps)."""
-    cache = model.new_cache(batch_size, PREFIX + rows + 1)
+    cache = model.new_cache(batch_size, PREFIX + rows + 1, attended_len=0)  # timed, never emitted
     cache.advance(PREFIX)
     return cache
 

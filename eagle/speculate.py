@@ -525,6 +525,7 @@ class SpeculativeDecoder:
                 f"prompt ({max_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                 f"max_position_embeddings={limit}"
             )
+        self.target.check_window(max_prompt + max_new_tokens, "prompt + max_new_tokens")
 
     def _cache_len(self, max_prompt: int, max_new_tokens: int) -> int:
         tree_rows = max(self.num_tokens, self.depth * self.topk + 1)
@@ -547,7 +548,10 @@ class SpeculativeDecoder:
             pooled = None
             if self._reuse_buffers:
                 S = -(-S // _POOLED_CACHE_ALIGN) * _POOLED_CACHE_ALIGN
-            target_cache = self.target.new_cache(B, S)
+            # emitted tokens attend to at most prompt + max_new_tokens positions (checked in
+            # _check_lengths); the rest is the tree's room and the pool's rounding
+            attended = max_prompt + max_new_tokens
+            target_cache = self.target.new_cache(B, S, attended_len=attended)
             draft_cache = self.head.new_cache(B, S)
         last = (lengths - 1)[:, None]
         out = self.target(block, target_cache, logits_index=last, feature_layers=self.feature_layers)

@@ -127,8 +127,9 @@ class DraftHead(nn.Module):
         """Target layers whose inputs this head needs (pass as ``feature_layers`` to the target)."""
         return None
 
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """The head's own single-layer cache, in its dtype and on its device."""
+    def new_cache(self, batch_size: int, max_seq_len: int, *, attended_len: int | None = None) -> KVCache:
+        """The head's own single-layer cache, in its dtype and on its device (``attended_len``: as
+        :meth:`eagle.models.llama.LlamaModel.new_cache`'s; a head has no sliding window)."""
         cfg = self.config
         return KVCache(
             1, batch_size, cfg.num_kv_heads, max_seq_len, cfg.head_dim, dtype=self.dtype, device=self.device

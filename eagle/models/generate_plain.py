@@ -206,6 +206,7 @@ def plain_decode_steps(
             f"prompt ({block.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"max_position_embeddings={limit}"
         )
+    model.check_window(block.shape[1] + max_new_tokens, "prompt + max_new_tokens")
     if generator is not None and seed is not None:
         raise ValueError("pass seed or generator, not both")
     per_row = temperature != 0 and generator is None
@@ -350,11 +351,12 @@ def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool
         pooled.cache.reset()
         pooled.nonfinite.zero_()
         return pooled
+    attended = length  # (the rounding's slots are never attended to by an emitted token)
     if reuse:
         length = -(-length // _POOLED_CACHE_ALIGN) * _POOLED_CACHE_ALIGN
     device = model.device
     return _StepBuffers(
-        cache=model.new_cache(B, length),
+        cache=model.new_cache(B, length, attended_len=attended),
         step_input=torch.zeros(B, dtype=torch.int64, device=device),
         seeds=torch.zeros(B, dtype=torch.int64, device=device) if per_row else None,
         draws=torch.zeros(B, dtype=torch.int64, device=device) if per_row else None,

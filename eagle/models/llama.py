@@ -538,14 +538,26 @@ class LlamaModel(nn.Module):
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
 
-    def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """An empty :class:`KVCache` for this model, in its dtype and on its device."""
-        cfg = self.config
-        if cfg.sliding_window is not None and max_seq_len > cfg.sliding_window:
+    def check_window(self, length: int, what: str = "max_seq_len") -> None:
+        """Raise ValueError when a checkpoint with a sliding window would attend over ``length``
+        positions, more than its window: this runtime computes full attention, the same as the window
+        only within it. ``what`` names ``length`` in the message."""
+        window = self.config.sliding_window
+        if window is not None and length > window:
             raise ValueError(
-                f"max_seq_len={max_seq_len} exceeds the checkpoint's sliding_window={cfg.sliding_window}; "
-                "this runtime computes full attention, which differs from a sliding window beyond it"
+                f"{what} ({length}) exceeds the checkpoint's sliding_window={window}; this runtime "
+                "computes full attention, which differs from a sliding window beyond it"
             )
+
+    def new_cache(self, batch_size: int, max_seq_len: int, *, attended_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model, in its dtype and on its device.
+
+        ``attended_len`` (default ``max_seq_len``): the most positions a token whose output is used
+        attends to, checked against a sliding window (:meth:`check_window`). Decoding loops pass
+        prompt + max_new_tokens: the slots beyond (a draft tree's, a pooled buffer's rounding) hold
+        tokens whose outputs are never emitted."""
+        self.check_window(max_seq_len if attended_len is None else attended_len)
+        cfg = self.config
         return KVCache(
             cfg.num_layers,
             batch_size,

@@ -380,3 +380,29 @@ def test_missing_bundled_part_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(eagle.api, "ASSETS", tmp_path)
     with pytest.raises(FileNotFoundError, match="'tiny-code' draft"):
         eagle.load("tiny-code")
+
+
+def test_a_sliding_window_checkpoint_speculates_up_to_its_window(tmp_path):
+    """The window bounds what emitted tokens attend to (prompt + max_new_tokens), as for plain
+    decoding: the cache's extra room for a draft tree (and the tree probe's cache) is not refused,
+    and a request past the window is, by name."""
+    window = 32
+    hf = build_hf_target("mistral", seed=3, **(SMALL | {"sliding_window": window}))
+    target_dir = save_hf_target(hf, tmp_path / "mistral")
+    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
+    state = eagle2_state(cfg, bias=False, embed=hf.model.embed_tokens.weight.detach(), seed=5)
+    head_dir = write_head(
+        tmp_path / "head", head_config(cfg, bias=False), state, fmt="safetensors", dtype=torch.float32
+    )
+    model = eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+    prompt = PROMPTS[0]
+    n = window - len(prompt)
+    want = hf_greedy(hf, prompt, n)
+    for tree in (TREES["dynamic-paper"], "dynamic", "chain"):
+        assert model.generate([prompt], n, tree=tree).tokens[0] == want, tree
+    assert model.generate([prompt], n, speculative=False).tokens[0] == want
+    for speculative in (True, False):
+        with pytest.raises(
+            ValueError, match=r"prompt \+ max_new_tokens \(33\) exceeds the checkpoint's sliding_window=32"
+        ):
+            model.generate([prompt], n + 1, speculative=speculative)
