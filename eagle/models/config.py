@@ -242,11 +242,19 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     """RoPE base and scaling, from the new ``rope_parameters`` or legacy ``rope_theta``/``rope_scaling``."""
     params = dict(cfg.get("rope_parameters") or {})
     key = "rope_parameters"
-    if not params and cfg.get("rope_scaling"):
-        params, key = dict(cfg["rope_scaling"]), "rope_scaling"
+    legacy = dict(cfg.get("rope_scaling") or {})
+    if params and legacy:
+        _check_rope_keys_agree(params, legacy)
+    if not params and legacy:
+        params, key = legacy, "rope_scaling"
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:
+        raise ValueError(
+            f"config.json: {key} holds per-layer-type settings {nested}; only one RoPE for all layers is supported"
+        )
     theta = params.get("rope_theta", cfg.get("rope_theta"))
     theta = 10000.0 if theta is None else float(theta)
-    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = _rope_type(params)
     if rope_type == "default":
         return theta, None
     if rope_type != "llama3":
@@ -267,6 +275,25 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     if scaling.high_freq_factor == scaling.low_freq_factor:
         raise ValueError(f"config.json: {key} needs high_freq_factor != low_freq_factor")
     return theta, scaling
+
+
+def _rope_type(params: dict[str, Any]) -> str:
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def _check_rope_keys_agree(params: dict[str, Any], legacy: dict[str, Any]) -> None:
+    """A config with both ``rope_parameters`` and the legacy ``rope_scaling`` (e.g. one edited by hand
+    to extend the context): Hugging Face takes ``rope_scaling``, this loader reads ``rope_parameters``;
+    refused unless they say the same."""
+    shared = sorted((set(params) & set(legacy)) - {"type", "rope_type"})
+    differ = [k for k in shared if params[k] != legacy[k]]
+    if _rope_type(params) != _rope_type(legacy):
+        differ.insert(0, "rope_type")
+    if differ:
+        raise ValueError(
+            f"config.json has both rope_parameters and rope_scaling, and they disagree on {differ}; "
+            "remove the one that does not apply"
+        )
 
 
 def _effective_sliding_window(cfg: dict[str, Any], family: str) -> int | None:

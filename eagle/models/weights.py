@@ -92,7 +92,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
             ) from exc
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # OSError: a truncated zip
         raise ValueError(f"{path} could not be read as a PyTorch weights file: {exc}") from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
