@@ -568,15 +568,26 @@ def _check_checkpoint_arg(name: str, value, *, required: bool) -> None:
         raise TypeError(f"load: {name} must be {allowed} naming a checkpoint, got {type(value).__name__}")
 
 
-def _load_tokenizer(path: str):
-    local = Path(path)
-    if local.is_dir() and not any(
-        (local / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        return None
-    try:
-        from transformers import AutoTokenizer
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
+
+def _load_tokenizer(path: str):
+    """The checkpoint's tokenizer; None when it has none. A local checkpoint whose tokenizer files do
+    not load raises ValueError naming the cause (returned as None, string prompts would be refused
+    later with "this checkpoint has none")."""
+    local = Path(path)
+    has_files = local.is_dir() and any((local / f).exists() for f in _TOKENIZER_FILES)
+    if local.is_dir() and not has_files:
         return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - tokenizer classes raise many kinds; the message is kept
+        if has_files:
+            raise ValueError(
+                f"{local}: its tokenizer files do not load: {type(exc).__name__}: {exc}"
+            ) from exc
+        if isinstance(exc, (OSError, ValueError)):
+            return None  # a hub id with no reachable tokenizer (offline): token-id prompts still work
+        raise

@@ -544,8 +544,7 @@ class Eagle3Head(DraftHead):
         self.lm_head = Linear(H, draft_vocab, bias=False)
         self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.int64))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
-        L = target_num_layers
-        self._feature_layers = (2, L // 2, L - 3)
+        self._feature_layers = eagle3_feature_layers(cfg, target_num_layers)
 
     @property
     def draft_vocab_size(self) -> int:
@@ -617,6 +616,89 @@ def draft_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         )
     # EAGLE heads name their q/k/v bias `qkv_bias` (Qwen2 heads), never `attention_bias`.
     return dataclasses.replace(cfg, qkv_bias=bool(raw.get("qkv_bias", False)), o_bias=False, mlp_bias=False)
+
+
+# EAGLE-3 variants of other trainers that compute something else than this head; refused when set
+_UNSUPPORTED_EAGLE3_KEYS = ("norm_before_residual", "norm_before_fc", "use_aux_hidden_state_fc_bias")
+
+
+def eagle3_feature_layers(cfg: ModelConfig, target_num_layers: int) -> tuple[int, int, int]:
+    """The target layers whose input features an EAGLE-3 head reads: the official (2, L // 2, L - 3),
+    or the head config's ``eagle_aux_hidden_state_layer_ids`` (top level or under ``eagle_config``,
+    as ModelOpt / speculators / vLLM write them; like vLLM, index j is the hidden state entering
+    layer j)."""
+    L = target_num_layers
+    extra = cfg.extra
+    nested = extra.get("eagle_config") if isinstance(extra.get("eagle_config"), dict) else {}
+    ids = extra.get("eagle_aux_hidden_state_layer_ids", nested.get("eagle_aux_hidden_state_layer_ids"))
+    if ids is None:
+        return (2, L // 2, L - 3)
+    if (
+        not isinstance(ids, (list, tuple))
+        or len(ids) != 3
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+    ):
+        raise ValueError(f"draft config: eagle_aux_hidden_state_layer_ids must be 3 integers, got {ids!r}")
+    if not all(0 <= i < L for i in ids):
+        raise ValueError(
+            f"draft config: eagle_aux_hidden_state_layer_ids {list(ids)} must be layers of the target, in [0, {L})"
+        )
+    return tuple(ids)
+
+
+def _check_eagle3_variant(cfg: ModelConfig) -> None:
+    nested = cfg.extra.get("eagle_config") if isinstance(cfg.extra.get("eagle_config"), dict) else {}
+    set_keys = [k for k in _UNSUPPORTED_EAGLE3_KEYS if cfg.extra.get(k) or nested.get(k)]
+    if set_keys:
+        raise ValueError(
+            f"draft config sets {set_keys}: an EAGLE-3 variant this package does not compute "
+            "(its head would load and draft wrongly, lowering acceptance with no message)"
+        )
+
+
+def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
+    """Every weight a float tensor of finite values (d2t / t2d: the vocabulary maps, integer / bool):
+    a NaN or inf in a head still gives the target's tokens (it verifies each one) but drafts nothing
+    useful, with no message; an integer (quantised) weight would be cast, not dequantised."""
+    for key, value in state.items():
+        if key in ("d2t", "t2d"):
+            continue
+        if not value.is_floating_point():
+            raise ValueError(
+                f"{directory}: head weight {key} has dtype {value.dtype}; quantised heads are not supported"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{directory}: head weight {key} holds NaN or inf values (a corrupt checkpoint?)"
+            )
+
+
+# A head's stored embedding against its target's: relative (Frobenius) difference above which it is taken
+# for another target's. The copies of one embedding differ by storage rounding only (bf16: <= 2^-8
+# relative per value); another model's embedding differs by ~sqrt(2) (two unrelated matrices).
+EMBEDDING_MISMATCH = 0.05
+
+
+def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory) -> None:
+    """An EAGLE-1/2 head that stores the embedding it was trained with (EAGLE's training freezes its
+    target's) must hold this target's: a head trained for another model of the same shape (e.g. a
+    Vicuna head on Llama 2) would load and run with an acceptance near zero and no message. (EAGLE-3
+    trainers may train the draft's embedding, so an EAGLE-3 head's own embedding is taken as is.)"""
+    ref = target.embed_tokens.weight
+    if embed.shape != ref.shape:
+        return  # refused by the key check, with the shapes named
+    diff = ref_norm = 0.0
+    for start in range(0, ref.shape[0], 8192):  # float32 in chunks: a 128k x 4096 table is 2 GB
+        a = embed[start : start + 8192].to(device="cpu", dtype=torch.float32)
+        b = ref[start : start + 8192].detach().to(device="cpu", dtype=torch.float32)
+        diff += float((a - b).square().sum())
+        ref_norm += float(b.square().sum())
+    relative = (diff / ref_norm) ** 0.5 if ref_norm > 0 else (0.0 if diff == 0 else float("inf"))
+    if relative > EMBEDDING_MISMATCH:
+        raise ValueError(
+            f"{directory}: the head's embed_tokens differs from the target's (relative difference "
+            f"{relative:.3f}); this head was trained for another target"
+        )
 
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
@@ -756,6 +838,12 @@ def load_draft(
     state = read_state_dict(directory)
     kind = detect_format(state)
     _check_fits_target(cfg, target, kind)
+    _check_weights(state, directory)
+    if kind == "eagle3":
+        _check_eagle3_variant(cfg)
+        eagle3_feature_layers(cfg, target.config.num_layers)  # checked before the head is built
+    if kind == "eagle2" and "embed_tokens.weight" in state:  # (its shape is checked below)
+        _check_embedding_matches(state["embed_tokens.weight"], target, directory)
     if kind == "eagle2":
         check_keys(state, _eagle2_shapes(cfg), what="EAGLE-1/2 checkpoint", optional=["embed_tokens.weight"])
         state = state | fuse_layer_tensors(state, "layers.0.")
@@ -820,7 +908,12 @@ def official_config(head: DraftHead) -> dict[str, Any]:
     if head.kind == "eagle2":
         out |= {"architectures": ["LlamaForCausalLM"], "bias": head.fc.bias is not None}
     else:
-        out |= {"architectures": [EAGLE3_ARCHITECTURE], "draft_vocab_size": head.draft_vocab_size}
+        out |= {
+            "architectures": [EAGLE3_ARCHITECTURE],
+            "draft_vocab_size": head.draft_vocab_size,
+            # read back by load_draft and by vLLM (the reference code takes the default layers)
+            "eagle_aux_hidden_state_layer_ids": list(head.feature_layers),
+        }
     return out
 
 

@@ -240,7 +240,7 @@ def test_eagle3_head_formats_match_oracle(tmp_path, target, target_config, fmt):
 # Heads that do not fit, and bad key sets
 # --------------------------------------------------------------------------------------------------
 def _write_eagle2(tmp_path: Path, target_config: dict, name: str, *, cfg_extra=None, state_edit=None) -> Path:
-    state = eagle2_state(target_config, bias=True, embed=torch.zeros(101, 64))
+    state = eagle2_state(target_config, bias=True, embed=None)
     if state_edit:
         state = state_edit(state)
     return write_head(tmp_path / name, head_config(target_config, **(cfg_extra or {})), state)
@@ -269,6 +269,66 @@ def test_mismatched_eagle2_heads_are_refused(tmp_path, target, target_config):
     for i, (kwargs, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
             load_draft(_write_eagle2(tmp_path, target_config, f"h{i}", **kwargs), target)
+
+
+def test_a_head_with_another_targets_embedding_or_corrupt_weights_is_refused(tmp_path, target, target_config):
+    """An EAGLE-1/2 head stores its target's frozen embedding: another target's (same shape) means a
+    head for another model, which would draft nothing useful with no message. NaN / inf weights
+    likewise; integer (quantised) weights would be cast, not dequantised."""
+    own = target.embed_tokens.weight.detach().double()
+    ok = _write_eagle2(tmp_path, target_config, "ok", state_edit=lambda s: s | {"embed_tokens.weight": own})
+    assert load_draft(ok, target).owns_embedding
+    rounded = own.to(torch.bfloat16).double()  # a copy stored at lower precision is the same embedding
+    assert load_draft(
+        _write_eagle2(
+            tmp_path, target_config, "bf16", state_edit=lambda s: s | {"embed_tokens.weight": rounded}
+        ),
+        target,
+    ).owns_embedding
+    other = torch.randn(101, 64, dtype=torch.float64) * own.std()
+    cases = [
+        (
+            {"embed_tokens.weight": other},
+            "embed_tokens differs from the target's .*trained for another target",
+        ),
+        ({"fc.weight": torch.full((64, 128), float("nan"))}, "head weight fc.weight holds NaN or inf"),
+        ({"fc.bias": torch.full((64,), float("inf"))}, "head weight fc.bias holds NaN or inf"),
+        ({"fc.weight": torch.zeros(64, 128, dtype=torch.int8)}, "fc.weight has dtype torch.int8; quantised"),
+    ]
+    for i, (edit, message) in enumerate(cases):
+        path = _write_eagle2(tmp_path, target_config, f"bad{i}", state_edit=lambda s, e=edit: s | e)
+        with pytest.raises(ValueError, match=message):
+            load_draft(path, target)
+
+
+def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, target, target_config):
+    """ModelOpt / speculators / vLLM heads pin their feature layers with eagle_aux_hidden_state_layer_ids
+    (top level or under eagle_config); a head trained on other layers drafts nothing useful if read
+    with the default ones. Variant keys this head does not compute are refused by name."""
+    state = eagle3_state(target_config, prefix="midlayer.", embed=None, draft_vocab=None)
+    base = head_config(target_config, architectures=["LlamaForCausalLMEagle3"])
+
+    def load(name, **extra):
+        return load_draft(write_head(tmp_path / name, base | extra, state), target)
+
+    assert load("default").feature_layers == (2, 2, 1)  # (2, L // 2, L - 3) of the 4-layer target
+    assert load("top", eagle_aux_hidden_state_layer_ids=[0, 1, 3]).feature_layers == (0, 1, 3)
+    nested = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}}
+    assert load("nested", **nested).feature_layers == (1, 2, 3)
+    for name, extra, message in [
+        (
+            "range",
+            {"eagle_aux_hidden_state_layer_ids": [0, 1, 4]},
+            r"must be layers of the target, in \[0, 4\)",
+        ),
+        ("count", {"eagle_aux_hidden_state_layer_ids": [0, 1]}, "must be 3 integers"),
+        ("variant", {"norm_before_residual": True}, r"sets \['norm_before_residual'\]: an EAGLE-3 variant"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load(name, **extra)
+    assert load("off", norm_before_residual=False).feature_layers == (2, 2, 1)
+    saved = save_draft(load("again", eagle_aux_hidden_state_layer_ids=[0, 1, 3]), tmp_path / "saved")
+    assert load_draft(saved, target).feature_layers == (0, 1, 3)
 
 
 def test_mismatched_eagle3_heads_are_refused(tmp_path, target, target_config):

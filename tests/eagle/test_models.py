@@ -441,3 +441,17 @@ def test_corrupt_checkpoint_files_are_named(tiny_checkpoints, tmp_path):
     (target_dir / "config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must hold a JSON object"):
         load_target(str(target_dir))
+
+
+def test_a_checkpoint_whose_tokenizer_files_do_not_load_says_so(tiny_checkpoints, tmp_path):
+    """Broken tokenizer files used to load as "no tokenizer", and string prompts were then refused
+    with "this checkpoint has none"; a checkpoint without tokenizer files still loads without one."""
+    import shutil
+
+    import eagle
+
+    target_dir = shutil.copytree(tiny_checkpoints.target, tmp_path / "target")
+    assert eagle.load(str(target_dir)).tokenizer is None
+    (target_dir / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(ValueError, match="its tokenizer files do not load"):
+        eagle.load(str(target_dir))
