@@ -112,6 +112,7 @@ class BenchConfig:
     name: str | None = None
     progress: bool = True
     plot: bool = True
+    save: bool = True  # False: the table only, no JSON or PNG
     quick: bool = False  # only names the output files (``_quick``); QUICK holds the settings
 
     def validate(self) -> None:
@@ -268,6 +269,7 @@ class Models:
     assistant: torch.nn.Module | None = None
     assistant_info: dict = field(default_factory=dict)
     forwards: dict[str, int] = field(default_factory=lambda: {"target": 0, "assistant": 0})
+    target_starts: list = field(default_factory=list)  # each HF target forward's first cache position
 
 
 def resolve_pair(target: str, draft: str | None) -> tuple[str, str | None]:
@@ -307,7 +309,7 @@ def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], No
     needs_hf = any(m.startswith("hf_") for m in config.methods)
     if needs_hf:
         models.hf = _load_hf(target_path, dtype, config.device)
-        _count_forwards(models.hf, models.forwards, "target")
+        _count_forwards(models.hf, models.forwards, "target", models.target_starts)
     if "hf_assisted" in config.methods:
         path, how = find_assistant(config, target_path)
         models.assistant = _load_hf(path, dtype, config.device)
@@ -333,11 +335,23 @@ def _load_hf(path: str | Path, dtype: torch.dtype, device: str) -> torch.nn.Modu
     return model
 
 
-def _count_forwards(module: torch.nn.Module, counter: dict[str, int], key: str) -> None:
-    def hook(*_):
-        counter[key] += 1
+def _count_forwards(
+    module: torch.nn.Module, counter: dict[str, int], key: str, starts: list | None = None
+) -> None:
+    """Count ``module``'s forwards in ``counter[key]``; with ``starts``, also append each forward's
+    first position (``cache_position``, or the first row's ``position_ids`` as transformers 5 passes
+    them; None when the call has neither): at batch 1, how many positions its cache held before it,
+    from which :func:`_first_forward_tokens` tells what the first one emitted."""
 
-    module.register_forward_hook(hook)
+    def hook(_module, args, kwargs, _output):
+        counter[key] += 1
+        if starts is not None:
+            position = kwargs.get("cache_position")
+            if position is None and kwargs.get("position_ids") is not None:
+                position = kwargs["position_ids"][0]
+            starts.append(None if position is None or position.numel() == 0 else int(position.reshape(-1)[0]))
+
+    module.register_forward_hook(hook, with_kwargs=True)
 
 
 def find_assistant(config: BenchConfig, target_path: str) -> tuple[Path, str]:
@@ -482,6 +496,8 @@ def _hf_generate(
     if temperature > 0:
         torch.manual_seed(seed)
     before = models.forwards["target"]
+    models.target_starts.clear()
+    speculative = bool(extra) or gen_config.prompt_lookup_num_tokens is not None
     with torch.inference_mode():
         out = hf.generate(block, attention_mask=mask, generation_config=gen_config, **extra)
     forwards = models.forwards["target"] - before
@@ -489,7 +505,28 @@ def _hf_generate(
     if any(len(t) != new_tokens for t in tokens):
         raise RuntimeError(f"transformers generated {[len(t) for t in tokens]} tokens, expected {new_tokens}")
     rows = len(tokens)
-    return Output(tokens, rows * (new_tokens - 1), rows * (forwards - 1))
+    # The first forward of assisted / prompt-lookup decoding verifies candidates with the prompt and
+    # may emit several tokens: counting one (as for plain generate) overstated their tau.
+    if speculative and rows != 1:
+        raise ValueError("transformers' assisted and prompt-lookup decoding run one sequence at a time")
+    first = _first_forward_tokens(models.target_starts, block.shape[1]) if speculative else 1
+    return Output(tokens, rows * (new_tokens - min(first, new_tokens)), rows * (forwards - 1))
+
+
+def _first_forward_tokens(starts: list, prompt_len: int) -> int:
+    """Tokens the first target forward of a ``generate`` call emitted, from each forward's first cache
+    position: the second forward starts after the prompt and the drafts the first accepted (its bonus
+    token is the second's input), so the first emitted ``starts[1] - prompt_len + 1``; 1 when there
+    was no second forward (it emitted everything, at most the budget: the caller clips)."""
+    if len(starts) < 2:
+        return 1 if not starts else 10**9
+    if starts[0] != 0 or starts[1] is None or starts[1] < prompt_len:
+        raise RuntimeError(
+            f"cannot tell what the first target forward emitted from its cache positions {starts[:2]} "
+            f"(prompt of {prompt_len} tokens): this transformers version passes neither cache_position "
+            "nor position_ids"
+        )
+    return starts[1] - prompt_len + 1
 
 
 def _pad_id(config) -> int:
@@ -1019,7 +1056,7 @@ class BenchReport:
     """What :func:`run_benchmark` returns: the JSON payload and where it and the plot were written."""
 
     payload: dict
-    json_path: Path
+    json_path: Path | None  # None with save=False
     png_path: Path | None
 
     @property
@@ -1051,11 +1088,17 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
         ),
         "results": results,
     }
+    if not config.save:
+        return BenchReport(payload, None, None)
     out_dir = Path(config.out) if config.out else DEFAULT_OUT
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = config.name or default_name(config, models)
     json_path = out_dir / f"{stem}.json"
-    json_path.write_text(json.dumps(payload, indent=2))
+    if json_path.exists():
+        log(f"replacing {json_path} (--name or --out keep an earlier result; --no-save writes nothing)")
+    partial = json_path.with_name(json_path.name + ".partial")  # an interrupted write leaves the old file
+    partial.write_text(json.dumps(payload, indent=2))
+    os.replace(partial, json_path)
     png_path = plot(payload, out_dir / f"{stem}.png") if config.plot else None
     return BenchReport(payload, json_path, png_path)
 
@@ -1170,6 +1213,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="tiny settings for smoke tests: batch 1 4, 16 tokens, 2 prompts of 48 tokens, 1 repeat",
     )
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument(
+        "--no-save", action="store_true", help="print the table only: no JSON or PNG (nothing is replaced)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -1203,7 +1249,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         lookup_tokens=args.lookup_tokens,
         work_dir=args.work_dir,
         progress=not args.no_progress,
-        plot=not args.no_plot,
+        plot=not args.no_plot and not args.no_save,
+        save=not args.no_save,
         quick=args.quick,
     )
     return config
@@ -1217,7 +1264,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         f"tokens/s: median over {report.payload['settings']['repeats']} repeats; "
         "speedup = median / vanilla's; paired = median of the repeats' own ratios (their min-max)"
     )
-    print(f"wrote {report.json_path}" + (f" and {report.png_path}" if report.png_path else ""))
+    if report.json_path is not None:
+        print(f"wrote {report.json_path}" + (f" and {report.png_path}" if report.png_path else ""))
     if not report.greedy_agreement_ok:
         print("!!! GREEDY MISMATCH: some method's temperature-0 tokens differ from vanilla's (see above)")
         return 1

@@ -463,3 +463,51 @@ def test_tree_labels_tell_every_tree_apart():
     ]
     assert labels[0] == "chain(depth=5)" and labels[2] == "static(26 tokens)"
     assert len(set(labels)) == len(labels), labels
+
+
+def test_first_forward_tokens_come_from_the_second_forwards_start():
+    # prompt of 10; the first forward verified candidates and accepted one (+ its bonus token): the
+    # second starts at position 11 (prompt + the accepted draft; the bonus token is its input)
+    assert bench._first_forward_tokens([0, 11, 14], 10) == 2
+    assert bench._first_forward_tokens([0, 10, 11], 10) == 1
+    with pytest.raises(RuntimeError, match="passes neither cache_position nor position_ids"):
+        bench._first_forward_tokens([None, None], 10)
+
+
+def test_prompt_lookup_tau_does_not_count_the_first_forwards_drafts_as_one_token():
+    """transformers' prompt-lookup decoding verifies its first candidates in the prefill forward, which
+    can emit several tokens; tau counted that forward as emitting one (and so overstated itself)."""
+    from transformers import AutoModelForCausalLM
+
+    import eagle
+    from eagle.api import _resolve_bundled
+
+    path = _resolve_bundled("tiny-code", "target")
+    model = eagle.load("tiny-code")
+    models = bench.Models(model, path, "bundled", random_draft=False)
+    models.hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    bench._count_forwards(models.hf, models.forwards, "target", models.target_starts)
+    text = "import os\nimport sys\nimport os\nimport sys\nimport os\nimport"
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    new = 16
+    out = bench._hf_generate(models, [ids], new, 0.0, 0, {"prompt_lookup_num_tokens": 5})
+    first = bench._first_forward_tokens(models.target_starts, len(ids))
+    assert first > 1, models.target_starts  # the case arises: the prefill forward accepted drafts
+    assert out.decode_tokens == new - first and out.decode_forwards == len(models.target_starts) - 1
+    assert out.tokens[0] == model.generate([ids], new, speculative=False, eos_token_id=[]).tokens[0]
+
+
+def test_no_save_writes_nothing_and_a_replaced_result_is_announced(tiny_target, tmp_path):
+    small = dict(
+        methods=("vanilla", "eagle_chain"), batch_sizes=(1,), temperatures=(0.0,), repeats=1, plot=False
+    )
+    config = _config(tiny_target, tmp_path, save=False, **small)
+    report = run_benchmark(config, log=lambda _: None)
+    assert report.json_path is None and not (tmp_path / "out").exists()
+    assert report.payload["results"]
+    logs: list[str] = []
+    first = run_benchmark(replace(config, save=True), log=logs.append).json_path
+    assert first.exists() and not any("replacing" in line for line in logs)
+    run_benchmark(replace(config, save=True), log=logs.append)
+    assert any(f"replacing {first}" in line for line in logs)
+    assert not list(first.parent.glob("*.partial"))
