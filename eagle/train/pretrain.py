@@ -143,6 +143,23 @@ class TrainConfig:
     fit_probe_end: int = 13
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        positive = ("seq_len", "batch_size", "max_tokens", "num_threads", "eval_every_tokens", "eval_tokens")
+        positive += ("log_every_steps",)
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if self.warmup_tokens < 0 or not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(
+                f"TrainConfig: needs warmup_tokens >= 0 and 0 <= min_lr <= lr, lr > 0; got warmup_tokens="
+                f"{self.warmup_tokens}, lr={self.lr}, min_lr={self.min_lr}"
+            )
+        for name in ("stop_after_steps", "time_limit_s", "fit_schedule_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"TrainConfig: {name} must be > 0 (or unset), got {value!r}")
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
@@ -377,6 +394,8 @@ class RunState:
     best_val_loss: float | None = None
     hardware: str | None = None  # what the latest run trained on
     train_command: str | None = None  # the command line of the latest run
+    # fit_schedule_s: the schedule's length once fitted (a resumed run keeps it, not --max-tokens)
+    fitted_max_tokens: int | None = None
 
 
 def _init_from_export(model, export_dir: Path) -> RunState:
@@ -474,12 +493,20 @@ def train(
     state.hardware = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cfg.num_threads} CPU threads"
     )
-    fit_pending = cfg.fit_schedule_s is not None and state.step < cfg.fit_probe_start
-    if cfg.fit_schedule_s is not None and cfg.fit_probe_end > cfg.warmup_steps:
+    # fit_schedule_s: fitted once, by a probe of (fit_probe_end - fit_probe_start) steps from step
+    # fit_probe_start, or from the step a run interrupted during its probe resumes at; a resumed run
+    # keeps the fitted length (--max-tokens given again would otherwise restore the unfitted one)
+    fit_pending = cfg.fit_schedule_s is not None and state.fitted_max_tokens is None
+    if cfg.fit_schedule_s is not None and state.fitted_max_tokens is not None:
+        cfg = dataclasses.replace(cfg, max_tokens=min(cfg.max_tokens, state.fitted_max_tokens))
+    probe_start = max(cfg.fit_probe_start, state.step)
+    probe_end = probe_start + (cfg.fit_probe_end - cfg.fit_probe_start)
+    if fit_pending and probe_end > cfg.warmup_steps:
         raise ValueError(
-            f"fit_schedule_s needs the throughput probe (steps {cfg.fit_probe_start}..{cfg.fit_probe_end}) "
+            f"fit_schedule_s needs the throughput probe (steps {probe_start}..{probe_end}) "
             f"inside the warm-up ({cfg.warmup_steps} steps): raise --warmup-tokens"
         )
+    prior_seconds = state.train_seconds  # spent by earlier runs, counted against fit_schedule_s
     model.train()
     step_fn = torch.compile(model) if cfg.compile else model
 
@@ -538,7 +565,8 @@ def train(
 
     start_wall = time.time()
     last_ckpt = time.time()
-    last_eval_tokens = state.tokens_seen
+    # evaluations at multiples of eval_every_tokens, wherever a run was resumed
+    last_eval_tokens = state.tokens_seen - state.tokens_seen % cfg.eval_every_tokens
     interval_loss, interval_steps, interval_t0 = 0.0, 0, time.time()
     steps_this_run = 0
     log(
@@ -546,17 +574,18 @@ def train(
     )
     probe_t0 = None
     while state.step < cfg.total_steps:
-        if fit_pending and state.step == cfg.fit_probe_start:
+        if fit_pending and state.step == probe_start:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             probe_t0 = time.time()
-        if fit_pending and state.step == cfg.fit_probe_end:
+        if fit_pending and state.step == probe_end:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            rate = (cfg.fit_probe_end - cfg.fit_probe_start) * cfg.tokens_per_step / (time.time() - probe_t0)
-            remaining = cfg.fit_schedule_s - (time.time() - start_wall)
+            rate = (probe_end - probe_start) * cfg.tokens_per_step / (time.time() - probe_t0)
+            remaining = cfg.fit_schedule_s - prior_seconds - (time.time() - start_wall)
             fitted = state.tokens_seen + int(rate * max(0.0, remaining))
             cfg = dataclasses.replace(cfg, max_tokens=min(cfg.max_tokens, fitted))
+            state.fitted_max_tokens = cfg.max_tokens
             fit_pending = False
             log(
                 f"schedule fitted to {cfg.fit_schedule_s:.0f} s at {rate:,.0f} tok/s: max_tokens {cfg.max_tokens:,}"
@@ -600,7 +629,7 @@ def train(
 
         if state.tokens_seen - last_eval_tokens >= cfg.eval_every_tokens:
             run_eval()
-            last_eval_tokens = state.tokens_seen
+            last_eval_tokens = state.tokens_seen - state.tokens_seen % cfg.eval_every_tokens
         if time.time() - last_ckpt >= cfg.checkpoint_every_s:
             checkpoint_now()
             last_ckpt = time.time()
@@ -979,6 +1008,23 @@ def main(argv: list[str] | None = None) -> int:
     init_from = args.init_from if resuming_from_export else None
     if resuming_from_export and not (args.init_from / TRAINING_STATE_NAME).is_file():
         raise SystemExit(f"--resume: no checkpoint in {args.out} and no export in {args.init_from}")
+    cfg = TrainConfig(  # checked before the tokenizer and token files are built
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_tokens=args.warmup_tokens,
+        autocast_bf16=not args.no_bf16,
+        compile=args.compile,
+        num_threads=args.threads,
+        checkpoint_every_s=args.checkpoint_every_s,
+        eval_every_tokens=args.eval_every_tokens,
+        eval_tokens=args.eval_tokens,
+        time_limit_s=args.time_limit_s,
+        fit_schedule_s=args.fit_schedule_s,
+        device=args.device,
+    )
     meta = prepare_data(
         args.out,
         args.corpus_root,
@@ -995,23 +1041,6 @@ def main(argv: list[str] | None = None) -> int:
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len,
-    )
-    cfg = TrainConfig(
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        max_tokens=args.max_tokens,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        warmup_tokens=args.warmup_tokens,
-        autocast_bf16=not args.no_bf16,
-        compile=args.compile,
-        num_threads=args.threads,
-        checkpoint_every_s=args.checkpoint_every_s,
-        eval_every_tokens=args.eval_every_tokens,
-        eval_tokens=args.eval_tokens,
-        time_limit_s=args.time_limit_s,
-        fit_schedule_s=args.fit_schedule_s,
-        device=args.device,
     )
     train(
         args.out,

@@ -235,6 +235,49 @@ def test_checkpoint_then_resume_continues_bit_identically(work_dir, tmp_path):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
 
 
+def test_a_resumed_run_keeps_its_fitted_schedule_and_refits_an_interrupted_probe(work_dir, tmp_path, capsys):
+    """fit_schedule_s shrinks max_tokens once; a resume given the same --max-tokens used to restore the
+    unfitted length (the learning rate jumped back up), and a run stopped during the probe never
+    fitted at all."""
+    big = 8 * 32 * 100_000
+    cfg = _train_cfg(max_tokens=big, warmup_tokens=8 * 32 * 40, fit_schedule_s=1.0)
+    fitted = _fresh_copy_of_data(work_dir, tmp_path / "fitted")
+    state = pretrain.train(fitted, TINY_MODEL, dataclasses.replace(cfg, stop_after_steps=15), quiet=True)
+    steps = state.fitted_max_tokens // cfg.tokens_per_step
+    assert state.fitted_max_tokens is not None and steps < big // cfg.tokens_per_step
+    capsys.readouterr()
+    pretrain.train(fitted, None, dataclasses.replace(cfg, stop_after_steps=1), resume=True)
+    assert f"start at step 15/{steps} " in capsys.readouterr().out
+
+    interrupted = _fresh_copy_of_data(work_dir, tmp_path / "interrupted")
+    state = pretrain.train(interrupted, TINY_MODEL, dataclasses.replace(cfg, stop_after_steps=5), quiet=True)
+    assert state.step == 5 and state.fitted_max_tokens is None  # stopped inside the probe (steps 3-13)
+    state = pretrain.train(
+        interrupted, None, dataclasses.replace(cfg, stop_after_steps=11), resume=True, quiet=True
+    )
+    assert state.fitted_max_tokens is not None and state.fitted_max_tokens < big  # probed over steps 5-15
+
+
+def test_evaluations_fall_on_the_same_steps_whether_or_not_a_run_was_resumed(work_dir, tmp_path):
+    cfg = _train_cfg(max_tokens=8 * 32 * 40, eval_every_tokens=8 * 32 * 7)
+    straight = _fresh_copy_of_data(work_dir, tmp_path / "straight")
+    pieces = _fresh_copy_of_data(work_dir, tmp_path / "pieces")
+    a = pretrain.train(straight, TINY_MODEL, cfg, quiet=True)
+    pretrain.train(pieces, TINY_MODEL, dataclasses.replace(cfg, stop_after_steps=13), quiet=True)
+    b = pretrain.train(pieces, None, cfg, resume=True, quiet=True)
+    assert [h["step"] for h in a.history] == [h["step"] for h in b.history]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("batch_size", 0), ("seq_len", 0), ("max_tokens", -1), ("lr", 0.0), ("stop_after_steps", 0)],
+)
+def test_bad_training_settings_are_refused_by_name(field, value):
+    with pytest.raises(ValueError, match=field):
+        _train_cfg(**{field: value})
+
+
+# ------------------------------------------------------------------------------------------ export
 # ------------------------------------------------------------------------------------------ export
 
 
