@@ -330,6 +330,19 @@ def _resumed_meta(out_dir: Path, meta: dict, target: LlamaModel) -> dict:
     return meta
 
 
+def _shard_rows(path: Path) -> int | None:
+    """Sequences a stored shard holds (None: no readable shard there)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.get_slice("input_ids").get_shape()[0])
+    except (SafetensorError, OSError, KeyError):
+        return None
+
+
 def dump_features(
     target: LlamaModel,
     tokens: np.ndarray,
@@ -350,6 +363,12 @@ def dump_features(
     if plan.feature_layers is not None:
         plan.feature_layers = [int(i) for i in plan.feature_layers]
     plan.validate()
+    limit = target.config.max_position_embeddings
+    if plan.seq_len > limit:
+        raise ValueError(
+            f"seq_len={plan.seq_len} exceeds the target's max_position_embeddings={limit}: the head would "
+            "train on positions the target never decodes at"
+        )
     if plan.num_windows == 0:
         raise ValueError(f"token file holds {len(tokens)} tokens, fewer than one sequence of {plan.seq_len}")
     check_token_range(tokens, target.config.vocab_size)
@@ -365,7 +384,11 @@ def dump_features(
     }
     if (out_dir / META_NAME).exists():
         meta = _resumed_meta(out_dir, meta, target)
-    todo = [i for i in range(plan.num_shards) if not (out_dir / shard_name(i)).is_file()]
+    # a shard is kept only when it holds the rows this plan puts in it: a dump resumed with a larger
+    # max_tokens grows the last shard of the earlier one (kept, it would have been short)
+    todo = [
+        i for i in range(plan.num_shards) if _shard_rows(out_dir / shard_name(i)) != len(plan.shard_range(i))
+    ]
     _check_free_space(out_dir, estimated_bytes(plan, target.config.hidden_size, len(todo)))
     write_meta(out_dir, meta)
     order = window_order(plan.num_windows, plan.seed)
@@ -434,11 +457,18 @@ class FeatureData:
         if self.meta["num_sequences"] == 0:
             raise ValueError(f"{str(self.dir)!r} holds no sequences")
         self._files = []
-        for name in self.meta["shards"]:
+        for index, name in enumerate(self.meta["shards"]):
             try:
                 self._files.append(safe_open(str(self.dir / name), framework="pt"))
             except (SafetensorError, OSError) as e:
                 raise ValueError(f"feature shard {str(self.dir / name)!r} is unreadable: {e}") from e
+            want = len(self.plan.shard_range(index))
+            rows = self._files[-1].get_slice("input_ids").get_shape()[0]
+            if rows != want:
+                raise ValueError(
+                    f"feature shard {str(self.dir / name)!r} holds {rows} sequences where meta.json plans {want}; "
+                    "rerun the feature dump with the same settings to rewrite it"
+                )
         self.keys = set(self._files[0].keys())
 
     def __len__(self) -> int:

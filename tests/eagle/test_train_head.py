@@ -154,12 +154,43 @@ def test_feature_dump_resumes_by_skipping_finished_shards(setup, tmp_path, monke
         )
 
 
+def test_a_dump_resumed_with_a_larger_budget_rewrites_the_short_last_shard(setup, tmp_path, monkeypatch):
+    """6 sequences in shards of 4 leave a last shard of 2; a resume to 8 plans 4 there: the short
+    shard is computed again (kept, FeatureData read rows past its end as empty tensors)."""
+    plan = feat.FeaturePlan(seq_len=SEQ, shard_sequences=4, batch_size=4, max_tokens=6 * SEQ)
+    feat.dump_features(setup["target"], setup["tokens"], tmp_path, plan, progress=False)
+    computed = []
+    original = feat.shard_tensors
+    monkeypatch.setattr(
+        feat, "shard_tensors", lambda p, t, o, s, m: computed.append(s) or original(p, t, o, s, m)
+    )
+    bigger = dataclasses.replace(plan, max_tokens=8 * SEQ)
+    feat.dump_features(setup["target"], setup["tokens"], tmp_path, bigger, progress=False)
+    assert computed == [1]
+    data = feat.FeatureData(tmp_path)
+    assert len(data) == 8 and data[list(range(8))]["input_ids"].shape == (8, SEQ)
+    fresh = tmp_path / "fresh"
+    feat.dump_features(setup["target"], setup["tokens"], fresh, bigger, progress=False)
+    assert torch.equal(feat.FeatureData(fresh)[list(range(8))]["hidden"], data[list(range(8))]["hidden"])
+    # a shard whose rows do not match meta.json (written by another plan) is refused by FeatureData
+    (tmp_path / feat.shard_name(1)).write_bytes((tmp_path / feat.shard_name(0)).read_bytes())
+    meta = json.loads((tmp_path / feat.META_NAME).read_text())
+    meta["num_sequences"] = 7
+    meta["plan"]["max_tokens"] = 7 * SEQ
+    (tmp_path / feat.META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="holds 4 sequences where meta.json plans 3"):
+        feat.FeatureData(tmp_path)
+
+
 def test_feature_dump_bad_input(setup, tmp_path):
     target, plan = setup["target"], feat.FeaturePlan(seq_len=SEQ, max_tokens=4 * SEQ)
     with pytest.raises(ValueError, match="fewer than one sequence"):
         feat.dump_features(target, np.zeros(SEQ - 1, np.uint16), tmp_path / "a", plan, progress=False)
     with pytest.raises(ValueError, match="outside the target's vocabulary"):
         feat.dump_features(target, np.full(4 * SEQ, VOCAB, np.uint16), tmp_path / "b", plan, progress=False)
+    long_plan = feat.FeaturePlan(seq_len=setup["target"].config.max_position_embeddings + 1, max_tokens=10**6)
+    with pytest.raises(ValueError, match="exceeds the target's max_position_embeddings"):
+        feat.dump_features(target, setup["tokens"], tmp_path / "long", long_plan, progress=False)
     with pytest.raises(ValueError, match="source must be one of"):
         feat.dump_features(
             target, setup["tokens"], tmp_path / "c", feat.FeaturePlan(source="web"), progress=False
