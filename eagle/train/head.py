@@ -57,7 +57,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,6 +136,19 @@ class HeadTrainConfig:
                 f"need unroll_steps >= 1 and unroll_weight > 0, got {self.unroll_steps}, {self.unroll_weight}"
             )
         TreeConfig(*self.tau_tree)
+        for name in (
+            "tau_prompt_len",
+            "tau_new_tokens",
+            "save_every_steps",
+            "log_every_steps",
+            "val_max_sequences",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tau_prompts < 0:
+            raise ValueError(f"tau_prompts must be >= 0 (0: no tau measurement), got {self.tau_prompts}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or unset), got {self.max_steps}")
 
 
 # Fields a resumed run takes from the command line; everything else comes from the checkpoint, so
@@ -503,6 +516,23 @@ def make_head(target: LlamaModel, cfg: HeadTrainConfig, init_head: str | Path | 
     return head
 
 
+def _check_resume_settings(cfg: HeadTrainConfig, saved: dict, explicit: Collection[str]) -> None:
+    """Refuse settings given on purpose that a resume would replace by the checkpoint's."""
+    ignored = [
+        f"{name}={getattr(cfg, name)!r} (the run has {saved[name]!r})"
+        for name in explicit
+        if name in saved
+        and name not in RUN_CONTROL_FIELDS
+        and (tuple(saved[name]) if isinstance(saved[name], list) else saved[name]) != getattr(cfg, name)
+    ]
+    if ignored:
+        raise ValueError(
+            "--resume continues with the run's own settings; these given ones differ: "
+            + ", ".join(sorted(ignored))
+            + " (drop them, or start a new --out with --init-head)"
+        )
+
+
 def _resolve_config(cfg: HeadTrainConfig, saved: dict) -> HeadTrainConfig:
     fields = {f.name for f in dataclasses.fields(HeadTrainConfig)}
     values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in fields}
@@ -520,6 +550,7 @@ def train_head(
     init_head: str | Path | None = None,
     ctx: DistContext | None = None,
     progress: bool = True,
+    explicit: Collection[str] = (),
 ) -> dict:
     """Train a head on ``data`` and save it to ``out_dir``; returns the last metrics record.
 
@@ -527,6 +558,9 @@ def train_head(
     run-control fields :data:`RUN_CONTROL_FIELDS`; a fresh start when there is none); without it, an
     ``out_dir`` that already holds a run is an error. ``init_head``: start from an existing EAGLE-1/2 head instead of a random one.
     ``ctx``: the process group (see :mod:`eagle.train.distributed`); rank 0 writes every file.
+    ``explicit``: the fields of ``cfg`` the caller set on purpose (the command line's given flags): a
+    resume refuses any that differs from the checkpoint's (other than run-control), since the
+    checkpoint's would silently win.
     Raises ValueError when the features were computed by another target or the run's data changed.
     """
     cfg = cfg or HeadTrainConfig()
@@ -545,6 +579,7 @@ def train_head(
             raise ValueError(
                 f"cannot resume {str(out_dir)!r}: its feature data differs from {str(data.dir)!r}"
             )
+        _check_resume_settings(cfg, saved["config"], explicit)
         cfg = _resolve_config(cfg, saved["config"])
     cfg.validate()
     if cfg.unroll_steps > data.seq_len - 1:
@@ -567,6 +602,13 @@ def train_head(
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         run = RunState(saved["step"], saved["train_seconds"], saved["history"])
+        if run.step >= min(total_steps, cfg.max_steps or total_steps) and ctx.is_main:
+            print(
+                f"[eagle.train.head] {str(out_dir)!r} finished its {cfg.epochs} epochs ({run.step} steps): "
+                "nothing to train (to train further, start a new --out with --init-head)",
+                file=sys.stderr,
+                flush=True,
+            )
     model = wrap_module(_TrainingModule(head, cfg.unroll_steps), ctx)
     prompts = tau_prompts(data, val_idx, cfg, target)
     trainer = _Trainer(target, head, model, optimizer, data, out_dir, cfg, ctx, run, total_steps)
@@ -797,6 +839,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# command-line option (dest) -> HeadTrainConfig field, where the names differ
+_FLAG_FIELDS = {
+    "batch": "batch_size",
+    "warmup": "warmup_steps",
+    "no_bias": "bias",
+    "bf16": "autocast_bf16",
+    "save_every": "save_every_steps",
+}
+
+
+def explicit_fields(argv: Sequence[str] | None) -> set[str]:
+    """The HeadTrainConfig fields whose options ``argv`` gives (parsed again with every default
+    replaced by a marker, so a flag given with its default value counts as given)."""
+    marker = object()
+    p = build_parser()
+    p.set_defaults(**{a.dest: marker for a in p._actions if a.dest != "help"})
+    given = {k for k, v in vars(p.parse_args(argv)).items() if v is not marker}
+    fields = {f.name for f in dataclasses.fields(HeadTrainConfig)}
+    return {_FLAG_FIELDS.get(k, k) for k in given} & fields
+
+
 def config_from_args(args: argparse.Namespace) -> HeadTrainConfig:
     return HeadTrainConfig(
         epochs=args.epochs,
@@ -824,20 +887,25 @@ def config_from_args(args: argparse.Namespace) -> HeadTrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()  # before the target and the features load
+    except ValueError as e:
+        print(f"eagle.train.head: error: {e}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = init_distributed(args.device)
     try:
         target = load_target(args.target, dtype=torch.float32, device=ctx.device)
         data = FeatureData(args.data)
-        cfg = config_from_args(args)
         if args.measure:
             for name, rate in measure_throughput(target, data, cfg).items():
                 print(f"{name:>14}: {rate:,.0f} training tokens/s")
             return 0
         last = train_head(
             target, data, args.out, cfg, resume=args.resume, init_head=args.init_head, ctx=ctx,
-            progress=not args.quiet,
+            progress=not args.quiet, explicit=explicit_fields(argv if argv is not None else sys.argv[1:]),
         )  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"eagle.train.head: error: {e}", file=sys.stderr)

@@ -506,6 +506,37 @@ def test_training_errors(setup, tmp_path):
         th.train_head(target, data, tmp_path / "u", _cfg(unroll_steps=SEQ), progress=False)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         th.train_head(target, data, tmp_path / "t", _cfg(tau_prompts=1, tau_new_tokens=600), progress=False)
+    for field, value in (
+        ("tau_new_tokens", 0),
+        ("save_every_steps", 0),
+        ("max_steps", 0),
+        ("tau_prompts", -1),
+        ("log_every_steps", 0),
+    ):
+        with pytest.raises(ValueError, match=field):
+            th.train_head(target, data, tmp_path / "v", _cfg(**{field: value}), progress=False)
+
+
+def test_a_resume_refuses_given_settings_it_would_ignore_and_says_when_a_run_is_finished(
+    setup, tmp_path, capsys
+):
+    """A resume continues with the run's own settings: a flag given with another value used to be
+    dropped silently (and a finished run printed {} and exited 0)."""
+    target, data = setup["target"], setup["data"]
+    out = tmp_path / "run"
+    th.train_head(target, data, out, _cfg(epochs=1), progress=False)
+    args = ["--target", str(setup["target_dir"]), "--data", str(data.dir), "--out", str(out), "--resume"]
+    assert th.main([*args, "--epochs", "3", "--lr", "0.005", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "these given ones differ: epochs=3 (the run has 1), lr=0.005 (the run has " in err, err
+    assert th.main([*args, "--epochs", "1", "--max-steps", "100", "--quiet"]) == 0  # same value; run-control
+    assert "finished its 1 epochs" in capsys.readouterr().err
+    assert th.explicit_fields(
+        ["--target", "t", "--data", "d", "--out", "o", "--batch", "8", "--no-bias"]
+    ) == {
+        "batch_size",
+        "bias",
+    }
 
 
 def test_command_lines(setup, tmp_path, capsys):
