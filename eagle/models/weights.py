@@ -51,9 +51,31 @@ def resolve_checkpoint(path: str | Path) -> Path:
     name = str(path)
     if name.count("/") != 1 or name.startswith((".", "/")):
         raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a hub id 'owner/name')")
-    from huggingface_hub import snapshot_download
+    try:
+        return _download_from_hub(name)
+    except Exception as exc:  # noqa: BLE001 - hub errors (offline, no such repo, ...) of many kinds
+        raise FileNotFoundError(
+            f"no checkpoint directory at {path}, and the hub could not provide {name!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
-    patterns = ["config.json", "generation_config.json", *WEIGHT_FILES, "*.safetensors", "pytorch_model*.bin"]
+
+def _download_from_hub(name: str) -> Path:
+    """Config and weights of hub repo ``name``: the first layout of :data:`WEIGHT_FILES` the repo
+    has, and of a sharded one only the shards its index names (a repo often holds several copies:
+    safetensors and .bin shards, Mistral's consolidated.safetensors, an original/ folder)."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+
+    files = set(HfApi().list_repo_files(name))
+    layout = next((w for w in WEIGHT_FILES if w in files), None)
+    if layout is None:
+        raise FileNotFoundError(f"hub repo {name} has none of the weight files {list(WEIGHT_FILES)}")
+    patterns = ["config.json", "generation_config.json", layout]
+    if layout.endswith(".index.json"):
+        weight_map = read_json(Path(hf_hub_download(name, layout))).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{name}/{layout} has no 'weight_map'")
+        patterns += sorted(set(weight_map.values()))
     return Path(snapshot_download(name, allow_patterns=patterns))
 
 

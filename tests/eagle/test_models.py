@@ -455,3 +455,59 @@ def test_a_checkpoint_whose_tokenizer_files_do_not_load_says_so(tiny_checkpoints
     (target_dir / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     with pytest.raises(ValueError, match="its tokenizer files do not load"):
         eagle.load(str(target_dir))
+
+
+def test_a_hub_checkpoint_downloads_one_weight_layout_and_a_missing_one_names_the_path(monkeypatch, tmp_path):
+    """Repos often hold safetensors and .bin shards, or Mistral's consolidated.safetensors beside the
+    shards: only the first readable layout, and of a sharded one only the shards its index names,
+    are fetched. A name that is neither a directory nor on the hub names the path it was given."""
+    import huggingface_hub
+
+    from eagle.models import weights
+
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(
+        json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        )
+    )
+    repo = [
+        "config.json",
+        "consolidated.safetensors",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "pytorch_model.bin.index.json",
+        "pytorch_model-00001-of-00002.bin",
+        "original/consolidated.safetensors",
+    ]
+    asked = {}
+
+    class Api:
+        def list_repo_files(self, name):
+            return repo
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda name, filename: str(index))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda name, allow_patterns: asked.setdefault(name, allow_patterns) and str(tmp_path),
+    )
+    assert weights.resolve_checkpoint("owner/model") == tmp_path
+    assert asked["owner/model"] == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(Api, "list_repo_files", offline)
+    with pytest.raises(
+        FileNotFoundError, match="no checkpoint directory at checkpoints/llama-typo, and the hub"
+    ):
+        weights.resolve_checkpoint("checkpoints/llama-typo")
