@@ -863,6 +863,9 @@ def _launch_segments_linear(out, fc_weight, fc_bias, segments, token_ids=None):
     M, N = out.shape
     if M == 0 or N == 0:
         return out
+    # the kernels read the ids and the bias as contiguous vectors (no-ops for contiguous inputs)
+    token_ids = token_ids.contiguous() if token_ids is not None else None
+    fc_bias = fc_bias.contiguous() if fc_bias is not None else None
     plan = _PLAN_OVERRIDE.get()
     gather, has_bias = token_ids is not None, fc_bias is not None
     if plan is None:

@@ -725,7 +725,7 @@ def _tree_attention_triton(
         v_desc,
         part,
         lse,
-        cache_seqlens,
+        cache_seqlens.contiguous(),  # read as b-th element: a strided view would give other lengths
         mask,
         sm_scale * LOG2E,
         B,

@@ -167,6 +167,18 @@ def test_draft_odd_sizes_and_strided_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_token_ids_and_bias_are_read_as_their_values(backend):
+    """Token ids as a column of a [N, 2] block (``tokens[:, -1]``) and a bias with stride 2 passed the
+    checks, and the Triton kernels read both as contiguous: other embedding rows, another bias."""
+    hidden, ids, embed, w, b = make_draft_case((5,), 16, 30, torch.float32, torch.int64, True, seed=8)
+    ids_view = torch.stack([ids, torch.zeros_like(ids)], 1)[:, 0]
+    bias_view = torch.stack([b, torch.full_like(b, 100.0)], 1)[:, 0]
+    assert ids_view.stride(0) == 2 and bias_view.stride(0) == 2
+    out = run_with_backend(backend, fused_draft_input, hidden, ids_view, embed, w, bias_view)
+    assert_matches(out, fused_draft_input_ref, (hidden, ids, embed, w, b), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_draft_empty_batch(backend):
     args = make_draft_case((0,), 16, 10, torch.float32, torch.int64, True)
     out = run_with_backend(backend, fused_draft_input, *args)

@@ -657,6 +657,19 @@ def test_triton_head_dim_stride_is_honoured(device):
     assert_matches(got, case, oracle(case.to(device="cpu")), "strided head dim")
 
 
+def test_strided_cache_seqlens_are_read_as_their_values(device):
+    """A strided view of the lengths (``lens[:, 0]``) passed the checks, and the Triton kernel read it
+    as contiguous: other lengths, NaN output, and on a GPU reads past the cache."""
+    case = make_case(2, 3, 4, 2, 16, "bool", seed=21).to(torch.float32, device)
+    padded = torch.stack([case.seqlens, torch.full_like(case.seqlens, 10**6)], 1)
+    strided = padded[:, 0]
+    assert strided.stride(0) == 2 and torch.equal(strided, case.seqlens)
+    want = oracle(case.to(device="cpu"))
+    for backend in _all_backends(device):
+        c = Case(case.q, case.k, case.v, strided, case.mask, case.mask_bool)
+        assert_matches(run_with_backend(backend, tree_attention, *c.args()), case, want, backend)
+
+
 def test_checked_signatures_do_not_hide_bad_input():
     """Argument checks are skipped only for a signature that passed them; any change is re-checked."""
     case = full_cache_case()
