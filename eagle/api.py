@@ -390,14 +390,13 @@ class EagleModel:
     ) -> Iterator[list[int]]:
         """``stream()``'s speculative rounds: one list of tokens per round that emitted any."""
         lengths = None
-        with torch.inference_mode():
-            for emission in decoder.run(
-                ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto
-            ):
-                if lengths is None:  # this run's own record: a run started later on the decoder
-                    lengths = decoder.accept_lengths()  # (another stream, a generate) gets a new one
-                if emission.tokens[0]:
-                    yield emission.tokens[0]
+        # no `with torch.inference_mode()` here: held across a yield it would stay on in the caller
+        # between reads (decoder.run is decorated: the mode wraps each of its resumptions only)
+        for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
+            if lengths is None:  # this run's own record: a run started later on the decoder
+                lengths = decoder.accept_lengths()  # (another stream, a generate) gets a new one
+            if emission.tokens[0]:
+                yield emission.tokens[0]
         if (
             not auto and isinstance(tree, str) and tree == "dynamic"
         ):  # a stream read to its end refits the acceptance

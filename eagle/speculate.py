@@ -353,7 +353,7 @@ class SpeculativeDecoder:
         module for sampling. Not with ``cuda_graph``. The run's policy (counts, speeds) is
         :attr:`last_auto`."""
         device = self.target.device
-        if auto and self.cuda_graph:
+        if auto and (self.cuda_graph or self._reuse_buffers):  # (a reused state has no deferred prefill)
             raise ValueError(
                 "speculative='auto' (plain steps between rounds) does not run with cuda_graph=True"
             )

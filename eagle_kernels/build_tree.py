@@ -682,6 +682,11 @@ def _validate_values(parent_list, selected_index, seq_lens, n, mode, tree_mask, 
 
 def _run(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
     device = selected_index.device
+    if torch.compiler.is_compiling():
+        # traced: no host reads of the values (a graph break each); the C++ kernel and the reference
+        # still check them when the graph runs
+        torch.ops.eagle.build_tree(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
+        return
     if device.type == "cpu":
         # The C++ kernel and the reference validate the values themselves.
         if select_backend(OP, device) not in ("cpp", "torch"):
@@ -766,10 +771,10 @@ def build_tree(
 
     Notes
     -----
-    Backends: CPU tensors run the C++ kernel (else the reference); CUDA tensors run the Triton
-    kernel (one program per sequence). The CUDA extension kernel (``csrc/cuda/build_tree.cu``, one
-    block per sequence, one thread per slot) runs with ``EAGLE_KERNELS_BACKEND=cuda``; it becomes the
-    default only once a GPU benchmark shows it faster than Triton.
+    Backends: CPU tensors run the C++ kernel (else the reference). CUDA tensors run the CUDA
+    extension kernel (``csrc/cuda/build_tree.cu``, one block per sequence, one thread per slot) where
+    it is built: 10 against Triton's 80 us at n = 64 on an H200 (``_backend.CUDA_EXT_FIRST``); else
+    the Triton kernel (one program per sequence). ``EAGLE_KERNELS_BACKEND`` picks either.
     """
     mode = _mode_id(mask_mode)
     n = num_draft_tokens

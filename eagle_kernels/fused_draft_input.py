@@ -1154,10 +1154,12 @@ def fused_draft_input(
     draft input (``out`` when given).
     """
     _CHECKED.run(_check_draft_args, hidden, token_ids, embed_weight, fc_weight, fc_bias)
-    backend = _backend_for(OP, hidden)
+    # Traced (torch.compile) the op picks its backend when the graph runs, and the ids are not read
+    # here (a graph break each); the C++ op checks them itself, the reference's indexing raises.
+    backend = None if torch.compiler.is_compiling() else _backend_for(OP, hidden)
     # Reading the ids costs a host sync on CUDA, so there they are checked only in debug mode. The
     # C++ op checks them itself (same message).
-    if backend != "cpp" and (hidden.is_cpu or debug_checks_enabled()):
+    if backend not in (None, "cpp") and (hidden.is_cpu or debug_checks_enabled()):
         _check_token_ids_in_range(token_ids, embed_weight.shape[0])
     if hidden.dim() == 2:  # the common case skips two reshapes and a view (~4 us of host time)
         args = (hidden, token_ids, embed_weight, fc_weight, fc_bias)
@@ -1208,7 +1210,7 @@ def fused_eagle3_input(
     Tensor shaped like ``h_low``, its dtype: the fused feature fed to the EAGLE-3 draft layer.
     """
     _CHECKED.run(_check_eagle3_args, h_low, h_mid, h_high, fc_weight, fc_bias)
-    backend = _backend_for(OP_EAGLE3, h_low)
+    backend = None if torch.compiler.is_compiling() else _backend_for(OP_EAGLE3, h_low)  # (see above)
     if h_low.dim() == 2:
         args = (h_low, h_mid, h_high, fc_weight, fc_bias)
     else:

@@ -795,6 +795,19 @@ def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale):
     return q.new_empty(q.shape)
 
 
+def _sglang_word_rows_as_bytes(tree_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """A uint8 mask whose rows are SGLang's whole 1 / 2 / 4-byte words (``build_tree``'s
+    ``qlen_bits_u8`` output: 4 bytes a row for 17 <= T <= 32) as the ``ceil(T/8)`` bytes the kernels
+    read (the bytes past them hold only bits of columns >= T); any other mask unchanged."""
+    if tree_mask is None or tree_mask.dtype != torch.uint8 or tree_mask.dim() != 3 or not 0 < T <= 32:
+        return tree_mask
+    need = -(-T // 8)
+    word = 1 << (need - 1).bit_length()  # 1, 2 or 4 bytes
+    if tree_mask.shape[2] == word != need:
+        return tree_mask[..., :need].contiguous()
+    return tree_mask
+
+
 def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -> None:
     dtypes = (torch.bool, torch.uint8, torch.int32)
     check_tensor("tree_mask", tree_mask, ndim=3, dtypes=dtypes, device=device)
@@ -881,7 +894,8 @@ def tree_attention(
         token ``i`` sees ``j <= i``. Otherwise, by dtype: bool ``[B, T, T]`` (``[b, i, j]`` true: i
         sees j); uint8 ``[B, T, ceil(T/8)]`` bit-packed rows, bit ``j % 8`` of byte ``j // 8``
         (SGLang's ``QLEN_ONLY_BITPACKING``, here for any ``T``; SGLang's per-row uint16/uint32 words
-        are this format after ``.view(torch.uint8)[..., :ceil(T/8)]``); int32
+        viewed as uint8, e.g. ``build_tree``'s ``qlen_bits_u8`` rows of 4 bytes for 17 <= T <= 24,
+        are taken too); int32
         ``[B, T, ceil(T/32)]``, bit ``j % 32`` of word ``j // 32`` (TensorRT-LLM). See
         :func:`pack_tree_mask`.
     sm_scale : float, optional
@@ -897,6 +911,7 @@ def tree_attention(
     variant chosen by :func:`plan_launch`); the C++ kernel on CPU tensors when the extension is
     built, else :func:`tree_attention_ref`.
     """
+    tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])
     _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):

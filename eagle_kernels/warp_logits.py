@@ -377,7 +377,12 @@ def _(logits, temperature, top_k, top_p, min_p):
 def _filled(value: int | float, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``torch.full((rows,), value)``, reused across plain eager calls (the ops only read their
     parameters, and the tensor never leaves this module). Not cached while tracing (torch.compile)
-    or while a CUDA graph is being captured: such a tensor would hold no values outside them."""
+    or while a CUDA graph is being captured: such a tensor would hold no values outside them. Nor
+    handed out to a capture: the graph would keep reading its memory after the cache dropped it (the
+    cache is cleared when full) and the allocator gave it to something else. A tensor made during the
+    capture lives in the graph's private pool, reserved for as long as the graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.full((rows,), value, dtype=dtype, device=device)
     sign = math.copysign(1.0, value) if type(value) is float else 1.0  # keeps -0.0 apart from 0.0
     key = (type(value), value, sign, rows, device, dtype)
     t = _FILLED.get(key)
@@ -385,8 +390,6 @@ def _filled(value: int | float, rows: int, device: torch.device, dtype: torch.dt
         return t
     t = torch.full((rows,), value, dtype=dtype, device=device)
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
-        return t
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return t
     if len(_FILLED) >= _MAX_FILLED:
         _FILLED.clear()

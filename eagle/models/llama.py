@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -123,22 +124,30 @@ def rope_cos_sin(
     return angles.cos().to(dtype), (angles.sin() * signs).to(dtype)
 
 
-_ROPE_TABLES: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+# id(inv_freq) -> (weakref to it, doubled, signs); an entry lives exactly as long as its inv_freq (its
+# model): CUDA graphs captured for the model read these tables, so they must not be dropped before it
+_ROPE_TABLES: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
 
 def rope_tables(inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``cat(inv_freq, inv_freq)`` and the signs ``[-1] * D/2 + [1] * D/2`` (float32, inv_freq's
-    device), cached per inv_freq tensor."""
-    hit = _ROPE_TABLES.get(id(inv_freq))
-    if hit is not None and hit[0] is inv_freq:
+    device), cached per inv_freq tensor for as long as it lives."""
+    key = id(inv_freq)
+    hit = _ROPE_TABLES.get(key)
+    if hit is not None and hit[0]() is inv_freq:
         return hit[1], hit[2]
     half = inv_freq.shape[-1]
     doubled = torch.cat((inv_freq, inv_freq), dim=-1)
     signs = torch.cat((inv_freq.new_full((half,), -1.0), inv_freq.new_ones(half)))
-    if len(_ROPE_TABLES) > 64:
-        _ROPE_TABLES.clear()
-    _ROPE_TABLES[id(inv_freq)] = (inv_freq, doubled, signs)
+    _ROPE_TABLES[key] = (weakref.ref(inv_freq), doubled, signs)
+    weakref.finalize(inv_freq, _drop_rope_tables, key, _ROPE_TABLES[key][0])
     return doubled, signs
+
+
+def _drop_rope_tables(key: int, ref: weakref.ref) -> None:
+    entry = _ROPE_TABLES.get(key)
+    if entry is not None and entry[0] is ref:  # (not a later tensor's entry at the same address)
+        del _ROPE_TABLES[key]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -744,3 +744,23 @@ def test_cpp_head_refuses_logits_index_outside_the_block(make_target, monkeypatc
                 cache,
                 logits_index=torch.tensor([[bad]]),
             )
+
+
+def test_rope_tables_live_as_long_as_their_inv_freq():
+    """CUDA graphs captured for a model read its RoPE tables: the cache used to be cleared after 64
+    other inv_freq tensors (a process loading many models), freeing tables a kept graph still reads.
+    Entries now go exactly when their inv_freq does."""
+    import gc
+
+    from eagle.models import llama
+
+    kept = torch.arange(1, 9, dtype=torch.float32)
+    doubled, signs = llama.rope_tables(kept)
+    for i in range(100):
+        llama.rope_tables(torch.full((8,), float(i)))
+    again = llama.rope_tables(kept)
+    assert again[0] is doubled and again[1] is signs
+    key = id(kept)
+    del kept, again
+    gc.collect()
+    assert key not in llama._ROPE_TABLES

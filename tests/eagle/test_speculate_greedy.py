@@ -406,3 +406,20 @@ def test_a_sliding_window_checkpoint_speculates_up_to_its_window(tmp_path):
             ValueError, match=r"prompt \+ max_new_tokens \(33\) exceeds the checkpoint's sliding_window=32"
         ):
             model.generate([prompt], n + 1, speculative=speculative)
+
+
+def test_a_paused_stream_leaves_the_callers_grad_mode_alone(pairs):
+    """A `with torch.inference_mode()` inside the stream's generator stayed on in the caller while it
+    was paused (tensors made between reads were inference tensors), and two interleaved streams left
+    the process in inference mode for good."""
+    _, model = pairs["eagle2-s0"]
+    a, b = model.stream(PROMPTS[0], 12), model.stream(PROMPTS[1], 12)
+    next(a)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    next(b)
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()  # an inference-mode tensor would refuse this
+    assert torch.equal(x.grad, torch.full((2,), 2.0))
+    list(a), list(b)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    assert [t for c in model.stream(PROMPTS[0], 12) for t in c] == model.generate([PROMPTS[0]], 12).tokens[0]

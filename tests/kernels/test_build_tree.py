@@ -635,7 +635,7 @@ def test_torch_compile_matches_eager():
         return mask.sum(), pos + 1, nxt * sib
 
     want = step(draft.parent_list, draft.selected_index, seq)
-    got = torch.compile(step, fullgraph=False)(draft.parent_list, draft.selected_index, seq)
+    got = torch.compile(step, fullgraph=True)(draft.parent_list, draft.selected_index, seq)  # no graph break
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
@@ -763,3 +763,23 @@ def test_forced_backend_still_applies_after_cached_calls(monkeypatch):
     monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' was forced but"):
         build_tree(**case, **kw)
+
+
+@pytest.mark.parametrize("n", [5, 12, 20, 32])
+def test_qlen_bits_u8_masks_feed_tree_attention(n):
+    """build_tree packs uint8 rows into SGLang's 1 / 2 / 4-byte words; tree_attention takes them as
+    they come (it required exactly ceil(n/8) bytes, so 17 <= n <= 24 failed) and gives the result of
+    the bool mask."""
+    gen = torch.Generator().manual_seed(n)
+    topk, depth = 4, 5
+    draft = simulate_eagle2(2, n, topk, depth, gen)
+    seq = torch.tensor([3, 7])
+    kw = dict(topk=topk, depth=depth, num_draft_tokens=n)
+    bits = build_tree(draft.parent_list, draft.selected_index, seq, mask_mode="qlen_bits_u8", **kw)[0]
+    dense = build_tree(draft.parent_list, draft.selected_index, seq, mask_mode="qlen_bool", **kw)[0]
+    assert bits.dtype == torch.uint8 and bits.shape[2] in (1, 2, 4)
+    q = torch.randn(2, n, 4, 16, generator=gen)
+    k, v = torch.randn(2, 2, 48, 16, generator=gen), torch.randn(2, 2, 48, 16, generator=gen)
+    lens = seq.to(torch.int32)
+    want = eagle_kernels.tree_attention(q, k, v, lens, dense.view(2, n, n))
+    torch.testing.assert_close(eagle_kernels.tree_attention(q, k, v, lens, bits), want, rtol=0, atol=0)

@@ -829,7 +829,7 @@ def test_torch_compile():
         return tree_attention(q * 2, k, v, seqlens, mask).sum(-1)
 
     want = layer(*case.args())
-    got = torch.compile(layer, fullgraph=False)(*case.args())
+    got = torch.compile(layer, fullgraph=True)(*case.args())
     torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=1e-6)
 
 

@@ -360,3 +360,24 @@ def test_reused_scalar_parameters_and_fast_path(monkeypatch):
     got = warp_logits(logits, *params)  # the last parameter set of the loop above
     assert calls == [1]
     assert_probs_equal(got, warp_logits_ref(logits, *per_row))
+
+
+def test_a_cuda_graph_capture_never_gets_a_cached_parameter_tensor(monkeypatch):
+    """A captured graph keeps the raw pointers of the parameter tensors it read; the cache is cleared
+    when full, so a cached tensor handed to a capture could be freed and its memory reused while a kept
+    graph still replays (wrong sampling parameters, no error). A capture gets a fresh tensor, made in
+    the graph's private pool. (The CUDA calls are stood in for: there is no GPU here.)"""
+    import sys
+
+    module = sys.modules["eagle_kernels.warp_logits"]
+    cuda = torch.device("cuda")
+    real_full = torch.full
+    monkeypatch.setattr(torch, "full", lambda size, value, dtype, device: real_full(size, value, dtype=dtype))
+    monkeypatch.setattr(module, "_FILLED", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    cached = module._filled(0.7, 3, cuda, torch.float32)
+    assert module._filled(0.7, 3, cuda, torch.float32) is cached  # eager calls share it
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = module._filled(0.7, 3, cuda, torch.float32)
+    assert captured is not cached and torch.equal(captured, cached)
+    assert len(module._FILLED) == 1  # nor is the capture's tensor cached
