@@ -228,8 +228,11 @@ def compact_kv_cache(
         Committed length of each sequence before this round.
     accept_index : Tensor ``[B, num_spec_steps]``, int32 or int64
         Accepted tree rows as flat indices ``b * num_draft_tokens + slot``, root first, padded with -1
-        (the output of ``verify_tree_greedy`` / ``tree_speculative_sampling``). Slots are strictly
-        increasing along the path.
+        (the output of ``verify_tree_greedy`` / ``tree_speculative_sampling`` with SGLang's
+        ``retrive_index[b, s] = b * n + s``: those ops accept other row permutations, this one reads
+        rows as slots). Slots are strictly increasing along the path (children after their parents:
+        the moves are in place). Checked on CPU and with ``EAGLE_KERNELS_DEBUG=1``; on CUDA otherwise a
+        path that goes back a slot would overwrite a row before it is read.
     accept_token_num : Tensor ``[B]``, int32 or int64
         Number of accepted draft tokens (the root is not counted).
     num_draft_tokens : int
