@@ -104,3 +104,29 @@ def test_later_calls_replay_the_kept_graph_without_capturing(cuda_pair, monkeypa
     assert any(d._pool for d in cuda_pair._decoders.values())
     cuda_pair.release_buffers()
     assert not any(d._pool for d in cuda_pair._decoders.values())
+
+
+@pytest.mark.gpu
+def test_a_kept_graph_replays_with_its_own_sampling_parameters_after_the_caches_let_go(cuda_pair):
+    """A kept graph reads the sampling parameters it was captured with. warp_logits' parameter cache
+    is cleared when full, and the RoPE tables' cache used to be: a graph that had been handed cached
+    tensors then replayed with whatever the allocator put at their addresses. Captures now get their
+    own tensors; here the caches are emptied and the freed memory overwritten before the replay."""
+    import eagle_kernels.warp_logits as warp_module
+
+    kw = dict(temperature=0.8, top_p=0.9, seed=5, eos_token_id=[])
+    cuda_pair.release_buffers()
+    eager = cuda_pair.generate(PROMPTS[:1], 24, **kw)
+    for speculative in (True, False):
+        first = cuda_pair.generate(
+            PROMPTS[:1], 24, cuda_graph=True, speculative=speculative, **kw
+        )  # captures
+        warp_module._FILLED.clear()
+        torch.cuda.empty_cache()
+        junk = [torch.full((4096,), float("nan"), device="cuda") for _ in range(64)]  # reuse freed blocks
+        again = cuda_pair.generate(PROMPTS[:1], 24, cuda_graph=True, speculative=speculative, **kw)  # replays
+        del junk
+        assert again.tokens == first.tokens
+        if speculative:
+            assert first.tokens == eager.tokens
+    cuda_pair.release_buffers()
