@@ -338,18 +338,22 @@ def _load_hf(path: str | Path, dtype: torch.dtype, device: str) -> torch.nn.Modu
 def _count_forwards(
     module: torch.nn.Module, counter: dict[str, int], key: str, starts: list | None = None
 ) -> None:
-    """Count ``module``'s forwards in ``counter[key]``; with ``starts``, also append each forward's
-    first position (``cache_position``, or the first row's ``position_ids`` as transformers 5 passes
-    them; None when the call has neither): at batch 1, how many positions its cache held before it,
-    from which :func:`_first_forward_tokens` tells what the first one emitted."""
+    """Count ``module``'s forwards in ``counter[key]``; with ``starts``, also append the first
+    position of the first two forwards after ``starts`` was emptied (``cache_position``, or the first
+    row's ``position_ids`` as transformers 5 passes them; None when the call has neither), as a
+    one-element tensor on the model's device: no host read inside the timed call (on CUDA that would
+    be a synchronisation HF's own path does not have). At batch 1, how many positions the cache held
+    before each, from which :func:`_first_forward_tokens` tells what the first one emitted."""
 
     def hook(_module, args, kwargs, _output):
         counter[key] += 1
-        if starts is not None:
+        if starts is not None and len(starts) < 2:
             position = kwargs.get("cache_position")
             if position is None and kwargs.get("position_ids") is not None:
                 position = kwargs["position_ids"][0]
-            starts.append(None if position is None or position.numel() == 0 else int(position.reshape(-1)[0]))
+            starts.append(
+                None if position is None or position.numel() == 0 else position.reshape(-1)[:1].clone()
+            )
 
     module.register_forward_hook(hook, with_kwargs=True)
 
@@ -509,13 +513,14 @@ def _hf_generate(
     # may emit several tokens: counting one (as for plain generate) overstated their tau.
     if speculative and rows != 1:
         raise ValueError("transformers' assisted and prompt-lookup decoding run one sequence at a time")
-    first = _first_forward_tokens(models.target_starts, block.shape[1]) if speculative else 1
+    starts = [None if t is None else int(t) for t in models.target_starts]  # (after the generation)
+    first = _first_forward_tokens(starts, block.shape[1]) if speculative else 1
     return Output(tokens, rows * (new_tokens - min(first, new_tokens)), rows * (forwards - 1))
 
 
 def _first_forward_tokens(starts: list, prompt_len: int) -> int:
-    """Tokens the first target forward of a ``generate`` call emitted, from each forward's first cache
-    position: the second forward starts after the prompt and the drafts the first accepted (its bonus
+    """Tokens the first target forward of a ``generate`` call emitted, from the first cache positions
+    of its first two forwards (``starts``, ints): the second forward starts after the prompt and the drafts the first accepted (its bonus
     token is the second's input), so the first emitted ``starts[1] - prompt_len + 1``; 1 when there
     was no second forward (it emitted everything, at most the budget: the caller clips)."""
     if len(starts) < 2:

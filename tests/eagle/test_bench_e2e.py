@@ -491,9 +491,10 @@ def test_prompt_lookup_tau_does_not_count_the_first_forwards_drafts_as_one_token
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"]
     new = 16
     out = bench._hf_generate(models, [ids], new, 0.0, 0, {"prompt_lookup_num_tokens": 5})
-    first = bench._first_forward_tokens(models.target_starts, len(ids))
+    assert len(models.target_starts) == 2 and all(isinstance(t, torch.Tensor) for t in models.target_starts)
+    first = bench._first_forward_tokens([int(t) for t in models.target_starts], len(ids))
     assert first > 1, models.target_starts  # the case arises: the prefill forward accepted drafts
-    assert out.decode_tokens == new - first and out.decode_forwards == len(models.target_starts) - 1
+    assert out.decode_tokens == new - first and out.decode_forwards == models.forwards["target"] - 1
     assert out.tokens[0] == model.generate([ids], new, speculative=False, eos_token_id=[]).tokens[0]
 
 
