@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                     if repeat:
                         seconds[(setting, "plain")].append(t)
                     for tree, decoder in decoders.items():
-                        got, rounds[(setting, tree)], t = timed_speculative(
+                        got, rounds[(setting, tree)], t, _ = timed_speculative(
                             decoder, batches, args.new_tokens, temp
                         )
                         if repeat:

@@ -33,16 +33,18 @@ from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
 
 def speculative_tokens(
     decoder: SpeculativeDecoder, prompts, new_tokens: int, temperature: float = 0.0
-) -> tuple[list[list[int]], int]:
-    """Tokens of every prompt (run together as one batch; greedy, or sampled with seed 0) and the
-    rounds after the prefill."""
+) -> tuple[list[list[int]], int, list[int]]:
+    """Tokens of every prompt (run together as one batch; greedy, or sampled with seed 0), the
+    rounds after the prefill, and every row's tokens per round (tau = their mean: a batch runs until
+    its slowest row finishes, so rounds * B overcounts the forwards of the rows that finished first)."""
     tokens: dict[int, list[int]] = {row: [] for row in range(len(prompts))}
     forwards = 0
     for emission in decoder.run(prompts, new_tokens, SamplingParams(temperature=temperature), seed=0):
         forwards += 1
         for row, new in zip(emission.rows, emission.tokens):
             tokens[row].extend(new)
-    return [tokens[row] for row in range(len(prompts))], forwards - 1
+    lengths = [n for row in decoder.accept_lengths().values() for n in row]
+    return [tokens[row] for row in range(len(prompts))], forwards - 1, lengths
 
 
 def timed_plain(target, batches, new_tokens: int, temperature: float = 0.0) -> tuple[list[list[int]], float]:
@@ -59,13 +61,20 @@ def timed_plain(target, batches, new_tokens: int, temperature: float = 0.0) -> t
 
 def timed_speculative(
     decoder, batches, new_tokens: int, temperature: float = 0.0
-) -> tuple[list[list[int]], int, float]:
+) -> tuple[list[list[int]], int, float, float]:
     """Speculative tokens (greedy, or sampled with seed 0) of every row of every batch, the rounds,
-    and the seconds it took."""
+    the seconds it took and tau (tokens per round per row, over every row's rounds)."""
     t0 = time.perf_counter()
     outs = [speculative_tokens(decoder, batch, new_tokens, temperature) for batch in batches]
     seconds = time.perf_counter() - t0
-    return [row for tokens, _ in outs for row in tokens], sum(rounds for _, rounds in outs), seconds
+    lengths = [n for _, _, row_lengths in outs for n in row_lengths]
+    tau = sum(lengths) / max(len(lengths), 1)
+    return (
+        [row for tokens, _, _ in outs for row in tokens],
+        sum(rounds for _, rounds, _ in outs),
+        seconds,
+        tau,
+    )
 
 
 def main(argv=None) -> int:
@@ -100,12 +109,12 @@ def main(argv=None) -> int:
                 decoder = SpeculativeDecoder(target, head, same._tree(tree, B))
                 cells[(tree, name)] = decoder
                 speculative_tokens(decoder, batches[0], 8)  # warm-up (and the tree choice's timings)
-        plain_s, cell_s, cell_rounds = [], {key: [] for key in cells}, {key: 0 for key in cells}
+        plain_s, cell_s, cell_tau = [], {key: [] for key in cells}, {key: 0.0 for key in cells}
         for _ in range(args.repeats):
             want, seconds = timed_plain(target, batches, args.new_tokens)
             plain_s.append(seconds)
             for key, decoder in cells.items():
-                got, cell_rounds[key], seconds = timed_speculative(decoder, batches, args.new_tokens)
+                got, _, seconds, cell_tau[key] = timed_speculative(decoder, batches, args.new_tokens)
                 cell_s[key].append(seconds)
                 if got != want:
                     mismatches.append((B, *key))
@@ -117,7 +126,7 @@ def main(argv=None) -> int:
         results.append({"batch": B, "method": "plain", "tokens_per_s": plain_tps})
         for (tree, name), seconds in cell_s.items():
             tps = tokens / statistics.median(seconds)
-            tau = args.num_prompts * (args.new_tokens - 1) / max(cell_rounds[(tree, name)], 1) / B
+            tau = cell_tau[(tree, name)]  # per row (before session 23: rounds * B, ~30% low at B 4)
             print(
                 f"  EAGLE {tree:8s} {name:9s} head: {tps:6.0f} tok/s  {tps / plain_tps:.2f}x  tau {tau:.2f}"
             )

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             for tree, decoder in decoders.items():
                 for name, fused in PATHS.items():
                     set_cpu_verify_update(fused)
-                    tokens, _, seconds = timed_speculative(decoder, batches, args.new_tokens, T)
+                    tokens, _, seconds, _ = timed_speculative(decoder, batches, args.new_tokens, T)
                     cell_s[(tree, name)].append(seconds)
                     outputs.setdefault((tree, name), tokens)
     finally:

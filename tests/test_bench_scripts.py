@@ -274,3 +274,25 @@ def test_bench_loop_times_unprofiled_runs_and_profiles_separate_passes(monkeypat
     assert [p for _, p in timed] == [False, False, True, True] * 2, calls
     assert row["round_ms"]["verify"] > 0 and row["speedup"] > 0 and row["tau"] >= 1
     assert row["profiled_tokens_per_s"] > 0
+
+
+def test_bench_draft_dtype_tau_is_per_row_at_every_batch_size():
+    """tau was rounds * B per batch: a batch runs until its slowest row finishes, so that counted
+    rounds of rows already done (a third low at batch 4). Greedy rows are independent of their
+    batch: tau at batch 2 must be tau at batch 1."""
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.bench_draft_dtype import timed_speculative
+    from bench.bench_loop import prompts_for
+    from eagle.api import load
+    from eagle.speculate import SpeculativeDecoder
+
+    model = load("tiny-code")
+    prompts = prompts_for(model, 2, 40)
+    taus = []
+    for B in (1, 2):
+        decoder = SpeculativeDecoder(model.target, model.head, model._tree("chain", B))
+        batches = [prompts[i : i + B] for i in range(0, 2, B)]
+        tokens, rounds, _, tau = timed_speculative(decoder, batches, 24)
+        taus.append((tokens, tau))
+    assert taus[0][0] == taus[1][0]
+    assert taus[1][1] == taus[0][1] > 1
