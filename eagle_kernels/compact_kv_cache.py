@@ -196,6 +196,8 @@ def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_dra
         raise TypeError(
             f"num_draft_tokens must be an int, got {type(num_draft_tokens).__name__} {num_draft_tokens!r}"
         )
+    if num_draft_tokens > kv_cache.shape[4]:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} exceeds the cache's S_max={kv_cache.shape[4]}")
     if num_draft_tokens < 1 or accept_index.shape[1] > num_draft_tokens:
         raise ValueError(
             f"num_draft_tokens={num_draft_tokens} must be >= 1 and >= accept_index.shape[1]="

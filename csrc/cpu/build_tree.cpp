@@ -222,6 +222,9 @@ void build_tree_cpu(const at::Tensor& parent_list, const at::Tensor& selected_in
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, "seq_lens[", b, "]=", lens[b], " must be >= 0");
     if (mask_mode == kFullMask) {
+      // a row of lens[b] + n columns must fit the mask (and keeps the size sum far from overflow)
+      TORCH_CHECK_VALUE(lens[b] <= tree_mask.numel(), "seq_lens[", b, "]=", lens[b],
+                        " does not fit a full-mode tree_mask of ", tree_mask.numel(), " elements");
       rows[b] = {start, lens[b] + n, lens[b]};
       start += n * (lens[b] + n);
     } else {

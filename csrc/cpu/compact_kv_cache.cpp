@@ -38,6 +38,10 @@ void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& c
   TORCH_CHECK(accept_token_num.scalar_type() == at::kInt || accept_token_num.scalar_type() == at::kLong,
               "accept_token_num must be int32 or int64");
   TORCH_CHECK(num_draft_tokens >= 1, "num_draft_tokens must be >= 1, got ", num_draft_tokens);
+  // (also keeps b * num_draft_tokens and the fit checks below far from int64 overflow)
+  TORCH_CHECK(num_draft_tokens <= kv_cache.size(4), "num_draft_tokens=", num_draft_tokens,
+              " exceeds the cache's S_max=", kv_cache.size(4));
+  TORCH_CHECK(accept_index.size(1) >= 1, "accept_index must have at least one column (the root)");
   TORCH_CHECK(accept_index.size(1) <= num_draft_tokens, "accept_index has ", accept_index.size(1),
               " columns but a tree has only num_draft_tokens=", num_draft_tokens, " slots");
   for (const auto* t : {&cache_seqlens, &accept_index, &accept_token_num}) {
@@ -57,7 +61,7 @@ void compact_cpu_impl(at::Tensor& kv_cache, const int32_t* seqlens, const idx_t*
     const int64_t acc = accept_num[b];
     TORCH_CHECK_VALUE(acc >= 0 && acc < num_steps, "accept_token_num must be in [0, ", num_steps - 1,
                       "], got accept_token_num[", b, "]=", acc);
-    TORCH_CHECK_VALUE(seqlens[b] >= 0 && seqlens[b] + n <= S, "cache_seqlens + num_draft_tokens=", n,
+    TORCH_CHECK_VALUE(seqlens[b] >= 0 && n <= S - seqlens[b], "cache_seqlens + num_draft_tokens=", n,
                       " must fit S_max=", S, ", got cache_seqlens[", b, "]=", seqlens[b]);
     int64_t prev = -1;
     for (int64_t j = 0; j <= acc; ++j) {

@@ -241,6 +241,8 @@ at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t
                                    ? gate_up_w.size(0) * 16
                                    : gate_up_w.size(0);
   const int64_t inter = out_features / 2;
+  TORCH_CHECK_VALUE(out_features % 2 == 0, "llama_layers: the fused gate_up weight of layer ", layer,
+                    " must have an even number of outputs (gate, then up), got ", out_features);
   const at::Tensor gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).contiguous();
   const at::Tensor gate = gate_up.narrow(-1, 0, inter);
   at::Tensor act = pool::empty(gate.sizes(), gate.scalar_type());
@@ -289,6 +291,14 @@ void check_args(const at::Tensor& x, const OptTensor& attn_input, const c10::Lis
   const int64_t layers = n / kSlotsPerLayer;
   TORCH_CHECK_VALUE(layers <= kv.size(0), "llama_layers: ", layers, " layers but the cache has ", kv.size(0));
   TORCH_CHECK_VALUE(!attn_input.has_value() || layers == 1, "llama_layers: attn_input needs exactly one layer");
+  if (attn_input.has_value()) {  // its rows are the ones written to the cache: x's [B, T] (and dtype)
+    const at::Tensor& a = *attn_input;
+    TORCH_CHECK_VALUE(a.dim() == 3 && a.size(0) == x.size(0) && a.size(1) == x.size(1),
+                      "llama_layers: attn_input must be [B, T, *] with x's B and T, got ", a.sizes(), " for x ",
+                      x.sizes());
+    TORCH_CHECK_TYPE(a.scalar_type() == x.scalar_type() && a.device() == x.device(),
+                     "llama_layers: attn_input must have x's dtype and device");
+  }
   for (int64_t i = 0; i < layers; ++i) {
     for (Slot s : {kQkvWeight, kOWeight, kPostNorm, kGateUpWeight, kDownWeight}) {
       TORCH_CHECK_VALUE(weights.get(i * kSlotsPerLayer + s).has_value(), "llama_layers: layer ", i,

@@ -89,7 +89,6 @@ std::vector<at::Tensor> llama_decode_step_cpu(const at::Tensor& step_input, cons
   const std::vector<at::Tensor> out = llama_layers::llama_forward_cpu(
       step_input.view({B, 1}), embed_weight, weights, kv, rope[0], rope[1], cache_seqlens, std::nullopt, 0, num_heads,
       num_kv_heads, eps, {}, norm_weight, lm_head, std::nullopt);
-  for (int64_t b = 0; b < B; ++b) lengths[b] += 1;
   const at::Tensor logits = out[1].select(1, 0);  // [B, V]
   auto [argmax, bad] = argmax_op().call(logits);
   bool* flag = nonfinite.mutable_data_ptr<bool>();
@@ -106,6 +105,9 @@ std::vector<at::Tensor> llama_decode_step_cpu(const at::Tensor& step_input, cons
     for (int64_t b = 0; b < B; ++b) draw[b] += 1;
     token = rng::inverse_cdf_cpu(probs, u);
   }
+  // Committed only now: a step that raised above (bad sampling arguments) leaves the lengths, the
+  // input and the draws as they were (the K/V row it wrote sits past the committed length).
+  for (int64_t b = 0; b < B; ++b) lengths[b] += 1;
   step_input.copy_(token);
   return {token, out[0]};
 }

@@ -59,6 +59,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), "rms_norm: x (", x.scalar_type(), ") and weight (",
                    weight.scalar_type(), ") must have the same dtype");
   TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "rms_norm: x must be a floating-point tensor, got ",
+                   x.scalar_type());
   const int64_t H = weight.size(0);
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kBFloat16 && x.scalar_type() != at::kHalf) {
     return weight * at::rms_norm(x.to(at::kFloat), {H}, std::nullopt, eps).to(x.scalar_type());

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace eagle {
@@ -466,6 +467,20 @@ std::tuple<at::Tensor, at::Tensor> chain_speculative_sampling_cpu(
     const at::Tensor& uniform_final, int64_t max_spec_len) {
   TORCH_CHECK_VALUE(target_probs.dim() == 2 && target_probs.scalar_type() == at::kFloat && target_probs.stride(1) == 1,
                     "target_probs must be [T, V] float32 with a contiguous vocabulary dimension");
+  TORCH_CHECK_VALUE(cu_num_draft_tokens.dim() == 1, "cu_num_draft_tokens must be [B], got ", cu_num_draft_tokens.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"draft_token_ids", &draft_token_ids},
+                                {"cu_num_draft_tokens", &cu_num_draft_tokens}, {"bonus_token_ids", &bonus_token_ids}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, name,
+                     " must be int32 or int64, got ", t->scalar_type());
+  }
+  for (const at::Tensor* t : {&draft_token_ids, &cu_num_draft_tokens, &bonus_token_ids, &uniform_samples,
+                              &uniform_final}) {
+    TORCH_CHECK_VALUE(t->device() == target_probs.device(), "all inputs must be on ", target_probs.device());
+  }
+  if (draft_probs.has_value()) {
+    TORCH_CHECK_VALUE(draft_probs->device() == target_probs.device(), "all inputs must be on ",
+                      target_probs.device());
+  }
   const int64_t T = target_probs.size(0), V = target_probs.size(1), B = cu_num_draft_tokens.size(0);
   TORCH_CHECK_VALUE(V >= 1 && V < (int64_t(1) << 31), "vocabulary size must be in [1, 2^31)");
   TORCH_CHECK_VALUE(draft_token_ids.dim() == 1 && draft_token_ids.size(0) == T, "draft_token_ids must be [T]");
