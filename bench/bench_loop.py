@@ -245,7 +245,10 @@ def main(argv=None) -> int:
         name += "_cudagraph"
     if not args.no_save:
         stem = args.name or f"loop_{name}"
-        path = save_json(f"{stem}.json", {"threads": torch.get_num_threads(), "results": rows})
+        settings = vars(args) | {"dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+        path = save_json(
+            f"{stem}.json", {"threads": torch.get_num_threads(), "settings": settings, "results": rows}
+        )
         print(f"wrote {path}")
     return 0
 

@@ -379,14 +379,27 @@ def cpu_features() -> list[str] | None:
     return [f for f in wanted if f in have]
 
 
-def machine_info() -> dict:
-    """Machine, versions and commit, stored with every result file."""
+def _git(*args: str) -> str | None:
+    """``git args`` in this repository (not the caller's directory: a script run from elsewhere
+    recorded another repository's commit, or none); None without git."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+        return subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout
     except OSError:
-        commit = None
+        return None
+
+
+def machine_info() -> dict:
+    """Machine, versions, commit (with the tracked files that differ from it: the code as it ran) and
+    torch's thread count, stored with every result file."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    commit = None if commit is None else commit.strip()
+    status = _git("status", "--porcelain", "--untracked-files=no")
     info = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "platform": platform.platform(),
@@ -397,6 +410,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "commit": commit,
+        "uncommitted_tracked_files": None if status is None else [line[3:] for line in status.splitlines()],
+        "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:

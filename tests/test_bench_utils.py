@@ -1,5 +1,7 @@
 """bench/utils.py pieces that run without a GPU."""
 
+from pathlib import Path
+
 import pytest
 
 from bench import utils
@@ -15,3 +17,22 @@ def test_l2_flush_kind_reads_the_environment(monkeypatch):
     monkeypatch.setenv(utils.L2_FLUSH_ENV, "evict")
     with pytest.raises(ValueError, match="EAGLE_BENCH_L2_FLUSH='evict': expected one of"):
         utils.l2_flush_kind()
+
+
+def test_machine_info_names_this_repositorys_commit_from_any_directory(tmp_path, monkeypatch):
+    """git ran in the caller's directory: from elsewhere a result file recorded no commit, or another
+    repository's. It also records the tracked files that differ from the commit, and torch's threads."""
+    import subprocess
+
+    import torch
+
+    root = Path(utils.__file__).resolve().parents[1]
+    want = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root)
+    monkeypatch.chdir(tmp_path)
+    info = utils.machine_info()
+    assert info["commit"] == want.stdout.strip() and info["commit"]
+    assert isinstance(info["uncommitted_tracked_files"], list)
+    assert all(
+        not name.startswith(" ") and (root / name).exists() for name in info["uncommitted_tracked_files"]
+    )
+    assert info["torch_threads"] == torch.get_num_threads()

@@ -222,11 +222,13 @@ void build_tree_cpu(const at::Tensor& parent_list, const at::Tensor& selected_in
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK_VALUE(lens[b] >= 0, "seq_lens[", b, "]=", lens[b], " must be >= 0");
     if (mask_mode == kFullMask) {
-      // a row of lens[b] + n columns must fit the mask (and keeps the size sum far from overflow)
-      TORCH_CHECK_VALUE(lens[b] <= tree_mask.numel(), "seq_lens[", b, "]=", lens[b],
-                        " does not fit a full-mode tree_mask of ", tree_mask.numel(), " elements");
       rows[b] = {start, lens[b] + n, lens[b]};
-      start += n * (lens[b] + n);
+      // the mask's size in int64, refused where it overflows (it wrapped to a small number that a small
+      // tree_mask matched, and rows were then written at wild addresses)
+      int64_t width = 0, size = 0;
+      TORCH_CHECK_VALUE(!__builtin_add_overflow(lens[b], n, &width) && !__builtin_mul_overflow(n, width, &size) &&
+                            !__builtin_add_overflow(start, size, &start),
+                        "seq_lens[", b, "]=", lens[b], " is too large: the full-mode tree_mask size overflows int64");
     } else {
       rows[b] = {b * n * n, n, 0};
     }
