@@ -158,11 +158,14 @@ def loop_cases() -> dict[str, float]:
         tree = TreeConfig(3, 4, 12)
         new_tokens = 8 if QUICK else 96
         runs = {
-            "EAGLE 3/4/12 B1 T0": functools.partial(model.generate, max_new_tokens=new_tokens, tree=tree),
+            # EOS ignored, as plain decoding here: both sides make new_tokens per prompt
+            "EAGLE 3/4/12 B1 T0": functools.partial(
+                model.generate, max_new_tokens=new_tokens, tree=tree, eos_token_id=[]
+            ),
             "plain B1 T0": functools.partial(generate_plain, model.target, max_new_tokens=new_tokens),
             # sampled: fixed seeds, so both builds generate the same tokens (same work)
             "EAGLE 3/4/12 B1 T1": functools.partial(
-                model.generate, max_new_tokens=new_tokens, tree=tree, temperature=1.0, seed=0
+                model.generate, max_new_tokens=new_tokens, tree=tree, temperature=1.0, seed=0, eos_token_id=[]
             ),
             "plain B1 T1": functools.partial(
                 generate_plain, model.target, max_new_tokens=new_tokens, temperature=1.0, seed=0

@@ -124,8 +124,12 @@ def main(argv=None) -> int:
                 outputs[name] = []
                 for prompt in prompts:
                     with tree_choice(name):
-                        res = model.generate(
-                            [prompt], args.new_tokens, temperature=temp, speculative=speculative
+                        res = model.generate(  # EOS ignored: every cell makes total tokens
+                            [prompt],
+                            args.new_tokens,
+                            temperature=temp,
+                            speculative=speculative,
+                            eos_token_id=[],
                         )
                     outputs[name].append(res.tokens[0])
                     label = None if res.tree is None else tree_label(res.tree)
