@@ -1,9 +1,10 @@
 """Where a decoding round's time goes on a device: device time by kernel, device busy vs wall time.
 
 ``bench/count_ops.py`` counts what a round launches; this measures what the launches cost. It runs one
-warm-up generation (which also captures the CUDA graphs), then profiles one speculative generation and
-one plain generation with ``torch.profiler`` (CUPTI records the kernels of graph replays one by one)
-and prints, per round and per plain step: wall time, summed kernel time (how busy the device was),
+warm-up generation (which also captures the CUDA graphs), then profiles speculative and plain
+generations with ``torch.profiler``, alternating (``--repeats`` of each, the order reversed every other
+repeat, the quickest of each kept; CUPTI records the kernels of graph replays one by one), and prints,
+per round and per plain step: wall time, summed kernel time (how busy the device was),
 kernel count, and the kernels that take the most time. The prefill is left out: both decoders are
 generators whose first item is the prefill's token, and the profiler starts after it, so nothing is
 subtracted (a difference of two runs went negative on a loaded machine).
@@ -29,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_loop import prompts_for  # noqa: E402
-from eagle.api import load  # noqa: E402
+from eagle.api import _default_dtype, load  # noqa: E402
 from eagle.models.generate_plain import plain_decode_steps  # noqa: E402
 from eagle.speculate import SamplingParams, SpeculativeDecoder  # noqa: E402
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-code")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default: the device's (float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--tree", default="dynamic", help="dynamic, static or chain")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    model = load(args.model, device=device, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype) if args.dtype else _default_dtype(device)
+    model = load(args.model, device=device, dtype=dtype)
     prompts = prompts_for(model, args.batch, 100)
     sampling = SamplingParams(temperature=args.temperature)
     decoder = SpeculativeDecoder(
@@ -127,9 +129,16 @@ def main(argv=None) -> int:
             wall = time.perf_counter() - t0
         return (device_events(prof, device), wall), units
 
-    def profiled(steps) -> tuple[tuple[list, float], int]:
-        # The quickest of the repeats: one run slowed by another process would skew the figures.
-        return min((profiled_once(steps) for _ in range(args.repeats)), key=lambda r: r[0][1])
+    kinds = {"EAGLE " + args.tree: (speculative, "round"), "plain": (plain, "step")}
+
+    def profiled_alternating() -> dict[str, tuple[tuple[list, float], int]]:
+        """Per kind, the quickest of its repeats (one run slowed by another process would skew the
+        figures), the kinds alternating, in reverse order on odd repeats, so a load change hits both."""
+        runs: dict[str, list] = {label: [] for label in kinds}
+        for r in range(args.repeats):
+            for label in list(kinds) if r % 2 == 0 else list(kinds)[::-1]:
+                runs[label].append(profiled_once(kinds[label][0]))
+        return {label: min(rs, key=lambda run: run[0][1]) for label, rs in runs.items()}
 
     for steps in (speculative, plain):  # warm-up: compiles, captures and keeps the graphs
         for _ in steps():
@@ -137,9 +146,8 @@ def main(argv=None) -> int:
     profiled_once(plain)  # and the profiler's own first-use set-up
     _sync(device)
     results = {}
-    for label, steps, unit in (("EAGLE " + args.tree, speculative, "round"), ("plain", plain, "step")):
-        run, units = profiled(steps)
-        results[label] = summarise(label, run, units, unit, args.top)
+    for label, (run, units) in profiled_alternating().items():
+        results[label] = summarise(label, run, units, kinds[label][1], args.top)
     spec, base = results["EAGLE " + args.tree], results["plain"]
     print(
         f"\nround / plain step: wall {spec['wall_ms_per'] / base['wall_ms_per']:.2f}x, "
