@@ -110,11 +110,15 @@ def main(argv=None) -> int:
                 cells[(tree, name)] = decoder
                 speculative_tokens(decoder, batches[0], 8)  # warm-up (and the tree choice's timings)
         plain_s, cell_s, cell_tau = [], {key: [] for key in cells}, {key: 0.0 for key in cells}
-        for _ in range(args.repeats):
-            want, seconds = timed_plain(target, batches, args.new_tokens)
-            plain_s.append(seconds)
-            for key, decoder in cells.items():
-                got, _, seconds, cell_tau[key] = timed_speculative(decoder, batches, args.new_tokens)
+        want, _ = timed_plain(target, batches, args.new_tokens)  # (warm-up; the tokens to match)
+        order = ["plain", *cells]
+        for r in range(args.repeats):  # alternating, the order reversed every other repeat
+            for key in order if r % 2 == 0 else order[::-1]:
+                if key == "plain":
+                    _, seconds = timed_plain(target, batches, args.new_tokens)
+                    plain_s.append(seconds)
+                    continue
+                got, _, seconds, cell_tau[key] = timed_speculative(cells[key], batches, args.new_tokens)
                 cell_s[key].append(seconds)
                 if got != want:
                     mismatches.append((B, *key))

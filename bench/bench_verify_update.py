@@ -12,8 +12,8 @@ The two paths make the same ops, so their tokens must be identical: greedy, the 
 against plain decoding; sampled, against each other (one seed); it exits non-zero otherwise. Sampled,
 plain decoding is timed twice as well: with eagle.rng's C++ uniforms and inverse CDF (the default) and
 with its tensor ops (``eagle.rng.set_cpu_ops(False)``), which must also sample the same tokens. Each
-repeat runs every plain cell, then every (tree, path) cell once, over the same held-out prompts (batch
-1); a cell's figure is the median over repeats of its tokens/s. Writes
+repeat runs every plain cell and every (tree, path) cell once, over the same held-out prompts (batch
+1), in reverse order every other repeat; a cell's figure is the median over repeats of its tokens/s. Writes
 bench/results/verify_update_<target>_<dtype>[_t<temperature>].json.
 """
 
@@ -70,19 +70,19 @@ def main(argv=None) -> int:
             timed_speculative(decoder, batches[:1], 8, T)  # warm-up (and the tree choice's timings)
         plain_s = {name: [] for name in rng_paths}
         cell_s, outputs = {(t, n): [] for t in decoders for n in PATHS}, {}
-        for _ in range(args.repeats):
-            for name, cpp in rng_paths.items():
-                set_cpu_ops(cpp)
-                tokens, seconds = timed_plain(model.target, batches, args.new_tokens, T)
-                plain_s[name].append(seconds)
-                outputs.setdefault(("plain", name), tokens)
-            set_cpu_ops(True)
-            for tree, decoder in decoders.items():
-                for name, fused in PATHS.items():
-                    set_cpu_verify_update(fused)
-                    tokens, _, seconds, _ = timed_speculative(decoder, batches, args.new_tokens, T)
-                    cell_s[(tree, name)].append(seconds)
-                    outputs.setdefault((tree, name), tokens)
+        order = [("plain", name) for name in rng_paths] + list(cell_s)
+        for r in range(args.repeats):  # alternating, the order reversed every other repeat
+            for kind, name in order if r % 2 == 0 else order[::-1]:
+                if kind == "plain":
+                    set_cpu_ops(rng_paths[name])
+                    tokens, seconds = timed_plain(model.target, batches, args.new_tokens, T)
+                    set_cpu_ops(True)
+                    plain_s[name].append(seconds)
+                else:
+                    set_cpu_verify_update(PATHS[name])
+                    tokens, _, seconds, _ = timed_speculative(decoders[kind], batches, args.new_tokens, T)
+                    cell_s[(kind, name)].append(seconds)
+                outputs.setdefault((kind, name), tokens)
     finally:
         set_cpu_verify_update(previous)
         set_cpu_ops(previous_rng)
