@@ -5,9 +5,10 @@ with the head in the target's dtype and in ``--draft-dtype``, against plain deco
     python bench/bench_draft_dtype.py --trees dynamic chain --batch 1 4 --new-tokens 128 --repeats 3
 
 The head only proposes, so every speculative run must reproduce plain decoding's tokens (greedy); the
-script checks that and exits non-zero otherwise. Each repeat runs plain decoding, then every (tree,
-head) cell once, over the same held-out prompts; a cell's figure is the median over repeats of its
-tokens/s, and its speedup the ratio of that median to plain decoding's in the same run.
+script checks that and exits non-zero otherwise. Each repeat runs plain decoding and every (tree,
+head) cell once, over the same held-out prompts, in reverse order every other repeat; a cell's figure
+is the median over repeats of its tokens/s, and its speedup the ratio of that median to plain
+decoding's in the same run. tau is per row (tokens per round of each sequence).
 Writes bench/results/draft_dtype_<target>_<dtype>_vs_<draft dtype>.json.
 """
 
