@@ -628,9 +628,8 @@ def eagle3_feature_layers(cfg: ModelConfig, target_num_layers: int) -> tuple[int
     as ModelOpt / speculators / vLLM write them; like vLLM, index j is the hidden state entering
     layer j)."""
     L = target_num_layers
-    extra = cfg.extra
-    nested = extra.get("eagle_config") if isinstance(extra.get("eagle_config"), dict) else {}
-    ids = extra.get("eagle_aux_hidden_state_layer_ids", nested.get("eagle_aux_hidden_state_layer_ids"))
+    nested = _nested_eagle_config(cfg)
+    ids = cfg.extra.get("eagle_aux_hidden_state_layer_ids", nested.get("eagle_aux_hidden_state_layer_ids"))
     if ids is None:
         return (2, L // 2, L - 3)
     if (
@@ -646,8 +645,14 @@ def eagle3_feature_layers(cfg: ModelConfig, target_num_layers: int) -> tuple[int
     return tuple(ids)
 
 
+def _nested_eagle_config(cfg: ModelConfig) -> dict:
+    """The ``eagle_config`` dict some trainers nest their EAGLE-3 settings in (empty without one)."""
+    nested = cfg.extra.get("eagle_config")
+    return nested if isinstance(nested, dict) else {}
+
+
 def _check_eagle3_variant(cfg: ModelConfig) -> None:
-    nested = cfg.extra.get("eagle_config") if isinstance(cfg.extra.get("eagle_config"), dict) else {}
+    nested = _nested_eagle_config(cfg)
     set_keys = [k for k in _UNSUPPORTED_EAGLE3_KEYS if cfg.extra.get(k) or nested.get(k)]
     if set_keys:
         raise ValueError(

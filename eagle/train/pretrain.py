@@ -144,9 +144,10 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "batch_size", "max_tokens", "num_threads", "eval_every_tokens", "eval_tokens")
-        positive += ("log_every_steps",)
-        for name in positive:
+        for name in (
+            "seq_len", "batch_size", "max_tokens", "num_threads", "eval_every_tokens", "eval_tokens",
+            "log_every_steps",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
