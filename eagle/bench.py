@@ -1155,6 +1155,9 @@ def _settings(config, models: Models, prompts, prompt_origin: str, dtype) -> dic
     settings.pop("prompts_file", None)
     settings["prompts_file"] = config.prompts_file
     settings.pop("progress")
+    # what ran, beside what was asked (a cap over user prompts may exceed how many were given)
+    settings["num_prompts_requested"] = config.num_prompts
+    settings["num_prompts"] = len(prompts)
     return settings
 
 

@@ -142,6 +142,7 @@ def test_json_and_png_are_written_with_machine_and_settings(report, tiny_target)
     assert "derived" in settings["assistant"]["how"] and Path(settings["assistant"]["path"]).is_dir()
     sources = [p["source"] for p in settings["prompts"]]
     assert sources == ["--prompt 1", "prompts.jsonl:1", "prompts.jsonl:3"]
+    assert settings["num_prompts"] == 3 and settings["num_prompts_requested"] is None  # what ran
     assert report.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = bench.format_table(saved["results"])
     assert "skipped: transformers' assisted generation supports batch size 1 only" in table
