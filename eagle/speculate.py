@@ -31,7 +31,7 @@ from eagle import rng
 from eagle._args import as_number
 from eagle.adaptive import PLAIN, AutoSpeculation
 from eagle.models.cpu_packed import packing_generation
-from eagle.models.cuda_graph import BufferPool, on_side_stream
+from eagle.models.cuda_graph import BufferPool, on_side_stream, replay
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import (
@@ -461,7 +461,7 @@ class SpeculativeDecoder:
             return self._replay(s, s.graph)
         if not s.warm:
             s.warm = True
-            return on_side_stream(lambda: self._round(s, sampling))
+            return on_side_stream(lambda: self._round(s, sampling), self.target.device)
         try:
             s.graph = self._capture(s, sampling)
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager rounds are exact
@@ -492,7 +492,7 @@ class SpeculativeDecoder:
     def _replay(self, s: _Batch, g: _RoundGraph) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure_room(s, g.steps, g.rows)
         t0 = self._stamp()
-        g.graph.replay()
+        replay(g.graph, self.target.device)
         # The round commits at most `steps` positions per sequence in each cache.
         s.target_cache.length_bound += g.steps
         s.draft_cache.length_bound += g.steps

@@ -183,15 +183,19 @@ def debug_checks_enabled() -> bool:
     return _raw_env(_DEBUG_VAR) in (b"1", "1")
 
 
+# A model's weights are nn.Parameter: plain tensors for this purpose (autograd is checked apart).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_fast_path(*tensors: torch.Tensor | None) -> bool:
     """True for a plain eager call: no tracing (torch.compile / export), no tensor subclass (fake,
-    functional), no autograd. Public functions then run the op's implementation directly: the
+    functional; an ``nn.Parameter`` counts as plain), no autograd. Public functions then run the op's implementation directly: the
     custom-op wrapper costs ~20-30 us per call on CPU, more than a whole op at decode sizes. Every
     other call goes through the registered ``torch.ops.eagle.*`` op, whose body is the same code."""
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: ~2x cheaper than all() over a generator
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad)):
             return False
     return True

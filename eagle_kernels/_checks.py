@@ -50,12 +50,12 @@ _PLAIN_SCALARS = (int, float, bool, str, type(None))
 def call_signature(*args: object) -> tuple | None:
     """Everything shape/dtype/device checks of a call can look at: per tensor its shape, dtype,
     device and strides, per scalar its type and value. None when an argument is neither a plain
-    ``torch.Tensor`` nor a plain scalar (a subclass such as FakeTensor, a list, ...): such calls are
+    ``torch.Tensor`` (or ``nn.Parameter``) nor a plain scalar (a subclass such as FakeTensor, a list, ...): such calls are
     never cached, so they always get the full checks and their precise errors."""
     sig = []
     for a in args:
         cls = type(a)
-        if cls is torch.Tensor:
+        if cls is torch.Tensor or cls is torch.nn.Parameter:  # (a model's weights are Parameters)
             sig.append((a.shape, a.dtype, a.device, a.stride()))
         elif cls in _PLAIN_SCALARS:
             sig.append((cls, a))

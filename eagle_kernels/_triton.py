@@ -7,7 +7,12 @@ fails with a clear error, and dispatch never picks the Triton backend in the fir
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
 
 try:
     import triton
@@ -35,6 +40,31 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = _Missing()
 
 
+R = TypeVar("R")
+
+
 def interpreter_enabled() -> bool:
     """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launches_on_input_device(fn: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a function that launches Triton kernels on the tensors it gets, the first of which
+    is on the kernels' device.
+
+    Triton launches on the *current* CUDA device and its current stream, wherever the tensors live:
+    tensors on ``cuda:1`` while device 0 is current would be read by kernels on GPU 0 (an illegal
+    address, or with peer access unordered against ``cuda:1``'s stream). The call then runs with the
+    first tensor's device made current; a call already on the current device (the usual case) pays
+    only the comparison."""
+
+    @functools.wraps(fn)
+    def on_input_device(first, *args, **kwargs):
+        device = first.device
+        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device.index):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    on_input_device.launches_on_input_device = True
+    return on_input_device

@@ -30,7 +30,7 @@ import torch
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "build_tree"
 
@@ -502,6 +502,7 @@ def _build_tree_kernel(
             )  # fmt: skip
 
 
+@launches_on_input_device
 def _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
     tree_mask, positions, retrive_index, next_token, next_sibling = outputs
     B = selected_index.shape[0]

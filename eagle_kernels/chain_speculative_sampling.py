@@ -20,7 +20,7 @@ import torch
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 from eagle_kernels.tree_speculative_sampling import (
     BAD_DRAFT,
     BAD_PROB,
@@ -240,6 +240,7 @@ def _chain_sampling_kernel(
     tl.store(status_ptr + b, status)
 
 
+@launches_on_input_device
 def _chain_sampling_triton(
     draft_token_ids,
     cu_num_draft_tokens,

@@ -14,7 +14,7 @@ import torch
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "compact_kv_cache"
 
@@ -98,11 +98,12 @@ def _compact_kv_cache_kernel(
     for j in range(0, num_steps):  # j = 0 too: the root's row need not be the block's first
         if j <= acc:
             slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
-            if slot != j:
+            if (slot != j) & (slot >= 0) & (slot < n):  # an out-of-tree slot (unchecked input) is skipped
                 row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)
                 tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
 
 
+@launches_on_input_device
 def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
     L, _, B, H, _, D = kv_cache.shape
     kv_cache = _as_bits(kv_cache)

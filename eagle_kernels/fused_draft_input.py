@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from eagle_kernels import _ext, _fdi_tuned_plans
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "fused_draft_input"
 OP_EAGLE3 = "fused_eagle3_input"
@@ -882,10 +882,12 @@ def _launch_segments_linear(out, fc_weight, fc_bias, segments, token_ids=None):
     return out
 
 
+@launches_on_input_device
 def _fused_draft_input_triton(hidden, token_ids, embed_weight, fc_weight, fc_bias, out):
     return _launch_segments_linear(out, fc_weight, fc_bias, (embed_weight, hidden), token_ids)
 
 
+@launches_on_input_device
 def _fused_eagle3_input_triton(h_low, h_mid, h_high, fc_weight, fc_bias, out):
     return _launch_segments_linear(out, fc_weight, fc_bias, (h_low, h_mid, h_high))
 

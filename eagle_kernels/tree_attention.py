@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import FLOAT_DTYPES, SignatureCache, check_same_dtype, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "tree_attention"
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -394,11 +394,11 @@ def _combine_splits_kernel(
     m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for s in range(0, num_splits):
-        lse = tl.load(lse_ptr + s * num_rows + r, mask=r_ok, other=float("-inf"))
-        part = tl.load(
-            part_ptr + (s * num_rows + r)[:, None] * HEAD_DIM + d[None, :], mask=tile_ok, other=0.0
-        )
+    row = r  # split s's row r, s * num_rows + r, kept in int64: splits x rows can pass 2^31
+    for _ in range(0, num_splits):
+        lse = tl.load(lse_ptr + row, mask=r_ok, other=float("-inf"))
+        part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=tile_ok, other=0.0)
+        row += num_rows
         m_new = tl.maximum(m, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m - m_safe)
@@ -674,6 +674,7 @@ def _launch(kernel, grid, *args, **constexprs) -> None:
     kernel[grid](*args, **constexprs)
 
 
+@launches_on_input_device
 def _tree_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -766,6 +767,8 @@ def _tree_attention_triton(
 def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float) -> torch.Tensor:
     """The op's body: value checks where due, then the backend chosen for q's device."""
     backend = select_backend(OP, q.device)
+    if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
+        backend = "torch"  # float64 on CUDA: only the reference handles it
     # The C++ kernel checks the lengths itself (same message); elsewhere check on CPU, and on CUDA only
     # in debug mode (a host sync).
     if backend != "cpp" and (q.device.type == "cpu" or debug_checks_enabled()):
@@ -877,7 +880,8 @@ def tree_attention(
 
     Parameters
     ----------
-    q : Tensor ``[B, T, Hq, D]``, float16 / bfloat16 / float32 (float64 on the CPU backends)
+    q : Tensor ``[B, T, Hq, D]``, float16 / bfloat16 / float32 (float64 on the CPU backends; on CUDA
+        float64 runs the reference)
         Queries of the ``T`` new tokens of each sequence (a prefill chunk, one decode token, or the
         slots of a draft tree). Any strides.
     k_cache, v_cache : Tensor ``[B, Hkv, S_max, D]``, q's dtype

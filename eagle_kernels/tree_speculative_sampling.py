@@ -47,7 +47,7 @@ import torch
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "tree_speculative_sampling"
 
@@ -623,6 +623,7 @@ def _triton_sizes(n: int, V: int) -> dict:
     }
 
 
+@launches_on_input_device
 def _tree_sampling_triton(
     candidates,
     retrive_index,

@@ -24,7 +24,7 @@ import torch
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "verify_tree_greedy"
 INT32_MAX = 2**31 - 1
@@ -189,6 +189,7 @@ def _verify_tree_greedy_kernel(
     tl.store(accept_num_ptr + b, count)
 
 
+@launches_on_input_device
 def _verify_tree_greedy_triton(
     candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
 ):

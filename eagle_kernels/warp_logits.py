@@ -39,7 +39,7 @@ import torch
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import check_tensor
-from eagle_kernels._triton import tl, triton
+from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "warp_logits"
 LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -299,6 +299,7 @@ def _warp_logits_kernel(
             tl.store(out_row + offs, tl.where(kept, w / z3, 0.0), mask=inside)
 
 
+@launches_on_input_device
 def _warp_logits_triton(logits, temperature, top_k, top_p, min_p):
     R, V = logits.shape
     out = torch.empty(R, V, dtype=torch.float32, device=logits.device)

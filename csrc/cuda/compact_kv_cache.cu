@@ -17,10 +17,13 @@ __global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int6
   const int64_t h = r % H, b = (r / H) % B, which = (r / (H * B)) % 2, layer = r / (H * B * 2);
   unit_t* head = kv + layer * s_layer + which * s_kv + b * s_b + h * s_h;
   const int64_t start = seqlens[b];
-  const int32_t acc = accept_num[b];
-  for (int64_t j = 0; j <= acc; ++j) {  // j = 0 too: the root's row need not be the block's first
+  // Values are checked only in debug mode (a host sync): a malformed count or slot must not read
+  // past accept_index's row or the sequence's tree, so the loop stops at the row's last column and
+  // an out-of-tree slot is skipped (as the Triton kernel does).
+  const int64_t last = min(static_cast<int64_t>(accept_num[b]), num_steps - 1);
+  for (int64_t j = 0; j <= last; ++j) {  // j = 0 too: the root's row need not be the block's first
     const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
-    if (slot == j) continue;
+    if (slot == j || slot < 0 || slot >= n) continue;
     const unit_t* src = head + (start + slot) * s_pos;
     unit_t* dst = head + (start + j) * s_pos;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];

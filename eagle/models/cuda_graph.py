@@ -80,16 +80,27 @@ class BufferPool(Generic[V]):
         return len(self._entries)
 
 
-def on_side_stream(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a fresh CUDA stream (joined both ways with the current one). Lazily created
-    per-stream state (cuBLAS workspaces, Triton compiles) then exists before a graph capture, which
-    also runs on a side stream, as the CUDA-graph recipe of the PyTorch docs prescribes."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        out = fn()
-    torch.cuda.current_stream().wait_stream(side)
+def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
+    """Run ``fn`` on a fresh CUDA stream of ``device`` (joined both ways with its current one). Lazily
+    created per-stream state (cuBLAS workspaces, Triton compiles) then exists before a graph capture,
+    which also runs on a side stream, as the CUDA-graph recipe of the PyTorch docs prescribes.
+
+    Streams, captures and replays belong to the *current* CUDA device, so each of these helpers makes
+    the model's device current: a model on ``cuda:1`` with device 0 current is captured and replayed
+    on ``cuda:1``."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(side)
     return out
+
+
+def replay(graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
+    """Replay ``graph`` (captured by :func:`capture` on ``device``) on ``device``'s current stream."""
+    with torch.cuda.device(device):
+        graph.replay()
 
 
 def capture(
@@ -105,9 +116,10 @@ def capture(
     graph = torch.cuda.CUDAGraph()
     if generator is not None:
         graph.register_generator_state(generator)
-    torch.cuda.synchronize(caches[0].device)
+    device = caches[0].device
+    torch.cuda.synchronize(device)
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.device(device), torch.cuda.graph(graph):
             out = step()
     finally:
         for c, bound in zip(caches, bounds):

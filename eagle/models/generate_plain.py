@@ -13,7 +13,13 @@ import torch
 import eagle_kernels
 from eagle import rng
 from eagle.models.cpu_packed import invalidate_cpu_caches
-from eagle.models.cuda_graph import DEFAULT_POOL_CAPACITY, BufferPool, check_pool_capacity, on_side_stream
+from eagle.models.cuda_graph import (
+    DEFAULT_POOL_CAPACITY,
+    BufferPool,
+    check_pool_capacity,
+    on_side_stream,
+    replay,
+)
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, rope_tables
@@ -370,12 +376,12 @@ def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> tor
         return step()
     if buffers.graph is None and not buffers.warm:
         buffers.warm = True
-        return on_side_stream(step)
+        return on_side_stream(step, buffers.cache.device)
     cache = buffers.cache
     cache.check_room(1)
     if buffers.graph is None:
         buffers.graph, buffers.graph_token = cuda_graph_capture(step, [cache], generator)
-    buffers.graph.replay()
+    replay(buffers.graph, cache.device)
     cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
     return buffers.graph_token.clone()
 

@@ -130,3 +130,43 @@ def test_a_kept_graph_replays_with_its_own_sampling_parameters_after_the_caches_
         if speculative:
             assert first.tokens == eager.tokens
     cuda_pair.release_buffers()
+
+
+def test_graph_helpers_make_the_models_device_current(monkeypatch):
+    """Streams, captures and replays belong to the current CUDA device: each helper enters the model's
+    device, so a model on cuda:1 with device 0 current is graphed on cuda:1 (the CUDA calls stood in
+    for)."""
+    from eagle.models import cuda_graph
+
+    log: list = []
+
+    class Recorder:
+        def __init__(self, *args):
+            self.args = args
+
+        def __enter__(self):
+            log.append(("enter",) + self.args)
+
+        def __exit__(self, *exc):
+            log.append(("exit",) + self.args)
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def replay(self):
+            log.append("replay")
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    monkeypatch.setattr(torch.cuda, "stream", Recorder)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: log.append("new stream") or FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    dev = torch.device("cuda", 1)
+
+    assert cuda_graph.on_side_stream(lambda: log.append("step") or 7, dev) == 7
+    assert log[0] == ("enter", dev) and log[-1] == ("exit", dev)
+    assert log.index("new stream") > 0 and log.index("step") > log.index("new stream")
+    log.clear()
+    cuda_graph.replay(FakeGraph(), dev)
+    assert log == [("enter", dev), "replay", ("exit", dev)]

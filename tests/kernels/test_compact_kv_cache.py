@@ -138,6 +138,37 @@ def test_root_row_not_first_in_the_block(device):
         assert torch.equal(got_len, want_len), backend
 
 
+def _unchecked_kernels(device: torch.device) -> dict:
+    """The kernels as they run when no value check precedes them (CUDA outside debug mode): the
+    Triton launcher and, on CUDA, the CUDA op, called directly."""
+    from eagle_kernels._backend import available_backends
+    from eagle_kernels.compact_kv_cache import _compact_kv_cache_triton
+
+    avail = available_backends(OP, device)
+    kernels = {"triton": _compact_kv_cache_triton} if "triton" in avail else {}
+    if device.type == "cuda" and "cuda" in avail:
+        kernels["cuda"] = _ext.op(OP)
+    return kernels
+
+
+def test_unchecked_kernels_stay_inside_the_row_and_the_tree_on_malformed_input(device):
+    """A count of num_spec_steps (one column past accept_index's row: sequence 1 would read past the
+    tensor) and a slot outside the sequence's tree (-1: the row before the tree) must not be read;
+    the kernels stop at the row's last column and skip the slot."""
+    kernels = _unchecked_kernels(device)
+    if not kernels:
+        pytest.skip(f"no unchecked kernel of {OP} runs on {device.type} here")
+    kv, seqlens, _, _ = make_case(2, 4, 3, 1, 16, torch.float32, torch.int64, device, seed=8)
+    idx = torch.tensor([[0, -1, 3], [4, 6, 7]], device=device)
+    num = torch.tensor([3, 3], dtype=torch.int32, device=device)
+    want = kv.clone()  # the same copies with the bad column dropped and the bad slot left in place
+    compact_kv_cache_ref(want, seqlens, torch.tensor([[0, 1, 3], [4, 6, 7]], device=device), num - 1, 4)
+    for name, kernel in kernels.items():
+        got = kv.clone()
+        kernel(got, seqlens, idx, num, 4)
+        assert torch.equal(got, want), name
+
+
 def test_strided_seqlens_and_counts(device):
     """Views with a stride (every other element of a bigger tensor) are read by value, not as raw
     memory: a kernel that indexed them as contiguous would read the interleaved junk (99, 77)."""

@@ -711,3 +711,18 @@ def test_gpu_cuda_graph_replay_matches_eager(plan):
         ids.copy_(torch.randint_like(ids, 32000))
         graph.replay()
         torch.testing.assert_close(out, fused_draft_input(hidden, ids, embed, w, b), rtol=0, atol=0)
+
+
+def test_model_weights_take_the_eager_fast_path_and_the_cached_checks():
+    """A model passes its weights as nn.Parameter: under no_grad they are plain tensors for dispatch
+    (the eager path, not the ~20-30 us custom-op wrapper, and cached argument checks); with autograd
+    on, a weight that requires grad still goes through the registered op."""
+    from eagle_kernels._backend import eager_fast_path
+    from eagle_kernels._checks import call_signature
+
+    fc = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert eager_fast_path(x, fc.weight, fc.bias)
+    assert not eager_fast_path(x, fc.weight)
+    assert call_signature(x, fc.weight) == call_signature(x, fc.weight.detach())

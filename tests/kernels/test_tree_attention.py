@@ -1084,3 +1084,17 @@ def test_nan_in_q_k_or_scale_reaches_exactly_the_rows_that_read_it(isa, dtype, m
     for backend in backends:
         out = run_with_backend(backend, tree_attention, *blind.args())
         assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and torch.isfinite(out).all(), backend
+
+
+def test_float64_where_triton_is_chosen_runs_the_reference_unless_triton_is_forced(monkeypatch):
+    """On CUDA the default backend is Triton, which has no float64 kernel: a float64 call runs the
+    reference (as fused_draft_input's does); forcing Triton still refuses it by name."""
+    module = sys.modules["eagle_kernels.tree_attention"]  # (the package attribute is the function)
+    case = make_case(2, 3, 4, 2, 16, "bool", seed=11)
+    args = (*case.args(), 16**-0.5)
+    monkeypatch.setattr(module, "select_backend", lambda op, device: "triton")
+    out = module._run_tree_attention(*args)
+    assert torch.equal(out, tree_attention_ref(*args))
+    if "triton" in eagle_kernels.available_backends(OP, torch.device("cpu")):
+        with pytest.raises(TypeError, match="not float64"), eagle_kernels.use_backend("triton"):
+            module._run_tree_attention(*args)
