@@ -67,9 +67,10 @@ DUP_SIBLING = 32
 BAD_DRAFT = 64
 
 STATUS_MESSAGES = {
-    BAD_TREE: "malformed tree: retrive_next_token / retrive_next_sibling must hold -1 or a later slot "
-    "< num_draft_tokens (no cycles), the root has no sibling, no slot has two incoming links, and "
-    "retrive_index[b] must be a permutation of the rows b*n .. b*n+n-1",
+    BAD_TREE: "malformed tree: retrive_next_token must hold -1 or a later slot < num_draft_tokens "
+    "(children after their parent), retrive_next_sibling -1 or another slot in 1 .. num_draft_tokens-1 "
+    "(siblings in any order), the root has no sibling, no slot has two incoming links (so no cycles), "
+    "and retrive_index[b] must be a permutation of the rows b*n .. b*n+n-1",
     BAD_TOKEN: "a candidate token is outside [0, vocab_size)",
     BAD_UNIFORM: "a uniform sample is outside [0, 1) or NaN",
     BAD_PROB: "a probability read by the walk is NaN, negative or above 1, or the children of a node "
@@ -142,8 +143,13 @@ def _tree_status(candidates, retrive_index, next_token, next_sibling, uniforms, 
     device = candidates.device
     slots = torch.arange(n, device=device)
     bad_tree = torch.zeros(B, dtype=torch.bool, device=device)
-    for ptr in (next_token, next_sibling):
-        bad_tree |= ((ptr != -1) & ((ptr <= slots) | (ptr >= n))).any(-1)
+    # A child comes after its parent; siblings may sit in any order (SGLang's trees link some
+    # backwards). One incoming link per slot and none into the root keep every walk finite: a cycle
+    # reached from the root would need a slot with two incoming links.
+    bad_tree |= ((next_token != -1) & ((next_token <= slots) | (next_token >= n))).any(-1)
+    bad_tree |= (
+        (next_sibling != -1) & ((next_sibling < 1) | (next_sibling >= n) | (next_sibling == slots))
+    ).any(-1)
     bad_tree |= next_sibling[:, 0] != -1
     links = torch.cat([next_token, next_sibling], dim=1)
     indegree = torch.zeros(B, n + 1, dtype=torch.int64, device=device)
@@ -463,7 +469,7 @@ def _tree_status_vec(cand_ptr, ri_ptr, nt_ptr, ns_ptr, u_ptr, uf_ptr, b, n, V, N
     ns = tl.load(ns_ptr + base + slots, mask=inside, other=-1).to(tl.int64)
     ri = tl.load(ri_ptr + base + slots, mask=inside, other=0).to(tl.int64) - base
     bad = inside & (nt != -1) & ((nt <= slots) | (nt >= n))
-    bad |= inside & (ns != -1) & ((ns <= slots) | (ns >= n) | (slots == 0))
+    bad |= inside & (ns != -1) & ((ns < 1) | (ns >= n) | (ns == slots) | (slots == 0))  # siblings: any order
     bad |= inside & ((ri < 0) | (ri >= n))
     links = tl.sum((nt[None, :] == slots[:, None]).to(tl.int32), axis=1)
     links += tl.sum((ns[None, :] == slots[:, None]).to(tl.int32), axis=1)
@@ -866,7 +872,8 @@ def tree_speculative_sampling(
     retrive_next_token : Tensor ``[B, n]``, same dtype as ``retrive_index``
         First child slot of every slot, -1 for a leaf. Children come after their parent (slot > parent).
     retrive_next_sibling : Tensor ``[B, n]``, same dtype as ``retrive_index``
-        Next sibling slot, -1 for the last one (slot > this slot); siblings are tried in this order.
+        Next sibling slot, -1 for the last one; siblings are tried in this order, which need not be
+        the slots' (SGLang links some backwards). No slot has two incoming links; the root no sibling.
     target_probs : Tensor ``[B, n, V]``, float32, vocabulary dimension contiguous
         Target distribution at every slot, already warped (temperature, top-k, top-p, min-p) and
         normalised. Only the rows on the walked path are read.
@@ -964,7 +971,8 @@ def tree_speculative_sampling_draft_probs(
     retrive_next_token : Tensor ``[B, n]``, same dtype as ``retrive_index``
         First child slot of every slot, -1 for a leaf. Children come after their parent (slot > parent).
     retrive_next_sibling : Tensor ``[B, n]``, same dtype as ``retrive_index``
-        Next sibling slot, -1 for the last one (slot > this slot); siblings are tried in this order.
+        Next sibling slot, -1 for the last one; siblings are tried in this order, which need not be
+        the slots' (SGLang links some backwards). No slot has two incoming links; the root no sibling.
     target_probs : Tensor ``[B, n, V]``, float32, vocabulary dimension contiguous
         Target distribution at every slot (warped, normalised).
     draft_probs : Tensor ``[B, n, V]``, float32, vocabulary dimension contiguous
@@ -1021,7 +1029,7 @@ def sglang_tree_speculative_sampling_target_only(
     uniform_samples: torch.Tensor,
     uniform_samples_for_final_sampling: torch.Tensor,
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor | None = None,
+    draft_probs: torch.Tensor | float | None = None,
     threshold_single: float = 1.0,
     threshold_acc: float = 1.0,
     deterministic: bool = True,
@@ -1037,6 +1045,9 @@ def sglang_tree_speculative_sampling_target_only(
     rows; ``accept_index`` is written whole (-1 past the path, what SGLang callers pre-fill).
     ``draft_probs`` ``[B, n, V]`` float32 is accepted for signature compatibility only (optional):
     SGLang uses it as scratch for rejected mass, this implementation neither reads nor writes it.
+    Newer sgl-kernel releases dropped it (``..., target_probs, threshold_single=1.0,
+    threshold_acc=1.0, deterministic=True``); both forms are taken: a number where ``draft_probs``
+    stands is read as ``threshold_single`` of the newer one, and keyword calls work with either.
     ``deterministic`` is ignored: results are always deterministic.
 
     Thresholds below 1 make SGLang's acceptance *lossy* (a child is accepted when
@@ -1046,6 +1057,21 @@ def sglang_tree_speculative_sampling_target_only(
     count twice in the cumulative mass, as in SGLang). With thresholds 1 and ``lossy=False`` the
     lossless op runs (``coin < mass``: SGLang's ``<=`` differs only on a measure-zero event).
     """
+    if isinstance(draft_probs, (int, float)) and not isinstance(draft_probs, bool):
+        # sgl-kernel's newer signature (no draft_probs) called positionally: the number in draft_probs'
+        # place is threshold_single, and every later argument sits one place earlier
+        if deterministic is not True:
+            raise TypeError(
+                "tree_speculative_sampling_target_only: a number in draft_probs' place reads as sgl-kernel's "
+                "newer signature (..., target_probs, threshold_single, threshold_acc, deterministic), which "
+                "has no argument after deterministic"
+            )
+        draft_probs, threshold_single, threshold_acc, deterministic = (
+            None,
+            draft_probs,
+            threshold_single,
+            threshold_acc,
+        )
     check_tensor("predicts", predicts, ndim=1, dtypes=(torch.int32,))
     check_tensor("accept_index", accept_index, ndim=2, dtypes=(torch.int32,))
     check_tensor("accept_token_num", accept_token_num, ndim=1, dtypes=(torch.int32,))

@@ -244,14 +244,15 @@ int32_t tree_status(const TreeArgs& a, const tok_t* cand, const idx_t* ri, const
   bool bad_tree = ns[base] != -1;
   bool bad_token = false, bad_u = !valid_uniform(a.uf[b]);
   for (int64_t s = 0; s < n; ++s) {
-    for (int64_t link : {static_cast<int64_t>(nt[base + s]), static_cast<int64_t>(ns[base + s])}) {
-      if (link == -1) continue;
-      if (link <= s || link >= n) {
-        bad_tree = true;
-      } else if (++indegree[link] > 1) {
-        bad_tree = true;
-      }
-    }
+    // A child comes after its parent; siblings may link in any order (SGLang's trees link some
+    // backwards) but never to the root or themselves. One incoming link per slot keeps every walk
+    // finite: a cycle reached from the root would need a slot with two.
+    const int64_t child = nt[base + s], sibling = ns[base + s];
+    const bool child_ok = child == -1 || (child > s && child < n);
+    const bool sibling_ok = sibling == -1 || (sibling >= 1 && sibling < n && sibling != s);
+    if (!child_ok || !sibling_ok) bad_tree = true;
+    if (child_ok && child != -1 && ++indegree[child] > 1) bad_tree = true;
+    if (sibling_ok && sibling != -1 && ++indegree[sibling] > 1) bad_tree = true;
     const int64_t row = static_cast<int64_t>(ri[base + s]) - base;
     if (row < 0 || row >= n || ++rows[row] > 1) bad_tree = true;
     const int64_t tok = static_cast<int64_t>(cand[base + s]);

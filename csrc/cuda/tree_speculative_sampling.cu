@@ -1,7 +1,7 @@
 // tree_speculative_sampling CUDA kernel: one block of kThreads threads per sequence.
 //
 //  1. The block loads the sequence's tree into shared memory and validates it in parallel (links in
-//     range and pointing forward, in-degree <= 1, retrive_index a permutation of the sequence's rows,
+//     range, children after their parent, siblings in any order, in-degree <= 1, retrive_index a permutation of the sequence's rows,
 //     tokens in the vocabulary, uniforms in [0, 1)).
 //  2. The walk. Deterministic drafts: thread 0 walks alone (it only reads one probability per tried
 //     child). Sampled drafts: thread 0 decides, and every rejection triggers a block-wide reduction
@@ -229,7 +229,9 @@ __device__ void load_and_check(const Params& prm, long long b, const Arrays& a, 
   for (long long s = threadIdx.x; s < n; s += kThreads) {
     const long long first = static_cast<long long>(nt[s]), next = static_cast<long long>(ns[s]);
     const bool first_ok = first == -1 || (first > s && first < n);
-    const bool next_ok = (next == -1 || (next > s && next < n)) && !(s == 0 && next != -1);
+    // siblings in any order (SGLang links some backwards), never to the root or themselves; one
+    // incoming link per slot (checked below) keeps the walks finite
+    const bool next_ok = (next == -1 || (next >= 1 && next < n && next != s)) && !(s == 0 && next != -1);
     if (!first_ok || !next_ok) status |= kBadTree;
     a.nt[s] = first_ok ? static_cast<int>(first) : -1;
     a.ns[s] = next_ok ? static_cast<int>(next) : -1;

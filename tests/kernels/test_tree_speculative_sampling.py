@@ -411,6 +411,75 @@ def test_sglang_lossy_threshold_single_accepts_likely_children():
         assert int(bufs[2][b]) == k
 
 
+def test_sglangs_own_case_with_a_sibling_linked_backwards():
+    """sgl-kernel's test_tree_speculative_sampling_target_only: sequence 1's root has children 4 then 1
+    (slot 4's sibling is slot 1, an earlier slot). Siblings may come in any order; the walk tries
+    them in link order on every backend, giving upstream's expected outputs."""
+    candidates = torch.tensor([[0, 1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12]])
+    ri = torch.tensor([[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]])
+    nt = torch.tensor([[1, 2, -1, 4, 5, -1], [4, 2, 3, -1, 5, -1]])
+    ns = torch.tensor([[-1, 3, -1, -1, -1, -1], [-1, -1, -1, -1, 1, -1]])
+    logits = torch.full((2, 6, 20), 1.0)
+    for b, slot, tok in [(0, 0, 3), (0, 3, 4), (0, 4, 5), (1, 0, 11), (1, 4, 12)]:
+        logits[b, slot, tok] = 10
+    logits[..., 18] = torch.where(logits.amax(-1) < 10, 10.0, 1.0)
+    probs = torch.softmax(logits / 0.01, -1)
+    coins, coin_final = torch.rand(2, 6, generator=torch.Generator().manual_seed(0)), torch.full((2,), 0.5)
+    expected = {  # (threshold_single, threshold_acc): (predicts, accept_index, accept_token_num)
+        (1.0, 1.0): ([3, -1, -1, 4, 5, 18, 11, -1, -1, -1, 12, 18], [[0, 3, 4, 5], [6, 10, 11, -1]], [3, 2]),
+        (0.0, 0.0): (
+            [1, 2, 18, -1, -1, -1, 11, -1, -1, -1, 12, 18],
+            [[0, 1, 2, -1], [6, 10, 11, -1]],
+            [2, 2],
+        ),
+    }
+    for (t_single, t_acc), (predicts, accept_index, num) in expected.items():
+        for backend in ["torch", *_backends()]:
+            bufs = _sglang_buffers(2, 6, 4, 20)
+            bufs[0].fill_(-1)
+            run_with_backend(
+                backend,
+                sglang_tree_speculative_sampling_target_only,
+                *bufs,
+                candidates,
+                ri,
+                nt,
+                ns,
+                coins,
+                coin_final,
+                probs,
+                torch.zeros_like(probs),
+                t_single,
+                t_acc,
+                lossy=t_single != 1.0,
+            )
+            got = (bufs[0].tolist(), bufs[1].tolist(), bufs[2].tolist())
+            assert got == (predicts, accept_index, num), (backend, t_single)
+
+
+def test_sglang_drop_in_takes_the_newer_signature_without_draft_probs():
+    """Newer sgl-kernel dropped draft_probs: (..., target_probs, threshold_single, threshold_acc,
+    deterministic). Called positionally that way, the thresholds land where they belong."""
+    args, steps, _ = make_case(2, 8, 20, 3, seed=12)
+    cand, ri, nt, ns, probs, u, uf = args
+    older = _sglang_buffers(2, 8, steps, 20)
+    sglang_tree_speculative_sampling_target_only(
+        *older, cand, ri, nt, ns, u, uf, probs, None, 0.0, 0.5, True, lossy=True
+    )
+    newer = _sglang_buffers(2, 8, steps, 20)
+    sglang_tree_speculative_sampling_target_only(
+        *newer, cand, ri, nt, ns, u, uf, probs, 0.0, 0.5, True, lossy=True
+    )
+    for got, want in zip(newer, older):
+        assert torch.equal(got, want)
+    lossless = _sglang_buffers(2, 8, steps, 20)
+    sglang_tree_speculative_sampling_target_only(*lossless, cand, ri, nt, ns, u, uf, probs, 1.0, 1.0, True)
+    with pytest.raises(ValueError, match="lossy"):  # a relaxed threshold read in the newer position
+        sglang_tree_speculative_sampling_target_only(
+            *_sglang_buffers(2, 8, steps, 20), cand, ri, nt, ns, u, uf, probs, 0.5
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------------------------------
@@ -434,7 +503,10 @@ BAD_INPUTS = [
     (lambda c: c["args"].__setitem__(5, c["args"][5][:, :3]), "uniform_samples must have shape"),
     (lambda c: c.update(steps=9), "num_spec_steps"),
     (lambda c: c["args"][2].__setitem__((1, 0), 0), "malformed tree"),  # self loop / cycle
-    (lambda c: c["args"][3].__setitem__((0, 3), 1), "malformed tree"),  # link to an earlier slot
+    (lambda c: c["args"][3].__setitem__((0, 3), 1), "malformed tree"),  # slot 1's second incoming link
+    (lambda c: c["args"][3].__setitem__((0, 3), 0), "malformed tree"),  # a sibling link to the root
+    (lambda c: c["args"][3].__setitem__((0, 3), 3), "malformed tree"),  # a slot its own sibling
+    (lambda c: c["args"][2].__setitem__((0, 3), 2), "malformed tree"),  # a child before its parent
     (lambda c: c["args"][2].__setitem__((0, 2), 99), "malformed tree"),  # out of range
     (lambda c: c["args"][1].__setitem__((1, 2), 3), "malformed tree"),  # row of another sequence
     (lambda c: c["args"][0].__setitem__((0, 1), 12), "outside \\[0, vocab_size\\)"),
