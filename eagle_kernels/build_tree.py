@@ -233,9 +233,10 @@ def _build_tree_into_ref(parent_list, selected_index, seq_lens, outputs, topk, d
     sel = selected_index.to(torch.int64)
     seq = seq_lens.to(torch.int64)
     _check_selected_ref(sel, seq, topk, depth)
-    if mode == FULL and tree_mask.numel() != int(seq.sum()) * n + B * n * n:
+    if mode == FULL and tree_mask.numel() < int(seq.sum()) * n + B * n * n:
         raise ValueError(
-            f"tree_mask has {tree_mask.numel()} elements but mask mode full needs {int(seq.sum()) * n + B * n * n}"
+            f"tree_mask has {tree_mask.numel()} elements but mask mode full needs at least "
+            f"{int(seq.sum()) * n + B * n * n}"
         )
     parent = _parent_slots_ref(parent_list, sel, topk)
     levels, ancestors = _walk_to_root_ref(parent, depth)
@@ -266,6 +267,7 @@ def build_tree_ref(
     hops) gives each slot's depth and ancestors.
     """
     mode = _mode_id(mask_mode)
+    parent_list = _index_dtype_if_empty(parent_list)
     _check_args(parent_list, selected_index, seq_lens, topk, depth, num_draft_tokens, mode)
     outputs = _allocate_outputs(selected_index, seq_lens, num_draft_tokens, mode)
     _build_tree_into_ref(parent_list, selected_index, seq_lens, outputs, topk, depth, num_draft_tokens, mode)
@@ -601,6 +603,14 @@ def _mode_id(mask_mode: str) -> int:
     return MASK_MODES[mask_mode]
 
 
+def _index_dtype_if_empty(parent_list: torch.Tensor) -> torch.Tensor:
+    """SGLang passes ``torch.empty(bs, 0)`` (float32) as the parent list of a depth-1 draft: nothing in
+    it is read, so an empty list of another dtype is taken as an empty int64 one."""
+    if parent_list.dim() == 2 and parent_list.shape[1] == 0 and parent_list.dtype not in INDEX_DTYPES:
+        return parent_list.to(torch.int64)
+    return parent_list
+
+
 def _check_args(parent_list, selected_index, seq_lens, topk, depth, n, mode) -> None:
     """Shapes, dtypes and sizes (cheap, no host synchronisation). No value reads: the verdict depends
     only on the call's signature, so :data:`_CHECKED_ARGS` skips a signature that already passed."""
@@ -677,8 +687,10 @@ def _validate_values(parent_list, selected_index, seq_lens, n, mode, tree_mask, 
     _walk_to_root_ref(parent, depth)
     if mode == FULL:
         need = int(seq.sum()) * n + sel.shape[0] * n * n
-        if tree_mask.numel() != need:
-            raise ValueError(f"tree_mask has {tree_mask.numel()} elements but mask mode full needs {need}")
+        if tree_mask.numel() < need:
+            raise ValueError(
+                f"tree_mask has {tree_mask.numel()} elements but mask mode full needs at least {need}"
+            )
 
 
 def _run(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
@@ -738,7 +750,8 @@ def build_tree(
 
         * ``"full"``: bool, flat, FlashInfer's ``custom_mask``: per request ``n`` rows of
           ``seq_lens[b] + n`` columns (prefix columns first, all true), requests concatenated;
-          ``sum(seq_lens)*n + B*n*n`` elements.
+          ``sum(seq_lens)*n + B*n*n`` elements; a larger buffer (SGLang's worst-case CUDA-graph
+          mask) is fine, its elements past them are left alone.
         * ``"qlen_bool"``: bool ``[B, n, n]`` (the prefix is implicitly visible).
         * ``"qlen_bits_u8"``: uint8 ``[B, n, nbytes]``, each row packed little-endian (bit ``j % 8``
           of byte ``j // 8``) into ``nbytes`` = 1, 2 or 4 bytes for n <= 8, 16, 32 like SGLang
@@ -779,6 +792,7 @@ def build_tree(
     """
     mode = _mode_id(mask_mode)
     n = num_draft_tokens
+    parent_list = _index_dtype_if_empty(parent_list)
     _CHECKED_ARGS.run(_check_args, parent_list, selected_index, seq_lens, topk, depth, n, mode)
     if out is None:
         out = _allocate_outputs(selected_index, seq_lens, n, mode)

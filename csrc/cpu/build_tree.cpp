@@ -233,8 +233,9 @@ void build_tree_cpu(const at::Tensor& parent_list, const at::Tensor& selected_in
       rows[b] = {b * n * n, n, 0};
     }
   }
-  TORCH_CHECK_VALUE(mask_mode != kFullMask || tree_mask.numel() == start, "tree_mask has ", tree_mask.numel(),
-                    " elements but mask mode full needs ", start);
+  // (a larger buffer is fine: SGLang passes its worst-case CUDA-graph mask; the rest is left alone)
+  TORCH_CHECK_VALUE(mask_mode != kFullMask || tree_mask.numel() >= start, "tree_mask has ", tree_mask.numel(),
+                    " elements but mask mode full needs at least ", start);
   if (B == 0) return;
   auto parents = parent_list.contiguous();
   auto sel = selected_index.contiguous();

@@ -223,12 +223,13 @@ def test_depth_one_accepts_sglangs_empty_parent_list():
     draft = simulate_eagle2(2, 4, 5, 1, gen)
     seq = torch.tensor([3, 4])
     want = build_tree_ref(draft.parent_list, draft.selected_index, seq, topk=5, depth=1, num_draft_tokens=4)
-    empty = draft.parent_list[:, :0]
-    for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
-        got = run_with_backend(
-            backend, build_tree, empty, draft.selected_index, seq, topk=5, depth=1, num_draft_tokens=4
-        )
-        assert_outputs_equal(got, want, backend)
+    # SGLang's torch.empty(bs, 0) is float32 in many versions: nothing in it is read
+    for empty in (draft.parent_list[:, :0], torch.empty(2, 0)):
+        for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
+            got = run_with_backend(
+                backend, build_tree, empty, draft.selected_index, seq, topk=5, depth=1, num_draft_tokens=4
+            )
+            assert_outputs_equal(got, want, backend)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,8 +610,24 @@ def test_bad_out_raises():
         build_tree(**case, **kw, out=(*good[:2], good[2].int(), *good[3:]))
     short_full = (torch.ones(3, dtype=torch.bool), *good[1:])
     for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
-        with pytest.raises(ValueError, match="mask mode full needs 85"):
+        with pytest.raises(ValueError, match="mask mode full needs at least 85"):
             run_with_backend(backend, build_tree, **case, **(kw | {"mask_mode": "full"}), out=short_full)
+
+
+def test_full_mode_writes_into_a_larger_buffer_and_leaves_its_tail_alone():
+    """SGLang hands build_tree its worst-case CUDA-graph mask buffer (larger than this batch needs)."""
+    case = _valid_case()
+    kw = dict(topk=2, depth=3, num_draft_tokens=5, mask_mode="full")
+    want = build_tree(**case, **kw)  # 85 elements
+    for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
+        big = torch.ones(85 + 20, dtype=torch.bool)
+        big[85:] = torch.arange(20) % 3 == 0  # a pattern the tree must not touch
+        tail = big[85:].clone()
+        out = (big, *(torch.empty_like(t) for t in want[1:]))
+        run_with_backend(backend, build_tree, **case, **kw, out=out)
+        assert torch.equal(big[:85], want[0]), backend
+        assert torch.equal(big[85:], tail), backend
+        assert all(torch.equal(g, w) for g, w in zip(out[1:], want[1:])), backend
 
 
 # --------------------------------------------------------------------------------------------------
