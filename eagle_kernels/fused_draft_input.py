@@ -1106,9 +1106,17 @@ def _check_out(out, shape, like: torch.Tensor, inputs: dict) -> torch.Tensor:
     """``out`` must match the result's shape/dtype/device, share no memory with an input, and be
     viewable as ``[N, H]``; returns that 2-D view."""
     check_tensor("out", out, dtypes=(like.dtype,), device=like.device, shape=shape)
-    for name, t in inputs.items():
-        if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            raise ValueError(f"out must not share memory with {name}")
+    if torch.is_grad_enabled():
+        needing = [name for name, t in inputs.items() if t is not None and t.requires_grad]
+        if needing:  # as torch's own out= functions: the result would silently carry no gradient
+            raise RuntimeError(
+                f"out= does not support automatic differentiation, but {', '.join(needing)} requires grad; "
+                "call without out= (or under torch.no_grad())"
+            )
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace storage pointers; opcheck covers aliasing)
+        for name, t in inputs.items():
+            if t is not None and t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+                raise ValueError(f"out must not share memory with {name}")
     try:
         return out.view(-1, shape[-1])
     except RuntimeError as exc:

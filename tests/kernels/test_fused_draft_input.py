@@ -610,10 +610,39 @@ def test_torch_compile():
     def eagle3_step(h_low, h_mid, h_high, w, b):
         return fused_eagle3_input(h_low, h_mid, h_high, w, b) + 1
 
-    for fn, args in ((draft_step, draft_args), (eagle3_step, eagle3_args)):
+    def draft_step_out(hidden, ids, embed, w, b):  # the preallocated (CUDA-graph) form
+        out = torch.empty(*hidden.shape[:-1], w.shape[0], dtype=hidden.dtype)
+        return fused_draft_input(hidden, ids, embed, w, b, out=out) * 2
+
+    def eagle3_step_out(h_low, h_mid, h_high, w, b):
+        out = torch.empty(*h_low.shape[:-1], w.shape[0], dtype=h_low.dtype)
+        return fused_eagle3_input(h_low, h_mid, h_high, w, b, out=out) + 1
+
+    for fn, args in (
+        (draft_step, draft_args),
+        (eagle3_step, eagle3_args),
+        (draft_step_out, draft_args),
+        (eagle3_step_out, eagle3_args),
+    ):
         torch._dynamo.reset()
         got = torch.compile(fn, fullgraph=True)(*args)  # no graph break (backend picked at run time)
         torch.testing.assert_close(got, fn(*args), rtol=0, atol=0)
+
+
+def test_out_refuses_inputs_that_require_grad():
+    """out= cannot carry a gradient (as torch's own out= functions): refused, not silently detached."""
+    hidden, ids, embed, w, b = make_draft_case((4,), 16, 30, torch.float32, torch.int64, True, seed=2)
+    out = torch.empty(4, w.shape[0])
+    w = w.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="fc_weight requires grad"):
+        fused_draft_input(hidden, ids, embed, w, b, out=out)
+    h_low, h_mid, h_high, w3, b3 = make_eagle3_case((4,), 16, torch.float32, False, seed=2)
+    with pytest.raises(RuntimeError, match="h_mid requires grad"):
+        fused_eagle3_input(
+            h_low, h_mid.clone().requires_grad_(), h_high, w3, b3, out=torch.empty(4, w3.shape[0])
+        )
+    with torch.no_grad():  # no autograd: fine
+        fused_draft_input(hidden, ids, embed, w, b, out=out)
 
 
 def test_default_cpu_backend_is_registered_cpp():
