@@ -47,8 +47,9 @@ def compact_kv_cache_ref(
     accepted slots are strictly increasing, so slot_j >= j and no source is overwritten before it
     is read.
     """
-    B, steps = accept_index.shape
     n = num_draft_tokens
+    accept_index = accept_index[:, :n]  # a path holds at most n slots: wider columns are padding
+    B, steps = accept_index.shape
     kv_cache = _as_bits(kv_cache)
     device = kv_cache.device
     seqlens = cache_seqlens.to(torch.int64)[:, None]
@@ -199,11 +200,8 @@ def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_dra
         )
     if num_draft_tokens > kv_cache.shape[4]:
         raise ValueError(f"num_draft_tokens={num_draft_tokens} exceeds the cache's S_max={kv_cache.shape[4]}")
-    if num_draft_tokens < 1 or accept_index.shape[1] > num_draft_tokens:
-        raise ValueError(
-            f"num_draft_tokens={num_draft_tokens} must be >= 1 and >= accept_index.shape[1]="
-            f"{accept_index.shape[1]}"
-        )
+    if num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens={num_draft_tokens} must be >= 1")
     if accept_index.shape[1] == 0:
         raise ValueError("accept_index must have at least one column (the root)")
 
@@ -235,7 +233,9 @@ def compact_kv_cache(
         ``retrive_index[b, s] = b * n + s``: those ops accept other row permutations, this one reads
         rows as slots). Slots are strictly increasing along the path (children after their parents:
         the moves are in place). Checked on CPU and with ``EAGLE_KERNELS_DEBUG=1``; on CUDA otherwise a
-        path that goes back a slot would overwrite a row before it is read.
+        path that goes back a slot would overwrite a row before it is read. It may have more
+        columns than ``num_draft_tokens`` (SGLang's is ``speculative_num_steps + 1`` wide whatever
+        the tree size); a path never fills more than ``num_draft_tokens`` of them.
     accept_token_num : Tensor ``[B]``, int32 or int64
         Number of accepted draft tokens (the root is not counted).
     num_draft_tokens : int

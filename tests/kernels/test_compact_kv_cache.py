@@ -169,6 +169,19 @@ def test_unchecked_kernels_stay_inside_the_row_and_the_tree_on_malformed_input(d
         assert torch.equal(got, want), name
 
 
+def test_accept_index_wider_than_the_tree(device):
+    """SGLang's accept_index is speculative_num_steps + 1 wide whatever the tree size, and
+    verify_tree_greedy takes num_spec_steps > n: the extra columns are padding."""
+    kv, seqlens, idx, num = make_case(3, 4, 4, 2, 16, torch.float32, torch.int64, device, seed=9)
+    wide = torch.cat([idx, torch.full((3, 3), -1, dtype=idx.dtype, device=device)], 1)  # 7 columns, n = 4
+    want = kv.clone()
+    want_len = compact_kv_cache_ref(want, seqlens, idx, num, 4)
+    for backend in ["torch", *backends_for(OP, device)]:
+        got = kv.clone()
+        got_len = run_with_backend(backend, compact_kv_cache, got, seqlens, wide, num, num_draft_tokens=4)
+        assert torch.equal(got, want) and torch.equal(got_len, want_len), backend
+
+
 def test_strided_seqlens_and_counts(device):
     """Views with a stride (every other element of a bigger tensor) are read by value, not as raw
     memory: a kernel that indexed them as contiguous would read the interleaved junk (99, 77)."""
