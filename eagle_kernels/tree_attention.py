@@ -766,6 +766,7 @@ def _tree_attention_triton(
 # --------------------------------------------------------------------------------------------------
 def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float) -> torch.Tensor:
     """The op's body: value checks where due, then the backend chosen for q's device."""
+    tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])  # (for direct torch.ops calls too)
     backend = select_backend(OP, q.device)
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
         backend = "torch"  # float64 on CUDA: only the reference handles it

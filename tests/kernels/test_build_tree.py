@@ -800,3 +800,5 @@ def test_qlen_bits_u8_masks_feed_tree_attention(n):
     lens = seq.to(torch.int32)
     want = eagle_kernels.tree_attention(q, k, v, lens, dense.view(2, n, n))
     torch.testing.assert_close(eagle_kernels.tree_attention(q, k, v, lens, bits), want, rtol=0, atol=0)
+    direct = torch.ops.eagle.tree_attention(q, k, v, lens, bits, 16**-0.5)  # what serving stacks call
+    torch.testing.assert_close(direct, want, rtol=0, atol=0)
