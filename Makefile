@@ -43,6 +43,7 @@ bench-smoke:
 	$(PY) -m pytest bench -q --benchmark-disable -n $(PYTEST_WORKERS)
 
 wheel: torch
+	$(PIP) install "setuptools>=77" ninja build
 	$(PY) -m build --wheel --no-isolation
 
 # One wheel per CUDA toolkit: make wheels CUDA="12.4 12.8" (needs /usr/local/cuda-X.Y for each).

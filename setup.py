@@ -11,8 +11,9 @@ TORCH_CUDA_ARCH_LIST    GPU architectures to compile for, e.g. "8.0;9.0+PTX". De
                         CUDA without a visible GPU: "8.0;8.6;8.9;9.0+PTX".
 MAX_JOBS                Parallel compile jobs for ninja. Default: min(cores, free RAM / 2.5 GB), at
                         least 1; the choice is printed.
-EAGLE_LOCAL_VERSION     Override the wheel's local version label (default: "cpu" or
-                        "cu{XY}torch{A.B}", computed from the toolchain the extension is built with).
+EAGLE_LOCAL_VERSION     Override the wheel's local version label (default: "cputorch{A.B}" or
+                        "cu{XY}torch{A.B}", from the torch and the nvcc the extension is built with;
+                        none for a pure-Python build or an sdist).
 EAGLE_DEBUG_BUILD=1     Compile with -O0 -g.
 
 Install with ``pip install --no-build-isolation .`` so that the extension is compiled against the
@@ -84,6 +85,27 @@ def _cuda_wanted(torch) -> bool:
     return True
 
 
+def _toolkit_cuda_version(torch) -> str:
+    """The CUDA version of the nvcc at CUDA_HOME ("12.4"), which the kernels are compiled with: one
+    torch can build against several toolkits (scripts/build_wheels.sh), and the wheel's label and
+    build info must name the one used. torch's own CUDA version when nvcc cannot be asked."""
+    import re
+    import subprocess
+
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    try:
+        out = subprocess.run(
+            [os.path.join(CUDA_HOME, "bin", "nvcc"), "--version"], capture_output=True, text=True, check=True
+        ).stdout
+        found = re.search(r"release (\d+)\.(\d+)", out)
+        if found:
+            return f"{found.group(1)}.{found.group(2)}"
+    except (OSError, subprocess.CalledProcessError, TypeError):
+        pass
+    return torch.version.cuda
+
+
 def _local_version(torch, cuda: bool) -> str:
     override = os.environ.get("EAGLE_LOCAL_VERSION")
     if override:
@@ -92,7 +114,7 @@ def _local_version(torch, cuda: bool) -> str:
         return ""  # pure-Python: platform independent, no local label
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
     if cuda:
-        cuda_major_minor = "".join(torch.version.cuda.split(".")[:2])
+        cuda_major_minor = "".join(_toolkit_cuda_version(torch).split(".")[:2])
         return f"cu{cuda_major_minor}torch{torch_mm}"
     return f"cputorch{torch_mm}"
 
@@ -100,7 +122,7 @@ def _local_version(torch, cuda: bool) -> str:
 def _write_build_info(torch, cuda: bool) -> None:
     info = ROOT / "eagle_kernels" / "_build_info.py"
     torch_version = torch.__version__ if torch is not None else None
-    cuda_version = torch.version.cuda if (torch is not None and cuda) else None
+    cuda_version = _toolkit_cuda_version(torch) if (torch is not None and cuda) else None
     info.write_text(
         "# Written by setup.py at build time; describes what eagle_kernels._C was compiled against.\n"
         f"TORCH_VERSION = {torch_version!r}\n"
@@ -118,7 +140,8 @@ def _extensions(torch, cuda: bool):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     debug = _flag("EAGLE_DEBUG_BUILD")
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    # -g0: Python's sysconfig CFLAGS carry -g, which made the library 38 MB (36 MB of debug info)
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -ffp-contract=off: GCC fuses a * b + c into an FMA wherever it likes in C++ (ISO mode too), and
     # different GCC versions chose differently between two paths that must agree bit for bit (a verified
     # block's rows and one-token steps in tree_attention). The kernels write their FMAs out instead.
@@ -166,11 +189,47 @@ def _persistent_build_ext(base):
     return PersistentBuildExt
 
 
+def _build_py(skip_ext: bool):
+    """build_py that leaves ``eagle_kernels/_build_info.py`` out of a pure-Python build: a copy left
+    in the tree by an earlier extension build would make the installed package look for an extension
+    it does not have (and warn at every import)."""
+    from setuptools.command.build_py import build_py
+
+    class BuildPy(build_py):
+        def find_package_modules(self, package, package_dir):
+            modules = super().find_package_modules(package, package_dir)
+            if skip_ext:
+                modules = [m for m in modules if (m[0], m[1]) != ("eagle_kernels", "_build_info")]
+            return modules
+
+    return BuildPy
+
+
+def _dependencies(torch, with_ext: bool) -> list[str]:
+    """The runtime requirements; an extension build pins the torch minor version it was compiled
+    against (the extension does not load under another: a wheel must not be installed beside it)."""
+    deps = [
+        "triton>=3.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+        "tqdm>=4.60",
+        "numpy>=1.24",
+    ]
+    if with_ext:
+        major, minor = torch.__version__.split("+")[0].split(".")[:2]
+        return [f"torch>={major}.{minor},<{major}.{int(minor) + 1}", *deps]
+    return ["torch>=2.5", *deps]
+
+
 def main() -> None:
     torch = _import_torch()
-    skip_ext = _flag("EAGLE_SKIP_EXT")
+    # an sdist carries sources only: no extension, no build info, no local label, any torch
+    sdist = "sdist" in sys.argv
+    skip_ext = _flag("EAGLE_SKIP_EXT") or sdist
     building = any(a.startswith(("bdist", "build", "develop", "install", "editable")) for a in sys.argv)
-    ext_modules, cmdclass, cuda = [], {}, False
+    ext_modules, cmdclass, cuda = [], {"build_py": _build_py(skip_ext)}, False
     if not skip_ext:
         if torch is None:
             if building:
@@ -188,14 +247,15 @@ def main() -> None:
                 os.environ["MAX_JOBS"] = str(_default_max_jobs(cuda))
             print(f"[eagle-kernels] MAX_JOBS={os.environ['MAX_JOBS']} cuda={cuda}")
             ext_modules = _extensions(torch, cuda)
-            cmdclass = {"build_ext": _persistent_build_ext(BuildExtension)}
+            cmdclass["build_ext"] = _persistent_build_ext(BuildExtension)
             _write_build_info(torch, cuda)
-    local = _local_version(torch, cuda)
+    local = "" if sdist else _local_version(torch, cuda)
     version = BASE_VERSION + (f"+{local}" if local else "")
     setup(
         version=version,
+        install_requires=_dependencies(torch, with_ext=bool(ext_modules)),
         packages=find_packages(include=["eagle_kernels*", "eagle*"]),
-        package_data={"eagle": ["assets/**/*"]},
+        package_data={"eagle": ["assets/**/*", "py.typed"], "eagle_kernels": ["py.typed"]},
         include_package_data=True,
         ext_modules=ext_modules,
         cmdclass=cmdclass,

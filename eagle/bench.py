@@ -76,7 +76,15 @@ BATCH_ONE_ONLY = {
 ASSISTANT_LAYERS = 2
 MAX_TREE_TOKENS = 64  # room kept after prompt + new tokens for the largest verified tree
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"  # in a source checkout; see default_out_dir
+
+
+def default_out_dir() -> Path:
+    """Where results go without ``--out``: the checkout's ``bench/results``, or, for an installed
+    package (REPO_ROOT is then site-packages, not to be written into), ``./bench-results``."""
+    if (REPO_ROOT / "bench" / "utils.py").exists():
+        return DEFAULT_OUT
+    return Path.cwd() / "bench-results"
 
 
 @dataclass
@@ -1095,7 +1103,7 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
     }
     if not config.save:
         return BenchReport(payload, None, None)
-    out_dir = Path(config.out) if config.out else DEFAULT_OUT
+    out_dir = Path(config.out) if config.out else default_out_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = config.name or default_name(config, models)
     json_path = out_dir / f"{stem}.json"
@@ -1104,7 +1112,12 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
     partial = json_path.with_name(json_path.name + ".partial")  # an interrupted write leaves the old file
     partial.write_text(json.dumps(payload, indent=2))
     os.replace(partial, json_path)
-    png_path = plot(payload, out_dir / f"{stem}.png") if config.plot else None
+    png_path = None
+    if config.plot:
+        try:
+            png_path = plot(payload, out_dir / f"{stem}.png")
+        except ImportError:  # matplotlib comes with the bench / test extras only
+            log("no plot: matplotlib is not installed (pip install 'eagle-kernels[bench]')")
     return BenchReport(payload, json_path, png_path)
 
 
@@ -1197,7 +1210,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE.jsonl",
         help='JSONL: {"prompt": ...} or MT-bench {"question_id": ..., "turns": [...]} lines',
     )
-    p.add_argument("--out", default=None, help="output directory (default bench/results)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: the checkout's bench/results; ./bench-results when installed)",
+    )
     p.add_argument("--name", default=None, help="file name stem (default e2e_<target>[_randomdraft][_quick])")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

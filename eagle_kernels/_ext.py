@@ -41,8 +41,17 @@ def _try_load() -> ExtensionStatus:
         return ExtensionStatus(
             False,
             False,
-            f"built for torch {built} but torch {torch.__version__} is installed; "
-            "rebuild with `pip install --no-build-isolation -e .`",
+            f"built for torch {built} but torch {torch.__version__} is installed; install the "
+            "eagle-kernels wheel built for this torch, or build from source against it "
+            "(`pip install --no-build-isolation .`)",
+            built,
+        )
+    if info.WITH_CUDA and (torch.version.cuda or "").split(".")[0] != str(info.CUDA_VERSION).split(".")[0]:
+        return ExtensionStatus(
+            False,
+            False,
+            f"built with CUDA {info.CUDA_VERSION} but torch {torch.__version__} uses CUDA {torch.version.cuda}; "
+            "install the eagle-kernels wheel built for this torch, or build from source against it",
             built,
         )
     try:

@@ -159,7 +159,7 @@ if want tests; then
     # compile dozens of Triton variants beside 15 other workers (2026-11-26: two of them ran past 120 s).
     if [ "${SKIP_KTESTS:-0}" = 0 ]; then
         timeout -s INT $(cap $CAP_KTESTS) python3 -m pytest tests/kernels tests/test_extension.py --device cuda -v -n 16 \
-            -p no:cacheprovider --timeout=300 --tb=short -rfE --junitxml="$W/tests.xml" >"$W/tests.log" 2>&1
+            -p no:cacheprovider $(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=300) --tb=short -rfE --junitxml="$W/tests.xml" >"$W/tests.log" 2>&1
         log "kernel tests rc=$? $(tail -1 "$W/tests.log"); failed: $(grep -o 'FAILED [^ ]*' "$W/tests.log" | sort -u | tr '\n' ' ')"
     fi
     if [ "${SKIP_ETESTS:-0}" = 0 ]; then

@@ -62,6 +62,27 @@ def test_mismatched_extension_warns_once_and_falls_back(tmp_path):
     assert "ok" in res.stdout
 
 
+def test_an_extension_built_for_another_cuda_major_is_refused_by_name():
+    """A CUDA build recorded as made with CUDA 99 is not loaded under this torch's CUDA (or none):
+    one warning naming both versions and what to install."""
+    code = (
+        "import warnings, sys, types, torch\n"
+        "fake = types.ModuleType('eagle_kernels._build_info')\n"
+        "fake.TORCH_VERSION, fake.CUDA_VERSION, fake.WITH_CUDA = torch.__version__, '99.0', True\n"
+        "sys.modules['eagle_kernels._build_info'] = fake\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import eagle_kernels\n"
+        "msgs = [str(x.message) for x in w if 'eagle_kernels' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'built with CUDA 99.0' in msgs[0] and 'wheel built for this torch' in msgs[0], msgs\n"
+        "assert not eagle_kernels.backend_info()['extension_loaded']\n"
+        "print('ok')"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
+
+
 def test_forced_backend_errors_are_clear():
     kv = torch.randn(1, 2, 1, 1, 8, 4)
     args = (kv, torch.tensor([0], dtype=torch.int32), torch.tensor([[0, 1]]), torch.tensor([1]))

@@ -5,26 +5,77 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(os.environ.get("EAGLE_SKIP_EXT") == "1", reason="pure-Python install requested")
-def test_wheel_builds_installs_and_runs(tmp_path):
-    dist = tmp_path / "dist"
-    build = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist)],
+def _build(tmp_path: Path, kind: str, **env: str) -> Path:
+    """``python -m build --<kind> --no-isolation`` of this checkout into tmp_path; the one artefact."""
+    dist = tmp_path / f"dist-{kind}"
+    res = subprocess.run(
+        [sys.executable, "-m", "build", f"--{kind}", "--no-isolation", "--outdir", str(dist)],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env={**os.environ, **env},
     )
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    wheels = list(dist.glob("*.whl"))
-    assert len(wheels) == 1, wheels
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    found = list(dist.iterdir())
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _metadata(wheel: Path, field: str) -> list[str]:
+    meta = next(n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".dist-info/METADATA"))
+    lines = zipfile.ZipFile(wheel).read(meta).decode().splitlines()
+    return [line.split(": ", 1)[1] for line in lines if line.startswith(field + ": ")]
+
+
+def test_sdist_holds_every_source_and_no_build_output(tmp_path):
+    """The sdist builds the extension elsewhere: headers and CUDA sources too, the tests; never this
+    checkout's compiled library, its build info or a local version label."""
+    sdist = _build(tmp_path, "sdist")
+    assert sdist.name == "eagle_kernels-0.1.0.tar.gz", sdist.name
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    for need in (
+        "csrc/cpu/amx_linear.h",
+        "csrc/cpu/tree_attention_kernel.h",
+        "csrc/cuda/build_tree.cu",
+        "csrc/cuda/build_tree.cuh",
+        "tests/conftest.py",
+        "tests/kernels/helpers.py",
+        "bench/utils.py",
+        "eagle/assets/tiny-code/draft/config.json",
+        "Makefile",
+    ):
+        assert need in names, need
+    assert "eagle_kernels/_build_info.py" not in names
+    assert not [n for n in names if n.endswith((".so", ".o")) or n.startswith("bench/results")]
+
+
+def test_a_pure_python_wheel_carries_no_build_info(tmp_path):
+    """EAGLE_SKIP_EXT=1 in a checkout whose extension was built (its _build_info.py is in the tree): the
+    wheel must not say an extension was built, or every import would warn that it cannot load."""
+    assert (ROOT / "eagle_kernels" / "_build_info.py").exists()  # make test built the extension
+    wheel = _build(tmp_path, "wheel", EAGLE_SKIP_EXT="1")
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "eagle_kernels/_build_info.py" not in names
+    assert not [n for n in names if "_C" in n and n.endswith(".so")]
+    assert "torch>=2.5" in _metadata(wheel, "Requires-Dist")
+
+
+@pytest.mark.skipif(os.environ.get("EAGLE_SKIP_EXT") == "1", reason="pure-Python install requested")
+def test_wheel_builds_installs_and_runs(tmp_path):
+    wheels = [_build(tmp_path, "wheel")]
     import torch
 
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -35,6 +86,15 @@ def test_wheel_builds_installs_and_runs(tmp_path):
         else f"cputorch{torch_mm}"
     )
     assert f"+{label}-" in wheels[0].name, (wheels[0].name, label)
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert any(n.startswith("eagle_kernels/_C") and n.endswith(".so") for n in names), names
+    assert {"eagle_kernels/_build_info.py", "eagle/py.typed", "eagle_kernels/py.typed"} <= set(names)
+    # the extension loads only under the torch minor it was built against: the wheel pins it
+    major, minor = (int(x) for x in torch_mm.split("."))
+    (pin,) = [Requirement(r) for r in _metadata(wheels[0], "Requires-Dist") if Requirement(r).name == "torch"]
+    base = torch.__version__.split("+")[0]
+    assert pin.specifier.contains(base) and not pin.specifier.contains(f"{major}.{minor + 1}.0"), pin
+    assert not pin.specifier.contains(f"{major}.{minor - 1}.0"), pin
 
     # A fresh venv that borrows torch & co. from this interpreter but gets its own eagle_kernels.
     env_dir = tmp_path / "venv"
@@ -47,6 +107,8 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     code = (
         "import torch, eagle_kernels, eagle\n"
         "assert eagle_kernels.__file__.startswith(%r), eagle_kernels.__file__\n"
+        "import eagle_kernels._C as ext\n"  # the wheel's own library, not one found elsewhere
+        "assert ext.__file__.startswith(%r), ext.__file__\n"
         "info = eagle_kernels.backend_info()\n"
         "assert info['extension_loaded'], info\n"
         "kv = torch.arange(2 * 2 * 1 * 1 * 6 * 4, dtype=torch.float32).view(2, 2, 1, 1, 6, 4)\n"
@@ -55,7 +117,7 @@ def test_wheel_builds_installs_and_runs(tmp_path):
         "    torch.tensor([[0, 2]]), torch.tensor([1]), num_draft_tokens=4)\n"
         "assert new.tolist() == [3] and torch.equal(kv[:, :, :, :, 2], want)\n"
         "print('wheel ok', info['cpu_backend'])\n"
-    ) % str(env_dir)
+    ) % (str(env_dir), str(env_dir))
     run = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "wheel ok" in run.stdout

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -513,3 +514,20 @@ def test_no_save_writes_nothing_and_a_replaced_result_is_announced(tiny_target, 
     run_benchmark(replace(config, save=True), log=logs.append)
     assert any(f"replacing {first}" in line for line in logs)
     assert not list(first.parent.glob("*.partial"))
+
+
+def test_an_installed_package_writes_results_to_the_working_directory(tmp_path, monkeypatch):
+    """Installed from a wheel, REPO_ROOT is site-packages: results go to ./bench-results, not there."""
+    assert bench.default_out_dir() == bench.DEFAULT_OUT  # this checkout
+    monkeypatch.setattr(bench, "REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    assert bench.default_out_dir() == tmp_path / "bench-results"
+
+
+def test_without_matplotlib_the_json_is_kept_and_the_plot_skipped(tiny_target, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    small = dict(methods=("vanilla",), batch_sizes=(1,), temperatures=(0.0,), repeats=1)
+    logs: list[str] = []
+    report = run_benchmark(_config(tiny_target, tmp_path, **small), log=logs.append)
+    assert report.json_path.exists() and report.png_path is None
+    assert any("no plot: matplotlib is not installed" in line for line in logs)
