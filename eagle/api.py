@@ -327,16 +327,7 @@ class EagleModel:
         eos = self._eos(eos_token_id)
         if not speculative:
             tokens = generate_plain(
-                self.target,
-                ids,
-                max_new_tokens,
-                temperature=sampling.temperature,
-                top_k=sampling.top_k,
-                top_p=sampling.top_p,
-                min_p=sampling.min_p,
-                eos_token_id=eos or None,
-                seed=seed,
-                cuda_graph=cuda_graph,
+                self.target, ids, max_new_tokens, **_plain_decoding_args(sampling, eos, seed, cuda_graph)
             )
             accept = [[1] * max(len(t) - 1, 0) for t in tokens]
             return self._result(tokens, accept)
@@ -406,16 +397,7 @@ class EagleModel:
         """``stream(speculative=False)``: one token per target forward, checked for NaN/inf logits
         before it is yielded (streaming reads every token on the host anyway)."""
         steps = plain_decode_steps(
-            self.target,
-            ids,
-            max_new_tokens,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            min_p=sampling.min_p,
-            eos_token_id=eos or None,
-            seed=seed,
-            cuda_graph=cuda_graph,
+            self.target, ids, max_new_tokens, **_plain_decoding_args(sampling, eos, seed, cuda_graph)
         )
         for token, nonfinite in steps:
             if bool(nonfinite):
@@ -431,6 +413,19 @@ class EagleModel:
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         return GenerateResult(tokens=tokens, accept_lengths=accept, target_forwards=forwards, texts=texts)
+
+
+def _plain_decoding_args(sampling: SamplingParams, eos: list[int], seed, cuda_graph: bool) -> dict:
+    """The keyword arguments of ``generate_plain`` / ``plain_decode_steps`` for one call."""
+    return dict(
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        min_p=sampling.min_p,
+        eos_token_id=eos or None,
+        seed=seed,
+        cuda_graph=cuda_graph,
+    )
 
 
 def _resolve_device(device) -> torch.device:

@@ -55,14 +55,14 @@ _TIMINGS: dict[tuple, tuple[weakref.ref, weakref.ref | None, dict[int, float], d
 
 
 def tree_for_width(width: int) -> TreeConfig:
-    """A depth-6 dynamic tree verifying ``width`` tokens, expansion width about width / 4 (2..10)."""
+    """A depth-6 dynamic tree verifying ``width`` tokens, expansion width about width / 6 (2..10)."""
     return tree_for(6, width)
 
 
 def tree_for(depth: int, width: int) -> TreeConfig:
     """A dynamic tree of ``depth`` levels verifying ``width`` tokens (a chain when ``width == depth + 1``).
 
-    Expansion width ``k ~ width / depth`` (1..10), so that the rerank has about one level's worth of
+    Expansion width ``k = round(width / depth)`` (2..10), so that the rerank has about one level's worth of
     candidates per verified token to choose from."""
     if width <= depth + 1:
         return TreeConfig.chain(depth)

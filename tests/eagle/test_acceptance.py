@@ -147,6 +147,15 @@ def test_measure_fits_chains_and_trees_of_a_pair(tiny_checkpoints):
         assert autotree.MIN_ACCEPT_RATE <= fit.accept_rate <= autotree.MAX_ACCEPT_RATE
         assert 0.0 <= fit.gain <= acceptance.MAX_GAIN
     assert set(record["greedy"]["chains"]) == {"chain-3", "chain-5"} and len(record["greedy"]["trees"]) == 2
+    for fit, rec in ((pair.greedy, record["greedy"]), (pair.sampled, record["sampled"])):
+        # the fits are the means over the measured chains, then over the trees at that rate
+        rates = [autotree.fit_accept_rate(d, d + 1, rec["chains"][f"chain-{d}"]) for d in (3, 5)]
+        assert fit.accept_rate == pytest.approx(sum(rates) / 2)
+        gains = []
+        for label, tau in rec["trees"].items():
+            depth, _, total = (int(x) for x in label.split("/"))
+            gains.append(acceptance.fit_gain(depth, total, tau, fit.accept_rate))
+        assert fit.gain == pytest.approx(sum(gains) / 2)
     assert record["sampled"]["temperature"] == 1.0 and record["prompts"] == 2
     greedy_only, rec = acceptance.measure_pair_acceptance(model, prompts, 6, sampled_temperature=None)
     assert greedy_only.sampled is None and rec["sampled"] is None
@@ -155,8 +164,15 @@ def test_measure_fits_chains_and_trees_of_a_pair(tiny_checkpoints):
     with pytest.raises(ValueError, match="no speculative round ran with new_tokens=1"):
         acceptance.measure_fit(model, prompts, 0.0, new_tokens=1)
     no_head = eagle.load(str(tiny_checkpoints.target), dtype=torch.float32)
-    with pytest.raises(ValueError, match="needs a draft head"):
+    with pytest.raises(ValueError, match="measuring acceptance needs a draft head"):
         acceptance.measure_pair_acceptance(no_head, prompts)
+
+
+def test_fit_gain_is_clamped_to_its_range():
+    assert acceptance.fit_gain(3, 16, 1e6, 0.6) == acceptance.MAX_GAIN  # a tau no gain explains
+    assert acceptance.fit_gain(3, 16, 0.5, 0.6) == 0.0  # below the chain's own tau
+    with pytest.raises(ValueError, match="is a chain"):
+        acceptance.fit_gain(3, 4, 3.0, 0.6)
 
 
 def test_cli_calibrate_writes_what_load_then_reads(tmp_path, capsys):

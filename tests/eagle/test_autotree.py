@@ -14,6 +14,23 @@ def test_tree_for_width_is_valid_and_verifies_width_tokens(width):
     assert isinstance(tree, TreeConfig) and tree.total_tokens == width and 2 <= tree.topk <= 10
 
 
+@pytest.mark.parametrize(
+    ("depth", "width", "expected"),
+    [
+        (6, 24, (6, 4, 24)),  # k = round(24 / 6)
+        (3, 12, (3, 4, 12)),
+        (3, 4, (3, 1, 4)),  # width = depth + 1: a chain
+        (4, 9, (4, 2, 9)),  # round(2.25) = 2
+        (3, 64, (3, 10, 64)),  # round(21.3) capped at 10
+        (6, 8, (6, 2, 8)),  # round(1.3) raised to 2
+        (3, 5, (3, 2, 5)),
+    ],
+)
+def test_tree_for_sizes_the_expansion_width_from_width_per_level(depth, width, expected):
+    tree = autotree.tree_for(depth, width)
+    assert (tree.depth, tree.topk, tree.total_tokens) == expected
+
+
 def test_choice_minimises_cost_per_expected_token(monkeypatch):
     # Linear cost (a CPU): the cheapest per expected token under the gain model is a small tree.
     monkeypatch.setattr(autotree, "time_verify", lambda t, b, widths: {w: 1.0 + 0.2 * w for w in widths})

@@ -241,7 +241,7 @@ def test_empty_prompts_file_and_overlong_prompt_are_refused(tiny_target, tmp_pat
         run_benchmark(config, log=lambda _: None)
 
 
-def test_cli_options_quick_defaults_and_explicit_overrides():
+def test_cli_options_quick_defaults_and_explicit_overrides(capsys):
     from eagle.cli import build_parser
 
     args = build_parser().parse_args(["bench", "--quick", "--new-tokens", "5", "--methods", "vanilla"])
@@ -250,8 +250,10 @@ def test_cli_options_quick_defaults_and_explicit_overrides():
     assert config.repeats == bench.QUICK["repeats"] and config.batch_sizes == bench.QUICK["batch_sizes"]
     full = bench.config_from_args(build_parser().parse_args(["bench"]))
     assert full.new_tokens == 128 and full.batch_sizes == (1, 4, 16) and full.methods == METHODS
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", "--methods", "nope"])
+    assert exit_info.value.code == 2  # argparse's usage error, not --help's 0
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_bundled_draft_is_picked_up_once_it_exists(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ def test_greedy_equals_hf_generate(pair, hf_continuations, tree):
     # eos_token_id=[] : generate exactly NEW_TOKENS like HF above (no stop at <|endoftext|>)
     res = pair.generate(PROMPTS, NEW_TOKENS, tree=tree, eos_token_id=[])
     assert res.tokens == hf_continuations
+    assert res.texts == [pair.tokenizer.decode(t, skip_special_tokens=True) for t in hf_continuations]
     # A trained head: most forwards accept more than the bonus token. "dynamic" sizes its tree from
     # timed forwards, so on a loaded machine it may pick a small one: a lower bar there.
     assert res.mean_accept_length > (1.6 if tree == "dynamic" else 2.0)

@@ -246,3 +246,42 @@ def test_auto_reports_its_choices_when_sampling_too(capsys):
     assert main(["generate", "x = 1", "-n", "24", "-q", "--auto", "-t", "1", "--seed", "1"]) == 0
     err = capsys.readouterr().err
     assert "auto:" in err and "plain steps" in err and "speculative rounds" in err, err
+
+
+def test_generate_reads_the_prompt_from_stdin_and_refuses_an_empty_one(capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("x = 1\n"))
+    assert main(["generate", "-n", "4"]) == 0
+    assert capsys.readouterr().out.startswith("x = 1\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["generate", "-n", "4", "-q"]) == 2
+    assert "eagle generate: empty prompt (give it as an argument or on stdin)" in capsys.readouterr().err
+
+
+def test_targets_without_a_tokenizer_and_heads_missing_are_refused_by_name(
+    tiny_checkpoints, capsys, tmp_path
+):
+    target = str(tiny_checkpoints.target)  # random weights, no tokenizer files
+    assert main(["generate", "x = 1", "--target", target, "-n", "2", "-q"]) == 2
+    assert (
+        f"eagle generate: {target} has no tokenizer; use the Python API with token ids"
+        in capsys.readouterr().err
+    )
+    assert main(["calibrate", "--target", target, "--new-tokens", "4"]) == 2
+    assert "eagle calibrate needs a draft head (--draft)" in capsys.readouterr().err
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "x = 1"}) + "\n")
+    head = ["--draft", str(tiny_checkpoints.eagle2), "--new-tokens", "4"]
+    assert main(["calibrate", "--target", target, *head, "--prompts", str(prompts)]) == 2
+    assert "--prompts holds text, and this target has no tokenizer" in capsys.readouterr().err
+    assert main(["calibrate", "--target", target, *head]) == 2
+    assert "this target has no tokenizer: pass --prompts" in capsys.readouterr().err
+
+
+def test_eagle_debug_shows_the_traceback(monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("EAGLE_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+        main(["generate", "x = 1", "--target", "/nonexistent/checkpoint", "-q"])

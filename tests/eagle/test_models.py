@@ -337,7 +337,7 @@ def test_missing_unexpected_and_misshapen_keys_are_listed(make_target, tmp_path)
     bad = state | {"model.norm.weight": torch.ones(63)}
     with pytest.raises(ValueError, match=r"model.norm.weight: \[63\] \(expected \[64\]\)"):
         load_target(write(bad))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="no checkpoint directory at .*nowhere"):
         load_target(tmp_path / "nowhere")
     with pytest.raises(TypeError, match="dtype"):
         load_target(path, dtype=torch.int32)

@@ -18,9 +18,17 @@ def test_parse_rejects_malformed_specs(spec):
         TreeConfig.parse(spec)
 
 
-@pytest.mark.parametrize("spec", ["0/10/60", "6/10/1", "2/2/99", "4/1/9"])
-def test_parse_applies_the_size_checks(spec):
-    with pytest.raises(ValueError, match="TreeConfig"):
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0/10/60", "depth and topk must be >= 1"),
+        ("6/10/1", r"total_tokens=1 must be in \[2, "),
+        ("2/2/99", r"total_tokens=99 must be in \[2, 7\]"),
+        ("4/1/3", r"a chain \(topk=1\) of depth 4 has total_tokens=5"),  # within range, not a chain
+    ],
+)
+def test_parse_applies_the_size_checks(spec, message):
+    with pytest.raises(ValueError, match=message):
         TreeConfig.parse(spec)
 
 

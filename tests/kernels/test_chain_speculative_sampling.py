@@ -78,8 +78,8 @@ def oracle(d, cu, q, p, bonus, u, uf, max_spec_len):
     return out
 
 
-def _backends():
-    backends = backends_for(OP, CPU)
+def _backends(device: torch.device = CPU):
+    backends = backends_for(OP, device)
     assert backends, "no accelerated backend reachable; the extension or triton is missing"
     return backends
 
@@ -92,7 +92,8 @@ def test_reference_matches_scalar_oracle(draft):
 
 
 @pytest.mark.parametrize("draft", [False, True], ids=["one_hot", "draft_probs"])
-def test_backends_match_reference_fuzzed(draft):
+def test_backends_match_reference_fuzzed(device, draft):
+    """Every backend of the test device (the Triton kernel on a GPU) against the reference on CPU."""
     for seed in range(40):
         dtypes = (torch.int32, torch.int64)
         args, k = make_case(
@@ -104,10 +105,11 @@ def test_backends_match_reference_fuzzed(draft):
         )
         extra = seed % 4  # a wider output than needed is padded
         want = chain_speculative_sampling_ref(*args, max_spec_len=k + extra)
-        for backend in _backends():
-            got = run_with_backend(backend, chain_speculative_sampling, *args, max_spec_len=k + extra)
+        on_device = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        for backend in _backends(device):
+            got = run_with_backend(backend, chain_speculative_sampling, *on_device, max_spec_len=k + extra)
             assert got.dtype == torch.int32
-            assert torch.equal(got, want), f"{backend} seed {seed}\n{got}\n{want}"
+            assert torch.equal(got.cpu(), want), f"{backend} seed {seed}\n{got}\n{want}"
 
 
 def test_invariants_and_default_width():

@@ -218,13 +218,20 @@ def test_int64_counts_are_checked_before_narrowing():
         (lambda a: a["num"].__setitem__(0, 99), "accept_token_num must be in"),
         (lambda a: a["seqlens"].__setitem__(0, 10_000), "must fit S_max"),
         (lambda a: a["idx"].__setitem__((0, slice(1, 3)), torch.tensor([5, 3])), "strictly increasing"),
+        (lambda a: a["seqlens"].__setitem__(0, -1), "must be >= 0|must fit S_max"),
+        (
+            lambda a: a.update(kv=torch.cat([a["kv"], a["kv"][:, :1]], 1)),
+            r"\[num_layers, 2, B, Hkv, S_max, D\]",
+        ),
+        (lambda a: a.update(idx=a["idx"][:, :0]), "at least one column"),
+        (lambda a: a.update(n=a["kv"].shape[4] + 1), "exceeds the cache's S_max"),
     ],
 )
 def test_bad_input_raises(mutate, match):
     kv, seqlens, idx, num = make_case(2, 10, 5, 2, 16, torch.float32, torch.int64, "cpu", seed=3)
     idx[:, :3] = torch.tensor([[0, 2, 4], [10, 11, 15]])
     num[:] = 2
-    args = {"kv": kv, "seqlens": seqlens, "idx": idx, "num": num}
+    args = {"kv": kv, "seqlens": seqlens, "idx": idx, "num": num, "n": 10}
     mutate(args)
     for backend in ["torch"] + backends_for(OP, torch.device("cpu")):
         with pytest.raises((ValueError, TypeError), match=match):
@@ -235,7 +242,7 @@ def test_bad_input_raises(mutate, match):
                 args["seqlens"],
                 args["idx"],
                 args["num"],
-                num_draft_tokens=10,
+                num_draft_tokens=args["n"],
             )
 
 

@@ -144,12 +144,11 @@ def random_shape(gen: torch.Generator, *, t_choices, d_choices, groups=(1, 2, 4,
 
 def _amx_tiles_granted() -> bool:
     """AMX-BF16 tiles usable by the extension (CPU flags and the OS's permission)."""
-    try:
-        from eagle_kernels import _ext
+    from eagle_kernels import _ext
 
-        return _ext.has_op("amx_linear_bf16") and bool(torch.ops.eagle_C.amx_bf16_available())
-    except Exception:  # no extension: the cpp tests skip anyway
-        return False
+    # (no extension: has_op is False and the cpp tests skip anyway; a broken probe op must fail
+    # loudly here, not read as "this CPU lacks AMX" and skip 24 tests)
+    return _ext.has_op("amx_linear_bf16") and bool(torch.ops.eagle_C.amx_bf16_available())
 
 
 def isa_params():
@@ -1098,3 +1097,13 @@ def test_float64_where_triton_is_chosen_runs_the_reference_unless_triton_is_forc
     if "triton" in eagle_kernels.available_backends(OP, torch.device("cpu")):
         with pytest.raises(TypeError, match="not float64"), eagle_kernels.use_backend("triton"):
             module._run_tree_attention(*args)
+
+
+def test_pack_tree_mask_refuses_an_unknown_format_and_a_non_square_mask():
+    square = torch.eye(5, dtype=torch.bool).expand(2, 5, 5)
+    with pytest.raises(ValueError, match=r"fmt must be one of \['i32', 'u8'\], got 'u16'"):
+        pack_tree_mask(square, "u16")
+    with pytest.raises(ValueError, match=r"mask must be \[B, T, T\], got \[2, 5, 4\]"):
+        pack_tree_mask(square[..., :4], "u8")
+    with pytest.raises(TypeError, match="mask must have dtype"):
+        pack_tree_mask(square.to(torch.uint8))

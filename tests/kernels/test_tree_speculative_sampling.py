@@ -205,7 +205,7 @@ def oracle(cand, ri, nt, ns, P, Q, U, UF, steps, lossy=False, t_single=1.0, t_ac
 def assert_same(got, want, msg=""):
     for name, g, w in zip(("predicts", "accept_index", "accept_token_num"), got, want):
         assert g.dtype == torch.int32, f"{name} dtype {g.dtype} {msg}"
-        assert torch.equal(g, w), f"{name} differs {msg}\n got {g}\nwant {w}"
+        assert torch.equal(g.cpu(), w.cpu()), f"{name} differs {msg}\n got {g}\nwant {w}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,43 +228,52 @@ def test_lossy_reference_matches_scalar_oracle():
         assert_same(got, oracle(*args[:5], None, *args[5:], steps, True, ts, ta), f"case {i}")
 
 
-def _backends():
-    backends = backends_for(OP, CPU)
+def _backends(device: torch.device = CPU):
+    backends = backends_for(OP, device)
     assert backends, "no accelerated backend reachable; the extension or triton is missing"
     return backends
 
 
+def _on(device, args):
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+# The fuzzed comparisons run every backend of the test device (the CUDA and Triton kernels on a GPU)
+# against the reference on CPU: exact equality, so the kernels' draws are the reference's.
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_backends_match_reference_fuzzed(index_dtype):
+def test_backends_match_reference_fuzzed(device, index_dtype):
     """80 calls (~240 trees) per index dtype, every backend, exact equality."""
     token_dtype = torch.int64 if index_dtype == torch.int32 else torch.int32
     for i, B, n, V, depth in fuzz_shapes(80, seed=int(index_dtype == torch.int32)):
         args, steps, _ = make_case(B, n, V, depth, seed=i, index_dtype=index_dtype, token_dtype=token_dtype)
         want = tree_speculative_sampling_ref(*args, num_spec_steps=steps)
-        for backend in _backends():
-            got = run_with_backend(backend, tree_speculative_sampling, *args, num_spec_steps=steps)
-            assert_same(got, want, f"{backend} case {i}")
-
-
-def test_backends_match_reference_draft_probs_fuzzed():
-    for i, B, n, V, depth in fuzz_shapes(45, seed=7):
-        index_dtype = (torch.int32, torch.int64)[i % 2]
-        args, steps, _ = make_case(B, n, V, depth, seed=1000 + i, index_dtype=index_dtype, draft=True)
-        want = tree_speculative_sampling_draft_probs_ref(*args, num_spec_steps=steps)
-        for backend in _backends():
+        for backend in _backends(device):
             got = run_with_backend(
-                backend, tree_speculative_sampling_draft_probs, *args, num_spec_steps=steps
+                backend, tree_speculative_sampling, *_on(device, args), num_spec_steps=steps
             )
             assert_same(got, want, f"{backend} case {i}")
 
 
-def test_backends_match_reference_lossy():
+def test_backends_match_reference_draft_probs_fuzzed(device):
+    for i, B, n, V, depth in fuzz_shapes(45, seed=7):
+        index_dtype = (torch.int32, torch.int64)[i % 2]
+        args, steps, _ = make_case(B, n, V, depth, seed=1000 + i, index_dtype=index_dtype, draft=True)
+        want = tree_speculative_sampling_draft_probs_ref(*args, num_spec_steps=steps)
+        for backend in _backends(device):
+            got = run_with_backend(
+                backend, tree_speculative_sampling_draft_probs, *_on(device, args), num_spec_steps=steps
+            )
+            assert_same(got, want, f"{backend} case {i}")
+
+
+def test_backends_match_reference_lossy(device):
     for i, B, n, V, depth in fuzz_shapes(12, seed=9):
         args, steps, _ = make_case(B, n, V, depth, seed=2000 + i)
         ts, ta = [(1.0, 1.0), (0.3, 0.6), (0.9, 0.2)][i % 3]
         want = tss._tree_sampling_torch(*args[:5], None, *args[5:], steps, True, ts, ta)[:3]
-        for backend in _backends():
-            got = run_with_backend(backend, tss._run, *args[:5], None, *args[5:], steps, True, ts, ta)
+        on = _on(device, args)
+        for backend in _backends(device):
+            got = run_with_backend(backend, tss._run, *on[:5], None, *on[5:], steps, True, ts, ta)
             assert_same(got, want, f"{backend} case {i}")
 
 

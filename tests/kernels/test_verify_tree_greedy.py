@@ -148,8 +148,9 @@ def assert_invariants(case: Case, out):
     assert all(int(predicts[r]) == 0 for r in off_path)
 
 
-def run(backend, case: Case):
-    return run_with_backend(backend, verify_tree_greedy, *case.inputs, num_spec_steps=case.steps)
+def run(backend, case: Case, device: torch.device | str = "cpu"):
+    inputs = tuple(t.to(device) for t in case.inputs)
+    return run_with_backend(backend, verify_tree_greedy, *inputs, num_spec_steps=case.steps)
 
 
 ALL_BACKENDS = ["torch"] + backends_for(OP, torch.device("cpu"))
@@ -210,9 +211,10 @@ def test_reference_matches_oracle_fuzzed():
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_backends_match_reference_fuzzed(index_dtype):
-    """>= 400 random trees per backend, both index dtypes across the two parametrisations."""
-    backends = backends_for(OP, torch.device("cpu"))
+def test_backends_match_reference_fuzzed(device, index_dtype):
+    """>= 400 random trees per backend, both index dtypes across the two parametrisations (every
+    backend of the test device: CUDA and Triton kernels on a GPU)."""
+    backends = backends_for(OP, device)
     assert backends, "no accelerated backend reachable; the extension or triton is missing"
     trees = 0
     for seed in range(40):
@@ -234,7 +236,7 @@ def test_backends_match_reference_fuzzed(index_dtype):
         want = verify_tree_greedy_ref(*case.inputs, case.steps)
         assert_same(want, oracle(case), f"ref seed={seed}")
         for backend in backends:
-            got = run(backend, case)
+            got = run(backend, case, device)
             assert_same(got, want, f"{backend} seed={seed}")
             assert_invariants(case, got)
     assert trees >= 200
@@ -247,11 +249,11 @@ def test_long_paths_occur():
     assert int(num.max()) >= 6 and float(num.float().mean()) > 2
 
 
-def test_large_tree_all_backends():
+def test_large_tree_all_backends(device):
     case = make_case(B=3, n=300, max_depth=20, vocab=3, steps=21, seed=9, p_match=0.9, shuffle=True)
     want = oracle(case)
-    for backend in ALL_BACKENDS:
-        assert_same(run(backend, case), want, backend)
+    for backend in ["torch", *backends_for(OP, device)]:
+        assert_same(run(backend, case, device), want, backend)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -160,11 +160,23 @@ def _cases():
         yield f"ties-V{V}", logits, random_params(logits, gen)
 
 
-@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "torch"])
-def test_backends_match_reference(backend):
-    for name, logits, params in _cases():
-        want = warp_logits_ref(logits, *params)
-        got = run_with_backend(backend, warp_logits, logits, *params)
+def test_backends_match_reference(device):
+    """Every backend of the test device (the Triton kernel on a GPU) against the reference on CPU."""
+    backends = backends_for(OP, device)
+    assert backends, "no accelerated backend reachable; the extension or triton is missing"
+    for backend in backends:
+        for name, logits, params in _cases():
+            want = warp_logits_ref(logits, *params)
+            got = run_with_backend(backend, warp_logits, logits.to(device), *(p.to(device) for p in params))
+            assert_probs_equal(got.cpu(), want, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_int32_top_k_gives_the_int64_result(backend):
+    """Per-row top_k may be int32 or int64 (DESIGN §6: both index dtypes)."""
+    for name, logits, (temperature, top_k, top_p, min_p) in _cases():
+        want = warp_logits_ref(logits, temperature, top_k, top_p, min_p)
+        got = run_with_backend(backend, warp_logits, logits, temperature, top_k.int(), top_p, min_p)
         assert_probs_equal(got, want, f"{backend} {name}")
 
 
