@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_kernel_time, save_json, synchronized, tensor_bytes
+from bench.utils import check_against_reference, record_kernel_time, save_json, synchronized, tensor_bytes
 from eagle_kernels._backend import available_backends
 
 # The op module itself: the package attribute ``eagle_kernels.build_tree`` is the function.
@@ -124,6 +124,8 @@ def test_build_tree_cpu(benchmark, one_thread, B, n, impl):
         pytest.skip("the C++ extension is not built")
     args, kw = _case(B, n, device)
     benchmark.group = f"build_tree cpu B={B} n={n}"
+    if impl == "cpp_public":
+        check_against_reference(lambda: bt.build_tree(*args, **kw), "cpp")
     benchmark(_runner(impl, args, kw, device))
     _record(benchmark, device, B, n, impl)
 
@@ -152,6 +154,8 @@ def test_build_tree_cuda(benchmark, B, n, impl):
             with eagle_kernels.use_backend(impl):
                 bt.build_tree(*args, **kw, out=out)
 
+    if impl != "reference":
+        check_against_reference(lambda: bt.build_tree(*args, **kw), impl)
     benchmark(synchronized(launch, device))
     record_kernel_time(benchmark, launch, tensor_bytes(args, out), device)  # read inputs, write outputs once
     _record(benchmark, device, B, n, impl)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_kernel_time, synchronized
+from bench.utils import check_against_reference, record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 
 OP = "chain_speculative_sampling"
@@ -72,6 +72,7 @@ def _time(benchmark, device: torch.device, shape: str, backend: str, *, draft: b
     inputs = make_inputs(B, k, V, device, draft=draft)
     call = lambda: eagle_kernels.chain_speculative_sampling(*inputs, max_spec_len=k)  # noqa: E731
     fn = synchronized(call, device)
+    check_against_reference(call, backend)
     with eagle_kernels.use_backend(backend):
         emitted = (fn() >= 0).sum(-1)
         rejected = int((emitted < k + 1).sum())  # all k drafts accepted: k + 1 tokens with the bonus

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_bandwidth, record_kernel_time, synchronized
+from bench.utils import check_against_reference, record_bandwidth, record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 
 # (layers, B, Hkv, D, tree slots n, accepted steps)
@@ -57,6 +57,13 @@ def test_compact_kv_cache(benchmark, bench_device, shape, backend):
     call = lambda: eagle_kernels.compact_kv_cache(kv, seqlens, idx, num, num_draft_tokens=n)  # noqa: E731
     L, B, H, D, _, steps = SHAPES[shape]
     moved = 2 * L * 2 * B * H * (steps - 1) * D * kv.element_size()  # read + write of each moved row
+    original = kv.clone()
+
+    def compacted():  # (the cache is compacted in place: a copy of it, then the new lengths)
+        lens = call()
+        return kv.clone(), lens
+
+    check_against_reference(compacted, backend, reset=lambda: kv.copy_(original))
     with eagle_kernels.use_backend(backend):
         benchmark(synchronized(call, bench_device))
         record_bandwidth(benchmark, moved, bench_device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import eagle_kernels
-from bench.utils import record_bandwidth, roofline_seconds, synchronized
+from bench.utils import check_against_reference, record_bandwidth, roofline_seconds, synchronized
 from eagle_kernels import pack_tree_mask
 from eagle_kernels._backend import available_backends
 from eagle_kernels.tree_attention import _visible_keys
@@ -103,6 +103,7 @@ def test_tree_attention(benchmark, bench_device, shape, backend):
     else:
         call = lambda: eagle_kernels.tree_attention(q, k, v, seqlens, mask)
         selected = eagle_kernels.use_backend(backend)
+        check_against_reference(call, backend)
     moved = bytes_moved(shapes[shape], dtype)
     with selected:
         benchmark(synchronized(call, bench_device))

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_kernel_time, synchronized
+from bench.utils import check_against_reference, record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 from eagle_kernels.tree_speculative_sampling import _tree_sampling_torch
 
@@ -84,6 +84,7 @@ def test_tree_speculative_sampling(benchmark, bench_device, shape, backend):
     inputs = make_inputs(B, n, V, bench_device)
     call = lambda: eagle_kernels.tree_speculative_sampling(*inputs, num_spec_steps=STEPS)  # noqa: E731
     fn = synchronized(call, bench_device)
+    check_against_reference(call, backend)
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
         benchmark.extra_info["mean_accepted"] = float(fn()[2].float().mean())
@@ -99,6 +100,7 @@ def test_tree_speculative_sampling_draft_probs(benchmark, bench_device, shape, b
     inputs = make_inputs(B, n, V, bench_device, draft=True)
     call = lambda: eagle_kernels.tree_speculative_sampling_draft_probs(*inputs, num_spec_steps=STEPS)  # noqa: E731
     fn = synchronized(call, bench_device)
+    check_against_reference(call, backend)
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
         benchmark.extra_info["mean_accepted"] = float(fn()[2].float().mean())

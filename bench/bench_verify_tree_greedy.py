@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import eagle_kernels
-from bench.utils import record_kernel_time, synchronized, tensor_bytes
+from bench.utils import check_against_reference, record_kernel_time, synchronized, tensor_bytes
 from eagle_kernels._backend import available_backends
 from eagle_kernels.verify_tree_greedy import verify_tree_greedy_ref
 
@@ -68,6 +68,7 @@ def test_verify_tree_greedy(benchmark, bench_device, shape, backend):
     inputs = make_inputs(B, n, bench_device)
     call = lambda: eagle_kernels.verify_tree_greedy(*inputs, num_spec_steps=STEPS)  # noqa: E731
     fn = synchronized(call, bench_device)
+    check_against_reference(call, backend)
     with eagle_kernels.use_backend(backend):
         benchmark(fn)
         record_kernel_time(benchmark, call, tensor_bytes(inputs, fn()), bench_device)

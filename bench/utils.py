@@ -75,6 +75,40 @@ def synchronized(fn: Callable, device: torch.device) -> Callable:
     return run
 
 
+def _as_tuple(result) -> tuple:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+def check_against_reference(
+    call: Callable[[], object], backend: str, *, reset: Callable[[], None] | None = None
+):
+    """Run ``call`` once with ``backend`` and once with the PyTorch reference (``torch``) and assert
+    the results agree: integer outputs exactly, floating ones within 1e-5 relative (float32) or the
+    low-precision tolerance of a rounding of the output (2 ulp of bfloat16 / float16). A benchmark
+    times only a backend that computes the op; under ``--benchmark-disable`` (CI's smoke run) this
+    is the check that it does. ``reset`` restores in-place inputs before each call. Returns the
+    backend's result."""
+    import eagle_kernels
+
+    results = []
+    for name in ("torch", backend):
+        if reset is not None:
+            reset()
+        with eagle_kernels.use_backend(name):
+            results.append(_as_tuple(call()))
+    want, got = results
+    assert len(got) == len(want), (len(got), len(want))
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.detach().cpu(), w.detach().cpu()
+        assert g.shape == w.shape and g.dtype == w.dtype, (i, g.shape, w.shape, g.dtype, w.dtype)
+        if g.is_floating_point():
+            tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(g.dtype, 2 * torch.finfo(g.dtype).eps)
+            torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol, msg=f"{backend} output {i}")
+        else:
+            assert torch.equal(g, w), f"{backend} output {i} differs from the reference"
+    return got
+
+
 def gpu_peaks(device: torch.device) -> GpuPeaks | None:
     """The data-sheet peaks of ``device``'s card (None for CPU or a card not in :data:`GPU_PEAKS`)."""
     if device.type != "cuda":

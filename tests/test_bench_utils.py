@@ -36,3 +36,32 @@ def test_machine_info_names_this_repositorys_commit_from_any_directory(tmp_path,
         not name.startswith(" ") and (root / name).exists() for name in info["uncommitted_tracked_files"]
     )
     assert info["torch_threads"] == torch.get_num_threads()
+
+
+def test_check_against_reference_runs_both_backends_and_fails_on_a_difference():
+    import torch
+
+    import eagle_kernels
+
+    seen = []
+
+    def call():  # what the op "returns" under the reference, then under the backend
+        seen.append(eagle_kernels.select_backend("verify_tree_greedy", torch.device("cpu")))
+        return outputs[len(seen) - 1]
+
+    outputs = [
+        (torch.tensor([1, 2]), torch.tensor([0.5])),
+        (torch.tensor([1, 2]), torch.tensor([0.5 + 1e-7])),
+    ]
+    got = utils.check_against_reference(call, "cpp")
+    assert torch.equal(got[0], torch.tensor([1, 2])) and seen == ["torch", "cpp"]
+    for wrong in ((torch.tensor([1, 3]), torch.tensor([0.5])), (torch.tensor([1, 2]), torch.tensor([0.51]))):
+        seen.clear()
+        outputs = [(torch.tensor([1, 2]), torch.tensor([0.5])), wrong]
+        with pytest.raises(AssertionError):
+            utils.check_against_reference(call, "cpp")
+    resets = []
+    seen.clear()
+    outputs = [torch.tensor([1]), torch.tensor([1])]
+    utils.check_against_reference(call, "cpp", reset=lambda: resets.append(1))
+    assert resets == [1, 1]
