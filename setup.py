@@ -119,15 +119,33 @@ def _local_version(torch, cuda: bool) -> str:
     return f"cputorch{torch_mm}"
 
 
+def _cuda_archs() -> list[str]:
+    """What the CUDA kernels are compiled for, from torch's own -gencode flags for the arch list in
+    force (TORCH_CUDA_ARCH_LIST, or the visible GPUs): "sm_80" (a cubin: runs on 8.x with x >= 0),
+    "compute_90" (PTX: JIT-compiled on 9.0 and later). A GPU the list does not cover gets Triton."""
+    import re
+
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    archs = []
+    for flag in _get_cuda_arch_flags():  # -gencode=arch=compute_XY,code=sm_XY (or code=[sm_XY,compute_XY])
+        if "code=" in flag:
+            for kind, number in re.findall(r"(sm|compute)_(\d+a?)", flag.split("code=", 1)[1]):
+                archs.append(f"{kind}_{number}")
+    return sorted(set(archs))
+
+
 def _write_build_info(torch, cuda: bool) -> None:
     info = ROOT / "eagle_kernels" / "_build_info.py"
     torch_version = torch.__version__ if torch is not None else None
     cuda_version = _toolkit_cuda_version(torch) if (torch is not None and cuda) else None
+    archs = _cuda_archs() if cuda else None
     info.write_text(
         "# Written by setup.py at build time; describes what eagle_kernels._C was compiled against.\n"
         f"TORCH_VERSION = {torch_version!r}\n"
         f"CUDA_VERSION = {cuda_version!r}\n"
         f"WITH_CUDA = {bool(cuda)!r}\n"
+        f"CUDA_ARCHS = {archs!r}\n"
     )
 
 

@@ -94,6 +94,8 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | No
             return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
         if not _ext.has_op(op, "cuda"):
             return f"the CUDA extension does not provide eagle_C::{op} ({_ext.STATUS.reason})"
+        if not _ext.cuda_device_supported(_cuda_index(device)):
+            return "the CUDA extension was not compiled for this GPU's architecture"
         return None
     if backend == "triton":
         if not HAS_TRITON:
@@ -119,6 +121,10 @@ CUDA_EXT_FIRST = frozenset(
 )
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool | None = None) -> str:
     """Pick the backend that runs ``op`` on tensors of ``device``.
 
@@ -136,6 +142,7 @@ def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool | Non
     key = (
         op,
         device.type,
+        device.index,  # (GPUs of one machine may differ in architecture: see _ext.cuda_device_supported)
         prefer_cuda_ext,
         _override.get(),
         _raw_env(_BACKEND_VAR),
@@ -162,11 +169,12 @@ def _select_backend_uncached(op: str, device: torch.device, prefer_cuda_ext: boo
             raise RuntimeError(f"eagle_kernels.{op}: backend {forced!r} was forced but {reason}")
         return forced
     if device.type == "cuda":
-        if prefer_cuda_ext and _ext.has_op(op, "cuda"):
+        extension = _ext.has_op(op, "cuda") and _ext.cuda_device_supported(_cuda_index(device))
+        if prefer_cuda_ext and extension:
             return "cuda"
         if HAS_TRITON:
             return "triton"
-        return "cuda" if _ext.has_op(op, "cuda") else "torch"
+        return "cuda" if extension else "torch"
     if device.type == "cpu" and _ext.has_op(op, "cpu"):
         return "cpp"
     return "torch"

@@ -85,6 +85,53 @@ def has_op(name: str, device_type: str = "cpu") -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"eagle_C::{name}", dispatch_key)
 
 
+def arch_covers(archs: list[str] | None, capability: tuple[int, int]) -> bool:
+    """Whether kernels compiled for ``archs`` (setup.py's ``CUDA_ARCHS``: "sm_80", "sm_90a",
+    "compute_90") run on a GPU of compute ``capability``: a cubin sm_XY on X.y for y >= Y ("a" cubins
+    on X.Y only), PTX compute_XY on every capability >= X.Y. None (a build that did not record its
+    archs) is taken to cover every GPU."""
+    if archs is None:
+        return True
+    major, minor = capability
+    for arch in archs:
+        kind, number = arch.split("_")
+        exact = number.endswith("a")
+        value = int(number.rstrip("a"))
+        arch_major, arch_minor = value // 10, value % 10
+        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+            return True
+        if kind == "sm" and arch_major == major and (arch_minor == minor if exact else arch_minor <= minor):
+            return True
+    return False
+
+
+_WARNED_ARCH: set[tuple[int, int]] = set()
+
+
+@functools.cache
+def cuda_device_supported(index: int) -> bool:
+    """Whether the extension's CUDA kernels were compiled for GPU ``index``'s architecture. When not
+    (e.g. a T4, sm_75, under the default 8.0-9.0 list), the ops run Triton there instead of failing
+    with "no kernel image"; one warning says so."""
+    if not STATUS.with_cuda:
+        return False
+    info = importlib.import_module("eagle_kernels._build_info")
+    capability = torch.cuda.get_device_capability(index)
+    archs = getattr(info, "CUDA_ARCHS", None)
+    if arch_covers(archs, capability):
+        return True
+    if capability not in _WARNED_ARCH:
+        _WARNED_ARCH.add(capability)
+        warnings.warn(
+            f"eagle_kernels: the CUDA extension has no kernels for this GPU (compute capability "
+            f"{capability[0]}.{capability[1]}; built for {', '.join(archs)}); its ops run the Triton "
+            "kernels instead. Rebuild with TORCH_CUDA_ARCH_LIST naming it to use them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
 def op(name: str):
     """The extension's op ``torch.ops.eagle_C.<name>``."""
     return getattr(torch.ops.eagle_C, name)

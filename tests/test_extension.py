@@ -144,17 +144,43 @@ def test_cuda_default_backend_per_op(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(_backend, "HAS_TRITON", True)
     monkeypatch.setattr(_backend, "forced_backend", lambda: None)
-    for built in (True, False):
+    monkeypatch.setattr(_backend, "_cuda_index", lambda device: 0)
+    # built: the extension has the op; covered: it was compiled for this GPU's architecture
+    for built, covered in ((True, True), (False, True), (True, False)):
         monkeypatch.setattr(_backend._ext, "has_op", lambda op, kind="cpu", built=built: built)
+        monkeypatch.setattr(_backend._ext, "cuda_device_supported", lambda index, covered=covered: covered)
         monkeypatch.setattr(_backend, "_SELECTED", {})  # the cache does not know the extension changed
+        usable = built and covered
         for op in eagle_kernels.OPS:
-            expected = "cuda" if built and op in _backend.CUDA_EXT_FIRST else "triton"
-            assert eagle_kernels.select_backend(op, cuda) == expected, (op, built)
+            expected = "cuda" if usable and op in _backend.CUDA_EXT_FIRST else "triton"
+            assert eagle_kernels.select_backend(op, cuda) == expected, (op, built, covered)
         assert eagle_kernels.select_backend("tree_attention", cuda, prefer_cuda_ext=True) == (
-            "cuda" if built else "triton"
+            "cuda" if usable else "triton"
         )
+        reason = _backend._unavailable_reason("build_tree", "cuda", cuda)
+        assert (reason is None) == usable, reason
+        if built and not covered:
+            assert "not compiled for this GPU's architecture" in reason
     assert _backend.CUDA_EXT_FIRST <= set(eagle_kernels.OPS)
     assert {"build_tree", "verify_tree_greedy", "tree_speculative_sampling"} <= _backend.CUDA_EXT_FIRST
+
+
+@pytest.mark.parametrize(
+    ("archs", "capability", "covered"),
+    [
+        (["sm_80", "sm_86", "sm_89", "compute_90"], (7, 5), False),  # a T4 under the default list
+        (["sm_80", "sm_86", "sm_89", "compute_90"], (8, 0), True),
+        (["sm_80", "compute_90"], (8, 9), True),  # an sm_80 cubin runs on every 8.x from 8.0
+        (["sm_86"], (8, 0), False),  # but not below its minor
+        (["sm_80", "compute_90"], (10, 0), True),  # PTX is compiled for later GPUs
+        (["sm_80", "sm_90"], (10, 0), False),  # cubins only: no kernel image for 10.0
+        (["sm_90a"], (9, 0), True),
+        (["sm_90a"], (10, 0), False),  # "a" cubins run on their exact architecture only
+        (None, (7, 0), True),  # a build that did not record its archs: assumed to cover it
+    ],
+)
+def test_the_architectures_a_build_covers(archs, capability, covered):
+    assert _ext.arch_covers(archs, capability) is covered
 
 
 def test_cpp_sources_are_built_without_fp_contraction():
