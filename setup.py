@@ -119,16 +119,20 @@ def _local_version(torch, cuda: bool) -> str:
     return f"cputorch{torch_mm}"
 
 
-def _cuda_archs() -> list[str]:
+def _cuda_archs() -> list[str] | None:
     """What the CUDA kernels are compiled for, from torch's own -gencode flags for the arch list in
     force (TORCH_CUDA_ARCH_LIST, or the visible GPUs): "sm_80" (a cubin: runs on 8.x with x >= 0),
     "compute_90" (PTX: JIT-compiled on 9.0 and later). A GPU the list does not cover gets Triton."""
     import re
 
-    from torch.utils.cpp_extension import _get_cuda_arch_flags
+    try:  # a private torch function: a torch without it records no list (read as covering every GPU)
+        from torch.utils.cpp_extension import _get_cuda_arch_flags
 
+        flags = _get_cuda_arch_flags()
+    except (ImportError, RuntimeError, ValueError):
+        return None
     archs = []
-    for flag in _get_cuda_arch_flags():  # -gencode=arch=compute_XY,code=sm_XY (or code=[sm_XY,compute_XY])
+    for flag in flags:  # -gencode=arch=compute_XY,code=sm_XY (or code=[sm_XY,compute_XY])
         if "code=" in flag:
             for kind, number in re.findall(r"(sm|compute)_(\d+a?)", flag.split("code=", 1)[1]):
                 archs.append(f"{kind}_{number}")
