@@ -218,6 +218,11 @@ def _build_py(skip_ext: bool):
     from setuptools.command.build_py import build_py
 
     class BuildPy(build_py):
+        def run(self):
+            if skip_ext:  # nor one an earlier extension build left in build/lib
+                (Path(self.build_lib) / "eagle_kernels" / "_build_info.py").unlink(missing_ok=True)
+            super().run()
+
         def find_package_modules(self, package, package_dir):
             modules = super().find_package_modules(package, package_dir)
             if skip_ext:
@@ -241,7 +246,8 @@ def _dependencies(torch, with_ext: bool) -> list[str]:
     ]
     if with_ext:
         major, minor = torch.__version__.split("+")[0].split(".")[:2]
-        return [f"torch>={major}.{minor},<{major}.{int(minor) + 1}", *deps]
+        # .0a0: a pre-release or dev build of that minor (NGC containers, nightlies) satisfies it too
+        return [f"torch>={major}.{minor}.0a0,<{major}.{int(minor) + 1}", *deps]
     return ["torch>=2.5", *deps]
 
 

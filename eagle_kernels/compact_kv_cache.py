@@ -97,7 +97,7 @@ def _compact_kv_cache_kernel(
     offs = tl.arange(0, BLOCK_D)
     dmask = offs < D
     for j in range(0, num_steps):  # j = 0 too: the root's row need not be the block's first
-        if j <= acc:
+        if (j <= acc) & (j < n):  # (a path holds at most n slots; accept_index may be wider)
             slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
             if (slot != j) & (slot >= 0) & (slot < n):  # an out-of-tree slot (unchecked input) is skipped
                 row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)

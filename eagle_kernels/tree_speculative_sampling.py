@@ -67,10 +67,10 @@ DUP_SIBLING = 32
 BAD_DRAFT = 64
 
 STATUS_MESSAGES = {
-    BAD_TREE: "malformed tree: retrive_next_token must hold -1 or a later slot < num_draft_tokens "
-    "(children after their parent), retrive_next_sibling -1 or another slot in 1 .. num_draft_tokens-1 "
-    "(siblings in any order), the root has no sibling, no slot has two incoming links (so no cycles), "
-    "and retrive_index[b] must be a permutation of the rows b*n .. b*n+n-1",
+    BAD_TREE: "malformed tree: every child must come after its parent (retrive_next_token holds -1 or a "
+    "later slot < num_draft_tokens; retrive_next_sibling -1 or another slot in 1 .. num_draft_tokens-1, "
+    "siblings in any order, but a sibling of a later slot than its parent), the root has no sibling, no "
+    "slot has two incoming links, and retrive_index[b] must be a permutation of the rows b*n .. b*n+n-1",
     BAD_TOKEN: "a candidate token is outside [0, vocab_size)",
     BAD_UNIFORM: "a uniform sample is outside [0, 1) or NaN",
     BAD_PROB: "a probability read by the walk is NaN, negative or above 1, or the children of a node "
@@ -286,6 +286,11 @@ def _tree_sampling_torch(
                 target_probs, draft_probs, cand, nt, ns, cur, alive, uniform_samples, status
             )
             level_tried = torch.full_like(tried, -1)
+        # A sibling linked backwards can put a child before its parent: the path must go forward
+        # (compact_kv_cache moves rows in place), so such a child ends the walk as a bad tree.
+        backwards = (chosen != -1) & (chosen <= cur)
+        status = _flag(status, backwards, BAD_TREE)
+        chosen = torch.where(backwards, -1, chosen)
         got = chosen != -1
         stopped = alive & ~got
         tried = torch.where(stopped[:, None], level_tried, tried)
@@ -583,6 +588,9 @@ def _tree_sampling_kernel(
                 child = tl.load(ns_ptr + base + child).to(tl.int64)
         if HAS_Q == 0:
             status |= tl.where(acc > prob_limit, 8, 0)
+        backwards = (chosen != -1) & (chosen <= cur)  # a child before its parent: a bad tree
+        status |= tl.where(backwards, 1, 0)
+        chosen = tl.where(backwards, -1, chosen)
         got = chosen != -1
         if got:
             token = tl.load(cand_ptr + base + chosen).to(tl.int32)
@@ -1018,6 +1026,33 @@ def tree_speculative_sampling_draft_probs(
     )
 
 
+_SGL_OLDER = ("draft_probs", "threshold_single", "threshold_acc", "deterministic")
+_SGL_DEFAULTS = {"draft_probs": None, "threshold_single": 1.0, "threshold_acc": 1.0, "deterministic": True}
+
+
+def _sgl_sampling_arguments(args: tuple, kwargs: dict) -> tuple:
+    """``(draft_probs, threshold_single, threshold_acc, deterministic)`` of a call in either of
+    sgl-kernel's signatures: the first argument after ``target_probs`` is ``draft_probs`` (a tensor
+    or None) in the older one, ``threshold_single`` (a number) in the newer one."""
+    unknown = set(kwargs) - set(_SGL_OLDER)
+    if unknown:
+        raise TypeError(f"tree_speculative_sampling_target_only: unexpected arguments {sorted(unknown)}")
+    newer = bool(args) and args[0] is not None and not isinstance(args[0], torch.Tensor)
+    names = _SGL_OLDER[1:] if newer else _SGL_OLDER
+    if len(args) > len(names):
+        raise TypeError(
+            f"tree_speculative_sampling_target_only: {len(args)} arguments after target_probs, "
+            f"at most {len(names)} ({', '.join(names)})"
+        )
+    values = dict(_SGL_DEFAULTS)
+    for name, value in zip(names, args):
+        if name in kwargs:
+            raise TypeError(f"tree_speculative_sampling_target_only: got multiple values for {name}")
+        values[name] = value
+    values.update(kwargs)
+    return tuple(values[name] for name in _SGL_OLDER)
+
+
 def sglang_tree_speculative_sampling_target_only(
     predicts: torch.Tensor,
     accept_index: torch.Tensor,
@@ -1029,14 +1064,14 @@ def sglang_tree_speculative_sampling_target_only(
     uniform_samples: torch.Tensor,
     uniform_samples_for_final_sampling: torch.Tensor,
     target_probs: torch.Tensor,
-    draft_probs: torch.Tensor | float | None = None,
-    threshold_single: float = 1.0,
-    threshold_acc: float = 1.0,
-    deterministic: bool = True,
-    *,
+    *args,
     lossy: bool = False,
+    **kwargs,
 ) -> None:
-    """Drop-in for sgl-kernel's ``tree_speculative_sampling_target_only`` (same in-place signature).
+    """Drop-in for sgl-kernel's ``tree_speculative_sampling_target_only`` (same in-place signature):
+    after ``target_probs``, either sgl-kernel's older ``draft_probs=None, threshold_single=1.0,
+    threshold_acc=1.0, deterministic=True`` or its newer ``threshold_single=1.0, threshold_acc=1.0,
+    deterministic=True`` (no ``draft_probs``), positionally or by keyword.
 
     Writes ``predicts [B*n]``, ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]``
     (int32, preallocated; ``num_spec_steps`` is ``accept_index.shape[1]``, which may exceed ``n``
@@ -1057,21 +1092,7 @@ def sglang_tree_speculative_sampling_target_only(
     count twice in the cumulative mass, as in SGLang). With thresholds 1 and ``lossy=False`` the
     lossless op runs (``coin < mass``: SGLang's ``<=`` differs only on a measure-zero event).
     """
-    if isinstance(draft_probs, (int, float)) and not isinstance(draft_probs, bool):
-        # sgl-kernel's newer signature (no draft_probs) called positionally: the number in draft_probs'
-        # place is threshold_single, and every later argument sits one place earlier
-        if deterministic is not True:
-            raise TypeError(
-                "tree_speculative_sampling_target_only: a number in draft_probs' place reads as sgl-kernel's "
-                "newer signature (..., target_probs, threshold_single, threshold_acc, deterministic), which "
-                "has no argument after deterministic"
-            )
-        draft_probs, threshold_single, threshold_acc, deterministic = (
-            None,
-            draft_probs,
-            threshold_single,
-            threshold_acc,
-        )
+    draft_probs, threshold_single, threshold_acc, deterministic = _sgl_sampling_arguments(args, kwargs)
     check_tensor("predicts", predicts, ndim=1, dtypes=(torch.int32,))
     check_tensor("accept_index", accept_index, ndim=2, dtypes=(torch.int32,))
     check_tensor("accept_token_num", accept_token_num, ndim=1, dtypes=(torch.int32,))

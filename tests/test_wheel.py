@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -16,12 +17,24 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _build(tmp_path: Path, kind: str, **env: str) -> Path:
-    """``python -m build --<kind> --no-isolation`` of this checkout into tmp_path; the one artefact."""
+def _source_copy(tmp_path: Path) -> Path:
+    """The checkout's tracked files (the sources an sdist or a fresh clone has) in tmp_path: a build
+    there shares no build/ directory with this checkout's, which a concurrent test's build uses."""
+    copy = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+    return copy
+
+
+def _build(tmp_path: Path, kind: str, source: Path = ROOT, **env: str) -> Path:
+    """``python -m build --<kind> --no-isolation`` of ``source`` into tmp_path; the one artefact."""
     dist = tmp_path / f"dist-{kind}"
     res = subprocess.run(
         [sys.executable, "-m", "build", f"--{kind}", "--no-isolation", "--outdir", str(dist)],
-        cwd=ROOT,
+        cwd=source,
         capture_output=True,
         text=True,
         env={**os.environ, **env},
@@ -41,7 +54,10 @@ def _metadata(wheel: Path, field: str) -> list[str]:
 def test_sdist_holds_every_source_and_no_build_output(tmp_path):
     """The sdist builds the extension elsewhere: headers and CUDA sources too, the tests; never this
     checkout's compiled library, its build info or a local version label."""
-    sdist = _build(tmp_path, "sdist")
+    source = _source_copy(tmp_path)
+    (source / "eagle_kernels" / "_build_info.py").write_text("TORCH_VERSION = '0.0'\n")  # a local build's
+    (source / "eagle_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    sdist = _build(tmp_path, "sdist", source)
     assert sdist.name == "eagle_kernels-0.1.0.tar.gz", sdist.name
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
@@ -64,8 +80,14 @@ def test_sdist_holds_every_source_and_no_build_output(tmp_path):
 def test_a_pure_python_wheel_carries_no_build_info(tmp_path):
     """EAGLE_SKIP_EXT=1 in a checkout whose extension was built (its _build_info.py is in the tree): the
     wheel must not say an extension was built, or every import would warn that it cannot load."""
-    assert (ROOT / "eagle_kernels" / "_build_info.py").exists()  # make test built the extension
-    wheel = _build(tmp_path, "wheel", EAGLE_SKIP_EXT="1")
+    source = _source_copy(tmp_path)
+    stale = "TORCH_VERSION = '2.13.0+cpu'\nCUDA_VERSION = None\nWITH_CUDA = False\n"
+    (source / "eagle_kernels" / "_build_info.py").write_text(stale)  # left by an extension build
+    (source / "build" / "lib" / "eagle_kernels").mkdir(parents=True)
+    (source / "build" / "lib" / "eagle_kernels" / "_build_info.py").write_text(
+        stale
+    )  # and its build/lib copy
+    wheel = _build(tmp_path, "wheel", source, EAGLE_SKIP_EXT="1")
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
     names = zipfile.ZipFile(wheel).namelist()
     assert "eagle_kernels/_build_info.py" not in names
@@ -79,10 +101,12 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     import torch
 
     torch_mm = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    cuda = torch.version.cuda
+    info = zipfile.ZipFile(wheels[0]).read("eagle_kernels/_build_info.py").decode()
+    build = {}
+    exec(info, build)  # the wheel's record of what it was built with (CUDA: the compiling nvcc's version)
     label = (
-        f"cu{''.join(cuda.split('.')[:2])}torch{torch_mm}"
-        if "+cu" in wheels[0].name
+        f"cu{''.join(build['CUDA_VERSION'].split('.')[:2])}torch{torch_mm}"
+        if build["WITH_CUDA"]
         else f"cputorch{torch_mm}"
     )
     assert f"+{label}-" in wheels[0].name, (wheels[0].name, label)
@@ -93,8 +117,10 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     major, minor = (int(x) for x in torch_mm.split("."))
     (pin,) = [Requirement(r) for r in _metadata(wheels[0], "Requires-Dist") if Requirement(r).name == "torch"]
     base = torch.__version__.split("+")[0]
-    assert pin.specifier.contains(base) and not pin.specifier.contains(f"{major}.{minor + 1}.0"), pin
-    assert not pin.specifier.contains(f"{major}.{minor - 1}.0"), pin
+    assert pin.specifier.contains(base, prereleases=True), pin
+    assert pin.specifier.contains(f"{major}.{minor}.0a0", prereleases=True), pin  # NGC / nightly builds
+    assert not pin.specifier.contains(f"{major}.{minor + 1}.0", prereleases=True), pin
+    assert not pin.specifier.contains(f"{major}.{minor - 1}.9", prereleases=True), pin
 
     # A fresh venv that borrows torch & co. from this interpreter but gets its own eagle_kernels.
     env_dir = tmp_path / "venv"

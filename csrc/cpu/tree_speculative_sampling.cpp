@@ -332,6 +332,10 @@ void sample_tree(const TreeArgs& a, const tok_t* cand, const idx_t* ri_in, const
       }
     }
     if (q_row == nullptr && acc > kProbLimit) status |= kBadProb;
+    if (chosen != -1 && chosen <= cur) {  // a sibling linked backwards put a child before its parent:
+      status |= kBadTree;                 // the path must go forward (compact_kv_cache moves in place)
+      chosen = -1;
+    }
     if (chosen == -1) {
       s_final = s;
       break;

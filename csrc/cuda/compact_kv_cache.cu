@@ -20,7 +20,8 @@ __global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int6
   // Values are checked only in debug mode (a host sync): a malformed count or slot must not read
   // past accept_index's row or the sequence's tree, so the loop stops at the row's last column and
   // an out-of-tree slot is skipped (as the Triton kernel does).
-  const int64_t last = min(static_cast<int64_t>(accept_num[b]), num_steps - 1);
+  // (and a path never holds more than n slots: accept_index may be wider than the tree)
+  const int64_t last = min(min(static_cast<int64_t>(accept_num[b]), num_steps - 1), n - 1);
   for (int64_t j = 0; j <= last; ++j) {  // j = 0 too: the root's row need not be the block's first
     const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
     if (slot == j || slot < 0 || slot >= n) continue;

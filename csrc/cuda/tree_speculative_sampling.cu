@@ -302,6 +302,10 @@ __device__ void walk_target_only(const Params& prm, long long b, const Arrays& a
       }
     }
     if (acc > kProbLimit) status |= kBadProb;
+    if (chosen != -1 && chosen <= cur) {  // a child before its parent (a backward sibling link)
+      status |= kBadTree;
+      chosen = -1;
+    }
     if (chosen == -1) break;
     a.pred[cur] = a.tok[chosen];
     a.path[++num] = a.row[chosen];
@@ -373,6 +377,10 @@ __device__ void walk_sampled(const Params& prm, long long b, const Arrays& a, Sh
       __syncthreads();
     }
     if (threadIdx.x == 0) {
+      if (sh.chosen != -1 && sh.chosen <= sh.cur) {  // a child before its parent
+        sh.status |= kBadTree;
+        sh.chosen = -1;
+      }
       if (sh.chosen == -1) {
         sh.go = 0;
         sh.s_final = sh.s;

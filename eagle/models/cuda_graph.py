@@ -97,6 +97,18 @@ def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
     return out
 
 
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One capture stream per device, reused by every capture on it (as torch.cuda.graph's default,
+    which is one stream for the whole process, created on the device that captured first)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+    return _CAPTURE_STREAMS[index]
+
+
 def replay(graph: torch.cuda.CUDAGraph, device: torch.device) -> None:
     """Replay ``graph`` (captured by :func:`capture` on ``device``) on ``device``'s current stream."""
     with torch.cuda.device(device):
@@ -119,7 +131,7 @@ def capture(
     device = caches[0].device
     torch.cuda.synchronize(device)
     try:
-        with torch.cuda.device(device), torch.cuda.graph(graph):
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=_capture_stream(device)):
             out = step()
     finally:
         for c, bound in zip(caches, bounds):

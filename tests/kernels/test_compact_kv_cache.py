@@ -167,6 +167,15 @@ def test_unchecked_kernels_stay_inside_the_row_and_the_tree_on_malformed_input(d
         got = kv.clone()
         kernel(got, seqlens, idx, num, 4)
         assert torch.equal(got, want), name
+    # accept_index wider than the tree with a count past the tree: the destination rows must stay
+    # inside it too (they ran to seqlen + count, past S_max into the next head's rows)
+    wide = torch.tensor([[0, 1, 2, 3, 1, 2], [4, 5, 6, 7, 5, 6]], device=device)
+    big = torch.tensor([5, 5], dtype=torch.int32, device=device)
+    want = kv.clone()  # the in-tree part of the path: slots 0..3 onto themselves (no move)
+    for name, kernel in kernels.items():
+        got = kv.clone()
+        kernel(got, seqlens, wide, big, 4)
+        assert torch.equal(got, want), name
 
 
 def test_accept_index_wider_than_the_tree(device):

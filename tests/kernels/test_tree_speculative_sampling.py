@@ -483,6 +483,19 @@ def test_sglang_drop_in_takes_the_newer_signature_without_draft_probs():
         assert torch.equal(got, want)
     lossless = _sglang_buffers(2, 8, steps, 20)
     sglang_tree_speculative_sampling_target_only(*lossless, cand, ri, nt, ns, u, uf, probs, 1.0, 1.0, True)
+    mixed = _sglang_buffers(2, 8, steps, 20)  # positional threshold_single, keyword threshold_acc
+    sglang_tree_speculative_sampling_target_only(
+        *mixed, cand, ri, nt, ns, u, uf, probs, 0.0, threshold_acc=0.5, lossy=True
+    )
+    for got, want in zip(mixed, older):
+        assert torch.equal(got, want)
+    sglang_tree_speculative_sampling_target_only(
+        *_sglang_buffers(2, 8, steps, 20), cand, ri, nt, ns, u, uf, probs, 1.0, 1.0, deterministic=False
+    )
+    with pytest.raises(TypeError, match="multiple values for threshold_single"):
+        sglang_tree_speculative_sampling_target_only(
+            *_sglang_buffers(2, 8, steps, 20), cand, ri, nt, ns, u, uf, probs, 0.5, threshold_single=0.3
+        )
     with pytest.raises(ValueError, match="lossy"):  # a relaxed threshold read in the newer position
         sglang_tree_speculative_sampling_target_only(
             *_sglang_buffers(2, 8, steps, 20), cand, ri, nt, ns, u, uf, probs, 0.5
@@ -552,6 +565,32 @@ def test_duplicate_siblings_and_two_parents_raise():
             run_with_backend(backend, tree_speculative_sampling, *dup, num_spec_steps=2)
         with pytest.raises(ValueError, match="malformed tree"):
             run_with_backend(backend, tree_speculative_sampling, *two_parents, num_spec_steps=2)
+
+
+def test_a_child_before_its_parent_through_a_backward_sibling_link_is_refused():
+    """Slot 2's children are 3 then 1 (slot 3's sibling links back to slot 1): slot 1 comes before its
+    parent. A walk that accepts it would return a path that goes back a slot (compact_kv_cache moves
+    rows in place, assuming increasing slots), so every backend refuses the tree when it gets there."""
+    candidates = torch.tensor([[0, 5, 6, 7]])
+    ri = torch.arange(4)[None]
+    nt, ns = torch.tensor([[2, -1, 3, -1]]), torch.tensor([[-1, -1, -1, 1]])
+    probs = torch.zeros(1, 4, 10)
+    probs[0, 0, 6] = 1.0  # the root accepts slot 2 (token 6)
+    probs[0, 2, 5] = 1.0  # slot 2 rejects slot 3 (token 7) and accepts slot 1 (token 5)
+    probs[0, [1, 3], 0] = 1.0
+    u, uf = torch.full((1, 4), 0.5), torch.tensor([0.5])
+    for backend in ["torch", *_backends()]:
+        with pytest.raises(ValueError, match="every child must come after its parent"):
+            run_with_backend(
+                backend, tree_speculative_sampling, candidates, ri, nt, ns, probs, u, uf, num_spec_steps=3
+            )
+    probs[0, 2] = 0.0
+    probs[0, 2, 7] = 1.0  # accepting slot 3 instead is a forward path: fine
+    for backend in ["torch", *_backends()]:
+        _, accept_index, num = run_with_backend(
+            backend, tree_speculative_sampling, candidates, ri, nt, ns, probs, u, uf, num_spec_steps=3
+        )
+        assert accept_index.tolist() == [[0, 2, 3]] and num.tolist() == [2], backend
 
 
 def test_draft_probs_bad_input_raises():
