@@ -246,8 +246,9 @@ def _dependencies(torch, with_ext: bool) -> list[str]:
     ]
     if with_ext:
         major, minor = torch.__version__.split("+")[0].split(".")[:2]
-        # .0a0: a pre-release or dev build of that minor (NGC containers, nightlies) satisfies it too
-        return [f"torch>={major}.{minor}.0a0,<{major}.{int(minor) + 1}", *deps]
+        # .0.dev0: a dev or pre-release build of that minor (nightlies' 2.x.0.devYYYYMMDD, NGC's
+        # 2.x.0a0+nv) satisfies it too; PEP 440 sorts dev before a0
+        return [f"torch>={major}.{minor}.0.dev0,<{major}.{int(minor) + 1}", *deps]
     return ["torch>=2.5", *deps]
 
 

@@ -94,7 +94,10 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | No
             return f"the cuda backend runs on CUDA tensors, got {device.type} tensors"
         if not _ext.has_op(op, "cuda"):
             return f"the CUDA extension does not provide eagle_C::{op} ({_ext.STATUS.reason})"
-        if not _ext.cuda_device_supported(_cuda_index(device)):
+        index = _cuda_index(device)
+        if index is None:
+            return "no CUDA GPU is available"
+        if not _ext.cuda_device_supported(index):
             return "the CUDA extension was not compiled for this GPU's architecture"
         return None
     if backend == "triton":
@@ -121,8 +124,11 @@ CUDA_EXT_FIRST = frozenset(
 )
 
 
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def _cuda_index(device: torch.device) -> int | None:
+    """The GPU index of a CUDA ``device`` ("cuda": the current one; None where no GPU is usable)."""
+    if device.index is not None:
+        return device.index
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
 
 
 def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool | None = None) -> str:
@@ -142,7 +148,9 @@ def select_backend(op: str, device: torch.device, *, prefer_cuda_ext: bool | Non
     key = (
         op,
         device.type,
-        device.index,  # (GPUs of one machine may differ in architecture: see _ext.cuda_device_supported)
+        # GPUs of one machine may differ in architecture (_ext.cuda_device_supported): "cuda" is keyed
+        # by the GPU current now (an op's tensors always name theirs)
+        _cuda_index(device) if device.type == "cuda" else None,
         prefer_cuda_ext,
         _override.get(),
         _raw_env(_BACKEND_VAR),
@@ -169,7 +177,8 @@ def _select_backend_uncached(op: str, device: torch.device, prefer_cuda_ext: boo
             raise RuntimeError(f"eagle_kernels.{op}: backend {forced!r} was forced but {reason}")
         return forced
     if device.type == "cuda":
-        extension = _ext.has_op(op, "cuda") and _ext.cuda_device_supported(_cuda_index(device))
+        index = _cuda_index(device)
+        extension = _ext.has_op(op, "cuda") and index is not None and _ext.cuda_device_supported(index)
         if prefer_cuda_ext and extension:
             return "cuda"
         if HAS_TRITON:

@@ -98,7 +98,11 @@ def arch_covers(archs: list[str] | None, capability: tuple[int, int]) -> bool:
         exact = number.endswith("a")
         value = int(number.rstrip("a"))
         arch_major, arch_minor = value // 10, value % 10
-        if kind == "compute" and (arch_major, arch_minor) <= (major, minor):
+        if kind == "compute" and (
+            (arch_major, arch_minor) == (major, minor)
+            if exact
+            else (arch_major, arch_minor) <= (major, minor)
+        ):  # ("a" PTX, from "9.0a+PTX", uses that architecture's own features: it runs there only)
             return True
         if kind == "sm" and arch_major == major and (arch_minor == minor if exact else arch_minor <= minor):
             return True
@@ -125,7 +129,8 @@ def cuda_device_supported(index: int) -> bool:
         warnings.warn(
             f"eagle_kernels: the CUDA extension has no kernels for this GPU (compute capability "
             f"{capability[0]}.{capability[1]}; built for {', '.join(archs)}); its ops run the Triton "
-            "kernels instead. Rebuild with TORCH_CUDA_ARCH_LIST naming it to use them.",
+            "kernels (or, without Triton, the PyTorch reference) there instead. Rebuild with "
+            "TORCH_CUDA_ARCH_LIST naming it to use them.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -176,6 +176,8 @@ def test_cuda_default_backend_per_op(monkeypatch):
         (["sm_80", "sm_90"], (10, 0), False),  # cubins only: no kernel image for 10.0
         (["sm_90a"], (9, 0), True),
         (["sm_90a"], (10, 0), False),  # "a" cubins run on their exact architecture only
+        (["sm_90a", "compute_90a"], (10, 0), False),  # and so does "a" PTX ("9.0a+PTX")
+        (["compute_90a"], (9, 0), True),
         (None, (7, 0), True),  # a build that did not record its archs: assumed to cover it
     ],
 )
