@@ -268,13 +268,12 @@ class EagleModel:
         return out
 
     def _eos(self, eos_token_id) -> list[int]:
-        """The stop ids: ``eos_token_id`` when given, else the checkpoint's generation_config.json
-        eos (as transformers' generate), else config.json's."""
+        """The stop ids: ``eos_token_id`` when given, else, as transformers' generate, the
+        checkpoint's generation_config.json eos when it has that file (none there: no stop id,
+        config.json's is not used), else config.json's."""
         if eos_token_id is None:
             cfg = self.target.config
-            eos_token_id = (
-                cfg.generation_eos_token_id if cfg.generation_eos_token_id is not None else cfg.eos_token_id
-            )
+            eos_token_id = cfg.generation_eos_token_id if cfg.has_generation_config else cfg.eos_token_id
         if eos_token_id is None:
             return []
         if isinstance(eos_token_id, torch.Tensor):

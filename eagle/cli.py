@@ -169,8 +169,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     ids = model.tokenizer(prompt)["input_ids"]  # the tokenizer's convention, as EagleModel.generate
-    if not args.quiet:
-        print(prompt, end="", flush=True)
     setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""
     chunks = model.stream(
@@ -181,7 +179,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         cuda_graph=args.cuda_graph,
         speculative="auto" if args.auto else not args.no_speculative,
         **sampling,
-    )
+    )  # (its arguments are checked here: a bad one is reported before the prompt is echoed)
+    if not args.quiet:
+        print(prompt, end="", flush=True)
     # stream() sizes tree="dynamic" on its first call (timed forwards, once per model and batch size):
     # a set-up cost, reported apart from the decoding speed
     start = time.perf_counter()

@@ -80,8 +80,11 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     # generation_config.json's eos_token_id (what transformers' generate stops on; chat checkpoints
-    # list their end-of-turn token there only), None when the checkpoint has none
+    # list their end-of-turn token there only), None when the file has none (or null);
+    # has_generation_config: whether the checkpoint has that file at all (transformers then takes
+    # the file's eos, even none, over config.json's)
     generation_eos_token_id: int | list[int] | None = None
+    has_generation_config: bool = False
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,7 +126,7 @@ class ModelConfig:
         generation = path.parent / "generation_config.json"
         if generation.is_file():
             eos = read_json(generation).get("eos_token_id")
-            cfg = dataclasses.replace(cfg, generation_eos_token_id=eos)
+            cfg = dataclasses.replace(cfg, generation_eos_token_id=eos, has_generation_config=True)
         return cfg
 
     @classmethod

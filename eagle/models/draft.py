@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -698,6 +699,8 @@ def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory)
         b = ref[start : start + 8192].detach().to(device="cpu", dtype=torch.float32)
         diff += float((a - b).square().sum())
         ref_norm += float(b.square().sum())
+    if not math.isfinite(ref_norm):  # (else read as a mismatch and blamed on a correct head)
+        raise ValueError("the target's embed_tokens holds NaN or inf values: check the target checkpoint")
     relative = (diff / ref_norm) ** 0.5 if ref_norm > 0 else (0.0 if diff == 0 else float("inf"))
     if relative > EMBEDDING_MISMATCH:
         raise ValueError(

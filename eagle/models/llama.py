@@ -840,8 +840,20 @@ def load_target(
     """
     directory = resolve_checkpoint(path)
     cfg = ModelConfig.from_json(directory)
+    check_head_dim_supported(cfg, directory)
     state = target_state_from_hf(read_state_dict(directory), cfg)
     return build_model(cfg, state, dtype, device)
+
+
+def check_head_dim_supported(cfg: ModelConfig, where) -> None:
+    """Refuse at load a head size the attention kernels do not take (every generate would fail)."""
+    from eagle_kernels.tree_attention import MAX_HEAD_DIM, MIN_HEAD_DIM
+
+    if not MIN_HEAD_DIM <= cfg.head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{where}: head_dim={cfg.head_dim} is outside the {MIN_HEAD_DIM}..{MAX_HEAD_DIM} the attention "
+            "kernels support (head_dim, or hidden_size / num_attention_heads)"
+        )
 
 
 def build_model(

@@ -279,6 +279,12 @@ def test_targets_without_a_tokenizer_and_heads_missing_are_refused_by_name(
     assert "this target has no tokenizer: pass --prompts" in capsys.readouterr().err
 
 
+def test_a_bad_sampling_argument_is_reported_before_the_prompt_is_echoed(capsys):
+    assert main(["generate", "import os", "--min-p", "1.5", "-n", "4"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("eagle generate: error: min_p must be in [0, 1]")
+
+
 def test_eagle_debug_shows_the_traceback(monkeypatch):
     import pytest
 

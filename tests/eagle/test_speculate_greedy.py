@@ -285,6 +285,40 @@ def test_generation_config_eos_is_the_default_stop(tmp_path):
     assert model.generate([[3, 1, 4]], 12, speculative=False, eos_token_id=[]).tokens[0] == free
 
 
+@pytest.mark.parametrize(
+    "generation_config", [None, {}, {"eos_token_id": None}], ids=["no-file", "no-key", "null"]
+)
+def test_config_eos_applies_only_without_a_generation_config(tmp_path, generation_config):
+    """As transformers' generate: config.json's eos is the stop id only when the checkpoint has no
+    generation_config.json; a file without an eos (fine-tunes often ship only sampling keys) stops
+    on nothing."""
+    from transformers import AutoModelForCausalLM
+
+    hf = build_hf_target("llama", seed=0, **SMALL)
+    target_dir = save_hf_target(hf, tmp_path / "t")
+    free = (
+        eagle.load(str(target_dir), None, dtype=torch.float64)
+        .generate([[3, 1, 4]], 12, speculative=False, eos_token_id=[])
+        .tokens[0]
+    )
+    config = json.loads((target_dir / "config.json").read_text())
+    (target_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": free[4]}))
+    (target_dir / "generation_config.json").unlink(missing_ok=True)
+    if generation_config is not None:
+        (target_dir / "generation_config.json").write_text(json.dumps(generation_config))
+    hf = AutoModelForCausalLM.from_pretrained(str(target_dir), dtype=torch.float64).eval()
+    want = hf.generate(torch.tensor([[3, 1, 4]]), max_new_tokens=12, do_sample=False, pad_token_id=0)[
+        0, 3:
+    ].tolist()
+    got = (
+        eagle.load(str(target_dir), None, dtype=torch.float64)
+        .generate([[3, 1, 4]], 12, speculative=False)
+        .tokens[0]
+    )
+    assert got == want
+    assert len(got) == (5 if generation_config is None else 12)
+
+
 def test_plain_sampling_gives_each_row_its_own_stream(pairs):
     """speculative=False with a seed: a row's tokens depend on the seed, its index and its prompt
     only, as in the speculative loop (one shared generator made rows depend on their neighbours)."""
@@ -374,12 +408,41 @@ def test_a_stream_does_not_change_a_later_result(pairs):
 
 def test_head_for_another_target_is_refused(pairs, tmp_path):
     hf = build_hf_target(
-        "llama", seed=5, **(SMALL | {"hidden_size": 32, "intermediate_size": 48, "head_dim": 8})
+        "llama", seed=5, **(SMALL | {"hidden_size": 32, "intermediate_size": 48, "head_dim": 16})
     )
     target_dir = save_hf_target(hf, tmp_path / "other")
     head_dir = tmp_path / "head"
     eagle.models.save_draft(pairs["eagle2-s0"][1].head, head_dir)
     with pytest.raises(ValueError, match="hidden"):
+        eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("head_dim", [8, 264])
+def test_a_head_size_the_kernels_do_not_take_is_refused_at_load(tmp_path, head_dim):
+    """Not at the first generate (plain decoding included), where the kernels would refuse it."""
+    hf = build_hf_target("llama", seed=5, **(SMALL | {"head_dim": head_dim}))
+    target_dir = save_hf_target(hf, tmp_path / "t")
+    with pytest.raises(ValueError, match=f"head_dim={head_dim} is outside the 16..256"):
+        eagle.load(str(target_dir), dtype=torch.float64)
+
+
+def test_a_corrupt_target_embedding_is_not_blamed_on_its_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf = build_hf_target("llama", seed=0, **SMALL)
+    target_dir = save_hf_target(hf, tmp_path / "target")
+    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
+    state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=7)
+    head_dir = write_head(
+        tmp_path / "head", head_config(cfg, bias=True), state, fmt="safetensors", dtype=torch.float32
+    )
+    eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)  # the pair is sound
+    (weights,) = target_dir.glob("*.safetensors")
+    tensors = load_file(weights)
+    key = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+    tensors[key][2, 0] = float("nan")
+    save_file(tensors, weights)
+    with pytest.raises(ValueError, match="the target's embed_tokens holds NaN or inf"):
         eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
 
 
