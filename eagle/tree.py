@@ -65,7 +65,8 @@ class TreeConfig:
             )
         if self.topk == 1 and self.total_tokens != self.depth + 1:
             raise ValueError(
-                f"TreeConfig: a chain (topk=1) of depth {self.depth} has total_tokens={self.depth + 1}"
+                f"TreeConfig: a chain (topk=1) of depth {self.depth} has total_tokens={self.depth + 1} "
+                f"(depth + 1), got {self.total_tokens}"
             )
 
     @classmethod

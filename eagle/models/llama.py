@@ -818,6 +818,11 @@ def hf_target_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def target_state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Check a Hugging Face target state dict against ``cfg`` and convert it to this runtime's names."""
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if "fc.weight" in state and not any(k.startswith("model.layers.") for k in state):
+        raise ValueError(
+            "this checkpoint is an EAGLE draft head (fc.weight, no model.layers.*), not a target model: "
+            "pass it as the draft (eagle.load(target, draft), --draft) with its target"
+        )
     optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
     check_keys(state, hf_target_shapes(cfg), what="target checkpoint", optional=optional)
     if cfg.tie_word_embeddings:

@@ -446,6 +446,20 @@ def test_a_corrupt_target_embedding_is_not_blamed_on_its_head(tmp_path):
         eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
 
 
+def test_a_head_passed_as_the_target_is_named_as_a_head(tmp_path):
+    hf = build_hf_target("llama", seed=0, **SMALL)
+    target_dir = save_hf_target(hf, tmp_path / "target")
+    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
+    state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=7)
+    head_dir = write_head(
+        tmp_path / "head", head_config(cfg, bias=True), state, fmt="safetensors", dtype=torch.float32
+    )
+    with pytest.raises(
+        ValueError, match="is an EAGLE draft head .*, not a target model: pass it as the draft"
+    ):
+        eagle.load(str(head_dir), dtype=torch.float64)
+
+
 def test_static_tree_is_mc_sim_7b_63(pairs):
     _, model = pairs["eagle2-s0"]
     decoder = model._decoder("static")

@@ -24,7 +24,10 @@ def test_parse_rejects_malformed_specs(spec):
         ("0/10/60", "depth and topk must be >= 1"),
         ("6/10/1", r"total_tokens=1 must be in \[2, "),
         ("2/2/99", r"total_tokens=99 must be in \[2, 7\]"),
-        ("4/1/3", r"a chain \(topk=1\) of depth 4 has total_tokens=5"),  # within range, not a chain
+        (
+            "4/1/3",
+            r"a chain \(topk=1\) of depth 4 has total_tokens=5 \(depth \+ 1\), got 3",
+        ),  # within range, not a chain
     ],
 )
 def test_parse_applies_the_size_checks(spec, message):
