@@ -22,6 +22,7 @@ torch already installed (see README).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -85,6 +86,7 @@ def _cuda_wanted(torch) -> bool:
     return True
 
 
+@functools.cache  # (the wheel's label and its build info both ask)
 def _toolkit_cuda_version(torch) -> str:
     """The CUDA version of the nvcc at CUDA_HOME ("12.4"), which the kernels are compiled with: one
     torch can build against several toolkits (scripts/build_wheels.sh), and the wheel's label and

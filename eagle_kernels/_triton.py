@@ -66,5 +66,4 @@ def launches_on_input_device(fn: Callable[..., R]) -> Callable[..., R]:
                 return fn(first, *args, **kwargs)
         return fn(first, *args, **kwargs)
 
-    on_input_device.launches_on_input_device = True
     return on_input_device

@@ -799,15 +799,20 @@ def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale):
     return q.new_empty(q.shape)
 
 
+def _sglang_word_bytes(T: int) -> int | None:
+    """Bytes of SGLang's per-row word for ``T`` tree tokens (1, 2 or 4; ``build_tree``'s
+    ``qlen_bits_u8`` rows), None past 32 tokens."""
+    return 1 << (-(-T // 8) - 1).bit_length() if 0 < T <= 32 else None
+
+
 def _sglang_word_rows_as_bytes(tree_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-    """A uint8 mask whose rows are SGLang's whole 1 / 2 / 4-byte words (``build_tree``'s
-    ``qlen_bits_u8`` output: 4 bytes a row for 17 <= T <= 32) as the ``ceil(T/8)`` bytes the kernels
-    read (the bytes past them hold only bits of columns >= T); any other mask unchanged."""
-    if tree_mask is None or tree_mask.dtype != torch.uint8 or tree_mask.dim() != 3 or not 0 < T <= 32:
+    """A uint8 mask whose rows are SGLang's whole 1 / 2 / 4-byte words (4 bytes a row for
+    17 <= T <= 32) as the ``ceil(T/8)`` bytes the kernels read (the bytes past them hold only bits of
+    columns >= T); any other mask unchanged."""
+    if tree_mask is None or tree_mask.dtype != torch.uint8 or tree_mask.dim() != 3:
         return tree_mask
     need = -(-T // 8)
-    word = 1 << (need - 1).bit_length()  # 1, 2 or 4 bytes
-    if tree_mask.shape[2] == word != need:
+    if tree_mask.shape[2] == _sglang_word_bytes(T) != need:
         return tree_mask[..., :need].contiguous()
     return tree_mask
 
@@ -817,6 +822,8 @@ def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -
     check_tensor("tree_mask", tree_mask, ndim=3, dtypes=dtypes, device=device)
     width = {torch.bool: T, torch.uint8: -(-T // 8), torch.int32: -(-T // 32)}[tree_mask.dtype]
     fmt = {torch.bool: "bool", torch.uint8: "uint8 bit-packed", torch.int32: "int32 bit-packed"}
+    if tree_mask.dtype == torch.uint8 and tree_mask.shape[2] == _sglang_word_bytes(T):
+        width = tree_mask.shape[2]  # SGLang's whole words: the op's body reads their first bytes
     if tuple(tree_mask.shape) != (B, T, width):
         raise ValueError(
             f"tree_mask ({fmt[tree_mask.dtype]}) must have shape [B, T, {width}] = [{B}, {T}, {width}] "
@@ -916,7 +923,6 @@ def tree_attention(
     variant chosen by :func:`plan_launch`); the C++ kernel on CPU tensors when the extension is
     built, else :func:`tree_attention_ref`.
     """
-    tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])
     _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
