@@ -37,50 +37,49 @@ def test_import_does_not_touch_cuda():
     assert "ok" in res.stdout
 
 
-def test_mismatched_extension_warns_once_and_falls_back(tmp_path):
-    """An extension recorded as built for another torch is skipped with one warning."""
+def _import_under_build_info(build_info: str, checks: str) -> None:
+    """Import eagle_kernels in a fresh interpreter whose ``_build_info`` is a stand-in (``build_info``
+    sets its fields on ``fake``), then run ``checks``, with ``msgs`` the package's warnings."""
     code = (
-        "import warnings, sys, types\n"
+        "import warnings, sys, types, torch\n"
         "fake = types.ModuleType('eagle_kernels._build_info')\n"
-        "fake.TORCH_VERSION, fake.CUDA_VERSION, fake.WITH_CUDA = '1.0.0', None, False\n"
+        f"{build_info}\n"
         "sys.modules['eagle_kernels._build_info'] = fake\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
-        "    import eagle_kernels, torch\n"
+        "    import eagle_kernels\n"
         "msgs = [str(x.message) for x in w if 'eagle_kernels' in str(x.message)]\n"
+        f"{checks}\n"
+        "print('ok')"
+    )
+    res = _run(code)
+    assert res.returncode == 0, res.stderr
+    assert "ok" in res.stdout
+
+
+def test_mismatched_extension_warns_once_and_falls_back():
+    """An extension recorded as built for another torch is skipped with one warning."""
+    _import_under_build_info(
+        "fake.TORCH_VERSION, fake.CUDA_VERSION, fake.WITH_CUDA = '1.0.0', None, False",
         "assert len(msgs) == 1, msgs\n"
         "assert 'built for torch 1.0.0' in msgs[0], msgs\n"
         "assert eagle_kernels.backend_info()['cpu_backend']['compact_kv_cache'] == 'torch'\n"
         "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
         "out = eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
         "    torch.tensor([[0, 2]]), torch.tensor([1]), num_draft_tokens=4)\n"
-        "assert out.tolist() == [2]\n"
-        "print('ok')"
+        "assert out.tolist() == [2]",
     )
-    res = _run(code)
-    assert res.returncode == 0, res.stderr
-    assert "ok" in res.stdout
 
 
 def test_an_extension_built_for_another_cuda_major_is_refused_by_name():
     """A CUDA build recorded as made with CUDA 99 is not loaded under this torch's CUDA (or none):
     one warning naming both versions and what to install."""
-    code = (
-        "import warnings, sys, types, torch\n"
-        "fake = types.ModuleType('eagle_kernels._build_info')\n"
-        "fake.TORCH_VERSION, fake.CUDA_VERSION, fake.WITH_CUDA = torch.__version__, '99.0', True\n"
-        "sys.modules['eagle_kernels._build_info'] = fake\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import eagle_kernels\n"
-        "msgs = [str(x.message) for x in w if 'eagle_kernels' in str(x.message)]\n"
-        "assert len(msgs) == 1 and 'built with CUDA 99.0' in msgs[0] and 'wheel built for this torch' in msgs[0], msgs\n"
-        "assert not eagle_kernels.backend_info()['extension_loaded']\n"
-        "print('ok')"
+    _import_under_build_info(
+        "fake.TORCH_VERSION, fake.CUDA_VERSION, fake.WITH_CUDA = torch.__version__, '99.0', True",
+        "assert len(msgs) == 1 and 'built with CUDA 99.0' in msgs[0], msgs\n"
+        "assert 'wheel built for this torch' in msgs[0], msgs\n"
+        "assert not eagle_kernels.backend_info()['extension_loaded']",
     )
-    res = _run(code)
-    assert res.returncode == 0, res.stderr
-    assert "ok" in res.stdout
 
 
 def test_forced_backend_errors_are_clear():

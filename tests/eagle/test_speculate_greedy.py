@@ -30,6 +30,12 @@ TREES = {
 
 
 def _make_pair(root, seed: int, kind: str, draft_dtype=None, **overrides):
+    hf, target_dir, head_dir = _save_pair(root, seed, kind, **overrides)
+    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64, draft_dtype=draft_dtype)
+
+
+def _save_pair(root, seed: int, kind: str, **overrides):
+    """(HF target, its directory, an EAGLE-2 or EAGLE-3 head's directory) under ``root``."""
     hf = build_hf_target("llama", seed=seed, **(SMALL | overrides))
     target_dir = save_hf_target(hf, root / f"target{seed}")
     cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
@@ -43,7 +49,7 @@ def _make_pair(root, seed: int, kind: str, draft_dtype=None, **overrides):
         state = eagle3_state(cfg, prefix="layers.0.", embed=None, draft_vocab=sorted(used), seed=seed + 7)
         head_cfg = head_config(cfg, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=len(used))
     head_dir = write_head(root / f"{kind}{seed}", head_cfg, state, fmt="safetensors", dtype=torch.float32)
-    return hf, eagle.load(str(target_dir), str(head_dir), dtype=torch.float64, draft_dtype=draft_dtype)
+    return hf, target_dir, head_dir
 
 
 @pytest.fixture(scope="module")
@@ -429,13 +435,7 @@ def test_a_head_size_the_kernels_do_not_take_is_refused_at_load(tmp_path, head_d
 def test_a_corrupt_target_embedding_is_not_blamed_on_its_head(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    hf = build_hf_target("llama", seed=0, **SMALL)
-    target_dir = save_hf_target(hf, tmp_path / "target")
-    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
-    state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=7)
-    head_dir = write_head(
-        tmp_path / "head", head_config(cfg, bias=True), state, fmt="safetensors", dtype=torch.float32
-    )
+    _, target_dir, head_dir = _save_pair(tmp_path, 0, "eagle2")  # an EAGLE-2 head storing the embedding
     eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)  # the pair is sound
     (weights,) = target_dir.glob("*.safetensors")
     tensors = load_file(weights)
@@ -447,13 +447,7 @@ def test_a_corrupt_target_embedding_is_not_blamed_on_its_head(tmp_path):
 
 
 def test_a_head_passed_as_the_target_is_named_as_a_head(tmp_path):
-    hf = build_hf_target("llama", seed=0, **SMALL)
-    target_dir = save_hf_target(hf, tmp_path / "target")
-    cfg = json.loads((target_dir / "config.json").read_text()) | {"head_dim": hf.config.head_dim}
-    state = eagle2_state(cfg, bias=True, embed=hf.model.embed_tokens.weight.detach(), seed=7)
-    head_dir = write_head(
-        tmp_path / "head", head_config(cfg, bias=True), state, fmt="safetensors", dtype=torch.float32
-    )
+    _, _, head_dir = _save_pair(tmp_path, 0, "eagle2")
     with pytest.raises(
         ValueError, match="is an EAGLE draft head .*, not a target model: pass it as the draft"
     ):
