@@ -923,6 +923,10 @@ def _run_eagle3_input(backend, h_low, h_mid, h_high, fc_weight, fc_bias, out) ->
 
 
 def _new_output(rows: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
+    """``[N, H_out]`` for the registered ops and their fakes alike: both take 2-D rows only (the
+    public functions flatten ``[B, T, H]``), so tracing refuses what the real op would."""
+    if rows.dim() != 2:
+        raise ValueError(f"the registered op takes [N, H] feature rows, got shape {tuple(rows.shape)}")
     return rows.new_empty((rows.shape[0], fc_weight.shape[0]))
 
 

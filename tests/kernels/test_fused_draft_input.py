@@ -565,6 +565,27 @@ def test_cpp_op_checks_its_own_arguments():
         ext.fused_eagle3_input(*h, torch.randn(16, 48), None, torch.empty(4, 16))
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_registered_ops_and_their_fakes_refuse_3d_rows(backend):
+    """The public functions flatten [B, T, H]; the registered ops take [N, H] only. The fakes refuse
+    what the real ops refuse, so a traced graph cannot hold a shape the real op would reject."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    hidden, ids, embed, w, _ = make_draft_case((2, 3), 16, 30, torch.float32, torch.int64, False)
+    w3 = torch.randn(16, 48)
+    match = r"takes \[N, H\] feature rows, got shape \(2, 3, 16\)"
+    with pytest.raises(ValueError, match=match):
+        run_with_backend(backend, torch.ops.eagle.fused_draft_input, hidden, ids, embed, w, None)
+    with pytest.raises(ValueError, match=match):
+        run_with_backend(backend, torch.ops.eagle.fused_eagle3_input, hidden, hidden, hidden, w3, None)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (hidden, ids, embed, w, w3)]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.eagle.fused_draft_input(*fake[:4], None)
+        with pytest.raises(ValueError, match=match):
+            torch.ops.eagle.fused_eagle3_input(fake[0], fake[0], fake[0], fake[4], None)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.library registration, torch.compile, dispatch defaults
 # --------------------------------------------------------------------------------------------------
