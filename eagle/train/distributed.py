@@ -40,6 +40,11 @@ def init_distributed(device: str | torch.device = "cpu") -> DistContext:
     ``device``: ``"cpu"`` or ``"cuda"``; under torchrun each process takes ``cuda:LOCAL_RANK``.
     """
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {str(device)!r}: this torch sees no CUDA device (torch {torch.__version__}, "
+            f"built for CUDA {torch.version.cuda})"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(device=device)

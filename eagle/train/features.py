@@ -246,24 +246,45 @@ def shard_tensors(
     generator is seeded by ``(seed, shard)``)."""
     storage = STORAGE_DTYPES[plan.dtype]
     generator = torch.Generator(device=target.device).manual_seed(plan.seed * 1_000_003 + shard)
-    ids, hidden, layers = [], [], []
     seqs = plan.shard_range(shard)
+    n, S, H = len(seqs), plan.seq_len, target.config.hidden_size
+    # Filled in place batch by batch: a list of batches then torch.cat held the shard twice.
+    out = {
+        "input_ids": torch.empty(n, S, dtype=torch.int32),
+        "hidden": torch.empty(n, S, H, dtype=storage),
+    }
+    if plan.feature_layers:
+        out["layer_hidden"] = torch.empty(n, len(plan.feature_layers), S, H, dtype=storage)
     for lo in range(seqs.start, seqs.stop, plan.batch_size):
         batch = range(lo, min(lo + plan.batch_size, seqs.stop))
+        rows = slice(lo - seqs.start, lo - seqs.start + len(batch))
         batch_ids = sequence_tokens(plan, tokens, order, batch, target, generator)
         h, layer_h = target_features(target, batch_ids, plan.feature_layers)
-        ids.append(batch_ids.to(torch.int32).cpu())
-        hidden.append(h.to(storage).cpu())
+        out["input_ids"][rows] = batch_ids.to(torch.int32).cpu()
+        out["hidden"][rows] = _finite_in_storage(h, storage, "hidden", shard, batch)
         if layer_h is not None:
-            layers.append(torch.stack(layer_h, dim=1).to(storage).cpu())
-    out = {"input_ids": torch.cat(ids), "hidden": torch.cat(hidden)}
+            stacked = torch.stack(layer_h, dim=1)
+            out["layer_hidden"][rows] = _finite_in_storage(stacked, storage, "layer_hidden", shard, batch)
     mask = torch.ones_like(out["input_ids"], dtype=torch.uint8)
     if plan.source == "generate" and plan.mask_prompt:
         mask[:, : plan.prompt_len] = 0
     out["loss_mask"] = mask
-    if layers:
-        out["layer_hidden"] = torch.cat(layers)
-    return {k: v.contiguous() for k, v in out.items()}
+    return out
+
+
+def _finite_in_storage(
+    x: torch.Tensor, storage: torch.dtype, name: str, shard: int, batch: range
+) -> torch.Tensor:
+    """``x`` cast to the storage dtype, on the CPU; refuses NaN/inf (from the target, or an overflow
+    of the cast: fp16 stops at 65504), which would make every training step that reads it NaN."""
+    stored = x.to(storage).cpu()
+    if not torch.isfinite(stored).all():
+        where = "the target's output" if not torch.isfinite(x).all() else f"the cast to {storage}"
+        raise ValueError(
+            f"shard {shard}, sequences {batch.start}..{batch.stop - 1}: {name} has NaN or inf values "
+            f"(from {where}); check the target, or store features in another --dtype"
+        )
+    return stored
 
 
 # --------------------------------------------------------------------------------------------------

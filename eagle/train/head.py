@@ -123,10 +123,23 @@ class HeadTrainConfig:
     def validate(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
-            raise ValueError("need lr > 0, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0")
-        if self.noise < 0 or self.grad_clip <= 0:
-            raise ValueError(f"need noise >= 0 and grad_clip > 0, got {self.noise}, {self.grad_clip}")
+        # Comparisons are written so that NaN fails them; inf is refused by name.
+        if not (0 < self.lr < math.inf and 0 <= self.min_lr_ratio <= 1 and self.warmup_steps >= 0):
+            raise ValueError(
+                f"need 0 < lr < inf, 0 <= min_lr_ratio <= 1 and warmup_steps >= 0, got {self.lr}, "
+                f"{self.min_lr_ratio}, {self.warmup_steps}"
+            )
+        if not (0 <= self.noise < math.inf and 0 < self.grad_clip < math.inf):
+            raise ValueError(
+                f"need 0 <= noise < inf and 0 < grad_clip < inf, got {self.noise}, {self.grad_clip}"
+            )
+        for name in ("weight_decay", "v_weight", "p_weight"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        if self.v_weight == 0 and self.p_weight == 0:
+            raise ValueError("v_weight and p_weight are both 0: nothing would be trained")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -511,9 +524,42 @@ def make_head(target: LlamaModel, cfg: HeadTrainConfig, init_head: str | Path | 
         head = load_draft(init_head, target, dtype=target.dtype, device=target.device)
         if head.kind != "eagle2":
             raise ValueError(f"{init_head} is an {head.kind} head; this trainer trains EAGLE-1/2 heads")
+        if head.embed_tokens is None:
+            # A head file may leave the embedding out (it is the target's). The trainer's state and the
+            # saved head always carry one, as random_draft's do, so resuming rebuilds the same module.
+            weight = target.embed_tokens.weight.detach().to(head.dtype).clone()
+            head.embed_tokens = torch.nn.Embedding.from_pretrained(weight, freeze=True)
         head.train().requires_grad_(True)
     head.embed_tokens.requires_grad_(False)
     return head
+
+
+# What a finished or interrupted run leaves in its output directory (beside STATE_NAME).
+RUN_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", METRICS_NAME)
+
+
+def _check_fresh_out_dir(out_dir: Path, init_head: str | Path | None) -> None:
+    """A new run must not overwrite a head or a metrics log that is already in ``out_dir``."""
+    if init_head is not None and out_dir.exists() and out_dir.resolve() == Path(init_head).resolve():
+        raise ValueError(f"--out {str(out_dir)!r} is the --init-head directory; write the new head elsewhere")
+    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if present:
+        raise ValueError(
+            f"{str(out_dir)!r} already holds {', '.join(present)} (and no training state to resume); "
+            "use an empty or new --out"
+        )
+
+
+def _truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop the records an interrupted run logged after its last checkpoint (``step``): the resumed
+    run logs those steps again."""
+    path = out_dir / METRICS_NAME
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _check_resume_settings(cfg: HeadTrainConfig, saved: dict, explicit: Collection[str]) -> None:
@@ -595,7 +641,20 @@ def train_head(
         raise ValueError(f"{len(train_idx)} training sequences are fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.epochs * steps_per_epoch
 
-    head = make_head(target, cfg, init_head)
+    if saved is None:  # every rank checks (and refuses) alike
+        _check_fresh_out_dir(out_dir, init_head)
+    # A resumed run rebuilds its head from the head saved with its state (same layout: bias, own
+    # embedding), then takes the exact weights from the state.
+    resumed_head = out_dir if saved is not None and (out_dir / "config.json").is_file() else None
+    head = make_head(target, cfg, resumed_head or init_head)
+    has_bias = head.fc.bias is not None
+    if has_bias != cfg.bias:
+        if init_head is not None and "bias" in explicit:
+            raise ValueError(
+                f"--no-bias was {'given' if not cfg.bias else 'not given'}, but the --init-head head "
+                f"{'has' if has_bias else 'has no'} fc.bias"
+            )
+        cfg = dataclasses.replace(cfg, bias=has_bias)  # the head's layout is what gets trained and saved
     optimizer = make_optimizer(head, cfg)
     run = RunState()
     if saved is not None:
@@ -614,6 +673,8 @@ def train_head(
     trainer = _Trainer(target, head, model, optimizer, data, out_dir, cfg, ctx, run, total_steps)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if saved is not None:
+            _truncate_metrics(out_dir, run.step)
     last = trainer.run(train_idx, val_idx, steps_per_epoch, prompts, progress)
     return last
 
@@ -645,11 +706,20 @@ class _Trainer:
         )
         # Normalised by the global row count (of step 0); DDP averages over ranks, hence world_size.
         loss = loss * (ctx.world_size / rows.to(loss.dtype))
+        sums = all_reduce_sum(stack_sums(per_step), ctx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        # One host sync per training step (not the decoding hot path). Both values are equal on every
+        # rank (all-reduced sums; DDP-averaged gradients), so all ranks stop together.
+        if not (torch.isfinite(sums).all() and torch.isfinite(grad_norm)):
+            raise FloatingPointError(
+                f"step {step}: the loss or its gradient is not finite (gradient norm {grad_norm.item()}); "
+                f"the head was not updated and the last checkpoint in {str(self.out_dir)!r} is kept. "
+                "Non-finite features in the data, or a learning rate too high for them, cause this"
+            )
         self.optimizer.step()
-        return all_reduce_sum(stack_sums(per_step), ctx)
+        return sums
 
     def run(self, train_idx, val_idx, steps_per_epoch, prompts, progress) -> dict:
         cfg, ctx, run = self.cfg, self.ctx, self.run_state
@@ -658,7 +728,7 @@ class _Trainer:
         tokens_per_step = cfg.batch_size * (self.data.seq_len - 1)
         bar = _bar(run.step, self.total_steps, progress and ctx.is_main)
         window = torch.zeros(cfg.unroll_steps, 4, dtype=torch.float64)
-        window_start, last = time.perf_counter(), {}
+        window_start, window_steps, last = time.perf_counter(), 0, {}
         while run.step < stop:
             epoch, b = divmod(run.step, steps_per_epoch)
             batch = epoch_order(train_idx, cfg.seed, epoch)[b * cfg.batch_size : (b + 1) * cfg.batch_size]
@@ -666,11 +736,11 @@ class _Trainer:
             window += self.step(batch[ctx.rank * per_rank : (ctx.rank + 1) * per_rank]).cpu()
             run.train_seconds += time.perf_counter() - t0
             run.step += 1
+            window_steps += 1  # counted: a resumed run's first window can be shorter than the interval
             if run.step % cfg.log_every_steps == 0 or run.step == stop:
                 elapsed = time.perf_counter() - window_start
-                steps = run.step % cfg.log_every_steps or cfg.log_every_steps
-                last = self._log(window, epoch, tokens_per_step * steps / max(elapsed, 1e-9), bar)
-                window, window_start = torch.zeros_like(window), time.perf_counter()
+                last = self._log(window, epoch, tokens_per_step * window_steps / max(elapsed, 1e-9), bar)
+                window, window_start, window_steps = torch.zeros_like(window), time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
             end_of_epoch = run.step % steps_per_epoch == 0
@@ -721,6 +791,9 @@ class _Trainer:
         return record
 
     def _save(self) -> None:
+        bad = [name for name, p in self.head.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # the step's check makes this unreachable; a NaN head must never replace a good one
+            raise FloatingPointError(f"not saving a head with non-finite weights in {', '.join(bad)}")
         if self.ctx.is_main:
             save_head(self.head, self.out_dir, SAVE_DTYPES[self.cfg.save_dtype])
             state = {
@@ -895,7 +968,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = init_distributed(args.device)
+    try:
+        ctx = init_distributed(args.device)
+    except ValueError as e:
+        print(f"eagle.train.head: error: {e}", file=sys.stderr)
+        return 2
     try:
         target = load_target(args.target, dtype=torch.float32, device=ctx.device)
         data = FeatureData(args.data)
@@ -907,7 +984,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             target, data, args.out, cfg, resume=args.resume, init_head=args.init_head, ctx=ctx,
             progress=not args.quiet, explicit=explicit_fields(argv if argv is not None else sys.argv[1:]),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, FloatingPointError) as e:
         print(f"eagle.train.head: error: {e}", file=sys.stderr)
         return 2
     finally:

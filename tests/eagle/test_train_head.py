@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from eagle.models import load_draft, load_target, random_draft
+from eagle.models.draft import official_config
+from eagle.models.weights import write_state_dict
 from eagle.train import features as feat
 from eagle.train import head as th
 from tests.eagle.conftest import build_hf_target, save_hf_target
@@ -587,3 +589,153 @@ def test_command_lines(setup, tmp_path, capsys):
         == 2
     )
     assert "holds no features" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite values, bad settings, init heads and output directories
+# --------------------------------------------------------------------------------------------------
+def test_a_non_finite_step_stops_training_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    """One inf feature made every later step NaN; the NaN head replaced the good checkpoint and the
+    run exited 0."""
+    target, data = setup["target"], setup["data"]
+    real_split, calls = th.split_batch, []
+
+    def poisoned_at_step_3(batch, device):
+        f_in, tok, f_tgt, mask = real_split(batch, device)
+        calls.append(1)
+        if len(calls) == 4:
+            f_in = f_in.clone()
+            f_in[0, 0, 0] = float("inf")
+        return f_in, tok, f_tgt, mask
+
+    monkeypatch.setattr(th, "split_batch", poisoned_at_step_3)
+    with pytest.raises(FloatingPointError, match="step 3: the loss or its gradient is not finite"):
+        th.train_head(target, data, tmp_path, _cfg(max_steps=6, save_every_steps=1), progress=False)
+    state = _state(tmp_path)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["head"].values())
+    head = load_draft(tmp_path, target)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+
+
+def test_the_feature_dump_refuses_non_finite_features(setup, tmp_path, monkeypatch):
+    target, real = setup["target"], feat.target_features
+    plan16 = feat.FeaturePlan(seq_len=SEQ, max_tokens=4 * SEQ, dtype="float16")
+
+    def overflowing(target, ids, layers=None):
+        hidden, layer_hidden = real(target, ids, layers)
+        return hidden * 1e6, layer_hidden  # finite in float32, inf in float16
+
+    monkeypatch.setattr(feat, "target_features", overflowing)
+    with pytest.raises(
+        ValueError, match=r"shard 0, sequences 0\.\.3: hidden has NaN or inf .*cast to torch.float16"
+    ):
+        feat.dump_features(target, setup["tokens"], tmp_path / "f16", plan16, progress=False)
+
+    def nan(target, ids, layers=None):
+        hidden, layer_hidden = real(target, ids, layers)
+        return hidden * float("nan"), layer_hidden
+
+    monkeypatch.setattr(feat, "target_features", nan)
+    with pytest.raises(ValueError, match="hidden has NaN or inf values .from the target's output"):
+        feat.dump_features(target, setup["tokens"], tmp_path / "nan", plan16, progress=False)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("lr", float("inf")),
+        ("lr", float("nan")),
+        ("grad_clip", float("nan")),
+        ("grad_clip", float("inf")),
+        ("noise", float("inf")),
+        ("noise", float("nan")),
+        ("p_weight", -1.0),
+        ("v_weight", float("nan")),
+        ("weight_decay", -5.0),
+        ("betas", (0.9, 1.0)),
+    ],
+)
+def test_settings_that_would_train_a_nan_or_inverted_head_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        _cfg(**{field: value}).validate()
+
+
+def test_a_run_from_a_bias_free_head_without_its_embedding_resumes(setup, tmp_path):
+    """The LLaMA-3 layout: an init head without fc.bias (and without embed_tokens, which load_draft
+    allows) crashed, and a run from a bias-free head could not be resumed without --no-bias."""
+    target, data = setup["target"], setup["data"]
+    init = random_draft(target, "eagle2", bias=False, seed=3)
+    init_dir = tmp_path / "init"
+    save_head_without_embedding(init, init_dir, target)
+    th.train_head(target, data, tmp_path / "straight", _cfg(max_steps=5), init_head=init_dir, progress=False)
+    th.train_head(target, data, tmp_path / "split", _cfg(max_steps=2), init_head=init_dir, progress=False)
+    assert _state(tmp_path / "split")["config"]["bias"] is False
+    th.train_head(target, data, tmp_path / "split", _cfg(max_steps=5), resume=True, progress=False)
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    assert "fc.bias" not in b["head"] and "embed_tokens.weight" in b["head"]
+    for k in a["head"]:
+        assert torch.equal(a["head"][k], b["head"][k]), k
+    with pytest.raises(ValueError, match="--no-bias was not given, but the --init-head head has no fc.bias"):
+        th.train_head(
+            target,
+            data,
+            tmp_path / "c",
+            _cfg(max_steps=1),
+            init_head=init_dir,
+            explicit={"bias"},
+            progress=False,
+        )
+
+
+def save_head_without_embedding(head, directory, target):
+    """The head in the official layout minus ``embed_tokens.weight`` (which some head files omit)."""
+    from eagle.models.draft import official_state_dict
+
+    state = {k: v for k, v in official_state_dict(head).items() if k != "embed_tokens.weight"}
+    write_state_dict(directory, state)
+    (directory / "config.json").write_text(json.dumps(official_config(head)))
+    assert load_draft(directory, target).embed_tokens is None
+
+
+def test_a_new_run_refuses_an_out_dir_that_holds_a_head_or_metrics(setup, tmp_path):
+    target, data = setup["target"], setup["data"]
+    head_dir = tmp_path / "downloaded"
+    th.save_head(random_draft(target, "eagle2", seed=1), head_dir, torch.float32)
+    with pytest.raises(ValueError, match="is the --init-head directory"):
+        th.train_head(target, data, head_dir, _cfg(max_steps=1), init_head=head_dir, progress=False)
+    with pytest.raises(
+        ValueError, match="already holds config.json, model.safetensors .and no training state"
+    ):
+        th.train_head(target, data, head_dir, _cfg(max_steps=1), progress=False)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / th.METRICS_NAME).write_text("{}\n")
+    with pytest.raises(ValueError, match="already holds metrics.jsonl"):
+        th.train_head(target, data, logs, _cfg(max_steps=1), progress=False)
+
+
+def test_a_resume_drops_the_records_logged_after_the_checkpoint_and_counts_its_first_window(
+    setup, tmp_path, monkeypatch
+):
+    """A crash after step 5 of a run checkpointed at step 4 left step 5's record, logged again by the
+    resumed run; and the resumed first window (steps 5-6) was timed as a whole interval of 4 steps."""
+    target, data = setup["target"], setup["data"]
+    cfg = _cfg(max_steps=8, save_every_steps=4, log_every_steps=4)
+    th.train_head(target, data, tmp_path, dataclasses.replace(cfg, max_steps=4), progress=False)
+    with open(tmp_path / th.METRICS_NAME, "a") as f:
+        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n")  # what the crashed run logged after step 4
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(th.time, "perf_counter", lambda: float(next(ticks)))
+    th.train_head(target, data, tmp_path, cfg, resume=True, progress=False)
+    records = [json.loads(line) for line in (tmp_path / th.METRICS_NAME).read_text().splitlines()]
+    steps = [r["step"] for r in records if "v_loss" in r]
+    assert steps == [4, 8], steps
+    assert sum(r == {"step": 6, "loss": 1.0} for r in records) == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_device_cuda_without_cuda_is_a_clean_error(setup, tmp_path, capsys):
+    args = ["--target", str(setup["target_dir"]), "--data", str(setup["data"].dir), "--out", str(tmp_path)]
+    assert th.main([*args, "--device", "cuda", "--quiet"]) == 2
+    assert "device 'cuda': this torch sees no CUDA device" in capsys.readouterr().err
