@@ -835,6 +835,7 @@ def sglang_build_tree_kernel_efficient(
         )
     mode = {FULL_MASK: FULL, QLEN_ONLY: QLEN_BOOL, QLEN_ONLY_BITPACKING: QLEN_BITS_U8}[tree_mask_mode]
     n = draft_token_num
+    parent_list = _index_dtype_if_empty(parent_list)  # SGLang's depth-1 torch.empty(bs, 0) is float32
     _CHECKED_ARGS.run(_check_args, parent_list, selected_index, verified_seq_len, topk, depth, n, mode)
     B = selected_index.shape[0]
     if mode == QLEN_BITS_U8 and tree_mask.dtype != torch.uint8:

@@ -1073,8 +1073,8 @@ def sglang_tree_speculative_sampling_target_only(
     threshold_acc=1.0, deterministic=True`` or its newer ``threshold_single=1.0, threshold_acc=1.0,
     deterministic=True`` (no ``draft_probs``), positionally or by keyword.
 
-    Writes ``predicts [B*n]``, ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]``
-    (int32, preallocated; ``num_spec_steps`` is ``accept_index.shape[1]``, which may exceed ``n``
+    Writes ``predicts [>= B*n]`` (its first ``B*n`` entries: SGLang allocates ``B*n + 1``),
+    ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]`` (int32, preallocated; ``num_spec_steps`` is ``accept_index.shape[1]``, which may exceed ``n``
     as in SGLang, where it is ``speculative_num_steps + 1`` whatever the tree size) with the results
     of :func:`tree_speculative_sampling`. As in sgl-kernel, ``predicts`` changes only at the accepted
     rows; ``accept_index`` is written whole (-1 past the path, what SGLang callers pre-fill).
@@ -1099,11 +1099,13 @@ def sglang_tree_speculative_sampling_target_only(
     if draft_probs is not None:
         check_tensor("draft_probs", draft_probs, ndim=3)
     B, n = candidates.shape if candidates.dim() == 2 else (0, 0)
-    if predicts.shape[0] != B * n or accept_index.shape[0] != B or accept_token_num.shape[0] != B:
+    if predicts.shape[0] < B * n or accept_index.shape[0] != B or accept_token_num.shape[0] != B:
         raise ValueError(
-            f"predicts must be [B*n]={B * n}, accept_index [B={B}, steps], accept_token_num [B={B}]; got "
+            f"predicts must have at least B*n={B * n} entries, accept_index be [B={B}, steps], "
+            f"accept_token_num [B={B}]; got "
             f"{list(predicts.shape)}, {list(accept_index.shape)}, {list(accept_token_num.shape)}"
         )
+    predicts = predicts[: B * n]  # SGLang allocates B*n + 1; the tail is left alone
     for name, t in (("threshold_single", threshold_single), ("threshold_acc", threshold_acc)):
         if not 0.0 <= float(t) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {t}")

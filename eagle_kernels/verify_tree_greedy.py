@@ -450,8 +450,8 @@ def sglang_verify_tree_greedy(
 ) -> None:
     """Drop-in for sgl-kernel's ``verify_tree_greedy``: same arguments, outputs written in place.
 
-    ``predicts [B*n]``, ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]`` are int32
-    and mutated; ``num_spec_steps`` is taken from ``accept_index.shape[1]``. As in sgl-kernel,
+    ``predicts [>= B*n]`` (its first ``B*n`` entries; SGLang allocates ``B*n + 1``),
+    ``accept_index [B, num_spec_steps]`` and ``accept_token_num [B]`` are int32 and mutated; ``num_spec_steps`` is taken from ``accept_index.shape[1]``. As in sgl-kernel,
     ``predicts`` changes only at the accepted rows; ``accept_index`` is written whole (entries past
     the path become -1, which is what SGLang callers pre-fill). ``cuda_stream`` (accepted for the
     builds whose binding took it) is ignored: work goes to the current stream.
@@ -459,11 +459,14 @@ def sglang_verify_tree_greedy(
     check_tensor("candidates", candidates, ndim=2, dtypes=INDEX_DTYPES)
     B, n = candidates.shape
     for name, t, shape in (
-        ("predicts", predicts, (B * n,)),
+        ("predicts", predicts, (None,)),
         ("accept_index", accept_index, (B, None)),
         ("accept_token_num", accept_token_num, (B,)),
     ):
         check_tensor(name, t, dtypes=(torch.int32,), device=candidates.device, shape=shape)
+    if predicts.shape[0] < B * n:
+        raise ValueError(f"predicts must have at least B*n={B * n} entries, got shape {list(predicts.shape)}")
+    predicts = predicts[: B * n]  # SGLang allocates B*n + 1; the tail is left alone
     new_predicts, new_index, new_num = verify_tree_greedy(
         candidates,
         retrive_index,

@@ -230,6 +230,13 @@ def test_depth_one_accepts_sglangs_empty_parent_list():
                 backend, build_tree, empty, draft.selected_index, seq, topk=5, depth=1, num_draft_tokens=4
             )
             assert_outputs_equal(got, want, backend)
+            # ... and through the SGLang drop-in, which SGLang calls with it at speculative_num_steps=1
+            mask = torch.empty(2 * 4 * 4, dtype=torch.bool)
+            positions = torch.empty(2 * 4, dtype=torch.int64)
+            retrive = torch.full((3, 2, 4), -1, dtype=torch.int64)
+            args = (empty, draft.selected_index, seq, mask, positions, *retrive, 5, 1, 4, 1)
+            run_with_backend(backend, sglang_build_tree_kernel_efficient, *args)
+            assert_outputs_equal((mask.view(2, 4, 4), *retrive), (want[0], *want[2:]), backend)
 
 
 # --------------------------------------------------------------------------------------------------

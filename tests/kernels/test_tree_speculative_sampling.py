@@ -351,8 +351,8 @@ def test_one_hot_targets_reproduce_greedy_verification():
 # --------------------------------------------------------------------------------------------------
 # SGLang drop-in
 # --------------------------------------------------------------------------------------------------
-def _sglang_buffers(B, n, steps, V):
-    predicts = torch.full((B * n,), 7, dtype=torch.int32)
+def _sglang_buffers(B, n, steps, V, extra_predicts=0):
+    predicts = torch.full((B * n + extra_predicts,), 7, dtype=torch.int32)
     return predicts, torch.full((B, steps), -1, dtype=torch.int32), torch.zeros(B, dtype=torch.int32)
 
 
@@ -360,7 +360,8 @@ def test_sglang_drop_in_matches_functional_op():
     for i, B, n, V, depth in fuzz_shapes(20, seed=41):
         args, steps, _ = make_case(B, n, V, depth, seed=900 + i)
         cand, ri, nt, ns, probs, u, uf = args
-        predicts, accept_index, num = _sglang_buffers(B, n, steps, V)
+        # SGLang allocates predicts with B*n + 1 entries (eagle_info: predict_shape[-1] += 1)
+        predicts, accept_index, num = _sglang_buffers(B, n, steps, V, extra_predicts=i % 2)
         draft_scratch = torch.zeros_like(probs)
         sglang_tree_speculative_sampling_target_only(
             predicts, accept_index, num, cand, ri, nt, ns, u, uf, probs, draft_scratch
@@ -368,9 +369,9 @@ def test_sglang_drop_in_matches_functional_op():
         want = tree_speculative_sampling(*args, num_spec_steps=steps)
         on_path = accept_index[accept_index >= 0].long()
         assert torch.equal(predicts[on_path], want[0][on_path])
-        keep = torch.ones(B * n, dtype=torch.bool)
+        keep = torch.ones(predicts.shape[0], dtype=torch.bool)
         keep[on_path] = False
-        assert bool((predicts[keep] == 7).all()), "rows off the path must be left untouched"
+        assert bool((predicts[keep] == 7).all()), "rows off the path (and the tail) must be left untouched"
         assert torch.equal(accept_index, want[1]) and torch.equal(num, want[2])
         assert bool((draft_scratch == 0).all())
 

@@ -414,21 +414,22 @@ def test_torch_compile():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("with_stream", [False, True])
-def test_sglang_drop_in_matches_functional_op(with_stream):
+@pytest.mark.parametrize("with_stream,extra_predicts", [(False, 0), (True, 1)])
+def test_sglang_drop_in_matches_functional_op(with_stream, extra_predicts):
+    """SGLang allocates predicts with B*n + 1 entries (eagle_info: predict_shape[-1] += 1)."""
     case = make_case(B=5, n=16, max_depth=6, vocab=4, steps=6, seed=11, p_match=0.9, shuffle=True)
     B, n = case.inputs[0].shape
     want_predicts, want_index, want_num = verify_tree_greedy(*case.inputs, num_spec_steps=6)
     for backend in ALL_BACKENDS:
-        predicts = torch.full((B * n,), -7, dtype=torch.int32)
+        predicts = torch.full((B * n + extra_predicts,), -7, dtype=torch.int32)
         accept_index = torch.full((B, 6), -1, dtype=torch.int32)
         accept_num = torch.full((B,), 99, dtype=torch.int32)
         extra = (0,) if with_stream else ()
         with eagle_kernels.use_backend(backend):
             sglang_verify_tree_greedy(predicts, accept_index, accept_num, *case.inputs, *extra)
-        on_path = torch.zeros(B * n, dtype=torch.bool)
+        on_path = torch.zeros(B * n + extra_predicts, dtype=torch.bool)
         on_path[want_index[want_index >= 0].long()] = True
-        assert torch.equal(predicts[on_path], want_predicts[on_path]), backend
+        assert torch.equal(predicts[on_path], want_predicts[on_path[: B * n]]), backend
         assert bool((predicts[~on_path] == -7).all()), f"{backend}: rows off the path must be left alone"
         assert torch.equal(accept_index, want_index) and torch.equal(accept_num, want_num), backend
 
@@ -440,6 +441,18 @@ def test_sglang_drop_in_rejects_wrong_output_shape():
             torch.zeros(10, dtype=torch.int32),
             torch.full((2, 4), -1, dtype=torch.int32),
             torch.zeros(3, dtype=torch.int32),
+            *args,
+        )
+
+
+def test_sglang_drop_in_rejects_a_short_predicts():
+    args = _chain_inputs()
+    B, n = args[0].shape
+    with pytest.raises(ValueError, match=f"predicts must have at least B\\*n={B * n} entries"):
+        sglang_verify_tree_greedy(
+            torch.zeros(B * n - 1, dtype=torch.int32),
+            torch.full((B, 4), -1, dtype=torch.int32),
+            torch.zeros(B, dtype=torch.int32),
             *args,
         )
 
