@@ -242,7 +242,7 @@ def _build_tree_into_ref(parent_list, selected_index, seq_lens, outputs, topk, d
     levels, ancestors = _walk_to_root_ref(parent, depth)
     first_child, later_sibling = _child_links_ref(parent)
     _encode_mask_ref(ancestors, mode, tree_mask, seq)
-    positions.copy_((seq[:, None] + levels).view(-1))
+    positions.view(-1).copy_((seq[:, None] + levels).view(-1))  # any contiguous shape of B*n elements
     retrive_index.copy_(torch.arange(B * n, device=sel.device).view(B, n))
     next_token.copy_(first_child)
     next_sibling.copy_(later_sibling)
@@ -573,7 +573,11 @@ def _build_tree_op(
     mask_mode: int,
 ) -> None:
     outputs = (tree_mask, positions, retrive_index, retrive_next_token, retrive_next_sibling)
-    _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, num_draft_tokens, mask_mode)
+    n = num_draft_tokens
+    # Cache hits after the public function's checks; a direct torch.ops call is checked here.
+    _CHECKED_ARGS.run(_check_args, parent_list, selected_index, seq_lens, topk, depth, n, mask_mode)
+    _CHECKED_OUTPUTS.run(_check_outputs_flat, *outputs, selected_index, n, mask_mode)
+    _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mask_mode)
 
 
 @_build_tree_op.register_fake

@@ -312,16 +312,10 @@ def _chain_speculative_sampling_op(
     uniform_final: torch.Tensor,
     max_spec_len: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run_chain_sampling(
-        draft_token_ids,
-        cu_num_draft_tokens,
-        draft_probs,
-        target_probs,
-        bonus_token_ids,
-        uniform_samples,
-        uniform_final,
-        max_spec_len,
-    )
+    tensors = (draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs, bonus_token_ids)
+    tensors += (uniform_samples, uniform_final)
+    _CHECKED.run(_check_args, *tensors, max_spec_len)  # a cache hit after the public function's check
+    return _run_chain_sampling(*tensors, max_spec_len)
 
 
 @_chain_speculative_sampling_op.register_fake

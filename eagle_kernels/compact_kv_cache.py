@@ -155,8 +155,17 @@ def _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_nu
     backend = select_backend(OP, kv_cache.device)
     args = (kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
     # The C++ kernel validates values itself; elsewhere check on CPU, and on CUDA only in debug mode.
-    if backend != "cpp" and (kv_cache.device.type == "cpu" or debug_checks_enabled()):
+    # int64 lengths (SGLang's seq_lens) are checked before they are narrowed to the kernels' int32.
+    wide = cache_seqlens.dtype == torch.int64
+    if (backend != "cpp" or wide) and (kv_cache.device.type == "cpu" or debug_checks_enabled()):
         _check_values(*args)
+    if wide:
+        new_lens = _run_backend(backend, kv_cache, cache_seqlens.to(torch.int32), *args[2:])
+        return new_lens.to(torch.int64)
+    return _run_backend(backend, *args)
+
+
+def _run_backend(backend, *args):
     if backend in ("cpp", "cuda"):
         return _ext.op(OP)(*args)
     if backend == "triton":
@@ -172,7 +181,9 @@ def _compact_kv_cache_op(
     accept_token_num: torch.Tensor,
     num_draft_tokens: int,
 ) -> torch.Tensor:
-    return _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens)
+    args = (kv_cache, cache_seqlens, accept_index, accept_token_num)
+    _CHECKED.run(_check_args, *args, num_draft_tokens)  # a cache hit after the public function's check
+    return _run_compact_kv_cache(*args, num_draft_tokens)
 
 
 @_compact_kv_cache_op.register_fake
@@ -191,7 +202,7 @@ def _check_args(kv_cache, cache_seqlens, accept_index, accept_token_num, num_dra
     if kv_cache.element_size() not in _BITS_DTYPES:
         raise TypeError(f"kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got {kv_cache.dtype}")
     B, device = kv_cache.shape[2], kv_cache.device
-    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=INDEX_DTYPES, device=device, shape=(B,))
     check_tensor("accept_index", accept_index, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
     check_tensor("accept_token_num", accept_token_num, dtypes=INDEX_DTYPES, device=device, shape=(B,))
     if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int):
@@ -225,8 +236,9 @@ def compact_kv_cache(
         The model's in-place cache (index 0 of dim 1 is K, 1 is V). Tree slot ``s`` of sequence
         ``b`` is stored at position ``cache_seqlens[b] + s``. Modified in place. Rows are copied bit
         for bit, so quantised caches (fp8, int8) work as well as fp16/bf16/fp32.
-    cache_seqlens : Tensor ``[B]``, int32
-        Committed length of each sequence before this round.
+    cache_seqlens : Tensor ``[B]``, int32 or int64
+        Committed length of each sequence before this round (int64, SGLang's ``seq_lens``, costs
+        two narrowing/widening copies around the int32 kernels).
     accept_index : Tensor ``[B, num_spec_steps]``, int32 or int64
         Accepted tree rows as flat indices ``b * num_draft_tokens + slot``, root first, padded with -1
         (the output of ``verify_tree_greedy`` / ``tree_speculative_sampling`` with SGLang's
@@ -243,7 +255,7 @@ def compact_kv_cache(
 
     Returns
     -------
-    Tensor ``[B]``, int32: ``cache_seqlens + accept_token_num + 1``, the new committed lengths
+    Tensor ``[B]``, cache_seqlens' dtype: ``cache_seqlens + accept_token_num + 1``, the new committed lengths
     (accepted drafts plus the root). After the call ``kv_cache[..., b, :, cache_seqlens[b] + j, :]``
     holds the K/V of accepted slot ``j`` for ``j <= accept_token_num[b]``.
     """

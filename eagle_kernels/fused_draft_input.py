@@ -922,6 +922,14 @@ def _run_eagle3_input(backend, h_low, h_mid, h_high, fc_weight, fc_bias, out) ->
         out.copy_(fused_eagle3_input_ref(h_low, h_mid, h_high, fc_weight, fc_bias))
 
 
+def _check_op_out(out: torch.Tensor, rows: torch.Tensor, fc_weight: torch.Tensor) -> None:
+    """The ``out`` of a registered ``*_out`` op: the result's ``[N, H_out]`` shape, dtype and device."""
+    if rows.dim() != 2:
+        raise ValueError(f"the registered op takes [N, H] feature rows, got shape {tuple(rows.shape)}")
+    shape = (rows.shape[0], fc_weight.shape[0])
+    check_tensor("out", out, dtypes=(rows.dtype,), device=rows.device, shape=shape)
+
+
 def _new_output(rows: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
     """``[N, H_out]`` for the registered ops and their fakes alike: both take 2-D rows only (the
     public functions flatten ``[B, T, H]``), so tracing refuses what the real op would."""
@@ -939,6 +947,8 @@ def _fused_draft_input_op(
     fc_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     out = _new_output(hidden, fc_weight)
+    _CHECKED.run(_check_draft_args, hidden, token_ids, embed_weight, fc_weight, fc_bias)  # (a cache hit
+    # after the public function's check; a direct torch.ops call is checked here)
     _run_draft_input(_backend_for(OP, hidden), hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
     return out
 
@@ -957,6 +967,8 @@ def _fused_draft_input_out_op(
     fc_bias: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
+    _CHECKED.run(_check_draft_args, hidden, token_ids, embed_weight, fc_weight, fc_bias)
+    _check_op_out(out, hidden, fc_weight)
     _run_draft_input(_backend_for(OP, hidden), hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
 
 
@@ -974,6 +986,7 @@ def _fused_eagle3_input_op(
     fc_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     out = _new_output(h_low, fc_weight)
+    _CHECKED.run(_check_eagle3_args, h_low, h_mid, h_high, fc_weight, fc_bias)
     _run_eagle3_input(_backend_for(OP_EAGLE3, h_low), h_low, h_mid, h_high, fc_weight, fc_bias, out)
     return out
 
@@ -1035,6 +1048,8 @@ def _fused_eagle3_input_out_op(
     fc_bias: torch.Tensor | None,
     out: torch.Tensor,
 ) -> None:
+    _CHECKED.run(_check_eagle3_args, h_low, h_mid, h_high, fc_weight, fc_bias)
+    _check_op_out(out, h_low, fc_weight)
     _run_eagle3_input(_backend_for(OP_EAGLE3, h_low), h_low, h_mid, h_high, fc_weight, fc_bias, out)
 
 

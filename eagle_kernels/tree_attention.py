@@ -37,7 +37,7 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
-from eagle_kernels._checks import FLOAT_DTYPES, SignatureCache, check_same_dtype, check_tensor
+from eagle_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "tree_attention"
@@ -771,9 +771,13 @@ def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale:
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
         backend = "torch"  # float64 on CUDA: only the reference handles it
     # The C++ kernel checks the lengths itself (same message); elsewhere check on CPU, and on CUDA only
-    # in debug mode (a host sync).
-    if backend != "cpp" and (q.device.type == "cpu" or debug_checks_enabled()):
+    # in debug mode (a host sync). int64 lengths (SGLang's seq_lens) are checked before they are
+    # narrowed to the kernels' int32, where a length past 2**31 would wrap.
+    wide = cache_seqlens.dtype == torch.int64
+    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug_checks_enabled()):
         _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
+    if wide:
+        cache_seqlens = cache_seqlens.to(torch.int32)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
     if backend in ("cpp", "cuda"):
         return _ext.op(OP)(*args)
@@ -791,6 +795,9 @@ def _tree_attention_op(
     tree_mask: torch.Tensor | None,
     sm_scale: float,
 ) -> torch.Tensor:
+    # The public function checked these already (a cache hit here); a direct torch.ops call or a
+    # compiled graph reaches the kernels only through this check.
+    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
     return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
 
 
@@ -858,7 +865,7 @@ def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
     Hkv = k_cache.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads Hq={Hq} must be a positive multiple of kv heads Hkv={Hkv} (GQA)")
-    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), device=device, shape=(B,))
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=INDEX_DTYPES, device=device, shape=(B,))
     if tree_mask is not None:
         _check_mask(tree_mask, B, T, device)
 
@@ -899,8 +906,9 @@ def tree_attention(
         written at ``cache_seqlens[b] + j``, ``j < T``. Positions after that are never read.
         ``Hq`` must be a multiple of ``Hkv`` (GQA: query head ``h`` uses kv head ``h // (Hq/Hkv)``);
         ``16 <= D <= 256``.
-    cache_seqlens : Tensor ``[B]``, int32
-        Committed length of each sequence (ragged). ``cache_seqlens[b] + T <= S_max``.
+    cache_seqlens : Tensor ``[B]``, int32 or int64
+        Committed length of each sequence (ragged). ``cache_seqlens[b] + T <= S_max``. int64 (SGLang's
+        ``seq_lens``) costs one narrowing copy to the kernels' int32.
     tree_mask : Tensor, optional
         Which new tokens each new token sees (the committed prefix is always visible). None: causal,
         token ``i`` sees ``j <= i``. Otherwise, by dtype: bool ``[B, T, T]`` (``[b, i, j]`` true: i

@@ -722,7 +722,7 @@ def _tree_speculative_sampling_op(
     threshold_single: float,
     threshold_acc: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_tree_sampling(
+    tensors = (
         candidates,
         retrive_index,
         retrive_next_token,
@@ -731,11 +731,9 @@ def _tree_speculative_sampling_op(
         draft_probs,
         uniform_samples,
         uniform_final,
-        num_spec_steps,
-        lossy,
-        threshold_single,
-        threshold_acc,
     )
+    _CHECKED.run(_check_args, *tensors, num_spec_steps)  # a cache hit after the public function's check
+    return _run_tree_sampling(*tensors, num_spec_steps, lossy, threshold_single, threshold_acc)
 
 
 @_tree_speculative_sampling_op.register_fake

@@ -335,9 +335,9 @@ def _verify_tree_greedy_op(
     target_predict: torch.Tensor,
     num_spec_steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run_verify_tree_greedy(
-        candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
-    )
+    args = (candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict)
+    _CHECKED.run(_check_args, *args, num_spec_steps)  # a cache hit after the public function's check
+    return _run_verify_tree_greedy(*args, num_spec_steps)
 
 
 @_verify_tree_greedy_op.register_fake

@@ -38,7 +38,7 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
-from eagle_kernels._checks import check_tensor
+from eagle_kernels._checks import SignatureCache, check_tensor
 from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "warp_logits"
@@ -367,7 +367,27 @@ def _warp_logits_op(
     top_p: torch.Tensor,
     min_p: torch.Tensor,
 ) -> torch.Tensor:
+    _CHECKED.run(_check_op_args, logits, temperature, top_k, top_p, min_p)
     return _run_warp_logits(logits, temperature, top_k, top_p, min_p)
+
+
+def _check_op_args(logits, temperature, top_k, top_p, min_p) -> None:
+    """The registered op's exact forms (what :func:`warp_logits` passes it): ``[R, V]`` logits and
+    contiguous ``[R]`` float32 / int64 parameters, which the kernels index by row."""
+    check_tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    R, device = logits.shape[0], logits.device
+    for name, t, dtype in (
+        ("temperature", temperature, torch.float32),
+        ("top_k", top_k, torch.int64),
+        ("top_p", top_p, torch.float32),
+        ("min_p", min_p, torch.float32),
+    ):
+        check_tensor(name, t, dtypes=(dtype,), device=device, shape=(R,))
+        if R > 1 and t.stride(0) != 1:
+            raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+
+
+_CHECKED = SignatureCache()
 
 
 @_warp_logits_op.register_fake

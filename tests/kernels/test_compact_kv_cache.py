@@ -53,6 +53,20 @@ def test_reference_matches_loop_oracle(B, n, steps, H, D, index_dtype):
     assert torch.equal(got_len, want_len)
 
 
+def test_int64_cache_seqlens_give_int64_lengths_and_the_same_cache(device):
+    """SGLang's seq_lens are int64 (DESIGN §4: int32 and int64 index dtypes)."""
+    kv, seqlens, idx, num = make_case(3, 9, 4, 2, 16, torch.float32, torch.int64, device, seed=4)
+    want = kv.clone()
+    want_len = compact_kv_cache_ref(want, seqlens, idx, num, 9)
+    for backend in ["torch", *backends_for(OP, device)]:
+        got = kv.clone()
+        got_len = run_with_backend(
+            backend, compact_kv_cache, got, seqlens.long(), idx, num, num_draft_tokens=9
+        )
+        assert torch.equal(got, want) and got_len.dtype == torch.int64, backend
+        assert torch.equal(got_len, want_len.long()), backend
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
 def test_backends_match_reference_fuzzed(device, dtype, index_dtype):
@@ -220,7 +234,8 @@ def test_int64_counts_are_checked_before_narrowing():
     "mutate,match",
     [
         (lambda a: a.update(kv=a["kv"][0]), "6 dimensions"),
-        (lambda a: a.update(seqlens=a["seqlens"].long()), "cache_seqlens must have dtype"),
+        (lambda a: a.update(seqlens=a["seqlens"].float()), "cache_seqlens must have dtype"),
+        (lambda a: a.update(seqlens=a["seqlens"].long() + 2**32), "must fit S_max"),  # would wrap in int32
         (lambda a: a.update(idx=a["idx"].float()), "accept_index must have dtype"),
         (lambda a: a.update(num=a["num"][:1]), "accept_token_num must have shape"),
         (lambda a: a["idx"].__setitem__((1, 1), 1), "outside its sequence"),

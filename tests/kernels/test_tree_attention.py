@@ -758,7 +758,8 @@ def _bad_cases():
         ),
         (lambda a: a.update(v=a["v"][:, :, :5]), "must match"),
         (lambda a: a.update(k=a["k"][:1], v=a["v"][:1]), "with B=2"),
-        (lambda a: a.update(seqlens=a["seqlens"].long()), "cache_seqlens must have dtype"),
+        (lambda a: a.update(seqlens=a["seqlens"].float()), "cache_seqlens must have dtype"),
+        (lambda a: a.update(seqlens=a["seqlens"].long() + 2**32), "must fit S_max"),  # would wrap in int32
         (lambda a: a.update(seqlens=a["seqlens"][:1]), r"cache_seqlens must have shape \[2\]"),
         (lambda a: a["seqlens"].__setitem__(1, a["seqlens"][1] + 1), "must fit S_max"),
         (lambda a: a["seqlens"].__setitem__(0, -1), "must be >= 0"),
@@ -786,11 +787,24 @@ def test_bad_input_raises(mutate, match):
     case = full_cache_case()
     args = {"q": case.q, "k": case.k, "v": case.v, "seqlens": case.seqlens.clone(), "mask": None}
     mutate(args)
+    call = (args["q"], args["k"], args["v"], args["seqlens"], args["mask"])
     for backend in _all_backends(torch.device("cpu")):
         with pytest.raises((ValueError, TypeError), match=match):
-            run_with_backend(
-                backend, tree_attention, args["q"], args["k"], args["v"], args["seqlens"], args["mask"]
-            )
+            run_with_backend(backend, tree_attention, *call)
+        if isinstance(args["k"], torch.Tensor) and args["seqlens"].device.type != "meta":
+            # the registered op, as a serving engine's op table or a compiled graph calls it: the Triton
+            # and reference backends read past the tensors (or broadcast) without this check
+            with pytest.raises((ValueError, TypeError), match=match):
+                run_with_backend(backend, torch.ops.eagle.tree_attention, *call, 0.25)
+
+
+def test_int64_cache_seqlens_match_int32(device):
+    """SGLang's seq_lens are int64 (DESIGN §4: int32 and int64 index dtypes)."""
+    case = make_case(3, 4, 4, 2, 16, "bool", seed=8).to(torch.float32, device)
+    want = oracle(case.to(device="cpu"))
+    for backend in _all_backends(device):
+        c = Case(case.q, case.k, case.v, case.seqlens.long(), case.mask, case.mask_bool)
+        assert_matches(run_with_backend(backend, tree_attention, *c.args()), case, want, backend)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,146 @@
+"""The registered ops ``torch.ops.eagle.*`` called directly (a serving engine's op table, or the graph
+``torch.compile`` builds from the public functions) check shapes, dtypes and devices themselves, on
+every backend. They used to rely on the public function: called directly, the Triton and reference
+backends ran on mismatched shapes, which on a GPU reads and writes past the tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eagle_kernels
+from tests.kernels.helpers import backends_for, run_with_backend
+
+CPU = torch.device("cpu")
+B, N, V = 2, 3, 11  # sequences, tree slots (a chain), vocabulary
+
+
+def _chain_tree() -> tuple[torch.Tensor, ...]:
+    """SGLang's layout of a chain of N slots per sequence: retrive_index, next_token, next_sibling."""
+    index = torch.arange(B * N).reshape(B, N)
+    next_token = torch.tensor([[1, 2, -1]] * B)
+    return index, next_token, torch.full((B, N), -1)
+
+
+def _verify_args():
+    gen = torch.Generator().manual_seed(0)
+    candidates = torch.randint(0, V, (B, N), generator=gen)
+    target_predict = torch.randint(0, V, (B, N), generator=gen)
+    return [candidates, *_chain_tree(), target_predict, N]
+
+
+def _tree_sampling_args():
+    gen = torch.Generator().manual_seed(1)
+    candidates = torch.randint(0, V, (B, N), generator=gen)
+    probs = torch.softmax(torch.randn(B, N, V, generator=gen), -1)
+    u, uf = torch.rand(B, N, generator=gen), torch.rand(B, generator=gen)
+    return [candidates, *_chain_tree(), probs, None, u, uf, N, False, 1.0, 1.0]
+
+
+def _chain_sampling_args():
+    gen = torch.Generator().manual_seed(2)
+    T = 4  # drafts of both requests, flattened (vLLM's layout): 3 + 1
+    drafts = torch.randint(0, V, (T,), generator=gen)
+    probs = torch.softmax(torch.randn(T, V, generator=gen), -1)
+    bonus = torch.randint(0, V, (B,), generator=gen)
+    u, uf = torch.rand(T, generator=gen), torch.rand(B, generator=gen)
+    return [drafts, torch.tensor([3, 4]), None, probs, bonus, u, uf, 3]
+
+
+def _compact_args():
+    kv = torch.randn(2, 2, B, 1, 16, 8)
+    accept_index = torch.tensor([[0, 1, -1], [3, -1, -1]])
+    return [kv, torch.tensor([4, 5], dtype=torch.int32), accept_index, torch.tensor([1, 0]), N]
+
+
+def _warp_args():
+    R = 3
+    return [
+        torch.randn(R, V),
+        torch.ones(R),
+        torch.zeros(R, dtype=torch.int64),
+        torch.ones(R),
+        torch.zeros(R),
+    ]
+
+
+def _build_tree_args():
+    topk, depth, n = 2, 2, 4
+    parent_list = torch.tensor([[-1, 0, 1]] * B)  # the root, then the first level's two nodes
+    selected_index = torch.tensor([[0, 1, 2]] * B)
+    seq_lens = torch.tensor([3, 5])
+    mask = torch.empty(B, n, n, dtype=torch.bool)
+    outputs = [mask, torch.empty(B, n, dtype=torch.int64)] + [
+        torch.empty(B, n, dtype=torch.int64) for _ in range(3)
+    ]
+    return [parent_list, selected_index, seq_lens, *outputs, topk, depth, n, 1]
+
+
+def _fused_args():
+    H = 16
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, H, generator=gen)
+    return [hidden, torch.randint(0, V, (5,), generator=gen), torch.randn(V, H), torch.randn(H, 2 * H), None]
+
+
+def _fused_out_args():
+    return [*_fused_args(), torch.empty(5, 16)]
+
+
+def _eagle3_args():
+    h = torch.randn(5, 16)
+    return [h, h.clone(), h.clone(), torch.randn(16, 48), None]
+
+
+def _shorter(i: int, dim: int = 0):
+    """Mutation: argument ``i`` one element shorter along ``dim``."""
+    return lambda args: args.__setitem__(i, args[i].narrow(dim, 0, args[i].shape[dim] - 1))
+
+
+def _as(i: int, dtype: torch.dtype):
+    return lambda args: args.__setitem__(i, args[i].to(dtype))
+
+
+CASES = [
+    ("verify_tree_greedy", _verify_args, _shorter(4, 1), "target_predict must have shape"),
+    ("verify_tree_greedy", _verify_args, _shorter(0), "must have shape"),
+    ("tree_speculative_sampling", _tree_sampling_args, _shorter(6, 1), "uniform_samples must have shape"),
+    ("tree_speculative_sampling", _tree_sampling_args, _shorter(1), "retrive_index must have shape"),
+    ("chain_speculative_sampling", _chain_sampling_args, _shorter(4), "bonus_token_ids must have shape"),
+    ("chain_speculative_sampling", _chain_sampling_args, _shorter(0), "draft_token_ids must have shape"),
+    ("compact_kv_cache", _compact_args, _shorter(1), "cache_seqlens must have shape"),
+    ("compact_kv_cache", _compact_args, _shorter(3), "accept_token_num must have shape"),
+    ("warp_logits", _warp_args, _shorter(1), "temperature must have shape"),
+    ("warp_logits", _warp_args, _as(2, torch.int32), "top_k must have dtype"),
+    ("warp_logits", _warp_args, _as(3, torch.float64), "top_p must have dtype"),
+    ("build_tree", _build_tree_args, _shorter(2), "seq_lens must have shape"),
+    ("build_tree", _build_tree_args, _shorter(5, 1), "retrive_index"),
+    ("fused_draft_input", _fused_args, _shorter(1), "token_ids must have shape"),
+    ("fused_draft_input_out", _fused_out_args, _shorter(5), "out must have shape"),
+    ("fused_eagle3_input", _eagle3_args, _shorter(1), "h_mid must have shape"),
+]
+
+
+def _backends(op: str) -> list[str]:
+    base = op.removesuffix("_out")
+    return ["torch"] + backends_for(base, CPU)
+
+
+@pytest.mark.parametrize("op,make,mutate,match", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_registered_op_refuses_mismatched_shapes_on_every_backend(op, make, mutate, match):
+    fn = getattr(torch.ops.eagle, op)
+    for backend in _backends(op):
+        run_with_backend(backend, fn, *make())  # the valid call runs
+        args = make()
+        mutate(args)
+        with pytest.raises((ValueError, TypeError), match=match):
+            run_with_backend(backend, fn, *args)
+
+
+def test_every_registered_op_has_a_case():
+    ops = {name for name in dir(torch.ops.eagle) if not name.startswith("_")}
+    ops = {op for op in ops if hasattr(getattr(torch.ops.eagle, op), "default")}
+    covered = {case[0] for case in CASES} | {"tree_attention"}  # (test_tree_attention's bad-input table)
+    missing = ops - covered - {"tree_speculative_sampling_draft_probs", "fused_eagle3_input_out"}
+    assert not missing, f"registered ops without a direct-call shape check test: {sorted(missing)}"
+    assert eagle_kernels.OPS  # the public op list exists (the names above are its registered forms)
