@@ -28,7 +28,7 @@ overflow check.
 
 from __future__ import annotations
 
-from eagle.models.config import Llama3RopeScaling, ModelConfig
+from eagle.models.config import LinearRopeScaling, Llama3RopeScaling, ModelConfig
 from eagle.models.draft import (
     DraftHead,
     DraftOutput,
@@ -48,6 +48,7 @@ __all__ = [
     "Eagle2Head",
     "Eagle3Head",
     "KVCache",
+    "LinearRopeScaling",
     "Llama3RopeScaling",
     "LlamaModel",
     "ModelConfig",

@@ -10,6 +10,7 @@ take effect) raises a ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,14 @@ class Llama3RopeScaling:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearRopeScaling:
+    """Position interpolation (``"rope_type": "linear"``): every inverse frequency divided by
+    ``factor`` (e.g. Vicuna-16k, LongChat)."""
+
+    factor: float
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Llama-family decoder (target model or draft head).
 
@@ -68,7 +77,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: Llama3RopeScaling | None = None
+    rope_scaling: Llama3RopeScaling | LinearRopeScaling | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -125,7 +134,9 @@ class ModelConfig:
         cfg = cls.from_dict(read_json(path))
         generation = path.parent / "generation_config.json"
         if generation.is_file():
-            eos = read_json(generation).get("eos_token_id")
+            settings = read_json(generation)
+            _warn_about_unapplied_processors(settings, generation)
+            eos = settings.get("eos_token_id")
             cfg = dataclasses.replace(cfg, generation_eos_token_id=eos, has_generation_config=True)
         return cfg
 
@@ -189,8 +200,35 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
         }
         if self.rope_scaling is not None:
-            out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+            kind = "linear" if isinstance(self.rope_scaling, LinearRopeScaling) else "llama3"
+            out["rope_scaling"] = {"rope_type": kind, **dataclasses.asdict(self.rope_scaling)}
         return out
+
+
+# generation_config.json settings that make transformers' generate() change the logits even when
+# greedy, with the value at which each does nothing. This runtime does not apply them.
+_LOGIT_PROCESSORS = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "encoder_repetition_penalty": 1.0,
+}
+
+
+def _warn_about_unapplied_processors(settings: dict[str, Any], path: Path) -> None:
+    active = {
+        k: settings[k]
+        for k, neutral in _LOGIT_PROCESSORS.items()
+        if settings.get(k) not in (None, neutral, [])
+    }
+    if active:
+        warnings.warn(
+            f"{path} sets {active}; this runtime does not apply them, so its tokens follow the model's "
+            "own distribution and can differ from transformers' generate() with that file's defaults",
+            stacklevel=3,
+        )
 
 
 def detect_family(cfg: dict[str, Any]) -> str:
@@ -260,9 +298,25 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     rope_type = _rope_type(params)
     if rope_type == "default":
         return theta, None
+    if rope_type == "linear":
+        factor = params.get("factor")
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor >= 1:
+            raise ValueError(f"config.json: {key} of rope_type 'linear' needs a factor >= 1, got {factor!r}")
+        return theta, LinearRopeScaling(float(factor))
+    if rope_type == "dynamic":
+        # Dynamic NTK rescales only past its original context; within it the frequencies are the
+        # default ones, and this runtime refuses sequences past max_position_embeddings.
+        original = params.get("original_max_position_embeddings")
+        if original is not None and original < cfg.get("max_position_embeddings", original):
+            raise ValueError(
+                f"config.json: {key} of rope_type 'dynamic' rescales from position {original}, below "
+                f"max_position_embeddings={cfg['max_position_embeddings']}: not supported"
+            )
+        return theta, None
     if rope_type != "llama3":
         raise ValueError(
-            f"config.json: {key}.rope_type={rope_type!r} is not supported (only 'default', 'llama3')"
+            f"config.json: {key}.rope_type={rope_type!r} is not supported "
+            "(only 'default', 'linear', 'dynamic' and 'llama3')"
         )
     if "original_max_position_embeddings" not in params and "max_position_embeddings" in cfg:
         params["original_max_position_embeddings"] = cfg["max_position_embeddings"]

@@ -49,6 +49,7 @@ from eagle.models.llama import (
     ModelOutput,
     RMSNorm,
     block_context,
+    check_head_dim_supported,
     check_token_ids,
     cpu_fast_path_ok,
     fuse_layer_tensors,
@@ -710,16 +711,32 @@ def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory)
 
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
-    """``"eagle3"`` or ``"eagle2"`` from the key names."""
+    """``"eagle3"`` or ``"eagle2"`` from the key names. A head that has EAGLE-1/2's ``fc`` or layer
+    keys but lacks others is EAGLE-1/2, so that the key check names what is missing."""
     if (
         "d2t" in state
         or any(k.startswith("midlayer.") for k in state)
         or "layers.0.hidden_norm.weight" in state
     ):
         return "eagle3"
-    if "fc.weight" in state and "layers.0.self_attn.q_proj.weight" in state:
+    if "fc.weight" in state or any(k.startswith("layers.0.") for k in state):
         return "eagle2"
     raise ValueError(f"not an EAGLE-1/2/3 head: no fc/layer keys among {sorted(state)[:8]}")
+
+
+# Prefixes some trainers' saves put on every key of a head (DDP's module., a wrapper's model., the
+# reference code's ea_layer.); rotary inverse frequencies are buffers some saves include.
+_WRAPPER_PREFIXES = ("module.", "model.", "ea_layer.")
+
+
+def _plain_head_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The head's tensors under the official names: without ``rotary_emb.inv_freq`` buffers and
+    without one wrapper prefix shared by every key."""
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
 
 
 def _eagle2_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -763,6 +780,26 @@ def _check_fits_target(cfg: ModelConfig, target: LlamaModel, kind: str) -> None:
         )
 
 
+def _normalised_vocab_map(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """``d2t`` as int64 and ``t2d`` as bool, whatever integer dtypes the file used; ``t2d`` derived
+    from ``d2t`` when the file has only ``d2t`` (vLLM's and SGLang's loaders read only that)."""
+    d2t, t2d = state["d2t"], state.get("t2d")
+    if d2t.dtype.is_floating_point or d2t.dtype == torch.bool:
+        raise TypeError(f"d2t must hold integers, got {d2t.dtype}")
+    d2t = d2t.to(torch.int64)
+    if t2d is None:
+        targets = torch.arange(d2t.numel()) + d2t.cpu()
+        if bool(((targets < 0) | (targets >= vocab_size)).any()):
+            raise ValueError(f"d2t maps draft ids outside the target vocabulary [0, {vocab_size})")
+        t2d = torch.zeros(vocab_size, dtype=torch.bool)
+        t2d[targets] = True
+    elif t2d.dtype != torch.bool:
+        if t2d.dtype.is_floating_point or bool(((t2d != 0) & (t2d != 1)).any()):
+            raise TypeError(f"t2d must be bool (or 0/1 integers), got {t2d.dtype}")
+        t2d = t2d.to(torch.bool)
+    return state | {"d2t": d2t, "t2d": t2d}
+
+
 def _check_vocab_map(d2t: torch.Tensor, t2d: torch.Tensor, vocab_size: int) -> None:
     if d2t.dtype != torch.int64 or t2d.dtype != torch.bool:
         raise TypeError(f"d2t must be int64 and t2d bool, got {d2t.dtype} and {t2d.dtype}")
@@ -786,6 +823,10 @@ def _eagle3_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             ("midlayer." + k.removeprefix("layers.0.") if k.startswith("layers.0.") else k): v
             for k, v in state.items()
         }
+    if "t2d" in state and "d2t" not in state:
+        raise ValueError("EAGLE-3 checkpoint: t2d without d2t (the draft-to-target map)")
+    if "d2t" in state:
+        state = _normalised_vocab_map(state, cfg.vocab_size)
     vocab_map_optional = (
         ["d2t", "t2d"] if int(cfg.extra.get("draft_vocab_size") or cfg.vocab_size) == cfg.vocab_size else []
     )
@@ -795,8 +836,6 @@ def _eagle3_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         what="EAGLE-3 checkpoint",
         optional=["embed_tokens.weight", *vocab_map_optional],
     )
-    if ("d2t" in state) != ("t2d" in state):
-        raise ValueError("EAGLE-3 checkpoint: d2t and t2d must be present together")
     if "d2t" in state:
         _check_vocab_map(state["d2t"], state["t2d"], cfg.vocab_size)
     else:  # full draft vocabulary: the identity map
@@ -805,6 +844,15 @@ def _eagle3_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             "t2d": torch.ones(cfg.vocab_size, dtype=torch.bool),
         }
     return state | fuse_layer_tensors(state, "midlayer.")
+
+
+def _with_draft_vocab_size(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """An EAGLE-3 config without ``draft_vocab_size`` takes it from ``lm_head.weight``'s rows (a
+    reduced draft vocabulary whose config omits the key)."""
+    lm_head = state.get("lm_head.weight")
+    if cfg.extra.get("draft_vocab_size") or lm_head is None or lm_head.dim() != 2:
+        return cfg
+    return dataclasses.replace(cfg, extra=cfg.extra | {"draft_vocab_size": int(lm_head.shape[0])})
 
 
 def _with_index(device: torch.device) -> torch.device:
@@ -841,11 +889,20 @@ def load_draft(
             f"({target.device}); got {device}"
         )
     directory = resolve_checkpoint(path)
-    raw = read_json(directory / "config.json")
-    cfg = draft_config_from_dict(raw)
-    state = read_state_dict(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"draft {directory}: no config.json (an EAGLE head holds config.json and weights)"
+        )
+    try:
+        cfg = draft_config_from_dict(read_json(directory / "config.json"))
+    except ValueError as exc:  # (the target loaded; say which config.json is wrong)
+        raise ValueError(f"draft {directory}: {exc}") from exc
+    state = _plain_head_keys(read_state_dict(directory))
     kind = detect_format(state)
+    if kind == "eagle3":
+        cfg = _with_draft_vocab_size(cfg, state)
     _check_fits_target(cfg, target, kind)
+    check_head_dim_supported(cfg, f"draft {directory}/config.json")
     _check_weights(state, directory)
     if kind == "eagle3":
         _check_eagle3_variant(cfg)

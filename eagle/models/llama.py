@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eagle_kernels
-from eagle.models.config import ModelConfig
+from eagle.models.config import LinearRopeScaling, ModelConfig
 from eagle.models.cpu_packed import (
     Linear,
     invalidate_cpu_caches,
@@ -99,6 +100,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
+    if isinstance(s, LinearRopeScaling):
+        return inv_freq / s.factor
     low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -846,8 +849,27 @@ def load_target(
     directory = resolve_checkpoint(path)
     cfg = ModelConfig.from_json(directory)
     check_head_dim_supported(cfg, directory)
-    state = target_state_from_hf(read_state_dict(directory), cfg)
+    raw = read_state_dict(directory)
+    cfg = _untied_if_lm_head_differs(cfg, raw, directory)
+    state = target_state_from_hf(raw, cfg)
     return build_model(cfg, state, dtype, device)
+
+
+def _untied_if_lm_head_differs(cfg: ModelConfig, state: dict[str, torch.Tensor], where) -> ModelConfig:
+    """``tie_word_embeddings`` with an ``lm_head.weight`` in the files that is not the embedding:
+    transformers (5.x) keeps the stored lm_head and does not tie, with a warning; so does this loader
+    (dropping it changed every logit, silently)."""
+    lm_head, embed = state.get("lm_head.weight"), state.get("model.embed_tokens.weight")
+    if not cfg.tie_word_embeddings or lm_head is None or embed is None or lm_head.shape != embed.shape:
+        return cfg
+    if torch.equal(lm_head, embed):
+        return cfg
+    warnings.warn(
+        f"{where}: tie_word_embeddings is true but the checkpoint's lm_head.weight differs from "
+        "model.embed_tokens.weight; using the stored lm_head untied, as transformers does",
+        stacklevel=3,
+    )
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
 
 
 def check_head_dim_supported(cfg: ModelConfig, where) -> None:

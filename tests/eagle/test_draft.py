@@ -264,7 +264,20 @@ def test_mismatched_eagle2_heads_are_refused(tmp_path, target, target_config):
             r"unexpected keys \[layers.0.input_layernorm",
         ),
         (dict(cfg_extra={"num_hidden_layers": 2}), "num_hidden_layers=2"),
-        (dict(cfg_extra={"rope_scaling": {"type": "linear", "factor": 2.0}}), "rope_type='linear'"),
+        (
+            dict(cfg_extra={"rope_scaling": {"type": "yarn", "factor": 2.0}}),
+            r"draft .*/h\d+: config.json: .*rope_type='yarn'",
+        ),
+        (
+            dict(cfg_extra={"num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 8}),
+            r"draft .*/config.json: head_dim=8 is outside",
+        ),
+        (
+            dict(
+                state_edit=lambda s: {k: v for k, v in s.items() if k != "layers.0.self_attn.q_proj.weight"}
+            ),
+            r"missing keys \[layers.0.self_attn.q_proj.weight\]",
+        ),
     ]
     for i, (kwargs, message) in enumerate(cases):
         with pytest.raises(ValueError, match=message):
@@ -463,3 +476,53 @@ def test_draft_inputs_are_validated(tiny_checkpoints, target):
             torch.zeros(1, 2, dtype=torch.int64),
             target.new_cache(1, 4),
         )
+
+
+# --------------------------------------------------------------------------------------------------
+# Layouts that other trainers and converters write
+# --------------------------------------------------------------------------------------------------
+def test_eagle3_vocab_maps_in_other_layouts_load_the_same_head(tmp_path, target, target_config):
+    """int32 d2t, uint8 t2d, no t2d (vLLM and SGLang read d2t only) and a config without
+    draft_vocab_size (taken from lm_head's rows) were refused with dtype or shape errors."""
+    cfg = head_config(target_config, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=40)
+    good = eagle3_state(target_config, prefix="midlayer.", embed=None, draft_vocab=DRAFT_VOCAB)
+    want = load_draft(write_head(tmp_path / "good", cfg, good), target)
+    without_size = {k: v for k, v in cfg.items() if k != "draft_vocab_size"}
+    variants = {
+        "d2t_int32": (cfg, good | {"d2t": good["d2t"].int()}),
+        "t2d_uint8": (cfg, good | {"t2d": good["t2d"].to(torch.uint8)}),
+        "no_t2d": (cfg, {k: v for k, v in good.items() if k != "t2d"}),
+        "no_draft_vocab_size": (without_size, good),
+    }
+    for name, (config, state) in variants.items():
+        head = load_draft(write_head(tmp_path / name, config, state), target)
+        assert head.draft_vocab_size == 40, name
+        _assert_same_head(head, want)
+    with pytest.raises(ValueError, match="t2d without d2t"):
+        load_draft(
+            write_head(tmp_path / "t2d_only", cfg, {k: v for k, v in good.items() if k != "d2t"}), target
+        )
+    with pytest.raises(TypeError, match="t2d must be bool"):
+        bad_t2d = good | {"t2d": good["t2d"].to(torch.uint8) * 2}
+        load_draft(write_head(tmp_path / "t2d_two", cfg, bad_t2d), target)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model.", "ea_layer."])
+def test_eagle2_heads_saved_with_a_wrapper_prefix_or_rotary_buffers_load(
+    tmp_path, target, target_config, prefix
+):
+    cfg = head_config(target_config)
+    state = eagle2_state(target_config, bias=True, embed=None)
+    want = load_draft(write_head(tmp_path / "plain", cfg, state), target)
+    wrapped = {prefix + k: v for k, v in state.items()}
+    wrapped[prefix + "layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    _assert_same_head(load_draft(write_head(tmp_path / "wrapped", cfg, wrapped), target), want)
+
+
+def test_a_head_directory_without_config_json_says_so(tmp_path, target, target_config):
+    directory = write_head(
+        tmp_path / "h", head_config(target_config), eagle2_state(target_config, bias=True, embed=None)
+    )
+    (directory / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"draft .*/h: no config.json"):
+        load_draft(directory, target)

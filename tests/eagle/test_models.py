@@ -16,6 +16,8 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 # (family, config overrides): every family, GQA and MQA, tied and untied, biases, Llama-3 RoPE scaling.
 CASES = {
     "llama-gqa-llama3rope": ("llama", dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)),
+    "llama-linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "llama-dynamic-rope": ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "llama-tied-biases": ("llama", dict(tie_word_embeddings=True, attention_bias=True, mlp_bias=True)),
     "mistral-gqa": ("mistral", dict(rope_theta=1e6)),
     "qwen2-tied": ("qwen2", dict(tie_word_embeddings=True)),
@@ -250,7 +252,14 @@ def _config(family: str, **overrides) -> dict:
     "change, key",
     [
         (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_type"),
-        (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type"),
+        (
+            dict(
+                rope_parameters=None,
+                rope_scaling={"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 64},
+            ),
+            "rescales from position 64, below max_position_embeddings",
+        ),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 0.5}), "factor >= 1"),
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(architectures=["GPT2LMHeadModel"]), "architectures"),
         (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}), "low_freq_factor"),
@@ -511,3 +520,73 @@ def test_a_hub_checkpoint_downloads_one_weight_layout_and_a_missing_one_names_th
         FileNotFoundError, match="no checkpoint directory at checkpoints/llama-typo, and the hub"
     ):
         weights.resolve_checkpoint("checkpoints/llama-typo")
+
+
+def test_tied_config_with_a_different_stored_lm_head_uses_it_as_transformers_does(make_target):
+    """tie_word_embeddings true, yet lm_head.weight in the file differs from the embedding: the
+    embedding used to replace it, silently changing every logit; transformers keeps the stored one."""
+    from transformers import AutoModelForCausalLM
+
+    _, path = make_target("llama", tie_word_embeddings=False)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    ids = torch.randint(0, 101, (1, 9))
+    with pytest.warns(UserWarning, match="lm_head.weight differs from model.embed_tokens.weight"):
+        model = load_target(path, dtype=torch.float64)
+    assert not model.config.tie_word_embeddings
+    assert rel_err(model(ids, model.new_cache(1, 9)).logits, hf_logits(hf, ids)) < 1e-12
+
+
+def test_empty_and_git_lfs_pointer_weight_files_are_named(tiny_checkpoints, tmp_path):
+    """torch suggested turning weights_only off for an LFS pointer (false and unsafe), safetensors
+    said "header too large", and an empty file gave a message ending in a colon."""
+    import shutil
+
+    from eagle.models import load_draft
+
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    head_dir = shutil.copytree(tiny_checkpoints.eagle2, tmp_path / "head")
+    pointer = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123456\n"
+    for name in ("pytorch_model.bin", "model.safetensors"):
+        for f in head_dir.glob("pytorch_model.bin"):
+            f.unlink()
+        weights = head_dir / name
+        weights.write_bytes(pointer)
+        with pytest.raises(
+            ValueError, match=f"{name} is a Git LFS pointer, not the weights: run `git lfs pull`"
+        ):
+            load_draft(str(head_dir), target)
+        weights.write_bytes(b"")
+        with pytest.raises(ValueError, match=rf"{name} is empty \(0 bytes\)"):
+            load_draft(str(head_dir), target)
+        weights.unlink()
+
+
+def test_a_shard_index_that_lists_a_tied_lm_head_or_misses_a_rotary_buffer_loads(make_target):
+    """transformers loads both; the exact set comparison of index and shards refused them."""
+    hf, path = make_target("llama", tie_word_embeddings=True, save_kwargs=dict(max_shard_size="100KB"))
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first_shard = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"]["lm_head.weight"] = first_shard
+    index_path.write_text(json.dumps(index))
+    ids = torch.randint(0, 101, (1, 6))
+    model = load_target(path, dtype=torch.float64)
+    assert rel_err(model(ids, model.new_cache(1, 6)).logits, hf_logits(hf, ids)) < 1e-12
+    index["weight_map"]["model.layers.0.mlp.up_proj.weight_scale"] = first_shard  # listed, really absent
+    index_path.write_text(json.dumps(index))
+    load_target(path, dtype=torch.float64)  # nothing reads it: transformers ignores it too
+
+
+def test_generation_config_processors_that_are_not_applied_are_warned_about(make_target):
+    _, path = make_target("llama")
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 1.05}))
+    with pytest.warns(UserWarning, match=r"sets \{'repetition_penalty': 1.05\}; this runtime does not apply"):
+        ModelConfig.from_json(path)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "repetition_penalty": 1.0}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelConfig.from_json(path)
