@@ -515,6 +515,17 @@ def test_bad_out_raises():
     with pytest.raises(ValueError, match="out must not share memory with hidden"):
         fused_draft_input(**kwargs, out=kwargs["hidden"])
     h3 = torch.randn(2, 3, 16)
+    # one workspace: out and hidden in disjoint halves is fine, overlapping halves are not
+    workspace = torch.empty(2, *kwargs["hidden"].shape, dtype=kwargs["hidden"].dtype)
+    workspace[0] = kwargs["hidden"]
+    want = fused_draft_input(**kwargs)
+    got = fused_draft_input(**(kwargs | {"hidden": workspace[0]}), out=workspace[1])
+    torch.testing.assert_close(got, want)
+    flat = workspace.view(-1)
+    rows = kwargs["hidden"].numel()
+    with pytest.raises(ValueError, match="out must not share memory with hidden"):
+        overlapping = flat[rows // 2 : rows // 2 + rows].view(kwargs["hidden"].shape)
+        fused_draft_input(**(kwargs | {"hidden": workspace[0]}), out=overlapping)
     args3 = (h3, torch.zeros(2, 3, dtype=torch.int64), *list(kwargs.values())[2:])
     with pytest.raises(ValueError, match="cannot be viewed"):
         fused_draft_input(*args3, out=torch.empty(3, 2, 16).transpose(0, 1))
