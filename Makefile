@@ -21,10 +21,13 @@ install-test: torch
 	$(PIP) install --no-build-isolation -e ".[test]"
 
 # The main job: EAGLE generation with the bundled tiny-code pair (target + draft head in eagle/assets).
+# Exported and expanded by the shell from the environment, so quotes and $ in a prompt reach the model
+# as typed (PROMPT='print("hi")' make run).
 PROMPT ?= def fibonacci(n):
+export EAGLE_RUN_PROMPT := $(value PROMPT)
 run: install
 	eagle info
-	eagle generate "$(PROMPT)"
+	eagle generate "$$EAGLE_RUN_PROMPT"
 
 # Tests use one intra-op thread each (tests/conftest.py), so one worker per core.
 PYTEST_WORKERS ?= auto

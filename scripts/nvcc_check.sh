@@ -15,8 +15,12 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 arch=${NVCC_CHECK_ARCH:-sm_90}
-for f in "${files[@]}"; do
-  nvcc -c -std=c++17 -O2 --expt-relaxed-constexpr -arch="$arch" -Icsrc "$f" -o "$out/$(basename "$f").o"
-  echo "nvcc-check: ok $f"
+# torch's BuildExtension picks the standard (C++17 up to torch 2.13's minimum, C++20 from 2.14 on):
+# the sources must compile under both.
+for std in c++17 c++20; do
+  for f in "${files[@]}"; do
+    nvcc -c -std="$std" -O2 --expt-relaxed-constexpr -arch="$arch" -Icsrc "$f" -o "$out/$(basename "$f").o"
+    echo "nvcc-check: ok $f ($std)"
+  done
 done
 echo "nvcc-check: ${#files[@]} CUDA file(s) compiled for $arch"
