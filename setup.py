@@ -169,7 +169,9 @@ def _extensions(torch, cuda: bool):
     # -ffp-contract=off: GCC fuses a * b + c into an FMA wherever it likes in C++ (ISO mode too), and
     # different GCC versions chose differently between two paths that must agree bit for bit (a verified
     # block's rows and one-token steps in tree_attention). The kernels write their FMAs out instead.
-    cxx_flags += ["-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    # No -std: torch's BuildExtension adds the standard its headers need (C++17 up to 2.13, C++20 from
+    # 2.14, whose ATen refuses C++17 with an #error); the sources compile as both (make nvcc-check).
+    cxx_flags += ["-fopenmp", "-ffp-contract=off"]
     if cuda:
         cxx_flags.append("-DEAGLE_WITH_CUDA")
     sources = _sources("*.cpp", "cpu/*.cpp")
@@ -187,7 +189,7 @@ def _extensions(torch, cuda: bool):
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;8.6;8.9;9.0+PTX"
     sources += _sources("cuda/*.cpp", "cuda/*.cu")
     nvcc_flags = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-    nvcc_flags += ["-std=c++17", "--expt-relaxed-constexpr"]
+    nvcc_flags += ["--expt-relaxed-constexpr"]
     return [
         CUDAExtension(
             "eagle_kernels._C",

@@ -138,19 +138,28 @@ class EagleModel:
         tree refits it from its tau (:func:`eagle.autotree.fit_accept_rate`)."""
         return {k: a.used for k, a in self._acceptance.items()}
 
-    def prior_acceptance(self, sampling: SamplingParams | None = None) -> AcceptanceFit:
-        """The acceptance ``tree="dynamic"`` starts from for ``sampling`` (greedy by default): the
-        pair's measured one (``acceptance.json``) where there is one, else
+    def prior_acceptance(self, sampling: SamplingParams | float | None = None) -> AcceptanceFit:
+        """The acceptance ``tree="dynamic"`` starts from for ``sampling`` (greedy by default; a number
+        is a temperature, ``eagle.SamplingParams(temperature, top_k, top_p, min_p)`` the whole
+        setting): the pair's measured one (``acceptance.json``) where there is one, else
         :data:`eagle.autotree.ACCEPT_RATE` and :data:`eagle.autotree.WIDENING_GAIN`. Runs refit the
-        rate (:attr:`accept_rates`); the gain stays."""
+        rate (:attr:`accept_rates`, keyed by ``SamplingParams``); the gain stays."""
         key = self._sampling_key(sampling)
         if self.pair_acceptance is not None:
             return self.pair_acceptance.for_temperature(key.temperature)
         return AcceptanceFit(ACCEPT_RATE, WIDENING_GAIN)
 
     @staticmethod
-    def _sampling_key(sampling: SamplingParams | None) -> SamplingParams:
-        return SamplingParams() if sampling is None else sampling.as_key()
+    def _sampling_key(sampling: SamplingParams | float | None) -> SamplingParams:
+        if sampling is None:
+            return SamplingParams()
+        if isinstance(sampling, (int, float)) and not isinstance(sampling, bool):
+            return SamplingParams(temperature=sampling).as_key()
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(
+                f"sampling must be an eagle.SamplingParams or a temperature, got {type(sampling).__name__}"
+            )
+        return sampling.as_key()
 
     def _learn_acceptance(self, sampling: SamplingParams, tree, accept: list[list[int]]) -> None:
         """Refit the acceptance of ``sampling`` from a dynamic-tree run's accept lengths."""

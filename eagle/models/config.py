@@ -149,6 +149,7 @@ class ModelConfig:
         if missing:
             raise ValueError(f"config.json lacks required key(s) {missing}")
         defaults = _FAMILY_DEFAULTS[family]
+        _check_value_types(cfg)
         _check_supported(cfg)
         hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         kv_heads = cfg.get("num_key_value_heads", defaults["num_key_value_heads"]) or heads
@@ -229,6 +230,23 @@ def _warn_about_unapplied_processors(settings: dict[str, Any], path: Path) -> No
             "own distribution and can differ from transformers' generate() with that file's defaults",
             stacklevel=3,
         )
+
+
+_POSITIVE_INT_KEYS = (*_REQUIRED_KEYS, "num_key_value_heads", "head_dim", "max_position_embeddings")
+_POSITIVE_FLOAT_KEYS = ("rms_norm_eps", "rope_theta")
+
+
+def _check_value_types(cfg: dict[str, Any]) -> None:
+    """Sizes must be JSON integers and eps/theta numbers, as transformers' configs require ("256"
+    would otherwise load here and fail later in another library's message)."""
+    for key in _POSITIVE_INT_KEYS:
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
+    for key in _POSITIVE_FLOAT_KEYS:
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+            raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
 
 
 def detect_family(cfg: dict[str, Any]) -> str:

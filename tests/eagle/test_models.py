@@ -269,6 +269,10 @@ def _config(family: str, **overrides) -> dict:
         # a hand-added legacy key beside rope_parameters: transformers would apply it, so it must agree
         (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), "rope_parameters and rope_scaling"),
         (dict(rope_parameters={"full_attention": {"rope_type": "default"}}), "per-layer-type"),
+        (dict(hidden_size="64"), "hidden_size must be a positive integer, got '64'"),
+        (dict(num_hidden_layers=True), "num_hidden_layers must be a positive integer"),
+        (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer"),
+        (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a positive number"),
     ],
 )
 def test_unsupported_config_names_the_key(change, key):
