@@ -32,6 +32,23 @@ def _cpu_attention_line() -> str:
     return f"C++ tree_attention, {_ATTENTION_VARIANTS.get(variant, variant)} (csrc/cpu/tree_attention*.cpp)"
 
 
+def _check_forced_cpu_isa() -> None:
+    """An ``EAGLE_KERNELS_CPU_ISA`` that is unknown, or that this CPU cannot run, is bad input: a
+    one-line error before the model loads, not a traceback from the first kernel call."""
+    if not os.environ.get("EAGLE_KERNELS_CPU_ISA"):
+        return
+    import torch
+
+    from eagle_kernels import _ext
+
+    if not (_ext.STATUS.loaded and hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")):
+        return
+    try:
+        torch.ops.eagle_C.tree_attention_cpu_variant()
+    except RuntimeError as err:
+        raise ValueError(str(err).splitlines()[0]) from err
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
@@ -167,6 +184,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if model.head is None and not args.no_speculative:
+        print(
+            f"eagle generate: {args.target} comes with no draft head: pass one with --draft DIR, "
+            "or decode plainly with --no-speculative",
+            file=sys.stderr,
+        )
+        return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     ids = model.tokenizer(prompt)["input_ids"]  # the tokenizer's convention, as EagleModel.generate
     setup = time.perf_counter()
@@ -194,7 +218,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _print_new_text(continuation.text(tokens), shown, args.quiet, final=True)
     lengths = lengths[1:]  # the first chunk is the prefill's token
     elapsed = time.perf_counter() - start
-    tau = sum(lengths) / len(lengths) if lengths else 0.0
+    # tau: tokens per target forward after the prefill (n/a when none followed it)
+    tau = f"{sum(lengths) / len(lengths):.2f}" if lengths else "n/a"
     auto = ""
     if args.auto:  # what speculative="auto" chose (the decoder keeps its last run's policy)
         from eagle.speculate import SamplingParams
@@ -206,7 +231,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     note = f"; {setup:.2f} s of set-up (the draft tree's sizing) not counted" if setup >= 0.005 else ""
     print(
         f"\n\n[{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s, "
-        f"tau {tau:.2f} tokens per target forward{auto}{note}]",
+        f"tau {tau} tokens per target forward{auto}{note}]",
         file=sys.stderr,
     )
     return 0
@@ -474,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command != "info":  # (info reports a forced CPU kernel it cannot run as unavailable)
+            _check_forced_cpu_isa()
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         # Bad input (a mismatched head, an over-long prompt, a missing checkpoint...): the message

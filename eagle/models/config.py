@@ -245,7 +245,9 @@ def _check_value_types(cfg: dict[str, Any]) -> None:
             raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
     for key in _POSITIVE_FLOAT_KEYS:
         value = cfg.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0):
+        if value is not None and (
+            not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+        ):
             raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
 
 

@@ -86,6 +86,8 @@ def test_the_bundled_head_ships_its_measured_acceptance(pair):
         pair.prior_acceptance() == acc.greedy != AcceptanceFit(autotree.ACCEPT_RATE, autotree.WIDENING_GAIN)
     )
     assert pair.prior_acceptance(SamplingParams(temperature=1.0)) == acc.sampled
-    assert pair.prior_acceptance(1.0) == acc.sampled and pair.prior_acceptance(0) == acc.greedy  # a temperature
+    assert (
+        pair.prior_acceptance(1.0) == acc.sampled and pair.prior_acceptance(0) == acc.greedy
+    )  # a temperature
     with pytest.raises(TypeError, match="eagle.SamplingParams or a temperature, got str"):
         pair.prior_acceptance("greedy")

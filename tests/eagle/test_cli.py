@@ -77,6 +77,14 @@ def test_generate_cli_streams_text_and_reports_tau(tmp_path, capsys):
     assert "tokens/s" in out.err and "tau" in out.err
     assert main(args + ["--no-speculative", "-q"]) == 0
     assert "tokens/s" in capsys.readouterr().err
+    assert main([*args[:-1], "1"]) == 0  # only the prefill's token: no forward after it to average
+    assert "tau n/a tokens per target forward" in capsys.readouterr().err
+    no_head = ["generate", "def f(x):", "--target", str(target_dir), "-n", "4"]
+    assert main(no_head) == 2
+    assert "comes with no draft head: pass one with --draft DIR, or decode plainly with --no-speculative" in (
+        capsys.readouterr().err
+    )
+    assert main([*no_head, "--no-speculative", "-q"]) == 0
 
 
 def test_generate_cli_auto_prints_the_same_greedy_text(tmp_path, capsys):
@@ -129,6 +137,19 @@ def test_bad_input_is_one_clear_line_not_a_traceback(capsys):
     assert "Traceback" not in err
     assert main(["generate", "x = 1", "--target", "/nonexistent/checkpoint", "-q"]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
+
+
+def test_a_forced_cpu_kernel_this_cpu_cannot_run_is_one_clear_line(capsys, monkeypatch):
+    import pytest
+
+    from eagle_kernels import _ext
+
+    if not _ext.STATUS.loaded:
+        pytest.skip("EAGLE_KERNELS_CPU_ISA selects among the compiled extension's CPU kernels")
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "bogus")
+    assert main(["generate", "x = 1", "-n", "4", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "eagle generate: error: EAGLE_KERNELS_CPU_ISA must be amx" in err and "Traceback" not in err
 
 
 def test_streamed_text_keeps_multibyte_characters_whole(capsys):
