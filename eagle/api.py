@@ -316,17 +316,64 @@ class EagleModel:
         seed: int | None = None,
         cuda_graph: bool = False,
     ) -> GenerateResult:
-        """Generate up to ``max_new_tokens`` new tokens for each prompt (see the package docstring).
+        """Generate up to ``max_new_tokens`` new tokens for each prompt, as one batch.
 
-        ``speculative``: True (EAGLE rounds), False (plain decoding, the baseline) or ``"auto"``:
-        between rounds, speculate or decode plainly, whichever the clock says is faster for this pair,
-        batch and sampling (:mod:`eagle.adaptive`; greedy tokens are the same, seeded sampled runs are
-        not reproducible; not with ``cuda_graph``). ``result.speculation`` then holds its counts.
+        Greedy output is token for token plain greedy decoding of the target; sampled output has
+        exactly the distribution of plain sampling with the same settings (lossless speculative
+        sampling). Only the speed and ``accept_lengths`` depend on the draft head and the tree.
 
-        ``cuda_graph``: on CUDA, replay each speculative round (or plain decoding step) from a captured
-        CUDA graph (no Python launch overhead per kernel); the output is the same. The buffers and
-        graph of a batch size are kept for the next call with the same batch size and sampling
-        parameters (no capture then); :meth:`release_buffers` frees them."""
+        Parameters
+        ----------
+        prompts : list of str, or list of token-id lists (or a 2-D integer array / tensor)
+            One entry per sequence; lengths may differ. Strings go through the target's tokenizer
+            with its own convention (a Llama tokenizer adds BOS). A single prompt must still be a
+            list (``["def f():"]``).
+        max_new_tokens : int >= 1
+            New tokens per prompt, the stop token included; prompt + new tokens must fit the target's
+            ``max_position_embeddings`` (checked before any work).
+        temperature, top_k, top_p, min_p
+            Hugging Face's warpers in that order: ``temperature`` 0 is greedy (the others are then
+            ignored), > 0 divides the logits; ``top_k`` 0 disables; ``top_p`` in (0, 1], 1 disables;
+            ``min_p`` in [0, 1], 0 disables.
+        tree : "dynamic" (default), "static", "chain", or an :class:`eagle.TreeConfig`
+            The draft tree of a round. ``"dynamic"``: EAGLE-2's tree, sized for this machine by
+            :mod:`eagle.autotree` (timed once per model, head, device and batch size); ``"static"``:
+            EAGLE-1's ``mc_sim_7b_63``; ``"chain"``: one path; ``TreeConfig(depth, topk,
+            total_tokens)``: EAGLE-2's tree of that size.
+        speculative : True, False or "auto"
+            True: EAGLE rounds; False: plain decoding (the baseline; no head needed); ``"auto"``:
+            between rounds, speculate or decode plainly, whichever the clock says is faster for this
+            pair, batch and sampling (:mod:`eagle.adaptive`; greedy tokens are the same, seeded
+            sampled runs are not reproducible; not with ``cuda_graph``). ``result.speculation`` then
+            holds its counts.
+        eos_token_id : int, list of int, or None
+            Stop ids; a row stops after emitting one (it is included in its tokens). None: as
+            transformers' generate, the checkpoint's ``generation_config.json`` eos when it has that
+            file, else ``config.json``'s.
+        seed : int in [0, 2**63 - 1], or None
+            Sampling only: one independent stream per row derived from the seed, so a row's tokens do
+            not depend on the other rows or on the batch size, and the same call repeats exactly.
+            None: a seed drawn from torch's global generator.
+        cuda_graph : bool
+            On CUDA, replay each speculative round (or plain decoding step) from a captured CUDA
+            graph (no Python launch overhead per kernel); the output is the same. The buffers and
+            graph of a batch size are kept for the next call with the same batch size and sampling
+            parameters (no capture then); :meth:`release_buffers` frees them.
+
+        Returns
+        -------
+        GenerateResult
+            ``tokens`` (new ids per prompt), ``texts`` (decoded, when there is a tokenizer),
+            ``accept_lengths`` and ``mean_accept_length`` (tau), ``tree`` (the tree used),
+            ``speculation`` (``"auto"``'s counts).
+
+        Raises
+        ------
+        ValueError / TypeError
+            An empty or over-long prompt, token ids outside the vocabulary, a parameter out of range,
+            speculation without a draft head, ``cuda_graph`` off CUDA; FloatingPointError when the
+            target's logits turn NaN or inf.
+        """
         _check_max_new_tokens(max_new_tokens)
         auto = _check_speculative(speculative, cuda_graph, tree)
         ids = self._encode(prompts)
