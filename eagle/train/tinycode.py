@@ -75,6 +75,28 @@ class TinyCodeConfig:
     tau_prompt_tokens: int = 128
     tau_new_tokens: int = 128
 
+    def validate(self) -> None:
+        """Refuse, before the target trains, lengths that a later stage would refuse: every stage
+        runs on the target, whose max_position_embeddings is ``seq_len``."""
+        head = head_mod.HeadTrainConfig()  # train_draft keeps its prompt length and tree
+        needs = {
+            "--feature-seq-len": self.feature_seq_len,
+            "the head's per-epoch tau (its prompt + --head-tau-new-tokens + its tree)": min(
+                head.tau_prompt_len, self.feature_seq_len
+            )
+            + self.head_tau_new_tokens
+            + head.tau_tree[2],
+            "the held-out tau (--tau-prompt-tokens + --tau-new-tokens)": self.tau_prompt_tokens
+            + self.tau_new_tokens,
+        }
+        too_long = [f"{what} needs {n}" for what, n in needs.items() if n > self.seq_len]
+        if too_long:
+            raise ValueError(
+                f"--seq-len {self.seq_len} is the target's max_position_embeddings, but "
+                + "; ".join(too_long)
+                + ": raise --seq-len or lower those"
+            )
+
 
 def _timed(summary: dict, stage: str, fn) -> None:
     """Run ``fn`` unless ``stage`` is recorded as done; record its wall time and save the summary."""
@@ -342,6 +364,7 @@ def _command_line() -> str:
 
 def run(cfg: TinyCodeConfig, install: Path | None = None) -> dict:
     """Run (or resume) every stage; returns the summary (also in ``WORK/summary.json``)."""
+    cfg.validate()
     cfg.work.mkdir(parents=True, exist_ok=True)
     summary = _load_summary(cfg)
     summary.setdefault("command", _command_line())
@@ -474,7 +497,13 @@ def config_from_args(args: argparse.Namespace) -> TinyCodeConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    summary = run(config_from_args(args), args.install)
+    cfg = config_from_args(args)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        print(f"eagle train tiny-code: error: {e}", file=sys.stderr)
+        return 2
+    summary = run(cfg, args.install)
     stages = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in summary["stages"].items())
     print(
         f"[tiny-code] done in {summary['total_seconds']:.0f} s ({stages}); target val loss "

@@ -117,3 +117,21 @@ def test_cli_defaults_fit_the_schedule_only_on_cuda(tmp_path):
         parse(["--work", str(tmp_path), "--device", "cuda", "--fit-schedule-s", "0"])
     )
     assert off.fit_schedule_s is None
+
+
+def test_lengths_a_later_stage_would_refuse_are_refused_before_the_target_trains(
+    tmp_path, capsys, monkeypatch
+):
+    """--seq-len 64 trained the whole target first; only the head stage then refused (its tau needs
+    more positions), with a traceback."""
+    ran = []
+    monkeypatch.setattr(tinycode, "run", lambda *a, **k: ran.append(a))
+    assert tinycode.main(["--work", str(tmp_path), "--seq-len", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "eagle train tiny-code: error: --seq-len 64 is the target's max_position_embeddings" in err
+    assert (
+        "--feature-seq-len needs 256" in err
+        and "held-out tau (--tau-prompt-tokens + --tau-new-tokens) needs 256" in err
+    )
+    assert not ran
+    tinycode.config_from_args(tinycode.build_parser().parse_args(["--work", str(tmp_path)])).validate()
