@@ -303,6 +303,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model = load(args.target, args.draft, device=args.device, dtype=args.dtype)
     if model.head is None:
         raise ValueError("eagle calibrate needs a draft head (--draft) for this target")
+    if args.write:
+        _refuse_writing_into_the_package(model.head.checkpoint_dir)
     if args.prompts:
         from eagle.bench import encode_texts, read_prompts_file
 
@@ -330,6 +332,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(f"(not written: --write stores it as {FILENAME} in the head's directory)")
     return 0
+
+
+def _refuse_writing_into_the_package(head_dir) -> None:
+    """The bundled head ships the acceptance measured on 16 held-out files x 128 tokens; --write would
+    replace it inside the installed package, for every later user of it, with a quicker measurement."""
+    from pathlib import Path
+
+    from eagle.acceptance import FILENAME
+    from eagle.api import ASSETS
+
+    head_dir = Path(head_dir).resolve()
+    if head_dir.is_relative_to(ASSETS):
+        raise ValueError(
+            f"--write would replace the bundled head's {FILENAME} inside the installed package "
+            f"({head_dir}); copy the head directory and pass the copy with --draft"
+        )
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

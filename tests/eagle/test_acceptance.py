@@ -207,3 +207,6 @@ def test_cli_calibrate_writes_what_load_then_reads(tmp_path, capsys):
     written = acceptance.read_pair_acceptance(head_dir)
     assert written is not None and written.sampled is None
     assert eagle.load("tiny-code", str(head_dir)).pair_acceptance == written
+    bundled_argv = [a for a in argv if a not in ("--draft", str(head_dir))]
+    assert cli_main([*bundled_argv, "--write"]) == 2  # the installed package's own head
+    assert "--write would replace the bundled head's acceptance.json" in capsys.readouterr().err
