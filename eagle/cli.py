@@ -29,7 +29,7 @@ def _cpu_attention_line() -> str:
         variant = torch.ops.eagle_C.tree_attention_cpu_variant()
     except RuntimeError as err:  # e.g. an EAGLE_KERNELS_CPU_ISA this CPU cannot run
         return f"unavailable: {err}".splitlines()[0]
-    return f"C++ tree_attention, {_ATTENTION_VARIANTS.get(variant, variant)} (csrc/cpu/tree_attention*.cpp)"
+    return f"C++ tree_attention, variant {variant}: {_ATTENTION_VARIANTS.get(variant, variant)} (csrc/cpu/tree_attention*.cpp)"
 
 
 def _check_forced_cpu_isa() -> None:
@@ -229,8 +229,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if policy is not None:
             auto = f"; auto: {policy.plain_steps} plain steps, {policy.rounds} speculative rounds"
     note = f"; {setup:.2f} s of set-up (the draft tree's sizing) not counted" if setup >= 0.005 else ""
+    gap = "" if args.quiet else "\n\n"  # (after the streamed text; -q streams none)
     print(
-        f"\n\n[{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s, "
+        f"{gap}[{len(tokens)} tokens in {elapsed:.2f} s: {len(tokens) / elapsed:.1f} tokens/s, "
         f"tau {tau} tokens per target forward{auto}{note}]",
         file=sys.stderr,
     )

@@ -34,7 +34,7 @@ def test_info_text_names_the_attention_variant(capsys, monkeypatch):
         return
     monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "generic")
     assert main(["info"]) == 0
-    assert "CPU attention: C++ tree_attention, x86-64 baseline" in capsys.readouterr().out
+    assert "CPU attention: C++ tree_attention, variant generic: x86-64 baseline" in capsys.readouterr().out
     monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", "sse9")
     assert main(["info"]) == 0
     assert "CPU attention: unavailable: EAGLE_KERNELS_CPU_ISA must be amx, avx512" in capsys.readouterr().out
@@ -76,7 +76,8 @@ def test_generate_cli_streams_text_and_reports_tau(tmp_path, capsys):
     assert out.out.startswith("def f(x):")
     assert "tokens/s" in out.err and "tau" in out.err
     assert main(args + ["--no-speculative", "-q"]) == 0
-    assert "tokens/s" in capsys.readouterr().err
+    quiet = capsys.readouterr()
+    assert quiet.out == "" and quiet.err.startswith("[") and "tokens/s" in quiet.err  # no blank lines
     assert main([*args[:-1], "1"]) == 0  # only the prefill's token: no forward after it to average
     assert "tau n/a tokens per target forward" in capsys.readouterr().err
     no_head = ["generate", "def f(x):", "--target", str(target_dir), "-n", "4"]
