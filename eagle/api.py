@@ -262,7 +262,7 @@ class EagleModel:
                         "string prompts need a tokenizer; this checkpoint has none, pass token ids"
                     )
                 # The tokenizer's own convention (a Llama tokenizer adds BOS), as transformers' users get.
-                ids = self.tokenizer(p)["input_ids"]
+                ids = self.tokenizer(p, verbose=False)["input_ids"]
             elif isinstance(p, (bytes, bytearray)):
                 raise TypeError(f"prompt {i} is bytes; decode it to str (text) or pass a list of token ids")
             else:

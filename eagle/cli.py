@@ -192,7 +192,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
         return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    ids = model.tokenizer(prompt)["input_ids"]  # the tokenizer's convention, as EagleModel.generate
+    ids = model.tokenizer(prompt, verbose=False)[
+        "input_ids"
+    ]  # the tokenizer's convention, as EagleModel.generate
     setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""
     chunks = model.stream(

@@ -529,7 +529,7 @@ class FeatureData:
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m eagle.train.features",
+        prog="eagle train features",
         description="Dump a target's features over token sequences for EAGLE draft-head training.",
     )
     p.add_argument("--target", required=True, help="target checkpoint directory (Hugging Face layout)")

@@ -860,7 +860,7 @@ def measure_throughput(
 def build_parser() -> argparse.ArgumentParser:
     d = HeadTrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m eagle.train.head",
+        prog="eagle train head",
         description="Train an EAGLE-1/2 draft head on dumped target features (torchrun for DDP).",
     )
     p.add_argument("--target", required=True, help="target checkpoint directory")

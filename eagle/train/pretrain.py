@@ -939,7 +939,7 @@ def run_measurements(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eagle.train.pretrain", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="eagle train target", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_WORK_DIR, help="work directory (outside the repo)")
     p.add_argument("--max-tokens", type=int, default=TrainConfig.max_tokens, help="cosine schedule end")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out (or --init-from)")
