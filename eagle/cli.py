@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--write", action="store_true", help="store acceptance.json in the head's directory")
     cal.set_defaults(func=_cmd_calibrate)
 
-    from eagle.bench import add_arguments as add_bench_arguments
+    from eagle._bench_args import add_arguments as add_bench_arguments
 
     bench = sub.add_parser(
         "bench",

@@ -313,3 +313,19 @@ def test_eagle_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setenv("EAGLE_DEBUG", "1")
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         main(["generate", "x = 1", "--target", "/nonexistent/checkpoint", "-q"])
+
+
+def test_the_parser_and_import_eagle_load_neither_torch_nor_transformers():
+    """eagle --help took 2 s: eagle/__init__ imported eagle.api, and the bench options eagle.bench."""
+    import subprocess
+    import sys
+
+    from eagle import _bench_args, api
+
+    code = (
+        "import sys, eagle; from eagle.cli import build_parser; build_parser(); "
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+        "assert not heavy, heavy; eagle.TreeConfig; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert _bench_args.BUNDLED == api.BUNDLED
