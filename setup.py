@@ -239,8 +239,9 @@ def _build_py(skip_ext: bool):
 def _dependencies(torch, with_ext: bool) -> list[str]:
     """The runtime requirements; an extension build pins the torch minor version it was compiled
     against (the extension does not load under another: a wheel must not be installed beside it)."""
+    # No triton: the Triton kernels run on CUDA tensors, and torch's CUDA wheels for Linux already
+    # require it; a CPU install skips its ~290 MB (the tests' extra takes it for TRITON_INTERPRET=1).
     deps = [
-        "triton>=3.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "transformers>=4.45",
         "tokenizers>=0.20",
         "safetensors>=0.4",

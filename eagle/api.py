@@ -334,7 +334,8 @@ class EagleModel:
         temperature, top_k, top_p, min_p
             Hugging Face's warpers in that order: ``temperature`` 0 is greedy (the others are then
             ignored), > 0 divides the logits; ``top_k`` 0 disables; ``top_p`` in (0, 1], 1 disables;
-            ``min_p`` in [0, 1], 0 disables.
+            ``min_p`` in [0, 1], 0 disables. The defaults filter nothing; transformers' sampling
+            applies ``top_k=50`` and the ``generation_config.json`` settings unless told otherwise.
         tree : "dynamic" (default), "static", "chain", or an :class:`eagle.TreeConfig`
             The draft tree of a round. ``"dynamic"``: EAGLE-2's tree, sized for this machine by
             :mod:`eagle.autotree` (timed once per model, head, device and batch size); ``"static"``:

@@ -63,9 +63,18 @@ def _to_float32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
+TOP_K_KEEPS_ALL = 2**31 - 1  # more than any vocabulary: the same as no top-k filter
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Hugging Face warper semantics (temperature, then top-k, top-p, min-p); temperature 0 = greedy."""
+    """Hugging Face warper semantics (temperature, then top-k, top-p, min-p); temperature 0 = greedy.
+
+    The defaults filter nothing. transformers' ``generate(do_sample=True)`` differs there: it applies
+    ``top_k=50`` unless told otherwise, and the sampling settings of a checkpoint's
+    ``generation_config.json``; pass those values explicitly to sample what it samples.
+    ``top_k`` above 2**31 - 1 keeps every token of any vocabulary, as a ``top_k`` >= V does.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -80,6 +89,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        # (the kernels take top_k as int64: a larger int overflowed with a message naming no argument)
+        object.__setattr__(self, "top_k", min(self.top_k, TOP_K_KEEPS_ALL))
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:

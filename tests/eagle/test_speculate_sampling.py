@@ -173,6 +173,12 @@ def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest
         ).tokens
         == want
     )
+    # a top_k past int64 (or past any vocabulary) keeps every token, as in transformers; it overflowed
+    for speculative in (True, False):  # (the two draw their numbers differently: compared per mode)
+        everything = model.generate([PROMPT], 6, temperature=0.7, seed=2, speculative=speculative).tokens
+        for huge in (2**63, 10**30):
+            got = model.generate([PROMPT], 6, temperature=0.7, top_k=huge, seed=2, speculative=speculative)
+            assert got.tokens == everything
     refused = [
         (dict(temperature="0.7"), TypeError, "temperature must be a real number"),
         (dict(temperature=torch.tensor([0.7, 0.0])), TypeError, "temperature must be a real number"),
