@@ -534,15 +534,17 @@ def make_head(target: LlamaModel, cfg: HeadTrainConfig, init_head: str | Path | 
     return head
 
 
-# What a finished or interrupted run leaves in its output directory (beside STATE_NAME).
-RUN_FILES = ("config.json", "model.safetensors", "pytorch_model.bin", METRICS_NAME)
+# A head's files: a new run refuses an output directory that holds one without a training state.
+HEAD_FILES = ("config.json", "model.safetensors", "pytorch_model.bin")
 
 
 def _check_fresh_out_dir(out_dir: Path, init_head: str | Path | None) -> None:
-    """A new run must not overwrite a head or a metrics log that is already in ``out_dir``."""
+    """A new run must not overwrite a head that is already in ``out_dir``. A metrics log without a
+    head or a training state is what a run interrupted before its first checkpoint leaves: it starts
+    again from step 0, so its records are dropped."""
     if init_head is not None and out_dir.exists() and out_dir.resolve() == Path(init_head).resolve():
         raise ValueError(f"--out {str(out_dir)!r} is the --init-head directory; write the new head elsewhere")
-    present = [name for name in RUN_FILES if (out_dir / name).exists()]
+    present = [name for name in HEAD_FILES if (out_dir / name).exists()]
     if present:
         raise ValueError(
             f"{str(out_dir)!r} already holds {', '.join(present)} (and no training state to resume); "
@@ -557,9 +559,20 @@ def _truncate_metrics(out_dir: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line for line in lines if (record := _json_record(line)) is not None and record.get("step", 0) <= step
+    ]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _json_record(line: str) -> dict | None:
+    """A metrics line, or None for one an interruption cut off mid-write (or a blank one)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _check_resume_settings(cfg: HeadTrainConfig, saved: dict, explicit: Collection[str]) -> None:
@@ -649,7 +662,9 @@ def train_head(
     head = make_head(target, cfg, resumed_head or init_head)
     has_bias = head.fc.bias is not None
     if has_bias != cfg.bias:
-        if init_head is not None and "bias" in explicit:
+        # A resumed head's layout wins (a run started before this rule may have saved bias=false with
+        # a biased --init-head head); only a fresh --init-head start refuses a contradicting flag.
+        if resumed_head is None and init_head is not None and "bias" in explicit:
             raise ValueError(
                 f"--no-bias was {'given' if not cfg.bias else 'not given'}, but the --init-head head "
                 f"{'has' if has_bias else 'has no'} fc.bias"
@@ -673,8 +688,7 @@ def train_head(
     trainer = _Trainer(target, head, model, optimizer, data, out_dir, cfg, ctx, run, total_steps)
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if saved is not None:
-            _truncate_metrics(out_dir, run.step)
+        _truncate_metrics(out_dir, run.step)  # (step 0 for a fresh start: an earlier try's records)
     last = trainer.run(train_idx, val_idx, steps_per_epoch, prompts, progress)
     return last
 

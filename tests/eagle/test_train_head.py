@@ -698,7 +698,7 @@ def save_head_without_embedding(head, directory, target):
     assert load_draft(directory, target).embed_tokens is None
 
 
-def test_a_new_run_refuses_an_out_dir_that_holds_a_head_or_metrics(setup, tmp_path):
+def test_a_new_run_refuses_an_out_dir_that_holds_a_head(setup, tmp_path):
     target, data = setup["target"], setup["data"]
     head_dir = tmp_path / "downloaded"
     th.save_head(random_draft(target, "eagle2", seed=1), head_dir, torch.float32)
@@ -708,30 +708,46 @@ def test_a_new_run_refuses_an_out_dir_that_holds_a_head_or_metrics(setup, tmp_pa
         ValueError, match="already holds config.json, model.safetensors .and no training state"
     ):
         th.train_head(target, data, head_dir, _cfg(max_steps=1), progress=False)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    (logs / th.METRICS_NAME).write_text("{}\n")
-    with pytest.raises(ValueError, match="already holds metrics.jsonl"):
-        th.train_head(target, data, logs, _cfg(max_steps=1), progress=False)
 
 
-def test_a_resume_drops_the_records_logged_after_the_checkpoint_and_counts_its_first_window(
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_interrupted_before_its_first_checkpoint_starts_again(setup, tmp_path, resume):
+    """It leaves metrics.jsonl and no state (a record every 10 steps, a checkpoint every 500): both a
+    rerun and --resume start from step 0 and drop the old records, even a line cut off mid-write."""
+    target, data = setup["target"], setup["data"]
+    (tmp_path / th.METRICS_NAME).write_text('{"step": 2, "loss": 9.0}\n{"step": 4, "lo')
+    th.train_head(target, data, tmp_path, _cfg(max_steps=2), resume=resume, progress=False)
+    records = [json.loads(line) for line in (tmp_path / th.METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records] == [2] and records[0]["loss"] != 9.0
+
+
+def test_a_resume_drops_the_records_logged_after_the_checkpoint_and_times_its_first_window(
     setup, tmp_path, monkeypatch
 ):
-    """A crash after step 5 of a run checkpointed at step 4 left step 5's record, logged again by the
-    resumed run; and the resumed first window (steps 5-6) was timed as a whole interval of 4 steps."""
+    """A crash after step 7 of a run checkpointed at step 6 left step 7's record (logged again by the
+    resumed run); and the resumed first window (steps 7-8) was timed as a whole interval of 4 steps,
+    doubling its tokens/s. A fake clock advances one second per training step."""
     target, data = setup["target"], setup["data"]
-    cfg = _cfg(max_steps=8, save_every_steps=4, log_every_steps=4)
-    th.train_head(target, data, tmp_path, dataclasses.replace(cfg, max_steps=4), progress=False)
+    cfg = _cfg(max_steps=10, save_every_steps=6, log_every_steps=4)
+    th.train_head(target, data, tmp_path, dataclasses.replace(cfg, max_steps=6), progress=False)
     with open(tmp_path / th.METRICS_NAME, "a") as f:
-        f.write(json.dumps({"step": 6, "loss": 1.0}) + "\n")  # what the crashed run logged after step 4
-    ticks = iter(range(10**6))
-    monkeypatch.setattr(th.time, "perf_counter", lambda: float(next(ticks)))
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + '\n{"step": 8, ')  # the crashed run's, cut off
+    clock = [0.0]
+    real_step = th._Trainer.step
+
+    def one_second_per_step(self, sequences):
+        clock[0] += 1.0
+        return real_step(self, sequences)
+
+    monkeypatch.setattr(th.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(th._Trainer, "step", one_second_per_step)
     th.train_head(target, data, tmp_path, cfg, resume=True, progress=False)
     records = [json.loads(line) for line in (tmp_path / th.METRICS_NAME).read_text().splitlines()]
-    steps = [r["step"] for r in records if "v_loss" in r]
-    assert steps == [4, 8], steps
-    assert sum(r == {"step": 6, "loss": 1.0} for r in records) == 0
+    logged = [r for r in records if "v_loss" in r]
+    assert [r["step"] for r in logged] == [4, 6, 8, 10]
+    assert {"step": 7, "loss": 1.0} not in records
+    tokens_per_step = cfg.batch_size * (data.seq_len - 1)
+    assert [r["tokens_per_s"] for r in logged[2:]] == pytest.approx([tokens_per_step] * 2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
@@ -739,3 +755,19 @@ def test_device_cuda_without_cuda_is_a_clean_error(setup, tmp_path, capsys):
     args = ["--target", str(setup["target_dir"]), "--data", str(setup["data"].dir), "--out", str(tmp_path)]
     assert th.main([*args, "--device", "cuda", "--quiet"]) == 2
     assert "device 'cuda': this torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_run_saved_with_a_bias_setting_its_head_contradicts_resumes_with_the_heads_layout(setup, tmp_path):
+    """Before the init head's layout set the run's bias, a biased --init-head run with --no-bias saved
+    bias=false; resuming it with its original flags must keep working."""
+    target, data = setup["target"], setup["data"]
+    init = tmp_path / "init"
+    th.save_head(random_draft(target, "eagle2", seed=2), init, torch.float32)
+    out = tmp_path / "run"
+    th.train_head(target, data, out, _cfg(max_steps=2), init_head=init, progress=False)
+    state = _state(out)
+    state["config"]["bias"] = False  # what the earlier code saved for that run
+    torch.save(state, out / th.STATE_NAME)
+    cfg = _cfg(max_steps=4, bias=False)
+    th.train_head(target, data, out, cfg, resume=True, init_head=init, explicit={"bias"}, progress=False)
+    assert _state(out)["step"] == 4 and "fc.bias" in _state(out)["head"]
