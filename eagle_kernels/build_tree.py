@@ -544,8 +544,16 @@ def _build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, dep
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
 def _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
-    """The op's body: the backend chosen for the tensors' device writes ``outputs``."""
-    backend = select_backend(OP, parent_list.device)
+    """The op's body (and the eager fast path's): value checks where due, then the backend chosen for
+    the tensors' device writes ``outputs``."""
+    device = selected_index.device
+    backend = select_backend(OP, device)
+    # The C++ kernel and the reference validate the values themselves; Triton on CPU tensors (the
+    # interpreter) is checked here, and CUDA only in debug mode (a host sync).
+    if (device.type == "cpu" and backend not in ("cpp", "torch")) or (
+        device.type != "cpu" and debug_checks_enabled()
+    ):
+        _validate_values(parent_list, selected_index, seq_lens, n, mode, outputs[0], topk, depth)
     if backend in ("cpp", "cuda"):
         _ext.op(OP)(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
     elif backend == "triton":
@@ -698,18 +706,8 @@ def _validate_values(parent_list, selected_index, seq_lens, n, mode, tree_mask, 
 
 
 def _run(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode) -> None:
-    device = selected_index.device
-    if torch.compiler.is_compiling():
-        # traced: no host reads of the values (a graph break each); the C++ kernel and the reference
-        # still check them when the graph runs
-        torch.ops.eagle.build_tree(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
-        return
-    if device.type == "cpu":
-        # The C++ kernel and the reference validate the values themselves.
-        if select_backend(OP, device) not in ("cpp", "torch"):
-            _validate_values(parent_list, selected_index, seq_lens, n, mode, outputs[0], topk, depth)
-    elif debug_checks_enabled():
-        _validate_values(parent_list, selected_index, seq_lens, n, mode, outputs[0], topk, depth)
+    # Traced (torch.compile): the op, whose body checks the values when the graph runs (no host
+    # reads while tracing: a graph break each). eager_fast_path is False then.
     if eager_fast_path(parent_list, selected_index, seq_lens, *outputs):
         _run_build_tree(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode)
     else:

@@ -905,6 +905,10 @@ def _backend_for(op: str, t: torch.Tensor) -> str:
 
 
 def _run_draft_input(backend, hidden, token_ids, embed_weight, fc_weight, fc_bias, out) -> None:
+    """The op's body (and the eager fast path's). Reading the ids costs a host sync on CUDA, so there
+    they are checked only in debug mode; the C++ op checks them itself (same message)."""
+    if backend != "cpp" and (hidden.is_cpu or debug_checks_enabled()):
+        _check_token_ids_in_range(token_ids, embed_weight.shape[0])
     if backend in ("cpp", "cuda"):
         _ext.op(OP)(hidden, token_ids, embed_weight, fc_weight, fc_bias, out)
     elif backend == "triton":
@@ -1196,13 +1200,9 @@ def fused_draft_input(
     draft input (``out`` when given).
     """
     _CHECKED.run(_check_draft_args, hidden, token_ids, embed_weight, fc_weight, fc_bias)
-    # Traced (torch.compile) the op picks its backend when the graph runs, and the ids are not read
-    # here (a graph break each); the C++ op checks them itself, the reference's indexing raises.
+    # Traced (torch.compile) the op picks its backend when the graph runs, and reads the ids then (in
+    # its body, :func:`_run_draft_input`), not here (a graph break each).
     backend = None if torch.compiler.is_compiling() else _backend_for(OP, hidden)
-    # Reading the ids costs a host sync on CUDA, so there they are checked only in debug mode. The
-    # C++ op checks them itself (same message).
-    if backend not in (None, "cpp") and (hidden.is_cpu or debug_checks_enabled()):
-        _check_token_ids_in_range(token_ids, embed_weight.shape[0])
     if hidden.dim() == 2:  # the common case skips two reshapes and a view (~4 us of host time)
         args = (hidden, token_ids, embed_weight, fc_weight, fc_bias)
     else:

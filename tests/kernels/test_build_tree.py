@@ -529,10 +529,19 @@ def lenient_oracle(case, topk, depth, n, mode_bits=None):
     return rows, torch.tensor(positions), torch.tensor(nxt), torch.tensor(sib)
 
 
+def _unchecked_kernel(backend, parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode):
+    """The Triton or CUDA kernel itself, without the op body's value checks (which run on CPU
+    tensors, and on CUDA only in debug mode): what a CUDA call without debug checks reaches."""
+    if backend == "triton":
+        bt._build_tree_triton(parent_list, selected_index, seq_lens, outputs, topk, depth, n, mode)
+    else:
+        eagle_kernels._ext.op(OP)(parent_list, selected_index, seq_lens, *outputs, topk, depth, n, mode)
+
+
 @pytest.mark.parametrize("kind", list(MALFORMED))
 def test_device_kernels_flag_malformed_trees(device, kind):
     """Without host checks, the Triton and CUDA kernels terminate, stay in bounds and flag the
-    broken slots with positions == -1 (the raw op is called, bypassing validation)."""
+    broken slots with positions == -1 (the kernels are called without the op body's checks)."""
     case, topk, depth, n = _mutated(kind)
     rows, positions, nxt, sib = lenient_oracle(case, topk, depth, n)
     assert bool((positions == -1).any()), "the case must break something"
@@ -540,8 +549,7 @@ def test_device_kernels_flag_malformed_trees(device, kind):
     for backend in backends_for(OP, device, exclude=("cpp",)):
         dev_case = {k: v.to(device) for k, v in case.items()}
         out = bt._allocate_outputs(dev_case["selected_index"], dev_case["seq_lens"], n, bt.QLEN_BOOL)
-        with eagle_kernels.use_backend(backend):
-            torch.ops.eagle.build_tree(*dev_case.values(), *out, topk, depth, n, bt.QLEN_BOOL)
+        _unchecked_kernel(backend, *dev_case.values(), out, topk, depth, n, bt.QLEN_BOOL)
         mask = encode_mask(rows, n, [0] * B, "qlen_bool")
         assert torch.equal(out[0].cpu(), mask), backend
         assert torch.equal(out[1].cpu(), positions), backend
@@ -557,8 +565,7 @@ def test_device_kernels_never_write_outside_a_short_full_mask(device):
         # Sequence 0 owns 5 rows of 5+5 columns, sequence 1 5 rows of 2+5: 85 elements; give 84.
         short = guard[:84]
         out = bt._allocate_outputs(dev_case["selected_index"], dev_case["seq_lens"], n, bt.QLEN_BOOL)
-        with eagle_kernels.use_backend(backend):
-            torch.ops.eagle.build_tree(*dev_case.values(), short, *out[1:], topk, depth, n, bt.FULL)
+        _unchecked_kernel(backend, *dev_case.values(), (short, *out[1:]), topk, depth, n, bt.FULL)
         assert not bool(guard[short.numel() :].any()), backend
         assert out[1].view(2, n)[1].tolist() == [-1] * n and out[1].view(2, n)[0].tolist() == [5, 6, 6, 7, 8]
 

@@ -144,3 +144,19 @@ def test_every_registered_op_has_a_case():
     missing = ops - covered - {"tree_speculative_sampling_draft_probs", "fused_eagle3_input_out"}
     assert not missing, f"registered ops without a direct-call shape check test: {sorted(missing)}"
     assert eagle_kernels.OPS  # the public op list exists (the names above are its registered forms)
+
+
+def test_registered_ops_check_values_on_cpu_on_every_backend():
+    """Index values too: a direct call on the Triton backend read out of bounds (the interpreter
+    segfaulted) because only the public functions checked token ids and tree indices."""
+    args = _fused_args()
+    args[1] = args[1].clone()
+    args[1][2] = V + 5
+    for backend in _backends("fused_draft_input"):
+        with pytest.raises(ValueError, match=r"token_ids must be in \[0, 11\)"):
+            run_with_backend(backend, torch.ops.eagle.fused_draft_input, *args)
+    tree = _build_tree_args()
+    tree[1] = torch.tensor([[0, 1, 2], [0, 1, 99]])  # a candidate index past topk + (depth-1) * topk^2
+    for backend in _backends("build_tree"):
+        with pytest.raises(ValueError):
+            run_with_backend(backend, torch.ops.eagle.build_tree, *tree)
