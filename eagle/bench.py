@@ -132,6 +132,14 @@ class BenchConfig:
         for name in ("new_tokens", "repeats", "prompt_tokens", "lookup_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        runnable = [
+            (m, b) for m in self.methods for b in self.batch_sizes if _skip_reason(self, m, b) is None
+        ]
+        if not runnable:
+            raise ValueError(
+                f"every method x batch size is skipped ({', '.join(self.methods)} at batch "
+                f"{', '.join(map(str, self.batch_sizes))}): nothing to run"
+            )
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if self.threads is not None and self.threads < 1:
@@ -459,6 +467,10 @@ def run_method(
             tree=EAGLE_TREES.get(method, "dynamic"),
             cuda_graph=cuda_graph,
         )
+        if any(len(t) != new_tokens for t in res.tokens):  # (EOS is off: every method does the same work)
+            raise RuntimeError(
+                f"{method} generated {[len(t) for t in res.tokens]} tokens, expected {new_tokens}"
+            )
         lengths = [n for row in res.accept_lengths for n in row]
         auto = res.speculation or {}
         return Output(
@@ -846,12 +858,24 @@ def summarize(cells: list[Cell]) -> list[dict]:
         if c.method == "vanilla":  # the first vanilla cell of a batch size and temperature is the baseline
             vanilla_rows.setdefault((c.batch, c.temperature), row)
         rows.append(row)
+    best_peer: dict[tuple[int, float], dict] = {}  # the fastest Hugging Face method per batch and T
     for row in rows:
-        vanilla = vanilla_rows.get((row["batch"], row["temperature"]))
+        key = (row["batch"], row["temperature"])
+        if row["status"] == "ok" and row["method"].startswith("hf_"):
+            if key not in best_peer or row["tokens_per_s"] > best_peer[key]["tokens_per_s"]:
+                best_peer[key] = row
+    for row in rows:
+        key = (row["batch"], row["temperature"])
+        vanilla = vanilla_rows.get(key)
         if row["status"] == "ok":
             row["speedup_vs_vanilla"] = row["tokens_per_s"] / vanilla["tokens_per_s"] if vanilla else None
             if vanilla and row is not vanilla:
                 row |= paired_speedups(row["tokens_per_s_all_repeats"], vanilla["tokens_per_s_all_repeats"])
+            peer = best_peer.get(key)
+            if peer is not None and not row["method"].startswith("hf_"):
+                # DESIGN §7: the speedup over the peer a user would pick instead, in the same run
+                row["best_hf_method"] = peer["method"]
+                row["speedup_vs_best_hf"] = row["tokens_per_s"] / peer["tokens_per_s"]
     return rows
 
 
@@ -877,7 +901,7 @@ def _agreement(c: Cell) -> dict:
     if c.temperature != 0:
         return {"checked": False, "reason": "sampled (temperature > 0): distributions match, tokens differ"}
     if not c.rows_compared:
-        return {"checked": False, "reason": "vanilla was not run at this batch size"}
+        return {"checked": False, "reason": "not checked: vanilla was not run at this batch size"}
     rows = {(m["batch_index"], m["row"]) for m in c.mismatches}
     real = {(m["batch_index"], m["row"]) for m in c.mismatches if not m.get("near_tie")}
     return {
@@ -891,15 +915,18 @@ def _agreement(c: Cell) -> dict:
     }
 
 
-def format_table(results: list[dict]) -> str:
-    """The terminal table: one line per method, batch size and temperature."""
+def format_table(results: list[dict], assistant: dict | None = None) -> str:
+    """The terminal table: one line per method, batch size and temperature (``assistant``: the
+    settings' record of hf_assisted's assistant; an untrained one is marked)."""
+    weak = bool(assistant and "untrained" in assistant.get("how", ""))
     head = (
         f"{'method':<17} {'B':>3} {'T':>4} {'tok/s':>8} {'best':>8} {'tau':>5} {'speedup':>8} "
-        f"{'paired (min-max)':>20}  greedy == vanilla"
+        f"{'paired (min-max)':>20} {'vs best HF':>10}  greedy == vanilla"
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        lead = f"{r['method']:<17} {r['batch']:>3} {r['temperature']:>4g}"
+        name = r["method"] + ("*" if weak and r["method"] == "hf_assisted" else "")
+        lead = f"{name:<17} {r['batch']:>3} {r['temperature']:>4g}"
         if r["status"] == "skipped":
             lines.append(f"{lead} {'skipped: ' + r['reason']}")
             continue
@@ -917,13 +944,18 @@ def format_table(results: list[dict]) -> str:
             )
         rates = f"{r['tokens_per_s']:>8.1f} {r['tokens_per_s_best']:>8.1f} {tau:>5}"
         agreement = _agreement_label(r["greedy_agreement"])
-        lines.append(f"{lead} {rates} {speedup:>8} {paired:>20}  {agreement}{share}")
+        peer = f"{r['speedup_vs_best_hf']:.2f}x" if r.get("speedup_vs_best_hf") else "-"
+        lines.append(f"{lead} {rates} {speedup:>8} {paired:>20} {peer:>10}  {agreement}{share}")
+    if assistant and "untrained" in assistant.get("how", ""):
+        lines.append(f"hf_assisted*: its assistant is {assistant['how']}: a weak peer, not a tuned one")
     return "\n".join(lines)
 
 
 def _agreement_label(a: dict) -> str:
     if not a["checked"]:
-        return "-" if a["reason"] == "the reference" else "n/a (sampled)" if "sampled" in a["reason"] else "-"
+        if a["reason"] == "the reference":
+            return "-"
+        return "n/a (sampled)" if "sampled" in a["reason"] else "NOT CHECKED (no vanilla run)"
     if a["ok"] and not a["mismatched_rows"]:
         return f"ok ({a['rows_compared']} rows)"
     if a["ok"]:
@@ -984,6 +1016,9 @@ def _plot_title(payload: dict) -> str:
     ]
     if s["random_draft"]:
         lines.append("RANDOM (untrained) draft head: the EAGLE bars are not meaningful")
+    assistant = s.get("assistant") or {}
+    if "untrained" in assistant.get("how", ""):
+        lines.append(f"hf_assisted: assistant {assistant['how'].split(' (')[0]}")
     if not payload["greedy_agreement_ok"]:
         lines.append("!!! GREEDY MISMATCH against vanilla: see the JSON")
     return "\n".join(lines)
@@ -1205,7 +1240,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run from parsed options, print the table; exit status 1 when the greedy check failed."""
     report = run_benchmark(config_from_args(args))
-    print(format_table(report.payload["results"]))
+    print(format_table(report.payload["results"], report.payload["settings"].get("assistant")))
     print(
         f"tokens/s: median over {report.payload['settings']['repeats']} repeats; "
         "speedup = median / vanilla's; paired = median of the repeats' own ratios (their min-max)"

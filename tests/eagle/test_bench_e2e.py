@@ -533,3 +533,37 @@ def test_without_matplotlib_the_json_is_kept_and_the_plot_skipped(tiny_target, t
     report = run_benchmark(_config(tiny_target, tmp_path, **small), log=logs.append)
     assert report.json_path.exists() and report.png_path is None
     assert any("no plot: matplotlib is not installed" in line for line in logs)
+
+
+def test_eagle_rows_carry_their_speedup_over_the_fastest_hugging_face_method():
+    """DESIGN §7: the speedup over the peer a user would pick instead, in the same run (readers had to
+    divide by hand); the derived, untrained assistant is marked in the table."""
+    cells = {
+        m: bench.Cell(m, 1, 0.0) for m in ("vanilla", "hf_generate", "hf_prompt_lookup", "eagle_dynamic")
+    }
+    seconds = {"vanilla": 1.0, "hf_generate": 4.0, "hf_prompt_lookup": 2.0, "eagle_dynamic": 0.5}
+    for m, cell in cells.items():
+        cell.record(0, [bench.Output([[1, 2]], 2, 2)], seconds[m])
+    rows = {r["method"]: r for r in bench.summarize(list(cells.values()))}
+    assert rows["eagle_dynamic"]["best_hf_method"] == "hf_prompt_lookup"
+    assert rows["eagle_dynamic"]["speedup_vs_best_hf"] == pytest.approx(4.0)
+    assert rows["vanilla"]["speedup_vs_best_hf"] == pytest.approx(2.0)
+    assert "speedup_vs_best_hf" not in rows["hf_generate"]
+    table = bench.format_table(list(rows.values()))
+    assert "vs best HF" in table and "4.00x" in next(
+        line for line in table.splitlines() if "eagle_dynamic" in line
+    )
+    assistant = bench.Cell("hf_assisted", 1, 0.0)
+    assistant.record(0, [bench.Output([[1, 2]], 2, 2)], 3.0)
+    marked = bench.format_table(
+        bench.summarize([cells["vanilla"], assistant]), {"how": "derived: x, untrained"}
+    )
+    assert "hf_assisted*" in marked and "its assistant is derived: x, untrained" in marked
+
+
+def test_a_run_with_nothing_to_run_or_no_vanilla_says_so():
+    with pytest.raises(ValueError, match="every method x batch size is skipped"):
+        bench.BenchConfig(methods=("hf_assisted", "hf_prompt_lookup"), batch_sizes=(4,)).validate()
+    eagle_only = bench.Cell("eagle_chain", 1, 0.0)
+    eagle_only.record(0, [bench.Output([[1, 2]], 2, 2)], 1.0)
+    assert "NOT CHECKED (no vanilla run)" in bench.format_table(bench.summarize([eagle_only]))
