@@ -4,8 +4,9 @@ Environment switches (all optional)
 -----------------------------------
 EAGLE_SKIP_EXT=1        Pure-Python install: no extension is built. Ops fall back to Triton (CUDA
                         tensors) or the PyTorch reference (CPU tensors).
-EAGLE_FORCE_CUDA=1      Build the CUDA kernels even when no GPU is visible (e.g. a wheel-build box).
-                        Still needs nvcc (CUDA_HOME) and a CUDA build of torch; fails loudly if absent.
+EAGLE_FORCE_CUDA=1      Require the CUDA kernels: fail loudly when nvcc (CUDA_HOME) or a CUDA build of
+                        torch is missing. Without it they are built whenever both are there (a visible
+                        GPU is not needed, e.g. on a wheel-build box) and skipped with a message else.
 EAGLE_SKIP_CUDA=1       Build only the C++ CPU kernels even when CUDA is available.
 TORCH_CUDA_ARCH_LIST    GPU architectures to compile for, e.g. "8.0;9.0+PTX". Default when building
                         CUDA without a visible GPU: "8.0;8.6;8.9;9.0+PTX".
@@ -169,8 +170,9 @@ def _extensions(torch, cuda: bool):
     # -ffp-contract=off: GCC fuses a * b + c into an FMA wherever it likes in C++ (ISO mode too), and
     # different GCC versions chose differently between two paths that must agree bit for bit (a verified
     # block's rows and one-token steps in tree_attention). The kernels write their FMAs out instead.
-    # No -std: torch's BuildExtension adds the standard its headers need (C++17 up to 2.13, C++20 from
-    # 2.14, whose ATen refuses C++17 with an #error); the sources compile as both (make nvcc-check).
+    # No -std: torch's BuildExtension adds the standard its headers need (C++20 in recent releases,
+    # 2.13 included; C++17 in older ones; 2.14's ATen refuses C++17 with an #error). The sources
+    # compile as both (make nvcc-check checks the CUDA ones).
     cxx_flags += ["-fopenmp", "-ffp-contract=off"]
     if cuda:
         cxx_flags.append("-DEAGLE_WITH_CUDA")

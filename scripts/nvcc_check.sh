@@ -15,8 +15,8 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 arch=${NVCC_CHECK_ARCH:-sm_90}
-# torch's BuildExtension picks the standard (C++17 up to torch 2.13's minimum, C++20 from 2.14 on):
-# the sources must compile under both.
+# torch's BuildExtension picks the standard (C++20 in recent releases, C++17 in older ones): the
+# sources must compile under both.
 for std in c++17 c++20; do
   for f in "${files[@]}"; do
     nvcc -c -std="$std" -O2 --expt-relaxed-constexpr -arch="$arch" -Icsrc "$f" -o "$out/$(basename "$f").o"
