@@ -1,4 +1,4 @@
-"""Training an EAGLE-1/2 draft head on dumped target features (the recipe of DESIGN §5).
+"""Training an EAGLE-1/2 or EAGLE-3 draft head on dumped target features (the recipes of DESIGN §5).
 
 For a stored sequence of tokens ``x_0..x_{S-1}`` with target features ``f_0..f_{S-1}``, row ``t``
 feeds the head ``(f_t + noise, x_{t+1})`` and its output must predict ``f_{t+1}``::
@@ -15,6 +15,14 @@ by step 0's row count (a step has fewer rows: none within ``k`` of a sequence's 
 and weighted ``unroll_weight ** k``.
 Deeper draft levels then see at training the kind of input they get when drafting, which the
 one-step recipe never shows them.
+
+EAGLE-3 (``kind="eagle3"``, ``--eagle3``; features dumped with ``--eagle3``): row ``t`` feeds the head
+``fc(cat(h_low, h_mid, h_high))`` of the hidden states entering target layers (2, L//2, L-3) at row
+``t`` (plus noise on each) and ``x_{t+1}``; its draft-vocabulary logits ``lm_head(norm(h))`` are trained
+by the cross-entropy against the target's next-token distribution restricted to the draft vocabulary
+(the ``draft_vocab_size`` most frequent tokens of the training data, ``d2t``/``t2d``), with no feature
+loss; unrolled steps (EAGLE-3's training-time test) feed the head's own output hidden state, and the
+objective is ``sum_k unroll_weight ** k * CE_k``. The embedding stays the target's (shared, frozen).
 
 AdamW (0.9, 0.95), linear warm-up then cosine decay, gradient-norm clipping. The embedding and the
 lm_head are the target's and stay frozen (the head holds a frozen copy of the embedding and shares
@@ -119,8 +127,19 @@ class HeadTrainConfig:
     # over this many draft levels; step k's loss is weighted unroll_weight ** k. 1: EAGLE-1/2's recipe.
     unroll_steps: int = 1
     unroll_weight: float = 0.8
+    # "eagle3": an EAGLE-3 head (fc over three target layers' hidden states, its own norm and lm_head
+    # over a draft vocabulary); its loss is the token cross-entropy alone (see the module docstring).
+    kind: str = "eagle2"
+    draft_vocab_size: int = 0  # EAGLE-3: the training data's most frequent tokens; 0: every token
 
     def validate(self) -> None:
+        if self.kind not in ("eagle2", "eagle3"):
+            raise ValueError(f"kind must be 'eagle2' or 'eagle3', got {self.kind!r}")
+        if self.draft_vocab_size < 0 or (self.draft_vocab_size and self.kind != "eagle3"):
+            raise ValueError(
+                f"draft_vocab_size (EAGLE-3 only) must be >= 0 (0: the whole vocabulary), got "
+                f"{self.draft_vocab_size} for a {self.kind} head"
+            )
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
         # Comparisons are written so that NaN fails them; inf is refused by name.
@@ -181,45 +200,61 @@ def learning_rate(step: int, cfg: HeadTrainConfig, total_steps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 # The differentiable forward and the loss
 # --------------------------------------------------------------------------------------------------
-def training_forward(head: DraftHead, features: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
-    """The EAGLE-1/2 head over whole sequences in differentiable torch ops.
+def training_forward(
+    head: DraftHead, features: torch.Tensor | Sequence[torch.Tensor], next_tokens: torch.Tensor
+) -> torch.Tensor:
+    """The head over whole sequences in differentiable torch ops.
 
-    ``features [B, T, H]`` (``f_t``), ``next_tokens`` int ``[B, T]`` (``x_{t+1}``) -> the predicted
-    features ``[B, T, H]``; row ``t`` has position ``t`` and sees rows ``<= t``. Numerically the
-    head's inference forward on a fresh cache (``head(features, next_tokens, head.new_cache(B, T))``).
+    ``features [B, T, H]`` (``f_t``; EAGLE-3: the three feature layers' hidden states, a 3-tuple),
+    ``next_tokens`` int ``[B, T]`` (``x_{t+1}``) -> the head's output ``[B, T, H]``; row ``t`` has
+    position ``t`` and sees rows ``<= t``. Numerically the head's inference forward on a fresh cache
+    (``head(features, next_tokens, head.new_cache(B, T))``; EAGLE-3: of ``head.project_features``).
     """
     return unrolled_training_forward(head, features, next_tokens, steps=1)[0]
 
 
 def unrolled_training_forward(
-    head: DraftHead, features: torch.Tensor, next_tokens: torch.Tensor, steps: int
+    head: DraftHead, features: torch.Tensor | Sequence[torch.Tensor], next_tokens: torch.Tensor, steps: int
 ) -> torch.Tensor:
     """The head unrolled over ``steps`` draft levels, as it runs when it drafts (training-time test).
 
-    ``features [B, T, H]`` (``f_t``), ``next_tokens`` int ``[B, T]`` (``x_{t+1}``) -> ``[steps, B, T, H]``.
+    ``features``: EAGLE-1/2, ``[B, T, H]`` (``f_t``); EAGLE-3, the three ``[B, T, H]`` hidden states
+    of row ``t`` entering the target's feature layers (``head.feature_layers``). ``next_tokens`` int
+    ``[B, T]`` (``x_{t+1}``) -> ``[steps, B, T, H]``, the head's output hidden states (EAGLE-3: before
+    its final norm, as :class:`~eagle.models.draft.DraftOutput.hidden`).
     Step 0 is :func:`training_forward`. At step ``k >= 1`` row ``t`` is fed the head's own step
-    ``k - 1`` prediction of ``f_t`` (its output at row ``t - 1``) instead of the target's ``f_t``, and
+    ``k - 1`` output at row ``t - 1`` instead of the target's features, and
     attends to what a depth-``k + 1`` tree node attends to when drafting: the step-0 rows ``<= t - k``
     (the committed context, fed with target features) and, of each step ``j`` in ``1..k``, the one row
     ``t - k + j`` (the node's ancestors in the tree, then itself). Rows ``t < k`` have no such context;
     their outputs are meaningless and get no loss (:func:`unrolled_loss_masks`). Every step predicts
-    ``f_{t+1}`` and ``x_{t+2}``: the same targets as step 0, from a drafted instead of a true input.
+    ``x_{t+2}`` (EAGLE-1/2 also ``f_{t+1}``): the same targets as step 0, from a drafted input.
     """
-    if head.kind != "eagle2":
-        raise ValueError(f"training_forward implements EAGLE-1/2 heads, got a {head.kind} head")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    B, T, _ = features.shape
-    layer = head.layers[0]
+    if head.kind == "eagle3":
+        if isinstance(features, torch.Tensor) or len(features) != 3:
+            raise ValueError("an EAGLE-3 head trains on the three feature layers' hidden states (a 3-tuple)")
+        layer = head.midlayer
+        # fc over the three (plain torch: differentiable); later steps feed the head's own output
+        fed = F.linear(torch.cat(tuple(features), dim=-1), head.fc.weight, head.fc.bias)
+    elif head.kind == "eagle2":
+        layer, fed = head.layers[0], features
+    else:
+        raise ValueError(f"training_forward implements EAGLE-1/2 and EAGLE-3 heads, got a {head.kind} head")
+    B, T, _ = fed.shape
     attn = layer.self_attn
-    inv_freq = head._inv_freq.to(features.device)
+    inv_freq = head._inv_freq.to(fed.device)
     emb = F.embedding(next_tokens, head.embed_weight)
     keys: list[torch.Tensor] = []
     values: list[torch.Tensor] = []
     outputs = []
-    fed = features
     for k in range(steps):
-        x = F.linear(torch.cat((emb, fed), dim=-1), head.fc.weight, head.fc.bias)
+        if head.kind == "eagle3":  # Eagle3Layer: attention over cat(norm(emb), norm(h)), residual h
+            residual = fed
+            x = layer.attention_input(emb, fed)
+        else:  # EAGLE-1/2: fc over cat(emb, feature), then a decoder layer without input norm
+            residual = x = F.linear(torch.cat((emb, fed), dim=-1), head.fc.weight, head.fc.bias)
         q, key, value = _rotated_qkv(attn, x, inv_freq)
         keys.append(key)
         values.append(value)
@@ -237,7 +272,7 @@ def unrolled_training_forward(
                 torch.cat(values, 2).repeat_interleave(group, 1),
                 attn_mask=unrolled_attention_mask(T, k, x.device),
             )
-        h = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        h = residual + attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         outputs.append(h)
         fed = F.pad(h[:, :-1], (0, 0, 1, 0))  # row t is fed the prediction made at row t - 1
@@ -344,6 +379,46 @@ def unrolled_loss_sums(
     return [loss_sums(p, target_features, m, lm_head, targets) for p, m in zip(preds, masks)]
 
 
+def eagle3_unrolled_loss_sums(
+    preds: torch.Tensor,
+    target_features: torch.Tensor,
+    mask: torch.Tensor,
+    head: DraftHead,
+    lm_head: torch.Tensor,
+) -> list[LossSums]:
+    """Per unrolled step, EAGLE-3's loss sums: the cross-entropy of the head's draft-vocabulary
+    distribution (``head.lm_head(head.norm(pred))``) against the target's next-token distribution
+    restricted to the draft vocabulary and renormalised (``softmax(lm_head(f_{t+1})[t2d])``), and
+    the top-1 agreement in target ids. No feature loss (``v`` is 0). ``preds [steps, B, T, H]``,
+    ``target_features [B, T, H]`` (the target's final features ``f_{t+1}``), ``mask`` float ``[B, T]``,
+    ``lm_head [V, H]`` (the target's)."""
+    with torch.no_grad():
+        logits = F.linear(target_features, lm_head).float()
+        target_top1 = logits.argmax(-1)
+        target_probs = logits[..., head.t2d].softmax(-1)  # draft ids are t2d's target ids, in order
+    sums = []
+    for pred, m in zip(preds, unrolled_loss_masks(mask, preds.shape[0])):
+        logp = head.lm_head(head.norm(pred)).float().log_softmax(-1)
+        p = -(target_probs * logp).sum(-1)
+        agree = (head.to_target_ids(logp.argmax(-1)) == target_top1).float()
+        zero = p.new_zeros(())
+        sums.append(LossSums(zero, (p * m).sum(), (agree * m).sum().detach(), m.sum()))
+    return sums
+
+
+def head_loss_sums(
+    head: DraftHead,
+    preds: torch.Tensor,
+    target_features: torch.Tensor,
+    mask: torch.Tensor,
+    lm_head: torch.Tensor,
+) -> list[LossSums]:
+    """The loss sums of the head's kind (``lm_head``: the target's)."""
+    if head.kind == "eagle3":
+        return eagle3_unrolled_loss_sums(preds, target_features, mask, head, lm_head)
+    return unrolled_loss_sums(preds, target_features, mask, lm_head)
+
+
 def stack_sums(per_step: list[LossSums]) -> torch.Tensor:
     """float64 ``[steps, 4]``: each step's (v, p, correct, rows) sums, detached."""
     return torch.stack([s.as_tensor() for s in per_step])
@@ -353,6 +428,8 @@ def unrolled_objective(v: torch.Tensor, p: torch.Tensor, cfg: HeadTrainConfig) -
     """The loss sum training minimises, from the steps' feature and token loss sums ``v``, ``p [steps]``:
     ``sum_k unroll_weight ** k * (v_weight * v[k] + p_weight * p[k])``."""
     weights = cfg.unroll_weight ** torch.arange(len(v), dtype=v.dtype, device=v.device)
+    if cfg.kind == "eagle3":  # EAGLE-3: the cross-entropy alone, sum_k 0.8^k CE_k
+        return (weights * p).sum()
     return (weights * (cfg.v_weight * v + cfg.p_weight * p)).sum()
 
 
@@ -377,6 +454,53 @@ def split_batch(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, .
     return hidden[:, :-1], ids[:, 1:], hidden[:, 1:], mask[:, 1:]
 
 
+def head_inputs(batch: dict[str, torch.Tensor], device, kind: str):
+    """:func:`split_batch`, with EAGLE-3's input the three stored layer hidden states of rows
+    ``0..S-2`` (a 3-tuple of ``[n, S-1, H]``) instead of ``f_t``."""
+    f_in, tok, f_tgt, mask = split_batch(batch, device)
+    if kind == "eagle3":
+        layers = batch["layer_hidden"].to(device)[:, :, :-1]
+        f_in = tuple(layers[:, j] for j in range(layers.shape[1]))
+    return f_in, tok, f_tgt, mask
+
+
+def with_noise(f_in, sequences, step: int, cfg: HeadTrainConfig, device):
+    """``f_in`` plus :func:`uniform_noise` (EAGLE-3: on each of its three inputs, drawn apart)."""
+    if cfg.noise <= 0:
+        return f_in
+    if isinstance(f_in, torch.Tensor):
+        return f_in + uniform_noise(sequences, step, cfg.seed, f_in.shape[1:], cfg.noise, device)
+    return tuple(
+        x + uniform_noise(sequences, step, cfg.seed + 7919 * (j + 1), x.shape[1:], cfg.noise, device)
+        for j, x in enumerate(f_in)
+    )
+
+
+def draft_vocab_from_data(data: FeatureData, indices: np.ndarray, size: int, vocab_size: int) -> torch.Tensor:
+    """int64 ``[size]``, ascending: the ``size`` most frequent target ids in the sequences
+    ``indices`` (EAGLE-3's draft vocabulary; ties go to the lower id)."""
+    if not 0 < size <= vocab_size:
+        raise ValueError(f"draft_vocab_size must be in [1, vocab_size={vocab_size}], got {size}")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for lo in range(0, len(indices), 256):
+        ids = data[indices[lo : lo + 256]]["input_ids"].numpy().ravel()
+        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
+    order = np.argsort(-counts, kind="stable")[:size]
+    return torch.from_numpy(np.sort(order))
+
+
+def check_eagle3_data(data: FeatureData, target: LlamaModel) -> None:
+    """EAGLE-3 trains on the hidden states entering the target's layers (2, L//2, L-3): the feature
+    dump must have stored them (``--eagle3``)."""
+    want = list(target.config.eagle3_feature_layers)
+    have = data.plan.feature_layers
+    if "layer_hidden" not in data.keys or list(have or []) != want:
+        raise ValueError(
+            f"an EAGLE-3 head trains on the hidden states entering target layers {want}; "
+            f"{str(data.dir)!r} stores {have or 'none'}: dump the features with --eagle3"
+        )
+
+
 # --------------------------------------------------------------------------------------------------
 # Data split and order
 # --------------------------------------------------------------------------------------------------
@@ -397,15 +521,26 @@ def epoch_order(train: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 # Validation
 # --------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def validate(head: DraftHead, data: FeatureData, indices: np.ndarray, cfg: HeadTrainConfig) -> dict:
-    """Feature loss, soft cross-entropy and top-1 agreement on held-out sequences (no noise)."""
+def validate(
+    head: DraftHead,
+    data: FeatureData,
+    indices: np.ndarray,
+    cfg: HeadTrainConfig,
+    lm_head: torch.Tensor | None = None,
+) -> dict:
+    """Feature loss (EAGLE-1/2), soft cross-entropy and top-1 agreement on held-out sequences (no
+    noise). ``lm_head``: the target's (an EAGLE-1/2 head shares it; an EAGLE-3 head needs it given)."""
+    if lm_head is None:
+        if head.kind == "eagle3":
+            raise ValueError("validating an EAGLE-3 head needs the target's lm_head")
+        lm_head = head.lm_head_weight
     total = torch.zeros(cfg.unroll_steps, 4, dtype=torch.float64)
     indices = indices[: cfg.val_max_sequences]
     for lo in range(0, len(indices), cfg.batch_size):
-        f_in, tok, f_tgt, mask = split_batch(data[indices[lo : lo + cfg.batch_size]], head.device)
+        f_in, tok, f_tgt, mask = head_inputs(data[indices[lo : lo + cfg.batch_size]], head.device, head.kind)
         with _autocast(head.device, cfg.autocast_bf16):
             preds = unrolled_training_forward(head, f_in, tok, cfg.unroll_steps)
-            sums = unrolled_loss_sums(preds, f_tgt, mask, head.lm_head_weight)
+            sums = head_loss_sums(head, preds, f_tgt, mask, lm_head)
             total += stack_sums(sums).cpu()
     return {f"val_{k}": v for k, v in step_metrics(total).items()}
 
@@ -516,21 +651,37 @@ def make_optimizer(head: DraftHead, cfg: HeadTrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, foreach=True)
 
 
-def make_head(target: LlamaModel, cfg: HeadTrainConfig, init_head: str | Path | None) -> DraftHead:
-    """A fresh EAGLE-1/2 head for ``target`` (``random_draft``), or ``init_head`` made trainable."""
+def make_head(
+    target: LlamaModel,
+    cfg: HeadTrainConfig,
+    init_head: str | Path | None,
+    draft_vocab: torch.Tensor | None = None,
+) -> DraftHead:
+    """A fresh head of ``cfg.kind`` for ``target`` (``random_draft``; EAGLE-3 over ``draft_vocab``,
+    sorted target ids, default all), or ``init_head`` made trainable."""
     if init_head is None:
-        head = random_draft(target, kind="eagle2", bias=cfg.bias, seed=cfg.seed)
+        if cfg.kind == "eagle3":
+            head = random_draft(target, kind="eagle3", draft_vocab=draft_vocab, seed=cfg.seed)
+        else:
+            head = random_draft(target, kind="eagle2", bias=cfg.bias, seed=cfg.seed)
     else:
         head = load_draft(init_head, target, dtype=target.dtype, device=target.device)
-        if head.kind != "eagle2":
-            raise ValueError(f"{init_head} is an {head.kind} head; this trainer trains EAGLE-1/2 heads")
-        if head.embed_tokens is None:
+        if head.kind != cfg.kind:
+            raise ValueError(
+                f"{init_head} is an {head.kind} head, and this run trains {cfg.kind} heads "
+                f"({'--eagle3' if head.kind == 'eagle3' else 'without --eagle3'} trains that kind)"
+            )
+        if head.kind == "eagle2" and head.embed_tokens is None:
             # A head file may leave the embedding out (it is the target's). The trainer's state and the
             # saved head always carry one, as random_draft's do, so resuming rebuilds the same module.
             weight = target.embed_tokens.weight.detach().to(head.dtype).clone()
             head.embed_tokens = torch.nn.Embedding.from_pretrained(weight, freeze=True)
         head.train().requires_grad_(True)
-    head.embed_tokens.requires_grad_(False)
+    if head.embed_tokens is not None:  # (an EAGLE-3 head shares the target's, a plain tensor)
+        head.embed_tokens.requires_grad_(False)
+    for buffer in ("d2t", "t2d"):  # integer maps: not weights
+        if hasattr(head, buffer):
+            getattr(head, buffer).requires_grad_(False)
     return head
 
 
@@ -648,6 +799,8 @@ def train_head(
         )
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
+    if cfg.kind == "eagle3":
+        check_eagle3_data(data, target)
     train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed)
     steps_per_epoch = len(train_idx) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -659,9 +812,12 @@ def train_head(
     # A resumed run rebuilds its head from the head saved with its state (same layout: bias, own
     # embedding), then takes the exact weights from the state.
     resumed_head = out_dir if saved is not None and (out_dir / "config.json").is_file() else None
-    head = make_head(target, cfg, resumed_head or init_head)
+    draft_vocab = None
+    if cfg.kind == "eagle3" and cfg.draft_vocab_size and not (resumed_head or init_head):
+        draft_vocab = draft_vocab_from_data(data, train_idx, cfg.draft_vocab_size, target.config.vocab_size)
+    head = make_head(target, cfg, resumed_head or init_head, draft_vocab)
     has_bias = head.fc.bias is not None
-    if has_bias != cfg.bias:
+    if cfg.kind == "eagle2" and has_bias != cfg.bias:
         # A resumed head's layout wins (a run started before this rule may have saved bias=false with
         # a biased --init-head head); only a fresh --init-head start refuses a contradicting flag.
         if resumed_head is None and init_head is not None and "bias" in explicit:
@@ -705,16 +861,15 @@ class _Trainer:
     def step(self, sequences: np.ndarray) -> torch.Tensor:
         """One optimizer step on this process's ``sequences``; returns the global loss sums."""
         cfg, ctx, step = self.cfg, self.ctx, self.run_state.step
-        f_in, tok, f_tgt, mask = split_batch(self.data[sequences], ctx.device)
+        f_in, tok, f_tgt, mask = head_inputs(self.data[sequences], ctx.device, cfg.kind)
         rows = all_reduce_sum(mask.sum().double().reshape(1), ctx).clamp(min=1.0)
-        if cfg.noise > 0:
-            f_in = f_in + uniform_noise(sequences, step, cfg.seed, f_in.shape[1:], cfg.noise, ctx.device)
+        f_in = with_noise(f_in, sequences, step, cfg, ctx.device)
         lr = learning_rate(step, cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with _autocast(ctx.device, cfg.autocast_bf16):
             preds = self.model(f_in, tok)
-            per_step = unrolled_loss_sums(preds, f_tgt, mask, self.head.lm_head_weight)
+            per_step = head_loss_sums(self.head, preds, f_tgt, mask, self.target.lm_head_weight)
         loss = unrolled_objective(
             torch.stack([s.v for s in per_step]), torch.stack([s.p for s in per_step]), cfg
         )
@@ -776,7 +931,10 @@ class _Trainer:
         if len(window) > 1:  # the objective optimised (record["loss"] below is step 0's)
             objective = unrolled_objective(window[:, 0], window[:, 1], self.cfg)
             record["loss_unrolled"] = (objective / window[0, 3].clamp(min=1.0)).item()
-        record["loss"] = self.cfg.v_weight * record["v_loss"] + self.cfg.p_weight * record["p_loss"]
+        if self.cfg.kind == "eagle3":  # the cross-entropy alone
+            record["loss"] = record["p_loss"]
+        else:
+            record["loss"] = self.cfg.v_weight * record["v_loss"] + self.cfg.p_weight * record["p_loss"]
         if self.ctx.is_main:
             _append_metrics(self.out_dir, record)
             if bar is not None:
@@ -789,7 +947,7 @@ class _Trainer:
         record = None
         if self.ctx.is_main and len(val_idx):
             record = {"step": self.run_state.step, "epoch": epoch} | validate(
-                self.head, self.data, val_idx, self.cfg
+                self.head, self.data, val_idx, self.cfg, self.target.lm_head_weight
             )
             if prompts:
                 record["tau"] = measure_tau(self.target, self.head, prompts, self.cfg)
@@ -875,7 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = HeadTrainConfig()
     p = argparse.ArgumentParser(
         prog="eagle train head",
-        description="Train an EAGLE-1/2 draft head on dumped target features (torchrun for DDP).",
+        description="Train an EAGLE-1/2 (or, --eagle3, EAGLE-3) draft head on dumped target features "
+        "(torchrun for DDP).",
     )
     p.add_argument("--target", required=True, help="target checkpoint directory")
     p.add_argument("--data", required=True, help="feature directory from `python -m eagle.train.features`")
@@ -890,6 +1049,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", type=float, default=d.noise, help="half-width of the uniform feature noise")
     p.add_argument("--p-weight", type=float, default=d.p_weight, help="weight of the token cross-entropy")
     p.add_argument("--no-bias", action="store_true", help="fc without bias (the LLaMA-3 heads' layout)")
+    p.add_argument(
+        "--eagle3",
+        action="store_true",
+        help="train an EAGLE-3 head (needs features dumped with --eagle3; token cross-entropy only)",
+    )
+    p.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=d.draft_vocab_size,
+        help="EAGLE-3: the draft vocabulary, the training data's N most frequent tokens (0: all)",
+    )
     p.add_argument(
         "--unroll-steps",
         type=int,
@@ -933,6 +1103,7 @@ _FLAG_FIELDS = {
     "no_bias": "bias",
     "bf16": "autocast_bf16",
     "save_every": "save_every_steps",
+    "eagle3": "kind",
 }
 
 
@@ -959,6 +1130,8 @@ def config_from_args(args: argparse.Namespace) -> HeadTrainConfig:
         noise=args.noise,
         p_weight=args.p_weight,
         bias=not args.no_bias,
+        kind="eagle3" if args.eagle3 else "eagle2",
+        draft_vocab_size=args.draft_vocab_size,
         seed=args.seed,
         unroll_steps=args.unroll_steps,
         unroll_weight=args.unroll_weight,

@@ -771,3 +771,118 @@ def test_a_run_saved_with_a_bias_setting_its_head_contradicts_resumes_with_the_h
     cfg = _cfg(max_steps=4, bias=False)
     th.train_head(target, data, out, cfg, resume=True, init_head=init, explicit={"bias"}, progress=False)
     assert _state(out)["step"] == 4 and "fc.bias" in _state(out)["head"]
+
+
+# --------------------------------------------------------------------------------------------------
+# EAGLE-3 heads
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eagle3_setup(tmp_path_factory, setup):
+    """A 4-layer target (EAGLE-3 reads layers 2, L//2, L-3) and its features with the layer inputs."""
+    root = tmp_path_factory.mktemp("train_eagle3")
+    target_dir = save_hf_target(
+        build_hf_target("llama", seed=1, vocab_size=VOCAB, num_hidden_layers=4), root / "t"
+    )
+    target = load_target(target_dir)
+    plan = feat.FeaturePlan(
+        seq_len=SEQ,
+        shard_sequences=12,
+        batch_size=8,
+        max_tokens=32 * SEQ,
+        feature_layers=list(target.config.eagle3_feature_layers),
+    )
+    feat.dump_features(target, setup["tokens"], root / "features", plan, progress=False)
+    return dict(root=root, target_dir=target_dir, target=target, data=feat.FeatureData(root / "features"))
+
+
+def _layer_features(B, T, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, T, 64, generator=gen, dtype=dtype) for _ in range(3))
+
+
+def test_eagle3_training_forward_equals_inference_forward(eagle3_setup):
+    target = load_target(eagle3_setup["target_dir"], dtype=torch.float64)
+    head = random_draft(target, "eagle3", draft_vocab=torch.arange(0, VOCAB, 2), init_std=0.2, seed=3)
+    feats = _layer_features(3, 13, torch.float64, 0)
+    tokens = torch.randint(0, VOCAB, (3, 13), generator=torch.Generator().manual_seed(1))
+    pred = th.training_forward(head, feats, tokens)
+    with torch.no_grad():
+        ref = head(head.project_features(*feats), tokens, head.new_cache(3, 13)).hidden
+    torch.testing.assert_close(pred.detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_eagle3_unrolled_steps_are_what_the_head_computes_when_it_drafts(eagle3_setup):
+    target = load_target(eagle3_setup["target_dir"], dtype=torch.float64)
+    head = random_draft(target, "eagle3", init_std=0.2, seed=4)
+    feats = _layer_features(2, 11, torch.float64, 2)
+    tokens = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))
+    preds = th.unrolled_training_forward(head, feats, tokens, steps=3)
+    with torch.no_grad():
+        first = head.project_features(*feats)
+        for k in (1, 2):
+            for t in (k, k + 3, 10):
+                ref = _draft_chain(head, first, tokens, t, k)
+                torch.testing.assert_close(preds[k][:, t].detach(), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_eagle3_loss_is_the_cross_entropy_against_the_targets_draft_vocabulary_distribution(eagle3_setup):
+    target = load_target(eagle3_setup["target_dir"], dtype=torch.float64)
+    vocab = torch.tensor([1, 4, 5, 9, 20, 33, 63])
+    head = random_draft(target, "eagle3", draft_vocab=vocab, init_std=0.2, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    preds = torch.randn(2, 2, 5, 64, generator=gen, dtype=torch.float64)
+    f_next = torch.randn(2, 5, 64, generator=gen, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.float64)
+    sums = th.eagle3_unrolled_loss_sums(preds, f_next, mask, head, target.lm_head_weight)
+    target_logits = f_next @ target.lm_head_weight.T
+    p = (target_logits[..., vocab]).softmax(-1)  # the draft ids' target ids, by d2t's definition
+    logq = (head.lm_head(head.norm(preds[0]))).log_softmax(-1)
+    assert sums[0].p.item() == pytest.approx(-(p * logq).sum().item(), rel=1e-6)  # (computed in float32)
+    agree = (vocab[logq.argmax(-1)] == target_logits.argmax(-1)).double().sum()
+    assert sums[0].correct.item() == agree.item() and sums[0].v.item() == 0.0
+    assert sums[1].rows.item() == 8.0  # step 1: no row 0 of either sequence
+
+
+def test_eagle3_training_learns_a_draft_vocabulary_head_that_loads_and_decodes(eagle3_setup, tmp_path):
+    target, data = eagle3_setup["target"], eagle3_setup["data"]
+    cfg = _cfg(epochs=3, kind="eagle3", draft_vocab_size=40, unroll_steps=2, tau_prompts=2)
+    train, val = th.split_indices(len(data), cfg.val_fraction, cfg.seed)
+    vocab = th.draft_vocab_from_data(data, train, 40, VOCAB)
+    untrained = random_draft(target, "eagle3", draft_vocab=vocab, seed=cfg.seed)
+    before = th.validate(untrained, data, val, cfg, target.lm_head_weight)
+    last = th.train_head(target, data, tmp_path, cfg, progress=False)
+    assert last["val_p_loss"] < before["val_p_loss"] and last["tau"] >= 1.0
+    head = load_draft(tmp_path, target)
+    assert head.kind == "eagle3" and head.draft_vocab_size == 40
+    assert torch.equal(head.to_target_ids(torch.arange(40)), vocab)
+    counts = np.bincount(data[train]["input_ids"].numpy().ravel(), minlength=VOCAB)
+    assert counts[vocab].min() >= np.delete(counts, vocab.numpy()).max()  # the most frequent 40
+    import eagle.api
+
+    m = eagle.api.EagleModel(target, head)
+    prompts = [data[[0]]["input_ids"][0, :12].tolist()]
+    assert m.generate(prompts, 16).tokens == m.generate(prompts, 16, speculative=False).tokens
+
+
+def test_eagle3_training_resumes_identically_and_refuses_what_it_cannot_train(eagle3_setup, setup, tmp_path):
+    target, data = eagle3_setup["target"], eagle3_setup["data"]
+    cfg = dict(kind="eagle3", draft_vocab_size=30)
+    th.train_head(target, data, tmp_path / "straight", _cfg(max_steps=5, **cfg), progress=False)
+    th.train_head(target, data, tmp_path / "split", _cfg(max_steps=2, **cfg), progress=False)
+    th.train_head(target, data, tmp_path / "split", _cfg(max_steps=5, **cfg), resume=True, progress=False)
+    a, b = _state(tmp_path / "straight"), _state(tmp_path / "split")
+    for k in a["head"]:
+        assert torch.equal(a["head"][k], b["head"][k]), k
+    with pytest.raises(ValueError, match="stores none: dump the features with --eagle3"):
+        th.train_head(setup["target"], setup["data"], tmp_path / "x", _cfg(kind="eagle3"), progress=False)
+    with pytest.raises(ValueError, match="draft_vocab_size .EAGLE-3 only."):
+        _cfg(draft_vocab_size=10).validate()
+    with pytest.raises(ValueError, match="is an eagle3 head, and this run trains eagle2 heads"):
+        th.make_head(target, _cfg(), tmp_path / "straight")
+
+
+def test_eagle3_command_line(eagle3_setup, tmp_path):
+    args = ["--target", str(eagle3_setup["target_dir"]), "--data", str(eagle3_setup["data"].dir)]
+    args += ["--out", str(tmp_path), "--eagle3", "--draft-vocab-size", "24", "--max-steps", "2"]
+    assert th.main([*args, "--batch", "4", "--tau-prompts", "0", "--quiet"]) == 0
+    assert load_draft(tmp_path, eagle3_setup["target"]).draft_vocab_size == 24
