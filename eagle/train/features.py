@@ -503,6 +503,16 @@ class FeatureData:
     def hidden_size(self) -> int:
         return self.meta["target"]["hidden_size"]
 
+    def token_ids(self, indices: Sequence[int]) -> torch.Tensor:
+        """int64 ``[n, S]``: the ``input_ids`` of those sequences alone (no features read)."""
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"sequence indices {bad[:5]} outside [0, {len(self)})")
+        per = self.plan.shard_sequences
+        rows = [self._files[i // per].get_slice("input_ids")[i % per : i % per + 1] for i in indices]
+        return torch.cat(rows).long()
+
     def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]

@@ -183,6 +183,8 @@ class HeadTrainConfig:
             raise ValueError(f"max_steps must be >= 1 (or unset), got {self.max_steps}")
 
 
+EAGLE3_UNROLL_STEPS = 7  # the command line's default with --eagle3: EAGLE-3's reference unrolls 7 steps
+
 # Fields a resumed run takes from the command line; everything else comes from the checkpoint, so
 # that the continuation is exact.
 RUN_CONTROL_FIELDS = ("max_steps", "save_every_steps", "log_every_steps", "val_max_sequences", "tau_prompts")
@@ -345,8 +347,15 @@ def target_distribution(
     """The target's next-token probabilities float32 ``[B, T, V]`` and argmax int64 ``[B, T]`` at
     ``target_features [B, T, H]`` (no gradient)."""
     with torch.no_grad():
-        logits = F.linear(target_features, lm_head).float()
+        logits = _target_logits(target_features, lm_head)
         return logits.softmax(-1), logits.argmax(-1)
+
+
+def _target_logits(target_features: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """The target's logits float32 ``[B, T, V]``, in float32 even under bf16 autocast: rounded to
+    bf16, 0.8% of the label argmaxes flipped on the bundled target."""
+    with torch.autocast(target_features.device.type, enabled=False):
+        return F.linear(target_features.float(), lm_head.float())
 
 
 def loss_sums(
@@ -389,13 +398,17 @@ def eagle3_unrolled_loss_sums(
     """Per unrolled step, EAGLE-3's loss sums: the cross-entropy of the head's draft-vocabulary
     distribution (``head.lm_head(head.norm(pred))``) against the target's next-token distribution
     restricted to the draft vocabulary and renormalised (``softmax(lm_head(f_{t+1})[t2d])``), and
-    the top-1 agreement in target ids. No feature loss (``v`` is 0). ``preds [steps, B, T, H]``,
+    the top-1 agreement in target ids, over the rows whose target argmax is in the draft vocabulary
+    (the reference's position mask). No feature loss (``v`` is 0). ``preds [steps, B, T, H]``,
     ``target_features [B, T, H]`` (the target's final features ``f_{t+1}``), ``mask`` float ``[B, T]``,
     ``lm_head [V, H]`` (the target's)."""
     with torch.no_grad():
-        logits = F.linear(target_features, lm_head).float()
+        logits = _target_logits(target_features, lm_head)
         target_top1 = logits.argmax(-1)
         target_probs = logits[..., head.t2d].softmax(-1)  # draft ids are t2d's target ids, in order
+        # As the reference: a row whose target token (argmax) is not in the draft vocabulary, which
+        # the head can never propose, gets no loss.
+        mask = mask * head.t2d[target_top1].to(mask.dtype)
     sums = []
     for pred, m in zip(preds, unrolled_loss_masks(mask, preds.shape[0])):
         logp = head.lm_head(head.norm(pred)).float().log_softmax(-1)
@@ -483,16 +496,16 @@ def draft_vocab_from_data(data: FeatureData, indices: np.ndarray, size: int, voc
         raise ValueError(f"draft_vocab_size must be in [1, vocab_size={vocab_size}], got {size}")
     counts = np.zeros(vocab_size, dtype=np.int64)
     for lo in range(0, len(indices), 256):
-        ids = data[indices[lo : lo + 256]]["input_ids"].numpy().ravel()
+        ids = data.token_ids(indices[lo : lo + 256]).numpy().ravel()  # (not the features: GBs at scale)
         counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
     order = np.argsort(-counts, kind="stable")[:size]
     return torch.from_numpy(np.sort(order))
 
 
-def check_eagle3_data(data: FeatureData, target: LlamaModel) -> None:
-    """EAGLE-3 trains on the hidden states entering the target's layers (2, L//2, L-3): the feature
-    dump must have stored them (``--eagle3``)."""
-    want = list(target.config.eagle3_feature_layers)
+def check_eagle3_data(data: FeatureData, layers: Sequence[int]) -> None:
+    """EAGLE-3 trains on the hidden states entering the target layers ``layers`` (the head's: by
+    default (2, L//2, L-3)): the feature dump must have stored those (``--eagle3``)."""
+    want = list(layers)
     have = data.plan.feature_layers
     if "layer_hidden" not in data.keys or list(have or []) != want:
         raise ValueError(
@@ -542,10 +555,10 @@ def validate(
             preds = unrolled_training_forward(head, f_in, tok, cfg.unroll_steps)
             sums = head_loss_sums(head, preds, f_tgt, mask, lm_head)
             total += stack_sums(sums).cpu()
-    return {f"val_{k}": v for k, v in step_metrics(total).items()}
+    return {f"val_{k}": v for k, v in step_metrics(total, head.kind).items()}
 
 
-def step_metrics(total: torch.Tensor) -> dict:
+def step_metrics(total: torch.Tensor, kind: str = "eagle2") -> dict:
     """Means of step 0's sums ``total [steps, 4]`` (v, p, correct, rows), plus the feature loss and
     top-1 agreement of every unrolled step when there are several."""
     rows = total[:, 3].clamp(min=1.0)
@@ -556,7 +569,10 @@ def step_metrics(total: torch.Tensor) -> dict:
     }
     if total.shape[0] > 1:
         record["v_loss_by_step"] = (total[:, 0] / rows).tolist()
+        record["p_loss_by_step"] = (total[:, 1] / rows).tolist()
         record["top1_by_step"] = (total[:, 2] / rows).tolist()
+    if kind == "eagle3":  # no feature loss
+        record = {k: v for k, v in record.items() if not k.startswith("v_loss")}
     return record
 
 
@@ -800,7 +816,7 @@ def train_head(
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
     if cfg.kind == "eagle3":
-        check_eagle3_data(data, target)
+        check_eagle3_data(data, target.config.eagle3_feature_layers)  # (before the head: the common case)
     train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed)
     steps_per_epoch = len(train_idx) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -816,6 +832,8 @@ def train_head(
     if cfg.kind == "eagle3" and cfg.draft_vocab_size and not (resumed_head or init_head):
         draft_vocab = draft_vocab_from_data(data, train_idx, cfg.draft_vocab_size, target.config.vocab_size)
     head = make_head(target, cfg, resumed_head or init_head, draft_vocab)
+    if head.kind == "eagle3":  # an init head may name other layers (eagle_aux_hidden_state_layer_ids)
+        check_eagle3_data(data, head.feature_layers)
     has_bias = head.fc.bias is not None
     if cfg.kind == "eagle2" and has_bias != cfg.bias:
         # A resumed head's layout wins (a run started before this rule may have saved bias=false with
@@ -926,7 +944,7 @@ class _Trainer:
             "step": self.run_state.step,
             "epoch": epoch,
             "lr": learning_rate(self.run_state.step - 1, self.cfg, self.total_steps),
-        } | step_metrics(window)
+        } | step_metrics(window, self.cfg.kind)
         record["tokens_per_s"] = tok_per_s
         if len(window) > 1:  # the objective optimised (record["loss"] below is step 0's)
             objective = unrolled_objective(window[:, 0], window[:, 1], self.cfg)
@@ -1003,10 +1021,18 @@ def measure_throughput(
     The variants alternate, ``steps`` optimizer steps each per round after one warm-up step, so
     that a load that drifts during the measurement affects both alike.
     """
+    draft_vocab = None
+    if cfg.kind == "eagle3":
+        check_eagle3_data(data, target.config.eagle3_feature_layers)
+        if cfg.draft_vocab_size:
+            everything = np.arange(len(data))
+            draft_vocab = draft_vocab_from_data(
+                data, everything, cfg.draft_vocab_size, target.config.vocab_size
+            )
     trainers = {}
     for name, autocast in MEASURED_VARIANTS:
         run_cfg = dataclasses.replace(cfg, autocast_bf16=autocast, val_fraction=0.0)
-        head = make_head(target, run_cfg, None)
+        head = make_head(target, run_cfg, None, draft_vocab)
         trainers[name] = _Trainer(
             target, head, _TrainingModule(head, run_cfg.unroll_steps), make_optimizer(head, run_cfg), data, Path("."),
             run_cfg, DistContext(device=target.device), RunState(), (rounds * steps + 1),
@@ -1046,7 +1072,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d.warmup_steps, help="warm-up steps")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm")
-    p.add_argument("--noise", type=float, default=d.noise, help="half-width of the uniform feature noise")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        help=f"half-width of the uniform feature noise (default {d.noise}; with --eagle3 0, as EAGLE-3's reference)",
+    )
     p.add_argument("--p-weight", type=float, default=d.p_weight, help="weight of the token cross-entropy")
     p.add_argument("--no-bias", action="store_true", help="fc without bias (the LLaMA-3 heads' layout)")
     p.add_argument(
@@ -1063,8 +1094,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unroll-steps",
         type=int,
-        default=d.unroll_steps,
-        help="training-time test: also train on the head's own drafted features, this many draft levels",
+        default=None,
+        help="training-time test: also train on the head's own drafted features, this many draft levels "
+        f"(default {d.unroll_steps}; with --eagle3 {EAGLE3_UNROLL_STEPS}, as EAGLE-3's reference)",
     )
     p.add_argument(
         "--unroll-weight",
@@ -1087,7 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=d.save_every_steps, help="checkpoint every N steps")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps in total (checkpointed)")
     p.add_argument("--save-dtype", choices=sorted(SAVE_DTYPES), default=d.save_dtype)
-    p.add_argument("--init-head", default=None, help="start from this EAGLE-1/2 head instead of a random one")
+    p.add_argument(
+        "--init-head", default=None, help="start from this head (of the kind trained) instead of a random one"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
@@ -1127,13 +1161,15 @@ def config_from_args(args: argparse.Namespace) -> HeadTrainConfig:
         warmup_steps=args.warmup,
         weight_decay=args.weight_decay,
         grad_clip=args.grad_clip,
-        noise=args.noise,
         p_weight=args.p_weight,
         bias=not args.no_bias,
         kind="eagle3" if args.eagle3 else "eagle2",
         draft_vocab_size=args.draft_vocab_size,
+        noise=args.noise if args.noise is not None else (0.0 if args.eagle3 else HeadTrainConfig.noise),
+        unroll_steps=args.unroll_steps
+        if args.unroll_steps is not None
+        else (EAGLE3_UNROLL_STEPS if args.eagle3 else HeadTrainConfig.unroll_steps),
         seed=args.seed,
-        unroll_steps=args.unroll_steps,
         unroll_weight=args.unroll_weight,
         autocast_bf16=args.bf16,
         val_fraction=args.val_fraction,
@@ -1149,6 +1185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
+        given = explicit_fields(argv if argv is not None else sys.argv[1:])
+        if args.eagle3 and given & {"bias", "p_weight", "v_weight"}:
+            raise ValueError(
+                f"{sorted(given & {'bias', 'p_weight', 'v_weight'})} do not apply to EAGLE-3 heads (no fc "
+                "bias, no feature loss: the token cross-entropy alone)"
+            )
         cfg.validate()  # before the target and the features load
     except ValueError as e:
         print(f"eagle.train.head: error: {e}", file=sys.stderr)

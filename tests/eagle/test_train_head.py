@@ -837,10 +837,14 @@ def test_eagle3_loss_is_the_cross_entropy_against_the_targets_draft_vocabulary_d
     target_logits = f_next @ target.lm_head_weight.T
     p = (target_logits[..., vocab]).softmax(-1)  # the draft ids' target ids, by d2t's definition
     logq = (head.lm_head(head.norm(preds[0]))).log_softmax(-1)
-    assert sums[0].p.item() == pytest.approx(-(p * logq).sum().item(), rel=1e-6)  # (computed in float32)
-    agree = (vocab[logq.argmax(-1)] == target_logits.argmax(-1)).double().sum()
+    # the reference's position mask: rows whose target token the draft vocabulary lacks get no loss
+    kept = torch.isin(target_logits.argmax(-1), vocab).double()
+    assert 0 < kept.sum() < kept.numel()  # the case has both kinds of rows
+    assert sums[0].rows.item() == kept.sum().item()
+    assert sums[0].p.item() == pytest.approx(-((p * logq).sum(-1) * kept).sum().item(), rel=1e-6)
+    agree = ((vocab[logq.argmax(-1)] == target_logits.argmax(-1)).double() * kept).sum()
     assert sums[0].correct.item() == agree.item() and sums[0].v.item() == 0.0
-    assert sums[1].rows.item() == 8.0  # step 1: no row 0 of either sequence
+    assert sums[1].rows.item() == (kept * torch.nn.functional.pad(kept[:, :-1], (1, 0))).sum().item()
 
 
 def test_eagle3_training_learns_a_draft_vocabulary_head_that_loads_and_decodes(eagle3_setup, tmp_path):
@@ -886,3 +890,38 @@ def test_eagle3_command_line(eagle3_setup, tmp_path):
     args += ["--out", str(tmp_path), "--eagle3", "--draft-vocab-size", "24", "--max-steps", "2"]
     assert th.main([*args, "--batch", "4", "--tau-prompts", "0", "--quiet"]) == 0
     assert load_draft(tmp_path, eagle3_setup["target"]).draft_vocab_size == 24
+
+
+def test_eagle3_command_line_defaults_and_refusals(eagle3_setup, tmp_path, capsys, monkeypatch):
+    """--eagle3 unrolls 7 steps and adds no noise by default, as EAGLE-3's reference; flags of the
+    EAGLE-1/2 loss are refused; the vocabulary scan reads token ids only (the features are GBs at scale)."""
+    parse = th.build_parser().parse_args
+    base = ["--target", "t", "--data", "d", "--out", "o"]
+    e3 = th.config_from_args(parse([*base, "--eagle3"]))
+    assert (e3.kind, e3.unroll_steps, e3.noise) == ("eagle3", 7, 0.0)
+    e2 = th.config_from_args(parse(base))
+    assert (e2.kind, e2.unroll_steps, e2.noise) == ("eagle2", 1, 0.1)
+    assert th.config_from_args(parse([*base, "--eagle3", "--unroll-steps", "2"])).unroll_steps == 2
+    assert th.main([*base, "--eagle3", "--no-bias"]) == 2
+    assert "['bias'] do not apply to EAGLE-3 heads" in capsys.readouterr().err
+    data = eagle3_setup["data"]
+    monkeypatch.setattr(type(data), "__getitem__", lambda self, i: pytest.fail("read the features"))
+    assert th.draft_vocab_from_data(data, np.arange(len(data)), 8, VOCAB).shape == (8,)
+
+
+def test_eagle3_init_head_with_other_feature_layers_needs_features_of_those(eagle3_setup, tmp_path):
+    target, data = eagle3_setup["target"], eagle3_setup["data"]
+    head = random_draft(target, "eagle3", seed=1)
+    th.save_head(head, tmp_path / "init", torch.float32)
+    config = json.loads((tmp_path / "init" / "config.json").read_text())
+    config["eagle_aux_hidden_state_layer_ids"] = [1, 2, 3]
+    (tmp_path / "init" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"entering target layers \[1, 2, 3\]; .* stores \[2, 2, 1\]"):
+        th.train_head(
+            target,
+            data,
+            tmp_path / "o",
+            _cfg(kind="eagle3", max_steps=1),
+            init_head=tmp_path / "init",
+            progress=False,
+        )
