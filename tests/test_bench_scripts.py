@@ -296,3 +296,27 @@ def test_bench_draft_dtype_tau_is_per_row_at_every_batch_size():
         taus.append((tokens, tau))
     assert taus[0][0] == taus[1][0]
     assert taus[1][1] == taus[0][1] > 1
+
+
+def test_train_assistant_distils_a_loadable_assistant_with_the_targets_tokenizer(tmp_path):
+    """A few seconds of distillation: the assistant it writes loads with transformers, shares the
+    target's vocabulary and tokenizer, and its card records the held-out agreement before and after."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "assistant"
+    _run("train_assistant.py", "--minutes", "0.05", "--out", str(out), "--batch", "2", "--seq-len", "64")
+    record = json.loads((out / "training.json").read_text())
+    assert record["steps"] >= 1 and record["tokens_seen"] == record["steps"] * 2 * 64
+    assert set(record["heldout_after"]) == {"kl", "top1_agreement"}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    target_dir = Path(__file__).resolve().parents[1] / "eagle" / "assets" / "tiny-code" / "target"
+    assert model.config.num_hidden_layers == 2
+    assert model.config.vocab_size == json.loads((target_dir / "config.json").read_text())["vocab_size"]
+    text = "def f(x):\n    return x\n"
+    assert (
+        AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+        == AutoTokenizer.from_pretrained(target_dir)(text)["input_ids"]
+    )
+    assert "top-1 agreement" in (out / "MODEL_CARD.md").read_text()
