@@ -1125,6 +1125,10 @@ def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> Be
         "greedy_agreement_ok": all(
             r["greedy_agreement"].get("ok", True) for r in results if r["status"] == "ok"
         ),
+        # False when no row was compared (no vanilla run at T = 0): "ok" then means "not checked"
+        "greedy_agreement_checked": any(
+            r["greedy_agreement"].get("checked", False) for r in results if r["status"] == "ok"
+        ),
         "results": results,
     }
     if not config.save:

@@ -365,7 +365,10 @@ TRAIN_STAGES = {
         "eagle.train.features",
         "dump a target's features (corpus windows or its own continuations)",
     ),
-    "head": ("eagle.train.head", "train an EAGLE-1/2 draft head on dumped features (DDP under torchrun)"),
+    "head": (
+        "eagle.train.head",
+        "train an EAGLE-1/2 (or --eagle3: EAGLE-3) draft head on dumped features (DDP under torchrun)",
+    ),
     "tiny-code": (
         "eagle.train.tinycode",
         "reproduce the bundled pair from scratch: target, features, head, held-out tau",

@@ -330,15 +330,18 @@ class _TrainingModule(nn.Module):
 
 @dataclass
 class LossSums:
-    """Sums over the masked rows of a batch (divide by ``rows`` for means)."""
+    """Sums over the masked rows of a batch (divide by ``rows`` for means; the token loss by
+    ``p_rows``: EAGLE-3 leaves out the rows whose target token its draft vocabulary lacks)."""
 
     v: torch.Tensor
     p: torch.Tensor
     correct: torch.Tensor
     rows: torch.Tensor
+    p_rows: torch.Tensor | None = None  # None: ``rows``
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.stack([self.v.detach(), self.p.detach(), self.correct, self.rows]).double()
+        p_rows = self.rows if self.p_rows is None else self.p_rows
+        return torch.stack([self.v.detach(), self.p.detach(), self.correct, self.rows, p_rows]).double()
 
 
 def target_distribution(
@@ -398,8 +401,10 @@ def eagle3_unrolled_loss_sums(
     """Per unrolled step, EAGLE-3's loss sums: the cross-entropy of the head's draft-vocabulary
     distribution (``head.lm_head(head.norm(pred))``) against the target's next-token distribution
     restricted to the draft vocabulary and renormalised (``softmax(lm_head(f_{t+1})[t2d])``), and
-    the top-1 agreement in target ids, over the rows whose target argmax is in the draft vocabulary
-    (the reference's position mask). No feature loss (``v`` is 0). ``preds [steps, B, T, H]``,
+    the top-1 agreement in target ids. The cross-entropy leaves out the rows whose target argmax the
+    draft vocabulary lacks (the reference's position mask, on the predicted row only; ``p_rows``
+    counts the others); the agreement counts every row (such a row is never accepted). No feature
+    loss (``v`` is 0). ``preds [steps, B, T, H]``,
     ``target_features [B, T, H]`` (the target's final features ``f_{t+1}``), ``mask`` float ``[B, T]``,
     ``lm_head [V, H]`` (the target's)."""
     with torch.no_grad():
@@ -407,15 +412,17 @@ def eagle3_unrolled_loss_sums(
         target_top1 = logits.argmax(-1)
         target_probs = logits[..., head.t2d].softmax(-1)  # draft ids are t2d's target ids, in order
         # As the reference: a row whose target token (argmax) is not in the draft vocabulary, which
-        # the head can never propose, gets no loss.
-        mask = mask * head.t2d[target_top1].to(mask.dtype)
+        # the head can never propose, gets no loss; only the predicted row's own token counts (the
+        # chain's inputs are the data's tokens, in the vocabulary or not).
+        in_vocab = head.t2d[target_top1].to(mask.dtype)
     sums = []
     for pred, m in zip(preds, unrolled_loss_masks(mask, preds.shape[0])):
         logp = head.lm_head(head.norm(pred)).float().log_softmax(-1)
         p = -(target_probs * logp).sum(-1)
         agree = (head.to_target_ids(logp.argmax(-1)) == target_top1).float()
         zero = p.new_zeros(())
-        sums.append(LossSums(zero, (p * m).sum(), (agree * m).sum().detach(), m.sum()))
+        trained = m * in_vocab
+        sums.append(LossSums(zero, (p * trained).sum(), (agree * m).sum().detach(), m.sum(), trained.sum()))
     return sums
 
 
@@ -433,7 +440,7 @@ def head_loss_sums(
 
 
 def stack_sums(per_step: list[LossSums]) -> torch.Tensor:
-    """float64 ``[steps, 4]``: each step's (v, p, correct, rows) sums, detached."""
+    """float64 ``[steps, 5]``: each step's (v, p, correct, rows, p_rows) sums, detached."""
     return torch.stack([s.as_tensor() for s in per_step])
 
 
@@ -547,7 +554,7 @@ def validate(
         if head.kind == "eagle3":
             raise ValueError("validating an EAGLE-3 head needs the target's lm_head")
         lm_head = head.lm_head_weight
-    total = torch.zeros(cfg.unroll_steps, 4, dtype=torch.float64)
+    total = torch.zeros(cfg.unroll_steps, 5, dtype=torch.float64)
     indices = indices[: cfg.val_max_sequences]
     for lo in range(0, len(indices), cfg.batch_size):
         f_in, tok, f_tgt, mask = head_inputs(data[indices[lo : lo + cfg.batch_size]], head.device, head.kind)
@@ -559,17 +566,18 @@ def validate(
 
 
 def step_metrics(total: torch.Tensor, kind: str = "eagle2") -> dict:
-    """Means of step 0's sums ``total [steps, 4]`` (v, p, correct, rows), plus the feature loss and
-    top-1 agreement of every unrolled step when there are several."""
+    """Means of step 0's sums ``total [steps, 5]`` (v, p, correct, rows, p_rows), plus the feature
+    loss, token loss and top-1 agreement of every unrolled step when there are several."""
     rows = total[:, 3].clamp(min=1.0)
+    p_rows = total[:, 4].clamp(min=1.0)
     record = {
         "v_loss": (total[0, 0] / rows[0]).item(),
-        "p_loss": (total[0, 1] / rows[0]).item(),
+        "p_loss": (total[0, 1] / p_rows[0]).item(),
         "top1": (total[0, 2] / rows[0]).item(),
     }
     if total.shape[0] > 1:
         record["v_loss_by_step"] = (total[:, 0] / rows).tolist()
-        record["p_loss_by_step"] = (total[:, 1] / rows).tolist()
+        record["p_loss_by_step"] = (total[:, 1] / p_rows).tolist()
         record["top1_by_step"] = (total[:, 2] / rows).tolist()
     if kind == "eagle3":  # no feature loss
         record = {k: v for k, v in record.items() if not k.startswith("v_loss")}
@@ -744,12 +752,15 @@ def _json_record(line: str) -> dict | None:
 
 def _check_resume_settings(cfg: HeadTrainConfig, saved: dict, explicit: Collection[str]) -> None:
     """Refuse settings given on purpose that a resume would replace by the checkpoint's."""
+    # A setting missing from the saved config (a run from before it existed) had its default.
+    defaults = {f.name: f.default for f in dataclasses.fields(HeadTrainConfig)}
+    runs = {name: saved.get(name, defaults.get(name)) for name in explicit}
     ignored = [
-        f"{name}={getattr(cfg, name)!r} (the run has {saved[name]!r})"
+        f"{name}={getattr(cfg, name)!r} (the run has {runs[name]!r})"
         for name in explicit
-        if name in saved
+        if name in defaults
         and name not in RUN_CONTROL_FIELDS
-        and (tuple(saved[name]) if isinstance(saved[name], list) else saved[name]) != getattr(cfg, name)
+        and (tuple(runs[name]) if isinstance(runs[name], list) else runs[name]) != getattr(cfg, name)
     ]
     if ignored:
         raise ValueError(
@@ -782,7 +793,8 @@ def train_head(
 
     ``resume``: continue from ``out_dir/training_state.pt`` (its config wins, except the
     run-control fields :data:`RUN_CONTROL_FIELDS`; a fresh start when there is none); without it, an
-    ``out_dir`` that already holds a run is an error. ``init_head``: start from an existing EAGLE-1/2 head instead of a random one.
+    ``out_dir`` that already holds a run is an error. ``init_head``: start from an existing head of
+    ``cfg.kind`` instead of a random one.
     ``ctx``: the process group (see :mod:`eagle.train.distributed`); rank 0 writes every file.
     ``explicit``: the fields of ``cfg`` the caller set on purpose (the command line's given flags): a
     resume refuses any that differs from the checkpoint's (other than run-control), since the
@@ -815,8 +827,10 @@ def train_head(
         )
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of the {ctx.world_size} processes")
-    if cfg.kind == "eagle3":
-        check_eagle3_data(data, target.config.eagle3_feature_layers)  # (before the head: the common case)
+    if (
+        cfg.kind == "eagle3" and init_head is None and saved is None
+    ):  # (a fresh head reads the default layers)
+        check_eagle3_data(data, target.config.eagle3_feature_layers)
     train_idx, val_idx = split_indices(len(data), cfg.val_fraction, cfg.seed)
     steps_per_epoch = len(train_idx) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -834,6 +848,13 @@ def train_head(
     head = make_head(target, cfg, resumed_head or init_head, draft_vocab)
     if head.kind == "eagle3":  # an init head may name other layers (eagle_aux_hidden_state_layer_ids)
         check_eagle3_data(data, head.feature_layers)
+        full = head.draft_vocab_size == target.config.vocab_size
+        if cfg.draft_vocab_size and cfg.draft_vocab_size != head.draft_vocab_size:
+            raise ValueError(
+                f"draft_vocab_size={cfg.draft_vocab_size}, but the head to continue has "
+                f"{head.draft_vocab_size} draft tokens (its d2t); drop --draft-vocab-size"
+            )
+        cfg = dataclasses.replace(cfg, draft_vocab_size=0 if full else head.draft_vocab_size)
     has_bias = head.fc.bias is not None
     if cfg.kind == "eagle2" and has_bias != cfg.bias:
         # A resumed head's layout wins (a run started before this rule may have saved bias=false with
@@ -914,7 +935,7 @@ class _Trainer:
         per_rank = cfg.batch_size // ctx.world_size
         tokens_per_step = cfg.batch_size * (self.data.seq_len - 1)
         bar = _bar(run.step, self.total_steps, progress and ctx.is_main)
-        window = torch.zeros(cfg.unroll_steps, 4, dtype=torch.float64)
+        window = torch.zeros(cfg.unroll_steps, 5, dtype=torch.float64)
         window_start, window_steps, last = time.perf_counter(), 0, {}
         while run.step < stop:
             epoch, b = divmod(run.step, steps_per_epoch)
