@@ -793,6 +793,10 @@ def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: lis
         diff = float(logits[want[at]] - logits[got[at]])
         below_top = float(top2[0] - torch.maximum(logits[want[at]], logits[got[at]]))
         ulp = _ulp(models.eagle.target.dtype, float(top2[0]))
+    near_tie = (
+        diff is not None and abs(diff) <= NEAR_TIE_ULPS * ulp and below_top <= NEAR_TIE_ULPS * ulp
+    )
+    later = _first_non_greedy(models.eagle.target, prompt.ids, got, at + 1) if near_tie else None
     return {
         "prompt": prompt.source,
         "first_difference_at": at,
@@ -806,10 +810,28 @@ def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: lis
         # (an H200 bfloat16 run: vanilla's token 1 ulp *below* the method's in the re-run logits). And
         # the pair must be at the top: two tokens close to each other but far below the re-run's best
         # are no rounding tie of the choice.
-        "near_tie": diff is not None
-        and abs(diff) <= NEAR_TIE_ULPS * ulp
-        and below_top <= NEAR_TIE_ULPS * ulp,
+        "near_tie": near_tie and later is None,
+        # After a forgiven flip the method continues its own text: each later token must still be the
+        # target's greedy choice (within the same near-tie margin) given the method's own prefix.
+        "later_non_greedy_at": later,
     }
+
+
+def _first_non_greedy(target, prompt: list[int], tokens: list[int], start: int) -> int | None:
+    """The first position ``i >= start`` whose token is not the target's greedy choice after
+    ``prompt + tokens[:i]`` (beyond a near-tie), by one forward over the whole sequence; None if all are."""
+    if start >= len(tokens):
+        return None
+    ids = prompt + tokens[:-1]
+    with torch.inference_mode():
+        cache = target.new_cache(1, len(ids))
+        logits = target(torch.tensor([ids], device=target.device), cache).logits[0].double().cpu()
+    for i in range(start, len(tokens)):
+        row = logits[len(prompt) + i - 1]
+        top = float(row.max())
+        if top - float(row[tokens[i]]) > NEAR_TIE_ULPS * _ulp(target.dtype, top):
+            return i
+    return None
 
 
 @torch.inference_mode()

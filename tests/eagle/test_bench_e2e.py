@@ -321,10 +321,15 @@ def _summarized_pair(models, prompt, vanilla: list[int], method: list[int]) -> l
     return bench.summarize(cells)
 
 
+def _greedy_after(models, prompt, tokens: list[int]) -> int:
+    return int(bench._next_logits(models.eagle.target, prompt.ids + tokens).argmax())
+
+
 def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch):
     models, prompt, want, logits = _greedy_run_and_its_third_logits(tiny_target)
     runner_up = int(logits.topk(2).indices[1])
-    got = want[:2] + [runner_up] + want[3:]
+    flipped = want[:2] + [runner_up]
+    got = flipped + [_greedy_after(models, prompt, flipped)]  # then greedy on its own text
     # pretend float64 had bfloat16's resolution: the runner-up is then within rounding of the winner
     gap = float(logits[want[2]] - logits[runner_up])
     monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap)
@@ -332,6 +337,22 @@ def test_a_rounding_near_tie_is_shown_but_not_a_failure(tiny_target, monkeypatch
     check = rows[1]["greedy_agreement"]
     assert check["ok"] and check["mismatched_rows"] == 1 and check["near_tie_rows"] == 1
     assert "1 near-tie flip(s)" in bench.format_table(rows)
+
+
+def test_a_forgiven_flip_does_not_hide_a_later_wrong_token(tiny_target, monkeypatch):
+    """Only the first difference was examined: after a near-tie flip, any later token passed. Now the
+    method's continuation must stay the target's greedy choice given its own prefix."""
+    models, prompt, want, logits = _greedy_run_and_its_third_logits(tiny_target)
+    runner_up = int(logits.topk(2).indices[1])
+    flipped = want[:2] + [runner_up]
+    after = bench._next_logits(models.eagle.target, prompt.ids + flipped)
+    worst = int(after.argmin())  # far from the greedy choice after the flip
+    gap = float(logits[want[2]] - logits[runner_up])
+    assert float(after.max() - after[worst]) > 2 * gap
+    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: gap)
+    check = _summarized_pair(models, prompt, want, flipped + [worst])[1]["greedy_agreement"]
+    assert not check["ok"] and check["near_tie_rows"] == 0
+    assert check["mismatches"][0]["later_non_greedy_at"] == 3
 
 
 def test_two_close_tokens_far_below_the_top_are_no_near_tie(tiny_target, monkeypatch):
