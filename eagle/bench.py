@@ -793,9 +793,7 @@ def _describe_mismatch(models: Models, prompt: Prompt, got: list[int], want: lis
         diff = float(logits[want[at]] - logits[got[at]])
         below_top = float(top2[0] - torch.maximum(logits[want[at]], logits[got[at]]))
         ulp = _ulp(models.eagle.target.dtype, float(top2[0]))
-    near_tie = (
-        diff is not None and abs(diff) <= NEAR_TIE_ULPS * ulp and below_top <= NEAR_TIE_ULPS * ulp
-    )
+    near_tie = diff is not None and abs(diff) <= NEAR_TIE_ULPS * ulp and below_top <= NEAR_TIE_ULPS * ulp
     later = _first_non_greedy(models.eagle.target, prompt.ids, got, at + 1) if near_tie else None
     return {
         "prompt": prompt.source,

@@ -1212,7 +1212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{sorted(given & {'bias', 'p_weight', 'v_weight'})} do not apply to EAGLE-3 heads (no fc "
                 "bias, no feature loss: the token cross-entropy alone)"
             )
-        cfg.validate()  # before the target and the features load
+        # Before the target and the features load. A resume takes its kind from the checkpoint, so
+        # --draft-vocab-size without --eagle3 is judged there (against the run's own settings).
+        (dataclasses.replace(cfg, draft_vocab_size=0) if args.resume else cfg).validate()
     except ValueError as e:
         print(f"eagle.train.head: error: {e}", file=sys.stderr)
         return 2

@@ -976,3 +976,15 @@ def test_eagle3_continuing_a_head_keeps_its_vocabulary_and_layers(eagle3_setup, 
             setup["target"], setup["data"], old, _cfg(kind="eagle3", max_steps=2), resume=True,
             explicit={"kind"}, progress=False,
         )  # fmt: skip
+
+
+def test_an_eagle3_run_resumes_from_the_command_line_with_its_flags_or_without(eagle3_setup, tmp_path):
+    """--resume takes the kind from the checkpoint: --draft-vocab-size without --eagle3 was refused
+    before the checkpoint was read ("EAGLE-3 only")."""
+    args = ["--target", str(eagle3_setup["target_dir"]), "--data", str(eagle3_setup["data"].dir)]
+    args += ["--out", str(tmp_path), "--batch", "4", "--tau-prompts", "0", "--quiet"]
+    assert th.main([*args, "--eagle3", "--draft-vocab-size", "24", "--max-steps", "1"]) == 0
+    assert th.main([*args, "--resume", "--draft-vocab-size", "24", "--max-steps", "2"]) == 0
+    assert th.main([*args, "--resume", "--max-steps", "3"]) == 0
+    state = _state(tmp_path)
+    assert state["step"] == 3 and state["config"]["kind"] == "eagle3" and state["config"]["unroll_steps"] == 7
