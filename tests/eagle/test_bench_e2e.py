@@ -588,3 +588,39 @@ def test_a_run_with_nothing_to_run_or_no_vanilla_says_so():
     eagle_only = bench.Cell("eagle_chain", 1, 0.0)
     eagle_only.record(0, [bench.Output([[1, 2]], 2, 2)], 1.0)
     assert "NOT CHECKED (no vanilla run)" in bench.format_table(bench.summarize([eagle_only]))
+
+
+def test_eagle_gets_no_near_tie_allowance_where_it_is_bit_exact(tiny_target, monkeypatch):
+    """On a CPU with every linear packed, a verified tree gives plain decoding's logits bit for bit
+    (test_block_invariance.py), so an EAGLE flip there is a bug, however close the pair; transformers'
+    rows keep the allowance (another implementation may round a tie the other way)."""
+    models, prompt, want, logits = _greedy_run_and_its_third_logits(tiny_target)
+    runner_up = int(logits.topk(2).indices[1])
+    flipped = want[:2] + [runner_up]
+    got = flipped + [_greedy_after(models, prompt, flipped)]
+    monkeypatch.setattr(bench, "_ulp", lambda dtype, magnitude: float(logits[want[2]] - logits[runner_up]))
+    monkeypatch.setattr(bench, "eagle_is_bit_exact", lambda target: True)
+    cells = [bench.Cell(m, 1, 0.0) for m in ("vanilla", "eagle_chain", "hf_generate")]
+    for cell, tokens in zip(cells, (want, got, got)):
+        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+    bench.check_greedy_agreement(cells, models, [prompt])
+    rows = {r["method"]: r["greedy_agreement"] for r in bench.summarize(cells)}
+    assert (
+        not rows["eagle_chain"]["ok"]
+        and "bit-exact" in rows["eagle_chain"]["mismatches"][0]["why_not_forgiven"]
+    )
+    assert rows["hf_generate"]["ok"] and rows["hf_generate"]["near_tie_rows"] == 1
+
+
+def test_the_bundled_pair_is_bit_exact_on_a_cpu_with_packed_linears():
+    import eagle
+    from eagle.models.cpu_packed import packing_supported
+
+    for dtype in (torch.float32, torch.bfloat16):
+        target = eagle.load("tiny-code", dtype=dtype).target
+        from eagle_kernels import _ext
+
+        assert bench.eagle_is_bit_exact(target) == (
+            packing_supported(dtype) and _ext.has_op("tree_attention")
+        )
+    assert not bench.eagle_is_bit_exact(eagle.load("tiny-code", dtype=torch.float64).target)
