@@ -17,19 +17,28 @@ _ATTENTION_VARIANTS = {
 }
 
 
-def _cpu_attention_line() -> str:
-    """Which variant of the C++ tree_attention kernel runs on this CPU, in words."""
+def _cpu_attention_variant() -> str | None:
+    """The variant of the C++ tree_attention kernel this CPU runs (None without the compiled
+    extension); RuntimeError for an ``EAGLE_KERNELS_CPU_ISA`` that is unknown or that this CPU cannot run."""
     import torch
 
     from eagle_kernels import _ext
 
     if not (_ext.STATUS.loaded and hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")):
-        return "PyTorch (no compiled extension)"
+        return None
+    return torch.ops.eagle_C.tree_attention_cpu_variant()
+
+
+def _cpu_attention_line() -> str:
+    """Which variant of the C++ tree_attention kernel runs on this CPU, in words."""
     try:
-        variant = torch.ops.eagle_C.tree_attention_cpu_variant()
-    except RuntimeError as err:  # e.g. an EAGLE_KERNELS_CPU_ISA this CPU cannot run
+        variant = _cpu_attention_variant()
+    except RuntimeError as err:
         return f"unavailable: {err}".splitlines()[0]
-    return f"C++ tree_attention, variant {variant}: {_ATTENTION_VARIANTS.get(variant, variant)} (csrc/cpu/tree_attention*.cpp)"
+    if variant is None:
+        return "PyTorch (no compiled extension)"
+    words = _ATTENTION_VARIANTS.get(variant, variant)
+    return f"C++ tree_attention, variant {variant}: {words} (csrc/cpu/tree_attention*.cpp)"
 
 
 def _check_forced_cpu_isa() -> None:
@@ -37,14 +46,8 @@ def _check_forced_cpu_isa() -> None:
     one-line error before the model loads, not a traceback from the first kernel call."""
     if not os.environ.get("EAGLE_KERNELS_CPU_ISA"):
         return
-    import torch
-
-    from eagle_kernels import _ext
-
-    if not (_ext.STATUS.loaded and hasattr(torch.ops.eagle_C, "tree_attention_cpu_variant")):
-        return
     try:
-        torch.ops.eagle_C.tree_attention_cpu_variant()
+        _cpu_attention_variant()
     except RuntimeError as err:
         raise ValueError(str(err).splitlines()[0]) from err
 
@@ -192,9 +195,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         )
         return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    ids = model.tokenizer(prompt, verbose=False)[
-        "input_ids"
-    ]  # the tokenizer's convention, as EagleModel.generate
+    # the tokenizer's convention, as EagleModel.generate
+    ids = model.tokenizer(prompt, verbose=False)["input_ids"]
     setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""
     chunks = model.stream(

@@ -926,20 +926,22 @@ def _run_eagle3_input(backend, h_low, h_mid, h_high, fc_weight, fc_bias, out) ->
         out.copy_(fused_eagle3_input_ref(h_low, h_mid, h_high, fc_weight, fc_bias))
 
 
-def _check_op_out(out: torch.Tensor, rows: torch.Tensor, fc_weight: torch.Tensor) -> None:
-    """The ``out`` of a registered ``*_out`` op: the result's ``[N, H_out]`` shape, dtype and device."""
+def _op_output_shape(rows: torch.Tensor, fc_weight: torch.Tensor) -> tuple[int, int]:
+    """``(N, H_out)``: the registered ops and their fakes take 2-D rows only (the public functions
+    flatten ``[B, T, H]``), so tracing refuses what the real op would."""
     if rows.dim() != 2:
         raise ValueError(f"the registered op takes [N, H] feature rows, got shape {tuple(rows.shape)}")
-    shape = (rows.shape[0], fc_weight.shape[0])
+    return rows.shape[0], fc_weight.shape[0]
+
+
+def _check_op_out(out: torch.Tensor, rows: torch.Tensor, fc_weight: torch.Tensor) -> None:
+    """The ``out`` of a registered ``*_out`` op: the result's ``[N, H_out]`` shape, dtype and device."""
+    shape = _op_output_shape(rows, fc_weight)
     check_tensor("out", out, dtypes=(rows.dtype,), device=rows.device, shape=shape)
 
 
 def _new_output(rows: torch.Tensor, fc_weight: torch.Tensor) -> torch.Tensor:
-    """``[N, H_out]`` for the registered ops and their fakes alike: both take 2-D rows only (the
-    public functions flatten ``[B, T, H]``), so tracing refuses what the real op would."""
-    if rows.dim() != 2:
-        raise ValueError(f"the registered op takes [N, H] feature rows, got shape {tuple(rows.shape)}")
-    return rows.new_empty((rows.shape[0], fc_weight.shape[0]))
+    return rows.new_empty(_op_output_shape(rows, fc_weight))
 
 
 @torch.library.custom_op("eagle::fused_draft_input", mutates_args=())

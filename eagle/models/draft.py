@@ -787,12 +787,10 @@ def _normalised_vocab_map(state: dict[str, torch.Tensor], vocab_size: int) -> di
     if d2t.dtype.is_floating_point or d2t.dtype == torch.bool:
         raise TypeError(f"d2t must hold integers, got {d2t.dtype}")
     d2t = d2t.to(torch.int64)
-    if t2d is None:
+    if t2d is None:  # (out-of-range targets are left out here and refused by _check_vocab_map)
         targets = torch.arange(d2t.numel()) + d2t.cpu()
-        if bool(((targets < 0) | (targets >= vocab_size)).any()):
-            raise ValueError(f"d2t maps draft ids outside the target vocabulary [0, {vocab_size})")
         t2d = torch.zeros(vocab_size, dtype=torch.bool)
-        t2d[targets] = True
+        t2d[targets[(targets >= 0) & (targets < vocab_size)]] = True
     elif t2d.dtype != torch.bool:
         if t2d.dtype.is_floating_point or bool(((t2d != 0) & (t2d != 1)).any()):
             raise TypeError(f"t2d must be bool (or 0/1 integers), got {t2d.dtype}")

@@ -505,27 +505,25 @@ class FeatureData:
 
     def token_ids(self, indices: Sequence[int]) -> torch.Tensor:
         """int64 ``[n, S]``: the ``input_ids`` of those sequences alone (no features read)."""
-        indices = [int(i) for i in indices]
-        bad = [i for i in indices if not 0 <= i < len(self)]
-        if bad:
-            raise IndexError(f"sequence indices {bad[:5]} outside [0, {len(self)})")
-        per = self.plan.shard_sequences
-        rows = [self._files[i // per].get_slice("input_ids")[i % per : i % per + 1] for i in indices]
-        return torch.cat(rows).long()
+        return self._read(indices, ("input_ids",))["input_ids"].long()
 
-    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def _read(self, indices: Sequence[int], keys) -> dict[str, torch.Tensor]:
+        """The stored tensors ``keys`` of those sequences, in that order, as stored."""
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise IndexError(f"sequence indices {bad[:5]} outside [0, {len(self)})")
         per = self.plan.shard_sequences
-        rows: dict[str, list[torch.Tensor]] = {k: [] for k in self.keys}
+        rows: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
         for i in indices:
             f = self._files[i // per]
             j = i % per
-            for k in self.keys:
+            for k in keys:
                 rows[k].append(f.get_slice(k)[j : j + 1])
-        out = {k: torch.cat(v) for k, v in rows.items()}
+        return {k: torch.cat(v) for k, v in rows.items()}
+
+    def __getitem__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        out = self._read(indices, self.keys)
         out["input_ids"] = out["input_ids"].long()
         out["loss_mask"] = out["loss_mask"].float()
         for k in ("hidden", "layer_hidden"):

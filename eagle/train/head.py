@@ -509,6 +509,16 @@ def draft_vocab_from_data(data: FeatureData, indices: np.ndarray, size: int, voc
     return torch.from_numpy(np.sort(order))
 
 
+def fresh_draft_vocab(
+    cfg: HeadTrainConfig, data: FeatureData, indices: np.ndarray, target: LlamaModel
+) -> torch.Tensor | None:
+    """The draft vocabulary of a fresh EAGLE-3 head (:func:`draft_vocab_from_data` over ``indices``);
+    None for EAGLE-1/2 or the whole vocabulary."""
+    if cfg.kind != "eagle3" or not cfg.draft_vocab_size:
+        return None
+    return draft_vocab_from_data(data, indices, cfg.draft_vocab_size, target.config.vocab_size)
+
+
 def check_eagle3_data(data: FeatureData, layers: Sequence[int]) -> None:
     """EAGLE-3 trains on the hidden states entering the target layers ``layers`` (the head's: by
     default (2, L//2, L-3)): the feature dump must have stored those (``--eagle3``)."""
@@ -703,9 +713,6 @@ def make_head(
         head.train().requires_grad_(True)
     if head.embed_tokens is not None:  # (an EAGLE-3 head shares the target's, a plain tensor)
         head.embed_tokens.requires_grad_(False)
-    for buffer in ("d2t", "t2d"):  # integer maps: not weights
-        if hasattr(head, buffer):
-            getattr(head, buffer).requires_grad_(False)
     return head
 
 
@@ -842,10 +849,9 @@ def train_head(
     # A resumed run rebuilds its head from the head saved with its state (same layout: bias, own
     # embedding), then takes the exact weights from the state.
     resumed_head = out_dir if saved is not None and (out_dir / "config.json").is_file() else None
-    draft_vocab = None
-    if cfg.kind == "eagle3" and cfg.draft_vocab_size and not (resumed_head or init_head):
-        draft_vocab = draft_vocab_from_data(data, train_idx, cfg.draft_vocab_size, target.config.vocab_size)
-    head = make_head(target, cfg, resumed_head or init_head, draft_vocab)
+    start = resumed_head or init_head
+    draft_vocab = None if start else fresh_draft_vocab(cfg, data, train_idx, target)
+    head = make_head(target, cfg, start, draft_vocab)
     if head.kind == "eagle3":  # an init head may name other layers (eagle_aux_hidden_state_layer_ids)
         check_eagle3_data(data, head.feature_layers)
         full = head.draft_vocab_size == target.config.vocab_size
@@ -1042,14 +1048,9 @@ def measure_throughput(
     The variants alternate, ``steps`` optimizer steps each per round after one warm-up step, so
     that a load that drifts during the measurement affects both alike.
     """
-    draft_vocab = None
     if cfg.kind == "eagle3":
         check_eagle3_data(data, target.config.eagle3_feature_layers)
-        if cfg.draft_vocab_size:
-            everything = np.arange(len(data))
-            draft_vocab = draft_vocab_from_data(
-                data, everything, cfg.draft_vocab_size, target.config.vocab_size
-            )
+    draft_vocab = fresh_draft_vocab(cfg, data, np.arange(len(data)), target)
     trainers = {}
     for name, autocast in MEASURED_VARIANTS:
         run_cfg = dataclasses.replace(cfg, autocast_bf16=autocast, val_fraction=0.0)
