@@ -27,6 +27,7 @@
 #   loop   decoding loop, eager vs CUDA graphs: the tiny-code pair and a random Llama-2-7B-shaped pair
 #   e2e    `eagle bench` on the tiny-code pair with CUDA graphs: EAGLE trees vs vanilla and the HF methods
 #          (E2E_ARGS: its arguments instead of the profile's; E2E_S: its time box; E2E_DTYPE: float32 unless set)
+#          (E2E_ARGS2: a second run's arguments, after the first; CAP_E2E2: its time box)
 #          (E2E_EXTRA="bfloat16 float32:bfloat16": then batch-1 runs with a TARGET[:DRAFT] dtype each,
 #          CAP_E2E_EXTRA seconds each)
 #          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
@@ -72,6 +73,7 @@ fi
 W=${W:-/tmp/ew}
 STAGES=${*:-probe sweep tests bench loop e2e}
 mkdir -p "$OUT" "$W"
+touch "$W/.t0"  # files newer than this were written by this run
 T0=$(date +%s)
 el() { echo $(($(date +%s) - T0)); }
 # cap N: N seconds, or less so that the stage ends 5 s before DEADLINE (seconds since start; 0: none)
@@ -212,7 +214,14 @@ if want e2e; then
             >"$W/e2e_${target_dtype}${draft_args:+_draft${variant#*:}}.log" 2>&1
         log "e2e $variant rc=$?"
     done
-    cp bench/results/e2e_*H[0-9]*.json bench/results/e2e_*H[0-9]*.png "$W/" 2>/dev/null
+    # E2E_ARGS2: a second run with its own arguments (give it its own --name: runs with the same
+    # settings write the same file), after the first so that a cut second run loses only its own table
+    if [ -n "${E2E_ARGS2:-}" ]; then
+        timeout $(cap ${CAP_E2E2:-200}) python3 -m eagle bench --device cuda --dtype "${E2E_DTYPE:-float32}" --cuda-graph \
+            $E2E_ARGS2 --no-progress >"$W/e2e_2.log" 2>&1
+        log "e2e (second) rc=$? $(tail -1 "$W/e2e_2.log")"
+    fi
+    find bench/results -maxdepth 1 -name 'e2e_*' -newer "$W/.t0" -exec cp {} "$W/" \; 2>/dev/null
     pack e2e "$W"/e2e*
 fi
 
