@@ -491,7 +491,9 @@ def _tree_status_vec(cand_ptr, ri_ptr, nt_ptr, ns_ptr, u_ptr, uf_ptr, b, n, V, N
     return status | tl.where(bad_u, 4, 0)
 
 
-@triton.jit
+# steps == 1 (the bonus token alone) would be compiled as a constant: Triton 3.6's sm_90 pipeline
+# (torch 2.11's) then fails an assertion in its coalescing pass on the HAS_Q variant (3.9 does not).
+@triton.jit(do_not_specialize=["steps"])
 def _tree_sampling_kernel(
     cand_ptr,
     ri_ptr,

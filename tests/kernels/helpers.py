@@ -40,3 +40,50 @@ def param_backends(op: str):
         marks = () if b in avail else pytest.mark.skip(reason=f"backend {b} unavailable for {op} on CPU")
         params.append(pytest.param(b, marks=marks, id=b))
     return params
+
+
+# Launch keywords that are compile options, not kernel arguments.
+_COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
+
+
+def compile_like_jit(kernel, args, kwargs, arch: int = 90):
+    """Compile one launch for sm_<arch> ahead of time (no GPU needed; run without TRITON_INTERPRET)
+    with the specialisation Triton's JIT would give these arguments: ints and pointers divisible by
+    16 marked so, ints equal to 1 made constants, except the kernel's ``do_not_specialize`` ones."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    options = {k: kwargs[k] for k in _COMPILE_OPTIONS if k in kwargs}
+    constexprs = {k: v for k, v in kwargs.items() if k not in options}
+    names = kernel.arg_names
+    params = {p.name: p for p in kernel.params}
+    runtime_names = [n for n in names if n not in constexprs]
+    assert len(runtime_names) == len(args), (runtime_names, len(args))
+    signature = dict.fromkeys(constexprs, "constexpr")
+    attrs = {}
+    for name, value in zip(runtime_names, args):
+        param = params[name]
+        specialize, align = not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        ty, spec = native_specialize_impl(BaseBackend, value, False, specialize, align)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = spec
+        elif spec == "D":
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    signature = {n: signature[n] for n in names}
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+class LaunchRecorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the launch
+    (the kernel, its arguments and keywords) instead of running it."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.launches: list[tuple] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))

@@ -22,7 +22,13 @@ import triton
 import eagle_kernels
 from eagle_kernels import pack_tree_mask, tree_attention, tree_attention_ref, unpack_tree_mask
 from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton, plan_launch
-from tests.kernels.helpers import FP32_RTOL, assert_close_lowp, backends_for, run_with_backend
+from tests.kernels.helpers import (
+    FP32_RTOL,
+    assert_close_lowp,
+    backends_for,
+    compile_like_jit,
+    run_with_backend,
+)
 from tests.kernels.random_trees import random_trees, trees_from_parents
 
 OP = "tree_attention"
@@ -863,32 +869,6 @@ def record_launches(q, k, v, seqlens, mask, config: LaunchConfig) -> list[tuple]
         if "FP32_DOT" in kw:
             kw["FP32_DOT"] = q.dtype == torch.float32
     return launches
-
-
-def compile_like_jit(kernel, args, kwargs, arch: int = 90):
-    """Compile one launch for sm_<arch> with the specialisation Triton's JIT would give these
-    arguments (ints and pointers divisible by 16, ints equal to 1 as constants)."""
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import native_specialize_impl
-
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-    constexprs = {k: v for k, v in kwargs.items() if k not in options}
-    names = kernel.arg_names
-    runtime_names = [n for n in names if n not in constexprs]
-    assert len(runtime_names) == len(args), (runtime_names, len(args))
-    signature = dict.fromkeys(constexprs, "constexpr")
-    attrs = {}
-    for name, value in zip(runtime_names, args):
-        ty, spec = native_specialize_impl(BaseBackend, value, False, True, True)
-        signature[name] = ty
-        if ty == "constexpr":
-            constexprs[name] = spec
-        elif spec == "D":
-            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-    signature = {n: signature[n] for n in names}
-    src = ASTSource(kernel, signature, constexprs, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_for_hopper() -> None:
