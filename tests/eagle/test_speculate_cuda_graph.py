@@ -112,7 +112,11 @@ def test_a_kept_graph_replays_with_its_own_sampling_parameters_after_the_caches_
     is cleared when full, and the RoPE tables' cache used to be: a graph that had been handed cached
     tensors then replayed with whatever the allocator put at their addresses. Captures now get their
     own tensors; here the caches are emptied and the freed memory overwritten before the replay."""
-    import eagle_kernels.warp_logits as warp_module
+    import importlib
+
+    # the module, not the function eagle_kernels re-exports under the same name (which
+    # `import eagle_kernels.warp_logits as ...` binds)
+    warp_module = importlib.import_module("eagle_kernels.warp_logits")
 
     kw = dict(temperature=0.8, top_p=0.9, seed=5, eos_token_id=[])
     cuda_pair.release_buffers()
