@@ -121,17 +121,22 @@ CASES = [
 ]
 
 
-def _backends(op: str) -> list[str]:
+def _backends(op: str, device: torch.device = CPU) -> list[str]:
     base = op.removesuffix("_out")
-    return ["torch"] + backends_for(base, CPU)
+    return ["torch"] + backends_for(base, device)
+
+
+def _on(device: torch.device, args: list) -> list:
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 @pytest.mark.parametrize("op,make,mutate,match", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_registered_op_refuses_mismatched_shapes_on_every_backend(op, make, mutate, match):
+def test_registered_op_refuses_mismatched_shapes_on_every_backend(device, op, make, mutate, match):
+    """On the test device's backends (``--device cuda``: the CUDA and Triton kernels on a GPU)."""
     fn = getattr(torch.ops.eagle, op)
-    for backend in _backends(op):
-        run_with_backend(backend, fn, *make())  # the valid call runs
-        args = make()
+    for backend in _backends(op, device):
+        run_with_backend(backend, fn, *_on(device, make()))  # the valid call runs
+        args = _on(device, make())
         mutate(args)
         with pytest.raises((ValueError, TypeError), match=match):
             run_with_backend(backend, fn, *args)
