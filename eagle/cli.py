@@ -125,7 +125,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"{'CPU attention':>16}: {attention}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")
-    print(f"{'triton':>16}: {'installed' if k['triton'] else 'not installed'}")
+    triton_state = "usable" if k["triton"] else f"off: {k['triton_unusable']}"
+    print(f"{'triton':>16}: {triton_state}")
     print(f"{'CPU backends':>16}:")
     for op, backend in k["cpu_backend"].items():
         print(f"{'':>18}{op:<32} {backend}")

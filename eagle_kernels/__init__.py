@@ -62,7 +62,7 @@ def backend_info() -> dict:
     and, when a CUDA device is present, on CUDA tensors."""
     import torch
 
-    from eagle_kernels._triton import HAS_TRITON, interpreter_enabled
+    from eagle_kernels._triton import HAS_TRITON, TRITON_UNUSABLE_REASON, interpreter_enabled
 
     cpu = torch.device("cpu")
     cuda = {op: select_backend(op, torch.device("cuda")) for op in OPS} if torch.cuda.is_available() else None
@@ -73,6 +73,7 @@ def backend_info() -> dict:
         "extension": _ext.STATUS.reason,
         "extension_cuda": _ext.STATUS.with_cuda,
         "triton": HAS_TRITON,
+        "triton_unusable": TRITON_UNUSABLE_REASON,  # None when usable
         "triton_interpreter": interpreter_enabled(),
         "cpu_backend": {op: select_backend(op, cpu) for op in OPS},
         "cuda_backend": cuda,

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from eagle_kernels import _ext
-from eagle_kernels._triton import HAS_TRITON, interpreter_enabled
+from eagle_kernels._triton import HAS_TRITON, TRITON_UNUSABLE_REASON, interpreter_enabled
 
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 
@@ -102,7 +102,7 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | No
         return None
     if backend == "triton":
         if not HAS_TRITON:
-            return "Triton is not installed"
+            return TRITON_UNUSABLE_REASON or "Triton is not installed"
         if device.type == "cpu" and not interpreter_enabled():
             return (
                 "Triton on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 in the "

@@ -9,18 +9,48 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
 import torch
 
+# The oldest Triton whose compiler takes every kernel here: 3.1 and 3.2 lack ``tl.gather``
+# (verify_tree_greedy), and 3.1 aborts compiling tree_attention's 64-row, 8-warp tiles for sm_90.
+# Ahead-of-time compiles of every launch for sm_80 and sm_90 passed on 3.3-3.9 (2026-11-27).
+# pyproject.toml's triton requirement says the same.
+MIN_TRITON = (3, 3)
+TRITON_UNUSABLE_REASON: str | None = None
+
+
+def triton_version_reason(version: str) -> str | None:
+    """Why Triton ``version`` cannot run this package's kernels, or None when it can."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return f"Triton's version {version!r} could not be read"
+    if (int(match[1]), int(match[2])) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return f"Triton {version} is older than {need}, the oldest whose compiler takes these kernels"
+    return None
+
+
 try:
     import triton
     import triton.language as tl
 
-    HAS_TRITON = True
+    TRITON_UNUSABLE_REASON = triton_version_reason(getattr(triton, "__version__", "?"))
+    HAS_TRITON = TRITON_UNUSABLE_REASON is None
+    if not HAS_TRITON:
+        # The kernels are still defined (decorating works on old versions); dispatch never picks them.
+        warnings.warn(
+            f"eagle_kernels: {TRITON_UNUSABLE_REASON}; the Triton backend is off (ops run on the CUDA "
+            f"extension or the PyTorch reference). pip install 'triton>={'.'.join(map(str, MIN_TRITON))}'",
+            stacklevel=2,
+        )
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
+    TRITON_UNUSABLE_REASON = "Triton is not installed"
 
     class _Missing:
         """Stands in for ``triton`` / ``tl``: attribute access works, launching raises."""

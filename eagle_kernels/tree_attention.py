@@ -648,7 +648,13 @@ def _check_int32_offsets(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) -> tuple:
     """Tensor descriptors over contiguous caches seen as ``[B * Hkv * S_max, D]``, tiles of
     ``[block_n, D]`` (LaunchConfig.kv_tma). Raises ValueError where the bulk copy cannot be used."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        raise ValueError(
+            f"tree_attention: LaunchConfig(kv_tma=True) needs Triton >= 3.4 (tensor descriptors); "
+            f"this is Triton {triton.__version__}"
+        ) from None
 
     B, Hkv, S_max, D = k_cache.shape
     rows = B * Hkv * S_max

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,39 @@ def test_cpp_sources_are_built_without_fp_contraction():
     spec.loader.exec_module(setup_module)  # defines the helpers; setup() runs only as __main__
     (extension,) = setup_module._extensions(torch, cuda=False)
     assert "-ffp-contract=off" in extension.extra_compile_args["cxx"]
+
+
+def test_triton_older_than_the_minimum_is_refused_by_name():
+    """Triton 3.1 / 3.2 cannot compile verify_tree_greedy (no tl.gather); an ahead-of-time compile of
+    every launch passed from 3.3. Such a Triton turns the backend off with a reason, not a compile
+    error at the first launch."""
+    from eagle_kernels._triton import MIN_TRITON, triton_version_reason
+
+    assert MIN_TRITON == (3, 3)
+    for old in ("3.2.0", "3.1.0", "2.3.1"):
+        reason = triton_version_reason(old)
+        assert reason is not None and old in reason and "3.3" in reason
+    for ok in ("3.3.0", "3.3.1", "3.6.0", "3.9.0+git1234abcd", "4.0.0"):
+        assert triton_version_reason(ok) is None
+    assert "could not be read" in triton_version_reason("unknown")
+
+
+def test_pyproject_requires_the_minimum_triton():
+    import re
+
+    from eagle_kernels._triton import MIN_TRITON
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    wanted = ".".join(map(str, MIN_TRITON))
+    pins = re.findall(r"triton>=([0-9.]+)", text)
+    assert pins and all(p == wanted for p in pins), pins
+
+
+def test_an_unusable_triton_turns_the_backend_off_with_its_reason(monkeypatch):
+    from eagle_kernels import _backend
+
+    reason = "Triton 3.2.0 is older than 3.3, the oldest whose compiler takes these kernels"
+    monkeypatch.setattr(_backend, "HAS_TRITON", False)
+    monkeypatch.setattr(_backend, "TRITON_UNUSABLE_REASON", reason)
+    assert _backend._unavailable_reason("verify_tree_greedy", "triton", torch.device("cpu")) == reason
+    assert "triton" not in _backend.available_backends("verify_tree_greedy", torch.device("cpu"))
