@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
 import os
 from collections.abc import Iterator, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
+from eagle._args import as_number
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
@@ -285,14 +287,15 @@ class EagleModel:
             eos_token_id = cfg.generation_eos_token_id if cfg.has_generation_config else cfg.eos_token_id
         if eos_token_id is None:
             return []
-        if isinstance(eos_token_id, torch.Tensor):
+        if _is_array(eos_token_id):  # a tensor, a numpy array or a numpy scalar
             ids = eos_token_id.reshape(-1).tolist()
         elif isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str):
             ids = list(eos_token_id)
         else:
             ids = [eos_token_id]
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
             raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+        ids = [int(t) for t in ids]  # numpy integers as Python ints
         V = self.target.config.vocab_size
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
@@ -352,8 +355,12 @@ class EagleModel:
             transformers' generate, the checkpoint's ``generation_config.json`` eos when it has that
             file, else ``config.json``'s.
         seed : int in [0, 2**63 - 1], or None
-            Sampling only: one independent stream per row derived from the seed, so a row's tokens do
-            not depend on the other rows or on the batch size, and the same call repeats exactly.
+            Sampling only: one independent stream per row derived from the seed. With a fixed tree
+            (``"static"``, ``"chain"``, a TreeConfig or StaticTree) or ``speculative=False``, a row's
+            tokens do not depend on the other rows or on the batch size. The same call repeats
+            exactly; with ``"dynamic"`` too, whose seeded calls size the tree from the prior
+            acceptance alone, but that tree is timed per batch size (and machine), so there a seeded
+            row can differ between batch sizes (each an exact sample of the target either way).
             None: a seed drawn from torch's global generator.
         cuda_graph : bool
             On CUDA, replay each speculative round (or plain decoding step) from a captured CUDA
@@ -425,6 +432,8 @@ class EagleModel:
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         auto = _check_speculative(speculative, cuda_graph, tree)
+        # both paths check this again inside their generators, which run at the first next()
+        self.target.check_generation_length(len(ids[0]), max_new_tokens)
         if not speculative:
             return self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
         if self.head is None:
@@ -491,6 +500,8 @@ def _resolve_device(device) -> torch.device:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from exc
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device}")
+    if device.type == "cpu":
+        return torch.device("cpu")  # 'cpu:0' names the same device; tensors report plain 'cpu'
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested, but this torch build or machine has no CUDA device")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -532,8 +543,7 @@ def _check_tree(tree) -> None:
 
 
 def _check_max_new_tokens(max_new_tokens) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    max_new_tokens = as_number("max_new_tokens", max_new_tokens, integral=True)  # numpy ints too
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     return max_new_tokens

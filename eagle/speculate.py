@@ -530,13 +530,7 @@ class SpeculativeDecoder:
         # The same limit as plain decoding: tree rows past it hold tokens beyond max_new_tokens, which
         # are never emitted, and a row only sees its ancestors, so they cannot change emitted tokens
         # (the cache has room for them: _cache_len).
-        limit = self.target.config.max_position_embeddings
-        if max_prompt + max_new_tokens > limit:
-            raise ValueError(
-                f"prompt ({max_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                f"max_position_embeddings={limit}"
-            )
-        self.target.check_window(max_prompt + max_new_tokens, "prompt + max_new_tokens")
+        self.target.check_generation_length(max_prompt, max_new_tokens)
 
     def _cache_len(self, max_prompt: int, max_new_tokens: int) -> int:
         tree_rows = max(self.num_tokens, self.depth * self.topk + 1)

@@ -206,13 +206,7 @@ def plain_decode_steps(
         raise ValueError(f"cuda_graph=True needs a CUDA model, got one on {model.device}")
     block, lengths = pad_prompts(prompts, model.device)
     B = block.shape[0]
-    limit = model.config.max_position_embeddings
-    if block.shape[1] + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({block.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"max_position_embeddings={limit}"
-        )
-    model.check_window(block.shape[1] + max_new_tokens, "prompt + max_new_tokens")
+    model.check_generation_length(block.shape[1], max_new_tokens)
     if generator is not None and seed is not None:
         raise ValueError("pass seed or generator, not both")
     per_row = temperature != 0 and generator is None

@@ -550,6 +550,18 @@ class LlamaModel(nn.Module):
             self._inv_freq = self._inv_freq.to(device)
         return self._inv_freq
 
+    def check_generation_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ValueError when a prompt of ``prompt_len`` tokens (the longest of a batch) plus
+        ``max_new_tokens`` would pass ``max_position_embeddings`` or a sliding window. Every
+        decoding path checks this before its first forward."""
+        limit = self.config.max_position_embeddings
+        if prompt_len + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"max_position_embeddings={limit}"
+            )
+        self.check_window(prompt_len + max_new_tokens, "prompt + max_new_tokens")
+
     def check_window(self, length: int, what: str = "max_seq_len") -> None:
         """Raise ValueError when a checkpoint with a sliding window would attend over ``length``
         positions, more than its window: this runtime computes full attention, the same as the window

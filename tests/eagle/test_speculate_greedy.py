@@ -246,6 +246,29 @@ def test_integer_ids_of_other_types_are_accepted(pairs):
     assert model.generate([np.array([3, 1, 4]), torch.tensor([7, 2])], 4).tokens == want
     assert model.generate([[np.int64(3), 1, torch.tensor(4)], (7, 2)], 4).tokens == want
     assert model.generate(torch.tensor([[3, 1, 4]]), 4).tokens == want[:1]
+    # numpy integers for the lengths and stop ids as well, as for the ids and the seed
+    want = model.generate([[3, 1, 4]], 4, eos_token_id=[5, 6]).tokens
+    assert model.generate([[3, 1, 4]], np.int64(4), eos_token_id=np.array([5, 6])).tokens == want
+    assert model.generate([[3, 1, 4]], 4, eos_token_id=np.int32(5)).tokens == (
+        model.generate([[3, 1, 4]], 4, eos_token_id=5).tokens
+    )
+    with pytest.raises(TypeError, match="eos_token_id must be an int"):
+        model.generate([[3, 1, 4]], 4, eos_token_id=np.array([5.0]))
+
+
+@pytest.mark.parametrize("speculative", [True, False], ids=["eagle", "plain"])
+def test_stream_checks_the_length_when_called(pairs, speculative):
+    """Not at the first next(): the CLI echoes the prompt between the two."""
+    _, model = pairs["eagle2-s0"]
+    prompt = [1] * (SMALL["max_position_embeddings"] - 3)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.stream(prompt, 4, speculative=speculative)
+    assert len(list(model.stream(prompt, 3, speculative=speculative, eos_token_id=[]))) >= 1
+
+
+def test_cpu_0_is_the_cpu():
+    model = eagle.load("tiny-code", device="cpu:0")
+    assert model.generate(["def f("], 2).tokens == eagle.load("tiny-code").generate(["def f("], 2).tokens
 
 
 def test_load_names_a_bad_device_or_dtype(pairs):
