@@ -1,0 +1,266 @@
+"""Every op's Triton kernels compile for sm_80 and sm_90, ahead of time, without a GPU.
+
+The CPU test runs execute the kernels through Triton's interpreter, which runs them as Python and so
+cannot see what the compiler rejects: a name the installed Triton lacks (``tl.gather`` before 3.3), or
+an assertion inside its passes (Triton 3.6 on the sampling kernel at ``num_spec_steps == 1``, found
+on an H200). Here each op's launcher runs on small CPU tensors with its kernels replaced by
+recorders, and every recorded launch is compiled for both targets with the specialisation Triton's
+JIT would give its arguments (:func:`tests.kernels.helpers.compile_like_jit`): dtypes, int32 / int64
+indices, arguments equal to 1 (made constants), and each constexpr variant a launcher picks.
+
+The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test process has it set).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.kernels.helpers import LaunchRecorder, compile_like_jit
+
+ARCHS = (80, 90)
+Z = torch.zeros
+F32, F16, BF16, I32, I64 = torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64
+
+
+def _module(name: str):
+    return importlib.import_module(f"eagle_kernels.{name}")  # the package re-exports a function per name
+
+
+def _recorded(module, kernel_names: list[str], launcher, *args) -> list[tuple]:
+    """(kernel, args, kwargs) of every launch ``launcher(*args)`` makes, the kernels replaced."""
+    recorders = {name: LaunchRecorder(getattr(module, name)) for name in kernel_names}
+    saved = {name: getattr(module, name) for name in kernel_names}
+    for name, recorder in recorders.items():
+        setattr(module, name, recorder)
+    try:
+        launcher(*args)
+    finally:
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
+    launches = [launch for recorder in recorders.values() for launch in recorder.launches]
+    assert launches, f"{launcher.__name__} launched nothing"
+    return launches
+
+
+def _tree_attention(B, T, Hq, Hkv, S, D, dtype, mask_kind, splits=None) -> list[tuple]:
+    ta = _module("tree_attention")
+    q, kv = Z(B, T, Hq, D, dtype=dtype), Z(2, B, Hkv, S, D, dtype=dtype)
+    seqlens = torch.full((B,), S - T, dtype=I32)
+    mask = {
+        None: None,
+        "bool": Z(B, T, T, dtype=torch.bool),
+        "u8": Z(B, T, (T + 7) // 8, dtype=torch.uint8),
+        "i32": Z(B, T, (T + 31) // 32, dtype=I32),
+    }[mask_kind]
+    plan = ta.plan_launch(B, Hkv, T, Hq // Hkv, S, D, num_sms=132, elem_size=dtype.itemsize)
+    config = ta.LaunchConfig(
+        plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, splits or plan.num_splits
+    )
+    launches = []
+    original = ta._launch
+    ta._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
+    try:
+        ta._tree_attention_triton(q, kv[0], kv[1], seqlens, mask, 0.1, config)
+    finally:
+        ta._launch = original
+    for _, _, kw in launches:  # a CUDA launch's dot precision (the interpreter's bf16 takes fp32)
+        if "FP32_DOT" in kw:
+            kw["FP32_DOT"] = dtype == F32
+    return launches
+
+
+def _tree_sampling(B, n, V, steps, draft, lossy, index_dtype=I64) -> list[tuple]:
+    tss = _module("tree_speculative_sampling")
+    index = Z(B, n, dtype=index_dtype)
+    q = Z(B, n, V) if draft else None
+    args = (Z(B, n, dtype=I64), index, index, index, Z(B, n, V), q, Z(B, n), Z(B), steps, lossy, 0.5, 0.5)
+    return _recorded(tss, ["_tree_sampling_kernel"], tss._tree_sampling_triton, *args)
+
+
+def _chain_sampling(B, L, V, draft, index_dtype) -> list[tuple]:
+    css = _module("chain_speculative_sampling")
+    T = B * L
+    args = (
+        Z(T, dtype=index_dtype),
+        torch.arange(1, B + 1, dtype=index_dtype) * L,
+        Z(T, V) if draft else None,
+        Z(T, V),
+        Z(B, dtype=index_dtype),
+        Z(T),
+        Z(B),
+        L,
+    )
+    return _recorded(css, ["_chain_sampling_kernel"], css._chain_sampling_triton, *args)
+
+
+def _verify(B, n, steps, index_dtype) -> list[tuple]:
+    vtg = _module("verify_tree_greedy")
+    t = Z(B, n, dtype=index_dtype)
+    args = (t, t, t, t, Z(B * n, dtype=index_dtype), steps)
+    return _recorded(vtg, ["_verify_tree_greedy_kernel"], vtg._verify_tree_greedy_triton, *args)
+
+
+def _warp(R, V, dtype) -> list[tuple]:
+    wl = _module("warp_logits")
+    args = (Z(R, V, dtype=dtype), Z(R), Z(R, dtype=I64), Z(R), Z(R))
+    return _recorded(wl, ["_warp_logits_kernel"], wl._warp_logits_triton, *args)
+
+
+def _compact(layers, B, H, S, D, dtype, index_dtype, n, steps) -> list[tuple]:
+    ckv = _module("compact_kv_cache")
+    args = (
+        Z(layers, 2, B, H, S, D, dtype=dtype),
+        Z(B, dtype=index_dtype),
+        Z(B, steps, dtype=index_dtype),
+        Z(B, dtype=index_dtype),
+        n,
+    )
+    return _recorded(ckv, ["_compact_kv_cache_kernel"], ckv._compact_kv_cache_triton, *args)
+
+
+def _build_tree(B, topk, depth, n, mode, index_dtype) -> list[tuple]:
+    bt = _module("build_tree")
+    selected = Z(B, n - 1, dtype=index_dtype)
+    seq_lens = torch.full((B,), 100, dtype=index_dtype)
+    outputs = bt._allocate_outputs(selected, seq_lens, n, mode)
+    parents = Z(B, bt.parent_list_width(topk, depth), dtype=index_dtype)
+    args = (parents, selected, seq_lens, outputs, topk, depth, n, mode)
+    return _recorded(bt, ["_build_tree_kernel"], bt._build_tree_triton, *args)
+
+
+FDI_KERNELS = [
+    "_fused_segments_linear_kernel",
+    "_splitk_reduce_kernel",
+    "_segments_gemv_kernel",
+    "_pack_segments_kernel",
+]
+
+
+def _fused_input(eagle3, rows, H, dtype, plan, bias=True, index_dtype=I64) -> list[tuple]:
+    fdi = _module("fused_draft_input")
+    segments = 3 if eagle3 else 2
+    weight, out = Z(H, segments * H, dtype=dtype), Z(rows, H, dtype=dtype)
+    b = Z(H, dtype=dtype) if bias else None
+    if eagle3:
+        launcher = fdi._fused_eagle3_input_triton
+        args = (*(Z(rows, H, dtype=dtype) for _ in range(3)), weight, b, out)
+    else:
+        launcher = fdi._fused_draft_input_triton
+        args = (Z(rows, H, dtype=dtype), Z(rows, dtype=index_dtype), Z(100, H, dtype=dtype), weight, b, out)
+    interpreted = fdi._interpreted_bf16
+    fdi._interpreted_bf16 = lambda out: False  # a CUDA launch keeps bf16 operands
+    try:
+        with fdi.use_plan(plan):
+            return _recorded(fdi, FDI_KERNELS, launcher, *args)
+    finally:
+        fdi._interpreted_bf16 = interpreted
+
+
+def cases() -> list[tuple[str, object]]:
+    """(name, a function returning the launches) per case."""
+    fdi = _module("fused_draft_input")
+    out = [
+        (
+            "tree_attention goal B1 bf16 (split)",
+            lambda: _tree_attention(1, 64, 32, 8, 2128, 128, BF16, "i32"),
+        ),
+        ("tree_attention goal B32 bf16", lambda: _tree_attention(32, 64, 32, 8, 2128, 128, BF16, "i32")),
+        ("tree_attention B32 fp32", lambda: _tree_attention(32, 64, 32, 8, 2128, 128, F32, "i32")),
+        ("tree_attention decode fp16", lambda: _tree_attention(4, 1, 32, 8, 4096, 128, F16, None)),
+        ("tree_attention ones", lambda: _tree_attention(1, 1, 1, 1, 64, 64, F16, None, splits=1)),
+        ("tree_attention bool D80", lambda: _tree_attention(2, 8, 4, 4, 272, 80, BF16, "bool")),
+        ("tree_attention u8 fp32 split", lambda: _tree_attention(3, 16, 8, 4, 1040, 64, F32, "u8", splits=3)),
+        ("tree_attention D256", lambda: _tree_attention(1, 64, 64, 8, 1100, 256, F16, "i32", splits=1)),
+    ]
+    for draft, lossy in ((True, False), (False, False), (False, True)):
+        tag = "draft" if draft else ("lossy" if lossy else "target-only")
+        out += [
+            (f"tree_sampling {tag} steps 1", lambda d=draft, lo=lossy: _tree_sampling(1, 17, 69, 1, d, lo)),
+            (f"tree_sampling {tag} i32", lambda d=draft, lo=lossy: _tree_sampling(2, 9, 3000, 3, d, lo, I32)),
+        ]
+    out += [
+        ("chain_sampling draft ones", lambda: _chain_sampling(1, 1, 1000, True, I64)),
+        ("chain_sampling target-only i32", lambda: _chain_sampling(4, 5, 3000, False, I32)),
+        ("verify ones", lambda: _verify(1, 1, 1, I64)),
+        ("verify i32", lambda: _verify(2, 8, 4, I32)),
+        ("verify wide tree", lambda: _verify(1, 300, 8, I32)),
+        ("warp_logits ones", lambda: _warp(1, 1, F32)),
+        ("warp_logits bf16", lambda: _warp(4, 3000, BF16)),
+        ("compact fp16 ones", lambda: _compact(1, 1, 1, 64, 128, F16, I32, 1, 1)),
+        ("compact bf16 D80", lambda: _compact(2, 3, 8, 300, 80, BF16, I64, 8, 5)),
+        ("compact fp8", lambda: _compact(1, 2, 2, 64, 128, torch.float8_e4m3fn, I64, 4, 3)),
+        ("build_tree ones", lambda: _build_tree(1, 1, 1, 1, 0, I64)),
+    ]
+    for mode, name in enumerate(("full", "qlen_bool", "qlen_bits_u8", "qlen_bits_i32")):
+        out.append((f"build_tree {name}", lambda m=mode: _build_tree(2, 4, 3, 16, m, I32)))
+    for eagle3 in (False, True):
+        tag = "eagle3" if eagle3 else "eagle"
+        segments = 3 if eagle3 else 2
+        fused = fdi.Plan("fused", fdi.heuristic_config(16, 1024, segments, 2, 132))
+        split = fdi.Plan("fused", fdi.heuristic_config(1, 1024, segments, 2, 132))
+        out += [
+            (f"{tag} gemv bf16", lambda e=eagle3: _fused_input(e, 1, 1024, BF16, fdi.Plan("gemv"))),
+            (
+                f"{tag} gemv fp32 odd",
+                lambda e=eagle3: _fused_input(e, 5, 100, F32, fdi.Plan("gemv"), False, I32),
+            ),
+            (f"{tag} fused fp16", lambda e=eagle3, p=fused: _fused_input(e, 16, 1024, F16, p)),
+            (f"{tag} fused split-K bf16", lambda e=eagle3, p=split: _fused_input(e, 1, 1024, BF16, p, False)),
+            (
+                f"{tag} gather_mm fp32",
+                lambda e=eagle3: _fused_input(e, 300, 1024, F32, fdi.Plan("gather_mm")),
+            ),
+        ]
+    return out
+
+
+def compile_all() -> None:
+    """Record and compile every case for every target; raise naming each failure."""
+    failures = []
+    for name, record in cases():
+        try:
+            launches = record()
+        except Exception as exc:  # noqa: BLE001 - reported below with the case's name
+            failures.append(f"{name}: recording failed: {type(exc).__name__}: {exc}")
+            continue
+        for kernel, args, kwargs in launches:
+            for arch in ARCHS:
+                try:
+                    compile_like_jit(kernel, args, kwargs, arch)
+                except Exception as exc:  # noqa: BLE001
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    failures.append(f"{name}: {kernel.fn.__name__} for sm_{arch}: {first}")
+    if failures:
+        raise AssertionError("Triton compile failures:\n" + "\n".join(failures))
+
+
+def test_every_op_has_a_case():
+    from eagle_kernels import OPS
+
+    names = " ".join(name for name, _ in cases())
+    short = {"tree_speculative_sampling": "tree_sampling", "chain_speculative_sampling": "chain_sampling"}
+    short |= {"verify_tree_greedy": "verify", "compact_kv_cache": "compact"}
+    short |= {"fused_draft_input": "eagle gemv", "fused_eagle3_input": "eagle3 gemv"}
+    missing = [op for op in OPS if short.get(op, op) not in names]
+    assert not missing, missing
+
+
+def test_every_triton_kernel_compiles_for_sm80_and_sm90():
+    import triton.runtime.jit
+
+    if not hasattr(triton.runtime.jit, "native_specialize_impl"):  # Triton < 3.6
+        pytest.skip("compile_like_jit reads the JIT's specialisation from Triton >= 3.6")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.kernels.test_triton_compile import compile_all; compile_all()"
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    if res.returncode != 0 and "ptxas" in res.stderr.lower() and "not found" in res.stderr.lower():
+        pytest.skip(f"this triton install cannot compile for CUDA: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-4000:]
