@@ -45,7 +45,7 @@ try:
         # The kernels are still defined (decorating works on old versions); dispatch never picks them.
         warnings.warn(
             f"eagle_kernels: {TRITON_UNUSABLE_REASON}; the Triton backend is off (ops run on the CUDA "
-            f"extension or the PyTorch reference). pip install 'triton>={'.'.join(map(str, MIN_TRITON))}'",
+            "extension or the PyTorch reference). torch 2.7 and later bring a Triton that can",
             stacklevel=2,
         )
 except ImportError:  # pragma: no cover - exercised only where triton is missing
@@ -61,6 +61,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
         def __call__(self, *args, **kwargs):
             if len(args) == 1 and callable(args[0]) and not kwargs:
                 return _Missing()  # used as a decorator: @triton.jit
+            if not args and kwargs:
+                return _Missing()  # a decorator factory: @triton.jit(do_not_specialize=[...])
             raise RuntimeError("Triton is not installed; install it or use another backend")
 
         def __getitem__(self, item):
