@@ -357,10 +357,11 @@ class EagleModel:
         seed : int in [0, 2**63 - 1], or None
             Sampling only: one independent stream per row derived from the seed. With a fixed tree
             (``"static"``, ``"chain"``, a TreeConfig or StaticTree) or ``speculative=False``, a row's
-            tokens do not depend on the other rows or on the batch size. The same call repeats
-            exactly; with ``"dynamic"`` too, whose seeded calls size the tree from the prior
-            acceptance alone, but that tree is timed per batch size (and machine), so there a seeded
-            row can differ between batch sizes (each an exact sample of the target either way).
+            tokens do not depend on the other rows or on the batch size, and the same call repeats
+            exactly. ``"dynamic"`` times its tree per batch size, once per process and loaded model
+            (seeded calls size it from the prior acceptance alone), so there a seeded row can differ
+            between batch sizes, processes and machines; within a process the same call repeats
+            (each an exact sample of the target either way).
             None: a seed drawn from torch's global generator.
         cuda_graph : bool
             On CUDA, replay each speculative round (or plain decoding step) from a captured CUDA
@@ -382,7 +383,7 @@ class EagleModel:
             speculation without a draft head, ``cuda_graph`` off CUDA; FloatingPointError when the
             target's logits turn NaN or inf.
         """
-        _check_max_new_tokens(max_new_tokens)
+        max_new_tokens = _check_max_new_tokens(max_new_tokens)
         auto = _check_speculative(speculative, cuda_graph, tree)
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
@@ -415,7 +416,7 @@ class EagleModel:
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
         """An iterator over the new tokens of one prompt as they are accepted (a list per target
         forward). The arguments are checked here, when it is called, not at the first ``next``."""
-        _check_max_new_tokens(max_new_tokens)
+        max_new_tokens = _check_max_new_tokens(max_new_tokens)
         ids = self._encode([prompt])
         sampling = SamplingParams(
             kwargs.pop("temperature", 0.0),
@@ -501,6 +502,8 @@ def _resolve_device(device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device}")
     if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise ValueError(f"device {device} requested; the CPU is 'cpu' (or 'cpu:0')")
         return torch.device("cpu")  # 'cpu:0' names the same device; tensors report plain 'cpu'
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} requested, but this torch build or machine has no CUDA device")

@@ -854,9 +854,12 @@ def _with_draft_vocab_size(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> 
 
 
 def _with_index(device: torch.device) -> torch.device:
-    """``cuda`` -> ``cuda:<current device>`` so that equal devices compare equal."""
+    """``cuda`` -> ``cuda:<current device>`` and ``cpu:0`` -> ``cpu`` (what CPU tensors report), so
+    that equal devices compare equal."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")
     return device
 
 

@@ -3,6 +3,7 @@ against (same model, same cache, same kernels, one target forward per token)."""
 
 from __future__ import annotations
 
+import numbers
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -383,7 +384,9 @@ def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> tor
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
-    return [int(ids)] if isinstance(ids, int) else [int(i) for i in ids]
+    if isinstance(ids, torch.Tensor) or type(ids).__module__ == "numpy":  # tensors, numpy arrays / scalars
+        ids = ids.reshape(-1).tolist()
+    return [int(ids)] if isinstance(ids, numbers.Integral) else [int(i) for i in ids]
 
 
 def _truncate_at_eos(rows: list[list[int]], stop: set[int]) -> list[list[int]]:

@@ -269,6 +269,23 @@ def test_stream_checks_the_length_when_called(pairs, speculative):
 def test_cpu_0_is_the_cpu():
     model = eagle.load("tiny-code", device="cpu:0")
     assert model.generate(["def f("], 2).tokens == eagle.load("tiny-code").generate(["def f("], 2).tokens
+    from eagle.models import load_draft
+
+    load_draft(eagle.api._resolve_bundled("tiny-code", "draft"), model.target, device="cpu:0")  # directly
+    with pytest.raises(ValueError, match="the CPU is 'cpu'"):
+        eagle.load("tiny-code", device="cpu:1")
+
+
+def test_plain_decoding_takes_numpy_stop_ids(pairs):
+    np = pytest.importorskip("numpy")
+    from eagle.models import generate_plain
+
+    target = pairs["eagle2-s0"][1].target
+    want = generate_plain(target, [[3, 1, 4]], 6, eos_token_id=[5, 6])
+    assert generate_plain(target, [[3, 1, 4]], 6, eos_token_id=np.array([5, 6])) == want
+    assert generate_plain(target, [[3, 1, 4]], 6, eos_token_id=np.int64(5)) == (
+        generate_plain(target, [[3, 1, 4]], 6, eos_token_id=5)
+    )
 
 
 def test_load_names_a_bad_device_or_dtype(pairs):
