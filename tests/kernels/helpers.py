@@ -46,6 +46,15 @@ def param_backends(op: str):
 _COMPILE_OPTIONS = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion", "maxnreg")
 
 
+def require_jit_specialisation() -> None:
+    """Skip unless this Triton exposes the JIT's specialisation (Triton >= 3.6), which
+    :func:`compile_like_jit` mirrors."""
+    import triton.runtime.jit
+
+    if not hasattr(triton.runtime.jit, "native_specialize_impl"):
+        pytest.skip("compile_like_jit reads the JIT's specialisation from Triton >= 3.6")
+
+
 def compile_like_jit(kernel, args, kwargs, arch: int = 90):
     """Compile one launch for sm_<arch> ahead of time (no GPU needed; run without TRITON_INTERPRET)
     with the specialisation Triton's JIT would give these arguments: ints and pointers divisible by

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.kernels.helpers import LaunchRecorder, compile_like_jit
+from tests.kernels.helpers import LaunchRecorder, compile_like_jit, require_jit_specialisation
 
 ARCHS = (80, 90)
 Z = torch.zeros
@@ -253,14 +253,14 @@ def test_every_op_has_a_case():
 
 
 def test_every_triton_kernel_compiles_for_sm80_and_sm90():
-    import triton.runtime.jit
-
-    if not hasattr(triton.runtime.jit, "native_specialize_impl"):  # Triton < 3.6
-        pytest.skip("compile_like_jit reads the JIT's specialisation from Triton >= 3.6")
+    require_jit_specialisation()
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = "from tests.kernels.test_triton_compile import compile_all; compile_all()"
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
-    if res.returncode != 0 and "ptxas" in res.stderr.lower() and "not found" in res.stderr.lower():
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    err = res.stderr.lower()
+    if res.returncode != 0 and "ptxas" in err and ("not found" in err or "cannot find" in err):
         pytest.skip(f"this triton install cannot compile for CUDA: {res.stderr[-300:]}")
     assert res.returncode == 0, res.stderr[-4000:]
