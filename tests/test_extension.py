@@ -225,6 +225,8 @@ def test_everything_imports_and_runs_on_cpu_without_triton():
         "q, k = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 4, 16)\n"
         "eagle_kernels.tree_attention(q, k, k, torch.tensor([2], dtype=torch.int32))\n"
         "assert len(eagle.load('tiny-code').generate(['def f('], 2).tokens[0]) == 2\n"
+        "from eagle.cli import main\n"
+        "assert main(['info']) in (0, None)\n"  # `make run`, the README's main job, starts with it
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
