@@ -633,6 +633,9 @@ def _launch_spec(
     return _LaunchSpec(plan, grid, (triton.cdiv(rows, block_r),), constexprs, combine)
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y (and z) dimension
+
+
 def _check_int32_offsets(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """Offsets inside one sequence's q rows or one (sequence, head) cache slice are int32 in the kernel;
     a slice spanning 2**31 elements or more would overflow them."""
@@ -697,11 +700,27 @@ def _tree_attention_triton(
     if q.dtype == torch.float64:
         raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
     B, T, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    if B * Hkv > _MAX_GRID_Y:  # the grid's y is B * Hkv: past CUDA's limit, the batch in chunks
+        step = _MAX_GRID_Y // Hkv
+        chunks = [
+            _tree_attention_triton(
+                q[b : b + step],
+                k_cache[b : b + step],
+                v_cache[b : b + step],
+                cache_seqlens[b : b + step],
+                None if tree_mask is None else tree_mask[b : b + step],
+                sm_scale,
+                config,
+            )
+            for b in range(0, B, step)
+        ]
+        return torch.cat(chunks)
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     if B * T * Hq == 0:
         return out
     kind = _mask_kind(tree_mask)
-    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    S_max = k_cache.shape[2]
     head_strides = (q.stride(3), k_cache.stride(3), v_cache.stride(3))
     spec = _launch_spec(B, T, Hq, Hkv, S_max, D, q.dtype, q.device, kind, head_strides, config)
     if kind == BOOL_MASK:

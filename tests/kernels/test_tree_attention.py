@@ -814,6 +814,24 @@ def test_int64_cache_seqlens_match_int32(device):
         assert_matches(run_with_backend(backend, tree_attention, *c.args()), case, want, backend)
 
 
+@pytest.mark.parametrize("mask_fmt", ["bool", "i32", "causal"])
+def test_triton_launches_the_batch_in_chunks_past_the_grid_limit(monkeypatch, device, mask_fmt):
+    """The grid's y is B * Hkv, which CUDA caps at 65535 (B >= 2048 at 32 kv heads): the launcher
+    then runs the batch in chunks. Here the limit is lowered to 5 so that 3 x 2 needs two chunks."""
+    if "triton" not in _all_backends(device):
+        pytest.skip("triton unavailable")
+    monkeypatch.setattr(ta_module, "_MAX_GRID_Y", 5, raising=False)
+    grids = []
+    launch = ta_module._launch
+    monkeypatch.setattr(
+        ta_module, "_launch", lambda k, grid, *a, **kw: grids.append(grid) or launch(k, grid, *a, **kw)
+    )
+    case = make_case(3, 5, 4, 2, 16, mask_fmt, seed=11).to(torch.float32, device)
+    want = oracle(case.to(device="cpu"))
+    assert_matches(run_with_backend("triton", tree_attention, *case.args()), case, want, "chunked")
+    assert grids and all(len(g) < 2 or g[1] <= 5 for g in grids), grids
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [
