@@ -688,6 +688,12 @@ class SpeculativeDecoder:
         backlog, s.backlog = s.backlog, []
         if not backlog:
             return 0.0
+        # On CUDA the clock must see the backlog's kernels, not their launches: without the two
+        # syncs the GPU time landed in the next round's (its _emit syncs), the bias charge_plain
+        # removes. Work queued before (the deferred prefill) stays with the round, as before.
+        cuda = s.draft_cache.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(s.draft_cache.device)
         started = time.perf_counter()
         for start in range(0, len(backlog), _CATCH_UP_ROWS):
             chunk = backlog[start : start + _CATCH_UP_ROWS]
@@ -701,6 +707,8 @@ class SpeculativeDecoder:
             # assigned, not copied: the prefill may have left none, and auto runs without CUDA graphs
             s.root_hidden = d.hidden[:, k - 1].contiguous()
             s.root_logits = d.logits[:, 0].contiguous()
+        if cuda:
+            torch.cuda.synchronize(s.draft_cache.device)
         return time.perf_counter() - started
 
     def _sample_one(self, logits, sampling, seeds, draws, nonfinite):

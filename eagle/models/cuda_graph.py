@@ -130,9 +130,15 @@ def capture(
         graph.register_generator_state(generator)
     device = caches[0].device
     torch.cuda.synchronize(device)
+    stream = torch.cuda.current_stream(device)
     try:
         with torch.cuda.device(device), torch.cuda.graph(graph, stream=_capture_stream(device)):
             out = step()
+    except BaseException:
+        # torch.cuda.graph's exit ends the capture before it restores the stream; when ending it
+        # raises (an invalidated capture), the capture stream stayed current for the process
+        torch.cuda.set_stream(stream)
+        raise
     finally:
         for c, bound in zip(caches, bounds):
             c.length_bound = bound

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,7 @@ class _StepBuffers:
     graph: torch.cuda.CUDAGraph | None = None
     graph_token: torch.Tensor | None = None  # [B] the graph's output token
     warm: bool = False  # a step ran eagerly: kernels compiled, workspaces allocated
+    graph_failed: bool = False  # the capture failed: these buffers' steps run eagerly
 
 
 # model -> (batch size, sampling) -> buffers of a finished run; a run takes what it uses
@@ -367,7 +369,7 @@ def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool
 
 def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> torch.Tensor:
     """One decoding step: eager, or (CUDA graphs) eager once to warm up, then captured and replayed."""
-    if not cuda_graph:
+    if not cuda_graph or buffers.graph_failed:
         return step()
     if buffers.graph is None and not buffers.warm:
         buffers.warm = True
@@ -375,7 +377,15 @@ def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> tor
     cache = buffers.cache
     cache.check_room(1)
     if buffers.graph is None:
-        buffers.graph, buffers.graph_token = cuda_graph_capture(step, [cache], generator)
+        try:
+            buffers.graph, buffers.graph_token = cuda_graph_capture(step, [cache], generator)
+        except Exception as e:  # noqa: BLE001 - a graph is an optimisation; the eager step is exact
+            # (a host sync inside the step, e.g. EAGLE_KERNELS_DEBUG=1's checks, or out of memory;
+            # a failed capture ran no kernel and left the host bounds as they were)
+            buffers.graph_failed = True
+            torch.cuda.synchronize(cache.device)
+            warnings.warn(f"CUDA graph capture failed ({e}); continuing without CUDA graphs", stacklevel=3)
+            return step()
     replay(buffers.graph, cache.device)
     cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
     return buffers.graph_token.clone()

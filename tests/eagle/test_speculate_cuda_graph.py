@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 import pytest
 import torch
 
 import eagle
+from eagle.adaptive import AutoSpeculation
 from eagle.speculate import SpeculativeDecoder
 from eagle.tree import TreeConfig
 
@@ -174,3 +176,130 @@ def test_graph_helpers_make_the_models_device_current(monkeypatch):
     log.clear()
     cuda_graph.replay(FakeGraph(), dev)
     assert log == [("enter", dev), "replay", ("exit", dev)]
+
+
+def test_a_failed_capture_restores_the_callers_stream(monkeypatch):
+    """torch.cuda.graph's exit ends the capture before it leaves the capture stream; when ending an
+    invalidated capture raises, the capture stream stayed current for the rest of the process
+    (the CUDA calls stood in for, with torch.cuda.graph's order of exit)."""
+    from eagle.models import cuda_graph
+    from eagle.models.kv_cache import KVCache
+
+    current = ["caller"]
+
+    class FakeGraphContext:  # enters the capture stream, then raises in capture_end at exit
+        def __init__(self, graph, stream=None):
+            self.stream = stream
+
+        def __enter__(self):
+            current.append(self.stream)
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    class Device:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            pass
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FakeGraphContext)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[-1])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.append(s))
+    monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: "capture")
+    cache = KVCache.__new__(KVCache)
+    monkeypatch.setattr(KVCache, "device", property(lambda self: torch.device("cuda", 0)))
+    cache.length_bound = 5
+    with pytest.raises(RuntimeError, match="capturing"):
+        cuda_graph.capture(lambda: None, [cache])
+    assert current[-1] == "caller" and cache.length_bound == 5
+
+
+def test_a_failed_plain_capture_falls_back_to_eager_steps(monkeypatch):
+    """Plain decoding had no fallback: a failed capture (a host sync in the step, EAGLE_KERNELS_DEBUG=1's
+    checks, out of memory) raised out of generate(cuda_graph=True), and every later call with the
+    pooled, ungraphed buffers failed the same way. Speculative rounds already fell back."""
+    import importlib
+
+    gp = importlib.import_module("eagle.models.generate_plain")  # (the package re-exports the function)
+
+    def failing_capture(step, caches, generator=None):
+        raise RuntimeError("capture invalidated")
+
+    class Cache:
+        device = torch.device("cpu")
+
+        def check_room(self, n):
+            pass
+
+    monkeypatch.setattr(gp, "cuda_graph_capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    buffers = gp._StepBuffers(Cache(), torch.zeros(1), None, None, torch.zeros(()), warm=True)
+    steps = []
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        assert gp._next_token(buffers, lambda: steps.append(1) or 7, True, None) == 7
+    assert buffers.graph_failed and steps == [1]
+    assert gp._next_token(buffers, lambda: steps.append(2) or 8, True, None) == 8  # eager from now on
+    assert steps == [1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("speculative", [True, False], ids=["eagle", "plain"])
+def test_a_capture_that_fails_falls_back_and_leaves_the_default_stream(monkeypatch, speculative):
+    """EAGLE_KERNELS_DEBUG=1's value checks read back to the host, which a capture refuses: the run
+    warns and goes on eagerly with the same tokens, and the caller's stream is current afterwards.
+    (Plain decoding raised; the speculative fallback left the capture stream current.) A model of
+    its own: a failed capture turns graphs off for its decoder."""
+    model = eagle.load("tiny-code", device="cuda", dtype=torch.float32)
+    kw = dict(eos_token_id=[], speculative=speculative)
+    want = model.generate(PROMPTS[:1], 24, **kw).tokens
+    default = torch.cuda.default_stream()
+    monkeypatch.setenv("EAGLE_KERNELS_DEBUG", "1")
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        got = model.generate(PROMPTS[:1], 24, cuda_graph=True, **kw).tokens
+    assert torch.cuda.current_stream() == default
+    assert got == want
+    assert model.generate(PROMPTS[:1], 24, cuda_graph=True, **kw).tokens == want  # the pooled buffers
+
+
+@pytest.mark.gpu
+def test_auto_times_the_drafts_catch_up_on_the_gpu_clock(cuda_pair, monkeypatch):
+    """speculative='auto' charges the draft's catch-up over plain steps' positions to plain decoding.
+    Timed on the host clock without a sync, it measured the launches only, and the GPU time landed in
+    the next round's. ~0.15 s of GPU work is added to each catch-up forward here."""
+    from eagle.speculate import SamplingParams, SpeculativeDecoder
+    from eagle.tree import TreeConfig
+
+    decoder = SpeculativeDecoder(cuda_pair.target, cuda_pair.head, TreeConfig(4, 4, 16))
+    real, seen = decoder._catch_up, []
+    forward = type(decoder.head).forward
+
+    def slow_forward(self, *args, **kwargs):
+        torch.cuda._sleep(300_000_000)
+        return forward(self, *args, **kwargs)
+
+    def timed_catch_up(s):
+        if not s.backlog:
+            return real(s)
+        with monkeypatch.context() as m:
+            m.setattr(type(decoder.head), "forward", slow_forward)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            charged = real(s)
+            torch.cuda.synchronize()
+        seen.append((charged, time.perf_counter() - started))
+        return charged
+
+    decoder._catch_up = timed_catch_up
+    policy = AutoSpeculation(probe_rounds=1, plain_probe_steps=4)
+    for _ in decoder.run([[1, 5, 9, 13, 17, 21]], 96, SamplingParams(), auto=policy):
+        pass
+    assert seen, "no catch-up ran"
+    assert all(charged > 0.5 * wall for charged, wall in seen), seen

@@ -832,6 +832,22 @@ def test_triton_launches_the_batch_in_chunks_past_the_grid_limit(monkeypatch, de
     assert grids and all(len(g) < 2 or g[1] <= 5 for g in grids), grids
 
 
+@pytest.mark.gpu
+def test_triton_batch_past_the_grid_limit_on_cuda():
+    """B * Hkv = 2048 * 32 > 65535, CUDA's grid-y limit: 'invalid argument' before the chunking."""
+    if "triton" not in _all_backends(torch.device("cuda")):
+        pytest.skip("triton unavailable on CUDA")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, Hkv, S, D = 2048, 32, 16, 64
+    q = torch.randn(B, 1, Hkv, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, S, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    lens = torch.full((B,), 8, dtype=torch.int32, device="cuda")
+    got = run_with_backend("triton", tree_attention, q, k, v, lens)
+    want = tree_attention_ref(q.double(), k.double(), v.double(), lens)
+    assert (got.double() - want).abs().max().item() < 3e-2
+
+
 @pytest.mark.parametrize(
     "mutate,match",
     [
