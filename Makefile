@@ -26,8 +26,8 @@ install-test: torch
 PROMPT ?= def fibonacci(n):
 export EAGLE_RUN_PROMPT := $(value PROMPT)
 run: install
-	eagle info
-	eagle generate "$$EAGLE_RUN_PROMPT"
+	$(PY) -m eagle info
+	$(PY) -m eagle generate "$$EAGLE_RUN_PROMPT"
 
 # Tests use one intra-op thread each (tests/conftest.py), so one worker per core.
 PYTEST_WORKERS ?= auto

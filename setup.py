@@ -214,6 +214,20 @@ def _persistent_build_ext(base):
             super().finalize_options()
             self.build_temp = os.environ.get("EAGLE_BUILD_TEMP", str(ROOT / "build" / "ext-temp"))
 
+        def run(self):
+            try:
+                super().run()
+            except Exception:
+                # pip shows the end of the output: the compiler's own errors are above this
+                print(
+                    "\neagle-kernels: compiling the C++ extension failed (errors above). It needs a "
+                    "C++ compiler with OpenMP (g++ or clang++; CXX picks one; e.g. apt install g++), "
+                    "and nvcc for the CUDA part.\n  Without it, install the pure-Python package "
+                    "(PyTorch on CPU, Triton on CUDA): EAGLE_SKIP_EXT=1 make run (or pip install)\n",
+                    file=sys.stderr,
+                )
+                raise
+
     return PersistentBuildExt
 
 
