@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -277,6 +277,14 @@ class Models:
     assistant_info: dict = field(default_factory=dict)
     forwards: dict[str, int] = field(default_factory=lambda: {"target": 0, "assistant": 0})
     target_starts: list = field(default_factory=list)  # each HF target forward's first cache position
+
+
+def _is_bundled_target(target: str) -> bool:
+    """``target`` is the bundled pair's target directory given as a path."""
+    try:
+        return Path(target).resolve() == (ASSETS / BUNDLED / "target").resolve()
+    except OSError:
+        return False
 
 
 def resolve_pair(target: str, draft: str | None) -> tuple[str, str | None]:
@@ -1148,6 +1156,8 @@ class BenchReport:
 def run_benchmark(config: BenchConfig, log: Callable[[str], None] = print) -> BenchReport:
     """Run the benchmark described by ``config``; write the JSON (and PNG); return the report."""
     config.validate()
+    if config.target != BUNDLED and _is_bundled_target(config.target):
+        config = replace(config, target=BUNDLED)  # its head, assistant and name, as by its name
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)

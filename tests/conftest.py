@@ -4,6 +4,8 @@
   runs on CPU tensors through the interpreter.
 * ``device`` fixture: ``--device`` option, default cuda when available, else cpu.
 * ``gpu`` marker: such tests are skipped, with a reason, when no CUDA device is present.
+* ``extension`` marker: the test needs the C++ extension; skipped, with a reason, only in a
+  pure-Python install asked for with ``EAGLE_SKIP_EXT=1`` (elsewhere a missing extension fails it).
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    pure_python = os.environ.get("EAGLE_SKIP_EXT") == "1"
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    no_ext = pytest.mark.skip(reason="needs the C++ extension; EAGLE_SKIP_EXT=1 (a pure-Python install)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(no_gpu)
+        if "extension" in item.keywords and pure_python:
+            item.add_marker(no_ext)
 
 
 @pytest.fixture(scope="session")

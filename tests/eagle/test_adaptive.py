@@ -394,6 +394,7 @@ class _PoisonAfterPrefill(Scripted):
         return super().next_mode()
 
 
+@pytest.mark.extension
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_nan_logits_in_a_one_call_plain_step_raise(models, temperature):
     model = models["eagle2"]

@@ -624,3 +624,29 @@ def test_the_bundled_pair_is_bit_exact_on_a_cpu_with_packed_linears():
             packing_supported(dtype) and _ext.has_op("tree_attention")
         )
     assert not bench.eagle_is_bit_exact(eagle.load("tiny-code", dtype=torch.float64).target)
+
+
+def test_the_bundled_target_given_as_a_path_is_the_bundled_pair(monkeypatch):
+    """`--target eagle/assets/tiny-code/target` ran EAGLE with a random head (no --draft), an
+    untrained assistant and another file name: a path to the bundled target is the bundled pair."""
+    from eagle.api import ASSETS, BUNDLED
+
+    seen = []
+
+    def stop(config, dtype, log):
+        seen.append(config.target)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(bench, "load_models", stop)
+    path = str(ASSETS / BUNDLED / "target")
+    for target in (
+        path,
+        path + "/",
+        str(Path(path).relative_to(Path.cwd())) if Path(path).is_relative_to(Path.cwd()) else path,
+    ):
+        with pytest.raises(RuntimeError, match="stop here"):
+            run_benchmark(
+                BenchConfig(target=target, methods=("vanilla",), batch_sizes=(1,)), log=lambda m: None
+            )
+    assert seen == [BUNDLED] * 3
+    assert not bench._is_bundled_target(str(ASSETS / BUNDLED / "draft"))

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from eagle.cli import main
 
 
@@ -15,6 +17,7 @@ def test_info_json(capsys):
     assert (info["kernels"]["cuda_backend"] is None) == (not info["cuda_available"])
 
 
+@pytest.mark.extension
 def test_info_text_names_the_draft_loop(capsys, monkeypatch):
     from eagle.models import draft
 

@@ -671,6 +671,7 @@ def test_torch_compile_matches_eager():
         assert torch.equal(g, w)
 
 
+@pytest.mark.extension
 def test_default_backends():
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
 

@@ -284,6 +284,7 @@ def test_opcheck_and_compile():
     assert torch.equal(got, want) and torch.equal(got_len, want_len)
 
 
+@pytest.mark.extension
 def test_default_cpu_backend_is_cpp():
     """On CPU the C++ kernel is what runs by default once the extension is built."""
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"

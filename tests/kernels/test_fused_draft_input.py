@@ -677,6 +677,7 @@ def test_out_refuses_inputs_that_require_grad():
         fused_draft_input(hidden, ids, embed, w, b, out=out)
 
 
+@pytest.mark.extension
 def test_default_cpu_backend_is_registered_cpp():
     """The C++ op is the measured CPU default: select_backend picks it, backend_info reports it."""
     info = eagle_kernels.backend_info()["cpu_backend"]

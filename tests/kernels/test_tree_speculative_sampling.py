@@ -636,6 +636,7 @@ def test_opcheck_and_compile():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.extension
 def test_default_cpu_backend_is_cpp():
     assert eagle_kernels.select_backend(OP, CPU) == "cpp"
 

@@ -468,6 +468,7 @@ def test_sglang_drop_in_rejects_wrong_output_dtype():
         )
 
 
+@pytest.mark.extension
 def test_default_cpu_backend_is_cpp():
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
 

@@ -332,6 +332,7 @@ def test_torch_compile():
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.extension
 def test_default_cpu_backend_is_cpp():
     assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
 
