@@ -107,6 +107,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "weights in bf16 panels, this package's AVX512-BF16 kernel (csrc/cpu/panel_linear.cpp): "
             "`--dtype bfloat16` is the fast CPU dtype here"
         )
+    elif packed["bfloat16"] and not k["extension_loaded"]:
+        half = (
+            "oneDNN-packed bf16 weights; without the C++ extension this package's bf16 kernels are "
+            "missing (compare --dtype float32 and bfloat16 with `eagle bench`)"
+        )
     elif packed["bfloat16"]:
         half = "oneDNN-packed bf16 weights without AMX: float32 is likely faster on this CPU"
     else:
