@@ -13,11 +13,11 @@ torch:
 
 # --no-build-isolation: compile eagle_kernels._C against the torch installed above.
 install: torch
-	$(PIP) install "setuptools>=77" ninja
+	$(PIP) install "setuptools>=77" ninja numpy
 	$(PIP) install --no-build-isolation -e .
 
 install-test: torch
-	$(PIP) install "setuptools>=77" ninja
+	$(PIP) install "setuptools>=77" ninja numpy
 	$(PIP) install --no-build-isolation -e ".[test]"
 
 # The main job: EAGLE generation with the bundled tiny-code pair (target + draft head in eagle/assets).
@@ -46,7 +46,7 @@ bench-smoke:
 	$(PY) -m pytest bench -q --benchmark-disable -n $(PYTEST_WORKERS)
 
 wheel: torch
-	$(PIP) install "setuptools>=77" ninja build
+	$(PIP) install "setuptools>=77" ninja numpy build
 	$(PY) -m build --wheel --no-isolation
 
 # One wheel per CUDA toolkit: make wheels CUDA="12.4 12.8" (needs /usr/local/cuda-X.Y for each).
