@@ -96,3 +96,42 @@ class LaunchRecorder:
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def record_tree_attention_launches(q, k, v, seqlens, mask, config) -> list[tuple]:
+    """(kernel, args, keyword args) of every launch tree_attention's Triton launcher makes for these
+    CPU tensors under ``config`` (a LaunchConfig), with the dot precision a CUDA launch uses (the
+    interpreter's bf16 workaround is CPU-only)."""
+    import importlib
+
+    ta = importlib.import_module("eagle_kernels.tree_attention")  # (the package re-exports the function)
+    launches = []
+    original = ta._launch
+    ta._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
+    try:
+        ta._tree_attention_triton(q, k, v, seqlens, mask, 0.1, config)
+    finally:
+        ta._launch = original
+    for _, _, kw in launches:
+        if "FP32_DOT" in kw:
+            kw["FP32_DOT"] = q.dtype == torch.float32
+    return launches
+
+
+def run_without_interpreter(code: str, stderr_tail: int = 3000) -> None:
+    """Run ``code`` (ahead-of-time Triton compiles) in a subprocess from the repository root without
+    ``TRITON_INTERPRET``; skip where this Triton has no ptxas, else assert it exits 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
+    err = res.stderr.lower()
+    if res.returncode != 0 and "ptxas" in err and ("not found" in err or "cannot find" in err):
+        pytest.skip(f"this triton install cannot compile for CUDA: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-stderr_tail:]

@@ -10,10 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,8 +25,10 @@ from tests.kernels.helpers import (
     assert_close_lowp,
     backends_for,
     compile_like_jit,
+    record_tree_attention_launches,
     require_jit_specialisation,
     run_with_backend,
+    run_without_interpreter,
 )
 from tests.kernels.random_trees import random_trees, trees_from_parents
 
@@ -890,22 +890,6 @@ def test_torch_compile():
 # --------------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------------
-def record_launches(q, k, v, seqlens, mask, config: LaunchConfig) -> list[tuple]:
-    """(kernel, args, keyword args) of every launch the launcher makes for these CPU tensors, with the
-    dot precision a CUDA launch uses (the interpreter's bf16 workaround is CPU-only)."""
-    launches = []
-    original = ta_module._launch
-    ta_module._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
-    try:
-        _tree_attention_triton(q, k, v, seqlens, mask, 0.1, config)
-    finally:
-        ta_module._launch = original
-    for _, _, kw in launches:
-        if "FP32_DOT" in kw:
-            kw["FP32_DOT"] = q.dtype == torch.float32
-    return launches
-
-
 def compile_for_hopper() -> None:
     """Compile the default launches of issue 3's goal shapes (bf16, int32 tree mask; batch 1 takes the
     split + combine path, batch 32 the single pass) and of a causal fp16 decode for sm_90, ahead of
@@ -936,7 +920,7 @@ def compile_for_hopper() -> None:
     for args, config in configs[:2]:  # the goal shapes' plans with tensor-descriptor loads
         configs.append((args, dataclasses.replace(config, kv_tma=True)))
     for args, config in configs:
-        for kernel, kargs, kw in record_launches(*args, config):
+        for kernel, kargs, kw in record_tree_attention_launches(*args, config):
             compiled = compile_like_jit(kernel, kargs, kw)
             assert compiled.metadata.shared <= 227 * 1024, (
                 kernel.fn.__name__,
@@ -949,16 +933,9 @@ def test_triton_kernels_compile_for_hopper():
     """The interpreter runs kernels as Python, so it cannot catch what the Triton compiler rejects;
     an ahead-of-time compile for sm_90 can, without a GPU."""
     require_jit_specialisation()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.kernels.test_tree_attention import compile_for_hopper; compile_for_hopper()"
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    run_without_interpreter(
+        "from tests.kernels.test_tree_attention import compile_for_hopper; compile_for_hopper()"
     )
-    err = res.stderr.lower()
-    if res.returncode != 0 and "ptxas" in err and ("not found" in err or "cannot find" in err):
-        pytest.skip(f"this triton install cannot compile for CUDA: {res.stderr[-300:]}")
-    assert res.returncode == 0, res.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -14,15 +14,16 @@ The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test process 
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
 import torch
 
-from tests.kernels.helpers import LaunchRecorder, compile_like_jit, require_jit_specialisation
+from tests.kernels.helpers import (
+    LaunchRecorder,
+    compile_like_jit,
+    record_tree_attention_launches,
+    require_jit_specialisation,
+    run_without_interpreter,
+)
 
 ARCHS = (80, 90)
 Z = torch.zeros
@@ -63,17 +64,7 @@ def _tree_attention(B, T, Hq, Hkv, S, D, dtype, mask_kind, splits=None) -> list[
     config = ta.LaunchConfig(
         plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, splits or plan.num_splits
     )
-    launches = []
-    original = ta._launch
-    ta._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
-    try:
-        ta._tree_attention_triton(q, kv[0], kv[1], seqlens, mask, 0.1, config)
-    finally:
-        ta._launch = original
-    for _, _, kw in launches:  # a CUDA launch's dot precision (the interpreter's bf16 takes fp32)
-        if "FP32_DOT" in kw:
-            kw["FP32_DOT"] = dtype == F32
-    return launches
+    return record_tree_attention_launches(q, kv[0], kv[1], seqlens, mask, config)
 
 
 def _tree_sampling(B, n, V, steps, draft, lossy, index_dtype=I64) -> list[tuple]:
@@ -254,13 +245,4 @@ def test_every_op_has_a_case():
 
 def test_every_triton_kernel_compiles_for_sm80_and_sm90():
     require_jit_specialisation()
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.kernels.test_triton_compile import compile_all; compile_all()"
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=900
-    )
-    err = res.stderr.lower()
-    if res.returncode != 0 and "ptxas" in err and ("not found" in err or "cannot find" in err):
-        pytest.skip(f"this triton install cannot compile for CUDA: {res.stderr[-300:]}")
-    assert res.returncode == 0, res.stderr[-4000:]
+    run_without_interpreter("from tests.kernels.test_triton_compile import compile_all; compile_all()", 4000)
