@@ -13,3 +13,10 @@ def as_number(name: str, value, *, integral: bool, hint: str = "") -> int | floa
         what = "an integer" if integral else "a real number"
         raise TypeError(f"{name} must be {what}{hint}, got {type(value).__name__} {value!r}")
     return int(value) if integral else float(value)
+
+
+def is_array(x) -> bool:
+    """A torch tensor or a numpy array / scalar (numpy is not imported for the test)."""
+    import torch
+
+    return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy"

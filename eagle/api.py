@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
-from eagle._args import as_number
+from eagle._args import as_number, is_array
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
@@ -241,7 +241,7 @@ class EagleModel:
         release_plain_buffers(self.target)
 
     def _encode(self, prompts) -> list[list[int]]:
-        array = _is_array(prompts)
+        array = is_array(prompts)
         if (
             isinstance(prompts, str)
             or (array and prompts.ndim == 1)
@@ -287,7 +287,7 @@ class EagleModel:
             eos_token_id = cfg.generation_eos_token_id if cfg.has_generation_config else cfg.eos_token_id
         if eos_token_id is None:
             return []
-        if _is_array(eos_token_id):  # a tensor, a numpy array or a numpy scalar
+        if is_array(eos_token_id):  # a tensor, a numpy array or a numpy scalar
             ids = eos_token_id.reshape(-1).tolist()
         elif isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str):
             ids = list(eos_token_id)
@@ -552,15 +552,10 @@ def _check_max_new_tokens(max_new_tokens) -> int:
     return max_new_tokens
 
 
-def _is_array(x) -> bool:
-    """A torch tensor or a numpy array (numpy is not imported for the test)."""
-    return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy"
-
-
 def _token_ids(prompt, index: int) -> list[int]:
     """A prompt given as token ids (a list, tuple, 1-D tensor or array of integers) as a list of
     ints; floats, bools and nested lists are refused rather than truncated."""
-    if _is_array(prompt):
+    if is_array(prompt):
         if prompt.ndim != 1:
             raise ValueError(
                 f"prompt {index} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}"

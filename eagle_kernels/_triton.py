@@ -19,7 +19,7 @@ import torch
 # The oldest Triton whose compiler takes every kernel here: 3.1 and 3.2 lack ``tl.gather``
 # (verify_tree_greedy), and 3.1 aborts compiling tree_attention's 64-row, 8-warp tiles for sm_90.
 # Ahead-of-time compiles of every launch for sm_80 and sm_90 passed on 3.3-3.9 (2026-11-27).
-# pyproject.toml's triton requirement says the same.
+# pyproject.toml's extras still allow 3.1: torch 2.5 / 2.6 pin 3.1 / 3.2, which this turns off.
 MIN_TRITON = (3, 3)
 TRITON_UNUSABLE_REASON: str | None = None
 
@@ -45,7 +45,7 @@ try:
         # The kernels are still defined (decorating works on old versions); dispatch never picks them.
         warnings.warn(
             f"eagle_kernels: {TRITON_UNUSABLE_REASON}; the Triton backend is off (ops run on the CUDA "
-            "extension or the PyTorch reference). torch 2.7 and later bring a Triton that can",
+            "extension or the PyTorch reference); torch 2.7 and later bring a Triton that runs them",
             stacklevel=2,
         )
 except ImportError:  # pragma: no cover - exercised only where triton is missing

@@ -14,6 +14,7 @@ import torch
 
 import eagle_kernels
 from eagle import rng
+from eagle._args import is_array
 from eagle.models.cpu_packed import invalidate_cpu_caches
 from eagle.models.cuda_graph import (
     DEFAULT_POOL_CAPACITY,
@@ -394,7 +395,7 @@ def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> tor
 def _as_list(ids: int | Sequence[int] | None) -> list[int]:
     if ids is None:
         return []
-    if isinstance(ids, torch.Tensor) or type(ids).__module__ == "numpy":  # tensors, numpy arrays / scalars
+    if is_array(ids):
         ids = ids.reshape(-1).tolist()
     return [int(ids)] if isinstance(ids, numbers.Integral) else [int(i) for i in ids]
 
