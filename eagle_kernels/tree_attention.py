@@ -189,32 +189,36 @@ def _load_kv_tile(ptrs, pos_ok, d_ok, POS_MASK: tl.constexpr, EVEN_D: tl.constex
 
 
 @triton.jit
-def _scaled_scores(q, k, qk_scale, FP32_DOT: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] fp32 ``q k^T * qk_scale`` (log2 domain)."""
+def _scores(q, k, FP32_DOT: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 ``q k^T``, unscaled (the softmax step folds the scale into its FMA)."""
     if FP32_DOT:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    return s * qk_scale
+        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, s, v, MAY_BE_EMPTY: tl.constexpr, FP32_DOT: tl.constexpr):
-    """Fold one key block (scaled scores ``s``, -inf where invisible) into the running row max ``m_i``,
-    row sum ``l_i`` and weighted-V ``acc``. ``MAY_BE_EMPTY``: a row of ``s`` may be all -inf (only
-    under the tree mask; a prefix tile always has a visible key)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, MAY_BE_EMPTY: tl.constexpr, FP32_DOT: tl.constexpr):
+    """Fold one key block (raw scores ``s``, -inf where invisible) into the running row max ``m_i``,
+    row sum ``l_i`` and weighted-V ``acc``, in the log2 domain (``qk_scale`` = sm_scale * log2(e) >= 0).
+    ``MAY_BE_EMPTY``: a row of ``s`` may be all -inf (only under the tree mask; a prefix tile always
+    has a visible key)."""
+    # max(s) * scale == max(s * scale) for scale > 0 (rounding is monotonic), and s * scale - m is one
+    # FMA per score instead of a multiply and a subtract.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if MAY_BE_EMPTY:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    # The rescaled accumulator is the dot's accumulator input, so the MMA adds into it in place
+    # (no second [BLOCK_M, D] fp32 tile for the product and no separate add).
+    acc = acc * alpha[:, None]
     if FP32_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
@@ -340,14 +344,14 @@ def _tree_attention_kernel(
         for n0 in range(0, full, BLOCK_N):
             k = k_desc.load([first_row + n0, 0])
             v = v_desc.load([first_row + n0, 0])
-            s = _scaled_scores(q, k, qk_scale, FP32_DOT)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, False, FP32_DOT)
+            s = _scores(q, k, FP32_DOT)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, FP32_DOT)
     else:
         for n0 in range(0, full, BLOCK_N):
             k = _load_kv_tile(k_base + n0 * sk_s + k_tile, cols, d_ok, False, EVEN_D)
             v = _load_kv_tile(v_base + n0 * sv_s + v_tile, cols, d_ok, False, EVEN_D)
-            s = _scaled_scores(q, k, qk_scale, FP32_DOT)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, False, FP32_DOT)
+            s = _scores(q, k, FP32_DOT)
+            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, FP32_DOT)
 
     # The partial prefix tile and the new tokens (1-2 tiles for a 64-token tree): masked.
     for n0 in tl.range(full, length + new_keys, BLOCK_N, num_stages=1):
@@ -357,8 +361,9 @@ def _tree_attention_kernel(
         v = _load_kv_tile(v_base + n0 * sv_s + v_tile, js < new_keys, d_ok, True, EVEN_D)
         tree = _new_token_visibility(mask_ptr, b, t, js, T, new_keys, sm_b, sm_i, sm_w, MASK_KIND)
         visible = (js < 0)[None, :] | tree
-        s = tl.where(visible, _scaled_scores(q, k, qk_scale, FP32_DOT), float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, True, FP32_DOT)
+        # Scaled before masking (a zero scale must not meet -inf), so the step's scale is 1.
+        s = tl.where(visible, _scores(q, k, FP32_DOT) * qk_scale, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, 1.0, True, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
     out = acc / l_safe[:, None]
@@ -699,6 +704,8 @@ def _tree_attention_triton(
     """
     if q.dtype == torch.float64:
         raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
+    if sm_scale < 0:  # the kernel's row maxima are of unscaled scores, which needs a positive scale;
+        q, sm_scale = -q, -sm_scale  # (-q) k^T * -c == q k^T * c exactly (negation is exact)
     B, T, Hq, D = q.shape
     Hkv = k_cache.shape[1]
     if B * Hkv > _MAX_GRID_Y:  # the grid's y is B * Hkv: past CUDA's limit, the batch in chunks

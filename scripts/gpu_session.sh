@@ -32,6 +32,10 @@
 #          CAP_E2E_EXTRA seconds each)
 #          (SWEEP_TA_ARGS: more tree_attention sweep arguments, e.g. "--shapes tree64-B1 tree64-B8";
 #          SKIP_SWEEP_FDI=1: the tree_attention sweep alone)
+#   ab_ta  (not default; Triton only, beside the build) the working tree's tree_attention kernel against an
+#          older module, alternating in one process (bench/ab_tree_attention.py; AB_TA_BASELINE: the older
+#          eagle_kernels/tree_attention.py, e.g. from `git show REV:...` into a carried folder; AB_TA_ARGS:
+#          more arguments; CAP_AB_TA: its time box)
 #   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset
 #          (EAGLE_BENCH_L2_FLUSH=write) and by a read (=read, the default since 2026-11-27): does the memset's
 #          dirty-line write-back slow the timed kernel? (2026-11-26 on an H100: by 6-8 us)
@@ -128,6 +132,14 @@ if want sweep || want sweep_fdi; then
     fi
     cp bench/results/sweep_*.json "$W/" 2>/dev/null
     pack sweep "$W"/sweep_*
+fi
+
+# Triton only like the sweeps: runs while the extension builds.
+if want ab_ta; then
+    EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${CAP_AB_TA:-150}) python3 bench/ab_tree_attention.py "${AB_TA_BASELINE:?}" \
+        ${AB_TA_ARGS:-} --out "$W/ab_tree_attention.json" >"$W/ab_ta.log" 2>&1
+    log "tree_attention A/B rc=$? $(grep -c 'old/new' "$W/ab_ta.log") rows"
+    pack ab_ta "$W/ab_ta.log" "$W/ab_tree_attention.json"
 fi
 
 # Triton only like the sweeps: runs while the extension builds.

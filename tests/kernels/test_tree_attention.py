@@ -8,10 +8,12 @@ are kept tiny.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -709,11 +711,32 @@ def test_row_that_sees_nothing_gets_zeros(device):
         assert out[0].abs().sum() > 0, backend
 
 
-def test_sm_scale_is_honoured(device):
-    case = make_case(2, 3, 4, 2, 16, "causal", seed=2).to(torch.float32, device)
-    want = oracle(case.to(device="cpu"), sm_scale=0.7)
+@pytest.mark.parametrize("sm_scale", [0.7, -0.7, 0.0])
+def test_sm_scale_is_honoured(device, sm_scale):
+    # prefixes of 150 positions: full key tiles (the unmasked loop) as well as a partial one
+    case = make_case(2, 3, 4, 2, 16, "causal", seed=2, prefix_max=150, first_prefix=150).to(
+        torch.float32, device
+    )
+    want = oracle(case.to(device="cpu"), sm_scale=sm_scale)
     for backend in _all_backends(device):
-        out = run_with_backend(backend, tree_attention, *case.args(), sm_scale=0.7)
+        out = run_with_backend(backend, tree_attention, *case.args(), sm_scale=sm_scale)
+        assert_matches(out, case, want, f"{backend}, sm_scale {sm_scale}")
+
+
+def test_a_large_negative_scale_does_not_overflow(device):
+    """A negative scale is legal. At -40 the scaled scores spread past exp2's range, so a kernel that
+    shifts by the maximum of the unscaled scores overflows. Integer q and k keep the scores exact in
+    float32 and the softmax nearly one-hot, so float32 stays within its tolerance of the oracle."""
+    case = make_case(2, 3, 4, 2, 16, "causal", seed=2, prefix_max=150, first_prefix=150)
+    kv = torch.stack([case.k, case.v])
+    kv[0] = (kv[0] * 2).round()  # NaN past each sequence stays NaN (never read)
+    case = Case((case.q * 2).round(), kv[0], kv[1], case.seqlens, case.mask, case.mask_bool).to(
+        torch.float32, device
+    )
+    want = oracle(case.to(device="cpu"), sm_scale=-40.0)
+    for backend in _all_backends(device):
+        out = run_with_backend(backend, tree_attention, *case.args(), sm_scale=-40.0)
+        assert torch.isfinite(out).all(), backend
         assert_matches(out, case, want, backend)
 
 
@@ -1044,6 +1067,41 @@ def test_sweep_interpret_reports_failures_and_keeps_going(tmp_path, monkeypatch)
     assert status["m16 n16 w4 st2 splits1 tma"] == "ok", "the tensor-descriptor variant is swept too"
     assert sum(s == "ok" for s in status.values()) == 4
     assert entry["best"]["status"] == "ok" and entry["best"]["max_abs_err"] < 1e-4
+
+
+def test_ab_compares_the_working_tree_with_an_older_module_and_rejects_a_wrong_one(tmp_path):
+    """bench/ab_tree_attention.py loads another commit's module beside this one (its ops under another
+    namespace), checks both against the reference and times them alternately."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("--interpret needs TRITON_INTERPRET=1 before triton is imported (set on CPU test runs)")
+    import importlib
+
+    from bench import ab_tree_attention as ab
+
+    source = Path(importlib.import_module("eagle_kernels.tree_attention").__file__).read_text()
+    same, broken = tmp_path / "same.py", tmp_path / "broken.py"
+    same.write_text(source)
+    wrong_output = "out = acc / l_safe[:, None]"
+    assert wrong_output in source
+    broken.write_text(source.replace(wrong_output, "out = 2.0 * acc / l_safe[:, None]"))
+    for baseline, old_ok in ((same, True), (broken, False)):
+        out = tmp_path / f"ab_{baseline.stem}.json"
+        argv = [str(baseline), "--interpret", "--rounds", "2", "--shapes", "tiny-tree5-B2", "--out", str(out)]
+        assert ab.main([*argv, "--configs", "default", "m16 n16 w4 s2 k2 tma"]) == 0
+        rows = json.loads(out.read_text())["shapes"]["tiny-tree5-B2"]
+        assert [r["config"] for r in rows] == ["default", "m16 n16 w4 s2 k2 tma"]
+        for row in rows:
+            new, old = row["versions"]["new"], row["versions"]["old"]
+            assert new["status"] == "ok" and len(new["times_us"]) == 2 and new["max_abs_err"] < 1e-4
+            assert (old["status"] == "ok") == old_ok and ("old_over_new" in row) == old_ok, row
+            if not old_ok:
+                assert old["status"].startswith("wrong") and old["times_us"] == []
+        assert (
+            "splits=2" in rows[1]["versions"]["new"]["plan"]
+            and "kv_tma=True" in rows[1]["versions"]["new"]["plan"]
+        )
+    with pytest.raises(SystemExit, match="not an eagle_kernels/tree_attention.py"):
+        ab.load_baseline(Path(ab.sweep.__file__))
 
 
 @pytest.mark.parametrize("isa", isa_params())
