@@ -863,9 +863,12 @@ MC_SIM_7B_63: tuple[tuple[int, ...], ...] = (
 """EAGLE-1's default static tree (``eagle/model/choices.py``): 25 draft nodes as top-k rank paths."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class StaticTree:
     """A static draft tree in SGLang's layout (all tensors int64 on CPU unless noted).
+
+    ``paths`` and ``topk`` define it (every tensor is derived from them), so they alone decide
+    equality, hashing and the repr.
 
     Slot 0 is the root; slot ``i >= 1`` is ``paths[i-1]``, the paths sorted by length, then
     lexicographically, so slots are in level order and siblings in rank order.
@@ -889,6 +892,20 @@ class StaticTree:
     expand_slots: torch.Tensor  # [num_expanded], slots with children, in slot order
     expand_row: torch.Tensor  # [n], row of the slot in the top-k table, -1 for leaves
     token_source: torch.Tensor  # [n-1], flat index into the [num_expanded, topk] top-k table
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StaticTree):
+            return NotImplemented
+        return (self.paths, self.topk) == (other.paths, other.topk)
+
+    def __hash__(self) -> int:
+        return hash((self.paths, self.topk))
+
+    def __repr__(self) -> str:
+        return (
+            f"StaticTree(num_draft_tokens={self.num_draft_tokens}, max_depth={self.max_depth}, "
+            f"topk={self.topk}, paths={self.paths})"
+        )
 
     @property
     def num_draft_tokens(self) -> int:

@@ -727,6 +727,18 @@ def test_static_tree_sorts_paths_and_accepts_any_order():
     assert build_static_tree([]).num_draft_tokens == 1
 
 
+def test_static_trees_compare_hash_and_print_by_their_paths_and_topk():
+    """Two builds of one tree are equal (it was a RuntimeError: tensor fields compared elementwise)
+    and hash alike; the repr names the tree instead of dumping its tensors."""
+    a, b = build_static_tree(MC_SIM_7B_63), build_static_tree(list(reversed(MC_SIM_7B_63)))
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != build_static_tree(MC_SIM_7B_63, topk=10) and a != build_static_tree(MC_SIM_7B_63[:4])
+    assert a != "static" and a != MC_SIM_7B_63
+    text = repr(a)
+    assert text.startswith("StaticTree(num_draft_tokens=26, max_depth=5, topk=4, paths=((0,), (1,),")
+    assert "tensor" not in text and len(text) < 400
+
+
 @pytest.mark.parametrize(
     "paths,topk,error,match",
     [
