@@ -8,12 +8,13 @@ against ``tree_attention_ref`` before it is timed.
 
     git show HEAD~1:eagle_kernels/tree_attention.py > /tmp/old_tree_attention.py
     python bench/ab_tree_attention.py /tmp/old_tree_attention.py                 # goal shapes, CUDA
-    python bench/ab_tree_attention.py OLD --shapes tree64-B32 --configs default tma "m128 n64 w8 s4 tma"
+    python bench/ab_tree_attention.py OLD --shapes tree64-B32 --configs default tma m128_n64_w8_s4_tma
     python bench/ab_tree_attention.py OLD --interpret                            # tiny shapes on CPU
 
 Shapes are ``bench/sweep_tree_attention.py``'s (default: issue 3's goal shapes and the T = 1 decode at
 batch 32). A configuration is ``default`` (each version's own :func:`plan_launch`), ``tma`` (the
-default plan with ``kv_tma``) or tokens ``m<block_m> n<block_n> w<warps> s<stages> k<splits> [tma]``.
+default plan with ``kv_tma``) or tokens ``m<block_m> n<block_n> w<warps> s<stages> k<splits> [tma]``
+joined by spaces, ``_`` or ``,``.
 Times are kernel times (``bench.utils.measure_cuda_kernel_time``: calls captured in a CUDA graph, L2
 flushed before each); the median over rounds is reported, and ``old / new`` (> 1: the new kernel is
 faster). ``--out`` (default ``bench/results/ab_tree_attention_<GPU>.json``) gets every round's time.
@@ -22,9 +23,12 @@ faster). ``--out`` (default ``bench/results/ab_tree_attention_<GPU>.json``) gets
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
+import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -57,8 +61,11 @@ def load_baseline(path: Path):
     source = path.read_text()
     if '"eagle::tree_attention"' not in source or "def _tree_attention_triton(" not in source:
         raise SystemExit(f"{path}: not an eagle_kernels/tree_attention.py (no eagle::tree_attention op)")
+    if "class LaunchConfig" not in source:
+        raise SystemExit(f"{path}: a tree_attention.py from before LaunchConfig, which this comparison needs")
     renamed = source.replace('"eagle::', f'"{BASELINE_NAMESPACE}::')
     folder = Path(tempfile.mkdtemp(prefix="ab_tree_attention_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the file until then
     copy = folder / "baseline_tree_attention.py"
     copy.write_text(renamed)
     name = "eagle_kernels._ab_baseline_tree_attention"
@@ -70,8 +77,9 @@ def load_baseline(path: Path):
 
 
 def parse_config(text: str, module):
-    """``module.LaunchConfig`` for ``text`` (see the module docstring); None for ``default``."""
-    words = text.split()
+    """``module.LaunchConfig`` for ``text`` (see the module docstring); None for ``default``. Words
+    are separated by spaces, ``_`` or ``,`` (``m128_n64_w8_s4_tma`` stays one shell word)."""
+    words = text.replace("_", " ").replace(",", " ").split()
     if words == ["default"]:
         return None
     fields = {"m": "block_m", "n": "block_n", "w": "num_warps", "s": "num_stages", "k": "num_splits"}
@@ -116,22 +124,27 @@ def compare_shape(
                 return module._tree_attention_triton(*inputs, scale, config)
 
             entry = row["versions"].setdefault(name, {"times_us": []})
+            entry["plan"] = plan_of(module, shape, config, device, dtype)
             try:
                 err = (call().float() - want).abs().max().item()
-                entry["max_abs_err"] = err
-                if not err <= TOLERANCE[dtype]:  # NaN fails too
-                    entry["status"] = f"wrong (max abs err {err:.3g})"
-                    continue
-                entry["plan"] = str(plan_of(module, shape, config, device))
-                calls[name] = call
-            except Exception as err:  # a plan that does not compile or launch: reported, not fatal
-                entry["status"] = (
-                    f"error: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-                )
+            except Exception as exc:  # a plan that does not compile or launch: reported, not fatal
+                entry["status"] = failure(exc)
+                continue
+            entry["max_abs_err"] = err if math.isfinite(err) else str(err)  # JSON has no NaN
+            if not err <= TOLERANCE[dtype]:  # NaN fails too
+                entry["status"] = f"wrong (max abs err {err:.3g})"
+                continue
+            calls[name] = call
         order = list(calls)
         for r in range(rounds):
             for name in order if r % 2 == 0 else order[::-1]:
-                row["versions"][name]["times_us"].append(kernel_us(calls[name], interpret))
+                if name not in calls:  # its timing failed in an earlier round
+                    continue
+                try:
+                    row["versions"][name]["times_us"].append(kernel_us(calls[name], interpret))
+                except Exception as exc:  # e.g. no CUDA graph capture: this version is not timed
+                    row["versions"][name]["status"] = f"timing {failure(exc)}"
+                    del calls[name]
         for name in calls:
             entry = row["versions"][name]
             entry["status"] = "ok"
@@ -143,12 +156,23 @@ def compare_shape(
     return rows
 
 
-def plan_of(module, shape, config, device):
-    """The version's own resolved launch plan for this shape and configuration."""
+def failure(exc: Exception) -> str:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"error: {type(exc).__name__}: {first}"
+
+
+def plan_of(module, shape, config, device, dtype) -> str:
+    """The version's own resolved launch plan for this shape and configuration ("n/a" where its
+    ``plan_launch`` takes other arguments)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    elem_size = 4 if shape.fp32 else 2
     G = shape.Hq // shape.Hkv
-    return module.plan_launch(shape.B, shape.Hkv, shape.T, G, shape.s_max, shape.D, sms, config, elem_size)
+    try:
+        plan = module.plan_launch(
+            shape.B, shape.Hkv, shape.T, G, shape.s_max, shape.D, sms, config, dtype.itemsize
+        )
+    except TypeError as exc:
+        return f"n/a ({exc})"
+    return str(plan)
 
 
 def print_row(shape_name: str, row: dict) -> None:
@@ -162,7 +186,8 @@ def print_row(shape_name: str, row: dict) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: --interpret is looked for in sys.argv before triton is imported
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("baseline", type=Path, help="an eagle_kernels/tree_attention.py of another commit")
     p.add_argument("--shapes", nargs="*", default=None, help="sweep_tree_attention shape names")
     p.add_argument("--configs", nargs="*", default=["default", "tma"], help="launch configurations")
@@ -176,6 +201,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
+    if args.interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--interpret needs TRITON_INTERPRET=1 before triton is first imported")
     if not args.interpret and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --interpret")
     device = torch.device("cpu" if args.interpret else "cuda")

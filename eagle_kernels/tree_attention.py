@@ -203,14 +203,16 @@ def _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, MAY_BE_EMPTY: tl.constex
     ``MAY_BE_EMPTY``: a row of ``s`` may be all -inf (only under the tree mask; a prefix tile always
     has a visible key)."""
     # max(s) * scale == max(s * scale) for scale > 0 (rounding is monotonic), and s * scale - m is one
-    # FMA per score instead of a multiply and a subtract.
+    # FMA per score instead of a multiply and a subtract (written out: Triton's default FP fusion is
+    # to be switched off in 3.10). A row whose scaled scores overflow gets m = +inf and p = 0, not
+    # NaN: the epilogue turns such rows into NaN.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if MAY_BE_EMPTY:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
     alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    p = tl.math.exp2(tl.fma(s, qk_scale, -m_safe[:, None]))
     l_i = l_i * alpha + tl.sum(p, 1)
     # The rescaled accumulator is the dot's accumulator input, so the MMA adds into it in place
     # (no second [BLOCK_M, D] fp32 tile for the product and no separate add).
@@ -366,7 +368,10 @@ def _tree_attention_kernel(
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, 1.0, True, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
-    out = acc / l_safe[:, None]
+    # m = +inf: a finite score overflowed float32 once scaled (the fused s * scale - m gave -inf, so
+    # p = 0); NaN as in the reference, not the zeros of a row that saw nothing (a NaN part also
+    # survives the combine: its weight times NaN is NaN)
+    out = tl.where((m_i == float("inf"))[:, None], float("nan"), acc / l_safe[:, None])
     Hq = Hkv * G
     row_off = (t * Hq + h).to(tl.int64)  # row within [B, T, Hq]
     dst = b64 * T * Hq + row_off
@@ -957,7 +962,10 @@ def tree_attention(
     -------
     Tensor ``[B, T, Hq, D]``, q's dtype, contiguous: ``softmax(q k^T * sm_scale) v`` over the visible
     keys, accumulated in fp32 (fp64 for fp64 inputs). A query that sees no key at all (empty prefix
-    and an all-false mask row) gets zeros. NaN/inf in visible K/V propagate to the output.
+    and an all-false mask row) gets zeros. NaN/inf in visible K/V propagate to the output, and so
+    does a scaled score that overflows float32. On Triton a row whose scaled scores reach about
+    2**31 in magnitude (log2 units) comes out NaN: its ``s * scale - max`` is one fused multiply-add,
+    which keeps the max's rounding error, and 2**-24 of that is past exp2's range.
 
     Backends: Triton on CUDA tensors (flash-attention style, with a split-prefix flash-decoding
     variant chosen by :func:`plan_launch`); the C++ kernel on CPU tensors when the extension is

@@ -738,6 +738,29 @@ def test_a_large_negative_scale_does_not_overflow(device):
         out = run_with_backend(backend, tree_attention, *case.args(), sm_scale=-40.0)
         assert torch.isfinite(out).all(), backend
         assert_matches(out, case, want, backend)
+    if "triton" in _all_backends(device):  # the split prefix and its combine kernel too
+        split = LaunchConfig(block_m=16, block_n=16, num_splits=3)
+        for scale in (-40.0, -0.7):
+            out = _tree_attention_triton(*case.args(), scale, split)
+            assert_matches(out, case, oracle(case.to(device="cpu"), sm_scale=scale), f"3 splits, {scale}")
+
+
+def test_a_row_whose_scaled_scores_overflow_float32_is_nan_not_zero(device):
+    """q . k = 1e38 is finite in float32, times sm_scale 10 it is not. Every backend gives that row
+    NaN, as the float32 reference does. The Triton kernel's fused ``s * scale - max`` once made it
+    p = 0 everywhere, the zeros of a row that sees no key: silently wrong. (The interpreter rounds
+    the product before the subtraction, so on CPU this passes either way; a GPU run checks it.)"""
+    case = make_case(2, 3, 4, 2, 16, "causal", seed=2, prefix_max=150, first_prefix=150).to(torch.float32)
+    q, k = case.q.clone(), case.k.clone()
+    q[0, 0, 0] = 0.0
+    q[0, 0, 0, 0] = 1e19
+    k[0, 0, 5] = 0.0  # kv head 0 serves query heads 0 and 1
+    k[0, 0, 5, 0] = 1e19
+    args = [t.to(device) for t in (q, k, case.v, case.seqlens)]
+    for backend in _all_backends(device):
+        out = run_with_backend(backend, tree_attention, *args, None, sm_scale=10.0).cpu()
+        assert torch.isnan(out[0, 0, 0]).all(), backend
+        assert torch.isfinite(out[1]).all(), f"{backend}: sequence 1 does not read the key"
 
 
 def test_all_mask_formats_agree(device):
@@ -1081,15 +1104,15 @@ def test_ab_compares_the_working_tree_with_an_older_module_and_rejects_a_wrong_o
     source = Path(importlib.import_module("eagle_kernels.tree_attention").__file__).read_text()
     same, broken = tmp_path / "same.py", tmp_path / "broken.py"
     same.write_text(source)
-    wrong_output = "out = acc / l_safe[:, None]"
-    assert wrong_output in source
-    broken.write_text(source.replace(wrong_output, "out = 2.0 * acc / l_safe[:, None]"))
+    wrong_output = "acc / l_safe[:, None]"
+    assert source.count(wrong_output) == 1
+    broken.write_text(source.replace(wrong_output, "2.0 * acc / l_safe[:, None]"))
     for baseline, old_ok in ((same, True), (broken, False)):
         out = tmp_path / f"ab_{baseline.stem}.json"
         argv = [str(baseline), "--interpret", "--rounds", "2", "--shapes", "tiny-tree5-B2", "--out", str(out)]
-        assert ab.main([*argv, "--configs", "default", "m16 n16 w4 s2 k2 tma"]) == 0
+        assert ab.main([*argv, "--configs", "default", "m16_n16_w4_s2_k2_tma"]) == 0
         rows = json.loads(out.read_text())["shapes"]["tiny-tree5-B2"]
-        assert [r["config"] for r in rows] == ["default", "m16 n16 w4 s2 k2 tma"]
+        assert [r["config"] for r in rows] == ["default", "m16_n16_w4_s2_k2_tma"]
         for row in rows:
             new, old = row["versions"]["new"], row["versions"]["old"]
             assert new["status"] == "ok" and len(new["times_us"]) == 2 and new["max_abs_err"] < 1e-4
@@ -1100,8 +1123,18 @@ def test_ab_compares_the_working_tree_with_an_older_module_and_rejects_a_wrong_o
             "splits=2" in rows[1]["versions"]["new"]["plan"]
             and "kv_tma=True" in rows[1]["versions"]["new"]["plan"]
         )
+        # the plan of the float32 launch the interpreter makes (2 stages), not of a bf16 one (3)
+        assert "num_stages=2" in rows[0]["versions"]["new"]["plan"], rows[0]["versions"]["new"]["plan"]
     with pytest.raises(SystemExit, match="not an eagle_kernels/tree_attention.py"):
         ab.load_baseline(Path(ab.sweep.__file__))
+    too_old = tmp_path / "too_old.py"
+    too_old.write_text(source.replace("class LaunchConfig", "class LaunchSettings"))
+    with pytest.raises(SystemExit, match="before LaunchConfig"):
+        ab.load_baseline(too_old)
+    with pytest.raises(SystemExit, match="--rounds must be at least 1"):
+        ab.main([str(same), "--interpret", "--rounds", "0"])
+    with pytest.raises(SystemExit):  # no abbreviations: --interp would not have set the interpreter
+        ab.main([str(same), "--interp"])
 
 
 @pytest.mark.parametrize("isa", isa_params())
