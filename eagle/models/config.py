@@ -10,6 +10,7 @@ take effect) raises a ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,13 @@ def detect_family(cfg: dict[str, Any]) -> str:
 
 
 def _check_supported(cfg: dict[str, Any]) -> None:
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "unnamed") if isinstance(quant, dict) else quant
+        raise ValueError(
+            f"config.json: a quantised checkpoint (quantization_config, quant_method {method!r}) is not "
+            "supported; use the unquantised (float16 / bfloat16 / float32) weights"
+        )
     act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
     if act != "silu":
         raise ValueError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
@@ -301,6 +309,12 @@ def _biases(cfg: dict[str, Any], family: str) -> dict[str, bool]:
 
 def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     """RoPE base and scaling, from the new ``rope_parameters`` or legacy ``rope_theta``/``rope_scaling``."""
+    for name in ("rope_parameters", "rope_scaling"):
+        value = cfg.get(name)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(
+                f'config.json: {name} must be an object such as {{"rope_type": "linear", "factor": 2.0}}, got {value!r}'
+            )
     params = dict(cfg.get("rope_parameters") or {})
     key = "rope_parameters"
     legacy = dict(cfg.get("rope_scaling") or {})
@@ -314,7 +328,8 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
             f"config.json: {key} holds per-layer-type settings {nested}; only one RoPE for all layers is supported"
         )
     theta = params.get("rope_theta", cfg.get("rope_theta"))
-    theta = 10000.0 if theta is None else float(theta)
+    where = f"{key}.rope_theta" if "rope_theta" in params else "rope_theta"
+    theta = 10000.0 if theta is None else _rope_number(theta, where)
     rope_type = _rope_type(params)
     if rope_type == "default":
         return theta, None
@@ -343,15 +358,35 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     missing = [k for k in _LLAMA3_KEYS if params.get(k) is None]
     if missing:
         raise ValueError(f"config.json: {key} of rope_type 'llama3' lacks {missing}")
+    original = params["original_max_position_embeddings"]
+    if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+        raise ValueError(
+            f"config.json: {key}.original_max_position_embeddings must be a positive integer, got {original!r}"
+        )
     scaling = Llama3RopeScaling(
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        factor=_rope_number(params["factor"], f"{key}.factor", at_least=1.0),
+        low_freq_factor=_rope_number(params["low_freq_factor"], f"{key}.low_freq_factor"),
+        high_freq_factor=_rope_number(params["high_freq_factor"], f"{key}.high_freq_factor"),
+        original_max_position_embeddings=original,
     )
-    if scaling.high_freq_factor == scaling.low_freq_factor:
-        raise ValueError(f"config.json: {key} needs high_freq_factor != low_freq_factor")
+    if not scaling.high_freq_factor > scaling.low_freq_factor:
+        raise ValueError(
+            f"config.json: {key} needs high_freq_factor > low_freq_factor, got "
+            f"{scaling.high_freq_factor} and {scaling.low_freq_factor}"
+        )
     return theta, scaling
+
+
+def _rope_number(value: Any, where: str, *, at_least: float | None = None) -> float:
+    """A finite JSON number > 0 (>= ``at_least`` when given): a string, 0 or a negative base or factor
+    loaded and then gave NaN logits, or different tokens, with no word about the config."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config.json: {where} must be a finite number, got {value!r}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"config.json: {where} must be >= {at_least:g}, got {value!r}")
+    if not value > 0:
+        raise ValueError(f"config.json: {where} must be positive, got {value!r}")
+    return float(value)
 
 
 def _rope_type(params: dict[str, Any]) -> str:

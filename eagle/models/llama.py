@@ -45,7 +45,7 @@ from eagle.models.cpu_packed import (
     tensor_version,
 )
 from eagle.models.kv_cache import KVCache
-from eagle.models.weights import check_keys, read_state_dict, resolve_checkpoint, resolve_dtype
+from eagle.models.weights import abbreviate, check_keys, read_state_dict, resolve_checkpoint, resolve_dtype
 from eagle_kernels import _ext
 from eagle_kernels._backend import forced_backend
 
@@ -840,12 +840,27 @@ def target_state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> di
         )
     optional = ["lm_head.weight"] if cfg.tie_word_embeddings else []
     check_keys(state, hf_target_shapes(cfg), what="target checkpoint", optional=optional)
+    _check_weight_dtypes(state)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     state = {k.removeprefix("model."): v for k, v in state.items()}
     for i in range(cfg.num_layers):
         state |= fuse_layer_tensors(state, f"layers.{i}.")
     return state
+
+
+# What a weight may be stored as: an integer or float8 tensor is quantised (its scales elsewhere, or
+# in another format) and would be cast to the compute dtype, not dequantised: wrong tokens, no message.
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_weight_dtypes(state: dict[str, torch.Tensor]) -> None:
+    odd = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in _WEIGHT_DTYPES]
+    if odd:
+        raise ValueError(
+            f"target checkpoint: weights stored as {abbreviate(odd)}; quantised targets are not supported "
+            "(float16, bfloat16, float32 or float64 weights only)"
+        )
 
 
 def load_target(

@@ -132,6 +132,9 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} could not be read as a PyTorch weights file: {exc}") from exc
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    others = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if others:  # e.g. a training script's step counter saved beside the weights
+        raise ValueError(f"{path} holds entries that are not tensors: {abbreviate(others)}")
     return dict(state)
 
 
@@ -139,12 +142,27 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path} has no 'weight_map'")
+    bad = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(
+            f"{index_path}: 'weight_map' must map tensor names to shard file names, got {abbreviate(bad)}"
+        )
     state: dict[str, torch.Tensor] = {}
+    shard_of: dict[str, str] = {}
     for shard in sorted(set(weight_map.values())):
         path = index_path.parent / shard
         if not path.is_file():
             raise FileNotFoundError(f"shard {shard} listed in {index_path.name} is missing")
-        state.update(_read_file(path))
+        part = _read_file(path)
+        # a tensor in two shards: which copy is right is not knowable (a stale copy beside the real
+        # one once decoded zeros)
+        twice = [f"{k} ({shard_of[k]} and {shard})" for k in part if k in shard_of]
+        if twice:
+            raise ValueError(
+                f"{index_path.parent}: tensors stored in more than one shard: {abbreviate(twice)}"
+            )
+        shard_of.update(dict.fromkeys(part, shard))
+        state.update(part)
     # An index may list a tied lm_head no shard holds, and a shard may hold an unlisted buffer
     # (rotary_emb.inv_freq); transformers loads both. The key check of the model that reads the
     # state names any tensor that is really missing or unexpected.
@@ -183,15 +201,16 @@ def check_keys(
     ]
     problems = []
     if missing:
-        problems.append(f"missing keys {_abbrev(missing)}")
+        problems.append(f"missing keys {abbreviate(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys {_abbrev(unexpected)}")
+        problems.append(f"unexpected keys {abbreviate(unexpected)}")
     if shapes:
-        problems.append(f"wrong shapes {_abbrev(shapes)}")
+        problems.append(f"wrong shapes {abbreviate(shapes)}")
     if problems:
         raise ValueError(f"{what}: " + "; ".join(problems))
 
 
-def _abbrev(items: list[str], limit: int = 12) -> str:
+def abbreviate(items: list[str], limit: int = 12) -> str:
+    """The first ``limit`` items of a list for an error message, and how many more there are."""
     more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
     return "[" + ", ".join(items[:limit]) + "]" + more

@@ -273,6 +273,40 @@ def _config(family: str, **overrides) -> dict:
         (dict(num_hidden_layers=True), "num_hidden_layers must be a positive integer"),
         (dict(max_position_embeddings=0), "max_position_embeddings must be a positive integer"),
         (dict(rms_norm_eps="1e-6"), "rms_norm_eps must be a positive number"),
+        # RoPE values inside rope_parameters / rope_scaling: these loaded, then gave NaN logits or other
+        # tokens with no word about the config
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": 0}),
+            "rope_parameters.rope_theta must be positive",
+        ),
+        (dict(rope_parameters={"rope_type": "default", "rope_theta": -1e4}), "rope_theta must be positive"),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": "10000"}),
+            "rope_theta must be a finite number",
+        ),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": float("inf")}),
+            "must be a finite number",
+        ),
+        (
+            dict(rope_parameters=LLAMA3_ROPE | {"factor": -8.0}),
+            r"rope_parameters.factor must be >= 1, got -8.0",
+        ),
+        (dict(rope_parameters=LLAMA3_ROPE | {"factor": "8"}), "factor must be a finite number, got '8'"),
+        (
+            dict(rope_parameters=LLAMA3_ROPE | {"low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+            "high_freq_factor > low_freq_factor",
+        ),
+        (dict(rope_parameters=LLAMA3_ROPE | {"low_freq_factor": 0.0}), "low_freq_factor must be positive"),
+        (
+            dict(rope_parameters=LLAMA3_ROPE | {"original_max_position_embeddings": 0}),
+            "original_max_position_embeddings must be a positive integer",
+        ),
+        (dict(rope_parameters=None, rope_scaling="linear"), "rope_scaling must be an object"),
+        (
+            dict(quantization_config={"quant_method": "compressed-tensors"}),
+            "quant_method 'compressed-tensors'",
+        ),
     ],
 )
 def test_unsupported_config_names_the_key(change, key):
@@ -581,6 +615,57 @@ def test_a_shard_index_that_lists_a_tied_lm_head_or_misses_a_rotary_buffer_loads
     index["weight_map"]["model.layers.0.mlp.up_proj.weight_scale"] = first_shard  # listed, really absent
     index_path.write_text(json.dumps(index))
     load_target(path, dtype=torch.float64)  # nothing reads it: transformers ignores it too
+
+
+def test_quantised_target_weights_are_refused_by_name(make_target, tmp_path):
+    """An int8 (or float8) target loaded with its weights cast, not dequantised: other tokens, no
+    message. A head with such weights was already refused."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = make_target("llama")
+    state = load_file(str(path / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        copy = tmp_path / str(dtype).removeprefix("torch.")
+        copy.mkdir()
+        (copy / "config.json").write_text((path / "config.json").read_text())
+        save_file(state | {key: state[key].to(dtype)}, str(copy / "model.safetensors"))
+        with pytest.raises(ValueError, match=rf"weights stored as \[{key} \({dtype}\)\]; quantised targets"):
+            load_target(copy, dtype=torch.float32)
+
+
+def test_weight_files_with_non_tensor_entries_or_a_tensor_in_two_shards_are_refused(make_target, tmp_path):
+    """A .bin holding a training counter failed with "'int' object has no attribute ..."; an index
+    whose shard names were not strings with a TypeError about paths; and a stale copy of a tensor in
+    a second shard was read instead of the one the index names (it decoded zeros)."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = make_target("llama", save_kwargs=dict(max_shard_size="100KB"))
+    index_path = path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2
+    first, last = path / shards[0], path / shards[-1]
+    stale_key = next(iter(load_file(str(first))))
+    original_last = load_file(str(last))
+    save_file(original_last | {stale_key: torch.zeros_like(load_file(str(first))[stale_key])}, str(last))
+    with pytest.raises(ValueError, match=rf"tensors stored in more than one shard: \[{stale_key} \("):
+        load_target(path, dtype=torch.float32)
+    save_file(original_last, str(last))
+    index_path.write_text(json.dumps(index | {"weight_map": index["weight_map"] | {stale_key: 3}}))
+    with pytest.raises(ValueError, match="'weight_map' must map tensor names to shard file names"):
+        load_target(path, dtype=torch.float32)
+    index_path.write_text(json.dumps(index))
+    load_target(path, dtype=torch.float32)  # restored: loads
+
+    _, single = make_target("llama")
+    state = load_file(str(single / "model.safetensors"))
+    (single / "model.safetensors").unlink()
+    torch.save(state | {"step": 100, "epoch": 2}, single / "pytorch_model.bin")
+    with pytest.raises(
+        ValueError, match=r"holds entries that are not tensors: \['step' \(int\), 'epoch' \(int\)\]"
+    ):
+        load_target(single, dtype=torch.float32)
 
 
 def test_generation_config_processors_that_are_not_applied_are_warned_about(make_target):
