@@ -616,6 +616,15 @@ def draft_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         raise ValueError(
             f"draft config: target_hidden_size={target_hidden} != hidden_size={cfg.hidden_size} is not supported"
         )
+    draft_vocab = raw.get("draft_vocab_size")
+    if draft_vocab is not None and (
+        not isinstance(draft_vocab, int)
+        or isinstance(draft_vocab, bool)
+        or not 1 <= draft_vocab <= cfg.vocab_size
+    ):  # 0 fell back to the lm_head's rows, a negative one failed as a shape "expected [-5, H]"
+        raise ValueError(
+            f"draft config: draft_vocab_size must be an integer in [1, vocab_size={cfg.vocab_size}], got {draft_vocab!r}"
+        )
     # EAGLE heads name their q/k/v bias `qkv_bias` (Qwen2 heads), never `attention_bias`.
     return dataclasses.replace(cfg, qkv_bias=bool(raw.get("qkv_bias", False)), o_bias=False, mlp_bias=False)
 
@@ -624,14 +633,19 @@ def draft_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
 _UNSUPPORTED_EAGLE3_KEYS = ("norm_before_residual", "norm_before_fc", "use_aux_hidden_state_fc_bias")
 
 
+def _explicit_feature_layers(cfg: ModelConfig):
+    """The head config's ``eagle_aux_hidden_state_layer_ids`` as written (None when absent)."""
+    nested = _nested_eagle_config(cfg)
+    return cfg.extra.get("eagle_aux_hidden_state_layer_ids", nested.get("eagle_aux_hidden_state_layer_ids"))
+
+
 def eagle3_feature_layers(cfg: ModelConfig, target_num_layers: int) -> tuple[int, int, int]:
     """The target layers whose input features an EAGLE-3 head reads: the official (2, L // 2, L - 3),
     or the head config's ``eagle_aux_hidden_state_layer_ids`` (top level or under ``eagle_config``,
     as ModelOpt / speculators / vLLM write them; like vLLM, index j is the hidden state entering
     layer j)."""
     L = target_num_layers
-    nested = _nested_eagle_config(cfg)
-    ids = cfg.extra.get("eagle_aux_hidden_state_layer_ids", nested.get("eagle_aux_hidden_state_layer_ids"))
+    ids = _explicit_feature_layers(cfg)
     if ids is None:
         return (2, L // 2, L - 3)
     if (
@@ -774,7 +788,7 @@ def _check_fits_target(cfg: ModelConfig, target: LlamaModel, kind: str) -> None:
         raise ValueError(
             f"{kind} head does not fit the target: vocab_size {cfg.vocab_size} != target's {t.vocab_size}"
         )
-    if kind == "eagle3" and t.num_layers < 4:
+    if kind == "eagle3" and t.num_layers < 4 and _explicit_feature_layers(cfg) is None:
         raise ValueError(
             f"an EAGLE-3 head needs a target with >= 4 layers (features of 2, L//2, L-3), got {t.num_layers}"
         )

@@ -344,6 +344,44 @@ def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, targe
     assert load_draft(saved, target).feature_layers == (0, 1, 3)
 
 
+def test_eagle3_heads_with_their_own_feature_layers_fit_a_three_layer_target(
+    tmp_path, tiny_checkpoints, target_config
+):
+    """The default layers (2, L // 2, L - 3) need 4 target layers; a head naming its own did not get
+    past that check, whose message spoke of the default layers."""
+    from tests.eagle.conftest import build_hf_target, save_hf_target
+
+    small = {
+        k: target_config[k]
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+        )
+    }
+    three = load_target(
+        save_hf_target(build_hf_target("llama", 0, num_hidden_layers=3, **small), tmp_path / "t3"),
+        dtype=torch.float64,
+    )
+    state = eagle3_state(target_config, prefix="midlayer.", embed=None, draft_vocab=None)
+    base = head_config(target_config, architectures=["LlamaForCausalLMEagle3"])
+    with pytest.raises(
+        ValueError, match=r"needs a target with >= 4 layers \(features of 2, L//2, L-3\), got 3"
+    ):
+        load_draft(write_head(tmp_path / "default", base, state), three)
+    own = load_draft(
+        write_head(tmp_path / "own", base | {"eagle_aux_hidden_state_layer_ids": [0, 1, 2]}, state), three
+    )
+    assert own.feature_layers == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"must be layers of the target, in \[0, 3\)"):
+        load_draft(
+            write_head(tmp_path / "past", base | {"eagle_aux_hidden_state_layer_ids": [0, 1, 3]}, state),
+            three,
+        )
+
+
 def test_mismatched_eagle3_heads_are_refused(tmp_path, target, target_config):
     cfg = head_config(target_config, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=40)
 
@@ -360,6 +398,11 @@ def test_mismatched_eagle3_heads_are_refused(tmp_path, target, target_config):
         load_draft(write("c", shifted), target)
     with pytest.raises(ValueError, match=r"lm_head.weight: \[40, 64\] \(expected \[101, 64\]\)"):
         load_draft(write("d", good, cfg | {"draft_vocab_size": 101}), target)
+    for bad in (0, -5, 102, "40", 40.0):  # 0 fell back to lm_head's rows; -5 failed as a shape
+        with pytest.raises(
+            ValueError, match=rf"draft_vocab_size must be an integer in \[1, vocab_size=101\], got {bad!r}"
+        ):
+            load_draft(write(f"vocab{bad}", good, cfg | {"draft_vocab_size": bad}), target)
     mixed = good | {"layers.0.hidden_norm.weight": good.pop("midlayer.hidden_norm.weight")}
     with pytest.raises(ValueError, match="mixes"):
         load_draft(write("e", mixed), target)

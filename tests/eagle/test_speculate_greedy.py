@@ -331,6 +331,33 @@ def test_generation_config_eos_is_the_default_stop(tmp_path):
     assert model.generate([[3, 1, 4]], 12, speculative=False, eos_token_id=[]).tokens[0] == free
 
 
+def test_a_bad_eos_in_the_checkpoints_files_is_named_there(tmp_path):
+    """The caller passed no eos_token_id, yet the error said "eos_token_id holds ids outside the
+    vocabulary" without naming the file the id came from or how to get past it."""
+    hf = build_hf_target("llama", seed=0, **SMALL)
+    target_dir = save_hf_target(hf, tmp_path / "t")
+    V = SMALL["vocab_size"]
+    (target_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": 500}))
+    model = eagle.load(str(target_dir), None, dtype=torch.float64)
+    with pytest.raises(
+        ValueError,
+        match=rf"the target's generation_config.json eos_token_id holds ids outside the vocabulary "
+        rf"\[0, {V}\): \[500\] \(pass eos_token_id= to override it\)",
+    ):
+        model.generate([[3, 1, 4]], 4, speculative=False)
+    assert (
+        len(model.generate([[3, 1, 4]], 4, speculative=False, eos_token_id=[]).tokens[0]) == 4
+    )  # the way past it
+    (target_dir / "generation_config.json").unlink()
+    config = json.loads((target_dir / "config.json").read_text())
+    (target_dir / "config.json").write_text(json.dumps(config | {"eos_token_id": "2"}))
+    model = eagle.load(str(target_dir), None, dtype=torch.float64)
+    with pytest.raises(
+        TypeError, match=r"the target's config.json eos_token_id must be an int or a list of ints"
+    ):
+        model.generate([[3, 1, 4]], 4, speculative=False)
+
+
 @pytest.mark.parametrize(
     "generation_config", [None, {}, {"eos_token_id": None}], ids=["no-file", "no-key", "null"]
 )
