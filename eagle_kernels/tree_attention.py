@@ -149,7 +149,15 @@ def tree_attention_ref(
     visible = _visible_keys(cache_seqlens, tree_mask, T, L)[:, None, None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # rows that see nothing: 0, not NaN
-    out = probs.view(B, Hkv, G * T, L) @ v
+    # A NaN / inf value of V must reach only the rows that see its key: in the product a masked key's
+    # 0 times NaN would spread it to every row (a rejected draft token whose V overflowed float16
+    # would turn the whole verified tree NaN). The product takes finite values; rows that see a
+    # non-finite one come out NaN.
+    finite = torch.isfinite(v)
+    out = probs.view(B, Hkv, G * T, L) @ torch.where(finite, v, 0.0)
+    bad_key = ~finite.all(-1)  # [B, Hkv, L]
+    sees_bad = (visible & bad_key[:, :, None, None, :]).any(-1).expand(B, Hkv, G, T).reshape(B, Hkv, G * T, 1)
+    out = torch.where(sees_bad, float("nan"), out)
     return out.view(B, Hq, T, D).permute(0, 2, 1, 3).to(q.dtype).contiguous()
 
 
@@ -326,6 +334,7 @@ def _tree_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    sees_bad_v = tl.zeros([BLOCK_M], dtype=tl.int32)  # 1: the row sees a new key whose V is NaN / inf
 
     # This program's keys, relative to position `start`: its prefix positions [0, length), always
     # visible, and, for the split whose range holds position seqlen, the new tokens right after them.
@@ -365,13 +374,22 @@ def _tree_attention_kernel(
         visible = (js < 0)[None, :] | tree
         # Scaled before masking (a zero scale must not meet -inf), so the step's scale is 1.
         s = tl.where(visible, _scores(q, k, FP32_DOT) * qk_scale, float("-inf"))
+        # A NaN / inf in V reaches only the rows that see its key: in the dot a masked key's p = 0
+        # times NaN would reach every row (a rejected draft token whose V overflowed float16 turned
+        # the whole verified tree NaN). The dot takes finite values; the rows that see a
+        # non-finite one come out NaN (as in the reference).
+        v_ok = (v == v) & (tl.abs(v) < float("inf"))
+        bad_key = tl.max(tl.where(v_ok, 0, 1), 1)  # [BLOCK_N]
+        sees_bad_v = tl.maximum(sees_bad_v, tl.max(tl.where(visible & (bad_key[None, :] > 0), 1, 0), 1))
+        v = tl.where(v_ok, v, tl.zeros_like(v))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, 1.0, True, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
     # m = +inf: a finite score overflowed float32 once scaled (the fused s * scale - m gave -inf, so
     # p = 0); NaN as in the reference, not the zeros of a row that saw nothing (a NaN part also
     # survives the combine: its weight times NaN is NaN)
-    out = tl.where((m_i == float("inf"))[:, None], float("nan"), acc / l_safe[:, None])
+    nan_row = (m_i == float("inf")) | (sees_bad_v > 0)
+    out = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])
     Hq = Hkv * G
     row_off = (t * Hq + h).to(tl.int64)  # row within [B, T, Hq]
     dst = b64 * T * Hq + row_off
@@ -962,8 +980,9 @@ def tree_attention(
     -------
     Tensor ``[B, T, Hq, D]``, q's dtype, contiguous: ``softmax(q k^T * sm_scale) v`` over the visible
     keys, accumulated in fp32 (fp64 for fp64 inputs). A query that sees no key at all (empty prefix
-    and an all-false mask row) gets zeros. NaN/inf in visible K/V propagate to the output, and so
-    does a scaled score that overflows float32. On Triton a row whose scaled scores reach about
+    and an all-false mask row) gets zeros. NaN/inf in the K or V of a key reach exactly the rows that
+    see that key (a new token's key with a non-finite V makes them NaN); a scaled score that
+    overflows float32 makes its row NaN. On Triton a row whose scaled scores reach about
     2**31 in magnitude (log2 units) comes out NaN: its ``s * scale - max`` is one fused multiply-add,
     which keeps the max's rounding error, and 2**-24 of that is past exp2's range.
 

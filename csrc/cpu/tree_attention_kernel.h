@@ -425,6 +425,17 @@ void pack_q_tiles(const S* q_base, const Problem& P, int64_t r_begin, int64_t R,
   }
 }
 
+// Whether the V row at cache position pos holds a NaN or inf (read in the accumulator type: a float64
+// cache's 1e300 is finite).
+template <typename S, typename A>
+inline bool v_row_not_finite(const S* v_head, const Problem& P, int64_t pos, int64_t D) {
+  const S* row = v_head + pos * P.sv_s;
+  for (int64_t d = 0; d < D; ++d) {
+    if (!__builtin_isfinite(static_cast<A>(row[d * P.sv_d]))) return true;
+  }
+  return false;
+}
+
 template <typename S, typename A>
 void attend_task(const Problem& P, int64_t task, char* scratch) {
   constexpr int64_t L = lanes<A>();
@@ -533,7 +544,33 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t j = n_keys; j < nkp; ++j) sr[j] = -__builtin_inf();
     exp_shifted(sr, nkp);
   }
-  if (amx_pv) {
+  // A NaN / inf in a new token's V reaches only the rows that see that token: in P @ V a masked key's
+  // p = 0 times NaN would reach every row (a rejected draft token whose V overflowed float16 turned
+  // the whole verified tree NaN). Rare, so a slow path: the products take its finite values and the
+  // rows that see it come out NaN, as in the reference. (The prefix is seen by every row.)
+  bool new_v_not_finite = false;
+  for (int64_t jj = 0; jj < new_keys && !new_v_not_finite; ++jj) {
+    new_v_not_finite = v_row_not_finite<S, A>(v_head, P, seqlen + jj, D);
+  }
+  if (new_v_not_finite) {
+    if (amx_pv) {  // attend_pv would have set o and l, and ended the tile session
+      if constexpr (same_type<S, c10::BFloat16>::value) tree_attn_amx::end();
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
+        l[r] = A(0);
+      }
+    }
+    for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+      const int64_t nb = imin(NB, n_keys - n0);
+      pack_rows(v_head + n0 * P.sv_s, P.sv_s, P.sv_d, nb, D, dp, kv);
+      for (int64_t j = imax(seqlen - n0, int64_t(0)); j < nb; ++j) {  // the new tokens' rows
+        for (int64_t d = 0; d < D; ++d) {
+          if (!__builtin_isfinite(kv[j * dp + d])) kv[j * dp + d] = A(0);
+        }
+      }
+      accumulate_pv(s + n0, nkp, static_cast<const A*>(kv), dp, dp, nb, R, o, l);
+    }
+  } else if (amx_pv) {
     if constexpr (same_type<S, c10::BFloat16>::value) {
       const tree_attn_amx::PvRows pv_rows{R, r_begin, P.G, P.T, seqlen, n_keys, vis_b};
       tree_attn_amx::attend_pv(pv_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
@@ -557,7 +594,11 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
     S* orow = out_base + (t * P.Hq + h) * D;
     // a row that saw no key gets zeros; a NaN sum stays NaN
-    const A inv = l[r] > A(0) ? A(1) / l[r] : l[r] == A(0) ? A(0) : l[r];
+    A inv = l[r] > A(0) ? A(1) / l[r] : l[r] == A(0) ? A(0) : l[r];
+    for (int64_t jj = 0; new_v_not_finite && jj < new_keys; ++jj) {
+      const bool visible = vis_b == nullptr ? jj <= t : vis_b[t * P.T + jj] != 0;
+      if (visible && v_row_not_finite<S, A>(v_head, P, seqlen + jj, D)) inv = __builtin_nan("");
+    }
     for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(o[r * dp + d] * inv);
   }
 }

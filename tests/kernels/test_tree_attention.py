@@ -1186,6 +1186,45 @@ def test_nan_in_q_k_or_scale_reaches_exactly_the_rows_that_read_it(isa, dtype, m
         assert torch.equal(out[0, 1], torch.zeros_like(out[0, 1])) and torch.isfinite(out).all(), backend
 
 
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_a_non_finite_v_reaches_only_the_rows_that_see_its_key(isa, dtype, monkeypatch):
+    """NaN / inf in the V of a new token reached every row on every backend (a masked key's p = 0
+    times NaN): a rejected draft token whose V overflowed float16 turned the whole verified tree NaN,
+    where plain decoding gives the same tokens. Now the rows that see the token come out NaN and the
+    others are unchanged, bit for bit; a bad prefix V reaches every row that reads that kv head."""
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    exclude = ("triton",) if dtype == torch.float64 else ()  # Triton takes fp32/fp16/bf16
+    backends = ["torch", *backends_for(OP, torch.device("cpu"), exclude=exclude)]
+    base = make_case(2, 5, 4, 2, 32, "bool", seed=3, prefix_max=20, first_prefix=20).to(dtype)
+    clean = {backend: run_with_backend(backend, tree_attention, *base.args()) for backend in backends}
+    j = 3  # new token 3 of sequence 0; tokens 0-2 precede it in the tree, so never see it
+    seen_by = base.mask_bool[0, :, j].clone()
+    assert seen_by[j] and not seen_by[:j].any()
+    for where, value in (
+        ("new", float("nan")),
+        ("new", float("inf")),
+        ("new", -float("inf")),
+        ("prefix", float("nan")),
+    ):
+        kv = torch.stack([base.k, base.v]).clone()
+        expect = torch.zeros(2, 5, 4, dtype=torch.bool)
+        if where == "new":
+            kv[1, 0, 1, int(base.seqlens[0]) + j, 5] = value  # kv head 1: query heads 2 and 3
+            expect[0, :, 2:] = seen_by[:, None]
+        else:
+            kv[1, 1, 0, 7, 5] = value  # sequence 1's prefix, kv head 0: query heads 0 and 1
+            expect[1, :, :2] = True
+        case = Case(base.q, kv[0], kv[1], base.seqlens, base.mask, base.mask_bool)
+        for backend in backends:
+            out = run_with_backend(backend, tree_attention, *case.args())
+            what = f"{backend}, {value} in a {where} V"
+            assert torch.equal(~torch.isfinite(out).all(-1), expect), (
+                f"{what}: non-finite rows {(~torch.isfinite(out).all(-1)).nonzero().tolist()}"
+            )
+            assert torch.equal(out[~expect], clean[backend][~expect]), what
+
+
 def test_float64_where_triton_is_chosen_runs_the_reference_unless_triton_is_forced(monkeypatch):
     """On CUDA the default backend is Triton, which has no float64 kernel: a float64 call runs the
     reference (as fused_draft_input's does); forcing Triton still refuses it by name."""
