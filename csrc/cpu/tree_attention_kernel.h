@@ -425,6 +425,20 @@ void pack_q_tiles(const S* q_base, const Problem& P, int64_t r_begin, int64_t R,
   }
 }
 
+// Whether x[0 .. n) are all finite, n a multiple of lanes<A>(): x - x is 0 for a finite x and NaN for
+// NaN / inf, summed a vector at a time (a scalar sum is one long chain of dependent adds).
+template <typename A>
+inline bool all_finite(const A* x, int64_t n) {
+  Vec<A> z = vsplat(A(0));
+  for (int64_t i = 0; i < n; i += lanes<A>()) {
+    const Vec<A> v = vload(x + i);
+    z += v - v;
+  }
+  A sum = A(0);
+  for (int64_t i = 0; i < lanes<A>(); ++i) sum += z[i];
+  return sum == sum;
+}
+
 // Whether the V row at cache position pos holds a NaN or inf (read in the accumulator type: a float64
 // cache's 1e300 is finite).
 template <typename S, typename A>
@@ -434,6 +448,54 @@ inline bool v_row_not_finite(const S* v_head, const Problem& P, int64_t pos, int
     if (!__builtin_isfinite(static_cast<A>(row[d * P.sv_d]))) return true;
   }
   return false;
+}
+
+// P @ V of a task again with the non-finite values of the new tokens' V rows taken as 0, when one of
+// them holds any (returns whether it did; o and l are then the new sums). p: the task's probabilities
+// (R rows, ld_p apart, masked keys 0), kv: scratch for one converted block.
+template <typename S, typename A>
+__attribute__((noinline)) bool redo_pv_without_non_finite_new_v(const Problem& P, const A* p, int64_t ld_p,
+                                                                const S* v_head, int64_t seqlen, int64_t n_keys,
+                                                                int64_t new_keys, int64_t R, A* o, A* l, A* kv) {
+  const int64_t D = P.D, dp = (D + lanes<A>() - 1) / lanes<A>() * lanes<A>(), NB = kBlockN;
+  bool bad = false;
+  for (int64_t jj = 0; jj < new_keys && !bad; ++jj) bad = v_row_not_finite<S, A>(v_head, P, seqlen + jj, D);
+  if (!bad) return false;  // the prefix (seen by every row) or q / K: as computed
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
+    l[r] = A(0);
+  }
+  for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
+    const int64_t nb = imin(NB, n_keys - n0);
+    pack_rows(v_head + n0 * P.sv_s, P.sv_s, P.sv_d, nb, D, dp, kv);
+    for (int64_t j = imax(seqlen - n0, int64_t(0)); j < nb; ++j) {  // the new tokens' rows
+      for (int64_t d = 0; d < D; ++d) {
+        if (!__builtin_isfinite(kv[j * dp + d])) kv[j * dp + d] = A(0);
+      }
+    }
+    accumulate_pv(p + n0, ld_p, static_cast<const A*>(kv), dp, dp, nb, R, o, l);
+  }
+  return true;
+}
+
+// After redo_pv_without_non_finite_new_v: the task's output rows whose token sees a new token with a
+// non-finite V become NaN.
+template <typename S, typename A>
+__attribute__((noinline)) void mark_rows_that_see_non_finite_new_v(const Problem& P, int64_t kvh,
+                                                                   int64_t r_begin, int64_t R, const S* v_head,
+                                                                   int64_t seqlen, int64_t new_keys,
+                                                                   const uint8_t* vis_b, S* out_base) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
+    bool sees = false;
+    for (int64_t jj = 0; jj < new_keys && !sees; ++jj) {
+      const bool visible = vis_b == nullptr ? jj <= t : vis_b[t * P.T + jj] != 0;
+      sees = visible && v_row_not_finite<S, A>(v_head, P, seqlen + jj, P.D);
+    }
+    if (!sees) continue;
+    S* orow = out_base + (t * P.Hq + h) * P.D;
+    for (int64_t d = 0; d < P.D; ++d) orow[d] = static_cast<S>(static_cast<A>(__builtin_nan("")));
+  }
 }
 
 template <typename S, typename A>
@@ -544,33 +606,7 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t j = n_keys; j < nkp; ++j) sr[j] = -__builtin_inf();
     exp_shifted(sr, nkp);
   }
-  // A NaN / inf in a new token's V reaches only the rows that see that token: in P @ V a masked key's
-  // p = 0 times NaN would reach every row (a rejected draft token whose V overflowed float16 turned
-  // the whole verified tree NaN). Rare, so a slow path: the products take its finite values and the
-  // rows that see it come out NaN, as in the reference. (The prefix is seen by every row.)
-  bool new_v_not_finite = false;
-  for (int64_t jj = 0; jj < new_keys && !new_v_not_finite; ++jj) {
-    new_v_not_finite = v_row_not_finite<S, A>(v_head, P, seqlen + jj, D);
-  }
-  if (new_v_not_finite) {
-    if (amx_pv) {  // attend_pv would have set o and l, and ended the tile session
-      if constexpr (same_type<S, c10::BFloat16>::value) tree_attn_amx::end();
-      for (int64_t r = 0; r < R; ++r) {
-        for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
-        l[r] = A(0);
-      }
-    }
-    for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
-      const int64_t nb = imin(NB, n_keys - n0);
-      pack_rows(v_head + n0 * P.sv_s, P.sv_s, P.sv_d, nb, D, dp, kv);
-      for (int64_t j = imax(seqlen - n0, int64_t(0)); j < nb; ++j) {  // the new tokens' rows
-        for (int64_t d = 0; d < D; ++d) {
-          if (!__builtin_isfinite(kv[j * dp + d])) kv[j * dp + d] = A(0);
-        }
-      }
-      accumulate_pv(s + n0, nkp, static_cast<const A*>(kv), dp, dp, nb, R, o, l);
-    }
-  } else if (amx_pv) {
+  if (amx_pv) {
     if constexpr (same_type<S, c10::BFloat16>::value) {
       const tree_attn_amx::PvRows pv_rows{R, r_begin, P.G, P.T, seqlen, n_keys, vis_b};
       tree_attn_amx::attend_pv(pv_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
@@ -588,19 +624,24 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
       }
     }
   }
+  // A NaN / inf in a new token's V must reach only the rows that see that token, but above a masked
+  // key's p = 0 times NaN reaches every row (a rejected draft token whose V overflowed float16 turned
+  // the whole verified tree NaN). attend_pv takes each row's visible keys only. Elsewhere, when an
+  // output is not finite and a new token's V is the cause (rare), P @ V is redone over the finite
+  // values and the rows that see a non-finite one come out NaN, as in the reference. Out of line, so
+  // that this function's code (and its P @ V's) stays as it was.
+  const bool redone = !amx_pv && !all_finite(o, R * dp) &&
+                      redo_pv_without_non_finite_new_v<S, A>(P, s, nkp, v_head, seqlen, n_keys, new_keys, R, o, l, kv);
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t t = (r_begin + r) / P.G, h = kvh * P.G + (r_begin + r) % P.G;
     S* orow = out_base + (t * P.Hq + h) * D;
     // a row that saw no key gets zeros; a NaN sum stays NaN
-    A inv = l[r] > A(0) ? A(1) / l[r] : l[r] == A(0) ? A(0) : l[r];
-    for (int64_t jj = 0; new_v_not_finite && jj < new_keys; ++jj) {
-      const bool visible = vis_b == nullptr ? jj <= t : vis_b[t * P.T + jj] != 0;
-      if (visible && v_row_not_finite<S, A>(v_head, P, seqlen + jj, D)) inv = __builtin_nan("");
-    }
+    const A inv = l[r] > A(0) ? A(1) / l[r] : l[r] == A(0) ? A(0) : l[r];
     for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<S>(o[r * dp + d] * inv);
   }
+  if (redone) mark_rows_that_see_non_finite_new_v<S, A>(P, kvh, r_begin, R, v_head, seqlen, new_keys, vis_b, out_base);
 }
 
 template <typename S, typename A>
