@@ -625,12 +625,12 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     }
   }
   // A NaN / inf in a new token's V must reach only the rows that see that token, but above a masked
-  // key's p = 0 times NaN reaches every row (a rejected draft token whose V overflowed float16 turned
-  // the whole verified tree NaN). attend_pv takes each row's visible keys only. Elsewhere, when an
-  // output is not finite and a new token's V is the cause (rare), P @ V is redone over the finite
-  // values and the rows that see a non-finite one come out NaN, as in the reference. Out of line, so
-  // that this function's code (and its P @ V's) stays as it was.
-  const bool redone = !amx_pv && !all_finite(o, R * dp) &&
+  // key's p = 0 times NaN reaches every row that shares its block (a rejected draft token whose V
+  // overflowed float16 turned the whole verified tree NaN). So when an output is not finite and a new
+  // token's V is the cause (rare), P @ V is redone over the finite values (FMAs, also where AMX tiles
+  // took it) and the rows that see a non-finite one come out NaN, as in the reference. Out of line,
+  // so that this function's code (and its P @ V's) stays as it was.
+  const bool redone = !all_finite(o, R * dp) &&
                       redo_pv_without_non_finite_new_v<S, A>(P, s, nkp, v_head, seqlen, n_keys, new_keys, R, o, l, kv);
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;
