@@ -149,15 +149,24 @@ def tree_attention_ref(
     visible = _visible_keys(cache_seqlens, tree_mask, T, L)[:, None, None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     probs = torch.where(visible.any(-1, keepdim=True), probs, 0.0)  # rows that see nothing: 0, not NaN
-    # A NaN / inf value of V must reach only the rows that see its key: in the product a masked key's
-    # 0 times NaN would spread it to every row (a rejected draft token whose V overflowed float16
-    # would turn the whole verified tree NaN). The product takes finite values; rows that see a
-    # non-finite one come out NaN.
-    finite = torch.isfinite(v)
-    out = probs.view(B, Hkv, G * T, L) @ torch.where(finite, v, 0.0)
-    bad_key = ~finite.all(-1)  # [B, Hkv, L]
-    sees_bad = (visible & bad_key[:, :, None, None, :]).any(-1).expand(B, Hkv, G, T).reshape(B, Hkv, G * T, 1)
-    out = torch.where(sees_bad, float("nan"), out)
+    # A NaN / inf in a new token's V must reach only the rows that see that token: in the product a
+    # masked key's 0 times NaN would spread it to every row (a rejected draft token whose V overflowed
+    # float16 would turn the whole verified tree NaN). So the new tokens' V rows enter the product
+    # with their finite values, and the rows that see a non-finite one come out NaN. (The prefix is
+    # seen by every row: the product spreads its NaN as it should.) v is a private copy here.
+    if T > 0:
+        new_pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(T, device=q.device)  # [B, T]
+        index = new_pos[:, None, :, None].expand(B, Hkv, T, D)
+        new_v = v.gather(2, index)
+        finite = torch.isfinite(new_v)
+        v.scatter_(2, index, torch.where(finite, new_v, 0.0))
+        bad_new = ~finite.all(-1)  # [B, Hkv, T]: new token j's V holds NaN / inf
+        sees_new = visible[:, 0, 0].gather(2, new_pos[:, None, :].expand(B, T, T))  # [B, T, T]
+        sees_bad = (sees_new[:, None] & bad_new[:, :, None, :]).any(-1)  # [B, Hkv, T]
+    out = probs.view(B, Hkv, G * T, L) @ v
+    if T > 0:
+        rows_bad = sees_bad[:, :, None, :].expand(B, Hkv, G, T).reshape(B, Hkv, G * T, 1)
+        out = torch.where(rows_bad, float("nan"), out)
     return out.view(B, Hq, T, D).permute(0, 2, 1, 3).to(q.dtype).contiguous()
 
 

@@ -452,15 +452,35 @@ inline bool v_row_not_finite(const S* v_head, const Problem& P, int64_t pos, int
 
 // P @ V of a task again with the non-finite values of the new tokens' V rows taken as 0, when one of
 // them holds any (returns whether it did; o and l are then the new sums). p: the task's probabilities
-// (R rows, ld_p apart, masked keys 0), kv: scratch for one converted block.
+// (R rows, ld_p apart, masked keys 0), kv: scratch for one converted block. With AMX tiles
+// (amx_rows != nullptr) through attend_pv again, over a cleaned copy of the head's V rows: the same
+// values at the same positions, so the rows that do not see the bad token keep their bits.
 template <typename S, typename A>
 __attribute__((noinline)) bool redo_pv_without_non_finite_new_v(const Problem& P, const A* p, int64_t ld_p,
                                                                 const S* v_head, int64_t seqlen, int64_t n_keys,
-                                                                int64_t new_keys, int64_t R, A* o, A* l, A* kv) {
+                                                                int64_t new_keys, int64_t R, A* o, A* l, A* kv,
+                                                                const tree_attn_amx::PvRows* amx_rows, char* cursor) {
   const int64_t D = P.D, dp = (D + lanes<A>() - 1) / lanes<A>() * lanes<A>(), NB = kBlockN;
   bool bad = false;
   for (int64_t jj = 0; jj < new_keys && !bad; ++jj) bad = v_row_not_finite<S, A>(v_head, P, seqlen + jj, D);
   if (!bad) return false;  // the prefix (seen by every row) or q / K: as computed
+  if constexpr (same_type<S, c10::BFloat16>::value) {
+    if (amx_rows != nullptr) {  // rare: a heap copy of n_keys rows rather than scratch sized for it
+      c10::BFloat16* clean = new c10::BFloat16[n_keys * D];
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const c10::BFloat16* row = v_head + j * P.sv_s;
+        for (int64_t d = 0; d < D; ++d) {
+          const c10::BFloat16 x = row[d * P.sv_d];
+          clean[j * D + d] = j >= seqlen && !__builtin_isfinite(static_cast<float>(x)) ? c10::BFloat16(0.0f) : x;
+        }
+      }
+      tree_attn_amx::begin();
+      tree_attn_amx::attend_pv(*amx_rows, p, ld_p, clean, D, 1, D, o, l, cursor);
+      tree_attn_amx::end();
+      delete[] clean;
+      return true;
+    }
+  }
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t d = 0; d < dp; ++d) o[r * dp + d] = A(0);
     l[r] = A(0);
@@ -606,10 +626,10 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
     for (int64_t j = n_keys; j < nkp; ++j) sr[j] = -__builtin_inf();
     exp_shifted(sr, nkp);
   }
+  const tree_attn_amx::PvRows amx_rows{R, r_begin, P.G, P.T, seqlen, n_keys, vis_b};
   if (amx_pv) {
     if constexpr (same_type<S, c10::BFloat16>::value) {
-      const tree_attn_amx::PvRows pv_rows{R, r_begin, P.G, P.T, seqlen, n_keys, vis_b};
-      tree_attn_amx::attend_pv(pv_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
+      tree_attn_amx::attend_pv(amx_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
       tree_attn_amx::end();
     }
   } else {
@@ -631,7 +651,8 @@ void attend_task(const Problem& P, int64_t task, char* scratch) {
   // took it) and the rows that see a non-finite one come out NaN, as in the reference. Out of line,
   // so that this function's code (and its P @ V's) stays as it was.
   const bool redone = !all_finite(o, R * dp) &&
-                      redo_pv_without_non_finite_new_v<S, A>(P, s, nkp, v_head, seqlen, n_keys, new_keys, R, o, l, kv);
+                      redo_pv_without_non_finite_new_v<S, A>(P, s, nkp, v_head, seqlen, n_keys, new_keys, R, o, l, kv,
+                                                             amx_pv ? &amx_rows : nullptr, cursor);
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;
   for (int64_t r = 0; r < R; ++r) {
