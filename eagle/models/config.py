@@ -359,6 +359,8 @@ def _parse_rope(cfg: dict[str, Any]) -> tuple[float, Llama3RopeScaling | None]:
     if missing:
         raise ValueError(f"config.json: {key} of rope_type 'llama3' lacks {missing}")
     original = params["original_max_position_embeddings"]
+    if isinstance(original, float) and original.is_integer():
+        original = int(original)  # 8192.0: transformers takes it too
     if not isinstance(original, int) or isinstance(original, bool) or original < 1:
         raise ValueError(
             f"config.json: {key}.original_max_position_embeddings must be a positive integer, got {original!r}"

@@ -154,12 +154,14 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"shard {shard} listed in {index_path.name} is missing")
         part = _read_file(path)
-        # a tensor in two shards: which copy is right is not knowable (a stale copy beside the real
-        # one once decoded zeros)
-        twice = [f"{k} ({shard_of[k]} and {shard})" for k in part if k in shard_of]
+        # a tensor in two shards: equal copies are harmless (transformers loads them), but of two
+        # different ones which is right is not knowable (a stale copy beside the real one decoded zeros)
+        twice = [
+            f"{k} ({shard_of[k]} and {shard})" for k in part if k in shard_of and not _same(state[k], part[k])
+        ]
         if twice:
             raise ValueError(
-                f"{index_path.parent}: tensors stored in more than one shard: {abbreviate(twice)}"
+                f"{index_path.parent}: tensors stored differently in two shards: {abbreviate(twice)}"
             )
         shard_of.update(dict.fromkeys(part, shard))
         state.update(part)
@@ -167,6 +169,10 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
     # (rotary_emb.inv_freq); transformers loads both. The key check of the model that reads the
     # state names any tensor that is really missing or unexpected.
     return state
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
 def write_state_dict(directory: Path, state: Mapping[str, torch.Tensor], *, also_bin: bool = False) -> None:
