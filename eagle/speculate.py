@@ -36,6 +36,7 @@ from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import (
     NONFINITE_MESSAGE,
+    accepted_rows_not_finite,
     argmax_checked,
     cpu_decode_step_args,
     nonfinite_flag,
@@ -758,8 +759,10 @@ class SpeculativeDecoder:
                 times.accept += self._stamp() - t2
             return fused
         if sampling.greedy:
-            target_predict, bad = argmax_checked(out.logits)
-            self._check_finite(bad, s.nonfinite)
+            if out.logits.device.type == "cpu":  # the argmax and a NaN flag in one pass
+                target_predict, bad = argmax_checked(out.logits)
+            else:  # only the accepted rows are checked, below
+                target_predict, bad = out.logits.argmax(-1), None
             predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
                 candidates,
                 retrive_index,
@@ -767,6 +770,9 @@ class SpeculativeDecoder:
                 next_sibling,
                 target_predict,
                 num_spec_steps=steps,
+            )
+            self._check_finite(
+                accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite
             )
         else:
             self._check_finite(nonfinite_flag(out.logits), s.nonfinite)

@@ -339,6 +339,17 @@ std::vector<at::Tensor> commit_accepted(
 
 }  // namespace
 
+// Whether a row on the accepted path holds NaN/inf: logits [b, n, V], accept_index [b, steps] (flat rows
+// of b * n, -1 past accept_num), accept_num [b]. A bool scalar.
+static at::Tensor accepted_rows_not_finite(const at::Tensor& logits, const at::Tensor& accept_index,
+                                            const at::Tensor& accept_num) {
+  const int64_t b = logits.size(0), n = logits.size(1), V = logits.size(2), steps = accept_index.size(1);
+  const at::Tensor used = at::arange(steps, accept_num.options().dtype(at::kLong)).unsqueeze(0) <=
+                          accept_num.to(at::kLong).unsqueeze(1);
+  const at::Tensor rows = logits.reshape({b * n, V}).index_select(0, accept_index.to(at::kLong).clamp_min(0).reshape(-1));
+  return (at::isfinite(rows).all(-1).logical_not().view({b, steps}) & used).any();
+}
+
 // The rest of a greedy round after the verify forward (eagle.speculate.SpeculativeDecoder._round from
 // the target's logits on, with _update_draft and an EAGLE-1/2 head on the CPU fast path) in one call:
 // argmax_checked, verify_tree_greedy, compact_kv_cache (the registered ops, as the Python calls them),
@@ -365,13 +376,18 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                                 const at::Tensor&, const at::Tensor&, int64_t)>();
   auto [target_predict, bad] = argmax_op().call(logits);
-  if (bad.item<bool>()) {
-    std::vector<at::Tensor> out(6);
-    out.push_back(bad);
-    return out;
-  }
   auto [predicts, accept_index, accept_num] = verify_op.call(candidates, retrive_index, retrive_next_token,
                                                              retrive_next_sibling, target_predict, num_spec_steps);
+  if (bad.item<bool>()) {
+    // Only the accepted path's rows count (eagle.models.generate_plain.accepted_rows_not_finite): a
+    // rejected draft token's row may hold NaN that plain decoding never computes.
+    bad = accepted_rows_not_finite(logits, accept_index, accept_num);
+    if (bad.item<bool>()) {
+      std::vector<at::Tensor> out(6);
+      out.push_back(bad);
+      return out;
+    }
+  }
   std::vector<at::Tensor> out = commit_accepted(
       predicts, accept_index, accept_num, target_hidden, candidates, target_kv, target_seqlens, num_spec_steps,
       embed_weight, fc_weight, fc_bias, weights, draft_kv, draft_seqlens, doubled_inv_freq, signs, lm_head, num_heads,

@@ -41,6 +41,25 @@ def argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.argmax(-1), ~torch.isfinite(logits).all()
 
 
+def accepted_rows_not_finite(
+    logits: torch.Tensor, accept_index: torch.Tensor, accept_num: torch.Tensor, any_bad: torch.Tensor | None
+) -> torch.Tensor:
+    """Whether a row of a greedy verify that the round uses holds NaN/inf: the accepted path's rows,
+    whose argmaxes gave its tokens (a bool scalar tensor on ``logits``' device). A rejected draft
+    token's row may hold NaN (a token whose embedding or float16 activations overflow) that plain
+    decoding never computes, so it must not stop the round. ``logits`` ``[b, n, V]``, ``accept_index``
+    ``[b, steps]`` (flat rows of ``b * n``, -1 past ``accept_num``), ``accept_num`` ``[b]``, ``any_bad``:
+    :func:`argmax_checked`'s flag over every row, or None; on CPU (read for free) the rows are looked
+    at only when it is set, elsewhere (no host sync) always, the accepted rows alone."""
+    if any_bad is not None and logits.device.type == "cpu" and not bool(any_bad):
+        return any_bad
+    b, n, V = logits.shape
+    steps = accept_index.shape[1]
+    used = torch.arange(steps, device=logits.device)[None, :] <= accept_num.long()[:, None]
+    rows = logits.reshape(b * n, V)[accept_index.long().clamp(min=0)]  # [b, steps, V]
+    return (~torch.isfinite(rows).all(-1) & used).any()
+
+
 def nonfinite_flag(logits: torch.Tensor) -> torch.Tensor:
     """Whether any logit is NaN/inf, a bool scalar tensor on ``logits``' device."""
     if _argmax_in_cpp(logits):

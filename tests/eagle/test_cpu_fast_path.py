@@ -316,6 +316,45 @@ def test_cpp_verify_update_equals_the_python_round(
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
 
 
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+@pytest.mark.parametrize("verify_update", ["cpp", "python"])
+def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_greedy_decoding(
+    make_target, monkeypatch, fast_path, kind, verify_update
+):
+    """A draft token whose own row of the verify's logits is NaN (its embedding, or a float16
+    overflow its activations alone reach) is rejected, and plain decoding never computes that row; the
+    round raised FloatingPointError all the same (every row was checked). Now only the accepted path's
+    rows count: the tokens are those of the clean run, and a NaN on the accepted path still raises."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    model = EagleModel(target, make_head(target, kind, bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1]]
+    clean = model.generate(prompts, 24).tokens
+    assert clean == model.generate(prompts, 24, speculative=False).tokens
+    poison = sorted(set(range(48)) - set(sum(clean + prompts, [])))[:24]  # ids no round accepts
+    original, poisoned_rows = target.forward, []
+
+    def forward(ids, *args, **kwargs):
+        out = original(ids, *args, **kwargs)
+        if kwargs.get("tree_mask") is not None and out.logits is not None:  # a verify forward
+            hit = torch.isin(ids, torch.tensor(poison))
+            out.logits[hit] = float("nan")
+            poisoned_rows.append(int(hit.sum()))
+        return out
+
+    previous = (set_cpu_round(False), set_cpu_verify_update(verify_update == "cpp"))
+    try:
+        monkeypatch.setattr(target, "forward", forward)
+        assert model.generate(prompts, 24).tokens == clean
+        assert sum(poisoned_rows) > 0, "the drafts proposed a poisoned token"
+        poison[:] = sorted(set(sum(clean, [])))  # now accepted tokens' rows too
+        with pytest.raises(FloatingPointError, match="NaN/inf logits"):
+            model.generate(prompts, 24)
+    finally:
+        set_cpu_round(previous[0])
+        set_cpu_verify_update(previous[1])
+
+
 @pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
