@@ -775,9 +775,16 @@ class SpeculativeDecoder:
                 accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite
             )
         else:
-            self._check_finite(nonfinite_flag(out.logits), s.nonfinite)
-            V = out.logits.shape[-1]
-            probs = self._warp(out.logits.reshape(b * n, V), sampling).view(b, n, V)
+            # As for greedy rounds, only the accepted path's rows may stop the round (checked after the
+            # sampling, which reads a row only once its token is accepted): the non-finite rows are
+            # warped as all-zero logits meanwhile. On CPU only when the one-pass flag is set.
+            logits, bad = out.logits, None
+            if logits.device.type == "cpu":
+                bad = nonfinite_flag(logits)
+            if bad is None or bool(bad):
+                logits = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, 0.0)
+            V = logits.shape[-1]
+            probs = self._warp(logits.reshape(b * n, V), sampling).view(b, n, V)
             u = rng.uniforms(s.seeds, s.draws, n + 1)
             s.draws += 1
             predicts, accept_index, accept_num = eagle_kernels.tree_speculative_sampling(
@@ -789,6 +796,9 @@ class SpeculativeDecoder:
                 u[:, :n].contiguous(),
                 u[:, n].contiguous(),
                 num_spec_steps=steps,
+            )
+            self._check_finite(
+                accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite
             )
         t3 = self._stamp()
         old_lengths = s.target_cache.seqlens

@@ -359,8 +359,8 @@ static at::Tensor accepted_rows_not_finite(const at::Tensor& logits, const at::T
 // small ATen calls, cost more than the ops at the bundled model's size.
 //
 // Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
-// root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When the logits hold
-// NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
+// root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When a row of the
+// accepted path holds NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
 std::vector<at::Tensor> eagle2_verify_update_cpu(
     const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
     const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
@@ -396,13 +396,14 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
   return out;
 }
 
-// The sampled counterpart (eagle.speculate.SpeculativeDecoder._round at temperature > 0): the NaN/inf
-// check of the logits, eagle_C::warp_logits over the b * n rows (float64 logits as float32, as
-// SpeculativeDecoder._warp), the round's n + 1 uniforms of each row's stream (eagle.rng.uniforms, in
-// C++: the same bits) with the draw counter advanced in place, eagle_C::tree_speculative_sampling, then
-// the same commit as the greedy op. Returns the greedy op's seven outputs and the sampling op's status
-// words [b] (int32), or an undefined status where every sequence's status is 0. Where the logits hold
-// NaN/inf (the flag) or a status is set, nothing is written but `draws`, and the caller raises.
+// The sampled counterpart (eagle.speculate.SpeculativeDecoder._round at temperature > 0):
+// eagle_C::warp_logits over the b * n rows (float64 logits as float32, as SpeculativeDecoder._warp;
+// NaN/inf rows as all-zero logits), the round's n + 1 uniforms of each row's stream (eagle.rng.uniforms,
+// in C++: the same bits) with the draw counter advanced in place, eagle_C::tree_speculative_sampling,
+// the NaN/inf check of the accepted path's rows, then the same commit as the greedy op. Returns the
+// greedy op's seven outputs and the sampling op's status words [b] (int32), or an undefined status
+// where every sequence's status is 0. Where an accepted row holds NaN/inf (the flag) or a status is
+// set, nothing is written but `draws`, and the caller raises.
 std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
     const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
     const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
@@ -428,14 +429,19 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, bool, double, double)>();
-  const at::Tensor bad = std::get<1>(argmax_op().call(logits));  // eagle.models.generate_plain.nonfinite_flag
+  at::Tensor bad = std::get<1>(argmax_op().call(logits));  // eagle.models.generate_plain.nonfinite_flag
   const auto finish = [&bad](std::vector<at::Tensor> out, const at::Tensor& status) {  // + flag, status
     out.push_back(bad);
     out.push_back(status);
     return out;
   };
-  if (bad.item<bool>()) return finish(std::vector<at::Tensor>(6), at::Tensor());
-  const at::Tensor flat = (logits.scalar_type() == at::kDouble ? logits.to(at::kFloat) : logits).reshape({b * n, V});
+  // Only the accepted path's rows may stop the round (checked after the sampling, which reads a row only
+  // once its token is accepted); meanwhile the non-finite rows are warped as all-zero logits.
+  const bool any_bad = bad.item<bool>();
+  const at::Tensor finite_logits =
+      any_bad ? at::where(at::isfinite(logits).all(-1, true), logits, at::zeros({}, logits.options())) : logits;
+  const at::Tensor flat =
+      (finite_logits.scalar_type() == at::kDouble ? finite_logits.to(at::kFloat) : finite_logits).reshape({b * n, V});
   const at::Tensor probs = warp_op.call(flat, temperature, top_k, top_p, min_p).view({b, n, V});
   const at::Tensor u = rng::uniforms_cpu(seeds, draws, n + 1, at::kFloat);  // [b, n + 1]
   int64_t* draw = draws.mutable_data_ptr<int64_t>();
@@ -443,6 +449,10 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
   auto [predicts, accept_index, accept_num, status] =
       sampling_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs, std::nullopt,
                        u.narrow(1, 0, n).contiguous(), u.select(1, n).contiguous(), num_spec_steps, false, 1.0, 1.0);
+  if (any_bad) {
+    bad = accepted_rows_not_finite(logits, accept_index, accept_num);
+    if (bad.item<bool>()) return finish(std::vector<at::Tensor>(6), at::Tensor());
+  }
   const int32_t* st = status.const_data_ptr<int32_t>();
   if (std::any_of(st, st + b, [](int32_t w) { return w != 0; })) return finish(std::vector<at::Tensor>(6), status);
   return finish(commit_accepted(predicts, accept_index, accept_num, target_hidden, candidates, target_kv,

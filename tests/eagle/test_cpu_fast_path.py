@@ -316,10 +316,11 @@ def test_cpp_verify_update_equals_the_python_round(
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 @pytest.mark.parametrize("verify_update", ["cpp", "python"])
-def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_greedy_decoding(
-    make_target, monkeypatch, fast_path, kind, verify_update
+def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_decoding(
+    make_target, monkeypatch, fast_path, kind, verify_update, temperature
 ):
     """A draft token whose own row of the verify's logits is NaN (its embedding, or a float16
     overflow its activations alone reach) is rejected, and plain decoding never computes that row; the
@@ -329,8 +330,13 @@ def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_greedy_decoding(
     target = load_target(path, dtype=torch.float32)
     model = EagleModel(target, make_head(target, kind, bias=True, qkv_bias=False))
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1]]
-    clean = model.generate(prompts, 24).tokens
-    assert clean == model.generate(prompts, 24, speculative=False).tokens
+
+    def generate():
+        return model.generate(prompts, 24, temperature=temperature, seed=3).tokens
+
+    clean = generate()
+    if temperature == 0.0:
+        assert clean == model.generate(prompts, 24, speculative=False).tokens
     poison = sorted(set(range(48)) - set(sum(clean + prompts, [])))[:24]  # ids no round accepts
     original, poisoned_rows = target.forward, []
 
@@ -345,11 +351,11 @@ def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_greedy_decoding(
     previous = (set_cpu_round(False), set_cpu_verify_update(verify_update == "cpp"))
     try:
         monkeypatch.setattr(target, "forward", forward)
-        assert model.generate(prompts, 24).tokens == clean
+        assert generate() == clean
         assert sum(poisoned_rows) > 0, "the drafts proposed a poisoned token"
         poison[:] = sorted(set(sum(clean, [])))  # now accepted tokens' rows too
         with pytest.raises(FloatingPointError, match="NaN/inf logits"):
-            model.generate(prompts, 24)
+            generate()
     finally:
         set_cpu_round(previous[0])
         set_cpu_verify_update(previous[1])
@@ -517,14 +523,14 @@ def test_cpp_sampled_verify_update_writes_nothing_on_bad_input(make_target, fast
 
     out = call(logits.clone().index_fill_(2, torch.tensor([3]), float("nan")), good)
     assert bool(out[6]) and out[0] is None and out[7] is None
-    assert int(draws[0]) == 1  # as the Python round, which raises before drawing
+    assert int(draws[0]) == 2  # drawn: only the accepted path's rows count, known after the sampling
     out = call(logits, cyclic)
     assert not bool(out[6]) and out[0] is None and int(out[7][0]) != 0
     with pytest.raises(ValueError, match="tree_speculative_sampling: sequence 0"):
         raise_on_status("tree_speculative_sampling", out[7])
     assert torch.equal(target_cache.kv, kv) and torch.equal(cache.kv, draft_kv)
     out = call(logits, good)  # the same arguments on a well-formed tree: accepted and written
-    assert out[7] is None and out[0].shape == (1, 2) and int(draws[0]) == 3  # one draw per sampling call
+    assert out[7] is None and out[0].shape == (1, 2) and int(draws[0]) == 4  # one draw per sampling call
     assert not torch.equal(cache.kv, draft_kv)
 
 
