@@ -776,13 +776,14 @@ class SpeculativeDecoder:
             )
         else:
             # As for greedy rounds, only the accepted path's rows may stop the round (checked after the
-            # sampling, which reads a row only once its token is accepted): the non-finite rows are
-            # warped as all-zero logits meanwhile. On CPU only when the one-pass flag is set.
+            # sampling, which reads a row only once its token is accepted). On CPU, where the ops check
+            # every row's values, the non-finite rows are warped as all-zero logits meanwhile (only when
+            # the one-pass flag is set); the CUDA and Triton ops work row by row and never read them.
             logits, bad = out.logits, None
             if logits.device.type == "cpu":
                 bad = nonfinite_flag(logits)
-            if bad is None or bool(bad):
-                logits = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, 0.0)
+                if bool(bad):
+                    logits = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, 0.0)
             V = logits.shape[-1]
             probs = self._warp(logits.reshape(b * n, V), sampling).view(b, n, V)
             u = rng.uniforms(s.seeds, s.draws, n + 1)

@@ -44,8 +44,10 @@ def argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def accepted_rows_not_finite(
     logits: torch.Tensor, accept_index: torch.Tensor, accept_num: torch.Tensor, any_bad: torch.Tensor | None
 ) -> torch.Tensor:
-    """Whether a row of a greedy verify that the round uses holds NaN/inf: the accepted path's rows,
-    whose argmaxes gave its tokens (a bool scalar tensor on ``logits``' device). A rejected draft
+    """Whether a row of a verify (greedy or sampled) that the round uses holds NaN/inf: the accepted
+    path's rows, whose argmaxes or distributions gave its tokens (a bool scalar tensor on ``logits``'
+    device). The rows are flat rows of ``b * n`` as the decoding loop's identity ``retrive_index`` makes
+    them (the sampling ops read their probabilities by slot, the same rows there). A rejected draft
     token's row may hold NaN (a token whose embedding or float16 activations overflow) that plain
     decoding never computes, so it must not stop the round. ``logits`` ``[b, n, V]``, ``accept_index``
     ``[b, steps]`` (flat rows of ``b * n``, -1 past ``accept_num``), ``accept_num`` ``[b]``, ``any_bad``:

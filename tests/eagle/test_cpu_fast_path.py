@@ -316,6 +316,27 @@ def test_cpp_verify_update_equals_the_python_round(
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
 
 
+def test_accepted_rows_not_finite_looks_at_the_accepted_path_only():
+    """Rows are flat rows of b * n; -1 past accept_num; on CPU a clear one-pass flag is trusted."""
+    from eagle.models.generate_plain import accepted_rows_not_finite
+
+    logits = torch.randn(2, 4, 5)
+    accept_index = torch.tensor([[0, 2, -1], [4, 5, 7]], dtype=torch.int32)  # flat rows of 2 * 4
+    accept_num = torch.tensor([1, 2], dtype=torch.int32)
+    flag = torch.tensor(True)
+
+    def bad_at(row: int) -> bool:
+        lg = logits.clone()
+        lg.view(8, 5)[row, 3] = float("nan")
+        return bool(accepted_rows_not_finite(lg, accept_index, accept_num, flag))
+
+    assert [bad_at(row) for row in range(8)] == [True, False, True, False, True, True, False, True]
+    assert not bool(accepted_rows_not_finite(logits, accept_index, accept_num, None))
+    lg = logits.clone()
+    lg[0, 0, 0] = float("inf")
+    assert not bool(accepted_rows_not_finite(lg, accept_index, accept_num, torch.tensor(False)))  # trusted
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 @pytest.mark.parametrize("verify_update", ["cpp", "python"])
@@ -337,7 +358,9 @@ def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_decoding(
     clean = generate()
     if temperature == 0.0:
         assert clean == model.generate(prompts, 24, speculative=False).tokens
-    poison = sorted(set(range(48)) - set(sum(clean + prompts, [])))[:24]  # ids no round accepts
+    # ids no round accepts: the last round may accept drafts past the 24 emitted tokens
+    longer = model.generate(prompts, 40, temperature=temperature, seed=3).tokens
+    poison = sorted(set(range(48)) - set(sum(longer + prompts, [])))[:24]
     original, poisoned_rows = target.forward, []
 
     def forward(ids, *args, **kwargs):
