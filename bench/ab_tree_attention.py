@@ -32,7 +32,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if "--interpret" in sys.argv:  # before the first triton import
@@ -96,20 +95,9 @@ def parse_config(text: str, module):
     return module.LaunchConfig(**kwargs)
 
 
-def kernel_us(fn, interpret: bool) -> float:
-    if interpret:  # plumbing only: the interpreter's wall clock means nothing
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6
-    from bench.bench_tree_attention import cuda_kernel_seconds
-
-    return cuda_kernel_seconds(fn) * 1e6
-
-
-def compare_shape(
-    shape, configs: list[str], modules: dict, rounds: int, device, interpret: bool
-) -> list[dict]:
-    """One row per configuration: each version's checked error and per-round kernel times."""
+def compare_shape(shape, configs: list[str], modules: dict, rounds: int, device, timer) -> list[dict]:
+    """One row per configuration: each version's checked error and per-round kernel times
+    (``timer``: the sweep's CudaTimer, or its WallTimer in the interpreter)."""
     dtype = sweep.shape_dtype(shape, torch.bfloat16 if device.type == "cuda" else torch.float32)
     inputs = sweep.make_shape_inputs(shape, device, dtype)
     scale = shape.D**-0.5
@@ -141,7 +129,7 @@ def compare_shape(
                 if name not in calls:  # its timing failed in an earlier round
                     continue
                 try:
-                    row["versions"][name]["times_us"].append(kernel_us(calls[name], interpret))
+                    row["versions"][name]["times_us"].append(timer.kernel_s(calls[name]) * 1e6)
                 except Exception as exc:  # e.g. no CUDA graph capture: this version is not timed
                     row["versions"][name]["status"] = f"timing {failure(exc)}"
                     del calls[name]
@@ -208,6 +196,8 @@ def main(argv=None) -> int:
     if not args.interpret and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --interpret")
     device = torch.device("cpu" if args.interpret else "cuda")
+    # kernel times from CUDA-graph replays (L2 flushed); the interpreter's wall clock is plumbing only
+    timer = sweep.WallTimer() if args.interpret else sweep.CudaTimer(eager_calls=0, rep_ms=40)
     known = {s.name: s for s in (sweep.INTERPRET_SHAPES if args.interpret else sweep.GPU_SHAPES)}
     names = args.shapes or (
         [s.name for s in sweep.INTERPRET_SHAPES] if args.interpret else list(DEFAULT_SHAPES)
@@ -226,9 +216,7 @@ def main(argv=None) -> int:
     if out is None and gpu is not None:
         out = ROOT / "bench" / "results" / f"ab_tree_attention_{gpu.replace(' ', '-')}.json"
     for name in names:
-        report["shapes"][name] = compare_shape(
-            known[name], args.configs, modules, args.rounds, device, args.interpret
-        )
+        report["shapes"][name] = compare_shape(known[name], args.configs, modules, args.rounds, device, timer)
         if out is not None:  # after every shape: a run cut by an outer time box keeps what it finished
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1))

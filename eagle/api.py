@@ -282,13 +282,14 @@ class EagleModel:
         """The stop ids: ``eos_token_id`` when given, else, as transformers' generate, the
         checkpoint's generation_config.json eos when it has that file (none there: no stop id,
         config.json's is not used), else config.json's."""
-        source = "eos_token_id"
+        source, fix = "eos_token_id", ""
         if eos_token_id is None:
             cfg = self.target.config
             from_generation = cfg.has_generation_config
             eos_token_id = cfg.generation_eos_token_id if from_generation else cfg.eos_token_id
             # a bad id in the checkpoint's files is named there (the caller passed none)
             source = f"the target's {'generation_config' if from_generation else 'config'}.json eos_token_id"
+            fix = " (pass eos_token_id= to override it)"
         if eos_token_id is None:
             return []
         if is_array(eos_token_id):  # a tensor, a numpy array or a numpy scalar
@@ -298,13 +299,11 @@ class EagleModel:
         else:
             ids = [eos_token_id]
         if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
-            fix = "" if source == "eos_token_id" else " (pass eos_token_id= to override it)"
             raise TypeError(f"{source} must be an int or a list of ints, got {eos_token_id!r}{fix}")
         ids = [int(t) for t in ids]  # numpy integers as Python ints
         V = self.target.config.vocab_size
         bad = [t for t in ids if not 0 <= t < V]
         if bad:
-            fix = "" if source == "eos_token_id" else " (pass eos_token_id= to override it)"
             raise ValueError(f"{source} holds ids outside the vocabulary [0, {V}): {bad}{fix}")
         return ids
 

@@ -761,7 +761,7 @@ class SpeculativeDecoder:
         if sampling.greedy:
             if out.logits.device.type == "cpu":  # the argmax and a NaN flag in one pass
                 target_predict, bad = argmax_checked(out.logits)
-            else:  # only the accepted rows are checked, below
+            else:  # only the accepted rows are checked, after the verification
                 target_predict, bad = out.logits.argmax(-1), None
             predicts, accept_index, accept_num = eagle_kernels.verify_tree_greedy(
                 candidates,
@@ -770,9 +770,6 @@ class SpeculativeDecoder:
                 next_sibling,
                 target_predict,
                 num_spec_steps=steps,
-            )
-            self._check_finite(
-                accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite
             )
         else:
             # As for greedy rounds, only the accepted path's rows may stop the round (checked after the
@@ -798,9 +795,7 @@ class SpeculativeDecoder:
                 u[:, n].contiguous(),
                 num_spec_steps=steps,
             )
-            self._check_finite(
-                accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite
-            )
+        self._check_finite(accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite)
         t3 = self._stamp()
         old_lengths = s.target_cache.seqlens
         new_lengths = eagle_kernels.compact_kv_cache(
