@@ -69,6 +69,49 @@ def test_graph_plain_decoding_matches_eager(cuda_pair, temperature):
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+def test_nan_logits_of_rejected_draft_tokens_do_not_stop_a_cuda_round(
+    cuda_pair, monkeypatch, temperature, cuda_graph
+):
+    """On CUDA only the accepted path's rows are checked (gathered on the device, no host sync): rows
+    of draft tokens no round accepts are made NaN in every verify and the tokens stay the clean run's;
+    then NaN on the accepted tokens' rows raises at the round's read-back. The poison is a device table
+    changed in place, so a captured graph sees it on replay."""
+    kw = dict(temperature=temperature, seed=3, eos_token_id=[], cuda_graph=cuda_graph)
+    prompts = PROMPTS[:2]
+    cuda_pair.release_buffers()  # no graph kept from an earlier test (captured without the poison)
+    clean = cuda_pair.generate(prompts, 24, **kw).tokens
+    longer = cuda_pair.generate(prompts, 40, **kw).tokens  # a last round may accept drafts past 24
+    target = cuda_pair.target
+    poisoned = torch.ones(target.config.vocab_size, dtype=torch.bool, device="cuda")
+    poisoned[torch.tensor(sorted(set(sum(longer, []))), device="cuda")] = False
+    hits = torch.zeros((), dtype=torch.int64, device="cuda")
+    original = target.forward
+
+    def forward(ids, *args, **kwargs):
+        out = original(ids, *args, **kwargs)
+        if kwargs.get("tree_mask") is not None and out.logits is not None:  # a verify forward
+            hit = poisoned[ids]  # [b, n]: graph-safe, no boolean indexing
+            out.logits.masked_fill_(hit[..., None], float("nan"))
+            hits.add_(hit.sum())
+        return out
+
+    cuda_pair.release_buffers()
+    monkeypatch.setattr(target, "forward", forward)
+    try:
+        assert cuda_pair.generate(prompts, 24, **kw).tokens == clean
+        assert int(hits) > 0, "the drafts proposed no poisoned token"
+        poisoned.zero_()
+        poisoned[torch.tensor(sorted(set(sum(clean, []))), device="cuda")] = True  # accepted rows too
+        with pytest.raises(FloatingPointError, match="NaN/inf logits"):
+            cuda_pair.generate(prompts, 24, **kw)
+    finally:
+        monkeypatch.undo()
+        cuda_pair.release_buffers()
+
+
 def test_plain_cuda_graph_needs_a_cuda_model():
     m = eagle.load("tiny-code")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
