@@ -343,7 +343,6 @@ def _tree_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    sees_bad_v = tl.zeros([BLOCK_M], dtype=tl.int32)  # 1: the row sees a new key whose V is NaN / inf
 
     # This program's keys, relative to position `start`: its prefix positions [0, length), always
     # visible, and, for the split whose range holds position seqlen, the new tokens right after them.
@@ -381,24 +380,27 @@ def _tree_attention_kernel(
         v = _load_kv_tile(v_base + n0 * sv_s + v_tile, js < new_keys, d_ok, True, EVEN_D)
         tree = _new_token_visibility(mask_ptr, b, t, js, T, new_keys, sm_b, sm_i, sm_w, MASK_KIND)
         visible = (js < 0)[None, :] | tree
-        # Scaled before masking (a zero scale must not meet -inf), so the step's scale is 1.
-        s = tl.where(visible, _scores(q, k, FP32_DOT) * qk_scale, float("-inf"))
         # A NaN / inf in V reaches only the rows that see its key: in the dot a masked key's p = 0
         # times NaN would reach every row (a rejected draft token whose V overflowed float16 turned
-        # the whole verified tree NaN). The dot takes finite values; the rows that see a
-        # non-finite one come out NaN (as in the reference).
-        v_ok = (v == v) & (tl.abs(v) < float("inf"))
-        bad_key = tl.max(tl.where(v_ok, 0, 1), 1)  # [BLOCK_N]
-        sees_bad_v = tl.maximum(sees_bad_v, tl.max(tl.where(visible & (bad_key[None, :] > 0), 1, 0), 1))
+        # the whole verified tree NaN). The dot takes finite values, and a visible key with a
+        # non-finite V gets a NaN score, so its p, and the row's sum and accumulator, are NaN (as in
+        # the reference). No [BLOCK_M] flag or extra row reduction: a version with both spilled
+        # ~500 bytes of registers on sm_90 and made the whole kernel 5-12% slower
+        # (bench/ab_tree_attention.py, 2026-11-28). (|v| < inf, not v * 0 == 0: the interpreter
+        # gives bf16 NaN * 0 = 0.)
+        v_ok = tl.abs(v) < float("inf")  # false for NaN too
+        bad_key = tl.min(v_ok.to(tl.int32), 1) == 0  # [BLOCK_N]
         v = tl.where(v_ok, v, tl.zeros_like(v))
+        # Scaled before masking (a zero scale must not meet -inf), so the step's scale is 1.
+        s = _scores(q, k, FP32_DOT) * qk_scale
+        s = tl.where(visible, tl.where(bad_key[None, :], float("nan"), s), float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, 1.0, True, FP32_DOT)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
     # m = +inf: a finite score overflowed float32 once scaled (the fused s * scale - m gave -inf, so
     # p = 0); NaN as in the reference, not the zeros of a row that saw nothing (a NaN part also
     # survives the combine: its weight times NaN is NaN)
-    nan_row = (m_i == float("inf")) | (sees_bad_v > 0)
-    out = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])
+    out = tl.where((m_i == float("inf"))[:, None], float("nan"), acc / l_safe[:, None])
     Hq = Hkv * G
     row_off = (t * Hq + h).to(tl.int64)  # row within [B, T, Hq]
     dst = b64 * T * Hq + row_off

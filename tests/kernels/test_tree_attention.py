@@ -1195,9 +1195,16 @@ def test_a_non_finite_v_reaches_only_the_rows_that_see_its_key(isa, dtype, monke
     others are unchanged, bit for bit; a bad prefix V reaches every row that reads that kv head."""
     monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
     exclude = ("triton",) if dtype == torch.float64 else ()  # Triton takes fp32/fp16/bf16
-    backends = ["torch", *backends_for(OP, torch.device("cpu"), exclude=exclude)]
+    runners = {
+        backend: lambda *args, backend=backend: run_with_backend(backend, tree_attention, *args)
+        for backend in ["torch", *backends_for(OP, torch.device("cpu"), exclude=exclude)]
+    }
+    if "triton" in runners:  # the split prefix too: a NaN row must survive the combine of the splits
+        runners["triton, 3 splits"] = lambda *args: _tree_attention_triton(
+            *args, 32**-0.5, LaunchConfig(num_splits=3)
+        )
     base = make_case(2, 5, 4, 2, 32, "bool", seed=3, prefix_max=20, first_prefix=20).to(dtype)
-    clean = {backend: run_with_backend(backend, tree_attention, *base.args()) for backend in backends}
+    clean = {name: run(*base.args()) for name, run in runners.items()}
     j = 3  # new token 3 of sequence 0; tokens 0-2 precede it in the tree, so never see it
     seen_by = base.mask_bool[0, :, j].clone()
     assert seen_by[j] and not seen_by[:j].any()
@@ -1216,8 +1223,8 @@ def test_a_non_finite_v_reaches_only_the_rows_that_see_its_key(isa, dtype, monke
             kv[1, 1, 0, 7, 5] = value  # sequence 1's prefix, kv head 0: query heads 0 and 1
             expect[1, :, :2] = True
         case = Case(base.q, kv[0], kv[1], base.seqlens, base.mask, base.mask_bool)
-        for backend in backends:
-            out = run_with_backend(backend, tree_attention, *case.args())
+        for backend, run in runners.items():
+            out = run(*case.args())
             what = f"{backend}, {value} in a {where} V"
             assert torch.equal(~torch.isfinite(out).all(-1), expect), (
                 f"{what}: non-finite rows {(~torch.isfinite(out).all(-1)).nonzero().tolist()}"
