@@ -39,6 +39,7 @@ from eagle.models.generate_plain import (
     accepted_rows_not_finite,
     argmax_checked,
     cpu_decode_step_args,
+    live_rows_not_finite,
     nonfinite_flag,
     pad_prompts,
     warp_param_tensors,
@@ -194,6 +195,9 @@ class _Batch:
     # [] bool on the device: a target forward produced NaN/inf logits (CUDA: checked at the round's
     # one host synchronisation instead of right away)
     nonfinite: torch.Tensor | None = None
+    # [b] bool on the device: the row's tokens are still emitted (False: finished, frozen in the batch,
+    # see _Frozen); NaN/inf in a frozen row's logits does not stop the run. Changed in place (graphs)
+    live: torch.Tensor | None = None
     graph: _RoundGraph | None = None  # CUDA graphs: this state's captured round
     warm: bool = False  # CUDA graphs: its first round ran eagerly (kernels compiled, workspaces made)
     # speculative="auto": (target feature [b, 1, Hf], next token [b]) of each plain step not yet fed to
@@ -254,6 +258,7 @@ class _Frozen:
         active = [i for i in range(len(s.emitted)) if i not in frozen]
         zeros = torch.zeros(len(rows), dtype=torch.int32, device=s.root.device)
         frozen = cls(rows, active, index, zeros, zeros)
+        s.live.index_fill_(0, index, False)  # in place: a captured graph reads it
         frozen.hold(s)  # at once: the next round must fit
         return frozen
 
@@ -565,7 +570,7 @@ class SpeculativeDecoder:
         seeds = rng.row_seeds(seed, B, device)
         draws = torch.zeros(B, dtype=torch.int64, device=device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        first = self._sample_one(out.logits[:, 0], sampling, seeds, draws, nonfinite)
+        first = self._sample_one(out.logits[:, 0], sampling, seeds, draws, nonfinite, None)
         # Draft prefill: feature f_t with token t+1; the last real row pairs with the first new token.
         shifted = torch.roll(block, -1, dims=1)
         shifted.scatter_(1, last, first[:, None])
@@ -588,6 +593,7 @@ class SpeculativeDecoder:
             draft_cache=draft_cache,
             accept_lengths=accept_lengths,
             nonfinite=nonfinite,
+            live=torch.ones(B, dtype=torch.bool, device=device),
             pending_draft=pending,
         )
         if pooled is None:
@@ -608,7 +614,7 @@ class SpeculativeDecoder:
     def _refill(pooled: _Batch, fresh: _Batch) -> _Batch:
         """Copy a freshly prefilled state into a pooled one's tensors (the addresses its CUDA graph
         reads); the caches are already shared."""
-        for name in ("rows", "root", "root_hidden", "root_logits", "seeds", "draws", "nonfinite"):
+        for name in ("rows", "root", "root_hidden", "root_logits", "seeds", "draws", "nonfinite", "live"):
             getattr(pooled, name).copy_(getattr(fresh, name))
         pooled.emitted = fresh.emitted
         pooled.accept_lengths = fresh.accept_lengths
@@ -632,7 +638,7 @@ class SpeculativeDecoder:
         else:
             out = self.target(s.root[:, None], s.target_cache, feature_layers=self.feature_layers)
             s.target_cache.advance(1)
-            token = self._sample_one(out.logits[:, 0], sampling, s.seeds, s.draws, s.nonfinite)
+            token = self._sample_one(out.logits[:, 0], sampling, s.seeds, s.draws, s.nonfinite, s.live)
             if not sampling.greedy:
                 s.draws += 1
             s.backlog.append((self.head.target_features(out), token))
@@ -654,7 +660,7 @@ class SpeculativeDecoder:
         args = cached[1]
         if args is None:
             return None
-        token, hidden = torch.ops.eagle_C.llama_decode_step(*args)
+        token, hidden = torch.ops.eagle_C.llama_decode_step(*args, live=s.live)
         s.target_cache.length_bound += 1  # what advance(1) keeps (the op checked the room)
         if bool(s.nonfinite):
             raise FloatingPointError(NONFINITE_MESSAGE)
@@ -712,12 +718,21 @@ class SpeculativeDecoder:
             torch.cuda.synchronize(s.draft_cache.device)
         return time.perf_counter() - started
 
-    def _sample_one(self, logits, sampling, seeds, draws, nonfinite):
+    def _sample_one(self, logits, sampling, seeds, draws, nonfinite, live):
+        """The next token of every row from ``logits [b, V]`` (argmax, or drawn from the warped
+        distribution with each row's next uniform), NaN/inf OR-ed into ``nonfinite``; ``live``: bool
+        ``[b]`` or None, where only live rows count and the others' non-finite rows are warped as
+        all-zero logits (a frozen row's token is not emitted)."""
         if sampling.greedy:
             first, bad = argmax_checked(logits)
-            self._check_finite(bad, nonfinite)
+            self._check_finite(live_rows_not_finite(logits, bad, live), nonfinite)
             return first
-        self._check_finite(nonfinite_flag(logits), nonfinite)
+        bad = nonfinite_flag(logits)
+        if live is not None and (logits.device.type != "cpu" or bool(bad)):
+            finite = torch.isfinite(logits).all(-1)
+            bad = (~finite & live).any()
+            logits = torch.where(finite[:, None], logits, 0.0)
+        self._check_finite(bad, nonfinite)
         probs = self._warp(logits, sampling)
         u = rng.uniforms(seeds, draws, 1)[:, 0]
         return rng.inverse_cdf(probs, u)
@@ -795,7 +810,9 @@ class SpeculativeDecoder:
                 u[:, n].contiguous(),
                 num_spec_steps=steps,
             )
-        self._check_finite(accepted_rows_not_finite(out.logits, accept_index, accept_num, bad), s.nonfinite)
+        self._check_finite(
+            accepted_rows_not_finite(out.logits, accept_index, accept_num, bad, s.live), s.nonfinite
+        )
         t3 = self._stamp()
         old_lengths = s.target_cache.seqlens
         new_lengths = eagle_kernels.compact_kv_cache(
@@ -835,7 +852,7 @@ class SpeculativeDecoder:
             sampled = (*params, s.seeds, s.draws)
         s.draft_cache.check_room(steps)
         res = self.head.cpu_verify_update(
-            out.logits, out.hidden, candidates, tree, s.target_cache, s.draft_cache, steps, sampled
+            out.logits, out.hidden, candidates, tree, s.target_cache, s.draft_cache, steps, sampled, s.live
         )
         if res is None:
             return None
@@ -889,7 +906,7 @@ class SpeculativeDecoder:
         op, args, steps, n, draft_room = call
         s.target_cache.check_room(n)
         s.draft_cache.check_room(draft_room)
-        return self._commit_cpu_round(s, op(*args), steps)
+        return self._commit_cpu_round(s, op(*args, live=s.live), steps)
 
     def _cpu_round_call(self, s: _Batch, sampling: SamplingParams) -> tuple | None:
         """``(op, arguments, steps, tree tokens, the draft cache's room needed)`` of :meth:`_cpu_round`
@@ -1233,6 +1250,7 @@ class SpeculativeDecoder:
             draft_cache=s.draft_cache.select_rows(keep),
             accept_lengths=s.accept_lengths,
             nonfinite=s.nonfinite,
+            live=s.live[keep],
             backlog=[(f[keep], t[keep]) for f, t in s.backlog],
             pending_draft=None if s.pending_draft is None else s.pending_draft.select(keep),
         )

@@ -339,15 +339,25 @@ std::vector<at::Tensor> commit_accepted(
 
 }  // namespace
 
-// Whether a row on the accepted path holds NaN/inf: logits [b, n, V], accept_index [b, steps] (flat rows
-// of b * n, -1 past accept_num), accept_num [b]. A bool scalar.
+// Whether a row on the accepted path of a live sequence holds NaN/inf: logits [b, n, V], accept_index
+// [b, steps] (flat rows of b * n, -1 past accept_num), accept_num [b], live: bool [b] or none (every
+// sequence; false: a finished row the batch still computes, whose tokens are not emitted). A bool scalar.
 static at::Tensor accepted_rows_not_finite(const at::Tensor& logits, const at::Tensor& accept_index,
-                                            const at::Tensor& accept_num) {
+                                            const at::Tensor& accept_num, const OptTensor& live) {
   const int64_t b = logits.size(0), n = logits.size(1), V = logits.size(2), steps = accept_index.size(1);
-  const at::Tensor used = at::arange(steps, accept_num.options().dtype(at::kLong)).unsqueeze(0) <=
-                          accept_num.to(at::kLong).unsqueeze(1);
+  at::Tensor used = at::arange(steps, accept_num.options().dtype(at::kLong)).unsqueeze(0) <=
+                    accept_num.to(at::kLong).unsqueeze(1);
+  if (live.has_value()) used = used & live->unsqueeze(1);
   const at::Tensor rows = logits.reshape({b * n, V}).index_select(0, accept_index.to(at::kLong).clamp_min(0).reshape(-1));
   return (at::isfinite(rows).all(-1).logical_not().view({b, steps}) & used).any();
+}
+
+static void check_live(const char* op, const OptTensor& live, int64_t b) {
+  if (!live.has_value()) return;
+  TORCH_CHECK_VALUE(live->device().is_cpu() && live->dim() == 1 && live->size(0) == b &&
+                        live->scalar_type() == at::kBool,
+                    op, ": live must be a CPU bool [b] = [", b, "], got ", live->scalar_type(), " ", live->sizes(),
+                    " on ", live->device());
 }
 
 // The rest of a greedy round after the verify forward (eagle.speculate.SpeculativeDecoder._round from
@@ -368,8 +378,9 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
     const at::Tensor& embed_weight, const at::Tensor& fc_weight, const OptTensor& fc_bias,
     const c10::List<OptTensor>& weights, const at::Tensor& draft_kv, const at::Tensor& draft_seqlens,
     const at::Tensor& doubled_inv_freq, const at::Tensor& signs, const at::Tensor& lm_head, int64_t num_heads,
-    int64_t num_kv_heads, double eps) {
+    int64_t num_kv_heads, double eps, const OptTensor& live) {
   check_round_shapes("eagle2_verify_update", logits, target_hidden, candidates);
+  check_live("eagle2_verify_update", live, candidates.size(0));
   static const auto verify_op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("eagle_C::verify_tree_greedy", "")
@@ -381,7 +392,7 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
   if (bad.item<bool>()) {
     // Only the accepted path's rows count (eagle.models.generate_plain.accepted_rows_not_finite): a
     // rejected draft token's row may hold NaN that plain decoding never computes.
-    bad = accepted_rows_not_finite(logits, accept_index, accept_num);
+    bad = accepted_rows_not_finite(logits, accept_index, accept_num, live);
     if (bad.item<bool>()) {
       std::vector<at::Tensor> out(6);
       out.push_back(bad);
@@ -412,8 +423,9 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
     int64_t num_spec_steps, const at::Tensor& embed_weight, const at::Tensor& fc_weight, const OptTensor& fc_bias,
     const c10::List<OptTensor>& weights, const at::Tensor& draft_kv, const at::Tensor& draft_seqlens,
     const at::Tensor& doubled_inv_freq, const at::Tensor& signs, const at::Tensor& lm_head, int64_t num_heads,
-    int64_t num_kv_heads, double eps) {
+    int64_t num_kv_heads, double eps, const OptTensor& live) {
   check_round_shapes("eagle2_verify_update_sampled", logits, target_hidden, candidates);
+  check_live("eagle2_verify_update_sampled", live, candidates.size(0));
   const int64_t b = candidates.size(0), n = candidates.size(1), V = logits.size(2);
   TORCH_CHECK_VALUE(draws.dim() == 1 && draws.size(0) == b && draws.scalar_type() == at::kLong && draws.is_contiguous(),
                     "eagle2_verify_update_sampled: draws must be a contiguous int64 [b] = [", b, "], got ",
@@ -450,7 +462,7 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
       sampling_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs, std::nullopt,
                        u.narrow(1, 0, n).contiguous(), u.select(1, n).contiguous(), num_spec_steps, false, 1.0, 1.0);
   if (any_bad) {
-    bad = accepted_rows_not_finite(logits, accept_index, accept_num);
+    bad = accepted_rows_not_finite(logits, accept_index, accept_num, live);
     if (bad.item<bool>()) return finish(std::vector<at::Tensor>(6), at::Tensor());
   }
   const int32_t* st = status.const_data_ptr<int32_t>();
@@ -510,7 +522,9 @@ std::vector<at::Tensor> eagle2_round_greedy_cpu(
     int64_t num_spec_steps, const at::Tensor& target_kv, const at::Tensor& target_seqlens,
     const at::Tensor& target_embed_weight, const c10::List<OptTensor>& target_weights,
     const at::Tensor& target_doubled_inv_freq, const at::Tensor& target_signs, const at::Tensor& target_norm_weight,
-    const at::Tensor& target_lm_head, int64_t target_num_heads, int64_t target_num_kv_heads, double target_eps) {
+    const at::Tensor& target_lm_head, int64_t target_num_heads, int64_t target_num_kv_heads, double target_eps,
+    const OptTensor& live) {
+  check_live("eagle2_round_greedy", live, root.size(0));
   const DraftedRound r = draft_and_verify_forward(
       root_logits, root_hidden, root, draft_kv, draft_seqlens, embed_weight, fc_weight, fc_bias, draft_weights,
       draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads, draft_num_kv_heads, draft_eps, topk, depth,
@@ -519,7 +533,7 @@ std::vector<at::Tensor> eagle2_round_greedy_cpu(
   return eagle2_verify_update_cpu(r.out[1], r.out[0], r.tree[0], r.tree[3], r.tree[4], r.tree[5], target_kv,
                                   target_seqlens, num_spec_steps, embed_weight, fc_weight, fc_bias, draft_weights,
                                   draft_kv, draft_seqlens, draft_doubled_inv_freq, draft_signs, draft_lm_head,
-                                  draft_num_heads, draft_num_kv_heads, draft_eps);
+                                  draft_num_heads, draft_num_kv_heads, draft_eps, live);
 }
 
 // The sampled counterpart: draft_and_verify_forward, then eagle2_verify_update_sampled_cpu with the
@@ -536,7 +550,8 @@ std::vector<at::Tensor> eagle2_round_sampled_cpu(
     const at::Tensor& target_doubled_inv_freq, const at::Tensor& target_signs, const at::Tensor& target_norm_weight,
     const at::Tensor& target_lm_head, int64_t target_num_heads, int64_t target_num_kv_heads, double target_eps,
     const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p,
-    const at::Tensor& seeds, const at::Tensor& draws) {
+    const at::Tensor& seeds, const at::Tensor& draws, const OptTensor& live) {
+  check_live("eagle2_round_sampled", live, root.size(0));
   const DraftedRound r = draft_and_verify_forward(
       root_logits, root_hidden, root, draft_kv, draft_seqlens, embed_weight, fc_weight, fc_bias, draft_weights,
       draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads, draft_num_kv_heads, draft_eps, topk, depth,
@@ -546,7 +561,7 @@ std::vector<at::Tensor> eagle2_round_sampled_cpu(
       r.out[1], r.out[0], r.tree[0], r.tree[3], r.tree[4], r.tree[5], temperature, top_k, top_p, min_p, seeds, draws,
       target_kv, target_seqlens, num_spec_steps, embed_weight, fc_weight, fc_bias, draft_weights, draft_kv,
       draft_seqlens, draft_doubled_inv_freq, draft_signs, draft_lm_head, draft_num_heads, draft_num_kv_heads,
-      draft_eps);
+      draft_eps, live);
 }
 
 }  // namespace draft_tree
@@ -566,14 +581,14 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "Tensor retrive_next_token, Tensor retrive_next_sibling, Tensor(a!) target_kv, Tensor target_seqlens, "
       "int num_spec_steps, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] weights, "
       "Tensor(b!) draft_kv, Tensor draft_seqlens, Tensor doubled_inv_freq, Tensor signs, Tensor lm_head, "
-      "int num_heads, int num_kv_heads, float eps) -> Tensor[]");
+      "int num_heads, int num_kv_heads, float eps, Tensor? live=None) -> Tensor[]");
   m.def(
       "eagle2_verify_update_sampled(Tensor logits, Tensor target_hidden, Tensor candidates, Tensor retrive_index, "
       "Tensor retrive_next_token, Tensor retrive_next_sibling, Tensor temperature, Tensor top_k, Tensor top_p, "
       "Tensor min_p, Tensor seeds, Tensor(c!) draws, Tensor(a!) target_kv, Tensor target_seqlens, "
       "int num_spec_steps, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] weights, "
       "Tensor(b!) draft_kv, Tensor draft_seqlens, Tensor doubled_inv_freq, Tensor signs, Tensor lm_head, "
-      "int num_heads, int num_kv_heads, float eps) -> Tensor[]");
+      "int num_heads, int num_kv_heads, float eps, Tensor? live=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
@@ -584,7 +599,7 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "int draft_num_kv_heads, float draft_eps, int topk, int depth, int num_tokens, int num_spec_steps, "
       "Tensor(b!) target_kv, Tensor target_seqlens, Tensor target_embed_weight, Tensor?[] target_weights, "
       "Tensor target_doubled_inv_freq, Tensor target_signs, Tensor target_norm_weight, Tensor target_lm_head, "
-      "int target_num_heads, int target_num_kv_heads, float target_eps) -> Tensor[]");
+      "int target_num_heads, int target_num_kv_heads, float target_eps, Tensor? live=None) -> Tensor[]");
   m.def(
       "eagle2_round_sampled(Tensor root_logits, Tensor root_hidden, Tensor root, Tensor(a!) draft_kv, "
       "Tensor draft_seqlens, Tensor embed_weight, Tensor fc_weight, Tensor? fc_bias, Tensor?[] draft_weights, "
@@ -593,7 +608,7 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "Tensor(b!) target_kv, Tensor target_seqlens, Tensor target_embed_weight, Tensor?[] target_weights, "
       "Tensor target_doubled_inv_freq, Tensor target_signs, Tensor target_norm_weight, Tensor target_lm_head, "
       "int target_num_heads, int target_num_kv_heads, float target_eps, Tensor temperature, Tensor top_k, "
-      "Tensor top_p, Tensor min_p, Tensor seeds, Tensor(c!) draws) -> Tensor[]");
+      "Tensor top_p, Tensor min_p, Tensor seeds, Tensor(c!) draws, Tensor? live=None) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {

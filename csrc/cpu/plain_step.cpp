@@ -9,6 +9,7 @@
 //   positions = seqlens[b] (a one-token block, no tree mask), rope_cos_sin_cpu, llama_forward_cpu
 //   (logits of the one row), seqlens += 1, then greedy: argmax_checked -> token, nonfinite |= flag;
 //   sampled: nonfinite |= flag (set: the argmax is returned, nothing drawn; the caller raises),
+//   where with `live` (bool [B]) only live rows count (the others' non-finite rows warped as zeros),
 //   warp_logits (float64 logits as float32), uniforms_cpu (one float32
 //   per row from (seed, draws)), draws += 1, inverse_cdf_cpu. step_input <- token.
 // Returns [token [B] int64 (a new tensor), hidden [B, 1, H] after the final norm (the feature an EAGLE-1/2
@@ -63,7 +64,8 @@ std::vector<at::Tensor> llama_decode_step_cpu(const at::Tensor& step_input, cons
                                  const at::Tensor& signs, int64_t num_heads, int64_t num_kv_heads, double eps,
                                  const at::Tensor& norm_weight, const at::Tensor& lm_head, const at::Tensor& nonfinite,
                                  const OptTensor& temperature, const OptTensor& top_k, const OptTensor& top_p,
-                                 const OptTensor& min_p, const OptTensor& seeds, const OptTensor& draws) {
+                                 const OptTensor& min_p, const OptTensor& seeds, const OptTensor& draws,
+                                 const OptTensor& live) {
   TORCH_CHECK_VALUE(kv.dim() == 6, "llama_decode_step: kv must be [L, 2, B, Hkv, S_max, D], got ", kv.sizes());
   const int64_t B = kv.size(2), S_max = kv.size(4);
   check_row_tensor("step_input", step_input, B, at::kLong);
@@ -75,6 +77,7 @@ std::vector<at::Tensor> llama_decode_step_cpu(const at::Tensor& step_input, cons
   TORCH_CHECK_VALUE(sampled == (top_k.has_value() && top_p.has_value() && min_p.has_value() && seeds.has_value() &&
                                 draws.has_value()),
                     "llama_decode_step: pass all of temperature, top_k, top_p, min_p, seeds and draws, or none");
+  if (live.has_value()) check_row_tensor("live", *live, B, at::kBool);
   if (sampled) {
     check_row_tensor("seeds", *seeds, B, at::kLong);
     check_row_tensor("draws", *draws, B, at::kLong);
@@ -89,10 +92,17 @@ std::vector<at::Tensor> llama_decode_step_cpu(const at::Tensor& step_input, cons
   const std::vector<at::Tensor> out = llama_layers::llama_forward_cpu(
       step_input.view({B, 1}), embed_weight, weights, kv, rope[0], rope[1], cache_seqlens, std::nullopt, 0, num_heads,
       num_kv_heads, eps, {}, norm_weight, lm_head, std::nullopt);
-  const at::Tensor logits = out[1].select(1, 0);  // [B, V]
+  at::Tensor logits = out[1].select(1, 0);  // [B, V]
   auto [argmax, bad] = argmax_op().call(logits);
+  bool nan_or_inf = bad.item<bool>();
+  if (nan_or_inf && live.has_value()) {
+    // Only live rows count: a finished row the batch still computes (its tokens are not emitted) may
+    // hold NaN/inf; it is warped as all-zero logits, as eagle.speculate's Python step does.
+    const at::Tensor finite_rows = at::isfinite(logits).all(-1);
+    nan_or_inf = (finite_rows.logical_not() & *live).any().item<bool>();
+    if (!nan_or_inf && sampled) logits = at::where(finite_rows.unsqueeze(1), logits, at::zeros({}, logits.options()));
+  }
   bool* flag = nonfinite.mutable_data_ptr<bool>();
-  const bool nan_or_inf = bad.item<bool>();
   *flag = *flag || nan_or_inf;
   at::Tensor token;
   if (!sampled || nan_or_inf) {  // NaN/inf: nothing to sample from (the caller raises; draws stay)
@@ -120,7 +130,8 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
       "llama_decode_step(Tensor(a!) step_input, Tensor embed_weight, Tensor?[] weights, Tensor(b!) kv, "
       "Tensor(c!) cache_seqlens, Tensor doubled_inv_freq, Tensor signs, int num_heads, int num_kv_heads, float eps, "
       "Tensor norm_weight, Tensor lm_head, Tensor(d!) nonfinite, Tensor? temperature=None, Tensor? top_k=None, "
-      "Tensor? top_p=None, Tensor? min_p=None, Tensor? seeds=None, Tensor(e!)? draws=None) -> Tensor[]");
+      "Tensor? top_p=None, Tensor? min_p=None, Tensor? seeds=None, Tensor(e!)? draws=None, Tensor? live=None) -> "
+      "Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("llama_decode_step", &eagle::plain_step::llama_decode_step_cpu); }

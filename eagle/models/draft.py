@@ -384,6 +384,7 @@ class Eagle2Head(DraftHead):
         cache: KVCache,
         num_spec_steps: int,
         sampled: tuple[torch.Tensor, ...] | None = None,
+        live: torch.Tensor | None = None,
     ) -> list[torch.Tensor | None] | None:
         """The rest of a greedy round after the verify forward in one C++ call
         (``eagle_C::eagle2_verify_update``, csrc/cpu/draft_tree.cpp): the greedy pick, the tree walk,
@@ -404,7 +405,9 @@ class Eagle2Head(DraftHead):
         ``(temperature, top_k, top_p, min_p, seeds, draws)``: the warper's per-row parameters
         (``[b * n]`` float32 / int64 / float32 / float32) and each row's RNG seed and draw counter
         (int64 ``[b]``; ``draws`` is advanced in place). The result then has an eighth entry, the
-        sampling op's status words (None when every one is 0; nothing else is written otherwise)."""
+        sampling op's status words (None when every one is 0; nothing else is written otherwise).
+        ``live``: bool ``[b]`` or None; NaN/inf on the accepted path of a row that is not live (a
+        finished row the batch still computes) does not set the flag."""
         on = _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE
         for_op = self._cpu_op_weights(target_hidden, "eagle2_verify_update") if on else None
         if for_op is None:  # (_cpu_op_weights checked the device and tracing)
@@ -435,6 +438,7 @@ class Eagle2Head(DraftHead):
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.rms_norm_eps,
+            live=live,
         )
 
 

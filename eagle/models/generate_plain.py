@@ -42,7 +42,11 @@ def argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def accepted_rows_not_finite(
-    logits: torch.Tensor, accept_index: torch.Tensor, accept_num: torch.Tensor, any_bad: torch.Tensor | None
+    logits: torch.Tensor,
+    accept_index: torch.Tensor,
+    accept_num: torch.Tensor,
+    any_bad: torch.Tensor | None,
+    live: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Whether a row of a verify (greedy or sampled) that the round uses holds NaN/inf: the accepted
     path's rows, whose argmaxes or distributions gave its tokens (a bool scalar tensor on ``logits``'
@@ -52,14 +56,29 @@ def accepted_rows_not_finite(
     decoding never computes, so it must not stop the round. ``logits`` ``[b, n, V]``, ``accept_index``
     ``[b, steps]`` (flat rows of ``b * n``, -1 past ``accept_num``), ``accept_num`` ``[b]``, ``any_bad``:
     :func:`argmax_checked`'s flag over every row, or None; on CPU (read for free) the rows are looked
-    at only when it is set, elsewhere (no host sync) always, the accepted rows alone."""
+    at only when it is set, elsewhere (no host sync) always, the accepted rows alone. ``live``: bool
+    ``[b]`` or None (every row); only live rows count (a finished row that a batch keeps computing,
+    frozen, emits nothing)."""
     if any_bad is not None and logits.device.type == "cpu" and not bool(any_bad):
         return any_bad
     b, n, V = logits.shape
     steps = accept_index.shape[1]
     used = torch.arange(steps, device=logits.device)[None, :] <= accept_num.long()[:, None]
+    if live is not None:
+        used = used & live[:, None]
     rows = logits.reshape(b * n, V)[accept_index.long().clamp(min=0)]  # [b, steps, V]
     return (~torch.isfinite(rows).all(-1) & used).any()
+
+
+def live_rows_not_finite(
+    logits: torch.Tensor, any_bad: torch.Tensor, live: torch.Tensor | None
+) -> torch.Tensor:
+    """Whether a live row of ``logits [b, V]`` holds NaN/inf (a bool scalar tensor on ``logits``'
+    device), given ``any_bad``, :func:`argmax_checked`'s flag over every row; ``live``: bool ``[b]``
+    or None (every row: ``any_bad`` itself). On CPU the rows are looked at only when the flag is set."""
+    if live is None or (logits.device.type == "cpu" and not bool(any_bad)):
+        return any_bad
+    return (~torch.isfinite(logits).all(-1) & live).any()
 
 
 def nonfinite_flag(logits: torch.Tensor) -> torch.Tensor:

@@ -384,6 +384,78 @@ def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_decoding(
         set_cpu_verify_update(previous[1])
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+@pytest.mark.parametrize("rest", ["python", "cpp", "cpp-round"])
+def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
+    make_target, monkeypatch, fast_path, rest, temperature
+):
+    """A row that finished before the others stays in the batch, frozen (its committed length held at
+    0, nothing it computes emitted), until a quarter of the batch is done: NaN/inf in its logits, which
+    plain decoding never computes, raised FloatingPointError for the whole batch. Now only live rows
+    count: the frozen row's verify rows are made NaN in every round and the tokens are the clean
+    run's. ``cpp-round``: the round in one C++ call (no Python forward to poison) is given the rows'
+    liveness."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=256)
+    target = load_target(path, dtype=torch.float32)
+    model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1], [2, 7, 1, 8], [1, 4, 1, 4, 2], [6, 6, 6]]
+    sampling = speculate.SamplingParams(temperature=temperature)
+
+    def generate(eos=()):
+        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 5))
+        tokens = [[] for _ in prompts]
+        for emission in decoder.run(prompts, 40, sampling, eos_token_ids=eos, seed=3):
+            for row, new in zip(emission.rows, emission.tokens):
+                tokens[row] += new
+        return tokens
+
+    previous = (set_cpu_round(rest == "cpp-round"), set_cpu_verify_update(rest != "python"))
+    try:
+        # an EOS that row 0 alone emits, from its 6th token on: it finishes first, alone (1 of 5 rows
+        # frozen, not dropped)
+        free = generate()
+        others = set(sum(free[1:], []))
+        eos = [t for i, t in enumerate(free[0]) if i >= 5 and t not in others and t not in free[0][:i]][:1]
+        assert eos, "no token of row 0 is missing from the other rows"
+        clean = generate(eos)
+        assert len(clean[0]) < 40 and all(len(t) == 40 for t in clean[1:])
+        original, frozen_rows, lives = target.forward, [], []
+
+        def forward(ids, cache, *args, **kwargs):
+            out = original(ids, cache, *args, **kwargs)
+            if kwargs.get("tree_mask") is not None and out.logits is not None:  # a verify forward
+                frozen = cache.seqlens == 0  # a frozen row's committed length is held at 0
+                out.logits[frozen] = float("nan")
+                frozen_rows.append(int(frozen.sum()))
+            return out
+
+        monkeypatch.setattr(target, "forward", forward)
+        if rest == "cpp-round":
+            real = (
+                torch.ops.eagle_C.eagle2_round_sampled
+                if temperature
+                else torch.ops.eagle_C.eagle2_round_greedy
+            )
+
+            def spy(*args, live=None):
+                lives.append(None if live is None else live.clone())
+                return real(*args, live=live)
+
+            name = "eagle2_round_sampled" if temperature else "eagle2_round_greedy"
+            monkeypatch.setattr(torch.ops.eagle_C, name, spy)
+        assert generate(eos) == clean
+        if rest == "cpp-round":
+            assert lives and all(live is not None for live in lives)
+            assert any(live.tolist() == [False, True, True, True, True] for live in lives), (
+                "no row was frozen"
+            )
+        else:
+            assert sum(frozen_rows) > 0, "no row was frozen"
+    finally:
+        set_cpu_round(previous[0])
+        set_cpu_verify_update(previous[1])
+
+
 @pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

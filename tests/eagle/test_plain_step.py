@@ -154,3 +154,39 @@ def test_the_one_call_step_raises_at_the_step_whose_logits_are_nan(make_target, 
             weight[3, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN/inf"):
         next(steps)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+def test_only_live_rows_set_the_nonfinite_flag(make_target, fast_path, temperature):
+    """``live`` (bool [B]): a row that is not live (a finished row a batch still computes, as a frozen
+    row of speculative="auto"'s plain steps) may hold NaN logits: the flag stays clear, the live rows'
+    tokens are those of a step without the NaN, and the bad row is warped as all-zero logits, not
+    refused. Without ``live``, or with the bad row live, the flag is set."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
+    target = load_target(path, dtype=torch.float32)
+    clean_embed = target.cpu_forward_weights(torch.tensor([0]))[0]
+    poisoned_embed = clean_embed.clone()
+    poisoned_embed[12] = float("nan")  # row 1's input token: only its logits are NaN
+
+    def step(embed, live):
+        cache = target.new_cache(2, 8)
+        with torch.inference_mode():
+            target(torch.tensor([[5, 6, 7], [8, 9, 10]]), cache)
+            cache.advance(3)
+            step_input, nonfinite = torch.tensor([11, 12]), torch.zeros((), dtype=torch.bool)
+            args = list(_op_args(target, cache, step_input, nonfinite))
+            args[1] = embed
+            if temperature:
+                params = gp.warp_param_tensors(2, temperature, 0, 1.0, 0.0)
+                args += [*params, torch.tensor([3, 4]), torch.zeros(2, dtype=torch.int64)]
+            token, _ = torch.ops.eagle_C.llama_decode_step(*args, live=live)
+        return token, bool(nonfinite)
+
+    clean_token, clean_flag = step(clean_embed, None)
+    assert not clean_flag
+    token, flag = step(poisoned_embed, torch.tensor([True, False]))
+    assert not flag and int(token[0]) == int(clean_token[0])
+    assert step(poisoned_embed, None)[1]
+    assert step(poisoned_embed, torch.tensor([False, True]))[1]
+    with pytest.raises(ValueError, match="live must be a contiguous CPU Bool tensor"):
+        step(clean_embed, torch.tensor([1, 0]))
