@@ -246,3 +246,60 @@ def test_every_op_has_a_case():
 def test_every_triton_kernel_compiles_for_sm80_and_sm90():
     require_jit_specialisation()
     run_without_interpreter("from tests.kernels.test_triton_compile import compile_all; compile_all()", 4000)
+
+
+# Bytes of per-thread stack (register spills) the sm_90 tree_attention kernel may use at the goal
+# shapes. A non-finite-V check that kept a [BLOCK_M] flag and an extra row reduction spilled 480-528
+# bytes there with triton 3.6 (304-384 with 3.9) and made the kernel 5-12% slower on an H200
+# (2026-11-28); the kernel as it stands uses 8-24 bytes with 3.6 and 64-80 with 3.9.
+MAX_TREE_ATTENTION_STACK = 128
+
+
+def tree_attention_stack_report() -> None:
+    """Compile tree_attention's Triton kernel for sm_90 at issue 3's goal shapes (prefix 2048, T = 64,
+    Hq 32 / Hkv 8, D 128, bf16: batch 32 with and without TMA loads, batch 1 with the split prefix)
+    and raise when its stack (spills, from ``cuobjdump -res-usage``) passes the bound above."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        print("SKIP: this triton install has no cuobjdump")
+        return
+    ta = _module("tree_attention")
+    over = []
+    for B, tma in ((32, False), (32, True), (1, False)):
+        T, Hq, Hkv, D, prefix = 64, 32, 8, 128, 2048
+        q, kv = Z(B, T, Hq, D, dtype=BF16), Z(2, B, Hkv, prefix + T, D, dtype=BF16)
+        seqlens = torch.full((B,), prefix, dtype=I32)
+        plan = ta.plan_launch(B, Hkv, T, Hq // Hkv, prefix + T, D, num_sms=132, elem_size=2)
+        config = ta.LaunchConfig(
+            plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.num_splits, kv_tma=tma
+        )
+        mask = Z(B, T, T, dtype=torch.bool)
+        for kernel, args, kwargs in record_tree_attention_launches(q, kv[0], kv[1], seqlens, mask, config):
+            if kernel.fn.__name__ != "_tree_attention_kernel":
+                continue
+            cubin = compile_like_jit(kernel, args, kwargs, 90).asm["cubin"]
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(cubin)
+                f.flush()
+                usage = subprocess.run(
+                    [cuobjdump, "-res-usage", f.name], capture_output=True, text=True
+                ).stdout
+            stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+            print(f"B={B} tma={tma} {config}: stack {stack} bytes")
+            if stack > MAX_TREE_ATTENTION_STACK:
+                over.append(f"B={B} tma={tma}: {stack} bytes of stack > {MAX_TREE_ATTENTION_STACK}")
+    assert not over, "tree_attention spills registers on sm_90: " + "; ".join(over)
+
+
+def test_tree_attention_does_not_spill_registers_on_sm90_at_the_goal_shapes():
+    require_jit_specialisation()
+    run_without_interpreter(
+        "from tests.kernels.test_triton_compile import tree_attention_stack_report; tree_attention_stack_report()"
+    )
