@@ -399,17 +399,20 @@ def _tree_attention_kernel(
         s = tl.where(visible, tl.where(bad_key[None, :], float("nan"), s), float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, 1.0, True, FP32_DOT)
 
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows that saw nothing keep acc = 0
+    # l = 0: the row saw nothing and keeps acc = 0; l = NaN (a visible key's V was not finite) stays
+    # NaN, in the output and in the split's lse, so the combine need not rely on 0 * NaN
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     # m = +inf: a finite score overflowed float32 once scaled (the fused s * scale - m gave -inf, so
-    # p = 0); NaN as in the reference, not the zeros of a row that saw nothing (a NaN part also
-    # survives the combine: its weight times NaN is NaN)
-    out = tl.where((m_i == float("inf"))[:, None], float("nan"), acc / l_safe[:, None])
+    # p = 0); NaN as in the reference, not the zeros of a row that saw nothing
+    nan_row = m_i == float("inf")
+    out = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])
     Hq = Hkv * G
     row_off = (t * Hq + h).to(tl.int64)  # row within [B, T, Hq]
     dst = b64 * T * Hq + row_off
     if SPLIT:
         dst += split.to(tl.int64) * B * T * Hq
-        lse = tl.where(l_i > 0.0, m_i + tl.math.log2(l_safe), float("-inf"))
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        lse = tl.where(nan_row, float("nan"), lse)
         tl.store(lse_ptr + dst, lse, mask=row_ok)
     o_ptrs = out_ptr + dst[:, None] * HEAD_DIM + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])

@@ -1200,9 +1200,8 @@ def test_a_non_finite_v_reaches_only_the_rows_that_see_its_key(isa, dtype, monke
         for backend in ["torch", *backends_for(OP, torch.device("cpu"), exclude=exclude)]
     }
     if "triton" in runners:  # the split prefix too: a NaN row must survive the combine of the splits
-        runners["triton, 3 splits"] = lambda *args: _tree_attention_triton(
-            *args, 32**-0.5, LaunchConfig(num_splits=3)
-        )
+        split = LaunchConfig(block_n=16, num_splits=3)  # chunks of 16 keys: 20 prefix + 5 new keys
+        runners["triton, 3 splits"] = lambda *args: _tree_attention_triton(*args, 32**-0.5, split)
     base = make_case(2, 5, 4, 2, 32, "bool", seed=3, prefix_max=20, first_prefix=20).to(dtype)
     clean = {name: run(*base.args()) for name, run in runners.items()}
     j = 3  # new token 3 of sequence 0; tokens 0-2 precede it in the tree, so never see it
