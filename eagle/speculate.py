@@ -38,8 +38,8 @@ from eagle.models.generate_plain import (
     NONFINITE_MESSAGE,
     accepted_rows_not_finite,
     argmax_checked,
+    argmax_checked_live,
     cpu_decode_step_args,
-    live_rows_not_finite,
     nonfinite_flag,
     pad_prompts,
     warp_param_tensors,
@@ -724,8 +724,8 @@ class SpeculativeDecoder:
         ``[b]`` or None, where only live rows count and the others' non-finite rows are warped as
         all-zero logits (a frozen row's token is not emitted)."""
         if sampling.greedy:
-            first, bad = argmax_checked(logits)
-            self._check_finite(live_rows_not_finite(logits, bad, live), nonfinite)
+            first, bad = argmax_checked_live(logits, live)
+            self._check_finite(bad, nonfinite)
             return first
         bad = nonfinite_flag(logits)
         if live is not None and (logits.device.type != "cpu" or bool(bad)):

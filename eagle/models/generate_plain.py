@@ -70,15 +70,19 @@ def accepted_rows_not_finite(
     return (~torch.isfinite(rows).all(-1) & used).any()
 
 
-def live_rows_not_finite(
-    logits: torch.Tensor, any_bad: torch.Tensor, live: torch.Tensor | None
-) -> torch.Tensor:
-    """Whether a live row of ``logits [b, V]`` holds NaN/inf (a bool scalar tensor on ``logits``'
-    device), given ``any_bad``, :func:`argmax_checked`'s flag over every row; ``live``: bool ``[b]``
-    or None (every row: ``any_bad`` itself). On CPU the rows are looked at only when the flag is set."""
-    if live is None or (logits.device.type == "cpu" and not bool(any_bad)):
-        return any_bad
-    return (~torch.isfinite(logits).all(-1) & live).any()
+def argmax_checked_live(logits: torch.Tensor, live: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`argmax_checked` where only live rows count: ``(logits.argmax(-1), a live row of
+    logits [b, V] holds NaN/inf)``; ``live``: bool ``[b]`` or None (every row). On CPU the rows are
+    looked at again only when the one-pass flag is set; elsewhere one masked check (no host sync)."""
+    if live is None:
+        return argmax_checked(logits)
+    if logits.device.type == "cpu":
+        token, bad = argmax_checked(logits)
+        if not bool(bad):
+            return token, bad
+    else:
+        token = logits.argmax(-1)
+    return token, (~torch.isfinite(logits).all(-1) & live).any()
 
 
 def nonfinite_flag(logits: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,9 @@ class _StepBuffers:
     seeds: torch.Tensor | None  # [B] int64 per-row RNG streams (sampling without a generator)
     draws: torch.Tensor | None  # [B] int64, advanced in place: graph-safe
     nonfinite: torch.Tensor  # [] bool: a forward's logits held NaN/inf
+    # [B] bool: the row has not emitted an EOS (changed in place: a captured step reads it); NaN/inf in
+    # the logits of a row past its EOS, which keeps decoding until every row has, does not count
+    live: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
     graph_token: torch.Tensor | None = None  # [B] the graph's output token
     warm: bool = False  # a step ran eagerly: kernels compiled, workspaces allocated
@@ -268,13 +275,19 @@ def plain_decode_steps(
         buffers.draws.zero_()
     nonfinite, cache = buffers.nonfinite, buffers.cache
     stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
+    live = buffers.live  # stays all true without EOS ids (a kept graph serves runs with and without)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
         if temperature == 0:
-            token, bad = argmax_checked(logits)
+            token, bad = argmax_checked_live(logits, live)
             nonfinite.logical_or_(bad)
             return token
         bad = nonfinite_flag(logits)
+        if logits.device.type != "cpu" or bool(bad):
+            # a row past its EOS may hold NaN/inf: warped as all-zero logits (never emitted)
+            finite = torch.isfinite(logits).all(-1)
+            bad = (~finite & live).any()
+            logits = torch.where(finite[:, None], logits, 0.0)
         nonfinite.logical_or_(bad)
         if logits.device.type == "cpu" and bool(bad):  # free to read on CPU; warp_logits would refuse
             raise FloatingPointError(NONFINITE_MESSAGE)  # the row with a ValueError, unlike every other path
@@ -302,14 +315,16 @@ def plain_decode_steps(
         cache.advance(lengths, max_increment=block.shape[1])  # the bound spares a device sync
         token = choose(out.logits[:, 0])
         yield token, nonfinite
-        finished = torch.isin(token, stop)
+        if stop.numel():
+            live.logical_and_(~torch.isin(token, stop))
         buffers.step_input.copy_(token)
         for _ in range(max_new_tokens - 1):
-            if stop.numel() and bool(finished.all()):
+            if stop.numel() and not bool(live.any()):
                 break
             token = _next_token(buffers, step, cuda_graph, generator)
             yield token, nonfinite
-            finished |= torch.isin(token, stop)
+            if stop.numel():
+                live.logical_and_(~torch.isin(token, stop))
     finally:
         if reuse:  # also when the caller stops iterating early
             pool.put(key, buffers)
@@ -380,7 +395,7 @@ def _cpu_decode_step(model: LlamaModel, buffers: _StepBuffers, temperature, top_
     op = torch.ops.eagle_C.llama_decode_step
 
     def step() -> torch.Tensor:
-        token, _ = op(*args)
+        token, _ = op(*args, live=buffers.live)
         cache.length_bound += 1  # what cache.advance(1) keeps (the op checked the room)
         if bool(nonfinite):  # free to read on CPU: raise now, not after the remaining steps
             raise FloatingPointError(NONFINITE_MESSAGE)
@@ -394,6 +409,7 @@ def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool
     if pooled is not None and pooled.cache.max_seq_len >= length:
         pooled.cache.reset()
         pooled.nonfinite.zero_()
+        pooled.live.fill_(True)
         return pooled
     attended = length  # (the rounding's slots are never attended to by an emitted token)
     if reuse:
@@ -405,6 +421,7 @@ def _take_buffers(model, pooled, B: int, length: int, per_row: bool, reuse: bool
         seeds=torch.zeros(B, dtype=torch.int64, device=device) if per_row else None,
         draws=torch.zeros(B, dtype=torch.int64, device=device) if per_row else None,
         nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+        live=torch.ones(B, dtype=torch.bool, device=device),
     )
 
 

@@ -456,6 +456,47 @@ def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
         set_cpu_verify_update(previous[1])
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+@pytest.mark.parametrize(
+    "kind, rest", [("eagle2", "python"), ("eagle2", "cpp"), ("eagle2", "cpp-round"), ("eagle3", "python")]
+)
+def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
+    make_target, fast_path, kind, rest, temperature
+):
+    """As above with real NaN, on every path, the one-call C++ round included: the EOS token's
+    embedding is NaN, so the row that emitted it, frozen in the batch (1 of 5 rows), computes NaN
+    hidden states, logits and draft inputs from then on, and no live row does. The tokens are the
+    clean run's (before 424224c: FloatingPointError)."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=256)
+    target = load_target(path, dtype=torch.float32)
+    model = EagleModel(target, make_head(target, kind, bias=True, qkv_bias=False))
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1], [2, 7, 1, 8], [1, 4, 1, 4, 2], [6, 6, 6]]
+    sampling = speculate.SamplingParams(temperature=temperature)
+
+    def generate(eos=()):
+        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 5))
+        tokens = [[] for _ in prompts]
+        for emission in decoder.run(prompts, 40, sampling, eos_token_ids=eos, seed=3):
+            for row, new in zip(emission.rows, emission.tokens):
+                tokens[row] += new
+        return tokens
+
+    previous = (set_cpu_round(rest == "cpp-round"), set_cpu_verify_update(rest != "python"))
+    try:
+        free = generate()
+        others = set(sum(free[1:] + prompts, []))
+        eos = [t for i, t in enumerate(free[0]) if i >= 5 and t not in others and t not in free[0][:i]][:1]
+        assert eos, "no token of row 0 is missing from the other rows and the prompts"
+        clean = generate(eos)
+        assert len(clean[0]) < 40 and all(len(t) == 40 for t in clean[1:])
+        with torch.no_grad():
+            target.embed_tokens.weight[eos[0]] = float("nan")
+        assert generate(eos) == clean
+    finally:
+        set_cpu_round(previous[0])
+        set_cpu_verify_update(previous[1])
+
+
 @pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

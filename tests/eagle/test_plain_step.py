@@ -190,3 +190,29 @@ def test_only_live_rows_set_the_nonfinite_flag(make_target, fast_path, temperatu
     assert step(poisoned_embed, torch.tensor([False, True]))[1]
     with pytest.raises(ValueError, match="live must be a contiguous CPU Bool tensor"):
         step(clean_embed, torch.tensor([1, 0]))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+@pytest.mark.parametrize("one_call", [True, False], ids=["cpp-step", "python-step"])
+def test_nan_logits_of_a_row_past_its_eos_do_not_stop_decoding(make_target, fast_path, one_call, temperature):
+    """A row that emitted its EOS keeps decoding until every row has (its tokens are cut); NaN/inf in
+    its logits, which a batch-1 run never computes, raised FloatingPointError for the whole batch. Here
+    the EOS token's embedding is NaN, so exactly the rows past their EOS feed it: the tokens are the
+    clean run's. A NaN row before its EOS still raises (test_nan_logits_in_a_step_raise)."""
+    _, path = make_target("llama", num_key_value_heads=2, vocab_size=256)
+    target = load_target(path, dtype=torch.float32)
+    kw = dict(temperature=temperature, seed=5)
+    previous = gp.set_cpu_decode_step(one_call)
+    try:
+        free = gp.generate_plain(target, PROMPTS, 24, **kw)
+        others = set(sum(free[1:] + PROMPTS, []))
+        # an EOS that row 0 alone emits, from its 4th token on, and no prompt holds
+        eos = [t for i, t in enumerate(free[0]) if i >= 3 and t not in others and t not in free[0][:i]][:1]
+        assert eos, "no token of row 0 is missing from the other rows"
+        clean = gp.generate_plain(target, PROMPTS, 24, eos_token_id=eos, **kw)
+        assert clean[0][-1] == eos[0] and len(clean[0]) < 24 and all(len(r) == 24 for r in clean[1:])
+        with torch.no_grad():
+            target.embed_tokens.weight[eos[0]] = float("nan")
+        assert gp.generate_plain(target, PROMPTS, 24, eos_token_id=eos, **kw) == clean
+    finally:
+        gp.set_cpu_decode_step(previous)
