@@ -10,6 +10,10 @@ against ``tree_attention_ref`` before it is timed.
     python bench/ab_tree_attention.py /tmp/old_tree_attention.py                 # goal shapes, CUDA
     python bench/ab_tree_attention.py OLD --shapes tree64-B32 --configs default tma m128_n64_w8_s4_tma
     python bench/ab_tree_attention.py OLD --interpret                            # tiny shapes on CPU
+    python bench/ab_tree_attention.py OLD --new VARIANT.py                        # two files, neither the tree
+
+``--new`` times another file in place of the working tree's module (a variant kept beside the tree:
+several variants can be compared in one GPU session, each against the same baseline).
 
 Shapes are ``bench/sweep_tree_attention.py``'s (default: issue 3's goal shapes and the T = 1 decode at
 batch 32). A configuration is ``default`` (each version's own :func:`plan_launch`), ``tma`` (the
@@ -48,26 +52,27 @@ from bench import sweep_tree_attention as sweep  # noqa: E402
 new_module = importlib.import_module("eagle_kernels.tree_attention")
 
 BASELINE_NAMESPACE = "eagle_ab_baseline"
+NEW_NAMESPACE = "eagle_ab_new"  # --new FILE
 DEFAULT_SHAPES = ("tree64-B1", "tree64-B8", "tree64-B32", "decode-B32")
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 
-def load_baseline(path: Path):
+def load_baseline(path: Path, namespace: str = BASELINE_NAMESPACE):
     """The module at ``path`` (an ``eagle_kernels/tree_attention.py`` of another commit), imported as
-    ``eagle_kernels._ab_baseline_tree_attention`` with its ops registered under
-    :data:`BASELINE_NAMESPACE` (the working tree's module holds ``eagle::``). Triton reads a kernel's
-    source back from its file, so the renamed source is written to a temporary file first."""
+    ``eagle_kernels._ab_<namespace>_tree_attention`` with its ops registered under ``namespace``
+    (the working tree's module holds ``eagle::``). Triton reads a kernel's source back from its file,
+    so the renamed source is written to a temporary file first."""
     source = path.read_text()
     if '"eagle::tree_attention"' not in source or "def _tree_attention_triton(" not in source:
         raise SystemExit(f"{path}: not an eagle_kernels/tree_attention.py (no eagle::tree_attention op)")
     if "class LaunchConfig" not in source:
         raise SystemExit(f"{path}: a tree_attention.py from before LaunchConfig, which this comparison needs")
-    renamed = source.replace('"eagle::', f'"{BASELINE_NAMESPACE}::')
+    renamed = source.replace('"eagle::', f'"{namespace}::')
     folder = Path(tempfile.mkdtemp(prefix="ab_tree_attention_"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # Triton reads the file until then
     copy = folder / "baseline_tree_attention.py"
     copy.write_text(renamed)
-    name = "eagle_kernels._ab_baseline_tree_attention"
+    name = f"eagle_kernels._ab_{namespace}_tree_attention"
     spec = importlib.util.spec_from_file_location(name, copy)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -177,6 +182,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # no abbreviations: --interpret is looked for in sys.argv before triton is imported
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("baseline", type=Path, help="an eagle_kernels/tree_attention.py of another commit")
+    p.add_argument(
+        "--new", type=Path, default=None, help="a module file to time instead of the working tree's"
+    )
     p.add_argument("--shapes", nargs="*", default=None, help="sweep_tree_attention shape names")
     p.add_argument("--configs", nargs="*", default=["default", "tma"], help="launch configurations")
     p.add_argument("--rounds", type=int, default=5, help="alternating timings per version")
@@ -205,13 +213,21 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {sorted(known)}")
-    modules = {"new": new_module, "old": load_baseline(args.baseline)}
+    new = new_module if args.new is None else load_baseline(args.new, NEW_NAMESPACE)
+    modules = {"new": new, "old": load_baseline(args.baseline)}
     torch.set_num_threads(1)
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else None
     print(
-        f"# tree_attention A/B on {gpu or 'CPU (Triton interpreter)'}: new = working tree, old = {args.baseline}"
+        f"# tree_attention A/B on {gpu or 'CPU (Triton interpreter)'}: new = {args.new or 'working tree'}, "
+        f"old = {args.baseline}"
     )
-    report = {"gpu": gpu, "baseline": str(args.baseline), "rounds": args.rounds, "shapes": {}}
+    report = {
+        "gpu": gpu,
+        "baseline": str(args.baseline),
+        "new": str(args.new) if args.new else "working tree",
+        "rounds": args.rounds,
+        "shapes": {},
+    }
     out = args.out
     if out is None and gpu is not None:
         out = ROOT / "bench" / "results" / f"ab_tree_attention_{gpu.replace(' ', '-')}.json"

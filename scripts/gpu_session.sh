@@ -36,7 +36,7 @@
 #          older module, alternating in one process (bench/ab_tree_attention.py; AB_TA_BASELINE: the older
 #          eagle_kernels/tree_attention.py, e.g. from `git show REV:...` into a carried folder; AB_TA_ARGS:
 #          more arguments, a configuration as one word: --configs default m128_n64_w8_s4_tma; CAP_AB_TA: its
-#          time box)
+#          time box; AB_TA_NEW: a variant file timed in place of the working tree's module)
 #   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset
 #          (EAGLE_BENCH_L2_FLUSH=write) and by a read (=read, the default since 2026-11-27): does the memset's
 #          dirty-line write-back slow the timed kernel? (2026-11-26 on an H100: by 6-8 us)
@@ -140,7 +140,7 @@ if want ab_ta && [ -z "${AB_TA_BASELINE:-}" ]; then
     log "ab_ta skipped: AB_TA_BASELINE is not set"
 elif want ab_ta; then
     EAGLE_KERNELS_DISABLE_EXT=1 timeout $(cap ${CAP_AB_TA:-150}) python3 bench/ab_tree_attention.py "$AB_TA_BASELINE" \
-        ${AB_TA_ARGS:-} --out "$W/ab_tree_attention.json" >"$W/ab_ta.log" 2>&1
+        ${AB_TA_NEW:+--new "$AB_TA_NEW"} ${AB_TA_ARGS:-} --out "$W/ab_tree_attention.json" >"$W/ab_ta.log" 2>&1
     log "tree_attention A/B rc=$? $(grep -c 'old/new' "$W/ab_ta.log") rows"
     pack ab_ta "$W/ab_ta.log" "$W/ab_tree_attention.json"
 fi

@@ -1135,6 +1135,14 @@ def test_ab_compares_the_working_tree_with_an_older_module_and_rejects_a_wrong_o
         ab.main([str(same), "--interpret", "--rounds", "0"])
     with pytest.raises(SystemExit):  # no abbreviations: --interp would not have set the interpreter
         ab.main([str(same), "--interp"])
+    # --new: a file in place of the working tree's module (the broken one, so it must be named "new")
+    out = tmp_path / "ab_new.json"
+    argv = [str(same), "--new", str(broken), "--interpret", "--rounds", "1", "--shapes", "tiny-tree5-B2"]
+    assert ab.main([*argv, "--configs", "default", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["shapes"]["tiny-tree5-B2"]
+    assert report["new"] == str(broken)
+    assert row["versions"]["new"]["status"].startswith("wrong") and row["versions"]["old"]["status"] == "ok"
 
 
 @pytest.mark.parametrize("isa", isa_params())

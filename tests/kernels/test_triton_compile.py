@@ -312,3 +312,34 @@ def test_tree_attention_does_not_spill_registers_on_sm90_at_the_goal_shapes():
     run_without_interpreter(
         "from tests.kernels.test_triton_compile import tree_attention_stack_report; tree_attention_stack_report()"
     )
+
+
+def sass_report_of_itself(out: str) -> None:
+    """bench/sass_tree_attention.py with the working tree's module as its own baseline: both versions
+    report the same registers, stack, instructions and loops, for both kernels of a split launch."""
+    import json
+    from pathlib import Path
+
+    from bench import sass_tree_attention as sass
+
+    module_file = str(Path(_module("tree_attention").__file__))
+    assert sass.main([module_file, "--shapes", "tree64-B1", "--configs", "default", "--out", out]) == 0
+    versions = json.loads(Path(out).read_text())["shapes"]["tree64-B1"]["default"]
+    assert versions["new"] == versions["old"], versions
+    kernels = {row["kernel"]: row for row in versions["new"]}
+    assert set(kernels) == {"_tree_attention_kernel", "_combine_splits_kernel"}, kernels
+    main = kernels["_tree_attention_kernel"]
+    assert "error" not in main and main["registers"] > 0 and main["instructions"] > 100, main
+    assert len(main["loops"]) >= 2 and "num_splits=" in main["plan"], main  # the prefix loop, the masked one
+
+
+def test_the_sass_report_compiles_both_versions_alike(tmp_path):
+    import os
+
+    require_jit_specialisation()
+    if not os.path.exists(_cuobjdump()):
+        pytest.skip(f"this triton install has no cuobjdump ({_cuobjdump()})")
+    out = tmp_path / "sass.json"
+    run_without_interpreter(
+        f"from tests.kernels.test_triton_compile import sass_report_of_itself; sass_report_of_itself({str(out)!r})"
+    )
