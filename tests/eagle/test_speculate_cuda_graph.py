@@ -284,7 +284,9 @@ def test_a_failed_plain_capture_falls_back_to_eager_steps(monkeypatch):
 
     monkeypatch.setattr(gp, "cuda_graph_capture", failing_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    buffers = gp._StepBuffers(Cache(), torch.zeros(1), None, None, torch.zeros(()), warm=True)
+    buffers = gp._StepBuffers(
+        Cache(), torch.zeros(1), None, None, torch.zeros(()), torch.ones(1, dtype=torch.bool), warm=True
+    )
     steps = []
     with pytest.warns(UserWarning, match="CUDA graph capture failed"):
         assert gp._next_token(buffers, lambda: steps.append(1) or 7, True, None) == 7
