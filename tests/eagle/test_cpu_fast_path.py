@@ -458,7 +458,15 @@ def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
 @pytest.mark.parametrize(
-    "kind, rest", [("eagle2", "python"), ("eagle2", "cpp"), ("eagle2", "cpp-round"), ("eagle3", "python")]
+    "kind, rest",
+    [
+        ("eagle2", "python"),
+        ("eagle2", "cpp"),
+        ("eagle2", "cpp-round"),
+        ("eagle3", "python"),
+        ("eagle2", "auto-cpp-step"),
+        ("eagle2", "auto-python-step"),
+    ],
 )
 def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
     make_target, fast_path, kind, rest, temperature
@@ -466,7 +474,12 @@ def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
     """As above with real NaN, on every path, the one-call C++ round included: the EOS token's
     embedding is NaN, so the row that emitted it, frozen in the batch (1 of 5 rows), computes NaN
     hidden states, logits and draft inputs from then on, and no live row does. The tokens are the
-    clean run's (before 424224c: FloatingPointError)."""
+    clean run's (before 424224c: FloatingPointError). ``auto-*``: speculative="auto" alternating plain
+    steps (the one-call C++ step or the Python one) with rounds, so the draft catches up over NaN
+    features too."""
+    from tests.eagle.test_adaptive import Scripted
+    from tests.eagle.test_plain_step import gp
+
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=256)
     target = load_target(path, dtype=torch.float32)
     model = EagleModel(target, make_head(target, kind, bias=True, qkv_bias=False))
@@ -476,12 +489,19 @@ def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
     def generate(eos=()):
         decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 5))
         tokens = [[] for _ in prompts]
-        for emission in decoder.run(prompts, 40, sampling, eos_token_ids=eos, seed=3):
+        auto = Scripted("pps") if rest.startswith("auto") else False
+        for emission in decoder.run(prompts, 40, sampling, eos_token_ids=eos, seed=3, auto=auto):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row] += new
+        assert not auto or auto.seen.count("plain") > 4, "the plain steps did not run"
         return tokens
 
-    previous = (set_cpu_round(rest == "cpp-round"), set_cpu_verify_update(rest != "python"))
+    auto = rest.startswith("auto")
+    previous = (
+        set_cpu_round(rest == "cpp-round" or auto),
+        set_cpu_verify_update(rest != "python"),
+        gp.set_cpu_decode_step(rest != "auto-python-step"),
+    )
     try:
         free = generate()
         others = set(sum(free[1:] + prompts, []))
@@ -495,6 +515,7 @@ def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
     finally:
         set_cpu_round(previous[0])
         set_cpu_verify_update(previous[1])
+        gp.set_cpu_decode_step(previous[2])
 
 
 @pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
