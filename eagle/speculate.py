@@ -43,6 +43,7 @@ from eagle.models.generate_plain import (
     nonfinite_flag,
     pad_prompts,
     warp_param_tensors,
+    zero_nonfinite_rows,
 )
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import LlamaModel, ModelOutput, rope_tables
@@ -727,11 +728,7 @@ class SpeculativeDecoder:
             first, bad = argmax_checked_live(logits, live)
             self._check_finite(bad, nonfinite)
             return first
-        bad = nonfinite_flag(logits)
-        if live is not None and (logits.device.type != "cpu" or bool(bad)):
-            finite = torch.isfinite(logits).all(-1)
-            bad = (~finite & live).any()
-            logits = torch.where(finite[:, None], logits, 0.0)
+        logits, bad = zero_nonfinite_rows(logits, live)
         self._check_finite(bad, nonfinite)
         probs = self._warp(logits, sampling)
         u = rng.uniforms(seeds, draws, 1)[:, 0]

@@ -85,6 +85,20 @@ def argmax_checked_live(logits: torch.Tensor, live: torch.Tensor | None) -> tupl
     return token, (~torch.isfinite(logits).all(-1) & live).any()
 
 
+def zero_nonfinite_rows(logits: torch.Tensor, live: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [b, V] with each row holding NaN/inf made all zeros, whether such a row is live)``
+    for a sampled pick: the zeros keep the warper and samplers off NaN in rows whose token is never
+    emitted; ``live``: bool ``[b]`` or None (every row). On CPU the rows are looked at only when the
+    one-pass flag is set; elsewhere always (no host sync)."""
+    if logits.device.type == "cpu":
+        bad = nonfinite_flag(logits)
+        if not bool(bad):
+            return logits, bad
+    finite = torch.isfinite(logits).all(-1)
+    bad_rows = ~finite if live is None else ~finite & live
+    return torch.where(finite[:, None], logits, 0.0), bad_rows.any()
+
+
 def nonfinite_flag(logits: torch.Tensor) -> torch.Tensor:
     """Whether any logit is NaN/inf, a bool scalar tensor on ``logits``' device."""
     if _argmax_in_cpp(logits):
@@ -282,12 +296,7 @@ def plain_decode_steps(
             token, bad = argmax_checked_live(logits, live)
             nonfinite.logical_or_(bad)
             return token
-        bad = nonfinite_flag(logits)
-        if logits.device.type != "cpu" or bool(bad):
-            # a row past its EOS may hold NaN/inf: warped as all-zero logits (never emitted)
-            finite = torch.isfinite(logits).all(-1)
-            bad = (~finite & live).any()
-            logits = torch.where(finite[:, None], logits, 0.0)
+        logits, bad = zero_nonfinite_rows(logits, live)  # a row past its EOS may hold NaN/inf
         nonfinite.logical_or_(bad)
         if logits.device.type == "cpu" and bool(bad):  # free to read on CPU; warp_logits would refuse
             raise FloatingPointError(NONFINITE_MESSAGE)  # the row with a ValueError, unlike every other path

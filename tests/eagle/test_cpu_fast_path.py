@@ -469,14 +469,16 @@ def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
     ],
 )
 def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
-    make_target, fast_path, kind, rest, temperature
+    make_target, monkeypatch, fast_path, kind, rest, temperature
 ):
     """As above with real NaN, on every path, the one-call C++ round included: the EOS token's
     embedding is NaN, so the row that emitted it, frozen in the batch (1 of 5 rows), computes NaN
     hidden states, logits and draft inputs from then on, and no live row does. The tokens are the
     clean run's (before 424224c: FloatingPointError). ``auto-*``: speculative="auto" alternating plain
-    steps (the one-call C++ step or the Python one) with rounds, so the draft catches up over NaN
-    features too."""
+    steps (the one-call C++ step or the Python one) with rounds. A frozen row's plain steps feed its
+    last accepted token, not the EOS, so with the Python step its plain-step logits are made NaN
+    through the forward as well; the C++ step's masking is test_plain_step's
+    test_only_live_rows_set_the_nonfinite_flag."""
     from tests.eagle.test_adaptive import Scripted
     from tests.eagle.test_plain_step import gp
 
@@ -511,7 +513,22 @@ def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
         assert len(clean[0]) < 40 and all(len(t) == 40 for t in clean[1:])
         with torch.no_grad():
             target.embed_tokens.weight[eos[0]] = float("nan")
+        poisoned_steps = []
+        if rest == "auto-python-step":
+            original = target.forward
+
+            def forward(ids, cache, *args, **kwargs):
+                out = original(ids, cache, *args, **kwargs)
+                if kwargs.get("tree_mask") is None and ids.shape[1] == 1:  # a plain step
+                    frozen = cache.seqlens == 0  # a frozen row's committed length is held at 0
+                    out.logits[frozen] = float("nan")
+                    poisoned_steps.append(int(frozen.sum()))
+                return out
+
+            monkeypatch.setattr(target, "forward", forward)
         assert generate(eos) == clean
+        if rest == "auto-python-step":
+            assert sum(poisoned_steps) > 0, "no plain step ran with a frozen row"
     finally:
         set_cpu_round(previous[0])
         set_cpu_verify_update(previous[1])
