@@ -54,18 +54,25 @@ def cuobjdump() -> str:
     return str(path)
 
 
-def record_launches(module, shape, config) -> list[tuple]:
+MASKS = ("int32", "bool", "uint8")  # tree-mask formats: bit-packed int32 words (the benchmark's), bool
+# [B, T, T] (what the decoding loop passes), bit-packed bytes
+
+
+def record_launches(module, shape, config, mask_format: str = "int32") -> list[tuple]:
     """(kernel, args, keyword args) of every launch ``module``'s Triton launcher makes for ``shape``
-    under ``config``, from zero-filled CPU tensors (nothing is computed)."""
+    under ``config``, from zero-filled CPU tensors (nothing is computed); a tree shape's mask in
+    ``mask_format`` (:data:`MASKS`)."""
     dtype = torch.float32 if shape.fp32 else torch.bfloat16
     q = torch.zeros(shape.B, shape.T, shape.Hq, shape.D, dtype=dtype)
     kv = torch.zeros(2, shape.B, shape.Hkv, shape.s_max, shape.D, dtype=dtype)
     seqlens = torch.full((shape.B,), shape.prefix, dtype=torch.int32)
-    mask = (
-        None
-        if shape.mask == "causal"
-        else torch.zeros(shape.B, shape.T, -(-shape.T // 32), dtype=torch.int32)
-    )
+    B, T = shape.B, shape.T
+    masks = {
+        "int32": lambda: torch.zeros(B, T, -(-T // 32), dtype=torch.int32),
+        "bool": lambda: torch.zeros(B, T, T, dtype=torch.bool),
+        "uint8": lambda: torch.zeros(B, T, -(-T // 8), dtype=torch.uint8),
+    }
+    mask = None if shape.mask == "causal" else masks[mask_format]()
     launches = []
     original = module._launch
     module._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
@@ -94,12 +101,16 @@ def resources(cubin: bytes) -> dict:
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if m:
             instructions.append((int(m.group(1), 16), m.group(2)))
-    loops = []  # a backward branch closes a loop: its size in instructions
+    # A backward branch closes a loop: its size in instructions. Not one whose range holds an EXIT:
+    # the TMA variants' barrier-wait retries sit after the kernel's EXIT and branch back into it.
+    exits = [a for a, text in instructions if re.search(r"\bEXIT\b", text)]
+    loops = []
     for address, text in instructions:
-        m = re.search(r"BRA\s+0x([0-9a-f]+)", text)
+        m = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < address:
             start = int(m.group(1), 16)
-            loops.append(sum(1 for a, _ in instructions if start <= a <= address))
+            if not any(start <= a <= address for a in exits):
+                loops.append(sum(1 for a, _ in instructions if start <= a <= address))
     return {
         "registers": int(fields.get("REG", -1)),
         "stack_bytes": int(fields.get("STACK", -1)),
@@ -109,7 +120,7 @@ def resources(cubin: bytes) -> dict:
     }
 
 
-def report_version(module, shape, text: str, arch: int, sms: int) -> list[dict]:
+def report_version(module, shape, text: str, arch: int, sms: int, mask_format: str = "int32") -> list[dict]:
     config = ab.parse_config(text, module)
     G = shape.Hq // shape.Hkv
     dtype_size = 4 if shape.fp32 else 2
@@ -119,7 +130,7 @@ def report_version(module, shape, text: str, arch: int, sms: int) -> list[dict]:
         plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.num_splits, kv_tma=plan.kv_tma
     )
     rows = []
-    for kernel, args, kwargs in record_launches(module, shape, planned):
+    for kernel, args, kwargs in record_launches(module, shape, planned, mask_format):
         entry = {"kernel": kernel.fn.__name__, "plan": str(plan)}
         try:
             entry |= resources(compile_like_jit(kernel, args, kwargs, arch).asm["cubin"])
@@ -148,6 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new", type=Path, default=None, help="a module file instead of the working tree's")
     p.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), help="sweep_tree_attention shapes")
     p.add_argument("--configs", nargs="*", default=["default", "tma"], help="launch configurations")
+    p.add_argument("--mask", choices=MASKS, default="int32", help="the tree shapes' mask format")
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--sms", type=int, default=132, help="SMs the plans are made for")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/...)")
@@ -161,6 +173,9 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {sorted(known)}")
     cuobjdump()  # refuse early, by name
+    missing = [str(p) for p in (args.baseline, args.new) if p is not None and not p.is_file()]
+    if missing:
+        raise SystemExit(f"no such module file: {', '.join(missing)}")
     working_tree = importlib.import_module("eagle_kernels.tree_attention")
     modules = {"new": working_tree if args.new is None else ab.load_baseline(args.new, ab.NEW_NAMESPACE)}
     if args.baseline is not None:
@@ -175,6 +190,7 @@ def main(argv=None) -> int:
         "sms": args.sms,
         "new": str(args.new) if args.new else "working tree",
         "baseline": str(args.baseline) if args.baseline else None,
+        "mask": args.mask,
         "shapes": {},
     }
     for shape_name in args.shapes:
@@ -183,14 +199,23 @@ def main(argv=None) -> int:
         for text in args.configs:
             per_config[text] = {}
             for name, module in modules.items():
-                rows = report_version(module, shape, text, args.arch, args.sms)
+                rows = report_version(module, shape, text, args.arch, args.sms, args.mask)
                 per_config[text][name] = rows
                 print_rows(shape_name, text, name, rows)
     out = args.out or ROOT / "bench" / "results" / f"sass_tree_attention_triton{triton.__version__}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"# wrote {out}")
-    return 0
+    failed = [
+        f"{shape} {text} {name}"
+        for shape, configs in report["shapes"].items()
+        for text, versions in configs.items()
+        for name, rows in versions.items()
+        if any("error" in row for row in rows)
+    ]
+    if failed:
+        print(f"# compile errors in: {'; '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

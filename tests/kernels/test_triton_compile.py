@@ -14,6 +14,7 @@ The compiles run in a subprocess without ``TRITON_INTERPRET`` (the test process 
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -252,8 +253,9 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90():
 # Bytes of per-thread stack (register spills) the sm_90 tree_attention kernel may use at the goal
 # shapes. A non-finite-V check that kept a [BLOCK_M] flag and an extra row reduction spilled 480-528
 # bytes there with triton 3.6 (304-384 with 3.9) and made the kernel 5-12% slower on an H200
-# (2026-11-28); the kernel as it stands uses 0-64 bytes with either. At the benchmark's int32 masks,
-# through bench/sass_tree_attention.py: 344 / 360 / 304 bytes on 9e7bb1c, 64 / 16 / 16 now (triton 3.9).
+# (2026-11-28). Through bench/sass_tree_attention.py with triton 3.9, B 32 / B 32 TMA / B 1: 344 / 360 /
+# 304 bytes on 9e7bb1c at the benchmark's int32 masks; now 64 / 16 / 16 there and 64 / 64 / 80 at the
+# bool masks the decoding loop passes.
 MAX_TREE_ATTENTION_STACK = 128
 
 
@@ -267,26 +269,27 @@ def _cuobjdump() -> str:
 
 def tree_attention_stack_report() -> None:
     """Compile tree_attention's Triton kernel for sm_90 at issue 3's goal shapes (prefix 2048, T = 64,
-    Hq 32 / Hkv 8, D 128, bf16: batch 32 with and without TMA loads, batch 1 with the split prefix)
-    through bench/sass_tree_attention.py, and raise when its stack (spills) passes the bound above,
-    or when not all three compiled."""
+    Hq 32 / Hkv 8, D 128, bf16: batch 32 with and without TMA loads, batch 1 with the split prefix),
+    with int32 bit-packed and bool masks, through bench/sass_tree_attention.py, and raise when its
+    stack (spills) passes the bound above, or when not all six compiled."""
     from bench import sass_tree_attention as sass
 
     shapes = {s.name: s for s in sass.sweep.GPU_SHAPES}
     ta = _module("tree_attention")
     stacks, over = [], []
-    for name, config in (("tree64-B32", "default"), ("tree64-B32", "tma"), ("tree64-B1", "default")):
-        for row in sass.report_version(ta, shapes[name], config, 90, 132):
+    cases = [("tree64-B32", "default"), ("tree64-B32", "tma"), ("tree64-B1", "default")]
+    for (name, config), mask in itertools.product(cases, ("int32", "bool")):
+        for row in sass.report_version(ta, shapes[name], config, 90, 132, mask):
             if row["kernel"] != "_tree_attention_kernel":
                 continue
             assert "error" not in row, row
             stacks.append(row["stack_bytes"])
-            print(f"{name} {config} {row['plan']}: stack {row['stack_bytes']} bytes")
+            print(f"{name} {config} {mask} masks {row['plan']}: stack {row['stack_bytes']} bytes")
             if not 0 <= row["stack_bytes"] <= MAX_TREE_ATTENTION_STACK:
                 over.append(
-                    f"{name} {config}: {row['stack_bytes']} bytes of stack > {MAX_TREE_ATTENTION_STACK}"
+                    f"{name} {config} {mask}: {row['stack_bytes']} bytes of stack > {MAX_TREE_ATTENTION_STACK}"
                 )
-    assert len(stacks) == 3, f"expected 3 compiles of _tree_attention_kernel, got {len(stacks)}"
+    assert len(stacks) == 6, f"expected 6 compiles of _tree_attention_kernel, got {len(stacks)}"
     assert not over, "tree_attention spills registers on sm_90: " + "; ".join(over)
 
 
