@@ -40,7 +40,6 @@ from eagle.models.generate_plain import (
     argmax_checked,
     argmax_checked_live,
     cpu_decode_step_args,
-    nonfinite_flag,
     pad_prompts,
     warp_param_tensors,
     zero_nonfinite_rows,
@@ -790,9 +789,7 @@ class SpeculativeDecoder:
             # the one-pass flag is set); the CUDA and Triton ops work row by row and never read them.
             logits, bad = out.logits, None
             if logits.device.type == "cpu":
-                bad = nonfinite_flag(logits)
-                if bool(bad):
-                    logits = torch.where(torch.isfinite(logits).all(-1, keepdim=True), logits, 0.0)
+                logits, bad = zero_nonfinite_rows(logits.reshape(b * n, -1), None)
             V = logits.shape[-1]
             probs = self._warp(logits.reshape(b * n, V), sampling).view(b, n, V)
             u = rng.uniforms(s.seeds, s.draws, n + 1)

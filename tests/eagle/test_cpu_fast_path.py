@@ -384,6 +384,49 @@ def test_nan_logits_in_a_rejected_draft_tokens_row_do_not_stop_decoding(
         set_cpu_verify_update(previous[1])
 
 
+# Five rows for the frozen-row tests: with an EOS that row 0 alone emits, it finishes first and alone,
+# so 1 of 5 rows is frozen (not dropped: fewer than a quarter of the batch).
+FIVE_PROMPTS = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1], [2, 7, 1, 8], [1, 4, 1, 4, 2], [6, 6, 6]]
+
+
+def _five_rows(model, temperature: float, eos=(), auto=False) -> list[list[int]]:
+    """Every token each of :data:`FIVE_PROMPTS` emits, 40 at most, with the 3/4/12 dynamic tree."""
+    decoder = speculate.SpeculativeDecoder(model.target, model.head, model._tree(DRAFT_TREES["3/4/12"], 5))
+    sampling = speculate.SamplingParams(temperature=temperature)
+    tokens = [[] for _ in FIVE_PROMPTS]
+    for emission in decoder.run(FIVE_PROMPTS, 40, sampling, eos_token_ids=eos, seed=3, auto=auto):
+        for row, new in zip(emission.rows, emission.tokens):
+            tokens[row] += new
+    return tokens
+
+
+def _eos_of_row_0_alone(free: list[list[int]]) -> list[int]:
+    """An id row 0 emits from its 6th token on that no other row and no prompt holds (as a 1-list)."""
+    others = set(sum(free[1:] + FIVE_PROMPTS, []))
+    eos = [t for i, t in enumerate(free[0]) if i >= 5 and t not in others and t not in free[0][:i]][:1]
+    assert eos, "no token of row 0 is missing from the other rows and the prompts"
+    return eos
+
+
+def _poison_frozen_rows(target, monkeypatch, forwards: str) -> list[int]:
+    """Make the logits of the frozen rows (committed length held at 0) NaN in every ``forwards``
+    ("verify": tree forwards; "plain": one-token steps) from now on; returns the list that gets
+    each such forward's count of frozen rows."""
+    original, counts = target.forward, []
+
+    def forward(ids, cache, *args, **kwargs):
+        out = original(ids, cache, *args, **kwargs)
+        verify = kwargs.get("tree_mask") is not None
+        if out.logits is not None and (verify if forwards == "verify" else not verify and ids.shape[1] == 1):
+            frozen = cache.seqlens == 0
+            out.logits[frozen] = float("nan")
+            counts.append(int(frozen.sum()))
+        return out
+
+    monkeypatch.setattr(target, "forward", forward)
+    return counts
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
 @pytest.mark.parametrize("rest", ["python", "cpp", "cpp-round"])
 def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
@@ -398,38 +441,12 @@ def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=256)
     target = load_target(path, dtype=torch.float32)
     model = EagleModel(target, make_head(target, "eagle2", bias=True, qkv_bias=False))
-    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1], [2, 7, 1, 8], [1, 4, 1, 4, 2], [6, 6, 6]]
-    sampling = speculate.SamplingParams(temperature=temperature)
-
-    def generate(eos=()):
-        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 5))
-        tokens = [[] for _ in prompts]
-        for emission in decoder.run(prompts, 40, sampling, eos_token_ids=eos, seed=3):
-            for row, new in zip(emission.rows, emission.tokens):
-                tokens[row] += new
-        return tokens
-
     previous = (set_cpu_round(rest == "cpp-round"), set_cpu_verify_update(rest != "python"))
     try:
-        # an EOS that row 0 alone emits, from its 6th token on: it finishes first, alone (1 of 5 rows
-        # frozen, not dropped)
-        free = generate()
-        others = set(sum(free[1:], []))
-        eos = [t for i, t in enumerate(free[0]) if i >= 5 and t not in others and t not in free[0][:i]][:1]
-        assert eos, "no token of row 0 is missing from the other rows"
-        clean = generate(eos)
+        eos = _eos_of_row_0_alone(_five_rows(model, temperature))
+        clean = _five_rows(model, temperature, eos)
         assert len(clean[0]) < 40 and all(len(t) == 40 for t in clean[1:])
-        original, frozen_rows, lives = target.forward, [], []
-
-        def forward(ids, cache, *args, **kwargs):
-            out = original(ids, cache, *args, **kwargs)
-            if kwargs.get("tree_mask") is not None and out.logits is not None:  # a verify forward
-                frozen = cache.seqlens == 0  # a frozen row's committed length is held at 0
-                out.logits[frozen] = float("nan")
-                frozen_rows.append(int(frozen.sum()))
-            return out
-
-        monkeypatch.setattr(target, "forward", forward)
+        frozen_rows, lives = _poison_frozen_rows(target, monkeypatch, "verify"), []
         if rest == "cpp-round":
             real = (
                 torch.ops.eagle_C.eagle2_round_sampled
@@ -443,7 +460,7 @@ def test_nan_logits_of_a_frozen_row_do_not_stop_decoding(
 
             name = "eagle2_round_sampled" if temperature else "eagle2_round_greedy"
             monkeypatch.setattr(torch.ops.eagle_C, name, spy)
-        assert generate(eos) == clean
+        assert _five_rows(model, temperature, eos) == clean
         if rest == "cpp-round":
             assert lives and all(live is not None for live in lives)
             assert any(live.tolist() == [False, True, True, True, True] for live in lives), (
@@ -485,47 +502,27 @@ def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=256)
     target = load_target(path, dtype=torch.float32)
     model = EagleModel(target, make_head(target, kind, bias=True, qkv_bias=False))
-    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [7, 2, 7, 1], [2, 7, 1, 8], [1, 4, 1, 4, 2], [6, 6, 6]]
-    sampling = speculate.SamplingParams(temperature=temperature)
+    auto = rest.startswith("auto")
 
     def generate(eos=()):
-        decoder = speculate.SpeculativeDecoder(target, model.head, model._tree(DRAFT_TREES["3/4/12"], 5))
-        tokens = [[] for _ in prompts]
-        auto = Scripted("pps") if rest.startswith("auto") else False
-        for emission in decoder.run(prompts, 40, sampling, eos_token_ids=eos, seed=3, auto=auto):
-            for row, new in zip(emission.rows, emission.tokens):
-                tokens[row] += new
-        assert not auto or auto.seen.count("plain") > 4, "the plain steps did not run"
+        policy = Scripted("pps") if auto else False
+        tokens = _five_rows(model, temperature, eos, auto=policy)
+        assert not policy or policy.seen.count("plain") > 4, "the plain steps did not run"
         return tokens
 
-    auto = rest.startswith("auto")
     previous = (
         set_cpu_round(rest == "cpp-round" or auto),
         set_cpu_verify_update(rest != "python"),
         gp.set_cpu_decode_step(rest != "auto-python-step"),
     )
     try:
-        free = generate()
-        others = set(sum(free[1:] + prompts, []))
-        eos = [t for i, t in enumerate(free[0]) if i >= 5 and t not in others and t not in free[0][:i]][:1]
-        assert eos, "no token of row 0 is missing from the other rows and the prompts"
+        eos = _eos_of_row_0_alone(generate())
         clean = generate(eos)
         assert len(clean[0]) < 40 and all(len(t) == 40 for t in clean[1:])
         with torch.no_grad():
             target.embed_tokens.weight[eos[0]] = float("nan")
-        poisoned_steps = []
         if rest == "auto-python-step":
-            original = target.forward
-
-            def forward(ids, cache, *args, **kwargs):
-                out = original(ids, cache, *args, **kwargs)
-                if kwargs.get("tree_mask") is None and ids.shape[1] == 1:  # a plain step
-                    frozen = cache.seqlens == 0  # a frozen row's committed length is held at 0
-                    out.logits[frozen] = float("nan")
-                    poisoned_steps.append(int(frozen.sum()))
-                return out
-
-            monkeypatch.setattr(target, "forward", forward)
+            poisoned_steps = _poison_frozen_rows(target, monkeypatch, "plain")
         assert generate(eos) == clean
         if rest == "auto-python-step":
             assert sum(poisoned_steps) > 0, "no plain step ran with a frozen row"
