@@ -36,7 +36,8 @@
 #          older module, alternating in one process (bench/ab_tree_attention.py; AB_TA_BASELINE: the older
 #          eagle_kernels/tree_attention.py, e.g. from `git show REV:...` into a carried folder; AB_TA_ARGS:
 #          more arguments, a configuration as one word: --configs default m128_n64_w8_s4_tma; CAP_AB_TA: its
-#          time box; AB_TA_NEW: a variant file timed in place of the working tree's module)
+#          time box; AB_TA_NEW: a variant file timed in place of the working tree's module; bench/candidates/*.patch hold
+#          variants to time, with the command that makes the file from the patch)
 #   flushcmp (not default; Triton only, beside the build) the 1-row fused_draft_input sweep twice, L2 flushed by a memset
 #          (EAGLE_BENCH_L2_FLUSH=write) and by a read (=read, the default since 2026-11-27): does the memset's
 #          dirty-line write-back slow the timed kernel? (2026-11-26 on an H100: by 6-8 us)
