@@ -36,10 +36,10 @@ from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import (
     NONFINITE_MESSAGE,
-    accepted_rows_not_finite,
     argmax_checked,
     argmax_checked_live,
     cpu_decode_step_args,
+    first_nonfinite_accepted_row,
     pad_prompts,
     warp_param_tensors,
     zero_nonfinite_rows,
@@ -198,6 +198,10 @@ class _Batch:
     # [b] bool on the device: the row's tokens are still emitted (False: finished, frozen in the batch,
     # see _Frozen); NaN/inf in a frozen row's logits does not stop the run. Changed in place (graphs)
     live: torch.Tensor | None = None
+    # [b] int64, per row: the first position of the last round's accepted path whose row of the
+    # target's logits held NaN/inf (>= the round's steps: none), checked against what the row emits by
+    # _emit; on CPU None where no row did. On the device in place (a captured graph writes it)
+    nonfinite_from: torch.Tensor | None = None
     graph: _RoundGraph | None = None  # CUDA graphs: this state's captured round
     warm: bool = False  # CUDA graphs: its first round ran eagerly (kernels compiled, workspaces made)
     # speculative="auto": (target feature [b, 1, Hf], next token [b]) of each plain step not yet fed to
@@ -274,6 +278,8 @@ class _Frozen:
 _POOLED_CACHE_ALIGN = 256
 # speculative="auto": positions per sequence in one forward of the draft catching up after plain steps
 _CATCH_UP_ROWS = 256
+# _Batch.nonfinite_from before any round: no row of the target's logits held NaN/inf
+_NO_NONFINITE_ROW = 2**62
 
 
 class SpeculativeDecoder:
@@ -405,15 +411,24 @@ class SpeculativeDecoder:
                 backlog_seconds = 0.0
                 if policy is not None and policy.next_mode() == PLAIN:
                     new_tokens, counts = self._plain_step(state, sampling)
+                    nonfinite_from = None  # (a plain step's NaN/inf is the flag's: only live rows count)
                 else:
                     backlog_seconds = self._catch_up(state)
                     new_tokens, counts = self._next_round(state, sampling)
+                    nonfinite_from = state.nonfinite_from
                 t0 = time.perf_counter()
                 if frozen is not None:
                     frozen.hold(state)
                 active = frozen.active if frozen is not None else None
                 emission = self._emit(
-                    state, new_tokens, counts, max_new_tokens, stop, record=True, active=active
+                    state,
+                    new_tokens,
+                    counts,
+                    max_new_tokens,
+                    stop,
+                    record=True,
+                    active=active,
+                    nonfinite_from=nonfinite_from,
                 )
                 if policy is not None:  # the forward and its host synchronisation (in _emit)
                     # the draft's catch-up on the positions plain steps committed is a cost of those
@@ -594,6 +609,7 @@ class SpeculativeDecoder:
             accept_lengths=accept_lengths,
             nonfinite=nonfinite,
             live=torch.ones(B, dtype=torch.bool, device=device),
+            nonfinite_from=torch.full((B,), _NO_NONFINITE_ROW, dtype=torch.int64, device=device),
             pending_draft=pending,
         )
         if pooled is None:
@@ -614,7 +630,18 @@ class SpeculativeDecoder:
     def _refill(pooled: _Batch, fresh: _Batch) -> _Batch:
         """Copy a freshly prefilled state into a pooled one's tensors (the addresses its CUDA graph
         reads); the caches are already shared."""
-        for name in ("rows", "root", "root_hidden", "root_logits", "seeds", "draws", "nonfinite", "live"):
+        names = (
+            "rows",
+            "root",
+            "root_hidden",
+            "root_logits",
+            "seeds",
+            "draws",
+            "nonfinite",
+            "live",
+            "nonfinite_from",
+        )
+        for name in names:
             getattr(pooled, name).copy_(getattr(fresh, name))
         pooled.emitted = fresh.emitted
         pooled.accept_lengths = fresh.accept_lengths
@@ -804,9 +831,14 @@ class SpeculativeDecoder:
                 u[:, n].contiguous(),
                 num_spec_steps=steps,
             )
-        self._check_finite(
-            accepted_rows_not_finite(out.logits, accept_index, accept_num, bad, s.live), s.nonfinite
-        )
+        # Whether a token that came from NaN/inf logits is emitted is decided after the EOS and budget
+        # cuts (_emit): the row of an accepted EOS or last in-budget draft is not used.
+        if candidates.device.type == "cpu":
+            s.nonfinite_from = first_nonfinite_accepted_row(out.logits, accept_index, accept_num, bad, s.live)
+        else:  # in place: a captured graph writes it, and the round's host synchronisation reads it
+            first_nonfinite_accepted_row(
+                out.logits, accept_index, accept_num, bad, s.live, out=s.nonfinite_from
+            )
         t3 = self._stamp()
         old_lengths = s.target_cache.seqlens
         new_lengths = eagle_kernels.compact_kv_cache(
@@ -854,10 +886,11 @@ class SpeculativeDecoder:
 
     def _commit_cpu_round(self, s: _Batch, res: list, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The caches' lengths and the root state from a C++ round's outputs ``[new_tokens, counts,
-        new target lengths, root, root_hidden, root_logits, nonfinite, *status]``; raises on NaN/inf
-        logits or a sampling status."""
-        new_tokens, counts, new_lengths, root, root_hidden, root_logits, bad, *status = res
-        self._check_finite(bad, s.nonfinite)
+        new target lengths, root, root_hidden, root_logits, nonfinite_from, *status]`` (nonfinite_from:
+        :func:`first_nonfinite_accepted_row`'s, None where no row of the logits held NaN/inf, checked
+        by :meth:`_emit`); raises on a sampling status."""
+        new_tokens, counts, new_lengths, root, root_hidden, root_logits, nonfinite_from, *status = res
+        s.nonfinite_from = nonfinite_from
         if status and status[0] is not None:
             raise_on_status("tree_speculative_sampling", status[0])
         s.target_cache.set_seqlens(new_lengths, bound=s.target_cache.length_bound + steps)
@@ -1140,31 +1173,45 @@ class SpeculativeDecoder:
             flag.logical_or_(bad)
 
     @staticmethod
-    def _read_back(s: _Batch, new_tokens: torch.Tensor, counts: torch.Tensor, one_copy: bool | None = None):
-        """``(rows, tokens, counts, nonfinite)`` as host values. Off the CPU (``one_copy``) in one copy,
-        one sync instead of four: ``[b, steps + 3]`` int64 of the tokens, counts, row ids, NaN flag."""
+    def _read_back(
+        s: _Batch,
+        new_tokens: torch.Tensor,
+        counts: torch.Tensor,
+        one_copy: bool | None = None,
+        nonfinite_from: torch.Tensor | None = None,
+    ):
+        """``(rows, tokens, counts, nonfinite, nonfinite_from)`` as host values (the last None when
+        ``nonfinite_from`` is). Off the CPU (``one_copy``) in one copy, one sync instead of five:
+        ``[b, steps + 4]`` int64 of the tokens, counts, row ids, NaN flag and ``nonfinite_from``."""
         if not (one_copy if one_copy is not None else new_tokens.device.type != "cpu"):
-            return s.rows.tolist(), new_tokens.tolist(), counts.tolist(), False
+            return (
+                s.rows.tolist(),
+                new_tokens.tolist(),
+                counts.tolist(),
+                False,
+                None if nonfinite_from is None else nonfinite_from.tolist(),
+            )
         b, steps = new_tokens.shape
         flag = (
             s.nonfinite
             if s.nonfinite is not None
             else torch.zeros((), dtype=torch.bool, device=new_tokens.device)
         )
-        packed = torch.cat(
-            (
-                new_tokens.long(),
-                counts.long()[:, None],
-                s.rows.long()[:, None],
-                flag.long().expand(b)[:, None],
-            ),
-            1,
-        ).tolist()
+        columns = [
+            new_tokens.long(),
+            counts.long()[:, None],
+            s.rows.long()[:, None],
+            flag.long().expand(b)[:, None],
+        ]
+        if nonfinite_from is not None:
+            columns.append(nonfinite_from.long()[:, None])
+        packed = torch.cat(columns, 1).tolist()
         return (
             [row[steps + 1] for row in packed],
             [row[:steps] for row in packed],
             [row[steps] for row in packed],
             bool(packed[0][steps + 2]) if packed else False,
+            None if nonfinite_from is None else [row[steps + 3] for row in packed],
         )
 
     def _emit(
@@ -1177,10 +1224,15 @@ class SpeculativeDecoder:
         *,
         record: bool,
         active: list[int] | None = None,
+        nonfinite_from: torch.Tensor | None = None,
     ) -> Emission:
         """Host side of a forward (one sync): cut each row's tokens at EOS and at its budget.
-        ``active``: the batch indices to emit for (default all; frozen rows are left out)."""
-        rows, toks, cnts, nonfinite = self._read_back(s, new_tokens, counts)
+        ``active``: the batch indices to emit for (default all; frozen rows are left out).
+        ``nonfinite_from``: a round's :attr:`_Batch.nonfinite_from`; raises when a row would emit a
+        token from that position on (one that came from NaN/inf logits)."""
+        rows, toks, cnts, nonfinite, bad_from = self._read_back(
+            s, new_tokens, counts, nonfinite_from=nonfinite_from
+        )
         if nonfinite:
             raise FloatingPointError(NONFINITE_MESSAGE)
         emission = Emission(rows=[], tokens=[], finished=[])
@@ -1193,6 +1245,8 @@ class SpeculativeDecoder:
                 seq = seq[: eos_at + 1]
             room = max_new_tokens - s.emitted[i]
             seq = seq[:room]
+            if bad_from is not None and bad_from[i] < len(seq):
+                raise FloatingPointError(NONFINITE_MESSAGE)
             if record:  # what the round emitted, after the EOS and budget cuts
                 s.accept_lengths[row].append(len(seq))
             s.emitted[i] += len(seq)
@@ -1245,6 +1299,7 @@ class SpeculativeDecoder:
             accept_lengths=s.accept_lengths,
             nonfinite=s.nonfinite,
             live=s.live[keep],
+            nonfinite_from=None if s.nonfinite_from is None else s.nonfinite_from[keep],
             backlog=[(f[keep], t[keep]) for f, t in s.backlog],
             pending_draft=None if s.pending_draft is None else s.pending_draft.select(keep),
         )

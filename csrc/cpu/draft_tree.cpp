@@ -339,17 +339,21 @@ std::vector<at::Tensor> commit_accepted(
 
 }  // namespace
 
-// Whether a row on the accepted path of a live sequence holds NaN/inf: logits [b, n, V], accept_index
-// [b, steps] (flat rows of b * n, -1 past accept_num), accept_num [b], live: bool [b] or none (every
-// sequence; false: a finished row the batch still computes, whose tokens are not emitted). A bool scalar.
-static at::Tensor accepted_rows_not_finite(const at::Tensor& logits, const at::Tensor& accept_index,
-                                            const at::Tensor& accept_num, const OptTensor& live) {
+// Per sequence, the first position of the accepted path whose row holds NaN/inf, int64 [b] (steps where
+// none; eagle.models.generate_plain.first_nonfinite_accepted_row): position j's row gave the round's
+// j-th new token, and the caller decides, after its EOS and budget cuts, whether such a token is emitted.
+// logits [b, n, V], accept_index [b, steps] (flat rows of b * n, -1 past accept_num), accept_num [b],
+// live: bool [b] or none (every sequence; false: a finished row the batch still computes, whose tokens
+// are not emitted, gets steps).
+static at::Tensor first_nonfinite_accepted_row(const at::Tensor& logits, const at::Tensor& accept_index,
+                                                const at::Tensor& accept_num, const OptTensor& live) {
   const int64_t b = logits.size(0), n = logits.size(1), V = logits.size(2), steps = accept_index.size(1);
-  at::Tensor used = at::arange(steps, accept_num.options().dtype(at::kLong)).unsqueeze(0) <=
-                    accept_num.to(at::kLong).unsqueeze(1);
+  const at::Tensor position = at::arange(steps, accept_num.options().dtype(at::kLong)).unsqueeze(0);
+  at::Tensor used = position <= accept_num.to(at::kLong).unsqueeze(1);
   if (live.has_value()) used = used & live->unsqueeze(1);
   const at::Tensor rows = logits.reshape({b * n, V}).index_select(0, accept_index.to(at::kLong).clamp_min(0).reshape(-1));
-  return (at::isfinite(rows).all(-1).logical_not().view({b, steps}) & used).any();
+  const at::Tensor bad = at::isfinite(rows).all(-1).logical_not().view({b, steps}) & used;
+  return at::where(bad, position, steps).amin(-1);
 }
 
 static void check_live(const char* op, const OptTensor& live, int64_t b) {
@@ -369,8 +373,10 @@ static void check_live(const char* op, const OptTensor& live, int64_t b) {
 // small ATen calls, cost more than the ops at the bundled model's size.
 //
 // Returns [new_tokens [b, steps] int64, counts [b] int64, new target lengths [b] (compact_kv_cache's),
-// root [b], root_hidden [b, H], root_logits [b, V], nonfinite (bool scalar)]. When a row of the
-// accepted path holds NaN/inf nothing is written (no cache, no output but the flag): the caller raises.
+// root [b], root_hidden [b, H], root_logits [b, V], nonfinite_from]: nonfinite_from is
+// first_nonfinite_accepted_row's int64 [b] where a row of the logits holds NaN/inf, else undefined
+// (None); the round is committed either way (such a row's tokens come from NaN: the caller raises when
+// one of them is emitted, not when it is cut at an EOS or the budget, which plain decoding never computes).
 std::vector<at::Tensor> eagle2_verify_update_cpu(
     const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
     const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
@@ -389,21 +395,15 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
   auto [target_predict, bad] = argmax_op().call(logits);
   auto [predicts, accept_index, accept_num] = verify_op.call(candidates, retrive_index, retrive_next_token,
                                                              retrive_next_sibling, target_predict, num_spec_steps);
-  if (bad.item<bool>()) {
-    // Only the accepted path's rows count (eagle.models.generate_plain.accepted_rows_not_finite): a
-    // rejected draft token's row may hold NaN that plain decoding never computes.
-    bad = accepted_rows_not_finite(logits, accept_index, accept_num, live);
-    if (bad.item<bool>()) {
-      std::vector<at::Tensor> out(6);
-      out.push_back(bad);
-      return out;
-    }
-  }
+  // Only the accepted path's rows count: a rejected draft token's row may hold NaN that plain decoding
+  // never computes.
+  const at::Tensor nonfinite_from =
+      bad.item<bool>() ? first_nonfinite_accepted_row(logits, accept_index, accept_num, live) : at::Tensor();
   std::vector<at::Tensor> out = commit_accepted(
       predicts, accept_index, accept_num, target_hidden, candidates, target_kv, target_seqlens, num_spec_steps,
       embed_weight, fc_weight, fc_bias, weights, draft_kv, draft_seqlens, doubled_inv_freq, signs, lm_head, num_heads,
       num_kv_heads, eps);
-  out.push_back(bad);
+  out.push_back(nonfinite_from);
   return out;
 }
 
@@ -411,10 +411,10 @@ std::vector<at::Tensor> eagle2_verify_update_cpu(
 // eagle_C::warp_logits over the b * n rows (float64 logits as float32, as SpeculativeDecoder._warp;
 // NaN/inf rows as all-zero logits), the round's n + 1 uniforms of each row's stream (eagle.rng.uniforms,
 // in C++: the same bits) with the draw counter advanced in place, eagle_C::tree_speculative_sampling,
-// the NaN/inf check of the accepted path's rows, then the same commit as the greedy op. Returns the
+// the NaN/inf positions of the accepted path's rows, then the same commit as the greedy op. Returns the
 // greedy op's seven outputs and the sampling op's status words [b] (int32), or an undefined status
-// where every sequence's status is 0. Where an accepted row holds NaN/inf (the flag) or a status is
-// set, nothing is written but `draws`, and the caller raises.
+// where every sequence's status is 0. Where a status is set, nothing is written but `draws` (and
+// nonfinite_from), and the caller raises.
 std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
     const at::Tensor& logits, const at::Tensor& target_hidden, const at::Tensor& candidates,
     const at::Tensor& retrive_index, const at::Tensor& retrive_next_token, const at::Tensor& retrive_next_sibling,
@@ -441,9 +441,10 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
               const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
               const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, bool, double, double)>();
-  at::Tensor bad = std::get<1>(argmax_op().call(logits));  // eagle.models.generate_plain.nonfinite_flag
-  const auto finish = [&bad](std::vector<at::Tensor> out, const at::Tensor& status) {  // + flag, status
-    out.push_back(bad);
+  const at::Tensor bad = std::get<1>(argmax_op().call(logits));  // eagle.models.generate_plain.nonfinite_flag
+  at::Tensor nonfinite_from;  // undefined: no row of the logits holds NaN/inf
+  const auto finish = [&nonfinite_from](std::vector<at::Tensor> out, const at::Tensor& status) {
+    out.push_back(nonfinite_from);
     out.push_back(status);
     return out;
   };
@@ -461,10 +462,7 @@ std::vector<at::Tensor> eagle2_verify_update_sampled_cpu(
   auto [predicts, accept_index, accept_num, status] =
       sampling_op.call(candidates, retrive_index, retrive_next_token, retrive_next_sibling, probs, std::nullopt,
                        u.narrow(1, 0, n).contiguous(), u.select(1, n).contiguous(), num_spec_steps, false, 1.0, 1.0);
-  if (any_bad) {
-    bad = accepted_rows_not_finite(logits, accept_index, accept_num, live);
-    if (bad.item<bool>()) return finish(std::vector<at::Tensor>(6), at::Tensor());
-  }
+  if (any_bad) nonfinite_from = first_nonfinite_accepted_row(logits, accept_index, accept_num, live);
   const int32_t* st = status.const_data_ptr<int32_t>();
   if (std::any_of(st, st + b, [](int32_t w) { return w != 0; })) return finish(std::vector<at::Tensor>(6), status);
   return finish(commit_accepted(predicts, accept_index, accept_num, target_hidden, candidates, target_kv,
@@ -538,7 +536,7 @@ std::vector<at::Tensor> eagle2_round_greedy_cpu(
 
 // The sampled counterpart: draft_and_verify_forward, then eagle2_verify_update_sampled_cpu with the
 // warper's per-row parameters over the b * n tree rows and each row's (seed, draws) stream (draws
-// advanced in place). Returns eagle2_verify_update_sampled's outputs (the flag and status included).
+// advanced in place). Returns eagle2_verify_update_sampled's outputs (nonfinite_from and the status included).
 std::vector<at::Tensor> eagle2_round_sampled_cpu(
     const at::Tensor& root_logits, const at::Tensor& root_hidden, const at::Tensor& root, const at::Tensor& draft_kv,
     const at::Tensor& draft_seqlens, const at::Tensor& embed_weight, const at::Tensor& fc_weight,

@@ -391,8 +391,11 @@ class Eagle2Head(DraftHead):
         the target cache's compaction and this head's forward over the accepted tokens, with the same
         ops and arguments as ``SpeculativeDecoder._round`` and ``_update_draft`` make them, so the same
         bits. Returns ``[new_tokens, counts, new target lengths, root, root_hidden, root_logits,
-        nonfinite]`` (only the flag is set, and nothing written, when the logits hold NaN/inf), or None
-        where it does not apply (see :meth:`cpu_dynamic_tree`; also off with the C++ draft loop).
+        nonfinite_from]`` (``nonfinite_from``: int64 ``[b]``, the first position of each row's accepted
+        path whose row of the logits holds NaN/inf, ``num_spec_steps`` where none, as
+        :func:`eagle.models.generate_plain.first_nonfinite_accepted_row` gives it; None where no row of
+        the logits does; the caller decides whether such a token is emitted), or None where it does not
+        apply (see :meth:`cpu_dynamic_tree`; also off with the C++ draft loop).
 
         ``logits [b, n, V]``, ``target_hidden [b, n, H]``: the verify forward's; ``tree``:
         ``(retrive_index, retrive_next_token, retrive_next_sibling)``; ``cache``: this head's cache,
@@ -407,7 +410,7 @@ class Eagle2Head(DraftHead):
         (int64 ``[b]``; ``draws`` is advanced in place). The result then has an eighth entry, the
         sampling op's status words (None when every one is 0; nothing else is written otherwise).
         ``live``: bool ``[b]`` or None; NaN/inf on the accepted path of a row that is not live (a
-        finished row the batch still computes) does not set the flag."""
+        finished row the batch still computes) does not count."""
         on = _CPU_DRAFT_LOOP and _CPU_VERIFY_UPDATE
         for_op = self._cpu_op_weights(target_hidden, "eagle2_verify_update") if on else None
         if for_op is None:  # (_cpu_op_weights checked the device and tracing)

@@ -41,33 +41,44 @@ def argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return logits.argmax(-1), ~torch.isfinite(logits).all()
 
 
-def accepted_rows_not_finite(
+def first_nonfinite_accepted_row(
     logits: torch.Tensor,
     accept_index: torch.Tensor,
     accept_num: torch.Tensor,
     any_bad: torch.Tensor | None,
     live: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Whether a row of a verify (greedy or sampled) that the round uses holds NaN/inf: the accepted
-    path's rows, whose argmaxes or distributions gave its tokens (a bool scalar tensor on ``logits``'
-    device). The rows are flat rows of ``b * n`` as the decoding loop's identity ``retrive_index`` makes
-    them (the sampling ops read their probabilities by slot, the same rows there). A rejected draft
-    token's row may hold NaN (a token whose embedding or float16 activations overflow) that plain
-    decoding never computes, so it must not stop the round. ``logits`` ``[b, n, V]``, ``accept_index``
-    ``[b, steps]`` (flat rows of ``b * n``, -1 past ``accept_num``), ``accept_num`` ``[b]``, ``any_bad``:
-    :func:`argmax_checked`'s flag over every row, or None; on CPU (read for free) the rows are looked
-    at only when it is set, elsewhere (no host sync) always, the accepted rows alone. ``live``: bool
-    ``[b]`` or None (every row); only live rows count (a finished row that a batch keeps computing,
-    frozen, emits nothing)."""
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Per sequence, the first position of a verify's (greedy or sampled) accepted path whose row of
+    the logits holds NaN/inf: int64 ``[b]``, ``steps`` where there is none.
+
+    Position ``j``'s row gave the round's ``j``-th new token (its argmax or distribution), so that token
+    and the later ones came from non-finite logits; whether any of them is emitted is the host's call,
+    after the EOS and token-budget cuts (:meth:`eagle.speculate.SpeculativeDecoder._emit`): the row
+    of an accepted EOS or last in-budget draft gives a token that is never emitted, and plain decoding
+    never computes it. Nor does it compute a rejected draft token's row (an odd token's embedding, a
+    float16 overflow its activations alone reach), which is never looked at here.
+
+    ``logits`` ``[b, n, V]``; ``accept_index`` ``[b, steps]`` (flat rows of ``b * n`` as the decoding
+    loop's identity ``retrive_index`` makes them; the sampling ops read their probabilities by slot, the
+    same rows; -1 past ``accept_num``); ``accept_num`` ``[b]``; ``live``: bool ``[b]`` or None (every
+    row); a row that is not live (finished, frozen in the batch) gets ``steps``. ``any_bad``:
+    :func:`argmax_checked`'s flag over every row, or None: on CPU (read for free) None is returned
+    when it is unset (no row holds NaN/inf); elsewhere (no host sync) the rows are always looked at.
+    ``out``: an int64 ``[b]`` tensor to write the result into (a CUDA graph's buffer)."""
     if any_bad is not None and logits.device.type == "cpu" and not bool(any_bad):
-        return any_bad
+        return None
     b, n, V = logits.shape
     steps = accept_index.shape[1]
-    used = torch.arange(steps, device=logits.device)[None, :] <= accept_num.long()[:, None]
+    position = torch.arange(steps, device=logits.device)[None, :]
+    used = position <= accept_num.long()[:, None]
     if live is not None:
         used = used & live[:, None]
     rows = logits.reshape(b * n, V)[accept_index.long().clamp(min=0)]  # [b, steps, V]
-    return (~torch.isfinite(rows).all(-1) & used).any()
+    bad = ~torch.isfinite(rows).all(-1) & used
+    first = torch.where(bad, position, steps)
+    return torch.amin(first, -1) if out is None else torch.amin(first, -1, out=out)
 
 
 def argmax_checked_live(logits: torch.Tensor, live: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

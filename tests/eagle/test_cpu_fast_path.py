@@ -316,25 +316,41 @@ def test_cpp_verify_update_equals_the_python_round(
             assert torch.equal(a.kv[:, :, row, :, :n], b.kv[:, :, row, :, :n]), f"{cache} row {row}"
 
 
-def test_accepted_rows_not_finite_looks_at_the_accepted_path_only():
-    """Rows are flat rows of b * n; -1 past accept_num; on CPU a clear one-pass flag is trusted."""
-    from eagle.models.generate_plain import accepted_rows_not_finite
+def test_first_nonfinite_accepted_row_looks_at_the_accepted_path_only():
+    """Rows are flat rows of b * n; -1 past accept_num; a row gives its position on the accepted path
+    (steps where none, or where the sequence is not live); on CPU a clear one-pass flag is trusted."""
+    from eagle.models.generate_plain import first_nonfinite_accepted_row
 
     logits = torch.randn(2, 4, 5)
     accept_index = torch.tensor([[0, 2, -1], [4, 5, 7]], dtype=torch.int32)  # flat rows of 2 * 4
     accept_num = torch.tensor([1, 2], dtype=torch.int32)
     flag = torch.tensor(True)
 
-    def bad_at(row: int) -> bool:
+    def first(rows: list[int], live=None) -> list[int]:
         lg = logits.clone()
-        lg.view(8, 5)[row, 3] = float("nan")
-        return bool(accepted_rows_not_finite(lg, accept_index, accept_num, flag))
+        lg.view(8, 5)[rows, 3] = float("nan")
+        return first_nonfinite_accepted_row(lg, accept_index, accept_num, flag, live).tolist()
 
-    assert [bad_at(row) for row in range(8)] == [True, False, True, False, True, True, False, True]
-    assert not bool(accepted_rows_not_finite(logits, accept_index, accept_num, None))
+    # sequence 0's path: rows 0, 2; sequence 1's: rows 4, 5, 7
+    assert [first([row]) for row in range(8)] == [
+        [0, 3],
+        [3, 3],
+        [1, 3],
+        [3, 3],
+        [3, 0],
+        [3, 1],
+        [3, 3],
+        [3, 2],
+    ]
+    assert first([2, 0, 7, 5]) == [0, 1]  # the first one
+    assert first([0, 5], live=torch.tensor([False, True])) == [3, 1]
+    assert first_nonfinite_accepted_row(logits, accept_index, accept_num, None).tolist() == [3, 3]
     lg = logits.clone()
     lg[0, 0, 0] = float("inf")
-    assert not bool(accepted_rows_not_finite(lg, accept_index, accept_num, torch.tensor(False)))  # trusted
+    assert first_nonfinite_accepted_row(lg, accept_index, accept_num, torch.tensor(False)) is None  # trusted
+    out = torch.full((2,), -1, dtype=torch.int64)
+    first_nonfinite_accepted_row(lg, accept_index, accept_num, None, out=out)
+    assert out.tolist() == [0, 3]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
@@ -532,6 +548,96 @@ def test_a_frozen_row_whose_eos_embedding_is_nan_does_not_stop_decoding(
         gp.set_cpu_decode_step(previous[2])
 
 
+def _oracle_pair(tmp_path) -> EagleModel:
+    """A one-layer target with no attention (o_proj zero: a token's logits depend on it alone, all-ones
+    final norm) and an EAGLE-2 head computing the same function (fc keeps the embedding, the target's
+    MLP and norm, its lm_head scaled up so both distributions are sharp): the head proposes the
+    target's own continuation, every draft is accepted, and a trained head's EOS proposal is too."""
+    from tests.eagle.conftest import build_hf_target, save_hf_target
+
+    hf = build_hf_target("llama", 0, num_hidden_layers=1, num_key_value_heads=2, vocab_size=256)
+    with torch.no_grad():
+        hf.model.layers[0].self_attn.o_proj.weight.zero_()
+        hf.model.norm.weight.fill_(1.0)  # the head has no final norm: a positive scale, the same argmax
+        hf.lm_head.weight.mul_(20.0)
+    target = load_target(save_hf_target(hf, tmp_path / "oracle"), dtype=torch.float32)
+    head = random_draft(target, "eagle2", bias=True)
+    mine, theirs, H = head.layers[0], target.layers[0], target.config.hidden_size
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[:, :H] = torch.eye(H)  # cat([embedding, feature]) -> the embedding
+        head.fc.bias.zero_()
+        mine.self_attn.o_proj.weight.zero_()
+        mine.post_attention_layernorm.weight.copy_(theirs.post_attention_layernorm.weight)
+        mine.mlp.gate_up_proj.weight.copy_(theirs.mlp.gate_up_proj.weight)
+        mine.mlp.down_proj.weight.copy_(theirs.mlp.down_proj.weight)
+    head = head.eval().requires_grad_(False)
+    pack_module_linears(head, extra=[head.lm_head_weight])  # as load_draft does
+    return EagleModel(target, head)
+
+
+# The prompt's greedy continuation with _oracle_pair is [63, 109, 70, 193, 183, 17, 222, 115, 115, ...]
+# (a token's successor depends on it alone): 222 first appears as the 7th token, which a depth-4 round
+# emits first after the prefill's token and a round of 5: a draft token that is accepted, and whose own
+# row of the verify gives the token after it.
+ORACLE_PROMPT = [3, 1, 4, 1, 5, 9, 2, 6]
+ORACLE_TOKEN = 222
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "t1"])
+@pytest.mark.parametrize("rest", ["python", "cpp", "cpp-round"])
+@pytest.mark.parametrize("cut", ["eos", "budget", "none"])
+def test_nan_logits_of_an_accepted_eos_or_last_in_budget_draft_do_not_stop_decoding(
+    tmp_path, monkeypatch, fast_path, cut, rest, temperature
+):
+    """A draft token accepted as the EOS, or as the last token within the budget, has its own row of
+    the verify on the accepted path; that row gives the token after it, which is never emitted and
+    which plain decoding never computes. With that token's embedding NaN the row is NaN, and the round
+    raised FloatingPointError. Now a round's NaN rows are positions on each row's accepted path, and
+    only an emitted token from such a row raises: the tokens are the clean run's, on every path of the
+    rest of the round. Without a cut (``none``: no EOS, a longer budget) the token after it is emitted,
+    and the run raises."""
+    model = _oracle_pair(tmp_path)
+    budget = 7 if cut == "budget" else 16
+    eos = [ORACLE_TOKEN] if cut == "eos" else []
+
+    def generate() -> list[int]:
+        decoder = speculate.SpeculativeDecoder(model.target, model.head, TreeConfig(4, 2, 8))
+        sampling = speculate.SamplingParams(temperature=temperature)
+        return sum(
+            (e.tokens[0] for e in decoder.run([ORACLE_PROMPT], budget, sampling, eos_token_ids=eos, seed=3)),
+            [],
+        )
+
+    previous = (set_cpu_round(rest == "cpp-round"), set_cpu_verify_update(rest != "python"))
+    try:
+        clean = generate()
+        assert clean[6] == ORACLE_TOKEN and ORACLE_TOKEN not in clean[:6] + ORACLE_PROMPT
+        seen = []
+        real_emit = speculate.SpeculativeDecoder._emit
+
+        def emit(self, *args, nonfinite_from=None, **kwargs):
+            if nonfinite_from is not None:
+                seen.extend(nonfinite_from.tolist())
+            return real_emit(self, *args, nonfinite_from=nonfinite_from, **kwargs)
+
+        monkeypatch.setattr(speculate.SpeculativeDecoder, "_emit", emit)
+        with torch.no_grad():
+            model.target.embed_tokens.weight[ORACLE_TOKEN] = float("nan")
+        if cut == "none":
+            with pytest.raises(FloatingPointError, match="NaN/inf logits"):
+                generate()
+        else:
+            assert len(clean) == 7 and generate() == clean
+            if temperature == 0.0:  # and plain decoding's, which never computes the NaN row
+                plain = model.generate([ORACLE_PROMPT], budget, speculative=False, eos_token_id=eos or None)
+                assert plain.tokens == [clean]
+        assert 1 in seen, "the accepted draft's row was not NaN on the accepted path"
+    finally:
+        set_cpu_round(previous[0])
+        set_cpu_verify_update(previous[1])
+
+
 @pytest.mark.parametrize("sampling", list(ROUND_SAMPLING))
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -664,9 +770,11 @@ def test_cpp_verify_update_is_skipped_where_it_does_not_apply(make_target, fast_
         assert head.cpu_verify_update(*args, target_cache, cache, 2) is None
 
 
-def test_cpp_sampled_verify_update_writes_nothing_on_bad_input(make_target, fast_path):
-    """The sampled one-call rest: NaN logits give the flag; a malformed tree gives the sampling op's
-    status (which the loop raises as the Python path does); in both cases neither cache is written."""
+def test_cpp_sampled_verify_update_on_nan_logits_and_on_a_bad_tree(make_target, fast_path):
+    """The sampled one-call rest: a malformed tree gives the sampling op's status (which the loop raises
+    as the Python path does) and neither cache is written; NaN logits give each row's first NaN position
+    on the accepted path (the loop raises when a token from there on is emitted, not when the EOS or the
+    budget cuts it) and the round is committed as any other."""
     _, path = make_target("llama", num_key_value_heads=2, vocab_size=48)
     target = load_target(path, dtype=torch.float32)
     head = make_head(target, "eagle2", bias=True, qkv_bias=False)
@@ -692,17 +800,18 @@ def test_cpp_sampled_verify_update_writes_nothing_on_bad_input(make_target, fast
                 lg, hidden, candidates, tree, target_cache, cache, 2, (*params, seeds, draws)
             )
 
-    out = call(logits.clone().index_fill_(2, torch.tensor([3]), float("nan")), good)
-    assert bool(out[6]) and out[0] is None and out[7] is None
-    assert int(draws[0]) == 2  # drawn: only the accepted path's rows count, known after the sampling
     out = call(logits, cyclic)
-    assert not bool(out[6]) and out[0] is None and int(out[7][0]) != 0
+    assert out[6] is None and out[0] is None and int(out[7][0]) != 0
     with pytest.raises(ValueError, match="tree_speculative_sampling: sequence 0"):
         raise_on_status("tree_speculative_sampling", out[7])
     assert torch.equal(target_cache.kv, kv) and torch.equal(cache.kv, draft_kv)
-    out = call(logits, good)  # the same arguments on a well-formed tree: accepted and written
-    assert out[7] is None and out[0].shape == (1, 2) and int(draws[0]) == 4  # one draw per sampling call
-    assert not torch.equal(cache.kv, draft_kv)
+    assert int(draws[0]) == 2  # drawn all the same: one draw per sampling call
+    out = call(logits.clone().index_fill_(2, torch.tensor([3]), float("nan")), good)
+    assert out[6].tolist() == [0] and out[7] is None  # the root's row: the first new token is NaN's
+    assert out[0].shape == (1, 2) and int(draws[0]) == 3
+    assert not torch.equal(cache.kv, draft_kv)  # committed
+    out = call(logits, good)
+    assert out[6] is None and out[7] is None and out[0].shape == (1, 2) and int(draws[0]) == 4
 
 
 def run_keeping_state(run, m):

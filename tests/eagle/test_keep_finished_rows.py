@@ -137,8 +137,8 @@ def test_keep_finished_rows_is_the_cuda_graph_default(pair):
 
 
 def test_read_back_in_one_copy_equals_separate_reads():
-    """The GPU's single device-to-host copy of a round's results (tokens, counts, row ids, NaN flag)
-    unpacks to what separate reads give."""
+    """The GPU's single device-to-host copy of a round's results (tokens, counts, row ids, NaN flag,
+    the first NaN/inf position of each row's accepted path) unpacks to what separate reads give."""
     from eagle.speculate import _Batch
 
     s = _Batch.__new__(_Batch)
@@ -146,9 +146,11 @@ def test_read_back_in_one_copy_equals_separate_reads():
     s.nonfinite = torch.tensor(False)
     new_tokens = torch.tensor([[5, 6, 0], [9, 0, 0], [1, 2, 3]])
     counts = torch.tensor([2, 1, 3])
-    separate = SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=False)
-    assert SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=True) == separate
-    assert separate == ([4, 0, 7], new_tokens.tolist(), [2, 1, 3], False)
+    for nonfinite_from in (None, torch.tensor([3, 0, 2])):
+        separate = SpeculativeDecoder._read_back(s, new_tokens, counts, False, nonfinite_from)
+        assert SpeculativeDecoder._read_back(s, new_tokens, counts, True, nonfinite_from) == separate
+        expected = None if nonfinite_from is None else [3, 0, 2]
+        assert separate == ([4, 0, 7], new_tokens.tolist(), [2, 1, 3], False, expected)
     s.nonfinite = torch.tensor(True)
     assert SpeculativeDecoder._read_back(s, new_tokens, counts, one_copy=True)[3] is True
     s.nonfinite = None
