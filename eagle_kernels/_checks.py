@@ -77,7 +77,13 @@ class SignatureCache:
         self._maxsize = maxsize
 
     def run(self, check: Callable[..., None], *args: object) -> None:
-        """``check(*args)`` unless ``args``' signature already passed it."""
+        """``check(*args)`` unless ``args``' signature already passed it. While torch.compile traces
+        (Dynamo hands the public functions plain tensors with symbolic sizes) the checks always run and
+        nothing is looked up: hashing a signature would read every size and specialise the graph on it,
+        so a batch size marked dynamic (``torch._dynamo.mark_dynamic``) could not stay dynamic."""
+        if torch.compiler.is_compiling():
+            check(*args)
+            return
         sig = call_signature(*args)
         if sig is not None and sig in self._passed:
             return

@@ -402,15 +402,15 @@ def _filled(value: int | float, rows: int, device: torch.device, dtype: torch.dt
     handed out to a capture: the graph would keep reading its memory after the cache dropped it (the
     cache is cleared when full) and the allocator gave it to something else. A tensor made during the
     capture lives in the graph's private pool, reserved for as long as the graph."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.full((rows,), value, dtype=dtype, device=device)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return torch.full((rows,), value, dtype=dtype, device=device)  # (a key would specialise on rows)
     sign = math.copysign(1.0, value) if type(value) is float else 1.0  # keeps -0.0 apart from 0.0
     key = (type(value), value, sign, rows, device, dtype)
     t = _FILLED.get(key)
     if t is not None:
         return t
     t = torch.full((rows,), value, dtype=dtype, device=device)
-    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+    if type(t) is not torch.Tensor:
         return t
     if len(_FILLED) >= _MAX_FILLED:
         _FILLED.clear()
