@@ -77,6 +77,7 @@ def _compact_kv_cache_kernel(
     D,
     num_steps,
     n,
+    S_max,
     s_layer,
     s_kv,
     s_b,
@@ -85,7 +86,9 @@ def _compact_kv_cache_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """One program per (layer, k/v, sequence, head). Steps j run in order inside the program, so
-    the in-place copy is safe (slot_j >= j)."""
+    the in-place copy is safe (slot_j >= j). Values are checked only in debug mode (a host sync): a
+    length whose tree would pass S_max (or a negative one) must not move rows outside the sequence's
+    cache, into the next head's or past the tensor, so both rows of a copy are bounded by it."""
     r = tl.program_id(0)
     h = r % H
     b = (r // H) % B
@@ -99,14 +102,15 @@ def _compact_kv_cache_kernel(
     for j in range(0, num_steps):  # j = 0 too: the root's row need not be the block's first
         if (j <= acc) & (j < n):  # (a path holds at most n slots; accept_index may be wider)
             slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
-            if (slot != j) & (slot >= 0) & (slot < n):  # an out-of-tree slot (unchecked input) is skipped
+            in_cache = (start >= 0) & (start + tl.maximum(slot, j) < S_max)
+            if (slot != j) & (slot >= 0) & (slot < n) & in_cache:  # out-of-tree slots are skipped
                 row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)
                 tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
 
 
 @launches_on_input_device
 def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
-    L, _, B, H, _, D = kv_cache.shape
+    L, _, B, H, S_max, D = kv_cache.shape
     kv_cache = _as_bits(kv_cache)
     # The kernel reads element b of these at base + b: strided views must be made contiguous.
     accept_num = accept_token_num.to(torch.int32).contiguous()
@@ -122,6 +126,7 @@ def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token
             D,
             accept_index.shape[1],
             num_draft_tokens,
+            S_max,
             *kv_cache.stride()[:5],
             BLOCK_D=triton.next_power_of_2(D),
         )

@@ -337,7 +337,10 @@ def _tree_attention_kernel(
     b64 = b.to(tl.int64)
     q_rows = q_ptr + b64 * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d
     q = tl.load(q_rows, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    seqlen = tl.load(seqlens_ptr + b)
+    # Values are checked only in debug mode (a host sync): a length whose new tokens would pass S_max
+    # (or a negative one) must not read outside the sequence's cache, into the next head's rows or
+    # past the tensor. Valid lengths are unchanged.
+    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), S_max - T)
     k_head = k_ptr + b64 * sk_b + kvh.to(tl.int64) * sk_h
     v_head = v_ptr + b64 * sv_b + kvh.to(tl.int64) * sv_h
     k_tile = cols[:, None] * sk_s + d[None, :] * sk_d  # int32 offsets of a tile from its first position

@@ -7,7 +7,7 @@
 namespace {
 
 template <typename unit_t, typename idx_t>
-__global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int64_t H, int64_t D,
+__global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int64_t H, int64_t S, int64_t D,
                                         int64_t s_layer, int64_t s_kv, int64_t s_b, int64_t s_h,
                                         int64_t s_pos, const int32_t* __restrict__ seqlens,
                                         const idx_t* __restrict__ accept_index,
@@ -19,12 +19,13 @@ __global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int6
   const int64_t start = seqlens[b];
   // Values are checked only in debug mode (a host sync): a malformed count or slot must not read
   // past accept_index's row or the sequence's tree, so the loop stops at the row's last column and
-  // an out-of-tree slot is skipped (as the Triton kernel does).
+  // an out-of-tree slot is skipped (as the Triton kernel does); nor may a length whose tree passes S
+  // (or a negative one) move rows outside the sequence's cache, into the next head's or past the tensor.
   // (and a path never holds more than n slots: accept_index may be wider than the tree)
   const int64_t last = min(min(static_cast<int64_t>(accept_num[b]), num_steps - 1), n - 1);
   for (int64_t j = 0; j <= last; ++j) {  // j = 0 too: the root's row need not be the block's first
     const int64_t slot = static_cast<int64_t>(accept_index[b * num_steps + j]) - b * n;
-    if (slot == j || slot < 0 || slot >= n) continue;
+    if (slot == j || slot < 0 || slot >= n || start < 0 || start + max(slot, j) >= S) continue;
     const unit_t* src = head + (start + slot) * s_pos;
     unit_t* dst = head + (start + j) * s_pos;
     for (int64_t d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
@@ -32,7 +33,7 @@ __global__ void compact_kv_cache_kernel(unit_t* __restrict__ kv, int64_t B, int6
 }
 
 template <typename unit_t>
-cudaError_t launch_unit(void* kv, int64_t L, int64_t B, int64_t H, int64_t D, int64_t s_layer, int64_t s_kv,
+cudaError_t launch_unit(void* kv, int64_t L, int64_t B, int64_t H, int64_t S, int64_t D, int64_t s_layer, int64_t s_kv,
                         int64_t s_b, int64_t s_h, int64_t s_pos, const int32_t* seqlens,
                         const void* accept_index, int index_is_int64, const int32_t* accept_num,
                         int64_t num_steps, int64_t n, cudaStream_t stream) {
@@ -41,11 +42,11 @@ cudaError_t launch_unit(void* kv, int64_t L, int64_t B, int64_t H, int64_t D, in
   const int threads = D >= 128 ? 128 : (D >= 64 ? 64 : 32);
   if (index_is_int64) {
     compact_kv_cache_kernel<unit_t, int64_t><<<blocks, threads, 0, stream>>>(
-        static_cast<unit_t*>(kv), B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens,
+        static_cast<unit_t*>(kv), B, H, S, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens,
         static_cast<const int64_t*>(accept_index), accept_num, num_steps, n);
   } else {
     compact_kv_cache_kernel<unit_t, int32_t><<<blocks, threads, 0, stream>>>(
-        static_cast<unit_t*>(kv), B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens,
+        static_cast<unit_t*>(kv), B, H, S, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens,
         static_cast<const int32_t*>(accept_index), accept_num, num_steps, n);
   }
   return cudaGetLastError();
@@ -53,7 +54,7 @@ cudaError_t launch_unit(void* kv, int64_t L, int64_t B, int64_t H, int64_t D, in
 
 }  // namespace
 
-extern "C" int eagle_compact_kv_cache_cuda(void* kv, int64_t L, int64_t B, int64_t H, int64_t D,
+extern "C" int eagle_compact_kv_cache_cuda(void* kv, int64_t L, int64_t B, int64_t H, int64_t S, int64_t D,
                                            int64_t s_layer, int64_t s_kv, int64_t s_b, int64_t s_h,
                                            int64_t s_pos, int64_t element_size, const int32_t* seqlens,
                                            const void* accept_index, int index_is_int64,
@@ -61,16 +62,16 @@ extern "C" int eagle_compact_kv_cache_cuda(void* kv, int64_t L, int64_t B, int64
                                            int64_t num_draft_tokens, cudaStream_t stream) {
   switch (element_size) {  // a bit copy: fp8 / int8 caches are 1-byte units
     case 1:
-      return launch_unit<uint8_t>(kv, L, B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
+      return launch_unit<uint8_t>(kv, L, B, H, S, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
                                   index_is_int64, accept_num, num_steps, num_draft_tokens, stream);
     case 2:
-      return launch_unit<uint16_t>(kv, L, B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
+      return launch_unit<uint16_t>(kv, L, B, H, S, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
                                    index_is_int64, accept_num, num_steps, num_draft_tokens, stream);
     case 4:
-      return launch_unit<uint32_t>(kv, L, B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
+      return launch_unit<uint32_t>(kv, L, B, H, S, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
                                    index_is_int64, accept_num, num_steps, num_draft_tokens, stream);
     case 8:
-      return launch_unit<uint64_t>(kv, L, B, H, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
+      return launch_unit<uint64_t>(kv, L, B, H, S, D, s_layer, s_kv, s_b, s_h, s_pos, seqlens, accept_index,
                                    index_is_int64, accept_num, num_steps, num_draft_tokens, stream);
     default:
       return cudaErrorInvalidValue;

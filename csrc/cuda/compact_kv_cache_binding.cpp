@@ -19,7 +19,7 @@ at::Tensor compact_kv_cache_cuda(at::Tensor kv_cache, const at::Tensor& cache_se
   auto index = accept_index.contiguous();
   auto num = accept_token_num.to(at::kInt).contiguous();
   const int err = eagle_compact_kv_cache_cuda(
-      kv_cache.data_ptr(), kv_cache.size(0), kv_cache.size(2), kv_cache.size(3), kv_cache.size(5),
+      kv_cache.data_ptr(), kv_cache.size(0), kv_cache.size(2), kv_cache.size(3), kv_cache.size(4), kv_cache.size(5),
       kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), kv_cache.stride(4),
       kv_cache.element_size(), seqlens.data_ptr<int32_t>(), index.data_ptr(),
       index.scalar_type() == at::kLong, num.data_ptr<int32_t>(), index.size(1), num_draft_tokens,

@@ -192,6 +192,32 @@ def test_unchecked_kernels_stay_inside_the_row_and_the_tree_on_malformed_input(d
         assert torch.equal(got, want), name
 
 
+def test_unchecked_kernels_stay_inside_the_sequences_cache_on_a_bad_length(device):
+    """A length whose tree passes S_max (cache_seqlens + n > S_max: a sequence at the end of its
+    cache, a stale length) or a negative one is not checked outside debug mode: the kernels moved
+    rows past the sequence's cache, into the next head's rows and, from the last head, past the
+    tensor. Now only copies whose two rows are inside [0, S_max) run (here: sequence 0's move of
+    slot 2 to row 6, inside; its slot 3 would come from row 9), and nothing past the tensor changes."""
+    kernels = _unchecked_kernels(device)
+    if not kernels:
+        pytest.skip(f"no unchecked kernel of {OP} runs on {device.type} here")
+    L, B, H, S, D, n = 1, 2, 2, 8, 4, 4
+    numel = L * 2 * B * H * S * D
+    seqlens = torch.tensor([5, -1], dtype=torch.int32, device=device)  # rows 5..8 of 0..7; negative
+    accept_index = torch.tensor([[0, 2, 3], [4, 5, 7]], dtype=torch.int32, device=device)
+    accept_num = torch.tensor([2, 2], dtype=torch.int32, device=device)
+    for name, kernel in kernels.items():
+        backing = -1.0 - torch.arange(numel + 64.0, device=device)  # the cache, then a guard region
+        kv = backing[:numel].view(L, 2, B, H, S, D)
+        kv.copy_(torch.arange(numel, dtype=torch.float32, device=device).view_as(kv))
+        want = kv.clone()
+        want[:, :, 0, :, 6] = want[:, :, 0, :, 7]
+        guard = backing[numel:].clone()
+        kernel(kv, seqlens, accept_index, accept_num, n)
+        assert torch.equal(kv, want), name
+        assert torch.equal(backing[numel:], guard), f"{name} wrote past the tensor"
+
+
 def test_accept_index_wider_than_the_tree(device):
     """SGLang's accept_index is speculative_num_steps + 1 wide whatever the tree size, and
     verify_tree_greedy takes num_spec_steps > n: the extra columns are padding."""

@@ -678,6 +678,27 @@ def test_strided_cache_seqlens_are_read_as_their_values(device):
         assert_matches(run_with_backend(backend, tree_attention, *c.args()), case, want, backend)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_the_unchecked_kernel_reads_only_the_sequences_cache_on_a_bad_length(device, num_splits):
+    """Lengths are value-checked only in debug mode on CUDA (a host sync): with seqlens + T > S_max
+    (or a negative length) the Triton kernel read keys past the sequence's cache, the next kv head's
+    rows (or past the tensor). Its output must not depend on anything outside a head's own cache."""
+    if "triton" not in backends_for(OP, device):
+        pytest.skip(f"no Triton kernel runs on {device.type} here")
+    gen = torch.Generator().manual_seed(3)
+    B, T, Hq, Hkv, S, D = 1, 3, 2, 2, 8, 16
+    q = torch.randn(B, T, Hq, D, generator=gen).to(device)
+    kv = torch.randn(2, B, Hkv, S, D, generator=gen).to(device)
+    config = LaunchConfig(num_splits=num_splits)
+    for length in (S - 1, S, -2):
+        lengths = torch.tensor([length], dtype=torch.int32, device=device)
+        before = _tree_attention_triton(q, kv[0], kv[1], lengths, None, D**-0.5, config)
+        other = kv.clone()
+        other[:, 0, 1] += 5.0  # kv head 1's whole cache: query head 0 reads kv head 0 alone
+        after = _tree_attention_triton(q, other[0], other[1], lengths, None, D**-0.5, config)
+        assert torch.equal(before[:, :, 0], after[:, :, 0]), f"length {length}"
+
+
 def test_checked_signatures_do_not_hide_bad_input():
     """Argument checks are skipped only for a signature that passed them; any change is re-checked."""
     case = full_cache_case()
