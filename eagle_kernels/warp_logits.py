@@ -327,8 +327,11 @@ def _warp_logits_triton(logits, temperature, top_k, top_p, min_p):
 # Value checks (CPU always; CUDA only in debug mode; the C++ kernel performs them itself)
 # --------------------------------------------------------------------------------------------------
 def _check_values(logits, temperature, top_k, top_p, min_p):
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("logits contain NaN or inf")
+    # -inf is a masked token (grammar, bad words, a vocabulary mask), as in HF's warpers
+    if bool((torch.isnan(logits) | (logits == float("inf"))).any()):
+        raise ValueError("logits contain NaN or +inf (-inf, a masked token, is allowed)")
+    if logits.numel() > 0 and not bool((logits > float("-inf")).any(-1).all()):
+        raise ValueError("a row of logits has no finite value (every token masked with -inf)")
     if not bool(((temperature >= 0) & torch.isfinite(temperature)).all()):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
     if bool((top_k < 0).any()):
@@ -339,7 +342,8 @@ def _check_values(logits, temperature, top_k, top_p, min_p):
         raise ValueError(f"min_p must be in [0, 1], got {min_p.tolist()}")
     if logits.numel() > 0:
         scale = torch.where(temperature > 0, temperature, 1.0)
-        if not bool(torch.isfinite(logits.float().abs().amax(dim=-1) / scale).all()):
+        # (a negative logit that overflows to -inf is a removed token, as in HF's float32 division)
+        if bool((logits.float().amax(dim=-1) / scale == float("inf")).any()):
             raise ValueError("logits / temperature overflows float32; raise the temperature")
 
 
@@ -454,7 +458,7 @@ def warp_logits(
     ----------
     logits : Tensor ``[..., V]``, float16, bfloat16 or float32
         Target logits; every leading index is one row ``r`` of ``R = numel // V`` rows. Computed in
-        float32.
+        float32. ``-inf`` masks a token (probability 0), as in HF's warpers.
     temperature : float or Tensor ``[R]`` (or the leading shape), float
         ``> 0`` divides the logits; ``0`` makes the row one-hot at its first maximal logit.
     top_k : int or Tensor ``[R]``, int32/int64
@@ -471,8 +475,9 @@ def warp_logits(
     Raises
     ------
     ValueError / TypeError
-        Bad shapes or dtypes; on CPU (on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also NaN or inf
-        logits, a negative or non-finite temperature, ``logits / temperature`` overflowing float32,
+        Bad shapes or dtypes; on CPU (on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also NaN or +inf
+        logits, a row whose every logit is -inf, a negative or non-finite temperature,
+        ``logits / temperature`` overflowing float32 (upwards),
         ``top_k < 0``, ``top_p`` outside ``(0, 1]`` or ``min_p`` outside ``[0, 1]``.
     """
     check_tensor("logits", logits, dtypes=LOGIT_DTYPES)

@@ -99,22 +99,27 @@ void warp_row(const scalar_t* x, float* out, int64_t V, int64_t r, const RowPara
   float* scores = s.scores.data();
   float* weights = s.weights.data();
   const float scale = p.temperature == 0.f ? 1.f : p.temperature;
-  int not_finite = 0;
-#pragma omp simd reduction(| : not_finite)
+  // -inf is a masked token (probability 0, as in HF's warpers), and so is a negative logit that the
+  // division takes to -inf; NaN, +inf and an upward overflow are errors.
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
   for (int64_t i = 0; i < V; ++i) {
     scores[i] = static_cast<float>(x[i]) / scale;
-    not_finite |= !(std::fabs(scores[i]) <= std::numeric_limits<float>::max());
+    bad |= !(scores[i] <= std::numeric_limits<float>::max());
   }
-  if (not_finite) {
+  if (bad) {
     for (int64_t i = 0; i < V; ++i) {
-      TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(x[i])), "logits contain NaN or inf (row ", r, ", token ", i,
-                        ")");
+      const float xi = static_cast<float>(x[i]);
+      TORCH_CHECK_VALUE(!std::isnan(xi) && xi != std::numeric_limits<float>::infinity(),
+                        "logits contain NaN or +inf (row ", r, ", token ", i, "; -inf, a masked token, is allowed)");
     }
     TORCH_CHECK_VALUE(false, "logits / temperature overflows float32; raise the temperature (row ", r, ")");
   }
   float y_max = scores[0];
 #pragma omp simd reduction(max : y_max)
   for (int64_t i = 0; i < V; ++i) y_max = std::max(y_max, scores[i]);
+  TORCH_CHECK_VALUE(y_max > -std::numeric_limits<float>::infinity(), "a row of logits has no finite value (row ", r,
+                    ": every token masked with -inf)");
   if (p.temperature == 0.f) {
     std::fill(out, out + V, 0.f);
     out[std::find(scores, scores + V, y_max) - scores] = 1.f;  // the first maximum

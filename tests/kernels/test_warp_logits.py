@@ -219,6 +219,30 @@ def test_greedy_rows_and_signed_zero_ties(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_negative_infinity_masks_a_token_as_in_hf(backend):
+    """-inf is how serving stacks mask tokens (grammars, bad words, a vocabulary): HF's warpers take
+    it (probability 0) and so must every backend; it was refused as "NaN or inf" on CPU (and on CUDA
+    in debug mode). Rows keep at least one finite logit; random parameters, ties and greedy rows; a
+    large negative logit that the temperature takes to -inf is masked too (as HF's division does)."""
+    gen = torch.Generator().manual_seed(7)
+    for V in (1, 5, 64, 300):
+        for trial in range(3):
+            logits = random_logits(8, V, gen)
+            if trial == 1:
+                logits = torch.randint(-3, 3, (8, V), generator=gen).float() * 0.5  # ties
+            masked = torch.rand(8, V, generator=gen) < (0.9 if trial == 2 else 0.4)
+            masked[torch.arange(8), torch.arange(8) % V] = False
+            logits = logits.masked_fill(masked, float("-inf"))
+            params = random_params(logits, gen)
+            got = run_with_backend(backend, warp_logits, logits, *params)
+            assert_probs_equal(got, hf_warp(logits, *params, stable_sort=True), f"{backend} V={V} {trial}")
+            assert bool((got[masked] == 0).all())
+    logits = torch.tensor([[-3e38, 1.0, 0.5, float("-inf")]])
+    got = run_with_backend(backend, warp_logits, logits, 0.01, 0, 1.0, 0.0)
+    assert_probs_equal(got, hf_warp(logits, [0.01], [0], [1.0], [0.0]), backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_shapes_dtypes_and_scalar_parameters(backend):
     """[..., V] input, low-precision logits (computed in float32), a strided row view, and scalar
     parameters equal to the same values given per row."""
@@ -262,8 +286,10 @@ def test_large_vocab_cpp_matches_reference():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"logits_value": float("nan")}, "NaN or inf"),
-        ({"logits_value": float("inf")}, "NaN or inf"),
+        ({"logits_value": float("nan")}, r"NaN or \+inf"),
+        ({"logits_value": float("inf")}, r"NaN or \+inf"),
+        ({"row_value": float("-inf")}, "no finite value"),
+        ({"row_value": float("-inf"), "temperature": 0.0}, "no finite value"),
         ({"temperature": -0.5}, "temperature must be finite and >= 0"),
         ({"temperature": float("nan")}, "temperature must be finite and >= 0"),
         ({"top_k": -1}, "top_k must be >= 0"),
@@ -278,6 +304,8 @@ def test_bad_values_raise(kwargs, match):
     logits = torch.randn(3, 10)
     if "logits_value" in kwargs:
         logits[1, 4] = kwargs["logits_value"]
+    if "row_value" in kwargs:
+        logits[1] = kwargs["row_value"]
     per_row = {
         "temperature": torch.ones(3),
         "top_k": torch.zeros(3, dtype=torch.int64),
