@@ -85,10 +85,26 @@ def pack_tree_mask(mask: torch.Tensor, fmt: str = "u8") -> torch.Tensor:
 
 
 def unpack_tree_mask(tree_mask: torch.Tensor, T: int) -> torch.Tensor:
-    """Bool ``[B, T, T]`` view of any accepted mask format (a bool mask is returned as it is)."""
+    """Bool ``[B, T, T]`` view of any accepted mask format (a bool mask is returned as it is): bool
+    ``[B, T, T]``, or uint8 / int32 bit-packed rows ``[B, T, W]`` with ``W >= ceil(T / 8)`` /
+    ``ceil(T / 32)`` (SGLang pads its rows to whole words)."""
+    check_tensor("tree_mask", tree_mask, ndim=3, dtypes=(torch.bool, torch.uint8, torch.int32))
+    if isinstance(T, bool) or not isinstance(T, (int, torch.SymInt)) or T < 0:
+        raise ValueError(f"T must be an int >= 0, got {T!r}")
+    B = tree_mask.shape[0]
     if tree_mask.dtype == torch.bool:
+        if tuple(tree_mask.shape) != (B, T, T):
+            raise ValueError(
+                f"tree_mask (bool) must have shape [B, T, T] with T={T}, got {list(tree_mask.shape)}"
+            )
         return tree_mask
     bits = 8 if tree_mask.dtype == torch.uint8 else 32
+    width = -(-T // bits)
+    if tree_mask.shape[1] != T or tree_mask.shape[2] < width:
+        raise ValueError(
+            f"tree_mask ({tree_mask.dtype}, bit-packed) must have shape [B, T, >= {width}] with T={T}, "
+            f"got {list(tree_mask.shape)}"
+        )
     j = torch.arange(T, device=tree_mask.device)
     words = tree_mask[..., j // bits].to(torch.int64)  # int32 words sign-extend; bit j%32 is kept
     return ((words >> (j % bits)) & 1).bool()
@@ -153,13 +169,13 @@ def tree_attention_ref(
     # masked key's 0 times NaN would spread it to every row (a rejected draft token whose V overflowed
     # float16 would turn the whole verified tree NaN). So the new tokens' V rows enter the product
     # with their finite values, and the rows that see a non-finite one come out NaN. (The prefix is
-    # seen by every row: the product spreads its NaN as it should.) v is a private copy here.
+    # seen by every row: the product spreads its NaN as it should.)
     if T > 0:
         new_pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(T, device=q.device)  # [B, T]
         index = new_pos[:, None, :, None].expand(B, Hkv, T, D)
         new_v = v.gather(2, index)
         finite = torch.isfinite(new_v)
-        v.scatter_(2, index, torch.where(finite, new_v, 0.0))
+        v = v.scatter(2, index, torch.where(finite, new_v, 0.0))  # (out of place: autograd's backward)
         bad_new = ~finite.all(-1)  # [B, Hkv, T]: new token j's V holds NaN / inf
         sees_new = visible[:, 0, 0].gather(2, new_pos[:, None, :].expand(B, T, T))  # [B, T, T]
         sees_bad = (sees_new[:, None] & bad_new[:, :, None, :]).any(-1)  # [B, Hkv, T]
@@ -881,6 +897,30 @@ def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale):
     return q.new_empty(q.shape)
 
 
+def _tree_attention_setup_context(ctx, inputs, output) -> None:
+    q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale = inputs
+    ctx.save_for_backward(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    ctx.sm_scale = sm_scale
+
+
+def _tree_attention_backward(ctx, grad: torch.Tensor):
+    """Gradients for q, k_cache and v_cache by differentiating :func:`tree_attention_ref` (recomputed
+    from the saved inputs; it materialises the [B, Hq, T, S_max] scores: a training-time path, e.g.
+    EAGLE-3's training-time test, not a fast one). The cache's positions a query never sees get 0."""
+    q, k_cache, v_cache, cache_seqlens, tree_mask = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    if tree_mask is not None:
+        tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k_cache, v_cache), need)]
+        out = tree_attention_ref(*leaves, cache_seqlens, tree_mask, ctx.sm_scale)
+        grads = iter(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad))
+    return (*(next(grads) if n else None for n in need), None, None, None)
+
+
+_tree_attention_op.register_autograd(_tree_attention_backward, setup_context=_tree_attention_setup_context)
+
+
 def _sglang_word_bytes(T: int) -> int | None:
     """Bytes of SGLang's per-row word for ``T`` tree tokens (1, 2 or 4; ``build_tree``'s
     ``qlen_bits_u8`` rows), None past 32 tokens."""
@@ -1008,7 +1048,8 @@ def tree_attention(
 
     Backends: Triton on CUDA tensors (flash-attention style, with a split-prefix flash-decoding
     variant chosen by :func:`plan_launch`); the C++ kernel on CPU tensors when the extension is
-    built, else :func:`tree_attention_ref`.
+    built, else :func:`tree_attention_ref`. Differentiable in q, k_cache and v_cache: the backward
+    differentiates the reference (recomputed; memory ``[B, Hq, T, S_max]``), for training, not speed.
     """
     _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)

@@ -212,6 +212,27 @@ def test_unpack_ignores_bits_past_T():
     assert unpack_tree_mask(packed, 5).all()
     packed32 = torch.full((1, 5, 1), -1, dtype=torch.int32)
     assert unpack_tree_mask(packed32, 5).all()
+    wide = torch.full((1, 5, 4), 0xFF, dtype=torch.uint8)  # SGLang's whole 4-byte words
+    assert unpack_tree_mask(wide, 5).all()
+
+
+@pytest.mark.parametrize(
+    "mask, T, error, match",
+    [
+        (torch.zeros(2, 20, 2, dtype=torch.uint8), 20, ValueError, r"\[B, T, >= 3\] with T=20"),
+        (torch.zeros(2, 12, 1, dtype=torch.int32), 11, ValueError, r"\[B, T, >= 1\] with T=11"),
+        (torch.zeros(2, 12, 1, dtype=torch.int64), 12, TypeError, "tree_mask must have dtype"),
+        (torch.zeros(2, 12, 12), 12, TypeError, "tree_mask must have dtype"),
+        (torch.zeros(2, 12, 11, dtype=torch.bool), 12, ValueError, r"\[B, T, T\] with T=12"),
+        (torch.zeros(12, 12, dtype=torch.bool), 12, ValueError, "3 dimensions"),
+        (torch.zeros(2, 12, 12, dtype=torch.bool), -1, ValueError, "T must be an int >= 0"),
+    ],
+)
+def test_unpack_rejects_a_mask_it_would_misread(mask, T, error, match):
+    """A packed width short of T read past the row (a bare IndexError), and an int64 or float mask was
+    decoded as 32-bit words into a wrong mask without a word of warning."""
+    with pytest.raises(error, match=match):
+        unpack_tree_mask(mask, T)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -697,6 +718,26 @@ def test_the_unchecked_kernel_reads_only_the_sequences_cache_on_a_bad_length(dev
         other[:, 0, 1] += 5.0  # kv head 1's whole cache: query head 0 reads kv head 0 alone
         after = _tree_attention_triton(q, other[0], other[1], lengths, None, D**-0.5, config)
         assert torch.equal(before[:, :, 0], after[:, :, 0]), f"length {length}"
+
+
+@pytest.mark.parametrize("mask_fmt", ["causal", "bool", "u8"])
+def test_gradients_of_q_and_the_caches(mask_fmt):
+    """No autograd formula was registered: with q requiring grad the forward returned a tensor that
+    required grad and backward() failed. Now the backward differentiates the reference, checked
+    against finite differences of the op itself (float64, the C++ kernel where built), through layer
+    views of one cache buffer; positions no query sees get zero gradient."""
+    case = make_case(2, 3, 4, 2, 16, mask_fmt, seed=5, prefix_max=4).to(torch.float64)
+    kv = torch.stack((case.k, case.v)).detach().requires_grad_(True)  # [2, B, Hkv, S_max, D]
+    q = case.q.detach().requires_grad_(True)
+
+    def f(q, kv):
+        return tree_attention(q, kv[0], kv[1], case.seqlens, case.mask)
+
+    assert torch.autograd.gradcheck(f, (q, kv), eps=1e-6, atol=1e-7)
+    f(q, kv).square().sum().backward()
+    seen = (torch.arange(kv.shape[3])[None, :] < (case.seqlens[:, None] + 3)).to(torch.float64)
+    unseen_grad = kv.grad * (1 - seen)[None, :, None, :, None]
+    assert bool((unseen_grad == 0).all()) and bool((kv.grad != 0).any()) and bool((q.grad != 0).any())
 
 
 def test_checked_signatures_do_not_hide_bad_input():
