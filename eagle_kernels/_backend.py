@@ -106,7 +106,7 @@ def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | No
         if device.type == "cpu" and not interpreter_enabled():
             return (
                 "Triton on CPU tensors needs the interpreter: set TRITON_INTERPRET=1 in the "
-                "environment before triton is first imported"
+                "environment before eagle_kernels (and triton) is first imported"
             )
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels here support CUDA (or interpreted CPU) tensors, got {device.type}"

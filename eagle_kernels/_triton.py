@@ -75,9 +75,15 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 R = TypeVar("R")
 
 
+# Triton makes a kernel interpreted or compiled when ``@triton.jit`` decorates it, which the kernel
+# modules do as they are imported (after this module): a variable set later changes nothing.
+_INTERPRETED_KERNELS = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET=1 was
+    set when this package was imported (its kernels were defined then) and still is."""
+    return _INTERPRETED_KERNELS and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def launches_on_input_device(fn: Callable[..., R]) -> Callable[..., R]:

@@ -106,6 +106,31 @@ def test_triton_on_cpu_without_interpreter_says_so():
     assert "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
+def test_triton_interpreter_switched_on_after_import_says_so():
+    """TRITON_INTERPRET=1 set after the import (the kernels were defined compiled) made the Triton
+    backend look available on CPU tensors, then failed inside Triton with '0 active drivers'."""
+    code = (
+        "import os, torch, eagle_kernels\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
+        "try:\n"
+        "    eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
+        "        torch.tensor([[0, 1]]), torch.tensor([1]), num_draft_tokens=4)\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+        "print('triton' in eagle_kernels.available_backends('compact_kv_cache', torch.device('cpu')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**env, "EAGLE_KERNELS_BACKEND": "triton"},
+    )
+    assert "before eagle_kernels (and triton) is first imported" in res.stdout, res.stdout + res.stderr
+    assert res.stdout.strip().endswith("False"), res.stdout + res.stderr
+
+
 def test_env_backend_validated():
     res = _run(
         "import eagle_kernels, torch; eagle_kernels.select_backend('compact_kv_cache', torch.device('cpu'))",
