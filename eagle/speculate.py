@@ -630,19 +630,12 @@ class SpeculativeDecoder:
     def _refill(pooled: _Batch, fresh: _Batch) -> _Batch:
         """Copy a freshly prefilled state into a pooled one's tensors (the addresses its CUDA graph
         reads); the caches are already shared."""
-        names = (
-            "rows",
-            "root",
-            "root_hidden",
-            "root_logits",
-            "seeds",
-            "draws",
-            "nonfinite",
-            "live",
-            "nonfinite_from",
-        )
-        for name in names:
+        for name in ("rows", "root", "root_hidden", "root_logits", "seeds", "draws", "nonfinite", "live"):
             getattr(pooled, name).copy_(getattr(fresh, name))
+        if pooled.nonfinite_from is None:  # (CPU: a round assigns it, None when no row was NaN/inf)
+            pooled.nonfinite_from = fresh.nonfinite_from
+        else:
+            pooled.nonfinite_from.copy_(fresh.nonfinite_from)
         pooled.emitted = fresh.emitted
         pooled.accept_lengths = fresh.accept_lengths
         return pooled
