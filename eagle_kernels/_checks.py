@@ -44,6 +44,19 @@ def check_same_dtype(**tensors: torch.Tensor) -> None:
         raise TypeError(f"dtypes must match: {desc}")
 
 
+def byte_ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the bytes ``a`` and ``b`` can reach overlap (two halves of one workspace do not)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def byte_range(t: torch.Tensor) -> tuple[int, int]:
+        reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (reach + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
 _PLAIN_SCALARS = (int, float, bool, str, type(None))
 
 

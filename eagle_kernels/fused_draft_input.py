@@ -47,7 +47,13 @@ import torch.nn.functional as F
 
 from eagle_kernels import _ext, _fdi_tuned_plans
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
+from eagle_kernels._checks import (
+    INDEX_DTYPES,
+    SignatureCache,
+    byte_ranges_overlap,
+    check_same_dtype,
+    check_tensor,
+)
 from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "fused_draft_input"
@@ -1127,19 +1133,6 @@ def _check_token_ids_in_range(token_ids: torch.Tensor, V: int) -> None:
         )
 
 
-def _byte_ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the bytes ``a`` and ``b`` can reach overlap (two halves of one workspace do not)."""
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr() or a.numel() == 0 or b.numel() == 0:
-        return False
-
-    def byte_range(t: torch.Tensor) -> tuple[int, int]:
-        reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (reach + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
-    return a0 < b1 and b0 < a1
-
-
 def _check_out(out, shape, like: torch.Tensor, inputs: dict) -> torch.Tensor:
     """``out`` must match the result's shape/dtype/device, share no memory with an input, and be
     viewable as ``[N, H]``; returns that 2-D view."""
@@ -1153,7 +1146,7 @@ def _check_out(out, shape, like: torch.Tensor, inputs: dict) -> torch.Tensor:
             )
     if not torch.compiler.is_compiling():  # (Dynamo cannot trace storage pointers; opcheck covers aliasing)
         for name, t in inputs.items():
-            if t is not None and _byte_ranges_overlap(t, out):
+            if t is not None and byte_ranges_overlap(t, out):
                 raise ValueError(f"out must not share memory with {name}")
     try:
         return out.view(-1, shape[-1])

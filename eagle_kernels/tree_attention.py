@@ -37,7 +37,14 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
-from eagle_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
+from eagle_kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    SignatureCache,
+    byte_ranges_overlap,
+    check_same_dtype,
+    check_tensor,
+)
 from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "tree_attention"
@@ -756,11 +763,17 @@ def _tree_attention_triton(
     tree_mask: torch.Tensor | None,
     sm_scale: float,
     config: LaunchConfig | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels; ``config`` overrides the shape heuristic (sweeps, tests).
 
-    Returns a new contiguous ``[B, T, Hq, D]`` tensor in q's dtype. No host synchronisation.
+    Returns a new contiguous ``[B, T, Hq, D]`` tensor in q's dtype, or ``out`` (checked by the
+    caller) written in place: by the kernels when contiguous, else by a copy. No host synchronisation.
     """
+    if out is not None and not out.is_contiguous():
+        return out.copy_(
+            _tree_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, config)
+        )
     if q.dtype == torch.float64:
         raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
     if sm_scale < 0:  # the kernel's row maxima are of unscaled scores, which needs a positive scale;
@@ -778,11 +791,13 @@ def _tree_attention_triton(
                 None if tree_mask is None else tree_mask[b : b + step],
                 sm_scale,
                 config,
+                None if out is None else out[b : b + step],
             )
             for b in range(0, B, step)
         ]
-        return torch.cat(chunks)
-    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
+        return out if out is not None else torch.cat(chunks)
+    if out is None:
+        out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
     if B * T * Hq == 0:
         return out
     kind = _mask_kind(tree_mask)
@@ -855,8 +870,11 @@ def _tree_attention_triton(
 # --------------------------------------------------------------------------------------------------
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
-def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float) -> torch.Tensor:
-    """The op's body: value checks where due, then the backend chosen for q's device."""
+def _run_tree_attention(
+    q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The op's body: value checks where due, then the backend chosen for q's device; the result in
+    ``out`` when given (the Triton kernels write it directly when it is contiguous)."""
     tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])  # (for direct torch.ops calls too)
     backend = select_backend(OP, q.device)
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
@@ -870,11 +888,10 @@ def _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale:
     if wide:
         cache_seqlens = cache_seqlens.to(torch.int32)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
-    if backend in ("cpp", "cuda"):
-        return _ext.op(OP)(*args)
     if backend == "triton":
-        return _tree_attention_triton(*args)
-    return tree_attention_ref(*args)
+        return _tree_attention_triton(*args, out=out)
+    result = _ext.op(OP)(*args) if backend in ("cpp", "cuda") else tree_attention_ref(*args)
+    return result if out is None else out.copy_(result)
 
 
 @torch.library.custom_op("eagle::tree_attention", mutates_args=())
@@ -919,6 +936,42 @@ def _tree_attention_backward(ctx, grad: torch.Tensor):
 
 
 _tree_attention_op.register_autograd(_tree_attention_backward, setup_context=_tree_attention_setup_context)
+
+
+@torch.library.custom_op("eagle::tree_attention_out", mutates_args=("out",))
+def _tree_attention_out_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    sm_scale: float,
+    out: torch.Tensor,
+) -> None:
+    """:func:`tree_attention` into a preallocated ``out`` ``[B, T, Hq, D]`` (q's dtype and device)."""
+    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    _check_out(out, q, k_cache, v_cache)
+    _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out)
+
+
+@_tree_attention_out_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out):
+    return None
+
+
+def _check_out(out, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """``out`` must be q's shape, dtype and device and share no memory with q or the caches."""
+    check_tensor("out", out, dtypes=(q.dtype,), device=q.device, shape=tuple(q.shape))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        # as torch's own out= functions: the result would silently carry no gradient
+        raise RuntimeError(
+            "out= does not support automatic differentiation, but an input requires grad; call without "
+            "out= (or under torch.no_grad())"
+        )
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace storage pointers; opcheck covers aliasing)
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if byte_ranges_overlap(t, out):
+                raise ValueError(f"out must not share memory with {name}")
 
 
 def _sglang_word_bytes(T: int) -> int | None:
@@ -1005,6 +1058,7 @@ def tree_attention(
     tree_mask: torch.Tensor | None = None,
     *,
     sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``T`` new tokens per sequence over the committed prefix and the new tokens.
 
@@ -1035,10 +1089,14 @@ def tree_attention(
         :func:`pack_tree_mask`.
     sm_scale : float, optional
         Softmax scale; default ``D ** -0.5``.
+    out : Tensor ``[B, T, Hq, D]``, optional
+        q's dtype and device, sharing no memory with q or the caches: the result is written into it
+        and it is returned (an engine's preallocated output, e.g. a view of ``[num_tokens, Hq * D]``).
+        Any strides; a contiguous ``out`` is written by the CUDA kernels directly. Not with autograd.
 
     Returns
     -------
-    Tensor ``[B, T, Hq, D]``, q's dtype, contiguous: ``softmax(q k^T * sm_scale) v`` over the visible
+    Tensor ``[B, T, Hq, D]``, q's dtype, contiguous (or ``out``): ``softmax(q k^T * sm_scale) v`` over the visible
     keys, accumulated in fp32 (fp64 for fp64 inputs). A query that sees no key at all (empty prefix
     and an all-false mask row) gets zeros. NaN/inf in the K or V of a key reach exactly the rows that
     see that key (a new token's key with a non-finite V makes them NaN); a scaled score that
@@ -1053,6 +1111,12 @@ def tree_attention(
     """
     _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
+    if out is not None:
+        _check_out(out, q, k_cache, v_cache)
+        if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask, out):
+            return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale, out)
+        torch.ops.eagle.tree_attention_out(q, k_cache, v_cache, cache_seqlens, tree_mask, scale, out)
+        return out
     if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
         return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
     return torch.ops.eagle.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)

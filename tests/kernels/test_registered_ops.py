@@ -92,6 +92,13 @@ def _eagle3_args():
     return [h, h.clone(), h.clone(), torch.randn(16, 48), None]
 
 
+def _tree_attention_out_args():
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, N, 4, 16, generator=gen)
+    kv = torch.randn(2, B, 2, 8, 16, generator=gen)
+    return [q, kv[0], kv[1], torch.tensor([2, 5], dtype=torch.int32), None, 0.25, torch.empty_like(q)]
+
+
 def _shorter(i: int, dim: int = 0):
     """Mutation: argument ``i`` one element shorter along ``dim``."""
     return lambda args: args.__setitem__(i, args[i].narrow(dim, 0, args[i].shape[dim] - 1))
@@ -118,6 +125,8 @@ CASES = [
     ("fused_draft_input", _fused_args, _shorter(1), "token_ids must have shape"),
     ("fused_draft_input_out", _fused_out_args, _shorter(5), "out must have shape"),
     ("fused_eagle3_input", _eagle3_args, _shorter(1), "h_mid must have shape"),
+    ("tree_attention_out", _tree_attention_out_args, _shorter(6), "out must have shape"),
+    ("tree_attention_out", _tree_attention_out_args, _shorter(3), "cache_seqlens must have shape"),
 ]
 
 

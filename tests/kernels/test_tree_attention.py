@@ -995,6 +995,66 @@ def test_torch_compile():
     torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=1e-6)
 
 
+def _outs(like: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A contiguous out and a strided one ([B, T, Hq, D] seen through a [B, Hq, T, D] buffer)."""
+    B, T, Hq, D = like.shape
+    return {
+        "contiguous": torch.full_like(like, float("nan")),
+        "strided": torch.full((B, Hq, T, D), float("nan"), dtype=like.dtype, device=like.device).transpose(
+            1, 2
+        ),
+    }
+
+
+@pytest.mark.parametrize("mask_fmt", ["causal", "u8"])
+def test_out_is_written_and_returned_on_every_backend(device, mask_fmt):
+    """An engine's preallocated output (vLLM and SGLang attention backends pass one): the result is
+    written into ``out`` (contiguous: by the kernels directly) and ``out`` is returned, with the bits of
+    a call without it; also through the split prefix and its combine kernel."""
+    case = make_case(2, 5, 4, 2, 16, mask_fmt, seed=31).to(torch.float32, device)
+    for backend in _all_backends(device):
+        want = run_with_backend(backend, tree_attention, *case.args())
+        for name, out in _outs(case.q).items():
+            got = run_with_backend(backend, tree_attention, *case.args(), out=out)
+            assert got is out and torch.equal(out, want), f"{backend} {name}"
+    if "triton" in backends_for(OP, device):
+        split = LaunchConfig(block_m=16, num_splits=3)
+        want = _tree_attention_triton(*case.args(), 0.25, split)
+        for name, out in _outs(case.q).items():
+            assert _tree_attention_triton(*case.args(), 0.25, split, out=out) is out
+            assert torch.equal(out, want), f"split, {name}"
+
+
+def test_out_registered_op_opcheck_and_compile():
+    case = make_case(2, 4, 4, 2, 16, "bool", seed=32).to(torch.float32)
+    out = torch.empty_like(case.q)
+    torch.library.opcheck(torch.ops.eagle.tree_attention_out.default, (*case.args(), 0.25, out))
+
+    def layer(q, k, v, seqlens, mask, out):
+        tree_attention(q * 2, k, v, seqlens, mask, out=out)
+        return out.sum(-1)
+
+    want = layer(*case.args(), torch.empty_like(case.q))
+    got = torch.compile(layer, fullgraph=True)(*case.args(), torch.empty_like(case.q))
+    torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=1e-6)
+
+
+def test_bad_out_raises():
+    case = make_case(2, 4, 4, 2, 16, "bool", seed=33).to(torch.float32)
+    args = case.args()
+    with pytest.raises(ValueError, match=r"out must have shape \[2, 4, 4, 16\]"):
+        tree_attention(*args, out=torch.empty(2, 4, 4, 8))
+    with pytest.raises(TypeError, match="out must have dtype in .float32."):
+        tree_attention(*args, out=torch.empty(2, 4, 4, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out must not share memory with q"):
+        tree_attention(*args, out=case.q)
+    with pytest.raises(ValueError, match="out must not share memory with k_cache"):
+        tree_attention(*args, out=case.k.as_strided((2, 4, 4, 16), (256, 64, 16, 1)))
+    q = case.q.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="out= does not support automatic differentiation"):
+        tree_attention(q, *args[1:], out=torch.empty_like(case.q))
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU
 # --------------------------------------------------------------------------------------------------
