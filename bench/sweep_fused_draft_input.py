@@ -612,7 +612,7 @@ def aot_helper_kernels(arch: int, dtype: str = "bf16") -> dict:
         ),
         "pack_segments": (
             fdi._pack_segments_kernel,
-            {"dst_ptr": f"*{dtype}", "ids_ptr": "*i64", "M": "i32", "K": "i32"}
+            {"dst_ptr": f"*{dtype}", "ids_ptr": "*i64", "M": "i32", "K": "i32", "seg0_len": "i32"}
             | {f"seg{i}_ptr": f"*{dtype}" for i in range(3)}
             | {f"stride_s{i}m": "i32" for i in range(3)},
             dict(

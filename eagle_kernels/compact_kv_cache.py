@@ -94,7 +94,14 @@ def _compact_kv_cache_kernel(
     b = (r // H) % B
     which = (r // (H * B)) % 2
     layer = r // (H * B * 2)
-    head = kv_ptr + layer.to(tl.int64) * s_layer + which * s_kv + b.to(tl.int64) * s_b + h * s_h
+    # int64 offsets: a stride below 2**31 comes in as int32, and (H - 1) * s_h can pass it (a head-outer cache)
+    head = (
+        kv_ptr
+        + layer.to(tl.int64) * s_layer
+        + which.to(tl.int64) * s_kv
+        + b.to(tl.int64) * s_b
+        + h.to(tl.int64) * s_h
+    )
     start = tl.load(seqlens_ptr + b).to(tl.int64)
     acc = tl.load(accept_num_ptr + b)
     offs = tl.arange(0, BLOCK_D)

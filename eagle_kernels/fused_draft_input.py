@@ -450,6 +450,7 @@ def _fused_segments_linear_kernel(
     M,
     N,
     K,
+    seg0_len,
     stride_s0m,
     stride_s0k,
     stride_s1m,
@@ -496,8 +497,8 @@ def _fused_segments_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_m, M - 1).to(tl.int64)
     cols = tl.minimum(offs_n, N - 1).to(tl.int64)
-    if GATHER_SEG0:
-        seg0_rows = tl.load(ids_ptr + rows).to(tl.int64)
+    if GATHER_SEG0:  # (ids are range-checked only in debug mode on CUDA: a bad one reads a valid row)
+        seg0_rows = tl.minimum(tl.maximum(tl.load(ids_ptr + rows).to(tl.int64), 0), seg0_len - 1)
     else:
         seg0_rows = rows
     a0 = seg0_ptr + seg0_rows * stride_s0m
@@ -587,6 +588,7 @@ def _segments_gemv_kernel(
     M,
     N,
     K,
+    seg0_len,
     stride_s0m,
     stride_s0k,
     stride_s1m,
@@ -619,8 +621,8 @@ def _segments_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_m, M - 1).to(tl.int64)
     cols = tl.minimum(offs_n, N - 1).to(tl.int64)
-    if GATHER_SEG0:
-        seg0_rows = tl.load(ids_ptr + rows).to(tl.int64)
+    if GATHER_SEG0:  # (ids are range-checked only in debug mode on CUDA: a bad one reads a valid row)
+        seg0_rows = tl.minimum(tl.maximum(tl.load(ids_ptr + rows).to(tl.int64), 0), seg0_len - 1)
     else:
         seg0_rows = rows
     offs_k = tl.arange(0, BLOCK_K)
@@ -667,6 +669,7 @@ def _pack_segments_kernel(
     seg2_ptr,
     M,
     K,
+    seg0_len,
     stride_s0m,
     stride_s0k,
     stride_s1m,
@@ -682,8 +685,8 @@ def _pack_segments_kernel(
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_row = offs < K
-    if GATHER_SEG0:
-        src0 = tl.load(ids_ptr + row).to(tl.int64)
+    if GATHER_SEG0:  # (ids are range-checked only in debug mode on CUDA: a bad one reads a valid row)
+        src0 = tl.minimum(tl.maximum(tl.load(ids_ptr + row).to(tl.int64), 0), seg0_len - 1)
     else:
         src0 = row
     dst_row = dst_ptr + row * (NUM_SEGMENTS * K)
@@ -785,13 +788,27 @@ def _segment_strides(segments) -> tuple[tuple, tuple[int, ...]]:
 
 def _segment_kernel_args(target, out, fc_weight, fc_bias, segments, token_ids) -> tuple:
     """The runtime arguments shared by the fused GEMM and the GEMV kernel, in their order: the
-    destination, bias, W, ids (unused slots point at ``out``), the three segments, M, N, K and the
-    strides (every segment is H wide, as the output: K == N)."""
+    destination, bias, W, ids (unused slots point at ``out``), the three segments, M, N, K, the first
+    segment's rows (ids are clamped to them) and the strides (every segment is H wide, as the output:
+    K == N)."""
     M, N = out.shape
     seg, seg_strides = _segment_strides(segments)
     bias = fc_bias if fc_bias is not None else out
     ids = token_ids if token_ids is not None else out
-    return (target, bias, fc_weight, ids, *seg, M, N, N, *seg_strides, *fc_weight.stride(), *out.stride())
+    return (
+        target,
+        bias,
+        fc_weight,
+        ids,
+        *seg,
+        M,
+        N,
+        N,
+        seg[0].shape[0],  # rows of the first segment (the embedding table when gathering)
+        *seg_strides,
+        *fc_weight.stride(),
+        *out.stride(),
+    )
 
 
 def _fp32_output_when_interpreted(run):
@@ -851,6 +868,7 @@ def _run_gather_mm(out, fc_weight, fc_bias, segments, token_ids) -> None:
         *seg,
         M,
         K,
+        seg[0].shape[0],
         *seg_strides,
         GATHER_SEG0=token_ids is not None,
         NUM_SEGMENTS=len(segments),

@@ -1034,6 +1034,8 @@ def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"query heads Hq={Hq} must be a positive multiple of kv heads Hkv={Hkv} (GQA)")
     check_tensor("cache_seqlens", cache_seqlens, dtypes=INDEX_DTYPES, device=device, shape=(B,))
+    if T > k_cache.shape[2]:  # (a shape check, so the unchecked kernels never meet it either)
+        raise ValueError(f"T={T} new tokens cannot fit a cache of S_max={k_cache.shape[2]} positions")
     if tree_mask is not None:
         _check_mask(tree_mask, B, T, device)
 

@@ -552,6 +552,35 @@ def test_eagle3_bad_input_raises(mutate, exc, match):
 
 
 @pytest.mark.skipif("triton" not in ALL_BACKENDS, reason="triton unavailable on CPU tensors here")
+@pytest.mark.parametrize("ids", [[0, 1, 8, 2], [0, 10, 1, 2], [0, 1, 2, -1]], ids=["V", "V+2", "-1"])
+def test_unchecked_triton_plans_read_only_the_embedding_on_bad_ids(ids):
+    """Token ids are range-checked only in debug mode on CUDA (a host sync): with an id outside
+    [0, V) every Triton plan read rows before or past the embedding table. The table is a view into
+    a buffer with guard rows on both sides: the output must not depend on them (a bad id reads a
+    valid row instead)."""
+    if "triton" not in ALL_BACKENDS:
+        pytest.skip("no Triton backend here")
+    gen = torch.Generator().manual_seed(11)
+    H, V, guard = 16, 8, 4
+    hidden, fc_w, fc_b = (
+        torch.randn(4, H, generator=gen),
+        torch.randn(H, 2 * H, generator=gen),
+        torch.randn(H),
+    )
+    token_ids = torch.tensor(ids)
+    plans = (fdi.Plan("fused", fdi.GemmConfig(16, 16, 16)), fdi.Plan("gemv", fdi.GemvConfig(4, 16, 16)))
+    for plan in (*plans, fdi.Plan("gather_mm")):
+        outs = []
+        for guard_value in (0.0, 1000.0):
+            backing = torch.full((guard + V + guard, H), guard_value)
+            backing[guard : guard + V] = torch.randn(V, H, generator=torch.Generator().manual_seed(12))
+            out = torch.empty(4, H)
+            with fdi.use_plan(plan):
+                fdi._fused_draft_input_triton(hidden, token_ids, backing[guard : guard + V], fc_w, fc_b, out)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), plan.path
+
+
 def test_forced_triton_rejects_float64():
     args = make_draft_case((3,), 16, 10, torch.float64, torch.int64, False)
     with pytest.raises(TypeError, match="triton backend supports fp16/bf16/fp32"):

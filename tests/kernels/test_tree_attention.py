@@ -887,6 +887,11 @@ def _bad_cases():
         ),
         (with_(mask=torch.ones(2, 5, 2, dtype=torch.int32)), r"int32 bit-packed\) must have shape"),
         (with_(mask=torch.ones(2, 5, dtype=torch.bool)), "tree_mask must have 3 dimensions"),
+        # a shape check: the unchecked Triton kernel read the new keys at [0, T), past the head's cache
+        (
+            lambda a: a.update(k=a["k"][:, :, :4], v=a["v"][:, :, :4]),
+            "T=5 new tokens cannot fit a cache of S_max=4",
+        ),
     ]
 
 

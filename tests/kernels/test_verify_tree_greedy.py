@@ -388,6 +388,17 @@ def test_bad_shapes_and_dtypes_raise(mutate, exc, match):
         verify_tree_greedy(*args, num_spec_steps=4)
 
 
+def test_more_tree_slots_than_the_walk_can_order_raise():
+    """The Triton walk orders children by the int32 key rank * next_pow2(n) + slot: past 2**15 slots
+    it wrapped negative and read before the inputs, on a valid tree too; n is now capped for every
+    backend (the CUDA kernel already stopped at 2048 and named the Triton backend)."""
+    n = 2**15 + 1
+    index = torch.arange(n)[None]
+    args = (index, index, torch.full((1, n), -1), torch.full((1, n), -1), index)
+    with pytest.raises(ValueError, match=r"a tree has at most 32768 slots per sequence, got n=32769"):
+        verify_tree_greedy(*args, num_spec_steps=2)
+
+
 @pytest.mark.parametrize("steps", [0, -1, 2.0, True])
 def test_bad_num_spec_steps_raises(steps):
     with pytest.raises(ValueError, match="num_spec_steps"):
