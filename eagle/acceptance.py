@@ -39,6 +39,10 @@ TREE_WIDTH = 16  # tokens of the measured trees (eagle.autotree.tree_for(depth, 
 MAX_GAIN = 2.0
 
 
+# The sampled fit's temperature: a measurement at T = 0 would be greedy; past 100 the text is noise.
+SAMPLED_TEMPERATURE_RANGE = (1e-3, 100.0)
+
+
 @dataclass(frozen=True)
 class AcceptanceFit:
     """``a`` and ``g`` of :func:`eagle.autotree.expected_tau` for one sampling setting."""
@@ -58,6 +62,9 @@ class PairAcceptance:
     greedy: AcceptanceFit
     sampled: AcceptanceFit | None = None
     sampled_temperature: float = 1.0
+
+    def __post_init__(self) -> None:  # (what read_pair_acceptance takes: never write what it refuses)
+        _check_number("sampled_temperature", self.sampled_temperature, *SAMPLED_TEMPERATURE_RANGE)
 
     def for_temperature(self, temperature: float) -> AcceptanceFit:
         """The fit a run at ``temperature`` starts from (see the module docstring)."""
@@ -111,7 +118,7 @@ def read_pair_acceptance(directory: str | Path) -> PairAcceptance | None:
         sampled = _fit_from(raw["sampled"], f"{path}: sampled")
         temperature = raw["sampled"].get("temperature", 1.0)
         try:
-            _check_number("sampled.temperature", temperature, 1e-3, 100.0)
+            _check_number("sampled.temperature", temperature, *SAMPLED_TEMPERATURE_RANGE)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
     return PairAcceptance(greedy, sampled, float(temperature))
@@ -195,6 +202,8 @@ def measure_pair_acceptance(
     record of the measured taus."""
     if model.head is None:
         raise ValueError("measuring acceptance needs a draft head (this model decodes plainly)")
+    if sampled_temperature is not None:  # (0 would store the greedy fit as T = 1's; before measuring)
+        _check_number("the sampled runs' temperature", sampled_temperature, *SAMPLED_TEMPERATURE_RANGE)
     greedy, greedy_record = measure_fit(model, prompts, 0.0, new_tokens)
     sampled, sampled_record = None, None
     if sampled_temperature is not None:
@@ -207,4 +216,6 @@ def measure_pair_acceptance(
         "greedy": greedy_record,
         "sampled": sampled_record,
     }
-    return PairAcceptance(greedy, sampled, sampled_temperature or 1.0), record
+    return PairAcceptance(
+        greedy, sampled, 1.0 if sampled_temperature is None else sampled_temperature
+    ), record

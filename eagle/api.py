@@ -263,6 +263,7 @@ class EagleModel:
                     raise ValueError(
                         "string prompts need a tokenizer; this checkpoint has none, pass token ids"
                     )
+                _check_encodable(p, i)
                 # The tokenizer's own convention (a Llama tokenizer adds BOS), as transformers' users get.
                 ids = self.tokenizer(p, verbose=False)["input_ids"]
             elif isinstance(p, (bytes, bytearray)):
@@ -555,6 +556,20 @@ def _check_max_new_tokens(max_new_tokens) -> int:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     return max_new_tokens
+
+
+def _check_encodable(text: str, i: int) -> None:
+    """Refuse a prompt holding lone surrogates: bytes that were not UTF-8 (a command-line argument or
+    standard input decoded with ``surrogateescape``), which the tokenizer refuses with a TypeError
+    naming neither the prompt nor the problem."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raw = text[err.start : err.end].encode("utf-8", "surrogateescape")
+        raise ValueError(
+            f"prompt {i} is not valid UTF-8 text: byte {raw[:1].hex(' ')} (0x{raw[0]:02x}) at character "
+            f"{err.start} cannot be decoded"
+        ) from None
 
 
 def _token_ids(prompt, index: int) -> list[int]:

@@ -202,6 +202,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     # the tokenizer's convention, as EagleModel.generate
+    from eagle.api import _check_encodable
+
+    _check_encodable(prompt, 0)
     ids = model.tokenizer(prompt, verbose=False)["input_ids"]
     setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""
@@ -255,13 +258,17 @@ class _Continuation:
 
     def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
         self.tokenizer, self.prompt_ids = tokenizer, list(prompt_ids)
-        self.prompt_text = tokenizer.decode(self.prompt_ids)
+        self.prompt_text = self._decode(self.prompt_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        # without special tokens (an EOS's text), as EagleModel.generate's texts
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def text(self, tokens: list[int]) -> str:
-        full = self.tokenizer.decode(self.prompt_ids + tokens)
+        full = self._decode(self.prompt_ids + tokens)
         if full.startswith(self.prompt_text):
             return full[len(self.prompt_text) :]
-        return self.tokenizer.decode(tokens)  # a decoder that rewrites the prompt's text: the tokens alone
+        return self._decode(tokens)  # a decoder that rewrites the prompt's text: the tokens alone
 
 
 def _tree_from_args(args: argparse.Namespace):
@@ -300,6 +307,18 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _sampled_temperature(text: str) -> float:
+    from eagle.acceptance import SAMPLED_TEMPERATURE_RANGE
+
+    lo, hi = SAMPLED_TEMPERATURE_RANGE
+    value = float(text)
+    if not lo <= value <= hi:  # (False for NaN too)
+        raise argparse.ArgumentTypeError(
+            f"must be in [{lo:g}, {hi:g}] (use --greedy-only for T = 0), got {text}"
+        )
     return value
 
 
@@ -500,7 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-tokens", type=_positive_int, default=128, help="tokens per prompt and tree (default 128)"
     )
     cal.add_argument(
-        "--temperature", type=float, default=1.0, help="the sampled runs' temperature (default 1)"
+        "--temperature",
+        type=_sampled_temperature,
+        default=1.0,
+        help="the sampled runs' temperature, in [0.001, 100] (default 1)",
     )
     cal.add_argument("--greedy-only", action="store_true", help="measure greedy acceptance only")
     cal.add_argument("--device", default="cpu")
@@ -534,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "info":  # (info reports a forced CPU kernel it cannot run as unavailable)
             _check_forced_cpu_isa()
         return args.func(args)
+    except BrokenPipeError:
+        # The reader closed the pipe (`eagle generate ... | head`): stop quietly, as Unix tools do. Any
+        # output still buffered goes to /dev/null, or Python's exit flush would fail on it once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a process that SIGPIPE ended
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         # Bad input (a mismatched head, an over-long prompt, a missing checkpoint...): the message
         # names the problem; a traceback would only bury it. EAGLE_DEBUG=1 shows it.

@@ -72,6 +72,23 @@ def test_a_corrupt_file_names_itself_and_the_problem(tmp_path, payload, message)
     assert str(tmp_path / acceptance.FILENAME) in str(err.value)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 200.0, float("nan")])
+def test_a_temperature_the_reader_refuses_is_never_written_or_measured(
+    tmp_path, tiny_checkpoints, temperature
+):
+    """`eagle calibrate --temperature 200` wrote a file that then made the head unloadable, and
+    --temperature 0 stored the greedy fit labelled as T = 1's (`sampled_temperature or 1.0`): the
+    temperature is checked before measuring, by the PairAcceptance written, and by the CLI."""
+    with pytest.raises(ValueError, match="sampled_temperature must be"):
+        PairAcceptance(AcceptanceFit(0.7, 0.2), AcceptanceFit(0.3, 0.2), temperature)
+    model = eagle.load(str(tiny_checkpoints.target), str(tiny_checkpoints.eagle2), dtype=torch.float32)
+    with pytest.raises(ValueError, match="the sampled runs' temperature must be"):
+        acceptance.measure_pair_acceptance(model, [[1, 2, 3]], 6, sampled_temperature=temperature)
+    with pytest.raises(SystemExit):
+        cli_main(["calibrate", "--draft", str(tmp_path), "--temperature", str(temperature)])
+    assert acceptance.read_pair_acceptance(tmp_path) is None
+
+
 def test_sampled_runs_interpolate_between_greedy_and_sampled():
     pair = PairAcceptance(AcceptanceFit(0.8, 0.1), AcceptanceFit(0.4, 0.3), 1.0)
     assert pair.for_temperature(0.0) == pair.greedy

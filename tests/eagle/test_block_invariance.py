@@ -3,7 +3,7 @@ one-token decoding gives it: every CPU kernel on the path (the packed linears, t
 and elementwise loops) computes a row on its own, whatever the rows beside it, and the attention's
 softmax depends only on the sequence of keys a row sees, not on their cache positions. So a verified
 chain or tree yields the greedy tokens of plain decoding in float32 and bfloat16 too, not only where
-ties cannot hide (float64). Blocks of more than 12 tokens once took another attention kernel, and the
+ties cannot hide (float64, whose linears go to MKL: bit-exact only up to exact ties). Blocks of more than 12 tokens once took another attention kernel, and the
 online softmax summed by cache position (a tree token's ancestors sit at other positions than in plain
 decoding).
 

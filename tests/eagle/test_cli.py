@@ -143,6 +143,52 @@ def test_bad_input_is_one_clear_line_not_a_traceback(capsys):
     assert "no checkpoint directory" in capsys.readouterr().err
 
 
+def test_a_prompt_that_is_not_utf8_is_named(capsys):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (argv, and stdin here): the tokenizer
+    refused them with "TextEncodeInput must be Union[...]", naming neither the prompt nor the cause."""
+    assert main(["generate", "def f(x):\udcff", "-n", "4", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "eagle generate: error: prompt 0 is not valid UTF-8 text: byte ff (0xff) at character 9" in err
+    import eagle
+
+    with pytest.raises(ValueError, match="prompt 1 is not valid UTF-8 text"):
+        eagle.load("tiny-code").generate(["x = 1", "y = \udcff"], 4)
+
+
+def test_a_closed_output_pipe_ends_quietly(monkeypatch):
+    """`eagle generate ... | head` ended in a BrokenPipeError traceback once head exited: now the exit
+    status a shell gives a process that SIGPIPE ended, and nothing on stderr."""
+    import io
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone: every write fails with EPIPE
+    pipe = os.fdopen(write_end, "w")
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    monkeypatch.setattr(sys, "stderr", err)
+    try:
+        assert main(["generate", "def fibonacci(n):", "-n", "8"]) == 141
+    finally:
+        pipe.close()
+    assert "Traceback" not in err.getvalue() and "Broken pipe" not in err.getvalue()
+
+
+def test_streamed_text_leaves_out_special_tokens_as_the_api_texts_do():
+    """The CLI printed an EOS's text (``<|endoftext|>``) where ``EagleModel.generate``'s texts have none."""
+    from eagle.api import _load_tokenizer, _resolve_bundled
+    from eagle.cli import _Continuation
+
+    tok = _load_tokenizer(_resolve_bundled("tiny-code", "target"))
+    prompt = tok("def f(x):", verbose=False)["input_ids"]
+    new = tok.encode("\n    return x", add_special_tokens=False) + [tok.eos_token_id]
+    assert tok.decode([tok.eos_token_id])  # the EOS has a text to leave out
+    assert (
+        _Continuation(tok, prompt).text(new) == tok.decode(new, skip_special_tokens=True) == "\n    return x"
+    )
+
+
 def test_a_forced_cpu_kernel_this_cpu_cannot_run_is_one_clear_line(capsys, monkeypatch):
     import pytest
 
