@@ -22,6 +22,7 @@ on the host first and raises instead.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -623,6 +624,14 @@ def _index_dtype_if_empty(parent_list: torch.Tensor) -> torch.Tensor:
     return parent_list
 
 
+def _plain_int(value):
+    """An integer-like scalar (a numpy or other ``__index__`` integer) as a Python int; anything else
+    as it is, for :func:`_check_args` to name."""
+    if isinstance(value, int) or isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        return value
+    return operator.index(value)
+
+
 def _check_args(parent_list, selected_index, seq_lens, topk, depth, n, mode) -> None:
     """Shapes, dtypes and sizes (cheap, no host synchronisation). No value reads: the verdict depends
     only on the call's signature, so :data:`_CHECKED_ARGS` skips a signature that already passed."""
@@ -836,7 +845,7 @@ def sglang_build_tree_kernel_efficient(
             f"tree_mask_mode must be 0 (FULL_MASK), 1 (QLEN_ONLY) or 2 (QLEN_ONLY_BITPACKING), got {tree_mask_mode!r}"
         )
     mode = {FULL_MASK: FULL, QLEN_ONLY: QLEN_BOOL, QLEN_ONLY_BITPACKING: QLEN_BITS_U8}[tree_mask_mode]
-    n = draft_token_num
+    topk, depth, n = (_plain_int(v) for v in (topk, depth, draft_token_num))  # (a config's numpy ints)
     parent_list = _index_dtype_if_empty(parent_list)  # SGLang's depth-1 torch.empty(bs, 0) is float32
     _CHECKED_ARGS.run(_check_args, parent_list, selected_index, verified_seq_len, topk, depth, n, mode)
     B = selected_index.shape[0]

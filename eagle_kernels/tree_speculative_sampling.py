@@ -822,7 +822,11 @@ def _run(
     lossy=False,
     threshold_single=1.0,
     threshold_acc=1.0,
+    allow_duplicate_siblings=False,
 ):
+    """The checked call of the op; ``allow_duplicate_siblings``: a repeated sibling token is not an
+    error (every backend skips it: after its first copy is rejected the residual holds none of its
+    mass, so the copy is rejected for sure; SGLang's n-gram drafts pad with repeated token 0)."""
     tensors = (candidates, retrive_index, next_token, next_sibling, target_probs, draft_probs, u, uf)
     _CHECKED.run(_check_args, *tensors, steps)
     debug = debug_checks_enabled()
@@ -836,6 +840,8 @@ def _run(
         predicts, accept_index, num, status = torch.ops.eagle.tree_speculative_sampling(*args)
     if target_probs.device.type == "cpu" or debug:
         op = OP if draft_probs is None else f"{OP}_draft_probs"
+        if allow_duplicate_siblings:
+            status = status & ~DUP_SIBLING
         (_raise_on_status if eager else raise_on_status)(op, status)
     return predicts, accept_index, num
 
@@ -1090,7 +1096,10 @@ def sglang_tree_speculative_sampling_target_only(
     the output distribution; they are refused with a ValueError unless ``lossy=True`` is passed,
     in which case that relaxed rule is applied exactly as SGLang does (sibling duplicates then
     count twice in the cumulative mass, as in SGLang). With thresholds 1 and ``lossy=False`` the
-    lossless op runs (``coin < mass``: SGLang's ``<=`` differs only on a measure-zero event).
+    lossless op runs (``coin < mass``: SGLang's ``<=`` differs only on a measure-zero event); a
+    repeated sibling token (SGLang's n-gram drafts pad short drafts with token 0 under the root) is
+    skipped, not refused: once its first copy is rejected the residual holds none of its mass (sgl-kernel
+    adds its probability again, which is not lossless).
     """
     draft_probs, threshold_single, threshold_acc, deterministic = _sgl_sampling_arguments(args, kwargs)
     check_tensor("predicts", predicts, ndim=1, dtypes=(torch.int32,))
@@ -1114,7 +1123,8 @@ def sglang_tree_speculative_sampling_target_only(
         raise ValueError(
             f"threshold_single={threshold_single}, threshold_acc={threshold_acc} relax acceptance and make "
             "sampling lossy (the output no longer follows the target distribution); pass lossy=True to "
-            "opt in, or keep both thresholds at 1.0"
+            "opt in (in place of sgl-kernel's function: functools.partial(this function, lossy=True)), or "
+            "keep both thresholds at 1.0"
         )
     out = _run(
         candidates,
@@ -1129,6 +1139,7 @@ def sglang_tree_speculative_sampling_target_only(
         lossy=lossy,
         threshold_single=threshold_single,
         threshold_acc=threshold_acc,
+        allow_duplicate_siblings=True,  # SGLang's n-gram drafts pad a short draft with token 0
     )
     on_path = torch.zeros(B * n + 1, dtype=torch.bool, device=predicts.device)
     on_path[torch.where(out[1] >= 0, out[1], B * n).reshape(-1).long()] = True

@@ -11,6 +11,7 @@ import importlib
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -344,6 +345,8 @@ def test_preallocated_out_and_full_prefix_untouched(device):
     ],
 )
 def test_sglang_drop_in_matches_build_tree(tree_mask_mode, n, packed_dtype):
+    """SGLang's buffers and calls; on the accelerated backends with the sizes as numpy integers (a
+    config's values), which the drop-in refused as "must be an int" while sgl-kernel's op takes them."""
     gen = torch.Generator().manual_seed(n + tree_mask_mode)
     B, topk, depth = 3, 4, 4
     draft = simulate_eagle2(B, n, topk, depth, gen)
@@ -370,7 +373,8 @@ def test_sglang_drop_in_matches_build_tree(tree_mask_mode, n, packed_dtype):
             tree_mask = torch.zeros(count, dtype=packed_dtype)
         positions = torch.empty(B * n, dtype=torch.int64)
         retrive = torch.full((3, B, n), -1, dtype=torch.int64)
-        args = (draft.parent_list, draft.selected_index, seq, tree_mask, positions, *retrive, topk, depth, n)
+        sizes = (topk, depth, n) if backend == "torch" else (np.int64(topk), np.int32(depth), np.int64(n))
+        args = (draft.parent_list, draft.selected_index, seq, tree_mask, positions, *retrive, *sizes)
         if tree_mask_mode == 0:  # the older 11-argument form means FULL_MASK
             assert run_with_backend(backend, sglang_build_tree_kernel_efficient, *args) is None
         else:

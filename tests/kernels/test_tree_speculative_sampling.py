@@ -376,6 +376,54 @@ def test_sglang_drop_in_matches_functional_op():
         assert bool((draft_scratch == 0).all())
 
 
+def _ngram_tree(B: int, pads: int, V: int, seed: int):
+    """SGLang's n-gram tree: a draft chain a -> c under the root, then ``pads`` padding slots of token 0
+    under the root (cpp_ngram/result.cpp pads a short draft with token 0, parent 0). Returns the
+    sgl-kernel arguments after the three outputs (target_probs last), for n = 3 + pads."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 3 + pads
+    cand = torch.zeros(B, n, dtype=torch.int64)
+    cand[:, 1] = torch.randint(1, V, (B,), generator=gen)  # a (never 0: the pads are the repeats)
+    cand[:, 2] = torch.randint(0, V, (B,), generator=gen)  # c, a's child
+    ri = torch.arange(B * n).view(B, n)
+    nt = torch.full((B, n), -1)
+    nt[:, 0], nt[:, 1] = 1, 2
+    ns = torch.full((B, n), -1)
+    chain = [1, *range(3, n)]  # the root's children in sibling order: a, then the pads
+    for left, right in zip(chain, chain[1:]):
+        ns[:, left] = right
+    probs = torch.softmax(torch.randn(B, n, V, generator=gen) * 2, -1)
+    probs[:, :, 0] += 0.5  # make token 0 likely, so the pads are tried and accepted at times
+    probs /= probs.sum(-1, keepdim=True)
+    u, uf = torch.rand(B, n, generator=gen), torch.rand(B, generator=gen)
+    return [cand, ri, nt, ns, u, uf, probs]
+
+
+def test_sglang_drop_in_skips_the_repeated_padding_of_ngram_drafts():
+    """SGLang's n-gram mode pads short drafts with token 0 under the root, so siblings repeat a token;
+    the drop-in raised "two siblings carry the same token" on CPU (and on CUDA in debug mode). A repeated
+    token is now skipped, as every backend's walk already did: once its first copy is rejected the
+    residual holds none of its mass. So a tree with three pads gives what the tree with one gives."""
+    B, V = 6, 12
+    for seed in range(8):
+        padded, single = _ngram_tree(B, 3, V, seed), _ngram_tree(B, 1, V, seed)
+        # the same uniforms and probabilities on the slots both trees have
+        single[4:] = padded[4][:, :4].contiguous(), padded[5], padded[6][:, :4].contiguous()
+        for backend in ["torch", *_backends()]:
+            results = []
+            for args, n in ((padded, 6), (single, 4)):
+                predicts, accept_index, num = _sglang_buffers(B, n, 4, V)
+                run_with_backend(
+                    backend, sglang_tree_speculative_sampling_target_only, predicts, accept_index, num, *args
+                )
+                rows = torch.where(accept_index >= 0, accept_index - torch.arange(B)[:, None] * n, -1)
+                tokens = torch.where(accept_index >= 0, predicts[accept_index.clamp(min=0).long()], -1)
+                results.append((rows, tokens, num))
+            (rows6, tokens6, num6), (rows4, tokens4, num4) = results
+            assert torch.equal(rows6, rows4) and torch.equal(tokens6, tokens4), f"{backend} seed {seed}"
+            assert torch.equal(num6, num4), f"{backend} seed {seed}"
+
+
 def test_sglang_drop_in_takes_wider_accept_index_and_no_draft_probs():
     """SGLang sizes accept_index [B, speculative_num_steps + 1] whatever the tree size, and newer
     callers pass no draft_probs scratch: the path is written first, the extra columns stay -1."""
