@@ -181,8 +181,11 @@ class ModelConfig:
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The config as Hugging Face keys (legacy ``rope_theta``/``rope_scaling`` spelling, which
-        every loader of the official EAGLE formats understands)."""
+        """The config as Hugging Face keys, in the legacy ``rope_theta`` / ``rope_scaling`` spelling.
+        Linear scaling is written ``{"type": "linear", "factor": f}``, the only form the reference EAGLE
+        code's config takes (exactly those two keys; transformers reads it too); Llama-3 scaling in
+        transformers' ``rope_type`` form, which the reference EAGLE code cannot represent at all (its
+        Llama-3.1 heads carry no scaling: :func:`eagle.models.draft.random_draft` gives heads none)."""
         out: dict[str, Any] = {
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,
@@ -201,9 +204,10 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
-        if self.rope_scaling is not None:
-            kind = "linear" if isinstance(self.rope_scaling, LinearRopeScaling) else "llama3"
-            out["rope_scaling"] = {"rope_type": kind, **dataclasses.asdict(self.rope_scaling)}
+        if isinstance(self.rope_scaling, LinearRopeScaling):
+            out["rope_scaling"] = {"type": "linear", "factor": self.rope_scaling.factor}
+        elif self.rope_scaling is not None:
+            out["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         return out
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eagle_kernels
-from eagle.models.config import ModelConfig
+from eagle.models.config import LinearRopeScaling, ModelConfig
 from eagle.models.cpu_packed import Linear, invalidate_cpu_caches, linear, pack_module_linears, packed_weight
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
@@ -640,32 +640,55 @@ def draft_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
 _UNSUPPORTED_EAGLE3_KEYS = ("norm_before_residual", "norm_before_fc", "use_aux_hidden_state_fc_bias")
 
 
-def _explicit_feature_layers(cfg: ModelConfig):
-    """The head config's ``eagle_aux_hidden_state_layer_ids`` as written (None when absent)."""
-    nested = _nested_eagle_config(cfg)
-    return cfg.extra.get("eagle_aux_hidden_state_layer_ids", nested.get("eagle_aux_hidden_state_layer_ids"))
+_LAYER_IDS = "eagle_aux_hidden_state_layer_ids"
 
 
-def eagle3_feature_layers(cfg: ModelConfig, target_num_layers: int) -> tuple[int, int, int]:
-    """The target layers whose input features an EAGLE-3 head reads: the official (2, L // 2, L - 3),
-    or the head config's ``eagle_aux_hidden_state_layer_ids`` (top level or under ``eagle_config``,
-    as ModelOpt / speculators / vLLM write them; like vLLM, index j is the hidden state entering
-    layer j)."""
-    L = target_num_layers
-    ids = _explicit_feature_layers(cfg)
-    if ids is None:
-        return (2, L // 2, L - 3)
+def _layer_ids(ids, where: str) -> list[int]:
     if (
         not isinstance(ids, (list, tuple))
         or len(ids) != 3
         or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
     ):
-        raise ValueError(f"draft config: eagle_aux_hidden_state_layer_ids must be 3 integers, got {ids!r}")
+        raise ValueError(f"draft config: {where} must be 3 integers, got {ids!r}")
+    return list(ids)
+
+
+def _explicit_feature_layers(cfg: ModelConfig) -> tuple[int, ...] | None:
+    """The target layers the head config names, as inputs of layers (None when it names none).
+
+    Two conventions share the key ``eagle_aux_hidden_state_layer_ids``: at the top level (vLLM,
+    speculators, ModelOpt) id j is the hidden state entering layer j; under ``eagle_config``
+    (SpecForge's heads, read by SGLang, which captures the input of layer id + 1) id j is the output
+    of layer j, the state entering layer j + 1."""
+    top = cfg.extra.get(_LAYER_IDS)
+    nested = _nested_eagle_config(cfg).get(_LAYER_IDS)
+    if top is not None:
+        top = _layer_ids(top, _LAYER_IDS)
+    if nested is not None:
+        nested = [i + 1 for i in _layer_ids(nested, f"eagle_config.{_LAYER_IDS}")]
+    if top is not None and nested is not None and top != nested:
+        raise ValueError(
+            f"draft config: {_LAYER_IDS} {top} (inputs of layers, vLLM's convention) and eagle_config."
+            f"{_LAYER_IDS} {[i - 1 for i in nested]} (outputs of layers, SGLang's) name different layers"
+        )
+    ids = top if top is not None else nested
+    return None if ids is None else tuple(ids)
+
+
+def eagle3_feature_layers(cfg: ModelConfig, target_num_layers: int) -> tuple[int, int, int]:
+    """The target layers whose input features an EAGLE-3 head reads: the official (2, L // 2, L - 3),
+    or the layers its config names (:func:`_explicit_feature_layers`: the top-level
+    ``eagle_aux_hidden_state_layer_ids`` as vLLM reads it, or ``eagle_config``'s as SGLang does)."""
+    L = target_num_layers
+    ids = _explicit_feature_layers(cfg)
+    if ids is None:
+        return (2, L // 2, L - 3)
     if not all(0 <= i < L for i in ids):
         raise ValueError(
-            f"draft config: eagle_aux_hidden_state_layer_ids {list(ids)} must be layers of the target, in [0, {L})"
+            f"draft config: {_LAYER_IDS} name the inputs of layers {list(ids)}, which must be layers of "
+            f"the target, in [0, {L}) (under eagle_config an id j is layer j's output: the input of j + 1)"
         )
-    return tuple(ids)
+    return ids
 
 
 def _nested_eagle_config(cfg: ModelConfig) -> dict:
@@ -998,8 +1021,10 @@ def official_config(head: DraftHead) -> dict[str, Any]:
         out |= {
             "architectures": [EAGLE3_ARCHITECTURE],
             "draft_vocab_size": head.draft_vocab_size,
-            # read back by load_draft and by vLLM (the reference code takes the default layers)
+            # read back by load_draft and by vLLM (inputs of layers), and under eagle_config by
+            # SGLang (outputs of layers: one less); the reference code takes the default layers
             "eagle_aux_hidden_state_layer_ids": list(head.feature_layers),
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": [i - 1 for i in head.feature_layers]},
         }
     return out
 
@@ -1042,10 +1067,15 @@ def random_draft(
     if kind == "eagle3":
         vocab_map = _vocab_map(draft_vocab, t.vocab_size)
         extra["draft_vocab_size"] = vocab_map[0].numel()
+    # The reference EAGLE code's config takes only linear / dynamic RoPE scaling: heads of Llama-3.1
+    # targets (Llama-3 scaling) carry none there, and so do the heads made here, or they would load
+    # in no loader but this one's and SGLang's / vLLM's.
+    scaling = t.rope_scaling if isinstance(t.rope_scaling, LinearRopeScaling) else None
     cfg = dataclasses.replace(
         t,
         family="llama",
         num_layers=1,
+        rope_scaling=scaling,
         qkv_bias=False,
         o_bias=False,
         mlp_bias=False,

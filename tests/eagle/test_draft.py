@@ -316,8 +316,10 @@ def test_a_head_with_another_targets_embedding_or_corrupt_weights_is_refused(tmp
 
 def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, target, target_config):
     """ModelOpt / speculators / vLLM heads pin their feature layers with eagle_aux_hidden_state_layer_ids
-    (top level or under eagle_config); a head trained on other layers drafts nothing useful if read
-    with the default ones. Variant keys this head does not compute are refused by name."""
+    at the top level (id j: the input of layer j, as vLLM reads it), SpecForge's under eagle_config (id
+    j: the output of layer j, the input of j + 1, as SGLang reads it: they were read one layer early);
+    a head trained on other layers drafts nothing useful if read with the default ones. A saved head
+    writes both, which must agree. Variant keys this head does not compute are refused by name."""
     state = eagle3_state(target_config, prefix="midlayer.", embed=None, draft_vocab=None)
     base = head_config(target_config, architectures=["LlamaForCausalLMEagle3"])
 
@@ -326,13 +328,33 @@ def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, targe
 
     assert load("default").feature_layers == (2, 2, 1)  # (2, L // 2, L - 3) of the 4-layer target
     assert load("top", eagle_aux_hidden_state_layer_ids=[0, 1, 3]).feature_layers == (0, 1, 3)
-    nested = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}}
-    assert load("nested", **nested).feature_layers == (1, 2, 3)
+    nested = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 2]}}
+    assert load("nested", **nested).feature_layers == (2, 3, 3)
+    spec_forge_default = {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 4 // 2 - 1, 4 - 4]}}
+    assert load("specforge", **spec_forge_default).feature_layers == (2, 2, 1)  # = the official layers
+    both = {
+        "eagle_aux_hidden_state_layer_ids": [0, 1, 3],
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [-1, 0, 2]},
+    }
+    assert load("both", **both).feature_layers == (0, 1, 3)
     for name, extra, message in [
         (
             "range",
             {"eagle_aux_hidden_state_layer_ids": [0, 1, 4]},
             r"must be layers of the target, in \[0, 4\)",
+        ),
+        (
+            "nested-range",
+            {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3]}},
+            r"inputs of layers \[2, 3, 4\], which must be layers of the target",
+        ),
+        (
+            "disagree",
+            {
+                "eagle_aux_hidden_state_layer_ids": [0, 1, 3],
+                "eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 3]},
+            },
+            "name different layers",
         ),
         ("count", {"eagle_aux_hidden_state_layer_ids": [0, 1]}, "must be 3 integers"),
         ("variant", {"norm_before_residual": True}, r"sets \['norm_before_residual'\]: an EAGLE-3 variant"),
@@ -342,6 +364,9 @@ def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, targe
     assert load("off", norm_before_residual=False).feature_layers == (2, 2, 1)
     saved = save_draft(load("again", eagle_aux_hidden_state_layer_ids=[0, 1, 3]), tmp_path / "saved")
     assert load_draft(saved, target).feature_layers == (0, 1, 3)
+    written = json.loads((saved / "config.json").read_text())
+    assert written["eagle_aux_hidden_state_layer_ids"] == [0, 1, 3]
+    assert written["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [-1, 0, 2]  # what SGLang reads
 
 
 def test_eagle3_heads_with_their_own_feature_layers_fit_a_three_layer_target(
@@ -569,3 +594,41 @@ def test_a_head_directory_without_config_json_says_so(tmp_path, target, target_c
     (directory / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"draft .*/h: no config.json"):
         load_draft(directory, target)
+
+
+@pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
+@pytest.mark.parametrize(
+    "scaling, written",
+    [
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            None,
+        ),
+        ({"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
+    ],
+    ids=["llama3", "linear"],
+)
+def test_a_new_heads_rope_scaling_is_one_the_reference_code_reads(
+    make_target, tmp_path, kind, scaling, written
+):
+    """The reference EAGLE code's config takes rope_scaling only as exactly {"type", "factor"} of type
+    linear or dynamic: heads made here for a Llama-3.1 target exported {"rope_type": "llama3", ...} and
+    loaded nowhere but here, SGLang and vLLM. They now carry no scaling (as the official Llama-3.1
+    heads), and linear scaling is written in the two-key form; both load back as they were."""
+    from eagle.models.config import LinearRopeScaling
+
+    _, path = make_target("llama", rope_scaling=scaling, rope_theta=500000.0, num_hidden_layers=4)
+    target = load_target(path, dtype=torch.float32)
+    head = random_draft(target, kind)
+    assert head.config.rope_scaling == (LinearRopeScaling(4.0) if written else None)
+    saved = save_draft(head, tmp_path / kind)
+    rope = json.loads((saved / "config.json").read_text()).get("rope_scaling")
+    assert rope == written
+    assert rope is None or (set(rope) == {"type", "factor"} and rope["type"] in ("linear", "dynamic"))
+    assert load_draft(saved, target).config.rope_scaling == head.config.rope_scaling

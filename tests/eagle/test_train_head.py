@@ -918,6 +918,7 @@ def test_eagle3_init_head_with_other_feature_layers_needs_features_of_those(eagl
     th.save_head(head, tmp_path / "init", torch.float32)
     config = json.loads((tmp_path / "init" / "config.json").read_text())
     config["eagle_aux_hidden_state_layer_ids"] = [1, 2, 3]
+    config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [0, 1, 2]  # SGLang's: outputs of layers
     (tmp_path / "init" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"entering target layers \[1, 2, 3\]; .* stores \[2, 2, 1\]"):
         th.train_head(
@@ -955,6 +956,7 @@ def test_eagle3_continuing_a_head_keeps_its_vocabulary_and_layers(eagle3_setup, 
         )  # fmt: skip
     config = json.loads((tmp_path / "init" / "config.json").read_text())
     config["eagle_aux_hidden_state_layer_ids"] = [1, 2, 3]
+    config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [0, 1, 2]  # SGLang's: outputs of layers
     (tmp_path / "init" / "config.json").write_text(json.dumps(config))
     plan = feat.FeaturePlan(
         seq_len=SEQ, shard_sequences=12, batch_size=8, max_tokens=16 * SEQ, feature_layers=[1, 2, 3]
