@@ -20,3 +20,33 @@ def is_array(x) -> bool:
     import torch
 
     return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy"
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (a thread count, a batch size)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def checked_device(name: str) -> str:
+    """An argparse ``type``: a device kind this package runs on ('cpu', 'cuda', 'cuda:N'), checked before
+    any model loads (a 'meta' or 'mps' device failed deep inside training with NotImplementedError);
+    whether a CUDA device is present is left to the command, which names that."""
+    import argparse
+
+    import torch
+
+    try:
+        kind = torch.device(name).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    return name

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eagle._args import checked_device, positive_int
 from eagle.models import LlamaModel, generate_plain, load_target
 
 META_NAME = "meta.json"
@@ -559,10 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="sequences per target forward")
     p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float16", help="storage dtype")
     p.add_argument("--target-dtype", default="float32", help="dtype the target runs in")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=checked_device, default="cpu")
     p.add_argument("--eagle3", action="store_true", help="also store the EAGLE-3 layer inputs (2, L//2, L-3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -594,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta = dump_features(
             target, tokens, args.out, plan, target_path=str(args.target), progress=not args.quiet
         )
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:  # (TypeError: a --target-dtype)
         print(f"eagle.train.features: error: {e}", file=sys.stderr)
         return 2
     if not args.quiet:

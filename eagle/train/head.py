@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eagle._args import checked_device, positive_int
 from eagle.models import DraftHead, LlamaModel, load_draft, load_target, random_draft, save_draft
 from eagle.models.llama import apply_rope, rope_cos_sin
 from eagle.train.distributed import (
@@ -1145,8 +1146,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-head", default=None, help="start from this head (of the kind trained) instead of a random one"
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    p.add_argument("--device", type=checked_device, default="cpu")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads per process")
     p.add_argument("--measure", action="store_true", help="print tokens/s with and without bf16 autocast")
     p.add_argument("--quiet", action="store_true")
     return p

@@ -292,7 +292,7 @@ pipeline (`eagle train features` + `eagle train head`).
 EAGLE-1/2 layout: `fc` ({2 * head_cfg["hidden_size"]} -> {head_cfg["hidden_size"]}, with bias) over
 `cat(embedding(token t+1), feature t)`, then one Llama decoder layer (hidden {head_cfg["hidden_size"]},
 {head_cfg["num_attention_heads"]} query / {head_cfg["num_key_value_heads"]} KV heads, SwiGLU MLP
-{head_cfg["intermediate_size"]}); the embedding and the LM head are the target's (frozen, not stored).
+{head_cfg["intermediate_size"]}); the embedding and the LM head are the target's, frozen (the embedding is stored as the official layout has it; the LM head is not).
 Stored in float16.
 
 ## Data

@@ -750,6 +750,30 @@ def test_a_resume_drops_the_records_logged_after_the_checkpoint_and_times_its_fi
     assert [r["tokens_per_s"] for r in logged[2:]] == pytest.approx([tokens_per_step] * 2)
 
 
+def test_bad_threads_devices_and_dtypes_are_clean_errors(setup, tmp_path, capsys):
+    """--threads -1 ended in torch's RuntimeError, --device meta in a NotImplementedError deep inside
+    training, and features' --target-dtype int8 in an uncaught TypeError: each a traceback."""
+    head_args = [
+        "--target",
+        str(setup["target_dir"]),
+        "--data",
+        str(setup["data"].dir),
+        "--out",
+        str(tmp_path),
+    ]
+    for bad in (["--threads", "-1"], ["--threads", "x"], ["--device", "meta"], ["--device", "mps"]):
+        with pytest.raises(SystemExit) as exit_:
+            th.main([*head_args, *bad, "--quiet"])
+        assert exit_.value.code == 2, bad
+        assert f"argument {bad[0]}: must be" in capsys.readouterr().err
+    feat_args = ["--target", str(setup["target_dir"]), "--tokens", str(setup["root"] / "tokens.npy")]
+    with pytest.raises(SystemExit):
+        feat.main([*feat_args, "--out", str(tmp_path / "f"), "--threads", "0"])
+    assert "argument --threads: must be a positive integer" in capsys.readouterr().err
+    assert feat.main([*feat_args, "--out", str(tmp_path / "f"), "--target-dtype", "int8", "--quiet"]) == 2
+    assert "eagle.train.features: error: dtype must be one of" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
 def test_device_cuda_without_cuda_is_a_clean_error(setup, tmp_path, capsys):
     args = ["--target", str(setup["target_dir"]), "--data", str(setup["data"].dir), "--out", str(tmp_path)]
