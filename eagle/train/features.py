@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import hashlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ PLAN_KEYS = (
     "feature_layers",
     "mask_prompt",
     "tokens_len",
+    "tokens_sha256",
 )
 
 
@@ -124,6 +126,8 @@ class FeaturePlan:
     mask_prompt: bool = False
     max_tokens: int = 2_000_000
     tokens_len: int = 0
+    # the token file's contents: a resumed dump over another file of the same length mixed two corpora
+    tokens_sha256: str | None = None
 
     def validate(self) -> None:
         if self.source not in SOURCES:
@@ -336,12 +340,23 @@ def _check_free_space(out_dir: Path, need: int) -> None:
         )
 
 
+def _tokens_sha256(tokens: np.ndarray) -> str:
+    """SHA-256 of the token ids as int64, read in chunks (the file is memory-mapped)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(tokens), 1 << 20):
+        digest.update(np.ascontiguousarray(tokens[start : start + (1 << 20)], dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
 def _resumed_meta(out_dir: Path, meta: dict, target: LlamaModel) -> dict:
     """``meta`` when the existing meta.json of ``out_dir`` has the same plan and target (else ValueError)."""
     old = read_meta(out_dir)
     check_target_matches(old["target"], target, f"{str(out_dir)!r}")
     differs = {
-        k: (old["plan"].get(k), meta["plan"][k]) for k in PLAN_KEYS if old["plan"].get(k) != meta["plan"][k]
+        k: (old["plan"].get(k), meta["plan"][k])
+        for k in PLAN_KEYS
+        if old["plan"].get(k) != meta["plan"][k]
+        and (k != "tokens_sha256" or k in old["plan"])  # (older dumps)
     }
     if differs:
         what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in ((k, *v) for k, v in differs.items()))
@@ -381,7 +396,7 @@ def dump_features(
     vocabulary, or an ``out_dir`` holding features of other settings; OSError naming the file and the
     free space when the disk is (or would become) full.
     """
-    plan = dataclasses.replace(plan, tokens_len=int(len(tokens)))
+    plan = dataclasses.replace(plan, tokens_len=int(len(tokens)), tokens_sha256=_tokens_sha256(tokens))
     if plan.feature_layers is not None:
         plan.feature_layers = [int(i) for i in plan.feature_layers]
     plan.validate()

@@ -154,6 +154,14 @@ def test_feature_dump_resumes_by_skipping_finished_shards(setup, tmp_path, monke
             feat.FeaturePlan(seq_len=16, shard_sequences=4, batch_size=4, max_tokens=8 * SEQ),
             progress=False,
         )
+    # another token file of the same length: it mixed two corpora in one dump (only the length was kept)
+    swapped = np.roll(np.asarray(setup["tokens"]), 1)
+    with pytest.raises(ValueError, match="other settings.*tokens_sha256"):
+        feat.dump_features(setup["target"], swapped, tmp_path, plan, progress=False)
+    meta = json.loads((tmp_path / feat.META_NAME).read_text())
+    del meta["plan"]["tokens_sha256"]  # a dump from before the hash: it still resumes
+    (tmp_path / feat.META_NAME).write_text(json.dumps(meta))
+    feat.dump_features(setup["target"], setup["tokens"], tmp_path, plan, progress=False)
 
 
 def test_a_dump_resumed_with_a_larger_budget_rewrites_the_short_last_shard(setup, tmp_path, monkeypatch):
