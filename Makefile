@@ -39,7 +39,7 @@ lint:
 	ruff format --check .
 
 nvcc-check:
-	bash scripts/nvcc_check.sh
+	PYTHON=$(PY) bash scripts/nvcc_check.sh
 
 # Every microbenchmark once, untimed (CI); real timings: pytest bench/ --benchmark-only
 bench-smoke:
