@@ -189,11 +189,21 @@ def _verify_tree_greedy_kernel(
     tl.store(accept_num_ptr + b, count)
 
 
+# The Triton walk orders a node's children by the int32 key rank * next_pow2(n) + slot: past 2**15
+# slots it would wrap negative and read before the inputs.
+TRITON_MAX_TREE_SLOTS = 2**15
+
+
 @launches_on_input_device
 def _verify_tree_greedy_triton(
     candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
 ):
     B, n = candidates.shape
+    if n > TRITON_MAX_TREE_SLOTS:
+        raise ValueError(
+            f"the Triton kernel takes trees of at most {TRITON_MAX_TREE_SLOTS} slots per sequence, got n={n} "
+            "(the C++ backend and the reference take any size)"
+        )
     device = candidates.device
     predicts = torch.zeros(B * n, dtype=torch.int32, device=device)
     accept_index = torch.empty(B, num_spec_steps, dtype=torch.int32, device=device)
@@ -370,16 +380,11 @@ def _check_args(candidates, retrive_index, retrive_next_token, retrive_next_sibl
     )
     if n < 1:
         raise ValueError("candidates must have at least one slot per sequence (the root), got n=0")
-    if n > MAX_TREE_SLOTS:
-        raise ValueError(f"a tree has at most {MAX_TREE_SLOTS} slots per sequence, got n={n}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_spec_steps must be an int >= 1 (root plus drafts), got {steps!r}")
 
 
 _CHECKED = SignatureCache()
-# The Triton walk orders a node's children by the int32 key rank * next_pow2(n) + slot: past 2**15
-# slots it would wrap negative and read before the inputs.
-MAX_TREE_SLOTS = 2**15
 
 
 def verify_tree_greedy(

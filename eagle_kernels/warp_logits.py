@@ -342,9 +342,16 @@ def _check_values(logits, temperature, top_k, top_p, min_p):
         raise ValueError(f"min_p must be in [0, 1], got {min_p.tolist()}")
     if logits.numel() > 0:
         scale = torch.where(temperature > 0, temperature, 1.0)
-        # (a negative logit that overflows to -inf is a removed token, as in HF's float32 division)
-        if bool((logits.float().amax(dim=-1) / scale == float("inf")).any()):
+        # (a negative logit that overflows to -inf is a removed token, as in HF's float32 division,
+        # but not every token of a row: that row would be NaN, or all zeros)
+        scaled_max = logits.float().amax(dim=-1) / scale
+        if bool((scaled_max == float("inf")).any()):
             raise ValueError("logits / temperature overflows float32; raise the temperature")
+        if bool((scaled_max == float("-inf")).any()):
+            raise ValueError(
+                "logits / temperature underflows to -inf for every token of a row (every logit is below "
+                "-3.4e38 * temperature); raise the temperature"
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -118,8 +118,13 @@ void warp_row(const scalar_t* x, float* out, int64_t V, int64_t r, const RowPara
   float y_max = scores[0];
 #pragma omp simd reduction(max : y_max)
   for (int64_t i = 0; i < V; ++i) y_max = std::max(y_max, scores[i]);
-  TORCH_CHECK_VALUE(y_max > -std::numeric_limits<float>::infinity(), "a row of logits has no finite value (row ", r,
-                    ": every token masked with -inf)");
+  if (!(y_max > -std::numeric_limits<float>::infinity())) {
+    for (int64_t i = 0; i < V; ++i) {
+      TORCH_CHECK_VALUE(!std::isfinite(static_cast<float>(x[i])), "logits / temperature underflows to -inf for every token of row ",
+                        r, " (every logit is below -3.4e38 * temperature); raise the temperature");
+    }
+    TORCH_CHECK_VALUE(false, "a row of logits has no finite value (row ", r, ": every token masked with -inf)");
+  }
   if (p.temperature == 0.f) {
     std::fill(out, out + V, 0.f);
     out[std::find(scores, scores + V, y_max) - scores] = 1.f;  // the first maximum

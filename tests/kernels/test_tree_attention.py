@@ -214,6 +214,16 @@ def test_unpack_ignores_bits_past_T():
     assert unpack_tree_mask(packed32, 5).all()
     wide = torch.full((1, 5, 4), 0xFF, dtype=torch.uint8)  # SGLang's whole 4-byte words
     assert unpack_tree_mask(wide, 5).all()
+    assert unpack_tree_mask(wide, torch.tensor(5)).shape == (1, 5, 5)  # an integer of another type
+
+
+def test_an_empty_batch_takes_any_tree_length():
+    """T > S_max is refused as a shape (the unchecked kernel read past the cache), but an empty batch
+    reads nothing: it returns its empty output as before."""
+    q, k = torch.randn(0, 9, 2, 16), torch.randn(0, 1, 8, 16)
+    for backend in _all_backends(torch.device("cpu")):
+        out = run_with_backend(backend, tree_attention, q, k, k, torch.zeros(0, dtype=torch.int32))
+        assert out.shape == (0, 9, 2, 16), backend
 
 
 @pytest.mark.parametrize(

@@ -290,6 +290,8 @@ def test_large_vocab_cpp_matches_reference():
         ({"logits_value": float("inf")}, r"NaN or \+inf"),
         ({"row_value": float("-inf")}, "no finite value"),
         ({"row_value": float("-inf"), "temperature": 0.0}, "no finite value"),
+        # every logit finite but below -FLT_MAX * T (a row masked with finfo.min): NaN or zeros, silently
+        ({"row_value": -3e38, "temperature": 0.5}, "underflows to -inf for every token"),
         ({"temperature": -0.5}, "temperature must be finite and >= 0"),
         ({"temperature": float("nan")}, "temperature must be finite and >= 0"),
         ({"top_k": -1}, "top_k must be >= 0"),
