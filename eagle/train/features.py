@@ -565,11 +565,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", choices=SOURCES, default="corpus", help="corpus windows or target continuations"
     )
     p.add_argument("--seq-len", type=int, default=256)
+    # (None: not given; --source corpus refuses them, generate takes the defaults in _GENERATE_DEFAULTS)
     p.add_argument(
-        "--prompt-len", type=int, default=32, help="generate: corpus tokens before the continuation"
+        "--prompt-len", type=int, default=None, help="generate: corpus tokens before the continuation (32)"
     )
-    p.add_argument("--temperature", type=float, default=0.0, help="generate: 0 = greedy")
-    p.add_argument("--mask-prompt", action="store_true", help="generate: no loss on the prompt's features")
+    p.add_argument("--temperature", type=float, default=None, help="generate: 0 = greedy (the default)")
+    p.add_argument(
+        "--mask-prompt", action="store_true", default=None, help="generate: no loss on the prompt's features"
+    )
     p.add_argument("--max-tokens", type=int, default=2_000_000, help="token budget of the dump")
     p.add_argument("--shard-sequences", type=int, default=256)
     p.add_argument("--batch", type=int, default=8, help="sequences per target forward")
@@ -583,8 +586,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_GENERATE_DEFAULTS = {"prompt_len": 32, "temperature": 0.0, "mask_prompt": False}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    given = [name for name in _GENERATE_DEFAULTS if getattr(args, name) is not None]
+    if args.source == "corpus" and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        print(
+            f"eagle.train.features: error: {flags} apply to --source generate only (corpus windows have no "
+            "prompt and are not sampled)",
+            file=sys.stderr,
+        )
+        return 2
+    for name, default in _GENERATE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -580,6 +580,12 @@ def test_command_lines(setup, tmp_path, capsys):
     )
     data = feat.FeatureData(tmp_path / "f")
     assert len(data) == 10 and data.plan.source == "generate" and data[[0]]["hidden"].shape == (1, 16, 64)
+    # generate's settings on corpus windows were recorded in the plan and ignored (then a resume with
+    # other, equally meaningless values was refused)
+    for flags in (["--temperature", "0.7"], ["--mask-prompt"], ["--prompt-len", "4", "--mask-prompt"]):
+        assert feat.main([*args, "--out", str(tmp_path / "c"), *flags, "--quiet"]) == 2
+        assert "apply to --source generate only" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
     train = [
         "--target",
         str(setup["target_dir"]),
