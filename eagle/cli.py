@@ -8,6 +8,8 @@ import os
 import platform
 import sys
 
+from eagle._args import positive_int
+
 _ATTENTION_VARIANTS = {
     "amx": "AVX-512, with the scores of bfloat16 caches on AMX tiles",
     "avx512bf16": "AVX-512, with the scores of bfloat16 caches by AVX512-BF16 dot products",
@@ -303,13 +305,6 @@ def _tree_from_args(args: argparse.Namespace):
     return eagle.TreeConfig(depth=depth, topk=topk, total_tokens=total)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _sampled_temperature(text: str) -> float:
     from eagle.acceptance import SAMPLED_TEMPERATURE_RANGE
 
@@ -435,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--draft", default=None, help="EAGLE head dir / hub id (default: the bundled head for tiny-code)"
     )
     gen.add_argument(
-        "-n", "--max-new-tokens", type=_positive_int, default=128, help="tokens to generate (default 128)"
+        "-n", "--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default 128)"
     )
     gen.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -445,10 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--tree", default="dynamic", choices=("dynamic", "static", "chain"), help="draft tree shape"
     )
-    gen.add_argument("--tree-depth", type=_positive_int, default=None, help="dynamic tree: draft levels")
-    gen.add_argument("--tree-topk", type=_positive_int, default=None, help="dynamic tree: expansion width")
+    gen.add_argument("--tree-depth", type=positive_int, default=None, help="dynamic tree: draft levels")
+    gen.add_argument("--tree-topk", type=positive_int, default=None, help="dynamic tree: expansion width")
     gen.add_argument(
-        "--tree-tokens", type=_positive_int, default=None, help="dynamic tree: tokens verified per step"
+        "--tree-tokens", type=positive_int, default=None, help="dynamic tree: tokens verified per step"
     )
     mode = gen.add_mutually_exclusive_group()
     mode.add_argument("--no-speculative", action="store_true", help="plain decoding (the baseline)")
@@ -471,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="CPU threads (default: 1 for models under 200M parameters, else all cores)",
     )
@@ -511,12 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSONL of {"prompt": ...} (or MT-bench turns); default: held-out stdlib code',
     )
-    cal.add_argument("--num-prompts", type=_positive_int, default=16, help="prompts to use (default 16)")
+    cal.add_argument("--num-prompts", type=positive_int, default=16, help="prompts to use (default 16)")
     cal.add_argument(
-        "--prompt-tokens", type=_positive_int, default=128, help="held-out prompts' length (default 128)"
+        "--prompt-tokens", type=positive_int, default=128, help="held-out prompts' length (default 128)"
     )
     cal.add_argument(
-        "--new-tokens", type=_positive_int, default=128, help="tokens per prompt and tree (default 128)"
+        "--new-tokens", type=positive_int, default=128, help="tokens per prompt and tree (default 128)"
     )
     cal.add_argument(
         "--temperature",
@@ -527,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--greedy-only", action="store_true", help="measure greedy acceptance only")
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--dtype", default=None, help="default per device (float32 on CPU)")
-    cal.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    cal.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     cal.add_argument("--write", action="store_true", help="store acceptance.json in the head's directory")
     cal.set_defaults(func=_cmd_calibrate)
 

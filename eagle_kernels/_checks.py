@@ -57,6 +57,23 @@ def byte_ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def check_out_buffer(out: torch.Tensor, inputs: dict[str, torch.Tensor | None]) -> None:
+    """An ``out=`` buffer (shape / dtype / device checked by the caller) next to the op's ``inputs``:
+    refused when one of them requires grad (as torch's own out= functions: the result would silently
+    carry no gradient) or shares memory with it."""
+    if torch.is_grad_enabled():
+        needing = [name for name, t in inputs.items() if t is not None and t.requires_grad]
+        if needing:
+            raise RuntimeError(
+                f"out= does not support automatic differentiation, but {', '.join(needing)} requires grad; "
+                "call without out= (or under torch.no_grad())"
+            )
+    if not torch.compiler.is_compiling():  # (Dynamo cannot trace storage pointers; opcheck covers aliasing)
+        for name, t in inputs.items():
+            if t is not None and byte_ranges_overlap(t, out):
+                raise ValueError(f"out must not share memory with {name}")
+
+
 _PLAIN_SCALARS = (int, float, bool, str, type(None))
 
 

@@ -50,7 +50,7 @@ from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced
 from eagle_kernels._checks import (
     INDEX_DTYPES,
     SignatureCache,
-    byte_ranges_overlap,
+    check_out_buffer,
     check_same_dtype,
     check_tensor,
 )
@@ -1155,17 +1155,7 @@ def _check_out(out, shape, like: torch.Tensor, inputs: dict) -> torch.Tensor:
     """``out`` must match the result's shape/dtype/device, share no memory with an input, and be
     viewable as ``[N, H]``; returns that 2-D view."""
     check_tensor("out", out, dtypes=(like.dtype,), device=like.device, shape=shape)
-    if torch.is_grad_enabled():
-        needing = [name for name, t in inputs.items() if t is not None and t.requires_grad]
-        if needing:  # as torch's own out= functions: the result would silently carry no gradient
-            raise RuntimeError(
-                f"out= does not support automatic differentiation, but {', '.join(needing)} requires grad; "
-                "call without out= (or under torch.no_grad())"
-            )
-    if not torch.compiler.is_compiling():  # (Dynamo cannot trace storage pointers; opcheck covers aliasing)
-        for name, t in inputs.items():
-            if t is not None and byte_ranges_overlap(t, out):
-                raise ValueError(f"out must not share memory with {name}")
+    check_out_buffer(out, inputs)
     try:
         return out.view(-1, shape[-1])
     except RuntimeError as exc:

@@ -42,7 +42,7 @@ from eagle_kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     SignatureCache,
-    byte_ranges_overlap,
+    check_out_buffer,
     check_same_dtype,
     check_tensor,
 )
@@ -971,16 +971,7 @@ def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out):
 def _check_out(out, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """``out`` must be q's shape, dtype and device and share no memory with q or the caches."""
     check_tensor("out", out, dtypes=(q.dtype,), device=q.device, shape=tuple(q.shape))
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
-        # as torch's own out= functions: the result would silently carry no gradient
-        raise RuntimeError(
-            "out= does not support automatic differentiation, but an input requires grad; call without "
-            "out= (or under torch.no_grad())"
-        )
-    if not torch.compiler.is_compiling():  # (Dynamo cannot trace storage pointers; opcheck covers aliasing)
-        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-            if byte_ranges_overlap(t, out):
-                raise ValueError(f"out must not share memory with {name}")
+    check_out_buffer(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
 
 
 def _sglang_word_bytes(T: int) -> int | None:

@@ -92,16 +92,19 @@ def test_forced_backend_errors_are_clear():
             pass
 
 
+# A subprocess snippet: compact_kv_cache on CPU tensors, printing the RuntimeError a backend raises.
+_COMPACT_PRINTING_ITS_ERROR = (
+    "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
+    "try:\n"
+    "    eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
+    "        torch.tensor([[0, 1]]), torch.tensor([1]), num_draft_tokens=4)\n"
+    "except RuntimeError as e:\n"
+    "    print(e)\n"
+)
+
+
 def test_triton_on_cpu_without_interpreter_says_so():
-    code = (
-        "import torch, eagle_kernels\n"
-        "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
-        "try:\n"
-        "    eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
-        "        torch.tensor([[0, 1]]), torch.tensor([1]), num_draft_tokens=4)\n"
-        "except RuntimeError as e:\n"
-        "    print(e)\n"
-    )
+    code = "import torch, eagle_kernels\n" + _COMPACT_PRINTING_ITS_ERROR
     res = _run(code, EAGLE_KERNELS_BACKEND="triton", TRITON_INTERPRET="0")
     assert "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
@@ -112,13 +115,8 @@ def test_triton_interpreter_switched_on_after_import_says_so():
     code = (
         "import os, torch, eagle_kernels\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
-        "kv = torch.randn(1, 2, 1, 1, 8, 4)\n"
-        "try:\n"
-        "    eagle_kernels.compact_kv_cache(kv, torch.tensor([0], dtype=torch.int32),\n"
-        "        torch.tensor([[0, 1]]), torch.tensor([1]), num_draft_tokens=4)\n"
-        "except RuntimeError as e:\n"
-        "    print(e)\n"
-        "print('triton' in eagle_kernels.available_backends('compact_kv_cache', torch.device('cpu')))\n"
+        + _COMPACT_PRINTING_ITS_ERROR
+        + "print('triton' in eagle_kernels.available_backends('compact_kv_cache', torch.device('cpu')))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
