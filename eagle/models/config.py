@@ -395,6 +395,17 @@ def _rope_number(value: Any, where: str, *, at_least: float | None = None) -> fl
     return float(value)
 
 
+def dynamic_rope_start(cfg: dict[str, Any]) -> int | None:
+    """For a config.json whose RoPE is 'dynamic' (NTK): the position past which it rescales the
+    frequencies (``original_max_position_embeddings``, else ``max_position_embeddings``); None for any
+    other RoPE. Within it the frequencies are the default ones, which is all this runtime computes."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict) or _rope_type(params) != "dynamic":
+        return None
+    start = params.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return int(start if start is not None else _FAMILY_DEFAULTS["llama"]["max_position_embeddings"])
+
+
 def _rope_type(params: dict[str, Any]) -> str:
     return params.get("rope_type", params.get("type", "default"))
 

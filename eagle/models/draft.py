@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import eagle_kernels
-from eagle.models.config import LinearRopeScaling, ModelConfig
+from eagle.models.config import LinearRopeScaling, ModelConfig, dynamic_rope_start
 from eagle.models.cpu_packed import Linear, invalidate_cpu_caches, linear, pack_module_linears, packed_weight
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
@@ -700,11 +700,34 @@ def _nested_eagle_config(cfg: ModelConfig) -> dict:
 def _check_eagle3_variant(cfg: ModelConfig) -> None:
     nested = _nested_eagle_config(cfg)
     set_keys = [k for k in _UNSUPPORTED_EAGLE3_KEYS if cfg.extra.get(k) or nested.get(k)]
+    # use_aux_hidden_state false: the head reads the target's last hidden state, without fc (vLLM,
+    # SGLang), "like EAGLE-1"; here it would read three layers through fc instead
+    aux = nested.get("use_aux_hidden_state", cfg.extra.get("use_aux_hidden_state", True))
+    if aux is not True:
+        set_keys.append(f"use_aux_hidden_state={aux!r}")
     if set_keys:
         raise ValueError(
             f"draft config sets {set_keys}: an EAGLE-3 variant this package does not compute "
             "(its head would load and draft wrongly, lowering acceptance with no message)"
         )
+
+
+def _check_dynamic_rope_fits(raw: dict[str, Any], target: LlamaModel, directory) -> None:
+    """A head's positions follow the target's sequence, not the head's own max_position_embeddings
+    (the target's limit is the one this runtime enforces). A 'dynamic' RoPE rescales past its start,
+    which this runtime does not compute, so a head whose start lies within the target's context
+    would draft with other frequencies than it was trained with, silently."""
+    start = dynamic_rope_start(raw)
+    limit = target.config.max_position_embeddings
+    if start is not None and start < limit:
+        raise ValueError(
+            f"draft {directory}: its RoPE is 'dynamic' (NTK), rescaled past position {start}, but the "
+            f"target runs sequences up to max_position_embeddings={limit}; dynamic rescaling is not "
+            "computed here (a head whose rescaling starts at or past the target's limit is supported)"
+        )
+
+
+_HEAD_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
@@ -714,7 +737,7 @@ def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
     for key, value in state.items():
         if key in ("d2t", "t2d"):
             continue
-        if not value.is_floating_point():
+        if value.dtype not in _HEAD_WEIGHT_DTYPES:  # (float8 is floating point, and isfinite fails on it)
             raise ValueError(
                 f"{directory}: head weight {key} has dtype {value.dtype}; quantised heads are not supported"
             )
@@ -938,10 +961,12 @@ def load_draft(
         raise FileNotFoundError(
             f"draft {directory}: no config.json (an EAGLE head holds config.json and weights)"
         )
+    raw_config = read_json(directory / "config.json")
     try:
-        cfg = draft_config_from_dict(read_json(directory / "config.json"))
+        cfg = draft_config_from_dict(raw_config)
     except ValueError as exc:  # (the target loaded; say which config.json is wrong)
         raise ValueError(f"draft {directory}: {exc}") from exc
+    _check_dynamic_rope_fits(raw_config, target, directory)
     state = _plain_head_keys(read_state_dict(directory))
     kind = detect_format(state)
     if kind == "eagle3":

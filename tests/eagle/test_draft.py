@@ -312,6 +312,55 @@ def test_a_head_with_another_targets_embedding_or_corrupt_weights_is_refused(tmp
         path = _write_eagle2(tmp_path, target_config, f"bad{i}", state_edit=lambda s, e=edit: s | e)
         with pytest.raises(ValueError, match=message):
             load_draft(path, target)
+    # float8 passes is_floating_point, and torch.isfinite is not implemented for it (write_head casts
+    # every float to fp16, so the file is rewritten here)
+    path = _write_eagle2(tmp_path, target_config, "fp8")
+    state = torch.load(path / "pytorch_model.bin")
+    torch.save(state | {"fc.weight": state["fc.weight"].to(torch.float8_e4m3fn)}, path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="fc.weight has dtype torch.float8_e4m3fn; quantised"):
+        load_draft(path, target)
+
+
+def test_heads_with_dynamic_rope_rescaling_within_the_targets_context_are_refused(
+    tmp_path, target, target_config
+):
+    """A head's positions follow the target's sequence (up to its max_position_embeddings, 512 here),
+    not the head's own limit: a 'dynamic' (NTK) RoPE rescales past its start, which is not computed
+    here, so a head whose rescaling starts within the target's context loaded and drafted with other
+    frequencies than transformers and the reference code give it, with no message."""
+    dynamic = {"rope_scaling": {"type": "dynamic", "factor": 2.0}}
+    for name, extra in [
+        ("short", dynamic | {"max_position_embeddings": 64}),
+        (
+            "original",
+            {
+                "rope_scaling": dynamic["rope_scaling"] | {"original_max_position_embeddings": 256},
+                "max_position_embeddings": 256,
+            },
+        ),
+        (
+            "new-key",
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 64},
+        ),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=r"'dynamic' \(NTK\), rescaled past position (64|256), .* up to max_position_embeddings=512",
+        ):
+            load_draft(_write_eagle2(tmp_path, target_config, name, cfg_extra=extra), target)
+    for name, extra in [
+        ("long", dynamic | {"max_position_embeddings": 512}),
+        (
+            "long-original",
+            {"rope_scaling": dynamic["rope_scaling"] | {"original_max_position_embeddings": 4096}},
+        ),
+    ]:
+        assert (
+            load_draft(
+                _write_eagle2(tmp_path, target_config, name, cfg_extra=extra), target
+            ).config.rope_scaling
+            is None
+        )
 
 
 def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, target, target_config):
@@ -358,10 +407,14 @@ def test_eagle3_heads_read_the_feature_layers_their_config_names(tmp_path, targe
         ),
         ("count", {"eagle_aux_hidden_state_layer_ids": [0, 1]}, "must be 3 integers"),
         ("variant", {"norm_before_residual": True}, r"sets \['norm_before_residual'\]: an EAGLE-3 variant"),
+        # vLLM / SGLang feed such a head the target's last hidden state, without fc
+        ("no-aux", {"eagle_config": {"use_aux_hidden_state": False}}, r"use_aux_hidden_state=False"),
+        ("no-aux-top", {"use_aux_hidden_state": False}, r"use_aux_hidden_state=False"),
     ]:
         with pytest.raises(ValueError, match=message):
             load(name, **extra)
     assert load("off", norm_before_residual=False).feature_layers == (2, 2, 1)
+    assert load("aux", eagle_config={"use_aux_hidden_state": True}).feature_layers == (2, 2, 1)
     saved = save_draft(load("again", eagle_aux_hidden_state_layer_ids=[0, 1, 3]), tmp_path / "saved")
     assert load_draft(saved, target).feature_layers == (0, 1, 3)
     written = json.loads((saved / "config.json").read_text())
