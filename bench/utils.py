@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from eagle_kernels import _ext
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -447,6 +449,7 @@ def machine_info() -> dict:
         "uncommitted_tracked_files": None if status is None else [line[3:] for line in status.splitlines()],
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "kernels": _ext.runtime_info(),
     }
     try:
         import triton

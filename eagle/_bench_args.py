@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt-tokens", type=int, default=None, help="tokens of each default prompt (default 200)"
     )
     p.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats; the median is reported (default 3)"
+        "--repeats", type=int, default=None, help="timed repeats; the median is reported (default 4)"
     )
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     p.add_argument(

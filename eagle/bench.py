@@ -14,7 +14,7 @@ On one checkpoint and one prompt set, in one process, it times
 for each batch size and temperature. Within each repeat every method runs once, one after the other,
 in reverse order on every other repeat (the machine is shared: load changes hit all methods alike);
 the reported tokens/s is the **median over repeats** (the best is stored too), tau is tokens emitted
-per target forward after the prefill (per sequence), and the speedup is a method's median tokens/s
+per target forward after the prefill (per sequence, pooled over the timed repeats), and the speedup is a method's median tokens/s
 over vanilla's at the same batch size and temperature; beside it, the paired speedup is the median of each repeat's own ratio (with their
 min and max), which a drift of the machine's speed across repeats moves less. EOS is ignored: every
 sequence generates exactly ``new_tokens`` tokens, so every method does the same work. At temperature
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -53,6 +54,7 @@ import eagle
 from eagle._bench_args import METHODS, add_arguments  # noqa: F401  (add_arguments: re-exported)
 from eagle.api import ASSETS, BUNDLED, EagleModel, _default_static_tree
 from eagle.models import random_draft
+from eagle_kernels import _ext
 
 EAGLE_TREES = {
     "eagle_chain": "chain",
@@ -96,7 +98,7 @@ class BenchConfig:
     new_tokens: int = 128
     num_prompts: int | None = None
     prompt_tokens: int = 200
-    repeats: int = 3
+    repeats: int = 4  # even: each method runs first as often as last (the order alternates)
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
     out: str | None = None
@@ -158,10 +160,17 @@ QUICK = dict(batch_sizes=(1, 4), new_tokens=16, num_prompts=2, prompt_tokens=48,
 # ==================================================================================================
 @dataclass
 class Prompt:
-    """One benchmark prompt: where it came from and its token ids."""
+    """One benchmark prompt: where it came from, its token ids and (a user prompt) its text."""
 
     source: str
     ids: list[int]
+    text: str | None = None
+
+    def record(self) -> dict:
+        """What the result file keeps of it: enough to tell whether two runs had the same prompt."""
+        ids = ",".join(map(str, self.ids)).encode()
+        out = {"source": self.source, "tokens": len(self.ids), "ids_sha256": hashlib.sha256(ids).hexdigest()}
+        return out if self.text is None else out | {"text": self.text}
 
 
 def read_prompts_file(path: str | Path) -> list[tuple[str, str]]:
@@ -178,7 +187,10 @@ def read_prompts_file(path: str | Path) -> list[tuple[str, str]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        out.append((f"{path.name}:{number}", _prompt_text(record, f"{path}:{number}")))
+        source = f"{path.name}:{number}"
+        if isinstance(record, dict) and record.get("question_id") is not None:
+            source += f" (question_id {record['question_id']})"
+        out.append((source, _prompt_text(record, f"{path}:{number}")))
     if not out:
         raise ValueError(f"prompts file {str(path)!r} holds no prompts (expected JSON lines)")
     return out
@@ -235,7 +247,7 @@ def user_prompt_texts(config: BenchConfig) -> list[tuple[str, str]]:
 def encode_texts(texts: list[tuple[str, str]], tokenizer) -> list[Prompt]:
     """``(source, text)`` pairs encoded with the tokenizer's own convention; a text that encodes to no
     token raises, naming its source."""
-    prompts = [Prompt(src, tokenizer(t)["input_ids"]) for src, t in texts]
+    prompts = [Prompt(src, tokenizer(t)["input_ids"], t) for src, t in texts]
     empty = [p.source for p in prompts if not p.ids]
     if empty:
         raise ValueError(f"prompts encode to no tokens: {empty}")
@@ -277,6 +289,8 @@ class Models:
     assistant_info: dict = field(default_factory=dict)
     forwards: dict[str, int] = field(default_factory=lambda: {"target": 0, "assistant": 0})
     target_starts: list = field(default_factory=list)  # each HF target forward's first cache position
+    # what neutral_generation_config left out of each checkpoint's generation_config.json
+    hf_dropped_generation_settings: dict[str, dict] = field(default_factory=dict)
 
 
 def _is_bundled_target(target: str) -> bool:
@@ -325,10 +339,12 @@ def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], No
     if needs_hf:
         models.hf = _load_hf(target_path, dtype, config.device)
         _count_forwards(models.hf, models.forwards, "target", models.target_starts)
+        _note_dropped_generation_settings(models, "target", target_path, log)
     if "hf_assisted" in config.methods:
         path, how = find_assistant(config, target_path)
         models.assistant = _load_hf(path, dtype, config.device)
         _count_forwards(models.assistant, models.forwards, "assistant")
+        _note_dropped_generation_settings(models, "assistant", path, log)
         params = sum(p.numel() for p in models.assistant.parameters())
         models.assistant_info = {
             "path": str(path),
@@ -340,14 +356,47 @@ def load_models(config: BenchConfig, dtype: torch.dtype, log: Callable[[str], No
     return models
 
 
+def _note_dropped_generation_settings(models: Models, which: str, path, log: Callable[[str], None]) -> None:
+    dropped = dropped_generation_settings(path)
+    if dropped:
+        models.hf_dropped_generation_settings[which] = dropped
+        log(f"Hugging Face methods: the {which}'s generation_config.json settings {dropped} are not applied")
+
+
 def _load_hf(path: str | Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    # EOS is ignored (fixed-length outputs); generate() fills an unset eos from the model's own
-    # generation config, so it has to go there.
-    model.generation_config.eos_token_id = None
+    model.generation_config = neutral_generation_config(model.generation_config)
     return model
+
+
+def neutral_generation_config(checkpoint_config):
+    """A generation config with transformers' defaults but the checkpoint's bos / pad ids, and no EOS.
+
+    The checkpoint's own ``generation_config.json`` may set a repetition penalty, min_p, beams, ... that
+    vanilla and EAGLE decoding do not apply (they decode the target's distribution); generate() would
+    apply them, and fills any field a call leaves unset from the model's config, so the model's config
+    itself is replaced. EOS is ignored (fixed-length outputs) the same way."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=checkpoint_config.bos_token_id,
+        pad_token_id=checkpoint_config.pad_token_id,
+        eos_token_id=None,
+    )
+
+
+def dropped_generation_settings(path: str | Path) -> dict:
+    """The checkpoint's generation settings the benchmark does not apply (all but the token ids)."""
+    from transformers import GenerationConfig
+
+    try:
+        own = GenerationConfig.from_pretrained(path).to_diff_dict()
+    except OSError:  # no generation_config.json
+        return {}
+    keep = {"bos_token_id", "pad_token_id", "eos_token_id", "transformers_version", "_from_model_config"}
+    return {k: v for k, v in own.items() if k not in keep}
 
 
 def _count_forwards(
@@ -594,28 +643,30 @@ class Cell:
     cold_runs: list[tuple[int, str, float, bool]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     tokens: int = 0  # new tokens per repeat (all batches)
-    decode_tokens: int = 0
-    decode_forwards: int = 0
-    plain_steps: int = 0  # eagle_auto, first repeat: plain steps and speculative rounds (per batch)
-    rounds: int = 0
+    # per timed repeat, summed over batches: tau's counts, and eagle_auto's plain steps and speculative
+    # rounds (per batch). They can differ between repeats: eagle_auto adapts on the clock, and a dynamic
+    # tree may change after a refit.
+    decode_tokens: list[int] = field(default_factory=list)
+    decode_forwards: list[int] = field(default_factory=list)
+    plain_steps: list[int] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
     outputs: list[list[list[list[int]]]] = field(default_factory=list)  # [repeat][batch][row] -> tokens
     mismatches: list[dict] = field(default_factory=list)
     rows_compared: int = 0  # distinct prompt rows (each compared in every repeat)
 
     def record(self, repeat: int, batch_outputs: list[Output], seconds: float) -> None:
-        """Store one repeat; tau's counts come from the first (the repeats redo the same seeded work)."""
+        """Store one timed repeat."""
         self.seconds.append(seconds)
         self.outputs.append([o.tokens for o in batch_outputs])
         for label in dict.fromkeys(o.tree for o in batch_outputs if o.tree is not None):
             known = self.tree.split(" / ") if self.tree else []
             if label not in known:
                 self.tree = " / ".join([*known, label])
-        if repeat == 0:
-            self.tokens = sum(len(t) for o in batch_outputs for t in o.tokens)
-            self.decode_tokens = sum(o.decode_tokens for o in batch_outputs)
-            self.decode_forwards = sum(o.decode_forwards for o in batch_outputs)
-            self.plain_steps = sum(o.plain_steps for o in batch_outputs)
-            self.rounds = sum(o.rounds for o in batch_outputs)
+        self.tokens = sum(len(t) for o in batch_outputs for t in o.tokens)  # (checked equal in every run)
+        self.decode_tokens.append(sum(o.decode_tokens for o in batch_outputs))
+        self.decode_forwards.append(sum(o.decode_forwards for o in batch_outputs))
+        self.plain_steps.append(sum(o.plain_steps for o in batch_outputs))
+        self.rounds.append(sum(o.rounds for o in batch_outputs))
 
 
 def run_cells(
@@ -793,7 +844,6 @@ def eagle_is_bit_exact(target) -> bool:
     attention; ``tests/eagle/test_block_invariance.py``): EAGLE's greedy output must then equal
     vanilla's exactly, near-ties included."""
     from eagle.models.cpu_packed import Linear, packed_weight
-    from eagle_kernels import _ext
 
     if target.device.type != "cpu" or not _ext.has_op("tree_attention"):
         return False
@@ -897,13 +947,17 @@ def summarize(cells: list[Cell]) -> list[dict]:
             "tokens_per_s_all_repeats": per_repeat,
             "seconds_all_repeats": c.seconds,
             "new_tokens_per_repeat": c.tokens,
-            "tau": c.decode_tokens / c.decode_forwards if c.decode_forwards else None,
-            "decode_tokens": c.decode_tokens,
-            "decode_forwards_per_row_summed": c.decode_forwards,
+            # pooled over the timed repeats, as tokens/s covers all of them
+            "tau": sum(c.decode_tokens) / sum(c.decode_forwards) if sum(c.decode_forwards) else None,
+            "tau_all_repeats": [t / f if f else None for t, f in zip(c.decode_tokens, c.decode_forwards)],
+            "decode_tokens": sum(c.decode_tokens),
+            "decode_forwards_per_row_summed": sum(c.decode_forwards),
         }
-        if c.method == "eagle_auto":  # how often it chose plain steps (first repeat)
-            row["plain_step_share"] = c.plain_steps / max(1, c.plain_steps + c.rounds)
-            row["plain_steps"], row["speculative_rounds"] = c.plain_steps, c.rounds
+        if c.method == "eagle_auto":  # how often it chose plain steps (all timed repeats)
+            plain, rounds = sum(c.plain_steps), sum(c.rounds)
+            row["plain_step_share"] = plain / max(1, plain + rounds)
+            row["plain_steps"], row["speculative_rounds"] = plain, rounds
+            row["plain_steps_all_repeats"], row["speculative_rounds_all_repeats"] = c.plain_steps, c.rounds
         row["greedy_agreement"] = _agreement(c)
         if c.method == "vanilla":  # the first vanilla cell of a batch size and temperature is the baseline
             vanilla_rows.setdefault((c.batch, c.temperature), row)
@@ -1071,7 +1125,19 @@ def _plot_title(payload: dict) -> str:
         lines.append(f"hf_assisted: assistant {assistant['how'].split(' (')[0]}")
     if not payload["greedy_agreement_ok"]:
         lines.append("!!! GREEDY MISMATCH against vanilla: see the JSON")
+    warning = extension_warning(payload)
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)
+
+
+def extension_warning(payload: dict) -> str | None:
+    """A line for the table and the plot when the C++/CUDA extension did not run: the figures are the
+    fallback kernels', not the package's (on CPU the speedups can even change direction)."""
+    kernels = payload["machine"].get("kernels") or {}
+    if kernels.get("extension_loaded", True):
+        return None
+    return f"!!! the C++/CUDA extension did not run ({kernels.get('extension_status')}): fallback kernels' figures"
 
 
 def _lookup(results: list[dict], method: str, batch: int, temp: float, key: str):
@@ -1094,6 +1160,7 @@ def machine_info() -> dict:
             "torch": torch.__version__,
             "commit": None,
             "note": "bench/utils.py not found: not a source checkout",
+            "kernels": _ext.runtime_info(),
         }
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
@@ -1240,15 +1307,24 @@ def _settings(config, models: Models, prompts, prompt_origin: str, dtype) -> dic
         "draft_dtype": str(models.eagle.head.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "prompt_origin": prompt_origin,
-        "prompts": [{"source": p.source, "tokens": len(p.ids)} for p in prompts],
+        "prompts": [p.record() for p in prompts],
         "statistic": "tokens/s: median over repeats (best also stored); speedup: ratio of medians; "
         "speedup_paired: median over repeats of the ratio within each repeat (min and max stored)",
-        "tau": "tokens emitted per target forward after the prefill, per sequence",
+        "tau": "tokens emitted per target forward after the prefill, per sequence, pooled over the timed "
+        "repeats (tau_all_repeats: each repeat's)",
         "eos": "ignored: every sequence generates exactly new_tokens tokens",
-        "hf_assisted_defaults": "transformers' defaults (num_assistant_tokens 20, constant schedule)",
+        "hf_assisted_defaults": "transformers' defaults (num_assistant_tokens 20, constant schedule, "
+        "assistant_confidence_threshold 0.4, adapted only when scikit-learn is installed)",
+        "scikit_learn_installed": importlib.util.find_spec("sklearn") is not None,
+        "hf_generation_config": "transformers' defaults (the checkpoints' generation_config.json is not "
+        "applied, as vanilla and EAGLE do not apply it)",
+        "hf_dropped_generation_settings": models.hf_dropped_generation_settings,
     }
     settings.pop("prompts_file", None)
     settings["prompts_file"] = config.prompts_file
+    settings["prompts_file_sha256"] = (
+        hashlib.sha256(Path(config.prompts_file).read_bytes()).hexdigest() if config.prompts_file else None
+    )
     settings.pop("progress")
     # what ran, beside what was asked (a cap over user prompts may exceed how many were given)
     settings["num_prompts_requested"] = config.num_prompts
@@ -1297,6 +1373,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run from parsed options, print the table; exit status 1 when the greedy check failed."""
     report = run_benchmark(config_from_args(args))
     print(format_table(report.payload["results"], report.payload["settings"].get("assistant")))
+    warning = extension_warning(report.payload)
+    if warning:
+        print(warning)
     print(
         f"tokens/s: median over {report.payload['settings']['repeats']} repeats; "
         "speedup = median / vanilla's; paired = median of the repeats' own ratios (their min-max)"

@@ -72,6 +72,21 @@ if not STATUS.loaded and "not built" not in STATUS.reason and "disabled" not in 
     )
 
 
+def runtime_info() -> dict:
+    """Which kernels a run used, for result files: the extension's status and every ``EAGLE*``
+    environment switch (backend choice, ISA, disabled paths), plus whether Triton runs interpreted.
+    The same commit gives other figures with the extension missing or a switch set."""
+    return {
+        "extension_loaded": STATUS.loaded,
+        "extension_with_cuda": STATUS.with_cuda,
+        "extension_status": STATUS.reason,
+        "extension_built_torch": STATUS.built_torch,
+        "env": {
+            k: v for k, v in sorted(os.environ.items()) if k.startswith("EAGLE") or k == "TRITON_INTERPRET"
+        },
+    }
+
+
 @functools.cache
 def has_op(name: str, device_type: str = "cpu") -> bool:
     """True when the extension provides op ``eagle_C::<name>`` for tensors on ``device_type``."""

@@ -7,6 +7,7 @@ the held-out default prompts, the mismatch report and bad input.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -18,6 +19,7 @@ import torch
 
 from eagle import bench
 from eagle.bench import METHODS, BenchConfig, format_table, run_benchmark
+from eagle_kernels import _ext
 from tests.eagle.conftest import build_hf_target, save_hf_target
 
 BATCHES = (1, 2)
@@ -142,7 +144,27 @@ def test_json_and_png_are_written_with_machine_and_settings(report, tiny_target)
     assert len(settings["target_weights_sha256"]) == 16 and settings["draft_weights_sha256"] is None
     assert "derived" in settings["assistant"]["how"] and Path(settings["assistant"]["path"]).is_dir()
     sources = [p["source"] for p in settings["prompts"]]
-    assert sources == ["--prompt 1", "prompts.jsonl:1", "prompts.jsonl:3"]
+    assert sources == ["--prompt 1", "prompts.jsonl:1", "prompts.jsonl:3 (question_id 81)"]
+    # what each prompt was: its text, and a hash of its token ids (the same text under another
+    # tokenizer is another prompt)
+    assert [p["text"] for p in settings["prompts"]] == [
+        "class A:\n    def f(self):",
+        "def f(x):\n    return x",
+        "import os\nclass A:",
+    ]
+    assert all(len(p["ids_sha256"]) == 64 for p in settings["prompts"])
+    assert len({p["ids_sha256"] for p in settings["prompts"]}) == 3
+    assert (
+        settings["prompts_file_sha256"]
+        == hashlib.sha256(Path(settings["prompts_file"]).read_bytes()).hexdigest()
+    )
+    # which kernels ran: the same commit gives other figures without the extension or with a switch set
+    kernels = saved["machine"]["kernels"]
+    assert (
+        kernels["extension_loaded"] is _ext.STATUS.loaded
+        and kernels["extension_status"] == _ext.STATUS.reason
+    )
+    assert all(k.startswith("EAGLE") or k == "TRITON_INTERPRET" for k in kernels["env"])
     assert settings["num_prompts"] == 3 and settings["num_prompts_requested"] is None  # what ran
     assert report.png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = bench.format_table(saved["results"])
@@ -156,7 +178,7 @@ def test_prompts_file_reads_both_formats_and_rejects_bad_lines(tmp_path):
         [{"prompt": "a"}, {"question_id": 1, "turns": ["first", "second"]}],
         blank_line=True,
     )
-    assert bench.read_prompts_file(path) == [("p.jsonl:1", "a"), ("p.jsonl:3", "first")]
+    assert bench.read_prompts_file(path) == [("p.jsonl:1", "a"), ("p.jsonl:3 (question_id 1)", "first")]
     for content, message in [
         ("", "holds no prompts"),
         ("\n  \n", "holds no prompts"),
@@ -400,6 +422,56 @@ def test_paired_speedup_is_the_median_of_each_repeats_own_ratio():
     assert (row["speedup_paired_min"], row["speedup_paired_max"]) == pytest.approx((2.0 / 1.9, 2.2))
     assert row["speedup_vs_vanilla"] == pytest.approx(2.0)  # ratio of medians: 2.0 / 1.0 tokens/s
     assert "1.11x (1.05-2.20)" in bench.format_table(bench.summarize([vanilla, eagle]))
+
+
+def test_tau_and_the_plain_step_share_cover_every_timed_repeat():
+    """tokens/s is a median over the repeats, so tau and eagle_auto's plain-step share come from all of
+    them too: they came from the first repeat alone, while eagle_auto adapts on the clock and a dynamic
+    tree may change between repeats (an eagle_auto run at T = 0 had tau 1.81 and 62% plain steps in its
+    first repeat, 2.61 and none in the next three)."""
+    auto = bench.Cell("eagle_auto", 1, 0.0)
+    for repeat, (forwards, plain, rounds) in enumerate([(10, 6, 4), (5, 0, 5)]):
+        auto.record(repeat, [bench.Output([[1] * 12], 11, forwards, plain, rounds)], 1.0)
+    row = bench.summarize([auto])[0]
+    assert row["tau"] == pytest.approx(22 / 15) and row["tau_all_repeats"] == pytest.approx([1.1, 2.2])
+    assert (row["decode_tokens"], row["decode_forwards_per_row_summed"]) == (22, 15)
+    assert row["plain_step_share"] == pytest.approx(6 / 15)
+    assert row["plain_steps_all_repeats"] == [6, 0] and row["speculative_rounds_all_repeats"] == [4, 5]
+
+
+def test_hugging_face_methods_do_not_apply_the_checkpoints_generation_settings(tiny_target, tmp_path):
+    """A checkpoint's generation_config.json may set a repetition penalty (Qwen2.5-Instruct: 1.05),
+    min_p, ...: generate() applied them to the Hugging Face methods alone, whose greedy tokens then
+    differed from vanilla's (a "MISMATCH" blamed on them) and whose sampled runs drew from another
+    distribution. They are left out, said and recorded."""
+    import shutil
+
+    target = shutil.copytree(tiny_target, tmp_path / "target")
+    own = {"repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_p": 0.5, "top_k": 3}
+    (target / "generation_config.json").write_text(json.dumps(own))
+    messages = []
+    config = _config(
+        target,
+        tmp_path,
+        methods=("vanilla", "hf_generate"),
+        batch_sizes=(1,),
+        temperatures=(0.0,),
+        repeats=1,
+        plot=False,
+        prompts=("def f(x):\n    return x",),
+        new_tokens=24,  # (the first 6 tokens of this prompt come out the same with the penalty)
+    )
+    with pytest.warns(UserWarning, match="this runtime does not apply them"):  # (eagle.load's own warning)
+        report = run_benchmark(config, log=messages.append)
+    assert report.greedy_agreement_ok, report.payload["results"]
+    assert report.payload["settings"]["hf_dropped_generation_settings"] == {"target": own}
+    assert any("settings" in m and "repetition_penalty" in m and "not applied" in m for m in messages)
+
+
+def test_the_table_and_plot_warn_when_the_extension_did_not_run():
+    payload = {"machine": {"kernels": {"extension_loaded": False, "extension_status": "not built"}}}
+    assert "C++/CUDA extension did not run (not built)" in bench.extension_warning(payload)
+    assert bench.extension_warning({"machine": {"kernels": {"extension_loaded": True}}}) is None
 
 
 def test_repeats_alternate_the_order_of_the_methods(monkeypatch):
