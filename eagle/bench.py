@@ -129,8 +129,8 @@ class BenchConfig:
                 raise ValueError(f"{name} lists {repeated} more than once")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
-        if not self.temperatures or any(not t >= 0 for t in self.temperatures):
-            raise ValueError(f"temperatures must be >= 0, got {list(self.temperatures)}")
+        if not self.temperatures or any(not 0 <= t < math.inf for t in self.temperatures):
+            raise ValueError(f"temperatures must be finite and >= 0, got {list(self.temperatures)}")
         for name in ("new_tokens", "repeats", "prompt_tokens", "lookup_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -148,9 +148,14 @@ class BenchConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name in ("dtype", "draft_dtype"):
             value = getattr(self, name)
-            if value is not None and not isinstance(getattr(torch, value, None), torch.dtype):
-                raise ValueError(f"{name} must be a torch dtype name such as float32, got {value!r}")
+            if value is not None and getattr(torch, value, None) not in _MODEL_DTYPES:
+                raise ValueError(
+                    f"{name} must name a floating dtype the models run in (float16, bfloat16, float32, "
+                    f"float64), got {value!r}"
+                )
 
+
+_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 QUICK = dict(batch_sizes=(1, 4), new_tokens=16, num_prompts=2, prompt_tokens=48, repeats=1, quick=True)
 

@@ -234,7 +234,8 @@ def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
     [
         ({"methods": ("vanilla", "hf_beam")}, ValueError, r"unknown method\(s\) \['hf_beam'\]"),
         ({"batch_sizes": (1, 0)}, ValueError, "batch sizes must be >= 1"),
-        ({"temperatures": (-1.0,)}, ValueError, "temperatures must be >= 0"),
+        ({"temperatures": (-1.0,)}, ValueError, "temperatures must be finite and >= 0"),
+        ({"temperatures": (0.0, math.inf)}, ValueError, "temperatures must be finite and >= 0"),
         (
             {"methods": ("vanilla", "eagle_chain", "vanilla")},
             ValueError,
@@ -243,8 +244,9 @@ def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
         ({"batch_sizes": (1, 4, 1)}, ValueError, r"batch_sizes lists \[1\] more than once"),
         ({"new_tokens": 0}, ValueError, "new_tokens must be >= 1"),
         ({"prompts": ("",)}, ValueError, "empty prompt"),
-        ({"dtype": "float99"}, ValueError, "dtype must be a torch dtype"),
-        ({"draft_dtype": "bf17"}, ValueError, "draft_dtype must be a torch dtype"),
+        ({"dtype": "float99"}, ValueError, "dtype must name a floating dtype"),
+        ({"dtype": "int8"}, ValueError, r"dtype must name a floating dtype .*, got 'int8'"),
+        ({"draft_dtype": "bf17"}, ValueError, "draft_dtype must name a floating dtype"),
         ({"draft_dtype": "float32"}, ValueError, "draft_dtype=float32 needs a trained head"),
     ],
 )
