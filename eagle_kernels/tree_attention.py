@@ -1104,7 +1104,10 @@ def tree_attention(
     see that key (a new token's key with a non-finite V makes them NaN); a scaled score that
     overflows float32 makes its row NaN. On Triton a row whose scaled scores reach about
     2**31 in magnitude (log2 units) comes out NaN: its ``s * scale - max`` is one fused multiply-add,
-    which keeps the max's rounding error, and 2**-24 of that is past exp2's range.
+    which keeps the max's rounding error, and 2**-24 of that is past exp2's range. The kernels sum
+    ``p * v`` before dividing by the row's sum (flash-attention style), so V values within a factor of
+    the number of visible keys of the accumulator's largest finite value (|v| near 1e38 in float32 or
+    bfloat16) can overflow to inf where the reference, which normalises first, stays finite.
 
     Backends: Triton on CUDA tensors (flash-attention style, with a split-prefix flash-decoding
     variant chosen by :func:`plan_launch`); the C++ kernel on CPU tensors when the extension is

@@ -88,9 +88,32 @@ def test_llama_layers_checks_attn_input_and_the_gate_up_weight_before_writing_th
             expect(ValueError, "attn_input must be [B, T, *] with x's B and T",
                    lambda: E.llama_layers(x, bad, layer_weights(), kv, cos, sin, lens, None, 0, 2, 1, 1e-6, []))
         assert torch.count_nonzero(kv) == 0  # nothing written
-        expect(ValueError, "must have an even number of outputs",
+        zero = torch.tensor([0], dtype=torch.int32)
+        expect(ValueError, "must have an even, positive number of outputs",
                lambda: E.llama_layers(x, None, layer_weights(gate_up_rows=129), kv, cos, sin,
-                                      torch.tensor([0], dtype=torch.int32), None, 0, 2, 1, 1e-6, []))
+                                      zero, None, 0, 2, 1, 1e-6, []))
+        # an MLP of width 0 divided by zero (SIGFPE) after the layer had written the cache
+        expect(ValueError, "positive number of outputs (gate, then up), got 0",
+               lambda: E.llama_layers(x, None, layer_weights(inter=0), kv, cos, sin, zero, None, 0, 2, 1, 1e-6, []))
+        assert torch.count_nonzero(kv) == 0
+        """
+    )
+
+
+def test_llama_layers_refuses_rope_tables_of_another_shape():
+    """cos / sin were checked by element count only: [T, B, 1, D] tables for B=2, T=3 were read as
+    [B, T, 1, D] and the cache was written with other rotations, silently."""
+    _run(
+        """
+        B, T, H, D, S = 2, 3, 64, 32, 8
+        kv = torch.zeros(1, 2, B, 1, S, D)
+        x = torch.randn(B, T, H)
+        lens = torch.zeros(B, dtype=torch.int32)
+        for shape in ((T, B, 1, D), (B, T, D), (B, 1, T, D)):
+            cos, sin = torch.ones(shape), torch.zeros(shape)
+            expect(ValueError, "cos and sin must be [B, T, 1, D] = [2, 3, 1, 32]",
+                   lambda: E.llama_layers(x, None, layer_weights(), kv, cos, sin, lens, None, 0, 2, 1, 1e-6, []))
+        assert torch.count_nonzero(kv) == 0
         """
     )
 

@@ -224,6 +224,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& tiled, const std::
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   at::Tensor out = pool::empty(out_shape, at::kBFloat16);
+  if (K == 0) return bias.has_value() ? out.copy_(bias->expand(out_shape)) : out.zero_();  // an empty sum
   const int64_t M = x.numel() / K;
   if (M == 0) return out;
 #if EAGLE_AMX_BUILD

@@ -233,16 +233,16 @@ at::Tensor attention(const at::Tensor& x, const c10::List<OptTensor>& weights, i
   return project(rows, *slot(weights, layer, kOWeight), slot(weights, layer, kOBias));
 }
 
+// Output features of a weight in any of the layouts project() takes (tiled and panel ones: 16 per row).
+int64_t output_features(const at::Tensor& w) {
+  return amx::is_tiled_weight(w) || panel::is_panel_weight(w) || panel::is_bf16_panel_weight(w) ? w.size(0) * 16
+                                                                                                 : w.size(0);
+}
+
 // eagle.models.llama.MLP.forward
 at::Tensor mlp(const at::Tensor& x, const c10::List<OptTensor>& weights, int64_t layer) {
   const at::Tensor gate_up_w = *slot(weights, layer, kGateUpWeight);
-  const int64_t out_features = amx::is_tiled_weight(gate_up_w) || panel::is_panel_weight(gate_up_w) ||
-                                       panel::is_bf16_panel_weight(gate_up_w)
-                                   ? gate_up_w.size(0) * 16
-                                   : gate_up_w.size(0);
-  const int64_t inter = out_features / 2;
-  TORCH_CHECK_VALUE(out_features % 2 == 0, "llama_layers: the fused gate_up weight of layer ", layer,
-                    " must have an even number of outputs (gate, then up), got ", out_features);
+  const int64_t inter = output_features(gate_up_w) / 2;  // (checked even and > 0 by check_args)
   const at::Tensor gate_up = project(x, gate_up_w, slot(weights, layer, kGateUpBias)).contiguous();
   const at::Tensor gate = gate_up.narrow(-1, 0, inter);
   at::Tensor act = pool::empty(gate.sizes(), gate.scalar_type());
@@ -304,6 +304,10 @@ void check_args(const at::Tensor& x, const OptTensor& attn_input, const c10::Lis
       TORCH_CHECK_VALUE(weights.get(i * kSlotsPerLayer + s).has_value(), "llama_layers: layer ", i,
                         " lacks required weight slot ", static_cast<int64_t>(s));
     }
+    // Checked before any layer writes the cache (an intermediate width of 0 divided by zero).
+    const int64_t gate_up = output_features(*weights.get(i * kSlotsPerLayer + kGateUpWeight));
+    TORCH_CHECK_VALUE(gate_up > 0 && gate_up % 2 == 0, "llama_layers: the fused gate_up weight of layer ", i,
+                      " must have an even, positive number of outputs (gate, then up), got ", gate_up);
     TORCH_CHECK_VALUE(weights.get(i * kSlotsPerLayer + kQNorm).has_value() ==
                           weights.get(i * kSlotsPerLayer + kKNorm).has_value(),
                       "llama_layers: layer ", i, " has only one of q_norm / k_norm");
@@ -322,8 +326,9 @@ std::vector<at::Tensor> llama_layers_cpu(const at::Tensor& x, const OptTensor& a
                                          at::IntArrayRef capture) {
   check_args(x, attn_input, weights, kv, num_heads, num_kv_heads, capture);
   const int64_t D = kv.size(5), B = x.size(0), T = x.size(1);
+  const std::vector<int64_t> rope_shape{B, T, 1, D};  // (a transposed table has the same numel)
   TORCH_CHECK_VALUE(cos.scalar_type() == kv.scalar_type() && sin.scalar_type() == kv.scalar_type() &&
-                        cos.numel() == B * T * D && sin.numel() == B * T * D,
+                        cos.sizes() == at::IntArrayRef(rope_shape) && sin.sizes() == at::IntArrayRef(rope_shape),
                     "llama_layers: cos and sin must be [B, T, 1, D] = [", B, ", ", T, ", 1, ", D, "] in ",
                     kv.scalar_type(), ", got ", cos.sizes(), " ", cos.scalar_type(), " and ", sin.sizes(), " ",
                     sin.scalar_type());
