@@ -192,6 +192,7 @@ def _verify_tree_greedy_kernel(
 # The Triton walk orders a node's children by the int32 key rank * next_pow2(n) + slot: past 2**15
 # slots it would wrap negative and read before the inputs.
 TRITON_MAX_TREE_SLOTS = 2**15
+CUDA_MAX_TREE_SLOTS = 2048  # EAGLE_VERIFY_TREE_GREEDY_MAX_N of csrc/cuda/verify_tree_greedy.cuh
 
 
 @launches_on_input_device
@@ -325,7 +326,10 @@ def _run_verify_tree_greedy(
     candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict, num_spec_steps
 ):
     """The op's body: value checks where due, then the backend chosen for the tensors' device."""
-    backend = select_backend(OP, candidates.device)
+    # The CUDA kernel holds a tree in one block's shared memory; larger ones go to Triton (unless the
+    # CUDA backend is forced, which then raises naming the limit).
+    fits_cuda = candidates.shape[1] <= CUDA_MAX_TREE_SLOTS
+    backend = select_backend(OP, candidates.device, prefer_cuda_ext=None if fits_cuda else False)
     args = (candidates, retrive_index, retrive_next_token, retrive_next_sibling, target_predict)
     if backend != "cpp" and (candidates.device.type == "cpu" or debug_checks_enabled()):
         _check_values(*args)

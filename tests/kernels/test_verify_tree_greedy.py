@@ -404,6 +404,28 @@ def test_more_tree_slots_than_the_triton_walk_can_order_raise_there_only():
             run_with_backend("triton", verify_tree_greedy, *args, num_spec_steps=2)
 
 
+def test_trees_past_the_cuda_kernels_limit_are_dispatched_away_from_it(monkeypatch, device):
+    """The CUDA kernel (first choice on CUDA tensors) holds at most 2048 slots; a larger tree raised
+    there ("use the Triton backend") although the Triton kernel takes it. Default dispatch now asks
+    for the extension only when the tree fits, and a tree past it still verifies on the device."""
+    module = sys.modules["eagle_kernels.verify_tree_greedy"]  # (the package's name is the function)
+
+    asked = []
+    real = module.select_backend
+
+    def recording(op, device, *, prefer_cuda_ext=None):
+        asked.append(prefer_cuda_ext)
+        return real(op, device, prefer_cuda_ext=prefer_cuda_ext)
+
+    monkeypatch.setattr(module, "select_backend", recording)
+    for n, prefer in ((2048, None), (2049, False)):
+        case = make_case(B=1, n=n, max_depth=12, vocab=3, steps=13, seed=n, p_match=0.9, shuffle=True)
+        asked.clear()
+        inputs = tuple(t.to(device) for t in case.inputs)
+        assert_same(verify_tree_greedy(*inputs, num_spec_steps=case.steps), oracle(case), f"n={n}")
+        assert asked == [prefer], n
+
+
 @pytest.mark.parametrize("steps", [0, -1, 2.0, True])
 def test_bad_num_spec_steps_raises(steps):
     with pytest.raises(ValueError, match="num_spec_steps"):
