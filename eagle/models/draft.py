@@ -901,6 +901,11 @@ def _eagle3_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         what="EAGLE-3 checkpoint",
         optional=["embed_tokens.weight", *vocab_map_optional],
     )
+    full_vocab = bool(vocab_map_optional)
+    if "d2t" in state and full_vocab and not bool(state["d2t"].any()):
+        # A full draft vocabulary maps each id to itself (d2t all 0): the reference code (ea_model.py)
+        # then deletes both buffers, so a file's placeholder t2d (e.g. all False) is not read either.
+        state = state | {"t2d": torch.ones(cfg.vocab_size, dtype=torch.bool)}
     if "d2t" in state:
         _check_vocab_map(state["d2t"], state["t2d"], cfg.vocab_size)
     else:  # full draft vocabulary: the identity map

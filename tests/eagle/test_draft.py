@@ -490,6 +490,28 @@ def test_mismatched_eagle3_heads_are_refused(tmp_path, target, target_config):
         load_draft(write("g", {"foo.weight": torch.zeros(3)}), target)
 
 
+def test_a_full_vocabulary_eagle3_head_ignores_a_placeholder_t2d(tmp_path, target, target_config):
+    """With draft_vocab_size == vocab_size the reference code (ea_model.py) deletes d2t and t2d and
+    uses ids as they are: a head whose file carries a placeholder t2d (all False) beside the identity
+    d2t (all 0) was refused ("t2d does not mark ..."). A d2t that is not the identity is still refused
+    (a full vocabulary mapped to strictly increasing ids can only be the identity)."""
+    full = head_config(target_config, architectures=["LlamaForCausalLMEagle3"], draft_vocab_size=101)
+    state = eagle3_state(target_config, prefix="midlayer.", embed=None, draft_vocab=None)
+    placeholder = state | {"t2d": torch.zeros(101, dtype=torch.bool)}
+    head = load_draft(write_head(tmp_path / "placeholder", full, placeholder), target)
+    reference = load_draft(write_head(tmp_path / "identity", full, state), target)
+    assert torch.equal(head.t2d, torch.ones(101, dtype=torch.bool)) and not head.d2t.any()
+    assert torch.equal(head.to_target_ids(torch.tensor([0, 57, 100])), torch.tensor([0, 57, 100]))
+    assert head.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(head.state_dict()[key], value), key
+    not_identity = placeholder | {
+        "d2t": torch.zeros(101, dtype=torch.int64).index_fill_(0, torch.tensor([100]), -1)
+    }
+    with pytest.raises(ValueError, match="strictly increasing target ids"):
+        load_draft(write_head(tmp_path / "not-identity", full, not_identity), target)
+
+
 # --------------------------------------------------------------------------------------------------
 # Save -> load round trips and fresh heads
 # --------------------------------------------------------------------------------------------------
