@@ -615,6 +615,12 @@ class Eagle3Head(DraftHead):
 # --------------------------------------------------------------------------------------------------
 def draft_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     """Parse an EAGLE head's config.json (LlamaConfig-like, plus ``bias``/``draft_vocab_size``)."""
+    if "transformer_layer_config" in raw or "speculators_model_type" in raw:
+        raise ValueError(
+            "draft config: a vLLM 'speculators' config (its Llama settings nested under "
+            "transformer_layer_config), which this loader does not read; it reads the official EAGLE / "
+            "SpecForge layout, a LlamaConfig at the top level"
+        )
     cfg = ModelConfig.from_dict(raw, family="llama")
     if cfg.num_layers != 1:
         raise ValueError(f"draft config: num_hidden_layers={cfg.num_layers}; EAGLE heads here have exactly 1")

@@ -264,6 +264,10 @@ def test_mismatched_eagle2_heads_are_refused(tmp_path, target, target_config):
             r"unexpected keys \[layers.0.input_layernorm",
         ),
         (dict(cfg_extra={"num_hidden_layers": 2}), "num_hidden_layers=2"),
+        (  # (it failed as "lacks required key(s)" when the nested config held them)
+            dict(cfg_extra={"speculators_model_type": "eagle3", "transformer_layer_config": {}}),
+            r"a vLLM 'speculators' config .* which this loader does not read",
+        ),
         (
             dict(cfg_extra={"rope_scaling": {"type": "yarn", "factor": 2.0}}),
             r"draft .*/h\d+: config.json: .*rope_type='yarn'",
