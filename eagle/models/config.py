@@ -256,14 +256,22 @@ def _check_value_types(cfg: dict[str, Any]) -> None:
             raise ValueError(f"config.json: {key} must be a positive number, got {value!r}")
 
 
+def _names_a_head(archs: list) -> bool:
+    """Architectures EAGLE heads' configs name (LlamaForCausalLMEagle3, EagleLlama..., Eagle3Speculator)."""
+    return any(isinstance(a, str) and "eagle" in a.lower() for a in archs)
+
+
 def detect_family(cfg: dict[str, Any]) -> str:
     archs = cfg.get("architectures") or []
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
     if archs:
+        head = (
+            " (an EAGLE draft head's: pass it as the draft, with its target)" if _names_a_head(archs) else ""
+        )
         raise ValueError(
-            f"config.json: unsupported architectures={archs}; supported: {sorted(ARCHITECTURES)}"
+            f"config.json: unsupported architectures={archs}{head}; supported: {sorted(ARCHITECTURES)}"
         )
     model_type = cfg.get("model_type")
     if model_type in _FAMILY_DEFAULTS:

@@ -315,6 +315,16 @@ def test_unsupported_config_names_the_key(change, key):
         ModelConfig.from_dict(cfg)
 
 
+def test_an_eagle_heads_architecture_given_as_the_target_says_so():
+    """An EAGLE-3 head's config (LlamaForCausalLMEagle3, as saved here or by SpecForge) passed as the
+    target said only "unsupported architectures", while an EAGLE-1/2 head's weights get a hint."""
+    for arch in ("LlamaForCausalLMEagle3", "EagleLlamaForCausalLM"):
+        with pytest.raises(ValueError, match=r"an EAGLE draft head's: pass it as the draft, with its target"):
+            ModelConfig.from_dict(_config("llama") | {"architectures": [arch]})
+    with pytest.raises(ValueError, match=r"unsupported architectures=\['GPT2LMHeadModel'\]; supported"):
+        ModelConfig.from_dict(_config("llama") | {"architectures": ["GPT2LMHeadModel"]})
+
+
 def test_config_details_follow_transformers():
     legacy = _config("llama") | {"rope_parameters": None, "rope_theta": 5e5, "rope_scaling": LLAMA3_ROPE}
     new = _config("llama", rope_theta=5e5, rope_scaling=LLAMA3_ROPE)
