@@ -28,7 +28,7 @@ place of the model dtype is a rounding near-tie (bfloat16 runs have them): shown
     eagle bench --quick                      # smoke test
     eagle bench --target DIR --draft DIR --prompts-file mt_bench.jsonl
 
-Writes ``e2e_<target>[_<GPU>][_<dtype>][_cudagraph][_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
+Writes ``e2e_<target>[_<GPU>][_<dtype>][_draft<dtype>][_cudagraph][_randomdraft][_quick].json`` and ``.png`` under ``bench/results/`` (or ``--out``).
 """
 
 from __future__ import annotations

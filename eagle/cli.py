@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
-        help="train a target or an EAGLE head (stages: target, features, head)",
+        help="train a target or an EAGLE head (stages: target, features, head; tiny-code: the bundled pair end to end)",
         description="Run one training stage; the arguments after STAGE go to that stage "
         "(`eagle train STAGE --help` lists them). A new head for a target: `eagle train features "
         "--target DIR ...` then `eagle train head --target DIR --data FEATURES --out HEAD`.",
