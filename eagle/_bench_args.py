@@ -61,7 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="output directory (default: the checkout's bench/results; ./bench-results when installed)",
     )
-    p.add_argument("--name", default=None, help="file name stem (default e2e_<target>[_<GPU>][_<dtype>][_draft<dtype>][_cudagraph][_randomdraft][_quick])")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="file name stem (default e2e_<target>[_<GPU>][_<dtype>][_draft<dtype>][_cudagraph][_randomdraft][_quick])",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
