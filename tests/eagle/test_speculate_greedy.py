@@ -183,6 +183,7 @@ def test_max_new_tokens_one(pairs):
     [
         ([[]], {}, ValueError, "prompt 0 is empty"),
         ([[1, 2, 999]], {}, ValueError, "outside the vocabulary"),
+        ([[1, 2, 24]], {}, ValueError, r"outside the vocabulary \[0, 24\): \[24\]"),  # = vocab_size
         ([[1, 2]], {"max_new_tokens": 10_000}, ValueError, "max_position_embeddings"),
         ([[1, 2]], {"max_new_tokens": 0}, ValueError, "max_new_tokens"),
         ([[1, 2]], {"tree": "bushy"}, ValueError, "tree must be"),

@@ -186,6 +186,7 @@ def test_empty_batches_and_chains():
 BAD_INPUTS = [
     (lambda a: a.__setitem__(1, torch.tensor([3, 2, 6])), "non-decreasing"),
     (lambda a: a.__setitem__(1, torch.tensor([2, 4, 5])), "ends at"),
+    (lambda a: a.__setitem__(1, torch.tensor([3, 4, 6])), "at most max_spec_len"),  # 3 drafts, max 2
     (lambda a: a[0].__setitem__(1, 9), "outside \\[0, vocab_size\\)"),
     (lambda a: a[4].__setitem__(0, -1), "outside \\[0, vocab_size\\)"),
     (lambda a: a[5].__setitem__(2, 1.5), "uniform"),

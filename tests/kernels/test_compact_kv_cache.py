@@ -266,8 +266,10 @@ def test_int64_counts_are_checked_before_narrowing():
         (lambda a: a.update(num=a["num"][:1]), "accept_token_num must have shape"),
         (lambda a: a["idx"].__setitem__((1, 1), 1), "outside its sequence"),
         (lambda a: a["num"].__setitem__(0, 99), "accept_token_num must be in"),
+        (lambda a: a["num"].__setitem__(0, 5), "accept_token_num must be in"),  # = steps: one too many
         (lambda a: a["seqlens"].__setitem__(0, 10_000), "must fit S_max"),
         (lambda a: a["idx"].__setitem__((0, slice(1, 3)), torch.tensor([5, 3])), "strictly increasing"),
+        (lambda a: a["idx"].__setitem__((0, slice(1, 3)), torch.tensor([4, 4])), "strictly increasing"),
         (lambda a: a["seqlens"].__setitem__(0, -1), "must be >= 0|must fit S_max"),
         (
             lambda a: a.update(kv=torch.cat([a["kv"], a["kv"][:, :1]], 1)),
