@@ -580,3 +580,38 @@ def test_a_paused_stream_leaves_the_callers_grad_mode_alone(pairs):
     list(a), list(b)
     assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
     assert [t for c in model.stream(PROMPTS[0], 12) for t in c] == model.generate([PROMPTS[0]], 12).tokens[0]
+
+
+@pytest.mark.parametrize("pair", ["eagle2-s0", "eagle3-s2"])
+def test_a_one_path_static_tree_drafts_what_the_chain_drafts(pairs, monkeypatch, pair):
+    """The static tree's levels and the dynamic tree's are drafted by separate code, each computing the
+    draft's positions and ancestor masks its own way; a position one off (the draft's RoPE) only lowers
+    acceptance, which no output shows. A static tree of one path must feed the draft exactly what the
+    chain (a dynamic tree of top-k 1) feeds it, round after round: the same positions, tokens and
+    visibility, hence the same drafts (the Python drafting of both is compared; on CPU the dynamic
+    tree's own C++ path is held to it by the fast-path tests)."""
+    from eagle import speculate
+    from eagle.models.draft import set_cpu_round
+    from eagle.models.llama import set_cpu_fast_path
+
+    _, model = pairs[pair]
+    fed: dict[str, list] = {"static": [], "chain": []}
+    real = speculate.SpeculativeDecoder._tree_forward
+
+    def recording(self, s, hidden, tokens, positions, mask, past):
+        fed[kind].append((positions.tolist(), tokens.tolist(), mask.tolist(), past))
+        return real(self, s, hidden, tokens, positions, mask, past)
+
+    monkeypatch.setattr(speculate.SpeculativeDecoder, "_tree_forward", recording)
+    one_path = eagle_kernels.build_static_tree([[0] * d for d in range(1, 5)])
+    previous = (set_cpu_fast_path(False), set_cpu_round(False))
+    try:
+        results = {}
+        for kind, tree in (("static", one_path), ("chain", TreeConfig.chain(4))):
+            results[kind] = model.generate(PROMPTS, 12, tree=tree)
+    finally:
+        set_cpu_fast_path(previous[0])
+        set_cpu_round(previous[1])
+    assert len(fed["static"]) >= 3 * len(results["static"].accept_lengths[0])
+    assert fed["static"] == fed["chain"]
+    assert results["static"].accept_lengths == results["chain"].accept_lengths
