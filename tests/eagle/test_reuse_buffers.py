@@ -263,3 +263,42 @@ def test_greedy_runs_share_buffers_whatever_their_unused_filters(pair):
         assert len(_POOLS[pair.target]) == 1
     finally:
         release_plain_buffers(pair.target)
+
+
+def test_sampled_plain_runs_with_other_filters_get_their_own_buffers(pair):
+    """The mirror of the greedy case: a sampled run's filters are part of what a kept buffer set (on
+    CUDA, its captured graph) computes, so other top-k / top-p / min-p need other buffers."""
+    ids = [pair.tokenizer.encode(SHORT[0])]
+    release_plain_buffers(pair.target)
+    try:
+        for top_k, top_p, min_p in ((0, 1.0, 0.0), (7, 1.0, 0.0), (0, 0.5, 0.0), (0, 1.0, 0.1)):
+            steps = plain_decode_steps(
+                pair.target,
+                ids,
+                3,
+                temperature=1.0,
+                top_k=top_k,
+                top_p=top_p,
+                min_p=min_p,
+                seed=1,
+                reuse_buffers=True,
+            )
+            list(steps)
+        assert len(_POOLS[pair.target]) == 4
+    finally:
+        release_plain_buffers(pair.target)
+
+
+def test_reused_plain_buffers_start_every_row_live(pair):
+    """A kept buffer set remembers which rows finished (hit an EOS) in its last run; a new run on it
+    must start with every row live: it stopped after the first token otherwise."""
+    ids = [pair.tokenizer.encode(SHORT[0])]
+    fresh = _plain(pair, ids, 12, 0.0, False)[0]
+    release_plain_buffers(pair.target)
+    try:
+        first = plain_decode_steps(pair.target, ids, 12, eos_token_id=[fresh[2]], reuse_buffers=True)
+        assert len(list(first)) == 3
+        second = plain_decode_steps(pair.target, ids, 12, eos_token_id=[fresh[4]], reuse_buffers=True)
+        assert [int(t[0]) for t, _ in second] == fresh[:5]
+    finally:
+        release_plain_buffers(pair.target)

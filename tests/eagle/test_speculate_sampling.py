@@ -91,7 +91,7 @@ def chi_square_pvalue(counts: np.ndarray, expected_p: np.ndarray) -> float:
     return stats.chisquare(obs_m, exp_m * obs_m.sum() / exp_m.sum()).pvalue
 
 
-def sample_counts(model, params, tree, batch: int, calls: int) -> np.ndarray:
+def sample_counts(model, params, tree, batch: int, calls: int, speculative: bool = True) -> np.ndarray:
     temperature, top_k, top_p, min_p = params
     counts = np.zeros([V] * NUM_TOKENS, dtype=np.int64)
     for call in range(calls):
@@ -104,6 +104,7 @@ def sample_counts(model, params, tree, batch: int, calls: int) -> np.ndarray:
             min_p=min_p,
             tree=tree,
             seed=1000 + call,
+            speculative=speculative,
         )
         for toks in res.tokens:
             assert len(toks) == NUM_TOKENS
@@ -129,6 +130,21 @@ def test_joint_distribution_matches_target(pair, params, tree, batch, calls):
     counts = sample_counts(model, params, tree, batch, calls)
     p = chi_square_pvalue(counts, expected)
     assert p > 1e-3, f"chi-square p={p:.2e}: EAGLE samples do not follow the target distribution"
+
+
+@pytest.mark.parametrize(
+    "params", [(0.7, 3, 0.8, 0.0), (1.0, 0, 1.0, 0.15)], ids=["topk3-topp0.8", "minp0.15"]
+)
+def test_plain_sampling_through_the_api_applies_every_filter(pair, params):
+    """generate(speculative=False) hands its filters to plain decoding: a top_k dropped on the way
+    sampled the unfiltered distribution and no test saw it (they compared plain decoding with itself)."""
+    hf, model, _ = pair
+    counts = sample_counts(model, params, "dynamic", 400, 10, speculative=False)
+    p = chi_square_pvalue(counts, exact_joint(hf, params))
+    assert p > 1e-3, f"chi-square p={p:.2e}: plain samples do not follow the filtered target distribution"
+    greedy = model.generate([PROMPT], 8, speculative=False).tokens[0]
+    streamed = model.stream(PROMPT, 8, speculative=False, temperature=1.0, top_k=1, seed=3)
+    assert sum(streamed, []) == greedy  # top_k=1 sampling is greedy, on the streaming path too
 
 
 def test_a_head_in_another_dtype_keeps_sampling_lossless(mixed_pair):
