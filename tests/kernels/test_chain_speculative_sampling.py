@@ -335,3 +335,22 @@ def test_bad_input_raises_after_the_same_signature_passed(monkeypatch):
     monkeypatch.setenv("EAGLE_KERNELS_BACKEND", "torch")
     assert torch.equal(chain_speculative_sampling(*args, max_spec_len=k), want)
     assert calls == [1]
+
+
+def test_a_draft_of_target_probability_zero_is_rejected_at_u_zero(device):
+    """Acceptance is u * q < p: at u = 0 exactly (a float32 uniform is, once in 2**24 draws) a draft
+    the target gives probability 0 is still rejected, and the recovered token comes from
+    max(p - q, 0), never the draft."""
+    args = [
+        torch.tensor([0]),  # one request, one draft: token 0
+        torch.tensor([1]),
+        torch.tensor([[1.0, 0.0, 0.0]]),  # the draft's q
+        torch.tensor([[0.0, 1.0, 0.0]]),  # the target's p
+        torch.tensor([2]),
+        torch.tensor([0.0]),
+        torch.tensor([0.5]),
+    ]
+    args = [a.to(device) for a in args]
+    for backend in ["torch", *_backends(device)]:
+        out = run_with_backend(backend, chain_speculative_sampling, *args, max_spec_len=1)
+        assert out.tolist() == [[1, -1]], backend

@@ -238,6 +238,56 @@ def _on(device, args):
     return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
 
 
+def _one_level(device, probs, u_root, u_final):
+    """Root token 0 with children 0 (slot 1) and 1 (slot 2), every node's row ``probs`` (V = 3)."""
+    args = [
+        torch.tensor([[0, 0, 1]]),
+        torch.arange(3)[None],
+        torch.tensor([[1, -1, -1]]),
+        torch.tensor([[-1, 2, -1]]),
+        torch.tensor(probs, dtype=torch.float32).expand(1, 3, 3).contiguous(),
+        torch.tensor([[u_root, 0.5, 0.5]]),
+        torch.tensor([u_final]),
+    ]
+    return _on(device, args)
+
+
+@pytest.mark.parametrize(
+    "probs, u_root, u_final, accepted, bonus",
+    [
+        # u = 0 exactly (a float32 uniform is, once in 2**24 draws): a child of probability 0 is
+        # still rejected (u < mass, not <=), and slot 2 (p = 1) accepted
+        ([0.0, 1.0, 0.0], 0.0, 0.0, [0, 2], [1]),
+        # every child rejected by float32 rounding (masses .4999 + .5 < u): the residual has no
+        # mass left, and the bonus falls back to p itself, never to token 2 (p = 0)
+        ([0.4999, 0.5, 0.0], 0.99995, 0.3, [0], [0, 1]),
+    ],
+    ids=["u0-zero-mass-child", "rounding-rejects-all"],
+)
+def test_boundary_draws_never_emit_a_token_of_probability_zero(
+    device, probs, u_root, u_final, accepted, bonus
+):
+    for backend in ["torch", *_backends(device)]:
+        predicts, index, num = run_with_backend(
+            backend, tree_speculative_sampling, *_one_level(device, probs, u_root, u_final), num_spec_steps=2
+        )
+        taken = index[0, : int(num[0]) + 1].tolist()
+        assert taken == accepted, backend
+        assert int(predicts[taken[-1]]) in bonus, backend  # the token after the path
+
+
+def test_a_bonus_draw_at_u_zero_skips_leading_tokens_of_mass_zero(device):
+    """The inverse-CDF draw takes the first token whose cumulative mass exceeds u * total: at u = 0
+    that is the first token with mass, not token 0 (p = 0)."""
+    args = [torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[-1]]), torch.tensor([[-1]])]
+    args += [torch.tensor([[[0.0, 1.0, 0.0]]]), torch.tensor([[0.5]]), torch.tensor([0.0])]
+    for backend in ["torch", *_backends(device)]:
+        predicts, _, num = run_with_backend(
+            backend, tree_speculative_sampling, *_on(device, args), num_spec_steps=1
+        )
+        assert predicts.tolist()[0] == 1 and int(num[0]) == 0, backend
+
+
 # The fuzzed comparisons run every backend of the test device (the CUDA and Triton kernels on a GPU)
 # against the reference on CPU: exact equality, so the kernels' draws are the reference's.
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
