@@ -1028,3 +1028,19 @@ def test_an_eagle3_run_resumes_from_the_command_line_with_its_flags_or_without(e
     assert th.main([*args, "--resume", "--max-steps", "3"]) == 0
     state = _state(tmp_path)
     assert state["step"] == 3 and state["config"]["kind"] == "eagle3" and state["config"]["unroll_steps"] == 7
+
+
+def test_split_batch_masks_the_rows_of_the_targets_it_returns():
+    """Row t of the split predicts position t + 1 from (f_t, x_{t+1}): its loss mask is position
+    t + 1's. Every stored mask in the other tests is all ones, so a mask shifted the other way
+    (position t's: the prompt's last token trained, the padding's first too) passed them."""
+    from eagle.train.head import split_batch
+
+    batch = {
+        "hidden": torch.arange(8.0).reshape(1, 4, 2),
+        "input_ids": torch.tensor([[10, 11, 12, 13]]),
+        "loss_mask": torch.tensor([[0.0, 1.0, 1.0, 0.0]]),  # prompt, two answer tokens, padding
+    }
+    inputs, ids, targets, mask = split_batch(batch, "cpu")
+    assert inputs[0, :, 0].tolist() == [0.0, 2.0, 4.0] and targets[0, :, 0].tolist() == [2.0, 4.0, 6.0]
+    assert ids.tolist() == [[11, 12, 13]] and mask.tolist() == [[1.0, 1.0, 0.0]]
