@@ -195,6 +195,17 @@ def test_exact_tie_cuts(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_tiny_top_p_keeps_the_most_probable_token(backend):
+    """top_p = 1e-9 of a flat 5000-token row: the cumulative sum rounds to below 1 - top_p at its last
+    (largest) entry, so the rule would remove every token and the row came out NaN; as in HF the most
+    probable token is always kept."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5000) * 0.1
+    got = run_with_backend(backend, warp_logits, logits, 1.0, 0, 1e-9, 0.0)
+    assert torch.equal(got, torch.nn.functional.one_hot(logits.argmax(-1), 5000).float()), backend
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_top_k_keeps_every_tie_and_min_p_one_keeps_all_maxima(backend):
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.0], [5.0, 1.0, 5.0, 4.0, 5.0, 0.0, 5.0]])
     got = run_with_backend(
