@@ -615,3 +615,16 @@ def test_a_one_path_static_tree_drafts_what_the_chain_drafts(pairs, monkeypatch,
     assert len(fed["static"]) >= 3 * len(results["static"].accept_lengths[0])
     assert fed["static"] == fed["chain"]
     assert results["static"].accept_lengths == results["chain"].accept_lengths
+
+
+@pytest.mark.parametrize("pair", ["eagle2-s0", "eagle3-s2"])
+def test_a_tree_shallower_than_its_depth_drafts_only_the_levels_it_holds(pairs, pair):
+    """TreeConfig(depth=5, total_tokens=3) holds at most 2 levels below the root: drafting 5 sized the
+    verification's accepted path wider than the tree, which the sampling op refuses."""
+    hf, model = pairs[pair]
+    tree = TreeConfig(depth=5, topk=2, total_tokens=3)
+    greedy = model.generate(PROMPTS, 10, tree=tree)
+    assert greedy.tokens == [hf_greedy(hf, p, 10) for p in PROMPTS]
+    assert max(max(a) for a in greedy.accept_lengths) <= 3
+    sampled = model.generate(PROMPTS, 10, tree=tree, temperature=1.0, seed=2)
+    assert [len(t) for t in sampled.tokens] == [10] * len(PROMPTS)
