@@ -502,6 +502,24 @@ def test_sglang_thresholds_need_explicit_lossy():
     )
     want = oracle(cand, ri, nt, ns, probs, None, u, uf, steps, True, 0.5, 0.8)
     assert torch.equal(bufs[1], want[1]) and torch.equal(bufs[2], want[2])
+    for single, acc, name in ((1.5, 1.0, "threshold_single"), (0.5, -0.1, "threshold_acc")):
+        with pytest.raises(
+            ValueError, match=rf"{name} must be in \[0, 1\], got {acc if name == 'threshold_acc' else single}"
+        ):
+            sglang_tree_speculative_sampling_target_only(
+                *_sglang_buffers(2, 8, steps, 20),
+                cand,
+                ri,
+                nt,
+                ns,
+                u,
+                uf,
+                probs,
+                torch.zeros_like(probs),
+                single,
+                acc,
+                lossy=True,
+            )
 
 
 def test_sglang_lossy_threshold_single_accepts_likely_children():
