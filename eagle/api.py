@@ -6,6 +6,7 @@ import functools
 import numbers
 import operator
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -394,6 +395,7 @@ class EagleModel:
         ids = self._encode(prompts)
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         check_seed(seed)
+        _warn_if_unreproducible(auto, seed, sampling, stacklevel=3)  # (generate runs under a decorator)
         eos = self._eos(eos_token_id)
         if not speculative:
             tokens = generate_plain(
@@ -402,7 +404,7 @@ class EagleModel:
             accept = [[1] * max(len(t) - 1, 0) for t in tokens]
             return self._result(tokens, accept)
         if self.head is None:
-            raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
+            raise ValueError(f"speculative={speculative!r} needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
         decoder = self._decoder(tree, len(ids), cuda_graph, sampling, seed is not None)
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
@@ -419,11 +421,34 @@ class EagleModel:
             self._learn_acceptance(sampling, decoder.tree, accept)
         return result
 
+    def _encode_one(self, prompt) -> list[int]:
+        """:meth:`stream`'s one prompt as token ids, with errors about one prompt (:meth:`_encode`'s
+        speak of a list of prompts, the opposite advice here)."""
+        what = "stream() takes one prompt: a str or a 1-D sequence of token ids"
+        if is_array(prompt):
+            if prompt.ndim != 1:
+                raise TypeError(f"{what}, got an array of shape {tuple(prompt.shape)}")
+        elif not isinstance(prompt, (str, Sequence)):
+            raise TypeError(f"{what}, got {type(prompt).__name__}")
+        elif (
+            not isinstance(prompt, str)
+            and prompt
+            and (isinstance(prompt[0], (str, Sequence)) or is_array(prompt[0]))
+        ):
+            raise TypeError(f"{what}, not a list of prompts (generate() takes a batch)")
+        try:
+            return self._encode([prompt])[0]
+        except (TypeError, ValueError) as exc:
+            message = str(exc)
+            if message.startswith("prompt 0 "):
+                raise type(exc)("the prompt " + message.removeprefix("prompt 0 ")) from None
+            raise
+
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
         """An iterator over the new tokens of one prompt as they are accepted (a list per target
         forward). The arguments are checked here, when it is called, not at the first ``next``."""
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
-        ids = self._encode([prompt])
+        ids = [self._encode_one(prompt)]
         sampling = SamplingParams(
             kwargs.pop("temperature", 0.0),
             kwargs.pop("top_k", 0),
@@ -439,12 +464,13 @@ class EagleModel:
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         auto = _check_speculative(speculative, cuda_graph, tree)
+        _warn_if_unreproducible(auto, seed, sampling, stacklevel=2)
         # both paths check this again inside their generators, which run at the first next()
         self.target.check_generation_length(len(ids[0]), max_new_tokens)
         if not speculative:
             return self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
         if self.head is None:
-            raise ValueError("speculative=True needs a draft head: pass draft=... to eagle.load")
+            raise ValueError(f"speculative={speculative!r} needs a draft head: pass draft=... to eagle.load")
         decoder = self._decoder(tree, 1, cuda_graph, sampling, seed is not None)
         return self._stream_rounds(decoder, tree, ids, max_new_tokens, sampling, eos, seed, auto)
 
@@ -518,6 +544,17 @@ def _resolve_device(device) -> torch.device:
             f"device {device} requested, but only {torch.cuda.device_count()} CUDA device(s) exist"
         )
     return device
+
+
+def _warn_if_unreproducible(auto: bool, seed, sampling: SamplingParams, stacklevel: int) -> None:
+    if auto and seed is not None and not sampling.greedy:
+        warnings.warn(
+            "speculative='auto' chooses plain steps or speculative rounds by the clock, and the two draw "
+            "their random numbers differently: a seeded sampled call does not repeat (with "
+            "speculative=True or False it does); its tokens still follow the target's distribution",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def _check_speculative(speculative, cuda_graph: bool, tree) -> bool:

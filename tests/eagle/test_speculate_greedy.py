@@ -231,6 +231,52 @@ def test_stream_refuses_unknown_arguments(pairs):
         model.stream([1, 2], 4, bogus=1)
 
 
+def test_streams_bad_prompts_get_messages_about_one_prompt(pairs):
+    """stream() takes one prompt; its errors came from generate()'s checks, which told a caller passing
+    an int to pass "not a single prompt" and spoke of "prompt 0"."""
+    _, model = pairs["eagle2-s0"]
+    one = r"stream\(\) takes one prompt: a str or a 1-D sequence of token ids"
+    for bad, error, message in [
+        (5, TypeError, one + ", got int"),
+        ([[1, 2], [3]], TypeError, one + r", not a list of prompts \(generate\(\) takes a batch\)"),
+        ([torch.tensor([1, 2])], TypeError, "not a list of prompts"),
+        (torch.tensor([[1, 2]]), TypeError, one + r", got an array of shape \(1, 2\)"),
+        ([], ValueError, "^the prompt is empty$"),
+        ([1, 2.5], TypeError, r"^the prompt holds 2\.5 \(float\); token ids must be integers"),
+        ([1, 24], ValueError, r"^the prompt holds token ids outside the vocabulary \[0, 24\)"),
+    ]:
+        with pytest.raises(error, match=message):
+            model.stream(bad, 3)
+    assert sum(model.stream(torch.tensor([3, 1, 4]), 3), []) == model.generate([[3, 1, 4]], 3).tokens[0]
+
+
+def test_speculation_without_a_head_names_the_mode_asked_for(pairs, tmp_path):
+    hf, _ = pairs["eagle2-s0"]
+    plain = eagle.load(str(save_hf_target(hf, tmp_path / "target")), dtype=torch.float64)
+    for speculative in (True, "auto"):
+        with pytest.raises(ValueError, match=rf"^speculative={speculative!r} needs a draft head"):
+            plain.generate([[1, 2]], 3, speculative=speculative)
+        with pytest.raises(ValueError, match=rf"^speculative={speculative!r} needs a draft head"):
+            plain.stream([1, 2], 3, speculative=speculative)
+
+
+def test_a_seeded_sampled_auto_call_warns_that_it_does_not_repeat(pairs):
+    """speculative="auto" picks plain steps or rounds by the clock and they draw differently, so a seed
+    does not make a sampled call repeat; the docstrings said so, the call did not."""
+    _, model = pairs["eagle2-s0"]
+    for call in (model.generate, lambda p, n, **kw: list(model.stream(p[0], n, **kw))):
+        with pytest.warns(UserWarning, match="a seeded sampled call does not repeat") as caught:
+            call([[1, 2]], 3, speculative="auto", temperature=1.0, seed=4)
+        assert caught[0].filename == __file__  # pointing at the caller
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate([[1, 2]], 3, speculative="auto", seed=4)  # greedy: it repeats
+        model.generate([[1, 2]], 3, speculative="auto", temperature=1.0)  # no seed: nothing promised
+        model.generate([[1, 2]], 3, speculative=True, temperature=1.0, seed=4)
+
+
 @pytest.mark.parametrize("speculative", [True, False], ids=["eagle", "plain"])
 def test_bad_input_is_checked_before_anything_runs(pairs, speculative):
     _, model = pairs["eagle2-s0"]
