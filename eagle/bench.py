@@ -44,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -519,16 +520,18 @@ def run_method(
 ) -> Output:
     """Generate ``new_tokens`` tokens for each prompt of one batch with ``method``."""
     if method == "vanilla" or method in EAGLE_TREES:
-        res = models.eagle.generate(
-            prompts,
-            new_tokens,
-            temperature=temperature,
-            seed=seed,
-            eos_token_id=[],
-            speculative="auto" if method == "eagle_auto" else method != "vanilla",
-            tree=EAGLE_TREES.get(method, "dynamic"),
-            cuda_graph=cuda_graph,
-        )
+        with warnings.catch_warnings():  # eagle_auto's seeded sampled runs do not repeat: known here
+            warnings.filterwarnings("ignore", message="speculative='auto' chooses", category=UserWarning)
+            res = models.eagle.generate(
+                prompts,
+                new_tokens,
+                temperature=temperature,
+                seed=seed,
+                eos_token_id=[],
+                speculative="auto" if method == "eagle_auto" else method != "vanilla",
+                tree=EAGLE_TREES.get(method, "dynamic"),
+                cuda_graph=cuda_graph,
+            )
         if any(len(t) != new_tokens for t in res.tokens):  # (EOS is off: every method does the same work)
             raise RuntimeError(
                 f"{method} generated {[len(t) for t in res.tokens]} tokens, expected {new_tokens}"
