@@ -1044,3 +1044,30 @@ def test_split_batch_masks_the_rows_of_the_targets_it_returns():
     inputs, ids, targets, mask = split_batch(batch, "cpu")
     assert inputs[0, :, 0].tolist() == [0.0, 2.0, 4.0] and targets[0, :, 0].tolist() == [2.0, 4.0, 6.0]
     assert ids.tolist() == [[11, 12, 13]] and mask.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_the_unrolled_objective_weights_step_k_by_unroll_weight_to_the_k():
+    """sum_k w**k * (v_weight * v_k + p_weight * p_k) (EAGLE-3: the cross-entropy alone); a weight of
+    w**(k+1), or 1 for every step, survived the training tests (mutation testing)."""
+    v = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    p = torch.tensor([10.0, 20.0, 40.0], dtype=torch.float64)
+    cfg = th.HeadTrainConfig(unroll_steps=3, unroll_weight=0.5, v_weight=1.0, p_weight=0.1)
+    assert th.unrolled_objective(v, p, cfg).item() == pytest.approx(2.0 + 0.5 * 4.0 + 0.25 * 8.0)
+    eagle3 = dataclasses.replace(cfg, kind="eagle3")
+    assert th.unrolled_objective(v, p, eagle3).item() == pytest.approx(10.0 + 0.5 * 20.0 + 0.25 * 40.0)
+
+
+def test_step_metrics_divide_the_token_loss_by_its_own_rows():
+    """The token loss counts rows whose target token is in the draft vocabulary (p_rows, EAGLE-3's
+    reduced vocabulary), the feature loss and top-1 all rows; p_loss divided by all rows survived."""
+    total = torch.tensor([[6.0, 3.0, 2.0, 4.0, 2.0], [8.0, 6.0, 1.0, 4.0, 3.0]], dtype=torch.float64)
+    got = th.step_metrics(total)
+    assert (got["v_loss"], got["p_loss"], got["top1"]) == (1.5, 1.5, 0.5)
+    assert got["p_loss_by_step"] == [1.5, 2.0] and got["v_loss_by_step"] == [1.5, 2.0]
+    assert "v_loss" not in th.step_metrics(total, "eagle3")
+
+
+def test_a_nonzero_validation_fraction_holds_out_at_least_one_sequence():
+    train, val = th.split_indices(3, 0.1, seed=0)  # round(0.3) = 0
+    assert len(val) == 1 and sorted([*train, *val]) == [0, 1, 2]
+    assert len(th.split_indices(3, 0.0, seed=0)[1]) == 0
