@@ -1071,3 +1071,20 @@ def test_a_nonzero_validation_fraction_holds_out_at_least_one_sequence():
     train, val = th.split_indices(3, 0.1, seed=0)  # round(0.3) = 0
     assert len(val) == 1 and sorted([*train, *val]) == [0, 1, 2]
     assert len(th.split_indices(3, 0.0, seed=0)[1]) == 0
+
+
+def test_eagle3s_three_inputs_get_noise_drawn_apart():
+    """EAGLE-3 trains on three target layers' features: each gets its own noise (the same draw on all
+    three, a correlated perturbation, survived the training tests); EAGLE-1/2's one input gets the
+    draw of cfg.seed, and no noise leaves the inputs as they are."""
+    cfg = th.HeadTrainConfig(noise=0.2, seed=5)
+    x = torch.zeros(2, 4, 8)
+    noisy = th.with_noise((x, x, x), [0, 1], 3, cfg, "cpu")
+    deltas = [n - x for n in noisy]
+    assert all(0 < d.abs().max() <= 0.2 for d in deltas)
+    assert not torch.equal(deltas[0], deltas[1]) and not torch.equal(deltas[1], deltas[2])
+    assert not torch.equal(deltas[0], deltas[2])
+    assert torch.equal(
+        th.with_noise(x, [0, 1], 3, cfg, "cpu") - x, th.uniform_noise([0, 1], 3, 5, (4, 8), 0.2, "cpu")
+    )
+    assert th.with_noise(x, [0, 1], 3, dataclasses.replace(cfg, noise=0.0), "cpu") is x
