@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 
 from eagle._args import positive_int
 
@@ -547,6 +548,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    formatwarning = warnings.formatwarning
+    if not os.environ.get(
+        "EAGLE_DEBUG"
+    ):  # a one-line note, as the errors below (EAGLE_DEBUG=1: the source line)
+        warnings.formatwarning = lambda message, category, *_, **__: (
+            f"eagle {args.command}: {category.__name__}: {message}\n"
+        )
     try:
         if args.command != "info":  # (info reports a forced CPU kernel it cannot run as unavailable)
             _check_forced_cpu_isa()
@@ -563,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"eagle {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -314,9 +316,44 @@ def test_tokens_per_second_leave_out_the_tree_sizing(capsys, monkeypatch):
 
 
 def test_auto_reports_its_choices_when_sampling_too(capsys):
-    assert main(["generate", "x = 1", "-n", "24", "-q", "--auto", "-t", "1", "--seed", "1"]) == 0
+    with pytest.warns(UserWarning, match="a seeded sampled call does not repeat"):
+        assert main(["generate", "x = 1", "-n", "24", "-q", "--auto", "-t", "1", "--seed", "1"]) == 0
     err = capsys.readouterr().err
     assert "auto:" in err and "plain steps" in err and "speculative rounds" in err, err
+
+
+def test_warnings_print_as_one_line_naming_the_command():
+    """A warning (here: a seeded sampled --auto run does not repeat) printed Python's default format,
+    naming eagle/cli.py and echoing its source line; the CLI prints it as a note, like its errors."""
+    import subprocess
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eagle",
+            "generate",
+            "x = 1",
+            "-n",
+            "4",
+            "-q",
+            "--auto",
+            "-t",
+            "1",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "EAGLE_DEBUG"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "speculative='auto' chooses" in line]
+    assert len(lines) == 1 and lines[0].startswith("eagle generate: UserWarning: speculative='auto'"), (
+        proc.stderr
+    )
+    assert "cli.py" not in proc.stderr
 
 
 def test_generate_reads_the_prompt_from_stdin_and_refuses_an_empty_one(capsys, monkeypatch):
