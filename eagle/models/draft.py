@@ -972,11 +972,22 @@ def load_draft(
         raise FileNotFoundError(
             f"draft {directory}: no config.json (an EAGLE head holds config.json and weights)"
         )
-    raw_config = read_json(directory / "config.json")
     try:
-        cfg = draft_config_from_dict(raw_config)
-    except ValueError as exc:  # (the target loaded; say which config.json is wrong)
-        raise ValueError(f"draft {directory}: {exc}") from exc
+        head = _load_head_files(directory, target, dtype, device)
+    except (ValueError, TypeError) as exc:  # (the target loaded: say which head is wrong)
+        if type(exc) not in (ValueError, TypeError) or str(directory) in str(exc):
+            raise
+        raise type(exc)(f"draft {directory}: {exc}") from exc
+    head.checkpoint_dir = directory  # where eagle.api.load looks for the pair's acceptance.json
+    return head
+
+
+def _load_head_files(
+    directory: Path, target: LlamaModel, dtype: torch.dtype, device: torch.device
+) -> DraftHead:
+    """:func:`load_draft`'s reading, checking and building of the head in ``directory``."""
+    raw_config = read_json(directory / "config.json")
+    cfg = draft_config_from_dict(raw_config)
     _check_dynamic_rope_fits(raw_config, target, directory)
     state = _plain_head_keys(read_state_dict(directory))
     kind = detect_format(state)
@@ -999,7 +1010,6 @@ def load_draft(
     head = _load_into(head, state, dtype, device).eval().requires_grad_(False)
     # CPU only; an EAGLE-1/2 head that shares the target's lm_head shares its packed copy too
     pack_module_linears(head, extra=[getattr(head, "lm_head_weight", None)])
-    head.checkpoint_dir = directory  # where eagle.api.load looks for the pair's acceptance.json
     return head
 
 
