@@ -257,28 +257,27 @@ class EagleModel:
             )
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
-        out = []
-        for i, p in enumerate(prompts):
-            if isinstance(p, str):
-                if self.tokenizer is None:
-                    raise ValueError(
-                        "string prompts need a tokenizer; this checkpoint has none, pass token ids"
-                    )
-                _check_encodable(p, i)
-                # The tokenizer's own convention (a Llama tokenizer adds BOS), as transformers' users get.
-                ids = self.tokenizer(p, verbose=False)["input_ids"]
-            elif isinstance(p, (bytes, bytearray)):
-                raise TypeError(f"prompt {i} is bytes; decode it to str (text) or pass a list of token ids")
-            else:
-                ids = _token_ids(p, i)
-            if not ids:
-                raise ValueError(f"prompt {i} is empty")
-            V = self.target.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < V]
-            if bad:
-                raise ValueError(f"prompt {i} holds token ids outside the vocabulary [0, {V}): {bad[:5]}")
-            out.append(ids)
-        return out
+        return [self._encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+
+    def _encode_prompt(self, p, name: str) -> list[int]:
+        """One prompt (text or token ids) as checked token ids; errors call it ``name``."""
+        if isinstance(p, str):
+            if self.tokenizer is None:
+                raise ValueError("string prompts need a tokenizer; this checkpoint has none, pass token ids")
+            _check_encodable(p, name)
+            # The tokenizer's own convention (a Llama tokenizer adds BOS), as transformers' users get.
+            ids = self.tokenizer(p, verbose=False)["input_ids"]
+        elif isinstance(p, (bytes, bytearray)):
+            raise TypeError(f"{name} is bytes; decode it to str (text) or pass a list of token ids")
+        else:
+            ids = _token_ids(p, name)
+        if not ids:
+            raise ValueError(f"{name} is empty")
+        V = self.target.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"{name} holds token ids outside the vocabulary [0, {V}): {bad[:5]}")
+        return ids
 
     def _eos(self, eos_token_id) -> list[int]:
         """The stop ids: ``eos_token_id`` when given, else, as transformers' generate, the
@@ -436,13 +435,7 @@ class EagleModel:
             and (isinstance(prompt[0], (str, Sequence)) or is_array(prompt[0]))
         ):
             raise TypeError(f"{what}, not a list of prompts (generate() takes a batch)")
-        try:
-            return self._encode([prompt])[0]
-        except (TypeError, ValueError) as exc:
-            message = str(exc)
-            if message.startswith("prompt 0 "):
-                raise type(exc)("the prompt " + message.removeprefix("prompt 0 ")) from None
-            raise
+        return self._encode_prompt(prompt, "the prompt")
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
         """An iterator over the new tokens of one prompt as they are accepted (a list per target
@@ -595,7 +588,7 @@ def _check_max_new_tokens(max_new_tokens) -> int:
     return max_new_tokens
 
 
-def _check_encodable(text: str, i: int) -> None:
+def _check_encodable(text: str, name: str) -> None:
     """Refuse a prompt holding lone surrogates: bytes that were not UTF-8 (a command-line argument or
     standard input decoded with ``surrogateescape``), which the tokenizer refuses with a TypeError
     naming neither the prompt nor the problem."""
@@ -604,24 +597,20 @@ def _check_encodable(text: str, i: int) -> None:
     except UnicodeEncodeError as err:
         raw = text[err.start : err.end].encode("utf-8", "surrogateescape")
         raise ValueError(
-            f"prompt {i} is not valid UTF-8 text: byte {raw[:1].hex(' ')} (0x{raw[0]:02x}) at character "
+            f"{name} is not valid UTF-8 text: byte {raw[:1].hex(' ')} (0x{raw[0]:02x}) at character "
             f"{err.start} cannot be decoded"
         ) from None
 
 
-def _token_ids(prompt, index: int) -> list[int]:
+def _token_ids(prompt, name: str) -> list[int]:
     """A prompt given as token ids (a list, tuple, 1-D tensor or array of integers) as a list of
     ints; floats, bools and nested lists are refused rather than truncated."""
     if is_array(prompt):
         if prompt.ndim != 1:
-            raise ValueError(
-                f"prompt {index} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}"
-            )
+            raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}")
         prompt = prompt.tolist()
     if not isinstance(prompt, Sequence):
-        raise TypeError(
-            f"prompt {index} must be a string or a sequence of token ids, got {type(prompt).__name__}"
-        )
+        raise TypeError(f"{name} must be a string or a sequence of token ids, got {type(prompt).__name__}")
     ids = []
     for t in prompt:
         try:
@@ -629,9 +618,7 @@ def _token_ids(prompt, index: int) -> list[int]:
                 raise TypeError
             ids.append(operator.index(t))  # ints and numpy / 0-d tensor integers; never a float
         except TypeError:
-            raise TypeError(
-                f"prompt {index} holds {t!r} ({type(t).__name__}); token ids must be integers"
-            ) from None
+            raise TypeError(f"{name} holds {t!r} ({type(t).__name__}); token ids must be integers") from None
     return ids
 
 

@@ -207,7 +207,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # the tokenizer's convention, as EagleModel.generate
     from eagle.api import _check_encodable
 
-    _check_encodable(prompt, 0)
+    _check_encodable(prompt, "prompt 0")
     ids = model.tokenizer(prompt, verbose=False)["input_ids"]
     setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""

@@ -42,6 +42,7 @@ from eagle.models.cpu_packed import Linear, invalidate_cpu_caches, linear, pack_
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
     MLP,
+    WEIGHT_DTYPES,
     Attention,
     BlockContext,
     FastPathWeights,
@@ -718,7 +719,7 @@ def _check_eagle3_variant(cfg: ModelConfig) -> None:
         )
 
 
-def _check_dynamic_rope_fits(raw: dict[str, Any], target: LlamaModel, directory) -> None:
+def _check_dynamic_rope_fits(raw: dict[str, Any], target: LlamaModel) -> None:
     """A head's positions follow the target's sequence, not the head's own max_position_embeddings
     (the target's limit is the one this runtime enforces). A 'dynamic' RoPE rescales past its start,
     which this runtime does not compute, so a head whose start lies within the target's context
@@ -727,13 +728,10 @@ def _check_dynamic_rope_fits(raw: dict[str, Any], target: LlamaModel, directory)
     limit = target.config.max_position_embeddings
     if start is not None and start < limit:
         raise ValueError(
-            f"draft {directory}: its RoPE is 'dynamic' (NTK), rescaled past position {start}, but the "
+            f"its RoPE is 'dynamic' (NTK), rescaled past position {start}, but the "
             f"target runs sequences up to max_position_embeddings={limit}; dynamic rescaling is not "
             "computed here (a head whose rescaling starts at or past the target's limit is supported)"
         )
-
-
-_HEAD_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
@@ -743,7 +741,7 @@ def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
     for key, value in state.items():
         if key in ("d2t", "t2d"):
             continue
-        if value.dtype not in _HEAD_WEIGHT_DTYPES:  # (float8 is floating point, and isfinite fails on it)
+        if value.dtype not in WEIGHT_DTYPES:  # (float8 is floating point, and isfinite fails on it)
             raise ValueError(
                 f"{directory}: head weight {key} has dtype {value.dtype}; quantised heads are not supported"
             )
@@ -988,7 +986,7 @@ def _load_head_files(
     """:func:`load_draft`'s reading, checking and building of the head in ``directory``."""
     raw_config = read_json(directory / "config.json")
     cfg = draft_config_from_dict(raw_config)
-    _check_dynamic_rope_fits(raw_config, target, directory)
+    _check_dynamic_rope_fits(raw_config, target)  # (load_draft names the directory)
     state = _plain_head_keys(read_state_dict(directory))
     kind = detect_format(state)
     if kind == "eagle3":

@@ -851,11 +851,11 @@ def target_state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 
 # What a weight may be stored as: an integer or float8 tensor is quantised (its scales elsewhere, or
 # in another format) and would be cast to the compute dtype, not dequantised: wrong tokens, no message.
-_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _check_weight_dtypes(state: dict[str, torch.Tensor]) -> None:
-    odd = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in _WEIGHT_DTYPES]
+    odd = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in WEIGHT_DTYPES]
     if odd:
         raise ValueError(
             f"target checkpoint: weights stored as {abbreviate(odd)}; quantised targets are not supported "
