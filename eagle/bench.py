@@ -55,6 +55,7 @@ import eagle
 from eagle._bench_args import METHODS, add_arguments  # noqa: F401  (add_arguments: re-exported)
 from eagle.api import ASSETS, BUNDLED, EagleModel, _default_static_tree
 from eagle.models import random_draft
+from eagle.models.weights import DTYPES
 from eagle_kernels import _ext
 
 EAGLE_TREES = {
@@ -149,14 +150,12 @@ class BenchConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name in ("dtype", "draft_dtype"):
             value = getattr(self, name)
-            if value is not None and getattr(torch, value, None) not in _MODEL_DTYPES:
+            if value is not None and getattr(torch, value, None) not in DTYPES.values():
                 raise ValueError(
                     f"{name} must name a floating dtype the models run in (float16, bfloat16, float32, "
                     f"float64), got {value!r}"
                 )
 
-
-_MODEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 QUICK = dict(batch_sizes=(1, 4), new_tokens=16, num_prompts=2, prompt_tokens=48, repeats=1, quick=True)
 
@@ -662,8 +661,8 @@ class Cell:
     mismatches: list[dict] = field(default_factory=list)
     rows_compared: int = 0  # distinct prompt rows (each compared in every repeat)
 
-    def record(self, repeat: int, batch_outputs: list[Output], seconds: float) -> None:
-        """Store one timed repeat."""
+    def record(self, batch_outputs: list[Output], seconds: float) -> None:
+        """Store one timed repeat (in order: the lists are per repeat)."""
         self.seconds.append(seconds)
         self.outputs.append([o.tokens for o in batch_outputs])
         for label in dict.fromkeys(o.tree for o in batch_outputs if o.tree is not None):
@@ -715,7 +714,7 @@ def run_cells(
                 f"repeat {repeat + 1}/{config.repeats} {cell.method} B={cell.batch} T={cell.temperature:g}"
             )
             outputs, seconds = _run_warm(config, models, batches[cell.batch], cell, repeat, log)
-            cell.record(repeat, outputs, seconds)
+            cell.record(outputs, seconds)
             bar.update()
     bar.close()
     return cells

@@ -230,6 +230,7 @@ if want loop; then
 fi
 
 if want e2e; then
+    touch "$W/.e2e_t0"  # result files newer than this are this stage's
     timeout $(cap $CAP_E2E) python3 -m eagle bench --device cuda --dtype "${E2E_DTYPE:-float32}" --cuda-graph $E2E_ARGS \
         --no-progress >"$W/e2e.log" 2>&1
     log "e2e rc=$? $(tail -1 "$W/e2e.log")"
@@ -251,7 +252,7 @@ if want e2e; then
     fi
     # every result this stage wrote (a second run's --name need not start with e2e_)
     mkdir -p "$W/e2e_results"
-    find bench/results -maxdepth 1 -type f -newer "$W/.t0" \( -name '*.json' -o -name '*.png' \) \
+    find bench/results -maxdepth 1 -type f -newer "$W/.e2e_t0" \( -name '*.json' -o -name '*.png' \) \
         -exec cp {} "$W/e2e_results/" \; 2>/dev/null
     pack e2e "$W"/e2e*
 fi

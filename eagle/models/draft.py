@@ -42,7 +42,6 @@ from eagle.models.cpu_packed import Linear, invalidate_cpu_caches, linear, pack_
 from eagle.models.kv_cache import KVCache
 from eagle.models.llama import (
     MLP,
-    WEIGHT_DTYPES,
     Attention,
     BlockContext,
     FastPathWeights,
@@ -63,6 +62,7 @@ from eagle.models.llama import (
     value_checks_enabled,
 )
 from eagle.models.weights import (
+    DTYPES,
     check_keys,
     read_json,
     read_state_dict,
@@ -741,7 +741,7 @@ def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
     for key, value in state.items():
         if key in ("d2t", "t2d"):
             continue
-        if value.dtype not in WEIGHT_DTYPES:  # (float8 is floating point, and isfinite fails on it)
+        if value.dtype not in DTYPES.values():  # (float8 is floating point, and isfinite fails on it)
             raise ValueError(
                 f"{directory}: head weight {key} has dtype {value.dtype}; quantised heads are not supported"
             )

@@ -45,7 +45,14 @@ from eagle.models.cpu_packed import (
     tensor_version,
 )
 from eagle.models.kv_cache import KVCache
-from eagle.models.weights import abbreviate, check_keys, read_state_dict, resolve_checkpoint, resolve_dtype
+from eagle.models.weights import (
+    DTYPES,
+    abbreviate,
+    check_keys,
+    read_state_dict,
+    resolve_checkpoint,
+    resolve_dtype,
+)
 from eagle_kernels import _ext
 from eagle_kernels._backend import forced_backend
 
@@ -849,13 +856,10 @@ def target_state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> di
     return state
 
 
-# What a weight may be stored as: an integer or float8 tensor is quantised (its scales elsewhere, or
-# in another format) and would be cast to the compute dtype, not dequantised: wrong tokens, no message.
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_weight_dtypes(state: dict[str, torch.Tensor]) -> None:
-    odd = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in WEIGHT_DTYPES]
+    # A weight is stored as one of the compute dtypes: an integer or float8 tensor is quantised (its
+    # scales elsewhere, or in another format) and would be cast, not dequantised: wrong tokens, no message.
+    odd = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in DTYPES.values()]
     if odd:
         raise ValueError(
             f"target checkpoint: weights stored as {abbreviate(odd)}; quantised targets are not supported "

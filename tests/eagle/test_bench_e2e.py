@@ -218,7 +218,7 @@ def test_a_greedy_mismatch_is_reported_loudly(tiny_target):
     got = want[:2] + [(want[2] + 1) % 50] + want[3:]
     cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
     for cell, tokens in zip(cells, (want, got)):
-        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+        cell.record([bench.Output([tokens], 3, 3)], 1.0)
     bench.check_greedy_agreement(cells, models, [prompt])
     results = bench.summarize(cells)
     check = results[1]["greedy_agreement"]
@@ -340,7 +340,7 @@ def _summarized_pair(models, prompt, vanilla: list[int], method: list[int]) -> l
     """``summarize`` of a vanilla and an eagle_chain cell that produced these tokens, agreement checked."""
     cells = [bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_chain", 1, 0.0)]
     for cell, tokens in zip(cells, (vanilla, method)):
-        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+        cell.record([bench.Output([tokens], 3, 3)], 1.0)
     bench.check_greedy_agreement(cells, models, [prompt])
     return bench.summarize(cells)
 
@@ -414,9 +414,9 @@ def test_paired_speedup_is_the_median_of_each_repeats_own_ratio():
     """A slow spell that hits vanilla's repeats more than the method's moves the ratio of medians,
     not the paired ratio (each repeat runs both, one after the other)."""
     vanilla, eagle = bench.Cell("vanilla", 1, 0.0), bench.Cell("eagle_dynamic", 1, 0.0)
-    for repeat, (v_s, e_s) in enumerate([(1.0, 0.9), (2.0, 1.9), (2.2, 1.0), (1.0, 0.8), (2.0, 1.8)]):
+    for v_s, e_s in [(1.0, 0.9), (2.0, 1.9), (2.2, 1.0), (1.0, 0.8), (2.0, 1.8)]:
         for cell, seconds in ((vanilla, v_s), (eagle, e_s)):
-            cell.record(repeat, [bench.Output([[1, 2]], 2, 2)], seconds)
+            cell.record([bench.Output([[1, 2]], 2, 2)], seconds)
     row = bench.summarize([vanilla, eagle])[1]
     ratios = [1.0 / 0.9, 2.0 / 1.9, 2.2 / 1.0, 1.0 / 0.8, 2.0 / 1.8]
     assert row["speedup_paired_all_repeats"] == pytest.approx(ratios)
@@ -432,8 +432,8 @@ def test_tau_and_the_plain_step_share_cover_every_timed_repeat():
     tree may change between repeats (an eagle_auto run at T = 0 had tau 1.81 and 62% plain steps in its
     first repeat, 2.61 and none in the next three)."""
     auto = bench.Cell("eagle_auto", 1, 0.0)
-    for repeat, (forwards, plain, rounds) in enumerate([(10, 6, 4), (5, 0, 5)]):
-        auto.record(repeat, [bench.Output([[1] * 12], 11, forwards, plain, rounds)], 1.0)
+    for forwards, plain, rounds in [(10, 6, 4), (5, 0, 5)]:
+        auto.record([bench.Output([[1] * 12], 11, forwards, plain, rounds)], 1.0)
     row = bench.summarize([auto])[0]
     assert row["tau"] == pytest.approx(22 / 15) and row["tau_all_repeats"] == pytest.approx([1.1, 2.2])
     assert (row["decode_tokens"], row["decode_forwards_per_row_summed"]) == (22, 15)
@@ -638,7 +638,7 @@ def test_eagle_rows_carry_their_speedup_over_the_fastest_hugging_face_method():
     }
     seconds = {"vanilla": 1.0, "hf_generate": 4.0, "hf_prompt_lookup": 2.0, "eagle_dynamic": 0.5}
     for m, cell in cells.items():
-        cell.record(0, [bench.Output([[1, 2]], 2, 2)], seconds[m])
+        cell.record([bench.Output([[1, 2]], 2, 2)], seconds[m])
     rows = {r["method"]: r for r in bench.summarize(list(cells.values()))}
     assert rows["eagle_dynamic"]["best_hf_method"] == "hf_prompt_lookup"
     assert rows["eagle_dynamic"]["speedup_vs_best_hf"] == pytest.approx(4.0)
@@ -649,7 +649,7 @@ def test_eagle_rows_carry_their_speedup_over_the_fastest_hugging_face_method():
         line for line in table.splitlines() if "eagle_dynamic" in line
     )
     assistant = bench.Cell("hf_assisted", 1, 0.0)
-    assistant.record(0, [bench.Output([[1, 2]], 2, 2)], 3.0)
+    assistant.record([bench.Output([[1, 2]], 2, 2)], 3.0)
     marked = bench.format_table(
         bench.summarize([cells["vanilla"], assistant]), {"how": "derived: x, untrained"}
     )
@@ -660,7 +660,7 @@ def test_a_run_with_nothing_to_run_or_no_vanilla_says_so():
     with pytest.raises(ValueError, match="every method x batch size is skipped"):
         bench.BenchConfig(methods=("hf_assisted", "hf_prompt_lookup"), batch_sizes=(4,)).validate()
     eagle_only = bench.Cell("eagle_chain", 1, 0.0)
-    eagle_only.record(0, [bench.Output([[1, 2]], 2, 2)], 1.0)
+    eagle_only.record([bench.Output([[1, 2]], 2, 2)], 1.0)
     assert "NOT CHECKED (no vanilla run)" in bench.format_table(bench.summarize([eagle_only]))
 
 
@@ -676,7 +676,7 @@ def test_eagle_gets_no_near_tie_allowance_where_it_is_bit_exact(tiny_target, mon
     monkeypatch.setattr(bench, "eagle_is_bit_exact", lambda target: True)
     cells = [bench.Cell(m, 1, 0.0) for m in ("vanilla", "eagle_chain", "hf_generate")]
     for cell, tokens in zip(cells, (want, got, got)):
-        cell.record(0, [bench.Output([tokens], 3, 3)], 1.0)
+        cell.record([bench.Output([tokens], 3, 3)], 1.0)
     bench.check_greedy_agreement(cells, models, [prompt])
     rows = {r["method"]: r["greedy_agreement"] for r in bench.summarize(cells)}
     assert (
