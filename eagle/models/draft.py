@@ -757,18 +757,26 @@ def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
 EMBEDDING_MISMATCH = 0.05
 
 
-def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory) -> None:
+def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory, dtype: torch.dtype) -> bool:
     """An EAGLE-1/2 head that stores the embedding it was trained with (EAGLE's training freezes its
     target's) must hold this target's: a head trained for another model of the same shape (e.g. a
     Vicuna head on Llama 2) would load and run with an acceptance near zero and no message. (EAGLE-3
-    trainers may train the draft's embedding, so an EAGLE-3 head's own embedding is taken as is.)"""
+    trainers may train the draft's embedding, so an EAGLE-3 head's own embedding is taken as is.)
+
+    Returns whether ``embed`` and the target's embedding are the same values in the head's ``dtype``
+    (the usual case: a copy in the target's dtype): the head can then share the target's tensor, and
+    computes exactly what its own copy would give, without keeping 1 GB twice (Llama-3-8B's
+    128k x 4096 in bf16)."""
     ref = target.embed_tokens.weight
     if embed.shape != ref.shape:
-        return  # refused by the key check, with the shapes named
+        return False  # refused by the key check, with the shapes named
     diff = ref_norm = 0.0
+    exact = True
     for start in range(0, ref.shape[0], 8192):  # float32 in chunks: a 128k x 4096 table is 2 GB
-        a = embed[start : start + 8192].to(device="cpu", dtype=torch.float32)
-        b = ref[start : start + 8192].detach().to(device="cpu", dtype=torch.float32)
+        stored = embed[start : start + 8192].to(device="cpu")
+        b = ref[start : start + 8192].detach().to(device="cpu")
+        exact = exact and torch.equal(stored.to(dtype), b.to(dtype))
+        a, b = stored.to(torch.float32), b.to(torch.float32)
         diff += float((a - b).square().sum())
         ref_norm += float(b.square().sum())
     if not math.isfinite(ref_norm):  # (else read as a mismatch and blamed on a correct head)
@@ -779,6 +787,7 @@ def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory)
             f"{directory}: the head's embed_tokens differs from the target's (relative difference "
             f"{relative:.3f}); this head was trained for another target"
         )
+    return exact
 
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
@@ -953,7 +962,9 @@ def load_draft(
     so the output does not change (acceptance may, slightly): a bfloat16 head for a float32 target
     drafts from half the bytes (on CPU with AMX tiles). The head then keeps its own copies of the
     target's embedding / lm_head in its dtype instead of sharing them, and takes the target's features
-    converted to it (:meth:`DraftHead.target_features`).
+    converted to it (:meth:`DraftHead.target_features`). An EAGLE-1/2 head file's embedding (the
+    target's, frozen in training) is checked against the target's and, when it holds the same values
+    in the head's dtype, not loaded: the head reads the target's tensor.
     Raises ValueError when the head does not fit the target (hidden size, vocabulary, layer count) or
     keys are missing, unexpected or misshapen; TypeError for a dtype that is not a supported float.
     Returns the head in eval mode with gradients disabled.
@@ -998,7 +1009,8 @@ def _load_head_files(
         _check_eagle3_variant(cfg)
         eagle3_feature_layers(cfg, target.config.num_layers)  # checked before the head is built
     if kind == "eagle2" and "embed_tokens.weight" in state:  # (its shape is checked below)
-        _check_embedding_matches(state["embed_tokens.weight"], target, directory)
+        if _check_embedding_matches(state["embed_tokens.weight"], target, directory, dtype):
+            state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}  # share the target's
     if kind == "eagle2":
         check_keys(state, _eagle2_shapes(cfg), what="EAGLE-1/2 checkpoint", optional=["embed_tokens.weight"])
         state = state | fuse_layer_tensors(state, "layers.0.")
