@@ -409,11 +409,12 @@ class EagleModel:
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
-        accept = [decoder.accept_lengths()[b] for b in range(len(ids))]
+        # (this run's record: the decoder's accept_lengths() may be another thread's run by now)
+        accept = [emission.accept_lengths[b] for b in range(len(ids))]
         result = self._result(tokens, accept)
         result.tree = decoder.tree
         if auto:
-            result.speculation = decoder.last_auto.summary()
+            result.speculation = emission.auto.summary()
         elif (
             isinstance(tree, str) and tree == "dynamic"
         ):  # (an auto run's plain steps would read as rejected drafts)
@@ -475,8 +476,7 @@ class EagleModel:
         # no `with torch.inference_mode()` here: held across a yield it would stay on in the caller
         # between reads (decoder.run is decorated: the mode wraps each of its resumptions only)
         for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
-            if lengths is None:  # this run's own record: a run started later on the decoder
-                lengths = decoder.accept_lengths()  # (another stream, a generate) gets a new one
+            lengths = emission.accept_lengths  # (this run's own record, not the decoder's latest)
             if emission.tokens[0]:
                 yield emission.tokens[0]
         if (

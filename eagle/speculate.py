@@ -150,6 +150,12 @@ class Emission:
     rows: list[int]  # original batch rows
     tokens: list[list[int]]  # new tokens of each of those rows (EOS included, budget respected)
     finished: list[bool]
+    # The run's own record, shared by all its emissions: tokens emitted per forward after the prefill
+    # for every batch row so far, and its speculative="auto" policy (None without). A caller reads
+    # these, not the decoder's accept_lengths() / last_auto, which follow the most recently started
+    # run: another thread's run on the same decoder replaces them.
+    accept_lengths: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    auto: AutoSpeculation | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -373,16 +379,14 @@ class SpeculativeDecoder:
         speed (:mod:`eagle.adaptive`). True: this decoder's policy for the batch size and sampling
         parameters, carried on from its last such run (a fresh one the first time); or an
         :class:`~eagle.adaptive.AutoSpeculation` to use. Greedy tokens are the same either way; see the
-        module for sampling. Not with ``cuda_graph``. The run's policy (counts, speeds) is
-        :attr:`last_auto`."""
+        module for sampling. Not with ``cuda_graph``. The run's policy (counts, speeds) is its
+        emissions' ``auto`` (and :attr:`last_auto`, that of the decoder's most recently started run)."""
         device = self.target.device
         if auto and (self.cuda_graph or self._reuse_buffers):  # (a reused state has no deferred prefill)
             raise ValueError(
                 "speculative='auto' (plain steps between rounds) does not run with cuda_graph=True"
             )
         sampling_key = sampling.as_key()
-        policy = self._auto_policy(auto, (len(prompts), sampling_key)) if auto else None
-        self.last_auto = policy
         self.times = RoundTimes() if profile else None
         block, lengths = pad_prompts(prompts, device)
         B, max_prompt = block.shape
@@ -395,17 +399,19 @@ class SpeculativeDecoder:
         pooled = self._pool.take(key) if self._reuse_buffers else None
         # auto: the draft's prefill waits for the first round, which pays (and times) it, or is never
         # run if the run decodes plainly throughout
-        state, first = self._prefill(
-            block, lengths, max_new_tokens, sampling, seed, pooled, policy is not None
-        )
+        state, first = self._prefill(block, lengths, max_new_tokens, sampling, seed, pooled, bool(auto))
         # a pooled state's calls are checked again (the weights may have changed)
         state.cpu_round = state.cpu_plain_step = None
         full_batch = state
         ones = torch.ones(B, dtype=torch.int64, device=device)
-        emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
-        yield emission
-        state, frozen = self._retire_finished(state, emission.finished, None)
+        policy_key = (B, sampling_key)
+        policy = self._auto_policy(auto, policy_key) if auto else None  # (put back when the run ends)
+        self.last_auto = policy
         try:
+            emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
+            emission.auto = policy
+            yield emission
+            state, frozen = self._retire_finished(state, emission.finished, None)
             while state is not None:
                 started = time.perf_counter()
                 backlog_seconds = 0.0
@@ -430,6 +436,7 @@ class SpeculativeDecoder:
                     active=active,
                     nonfinite_from=nonfinite_from,
                 )
+                emission.auto = policy
                 if policy is not None:  # the forward and its host synchronisation (in _emit)
                     # the draft's catch-up on the positions plain steps committed is a cost of those
                     # steps (it grows with them), not of this round: timed into a probe, a long plain
@@ -443,20 +450,24 @@ class SpeculativeDecoder:
                     self.times.other += time.perf_counter() - t0
                     self.times.rounds += 1
                 yield emission
-        finally:
-            if self._reuse_buffers:  # also when the caller stops iterating early
+        finally:  # also when the caller stops iterating early
+            if self._reuse_buffers:
                 self._pool.put(key, full_batch)
+            if policy is not None and not isinstance(auto, AutoSpeculation):
+                self._auto_policies[policy_key] = policy  # (the next such run goes on from here)
 
     def _auto_policy(self, auto: bool | AutoSpeculation, key: tuple) -> AutoSpeculation:
         """The run's speculative="auto" policy: the one given, or the one this decoder's last run of
-        the same batch size and sampling left (resumed), or a fresh one."""
+        the same batch size and sampling left (resumed), or a fresh one. Taken out while the run
+        uses it (:meth:`run` puts it back when it ends): a run started meanwhile in another thread
+        gets its own, so neither's counts and speeds mix with the other's."""
         if isinstance(auto, AutoSpeculation):
             return auto
-        policy = self._auto_policies.get(key)
+        policy = self._auto_policies.pop(key, None)
         if policy is None:
             if len(self._auto_policies) >= 16:
                 self._auto_policies.clear()
-            policy = self._auto_policies[key] = AutoSpeculation()
+            return AutoSpeculation()
         return policy.resume()
 
     def release_buffers(self) -> None:
@@ -539,7 +550,8 @@ class SpeculativeDecoder:
         return time.perf_counter()
 
     def accept_lengths(self) -> dict[int, list[int]]:
-        """Tokens emitted per round for each row of the most recently started run."""
+        """Tokens emitted per round for each row of the most recently started run (runs in other
+        threads: each run's own is its emissions' :attr:`Emission.accept_lengths`)."""
         return self._accept_lengths
 
     # ------------------------------------------------------------------------------------------
@@ -1228,7 +1240,7 @@ class SpeculativeDecoder:
         )
         if nonfinite:
             raise FloatingPointError(NONFINITE_MESSAGE)
-        emission = Emission(rows=[], tokens=[], finished=[])
+        emission = Emission(rows=[], tokens=[], finished=[], accept_lengths=s.accept_lengths)
         for i in range(len(rows)) if active is None else active:
             row = rows[i]
             emission.rows.append(row)

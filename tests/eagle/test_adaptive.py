@@ -458,6 +458,28 @@ def test_a_decoder_carries_its_policy_over_to_the_next_run_of_the_same_kind(mode
     assert decoder.last_auto is own
 
 
+def test_two_runs_at_once_on_one_decoder_keep_their_own_policy_and_record(models):
+    """A run still open (a stream, or another thread's call) keeps its policy and accept lengths: a
+    run of the same kind started meanwhile gets a fresh policy, not the open run's (whose counts and
+    speeds would mix), and each run's emissions carry its own record; the policy that ends last is
+    the one the next run carries on with."""
+    decoder = models["eagle2"]._decoder(TREE, 2)
+    list(decoder.run(PROMPTS[:2], 12, GREEDY, auto=True))
+    kept = decoder.last_auto
+    open_run = decoder.run(PROMPTS[:2], 12, GREEDY, auto=True)
+    first = next(open_run)
+    assert first.auto is kept
+    other = list(decoder.run(PROMPTS[1:3], 12, GREEDY, auto=True))
+    assert other[-1].auto is not kept and other[-1].accept_lengths is not first.accept_lengths
+    assert kept.rounds == kept.plain_steps == 0  # the other run's forwards were not counted here
+    rest = list(open_run)
+    assert all(e.auto is kept and e.accept_lengths is first.accept_lengths for e in rest)
+    assert kept.rounds + kept.plain_steps == len(rest)
+    assert [sum(first.accept_lengths[b]) for b in range(2)] == [11, 11]
+    list(decoder.run(PROMPTS[:2], 4, GREEDY, auto=True))
+    assert decoder.last_auto is kept  # (it ended last)
+
+
 @pytest.mark.parametrize("value", ["yes", 1.0, None, "AUTO"])
 def test_a_bad_speculative_value_is_named(models, value):
     with pytest.raises(ValueError, match="speculative must be True, False or 'auto'"):

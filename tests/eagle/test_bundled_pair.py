@@ -91,3 +91,49 @@ def test_the_bundled_head_ships_its_measured_acceptance(pair):
     )  # a temperature
     with pytest.raises(TypeError, match="eagle.SamplingParams or a temperature, got str"):
         pair.prior_acceptance("greedy")
+
+
+def test_one_model_serves_calls_from_several_threads_at_once():
+    """A server's worker threads share one loaded model: each call, run while the others run, gives
+    the tokens it gives alone (greedy with the dynamic tree, which refits between calls; sampled
+    with a seed and a fixed tree; speculative="auto"; plain sampled decoding; a batch of two). The
+    C++ ops run without the GIL, so the calls really overlap."""
+    import threading
+
+    model = eagle.load("tiny-code", dtype=torch.float32)
+    calls = [
+        lambda: model.generate(PROMPTS[:1], 16, eos_token_id=[]),
+        lambda: model.generate(
+            PROMPTS, 16, eos_token_id=[], tree=eagle.TreeConfig(3, 4, 12), temperature=1.0, seed=5
+        ),
+        lambda: model.generate(PROMPTS[1:], 16, eos_token_id=[], speculative="auto"),
+        lambda: model.generate(PROMPTS, 16, eos_token_id=[], speculative=False, temperature=1.0, seed=7),
+    ]
+    alone = [call().tokens for call in calls]
+    results: dict[tuple[int, int], eagle.GenerateResult] = {}
+    errors: list[BaseException] = []
+
+    def worker(thread: int) -> None:
+        try:
+            for repeat in range(3):
+                for i in range(len(calls)):  # each thread starts at another call
+                    j = (i + thread) % len(calls)
+                    results[(thread, repeat * len(calls) + j)] = calls[j]()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert len(results) == 3 * 3 * len(calls)
+    for (_, index), result in results.items():
+        assert result.tokens == alone[index % len(calls)], index % len(calls)
+        # each call's own record: its rows' forwards after the prefill emitted the rest of its tokens
+        assert [sum(a) + 1 for a in result.accept_lengths] == [len(t) for t in result.tokens]
+        if result.speculation is not None:  # auto: its rounds and plain steps are those forwards
+            counts = result.speculation["rounds"] + result.speculation["plain_steps"]
+            assert counts == len(result.accept_lengths[0])
