@@ -152,6 +152,53 @@ def test_later_calls_replay_the_kept_graph_without_capturing(cuda_pair, monkeypa
 
 
 @pytest.mark.gpu
+def test_calls_from_several_threads_capture_and_replay_their_own_graphs(cuda_pair):
+    """A server's threads share the model: each call, run while others capture or replay their
+    graphs (batch sizes 1, 2 and 3, speculative and plain), gives its eager tokens, and no capture
+    fails (another thread's allocations and syncs during a capture must not break it)."""
+    import threading
+
+    cuda_pair.release_buffers()
+    calls = [
+        dict(prompts=PROMPTS[:1], speculative=True),
+        dict(prompts=PROMPTS[:2], speculative=True, temperature=0.8, seed=1),
+        dict(prompts=PROMPTS, speculative=False),
+        dict(prompts=PROMPTS[1:], speculative=True, tree="chain"),
+    ]
+
+    def run(call, graphs):
+        kw = {k: v for k, v in call.items() if k != "prompts"}
+        return cuda_pair.generate(call["prompts"], 24, eos_token_id=[], cuda_graph=graphs, **kw).tokens
+
+    eager = [run(call, False) for call in calls]
+    results, errors = {}, []
+
+    def worker(thread):
+        try:
+            for repeat in range(2):
+                for i in range(len(calls)):
+                    j = (i + thread) % len(calls)
+                    results[(thread, repeat, j)] = run(calls[j], True)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(e)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    assert not [w for w in caught if "capture failed" in str(w.message)]
+    assert len(results) == 3 * 2 * len(calls)
+    for (_, _, j), tokens in results.items():
+        assert tokens == eager[j], j
+    cuda_pair.release_buffers()
+
+
+@pytest.mark.gpu
 def test_a_kept_graph_replays_with_its_own_sampling_parameters_after_the_caches_let_go(cuda_pair):
     """A kept graph reads the sampling parameters it was captured with. warp_logits' parameter cache
     is cleared when full, and the RoPE tables' cache used to be: a graph that had been handed cached
