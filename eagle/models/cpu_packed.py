@@ -40,15 +40,20 @@ bfloat16 panels are); ``EAGLE_CPU_PANEL_LINEAR=0`` leaves float32
 weights unpacked (their linears then take ``eagle_C::skinny_linear_f32`` for up to 16 rows, else MKL).
 
 A packed copy is used only while it is valid: looked up by the identity of the dense tensor, and
-checked against the tensor's data pointer and version counter, so a weight moved to another device,
-replaced or modified in place (an optimizer step) falls back to ``F.linear`` instead of using a
-stale copy. Autograd always takes the dense path.
+checked against the tensor's data pointer and version counter. A weight modified in place (a
+``load_state_dict`` or an optimizer step, even one that writes back the same values) or given new
+storage (``Module.to``) is packed again at its next use outside autograd (:func:`packed_weight`):
+never used stale, and not left on the dense path either, which would lose the packed kernels' speed
+and the row independence that makes greedy EAGLE output equal plain decoding's bit for bit (a dense
+float32 weight goes to MKL beyond 16 rows). A weight moved off the CPU just drops its copy. Autograd
+always takes the dense path (and repacks nothing: training steps would repack at every forward).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -72,6 +77,7 @@ class _Entry:
 
 
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_PACKING = threading.RLock()  # held while _PACKED changes (threads may pack and repack at once)
 _generation = 0  # bumped by every packing, so cached weight lists know to look again
 
 
@@ -190,30 +196,31 @@ def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
     detached view of the target's lm_head, say) share its packed copy. Nothing is packed when
     :func:`packing_supported` is false or the copies would take over a quarter of the free memory."""
     todo = [w for w in dict.fromkeys(weights, None) if isinstance(w, torch.Tensor) and w.dim() == 2]
-    todo = [w for w in todo if packing_supported(w.dtype, w.device) and packed_weight(w) is w]
-    if not todo:
-        return 0
-    free = _available_memory_bytes()
-    if free is not None and sum(w.numel() * w.element_size() for w in todo) > free // 4:
-        return 0
-    global _generation
-    _generation += 1
-    existing = [(src, entry) for src, entry in _PACKED.items()]
-    count = 0
-    for w in todo:
-        reuse = next(
-            (e for src, e in existing if _same_storage(src, w) and e.version == tensor_version(w)), None
-        )
-        if reuse is None:
-            with torch.no_grad():
-                packed = _pack(w.detach())
-            if packed is None:
-                continue
-            reuse = _Entry(packed, w.data_ptr(), tensor_version(w))
-            existing.append((w, reuse))
-        _PACKED[w] = reuse
-        count += 1
-    return count
+    with _PACKING:
+        todo = [w for w in todo if packing_supported(w.dtype, w.device) and _valid_copy(w) is None]
+        if not todo:
+            return 0
+        free = _available_memory_bytes()
+        if free is not None and sum(w.numel() * w.element_size() for w in todo) > free // 4:
+            return 0
+        global _generation
+        _generation += 1
+        existing = [(src, entry) for src, entry in _PACKED.items()]
+        count = 0
+        for w in todo:
+            reuse = next(
+                (e for src, e in existing if _same_storage(src, w) and e.version == tensor_version(w)), None
+            )
+            if reuse is None:
+                with torch.no_grad():
+                    packed = _pack(w.detach())
+                if packed is None:
+                    continue
+                reuse = _Entry(packed, w.data_ptr(), tensor_version(w))
+                existing.append((w, reuse))
+            _PACKED[w] = reuse
+            count += 1
+        return count
 
 
 def amx_tiles(w: torch.Tensor) -> torch.Tensor:
@@ -282,14 +289,45 @@ def _pack(w: torch.Tensor) -> torch.Tensor | None:
     return None  # no packed form for this weight (AMX only, and a shape the tiles do not fit)
 
 
+def _is_current(w: torch.Tensor, entry: _Entry) -> bool:
+    return entry.data_ptr == w.data_ptr() and entry.version == tensor_version(w)
+
+
+def _valid_copy(w: torch.Tensor) -> torch.Tensor | None:
+    entry = _PACKED.get(w)
+    return entry.packed if entry is not None and _is_current(w, entry) else None
+
+
 def packed_weight(w: torch.Tensor) -> torch.Tensor:
-    """The packed copy of ``w`` when one is valid (same data pointer and version), else ``w``."""
+    """The packed copy of ``w``, else ``w`` (never packed, or no packed form). A copy made before ``w``
+    changed (same tensor, another data pointer or version) is made again first (see the module
+    docstring); callers on the autograd path must not call this (it would repack every step)."""
     if not _PACKED:
         return w
     entry = _PACKED.get(w)
-    if entry is None or entry.data_ptr != w.data_ptr() or entry.version != tensor_version(w):
+    if entry is None:
         return w
-    return entry.packed
+    if _is_current(w, entry):
+        return entry.packed
+    return _repack_changed(w)
+
+
+def _repack_changed(w: torch.Tensor) -> torch.Tensor:
+    """Drop ``w``'s out-of-date copy, and those of other tensors on its storage (a head's detached view
+    of its target's lm_head: the same version counter, so out of date too), then pack them again
+    together (one copy, shared); ``w`` itself when it no longer packs (moved off the CPU, memory)."""
+    with _PACKING:
+        changed = [
+            src
+            for src, entry in list(_PACKED.items())
+            if (src is w or _same_storage(src, w)) and not _is_current(src, entry)
+        ]
+        for src in changed:
+            del _PACKED[src]
+        invalidate_cpu_caches()  # (also when nothing packs again: cached lists held the old copy)
+        pack_linear_weights(changed)
+        copy = _valid_copy(w)
+    return w if copy is None else copy
 
 
 def needs_autograd(*tensors: torch.Tensor | None) -> bool:
@@ -302,10 +340,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     graph is needed: oneDNN's copy gives the same result bit for bit, AMX tiles and bfloat16 panels
     the float32 sum rounded once to bfloat16, float32 panels one FMA chain per output (see the module
     docstring)."""
+    if needs_autograd(x, weight, bias) or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
     w = packed_weight(weight)
-    if w is weight and _skinny_applies(x, weight, bias) and not needs_autograd(x, weight, bias):
+    if w is weight and _skinny_applies(x, weight, bias):
         return torch.ops.eagle_C.skinny_linear_f32(x, weight, bias)
-    if w is weight or x.device.type != "cpu" or x.dtype != w.dtype or needs_autograd(x, weight, bias):
+    if w is weight or x.dtype != w.dtype:
         return F.linear(x, weight, bias)
     if is_panels(w):
         if bias is not None and bias.dtype != x.dtype:
@@ -361,11 +401,12 @@ def repack_module_linears(module: nn.Module, extra: Iterable[torch.Tensor | None
     model's layout at run time, e.g. to compare two layouts in one process. Returns
     :func:`pack_module_linears`' count."""
     weights = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
-    for w in [*weights, *extra]:
-        if isinstance(w, torch.Tensor):
-            _PACKED.pop(w, None)
-    invalidate_cpu_caches()  # cached weight lists look again even when nothing is packed now
-    return pack_module_linears(module, extra)
+    with _PACKING:
+        for w in [*weights, *extra]:
+            if isinstance(w, torch.Tensor):
+                _PACKED.pop(w, None)
+        invalidate_cpu_caches()  # cached weight lists look again even when nothing is packed now
+        return pack_module_linears(module, extra)
 
 
 class Linear(nn.Linear):

@@ -426,7 +426,8 @@ class FastPathWeights:
 
     Rebuilt when any module registered a parameter or submodule since (a replaced layer or weight),
     when weights were packed since, or when any tensor's data pointer or version counter moved
-    (``Module.to``, an in-place update).
+    (``Module.to``, an in-place update: :func:`~eagle.models.cpu_packed.packed_weight` then packs
+    the changed weight again).
     """
 
     def __init__(self) -> None:
@@ -452,7 +453,9 @@ class FastPathWeights:
         ):
             self._dense = build()
             self._for_op = [None if w is None else packed_weight(w) for w in self._dense]
-            self._generation, self._fingerprint = generation, self._fingerprint_of(self._dense)
+            # read again: packed_weight repacks a weight changed in place, which moves the generation
+            self._generation = (_module_generation, packing_generation())
+            self._fingerprint = self._fingerprint_of(self._dense)
         return self._dense, self._for_op
 
 

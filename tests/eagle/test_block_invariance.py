@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from eagle.models import load_target
+from eagle.models.cpu_packed import packed_weight
 from eagle.models.llama import set_cpu_fast_path
 from eagle_kernels import _ext
 
@@ -26,7 +27,30 @@ pytestmark = pytest.mark.skipif(not _ext.has_op("tree_attention"), reason="the C
 @pytest.mark.parametrize("fast_path", [True, False], ids=["cpp-layers", "python-modules"])
 def test_block_logits_equal_decoding_steps(make_target, dtype, fast_path):
     _, directory = make_target("llama", seed=3, vocab_size=112)
+    _assert_block_equals_steps(load_target(directory, dtype=dtype), fast_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("fast_path", [True, False], ids=["cpp-layers", "python-modules"])
+def test_weights_changed_in_place_still_give_blocks_their_decoding_steps_logits(
+    make_target, dtype, fast_path
+):
+    """Weights updated in place (``load_state_dict``, a rollback writing back the same values, an edit)
+    are packed again at their next use. They used to leave the packed kernels for good: a float32
+    linear of more than 16 rows then went to MKL, a verified row no longer equalled its decoding step
+    bit for bit, and greedy EAGLE could flip a near-tie against plain decoding."""
+    _, directory = make_target("llama", seed=3, vocab_size=112)
     target = load_target(directory, dtype=dtype)
+    weights = [m.weight for m in target.modules() if isinstance(m, torch.nn.Linear)] + [target.lm_head_weight]
+    assert all(packed_weight(w) is not w for w in weights)
+    with torch.no_grad():
+        target.load_state_dict(target.state_dict())  # the same values, copied in: every version moves
+        target.lm_head_weight.mul_(1.5)
+    _assert_block_equals_steps(target, fast_path)
+    assert all(packed_weight(w) is not w for w in weights)
+
+
+def _assert_block_equals_steps(target, fast_path: bool) -> None:
     gen = torch.Generator().manual_seed(5)
     prompt, block = (
         torch.randint(0, 112, (2, 23), generator=gen),

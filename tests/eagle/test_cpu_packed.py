@@ -146,30 +146,50 @@ def test_float32_weights_the_panels_do_not_fit_are_left_alone():
     assert packed_weight(w) is w
 
 
-def test_a_weight_changed_in_place_is_not_used_stale():
+def _freshly_packed_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    fresh = w.detach().clone()
+    pack_linear_weights([fresh])
+    return linear(x, fresh)
+
+
+def test_a_weight_changed_in_place_is_packed_again_not_used_stale():
+    """An in-place update (an optimizer step, a load_state_dict copy, a rollback to the same values)
+    moves the version counter: the next use packs the weight again, once, instead of using the stale
+    copy or leaving the packed kernels for the dense path."""
     w = bf16(16, 8, seed=4)
     pack_linear_weights([w])
+    old = packed_weight(w)
     x = bf16(2, 8, seed=5)
-    w.mul_(2)  # an optimizer step, a load_state_dict copy: the version counter moves
-    assert packed_weight(w) is w
-    assert torch.equal(linear(x, w), F.linear(x, w))
+    w.mul_(2)
+    generation = cpu_packed.packing_generation()
+    assert is_packed(w) and packed_weight(w) is not old
+    assert cpu_packed.packing_generation() > generation  # (cached weight lists look again)
+    assert torch.equal(linear(x, w), _freshly_packed_linear(x, w))
+    generation = cpu_packed.packing_generation()
+    assert packed_weight(w) is packed_weight(w) and cpu_packed.packing_generation() == generation
 
 
-def test_a_weight_whose_storage_was_replaced_is_not_used_stale():
+def test_a_weight_whose_storage_was_replaced_is_packed_again():
     p = torch.nn.Parameter(bf16(16, 8, seed=6), requires_grad=False)
     pack_linear_weights([p])
     p.data = bf16(16, 8, seed=7)  # what Module.to() does
-    assert packed_weight(p) is p
+    assert is_packed(p)
     x = bf16(2, 8, seed=8)
-    assert torch.equal(linear(x, p), F.linear(x, p))
+    assert torch.equal(linear(x, p), _freshly_packed_linear(x, p))
 
 
-def test_autograd_takes_the_dense_path():
+def test_autograd_takes_the_dense_path_and_repacks_nothing():
     p = torch.nn.Parameter(bf16(16, 8, seed=9))
     pack_linear_weights([p])
     x = bf16(2, 8, seed=10)
     linear(x, p).float().sum().backward()
     assert p.grad is not None and p.grad.shape == p.shape
+    with torch.no_grad():
+        p.sub_(p.grad)  # a training step
+    generation = cpu_packed.packing_generation()
+    for _ in range(3):  # forwards of training steps: the packed copy is of no use there
+        assert torch.equal(linear(x, p), F.linear(x, p))
+    assert cpu_packed.packing_generation() == generation
 
 
 def test_a_view_of_a_packed_weight_shares_its_copy():
@@ -178,6 +198,9 @@ def test_a_view_of_a_packed_weight_shares_its_copy():
     view = w.detach()
     assert pack_linear_weights([view]) == 1
     assert packed_weight(view) is packed_weight(w)
+    w.add_(1)  # (a view shares the version counter: both copies are out of date, and packed again as one)
+    assert packed_weight(w) is packed_weight(view)
+    assert torch.equal(linear(bf16(2, 8), view), _freshly_packed_linear(bf16(2, 8), w))
 
 
 def test_loading_in_bf16_packs_target_and_head(tiny_checkpoints):
