@@ -62,6 +62,17 @@ class GenerateResult:
         return sum(lengths) / len(lengths) if lengths else 0.0
 
 
+def _drop_least_recent(kept: dict, keep: int) -> list:
+    """Remove the oldest entries of ``kept`` (kept in order of use, most recent last) until at most
+    ``keep`` remain; returns their values. (``list(kept)``: a snapshot, as another thread may add.)"""
+    dropped = []
+    for key in list(kept)[: max(len(kept) - keep, 0)]:
+        value = kept.pop(key, None)
+        if value is not None:
+            dropped.append(value)
+    return dropped
+
+
 def _resolve_bundled(name: str, part: str) -> str:
     path = ASSETS / BUNDLED / part
     if not (path / "config.json").exists():
@@ -89,6 +100,11 @@ class _Acceptance:
 # estimate's weight is capped at ACCEPT_WEIGHT_CAP forwards; the tree is chosen again once the
 # estimate moved this far from the rate it was chosen with (near-equal trees would flip otherwise)
 MIN_FORWARDS_TO_FIT = 16
+# A server may send another tree or temperature with every request: the decoders (one per tree) and
+# the refitted acceptances (one per sampling setting) a model keeps for later calls are bounded, the
+# least recently used dropped first
+MAX_KEPT_DECODERS = 32
+MAX_KEPT_ACCEPTANCES = 64
 ACCEPT_WEIGHT_CAP = 1024
 ACCEPT_RATE_STEP = 0.03
 
@@ -172,10 +188,12 @@ class EagleModel:
         tau = sum(map(sum, accept)) / forwards
         fitted = fit_accept_rate(tree.depth, tree.total_tokens, tau, self.prior_acceptance(sampling).gain)
         key = self._sampling_key(sampling)
-        old = self._acceptance.get(key)
+        old = self._acceptance.pop(key, None)
         if old is None:
+            _drop_least_recent(self._acceptance, MAX_KEPT_ACCEPTANCES - 1)
             self._acceptance[key] = _Acceptance(fitted, min(forwards, ACCEPT_WEIGHT_CAP), fitted)
             return
+        self._acceptance[key] = old  # (the most recently used last)
         weight = old.weight + forwards
         old.rate = (old.rate * old.weight + fitted * forwards) / weight
         old.weight = min(weight, ACCEPT_WEIGHT_CAP)
@@ -229,15 +247,19 @@ class EagleModel:
         # tree (tree="static" did this) made a new decoder, which kept its own caches and CUDA graph.
         shape = resolved if isinstance(resolved, TreeConfig) else ("static", resolved.paths, resolved.topk)
         key = (shape, cuda_graph)
-        if key not in self._decoders:
-            self._decoders[key] = SpeculativeDecoder(
+        decoder = self._decoders.pop(key, None)
+        if decoder is None:
+            for dropped in _drop_least_recent(self._decoders, MAX_KEPT_DECODERS - 1):
+                dropped.release_buffers()
+            decoder = SpeculativeDecoder(
                 self.target, self.head, resolved, cuda_graph=cuda_graph, buffer_pool=self._buffer_pool
             )
-        return self._decoders[key]
+        self._decoders[key] = decoder  # (the most recently used last)
+        return decoder
 
     def release_buffers(self) -> None:
         """Free the KV caches and CUDA graphs that ``cuda_graph=True`` calls keep for later calls."""
-        for decoder in self._decoders.values():
+        for decoder in list(self._decoders.values()):  # (a copy: another thread may add one)
             decoder.release_buffers()
         release_plain_buffers(self.target)
 

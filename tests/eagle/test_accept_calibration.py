@@ -124,3 +124,25 @@ def test_a_stream_refits_from_its_own_rounds_when_another_run_started_meanwhile(
     assert len(fits) == 2 and fits[0] != fits[1]
     streamed = fits[1][0]
     assert len(streamed) == len(chunks) - 1 and sum(streamed) == sum(map(len, chunks[1:]))
+
+
+def test_a_model_keeps_a_bounded_number_of_refits_and_decoders(model, monkeypatch):
+    """A server sending another temperature or tree with every request: the refitted acceptances and
+    the decoders a model keeps are bounded, and the least recently used go first (the one refitted or
+    used again meanwhile stays)."""
+    monkeypatch.setattr(eagle.api, "MAX_KEPT_ACCEPTANCES", 4)
+    monkeypatch.setattr(eagle.api, "MAX_KEPT_DECODERS", 3)
+    m = fresh(model)
+    tree, rounds = TreeConfig(3, 2, 6), [[3] * 20]
+    for i in range(10):
+        m._learn_acceptance(SamplingParams(temperature=0.1 * (i + 1)), tree, rounds)
+        m._learn_acceptance(SamplingParams(), tree, rounds)  # greedy, refitted again each time
+    kept = set(m.accept_rates)
+    assert len(kept) == 4 and SamplingParams() in kept and SamplingParams(temperature=1.0) in kept
+    first, released = m._decoder(TreeConfig(2, 2, 4)), []
+    for depth in range(3, 9):
+        created = m._decoder(TreeConfig(depth, 2, depth + 1))
+        monkeypatch.setattr(created, "release_buffers", lambda depth=depth: released.append(depth))
+        assert m._decoder(TreeConfig(2, 2, 4)) is first  # used again: kept
+    assert len(m._decoders) == 3 and first in m._decoders.values()
+    assert released == [3, 4, 5, 6]  # the least recently used, their buffers released as they went
