@@ -134,6 +134,29 @@ def test_ab_builds_times_two_builds_from_copies_of_the_package():
     assert re.search(r"tiny-code plain B1 T1 float32, us/token +[\d.]+ +[\d.]+ +[\d.]+", out), out
 
 
+def test_ab_commits_compares_two_checkouts_by_their_own_ratios(tmp_path):
+    """Two checkouts (here the same one twice) through bench/e2e.py, alternating: each side's speedup
+    over its own run's vanilla, and new / old; the JSON keeps every run."""
+    if next((BENCH.parent / "eagle_kernels").glob("_C*.so"), None) is None:
+        pytest.skip("the extension is not built")
+    root, out_file = str(BENCH.parent), tmp_path / "ab.json"
+    out = _run(
+        "ab_commits.py", root, root, "--rounds", "2", "--out", str(out_file), "--", "--methods", "vanilla",
+        "eagle_chain", "--batch", "1", "--temperature", "0", "--new-tokens", "8", "--num-prompts", "1",
+        "--repeats", "1", "--threads", "1",
+    )  # fmt: skip
+    assert out.index("round 1: old done") < out.index("round 1: new done"), out
+    assert out.index("round 2: new done") < out.index("round 2: old done"), out
+    assert re.search(r"eagle_chain B1 T0 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+", out), out
+    import json
+
+    saved = json.loads(out_file.read_text())
+    assert len(saved["runs"]["old"]) == len(saved["runs"]["new"]) == 2
+    row = saved["summary"]["eagle_chain B1 T0"]
+    assert row["old_tau"] == row["new_tau"] > 1  # the same code and prompts: the same greedy rounds
+    assert row["new_over_old_speedup"] > 0
+
+
 def test_bench_loop_times_fixed_trees_over_several_prompt_sets():
     out = _run(
         "bench_loop.py", "--trees", "2/2/4", "chain", "--batch", "1", "--temperature", "0", "--new-tokens", "8",
