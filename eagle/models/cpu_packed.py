@@ -33,8 +33,10 @@ verification nearly free on CPU as it is on a GPU (measured with ``python bench/
 --forwards --dtype bfloat16``).
 
 The packed copy is an extra copy of every packed weight (the dense one stays: embeddings, state
-dicts, CUDA and autograd use it), so packing is skipped when it would take more than a quarter of
-the memory available. ``EAGLE_CPU_PACKED_WEIGHTS=0`` turns packing off; ``EAGLE_CPU_AMX_LINEAR=0``
+dicts, CUDA and autograd use it), so packing is skipped, with a warning, when the copies would take
+more than half of the memory available (MemAvailable, capped by a cgroup's limit); until session 31
+a quarter of the free pages, which left a 1B-parameter float32 model unpacked on a 24 GiB machine,
+silently. ``EAGLE_CPU_PACKED_WEIGHTS=0`` turns packing off; ``EAGLE_CPU_AMX_LINEAR=0``
 keeps the oneDNN layout even where AMX tiles are available (``EAGLE_CPU_BF16_PANEL_LINEAR=0``: where
 bfloat16 panels are); ``EAGLE_CPU_PANEL_LINEAR=0`` leaves float32
 weights unpacked (their linears then take ``eagle_C::skinny_linear_f32`` for up to 16 rows, else MKL).
@@ -54,6 +56,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -173,11 +176,39 @@ def cpu_has_amx_bf16() -> bool:
         return False
 
 
-def _available_memory_bytes() -> int | None:
+def _available_memory_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory this process can still take: the kernel's MemAvailable (free pages plus the page cache it
+    can reclaim; free pages alone, where it is missing, read half of a warm machine as used), capped
+    by a cgroup's limit minus its usage (a container's limit, which MemAvailable does not see)."""
+    available = None
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(os.path.join(cgroup, limit_file)) as f:
+                limit = f.read().strip()
+            with open(os.path.join(cgroup, usage_file)) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # ("max", or v1's huge number: no limit)
+            available = min(available, max(int(limit) - usage, 0))
+        break
+    return available
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -194,14 +225,24 @@ def pack_linear_weights(weights: Iterable[torch.Tensor | None]) -> int:
     panels, bfloat16 into AMX tiles or else bf16 panels where possible, else oneDNN's layout; returns how many tensors now
     have a valid packed copy (entries that are not 2-D tensors are skipped). Tensors sharing storage with one packed earlier (a head's
     detached view of the target's lm_head, say) share its packed copy. Nothing is packed when
-    :func:`packing_supported` is false or the copies would take over a quarter of the free memory."""
+    :func:`packing_supported` is false, or (with a warning) when the copies would take over half of the
+    available memory."""
     todo = [w for w in dict.fromkeys(weights, None) if isinstance(w, torch.Tensor) and w.dim() == 2]
     with _PACKING:
         todo = [w for w in todo if packing_supported(w.dtype, w.device) and _valid_copy(w) is None]
         if not todo:
             return 0
         free = _available_memory_bytes()
-        if free is not None and sum(w.numel() * w.element_size() for w in todo) > free // 4:
+        needed = sum(w.numel() * w.element_size() for w in todo)
+        if free is not None and needed > free // 2:
+            warnings.warn(
+                f"not packing {len(todo)} linear weights ({needed / 2**30:.2f} GiB) for this package's CPU "
+                f"kernels: {free / 2**30:.2f} GiB of memory is available, and the copies may take at most "
+                f"half of it. These linears take the dense path: slower for a draft tree's verify, and a "
+                f"verified row may then differ in its last bits from plain decoding (a near-tie can "
+                f"flip a greedy token). EAGLE_CPU_PACKED_WEIGHTS=0 skips packing without this warning",
+                stacklevel=2,
+            )
             return 0
         global _generation
         _generation += 1

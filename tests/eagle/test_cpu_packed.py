@@ -241,8 +241,36 @@ def test_amx_and_dense_models_agree_to_bf16_rounding(tiny_checkpoints, monkeypat
     torch.testing.assert_close(*outs, rtol=0.05, atol=0.05)
 
 
-def test_packing_is_skipped_when_memory_is_short(monkeypatch):
-    monkeypatch.setattr(cpu_packed, "_available_memory_bytes", lambda: 1000)
-    w = bf16(64, 64, seed=13)  # 8 KB > a quarter of 1000 bytes
-    assert pack_linear_weights([w]) == 0
+def test_packing_is_skipped_with_a_warning_when_memory_is_short(monkeypatch):
+    """The copies may take at most half of the available memory. Skipping is said: a float32 model
+    left unpacked is slower to verify and no longer bit-exact against plain decoding (a 1B-parameter
+    float32 model on a 24 GiB machine was skipped silently, at a quarter of the free pages)."""
+    w = bf16(64, 64, seed=13)  # 8 KiB
+    monkeypatch.setattr(cpu_packed, "_available_memory_bytes", lambda: 16 * 1024 - 1)
+    with pytest.warns(UserWarning, match=r"not packing 1 linear weights \(0.00 GiB\).*half of it"):
+        assert pack_linear_weights([w]) == 0
     assert packed_weight(w) is w
+    monkeypatch.setattr(cpu_packed, "_available_memory_bytes", lambda: 16 * 1024)  # (a quarter: skipped)
+    assert pack_linear_weights([w]) == 1
+
+
+def test_available_memory_is_memavailable_capped_by_a_cgroup_limit(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(
+        "MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+    )
+    none = tmp_path / "no-cgroup"
+    assert cpu_packed._available_memory_bytes(str(meminfo), str(none)) == 20000000 * 1024
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("8589934592\n")  # 8 GiB, 6 GiB of it used
+    (v2 / "memory.current").write_text(str(6 * 2**30))
+    assert cpu_packed._available_memory_bytes(str(meminfo), str(v2)) == 2 * 2**30
+    (v2 / "memory.max").write_text("max\n")
+    assert cpu_packed._available_memory_bytes(str(meminfo), str(v2)) == 20000000 * 1024
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(4 * 2**30))
+    (v1 / "memory" / "memory.usage_in_bytes").write_text(str(5 * 2**30))  # over the limit: nothing left
+    assert cpu_packed._available_memory_bytes(str(meminfo), str(v1)) == 0
+    assert cpu_packed._available_memory_bytes(str(tmp_path / "no-meminfo"), str(none)) is not None  # sysconf
