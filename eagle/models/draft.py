@@ -757,26 +757,34 @@ def _check_weights(state: dict[str, torch.Tensor], directory) -> None:
 EMBEDDING_MISMATCH = 0.05
 
 
-def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory, dtype: torch.dtype) -> bool:
+def _holds_target_embedding(state: dict[str, torch.Tensor], target: LlamaModel, dtype: torch.dtype) -> bool:
+    """Whether an EAGLE-1/2 head file's ``embed_tokens.weight`` holds the target's embedding values in
+    the head's ``dtype`` (the usual case: a copy in the target's dtype). The head then shares the
+    target's tensor and computes exactly what its own copy would give, without keeping it twice (1 GB
+    for Llama-3-8B's 128k x 4096 in bf16), and the copy needs no other check: equal values are the
+    target's (a NaN never equals anything). Compared in chunks: a 128k x 4096 table is 2 GB in float32."""
+    embed, ref = state.get("embed_tokens.weight"), target.embed_tokens.weight
+    if embed is None or embed.shape != ref.shape or embed.dtype not in DTYPES.values():
+        return False  # (missing, misshapen or quantised: the checks below say so)
+    for start in range(0, ref.shape[0], 8192):
+        stored = embed[start : start + 8192].to(device="cpu", dtype=dtype)
+        if not torch.equal(stored, ref[start : start + 8192].detach().to(device="cpu", dtype=dtype)):
+            return False
+    return True
+
+
+def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory) -> None:
     """An EAGLE-1/2 head that stores the embedding it was trained with (EAGLE's training freezes its
     target's) must hold this target's: a head trained for another model of the same shape (e.g. a
     Vicuna head on Llama 2) would load and run with an acceptance near zero and no message. (EAGLE-3
-    trainers may train the draft's embedding, so an EAGLE-3 head's own embedding is taken as is.)
-
-    Returns whether ``embed`` and the target's embedding are the same values in the head's ``dtype``
-    (the usual case: a copy in the target's dtype): the head can then share the target's tensor, and
-    computes exactly what its own copy would give, without keeping 1 GB twice (Llama-3-8B's
-    128k x 4096 in bf16)."""
+    trainers may train the draft's embedding, so an EAGLE-3 head's own embedding is taken as is.)"""
     ref = target.embed_tokens.weight
     if embed.shape != ref.shape:
-        return False  # refused by the key check, with the shapes named
+        return  # refused by the key check, with the shapes named
     diff = ref_norm = 0.0
-    exact = True
     for start in range(0, ref.shape[0], 8192):  # float32 in chunks: a 128k x 4096 table is 2 GB
-        stored = embed[start : start + 8192].to(device="cpu")
-        b = ref[start : start + 8192].detach().to(device="cpu")
-        exact = exact and torch.equal(stored.to(dtype), b.to(dtype))
-        a, b = stored.to(torch.float32), b.to(torch.float32)
+        a = embed[start : start + 8192].to(device="cpu", dtype=torch.float32)
+        b = ref[start : start + 8192].detach().to(device="cpu", dtype=torch.float32)
         diff += float((a - b).square().sum())
         ref_norm += float(b.square().sum())
     if not math.isfinite(ref_norm):  # (else read as a mismatch and blamed on a correct head)
@@ -787,7 +795,6 @@ def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory,
             f"{directory}: the head's embed_tokens differs from the target's (relative difference "
             f"{relative:.3f}); this head was trained for another target"
         )
-    return exact
 
 
 def detect_format(state: dict[str, torch.Tensor]) -> str:
@@ -1004,13 +1011,14 @@ def _load_head_files(
         cfg = _with_draft_vocab_size(cfg, state)
     _check_fits_target(cfg, target, kind)
     check_head_dim_supported(cfg, f"draft {directory}/config.json")
+    if kind == "eagle2" and _holds_target_embedding(state, target, dtype):
+        state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}  # the head shares the target's
     _check_weights(state, directory)
     if kind == "eagle3":
         _check_eagle3_variant(cfg)
         eagle3_feature_layers(cfg, target.config.num_layers)  # checked before the head is built
     if kind == "eagle2" and "embed_tokens.weight" in state:  # (its shape is checked below)
-        if _check_embedding_matches(state["embed_tokens.weight"], target, directory, dtype):
-            state = {k: v for k, v in state.items() if k != "embed_tokens.weight"}  # share the target's
+        _check_embedding_matches(state["embed_tokens.weight"], target, directory)
     if kind == "eagle2":
         check_keys(state, _eagle2_shapes(cfg), what="EAGLE-1/2 checkpoint", optional=["embed_tokens.weight"])
         state = state | fuse_layer_tensors(state, "layers.0.")

@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from eagle.models import Eagle2Head, Eagle3Head, load_draft, load_target, random_draft, save_draft
+from eagle.models import draft as draft_module
 from tests.eagle.conftest import eagle2_state, eagle3_state, head_config, write_head
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -289,7 +290,7 @@ def test_mismatched_eagle2_heads_are_refused(tmp_path, target, target_config):
 
 
 def test_an_eagle2_head_holding_exactly_its_targets_embedding_shares_the_targets_tensor(
-    tmp_path, tiny_checkpoints, target, target_config
+    tmp_path, tiny_checkpoints, target, target_config, monkeypatch
 ):
     """Official EAGLE-1/2 heads store the target's frozen embedding (1 GB for Llama-3-8B in bf16). A
     file that holds the target's values (in the head's dtype) is not kept a second time: the head
@@ -300,8 +301,13 @@ def test_an_eagle2_head_holding_exactly_its_targets_embedding_shares_the_targets
     exact = _write_eagle2(
         tmp_path, target_config, "exact", state_edit=lambda s: s | {"embed_tokens.weight": embed}
     )
+    checked = []  # (the equal copy needs no other check: a 1B model's took 7 s more to load)
+    real_check_weights = draft_module._check_weights
+    monkeypatch.setattr(
+        draft_module, "_check_weights", lambda st, d: checked.append(set(st)) or real_check_weights(st, d)
+    )
     head = load_draft(exact, target16)
-    assert not head.owns_embedding
+    assert not head.owns_embedding and "embed_tokens.weight" not in checked[-1]
     assert head.embed_weight.data_ptr() == embed.data_ptr()
     saved = load_file(save_draft(head, tmp_path / "resaved") / "model.safetensors")
     assert torch.equal(saved["embed_tokens.weight"], embed)
@@ -313,6 +319,7 @@ def test_an_eagle2_head_holding_exactly_its_targets_embedding_shares_the_targets
     )
     head = load_draft(own, target16)
     assert head.owns_embedding and torch.equal(head.embed_weight, nudged)
+    assert "embed_tokens.weight" in checked[-1]
     head = load_draft(exact, target)  # the float64 target's values, rounded to float16 in the file
     assert head.owns_embedding and torch.equal(head.embed_weight, embed.double())
 
