@@ -883,9 +883,11 @@ def load_target(
     directory = resolve_checkpoint(path)
     cfg = ModelConfig.from_json(directory)
     check_head_dim_supported(cfg, directory)
-    raw = read_state_dict(directory)
+    dtype = resolve_dtype(dtype)
+    raw = read_state_dict(directory, dtype)  # (converted as read: the file's views are not kept)
     cfg = _untied_if_lm_head_differs(cfg, raw, directory)
     state = target_state_from_hf(raw, cfg)
+    del raw  # (the unfused q/k/v and gate/up parts go before the model is built)
     return build_model(cfg, state, dtype, device)
 
 

@@ -79,14 +79,18 @@ def _download_from_hub(name: str) -> Path:
     return Path(snapshot_download(name, allow_patterns=patterns))
 
 
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint in ``directory`` (on CPU, in the file's dtypes)."""
+def read_state_dict(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint in ``directory``, on CPU, in the file's dtypes; or, with ``dtype``,
+    its float16 / bfloat16 / float32 / float64 tensors converted to ``dtype`` as each file is read
+    (other dtypes are left for the caller to refuse), every tensor in memory of its own. safetensors
+    reads tensors as views of the file mapped into memory: a model keeping them would change its
+    weights when the checkpoint is rewritten in place, or crash (SIGBUS) when the file gets shorter."""
     for name in WEIGHT_FILES:
         path = directory / name
         if path.is_file():
             if name.endswith(".index.json"):
-                return _read_sharded(path)
-            return _read_file(path)
+                return _read_sharded(path, dtype)
+            return _read_file(path, dtype)
     raise FileNotFoundError(f"{directory} holds none of the weight files {list(WEIGHT_FILES)}")
 
 
@@ -115,17 +119,33 @@ def _refuse_placeholder(path: Path) -> None:
         )
 
 
-def _read_file(path: Path) -> dict[str, torch.Tensor]:
+def _in_own_memory(state: dict[str, torch.Tensor], dtype: torch.dtype | None, mapped: bool) -> dict:
+    """``state``'s tensors converted to ``dtype`` (compute dtypes only), or copied where they are
+    ``mapped`` views of a file; one at a time, each view dropped once converted (peak: one tensor)."""
+    if dtype is None:
+        return state
+    out = {}
+    for key in list(state):
+        value = state.pop(key)
+        if value.dtype in DTYPES.values() and value.dtype != dtype:
+            out[key] = value.to(dtype)
+        else:
+            out[key] = value.clone() if mapped else value
+    return out
+
+
+def _read_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     _refuse_placeholder(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path), device="cpu")
+            state = load_file(str(path), device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError (or OSError)
             raise ValueError(
                 f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
             ) from exc
+        return _in_own_memory(state, dtype, mapped=True)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:  # OSError: a truncated zip
@@ -135,10 +155,10 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     others = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if others:  # e.g. a training script's step counter saved beside the weights
         raise ValueError(f"{path} holds entries that are not tensors: {abbreviate(others)}")
-    return dict(state)
+    return _in_own_memory(dict(state), dtype, mapped=False)
 
 
-def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _read_sharded(index_path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_path} has no 'weight_map'")
@@ -153,7 +173,7 @@ def _read_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         path = index_path.parent / shard
         if not path.is_file():
             raise FileNotFoundError(f"shard {shard} listed in {index_path.name} is missing")
-        part = _read_file(path)
+        part = _read_file(path, dtype)
         # a tensor in two shards: equal copies are harmless (transformers loads them), but of two
         # different ones which is right is not knowable (a stale copy beside the real one decoded zeros)
         twice = [

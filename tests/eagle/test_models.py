@@ -693,3 +693,25 @@ def test_generation_config_processors_that_are_not_applied_are_warned_about(make
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ModelConfig.from_json(path)
+
+
+def test_a_target_loaded_in_its_files_dtype_owns_its_weights(make_target):
+    """safetensors reads tensors as views of the memory-mapped file. A target loaded in the file's own
+    dtype kept them: a checkpoint rewritten in place (a re-export, a training run saving over it)
+    changed the running model's weights, or crashed it with SIGBUS when the file got shorter."""
+    from safetensors.torch import load_file, save
+
+    _, directory = make_target("llama", seed=11)
+    file = directory / "model.safetensors"
+    stored = load_file(str(file))
+    dtype = stored["model.embed_tokens.weight"].dtype
+    target = load_target(directory, dtype=dtype)  # the file's dtype: nothing to convert
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        before = target(ids, target.new_cache(1, 8)).logits
+    rewritten = save({k: torch.randn_like(v) for k, v in stored.items()}, metadata={"format": "pt"})
+    assert len(rewritten) == file.stat().st_size  # the same header: only the values move
+    with open(file, "r+b") as f:  # in place, as a writer that does not truncate first
+        f.write(rewritten)
+    with torch.inference_mode():
+        assert torch.equal(target(ids, target.new_cache(1, 8)).logits, before)
