@@ -49,6 +49,10 @@ WIDENING_GAIN = 0.17
 ACCEPT_RATE = 0.75  # per-token acceptance of trained EAGLE heads (EAGLE paper: alpha ~0.7-0.8)
 PREFIX = 128
 ROUNDS = 5  # timed rounds of the probe, each calling every candidate width once
+# ... at most: a probe stops after the rounds that fit in about this many seconds, as estimated from
+# its untimed warm-up round, and runs at least one. A 1B-parameter model's forwards on a CPU take
+# 0.1-1 s each, and 5 rounds of 8 widths made its first dynamic-tree call wait ~10 s before decoding
+PROBE_BUDGET_S = 2.0
 # (id(target), id(head), device, batch, fraction) -> (weakrefs to the target and head, verify and level
 # timings); the weakrefs tell a model apart from a later one that got the same id after the first was freed
 _TIMINGS: dict[tuple, tuple[weakref.ref, weakref.ref | None, dict[int, float], dict[int, float]]] = {}
@@ -114,11 +118,15 @@ def _sync(device: torch.device) -> None:
 
 
 def _interleaved_best(
-    calls: dict[int, Callable[[], object]], device: torch.device, rounds: int = ROUNDS
+    calls: dict[int, Callable[[], object]],
+    device: torch.device,
+    rounds: int = ROUNDS,
+    budget_s: float = PROBE_BUDGET_S,
 ) -> dict[int, float]:
     """The quickest of ``rounds`` timed calls of each of ``calls`` (key -> zero-argument function),
     after one untimed warm-up round; each round calls every function once, in turn, in the keys' order
-    on even rounds and the reverse on odd ones (so that no key always follows the same one).
+    on even rounds and the reverse on odd ones (so that no key always follows the same one). Fewer
+    rounds (at least one) where ``rounds`` warm-up rounds would take over ``budget_s`` seconds.
 
     Timed one after another (best of 3 each, the probe before session 20), the first candidate of
     each kind ran slow on a quiet machine: the 1-row draft level 11-14% above the 2-row one and the
@@ -130,8 +138,14 @@ def _interleaved_best(
     process to the next there about as often as before (near-ties under the acceptance model;
     ``bench/results/autotree_stability_cpu_bfloat16*.json``).
     """
+    _sync(device)
+    started = time.perf_counter()
     for fn in calls.values():
         fn()
+    _sync(device)
+    warm_up = time.perf_counter() - started
+    if warm_up * rounds > budget_s:
+        rounds = max(1, int(budget_s / warm_up))
     best = dict.fromkeys(calls, math.inf)
     order = list(calls)
     for r in range(rounds):

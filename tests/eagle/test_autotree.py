@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -78,9 +80,28 @@ def test_probe_times_every_width_once_per_round_and_keeps_the_quickest(monkeypat
         return run
 
     rounds = 4
-    best = autotree._interleaved_best({w: call(w) for w in (1, 2, 3)}, torch.device("cpu"), rounds)
+    best = autotree._interleaved_best({w: call(w) for w in (1, 2, 3)}, torch.device("cpu"), rounds, math.inf)
     assert order == [1, 2, 3] + [1, 2, 3, 3, 2, 1] * (rounds // 2)
     assert best == {1: 1.0, 2: 2.0, 3: 3.0}
+
+
+def test_a_probe_of_slow_forwards_runs_the_rounds_its_time_budget_holds(monkeypatch):
+    """The untimed warm-up round (here 6 s of fake time) sets how many timed rounds fit in the budget:
+    a big model's first dynamic-tree call timed 5 rounds of forwards that take ~1 s each on a CPU."""
+    from types import SimpleNamespace
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(autotree, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    order = []
+
+    def call(width):
+        return lambda: order.append(width) or clock.__setitem__("now", clock["now"] + width)
+
+    calls = {w: call(w) for w in (1, 2, 3)}
+    for budget, timed_rounds in ((13.0, 2), (5.0, 1), (1000.0, 5)):
+        order.clear()
+        best = autotree._interleaved_best(calls, torch.device("cpu"), 5, budget)
+        assert len(order) == 3 * (1 + timed_rounds) and best == {1: 1.0, 2: 2.0, 3: 3.0}
 
 
 def test_lower_envelope_takes_a_narrower_width_as_no_slower_than_a_wider_one():
