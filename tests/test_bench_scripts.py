@@ -157,6 +157,16 @@ def test_ab_commits_compares_two_checkouts_by_their_own_ratios(tmp_path):
     assert row["new_over_old_speedup"] > 0
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status (Linux)")
+def test_load_memory_reports_a_targets_load_time_and_memory(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert "wrote" in _run("load_memory.py", "--target", str(ckpt), "--make", "64,128,2,256")
+    out = _run("load_memory.py", "--target", str(ckpt), "--rounds", "1", "--dtypes", "bfloat16")
+    assert re.search(
+        r"bfloat16 +load [\d.]+ s, peak \d+ MB over start; after: anon \d+ MB, file-backed \d+ MB", out
+    ), out
+
+
 def test_bench_loop_times_fixed_trees_over_several_prompt_sets():
     out = _run(
         "bench_loop.py", "--trees", "2/2/4", "chain", "--batch", "1", "--temperature", "0", "--new-tokens", "8",
