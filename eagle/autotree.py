@@ -49,9 +49,9 @@ WIDENING_GAIN = 0.17
 ACCEPT_RATE = 0.75  # per-token acceptance of trained EAGLE heads (EAGLE paper: alpha ~0.7-0.8)
 PREFIX = 128
 ROUNDS = 5  # timed rounds of the probe, each calling every candidate width once
-# ... at most: a probe stops after the rounds that fit in about this many seconds, as estimated from
-# its untimed warm-up round, and runs at least one. A 1B-parameter model's forwards on a CPU take
-# 0.1-1 s each, and 5 rounds of 8 widths made its first dynamic-tree call wait ~10 s before decoding
+# Fewer timed rounds where ROUNDS would take longer than this many seconds (estimated from the probe's
+# untimed warm-up round; at least one): a 1B-parameter model's forwards on a CPU take 0.1-1 s each,
+# and 5 rounds of 8 widths made its first dynamic-tree call wait ~10 s before decoding
 PROBE_BUDGET_S = 2.0
 # (id(target), id(head), device, batch, fraction) -> (weakrefs to the target and head, verify and level
 # timings); the weakrefs tell a model apart from a later one that got the same id after the first was freed
