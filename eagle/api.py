@@ -7,7 +7,7 @@ import numbers
 import operator
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,11 +279,18 @@ class EagleModel:
             )
         if len(prompts) == 0:
             raise ValueError("prompts is empty")
+        if isinstance(prompts, Sequence) and isinstance(prompts[0], Mapping):
+            raise TypeError(
+                "prompts must be a list of prompts: a conversation (a list of messages) is one prompt, "
+                "pass [messages]"
+            )
         return [self._encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
 
     def _encode_prompt(self, p, name: str) -> list[int]:
-        """One prompt (text or token ids) as checked token ids; errors call it ``name``."""
-        if isinstance(p, str):
+        """One prompt (text, token ids, or a conversation) as checked token ids; errors call it ``name``."""
+        if _is_conversation(p):
+            ids = self._apply_chat_template(p, name)
+        elif isinstance(p, str):
             if self.tokenizer is None:
                 raise ValueError("string prompts need a tokenizer; this checkpoint has none, pass token ids")
             _check_encodable(p, name)
@@ -300,6 +307,28 @@ class EagleModel:
         if bad:
             raise ValueError(f"{name} holds token ids outside the vocabulary [0, {V}): {bad[:5]}")
         return ids
+
+    def _apply_chat_template(self, messages: Sequence[Mapping], name: str) -> list[int]:
+        """A conversation's token ids by the tokenizer's chat template, with the prompt that opens the
+        assistant's turn (EAGLE heads of chat models were trained on such prompts): the template's
+        text, tokenized without adding special tokens (the template writes its own BOS)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{name} is a conversation, which needs a tokenizer; this checkpoint has none")
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{name} is a conversation, and this checkpoint's tokenizer has no chat template "
+                "(tokenizer_config.json's chat_template): pass text or token ids, or set "
+                "model.tokenizer.chat_template"
+            )
+        for i, message in enumerate(messages):
+            if not isinstance(message.get("role"), str) or "content" not in message:
+                raise ValueError(
+                    f"{name}: message {i} needs a 'role' (str) and a 'content', got {dict(message)!r}"
+                )
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def _eos(self, eos_token_id) -> list[int]:
         """The stop ids: ``eos_token_id`` when given, else, as transformers' generate, the
@@ -355,10 +384,12 @@ class EagleModel:
 
         Parameters
         ----------
-        prompts : list of str, or list of token-id lists (or a 2-D integer array / tensor)
+        prompts : list of str, of token-id lists (or a 2-D integer array / tensor), or of conversations
             One entry per sequence; lengths may differ. Strings go through the target's tokenizer
-            with its own convention (a Llama tokenizer adds BOS). A single prompt must still be a
-            list (``["def f():"]``).
+            with its own convention (a Llama tokenizer adds BOS). A conversation, a list of
+            ``{"role": ..., "content": ...}`` messages, goes through the tokenizer's chat template with
+            the assistant's turn opened (as chat models and their EAGLE heads expect). A single prompt
+            must still be a list (``["def f():"]``, ``[messages]``).
         max_new_tokens : int >= 1
             New tokens per prompt, the stop token included; prompt + new tokens must fit the target's
             ``max_position_embeddings`` (checked before any work).
@@ -446,7 +477,7 @@ class EagleModel:
     def _encode_one(self, prompt) -> list[int]:
         """:meth:`stream`'s one prompt as token ids, with errors about one prompt (:meth:`_encode`'s
         speak of a list of prompts, the opposite advice here)."""
-        what = "stream() takes one prompt: a str or a 1-D sequence of token ids"
+        what = "stream() takes one prompt: a str, a 1-D sequence of token ids or a conversation"
         if is_array(prompt):
             if prompt.ndim != 1:
                 raise TypeError(f"{what}, got an array of shape {tuple(prompt.shape)}")
@@ -622,6 +653,16 @@ def _check_encodable(text: str, name: str) -> None:
             f"{name} is not valid UTF-8 text: byte {raw[:1].hex(' ')} (0x{raw[0]:02x}) at character "
             f"{err.start} cannot be decoded"
         ) from None
+
+
+def _is_conversation(prompt) -> bool:
+    """A chat conversation: a non-empty list of message mappings (``{"role": ..., "content": ...}``)."""
+    return (
+        isinstance(prompt, Sequence)
+        and not isinstance(prompt, (str, bytes, bytearray))
+        and len(prompt) > 0
+        and all(isinstance(m, Mapping) for m in prompt)
+    )
 
 
 def _token_ids(prompt, name: str) -> list[int]:

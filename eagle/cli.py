@@ -208,7 +208,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from eagle.api import _check_encodable
 
     _check_encodable(prompt, "prompt 0")
-    ids = model.tokenizer(prompt, verbose=False)["input_ids"]
+    if args.chat:  # one user message through the chat template, the assistant's turn opened
+        ids = model._apply_chat_template([{"role": "user", "content": prompt}], "the prompt")
+    else:
+        ids = model.tokenizer(prompt, verbose=False)["input_ids"]
     setup = time.perf_counter()
     tokens, lengths, shown = [], [], ""
     chunks = model.stream(
@@ -424,6 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
         "or has exactly the same distribution (sampling).",
     )
     gen.add_argument("prompt", nargs="?", help="the prompt text (read from stdin when omitted)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user message through the tokenizer's chat template (chat models, "
+        "whose EAGLE heads were trained on such prompts)",
+    )
     gen.add_argument(
         "--target", default="tiny-code", help="target checkpoint dir / hub id, or tiny-code (default)"
     )

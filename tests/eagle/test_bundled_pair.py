@@ -137,3 +137,34 @@ def test_one_model_serves_calls_from_several_threads_at_once():
         if result.speculation is not None:  # auto: its rounds and plain steps are those forwards
             counts = result.speculation["rounds"] + result.speculation["plain_steps"]
             assert counts == len(result.accept_lengths[0])
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
+
+
+def test_a_conversation_prompt_goes_through_the_chat_template():
+    """Official EAGLE heads are for chat models, trained on chat-formatted prompts: a prompt may be a
+    conversation (a list of role / content messages), encoded by the tokenizer's chat template with
+    the assistant's turn opened, in generate and stream alike; misuse is named."""
+    model = eagle.load("tiny-code", dtype=torch.float32)
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "def fibonacci(n):"}]
+    text = "### user:\ndef fibonacci(n):\n### assistant:\n"
+    want = model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    res = model.generate([messages, PROMPTS[0]], 12, eos_token_id=[])
+    assert res.tokens == model.generate([want, PROMPTS[0]], 12, eos_token_id=[]).tokens
+    assert [t for chunk in model.stream(messages, 12, eos_token_id=[]) for t in chunk] == res.tokens[0]
+    with pytest.raises(
+        TypeError, match=r"a conversation \(a list of messages\) is one prompt, pass \[messages\]"
+    ):
+        model.generate(messages, 4)
+    with pytest.raises(ValueError, match="prompt 0: message 0 needs a 'role'"):
+        model.generate([[{"content": "x"}]], 4)
+    model.tokenizer.chat_template = None
+    with pytest.raises(
+        ValueError, match="the prompt is a conversation, and this checkpoint's tokenizer has no chat"
+    ):
+        model.stream(messages, 4)

@@ -93,6 +93,28 @@ def test_generate_cli_streams_text_and_reports_tau(tmp_path, capsys):
     assert main([*no_head, "--no-speculative", "-q"]) == 0
 
 
+def test_generate_cli_chat_sends_the_prompt_as_a_user_message(tmp_path, capsys):
+    """--chat: the prompt goes through the tokenizer's chat template as one user message (the API's
+    conversation prompt); without a template the command says so."""
+    from transformers import PreTrainedTokenizerFast
+
+    import eagle
+
+    target_dir, draft_dir = _tiny_pair_with_tokenizer(tmp_path)
+    args = ["generate", "def f(x):", "--target", str(target_dir), "--draft", str(draft_dir), "-n", "10"]
+    assert main([*args, "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(target_dir)
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}<bot>"
+    tokenizer.save_pretrained(target_dir)
+    assert main([*args, "--chat"]) == 0
+    out = capsys.readouterr().out
+    model = eagle.load(str(target_dir), str(draft_dir))
+    reply = model.generate([[{"role": "user", "content": "def f(x):"}]], 10).texts[0]
+    assert out.startswith("def f(x):") and reply in out[len("def f(x):") :]
+    assert main(args) == 0 and capsys.readouterr().out != out  # (the template changed the reply)
+
+
 def test_generate_cli_auto_prints_the_same_greedy_text(tmp_path, capsys):
     import pytest
 

@@ -235,7 +235,7 @@ def test_streams_bad_prompts_get_messages_about_one_prompt(pairs):
     """stream() takes one prompt; its errors came from generate()'s checks, which told a caller passing
     an int to pass "not a single prompt" and spoke of "prompt 0"."""
     _, model = pairs["eagle2-s0"]
-    one = r"stream\(\) takes one prompt: a str or a 1-D sequence of token ids"
+    one = r"stream\(\) takes one prompt: a str, a 1-D sequence of token ids or a conversation"
     for bad, error, message in [
         (5, TypeError, one + ", got int"),
         ([[1, 2], [3]], TypeError, one + r", not a list of prompts \(generate\(\) takes a batch\)"),
