@@ -1,6 +1,10 @@
-"""Helpers shared by the CPU linear-layout tests (float32 panels, bf16 panels, AMX tiles)."""
+"""Helpers shared by tests: the CPU linear-layout tests (float32 panels, bf16 panels, AMX tiles), and
+calls made from several threads at once."""
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -37,3 +41,32 @@ def bf16_logits_with_and_without_packing(
         with torch.inference_mode():
             outs.append(target(ids, target.new_cache(ids.shape[0], 16)).logits.float())
     return outs
+
+
+def call_from_threads(
+    calls: Sequence[Callable[[], object]], threads: int, repeats: int
+) -> dict[tuple, object]:
+    """Run every call ``repeats`` times from each of ``threads`` threads at once, each thread starting
+    at another call; ``{(thread, repeat, call index): result}``. The first exception raised in a
+    thread is raised here, in the caller's."""
+    results: dict[tuple, object] = {}
+    errors: list[BaseException] = []
+
+    def worker(thread: int) -> None:
+        try:
+            for repeat in range(repeats):
+                for i in range(len(calls)):
+                    j = (i + thread) % len(calls)
+                    results[(thread, repeat, j)] = calls[j]()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+            errors.append(e)
+
+    running = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in running:
+        t.start()
+    for t in running:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert len(results) == threads * repeats * len(calls)
+    return results

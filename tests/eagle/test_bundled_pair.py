@@ -7,6 +7,7 @@ import torch
 
 import eagle
 from eagle.api import ASSETS, BUNDLED
+from tests.eagle.helpers import call_from_threads
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\nclass Config:\n    def __init__(self, path):\n"]
 NEW_TOKENS = 24
@@ -98,8 +99,6 @@ def test_one_model_serves_calls_from_several_threads_at_once():
     the tokens it gives alone (greedy with the dynamic tree, which refits between calls; sampled
     with a seed and a fixed tree; speculative="auto"; plain sampled decoding; a batch of two). The
     C++ ops run without the GIL, so the calls really overlap."""
-    import threading
-
     model = eagle.load("tiny-code", dtype=torch.float32)
     calls = [
         lambda: model.generate(PROMPTS[:1], 16, eos_token_id=[]),
@@ -110,28 +109,9 @@ def test_one_model_serves_calls_from_several_threads_at_once():
         lambda: model.generate(PROMPTS, 16, eos_token_id=[], speculative=False, temperature=1.0, seed=7),
     ]
     alone = [call().tokens for call in calls]
-    results: dict[tuple[int, int], eagle.GenerateResult] = {}
-    errors: list[BaseException] = []
-
-    def worker(thread: int) -> None:
-        try:
-            for repeat in range(3):
-                for i in range(len(calls)):  # each thread starts at another call
-                    j = (i + thread) % len(calls)
-                    results[(thread, repeat * len(calls) + j)] = calls[j]()
-        except BaseException as e:  # noqa: BLE001 - re-raised below, in the test's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    assert len(results) == 3 * 3 * len(calls)
-    for (_, index), result in results.items():
-        assert result.tokens == alone[index % len(calls)], index % len(calls)
+    results = call_from_threads(calls, threads=3, repeats=3)
+    for (_, _, j), result in results.items():
+        assert result.tokens == alone[j], j
         # each call's own record: its rows' forwards after the prefill emitted the rest of its tokens
         assert [sum(a) + 1 for a in result.accept_lengths] == [len(t) for t in result.tokens]
         if result.speculation is not None:  # auto: its rounds and plain steps are those forwards

@@ -13,6 +13,7 @@ import eagle
 from eagle.adaptive import AutoSpeculation
 from eagle.speculate import SpeculativeDecoder
 from eagle.tree import TreeConfig
+from tests.eagle.helpers import call_from_threads
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n", "class Stack:\n    def push(self, item):\n"]
 
@@ -156,8 +157,6 @@ def test_calls_from_several_threads_capture_and_replay_their_own_graphs(cuda_pai
     """A server's threads share the model: each call, run while others capture or replay their
     graphs (batch sizes 1, 2 and 3, speculative and plain), gives its eager tokens, and no capture
     fails (another thread's allocations and syncs during a capture must not break it)."""
-    import threading
-
     cuda_pair.release_buffers()
     calls = [
         dict(prompts=PROMPTS[:1], speculative=True),
@@ -171,28 +170,12 @@ def test_calls_from_several_threads_capture_and_replay_their_own_graphs(cuda_pai
         return cuda_pair.generate(call["prompts"], 24, eos_token_id=[], cuda_graph=graphs, **kw).tokens
 
     eager = [run(call, False) for call in calls]
-    results, errors = {}, []
-
-    def worker(thread):
-        try:
-            for repeat in range(2):
-                for i in range(len(calls)):
-                    j = (i + thread) % len(calls)
-                    results[(thread, repeat, j)] = run(calls[j], True)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(e)
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    if errors:
-        raise errors[0]
+        results = call_from_threads(
+            [lambda call=call: run(call, True) for call in calls], threads=3, repeats=2
+        )
     assert not [w for w in caught if "capture failed" in str(w.message)]
-    assert len(results) == 3 * 2 * len(calls)
     for (_, _, j), tokens in results.items():
         assert tokens == eager[j], j
     cuda_pair.release_buffers()
