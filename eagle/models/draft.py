@@ -762,15 +762,19 @@ def _holds_target_embedding(state: dict[str, torch.Tensor], target: LlamaModel, 
     the head's ``dtype`` (the usual case: a copy in the target's dtype). The head then shares the
     target's tensor and computes exactly what its own copy would give, without keeping it twice (1 GB
     for Llama-3-8B's 128k x 4096 in bf16), and the copy needs no other check: equal values are the
-    target's (a NaN never equals anything). Compared in chunks: a 128k x 4096 table is 2 GB in float32."""
+    target's (a NaN never equals anything)."""
     embed, ref = state.get("embed_tokens.weight"), target.embed_tokens.weight
     if embed is None or embed.shape != ref.shape or embed.dtype not in DTYPES.values():
         return False  # (missing, misshapen or quantised: the checks below say so)
+    return all(torch.equal(a, b) for a, b in _row_chunks(embed, ref, dtype))
+
+
+def _row_chunks(embed: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype):
+    """``(embed rows, ref rows)`` 8192 rows at a time, on CPU in ``dtype``: a 128k x 4096 table is 2 GB
+    in float32, so the two tables are compared a slice at a time."""
     for start in range(0, ref.shape[0], 8192):
-        stored = embed[start : start + 8192].to(device="cpu", dtype=dtype)
-        if not torch.equal(stored, ref[start : start + 8192].detach().to(device="cpu", dtype=dtype)):
-            return False
-    return True
+        rows = slice(start, start + 8192)
+        yield embed[rows].to(device="cpu", dtype=dtype), ref[rows].detach().to(device="cpu", dtype=dtype)
 
 
 def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory) -> None:
@@ -782,9 +786,7 @@ def _check_embedding_matches(embed: torch.Tensor, target: LlamaModel, directory)
     if embed.shape != ref.shape:
         return  # refused by the key check, with the shapes named
     diff = ref_norm = 0.0
-    for start in range(0, ref.shape[0], 8192):  # float32 in chunks: a 128k x 4096 table is 2 GB
-        a = embed[start : start + 8192].to(device="cpu", dtype=torch.float32)
-        b = ref[start : start + 8192].detach().to(device="cpu", dtype=torch.float32)
+    for a, b in _row_chunks(embed, ref, torch.float32):
         diff += float((a - b).square().sum())
         ref_norm += float(b.square().sum())
     if not math.isfinite(ref_norm):  # (else read as a mismatch and blamed on a correct head)
