@@ -558,9 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     formatwarning = warnings.formatwarning
-    if not os.environ.get(
-        "EAGLE_DEBUG"
-    ):  # a one-line note, as the errors below (EAGLE_DEBUG=1: the source line)
+    # a one-line note, as the errors below (EAGLE_DEBUG=1 keeps Python's format, with the source line)
+    if not os.environ.get("EAGLE_DEBUG"):
         warnings.formatwarning = lambda message, category, *_, **__: (
             f"eagle {args.command}: {category.__name__}: {message}\n"
         )
