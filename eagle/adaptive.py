@@ -64,7 +64,8 @@ class AutoSpeculation:
     """Chooses speculative rounds or plain steps, phase by phase (see the module docstring).
 
     Use: ``mode = policy.next_mode()``, run one forward of that mode over ``rows`` sequences, then
-    ``policy.record(tokens_emitted, seconds, rows)``."""
+    ``policy.record(tokens_emitted, seconds, rows)``; or, in a plain phase, up to
+    ``policy.plain_forwards_ahead()`` plain steps back to back, then one ``record(..., forwards=n)``."""
 
     probe_rounds: int = 4
     plain_probe_steps: int = 2
@@ -109,25 +110,47 @@ class AutoSpeculation:
         """:data:`SPECULATE` or :data:`PLAIN` for the next forward."""
         return self._phase.mode
 
-    def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
-        """The forward just run over ``rows`` sequences emitted ``tokens`` tokens in ``seconds``."""
-        if tokens < 0 or not seconds >= 0 or rows < 1:
+    def plain_forwards_ahead(self) -> int:
+        """How many plain steps may run back to back from here, recorded as one batch (``record(...,
+        forwards=n)``) with nothing changing the choice in between: the rest of the current plain
+        phase, 1 while the first plain forwards are left untimed, 0 when the next forward is a round."""
+        phase = self._phase
+        if phase.mode != PLAIN:
+            return 0
+        if self._untimed[PLAIN]:
+            return 1
+        return phase.length - phase.done
+
+    def record(self, tokens: int, seconds: float, rows: int = 1, forwards: int = 1) -> None:
+        """The forward just run over ``rows`` sequences emitted ``tokens`` tokens in ``seconds``; or
+        ``forwards`` plain steps run back to back did, together (at most :meth:`plain_forwards_ahead`),
+        counted as that many forwards of equal share."""
+        if tokens < 0 or not seconds >= 0 or rows < 1 or forwards < 1:
             raise ValueError(
-                f"record: tokens >= 0, seconds >= 0 and rows >= 1 needed, got {tokens}, {seconds}, {rows}"
+                "record: tokens >= 0, seconds >= 0, rows >= 1 and forwards >= 1 needed, got "
+                f"{tokens}, {seconds}, {rows}, {forwards}"
             )
         phase = self._phase
-        phase.done += 1
+        if forwards > 1 and forwards > self.plain_forwards_ahead():
+            raise ValueError(
+                f"record: {forwards} forwards at once, but only {self.plain_forwards_ahead()} plain "
+                "steps may run back to back here (plain_forwards_ahead)"
+            )
+        phase.done += forwards
         if phase.mode == SPECULATE:
             self.rounds += 1
         else:
-            self.plain_steps += 1
+            self.plain_steps += forwards
         self._rows_class = 1 << (rows - 1).bit_length()
         sums = self._class_sums()[phase.mode]
         if self._untimed[phase.mode]:
             self._untimed[phase.mode] -= 1
         else:
-            sums[0] = self.decay * sums[0] + tokens
-            sums[1] = self.decay * sums[1] + seconds
+            # as `forwards` records of tokens / forwards and seconds / forwards each, one after another
+            decayed = self.decay**forwards
+            share = sum(self.decay**i for i in range(forwards)) / forwards
+            sums[0] = decayed * sums[0] + share * tokens
+            sums[1] = decayed * sums[1] + share * seconds
         if phase.done >= phase.length:
             self._phase = self._after(phase)
 

@@ -459,7 +459,11 @@ class EagleModel:
             raise ValueError(f"speculative={speculative!r} needs a draft head: pass draft=... to eagle.load")
         tokens: list[list[int]] = [[] for _ in ids]
         decoder = self._decoder(tree, len(ids), cuda_graph, sampling, seed is not None)
-        for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
+        # (auto: a plain phase's steps run back to back, no emission between them: nothing streams)
+        emissions = decoder.run(
+            ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto, plain_chunk=max_new_tokens
+        )
+        for emission in emissions:
             for row, new in zip(emission.rows, emission.tokens):
                 tokens[row].extend(new)
         # (this run's record: the decoder's accept_lengths() may be another thread's run by now)

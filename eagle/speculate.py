@@ -288,6 +288,13 @@ _CATCH_UP_ROWS = 256
 _NO_NONFINITE_ROW = 2**62
 
 
+def _reads_each_step_at_once(device: torch.device) -> bool:
+    """Whether a chunk of plain steps (:meth:`SpeculativeDecoder._plain_steps`) reads each step's
+    tokens right after it: on CPU the step has run by then; on CUDA reading would wait for it, so
+    the chunk reads the step before's while the current one is queued."""
+    return device.type == "cpu"
+
+
 class SpeculativeDecoder:
     """EAGLE decoding of one target with one draft head (see the module docstring)."""
 
@@ -372,6 +379,7 @@ class SpeculativeDecoder:
         seed: int | None = None,
         profile: bool = False,
         auto: bool | AutoSpeculation = False,
+        plain_chunk: int = 1,
     ) -> Iterator[Emission]:
         """Yield the tokens of every forward (prefill first, then one per round) until all rows finish.
 
@@ -380,7 +388,18 @@ class SpeculativeDecoder:
         parameters, carried on from its last such run (a fresh one the first time); or an
         :class:`~eagle.adaptive.AutoSpeculation` to use. Greedy tokens are the same either way; see the
         module for sampling. Not with ``cuda_graph``. The run's policy (counts, speeds) is its
-        emissions' ``auto`` (and :attr:`last_auto`, that of the decoder's most recently started run)."""
+        emissions' ``auto`` (and :attr:`last_auto`, that of the decoder's most recently started run).
+
+        ``plain_chunk``: with ``auto``, run up to this many of a plain phase's steps back to back
+        and emit their tokens together (one emission, one policy record): a plain step's Python
+        around the forward (emission, policy, retirement) then runs once per chunk, and on CUDA
+        the steps queue without a host synchronisation between them. A chunk ends after the step
+        where a row emits an end-of-sequence token (on CUDA one step later: the check reads the
+        step before, not to wait for the current one), so that the row retires as it would after
+        a single step, and never runs past a row's budget. 1 (the default): an emission per step,
+        for streaming."""
+        if isinstance(plain_chunk, bool) or not isinstance(plain_chunk, int) or plain_chunk < 1:
+            raise ValueError(f"plain_chunk must be an int >= 1, got {plain_chunk!r}")
         device = self.target.device
         if auto and (self.cuda_graph or self._reuse_buffers):  # (a reused state has no deferred prefill)
             raise ValueError(
@@ -415,8 +434,14 @@ class SpeculativeDecoder:
             while state is not None:
                 started = time.perf_counter()
                 backlog_seconds = 0.0
+                forwards = 1
                 if policy is not None and policy.next_mode() == PLAIN:
-                    new_tokens, counts = self._plain_step(state, sampling)
+                    running = frozen.active if frozen is not None else range(len(state.emitted))
+                    room = min(max_new_tokens - state.emitted[i] for i in running)
+                    # (max: a policy subclassing next_mode alone may say 0 ahead)
+                    steps = min(plain_chunk, max(1, policy.plain_forwards_ahead()), room)
+                    new_tokens, counts = self._plain_steps(state, sampling, steps, stop, frozen)
+                    forwards = new_tokens.shape[1]
                     nonfinite_from = None  # (a plain step's NaN/inf is the flag's: only live rows count)
                 else:
                     backlog_seconds = self._catch_up(state)
@@ -435,6 +460,7 @@ class SpeculativeDecoder:
                     record=True,
                     active=active,
                     nonfinite_from=nonfinite_from,
+                    forwards=forwards,
                 )
                 emission.auto = policy
                 if policy is not None:  # the forward and its host synchronisation (in _emit)
@@ -444,7 +470,11 @@ class SpeculativeDecoder:
                     seconds = time.perf_counter() - started - backlog_seconds
                     if backlog_seconds:
                         policy.charge_plain(backlog_seconds, len(emission.rows))
-                    policy.record(sum(map(len, emission.tokens)), seconds, len(emission.rows))
+                    tokens = sum(map(len, emission.tokens))
+                    if forwards == 1:  # (as before plain chunks: a subclass's record may not take forwards)
+                        policy.record(tokens, seconds, len(emission.rows))
+                    else:
+                        policy.record(tokens, seconds, len(emission.rows), forwards=forwards)
                 state, frozen = self._retire_finished(state, emission.finished, frozen)
                 if self.times is not None:
                     self.times.other += time.perf_counter() - t0
@@ -679,6 +709,30 @@ class SpeculativeDecoder:
         if ones is None:  # (only read: the same tensor serves every step)
             ones = self._ones[(b, token.device)] = torch.ones(b, dtype=torch.int64, device=token.device)
         return token[:, None], ones
+
+    def _plain_steps(
+        self, s: _Batch, sampling: SamplingParams, steps: int, stop: set[int], frozen: _Frozen | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``steps`` :meth:`_plain_step` calls back to back: ``(new_tokens [b, n], counts [b])``
+        with n <= ``steps`` (every count n). Stops once an active row (not ``frozen``) has emitted a
+        token of ``stop``, so that it retires as after a single step (:meth:`_retire_finished`): on
+        CPU after that step; elsewhere after the next one, since it reads the step before's tokens
+        (computed while the current step is queued) instead of waiting for the current step's."""
+        if steps == 1:
+            return self._plain_step(s, sampling)
+        active = frozen.active if frozen is not None else range(s.root.shape[0])
+        read_current = _reads_each_step_at_once(s.root.device)
+        tokens: list[torch.Tensor] = []
+        for _ in range(steps):
+            tokens.append(self._plain_step(s, sampling)[0])
+            read = tokens[-1] if read_current else tokens[-2] if len(tokens) > 1 else None
+            if stop and read is not None:
+                row_tokens = read[:, 0].tolist()
+                if any(row_tokens[i] in stop for i in active):
+                    break
+        new_tokens = torch.cat(tokens, 1)
+        b, n = new_tokens.shape
+        return new_tokens, torch.full((b,), n, dtype=torch.int64, device=new_tokens.device)
 
     def _cpu_plain_step(self, s: _Batch, sampling: SamplingParams):
         """``(token [b], final hidden [b, 1, H])`` of :meth:`_plain_step` in one C++ call on CPU
@@ -1230,11 +1284,13 @@ class SpeculativeDecoder:
         record: bool,
         active: list[int] | None = None,
         nonfinite_from: torch.Tensor | None = None,
+        forwards: int = 1,
     ) -> Emission:
         """Host side of a forward (one sync): cut each row's tokens at EOS and at its budget.
         ``active``: the batch indices to emit for (default all; frozen rows are left out).
         ``nonfinite_from``: a round's :attr:`_Batch.nonfinite_from`; raises when a row would emit a
-        token from that position on (one that came from NaN/inf logits)."""
+        token from that position on (one that came from NaN/inf logits). ``forwards`` > 1: the
+        tokens of that many plain steps (:meth:`_plain_steps`), recorded as one token per forward."""
         rows, toks, cnts, nonfinite, bad_from = self._read_back(
             s, new_tokens, counts, nonfinite_from=nonfinite_from
         )
@@ -1253,7 +1309,10 @@ class SpeculativeDecoder:
             if bad_from is not None and bad_from[i] < len(seq):
                 raise FloatingPointError(NONFINITE_MESSAGE)
             if record:  # what the round emitted, after the EOS and budget cuts
-                s.accept_lengths[row].append(len(seq))
+                if forwards == 1:
+                    s.accept_lengths[row].append(len(seq))
+                else:  # plain steps: one token each, none after the row's EOS
+                    s.accept_lengths[row].extend([1] * len(seq))
             s.emitted[i] += len(seq)
             emission.tokens.append(seq)
             emission.finished.append(len(seq) == room or (eos_at is not None and eos_at < room))

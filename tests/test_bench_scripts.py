@@ -51,6 +51,18 @@ def test_bench_draft_dtype_reproduces_plain_decoding_with_a_bfloat16_head():
     assert re.search(r"B 2: plain decoding \d+ tok/s", out), out
 
 
+def test_bench_adaptive_times_auto_plain_steps_with_plain_decodings_tokens():
+    out = _run(
+        "bench_adaptive.py", "--new-tokens", "8", "--repeats", "1", "--num-prompts", "2",
+        "--batch", "1", "2", "--temperature", "0", "1", "--no-save",
+    )  # fmt: skip
+    assert "every cell gave plain decoding's tokens" in out, out
+    for b, t in ((1, 0), (1, 1), (2, 0), (2, 1)):
+        assert re.search(
+            rf"B {b}, T {t}: vanilla \d+ tok/s; auto_step \d+ \([\d.]+x\); auto_chunk \d+ \([\d.]+x\)", out
+        ), out
+
+
 def test_sweep_linear_cuda_dry_run_lists_the_tiny_code_shapes():
     out = _run("sweep_linear_cuda.py", "--dry-run")
     assert "1536x256: rows [1, 8, 16, 32, 48, 60, 64, 128]" in out, out

@@ -173,28 +173,95 @@ def test_bad_records_are_refused(args):
         AutoSpeculation().record(*args)
 
 
+def _into_a_plain_run(policy: AutoSpeculation) -> None:
+    """Rounds at 0.75 tokens/s against plain steps at 1: on to the first plain run (after the measuring
+    steps)."""
+    while not (policy.next_mode() == PLAIN and policy.plain_runs == 1):
+        policy.record(3, 4.0) if policy.next_mode() == SPECULATE else policy.record(1, 1.0)
+
+
+def test_plain_forwards_ahead_is_the_rest_of_a_timed_plain_phase():
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=3, min_plain_run=8, warmup=1)
+    assert policy.plain_forwards_ahead() == 0  # rounds first
+    policy.record(3, 4.0)
+    policy.record(3, 4.0)
+    policy.record(3, 4.0)
+    assert policy.next_mode() == PLAIN
+    assert policy.plain_forwards_ahead() == 1  # its first plain step is left untimed: alone
+    policy.record(1, 100.0)
+    assert policy.plain_forwards_ahead() == 3  # the measuring steps
+    policy.record(3, 3.0, forwards=3)
+    assert policy.plain_speed == pytest.approx(1.0)  # the untimed step's 100 s left out
+    assert policy.next_mode() == PLAIN and policy.plain_runs == 1
+    assert policy.plain_forwards_ahead() == 8
+    policy.record(5, 5.0, forwards=5)
+    assert policy.plain_forwards_ahead() == 3 and policy.plain_steps == 9
+
+
+@pytest.mark.parametrize("decay", [0.9, 0.0])
+def test_plain_steps_recorded_at_once_count_as_as_many_equal_steps(decay):
+    """``record(..., forwards=n)`` leaves the policy as n records of an equal share each: the same
+    speeds, counts and later choices."""
+    one, chunked = (AutoSpeculation(probe_rounds=2, plain_probe_steps=1, decay=decay) for _ in range(2))
+    for policy in (one, chunked):
+        _into_a_plain_run(policy)
+    n = one.plain_forwards_ahead()
+    assert n == chunked.plain_forwards_ahead() == one.min_plain_run
+    for _ in range(n):
+        one.record(1, 0.5)
+    chunked.record(n, 0.5 * n, forwards=n)
+    assert chunked.plain_speed == pytest.approx(one.plain_speed, rel=1e-12)
+    assert chunked.plain_steps == one.plain_steps and chunked.next_mode() == one.next_mode() == SPECULATE
+    assert drive(chunked, 40, 4.0, 1.0) == drive(one, 40, 4.0, 1.0)
+
+
+def test_more_plain_steps_at_once_than_the_phase_holds_are_refused():
+    policy = AutoSpeculation(probe_rounds=2, plain_probe_steps=1)
+    with pytest.raises(ValueError, match="plain_forwards_ahead"):
+        policy.record(2, 1.0, forwards=2)  # a round's turn
+    _into_a_plain_run(policy)
+    ahead = policy.plain_forwards_ahead()
+    with pytest.raises(ValueError, match="plain_forwards_ahead"):
+        policy.record(ahead + 1, 1.0, forwards=ahead + 1)
+    with pytest.raises(ValueError, match="forwards >= 1"):
+        policy.record(0, 1.0, forwards=0)
+    assert policy.plain_forwards_ahead() == ahead  # nothing was counted
+
+
 # ---------------------------------------------------------------------------------------------------
 # The decoder: plain steps between rounds
 # ---------------------------------------------------------------------------------------------------
 class Scripted(AutoSpeculation):
-    """A policy that follows a fixed cycle of modes (no timing)."""
+    """A policy that follows a fixed cycle of modes (no timing); a run of "p"s may run as one chunk."""
 
     def __init__(self, script: str) -> None:
         super().__init__()
-        self._modes = itertools.cycle([PLAIN if c == "p" else SPECULATE for c in script])
-        self._next = next(self._modes)
+        self._script = [PLAIN if c == "p" else SPECULATE for c in script]
+        self._at = 0
         self.seen: list[str] = []
+        self.chunks: list[int] = []  # forwards recorded at once, in order
 
     def next_mode(self) -> str:
-        return self._next
+        return self._script[self._at % len(self._script)]
 
-    def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
-        self.seen.append(self._next)
-        if self._next == SPECULATE:
+    def plain_forwards_ahead(self) -> int:
+        if SPECULATE not in self._script:
+            return 10**6
+        n = 0
+        while self._script[(self._at + n) % len(self._script)] == PLAIN:
+            n += 1
+        return n
+
+    def record(self, tokens: int, seconds: float, rows: int = 1, forwards: int = 1) -> None:
+        mode = self.next_mode()
+        assert forwards == 1 or forwards <= self.plain_forwards_ahead()
+        self.seen.extend([mode] * forwards)
+        self.chunks.append(forwards)
+        if mode == SPECULATE:
             self.rounds += 1
         else:
-            self.plain_steps += 1
-        self._next = next(self._modes)
+            self.plain_steps += forwards
+        self._at += forwards
 
 
 def _make_pair(root, seed: int, kind: str):
@@ -221,10 +288,13 @@ def models(tmp_path_factory):
 PROMPTS = [[1, 5, 9, 2], [3, 3, 7, 11, 4, 8, 2], [6]]
 
 
-def _run(model, prompts, n, policy, sampling=GREEDY, eos=(), seed=0, tree=TREE):
+def _run(model, prompts, n, policy, sampling=GREEDY, eos=(), seed=0, tree=TREE, chunk=1):
     decoder = model._decoder(tree, len(prompts))
     tokens = [[] for _ in prompts]
-    for emission in decoder.run(prompts, n, sampling, eos_token_ids=eos, seed=seed, auto=policy):
+    emissions = decoder.run(
+        prompts, n, sampling, eos_token_ids=eos, seed=seed, auto=policy, plain_chunk=chunk
+    )
+    for emission in emissions:
         for row, new in zip(emission.rows, emission.tokens):
             tokens[row].extend(new)
     return tokens, decoder
@@ -232,12 +302,13 @@ def _run(model, prompts, n, policy, sampling=GREEDY, eos=(), seed=0, tree=TREE):
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 @pytest.mark.parametrize("script", ["p", "sp", "sppps", "spppppppp", "pps", "ppppppppppppps"])
-def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, script, monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, script, chunk, monkeypatch):
     monkeypatch.setattr(speculate, "_CATCH_UP_ROWS", 5)  # long plain runs catch up in several forwards
     model = models[kind]
     plain = generate_plain(model.target, PROMPTS, 40)
     policy = Scripted(script)
-    tokens, _ = _run(model, PROMPTS, 40, policy)
+    tokens, _ = _run(model, PROMPTS, 40, policy, chunk=chunk)
     assert tokens == plain
     if "p" in script:
         assert PLAIN in policy.seen
@@ -246,7 +317,8 @@ def test_greedy_tokens_are_plain_decodings_whatever_the_modes(models, kind, scri
 
 
 @pytest.mark.parametrize("script", ["sppppp", "p" * 16 + "s"])  # the second: before the draft's prefill
-def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models, script):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models, script, chunk):
     model = models["eagle2"]
     plain = generate_plain(model.target, PROMPTS, 30)
     # each row stops at a token it emits at a different step
@@ -255,7 +327,7 @@ def test_rows_that_finish_during_a_plain_run_leave_with_their_backlog(models, sc
     for row in plain:
         cut = next((i for i, t in enumerate(row) if t in stop), None)
         expect.append(row if cut is None else row[: cut + 1])
-    tokens, _ = _run(model, PROMPTS, 30, Scripted(script), eos=sorted(stop))
+    tokens, _ = _run(model, PROMPTS, 30, Scripted(script), eos=sorted(stop), chunk=chunk)
     assert tokens == expect
 
 
@@ -274,7 +346,8 @@ def _one_row_stops_early(model, n: int):
 
 
 @pytest.mark.parametrize("script", ["p" * 12 + "s", "spppps"])
-def test_a_row_frozen_while_the_drafts_prefill_waits(models, script, monkeypatch):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_a_row_frozen_while_the_drafts_prefill_waits(models, script, chunk, monkeypatch):
     """8 rows, one finishing early: it waits frozen (fewer than a quarter are done), through the draft's
     catch-up (with "p...": its prefill too) and the rounds after it; every row's tokens stay plain
     decoding's."""
@@ -289,7 +362,7 @@ def test_a_row_frozen_while_the_drafts_prefill_waits(models, script, monkeypatch
         return real_of(cls, s, rows)
 
     monkeypatch.setattr(speculate._Frozen, "of", classmethod(spy))
-    tokens, _ = _run(model, prompts, 30, Scripted(script), eos=[stop])
+    tokens, _ = _run(model, prompts, 30, Scripted(script), eos=[stop], chunk=chunk)
     assert tokens == expect
     assert len(frozen_while_pending) == 1  # the row froze once, and stayed in the batch
     assert frozen_while_pending[0] or script[0] != "p"  # "p...": before the draft's prefill ran
@@ -297,13 +370,16 @@ def test_a_row_frozen_while_the_drafts_prefill_waits(models, script, monkeypatch
 
 @pytest.mark.parametrize("kind", ["eagle2", "eagle3"])
 @pytest.mark.parametrize("temperature, top_k", [(1.0, 0), (0.7, 5)])
-def test_sampled_plain_steps_draw_as_plain_decoding_does(models, temperature, top_k, kind):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_sampled_plain_steps_draw_as_plain_decoding_does(models, temperature, top_k, kind, chunk):
     """All plain steps: each row's stream gives the tokens plain sampling gives with the same seed.
     EAGLE-3 heads take the Python plain step (EAGLE-1/2 ones the C++ one on CPU), whose draw counter
     no test covered: the same uniform reused for every step still gave tokens."""
     model = models[kind]
     plain = generate_plain(model.target, PROMPTS, 25, temperature=temperature, top_k=top_k, seed=123)
-    tokens, _ = _run(model, PROMPTS, 25, Scripted("p"), SamplingParams(temperature, top_k), seed=123)
+    tokens, _ = _run(
+        model, PROMPTS, 25, Scripted("p"), SamplingParams(temperature, top_k), seed=123, chunk=chunk
+    )
     assert tokens == plain
 
 
@@ -352,6 +428,65 @@ def test_the_draft_catches_up_on_the_positions_plain_steps_committed(
     gen.close()
 
 
+def test_a_plain_phase_runs_in_chunks_that_stop_at_the_nearest_budget(models, monkeypatch):
+    """Plain steps back to back (``plain_chunk``): one emission per chunk, the same tokens and per-forward
+    accept lengths as one step at a time, and no chunk runs past the budget of a row still running
+    (rows are at different lengths after a round)."""
+    model = models["eagle2"]
+    script = "s" + "p" * 11
+    plain = generate_plain(model.target, PROMPTS, 20)
+    one_by_one, one_decoder = _run(model, PROMPTS, 20, Scripted(script))
+    one_accepts = {r: list(a) for r, a in one_decoder._accept_lengths.items()}
+    decoder = model._decoder(TREE, len(PROMPTS))
+    real = decoder._plain_steps
+    bounds = []  # (steps asked for, the least room of a running row)
+
+    def spy(s, sampling, steps, stop, frozen):
+        running = frozen.active if frozen is not None else range(len(s.emitted))
+        bounds.append((steps, min(20 - s.emitted[i] for i in running)))
+        return real(s, sampling, steps, stop, frozen)
+
+    monkeypatch.setattr(decoder, "_plain_steps", spy)
+    policy = Scripted(script)
+    tokens, _ = _run(model, PROMPTS, 20, policy, chunk=6)
+    assert tokens == one_by_one == plain
+    assert decoder._accept_lengths == one_accepts
+    assert max(policy.chunks) == 6 and all(steps <= room for steps, room in bounds)
+    assert any(steps == room < 6 for steps, room in bounds)  # a budget cut one short
+
+
+@pytest.mark.parametrize("reads_at_once", [True, False])
+def test_a_chunk_of_plain_steps_ends_after_the_step_that_emits_an_eos(models, reads_at_once, monkeypatch):
+    """On CPU a chunk ends with the step whose token is an EOS; where reading a step's token would wait
+    for it (CUDA), one step later (it reads the step before's). The tokens stop at the EOS either way."""
+    monkeypatch.setattr(speculate, "_reads_each_step_at_once", lambda device: reads_at_once)
+    model = models["eagle2"]
+    prompt = PROMPTS[1]
+    plain = generate_plain(model.target, [prompt], 30)[0]
+    at = next(i for i in range(4, 30) if plain[i] not in plain[:i])  # a token's first appearance
+    policy = Scripted("p")
+    tokens, _ = _run(model, [prompt], 30, policy, eos=[plain[at]], chunk=64)
+    assert tokens == [plain[: at + 1]]
+    # the prefill emitted token 0; the chunk, tokens 1..at (and a step past the EOS when read late)
+    assert policy.chunks == [at if reads_at_once else at + 1]
+
+
+def test_generate_auto_runs_a_plain_phase_as_one_chunk(models):
+    model = models["eagle2"]
+    plain = model.generate(PROMPTS, 30, speculative=False)
+    decoder = model._decoder(TREE, len(PROMPTS))
+    policy = Scripted("ss" + "p" * 9)
+    key = (len(PROMPTS), GREEDY.as_key())
+    decoder._auto_policies[key] = policy  # the policy generate carries on with
+    try:
+        result = model.generate(PROMPTS, 30, speculative="auto", tree=TREE)
+    finally:
+        decoder._auto_policies.pop(key, None)  # (put back by the run: the module's other tests time theirs)
+    assert result.tokens == plain.tokens
+    assert policy.chunks[:4] == [1, 1, 9, 1]
+    assert result.speculation["plain_steps"] == policy.seen.count(PLAIN)
+
+
 class _NanAfter:
     """The target, whose logits turn NaN from its ``n``-th call on."""
 
@@ -370,13 +505,18 @@ class _NanAfter:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_nan_logits_in_a_plain_step_raise(models, temperature):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_nan_logits_in_a_plain_step_raise(models, temperature, chunk):
     decoder = models["eagle2"]._decoder(TREE, 2)
     decoder.target = _NanAfter(decoder.target, 4)  # the prefill, then plain steps (from Python)
     previous = generate_plain_module.set_cpu_decode_step(False)
     try:
         with pytest.raises(FloatingPointError, match="NaN"):
-            list(decoder.run(PROMPTS[:2], 10, SamplingParams(temperature), auto=Scripted("p")))
+            list(
+                decoder.run(
+                    PROMPTS[:2], 10, SamplingParams(temperature), auto=Scripted("p"), plain_chunk=chunk
+                )
+            )
     finally:
         decoder.target = decoder.target._target
         generate_plain_module.set_cpu_decode_step(previous)
@@ -399,7 +539,8 @@ class _PoisonAfterPrefill(Scripted):
 
 @pytest.mark.extension
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_nan_logits_in_a_one_call_plain_step_raise(models, temperature):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_nan_logits_in_a_one_call_plain_step_raise(models, temperature, chunk):
     model = models["eagle2"]
     decoder = model._decoder(TREE, 2)
     policy = _PoisonAfterPrefill(model.target)
@@ -413,7 +554,7 @@ def test_nan_logits_in_a_one_call_plain_step_raise(models, temperature):
     decoder._cpu_plain_step = spy
     try:
         with pytest.raises(FloatingPointError, match="NaN"):
-            list(decoder.run(PROMPTS[:2], 10, SamplingParams(temperature), auto=policy))
+            list(decoder.run(PROMPTS[:2], 10, SamplingParams(temperature), auto=policy, plain_chunk=chunk))
     finally:
         del decoder._cpu_plain_step
         with torch.no_grad():
@@ -422,10 +563,11 @@ def test_nan_logits_in_a_one_call_plain_step_raise(models, temperature):
 
 
 @pytest.mark.parametrize("tree", ["chain", "static"])
-def test_chain_and_static_trees_take_plain_steps_too(models, tree):
+@pytest.mark.parametrize("chunk", [1, 64])  # plain steps one emission each, or a chunk of them
+def test_chain_and_static_trees_take_plain_steps_too(models, tree, chunk):
     model = models["eagle2"]
     plain = generate_plain(model.target, PROMPTS, 30)
-    tokens, _ = _run(model, PROMPTS, 30, Scripted("spppps"), tree=model._tree(tree))
+    tokens, _ = _run(model, PROMPTS, 30, Scripted("spppps"), tree=model._tree(tree), chunk=chunk)
     assert tokens == plain
 
 
@@ -512,9 +654,9 @@ class _Recording(Scripted):
         self.records: list[tuple[str, float]] = []
         self.charges: list[float] = []
 
-    def record(self, tokens: int, seconds: float, rows: int = 1) -> None:
+    def record(self, tokens: int, seconds: float, rows: int = 1, forwards: int = 1) -> None:
         self.records.append((self.next_mode(), seconds))
-        super().record(tokens, seconds, rows)
+        super().record(tokens, seconds, rows, forwards)
 
     def charge_plain(self, seconds: float, rows: int = 1) -> None:
         self.charges.append(seconds)
