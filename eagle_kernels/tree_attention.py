@@ -289,11 +289,12 @@ def _new_token_visibility(mask_ptr, b, t, js, T, n_new, sm_b, sm_i, sm_w, MASK_K
     elif MASK_KIND == 2:
         row = mask_ptr + b.to(tl.int64) * sm_b + t[:, None] * sm_i
         byte = tl.load(row + (js[None, :] // 8) * sm_w, mask=inside, other=0).to(tl.int32)
-        vis = ((byte >> (js[None, :] % 8)) & 1) != 0
+        # & 7, not % 8: a masked column js < 0 has a negative remainder, and so an undefined shift
+        vis = ((byte >> (js[None, :] & 7)) & 1) != 0
     else:
         row = mask_ptr + b.to(tl.int64) * sm_b + t[:, None] * sm_i
         word = tl.load(row + (js[None, :] // 32) * sm_w, mask=inside, other=0)
-        vis = ((word >> (js[None, :] % 32)) & 1) != 0
+        vis = ((word >> (js[None, :] & 31)) & 1) != 0
     return vis & inside
 
 
