@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import torch
 
+from eagle.models.cuda_graph import synchronize_stream
 from eagle.tree import TreeConfig
 
 WIDTHS = {"cpu": (4, 5, 6, 8, 12, 16, 24, 32), "cuda": (8, 16, 24, 32, 48, 64)}
@@ -113,8 +114,7 @@ def fit_accept_rate(depth: int, width: int, tau: float, gain: float = WIDENING_G
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize_stream(device)  # (this thread's stream: the device may be capturing for another)
 
 
 def _interleaved_best(

@@ -31,7 +31,7 @@ from eagle import rng
 from eagle._args import as_number
 from eagle.adaptive import PLAIN, AutoSpeculation
 from eagle.models.cpu_packed import packing_generation
-from eagle.models.cuda_graph import BufferPool, on_side_stream, replay
+from eagle.models.cuda_graph import BufferPool, on_side_stream, replay, synchronize_stream
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.draft import DraftHead, Eagle2Head
 from eagle.models.generate_plain import (
@@ -539,7 +539,7 @@ class SpeculativeDecoder:
             s.graph = self._capture(s, sampling)
         except Exception as e:  # noqa: BLE001 - capture is an optimisation; eager rounds are exact
             self._graph_failed = True
-            torch.cuda.synchronize(self.target.device)
+            synchronize_stream(self.target.device)
             warnings.warn(f"CUDA graph capture failed ({e}); continuing without CUDA graphs", stacklevel=3)
             return self._round(s, sampling)
         return self._replay(s, s.graph)
@@ -576,7 +576,7 @@ class SpeculativeDecoder:
     def _stamp(self) -> float:
         """A timestamp for the per-phase profile; on CUDA it waits for the queued work when profiling."""
         if self.times is not None and self.target.device.type == "cuda":
-            torch.cuda.synchronize(self.target.device)
+            synchronize_stream(self.target.device)
         return time.perf_counter()
 
     def accept_lengths(self) -> dict[int, list[int]]:
@@ -786,7 +786,7 @@ class SpeculativeDecoder:
         # removes. Work queued before (the deferred prefill) stays with the round, as before.
         cuda = s.draft_cache.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(s.draft_cache.device)
+            synchronize_stream(s.draft_cache.device)
         started = time.perf_counter()
         for start in range(0, len(backlog), _CATCH_UP_ROWS):
             chunk = backlog[start : start + _CATCH_UP_ROWS]
@@ -801,7 +801,7 @@ class SpeculativeDecoder:
             s.root_hidden = d.hidden[:, k - 1].contiguous()
             s.root_logits = d.logits[:, 0].contiguous()
         if cuda:
-            torch.cuda.synchronize(s.draft_cache.device)
+            synchronize_stream(s.draft_cache.device)
         return time.perf_counter() - started
 
     def _sample_one(self, logits, sampling, seeds, draws, nonfinite, live):

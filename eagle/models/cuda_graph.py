@@ -4,10 +4,23 @@ A step is a Python function whose kernels read and write fixed tensors (inputs c
 caches updated in place). Capturing runs its Python once without executing its kernels, so host-side
 bookkeeping it does (the caches' ``length_bound``) is undone after the capture; the caller advances it
 per replay by what one replay commits.
+
+Threads (a server's workers sharing one model) may capture and replay at once:
+
+* captures take turns (one lock per process): they share a capture stream per device, on which two
+  captures at once fail, and ``torch.cuda.graph`` synchronises the whole device on entry, which
+  invalidates a capture in progress in another thread whatever its mode;
+* a capture runs in ``thread_local`` mode (``cudaStreamCaptureModeThreadLocal``), not the default
+  ``global`` one, under which another thread's potentially unsafe CUDA call meanwhile (an allocation
+  growing the caching allocator, a synchronous copy of an eager round) fails that call and invalidates
+  the capture;
+* the decoding loops wait for their own stream (:func:`synchronize_stream`), never for the whole
+  device, for the same reason.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, TypeVar
@@ -98,6 +111,15 @@ def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
+
+
+def synchronize_stream(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream (this thread's), not for the whole
+    device: a device-wide synchronisation from one thread invalidates a CUDA-graph capture running in
+    another, in any capture mode. No-op off CUDA."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
@@ -129,14 +151,15 @@ def capture(
     if generator is not None:
         graph.register_generator_state(generator)
     device = caches[0].device
-    torch.cuda.synchronize(device)
+    synchronize_stream(device)
     stream = torch.cuda.current_stream(device)
     try:
-        with torch.cuda.device(device), torch.cuda.graph(graph, stream=_capture_stream(device)):
-            out = step()
+        with _CAPTURE_LOCK, torch.cuda.device(device):
+            with torch.cuda.graph(graph, stream=_capture_stream(device), capture_error_mode="thread_local"):
+                out = step()
     except BaseException:
         # torch.cuda.graph's exit ends the capture before it restores the stream; when ending it
-        # raises (an invalidated capture), the capture stream stayed current for the process
+        # raises (an invalidated capture), the capture stream stayed current for the thread
         torch.cuda.set_stream(stream)
         raise
     finally:

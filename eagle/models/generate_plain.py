@@ -22,6 +22,7 @@ from eagle.models.cuda_graph import (
     check_pool_capacity,
     on_side_stream,
     replay,
+    synchronize_stream,
 )
 from eagle.models.cuda_graph import capture as cuda_graph_capture
 from eagle.models.kv_cache import KVCache
@@ -461,7 +462,7 @@ def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> tor
             # (a host sync inside the step, e.g. EAGLE_KERNELS_DEBUG=1's checks, or out of memory;
             # a failed capture ran no kernel and left the host bounds as they were)
             buffers.graph_failed = True
-            torch.cuda.synchronize(cache.device)
+            synchronize_stream(cache.device)
             warnings.warn(f"CUDA graph capture failed ({e}); continuing without CUDA graphs", stacklevel=3)
             return step()
     replay(buffers.graph, cache.device)

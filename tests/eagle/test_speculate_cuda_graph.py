@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import warnings
 
@@ -251,17 +252,49 @@ def test_graph_helpers_make_the_models_device_current(monkeypatch):
     assert log == [("enter", dev), "replay", ("exit", dev)]
 
 
+class _FakeStream:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _FakeDevice:
+    def __init__(self, *args):
+        pass
+
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _fake_cache(monkeypatch):
+    from eagle.models.kv_cache import KVCache
+
+    cache = KVCache.__new__(KVCache)
+    monkeypatch.setattr(KVCache, "device", property(lambda self: torch.device("cuda", 0)))
+    cache.length_bound = 5
+    return cache
+
+
+def _no_device_wide_sync(*args):
+    raise AssertionError("torch.cuda.synchronize: a device-wide sync invalidates another thread's capture")
+
+
 def test_a_failed_capture_restores_the_callers_stream(monkeypatch):
     """torch.cuda.graph's exit ends the capture before it leaves the capture stream; when ending an
     invalidated capture raises, the capture stream stayed current for the rest of the process
     (the CUDA calls stood in for, with torch.cuda.graph's order of exit)."""
     from eagle.models import cuda_graph
-    from eagle.models.kv_cache import KVCache
 
-    current = ["caller"]
+    caller, capture_stream = _FakeStream("caller"), _FakeStream("capture")
+    current = [caller]
 
     class FakeGraphContext:  # enters the capture stream, then raises in capture_end at exit
-        def __init__(self, graph, stream=None):
+        def __init__(self, graph, stream=None, capture_error_mode="global"):
             self.stream = stream
 
         def __enter__(self):
@@ -270,29 +303,70 @@ def test_a_failed_capture_restores_the_callers_stream(monkeypatch):
         def __exit__(self, *exc):
             raise RuntimeError("operation not permitted when stream is capturing")
 
-    class Device:
-        def __init__(self, *args):
-            pass
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FakeGraphContext)
+    monkeypatch.setattr(torch.cuda, "device", _FakeDevice)
+    monkeypatch.setattr(torch.cuda, "synchronize", _no_device_wide_sync)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[-1])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.append(s))
+    monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: capture_stream)
+    cache = _fake_cache(monkeypatch)
+    with pytest.raises(RuntimeError, match="capturing"):
+        cuda_graph.capture(lambda: None, [cache])
+    assert current[-1] is caller and cache.length_bound == 5
+
+
+def test_captures_from_several_threads_take_turns_in_thread_local_mode(monkeypatch):
+    """Threads sharing a model capture their own graphs: one capture at a time (they share the capture
+    stream, and torch.cuda.graph synchronises the whole device on entry, which would invalidate a
+    capture in progress), each in thread_local mode (under the default "global" one, another thread's
+    allocation or synchronous copy during the capture fails and invalidates it), and no device-wide
+    synchronisation of the package's own (the CUDA calls stood in for)."""
+    from eagle.models import cuda_graph
+
+    inside, most_inside, modes = [0], [0], []
+    lock = threading.Lock()
+
+    class FakeGraphContext:
+        def __init__(self, graph, stream=None, capture_error_mode="global"):
+            modes.append(capture_error_mode)
 
         def __enter__(self):
-            pass
+            with lock:
+                inside[0] += 1
+                most_inside[0] = max(most_inside[0], inside[0])
 
         def __exit__(self, *exc):
-            pass
+            with lock:
+                inside[0] -= 1
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", FakeGraphContext)
-    monkeypatch.setattr(torch.cuda, "device", Device)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[-1])
-    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.append(s))
-    monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: "capture")
-    cache = KVCache.__new__(KVCache)
-    monkeypatch.setattr(KVCache, "device", property(lambda self: torch.device("cuda", 0)))
-    cache.length_bound = 5
-    with pytest.raises(RuntimeError, match="capturing"):
-        cuda_graph.capture(lambda: None, [cache])
-    assert current[-1] == "caller" and cache.length_bound == 5
+    monkeypatch.setattr(torch.cuda, "device", _FakeDevice)
+    monkeypatch.setattr(torch.cuda, "synchronize", _no_device_wide_sync)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream("caller"))
+    monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: _FakeStream("capture"))
+    caches = [_fake_cache(monkeypatch) for _ in range(3)]
+
+    def capture(i: int):
+        return cuda_graph.capture(lambda: time.sleep(0.02) or i, [caches[i]])[1]
+
+    results = call_from_threads([lambda i=i: capture(i) for i in range(3)], threads=3, repeats=1)
+    assert all(out == call for (_, _, call), out in results.items())
+    assert most_inside[0] == 1 and modes == ["thread_local"] * 9
+
+
+def test_the_loops_wait_for_their_own_stream_not_the_device(monkeypatch):
+    from eagle.models import cuda_graph
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", _no_device_wide_sync)
+    monkeypatch.setattr(
+        torch.cuda, "current_stream", lambda device: waited.append(device) or _FakeStream("s")
+    )
+    cuda_graph.synchronize_stream(torch.device("cuda", 1))
+    cuda_graph.synchronize_stream(torch.device("cpu"))  # no-op
+    assert waited == [torch.device("cuda", 1)]
 
 
 def test_a_failed_plain_capture_falls_back_to_eager_steps(monkeypatch):
