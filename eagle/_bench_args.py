@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help='JSONL: {"prompt": ...} or MT-bench {"question_id": ..., "turns": [...]} lines',
     )
     p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each --prompt / --prompts-file text as a user message through the tokenizer's chat "
+        "template (chat models' heads were trained and are evaluated on such prompts, e.g. MT-bench)",
+    )
+    p.add_argument(
         "--out",
         default=None,
         help="output directory (default: the checkout's bench/results; ./bench-results when installed)",

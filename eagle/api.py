@@ -309,26 +309,7 @@ class EagleModel:
         return ids
 
     def _apply_chat_template(self, messages: Sequence[Mapping], name: str) -> list[int]:
-        """A conversation's token ids by the tokenizer's chat template, with the prompt that opens the
-        assistant's turn (EAGLE heads of chat models were trained on such prompts): the template's
-        text, tokenized without adding special tokens (the template writes its own BOS)."""
-        if self.tokenizer is None:
-            raise ValueError(f"{name} is a conversation, which needs a tokenizer; this checkpoint has none")
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(
-                f"{name} is a conversation, and this checkpoint's tokenizer has no chat template "
-                "(tokenizer_config.json's chat_template): pass text or token ids, or set "
-                "model.tokenizer.chat_template"
-            )
-        for i, message in enumerate(messages):
-            if not isinstance(message.get("role"), str) or "content" not in message:
-                raise ValueError(
-                    f"{name}: message {i} needs a 'role' (str) and a 'content', got {dict(message)!r}"
-                )
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages, name)
 
     def _eos(self, eos_token_id) -> list[int]:
         """The stop ids: ``eos_token_id`` when given, else, as transformers' generate, the
@@ -605,6 +586,30 @@ def _warn_if_unreproducible(auto: bool, seed, sampling: SamplingParams, stacklev
             UserWarning,
             stacklevel=stacklevel + 1,
         )
+
+
+def chat_prompt_ids(tokenizer, messages: Sequence[Mapping], name: str) -> list[int]:
+    """A conversation's token ids by the tokenizer's chat template, with the prompt that opens the
+    assistant's turn (EAGLE heads of chat models were trained on such prompts): the template's text,
+    tokenized without adding special tokens (the template writes its own BOS). ``name`` says which
+    prompt in errors."""
+    if tokenizer is None:
+        raise ValueError(f"{name} is a conversation, which needs a tokenizer; this checkpoint has none")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"{name} is a conversation, and this checkpoint's tokenizer has no chat template "
+            "(tokenizer_config.json's chat_template): pass text or token ids, or set "
+            "model.tokenizer.chat_template"
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message.get("role"), str) or "content" not in message:
+            raise ValueError(
+                f"{name}: message {i} needs a 'role' (str) and a 'content', got {dict(message)!r}"
+            )
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=True, tokenize=False
+    )
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _check_speculative(speculative, cuda_graph: bool, tree) -> bool:

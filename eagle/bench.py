@@ -53,7 +53,7 @@ import torch
 
 import eagle
 from eagle._bench_args import METHODS, add_arguments  # noqa: F401  (add_arguments: re-exported)
-from eagle.api import ASSETS, BUNDLED, EagleModel, _default_static_tree
+from eagle.api import ASSETS, BUNDLED, EagleModel, _default_static_tree, chat_prompt_ids
 from eagle.models import random_draft
 from eagle.models.weights import DTYPES
 from eagle_kernels import _ext
@@ -88,6 +88,8 @@ class BenchConfig:
 
     prompts / prompts_file: user prompts (text); when both are empty the default set is used: the
     first ``prompt_tokens`` tokens of ``num_prompts`` held-out standard-library files.
+    chat: encode each user prompt as one user message through the tokenizer's chat template (as a
+    chat model's EAGLE head was trained and is evaluated, e.g. on MT-bench), not as plain text.
     num_prompts: None means 8 for the default set and every user prompt.
     """
 
@@ -103,6 +105,7 @@ class BenchConfig:
     repeats: int = 4  # even: each method runs first as often as last (the order alternates)
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
+    chat: bool = False
     out: str | None = None
     threads: int | None = None
     device: str = "cpu"
@@ -146,6 +149,11 @@ class BenchConfig:
             )
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
+        if self.chat and not (self.prompts or self.prompts_file):
+            raise ValueError(
+                "chat (--chat) sends user prompts (--prompt / --prompts-file) through the chat template; "
+                "the default prompts are code files, not conversations"
+            )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         for name in ("dtype", "draft_dtype"):
@@ -249,10 +257,17 @@ def user_prompt_texts(config: BenchConfig) -> list[tuple[str, str]]:
     return texts[: config.num_prompts] if config.num_prompts else texts
 
 
-def encode_texts(texts: list[tuple[str, str]], tokenizer) -> list[Prompt]:
-    """``(source, text)`` pairs encoded with the tokenizer's own convention; a text that encodes to no
-    token raises, naming its source."""
-    prompts = [Prompt(src, tokenizer(t)["input_ids"], t) for src, t in texts]
+def encode_texts(texts: list[tuple[str, str]], tokenizer, chat: bool = False) -> list[Prompt]:
+    """``(source, text)`` pairs encoded with the tokenizer's own convention, or with ``chat`` each as one
+    user message through its chat template (:func:`eagle.api.chat_prompt_ids`); a text that encodes
+    to no token raises, naming its source."""
+    if chat:
+        prompts = [
+            Prompt(src, chat_prompt_ids(tokenizer, [{"role": "user", "content": t}], src), t)
+            for src, t in texts
+        ]
+    else:
+        prompts = [Prompt(src, tokenizer(t)["input_ids"], t) for src, t in texts]
     empty = [p.source for p in prompts if not p.ids]
     if empty:
         raise ValueError(f"prompts encode to no tokens: {empty}")
@@ -264,7 +279,10 @@ def build_prompts(config: BenchConfig, texts: list[tuple[str, str]], tokenizer) 
     if tokenizer is None:
         raise ValueError(f"{config.target} has no tokenizer, so the benchmark cannot encode its prompts")
     if texts:
-        return encode_texts(texts, tokenizer), "user prompts"
+        origin = (
+            "user prompts, each a user message through the chat template" if config.chat else "user prompts"
+        )
+        return encode_texts(texts, tokenizer, config.chat), origin
     count = config.num_prompts or 8
     return heldout_prompts(tokenizer, count, config.prompt_tokens), (
         f"first {config.prompt_tokens} tokens of {count} held-out standard-library files"
@@ -1358,6 +1376,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         assistant=args.assistant,
         prompts=tuple(args.prompt),
         prompts_file=args.prompts_file,
+        chat=args.chat,
         out=args.out,
         name=args.name,
         threads=args.threads,

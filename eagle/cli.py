@@ -339,10 +339,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
         if model.tokenizer is None:
             raise ValueError("--prompts holds text, and this target has no tokenizer to encode it")
-        encoded = encode_texts(read_prompts_file(args.prompts)[: args.num_prompts], model.tokenizer)
+        texts = read_prompts_file(args.prompts)[: args.num_prompts]
+        encoded = encode_texts(texts, model.tokenizer, chat=args.chat)
         prompts = [p.ids for p in encoded]
-        source = f"{args.prompts} (first {len(prompts)})"
+        template = ", each a user message through the chat template" if args.chat else ""
+        source = f"{args.prompts} (first {len(prompts)}{template})"
     else:
+        if args.chat:
+            raise ValueError(
+                "--chat sends --prompts texts through the chat template; the default prompts are code "
+                "files, not conversations"
+            )
         from eagle.train.tinycode import heldout_prompts
 
         if model.tokenizer is None:
@@ -515,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts",
         default=None,
         help='JSONL of {"prompt": ...} (or MT-bench turns); default: held-out stdlib code',
+    )
+    cal.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each --prompts text as a user message through the tokenizer's chat template",
     )
     cal.add_argument("--num-prompts", type=positive_int, default=16, help="prompts to use (default 16)")
     cal.add_argument(

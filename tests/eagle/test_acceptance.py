@@ -227,3 +227,30 @@ def test_cli_calibrate_writes_what_load_then_reads(tmp_path, capsys):
     bundled_argv = [a for a in argv if a not in ("--draft", str(head_dir))]
     assert cli_main([*bundled_argv, "--write"]) == 2  # the installed package's own head
     assert "--write would replace the bundled head's acceptance.json" in capsys.readouterr().err
+
+
+def test_cli_calibrate_chat_measures_on_prompts_through_the_chat_template(tmp_path, capsys, monkeypatch):
+    """--chat: a chat model's pair is calibrated on the prompts its head was trained on (each text one
+    user message through the tokenizer's chat template), as eagle bench --chat measures it."""
+    target = tmp_path / "target"
+    shutil.copytree(_resolve_bundled("tiny-code", "target"), target)
+    config_file = target / "tokenizer_config.json"
+    template = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"chat_template": template}))
+    head = str(_resolve_bundled("tiny-code", "draft"))
+    prompts = tmp_path / "mt.jsonl"
+    prompts.write_text(json.dumps({"question_id": 1, "turns": ["Sort a list.", "Faster."]}) + "\n")
+    seen = []
+    real = acceptance.measure_pair_acceptance
+    monkeypatch.setattr(
+        acceptance, "measure_pair_acceptance", lambda m, p, *a: seen.append(p) or real(m, p, *a)
+    )
+    argv = ["calibrate", "--target", str(target), "--draft", head, "--prompts", str(prompts)]
+    argv += ["--new-tokens", "8", "--greedy-only", "--threads", "1"]
+    assert cli_main([*argv, "--chat"]) == 0
+    assert cli_main(argv) == 0
+    tokenizer = eagle.load(str(target), head).tokenizer
+    templated = tokenizer("<user> Sort a list.\n<assistant>", add_special_tokens=False)["input_ids"]
+    assert seen == [[templated], [tokenizer("Sort a list.")["input_ids"]]]
+    assert cli_main(argv[:5] + ["--chat"]) == 2  # the default prompts: code, not conversations
+    assert "--chat sends --prompts texts through the chat template" in capsys.readouterr().err

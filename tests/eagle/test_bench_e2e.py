@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from eagle import bench
 from eagle.bench import METHODS, BenchConfig, format_table, run_benchmark
@@ -192,6 +194,53 @@ def test_prompts_file_reads_both_formats_and_rejects_bad_lines(tmp_path):
             bench.read_prompts_file(tmp_path / "p.jsonl")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         bench.read_prompts_file(tmp_path / "missing.jsonl")
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<assistant>"
+
+
+def test_chat_sends_each_user_prompt_through_the_chat_template(tiny_target, tmp_path):
+    """--chat: a chat model's head is measured on the prompts it was trained on (MT-bench, as EAGLE's
+    evaluation runs it): each text a user message, the assistant's turn opened, the template's text
+    tokenized without added special tokens. The run records it, and the prompts differ from plain text's."""
+    target = tmp_path / "chat_target"
+    shutil.copytree(tiny_target, target)
+    config_file = target / "tokenizer_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"chat_template": CHAT_TEMPLATE}))
+    prompts_file = _write_jsonl(
+        tmp_path / "mt.jsonl", [{"question_id": 81, "turns": ["Write a poem.", "Shorter."]}]
+    )
+    config = _config(
+        target, tmp_path, methods=("vanilla", "eagle_chain"), batch_sizes=(1,), temperatures=(0.0,),
+        repeats=1, prompts=("def f(x):",), prompts_file=str(prompts_file), chat=True, save=False,
+    )  # fmt: skip
+    results = run_benchmark(config, log=lambda _: None)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    want = [
+        tokenizer(f"<user> {text}\n<assistant>", add_special_tokens=False)["input_ids"]
+        for text in ("def f(x):", "Write a poem.")
+    ]
+    assert (
+        bench.encode_texts([("a", "def f(x):"), ("b", "Write a poem.")], tokenizer, chat=True)[1].ids
+        == want[1]
+    )
+    settings = results.payload["settings"]
+    recorded = settings["prompts"]
+    digest = [hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest() for ids in want]
+    assert [p["ids_sha256"] for p in recorded] == digest
+    assert settings["chat"] is True and "chat template" in settings["prompt_origin"]
+    plain = bench.encode_texts([("a", "def f(x):")], tokenizer)[0].ids
+    assert plain != want[0]
+
+
+def test_chat_needs_user_prompts_and_a_chat_template(tiny_target, tmp_path):
+    with pytest.raises(ValueError, match="the default prompts are code files, not conversations"):
+        run_benchmark(_config(tiny_target, tmp_path, chat=True), log=lambda _: None)
+    config = _config(tiny_target, tmp_path, methods=("vanilla",), prompts=("x = 1",), chat=True)
+    with pytest.raises(
+        ValueError, match="--prompt 1 is a conversation, and this checkpoint's tokenizer has no chat"
+    ):
+        run_benchmark(config, log=lambda _: None)
 
 
 def test_default_prompts_are_prefixes_of_heldout_stdlib_files(tiny_target):
