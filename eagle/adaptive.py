@@ -123,7 +123,7 @@ class AutoSpeculation:
 
     def record(self, tokens: int, seconds: float, rows: int = 1, forwards: int = 1) -> None:
         """The forward just run over ``rows`` sequences emitted ``tokens`` tokens in ``seconds``; or
-        ``forwards`` plain steps run back to back did, together (at most :meth:`plain_forwards_ahead`),
+        ``forwards`` plain steps run back to back did, together (up to :meth:`plain_forwards_ahead`),
         counted as that many forwards of equal share."""
         if tokens < 0 or not seconds >= 0 or rows < 1 or forwards < 1:
             raise ValueError(
@@ -131,11 +131,8 @@ class AutoSpeculation:
                 f"{tokens}, {seconds}, {rows}, {forwards}"
             )
         phase = self._phase
-        if forwards > 1 and forwards > self.plain_forwards_ahead():
-            raise ValueError(
-                f"record: {forwards} forwards at once, but only {self.plain_forwards_ahead()} plain "
-                "steps may run back to back here (plain_forwards_ahead)"
-            )
+        # (more than plain_forwards_ahead() ends the phase: a policy shared by runs in several
+        # threads, passed to each as auto=..., may have moved on meanwhile; their counts mix)
         phase.done += forwards
         if phase.mode == SPECULATE:
             self.rounds += 1

@@ -17,6 +17,7 @@ its committed length and overwritten by the next draft update.
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 import time
@@ -288,11 +289,16 @@ _CATCH_UP_ROWS = 256
 _NO_NONFINITE_ROW = 2**62
 
 
-def _reads_each_step_at_once(device: torch.device) -> bool:
-    """Whether a chunk of plain steps (:meth:`SpeculativeDecoder._plain_steps`) reads each step's
-    tokens right after it: on CPU the step has run by then; on CUDA reading would wait for it, so
-    the chunk reads the step before's while the current one is queued."""
-    return device.type == "cpu"
+def _takes_plain_chunks(policy: AutoSpeculation) -> bool:
+    """Whether ``policy`` can run plain steps in chunks: its ``record`` takes ``forwards`` and its
+    ``plain_forwards_ahead`` speaks for its ``next_mode`` (a subclass written before chunks may
+    override ``next_mode`` alone, and the base class's phases, which it does not drive, would size
+    the chunks)."""
+    cls = type(policy)
+    if "forwards" not in inspect.signature(policy.record).parameters:
+        return False
+    own_modes = cls.next_mode is not AutoSpeculation.next_mode
+    return not own_modes or cls.plain_forwards_ahead is not AutoSpeculation.plain_forwards_ahead
 
 
 class SpeculativeDecoder:
@@ -393,11 +399,12 @@ class SpeculativeDecoder:
         ``plain_chunk``: with ``auto``, run up to this many of a plain phase's steps back to back
         and emit their tokens together (one emission, one policy record): a plain step's Python
         around the forward (emission, policy, retirement) then runs once per chunk, and on CUDA
-        the steps queue without a host synchronisation between them. A chunk ends after the step
-        where a row emits an end-of-sequence token (on CUDA one step later: the check reads the
-        step before, not to wait for the current one), so that the row retires as it would after
-        a single step, and never runs past a row's budget. 1 (the default): an emission per step,
-        for streaming."""
+        the steps queue without a host synchronisation between them unless there are stop tokens
+        to check. A chunk ends after the step in which a row emits an end-of-sequence token, so
+        that the row retires as it would after a single step, and never runs past a row's budget.
+        1 (the default): an emission per step, for streaming. A policy subclass whose ``record``
+        takes no ``forwards``, or that overrides ``next_mode`` but not ``plain_forwards_ahead``
+        (written before chunks), runs one step per emission."""
         if isinstance(plain_chunk, bool) or not isinstance(plain_chunk, int) or plain_chunk < 1:
             raise ValueError(f"plain_chunk must be an int >= 1, got {plain_chunk!r}")
         device = self.target.device
@@ -425,6 +432,8 @@ class SpeculativeDecoder:
         ones = torch.ones(B, dtype=torch.int64, device=device)
         policy_key = (B, sampling_key)
         policy = self._auto_policy(auto, policy_key) if auto else None  # (put back when the run ends)
+        if policy is not None and not _takes_plain_chunks(policy):
+            plain_chunk = 1
         self.last_auto = policy
         try:
             emission = self._emit(state, first[:, None], ones, max_new_tokens, stop, record=False)
@@ -714,20 +723,19 @@ class SpeculativeDecoder:
         self, s: _Batch, sampling: SamplingParams, steps: int, stop: set[int], frozen: _Frozen | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``steps`` :meth:`_plain_step` calls back to back: ``(new_tokens [b, n], counts [b])``
-        with n <= ``steps`` (every count n). Stops once an active row (not ``frozen``) has emitted a
-        token of ``stop``, so that it retires as after a single step (:meth:`_retire_finished`): on
-        CPU after that step; elsewhere after the next one, since it reads the step before's tokens
-        (computed while the current step is queued) instead of waiting for the current step's."""
+        with n <= ``steps`` (every count n). Ends after the step in which an active row (not
+        ``frozen``) emits a token of ``stop``, so that the row retires as after a single step
+        (:meth:`_retire_finished`) and never computes past its EOS. With stop tokens that reads each
+        step's tokens back (a host synchronisation per step on CUDA, as one step per emission had);
+        without, the steps queue with none."""
         if steps == 1:
             return self._plain_step(s, sampling)
         active = frozen.active if frozen is not None else range(s.root.shape[0])
-        read_current = _reads_each_step_at_once(s.root.device)
         tokens: list[torch.Tensor] = []
         for _ in range(steps):
             tokens.append(self._plain_step(s, sampling)[0])
-            read = tokens[-1] if read_current else tokens[-2] if len(tokens) > 1 else None
-            if stop and read is not None:
-                row_tokens = read[:, 0].tolist()
+            if stop:
+                row_tokens = tokens[-1][:, 0].tolist()
                 if any(row_tokens[i] in stop for i in active):
                     break
         new_tokens = torch.cat(tokens, 1)
