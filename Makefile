@@ -50,8 +50,9 @@ wheel: torch
 	$(PY) -m build --wheel --no-isolation
 
 # One wheel per CUDA toolkit: make wheels CUDA="12.4 12.8" (needs /usr/local/cuda-X.Y for each).
-wheels:
-	bash scripts/build_wheels.sh $(CUDA)
+wheels: torch
+	$(PIP) install "setuptools>=77" ninja numpy build
+	PYTHON=$(PY) bash scripts/build_wheels.sh $(CUDA)
 
 clean:
 	rm -rf build dist *.egg-info eagle_kernels/_C*.so eagle_kernels/_build_info.py

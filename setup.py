@@ -25,13 +25,28 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-BASE_VERSION = "0.1.0"
+
+
+def _base_version() -> str:
+    """eagle_kernels.__version__, read from its source (importing it would import torch): the one place
+    the version is written (eagle/__init__.py repeats it, to stay torch-free; a test keeps the two
+    equal)."""
+    match = re.search(
+        r'^__version__ = "([^"]+)"$', (ROOT / "eagle_kernels" / "__init__.py").read_text(), re.M
+    )
+    if match is None:
+        raise RuntimeError('setup.py: no `__version__ = "..."` line in eagle_kernels/__init__.py')
+    return match.group(1)
+
+
+BASE_VERSION = _base_version()
 
 
 def _flag(name: str) -> bool:

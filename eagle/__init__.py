@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # eagle_kernels.__version__ (written here too: importing it imports torch)
 
 # The public names load on first use (PEP 562): `import eagle` and the CLI's `eagle --help` do not
 # pay for importing torch and transformers (about 2 s) until a name that needs them is used.

@@ -4,11 +4,14 @@
 # Each toolkit must be installed at /usr/local/cuda-X.Y (or set CUDA_ROOT_PATTERN, '%s' = version), and
 # the active torch must be a CUDA build compatible with it. Wheels land in dist/ with local versions
 # +cu{XY}torch{A.B}. With no arguments, builds a single wheel for the current toolchain (+cpu... or +cu...).
+# PYTHON (default python3) is the interpreter whose torch the wheels are built against (make wheels
+# passes its PY).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
 pattern=${CUDA_ROOT_PATTERN:-/usr/local/cuda-%s}
 if [ "$#" -eq 0 ]; then
-  python3 -m build --wheel --no-isolation --outdir dist
+  "$py" -m build --wheel --no-isolation --outdir dist
   exit 0
 fi
 for v in "$@"; do
@@ -21,6 +24,6 @@ for v in "$@"; do
   rm -rf build
   CUDA_HOME="$root" PATH="$root/bin:$PATH" EAGLE_FORCE_CUDA=1 \
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0+PTX}" \
-    python3 -m build --wheel --no-isolation --outdir dist
+    "$py" -m build --wheel --no-isolation --outdir dist
 done
 ls -l dist

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+import eagle
+import eagle_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +61,17 @@ def _metadata(wheel: Path, field: str) -> list[str]:
     return [line.split(": ", 1)[1] for line in lines if line.startswith(field + ": ")]
 
 
+def test_both_packages_say_the_distributions_version():
+    """setup.py reads the version from eagle_kernels/__init__.py; eagle/__init__.py repeats it (reading it
+    from eagle_kernels would import torch on `import eagle`)."""
+    assert eagle.__version__ == eagle_kernels.__version__
+    out = subprocess.run(
+        [sys.executable, "setup.py", "--version"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "EAGLE_SKIP_EXT": "1"}, check=True,
+    ).stdout.split()  # fmt: skip
+    assert out[-1] == eagle_kernels.__version__, out
+
+
 def test_sdist_holds_every_source_and_no_build_output(tmp_path):
     """The sdist builds the extension elsewhere: headers and CUDA sources too, the tests; never this
     checkout's compiled library, its build info or a local version label."""
@@ -65,7 +79,7 @@ def test_sdist_holds_every_source_and_no_build_output(tmp_path):
     (source / "eagle_kernels" / "_build_info.py").write_text("TORCH_VERSION = '0.0'\n")  # a local build's
     (source / "eagle_kernels" / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
     sdist = _build(tmp_path, "sdist", source)
-    assert sdist.name == "eagle_kernels-0.1.0.tar.gz", sdist.name
+    assert sdist.name == f"eagle_kernels-{eagle_kernels.__version__}.tar.gz", sdist.name
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     for need in (
