@@ -131,6 +131,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f32 = "F.linear (no AVX-512 kernel: no extension, no AVX-512, or EAGLE_CPU_SKINNY_LINEAR=0)"
     print(f"{'CPU fp32 linear':>16}: {f32}")
     print(f"{'CPU attention':>16}: {attention}")
+    print(f"{'installed':>16}: {k['distribution'] or 'not installed (run from the source tree)'}")
     print(f"{'torch':>16}: {k['torch']}")
     print(f"{'extension':>16}: {'loaded' if k['extension_loaded'] else 'not loaded'} ({k['extension']})")
     triton_state = "usable" if k["triton"] else f"off: {k['triton_unusable']}"

@@ -57,6 +57,17 @@ OPS = (
 )
 
 
+def _installed_version() -> str | None:
+    """The installed distribution's version, with a binary wheel's local label (``0.1.0+cu128torch2.13``:
+    what it was built for), or None when this source tree runs without being installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("eagle-kernels")
+    except PackageNotFoundError:
+        return None
+
+
 def backend_info() -> dict:
     """What this process can run: extension status and, per op, the default backend on CPU tensors
     and, when a CUDA device is present, on CUDA tensors."""
@@ -68,6 +79,7 @@ def backend_info() -> dict:
     cuda = {op: select_backend(op, torch.device("cuda")) for op in OPS} if torch.cuda.is_available() else None
     return {
         "version": __version__,
+        "distribution": _installed_version(),
         "torch": torch.__version__,
         "extension_loaded": _ext.STATUS.loaded,
         "extension": _ext.STATUS.reason,

@@ -19,6 +19,25 @@ def test_info_json(capsys):
     assert (info["kernels"]["cuda_backend"] is None) == (not info["cuda_available"])
 
 
+def test_info_says_which_build_is_installed(capsys, monkeypatch):
+    """A binary wheel's local label (``+cu128torch2.13``) says what it was built for; __version__ does not
+    carry it. From a source tree on sys.path, not installed: said so."""
+    from importlib import metadata
+
+    import eagle_kernels
+
+    assert main(["info"]) == 0
+    assert f"installed: {metadata.version('eagle-kernels')}" in capsys.readouterr().out
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert eagle_kernels.backend_info()["distribution"] is None
+    assert main(["info"]) == 0
+    assert "installed: not installed (run from the source tree)" in capsys.readouterr().out
+
+
 @pytest.mark.extension
 def test_info_text_names_the_draft_loop(capsys, monkeypatch):
     from eagle.models import draft
