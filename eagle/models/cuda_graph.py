@@ -7,9 +7,10 @@ per replay by what one replay commits.
 
 Threads (a server's workers sharing one model) may capture and replay at once:
 
-* captures take turns (one lock per process): they share a capture stream per device, on which two
-  captures at once fail, and ``torch.cuda.graph`` synchronises the whole device on entry, which
-  invalidates a capture in progress in another thread whatever its mode;
+* captures and the warm-ups before them take turns (one lock per process): they share a side stream
+  per device, on which two captures at once fail (and a warm-up's kernels would join the capture),
+  and ``torch.cuda.graph`` synchronises the whole device on entry, which invalidates a capture in
+  progress in another thread whatever its mode;
 * a capture runs in ``thread_local`` mode (``cudaStreamCaptureModeThreadLocal``), not the default
   ``global`` one, under which another thread's potentially unsafe CUDA call meanwhile (an allocation
   growing the caching allocator, a synchronous copy of an eager round) fails that call and invalidates
@@ -94,15 +95,18 @@ class BufferPool(Generic[V]):
 
 
 def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
-    """Run ``fn`` on a fresh CUDA stream of ``device`` (joined both ways with its current one). Lazily
-    created per-stream state (cuBLAS workspaces, Triton compiles) then exists before a graph capture,
-    which also runs on a side stream, as the CUDA-graph recipe of the PyTorch docs prescribes.
+    """Run ``fn`` on ``device``'s side stream, the one captures use (joined both ways with the current
+    stream), taking turns with captures. Lazily created per-stream state (cuBLAS workspaces, Triton
+    compiles) then exists before a graph capture, which also runs on a side stream, as the CUDA-graph
+    recipe of the PyTorch docs prescribes. Not a fresh ``torch.cuda.Stream()``: torch hands those out
+    round-robin from a pool of 32 per device and priority, so every 32nd was the capture stream, and a
+    warm-up in one thread would have queued its kernels into another thread's capture.
 
     Streams, captures and replays belong to the *current* CUDA device, so each of these helpers makes
     the model's device current: a model on ``cuda:1`` with device 0 current is captured and replayed
     on ``cuda:1``."""
-    with torch.cuda.device(device):
-        side = torch.cuda.Stream()
+    with _CAPTURE_LOCK, torch.cuda.device(device):
+        side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             out = fn()
@@ -111,7 +115,9 @@ def on_side_stream(fn: Callable[[], T], device: torch.device) -> T:
 
 
 _CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
-_CAPTURE_LOCK = threading.Lock()  # one capture at a time in the process (see the module docstring)
+# one capture or warm-up at a time in the process (see the module docstring); reentrant, in case a
+# warm-up's step ever captures
+_CAPTURE_LOCK = threading.RLock()
 
 
 def synchronize_stream(device: torch.device) -> None:
@@ -123,11 +129,12 @@ def synchronize_stream(device: torch.device) -> None:
 
 
 def _capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """One capture stream per device, reused by every capture on it (as torch.cuda.graph's default,
-    which is one stream for the whole process, created on the device that captured first)."""
+    """One side stream per device for every capture and warm-up on it (as torch.cuda.graph's default,
+    which is one stream for the whole process, created on the device that captured first), taken
+    from torch's high-priority pool so that other code's default-priority streams are not it."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPTURE_STREAMS:
-        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index)
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream(index, priority=-1)
     return _CAPTURE_STREAMS[index]
 
 
@@ -152,16 +159,20 @@ def capture(
         graph.register_generator_state(generator)
     device = caches[0].device
     synchronize_stream(device)
-    stream = torch.cuda.current_stream(device)
     try:
         with _CAPTURE_LOCK, torch.cuda.device(device):
-            with torch.cuda.graph(graph, stream=_capture_stream(device), capture_error_mode="thread_local"):
-                out = step()
-    except BaseException:
-        # torch.cuda.graph's exit ends the capture before it restores the stream; when ending it
-        # raises (an invalidated capture), the capture stream stayed current for the thread
-        torch.cuda.set_stream(stream)
-        raise
+            stream = torch.cuda.current_stream(device)
+            try:
+                with torch.cuda.graph(
+                    graph, stream=_capture_stream(device), capture_error_mode="thread_local"
+                ):
+                    out = step()
+            except BaseException:
+                # torch.cuda.graph's exit ends the capture before it restores the stream; when ending
+                # it raises (an invalidated capture), the capture stream stayed current for the thread.
+                # Restored inside the device context: set_stream also makes the stream's device current.
+                torch.cuda.set_stream(stream)
+                raise
     finally:
         for c, bound in zip(caches, bounds):
             c.length_bound = bound

@@ -240,13 +240,16 @@ def test_graph_helpers_make_the_models_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", Recorder)
     monkeypatch.setattr(torch.cuda, "stream", Recorder)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: log.append("new stream") or FakeStream())
+    monkeypatch.setattr(
+        cuda_graph, "_capture_stream", lambda d: log.append(("side stream", d)) or FakeStream()
+    )
     monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
     dev = torch.device("cuda", 1)
 
     assert cuda_graph.on_side_stream(lambda: log.append("step") or 7, dev) == 7
     assert log[0] == ("enter", dev) and log[-1] == ("exit", dev)
-    assert log.index("new stream") > 0 and log.index("step") > log.index("new stream")
+    side = log.index(("side stream", dev))  # the captures' stream, not one from torch's pool
+    assert side > 0 and log.index("step") > side
     log.clear()
     cuda_graph.replay(FakeGraph(), dev)
     assert log == [("enter", dev), "replay", ("exit", dev)]
@@ -303,12 +306,27 @@ def test_a_failed_capture_restores_the_callers_stream(monkeypatch):
         def __exit__(self, *exc):
             raise RuntimeError("operation not permitted when stream is capturing")
 
+    in_device = [False]
+
+    class Device(_FakeDevice):
+        def __enter__(self):
+            in_device[0] = True
+
+        def __exit__(self, *exc):
+            in_device[0] = False
+
+    def set_stream(stream):
+        # (torch's set_stream also makes the stream's device current: inside the model's device context,
+        # whose exit then restores the caller's device)
+        assert in_device[0], "set_stream outside the device context leaves the model's device current"
+        current.append(stream)
+
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", FakeGraphContext)
-    monkeypatch.setattr(torch.cuda, "device", _FakeDevice)
+    monkeypatch.setattr(torch.cuda, "device", Device)
     monkeypatch.setattr(torch.cuda, "synchronize", _no_device_wide_sync)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: current[-1])
-    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.append(s))
+    monkeypatch.setattr(torch.cuda, "set_stream", set_stream)
     monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: capture_stream)
     cache = _fake_cache(monkeypatch)
     with pytest.raises(RuntimeError, match="capturing"):
@@ -317,9 +335,9 @@ def test_a_failed_capture_restores_the_callers_stream(monkeypatch):
 
 
 def test_captures_from_several_threads_take_turns_in_thread_local_mode(monkeypatch):
-    """Threads sharing a model capture their own graphs: one capture at a time (they share the capture
-    stream, and torch.cuda.graph synchronises the whole device on entry, which would invalidate a
-    capture in progress), each in thread_local mode (under the default "global" one, another thread's
+    """Threads sharing a model capture their own graphs: one capture or warm-up at a time (they share
+    the capture stream, and torch.cuda.graph synchronises the whole device on entry, which would
+    invalidate a capture in progress), each capture in thread_local mode (under the default "global" one, another thread's
     allocation or synchronous copy during the capture fails and invalidates it), and no device-wide
     synchronisation of the package's own (the CUDA calls stood in for)."""
     from eagle.models import cuda_graph
@@ -346,14 +364,32 @@ def test_captures_from_several_threads_take_turns_in_thread_local_mode(monkeypat
     monkeypatch.setattr(torch.cuda, "synchronize", _no_device_wide_sync)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _FakeStream("caller"))
     monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: _FakeStream("capture"))
+
+    class Joinable(_FakeStream):
+        def wait_stream(self, other) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: _FakeDevice())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Joinable("caller"))
+    monkeypatch.setattr(cuda_graph, "_capture_stream", lambda device: Joinable("side"))
     caches = [_fake_cache(monkeypatch) for _ in range(3)]
 
     def capture(i: int):
         return cuda_graph.capture(lambda: time.sleep(0.02) or i, [caches[i]])[1]
 
-    results = call_from_threads([lambda i=i: capture(i) for i in range(3)], threads=3, repeats=1)
+    def warm_up(i: int):  # a warm-up's kernels run on the capture stream: never during a capture
+        def step():
+            FakeGraphContext.__enter__(None)
+            time.sleep(0.02)
+            FakeGraphContext.__exit__(None)
+            return i
+
+        return cuda_graph.on_side_stream(step, torch.device("cuda", 0))
+
+    calls = [lambda i=i: capture(i) for i in range(3)] + [lambda: warm_up(3)]
+    results = call_from_threads(calls, threads=4, repeats=1)
     assert all(out == call for (_, _, call), out in results.items())
-    assert most_inside[0] == 1 and modes == ["thread_local"] * 9
+    assert most_inside[0] == 1 and modes == ["thread_local"] * 12
 
 
 def test_the_loops_wait_for_their_own_stream_not_the_device(monkeypatch):
