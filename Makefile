@@ -39,7 +39,7 @@ lint:
 	ruff format --check .
 
 nvcc-check:
-	PYTHON=$(PY) bash scripts/nvcc_check.sh
+	PYTHON='$(PY)' bash scripts/nvcc_check.sh
 
 # Every microbenchmark once, untimed (CI); real timings: pytest bench/ --benchmark-only
 bench-smoke:
@@ -52,7 +52,7 @@ wheel: torch
 # One wheel per CUDA toolkit: make wheels CUDA="12.4 12.8" (needs /usr/local/cuda-X.Y for each).
 wheels: torch
 	$(PIP) install "setuptools>=77" ninja numpy build
-	PYTHON=$(PY) bash scripts/build_wheels.sh $(CUDA)
+	PYTHON='$(PY)' bash scripts/build_wheels.sh $(CUDA)
 
 clean:
 	rm -rf build dist *.egg-info eagle_kernels/_C*.so eagle_kernels/_build_info.py

@@ -44,17 +44,22 @@ def tree_spec(tree: TreeConfig) -> str:
 
 
 def heldout(
-    model: EagleModel, n: int, prompt_tokens: int, prompts_file: str | None = None
+    model: EagleModel, n: int, prompt_tokens: int, prompts_file: str | None = None, chat: bool = False
 ) -> list[list[int]]:
-    """``n`` prompts: the texts of the JSONL ``prompts_file`` (as ``eagle bench``) when given, else
-    :func:`bench.bench_loop.prompts_for`'s (held-out standard-library files, or random ids for a target
-    without a tokenizer)."""
+    """``n`` prompts: the texts of the JSONL ``prompts_file`` (as ``eagle bench``; with ``chat`` each a
+    user message through the chat template) when given, else :func:`bench.bench_loop.prompts_for`'s
+    (held-out standard-library files, or random ids for a target without a tokenizer)."""
     if prompts_file is not None:
         from eagle.bench import encode_texts, read_prompts_file
 
         if model.tokenizer is None:
             raise SystemExit("compare_heads: --prompts-file holds text, and this target has no tokenizer")
-        return [p.ids for p in encode_texts(read_prompts_file(prompts_file)[:n], model.tokenizer)]
+        texts = read_prompts_file(prompts_file)[:n]
+        return [p.ids for p in encode_texts(texts, model.tokenizer, chat=chat)]
+    if chat:
+        raise SystemExit(
+            "compare_heads: --chat applies to --prompts-file texts (the default prompts are code)"
+        )
     return prompts_for(model, n, prompt_tokens)
 
 
@@ -67,10 +72,13 @@ def compare(
     prompt_tokens: int,
     new_tokens: int,
     prompts_file: str | None = None,
+    chat: bool = False,
 ) -> list[dict]:
     base = load(target, drafts[0])
-    ids = heldout(base, prompts, prompt_tokens, prompts_file)
+    ids = heldout(base, prompts, prompt_tokens, prompts_file, chat)
     source = prompts_file or "held-out standard-library files"
+    if chat:
+        source += ", each a user message through the chat template"
     print(f"{len(ids)} prompts from {source}, {sum(map(len, ids))} prompt tokens", flush=True)
     rows = []
     for draft in drafts:
@@ -107,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         help="prompt texts, JSONL: {'prompt': ...} or MT-bench questions (as eagle bench --prompts-file), "
         "instead of tiny-code's held-out standard-library files",
     )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each --prompts-file text as a user message through the tokenizer's chat template (as a "
+        "chat model's head was trained, and as eagle bench --chat measures it)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -122,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prompt_tokens,
         args.new_tokens,
         args.prompts_file,
+        args.chat,
     )
     base = {(r["tree"], r["temperature"]): r["tau"] for r in rows if r["draft"] == args.draft[0]}
     for r in rows:

@@ -262,6 +262,11 @@ def encode_texts(texts: list[tuple[str, str]], tokenizer, chat: bool = False) ->
     user message through its chat template (:func:`eagle.api.chat_prompt_ids`); a text that encodes
     to no token raises, naming its source."""
     if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "chat prompts (--chat) go through the tokenizer's chat template, and this checkpoint's "
+                "tokenizer has none (tokenizer_config.json's chat_template): drop --chat, or add a template"
+            )
         prompts = [
             Prompt(src, chat_prompt_ids(tokenizer, [{"role": "user", "content": t}], src), t)
             for src, t in texts
@@ -1301,7 +1306,7 @@ def target_name(config: BenchConfig, models: Models) -> str:
 
 
 def default_name(config: BenchConfig, models: Models) -> str:
-    """``e2e_<target>[_<GPU>][_<dtype>][_draft<dtype>][_cudagraph][_randomdraft][_quick]``: a GPU run
+    """``e2e_<target>[_<GPU>][_<dtype>][_draft<dtype>][_cudagraph][_chat][_randomdraft][_quick]``: a GPU run
     does not overwrite the CPU one, the dtype is named when it is not the device's default (the head's
     when it differs from the target's), and a random draft or smoke-test run is never mistaken for a
     final result."""
@@ -1314,6 +1319,7 @@ def default_name(config: BenchConfig, models: Models) -> str:
     return (
         f"e2e_{target_name(config, models)}{gpu}{dtype}"
         + ("_cudagraph" if config.cuda_graph else "")
+        + ("_chat" if config.chat else "")
         + ("_randomdraft" if models.random_draft else "")
         + ("_quick" if config.quick else "")
     )

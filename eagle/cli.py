@@ -328,6 +328,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from eagle.acceptance import FILENAME, measure_pair_acceptance, write_pair_acceptance
     from eagle.api import load
 
+    if args.chat and not args.prompts:
+        raise ValueError(
+            "--chat sends --prompts texts through the chat template; the default prompts are code "
+            "files, not conversations"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load(args.target, args.draft, device=args.device, dtype=args.dtype)
@@ -346,11 +351,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         template = ", each a user message through the chat template" if args.chat else ""
         source = f"{args.prompts} (first {len(prompts)}{template})"
     else:
-        if args.chat:
-            raise ValueError(
-                "--chat sends --prompts texts through the chat template; the default prompts are code "
-                "files, not conversations"
-            )
         from eagle.train.tinycode import heldout_prompts
 
         if model.tokenizer is None:

@@ -8,10 +8,11 @@
 # passes its PY).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-python3}
+# PYTHON may be a command with arguments (uv run python), as the Makefile's PY: split into words
+read -r -a py <<< "${PYTHON:-python3}"
 pattern=${CUDA_ROOT_PATTERN:-/usr/local/cuda-%s}
 if [ "$#" -eq 0 ]; then
-  "$py" -m build --wheel --no-isolation --outdir dist
+  "${py[@]}" -m build --wheel --no-isolation --outdir dist
   exit 0
 fi
 for v in "$@"; do
@@ -24,6 +25,6 @@ for v in "$@"; do
   rm -rf build
   CUDA_HOME="$root" PATH="$root/bin:$PATH" EAGLE_FORCE_CUDA=1 \
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;8.6;8.9;9.0+PTX}" \
-    "$py" -m build --wheel --no-isolation --outdir dist
+    "${py[@]}" -m build --wheel --no-isolation --outdir dist
 done
 ls -l dist

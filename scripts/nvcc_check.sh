@@ -29,9 +29,10 @@ echo "nvcc-check: ${#files[@]} CUDA file(s) compiled for $arch"
 # CPU build their syntax, and each call into a .cu file's C ABI launcher, is checked with the host
 # compiler against torch's headers, the toolkit's runtime headers and two stand-ins for what a CPU wheel
 # lacks (scripts/cuda_binding_stubs). An argument added to a launcher but not to its binding fails here.
-py=${PYTHON:-python3}
-if ! torch_inc=$("$py" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))" 2>/dev/null); then
-  echo "nvcc-check: torch not importable with $py, skipping the bindings' syntax check"
+# PYTHON may be a command with arguments (uv run python), as the Makefile's PY: split into words
+read -r -a py <<< "${PYTHON:-python3}"
+if ! torch_inc=$("${py[@]}" -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))" 2>/dev/null); then
+  echo "nvcc-check: torch not importable with ${py[*]}, skipping the bindings' syntax check"
   exit 0
 fi
 cuda_inc=$(nvcc --dryrun -c -x cu /dev/null 2>&1 | grep -o -- '-I"\?[^" ]*include' | head -1 | sed 's/^-I"\?//')

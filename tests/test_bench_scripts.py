@@ -1,7 +1,9 @@
 """The analysis scripts of bench/ that are not pytest-benchmark modules run and report sane figures."""
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +250,19 @@ def test_compare_heads_ranks_the_trained_head_above_a_random_one(tmp_path):
     )  # fmt: skip
     assert len(re.findall(r"tree 3/2/6 +T=0 +tau [\d.]+", out)) == 1, out
     assert re.search(r"1 prompts from .*p\.jsonl, 1\d prompt tokens", out), out
+    # --chat: the text as a user message through the template (a copy of the target given one)
+    target = tmp_path / "chat_target"
+    shutil.copytree(Path(trained).parent / "target", target)
+    config = json.loads((target / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}<bot>"
+    (target / "tokenizer_config.json").write_text(json.dumps(config))
+    out = _run(
+        "compare_heads.py", "--target", str(target), "--draft", trained, "--trees", "3/2/6", "--prompts", "1",
+        "--new-tokens", "16", "--temperature", "0", "--prompts-file", str(tmp_path / "p.jsonl"), "--chat",
+    )  # fmt: skip
+    assert re.search(
+        r"1 prompts from .*p\.jsonl, each a user message through the chat template, 2\d prompt", out
+    )
 
 
 def test_autotree_stability_probes_in_fresh_processes_by_both_methods():

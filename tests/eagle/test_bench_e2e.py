@@ -237,10 +237,11 @@ def test_chat_needs_user_prompts_and_a_chat_template(tiny_target, tmp_path):
     with pytest.raises(ValueError, match="the default prompts are code files, not conversations"):
         run_benchmark(_config(tiny_target, tmp_path, chat=True), log=lambda _: None)
     config = _config(tiny_target, tmp_path, methods=("vanilla",), prompts=("x = 1",), chat=True)
-    with pytest.raises(
-        ValueError, match="--prompt 1 is a conversation, and this checkpoint's tokenizer has no chat"
-    ):
+    with pytest.raises(ValueError, match="tokenizer has none .* drop --chat, or add a template"):
         run_benchmark(config, log=lambda _: None)
+    models = bench.Models(None, "unused", "bundled", random_draft=False)
+    named = BenchConfig(target="tiny-code", prompts=("x",), chat=True)  # (not the plain-text run's file)
+    assert bench.default_name(named, models) == "e2e_tiny-code_chat"
 
 
 def test_default_prompts_are_prefixes_of_heldout_stdlib_files(tiny_target):
