@@ -64,13 +64,13 @@ def warpers(temperature, top_k, top_p, min_p) -> LogitsProcessorList:
     return LogitsProcessorList(procs)
 
 
-def exact_joint(hf, params) -> np.ndarray:
-    """P(t1, t2, t3) under the warped target, by enumerating every continuation."""
+def exact_joint(hf, params, prompt: list[int] = PROMPT) -> np.ndarray:
+    """P(t1, t2, t3) under the warped target after ``prompt``, by enumerating every continuation."""
     proc = warpers(*params)
     joint = np.ones([V] * NUM_TOKENS)
     for depth in range(NUM_TOKENS):
         for prefix in itertools.product(range(V), repeat=depth):
-            ids = torch.tensor([PROMPT + list(prefix)])
+            ids = torch.tensor([prompt + list(prefix)])
             with torch.no_grad():
                 logits = hf(ids).logits[:, -1].double()
             probs = torch.softmax(proc(ids, logits), -1)[0].numpy()
@@ -130,6 +130,37 @@ def test_joint_distribution_matches_target(pair, params, tree, batch, calls):
     counts = sample_counts(model, params, tree, batch, calls)
     p = chi_square_pvalue(counts, expected)
     assert p > 1e-3, f"chi-square p={p:.2e}: EAGLE samples do not follow the target distribution"
+
+
+PROMPTS = [PROMPT, [3, 0, 5, 5, 1], [2]]  # ragged: padded prefill, rows at other lengths
+
+
+@pytest.mark.parametrize("script", ["s", "ps", "sp"], ids=["rounds", "plain-then-round", "round-then-plain"])
+def test_rows_with_their_own_prompts_and_modes_follow_their_own_distributions(pair, script):
+    """A batch mixing three prompts of different lengths (the other tests repeat one prompt), and
+    speculative="auto"'s mix of plain steps and rounds (scripted; plain runs in chunks): each row's
+    first three tokens follow the warped target after its own prompt."""
+    from eagle.speculate import SamplingParams
+    from tests.eagle.test_adaptive import Scripted
+
+    hf, model, _ = pair
+    params = (0.9, 0, 0.95, 0.0)
+    rows = PROMPTS * 100
+    decoder = model._decoder(TreeConfig(depth=3, topk=2, total_tokens=6), len(rows))
+    counts = [np.zeros([V] * NUM_TOKENS, dtype=np.int64) for _ in PROMPTS]
+    for call in range(30):
+        tokens = [[] for _ in rows]
+        for e in decoder.run(
+            rows, NUM_TOKENS, SamplingParams(0.9, 0, 0.95, 0.0), seed=7000 + call, auto=Scripted(script),
+            plain_chunk=NUM_TOKENS,
+        ):  # fmt: skip
+            for row, new in zip(e.rows, e.tokens):
+                tokens[row].extend(new)
+        for i, toks in enumerate(tokens):
+            counts[i % len(PROMPTS)][tuple(toks)] += 1
+    for prompt, observed in zip(PROMPTS, counts):
+        p = chi_square_pvalue(observed, exact_joint(hf, params, prompt))
+        assert p > 1e-3, f"prompt {prompt}: chi-square p={p:.2e}, not the target's distribution"
 
 
 @pytest.mark.parametrize(
