@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="end-to-end benchmark: EAGLE vs vanilla and Hugging Face generate / prompt lookup / assisted",
-        description="Time EAGLE (chain, static, dynamic trees), vanilla decoding on this runtime and Hugging "
+        description="Time EAGLE (chain, static, dynamic trees; the dynamic one with speculative='auto'), "
+        "vanilla decoding on this runtime and Hugging "
         "Face generate, prompt-lookup and assisted decoding on the same checkpoint and prompts, methods "
         "interleaved; print tokens/s (median over repeats), tau and speedup vs vanilla, check greedy "
         "outputs against vanilla, write JSON and PNG under bench/results/ (see eagle/bench.py).",

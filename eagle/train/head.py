@@ -1086,7 +1086,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(torchrun for DDP).",
     )
     p.add_argument("--target", required=True, help="target checkpoint directory")
-    p.add_argument("--data", required=True, help="feature directory from `python -m eagle.train.features`")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="feature directory from `eagle train features` (python -m eagle.train.features)",
+    )
     p.add_argument("--out", required=True, help="output directory of the head and its training state")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch", type=int, default=d.batch_size, help="global batch (sequences per step)")
