@@ -55,11 +55,10 @@ def heldout(
         if model.tokenizer is None:
             raise SystemExit("compare_heads: --prompts-file holds text, and this target has no tokenizer")
         texts = read_prompts_file(prompts_file)[:n]
-        return [p.ids for p in encode_texts(texts, model.tokenizer, chat=chat)]
-    if chat:
-        raise SystemExit(
-            "compare_heads: --chat applies to --prompts-file texts (the default prompts are code)"
-        )
+        try:
+            return [p.ids for p in encode_texts(texts, model.tokenizer, chat=chat)]
+        except ValueError as e:  # (no chat template, a text that encodes to nothing)
+            raise SystemExit(f"compare_heads: {e}") from None
     return prompts_for(model, n, prompt_tokens)
 
 
@@ -126,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default=None, help="write bench/results/NAME.json")
     args = p.parse_args(argv)
+    if args.chat and args.prompts_file is None:
+        p.error(
+            "--chat applies to --prompts-file texts (the default prompts are code files, not conversations)"
+        )
     torch.set_num_threads(args.threads)
     rows = compare(
         args.target,

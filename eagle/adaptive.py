@@ -6,8 +6,9 @@ more than a step of ``B`` rows (large batches on a compute-bound device such as 
 slower than the plain decoding it is meant to accelerate.
 
 :class:`AutoSpeculation` runs the decoding loop in phases: a few speculative rounds, or a run of plain
-steps. It times each phase on the wall clock (the loop's one host synchronisation per forward
-included) and chooses the next phase from the latest speed of each mode:
+steps. It times each phase on the wall clock (the loop's host synchronisation included: one per
+round, and per plain step or chunk of plain steps, see :meth:`AutoSpeculation.plain_forwards_ahead`)
+and chooses the next phase from the latest speed of each mode:
 
 * each mode's speed is a running ratio of tokens to seconds over its forwards, both sums decayed by
   ``decay`` per forward (about the last ``1 / (1 - decay)`` forwards count): one round's acceptance
@@ -131,17 +132,21 @@ class AutoSpeculation:
                 f"{tokens}, {seconds}, {rows}, {forwards}"
             )
         phase = self._phase
-        # (more than plain_forwards_ahead() ends the phase: a policy shared by runs in several
-        # threads, passed to each as auto=..., may have moved on meanwhile; their counts mix)
-        phase.done += forwards
-        if phase.mode == SPECULATE:
+        # Several forwards at once are plain steps whatever the phase, and more of them than
+        # plain_forwards_ahead() ends a plain phase: a policy shared by runs in several threads
+        # (passed to each as auto=...) may have moved on meanwhile. Counted into the speculative
+        # phase's sums, a long chunk would replace speculation's measured speed with plain's.
+        mode = PLAIN if forwards > 1 else phase.mode
+        if mode == phase.mode:
+            phase.done += forwards
+        if mode == SPECULATE:
             self.rounds += 1
         else:
             self.plain_steps += forwards
         self._rows_class = 1 << (rows - 1).bit_length()
-        sums = self._class_sums()[phase.mode]
-        if self._untimed[phase.mode]:
-            self._untimed[phase.mode] -= 1
+        sums = self._class_sums()[mode]
+        if self._untimed[mode]:
+            self._untimed[mode] -= 1
         else:
             # as `forwards` records of tokens / forwards and seconds / forwards each, one after another
             decayed = self.decay**forwards

@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="end-to-end benchmark: EAGLE vs vanilla and Hugging Face generate / prompt lookup / assisted",
-        description="Time EAGLE (chain, static, dynamic trees; the dynamic one with speculative='auto'), "
+        description="Time EAGLE (chain, static, dynamic trees, and the dynamic one also with "
+        "speculative='auto': eagle_auto), "
         "vanilla decoding on this runtime and Hugging "
         "Face generate, prompt-lookup and assisted decoding on the same checkpoint and prompts, methods "
         "interleaved; print tokens/s (median over repeats), tau and speedup vs vanilla, check greedy "

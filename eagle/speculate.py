@@ -146,7 +146,8 @@ class RoundTimes:
 
 @dataclass
 class Emission:
-    """Tokens emitted by one forward for some rows of the batch."""
+    """Tokens emitted by one forward (the prefill, a round, a plain step) or one chunk of plain steps
+    (``run(plain_chunk=...)``) for some rows of the batch."""
 
     rows: list[int]  # original batch rows
     tokens: list[list[int]]  # new tokens of each of those rows (EOS included, budget respected)
@@ -387,7 +388,8 @@ class SpeculativeDecoder:
         auto: bool | AutoSpeculation = False,
         plain_chunk: int = 1,
     ) -> Iterator[Emission]:
-        """Yield the tokens of every forward (prefill first, then one per round) until all rows finish.
+        """Yield the tokens of every forward (prefill first, then one per round, plain step or chunk of
+        plain steps) until all rows finish.
 
         ``auto``: between rounds, choose speculative rounds or plain decoding steps from their measured
         speed (:mod:`eagle.adaptive`). True: this decoder's policy for the batch size and sampling

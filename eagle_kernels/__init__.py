@@ -7,6 +7,8 @@ registered as ``torch.ops.eagle.<op>``. Backends are chosen per call by the tens
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from eagle_kernels import _ext
 from eagle_kernels._backend import BACKENDS, available_backends, select_backend, use_backend
 from eagle_kernels.build_tree import (
@@ -59,13 +61,20 @@ OPS = (
 
 def _installed_version() -> str | None:
     """The installed distribution's version, with a binary wheel's local label (``0.1.0+cu128torch2.13``:
-    what it was built for), or None when this source tree runs without being installed."""
-    from importlib.metadata import PackageNotFoundError, version
+    what it was built for), or None when this source tree runs without being installed, or runs in
+    front of an installed copy elsewhere (a checkout on sys.path): then that copy is not what runs."""
+    from importlib.metadata import PackageNotFoundError, distribution
 
     try:
-        return version("eagle-kernels")
+        dist = distribution("eagle-kernels")
     except PackageNotFoundError:
         return None
+    installed = Path(str(dist.locate_file("eagle_kernels/__init__.py")))
+    here = Path(__file__)
+    # an editable install's metadata locates nothing under its own site-packages: trust it there
+    if installed.exists() and installed.resolve() != here.resolve():
+        return None
+    return dist.version
 
 
 def backend_info() -> dict:

@@ -263,6 +263,16 @@ def test_compare_heads_ranks_the_trained_head_above_a_random_one(tmp_path):
     assert re.search(
         r"1 prompts from .*p\.jsonl, each a user message through the chat template, 2\d prompt", out
     )
+    refused = {
+        "--chat applies to --prompts-file texts": ["--chat"],  # refused before any model loads
+        "drop --chat, or add a template": ["--prompts-file", str(tmp_path / "p.jsonl"), "--chat"],
+    }
+    for message, args in refused.items():
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "compare_heads.py"), "--draft", trained, *args],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_autotree_stability_probes_in_fresh_processes_by_both_methods():

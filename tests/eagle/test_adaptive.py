@@ -226,6 +226,12 @@ def test_more_plain_steps_at_once_than_the_phase_holds_end_it():
     assert policy.next_mode() == SPECULATE and policy.plain_steps == steps + ahead + 3
     with pytest.raises(ValueError, match="forwards >= 1"):
         policy.record(0, 1.0, forwards=0)
+    # a chunk recorded once the phase is a round's: plain steps still, not a round of 300 tokens
+    speculate_speed, rounds, phase = policy.speculate_speed, policy.rounds, policy._phase
+    policy.record(300, 30.0, forwards=300)
+    assert policy.speculate_speed == speculate_speed and policy.rounds == rounds
+    assert policy.plain_steps == steps + ahead + 3 + 300 and policy._phase is phase and phase.done == 0
+    assert policy.plain_speed == pytest.approx(10.0, rel=0.01)  # 300 tokens in 30 s, the history decayed
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,15 +28,46 @@ def test_info_says_which_build_is_installed(capsys, monkeypatch):
     import eagle_kernels
 
     assert main(["info"]) == 0
-    assert f"installed: {metadata.version('eagle-kernels')}" in capsys.readouterr().out
+    shown = eagle_kernels._installed_version() or "not installed (run from the source tree)"
+    assert f"installed: {shown}" in capsys.readouterr().out
 
     def missing(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(metadata, "version", missing)
+    monkeypatch.setattr(metadata, "distribution", missing)
     assert eagle_kernels.backend_info()["distribution"] is None
     assert main(["info"]) == 0
     assert "installed: not installed (run from the source tree)" in capsys.readouterr().out
+
+
+def test_an_installed_copy_that_is_not_the_running_one_is_not_reported(tmp_path, monkeypatch):
+    """A checkout on sys.path in front of an installed wheel runs the checkout's code: the wheel's label
+    would name a build that is not running. An editable install (whose metadata locates no file of its
+    own) is the running code."""
+    from importlib import metadata
+
+    import eagle_kernels
+
+    other = tmp_path / "site-packages" / "eagle_kernels" / "__init__.py"
+    other.parent.mkdir(parents=True)
+    other.write_text("")
+
+    class Dist:
+        version = "0.1.0+cu128torch2.13"
+
+        def __init__(self, root):
+            self.root = root
+
+        def locate_file(self, name):
+            return self.root / name
+
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(tmp_path / "site-packages"))
+    assert eagle_kernels._installed_version() is None
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(tmp_path / "editable"))
+    assert eagle_kernels._installed_version() == "0.1.0+cu128torch2.13"
+    here = Path(eagle_kernels.__file__).parents[1]  # the running copy's own metadata
+    monkeypatch.setattr(metadata, "distribution", lambda name: Dist(here))
+    assert eagle_kernels._installed_version() == "0.1.0+cu128torch2.13"
 
 
 @pytest.mark.extension

@@ -135,11 +135,14 @@ def test_joint_distribution_matches_target(pair, params, tree, batch, calls):
 PROMPTS = [PROMPT, [3, 0, 5, 5, 1], [2]]  # ragged: padded prefill, rows at other lengths
 
 
-@pytest.mark.parametrize("script", ["s", "ps", "sp"], ids=["rounds", "plain-then-round", "round-then-plain"])
+@pytest.mark.parametrize(
+    "script", ["s", "ps", "sp", "p"], ids=["rounds", "plain-then-round", "round-then-plain", "plain-chunks"]
+)
 def test_rows_with_their_own_prompts_and_modes_follow_their_own_distributions(pair, script):
     """A batch mixing three prompts of different lengths (the other tests repeat one prompt), and
-    speculative="auto"'s mix of plain steps and rounds (scripted; plain runs in chunks): each row's
-    first three tokens follow the warped target after its own prompt."""
+    speculative="auto"'s mix of plain steps and rounds (scripted; "p": the two tokens after the prefill
+    from one chunk of plain steps): each row's first three tokens follow the warped target after its
+    own prompt."""
     from eagle.speculate import SamplingParams
     from tests.eagle.test_adaptive import Scripted
 
