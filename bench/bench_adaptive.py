@@ -11,7 +11,10 @@ plain steps (a policy that never speculates) against plain decoding (``generate_
 prompts, in one process, in alternating order (reversed every other repeat):
 
 * ``vanilla``: ``generate_plain``;
-* ``auto_step``: the loop with an emission per plain step (``plain_chunk=1``: ``stream()``'s);
+* ``auto_step``: the loop with an emission per plain step (``plain_chunk=1``: ``generate()`` and
+  ``stream()`` before session 32);
+* ``auto_stream``: chunks that also end after ~50 ms (``plain_chunk_seconds=STREAM_CHUNK_SECONDS``:
+  ``stream()``'s since session 32);
 * ``auto_chunk``: the loop with a plain phase's steps back to back (``plain_chunk=new tokens``:
   ``generate()``'s since session 32).
 
@@ -36,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_loop import prompts_for  # noqa: E402
 from bench.utils import machine_info, save_json  # noqa: E402
 from eagle.adaptive import PLAIN, AutoSpeculation  # noqa: E402
-from eagle.api import load  # noqa: E402
+from eagle.api import STREAM_CHUNK_SECONDS, load  # noqa: E402
 from eagle.models.generate_plain import generate_plain  # noqa: E402
 from eagle.models.weights import resolve_dtype  # noqa: E402
 from eagle.speculate import SamplingParams  # noqa: E402
 
-CELLS = ("vanilla", "auto_step", "auto_chunk")
+CELLS = ("vanilla", "auto_step", "auto_stream", "auto_chunk")
 
 
 class AlwaysPlain(AutoSpeculation):
@@ -69,7 +72,17 @@ def run_cell(model, cell: str, batches, new_tokens: int, temperature: float) -> 
         decoder = model._decoder("chain", len(batch))
         tokens = [[] for _ in batch]
         chunk = 1 if cell == "auto_step" else new_tokens
-        for e in decoder.run(batch, new_tokens, sampling, seed=0, auto=AlwaysPlain(), plain_chunk=chunk):
+        seconds = STREAM_CHUNK_SECONDS if cell == "auto_stream" else None
+        emissions = decoder.run(
+            batch,
+            new_tokens,
+            sampling,
+            seed=0,
+            auto=AlwaysPlain(),
+            plain_chunk=chunk,
+            plain_chunk_seconds=seconds,
+        )
+        for e in emissions:
             for row, new in zip(e.rows, e.tokens):
                 tokens[row].extend(new)
         rows += tokens

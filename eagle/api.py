@@ -105,6 +105,9 @@ MIN_FORWARDS_TO_FIT = 16
 # least recently used dropped first
 MAX_KEPT_DECODERS = 32
 MAX_KEPT_ACCEPTANCES = 64
+# stream(speculative="auto"): a chunk of plain steps is emitted once it has run this long (seconds): a
+# reader gets tokens at least ~20 times a second, and the loop's Python per emission stays small
+STREAM_CHUNK_SECONDS = 0.05
 ACCEPT_WEIGHT_CAP = 1024
 ACCEPT_RATE_STEP = 0.03
 
@@ -478,7 +481,9 @@ class EagleModel:
 
     def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
         """An iterator over the new tokens of one prompt as they are accepted (a list per target
-        forward). The arguments are checked here, when it is called, not at the first ``next``."""
+        forward; with ``speculative="auto"``, plain steps in lists of up to ~50 ms of steps,
+        ``STREAM_CHUNK_SECONDS``). The arguments are checked here, when it is called, not at the
+        first ``next``."""
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
         ids = [self._encode_one(prompt)]
         sampling = SamplingParams(
@@ -513,7 +518,12 @@ class EagleModel:
         lengths = None
         # no `with torch.inference_mode()` here: held across a yield it would stay on in the caller
         # between reads (decoder.run is decorated: the mode wraps each of its resumptions only)
-        for emission in decoder.run(ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto):
+        # (auto: plain steps come in chunks of at most ~STREAM_CHUNK_SECONDS, not one emission each)
+        emissions = decoder.run(
+            ids, max_new_tokens, sampling, eos_token_ids=eos, seed=seed, auto=auto,
+            plain_chunk=max_new_tokens, plain_chunk_seconds=STREAM_CHUNK_SECONDS,
+        )  # fmt: skip
+        for emission in emissions:
             lengths = emission.accept_lengths  # (this run's own record, not the decoder's latest)
             if emission.tokens[0]:
                 yield emission.tokens[0]

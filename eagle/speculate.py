@@ -387,6 +387,7 @@ class SpeculativeDecoder:
         profile: bool = False,
         auto: bool | AutoSpeculation = False,
         plain_chunk: int = 1,
+        plain_chunk_seconds: float | None = None,
     ) -> Iterator[Emission]:
         """Yield the tokens of every forward (prefill first, then one per round, plain step or chunk of
         plain steps) until all rows finish.
@@ -404,11 +405,15 @@ class SpeculativeDecoder:
         the steps queue without a host synchronisation between them unless there are stop tokens
         to check. A chunk ends after the step in which a row emits an end-of-sequence token, so
         that the row retires as it would after a single step, and never runs past a row's budget.
-        1 (the default): an emission per step, for streaming. A policy subclass whose ``record``
-        takes no ``forwards``, or that overrides ``next_mode`` but not ``plain_forwards_ahead``
-        (written before chunks), runs one step per emission."""
+        1 (the default): an emission per step. ``plain_chunk_seconds``: also end a chunk once it has
+        run this long on the host's clock (a stream's tokens then come at least that often; on CUDA
+        the clock sees the steps' launches, and with stop tokens their completion). A policy subclass
+        whose ``record`` takes no ``forwards``, or that overrides ``next_mode`` but not
+        ``plain_forwards_ahead`` (written before chunks), runs one step per emission."""
         if isinstance(plain_chunk, bool) or not isinstance(plain_chunk, int) or plain_chunk < 1:
             raise ValueError(f"plain_chunk must be an int >= 1, got {plain_chunk!r}")
+        if plain_chunk_seconds is not None and not plain_chunk_seconds > 0:
+            raise ValueError(f"plain_chunk_seconds must be > 0 or None, got {plain_chunk_seconds!r}")
         device = self.target.device
         if auto and (self.cuda_graph or self._reuse_buffers):  # (a reused state has no deferred prefill)
             raise ValueError(
@@ -451,7 +456,9 @@ class SpeculativeDecoder:
                     room = min(max_new_tokens - state.emitted[i] for i in running)
                     # (max: a policy subclassing next_mode alone may say 0 ahead)
                     steps = min(plain_chunk, max(1, policy.plain_forwards_ahead()), room)
-                    new_tokens, counts = self._plain_steps(state, sampling, steps, stop, frozen)
+                    new_tokens, counts = self._plain_steps(
+                        state, sampling, steps, stop, frozen, plain_chunk_seconds
+                    )
                     forwards = new_tokens.shape[1]
                     nonfinite_from = None  # (a plain step's NaN/inf is the flag's: only live rows count)
                 else:
@@ -722,17 +729,25 @@ class SpeculativeDecoder:
         return token[:, None], ones
 
     def _plain_steps(
-        self, s: _Batch, sampling: SamplingParams, steps: int, stop: set[int], frozen: _Frozen | None
+        self,
+        s: _Batch,
+        sampling: SamplingParams,
+        steps: int,
+        stop: set[int],
+        frozen: _Frozen | None,
+        seconds: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``steps`` :meth:`_plain_step` calls back to back: ``(new_tokens [b, n], counts [b])``
         with n <= ``steps`` (every count n). Ends after the step in which an active row (not
         ``frozen``) emits a token of ``stop``, so that the row retires as after a single step
-        (:meth:`_retire_finished`) and never computes past its EOS. With stop tokens that reads each
-        step's tokens back (a host synchronisation per step on CUDA, as one step per emission had);
-        without, the steps queue with none."""
+        (:meth:`_retire_finished`) and never computes past its EOS, or, with ``seconds``, after the
+        step that brings the chunk's time to that. With stop tokens that reads each step's tokens
+        back (a host synchronisation per step on CUDA, as one step per emission had); without, the
+        steps queue with none."""
         if steps == 1:
             return self._plain_step(s, sampling)
         active = frozen.active if frozen is not None else range(s.root.shape[0])
+        started = time.perf_counter()
         tokens: list[torch.Tensor] = []
         for _ in range(steps):
             tokens.append(self._plain_step(s, sampling)[0])
@@ -740,6 +755,8 @@ class SpeculativeDecoder:
                 row_tokens = tokens[-1][:, 0].tolist()
                 if any(row_tokens[i] in stop for i in active):
                     break
+            if seconds is not None and time.perf_counter() - started >= seconds:
+                break
         new_tokens = torch.cat(tokens, 1)
         b, n = new_tokens.shape
         return new_tokens, torch.full((b,), n, dtype=torch.int64, device=new_tokens.device)

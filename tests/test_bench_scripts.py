@@ -61,7 +61,9 @@ def test_bench_adaptive_times_auto_plain_steps_with_plain_decodings_tokens():
     assert "every cell gave plain decoding's tokens" in out, out
     for b, t in ((1, 0), (1, 1), (2, 0), (2, 1)):
         assert re.search(
-            rf"B {b}, T {t}: vanilla \d+ tok/s; auto_step \d+ \([\d.]+x\); auto_chunk \d+ \([\d.]+x\)", out
+            rf"B {b}, T {t}: vanilla \d+ tok/s; auto_step \d+ \([\d.]+x\); auto_stream \d+ \([\d.]+x\); "
+            rf"auto_chunk \d+ \([\d.]+x\)",
+            out,
         ), out
 
 

@@ -475,6 +475,55 @@ def test_a_chunk_of_plain_steps_ends_after_the_step_that_emits_an_eos(models):
     assert policy.chunks == [at]  # the prefill emitted token 0; the chunk, tokens 1..at
 
 
+def _clock_of_plain_steps(monkeypatch, decoder, step_seconds: float) -> None:
+    """The host clock stands still except in plain steps, each of which takes ``step_seconds``."""
+    clock = [0.0]
+    real = decoder._plain_step
+
+    def timed(s, sampling):
+        clock[0] += step_seconds
+        return real(s, sampling)
+
+    monkeypatch.setattr(decoder, "_plain_step", timed)
+    monkeypatch.setattr(speculate.time, "perf_counter", lambda: clock[0])
+
+
+def test_a_chunk_of_plain_steps_ends_once_it_has_run_plain_chunk_seconds(models, monkeypatch):
+    model = models["eagle2"]
+    plain = generate_plain(model.target, PROMPTS, 20)
+    decoder = model._decoder(TREE, len(PROMPTS))
+    _clock_of_plain_steps(monkeypatch, decoder, 0.02)
+    policy = Scripted("p")
+    tokens = [[] for _ in PROMPTS]
+    for e in decoder.run(PROMPTS, 20, GREEDY, auto=policy, plain_chunk=64, plain_chunk_seconds=0.05):
+        for row, new in zip(e.rows, e.tokens):
+            tokens[row].extend(new)
+    assert tokens == plain
+    assert policy.chunks == [3] * 6 + [1]  # 0.06 s >= 0.05 s after 3 steps; 19 tokens after the prefill
+    with pytest.raises(ValueError, match="plain_chunk_seconds must be > 0"):
+        next(decoder.run(PROMPTS, 4, GREEDY, auto=True, plain_chunk_seconds=0.0))
+
+
+def test_stream_auto_emits_plain_steps_in_chunks_of_about_50_ms(models, monkeypatch):
+    """stream(speculative="auto"): plain steps come in lists of up to ~STREAM_CHUNK_SECONDS of steps (a
+    reader still gets tokens ~20 times a second; one emission per step cost 5-12% on a CPU)."""
+    from eagle.api import STREAM_CHUNK_SECONDS
+
+    model = models["eagle2"]
+    prompt = PROMPTS[1]
+    plain = generate_plain(model.target, [prompt], 30)[0]
+    decoder = model._decoder(TREE, 1)
+    key = (1, GREEDY.as_key())
+    decoder._auto_policies[key] = Scripted("p")  # the policy stream carries on with
+    _clock_of_plain_steps(monkeypatch, decoder, STREAM_CHUNK_SECONDS / 4.5)
+    try:
+        chunks = list(model.stream(prompt, 30, speculative="auto", tree=TREE))
+    finally:
+        decoder._auto_policies.pop(key, None)
+    assert [t for chunk in chunks for t in chunk] == plain
+    assert [len(chunk) for chunk in chunks] == [1] + [5] * 5 + [4]  # the prefill's token, then chunks
+
+
 class _ModesOnly(AutoSpeculation):
     """A policy written before plain chunks: its own modes (4 rounds, then a plain step and a round,
     and so on) on top of the base class's bookkeeping, whose phases the records drive on their own
