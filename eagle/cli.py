@@ -238,8 +238,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _print_new_text(continuation.text(tokens), shown, args.quiet, final=True)
     lengths = lengths[1:]  # the first chunk is the prefill's token
     elapsed = time.perf_counter() - start
-    # tau: tokens per target forward after the prefill (n/a when none followed it)
-    tau = f"{sum(lengths) / len(lengths):.2f}" if lengths else "n/a"
+    # tau: tokens per target forward after the prefill (n/a when none followed it); a chunk is one
+    # forward's tokens, except auto's plain steps, which stream() sends in chunks of several
+    forwards = len(lengths)
     auto = ""
     if args.auto:  # what speculative="auto" chose (the decoder keeps its last run's policy)
         from eagle.speculate import SamplingParams
@@ -248,6 +249,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         policy = decoder.last_auto
         if policy is not None:
             auto = f"; auto: {policy.plain_steps} plain steps, {policy.rounds} speculative rounds"
+            forwards = policy.plain_steps + policy.rounds
+    tau = f"{sum(lengths) / forwards:.2f}" if forwards else "n/a"
     note = f"; {setup:.2f} s of set-up (the draft tree's sizing) not counted" if setup >= 0.005 else ""
     gap = "" if args.quiet else "\n\n"  # (after the streamed text; -q streams none)
     print(

@@ -395,6 +395,25 @@ def test_auto_reports_its_choices_when_sampling_too(capsys):
     assert "auto:" in err and "plain steps" in err and "speculative rounds" in err, err
 
 
+def test_auto_tau_counts_plain_steps_streamed_in_chunks(capsys, monkeypatch):
+    """tau is tokens per target forward: stream(speculative="auto") sends plain steps in chunks of
+    ~50 ms, so a chunk is not a forward (taken as one, an all-plain run reported tau ~20)."""
+    from eagle import speculate
+    from eagle.adaptive import PLAIN, AutoSpeculation
+
+    class AlwaysPlain(AutoSpeculation):
+        def next_mode(self) -> str:
+            return PLAIN
+
+        def plain_forwards_ahead(self) -> int:
+            return 1 << 30
+
+    monkeypatch.setattr(speculate, "AutoSpeculation", AlwaysPlain)  # the policy a run makes
+    assert main(["generate", "x = 1", "-n", "48", "-q", "--auto", "--tree", "chain"]) == 0
+    err = capsys.readouterr().err
+    assert "tau 1.00 tokens per target forward; auto: 47 plain steps, 0 speculative rounds" in err, err
+
+
 def test_warnings_print_as_one_line_naming_the_command():
     """A warning (here: a seeded sampled --auto run does not repeat) printed Python's default format,
     naming eagle/cli.py and echoing its source line; the CLI prints it as a note, like its errors."""
