@@ -292,7 +292,7 @@ class EagleModel:
     def _encode_prompt(self, p, name: str) -> list[int]:
         """One prompt (text, token ids, or a conversation) as checked token ids; errors call it ``name``."""
         if _is_conversation(p):
-            ids = self._apply_chat_template(p, name)
+            ids = chat_prompt_ids(self.tokenizer, p, name)
         elif isinstance(p, str):
             if self.tokenizer is None:
                 raise ValueError("string prompts need a tokenizer; this checkpoint has none, pass token ids")
@@ -310,9 +310,6 @@ class EagleModel:
         if bad:
             raise ValueError(f"{name} holds token ids outside the vocabulary [0, {V}): {bad[:5]}")
         return ids
-
-    def _apply_chat_template(self, messages: Sequence[Mapping], name: str) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages, name)
 
     def _eos(self, eos_token_id) -> list[int]:
         """The stop ids: ``eos_token_id`` when given, else, as transformers' generate, the

@@ -206,11 +206,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
     # the tokenizer's convention, as EagleModel.generate
-    from eagle.api import _check_encodable
+    from eagle.api import _check_encodable, chat_prompt_ids
 
     _check_encodable(prompt, "prompt 0")
     if args.chat:  # one user message through the chat template, the assistant's turn opened
-        ids = model._apply_chat_template([{"role": "user", "content": prompt}], "the prompt")
+        ids = chat_prompt_ids(model.tokenizer, [{"role": "user", "content": prompt}], "the prompt")
     else:
         ids = model.tokenizer(prompt, verbose=False)["input_ids"]
     setup = time.perf_counter()

@@ -457,7 +457,7 @@ class SpeculativeDecoder:
                     # (max: a policy subclassing next_mode alone may say 0 ahead)
                     steps = min(plain_chunk, max(1, policy.plain_forwards_ahead()), room)
                     new_tokens, counts = self._plain_steps(
-                        state, sampling, steps, stop, frozen, plain_chunk_seconds
+                        state, sampling, steps, stop, running, plain_chunk_seconds
                     )
                     forwards = new_tokens.shape[1]
                     nonfinite_from = None  # (a plain step's NaN/inf is the flag's: only live rows count)
@@ -593,8 +593,8 @@ class SpeculativeDecoder:
 
     def _stamp(self) -> float:
         """A timestamp for the per-phase profile; on CUDA it waits for the queued work when profiling."""
-        if self.times is not None and self.target.device.type == "cuda":
-            synchronize_stream(self.target.device)
+        if self.times is not None:
+            synchronize_stream(self.target.device)  # (a no-op off CUDA)
         return time.perf_counter()
 
     def accept_lengths(self) -> dict[int, list[int]]:
@@ -734,19 +734,18 @@ class SpeculativeDecoder:
         sampling: SamplingParams,
         steps: int,
         stop: set[int],
-        frozen: _Frozen | None,
+        active: Sequence[int],
         seconds: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to ``steps`` :meth:`_plain_step` calls back to back: ``(new_tokens [b, n], counts [b])``
-        with n <= ``steps`` (every count n). Ends after the step in which an active row (not
-        ``frozen``) emits a token of ``stop``, so that the row retires as after a single step
+        with n <= ``steps`` (every count n). Ends after the step in which a row of ``active`` (the
+        batch indices not frozen) emits a token of ``stop``, so that the row retires as after a single step
         (:meth:`_retire_finished`) and never computes past its EOS, or, with ``seconds``, after the
         step that brings the chunk's time to that. With stop tokens that reads each step's tokens
         back (a host synchronisation per step on CUDA, as one step per emission had); without, the
         steps queue with none."""
         if steps == 1:
             return self._plain_step(s, sampling)
-        active = frozen.active if frozen is not None else range(s.root.shape[0])
         started = time.perf_counter()
         tokens: list[torch.Tensor] = []
         for _ in range(steps):
@@ -811,9 +810,7 @@ class SpeculativeDecoder:
         # On CUDA the clock must see the backlog's kernels, not their launches: without the two
         # syncs the GPU time landed in the next round's (its _emit syncs), the bias charge_plain
         # removes. Work queued before (the deferred prefill) stays with the round, as before.
-        cuda = s.draft_cache.device.type == "cuda"
-        if cuda:
-            synchronize_stream(s.draft_cache.device)
+        synchronize_stream(s.draft_cache.device)  # (a no-op off CUDA)
         started = time.perf_counter()
         for start in range(0, len(backlog), _CATCH_UP_ROWS):
             chunk = backlog[start : start + _CATCH_UP_ROWS]
@@ -827,8 +824,7 @@ class SpeculativeDecoder:
             # assigned, not copied: the prefill may have left none, and auto runs without CUDA graphs
             s.root_hidden = d.hidden[:, k - 1].contiguous()
             s.root_logits = d.logits[:, 0].contiguous()
-        if cuda:
-            synchronize_stream(s.draft_cache.device)
+        synchronize_stream(s.draft_cache.device)
         return time.perf_counter() - started
 
     def _sample_one(self, logits, sampling, seeds, draws, nonfinite, live):

@@ -447,10 +447,9 @@ def test_a_plain_phase_runs_in_chunks_that_stop_at_the_nearest_budget(models, mo
     real = decoder._plain_steps
     bounds = []  # (steps asked for, the least room of a running row)
 
-    def spy(s, sampling, steps, stop, frozen, seconds=None):
-        running = frozen.active if frozen is not None else range(len(s.emitted))
+    def spy(s, sampling, steps, stop, running, seconds=None):
         bounds.append((steps, min(20 - s.emitted[i] for i in running)))
-        return real(s, sampling, steps, stop, frozen, seconds)
+        return real(s, sampling, steps, stop, running, seconds)
 
     monkeypatch.setattr(decoder, "_plain_steps", spy)
     policy = Scripted(script)
