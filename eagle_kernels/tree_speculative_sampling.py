@@ -701,6 +701,10 @@ def _tree_sampling_triton(
 def _run_tree_sampling(*args):
     """The op's body (arguments as in :func:`_tree_speculative_sampling_op`): the backend chosen for
     the tensors' device."""
+    n, steps = args[4].shape[1], args[8]
+    if steps > n:  # a path holds at most n slots: the columns past n are -1 (as verify_tree_greedy's)
+        predicts, accept_index, num, status = _run_tree_sampling(*args[:8], n, *args[9:])
+        return predicts, torch.nn.functional.pad(accept_index, (0, steps - n), value=-1), num, status
     backend = select_backend(OP, args[4].device)
     if backend in ("cpp", "cuda"):
         return tuple(_ext.op(OP)(*args))
@@ -771,8 +775,8 @@ def _check_args(candidates, retrive_index, next_token, next_sibling, target_prob
     )
     check_tensor("uniform_samples", u, dtypes=(torch.float32,), device=device, shape=(B, n))
     check_tensor("uniform_final", uf, dtypes=(torch.float32,), device=device, shape=(B,))
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= n:
-        raise ValueError(f"num_spec_steps must be an int in [1, num_draft_tokens={n}], got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_spec_steps must be an int >= 1 (root plus drafts), got {steps!r}")
 
 
 def _debug_scan_rows(name: str, probs: torch.Tensor) -> None:
@@ -897,7 +901,7 @@ def tree_speculative_sampling(
         Uniform of the bonus token.
     num_spec_steps : int
         Columns of ``accept_index``: at most ``num_spec_steps - 1`` drafts are accepted
-        (1 <= num_spec_steps <= n).
+        (num_spec_steps >= 1; a path holds at most n slots, so columns past n are -1).
 
     Returns
     -------
@@ -997,7 +1001,7 @@ def tree_speculative_sampling_draft_probs(
     uniform_final : Tensor ``[B]``, float32 in [0, 1)
         Uniform of the bonus token.
     num_spec_steps : int
-        Columns of ``accept_index`` (1 <= num_spec_steps <= n).
+        Columns of ``accept_index`` (num_spec_steps >= 1; columns past n are -1).
 
     Returns
     -------

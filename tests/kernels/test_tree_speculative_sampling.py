@@ -327,6 +327,21 @@ def test_backends_match_reference_lossy(device):
             assert_same(got, want, f"{backend} case {i}")
 
 
+@pytest.mark.parametrize("draft", [False, True], ids=["topk", "sampled"])
+def test_num_spec_steps_past_the_tree_pads_accept_index(device, draft):
+    """num_spec_steps > n (SGLang sizes accept_index by its step count, whatever the tree) is taken as
+    by verify_tree_greedy: the result of num_spec_steps = n, with -1 in the extra columns."""
+    fn = tree_speculative_sampling_draft_probs if draft else tree_speculative_sampling
+    for seed in range(3):
+        args, _, _ = make_case(3, 5, 11, 4, seed=seed, draft=draft)
+        want = run_with_backend("torch", fn, *args, num_spec_steps=5)
+        for backend in ["torch", *_backends(device)]:
+            got = run_with_backend(backend, fn, *_on(device, args), num_spec_steps=8)
+            assert got[1].shape == (3, 8)
+            assert torch.equal(got[1][:, 5:].cpu(), torch.full((3, 3), -1, dtype=torch.int32))
+            assert_same((got[0], got[1][:, :5], got[2]), want, f"{backend} seed {seed}")
+
+
 def test_large_vocab_and_strided_rows(monkeypatch):
     """Vocabularies of several 1024-token blocks (the C++ kernel's and Triton's default), rows given
     as a strided view that shares memory between sequences."""
@@ -640,7 +655,7 @@ BAD_INPUTS = [
     (lambda c: c["args"].__setitem__(0, c["args"][0][:1]), "candidates must have shape"),
     (lambda c: c["args"].__setitem__(1, c["args"][1].int()), "dtypes must match"),
     (lambda c: c["args"].__setitem__(5, c["args"][5][:, :3]), "uniform_samples must have shape"),
-    (lambda c: c.update(steps=9), "num_spec_steps"),
+    (lambda c: c.update(steps=0), "num_spec_steps"),
     (lambda c: c["args"][2].__setitem__((1, 0), 0), "malformed tree"),  # self loop / cycle
     (lambda c: c["args"][3].__setitem__((0, 3), 1), "malformed tree"),  # slot 1's second incoming link
     (lambda c: c["args"][3].__setitem__((0, 3), 0), "malformed tree"),  # a sibling link to the root
@@ -947,7 +962,7 @@ def test_bad_input_raises_after_the_same_signature_passed():
         with pytest.raises(ValueError, match="vocabulary dimension must be contiguous"):
             tree_speculative_sampling(*args[:4], strided, *args[5:], num_spec_steps=steps)
         with pytest.raises(ValueError, match="num_spec_steps"):
-            tree_speculative_sampling(*args, num_spec_steps=9)
+            tree_speculative_sampling(*args, num_spec_steps=0)
     bad = _bad_case(lambda c: c["args"][2].__setitem__((1, 0), 0))["args"]
     with pytest.raises(ValueError, match="malformed tree"):
         tree_speculative_sampling(*bad, num_spec_steps=steps)
