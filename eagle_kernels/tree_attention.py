@@ -13,7 +13,9 @@ Mask formats (detected by dtype), for new-token rows ``i`` and columns ``j`` of 
   ``QLEN_ONLY_BITPACKING``, little-endian). SGLang stops at ``T <= 32``; here any ``T`` works;
 * int32 ``[B, T, ceil(T/32)]``: bit ``j % 32`` of word ``j // 32`` (TensorRT-LLM's packed rows).
 
-Bits at ``j >= T`` in the last byte/word are ignored. :func:`pack_tree_mask` and
+Packed rows may be wider than that (SGLang's whole 1 / 2 / 4-byte words, an engine's buffer sized for
+its largest tree): bits at ``j >= T``, in the last byte/word and in any byte/word past it, are
+ignored. :func:`pack_tree_mask` and
 :func:`unpack_tree_mask` convert between them.
 
 Backends: Triton on CUDA tensors; on CPU the C++ kernel (``csrc/cpu/tree_attention.cpp``) is the
@@ -885,7 +887,7 @@ def _run_tree_attention(
 ) -> torch.Tensor:
     """The op's body: value checks where due, then the backend chosen for q's device; the result in
     ``out`` when given (the Triton kernels write it directly when it is contiguous)."""
-    tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])  # (for direct torch.ops calls too)
+    tree_mask = _packed_rows_trimmed(tree_mask, q.shape[1])  # (for direct torch.ops calls too)
     backend = select_backend(OP, q.device)
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
         backend = "torch"  # float64 on CUDA: only the reference handles it
@@ -937,7 +939,7 @@ def _tree_attention_backward(ctx, grad: torch.Tensor):
     q, k_cache, v_cache, cache_seqlens, tree_mask = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     if tree_mask is not None:
-        tree_mask = _sglang_word_rows_as_bytes(tree_mask, q.shape[1])
+        tree_mask = _packed_rows_trimmed(tree_mask, q.shape[1])
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k_cache, v_cache), need)]
         out = tree_attention_ref(*leaves, cache_seqlens, tree_mask, ctx.sm_scale)
@@ -975,35 +977,37 @@ def _check_out(out, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     check_out_buffer(out, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
 
 
-def _sglang_word_bytes(T: int) -> int | None:
-    """Bytes of SGLang's per-row word for ``T`` tree tokens (1, 2 or 4; ``build_tree``'s
-    ``qlen_bits_u8`` rows), None past 32 tokens."""
-    return 1 << (-(-T // 8) - 1).bit_length() if 0 < T <= 32 else None
+def _packed_mask_width(dtype: torch.dtype, T: int) -> int:
+    """Words of a bit-packed mask row that hold ``T`` bits (bytes for uint8, words for int32)."""
+    return -(-T // (8 if dtype == torch.uint8 else 32))
 
 
-def _sglang_word_rows_as_bytes(tree_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
-    """A uint8 mask whose rows are SGLang's whole 1 / 2 / 4-byte words (4 bytes a row for
-    17 <= T <= 32) as the ``ceil(T/8)`` bytes the kernels read (the bytes past them hold only bits of
-    columns >= T); any other mask unchanged."""
-    if tree_mask is None or tree_mask.dtype != torch.uint8 or tree_mask.dim() != 3:
+def _packed_rows_trimmed(tree_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """A bit-packed mask whose rows are wider than ``T`` bits need (SGLang's whole 1 / 2 / 4-byte
+    words, a buffer sized for an engine's largest tree) as a view of the words the kernels read (the
+    words past them hold only bits of columns >= T); any other mask unchanged."""
+    if tree_mask is None or tree_mask.dtype == torch.bool or tree_mask.dim() != 3:
         return tree_mask
-    need = -(-T // 8)
-    if tree_mask.shape[2] == _sglang_word_bytes(T) != need:
-        return tree_mask[..., :need].contiguous()
-    return tree_mask
+    need = _packed_mask_width(tree_mask.dtype, T)
+    return tree_mask[..., :need] if tree_mask.shape[2] > need else tree_mask
 
 
 def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -> None:
     dtypes = (torch.bool, torch.uint8, torch.int32)
     check_tensor("tree_mask", tree_mask, ndim=3, dtypes=dtypes, device=device)
-    width = {torch.bool: T, torch.uint8: -(-T // 8), torch.int32: -(-T // 32)}[tree_mask.dtype]
-    fmt = {torch.bool: "bool", torch.uint8: "uint8 bit-packed", torch.int32: "int32 bit-packed"}
-    if tree_mask.dtype == torch.uint8 and tree_mask.shape[2] == _sglang_word_bytes(T):
-        width = tree_mask.shape[2]  # SGLang's whole words: the op's body reads their first bytes
-    if tuple(tree_mask.shape) != (B, T, width):
+    if tree_mask.dtype == torch.bool:
+        if tuple(tree_mask.shape) != (B, T, T):
+            raise ValueError(
+                f"tree_mask (bool) must have shape [B, T, {T}] = [{B}, {T}, {T}] for q of B={B}, T={T}, "
+                f"got {list(tree_mask.shape)}"
+            )
+        return
+    fmt = {torch.uint8: "uint8 bit-packed", torch.int32: "int32 bit-packed"}[tree_mask.dtype]
+    need = _packed_mask_width(tree_mask.dtype, T)
+    if tuple(tree_mask.shape[:2]) != (B, T) or tree_mask.shape[2] < need:
         raise ValueError(
-            f"tree_mask ({fmt[tree_mask.dtype]}) must have shape [B, T, {width}] = [{B}, {T}, {width}] "
-            f"for q of B={B}, T={T}, got {list(tree_mask.shape)}"
+            f"tree_mask ({fmt}) must have shape [B, T, >= {need}] = [{B}, {T}, >= {need}] for q of "
+            f"B={B}, T={T}, got {list(tree_mask.shape)}"
         )
 
 
@@ -1084,12 +1088,12 @@ def tree_attention(
     tree_mask : Tensor, optional
         Which new tokens each new token sees (the committed prefix is always visible). None: causal,
         token ``i`` sees ``j <= i``. Otherwise, by dtype: bool ``[B, T, T]`` (``[b, i, j]`` true: i
-        sees j); uint8 ``[B, T, ceil(T/8)]`` bit-packed rows, bit ``j % 8`` of byte ``j // 8``
+        sees j); uint8 ``[B, T, W >= ceil(T/8)]`` bit-packed rows, bit ``j % 8`` of byte ``j // 8``
         (SGLang's ``QLEN_ONLY_BITPACKING``, here for any ``T``; SGLang's per-row uint16/uint32 words
-        viewed as uint8, e.g. ``build_tree``'s ``qlen_bits_u8`` rows of 4 bytes for 17 <= T <= 24,
-        are taken too); int32
-        ``[B, T, ceil(T/32)]``, bit ``j % 32`` of word ``j // 32`` (TensorRT-LLM). See
-        :func:`pack_tree_mask`.
+        viewed as uint8, e.g. ``build_tree``'s ``qlen_bits_u8`` rows of 4 bytes for 17 <= T <= 24);
+        int32 ``[B, T, W >= ceil(T/32)]``, bit ``j % 32`` of word ``j // 32`` (TensorRT-LLM, whose
+        buffers are sized for the largest tree). Bytes / words past ``ceil(T/8)`` / ``ceil(T/32)`` are
+        never read. See :func:`pack_tree_mask`.
     sm_scale : float, optional
         Softmax scale; default ``D ** -0.5``.
     out : Tensor ``[B, T, Hq, D]``, optional
