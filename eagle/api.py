@@ -376,7 +376,7 @@ class EagleModel:
             ``max_position_embeddings`` (checked before any work).
         temperature, top_k, top_p, min_p
             Hugging Face's warpers in that order: ``temperature`` 0 is greedy (the others are then
-            ignored), > 0 divides the logits; ``top_k`` 0 disables; ``top_p`` in (0, 1], 1 disables;
+            ignored), > 0 divides the logits; ``top_k`` 0 (or -1) disables; ``top_p`` in (0, 1], 1 disables;
             ``min_p`` in [0, 1], 0 disables. The defaults filter nothing; transformers' sampling
             applies ``top_k=50`` and the ``generation_config.json`` settings unless told otherwise.
         tree : "dynamic" (default), "static", "chain", or an :class:`eagle.TreeConfig`

@@ -90,8 +90,10 @@ class SamplingParams:
             object.__setattr__(self, name, _scalar(name, getattr(self, name), integral))
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= 0, or -1 (0 and -1 disable it), got {self.top_k}")
+        if self.top_k == -1:  # vLLM's and SGLang's "off"
+            object.__setattr__(self, "top_k", 0)
         # (the kernels take top_k as int64: a larger int overflowed with a message naming no argument)
         object.__setattr__(self, "top_k", min(self.top_k, TOP_K_KEEPS_ALL))
         if not 0 < self.top_p <= 1:

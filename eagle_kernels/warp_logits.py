@@ -7,7 +7,8 @@ The semantics are exactly Hugging Face transformers' sampling warpers, applied i
 * temperature: ``scores = logits / temperature`` (float32 division); ``temperature == 0`` gives
   the one-hot distribution of the first maximal logit (greedy, like ``generate`` without sampling);
 * top-k: tokens whose score is below the ``k``-th largest score are removed, so every token tied
-  with the ``k``-th one stays; ``top_k == 0`` (or ``>= V``) disables the filter;
+  with the ``k``-th one stays; ``top_k == 0`` (or ``>= V``, or ``-1``: vLLM's and SGLang's "off")
+  disables the filter;
 * top-p: with the remaining scores sorted ascending, a token is removed when the cumulative
   probability up to and including it is ``<= 1 - top_p``; the most probable token always stays.
   Equivalently a token stays when the probability of the tokens ranked above it is ``< top_p``.
@@ -334,8 +335,8 @@ def _check_values(logits, temperature, top_k, top_p, min_p):
         raise ValueError("a row of logits has no finite value (every token masked with -inf)")
     if not bool(((temperature >= 0) & torch.isfinite(temperature)).all()):
         raise ValueError(f"temperature must be finite and >= 0, got {temperature.tolist()}")
-    if bool((top_k < 0).any()):
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k.tolist()}")
+    if bool((top_k < -1).any()):
+        raise ValueError(f"top_k must be >= 0, or -1 (0 and -1 disable it), got {top_k.tolist()}")
     if not bool(((top_p > 0) & (top_p <= 1)).all()):
         raise ValueError(f"top_p must be in (0, 1], got {top_p.tolist()}")
     if not bool(((min_p >= 0) & (min_p <= 1)).all()):
@@ -469,7 +470,8 @@ def warp_logits(
     temperature : float or Tensor ``[R]`` (or the leading shape), float
         ``> 0`` divides the logits; ``0`` makes the row one-hot at its first maximal logit.
     top_k : int or Tensor ``[R]``, int32/int64
-        Keep the scores ``>=`` the ``top_k``-th largest (ties included); ``0`` disables.
+        Keep the scores ``>=`` the ``top_k``-th largest (ties included); ``0`` or ``-1`` (vLLM's and
+        SGLang's value for "off") disables.
     top_p : float or Tensor ``[R]``, float in ``(0, 1]``
         Nucleus filter with HF's rule (see the module docstring for ties); ``1`` disables.
     min_p : float or Tensor ``[R]``, float in ``[0, 1]``
@@ -485,7 +487,7 @@ def warp_logits(
         Bad shapes or dtypes; on CPU (on CUDA with ``EAGLE_KERNELS_DEBUG=1``) also NaN or +inf
         logits, a row whose every logit is -inf, a negative or non-finite temperature,
         ``logits / temperature`` overflowing float32 (upwards),
-        ``top_k < 0``, ``top_p`` outside ``(0, 1]`` or ``min_p`` outside ``[0, 1]``.
+        ``top_k < -1``, ``top_p`` outside ``(0, 1]`` or ``min_p`` outside ``[0, 1]``.
     """
     check_tensor("logits", logits, dtypes=LOGIT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] < 1:

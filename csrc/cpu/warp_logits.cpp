@@ -40,7 +40,7 @@ struct RowScratch {
 void check_row_params(int64_t r, const RowParams& p) {
   TORCH_CHECK_VALUE(std::isfinite(p.temperature) && p.temperature >= 0.f,
                     "temperature must be finite and >= 0, got ", p.temperature, " at row ", r);
-  TORCH_CHECK_VALUE(p.top_k >= 0, "top_k must be >= 0 (0 disables it), got ", p.top_k, " at row ", r);
+  TORCH_CHECK_VALUE(p.top_k >= -1, "top_k must be >= 0, or -1 (0 and -1 disable it), got ", p.top_k, " at row ", r);
   TORCH_CHECK_VALUE(p.top_p > 0.f && p.top_p <= 1.f, "top_p must be in (0, 1], got ", p.top_p, " at row ", r);
   TORCH_CHECK_VALUE(p.min_p >= 0.f && p.min_p <= 1.f, "min_p must be in [0, 1], got ", p.min_p, " at row ", r);
 }

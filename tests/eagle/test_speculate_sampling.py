@@ -229,10 +229,13 @@ def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest
         for huge in (2**63, 10**30):
             got = model.generate([PROMPT], 6, temperature=0.7, top_k=huge, seed=2, speculative=speculative)
             assert got.tokens == everything
+        off = model.generate([PROMPT], 6, temperature=0.7, top_k=-1, seed=2, speculative=speculative)
+        assert off.tokens == everything  # vLLM's and SGLang's "off"
     refused = [
         (dict(temperature="0.7"), TypeError, "temperature must be a real number"),
         (dict(temperature=torch.tensor([0.7, 0.0])), TypeError, "temperature must be a real number"),
         (dict(temperature=0.7, top_k=2.5), TypeError, "top_k must be an integer"),
+        (dict(temperature=0.7, top_k=-2), ValueError, "top_k must be >= 0, or -1"),
         (dict(temperature=0.7, top_p=None), TypeError, "top_p must be a real number"),
         (dict(temperature=0.7, seed=1.9), TypeError, "seed must be an integer"),
         (dict(temperature=0.7, seed=True), TypeError, "seed must be an integer"),

@@ -172,6 +172,18 @@ def test_backends_match_reference(device):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_top_k_minus_one_disables_the_filter_as_zero_does(backend):
+    """-1 is vLLM's and SGLang's top_k for "off": per row, beside rows with a real top_k."""
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    want = run_with_backend(backend, warp_logits, logits, 0.9, torch.tensor([0, 5, 0]), 0.8, 0.0)
+    got = run_with_backend(backend, warp_logits, logits, 0.9, torch.tensor([-1, 5, -1]), 0.8, 0.0)
+    assert torch.equal(got, want)
+    everything = run_with_backend(backend, warp_logits, logits, 1.0, 0)
+    assert torch.equal(run_with_backend(backend, warp_logits, logits, 1.0, -1), everything)
+    assert bool((everything > 0).all())
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_int32_top_k_gives_the_int64_result(backend):
     """Per-row top_k may be int32 or int64 (DESIGN §6: both index dtypes)."""
     for name, logits, (temperature, top_k, top_p, min_p) in _cases():
@@ -305,7 +317,7 @@ def test_large_vocab_cpp_matches_reference():
         ({"row_value": -3e38, "temperature": 0.5}, "underflows to -inf for every token"),
         ({"temperature": -0.5}, "temperature must be finite and >= 0"),
         ({"temperature": float("nan")}, "temperature must be finite and >= 0"),
-        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"top_k": -2}, "top_k must be >= 0, or -1"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
         ({"min_p": -0.1}, r"min_p must be in \[0, 1\]"),
