@@ -1,8 +1,11 @@
-"""Type checks of the numbers the public entry points take (sampling settings, seeds, tree sizes)."""
+"""Type checks of the numbers and token ids the entry points take (sampling settings, seeds, tree sizes,
+prompts, stop ids)."""
 
 from __future__ import annotations
 
 import numbers
+import operator
+from collections.abc import Sequence, Set
 
 
 def as_number(name: str, value, *, integral: bool, hint: str = "") -> int | float:
@@ -20,6 +23,62 @@ def is_array(x) -> bool:
     import torch
 
     return isinstance(x, torch.Tensor) or type(x).__module__ == "numpy"
+
+
+def token_ids(prompt, name: str, what: str = "a sequence of token ids") -> list[int]:
+    """A prompt given as token ids (a list, tuple, 1-D tensor or array of integers) as a list of
+    ints; floats, bools and nested lists are refused rather than truncated (``what``: what the
+    message says the prompt must be)."""
+    if is_array(prompt):
+        if prompt.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}")
+        prompt = prompt.tolist()
+    if isinstance(prompt, (str, bytes, bytearray)) or not isinstance(prompt, Sequence):
+        raise TypeError(f"{name} must be {what}, got {type(prompt).__name__}")
+    ids = []
+    for t in prompt:
+        try:
+            if isinstance(t, bool):
+                raise TypeError
+            ids.append(operator.index(t))  # ints and numpy / 0-d tensor integers; never a float
+        except TypeError:
+            raise TypeError(f"{name} holds {t!r} ({type(t).__name__}); token ids must be integers") from None
+    return ids
+
+
+def prompt_id_lists(prompts) -> list[list[int]]:
+    """The prompts of the low-level loops (a batch of token-id sequences) as lists of ints, each
+    checked by :func:`token_ids`; a single prompt (a flat list of ids) or a string is refused."""
+    if is_array(prompts):
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts must be a batch of token-id rows, got shape {tuple(prompts.shape)}")
+        prompts = list(prompts)
+    if isinstance(prompts, (str, bytes, bytearray)) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) and isinstance(prompts[0], numbers.Integral):
+        raise TypeError("prompts must be a list of token-id lists, not a single prompt: pass [ids]")
+    return [token_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
+
+
+def stop_ids(value, vocab_size: int, source: str = "eos_token_id", fix: str = "") -> list[int]:
+    """Stop token ids given as an int, a sequence or set of ints, a tensor or a numpy array (None: none) as a
+    list of ints in ``[0, vocab_size)``; a string, a float or a bool raises TypeError naming
+    ``source`` (``fix`` follows the message), an id outside the vocabulary ValueError."""
+    if value is None:
+        return []
+    if is_array(value):  # a tensor, a numpy array or a numpy scalar
+        ids = value.reshape(-1).tolist()
+    elif isinstance(value, (Sequence, Set)) and not isinstance(value, (str, bytes, bytearray)):
+        ids = list(value)
+    else:
+        ids = [value]
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        raise TypeError(f"{source} must be an int or a list of ints, got {value!r}{fix}")
+    ids = [int(t) for t in ids]  # numpy integers as Python ints
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{source} holds ids outside the vocabulary [0, {vocab_size}): {bad}{fix}")
+    return ids
 
 
 def positive_int(text: str) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import numbers
-import operator
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -14,7 +12,7 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
-from eagle._args import as_number, is_array
+from eagle._args import as_number, is_array, stop_ids, token_ids
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
@@ -268,6 +266,8 @@ class EagleModel:
 
     def _encode(self, prompts) -> list[list[int]]:
         array = is_array(prompts)
+        if array and prompts.ndim == 1 and getattr(prompts.dtype, "kind", None) in ("O", "U", "S"):
+            prompts, array = prompts.tolist(), False  # a numpy batch of texts (or of ragged id lists)
         if (
             isinstance(prompts, str)
             or (array and prompts.ndim == 1)
@@ -302,7 +302,7 @@ class EagleModel:
         elif isinstance(p, (bytes, bytearray)):
             raise TypeError(f"{name} is bytes; decode it to str (text) or pass a list of token ids")
         else:
-            ids = _token_ids(p, name)
+            ids = token_ids(p, name, "a string or a sequence of token ids")
         if not ids:
             raise ValueError(f"{name} is empty")
         V = self.target.config.vocab_size
@@ -323,22 +323,7 @@ class EagleModel:
             # a bad id in the checkpoint's files is named there (the caller passed none)
             source = f"the target's {'generation_config' if from_generation else 'config'}.json eos_token_id"
             fix = " (pass eos_token_id= to override it)"
-        if eos_token_id is None:
-            return []
-        if is_array(eos_token_id):  # a tensor, a numpy array or a numpy scalar
-            ids = eos_token_id.reshape(-1).tolist()
-        elif isinstance(eos_token_id, Sequence) and not isinstance(eos_token_id, str):
-            ids = list(eos_token_id)
-        else:
-            ids = [eos_token_id]
-        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
-            raise TypeError(f"{source} must be an int or a list of ints, got {eos_token_id!r}{fix}")
-        ids = [int(t) for t in ids]  # numpy integers as Python ints
-        V = self.target.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"{source} holds ids outside the vocabulary [0, {V}): {bad}{fix}")
-        return ids
+        return stop_ids(eos_token_id, self.target.config.vocab_size, source, fix)
 
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -370,7 +355,10 @@ class EagleModel:
             with its own convention (a Llama tokenizer adds BOS). A conversation, a list of
             ``{"role": ..., "content": ...}`` messages, goes through the tokenizer's chat template with
             the assistant's turn opened (as chat models and their EAGLE heads expect). A single prompt
-            must still be a list (``["def f():"]``, ``[messages]``).
+            must still be a list (``["def f():"]``, ``[messages]``). Every row of a 2-D array is a
+            whole prompt: there is no ``attention_mask``, so a tokenizer's padded batch
+            (``padding=True``) would decode its pad tokens as text; pass the rows unpadded (a list of
+            lists: ``tokenizer(texts)["input_ids"]``) or the texts themselves.
         max_new_tokens : int >= 1
             New tokens per prompt, the stop token included; prompt + new tokens must fit the target's
             ``max_position_embeddings`` (checked before any work).
@@ -679,26 +667,6 @@ def _is_conversation(prompt) -> bool:
         and len(prompt) > 0
         and all(isinstance(m, Mapping) for m in prompt)
     )
-
-
-def _token_ids(prompt, name: str) -> list[int]:
-    """A prompt given as token ids (a list, tuple, 1-D tensor or array of integers) as a list of
-    ints; floats, bools and nested lists are refused rather than truncated."""
-    if is_array(prompt):
-        if prompt.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {tuple(prompt.shape)}")
-        prompt = prompt.tolist()
-    if not isinstance(prompt, Sequence):
-        raise TypeError(f"{name} must be a string or a sequence of token ids, got {type(prompt).__name__}")
-    ids = []
-    for t in prompt:
-        try:
-            if isinstance(t, bool):
-                raise TypeError
-            ids.append(operator.index(t))  # ints and numpy / 0-d tensor integers; never a float
-        except TypeError:
-            raise TypeError(f"{name} holds {t!r} ({type(t).__name__}); token ids must be integers") from None
-    return ids
 
 
 def load(

@@ -29,7 +29,7 @@ import torch
 
 import eagle_kernels
 from eagle import rng
-from eagle._args import as_number
+from eagle._args import as_number, stop_ids
 from eagle.adaptive import PLAIN, AutoSpeculation
 from eagle.models.cpu_packed import packing_generation
 from eagle.models.cuda_graph import BufferPool, on_side_stream, replay, synchronize_stream
@@ -428,7 +428,7 @@ class SpeculativeDecoder:
         self._check_lengths(max_prompt, max_new_tokens)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
-        stop = {int(t) for t in eos_token_ids}
+        stop = set(stop_ids(eos_token_ids, self.target.config.vocab_size, "eos_token_ids"))
         key = (self._pool_owner, B, sampling_key)
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
         pooled = self._pool.take(key) if self._reuse_buffers else None
@@ -608,7 +608,7 @@ class SpeculativeDecoder:
     # Prefill
     # ------------------------------------------------------------------------------------------
     def _check_lengths(self, max_prompt: int, max_new_tokens: int) -> None:
-        if max_new_tokens < 1:
+        if as_number("max_new_tokens", max_new_tokens, integral=True) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         # The same limit as plain decoding: tree rows past it hold tokens beyond max_new_tokens, which
         # are never emitted, and a row only sees its ancestors, so they cannot change emitted tokens

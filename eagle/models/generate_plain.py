@@ -3,7 +3,6 @@ against (same model, same cache, same kernels, one target forward per token)."""
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 import weakref
@@ -14,7 +13,7 @@ import torch
 
 import eagle_kernels
 from eagle import rng
-from eagle._args import is_array
+from eagle._args import as_number, prompt_id_lists, stop_ids
 from eagle.models.cpu_packed import invalidate_cpu_caches
 from eagle.models.cuda_graph import (
     DEFAULT_POOL_CAPACITY,
@@ -124,6 +123,7 @@ def _argmax_in_cpp(logits: torch.Tensor) -> bool:
 
 def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded block ``[B, T_max]`` (padding id 0) and the lengths ``[B]`` (int64)."""
+    prompts = prompt_id_lists(prompts)  # (floats, bools, strings and a lone prompt refused by name)
     if len(prompts) == 0:
         raise ValueError("prompts is empty")
     lengths = [len(p) for p in prompts]
@@ -131,7 +131,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple
         raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
     block = torch.zeros(len(prompts), max(lengths), dtype=torch.int64)
     for b, p in enumerate(prompts):
-        block[b, : len(p)] = torch.as_tensor(list(p), dtype=torch.int64)
+        block[b, : len(p)] = torch.tensor(p, dtype=torch.int64)
     return block.to(device), torch.tensor(lengths, device=device)
 
 
@@ -196,7 +196,7 @@ def generate_plain(
     rows = torch.stack([token for token, _ in steps], dim=1).tolist()
     if bool(steps[-1][1]):  # NaN/inf logits at any step: read once, at the end (no host sync per step)
         raise FloatingPointError(NONFINITE_MESSAGE)
-    return _truncate_at_eos(rows, set(_as_list(eos_token_id)))
+    return _truncate_at_eos(rows, set(stop_ids(eos_token_id, model.config.vocab_size)))
 
 
 @dataclass
@@ -275,7 +275,7 @@ def plain_decode_steps(
     sampling parameters that fits them (it replays the graph from its first step, with no capture);
     the 4 most recently used combinations are kept (:func:`set_plain_pool_capacity`);
     :func:`release_plain_buffers` frees them."""
-    if max_new_tokens < 1:
+    if as_number("max_new_tokens", max_new_tokens, integral=True) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -300,7 +300,9 @@ def plain_decode_steps(
         buffers.seeds.copy_(rng.row_seeds(seed, B, model.device))
         buffers.draws.zero_()
     nonfinite, cache = buffers.nonfinite, buffers.cache
-    stop = torch.tensor(_as_list(eos_token_id), dtype=torch.int64, device=model.device)
+    stop = torch.tensor(
+        stop_ids(eos_token_id, model.config.vocab_size), dtype=torch.int64, device=model.device
+    )
     live = buffers.live  # stays all true without EOS ids (a kept graph serves runs with and without)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:
@@ -468,14 +470,6 @@ def _next_token(buffers: _StepBuffers, step, cuda_graph: bool, generator) -> tor
     replay(buffers.graph, cache.device)
     cache.length_bound += 1  # what the replayed cache.advance(1) did on the device
     return buffers.graph_token.clone()
-
-
-def _as_list(ids: int | Sequence[int] | None) -> list[int]:
-    if ids is None:
-        return []
-    if is_array(ids):
-        ids = ids.reshape(-1).tolist()
-    return [int(ids)] if isinstance(ids, numbers.Integral) else [int(i) for i in ids]
 
 
 def _truncate_at_eos(rows: list[list[int]], stop: set[int]) -> list[list[int]]:

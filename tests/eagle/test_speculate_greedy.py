@@ -225,6 +225,56 @@ def test_bad_input(pairs, prompts, kwargs, error, match):
         model.generate(prompts, **({"max_new_tokens": 5} | kwargs))
 
 
+LOW_LEVEL_BAD_INPUT = [
+    ({"eos_token_id": "12"}, TypeError, "eos_token_id.? must be an int or a list of ints"),  # was digits 1, 2
+    ({"eos_token_id": [3.9]}, TypeError, "must be an int or a list of ints"),  # was cut to 3
+    ({"eos_token_id": [3, 999]}, ValueError, r"outside the vocabulary \[0, 24\)"),  # never matched
+    ({"prompts": [[5.9, 6.2]]}, TypeError, r"prompt 0 holds 5\.9 \(float\); token ids must be integers"),
+    ({"prompts": [5, 6]}, TypeError, "not a single prompt"),
+    ({"prompts": "abc"}, TypeError, "list of token-id lists, got str"),
+    ({"max_new_tokens": 2.5}, TypeError, "max_new_tokens must be an integer"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", LOW_LEVEL_BAD_INPUT)
+def test_low_level_loops_refuse_what_generate_refuses(pairs, kwargs, error, match):
+    """generate_plain and SpeculativeDecoder.run (the loops under generate) took a string of stop ids as
+    its digits and cut float ids and budgets to integers, without a word."""
+    from eagle.models.generate_plain import generate_plain
+    from eagle.speculate import SamplingParams, SpeculativeDecoder
+
+    _, model = pairs["eagle2-s0"]
+    args = {"prompts": [[1, 2, 3]], "max_new_tokens": 4, "eos_token_id": None} | kwargs
+    with pytest.raises(error, match=match):
+        generate_plain(
+            model.target, args["prompts"], args["max_new_tokens"], eos_token_id=args["eos_token_id"]
+        )
+    decoder = SpeculativeDecoder(model.target, model.head, TreeConfig(depth=2, topk=2, total_tokens=4))
+    eos = () if args["eos_token_id"] is None else args["eos_token_id"]
+    with pytest.raises(error, match=match):
+        next(decoder.run(args["prompts"], args["max_new_tokens"], SamplingParams(), eos_token_ids=eos))
+
+
+def test_a_numpy_batch_of_ragged_id_lists_is_a_batch(pairs):
+    """A 1-D numpy object array holds one prompt per entry; it was refused as 'a single prompt'."""
+    import numpy as np
+
+    _, model = pairs["eagle2-s0"]
+    want = model.generate([[1, 2, 3], [4, 5]], 4).tokens
+    assert model.generate(np.array([[1, 2, 3], [4, 5]], dtype=object), 4).tokens == want
+
+
+def test_low_level_loops_take_stop_ids_as_a_set_or_a_tensor(pairs):
+    from eagle.models.generate_plain import generate_plain
+
+    _, model = pairs["eagle2-s0"]
+    free = generate_plain(model.target, [[1, 2, 3]], 12)[0]
+    stop = free[3]
+    want = free[: free.index(stop) + 1]
+    for eos in (stop, {stop}, [stop], torch.tensor([stop])):
+        assert generate_plain(model.target, [[1, 2, 3]], 12, eos_token_id=eos)[0] == want
+
+
 def test_stream_refuses_unknown_arguments(pairs):
     _, model = pairs["eagle2-s0"]
     with pytest.raises(TypeError, match=r"unexpected arguments: \['bogus'\]"):
