@@ -295,6 +295,8 @@ def _tree_from_args(args: argparse.Namespace):
         )
         if value is not None
     }
+    if args.no_speculative and args.tree != "dynamic":  # (the default: given or not, nothing to say)
+        raise ValueError(f"--tree {args.tree} sets a draft tree, and --no-speculative drafts none")
     if not given:
         return args.tree
     if args.no_speculative:

@@ -335,6 +335,7 @@ def test_tree_flags_are_checked_and_combined_with_tree(capsys, monkeypatch):
             "--tree-depth sets a dynamic tree's shape, not --tree chain's",
         ),
         (["--no-speculative", "--tree-topk", "4"], "--tree-topk sets a draft tree, and --no-speculative"),
+        (["--no-speculative", "--tree", "chain"], "--tree chain sets a draft tree, and --no-speculative"),
     ):
         assert main([*base, *flags]) == 2
         assert message in capsys.readouterr().err
