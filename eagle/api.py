@@ -26,7 +26,7 @@ from eagle.models.generate_plain import (
 )
 from eagle.models.llama import LlamaModel
 from eagle.models.weights import resolve_dtype
-from eagle.rng import check_seed
+from eagle.rng import check_seed, draw_seed
 from eagle.speculate import SamplingParams, SpeculativeDecoder
 from eagle.tree import TreeConfig
 
@@ -346,7 +346,9 @@ class EagleModel:
 
         Greedy output is token for token plain greedy decoding of the target; sampled output has
         exactly the distribution of plain sampling with the same settings (lossless speculative
-        sampling). Only the speed and ``accept_lengths`` depend on the draft head and the tree.
+        sampling). Only the speed and ``accept_lengths`` depend on the draft head and the tree, and,
+        for a seeded sampled call, which sample it draws: the draws follow the tree, so another head,
+        head dtype or tree gives another (equally exact) sample from the same seed.
 
         Parameters
         ----------
@@ -490,11 +492,20 @@ class EagleModel:
         # both paths check this again inside their generators, which run at the first next()
         self.target.check_generation_length(len(ids[0]), max_new_tokens)
         if not speculative:
-            return self._stream_plain(ids, max_new_tokens, sampling, eos, seed, cuda_graph)
+            return self._stream_plain(
+                ids, max_new_tokens, sampling, eos, self._stream_seed(seed, sampling), cuda_graph
+            )
         if self.head is None:
             raise ValueError(f"speculative={speculative!r} needs a draft head: pass draft=... to eagle.load")
         decoder = self._decoder(tree, 1, cuda_graph, sampling, seed is not None)
+        seed = self._stream_seed(seed, sampling)
         return self._stream_rounds(decoder, tree, ids, max_new_tokens, sampling, eos, seed, auto)
+
+    @staticmethod
+    def _stream_seed(seed: int | None, sampling: SamplingParams) -> int | None:
+        """A sampled stream's seed, drawn when ``stream()`` is called rather than at the first ``next``
+        (as ``generate`` draws it when called): the global generator's state in between does not matter."""
+        return draw_seed() if seed is None and not sampling.greedy else seed
 
     def _stream_rounds(
         self, decoder, tree, ids, max_new_tokens, sampling, eos, seed, auto

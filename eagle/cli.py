@@ -459,7 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     gen.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0 = off)")
-    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the sampling; the same text on every run needs a fixed tree too (--tree chain or "
+        "static, or --tree-depth/--tree-topk/--tree-tokens): the default dynamic tree is timed in each "
+        "process, and the draws follow the tree",
+    )
     gen.add_argument(
         "--tree", default="dynamic", choices=("dynamic", "static", "chain"), help="draft tree shape"
     )
@@ -485,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--draft-dtype",
         default=None,
-        help="the EAGLE head's dtype (default: --dtype); e.g. bf16 drafts for a float32 target, same output",
+        help="the EAGLE head's dtype (default: --dtype); e.g. bf16 drafts for a float32 target: same greedy "
+        "output, same distribution when sampling (a seed then draws another sample)",
     )
     gen.add_argument(
         "--threads",

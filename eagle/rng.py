@@ -43,6 +43,12 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be in [0, 2**63 - 1], got {seed}")
 
 
+def draw_seed() -> int:
+    """A run's seed when the caller gave none: drawn from torch's global generator (so that
+    ``torch.manual_seed`` makes unseeded runs repeat)."""
+    return int(torch.randint(0, 2**62, (1,)).item())
+
+
 def row_seeds(seed: int, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """int64 ``[B]``: the seed of each row's stream, derived from one user seed (checked by
     :func:`check_seed`)."""

@@ -1026,7 +1026,9 @@ def _load_head_files(
         state = state | fuse_layer_tensors(state, "layers.0.")
     else:
         state = _eagle3_state(state, cfg)
-    head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state, dtype=dtype)
+    # (the modules' random initialisation, overwritten below, must not move the caller's generator)
+    with torch.random.fork_rng(devices=[]):
+        head = _build_head(kind, cfg, target, owns_embedding="embed_tokens.weight" in state, dtype=dtype)
     head = _load_into(head, state, dtype, device).eval().requires_grad_(False)
     # CPU only; an EAGLE-1/2 head that shares the target's lm_head shares its packed copy too
     pack_module_linears(head, extra=[getattr(head, "lm_head_weight", None)])

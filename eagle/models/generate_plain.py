@@ -296,7 +296,7 @@ def plain_decode_steps(
     )
     if per_row:
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = rng.draw_seed()
         buffers.seeds.copy_(rng.row_seeds(seed, B, model.device))
         buffers.draws.zero_()
     nonfinite, cache = buffers.nonfinite, buffers.cache

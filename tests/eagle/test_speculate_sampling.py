@@ -207,6 +207,33 @@ def test_seeded_sampling_is_reproducible_and_rows_differ(pair):
     assert len({tuple(t) for t in a}) > 1, "rows of one batch drew the same random numbers"
 
 
+def test_greedy_calls_and_loading_leave_torchs_global_generator_alone(pair):
+    """Greedy speculative decoding drew an unused seed from torch's global generator (plain greedy did
+    not), and loading a head consumed it for a random init that its weights then overwrote: a user's
+    next torch.rand changed."""
+    _, model, (target_dir, head_dir) = pair
+    before = torch.get_rng_state()
+    model.generate([PROMPT], 5, tree="chain")
+    model.generate([PROMPT], 5, speculative="auto")
+    list(model.stream(PROMPT, 5, tree="chain"))
+    eagle.load(str(target_dir), str(head_dir), dtype=torch.float64)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_unseeded_stream_draws_its_seed_when_called(pair):
+    """As generate: torch.manual_seed before stream() fixes the sample, whatever runs before next()."""
+    _, model, _ = pair
+    for speculative in (True, False):
+        runs = []
+        for touch in (False, True):
+            torch.manual_seed(7)
+            stream = model.stream(PROMPT, 8, temperature=1.0, tree="chain", speculative=speculative)
+            if touch:
+                torch.rand(3)
+            runs.append(sum(stream, []))
+        assert runs[0] == runs[1], speculative
+
+
 def test_sampling_arguments_take_numpy_and_0d_tensor_scalars_and_refuse_the_rest(pair):
     """A numpy or 0-d tensor scalar is the number it holds (it once reached the dynamic tree's
     acceptance check, or a kernel's tensor check, with a message about something else); other types,
