@@ -255,9 +255,12 @@ def main(argv=None) -> int:
         new = best["new"][case]
         print(f"{case:58s} {old:10.1f} {new:10.1f} {new / old:8.3f}")
     if args.out:
-        args.out.write_text(
-            json.dumps({"settings": {k: str(v) for k, v in vars(args).items()}, "best_us": best}, indent=1)
-        )
+        sys.path.insert(0, str(REPO))
+        from bench.utils import machine_info  # (imports torch and this checkout's eagle_kernels: only now)
+
+        settings = {k: str(v) for k, v in vars(args).items()}
+        payload = {"machine": machine_info(), "settings": settings, "best_us": best}
+        args.out.write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.out}")
     return 0
 
