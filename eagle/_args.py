@@ -49,6 +49,8 @@ def token_ids(prompt, name: str, what: str = "a sequence of token ids") -> list[
 def prompt_id_lists(prompts) -> list[list[int]]:
     """The prompts of the low-level loops (a batch of token-id sequences) as lists of ints, each
     checked by :func:`token_ids`; a single prompt (a flat list of ids) or a string is refused."""
+    if is_array(prompts) and prompts.ndim == 1 and getattr(prompts.dtype, "kind", None) == "O":
+        prompts = prompts.tolist()  # a numpy batch of ragged id lists
     if is_array(prompts):
         if prompts.ndim != 2:
             raise ValueError(f"prompts must be a batch of token-id rows, got shape {tuple(prompts.shape)}")
@@ -72,9 +74,12 @@ def stop_ids(value, vocab_size: int, source: str = "eos_token_id", fix: str = ""
         ids = list(value)
     else:
         ids = [value]
-    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
-        raise TypeError(f"{source} must be an int or a list of ints, got {value!r}{fix}")
-    ids = [int(t) for t in ids]  # numpy integers as Python ints
+    try:  # ints and numpy / 0-d tensor integers as Python ints; never a float or a bool
+        if any(isinstance(t, bool) for t in ids):
+            raise TypeError
+        ids = [operator.index(t) for t in ids]
+    except TypeError:
+        raise TypeError(f"{source} must be an int or a list of ints, got {value!r}{fix}") from None
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"{source} holds ids outside the vocabulary [0, {vocab_size}): {bad}{fix}")

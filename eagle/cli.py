@@ -456,16 +456,16 @@ def build_parser() -> argparse.ArgumentParser:
         "-n", "--max-new-tokens", type=positive_int, default=128, help="tokens to generate (default 128)"
     )
     gen.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 or -1 = off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     gen.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0 = off)")
     gen.add_argument(
         "--seed",
         type=int,
         default=None,
-        help="seed of the sampling; the same text on every run needs a fixed tree too (--tree chain or "
-        "static, or --tree-depth/--tree-topk/--tree-tokens): the default dynamic tree is timed in each "
-        "process, and the draws follow the tree",
+        help="seed of the sampling; the same text on every run also needs a fixed tree (--tree chain or "
+        "static, or --tree-depth/--tree-topk/--tree-tokens), as the default dynamic tree is timed in each "
+        "process and the draws follow the tree, and no --auto, which picks plain steps or rounds by the clock",
     )
     gen.add_argument(
         "--tree", default="dynamic", choices=("dynamic", "static", "chain"), help="draft tree shape"

@@ -426,9 +426,9 @@ class SpeculativeDecoder:
         block, lengths = pad_prompts(prompts, device)
         B, max_prompt = block.shape
         self._check_lengths(max_prompt, max_new_tokens)
+        stop = set(stop_ids(eos_token_ids, self.target.config.vocab_size, "eos_token_ids"))
         if seed is None:  # greedy draws nothing: torch's global generator is left as it was
             seed = 0 if sampling.greedy else rng.draw_seed()
-        stop = set(stop_ids(eos_token_ids, self.target.config.vocab_size, "eos_token_ids"))
         key = (self._pool_owner, B, sampling_key)
         # pop: a run owns its buffers, so a stream still running elsewhere never shares them
         pooled = self._pool.take(key) if self._reuse_buffers else None

@@ -160,7 +160,7 @@ def generate_plain(
     temperature : float
         0 means greedy (argmax). Otherwise tokens are sampled from
         ``eagle_kernels.warp_logits(logits, temperature, top_k, top_p, min_p)`` (Hugging Face
-        semantics; ``top_k=0``, ``top_p=1``, ``min_p=0`` disable those filters).
+        semantics; ``top_k=0`` (or -1), ``top_p=1``, ``min_p=0`` disable those filters).
     eos_token_id : int or ints, optional
         A sequence stops after emitting one of them (the eos token is included in its output).
     generator : torch.Generator, optional
@@ -286,6 +286,7 @@ def plain_decode_steps(
     model.check_generation_length(block.shape[1], max_new_tokens)
     if generator is not None and seed is not None:
         raise ValueError("pass seed or generator, not both")
+    stop_list = stop_ids(eos_token_id, model.config.vocab_size)  # (before kept buffers are taken)
     per_row = temperature != 0 and generator is None
     reuse = (cuda_graph if reuse_buffers is None else reuse_buffers) and generator is None
     # greedy ignores the filters: any of them replays the same buffers and graph
@@ -300,9 +301,7 @@ def plain_decode_steps(
         buffers.seeds.copy_(rng.row_seeds(seed, B, model.device))
         buffers.draws.zero_()
     nonfinite, cache = buffers.nonfinite, buffers.cache
-    stop = torch.tensor(
-        stop_ids(eos_token_id, model.config.vocab_size), dtype=torch.int64, device=model.device
-    )
+    stop = torch.tensor(stop_list, dtype=torch.int64, device=model.device)
     live = buffers.live  # stays all true without EOS ids (a kept graph serves runs with and without)
 
     def choose(logits: torch.Tensor) -> torch.Tensor:

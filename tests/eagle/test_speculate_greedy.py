@@ -271,8 +271,45 @@ def test_low_level_loops_take_stop_ids_as_a_set_or_a_tensor(pairs):
     free = generate_plain(model.target, [[1, 2, 3]], 12)[0]
     stop = free[3]
     want = free[: free.index(stop) + 1]
-    for eos in (stop, {stop}, [stop], torch.tensor([stop])):
+    for eos in (stop, {stop}, [stop], torch.tensor([stop]), [torch.tensor(stop)]):
         assert generate_plain(model.target, [[1, 2, 3]], 12, eos_token_id=eos)[0] == want
+
+
+def test_low_level_loops_take_a_numpy_batch_of_ragged_id_lists(pairs):
+    import numpy as np
+
+    from eagle.models.generate_plain import generate_plain
+
+    _, model = pairs["eagle2-s0"]
+    want = generate_plain(model.target, [[1, 2, 3], [4, 5]], 5)
+    assert generate_plain(model.target, np.array([[1, 2, 3], [4, 5]], dtype=object), 5) == want
+
+
+def test_a_refused_stop_id_keeps_the_kept_buffers_and_the_global_generator(pairs):
+    """The stop ids are checked before a plain run takes its kept buffers (with reuse_buffers /
+    cuda_graph) or draws a seed: a refused call lost the kept cache and graph, and moved the caller's
+    generator."""
+    import importlib
+
+    from eagle.speculate import SamplingParams, SpeculativeDecoder
+
+    gp = importlib.import_module("eagle.models.generate_plain")  # (the package exports the function)
+
+    _, model = pairs["eagle2-s0"]
+    list(gp.plain_decode_steps(model.target, [[1, 2, 3]], 4, reuse_buffers=True))
+    kept = len(gp._pool_of(model.target)._entries)
+    assert kept >= 1
+    before = torch.get_rng_state()
+    for bad in ("12", [2.0], [999]):
+        with pytest.raises((TypeError, ValueError)):
+            list(gp.plain_decode_steps(model.target, [[1, 2, 3]], 4, reuse_buffers=True, eos_token_id=bad))
+        with pytest.raises((TypeError, ValueError)):
+            list(gp.plain_decode_steps(model.target, [[1, 2, 3]], 4, temperature=1.0, eos_token_id=bad))
+        decoder = SpeculativeDecoder(model.target, model.head, TreeConfig(depth=2, topk=2, total_tokens=4))
+        with pytest.raises((TypeError, ValueError)):
+            next(decoder.run([[1, 2, 3]], 4, SamplingParams(temperature=1.0), eos_token_ids=bad))
+    assert len(gp._pool_of(model.target)._entries) == kept
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_stream_refuses_unknown_arguments(pairs):
