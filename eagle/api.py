@@ -264,7 +264,11 @@ class EagleModel:
             decoder.release_buffers()
         release_plain_buffers(self.target)
 
-    def _encode(self, prompts) -> list[list[int]]:
+    def _encode(self, prompts, unpadded: bool = False) -> list[list[int]]:
+        """``generate``'s prompts as checked token ids (``unpadded``: a padded batch's rows, already
+        cut to their mask)."""
+        if unpadded:
+            return [self._encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
         array = is_array(prompts)
         if array and prompts.ndim == 1 and getattr(prompts.dtype, "kind", None) in ("O", "U", "S"):
             prompts, array = prompts.tolist(), False  # a numpy batch of texts (or of ragged id lists)
@@ -341,6 +345,7 @@ class EagleModel:
         eos_token_id=None,
         seed: int | None = None,
         cuda_graph: bool = False,
+        attention_mask=None,
     ) -> GenerateResult:
         """Generate up to ``max_new_tokens`` new tokens for each prompt, as one batch.
 
@@ -358,9 +363,9 @@ class EagleModel:
             ``{"role": ..., "content": ...}`` messages, goes through the tokenizer's chat template with
             the assistant's turn opened (as chat models and their EAGLE heads expect). A single prompt
             must still be a list (``["def f():"]``, ``[messages]``). Every row of a 2-D array is a
-            whole prompt: there is no ``attention_mask``, so a tokenizer's padded batch
-            (``padding=True``) would decode its pad tokens as text; pass the rows unpadded (a list of
-            lists: ``tokenizer(texts)["input_ids"]``) or the texts themselves.
+            whole prompt unless ``attention_mask`` says where its padding is. A tokenizer's output
+            (a mapping with ``input_ids`` and ``attention_mask``, e.g. ``tokenizer(texts,
+            padding=True, return_tensors="pt")``) is taken as such a pair.
         max_new_tokens : int >= 1
             New tokens per prompt, the stop token included; prompt + new tokens must fit the target's
             ``max_position_embeddings`` (checked before any work).
@@ -398,6 +403,10 @@ class EagleModel:
             graph (no Python launch overhead per kernel); the output is the same. The buffers and
             graph of a batch size are kept for the next call with the same batch size and sampling
             parameters (no capture then); :meth:`release_buffers` frees them.
+        attention_mask : 2-D array / tensor of 0 / 1 (or bool), optional
+            With 2-D ``prompts`` of the same shape (a padded batch): each row's prompt is its ids
+            where the mask is 1, which must be one run (left or right padding); the pad ids are
+            dropped, as Hugging Face's ``generate`` ignores them.
 
         Returns
         -------
@@ -415,7 +424,7 @@ class EagleModel:
         """
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
         auto = _check_speculative(speculative, cuda_graph, tree)
-        ids = self._encode(prompts)
+        ids = self._encode(*_unpadded(prompts, attention_mask))
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         check_seed(seed)
         _warn_if_unreproducible(auto, seed, sampling, stacklevel=3)  # (generate runs under a decorator)
@@ -668,6 +677,58 @@ def _check_encodable(text: str, name: str) -> None:
             f"{name} is not valid UTF-8 text: byte {raw[:1].hex(' ')} (0x{raw[0]:02x}) at character "
             f"{err.start} cannot be decoded"
         ) from None
+
+
+def _unpadded(prompts, attention_mask) -> tuple[object, bool]:
+    """``generate``'s prompts and whether they are the rows of a padded batch cut to its
+    ``attention_mask`` (a tokenizer's output, a mapping with ``input_ids``, gives both)."""
+    if isinstance(prompts, Mapping):
+        if "input_ids" not in prompts:
+            raise TypeError(
+                "prompts is a mapping without 'input_ids'; pass a list of prompts or a tokenizer's output"
+            )
+        if attention_mask is not None and prompts.get("attention_mask") is not None:
+            raise ValueError("attention_mask is given twice: in the prompts' mapping and as an argument")
+        if attention_mask is None:
+            attention_mask = prompts.get("attention_mask")
+        prompts = prompts["input_ids"]
+    if attention_mask is None:
+        return prompts, False
+    ids, mask = _as_2d("prompts", prompts), _as_2d("attention_mask", attention_mask)
+    if ids.shape != mask.shape:
+        raise ValueError(
+            f"attention_mask must have the prompts' shape {list(ids.shape)}, got {list(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        if mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("attention_mask must hold 0 and 1 (or bools)")
+        mask = mask.bool()
+    rows = []
+    for b in range(ids.shape[0]):
+        kept = mask[b].nonzero().flatten().tolist()
+        if not kept:
+            raise ValueError(f"prompt {b} is all padding (its attention_mask row has no 1)")
+        first, last = kept[0], kept[-1]
+        if last - first + 1 != len(kept):
+            raise ValueError(
+                f"prompt {b}'s attention_mask has padding between its tokens (not left or right padding)"
+            )
+        rows.append(ids[b, first : last + 1])
+    return rows, True
+
+
+def _as_2d(name: str, value) -> torch.Tensor:
+    """A padded batch's ids or mask (a tensor, a numpy array or a list of equal-length lists) as a
+    2-D tensor on the CPU."""
+    try:
+        t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} with an attention_mask must be a 2-D array of rows of one length") from None
+    if t.dim() != 2:
+        raise ValueError(
+            f"{name} with an attention_mask must be 2-D [batch, length], got shape {list(t.shape)}"
+        )
+    return t
 
 
 def _is_conversation(prompt) -> bool:

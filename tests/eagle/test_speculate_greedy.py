@@ -264,6 +264,43 @@ def test_a_numpy_batch_of_ragged_id_lists_is_a_batch(pairs):
     assert model.generate(np.array([[1, 2, 3], [4, 5]], dtype=object), 4).tokens == want
 
 
+def test_a_padded_batch_with_its_attention_mask_decodes_its_rows_unpadded(pairs):
+    """A tokenizer's padded output (left or right padding) gives each row's tokens unpadded: the pad
+    ids are dropped, as transformers' generate ignores them; a BatchEncoding-like mapping too."""
+    _, model = pairs["eagle2-s0"]
+    rows = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    want = model.generate(rows, 6).tokens
+    right = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0], [11, 12, 13, 0]])
+    right_mask = (torch.arange(4) < torch.tensor([[4], [2], [3]])).long()
+    left = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10], [0, 11, 12, 13]])
+    left_mask = right_mask.flip(1)
+    assert model.generate(right, 6, attention_mask=right_mask).tokens == want
+    assert model.generate(left.numpy(), 6, attention_mask=left_mask.bool().numpy()).tokens == want
+    mapping = {"input_ids": left, "attention_mask": left_mask}
+    assert model.generate(mapping, 6).tokens == want
+    assert (
+        model.generate(right.tolist(), 6, speculative=False, attention_mask=right_mask.tolist()).tokens
+        == want
+    )
+    bad = [
+        (dict(prompts=right, attention_mask=right_mask[:, :3]), ValueError, "must have the prompts' shape"),
+        (dict(prompts=right, attention_mask=right_mask * 2), ValueError, "must hold 0 and 1"),
+        (dict(prompts=right, attention_mask=right_mask * 0), ValueError, "prompt 0 is all padding"),
+        (
+            dict(prompts=right, attention_mask=torch.tensor([[1, 0, 1, 1]] * 3)),
+            ValueError,
+            "padding between its tokens",
+        ),
+        (dict(prompts=mapping, attention_mask=left_mask), ValueError, "given twice"),
+        (dict(prompts={"ids": left}), TypeError, "without 'input_ids'"),
+        (dict(prompts=[[1, 2], [3]], attention_mask=[[1, 1], [1]]), TypeError, "rows of one length"),
+        (dict(prompts=right.float(), attention_mask=right_mask), TypeError, "token ids must be integers"),
+    ]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match):
+            model.generate(max_new_tokens=3, **kwargs)
+
+
 def test_low_level_loops_take_stop_ids_as_a_set_or_a_tensor(pairs):
     from eagle.models.generate_plain import generate_plain
 
