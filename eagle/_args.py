@@ -75,8 +75,8 @@ def stop_ids(value, vocab_size: int, source: str = "eos_token_id", fix: str = ""
     else:
         ids = [value]
     try:  # ints and numpy / 0-d tensor integers as Python ints; never a float or a bool
-        if any(isinstance(t, bool) for t in ids):
-            raise TypeError
+        if any(isinstance(t, bool) or str(getattr(t, "dtype", "")).endswith("bool") for t in ids):
+            raise TypeError  # (a bool tensor or numpy bool passes operator.index)
         ids = [operator.index(t) for t in ids]
     except TypeError:
         raise TypeError(f"{source} must be an int or a list of ints, got {value!r}{fix}") from None

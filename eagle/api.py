@@ -365,7 +365,8 @@ class EagleModel:
             must still be a list (``["def f():"]``, ``[messages]``). Every row of a 2-D array is a
             whole prompt unless ``attention_mask`` says where its padding is. A tokenizer's output
             (a mapping with ``input_ids`` and ``attention_mask``, e.g. ``tokenizer(texts,
-            padding=True, return_tensors="pt")``) is taken as such a pair.
+            padding=True, return_tensors="pt")``, padded or not) is taken as such a pair: pass it as
+            ``prompts``, not unpacked with ``**``.
         max_new_tokens : int >= 1
             New tokens per prompt, the stop token included; prompt + new tokens must fit the target's
             ``max_position_embeddings`` (checked before any work).
@@ -419,6 +420,7 @@ class EagleModel:
         ------
         ValueError / TypeError
             An empty or over-long prompt, token ids outside the vocabulary, a parameter out of range,
+            an ``attention_mask`` of another shape, not 0 / 1, or with padding inside a row,
             speculation without a draft head, ``cuda_graph`` off CUDA; FloatingPointError when the
             target's logits turn NaN or inf.
         """
@@ -694,41 +696,53 @@ def _unpadded(prompts, attention_mask) -> tuple[object, bool]:
         prompts = prompts["input_ids"]
     if attention_mask is None:
         return prompts, False
-    ids, mask = _as_2d("prompts", prompts), _as_2d("attention_mask", attention_mask)
-    if ids.shape != mask.shape:
+    ids, mask = _batch_rows("prompts", prompts), _batch_rows("attention_mask", attention_mask)
+    if len(ids) != len(mask):
+        raise ValueError(f"attention_mask must have a row per prompt ({len(ids)}), got {len(mask)}")
+    return [_unpadded_row(b, row, m) for b, (row, m) in enumerate(zip(ids, mask))], True
+
+
+def _batch_rows(name: str, value) -> list[torch.Tensor]:
+    """The rows of a batch given with an attention_mask (a 2-D tensor or array, or a list of rows,
+    equal lengths or not) as 1-D CPU tensors."""
+    if isinstance(value, torch.Tensor) or is_array(value):
+        t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        if t.dim() != 2:
+            what = "a single prompt: pass a batch of one" if t.dim() == 1 else f"shape {list(t.shape)}"
+            raise ValueError(f"{name} with an attention_mask must be 2-D [batch, length], got {what}")
+        return list(t)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise TypeError(f"{name} with an attention_mask must be a non-empty batch of rows, got {value!r:.60}")
+    try:
+        rows = [r.detach().cpu() if isinstance(r, torch.Tensor) else torch.as_tensor(r) for r in value]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} with an attention_mask must be rows of numbers") from None
+    if any(r.dim() != 1 for r in rows):
         raise ValueError(
-            f"attention_mask must have the prompts' shape {list(ids.shape)}, got {list(mask.shape)}"
+            f"{name} with an attention_mask must be a batch of 1-D rows (a single prompt: pass [ids])"
+        )
+    return rows
+
+
+def _unpadded_row(b: int, row: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Prompt ``b``'s ids where its mask is 1: one run (left or right padding)."""
+    if mask.shape != row.shape:
+        raise ValueError(
+            f"prompt {b}'s attention_mask must have its length {row.shape[0]}, got {mask.shape[0]}"
         )
     if mask.dtype != torch.bool:
-        if mask.is_floating_point() or bool(((mask != 0) & (mask != 1)).any()):
+        if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError("attention_mask must hold 0 and 1 (or bools)")
-        mask = mask.bool()
-    rows = []
-    for b in range(ids.shape[0]):
-        kept = mask[b].nonzero().flatten().tolist()
-        if not kept:
-            raise ValueError(f"prompt {b} is all padding (its attention_mask row has no 1)")
-        first, last = kept[0], kept[-1]
-        if last - first + 1 != len(kept):
-            raise ValueError(
-                f"prompt {b}'s attention_mask has padding between its tokens (not left or right padding)"
-            )
-        rows.append(ids[b, first : last + 1])
-    return rows, True
-
-
-def _as_2d(name: str, value) -> torch.Tensor:
-    """A padded batch's ids or mask (a tensor, a numpy array or a list of equal-length lists) as a
-    2-D tensor on the CPU."""
-    try:
-        t = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} with an attention_mask must be a 2-D array of rows of one length") from None
-    if t.dim() != 2:
+        mask = mask != 0
+    kept = mask.nonzero().flatten().tolist()
+    if not kept:
+        raise ValueError(f"prompt {b} is all padding (its attention_mask row has no 1)")
+    first, last = kept[0], kept[-1]
+    if last - first + 1 != len(kept):
         raise ValueError(
-            f"{name} with an attention_mask must be 2-D [batch, length], got shape {list(t.shape)}"
+            f"prompt {b}'s attention_mask has padding between its tokens (not left or right padding)"
         )
-    return t
+    return row[first : last + 1]
 
 
 def _is_conversation(prompt) -> bool:

@@ -427,6 +427,7 @@ class SpeculativeDecoder:
         B, max_prompt = block.shape
         self._check_lengths(max_prompt, max_new_tokens)
         stop = set(stop_ids(eos_token_ids, self.target.config.vocab_size, "eos_token_ids"))
+        rng.check_seed(seed)  # (before kept buffers are taken)
         if seed is None:  # greedy draws nothing: torch's global generator is left as it was
             seed = 0 if sampling.greedy else rng.draw_seed()
         key = (self._pool_owner, B, sampling_key)

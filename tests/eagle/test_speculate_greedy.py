@@ -282,8 +282,19 @@ def test_a_padded_batch_with_its_attention_mask_decodes_its_rows_unpadded(pairs)
         model.generate(right.tolist(), 6, speculative=False, attention_mask=right_mask.tolist()).tokens
         == want
     )
+    assert model.generate(right, 6, attention_mask=right_mask.float()).tokens == want  # 0. / 1. too
+    # a tokenizer's unpadded output: ragged rows, every mask row all ones
+    assert (
+        model.generate({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}, 6).tokens == want
+    )
     bad = [
-        (dict(prompts=right, attention_mask=right_mask[:, :3]), ValueError, "must have the prompts' shape"),
+        (dict(prompts=right, attention_mask=right_mask[:, :3]), ValueError, "must have its length 4, got 3"),
+        (dict(prompts=right, attention_mask=right_mask[:2]), ValueError, "a row per prompt"),
+        (
+            dict(prompts=torch.tensor([5, 6]), attention_mask=torch.tensor([1, 1])),
+            ValueError,
+            "a single prompt: pass a batch of one",
+        ),
         (dict(prompts=right, attention_mask=right_mask * 2), ValueError, "must hold 0 and 1"),
         (dict(prompts=right, attention_mask=right_mask * 0), ValueError, "prompt 0 is all padding"),
         (
@@ -293,7 +304,11 @@ def test_a_padded_batch_with_its_attention_mask_decodes_its_rows_unpadded(pairs)
         ),
         (dict(prompts=mapping, attention_mask=left_mask), ValueError, "given twice"),
         (dict(prompts={"ids": left}), TypeError, "without 'input_ids'"),
-        (dict(prompts=[[1, 2], [3]], attention_mask=[[1, 1], [1]]), TypeError, "rows of one length"),
+        (
+            dict(prompts=[[1, 2], [3]], attention_mask=[[1, 1], [1, 1]]),
+            ValueError,
+            "must have its length 1, got 2",
+        ),
         (dict(prompts=right.float(), attention_mask=right_mask), TypeError, "token ids must be integers"),
     ]
     for kwargs, error, match in bad:
@@ -345,6 +360,15 @@ def test_a_refused_stop_id_keeps_the_kept_buffers_and_the_global_generator(pairs
         decoder = SpeculativeDecoder(model.target, model.head, TreeConfig(depth=2, topk=2, total_tokens=4))
         with pytest.raises((TypeError, ValueError)):
             next(decoder.run([[1, 2, 3]], 4, SamplingParams(temperature=1.0), eos_token_ids=bad))
+    for bad in (dict(seed=-1), dict(seed="x"), dict(top_p=2.0), dict(temperature=float("nan"))):
+        sampled = {"temperature": 1.0} | bad  # (a bad seed or filter was refused after the take and draw)
+        with pytest.raises((TypeError, ValueError)):
+            list(gp.plain_decode_steps(model.target, [[1, 2, 3]], 4, reuse_buffers=True, **sampled))
+    decoder = SpeculativeDecoder(model.target, model.head, TreeConfig(depth=2, topk=2, total_tokens=4))
+    with pytest.raises(ValueError, match="seed"):
+        next(decoder.run([[1, 2, 3]], 4, SamplingParams(temperature=1.0), seed=-1))
+    with pytest.raises(TypeError, match="must be an int or a list of ints"):
+        gp.generate_plain(model.target, [[1, 2, 3]], 4, eos_token_id=[torch.tensor(True)])
     assert len(gp._pool_of(model.target)._entries) == kept
     assert torch.equal(torch.get_rng_state(), before)
 
