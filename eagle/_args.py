@@ -46,11 +46,18 @@ def token_ids(prompt, name: str, what: str = "a sequence of token ids") -> list[
     return ids
 
 
+def numpy_batch_as_list(prompts):
+    """A 1-D numpy array of objects or strings (a batch of texts or of ragged id lists) as a list of
+    its entries; anything else unchanged."""
+    if is_array(prompts) and prompts.ndim == 1 and getattr(prompts.dtype, "kind", None) in ("O", "U", "S"):
+        return prompts.tolist()
+    return prompts
+
+
 def prompt_id_lists(prompts) -> list[list[int]]:
     """The prompts of the low-level loops (a batch of token-id sequences) as lists of ints, each
     checked by :func:`token_ids`; a single prompt (a flat list of ids) or a string is refused."""
-    if is_array(prompts) and prompts.ndim == 1 and getattr(prompts.dtype, "kind", None) == "O":
-        prompts = prompts.tolist()  # a numpy batch of ragged id lists
+    prompts = numpy_batch_as_list(prompts)
     if is_array(prompts):
         if prompts.ndim != 2:
             raise ValueError(f"prompts must be a batch of token-id rows, got shape {tuple(prompts.shape)}")

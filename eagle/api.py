@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import eagle_kernels
-from eagle._args import as_number, is_array, stop_ids, token_ids
+from eagle._args import as_number, is_array, numpy_batch_as_list, stop_ids, token_ids
 from eagle.acceptance import AcceptanceFit, PairAcceptance, read_pair_acceptance
 from eagle.autotree import ACCEPT_RATE, WIDENING_GAIN, choose_tree, fit_accept_rate
 from eagle.models import generate_plain, load_draft, load_target
@@ -264,14 +264,9 @@ class EagleModel:
             decoder.release_buffers()
         release_plain_buffers(self.target)
 
-    def _encode(self, prompts, unpadded: bool = False) -> list[list[int]]:
-        """``generate``'s prompts as checked token ids (``unpadded``: a padded batch's rows, already
-        cut to their mask)."""
-        if unpadded:
-            return [self._encode_prompt(p, f"prompt {i}") for i, p in enumerate(prompts)]
+    def _encode(self, prompts) -> list[list[int]]:
+        prompts = numpy_batch_as_list(prompts)
         array = is_array(prompts)
-        if array and prompts.ndim == 1 and getattr(prompts.dtype, "kind", None) in ("O", "U", "S"):
-            prompts, array = prompts.tolist(), False  # a numpy batch of texts (or of ragged id lists)
         if (
             isinstance(prompts, str)
             or (array and prompts.ndim == 1)
@@ -426,7 +421,7 @@ class EagleModel:
         """
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
         auto = _check_speculative(speculative, cuda_graph, tree)
-        ids = self._encode(*_unpadded(prompts, attention_mask))
+        ids = self._encode(_unpadded(prompts, attention_mask))
         sampling = SamplingParams(temperature, top_k, top_p, min_p)
         check_seed(seed)
         _warn_if_unreproducible(auto, seed, sampling, stacklevel=3)  # (generate runs under a decorator)
@@ -681,9 +676,9 @@ def _check_encodable(text: str, name: str) -> None:
         ) from None
 
 
-def _unpadded(prompts, attention_mask) -> tuple[object, bool]:
-    """``generate``'s prompts and whether they are the rows of a padded batch cut to its
-    ``attention_mask`` (a tokenizer's output, a mapping with ``input_ids``, gives both)."""
+def _unpadded(prompts, attention_mask):
+    """``generate``'s prompts, with a padded batch's rows cut to its ``attention_mask`` (a list of 1-D
+    tensors; a tokenizer's output, a mapping with ``input_ids``, gives both)."""
     if isinstance(prompts, Mapping):
         if "input_ids" not in prompts:
             raise TypeError(
@@ -695,11 +690,11 @@ def _unpadded(prompts, attention_mask) -> tuple[object, bool]:
             attention_mask = prompts.get("attention_mask")
         prompts = prompts["input_ids"]
     if attention_mask is None:
-        return prompts, False
+        return prompts
     ids, mask = _batch_rows("prompts", prompts), _batch_rows("attention_mask", attention_mask)
     if len(ids) != len(mask):
         raise ValueError(f"attention_mask must have a row per prompt ({len(ids)}), got {len(mask)}")
-    return [_unpadded_row(b, row, m) for b, (row, m) in enumerate(zip(ids, mask))], True
+    return [_unpadded_row(b, row, m) for b, (row, m) in enumerate(zip(ids, mask))]
 
 
 def _batch_rows(name: str, value) -> list[torch.Tensor]:

@@ -277,8 +277,12 @@ def plain_decode_steps(
     :func:`release_plain_buffers` frees them."""
     if as_number("max_new_tokens", max_new_tokens, integral=True) < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    from eagle.speculate import SamplingParams  # (the module imports this one)
+
+    # refused before kept buffers are taken or a seed drawn (a refused call keeps both as they were)
+    SamplingParams(temperature, top_k, top_p, min_p)  # its checks of the filters, by name
+    rng.check_seed(seed)
+    stop_list = stop_ids(eos_token_id, model.config.vocab_size)
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a CUDA model, got one on {model.device}")
     block, lengths = pad_prompts(prompts, model.device)
@@ -286,12 +290,6 @@ def plain_decode_steps(
     model.check_generation_length(block.shape[1], max_new_tokens)
     if generator is not None and seed is not None:
         raise ValueError("pass seed or generator, not both")
-    # refused before kept buffers are taken or a seed drawn (a refused call keeps both as they were)
-    stop_list = stop_ids(eos_token_id, model.config.vocab_size)
-    from eagle.speculate import SamplingParams  # (the module imports this one)
-
-    SamplingParams(temperature, top_k, top_p, min_p)  # its checks of the filters, by name
-    rng.check_seed(seed)
     per_row = temperature != 0 and generator is None
     reuse = (cuda_graph if reuse_buffers is None else reuse_buffers) and generator is None
     # greedy ignores the filters: any of them replays the same buffers and graph
