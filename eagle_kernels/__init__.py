@@ -29,6 +29,8 @@ from eagle_kernels.fused_draft_input import (
     fused_eagle3_input,
     fused_eagle3_input_ref,
 )
+from eagle_kernels.paged_compact_kv_cache import paged_compact_kv_cache, paged_compact_kv_cache_ref
+from eagle_kernels.paged_tree_attention import gather_pages, paged_tree_attention, paged_tree_attention_ref
 from eagle_kernels.tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -50,6 +52,8 @@ OPS = (
     "build_tree",
     "compact_kv_cache",
     "tree_attention",
+    "paged_tree_attention",
+    "paged_compact_kv_cache",
     "fused_draft_input",
     "fused_eagle3_input",
     "verify_tree_greedy",
@@ -116,7 +120,12 @@ __all__ = [
     "fused_draft_input_ref",
     "fused_eagle3_input",
     "fused_eagle3_input_ref",
+    "gather_pages",
     "pack_tree_mask",
+    "paged_compact_kv_cache",
+    "paged_compact_kv_cache_ref",
+    "paged_tree_attention",
+    "paged_tree_attention_ref",
     "select_backend",
     "tree_attention",
     "tree_attention_ref",

@@ -67,11 +67,26 @@ def compact_kv_cache_ref(
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _row_ptr(head, pos, table_row, s_b, s_pos, num_blocks, PAGE_SIZE: tl.constexpr):
+    """Pointer to the row of cache position ``pos`` (int64) of one (layer, k/v, sequence, head):
+    ``head + pos * s_pos`` for a contiguous cache; for a paged one (``PAGE_SIZE > 0``, ``head``
+    without the sequence term) slot ``pos % PAGE_SIZE`` of block ``table_row[pos // PAGE_SIZE]``,
+    ``s_b`` the block stride. A block id outside ``[0, num_blocks)`` (checked on CPU and in debug
+    mode) is clamped so that it cannot reach outside the cache."""
+    if PAGE_SIZE > 0:
+        blk = tl.load(table_row + pos // PAGE_SIZE).to(tl.int64)
+        blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
+        return head + blk * s_b + (pos % PAGE_SIZE) * s_pos
+    return head + pos * s_pos
+
+
+@triton.jit
 def _compact_kv_cache_kernel(
     kv_ptr,
     seqlens_ptr,
     accept_index_ptr,
     accept_num_ptr,
+    table_ptr,
     B,
     H,
     D,
@@ -83,25 +98,28 @@ def _compact_kv_cache_kernel(
     s_b,
     s_h,
     s_pos,
+    st_b,
+    num_blocks,
     BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
 ):
     """One program per (layer, k/v, sequence, head). Steps j run in order inside the program, so
     the in-place copy is safe (slot_j >= j). Values are checked only in debug mode (a host sync): a
     length whose tree would pass S_max (or a negative one) must not move rows outside the sequence's
-    cache, into the next head's or past the tensor, so both rows of a copy are bounded by it."""
+    cache, into the next head's or past the tensor, so both rows of a copy are bounded by it.
+    ``PAGE_SIZE > 0``: a paged cache ``[L, 2, num_blocks, PAGE_SIZE, H, D]`` (``paged_compact_kv_cache``):
+    ``s_b`` steps over blocks, ``s_pos`` over a block's slots, sequence b's position p is slot
+    ``p % PAGE_SIZE`` of block ``table[b, p // PAGE_SIZE]`` and ``S_max`` is the table's capacity."""
     r = tl.program_id(0)
     h = r % H
     b = (r // H) % B
     which = (r // (H * B)) % 2
     layer = r // (H * B * 2)
     # int64 offsets: a stride below 2**31 comes in as int32, and (H - 1) * s_h can pass it (a head-outer cache)
-    head = (
-        kv_ptr
-        + layer.to(tl.int64) * s_layer
-        + which.to(tl.int64) * s_kv
-        + b.to(tl.int64) * s_b
-        + h.to(tl.int64) * s_h
-    )
+    head = kv_ptr + layer.to(tl.int64) * s_layer + which.to(tl.int64) * s_kv + h.to(tl.int64) * s_h
+    if PAGE_SIZE == 0:
+        head += b.to(tl.int64) * s_b
+    table_row = table_ptr + b.to(tl.int64) * st_b
     start = tl.load(seqlens_ptr + b).to(tl.int64)
     acc = tl.load(accept_num_ptr + b)
     offs = tl.arange(0, BLOCK_D)
@@ -111,13 +129,27 @@ def _compact_kv_cache_kernel(
             slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
             in_cache = (start >= 0) & (start + tl.maximum(slot, j) < S_max)
             if (slot != j) & (slot >= 0) & (slot < n) & in_cache:  # out-of-tree slots are skipped
-                row = tl.load(head + (start + slot) * s_pos + offs, mask=dmask)
-                tl.store(head + (start + j) * s_pos + offs, row, mask=dmask)
+                src = _row_ptr(head, start + slot, table_row, s_b, s_pos, num_blocks, PAGE_SIZE)
+                dst = _row_ptr(head, start + j, table_row, s_b, s_pos, num_blocks, PAGE_SIZE)
+                tl.store(dst + offs, tl.load(src + offs, mask=dmask), mask=dmask)
 
 
 @launches_on_input_device
-def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens):
-    L, _, B, H, S_max, D = kv_cache.shape
+def _compact_kv_cache_triton(
+    kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens, block_table=None
+):
+    """Launch the kernel; with ``block_table`` ``[B, max_blocks]`` the cache is paged,
+    ``[L, 2, num_blocks, page_size, H, D]``, else ``[L, 2, B, H, S_max, D]``."""
+    if block_table is None:
+        L, _, B, H, S_max, D = kv_cache.shape
+        page_size, num_blocks, table, table_stride = 0, 0, cache_seqlens, 0  # (the table is never read)
+        strides = kv_cache.stride()[:5]
+    else:
+        L, _, num_blocks, page_size, H, D = kv_cache.shape
+        B, S_max = block_table.shape[0], block_table.shape[1] * page_size
+        table, table_stride = block_table, block_table.stride(0)
+        s = kv_cache.stride()  # the kernel's (sequence, head, position) strides are (block, head, slot)
+        strides = (s[0], s[1], s[2], s[4], s[3])
     kv_cache = _as_bits(kv_cache)
     # The kernel reads element b of these at base + b: strided views must be made contiguous.
     accept_num = accept_token_num.to(torch.int32).contiguous()
@@ -128,28 +160,32 @@ def _compact_kv_cache_triton(kv_cache, cache_seqlens, accept_index, accept_token
             cache_seqlens.contiguous(),
             accept_index.contiguous(),
             accept_num,
+            table,
             B,
             H,
             D,
             accept_index.shape[1],
             num_draft_tokens,
             S_max,
-            *kv_cache.stride()[:5],
+            *strides,
+            table_stride,
+            num_blocks,
             BLOCK_D=triton.next_power_of_2(D),
+            PAGE_SIZE=page_size,
         )
     return cache_seqlens + accept_num + 1
 
 
-def _check_values(kv_cache, cache_seqlens, accept_index, accept_token_num, n):
-    """Index-range checks; they read tensor values, so on CUDA they run only in debug mode."""
+def _check_values(S: int, cache_seqlens, accept_index, accept_token_num, n, capacity: str = "S_max"):
+    """Index-range checks for a cache of ``S`` positions per sequence (``capacity`` names it in the
+    message); they read tensor values, so on CUDA they run only in debug mode."""
     B, steps = accept_index.shape
-    S = kv_cache.shape[4]
     num = accept_token_num.to(torch.int64).cpu()
     if bool(((num < 0) | (num >= steps)).any()):
         raise ValueError(f"accept_token_num must be in [0, {steps - 1}], got {num.tolist()}")
     seq = cache_seqlens.to(torch.int64).cpu()
     if bool(((seq < 0) | (seq + n > S)).any()):
-        raise ValueError(f"cache_seqlens + num_draft_tokens={n} must fit S_max={S}, got {seq.tolist()}")
+        raise ValueError(f"cache_seqlens + num_draft_tokens={n} must fit {capacity}={S}, got {seq.tolist()}")
     slots = accept_index.to(torch.int64).cpu() - torch.arange(B)[:, None] * n
     valid = torch.arange(steps)[None, :] <= num[:, None]
     if bool(((slots < 0) | (slots >= n))[valid].any()):
@@ -170,7 +206,7 @@ def _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_nu
     # int64 lengths (SGLang's seq_lens) are checked before they are narrowed to the kernels' int32.
     wide = cache_seqlens.dtype == torch.int64
     if (backend != "cpp" or wide) and (kv_cache.device.type == "cpu" or debug_checks_enabled()):
-        _check_values(*args)
+        _check_values(kv_cache.shape[4], *args[1:])
     if wide:
         new_lens = _run_backend(backend, kv_cache, cache_seqlens.to(torch.int32), *args[2:])
         return new_lens.to(torch.int64)

@@ -301,6 +301,39 @@ def _new_token_visibility(mask_ptr, b, t, js, T, n_new, sm_b, sm_i, sm_w, MASK_K
 
 
 @triton.jit
+def _paged_tile_ptrs(
+    k_head,
+    v_head,
+    table_row,
+    pos,
+    pos_ok,
+    num_blocks,
+    sk_blk,
+    sk_s,
+    sv_blk,
+    sv_s,
+    d,
+    sk_d,
+    sv_d,
+    PAGE_SIZE: tl.constexpr,
+    POS_MASK: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] K and V pointers of cache positions ``pos`` of one sequence's paged cache:
+    position p is slot ``p % PAGE_SIZE`` of block ``table_row[p // PAGE_SIZE]``. Block ids are
+    checked only on CPU and in debug mode (a host sync): one outside ``[0, num_blocks)`` is clamped so
+    that it cannot read outside the cache."""
+    if POS_MASK:
+        blk = tl.load(table_row + pos // PAGE_SIZE, mask=pos_ok, other=0)
+    else:
+        blk = tl.load(table_row + pos // PAGE_SIZE)
+    blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
+    slot = (pos % PAGE_SIZE).to(tl.int64)
+    k_ptrs = k_head + (blk * sk_blk + slot * sk_s)[:, None] + d[None, :] * sk_d
+    v_ptrs = v_head + (blk * sv_blk + slot * sv_s)[:, None] + d[None, :] * sv_d
+    return k_ptrs, v_ptrs
+
+
+@triton.jit
 def _tree_attention_kernel(
     q_ptr,
     k_ptr,
@@ -311,6 +344,7 @@ def _tree_attention_kernel(
     lse_ptr,
     seqlens_ptr,
     mask_ptr,
+    table_ptr,
     qk_scale,
     B,
     T,
@@ -329,6 +363,8 @@ def _tree_attention_kernel(
     sm_b,
     sm_i,
     sm_w,
+    st_b,
+    num_blocks,
     S_max,
     sq_d: tl.constexpr,
     sk_d: tl.constexpr,
@@ -342,6 +378,7 @@ def _tree_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
 ):
     """One program per (block of query rows, sequence x kv head, prefix split).
 
@@ -355,6 +392,10 @@ def _tree_attention_kernel(
     With ``KV_TMA`` the full prefix tiles come through ``k_desc``/``v_desc``, tensor descriptors over
     the contiguous caches seen as [B * Hkv * S_max, D] (Hopper's bulk tensor copies); else, and for
     the masked tiles always, through pointers.
+    ``PAGE_SIZE > 0``: a paged cache (``paged_tree_attention``). Then the ``sk_b`` / ``sv_b`` strides
+    step over blocks, ``sk_s`` / ``sv_s`` over a block's slots, and sequence ``b``'s position p is slot
+    ``p % PAGE_SIZE`` of block ``table[b, p // PAGE_SIZE]`` (``table_ptr``, row stride ``st_b``);
+    ``S_max`` is the table's capacity, its columns times PAGE_SIZE.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -376,8 +417,14 @@ def _tree_attention_kernel(
     # (or a negative one) must not read outside the sequence's cache, into the next head's rows or
     # past the tensor. Valid lengths are unchanged.
     seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), S_max - T)
-    k_head = k_ptr + b64 * sk_b + kvh.to(tl.int64) * sk_h
-    v_head = v_ptr + b64 * sv_b + kvh.to(tl.int64) * sv_h
+    if PAGE_SIZE > 0:
+        k_head = k_ptr + kvh.to(tl.int64) * sk_h
+        v_head = v_ptr + kvh.to(tl.int64) * sv_h
+        table_row = table_ptr + b64 * st_b
+    else:
+        k_head = k_ptr + b64 * sk_b + kvh.to(tl.int64) * sk_h
+        v_head = v_ptr + b64 * sv_b + kvh.to(tl.int64) * sv_h
+        table_row = table_ptr
     k_tile = cols[:, None] * sk_s + d[None, :] * sk_d  # int32 offsets of a tile from its first position
     v_tile = cols[:, None] * sv_s + d[None, :] * sv_d
 
@@ -408,8 +455,29 @@ def _tree_attention_kernel(
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, FP32_DOT)
     else:
         for n0 in range(0, full, BLOCK_N):
-            k = _load_kv_tile(k_base + n0 * sk_s + k_tile, cols, d_ok, False, EVEN_D)
-            v = _load_kv_tile(v_base + n0 * sv_s + v_tile, cols, d_ok, False, EVEN_D)
+            if PAGE_SIZE > 0:
+                k_ptrs, v_ptrs = _paged_tile_ptrs(
+                    k_head,
+                    v_head,
+                    table_row,
+                    start + n0 + cols,
+                    cols >= 0,
+                    num_blocks,
+                    sk_b,
+                    sk_s,
+                    sv_b,
+                    sv_s,
+                    d,
+                    sk_d,
+                    sv_d,
+                    PAGE_SIZE,
+                    False,
+                )
+            else:
+                k_ptrs = k_base + n0 * sk_s + k_tile
+                v_ptrs = v_base + n0 * sv_s + v_tile
+            k = _load_kv_tile(k_ptrs, cols, d_ok, False, EVEN_D)
+            v = _load_kv_tile(v_ptrs, cols, d_ok, False, EVEN_D)
             s = _scores(q, k, FP32_DOT)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, FP32_DOT)
 
@@ -417,8 +485,29 @@ def _tree_attention_kernel(
     for n0 in tl.range(full, length + new_keys, BLOCK_N, num_stages=1):
         rel = n0 + cols
         js = rel - length  # new-token index; negative on prefix positions
-        k = _load_kv_tile(k_base + n0 * sk_s + k_tile, js < new_keys, d_ok, True, EVEN_D)
-        v = _load_kv_tile(v_base + n0 * sv_s + v_tile, js < new_keys, d_ok, True, EVEN_D)
+        if PAGE_SIZE > 0:
+            k_ptrs, v_ptrs = _paged_tile_ptrs(
+                k_head,
+                v_head,
+                table_row,
+                start + rel,
+                js < new_keys,
+                num_blocks,
+                sk_b,
+                sk_s,
+                sv_b,
+                sv_s,
+                d,
+                sk_d,
+                sv_d,
+                PAGE_SIZE,
+                True,
+            )
+        else:
+            k_ptrs = k_base + n0 * sk_s + k_tile
+            v_ptrs = v_base + n0 * sv_s + v_tile
+        k = _load_kv_tile(k_ptrs, js < new_keys, d_ok, True, EVEN_D)
+        v = _load_kv_tile(v_ptrs, js < new_keys, d_ok, True, EVEN_D)
         tree = _new_token_visibility(mask_ptr, b, t, js, T, new_keys, sm_b, sm_i, sm_w, MASK_KIND)
         visible = (js < 0)[None, :] | tree
         # A NaN / inf in V reaches only the rows that see its key: in the dot a masked key's p = 0
@@ -686,8 +775,10 @@ def _launch_spec(
     mask_kind: int,
     head_strides: tuple[int, int, int],
     config: LaunchConfig | None,
+    page_size: int = 0,
 ) -> _LaunchSpec:
-    """The cached launch of one (shapes, dtype, device, mask kind, head-dim strides, config) key."""
+    """The cached launch of one (shapes, dtype, device, mask kind, head-dim strides, config, page size)
+    key; ``page_size`` 0 is a contiguous cache, ``S_max`` a paged one's table capacity."""
     G = Hq // Hkv
     sms = _num_sms(device)
     plan = plan_launch(B, Hkv, T, G, S_max, D, sms, config, dtype.itemsize)
@@ -705,6 +796,7 @@ def _launch_spec(
         BLOCK_M=plan.block_m,
         BLOCK_N=plan.block_n,
         BLOCK_D=block_d,
+        PAGE_SIZE=page_size,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -719,10 +811,13 @@ def _launch_spec(
 _MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's y (and z) dimension
 
 
-def _check_int32_offsets(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check_int32_offsets(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, paged: bool) -> None:
     """Offsets inside one sequence's q rows or one (sequence, head) cache slice are int32 in the kernel;
-    a slice spanning 2**31 elements or more would overflow them."""
-    for name, t, dims in (("q", q, (1, 2, 3)), ("k_cache", k_cache, (2, 3)), ("v_cache", v_cache, (2, 3))):
+    a slice spanning 2**31 elements or more would overflow them (a paged cache's are int64)."""
+    spans = [("q", q, (1, 2, 3))]
+    if not paged:
+        spans += [("k_cache", k_cache, (2, 3)), ("v_cache", v_cache, (2, 3))]
+    for name, t, dims in spans:
         span = sum((t.shape[i] - 1) * abs(t.stride(i)) for i in dims)
         if span > _INT32_MAX:
             raise ValueError(
@@ -776,34 +871,41 @@ def _tree_attention_triton(
     sm_scale: float,
     config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels; ``config`` overrides the shape heuristic (sweeps, tests).
 
+    With ``block_table`` ``[B, max_blocks]`` the caches are paged, ``[num_blocks, page_size, Hkv, D]``
+    (``paged_tree_attention``), else ``[B, Hkv, S_max, D]``.
     Returns a new contiguous ``[B, T, Hq, D]`` tensor in q's dtype, or ``out`` (checked by the
     caller) written in place: by the kernels when contiguous, else by a copy. No host synchronisation.
     """
     if out is not None and not out.is_contiguous():
         return out.copy_(
-            _tree_attention_triton(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, config)
+            _tree_attention_triton(
+                q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, config, block_table=block_table
+            )
         )
     if q.dtype == torch.float64:
         raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
     if sm_scale < 0:  # the kernel's row maxima are of unscaled scores, which needs a positive scale;
         q, sm_scale = -q, -sm_scale  # (-q) k^T * -c == q k^T * c exactly (negation is exact)
     B, T, Hq, D = q.shape
-    Hkv = k_cache.shape[1]
+    paged = block_table is not None
+    Hkv = k_cache.shape[2 if paged else 1]
     if B * Hkv > _MAX_GRID_Y:  # the grid's y is B * Hkv: past CUDA's limit, the batch in chunks
         step = _MAX_GRID_Y // Hkv
         chunks = [
             _tree_attention_triton(
                 q[b : b + step],
-                k_cache[b : b + step],
-                v_cache[b : b + step],
+                k_cache if paged else k_cache[b : b + step],
+                v_cache if paged else v_cache[b : b + step],
                 cache_seqlens[b : b + step],
                 None if tree_mask is None else tree_mask[b : b + step],
                 sm_scale,
                 config,
                 None if out is None else out[b : b + step],
+                None if block_table is None else block_table[b : b + step],
             )
             for b in range(0, B, step)
         ]
@@ -813,9 +915,10 @@ def _tree_attention_triton(
     if B * T * Hq == 0:
         return out
     kind = _mask_kind(tree_mask)
-    S_max = k_cache.shape[2]
+    page_size = k_cache.shape[1] if paged else 0
+    S_max = block_table.shape[1] * page_size if paged else k_cache.shape[2]
     head_strides = (q.stride(3), k_cache.stride(3), v_cache.stride(3))
-    spec = _launch_spec(B, T, Hq, Hkv, S_max, D, q.dtype, q.device, kind, head_strides, config)
+    spec = _launch_spec(B, T, Hq, Hkv, S_max, D, q.dtype, q.device, kind, head_strides, config, page_size)
     if kind == BOOL_MASK:
         mask, mask_strides = tree_mask.view(torch.uint8), tree_mask.stride()
     elif kind == CAUSAL:
@@ -829,10 +932,18 @@ def _tree_attention_triton(
     else:
         part, lse = out, out  # lse is not written without SPLIT
     sq, sk, sv = q.stride(), k_cache.stride(), v_cache.stride()
-    if max(T * sq[1] + Hq * sq[2], S_max * max(sk[2], sv[2])) + D * max(sq[3], sk[3], sv[3]) > _INT32_MAX:
-        _check_int32_offsets(q, k_cache, v_cache)  # the precise check, only near the limit
+    if paged:  # the kernel's (sequence, head, position) strides are (block, head, slot) here
+        sk, sv = (sk[0], sk[2], sk[1], sk[3]), (sv[0], sv[2], sv[1], sv[3])
+        table, table_stride, num_blocks = block_table, block_table.stride(0), k_cache.shape[0]
+    else:
+        table, table_stride, num_blocks = cache_seqlens, 0, 0  # never read
+    span_s = 0 if paged else S_max * max(sk[2], sv[2])
+    if max(T * sq[1] + Hq * sq[2], span_s) + D * max(sq[3], sk[3], sv[3]) > _INT32_MAX:
+        _check_int32_offsets(q, k_cache, v_cache, paged)  # the precise check, only near the limit
     k_desc = v_desc = None
     if spec.plan.kv_tma:
+        if paged:
+            raise ValueError("paged_tree_attention: LaunchConfig(kv_tma=True) needs a contiguous cache")
         k_desc, v_desc = _kv_descriptors(k_cache, v_cache, spec.plan.block_n)
     _launch(
         _tree_attention_kernel,
@@ -846,6 +957,7 @@ def _tree_attention_triton(
         lse,
         cache_seqlens.contiguous(),  # read as b-th element: a strided view would give other lengths
         mask,
+        table,
         sm_scale * LOG2E,
         B,
         T,
@@ -862,6 +974,8 @@ def _tree_attention_triton(
         sv[1],
         sv[2],
         *mask_strides,
+        table_stride,
+        num_blocks,
         S_max,
         **spec.constexprs,
     )
@@ -1031,18 +1145,23 @@ def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} must match")
     if k_cache.shape[0] != B:
         raise ValueError(f"k_cache must be [B, Hkv, S_max, D] with B={B} (from q), got {list(k_cache.shape)}")
-    if k_cache.shape[3] != D:
-        raise ValueError(f"head dim mismatch: q has D={D}, k_cache/v_cache have D={k_cache.shape[3]}")
-    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={D} is outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
-    Hkv = k_cache.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads Hq={Hq} must be a positive multiple of kv heads Hkv={Hkv} (GQA)")
+    _check_heads(q, k_cache.shape[1], k_cache.shape[3])
     check_tensor("cache_seqlens", cache_seqlens, dtypes=INDEX_DTYPES, device=device, shape=(B,))
     if B > 0 and T > k_cache.shape[2]:  # (a shape check, so the unchecked kernels never meet it either)
         raise ValueError(f"T={T} new tokens cannot fit a cache of S_max={k_cache.shape[2]} positions")
     if tree_mask is not None:
         _check_mask(tree_mask, B, T, device)
+
+
+def _check_heads(q: torch.Tensor, Hkv: int, D_kv: int) -> None:
+    """q's head dim matches the caches' and is supported; its heads are a multiple of the kv heads."""
+    Hq, D = q.shape[2], q.shape[3]
+    if D_kv != D:
+        raise ValueError(f"head dim mismatch: q has D={D}, k_cache/v_cache have D={D_kv}")
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is outside the supported {MIN_HEAD_DIM}..{MAX_HEAD_DIM}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads Hq={Hq} must be a positive multiple of kv heads Hkv={Hkv} (GQA)")
 
 
 def _check_values(cache_seqlens: torch.Tensor, T: int, S_max: int) -> None:

@@ -45,6 +45,32 @@ def _tree_attention(b: int):
     return (lambda q, k, v, s: eagle_kernels.tree_attention(q, k, v, s)), [q, kv[1, 0], kv[1, 1], lengths]
 
 
+def _paged_tree_attention(b: int):
+    gen = torch.Generator().manual_seed(b)
+    q = torch.randn(b, 3, 4, 16, generator=gen)
+    pool = torch.randn(2, 12, 4, 2, 16, generator=gen)  # [2, num_blocks, page, Hkv, D]
+    table = torch.arange(b * 2, dtype=torch.int32).view(b, 2) % 12
+    lengths = torch.arange(2, 2 + b, dtype=torch.int32) % 5
+    fn = lambda q, k, v, t, s: eagle_kernels.paged_tree_attention(q, k, v, t, s)  # noqa: E731
+    return fn, [q, pool[0], pool[1], table, lengths]
+
+
+def _paged_compact_kv_cache(b: int):
+    pool = torch.randn(2, 2, 12, 4, 1, 8)  # [layers, 2, num_blocks, page, Hkv, D]
+    table = torch.arange(b * 2, dtype=torch.int32).view(b, 2) % 12
+    accept_index = torch.full((b, 3), -1, dtype=torch.int32)
+    accept_index[:, 0] = torch.arange(b, dtype=torch.int32) * 3
+    lengths = torch.arange(b, dtype=torch.int32) % 5
+    args = [pool, table, lengths, accept_index, torch.zeros(b, dtype=torch.int32)]
+
+    def compact(pool, table, lengths, accept_index, accept_num):
+        return eagle_kernels.paged_compact_kv_cache(
+            pool, table, lengths, accept_index, accept_num, num_draft_tokens=3
+        )
+
+    return compact, args
+
+
 def _verify_tree_greedy(b: int):
     gen = torch.Generator().manual_seed(b)
     n = 3
@@ -109,6 +135,8 @@ OPS = {
     "tree_attention": _tree_attention,
     "verify_tree_greedy": _verify_tree_greedy,
     "compact_kv_cache": _compact_kv_cache,
+    "paged_tree_attention": _paged_tree_attention,
+    "paged_compact_kv_cache": _paged_compact_kv_cache,
     "build_tree": _build_tree,
     "fused_draft_input": _fused_draft_input,
     "fused_eagle3_input": _fused_eagle3_input,
@@ -118,8 +146,8 @@ OPS = {
 
 def _mark_batch_dynamic(args: list, b: int) -> None:
     for t in args:
-        if isinstance(t, torch.Tensor) and t.dim() == 6:
-            torch._dynamo.mark_dynamic(t, 2)  # a [layers, 2, B, Hkv, S, D] cache
+        if isinstance(t, torch.Tensor) and t.dim() == 6 and t.shape[2] == b:
+            torch._dynamo.mark_dynamic(t, 2)  # a [layers, 2, B, Hkv, S, D] cache (not a block pool)
         elif isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == b and t.shape[0] != V:
             torch._dynamo.mark_dynamic(t, 0)
 

@@ -99,6 +99,26 @@ def _tree_attention_out_args():
     return [q, kv[0], kv[1], torch.tensor([2, 5], dtype=torch.int32), None, 0.25, torch.empty_like(q)]
 
 
+def _paged_attention_args():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, N, 4, 16, generator=gen)
+    pool = torch.randn(2, 6, 4, 2, 16, generator=gen)  # [2, num_blocks, page, Hkv, D]
+    table = torch.tensor([[0, 2], [5, 1]], dtype=torch.int32)
+    return [q, pool[0], pool[1], table, torch.tensor([2, 5], dtype=torch.int32), None, 0.25]
+
+
+def _paged_attention_out_args():
+    args = _paged_attention_args()
+    return [*args, torch.empty_like(args[0])]
+
+
+def _paged_compact_args():
+    pool = torch.randn(2, 2, 6, 4, 1, 8)  # [layers, 2, num_blocks, page, Hkv, D]
+    table = torch.tensor([[0, 2], [5, 1]], dtype=torch.int32)
+    accept_index = torch.tensor([[0, 1, -1], [3, -1, -1]])
+    return [pool, table, torch.tensor([4, 5], dtype=torch.int32), accept_index, torch.tensor([1, 0]), N]
+
+
 def _shorter(i: int, dim: int = 0):
     """Mutation: argument ``i`` one element shorter along ``dim``."""
     return lambda args: args.__setitem__(i, args[i].narrow(dim, 0, args[i].shape[dim] - 1))
@@ -127,6 +147,11 @@ CASES = [
     ("fused_eagle3_input", _eagle3_args, _shorter(1), "h_mid must have shape"),
     ("tree_attention_out", _tree_attention_out_args, _shorter(6), "out must have shape"),
     ("tree_attention_out", _tree_attention_out_args, _shorter(3), "cache_seqlens must have shape"),
+    ("paged_tree_attention", _paged_attention_args, _shorter(3), "block_table must have shape"),
+    ("paged_tree_attention", _paged_attention_args, _shorter(4), "cache_seqlens must have shape"),
+    ("paged_tree_attention_out", _paged_attention_out_args, _shorter(7), "out must have shape"),
+    ("paged_compact_kv_cache", _paged_compact_args, _shorter(2), "cache_seqlens must have shape"),
+    ("paged_compact_kv_cache", _paged_compact_args, _shorter(3), "accept_index must have shape"),
 ]
 
 

@@ -69,6 +69,18 @@ def _tree_attention(B, T, Hq, Hkv, S, D, dtype, mask_kind, splits=None) -> list[
     return record_tree_attention_launches(q, kv[0], kv[1], seqlens, mask, config)
 
 
+def _paged_tree_attention(
+    B, T, Hq, Hkv, page, blocks, D, dtype, mask_kind, splits, index_dtype=I32
+) -> list[tuple]:
+    ta = _module("tree_attention")
+    q, pool = Z(B, T, Hq, D, dtype=dtype), Z(2, B * blocks, page, Hkv, D, dtype=dtype)
+    table = torch.arange(B * blocks, dtype=index_dtype).view(B, blocks)
+    seqlens = torch.full((B,), blocks * page - T, dtype=I32)
+    mask = None if mask_kind is None else Z(B, T, (T + 31) // 32, dtype=I32)
+    config = ta.LaunchConfig(num_splits=splits)
+    return record_tree_attention_launches(q, pool[0], pool[1], seqlens, mask, config, table)
+
+
 def _tree_sampling(B, n, V, steps, draft, lossy, index_dtype=I64) -> list[tuple]:
     tss = _module("tree_speculative_sampling")
     index = Z(B, n, dtype=index_dtype)
@@ -104,6 +116,19 @@ def _warp(R, V, dtype) -> list[tuple]:
     wl = _module("warp_logits")
     args = (Z(R, V, dtype=dtype), Z(R), Z(R, dtype=I64), Z(R), Z(R))
     return _recorded(wl, ["_warp_logits_kernel"], wl._warp_logits_triton, *args)
+
+
+def _paged_compact(layers, B, H, page, blocks, D, dtype, index_dtype, n, steps) -> list[tuple]:
+    ckv = _module("compact_kv_cache")
+    args = (
+        Z(layers, 2, B * blocks, page, H, D, dtype=dtype),
+        Z(B, dtype=index_dtype),
+        Z(B, steps, dtype=index_dtype),
+        Z(B, dtype=index_dtype),
+        n,
+        torch.arange(B * blocks, dtype=index_dtype).view(B, blocks),
+    )
+    return _recorded(ckv, ["_compact_kv_cache_kernel"], ckv._compact_kv_cache_triton, *args)
 
 
 def _compact(layers, B, H, S, D, dtype, index_dtype, n, steps) -> list[tuple]:
@@ -171,6 +196,18 @@ def cases() -> list[tuple[str, object]]:
         ("tree_attention bool D80", lambda: _tree_attention(2, 8, 4, 4, 272, 80, BF16, "bool")),
         ("tree_attention u8 fp32 split", lambda: _tree_attention(3, 16, 8, 4, 1040, 64, F32, "u8", splits=3)),
         ("tree_attention D256", lambda: _tree_attention(1, 64, 64, 8, 1100, 256, F16, "i32", splits=1)),
+        (
+            "paged_tree_attention goal B32 bf16 page 16",
+            lambda: _paged_tree_attention(32, 64, 32, 8, 16, 133, 128, BF16, "i32", 1),
+        ),
+        (
+            "paged_tree_attention B1 split fp16 page 1 int64 table",
+            lambda: _paged_tree_attention(1, 1, 8, 8, 1, 300, 64, F16, None, 3, I64),
+        ),
+        (
+            "paged_tree_attention fp32 page 64",
+            lambda: _paged_tree_attention(2, 8, 4, 2, 64, 3, 64, F32, "i32", 2),
+        ),
     ]
     for draft, lossy in ((True, False), (False, False), (False, True)):
         tag = "draft" if draft else ("lossy" if lossy else "target-only")
@@ -189,6 +226,11 @@ def cases() -> list[tuple[str, object]]:
         ("compact fp16 ones", lambda: _compact(1, 1, 1, 64, 128, F16, I32, 1, 1)),
         ("compact bf16 D80", lambda: _compact(2, 3, 8, 300, 80, BF16, I64, 8, 5)),
         ("compact fp8", lambda: _compact(1, 2, 2, 64, 128, torch.float8_e4m3fn, I64, 4, 3)),
+        ("paged_compact bf16 page 16", lambda: _paged_compact(2, 3, 8, 16, 5, 128, BF16, I32, 8, 5)),
+        (
+            "paged_compact fp8 page 1 int64",
+            lambda: _paged_compact(1, 2, 2, 1, 40, 64, torch.float8_e4m3fn, I64, 4, 3),
+        ),
         ("build_tree ones", lambda: _build_tree(1, 1, 1, 1, 0, I64)),
     ]
     for mode, name in enumerate(("full", "qlen_bool", "qlen_bits_u8", "qlen_bits_i32")):
@@ -239,7 +281,11 @@ def test_every_op_has_a_case():
 
     names = " ".join(name for name, _ in cases())
     short = {"tree_speculative_sampling": "tree_sampling", "chain_speculative_sampling": "chain_sampling"}
-    short |= {"verify_tree_greedy": "verify", "compact_kv_cache": "compact"}
+    short |= {
+        "verify_tree_greedy": "verify",
+        "compact_kv_cache": "compact",
+        "paged_compact_kv_cache": "paged_compact",
+    }
     short |= {"fused_draft_input": "eagle gemv", "fused_eagle3_input": "eagle3 gemv"}
     missing = [op for op in OPS if short.get(op, op) not in names]
     assert not missing, missing

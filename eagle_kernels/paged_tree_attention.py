@@ -1,0 +1,284 @@
+"""Tree attention over a paged KV cache: :func:`tree_attention`'s op with a block table.
+
+Serving stacks keep K/V in fixed-size blocks (pages) shared by all sequences and give each sequence a
+row of block ids. Here sequence ``b``'s cache position ``p`` is slot ``p % page_size`` of block
+``block_table[b, p // page_size]`` of ``k_cache`` / ``v_cache`` ``[num_blocks, page_size, Hkv, D]``.
+Everything else (queries, ``cache_seqlens``, the three mask formats, GQA, the outputs and their
+NaN rules) is :func:`eagle_kernels.tree_attention`'s.
+
+The caches may have any strides, so the common layouts are views, not copies:
+
+* vLLM (FlashAttention / Triton backends): ``kv_cache[0]``, ``kv_cache[1]`` of
+  ``[2, num_blocks, block_size, Hkv, D]``; its ``block_table`` as is, and its ``seq_lens`` minus the
+  ``T`` new tokens as ``cache_seqlens`` (vLLM counts the new tokens in, this op does not);
+* FlashInfer ``NHD`` ``[num_pages, 2, page_size, H, D]``: ``kv[:, 0]``, ``kv[:, 1]``; ``HND``
+  ``[num_pages, 2, H, page_size, D]``: ``kv[:, 0].transpose(1, 2)``. FlashInfer's
+  ``(kv_indptr, kv_indices)`` become a ``[B, max_pages]`` table (pad rows with any id: entries past
+  a sequence's last page are never read);
+* TensorRT-LLM ``[num_blocks, 2, Hkv, tokens_per_block, D]``: ``kv[:, 0].transpose(1, 2)``;
+* SGLang's token pool (page size 1): ``k_buffer[:, None]`` with ``req_to_token`` rows as the table.
+
+Backends: Triton on CUDA (the contiguous op's kernel, which reads each key tile's block ids from the
+table: no copy of the cache). On CPU the pages a call reads are gathered into a contiguous
+``[B, Hkv, S, D]`` copy, then :func:`tree_attention`'s C++ kernel (or its reference) runs on it; the
+copy makes a call 1.3x (a 60-token tree over 1000 positions) to 9x (one-token decode at batch 16)
+slower than the contiguous op (``bench/bench_paged_tree_attention.py``). The reference
+:func:`paged_tree_attention_ref` is that gather followed by :func:`tree_attention_ref`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
+from eagle_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
+from eagle_kernels.tree_attention import (
+    _check_heads,
+    _check_mask,
+    _check_out,
+    _packed_rows_trimmed,
+    _run_tree_attention,
+    _tree_attention_triton,
+    tree_attention_ref,
+)
+
+OP = "paged_tree_attention"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The first ``lengths[b]`` positions of each sequence's paged cache as a contiguous-per-sequence
+    tensor.
+
+    ``cache``: ``[num_blocks, page_size, Hkv, D]``; ``block_table``: int ``[B, max_blocks]``;
+    ``lengths``: int ``[B]``, positions to read per sequence (at most ``max_blocks * page_size``).
+    Returns ``[B, Hkv, S, D]`` in the cache's dtype, a view of one gathered copy, with
+    ``S = max_blocks * page_size`` on CUDA (no host sync) and the pages the longest sequence needs on
+    CPU. Positions ``>= lengths[b]`` hold block 0's data (table entries past a sequence's pages are
+    never used as indices, whatever they hold).
+    """
+    page = cache.shape[1]
+    B, max_blocks = block_table.shape
+    lengths = lengths.to(torch.int64)
+    if cache.device.type == "cpu" and B > 0:  # on CPU reading the longest costs no sync
+        max_blocks = min(max_blocks, -(-int(lengths.max()) // page))
+    pages_needed = (lengths + page - 1) // page  # [B]
+    cols = torch.arange(max_blocks, device=block_table.device)
+    used = cols[None, :] < pages_needed[:, None]
+    ids = torch.where(used, block_table[:, :max_blocks].to(torch.int64), 0)
+    gathered = cache[ids]  # [B, max_blocks, page, Hkv, D]
+    return gathered.permute(0, 3, 1, 2, 4).flatten(2, 3)  # a view: blocks then slots are one axis
+
+
+def paged_tree_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """PyTorch definition of the op (see :func:`paged_tree_attention`): the pages each sequence reads
+    gathered into a contiguous cache, then :func:`tree_attention_ref`."""
+    T = q.shape[1]
+    lengths = cache_seqlens.to(torch.int64) + T
+    k = gather_pages(k_cache, block_table, lengths)
+    v = gather_pages(v_cache, block_table, lengths)
+    return tree_attention_ref(q, k, v, cache_seqlens, _packed_rows_trimmed(tree_mask, T), sm_scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch and registered ops
+# --------------------------------------------------------------------------------------------------
+def _check_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, T: int, page: int, num_blocks: int):
+    """Lengths and the block ids each sequence reads; they read values, so on CUDA only in debug mode."""
+    B, max_blocks = block_table.shape
+    if B == 0:
+        return
+    lengths = cache_seqlens.to(torch.int64).cpu()
+    capacity = max_blocks * page
+    if bool((lengths < 0).any()) or bool((lengths + T > capacity).any()):
+        raise ValueError(
+            f"cache_seqlens must be >= 0 and cache_seqlens + T (T={T}) must fit the block table's "
+            f"{max_blocks} blocks of {page} positions ({capacity}), got min {int(lengths.min())}, "
+            f"max {int(lengths.max())}"
+        )
+    pages_needed = (lengths + T + page - 1) // page
+    used = torch.arange(max_blocks)[None, :] < pages_needed[:, None]
+    ids = block_table.to(torch.int64).cpu()
+    bad = used & ((ids < 0) | (ids >= num_blocks))
+    if bool(bad.any()):
+        b, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {col}] = {int(ids[b, col])} is not a block of the cache (0 .. {num_blocks - 1}); "
+            f"sequence {b} reads its first {int(pages_needed[b])} entries"
+        )
+
+
+def _run_paged_tree_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    cache_seqlens,
+    tree_mask,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The op's body: value checks where due, then Triton on the paged cache, or (CPU, the reference
+    backend, float64) the contiguous op on the gathered pages."""
+    T = q.shape[1]
+    tree_mask = _packed_rows_trimmed(tree_mask, T)
+    if q.device.type == "cpu" or debug_checks_enabled():
+        _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
+    backend = select_backend(OP, q.device)
+    if backend == "triton" and (q.dtype != torch.float64 or forced_backend() == "triton"):
+        seqlens = cache_seqlens.to(torch.int32) if cache_seqlens.dtype == torch.int64 else cache_seqlens
+        return _tree_attention_triton(
+            q, k_cache, v_cache, seqlens, tree_mask, sm_scale, out=out, block_table=block_table
+        )
+    lengths = cache_seqlens.to(torch.int64) + T
+    k = gather_pages(k_cache, block_table, lengths)
+    v = gather_pages(v_cache, block_table, lengths)
+    return _run_tree_attention(q, k, v, cache_seqlens, tree_mask, sm_scale, out)
+
+
+@torch.library.custom_op("eagle::paged_tree_attention", mutates_args=())
+def _paged_tree_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    sm_scale: float,
+) -> torch.Tensor:
+    _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    return _run_paged_tree_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale)
+
+
+@_paged_tree_attention_op.register_fake
+def _(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("eagle::paged_tree_attention_out", mutates_args=("out",))
+def _paged_tree_attention_out_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor | None,
+    sm_scale: float,
+    out: torch.Tensor,
+) -> None:
+    """:func:`paged_tree_attention` into a preallocated ``out`` ``[B, T, Hq, D]``."""
+    _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    _check_out(out, q, k_cache, v_cache)
+    _run_paged_tree_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, out)
+
+
+@_paged_tree_attention_out_op.register_fake
+def _(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, out):
+    return None
+
+
+def _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask) -> None:
+    """Shape/dtype/device checks (no value reads), skipped for a signature that already passed."""
+    _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+
+
+_CHECKED = SignatureCache()
+
+
+def _check_args_uncached(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask) -> None:
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    B, T = q.shape[:2]
+    device = q.device
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} must match")
+    num_blocks, page = k_cache.shape[:2]
+    if num_blocks == 0 or page == 0:
+        raise ValueError(
+            f"k_cache must be [num_blocks, page_size, Hkv, D] with at least one block of at least one "
+            f"position, got {list(k_cache.shape)}"
+        )
+    _check_heads(q, k_cache.shape[2], k_cache.shape[3])
+    check_tensor("block_table", block_table, ndim=2, dtypes=INDEX_DTYPES, device=device, shape=(B, None))
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=INDEX_DTYPES, device=device, shape=(B,))
+    capacity = block_table.shape[1] * page
+    if B > 0 and T > capacity:  # (a shape check, so the unchecked kernels never meet it either)
+        raise ValueError(
+            f"T={T} new tokens cannot fit the block table's {block_table.shape[1]} blocks of {page} positions"
+        )
+    if tree_mask is not None:
+        _check_mask(tree_mask, B, T, device)
+
+
+def paged_tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    tree_mask: torch.Tensor | None = None,
+    *,
+    sm_scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``T`` new tokens per sequence over a paged cache (block table).
+
+    Parameters
+    ----------
+    q : Tensor ``[B, T, Hq, D]``, float16 / bfloat16 / float32 (float64 on CPU; on CUDA it runs the
+        reference). Any strides.
+    k_cache, v_cache : Tensor ``[num_blocks, page_size, Hkv, D]``, q's dtype, any strides
+        The block pool (see the module docstring for vLLM's, FlashInfer's, TensorRT-LLM's and
+        SGLang's layouts as views). Sequence ``b``'s position ``p`` is slot ``p % page_size`` of
+        block ``block_table[b, p // page_size]``. Positions ``0 .. cache_seqlens[b] - 1`` hold the
+        committed prefix, and the new tokens' K/V are already written at ``cache_seqlens[b] + j``,
+        ``j < T``. Nothing past them is read. ``Hq`` a multiple of ``Hkv``; ``16 <= D <= 256``.
+    block_table : Tensor ``[B, max_blocks]``, int32 or int64
+        Block ids of each sequence's pages in order. Entries past the
+        ``ceil((cache_seqlens[b] + T) / page_size)`` a sequence reads are never read (any value,
+        e.g. -1 padding); the ones it reads must lie in ``[0, num_blocks)`` (checked on CPU and with
+        ``EAGLE_KERNELS_DEBUG=1``; on CUDA otherwise an id outside is clamped into the pool, so it
+        reads another block but never outside the cache). Blocks may be shared between sequences
+        (a common prefix).
+    cache_seqlens : Tensor ``[B]``, int32 or int64
+        Committed length of each sequence, not counting the ``T`` new tokens;
+        ``cache_seqlens[b] + T <= max_blocks * page_size``.
+    tree_mask : Tensor, optional
+        As :func:`tree_attention`: None (causal), bool ``[B, T, T]``, or bit-packed uint8 / int32 rows.
+    sm_scale : float, optional
+        Softmax scale; default ``D ** -0.5``.
+    out : Tensor ``[B, T, Hq, D]``, optional
+        q's dtype and device, sharing no memory with q or the caches: the result is written into it
+        and returned.
+
+    Returns
+    -------
+    Tensor ``[B, T, Hq, D]``, q's dtype (or ``out``): what :func:`tree_attention` returns for the
+    same keys and values laid out contiguously, within the Triton kernel's rounding (on CPU the
+    contiguous op runs on the gathered pages, so it is that op's result bit for bit). Not
+    differentiable (use :func:`tree_attention` for training).
+    """
+    _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
+    args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    if out is not None:
+        _check_out(out, q, k_cache, v_cache)
+        if eager_fast_path(*args, out):
+            return _run_paged_tree_attention(*args, scale, out)
+        torch.ops.eagle.paged_tree_attention_out(*args, scale, out)
+        return out
+    if eager_fast_path(*args):
+        return _run_paged_tree_attention(*args, scale)
+    return torch.ops.eagle.paged_tree_attention(*args, scale)
