@@ -79,14 +79,8 @@ def forced_backend() -> str | None:
     return env
 
 
-# Ops that run another op's extension kernel: paged_tree_attention runs tree_attention's C++ kernel
-# on the pages it gathered.
-EXTENSION_KERNEL_OF = {"paged_tree_attention": "tree_attention"}
-
-
 def _unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
     """None when ``backend`` can run ``op`` on ``device``, else a human-readable reason."""
-    op = EXTENSION_KERNEL_OF.get(op, op)
     if backend == "torch":
         return None
     if backend == "cpp":
@@ -182,7 +176,6 @@ def _select_backend_uncached(op: str, device: torch.device, prefer_cuda_ext: boo
         if reason is not None:
             raise RuntimeError(f"eagle_kernels.{op}: backend {forced!r} was forced but {reason}")
         return forced
-    op = EXTENSION_KERNEL_OF.get(op, op)
     if device.type == "cuda":
         index = _cuda_index(device)
         extension = _ext.has_op(op, "cuda") and index is not None and _ext.cuda_device_supported(index)

@@ -19,17 +19,21 @@ The caches may have any strides, so the common layouts are views, not copies:
 * SGLang's token pool (page size 1): ``k_buffer[:, None]`` with ``req_to_token`` rows as the table.
 
 Backends: Triton on CUDA (the contiguous op's kernel, which reads each key tile's block ids from the
-table: no copy of the cache). On CPU the pages a call reads are gathered into a contiguous
-``[B, Hkv, S, D]`` copy, then :func:`tree_attention`'s C++ kernel (or its reference) runs on it; the
-copy makes a call 1.3x (a 60-token tree over 1000 positions) to 9x (one-token decode at batch 16)
-slower than the contiguous op (``bench/bench_paged_tree_attention.py``). The reference
-:func:`paged_tree_attention_ref` is that gather followed by :func:`tree_attention_ref`.
+table: no copy of the cache). On CPU the C++ kernel (``csrc/cpu/tree_attention.cpp``): each task
+gathers its (sequence, kv head)'s rows into scratch memory and runs the contiguous kernel on them, so
+its output is :func:`tree_attention`'s bit for bit. The copy costs little where attention is compute
+bound and much where it only streams the cache: ``bench/bench_paged_tree_attention.py`` on one core
+gives 1.07-1.3x the contiguous op's time for trees of 6-60 tokens and a 128-token prefill, 2.4x for a
+one-token decode at batch 1 and 4x at batch 16 (pages of 16). The reference
+:func:`paged_tree_attention_ref` gathers every sequence's pages into a contiguous cache and runs
+:func:`tree_attention_ref`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
 from eagle_kernels.tree_attention import (
@@ -37,7 +41,6 @@ from eagle_kernels.tree_attention import (
     _check_mask,
     _check_out,
     _packed_rows_trimmed,
-    _run_tree_attention,
     _tree_attention_triton,
     tree_attention_ref,
 )
@@ -128,22 +131,29 @@ def _run_paged_tree_attention(
     sm_scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The op's body: value checks where due, then Triton on the paged cache, or (CPU, the reference
-    backend, float64) the contiguous op on the gathered pages."""
+    """The op's body: value checks where due (the C++ kernel checks its own), then the backend chosen
+    for q's device; the result in ``out`` when given (Triton writes a contiguous one directly)."""
     T = q.shape[1]
     tree_mask = _packed_rows_trimmed(tree_mask, T)
-    if q.device.type == "cpu" or debug_checks_enabled():
-        _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
     backend = select_backend(OP, q.device)
-    if backend == "triton" and (q.dtype != torch.float64 or forced_backend() == "triton"):
-        seqlens = cache_seqlens.to(torch.int32) if cache_seqlens.dtype == torch.int64 else cache_seqlens
+    if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
+        backend = "torch"  # float64 on CUDA: only the reference handles it
+    # int64 lengths are checked before they are narrowed to the kernels' int32
+    wide = cache_seqlens.dtype == torch.int64
+    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug_checks_enabled()):
+        _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
+    seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
+    if backend == "triton":
         return _tree_attention_triton(
             q, k_cache, v_cache, seqlens, tree_mask, sm_scale, out=out, block_table=block_table
         )
-    lengths = cache_seqlens.to(torch.int64) + T
-    k = gather_pages(k_cache, block_table, lengths)
-    v = gather_pages(v_cache, block_table, lengths)
-    return _run_tree_attention(q, k, v, cache_seqlens, tree_mask, sm_scale, out)
+    if backend == "cpp":
+        result = _ext.op(OP)(q, k_cache, v_cache, block_table, seqlens, tree_mask, sm_scale)
+    else:
+        result = paged_tree_attention_ref(
+            q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale
+        )
+    return result if out is None else out.copy_(result)
 
 
 @torch.library.custom_op("eagle::paged_tree_attention", mutates_args=())

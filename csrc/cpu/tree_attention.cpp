@@ -45,15 +45,19 @@ constexpr int64_t kScoreBytesPerTask = int64_t{4} << 20;
 
 struct Problem {
   const void* q;
-  const void* k;
+  const void* k;  // contiguous caches: [B, Hkv, S_max, D]; paged: the pool [num_blocks, page, Hkv, D]
   const void* v;
   void* out;  // contiguous [B, T, Hq, D]
   const int32_t* seqlens;
   const uint8_t* new_visible;  // contiguous [B, T, T] of 0/1, nullptr = causal
   int64_t B, T, Hq, Hkv, G, D, rows_per_task;
   int64_t sq_b, sq_t, sq_h, sq_d;
-  int64_t sk_b, sk_h, sk_s, sk_d;
+  int64_t sk_b, sk_h, sk_s, sk_d;  // paged: sk_b / sv_b step over blocks, sk_s / sv_s over a block's slots
   int64_t sv_b, sv_h, sv_s, sv_d;
+  // Paged caches: position p of sequence b is slot p % page of block block_table[b * table_cols + p / page];
+  // nullptr for contiguous caches.
+  const int64_t* block_table;
+  int64_t table_cols, page;
   double sm_scale;
   bool amx_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores on AMX tiles
   bool amx_pv;      // and P @ V (unless EAGLE_CPU_AMX_PV=0)
@@ -158,10 +162,13 @@ bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask) {
+// The checks both layouts share: ranks, dtypes, heads (Hkv: the caches' kv heads), lengths' shape,
+// devices and the mask.
+void check_common_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask, int64_t Hkv,
+                       const char* layout) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be [B, T, Hq, D], got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be [B, Hkv, S_max, D], got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be ", layout, ", got shape ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache ", v_cache.sizes(),
                     " must have k_cache's shape ", k_cache.sizes());
   TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), "q must be float16/bfloat16/float32/float64, got ",
@@ -169,9 +176,7 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
                    "dtypes must match: q=", q.scalar_type(), ", k_cache=", k_cache.scalar_type(),
                    ", v_cache=", v_cache.scalar_type());
-  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
-  TORCH_CHECK_VALUE(k_cache.size(0) == B, "k_cache must be [B, Hkv, S_max, D] with B=", B, ", got ",
-                    k_cache.sizes());
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(k_cache.size(3) == D, "head dim mismatch: q has D=", D, ", k_cache/v_cache have D=",
                     k_cache.size(3));
   TORCH_CHECK_VALUE(D >= 16 && D <= 256, "head dim D=", D, " is outside the supported 16..256");
@@ -195,13 +200,59 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                       "], got ", m.sizes());
     TORCH_CHECK_VALUE(m.device() == q.device(), "tree_mask must be on ", q.device(), ", got ", m.device());
   }
-  const int64_t S = k_cache.size(2);
+}
+
+// Every length fits `capacity` positions (what names it in the message).
+void check_lengths(const at::Tensor& cache_seqlens, int64_t T, int64_t capacity, const char* what) {
   const auto seq = cache_seqlens.contiguous();
   const int32_t* lens = seq.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + T <= S, "cache_seqlens must be >= 0 and cache_seqlens + T (T=",
-                      T, ") must fit S_max=", S, ", got cache_seqlens[", b, "]=", lens[b]);
+  for (int64_t b = 0; b < seq.size(0); ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 0 && lens[b] + T <= capacity,
+                      "cache_seqlens must be >= 0 and cache_seqlens + T (T=", T, ") must fit ", what, "=",
+                      capacity, ", got cache_seqlens[", b, "]=", lens[b]);
   }
+}
+
+void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask) {
+  const char* layout = "[B, Hkv, S_max, D]";
+  check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(1) : 0, layout);
+  TORCH_CHECK_VALUE(k_cache.size(0) == q.size(0), "k_cache must be [B, Hkv, S_max, D] with B=", q.size(0),
+                    ", got ", k_cache.sizes());
+  check_lengths(cache_seqlens, q.size(1), k_cache.size(2), "S_max");
+}
+
+// The paged layout's checks; returns the block table as contiguous int64 [B, table_cols].
+at::Tensor check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                            const std::optional<at::Tensor>& tree_mask) {
+  const char* layout = "[num_blocks, page_size, Hkv, D]";
+  check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(2) : 0, layout);
+  const int64_t B = q.size(0), T = q.size(1), num_blocks = k_cache.size(0), page = k_cache.size(1);
+  TORCH_CHECK_VALUE(num_blocks > 0 && page > 0, "k_cache must be ", layout,
+                    " with at least one block of at least one position, got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == B, "block_table must be [B, max_blocks] with B=",
+                    B, ", got ", block_table.sizes());
+  TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt || block_table.scalar_type() == at::kLong,
+                   "block_table must be int32 or int64, got ", block_table.scalar_type());
+  TORCH_CHECK_VALUE(block_table.device() == q.device(), "block_table must be on ", q.device(), ", got ",
+                    block_table.device());
+  const int64_t cols = block_table.size(1);
+  check_lengths(cache_seqlens, T, cols * page, "the block table's capacity (max_blocks * page_size)");
+  const auto table = block_table.to(at::kLong).contiguous();
+  const auto seq = cache_seqlens.contiguous();
+  const int64_t* ids = table.data_ptr<int64_t>();
+  const int32_t* lens = seq.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t pages = (lens[b] + T + page - 1) / page;  // the entries sequence b reads
+    for (int64_t c = 0; c < pages; ++c) {
+      const int64_t id = ids[b * cols + c];
+      TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table[", b, ", ", c, "] = ", id,
+                        " is not a block of the cache (0 .. ", num_blocks - 1, "); sequence ", b,
+                        " reads its first ", pages, " entries");
+    }
+  }
+  return table;
 }
 
 // Dense 0/1 [B, T, T] visibility among the new tokens, from any mask format.
@@ -228,8 +279,9 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
 // the scores of every key (at most max_keys) of the task's rows; with AMX also the output's rows up to
 // a whole 16-row tile, the packed query tiles, a 16-key block of K (bf16) and attend_pv's scratch; with
 // VDPBF16PS scores the bf16 query rows and the transposed keys.
+// Paged caches first carve the task's gathered K and V rows (max_keys rows of D cache elements each).
 int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int64_t elem, bool amx, bool amx_pv,
-                      bool dpbf16) {
+                      bool dpbf16, int64_t paged_elem) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
   const int64_t keys = (max_keys + lanes - 1) / lanes * lanes;
   const int64_t counts[] = {rows * dp, kBlockN * dp, rows * dp, rows, rows * keys};
@@ -246,14 +298,17 @@ int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int6
     bytes += (rows * D * 2 + 63) / 64 * 64;
     bytes += (tree_attn_dpbf16::scratch_words(D) * 4 + 63) / 64 * 64;
   }
+  if (paged_elem > 0) bytes += 2 * ((max_keys * D * paged_elem + 63) / 64 * 64);
   return bytes + 64;  // room to align the start
 }
 
-at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask,
-                              double sm_scale) {
-  check_args(q, k_cache, v_cache, cache_seqlens, tree_mask);
-  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(1);
+// The checked problem of either layout: `table` (contiguous int64 [B, max_blocks]) set for a paged cache.
+at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
+                  const at::Tensor& table) {
+  const bool paged = table.defined();
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(paged ? 2 : 1);
   auto out = pool::empty({B, T, Hq, D}, q.scalar_type());
   if (out.numel() == 0) return out;
   const auto seqlens = cache_seqlens.contiguous();
@@ -272,16 +327,23 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   const int64_t rows_in_budget = std::max<int64_t>(1, kScoreBytesPerTask / (8 * std::max<int64_t>(1, max_keys)));
   P.rows_per_task = std::min<int64_t>({kRowsPerTask, rows_in_budget, T * P.G});
   P.sq_b = q.stride(0), P.sq_t = q.stride(1), P.sq_h = q.stride(2), P.sq_d = q.stride(3);
-  P.sk_b = k_cache.stride(0), P.sk_h = k_cache.stride(1), P.sk_s = k_cache.stride(2), P.sk_d = k_cache.stride(3);
-  P.sv_b = v_cache.stride(0), P.sv_h = v_cache.stride(1), P.sv_s = v_cache.stride(2), P.sv_d = v_cache.stride(3);
+  const int64_t h_dim = paged ? 2 : 1, s_dim = paged ? 1 : 2;  // paged: [num_blocks, page, Hkv, D]
+  P.sk_b = k_cache.stride(0), P.sk_h = k_cache.stride(h_dim), P.sk_s = k_cache.stride(s_dim);
+  P.sk_d = k_cache.stride(3);
+  P.sv_b = v_cache.stride(0), P.sv_h = v_cache.stride(h_dim), P.sv_s = v_cache.stride(s_dim);
+  P.sv_d = v_cache.stride(3);
+  P.block_table = paged ? table.data_ptr<int64_t>() : nullptr;
+  P.table_cols = paged ? table.size(1) : 0;
+  P.page = paged ? k_cache.size(1) : 0;
   P.sm_scale = sm_scale;
+  const bool k_rows_unit = paged || P.sk_d == 1;  // a paged task's gathered rows are contiguous
 
   const Kernels kernels = select_kernels();
   P.amx_scores = kernels.amx && q.scalar_type() == at::kBFloat16 && D % tree_attn_amx::kDimsPerTile == 0 &&
-                 P.sk_d == 1;
+                 k_rows_unit;
   P.amx_pv = P.amx_scores && amx_pv_enabled();
   P.dpbf16_scores = kernels.dpbf16 && q.scalar_type() == at::kBFloat16 &&
-                    D % tree_attn_dpbf16::kDimsMultiple == 0 && P.sk_d == 1;
+                    D % tree_attn_dpbf16::kDimsMultiple == 0 && k_rows_unit;
   RunFn run = nullptr;
   int64_t acc_bytes = 4;
   switch (q.scalar_type()) {
@@ -293,13 +355,30 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, co
   }
   const int64_t chunks = (T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t tasks = B * Hkv * chunks;
-  const int64_t bytes =
-      scratch_bytes(P.rows_per_task, D, max_keys, T, acc_bytes, P.amx_scores, P.amx_pv, P.dpbf16_scores);
+  const int64_t bytes = scratch_bytes(P.rows_per_task, D, max_keys, T, acc_bytes, P.amx_scores, P.amx_pv,
+                                      P.dpbf16_scores, paged ? q.element_size() : 0);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const pool::Scratch scratch(bytes);  // 64-byte aligned, not zeroed: every use writes first
     run(P, begin, end, scratch.data());
   });
   return out;
+}
+
+at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                              const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask,
+                              double sm_scale) {
+  check_args(q, k_cache, v_cache, cache_seqlens, tree_mask);
+  return attend(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, at::Tensor());
+}
+
+// paged_tree_attention: the same attention over a block pool [num_blocks, page_size, Hkv, D]. Each task
+// gathers its (sequence, kv head)'s rows into scratch and runs the contiguous kernel on them, so a row's
+// output is the contiguous op's bit for bit.
+at::Tensor paged_tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                    const at::Tensor& block_table, const at::Tensor& cache_seqlens,
+                                    const std::optional<at::Tensor>& tree_mask, double sm_scale) {
+  const at::Tensor table = check_paged_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask);
+  return attend(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, table);
 }
 
 // The variant tree_attention runs on this CPU now (EAGLE_KERNELS_CPU_ISA included): "amx" (avx512 with
@@ -317,7 +396,13 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor? tree_mask, "
       "float sm_scale) -> Tensor");
+  m.def(
+      "paged_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens, "
+      "Tensor? tree_mask, float sm_scale) -> Tensor");
   m.def("tree_attention_cpu_variant() -> str", &eagle::tree_attn::cpu_variant);
 }
 
-TORCH_LIBRARY_IMPL(eagle_C, CPU, m) { m.impl("tree_attention", &eagle::tree_attn::tree_attention_cpu); }
+TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
+  m.impl("tree_attention", &eagle::tree_attn::tree_attention_cpu);
+  m.impl("paged_tree_attention", &eagle::tree_attn::paged_tree_attention_cpu);
+}

@@ -17,7 +17,7 @@ import eagle_kernels
 from eagle_kernels import gather_pages, paged_tree_attention, paged_tree_attention_ref, tree_attention
 from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton
 from tests.kernels.helpers import FP32_RTOL, backends_for, run_with_backend
-from tests.kernels.test_tree_attention import Case, assert_matches, make_case, oracle
+from tests.kernels.test_tree_attention import Case, assert_matches, isa_params, make_case, oracle
 
 OP = "paged_tree_attention"
 pta_module = sys.modules["eagle_kernels.paged_tree_attention"]
@@ -285,6 +285,63 @@ def test_registered_ops_check_their_arguments():
         torch.ops.eagle.paged_tree_attention(*args, 0.25)
     with pytest.raises(ValueError, match="block_table must have shape"):
         torch.ops.eagle.paged_tree_attention_out(*args, 0.25, torch.empty(2, 3, 4, 16))
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ kernel
+# --------------------------------------------------------------------------------------------------
+def _require_cpp():
+    if "cpp" not in backends_for(OP, torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page, D", [(1, 32), (5, 17), (16, 64), (64, 40)])
+def test_cpp_equals_the_contiguous_op_bit_for_bit_on_every_isa(isa, dtype, page, D, monkeypatch):
+    """Each C++ task gathers its rows (any page size, an odd row of 17 elements too) and runs the
+    contiguous kernel on them: the same bits as the contiguous op, for every instruction-set variant."""
+    _require_cpp()
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    for seed, mask_fmt in enumerate(["causal", "u8"]):
+        case = make_case(3, 6, 4, 2, D, mask_fmt, seed=seed + page).to(dtype)
+        want = run_with_backend("cpp", tree_attention, *case.args())
+        for layout in LAYOUTS:
+            got = run_with_backend("cpp", paged_tree_attention, *paged_args(case, page, layout, seed=seed))
+            assert torch.equal(got, want), f"{layout} {mask_fmt}"
+
+
+def test_cpp_reads_a_head_dim_stride():
+    """A pool whose head dim is not contiguous (a [num_blocks, page, D, Hkv] store seen transposed)."""
+    _require_cpp()
+    case = make_case(2, 3, 4, 2, 16, "bool", seed=3).to(torch.float32)
+    q, k, v, table, seqlens, mask = paged_args(case, 4)
+    k_t, v_t = (c.transpose(2, 3).contiguous().transpose(2, 3) for c in (k, v))
+    assert k_t.stride(3) != 1
+    want = run_with_backend("cpp", paged_tree_attention, q, k, v, table, seqlens, mask)
+    assert torch.equal(run_with_backend("cpp", paged_tree_attention, q, k_t, v_t, table, seqlens, mask), want)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (_set(3, lambda t: t.clone().fill_(-1)), r"block_table\[0, 0\] = -1 is not a block of the cache"),
+        (_set(3, lambda t: t[:1]), r"block_table must be \[B, max_blocks\] with B=2"),
+        (_set(3, lambda t: t.float()), "block_table must be int32 or int64"),
+        (_set(4, lambda t: t + 100), r"must fit the block table's capacity \(max_blocks \* page_size\)"),
+        (_set(1, lambda t: t[:0]), "at least one block of at least one position"),
+        (_set(0, lambda t: t[:, :, :3]), "multiple of kv heads"),
+    ],
+)
+def test_cpp_op_checks_its_own_arguments(mutate, match):
+    """The extension op validates too (it can be called directly as torch.ops.eagle_C.paged_tree_attention)."""
+    _require_cpp()
+    args = _good()
+    mutate(args)
+    if args[1].shape != args[2].shape:
+        args[2] = args[2][: args[1].shape[0]]
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.eagle_C.paged_tree_attention(*args, 0.25)
 
 
 # --------------------------------------------------------------------------------------------------
