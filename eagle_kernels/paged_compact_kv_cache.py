@@ -8,13 +8,15 @@ kv head, where sequence ``b``'s position ``p`` is slot ``p % page_size`` of bloc
 (its page-size-1 pools only remap ``req_to_token``), written for a block table.
 
 Backends: Triton on CUDA (``compact_kv_cache``'s kernel, reading each row's block id from the table);
-on CPU the reference :func:`paged_compact_kv_cache_ref` (indexing in torch).
+on CPU the C++ kernel (``csrc/cpu/compact_kv_cache.cpp``, the contiguous op's loop with the same
+lookup); the reference :func:`paged_compact_kv_cache_ref` indexes in torch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
 from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
 from eagle_kernels.compact_kv_cache import _BITS_DTYPES, _as_bits, _compact_kv_cache_triton
@@ -82,15 +84,21 @@ def _check_values(kv_cache, block_table, cache_seqlens, accept_index, accept_tok
 
 
 def _run_paged_compact_kv_cache(kv_cache, block_table, cache_seqlens, accept_index, accept_token_num, n):
-    """The op's body: value checks where due, then Triton (CUDA, or forced) or the reference."""
+    """The op's body: value checks where due (the C++ kernel checks its own), then the backend chosen
+    for the cache's device."""
     args = (kv_cache, block_table, cache_seqlens, accept_index, accept_token_num, n)
-    if kv_cache.device.type == "cpu" or debug_checks_enabled():
+    backend = select_backend(OP, kv_cache.device)
+    # int64 lengths (SGLang's seq_lens) are checked before they are narrowed to the kernels' int32
+    wide = cache_seqlens.dtype == torch.int64
+    if (backend != "cpp" or wide) and (kv_cache.device.type == "cpu" or debug_checks_enabled()):
         _check_values(*args)
-    if select_backend(OP, kv_cache.device) != "triton":
+    if backend == "torch":
         return paged_compact_kv_cache_ref(*args)
-    wide = cache_seqlens.dtype == torch.int64  # the kernel's lengths are int32
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
-    new_lens = _compact_kv_cache_triton(kv_cache, seqlens, accept_index, accept_token_num, n, block_table)
+    if backend == "cpp":
+        new_lens = _ext.op(OP)(kv_cache, block_table, seqlens, accept_index, accept_token_num, n)
+    else:
+        new_lens = _compact_kv_cache_triton(kv_cache, seqlens, accept_index, accept_token_num, n, block_table)
     return new_lens.to(cache_seqlens.dtype)
 
 

@@ -211,4 +211,34 @@ def test_opcheck_and_compile():
 
 def test_listed_as_an_op():
     assert OP in eagle_kernels.OPS
-    assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "torch"
+
+
+@pytest.mark.extension
+def test_default_cpu_backend_is_cpp():
+    assert eagle_kernels.select_backend(OP, torch.device("cpu")) == "cpp"
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        (dict(table=-1), r"block_table\[1, 0\] = -1 is not a block of the cache"),
+        (dict(seqlens=100), r"must fit the block table's capacity \(max_blocks \* page_size\)"),
+        (dict(n=10_000), "num_draft_tokens=10000 must be >= 1 and fit the block table's"),
+        (dict(num=9), "accept_token_num must be in"),
+    ],
+)
+def test_cpp_op_checks_its_own_arguments(over, match):
+    """The extension op validates too (it can be called directly as torch.ops.eagle_C.paged_compact_kv_cache)."""
+    if "cpp" not in backends_for(OP, torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    kv, seqlens, idx, num = make_case(2, 6, 3, 1, 16, torch.float32, torch.int64, "cpu", seed=4)
+    pool, table = to_pool(kv, seqlens, 6, 4, "vllm", seed=4)
+    n = over.get("n", 6)
+    if "table" in over:
+        table[1, 0] = over["table"]
+    if "seqlens" in over:
+        seqlens = seqlens + over["seqlens"]
+    if "num" in over:
+        num = num + over["num"]
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        torch.ops.eagle_C.paged_compact_kv_cache(pool, table, seqlens, idx, num, n)
