@@ -389,10 +389,11 @@ class EagleModel:
             Sampling only: one independent stream per row derived from the seed. With a fixed tree
             (``"static"``, ``"chain"``, a TreeConfig or StaticTree) or ``speculative=False``, a row's
             tokens do not depend on the other rows or on the batch size, and the same call repeats
-            exactly. ``"dynamic"`` times its tree per batch size, once per process and loaded model
-            (seeded calls size it from the prior acceptance alone), so there a seeded row can differ
-            between batch sizes, processes and machines; within a process the same call repeats
-            (each an exact sample of the target either way).
+            exactly. ``"dynamic"`` sizes its tree per batch size from timed forwards (seeded calls
+            from the prior acceptance alone), so there a seeded row can differ between batch sizes
+            and machines; the same call repeats within a process, and across processes on one
+            machine while the timings saved on disk last (``EAGLE_AUTOTREE_CACHE``; each an exact
+            sample of the target either way).
             None: a seed drawn from torch's global generator.
         cuda_graph : bool
             On CUDA, replay each speculative round (or plain decoding step) from a captured CUDA

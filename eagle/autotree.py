@@ -23,14 +23,31 @@ at ``ACCEPT_RATE`` (trained EAGLE heads at T = 0); :class:`eagle.api.EagleModel`
 tau its runs measure (:func:`fit_accept_rate`), per sampling setting, since a pair's acceptance
 (and a sampled run's, far lower) is not known in advance. The timings are cached per (model, head,
 device, batch); the choice is recomputed from them for each acceptance rate.
+
+The timings also persist across processes, in a JSON file (:func:`timing_cache_path`; default
+``~/.cache/eagle/autotree_timings.json``, ``EAGLE_AUTOTREE_CACHE=0`` turns it off, a path moves it),
+keyed by everything that moves them: the host and its CPU or GPU, intra-op threads, the batch, the
+models' classes, configurations, dtypes and sizes, the package, torch and Triton versions, the C++
+extension's build and every ``EAGLE_*`` switch. An entry older than :data:`CACHE_MAX_AGE_S` is probed
+again. So only a machine's first process pays the probe (the bundled pair's first call on a CPU core took
+0.22 s with it and 0.03 s after it, ad hoc; a bigger model's up to the probe's 2 s budget), and the dynamic tree, with
+the draws of a seeded sampled call, repeats from one process to the next on that machine.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
+import socket
+import tempfile
 import time
+import warnings
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -57,6 +74,11 @@ PROBE_BUDGET_S = 2.0
 # (id(target), id(head), device, batch, fraction) -> (weakrefs to the target and head, verify and level
 # timings); the weakrefs tell a model apart from a later one that got the same id after the first was freed
 _TIMINGS: dict[tuple, tuple[weakref.ref, weakref.ref | None, dict[int, float], dict[int, float]]] = {}
+
+CACHE_ENV = "EAGLE_AUTOTREE_CACHE"
+CACHE_MAX_AGE_S = 7 * 24 * 3600  # a week: a machine's load, driver or firmware may have moved since
+CACHE_MAX_ENTRIES = 64  # the most recently saved are kept
+CACHE_FORMAT = 1
 
 
 def tree_for_width(width: int) -> TreeConfig:
@@ -282,21 +304,206 @@ def level_rows(widths) -> set[int]:
 
 
 def _timings(target, batch_size: int, head, draft_cost_fraction: float):
-    """``(verify seconds per width, draft level seconds per expansion width)``, cached."""
+    """``(verify seconds per width, draft level seconds per expansion width)``, cached in memory and on
+    disk (:func:`timing_cache_path`)."""
     device = target.device
     key = (id(target), id(head), str(device), batch_size, None if head is not None else draft_cost_fraction)
     hit = _TIMINGS.get(key)
     if hit is not None and hit[0]() is target and (hit[1] is None or hit[1]() is head):
         return hit[2], hit[3]
     widths = WIDTHS.get(device.type, WIDTHS["cuda"])
-    verify = time_verify(target, batch_size, widths)
     rows = level_rows(widths)
-    if head is not None:
-        level = time_draft_levels(head, batch_size, rows)
+    path = timing_cache_path()
+    fingerprint = _fingerprint(target, batch_size, head, draft_cost_fraction) if path is not None else None
+    saved = _load_timings(path, fingerprint, widths, rows) if path is not None else None
+    if saved is not None:
+        verify, level = saved
     else:
-        one = time_verify(target, batch_size, [1])[1]
-        level = {k: draft_cost_fraction * one for k in rows}
+        verify = time_verify(target, batch_size, widths)
+        if head is not None:
+            level = time_draft_levels(head, batch_size, rows)
+        else:
+            one = time_verify(target, batch_size, [1])[1]
+            level = {k: draft_cost_fraction * one for k in rows}
+        if path is not None:
+            _save_timings(path, fingerprint, verify, level)
     for stale in [k for k, v in _TIMINGS.items() if v[0]() is None or (v[1] is not None and v[1]() is None)]:
         del _TIMINGS[stale]
     _TIMINGS[key] = (weakref.ref(target), None if head is None else weakref.ref(head), verify, level)
     return verify, level
+
+
+# --------------------------------------------------------------------------------------------------
+# The timings on disk
+# --------------------------------------------------------------------------------------------------
+def timing_cache_path() -> Path | None:
+    """The file the probe's timings persist in, or None when ``EAGLE_AUTOTREE_CACHE`` is ``0`` (or
+    ``off`` / ``false`` / ``no``). Another value is the file's path; unset (or ``1``), the default
+    ``$XDG_CACHE_HOME/eagle/autotree_timings.json`` (``~/.cache/...`` without ``XDG_CACHE_HOME``)."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value.lower() in ("0", "off", "false", "no"):
+        return None
+    if value and value.lower() not in ("1", "on", "true", "yes"):
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eagle" / "autotree_timings.json"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{device.type} {models[0] if models else ''}".strip()
+    except OSError:
+        import platform
+
+        return f"{device.type} {platform.processor()}".strip()
+
+
+def _model_fingerprint(model) -> dict:
+    """What of a model moves its forwards' times: class, architecture, dtype, device and size."""
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": repr(getattr(model, "config", None)),
+        "draft_vocab_size": getattr(model, "draft_vocab_size", None),
+        "dtype": str(getattr(model, "dtype", None)),
+        "device": str(model.device),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def _extension_build() -> str | None:
+    """The C++ extension's file size and modification time: a rebuild (new kernels) is a new key."""
+    import eagle_kernels
+
+    for path in Path(eagle_kernels.__file__).parent.glob("_C*.so"):
+        stat = path.stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return None
+
+
+def _fingerprint(target, batch_size: int, head, draft_cost_fraction: float) -> dict:
+    """Everything the probe's timings depend on, as JSON-able values (the disk cache's key)."""
+    import eagle_kernels
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device = target.device
+    return {
+        "format": CACHE_FORMAT,
+        "host": socket.gethostname(),
+        "device": _device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "batch": batch_size,
+        "target": _model_fingerprint(target),
+        "head": None if head is None else _model_fingerprint(head),
+        "draft_cost_fraction": None if head is not None else draft_cost_fraction,
+        "probe": {
+            "widths": list(WIDTHS.get(device.type, WIDTHS["cuda"])),
+            "rounds": ROUNDS,
+            "prefix": PREFIX,
+        },
+        "versions": {
+            "eagle_kernels": eagle_kernels.__version__,
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "extension": _extension_build(),
+        },
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("EAGLE") and k != CACHE_ENV},
+    }
+
+
+def _digest(fingerprint: dict) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+
+def _read_entries(path: Path) -> dict:
+    """The file's entries (digest -> entry); an absent, unreadable or malformed file reads as none."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != CACHE_FORMAT
+        or not isinstance(data.get("entries"), dict)
+    ):
+        return {}
+    return data["entries"]
+
+
+def _seconds(raw, keys) -> dict[int, float] | None:
+    """``{int(k): seconds}`` for exactly ``keys``, each finite and positive, else None."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        out = {int(k): float(v) for k, v in raw.items()}
+    except (TypeError, ValueError):
+        return None
+    if set(out) != set(keys) or not all(math.isfinite(v) and v > 0 for v in out.values()):
+        return None
+    return out
+
+
+def _load_timings(
+    path: Path, fingerprint: dict, widths, rows
+) -> tuple[dict[int, float], dict[int, float]] | None:
+    """The saved ``(verify, level)`` timings of ``fingerprint``, if saved within the age limit."""
+    entry = _read_entries(path).get(_digest(fingerprint))
+    if not isinstance(entry, dict) or entry.get("key") != fingerprint:
+        return None
+    saved = entry.get("saved")
+    if not isinstance(saved, (int, float)) or not 0 <= time.time() - saved <= CACHE_MAX_AGE_S:
+        return None
+    verify, level = _seconds(entry.get("verify"), widths), _seconds(entry.get("level"), rows)
+    if verify is None or level is None:
+        return None
+    return verify, level
+
+
+def _save_timings(path: Path, fingerprint: dict, verify: dict[int, float], level: dict[int, float]) -> None:
+    """Add this probe's timings to the file (written whole to a temporary file, then renamed over it,
+    so a reader never sees half of it), dropping expired entries and the oldest past
+    :data:`CACHE_MAX_ENTRIES`. A file that cannot be written costs a warning, not the call."""
+    now = time.time()
+    entries = {
+        digest: entry
+        for digest, entry in _read_entries(path).items()
+        if isinstance(entry, dict)
+        and isinstance(entry.get("saved"), (int, float))
+        and 0 <= now - entry["saved"] <= CACHE_MAX_AGE_S
+    }
+    entries[_digest(fingerprint)] = {
+        "key": fingerprint,
+        "saved": now,
+        "verify": {str(k): v for k, v in verify.items()},
+        "level": {str(k): v for k, v in level.items()},
+    }
+    newest = sorted(entries, key=lambda d: entries[d]["saved"])[-CACHE_MAX_ENTRIES:]
+    payload = {"format": CACHE_FORMAT, "entries": {d: entries[d] for d in newest}}
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False
+        ) as f:
+            tmp = f.name
+            json.dump(payload, f)
+        os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        warnings.warn(
+            f"eagle: could not save the dynamic tree's timings to {path} ({err}); the next process will "
+            f"time the models again (set {CACHE_ENV}=0 to stop trying, or a writable path)",
+            RuntimeWarning,
+            stacklevel=4,
+        )

@@ -1402,7 +1402,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Run from parsed options, print the table; exit status 1 when the greedy check failed."""
+    """Run from parsed options, print the table; exit status 1 when the greedy check failed.
+
+    The dynamic tree is timed afresh in each run, as every run before the probe's disk cache was
+    (``EAGLE_AUTOTREE_CACHE`` defaults to 0 here; 1 takes the saved timings)."""
+    os.environ.setdefault("EAGLE_AUTOTREE_CACHE", "0")
     report = run_benchmark(config_from_args(args))
     print(format_table(report.payload["results"], report.payload["settings"].get("assistant")))
     warning = extension_warning(report.payload)

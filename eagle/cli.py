@@ -463,9 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=None,
-        help="seed of the sampling; the same text on every run also needs a fixed tree (--tree chain or "
-        "static, or --tree-depth/--tree-topk/--tree-tokens), as the default dynamic tree is timed in each "
-        "process and the draws follow the tree, and no --auto, which picks plain steps or rounds by the clock",
+        help="seed of the sampling. The draws follow the tree: the default dynamic tree repeats from run to "
+        "run on this machine while its saved timings do (EAGLE_AUTOTREE_CACHE); a fixed tree (--tree chain "
+        "or static, or --tree-depth/--tree-topk/--tree-tokens) repeats everywhere. Not with --auto, which "
+        "picks plain steps or rounds by the clock",
     )
     gen.add_argument(
         "--tree", default="dynamic", choices=("dynamic", "static", "chain"), help="draft tree shape"

@@ -25,6 +25,10 @@ def _has_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidia0")
 
 
+# The dynamic tree's probe timings are not read from or written to the user's cache: a test that times
+# the models times them, and leaves nothing behind (tests of the cache set their own path).
+os.environ["EAGLE_AUTOTREE_CACHE"] = "0"
+
 HAS_GPU = _has_gpu()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")

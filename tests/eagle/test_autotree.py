@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
 from eagle import autotree
-from eagle.models import load_target
+from eagle.models import load_draft, load_target
 from eagle.tree import TreeConfig
 
 
@@ -180,3 +181,111 @@ def test_timings_of_a_freed_model_are_not_reused_by_a_new_one_at_its_address(mon
     autotree._TIMINGS[(id(new), *key[1:])] = autotree._TIMINGS.pop(key)
     cost["per_width"] = 0.0  # the new model's verify cost is flat: the biggest tree wins
     assert autotree.choose_tree(new, 1).total_tokens == max(autotree.WIDTHS["cpu"]) > small.total_tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# The timings on disk
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def disk_cache(tmp_path, monkeypatch):
+    """The probe's timings cached in a file of tmp_path, the in-process cache empty, and a counter of
+    the target's verify probes."""
+    path = tmp_path / "timings.json"
+    monkeypatch.setenv(autotree.CACHE_ENV, str(path))
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
+    probes = []
+    real = autotree.time_verify
+    monkeypatch.setattr(autotree, "time_verify", lambda *a, **k: probes.append(a[1]) or real(*a, **k))
+    return path, probes
+
+
+def _a_new_process(monkeypatch):
+    monkeypatch.setattr(autotree, "_TIMINGS", {})  # what another process starts with
+
+
+def test_a_second_process_takes_the_saved_timings_and_the_same_tree(
+    tiny_checkpoints, disk_cache, monkeypatch
+):
+    path, probes = disk_cache
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    head = load_draft(str(tiny_checkpoints.eagle2), target, dtype=torch.float32)
+    first = autotree.choose_tree(target, 1, head)
+    assert probes == [1] and path.exists()
+    saved = autotree._TIMINGS.copy()
+    _a_new_process(monkeypatch)
+    assert autotree.choose_tree(target, 1, head) == first and probes == [1]
+    assert [v[2:] for v in autotree._TIMINGS.values()] == [v[2:] for v in saved.values()]  # the same numbers
+    autotree.choose_tree(target, 2, head)  # another batch size: timed and added
+    assert probes == [1, 2]
+    assert len(json.loads(path.read_text())["entries"]) == 2
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["threads", "switch", "dtype", "head", "expired"],
+)
+def test_what_moves_the_timings_is_timed_again(tiny_checkpoints, disk_cache, monkeypatch, change):
+    path, probes = disk_cache
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    head = load_draft(str(tiny_checkpoints.eagle2), target, dtype=torch.float32)
+    autotree.choose_tree(target, 1, head)
+    before = len(probes)
+    _a_new_process(monkeypatch)
+    if change == "threads":
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 7)
+    elif change == "switch":
+        monkeypatch.setenv("EAGLE_CPU_AMX_PV", "0")
+    elif change == "dtype":
+        target = load_target(str(tiny_checkpoints.target), dtype=torch.bfloat16)
+        head = load_draft(str(tiny_checkpoints.eagle2), target, dtype=torch.bfloat16)
+    elif change == "head":
+        head = None
+    else:
+        monkeypatch.setattr(autotree, "CACHE_MAX_AGE_S", -1.0)
+    autotree.choose_tree(target, 1, head)
+    assert len(probes) > before, change
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"format": 1, "entries": []}', '{"format": 99, "entries": {}}']
+)
+def test_a_corrupt_file_is_timed_over_and_rewritten(tiny_checkpoints, disk_cache, monkeypatch, content):
+    path, probes = disk_cache
+    path.write_text(content)
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    autotree.choose_tree(target, 1)
+    assert probes == [1, 1]  # (without a head a draft level is costed from a 1-token verify)
+    assert json.loads(path.read_text())["format"] == autotree.CACHE_FORMAT
+
+
+def test_implausible_saved_numbers_are_not_used(tiny_checkpoints, disk_cache, monkeypatch):
+    path, probes = disk_cache
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    autotree.choose_tree(target, 1)
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    entry["verify"]["4"] = -1.0
+    path.write_text(json.dumps(data))
+    _a_new_process(monkeypatch)
+    autotree.choose_tree(target, 1)
+    assert len(probes) == 4  # timed again
+
+
+def test_an_unwritable_cache_warns_and_decoding_goes_on(tiny_checkpoints, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(autotree.CACHE_ENV, str(blocker / "timings.json"))  # its parent is a file
+    monkeypatch.setattr(autotree, "_TIMINGS", {})
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="could not save the dynamic tree's timings"):
+        tree = autotree.choose_tree(target, 1)
+    assert tree.total_tokens >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false", "no"])
+def test_the_cache_can_be_turned_off(value, monkeypatch, tmp_path):
+    monkeypatch.setenv(autotree.CACHE_ENV, value)
+    assert autotree.timing_cache_path() is None
+    monkeypatch.setenv(autotree.CACHE_ENV, "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert autotree.timing_cache_path() == tmp_path / "eagle" / "autotree_timings.json"
