@@ -128,3 +128,12 @@ class SignatureCache:
 
     def __len__(self) -> int:
         return len(self._passed)
+
+
+def fits_int32(t: torch.Tensor) -> bool:
+    """Whether every value of an integer tensor survives narrowing to int32 (reads values: on CUDA a
+    host sync)."""
+    if t.numel() == 0 or t.dtype == torch.int32:
+        return True
+    lo, hi = (int(x) for x in torch.aminmax(t))
+    return -(2**31) <= lo and hi < 2**31

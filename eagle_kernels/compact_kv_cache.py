@@ -67,14 +67,14 @@ def compact_kv_cache_ref(
 # Triton kernel
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _row_ptr(head, pos, table_row, s_b, s_pos, num_blocks, PAGE_SIZE: tl.constexpr):
+def _row_ptr(head, pos, table_row, st_c, s_b, s_pos, num_blocks, PAGE_SIZE: tl.constexpr):
     """Pointer to the row of cache position ``pos`` (int64) of one (layer, k/v, sequence, head):
     ``head + pos * s_pos`` for a contiguous cache; for a paged one (``PAGE_SIZE > 0``, ``head``
-    without the sequence term) slot ``pos % PAGE_SIZE`` of block ``table_row[pos // PAGE_SIZE]``,
+    without the sequence term) slot ``pos % PAGE_SIZE`` of block ``table_row[(pos // PAGE_SIZE) * st_c]``,
     ``s_b`` the block stride. A block id outside ``[0, num_blocks)`` (checked on CPU and in debug
     mode) is clamped so that it cannot reach outside the cache."""
     if PAGE_SIZE > 0:
-        blk = tl.load(table_row + pos // PAGE_SIZE).to(tl.int64)
+        blk = tl.load(table_row + (pos // PAGE_SIZE) * st_c).to(tl.int64)
         blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
         return head + blk * s_b + (pos % PAGE_SIZE) * s_pos
     return head + pos * s_pos
@@ -99,6 +99,7 @@ def _compact_kv_cache_kernel(
     s_h,
     s_pos,
     st_b,
+    st_c,
     num_blocks,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -129,8 +130,8 @@ def _compact_kv_cache_kernel(
             slot = tl.load(accept_index_ptr + b * num_steps + j).to(tl.int64) - b * n
             in_cache = (start >= 0) & (start + tl.maximum(slot, j) < S_max)
             if (slot != j) & (slot >= 0) & (slot < n) & in_cache:  # out-of-tree slots are skipped
-                src = _row_ptr(head, start + slot, table_row, s_b, s_pos, num_blocks, PAGE_SIZE)
-                dst = _row_ptr(head, start + j, table_row, s_b, s_pos, num_blocks, PAGE_SIZE)
+                src = _row_ptr(head, start + slot, table_row, st_c, s_b, s_pos, num_blocks, PAGE_SIZE)
+                dst = _row_ptr(head, start + j, table_row, st_c, s_b, s_pos, num_blocks, PAGE_SIZE)
                 tl.store(dst + offs, tl.load(src + offs, mask=dmask), mask=dmask)
 
 
@@ -142,12 +143,12 @@ def _compact_kv_cache_triton(
     ``[L, 2, num_blocks, page_size, H, D]``, else ``[L, 2, B, H, S_max, D]``."""
     if block_table is None:
         L, _, B, H, S_max, D = kv_cache.shape
-        page_size, num_blocks, table, table_stride = 0, 0, cache_seqlens, 0  # (the table is never read)
+        page_size, num_blocks, table, table_strides = 0, 0, cache_seqlens, (0, 0)  # (never read)
         strides = kv_cache.stride()[:5]
     else:
         L, _, num_blocks, page_size, H, D = kv_cache.shape
         B, S_max = block_table.shape[0], block_table.shape[1] * page_size
-        table, table_stride = block_table, block_table.stride(0)
+        table, table_strides = block_table, block_table.stride()
         s = kv_cache.stride()  # the kernel's (sequence, head, position) strides are (block, head, slot)
         strides = (s[0], s[1], s[2], s[4], s[3])
     kv_cache = _as_bits(kv_cache)
@@ -168,7 +169,7 @@ def _compact_kv_cache_triton(
             num_draft_tokens,
             S_max,
             *strides,
-            table_stride,
+            *table_strides,
             num_blocks,
             BLOCK_D=triton.next_power_of_2(D),
             PAGE_SIZE=page_size,

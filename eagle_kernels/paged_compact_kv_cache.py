@@ -18,7 +18,7 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor, fits_int32
 from eagle_kernels.compact_kv_cache import _BITS_DTYPES, _as_bits, _compact_kv_cache_triton
 from eagle_kernels.compact_kv_cache import _check_values as _check_path_values
 
@@ -73,8 +73,9 @@ def _check_values(kv_cache, block_table, cache_seqlens, accept_index, accept_tok
     if B == 0:
         return
     pages = (cache_seqlens.to(torch.int64).cpu() + n + page - 1) // page
-    ids = block_table.to(torch.int64).cpu()
-    bad = (torch.arange(max_blocks)[None, :] < pages[:, None]) & ((ids < 0) | (ids >= num_blocks))
+    read = int(pages.max())  # (a table may be as wide as the longest context: only these are read)
+    ids = block_table[:, :read].to(torch.int64).cpu()
+    bad = (torch.arange(read)[None, :] < pages[:, None]) & ((ids < 0) | (ids >= num_blocks))
     if bool(bad.any()):
         b, col = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
@@ -89,8 +90,11 @@ def _run_paged_compact_kv_cache(kv_cache, block_table, cache_seqlens, accept_ind
     args = (kv_cache, block_table, cache_seqlens, accept_index, accept_token_num, n)
     backend = select_backend(OP, kv_cache.device)
     # int64 lengths (SGLang's seq_lens) are checked before they are narrowed to the kernels' int32
+    # (the C++ kernel checks int32 lengths itself: int64 ones need the check only where narrowing would
+    # change them)
     wide = cache_seqlens.dtype == torch.int64
-    if (backend != "cpp" or wide) and (kv_cache.device.type == "cpu" or debug_checks_enabled()):
+    checks = kv_cache.device.type == "cpu" or debug_checks_enabled()
+    if checks and (backend != "cpp" or not fits_int32(cache_seqlens)):
         _check_values(*args)
     if backend == "torch":
         return paged_compact_kv_cache_ref(*args)
@@ -175,7 +179,9 @@ def paged_compact_kv_cache(
     ----------
     kv_cache : Tensor ``[num_layers, 2, num_blocks, page_size, Hkv, D]``, any dtype of 1, 2, 4 or 8 bytes
         The block pool, K at index 0 of dim 1 and V at 1, any strides with a contiguous head dim: a
-        vLLM layer's ``[2, num_blocks, block_size, Hkv, D]`` as ``layer[None]``, FlashInfer's NHD
+        vLLM layer's ``[2, num_blocks, block_size, Hkv, D]`` (FlashAttention backend) as ``layer[None]``
+        or ``[num_blocks, 2, block_size, Hkv, D]`` (Triton, FlashInfer backends) as
+        ``layer.transpose(0, 1)[None]``, FlashInfer's NHD
         ``[num_pages, 2, page_size, H, D]`` as ``kv.transpose(0, 1)[None]``, TensorRT-LLM's
         ``[num_blocks, 2, Hkv, tokens_per_block, D]`` as ``kv.transpose(0, 1).transpose(2, 3)[None]``.
         Modified in place, bit for bit (fp8 / int8 caches too).

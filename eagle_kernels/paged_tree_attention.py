@@ -8,8 +8,11 @@ NaN rules) is :func:`eagle_kernels.tree_attention`'s.
 
 The caches may have any strides, so the common layouts are views, not copies:
 
-* vLLM (FlashAttention / Triton backends): ``kv_cache[0]``, ``kv_cache[1]`` of
-  ``[2, num_blocks, block_size, Hkv, D]``; its ``block_table`` as is, and its ``seq_lens`` minus the
+* vLLM: a layer's cache as its attention backend's ``get_kv_cache_shape`` lays it out. FlashAttention's
+  ``[2, num_blocks, block_size, Hkv, D]``: ``kv_cache[0]``, ``kv_cache[1]``; the Triton and
+  FlashInfer backends' ``[num_blocks, 2, block_size, Hkv, D]``: ``kv_cache[:, 0]``, ``kv_cache[:, 1]``
+  (``kv_cache[0]`` of that one is block 0's K and V, which reads as a two-block pool: a table of
+  ids 0 and 1 would pass every check). vLLM's ``block_table`` as is, and its ``seq_lens`` minus the
   ``T`` new tokens as ``cache_seqlens`` (vLLM counts the new tokens in, this op does not);
 * FlashInfer ``NHD`` ``[num_pages, 2, page_size, H, D]``: ``kv[:, 0]``, ``kv[:, 1]``; ``HND``
   ``[num_pages, 2, H, page_size, D]``: ``kv[:, 0].transpose(1, 2)``. FlashInfer's
@@ -35,7 +38,14 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
-from eagle_kernels._checks import FLOAT_DTYPES, INDEX_DTYPES, SignatureCache, check_same_dtype, check_tensor
+from eagle_kernels._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    SignatureCache,
+    check_same_dtype,
+    check_tensor,
+    fits_int32,
+)
 from eagle_kernels.tree_attention import (
     _check_heads,
     _check_mask,
@@ -110,8 +120,9 @@ def _check_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, T: int
             f"max {int(lengths.max())}"
         )
     pages_needed = (lengths + T + page - 1) // page
-    used = torch.arange(max_blocks)[None, :] < pages_needed[:, None]
-    ids = block_table.to(torch.int64).cpu()
+    read = int(pages_needed.max())  # (a table may be as wide as the longest context: only these are read)
+    used = torch.arange(read)[None, :] < pages_needed[:, None]
+    ids = block_table[:, :read].to(torch.int64).cpu()
     bad = used & ((ids < 0) | (ids >= num_blocks))
     if bool(bad.any()):
         b, col = (int(i) for i in bad.nonzero()[0])
@@ -139,8 +150,11 @@ def _run_paged_tree_attention(
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
         backend = "torch"  # float64 on CUDA: only the reference handles it
     # int64 lengths are checked before they are narrowed to the kernels' int32
+    # (the C++ kernel checks int32 lengths itself: int64 ones need the check only where narrowing would
+    # change them)
     wide = cache_seqlens.dtype == torch.int64
-    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug_checks_enabled()):
+    checks = q.device.type == "cpu" or debug_checks_enabled()
+    if checks and (backend != "cpp" or not fits_int32(cache_seqlens)):
         _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
     if backend == "triton":

@@ -305,6 +305,7 @@ def _paged_tile_ptrs(
     k_head,
     v_head,
     table_row,
+    st_c,
     pos,
     pos_ok,
     num_blocks,
@@ -319,13 +320,13 @@ def _paged_tile_ptrs(
     POS_MASK: tl.constexpr,
 ):
     """[BLOCK_N, BLOCK_D] K and V pointers of cache positions ``pos`` of one sequence's paged cache:
-    position p is slot ``p % PAGE_SIZE`` of block ``table_row[p // PAGE_SIZE]``. Block ids are
+    position p is slot ``p % PAGE_SIZE`` of block ``table_row[(p // PAGE_SIZE) * st_c]``. Block ids are
     checked only on CPU and in debug mode (a host sync): one outside ``[0, num_blocks)`` is clamped so
     that it cannot read outside the cache."""
     if POS_MASK:
-        blk = tl.load(table_row + pos // PAGE_SIZE, mask=pos_ok, other=0)
+        blk = tl.load(table_row + (pos // PAGE_SIZE) * st_c, mask=pos_ok, other=0)
     else:
-        blk = tl.load(table_row + pos // PAGE_SIZE)
+        blk = tl.load(table_row + (pos // PAGE_SIZE) * st_c)
     blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1).to(tl.int64)
     slot = (pos % PAGE_SIZE).to(tl.int64)
     k_ptrs = k_head + (blk * sk_blk + slot * sk_s)[:, None] + d[None, :] * sk_d
@@ -364,6 +365,7 @@ def _tree_attention_kernel(
     sm_i,
     sm_w,
     st_b,
+    st_c,
     num_blocks,
     S_max,
     sq_d: tl.constexpr,
@@ -394,7 +396,7 @@ def _tree_attention_kernel(
     the masked tiles always, through pointers.
     ``PAGE_SIZE > 0``: a paged cache (``paged_tree_attention``). Then the ``sk_b`` / ``sv_b`` strides
     step over blocks, ``sk_s`` / ``sv_s`` over a block's slots, and sequence ``b``'s position p is slot
-    ``p % PAGE_SIZE`` of block ``table[b, p // PAGE_SIZE]`` (``table_ptr``, row stride ``st_b``);
+    ``p % PAGE_SIZE`` of block ``table[b, p // PAGE_SIZE]`` (``table_ptr``, strides ``st_b``, ``st_c``);
     ``S_max`` is the table's capacity, its columns times PAGE_SIZE.
     """
     pid_m = tl.program_id(0)
@@ -460,6 +462,7 @@ def _tree_attention_kernel(
                     k_head,
                     v_head,
                     table_row,
+                    st_c,
                     start + n0 + cols,
                     cols >= 0,
                     num_blocks,
@@ -490,6 +493,7 @@ def _tree_attention_kernel(
                 k_head,
                 v_head,
                 table_row,
+                st_c,
                 start + rel,
                 js < new_keys,
                 num_blocks,
@@ -934,9 +938,9 @@ def _tree_attention_triton(
     sq, sk, sv = q.stride(), k_cache.stride(), v_cache.stride()
     if paged:  # the kernel's (sequence, head, position) strides are (block, head, slot) here
         sk, sv = (sk[0], sk[2], sk[1], sk[3]), (sv[0], sv[2], sv[1], sv[3])
-        table, table_stride, num_blocks = block_table, block_table.stride(0), k_cache.shape[0]
+        table, table_strides, num_blocks = block_table, block_table.stride(), k_cache.shape[0]
     else:
-        table, table_stride, num_blocks = cache_seqlens, 0, 0  # never read
+        table, table_strides, num_blocks = cache_seqlens, (0, 0), 0  # never read
     span_s = 0 if paged else S_max * max(sk[2], sv[2])
     if max(T * sq[1] + Hq * sq[2], span_s) + D * max(sq[3], sk[3], sv[3]) > _INT32_MAX:
         _check_int32_offsets(q, k_cache, v_cache, paged)  # the precise check, only near the limit
@@ -974,7 +978,7 @@ def _tree_attention_triton(
         sv[1],
         sv[2],
         *mask_strides,
-        table_stride,
+        *table_strides,
         num_blocks,
         S_max,
         **spec.constexprs,

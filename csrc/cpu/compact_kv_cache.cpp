@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "compact_kv_cache.h"
@@ -55,6 +56,7 @@ namespace {
 struct Paging {
   const int64_t* table = nullptr;
   int64_t rows = 0, cols = 0, page = 0;
+  int64_t capacity = 0;  // positions the whole table maps (cols may be fewer: the columns read)
 };
 
 template <typename idx_t, typename cnt_t>
@@ -64,7 +66,7 @@ void compact_cpu_impl(at::Tensor& kv_cache, const int32_t* seqlens, const idx_t*
   // contiguous [L, 2, B, H, S, D]; paged [L, 2, num_blocks, page, H, D] with B = the table's rows
   const int64_t L = kv_cache.size(0), D = kv_cache.size(5), num_blocks = kv_cache.size(2);
   const int64_t B = paged ? pg.rows : kv_cache.size(2), H = kv_cache.size(paged ? 4 : 3);
-  const int64_t S = paged ? pg.cols * pg.page : kv_cache.size(4);
+  const int64_t S = paged ? pg.capacity : kv_cache.size(4);
   const char* capacity = paged ? "the block table's capacity (max_blocks * page_size)" : "S_max";
   // Validate every path before touching the cache (CPU: costs no synchronisation).
   for (int64_t b = 0; b < B; ++b) {
@@ -176,8 +178,15 @@ at::Tensor paged_compact_kv_cache_cpu(at::Tensor kv_cache, const at::Tensor& blo
   for (const auto* t : {&block_table, &cache_seqlens, &accept_index, &accept_token_num}) {
     TORCH_CHECK(t->device() == kv_cache.device(), "all inputs must be on ", kv_cache.device());
   }
-  const auto table = block_table.to(at::kLong).contiguous();
-  const Paging pg{table.data_ptr<int64_t>(), B, table.size(1), page};
+  // only the columns some sequence's prefix and tree cover (a table may be as wide as the longest
+  // context); capped at the table's width, past which the length check refuses the call
+  const auto seq = cache_seqlens.contiguous();
+  const int32_t* lens = seq.data_ptr<int32_t>();
+  int64_t read = 0;
+  for (int64_t b = 0; b < B; ++b) read = std::max<int64_t>(read, (std::max(lens[b], 0) + num_draft_tokens + page - 1) / page);
+  read = std::min(read, block_table.size(1));
+  const auto table = block_table.narrow(1, 0, read).to(at::kLong).contiguous();
+  const Paging pg{table.data_ptr<int64_t>(), B, read, page, block_table.size(1) * page};
   return compact(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens, pg);
 }
 

@@ -222,7 +222,10 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
   check_lengths(cache_seqlens, q.size(1), k_cache.size(2), "S_max");
 }
 
-// The paged layout's checks; returns the block table as contiguous int64 [B, table_cols].
+// The paged layout's checks; returns the block table's columns that some sequence reads (the first
+// ceil((longest cache_seqlens + T) / page) of them) as contiguous int64 [B, table_cols]: an engine's
+// table may be as wide as its longest context (SGLang's req_to_token rows), and no call should pay
+// for the columns it does not read.
 at::Tensor check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_table, const at::Tensor& cache_seqlens,
                             const std::optional<at::Tensor>& tree_mask) {
@@ -239,14 +242,16 @@ at::Tensor check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, cons
                     block_table.device());
   const int64_t cols = block_table.size(1);
   check_lengths(cache_seqlens, T, cols * page, "the block table's capacity (max_blocks * page_size)");
-  const auto table = block_table.to(at::kLong).contiguous();
   const auto seq = cache_seqlens.contiguous();
-  const int64_t* ids = table.data_ptr<int64_t>();
   const int32_t* lens = seq.data_ptr<int32_t>();
+  int64_t read = 0;  // columns some sequence reads
+  for (int64_t b = 0; b < B; ++b) read = std::max<int64_t>(read, (lens[b] + T + page - 1) / page);
+  const auto table = block_table.narrow(1, 0, read).to(at::kLong).contiguous();
+  const int64_t* ids = table.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t pages = (lens[b] + T + page - 1) / page;  // the entries sequence b reads
     for (int64_t c = 0; c < pages; ++c) {
-      const int64_t id = ids[b * cols + c];
+      const int64_t id = ids[b * read + c];
       TORCH_CHECK_VALUE(id >= 0 && id < num_blocks, "block_table[", b, ", ", c, "] = ", id,
                         " is not a block of the cache (0 .. ", num_blocks - 1, "); sequence ", b,
                         " reads its first ", pages, " entries");

@@ -120,6 +120,29 @@ def test_quantised_caches_are_moved_bit_for_bit(device, dtype):
         assert_pool_matches(got, table, want, pool, seqlens, 9, backend)
 
 
+def test_a_strided_or_wide_block_table_is_read_by_value(device):
+    """A column-major table, every other column of a wider buffer, and a table far wider than any
+    sequence reads (columns past them hold -1): the contiguous table's result on every backend. The
+    Triton kernel read entry c at row + c and moved one sequence's rows into another's."""
+    kv, seqlens, idx, num = make_case(3, 8, 5, 2, 16, torch.float32, torch.int32, "cpu", seed=12)
+    pool, table = to_pool(kv, seqlens, 8, 2, "vllm", seed=12)
+    wide = torch.full((3, 2 * table.shape[1]), -7, dtype=table.dtype)
+    wide[:, ::2] = table
+    huge = torch.full((3, 50_000), -1, dtype=table.dtype)
+    huge[:, : table.shape[1]] = table
+    tables = {"column-major": table.t().contiguous().t(), "every other column": wide[:, ::2], "wide": huge}
+    for backend in _backends(device):
+        want = pool.clone().to(device)
+        args = [t.to(device) for t in (seqlens, idx, num)]
+        run_with_backend(backend, paged_compact_kv_cache, want, table.to(device), *args, num_draft_tokens=8)
+        for name, strided in tables.items():
+            got = pool.clone().to(device)
+            run_with_backend(
+                backend, paged_compact_kv_cache, got, strided.to(device), *args, num_draft_tokens=8
+            )
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), f"{backend}, {name}"
+
+
 def test_reference_definition_on_a_known_case():
     """One sequence, pages of 2 at blocks [3, 0, 2]: prefix 1, a tree of 4 at positions 1..4, the
     path of slots 0, 2, 3 moves to positions 1, 2, 3 (block 3 slot 1, block 0 slots 0 and 1)."""

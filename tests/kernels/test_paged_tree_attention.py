@@ -21,15 +21,17 @@ from tests.kernels.test_tree_attention import Case, assert_matches, isa_params, 
 
 OP = "paged_tree_attention"
 pta_module = sys.modules["eagle_kernels.paged_tree_attention"]
-LAYOUTS = ("vllm", "hnd")  # [num_blocks, page, H, D] as stored, or a view of [num_blocks, H, page, D]
+# [2, num_blocks, page, H, D] (vLLM's FlashAttention backend), [num_blocks, 2, page, H, D] (its Triton and
+# FlashInfer backends, FlashInfer's NHD), [num_blocks, 2, H, page, D] (FlashInfer's HND, TensorRT-LLM)
+LAYOUTS = ("vllm", "nhd", "hnd")
 
 
 def paged(case: Case, page: int, layout: str, seed: int, *, spare_blocks: int = 3, pad=-1):
     """The case's caches scattered into a block pool: (k_pool, v_pool, block_table).
 
     Blocks are placed at random; unused blocks are NaN; the table has one spare column per sequence,
-    padded with ``pad``. ``layout`` "hnd" stores the pool as [num_blocks, 2, H, page, D] (FlashInfer's
-    HND, TensorRT-LLM's) and returns its transposed views."""
+    padded with ``pad``. ``layout``: how the pool is stored (:data:`LAYOUTS`); the views returned are
+    ``[num_blocks, page, H, D]``."""
     gen = torch.Generator().manual_seed(seed)
     B, Hkv, S, D = case.k.shape
     T = case.q.shape[1]
@@ -38,11 +40,16 @@ def paged(case: Case, page: int, layout: str, seed: int, *, spare_blocks: int = 
     num_blocks = sum(pages) + spare_blocks
     order = torch.randperm(num_blocks, generator=gen)
     table = torch.full((B, width), pad, dtype=torch.int32)
-    shape = (num_blocks, 2, Hkv, page, D) if layout == "hnd" else (2, num_blocks, page, Hkv, D)
-    pool = torch.full(shape, float("nan"), dtype=case.k.dtype)
-    k_pool, v_pool = (
-        (pool[:, 0].transpose(1, 2), pool[:, 1].transpose(1, 2)) if layout == "hnd" else (pool[0], pool[1])
+    shape = {"hnd": (num_blocks, 2, Hkv, page, D), "nhd": (num_blocks, 2, page, Hkv, D)}.get(
+        layout, (2, num_blocks, page, Hkv, D)
     )
+    pool = torch.full(shape, float("nan"), dtype=case.k.dtype)
+    if layout == "hnd":
+        k_pool, v_pool = pool[:, 0].transpose(1, 2), pool[:, 1].transpose(1, 2)
+    elif layout == "nhd":
+        k_pool, v_pool = pool[:, 0], pool[:, 1]
+    else:
+        k_pool, v_pool = pool[0], pool[1]
     used = 0
     for b in range(B):
         for c in range(pages[b]):
@@ -100,7 +107,7 @@ def test_backends_match_the_oracle_fuzzed(device, dtype):
         G = [1, 2, 4][int(torch.randint(0, 3, (1,), generator=gen))]
         page = [1, 2, 5, 16][int(torch.randint(0, 4, (1,), generator=gen))]
         mask_fmt = ["causal", "bool", "u8", "i32"][seed]
-        layout = LAYOUTS[seed % 2]
+        layout = LAYOUTS[seed % len(LAYOUTS)]
         case = make_case(B, T, Hkv * G, Hkv, 16, mask_fmt, seed=seed, prefix_max=30)
         want = oracle(case)
         low = case.to(dtype, device)
@@ -174,6 +181,44 @@ def test_table_entries_past_a_sequences_pages_are_never_read(device, pad):
     want = oracle(case)
     for backend in _all_backends(device):
         assert_matches(run_with_backend(backend, paged_tree_attention, *args), case, want, backend)
+
+
+def _strided_tables(table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same table values column-major and as every other column of a wider buffer."""
+    wide = torch.full((table.shape[0], 2 * table.shape[1]), -7, dtype=table.dtype, device=table.device)
+    wide[:, ::2] = table
+    return {"column-major": table.t().contiguous().t(), "every other column": wide[:, ::2]}
+
+
+def test_a_strided_block_table_is_read_by_value(device):
+    """A table whose columns are not adjacent (a transposed buffer, a slice of a wider one) gives the
+    contiguous table's result on every backend: the Triton kernel read entry c at row + c and
+    attended over other blocks, silently."""
+    case = make_case(3, 4, 4, 2, 16, "bool", seed=35).to(torch.float32, device)
+    q, k, v, table, seqlens, mask = (
+        a.to(device) if isinstance(a, torch.Tensor) else a for a in paged_args(case, 2, seed=35)
+    )
+    for backend in _all_backends(device):
+        want = run_with_backend(backend, paged_tree_attention, q, k, v, table, seqlens, mask)
+        for name, strided in _strided_tables(table).items():
+            got = run_with_backend(backend, paged_tree_attention, q, k, v, strided, seqlens, mask)
+            assert torch.equal(got, want), f"{backend}, {name}"
+
+
+def test_the_table_columns_past_every_sequences_pages_are_not_read(device):
+    """An engine's table may be as wide as its longest context (SGLang's req_to_token): the columns
+    no sequence reads hold anything, and cost no check."""
+    case = make_case(2, 3, 2, 1, 16, "causal", seed=37).to(torch.float32, device)
+    q, k, v, table, seqlens, mask = (
+        a.to(device) if isinstance(a, torch.Tensor) else a for a in paged_args(case, 4, seed=37)
+    )
+    wide = torch.full((2, 50_000), -1, dtype=table.dtype, device=device)
+    wide[:, : table.shape[1]] = table
+    for backend in _all_backends(device):
+        want = run_with_backend(backend, paged_tree_attention, q, k, v, table, seqlens, mask)
+        assert torch.equal(
+            run_with_backend(backend, paged_tree_attention, q, k, v, wide, seqlens, mask), want
+        )
 
 
 def test_int64_table_and_lengths_match_int32(device):
