@@ -284,7 +284,7 @@ at::Tensor dense_new_token_mask(const at::Tensor& tree_mask, int64_t T) {
 // the scores of every key (at most max_keys) of the task's rows; with AMX also the output's rows up to
 // a whole 16-row tile, the packed query tiles, a 16-key block of K (bf16) and attend_pv's scratch; with
 // VDPBF16PS scores the bf16 query rows and the transposed keys.
-// Paged caches first carve the task's gathered K and V rows (max_keys rows of D cache elements each).
+// Paged caches first carve a block of kBlockN gathered rows of D cache elements.
 int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int64_t elem, bool amx, bool amx_pv,
                       bool dpbf16, int64_t paged_elem) {
   const int64_t lanes = 64 / elem, dp = (D + lanes - 1) / lanes * lanes;
@@ -303,7 +303,7 @@ int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int6
     bytes += (rows * D * 2 + 63) / 64 * 64;
     bytes += (tree_attn_dpbf16::scratch_words(D) * 4 + 63) / 64 * 64;
   }
-  if (paged_elem > 0) bytes += 2 * ((max_keys * D * paged_elem + 63) / 64 * 64);
+  if (paged_elem > 0) bytes += (kBlockN * D * paged_elem + 63) / 64 * 64;
   return bytes + 64;  // room to align the start
 }
 

@@ -518,8 +518,98 @@ __attribute__((noinline)) void mark_rows_that_see_non_finite_new_v(const Problem
   }
 }
 
+// Pages are in no particular order, so the hardware prefetchers (which follow a stream within a 4 KB
+// page) see a new stream at every block: each page's rows are requested this many rows ahead. At the
+// one-token decode shape of bench/bench_paged_tree_attention.py at batch 16 (ad hoc runs, not a claim)
+// 32, 64 and 128 rows were within noise of each other and 10-25% faster than one line of the next page.
+constexpr int64_t kPrefetchRows = 64;
+
+template <typename S>
+void gather_page_rows(const S* head, const int64_t* table_row, int64_t page, int64_t s_blk, int64_t s_slot,
+                      int64_t s_d, int64_t p_begin, int64_t n, int64_t D, S* rows) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(S));
+  const int64_t span = (D - 1) * s_d * static_cast<int64_t>(sizeof(S)) + sizeof(S);  // bytes a row reaches
+  const int64_t end = p_begin + n;
+  for (int64_t p0 = p_begin; p0 < end;) {
+    const int64_t first = p0 % page, in_page = imin(page - first, end - p0);  // this page's rows
+    const S* block = head + table_row[p0 / page] * s_blk + first * s_slot;
+    const int64_t ahead = (p0 / page + (kPrefetchRows + page - 1) / page) * page;  // a page requested now
+    if (ahead < end) {
+      const char* next = reinterpret_cast<const char*>(head + table_row[ahead / page] * s_blk);
+      for (int64_t i = 0; i < imin(page, end - ahead); ++i)
+        for (int64_t c = 0; c < span; c += 64) __builtin_prefetch(next + i * s_slot * sizeof(S) + c);
+    }
+    for (int64_t i = 0; i < in_page; ++i) {
+      const S* src = block + i * s_slot;
+      S* dst = rows + (p0 - p_begin + i) * D;
+      if (s_d == 1) {
+        const char* from = reinterpret_cast<const char*>(src);
+        char* to = reinterpret_cast<char*>(dst);
+        int64_t c = 0;
+        for (; c + 64 <= bytes; c += 64) __builtin_memcpy(to + c, from + c, 64);
+        for (; c + 8 <= bytes; c += 8) __builtin_memcpy(to + c, from + c, 8);
+        for (; c < bytes; ++c) to[c] = from[c];
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] = src[d * s_d];
+      }
+    }
+    p0 += in_page;
+  }
+}
+
+// A paged task's rows. Each block of kBlockN keys is gathered into `block` just before it is read, so
+// the copy stays in cache and scratch needs one block per thread, not the task's whole K and V. Where
+// P @ V needs every V row at once (AMX tiles, or the rare redo of a non-finite output) they are
+// gathered into a heap buffer, freed with this object.
+template <typename S>
+struct PagedRows {
+  const S* k_head;  // the pool's first element of the task's kv head
+  const S* v_head;
+  const int64_t* table_row;
+  int64_t page, sk_blk, sk_s, sk_d, sv_blk, sv_s, sv_d, D;
+  S* block;  // kBlockN rows of D (scratch)
+  S* all_v = nullptr;
+
+  // The rows of sequence b's kv head kvh in P's pool.
+  PagedRows(const Problem& P, int64_t b, int64_t kvh, S* block_rows)
+      : k_head(static_cast<const S*>(P.k) + kvh * P.sk_h),
+        v_head(static_cast<const S*>(P.v) + kvh * P.sv_h),
+        table_row(P.block_table + b * P.table_cols),
+        page(P.page),
+        sk_blk(P.sk_b),
+        sk_s(P.sk_s),
+        sk_d(P.sk_d),
+        sv_blk(P.sv_b),
+        sv_s(P.sv_s),
+        sv_d(P.sv_d),
+        D(P.D),
+        block(block_rows) {}
+  PagedRows(const PagedRows&) = delete;
+  PagedRows& operator=(const PagedRows&) = delete;
+  ~PagedRows() { delete[] all_v; }
+
+  const S* k_rows(int64_t n0, int64_t nb) {
+    gather_page_rows(k_head, table_row, page, sk_blk, sk_s, sk_d, n0, nb, D, block);
+    return block;
+  }
+  const S* v_rows(int64_t n0, int64_t nb) {
+    gather_page_rows(v_head, table_row, page, sv_blk, sv_s, sv_d, n0, nb, D, block);
+    return block;
+  }
+  // Every V row 0 .. n - 1, contiguous [n, D].
+  const S* every_v_row(int64_t n) {
+    if (all_v == nullptr) {
+      all_v = new S[n * D];
+      gather_page_rows(v_head, table_row, page, sv_blk, sv_s, sv_d, int64_t(0), n, D, all_v);
+    }
+    return all_v;
+  }
+};
+
+// One task. With `pg` (a paged task) the K / V rows come through it, and `P` describes them as
+// gathered (unit strides).
 template <typename S, typename A>
-void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
+void attend_contiguous_task(const Problem& P, int64_t task, char* scratch, PagedRows<S>* pg) {
   constexpr int64_t L = lanes<A>();
   const int64_t rows = P.T * P.G;
   const int64_t chunks = (rows + P.rows_per_task - 1) / P.rows_per_task;
@@ -562,7 +652,7 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
   }
 
   const S* k_head = static_cast<const S*>(P.k) + b * P.sk_b + kvh * P.sk_h;
-  const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;
+  const S* v_head = static_cast<const S*>(P.v) + b * P.sv_b + kvh * P.sv_h;  // paged: set where needed
   const uint8_t* vis_b = P.new_visible == nullptr ? nullptr : P.new_visible + b * P.T * P.T;
 
   // K/V rows are used in place when they are contiguous rows of the accumulator type with no ragged
@@ -585,8 +675,9 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
       pack_q_tiles(q_base, P, r_begin, R, kvh, qb);
       tree_attn_amx::begin();
       for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
-        tree_attn_amx::score_block(qb, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
-                                   static_cast<float>(P.sm_scale), s + n0, nkp, tail);
+        const int64_t nb = imin(NB, n_keys - n0);
+        const S* k_block = pg != nullptr ? pg->k_rows(n0, nb) : k_head + n0 * P.sk_s;
+        tree_attn_amx::score_block(qb, R, D, k_block, P.sk_s, nb, static_cast<float>(P.sm_scale), s + n0, nkp, tail);
       }
       if (!amx_pv) tree_attn_amx::end();  // else after P @ V
     }
@@ -600,14 +691,16 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
         for (int64_t d = 0; d < D; ++d) qr[r * D + d] = qrow[d * P.sq_d];
       }
       for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
-        tree_attn_dpbf16::score_block(qr, R, D, k_head + n0 * P.sk_s, P.sk_s, imin(NB, n_keys - n0),
-                                      static_cast<float>(P.sm_scale), s + n0, nkp, kt);
+        const int64_t nb = imin(NB, n_keys - n0);
+        const S* k_block = pg != nullptr ? pg->k_rows(n0, nb) : k_head + n0 * P.sk_s;
+        tree_attn_dpbf16::score_block(qr, R, D, k_block, P.sk_s, nb, static_cast<float>(P.sm_scale), s + n0, nkp,
+                                      kt);
       }
     }
   } else {
     for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
       const int64_t nb = imin(NB, n_keys - n0);
-      const S* k_block = k_head + n0 * P.sk_s;
+      const S* k_block = pg != nullptr ? pg->k_rows(n0, nb) : k_head + n0 * P.sk_s;
       if (in_place) {
         scores_by_dots(q, dp, reinterpret_cast<const Row*>(k_block), P.sk_s, nb, nkp, R, s + n0);
       } else {
@@ -629,13 +722,14 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
   const tree_attn_amx::PvRows amx_rows{R, r_begin, P.G, P.T, seqlen, n_keys, vis_b};
   if (amx_pv) {
     if constexpr (same_type<S, c10::BFloat16>::value) {
+      if (pg != nullptr) v_head = pg->every_v_row(n_keys);
       tree_attn_amx::attend_pv(amx_rows, s, nkp, v_head, P.sv_s, P.sv_d, D, o, l, cursor);
       tree_attn_amx::end();
     }
   } else {
     for (int64_t n0 = 0; n0 < n_keys; n0 += NB) {
       const int64_t nb = imin(NB, n_keys - n0);
-      const S* v_block = v_head + n0 * P.sv_s;
+      const S* v_block = pg != nullptr ? pg->v_rows(n0, nb) : v_head + n0 * P.sv_s;
       if (in_place) {
         accumulate_pv(s + n0, nkp, reinterpret_cast<const Row*>(v_block), P.sv_s, dp, nb, R, o, l);
       } else {
@@ -650,9 +744,12 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
   // token's V is the cause (rare), P @ V is redone over the finite values (FMAs, also where AMX tiles
   // took it) and the rows that see a non-finite one come out NaN, as in the reference. Out of line,
   // so that this function's code (and its P @ V's) stays as it was.
-  const bool redone = !all_finite(o, R * dp) &&
-                      redo_pv_without_non_finite_new_v<S, A>(P, s, nkp, v_head, seqlen, n_keys, new_keys, R, o, l, kv,
-                                                             amx_pv ? &amx_rows : nullptr, cursor);
+  bool redone = false;
+  if (!all_finite(o, R * dp)) {
+    if (pg != nullptr) v_head = pg->every_v_row(n_keys);
+    redone = redo_pv_without_non_finite_new_v<S, A>(P, s, nkp, v_head, seqlen, n_keys, new_keys, R, o, l, kv,
+                                                   amx_pv ? &amx_rows : nullptr, cursor);
+  }
 
   S* out_base = static_cast<S*>(P.out) + b * P.T * P.Hq * D;
   for (int64_t r = 0; r < R; ++r) {
@@ -668,65 +765,22 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch) {
 // Rows 0 .. n - 1 of one kv head of a sequence's paged cache (`head`: the pool's first element of that
 // head; position p is slot p % page of block table_row[p / page]) into `rows`, contiguous [n, D].
 // Rows are copied with inline fixed-size moves, one page at a time.
-// Pages are in no particular order, so the hardware prefetchers (which follow a stream within a 4 KB
-// page) see a new stream at every block: each page's rows are requested this many rows ahead. At the
-// one-token decode shape of bench/bench_paged_tree_attention.py at batch 16 (ad hoc runs, not a claim)
-// 32, 64 and 128 rows were within noise of each other and 10-25% faster than one line of the next page.
-constexpr int64_t kPrefetchRows = 64;
-
-template <typename S>
-void gather_page_rows(const S* head, const int64_t* table_row, int64_t page, int64_t s_blk, int64_t s_slot,
-                      int64_t s_d, int64_t n, int64_t D, S* rows) {
-  const int64_t bytes = D * static_cast<int64_t>(sizeof(S));
-  const int64_t span = (D - 1) * s_d * static_cast<int64_t>(sizeof(S)) + sizeof(S);  // bytes a row reaches
-  for (int64_t p0 = 0; p0 < n; p0 += page) {
-    const S* block = head + table_row[p0 / page] * s_blk;
-    const int64_t ahead = p0 + (kPrefetchRows + page - 1) / page * page;  // its rows' lines are requested now
-    if (ahead < n) {
-      const char* next = reinterpret_cast<const char*>(head + table_row[ahead / page] * s_blk);
-      for (int64_t i = 0; i < imin(page, n - ahead); ++i)
-        for (int64_t c = 0; c < span; c += 64) __builtin_prefetch(next + i * s_slot * sizeof(S) + c);
-    }
-    const int64_t in_page = imin(page, n - p0);
-    for (int64_t i = 0; i < in_page; ++i) {
-      const S* src = block + i * s_slot;
-      S* dst = rows + (p0 + i) * D;
-      if (s_d == 1) {
-        const char* from = reinterpret_cast<const char*>(src);
-        char* to = reinterpret_cast<char*>(dst);
-        int64_t c = 0;
-        for (; c + 64 <= bytes; c += 64) __builtin_memcpy(to + c, from + c, 64);
-        for (; c + 8 <= bytes; c += 8) __builtin_memcpy(to + c, from + c, 8);
-        for (; c < bytes; ++c) to[c] = from[c];
-      } else {
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d * s_d];
-      }
-    }
-  }
-}
-
-// One task; for a paged cache its (sequence, kv head)'s committed and new rows are gathered into scratch
-// first (read once from memory, then from cache), and the contiguous task runs on them as a
-// [1, 1, n, D] cache: the same code, so the same bits, as the contiguous op.
+// One task of either layout. A paged task reads its rows through PagedRows, and the contiguous code runs
+// on them as on a [1, 1, n, D] cache: the same code, so the same bits, as the contiguous op.
 template <typename S, typename A>
 void attend_task(const Problem& P, int64_t task, char* scratch) {
-  if (P.block_table == nullptr) return attend_contiguous_task<S, A>(P, task, scratch);
+  if (P.block_table == nullptr) return attend_contiguous_task<S, A>(P, task, scratch, nullptr);
   const int64_t chunks = (P.T * P.G + P.rows_per_task - 1) / P.rows_per_task;
   const int64_t kvh = (task / chunks) % P.Hkv, b = task / (chunks * P.Hkv);
-  const int64_t n = P.seqlens[b] + P.T, D = P.D;
   char* cursor = scratch;
-  S* k_rows = carve<S>(cursor, n * D);
-  S* v_rows = carve<S>(cursor, n * D);
-  const int64_t* table_row = P.block_table + b * P.table_cols;
-  gather_page_rows(static_cast<const S*>(P.k) + kvh * P.sk_h, table_row, P.page, P.sk_b, P.sk_s, P.sk_d, n, D, k_rows);
-  gather_page_rows(static_cast<const S*>(P.v) + kvh * P.sv_h, table_row, P.page, P.sv_b, P.sv_s, P.sv_d, n, D, v_rows);
+  PagedRows<S> pg(P, b, kvh, carve<S>(cursor, kBlockN * P.D));
   Problem one = P;
   one.block_table = nullptr;
-  one.k = k_rows, one.v = v_rows;
-  one.sk_b = one.sv_b = one.sk_h = one.sv_h = 0;  // every (sequence, head) of `one` is this task's rows
-  one.sk_s = one.sv_s = D;
+  one.k = one.v = nullptr;  // rows only through pg
+  one.sk_b = one.sv_b = one.sk_h = one.sv_h = 0;
+  one.sk_s = one.sv_s = P.D;
   one.sk_d = one.sv_d = 1;
-  attend_contiguous_task<S, A>(one, task, cursor);
+  attend_contiguous_task<S, A>(one, task, cursor, &pg);
 }
 
 template <typename S, typename A>

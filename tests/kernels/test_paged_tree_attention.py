@@ -356,6 +356,21 @@ def test_cpp_equals_the_contiguous_op_bit_for_bit_on_every_isa(isa, dtype, page,
             assert torch.equal(got, want), f"{layout} {mask_fmt}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_a_new_tokens_non_finite_v_gives_the_contiguous_ops_nan_rows(dtype):
+    """The rare redo of P @ V over finite values (a draft token's V overflowed) reads every V row at
+    once: a paged task gathers them for it, and its rows come out as the contiguous op's, NaN where
+    they see the bad token and exact elsewhere."""
+    _require_cpp()
+    case = make_case(2, 6, 4, 2, 32, "bool", seed=41).to(dtype)
+    for b in range(2):
+        case.v[b, :, int(case.seqlens[b]) + 2] = float("nan")
+    want = run_with_backend("cpp", tree_attention, *case.args())
+    assert want.isnan().any() and not want.isnan().all()
+    got = run_with_backend("cpp", paged_tree_attention, *paged_args(case, 3, "nhd", seed=41))
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 def test_cpp_reads_a_head_dim_stride():
     """A pool whose head dim is not contiguous (a [num_blocks, page, D, Hkv] store seen transposed)."""
     _require_cpp()
