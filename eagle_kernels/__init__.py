@@ -30,7 +30,12 @@ from eagle_kernels.fused_draft_input import (
     fused_eagle3_input_ref,
 )
 from eagle_kernels.paged_compact_kv_cache import paged_compact_kv_cache, paged_compact_kv_cache_ref
-from eagle_kernels.paged_tree_attention import gather_pages, paged_tree_attention, paged_tree_attention_ref
+from eagle_kernels.paged_tree_attention import (
+    block_table_from_page_lists,
+    gather_pages,
+    paged_tree_attention,
+    paged_tree_attention_ref,
+)
 from eagle_kernels.tree_attention import (
     pack_tree_mask,
     tree_attention,
@@ -109,6 +114,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "backend_info",
+    "block_table_from_page_lists",
     "MC_SIM_7B_63",
     "StaticTree",
     "build_static_tree",

@@ -16,8 +16,7 @@ The caches may have any strides, so the common layouts are views, not copies:
   ``T`` new tokens as ``cache_seqlens`` (vLLM counts the new tokens in, this op does not);
 * FlashInfer ``NHD`` ``[num_pages, 2, page_size, H, D]``: ``kv[:, 0]``, ``kv[:, 1]``; ``HND``
   ``[num_pages, 2, H, page_size, D]``: ``kv[:, 0].transpose(1, 2)``. FlashInfer's
-  ``(kv_indptr, kv_indices)`` become a ``[B, max_pages]`` table (pad rows with any id: entries past
-  a sequence's last page are never read);
+  ``(kv_indptr, kv_indices)`` page lists become a table with :func:`block_table_from_page_lists`;
 * TensorRT-LLM ``[num_blocks, 2, Hkv, tokens_per_block, D]``: ``kv[:, 0].transpose(1, 2)``;
 * SGLang's token pool (page size 1): ``k_buffer[:, None]`` with ``req_to_token`` rows as the table.
 
@@ -101,6 +100,47 @@ def paged_tree_attention_ref(
     k = gather_pages(k_cache, block_table, lengths)
     v = gather_pages(v_cache, block_table, lengths)
     return tree_attention_ref(q, k, v, cache_seqlens, _packed_rows_trimmed(tree_mask, T), sm_scale)
+
+
+def block_table_from_page_lists(
+    page_indptr: torch.Tensor, page_indices: torch.Tensor, max_blocks: int, *, pad: int = -1
+) -> torch.Tensor:
+    """A ``[B, max_blocks]`` block table from ragged page lists (FlashInfer's ``kv_indptr`` /
+    ``kv_indices``, SGLang's ``kv_indptr`` / ``kv_indices``): row ``b`` holds
+    ``page_indices[page_indptr[b] : page_indptr[b + 1]]``, then ``pad``.
+
+    ``page_indptr``: int32/int64 ``[B + 1]``, non-decreasing from 0; ``page_indices``: int32/int64
+    ``[nnz]``; ``max_blocks``: the table's width, at least the longest list (a sequence's pages past it
+    would be dropped: on CPU that is checked, on CUDA it is not, since it would need a host sync).
+    Returns ``page_indices``' dtype, on its device; no host sync on CUDA.
+    """
+    check_tensor("page_indptr", page_indptr, ndim=1, dtypes=INDEX_DTYPES)
+    check_tensor("page_indices", page_indices, ndim=1, dtypes=INDEX_DTYPES, device=page_indptr.device)
+    if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 0:
+        raise ValueError(f"max_blocks must be an int >= 0, got {max_blocks!r}")
+    if page_indptr.numel() == 0:
+        raise ValueError("page_indptr must have B + 1 >= 1 entries")
+    starts, ends = page_indptr[:-1].to(torch.int64), page_indptr[1:].to(torch.int64)
+    if page_indptr.device.type == "cpu" or debug_checks_enabled():
+        counts = ends - starts
+        if (
+            int(page_indptr[0]) != 0
+            or bool((counts < 0).any())
+            or int(page_indptr[-1]) > page_indices.numel()
+        ):
+            raise ValueError(
+                f"page_indptr must rise from 0 to at most len(page_indices)={page_indices.numel()}, "
+                f"got {page_indptr.tolist()}"
+            )
+        if counts.numel() and int(counts.max()) > max_blocks:
+            raise ValueError(f"a sequence has {int(counts.max())} pages, more than max_blocks={max_blocks}")
+    cols = torch.arange(max_blocks, device=page_indptr.device)
+    position = starts[:, None] + cols[None, :]
+    held = position < ends[:, None]
+    if page_indices.numel() == 0:
+        return torch.full(position.shape, pad, dtype=page_indices.dtype, device=page_indices.device)
+    ids = page_indices[position.clamp(max=page_indices.numel() - 1)]
+    return torch.where(held, ids, torch.full_like(ids, pad))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -450,3 +450,46 @@ def test_listed_as_an_op_with_its_backends():
     cpu = torch.device("cpu")
     assert eagle_kernels.select_backend(OP, cpu) == eagle_kernels.select_backend("tree_attention", cpu)
     assert pta_module.OP == OP
+
+
+# --------------------------------------------------------------------------------------------------
+# Page lists (FlashInfer's kv_indptr / kv_indices)
+# --------------------------------------------------------------------------------------------------
+def test_block_table_from_page_lists(device):
+    indptr = torch.tensor([0, 3, 3, 5], device=device)
+    indices = torch.tensor([7, 2, 9, 4, 0], dtype=torch.int32, device=device)
+    table = eagle_kernels.block_table_from_page_lists(indptr, indices, 4)
+    assert table.dtype == torch.int32 and table.device == indices.device
+    assert table.tolist() == [[7, 2, 9, -1], [-1, -1, -1, -1], [4, 0, -1, -1]]
+    empty = eagle_kernels.block_table_from_page_lists(
+        torch.zeros(3, dtype=torch.int64), indices[:0], 2, pad=0
+    )
+    assert empty.tolist() == [[0, 0], [0, 0]]
+
+
+def test_page_lists_drive_the_op_as_their_table_does():
+    case = make_case(3, 4, 4, 2, 16, "u8", seed=43).to(torch.float32)
+    q, k, v, table, seqlens, mask = paged_args(case, 4, seed=43)
+    pages = ((seqlens.long() + 4 + 3) // 4).tolist()
+    indptr = torch.tensor([0, *torch.tensor(pages).cumsum(0).tolist()])
+    indices = torch.cat([table[b, : pages[b]] for b in range(3)])
+    rebuilt = eagle_kernels.block_table_from_page_lists(indptr, indices, max(pages))
+    want = paged_tree_attention(q, k, v, table, seqlens, mask)
+    assert torch.equal(paged_tree_attention(q, k, v, rebuilt, seqlens, mask), want)
+
+
+@pytest.mark.parametrize(
+    "indptr,max_blocks,match",
+    [
+        ([1, 3], 4, "must rise from 0"),
+        ([0, 3, 2], 4, "must rise from 0"),
+        ([0, 9], 9, "must rise from 0 to at most len"),
+        ([0, 5], 4, "a sequence has 5 pages, more than max_blocks=4"),
+        ([], 4, "B \\+ 1 >= 1"),
+    ],
+)
+def test_bad_page_lists_are_refused(indptr, max_blocks, match):
+    with pytest.raises(ValueError, match=match):
+        eagle_kernels.block_table_from_page_lists(
+            torch.tensor(indptr, dtype=torch.int64), torch.arange(5), max_blocks
+        )
