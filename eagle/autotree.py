@@ -27,9 +27,11 @@ device, batch); the choice is recomputed from them for each acceptance rate.
 The timings also persist across processes, in a JSON file (:func:`timing_cache_path`; default
 ``~/.cache/eagle/autotree_timings.json``, ``EAGLE_AUTOTREE_CACHE=0`` turns it off, a path moves it),
 keyed by everything that moves them: the host and its CPU or GPU, intra-op threads, the batch, the
-models' classes, configurations, dtypes and sizes, the package, torch and Triton versions, the C++
-extension's build and every ``EAGLE_*`` switch. An entry older than :data:`CACHE_MAX_AGE_S` is probed
-again. So only a machine's first process pays the probe (the bundled pair's first call on a CPU core took
+models' classes, configurations, dtypes and sizes, the torch and Triton versions, the size and time of
+every source and extension file of both packages (edited code is a new key) and the switches that move
+the kernels (``EAGLE_KERNELS_*``, ``EAGLE_CPU_*``, ``EAGLE_DEBUG``, ...; not a prompt or a build
+option). An entry older than :data:`CACHE_MAX_AGE_S` is probed again. A file that is not such a cache
+(another program's, a newer version's) is left alone, with a warning. So only a machine's first process pays the probe (the bundled pair's first call on a CPU core took
 0.22 s with it and 0.03 s after it, ad hoc; a bigger model's up to the probe's 2 s budget), and the dynamic tree, with
 the draws of a seeded sampled call, repeats from one process to the next on that machine.
 """
@@ -37,6 +39,7 @@ the draws of a seeded sampled call, repeats from one process to the next on that
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -338,15 +341,26 @@ def _timings(target, batch_size: int, head, draft_cost_fraction: float):
 # --------------------------------------------------------------------------------------------------
 def timing_cache_path() -> Path | None:
     """The file the probe's timings persist in, or None when ``EAGLE_AUTOTREE_CACHE`` is ``0`` (or
-    ``off`` / ``false`` / ``no``). Another value is the file's path; unset (or ``1``), the default
+    ``off`` / ``false`` / ``no`` / ``none`` / ``disable``), or when no home directory can be found.
+    Another value is the file's path; unset (or ``1``), the default
     ``$XDG_CACHE_HOME/eagle/autotree_timings.json`` (``~/.cache/...`` without ``XDG_CACHE_HOME``)."""
     value = os.environ.get(CACHE_ENV, "").strip()
-    if value.lower() in ("0", "off", "false", "no"):
+    if value.lower() in _OFF:
         return None
-    if value and value.lower() not in ("1", "on", "true", "yes"):
-        return Path(value).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    try:
+        if value and value.lower() not in ("1", "on", "true", "yes"):
+            return Path(value).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    except RuntimeError:  # no HOME and no passwd entry (a container's arbitrary uid): no cache
+        return None
     return Path(base) / "eagle" / "autotree_timings.json"
+
+
+_OFF = ("0", "off", "false", "no", "none", "disable", "disabled")
+# The environment switches that can move the timed forwards (the kernels' and the CPU paths'); other
+# EAGLE_* variables (a prompt, build options, test settings) are not part of the key.
+_SPEED_SWITCH_PREFIXES = ("EAGLE_KERNELS_", "EAGLE_CPU_")
+_SPEED_SWITCHES = ("EAGLE_DEBUG", "EAGLE_VERIFY_TREE_GREEDY_MAX_N")
 
 
 def _device_name(device: torch.device) -> str:
@@ -375,14 +389,22 @@ def _model_fingerprint(model) -> dict:
     }
 
 
-def _extension_build() -> str | None:
-    """The C++ extension's file size and modification time: a rebuild (new kernels) is a new key."""
+@functools.lru_cache(maxsize=1)
+def _source_stamp() -> str:
+    """A digest of the size and modification time of every source and extension file of ``eagle`` and
+    ``eagle_kernels`` (their versions do not move between commits): edited code or a rebuilt extension
+    is a new key. Once per process."""
     import eagle_kernels
 
-    for path in Path(eagle_kernels.__file__).parent.glob("_C*.so"):
-        stat = path.stat()
-        return f"{stat.st_size}:{stat.st_mtime_ns}"
-    return None
+    digest = hashlib.sha256()
+    for package in (Path(__file__).parent, Path(eagle_kernels.__file__).parent):
+        for path in sorted(package.rglob("*")):
+            if path.suffix in (".py", ".so", ".pyd"):
+                stat = path.stat()
+                digest.update(
+                    f"{path.relative_to(package.parent)}:{stat.st_size}:{stat.st_mtime_ns};".encode()
+                )
+    return digest.hexdigest()[:32]
 
 
 def _fingerprint(target, batch_size: int, head, draft_cost_fraction: float) -> dict:
@@ -414,9 +436,13 @@ def _fingerprint(target, batch_size: int, head, draft_cost_fraction: float) -> d
             "eagle_kernels": eagle_kernels.__version__,
             "torch": torch.__version__,
             "triton": triton_version,
-            "extension": _extension_build(),
+            "source": _source_stamp(),
         },
-        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("EAGLE") and k != CACHE_ENV},
+        "env": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(_SPEED_SWITCH_PREFIXES) or k in _SPEED_SWITCHES
+        },
     }
 
 
@@ -424,19 +450,25 @@ def _digest(fingerprint: dict) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
-def _read_entries(path: Path) -> dict:
-    """The file's entries (digest -> entry); an absent, unreadable or malformed file reads as none."""
+def _read_entries(path: Path) -> dict | None:
+    """The file's entries (digest -> entry): none for an absent, unreadable or empty file, or one of
+    this format whose entries are malformed; None for a file that is not this format's (another
+    program's, a newer version's, or not JSON), which is then left alone."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:  # absent, or unreadable: the write will tell
         return {}
-    if (
-        not isinstance(data, dict)
-        or data.get("format") != CACHE_FORMAT
-        or not isinstance(data.get("entries"), dict)
-    ):
+    except UnicodeDecodeError:
+        return None
+    if not text.strip():
         return {}
-    return data["entries"]
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        return None
+    return data["entries"] if isinstance(data.get("entries"), dict) else {}
 
 
 def _seconds(raw, keys) -> dict[int, float] | None:
@@ -456,7 +488,7 @@ def _load_timings(
     path: Path, fingerprint: dict, widths, rows
 ) -> tuple[dict[int, float], dict[int, float]] | None:
     """The saved ``(verify, level)`` timings of ``fingerprint``, if saved within the age limit."""
-    entry = _read_entries(path).get(_digest(fingerprint))
+    entry = (_read_entries(path) or {}).get(_digest(fingerprint))
     if not isinstance(entry, dict) or entry.get("key") != fingerprint:
         return None
     saved = entry.get("saved")
@@ -471,11 +503,22 @@ def _load_timings(
 def _save_timings(path: Path, fingerprint: dict, verify: dict[int, float], level: dict[int, float]) -> None:
     """Add this probe's timings to the file (written whole to a temporary file, then renamed over it,
     so a reader never sees half of it), dropping expired entries and the oldest past
-    :data:`CACHE_MAX_ENTRIES`. A file that cannot be written costs a warning, not the call."""
+    :data:`CACHE_MAX_ENTRIES`. A file that cannot be written, or that is not a timing cache of this
+    format (it is not overwritten), costs a warning, not the call. Two processes saving at once can
+    lose one's entry (no lock): a later process probes again."""
     now = time.time()
+    existing = _read_entries(path)
+    if existing is None:
+        warnings.warn(
+            f"eagle: {path} is not a timing cache of this version; it is left alone and the dynamic tree's "
+            f"timings are not saved (delete it, or point {CACHE_ENV} elsewhere)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return
     entries = {
         digest: entry
-        for digest, entry in _read_entries(path).items()
+        for digest, entry in existing.items()
         if isinstance(entry, dict)
         and isinstance(entry.get("saved"), (int, float))
         and 0 <= now - entry["saved"] <= CACHE_MAX_AGE_S
@@ -496,6 +539,7 @@ def _save_timings(path: Path, fingerprint: dict, verify: dict[int, float], level
         ) as f:
             tmp = f.name
             json.dump(payload, f)
+        os.chmod(tmp, 0o644)  # (a temporary file is private; the cache need not be)
         os.replace(tmp, path)
     except OSError as err:
         if tmp is not None:

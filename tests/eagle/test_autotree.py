@@ -222,7 +222,7 @@ def test_a_second_process_takes_the_saved_timings_and_the_same_tree(
 
 @pytest.mark.parametrize(
     "change",
-    ["threads", "switch", "dtype", "head", "expired"],
+    ["threads", "switch", "dtype", "head", "expired", "source"],
 )
 def test_what_moves_the_timings_is_timed_again(tiny_checkpoints, disk_cache, monkeypatch, change):
     path, probes = disk_cache
@@ -240,22 +240,48 @@ def test_what_moves_the_timings_is_timed_again(tiny_checkpoints, disk_cache, mon
         head = load_draft(str(tiny_checkpoints.eagle2), target, dtype=torch.bfloat16)
     elif change == "head":
         head = None
+    elif change == "source":  # edited code or a rebuilt extension
+        monkeypatch.setattr(autotree, "_source_stamp", lambda: "another build")
     else:
         monkeypatch.setattr(autotree, "CACHE_MAX_AGE_S", -1.0)
     autotree.choose_tree(target, 1, head)
     assert len(probes) > before, change
 
 
-@pytest.mark.parametrize(
-    "content", ["{not json", '{"format": 1, "entries": []}', '{"format": 99, "entries": {}}']
-)
-def test_a_corrupt_file_is_timed_over_and_rewritten(tiny_checkpoints, disk_cache, monkeypatch, content):
+def test_other_eagle_variables_are_not_part_of_the_key(tiny_checkpoints, disk_cache, monkeypatch):
+    """`make run` passes its prompt as EAGLE_RUN_PROMPT: each prompt was a new key (a new probe) and its
+    text was written to the file."""
     path, probes = disk_cache
-    path.write_text(content)
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    monkeypatch.setenv("EAGLE_RUN_PROMPT", "my secret prompt")
+    autotree.choose_tree(target, 1)
+    before = len(probes)
+    _a_new_process(monkeypatch)
+    monkeypatch.setenv("EAGLE_RUN_PROMPT", "another prompt")
+    monkeypatch.setenv("EAGLE_TEST_THREADS", "3")
+    autotree.choose_tree(target, 1)
+    assert len(probes) == before
+    assert "secret" not in path.read_text()
+
+
+def test_a_malformed_cache_of_this_format_is_timed_over_and_rewritten(tiny_checkpoints, disk_cache):
+    path, probes = disk_cache
+    path.write_text('{"format": 1, "entries": []}')
     target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
     autotree.choose_tree(target, 1)
     assert probes == [1, 1]  # (without a head a draft level is costed from a 1-token verify)
-    assert json.loads(path.read_text())["format"] == autotree.CACHE_FORMAT
+    assert len(json.loads(path.read_text())["entries"]) == 1
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "entries": {}}', "some notes of mine\n"])
+def test_a_file_that_is_not_this_formats_cache_is_left_alone(tiny_checkpoints, disk_cache, content):
+    """Another program's file (a path set by mistake) or a newer version's cache is not overwritten."""
+    path, probes = disk_cache
+    path.write_text(content)
+    target = load_target(str(tiny_checkpoints.target), dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="is not a timing cache of this version; it is left alone"):
+        autotree.choose_tree(target, 1)
+    assert probes == [1, 1] and path.read_text() == content
 
 
 def test_implausible_saved_numbers_are_not_used(tiny_checkpoints, disk_cache, monkeypatch):
@@ -282,10 +308,29 @@ def test_an_unwritable_cache_warns_and_decoding_goes_on(tiny_checkpoints, tmp_pa
     assert tree.total_tokens >= 1
 
 
-@pytest.mark.parametrize("value", ["0", "off", "false", "no"])
+@pytest.mark.parametrize("value", ["0", "off", "false", "no", "none", "Disable"])
 def test_the_cache_can_be_turned_off(value, monkeypatch, tmp_path):
     monkeypatch.setenv(autotree.CACHE_ENV, value)
     assert autotree.timing_cache_path() is None
     monkeypatch.setenv(autotree.CACHE_ENV, "")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert autotree.timing_cache_path() == tmp_path / "eagle" / "autotree_timings.json"
+
+
+def test_no_home_directory_means_no_cache_not_an_error(monkeypatch):
+    """HOME unset under a uid without a passwd entry (a container): Path.home() raises, and generation
+    failed with it although the cache is only a saving."""
+    monkeypatch.delenv(autotree.CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(autotree.Path, "home", staticmethod(no_home))
+    assert autotree.timing_cache_path() is None
+
+
+def test_the_saved_file_is_readable_by_others(tiny_checkpoints, disk_cache):
+    path, _ = disk_cache
+    autotree.choose_tree(load_target(str(tiny_checkpoints.target), dtype=torch.float32), 1)
+    assert path.stat().st_mode & 0o777 == 0o644
