@@ -18,17 +18,9 @@
 
 namespace eagle {
 
-void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
-                                 const at::Tensor& accept_index, const at::Tensor& accept_token_num,
-                                 int64_t num_draft_tokens) {
-  TORCH_CHECK(kv_cache.dim() == 6, "kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got ",
-              kv_cache.sizes());
-  TORCH_CHECK(kv_cache.size(1) == 2, "kv_cache dim 1 must be 2 (K and V), got ", kv_cache.size(1));
-  TORCH_CHECK(kv_cache.stride(5) == 1, "kv_cache's last dimension must be contiguous");
-  const int64_t esize = kv_cache.element_size();
-  TORCH_CHECK(esize == 1 || esize == 2 || esize == 4 || esize == 8,
-              "kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got ", kv_cache.scalar_type());
-  const int64_t B = kv_cache.size(2);
+// The lengths' and the paths' shapes, dtypes and devices, for B sequences (both layouts).
+void check_path_args(const at::Tensor& kv_cache, int64_t B, const at::Tensor& cache_seqlens,
+                     const at::Tensor& accept_index, const at::Tensor& accept_token_num) {
   TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
               "cache_seqlens must be [B] with B=", B, ", got ", cache_seqlens.sizes());
   TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
@@ -40,14 +32,27 @@ void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& c
               "accept_token_num must be [B] with B=", B, ", got ", accept_token_num.sizes());
   TORCH_CHECK(accept_token_num.scalar_type() == at::kInt || accept_token_num.scalar_type() == at::kLong,
               "accept_token_num must be int32 or int64");
-  TORCH_CHECK(num_draft_tokens >= 1, "num_draft_tokens must be >= 1, got ", num_draft_tokens);
-  // (also keeps b * num_draft_tokens and the fit checks below far from int64 overflow)
-  TORCH_CHECK(num_draft_tokens <= kv_cache.size(4), "num_draft_tokens=", num_draft_tokens,
-              " exceeds the cache's S_max=", kv_cache.size(4));
   TORCH_CHECK(accept_index.size(1) >= 1, "accept_index must have at least one column (the root)");
   for (const auto* t : {&cache_seqlens, &accept_index, &accept_token_num}) {
     TORCH_CHECK(t->device() == kv_cache.device(), "all inputs must be on ", kv_cache.device());
   }
+}
+
+void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& cache_seqlens,
+                                 const at::Tensor& accept_index, const at::Tensor& accept_token_num,
+                                 int64_t num_draft_tokens) {
+  TORCH_CHECK(kv_cache.dim() == 6, "kv_cache must be [num_layers, 2, B, Hkv, S_max, D], got ",
+              kv_cache.sizes());
+  TORCH_CHECK(kv_cache.size(1) == 2, "kv_cache dim 1 must be 2 (K and V), got ", kv_cache.size(1));
+  TORCH_CHECK(kv_cache.stride(5) == 1, "kv_cache's last dimension must be contiguous");
+  const int64_t esize = kv_cache.element_size();
+  TORCH_CHECK(esize == 1 || esize == 2 || esize == 4 || esize == 8,
+              "kv_cache must have a dtype of 1, 2, 4 or 8 bytes, got ", kv_cache.scalar_type());
+  check_path_args(kv_cache, kv_cache.size(2), cache_seqlens, accept_index, accept_token_num);
+  TORCH_CHECK(num_draft_tokens >= 1, "num_draft_tokens must be >= 1, got ", num_draft_tokens);
+  // (also keeps b * num_draft_tokens and the fit checks below far from int64 overflow)
+  TORCH_CHECK(num_draft_tokens <= kv_cache.size(4), "num_draft_tokens=", num_draft_tokens,
+              " exceeds the cache's S_max=", kv_cache.size(4));
 }
 
 namespace {
@@ -160,24 +165,11 @@ at::Tensor paged_compact_kv_cache_cpu(at::Tensor kv_cache, const at::Tensor& blo
   TORCH_CHECK(block_table.scalar_type() == at::kInt || block_table.scalar_type() == at::kLong,
               "block_table must be int32 or int64, got ", block_table.scalar_type());
   const int64_t B = block_table.size(0), page = kv_cache.size(3);
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B,
-              "cache_seqlens must be [B] with B=", B, ", got ", cache_seqlens.sizes());
-  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32");
-  TORCH_CHECK(accept_index.dim() == 2 && accept_index.size(0) == B,
-              "accept_index must be [B, num_spec_steps] with B=", B, ", got ", accept_index.sizes());
-  TORCH_CHECK(accept_index.scalar_type() == at::kInt || accept_index.scalar_type() == at::kLong,
-              "accept_index must be int32 or int64");
-  TORCH_CHECK(accept_index.size(1) >= 1, "accept_index must have at least one column (the root)");
-  TORCH_CHECK(accept_token_num.dim() == 1 && accept_token_num.size(0) == B,
-              "accept_token_num must be [B] with B=", B, ", got ", accept_token_num.sizes());
-  TORCH_CHECK(accept_token_num.scalar_type() == at::kInt || accept_token_num.scalar_type() == at::kLong,
-              "accept_token_num must be int32 or int64");
+  TORCH_CHECK(block_table.device() == kv_cache.device(), "all inputs must be on ", kv_cache.device());
+  check_path_args(kv_cache, B, cache_seqlens, accept_index, accept_token_num);
   TORCH_CHECK(num_draft_tokens >= 1 && num_draft_tokens <= block_table.size(1) * page, "num_draft_tokens=",
               num_draft_tokens, " must be >= 1 and fit the block table's ", block_table.size(1), " blocks of ",
               page, " positions");
-  for (const auto* t : {&block_table, &cache_seqlens, &accept_index, &accept_token_num}) {
-    TORCH_CHECK(t->device() == kv_cache.device(), "all inputs must be on ", kv_cache.device());
-  }
   // only the columns some sequence's prefix and tree cover (a table may be as wide as the longest
   // context); capped at the table's width, past which the length check refuses the call
   const auto seq = cache_seqlens.contiguous();

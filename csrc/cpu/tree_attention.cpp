@@ -162,11 +162,11 @@ bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-// The checks both layouts share: ranks, dtypes, heads (Hkv: the caches' kv heads), lengths' shape,
-// devices and the mask.
+// The checks both layouts share: ranks, dtypes, a contiguous cache's batch, heads (Hkv: the caches' kv
+// heads), lengths' shape, devices and the mask.
 void check_common_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask, int64_t Hkv,
-                       const char* layout) {
+                       const char* layout, bool paged) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be [B, T, Hq, D], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be ", layout, ", got shape ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache ", v_cache.sizes(),
@@ -177,6 +177,8 @@ void check_common_args(const at::Tensor& q, const at::Tensor& k_cache, const at:
                    "dtypes must match: q=", q.scalar_type(), ", k_cache=", k_cache.scalar_type(),
                    ", v_cache=", v_cache.scalar_type());
   const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
+  TORCH_CHECK_VALUE(paged || k_cache.size(0) == B, "k_cache must be ", layout, " with B=", B, ", got ",
+                    k_cache.sizes());
   TORCH_CHECK_VALUE(k_cache.size(3) == D, "head dim mismatch: q has D=", D, ", k_cache/v_cache have D=",
                     k_cache.size(3));
   TORCH_CHECK_VALUE(D >= 16 && D <= 256, "head dim D=", D, " is outside the supported 16..256");
@@ -216,9 +218,8 @@ void check_lengths(const at::Tensor& cache_seqlens, int64_t T, int64_t capacity,
 void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask) {
   const char* layout = "[B, Hkv, S_max, D]";
-  check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(1) : 0, layout);
-  TORCH_CHECK_VALUE(k_cache.size(0) == q.size(0), "k_cache must be [B, Hkv, S_max, D] with B=", q.size(0),
-                    ", got ", k_cache.sizes());
+  check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(1) : 0, layout,
+                    false);
   check_lengths(cache_seqlens, q.size(1), k_cache.size(2), "S_max");
 }
 
@@ -230,7 +231,8 @@ at::Tensor check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, cons
                             const at::Tensor& block_table, const at::Tensor& cache_seqlens,
                             const std::optional<at::Tensor>& tree_mask) {
   const char* layout = "[num_blocks, page_size, Hkv, D]";
-  check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(2) : 0, layout);
+  check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(2) : 0, layout,
+                    true);
   const int64_t B = q.size(0), T = q.size(1), num_blocks = k_cache.size(0), page = k_cache.size(1);
   TORCH_CHECK_VALUE(num_blocks > 0 && page > 0, "k_cache must be ", layout,
                     " with at least one block of at least one position, got ", k_cache.sizes());

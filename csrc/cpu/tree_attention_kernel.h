@@ -524,6 +524,9 @@ __attribute__((noinline)) void mark_rows_that_see_non_finite_new_v(const Problem
 // 32, 64 and 128 rows were within noise of each other and 10-25% faster than one line of the next page.
 constexpr int64_t kPrefetchRows = 64;
 
+// Rows p_begin .. p_begin + n - 1 of one kv head of a sequence's paged cache (`head`: the pool's first
+// element of that head; position p is slot p % page of block table_row[p / page]) into `rows`,
+// contiguous [n, D], with inline fixed-size moves, one page at a time.
 template <typename S>
 void gather_page_rows(const S* head, const int64_t* table_row, int64_t page, int64_t s_blk, int64_t s_slot,
                       int64_t s_d, int64_t p_begin, int64_t n, int64_t D, S* rows) {
@@ -762,9 +765,6 @@ void attend_contiguous_task(const Problem& P, int64_t task, char* scratch, Paged
   if (redone) mark_rows_that_see_non_finite_new_v<S, A>(P, kvh, r_begin, R, v_head, seqlen, new_keys, vis_b, out_base);
 }
 
-// Rows 0 .. n - 1 of one kv head of a sequence's paged cache (`head`: the pool's first element of that
-// head; position p is slot p % page of block table_row[p / page]) into `rows`, contiguous [n, D].
-// Rows are copied with inline fixed-size moves, one page at a time.
 // One task of either layout. A paged task reads its rows through PagedRows, and the contiguous code runs
 // on them as on a [1, 1, n, D] cache: the same code, so the same bits, as the contiguous op.
 template <typename S, typename A>
