@@ -22,11 +22,12 @@ The caches may have any strides, so the common layouts are views, not copies:
 
 Backends: Triton on CUDA (the contiguous op's kernel, which reads each key tile's block ids from the
 table: no copy of the cache). On CPU the C++ kernel (``csrc/cpu/tree_attention.cpp``): each task
-gathers its (sequence, kv head)'s rows into scratch memory and runs the contiguous kernel on them, so
-its output is :func:`tree_attention`'s bit for bit. The copy costs little where attention is compute
-bound and much where it only streams the cache: ``bench/bench_paged_tree_attention.py`` on one core
-gives 1.07-1.3x the contiguous op's time for trees of 6-60 tokens and a 128-token prefill, 2.4x for a
-one-token decode at batch 1 and 4x at batch 16 (pages of 16). The reference
+gathers each block of its (sequence, kv head)'s rows into scratch just before reading it and runs the
+contiguous kernel's code on them, so its output is :func:`tree_attention`'s bit for bit. The copy costs
+little where attention is compute bound and much where it only streams the cache:
+``bench/bench_paged_tree_attention.py`` on one core (``bench/results/bench_paged_cpu_zen4_s34.json``)
+gives 1.06-1.34x the contiguous op's time for trees of 6-60 tokens and a 128-token prefill, 2.0x for a
+one-token decode at batch 1 and 3.5x at batch 16 (pages of 16). The reference
 :func:`paged_tree_attention_ref` gathers every sequence's pages into a contiguous cache and runs
 :func:`tree_attention_ref`.
 """
