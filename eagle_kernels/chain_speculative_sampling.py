@@ -353,6 +353,19 @@ def _check_args(draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs,
 _CHECKED = SignatureCache()
 
 
+_BELOW_ONE_F32 = 1.0 - 2.0**-24  # the largest float32 below 1
+
+
+def _as_float32_uniforms(u):
+    """float64 uniforms as float32: rounding to nearest would turn a coin in (1 - 2**-25, 1) into 1.0,
+    outside [0, 1), so those become the largest float32 below 1; a value that was not below 1 (or
+    NaN) stays as it was, for the value check to refuse. Anything else is returned unchanged."""
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float64:
+        return u
+    rounded = u.to(torch.float32)
+    return torch.where((u < 1) & (rounded >= 1), torch.full_like(rounded, _BELOW_ONE_F32), rounded)
+
+
 def chain_speculative_sampling(
     draft_token_ids: torch.Tensor,
     cu_num_draft_tokens: torch.Tensor,
@@ -400,10 +413,11 @@ def chain_speculative_sampling(
     bonus_token_ids : Tensor ``[B]`` or ``[B, 1]``, int32 or int64
         Token appended when all of a request's drafts are accepted (sampled by the caller from the
         target after the last draft).
-    uniform_samples : Tensor ``[T]``, float32 in [0, 1)
-        Acceptance coin of each draft position.
-    uniform_final : Tensor ``[B]``, float32 in [0, 1)
-        Uniform of each request's recovered token.
+    uniform_samples : Tensor ``[T]``, float32 (or float64) in [0, 1)
+        Acceptance coin of each draft position. float64 coins (newer vLLM draws them so) are rounded
+        to float32, the kernels' precision, with a coin just below 1 kept below 1.
+    uniform_final : Tensor ``[B]``, float32 (or float64) in [0, 1)
+        Uniform of each request's recovered token (float64 as ``uniform_samples``).
     max_spec_len : int, optional
         Maximum number of drafts of a request (output width minus one). Pass it for CUDA graphs:
         computing it from ``cu_num_draft_tokens`` synchronises with the device.
@@ -422,6 +436,10 @@ def chain_speculative_sampling(
         token with zero draft probability.
     """
     bonus = bonus_token_ids.reshape(-1) if isinstance(bonus_token_ids, torch.Tensor) else bonus_token_ids
+    uniform_samples, uniform_final = (
+        _as_float32_uniforms(uniform_samples),
+        _as_float32_uniforms(uniform_final),
+    )
     if max_spec_len is None and isinstance(cu_num_draft_tokens, torch.Tensor):
         counts = torch.diff(cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1).long())
         max_spec_len = max(int(counts.max()), 0) if counts.numel() else 0

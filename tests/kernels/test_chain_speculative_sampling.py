@@ -354,3 +354,30 @@ def test_a_draft_of_target_probability_zero_is_rejected_at_u_zero(device):
     for backend in ["torch", *_backends(device)]:
         out = run_with_backend(backend, chain_speculative_sampling, *args, max_spec_len=1)
         assert out.tolist() == [[1, -1]], backend
+
+
+def test_float64_uniforms_give_their_float32_roundings_result(device):
+    """Newer vLLM draws its coins in float64: they are taken, rounded to float32 (the kernels' precision),
+    with the same tokens as the float32 coins on every backend; a coin that rounds up to 1.0 stays
+    below 1, and a coin of 1.0 or more is still refused."""
+    for seed in range(4):
+        args, max_k = make_case(seed, draft=bool(seed % 2))
+        args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+        u64 = torch.rand(args[5].shape, dtype=torch.float64, device=device)
+        if u64.numel():
+            u64[0] = 1 - 2**-30  # rounds to 1.0 in float32
+        uf64 = torch.rand(args[6].shape, dtype=torch.float64, device=device)
+        want_u = u64.float().clamp(max=1 - 2**-24)
+        for backend in _backends(device):
+            want = run_with_backend(
+                backend, chain_speculative_sampling, *args[:5], want_u, uf64.float(), max_spec_len=max_k
+            )
+            got = run_with_backend(
+                backend, chain_speculative_sampling, *args[:5], u64, uf64, max_spec_len=max_k
+            )
+            assert torch.equal(got, want), (seed, backend)
+    args, max_k = make_case(5, draft=False)
+    u64 = args[5].double()
+    u64[0] = 1.0
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        chain_speculative_sampling(*args[:5], u64, args[6].double(), max_spec_len=max_k)
