@@ -328,7 +328,7 @@ class EagleModel:
     @torch.inference_mode()
     def generate(
         self,
-        prompts,
+        prompts=None,
         max_new_tokens: int = 128,
         *,
         temperature: float = 0.0,
@@ -341,6 +341,7 @@ class EagleModel:
         seed: int | None = None,
         cuda_graph: bool = False,
         attention_mask=None,
+        input_ids=None,
     ) -> GenerateResult:
         """Generate up to ``max_new_tokens`` new tokens for each prompt, as one batch.
 
@@ -360,8 +361,8 @@ class EagleModel:
             must still be a list (``["def f():"]``, ``[messages]``). Every row of a 2-D array is a
             whole prompt unless ``attention_mask`` says where its padding is. A tokenizer's output
             (a mapping with ``input_ids`` and ``attention_mask``, e.g. ``tokenizer(texts,
-            padding=True, return_tensors="pt")``, padded or not) is taken as such a pair: pass it as
-            ``prompts``, not unpacked with ``**``.
+            padding=True, return_tensors="pt")``, padded or not) is taken as such a pair, as
+            ``prompts`` or unpacked with ``**`` (transformers' ``generate(**inputs)``).
         max_new_tokens : int >= 1
             New tokens per prompt, the stop token included; prompt + new tokens must fit the target's
             ``max_position_embeddings`` (checked before any work).
@@ -404,6 +405,9 @@ class EagleModel:
             With 2-D ``prompts`` of the same shape (a padded batch): each row's prompt is its ids
             where the mask is 1, which must be one run (left or right padding); the pad ids are
             dropped, as Hugging Face's ``generate`` ignores them.
+        input_ids : optional
+            The prompts under transformers' name (so ``generate(**tokenizer_output)`` works); give
+            ``prompts`` or ``input_ids``, not both.
 
         Returns
         -------
@@ -420,6 +424,7 @@ class EagleModel:
             speculation without a draft head, ``cuda_graph`` off CUDA; FloatingPointError when the
             target's logits turn NaN or inf.
         """
+        prompts = _prompts_or_input_ids(prompts, input_ids)
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
         auto = _check_speculative(speculative, cuda_graph, tree)
         ids = self._encode(_unpadded(prompts, attention_mask))
@@ -675,6 +680,15 @@ def _check_encodable(text: str, name: str) -> None:
             f"{name} is not valid UTF-8 text: byte {raw[:1].hex(' ')} (0x{raw[0]:02x}) at character "
             f"{err.start} cannot be decoded"
         ) from None
+
+
+def _prompts_or_input_ids(prompts, input_ids):
+    """``generate``'s prompts, given positionally or as transformers' ``input_ids=``."""
+    if prompts is None and input_ids is None:
+        raise TypeError("generate() needs prompts (or input_ids=, as transformers' generate takes them)")
+    if prompts is not None and input_ids is not None:
+        raise TypeError("generate() got both prompts and input_ids=: give one")
+    return input_ids if prompts is None else prompts
 
 
 def _unpadded(prompts, attention_mask):

@@ -264,6 +264,23 @@ def test_a_numpy_batch_of_ragged_id_lists_is_a_batch(pairs):
     assert model.generate(np.array([[1, 2, 3], [4, 5]], dtype=object), 4).tokens == want
 
 
+def test_generate_takes_a_tokenizers_output_unpacked_as_transformers_does(pairs):
+    """``m.generate(**tokenizer(texts, padding=True))``: input_ids= and attention_mask= as keywords."""
+    _, model = pairs["eagle2-s0"]
+    rows = [[5, 6, 7, 8], [9, 10]]
+    want = model.generate(rows, 5).tokens
+    encoded = {
+        "input_ids": torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]]),
+        "attention_mask": torch.tensor([[1] * 4, [0, 0, 1, 1]]),
+    }
+    assert model.generate(**encoded, max_new_tokens=5).tokens == want
+    assert model.generate(input_ids=rows, max_new_tokens=5).tokens == want
+    with pytest.raises(TypeError, match="needs prompts"):
+        model.generate(max_new_tokens=5)
+    with pytest.raises(TypeError, match="both prompts and input_ids"):
+        model.generate(rows, 5, input_ids=rows)
+
+
 def test_a_padded_batch_with_its_attention_mask_decodes_its_rows_unpadded(pairs):
     """A tokenizer's padded output (left or right padding) gives each row's tokens unpadded: the pad
     ids are dropped, as transformers' generate ignores them; a BatchEncoding-like mapping too."""
