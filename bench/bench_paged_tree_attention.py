@@ -4,8 +4,10 @@
 
 tree_attention's shapes (``bench_tree_attention.py``: on CPU a small model's decode-loop shapes, on
 CUDA Llama-8B-like heads, prefix 2048, a 64-token tree at B 1 / 8 / 32), with the cache scattered
-into a shuffled block pool of 16-position pages (vLLM's default) or 1-position pages (SGLang's token
-pool). The ``contiguous`` case is the baseline in the same run: the paged call's time over it is
+into a shuffled block pool of 16-position pages (vLLM's default on GPUs), 128-position pages (its CPU
+blocks, the C++ kernel's block of keys: read in place) or 1-position pages (SGLang's token pool), each
+stored token-major (``nhd``: ``[num_blocks, page, Hkv, D]``, a head's rows between the other heads') or
+head-major (``hnd``: ``[num_blocks, Hkv, page, D]`` seen transposed, a head's rows adjacent). The ``contiguous`` case is the baseline in the same run: the paged call's time over it is
 the cost of the block table (on CPU, of gathering the pages into a contiguous copy; on CUDA, of the
 Triton kernel's per-tile block lookups). extra_info holds GB/s and, on CUDA, ``kernel_us`` and its
 roofline fraction, for the bytes the attention must read (as bench_tree_attention.py counts them).
@@ -21,12 +23,13 @@ from bench.bench_tree_attention import CPU_SHAPES, CUDA_SHAPES, bytes_moved, mak
 from bench.utils import check_against_reference, record_bandwidth, record_kernel_time, synchronized
 from eagle_kernels._backend import available_backends
 
-PAGES = {"page16": 16, "page1": 1}
+PAGES = {"page16": 16, "page128": 128, "page1": 1}
 
 
-def paged_inputs(k: torch.Tensor, v: torch.Tensor, page: int, seed: int = 0):
+def paged_inputs(k: torch.Tensor, v: torch.Tensor, page: int, seed: int = 0, layout: str = "nhd"):
     """``k``, ``v`` ``[B, Hkv, S, D]`` scattered into shuffled pools ``[num_blocks, page, Hkv, D]``
-    (vLLM's layout), with the block table ``[B, ceil(S / page)]``."""
+    (stored so for ``nhd``, vLLM's layout; for ``hnd`` stored ``[num_blocks, Hkv, page, D]`` and
+    returned as transposed views), with the block table ``[B, ceil(S / page)]``."""
     B, Hkv, S, D = k.shape
     per_seq = -(-S // page)
     gen = torch.Generator().manual_seed(seed)
@@ -39,14 +42,14 @@ def paged_inputs(k: torch.Tensor, v: torch.Tensor, page: int, seed: int = 0):
         pool[table.long().flatten()] = (
             padded.view(B, Hkv, per_seq, page, D).permute(0, 2, 3, 1, 4).flatten(0, 1)
         )
-        pools.append(pool)
+        pools.append(pool.transpose(1, 2).contiguous().transpose(1, 2) if layout == "hnd" else pool)
     return pools[0], pools[1], table
 
 
 @pytest.mark.parametrize("shape", list(CPU_SHAPES) + list(CUDA_SHAPES))
 @pytest.mark.parametrize("page", list(PAGES))
 @pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
-@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+@pytest.mark.parametrize("layout", ["contiguous", "nhd", "hnd"])
 def test_paged_tree_attention(benchmark, bench_device, shape, page, backend, layout):
     shapes = shapes_for(bench_device)
     if shape not in shapes:
@@ -64,7 +67,7 @@ def test_paged_tree_attention(benchmark, bench_device, shape, page, backend, lay
     if layout == "contiguous":
         call = lambda: eagle_kernels.tree_attention(q, k, v, seqlens, mask)  # noqa: E731
     else:
-        k_pool, v_pool, table = paged_inputs(k, v, PAGES[page])
+        k_pool, v_pool, table = paged_inputs(k, v, PAGES[page], layout=layout)
         call = lambda: eagle_kernels.paged_tree_attention(q, k_pool, v_pool, table, seqlens, mask)  # noqa: E731
         want = eagle_kernels.tree_attention(q, k, v, seqlens, mask)
         got = check_against_reference(call, backend)[0]

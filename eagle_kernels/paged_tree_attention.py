@@ -21,13 +21,14 @@ The caches may have any strides, so the common layouts are views, not copies:
 * SGLang's token pool (page size 1): ``k_buffer[:, None]`` with ``req_to_token`` rows as the table.
 
 Backends: Triton on CUDA (the contiguous op's kernel, which reads each key tile's block ids from the
-table: no copy of the cache). On CPU the C++ kernel (``csrc/cpu/tree_attention.cpp``): each task
-gathers each block of its (sequence, kv head)'s rows into scratch just before reading it and runs the
-contiguous kernel's code on them, so its output is :func:`tree_attention`'s bit for bit. The copy costs
-little where attention is compute bound and much where it only streams the cache:
-``bench/bench_paged_tree_attention.py`` on one core (``bench/results/bench_paged_cpu_zen4_s34.json``)
-gives 1.06-1.34x the contiguous op's time for trees of 6-60 tokens and a 128-token prefill, 2.0x for a
-one-token decode at batch 1 and 3.5x at batch 16 (pages of 16). The reference
+table: no copy of the cache). On CPU the C++ kernel (``csrc/cpu/tree_attention.cpp``) runs the
+contiguous kernel's code on each block of 128 keys of a task, read in place where it lies in one page
+(pages of 128 or a multiple), else gathered into scratch just before it is read, so its output is
+:func:`tree_attention`'s bit for bit. ``bench/bench_paged_tree_attention.py`` on one core
+(``bench/results/bench_paged_cpu_zen4_s34.json``) gives 1.00-1.38x the contiguous op's time for trees of
+6-60 tokens and a 128-token prefill; a one-token decode, which only streams the cache, 1.18x / 1.37x at
+batch 1 / 16 with pages of 128 whose rows of a head are adjacent, and 2.0-4.4x with small pages or
+vLLM's token-major rows. The reference
 :func:`paged_tree_attention_ref` gathers every sequence's pages into a contiguous cache and runs
 :func:`tree_attention_ref`.
 """

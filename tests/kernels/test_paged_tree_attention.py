@@ -371,6 +371,20 @@ def test_cpp_a_new_tokens_non_finite_v_gives_the_contiguous_ops_nan_rows(dtype):
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [128, 256])
+def test_cpp_reads_whole_blocks_in_place_from_big_pages(dtype, page):
+    """Pages of the kernel's 128-key block or a multiple (vLLM's CPU block size is 128): each block
+    lies in one page and is read in place at the page's row stride, not gathered. Prefixes of several
+    pages; the contiguous op's bits in every layout."""
+    _require_cpp()
+    case = make_case(3, 5, 4, 2, 32, "i32", seed=page, prefix_max=600, first_prefix=600).to(dtype)
+    want = run_with_backend("cpp", tree_attention, *case.args())
+    for layout in LAYOUTS:
+        got = run_with_backend("cpp", paged_tree_attention, *paged_args(case, page, layout, seed=page))
+        assert torch.equal(got, want), layout
+
+
 def test_cpp_reads_a_head_dim_stride():
     """A pool whose head dim is not contiguous (a [num_blocks, page, D, Hkv] store seen transposed)."""
     _require_cpp()
