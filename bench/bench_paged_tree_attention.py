@@ -4,8 +4,8 @@
 
 tree_attention's shapes (``bench_tree_attention.py``: on CPU a small model's decode-loop shapes, on
 CUDA Llama-8B-like heads, prefix 2048, a 64-token tree at B 1 / 8 / 32), with the cache scattered
-into a shuffled block pool of 16-position pages (vLLM's default on GPUs), 128-position pages (its CPU
-blocks, the C++ kernel's block of keys: read in place) or 1-position pages (SGLang's token pool), each
+into a shuffled block pool of 16-position pages (vLLM's default on GPUs), 128-position pages (the C++
+kernel's block of keys: read in place) or 1-position pages (SGLang's token pool), each
 stored token-major (``nhd``: ``[num_blocks, page, Hkv, D]``, a head's rows between the other heads') or
 head-major (``hnd``: ``[num_blocks, Hkv, page, D]`` seen transposed, a head's rows adjacent). The ``contiguous`` case is the baseline in the same run: the paged call's time over it is
 the cost of the block table (on CPU, of gathering the pages into a contiguous copy; on CUDA, of the

@@ -594,7 +594,7 @@ struct PagedRows {
   ~PagedRows() { delete[] all_v; }
 
   // Keys n0 .. n0 + nb - 1 of K (or V), their row stride in *stride: read in place where they lie in
-  // one page with unit-stride rows (pages of kBlockN rows or a multiple: vLLM's CPU blocks of 128), else
+  // one page with unit-stride rows (pages of kBlockN rows or a multiple), else
   // gathered into `block`.
   const S* k_rows(int64_t n0, int64_t nb, int64_t* stride) { return rows(k_head, sk_blk, sk_s, sk_d, n0, nb, stride); }
   const S* v_rows(int64_t n0, int64_t nb, int64_t* stride) { return rows(v_head, sv_blk, sv_s, sv_d, n0, nb, stride); }
