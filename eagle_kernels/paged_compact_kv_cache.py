@@ -54,8 +54,10 @@ def paged_compact_kv_cache_ref(
     slots = accept_index.to(torch.int64) - torch.arange(B, device=device)[:, None] * n
     src = torch.where(valid, seqlens + slots, seqlens + cols)
     dst = seqlens + cols
-    table = block_table.to(torch.int64)
-    src_block, dst_block = table.gather(1, src // page), table.gather(1, dst // page)
+    # ids and columns clamped into the pool and the table, as the Triton kernel does (see gather_pages)
+    table = block_table.to(torch.int64).clamp(0, kv_cache.shape[2] - 1)
+    last = table.shape[1] - 1
+    src_block, dst_block = (table.gather(1, (pos // page).clamp(0, last)) for pos in (src, dst))
     kv_cache[:, :, dst_block, dst % page] = kv_cache[:, :, src_block, src % page]
     return cache_seqlens + accept_token_num.to(cache_seqlens.dtype) + 1
 

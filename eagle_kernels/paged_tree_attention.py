@@ -81,7 +81,9 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.
     pages_needed = (lengths + page - 1) // page  # [B]
     cols = torch.arange(max_blocks, device=block_table.device)
     used = cols[None, :] < pages_needed[:, None]
-    ids = torch.where(used, block_table[:, :max_blocks].to(torch.int64), 0)
+    # (ids outside the pool are clamped into it, as the Triton kernel does: on CUDA they are checked
+    # only in debug mode, and an index past the tensor would be a device-side assert)
+    ids = torch.where(used, block_table[:, :max_blocks].to(torch.int64), 0).clamp(0, cache.shape[0] - 1)
     gathered = cache[ids]  # [B, max_blocks, page, Hkv, D]
     return gathered.permute(0, 3, 1, 2, 4).flatten(2, 3)  # a view: blocks then slots are one axis
 
