@@ -265,3 +265,16 @@ def test_cpp_op_checks_its_own_arguments(over, match):
         num = num + over["num"]
     with pytest.raises((ValueError, RuntimeError), match=match):
         torch.ops.eagle_C.paged_compact_kv_cache(pool, table, seqlens, idx, num, n)
+
+
+def test_the_reference_clamps_a_bad_block_id_as_the_kernel_does():
+    kv, seqlens, idx, num = make_case(1, 6, 4, 1, 16, torch.float32, torch.int32, "cpu", seed=6)
+    pool, table = to_pool(kv, seqlens, 6, 2, "vllm", seed=6)
+    pool = pool.nan_to_num()
+    col = (int(seqlens[0]) + 1) // 2
+    bad, clamped = table.clone(), table.clone()
+    bad[0, col], clamped[0, col] = 10**6, pool.shape[2] - 1
+    got, want = pool.clone(), pool.clone()
+    paged_compact_kv_cache_ref(got, bad, seqlens, idx, num, 6)
+    paged_compact_kv_cache_ref(want, clamped, seqlens, idx, num, 6)
+    assert torch.equal(got, want)

@@ -507,3 +507,16 @@ def test_bad_page_lists_are_refused(indptr, max_blocks, match):
         eagle_kernels.block_table_from_page_lists(
             torch.tensor(indptr, dtype=torch.int64), torch.arange(5), max_blocks
         )
+
+
+def test_the_reference_clamps_a_bad_block_id_as_the_kernel_does():
+    """Unchecked (CUDA outside debug mode), the reference reads the last block for an id past the pool,
+    as the Triton kernel does, instead of indexing past the tensor (a device-side assert on CUDA)."""
+    case = make_case(1, 2, 2, 1, 16, "causal", seed=45, prefix_max=0, first_prefix=6).to(torch.float32)
+    q, k, v, table, seqlens, _ = paged_args(case, 4)
+    bad, clamped = table.clone(), table.clone()
+    bad[0, 0], clamped[0, 0] = 10**6, k.shape[0] - 1
+    k[-1], v[-1] = 1.0, 2.0
+    assert torch.equal(
+        paged_tree_attention_ref(q, k, v, bad, seqlens), paged_tree_attention_ref(q, k, v, clamped, seqlens)
+    )
