@@ -137,3 +137,31 @@ def fits_int32(t: torch.Tensor) -> bool:
         return True
     lo, hi = (int(x) for x in torch.aminmax(t))
     return -(2**31) <= lo and hi < 2**31
+
+
+def python_value_checks_due(
+    backend: str, device: torch.device, cache_seqlens: torch.Tensor, debug: bool
+) -> bool:
+    """Whether an op's Python value checks run: on CPU (on CUDA only in debug mode, ``debug``), and
+    not before the C++ kernel, which checks int32 lengths itself, unless int64 lengths (SGLang's
+    ``seq_lens``) would change when narrowed to its int32."""
+    if device.type != "cpu" and not debug:
+        return False
+    return backend != "cpp" or not fits_int32(cache_seqlens)
+
+
+def check_block_ids(block_table: torch.Tensor, pages: torch.Tensor, num_blocks: int, reads: str) -> None:
+    """Raise unless the first ``pages[b]`` entries of every row of ``block_table`` are blocks of a pool
+    of ``num_blocks`` (int64 CPU ``pages``; only the columns some row reads are looked at: a table may
+    be as wide as the longest context). ``reads``: what sequence b does with them, for the message (" reads", "'s tree covers")."""
+    if pages.numel() == 0:
+        return
+    read = int(pages.max())
+    ids = block_table[:, :read].to(torch.int64).cpu()
+    bad = (torch.arange(read)[None, :] < pages[:, None]) & ((ids < 0) | (ids >= num_blocks))
+    if bool(bad.any()):
+        b, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {col}] = {int(ids[b, col])} is not a block of the cache (0 .. {num_blocks - 1}); "
+            f"sequence {b}{reads} its first {int(pages[b])} entries"
+        )

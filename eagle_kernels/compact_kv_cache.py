@@ -13,7 +13,7 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor, fits_int32
+from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor, python_value_checks_due
 from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "compact_kv_cache"
@@ -207,8 +207,7 @@ def _run_compact_kv_cache(kv_cache, cache_seqlens, accept_index, accept_token_nu
     # int64 lengths (SGLang's seq_lens) are checked in Python where narrowing them to the kernels'
     # int32 would change them (checking every path there made a CPU call 116 us instead of 26, ad hoc).
     wide = cache_seqlens.dtype == torch.int64
-    checks = kv_cache.device.type == "cpu" or debug_checks_enabled()
-    if checks and (backend != "cpp" or not fits_int32(cache_seqlens)):
+    if python_value_checks_due(backend, kv_cache.device, cache_seqlens, debug_checks_enabled()):
         _check_values(kv_cache.shape[4], *args[1:])
     if wide:
         new_lens = _run_backend(backend, kv_cache, cache_seqlens.to(torch.int32), *args[2:])

@@ -18,7 +18,13 @@ import torch
 
 from eagle_kernels import _ext
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, select_backend
-from eagle_kernels._checks import INDEX_DTYPES, SignatureCache, check_tensor, fits_int32
+from eagle_kernels._checks import (
+    INDEX_DTYPES,
+    SignatureCache,
+    check_block_ids,
+    check_tensor,
+    python_value_checks_due,
+)
 from eagle_kernels.compact_kv_cache import _BITS_DTYPES, _as_bits, _compact_kv_cache_triton
 from eagle_kernels.compact_kv_cache import _check_values as _check_path_values
 
@@ -69,21 +75,11 @@ def _check_values(kv_cache, block_table, cache_seqlens, accept_index, accept_tok
     """Index ranges (they read values: on CUDA only in debug mode): the path checks of
     ``compact_kv_cache`` over the table's capacity, and the block ids of the positions a tree covers."""
     num_blocks, page = kv_cache.shape[2], kv_cache.shape[3]
-    B, max_blocks = block_table.shape
+    max_blocks = block_table.shape[1]
     capacity = "the block table's capacity (max_blocks * page_size)"
     _check_path_values(max_blocks * page, cache_seqlens, accept_index, accept_token_num, n, capacity)
-    if B == 0:
-        return
     pages = (cache_seqlens.to(torch.int64).cpu() + n + page - 1) // page
-    read = int(pages.max())  # (a table may be as wide as the longest context: only these are read)
-    ids = block_table[:, :read].to(torch.int64).cpu()
-    bad = (torch.arange(read)[None, :] < pages[:, None]) & ((ids < 0) | (ids >= num_blocks))
-    if bool(bad.any()):
-        b, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"block_table[{b}, {col}] = {int(ids[b, col])} is not a block of the cache (0 .. {num_blocks - 1}); "
-            f"sequence {b}'s tree covers its first {int(pages[b])} entries"
-        )
+    check_block_ids(block_table, pages, num_blocks, "'s tree covers")
 
 
 def _run_paged_compact_kv_cache(kv_cache, block_table, cache_seqlens, accept_index, accept_token_num, n):
@@ -95,8 +91,7 @@ def _run_paged_compact_kv_cache(kv_cache, block_table, cache_seqlens, accept_ind
     # (the C++ kernel checks int32 lengths itself: int64 ones need the check only where narrowing would
     # change them)
     wide = cache_seqlens.dtype == torch.int64
-    checks = kv_cache.device.type == "cpu" or debug_checks_enabled()
-    if checks and (backend != "cpp" or not fits_int32(cache_seqlens)):
+    if python_value_checks_due(backend, kv_cache.device, cache_seqlens, debug_checks_enabled()):
         _check_values(*args)
     if backend == "torch":
         return paged_compact_kv_cache_ref(*args)

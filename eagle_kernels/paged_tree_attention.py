@@ -43,9 +43,10 @@ from eagle_kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     SignatureCache,
+    check_block_ids,
     check_same_dtype,
     check_tensor,
-    fits_int32,
+    python_value_checks_due,
 )
 from eagle_kernels.tree_attention import (
     _check_heads,
@@ -163,17 +164,7 @@ def _check_values(block_table: torch.Tensor, cache_seqlens: torch.Tensor, T: int
             f"{max_blocks} blocks of {page} positions ({capacity}), got min {int(lengths.min())}, "
             f"max {int(lengths.max())}"
         )
-    pages_needed = (lengths + T + page - 1) // page
-    read = int(pages_needed.max())  # (a table may be as wide as the longest context: only these are read)
-    used = torch.arange(read)[None, :] < pages_needed[:, None]
-    ids = block_table[:, :read].to(torch.int64).cpu()
-    bad = used & ((ids < 0) | (ids >= num_blocks))
-    if bool(bad.any()):
-        b, col = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"block_table[{b}, {col}] = {int(ids[b, col])} is not a block of the cache (0 .. {num_blocks - 1}); "
-            f"sequence {b} reads its first {int(pages_needed[b])} entries"
-        )
+    check_block_ids(block_table, (lengths + T + page - 1) // page, num_blocks, " reads")
 
 
 def _run_paged_tree_attention(
@@ -197,8 +188,7 @@ def _run_paged_tree_attention(
     # (the C++ kernel checks int32 lengths itself: int64 ones need the check only where narrowing would
     # change them)
     wide = cache_seqlens.dtype == torch.int64
-    checks = q.device.type == "cpu" or debug_checks_enabled()
-    if checks and (backend != "cpp" or not fits_int32(cache_seqlens)):
+    if python_value_checks_due(backend, q.device, cache_seqlens, debug_checks_enabled()):
         _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
     if backend == "triton":
