@@ -57,8 +57,11 @@ void check_compact_kv_cache_args(const at::Tensor& kv_cache, const at::Tensor& c
 
 namespace {
 
-// A paged cache's block table (contiguous int64 [rows, cols]); table == nullptr: a contiguous cache.
+// A paged cache's block table (contiguous int64 [rows, cols]). `paged` is its own flag: an empty
+// table's data pointer may be null, and a batch of none read as a contiguous cache indexed lengths it
+// does not have (a segfault at B = 0).
 struct Paging {
+  bool paged = false;
   const int64_t* table = nullptr;
   int64_t rows = 0, cols = 0, page = 0;
   int64_t capacity = 0;  // positions the whole table maps (cols may be fewer: the columns read)
@@ -67,7 +70,7 @@ struct Paging {
 template <typename idx_t, typename cnt_t>
 void compact_cpu_impl(at::Tensor& kv_cache, const int32_t* seqlens, const idx_t* accept_index,
                       const cnt_t* accept_num, int64_t num_steps, int64_t n, const Paging& pg) {
-  const bool paged = pg.table != nullptr;
+  const bool paged = pg.paged;
   // contiguous [L, 2, B, H, S, D]; paged [L, 2, num_blocks, page, H, D] with B = the table's rows
   const int64_t L = kv_cache.size(0), D = kv_cache.size(5), num_blocks = kv_cache.size(2);
   const int64_t B = paged ? pg.rows : kv_cache.size(2), H = kv_cache.size(paged ? 4 : 3);
@@ -178,7 +181,7 @@ at::Tensor paged_compact_kv_cache_cpu(at::Tensor kv_cache, const at::Tensor& blo
   for (int64_t b = 0; b < B; ++b) read = std::max<int64_t>(read, (std::max(lens[b], 0) + num_draft_tokens + page - 1) / page);
   read = std::min(read, block_table.size(1));
   const auto table = block_table.narrow(1, 0, read).to(at::kLong).contiguous();
-  const Paging pg{table.data_ptr<int64_t>(), B, read, page, block_table.size(1) * page};
+  const Paging pg{true, table.data_ptr<int64_t>(), B, read, page, block_table.size(1) * page};
   return compact(kv_cache, cache_seqlens, accept_index, accept_token_num, num_draft_tokens, pg);
 }
 

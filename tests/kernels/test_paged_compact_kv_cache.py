@@ -278,3 +278,23 @@ def test_the_reference_clamps_a_bad_block_id_as_the_kernel_does():
     paged_compact_kv_cache_ref(got, bad, seqlens, idx, num, 6)
     paged_compact_kv_cache_ref(want, clamped, seqlens, idx, num, 6)
     assert torch.equal(got, want)
+
+
+def test_an_empty_batch_moves_nothing(device):
+    """B = 0 (an engine step with no request in this group): the C++ op read it as a contiguous cache
+    and indexed lengths it does not have (a segfault)."""
+    pool = torch.randn(1, 2, 4, 4, 1, 8, device=device)
+    empty = torch.zeros(0, dtype=torch.int32, device=device)
+    for backend in _backends(device):
+        got = pool.clone()
+        lens = run_with_backend(
+            backend,
+            paged_compact_kv_cache,
+            got,
+            torch.zeros(0, 2, dtype=torch.int32, device=device),
+            empty,
+            torch.zeros(0, 3, dtype=torch.int32, device=device),
+            empty,
+            num_draft_tokens=3,
+        )
+        assert lens.shape == (0,) and torch.equal(got, pool), backend
