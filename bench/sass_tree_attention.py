@@ -5,6 +5,7 @@ sm_90 (``--arch``) read back with the ``cuobjdump`` that Triton ships.
     python bench/sass_tree_attention.py                         # the working tree, issue 3's goal shapes
     python bench/sass_tree_attention.py OLD.py                  # beside another commit's module
     python bench/sass_tree_attention.py OLD.py --new VARIANT.py --shapes tree64-B32 --configs default tma
+    python bench/sass_tree_attention.py --kv e4m3 --configs default   # an fp8 cache with per-head scales
 
 Counts are a proxy, not a timing: they find what changed where (a spill, a loop that grew) before a GPU
 run measures it with ``bench/ab_tree_attention.py``. On 2026-11-28 a non-finite-V check had spilled
@@ -58,13 +59,28 @@ MASKS = ("int32", "bool", "uint8")  # tree-mask formats: bit-packed int32 words 
 # [B, T, T] (what the decoding loop passes), bit-packed bytes
 
 
-def record_launches(module, shape, config, mask_format: str = "int32") -> list[tuple]:
+# KV cache formats (--kv): the queries' own dtype, or an 8-bit cache with per-kv-head scales. "e4m3"
+# and "e5m2" are an sm_89+ GPU's conversions, "e4m3-bits" the integer one of older GPUs.
+KV_FORMATS = {
+    "same": None,
+    "e4m3": torch.float8_e4m3fn,
+    "e4m3-bits": torch.float8_e4m3fn,
+    "e5m2": torch.float8_e5m2,
+    "int8": torch.int8,
+}
+
+
+def record_launches(module, shape, config, mask_format: str = "int32", kv: str = "same") -> list[tuple]:
     """(kernel, args, keyword args) of every launch ``module``'s Triton launcher makes for ``shape``
     under ``config``, from zero-filled CPU tensors (nothing is computed); a tree shape's mask in
-    ``mask_format`` (:data:`MASKS`)."""
+    ``mask_format`` (:data:`MASKS`); the cache in the ``kv`` format (:data:`KV_FORMATS`)."""
     dtype = torch.float32 if shape.fp32 else torch.bfloat16
     q = torch.zeros(shape.B, shape.T, shape.Hq, shape.D, dtype=dtype)
-    kv = torch.zeros(2, shape.B, shape.Hkv, shape.s_max, shape.D, dtype=dtype)
+    kv_dtype = KV_FORMATS[kv] or dtype
+    kv_cache = torch.zeros(2, shape.B, shape.Hkv, shape.s_max, shape.D, dtype=kv_dtype)
+    scales = (
+        {} if KV_FORMATS[kv] is None else dict(k_scale=torch.ones(shape.Hkv), v_scale=torch.ones(shape.Hkv))
+    )
     seqlens = torch.full((shape.B,), shape.prefix, dtype=torch.int32)
     B, T = shape.B, shape.T
     masks = {
@@ -74,12 +90,18 @@ def record_launches(module, shape, config, mask_format: str = "int32") -> list[t
     }
     mask = None if shape.mask == "causal" else masks[mask_format]()
     launches = []
-    original = module._launch
+    original, fp8_bits = module._launch, getattr(module, "_fp8_bits", None)
     module._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
+    if kv in ("e4m3", "e5m2"):  # a GPU's conversion (CPU tensors would take the integer one)
+        module._fp8_bits = lambda cache: 0
     try:
-        module._tree_attention_triton(q, kv[0], kv[1], seqlens, mask, shape.D**-0.5, config)
+        module._tree_attention_triton(
+            q, kv_cache[0], kv_cache[1], seqlens, mask, shape.D**-0.5, config, **scales
+        )
     finally:
         module._launch = original
+        if fp8_bits is not None:
+            module._fp8_bits = fp8_bits
     for _, _, kw in launches:
         if "FP32_DOT" in kw:  # what a CUDA launch uses (the CPU launcher's bf16 workaround is not)
             kw["FP32_DOT"] = dtype == torch.float32
@@ -120,7 +142,9 @@ def resources(cubin: bytes) -> dict:
     }
 
 
-def report_version(module, shape, text: str, arch: int, sms: int, mask_format: str = "int32") -> list[dict]:
+def report_version(
+    module, shape, text: str, arch: int, sms: int, mask_format: str = "int32", kv: str = "same"
+) -> list[dict]:
     config = ab.parse_config(text, module)
     G = shape.Hq // shape.Hkv
     dtype_size = 4 if shape.fp32 else 2
@@ -130,7 +154,7 @@ def report_version(module, shape, text: str, arch: int, sms: int, mask_format: s
         plan.block_m, plan.block_n, plan.num_warps, plan.num_stages, plan.num_splits, kv_tma=plan.kv_tma
     )
     rows = []
-    for kernel, args, kwargs in record_launches(module, shape, planned, mask_format):
+    for kernel, args, kwargs in record_launches(module, shape, planned, mask_format, kv):
         entry = {"kernel": kernel.fn.__name__, "plan": str(plan)}
         try:
             entry |= resources(compile_like_jit(kernel, args, kwargs, arch).asm["cubin"])
@@ -160,6 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shapes", nargs="*", default=list(DEFAULT_SHAPES), help="sweep_tree_attention shapes")
     p.add_argument("--configs", nargs="*", default=["default", "tma"], help="launch configurations")
     p.add_argument("--mask", choices=MASKS, default="int32", help="the tree shapes' mask format")
+    p.add_argument(
+        "--kv", choices=KV_FORMATS, default="same", help="the cache: q's dtype or 8-bit with scales"
+    )
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     p.add_argument("--sms", type=int, default=132, help="SMs the plans are made for")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default: bench/results/...)")
@@ -191,6 +218,7 @@ def main(argv=None) -> int:
         "new": str(args.new) if args.new else "working tree",
         "baseline": str(args.baseline) if args.baseline else None,
         "mask": args.mask,
+        "kv": args.kv,
         "shapes": {},
     }
     for shape_name in args.shapes:
@@ -199,7 +227,7 @@ def main(argv=None) -> int:
         for text in args.configs:
             per_config[text] = {}
             for name, module in modules.items():
-                rows = report_version(module, shape, text, args.arch, args.sms, args.mask)
+                rows = report_version(module, shape, text, args.arch, args.sms, args.mask, args.kv)
                 per_config[text][name] = rows
                 print_rows(shape_name, text, name, rows)
     out = args.out or ROOT / "bench" / "results" / f"sass_tree_attention_triton{triton.__version__}.json"

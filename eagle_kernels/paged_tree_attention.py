@@ -37,21 +37,23 @@ from __future__ import annotations
 
 import torch
 
-from eagle_kernels import _ext
+from eagle_kernels import _ext, _kv_quant
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     SignatureCache,
     check_block_ids,
-    check_same_dtype,
     check_tensor,
     python_value_checks_due,
 )
+from eagle_kernels._kv_quant import KV_DTYPES
 from eagle_kernels.tree_attention import (
     _check_heads,
     _check_mask,
     _check_out,
+    _check_scale_values,
+    _host_scale,
     _packed_rows_trimmed,
     _tree_attention_triton,
     tree_attention_ref,
@@ -97,14 +99,17 @@ def paged_tree_attention_ref(
     cache_seqlens: torch.Tensor,
     tree_mask: torch.Tensor | None = None,
     sm_scale: float | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch definition of the op (see :func:`paged_tree_attention`): the pages each sequence reads
-    gathered into a contiguous cache, then :func:`tree_attention_ref`."""
+    gathered into a contiguous cache, then :func:`tree_attention_ref` (with the 8-bit caches' scales)."""
     T = q.shape[1]
     lengths = cache_seqlens.to(torch.int64) + T
     k = gather_pages(k_cache, block_table, lengths)
     v = gather_pages(v_cache, block_table, lengths)
-    return tree_attention_ref(q, k, v, cache_seqlens, _packed_rows_trimmed(tree_mask, T), sm_scale)
+    mask = _packed_rows_trimmed(tree_mask, T)
+    return tree_attention_ref(q, k, v, cache_seqlens, mask, sm_scale, k_scale, v_scale)
 
 
 def block_table_from_page_lists(
@@ -176,6 +181,8 @@ def _run_paged_tree_attention(
     tree_mask,
     sm_scale: float,
     out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The op's body: value checks where due (the C++ kernel checks its own), then the backend chosen
     for q's device; the result in ``out`` when given (Triton writes a contiguous one directly)."""
@@ -187,21 +194,50 @@ def _run_paged_tree_attention(
     # int64 lengths are checked before they are narrowed to the kernels' int32
     # (the C++ kernel checks int32 lengths itself: int64 ones need the check only where narrowing would
     # change them)
+    # 8-bit caches on CPU are gathered and dequantized in Python first, so their values are checked here.
     wide = cache_seqlens.dtype == torch.int64
-    if python_value_checks_due(backend, q.device, cache_seqlens, debug_checks_enabled()):
+    debug = debug_checks_enabled()
+    quantized = _kv_quant.needs_dequantization(q, k_cache, k_scale, v_scale)
+    if python_value_checks_due(backend, q.device, cache_seqlens, debug) or (
+        quantized and q.device.type == "cpu"
+    ):
         _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
+    _check_scale_values(k_scale, v_scale, debug)
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
     if backend == "triton":
+        k_arg, v_arg = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
         return _tree_attention_triton(
-            q, k_cache, v_cache, seqlens, tree_mask, sm_scale, out=out, block_table=block_table
+            q,
+            k_cache,
+            v_cache,
+            seqlens,
+            tree_mask,
+            sm_scale,
+            out=out,
+            block_table=block_table,
+            k_scale=k_arg,
+            v_scale=v_arg,
         )
-    if backend == "cpp":
+    if backend == "cpp" and quantized:
+        result = _dequantized_cpp(
+            q, k_cache, v_cache, block_table, seqlens, tree_mask, sm_scale, k_scale, v_scale
+        )
+    elif backend == "cpp":
         result = _ext.op(OP)(q, k_cache, v_cache, block_table, seqlens, tree_mask, sm_scale)
     else:
         result = paged_tree_attention_ref(
-            q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale
+            q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale
         )
     return result if out is None else out.copy_(result)
+
+
+def _dequantized_cpp(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
+    """8-bit (or scaled) paged caches on the C++ backend: each sequence's pages up to its last new token
+    gathered and dequantized into q's dtype, then the contiguous C++ kernel. Values checked before."""
+    lengths = cache_seqlens.to(torch.int64) + q.shape[1]
+    k = _kv_quant.dequantize(gather_pages(k_cache, block_table, lengths), k_scale, q.dtype)
+    v = _kv_quant.dequantize(gather_pages(v_cache, block_table, lengths), v_scale, q.dtype)
+    return _ext.op("tree_attention")(q, k, v, cache_seqlens, tree_mask, sm_scale)
 
 
 @torch.library.custom_op("eagle::paged_tree_attention", mutates_args=())
@@ -213,13 +249,16 @@ def _paged_tree_attention_op(
     cache_seqlens: torch.Tensor,
     tree_mask: torch.Tensor | None,
     sm_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
-    return _run_paged_tree_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale)
+    args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    _check_args(*args, k_scale, v_scale)
+    return _run_paged_tree_attention(*args, sm_scale, k_scale=k_scale, v_scale=v_scale)
 
 
 @_paged_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale):
+def _(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
 
 
@@ -233,33 +272,44 @@ def _paged_tree_attention_out_op(
     tree_mask: torch.Tensor | None,
     sm_scale: float,
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """:func:`paged_tree_attention` into a preallocated ``out`` ``[B, T, Hq, D]``."""
-    _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    _check_args(*args, k_scale, v_scale)
     _check_out(out, q, k_cache, v_cache)
-    _run_paged_tree_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, out)
+    _run_paged_tree_attention(*args, sm_scale, out, k_scale, v_scale)
 
 
 @_paged_tree_attention_out_op.register_fake
-def _(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, out):
+def _(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, out, k_scale=None, v_scale=None):
     return None
 
 
-def _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask) -> None:
+def _check_args(
+    q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale=None, v_scale=None
+) -> None:
     """Shape/dtype/device checks (no value reads), skipped for a signature that already passed."""
-    _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    _CHECKED.run(
+        _check_args_uncached, q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale, v_scale
+    )
 
 
 _CHECKED = SignatureCache()
 
 
-def _check_args_uncached(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask) -> None:
+def _check_args_uncached(
+    q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale, v_scale
+) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T = q.shape[:2]
     device = q.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=KV_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=KV_DTYPES, device=device)
+    _kv_quant.check_kv_dtypes(q, k_cache, v_cache)
+    _kv_quant.check_scale("k_scale", k_scale, k_cache.shape[2], device)
+    _kv_quant.check_scale("v_scale", v_scale, k_cache.shape[2], device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} must match")
     num_blocks, page = k_cache.shape[:2]
@@ -290,6 +340,8 @@ def paged_tree_attention(
     *,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``T`` new tokens per sequence over a paged cache (block table).
 
@@ -297,7 +349,8 @@ def paged_tree_attention(
     ----------
     q : Tensor ``[B, T, Hq, D]``, float16 / bfloat16 / float32 (float64 on CPU; on CUDA it runs the
         reference). Any strides.
-    k_cache, v_cache : Tensor ``[num_blocks, page_size, Hkv, D]``, q's dtype, any strides
+    k_cache, v_cache : Tensor ``[num_blocks, page_size, Hkv, D]``, q's dtype or one 8-bit dtype
+        (float8_e4m3fn, float8_e5m2, int8: vLLM's and SGLang's fp8 caches; see ``k_scale``), any strides
         The block pool (see the module docstring for vLLM's, FlashInfer's, TensorRT-LLM's and
         SGLang's layouts as views). Sequence ``b``'s position ``p`` is slot ``p % page_size`` of
         block ``block_table[b, p // page_size]``. Positions ``0 .. cache_seqlens[b] - 1`` hold the
@@ -320,6 +373,11 @@ def paged_tree_attention(
     out : Tensor ``[B, T, Hq, D]``, optional
         q's dtype and device, sharing no memory with q or the caches: the result is written into it
         and returned.
+    k_scale, v_scale : float or Tensor, optional
+        Dequantization scales of an 8-bit cache, as :func:`tree_attention`'s: a float, or one value
+        (``[]`` / ``[1]``) or one per kv head (``[Hkv]``) on q's device (one value may be on the CPU).
+        The keys are ``k_cache * k_scale``, the values ``v_cache * v_scale``. On CPU the pages read
+        are gathered and dequantized into q's dtype before the C++ kernel.
 
     Returns
     -------
@@ -328,15 +386,16 @@ def paged_tree_attention(
     contiguous op runs on the gathered pages, so it is that op's result bit for bit). Not
     differentiable (use :func:`tree_attention` for training).
     """
-    _check_args(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
-    scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
+    k_scale, v_scale = _kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale)
     args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    _check_args(*args, k_scale, v_scale)
+    scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if out is not None:
         _check_out(out, q, k_cache, v_cache)
-        if eager_fast_path(*args, out):
-            return _run_paged_tree_attention(*args, scale, out)
-        torch.ops.eagle.paged_tree_attention_out(*args, scale, out)
+        if eager_fast_path(*args, out, k_scale, v_scale):
+            return _run_paged_tree_attention(*args, scale, out, k_scale, v_scale)
+        torch.ops.eagle.paged_tree_attention_out(*args, scale, out, k_scale, v_scale)
         return out
-    if eager_fast_path(*args):
-        return _run_paged_tree_attention(*args, scale)
-    return torch.ops.eagle.paged_tree_attention(*args, scale)
+    if eager_fast_path(*args, k_scale, v_scale):
+        return _run_paged_tree_attention(*args, scale, k_scale=k_scale, v_scale=v_scale)
+    return torch.ops.eagle.paged_tree_attention(*args, scale, k_scale, v_scale)

@@ -38,16 +38,16 @@ from dataclasses import dataclass
 
 import torch
 
-from eagle_kernels import _ext
+from eagle_kernels import _ext, _kv_quant
 from eagle_kernels._backend import debug_checks_enabled, eager_fast_path, forced_backend, select_backend
 from eagle_kernels._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     SignatureCache,
     check_out_buffer,
-    check_same_dtype,
     check_tensor,
 )
+from eagle_kernels._kv_quant import KV_DTYPES
 from eagle_kernels._triton import launches_on_input_device, tl, triton
 
 OP = "tree_attention"
@@ -157,9 +157,12 @@ def tree_attention_ref(
     cache_seqlens: torch.Tensor,
     tree_mask: torch.Tensor | None = None,
     sm_scale: float | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PyTorch definition of the op (see :func:`tree_attention`): masked softmax attention in fp32
-    (fp64 for fp64 inputs) over the key positions ``0 .. cache_seqlens[b] + T - 1``.
+    (fp64 for fp64 inputs) over the key positions ``0 .. cache_seqlens[b] + T - 1``, with the keys
+    ``k_cache * k_scale`` and the values ``v_cache * v_scale`` (an 8-bit cache's real values).
 
     A query that sees no key at all (empty prefix and an all-false mask row) gets a zero output.
     """
@@ -173,8 +176,12 @@ def tree_attention_ref(
     positions = torch.arange(L, device=q.device)
     in_window = positions[None, :] < (cache_seqlens.to(torch.int64) + T)[:, None]  # [B, L]
     # Zero the unwritten tail of each sequence's cache so garbage (even NaN) cannot leak into 0 * v.
-    k = torch.where(in_window[:, None, :, None], k_cache[:, :, :L].to(acc), 0.0)
-    v = torch.where(in_window[:, None, :, None], v_cache[:, :, :L].to(acc), 0.0)
+    ks = _kv_quant.broadcast_scale(_kv_quant.as_scale("k_scale", k_scale), acc, q.device)
+    vs = _kv_quant.broadcast_scale(_kv_quant.as_scale("v_scale", v_scale), acc, q.device)
+    k, v = k_cache[:, :, :L].to(acc), v_cache[:, :, :L].to(acc)
+    k, v = (k if ks is None else k * ks), (v if vs is None else v * vs)
+    k = torch.where(in_window[:, None, :, None], k, 0.0)
+    v = torch.where(in_window[:, None, :, None], v, 0.0)
     rows = q.to(acc).permute(0, 2, 1, 3).reshape(B, Hkv, G * T, D)  # row g*T + t is head kvh*G + g
     scores = (rows @ k.transpose(-1, -2)).view(B, Hkv, G, T, L) * scale
     visible = _visible_keys(cache_seqlens, tree_mask, T, L)[:, None, None]
@@ -237,6 +244,29 @@ def _load_kv_tile(ptrs, pos_ok, d_ok, POS_MASK: tl.constexpr, EVEN_D: tl.constex
         else:
             tile = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
     return tile
+
+
+@triton.jit
+def _kv_to_compute(x, q, FP8_BITS: tl.constexpr):
+    """A loaded K/V tile in q's dtype. 8-bit caches convert exactly (every fp8 / int8 value is a
+    float16 and a bfloat16 value); a 16- or 32-bit tile of q's dtype is returned as it is.
+
+    ``FP8_BITS``: 0, the tile has its own dtype; 1 or 2, it is float8_e4m3fn / float8_e5m2 loaded as
+    uint8 and converted here in integer code. e5m2 is float16's top byte, so the byte shifted left by 8
+    is the float16 (infinities, NaN and subnormals included). For e4m3fn, the sign, 4 exponent and 3
+    mantissa bits placed at bits 15 and 13..7 of a float16 give the value times 2**-8 (the exponent
+    biases are 15 and 7, and e4m3's subnormals land on float16 subnormals), and the exact multiply by
+    256 restores it; e4m3fn has no infinity, and its NaN is S.1111.111."""
+    if FP8_BITS == 1:
+        bits = x.to(tl.uint16)
+        half = (((bits & 0x80) << 8) | ((bits & 0x7F) << 7)).to(tl.float16, bitcast=True) * 256.0
+        return tl.where((bits & 0x7F) == 0x7F, float("nan"), half).to(q.dtype)
+    elif FP8_BITS == 2:
+        return (x.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(q.dtype)
+    elif x.dtype.is_int8():  # through float32 (exact): the interpreter's int8 -> bfloat16 cast is wrong
+        return x.to(tl.float32).to(q.dtype)
+    else:
+        return x.to(q.dtype)
 
 
 @triton.jit
@@ -346,7 +376,10 @@ def _tree_attention_kernel(
     seqlens_ptr,
     mask_ptr,
     table_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
+    v_scale,
     B,
     T,
     G,
@@ -381,6 +414,9 @@ def _tree_attention_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
+    K_SCALE: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    KV_FP8_BITS: tl.constexpr,
 ):
     """One program per (block of query rows, sequence x kv head, prefix split).
 
@@ -398,6 +434,12 @@ def _tree_attention_kernel(
     step over blocks, ``sk_s`` / ``sv_s`` over a block's slots, and sequence ``b``'s position p is slot
     ``p % PAGE_SIZE`` of block ``table[b, p // PAGE_SIZE]`` (``table_ptr``, strides ``st_b``, ``st_c``);
     ``S_max`` is the table's capacity, its columns times PAGE_SIZE.
+    8-bit caches (``eagle_kernels._kv_quant``): each loaded tile is converted to q's dtype
+    (:func:`_kv_to_compute`, ``KV_FP8_BITS`` for fp8 loaded as bytes); the key scale multiplies
+    ``qk_scale`` and the value scale the output.
+    ``K_SCALE`` / ``V_SCALE``: 0 none, 1 the value at ``*_scale_ptr``, 2 kv head ``kvh``'s value at
+    ``*_scale_ptr + kvh``, 3 (V only) the ``v_scale`` argument (a host-side K scale is folded into
+    ``qk_scale`` by the launcher).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -411,6 +453,10 @@ def _tree_attention_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     cols = tl.arange(0, BLOCK_N)
+    if K_SCALE == 1:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    elif K_SCALE == 2:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kvh)
 
     b64 = b.to(tl.int64)
     q_rows = q_ptr + b64 * sq_b + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :] * sq_d
@@ -451,8 +497,8 @@ def _tree_attention_kernel(
     if KV_TMA:
         first_row = pid_bh * S_max + start  # row of position `start` in the [B * Hkv * S_max, D] view
         for n0 in range(0, full, BLOCK_N):
-            k = k_desc.load([first_row + n0, 0])
-            v = v_desc.load([first_row + n0, 0])
+            k = _kv_to_compute(k_desc.load([first_row + n0, 0]), q, KV_FP8_BITS)
+            v = _kv_to_compute(v_desc.load([first_row + n0, 0]), q, KV_FP8_BITS)
             s = _scores(q, k, FP32_DOT)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, FP32_DOT)
     else:
@@ -479,8 +525,8 @@ def _tree_attention_kernel(
             else:
                 k_ptrs = k_base + n0 * sk_s + k_tile
                 v_ptrs = v_base + n0 * sv_s + v_tile
-            k = _load_kv_tile(k_ptrs, cols, d_ok, False, EVEN_D)
-            v = _load_kv_tile(v_ptrs, cols, d_ok, False, EVEN_D)
+            k = _kv_to_compute(_load_kv_tile(k_ptrs, cols, d_ok, False, EVEN_D), q, KV_FP8_BITS)
+            v = _kv_to_compute(_load_kv_tile(v_ptrs, cols, d_ok, False, EVEN_D), q, KV_FP8_BITS)
             s = _scores(q, k, FP32_DOT)
             acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, qk_scale, False, FP32_DOT)
 
@@ -510,8 +556,8 @@ def _tree_attention_kernel(
         else:
             k_ptrs = k_base + n0 * sk_s + k_tile
             v_ptrs = v_base + n0 * sv_s + v_tile
-        k = _load_kv_tile(k_ptrs, js < new_keys, d_ok, True, EVEN_D)
-        v = _load_kv_tile(v_ptrs, js < new_keys, d_ok, True, EVEN_D)
+        k = _kv_to_compute(_load_kv_tile(k_ptrs, js < new_keys, d_ok, True, EVEN_D), q, KV_FP8_BITS)
+        v = _kv_to_compute(_load_kv_tile(v_ptrs, js < new_keys, d_ok, True, EVEN_D), q, KV_FP8_BITS)
         tree = _new_token_visibility(mask_ptr, b, t, js, T, new_keys, sm_b, sm_i, sm_w, MASK_KIND)
         visible = (js < 0)[None, :] | tree
         # A NaN / inf in V reaches only the rows that see its key: in the dot a masked key's p = 0
@@ -537,6 +583,12 @@ def _tree_attention_kernel(
     # p = 0); NaN as in the reference, not the zeros of a row that saw nothing
     nan_row = m_i == float("inf")
     out = tl.where(nan_row[:, None], float("nan"), acc / l_safe[:, None])
+    if V_SCALE == 1:
+        out = out * tl.load(v_scale_ptr)
+    elif V_SCALE == 2:
+        out = out * tl.load(v_scale_ptr + kvh)
+    elif V_SCALE == 3:
+        out = out * v_scale
     Hq = Hkv * G
     row_off = (t * Hq + h).to(tl.int64)  # row within [B, T, Hq]
     dst = b64 * T * Hq + row_off
@@ -780,9 +832,13 @@ def _launch_spec(
     head_strides: tuple[int, int, int],
     config: LaunchConfig | None,
     page_size: int = 0,
+    scale_kinds: tuple[int, int] = (0, 0),
+    fp8_bits: int = 0,
 ) -> _LaunchSpec:
-    """The cached launch of one (shapes, dtype, device, mask kind, head-dim strides, config, page size)
-    key; ``page_size`` 0 is a contiguous cache, ``S_max`` a paged one's table capacity."""
+    """The cached launch of one (shapes, q's dtype, device, mask kind, head-dim strides, config, page
+    size, scales) key; ``page_size`` 0 is a contiguous cache, ``S_max`` a paged one's table capacity.
+    ``scale_kinds``: the K_SCALE and V_SCALE constexprs; ``fp8_bits``: KV_FP8_BITS. The plan is the one
+    of a q-dtype cache (8-bit tiles take less shared memory, so its pipelining depth fits)."""
     G = Hq // Hkv
     sms = _num_sms(device)
     plan = plan_launch(B, Hkv, T, G, S_max, D, sms, config, dtype.itemsize)
@@ -801,6 +857,9 @@ def _launch_spec(
         BLOCK_N=plan.block_n,
         BLOCK_D=block_d,
         PAGE_SIZE=page_size,
+        K_SCALE=scale_kinds[0],
+        V_SCALE=scale_kinds[1],
+        KV_FP8_BITS=fp8_bits,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
@@ -860,6 +919,42 @@ def _kv_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, block_n: int) 
     )
 
 
+def _scale_argument(scale: float | torch.Tensor | None, placeholder: torch.Tensor) -> tuple[object, int]:
+    """(kernel pointer argument, K_SCALE / V_SCALE kind) of a scale: a float goes by value (the
+    ``placeholder`` tensor stands in for the pointer, never read), a tensor as a float32 pointer."""
+    if scale is None:
+        return placeholder, _kv_quant.NO_SCALE
+    if isinstance(scale, float):
+        return placeholder, _kv_quant.SCALE_VALUE
+    flat = scale.reshape(-1).to(torch.float32).contiguous()  # (no copy for a float32 [1] or [Hkv])
+    return flat, _kv_quant.SCALE_AT_PTR if flat.numel() == 1 else _kv_quant.SCALE_PER_HEAD
+
+
+# Tests set this to run the bit-level float8_e4m3fn conversion of pre-sm_89 GPUs on any GPU.
+_FORCE_SOFT_E4M3 = False
+
+
+def _fp8_bits(cache: torch.Tensor) -> int:
+    """The KV_FP8_BITS constexpr: whether fp8 tiles are loaded as bytes and converted in the kernel's
+    integer code (:func:`_kv_to_compute`). In the interpreter (CPU tensors) always: Triton 3.9's own
+    conversions there read e4m3's NaN bytes as +-480 and round e5m2's subnormals. On CUDA float8_e4m3fn
+    before sm_89, where Triton has no e4m3 type; the hardware's conversion elsewhere (fewer instructions:
+    528 against the shift's 576 for e5m2 in the sm_90 main loop at the goal shape, B 1, by
+    ``bench/sass_tree_attention.py --kv``). 1: e4m3fn bytes, 2: e5m2 bytes, 0: the tile's own dtype."""
+    code = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(cache.dtype, 0)
+    device = cache.device
+    if code == 0 or device.type == "cpu":
+        return code
+    if code == 1 and (_FORCE_SOFT_E4M3 or (device.type == "cuda" and _capability(device) < (8, 9))):
+        return 1
+    return 0
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _launch(kernel, grid, *args, **constexprs) -> None:
     """The one place that launches a Triton kernel (tests replace it to time the host path alone)."""
     kernel[grid](*args, **constexprs)
@@ -876,22 +971,37 @@ def _tree_attention_triton(
     config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the Triton kernels; ``config`` overrides the shape heuristic (sweeps, tests).
 
     With ``block_table`` ``[B, max_blocks]`` the caches are paged, ``[num_blocks, page_size, Hkv, D]``
-    (``paged_tree_attention``), else ``[B, Hkv, S_max, D]``.
+    (``paged_tree_attention``), else ``[B, Hkv, S_max, D]``. The caches may be 8-bit with scales
+    (checked by the caller): a float scale is passed by value, a tensor (one value or ``[Hkv]``, on
+    q's device) is read by the kernel.
     Returns a new contiguous ``[B, T, Hq, D]`` tensor in q's dtype, or ``out`` (checked by the
     caller) written in place: by the kernels when contiguous, else by a copy. No host synchronisation.
     """
     if out is not None and not out.is_contiguous():
         return out.copy_(
             _tree_attention_triton(
-                q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, config, block_table=block_table
+                q,
+                k_cache,
+                v_cache,
+                cache_seqlens,
+                tree_mask,
+                sm_scale,
+                config,
+                block_table=block_table,
+                k_scale=k_scale,
+                v_scale=v_scale,
             )
         )
     if q.dtype == torch.float64:
         raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
+    if isinstance(k_scale, float):  # s_k > 0 folds into the softmax scale: q (s_k k)^T c = q k^T (s_k c)
+        sm_scale, k_scale = sm_scale * k_scale, None
     if sm_scale < 0:  # the kernel's row maxima are of unscaled scores, which needs a positive scale;
         q, sm_scale = -q, -sm_scale  # (-q) k^T * -c == q k^T * c exactly (negation is exact)
     B, T, Hq, D = q.shape
@@ -910,6 +1020,8 @@ def _tree_attention_triton(
                 config,
                 None if out is None else out[b : b + step],
                 None if block_table is None else block_table[b : b + step],
+                k_scale,
+                v_scale,
             )
             for b in range(0, B, step)
         ]
@@ -922,7 +1034,29 @@ def _tree_attention_triton(
     page_size = k_cache.shape[1] if paged else 0
     S_max = block_table.shape[1] * page_size if paged else k_cache.shape[2]
     head_strides = (q.stride(3), k_cache.stride(3), v_cache.stride(3))
-    spec = _launch_spec(B, T, Hq, Hkv, S_max, D, q.dtype, q.device, kind, head_strides, config, page_size)
+    (k_scale_arg, k_kind), (v_scale_arg, v_kind) = (
+        _scale_argument(k_scale, cache_seqlens),
+        _scale_argument(v_scale, cache_seqlens),
+    )
+    fp8_bits = _fp8_bits(k_cache)
+    if fp8_bits:  # the kernel converts the bytes itself
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    spec = _launch_spec(
+        B,
+        T,
+        Hq,
+        Hkv,
+        S_max,
+        D,
+        q.dtype,
+        q.device,
+        kind,
+        head_strides,
+        config,
+        page_size,
+        (k_kind, v_kind),
+        fp8_bits,
+    )
     if kind == BOOL_MASK:
         mask, mask_strides = tree_mask.view(torch.uint8), tree_mask.stride()
     elif kind == CAUSAL:
@@ -962,7 +1096,10 @@ def _tree_attention_triton(
         cache_seqlens.contiguous(),  # read as b-th element: a strided view would give other lengths
         mask,
         table,
+        k_scale_arg if k_kind != _kv_quant.SCALE_VALUE else cache_seqlens,
+        v_scale_arg if v_kind != _kv_quant.SCALE_VALUE else cache_seqlens,
         sm_scale * LOG2E,
+        float(v_scale) if v_kind == _kv_quant.SCALE_VALUE else 1.0,
         B,
         T,
         Hq // Hkv,
@@ -1001,7 +1138,15 @@ def _tree_attention_triton(
 # Registered op and dispatch
 # --------------------------------------------------------------------------------------------------
 def _run_tree_attention(
-    q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale: float, out: torch.Tensor | None = None
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    tree_mask,
+    sm_scale: float,
+    out: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The op's body: value checks where due, then the backend chosen for q's device; the result in
     ``out`` when given (the Triton kernels write it directly when it is contiguous)."""
@@ -1009,19 +1154,54 @@ def _run_tree_attention(
     backend = select_backend(OP, q.device)
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
         backend = "torch"  # float64 on CUDA: only the reference handles it
+    debug = debug_checks_enabled()
+    quantized = _kv_quant.needs_dequantization(q, k_cache, k_scale, v_scale)
     # The C++ kernel checks the lengths itself (same message); elsewhere check on CPU, and on CUDA only
     # in debug mode (a host sync). int64 lengths (SGLang's seq_lens) are checked before they are
-    # narrowed to the kernels' int32, where a length past 2**31 would wrap.
+    # narrowed to the kernels' int32, where a length past 2**31 would wrap. 8-bit caches on CPU are
+    # dequantized up to the longest sequence first, so their lengths are checked here.
     wide = cache_seqlens.dtype == torch.int64
-    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug_checks_enabled()):
+    if (backend != "cpp" or wide or quantized) and (q.device.type == "cpu" or debug):
         _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
+    _check_scale_values(k_scale, v_scale, debug)
     if wide:
         cache_seqlens = cache_seqlens.to(torch.int32)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
     if backend == "triton":
-        return _tree_attention_triton(*args, out=out)
-    result = _ext.op(OP)(*args) if backend in ("cpp", "cuda") else tree_attention_ref(*args)
+        k_arg, v_arg = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
+        return _tree_attention_triton(*args, out=out, k_scale=k_arg, v_scale=v_arg)
+    if backend in ("cpp", "cuda") and quantized:
+        result = _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale)
+    elif backend in ("cpp", "cuda"):
+        result = _ext.op(OP)(*args)
+    else:
+        result = tree_attention_ref(*args, k_scale=k_scale, v_scale=v_scale)
     return result if out is None else out.copy_(result)
+
+
+def _check_scale_values(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, debug: bool) -> None:
+    """The scales' values, where that costs no sync (CPU scales) or in debug mode."""
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if _kv_quant.scale_checks_due(scale, debug):
+            _kv_quant.check_scale_values(name, scale)
+
+
+def _host_scale(scale: torch.Tensor | None, device: torch.device) -> float | torch.Tensor | None:
+    """A one-value CPU scale of a CUDA call as a float (read on the host: no copy to the device, no
+    sync), else the tensor as it is."""
+    if scale is not None and scale.device.type == "cpu" and device.type != "cpu":
+        return float(scale)
+    return scale
+
+
+def _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
+    """8-bit (or scaled) caches on the C++ backend: the positions up to the longest sequence's last new
+    token dequantized into q's dtype (``_kv_quant.dequantize``), then the C++ kernel. Lengths checked."""
+    B, T = q.shape[:2]
+    S = k_cache.shape[2] if B == 0 else int(cache_seqlens.max()) + T
+    k = _kv_quant.dequantize(k_cache[:, :, :S], k_scale, q.dtype)
+    v = _kv_quant.dequantize(v_cache[:, :, :S], v_scale, q.dtype)
+    return _ext.op(OP)(q, k, v, cache_seqlens, tree_mask, sm_scale)
 
 
 @torch.library.custom_op("eagle::tree_attention", mutates_args=())
@@ -1032,21 +1212,25 @@ def _tree_attention_op(
     cache_seqlens: torch.Tensor,
     tree_mask: torch.Tensor | None,
     sm_scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # The public function checked these already (a cache hit here); a direct torch.ops call or a
     # compiled graph reaches the kernels only through this check.
-    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
-    return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
+    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
+    return _run_tree_attention(
+        q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale=k_scale, v_scale=v_scale
+    )
 
 
 @_tree_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale):
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale=None, v_scale=None):
     return q.new_empty(q.shape)
 
 
 def _tree_attention_setup_context(ctx, inputs, output) -> None:
-    q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale = inputs
-    ctx.save_for_backward(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale = inputs
+    ctx.save_for_backward(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
     ctx.sm_scale = sm_scale
 
 
@@ -1054,15 +1238,15 @@ def _tree_attention_backward(ctx, grad: torch.Tensor):
     """Gradients for q, k_cache and v_cache by differentiating :func:`tree_attention_ref` (recomputed
     from the saved inputs; it materialises the [B, Hq, T, S_max] scores: a training-time path, e.g.
     EAGLE-3's training-time test, not a fast one). The cache's positions a query never sees get 0."""
-    q, k_cache, v_cache, cache_seqlens, tree_mask = ctx.saved_tensors
+    q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale = ctx.saved_tensors
     need = ctx.needs_input_grad[:3]
     if tree_mask is not None:
         tree_mask = _packed_rows_trimmed(tree_mask, q.shape[1])
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k_cache, v_cache), need)]
-        out = tree_attention_ref(*leaves, cache_seqlens, tree_mask, ctx.sm_scale)
+        out = tree_attention_ref(*leaves, cache_seqlens, tree_mask, ctx.sm_scale, k_scale, v_scale)
         grads = iter(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], grad))
-    return (*(next(grads) if n else None for n in need), None, None, None)
+    return (*(next(grads) if n else None for n in need), None, None, None, None, None)
 
 
 _tree_attention_op.register_autograd(_tree_attention_backward, setup_context=_tree_attention_setup_context)
@@ -1077,15 +1261,17 @@ def _tree_attention_out_op(
     tree_mask: torch.Tensor | None,
     sm_scale: float,
     out: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """:func:`tree_attention` into a preallocated ``out`` ``[B, T, Hq, D]`` (q's dtype and device)."""
-    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
     _check_out(out, q, k_cache, v_cache)
-    _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out)
+    _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out, k_scale, v_scale)
 
 
 @_tree_attention_out_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out):
+def _(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, out, k_scale=None, v_scale=None):
     return None
 
 
@@ -1129,22 +1315,24 @@ def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -
         )
 
 
-def _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
+def _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale=None, v_scale=None) -> None:
     """Shape/dtype/device checks (no value reads). A call whose signature (shapes, dtypes, devices,
     strides) already passed skips them: the signature is all they look at."""
-    _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, cache_seqlens, tree_mask)
+    _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
 
 
 _CHECKED = SignatureCache()
 
 
-def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask) -> None:
+def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
     device = q.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES, device=device)
-    check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=KV_DTYPES, device=device)
+    check_tensor("v_cache", v_cache, ndim=4, dtypes=KV_DTYPES, device=device)
+    _kv_quant.check_kv_dtypes(q, k_cache, v_cache)
+    _kv_quant.check_scale("k_scale", k_scale, k_cache.shape[1], device)
+    _kv_quant.check_scale("v_scale", v_scale, k_cache.shape[1], device)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} must match")
     if k_cache.shape[0] != B:
@@ -1189,6 +1377,8 @@ def tree_attention(
     *,
     sm_scale: float | None = None,
     out: torch.Tensor | None = None,
+    k_scale: float | torch.Tensor | None = None,
+    v_scale: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``T`` new tokens per sequence over the committed prefix and the new tokens.
 
@@ -1198,7 +1388,8 @@ def tree_attention(
         float64 runs the reference)
         Queries of the ``T`` new tokens of each sequence (a prefill chunk, one decode token, or the
         slots of a draft tree). Any strides.
-    k_cache, v_cache : Tensor ``[B, Hkv, S_max, D]``, q's dtype
+    k_cache, v_cache : Tensor ``[B, Hkv, S_max, D]``, q's dtype, or an 8-bit KV cache: float8_e4m3fn,
+        float8_e5m2 or int8 (both the same dtype; see ``k_scale``)
         Keys and values of the in-place cache, typically the strided views ``kv[layer, 0]`` and
         ``kv[layer, 1]`` of a ``[num_layers, 2, B, Hkv, S_max, D]`` buffer. Positions
         ``0 .. cache_seqlens[b] - 1`` hold the committed prefix; the new tokens' K/V are already
@@ -1223,6 +1414,16 @@ def tree_attention(
         q's dtype and device, sharing no memory with q or the caches: the result is written into it
         and it is returned (an engine's preallocated output, e.g. a view of ``[num_tokens, Hq * D]``).
         Any strides; a contiguous ``out`` is written by the CUDA kernels directly. Not with autograd.
+    k_scale, v_scale : float or Tensor, optional
+        Dequantization scales of an 8-bit cache (vLLM's and SGLang's ``k_scale`` / ``v_scale``): the
+        keys are ``k_cache * k_scale`` and the values ``v_cache * v_scale``. A float, or a floating
+        tensor holding one value (``[]`` / ``[1]``) or one per kv head (``[Hkv]``) on q's device (a
+        one-value scale may also be a CPU tensor: it is read on the host). Finite and > 0 (checked for
+        floats and CPU tensors; on CUDA in debug mode). None: 1 (e.g. vLLM's ``fp8_e5m2``). The
+        Triton kernel converts each 8-bit tile to q's dtype, which is exact, and folds the scales into
+        the softmax scale and the output; float8_e4m3fn on GPUs before sm_89 (A100) is converted in
+        the kernel's integer code. On CPU the read positions are dequantized into q's dtype (rounding
+        ``stored * scale`` once) and the C++ kernel runs on them.
 
     Returns
     -------
@@ -1242,14 +1443,16 @@ def tree_attention(
     built, else :func:`tree_attention_ref`. Differentiable in q, k_cache and v_cache: the backward
     differentiates the reference (recomputed; memory ``[B, Hq, T, S_max]``), for training, not speed.
     """
-    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
+    k_scale, v_scale = _kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale)
+    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
+    args = (q, k_cache, v_cache, cache_seqlens, tree_mask)
     if out is not None:
         _check_out(out, q, k_cache, v_cache)
-        if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask, out):
-            return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale, out)
-        torch.ops.eagle.tree_attention_out(q, k_cache, v_cache, cache_seqlens, tree_mask, scale, out)
+        if eager_fast_path(*args, out, k_scale, v_scale):
+            return _run_tree_attention(*args, scale, out, k_scale, v_scale)
+        torch.ops.eagle.tree_attention_out(*args, scale, out, k_scale, v_scale)
         return out
-    if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
-        return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
-    return torch.ops.eagle.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
+    if eager_fast_path(*args, k_scale, v_scale):
+        return _run_tree_attention(*args, scale, k_scale=k_scale, v_scale=v_scale)
+    return torch.ops.eagle.tree_attention(*args, scale, k_scale, v_scale)

@@ -98,10 +98,11 @@ class LaunchRecorder:
         return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
-def record_tree_attention_launches(q, k, v, seqlens, mask, config, block_table=None) -> list[tuple]:
+def record_tree_attention_launches(q, k, v, seqlens, mask, config, block_table=None, **scales) -> list[tuple]:
     """(kernel, args, keyword args) of every launch tree_attention's Triton launcher makes for these
     CPU tensors under ``config`` (a LaunchConfig), with the dot precision a CUDA launch uses (the
-    interpreter's bf16 workaround is CPU-only); with ``block_table``, paged caches."""
+    interpreter's bf16 workaround is CPU-only); with ``block_table``, paged caches; ``scales``:
+    ``k_scale`` / ``v_scale`` of 8-bit caches."""
     import importlib
 
     ta = importlib.import_module("eagle_kernels.tree_attention")  # (the package re-exports the function)
@@ -109,7 +110,7 @@ def record_tree_attention_launches(q, k, v, seqlens, mask, config, block_table=N
     original = ta._launch
     ta._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
     try:
-        ta._tree_attention_triton(q, k, v, seqlens, mask, 0.1, config, block_table=block_table)
+        ta._tree_attention_triton(q, k, v, seqlens, mask, 0.1, config, block_table=block_table, **scales)
     finally:
         ta._launch = original
     for _, _, kw in launches:

@@ -81,6 +81,39 @@ def _paged_tree_attention(
     return record_tree_attention_launches(q, pool[0], pool[1], seqlens, mask, config, table)
 
 
+def _quantized_tree_attention(B, T, Hkv, S, kv_dtype, scales, native_e4m3=False, page=0) -> list[tuple]:
+    """8-bit caches (fp8 / int8) with ``scales``: "heads" ([Hkv] tensors read by the kernel), "one"
+    ([1] tensors) or "floats" (a CUDA call's host-side scales: K folded, V by value). On CPU tensors
+    the launcher converts e4m3 bit by bit (as on GPUs before sm_89); ``native_e4m3`` records the
+    launch of an sm_89+ GPU instead. ``page``: a paged cache of that page size."""
+    ta = _module("tree_attention")
+    Hq, D = 4 * Hkv, 128
+    q, kv = Z(B, T, Hq, D, dtype=BF16), Z(2, B, Hkv, S, D).to(kv_dtype)
+    k, v, table = kv[0], kv[1], None
+    if page:
+        k, v = (c.transpose(1, 2).reshape(B * S // page, page, Hkv, D) for c in (k, v))
+        table = torch.arange(B * S // page, dtype=I32).view(B, S // page)
+    seqlens = torch.full((B,), S - T, dtype=I32)
+    mask = Z(B, T, (T + 31) // 32, dtype=I32)
+    kw = {
+        "heads": dict(k_scale=torch.ones(Hkv), v_scale=torch.ones(Hkv)),
+        "one": dict(k_scale=torch.ones(1), v_scale=torch.ones(1)),
+        "floats": dict(k_scale=0.5, v_scale=0.25),
+    }[scales]
+    config = ta.LaunchConfig(num_splits=2 if B == 1 else 1)
+    fp8_bits = ta._fp8_bits
+    if native_e4m3:
+        ta._fp8_bits = lambda cache: 0
+    try:
+        return record_tree_attention_launches(q, k, v, seqlens, mask, config, table, **kw)
+    finally:
+        ta._fp8_bits = fp8_bits
+
+
+# Cases that only some targets can compile: Triton has float8_e4m3fn from sm_89 on.
+ONLY_ON = {"tree_attention fp8 e4m3 native B1 split": (90,), "paged_tree_attention fp8 e4m3 native": (90,)}
+
+
 def _tree_sampling(B, n, V, steps, draft, lossy, index_dtype=I64) -> list[tuple]:
     tss = _module("tree_speculative_sampling")
     index = Z(B, n, dtype=index_dtype)
@@ -209,6 +242,34 @@ def cases() -> list[tuple[str, object]]:
             lambda: _paged_tree_attention(2, 8, 4, 2, 64, 3, 64, F32, "i32", 2),
         ),
     ]
+    E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+    out += [
+        (
+            "tree_attention fp8 e4m3 bits B1 split",
+            lambda: _quantized_tree_attention(1, 64, 8, 2128, E4M3, "heads"),
+        ),
+        (
+            "tree_attention fp8 e4m3 native B1 split",
+            lambda: _quantized_tree_attention(1, 64, 8, 2128, E4M3, "heads", True),
+        ),
+        (
+            "tree_attention fp8 e5m2 bits B8 floats",
+            lambda: _quantized_tree_attention(8, 64, 8, 2128, E5M2, "floats"),
+        ),
+        (
+            "tree_attention fp8 e5m2 native B1",
+            lambda: _quantized_tree_attention(1, 64, 8, 2128, E5M2, "one", True),
+        ),
+        ("tree_attention int8 B8 one", lambda: _quantized_tree_attention(8, 16, 2, 1040, torch.int8, "one")),
+        (
+            "paged_tree_attention fp8 e4m3 native",
+            lambda: _quantized_tree_attention(4, 64, 8, 2048, E4M3, "heads", True, 16),
+        ),
+        (
+            "paged_tree_attention fp8 e4m3 bits",
+            lambda: _quantized_tree_attention(4, 64, 8, 2048, E4M3, "one", False, 16),
+        ),
+    ]
     for draft, lossy in ((True, False), (False, False), (False, True)):
         tag = "draft" if draft else ("lossy" if lossy else "target-only")
         out += [
@@ -266,7 +327,7 @@ def compile_all() -> None:
             failures.append(f"{name}: recording failed: {type(exc).__name__}: {exc}")
             continue
         for kernel, args, kwargs in launches:
-            for arch in ARCHS:
+            for arch in ONLY_ON.get(name, ARCHS):
                 try:
                     compile_like_jit(kernel, args, kwargs, arch)
                 except Exception as exc:  # noqa: BLE001

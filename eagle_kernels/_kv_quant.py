@@ -1,0 +1,124 @@
+"""Quantized KV caches for the attention ops: fp8 / int8 caches with per-tensor or per-kv-head scales.
+
+Serving stacks halve their KV memory by storing K and V in 8 bits: vLLM's and SGLang's
+``kv_cache_dtype="fp8"`` (``float8_e4m3fn``, with ``k_scale`` / ``v_scale``), ``"fp8_e5m2"``
+(``float8_e5m2``, usually without scales) and TensorRT-LLM's int8 / fp8 caches. The real key of a
+stored one is ``k_stored * k_scale`` (and V likewise); a scale is one value for the whole cache, or
+one per kv head.
+
+:func:`eagle_kernels.tree_attention` and :func:`eagle_kernels.paged_tree_attention` take such caches
+with ``k_scale=`` / ``v_scale=``. Their Triton kernel converts each loaded tile to q's dtype (exact: an
+fp8 or int8 value is a float16 / bfloat16 value) and folds the scales into the softmax scale (K) and
+the output (V), which is ``softmax(q (s_k k)^T) (s_v v) = s_v softmax((s_k q) k^T) v`` written out.
+The CPU path dequantizes the positions it reads into q's dtype and runs the unquantized kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from eagle_kernels._checks import FLOAT_DTYPES, check_tensor
+
+QUANT_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
+KV_DTYPES = FLOAT_DTYPES + QUANT_KV_DTYPES
+
+# How the Triton kernel gets a scale (constexprs K_SCALE / V_SCALE): none, one value read from device
+# memory, one per kv head read from device memory, or one value passed as a kernel argument (a scale
+# held on the host; for K it is folded into the softmax scale before the launch).
+NO_SCALE, SCALE_AT_PTR, SCALE_PER_HEAD, SCALE_VALUE = 0, 1, 2, 3
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_kv_dtypes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """K and V share one dtype: q's, or an 8-bit one of :data:`QUANT_KV_DTYPES` (dequantized with the
+    scales). The caches' own dtype checks (:data:`KV_DTYPES`) come first."""
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(
+            f"dtypes must match: k_cache={_name(k_cache.dtype)}, v_cache={_name(v_cache.dtype)} "
+            "(K and V share one dtype)"
+        )
+    if k_cache.dtype != q.dtype and k_cache.dtype not in QUANT_KV_DTYPES:
+        raise TypeError(
+            f"dtypes must match: q={_name(q.dtype)}, k_cache={_name(k_cache.dtype)}, "
+            f"v_cache={_name(v_cache.dtype)} (or the caches may be "
+            f"{', '.join(_name(d) for d in QUANT_KV_DTYPES)} with k_scale / v_scale)"
+        )
+
+
+def as_scale(name: str, value: object) -> torch.Tensor | None:
+    """The public argument as the registered op takes it: None, or a tensor (a Python number becomes a
+    float32 0-d CPU tensor, which the op reads on the host: no device copy, no sync). A number must be
+    finite and positive."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be None, a float or a tensor, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def check_scale(name: str, scale: torch.Tensor | None, Hkv: int, device: torch.device) -> None:
+    """Shape, dtype and device of a scale tensor (no value reads): a floating tensor holding one value
+    (``[]`` or ``[1]``) or one per kv head (``[Hkv]``), on q's device; a one-value scale may also be
+    on the CPU whatever q's device (it is read on the host)."""
+    if scale is None:
+        return
+    check_tensor(name, scale, dtypes=FLOAT_DTYPES)
+    per_tensor = scale.dim() <= 1 and scale.numel() == 1
+    if not per_tensor and tuple(scale.shape) != (Hkv,):
+        raise ValueError(
+            f"{name} must hold one value ([] or [1]) or one per kv head ([Hkv] = [{Hkv}]), "
+            f"got shape {list(scale.shape)}"
+        )
+    if scale.device != device and not (per_tensor and scale.device.type == "cpu"):
+        raise ValueError(
+            f"{name} is on {scale.device} but the other inputs are on {device} (a one-value scale may "
+            "also be a CPU tensor)"
+        )
+
+
+def check_scale_values(name: str, scale: torch.Tensor | None) -> None:
+    """Every value finite and > 0 (a zero, negative or NaN scale is a broken checkpoint, and the kernels'
+    running maximum assumes a positive softmax scale). Reads values: on CUDA a host sync."""
+    if scale is None:
+        return
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must be finite and > 0, got {scale.detach().cpu().flatten().tolist()}")
+
+
+def scale_checks_due(scale: torch.Tensor | None, debug: bool) -> bool:
+    """Whether a scale's values are checked: where reading them costs no device sync, or in debug mode."""
+    return scale is not None and (scale.device.type == "cpu" or debug)
+
+
+def broadcast_scale(
+    scale: torch.Tensor | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor | None:
+    """A scale as ``[1, Hkv or 1, 1, 1]`` in ``dtype`` on ``device``, to multiply a ``[B, Hkv, S, D]``
+    cache by."""
+    if scale is None:
+        return None
+    return scale.to(device=device, dtype=dtype).reshape(1, -1, 1, 1)
+
+
+def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``cache * scale`` in ``dtype`` (a new tensor): ``cache`` ``[B, Hkv, S, D]``, any dtype; the
+    product is taken in float32 (float64 for a float64 ``dtype``) and rounded once."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    if scale is None:
+        return cache.to(dtype)
+    return (cache.to(wide) * broadcast_scale(scale, wide, cache.device)).to(dtype)
+
+
+def needs_dequantization(q: torch.Tensor, k_cache: torch.Tensor, k_scale, v_scale) -> bool:
+    """Whether the caches are not plain q-dtype caches (an 8-bit dtype, or any scale)."""
+    return k_cache.dtype != q.dtype or k_scale is not None or v_scale is not None
