@@ -93,7 +93,7 @@ def record_launches(module, shape, config, mask_format: str = "int32", kv: str =
     original, fp8_bits = module._launch, getattr(module, "_fp8_bits", None)
     module._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
     if kv in ("e4m3", "e5m2"):  # a GPU's conversion (CPU tensors would take the integer one)
-        module._fp8_bits = lambda cache: 0
+        module._fp8_bits = lambda cache, q_dtype=None: 0
     try:
         module._tree_attention_triton(
             q, kv_cache[0], kv_cache[1], seqlens, mask, shape.D**-0.5, config, **scales

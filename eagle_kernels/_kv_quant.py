@@ -7,10 +7,12 @@ stored one is ``k_stored * k_scale`` (and V likewise); a scale is one value for 
 one per kv head.
 
 :func:`eagle_kernels.tree_attention` and :func:`eagle_kernels.paged_tree_attention` take such caches
-with ``k_scale=`` / ``v_scale=``. Their Triton kernel converts each loaded tile to q's dtype (exact: an
+with ``k_scale=`` / ``v_scale=`` (vLLM allocates its fp8 caches as uint8: view them as
+``torch.float8_e4m3fn`` / ``torch.float8_e5m2``; ROCm's ``*fnuz`` formats are not supported). Their Triton kernel converts each loaded tile to q's dtype (exact: an
 fp8 or int8 value is a float16 / bfloat16 value) and folds the scales into the softmax scale (K) and
 the output (V), which is ``softmax(q (s_k k)^T) (s_v v) = s_v softmax((s_k q) k^T) v`` written out.
-The CPU path dequantizes the positions it reads into q's dtype and runs the unquantized kernel.
+The CPU path dequantizes the positions it reads into q's dtype (in the extension) and
+runs the unquantized kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numbers
 
 import torch
 
+from eagle_kernels import _ext
 from eagle_kernels._checks import FLOAT_DTYPES, check_tensor
 
 QUANT_KV_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)
@@ -57,12 +60,26 @@ def as_scale(name: str, value: object) -> torch.Tensor | None:
     finite and positive."""
     if value is None or isinstance(value, torch.Tensor):
         return value
+    if torch.compiler.is_compiling() and not isinstance(value, bool):
+        # torch.compile may trace a float as a symbol (dynamic floats), whose value Python cannot test
+        # here; the op checks the CPU tensor's value when it runs
+        return torch.tensor(value, dtype=torch.float32)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be None, a float or a tensor, got {type(value).__name__}")
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0, got {value}")
     return torch.tensor(value, dtype=torch.float32)
+
+
+def check_no_scale_grad(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
+    """Scales are constants of a calibrated cache: gradients do not flow into them, so one that
+    requires grad is refused rather than silently left without a gradient."""
+    if not torch.is_grad_enabled():
+        return
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is not None and scale.requires_grad:
+            raise RuntimeError(f"{name} requires grad, but no gradient flows into the scales; detach it")
 
 
 def check_scale(name: str, scale: torch.Tensor | None, Hkv: int, device: torch.device) -> None:
@@ -110,13 +127,38 @@ def broadcast_scale(
     return scale.to(device=device, dtype=dtype).reshape(1, -1, 1, 1)
 
 
-def dequantize(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(
+    cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, lengths: torch.Tensor | None = None
+) -> torch.Tensor:
     """``cache * scale`` in ``dtype`` (a new tensor): ``cache`` ``[B, Hkv, S, D]``, any dtype; the
-    product is taken in float32 (float64 for a float64 ``dtype``) and rounded once."""
+    product is taken in float32 (float64 for a float64 ``dtype``) and rounded once. With ``lengths``
+    (int ``[B]``, CPU) only rows ``s < lengths[b]`` are converted and the result is
+    ``[B, Hkv, max(lengths), D]``, zero past each length.
+
+    An 8-bit CPU cache goes through the extension's ``dequantize_kv``, which gives the same values
+    (PyTorch's own float8_e4m3fn conversion costs more than the attention it feeds:
+    ``bench/bench_tree_attention_quantized_kv.py``)."""
+    kind = _KINDS.get(cache.dtype)
+    if kind is not None and cache.device.type == "cpu" and _ext.has_op("dequantize_kv"):
+        if lengths is None:
+            lengths = torch.full((cache.shape[0],), cache.shape[2], dtype=torch.int64)
+        scales = None if scale is None else scale.to(device="cpu", dtype=torch.float64).reshape(-1)
+        return _ext.op("dequantize_kv")(cache.view(torch.uint8), kind, scales, dtype, lengths)
+    if lengths is not None:
+        cache = cache[:, :, : int(lengths.max()) if lengths.numel() else 0]
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     if scale is None:
-        return cache.to(dtype)
-    return (cache.to(wide) * broadcast_scale(scale, wide, cache.device)).to(dtype)
+        out = cache.to(dtype)
+    else:
+        out = (cache.to(wide) * broadcast_scale(scale, wide, cache.device)).to(dtype)
+    if lengths is not None:  # (zero past each length, as the extension's op)
+        past = torch.arange(out.shape[2], device=out.device)[None, :] >= lengths.to(out.device)[:, None]
+        out = out.masked_fill(past[:, None, :, None], 0)
+    return out
+
+
+# The extension's codes of the 8-bit dtypes (csrc/cpu/dequantize_kv.cpp).
+_KINDS = {torch.int8: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 
 
 def needs_dequantization(q: torch.Tensor, k_cache: torch.Tensor, k_scale, v_scale) -> bool:

@@ -235,8 +235,8 @@ def _dequantized_cpp(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask,
     """8-bit (or scaled) paged caches on the C++ backend: each sequence's pages up to its last new token
     gathered and dequantized into q's dtype, then the contiguous C++ kernel. Values checked before."""
     lengths = cache_seqlens.to(torch.int64) + q.shape[1]
-    k = _kv_quant.dequantize(gather_pages(k_cache, block_table, lengths), k_scale, q.dtype)
-    v = _kv_quant.dequantize(gather_pages(v_cache, block_table, lengths), v_scale, q.dtype)
+    k = _kv_quant.dequantize(gather_pages(k_cache, block_table, lengths), k_scale, q.dtype, lengths)
+    v = _kv_quant.dequantize(gather_pages(v_cache, block_table, lengths), v_scale, q.dtype, lengths)
     return _ext.op("tree_attention")(q, k, v, cache_seqlens, tree_mask, sm_scale)
 
 
@@ -387,6 +387,8 @@ def paged_tree_attention(
     differentiable (use :func:`tree_attention` for training).
     """
     k_scale, v_scale = _kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale)
+    if k_scale is not None or v_scale is not None:
+        _kv_quant.check_no_scale_grad(k_scale, v_scale)
     args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
     _check_args(*args, k_scale, v_scale)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)

@@ -934,12 +934,14 @@ def _scale_argument(scale: float | torch.Tensor | None, placeholder: torch.Tenso
 _FORCE_SOFT_E4M3 = False
 
 
-def _fp8_bits(cache: torch.Tensor) -> int:
+def _fp8_bits(cache: torch.Tensor, q_dtype: torch.dtype = torch.float16) -> int:
     """The KV_FP8_BITS constexpr: whether fp8 tiles are loaded as bytes and converted in the kernel's
     integer code (:func:`_kv_to_compute`). In the interpreter (CPU tensors) always: Triton 3.9's own
     conversions there read e4m3's NaN bytes as +-480 and round e5m2's subnormals. On CUDA float8_e4m3fn
-    before sm_89, where Triton has no e4m3 type; the hardware's conversion elsewhere (fewer instructions:
-    528 against the shift's 576 for e5m2 in the sm_90 main loop at the goal shape, B 1, by
+    before sm_89, where Triton has no e4m3 type, and float8_e5m2 into bfloat16, which Triton 3.9 does
+    by a shift and a multiply by 2**112 that turns inf / NaN bytes into finite values (PTX for sm_80,
+    sm_89 and sm_90, found in review). Elsewhere the hardware's conversion (fewer instructions: 528
+    against the shift's 576 for e5m2 in the sm_90 main loop at the goal shape, B 1, by
     ``bench/sass_tree_attention.py --kv``). 1: e4m3fn bytes, 2: e5m2 bytes, 0: the tile's own dtype."""
     code = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(cache.dtype, 0)
     device = cache.device
@@ -947,6 +949,8 @@ def _fp8_bits(cache: torch.Tensor) -> int:
         return code
     if code == 1 and (_FORCE_SOFT_E4M3 or (device.type == "cuda" and _capability(device) < (8, 9))):
         return 1
+    if code == 2 and q_dtype == torch.bfloat16:
+        return 2
     return 0
 
 
@@ -1038,7 +1042,7 @@ def _tree_attention_triton(
         _scale_argument(k_scale, cache_seqlens),
         _scale_argument(v_scale, cache_seqlens),
     )
-    fp8_bits = _fp8_bits(k_cache)
+    fp8_bits = _fp8_bits(k_cache, q.dtype)
     if fp8_bits:  # the kernel converts the bytes itself
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     spec = _launch_spec(
@@ -1195,12 +1199,11 @@ def _host_scale(scale: torch.Tensor | None, device: torch.device) -> float | tor
 
 
 def _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
-    """8-bit (or scaled) caches on the C++ backend: the positions up to the longest sequence's last new
-    token dequantized into q's dtype (``_kv_quant.dequantize``), then the C++ kernel. Lengths checked."""
-    B, T = q.shape[:2]
-    S = k_cache.shape[2] if B == 0 else int(cache_seqlens.max()) + T
-    k = _kv_quant.dequantize(k_cache[:, :, :S], k_scale, q.dtype)
-    v = _kv_quant.dequantize(v_cache[:, :, :S], v_scale, q.dtype)
+    """8-bit (or scaled) caches on the C++ backend: each sequence's positions up to its last new token
+    dequantized into q's dtype (``_kv_quant.dequantize``), then the C++ kernel. Lengths checked."""
+    lengths = cache_seqlens.to(torch.int64) + q.shape[1]
+    k = _kv_quant.dequantize(k_cache, k_scale, q.dtype, lengths)
+    v = _kv_quant.dequantize(v_cache, v_scale, q.dtype, lengths)
     return _ext.op(OP)(q, k, v, cache_seqlens, tree_mask, sm_scale)
 
 
@@ -1423,7 +1426,10 @@ def tree_attention(
         Triton kernel converts each 8-bit tile to q's dtype, which is exact, and folds the scales into
         the softmax scale and the output; float8_e4m3fn on GPUs before sm_89 (A100) is converted in
         the kernel's integer code. On CPU the read positions are dequantized into q's dtype (rounding
-        ``stored * scale`` once) and the C++ kernel runs on them.
+        ``stored * scale`` once) and the C++ kernel runs on them. A float or CPU scale is read when the
+        call runs (inside a CUDA graph: its value at capture); a tensor on q's device is read by the
+        kernel (vLLM's ``layer._k_scale``). No gradient flows into the scales (one that requires grad
+        is refused). vLLM allocates fp8 caches as uint8: pass ``cache.view(torch.float8_e4m3fn)``.
 
     Returns
     -------
@@ -1444,6 +1450,8 @@ def tree_attention(
     differentiates the reference (recomputed; memory ``[B, Hq, T, S_max]``), for training, not speed.
     """
     k_scale, v_scale = _kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale)
+    if k_scale is not None or v_scale is not None:
+        _kv_quant.check_no_scale_grad(k_scale, v_scale)
     _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask)

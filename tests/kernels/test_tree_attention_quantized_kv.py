@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle_kernels import paged_tree_attention, tree_attention
+from eagle_kernels import _ext, _kv_quant, paged_tree_attention, tree_attention
 from eagle_kernels._kv_quant import QUANT_KV_DTYPES
 from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton
 from tests.kernels.helpers import FP32_RTOL, backends_for, run_with_backend
@@ -119,7 +119,7 @@ def test_every_8_bit_value_converts_exactly(device, q_dtype):
     for dtype in QUANT_KV_DTYPES:
         stored = every.view(dtype)
         want = stored.to(q_dtype).float()
-        for fp8_bits in sorted({ta._fp8_bits(stored), {E4M3: 1, E5M2: 2}.get(dtype, 0)}):
+        for fp8_bits in sorted({ta._fp8_bits(stored, q_dtype), {E4M3: 1, E5M2: 2}.get(dtype, 0)}):
             got = _converted(stored, q_dtype, fp8_bits)
             assert torch.equal(got.isnan(), want.isnan()), (dtype, fp8_bits)
             ok = ~want.isnan()
@@ -136,6 +136,8 @@ def test_the_launcher_converts_fp8_bytes_where_triton_cannot(monkeypatch):
     for capability, bits in [((8, 0), 1), ((8, 6), 1), ((8, 9), 0), ((9, 0), 0)]:
         monkeypatch.setattr(ta, "_capability", lambda device, c=capability: c)
         assert ta._fp8_bits(e4m3) == bits and ta._fp8_bits(e5m2) == 0, capability
+        # Triton's own e5m2 -> bfloat16 turns inf / NaN bytes into finite values
+        assert ta._fp8_bits(e5m2, torch.bfloat16) == 2 and ta._fp8_bits(e5m2, torch.float32) == 0
     monkeypatch.setattr(ta, "_FORCE_SOFT_E4M3", True)
     assert ta._fp8_bits(e4m3) == 1 and ta._fp8_bits(e5m2) == 0
 
@@ -321,6 +323,43 @@ def test_torch_compile_with_float_and_tensor_scales():
     got = torch.compile(layer, fullgraph=True)(*args)
     torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=1e-5)
 
+    def with_floats(q, k, v, seqlens, mask, ks: float, vs: float):
+        return tree_attention(q, k, v, seqlens, mask, k_scale=ks, v_scale=vs)
+
+    # floats passed in, and changed between calls: traced as symbols, not constants (found in review:
+    # the Python value check failed on them under fullgraph)
+    compiled = torch.compile(with_floats, fullgraph=True)
+    for ks, vs in [(0.5, 2.0), (0.25, 3.0), (0.75, 1.5)]:
+        torch.testing.assert_close(
+            compiled(*args[:5], ks, vs), with_floats(*args[:5], ks, vs), rtol=FP32_RTOL, atol=1e-5
+        )
+
+
+def test_a_scale_that_requires_grad_is_refused():
+    """No gradient flows into the scales (constants of a calibrated cache): found in review to be
+    silently dropped, as it was with out=."""
+    real, k, v, _, _ = quantized_case(2, 4, 4, 2, 16, "bool", 21, E4M3, "none")
+    ks = torch.tensor([0.5, 2.0], requires_grad=True)
+    for call in (
+        lambda **kw: tree_attention(real.q.float(), k, v, real.seqlens, real.mask, k_scale=ks, **kw),
+        lambda **kw: paged_tree_attention(
+            real.q.float(),
+            *paged_quantized(real, k, v, 4, "nhd", E4M3)[:3],
+            real.seqlens,
+            real.mask,
+            v_scale=ks,
+            **kw,
+        ),
+    ):
+        with pytest.raises(
+            RuntimeError, match="(k|v)_scale requires grad, but no gradient flows into the scales"
+        ):
+            call()
+        with pytest.raises(RuntimeError, match="requires grad"):
+            call(out=torch.empty_like(real.q.float()))
+        with torch.no_grad():
+            assert torch.isfinite(call()).all()
+
 
 def test_gradient_of_q_through_an_8_bit_cache():
     """The backward (the reference's) sees the dequantized cache: q's gradient equals the one through
@@ -409,3 +448,58 @@ def test_bad_input_raises(mutate, error, match, paged_cache):
     for backend in _all_backends(torch.device("cpu")):
         with pytest.raises(error, match=match):
             run_with_backend(backend, *call, **scales)
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU dequantization (the extension's table lookup, and its torch fallback)
+# --------------------------------------------------------------------------------------------------
+def _require_dequantize_op():
+    if not _ext.has_op("dequantize_kv"):
+        pytest.skip("the C++ extension (dequantize_kv) is not built")
+
+
+@pytest.mark.parametrize("kv_dtype", QUANT_KV_DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_cpu_dequantization_equals_the_torch_conversion(kv_dtype, dtype, monkeypatch):
+    """Every byte value, per-head / one / no scale, a strided cache and ragged lengths: the lookup
+    gives ``stored * scale`` rounded once, as the torch path does, and zeros past each length."""
+    _require_dequantize_op()
+    gen = torch.Generator().manual_seed(0)
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    raw = every[torch.randint(0, 256, (3, 2, 40, 24), generator=gen)]
+    cache = raw.view(kv_dtype).transpose(1, 2).contiguous().transpose(1, 2)[..., :20]  # strided, D 20
+    lengths = torch.tensor([40, 0, 17])
+    for scale in (None, torch.tensor([0.37, 3.1]), torch.tensor(0.05)):
+        got = _kv_quant.dequantize(cache, scale, dtype, lengths)
+        monkeypatch.setattr(_ext, "has_op", lambda name, device_type="cpu": False)
+        want = _kv_quant.dequantize(cache, scale, dtype, lengths)
+        monkeypatch.undo()
+        assert got.shape == (3, 2, 40, 20) and got.dtype == dtype
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()), scale
+        assert not got[1].any() and not got[2, :, 17:].any()  # zero past each length
+
+
+def test_cpu_dequantization_op_checks_its_arguments():
+    _require_dequantize_op()
+    op = _ext.op("dequantize_kv")
+    cache, scale, lengths = (
+        torch.zeros(2, 3, 8, 16, dtype=torch.uint8),
+        torch.ones(3, dtype=torch.float64),
+        torch.tensor([8, 1]),
+    )
+    assert op(cache, 1, scale, torch.float32, lengths).shape == (2, 3, 8, 16)
+    for args, match in [
+        ((cache.float(), 1, scale, torch.float32, lengths), "cache must be uint8"),
+        ((cache[0], 1, scale, torch.float32, lengths), r"cache must be \[B, H, S, D\]"),
+        ((cache, 3, scale, torch.float32, lengths), r"kind must be 0 \(int8\), 1 \(float8_e4m3fn\) or 2"),
+        ((cache, 1, scale, torch.int32, lengths), "dtype must be float32, bfloat16, float16 or float64"),
+        ((cache, 1, scale[:2], torch.float32, lengths), r"scale must be a CPU tensor \[1 or H=3\]"),
+        ((cache, 1, scale[None], torch.float32, lengths), r"scale must be a CPU tensor"),
+        ((cache, 1, scale, torch.float32, lengths.float()), "lengths must be int32 or int64"),
+        ((cache, 1, scale, torch.float32, lengths[:1]), r"lengths must be \[B=2\]"),
+        ((cache, 1, scale, torch.float32, torch.tensor([9, 1])), r"lengths\[0\] = 9 is outside 0..S=8"),
+        ((cache, 1, scale, torch.float32, torch.tensor([1, -1])), r"lengths\[1\] = -1 is outside"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            op(*args)

@@ -103,7 +103,7 @@ def _quantized_tree_attention(B, T, Hkv, S, kv_dtype, scales, native_e4m3=False,
     config = ta.LaunchConfig(num_splits=2 if B == 1 else 1)
     fp8_bits = ta._fp8_bits
     if native_e4m3:
-        ta._fp8_bits = lambda cache: 0
+        ta._fp8_bits = lambda cache, q_dtype=None: 0
     try:
         return record_tree_attention_launches(q, k, v, seqlens, mask, config, table, **kw)
     finally:
