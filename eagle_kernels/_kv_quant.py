@@ -107,9 +107,9 @@ def check_scale_values(name: str, scale: torch.Tensor | None) -> None:
     running maximum assumes a positive softmax scale). Reads values: on CUDA a host sync."""
     if scale is None:
         return
-    bad = ~(torch.isfinite(scale) & (scale > 0))
-    if bool(bad.any()):
-        raise ValueError(f"{name} must be finite and > 0, got {scale.detach().cpu().flatten().tolist()}")
+    values = scale.detach().reshape(-1).tolist()  # (a few values: cheaper than tensor ops on CPU)
+    if not all(math.isfinite(x) and x > 0 for x in values):
+        raise ValueError(f"{name} must be finite and > 0, got {values}")
 
 
 def scale_checks_due(scale: torch.Tensor | None, debug: bool) -> bool:
@@ -157,7 +157,20 @@ def dequantize(
     return out
 
 
-# The extension's codes of the 8-bit dtypes (csrc/cpu/dequantize_kv.cpp).
+def cpu_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
+    """The C++ attention over an 8-bit CPU cache, converting each block of keys as it reads it
+    (``eagle_C::quantized_tree_attention``: contiguous caches with ``block_table`` None, else paged);
+    None where the extension lacks it or the cache is not 8-bit (the caller then dequantizes first).
+    ``cache_seqlens`` int32; values checked by the caller."""
+    kind = _KINDS.get(k_cache.dtype)
+    if kind is None or not _ext.has_op("quantized_tree_attention"):
+        return None
+    k_bytes, v_bytes = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    op = _ext.op("quantized_tree_attention")
+    return op(q, k_bytes, v_bytes, block_table, cache_seqlens, tree_mask, sm_scale, kind, k_scale, v_scale)
+
+
+# The extension's codes of the 8-bit dtypes (csrc/cpu/kv_decode.h).
 _KINDS = {torch.int8: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 
 

@@ -232,8 +232,14 @@ def _run_paged_tree_attention(
 
 
 def _dequantized_cpp(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
-    """8-bit (or scaled) paged caches on the C++ backend: each sequence's pages up to its last new token
-    gathered and dequantized into q's dtype, then the contiguous C++ kernel. Values checked before."""
+    """8-bit (or scaled) paged caches on the C++ backend: the kernel that converts each block of keys as
+    it reads it, else each sequence's pages up to its last new token gathered and dequantized into q's
+    dtype, then the contiguous C++ kernel. Values checked before."""
+    fused = _kv_quant.cpu_attention(
+        q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale
+    )
+    if fused is not None:
+        return fused
     lengths = cache_seqlens.to(torch.int64) + q.shape[1]
     k = _kv_quant.dequantize(gather_pages(k_cache, block_table, lengths), k_scale, q.dtype, lengths)
     v = _kv_quant.dequantize(gather_pages(v_cache, block_table, lengths), v_scale, q.dtype, lengths)

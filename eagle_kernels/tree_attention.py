@@ -1199,8 +1199,14 @@ def _host_scale(scale: torch.Tensor | None, device: torch.device) -> float | tor
 
 
 def _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
-    """8-bit (or scaled) caches on the C++ backend: each sequence's positions up to its last new token
+    """8-bit (or scaled) caches on the C++ backend: the kernel that converts each block of keys as it
+    reads it, else (a scaled cache in q's dtype) each sequence's positions up to its last new token
     dequantized into q's dtype (``_kv_quant.dequantize``), then the C++ kernel. Lengths checked."""
+    fused = _kv_quant.cpu_attention(
+        q, k_cache, v_cache, None, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale
+    )
+    if fused is not None:
+        return fused
     lengths = cache_seqlens.to(torch.int64) + q.shape[1]
     k = _kv_quant.dequantize(k_cache, k_scale, q.dtype, lengths)
     v = _kv_quant.dequantize(v_cache, v_scale, q.dtype, lengths)

@@ -32,6 +32,7 @@
 #include "cpu_isa.h"
 #include "tree_attention_amx.h"
 #include "tree_attention_dpbf16.h"
+#include "kv_decode.h"
 #include "tensor_pool.h"
 
 namespace eagle {
@@ -58,6 +59,13 @@ struct Problem {
   // nullptr for contiguous caches.
   const int64_t* block_table;
   int64_t table_cols, page;
+  // 8-bit caches (paged, or contiguous seen as one page per sequence): k / v hold bytes, converted a row
+  // at a time into q's dtype by kv_convert (kv_decode.h's row_converter) with kv head h's scales
+  // k_scales[h * scale_stride] / v_scales[...]; kv_convert is nullptr for caches in q's dtype.
+  void (*kv_convert)(const uint8_t* src, int64_t s_d, double scale, void* dst, int64_t D);
+  const double* k_scales;
+  const double* v_scales;
+  int64_t scale_stride;
   double sm_scale;
   bool amx_scores;  // bf16 with D % 32 == 0 and K contiguous along D: scores on AMX tiles
   bool amx_pv;      // and P @ V (unless EAGLE_CPU_AMX_PV=0)
@@ -166,16 +174,22 @@ bool is_float_type(at::ScalarType t) {
 // heads), lengths' shape, devices and the mask.
 void check_common_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                        const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask, int64_t Hkv,
-                       const char* layout, bool paged) {
+                       const char* layout, bool paged, bool quantized = false) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be [B, T, Hq, D], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must be ", layout, ", got shape ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache ", v_cache.sizes(),
                     " must have k_cache's shape ", k_cache.sizes());
   TORCH_CHECK_TYPE(is_float_type(q.scalar_type()), "q must be float16/bfloat16/float32/float64, got ",
                    q.scalar_type());
-  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-                   "dtypes must match: q=", q.scalar_type(), ", k_cache=", k_cache.scalar_type(),
-                   ", v_cache=", v_cache.scalar_type());
+  if (quantized) {
+    TORCH_CHECK_TYPE(k_cache.scalar_type() == at::kByte && v_cache.scalar_type() == at::kByte,
+                     "8-bit caches are passed as their bytes (uint8), got k_cache=", k_cache.scalar_type(),
+                     ", v_cache=", v_cache.scalar_type());
+  } else {
+    TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+                     "dtypes must match: q=", q.scalar_type(), ", k_cache=", k_cache.scalar_type(),
+                     ", v_cache=", v_cache.scalar_type());
+  }
   const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
   TORCH_CHECK_VALUE(paged || k_cache.size(0) == B, "k_cache must be ", layout, " with B=", B, ", got ",
                     k_cache.sizes());
@@ -216,10 +230,10 @@ void check_lengths(const at::Tensor& cache_seqlens, int64_t T, int64_t capacity,
 }
 
 void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask) {
+                const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask, bool quantized = false) {
   const char* layout = "[B, Hkv, S_max, D]";
   check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(1) : 0, layout,
-                    false);
+                    false, quantized);
   check_lengths(cache_seqlens, q.size(1), k_cache.size(2), "S_max");
 }
 
@@ -229,10 +243,10 @@ void check_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
 // for the columns it does not read.
 at::Tensor check_paged_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& block_table, const at::Tensor& cache_seqlens,
-                            const std::optional<at::Tensor>& tree_mask) {
+                            const std::optional<at::Tensor>& tree_mask, bool quantized = false) {
   const char* layout = "[num_blocks, page_size, Hkv, D]";
   check_common_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_cache.dim() == 4 ? k_cache.size(2) : 0, layout,
-                    true);
+                    true, quantized);
   const int64_t B = q.size(0), T = q.size(1), num_blocks = k_cache.size(0), page = k_cache.size(1);
   TORCH_CHECK_VALUE(num_blocks > 0 && page > 0, "k_cache must be ", layout,
                     " with at least one block of at least one position, got ", k_cache.sizes());
@@ -310,12 +324,16 @@ int64_t scratch_bytes(int64_t rows, int64_t D, int64_t max_keys, int64_t T, int6
 }
 
 // The checked problem of either layout: `table` (contiguous int64 [B, max_blocks]) set for a paged cache.
+// 8-bit caches (`kind` >= 0, kv_decode.h, with float64 scales [1 or Hkv]) are read as paged ones;
+// a contiguous one ([B, Hkv, S_max, D] bytes, `pool_layout` false) as one page of S_max per sequence.
 at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& tree_mask, double sm_scale,
-                  const at::Tensor& table) {
+                  const at::Tensor& table, int64_t kind = -1, const at::Tensor& k_scales = at::Tensor(),
+                  const at::Tensor& v_scales = at::Tensor(), bool pool_layout = true) {
   const bool paged = table.defined();
+  pool_layout = paged && pool_layout;
   const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(paged ? 2 : 1);
+  const int64_t Hkv = k_cache.size(pool_layout ? 2 : 1);
   auto out = pool::empty({B, T, Hq, D}, q.scalar_type());
   if (out.numel() == 0) return out;
   const auto seqlens = cache_seqlens.contiguous();
@@ -334,14 +352,18 @@ at::Tensor attend(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
   const int64_t rows_in_budget = std::max<int64_t>(1, kScoreBytesPerTask / (8 * std::max<int64_t>(1, max_keys)));
   P.rows_per_task = std::min<int64_t>({kRowsPerTask, rows_in_budget, T * P.G});
   P.sq_b = q.stride(0), P.sq_t = q.stride(1), P.sq_h = q.stride(2), P.sq_d = q.stride(3);
-  const int64_t h_dim = paged ? 2 : 1, s_dim = paged ? 1 : 2;  // paged: [num_blocks, page, Hkv, D]
+  const int64_t h_dim = pool_layout ? 2 : 1, s_dim = pool_layout ? 1 : 2;  // pool: [num_blocks, page, Hkv, D]
   P.sk_b = k_cache.stride(0), P.sk_h = k_cache.stride(h_dim), P.sk_s = k_cache.stride(s_dim);
   P.sk_d = k_cache.stride(3);
   P.sv_b = v_cache.stride(0), P.sv_h = v_cache.stride(h_dim), P.sv_s = v_cache.stride(s_dim);
   P.sv_d = v_cache.stride(3);
   P.block_table = paged ? table.data_ptr<int64_t>() : nullptr;
   P.table_cols = paged ? table.size(1) : 0;
-  P.page = paged ? k_cache.size(1) : 0;
+  P.page = paged ? k_cache.size(s_dim) : 0;
+  P.kv_convert = kind >= 0 ? kvq::row_converter(kind, q.scalar_type()) : nullptr;
+  P.k_scales = kind >= 0 ? k_scales.const_data_ptr<double>() : nullptr;
+  P.v_scales = kind >= 0 ? v_scales.const_data_ptr<double>() : nullptr;
+  P.scale_stride = kind >= 0 && k_scales.size(0) > 1 ? 1 : 0;
   P.sm_scale = sm_scale;
   const bool k_rows_unit = paged || P.sk_d == 1;  // a paged task's gathered rows are contiguous
 
@@ -388,6 +410,40 @@ at::Tensor paged_tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cac
   return attend(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, table);
 }
 
+// tree_attention / paged_tree_attention over an 8-bit cache, passed as its bytes (uint8) with `kind`
+// (kv_decode.h: 0 int8, 1 float8_e4m3fn, 2 float8_e5m2) and optional scales (float64 [1 or Hkv]). Each
+// block of keys is converted into q's dtype just before it is read (kv_decode.h, vectorised); the output
+// equals the op's on the cache dequantized by dequantize_kv (the same conversion), bit for bit. block_table None: a contiguous cache [B, Hkv, S_max, D].
+at::Tensor quantized_tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const std::optional<at::Tensor>& block_table, const at::Tensor& cache_seqlens,
+                                        const std::optional<at::Tensor>& tree_mask, double sm_scale, int64_t kind,
+                                        const std::optional<at::Tensor>& k_scale,
+                                        const std::optional<at::Tensor>& v_scale) {
+  TORCH_CHECK_VALUE(kind == kvq::kInt8 || kind == kvq::kE4M3 || kind == kvq::kE5M2,
+                    "kind must be 0 (int8), 1 (float8_e4m3fn) or 2 (float8_e5m2), got ", kind);
+  at::Tensor table;
+  if (block_table.has_value()) {
+    table = check_paged_args(q, k_cache, v_cache, *block_table, cache_seqlens, tree_mask, true);
+  } else {
+    check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, true);
+    table = at::arange(q.size(0), at::kLong).view({q.size(0), 1});  // sequence b: block b, one page of S_max
+  }
+  const int64_t Hkv = k_cache.size(block_table.has_value() ? 2 : 1);
+  auto scales = [&](const std::optional<at::Tensor>& scale, const char* name) {
+    TORCH_CHECK_VALUE(!scale.has_value() || (scale->device().is_cpu() && scale->dim() <= 1 &&
+                                             (scale->numel() == 1 || scale->numel() == Hkv)),
+                      name, " must be a CPU tensor [], [1] or [Hkv=", Hkv, "], got ",
+                      scale.has_value() ? scale->sizes() : at::IntArrayRef{});
+    return scale.has_value() ? scale->to(at::kDouble).reshape({-1}).contiguous() : at::ones({1}, at::kDouble);
+  };
+  at::Tensor k_s = scales(k_scale, "k_scale"), v_s = scales(v_scale, "v_scale");
+  if (k_s.size(0) != v_s.size(0)) {  // one value for one of them, one per head for the other
+    k_s = k_s.expand({Hkv}).contiguous(), v_s = v_s.expand({Hkv}).contiguous();
+  }
+  return attend(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, table, kind, k_s, v_s,
+                block_table.has_value());
+}
+
 // The variant tree_attention runs on this CPU now (EAGLE_KERNELS_CPU_ISA included): "amx" (avx512 with
 // bf16 scores on AMX tiles), "avx512bf16" (avx512 with bf16 scores by VDPBF16PS), "avx512", "avx2" or
 // "generic".
@@ -406,10 +462,14 @@ TORCH_LIBRARY_FRAGMENT(eagle_C, m) {
   m.def(
       "paged_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor cache_seqlens, "
       "Tensor? tree_mask, float sm_scale) -> Tensor");
+  m.def(
+      "quantized_tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? block_table, Tensor cache_seqlens, "
+      "Tensor? tree_mask, float sm_scale, int kind, Tensor? k_scale, Tensor? v_scale) -> Tensor");
   m.def("tree_attention_cpu_variant() -> str", &eagle::tree_attn::cpu_variant);
 }
 
 TORCH_LIBRARY_IMPL(eagle_C, CPU, m) {
   m.impl("tree_attention", &eagle::tree_attn::tree_attention_cpu);
   m.impl("paged_tree_attention", &eagle::tree_attn::paged_tree_attention_cpu);
+  m.impl("quantized_tree_attention", &eagle::tree_attn::quantized_tree_attention_cpu);
 }

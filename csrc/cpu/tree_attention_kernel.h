@@ -560,6 +560,18 @@ void gather_page_rows(const S* head, const int64_t* table_row, int64_t page, int
   }
 }
 
+// Rows p_begin .. p_begin + n - 1 of one kv head of an 8-bit paged cache (bytes; as gather_page_rows)
+// into `rows`, contiguous [n, D] of q's dtype, each row converted by `convert` with `scale`.
+template <typename S>
+void gather_quantized_rows(const uint8_t* head, const int64_t* table_row, int64_t page, int64_t s_blk,
+                           int64_t s_slot, int64_t s_d, int64_t p_begin, int64_t n, int64_t D,
+                           void (*convert)(const uint8_t*, int64_t, double, void*, int64_t), double scale, S* rows) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = p_begin + i;
+    convert(head + table_row[p / page] * s_blk + p % page * s_slot, s_d, scale, rows + i * D, D);
+  }
+}
+
 // A paged task's rows. Each block of kBlockN keys is gathered into `block` just before it is read, so
 // the copy stays in cache and scratch needs one block per thread, not the task's whole K and V. Where
 // P @ V needs every V row at once (AMX tiles, or the rare redo of a non-finite output) they are
@@ -573,11 +585,16 @@ struct PagedRows {
   S* block;  // kBlockN rows of D (scratch)
   int64_t n_rows;  // the rows the table maps for this sequence (its committed length + T)
   S* all_v = nullptr;
+  // An 8-bit cache: the pool's bytes of this kv head, the row conversion and the head's scales.
+  const uint8_t* kq_head = nullptr;
+  const uint8_t* vq_head = nullptr;
+  void (*convert)(const uint8_t*, int64_t, double, void*, int64_t) = nullptr;
+  double k_scale = 1.0, v_scale = 1.0;
 
   // The rows of sequence b's kv head kvh in P's pool.
   PagedRows(const Problem& P, int64_t b, int64_t kvh, S* block_rows)
-      : k_head(static_cast<const S*>(P.k) + kvh * P.sk_h),
-        v_head(static_cast<const S*>(P.v) + kvh * P.sv_h),
+      : k_head(P.kv_convert != nullptr ? nullptr : static_cast<const S*>(P.k) + kvh * P.sk_h),
+        v_head(P.kv_convert != nullptr ? nullptr : static_cast<const S*>(P.v) + kvh * P.sv_h),
         table_row(P.block_table + b * P.table_cols),
         page(P.page),
         sk_blk(P.sk_b),
@@ -588,7 +605,15 @@ struct PagedRows {
         sv_d(P.sv_d),
         D(P.D),
         block(block_rows),
-        n_rows(P.seqlens[b] + P.T) {}
+        n_rows(P.seqlens[b] + P.T) {
+    if (P.kv_convert != nullptr) {
+      kq_head = static_cast<const uint8_t*>(P.k) + kvh * P.sk_h;
+      vq_head = static_cast<const uint8_t*>(P.v) + kvh * P.sv_h;
+      convert = P.kv_convert;
+      k_scale = P.k_scales[kvh * P.scale_stride];
+      v_scale = P.v_scales[kvh * P.scale_stride];
+    }
+  }
   PagedRows(const PagedRows&) = delete;
   PagedRows& operator=(const PagedRows&) = delete;
   ~PagedRows() { delete[] all_v; }
@@ -596,8 +621,21 @@ struct PagedRows {
   // Keys n0 .. n0 + nb - 1 of K (or V), their row stride in *stride: read in place where they lie in
   // one page with unit-stride rows (pages of kBlockN rows or a multiple), else
   // gathered into `block`.
-  const S* k_rows(int64_t n0, int64_t nb, int64_t* stride) { return rows(k_head, sk_blk, sk_s, sk_d, n0, nb, stride); }
-  const S* v_rows(int64_t n0, int64_t nb, int64_t* stride) { return rows(v_head, sv_blk, sv_s, sv_d, n0, nb, stride); }
+  // An 8-bit cache's block is always converted into `block`.
+  const S* k_rows(int64_t n0, int64_t nb, int64_t* stride) {
+    if (convert != nullptr) return converted(kq_head, k_scale, sk_blk, sk_s, sk_d, n0, nb, stride);
+    return rows(k_head, sk_blk, sk_s, sk_d, n0, nb, stride);
+  }
+  const S* v_rows(int64_t n0, int64_t nb, int64_t* stride) {
+    if (convert != nullptr) return converted(vq_head, v_scale, sv_blk, sv_s, sv_d, n0, nb, stride);
+    return rows(v_head, sv_blk, sv_s, sv_d, n0, nb, stride);
+  }
+  const S* converted(const uint8_t* head, double scale, int64_t s_blk, int64_t s_slot, int64_t s_d, int64_t n0,
+                     int64_t nb, int64_t* stride) {
+    gather_quantized_rows(head, table_row, page, s_blk, s_slot, s_d, n0, nb, D, convert, scale, block);
+    *stride = D;
+    return block;
+  }
   // The lines of n rows `stride` apart (the next block read in place: strided rows defeat the hardware
   // prefetchers).
   void prefetch_rows(const S* first, int64_t stride, int64_t n) const {
@@ -628,7 +666,11 @@ struct PagedRows {
   const S* every_v_row(int64_t n) {
     if (all_v == nullptr) {
       all_v = new S[n * D];
-      gather_page_rows(v_head, table_row, page, sv_blk, sv_s, sv_d, int64_t(0), n, D, all_v);
+      if (convert != nullptr) {
+        gather_quantized_rows(vq_head, table_row, page, sv_blk, sv_s, sv_d, int64_t(0), n, D, convert, v_scale, all_v);
+      } else {
+        gather_page_rows(v_head, table_row, page, sv_blk, sv_s, sv_d, int64_t(0), n, D, all_v);
+      }
     }
     return all_v;
   }

@@ -23,7 +23,7 @@ from eagle_kernels._kv_quant import QUANT_KV_DTYPES
 from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton
 from tests.kernels.helpers import FP32_RTOL, backends_for, run_with_backend
 from tests.kernels.test_paged_tree_attention import paged
-from tests.kernels.test_tree_attention import Case, assert_matches, make_case, oracle
+from tests.kernels.test_tree_attention import Case, assert_matches, isa_params, make_case, oracle
 
 ta = sys.modules["eagle_kernels.tree_attention"]
 E4M3, E5M2, I8 = torch.float8_e4m3fn, torch.float8_e5m2, torch.int8
@@ -500,6 +500,103 @@ def test_cpu_dequantization_op_checks_its_arguments():
         ((cache, 1, scale, torch.float32, lengths[:1]), r"lengths must be \[B=2\]"),
         ((cache, 1, scale, torch.float32, torch.tensor([9, 1])), r"lengths\[0\] = 9 is outside 0..S=8"),
         ((cache, 1, scale, torch.float32, torch.tensor([1, -1])), r"lengths\[1\] = -1 is outside"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            op(*args)
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ kernel reading 8-bit caches (converting each block of keys as it reads it)
+# --------------------------------------------------------------------------------------------------
+def _require_quantized_cpp():
+    if not _ext.has_op("quantized_tree_attention"):
+        pytest.skip("the C++ extension (quantized_tree_attention) is not built")
+
+
+def _dequantized_then_cpp(q, k, v, seqlens, mask, k_scale, v_scale):
+    """What the fused kernel must equal: the cache dequantized (dequantize_kv, the same value tables),
+    then the C++ kernel on the q-dtype cache."""
+    lengths = seqlens.long() + q.shape[1]
+    kd = _kv_quant.dequantize(k, _kv_quant.as_scale("k", k_scale), q.dtype, lengths)
+    vd = _kv_quant.dequantize(v, _kv_quant.as_scale("v", v_scale), q.dtype, lengths)
+    return run_with_backend("cpp", tree_attention, q, kd, vd, seqlens, mask)
+
+
+@pytest.mark.parametrize("isa", isa_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kv_dtype", QUANT_KV_DTYPES, ids=str)
+def test_cpp_reads_8_bit_caches_as_their_dequantized_copy_bit_for_bit(isa, dtype, kv_dtype, monkeypatch):
+    """Contiguous and paged (every layout, pages of 1 / 5 / 16), per-head and one-value scales, ragged
+    lengths, D 17 and 64: the same bits as the kernel on the dequantized cache, on every instruction-set
+    variant."""
+    _require_quantized_cpp()
+    monkeypatch.setenv("EAGLE_KERNELS_CPU_ISA", isa)
+    for seed, (D, kind, mask_fmt) in enumerate([(64, "per_head", "u8"), (17, "scalar", "causal")]):
+        real, k, v, k_scale, v_scale = quantized_case(
+            3, 6, 4, 2, D, mask_fmt, seed, kv_dtype, kind, prefix_max=150
+        )
+        q = real.q.to(dtype)
+        want = _dequantized_then_cpp(q, k, v, real.seqlens, real.mask, k_scale, v_scale)
+        got = run_with_backend(
+            "cpp", tree_attention, q, k, v, real.seqlens, real.mask, k_scale=k_scale, v_scale=v_scale
+        )
+        assert torch.equal(got.nan_to_num(), want.nan_to_num()) and torch.equal(got.isnan(), want.isnan())
+        for layout, page in [("vllm", 1), ("nhd", 5), ("hnd", 16)]:
+            k_pool, v_pool, table = paged_quantized(real, k, v, page, layout, kv_dtype)
+            got = run_with_backend(
+                "cpp",
+                paged_tree_attention,
+                q,
+                k_pool,
+                v_pool,
+                table,
+                real.seqlens,
+                real.mask,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
+            assert torch.equal(got.nan_to_num(), want.nan_to_num()), f"{layout} page {page}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_8_bit_nan_rows_match_the_dequantized_copy(dtype):
+    """A NaN byte in a draft token's V: the rare redo of P @ V reads every V row at once, converted."""
+    _require_quantized_cpp()
+    real, k, v, k_scale, v_scale = quantized_case(2, 6, 4, 2, 32, "bool", 41, E4M3, "per_head")
+    for b in range(2):
+        v[b, :, int(real.seqlens[b]) + 2, 5] = torch.tensor(float("nan")).to(E4M3)
+    q = real.q.to(dtype)
+    want = _dequantized_then_cpp(q, k, v, real.seqlens, real.mask, k_scale, v_scale)
+    assert want.isnan().any() and not want.isnan().all()
+    got = run_with_backend(
+        "cpp", tree_attention, q, k, v, real.seqlens, real.mask, k_scale=k_scale, v_scale=v_scale
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cpp_quantized_op_checks_its_arguments():
+    _require_quantized_cpp()
+    op = _ext.op("quantized_tree_attention")
+    q, kv = torch.zeros(2, 3, 4, 16), torch.zeros(2, 2, 2, 10, 16, dtype=torch.uint8)
+    seqlens, one = torch.tensor([2, 7], dtype=torch.int32), torch.ones(1, dtype=torch.float64)
+    assert op(q, kv[0], kv[1], None, seqlens, None, 0.25, 1, one, None).shape == (2, 3, 4, 16)
+    pool, table = torch.zeros(2, 6, 4, 2, 16, dtype=torch.uint8), torch.tensor([[0, 1], [2, 3]])
+    assert op(q, pool[0], pool[1], table, seqlens - 2, None, 0.25, 2, None, one).shape == (2, 3, 4, 16)
+    for args, match in [
+        (
+            (q, kv[0].float(), kv[1].float(), None, seqlens, None, 0.25, 1, None, None),
+            r"passed as their bytes \(uint8\)",
+        ),
+        ((q, kv[0], kv[1], None, seqlens, None, 0.25, 3, None, None), r"kind must be 0 \(int8\)"),
+        ((q, kv[0], kv[1], None, seqlens + 1, None, 0.25, 1, None, None), "must fit S_max=10"),
+        (
+            (q, kv[0], kv[1], None, seqlens, None, 0.25, 1, torch.ones(3, dtype=torch.float64), None),
+            r"k_scale must be a CPU tensor \[\], \[1\] or \[Hkv=2\]",
+        ),
+        (
+            (q, pool[0], pool[1], table + 4, seqlens - 2, None, 0.25, 1, None, None),
+            r"block_table\[1, 0\] = 6 is not a block",
+        ),
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             op(*args)
