@@ -107,7 +107,8 @@ def check_scale_values(name: str, scale: torch.Tensor | None) -> None:
     running maximum assumes a positive softmax scale). Reads values: on CUDA a host sync."""
     if scale is None:
         return
-    values = scale.detach().reshape(-1).tolist()  # (a few values: cheaper than tensor ops on CPU)
+    values = scale.tolist()  # (a few values: cheaper than tensor ops on CPU)
+    values = values if isinstance(values, list) else [values]
     if not all(math.isfinite(x) and x > 0 for x in values):
         raise ValueError(f"{name} must be finite and > 0, got {values}")
 

@@ -194,13 +194,10 @@ def _run_paged_tree_attention(
     # int64 lengths are checked before they are narrowed to the kernels' int32
     # (the C++ kernel checks int32 lengths itself: int64 ones need the check only where narrowing would
     # change them)
-    # 8-bit caches on CPU are gathered and dequantized in Python first, so their values are checked here.
     wide = cache_seqlens.dtype == torch.int64
     debug = debug_checks_enabled()
     quantized = _kv_quant.needs_dequantization(q, k_cache, k_scale, v_scale)
-    if python_value_checks_due(backend, q.device, cache_seqlens, debug) or (
-        quantized and q.device.type == "cpu"
-    ):
+    if python_value_checks_due(backend, q.device, cache_seqlens, debug):
         _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
     _check_scale_values(k_scale, v_scale, debug)
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
@@ -238,8 +235,9 @@ def _dequantized_cpp(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask,
     fused = _kv_quant.cpu_attention(
         q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale
     )
-    if fused is not None:
+    if fused is not None:  # (the C++ op checks the lengths and block ids itself)
         return fused
+    _check_values(block_table, cache_seqlens, q.shape[1], k_cache.shape[1], k_cache.shape[0])
     lengths = cache_seqlens.to(torch.int64) + q.shape[1]
     k = _kv_quant.dequantize(gather_pages(k_cache, block_table, lengths), k_scale, q.dtype, lengths)
     v = _kv_quant.dequantize(gather_pages(v_cache, block_table, lengths), v_scale, q.dtype, lengths)

@@ -1162,10 +1162,9 @@ def _run_tree_attention(
     quantized = _kv_quant.needs_dequantization(q, k_cache, k_scale, v_scale)
     # The C++ kernel checks the lengths itself (same message); elsewhere check on CPU, and on CUDA only
     # in debug mode (a host sync). int64 lengths (SGLang's seq_lens) are checked before they are
-    # narrowed to the kernels' int32, where a length past 2**31 would wrap. 8-bit caches on CPU are
-    # dequantized up to the longest sequence first, so their lengths are checked here.
+    # narrowed to the kernels' int32, where a length past 2**31 would wrap.
     wide = cache_seqlens.dtype == torch.int64
-    if (backend != "cpp" or wide or quantized) and (q.device.type == "cpu" or debug):
+    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug):
         _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
     _check_scale_values(k_scale, v_scale, debug)
     if wide:
@@ -1205,8 +1204,9 @@ def _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_
     fused = _kv_quant.cpu_attention(
         q, k_cache, v_cache, None, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale
     )
-    if fused is not None:
+    if fused is not None:  # (the C++ op checks the lengths itself)
         return fused
+    _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])  # before the lengths size the copies
     lengths = cache_seqlens.to(torch.int64) + q.shape[1]
     k = _kv_quant.dequantize(k_cache, k_scale, q.dtype, lengths)
     v = _kv_quant.dequantize(v_cache, v_scale, q.dtype, lengths)

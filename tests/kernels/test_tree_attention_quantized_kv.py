@@ -600,3 +600,29 @@ def test_cpp_quantized_op_checks_its_arguments():
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             op(*args)
+
+
+@pytest.mark.parametrize("kv_dtype", [E4M3, torch.float32], ids=str)
+def test_bad_lengths_are_refused_on_every_route(kv_dtype):
+    """8-bit caches (the C++ op checks them) and scaled q-dtype caches (dequantized in Python first,
+    where the lengths size the copies): a length past the cache raises, by name, on every backend."""
+    real, k, v, _, _ = quantized_case(2, 5, 4, 2, 16, "causal", 23, E4M3, "none")
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    too_long = real.seqlens.clone()
+    too_long[1] = k.shape[2] - 4
+    S = k.shape[2]
+    table = torch.arange(2 * S, dtype=torch.int32).view(2, S)
+    for backend in _all_backends(torch.device("cpu")):
+        with pytest.raises(ValueError, match=r"cache_seqlens \+ T \(T=5\) must fit"):
+            run_with_backend(backend, tree_attention, real.q.float(), k, v, too_long, k_scale=0.5)
+        with pytest.raises(ValueError, match=r"cache_seqlens \+ T \(T=5\) must fit"):
+            run_with_backend(
+                backend,
+                paged_tree_attention,
+                real.q.float(),
+                _as_pool(k),
+                _as_pool(v),
+                table,
+                too_long,
+                k_scale=0.5,
+            )
