@@ -8,11 +8,12 @@ one per kv head.
 
 :func:`eagle_kernels.tree_attention` and :func:`eagle_kernels.paged_tree_attention` take such caches
 with ``k_scale=`` / ``v_scale=`` (vLLM allocates its fp8 caches as uint8: view them as
-``torch.float8_e4m3fn`` / ``torch.float8_e5m2``; ROCm's ``*fnuz`` formats are not supported). Their Triton kernel converts each loaded tile to q's dtype (exact: an
-fp8 or int8 value is a float16 / bfloat16 value) and folds the scales into the softmax scale (K) and
-the output (V), which is ``softmax(q (s_k k)^T) (s_v v) = s_v softmax((s_k q) k^T) v`` written out.
-The CPU path dequantizes the positions it reads into q's dtype (in the extension) and
-runs the unquantized kernel.
+``torch.float8_e4m3fn`` / ``torch.float8_e5m2``; ROCm's ``*fnuz`` formats are not supported). Their
+Triton kernel converts each loaded tile to q's dtype (exact: an fp8 or int8 value is a float16 /
+bfloat16 value) and folds the scales into the softmax scale (K) and the output (V), which is
+``softmax(q (s_k k)^T) (s_v v) = s_v softmax((s_k q) k^T) v`` written out. The C++ kernel converts
+each block of keys into q's dtype as it reads it (``csrc/cpu/kv_decode.h``: ``stored * scale`` rounded
+once, as :func:`dequantize` does).
 """
 
 from __future__ import annotations

@@ -380,8 +380,8 @@ def paged_tree_attention(
     k_scale, v_scale : float or Tensor, optional
         Dequantization scales of an 8-bit cache, as :func:`tree_attention`'s: a float, or one value
         (``[]`` / ``[1]``) or one per kv head (``[Hkv]``) on q's device (one value may be on the CPU).
-        The keys are ``k_cache * k_scale``, the values ``v_cache * v_scale``. On CPU the pages read
-        are gathered and dequantized into q's dtype before the C++ kernel.
+        The keys are ``k_cache * k_scale``, the values ``v_cache * v_scale``. On CPU the C++ kernel
+        converts each block of keys as it reads it through the table.
 
     Returns
     -------
