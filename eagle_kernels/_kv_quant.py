@@ -169,7 +169,33 @@ def cpu_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm
         return None
     k_bytes, v_bytes = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     op = _ext.op("quantized_tree_attention")
+    if q.dtype == torch.float16 and _may_overflow_float16(kind, k_scale, v_scale):
+        # the kernel converts stored * scale to q's dtype: past 65504 that is inf in float16, where the
+        # Triton kernel (which folds the scales) and the reference stay finite; so float32 here
+        out = op(
+            q.float(),
+            k_bytes,
+            v_bytes,
+            block_table,
+            cache_seqlens,
+            tree_mask,
+            sm_scale,
+            kind,
+            k_scale,
+            v_scale,
+        )
+        return out.to(torch.float16)
     return op(q, k_bytes, v_bytes, block_table, cache_seqlens, tree_mask, sm_scale, kind, k_scale, v_scale)
+
+
+# The largest magnitude of each 8-bit format (by _KINDS code), finite values only.
+_FORMAT_MAX = {0: 128.0, 1: 448.0, 2: 57344.0}
+
+
+def _may_overflow_float16(kind: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> bool:
+    """Whether some stored value times its (CPU) scale can pass float16's largest finite value."""
+    top = max(1.0 if s is None else max(s.reshape(-1).tolist()) for s in (k_scale, v_scale))
+    return _FORMAT_MAX[kind] * top > torch.finfo(torch.float16).max
 
 
 # The extension's codes of the 8-bit dtypes (csrc/cpu/kv_decode.h).

@@ -381,7 +381,8 @@ def paged_tree_attention(
         Dequantization scales of an 8-bit cache, as :func:`tree_attention`'s: a float, or one value
         (``[]`` / ``[1]``) or one per kv head (``[Hkv]``) on q's device (one value may be on the CPU).
         The keys are ``k_cache * k_scale``, the values ``v_cache * v_scale``. On CPU the C++ kernel
-        converts each block of keys as it reads it through the table.
+        converts each block of keys as it reads it through the table (a scaled cache in q's dtype is
+        gathered and dequantized first).
 
     Returns
     -------

@@ -1433,7 +1433,8 @@ def tree_attention(
         the softmax scale and the output; float8_e4m3fn on GPUs before sm_89 (A100) is converted in
         the kernel's integer code. On CPU the C++ kernel converts each block of keys into q's dtype
         as it reads it (``stored * scale`` rounded once: the result is the kernel's on the dequantized
-        cache, bit for bit); a scaled cache in q's dtype is dequantized first. A float or CPU scale is read when the
+        cache, bit for bit; with float16 q, in float32 where ``stored * scale`` could pass 65504); a
+        scaled cache in q's dtype is dequantized first. A float or CPU scale is read when the
         call runs (inside a CUDA graph: its value at capture); a tensor on q's device is read by the
         kernel (vLLM's ``layer._k_scale``). No gradient flows into the scales (one that requires grad
         is refused). vLLM allocates fp8 caches as uint8: pass ``cache.view(torch.float8_e4m3fn)``.

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -434,7 +435,15 @@ at::Tensor quantized_tree_attention_cpu(const at::Tensor& q, const at::Tensor& k
                                              (scale->numel() == 1 || scale->numel() == Hkv)),
                       name, " must be a CPU tensor [], [1] or [Hkv=", Hkv, "], got ",
                       scale.has_value() ? scale->sizes() : at::IntArrayRef{});
-    return scale.has_value() ? scale->to(at::kDouble).reshape({-1}).contiguous() : at::ones({1}, at::kDouble);
+    if (!scale.has_value()) return at::ones({1}, at::kDouble);
+    TORCH_CHECK_TYPE(is_float_type(scale->scalar_type()), name, " must be a floating tensor, got ",
+                     scale->scalar_type());
+    at::Tensor s = scale->to(at::kDouble).reshape({-1}).contiguous();
+    const double* v = s.const_data_ptr<double>();
+    for (int64_t i = 0; i < s.numel(); ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(v[i]) && v[i] > 0, name, " must be finite and > 0, got ", v[i], " at ", i);
+    }
+    return s;
   };
   at::Tensor k_s = scales(k_scale, "k_scale"), v_s = scales(v_scale, "v_scale");
   if (k_s.size(0) != v_s.size(0)) {  // one value for one of them, one per head for the other

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from eagle_kernels import _ext, _kv_quant, paged_tree_attention, tree_attention
+from eagle_kernels import _ext, _kv_quant, paged_tree_attention, tree_attention, tree_attention_ref
 from eagle_kernels._kv_quant import QUANT_KV_DTYPES
 from eagle_kernels.tree_attention import LaunchConfig, _tree_attention_triton
 from tests.kernels.helpers import FP32_RTOL, backends_for, run_with_backend
@@ -514,8 +514,12 @@ def _require_quantized_cpp():
 
 
 def _dequantized_then_cpp(q, k, v, seqlens, mask, k_scale, v_scale):
-    """What the fused kernel must equal: the cache dequantized (dequantize_kv, the same value tables),
-    then the C++ kernel on the q-dtype cache."""
+    """What the fused kernel must equal: the cache dequantized (dequantize_kv, the same conversion),
+    then the C++ kernel on the q-dtype cache; in float32 for a float16 q whose stored * scale could pass
+    65504 (as the route does)."""
+    ks, vs = _kv_quant.as_scale("k", k_scale), _kv_quant.as_scale("v", v_scale)
+    if q.dtype == torch.float16 and _kv_quant._may_overflow_float16(_kv_quant._KINDS[k.dtype], ks, vs):
+        return _dequantized_then_cpp(q.float(), k, v, seqlens, mask, k_scale, v_scale).half()
     lengths = seqlens.long() + q.shape[1]
     kd = _kv_quant.dequantize(k, _kv_quant.as_scale("k", k_scale), q.dtype, lengths)
     vd = _kv_quant.dequantize(v, _kv_quant.as_scale("v", v_scale), q.dtype, lengths)
@@ -556,6 +560,7 @@ def test_cpp_reads_8_bit_caches_as_their_dequantized_copy_bit_for_bit(isa, dtype
                 v_scale=v_scale,
             )
             assert torch.equal(got.nan_to_num(), want.nan_to_num()), f"{layout} page {page}"
+            assert torch.equal(got.isnan(), want.isnan()), f"{layout} page {page}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -626,3 +631,80 @@ def test_bad_lengths_are_refused_on_every_route(kv_dtype):
                 too_long,
                 k_scale=0.5,
             )
+
+
+def test_cpp_mixed_scale_kinds_and_a_head_dim_stride_equal_the_dequantized_copy():
+    """A one-value K scale with per-head V scales (and the reverse), and a cache whose head dim is
+    strided (the conversion's strided loop): the fused kernel equals the dequantized copy bit for bit."""
+    _require_quantized_cpp()
+    real, k, v, _, _ = quantized_case(2, 5, 4, 2, 32, "bool", 29, E4M3, "none", prefix_max=140)
+    wide = torch.zeros(2, *k.shape[:3], 2 * k.shape[3], dtype=torch.uint8)
+    wide[..., ::2] = torch.stack([k, v]).view(torch.uint8)
+    k_strided, v_strided = wide[0, ..., ::2].view(E4M3), wide[1, ..., ::2].view(E4M3)
+    assert k_strided.stride(-1) == 2
+    for k_scale, v_scale in [
+        (torch.tensor(0.5), torch.tensor([0.25, 3.0])),
+        (torch.tensor([2.0, 0.75]), 1.5),
+    ]:
+        for kk, vv in [(k, v), (k_strided, v_strided)]:
+            want = _dequantized_then_cpp(real.q.float(), kk, vv, real.seqlens, real.mask, k_scale, v_scale)
+            got = run_with_backend(
+                "cpp",
+                tree_attention,
+                real.q.float(),
+                kk,
+                vv,
+                real.seqlens,
+                real.mask,
+                k_scale=k_scale,
+                v_scale=v_scale,
+            )
+            assert torch.equal(got, want)
+
+
+def test_cpp_float16_q_does_not_overflow_where_stored_times_scale_passes_65504():
+    """float16 q: a stored value times its scale past 65504 (e5m2's 57344 x 1.2) would be inf once
+    converted to q's dtype; the route computes in float32 then, and stays finite like the reference
+    (found in review)."""
+    _require_quantized_cpp()
+    real, k, v, _, _ = quantized_case(
+        1, 3, 2, 1, 16, "causal", 31, E5M2, "none", prefix_max=10, first_prefix=10
+    )
+    k.zero_()
+    v.zero_()
+    v[0, 0, :13] = torch.tensor(2.0).to(E5M2)
+    v[0, 0, 4, 0] = torch.tensor(57344.0).to(E5M2)
+    q = torch.zeros(1, 3, 2, 16, dtype=torch.float16)
+    want = tree_attention_ref(q.double(), k.double(), v.double(), real.seqlens, None, None, 1.2, 2.0)
+    for backend in _all_backends(torch.device("cpu")):
+        got = run_with_backend(
+            "cpp" if backend == "cpp" else backend,
+            tree_attention,
+            q,
+            k,
+            v,
+            real.seqlens,
+            k_scale=1.2,
+            v_scale=2.0,
+        )
+        assert torch.isfinite(got).all(), backend
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=1e-3, msg=backend)
+
+
+def test_cpp_quantized_op_refuses_bad_scale_values_itself():
+    """Called directly (torch.ops.eagle_C), the op checks its scales' dtype and values (found in review:
+    NaN, zero, negative and integer scales went through)."""
+    _require_quantized_cpp()
+    op = _ext.op("quantized_tree_attention")
+    q, kv = torch.zeros(2, 3, 4, 16), torch.zeros(2, 2, 2, 10, 16, dtype=torch.uint8)
+    seqlens = torch.tensor([2, 7], dtype=torch.int32)
+    for scale, error, match in [
+        (torch.tensor([float("nan")]), ValueError, "k_scale must be finite and > 0"),
+        (torch.tensor([0.0]), ValueError, "k_scale must be finite and > 0"),
+        (torch.tensor([1.0, -1.0]), ValueError, "k_scale must be finite and > 0, got -1 at 1"),
+        (torch.tensor([float("inf")]), ValueError, "k_scale must be finite"),
+        (torch.ones(1, dtype=torch.int32), TypeError, "k_scale must be a floating tensor"),
+        (torch.ones(1, dtype=torch.complex64), TypeError, "k_scale must be a floating tensor"),
+    ]:
+        with pytest.raises(error, match=match):
+            op(q, kv[0], kv[1], None, seqlens, None, 0.25, 1, scale, None)
