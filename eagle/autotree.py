@@ -500,12 +500,55 @@ def _load_timings(
     return verify, level
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an advisory lock on ``<path>.lock`` (``flock``, POSIX) while the block runs, so that two
+    processes saving at once do not both read the old file and each write it without the other's
+    entry. Best effort: where locking is unavailable (no ``fcntl``, a read-only directory, a file
+    system without flock) or another process holds the lock past :data:`LOCK_WAIT_S`, the block runs
+    unlocked, and the worst case is that entry lost (a later process probes again). The lock file
+    stays (removing it would race with a process opening it)."""
+    fd = None
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+    except (ImportError, OSError):
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # (releases the lock)
+
+
+LOCK_WAIT_S = 10.0  # how long a save waits for another process's save before going on unlocked
+
+
 def _save_timings(path: Path, fingerprint: dict, verify: dict[int, float], level: dict[int, float]) -> None:
     """Add this probe's timings to the file (written whole to a temporary file, then renamed over it,
     so a reader never sees half of it), dropping expired entries and the oldest past
     :data:`CACHE_MAX_ENTRIES`. A file that cannot be written, or that is not a timing cache of this
-    format (it is not overwritten), costs a warning, not the call. Two processes saving at once can
-    lose one's entry (no lock): a later process probes again."""
+    format (it is not overwritten), costs a warning, not the call. The read, merge and write hold
+    :func:`_exclusive`'s lock, so processes saving at once keep each other's entries."""
+    with _exclusive(path):
+        _merge_and_write(path, fingerprint, verify, level)
+
+
+def _merge_and_write(
+    path: Path, fingerprint: dict, verify: dict[int, float], level: dict[int, float]
+) -> None:
+    """:func:`_save_timings`'s body: read the entries, add this one, write the file."""
     now = time.time()
     existing = _read_entries(path)
     if existing is None:
@@ -513,7 +556,7 @@ def _save_timings(path: Path, fingerprint: dict, verify: dict[int, float], level
             f"eagle: {path} is not a timing cache of this version; it is left alone and the dynamic tree's "
             f"timings are not saved (delete it, or point {CACHE_ENV} elsewhere)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         return
     entries = {
@@ -549,5 +592,5 @@ def _save_timings(path: Path, fingerprint: dict, verify: dict[int, float], level
             f"eagle: could not save the dynamic tree's timings to {path} ({err}); the next process will "
             f"time the models again (set {CACHE_ENV}=0 to stop trying, or a writable path)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )

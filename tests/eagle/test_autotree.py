@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -334,3 +335,32 @@ def test_the_saved_file_is_readable_by_others(tiny_checkpoints, disk_cache):
     path, _ = disk_cache
     autotree.choose_tree(load_target(str(tiny_checkpoints.target), dtype=torch.float32), 1)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_two_saves_at_once_keep_both_entries(tmp_path, monkeypatch):
+    """Two processes (here threads: flock excludes separate opens of the lock file) saving at once: the
+    first one's read-modify-write holds the lock, so the second reads the file with the first's entry
+    and keeps it. Without the lock the second's write from its stale read lost the first's entry."""
+    import threading
+
+    path = tmp_path / "timings.json"
+    first_read = threading.Event()
+    real_read = autotree._read_entries
+
+    def slow_first_read(p):
+        entries = real_read(p)
+        if not first_read.is_set():
+            first_read.set()
+            time.sleep(0.3)  # the other save starts while this one is between its read and its write
+        return entries
+
+    monkeypatch.setattr(autotree, "_read_entries", slow_first_read)
+    key = {"host": "h", "batch": 1}
+    first = threading.Thread(target=autotree._save_timings, args=(path, key, {1: 1.0}, {1: 2.0}))
+    first.start()
+    assert first_read.wait(5)
+    autotree._save_timings(path, {**key, "batch": 2}, {1: 3.0}, {1: 4.0})
+    first.join()
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(e["key"]["batch"] for e in entries.values()) == [1, 2]
+    assert (tmp_path / "timings.json.lock").exists()
