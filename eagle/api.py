@@ -478,12 +478,20 @@ class EagleModel:
             raise TypeError(f"{what}, not a list of prompts (generate() takes a batch)")
         return self._encode_prompt(prompt, "the prompt")
 
-    def stream(self, prompt, max_new_tokens: int = 128, **kwargs) -> Iterator[list[int]]:
+    def stream(
+        self, prompt=None, max_new_tokens: int = 128, *, input_ids=None, attention_mask=None, **kwargs
+    ) -> Iterator[list[int]]:
         """An iterator over the new tokens of one prompt as they are accepted (a list per target
         forward; with ``speculative="auto"``, plain steps in lists of up to ~50 ms of steps,
         ``STREAM_CHUNK_SECONDS``). The arguments are checked here, when it is called, not at the
-        first ``next``."""
+        first ``next``.
+
+        ``prompt``: a str, a 1-D sequence of token ids or a conversation; or, as :meth:`generate` takes
+        them, ``input_ids=`` and an ``attention_mask`` (a batch of one row: a tokenizer's output,
+        ``stream(**tokenizer(text, return_tensors="pt"))``, padded or not). The other keyword arguments
+        are :meth:`generate`'s."""
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
+        prompt = _one_unpadded_prompt(_prompts_or_input_ids(prompt, input_ids, "stream"), attention_mask)
         ids = [self._encode_one(prompt)]
         sampling = SamplingParams(
             kwargs.pop("temperature", 0.0),
@@ -682,12 +690,13 @@ def _check_encodable(text: str, name: str) -> None:
         ) from None
 
 
-def _prompts_or_input_ids(prompts, input_ids):
-    """``generate``'s prompts, given positionally or as transformers' ``input_ids=``."""
+def _prompts_or_input_ids(prompts, input_ids, method: str = "generate"):
+    """``generate``'s prompts (``stream``'s prompt), given positionally or as transformers' ``input_ids=``."""
+    what = "prompts" if method == "generate" else "a prompt"
     if prompts is None and input_ids is None:
-        raise TypeError("generate() needs prompts (or input_ids=, as transformers' generate takes them)")
+        raise TypeError(f"{method}() needs {what} (or input_ids=, as transformers' generate takes them)")
     if prompts is not None and input_ids is not None:
-        raise TypeError("generate() got both prompts and input_ids=: give one")
+        raise TypeError(f"{method}() got both {what} and input_ids=: give one")
     return input_ids if prompts is None else prompts
 
 
@@ -710,6 +719,36 @@ def _unpadded(prompts, attention_mask):
     if len(ids) != len(mask):
         raise ValueError(f"attention_mask must have a row per prompt ({len(ids)}), got {len(mask)}")
     return [_unpadded_row(b, row, m) for b, (row, m) in enumerate(zip(ids, mask))]
+
+
+def _one_unpadded_prompt(prompt, attention_mask):
+    """``stream``'s prompt with its ``attention_mask`` (given, or in a tokenizer's output mapping)
+    applied: ids and mask as one 1-D row or a batch of one row (``return_tensors="pt"``)."""
+    if isinstance(prompt, Mapping):
+        if "input_ids" not in prompt:
+            raise TypeError("prompt is a mapping without 'input_ids'; pass a prompt or a tokenizer's output")
+        if attention_mask is not None and prompt.get("attention_mask") is not None:
+            raise ValueError("attention_mask is given twice: in the prompt's mapping and as an argument")
+        attention_mask = prompt.get("attention_mask") if attention_mask is None else attention_mask
+        prompt = prompt["input_ids"]
+    if attention_mask is None:
+        return prompt
+    rows = _unpadded(_as_batch_of_one(prompt), _as_batch_of_one(attention_mask))
+    if len(rows) != 1:
+        raise TypeError(
+            f"stream() takes one prompt, got a batch of {len(rows)} rows (generate() takes a batch)"
+        )
+    return rows[0]
+
+
+def _as_batch_of_one(value):
+    """A 1-D row (tensor, array, or a list of numbers) as a batch of one; anything else as it is."""
+    if isinstance(value, torch.Tensor) or is_array(value):
+        return value[None] if value.ndim == 1 else value
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and value:
+        if isinstance(value[0], (int, float, bool)) or (is_array(value[0]) and value[0].ndim == 0):
+            return [value]
+    return value
 
 
 def _batch_rows(name: str, value) -> list[torch.Tensor]:

@@ -839,3 +839,50 @@ def test_a_tree_shallower_than_its_depth_drafts_only_the_levels_it_holds(pairs, 
     assert max(max(a) for a in greedy.accept_lengths) <= 3
     sampled = model.generate(PROMPTS, 10, tree=tree, temperature=1.0, seed=2)
     assert [len(t) for t in sampled.tokens] == [10] * len(PROMPTS)
+
+
+def test_stream_takes_a_tokenizers_output_and_an_attention_mask(pairs):
+    """stream(**tokenizer(text, return_tensors="pt")) as generate(**...) works: input_ids= and an
+    attention_mask, as a batch of one row or a single 1-D row, padded on either side (session 34 left
+    stream() without them)."""
+    _, model = pairs["eagle2-s0"]
+    want = model.generate([[5, 6, 7, 8]], 6).tokens[0]
+
+    def streamed(*args, **kwargs):
+        return sum(model.stream(*args, **kwargs), [])
+
+    assert (
+        streamed(input_ids=torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.ones(1, 4), max_new_tokens=6)
+        == want
+    )
+    assert (
+        streamed(
+            **{
+                "input_ids": torch.tensor([[0, 0, 5, 6, 7, 8]]),
+                "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1]]),
+            },
+            max_new_tokens=6,
+        )
+        == want
+    )
+    assert streamed({"input_ids": [5, 6, 7, 8, 0], "attention_mask": [1, 1, 1, 1, 0]}, 6) == want
+    assert streamed([5, 6, 7, 8, 0], 6, attention_mask=[1, 1, 1, 1, 0]) == want
+    assert streamed(input_ids=[5, 6, 7, 8], max_new_tokens=6) == want
+    for kwargs, error, match in [
+        (
+            dict(input_ids=torch.tensor([[5, 6], [7, 8]]), attention_mask=torch.ones(2, 2)),
+            TypeError,
+            "a batch of 2 rows",
+        ),
+        (dict(prompt=[5, 6], input_ids=[5, 6]), TypeError, r"stream\(\) got both a prompt and input_ids="),
+        (dict(), TypeError, r"stream\(\) needs a prompt"),
+        (
+            dict(prompt={"input_ids": [5, 6], "attention_mask": [1, 1]}, attention_mask=[1, 1]),
+            ValueError,
+            "given twice",
+        ),
+        (dict(prompt=[5, 6, 0], attention_mask=[1, 0, 1]), ValueError, "padding between its tokens"),
+        (dict(prompt={"ids": [5]}), TypeError, "without 'input_ids'"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.stream(**kwargs)
