@@ -7,9 +7,9 @@ tree_attention's shapes (``bench_tree_attention.py``: on CPU a small model's dec
 float32 queries, on CUDA Llama-8B-like heads, prefix 2048, a 64-token tree at B 1 / 8 / 32 with
 bfloat16 queries). The ``same`` cache (q's dtype) is the baseline: an 8-bit call's time over it is what
 the smaller cache saves (on CUDA the Triton kernel reads half the bytes of bfloat16 and converts each
-tile) or costs (on CPU the positions read are dequantized into q's dtype before the C++ kernel).
-extra_info holds GB/s for the bytes the call must read (8-bit keys and values) and, on CUDA,
-``kernel_us`` and its roofline fraction.
+tile) or costs (on CPU the C++ kernel converts each block of keys into q's dtype as it reads it).
+extra_info holds GB/s for the bytes the call must read (8-bit keys and values), the CPU threads and,
+on CUDA, ``kernel_us`` and its roofline fraction.
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def test_tree_attention_quantized_kv(benchmark, bench_device, shape, kv, backend
     call = lambda: eagle_kernels.tree_attention(q, k, v, seqlens, mask, **scales)  # noqa: E731
     check_against_reference(call, backend)
     moved = bytes_read(shapes[shape], dtype, k.dtype)
+    benchmark.extra_info["threads"] = torch.get_num_threads()
     with eagle_kernels.use_backend(backend):
         benchmark(synchronized(call, bench_device))
         record_bandwidth(benchmark, moved, bench_device)

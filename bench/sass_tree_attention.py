@@ -59,8 +59,9 @@ MASKS = ("int32", "bool", "uint8")  # tree-mask formats: bit-packed int32 words 
 # [B, T, T] (what the decoding loop passes), bit-packed bytes
 
 
-# KV cache formats (--kv): the queries' own dtype, or an 8-bit cache with per-kv-head scales. "e4m3"
-# and "e5m2" are an sm_89+ GPU's conversions, "e4m3-bits" the integer one of older GPUs.
+# KV cache formats (--kv): the queries' own dtype, or an 8-bit cache with per-kv-head scales, converted
+# as a launch on an sm_89+ GPU converts it (tree_attention._fp8_bits: e5m2 into bfloat16 by the byte
+# shift, else Triton's conversion); "e4m3-bits" is the integer e4m3 conversion of older GPUs.
 KV_FORMATS = {
     "same": None,
     "e4m3": torch.float8_e4m3fn,
@@ -92,8 +93,9 @@ def record_launches(module, shape, config, mask_format: str = "int32", kv: str =
     launches = []
     original, fp8_bits = module._launch, getattr(module, "_fp8_bits", None)
     module._launch = lambda kernel, grid, *args, **kw: launches.append((kernel, args, kw))
-    if kv in ("e4m3", "e5m2"):  # a GPU's conversion (CPU tensors would take the integer one)
-        module._fp8_bits = lambda cache, q_dtype=None: 0
+    if fp8_bits is not None:  # an sm_90 launch's choice (CPU tensors would take the integer one for all fp8)
+        forced = 1 if kv == "e4m3-bits" else 2 if kv == "e5m2" and dtype == torch.bfloat16 else 0
+        module._fp8_bits = lambda cache, q_dtype=None: forced
     try:
         module._tree_attention_triton(
             q, kv_cache[0], kv_cache[1], seqlens, mask, shape.D**-0.5, config, **scales

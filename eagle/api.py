@@ -491,7 +491,11 @@ class EagleModel:
         ``stream(**tokenizer(text, return_tensors="pt"))``, padded or not). The other keyword arguments
         are :meth:`generate`'s."""
         max_new_tokens = _check_max_new_tokens(max_new_tokens)
-        prompt = _one_unpadded_prompt(_prompts_or_input_ids(prompt, input_ids, "stream"), attention_mask)
+        prompt = _one_unpadded_prompt(
+            _prompts_or_input_ids(prompt, input_ids, "stream"),
+            attention_mask,
+            transformers_form=input_ids is not None,
+        )
         ids = [self._encode_one(prompt)]
         sampling = SamplingParams(
             kwargs.pop("temperature", 0.0),
@@ -721,24 +725,50 @@ def _unpadded(prompts, attention_mask):
     return [_unpadded_row(b, row, m) for b, (row, m) in enumerate(zip(ids, mask))]
 
 
-def _one_unpadded_prompt(prompt, attention_mask):
+def _one_unpadded_prompt(prompt, attention_mask, transformers_form: bool = False):
     """``stream``'s prompt with its ``attention_mask`` (given, or in a tokenizer's output mapping)
-    applied: ids and mask as one 1-D row or a batch of one row (``return_tensors="pt"``)."""
+    applied: ids and mask as one 1-D row or a batch of one row (``return_tensors="pt"``).
+    ``transformers_form``: the ids came as ``input_ids=`` (a tokenizer's form, batched even for one
+    text), so a batch of one row is that row, mask or not."""
     if isinstance(prompt, Mapping):
         if "input_ids" not in prompt:
             raise TypeError("prompt is a mapping without 'input_ids'; pass a prompt or a tokenizer's output")
         if attention_mask is not None and prompt.get("attention_mask") is not None:
             raise ValueError("attention_mask is given twice: in the prompt's mapping and as an argument")
         attention_mask = prompt.get("attention_mask") if attention_mask is None else attention_mask
-        prompt = prompt["input_ids"]
-    if attention_mask is None:
+        prompt, transformers_form = prompt["input_ids"], True
+    if attention_mask is None and not transformers_form:
         return prompt
-    rows = _unpadded(_as_batch_of_one(prompt), _as_batch_of_one(attention_mask))
+    if isinstance(prompt, str) or _is_conversation(prompt):
+        raise TypeError(
+            "stream(): input_ids and an attention_mask are token ids; a str or a conversation is passed as "
+            "the prompt, without a mask"
+        )
+    if attention_mask is None:
+        rows = _rows_of_a_batch(prompt)
+    else:
+        rows = _unpadded(_as_batch_of_one(prompt), _as_batch_of_one(attention_mask))
     if len(rows) != 1:
         raise TypeError(
             f"stream() takes one prompt, got a batch of {len(rows)} rows (generate() takes a batch)"
         )
     return rows[0]
+
+
+def _rows_of_a_batch(value) -> list:
+    """A 2-D tensor / array's rows, or a list of rows (sequences or tensors); anything else, a 1-D row
+    included, as one row (checked later as a prompt)."""
+    if (isinstance(value, torch.Tensor) or is_array(value)) and value.ndim == 2:
+        return list(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        first = value[0]
+        if (
+            isinstance(first, torch.Tensor)
+            or is_array(first)
+            or (isinstance(first, Sequence) and not isinstance(first, str))
+        ):
+            return list(value)
+    return [value]
 
 
 def _as_batch_of_one(value):

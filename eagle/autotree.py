@@ -513,7 +513,11 @@ def _exclusive(path: Path):
         import fcntl
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        lock = path.with_name(path.name + ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:  # another user's lock file (0644): flock needs no write access locally
+            fd = os.open(lock, os.O_RDONLY)
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
@@ -521,6 +525,12 @@ def _exclusive(path: Path):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
+                    warnings.warn(
+                        f"eagle: another process has held {lock} for {LOCK_WAIT_S:.0f} s (stopped?); the "
+                        "dynamic tree's timings are saved without it",
+                        RuntimeWarning,
+                        stacklevel=6,
+                    )
                     break
                 time.sleep(0.01)
     except (ImportError, OSError):

@@ -200,8 +200,3 @@ def _may_overflow_float16(kind: int, k_scale: torch.Tensor | None, v_scale: torc
 
 # The extension's codes of the 8-bit dtypes (csrc/cpu/kv_decode.h).
 _KINDS = {torch.int8: 0, torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
-
-
-def needs_dequantization(q: torch.Tensor, k_cache: torch.Tensor, k_scale, v_scale) -> bool:
-    """Whether the caches are not plain q-dtype caches (an 8-bit dtype, or any scale)."""
-    return k_cache.dtype != q.dtype or k_scale is not None or v_scale is not None

@@ -196,10 +196,12 @@ def _run_paged_tree_attention(
     # change them)
     wide = cache_seqlens.dtype == torch.int64
     debug = debug_checks_enabled()
-    quantized = _kv_quant.needs_dequantization(q, k_cache, k_scale, v_scale)
+    scaled = k_scale is not None or v_scale is not None
+    quantized = scaled or k_cache.dtype != q.dtype
     if python_value_checks_due(backend, q.device, cache_seqlens, debug):
         _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
-    _check_scale_values(k_scale, v_scale, debug)
+    if scaled:
+        _check_scale_values(k_scale, v_scale, debug)
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
     if backend == "triton":
         k_arg, v_arg = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
@@ -295,16 +297,18 @@ def _check_args(
     q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale=None, v_scale=None
 ) -> None:
     """Shape/dtype/device checks (no value reads), skipped for a signature that already passed."""
-    _CHECKED.run(
-        _check_args_uncached, q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale, v_scale
-    )
+    args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
+    if k_scale is None and v_scale is None:  # (two arguments fewer to hash on the hot path)
+        _CHECKED.run(_check_args_uncached, *args)
+    else:
+        _CHECKED.run(_check_args_uncached, *args, k_scale, v_scale)
 
 
 _CHECKED = SignatureCache()
 
 
 def _check_args_uncached(
-    q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale, v_scale
+    q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, k_scale=None, v_scale=None
 ) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T = q.shape[:2]
@@ -391,18 +395,19 @@ def paged_tree_attention(
     contiguous op runs on the gathered pages, so it is that op's result bit for bit). Not
     differentiable (use :func:`tree_attention` for training).
     """
-    k_scale, v_scale = _kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale)
-    if k_scale is not None or v_scale is not None:
-        _kv_quant.check_no_scale_grad(k_scale, v_scale)
     args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
-    _check_args(*args, k_scale, v_scale)
+    scales = ()  # (the unscaled call's checks and dispatch take no extra arguments: it is the hot path)
+    if k_scale is not None or v_scale is not None:
+        scales = (_kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale))
+        _kv_quant.check_no_scale_grad(*scales)
+    _check_args(*args, *scales)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if out is not None:
         _check_out(out, q, k_cache, v_cache)
-        if eager_fast_path(*args, out, k_scale, v_scale):
-            return _run_paged_tree_attention(*args, scale, out, k_scale, v_scale)
-        torch.ops.eagle.paged_tree_attention_out(*args, scale, out, k_scale, v_scale)
+        if eager_fast_path(*args, out, *scales):
+            return _run_paged_tree_attention(*args, scale, out, *scales)
+        torch.ops.eagle.paged_tree_attention_out(*args, scale, out, *scales)
         return out
-    if eager_fast_path(*args, k_scale, v_scale):
-        return _run_paged_tree_attention(*args, scale, k_scale=k_scale, v_scale=v_scale)
-    return torch.ops.eagle.paged_tree_attention(*args, scale, k_scale, v_scale)
+    if eager_fast_path(*args, *scales):
+        return _run_paged_tree_attention(*args, scale, None, *scales)
+    return torch.ops.eagle.paged_tree_attention(*args, scale, *scales)

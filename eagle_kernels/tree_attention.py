@@ -940,9 +940,8 @@ def _fp8_bits(cache: torch.Tensor, q_dtype: torch.dtype = torch.float16) -> int:
     conversions there read e4m3's NaN bytes as +-480 and round e5m2's subnormals. On CUDA float8_e4m3fn
     before sm_89, where Triton has no e4m3 type, and float8_e5m2 into bfloat16, which Triton 3.9 does
     by a shift and a multiply by 2**112 that turns inf / NaN bytes into finite values (PTX for sm_80,
-    sm_89 and sm_90, found in review). Elsewhere the hardware's conversion (fewer instructions: 528
-    against the shift's 576 for e5m2 in the sm_90 main loop at the goal shape, B 1, by
-    ``bench/sass_tree_attention.py --kv``). 1: e4m3fn bytes, 2: e5m2 bytes, 0: the tile's own dtype."""
+    sm_89 and sm_90, found in review). Elsewhere the hardware's conversion. 1: e4m3fn bytes, 2: e5m2
+    bytes, 0: the tile's own dtype."""
     code = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(cache.dtype, 0)
     device = cache.device
     if code == 0 or device.type == "cpu":
@@ -1158,25 +1157,28 @@ def _run_tree_attention(
     backend = select_backend(OP, q.device)
     if backend == "triton" and q.dtype == torch.float64 and forced_backend() != "triton":
         backend = "torch"  # float64 on CUDA: only the reference handles it
-    debug = debug_checks_enabled()
-    quantized = _kv_quant.needs_dequantization(q, k_cache, k_scale, v_scale)
+    scaled = k_scale is not None or v_scale is not None
     # The C++ kernel checks the lengths itself (same message); elsewhere check on CPU, and on CUDA only
     # in debug mode (a host sync). int64 lengths (SGLang's seq_lens) are checked before they are
     # narrowed to the kernels' int32, where a length past 2**31 would wrap.
     wide = cache_seqlens.dtype == torch.int64
-    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug):
+    if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug_checks_enabled()):
         _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
-    _check_scale_values(k_scale, v_scale, debug)
+    if scaled:
+        _check_scale_values(k_scale, v_scale, debug_checks_enabled())
     if wide:
         cache_seqlens = cache_seqlens.to(torch.int32)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
     if backend == "triton":
         k_arg, v_arg = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
         return _tree_attention_triton(*args, out=out, k_scale=k_arg, v_scale=v_arg)
-    if backend in ("cpp", "cuda") and quantized:
-        result = _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale)
-    elif backend in ("cpp", "cuda"):
-        result = _ext.op(OP)(*args)
+    if backend in ("cpp", "cuda"):
+        if scaled or k_cache.dtype != q.dtype:
+            result = _dequantized_cpp(
+                q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale
+            )
+        else:
+            result = _ext.op(OP)(*args)
     else:
         result = tree_attention_ref(*args, k_scale=k_scale, v_scale=v_scale)
     return result if out is None else out.copy_(result)
@@ -1327,13 +1329,16 @@ def _check_mask(tree_mask: torch.Tensor, B: int, T: int, device: torch.device) -
 def _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale=None, v_scale=None) -> None:
     """Shape/dtype/device checks (no value reads). A call whose signature (shapes, dtypes, devices,
     strides) already passed skips them: the signature is all they look at."""
-    _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
+    if k_scale is None and v_scale is None:  # (two arguments fewer to hash on the hot path)
+        _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, cache_seqlens, tree_mask)
+    else:
+        _CHECKED.run(_check_args_uncached, q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
 
 
 _CHECKED = SignatureCache()
 
 
-def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale) -> None:
+def _check_args_uncached(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale=None, v_scale=None) -> None:
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
     device = q.device
@@ -1457,18 +1462,19 @@ def tree_attention(
     built, else :func:`tree_attention_ref`. Differentiable in q, k_cache and v_cache: the backward
     differentiates the reference (recomputed; memory ``[B, Hq, T, S_max]``), for training, not speed.
     """
-    k_scale, v_scale = _kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale)
-    if k_scale is not None or v_scale is not None:
-        _kv_quant.check_no_scale_grad(k_scale, v_scale)
-    _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask, k_scale, v_scale)
-    scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask)
+    scales = ()  # (the unscaled call's checks and dispatch take no extra arguments: it is the hot path)
+    if k_scale is not None or v_scale is not None:
+        scales = (_kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale))
+        _kv_quant.check_no_scale_grad(*scales)
+    _check_args(*args, *scales)
+    scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if out is not None:
         _check_out(out, q, k_cache, v_cache)
-        if eager_fast_path(*args, out, k_scale, v_scale):
-            return _run_tree_attention(*args, scale, out, k_scale, v_scale)
-        torch.ops.eagle.tree_attention_out(*args, scale, out, k_scale, v_scale)
+        if eager_fast_path(*args, out, *scales):
+            return _run_tree_attention(*args, scale, out, *scales)
+        torch.ops.eagle.tree_attention_out(*args, scale, out, *scales)
         return out
-    if eager_fast_path(*args, k_scale, v_scale):
-        return _run_tree_attention(*args, scale, k_scale=k_scale, v_scale=v_scale)
-    return torch.ops.eagle.tree_attention(*args, scale, k_scale, v_scale)
+    if eager_fast_path(*args, *scales):
+        return _run_tree_attention(*args, scale, None, *scales)
+    return torch.ops.eagle.tree_attention(*args, scale, *scales)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import pytest
@@ -364,3 +365,20 @@ def test_two_saves_at_once_keep_both_entries(tmp_path, monkeypatch):
     entries = json.loads(path.read_text())["entries"]
     assert sorted(e["key"]["batch"] for e in entries.values()) == [1, 2]
     assert (tmp_path / "timings.json.lock").exists()
+
+
+def test_a_lock_held_too_long_warns_and_the_save_goes_on(tmp_path, monkeypatch):
+    """A process that holds the lock and never lets go (stopped): the save waits LOCK_WAIT_S, says so,
+    and writes unlocked (found in review: it waited 10 s in silence)."""
+    import fcntl
+
+    path = tmp_path / "timings.json"
+    holder = os.open(tmp_path / "timings.json.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    monkeypatch.setattr(autotree, "LOCK_WAIT_S", 0.2)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"has held .*timings.json.lock for 0 s"):
+            autotree._save_timings(path, {"host": "h"}, {1: 1.0}, {1: 2.0})
+    finally:
+        os.close(holder)
+    assert len(json.loads(path.read_text())["entries"]) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -868,6 +869,10 @@ def test_stream_takes_a_tokenizers_output_and_an_attention_mask(pairs):
     assert streamed({"input_ids": [5, 6, 7, 8, 0], "attention_mask": [1, 1, 1, 1, 0]}, 6) == want
     assert streamed([5, 6, 7, 8, 0], 6, attention_mask=[1, 1, 1, 1, 0]) == want
     assert streamed(input_ids=[5, 6, 7, 8], max_new_tokens=6) == want
+    # transformers' batched form without a mask (return_attention_mask=False), found in review
+    assert streamed(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6) == want
+    assert streamed(input_ids=[[5, 6, 7, 8]], max_new_tokens=6) == want
+    assert streamed({"input_ids": np.array([[5, 6, 7, 8]])}, 6) == want
     for kwargs, error, match in [
         (
             dict(input_ids=torch.tensor([[5, 6], [7, 8]]), attention_mask=torch.ones(2, 2)),
@@ -883,6 +888,12 @@ def test_stream_takes_a_tokenizers_output_and_an_attention_mask(pairs):
         ),
         (dict(prompt=[5, 6, 0], attention_mask=[1, 0, 1]), ValueError, "padding between its tokens"),
         (dict(prompt={"ids": [5]}), TypeError, "without 'input_ids'"),
+        (dict(input_ids=[[5, 6], [7, 8]]), TypeError, "a batch of 2 rows"),
+        (
+            dict(prompt="def f():", attention_mask=[1, 1]),
+            TypeError,
+            "a str or a conversation is passed as the prompt",
+        ),
     ]:
         with pytest.raises(error, match=match):
             model.stream(**kwargs)
