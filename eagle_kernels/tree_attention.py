@@ -1462,8 +1462,14 @@ def tree_attention(
     built, else :func:`tree_attention_ref`. Differentiable in q, k_cache and v_cache: the backward
     differentiates the reference (recomputed; memory ``[B, Hq, T, S_max]``), for training, not speed.
     """
+    if k_scale is None and v_scale is None and out is None:  # the hot path, as it was before scales
+        _check_args(q, k_cache, v_cache, cache_seqlens, tree_mask)
+        scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
+        if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
+            return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
+        return torch.ops.eagle.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask)
-    scales = ()  # (the unscaled call's checks and dispatch take no extra arguments: it is the hot path)
+    scales = ()  # (unscaled: the checks and dispatch take no extra arguments)
     if k_scale is not None or v_scale is not None:
         scales = (_kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale))
         _kv_quant.check_no_scale_grad(*scales)
