@@ -30,6 +30,7 @@ from eagle_kernels.tree_speculative_sampling import (
     PROB_LIMIT,
     PROB_TOL,
     STATUS_MESSAGES,
+    _is_fake,
     _raise_on_status,
     _row_status,
     _sample_bonus,
@@ -441,6 +442,11 @@ def chain_speculative_sampling(
         _as_float32_uniforms(uniform_final),
     )
     if max_spec_len is None and isinstance(cu_num_draft_tokens, torch.Tensor):
+        if _is_fake(cu_num_draft_tokens):
+            raise ValueError(
+                "chain_speculative_sampling: pass max_spec_len= when tracing with fake tensors (FakeTensorMode, "
+                "torch.export): the output's width, max_spec_len + 1, is otherwise read from cu_num_draft_tokens"
+            )
         counts = torch.diff(cu_num_draft_tokens.long(), prepend=cu_num_draft_tokens.new_zeros(1).long())
         max_spec_len = max(int(counts.max()), 0) if counts.numel() else 0
     tensors = (draft_token_ids, cu_num_draft_tokens, draft_probs, target_probs, bonus)

@@ -793,7 +793,10 @@ def _debug_scan_rows(name: str, probs: torch.Tensor) -> None:
 
 
 def _raise_on_status(op: str, status: torch.Tensor, messages: dict[int, str] = STATUS_MESSAGES) -> None:
-    """Turn the per-sequence status words of an op into one ValueError naming the first problem."""
+    """Turn the per-sequence status words of an op into one ValueError naming the first problem. A fake
+    tensor (FakeTensorMode, torch.export's tracing) holds no values: nothing to check."""
+    if _is_fake(status):
+        return
     status = status.cpu()
     if int(status.count_nonzero()) == 0:
         return
@@ -801,6 +804,13 @@ def _raise_on_status(op: str, status: torch.Tensor, messages: dict[int, str] = S
     word = int(status[b])
     problems = "; ".join(msg for bit, msg in messages.items() if word & bit)
     raise ValueError(f"eagle_kernels.{op}: sequence {b}: {problems}")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (or a functional wrapper of one): shapes without values."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 # Reads the status on the host: a deliberate graph break under torch.compile (plain eager calls use

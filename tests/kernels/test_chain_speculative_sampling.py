@@ -381,3 +381,21 @@ def test_float64_uniforms_give_their_float32_roundings_result(device):
     u64[0] = 1.0
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         chain_speculative_sampling(*args[:5], u64, args[6].double(), max_spec_len=max_k)
+
+
+def test_fake_tensors_get_shapes_and_a_clear_error_without_max_spec_len():
+    """Under FakeTensorMode (torch.export's tracing, an engine's meta run) the CPU status check has no
+    values to read: it is skipped, and the output has its shape. Without max_spec_len the width is
+    data-dependent: a ValueError says to pass it (session 34 left both failing with
+    DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for draft in (False, True):
+        args, k = make_case(11, draft=draft)
+        B = args[1].shape[0]
+        with FakeTensorMode() as mode:
+            fake = [None if a is None else mode.from_tensor(a) for a in args]
+            out = chain_speculative_sampling(*fake, max_spec_len=k)
+            assert out.shape == (B, k + 1) and out.dtype == torch.int32
+            with pytest.raises(ValueError, match="pass max_spec_len= when tracing with fake tensors"):
+                chain_speculative_sampling(*fake)

@@ -992,3 +992,18 @@ def test_forced_backend_still_applies_after_cached_calls(monkeypatch):
     assert calls == [1, 1]
     for a, b, c in zip(got, got_env, want):
         assert torch.equal(a, c) and torch.equal(b, c)
+
+
+def test_fake_tensors_get_shapes_without_the_status_check():
+    """Under FakeTensorMode the CPU status check (a host read) has no values: it is skipped and the
+    outputs have their shapes (session 34 left it failing with DataDependentOutputException)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for draft in (False, True):
+        args, steps, _ = make_case(2, 6, 11, 3, seed=5, draft=draft)
+        op = tree_speculative_sampling_draft_probs if draft else tree_speculative_sampling
+        want = [t.shape for t in op(*args, num_spec_steps=steps)]
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(a) for a in args]
+            predicts, accept_index, num = op(*fake, num_spec_steps=steps)
+            assert [predicts.shape, accept_index.shape, num.shape] == want
