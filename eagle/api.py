@@ -719,6 +719,13 @@ def _unpadded(prompts, attention_mask):
         prompts = prompts["input_ids"]
     if attention_mask is None:
         return prompts
+    if isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+        # rows given as Python lists: their ids checked as the unmasked route checks them (a bool or a
+        # float refused by name), before a tensor conversion would turn True into 1
+        prompts = [
+            token_ids(r, f"prompt {b}") if isinstance(r, Sequence) and not isinstance(r, (str, bytes)) else r
+            for b, r in enumerate(prompts)
+        ]
     ids, mask = _batch_rows("prompts", prompts), _batch_rows("attention_mask", attention_mask)
     if len(ids) != len(mask):
         raise ValueError(f"attention_mask must have a row per prompt ({len(ids)}), got {len(mask)}")

@@ -894,6 +894,22 @@ def test_stream_takes_a_tokenizers_output_and_an_attention_mask(pairs):
             TypeError,
             "a str or a conversation is passed as the prompt",
         ),
+        # a bool among list ids: refused as the unmasked route refuses it, not read as 1 (found in review)
+        (
+            dict(prompt=[5, True], attention_mask=[1, 1]),
+            TypeError,
+            r"prompt 0 holds True \(bool\); token ids",
+        ),
     ]:
         with pytest.raises(error, match=match):
             model.stream(**kwargs)
+
+
+def test_generate_refuses_a_bool_among_masked_list_ids(pairs):
+    """generate()'s mask route turned [5, True] into [5, 1] (a tensor conversion); the unmasked route
+    refuses bools: both refuse them now (found in review)."""
+    _, model = pairs["eagle2-s0"]
+    with pytest.raises(TypeError, match=r"prompt 1 holds True \(bool\); token ids must be integers"):
+        model.generate([[5, 6], [7, True]], 3, attention_mask=[[1, 1], [1, 1]])
+    with pytest.raises(TypeError, match=r"prompt 1 holds True \(bool\)"):
+        model.generate([[5, 6], [7, True]], 3)
