@@ -73,14 +73,19 @@ def as_scale(name: str, value: object) -> torch.Tensor | None:
     return torch.tensor(value, dtype=torch.float32)
 
 
-def check_no_scale_grad(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> None:
-    """Scales are constants of a calibrated cache: gradients do not flow into them, so one that
+def scale_args(k_scale: object, v_scale: object) -> tuple:
+    """The public functions' ``k_scale`` / ``v_scale`` as the registered ops take them: ``()`` when both
+    are None (the unscaled call passes no extra arguments), else the two as :func:`as_scale` makes
+    them. Scales are constants of a calibrated cache: no gradient flows into them, so one that
     requires grad is refused rather than silently left without a gradient."""
-    if not torch.is_grad_enabled():
-        return
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if scale is not None and scale.requires_grad:
-            raise RuntimeError(f"{name} requires grad, but no gradient flows into the scales; detach it")
+    if k_scale is None and v_scale is None:
+        return ()
+    scales = (as_scale("k_scale", k_scale), as_scale("v_scale", v_scale))
+    if torch.is_grad_enabled():
+        for name, scale in zip(("k_scale", "v_scale"), scales):
+            if scale is not None and scale.requires_grad:
+                raise RuntimeError(f"{name} requires grad, but no gradient flows into the scales; detach it")
+    return scales
 
 
 def check_scale(name: str, scale: torch.Tensor | None, Hkv: int, device: torch.device) -> None:
@@ -103,20 +108,17 @@ def check_scale(name: str, scale: torch.Tensor | None, Hkv: int, device: torch.d
         )
 
 
-def check_scale_values(name: str, scale: torch.Tensor | None) -> None:
+def check_scale_values(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, debug: bool) -> None:
     """Every value finite and > 0 (a zero, negative or NaN scale is a broken checkpoint, and the kernels'
-    running maximum assumes a positive softmax scale). Reads values: on CUDA a host sync."""
-    if scale is None:
-        return
-    values = scale.tolist()  # (a few values: cheaper than tensor ops on CPU)
-    values = values if isinstance(values, list) else [values]
-    if not all(math.isfinite(x) and x > 0 for x in values):
-        raise ValueError(f"{name} must be finite and > 0, got {values}")
-
-
-def scale_checks_due(scale: torch.Tensor | None, debug: bool) -> bool:
-    """Whether a scale's values are checked: where reading them costs no device sync, or in debug mode."""
-    return scale is not None and (scale.device.type == "cpu" or debug)
+    running maximum assumes a positive softmax scale), for the scales whose values can be read without
+    a device sync (CPU tensors), and for all of them in debug mode."""
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None or not (scale.device.type == "cpu" or debug):
+            continue
+        values = scale.tolist()  # (a few values: cheaper than tensor ops on CPU)
+        values = values if isinstance(values, list) else [values]
+        if not all(math.isfinite(x) and x > 0 for x in values):
+            raise ValueError(f"{name} must be finite and > 0, got {values}")
 
 
 def broadcast_scale(
@@ -167,25 +169,23 @@ def cpu_attention(q, k_cache, v_cache, block_table, cache_seqlens, tree_mask, sm
     kind = _KINDS.get(k_cache.dtype)
     if kind is None or not _ext.has_op("quantized_tree_attention"):
         return None
+    # The kernel converts stored * scale to q's dtype: past 65504 that is inf in float16, where the Triton
+    # kernel (which folds the scales) and the reference stay finite; so float32 there.
+    wide = q.dtype == torch.float16 and _may_overflow_float16(kind, k_scale, v_scale)
     k_bytes, v_bytes = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    op = _ext.op("quantized_tree_attention")
-    if q.dtype == torch.float16 and _may_overflow_float16(kind, k_scale, v_scale):
-        # the kernel converts stored * scale to q's dtype: past 65504 that is inf in float16, where the
-        # Triton kernel (which folds the scales) and the reference stay finite; so float32 here
-        out = op(
-            q.float(),
-            k_bytes,
-            v_bytes,
-            block_table,
-            cache_seqlens,
-            tree_mask,
-            sm_scale,
-            kind,
-            k_scale,
-            v_scale,
-        )
-        return out.to(torch.float16)
-    return op(q, k_bytes, v_bytes, block_table, cache_seqlens, tree_mask, sm_scale, kind, k_scale, v_scale)
+    out = _ext.op("quantized_tree_attention")(
+        q.float() if wide else q,
+        k_bytes,
+        v_bytes,
+        block_table,
+        cache_seqlens,
+        tree_mask,
+        sm_scale,
+        kind,
+        k_scale,
+        v_scale,
+    )
+    return out.to(q.dtype) if wide else out
 
 
 # The largest magnitude of each 8-bit format (by _KINDS code), finite values only.

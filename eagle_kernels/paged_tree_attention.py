@@ -52,8 +52,6 @@ from eagle_kernels.tree_attention import (
     _check_heads,
     _check_mask,
     _check_out,
-    _check_scale_values,
-    _host_scale,
     _packed_rows_trimmed,
     _tree_attention_triton,
     tree_attention_ref,
@@ -201,10 +199,9 @@ def _run_paged_tree_attention(
     if python_value_checks_due(backend, q.device, cache_seqlens, debug):
         _check_values(block_table, cache_seqlens, T, k_cache.shape[1], k_cache.shape[0])
     if scaled:
-        _check_scale_values(k_scale, v_scale, debug)
+        _kv_quant.check_scale_values(k_scale, v_scale, debug)
     seqlens = cache_seqlens.to(torch.int32) if wide else cache_seqlens
     if backend == "triton":
-        k_arg, v_arg = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
         return _tree_attention_triton(
             q,
             k_cache,
@@ -214,8 +211,8 @@ def _run_paged_tree_attention(
             sm_scale,
             out=out,
             block_table=block_table,
-            k_scale=k_arg,
-            v_scale=v_arg,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     if backend == "cpp" and quantized:
         result = _dequantized_cpp(
@@ -396,10 +393,7 @@ def paged_tree_attention(
     differentiable (use :func:`tree_attention` for training).
     """
     args = (q, k_cache, v_cache, block_table, cache_seqlens, tree_mask)
-    scales = ()  # (the unscaled call's checks and dispatch take no extra arguments: it is the hot path)
-    if k_scale is not None or v_scale is not None:
-        scales = (_kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale))
-        _kv_quant.check_no_scale_grad(*scales)
+    scales = _kv_quant.scale_args(k_scale, v_scale)
     _check_args(*args, *scales)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if out is not None:

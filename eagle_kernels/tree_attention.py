@@ -930,6 +930,14 @@ def _scale_argument(scale: float | torch.Tensor | None, placeholder: torch.Tenso
     return flat, _kv_quant.SCALE_AT_PTR if flat.numel() == 1 else _kv_quant.SCALE_PER_HEAD
 
 
+def _host_scale(scale: float | torch.Tensor | None, device: torch.device) -> float | torch.Tensor | None:
+    """A one-value CPU scale of a CUDA call as a float (read on the host: no copy to the device, no
+    sync), else the scale as it is."""
+    if isinstance(scale, torch.Tensor) and scale.device.type == "cpu" and device.type != "cpu":
+        return float(scale)
+    return scale
+
+
 # Tests set this to run the bit-level float8_e4m3fn conversion of pre-sm_89 GPUs on any GPU.
 _FORCE_SOFT_E4M3 = False
 
@@ -981,8 +989,8 @@ def _tree_attention_triton(
 
     With ``block_table`` ``[B, max_blocks]`` the caches are paged, ``[num_blocks, page_size, Hkv, D]``
     (``paged_tree_attention``), else ``[B, Hkv, S_max, D]``. The caches may be 8-bit with scales
-    (checked by the caller): a float scale is passed by value, a tensor (one value or ``[Hkv]``, on
-    q's device) is read by the kernel.
+    (checked by the caller): a float scale, or a one-value CPU tensor of a CUDA call, is passed by
+    value; a tensor on q's device (one value or ``[Hkv]``) is read by the kernel.
     Returns a new contiguous ``[B, T, Hq, D]`` tensor in q's dtype, or ``out`` (checked by the
     caller) written in place: by the kernels when contiguous, else by a copy. No host synchronisation.
     """
@@ -1003,6 +1011,7 @@ def _tree_attention_triton(
         )
     if q.dtype == torch.float64:
         raise TypeError("tree_attention: the Triton kernel supports fp32/fp16/bf16, not float64")
+    k_scale, v_scale = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
     if isinstance(k_scale, float):  # s_k > 0 folds into the softmax scale: q (s_k k)^T c = q k^T (s_k c)
         sm_scale, k_scale = sm_scale * k_scale, None
     if sm_scale < 0:  # the kernel's row maxima are of unscaled scores, which needs a positive scale;
@@ -1099,8 +1108,8 @@ def _tree_attention_triton(
         cache_seqlens.contiguous(),  # read as b-th element: a strided view would give other lengths
         mask,
         table,
-        k_scale_arg if k_kind != _kv_quant.SCALE_VALUE else cache_seqlens,
-        v_scale_arg if v_kind != _kv_quant.SCALE_VALUE else cache_seqlens,
+        k_scale_arg,
+        v_scale_arg,
         sm_scale * LOG2E,
         float(v_scale) if v_kind == _kv_quant.SCALE_VALUE else 1.0,
         B,
@@ -1165,13 +1174,12 @@ def _run_tree_attention(
     if (backend != "cpp" or wide) and (q.device.type == "cpu" or debug_checks_enabled()):
         _check_values(cache_seqlens, q.shape[1], k_cache.shape[2])
     if scaled:
-        _check_scale_values(k_scale, v_scale, debug_checks_enabled())
+        _kv_quant.check_scale_values(k_scale, v_scale, debug_checks_enabled())
     if wide:
         cache_seqlens = cache_seqlens.to(torch.int32)
     args = (q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale)
     if backend == "triton":
-        k_arg, v_arg = _host_scale(k_scale, q.device), _host_scale(v_scale, q.device)
-        return _tree_attention_triton(*args, out=out, k_scale=k_arg, v_scale=v_arg)
+        return _tree_attention_triton(*args, out=out, k_scale=k_scale, v_scale=v_scale)
     if backend in ("cpp", "cuda"):
         if scaled or k_cache.dtype != q.dtype:
             result = _dequantized_cpp(
@@ -1182,21 +1190,6 @@ def _run_tree_attention(
     else:
         result = tree_attention_ref(*args, k_scale=k_scale, v_scale=v_scale)
     return result if out is None else out.copy_(result)
-
-
-def _check_scale_values(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, debug: bool) -> None:
-    """The scales' values, where that costs no sync (CPU scales) or in debug mode."""
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if _kv_quant.scale_checks_due(scale, debug):
-            _kv_quant.check_scale_values(name, scale)
-
-
-def _host_scale(scale: torch.Tensor | None, device: torch.device) -> float | torch.Tensor | None:
-    """A one-value CPU scale of a CUDA call as a float (read on the host: no copy to the device, no
-    sync), else the tensor as it is."""
-    if scale is not None and scale.device.type == "cpu" and device.type != "cpu":
-        return float(scale)
-    return scale
 
 
 def _dequantized_cpp(q, k_cache, v_cache, cache_seqlens, tree_mask, sm_scale, k_scale, v_scale):
@@ -1468,11 +1461,7 @@ def tree_attention(
         if eager_fast_path(q, k_cache, v_cache, cache_seqlens, tree_mask):
             return _run_tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
         return torch.ops.eagle.tree_attention(q, k_cache, v_cache, cache_seqlens, tree_mask, scale)
-    args = (q, k_cache, v_cache, cache_seqlens, tree_mask)
-    scales = ()  # (unscaled: the checks and dispatch take no extra arguments)
-    if k_scale is not None or v_scale is not None:
-        scales = (_kv_quant.as_scale("k_scale", k_scale), _kv_quant.as_scale("v_scale", v_scale))
-        _kv_quant.check_no_scale_grad(*scales)
+    args, scales = (q, k_cache, v_cache, cache_seqlens, tree_mask), _kv_quant.scale_args(k_scale, v_scale)
     _check_args(*args, *scales)
     scale = q.shape[3] ** -0.5 if sm_scale is None else float(sm_scale)
     if out is not None:
